@@ -1,0 +1,77 @@
+//! The seam between the log and the bytes on a disk.
+//!
+//! The log never touches files directly: it works through [`Storage`] (one directory) and
+//! [`StorageFile`] (one file in it). Two implementations exist. [`DiskStorage`] is the real
+//! one: glommio `DmaFile` (O_DIRECT, io_uring) for writes and reads of the active segment,
+//! and memmap2 for sealed segments. [`SimStorage`] keeps everything in memory and models
+//! what a crash leaves behind: unsynced bytes lost or torn at 512-byte sectors, flipped bits,
+//! and failed writes or fsyncs. Every durability test runs the same log code over it.
+//!
+//! API boundary: writes are positioned (`write_at`), never appended implicitly, so the log
+//! alone decides where bytes go. `sync_data` is the only durability point for file
+//! contents, and `sync_dir` the only one for creating, removing or renaming names.
+
+use bytes::Bytes;
+use std::io;
+
+mod disk;
+pub mod sim;
+
+pub use disk::DiskStorage;
+pub use sim::{SimConfig, SimStorage};
+
+/// One directory of files, as the log sees it.
+///
+/// Futures returned by these methods are not `Send`: a log is owned by one shard.
+#[allow(async_fn_in_trait)]
+pub trait Storage {
+    /// The file handle type of this storage.
+    type File: StorageFile;
+
+    /// Creates a new, empty file. Fails if the name exists. The name is durable only after
+    /// [`Storage::sync_dir`].
+    async fn create(&self, name: &str) -> io::Result<Self::File>;
+
+    /// Opens an existing file for reading and writing.
+    async fn open(&self, name: &str) -> io::Result<Self::File>;
+
+    /// Removes a name. Durable only after [`Storage::sync_dir`].
+    async fn remove(&self, name: &str) -> io::Result<()>;
+
+    /// Renames `from` to `to`, replacing `to` if it exists. Durable only after
+    /// [`Storage::sync_dir`].
+    async fn rename(&self, from: &str, to: &str) -> io::Result<()>;
+
+    /// Lists the names in the directory, in no particular order.
+    async fn list(&self) -> io::Result<Vec<String>>;
+
+    /// Makes every create, remove and rename so far durable.
+    async fn sync_dir(&self) -> io::Result<()>;
+}
+
+/// One open file.
+#[allow(async_fn_in_trait, clippy::len_without_is_empty)]
+pub trait StorageFile {
+    /// Writes `data` at byte position `pos`, extending the file if needed. The bytes are
+    /// visible to reads at once but durable only after [`StorageFile::sync_data`].
+    async fn write_at(&self, pos: u64, data: &[u8]) -> io::Result<()>;
+
+    /// Reads up to `len` bytes from `pos`; fewer only at the end of the file.
+    async fn read_at(&self, pos: u64, len: usize) -> io::Result<Vec<u8>>;
+
+    /// `fdatasync`: makes every write and truncation of this file so far durable.
+    async fn sync_data(&self) -> io::Result<()>;
+
+    /// Sets the file's length. Durable only after [`StorageFile::sync_data`].
+    async fn truncate(&self, len: u64) -> io::Result<()>;
+
+    /// The file's current length in bytes.
+    async fn len(&self) -> io::Result<u64>;
+
+    /// A read-only view of the whole file as it is now. The log maps only sealed segments,
+    /// which no longer change while mapped.
+    fn map(&self) -> io::Result<Bytes>;
+
+    /// Closes the handle.
+    async fn close(self) -> io::Result<()>;
+}
