@@ -1,0 +1,787 @@
+//! The state of one channel: members, messages, threads, reactions, edit history, and the
+//! idempotency keys of recent sends; its commands, and its reads.
+//!
+//! A channel's partition decides its commands one at a time and applies each event before
+//! deciding the next, so every event gets the next `seq` and sees all the ones before it.
+//! Reads go through per-channel indexes (top-level messages by seq, replies by thread), so
+//! none scans a partition.
+
+use super::event::{Body, ChannelEvent, ChannelKind, Mentions};
+use super::mention;
+use super::{DomainError, Principal};
+use super::{CLIENT_MSG_ID_BYTES_MAX, EMOJI_BYTES_MAX, IDEMPOTENCY_WINDOW_US, TEXT_BYTES_MAX};
+use crate::ids::{ChannelId, MessageId, UserId, WorkspaceId};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+
+/// A message as it stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    /// The seq of the event that created it.
+    pub seq: u64,
+    /// The author.
+    pub user: UserId,
+    /// Every body it had with the time it got it, oldest first; the last is current.
+    pub versions: Vec<(Body, u64)>,
+    /// The root's seq, for a thread reply.
+    pub thread: Option<u64>,
+    /// Replies, for a thread root.
+    pub reply_count: u32,
+    /// Reactions: emoji and the users who reacted, in the order they first appeared.
+    pub reactions: Vec<(String, Vec<UserId>)>,
+    /// When it was last edited.
+    pub edited_at: Option<u64>,
+    /// Whether it was deleted.
+    pub deleted: bool,
+    /// When it was posted.
+    pub created_at: u64,
+    /// The client's idempotency key.
+    pub client_msg_id: Option<String>,
+}
+
+impl Message {
+    /// The current body.
+    pub fn body(&self) -> &Body {
+        &self.versions.last().expect("a message has a body").0
+    }
+}
+
+/// A channel command from a principal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChannelCommand {
+    /// Post a message, or a reply when `thread` is set.
+    Post {
+        /// The text.
+        text: String,
+        /// Where the body is kept: `None` inline, or the blob already stored for it.
+        blob: Option<([u8; 32], u64)>,
+        /// The client's idempotency key.
+        client_msg_id: Option<String>,
+        /// The thread root.
+        thread: Option<MessageId>,
+    },
+    /// Replace a message's text (author only).
+    Edit {
+        /// The message.
+        message: MessageId,
+        /// The new text.
+        text: String,
+        /// Where the new body is kept.
+        blob: Option<([u8; 32], u64)>,
+    },
+    /// Delete a message (author, channel creator, or workspace admin).
+    Delete {
+        /// The message.
+        message: MessageId,
+    },
+    /// Add or remove the caller's reaction.
+    React {
+        /// The message.
+        message: MessageId,
+        /// The emoji name.
+        emoji: String,
+        /// Add (true) or remove (false).
+        add: bool,
+    },
+    /// Join a public channel.
+    Join,
+    /// Add a workspace member (already checked by the caller against the directory).
+    AddMember {
+        /// The user to add.
+        user: UserId,
+    },
+    /// Leave (self) or remove a member (channel creator or workspace admin).
+    RemoveMember {
+        /// The user to remove.
+        user: UserId,
+    },
+}
+
+/// What deciding a channel command yields.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChannelDecision {
+    /// An event to commit.
+    Event(ChannelEvent),
+    /// A repeated `client_msg_id`: answer with this existing message, store nothing.
+    Duplicate(u64),
+    /// Already so (a reaction already there, a member already in): nothing to store.
+    Unchanged,
+}
+
+/// One page of a list, and the cursor for the next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Page<T> {
+    /// The items.
+    pub items: Vec<T>,
+    /// Where the next page starts, if there is one.
+    pub next_cursor: Option<u64>,
+}
+
+/// The state of one channel.
+#[derive(Clone, Debug)]
+pub struct ChannelState {
+    /// The channel.
+    pub id: ChannelId,
+    /// Its workspace.
+    pub workspace: WorkspaceId,
+    /// Its kind.
+    pub kind: ChannelKind,
+    /// Its creator (the channel admin).
+    pub created_by: UserId,
+    members: BTreeSet<UserId>,
+    last_seq: u64,
+    messages: HashMap<u64, Message>,
+    top_level: Vec<u64>,
+    replies: HashMap<u64, Vec<u64>>,
+    idempotency: HashMap<(UserId, String), u64>,
+    idempotency_order: VecDeque<(u64, UserId, String)>,
+}
+
+fn check_text(text: &str) -> Result<(), DomainError> {
+    if text.len() > TEXT_BYTES_MAX {
+        return Err(DomainError::TooLarge(format!(
+            "text is longer than {TEXT_BYTES_MAX} bytes"
+        )));
+    }
+    if text.trim().is_empty() {
+        return Err(DomainError::Invalid("text must not be empty".into()));
+    }
+    Ok(())
+}
+
+fn body_of(text: String, blob: Option<([u8; 32], u64)>) -> Body {
+    match blob {
+        Some((hash, len)) => Body::Blob { hash, len },
+        None => Body::Text(text),
+    }
+}
+
+fn check_emoji(emoji: &str) -> Result<(), DomainError> {
+    let ok = !emoji.is_empty()
+        && emoji.len() <= EMOJI_BYTES_MAX
+        && !emoji
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '/');
+    if ok {
+        Ok(())
+    } else {
+        Err(DomainError::Invalid(format!(
+            "emoji must be 1 to {EMOJI_BYTES_MAX} bytes with no spaces or '/'"
+        )))
+    }
+}
+
+impl ChannelState {
+    /// A channel with no events yet.
+    pub fn new(
+        id: ChannelId,
+        workspace: WorkspaceId,
+        kind: ChannelKind,
+        created_by: UserId,
+    ) -> ChannelState {
+        ChannelState {
+            id,
+            workspace,
+            kind,
+            created_by,
+            members: BTreeSet::new(),
+            last_seq: 0,
+            messages: HashMap::new(),
+            top_level: Vec::new(),
+            replies: HashMap::new(),
+            idempotency: HashMap::new(),
+            idempotency_order: VecDeque::new(),
+        }
+    }
+
+    /// The seq of the last event.
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    /// Whether a user is a member.
+    pub fn is_member(&self, user: UserId) -> bool {
+        self.members.contains(&user)
+    }
+
+    /// The members, in ID order.
+    pub fn members(&self) -> impl Iterator<Item = UserId> + '_ {
+        self.members.iter().copied()
+    }
+
+    /// The events that give a new channel its first members.
+    pub fn initial_events(&self, members: &[UserId]) -> Vec<ChannelEvent> {
+        members
+            .iter()
+            .filter(|u| !self.members.contains(u))
+            .map(|u| ChannelEvent::MemberJoined {
+                user: *u,
+                by: self.created_by,
+            })
+            .collect()
+    }
+
+    fn check_reach(&self, by: &Principal) -> Result<(), DomainError> {
+        if by.workspace() != self.workspace || !self.members.contains(&by.user()) {
+            return Err(DomainError::NotFound("channel"));
+        }
+        Ok(())
+    }
+
+    fn message(&self, id: MessageId) -> Result<&Message, DomainError> {
+        if id.channel != self.id {
+            return Err(DomainError::NotFound("message"));
+        }
+        self.messages
+            .get(&id.seq)
+            .ok_or(DomainError::NotFound("message"))
+    }
+
+    fn live_message(&self, id: MessageId) -> Result<&Message, DomainError> {
+        let m = self.message(id)?;
+        if m.deleted {
+            return Err(DomainError::Conflict("the message was deleted".into()));
+        }
+        Ok(m)
+    }
+
+    /// Decides a command. `now_us` is the time the event will carry.
+    pub fn decide(
+        &self,
+        by: &Principal,
+        cmd: ChannelCommand,
+        now_us: u64,
+    ) -> Result<ChannelDecision, DomainError> {
+        if cmd == ChannelCommand::Join {
+            return self.decide_join(by);
+        }
+        self.check_reach(by)?;
+        let event = match cmd {
+            ChannelCommand::Post {
+                text,
+                blob,
+                client_msg_id,
+                thread,
+            } => {
+                check_text(&text)?;
+                if let Some(key) = &client_msg_id {
+                    if key.is_empty() || key.len() > CLIENT_MSG_ID_BYTES_MAX {
+                        return Err(DomainError::Invalid(format!(
+                            "client_msg_id must be 1 to {CLIENT_MSG_ID_BYTES_MAX} bytes"
+                        )));
+                    }
+                    if let Some(seq) = self.remembered(by.user(), key, now_us) {
+                        return Ok(ChannelDecision::Duplicate(seq));
+                    }
+                }
+                let thread = match thread {
+                    None => None,
+                    Some(root) => {
+                        let m = self.live_message(root)?;
+                        if m.thread.is_some() {
+                            return Err(DomainError::Invalid(
+                                "a reply cannot start a thread".into(),
+                            ));
+                        }
+                        Some(root.seq)
+                    }
+                };
+                ChannelEvent::MessagePosted {
+                    user: by.user(),
+                    mentions: self.mentions(&text),
+                    body: body_of(text, blob),
+                    thread,
+                    client_msg_id,
+                }
+            }
+            ChannelCommand::Edit {
+                message,
+                text,
+                blob,
+            } => {
+                check_text(&text)?;
+                let m = self.live_message(message)?;
+                if m.user != by.user() {
+                    return Err(DomainError::Forbidden(
+                        "only the author may edit a message".into(),
+                    ));
+                }
+                ChannelEvent::MessageEdited {
+                    target: message.seq,
+                    mentions: self.mentions(&text),
+                    body: body_of(text, blob),
+                }
+            }
+            ChannelCommand::Delete { message } => {
+                let m = self.message(message)?;
+                let allowed =
+                    m.user == by.user() || self.created_by == by.user() || by.role().is_admin();
+                if !allowed {
+                    return Err(DomainError::Forbidden(
+                        "only the author or an admin may delete a message".into(),
+                    ));
+                }
+                if m.deleted {
+                    return Ok(ChannelDecision::Unchanged);
+                }
+                ChannelEvent::MessageDeleted {
+                    target: message.seq,
+                    by: by.user(),
+                }
+            }
+            ChannelCommand::React {
+                message,
+                emoji,
+                add,
+            } => {
+                check_emoji(&emoji)?;
+                let m = self.live_message(message)?;
+                let present = m
+                    .reactions
+                    .iter()
+                    .any(|(e, users)| *e == emoji && users.contains(&by.user()));
+                match (add, present) {
+                    (true, true) | (false, false) => return Ok(ChannelDecision::Unchanged),
+                    (true, false) => ChannelEvent::ReactionAdded {
+                        target: message.seq,
+                        emoji,
+                        user: by.user(),
+                    },
+                    (false, true) => ChannelEvent::ReactionRemoved {
+                        target: message.seq,
+                        emoji,
+                        user: by.user(),
+                    },
+                }
+            }
+            ChannelCommand::AddMember { user } => {
+                if self.kind.is_direct() {
+                    return Err(DomainError::Forbidden(
+                        "the members of a DM are fixed".into(),
+                    ));
+                }
+                if self.members.contains(&user) {
+                    return Ok(ChannelDecision::Unchanged);
+                }
+                ChannelEvent::MemberJoined {
+                    user,
+                    by: by.user(),
+                }
+            }
+            ChannelCommand::RemoveMember { user } => {
+                if self.kind.is_direct() {
+                    return Err(DomainError::Forbidden(
+                        "the members of a DM are fixed".into(),
+                    ));
+                }
+                let allowed =
+                    user == by.user() || self.created_by == by.user() || by.role().is_admin();
+                if !allowed {
+                    return Err(DomainError::Forbidden(
+                        "only the channel's creator or an admin may remove others".into(),
+                    ));
+                }
+                if !self.members.contains(&user) {
+                    return Err(DomainError::NotFound("member"));
+                }
+                ChannelEvent::MemberLeft {
+                    user,
+                    by: by.user(),
+                }
+            }
+            ChannelCommand::Join => unreachable!("handled above"),
+        };
+        Ok(ChannelDecision::Event(event))
+    }
+
+    fn decide_join(&self, by: &Principal) -> Result<ChannelDecision, DomainError> {
+        if by.workspace() != self.workspace {
+            return Err(DomainError::NotFound("channel"));
+        }
+        if self.members.contains(&by.user()) {
+            return Ok(ChannelDecision::Unchanged);
+        }
+        if self.kind != ChannelKind::Public {
+            return Err(DomainError::NotFound("channel"));
+        }
+        Ok(ChannelDecision::Event(ChannelEvent::MemberJoined {
+            user: by.user(),
+            by: by.user(),
+        }))
+    }
+
+    fn mentions(&self, text: &str) -> Mentions {
+        mention::parse(text)
+    }
+
+    fn remembered(&self, user: UserId, key: &str, now_us: u64) -> Option<u64> {
+        let seq = *self.idempotency.get(&(user, key.to_owned()))?;
+        let at = self.messages.get(&seq)?.created_at;
+        (now_us.saturating_sub(at) < IDEMPOTENCY_WINDOW_US).then_some(seq)
+    }
+
+    /// Applies an event with its seq and time. Seqs must come in order.
+    pub fn apply(&mut self, seq: u64, at_us: u64, event: &ChannelEvent) {
+        assert_eq!(
+            seq,
+            self.last_seq + 1,
+            "channel {} seq out of order",
+            self.id
+        );
+        self.last_seq = seq;
+        match event {
+            ChannelEvent::MemberJoined { user, .. } => {
+                self.members.insert(*user);
+            }
+            ChannelEvent::MemberLeft { user, .. } => {
+                self.members.remove(user);
+            }
+            ChannelEvent::MessagePosted {
+                user,
+                body,
+                thread,
+                client_msg_id,
+                ..
+            } => {
+                match thread {
+                    Some(root) => {
+                        self.replies.entry(*root).or_default().push(seq);
+                        if let Some(r) = self.messages.get_mut(root) {
+                            r.reply_count += 1;
+                        }
+                    }
+                    None => self.top_level.push(seq),
+                }
+                if let Some(key) = client_msg_id {
+                    self.remember(*user, key, seq, at_us);
+                }
+                self.messages.insert(
+                    seq,
+                    Message {
+                        seq,
+                        user: *user,
+                        versions: vec![(body.clone(), at_us)],
+                        thread: *thread,
+                        reply_count: 0,
+                        reactions: Vec::new(),
+                        edited_at: None,
+                        deleted: false,
+                        created_at: at_us,
+                        client_msg_id: client_msg_id.clone(),
+                    },
+                );
+            }
+            ChannelEvent::MessageEdited { target, body, .. } => {
+                if let Some(m) = self.messages.get_mut(target) {
+                    m.versions.push((body.clone(), at_us));
+                    m.edited_at = Some(at_us);
+                }
+            }
+            ChannelEvent::MessageDeleted { target, .. } => {
+                if let Some(m) = self.messages.get_mut(target) {
+                    m.deleted = true;
+                    m.reactions.clear();
+                }
+            }
+            ChannelEvent::ReactionAdded {
+                target,
+                emoji,
+                user,
+            } => {
+                if let Some(m) = self.messages.get_mut(target) {
+                    match m.reactions.iter_mut().find(|(e, _)| e == emoji) {
+                        Some((_, users)) => users.push(*user),
+                        None => m.reactions.push((emoji.clone(), vec![*user])),
+                    }
+                }
+            }
+            ChannelEvent::ReactionRemoved {
+                target,
+                emoji,
+                user,
+            } => {
+                if let Some(m) = self.messages.get_mut(target) {
+                    if let Some((_, users)) = m.reactions.iter_mut().find(|(e, _)| e == emoji) {
+                        users.retain(|u| u != user);
+                    }
+                    m.reactions.retain(|(_, users)| !users.is_empty());
+                }
+            }
+        }
+    }
+
+    fn remember(&mut self, user: UserId, key: &str, seq: u64, at_us: u64) {
+        // Forget keys that left the window, oldest first, so the map stays bounded by the
+        // sends of one window.
+        while let Some((at, _, _)) = self.idempotency_order.front() {
+            if at_us.saturating_sub(*at) < IDEMPOTENCY_WINDOW_US {
+                break;
+            }
+            let (at, u, k) = self.idempotency_order.pop_front().expect("front");
+            let key = (u, k);
+            // The key may have been used again since; only the entry from `at` goes.
+            let stale = self
+                .idempotency
+                .get(&key)
+                .and_then(|s| self.messages.get(s))
+                .is_none_or(|m| m.created_at <= at);
+            if stale {
+                self.idempotency.remove(&key);
+            }
+        }
+        self.idempotency.insert((user, key.to_owned()), seq);
+        self.idempotency_order
+            .push_back((at_us, user, key.to_owned()));
+    }
+
+    /// A message the principal may read.
+    pub fn get(&self, by: &Principal, id: MessageId) -> Result<&Message, DomainError> {
+        self.check_reach(by)?;
+        self.message(id)
+    }
+
+    /// A message by seq, for rendering events (no access check: the caller delivers only to
+    /// members).
+    pub fn message_at(&self, seq: u64) -> Option<&Message> {
+        self.messages.get(&seq)
+    }
+
+    /// Top-level messages before `before` (a seq), newest first.
+    pub fn history(
+        &self,
+        by: &Principal,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Page<&Message>, DomainError> {
+        self.check_reach(by)?;
+        let end = match before {
+            Some(b) => self.top_level.partition_point(|s| *s < b),
+            None => self.top_level.len(),
+        };
+        let start = end.saturating_sub(limit);
+        let items: Vec<&Message> = self.top_level[start..end]
+            .iter()
+            .rev()
+            .map(|s| &self.messages[s])
+            .collect();
+        let next_cursor = (start > 0).then(|| self.top_level[start]);
+        Ok(Page { items, next_cursor })
+    }
+
+    /// Replies of a thread after `after` (a seq), oldest first.
+    pub fn replies(
+        &self,
+        by: &Principal,
+        root: MessageId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Page<&Message>, DomainError> {
+        self.check_reach(by)?;
+        let m = self.message(root)?;
+        if m.thread.is_some() {
+            return Err(DomainError::NotFound("thread"));
+        }
+        let all = self
+            .replies
+            .get(&root.seq)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        let start = match after {
+            Some(a) => all.partition_point(|s| *s <= a),
+            None => 0,
+        };
+        let end = (start + limit).min(all.len());
+        let items = all[start..end].iter().map(|s| &self.messages[s]).collect();
+        let next_cursor = (end < all.len()).then(|| all[end - 1]);
+        Ok(Page { items, next_cursor })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Role;
+
+    const W: WorkspaceId = WorkspaceId(1);
+    const C: ChannelId = ChannelId(2);
+
+    fn p(user: u64, role: Role) -> Principal {
+        Principal::checked(UserId(user), W, role)
+    }
+
+    fn step(
+        s: &mut ChannelState,
+        by: &Principal,
+        cmd: ChannelCommand,
+    ) -> Result<ChannelDecision, DomainError> {
+        let d = s.decide(by, cmd, 1_000 + s.last_seq())?;
+        if let ChannelDecision::Event(e) = &d {
+            let seq = s.last_seq() + 1;
+            s.apply(seq, 1_000 + seq, e);
+        }
+        Ok(d)
+    }
+
+    fn post(text: &str, key: Option<&str>, thread: Option<u64>) -> ChannelCommand {
+        ChannelCommand::Post {
+            text: text.into(),
+            blob: None,
+            client_msg_id: key.map(Into::into),
+            thread: thread.map(|seq| MessageId { channel: C, seq }),
+        }
+    }
+
+    fn mid(seq: u64) -> MessageId {
+        MessageId { channel: C, seq }
+    }
+
+    // Threads, edits with history, deletions, reactions and idempotent sends behave as the
+    // API says, and outsiders get NotFound for everything.
+    #[test]
+    fn semantics() {
+        let mut s = ChannelState::new(C, W, ChannelKind::Public, UserId(1));
+        for e in s.initial_events(&[UserId(1)]) {
+            let seq = s.last_seq() + 1;
+            s.apply(seq, 0, &e);
+        }
+        let (a, b, admin) = (p(1, Role::Member), p(2, Role::Member), p(3, Role::Admin));
+        assert_eq!(
+            step(&mut s, &b, post("hi", None, None)),
+            Err(DomainError::NotFound("channel"))
+        );
+        step(&mut s, &b, ChannelCommand::Join).unwrap();
+        assert_eq!(
+            step(&mut s, &b, ChannelCommand::Join),
+            Ok(ChannelDecision::Unchanged)
+        );
+        step(&mut s, &a, post("root", Some("k1"), None)).unwrap(); // seq 3
+        assert_eq!(
+            step(&mut s, &a, post("root", Some("k1"), None)),
+            Ok(ChannelDecision::Duplicate(3))
+        );
+        step(&mut s, &b, post("reply", None, Some(3))).unwrap(); // seq 4
+        assert!(matches!(
+            step(&mut s, &b, post("r2", None, Some(4))),
+            Err(DomainError::Invalid(_))
+        ));
+        assert_eq!(s.message_at(3).unwrap().reply_count, 1);
+        let hist = s.history(&a, None, 10).unwrap();
+        assert_eq!(
+            hist.items.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            vec![3]
+        );
+        let rep = s.replies(&a, mid(3), None, 10).unwrap();
+        assert_eq!(rep.items.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![4]);
+
+        assert!(matches!(
+            step(
+                &mut s,
+                &b,
+                ChannelCommand::Edit {
+                    message: mid(3),
+                    text: "x".into(),
+                    blob: None
+                }
+            ),
+            Err(DomainError::Forbidden(_))
+        ));
+        step(
+            &mut s,
+            &a,
+            ChannelCommand::Edit {
+                message: mid(3),
+                text: "root v2".into(),
+                blob: None,
+            },
+        )
+        .unwrap();
+        let m = s.get(&a, mid(3)).unwrap();
+        assert_eq!(m.versions.len(), 2);
+        assert_eq!(m.body(), &Body::Text("root v2".into()));
+
+        step(
+            &mut s,
+            &b,
+            ChannelCommand::React {
+                message: mid(3),
+                emoji: "+1".into(),
+                add: true,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            step(
+                &mut s,
+                &b,
+                ChannelCommand::React {
+                    message: mid(3),
+                    emoji: "+1".into(),
+                    add: true
+                }
+            ),
+            Ok(ChannelDecision::Unchanged)
+        );
+        assert_eq!(
+            s.message_at(3).unwrap().reactions,
+            vec![("+1".to_string(), vec![UserId(2)])]
+        );
+        assert!(matches!(
+            step(&mut s, &b, ChannelCommand::Delete { message: mid(3) }),
+            Err(DomainError::Forbidden(_))
+        ));
+        let admin = admin_join(&mut s, admin);
+        step(&mut s, &admin, ChannelCommand::Delete { message: mid(3) }).unwrap();
+        let m = s.message_at(3).unwrap();
+        assert!(m.deleted && m.reactions.is_empty());
+        assert!(matches!(
+            step(
+                &mut s,
+                &a,
+                ChannelCommand::Edit {
+                    message: mid(3),
+                    text: "y".into(),
+                    blob: None
+                }
+            ),
+            Err(DomainError::Conflict(_))
+        ));
+        let outsider = Principal::checked(UserId(1), WorkspaceId(9), Role::Owner);
+        assert_eq!(
+            s.get(&outsider, mid(3)),
+            Err(DomainError::NotFound("channel"))
+        );
+    }
+
+    fn admin_join(s: &mut ChannelState, admin: Principal) -> Principal {
+        step(s, &admin, ChannelCommand::Join).unwrap();
+        admin
+    }
+
+    // History pages newest first with a cursor that continues exactly where it stopped.
+    #[test]
+    fn history_pages() {
+        let mut s = ChannelState::new(C, W, ChannelKind::Private, UserId(1));
+        s.apply(
+            1,
+            0,
+            &ChannelEvent::MemberJoined {
+                user: UserId(1),
+                by: UserId(1),
+            },
+        );
+        let a = p(1, Role::Member);
+        for i in 0..25 {
+            step(&mut s, &a, post(&format!("m{i}"), None, None)).unwrap();
+        }
+        let mut seen = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = s.history(&a, cursor, 10).unwrap();
+            seen.extend(page.items.iter().map(|m| m.seq));
+            match page.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        assert_eq!(seen, (2..=26).rev().collect::<Vec<_>>());
+    }
+}

@@ -1,0 +1,590 @@
+//! The metadata state: accounts, workspaces, workspace roles, and the channel directory.
+//!
+//! One shard owns the metadata partition and decides its commands; every shard keeps a
+//! replica of this state, applied from the committed events, so membership checks and
+//! channel routing never leave the shard that needs them.
+
+use super::event::{ChannelKind, MetaEvent, Role};
+use super::{check_name, DomainError, Principal};
+use super::{EMAIL_BYTES_MAX, GROUP_DM_USERS_MAX, NAME_CHARS_MAX, USER_NAME_CHARS_MAX};
+use crate::ids::{ChannelId, UserId, WorkspaceId};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+/// An account.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct User {
+    /// Its ID.
+    pub id: UserId,
+    /// Login email as given.
+    pub email: String,
+    /// Display name.
+    pub name: String,
+    /// The password hash (PHC string), interpreted only by the gateway.
+    pub password_hash: String,
+}
+
+/// A workspace and its members.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Workspace {
+    /// Its ID.
+    pub id: WorkspaceId,
+    /// Its name.
+    pub name: String,
+    /// Members and their roles, in ID order.
+    pub members: BTreeMap<UserId, Role>,
+    /// Channel names in use (lowercase), for uniqueness.
+    channel_names: HashMap<String, ChannelId>,
+    /// Every channel of the workspace, in ID order.
+    pub channels: BTreeSet<ChannelId>,
+}
+
+/// A channel as the directory knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChannelMeta {
+    /// Its ID.
+    pub id: ChannelId,
+    /// Its workspace.
+    pub workspace: WorkspaceId,
+    /// Its name (empty for DMs).
+    pub name: String,
+    /// Its kind.
+    pub kind: ChannelKind,
+    /// Its creator, who is also its channel admin.
+    pub created_by: UserId,
+    /// The members it started with.
+    pub initial_members: Vec<UserId>,
+}
+
+/// A metadata command, decided by the metadata partition's owner.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MetaCommand {
+    /// Sign-up.
+    CreateUser {
+        /// Login email.
+        email: String,
+        /// Display name.
+        name: String,
+        /// The password hash, made by the caller.
+        password_hash: String,
+    },
+    /// A user creates a workspace and becomes its owner.
+    CreateWorkspace {
+        /// The creator.
+        owner: UserId,
+        /// The name.
+        name: String,
+    },
+    /// An owner or admin adds a user, by email, as a member.
+    AddMember {
+        /// The acting principal.
+        by: Principal,
+        /// The email of the user to add.
+        email: String,
+    },
+    /// A member creates a public or private channel.
+    CreateChannel {
+        /// The acting principal.
+        by: Principal,
+        /// The name.
+        name: String,
+        /// Public or private.
+        kind: ChannelKind,
+    },
+    /// A member opens the DM or group DM of exactly a set of users (the caller included).
+    OpenDm {
+        /// The acting principal.
+        by: Principal,
+        /// The other users.
+        users: Vec<UserId>,
+    },
+}
+
+/// What deciding a metadata command yields.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MetaDecision {
+    /// A new event to commit and apply.
+    New(MetaEvent),
+    /// The command names something that already exists (the DM of this set): answer with it
+    /// and commit nothing.
+    Existing(ChannelId),
+}
+
+/// Bits of a channel ID that hold its partition.
+pub const PARTITION_BITS: u32 = 16;
+
+/// The partition of a channel, as recorded in its ID.
+pub fn partition_of(channel: ChannelId) -> u32 {
+    (channel.0 & ((1 << PARTITION_BITS) - 1)) as u32
+}
+
+/// The ID of a new channel: the next number, with its partition chosen by a hash of the
+/// workspace and that number and recorded in the low bits, so that any thread can route a
+/// request for the channel without a directory lookup.
+fn channel_id(workspace: WorkspaceId, n: u64, partitions: u32) -> ChannelId {
+    let mut key = [0u8; 16];
+    key[..8].copy_from_slice(&workspace.0.to_le_bytes());
+    key[8..].copy_from_slice(&n.to_le_bytes());
+    let p = xxhash_rust::xxh3::xxh3_64(&key) % partitions.max(1) as u64;
+    ChannelId((n << PARTITION_BITS) | p)
+}
+
+/// The metadata state.
+#[derive(Clone, Debug, Default)]
+pub struct MetaState {
+    partitions: u32,
+    next_id: u64,
+    users: HashMap<UserId, User>,
+    by_email: HashMap<String, UserId>,
+    workspaces: HashMap<WorkspaceId, Workspace>,
+    user_workspaces: HashMap<UserId, BTreeSet<WorkspaceId>>,
+    channels: HashMap<ChannelId, ChannelMeta>,
+    dms: HashMap<(WorkspaceId, Vec<UserId>), ChannelId>,
+}
+
+fn normalize_email(email: &str) -> Result<String, DomainError> {
+    let e = email.trim().to_lowercase();
+    let valid = e.len() <= EMAIL_BYTES_MAX
+        && e.split_once('@').is_some_and(|(local, domain)| {
+            !local.is_empty() && !domain.is_empty() && !domain.contains('@')
+        })
+        && !e.chars().any(|c| c.is_whitespace() || c.is_control());
+    if valid {
+        Ok(e)
+    } else {
+        Err(DomainError::Invalid("email is not a valid address".into()))
+    }
+}
+
+impl MetaState {
+    /// An empty state for an engine of `partitions` channel partitions.
+    pub fn new(partitions: u32) -> MetaState {
+        assert!(partitions > 0 && partitions <= 1 << PARTITION_BITS);
+        MetaState {
+            partitions,
+            ..MetaState::default()
+        }
+    }
+
+    /// The number of channel partitions.
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    /// The ID the next created entity gets. IDs are assigned in decision order, so the
+    /// owner applies each event before deciding the next command.
+    fn allocate(&self) -> u64 {
+        self.next_id.max(1)
+    }
+
+    /// Checks that `user` is a member of `workspace` and returns the principal; `NotFound`
+    /// for an unknown workspace and for one the user is not in alike.
+    pub fn principal(
+        &self,
+        user: UserId,
+        workspace: WorkspaceId,
+    ) -> Result<Principal, DomainError> {
+        self.workspaces
+            .get(&workspace)
+            .and_then(|w| w.members.get(&user))
+            .map(|role| Principal::checked(user, workspace, *role))
+            .ok_or(DomainError::NotFound("workspace"))
+    }
+
+    /// The principal for acting on a channel: the channel must exist and the user must be
+    /// a member of its workspace. Channel membership is checked by the channel's partition.
+    pub fn channel_principal(
+        &self,
+        user: UserId,
+        channel: ChannelId,
+    ) -> Result<(Principal, &ChannelMeta), DomainError> {
+        let meta = self
+            .channels
+            .get(&channel)
+            .ok_or(DomainError::NotFound("channel"))?;
+        let p = self
+            .principal(user, meta.workspace)
+            .map_err(|_| DomainError::NotFound("channel"))?;
+        Ok((p, meta))
+    }
+
+    /// Decides a command against the current state.
+    pub fn decide(&self, cmd: MetaCommand) -> Result<MetaDecision, DomainError> {
+        let id = self.allocate();
+        let event = match cmd {
+            MetaCommand::CreateUser {
+                email,
+                name,
+                password_hash,
+            } => {
+                let key = normalize_email(&email)?;
+                if self.by_email.contains_key(&key) {
+                    return Err(DomainError::Conflict("email is already registered".into()));
+                }
+                MetaEvent::UserCreated {
+                    user: UserId(id),
+                    email: email.trim().to_owned(),
+                    name: check_name("name", &name, USER_NAME_CHARS_MAX)?,
+                    password_hash,
+                }
+            }
+            MetaCommand::CreateWorkspace { owner, name } => {
+                if !self.users.contains_key(&owner) {
+                    return Err(DomainError::NotFound("user"));
+                }
+                MetaEvent::WorkspaceCreated {
+                    workspace: WorkspaceId(id),
+                    name: check_name("name", &name, NAME_CHARS_MAX)?,
+                    owner,
+                }
+            }
+            MetaCommand::AddMember { by, email } => {
+                if !by.role().is_admin() {
+                    return Err(DomainError::Forbidden(
+                        "only an owner or admin may add members".into(),
+                    ));
+                }
+                let key = normalize_email(&email)?;
+                let user = *self
+                    .by_email
+                    .get(&key)
+                    .ok_or(DomainError::NotFound("user"))?;
+                if self.principal(user, by.workspace()).is_ok() {
+                    return Err(DomainError::Conflict("already a member".into()));
+                }
+                MetaEvent::MemberAdded {
+                    workspace: by.workspace(),
+                    user,
+                    role: Role::Member,
+                    by: by.user(),
+                }
+            }
+            MetaCommand::CreateChannel { by, name, kind } => {
+                if kind.is_direct() {
+                    return Err(DomainError::Invalid(
+                        "kind must be \"public\" or \"private\"".into(),
+                    ));
+                }
+                let name = check_name("name", &name, NAME_CHARS_MAX)?;
+                if name.chars().any(char::is_whitespace) {
+                    return Err(DomainError::Invalid("channel names have no spaces".into()));
+                }
+                let ws = self
+                    .workspaces
+                    .get(&by.workspace())
+                    .expect("principal's workspace");
+                if ws.channel_names.contains_key(&name.to_lowercase()) {
+                    return Err(DomainError::Conflict("channel name is taken".into()));
+                }
+                MetaEvent::ChannelCreated {
+                    channel: channel_id(by.workspace(), id, self.partitions),
+                    workspace: by.workspace(),
+                    name,
+                    kind,
+                    created_by: by.user(),
+                    members: vec![by.user()],
+                }
+            }
+            MetaCommand::OpenDm { by, users } => {
+                let mut set: Vec<UserId> = users;
+                set.push(by.user());
+                set.sort_unstable();
+                set.dedup();
+                if set.len() > GROUP_DM_USERS_MAX {
+                    return Err(DomainError::Invalid(format!(
+                        "a group DM has at most {GROUP_DM_USERS_MAX} users"
+                    )));
+                }
+                if set
+                    .iter()
+                    .any(|u| self.principal(*u, by.workspace()).is_err())
+                {
+                    return Err(DomainError::NotFound("user"));
+                }
+                if let Some(c) = self.dms.get(&(by.workspace(), set.clone())) {
+                    return Ok(MetaDecision::Existing(*c));
+                }
+                MetaEvent::ChannelCreated {
+                    channel: channel_id(by.workspace(), id, self.partitions),
+                    workspace: by.workspace(),
+                    name: String::new(),
+                    kind: if set.len() <= 2 {
+                        ChannelKind::Dm
+                    } else {
+                        ChannelKind::GroupDm
+                    },
+                    created_by: by.user(),
+                    members: set,
+                }
+            }
+        };
+        Ok(MetaDecision::New(event))
+    }
+
+    /// Applies a committed (or, on the owner, a just-decided) event.
+    pub fn apply(&mut self, event: &MetaEvent) {
+        match event {
+            MetaEvent::UserCreated {
+                user,
+                email,
+                name,
+                password_hash,
+            } => {
+                self.bump(user.0);
+                let key = normalize_email(email).unwrap_or_else(|_| email.to_lowercase());
+                self.by_email.insert(key, *user);
+                self.users.insert(
+                    *user,
+                    User {
+                        id: *user,
+                        email: email.clone(),
+                        name: name.clone(),
+                        password_hash: password_hash.clone(),
+                    },
+                );
+            }
+            MetaEvent::WorkspaceCreated {
+                workspace,
+                name,
+                owner,
+            } => {
+                self.bump(workspace.0);
+                self.workspaces.insert(
+                    *workspace,
+                    Workspace {
+                        id: *workspace,
+                        name: name.clone(),
+                        members: BTreeMap::from([(*owner, Role::Owner)]),
+                        channel_names: HashMap::new(),
+                        channels: BTreeSet::new(),
+                    },
+                );
+                self.user_workspaces
+                    .entry(*owner)
+                    .or_default()
+                    .insert(*workspace);
+            }
+            MetaEvent::MemberAdded {
+                workspace,
+                user,
+                role,
+                ..
+            } => {
+                if let Some(ws) = self.workspaces.get_mut(workspace) {
+                    ws.members.insert(*user, *role);
+                    self.user_workspaces
+                        .entry(*user)
+                        .or_default()
+                        .insert(*workspace);
+                }
+            }
+            MetaEvent::ChannelCreated {
+                channel,
+                workspace,
+                name,
+                kind,
+                created_by,
+                members,
+            } => {
+                self.bump(channel.0 >> PARTITION_BITS);
+                if let Some(ws) = self.workspaces.get_mut(workspace) {
+                    ws.channels.insert(*channel);
+                    if !kind.is_direct() {
+                        ws.channel_names.insert(name.to_lowercase(), *channel);
+                    }
+                }
+                if kind.is_direct() {
+                    self.dms.insert((*workspace, members.clone()), *channel);
+                }
+                self.channels.insert(
+                    *channel,
+                    ChannelMeta {
+                        id: *channel,
+                        workspace: *workspace,
+                        name: name.clone(),
+                        kind: *kind,
+                        created_by: *created_by,
+                        initial_members: members.clone(),
+                    },
+                );
+            }
+        }
+    }
+
+    fn bump(&mut self, id: u64) {
+        self.next_id = self.next_id.max(id + 1);
+    }
+
+    /// A user by ID.
+    pub fn user(&self, id: UserId) -> Option<&User> {
+        self.users.get(&id)
+    }
+
+    /// A user by login email (case-insensitive).
+    pub fn user_by_email(&self, email: &str) -> Option<&User> {
+        let key = normalize_email(email).ok()?;
+        self.by_email.get(&key).and_then(|id| self.users.get(id))
+    }
+
+    /// A workspace, only if the principal's own.
+    pub fn workspace(&self, by: &Principal) -> &Workspace {
+        self.workspaces
+            .get(&by.workspace())
+            .expect("a principal's workspace exists")
+    }
+
+    /// The workspaces a user belongs to, in ID order.
+    pub fn workspaces_of(&self, user: UserId) -> Vec<&Workspace> {
+        self.user_workspaces
+            .get(&user)
+            .into_iter()
+            .flatten()
+            .filter_map(|w| self.workspaces.get(w))
+            .collect()
+    }
+
+    /// A channel's directory entry.
+    pub fn channel(&self, id: ChannelId) -> Option<&ChannelMeta> {
+        self.channels.get(&id)
+    }
+
+    /// Every channel in the directory (for partitions to find theirs at start).
+    pub fn channels(&self) -> impl Iterator<Item = &ChannelMeta> {
+        self.channels.values()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(state: &mut MetaState, cmd: MetaCommand) -> Result<MetaEvent, DomainError> {
+        match state.decide(cmd)? {
+            MetaDecision::New(e) => {
+                state.apply(&e);
+                Ok(e)
+            }
+            MetaDecision::Existing(c) => panic!("unexpected existing {c}"),
+        }
+    }
+
+    fn user(state: &mut MetaState, email: &str) -> UserId {
+        match run(
+            state,
+            MetaCommand::CreateUser {
+                email: email.into(),
+                name: "N".into(),
+                password_hash: "h".into(),
+            },
+        )
+        .unwrap()
+        {
+            MetaEvent::UserCreated { user, .. } => user,
+            _ => unreachable!(),
+        }
+    }
+
+    // Workspace roles gate adding members, membership gates principals, and the same set
+    // of users always gets the same DM.
+    #[test]
+    fn roles_principals_and_dms() {
+        let mut s = MetaState::new(8);
+        let a = user(&mut s, "a@x.io");
+        let b = user(&mut s, "B@x.io");
+        let c = user(&mut s, "c@x.io");
+        assert!(matches!(
+            run(
+                &mut s,
+                MetaCommand::CreateUser {
+                    email: "b@X.io".into(),
+                    name: "n".into(),
+                    password_hash: "h".into()
+                }
+            ),
+            Err(DomainError::Conflict(_))
+        ));
+        let MetaEvent::WorkspaceCreated { workspace: w, .. } = run(
+            &mut s,
+            MetaCommand::CreateWorkspace {
+                owner: a,
+                name: "acme".into(),
+            },
+        )
+        .unwrap() else {
+            unreachable!()
+        };
+        assert!(s.principal(b, w).is_err());
+        let pa = s.principal(a, w).unwrap();
+        run(
+            &mut s,
+            MetaCommand::AddMember {
+                by: pa,
+                email: "b@x.io".into(),
+            },
+        )
+        .unwrap();
+        let pb = s.principal(b, w).unwrap();
+        assert_eq!(pb.role(), Role::Member);
+        assert!(matches!(
+            run(
+                &mut s,
+                MetaCommand::AddMember {
+                    by: pb,
+                    email: "c@x.io".into()
+                }
+            ),
+            Err(DomainError::Forbidden(_))
+        ));
+        assert!(matches!(
+            s.decide(MetaCommand::OpenDm {
+                by: pa,
+                users: vec![c]
+            }),
+            Err(DomainError::NotFound("user"))
+        ));
+        let MetaEvent::ChannelCreated {
+            channel: dm, kind, ..
+        } = run(
+            &mut s,
+            MetaCommand::OpenDm {
+                by: pa,
+                users: vec![b],
+            },
+        )
+        .unwrap()
+        else {
+            unreachable!()
+        };
+        assert_eq!(kind, ChannelKind::Dm);
+        assert_eq!(
+            s.decide(MetaCommand::OpenDm {
+                by: pb,
+                users: vec![a, a]
+            }),
+            Ok(MetaDecision::Existing(dm))
+        );
+        let MetaEvent::ChannelCreated {
+            channel: general, ..
+        } = run(
+            &mut s,
+            MetaCommand::CreateChannel {
+                by: pb,
+                name: "general".into(),
+                kind: ChannelKind::Public,
+            },
+        )
+        .unwrap()
+        else {
+            unreachable!()
+        };
+        assert!(partition_of(general) < 8);
+        assert!(general.0 >> PARTITION_BITS > dm.0 >> PARTITION_BITS);
+        assert!(matches!(
+            s.decide(MetaCommand::CreateChannel {
+                by: pa,
+                name: "General".into(),
+                kind: ChannelKind::Private
+            }),
+            Err(DomainError::Conflict(_))
+        ));
+    }
+}

@@ -1,0 +1,836 @@
+//! The embeddable API: [`Engine`] opens the shards over a data directory, and every call
+//! is a request to the shard that owns the data, answered once the answer is durable.
+//!
+//! API boundary: callers pass the authenticated user's ID and the IDs they name; the engine
+//! resolves the workspace and checks membership itself (see the isolation invariant in
+//! [`crate::domain`]). Transport, authentication and password hashing are the embedder's.
+//! An `Engine` is `Send + Sync` and cheap to clone; it can be called from any thread,
+//! including the shards' own.
+
+use crate::blob::BlobStore;
+use crate::domain::channel::ChannelCommand;
+use crate::domain::meta::{partition_of, User};
+use crate::domain::{ChannelKind, DomainError, INLINE_BODY_BYTES_MAX, PAGE_LIMIT_MAX};
+use crate::ids::{ChannelId, MessageId, UserId, WorkspaceId};
+use crate::queue::{FrameReceiver, Inbox};
+use crate::runtime::dispatch::SubscriptionInfo;
+use crate::runtime::meta::{MetaRead, MetaRequest};
+use crate::runtime::{
+    ChannelRead, Gather, PartitionMsg, Reply, Routes, ShardMsg, ShardSetup, CURRENT_SHARD,
+};
+use crate::view::{ChannelView, MemberView, MessageView, UserView, WorkspaceView};
+use bytes::Bytes;
+use futures::channel::oneshot;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+/// Settings of an engine. Every limit is named.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Where the logs and blobs live.
+    pub data_dir: PathBuf,
+    /// Shards (threads, one per core by default).
+    pub shards: usize,
+    /// Channel partitions. Fixed for the life of a data directory.
+    pub partitions: u32,
+    /// Messages a shard's inbox holds before senders wait.
+    pub inbox_capacity: usize,
+    /// Frames a subscriber's queue holds before the subscriber is cut off.
+    pub subscriber_queue_frames: usize,
+    /// The size at which a log segment is sealed.
+    pub segment_bytes_max: u64,
+    /// Pin each shard to a core.
+    pub pin: bool,
+}
+
+impl EngineConfig {
+    /// Defaults for a data directory: one shard per core, 16 partitions.
+    pub fn new(data_dir: impl Into<PathBuf>) -> EngineConfig {
+        EngineConfig {
+            data_dir: data_dir.into(),
+            shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            partitions: 16,
+            inbox_capacity: 65536,
+            subscriber_queue_frames: 4096,
+            segment_bytes_max: 64 * 1024 * 1024,
+            pin: true,
+        }
+    }
+}
+
+/// Why an engine call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// The request was refused by the domain rules.
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    /// The engine cannot serve this now: shutting down, or a partition stopped after a
+    /// storage failure.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data failed verification.
+    #[error("corrupt data: {0}")]
+    Corrupt(String),
+    /// The data directory cannot be used.
+    #[error("i/o error: {0}")]
+    Io(String),
+    /// The configuration does not fit the data directory.
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+/// The outcome of a metadata command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetaOutcome {
+    /// A created user.
+    User(UserView),
+    /// A created workspace.
+    Workspace(WorkspaceView),
+    /// An added member.
+    Member(MemberView),
+    /// A channel, and whether it was created by this call.
+    Channel(ChannelView, bool),
+}
+
+/// The outcome of a channel command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelOutcome {
+    /// The seq of the event stored, if one was.
+    pub seq: Option<u64>,
+    /// The message the command is about, as it stands after it.
+    pub message: Option<MessageView>,
+    /// Whether something new was stored (false for a repeated `client_msg_id`).
+    pub created: bool,
+}
+
+/// The outcome of a channel read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadOutcome {
+    /// A page of messages and the cursor of the next page.
+    Page(Vec<MessageView>, Option<u64>),
+    /// One message.
+    Message(MessageView),
+    /// A message's texts, oldest first, with RFC 3339 times.
+    Versions(Vec<(String, String)>),
+}
+
+/// A page of messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessagePage {
+    /// The messages.
+    pub messages: Vec<MessageView>,
+    /// The cursor of the next page (a seq), if there is one.
+    pub next_cursor: Option<u64>,
+}
+
+struct Inner {
+    routes: Routes,
+    config: EngineConfig,
+    blobs: Arc<BlobStore>,
+    threads: Mutex<Option<crate::shard::ShardSet<()>>>,
+}
+
+/// A running engine. Clones share it.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+/// A subscriber: the committed events of every channel its user is in, as JSON frames,
+/// including channels joined after it started. Dropping it unsubscribes.
+pub struct Subscription {
+    engine: Engine,
+    info: SubscriptionInfo,
+    frames: FrameReceiver,
+}
+
+impl Subscription {
+    /// The channels followed at the start, with their last committed seq.
+    pub fn channels(&self) -> &[(ChannelId, u64)] {
+        &self.info.channels
+    }
+
+    /// The next frame; an error once the subscriber was cut off (then resume with a new
+    /// subscription).
+    pub async fn recv(&mut self) -> Result<Bytes, crate::queue::Cutoff> {
+        self.frames.recv().await
+    }
+
+    /// Every frame ready now, up to `max`, without waiting.
+    pub fn try_recv_batch(
+        &mut self,
+        out: &mut Vec<Bytes>,
+        max: usize,
+    ) -> Result<usize, crate::queue::Cutoff> {
+        self.frames.try_recv_batch(out, max)
+    }
+
+    /// The frame receiver, for callers that poll it themselves.
+    pub fn receiver(&mut self) -> &mut FrameReceiver {
+        &mut self.frames
+    }
+
+    /// Asks for every event after the given seq of each named channel, in order, then a
+    /// `resumed` frame, then live events. Channels the user is not in are ignored.
+    pub async fn resume(&self, since: Vec<(ChannelId, u64)>) -> Result<(), EngineError> {
+        self.engine
+            .inner
+            .routes
+            .send(
+                self.info.shard,
+                ShardMsg::Resume {
+                    sub: self.info.id,
+                    since,
+                },
+            )
+            .await
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let msg = ShardMsg::Unsubscribe { sub: self.info.id };
+        let _ = self.engine.inner.routes.shards[self.info.shard as usize].try_send(msg);
+    }
+}
+
+async fn ask<T>(
+    f: impl FnOnce(Reply<T>) -> ShardMsg,
+    routes: &Routes,
+    shard: u32,
+) -> Result<T, EngineError> {
+    let (tx, rx) = oneshot::channel();
+    routes.send(shard, f(tx)).await?;
+    rx.await
+        .map_err(|_| EngineError::Unavailable("the shard stopped".into()))?
+}
+
+fn validate_limit(limit: usize) -> Result<usize, EngineError> {
+    if limit == 0 || limit > PAGE_LIMIT_MAX {
+        return Err(DomainError::Invalid(format!("limit must be 1 to {PAGE_LIMIT_MAX}")).into());
+    }
+    Ok(limit)
+}
+
+impl Engine {
+    /// Opens (or creates) the engine in `config.data_dir` and starts its shards. Returns
+    /// once every shard has recovered its partitions and serves.
+    pub fn open(config: EngineConfig) -> Result<Engine, EngineError> {
+        if config.shards == 0 || config.partitions == 0 {
+            return Err(EngineError::Config(
+                "shards and partitions must be positive".into(),
+            ));
+        }
+        if config.partitions > 1 << crate::domain::meta::PARTITION_BITS {
+            return Err(EngineError::Config("too many partitions".into()));
+        }
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| EngineError::Io(format!("{}: {e}", config.data_dir.display())))?;
+        check_layout(&config)?;
+        let blobs = Arc::new(
+            BlobStore::open(&config.data_dir.join("blobs"))
+                .map_err(|e| EngineError::Io(format!("blob store: {e}")))?,
+        );
+        let mut senders = Vec::new();
+        let mut receivers = Vec::new();
+        for _ in 0..config.shards {
+            let (tx, rx) = Inbox::new(config.inbox_capacity);
+            senders.push(tx);
+            receivers.push(rx);
+        }
+        let routes = Routes {
+            shards: Arc::new(senders),
+            partitions: config.partitions,
+        };
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let mut meta_out = Vec::new();
+        let mut meta_in = vec![None];
+        for _ in 1..config.shards {
+            let (tx, rx) = std::sync::mpsc::channel();
+            meta_out.push(tx);
+            meta_in.push(Some(rx));
+        }
+        let mut setups: Vec<Option<ShardSetup>> = Vec::new();
+        for (i, inbox) in receivers.into_iter().enumerate() {
+            let (unused_tx, unused_rx) = std::sync::mpsc::channel();
+            drop(unused_tx);
+            setups.push(Some(ShardSetup {
+                id: i as u32,
+                routes: routes.clone(),
+                inbox,
+                config: config.clone(),
+                blobs: blobs.clone(),
+                meta_in: meta_in[i].take().unwrap_or(unused_rx),
+                meta_out: if i == 0 {
+                    std::mem::take(&mut meta_out)
+                } else {
+                    Vec::new()
+                },
+                ready: ready_tx.clone(),
+            }));
+        }
+        drop(ready_tx);
+        let setups = Arc::new(Mutex::new(setups));
+        let threads = crate::shard::ShardSet::start(config.shards, config.pin, move |ctx| {
+            let setup = setups.lock().expect("setups")[ctx.id]
+                .take()
+                .expect("each shard starts once");
+            crate::runtime::run_shard(setup)
+        })
+        .map_err(|e| EngineError::Unavailable(format!("starting shards: {e}")))?;
+        let engine = Engine {
+            inner: Arc::new(Inner {
+                routes,
+                config,
+                blobs,
+                threads: Mutex::new(Some(threads)),
+            }),
+        };
+        for _ in 0..engine.inner.config.shards {
+            match ready_rx.recv() {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    engine.shutdown();
+                    return Err(e);
+                }
+                Err(_) => {
+                    engine.shutdown();
+                    return Err(EngineError::Unavailable("a shard failed to start".into()));
+                }
+            }
+        }
+        Ok(engine)
+    }
+
+    /// Stops every shard after the work in flight and closes the logs. Blocks until done.
+    pub fn shutdown(&self) {
+        for s in self.inner.routes.shards.iter() {
+            let _ = s.try_send(ShardMsg::Shutdown);
+        }
+        if let Some(t) = self.inner.threads.lock().expect("threads").take() {
+            let _ = t.join();
+        }
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    fn local_shard(&self, key: u64) -> u32 {
+        CURRENT_SHARD
+            .with(|c| c.get())
+            .unwrap_or((key % self.inner.routes.shard_count() as u64) as u32)
+    }
+
+    async fn meta(
+        &self,
+        f: impl FnOnce(Reply<MetaOutcome>) -> MetaRequest,
+    ) -> Result<MetaOutcome, EngineError> {
+        ask(|r| ShardMsg::Meta(f(r)), &self.inner.routes, 0).await
+    }
+
+    async fn meta_read<T>(
+        &self,
+        key: u64,
+        f: impl FnOnce(Reply<T>) -> MetaRead,
+    ) -> Result<T, EngineError> {
+        let shard = self.local_shard(key);
+        ask(|r| ShardMsg::MetaRead(f(r)), &self.inner.routes, shard).await
+    }
+
+    /// Creates an account. The password hash is stored as given.
+    pub async fn create_user(
+        &self,
+        email: &str,
+        name: &str,
+        password_hash: &str,
+    ) -> Result<UserView, EngineError> {
+        let (email, name, password_hash) =
+            (email.to_owned(), name.to_owned(), password_hash.to_owned());
+        match self
+            .meta(|reply| MetaRequest::CreateUser {
+                email,
+                name,
+                password_hash,
+                reply,
+            })
+            .await?
+        {
+            MetaOutcome::User(u) => Ok(u),
+            other => unreachable!("create_user answered {other:?}"),
+        }
+    }
+
+    /// An account by login email, with its password hash, for the embedder's login.
+    pub async fn user_by_email(&self, email: &str) -> Result<Option<User>, EngineError> {
+        let email = email.to_owned();
+        self.meta_read(0, |reply| MetaRead::UserByEmail { email, reply })
+            .await
+    }
+
+    /// The user and the workspaces they belong to.
+    pub async fn me(&self, user: UserId) -> Result<(UserView, Vec<WorkspaceView>), EngineError> {
+        self.meta_read(user.0, |reply| MetaRead::Me { user, reply })
+            .await
+    }
+
+    /// Creates a workspace owned by `user`.
+    pub async fn create_workspace(
+        &self,
+        user: UserId,
+        name: &str,
+    ) -> Result<WorkspaceView, EngineError> {
+        let name = name.to_owned();
+        match self
+            .meta(|reply| MetaRequest::CreateWorkspace { user, name, reply })
+            .await?
+        {
+            MetaOutcome::Workspace(w) => Ok(w),
+            other => unreachable!("create_workspace answered {other:?}"),
+        }
+    }
+
+    /// Adds a user, by email, to a workspace (owners and admins only).
+    pub async fn add_member(
+        &self,
+        user: UserId,
+        workspace: WorkspaceId,
+        email: &str,
+    ) -> Result<MemberView, EngineError> {
+        let email = email.to_owned();
+        match self
+            .meta(|reply| MetaRequest::AddMember {
+                user,
+                workspace,
+                email,
+                reply,
+            })
+            .await?
+        {
+            MetaOutcome::Member(m) => Ok(m),
+            other => unreachable!("add_member answered {other:?}"),
+        }
+    }
+
+    /// The members of a workspace the user belongs to.
+    pub async fn members(
+        &self,
+        user: UserId,
+        workspace: WorkspaceId,
+    ) -> Result<Vec<MemberView>, EngineError> {
+        self.meta_read(user.0, |reply| MetaRead::Members {
+            user,
+            workspace,
+            reply,
+        })
+        .await
+    }
+
+    /// Creates a public or private channel; the caller is its first member.
+    pub async fn create_channel(
+        &self,
+        user: UserId,
+        workspace: WorkspaceId,
+        name: &str,
+        kind: ChannelKind,
+    ) -> Result<ChannelView, EngineError> {
+        let name = name.to_owned();
+        match self
+            .meta(|reply| MetaRequest::CreateChannel {
+                user,
+                workspace,
+                name,
+                kind,
+                reply,
+            })
+            .await?
+        {
+            MetaOutcome::Channel(c, _) => Ok(c),
+            other => unreachable!("create_channel answered {other:?}"),
+        }
+    }
+
+    /// The DM or group DM of exactly the caller and `users`; `true` if created now.
+    pub async fn open_dm(
+        &self,
+        user: UserId,
+        workspace: WorkspaceId,
+        users: Vec<UserId>,
+    ) -> Result<(ChannelView, bool), EngineError> {
+        match self
+            .meta(|reply| MetaRequest::OpenDm {
+                user,
+                workspace,
+                users,
+                reply,
+            })
+            .await?
+        {
+            MetaOutcome::Channel(c, created) => Ok((c, created)),
+            other => unreachable!("open_dm answered {other:?}"),
+        }
+    }
+
+    /// The channels the user can see in a workspace: every public one and the others they
+    /// are in.
+    pub async fn channels(
+        &self,
+        user: UserId,
+        workspace: WorkspaceId,
+    ) -> Result<Vec<ChannelView>, EngineError> {
+        self.members(user, workspace).await?;
+        self.scatter(user, Some(workspace)).await
+    }
+
+    /// The channels the user is a member of, in every workspace.
+    pub async fn user_channels(&self, user: UserId) -> Result<Vec<ChannelView>, EngineError> {
+        self.scatter(user, None).await
+    }
+
+    async fn scatter(
+        &self,
+        user: UserId,
+        workspace: Option<WorkspaceId>,
+    ) -> Result<Vec<ChannelView>, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        let gather = Gather::new(self.inner.config.partitions as usize, tx);
+        for s in 0..self.inner.routes.shard_count() {
+            let g = gather.clone();
+            let msg = ShardMsg::AllPartitions(Box::new(move || PartitionMsg::Visible {
+                user,
+                workspace,
+                out: g.clone(),
+            }));
+            self.inner.routes.send(s, msg).await?;
+        }
+        rx.await
+            .map_err(|_| EngineError::Unavailable("a shard stopped".into()))?
+    }
+
+    /// One channel's directory entry, if the user's workspace has it.
+    pub async fn channel(
+        &self,
+        user: UserId,
+        channel: ChannelId,
+    ) -> Result<ChannelView, EngineError> {
+        self.meta_read(user.0, |reply| MetaRead::Channel {
+            user,
+            channel,
+            reply,
+        })
+        .await
+    }
+
+    fn partition_shard(&self, channel: ChannelId) -> Result<(u32, u32), EngineError> {
+        let p = partition_of(channel);
+        if p >= self.inner.config.partitions {
+            return Err(DomainError::NotFound("channel").into());
+        }
+        Ok((p, self.inner.routes.owner(p)))
+    }
+
+    async fn command(
+        &self,
+        user: UserId,
+        channel: ChannelId,
+        cmd: ChannelCommand,
+    ) -> Result<ChannelOutcome, EngineError> {
+        let (partition, shard) = self.partition_shard(channel)?;
+        ask(
+            |reply| ShardMsg::Partition {
+                partition,
+                msg: PartitionMsg::Command {
+                    user,
+                    channel,
+                    cmd,
+                    reply,
+                },
+            },
+            &self.inner.routes,
+            shard,
+        )
+        .await
+    }
+
+    async fn read(
+        &self,
+        user: UserId,
+        channel: ChannelId,
+        read: ChannelRead,
+    ) -> Result<ReadOutcome, EngineError> {
+        let (partition, shard) = self.partition_shard(channel)?;
+        ask(
+            |reply| ShardMsg::Partition {
+                partition,
+                msg: PartitionMsg::Read {
+                    user,
+                    channel,
+                    read,
+                    reply,
+                },
+            },
+            &self.inner.routes,
+            shard,
+        )
+        .await
+    }
+
+    /// Stores a body over the inline limit in the blob store (before the event that
+    /// references it is committed).
+    fn stored_body(&self, text: &str) -> Result<Option<([u8; 32], u64)>, EngineError> {
+        if text.len() <= INLINE_BODY_BYTES_MAX || text.len() > crate::domain::TEXT_BYTES_MAX {
+            return Ok(None);
+        }
+        let r = self
+            .inner
+            .blobs
+            .put(text.as_bytes())
+            .map_err(|e| EngineError::Io(format!("blob store: {e}")))?;
+        Ok(Some((r.hash, r.len)))
+    }
+
+    /// Posts a message (or a thread reply). Returns the message and whether it is new: a
+    /// repeated `client_msg_id` from the same user returns the first message.
+    pub async fn post(
+        &self,
+        user: UserId,
+        channel: ChannelId,
+        text: &str,
+        client_msg_id: Option<&str>,
+        thread: Option<MessageId>,
+    ) -> Result<(MessageView, bool), EngineError> {
+        let blob = self.stored_body(text)?;
+        let out = self
+            .command(
+                user,
+                channel,
+                ChannelCommand::Post {
+                    text: text.to_owned(),
+                    blob,
+                    client_msg_id: client_msg_id.map(str::to_owned),
+                    thread,
+                },
+            )
+            .await?;
+        Ok((
+            out.message.expect("a post answers its message"),
+            out.created,
+        ))
+    }
+
+    /// Edits a message (author only).
+    pub async fn edit(
+        &self,
+        user: UserId,
+        message: MessageId,
+        text: &str,
+    ) -> Result<MessageView, EngineError> {
+        let blob = self.stored_body(text)?;
+        let out = self
+            .command(
+                user,
+                message.channel,
+                ChannelCommand::Edit {
+                    message,
+                    text: text.to_owned(),
+                    blob,
+                },
+            )
+            .await?;
+        Ok(out.message.expect("an edit answers its message"))
+    }
+
+    /// Deletes a message (author, channel creator, or workspace admin).
+    pub async fn delete(&self, user: UserId, message: MessageId) -> Result<(), EngineError> {
+        self.command(user, message.channel, ChannelCommand::Delete { message })
+            .await
+            .map(drop)
+    }
+
+    /// Adds or removes the user's reaction.
+    pub async fn react(
+        &self,
+        user: UserId,
+        message: MessageId,
+        emoji: &str,
+        add: bool,
+    ) -> Result<(), EngineError> {
+        self.command(
+            user,
+            message.channel,
+            ChannelCommand::React {
+                message,
+                emoji: emoji.to_owned(),
+                add,
+            },
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Joins a public channel.
+    pub async fn join(&self, user: UserId, channel: ChannelId) -> Result<(), EngineError> {
+        self.command(user, channel, ChannelCommand::Join)
+            .await
+            .map(drop)
+    }
+
+    /// Adds a workspace member to a channel.
+    pub async fn add_channel_member(
+        &self,
+        user: UserId,
+        channel: ChannelId,
+        target: UserId,
+    ) -> Result<(), EngineError> {
+        self.check_workspace_member(user, channel, target).await?;
+        self.command(user, channel, ChannelCommand::AddMember { user: target })
+            .await
+            .map(drop)
+    }
+
+    async fn check_workspace_member(
+        &self,
+        user: UserId,
+        channel: ChannelId,
+        target: UserId,
+    ) -> Result<(), EngineError> {
+        let c = self.channel(user, channel).await?;
+        let members = self.members(user, c.workspace_id).await?;
+        if members.iter().any(|m| m.id == target) {
+            Ok(())
+        } else {
+            Err(DomainError::NotFound("user").into())
+        }
+    }
+
+    /// Removes a member from a channel (themselves, or by the creator or an admin).
+    pub async fn remove_channel_member(
+        &self,
+        user: UserId,
+        channel: ChannelId,
+        target: UserId,
+    ) -> Result<(), EngineError> {
+        self.command(user, channel, ChannelCommand::RemoveMember { user: target })
+            .await
+            .map(drop)
+    }
+
+    /// Top-level messages, newest first, before a cursor.
+    pub async fn history(
+        &self,
+        user: UserId,
+        channel: ChannelId,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<MessagePage, EngineError> {
+        let limit = validate_limit(limit)?;
+        match self
+            .read(user, channel, ChannelRead::History { before, limit })
+            .await?
+        {
+            ReadOutcome::Page(messages, next_cursor) => Ok(MessagePage {
+                messages,
+                next_cursor,
+            }),
+            other => unreachable!("history answered {other:?}"),
+        }
+    }
+
+    /// A thread's replies, oldest first, after a cursor.
+    pub async fn replies(
+        &self,
+        user: UserId,
+        root: MessageId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<MessagePage, EngineError> {
+        let limit = validate_limit(limit)?;
+        match self
+            .read(
+                user,
+                root.channel,
+                ChannelRead::Replies { root, after, limit },
+            )
+            .await?
+        {
+            ReadOutcome::Page(messages, next_cursor) => Ok(MessagePage {
+                messages,
+                next_cursor,
+            }),
+            other => unreachable!("replies answered {other:?}"),
+        }
+    }
+
+    /// One message.
+    pub async fn message(&self, user: UserId, id: MessageId) -> Result<MessageView, EngineError> {
+        match self
+            .read(user, id.channel, ChannelRead::Message { id })
+            .await?
+        {
+            ReadOutcome::Message(m) => Ok(m),
+            other => unreachable!("message answered {other:?}"),
+        }
+    }
+
+    /// Every text a message had, oldest first, with its time.
+    pub async fn versions(
+        &self,
+        user: UserId,
+        id: MessageId,
+    ) -> Result<Vec<(String, String)>, EngineError> {
+        match self
+            .read(user, id.channel, ChannelRead::Versions { id })
+            .await?
+        {
+            ReadOutcome::Versions(v) => Ok(v),
+            other => unreachable!("versions answered {other:?}"),
+        }
+    }
+
+    /// Subscribes to the events of every channel the user is in. From a shard thread the
+    /// subscriber lives on that shard; otherwise on the user's home shard.
+    pub async fn subscribe(&self, user: UserId) -> Result<Subscription, EngineError> {
+        let shard = self.local_shard(user.0);
+        let (queue, frames) =
+            crate::queue::subscriber_queue(self.inner.config.subscriber_queue_frames);
+        let info = ask(
+            |reply| ShardMsg::Subscribe { user, queue, reply },
+            &self.inner.routes,
+            shard,
+        )
+        .await?;
+        Ok(Subscription {
+            engine: self.clone(),
+            info,
+            frames,
+        })
+    }
+}
+
+/// Records the partition count in the data directory on first open and refuses a different
+/// one later: channel IDs carry their partition.
+fn check_layout(config: &EngineConfig) -> Result<(), EngineError> {
+    let path = config.data_dir.join("ENGINE");
+    let want = format!("chorus-engine layout 1\npartitions {}\n", config.partitions);
+    match std::fs::read_to_string(&path) {
+        Ok(have) if have == want => Ok(()),
+        Ok(have) => Err(EngineError::Config(format!(
+            "{} was created with a different layout: {have:?}",
+            path.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let tmp = config.data_dir.join("ENGINE.tmp");
+            let write = || -> std::io::Result<()> {
+                use std::io::Write;
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(want.as_bytes())?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, &path)?;
+                std::fs::File::open(&config.data_dir)?.sync_all()
+            };
+            write().map_err(|e| EngineError::Io(format!("{}: {e}", path.display())))
+        }
+        Err(e) => Err(EngineError::Io(format!("{}: {e}", path.display()))),
+    }
+}

@@ -1,0 +1,174 @@
+//! Identifiers of users, workspaces, channels and messages, and their opaque string forms.
+//!
+//! Inside the engine an ID is a number; outside it is an opaque string: a one-letter kind
+//! (`U`, `W`, `C`, `M`) and the number in lowercase Crockford base32. A message has no
+//! number of its own: it is named by its channel and the `seq` of the event that created
+//! it, so message IDs need no allocator and replay to the same values.
+
+use std::fmt;
+use std::str::FromStr;
+
+const ALPHABET: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";
+
+fn encode(mut n: u64, out: &mut String) {
+    let mut buf = [0u8; 13];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = ALPHABET[(n % 32) as usize];
+        n /= 32;
+        if n == 0 {
+            break;
+        }
+    }
+    out.push_str(std::str::from_utf8(&buf[i..]).expect("ascii"));
+}
+
+fn decode(s: &str) -> Option<u64> {
+    if s.is_empty() || s.len() > 13 {
+        return None;
+    }
+    let mut n: u64 = 0;
+    for b in s.bytes() {
+        let d = ALPHABET.iter().position(|&a| a == b)? as u64;
+        n = n.checked_mul(32)?.checked_add(d)?;
+    }
+    Some(n)
+}
+
+/// Why a string is not an ID of the expected kind.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a valid {kind} id")]
+pub struct IdError {
+    /// The kind that was expected.
+    pub kind: &'static str,
+}
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident, $prefix:literal, $kind:literal) => {
+        $(#[$doc])*
+        #[derive(
+            Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord,
+            rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+        )]
+#[rkyv(attr(allow(missing_docs)))]
+        pub struct $name(pub u64);
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                let mut s = String::with_capacity(14);
+                s.push($prefix);
+                encode(self.0, &mut s);
+                f.write_str(&s)
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = IdError;
+            fn from_str(s: &str) -> Result<Self, IdError> {
+                s.strip_prefix($prefix)
+                    .and_then(decode)
+                    .map($name)
+                    .ok_or(IdError { kind: $kind })
+            }
+        }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+    };
+}
+
+id_type!(
+    /// A user account; users exist across workspaces.
+    UserId, 'U', "user"
+);
+id_type!(
+    /// A workspace: the unit of isolation.
+    WorkspaceId, 'W', "workspace"
+);
+id_type!(
+    /// A channel of any kind (public, private, DM, group DM).
+    ChannelId, 'C', "channel"
+);
+
+/// A message: its channel and the `seq` of the event that created it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageId {
+    /// The channel the message lives in.
+    pub channel: ChannelId,
+    /// The seq of the `message:new` event that created it.
+    pub seq: u64,
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut s = String::with_capacity(28);
+        s.push('M');
+        encode(self.channel.0, &mut s);
+        s.push('-');
+        encode(self.seq, &mut s);
+        f.write_str(&s)
+    }
+}
+
+impl FromStr for MessageId {
+    type Err = IdError;
+    fn from_str(s: &str) -> Result<MessageId, IdError> {
+        let err = IdError { kind: "message" };
+        let (c, q) = s
+            .strip_prefix('M')
+            .ok_or(err.clone())?
+            .split_once('-')
+            .ok_or(err.clone())?;
+        match (decode(c), decode(q)) {
+            (Some(c), Some(q)) if q > 0 => Ok(MessageId {
+                channel: ChannelId(c),
+                seq: q,
+            }),
+            _ => Err(err),
+        }
+    }
+}
+
+impl serde::Serialize for MessageId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // IDs round-trip through their strings, and a string of another kind is refused.
+    #[test]
+    fn round_trip_and_kinds() {
+        for n in [0u64, 1, 31, 32, 12345, u64::MAX] {
+            let u = UserId(n);
+            assert_eq!(u.to_string().parse::<UserId>(), Ok(u));
+            assert!(u.to_string().parse::<ChannelId>().is_err());
+        }
+        let m = MessageId {
+            channel: ChannelId(99),
+            seq: 7,
+        };
+        assert_eq!(m.to_string().parse::<MessageId>(), Ok(m));
+        for bad in [
+            "",
+            "U",
+            "Uoops",
+            "M1",
+            "M1-",
+            "M-1",
+            "M1-0",
+            "W",
+            "Uzzzzzzzzzzzzzz",
+        ] {
+            assert!(bad.parse::<UserId>().is_err(), "{bad}");
+            assert!(bad.parse::<MessageId>().is_err(), "{bad}");
+        }
+    }
+}

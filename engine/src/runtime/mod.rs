@@ -1,0 +1,472 @@
+//! The shards at run time: the messages they exchange, and each shard's main loop.
+//!
+//! Every shard has one bounded inbox ([`crate::queue::Inbox`]) that any thread may send to.
+//! The main loop drains it in batches (a tick) and routes each message: metadata commands to
+//! the metadata owner (shard 0), channel requests to the task of the partition that owns the
+//! channel, and deliveries, subscriptions and resumes to the shard's dispatcher.
+//!
+//! Architecture invariant: messages from one shard to another arrive in the order they were
+//! sent, because each sender pushes into the target's FIFO inbox from one thread. Resume
+//! and subscription correctness rest on it: a partition's reply to a subscriber shard and
+//! the deliveries it sends afterwards cannot overtake each other.
+
+pub(crate) mod dispatch;
+pub(crate) mod meta;
+pub(crate) mod partition;
+
+use crate::domain::channel::ChannelCommand;
+use crate::domain::event::MetaRecord;
+use crate::domain::meta::MetaState;
+use crate::engine::{ChannelOutcome, EngineError, ReadOutcome};
+use crate::ids::{ChannelId, MessageId, UserId, WorkspaceId};
+use crate::queue::{FrameSender, InboxSender};
+use crate::view::ChannelView;
+use bytes::Bytes;
+use futures::channel::oneshot;
+use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// A reply to whoever asked.
+pub(crate) type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
+
+thread_local! {
+    /// The shard this thread runs, if it is a shard thread.
+    pub(crate) static CURRENT_SHARD: Cell<Option<u32>> = const { Cell::new(None) };
+}
+
+/// Counts down acknowledgements and sends the reply when the last one arrives. Used when a
+/// metadata change must be applied on every shard before its caller hears back.
+pub(crate) struct Countdown<T: Send> {
+    left: AtomicUsize,
+    reply: Mutex<Option<Answer<T>>>,
+}
+
+/// A reply and the value it will carry.
+type Answer<T> = (Reply<T>, Result<T, EngineError>);
+
+impl<T: Send> Countdown<T> {
+    pub(crate) fn new(count: usize, reply: Reply<T>, value: Result<T, EngineError>) -> Arc<Self> {
+        Arc::new(Countdown {
+            left: AtomicUsize::new(count),
+            reply: Mutex::new(Some((reply, value))),
+        })
+    }
+
+    /// One acknowledgement; the last one sends the reply.
+    pub(crate) fn done(&self) {
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if let Some((reply, value)) = self.reply.lock().expect("countdown").take() {
+                let _ = reply.send(value);
+            }
+        }
+    }
+}
+
+/// An acknowledgement that any shard can give, whatever the reply type.
+pub(crate) trait Ack: Send + Sync {
+    fn done(&self);
+}
+
+impl<T: Send> Ack for Countdown<T> {
+    fn done(&self) {
+        Countdown::done(self)
+    }
+}
+
+/// A read of channel data.
+#[derive(Clone, Debug)]
+pub(crate) enum ChannelRead {
+    History {
+        before: Option<u64>,
+        limit: usize,
+    },
+    Replies {
+        root: MessageId,
+        after: Option<u64>,
+        limit: usize,
+    },
+    Message {
+        id: MessageId,
+    },
+    Versions {
+        id: MessageId,
+    },
+}
+
+/// A request for a partition.
+pub(crate) enum PartitionMsg {
+    Command {
+        user: UserId,
+        channel: ChannelId,
+        cmd: ChannelCommand,
+        reply: Reply<ChannelOutcome>,
+    },
+    Read {
+        user: UserId,
+        channel: ChannelId,
+        read: ChannelRead,
+        reply: Reply<ReadOutcome>,
+    },
+    /// A channel was created in the directory: give it its first members.
+    Init {
+        channel: ChannelId,
+        ack: Option<Arc<dyn Ack>>,
+    },
+    /// A user's connections on a shard changed (+1 or -1).
+    Online {
+        user: UserId,
+        shard: u32,
+        delta: i32,
+        sub: Option<u64>,
+    },
+    /// Events of a channel after a seq, for a resuming subscriber.
+    CatchUp {
+        user: UserId,
+        channel: ChannelId,
+        after: u64,
+        shard: u32,
+        sub: u64,
+    },
+    /// The channels a user can see in a workspace (or is a member of, in all workspaces).
+    Visible {
+        user: UserId,
+        workspace: Option<WorkspaceId>,
+        out: Arc<Gather>,
+    },
+}
+
+/// Gathers the answers of every partition to a scatter query.
+pub(crate) struct Gather {
+    left: AtomicUsize,
+    items: Mutex<Vec<ChannelView>>,
+    reply: Mutex<Option<Reply<Vec<ChannelView>>>>,
+}
+
+impl Gather {
+    pub(crate) fn new(count: usize, reply: Reply<Vec<ChannelView>>) -> Arc<Gather> {
+        Arc::new(Gather {
+            left: AtomicUsize::new(count),
+            items: Mutex::new(Vec::new()),
+            reply: Mutex::new(Some(reply)),
+        })
+    }
+
+    pub(crate) fn add(&self, mut views: Vec<ChannelView>) {
+        self.items.lock().expect("gather").append(&mut views);
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let mut items = std::mem::take(&mut *self.items.lock().expect("gather"));
+            items.sort_by_key(|c| c.id);
+            if let Some(reply) = self.reply.lock().expect("gather").take() {
+                let _ = reply.send(Ok(items));
+            }
+        }
+    }
+}
+
+/// One committed event for the subscribers of one shard.
+#[derive(Clone, Debug)]
+pub(crate) struct Delivery {
+    pub channel: ChannelId,
+    pub seq: u64,
+    pub frame: Bytes,
+    /// A membership change this event makes: the user, and whether they joined.
+    pub membership: Option<(UserId, bool)>,
+}
+
+/// A message to a shard.
+pub(crate) enum ShardMsg {
+    /// A metadata command (metadata owner only).
+    Meta(meta::MetaRequest),
+    /// A committed metadata event to apply.
+    MetaApplied {
+        record: Arc<MetaRecord>,
+        ack: Arc<dyn Ack>,
+    },
+    /// A read of the metadata replica.
+    MetaRead(meta::MetaRead),
+    /// A request for a partition this shard owns.
+    Partition { partition: u32, msg: PartitionMsg },
+    /// The same request for every partition this shard owns (scatter).
+    AllPartitions(Box<dyn Fn() -> PartitionMsg + Send>),
+    /// Committed events for this shard's subscribers.
+    Deliver(Vec<Delivery>),
+    /// A new subscriber on this shard.
+    Subscribe {
+        user: UserId,
+        queue: FrameSender,
+        reply: Reply<dispatch::SubscriptionInfo>,
+    },
+    /// A subscriber is gone.
+    Unsubscribe { sub: u64 },
+    /// A partition's answer to a subscriber's registration: its channels and last seqs.
+    OnlineAck {
+        sub: u64,
+        channels: Vec<(ChannelId, u64)>,
+    },
+    /// A subscriber resumes channels after the given seqs.
+    Resume {
+        sub: u64,
+        since: Vec<(ChannelId, u64)>,
+    },
+    /// A page of catch-up frames for a resuming subscriber.
+    CatchUpReply {
+        sub: u64,
+        channel: ChannelId,
+        frames: Vec<Bytes>,
+        last: u64,
+        done: bool,
+    },
+    /// Stop: finish what is in flight, close the logs, and exit.
+    Shutdown,
+}
+
+/// Where every shard's inbox is, and how partitions map to shards.
+#[derive(Clone)]
+pub(crate) struct Routes {
+    pub shards: Arc<Vec<InboxSender<ShardMsg>>>,
+    pub partitions: u32,
+}
+
+impl Routes {
+    pub(crate) fn shard_count(&self) -> u32 {
+        self.shards.len() as u32
+    }
+
+    /// The shard that owns a partition.
+    pub(crate) fn owner(&self, partition: u32) -> u32 {
+        partition % self.shard_count()
+    }
+
+    /// Sends a message, waiting for room if the inbox is full.
+    pub(crate) async fn send(&self, shard: u32, msg: ShardMsg) -> Result<(), EngineError> {
+        self.shards[shard as usize]
+            .send(msg)
+            .await
+            .map_err(|_| EngineError::Unavailable("the engine is shutting down".into()))
+    }
+}
+
+/// The initial metadata replica handed to each shard at start.
+pub(crate) type MetaSnapshot = Arc<MetaState>;
+
+/// What a shard needs to run.
+pub(crate) struct ShardSetup {
+    pub id: u32,
+    pub routes: Routes,
+    pub inbox: crate::queue::InboxReceiver<ShardMsg>,
+    pub config: crate::engine::EngineConfig,
+    pub blobs: Arc<crate::blob::BlobStore>,
+    /// Shard 0 sends each other shard the metadata replica it starts from.
+    pub meta_in: std::sync::mpsc::Receiver<MetaSnapshot>,
+    pub meta_out: Vec<std::sync::mpsc::Sender<MetaSnapshot>>,
+    /// Reports when this shard serves (or why it cannot).
+    pub ready: std::sync::mpsc::Sender<Result<u32, EngineError>>,
+}
+
+/// The main loop of one shard.
+pub(crate) async fn run_shard(setup: ShardSetup) {
+    CURRENT_SHARD.with(|c| c.set(Some(setup.id)));
+    let ready = setup.ready.clone();
+    match Shard::start(setup).await {
+        Ok((shard, inbox)) => {
+            let _ = ready.send(Ok(shard.id));
+            shard.serve(inbox).await;
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e));
+        }
+    }
+}
+
+struct Shard {
+    id: u32,
+    meta: std::rc::Rc<std::cell::RefCell<MetaState>>,
+    meta_owner: Option<futures::channel::mpsc::Sender<meta::MetaRequest>>,
+    partitions: std::rc::Rc<
+        std::cell::RefCell<
+            std::collections::HashMap<u32, futures::channel::mpsc::Sender<PartitionMsg>>,
+        >,
+    >,
+    tasks: Vec<glommio::task::JoinHandle<()>>,
+    dispatcher: dispatch::Dispatcher,
+}
+
+fn open_log(
+    dir: std::path::PathBuf,
+    config: &crate::engine::EngineConfig,
+) -> impl std::future::Future<Output = Result<crate::durability::LocalDurability, EngineError>> {
+    let log_config = chorus_log::LogConfig {
+        segment_bytes_max: config.segment_bytes_max,
+        ..chorus_log::LogConfig::default()
+    };
+    async move {
+        let storage = chorus_log::DiskStorage::open_dir(&dir)
+            .map_err(|e| EngineError::Io(format!("{}: {e}", dir.display())))?;
+        let (log, report) = chorus_log::Log::open(storage, log_config)
+            .await
+            .map_err(|e| EngineError::Corrupt(format!("{}: {e}", dir.display())))?;
+        if report.torn_tail.is_some() || !report.removed_segments.is_empty() {
+            eprintln!("chorus: recovered {}: {report:?}", dir.display());
+        }
+        Ok(crate::durability::LocalDurability::new(log))
+    }
+}
+
+impl Shard {
+    async fn start(
+        setup: ShardSetup,
+    ) -> Result<(Shard, crate::queue::InboxReceiver<ShardMsg>), EngineError> {
+        use std::cell::RefCell;
+        use std::rc::Rc;
+        let ShardSetup {
+            id,
+            routes,
+            inbox,
+            config,
+            blobs,
+            meta_in,
+            meta_out,
+            ..
+        } = setup;
+        let mut tasks = Vec::new();
+        let partitions = Rc::new(RefCell::new(std::collections::HashMap::new()));
+        let (meta, meta_owner) = if id == 0 {
+            let log = open_log(config.data_dir.join("meta"), &config).await?;
+            let state = meta::replay(&log, config.partitions).await?;
+            for tx in &meta_out {
+                let _ = tx.send(Arc::new(state.clone()));
+            }
+            let meta = Rc::new(RefCell::new(state));
+            let (tx, rx) = futures::channel::mpsc::channel(partition::PARTITION_QUEUE_MAX);
+            let owner = meta::MetaOwner {
+                log,
+                meta: meta.clone(),
+                routes: routes.clone(),
+                local_partitions: partitions.clone(),
+            };
+            tasks.push(glommio::spawn_local(owner.run(rx)).detach());
+            (meta, Some(tx))
+        } else {
+            let snapshot = meta_in
+                .recv()
+                .map_err(|_| EngineError::Unavailable("shard 0 did not start".into()))?;
+            (Rc::new(RefCell::new((*snapshot).clone())), None)
+        };
+        for p in (0..config.partitions).filter(|p| routes.owner(*p) == id) {
+            let log = open_log(config.data_dir.join(format!("p{p:05}")), &config).await?;
+            let (part, uninitialised) =
+                partition::Partition::open(p, log, routes.clone(), meta.clone(), blobs.clone())
+                    .await?;
+            let (mut tx, rx) = futures::channel::mpsc::channel(partition::PARTITION_QUEUE_MAX);
+            for channel in uninitialised {
+                let _ = tx.try_send(PartitionMsg::Init { channel, ack: None });
+            }
+            partitions.borrow_mut().insert(p, tx);
+            tasks.push(glommio::spawn_local(part.run(rx)).detach());
+        }
+        let dispatcher = dispatch::Dispatcher::new(id, routes.clone());
+        Ok((
+            Shard {
+                id,
+                meta,
+                meta_owner,
+                partitions,
+                tasks,
+                dispatcher,
+            },
+            inbox,
+        ))
+    }
+
+    async fn serve(mut self, mut inbox: crate::queue::InboxReceiver<ShardMsg>) {
+        let mut batch = Vec::with_capacity(1024);
+        let mut ticks: u64 = 0;
+        'outer: loop {
+            if inbox.drain_into(&mut batch, 1024) == 0 {
+                match inbox.recv().await {
+                    Some(m) => batch.push(m),
+                    None => break,
+                }
+            }
+            for msg in batch.drain(..) {
+                if let ShardMsg::Shutdown = msg {
+                    break 'outer;
+                }
+                self.handle(msg).await;
+            }
+            ticks += 1;
+            if ticks.is_multiple_of(64) {
+                self.dispatcher.sweep().await;
+            }
+        }
+        // Closing the queues lets each task finish what it holds and close its log.
+        self.meta_owner = None;
+        self.partitions.borrow_mut().clear();
+        for t in self.tasks.drain(..) {
+            t.await;
+        }
+    }
+
+    async fn handle(&mut self, msg: ShardMsg) {
+        use futures::SinkExt;
+        match msg {
+            ShardMsg::Meta(req) => {
+                if let Some(tx) = self.meta_owner.as_mut() {
+                    let _ = tx.send(req).await;
+                }
+            }
+            ShardMsg::MetaApplied { record, ack } => {
+                self.meta.borrow_mut().apply(&record.event);
+                if let crate::domain::event::MetaEvent::ChannelCreated { channel, .. } =
+                    &record.event
+                {
+                    let p = crate::domain::meta::partition_of(*channel);
+                    let tx = self.partitions.borrow().get(&p).cloned();
+                    if let Some(mut tx) = tx {
+                        let init = PartitionMsg::Init {
+                            channel: *channel,
+                            ack: Some(ack.clone()),
+                        };
+                        if tx.send(init).await.is_err() {
+                            ack.done();
+                        }
+                    }
+                }
+                ack.done();
+            }
+            ShardMsg::MetaRead(read) => meta::answer(&self.meta.borrow(), read),
+            ShardMsg::Partition { partition, msg } => {
+                let tx = self.partitions.borrow().get(&partition).cloned();
+                if let Some(mut tx) = tx {
+                    let _ = tx.send(msg).await;
+                }
+            }
+            ShardMsg::AllPartitions(make) => {
+                let txs: Vec<_> = self.partitions.borrow().values().cloned().collect();
+                for mut tx in txs {
+                    let _ = tx.send(make()).await;
+                }
+            }
+            ShardMsg::Deliver(batch) => self.dispatcher.deliver(batch).await,
+            ShardMsg::Subscribe { user, queue, reply } => {
+                self.dispatcher.subscribe(user, queue, reply).await
+            }
+            ShardMsg::Unsubscribe { sub } => self.dispatcher.unsubscribe(sub).await,
+            ShardMsg::OnlineAck { sub, channels } => self.dispatcher.online_ack(sub, channels),
+            ShardMsg::Resume { sub, since } => self.dispatcher.resume(sub, since).await,
+            ShardMsg::CatchUpReply {
+                sub,
+                channel,
+                frames,
+                last,
+                done,
+            } => {
+                self.dispatcher
+                    .catch_up_page(sub, channel, frames, last, done)
+                    .await
+            }
+            ShardMsg::Shutdown => {}
+        }
+    }
+}

@@ -1,0 +1,730 @@
+//! One partition at run time: its channels' state, its log, its subscriber index, and the
+//! task that commits its events.
+//!
+//! The task works in ticks. It takes every request waiting (up to [`TICK_REQUESTS_MAX`]),
+//! decides each command against the state and applies the resulting event at once (so the
+//! next command sees it and gets the next seq), renders each event's frame once, appends
+//! the whole tick as one batch through [`Durability`] (one fsync), and only then replies,
+//! delivers, and answers the tick's reads. If the commit fails, the partition's in-memory
+//! state is ahead of its log: it stops serving and the engine must be reopened.
+//!
+//! Architecture invariant: nothing is acknowledged, delivered or read before it is durable.
+//! Reads and catch-ups are answered after the tick's commit, from committed state.
+
+use super::{Ack, ChannelRead, Delivery, PartitionMsg, Reply, Routes, ShardMsg};
+use crate::blob::BlobStore;
+use crate::domain::channel::{ChannelDecision, ChannelState, Message};
+use crate::domain::event::{self, Body, ChannelEvent, ChannelRecord, Decoded};
+use crate::domain::meta::MetaState;
+use crate::domain::{DomainError, Principal};
+use crate::durability::{Durability, LocalDurability};
+use crate::engine::{ChannelOutcome, EngineError, ReadOutcome};
+use crate::ids::{ChannelId, UserId};
+use crate::view::{rfc3339, ChannelView, MessageView};
+use bytes::Bytes;
+use chorus_log::Entry;
+use futures::channel::mpsc;
+use futures::StreamExt;
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
+use std::rc::Rc;
+use std::sync::Arc;
+
+/// Most requests taken into one tick.
+pub(crate) const TICK_REQUESTS_MAX: usize = 1024;
+/// Most events in one catch-up page.
+pub(crate) const CATCH_UP_EVENTS_MAX: usize = 256;
+/// Requests waiting for a partition's task, past which the shard's loop waits.
+pub(crate) const PARTITION_QUEUE_MAX: usize = 8192;
+
+struct ChannelRt {
+    state: ChannelState,
+    /// The log offset of each event: `offsets[seq - 1]`.
+    offsets: Vec<u64>,
+    /// The last seq that is durable.
+    committed: u64,
+}
+
+/// A partition and everything it owns.
+pub(crate) struct Partition {
+    pub id: u32,
+    log: LocalDurability,
+    channels: HashMap<ChannelId, ChannelRt>,
+    /// Committed channel membership, by user.
+    user_channels: HashMap<UserId, BTreeSet<ChannelId>>,
+    /// Connections per shard, by user.
+    online: HashMap<UserId, Vec<u32>>,
+    /// Connections of members per shard, by channel: where its events go.
+    channel_shards: HashMap<ChannelId, Vec<u32>>,
+    routes: Routes,
+    meta: Rc<RefCell<MetaState>>,
+    blobs: Arc<BlobStore>,
+    failed: Option<String>,
+}
+
+/// A reply to send after the tick's commit.
+enum Pending {
+    Outcome(Reply<ChannelOutcome>, Result<ChannelOutcome, EngineError>),
+    Ack(Arc<dyn Ack>),
+}
+
+/// One event decided in this tick.
+struct Decided {
+    channel: ChannelId,
+    seq: u64,
+    payload: Vec<u8>,
+    frame: Bytes,
+    membership: Option<(UserId, bool)>,
+    at_us: u64,
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+impl Partition {
+    /// Opens a partition: replays its log into state and finds channels of the directory
+    /// that still need their first members.
+    pub(crate) async fn open(
+        id: u32,
+        log: LocalDurability,
+        routes: Routes,
+        meta: Rc<RefCell<MetaState>>,
+        blobs: Arc<BlobStore>,
+    ) -> Result<(Partition, Vec<ChannelId>), EngineError> {
+        let mut p = Partition {
+            id,
+            log,
+            channels: HashMap::new(),
+            user_channels: HashMap::new(),
+            online: HashMap::new(),
+            channel_shards: HashMap::new(),
+            routes,
+            meta,
+            blobs,
+            failed: None,
+        };
+        p.replay().await?;
+        let uninitialised = {
+            let meta = p.meta.borrow();
+            meta.channels()
+                .filter(|c| crate::domain::meta::partition_of(c.id) == id)
+                .filter(|c| p.channels.get(&c.id).is_none_or(|rt| rt.committed == 0))
+                .map(|c| c.id)
+                .collect()
+        };
+        Ok((p, uninitialised))
+    }
+
+    async fn replay(&mut self) -> Result<(), EngineError> {
+        let mut at = self.log.first_offset();
+        let end = self.log.next_offset();
+        while at < end {
+            let records = self.log.read(at, 4 << 20).await.map_err(storage)?;
+            let Some(last) = records.last() else { break };
+            at = last.offset + 1;
+            for r in records {
+                let rec = match event::decode(&r.payload) {
+                    Ok(Decoded::Channel(rec)) => rec,
+                    Ok(Decoded::Meta(_)) => {
+                        return Err(EngineError::Corrupt(format!(
+                            "partition {}: metadata event at offset {}",
+                            self.id, r.offset
+                        )))
+                    }
+                    Err(e) => {
+                        return Err(EngineError::Corrupt(format!(
+                            "partition {} offset {}: {e}",
+                            self.id, r.offset
+                        )))
+                    }
+                };
+                self.replay_one(rec, r.offset)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn replay_one(&mut self, rec: ChannelRecord, offset: u64) -> Result<(), EngineError> {
+        let rt = self.channel_rt(rec.channel).ok_or_else(|| {
+            EngineError::Corrupt(format!("event of unknown channel {}", rec.channel))
+        })?;
+        if rec.seq != rt.state.last_seq() + 1 {
+            return Err(EngineError::Corrupt(format!(
+                "channel {}: seq {} after {}",
+                rec.channel,
+                rec.seq,
+                rt.state.last_seq()
+            )));
+        }
+        rt.state.apply(rec.seq, rec.at_us, &rec.event);
+        rt.offsets.push(offset);
+        rt.committed = rec.seq;
+        if let Some((user, joined)) = membership_of(&rec.event) {
+            let set = self.user_channels.entry(user).or_default();
+            if joined {
+                set.insert(rec.channel);
+            } else {
+                set.remove(&rec.channel);
+            }
+        }
+        Ok(())
+    }
+
+    /// The run-time state of a channel, created from the directory on first use.
+    fn channel_rt(&mut self, channel: ChannelId) -> Option<&mut ChannelRt> {
+        if !self.channels.contains_key(&channel) {
+            let meta = self.meta.borrow();
+            let c = meta.channel(channel)?;
+            let state = ChannelState::new(c.id, c.workspace, c.kind, c.created_by);
+            drop(meta);
+            self.channels.insert(
+                channel,
+                ChannelRt {
+                    state,
+                    offsets: Vec::new(),
+                    committed: 0,
+                },
+            );
+        }
+        self.channels.get_mut(&channel)
+    }
+
+    /// The partition's task: ticks until its queue closes, then closes its log.
+    pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<PartitionMsg>) {
+        let mut tick = Vec::with_capacity(TICK_REQUESTS_MAX);
+        while let Some(first) = rx.next().await {
+            tick.push(first);
+            while tick.len() < TICK_REQUESTS_MAX {
+                match rx.try_recv() {
+                    Ok(m) => tick.push(m),
+                    Err(_) => break,
+                }
+            }
+            self.tick(std::mem::take(&mut tick)).await;
+        }
+        let _ = self.log.close().await;
+    }
+
+    async fn tick(&mut self, msgs: Vec<PartitionMsg>) {
+        let mut decided: Vec<Decided> = Vec::new();
+        let mut pending: Vec<Pending> = Vec::new();
+        let mut reads: Vec<PartitionMsg> = Vec::new();
+        for msg in msgs {
+            if let Some(why) = &self.failed {
+                fail(msg, why);
+                continue;
+            }
+            match msg {
+                PartitionMsg::Command {
+                    user,
+                    channel,
+                    cmd,
+                    reply,
+                } => {
+                    let outcome = self.command(user, channel, cmd, &mut decided);
+                    pending.push(Pending::Outcome(reply, outcome));
+                }
+                PartitionMsg::Init { channel, ack } => {
+                    self.init(channel, &mut decided);
+                    if let Some(ack) = ack {
+                        pending.push(Pending::Ack(ack));
+                    }
+                }
+                PartitionMsg::Online {
+                    user,
+                    shard,
+                    delta,
+                    sub,
+                } => self.online(user, shard, delta, sub).await,
+                other => reads.push(other),
+            }
+        }
+        if !decided.is_empty() {
+            if let Err(e) = self.commit(&decided).await {
+                let why = format!("partition {} stopped: {e}", self.id);
+                self.failed = Some(why.clone());
+                for p in pending {
+                    match p {
+                        Pending::Outcome(reply, _) => {
+                            let _ = reply.send(Err(EngineError::Unavailable(why.clone())));
+                        }
+                        Pending::Ack(ack) => ack.done(),
+                    }
+                }
+                for r in reads {
+                    fail(r, &why);
+                }
+                return;
+            }
+            self.deliver(&decided).await;
+        }
+        for p in pending {
+            match p {
+                Pending::Outcome(reply, outcome) => {
+                    let _ = reply.send(outcome);
+                }
+                Pending::Ack(ack) => ack.done(),
+            }
+        }
+        for r in reads {
+            self.read(r).await;
+        }
+    }
+
+    fn principal(&self, user: UserId, channel: ChannelId) -> Result<Principal, DomainError> {
+        let meta = self.meta.borrow();
+        let (p, _) = meta.channel_principal(user, channel)?;
+        Ok(p)
+    }
+
+    /// Decides a command and applies its event; the outcome is sent after the commit.
+    fn command(
+        &mut self,
+        user: UserId,
+        channel: ChannelId,
+        cmd: crate::domain::channel::ChannelCommand,
+        decided: &mut Vec<Decided>,
+    ) -> Result<ChannelOutcome, EngineError> {
+        let principal = self.principal(user, channel)?;
+        let now = now_us();
+        let rt = self
+            .channel_rt(channel)
+            .ok_or(DomainError::NotFound("channel"))?;
+        match rt.state.decide(&principal, cmd, now)? {
+            ChannelDecision::Event(event) => {
+                let (seq, target) = self.decide_event(channel, event, now, decided);
+                let rt = &self.channels[&channel];
+                let message = target
+                    .and_then(|t| rt.state.message_at(t))
+                    .map(|m| self.view(channel, m));
+                Ok(ChannelOutcome {
+                    seq: Some(seq),
+                    message,
+                    created: true,
+                })
+            }
+            ChannelDecision::Duplicate(seq) => {
+                let rt = &self.channels[&channel];
+                let m = rt.state.message_at(seq).expect("remembered message exists");
+                let message = Some(self.view(channel, m));
+                Ok(ChannelOutcome {
+                    seq: None,
+                    message,
+                    created: false,
+                })
+            }
+            ChannelDecision::Unchanged => Ok(ChannelOutcome {
+                seq: None,
+                message: None,
+                created: false,
+            }),
+        }
+    }
+
+    /// Applies a decided event, renders its frame, and queues it for the tick's commit.
+    fn decide_event(
+        &mut self,
+        channel: ChannelId,
+        event: ChannelEvent,
+        at_us: u64,
+        decided: &mut Vec<Decided>,
+    ) -> (u64, Option<u64>) {
+        let blobs = self.blobs.clone();
+        let rt = self.channels.get_mut(&channel).expect("channel state");
+        let seq = rt.state.last_seq() + 1;
+        let target = target_of(&event, seq);
+        rt.state.apply(seq, at_us, &event);
+        let frame = crate::view::event_frame(&rt.state, seq, &event, |m| body_text(&blobs, m));
+        // A large body stays out of the log: its stored frame is left empty, and a resume
+        // renders the message as it stands then.
+        let stored: &[u8] = match target
+            .and_then(|t| rt.state.message_at(t))
+            .map(|m| m.body())
+        {
+            Some(Body::Blob { .. }) => &[],
+            _ => &frame,
+        };
+        let record = ChannelRecord {
+            channel,
+            workspace: rt.state.workspace,
+            seq,
+            at_us,
+            event,
+        };
+        let payload = event::encode_channel(&record, stored);
+        decided.push(Decided {
+            channel,
+            seq,
+            payload,
+            frame: Bytes::from(frame),
+            membership: membership_of(&record.event),
+            at_us,
+        });
+        (seq, target)
+    }
+
+    fn init(&mut self, channel: ChannelId, decided: &mut Vec<Decided>) {
+        let members = match self.meta.borrow().channel(channel) {
+            Some(c) => c.initial_members.clone(),
+            None => return,
+        };
+        let Some(rt) = self.channel_rt(channel) else {
+            return;
+        };
+        if rt.state.last_seq() > 0 {
+            return;
+        }
+        let now = now_us();
+        for e in rt.state.initial_events(&members) {
+            self.decide_event(channel, e, now, decided);
+        }
+    }
+
+    async fn commit(&mut self, decided: &[Decided]) -> Result<(), EngineError> {
+        let entries: Vec<Entry<'_>> = decided
+            .iter()
+            .map(|d| Entry {
+                timestamp_us: d.at_us,
+                payload: &d.payload,
+            })
+            .collect();
+        let range = self
+            .log
+            .commit(&entries)
+            .await
+            .map_err(|e| EngineError::Unavailable(format!("commit failed: {e}")))?;
+        for (d, offset) in decided.iter().zip(range) {
+            let rt = self.channels.get_mut(&d.channel).expect("channel state");
+            rt.offsets.push(offset);
+            rt.committed = d.seq;
+            if let Some((user, joined)) = d.membership {
+                let set = self.user_channels.entry(user).or_default();
+                if joined {
+                    set.insert(d.channel);
+                } else {
+                    set.remove(&d.channel);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends each committed event to every shard with a subscriber for its channel, one
+    /// message per shard per tick. The frame is shared, never copied.
+    async fn deliver(&mut self, decided: &[Decided]) {
+        let shards = self.routes.shard_count() as usize;
+        let mut out: Vec<Vec<Delivery>> = vec![Vec::new(); shards];
+        for d in decided {
+            if let Some((user, true)) = d.membership {
+                self.adjust_channel_shards(d.channel, user, 1);
+            }
+            if let Some(counts) = self.channel_shards.get(&d.channel) {
+                for (shard, n) in counts.iter().enumerate() {
+                    if *n > 0 {
+                        out[shard].push(Delivery {
+                            channel: d.channel,
+                            seq: d.seq,
+                            frame: d.frame.clone(),
+                            membership: d.membership,
+                        });
+                    }
+                }
+            }
+            if let Some((user, false)) = d.membership {
+                self.adjust_channel_shards(d.channel, user, -1);
+            }
+        }
+        for (shard, batch) in out.into_iter().enumerate() {
+            if !batch.is_empty() {
+                let _ = self
+                    .routes
+                    .send(shard as u32, ShardMsg::Deliver(batch))
+                    .await;
+            }
+        }
+    }
+
+    /// Adds (or removes) a user's connections to the shards a channel's events go to.
+    fn adjust_channel_shards(&mut self, channel: ChannelId, user: UserId, sign: i32) {
+        let Some(per_shard) = self.online.get(&user) else {
+            return;
+        };
+        let shards = self.routes.shard_count() as usize;
+        let counts = self
+            .channel_shards
+            .entry(channel)
+            .or_insert_with(|| vec![0; shards]);
+        for (i, n) in per_shard.iter().enumerate() {
+            counts[i] = (counts[i] as i64 + sign as i64 * *n as i64).max(0) as u32;
+        }
+    }
+
+    /// A user's connection count on a shard changed. With `sub`, the subscriber's shard
+    /// gets this partition's channels of the user and their committed seqs, in order
+    /// before any later delivery.
+    async fn online(&mut self, user: UserId, shard: u32, delta: i32, sub: Option<u64>) {
+        let shards = self.routes.shard_count() as usize;
+        let entry = self.online.entry(user).or_insert_with(|| vec![0; shards]);
+        entry[shard as usize] = (entry[shard as usize] as i64 + delta as i64).max(0) as u32;
+        if entry.iter().all(|n| *n == 0) {
+            self.online.remove(&user);
+        }
+        let channels: Vec<ChannelId> = self
+            .user_channels
+            .get(&user)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
+        for c in &channels {
+            let counts = self
+                .channel_shards
+                .entry(*c)
+                .or_insert_with(|| vec![0; shards]);
+            let n = &mut counts[shard as usize];
+            *n = (*n as i64 + delta as i64).max(0) as u32;
+        }
+        if let Some(sub) = sub {
+            let seqs = channels
+                .iter()
+                .map(|c| (*c, self.channels.get(c).map_or(0, |rt| rt.committed)))
+                .collect();
+            let _ = self
+                .routes
+                .send(
+                    shard,
+                    ShardMsg::OnlineAck {
+                        sub,
+                        channels: seqs,
+                    },
+                )
+                .await;
+        }
+    }
+
+    fn view(&self, channel: ChannelId, m: &Message) -> MessageView {
+        MessageView::new(channel, m, &body_text(&self.blobs, m))
+    }
+
+    async fn read(&mut self, msg: PartitionMsg) {
+        match msg {
+            PartitionMsg::Read {
+                user,
+                channel,
+                read,
+                reply,
+            } => {
+                let _ = reply.send(self.answer(user, channel, read));
+            }
+            PartitionMsg::CatchUp {
+                user,
+                channel,
+                after,
+                shard,
+                sub,
+            } => {
+                let reply = self.catch_up(user, channel, after, sub).await;
+                let _ = self.routes.send(shard, reply).await;
+            }
+            PartitionMsg::Visible {
+                user,
+                workspace,
+                out,
+            } => out.add(self.visible(user, workspace)),
+            other => fail(other, "unexpected request"),
+        }
+    }
+
+    fn answer(
+        &self,
+        user: UserId,
+        channel: ChannelId,
+        read: ChannelRead,
+    ) -> Result<ReadOutcome, EngineError> {
+        let p = self.principal(user, channel)?;
+        let rt = self
+            .channels
+            .get(&channel)
+            .ok_or(DomainError::NotFound("channel"))?;
+        let s = &rt.state;
+        Ok(match read {
+            ChannelRead::History { before, limit } => {
+                let page = s.history(&p, before, limit)?;
+                ReadOutcome::Page(
+                    page.items.iter().map(|m| self.view(channel, m)).collect(),
+                    page.next_cursor,
+                )
+            }
+            ChannelRead::Replies { root, after, limit } => {
+                let page = s.replies(&p, root, after, limit)?;
+                ReadOutcome::Page(
+                    page.items.iter().map(|m| self.view(channel, m)).collect(),
+                    page.next_cursor,
+                )
+            }
+            ChannelRead::Message { id } => ReadOutcome::Message(self.view(channel, s.get(&p, id)?)),
+            ChannelRead::Versions { id } => {
+                let m = s.get(&p, id)?;
+                ReadOutcome::Versions(
+                    m.versions
+                        .iter()
+                        .map(|(b, at)| (body_of(&self.blobs, b), rfc3339(*at)))
+                        .collect(),
+                )
+            }
+        })
+    }
+
+    /// One page of a channel's events after `after`, read back from the log.
+    async fn catch_up(
+        &mut self,
+        user: UserId,
+        channel: ChannelId,
+        after: u64,
+        sub: u64,
+    ) -> ShardMsg {
+        let empty = |done| ShardMsg::CatchUpReply {
+            sub,
+            channel,
+            frames: Vec::new(),
+            last: after,
+            done,
+        };
+        let Some(rt) = self.channels.get(&channel) else {
+            return empty(true);
+        };
+        if !rt.state.is_member(user) {
+            return empty(true);
+        }
+        let from = after.min(rt.committed);
+        let to = rt.committed.min(from + CATCH_UP_EVENTS_MAX as u64);
+        let mut frames = Vec::with_capacity((to - from) as usize);
+        for seq in from + 1..=to {
+            let offset = rt.offsets[(seq - 1) as usize];
+            let frame = match self.log.read(offset, 1).await {
+                Ok(records) if records.first().is_some_and(|r| r.offset == offset) => {
+                    let payload = records[0].payload.clone();
+                    let stored = event::stored_frame(&payload);
+                    if stored.is_empty() {
+                        self.rerender(channel, seq, &payload)
+                    } else {
+                        let start = payload.len() - stored.len();
+                        payload.slice(start..)
+                    }
+                }
+                _ => return empty(true),
+            };
+            frames.push(frame);
+        }
+        ShardMsg::CatchUpReply {
+            sub,
+            channel,
+            frames,
+            last: to,
+            done: to >= rt.committed,
+        }
+    }
+
+    /// Renders an event whose frame was not stored (a large body) from current state.
+    fn rerender(&self, channel: ChannelId, seq: u64, payload: &[u8]) -> Bytes {
+        let rt = &self.channels[&channel];
+        match event::decode(payload) {
+            Ok(Decoded::Channel(rec)) => {
+                Bytes::from(crate::view::event_frame(&rt.state, seq, &rec.event, |m| {
+                    body_text(&self.blobs, m)
+                }))
+            }
+            _ => Bytes::new(),
+        }
+    }
+
+    fn visible(
+        &self,
+        user: UserId,
+        workspace: Option<crate::ids::WorkspaceId>,
+    ) -> Vec<ChannelView> {
+        let meta = self.meta.borrow();
+        self.channels
+            .values()
+            .filter(|rt| workspace.is_none_or(|w| rt.state.workspace == w))
+            .filter(|rt| meta.principal(user, rt.state.workspace).is_ok())
+            .filter(|rt| {
+                rt.state.is_member(user)
+                    || workspace.is_some()
+                        && rt.state.kind == crate::domain::event::ChannelKind::Public
+            })
+            .filter_map(|rt| {
+                let c = meta.channel(rt.state.id)?;
+                Some(ChannelView::new(
+                    c.id,
+                    c.workspace,
+                    &c.name,
+                    c.kind,
+                    rt.committed,
+                ))
+            })
+            .collect()
+    }
+}
+
+fn storage(e: chorus_log::ReadError) -> EngineError {
+    EngineError::Corrupt(e.to_string())
+}
+
+fn fail(msg: PartitionMsg, why: &str) {
+    let err = || EngineError::Unavailable(why.to_owned());
+    match msg {
+        PartitionMsg::Command { reply, .. } => {
+            let _ = reply.send(Err(err()));
+        }
+        PartitionMsg::Read { reply, .. } => {
+            let _ = reply.send(Err(err()));
+        }
+        PartitionMsg::Init { ack, .. } => {
+            if let Some(a) = ack {
+                a.done()
+            }
+        }
+        PartitionMsg::Visible { out, .. } => out.add(Vec::new()),
+        PartitionMsg::Online { .. } | PartitionMsg::CatchUp { .. } => {}
+    }
+}
+
+fn membership_of(e: &ChannelEvent) -> Option<(UserId, bool)> {
+    match e {
+        ChannelEvent::MemberJoined { user, .. } => Some((*user, true)),
+        ChannelEvent::MemberLeft { user, .. } => Some((*user, false)),
+        _ => None,
+    }
+}
+
+/// The seq of the message an event is about, if any.
+fn target_of(e: &ChannelEvent, seq: u64) -> Option<u64> {
+    match e {
+        ChannelEvent::MessagePosted { .. } => Some(seq),
+        ChannelEvent::MessageEdited { target, .. }
+        | ChannelEvent::MessageDeleted { target, .. }
+        | ChannelEvent::ReactionAdded { target, .. }
+        | ChannelEvent::ReactionRemoved { target, .. } => Some(*target),
+        ChannelEvent::MemberJoined { .. } | ChannelEvent::MemberLeft { .. } => None,
+    }
+}
+
+fn body_of(blobs: &BlobStore, b: &Body) -> String {
+    match b {
+        Body::Text(t) => t.clone(),
+        Body::Blob { hash, len } => blobs
+            .get(&crate::blob::BlobRef {
+                hash: *hash,
+                len: *len,
+            })
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            .unwrap_or_default(),
+    }
+}
+
+fn body_text(blobs: &BlobStore, m: &Message) -> String {
+    body_of(blobs, m.body())
+}

@@ -1,0 +1,378 @@
+//! The JSON shapes of `API.md`: users, workspaces, members, channels, messages, and the
+//! `event` frame that every subscriber receives.
+//!
+//! A committed event is rendered into its frame once, by the partition that committed it,
+//! and the same bytes go to every recipient.
+
+use crate::domain::channel::{ChannelState, Message};
+use crate::domain::event::{ChannelEvent, ChannelKind, Role};
+use crate::domain::meta::{User, Workspace};
+use crate::ids::{ChannelId, MessageId, UserId, WorkspaceId};
+use serde::ser::{SerializeMap, Serializer};
+use serde::Serialize;
+use std::time::{Duration, UNIX_EPOCH};
+
+/// An RFC 3339 UTC time with microseconds, from microseconds since the epoch.
+pub fn rfc3339(at_us: u64) -> String {
+    humantime::format_rfc3339_micros(UNIX_EPOCH + Duration::from_micros(at_us)).to_string()
+}
+
+/// `user`: `{"id","email","name"}`.
+#[derive(Serialize, Debug, Clone, PartialEq, Eq)]
+pub struct UserView {
+    /// The user's ID.
+    pub id: UserId,
+    /// Login email.
+    pub email: String,
+    /// Display name.
+    pub name: String,
+}
+
+impl From<&User> for UserView {
+    fn from(u: &User) -> UserView {
+        UserView {
+            id: u.id,
+            email: u.email.clone(),
+            name: u.name.clone(),
+        }
+    }
+}
+
+/// `member`: a user with their workspace role.
+#[derive(Serialize, Debug, Clone, PartialEq, Eq)]
+pub struct MemberView {
+    /// The user's ID.
+    pub id: UserId,
+    /// Login email.
+    pub email: String,
+    /// Display name.
+    pub name: String,
+    /// `owner`, `admin` or `member`.
+    pub role: &'static str,
+}
+
+impl MemberView {
+    /// A member from a user and a role.
+    pub fn new(u: &User, role: Role) -> MemberView {
+        MemberView {
+            id: u.id,
+            email: u.email.clone(),
+            name: u.name.clone(),
+            role: role.as_str(),
+        }
+    }
+}
+
+/// `workspace`: `{"id","name"}`.
+#[derive(Serialize, Debug, Clone, PartialEq, Eq)]
+pub struct WorkspaceView {
+    /// The workspace's ID.
+    pub id: WorkspaceId,
+    /// Its name.
+    pub name: String,
+}
+
+impl From<&Workspace> for WorkspaceView {
+    fn from(w: &Workspace) -> WorkspaceView {
+        WorkspaceView {
+            id: w.id,
+            name: w.name.clone(),
+        }
+    }
+}
+
+/// `channel`: `{"id","workspace_id","name","kind","last_seq"}`.
+#[derive(Serialize, Debug, Clone, PartialEq, Eq)]
+pub struct ChannelView {
+    /// The channel's ID.
+    pub id: ChannelId,
+    /// Its workspace.
+    pub workspace_id: WorkspaceId,
+    /// Its name (empty for DMs).
+    pub name: String,
+    /// `public`, `private`, `dm` or `group_dm`.
+    pub kind: &'static str,
+    /// The seq of its last event.
+    pub last_seq: u64,
+}
+
+impl ChannelView {
+    /// A channel view.
+    pub fn new(
+        id: ChannelId,
+        workspace: WorkspaceId,
+        name: &str,
+        kind: ChannelKind,
+        last_seq: u64,
+    ) -> ChannelView {
+        ChannelView {
+            id,
+            workspace_id: workspace,
+            name: name.to_owned(),
+            kind: kind.as_str(),
+            last_seq,
+        }
+    }
+}
+
+/// `message`, as it stands. `text` is the resolved body (blob bodies are read by the
+/// caller); a deleted message has an empty text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageView {
+    /// The message's ID.
+    pub id: MessageId,
+    /// Its channel.
+    pub channel_id: ChannelId,
+    /// The seq of the event that created it.
+    pub seq: u64,
+    /// The author.
+    pub user_id: UserId,
+    /// The current text.
+    pub text: String,
+    /// The thread root, for a reply.
+    pub thread_id: Option<MessageId>,
+    /// Replies, for a root.
+    pub reply_count: u32,
+    /// Reactions in the order they first appeared.
+    pub reactions: Vec<(String, Vec<UserId>)>,
+    /// When it was last edited.
+    pub edited_at: Option<u64>,
+    /// Whether it was deleted.
+    pub deleted: bool,
+    /// When it was posted.
+    pub created_at: u64,
+    /// The client's idempotency key.
+    pub client_msg_id: Option<String>,
+}
+
+impl MessageView {
+    /// A view of a message with its resolved text.
+    pub fn new(channel: ChannelId, m: &Message, text: &str) -> MessageView {
+        MessageView {
+            id: MessageId {
+                channel,
+                seq: m.seq,
+            },
+            channel_id: channel,
+            seq: m.seq,
+            user_id: m.user,
+            text: if m.deleted {
+                String::new()
+            } else {
+                text.to_owned()
+            },
+            thread_id: m.thread.map(|seq| MessageId { channel, seq }),
+            reply_count: m.reply_count,
+            reactions: m.reactions.clone(),
+            edited_at: m.edited_at,
+            deleted: m.deleted,
+            created_at: m.created_at,
+            client_msg_id: m.client_msg_id.clone(),
+        }
+    }
+}
+
+struct Reactions<'a>(&'a [(String, Vec<UserId>)]);
+
+impl Serialize for Reactions<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (emoji, users) in self.0 {
+            map.serialize_entry(emoji, users)?;
+        }
+        map.end()
+    }
+}
+
+impl Serialize for MessageView {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(12))?;
+        map.serialize_entry("id", &self.id)?;
+        map.serialize_entry("channel_id", &self.channel_id)?;
+        map.serialize_entry("seq", &self.seq)?;
+        map.serialize_entry("user_id", &self.user_id)?;
+        map.serialize_entry("text", &self.text)?;
+        map.serialize_entry("thread_id", &self.thread_id)?;
+        map.serialize_entry("reply_count", &self.reply_count)?;
+        map.serialize_entry("reactions", &Reactions(&self.reactions))?;
+        map.serialize_entry("edited_at", &self.edited_at.map(rfc3339))?;
+        map.serialize_entry("deleted", &self.deleted)?;
+        map.serialize_entry("created_at", &rfc3339(self.created_at))?;
+        map.serialize_entry("client_msg_id", &self.client_msg_id)?;
+        map.end()
+    }
+}
+
+/// The `event` object inside an event frame.
+#[derive(Serialize)]
+#[serde(tag = "type")]
+enum EventBody<'a> {
+    #[serde(rename = "message:new")]
+    MessageNew { message: &'a MessageView },
+    #[serde(rename = "message:edited")]
+    MessageEdited { message: &'a MessageView },
+    #[serde(rename = "message:deleted")]
+    MessageDeleted {
+        message: &'a MessageView,
+        by: UserId,
+    },
+    #[serde(rename = "reaction:added")]
+    ReactionAdded {
+        message_id: MessageId,
+        emoji: &'a str,
+        user_id: UserId,
+        message: &'a MessageView,
+    },
+    #[serde(rename = "reaction:removed")]
+    ReactionRemoved {
+        message_id: MessageId,
+        emoji: &'a str,
+        user_id: UserId,
+        message: &'a MessageView,
+    },
+    #[serde(rename = "member:joined")]
+    MemberJoined { user_id: UserId, by: UserId },
+    #[serde(rename = "member:left")]
+    MemberLeft { user_id: UserId, by: UserId },
+}
+
+#[derive(Serialize)]
+struct EventFrame<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    channel_id: ChannelId,
+    seq: u64,
+    event: EventBody<'a>,
+}
+
+/// Renders the `event` frame of a committed channel event, with the message as it stands
+/// after the event. `text` resolves a message's current body.
+pub fn event_frame(
+    state: &ChannelState,
+    seq: u64,
+    event: &ChannelEvent,
+    text: impl Fn(&Message) -> String,
+) -> Vec<u8> {
+    let channel = state.id;
+    let view_of = |target: u64| {
+        state
+            .message_at(target)
+            .map(|m| MessageView::new(channel, m, &text(m)))
+            .expect("an event's message exists once it is applied")
+    };
+    let mid = |seq| MessageId { channel, seq };
+    let message;
+    let body = match event {
+        ChannelEvent::MemberJoined { user, by } => EventBody::MemberJoined {
+            user_id: *user,
+            by: *by,
+        },
+        ChannelEvent::MemberLeft { user, by } => EventBody::MemberLeft {
+            user_id: *user,
+            by: *by,
+        },
+        ChannelEvent::MessagePosted { .. } => {
+            message = view_of(seq);
+            EventBody::MessageNew { message: &message }
+        }
+        ChannelEvent::MessageEdited { target, .. } => {
+            message = view_of(*target);
+            EventBody::MessageEdited { message: &message }
+        }
+        ChannelEvent::MessageDeleted { target, by } => {
+            message = view_of(*target);
+            EventBody::MessageDeleted {
+                message: &message,
+                by: *by,
+            }
+        }
+        ChannelEvent::ReactionAdded {
+            target,
+            emoji,
+            user,
+        } => {
+            message = view_of(*target);
+            EventBody::ReactionAdded {
+                message_id: mid(*target),
+                emoji,
+                user_id: *user,
+                message: &message,
+            }
+        }
+        ChannelEvent::ReactionRemoved {
+            target,
+            emoji,
+            user,
+        } => {
+            message = view_of(*target);
+            EventBody::ReactionRemoved {
+                message_id: mid(*target),
+                emoji,
+                user_id: *user,
+                message: &message,
+            }
+        }
+    };
+    serde_json::to_vec(&EventFrame {
+        kind: "event",
+        channel_id: channel,
+        seq,
+        event: body,
+    })
+    .expect("frames always serialize")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::event::Body;
+
+    // A message renders with every field of API.md, reactions in order, and RFC 3339 times.
+    #[test]
+    fn message_shape() {
+        let m = Message {
+            seq: 5,
+            user: UserId(2),
+            versions: vec![(Body::Text("hi".into()), 0)],
+            thread: Some(3),
+            reply_count: 0,
+            reactions: vec![
+                ("tada".into(), vec![UserId(2)]),
+                ("+1".into(), vec![UserId(1)]),
+            ],
+            edited_at: None,
+            deleted: false,
+            created_at: 1_500_000,
+            client_msg_id: Some("k".into()),
+        };
+        let v = serde_json::to_value(MessageView::new(ChannelId(7), &m, "hi")).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+        for k in [
+            "id",
+            "channel_id",
+            "seq",
+            "user_id",
+            "text",
+            "thread_id",
+            "reply_count",
+            "reactions",
+            "edited_at",
+            "deleted",
+            "created_at",
+            "client_msg_id",
+        ] {
+            assert!(keys.contains(&k), "{k} missing");
+        }
+        assert_eq!(v["created_at"], "1970-01-01T00:00:01.500000Z");
+        assert_eq!(
+            v["thread_id"],
+            MessageId {
+                channel: ChannelId(7),
+                seq: 3
+            }
+            .to_string()
+        );
+        let text = serde_json::to_string(&MessageView::new(ChannelId(7), &m, "hi")).unwrap();
+        assert!(text.find("tada").unwrap() < text.find("+1").unwrap());
+    }
+}
