@@ -10,7 +10,7 @@
 use crate::blob::BlobStore;
 use crate::domain::channel::ChannelCommand;
 use crate::domain::meta::{partition_of, User};
-use crate::domain::{ChannelKind, DomainError, INLINE_BODY_BYTES_MAX, PAGE_LIMIT_MAX};
+use crate::domain::{ChannelKind, DomainError, PAGE_LIMIT_MAX};
 use crate::ids::{ChannelId, MessageId, UserId, WorkspaceId};
 use crate::queue::{FrameReceiver, Inbox};
 use crate::runtime::dispatch::SubscriptionInfo;
@@ -112,6 +112,8 @@ pub enum ReadOutcome {
     Message(MessageView),
     /// A message's texts, oldest first, with RFC 3339 times.
     Versions(Vec<(String, String)>),
+    /// A channel with its last committed seq.
+    Channel(ChannelView),
 }
 
 /// A page of messages.
@@ -126,7 +128,6 @@ pub struct MessagePage {
 struct Inner {
     routes: Routes,
     config: EngineConfig,
-    blobs: Arc<BlobStore>,
     threads: Mutex<Option<crate::shard::ShardSet<()>>>,
 }
 
@@ -170,8 +171,24 @@ impl Subscription {
         &mut self.frames
     }
 
-    /// Asks for every event after the given seq of each named channel, in order, then a
-    /// `resumed` frame, then live events. Channels the user is not in are ignored.
+    /// Starts a subscription made with [`Engine::subscribe_held`]. With `Some(since)`, every
+    /// event after the given seq of each named channel comes first, in order, then a
+    /// `resumed` frame; channels not named start where the subscription began. Then live
+    /// events. Nothing is sent twice and nothing is skipped.
+    pub async fn start(&self, resume: Option<Vec<(ChannelId, u64)>>) -> Result<(), EngineError> {
+        let announce = resume.is_some();
+        let msg = ShardMsg::Start {
+            sub: self.info.id,
+            since: resume.unwrap_or_default(),
+            announce,
+        };
+        self.engine.inner.routes.send(self.info.shard, msg).await
+    }
+
+    /// Resumes named channels of a started subscription: the events after the given seq
+    /// that this subscription has not been sent yet, then a `resumed` frame. It never sends
+    /// a frame twice, so it cannot go back past what was already delivered live; a client
+    /// that reconnects should use [`Engine::subscribe_held`] and [`Subscription::start`].
     pub async fn resume(&self, since: Vec<(ChannelId, u64)>) -> Result<(), EngineError> {
         self.engine
             .inner
@@ -282,7 +299,6 @@ impl Engine {
             inner: Arc::new(Inner {
                 routes,
                 config,
-                blobs,
                 threads: Mutex::new(Some(threads)),
             }),
         };
@@ -467,7 +483,8 @@ impl Engine {
             })
             .await?
         {
-            MetaOutcome::Channel(c, created) => Ok((c, created)),
+            MetaOutcome::Channel(c, true) => Ok((c, true)),
+            MetaOutcome::Channel(c, false) => Ok((self.channel(user, c.id).await?, false)),
             other => unreachable!("open_dm answered {other:?}"),
         }
     }
@@ -508,18 +525,17 @@ impl Engine {
             .map_err(|_| EngineError::Unavailable("a shard stopped".into()))?
     }
 
-    /// One channel's directory entry, if the user's workspace has it.
+    /// A channel the user can see (a member, or a public channel of their workspace),
+    /// with its last committed seq.
     pub async fn channel(
         &self,
         user: UserId,
         channel: ChannelId,
     ) -> Result<ChannelView, EngineError> {
-        self.meta_read(user.0, |reply| MetaRead::Channel {
-            user,
-            channel,
-            reply,
-        })
-        .await
+        match self.read(user, channel, ChannelRead::Info).await? {
+            ReadOutcome::Channel(c) => Ok(c),
+            other => unreachable!("channel answered {other:?}"),
+        }
     }
 
     fn partition_shard(&self, channel: ChannelId) -> Result<(u32, u32), EngineError> {
@@ -576,20 +592,6 @@ impl Engine {
         .await
     }
 
-    /// Stores a body over the inline limit in the blob store (before the event that
-    /// references it is committed).
-    fn stored_body(&self, text: &str) -> Result<Option<([u8; 32], u64)>, EngineError> {
-        if text.len() <= INLINE_BODY_BYTES_MAX || text.len() > crate::domain::TEXT_BYTES_MAX {
-            return Ok(None);
-        }
-        let r = self
-            .inner
-            .blobs
-            .put(text.as_bytes())
-            .map_err(|e| EngineError::Io(format!("blob store: {e}")))?;
-        Ok(Some((r.hash, r.len)))
-    }
-
     /// Posts a message (or a thread reply). Returns the message and whether it is new: a
     /// repeated `client_msg_id` from the same user returns the first message.
     pub async fn post(
@@ -600,14 +602,12 @@ impl Engine {
         client_msg_id: Option<&str>,
         thread: Option<MessageId>,
     ) -> Result<(MessageView, bool), EngineError> {
-        let blob = self.stored_body(text)?;
         let out = self
             .command(
                 user,
                 channel,
                 ChannelCommand::Post {
                     text: text.to_owned(),
-                    blob,
                     client_msg_id: client_msg_id.map(str::to_owned),
                     thread,
                 },
@@ -626,7 +626,6 @@ impl Engine {
         message: MessageId,
         text: &str,
     ) -> Result<MessageView, EngineError> {
-        let blob = self.stored_body(text)?;
         let out = self
             .command(
                 user,
@@ -634,7 +633,6 @@ impl Engine {
                 ChannelCommand::Edit {
                     message,
                     text: text.to_owned(),
-                    blob,
                 },
             )
             .await?;
@@ -683,25 +681,9 @@ impl Engine {
         channel: ChannelId,
         target: UserId,
     ) -> Result<(), EngineError> {
-        self.check_workspace_member(user, channel, target).await?;
         self.command(user, channel, ChannelCommand::AddMember { user: target })
             .await
             .map(drop)
-    }
-
-    async fn check_workspace_member(
-        &self,
-        user: UserId,
-        channel: ChannelId,
-        target: UserId,
-    ) -> Result<(), EngineError> {
-        let c = self.channel(user, channel).await?;
-        let members = self.members(user, c.workspace_id).await?;
-        if members.iter().any(|m| m.id == target) {
-            Ok(())
-        } else {
-            Err(DomainError::NotFound("user").into())
-        }
     }
 
     /// Removes a member from a channel (themselves, or by the creator or an admin).
@@ -788,14 +770,31 @@ impl Engine {
         }
     }
 
-    /// Subscribes to the events of every channel the user is in. From a shard thread the
-    /// subscriber lives on that shard; otherwise on the user's home shard.
+    /// Subscribes to the events of every channel the user is in, live from now. From a
+    /// shard thread the subscriber lives on that shard; otherwise on the user's home shard.
     pub async fn subscribe(&self, user: UserId) -> Result<Subscription, EngineError> {
+        self.subscribe_with(user, false).await
+    }
+
+    /// Subscribes without delivering anything until [`Subscription::start`], which says
+    /// where each channel resumes. Frames committed in between are not lost: `start`
+    /// fetches them from the log. A server uses this when a client may send `resume` as
+    /// its first frame.
+    pub async fn subscribe_held(&self, user: UserId) -> Result<Subscription, EngineError> {
+        self.subscribe_with(user, true).await
+    }
+
+    async fn subscribe_with(&self, user: UserId, held: bool) -> Result<Subscription, EngineError> {
         let shard = self.local_shard(user.0);
         let (queue, frames) =
             crate::queue::subscriber_queue(self.inner.config.subscriber_queue_frames);
         let info = ask(
-            |reply| ShardMsg::Subscribe { user, queue, reply },
+            |reply| ShardMsg::Subscribe {
+                user,
+                queue,
+                held,
+                reply,
+            },
             &self.inner.routes,
             shard,
         )

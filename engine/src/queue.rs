@@ -6,14 +6,16 @@
 //! drains it in batches, one batch per tick. A subscriber queue ([`subscriber_queue`]) carries
 //! encoded frames from a shard's fan-out to one subscriber; it never blocks the shard, and a
 //! subscriber that falls behind is cut off rather than buffered without limit (the subscriber
-//! resumes from the log). Both are built on [`crossbeam_queue::ArrayQueue`], so their
-//! capacity is fixed when they are created, and on [`AtomicWaker`], so the consumer may sleep
-//! in any executor (glommio or not) and be woken from any thread.
+//! resumes from the log). The inbox is built on [`crossbeam_queue::ArrayQueue`], so its
+//! capacity is fixed when it is created; the subscriber queue on a bounded, growable ring
+//! that holds no memory while idle. Both wake their consumer through an [`AtomicWaker`], so
+//! the consumer may sleep in any executor (glommio or not) and be woken from any thread.
 //!
-//! Architecture invariant: the hot path (a send that finds space, a receive that finds an
-//! item, a frame push) takes no lock. The only lock is the list of senders blocked on a full
-//! inbox, which is touched only when an inbox is full, and then only by the senders that
-//! wait and the receiver that frees space for them.
+//! Architecture invariant: the inbox's hot path (a send that finds space, a receive that
+//! finds an item) takes no lock. The only inbox lock is the list of senders blocked on a
+//! full inbox, touched only when it is full. A subscriber queue's ring takes an
+//! uncontended mutex per push or pop: its producer and consumer share a shard thread in the
+//! server.
 
 use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
@@ -434,9 +436,64 @@ const STATE_OVERFLOW: u8 = 1;
 /// `FrameShared::state` after `close` or the sender's drop.
 const STATE_CLOSED: u8 = 2;
 
+/// A bounded FIFO of frames that holds memory only for the frames in it.
+///
+/// A subscriber queue must cost nothing while its connection is idle: a node holds tens of
+/// thousands of idle connections, and a preallocated ring of a few thousand slots each would
+/// take gigabytes. So the frames sit in a `VecDeque` that grows with the backlog and gives
+/// its memory back once drained. The mutex is held for one push or pop; its two users are
+/// the shard that pushes and the connection that pops, which in the server run on the same
+/// shard thread, so it is not contended across cores.
+struct FrameRing {
+    frames: Mutex<std::collections::VecDeque<Bytes>>,
+    capacity: usize,
+}
+
+/// A drained queue keeps at most this many slots of capacity.
+const FRAME_RING_IDLE_SLOTS_MAX: usize = 8;
+
+impl FrameRing {
+    fn new(capacity: usize) -> FrameRing {
+        FrameRing {
+            frames: Mutex::new(std::collections::VecDeque::new()),
+            capacity,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Bytes>> {
+        self.frames.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, frame: Bytes) -> Result<(), Bytes> {
+        let mut q = self.lock();
+        if q.len() >= self.capacity {
+            return Err(frame);
+        }
+        q.push_back(frame);
+        Ok(())
+    }
+
+    fn pop(&self) -> Option<Bytes> {
+        let mut q = self.lock();
+        let frame = q.pop_front();
+        if q.is_empty() && q.capacity() > FRAME_RING_IDLE_SLOTS_MAX {
+            q.shrink_to(FRAME_RING_IDLE_SLOTS_MAX);
+        }
+        frame
+    }
+
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+}
+
 /// The state both ends of a subscriber queue share.
 struct FrameShared {
-    frames: ArrayQueue<Bytes>,
+    frames: FrameRing,
     /// `STATE_OPEN` until the sender cuts the subscriber off; set once, then frozen.
     state: AtomicU8,
     /// Cleared when the receiver is dropped, so that the shard can unregister it.
@@ -484,7 +541,7 @@ pub fn subscriber_queue(capacity_frames: usize) -> (FrameSender, FrameReceiver) 
         "subscriber queue capacity {capacity_frames} is outside 1..={SUBSCRIBER_CAPACITY_MAX_FRAMES}"
     );
     let shared = Arc::new(FrameShared {
-        frames: ArrayQueue::new(capacity_frames),
+        frames: FrameRing::new(capacity_frames),
         state: AtomicU8::new(STATE_OPEN),
         receiver_alive: AtomicBool::new(true),
         receiver_waker: AtomicWaker::new(),
@@ -538,6 +595,11 @@ impl FrameSender {
     /// How many frames are queued now (a snapshot).
     pub fn len(&self) -> usize {
         self.shared.frames.len()
+    }
+
+    /// The most frames the queue holds.
+    pub fn capacity(&self) -> usize {
+        self.shared.frames.capacity
     }
 
     /// Whether no frame is queued now (a snapshot).

@@ -52,8 +52,6 @@ pub enum ChannelCommand {
     Post {
         /// The text.
         text: String,
-        /// Where the body is kept: `None` inline, or the blob already stored for it.
-        blob: Option<([u8; 32], u64)>,
         /// The client's idempotency key.
         client_msg_id: Option<String>,
         /// The thread root.
@@ -65,8 +63,6 @@ pub enum ChannelCommand {
         message: MessageId,
         /// The new text.
         text: String,
-        /// Where the new body is kept.
-        blob: Option<([u8; 32], u64)>,
     },
     /// Delete a message (author, channel creator, or workspace admin).
     Delete {
@@ -134,6 +130,8 @@ pub struct ChannelState {
     replies: HashMap<u64, Vec<u64>>,
     idempotency: HashMap<(UserId, String), u64>,
     idempotency_order: VecDeque<(u64, UserId, String)>,
+    /// Former members and the seq of the event that removed them.
+    departed: HashMap<UserId, u64>,
 }
 
 fn check_text(text: &str) -> Result<(), DomainError> {
@@ -146,13 +144,6 @@ fn check_text(text: &str) -> Result<(), DomainError> {
         return Err(DomainError::Invalid("text must not be empty".into()));
     }
     Ok(())
-}
-
-fn body_of(text: String, blob: Option<([u8; 32], u64)>) -> Body {
-    match blob {
-        Some((hash, len)) => Body::Blob { hash, len },
-        None => Body::Text(text),
-    }
 }
 
 fn check_emoji(emoji: &str) -> Result<(), DomainError> {
@@ -190,6 +181,7 @@ impl ChannelState {
             replies: HashMap::new(),
             idempotency: HashMap::new(),
             idempotency_order: VecDeque::new(),
+            departed: HashMap::new(),
         }
     }
 
@@ -201,6 +193,16 @@ impl ChannelState {
     /// Whether a user is a member.
     pub fn is_member(&self, user: UserId) -> bool {
         self.members.contains(&user)
+    }
+
+    /// The last seq a user may read in the event stream: everything for a member, up to
+    /// the event that removed them for a former member, nothing for anyone else.
+    pub fn readable_until(&self, user: UserId) -> Option<u64> {
+        if self.members.contains(&user) {
+            Some(u64::MAX)
+        } else {
+            self.departed.get(&user).copied()
+        }
     }
 
     /// The members, in ID order.
@@ -258,7 +260,6 @@ impl ChannelState {
         let event = match cmd {
             ChannelCommand::Post {
                 text,
-                blob,
                 client_msg_id,
                 thread,
             } => {
@@ -288,16 +289,12 @@ impl ChannelState {
                 ChannelEvent::MessagePosted {
                     user: by.user(),
                     mentions: self.mentions(&text),
-                    body: body_of(text, blob),
+                    body: Body::Text(text),
                     thread,
                     client_msg_id,
                 }
             }
-            ChannelCommand::Edit {
-                message,
-                text,
-                blob,
-            } => {
+            ChannelCommand::Edit { message, text } => {
                 check_text(&text)?;
                 let m = self.live_message(message)?;
                 if m.user != by.user() {
@@ -308,7 +305,7 @@ impl ChannelState {
                 ChannelEvent::MessageEdited {
                     target: message.seq,
                     mentions: self.mentions(&text),
-                    body: body_of(text, blob),
+                    body: Body::Text(text),
                 }
             }
             ChannelCommand::Delete { message } => {
@@ -431,9 +428,11 @@ impl ChannelState {
         match event {
             ChannelEvent::MemberJoined { user, .. } => {
                 self.members.insert(*user);
+                self.departed.remove(user);
             }
             ChannelEvent::MemberLeft { user, .. } => {
                 self.members.remove(user);
+                self.departed.insert(*user, seq);
             }
             ChannelEvent::MessagePosted {
                 user,
@@ -478,8 +477,11 @@ impl ChannelState {
             }
             ChannelEvent::MessageDeleted { target, .. } => {
                 if let Some(m) = self.messages.get_mut(target) {
+                    // A deletion removes the texts from the state: the message keeps its
+                    // place, empty. (The log keeps its events, as the audit trail.)
                     m.deleted = true;
                     m.reactions.clear();
+                    m.versions = vec![(Body::Text(String::new()), at_us)];
                 }
             }
             ChannelEvent::ReactionAdded {
@@ -624,7 +626,6 @@ mod tests {
     fn post(text: &str, key: Option<&str>, thread: Option<u64>) -> ChannelCommand {
         ChannelCommand::Post {
             text: text.into(),
-            blob: None,
             client_msg_id: key.map(Into::into),
             thread: thread.map(|seq| MessageId { channel: C, seq }),
         }
@@ -679,7 +680,6 @@ mod tests {
                 ChannelCommand::Edit {
                     message: mid(3),
                     text: "x".into(),
-                    blob: None
                 }
             ),
             Err(DomainError::Forbidden(_))
@@ -690,7 +690,6 @@ mod tests {
             ChannelCommand::Edit {
                 message: mid(3),
                 text: "root v2".into(),
-                blob: None,
             },
         )
         .unwrap();
@@ -739,7 +738,6 @@ mod tests {
                 ChannelCommand::Edit {
                     message: mid(3),
                     text: "y".into(),
-                    blob: None
                 }
             ),
             Err(DomainError::Conflict(_))

@@ -33,10 +33,18 @@ struct Chan {
     /// The next seq this subscriber expects; `None` until known.
     next: Option<u64>,
     resuming: bool,
+    /// Whether a frame of this channel went out to this subscriber; a resume may go
+    /// back before `next` only while none has.
+    sent: bool,
+    /// The user left while this channel was resuming: drop it once the catch-up (which
+    /// ends with the `member:left` event) is done.
+    leaving: bool,
 }
 
 struct Sub {
     user: UserId,
+    /// Live frames are held back (skipped, then fetched from the log) until `start`.
+    held: bool,
     queue: FrameSender,
     channels: HashMap<ChannelId, Chan>,
     acks_waiting: usize,
@@ -44,6 +52,8 @@ struct Sub {
     started: Vec<(ChannelId, u64)>,
     resuming: usize,
     resumed: BTreeMap<ChannelId, u64>,
+    /// Send a `resumed` frame when the catch-up ends.
+    announce: bool,
 }
 
 /// The subscribers of one shard.
@@ -54,7 +64,13 @@ pub(crate) struct Dispatcher {
     next_sub: u64,
     by_user: HashMap<UserId, Vec<u64>>,
     by_channel: HashMap<ChannelId, Vec<u64>>,
+    /// Catch-up pages waiting for room in their subscriber's queue.
+    stalled: Vec<(UserId, ChannelId, u64, u64)>,
 }
+
+/// A catch-up page is asked for only when the subscriber's queue has at least this much
+/// room (or is empty); otherwise it waits for the subscriber to read.
+const CATCH_UP_ROOM_MIN: usize = 64;
 
 impl Dispatcher {
     pub(crate) fn new(shard: u32, routes: Routes) -> Dispatcher {
@@ -65,6 +81,7 @@ impl Dispatcher {
             next_sub: 1,
             by_user: HashMap::new(),
             by_channel: HashMap::new(),
+            stalled: Vec::new(),
         }
     }
 
@@ -74,6 +91,7 @@ impl Dispatcher {
         &mut self,
         user: UserId,
         queue: FrameSender,
+        held: bool,
         reply: super::Reply<SubscriptionInfo>,
     ) {
         let id = self.next_sub;
@@ -82,6 +100,7 @@ impl Dispatcher {
             id,
             Sub {
                 user,
+                held,
                 queue,
                 channels: HashMap::new(),
                 acks_waiting: self.routes.partitions as usize,
@@ -89,6 +108,7 @@ impl Dispatcher {
                 started: Vec::new(),
                 resuming: 0,
                 resumed: BTreeMap::new(),
+                announce: false,
             },
         );
         self.by_user.entry(user).or_default().push(id);
@@ -118,7 +138,9 @@ impl Dispatcher {
                 c,
                 Chan {
                     next: Some(committed + 1),
-                    resuming: false,
+                    resuming: s.held,
+                    sent: false,
+                    leaving: false,
                 },
             );
             s.started.push((c, committed));
@@ -145,12 +167,15 @@ impl Dispatcher {
             if let Some((user, true)) = d.membership {
                 for id in self.by_user.get(&user).cloned().unwrap_or_default() {
                     let s = self.subs.get_mut(&id).expect("indexed subscriber");
+                    let held = s.held;
                     if let std::collections::hash_map::Entry::Vacant(e) =
                         s.channels.entry(d.channel)
                     {
                         e.insert(Chan {
                             next: Some(d.seq),
-                            resuming: false,
+                            resuming: held,
+                            sent: false,
+                            leaving: false,
                         });
                         self.by_channel.entry(d.channel).or_default().push(id);
                     }
@@ -172,17 +197,25 @@ impl Dispatcher {
                     continue;
                 }
                 chan.next = Some(d.seq + 1);
+                chan.sent = true;
                 if s.queue.push(d.frame.clone()) != PushOutcome::Queued {
                     cut.push((*id, Cutoff::Overflow));
                 }
             }
             if let Some((user, false)) = d.membership {
                 for id in self.by_user.get(&user).cloned().unwrap_or_default() {
-                    if let Some(s) = self.subs.get_mut(&id) {
-                        s.channels.remove(&d.channel);
-                    }
-                    if let Some(v) = self.by_channel.get_mut(&d.channel) {
-                        v.retain(|x| *x != id);
+                    let Some(s) = self.subs.get_mut(&id) else {
+                        continue;
+                    };
+                    match s.channels.get_mut(&d.channel) {
+                        // The catch-up in flight ends with this event; drop the channel then.
+                        Some(chan) if chan.resuming => chan.leaving = true,
+                        _ => {
+                            s.channels.remove(&d.channel);
+                            if let Some(v) = self.by_channel.get_mut(&d.channel) {
+                                v.retain(|x| *x != id);
+                            }
+                        }
                     }
                 }
             }
@@ -192,7 +225,45 @@ impl Dispatcher {
         }
     }
 
-    /// Starts a resume for the named channels.
+    /// Starts a held subscriber: every channel catches up from the log, the named ones
+    /// after the given seq, the others after the seq the subscription began at (so the
+    /// live frames held back meanwhile are not lost). With `announce`, a `resumed` frame
+    /// follows.
+    pub(crate) async fn start(&mut self, sub: u64, since: Vec<(ChannelId, u64)>, announce: bool) {
+        let Some(s) = self.subs.get_mut(&sub) else {
+            return;
+        };
+        if !s.held {
+            self.resume(sub, since).await;
+            return;
+        }
+        s.held = false;
+        let since: HashMap<ChannelId, u64> = since.into_iter().collect();
+        let user = s.user;
+        let mut asks = Vec::new();
+        for (c, chan) in s.channels.iter_mut() {
+            if let Some(seq) = since.get(c) {
+                chan.next = Some(seq + 1);
+                s.resumed.insert(*c, *seq);
+            }
+            if !chan.resuming {
+                chan.resuming = true;
+            }
+            s.resuming += 1;
+            asks.push((*c, chan.next.map_or(0, |n| n - 1)));
+        }
+        s.announce = announce;
+        if asks.is_empty() {
+            self.finish_resume(sub).await;
+            return;
+        }
+        for (c, after) in asks {
+            self.ask_catch_up(user, c, after, sub).await;
+        }
+    }
+
+    /// Resumes named channels of a live subscriber. It never sends a frame twice: once a
+    /// channel has sent this subscriber a live frame, it only catches up past it.
     pub(crate) async fn resume(&mut self, sub: u64, since: Vec<(ChannelId, u64)>) {
         let Some(s) = self.subs.get_mut(&sub) else {
             return;
@@ -201,24 +272,40 @@ impl Dispatcher {
         let mut asks = Vec::new();
         for (c, seq) in since {
             if let Some(chan) = s.channels.get_mut(&c) {
+                let after = match chan.next {
+                    Some(n) if chan.sent => seq.max(n - 1),
+                    _ => seq,
+                };
                 if !chan.resuming {
                     chan.resuming = true;
                     s.resuming += 1;
                 }
-                chan.next = Some(seq + 1);
-                asks.push((c, seq));
+                chan.next = Some(after + 1);
+                s.resumed.insert(c, after);
+                asks.push((c, after));
             }
         }
+        s.announce = true;
         if s.resuming == 0 {
             self.finish_resume(sub).await;
             return;
         }
-        for (c, seq) in asks {
-            self.ask_catch_up(user, c, seq, sub).await;
+        for (c, after) in asks {
+            self.ask_catch_up(user, c, after, sub).await;
         }
     }
 
-    async fn ask_catch_up(&self, user: UserId, channel: ChannelId, after: u64, sub: u64) {
+    /// Asks for the next page of a catch-up, no larger than the room left in the
+    /// subscriber's queue; with too little room, parks it until the subscriber reads.
+    async fn ask_catch_up(&mut self, user: UserId, channel: ChannelId, after: u64, sub: u64) {
+        let Some(s) = self.subs.get(&sub) else {
+            return;
+        };
+        let room = s.queue.capacity().saturating_sub(s.queue.len());
+        if room < CATCH_UP_ROOM_MIN.min(s.queue.capacity()) {
+            self.stalled.push((user, channel, after, sub));
+            return;
+        }
         let partition = crate::domain::meta::partition_of(channel);
         let msg = ShardMsg::Partition {
             partition,
@@ -226,11 +313,24 @@ impl Dispatcher {
                 user,
                 channel,
                 after,
+                max: room,
                 shard: self.shard,
                 sub,
             },
         };
         let _ = self.routes.send(self.routes.owner(partition), msg).await;
+    }
+
+    /// Whether catch-ups wait for their subscribers to read.
+    pub(crate) fn has_stalled(&self) -> bool {
+        !self.stalled.is_empty()
+    }
+
+    /// Retries the catch-ups that waited for room.
+    pub(crate) async fn retry_stalled(&mut self) {
+        for (user, channel, after, sub) in std::mem::take(&mut self.stalled) {
+            self.ask_catch_up(user, channel, after, sub).await;
+        }
     }
 
     /// A page of a resume arrived.
@@ -246,9 +346,10 @@ impl Dispatcher {
             return;
         };
         let user = s.user;
-        if !s.channels.contains_key(&channel) {
+        let Some(chan) = s.channels.get_mut(&channel) else {
             return;
-        }
+        };
+        let sent = !frames.is_empty();
         let overflowed = frames
             .into_iter()
             .any(|f| s.queue.push(f) != PushOutcome::Queued);
@@ -256,17 +357,25 @@ impl Dispatcher {
             self.cut_off(sub, Cutoff::Overflow).await;
             return;
         }
-        let chan = s.channels.get_mut(&channel).expect("followed channel");
         chan.next = Some(last + 1);
+        chan.sent |= sent;
         if !done {
             self.ask_catch_up(user, channel, last, sub).await;
             return;
         }
         if chan.resuming {
             chan.resuming = false;
-            s.resuming -= 1;
+            s.resuming = s.resuming.saturating_sub(1);
         }
-        s.resumed.insert(channel, last);
+        if chan.leaving {
+            s.channels.remove(&channel);
+            if let Some(v) = self.by_channel.get_mut(&channel) {
+                v.retain(|x| *x != sub);
+            }
+        }
+        if let Some(r) = s.resumed.get_mut(&channel) {
+            *r = last;
+        }
         if s.resuming == 0 {
             self.finish_resume(sub).await;
         }
@@ -276,6 +385,10 @@ impl Dispatcher {
         let Some(s) = self.subs.get_mut(&sub) else {
             return;
         };
+        if !std::mem::take(&mut s.announce) {
+            s.resumed.clear();
+            return;
+        }
         let channels: serde_json::Map<String, serde_json::Value> = std::mem::take(&mut s.resumed)
             .into_iter()
             .map(|(c, seq)| (c.to_string(), seq.into()))

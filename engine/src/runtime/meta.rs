@@ -13,7 +13,7 @@ use crate::domain::meta::{partition_of, MetaCommand, MetaDecision, MetaState, Us
 use crate::domain::{ChannelKind, DomainError};
 use crate::durability::{Durability, LocalDurability};
 use crate::engine::{EngineError, MetaOutcome};
-use crate::ids::{ChannelId, UserId, WorkspaceId};
+use crate::ids::{UserId, WorkspaceId};
 use crate::view::{ChannelView, MemberView, UserView, WorkspaceView};
 use chorus_log::Entry;
 use futures::channel::mpsc;
@@ -71,11 +71,6 @@ pub(crate) enum MetaRead {
         workspace: WorkspaceId,
         reply: Reply<Vec<MemberView>>,
     },
-    Channel {
-        user: UserId,
-        channel: ChannelId,
-        reply: Reply<ChannelView>,
-    },
 }
 
 /// Answers a read from a shard's replica.
@@ -110,16 +105,6 @@ pub(crate) fn answer(meta: &MetaState, read: MetaRead) {
                     .filter_map(|(u, role)| meta.user(*u).map(|u| MemberView::new(u, *role)))
                     .collect()
             });
-            let _ = reply.send(r.map_err(Into::into));
-        }
-        MetaRead::Channel {
-            user,
-            channel,
-            reply,
-        } => {
-            let r = meta
-                .channel_principal(user, channel)
-                .map(|(_, c)| ChannelView::new(c.id, c.workspace, &c.name, c.kind, 0));
             let _ = reply.send(r.map_err(Into::into));
         }
     }

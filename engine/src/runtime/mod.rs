@@ -92,6 +92,8 @@ pub(crate) enum ChannelRead {
     Versions {
         id: MessageId,
     },
+    /// The channel's directory entry and last committed seq.
+    Info,
 }
 
 /// A request for a partition.
@@ -120,11 +122,12 @@ pub(crate) enum PartitionMsg {
         delta: i32,
         sub: Option<u64>,
     },
-    /// Events of a channel after a seq, for a resuming subscriber.
+    /// Events of a channel after a seq, for a resuming subscriber: at most `max`.
     CatchUp {
         user: UserId,
         channel: ChannelId,
         after: u64,
+        max: usize,
         shard: u32,
         sub: u64,
     },
@@ -191,11 +194,19 @@ pub(crate) enum ShardMsg {
     AllPartitions(Box<dyn Fn() -> PartitionMsg + Send>),
     /// Committed events for this shard's subscribers.
     Deliver(Vec<Delivery>),
-    /// A new subscriber on this shard.
+    /// A new subscriber on this shard; a held one gets no live frames until `Start`.
     Subscribe {
         user: UserId,
         queue: FrameSender,
+        held: bool,
         reply: Reply<dispatch::SubscriptionInfo>,
+    },
+    /// A held subscriber starts: each named channel from its seq, the others from where
+    /// the subscription began; `announce` sends a `resumed` frame after the catch-up.
+    Start {
+        sub: u64,
+        since: Vec<(ChannelId, u64)>,
+        announce: bool,
     },
     /// A subscriber is gone.
     Unsubscribe { sub: u64 },
@@ -249,6 +260,9 @@ impl Routes {
 
 /// The initial metadata replica handed to each shard at start.
 pub(crate) type MetaSnapshot = Arc<MetaState>;
+
+/// How often a shard looks again at catch-ups waiting for their subscribers to read.
+const CATCH_UP_RETRY: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// What a shard needs to run.
 pub(crate) struct ShardSetup {
@@ -384,9 +398,21 @@ impl Shard {
         let mut ticks: u64 = 0;
         'outer: loop {
             if inbox.drain_into(&mut batch, 1024) == 0 {
-                match inbox.recv().await {
-                    Some(m) => batch.push(m),
-                    None => break,
+                if self.dispatcher.has_stalled() {
+                    // A catch-up waits for its subscriber to read: look again soon.
+                    let wake = glommio::timer::sleep(CATCH_UP_RETRY);
+                    let next = std::pin::pin!(inbox.recv());
+                    match futures::future::select(next, std::pin::pin!(wake)).await {
+                        futures::future::Either::Left((Some(m), _)) => batch.push(m),
+                        futures::future::Either::Left((None, _)) => break,
+                        futures::future::Either::Right(_) => {}
+                    }
+                    self.dispatcher.retry_stalled().await;
+                } else {
+                    match inbox.recv().await {
+                        Some(m) => batch.push(m),
+                        None => break,
+                    }
                 }
             }
             for msg in batch.drain(..) {
@@ -449,9 +475,17 @@ impl Shard {
                 }
             }
             ShardMsg::Deliver(batch) => self.dispatcher.deliver(batch).await,
-            ShardMsg::Subscribe { user, queue, reply } => {
-                self.dispatcher.subscribe(user, queue, reply).await
-            }
+            ShardMsg::Subscribe {
+                user,
+                queue,
+                held,
+                reply,
+            } => self.dispatcher.subscribe(user, queue, held, reply).await,
+            ShardMsg::Start {
+                sub,
+                since,
+                announce,
+            } => self.dispatcher.start(sub, since, announce).await,
             ShardMsg::Unsubscribe { sub } => self.dispatcher.unsubscribe(sub).await,
             ShardMsg::OnlineAck { sub, channels } => self.dispatcher.online_ack(sub, channels),
             ShardMsg::Resume { sub, since } => self.dispatcher.resume(sub, since).await,

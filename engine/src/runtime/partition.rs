@@ -16,7 +16,7 @@ use crate::blob::BlobStore;
 use crate::domain::channel::{ChannelDecision, ChannelState, Message};
 use crate::domain::event::{self, Body, ChannelEvent, ChannelRecord, Decoded};
 use crate::domain::meta::MetaState;
-use crate::domain::{DomainError, Principal};
+use crate::domain::{DomainError, Principal, INLINE_BODY_BYTES_MAX};
 use crate::durability::{Durability, LocalDurability};
 use crate::engine::{ChannelOutcome, EngineError, ReadOutcome};
 use crate::ids::{ChannelId, UserId};
@@ -56,6 +56,8 @@ pub(crate) struct Partition {
     online: HashMap<UserId, Vec<u32>>,
     /// Connections of members per shard, by channel: where its events go.
     channel_shards: HashMap<ChannelId, Vec<u32>>,
+    /// Public channels here, by workspace.
+    public: HashMap<crate::ids::WorkspaceId, BTreeSet<ChannelId>>,
     routes: Routes,
     meta: Rc<RefCell<MetaState>>,
     blobs: Arc<BlobStore>,
@@ -102,6 +104,7 @@ impl Partition {
             user_channels: HashMap::new(),
             online: HashMap::new(),
             channel_shards: HashMap::new(),
+            public: HashMap::new(),
             routes,
             meta,
             blobs,
@@ -181,6 +184,12 @@ impl Partition {
             let c = meta.channel(channel)?;
             let state = ChannelState::new(c.id, c.workspace, c.kind, c.created_by);
             drop(meta);
+            if state.kind == crate::domain::event::ChannelKind::Public {
+                self.public
+                    .entry(state.workspace)
+                    .or_default()
+                    .insert(channel);
+            }
             self.channels.insert(
                 channel,
                 ChannelRt {
@@ -296,6 +305,7 @@ impl Partition {
             .ok_or(DomainError::NotFound("channel"))?;
         match rt.state.decide(&principal, cmd, now)? {
             ChannelDecision::Event(event) => {
+                let event = self.finish_event(principal.workspace(), event)?;
                 let (seq, target) = self.decide_event(channel, event, now, decided);
                 let rt = &self.channels[&channel];
                 let message = target
@@ -325,6 +335,64 @@ impl Partition {
         }
     }
 
+    /// The checks and storage a decided event still needs from outside the channel: a
+    /// member to be added must belong to the workspace, and a body over the inline limit
+    /// goes to the blob store (durably, before the event that references it commits).
+    /// Both come after the domain's own checks, so a refused command reveals nothing and
+    /// stores nothing.
+    fn finish_event(
+        &self,
+        workspace: crate::ids::WorkspaceId,
+        event: ChannelEvent,
+    ) -> Result<ChannelEvent, EngineError> {
+        let large = |body: &Body| matches!(body, Body::Text(t) if t.len() > INLINE_BODY_BYTES_MAX);
+        let to_blob = |body: Body| -> Result<Body, EngineError> {
+            match body {
+                Body::Text(t) if t.len() > INLINE_BODY_BYTES_MAX => {
+                    let r = self
+                        .blobs
+                        .put(t.as_bytes())
+                        .map_err(|e| EngineError::Io(format!("blob store: {e}")))?;
+                    Ok(Body::Blob {
+                        hash: r.hash,
+                        len: r.len,
+                    })
+                }
+                other => Ok(other),
+            }
+        };
+        Ok(match event {
+            ChannelEvent::MemberJoined { user, .. }
+                if self.meta.borrow().principal(user, workspace).is_err() =>
+            {
+                return Err(DomainError::NotFound("user").into());
+            }
+            ChannelEvent::MessagePosted {
+                user,
+                body,
+                thread,
+                client_msg_id,
+                mentions,
+            } if large(&body) => ChannelEvent::MessagePosted {
+                user,
+                body: to_blob(body)?,
+                thread,
+                client_msg_id,
+                mentions,
+            },
+            ChannelEvent::MessageEdited {
+                target,
+                body,
+                mentions,
+            } if large(&body) => ChannelEvent::MessageEdited {
+                target,
+                body: to_blob(body)?,
+                mentions,
+            },
+            other => other,
+        })
+    }
+
     /// Applies a decided event, renders its frame, and queues it for the tick's commit.
     fn decide_event(
         &mut self,
@@ -339,14 +407,26 @@ impl Partition {
         let target = target_of(&event, seq);
         rt.state.apply(seq, at_us, &event);
         let frame = crate::view::event_frame(&rt.state, seq, &event, |m| body_text(&blobs, m));
-        // A large body stays out of the log: its stored frame is left empty, and a resume
-        // renders the message as it stands then.
-        let stored: &[u8] = match target
-            .and_then(|t| rt.state.message_at(t))
-            .map(|m| m.body())
-        {
-            Some(Body::Blob { .. }) => &[],
-            _ => &frame,
+        // A large body stays out of the log: a frame that carries one goes to the blob
+        // store too, and the log keeps its reference (a zero byte, the hash and the length;
+        // a JSON frame never starts with a zero byte).
+        let large = matches!(
+            target
+                .and_then(|t| rt.state.message_at(t))
+                .map(|m| m.body()),
+            Some(Body::Blob { .. })
+        );
+        let reference;
+        let stored: &[u8] = if large {
+            reference = match blobs.put(&frame) {
+                Ok(r) => frame_reference(&r),
+                // Without the frame in the blob store the event cannot be replayed as it
+                // was; keep it in the log rather than lose it.
+                Err(_) => frame.clone(),
+            };
+            &reference
+        } else {
+            &frame
         };
         let record = ChannelRecord {
             channel,
@@ -522,10 +602,11 @@ impl Partition {
                 user,
                 channel,
                 after,
+                max,
                 shard,
                 sub,
             } => {
-                let reply = self.catch_up(user, channel, after, sub).await;
+                let reply = self.catch_up(user, channel, after, max, sub).await;
                 let _ = self.routes.send(shard, reply).await;
             }
             PartitionMsg::Visible {
@@ -565,8 +646,27 @@ impl Partition {
                 )
             }
             ChannelRead::Message { id } => ReadOutcome::Message(self.view(channel, s.get(&p, id)?)),
+            ChannelRead::Info => {
+                let visible =
+                    s.is_member(user) || s.kind == crate::domain::event::ChannelKind::Public;
+                let meta = self.meta.borrow();
+                let c = meta
+                    .channel(channel)
+                    .filter(|_| visible)
+                    .ok_or(DomainError::NotFound("channel"))?;
+                ReadOutcome::Channel(ChannelView::new(
+                    c.id,
+                    c.workspace,
+                    &c.name,
+                    c.kind,
+                    rt.committed,
+                ))
+            }
             ChannelRead::Versions { id } => {
                 let m = s.get(&p, id)?;
+                if m.deleted {
+                    return Ok(ReadOutcome::Versions(Vec::new()));
+                }
                 ReadOutcome::Versions(
                     m.versions
                         .iter()
@@ -583,6 +683,7 @@ impl Partition {
         user: UserId,
         channel: ChannelId,
         after: u64,
+        max: usize,
         sub: u64,
     ) -> ShardMsg {
         let empty = |done| ShardMsg::CatchUpReply {
@@ -595,11 +696,15 @@ impl Partition {
         let Some(rt) = self.channels.get(&channel) else {
             return empty(true);
         };
-        if !rt.state.is_member(user) {
+        // A member reads up to the end; a former member up to the event that removed them,
+        // so a resume that raced their removal still ends with their `member:left`.
+        let Some(limit) = rt.state.readable_until(user) else {
             return empty(true);
-        }
-        let from = after.min(rt.committed);
-        let to = rt.committed.min(from + CATCH_UP_EVENTS_MAX as u64);
+        };
+        let end = rt.committed.min(limit);
+        let from = after.min(end);
+        let page = CATCH_UP_EVENTS_MAX.min(max.max(1)) as u64;
+        let to = end.min(from + page);
         let mut frames = Vec::with_capacity((to - from) as usize);
         for seq in from + 1..=to {
             let offset = rt.offsets[(seq - 1) as usize];
@@ -607,11 +712,15 @@ impl Partition {
                 Ok(records) if records.first().is_some_and(|r| r.offset == offset) => {
                     let payload = records[0].payload.clone();
                     let stored = event::stored_frame(&payload);
-                    if stored.is_empty() {
-                        self.rerender(channel, seq, &payload)
-                    } else {
-                        let start = payload.len() - stored.len();
-                        payload.slice(start..)
+                    match stored.first() {
+                        Some(0) => match self.referenced_frame(stored) {
+                            Some(frame) => frame,
+                            None => return empty(true),
+                        },
+                        _ => {
+                            let start = payload.len() - stored.len();
+                            payload.slice(start..)
+                        }
                     }
                 }
                 _ => return empty(true),
@@ -623,47 +732,41 @@ impl Partition {
             channel,
             frames,
             last: to,
-            done: to >= rt.committed,
+            done: to >= end,
         }
     }
 
-    /// Renders an event whose frame was not stored (a large body) from current state.
-    fn rerender(&self, channel: ChannelId, seq: u64, payload: &[u8]) -> Bytes {
-        let rt = &self.channels[&channel];
-        match event::decode(payload) {
-            Ok(Decoded::Channel(rec)) => {
-                Bytes::from(crate::view::event_frame(&rt.state, seq, &rec.event, |m| {
-                    body_text(&self.blobs, m)
-                }))
-            }
-            _ => Bytes::new(),
-        }
+    /// The frame a log record refers to in the blob store.
+    fn referenced_frame(&self, stored: &[u8]) -> Option<Bytes> {
+        let hash: [u8; 32] = stored.get(1..33)?.try_into().ok()?;
+        let len = u64::from_le_bytes(stored.get(33..41)?.try_into().ok()?);
+        let r = crate::blob::BlobRef { hash, len };
+        self.blobs.get(&r).ok().map(Bytes::from)
     }
 
+    /// The channels a user sees, from the indexes: the workspace's public channels here
+    /// and the user's own channels. No partition scan.
     fn visible(
         &self,
         user: UserId,
         workspace: Option<crate::ids::WorkspaceId>,
     ) -> Vec<ChannelView> {
         let meta = self.meta.borrow();
-        self.channels
-            .values()
-            .filter(|rt| workspace.is_none_or(|w| rt.state.workspace == w))
-            .filter(|rt| meta.principal(user, rt.state.workspace).is_ok())
-            .filter(|rt| {
-                rt.state.is_member(user)
-                    || workspace.is_some()
-                        && rt.state.kind == crate::domain::event::ChannelKind::Public
-            })
-            .filter_map(|rt| {
-                let c = meta.channel(rt.state.id)?;
-                Some(ChannelView::new(
-                    c.id,
-                    c.workspace,
-                    &c.name,
-                    c.kind,
-                    rt.committed,
-                ))
+        let mine = self.user_channels.get(&user).into_iter().flatten();
+        let public = workspace
+            .and_then(|w| self.public.get(&w))
+            .into_iter()
+            .flatten();
+        let mut ids: Vec<ChannelId> = mine.chain(public).copied().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.into_iter()
+            .filter_map(|id| {
+                let c = meta.channel(id)?;
+                let reach = workspace.is_none_or(|w| c.workspace == w)
+                    && meta.principal(user, c.workspace).is_ok();
+                let rt = self.channels.get(&id)?;
+                reach.then(|| ChannelView::new(c.id, c.workspace, &c.name, c.kind, rt.committed))
             })
             .collect()
     }
@@ -690,6 +793,15 @@ fn fail(msg: PartitionMsg, why: &str) {
         PartitionMsg::Visible { out, .. } => out.add(Vec::new()),
         PartitionMsg::Online { .. } | PartitionMsg::CatchUp { .. } => {}
     }
+}
+
+/// How a log record refers to a frame kept in the blob store.
+fn frame_reference(r: &crate::blob::BlobRef) -> Vec<u8> {
+    let mut out = Vec::with_capacity(41);
+    out.push(0);
+    out.extend_from_slice(&r.hash);
+    out.extend_from_slice(&r.len.to_le_bytes());
+    out
 }
 
 fn membership_of(e: &ChannelEvent) -> Option<(UserId, bool)> {
