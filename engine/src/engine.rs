@@ -333,6 +333,34 @@ impl Engine {
         &self.inner.config
     }
 
+    /// The number of shards.
+    pub fn shard_count(&self) -> usize {
+        self.inner.config.shards
+    }
+
+    /// The shard the calling thread runs, if it is a shard thread.
+    pub fn current_shard() -> Option<usize> {
+        CURRENT_SHARD.with(|c| c.get()).map(|s| s as usize)
+    }
+
+    /// Runs a task on a shard's executor, beside the engine's own work: an embedding server
+    /// runs its accept loop on every shard this way, so each connection lives on one core
+    /// with the subscriptions it makes. `make` is sent to the shard and called there; the
+    /// future it returns need not be `Send`. The task ends when the shard stops.
+    pub async fn spawn_on<F, Fut>(&self, shard: usize, make: F) -> Result<(), EngineError>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + 'static,
+    {
+        let boxed: Box<
+            dyn FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>> + Send,
+        > = Box::new(move || Box::pin(make()));
+        self.inner
+            .routes
+            .send(shard as u32, ShardMsg::Spawn(boxed))
+            .await
+    }
+
     fn local_shard(&self, key: u64) -> u32 {
         CURRENT_SHARD
             .with(|c| c.get())
@@ -665,6 +693,25 @@ impl Engine {
         )
         .await
         .map(drop)
+    }
+
+    /// Tells the channel's other members' subscribers that the user is typing. Ephemeral:
+    /// never logged, never replayed, dropped rather than queued when a shard is busy.
+    pub async fn typing(&self, user: UserId, channel: ChannelId) -> Result<(), EngineError> {
+        let (partition, shard) = self.partition_shard(channel)?;
+        ask(
+            |reply| ShardMsg::Partition {
+                partition,
+                msg: PartitionMsg::Typing {
+                    user,
+                    channel,
+                    reply,
+                },
+            },
+            &self.inner.routes,
+            shard,
+        )
+        .await
     }
 
     /// Joins a public channel.

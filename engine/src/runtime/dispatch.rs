@@ -164,6 +164,10 @@ impl Dispatcher {
     pub(crate) async fn deliver(&mut self, batch: Vec<Delivery>) {
         let mut cut = Vec::new();
         for d in batch {
+            if let Some(from) = d.ephemeral_from {
+                self.deliver_ephemeral(&d, from, &mut cut);
+                continue;
+            }
             if let Some((user, true)) = d.membership {
                 for id in self.by_user.get(&user).cloned().unwrap_or_default() {
                     let s = self.subs.get_mut(&id).expect("indexed subscriber");
@@ -222,6 +226,26 @@ impl Dispatcher {
         }
         for (id, why) in cut {
             self.cut_off(id, why).await;
+        }
+    }
+
+    /// Pushes an ephemeral frame to the live subscribers of its channel, except its
+    /// sender's own.
+    fn deliver_ephemeral(&mut self, d: &Delivery, from: UserId, cut: &mut Vec<(u64, Cutoff)>) {
+        for id in self
+            .by_channel
+            .get(&d.channel)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+        {
+            let s = self.subs.get_mut(id).expect("indexed subscriber");
+            let live = s.channels.get(&d.channel).is_some_and(|c| !c.resuming);
+            if s.user == from || !live {
+                continue;
+            }
+            if s.queue.push(d.frame.clone()) != PushOutcome::Queued {
+                cut.push((*id, Cutoff::Overflow));
+            }
         }
     }
 

@@ -131,6 +131,12 @@ pub(crate) enum PartitionMsg {
         shard: u32,
         sub: u64,
     },
+    /// A member is typing: tell the channel's other subscribers, log nothing.
+    Typing {
+        user: UserId,
+        channel: ChannelId,
+        reply: Reply<()>,
+    },
     /// The channels a user can see in a workspace (or is a member of, in all workspaces).
     Visible {
         user: UserId,
@@ -175,6 +181,9 @@ pub(crate) struct Delivery {
     pub frame: Bytes,
     /// A membership change this event makes: the user, and whether they joined.
     pub membership: Option<(UserId, bool)>,
+    /// An ephemeral frame (typing) from this user: it has no seq (`seq` is 0), is never
+    /// logged, and does not go back to its sender.
+    pub ephemeral_from: Option<UserId>,
 }
 
 /// A message to a shard.
@@ -228,6 +237,8 @@ pub(crate) enum ShardMsg {
         last: u64,
         done: bool,
     },
+    /// Run a task of the embedder on this shard (a server's accept loop, say).
+    Spawn(Box<dyn FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>> + Send>),
     /// Stop: finish what is in flight, close the logs, and exit.
     Shutdown,
 }
@@ -499,6 +510,9 @@ impl Shard {
                 self.dispatcher
                     .catch_up_page(sub, channel, frames, last, done)
                     .await
+            }
+            ShardMsg::Spawn(make) => {
+                glommio::spawn_local(make()).detach();
             }
             ShardMsg::Shutdown => {}
         }

@@ -249,6 +249,14 @@ impl Partition {
                     delta,
                     sub,
                 } => self.online(user, shard, delta, sub).await,
+                PartitionMsg::Typing {
+                    user,
+                    channel,
+                    reply,
+                } => {
+                    let r = self.typing(user, channel).await;
+                    let _ = reply.send(r);
+                }
                 other => reads.push(other),
             }
         }
@@ -510,6 +518,7 @@ impl Partition {
                             seq: d.seq,
                             frame: d.frame.clone(),
                             membership: d.membership,
+                            ephemeral_from: None,
                         });
                     }
                 }
@@ -526,6 +535,49 @@ impl Partition {
                     .await;
             }
         }
+    }
+
+    /// Sends a typing frame to the shards with subscribers of the channel, at once and
+    /// without the log: typing is ephemeral.
+    async fn typing(&mut self, user: UserId, channel: ChannelId) -> Result<(), EngineError> {
+        let p = self.principal(user, channel)?;
+        let member = self
+            .channels
+            .get(&channel)
+            .is_some_and(|rt| rt.state.is_member(p.user()));
+        if !member {
+            return Err(DomainError::NotFound("channel").into());
+        }
+        let frame = serde_json::json!({
+            "type": "typing",
+            "channel_id": channel.to_string(),
+            "user_id": user.to_string(),
+        });
+        let frame = Bytes::from(serde_json::to_vec(&frame).expect("json"));
+        let targets: Vec<u32> = self
+            .channel_shards
+            .get(&channel)
+            .map(|counts| {
+                counts
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, n)| **n > 0)
+                    .map(|(i, _)| i as u32)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for shard in targets {
+            let d = Delivery {
+                channel,
+                seq: 0,
+                frame: frame.clone(),
+                membership: None,
+                ephemeral_from: Some(user),
+            };
+            // Typing is best effort: a full inbox drops it rather than wait.
+            let _ = self.routes.shards[shard as usize].try_send(ShardMsg::Deliver(vec![d]));
+        }
+        Ok(())
     }
 
     /// Adds (or removes) a user's connections to the shards a channel's events go to.
@@ -791,6 +843,9 @@ fn fail(msg: PartitionMsg, why: &str) {
             }
         }
         PartitionMsg::Visible { out, .. } => out.add(Vec::new()),
+        PartitionMsg::Typing { reply, .. } => {
+            let _ = reply.send(Err(err()));
+        }
         PartitionMsg::Online { .. } | PartitionMsg::CatchUp { .. } => {}
     }
 }

@@ -1,0 +1,1261 @@
+//! The REST API of `API.md`: one route table, the router that matches requests against it,
+//! the handlers that turn each call into engine calls, and the OpenAPI 3 document, which is
+//! generated from the same table so that it cannot drift from what is served.
+//!
+//! A request goes through the same steps in the same order: match the route (404 for an
+//! unknown path, 405 for a known path with another method), check the token (401), take one
+//! unit of the user's rate budget (429), read the body within its limit (413) and parse it
+//! into the call's typed request (400), then ask the engine. The engine decides membership
+//! and permissions; this module only translates.
+//!
+//! API boundary: an ID that does not parse is answered like an ID that does not exist (404),
+//! and both are answered like an ID of a workspace the caller is not in, so a caller learns
+//! nothing about other workspaces. Unknown fields in a body are ignored, so that newer
+//! clients can talk to older servers; a field of the wrong type is refused with serde's
+//! message.
+
+use crate::error::ApiError;
+use crate::server::{authenticate, token_now, ShardCtx};
+use bytes::Bytes;
+use chorus_engine::domain::{ChannelKind, PAGE_LIMIT_MAX};
+use chorus_engine::ids::{ChannelId, MessageId, UserId, WorkspaceId};
+use chorus_engine::view::UserView;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::{Body, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::ser::{SerializeMap, Serializer};
+use serde::{Deserialize, Serialize};
+use std::rc::Rc;
+use std::str::FromStr;
+use std::sync::OnceLock;
+
+/// Items in a page when the request names no `limit`.
+pub const PAGE_LIMIT_DEFAULT: usize = 50;
+
+/// Bytes of an oversized body read and thrown away before answering 413. Reading a little
+/// past the limit lets a client that sent a slightly large body finish sending and read the
+/// answer; closing with unread bytes would reset the connection under it. Larger bodies
+/// are cut off.
+pub const OVERSIZED_DRAIN_BYTES_MAX: usize = 4 * 1024 * 1024;
+
+/// The longest path the router looks at, in segments; longer paths are unknown.
+const PATH_SEGMENTS_MAX: usize = 16;
+
+// ---------------------------------------------------------------------------------------
+// The route table
+// ---------------------------------------------------------------------------------------
+
+/// An HTTP method the API uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verb {
+    /// `GET`.
+    Get,
+    /// `POST`.
+    Post,
+    /// `PUT`.
+    Put,
+    /// `PATCH`.
+    Patch,
+    /// `DELETE`.
+    Delete,
+}
+
+impl Verb {
+    /// The method's name, as HTTP spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verb::Get => "GET",
+            Verb::Post => "POST",
+            Verb::Put => "PUT",
+            Verb::Patch => "PATCH",
+            Verb::Delete => "DELETE",
+        }
+    }
+
+    fn of(method: &Method) -> Option<Verb> {
+        Some(match *method {
+            Method::GET => Verb::Get,
+            Method::POST => Verb::Post,
+            Method::PUT => Verb::Put,
+            Method::PATCH => Verb::Patch,
+            Method::DELETE => Verb::Delete,
+            _ => return None,
+        })
+    }
+}
+
+/// What a route does: one handler each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// `POST /auth/signup`.
+    Signup,
+    /// `POST /auth/login`.
+    Login,
+    /// `GET /me`.
+    Me,
+    /// `GET /workspaces`.
+    ListWorkspaces,
+    /// `POST /workspaces`.
+    CreateWorkspace,
+    /// `POST /workspaces/{wid}/members`.
+    AddMember,
+    /// `GET /workspaces/{wid}/members`.
+    ListMembers,
+    /// `GET /workspaces/{wid}/channels`.
+    ListChannels,
+    /// `POST /workspaces/{wid}/channels`.
+    CreateChannel,
+    /// `POST /workspaces/{wid}/dms`.
+    OpenDm,
+    /// `GET /channels/{cid}`.
+    GetChannel,
+    /// `POST /channels/{cid}/join`.
+    Join,
+    /// `POST /channels/{cid}/members`.
+    AddChannelMember,
+    /// `DELETE /channels/{cid}/members/{uid}`.
+    RemoveChannelMember,
+    /// `POST /channels/{cid}/messages`.
+    PostMessage,
+    /// `GET /channels/{cid}/messages`.
+    ListMessages,
+    /// `GET /channels/{cid}/messages/{mid}`.
+    GetMessage,
+    /// `PATCH /channels/{cid}/messages/{mid}`.
+    EditMessage,
+    /// `DELETE /channels/{cid}/messages/{mid}`.
+    DeleteMessage,
+    /// `GET /channels/{cid}/messages/{mid}/replies`.
+    ListReplies,
+    /// `GET /channels/{cid}/messages/{mid}/history`.
+    History,
+    /// `PUT /channels/{cid}/messages/{mid}/reactions/{emoji}`.
+    AddReaction,
+    /// `DELETE /channels/{cid}/messages/{mid}/reactions/{emoji}`.
+    RemoveReaction,
+    /// `GET /openapi.json`.
+    OpenApi,
+}
+
+/// The JSON type of a body field or query parameter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ty {
+    /// A string.
+    String,
+    /// An integer.
+    Integer,
+    /// An array of strings.
+    Strings,
+}
+
+/// A body field or query parameter, for the OpenAPI document.
+#[derive(Clone, Copy, Debug)]
+pub struct Field {
+    /// Its name.
+    pub name: &'static str,
+    /// Its type.
+    pub ty: Ty,
+    /// Whether a request must carry it.
+    pub required: bool,
+    /// What it means.
+    pub about: &'static str,
+}
+
+const fn req(name: &'static str, ty: Ty, about: &'static str) -> Field {
+    Field {
+        name,
+        ty,
+        required: true,
+        about,
+    }
+}
+
+const fn opt(name: &'static str, ty: Ty, about: &'static str) -> Field {
+    Field {
+        name,
+        ty,
+        required: false,
+        about,
+    }
+}
+
+/// One call of the API: the router matches against these, and the OpenAPI document lists
+/// them.
+#[derive(Clone, Copy, Debug)]
+pub struct Route {
+    /// The method.
+    pub verb: Verb,
+    /// The path, with `{name}` for each path parameter.
+    pub path: &'static str,
+    /// The handler.
+    pub op: Op,
+    /// One line on what it does.
+    pub summary: &'static str,
+    /// Whether it needs a bearer token (and is rate limited).
+    pub auth: bool,
+    /// The success statuses, the usual one first.
+    pub statuses: &'static [u16],
+    /// The fields of its JSON body; empty for calls without a body.
+    pub body: &'static [Field],
+    /// Its query parameters.
+    pub query: &'static [Field],
+}
+
+const fn route(
+    verb: Verb,
+    path: &'static str,
+    op: Op,
+    status: u16,
+    summary: &'static str,
+) -> Route {
+    Route {
+        verb,
+        path,
+        op,
+        summary,
+        auth: true,
+        statuses: match status {
+            200 => &[200],
+            201 => &[201],
+            204 => &[204],
+            _ => panic!("a route succeeds with 200, 201 or 204"),
+        },
+        body: &[],
+        query: &[],
+    }
+}
+
+impl Route {
+    const fn public(mut self) -> Route {
+        self.auth = false;
+        self
+    }
+
+    const fn body(mut self, fields: &'static [Field]) -> Route {
+        self.body = fields;
+        self
+    }
+
+    const fn query(mut self, fields: &'static [Field]) -> Route {
+        self.query = fields;
+        self
+    }
+
+    /// For calls that answer 201 when they create and 200 when the thing existed.
+    const fn or_existing(mut self) -> Route {
+        self.statuses = &[201, 200];
+        self
+    }
+}
+
+const LIMIT: Field = opt("limit", Ty::Integer, "page size, 1 to 200, default 50");
+const TEXT: Field = req("text", Ty::String, "the message text, up to 1 MiB");
+
+/// Every REST call. `/healthz`, `/metrics` and the WebSocket endpoint are served by
+/// [`crate::server`] and are not part of this table.
+#[rustfmt::skip] // One route per line reads as the table it is.
+pub static ROUTES: &[Route] = &[
+    route(Verb::Post, "/api/v1/auth/signup", Op::Signup, 201, "Create an account and get a token")
+        .public()
+        .body(&[
+            req("email", Ty::String, "login email"),
+            req("password", Ty::String, "the password"),
+            req("name", Ty::String, "display name"),
+        ]),
+    route(Verb::Post, "/api/v1/auth/login", Op::Login, 200, "Log in and get a token")
+        .public()
+        .body(&[
+            req("email", Ty::String, "login email"),
+            req("password", Ty::String, "the password"),
+        ]),
+    route(Verb::Get, "/api/v1/openapi.json", Op::OpenApi, 200, "This document").public(),
+    route(Verb::Get, "/api/v1/me", Op::Me, 200, "The caller and their workspaces"),
+    route(Verb::Get, "/api/v1/workspaces", Op::ListWorkspaces, 200, "The caller's workspaces"),
+    route(Verb::Post, "/api/v1/workspaces", Op::CreateWorkspace, 201, "Create a workspace owned by the caller")
+        .body(&[req("name", Ty::String, "workspace name")]),
+    route(Verb::Get, "/api/v1/workspaces/{wid}/members", Op::ListMembers, 200, "The members of a workspace"),
+    route(Verb::Post, "/api/v1/workspaces/{wid}/members", Op::AddMember, 201, "Add a user by email (owner or admin only)")
+        .body(&[req("email", Ty::String, "the user's login email")]),
+    route(Verb::Get, "/api/v1/workspaces/{wid}/channels", Op::ListChannels, 200, "The channels the caller can see"),
+    route(Verb::Post, "/api/v1/workspaces/{wid}/channels", Op::CreateChannel, 201, "Create a public or private channel")
+        .body(&[
+            req("name", Ty::String, "channel name, no spaces"),
+            opt("kind", Ty::String, "\"public\" (default) or \"private\""),
+        ]),
+    route(Verb::Post, "/api/v1/workspaces/{wid}/dms", Op::OpenDm, 201, "The DM or group DM of exactly the caller and these users")
+        .or_existing()
+        .body(&[req("user_ids", Ty::Strings, "the other users")]),
+    route(Verb::Get, "/api/v1/channels/{cid}", Op::GetChannel, 200, "A channel with its last seq"),
+    route(Verb::Post, "/api/v1/channels/{cid}/join", Op::Join, 200, "Join a public channel"),
+    route(Verb::Post, "/api/v1/channels/{cid}/members", Op::AddChannelMember, 201, "Add a workspace member to the channel")
+        .body(&[req("user_id", Ty::String, "the user to add")]),
+    route(Verb::Delete, "/api/v1/channels/{cid}/members/{uid}", Op::RemoveChannelMember, 204, "Leave (self) or remove a member"),
+    route(Verb::Post, "/api/v1/channels/{cid}/messages", Op::PostMessage, 201, "Post a message or a thread reply")
+        .or_existing()
+        .body(&[
+            TEXT,
+            opt("client_msg_id", Ty::String, "idempotency key: a repeat answers 200 with the first message"),
+            opt("thread_id", Ty::String, "the thread root, for a reply"),
+        ]),
+    route(Verb::Get, "/api/v1/channels/{cid}/messages", Op::ListMessages, 200, "Top-level messages, newest first")
+        .query(&[opt("before", Ty::String, "the next_cursor of the previous page"), LIMIT]),
+    route(Verb::Get, "/api/v1/channels/{cid}/messages/{mid}", Op::GetMessage, 200, "One message as it stands"),
+    route(Verb::Patch, "/api/v1/channels/{cid}/messages/{mid}", Op::EditMessage, 200, "Edit a message (author only)")
+        .body(&[TEXT]),
+    route(Verb::Delete, "/api/v1/channels/{cid}/messages/{mid}", Op::DeleteMessage, 204, "Delete a message (author, or channel or workspace admin)"),
+    route(Verb::Get, "/api/v1/channels/{cid}/messages/{mid}/replies", Op::ListReplies, 200, "A thread's replies, oldest first")
+        .query(&[opt("after", Ty::String, "the next_cursor of the previous page"), LIMIT]),
+    route(Verb::Get, "/api/v1/channels/{cid}/messages/{mid}/history", Op::History, 200, "Every text a message had, oldest first"),
+    route(Verb::Put, "/api/v1/channels/{cid}/messages/{mid}/reactions/{emoji}", Op::AddReaction, 204, "Add the caller's reaction"),
+    route(Verb::Delete, "/api/v1/channels/{cid}/messages/{mid}/reactions/{emoji}", Op::RemoveReaction, 204, "Remove the caller's reaction"),
+];
+
+// ---------------------------------------------------------------------------------------
+// The router
+// ---------------------------------------------------------------------------------------
+
+/// Path parameters as they appear in the path, still percent-encoded.
+type RawParams<'p> = Vec<(&'static str, &'p str)>;
+
+/// What the table says about a request's method and path.
+enum Found<'p> {
+    Route(&'static Route, RawParams<'p>),
+    /// The path exists with these methods only.
+    WrongMethod(Vec<&'static str>),
+    Nothing,
+}
+
+/// Matches a path against a pattern, returning its parameters.
+fn match_path<'p>(pattern: &'static str, path: &'p str) -> Option<RawParams<'p>> {
+    let mut params = Vec::new();
+    let mut want = pattern.split('/');
+    let mut have = path.split('/');
+    loop {
+        match (want.next(), have.next()) {
+            (None, None) => return Some(params),
+            (Some(w), Some(h)) => match w.strip_prefix('{').and_then(|w| w.strip_suffix('}')) {
+                Some(name) if !h.is_empty() => params.push((name, h)),
+                Some(_) => return None,
+                None if w == h => {}
+                None => return None,
+            },
+            _ => return None,
+        }
+    }
+}
+
+fn find<'p>(method: &Method, path: &'p str) -> Found<'p> {
+    if path.split('/').count() > PATH_SEGMENTS_MAX {
+        return Found::Nothing;
+    }
+    let verb = Verb::of(method);
+    let mut allowed = Vec::new();
+    for r in ROUTES {
+        if let Some(params) = match_path(r.path, path) {
+            if Some(r.verb) == verb {
+                return Found::Route(r, params);
+            }
+            allowed.push(r.verb.as_str());
+        }
+    }
+    if allowed.is_empty() {
+        Found::Nothing
+    } else {
+        Found::WrongMethod(allowed)
+    }
+}
+
+/// Serves one REST request: routes it, checks the token and the rate, reads the body and
+/// runs the call. Every answer is JSON (or empty, for 204).
+pub async fn handle(ctx: Rc<ShardCtx>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_owned();
+    match find(req.method(), &path) {
+        Found::Route(route, params) => match serve(&ctx, route, &params, req).await {
+            Ok(reply) => reply.response(),
+            Err(e) => e.response(),
+        },
+        Found::WrongMethod(allowed) => {
+            let mut r = ApiError::method_not_allowed().response();
+            if let Ok(v) = hyper::header::HeaderValue::from_str(&allowed.join(", ")) {
+                r.headers_mut().insert(hyper::header::ALLOW, v);
+            }
+            r
+        }
+        Found::Nothing => ApiError::new(404, "not_found", "no such endpoint").response(),
+    }
+}
+
+async fn serve(
+    ctx: &ShardCtx,
+    route: &'static Route,
+    raw: &RawParams<'_>,
+    req: Request<Incoming>,
+) -> Result<Reply, ApiError> {
+    let user = if route.auth {
+        let user = authenticate(ctx, &req)?;
+        ctx.take_rate(user.0)?;
+        Some(user)
+    } else {
+        None
+    };
+    let params = decode_params(raw)?;
+    let query = req.uri().query().map(str::to_owned);
+    let body = if route.body.is_empty() {
+        Bytes::new()
+    } else {
+        let limit = ctx.shared.config.request_body_bytes_max;
+        read_body(req.into_body(), limit).await?
+    };
+    let call = Call {
+        ctx,
+        user,
+        params,
+        query,
+        body,
+    };
+    run(route.op, &call).await
+}
+
+fn decode_params(raw: &RawParams<'_>) -> Result<Vec<(&'static str, String)>, ApiError> {
+    raw.iter()
+        .map(|(name, value)| {
+            percent_encoding::percent_decode_str(value)
+                .decode_utf8()
+                .map(|v| (*name, v.into_owned()))
+                .map_err(|_| ApiError::invalid(format!("path parameter {name} is not UTF-8")))
+        })
+        .collect()
+}
+
+/// Reads a body of at most `limit` bytes.
+async fn read_body(mut body: Incoming, limit: usize) -> Result<Bytes, ApiError> {
+    let too_large = || ApiError::too_large(format!("the request body is over {limit} bytes"));
+    let declared = body.size_hint().exact().unwrap_or(0);
+    if declared > limit.saturating_add(OVERSIZED_DRAIN_BYTES_MAX) as u64 {
+        return Err(too_large());
+    }
+    match Limited::new(&mut body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            drain(&mut body, OVERSIZED_DRAIN_BYTES_MAX).await;
+            Err(too_large())
+        }
+        Err(e) => Err(ApiError::invalid(format!(
+            "the request body could not be read: {e}"
+        ))),
+    }
+}
+
+/// Reads and drops up to `max` more bytes of a body.
+async fn drain(body: &mut Incoming, max: usize) {
+    let mut left = max;
+    while let Some(Ok(frame)) = body.frame().await {
+        let n = frame.data_ref().map_or(0, Bytes::len);
+        if n > left {
+            return;
+        }
+        left -= n;
+    }
+}
+
+/// Parses a body into a call's request: a UTF-8 JSON object.
+fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|e| ApiError::bad_json(format!("the body is not valid UTF-8: {e}")))?;
+    let start = text.trim_start();
+    if start.is_empty() {
+        return Err(ApiError::bad_json("a JSON object body is required"));
+    }
+    // serde reads a struct from a JSON array too; the API takes objects only.
+    if !start.starts_with('{') {
+        return Err(ApiError::bad_json("the body must be a JSON object"));
+    }
+    serde_json::from_str(text).map_err(|e| ApiError::bad_json(e.to_string()))
+}
+
+/// A parsed request, as handlers see it.
+struct Call<'a> {
+    ctx: &'a ShardCtx,
+    user: Option<UserId>,
+    params: Vec<(&'static str, String)>,
+    query: Option<String>,
+    body: Bytes,
+}
+
+impl Call<'_> {
+    fn engine(&self) -> &chorus_engine::Engine {
+        &self.ctx.shared.engine
+    }
+
+    /// The authenticated caller; only routes with `auth` reach handlers that ask.
+    fn user(&self) -> UserId {
+        self.user.expect("authenticated route")
+    }
+
+    fn param(&self, name: &str) -> &str {
+        self.params
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+            .expect("the route names this parameter")
+    }
+
+    fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
+        parse_json(&self.body)
+    }
+
+    fn workspace(&self) -> Result<WorkspaceId, ApiError> {
+        parse_id(self.param("wid"), "workspace")
+    }
+
+    fn channel(&self) -> Result<ChannelId, ApiError> {
+        parse_id(self.param("cid"), "channel")
+    }
+
+    /// The path's message, which must be in the path's channel.
+    fn message(&self) -> Result<MessageId, ApiError> {
+        let channel = self.channel()?;
+        message_in(self.param("mid"), channel)
+    }
+
+    /// A query parameter, decoded; `None` when absent or empty.
+    fn query(&self, key: &str) -> Result<Option<String>, ApiError> {
+        let Some(q) = self.query.as_deref() else {
+            return Ok(None);
+        };
+        for pair in q.split('&') {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            if k != key {
+                continue;
+            }
+            let v = v.replace('+', " ");
+            let v = percent_encoding::percent_decode_str(&v)
+                .decode_utf8()
+                .map_err(|_| ApiError::invalid(format!("query parameter {key} is not UTF-8")))?;
+            return Ok(Some(v.into_owned()).filter(|v| !v.is_empty()));
+        }
+        Ok(None)
+    }
+
+    fn limit(&self) -> Result<usize, ApiError> {
+        match self.query("limit")? {
+            None => Ok(PAGE_LIMIT_DEFAULT),
+            Some(v) => v
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (1..=PAGE_LIMIT_MAX).contains(n))
+                .ok_or_else(|| {
+                    ApiError::invalid(format!(
+                        "limit must be an integer from 1 to {PAGE_LIMIT_MAX}"
+                    ))
+                }),
+        }
+    }
+
+    fn cursor(&self, key: &str) -> Result<Option<u64>, ApiError> {
+        self.query(key)?.map(|c| decode_cursor(&c)).transpose()
+    }
+}
+
+/// An ID from a path or body; one that does not parse names nothing, so it is not found.
+fn parse_id<T: FromStr>(s: &str, what: &str) -> Result<T, ApiError> {
+    s.parse().map_err(|_| ApiError::not_found(what))
+}
+
+/// A message ID that must name a message of `channel`: the engine routes a message call by
+/// the channel inside the ID, so one of another channel would reach past the path's.
+fn message_in(s: &str, channel: ChannelId) -> Result<MessageId, ApiError> {
+    let id: MessageId = parse_id(s, "message")?;
+    if id.channel != channel {
+        return Err(ApiError::not_found("message"));
+    }
+    Ok(id)
+}
+
+/// A page cursor: a seq, written so that clients do not take it for a number.
+pub fn encode_cursor(seq: u64) -> String {
+    format!("s{seq:x}")
+}
+
+/// Reads a cursor made by [`encode_cursor`].
+pub fn decode_cursor(s: &str) -> Result<u64, ApiError> {
+    s.strip_prefix('s')
+        .filter(|h| !h.is_empty() && h.len() <= 16)
+        .filter(|h| {
+            h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        })
+        .and_then(|h| u64::from_str_radix(h, 16).ok())
+        .ok_or_else(|| ApiError::invalid("the cursor is not one this server gave out"))
+}
+
+// ---------------------------------------------------------------------------------------
+// Answers
+// ---------------------------------------------------------------------------------------
+
+/// A successful answer.
+struct Reply {
+    status: u16,
+    body: Option<Bytes>,
+}
+
+impl Reply {
+    fn json<T: Serialize + ?Sized>(status: u16, value: &T) -> Reply {
+        let body = serde_json::to_vec(value).expect("answers always serialize");
+        Reply {
+            status,
+            body: Some(body.into()),
+        }
+    }
+
+    fn empty() -> Reply {
+        Reply {
+            status: 204,
+            body: None,
+        }
+    }
+
+    fn response(self) -> Response<Full<Bytes>> {
+        let json = self.body.is_some();
+        let mut r = Response::new(Full::new(self.body.unwrap_or_default()));
+        *r.status_mut() = StatusCode::from_u16(self.status).unwrap_or(StatusCode::OK);
+        if json {
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/json"),
+            );
+        }
+        r
+    }
+}
+
+/// `{key: value}`, serialized straight from the view without building a JSON tree.
+struct One<'a, T: ?Sized>(&'static str, &'a T);
+
+impl<T: Serialize + ?Sized> Serialize for One<'_, T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(1))?;
+        map.serialize_entry(self.0, self.1)?;
+        map.end()
+    }
+}
+
+/// A list answer: `{key: [...], "next_cursor": ... | null}`.
+struct List<'a, T>(&'static str, &'a [T], Option<u64>);
+
+impl<T: Serialize> Serialize for List<'_, T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(2))?;
+        map.serialize_entry(self.0, self.1)?;
+        map.serialize_entry("next_cursor", &self.2.map(encode_cursor))?;
+        map.end()
+    }
+}
+
+/// `{"user","token"}`.
+#[derive(Serialize)]
+struct Session<'a> {
+    user: &'a UserView,
+    token: &'a str,
+}
+
+/// One entry of a message's history.
+#[derive(Serialize)]
+struct Version<'a> {
+    text: &'a str,
+    at: &'a str,
+}
+
+// ---------------------------------------------------------------------------------------
+// Requests
+// ---------------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct SignupReq {
+    email: String,
+    password: String,
+    name: String,
+}
+
+#[derive(Deserialize)]
+struct LoginReq {
+    email: String,
+    password: String,
+}
+
+#[derive(Deserialize)]
+struct NameReq {
+    name: String,
+}
+
+#[derive(Deserialize)]
+struct EmailReq {
+    email: String,
+}
+
+#[derive(Deserialize)]
+struct ChannelReq {
+    name: String,
+    kind: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct DmReq {
+    user_ids: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct UserIdReq {
+    user_id: String,
+}
+
+#[derive(Deserialize)]
+struct PostReq {
+    text: String,
+    client_msg_id: Option<String>,
+    thread_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct TextReq {
+    text: String,
+}
+
+// ---------------------------------------------------------------------------------------
+// Handlers
+// ---------------------------------------------------------------------------------------
+
+async fn run(op: Op, call: &Call<'_>) -> Result<Reply, ApiError> {
+    match op {
+        Op::Signup => signup(call).await,
+        Op::Login => login(call).await,
+        Op::OpenApi => Ok(openapi_reply()),
+        Op::Me => me(call).await,
+        Op::ListWorkspaces => list_workspaces(call).await,
+        Op::CreateWorkspace => create_workspace(call).await,
+        Op::AddMember => add_member(call).await,
+        Op::ListMembers => list_members(call).await,
+        Op::ListChannels => list_channels(call).await,
+        Op::CreateChannel => create_channel(call).await,
+        Op::OpenDm => open_dm(call).await,
+        Op::GetChannel => get_channel(call).await,
+        Op::Join => join(call).await,
+        Op::AddChannelMember => add_channel_member(call).await,
+        Op::RemoveChannelMember => remove_channel_member(call).await,
+        Op::PostMessage => post_message(call).await,
+        Op::ListMessages => list_messages(call).await,
+        Op::GetMessage => get_message(call).await,
+        Op::EditMessage => edit_message(call).await,
+        Op::DeleteMessage => delete_message(call).await,
+        Op::ListReplies => list_replies(call).await,
+        Op::History => history(call).await,
+        Op::AddReaction => react(call, true).await,
+        Op::RemoveReaction => react(call, false).await,
+    }
+}
+
+/// Runs password hashing off the shard's event loop: it takes tens of milliseconds of CPU
+/// by design, and the shard must keep serving its other connections meanwhile.
+async fn off_shard<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+    glommio::executor().spawn_blocking(f).await
+}
+
+/// A hash to verify against when the email is unknown, so that a login for an unknown
+/// email takes as long as one with a wrong password and does not reveal which it was.
+fn decoy_hash() -> &'static str {
+    static DECOY: OnceLock<String> = OnceLock::new();
+    DECOY.get_or_init(|| crate::auth::hash_password("chorus-decoy-password"))
+}
+
+fn session(call: &Call<'_>, user: &UserView, status: u16) -> Reply {
+    let token = call
+        .ctx
+        .shared
+        .tokens
+        .issue(&user.id.to_string(), token_now());
+    Reply::json(
+        status,
+        &Session {
+            user,
+            token: &token,
+        },
+    )
+}
+
+async fn signup(call: &Call<'_>) -> Result<Reply, ApiError> {
+    let r: SignupReq = call.json()?;
+    crate::auth::check_password(&r.password).map_err(ApiError::invalid)?;
+    // Checked before hashing so that a taken email costs no hash; the engine checks again
+    // when it creates the user, which settles a race between two sign-ups.
+    if call.engine().user_by_email(&r.email).await?.is_some() {
+        return Err(ApiError::new(
+            409,
+            "conflict",
+            "email is already registered",
+        ));
+    }
+    let password = r.password;
+    let hash = off_shard(move || crate::auth::hash_password(&password)).await;
+    let user = call.engine().create_user(&r.email, &r.name, &hash).await?;
+    Ok(session(call, &user, 201))
+}
+
+async fn login(call: &Call<'_>) -> Result<Reply, ApiError> {
+    let r: LoginReq = call.json()?;
+    let found = call.engine().user_by_email(&r.email).await?;
+    let hash = found.as_ref().map(|u| u.password_hash.clone());
+    let password = r.password;
+    let ok = off_shard(move || match hash {
+        Some(h) => crate::auth::verify_password(&password, &h),
+        None => {
+            crate::auth::verify_password(&password, decoy_hash());
+            false
+        }
+    })
+    .await;
+    match found {
+        Some(user) if ok => Ok(session(call, &UserView::from(&user), 200)),
+        _ => Err(ApiError::unauthorized("wrong email or password")),
+    }
+}
+
+async fn me(call: &Call<'_>) -> Result<Reply, ApiError> {
+    let (user, workspaces) = call.engine().me(call.user()).await?;
+    Ok(Reply::json(
+        200,
+        &serde_json::json!({"user": user, "workspaces": workspaces}),
+    ))
+}
+
+async fn list_workspaces(call: &Call<'_>) -> Result<Reply, ApiError> {
+    let (_, workspaces) = call.engine().me(call.user()).await?;
+    Ok(Reply::json(200, &List("workspaces", &workspaces, None)))
+}
+
+async fn create_workspace(call: &Call<'_>) -> Result<Reply, ApiError> {
+    let r: NameReq = call.json()?;
+    let w = call.engine().create_workspace(call.user(), &r.name).await?;
+    Ok(Reply::json(201, &One("workspace", &w)))
+}
+
+async fn add_member(call: &Call<'_>) -> Result<Reply, ApiError> {
+    let wid = call.workspace()?;
+    let r: EmailReq = call.json()?;
+    let m = call.engine().add_member(call.user(), wid, &r.email).await?;
+    Ok(Reply::json(201, &One("member", &m)))
+}
+
+async fn list_members(call: &Call<'_>) -> Result<Reply, ApiError> {
+    let wid = call.workspace()?;
+    let members = call.engine().members(call.user(), wid).await?;
+    Ok(Reply::json(200, &List("members", &members, None)))
+}
+
+async fn list_channels(call: &Call<'_>) -> Result<Reply, ApiError> {
+    let wid = call.workspace()?;
+    let channels = call.engine().channels(call.user(), wid).await?;
+    Ok(Reply::json(200, &List("channels", &channels, None)))
+}
+
+fn channel_kind(kind: Option<&str>) -> Result<ChannelKind, ApiError> {
+    match kind.unwrap_or("public") {
+        "public" => Ok(ChannelKind::Public),
+        "private" => Ok(ChannelKind::Private),
+        _ => Err(ApiError::invalid("kind must be \"public\" or \"private\"")),
+    }
+}
+
+async fn create_channel(call: &Call<'_>) -> Result<Reply, ApiError> {
+    let wid = call.workspace()?;
+    let r: ChannelReq = call.json()?;
+    let kind = channel_kind(r.kind.as_deref())?;
+    let c = call
+        .engine()
+        .create_channel(call.user(), wid, &r.name, kind)
+        .await?;
+    Ok(Reply::json(201, &One("channel", &c)))
+}
+
+async fn open_dm(call: &Call<'_>) -> Result<Reply, ApiError> {
+    let wid = call.workspace()?;
+    let r: DmReq = call.json()?;
+    let users = r
+        .user_ids
+        .iter()
+        .map(|u| parse_id(u, "user"))
+        .collect::<Result<Vec<UserId>, _>>()?;
+    let (c, created) = call.engine().open_dm(call.user(), wid, users).await?;
+    Ok(Reply::json(
+        if created { 201 } else { 200 },
+        &One("channel", &c),
+    ))
+}
+
+async fn get_channel(call: &Call<'_>) -> Result<Reply, ApiError> {
+    let c = call.engine().channel(call.user(), call.channel()?).await?;
+    Ok(Reply::json(200, &One("channel", &c)))
+}
+
+/// Answers a membership change with the channel as it stands after it.
+async fn channel_reply(call: &Call<'_>, cid: ChannelId, status: u16) -> Result<Reply, ApiError> {
+    let c = call.engine().channel(call.user(), cid).await?;
+    Ok(Reply::json(status, &One("channel", &c)))
+}
+
+async fn join(call: &Call<'_>) -> Result<Reply, ApiError> {
+    let cid = call.channel()?;
+    call.engine().join(call.user(), cid).await?;
+    channel_reply(call, cid, 200).await
+}
+
+async fn add_channel_member(call: &Call<'_>) -> Result<Reply, ApiError> {
+    let cid = call.channel()?;
+    let r: UserIdReq = call.json()?;
+    let target = parse_id(&r.user_id, "user")?;
+    call.engine()
+        .add_channel_member(call.user(), cid, target)
+        .await?;
+    channel_reply(call, cid, 201).await
+}
+
+async fn remove_channel_member(call: &Call<'_>) -> Result<Reply, ApiError> {
+    let cid = call.channel()?;
+    let target = parse_id(call.param("uid"), "user")?;
+    call.engine()
+        .remove_channel_member(call.user(), cid, target)
+        .await?;
+    Ok(Reply::empty())
+}
+
+async fn post_message(call: &Call<'_>) -> Result<Reply, ApiError> {
+    let cid = call.channel()?;
+    let r: PostReq = call.json()?;
+    let thread = r
+        .thread_id
+        .as_deref()
+        .map(|t| message_in(t, cid))
+        .transpose()?;
+    let (m, created) = call
+        .engine()
+        .post(
+            call.user(),
+            cid,
+            &r.text,
+            r.client_msg_id.as_deref(),
+            thread,
+        )
+        .await?;
+    Ok(Reply::json(
+        if created { 201 } else { 200 },
+        &One("message", &m),
+    ))
+}
+
+async fn list_messages(call: &Call<'_>) -> Result<Reply, ApiError> {
+    let cid = call.channel()?;
+    let (before, limit) = (call.cursor("before")?, call.limit()?);
+    let page = call
+        .engine()
+        .history(call.user(), cid, before, limit)
+        .await?;
+    Ok(Reply::json(
+        200,
+        &List("messages", &page.messages, page.next_cursor),
+    ))
+}
+
+async fn get_message(call: &Call<'_>) -> Result<Reply, ApiError> {
+    let m = call.engine().message(call.user(), call.message()?).await?;
+    Ok(Reply::json(200, &One("message", &m)))
+}
+
+async fn edit_message(call: &Call<'_>) -> Result<Reply, ApiError> {
+    let mid = call.message()?;
+    let r: TextReq = call.json()?;
+    let m = call.engine().edit(call.user(), mid, &r.text).await?;
+    Ok(Reply::json(200, &One("message", &m)))
+}
+
+async fn delete_message(call: &Call<'_>) -> Result<Reply, ApiError> {
+    call.engine().delete(call.user(), call.message()?).await?;
+    Ok(Reply::empty())
+}
+
+async fn list_replies(call: &Call<'_>) -> Result<Reply, ApiError> {
+    let root = call.message()?;
+    let (after, limit) = (call.cursor("after")?, call.limit()?);
+    let page = call
+        .engine()
+        .replies(call.user(), root, after, limit)
+        .await?;
+    Ok(Reply::json(
+        200,
+        &List("messages", &page.messages, page.next_cursor),
+    ))
+}
+
+async fn history(call: &Call<'_>) -> Result<Reply, ApiError> {
+    let versions = call.engine().versions(call.user(), call.message()?).await?;
+    let versions: Vec<Version<'_>> = versions
+        .iter()
+        .map(|(text, at)| Version { text, at })
+        .collect();
+    Ok(Reply::json(200, &List("versions", &versions, None)))
+}
+
+async fn react(call: &Call<'_>, add: bool) -> Result<Reply, ApiError> {
+    let mid = call.message()?;
+    let emoji = call.param("emoji");
+    call.engine().react(call.user(), mid, emoji, add).await?;
+    Ok(Reply::empty())
+}
+
+// ---------------------------------------------------------------------------------------
+// The OpenAPI document
+// ---------------------------------------------------------------------------------------
+
+fn openapi_reply() -> Reply {
+    static DOC: OnceLock<Bytes> = OnceLock::new();
+    let body = DOC.get_or_init(|| {
+        serde_json::to_vec(&openapi())
+            .expect("the document serializes")
+            .into()
+    });
+    Reply {
+        status: 200,
+        body: Some(body.clone()),
+    }
+}
+
+fn param_about(name: &str) -> &'static str {
+    match name {
+        "wid" => "a workspace ID",
+        "cid" => "a channel ID",
+        "mid" => "a message ID (of that channel)",
+        "uid" => "a user ID",
+        "emoji" => "an emoji name, percent-encoded",
+        _ => "",
+    }
+}
+
+fn schema_of(ty: Ty) -> serde_json::Value {
+    match ty {
+        Ty::String => serde_json::json!({"type": "string"}),
+        Ty::Integer => serde_json::json!({"type": "integer"}),
+        Ty::Strings => serde_json::json!({"type": "array", "items": {"type": "string"}}),
+    }
+}
+
+fn path_params(path: &str) -> impl Iterator<Item = &str> {
+    path.split('/')
+        .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+}
+
+fn operation(r: &Route) -> serde_json::Value {
+    use serde_json::json;
+    let mut parameters: Vec<serde_json::Value> = path_params(r.path)
+        .map(|name| {
+            json!({"name": name, "in": "path", "required": true,
+                   "description": param_about(name), "schema": {"type": "string"}})
+        })
+        .collect();
+    parameters.extend(r.query.iter().map(|f| {
+        json!({"name": f.name, "in": "query", "required": f.required,
+               "description": f.about, "schema": schema_of(f.ty)})
+    }));
+    let mut responses = serde_json::Map::new();
+    for status in r.statuses {
+        let answer = if *status == 204 {
+            json!({"description": "done"})
+        } else {
+            json!({"description": "the answer",
+                   "content": {"application/json": {"schema": {"type": "object"}}}})
+        };
+        responses.insert(status.to_string(), answer);
+    }
+    responses.insert(
+        "default".into(),
+        json!({"description": "an error",
+               "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}),
+    );
+    let mut op = json!({
+        "operationId": format!("{:?}", r.op),
+        "summary": r.summary,
+        "parameters": parameters,
+        "responses": responses,
+    });
+    if !r.auth {
+        op["security"] = json!([]);
+    }
+    if !r.body.is_empty() {
+        op["requestBody"] = json!({"required": true,
+            "content": {"application/json": {"schema": body_schema(r.body)}}});
+    }
+    op
+}
+
+fn body_schema(fields: &[Field]) -> serde_json::Value {
+    let properties: serde_json::Map<String, serde_json::Value> = fields
+        .iter()
+        .map(|f| {
+            let mut s = schema_of(f.ty);
+            s["description"] = f.about.into();
+            (f.name.to_owned(), s)
+        })
+        .collect();
+    let required: Vec<&str> = fields
+        .iter()
+        .filter(|f| f.required)
+        .map(|f| f.name)
+        .collect();
+    serde_json::json!({"type": "object", "properties": properties, "required": required})
+}
+
+/// The OpenAPI 3 document of [`ROUTES`].
+pub fn openapi() -> serde_json::Value {
+    use serde_json::json;
+    let mut paths = serde_json::Map::new();
+    for r in ROUTES {
+        let item = paths.entry(r.path).or_insert_with(|| json!({}));
+        item[r.verb.as_str().to_lowercase()] = operation(r);
+    }
+    json!({
+        "openapi": "3.0.3",
+        "info": {
+            "title": "Chorus REST API",
+            "version": "1",
+            "description": "Errors are {\"error\": {\"code\", \"message\"}}. List answers carry next_cursor (a string, or null on the last page).",
+        },
+        "security": [{"bearer": []}],
+        "components": {
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+            },
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {"error": {
+                        "type": "object",
+                        "required": ["code", "message"],
+                        "properties": {
+                            "code": {"type": "string"},
+                            "message": {"type": "string"},
+                        },
+                    }},
+                },
+            },
+        },
+        "paths": paths,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Every path the table serves is matched to its own route, parameters and all, and a
+    // path of the table with another method is told apart from an unknown path.
+    #[test]
+    fn router_matches_the_table() {
+        for r in ROUTES {
+            let path = r
+                .path
+                .replace("{wid}", "W1")
+                .replace("{cid}", "C1")
+                .replace("{mid}", "M1-1")
+                .replace("{uid}", "U1")
+                .replace("{emoji}", "tada");
+            let method = Method::from_bytes(r.verb.as_str().as_bytes()).unwrap();
+            match find(&method, &path) {
+                Found::Route(found, params) => {
+                    assert_eq!(found.op, r.op, "{path}");
+                    assert_eq!(params.len(), path_params(r.path).count());
+                }
+                _ => panic!("{} {path} is not routed", r.verb.as_str()),
+            }
+        }
+        assert!(matches!(
+            find(&Method::PUT, "/api/v1/me"),
+            Found::WrongMethod(m) if m == ["GET"]
+        ));
+        for unknown in ["/api/v1/nope", "/api/v1/me/", "/api/v1/channels//join", "/"] {
+            assert!(
+                matches!(find(&Method::GET, unknown), Found::Nothing),
+                "{unknown}"
+            );
+        }
+    }
+
+    // No two routes share a method and a path, and each path parameter has a description.
+    #[test]
+    fn table_is_unambiguous() {
+        for (i, a) in ROUTES.iter().enumerate() {
+            for b in &ROUTES[i + 1..] {
+                assert!(!(a.verb == b.verb && a.path == b.path), "{}", a.path);
+            }
+            for p in path_params(a.path) {
+                assert!(!param_about(p).is_empty(), "{p}");
+            }
+        }
+    }
+
+    // Cursors round-trip, and anything this server did not make is refused.
+    #[test]
+    fn cursors() {
+        for seq in [0, 1, 50, u64::MAX] {
+            assert_eq!(decode_cursor(&encode_cursor(seq)), Ok(seq));
+        }
+        for bad in [
+            "",
+            "s",
+            "12",
+            "sG",
+            "s-1",
+            "s+1",
+            "s11111111111111111",
+            "S1",
+        ] {
+            assert_eq!(decode_cursor(bad).unwrap_err().status, 400, "{bad}");
+        }
+    }
+
+    // Bodies must be UTF-8 JSON objects of the right field types; unknown fields pass.
+    #[test]
+    fn body_parsing() {
+        let ok: TextReq = parse_json(br#"{"text":"hi","future":1}"#).unwrap();
+        assert_eq!(ok.text, "hi");
+        for bad in [
+            &b""[..],
+            b"  ",
+            b"[\"hi\"]",
+            b"\"hi\"",
+            b"{\"text\":5}",
+            b"{}",
+            b"{\"text\":\"\xff\"}",
+            b"{\"text\":",
+        ] {
+            let Err(e) = parse_json::<TextReq>(bad) else {
+                panic!("{bad:?} parsed");
+            };
+            assert_eq!((e.status, e.code), (400, "invalid_json"));
+        }
+    }
+
+    // The document lists every route with its method, path parameters and security.
+    #[test]
+    fn openapi_lists_every_route() {
+        let doc = openapi();
+        for r in ROUTES {
+            let op = &doc["paths"][r.path][r.verb.as_str().to_lowercase()];
+            assert_eq!(op["summary"], r.summary);
+            let params = op["parameters"].as_array().unwrap();
+            assert_eq!(
+                params.iter().filter(|p| p["in"] == "path").count(),
+                path_params(r.path).count()
+            );
+            assert_eq!(op.get("security").is_some(), !r.auth, "{}", r.path);
+        }
+    }
+}

@@ -1,0 +1,422 @@
+//! The server's settings: every knob of `chorus serve`, its default, and where its value
+//! comes from.
+//!
+//! A setting is taken from the first place that names it: a command-line flag or its
+//! environment variable (clap resolves those two, flag first), then the TOML file given with
+//! `--config`, then the built-in default. The file holds the same keys as [`Config`] and a
+//! key the server does not know is refused, so that a typo cannot silently leave a limit at
+//! its default. The merged result is checked once, here, so the rest of the gateway can rely
+//! on every limit being usable.
+
+use chorus_engine::domain::meta::PARTITION_BITS;
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Where data lives unless told otherwise.
+pub const DATA_DIR_DEFAULT: &str = "./chorus-data";
+/// HTTP and WebSocket listen address unless told otherwise.
+pub const HTTP_DEFAULT: &str = "127.0.0.1:8080";
+/// QUIC (UDP) listen address unless told otherwise.
+pub const QUIC_DEFAULT: &str = "127.0.0.1:8443";
+/// Channel partitions of a new data directory.
+pub const PARTITIONS_DEFAULT: u32 = 16;
+/// Seconds between heartbeats the server announces in `hello`.
+pub const HEARTBEAT_INTERVAL_S_DEFAULT: u64 = 30;
+/// Largest HTTP request body. A 1 MiB message text escapes to at most ~6 MiB of JSON
+/// (`\u00XX` for control bytes), so 8 MiB admits any valid message with room for the rest.
+pub const REQUEST_BODY_BYTES_MAX_DEFAULT: usize = 8 * 1024 * 1024;
+/// Largest WebSocket frame, sized like the HTTP body for the same reason.
+pub const WS_FRAME_BYTES_MAX_DEFAULT: usize = 8 * 1024 * 1024;
+/// Frames queued for one WebSocket subscriber before it is cut off as a slow consumer.
+pub const WS_OUTBOUND_FRAMES_MAX_DEFAULT: usize = 4096;
+/// Open connections across all shards.
+pub const CONNECTIONS_MAX_DEFAULT: usize = 16_000;
+/// Sustained requests plus frames per user per second.
+pub const RATE_PER_S_DEFAULT: f64 = 50.0;
+/// Requests plus frames a user may send at once after being idle.
+pub const RATE_BURST_DEFAULT: f64 = 200.0;
+/// Typing notices per user per channel per second.
+pub const TYPING_PER_S_DEFAULT: f64 = 1.0;
+/// Lifetime of an issued token: seven days.
+pub const TOKEN_TTL_S_DEFAULT: u64 = 7 * 24 * 60 * 60;
+/// Name of the JWT secret file inside the data directory.
+pub const JWT_SECRET_FILE_NAME: &str = "jwt.key";
+
+/// Most shards a server may run. Far above any core count we expect, low enough that a
+/// mistyped value fails at start instead of spawning threads until memory runs out.
+pub const SHARDS_MAX: usize = 1024;
+/// Most partitions: a channel ID holds its partition in `PARTITION_BITS` bits.
+pub const PARTITIONS_MAX: u32 = 1 << PARTITION_BITS;
+
+/// Every setting of the server, each with a default.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Directory of the logs, blobs, the JWT secret and the QUIC certificate.
+    pub data_dir: PathBuf,
+    /// HTTP and WebSocket listen address; port 0 picks a free port.
+    pub http: SocketAddr,
+    /// QUIC (UDP) listen address; port 0 picks a free port.
+    pub quic: SocketAddr,
+    /// Shards (threads); 0 means one per core.
+    pub shards: usize,
+    /// Channel partitions. Fixed for the life of a data directory.
+    pub partitions: u32,
+    /// Seconds between heartbeats, announced to clients in `hello`.
+    pub heartbeat_interval_s: u64,
+    /// Largest HTTP request body in bytes; a larger one is answered 413.
+    pub request_body_bytes_max: usize,
+    /// Largest WebSocket frame in bytes.
+    pub ws_frame_bytes_max: usize,
+    /// Frames queued for one subscriber before it is disconnected as too slow.
+    pub ws_outbound_frames_max: usize,
+    /// Open connections across all shards; more are refused.
+    pub connections_max: usize,
+    /// Sustained requests plus frames per user per second.
+    pub rate_per_s: f64,
+    /// Requests plus frames a user may send at once after being idle.
+    pub rate_burst: f64,
+    /// Typing notices per user per channel per second; extra ones are dropped.
+    pub typing_per_s: f64,
+    /// Lifetime of an issued token in seconds.
+    pub token_ttl_s: u64,
+    /// File holding the JWT signing secret; `None` means `<data_dir>/jwt.key`.
+    pub jwt_secret_file: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            data_dir: PathBuf::from(DATA_DIR_DEFAULT),
+            http: HTTP_DEFAULT.parse().expect("default HTTP address parses"),
+            quic: QUIC_DEFAULT.parse().expect("default QUIC address parses"),
+            shards: 0,
+            partitions: PARTITIONS_DEFAULT,
+            heartbeat_interval_s: HEARTBEAT_INTERVAL_S_DEFAULT,
+            request_body_bytes_max: REQUEST_BODY_BYTES_MAX_DEFAULT,
+            ws_frame_bytes_max: WS_FRAME_BYTES_MAX_DEFAULT,
+            ws_outbound_frames_max: WS_OUTBOUND_FRAMES_MAX_DEFAULT,
+            connections_max: CONNECTIONS_MAX_DEFAULT,
+            rate_per_s: RATE_PER_S_DEFAULT,
+            rate_burst: RATE_BURST_DEFAULT,
+            typing_per_s: TYPING_PER_S_DEFAULT,
+            token_ttl_s: TOKEN_TTL_S_DEFAULT,
+            jwt_secret_file: None,
+        }
+    }
+}
+
+impl Config {
+    /// The JWT secret file: the configured one, or `jwt.key` in the data directory.
+    pub fn jwt_secret_path(&self) -> PathBuf {
+        match &self.jwt_secret_file {
+            Some(path) => path.clone(),
+            None => self.data_dir.join(JWT_SECRET_FILE_NAME),
+        }
+    }
+
+    /// The number of shards to run: `shards`, or one per core when it is 0.
+    pub fn shard_count(&self) -> usize {
+        match self.shards {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+
+    /// Checks that every value is usable, naming the first one that is not.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.shards > SHARDS_MAX {
+            return Err(invalid("shards", format!("at most {SHARDS_MAX}")));
+        }
+        if self.partitions == 0 || self.partitions > PARTITIONS_MAX {
+            return Err(invalid("partitions", format!("1 to {PARTITIONS_MAX}")));
+        }
+        let positive = [
+            ("heartbeat_interval_s", self.heartbeat_interval_s == 0),
+            ("request_body_bytes_max", self.request_body_bytes_max == 0),
+            ("ws_frame_bytes_max", self.ws_frame_bytes_max == 0),
+            ("ws_outbound_frames_max", self.ws_outbound_frames_max == 0),
+            ("connections_max", self.connections_max == 0),
+            ("token_ttl_s", self.token_ttl_s == 0),
+        ];
+        if let Some((key, _)) = positive.iter().find(|(_, zero)| *zero) {
+            return Err(invalid(key, "must be positive".into()));
+        }
+        for (key, rate) in [
+            ("rate_per_s", self.rate_per_s),
+            ("typing_per_s", self.typing_per_s),
+        ] {
+            if !(rate.is_finite() && rate > 0.0) {
+                return Err(invalid(key, "must be a positive number".into()));
+            }
+        }
+        // A burst below one token would refuse every request forever.
+        if !(self.rate_burst.is_finite() && self.rate_burst >= 1.0) {
+            return Err(invalid("rate_burst", "must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+fn invalid(key: &'static str, reason: String) -> ConfigError {
+    ConfigError::Invalid { key, reason }
+}
+
+/// Why a configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        /// The file named with `--config`.
+        path: PathBuf,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML, has an unknown key, or a value of the wrong type.
+    #[error("bad config file {}: {message}", path.display())]
+    Parse {
+        /// The file named with `--config`.
+        path: PathBuf,
+        /// The parser's description, with line and column.
+        message: String,
+    },
+    /// A setting has a value the server cannot run with.
+    #[error("invalid setting {key}: {reason}")]
+    Invalid {
+        /// The setting's key, as spelled in the config file.
+        key: &'static str,
+        /// What values are accepted.
+        reason: String,
+    },
+}
+
+/// The `chorus` command line.
+#[derive(Debug, Parser)]
+#[command(name = "chorus", version, about = "The Chorus chat server")]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands of `chorus`.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a complete single-node server.
+    Serve(ServeArgs),
+}
+
+/// Flags of `chorus serve`. Each is optional so that an absent flag falls through to the
+/// config file and then to the default.
+#[derive(Debug, Default, Args)]
+pub struct ServeArgs {
+    /// Data directory [default: ./chorus-data]
+    #[arg(long, env = "CHORUS_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// HTTP and WebSocket listen address; port 0 picks a free port [default: 127.0.0.1:8080]
+    #[arg(long, env = "CHORUS_HTTP", value_name = "ADDR")]
+    pub http: Option<SocketAddr>,
+    /// QUIC (UDP) listen address; port 0 picks a free port [default: 127.0.0.1:8443]
+    #[arg(long, env = "CHORUS_QUIC", value_name = "ADDR")]
+    pub quic: Option<SocketAddr>,
+    /// Shards (threads) [default: one per core]
+    #[arg(long, env = "CHORUS_SHARDS", value_name = "N")]
+    pub shards: Option<usize>,
+    /// TOML file holding any of the settings, with the same keys
+    #[arg(long, env = "CHORUS_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    /// Builds the configuration: flags and environment over the config file over defaults,
+    /// then checks it.
+    pub fn resolve(self) -> Result<Config, ConfigError> {
+        let mut config = match &self.config {
+            Some(path) => load_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(data_dir) = self.data_dir {
+            config.data_dir = data_dir;
+        }
+        if let Some(http) = self.http {
+            config.http = http;
+        }
+        if let Some(quic) = self.quic {
+            config.quic = quic;
+        }
+        if let Some(shards) = self.shards {
+            config.shards = shards;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// Reads a TOML config file; keys it leaves out keep their defaults.
+pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_toml(&text).map_err(|message| ConfigError::Parse {
+        path: path.to_owned(),
+        message,
+    })
+}
+
+fn parse_toml(text: &str) -> Result<Config, String> {
+    toml::from_str(text).map_err(|e: toml::de::Error| e.to_string().trim_end().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn write_config(text: &str) -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), text).unwrap();
+        file
+    }
+
+    fn serve_args(argv: &[&str]) -> ServeArgs {
+        let argv = ["chorus", "serve"].iter().chain(argv);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Serve(args) => args,
+        }
+    }
+
+    #[test]
+    fn defaults_match_the_documented_values() {
+        // Proves `chorus serve` with nothing given runs with the contract's defaults.
+        let config = ServeArgs::default().resolve().unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(config.data_dir, PathBuf::from("./chorus-data"));
+        assert_eq!(config.http.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.quic.to_string(), "127.0.0.1:8443");
+        assert_eq!(config.shards, 0);
+        assert_eq!(config.partitions, 16);
+        assert_eq!(config.request_body_bytes_max, 8 << 20);
+        assert_eq!(config.token_ttl_s, 604_800);
+        assert_eq!(
+            config.jwt_secret_path(),
+            PathBuf::from("./chorus-data/jwt.key")
+        );
+        assert!(config.shard_count() >= 1);
+    }
+
+    #[test]
+    fn flags_beat_the_file_and_the_file_beats_defaults() {
+        // Proves the precedence flag > config file > default, key by key.
+        let file = write_config(
+            "data_dir = \"/from/file\"\nhttp = \"0.0.0.0:9000\"\nshards = 3\n\
+             rate_per_s = 5.5\njwt_secret_file = \"/secrets/jwt\"\n",
+        );
+        let path = file.path().to_str().unwrap();
+        let config = serve_args(&["--config", path, "--http", "127.0.0.1:0", "--shards", "2"])
+            .resolve()
+            .unwrap();
+        assert_eq!(config.http.to_string(), "127.0.0.1:0", "flag over file");
+        assert_eq!(config.shards, 2, "flag over file");
+        assert_eq!(
+            config.data_dir,
+            PathBuf::from("/from/file"),
+            "file over default"
+        );
+        assert_eq!(config.rate_per_s, 5.5, "file over default");
+        assert_eq!(config.jwt_secret_path(), PathBuf::from("/secrets/jwt"));
+        assert_eq!(
+            config.quic.to_string(),
+            QUIC_DEFAULT,
+            "default when unnamed"
+        );
+        assert_eq!(
+            config.partitions, PARTITIONS_DEFAULT,
+            "default when unnamed"
+        );
+    }
+
+    #[test]
+    fn every_flag_has_its_environment_variable() {
+        // Proves the flags are wired to the contract's variables; clap itself puts a flag
+        // before its variable, so checking the wiring avoids racy process-wide env changes.
+        let cli = Cli::command();
+        let serve = cli.find_subcommand("serve").unwrap();
+        let env_of = |id: &str| {
+            let arg = serve.get_arguments().find(|a| a.get_id() == id).unwrap();
+            arg.get_env().map(|e| e.to_str().unwrap().to_owned())
+        };
+        assert_eq!(env_of("data_dir").as_deref(), Some("CHORUS_DATA_DIR"));
+        assert_eq!(env_of("http").as_deref(), Some("CHORUS_HTTP"));
+        assert_eq!(env_of("quic").as_deref(), Some("CHORUS_QUIC"));
+        assert_eq!(env_of("shards").as_deref(), Some("CHORUS_SHARDS"));
+        assert_eq!(env_of("config").as_deref(), Some("CHORUS_CONFIG"));
+        cli.debug_assert();
+    }
+
+    #[test]
+    fn unknown_key_in_file_is_refused() {
+        // Proves a misspelled setting is an error rather than a silently ignored line.
+        let file = write_config("rate_per_sec = 10.0\n");
+        let args = ServeArgs {
+            config: Some(file.path().to_owned()),
+            ..ServeArgs::default()
+        };
+        match args.resolve() {
+            Err(ConfigError::Parse { message, .. }) => {
+                assert!(message.contains("rate_per_sec"), "{message}")
+            }
+            other => panic!("expected a parse error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn malformed_toml_and_wrong_types_are_parse_errors() {
+        // Proves broken syntax and ill-typed values are reported with the parser's message.
+        for text in ["shards = ", "http = \"not an address\"", "shards = -1"] {
+            let err = parse_toml(text).unwrap_err();
+            assert!(err.contains("line 1"), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn missing_file_is_a_read_error() {
+        // Proves an unreadable --config file is reported as such, with its path.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("absent.toml");
+        let err = load_file(&path).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }), "{err:?}");
+        assert!(err.to_string().contains("absent.toml"));
+    }
+
+    #[test]
+    fn unusable_values_are_refused() {
+        // Proves out-of-range values, from the file or a flag, stop the server at start.
+        let cases = [
+            ("shards = 1025", "shards"),
+            ("partitions = 0", "partitions"),
+            ("partitions = 65537", "partitions"),
+            ("request_body_bytes_max = 0", "request_body_bytes_max"),
+            ("ws_outbound_frames_max = 0", "ws_outbound_frames_max"),
+            ("connections_max = 0", "connections_max"),
+            ("heartbeat_interval_s = 0", "heartbeat_interval_s"),
+            ("token_ttl_s = 0", "token_ttl_s"),
+            ("rate_per_s = 0.0", "rate_per_s"),
+            ("typing_per_s = nan", "typing_per_s"),
+            ("rate_burst = 0.5", "rate_burst"),
+        ];
+        for (text, want) in cases {
+            let err = parse_toml(text).unwrap().validate().unwrap_err();
+            match err {
+                ConfigError::Invalid { key, .. } => assert_eq!(key, want, "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        let err = serve_args(&["--shards", "5000"]).resolve().unwrap_err();
+        assert!(matches!(err, ConfigError::Invalid { key: "shards", .. }));
+        assert!(Cli::try_parse_from(["chorus", "serve", "--http", "nowhere"]).is_err());
+    }
+}

@@ -1,0 +1,15 @@
+//! `chorus-gateway`: the `chorus` server. It runs the Chorus engine and serves `API.md`
+//! on the engine's own shards: REST over HTTP/1.1 (hyper), the WebSocket event stream
+//! (tungstenite), JWT authentication and argon2id passwords.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod ratelimit;
+pub mod server;
+pub mod ws;
+
+pub use config::Config;
+pub use server::{serve, ServeError};

@@ -1,0 +1,500 @@
+//! The server's counters, gauges and histograms, and their Prometheus text rendering.
+//!
+//! One [`Metrics`] is shared by every shard behind an `Arc`. Every update is a single
+//! relaxed atomic add or store, with no lock, so recording costs the hot path almost
+//! nothing; the price is that a scrape is not an atomic snapshot across metrics, which
+//! Prometheus tolerates because each value is still monotonic or a plain gauge. `render`
+//! writes text exposition format 0.0.4 by hand: the format is a few line shapes, and a
+//! metrics library would bring a registry and locks we do not need.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Prefix of every metric name.
+pub const PREFIX: &str = "chorus_";
+/// The `Content-Type` of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Upper bounds, in seconds, of the request duration buckets: from half a millisecond (a
+/// cached read) to five seconds (far past any healthy request).
+pub const REQUEST_DURATION_BUCKETS_S: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+/// Upper bounds, in seconds, of the fsync latency buckets: from 50 µs (NVMe with a
+/// power-loss-protected cache) to one second (a stalled disk).
+pub const FSYNC_LATENCY_BUCKETS_S: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+/// HTTP status classes counted: 1xx to 5xx.
+const STATUS_CLASSES: usize = 5;
+const STATUS_CLASS_LABELS: [&str; STATUS_CLASSES] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+const NANOS_PER_S: f64 = 1e9;
+
+// Relaxed ordering throughout: each metric is an independent number, and no other memory
+// is published through it, so there is nothing for a stronger ordering to order.
+
+/// A number that only goes up.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.add(1);
+    }
+
+    /// Adds `n`.
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A number that goes up and down.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.add(1);
+    }
+
+    /// Subtracts one.
+    pub fn dec(&self) {
+        self.add(-1);
+    }
+
+    /// Adds `delta`, which may be negative.
+    pub fn add(&self, delta: i64) {
+        self.0.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// Replaces the value.
+    pub fn set(&self, value: i64) {
+        self.0.store(value, Ordering::Relaxed);
+    }
+
+    /// The current value.
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Observations in seconds, counted into fixed buckets.
+///
+/// Each bucket counts only the observations that fall in it (one atomic add per
+/// observation); `render` adds them up into Prometheus's cumulative form. The count is the
+/// sum of the buckets, so the `+Inf` bucket and `_count` always agree within a scrape.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds_s: &'static [f64],
+    /// One counter per bound, plus one for observations above the last bound.
+    buckets: Box<[AtomicU64]>,
+    /// Total of all observations in nanoseconds: an integer, so it can be a lock-free add.
+    sum_ns: AtomicU64,
+}
+
+/// A histogram's values at one moment, cumulative as Prometheus wants them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistogramSnapshot {
+    /// `(upper bound in seconds, observations at or below it)`, bounds ascending.
+    pub buckets: Vec<(f64, u64)>,
+    /// Observations in all, the `+Inf` bucket.
+    pub count: u64,
+    /// Total of all observations, in seconds.
+    pub sum_s: f64,
+}
+
+impl Histogram {
+    /// A histogram with the given ascending bucket upper bounds, in seconds.
+    pub fn new(bounds_s: &'static [f64]) -> Histogram {
+        assert!(
+            bounds_s.windows(2).all(|w| w[0] < w[1]),
+            "bucket bounds must ascend"
+        );
+        Histogram {
+            bounds_s,
+            buckets: (0..=bounds_s.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one observation of `secs` seconds. Negative or NaN values count as zero, so
+    /// that a clock quirk cannot corrupt the sum.
+    pub fn observe(&self, secs: f64) {
+        let secs = if secs > 0.0 { secs } else { 0.0 };
+        // The first bucket whose bound is at or above the value; Prometheus's `le` is
+        // inclusive. Past the last bound, the overflow bucket.
+        let index = self.bounds_s.partition_point(|&bound| bound < secs);
+        self.buckets[index].fetch_add(1, Ordering::Relaxed);
+        // `as` saturates, so an absurd value cannot wrap the sum.
+        self.sum_ns
+            .fetch_add((secs * NANOS_PER_S) as u64, Ordering::Relaxed);
+    }
+
+    /// Records one observation of a duration.
+    pub fn observe_duration(&self, elapsed: Duration) {
+        self.observe(elapsed.as_secs_f64());
+    }
+
+    /// The current buckets, cumulative, with the count and sum.
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        let mut total = 0;
+        let mut buckets = Vec::with_capacity(self.bounds_s.len());
+        for (bound, bucket) in self.bounds_s.iter().zip(self.buckets.iter()) {
+            total += bucket.load(Ordering::Relaxed);
+            buckets.push((*bound, total));
+        }
+        let overflow = self.buckets[self.bounds_s.len()].load(Ordering::Relaxed);
+        HistogramSnapshot {
+            buckets,
+            count: total + overflow,
+            sum_s: self.sum_ns.load(Ordering::Relaxed) as f64 / NANOS_PER_S,
+        }
+    }
+}
+
+/// Every metric of the server, shared by all shards.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Connections open now (HTTP and WebSocket).
+    pub connections_open: Gauge,
+    /// Connections accepted since start.
+    pub connections_total: Counter,
+    /// WebSocket frames received.
+    pub ws_frames_in: Counter,
+    /// WebSocket frames sent.
+    pub ws_frames_out: Counter,
+    /// HTTP requests answered, by status class; fed by [`Metrics::observe_request`].
+    http_requests: [Counter; STATUS_CLASSES],
+    /// Events committed durably.
+    pub commits: Counter,
+    /// Events delivered to subscribers.
+    pub deliveries: Counter,
+    /// Requests and frames refused by the rate limiter.
+    pub rate_limited: Counter,
+    /// Subscribers cut off because their outbound queue filled.
+    pub slow_consumer_disconnects: Counter,
+    /// Time from a request's arrival to its answer.
+    pub request_duration_seconds: Histogram,
+    /// Time one fsync took.
+    pub fsync_latency_seconds: Histogram,
+    /// Work waiting in queues. With several shards, have each add its change rather than
+    /// set its own value, or the shards overwrite each other.
+    pub queue_depth: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// All metrics at zero.
+    pub fn new() -> Metrics {
+        Metrics {
+            connections_open: Gauge::default(),
+            connections_total: Counter::default(),
+            ws_frames_in: Counter::default(),
+            ws_frames_out: Counter::default(),
+            http_requests: Default::default(),
+            commits: Counter::default(),
+            deliveries: Counter::default(),
+            rate_limited: Counter::default(),
+            slow_consumer_disconnects: Counter::default(),
+            request_duration_seconds: Histogram::new(REQUEST_DURATION_BUCKETS_S),
+            fsync_latency_seconds: Histogram::new(FSYNC_LATENCY_BUCKETS_S),
+            queue_depth: Gauge::default(),
+        }
+    }
+
+    /// Records an accepted connection.
+    pub fn connection_opened(&self) {
+        self.connections_open.inc();
+        self.connections_total.inc();
+    }
+
+    /// Records a closed connection.
+    pub fn connection_closed(&self) {
+        self.connections_open.dec();
+    }
+
+    /// Records an answered HTTP request: its status class and how long it took.
+    pub fn observe_request(&self, status: u16, elapsed: Duration) {
+        if let Some(class) = status_class(status) {
+            self.http_requests[class].inc();
+        }
+        self.request_duration_seconds.observe_duration(elapsed);
+    }
+
+    /// HTTP requests answered with a status of class `digit`xx (1 to 5).
+    pub fn http_requests(&self, digit: u16) -> u64 {
+        status_class(digit * 100).map_or(0, |class| self.http_requests[class].get())
+    }
+
+    /// Records how long one fsync took.
+    pub fn observe_fsync(&self, secs: f64) {
+        self.fsync_latency_seconds.observe(secs);
+    }
+
+    /// Sets the queue depth gauge.
+    pub fn set_queue_depth(&self, depth: i64) {
+        self.queue_depth.set(depth);
+    }
+
+    /// Every metric in Prometheus text exposition format 0.0.4; see [`CONTENT_TYPE`].
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let gauge = |out: &mut String, name, help, value: i64| {
+            header(out, name, help, "gauge");
+            sample(out, name, "", value);
+        };
+        let counter = |out: &mut String, name, help, value: &Counter| {
+            header(out, name, help, "counter");
+            sample(out, name, "", value.get());
+        };
+        gauge(
+            &mut out,
+            "connections_open",
+            "Connections open now.",
+            self.connections_open.get(),
+        );
+        counter(
+            &mut out,
+            "connections_total",
+            "Connections accepted since start.",
+            &self.connections_total,
+        );
+        counter(
+            &mut out,
+            "ws_frames_in_total",
+            "WebSocket frames received.",
+            &self.ws_frames_in,
+        );
+        counter(
+            &mut out,
+            "ws_frames_out_total",
+            "WebSocket frames sent.",
+            &self.ws_frames_out,
+        );
+        let name = "http_requests_total";
+        header(&mut out, name, "HTTP requests by status class.", "counter");
+        for (label, count) in STATUS_CLASS_LABELS.iter().zip(&self.http_requests) {
+            sample(&mut out, name, &format!("class=\"{label}\""), count.get());
+        }
+        counter(
+            &mut out,
+            "commits_total",
+            "Events committed durably.",
+            &self.commits,
+        );
+        counter(
+            &mut out,
+            "deliveries_total",
+            "Events delivered to subscribers.",
+            &self.deliveries,
+        );
+        counter(
+            &mut out,
+            "rate_limited_total",
+            "Requests and frames refused by the rate limiter.",
+            &self.rate_limited,
+        );
+        counter(
+            &mut out,
+            "slow_consumer_disconnects_total",
+            "Subscribers cut off because their outbound queue filled.",
+            &self.slow_consumer_disconnects,
+        );
+        histogram(
+            &mut out,
+            "request_duration_seconds",
+            "Time from a request's arrival to its answer.",
+            &self.request_duration_seconds,
+        );
+        histogram(
+            &mut out,
+            "fsync_latency_seconds",
+            "Time one fsync took.",
+            &self.fsync_latency_seconds,
+        );
+        gauge(
+            &mut out,
+            "queue_depth",
+            "Work waiting in queues.",
+            self.queue_depth.get(),
+        );
+        out
+    }
+}
+
+/// The index of a status's class in `http_requests`, if it is a valid HTTP status.
+fn status_class(status: u16) -> Option<usize> {
+    match status / 100 {
+        digit @ 1..=5 => Some(usize::from(digit) - 1),
+        _ => None,
+    }
+}
+
+fn header(out: &mut String, name: &str, help: &str, kind: &str) {
+    // Writing to a String cannot fail.
+    let _ = writeln!(out, "# HELP {PREFIX}{name} {help}");
+    let _ = writeln!(out, "# TYPE {PREFIX}{name} {kind}");
+}
+
+fn sample(out: &mut String, name: &str, labels: &str, value: impl std::fmt::Display) {
+    let _ = if labels.is_empty() {
+        writeln!(out, "{PREFIX}{name} {value}")
+    } else {
+        writeln!(out, "{PREFIX}{name}{{{labels}}} {value}")
+    };
+}
+
+fn histogram(out: &mut String, name: &str, help: &str, histogram: &Histogram) {
+    let snap = histogram.snapshot();
+    header(out, name, help, "histogram");
+    let bucket = format!("{name}_bucket");
+    for (bound, count) in &snap.buckets {
+        // f64's Display prints the shortest exact form without an exponent ("0.0005", "1"),
+        // which Prometheus parses as a float.
+        sample(out, &bucket, &format!("le=\"{bound}\""), count);
+    }
+    sample(out, &bucket, "le=\"+Inf\"", snap.count);
+    sample(out, &format!("{name}_sum"), "", snap.sum_s);
+    sample(out, &format!("{name}_count"), "", snap.count);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    /// Parses the sample lines of an exposition into `name{labels}` → value, checking that
+    /// each is `name[{labels}] value` with a float value.
+    fn parse(text: &str) -> HashMap<String, f64> {
+        let mut samples = HashMap::new();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (key, value) = line.rsplit_once(' ').expect("sample has a value");
+            assert!(key.starts_with(PREFIX), "{line}");
+            assert!(!key.contains(' '), "{line}");
+            let value = match value {
+                "+Inf" => f64::INFINITY,
+                v => v
+                    .parse()
+                    .unwrap_or_else(|_| panic!("bad value in {line:?}")),
+            };
+            assert!(samples.insert(key.to_owned(), value).is_none(), "{line}");
+        }
+        samples
+    }
+
+    #[test]
+    fn render_declares_every_family_once_with_its_type() {
+        // Proves each metric family has one HELP and one TYPE line of the right kind, and
+        // every line parses.
+        let text = Metrics::new().render();
+        for (name, kind) in [
+            ("connections_open", "gauge"),
+            ("connections_total", "counter"),
+            ("ws_frames_in_total", "counter"),
+            ("ws_frames_out_total", "counter"),
+            ("http_requests_total", "counter"),
+            ("commits_total", "counter"),
+            ("deliveries_total", "counter"),
+            ("rate_limited_total", "counter"),
+            ("slow_consumer_disconnects_total", "counter"),
+            ("request_duration_seconds", "histogram"),
+            ("fsync_latency_seconds", "histogram"),
+            ("queue_depth", "gauge"),
+        ] {
+            let type_line = format!("# TYPE chorus_{name} {kind}\n");
+            assert_eq!(text.matches(&type_line).count(), 1, "{type_line}");
+            let help_line = format!("# HELP chorus_{name} ");
+            assert_eq!(text.matches(&help_line).count(), 1, "{help_line}");
+        }
+        assert!(text.ends_with('\n'));
+        parse(&text);
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_agree_with_count() {
+        // Proves bucket counts accumulate, `le` is inclusive, +Inf equals _count, and the
+        // sum is in seconds.
+        let m = Metrics::new();
+        for secs in [0.0002, 0.0005, 0.003, 0.003, 7.0] {
+            m.observe_request(200, Duration::from_secs_f64(secs));
+        }
+        m.request_duration_seconds.observe(-1.0);
+        let s = parse(&m.render());
+        let bucket =
+            |le: &str| s[&format!("chorus_request_duration_seconds_bucket{{le=\"{le}\"}}")];
+        assert_eq!(
+            bucket("0.0005"),
+            3.0,
+            "-1 clamps to 0, and 0.0005 <= 0.0005"
+        );
+        assert_eq!(bucket("0.001"), 3.0);
+        assert_eq!(bucket("0.005"), 5.0);
+        assert_eq!(bucket("5"), 5.0);
+        assert_eq!(bucket("+Inf"), 6.0, "7 s falls past the last bound");
+        assert_eq!(s["chorus_request_duration_seconds_count"], 6.0);
+        let sum = s["chorus_request_duration_seconds_sum"];
+        assert!((sum - 7.0067).abs() < 1e-9, "{sum}");
+        let snap = m.request_duration_seconds.snapshot();
+        assert!(snap.buckets.windows(2).all(|w| w[0].1 <= w[1].1));
+        assert_eq!(snap.buckets.len(), REQUEST_DURATION_BUCKETS_S.len());
+    }
+
+    #[test]
+    fn counters_gauges_and_status_classes_render_their_values() {
+        // Proves each update lands in its own sample, including from several threads.
+        let m = Arc::new(Metrics::new());
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let m = Arc::clone(&m);
+                std::thread::spawn(move || {
+                    for _ in 0..1000 {
+                        m.ws_frames_in.inc();
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        let ms10 = Duration::from_millis(10);
+        m.connection_opened();
+        m.connection_opened();
+        m.connection_closed();
+        m.observe_request(201, ms10);
+        m.observe_request(404, ms10);
+        m.observe_request(429, ms10);
+        m.observe_request(503, ms10);
+        m.observe_request(999, ms10);
+        m.deliveries.add(7);
+        m.set_queue_depth(12);
+        m.queue_depth.add(-2);
+        m.observe_fsync(0.002);
+        let s = parse(&m.render());
+        assert_eq!(s["chorus_ws_frames_in_total"], 4000.0);
+        assert_eq!(s["chorus_connections_open"], 1.0);
+        assert_eq!(s["chorus_connections_total"], 2.0);
+        assert_eq!(s["chorus_http_requests_total{class=\"2xx\"}"], 1.0);
+        assert_eq!(s["chorus_http_requests_total{class=\"4xx\"}"], 2.0);
+        assert_eq!(s["chorus_http_requests_total{class=\"5xx\"}"], 1.0);
+        assert_eq!(m.http_requests(4), 2);
+        assert_eq!(m.http_requests(9), 0);
+        assert_eq!(s["chorus_request_duration_seconds_count"], 5.0);
+        assert_eq!(s["chorus_deliveries_total"], 7.0);
+        assert_eq!(s["chorus_queue_depth"], 10.0);
+        assert_eq!(s["chorus_fsync_latency_seconds_bucket{le=\"0.0025\"}"], 1.0);
+        assert_eq!(s["chorus_fsync_latency_seconds_bucket{le=\"0.001\"}"], 0.0);
+    }
+}
