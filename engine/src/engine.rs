@@ -24,6 +24,34 @@ use futures::channel::oneshot;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+/// What the engine reports as it works, for an embedder's metrics. Called on shard
+/// threads, on hot paths: implementations must be cheap (atomic counters) and never block.
+pub trait Observer: Send + Sync {
+    /// A partition committed `events` events in one batch, and the commit (write and
+    /// fsync) took `latency`.
+    fn committed(&self, events: usize, latency: std::time::Duration);
+    /// `frames` frames were pushed into subscriber queues.
+    fn delivered(&self, frames: usize);
+    /// A subscriber was cut off because it fell behind.
+    fn cut_off(&self);
+    /// A shard's inbox depth changed by `delta` messages since its last report.
+    fn queue_depth(&self, delta: i64);
+}
+
+/// An [`Observer`] slot in the configuration.
+#[derive(Clone, Default)]
+pub struct ObserverSlot(pub Option<Arc<dyn Observer>>);
+
+impl std::fmt::Debug for ObserverSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Some(Observer)"
+        } else {
+            "None"
+        })
+    }
+}
+
 /// Settings of an engine. Every limit is named.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -41,6 +69,8 @@ pub struct EngineConfig {
     pub segment_bytes_max: u64,
     /// Pin each shard to a core.
     pub pin: bool,
+    /// Who hears about commits, deliveries and queue depths.
+    pub observer: ObserverSlot,
 }
 
 impl EngineConfig {
@@ -54,6 +84,7 @@ impl EngineConfig {
             subscriber_queue_frames: 4096,
             segment_bytes_max: 64 * 1024 * 1024,
             pin: true,
+            observer: ObserverSlot::default(),
         }
     }
 }
@@ -187,20 +218,19 @@ impl Subscription {
 
     /// Resumes named channels of a started subscription: the events after the given seq
     /// that this subscription has not been sent yet, then a `resumed` frame. It never sends
-    /// a frame twice, so it cannot go back past what was already delivered live; a client
-    /// that reconnects should use [`Engine::subscribe_held`] and [`Subscription::start`].
-    pub async fn resume(&self, since: Vec<(ChannelId, u64)>) -> Result<(), EngineError> {
-        self.engine
-            .inner
-            .routes
-            .send(
-                self.info.shard,
-                ShardMsg::Resume {
-                    sub: self.info.id,
-                    since,
-                },
-            )
-            .await
+    /// a frame twice or out of order, so it cannot go back before a frame already sent:
+    /// then it changes nothing and answers `Ok(false)`, and the client must start over
+    /// ([`Engine::subscribe_held`] and [`Subscription::start`] on a new subscription).
+    pub async fn resume(&self, since: Vec<(ChannelId, u64)>) -> Result<bool, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        let msg = ShardMsg::Resume {
+            sub: self.info.id,
+            since,
+            reply: Some(tx),
+        };
+        self.engine.inner.routes.send(self.info.shard, msg).await?;
+        rx.await
+            .map_err(|_| EngineError::Unavailable("the shard stopped".into()))
     }
 }
 
@@ -321,7 +351,9 @@ impl Engine {
     /// Stops every shard after the work in flight and closes the logs. Blocks until done.
     pub fn shutdown(&self) {
         for s in self.inner.routes.shards.iter() {
-            let _ = s.try_send(ShardMsg::Shutdown);
+            // A full inbox drains: wait for room rather than lose the message and hang in
+            // the join below.
+            let _ = futures::executor::block_on(s.send(ShardMsg::Shutdown));
         }
         if let Some(t) = self.inner.threads.lock().expect("threads").take() {
             let _ = t.join();

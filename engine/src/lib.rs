@@ -30,7 +30,7 @@ pub mod shard;
 pub mod view;
 
 pub use engine::{
-    ChannelOutcome, Engine, EngineConfig, EngineError, MessagePage, MetaOutcome, ReadOutcome,
-    Subscription,
+    ChannelOutcome, Engine, EngineConfig, EngineError, MessagePage, MetaOutcome, Observer,
+    ObserverSlot, ReadOutcome, Subscription,
 };
 pub use runtime::dispatch::SubscriptionInfo;

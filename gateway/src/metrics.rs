@@ -184,7 +184,7 @@ pub struct Metrics {
     pub slow_consumer_disconnects: Counter,
     /// Time from a request's arrival to its answer.
     pub request_duration_seconds: Histogram,
-    /// Time one fsync took.
+    /// Time one group commit took: the batch write and its fdatasync.
     pub fsync_latency_seconds: Histogram,
     /// Work waiting in queues. With several shards, have each add its change rather than
     /// set its own value, or the shards overwrite each other.
@@ -323,7 +323,7 @@ impl Metrics {
         histogram(
             &mut out,
             "fsync_latency_seconds",
-            "Time one fsync took.",
+            "Time one group commit took: the batch write and its fdatasync.",
             &self.fsync_latency_seconds,
         );
         gauge(

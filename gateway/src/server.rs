@@ -39,7 +39,7 @@ pub struct Shared {
     /// Token signing and checking.
     pub tokens: Tokens,
     /// Counters for `/metrics`.
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     /// Set when the drain starts.
     pub draining: AtomicBool,
     /// Open connections across shards (HTTP and WebSocket).
@@ -60,7 +60,13 @@ impl ShardCtx {
     /// Registers a session to be told when the server drains.
     pub fn on_drain(&self) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
-        self.closers.borrow_mut().push(tx);
+        let mut closers = self.closers.borrow_mut();
+        // Sessions that ended dropped their receivers; forget their senders now and then,
+        // so the list stays about as long as the open sessions (amortized O(1) a push).
+        if closers.len() >= 64 && closers.len().is_power_of_two() {
+            closers.retain(|c| !c.is_canceled());
+        }
+        closers.push(tx);
         rx
     }
 
@@ -100,7 +106,10 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
     ])?;
+    let metrics = Arc::new(Metrics::default());
     let mut engine_config = EngineConfig::new(&config.data_dir);
+    engine_config.observer =
+        chorus_engine::ObserverSlot(Some(Arc::new(EngineMetrics(metrics.clone()))));
     engine_config.shards = shards;
     engine_config.partitions = config.partitions;
     engine_config.subscriber_queue_frames = config.ws_outbound_frames_max;
@@ -110,7 +119,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         engine: engine.clone(),
         config: config.clone(),
         tokens,
-        metrics: Metrics::default(),
+        metrics,
         draining: AtomicBool::new(false),
         connections: AtomicUsize::new(0),
     });
@@ -155,6 +164,28 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     engine.shutdown();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Feeds the engine's reports into the server's metrics.
+struct EngineMetrics(Arc<Metrics>);
+
+impl chorus_engine::Observer for EngineMetrics {
+    fn committed(&self, events: usize, latency: Duration) {
+        self.0.commits.add(events as u64);
+        self.0.fsync_latency_seconds.observe_duration(latency);
+    }
+
+    fn delivered(&self, frames: usize) {
+        self.0.deliveries.add(frames as u64);
+    }
+
+    fn cut_off(&self) {
+        self.0.slow_consumer_disconnects.inc();
+    }
+
+    fn queue_depth(&self, delta: i64) {
+        self.0.queue_depth.add(delta);
+    }
 }
 
 /// Binds the address once, without listening, to learn the port (when it is 0) and keep
@@ -248,20 +279,34 @@ const WS_PREFIX: &[u8] = b"GET /ws/v1/connect";
 /// goes whole to [`crate::ws::serve`], which does the handshake with tungstenite
 /// (authenticating in its callback) and runs the session. Everything else goes to hyper.
 async fn serve_connection(ctx: Rc<ShardCtx>, stream: glommio::net::TcpStream) {
+    // Each branch is boxed, so a connection's task holds only the state of the protocol it
+    // speaks: an idle WebSocket does not carry hyper's connection state, and the reverse.
     if is_websocket(&stream).await {
-        crate::ws::serve(ctx, stream).await;
+        Box::pin(crate::ws::serve(ctx, stream)).await;
         return;
     }
     let io = smol_hyper::rt::FuturesIo::new(stream);
+    let mut drain = ctx.on_drain();
     let service = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
         async move { Ok::<_, std::convert::Infallible>(route(ctx, req).await) }
     });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .keep_alive(true)
-        .max_buf_size(64 * 1024)
-        .serve_connection(io, service);
-    if let Err(e) = conn.await {
+    let mut conn = Box::pin(
+        hyper::server::conn::http1::Builder::new()
+            .keep_alive(true)
+            .max_buf_size(64 * 1024)
+            .serve_connection(io, service),
+    );
+    let ended = match futures::future::select(conn.as_mut(), &mut drain).await {
+        futures::future::Either::Left((ended, _)) => ended,
+        futures::future::Either::Right(_) => {
+            // Draining: finish the request in flight, if any, then close; an idle
+            // keep-alive connection closes at once.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = ended {
         tracing::debug!(error = %e, "connection ended");
     }
 }

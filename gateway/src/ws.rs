@@ -8,8 +8,8 @@
 //!    own stream (hyper's upgrade path needs a `Send` stream, which a glommio one is not).
 //!    It is authenticated first (a bad token is answered 401 and never upgraded), then
 //!    checked (RFC 6455), then answered 101.
-//! 2. The session subscribes *held* ([`chorus_engine::Engine::subscribe_held`]): nothing is delivered yet,
-//!    and nothing committed from now on is lost. Then it sends `hello`.
+//! 2. The session subscribes *held* ([`chorus_engine::Engine::subscribe_held`]): nothing
+//!    is delivered yet, and nothing committed from now on is lost. Then it sends `hello`.
 //! 3. It waits up to [`RESUME_GRACE`] for the client's first frame. A `resume` there starts
 //!    the subscription from the client's seqs (missed events, then `resumed`, then live);
 //!    anything else, or silence, starts it live from the subscription's beginning.
@@ -36,7 +36,10 @@
 //! Close codes: [`CLOSE_RESUME_REQUIRED`] (4000) when the client fell too far behind;
 //! [`CLOSE_HEARTBEAT_TIMEOUT`] (4002) when it was silent for two heartbeat intervals; 1001
 //! "going away" when the server drains; 1009 for a frame far over the limit; 1002 for a
-//! WebSocket protocol violation. After any of them the client reconnects and resumes.
+//! WebSocket protocol violation; 1011 when the engine cannot serve the session. After any
+//! of them the client reconnects and resumes. Answers `ack`, `error` and `pong` carry the
+//! request's `ref`; `typing:start` is answered only when it fails, and typing notices over
+//! `typing_per_s` for a (user, channel) on a shard are dropped quietly.
 //!
 //! # Backpressure and memory
 //!
@@ -54,25 +57,13 @@
 //! grow only while there is something to write.
 //!
 //! tungstenite's protocol state machine is driven directly over a small non-blocking
-//! adapter (`SyncIo`) rather than through `async_tungstenite::WebSocketStream`: the latter
+//! adapter (`SyncIo`) rather than through `async_tungstenite::WebSocketStream` (a crate not used here): the latter
 //! ends the stream on any read error, and a text frame of invalid UTF-8 must get an `error`
 //! frame while the connection stays up. It also lets one task poll reads and writes of the
 //! same socket in one place, with no lock between a reading and a writing half.
 
 use crate::error::ApiError;
 use crate::server::{token_now, ShardCtx};
-use async_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
-use async_tungstenite::tungstenite::handshake::machine::{
-    HandshakeMachine, RoundResult, StageResult,
-};
-use async_tungstenite::tungstenite::handshake::server::{
-    Request as HandshakeRequest, Response as HandshakeResponse,
-};
-use async_tungstenite::tungstenite::handshake::{self};
-use async_tungstenite::tungstenite::http::{self, header::HeaderName, HeaderValue};
-use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use async_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocket, WebSocketConfig};
-use async_tungstenite::tungstenite::{Message, Utf8Bytes};
 use bytes::Bytes;
 use chorus_engine::ids::{ChannelId, MessageId, UserId};
 use chorus_engine::queue::Cutoff;
@@ -93,6 +84,14 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
+use tungstenite::error::{CapacityError, Error as WsError};
+use tungstenite::handshake::machine::{HandshakeMachine, RoundResult, StageResult};
+use tungstenite::handshake::server::{Request as HandshakeRequest, Response as HandshakeResponse};
+use tungstenite::handshake::{self};
+use tungstenite::http::{self, header::HeaderName, HeaderValue};
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{CloseFrame, Role, WebSocket, WebSocketConfig};
+use tungstenite::{Message, Utf8Bytes};
 
 /// The endpoint's path.
 pub const WS_PATH: &str = "/ws/v1/connect";
@@ -144,25 +143,22 @@ pub const FRAME_SLACK_BYTES: usize = 64 * 1024;
 /// `Sec-WebSocket-Version: 13` for another version), and a draining server 503; then the
 /// connection is closed.
 pub async fn serve(ctx: Rc<ShardCtx>, stream: Socket) {
-    let Some((user, mut ws)) = handshake(&ctx, stream).await else {
+    // The handshake's and the subscription's futures are boxed: they are done before the
+    // session starts, and inline they would enlarge every idle connection's task.
+    let Some((user, mut ws)) = Box::pin(handshake(&ctx, stream)).await else {
         return;
     };
-    let sub = match ctx.shared.engine.subscribe_held(user).await {
+    let sub = match Box::pin(ctx.shared.engine.subscribe_held(user)).await {
         Ok(sub) => sub,
         Err(e) => {
             tracing::warn!(error = %e, "subscribe failed");
-            close(&mut ws, Exit::Close(1011, "unavailable")).await;
+            Box::pin(close(&mut ws, Exit::Close(1011, "unavailable"))).await;
             return;
         }
     };
-    let session = Session::new(ctx, user, ws, sub);
-    let fut = session.run();
-    eprintln!(
-        "SIZES session_future={} session={}",
-        std::mem::size_of_val(&fut),
-        std::mem::size_of::<Session>()
-    );
-    fut.await;
+    // Owned here and borrowed by `run`: an async fn taking it by value would hold it twice.
+    let mut session = Session::new(ctx, user, ws, sub);
+    session.run().await;
 }
 
 /// Reads the upgrade request and answers it. Returns the user and the WebSocket when it
@@ -489,7 +485,7 @@ impl Session {
         }
     }
 
-    async fn run(mut self) {
+    async fn run(&mut self) {
         let hello = encode(&json!({
             "type": "hello",
             "conn_id": format!("{:016x}", rand::random::<u64>()),
@@ -497,14 +493,10 @@ impl Session {
             "heartbeat_interval": self.ctx.shared.config.heartbeat_interval_s,
         }));
         self.replies.push_back(hello);
-        {
-            let f = self.serve();
-            eprintln!("SIZES serve={}", std::mem::size_of_val(&f));
-        }
         let exit = self.serve().await;
         // Unsubscribe before lingering: the engine stops queueing for a closing client.
         self.sub = None;
-        close(&mut self.ws, exit).await;
+        Box::pin(close(&mut self.ws, exit)).await;
     }
 
     /// The session loop; returns how to end.
@@ -602,9 +594,9 @@ impl Session {
             Ok(counts) => counts,
             Err(e) => return Outbound::Exit(self.write_failed(e)),
         };
-        let metrics = &self.ctx.shared.metrics;
-        metrics.ws_frames_out.add((replies + events) as u64);
-        metrics.deliveries.add(events as u64);
+        // Deliveries and cutoffs are counted by the engine, which sees every subscriber.
+        let frames = (replies + events) as u64;
+        self.ctx.shared.metrics.ws_frames_out.add(frames);
         if self.blocked {
             // The socket's waker is registered; it fires when the client reads.
             return Outbound::Idle;
@@ -701,7 +693,6 @@ impl Session {
     fn cut_off(&self, cutoff: Cutoff) -> Exit {
         match cutoff {
             Cutoff::Overflow => {
-                self.ctx.shared.metrics.slow_consumer_disconnects.inc();
                 tracing::debug!(user = %self.user, "slow websocket client cut off");
                 Exit::Close(CLOSE_RESUME_REQUIRED, "resume required")
             }
@@ -816,8 +807,15 @@ impl Session {
             }
             ClientFrame::Resume(since) => {
                 let sub = self.sub.as_ref().expect("subscribed while serving");
-                if let Err(e) = sub.resume(since).await {
-                    self.reply_error(&reference, &ApiError::from(e));
+                match sub.resume(since).await {
+                    Ok(true) => {}
+                    // Live frames of a named channel already went out after the point the
+                    // client asks for: sending the older ones now would break the order.
+                    // The client reconnects and resumes as its first frame.
+                    Ok(false) => {
+                        return Some(Exit::Close(CLOSE_RESUME_REQUIRED, "resume required"))
+                    }
+                    Err(e) => self.reply_error(&reference, &ApiError::from(e)),
                 }
             }
             ClientFrame::Typing(channel) => {
@@ -1214,9 +1212,11 @@ mod tests {
             seq: 3,
         }
         .to_string();
-        let send = format!(
-            r#"{{"type":"message:send","ref":"a","channel_id":"{c}","text":"hi","client_msg_id":"k","thread_id":"{m}"}}"#
-        );
+        let send = json!({
+            "type": "message:send", "ref": "a", "channel_id": c, "text": "hi",
+            "client_msg_id": "k", "thread_id": m
+        })
+        .to_string();
         match parse_frame(&send).1 {
             Ok(ClientFrame::Command(Command::Send { thread, .. })) => {
                 assert_eq!(thread.map(|t| t.seq), Some(3))

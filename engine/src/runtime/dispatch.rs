@@ -66,6 +66,11 @@ pub(crate) struct Dispatcher {
     by_channel: HashMap<ChannelId, Vec<u64>>,
     /// Catch-up pages waiting for room in their subscriber's queue.
     stalled: Vec<(UserId, ChannelId, u64, u64)>,
+    observer: crate::engine::ObserverSlot,
+    /// Messages for shards (this one included), sent by the shard's loop. The dispatcher
+    /// runs inside that loop, so it must never wait on an inbox: waiting on its own full
+    /// inbox would wait forever.
+    pub(crate) outbox: Vec<(u32, ShardMsg)>,
 }
 
 /// A catch-up page is asked for only when the subscriber's queue has at least this much
@@ -73,7 +78,11 @@ pub(crate) struct Dispatcher {
 const CATCH_UP_ROOM_MIN: usize = 64;
 
 impl Dispatcher {
-    pub(crate) fn new(shard: u32, routes: Routes) -> Dispatcher {
+    pub(crate) fn new(
+        shard: u32,
+        routes: Routes,
+        observer: crate::engine::ObserverSlot,
+    ) -> Dispatcher {
         Dispatcher {
             shard,
             routes,
@@ -82,6 +91,8 @@ impl Dispatcher {
             by_user: HashMap::new(),
             by_channel: HashMap::new(),
             stalled: Vec::new(),
+            observer,
+            outbox: Vec::new(),
         }
     }
 
@@ -115,7 +126,7 @@ impl Dispatcher {
         self.broadcast_online(user, 1, Some(id)).await;
     }
 
-    async fn broadcast_online(&self, user: UserId, delta: i32, sub: Option<u64>) {
+    async fn broadcast_online(&mut self, user: UserId, delta: i32, sub: Option<u64>) {
         let shard = self.shard;
         for s in 0..self.routes.shard_count() {
             let msg = ShardMsg::AllPartitions(Box::new(move || PartitionMsg::Online {
@@ -124,7 +135,7 @@ impl Dispatcher {
                 delta,
                 sub,
             }));
-            let _ = self.routes.send(s, msg).await;
+            self.outbox.push((s, msg));
         }
     }
 
@@ -163,6 +174,7 @@ impl Dispatcher {
     /// Pushes committed events to the local subscribers of their channels.
     pub(crate) async fn deliver(&mut self, batch: Vec<Delivery>) {
         let mut cut = Vec::new();
+        let mut pushed = 0usize;
         for d in batch {
             if let Some(from) = d.ephemeral_from {
                 self.deliver_ephemeral(&d, from, &mut cut);
@@ -202,7 +214,9 @@ impl Dispatcher {
                 }
                 chan.next = Some(d.seq + 1);
                 chan.sent = true;
-                if s.queue.push(d.frame.clone()) != PushOutcome::Queued {
+                if s.queue.push(d.frame.clone()) == PushOutcome::Queued {
+                    pushed += 1;
+                } else {
                     cut.push((*id, Cutoff::Overflow));
                 }
             }
@@ -222,6 +236,11 @@ impl Dispatcher {
                         }
                     }
                 }
+            }
+        }
+        if let Some(o) = &self.observer.0 {
+            if pushed > 0 {
+                o.delivered(pushed);
             }
         }
         for (id, why) in cut {
@@ -258,7 +277,7 @@ impl Dispatcher {
             return;
         };
         if !s.held {
-            self.resume(sub, since).await;
+            let _ = self.resume(sub, since).await;
             return;
         }
         s.held = false;
@@ -286,12 +305,22 @@ impl Dispatcher {
         }
     }
 
-    /// Resumes named channels of a live subscriber. It never sends a frame twice: once a
-    /// channel has sent this subscriber a live frame, it only catches up past it.
-    pub(crate) async fn resume(&mut self, sub: u64, since: Vec<(ChannelId, u64)>) {
+    /// Resumes named channels of a live subscriber. It never sends a frame twice and never
+    /// sends out of order: if a named channel would have to go back before a frame this
+    /// subscriber was already sent, nothing changes and the answer is `false` (the client
+    /// must reconnect and resume as it starts).
+    pub(crate) async fn resume(&mut self, sub: u64, since: Vec<(ChannelId, u64)>) -> bool {
         let Some(s) = self.subs.get_mut(&sub) else {
-            return;
+            return false;
         };
+        let behind = since.iter().any(|(c, seq)| {
+            s.channels
+                .get(c)
+                .is_some_and(|chan| chan.sent && chan.next.is_some_and(|n| seq + 1 < n))
+        });
+        if behind {
+            return false;
+        }
         let user = s.user;
         let mut asks = Vec::new();
         for (c, seq) in since {
@@ -312,11 +341,12 @@ impl Dispatcher {
         s.announce = true;
         if s.resuming == 0 {
             self.finish_resume(sub).await;
-            return;
+            return true;
         }
         for (c, after) in asks {
             self.ask_catch_up(user, c, after, sub).await;
         }
+        true
     }
 
     /// Asks for the next page of a catch-up, no larger than the room left in the
@@ -342,7 +372,7 @@ impl Dispatcher {
                 sub,
             },
         };
-        let _ = self.routes.send(self.routes.owner(partition), msg).await;
+        self.outbox.push((self.routes.owner(partition), msg));
     }
 
     /// Whether catch-ups wait for their subscribers to read.
@@ -432,6 +462,9 @@ impl Dispatcher {
     }
 
     async fn cut_off(&mut self, sub: u64, why: Cutoff) {
+        if let Some(o) = &self.observer.0 {
+            o.cut_off();
+        }
         if let Some(s) = self.remove(sub) {
             s.queue.close(why);
             self.broadcast_online(s.user, -1, None).await;

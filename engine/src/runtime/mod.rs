@@ -224,10 +224,13 @@ pub(crate) enum ShardMsg {
         sub: u64,
         channels: Vec<(ChannelId, u64)>,
     },
-    /// A subscriber resumes channels after the given seqs.
+    /// A subscriber resumes channels after the given seqs. The reply says whether it can
+    /// be done in order: not when a channel would have to go back before a frame this
+    /// subscriber was already sent.
     Resume {
         sub: u64,
         since: Vec<(ChannelId, u64)>,
+        reply: Option<futures::channel::oneshot::Sender<bool>>,
     },
     /// A page of catch-up frames for a resuming subscriber.
     CatchUpReply {
@@ -306,6 +309,10 @@ pub(crate) async fn run_shard(setup: ShardSetup) {
 
 struct Shard {
     id: u32,
+    routes: Routes,
+    observer: crate::engine::ObserverSlot,
+    /// The inbox depth last reported to the observer.
+    depth_reported: usize,
     meta: std::rc::Rc<std::cell::RefCell<MetaState>>,
     meta_owner: Option<futures::channel::mpsc::Sender<meta::MetaRequest>>,
     partitions: std::rc::Rc<
@@ -380,9 +387,15 @@ impl Shard {
         };
         for p in (0..config.partitions).filter(|p| routes.owner(*p) == id) {
             let log = open_log(config.data_dir.join(format!("p{p:05}")), &config).await?;
-            let (part, uninitialised) =
-                partition::Partition::open(p, log, routes.clone(), meta.clone(), blobs.clone())
-                    .await?;
+            let (part, uninitialised) = partition::Partition::open(
+                p,
+                log,
+                routes.clone(),
+                meta.clone(),
+                blobs.clone(),
+                config.observer.clone(),
+            )
+            .await?;
             let (mut tx, rx) = futures::channel::mpsc::channel(partition::PARTITION_QUEUE_MAX);
             for channel in uninitialised {
                 let _ = tx.try_send(PartitionMsg::Init { channel, ack: None });
@@ -390,10 +403,13 @@ impl Shard {
             partitions.borrow_mut().insert(p, tx);
             tasks.push(glommio::spawn_local(part.run(rx)).detach());
         }
-        let dispatcher = dispatch::Dispatcher::new(id, routes.clone());
+        let dispatcher = dispatch::Dispatcher::new(id, routes.clone(), config.observer.clone());
         Ok((
             Shard {
                 id,
+                routes: routes.clone(),
+                observer: config.observer.clone(),
+                depth_reported: 0,
                 meta,
                 meta_owner,
                 partitions,
@@ -407,9 +423,14 @@ impl Shard {
     async fn serve(mut self, mut inbox: crate::queue::InboxReceiver<ShardMsg>) {
         let mut batch = Vec::with_capacity(1024);
         let mut ticks: u64 = 0;
+        // Messages this shard sent itself, and messages for full inboxes, to try again.
+        let mut own: std::collections::VecDeque<ShardMsg> = std::collections::VecDeque::new();
+        let mut retry: Vec<(u32, ShardMsg)> = Vec::new();
         'outer: loop {
-            if inbox.drain_into(&mut batch, 1024) == 0 {
-                if self.dispatcher.has_stalled() {
+            self.route_outbox(&mut own, &mut retry);
+            batch.extend(own.drain(..));
+            if batch.is_empty() && inbox.drain_into(&mut batch, 1024) == 0 {
+                if self.dispatcher.has_stalled() || !retry.is_empty() {
                     // A catch-up waits for its subscriber to read: look again soon.
                     let wake = glommio::timer::sleep(CATCH_UP_RETRY);
                     let next = std::pin::pin!(inbox.recv());
@@ -419,6 +440,7 @@ impl Shard {
                         futures::future::Either::Right(_) => {}
                     }
                     self.dispatcher.retry_stalled().await;
+                    self.dispatcher.outbox.append(&mut retry);
                 } else {
                     match inbox.recv().await {
                         Some(m) => batch.push(m),
@@ -436,12 +458,37 @@ impl Shard {
             if ticks.is_multiple_of(64) {
                 self.dispatcher.sweep().await;
             }
+            if let Some(o) = &self.observer.0 {
+                let depth = inbox.len();
+                o.queue_depth(depth as i64 - self.depth_reported as i64);
+                self.depth_reported = depth;
+            }
         }
         // Closing the queues lets each task finish what it holds and close its log.
         self.meta_owner = None;
         self.partitions.borrow_mut().clear();
         for t in self.tasks.drain(..) {
             t.await;
+        }
+    }
+
+    /// Sends what the dispatcher queued, without waiting: messages for this shard are
+    /// handled by its own loop next, and a message for a full inbox is tried again later.
+    fn route_outbox(
+        &mut self,
+        own: &mut std::collections::VecDeque<ShardMsg>,
+        retry: &mut Vec<(u32, ShardMsg)>,
+    ) {
+        for (shard, msg) in self.dispatcher.outbox.drain(..) {
+            if shard == self.id {
+                own.push_back(msg);
+                continue;
+            }
+            match self.routes.shards[shard as usize].try_send(msg) {
+                Ok(()) => {}
+                Err(crate::queue::SendError::Full(msg)) => retry.push((shard, msg)),
+                Err(crate::queue::SendError::Closed(_)) => {}
+            }
         }
     }
 
@@ -499,7 +546,12 @@ impl Shard {
             } => self.dispatcher.start(sub, since, announce).await,
             ShardMsg::Unsubscribe { sub } => self.dispatcher.unsubscribe(sub).await,
             ShardMsg::OnlineAck { sub, channels } => self.dispatcher.online_ack(sub, channels),
-            ShardMsg::Resume { sub, since } => self.dispatcher.resume(sub, since).await,
+            ShardMsg::Resume { sub, since, reply } => {
+                let done = self.dispatcher.resume(sub, since).await;
+                if let Some(reply) = reply {
+                    let _ = reply.send(done);
+                }
+            }
             ShardMsg::CatchUpReply {
                 sub,
                 channel,

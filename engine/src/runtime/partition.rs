@@ -62,6 +62,7 @@ pub(crate) struct Partition {
     meta: Rc<RefCell<MetaState>>,
     blobs: Arc<BlobStore>,
     failed: Option<String>,
+    observer: crate::engine::ObserverSlot,
 }
 
 /// A reply to send after the tick's commit.
@@ -96,6 +97,7 @@ impl Partition {
         routes: Routes,
         meta: Rc<RefCell<MetaState>>,
         blobs: Arc<BlobStore>,
+        observer: crate::engine::ObserverSlot,
     ) -> Result<(Partition, Vec<ChannelId>), EngineError> {
         let mut p = Partition {
             id,
@@ -109,6 +111,7 @@ impl Partition {
             meta,
             blobs,
             failed: None,
+            observer,
         };
         p.replay().await?;
         let uninitialised = {
@@ -480,11 +483,13 @@ impl Partition {
                 payload: &d.payload,
             })
             .collect();
-        let range = self
-            .log
-            .commit(&entries)
-            .await
-            .map_err(|e| EngineError::Unavailable(format!("commit failed: {e}")))?;
+        let started = std::time::Instant::now();
+        let committed = self.log.commit(&entries).await;
+        if let (Some(o), Ok(_)) = (&self.observer.0, &committed) {
+            o.committed(entries.len(), started.elapsed());
+        }
+        let range =
+            committed.map_err(|e| EngineError::Unavailable(format!("commit failed: {e}")))?;
         for (d, offset) in decided.iter().zip(range) {
             let rt = self.channels.get_mut(&d.channel).expect("channel state");
             rt.offsets.push(offset);

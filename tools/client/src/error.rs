@@ -1,0 +1,74 @@
+//! The SDK's error type: what can go wrong with a REST call, a WebSocket request or the
+//! event stream, told apart so that callers can react (retry after a rate limit, log in
+//! again after a refused token, give up on a stream that could not reconnect).
+
+use std::time::Duration;
+
+/// Why a call of this SDK failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The HTTP request could not be made or its answer could not be read.
+    #[error("HTTP transport failed: {0}")]
+    Http(#[from] reqwest::Error),
+    /// The server answered with an error in `API.md`'s format (a REST status, or an
+    /// `error` frame on the WebSocket, whose status is 0).
+    #[error("the server refused the request: {status} {code}: {message}")]
+    Api {
+        /// The HTTP status; 0 for an `error` frame.
+        status: u16,
+        /// The error's `code`, such as `not_found` or `rate_limited`.
+        code: String,
+        /// The server's explanation.
+        message: String,
+        /// How long to wait before trying again, when rate limited.
+        retry_after: Option<Duration>,
+    },
+    /// The server answered something this SDK cannot read.
+    #[error("unexpected answer from the server: {0}")]
+    Decode(String),
+    /// The base URL is not an `http://` URL with a host.
+    #[error("bad base URL: {0}")]
+    Url(String),
+    /// The WebSocket could not be opened or failed.
+    #[error("WebSocket failed: {0}")]
+    WebSocket(String),
+    /// The token was refused (HTTP 401 on upgrade, or close code 4001); log in again.
+    #[error("the server refused the token")]
+    Unauthorized,
+    /// The stream lost its connection and every reconnection attempt failed.
+    #[error("gave up reconnecting after {attempts} attempts; last failure: {last}")]
+    ReconnectFailed {
+        /// Attempts made in a row.
+        attempts: u32,
+        /// What the last one ran into.
+        last: String,
+    },
+    /// The connection dropped before the server answered a request that is not safe to
+    /// repeat (an edit, a deletion, a reaction): it may or may not have taken effect.
+    #[error(
+        "the connection dropped before the server answered; the request may have taken effect"
+    )]
+    Interrupted,
+    /// The stream was closed, by [`crate::Stream::close`] or because it ended with an
+    /// error that was already returned.
+    #[error("the stream is closed")]
+    Closed,
+}
+
+impl Error {
+    /// The error's `code` when the server refused the request.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Error::Api { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    /// The HTTP status when the server refused a REST call.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Error::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}

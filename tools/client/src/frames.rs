@@ -1,0 +1,247 @@
+//! The WebSocket frames of `API.md`: the ones the server sends, parsed into one enum, and
+//! the ones the client sends, written as JSON text.
+//!
+//! Frame types this SDK does not know are read as [`ServerFrame::Unknown`] and ignored, so a
+//! newer server can add some.
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+
+/// A frame from the server.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(tag = "type")]
+pub(crate) enum ServerFrame {
+    #[serde(rename = "hello")]
+    Hello {
+        #[serde(default)]
+        user_id: Option<String>,
+        heartbeat_interval: u64,
+    },
+    #[serde(rename = "event")]
+    Event(EventFrame),
+    #[serde(rename = "ack")]
+    Ack {
+        #[serde(rename = "ref", default)]
+        reference: Value,
+        #[serde(default)]
+        message: Value,
+    },
+    #[serde(rename = "error")]
+    Error {
+        #[serde(rename = "ref", default)]
+        reference: Value,
+        code: String,
+        #[serde(default)]
+        message: String,
+        #[serde(default)]
+        retry_after_ms: Option<u64>,
+    },
+    #[serde(rename = "typing")]
+    Typing { channel_id: String, user_id: String },
+    #[serde(rename = "pong")]
+    Pong {
+        #[serde(rename = "ref", default)]
+        reference: Value,
+    },
+    #[serde(rename = "resumed")]
+    Resumed {
+        #[serde(default)]
+        channels: HashMap<String, u64>,
+    },
+    #[serde(other)]
+    Unknown,
+}
+
+/// The fields of an `event` frame.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub(crate) struct EventFrame {
+    pub channel_id: String,
+    pub seq: u64,
+    pub event: Value,
+}
+
+impl ServerFrame {
+    /// Parses a text frame.
+    pub fn parse(text: &str) -> Result<ServerFrame, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+}
+
+/// The numeric `ref` of an answer, when it is one this client could have sent.
+pub(crate) fn ref_of(reference: &Value) -> Option<u64> {
+    reference.as_u64()
+}
+
+/// `resume` with the last seq of every channel the client knows.
+pub(crate) fn resume(since: &HashMap<String, u64>) -> String {
+    json!({"type": "resume", "since": since}).to_string()
+}
+
+/// `ping`, with a `ref` when the caller waits for its `pong`.
+pub(crate) fn ping(reference: Option<u64>) -> String {
+    match reference {
+        Some(r) => json!({"type": "ping", "ref": r}).to_string(),
+        None => json!({"type": "ping"}).to_string(),
+    }
+}
+
+/// `typing:start`.
+pub(crate) fn typing(channel_id: &str) -> String {
+    json!({"type": "typing:start", "channel_id": channel_id}).to_string()
+}
+
+/// A request the client sends and the server answers with `ack` or `error`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Request {
+    Send {
+        channel_id: String,
+        text: String,
+        client_msg_id: String,
+        thread_id: Option<String>,
+    },
+    Edit {
+        channel_id: String,
+        message_id: String,
+        text: String,
+    },
+    Delete {
+        channel_id: String,
+        message_id: String,
+    },
+    React {
+        channel_id: String,
+        message_id: String,
+        emoji: String,
+        add: bool,
+    },
+    Ping,
+}
+
+impl Request {
+    /// The frame, with its `ref`.
+    pub fn frame(&self, reference: u64) -> String {
+        let v = match self {
+            Request::Send {
+                channel_id,
+                text,
+                client_msg_id,
+                thread_id,
+            } => {
+                let mut v = json!({"type": "message:send", "ref": reference,
+                    "channel_id": channel_id, "text": text, "client_msg_id": client_msg_id});
+                if let Some(t) = thread_id {
+                    v["thread_id"] = json!(t);
+                }
+                v
+            }
+            Request::Edit {
+                channel_id,
+                message_id,
+                text,
+            } => json!({"type": "message:edit", "ref": reference, "channel_id": channel_id,
+                        "message_id": message_id, "text": text}),
+            Request::Delete {
+                channel_id,
+                message_id,
+            } => json!({"type": "message:delete", "ref": reference, "channel_id": channel_id,
+                        "message_id": message_id}),
+            Request::React {
+                channel_id,
+                message_id,
+                emoji,
+                add,
+            } => {
+                let kind = if *add {
+                    "reaction:add"
+                } else {
+                    "reaction:remove"
+                };
+                json!({"type": kind, "ref": reference, "channel_id": channel_id,
+                       "message_id": message_id, "emoji": emoji})
+            }
+            Request::Ping => return ping(Some(reference)),
+        };
+        v.to_string()
+    }
+
+    /// Whether sending it twice has the effect of sending it once, so that it may be sent
+    /// again after a reconnection when its answer never came. A send is, through its
+    /// `client_msg_id`; a ping has no effect.
+    pub fn repeatable(&self) -> bool {
+        matches!(self, Request::Send { .. } | Request::Ping)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Each server frame of API.md parses into its variant, and an unknown type is tolerated.
+    #[test]
+    fn server_frames_parse() {
+        let f = ServerFrame::parse(
+            r#"{"type":"hello","conn_id":"x","user_id":"U1","heartbeat_interval":30}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            f,
+            ServerFrame::Hello {
+                heartbeat_interval: 30,
+                ..
+            }
+        ));
+        let f = ServerFrame::parse(
+            r#"{"type":"event","channel_id":"C1","seq":4,"event":{"type":"member:joined"}}"#,
+        )
+        .unwrap();
+        assert!(matches!(f, ServerFrame::Event(EventFrame { seq: 4, .. })));
+        let f = ServerFrame::parse(
+            r#"{"type":"error","ref":7,"code":"rate_limited","message":"m","retry_after_ms":20}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            f,
+            ServerFrame::Error {
+                reference: json!(7),
+                code: "rate_limited".into(),
+                message: "m".into(),
+                retry_after_ms: Some(20),
+            }
+        );
+        let f = ServerFrame::parse(r#"{"type":"resumed","channels":{"C1":9}}"#).unwrap();
+        assert_eq!(
+            f,
+            ServerFrame::Resumed {
+                channels: HashMap::from([("C1".into(), 9)])
+            }
+        );
+        let f = ServerFrame::parse(r#"{"type":"presence","x":1}"#).unwrap();
+        assert_eq!(f, ServerFrame::Unknown);
+        assert!(ServerFrame::parse("{").is_err());
+    }
+
+    // A send carries every field API.md names, and only sends and pings may be repeated.
+    #[test]
+    fn client_frames() {
+        let send = Request::Send {
+            channel_id: "C1".into(),
+            text: "hi".into(),
+            client_msg_id: "k".into(),
+            thread_id: None,
+        };
+        let v: Value = serde_json::from_str(&send.frame(3)).unwrap();
+        assert_eq!(
+            v,
+            json!({"type":"message:send","ref":3,"channel_id":"C1","text":"hi","client_msg_id":"k"})
+        );
+        assert!(send.repeatable());
+        let delete = Request::Delete {
+            channel_id: "C1".into(),
+            message_id: "M1-1".into(),
+        };
+        assert!(!delete.repeatable());
+        let v: Value = serde_json::from_str(&resume(&HashMap::from([("C1".into(), 5)]))).unwrap();
+        assert_eq!(v, json!({"type":"resume","since":{"C1":5}}));
+    }
+}
