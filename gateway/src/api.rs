@@ -393,7 +393,7 @@ async fn serve(
     req: Request<Incoming>,
 ) -> Result<Reply, ApiError> {
     let user = if route.auth {
-        let user = authenticate(ctx, &req)?;
+        let user = authenticate(ctx, req.headers(), req.uri())?;
         ctx.take_rate(user.0)?;
         Some(user)
     } else {

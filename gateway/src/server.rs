@@ -374,19 +374,19 @@ pub fn text(status: u16, content_type: &'static str, body: &str) -> Response<Ful
     r
 }
 
-/// The user a request's token names: `Authorization: Bearer …` or `?token=…`.
+/// The user a request's token names: `Authorization: Bearer …` or `?token=…`. It reads
+/// only the headers and URI, so the REST router and the WebSocket handshake share it.
 pub fn authenticate(
     ctx: &ShardCtx,
-    req: &Request<Incoming>,
+    headers: &hyper::http::HeaderMap,
+    uri: &hyper::http::Uri,
 ) -> Result<chorus_engine::ids::UserId, ApiError> {
-    let from_header = req
-        .headers()
+    let from_header = headers
         .get(hyper::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let from_query = req
-        .uri()
+    let from_query = uri
         .query()
         .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")));
     let token = from_header

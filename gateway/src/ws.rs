@@ -63,7 +63,7 @@
 //! same socket in one place, with no lock between a reading and a writing half.
 
 use crate::error::ApiError;
-use crate::server::{token_now, ShardCtx};
+use crate::server::ShardCtx;
 use bytes::Bytes;
 use chorus_engine::ids::{ChannelId, MessageId, UserId};
 use chorus_engine::queue::Cutoff;
@@ -253,7 +253,8 @@ fn accept(
     if request.uri().path() != WS_PATH {
         return Err((ApiError::new(404, "not_found", "no such endpoint"), None));
     }
-    let user = authenticate(ctx, request).map_err(|e| (e, None))?;
+    let user = crate::server::authenticate(ctx, request.headers(), request.uri())
+        .map_err(|e| (e, None))?;
     if ctx.shared.draining.load(Ordering::SeqCst) {
         let e = ApiError::unavailable("the server is shutting down");
         return Err((e, None));
@@ -270,32 +271,6 @@ fn accept(
             None,
         )),
     }
-}
-
-/// The user a handshake's token names: `Authorization: Bearer …` or `?token=…`, as
-/// [`crate::server::authenticate`] reads them from a REST request.
-fn authenticate(ctx: &ShardCtx, request: &HandshakeRequest) -> Result<UserId, ApiError> {
-    let from_header = request
-        .headers()
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let from_query = request
-        .uri()
-        .query()
-        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")));
-    let token = from_header
-        .or(from_query)
-        .ok_or_else(|| ApiError::unauthorized("a bearer token is required"))?;
-    let subject = ctx
-        .shared
-        .tokens
-        .verify(token, token_now())
-        .map_err(|e| ApiError::unauthorized(format!("bad token: {e}")))?;
-    subject
-        .parse()
-        .map_err(|_| ApiError::unauthorized("bad token: unknown subject"))
 }
 
 /// An error answer in `API.md`'s format; the connection closes after it.
