@@ -64,6 +64,8 @@ pub(crate) struct Dispatcher {
     next_sub: u64,
     by_user: HashMap<UserId, Vec<u64>>,
     by_channel: HashMap<ChannelId, Vec<u64>>,
+    /// Subscribers gone since each channel's list was last compacted.
+    stale: HashMap<ChannelId, usize>,
     /// Catch-up pages waiting for room in their subscriber's queue.
     stalled: Vec<(UserId, ChannelId, u64, u64)>,
     observer: crate::engine::ObserverSlot,
@@ -90,6 +92,7 @@ impl Dispatcher {
             next_sub: 1,
             by_user: HashMap::new(),
             by_channel: HashMap::new(),
+            stale: HashMap::new(),
             stalled: Vec::new(),
             observer,
             outbox: Vec::new(),
@@ -203,8 +206,13 @@ impl Dispatcher {
                 .map(Vec::as_slice)
                 .unwrap_or(&[])
             {
-                let s = self.subs.get_mut(id).expect("indexed subscriber");
-                let chan = s.channels.get_mut(&d.channel).expect("followed channel");
+                // A subscriber that is gone may still be listed (see `remove`).
+                let Some(s) = self.subs.get_mut(id) else {
+                    continue;
+                };
+                let Some(chan) = s.channels.get_mut(&d.channel) else {
+                    continue;
+                };
                 if chan.resuming || chan.next.is_some_and(|n| d.seq < n) {
                     continue;
                 }
@@ -257,7 +265,9 @@ impl Dispatcher {
             .map(Vec::as_slice)
             .unwrap_or(&[])
         {
-            let s = self.subs.get_mut(id).expect("indexed subscriber");
+            let Some(s) = self.subs.get_mut(id) else {
+                continue;
+            };
             let live = s.channels.get(&d.channel).is_some_and(|c| !c.resuming);
             if s.user == from || !live {
                 continue;
@@ -479,9 +489,19 @@ impl Dispatcher {
                 self.by_user.remove(&s.user);
             }
         }
+        // A channel's list is cleaned lazily: the gone subscriber is skipped by deliveries,
+        // and the list is compacted once half of it is gone. Removing each subscriber
+        // eagerly would make a mass disconnect from a big channel quadratic.
         for c in s.channels.keys() {
-            if let Some(v) = self.by_channel.get_mut(c) {
-                v.retain(|x| *x != sub);
+            let Some(v) = self.by_channel.get_mut(c) else {
+                continue;
+            };
+            let stale = self.stale.entry(*c).or_insert(0);
+            *stale += 1;
+            if *stale * 2 >= v.len() {
+                let subs = &self.subs;
+                v.retain(|x| subs.contains_key(x));
+                self.stale.remove(c);
                 if v.is_empty() {
                     self.by_channel.remove(c);
                 }
