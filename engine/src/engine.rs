@@ -71,6 +71,11 @@ pub struct EngineConfig {
     pub pin: bool,
     /// Who hears about commits, deliveries and queue depths.
     pub observer: ObserverSlot,
+    /// The least number of events a partition commits between two snapshots of its state.
+    /// A partition also waits until the events since its last snapshot reach an eighth of
+    /// what that snapshot covered, so that snapshots cost a constant share of commits. A
+    /// restart loads each partition's last snapshot and replays only the log after it.
+    pub snapshot_every_events: u64,
 }
 
 impl EngineConfig {
@@ -85,6 +90,7 @@ impl EngineConfig {
             segment_bytes_max: 64 * 1024 * 1024,
             pin: true,
             observer: ObserverSlot::default(),
+            snapshot_every_events: 100_000,
         }
     }
 }
@@ -159,7 +165,21 @@ pub struct MessagePage {
 struct Inner {
     routes: Routes,
     config: EngineConfig,
+    recovery: Mutex<Vec<Recovery>>,
     threads: Mutex<Option<crate::shard::ShardSet<()>>>,
+}
+
+/// How one partition recovered when the engine opened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Recovery {
+    /// The partition.
+    pub partition: u32,
+    /// The log offset up to which the state came from a snapshot, if one was used.
+    pub snapshot_offset: Option<u64>,
+    /// Events replayed from the log (after the snapshot, or all of them).
+    pub replayed_events: u64,
+    /// How long the partition took to open, snapshot and replay included.
+    pub took: std::time::Duration,
 }
 
 /// A running engine. Clones share it.
@@ -274,6 +294,9 @@ impl Engine {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| EngineError::Io(format!("{}: {e}", config.data_dir.display())))?;
         check_layout(&config)?;
+        let snapshots = config.data_dir.join("snapshots");
+        std::fs::create_dir_all(&snapshots)
+            .map_err(|e| EngineError::Io(format!("{}: {e}", snapshots.display())))?;
         let blobs = Arc::new(
             BlobStore::open(&config.data_dir.join("blobs"))
                 .map_err(|e| EngineError::Io(format!("blob store: {e}")))?,
@@ -329,12 +352,17 @@ impl Engine {
             inner: Arc::new(Inner {
                 routes,
                 config,
+                recovery: Mutex::new(Vec::new()),
                 threads: Mutex::new(Some(threads)),
             }),
         };
         for _ in 0..engine.inner.config.shards {
             match ready_rx.recv() {
-                Ok(Ok(_)) => {}
+                Ok(Ok((_, recovered))) => {
+                    let mut all = engine.inner.recovery.lock().expect("recovery");
+                    all.extend(recovered);
+                    all.sort_by_key(|r| r.partition);
+                }
                 Ok(Err(e)) => {
                     engine.shutdown();
                     return Err(e);
@@ -358,6 +386,11 @@ impl Engine {
         if let Some(t) = self.inner.threads.lock().expect("threads").take() {
             let _ = t.join();
         }
+    }
+
+    /// How each partition recovered when the engine opened, by partition.
+    pub fn recovery(&self) -> Vec<Recovery> {
+        self.inner.recovery.lock().expect("recovery").clone()
     }
 
     /// The configuration it runs with.

@@ -27,10 +27,11 @@ pub mod ids;
 pub mod queue;
 pub(crate) mod runtime;
 pub mod shard;
+pub(crate) mod snapshot;
 pub mod view;
 
 pub use engine::{
     ChannelOutcome, Engine, EngineConfig, EngineError, MessagePage, MetaOutcome, Observer,
-    ObserverSlot, ReadOutcome, Subscription,
+    ObserverSlot, ReadOutcome, Recovery, Subscription,
 };
 pub use runtime::dispatch::SubscriptionInfo;

@@ -325,7 +325,7 @@ pub fn event_frame(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::event::Body;
+    use crate::domain::channel::StoredBody;
 
     // A message renders with every field of API.md, reactions in order, and RFC 3339 times.
     #[test]
@@ -333,7 +333,7 @@ mod tests {
         let m = Message {
             seq: 5,
             user: UserId(2),
-            versions: vec![(Body::Text("hi".into()), 0)],
+            versions: smallvec::smallvec![(StoredBody::Text("hi".into()), 0)],
             thread: Some(3),
             reply_count: 0,
             reactions: vec![

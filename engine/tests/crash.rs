@@ -44,8 +44,14 @@ fn open(dir: &Path) -> Engine {
     config.shards = 2;
     config.partitions = 8;
     config.pin = false;
+    // Snapshots every few dozen events, so that a kill finds snapshots being written and
+    // recovery starts from one and replays the log after it.
+    config.snapshot_every_events = SNAPSHOT_EVERY_EVENTS;
     Engine::open(config).expect("open engine")
 }
+
+/// Events between a partition's snapshots in this test.
+const SNAPSHOT_EVERY_EVENTS: u64 = 64;
 
 fn email(thread: usize) -> String {
     format!("poster{thread}@example.com")
@@ -311,6 +317,11 @@ fn full_history(engine: &Engine, user: UserId, channel: ChannelId) -> Vec<Messag
 /// become durable before the last kill, but nothing after it can exist.
 fn verify(dir: &Path, acked: &BTreeMap<String, Ack>, next: &[u64]) {
     let engine = open(dir);
+    let recovery = engine.recovery();
+    assert!(
+        recovery.iter().any(|r| r.snapshot_offset.is_some()),
+        "no partition recovered from a snapshot: {recovery:?}"
+    );
     let users: Vec<UserId> = (0..POSTERS)
         .map(|t| {
             block_on(engine.user_by_email(&email(t)))

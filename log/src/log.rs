@@ -88,6 +88,9 @@ pub struct RecoveryReport {
     pub rebuilt_indexes: Vec<u64>,
     /// Sealed segments holding a corrupt record. Reads before it work; reads of it fail.
     pub corrupt_segments: Vec<CorruptSegment>,
+    /// Whether the active segment's index, written by a clean close, was used instead of
+    /// a scan of the segment.
+    pub active_index_used: bool,
 }
 
 /// A torn or corrupt tail that recovery cut.
@@ -800,11 +803,33 @@ impl<S: Storage> Log<S> {
         self.storage.sync_dir().await
     }
 
-    /// Flushes what is pending and closes the files.
+    /// Flushes what is pending and closes the files. A log that is not poisoned also
+    /// writes the active segment's index, as a seal does, so that the next open can trust
+    /// it instead of reading and checking the whole active segment (see `activate`).
     pub async fn close(self) -> io::Result<()> {
         {
             let _busy = self.busy().await;
             self.flush_locked().await;
+        }
+        let active = {
+            let st = self.state.borrow();
+            let a = st.segments.last().expect("active segment");
+            match (&st.poisoned, &a.file) {
+                (None, Some(file)) => Some((file.clone(), a.len, a.base, a.next, a.index.clone())),
+                _ => None,
+            }
+        };
+        if let Some((file, len, base, next, index)) = active {
+            file.truncate(len).await?;
+            file.sync_data().await?;
+            let idx = IndexFile {
+                base_offset: base,
+                next_offset: next,
+                segment_len: len,
+                index,
+            };
+            write_index(&self.storage, &idx).await?;
+            self.storage.sync_dir().await?;
         }
         let st = self.state.into_inner();
         for s in st.segments {
@@ -1058,8 +1083,23 @@ impl<S: Storage> Recovery<'_, S> {
             Some(f) => f,
             None => Rc::new(self.storage.open(&segment_name(seg.base)).await?),
         };
-        not_found_ok(self.storage.remove(&index_name(seg.base)).await)?;
         let file_len = file.len().await?;
+        if let Some(idx) = self.read_index(seg.base, file_len).await? {
+            // Written by a clean close, and the segment has not changed since: trust it
+            // as a sealed segment's index is trusted (every record is still checked when
+            // read). It goes, durably, before anything is appended, so that it can never
+            // describe a segment that has grown or been cut since.
+            self.storage.remove(&index_name(seg.base)).await?;
+            self.storage.sync_dir().await?;
+            self.report.active_index_used = true;
+            seg.next = idx.next_offset;
+            seg.len = file_len;
+            seg.index = idx.index;
+            seg.map = None;
+            seg.file = Some(file);
+            return Ok(seg);
+        }
+        not_found_ok(self.storage.remove(&index_name(seg.base)).await)?;
         let bytes = file.read_at(0, file_len as usize).await?;
         let (index, scan) = self.scan(seg.base, &bytes);
         let end = SEGMENT_HEADER_BYTES as u64 + scan.end as u64;

@@ -289,7 +289,7 @@ pub(crate) struct ShardSetup {
     pub meta_in: std::sync::mpsc::Receiver<MetaSnapshot>,
     pub meta_out: Vec<std::sync::mpsc::Sender<MetaSnapshot>>,
     /// Reports when this shard serves (or why it cannot).
-    pub ready: std::sync::mpsc::Sender<Result<u32, EngineError>>,
+    pub ready: std::sync::mpsc::Sender<Result<(u32, Vec<crate::engine::Recovery>), EngineError>>,
 }
 
 /// The main loop of one shard.
@@ -297,8 +297,8 @@ pub(crate) async fn run_shard(setup: ShardSetup) {
     CURRENT_SHARD.with(|c| c.set(Some(setup.id)));
     let ready = setup.ready.clone();
     match Shard::start(setup).await {
-        Ok((shard, inbox)) => {
-            let _ = ready.send(Ok(shard.id));
+        Ok((shard, inbox, recovered)) => {
+            let _ = ready.send(Ok((shard.id, recovered)));
             shard.serve(inbox).await;
         }
         Err(e) => {
@@ -348,7 +348,14 @@ fn open_log(
 impl Shard {
     async fn start(
         setup: ShardSetup,
-    ) -> Result<(Shard, crate::queue::InboxReceiver<ShardMsg>), EngineError> {
+    ) -> Result<
+        (
+            Shard,
+            crate::queue::InboxReceiver<ShardMsg>,
+            Vec<crate::engine::Recovery>,
+        ),
+        EngineError,
+    > {
         use std::cell::RefCell;
         use std::rc::Rc;
         let ShardSetup {
@@ -385,17 +392,39 @@ impl Shard {
                 .map_err(|_| EngineError::Unavailable("shard 0 did not start".into()))?;
             (Rc::new(RefCell::new((*snapshot).clone())), None)
         };
+        let mut recovered = Vec::new();
         for p in (0..config.partitions).filter(|p| routes.owner(*p) == id) {
+            let started = std::time::Instant::now();
             let log = open_log(config.data_dir.join(format!("p{p:05}")), &config).await?;
-            let (part, uninitialised) = partition::Partition::open(
-                p,
-                log,
-                routes.clone(),
-                meta.clone(),
-                blobs.clone(),
-                config.observer.clone(),
-            )
-            .await?;
+            let (part, uninitialised, (snapshot_offset, replayed_events)) =
+                partition::Partition::open(
+                    p,
+                    log,
+                    routes.clone(),
+                    meta.clone(),
+                    blobs.clone(),
+                    config.observer.clone(),
+                    partition::Snapshots::new(
+                        config
+                            .data_dir
+                            .join("snapshots")
+                            .join(format!("p{p:05}.snap")),
+                        config.snapshot_every_events,
+                    ),
+                )
+                .await?;
+            if std::env::var_os("CHORUS_DEBUG_RECOVERY").is_some() {
+                eprintln!(
+                    "p{p}: log open {log_opened:?}, total {:?}",
+                    started.elapsed()
+                );
+            }
+            recovered.push(crate::engine::Recovery {
+                partition: p,
+                snapshot_offset,
+                replayed_events,
+                took: started.elapsed(),
+            });
             let (mut tx, rx) = futures::channel::mpsc::channel(partition::PARTITION_QUEUE_MAX);
             for channel in uninitialised {
                 let _ = tx.try_send(PartitionMsg::Init { channel, ack: None });
@@ -417,6 +446,7 @@ impl Shard {
                 dispatcher,
             },
             inbox,
+            recovered,
         ))
     }
 

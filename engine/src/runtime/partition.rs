@@ -13,7 +13,7 @@
 
 use super::{Ack, ChannelRead, Delivery, PartitionMsg, Reply, Routes, ShardMsg};
 use crate::blob::BlobStore;
-use crate::domain::channel::{ChannelDecision, ChannelState, Message};
+use crate::domain::channel::{ChannelDecision, ChannelState, Message, StoredBody};
 use crate::domain::event::{self, Body, ChannelEvent, ChannelRecord, Decoded};
 use crate::domain::meta::MetaState;
 use crate::domain::{DomainError, Principal, INLINE_BODY_BYTES_MAX};
@@ -63,7 +63,51 @@ pub(crate) struct Partition {
     blobs: Arc<BlobStore>,
     failed: Option<String>,
     observer: crate::engine::ObserverSlot,
+    snapshots: Snapshots,
 }
+
+/// Where a partition's snapshot goes, and when the next one is due.
+pub(crate) struct Snapshots {
+    /// The snapshot file.
+    pub path: std::path::PathBuf,
+    /// The least number of events between two snapshots.
+    pub every_events: u64,
+    /// Events committed since the last snapshot (or since the start of the log).
+    since: u64,
+    /// Events the last snapshot covered.
+    covered: u64,
+    /// A snapshot being written in the background.
+    writing: Rc<std::cell::Cell<bool>>,
+}
+
+impl Snapshots {
+    /// Snapshots at `path`, taken at least `every_events` apart.
+    pub(crate) fn new(path: std::path::PathBuf, every_events: u64) -> Snapshots {
+        Snapshots {
+            path,
+            every_events,
+            since: 0,
+            covered: 0,
+            writing: Rc::new(std::cell::Cell::new(false)),
+        }
+    }
+
+    /// Whether a snapshot is due: [`Snapshots::every_events`] events since the last one,
+    /// and at least an eighth of what the last one covered, so that the cost of writing
+    /// snapshots stays a constant share of the cost of committing events however large
+    /// the partition grows.
+    fn due(&self) -> bool {
+        self.since
+            >= self
+                .every_events
+                .max(self.covered / SNAPSHOT_GROWTH_DIVISOR)
+            && !self.writing.get()
+    }
+}
+
+/// A snapshot is taken once the events since the last one reach this fraction (1/8) of
+/// the events it covered: see [`Snapshots::due`].
+const SNAPSHOT_GROWTH_DIVISOR: u64 = 8;
 
 /// A reply to send after the tick's commit.
 enum Pending {
@@ -98,7 +142,8 @@ impl Partition {
         meta: Rc<RefCell<MetaState>>,
         blobs: Arc<BlobStore>,
         observer: crate::engine::ObserverSlot,
-    ) -> Result<(Partition, Vec<ChannelId>), EngineError> {
+        snapshots: Snapshots,
+    ) -> Result<(Partition, Vec<ChannelId>, (Option<u64>, u64)), EngineError> {
         let mut p = Partition {
             id,
             log,
@@ -112,8 +157,11 @@ impl Partition {
             blobs,
             failed: None,
             observer,
+            snapshots,
         };
-        p.replay().await?;
+        let snapshot_offset = p.restore_snapshot();
+        let from = snapshot_offset.unwrap_or(p.log.first_offset());
+        let replayed = p.replay(from).await?;
         let uninitialised = {
             let meta = p.meta.borrow();
             meta.channels()
@@ -122,11 +170,159 @@ impl Partition {
                 .map(|c| c.id)
                 .collect()
         };
-        Ok((p, uninitialised))
+        Ok((p, uninitialised, (snapshot_offset, replayed)))
     }
 
-    async fn replay(&mut self) -> Result<(), EngineError> {
-        let mut at = self.log.first_offset();
+    /// Loads the partition's snapshot if there is a usable one, and returns the log offset
+    /// it covers, from which the log is replayed (`None`: replay all of it). A snapshot that cannot be used is reported and ignored: the whole
+    /// log is replayed instead, and the state is rebuilt from it alone.
+    fn restore_snapshot(&mut self) -> Option<u64> {
+        let path = self.snapshots.path.clone();
+        let first = self.log.first_offset();
+        let loaded = match crate::snapshot::load(&path, self.id) {
+            Ok(Some(l)) => l,
+            Ok(None) => return None,
+            Err(e) => {
+                eprintln!("chorus: ignoring {}: {e}", path.display());
+                return None;
+            }
+        };
+        if loaded.next_offset > self.log.next_offset() || loaded.next_offset < first {
+            eprintln!(
+                "chorus: ignoring {}: it covers the log up to offset {}, but the log holds {}..{}",
+                path.display(),
+                loaded.next_offset,
+                first,
+                self.log.next_offset()
+            );
+            return None;
+        }
+        match self.restore_from(&loaded) {
+            Ok(events) => {
+                self.snapshots.covered = events;
+                Some(loaded.next_offset)
+            }
+            Err(e) => {
+                eprintln!("chorus: ignoring {}: {e}", path.display());
+                self.channels.clear();
+                self.user_channels.clear();
+                self.public.clear();
+                None
+            }
+        }
+    }
+
+    /// Restores the channels of a snapshot, returning the events it covered.
+    fn restore_from(
+        &mut self,
+        loaded: &crate::snapshot::Loaded,
+    ) -> Result<u64, crate::snapshot::SnapshotError> {
+        let mut r = loaded.body();
+        let n = r.count(8)?;
+        let mut events = 0;
+        for _ in 0..n {
+            let state = ChannelState::restore(&mut r)?;
+            let offsets = r.u64s()?;
+            let known = {
+                let meta = self.meta.borrow();
+                meta.channel(state.id).is_some_and(|c| {
+                    c.workspace == state.workspace
+                        && crate::domain::meta::partition_of(c.id) == self.id
+                })
+            };
+            if !known || offsets.len() as u64 != state.last_seq() {
+                return Err(crate::snapshot::SnapshotError(format!(
+                    "channel {} does not match the directory or its offsets",
+                    state.id
+                )));
+            }
+            events += state.last_seq();
+            let id = state.id;
+            for user in state.members() {
+                self.user_channels.entry(user).or_default().insert(id);
+            }
+            if state.kind == crate::domain::event::ChannelKind::Public {
+                self.public.entry(state.workspace).or_default().insert(id);
+            }
+            let committed = state.last_seq();
+            self.channels.insert(
+                id,
+                ChannelRt {
+                    state,
+                    offsets,
+                    committed,
+                },
+            );
+        }
+        r.finish()?;
+        Ok(events)
+    }
+
+    /// The partition's whole state as a snapshot file, covering the log up to its end.
+    /// Call it only between ticks, when the state holds exactly the committed events.
+    fn snapshot_file(&self) -> Vec<u8> {
+        let mut w = crate::snapshot::Writer::with_capacity(1 << 16);
+        w.len(self.channels.len());
+        for rt in self.channels.values() {
+            debug_assert_eq!(rt.committed, rt.state.last_seq());
+            rt.state.snapshot(&mut w);
+            w.u64s(&rt.offsets);
+        }
+        w.finish(self.id, self.log.next_offset())
+    }
+
+    /// Writes a snapshot in the background if one is due. The state is encoded here, on
+    /// the shard (the only pause it costs), and written and fsynced on glommio's blocking
+    /// pool while the partition goes on.
+    fn maybe_snapshot(&mut self, committed_events: u64) {
+        self.snapshots.since += committed_events;
+        if self.failed.is_some() || !self.snapshots.due() {
+            return;
+        }
+        let file = self.snapshot_file();
+        let covered: u64 = self.channels.values().map(|rt| rt.committed).sum();
+        self.snapshots.since = 0;
+        self.snapshots.covered = covered;
+        let writing = self.snapshots.writing.clone();
+        writing.set(true);
+        let path = self.snapshots.path.clone();
+        glommio::spawn_local(async move {
+            let shown = path.display().to_string();
+            let r = glommio::executor()
+                .spawn_blocking(move || crate::snapshot::store(&path, &file))
+                .await;
+            if let Err(e) = r {
+                eprintln!("chorus: snapshot {shown} not written: {e}");
+            }
+            writing.set(false);
+        })
+        .detach();
+    }
+
+    /// Writes a final snapshot at shutdown, after any background one, unless nothing
+    /// changed since the last.
+    async fn final_snapshot(&mut self) {
+        while self.snapshots.writing.get() {
+            glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        if self.failed.is_some() || self.snapshots.since == 0 {
+            return;
+        }
+        let file = self.snapshot_file();
+        let path = self.snapshots.path.clone();
+        let shown = path.display().to_string();
+        let r = glommio::executor()
+            .spawn_blocking(move || crate::snapshot::store(&path, &file))
+            .await;
+        if let Err(e) = r {
+            eprintln!("chorus: snapshot {shown} not written: {e}");
+        }
+    }
+
+    /// Replays the log from `from`, returning the events replayed.
+    async fn replay(&mut self, from: u64) -> Result<u64, EngineError> {
+        let mut at = from;
+        let mut replayed = 0;
         let end = self.log.next_offset();
         while at < end {
             let records = self.log.read(at, 4 << 20).await.map_err(storage)?;
@@ -149,9 +345,11 @@ impl Partition {
                     }
                 };
                 self.replay_one(rec, r.offset)?;
+                self.snapshots.since += 1;
+                replayed += 1;
             }
         }
-        Ok(())
+        Ok(replayed)
     }
 
     fn replay_one(&mut self, rec: ChannelRecord, offset: u64) -> Result<(), EngineError> {
@@ -216,12 +414,15 @@ impl Partition {
                     Err(_) => break,
                 }
             }
-            self.tick(std::mem::take(&mut tick)).await;
+            let events = self.tick(std::mem::take(&mut tick)).await;
+            self.maybe_snapshot(events);
         }
+        self.final_snapshot().await;
         let _ = self.log.close().await;
     }
 
-    async fn tick(&mut self, msgs: Vec<PartitionMsg>) {
+    /// Runs one tick, returning the events it committed.
+    async fn tick(&mut self, msgs: Vec<PartitionMsg>) -> u64 {
         let mut decided: Vec<Decided> = Vec::new();
         let mut pending: Vec<Pending> = Vec::new();
         let mut reads: Vec<PartitionMsg> = Vec::new();
@@ -278,7 +479,7 @@ impl Partition {
                 for r in reads {
                     fail(r, &why);
                 }
-                return;
+                return 0;
             }
             self.deliver(&decided).await;
         }
@@ -293,6 +494,7 @@ impl Partition {
         for r in reads {
             self.read(r).await;
         }
+        decided.len() as u64
     }
 
     fn principal(&self, user: UserId, channel: ChannelId) -> Result<Principal, DomainError> {
@@ -425,7 +627,7 @@ impl Partition {
             target
                 .and_then(|t| rt.state.message_at(t))
                 .map(|m| m.body()),
-            Some(Body::Blob { .. })
+            Some(StoredBody::Blob { .. })
         );
         let reference;
         let stored: &[u8] = if large {
@@ -884,12 +1086,12 @@ fn target_of(e: &ChannelEvent, seq: u64) -> Option<u64> {
     }
 }
 
-fn body_of(blobs: &BlobStore, b: &Body) -> String {
+fn body_of(blobs: &BlobStore, b: &StoredBody) -> String {
     match b {
-        Body::Text(t) => t.clone(),
-        Body::Blob { hash, len } => blobs
+        StoredBody::Text(t) => t.as_str().to_owned(),
+        StoredBody::Blob { hash, len } => blobs
             .get(&crate::blob::BlobRef {
-                hash: *hash,
+                hash: **hash,
                 len: *len,
             })
             .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
