@@ -413,12 +413,6 @@ impl Shard {
                     ),
                 )
                 .await?;
-            if std::env::var_os("CHORUS_DEBUG_RECOVERY").is_some() {
-                eprintln!(
-                    "p{p}: log open {log_opened:?}, total {:?}",
-                    started.elapsed()
-                );
-            }
             recovered.push(crate::engine::Recovery {
                 partition: p,
                 snapshot_offset,
