@@ -399,6 +399,18 @@ struct Rss {
 
 /// Hands freed heap memory back to the kernel, so that the resident set measured next
 /// shows what is in use rather than what earlier scenarios left in the allocator.
+/// CPU seconds (user + system) this process has used.
+fn cpu_secs() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let usage = unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut u);
+        u
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
 fn trim_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: `malloc_trim` only releases free memory of glibc's allocator.
@@ -1601,9 +1613,16 @@ fn restart(plan: &Plan) -> Vec<Row> {
 fn timed_open(plan: &Plan, dir: &Path, owner: UserId, channel: ChannelId) -> (f64, f64, u64) {
     trim_heap();
     let before = rss_mib();
+    let cpu_before = cpu_secs();
     let started = Instant::now();
     let reopened = open_engine(plan, dir);
     let took = started.elapsed().as_secs_f64();
+    let cpu = cpu_secs() - cpu_before;
+    eprintln!(
+        "  open: {took:.2} s wall, {cpu:.2} CPU-s over {} shards ({:.2} s if each had a core)",
+        plan.shards,
+        cpu / plan.shards as f64
+    );
     trim_heap();
     let grew = rss_mib().anon - before.anon;
     let replayed = reopened.recovery().iter().map(|r| r.replayed_events).sum();
