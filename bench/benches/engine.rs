@@ -35,8 +35,10 @@
 //!    dropped at once and the bench reports whether and when the engine answers again.
 //! 4. **Restart.** A data directory with `CHORUS_BENCH_RESTART_MESSAGES` (1,000,000)
 //!    messages over [`RESTART_CHANNELS`] channels, and with `CHORUS_BENCH_RESTART_10M=1` also
-//!    10,000,000; the time `Engine::open` takes to return (it replays every log), with a warm
-//!    page cache.
+//!    10,000,000; the time `Engine::open` takes to return, with a warm page cache, first
+//!    from the snapshots the shutdown wrote (the wall time, and the CPU time it used, since
+//!    a loaded machine stretches the wall time), then once with the snapshots removed, so
+//!    that every partition replays its whole log.
 //!
 //! `CHORUS_BENCH_SCENARIOS` (`1,2,3,4`) picks scenarios; `CHORUS_BENCH_DIR` (the system
 //! temporary directory) is where the data goes, and must allow O_DIRECT, as ext4 does.
