@@ -25,7 +25,10 @@
 //!    time travels in the message text. With `CHORUS_BENCH_LATENCY_CONSUMER=wake` (the
 //!    default) each consumer thread runs one task per subscription that awaits `recv` and
 //!    records `now - due` when woken; with `poll` the consumers poll round-robin as in
-//!    scenario 1, which adds up to one pass over their queues to every latency.
+//!    scenario 1, which adds up to one pass over their queues to every latency. Each run
+//!    also reports the cores the process kept busy, and the share of time the shard threads
+//!    spent runnable but waiting for a CPU (`/proc/self/task/*/schedstat`), which tells a
+//!    tail of the engine's own making from one of waiting for a core.
 //! 3. **One channel of `CHORUS_BENCH_BIG_MEMBERS` (100,000) subscribed members.** Time from
 //!    the start of a `post` call to the frame being in the queue of the last subscriber the
 //!    dispatchers push to, over `CHORUS_BENCH_BIG_POSTS` (20) posts. The last subscriber of
@@ -914,6 +917,8 @@ struct LatencyRun {
     pass_us: u64,
     cut: usize,
     errors: u64,
+    /// Where the CPU went while the posts ran.
+    cpu: CpuUse,
 }
 
 fn latency_scenario(plan: &Plan, pop: &Population, slots: &mut [Slot]) -> Row {
@@ -923,7 +928,8 @@ fn latency_scenario(plan: &Plan, pop: &Population, slots: &mut [Slot]) -> Row {
         eprintln!(
             "latency run {}/{}: p50 {} µs, p99 {} µs, p99.9 {} µs, max {} µs over {} \
              deliveries; sender lag p99 {} µs; p99 from the actual send {} µs; poll pass {} µs; \
-             {} missing, {} cut off, {} errors",
+             {} missing, {} cut off, {} errors; process CPU {:.2} cores (shards {:.2}), shard \
+             threads waiting for a CPU {:.0}% of the time, load average {:.1}",
             run + 1,
             plan.runs,
             r.p50_us,
@@ -936,13 +942,18 @@ fn latency_scenario(plan: &Plan, pop: &Population, slots: &mut [Slot]) -> Row {
             r.pass_us,
             r.missing,
             r.cut,
-            r.errors
+            r.errors,
+            r.cpu.process_cores,
+            r.cpu.shard_cores,
+            r.cpu.shard_wait_share * 100.0,
+            r.cpu.load_average,
         );
         runs.push(r);
     }
     let med = |f: fn(&LatencyRun) -> u64| {
         median(&runs.iter().map(|r| f(r) as f64).collect::<Vec<_>>()) as u64
     };
+    let medf = |f: fn(&LatencyRun) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
     let p99 = med(|r| r.p99_us);
     let missing: u64 = runs.iter().map(|r| r.missing).sum();
     let cut: usize = runs.iter().map(|r| r.cut).sum();
@@ -960,7 +971,9 @@ fn latency_scenario(plan: &Plan, pop: &Population, slots: &mut [Slot]) -> Row {
              send time, observed by {}; sender lag p99 {} µs, p99 measured from the actual \
              send {} µs; per-run p99 µs: {}; {} \
              deliveries recorded per run; {missing} frames missing, {cut} cut off, {errors} \
-             post errors; population of row 1",
+             post errors; the process used {:.2} cores (shard threads {:.2}) and its shard \
+             threads waited for a CPU {:.0}% of the time, load average {:.1}; population of \
+             row 1",
             med(|r| r.p50_us),
             med(|r| r.p999_us),
             med(|r| r.max_us),
@@ -983,6 +996,10 @@ fn latency_scenario(plan: &Plan, pop: &Population, slots: &mut [Slot]) -> Row {
                 .collect::<Vec<_>>()
                 .join(", "),
             med(|r| r.recorded),
+            medf(|r| r.cpu.process_cores),
+            medf(|r| r.cpu.shard_cores),
+            medf(|r| r.cpu.shard_wait_share) * 100.0,
+            medf(|r| r.cpu.load_average),
         ),
     }
 }
@@ -1020,7 +1037,9 @@ fn latency_run(plan: &Plan, pop: &Population, slots: &mut [Slot], run: u8) -> La
                 })
             })
             .collect();
+        let cpu_before = CpuSample::now();
         let sent = post_open_loop(plan, pop, epoch, start_ns, run);
+        let cpu = CpuSample::now().since(&cpu_before);
         // Every subscriber of a channel is subscribed, so each post owes `members` frames.
         let expected = sent.acked * plan.channel_members as u64;
         let deadline = Instant::now() + LATENCY_DRAIN_TIMEOUT;
@@ -1053,8 +1072,93 @@ fn latency_run(plan: &Plan, pop: &Population, slots: &mut [Slot], run: u8) -> La
             pass_us,
             cut,
             errors: sent.errors,
+            cpu,
         }
     })
+}
+
+/// CPU figures of this process at one moment: enough to tell, after a latency run, whether
+/// its tail came from the engine's own work or from threads waiting for a core.
+struct CpuSample {
+    at: Instant,
+    /// User plus system time of the whole process (exited threads included), in ticks.
+    process_ticks: u64,
+    /// Time the shard threads ran, and waited runnable for a CPU, in nanoseconds.
+    shard_run_ns: u64,
+    shard_wait_ns: u64,
+}
+
+/// What a [`CpuSample`] pair says about the time between them.
+#[derive(Clone, Copy, Debug, Default)]
+struct CpuUse {
+    /// Cores the process kept busy (posters, consumers, shards and io_uring workers).
+    process_cores: f64,
+    /// Cores the shard threads kept busy.
+    shard_cores: f64,
+    /// Of the shard threads' run plus wait time, the share spent runnable but waiting for a CPU.
+    shard_wait_share: f64,
+    /// The one-minute load average at the end: other work on the machine.
+    load_average: f64,
+}
+
+impl CpuSample {
+    fn now() -> CpuSample {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+        let (mut run, mut wait) = (0, 0);
+        for task in std::fs::read_dir("/proc/self/task")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let shard = std::fs::read_to_string(task.path().join("comm"))
+                .is_ok_and(|c| c.starts_with("chorus-shard"));
+            let Some(sched) = shard
+                .then(|| std::fs::read_to_string(task.path().join("schedstat")).ok())
+                .flatten()
+            else {
+                continue;
+            };
+            let mut numbers = sched
+                .split_whitespace()
+                .map(|n| n.parse::<u64>().unwrap_or(0));
+            run += numbers.next().unwrap_or(0);
+            wait += numbers.next().unwrap_or(0);
+        }
+        CpuSample {
+            at: Instant::now(),
+            process_ticks: field(11).unwrap_or(0) + field(12).unwrap_or(0),
+            shard_run_ns: run,
+            shard_wait_ns: wait,
+        }
+    }
+
+    fn since(&self, before: &CpuSample) -> CpuUse {
+        /// `/proc` reports CPU time in USER_HZ ticks, 100 per second in Linux's ABI.
+        const TICKS_PER_S: f64 = 100.0;
+        let secs = self.at.duration_since(before.at).as_secs_f64().max(1e-9);
+        let run = self.shard_run_ns.saturating_sub(before.shard_run_ns) as f64;
+        let wait = self.shard_wait_ns.saturating_sub(before.shard_wait_ns) as f64;
+        let load_average = read_trimmed("/proc/loadavg")
+            .split_whitespace()
+            .next()
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(0.0);
+        CpuUse {
+            process_cores: self.process_ticks.saturating_sub(before.process_ticks) as f64
+                / TICKS_PER_S
+                / secs,
+            shard_cores: run / 1e9 / secs,
+            shard_wait_share: if run + wait > 0.0 {
+                wait / (run + wait)
+            } else {
+                0.0
+            },
+            load_average,
+        }
+    }
 }
 
 /// What a latency consumer needs to read the due time out of a frame.

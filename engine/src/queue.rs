@@ -14,8 +14,8 @@
 //! Architecture invariant: the inbox's hot path (a send that finds space, a receive that
 //! finds an item) takes no lock. The only inbox lock is the list of senders blocked on a
 //! full inbox, touched only when it is full. A subscriber queue's ring takes an
-//! uncontended mutex per push or pop: its producer and consumer share a shard thread in the
-//! server.
+//! uncontended mutex per push or per batch of pops (its producer and consumer share a shard
+//! thread in the server), and none to find it empty.
 
 use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
@@ -441,11 +441,17 @@ const STATE_CLOSED: u8 = 2;
 /// A subscriber queue must cost nothing while its connection is idle: a node holds tens of
 /// thousands of idle connections, and a preallocated ring of a few thousand slots each would
 /// take gigabytes. So the frames sit in a `VecDeque` that grows with the backlog and gives
-/// its memory back once drained. The mutex is held for one push or pop; its two users are
-/// the shard that pushes and the connection that pops, which in the server run on the same
-/// shard thread, so it is not contended across cores.
+/// its memory back once drained. The mutex is held for one push or for one batch of pops;
+/// its two users are the shard that pushes and the connection that pops, which in the server
+/// run on the same shard thread, so it is not contended across cores.
+///
+/// `queued` mirrors the number of frames, written only under the lock: a reader that finds
+/// the queue empty (most polls of an idle subscriber) or asks its length takes no lock and
+/// writes no shared cache line. It cannot miss a frame: a push stores the new count before
+/// it wakes the receiver, and the receiver checks again after registering its waker.
 struct FrameRing {
     frames: Mutex<std::collections::VecDeque<Bytes>>,
+    queued: AtomicUsize,
     capacity: usize,
 }
 
@@ -456,6 +462,7 @@ impl FrameRing {
     fn new(capacity: usize) -> FrameRing {
         FrameRing {
             frames: Mutex::new(std::collections::VecDeque::new()),
+            queued: AtomicUsize::new(0),
             capacity,
         }
     }
@@ -470,24 +477,46 @@ impl FrameRing {
             return Err(frame);
         }
         q.push_back(frame);
+        self.queued.store(q.len(), Ordering::Release);
         Ok(())
     }
 
     fn pop(&self) -> Option<Bytes> {
+        if self.is_empty() {
+            return None;
+        }
         let mut q = self.lock();
         let frame = q.pop_front();
-        if q.is_empty() && q.capacity() > FRAME_RING_IDLE_SLOTS_MAX {
-            q.shrink_to(FRAME_RING_IDLE_SLOTS_MAX);
-        }
+        self.popped(&mut q);
         frame
     }
 
+    /// Moves up to `max` frames to `out` under one lock; returns how many.
+    fn pop_batch(&self, out: &mut Vec<Bytes>, max: usize) -> usize {
+        if max == 0 || self.is_empty() {
+            return 0;
+        }
+        let mut q = self.lock();
+        let n = q.len().min(max);
+        out.extend(q.drain(..n));
+        self.popped(&mut q);
+        n
+    }
+
+    /// Publishes the new count after pops, and gives a drained queue's memory back.
+    fn popped(&self, q: &mut std::collections::VecDeque<Bytes>) {
+        self.queued.store(q.len(), Ordering::Release);
+        if q.is_empty() && q.capacity() > FRAME_RING_IDLE_SLOTS_MAX {
+            q.shrink_to(FRAME_RING_IDLE_SLOTS_MAX);
+        }
+    }
+
     fn len(&self) -> usize {
-        self.lock().len()
+        self.queued.load(Ordering::Acquire)
     }
 
     fn is_empty(&self) -> bool {
-        self.lock().is_empty()
+        self.len() == 0
     }
 }
 
@@ -655,14 +684,7 @@ impl FrameReceiver {
     /// moved; `Ok(0)` means nothing is queued yet. Returns `Err` only when nothing is queued
     /// and the subscriber has been cut off.
     pub fn try_recv_batch(&mut self, out: &mut Vec<Bytes>, max: usize) -> Result<usize, Cutoff> {
-        let mut moved = 0;
-        while moved < max {
-            match self.shared.frames.pop() {
-                Some(frame) => out.push(frame),
-                None => break,
-            }
-            moved += 1;
-        }
+        let moved = self.shared.frames.pop_batch(out, max);
         if moved > 0 || max == 0 {
             return Ok(moved);
         }

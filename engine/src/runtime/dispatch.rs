@@ -16,7 +16,9 @@ use super::{Delivery, PartitionMsg, Routes, ShardMsg};
 use crate::ids::{ChannelId, UserId};
 use crate::queue::{Cutoff, FrameSender, PushOutcome};
 use bytes::Bytes;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
 
 /// What a new subscription starts with.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,12 +43,31 @@ struct Chan {
     leaving: bool,
 }
 
+/// A subscriber's state in one channel, shared by the subscriber and the channel's member
+/// list, so that a delivery reaches it without a lookup.
+type ChanRef = Rc<RefCell<Chan>>;
+
+/// Where a subscriber's frames go, shared by the subscriber and every member list it is in.
+struct Outlet {
+    queue: FrameSender,
+    /// Set when the subscriber is removed: member lists drop it lazily (see `remove`).
+    gone: Cell<bool>,
+}
+
+/// One subscriber in a channel's member list: everything a delivery needs, reached
+/// through two pointers rather than two hash lookups per recipient.
+struct Member {
+    sub: u64,
+    outlet: Rc<Outlet>,
+    chan: ChanRef,
+}
+
 struct Sub {
     user: UserId,
     /// Live frames are held back (skipped, then fetched from the log) until `start`.
     held: bool,
-    queue: FrameSender,
-    channels: HashMap<ChannelId, Chan>,
+    outlet: Rc<Outlet>,
+    channels: HashMap<ChannelId, ChanRef>,
     acks_waiting: usize,
     ready: Option<super::Reply<SubscriptionInfo>>,
     started: Vec<(ChannelId, u64)>,
@@ -63,7 +84,8 @@ pub(crate) struct Dispatcher {
     subs: HashMap<u64, Sub>,
     next_sub: u64,
     by_user: HashMap<UserId, Vec<u64>>,
-    by_channel: HashMap<ChannelId, Vec<u64>>,
+    /// The local subscribers of each channel, in subscription order.
+    by_channel: HashMap<ChannelId, Vec<Member>>,
     /// Subscribers gone since each channel's list was last compacted.
     stale: HashMap<ChannelId, usize>,
     /// Catch-up pages waiting for room in their subscriber's queue.
@@ -115,7 +137,10 @@ impl Dispatcher {
             Sub {
                 user,
                 held,
-                queue,
+                outlet: Rc::new(Outlet {
+                    queue,
+                    gone: Cell::new(false),
+                }),
                 channels: HashMap::new(),
                 acks_waiting: self.routes.partitions as usize,
                 ready: Some(reply),
@@ -148,17 +173,26 @@ impl Dispatcher {
             return;
         };
         for (c, committed) in channels {
-            s.channels.insert(
-                c,
-                Chan {
-                    next: Some(committed + 1),
-                    resuming: s.held,
-                    sent: false,
-                    leaving: false,
-                },
-            );
+            let fresh = Chan {
+                next: Some(committed + 1),
+                resuming: s.held,
+                sent: false,
+                leaving: false,
+            };
             s.started.push((c, committed));
-            self.by_channel.entry(c).or_default().push(sub);
+            // A join delivered before this answer already listed the channel: its state
+            // is replaced in place, so that the member list keeps one entry.
+            if let Some(chan) = s.channels.get(&c) {
+                *chan.borrow_mut() = fresh;
+                continue;
+            }
+            let chan = Rc::new(RefCell::new(fresh));
+            s.channels.insert(c, chan.clone());
+            self.by_channel.entry(c).or_default().push(Member {
+                sub,
+                outlet: s.outlet.clone(),
+                chan,
+            });
         }
         s.acks_waiting -= 1;
         if s.acks_waiting == 0 {
@@ -190,42 +224,41 @@ impl Dispatcher {
                     if let std::collections::hash_map::Entry::Vacant(e) =
                         s.channels.entry(d.channel)
                     {
-                        e.insert(Chan {
+                        let chan = Rc::new(RefCell::new(Chan {
                             next: Some(d.seq),
                             resuming: held,
                             sent: false,
                             leaving: false,
+                        }));
+                        e.insert(chan.clone());
+                        self.by_channel.entry(d.channel).or_default().push(Member {
+                            sub: id,
+                            outlet: s.outlet.clone(),
+                            chan,
                         });
-                        self.by_channel.entry(d.channel).or_default().push(id);
                     }
                 }
             }
-            for id in self
-                .by_channel
-                .get(&d.channel)
-                .map(Vec::as_slice)
-                .unwrap_or(&[])
-            {
+            let members = self.by_channel.get(&d.channel).map(Vec::as_slice);
+            for m in members.unwrap_or(&[]) {
                 // A subscriber that is gone may still be listed (see `remove`).
-                let Some(s) = self.subs.get_mut(id) else {
+                if m.outlet.gone.get() {
                     continue;
-                };
-                let Some(chan) = s.channels.get_mut(&d.channel) else {
-                    continue;
-                };
+                }
+                let mut chan = m.chan.borrow_mut();
                 if chan.resuming || chan.next.is_some_and(|n| d.seq < n) {
                     continue;
                 }
                 if chan.next.is_some_and(|n| d.seq > n) {
-                    cut.push((*id, Cutoff::Overflow));
+                    cut.push((m.sub, Cutoff::Overflow));
                     continue;
                 }
                 chan.next = Some(d.seq + 1);
                 chan.sent = true;
-                if s.queue.push(d.frame.clone()) == PushOutcome::Queued {
+                if m.outlet.queue.push(d.frame.clone()) == PushOutcome::Queued {
                     pushed += 1;
                 } else {
-                    cut.push((*id, Cutoff::Overflow));
+                    cut.push((m.sub, Cutoff::Overflow));
                 }
             }
             if let Some((user, false)) = d.membership {
@@ -233,13 +266,13 @@ impl Dispatcher {
                     let Some(s) = self.subs.get_mut(&id) else {
                         continue;
                     };
-                    match s.channels.get_mut(&d.channel) {
+                    match s.channels.get(&d.channel) {
                         // The catch-up in flight ends with this event; drop the channel then.
-                        Some(chan) if chan.resuming => chan.leaving = true,
+                        Some(chan) if chan.borrow().resuming => chan.borrow_mut().leaving = true,
                         _ => {
                             s.channels.remove(&d.channel);
                             if let Some(v) = self.by_channel.get_mut(&d.channel) {
-                                v.retain(|x| *x != id);
+                                v.retain(|m| m.sub != id);
                             }
                         }
                     }
@@ -259,21 +292,19 @@ impl Dispatcher {
     /// Pushes an ephemeral frame to the live subscribers of its channel, except its
     /// sender's own.
     fn deliver_ephemeral(&mut self, d: &Delivery, from: UserId, cut: &mut Vec<(u64, Cutoff)>) {
-        for id in self
-            .by_channel
-            .get(&d.channel)
-            .map(Vec::as_slice)
-            .unwrap_or(&[])
-        {
-            let Some(s) = self.subs.get_mut(id) else {
-                continue;
-            };
-            let live = s.channels.get(&d.channel).is_some_and(|c| !c.resuming);
-            if s.user == from || !live {
+        let members = self.by_channel.get(&d.channel).map(Vec::as_slice);
+        for m in members.unwrap_or(&[]) {
+            if m.outlet.gone.get() || m.chan.borrow().resuming {
                 continue;
             }
-            if s.queue.push(d.frame.clone()) != PushOutcome::Queued {
-                cut.push((*id, Cutoff::Overflow));
+            let Some(s) = self.subs.get(&m.sub) else {
+                continue;
+            };
+            if s.user == from {
+                continue;
+            }
+            if m.outlet.queue.push(d.frame.clone()) != PushOutcome::Queued {
+                cut.push((m.sub, Cutoff::Overflow));
             }
         }
     }
@@ -294,7 +325,8 @@ impl Dispatcher {
         let since: HashMap<ChannelId, u64> = since.into_iter().collect();
         let user = s.user;
         let mut asks = Vec::new();
-        for (c, chan) in s.channels.iter_mut() {
+        for (c, chan) in s.channels.iter() {
+            let mut chan = chan.borrow_mut();
             if let Some(seq) = since.get(c) {
                 chan.next = Some(seq + 1);
                 s.resumed.insert(*c, *seq);
@@ -324,9 +356,10 @@ impl Dispatcher {
             return false;
         };
         let behind = since.iter().any(|(c, seq)| {
-            s.channels
-                .get(c)
-                .is_some_and(|chan| chan.sent && chan.next.is_some_and(|n| seq + 1 < n))
+            s.channels.get(c).is_some_and(|chan| {
+                let chan = chan.borrow();
+                chan.sent && chan.next.is_some_and(|n| seq + 1 < n)
+            })
         });
         if behind {
             return false;
@@ -334,7 +367,8 @@ impl Dispatcher {
         let user = s.user;
         let mut asks = Vec::new();
         for (c, seq) in since {
-            if let Some(chan) = s.channels.get_mut(&c) {
+            if let Some(chan) = s.channels.get(&c) {
+                let mut chan = chan.borrow_mut();
                 let after = match chan.next {
                     Some(n) if chan.sent => seq.max(n - 1),
                     _ => seq,
@@ -365,8 +399,9 @@ impl Dispatcher {
         let Some(s) = self.subs.get(&sub) else {
             return;
         };
-        let room = s.queue.capacity().saturating_sub(s.queue.len());
-        if room < CATCH_UP_ROOM_MIN.min(s.queue.capacity()) {
+        let queue = &s.outlet.queue;
+        let room = queue.capacity().saturating_sub(queue.len());
+        if room < CATCH_UP_ROOM_MIN.min(queue.capacity()) {
             self.stalled.push((user, channel, after, sub));
             return;
         }
@@ -410,31 +445,35 @@ impl Dispatcher {
             return;
         };
         let user = s.user;
-        let Some(chan) = s.channels.get_mut(&channel) else {
+        let Some(chan) = s.channels.get(&channel).cloned() else {
             return;
         };
         let sent = !frames.is_empty();
         let overflowed = frames
             .into_iter()
-            .any(|f| s.queue.push(f) != PushOutcome::Queued);
+            .any(|f| s.outlet.queue.push(f) != PushOutcome::Queued);
         if overflowed {
             self.cut_off(sub, Cutoff::Overflow).await;
             return;
         }
-        chan.next = Some(last + 1);
-        chan.sent |= sent;
+        let leaving = {
+            let mut chan = chan.borrow_mut();
+            chan.next = Some(last + 1);
+            chan.sent |= sent;
+            if done && chan.resuming {
+                chan.resuming = false;
+                s.resuming = s.resuming.saturating_sub(1);
+            }
+            done && chan.leaving
+        };
         if !done {
             self.ask_catch_up(user, channel, last, sub).await;
             return;
         }
-        if chan.resuming {
-            chan.resuming = false;
-            s.resuming = s.resuming.saturating_sub(1);
-        }
-        if chan.leaving {
+        if leaving {
             s.channels.remove(&channel);
             if let Some(v) = self.by_channel.get_mut(&channel) {
-                v.retain(|x| *x != sub);
+                v.retain(|m| m.sub != sub);
             }
         }
         if let Some(r) = s.resumed.get_mut(&channel) {
@@ -459,7 +498,7 @@ impl Dispatcher {
             .collect();
         let frame = serde_json::json!({"type": "resumed", "channels": channels});
         let bytes = Bytes::from(serde_json::to_vec(&frame).expect("json"));
-        if s.queue.push(bytes) != PushOutcome::Queued {
+        if s.outlet.queue.push(bytes) != PushOutcome::Queued {
             self.cut_off(sub, Cutoff::Overflow).await;
         }
     }
@@ -476,13 +515,14 @@ impl Dispatcher {
             o.cut_off();
         }
         if let Some(s) = self.remove(sub) {
-            s.queue.close(why);
+            s.outlet.queue.close(why);
             self.broadcast_online(s.user, -1, None).await;
         }
     }
 
     fn remove(&mut self, sub: u64) -> Option<Sub> {
         let s = self.subs.remove(&sub)?;
+        s.outlet.gone.set(true);
         if let Some(v) = self.by_user.get_mut(&s.user) {
             v.retain(|x| *x != sub);
             if v.is_empty() {
@@ -499,8 +539,7 @@ impl Dispatcher {
             let stale = self.stale.entry(*c).or_insert(0);
             *stale += 1;
             if *stale * 2 >= v.len() {
-                let subs = &self.subs;
-                v.retain(|x| subs.contains_key(x));
+                v.retain(|m| !m.outlet.gone.get());
                 self.stale.remove(c);
                 if v.is_empty() {
                     self.by_channel.remove(c);
@@ -515,7 +554,7 @@ impl Dispatcher {
         let gone: Vec<u64> = self
             .subs
             .iter()
-            .filter(|(_, s)| s.queue.is_closed())
+            .filter(|(_, s)| s.outlet.queue.is_closed())
             .map(|(id, _)| *id)
             .collect();
         for id in gone {

@@ -278,6 +278,10 @@ pub(crate) type MetaSnapshot = Arc<MetaState>;
 /// How often a shard looks again at catch-ups waiting for their subscribers to read.
 const CATCH_UP_RETRY: std::time::Duration = std::time::Duration::from_millis(2);
 
+/// How often a shard looks for subscribers whose receiving side is gone. A sweep walks
+/// every subscriber of the shard (about 100 µs for 5,000), so it must not run per turn.
+const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// What a shard needs to run.
 pub(crate) struct ShardSetup {
     pub id: u32,
@@ -446,7 +450,7 @@ impl Shard {
 
     async fn serve(mut self, mut inbox: crate::queue::InboxReceiver<ShardMsg>) {
         let mut batch = Vec::with_capacity(1024);
-        let mut ticks: u64 = 0;
+        let mut swept = std::time::Instant::now();
         // Messages this shard sent itself, and messages for full inboxes, to try again.
         let mut own: std::collections::VecDeque<ShardMsg> = std::collections::VecDeque::new();
         let mut retry: Vec<(u32, ShardMsg)> = Vec::new();
@@ -478,9 +482,11 @@ impl Shard {
                 }
                 self.handle(msg).await;
             }
-            ticks += 1;
-            if ticks.is_multiple_of(64) {
+            // The sweep walks every subscriber, so it runs by the clock: counted in turns, it
+            // ran most often when the shard was least loaded, where a turn is one post.
+            if swept.elapsed() >= SWEEP_INTERVAL {
                 self.dispatcher.sweep().await;
+                swept = std::time::Instant::now();
             }
             if let Some(o) = &self.observer.0 {
                 let depth = inbox.len();
