@@ -11,7 +11,8 @@
 //! `CHORUS_BENCH_SECS` sets the length of each measurement (default 2 s, which makes the
 //! whole run about a minute and a half); `CHORUS_BENCH_DIR` the directory the files go
 //! in (default the system temporary directory), which must be on a real filesystem such as
-//! ext4, since the log writes with O_DIRECT.
+//! ext4, since the log writes with O_DIRECT; `CHORUS_BENCH_PREALLOCATE` the log's
+//! `preallocate_bytes` (its default, 4 MiB; 0 appends by growing the file).
 //!
 //! The log's storage is wrapped in a [`CountingStorage`], a pass-through that counts the
 //! `fdatasync`s the log issues, so the table can show how many records each one carried.
@@ -359,9 +360,14 @@ async fn open_log(dir: &Path) -> (BenchLog, Rc<Counters>) {
     let disk = DiskStorage::open_dir(dir.join("log")).expect("open the log directory");
     let storage = CountingStorage::new(disk);
     let counters = storage.counters();
-    let (log, _) = Log::open(storage, LogConfig::default())
-        .await
-        .expect("open the log");
+    let config = LogConfig {
+        preallocate_bytes: chorus_bench::env_u64(
+            "CHORUS_BENCH_PREALLOCATE",
+            LogConfig::default().preallocate_bytes,
+        ),
+        ..LogConfig::default()
+    };
+    let (log, _) = Log::open(storage, config).await.expect("open the log");
     (log, counters)
 }
 

@@ -25,6 +25,21 @@ pub fn env_duration_secs(name: &str, default: Duration) -> Duration {
     }
 }
 
+/// Reads a count from the environment variable `name`, or `default` when it is unset.
+///
+/// # Panics
+///
+/// If the variable is set to anything but a whole number.
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Err(_) => default,
+        Ok(text) => text
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name} must be a whole number, got {text:?}")),
+    }
+}
+
 fn parse_secs(text: &str) -> Option<Duration> {
     let secs: f64 = text.trim().parse().ok()?;
     (secs.is_finite() && secs > 0.0).then(|| Duration::from_secs_f64(secs))

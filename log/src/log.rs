@@ -48,6 +48,12 @@ pub struct LogConfig {
     pub pending_bytes_max: usize,
     /// Bytes fetched at a time when reading the active segment.
     pub read_chunk_bytes: usize,
+    /// Zeros written ahead of the active segment's end, this much at a time (0: none).
+    /// An append then overwrites blocks the file already has instead of growing it, so
+    /// its `fdatasync` has no file size to commit and io_uring can issue the write without
+    /// a kernel worker; the file grows once per this many bytes. Recovery reads the zeros
+    /// as the end of the records and cuts them, as it cuts the padding of a last block.
+    pub preallocate_bytes: u64,
 }
 
 impl Default for LogConfig {
@@ -58,9 +64,13 @@ impl Default for LogConfig {
             record_bytes_max: 8 * 1024 * 1024,
             pending_bytes_max: 16 * 1024 * 1024,
             read_chunk_bytes: 64 * 1024,
+            preallocate_bytes: 4 * 1024 * 1024,
         }
     }
 }
+
+/// Preallocation ends on a multiple of this, so the zeros fill whole blocks.
+const PREALLOCATE_ALIGN: u64 = 4096;
 
 /// One record to append.
 #[derive(Clone, Copy, Debug)]
@@ -133,6 +143,9 @@ struct Segment<F> {
 
 struct State<F> {
     segments: Vec<Segment<F>>,
+    /// Where the zeros written ahead of the active segment's records end (at least its
+    /// `len`): see [`LogConfig::preallocate_bytes`].
+    allocated: u64,
     first_offset: u64,
     /// Offsets below this are durable.
     durable_next: u64,
@@ -265,6 +278,7 @@ impl<S: Storage> Log<S> {
             storage,
             config,
             state: RefCell::new(State {
+                allocated: segments.last().expect("at least one segment").len,
                 segments,
                 first_offset,
                 durable_next: next,
@@ -449,14 +463,28 @@ impl<S: Storage> Log<S> {
                 return self.poison("segment rollover", &e);
             }
         }
-        let (file, pos) = {
+        let (file, pos, allocated) = {
             let st = self.state.borrow();
             let active = st.segments.last().expect("active segment");
             (
                 active.file.clone().expect("active file is open"),
                 active.len,
+                st.allocated.max(active.len),
             )
         };
+        let end = pos + batch.len() as u64;
+        if self.config.preallocate_bytes > 0 && end > allocated {
+            // Grow the file by whole blocks of zeros past this batch, before the batch is
+            // written over their start; one fdatasync below covers both.
+            let ahead = (end + self.config.preallocate_bytes)
+                .min(self.config.segment_bytes_max.max(end))
+                .next_multiple_of(PREALLOCATE_ALIGN);
+            let zeros = vec![0u8; (ahead - allocated) as usize];
+            if let Err(e) = file.write_at(allocated, &zeros).await {
+                return self.poison("preallocation", &e);
+            }
+            self.state.borrow_mut().allocated = ahead;
+        }
         if let Err(e) = file.write_at(pos, &batch).await {
             return self.poison("write", &e);
         }
@@ -512,6 +540,7 @@ impl<S: Storage> Log<S> {
         let sealed = st.segments.last_mut().expect("active segment");
         sealed.map = Some(map);
         sealed.file = None;
+        st.allocated = SEGMENT_HEADER_BYTES as u64;
         st.segments.push(Segment {
             base: next,
             next,
@@ -759,6 +788,7 @@ impl<S: Storage> Log<S> {
         s.file = Some(file);
         st.durable_next = cut;
         st.assigned_next = cut;
+        st.allocated = position;
         st.epoch += 1;
         Ok(())
     }

@@ -336,6 +336,8 @@ fn run_seed(seed: u64) -> Result<(), String> {
         record_bytes_max: 1 << 16,
         pending_bytes_max: 2048 + rng.below(16384) as usize,
         read_chunk_bytes: 256 + rng.below(4096) as usize,
+        // Half the seeds write zeros ahead of the records, half do not.
+        preallocate_bytes: if rng.chance(500) { 0 } else { rng.below(8192) },
     };
     let model: Shared<Model> = Rc::default();
     for _cycle in 0..2 {

@@ -29,6 +29,14 @@ fn open(s: &SimStorage) -> (Log<SimStorage>, chorus_log::RecoveryReport) {
     block_on(Log::open(s.clone(), small())).expect("open")
 }
 
+fn open_unallocated(s: &SimStorage) -> (Log<SimStorage>, chorus_log::RecoveryReport) {
+    let config = LogConfig {
+        preallocate_bytes: 0,
+        ..small()
+    };
+    block_on(Log::open(s.clone(), config)).expect("open")
+}
+
 /// Appends records 1..=n one at a time.
 fn fill(log: &Log<SimStorage>, n: u64) {
     for i in 1..=n {
@@ -190,7 +198,8 @@ fn fill_from(log: &Log<SimStorage>, from: u64, to: u64) {
 #[test]
 fn torn_tail_is_truncated() {
     let s = storage();
-    let (log, _) = open(&s);
+    // The file ends where the records end: no zeros written ahead.
+    let (log, _) = open_unallocated(&s);
     fill(&log, 5);
     drop(log);
     let active = names(&s, ".seg").pop().unwrap();
@@ -217,7 +226,8 @@ fn torn_tail_is_truncated() {
 #[test]
 fn flipped_bit_in_active_tail_is_cut() {
     let s = storage();
-    let (log, _) = open(&s);
+    // The file ends where the records end: no zeros written ahead.
+    let (log, _) = open_unallocated(&s);
     fill(&log, 5);
     drop(log);
     let active = names(&s, ".seg").pop().unwrap();
@@ -348,4 +358,27 @@ fn clean_close_index_is_trusted_once() {
         read_all(&log, 1).is_err(),
         "a damaged record was read as good"
     );
+}
+
+// Zeros written ahead of the records grow the file in whole blocks, once per many appends;
+// recovery takes them as the end of the records and cuts them without calling the tail
+// torn, and appends go on where the records end.
+#[test]
+fn preallocated_zeros_are_cut_quietly() {
+    let s = storage();
+    let (log, _) = open(&s);
+    fill(&log, 5);
+    drop(log);
+    let active = names(&s, ".seg").pop().unwrap();
+    let bytes = s.contents(&active).unwrap();
+    assert_eq!(bytes.len() % 4096, 0, "preallocation fills whole blocks");
+    assert!(bytes.ends_with(&[0u8; 64]), "no zeros ahead of the records");
+    let (log, report) = open(&s);
+    assert!(report.torn_tail.is_none(), "{report:?}");
+    assert!(report.tail_bytes_cut > 0, "{report:?}");
+    assert_eq!(read_all(&log, 1).unwrap(), (1..=5).collect::<Vec<_>>());
+    fill_from(&log, 6, 8);
+    drop(log);
+    let (log, _) = open(&s);
+    assert_eq!(read_all(&log, 1).unwrap(), (1..=8).collect::<Vec<_>>());
 }
