@@ -7,6 +7,7 @@
 
 pub mod counting;
 pub mod latency;
+pub mod load;
 
 use std::time::Duration;
 
