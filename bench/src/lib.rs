@@ -8,6 +8,7 @@
 pub mod counting;
 pub mod latency;
 pub mod load;
+pub mod peers;
 
 use std::time::Duration;
 
