@@ -47,10 +47,10 @@ fn assert_chat_complete(peer: &str, outcome: &chorus_bench::load::ChatOutcome) {
     assert_eq!(outcome.delivered, outcome.expected_deliveries);
     assert_eq!(outcome.delivery.len(), outcome.delivered);
     assert_eq!(outcome.ack.len(), outcome.sent);
-    assert!(
-        outcome.delivery.max() < 2_000_000,
-        "a delivery took over 2 s"
-    );
+    // Latencies are real durations from the due time: positive, and far from the clamp
+    // that a wrong clock or unit would hit, even on a busy machine.
+    assert!(outcome.delivery.min() >= 1 && outcome.delivery.max() < 20_000_000);
+    assert!(outcome.ack.min() >= 1 && outcome.ack.max() < 20_000_000);
     assert!(outcome.elapsed >= Duration::from_millis(1_900));
     assert!(outcome.server.cpu_secs > 0.0 && outcome.server.rss_bytes > 0);
 }

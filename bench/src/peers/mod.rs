@@ -739,8 +739,9 @@ mod tests {
         assert_eq!(senders, [0, 4, 8, 1, 5, 9, 2, 6, 8]);
         // 10 warm-up messages, 20 measured, each reaching its whole channel.
         assert_eq!((plan.first_measured, plan.total, plan.sent()), (10, 30, 20));
-        let per_round_of_three = 4 + 4 + 2;
-        assert_eq!(plan.expected_deliveries(), 6 * per_round_of_three + 4 + 4);
+        // Measured messages 10..30 visit channels 1, 2, 0, 1, 2, 0, …: channel 0 (4
+        // members) gets 6 of them, channel 1 (4 members) 7, channel 2 (2 members) 7.
+        assert_eq!(plan.expected_deliveries(), 6 * 4 + 7 * 4 + 7 * 2);
     }
 
     // Only messages due inside the measured window count.
