@@ -4,7 +4,7 @@
 //! plots. `chorus-bench suite` runs the standard suite; each scenario also runs alone.
 
 use anyhow::Context;
-use chorus_bench::load::chorus::ChorusRunner;
+use chorus_bench::load::chorus::{say, ChorusRunner};
 use chorus_bench::load::report::{self, Results, Run, RunInfo, Scenario};
 use chorus_bench::load::server::{self, ServerSettings};
 use chorus_bench::load::{plot, worker, ChatShape, ConnectionsShape, FanoutShape, HistoryShape};
@@ -279,7 +279,7 @@ fn main() -> anyhow::Result<()> {
     let seed = cli
         .common
         .seed
-        .unwrap_or_else(|| chorus_bench::load::schedule::wall_ns());
+        .unwrap_or_else(chorus_bench::load::schedule::wall_ns);
     let peers = !cli.common.no_peers;
     let mut results = Results::default();
     let (name, readme) = match &cli.command {
@@ -370,7 +370,7 @@ fn install_peers(progress: &ProgressBar) {
     progress.set_message("installing peers (setup-peers.sh)");
     match std::process::Command::new("bash").arg(&script).status() {
         Ok(status) if status.success() => {}
-        other => progress.println(format!("{} failed: {other:?}", script.display())),
+        other => say(&progress, format!("{} failed: {other:?}", script.display())),
     }
 }
 
@@ -384,7 +384,7 @@ fn run<O>(system: &str, progress: &ProgressBar, f: impl FnOnce() -> anyhow::Resu
     progress.set_message(format!("{system}: starting"));
     let outcome = f().map_err(|e| format!("{e:#}"));
     if let Err(why) = &outcome {
-        progress.println(format!("{system} failed: {why}"));
+        say(&progress, format!("{system} failed: {why}"));
     }
     Run {
         system: system.into(),
@@ -404,9 +404,10 @@ fn peer<O>(
         return None;
     }
     if !available {
-        runner.progress.println(format!(
-            "{system} is not installed: skipped (bench/setup-peers.sh installs it)"
-        ));
+        say(
+            &runner.progress,
+            format!("{system} is not installed: skipped (bench/setup-peers.sh installs it)"),
+        );
         return Some(Run {
             system: system.into(),
             outcome: Err("not installed; see bench/setup-peers.sh".into()),

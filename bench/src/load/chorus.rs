@@ -97,10 +97,13 @@ impl ChorusRunner {
                     connect_secs: secs,
                 } => {
                     if failed > 0 {
-                        self.progress.println(format!(
-                            "warning: {failed} connections failed; first: {}",
-                            first_error.unwrap_or_default()
-                        ));
+                        say(
+                            &self.progress,
+                            format!(
+                                "warning: {failed} connections failed; first: {}",
+                                first_error.unwrap_or_default()
+                            ),
+                        );
                     }
                     open += o;
                     connect_secs = connect_secs.max(secs);
@@ -210,11 +213,14 @@ impl ChorusRunner {
             w.stop().await?;
         }
         if errors + closed > 0 || acked < outcome.sent {
-            self.progress.println(format!(
-                "warning: chat saw {errors} error frames, {closed} closed connections, \
+            say(
+                &self.progress,
+                format!(
+                    "warning: chat saw {errors} error frames, {closed} closed connections, \
                  {acked} of {} acks",
-                outcome.sent
-            ));
+                    outcome.sent
+                ),
+            );
         }
         Ok(outcome)
     }
@@ -292,8 +298,20 @@ impl ChorusRunner {
             }
             outcome.missing += (shape.online - count) as u64;
             if count > 0 {
-                crate::latency::record(&mut outcome.first, schedule::since(sent_ns, first));
-                crate::latency::record(&mut outcome.last, schedule::since(sent_ns, last));
+                let (to_first, to_last) = (
+                    schedule::since(sent_ns, first),
+                    schedule::since(sent_ns, last),
+                );
+                crate::latency::record(&mut outcome.first, to_first);
+                crate::latency::record(&mut outcome.last, to_last);
+                say(
+                    &self.progress,
+                    format!(
+                        "fanout round {round}: {count} delivered, first {:.1} ms, last {:.1} ms",
+                        to_first.as_secs_f64() * 1e3,
+                        to_last.as_secs_f64() * 1e3
+                    ),
+                );
             }
             // The sender's own copy and its ack, read so that its queue never fills.
             drain_ready(&mut sender).await;
@@ -433,6 +451,16 @@ async fn round_of(w: &mut WorkerHandle, round: u64) -> anyhow::Result<(usize, u6
             } if r == round => return Ok((count, first_ns, last_ns)),
             other => bail!("expected round {round}, got {other:?}"),
         }
+    }
+}
+
+/// Prints a line above the progress bar, or on standard error when there is no bar (not
+/// a terminal), so that warnings are never lost.
+pub fn say(progress: &ProgressBar, line: impl AsRef<str>) {
+    if progress.is_hidden() {
+        eprintln!("{}", line.as_ref());
+    } else {
+        progress.println(line);
     }
 }
 
