@@ -370,7 +370,7 @@ fn install_peers(progress: &ProgressBar) {
     progress.set_message("installing peers (setup-peers.sh)");
     match std::process::Command::new("bash").arg(&script).status() {
         Ok(status) if status.success() => {}
-        other => say(&progress, format!("{} failed: {other:?}", script.display())),
+        other => say(progress, format!("{} failed: {other:?}", script.display())),
     }
 }
 
@@ -384,7 +384,7 @@ fn run<O>(system: &str, progress: &ProgressBar, f: impl FnOnce() -> anyhow::Resu
     progress.set_message(format!("{system}: starting"));
     let outcome = f().map_err(|e| format!("{e:#}"));
     if let Err(why) = &outcome {
-        say(&progress, format!("{system} failed: {why}"));
+        say(progress, format!("{system} failed: {why}"));
     }
     Run {
         system: system.into(),
