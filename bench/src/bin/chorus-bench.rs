@@ -245,6 +245,7 @@ fn main() -> anyhow::Result<()> {
         return worker::run();
     }
     let started = Instant::now();
+    let load_before = loadavg();
     let progress = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg} {wide_bar} {pos}/{len}")
             .expect("a valid template"),
@@ -319,7 +320,12 @@ fn main() -> anyhow::Result<()> {
     let info = RunInfo {
         date: report::utc_date(chorus_bench::load::schedule::wall_ns() / 1_000_000_000),
         commit: commit(),
-        machine: machine(),
+        machine: format!(
+            "{}; load average (1, 5, 15 min) {load_before} at the start and {} at the end \
+             (other work on this machine competes for the same cores)",
+            machine(),
+            loadavg()
+        ),
         command: format!(
             "chorus-bench {} (history cursor seed {seed})",
             std::env::args().skip(1).collect::<Vec<_>>().join(" ")
@@ -606,6 +612,15 @@ fn commit() -> String {
     } else {
         head
     }
+}
+
+/// The first three fields of `/proc/loadavg`.
+fn loadavg() -> String {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    text.split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn machine() -> String {
