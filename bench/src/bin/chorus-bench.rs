@@ -270,6 +270,7 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or_else(std::env::temp_dir),
         workers_min: cli.common.workers,
         progress: progress.clone(),
+        notes: Default::default(),
     };
     anyhow::ensure!(
         runner.binary.exists(),
@@ -332,10 +333,14 @@ fn main() -> anyhow::Result<()> {
         ),
         settings: runner.settings.clone(),
         wall_secs: started.elapsed().as_secs_f64(),
+        notes: runner.notes.borrow().clone(),
     };
     let dir = write_report(&cli.common.results_dir, name, &info, &results)?;
     println!("{}", report::summary_table(&results));
     println!("{}", report::details(&results));
+    for note in &info.notes {
+        println!("{note}");
+    }
     println!("report: {}", dir.join("report.md").display());
     if readme {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");

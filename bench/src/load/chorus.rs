@@ -42,6 +42,9 @@ pub struct ChorusRunner {
     pub workers_min: usize,
     /// The progress bar of the run.
     pub progress: ProgressBar,
+    /// What the server said about itself during the runs (from its `/metrics`), for the
+    /// report.
+    pub notes: std::cell::RefCell<Vec<String>>,
 }
 
 impl ChorusRunner {
@@ -148,7 +151,12 @@ impl ChorusRunner {
                 })
                 .await?;
             ensure!(open == c, "only {open} of {c} chat connections opened");
-            self.chat_measure(shape, workers, server.pid()).await
+            let outcome = self.chat_measure(shape, workers, server.pid()).await?;
+            match commit_note(server.addr).await {
+                Ok(note) => self.notes.borrow_mut().push(format!("chat: {note}")),
+                Err(e) => say(&self.progress, format!("warning: no /metrics: {e:#}")),
+            }
+            Ok(outcome)
         })?;
         server.stop()?;
         Ok(outcome)
@@ -452,6 +460,51 @@ async fn round_of(w: &mut WorkerHandle, round: u64) -> anyhow::Result<(usize, u6
             other => bail!("expected round {round}, got {other:?}"),
         }
     }
+}
+
+/// The server's group commits as its `/metrics` counts them: how many, events per commit,
+/// and the bucket bounds of the median and p99 of one batch write plus `fdatasync`.
+async fn commit_note(addr: std::net::SocketAddr) -> anyhow::Result<String> {
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    let value = |name: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    };
+    let events = value("chorus_commits_total").context("chorus_commits_total")?;
+    let commits = value("chorus_fsync_latency_seconds_count").context("fsync count")?;
+    let mut buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("chorus_fsync_latency_seconds_bucket{le=\"")?;
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let bound = |q: f64| {
+        let le = buckets
+            .iter()
+            .find(|(_, count)| *count >= q * commits)
+            .map_or(f64::INFINITY, |b| b.0);
+        format!("≤ {} ms", le * 1000.0)
+    };
+    Ok(format!(
+        "the server made {commits:.0} group commits of {events:.0} events ({:.1} events each, \
+         over the whole run, warm-up included); one batch write + fdatasync took p50 {} \
+         and p99 {} (bucket bounds of its /metrics)",
+        events / commits.max(1.0),
+        bound(0.5),
+        bound(0.99)
+    ))
 }
 
 /// Prints a line above the progress bar, or on standard error when there is no bar (not

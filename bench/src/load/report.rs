@@ -87,6 +87,8 @@ pub struct RunInfo {
     pub settings: ServerSettings,
     /// How long the whole invocation took.
     pub wall_secs: f64,
+    /// What the Chorus server reported about itself.
+    pub notes: Vec<String>,
 }
 
 fn ms(us: u64) -> String {
@@ -499,6 +501,12 @@ pub fn markdown(info: &RunInfo, results: &Results) -> String {
     out.push_str(&summary_table(results));
     out.push_str("\n## Details\n\n");
     out.push_str(&details(results));
+    if !info.notes.is_empty() {
+        out.push_str("## From the Chorus server's /metrics\n\n");
+        for note in &info.notes {
+            let _ = writeln!(out, "- {note}");
+        }
+    }
     out
 }
 
