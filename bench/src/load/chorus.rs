@@ -388,6 +388,16 @@ impl ChorusRunner {
                 HISTORY_BODY_BYTES,
                 &self.progress,
             )?;
+            let engine_reads = engine_history_reads(e, pop.owner, channel.id, shape, seed_value)?;
+            self.notes.borrow_mut().push(format!(
+                "history: the same reads through the embedded engine, in process (no HTTP, \
+                 JWT or JSON; the layer a PostgreSQL query compares with): p50 {:.3} ms, \
+                 p99 {:.3} ms, max {:.3} ms over {} reads",
+                engine_reads.value_at_quantile(0.5) as f64 / 1000.0,
+                engine_reads.value_at_quantile(0.99) as f64 / 1000.0,
+                engine_reads.max() as f64 / 1000.0,
+                engine_reads.len()
+            ));
             Ok(Population {
                 channels: vec![channel.id],
                 ..pop
@@ -418,6 +428,51 @@ impl ChorusRunner {
             server: server_usage,
         })
     }
+}
+
+/// Reads `shape.queries` pages at random cursors straight from the engine, `concurrency` at
+/// a time, and returns their latencies (call → page in hand).
+fn engine_history_reads(
+    engine: &chorus_engine::Engine,
+    user: chorus_engine::ids::UserId,
+    channel: chorus_engine::ids::ChannelId,
+    shape: &HistoryShape,
+    seed_value: u64,
+) -> anyhow::Result<hdrhistogram::Histogram<u64>> {
+    use futures::stream::{FuturesUnordered, StreamExt as _};
+    let mut rng = super::history::XorShift::new(seed_value ^ 0x5EED);
+    let (lowest, span) = (
+        shape.page as u64 + 2,
+        (shape.messages - shape.page) as u64 + 1,
+    );
+    let mut hist = crate::latency::histogram_us();
+    futures::executor::block_on(async {
+        let mut pending = FuturesUnordered::new();
+        for _ in 0..shape.queries {
+            if pending.len() >= shape.concurrency.max(1) {
+                let (started, page): (Instant, Result<_, _>) =
+                    pending.next().await.expect("pending reads");
+                page?;
+                crate::latency::record(&mut hist, started.elapsed());
+            }
+            let before = lowest + rng.below(span);
+            pending.push(async move {
+                let started = Instant::now();
+                (
+                    started,
+                    engine
+                        .history(user, channel, Some(before), shape.page)
+                        .await,
+                )
+            });
+        }
+        while let Some((started, page)) = pending.next().await {
+            page?;
+            crate::latency::record(&mut hist, started.elapsed());
+        }
+        Ok::<_, chorus_engine::EngineError>(())
+    })?;
+    Ok(hist)
 }
 
 /// Members per channel of the users of a `connections` run (each is in one channel, as

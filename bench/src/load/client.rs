@@ -34,9 +34,17 @@ pub async fn connect(server: SocketAddr, source: IpAddr, token: &str) -> anyhow:
     }
     // The server holds a new session's events for a short grace in case its first frame
     // is a `resume`; any other first frame starts it live at once. A client with nothing to
-    // resume says so with a ping, so the run never waits out the grace.
+    // resume says so with a ping, so the run never waits out the grace, and the `pong`
+    // says the session is live: a measurement that starts after it finds no session still
+    // starting.
     ws.send(Message::text(r#"{"type":"ping"}"#)).await?;
-    Ok(ws)
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(text))) if Frame::parse(&text)?.kind == "pong" => return Ok(ws),
+            Some(Ok(_)) => {}
+            other => anyhow::bail!("expected pong, got {other:?}"),
+        }
+    }
 }
 
 /// Sets `IP_BIND_ADDRESS_NO_PORT`, so that binding to a source address leaves the port to

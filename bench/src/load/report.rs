@@ -210,7 +210,9 @@ pub fn summary_table(results: &Results) -> String {
     let c = history.and_then(|s| s.outcome(CHORUS));
     let p = history.and_then(|s| s.outcome(POSTGRES));
     rows.push(Row {
-        target: "history page p99 ≥ 10× faster than PostgreSQL's".into(),
+        target: "history page p99 ≥ 10× faster than PostgreSQL's (Chorus: whole REST call; \
+                 PostgreSQL: SQL query only)"
+            .into(),
         chorus: c.map_or_else(|| missing(history, CHORUS), |o| ms(p99(&o.page))),
         peer: p.map_or_else(|| missing(history, POSTGRES), |o| ms(p99(&o.page))),
         ratio: match (c, p) {
@@ -440,7 +442,10 @@ pub fn details(results: &Results) -> String {
             out,
             "### history\n\nOne channel of {} messages; {} page reads of {} messages at random \
              `before` cursors, {} readers (closed loop: each reader's next read follows its \
-             last).\n",
+             last). The layers differ: a Chorus read is a whole REST call (HTTP/1.1, token \
+             check, 50 messages rendered as JSON and parsed by the client), a PostgreSQL read \
+             is its prepared SQL query over its binary protocol, rows decoded, with no API \
+             server in front. The engine-level Chorus figure is under the server notes.\n",
             sh.messages, sh.queries, sh.page, sh.concurrency
         );
         out.push_str(LATENCY_HEAD);
