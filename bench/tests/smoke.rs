@@ -90,6 +90,15 @@ fn smoke_suite_runs_every_scenario() {
         "{sent_row}"
     );
 
+    let rung = out
+        .lines()
+        .find(|l| l.starts_with("| Chorus | 200 |"))
+        .unwrap_or_else(|| panic!("the rate ladder's Chorus rung:\n{out}"));
+    assert!(
+        rung.contains("| 500 / 500 |"),
+        "100 measured messages × 5: {rung}"
+    );
+
     let last = chorus_row(&out, "last member");
     assert_eq!(last[2], "3", "three fan-out rounds");
     let fanout = out

@@ -178,15 +178,38 @@ impl HistoryArgs {
     }
 }
 
-/// The four shapes of a suite.
+/// The four shapes of a suite, and the rungs of the chat rate ladder.
 struct SuiteShapes {
     chat: ChatShape,
+    ladder: Vec<ChatShape>,
     fanout: FanoutShape,
     connections: ConnectionsShape,
     history: HistoryShape,
 }
 
+/// The rungs of a ladder: `base` at each of `rates`, over a shorter window.
+fn rungs(base: &ChatShape, rates: &[f64], warmup_s: f64, duration_s: f64) -> Vec<ChatShape> {
+    rates
+        .iter()
+        .map(|&rate| ChatShape {
+            rate,
+            warmup: Duration::from_secs_f64(warmup_s),
+            duration: Duration::from_secs_f64(duration_s),
+            ..base.clone()
+        })
+        .collect()
+}
+
 fn suite_shapes(size: Size) -> SuiteShapes {
+    let mut shapes = suite_sizes(size);
+    shapes.ladder = match size {
+        Size::Standard => rungs(&shapes.chat, &[2_000.0, 4_000.0, 8_000.0], 2.0, 8.0),
+        Size::Smoke => rungs(&shapes.chat, &[200.0], 0.3, 0.5),
+    };
+    shapes
+}
+
+fn suite_sizes(size: Size) -> SuiteShapes {
     match size {
         Size::Standard => SuiteShapes {
             chat: ChatArgs {
@@ -198,6 +221,7 @@ fn suite_shapes(size: Size) -> SuiteShapes {
                 body_bytes: 100,
             }
             .shape(),
+            ladder: Vec::new(),
             fanout: FanoutShape {
                 members: 100_000,
                 online: 19_000,
@@ -223,6 +247,7 @@ fn suite_shapes(size: Size) -> SuiteShapes {
                 body_bytes: 64,
             }
             .shape(),
+            ladder: Vec::new(),
             fanout: FanoutShape {
                 members: 300,
                 online: 30,
@@ -246,6 +271,7 @@ fn main() -> anyhow::Result<()> {
     }
     let started = Instant::now();
     let load_before = loadavg();
+    let date = report::utc_date(chorus_bench::load::schedule::wall_ns() / 1_000_000_000);
     let progress = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg} {wide_bar} {pos}/{len}")
             .expect("a valid template"),
@@ -309,7 +335,9 @@ fn main() -> anyhow::Result<()> {
                 install_peers(&progress);
             }
             let shapes = suite_shapes(a.size);
-            results.chat = Some(chat(&runner, &shapes.chat, peers));
+            let first = chat(&runner, &shapes.chat, peers);
+            results.ladder = ladder(&runner, &shapes.ladder, peers, &first);
+            results.chat = Some(first);
             results.fanout = Some(fanout(&runner, &shapes.fanout, peers));
             results.connections = Some(connections(&runner, &shapes.connections, peers));
             results.history = Some(history(&runner, &shapes.history, peers, seed));
@@ -319,7 +347,7 @@ fn main() -> anyhow::Result<()> {
     };
     progress.finish_and_clear();
     let info = RunInfo {
-        date: report::utc_date(chorus_bench::load::schedule::wall_ns() / 1_000_000_000),
+        date,
         commit: commit(),
         machine: format!(
             "{}; load average (1, 5, 15 min) {load_before} at the start and {} at the end \
@@ -457,6 +485,44 @@ fn chat(
         shape: shape.clone(),
         runs,
     }
+}
+
+/// Runs Chorus and NATS JetStream up the rungs, each until its first rung not sustained
+/// (counting the standard `chat` run `first` as the rung below).
+fn ladder(
+    runner: &ChorusRunner,
+    rungs: &[ChatShape],
+    peers: bool,
+    first: &Scenario<ChatShape, chorus_bench::load::ChatOutcome>,
+) -> Vec<Scenario<ChatShape, chorus_bench::load::ChatOutcome>> {
+    let still = |system: &str| first.outcome(system).is_some_and(report::sustained);
+    let (mut chorus_on, mut nats_on) = (still(report::CHORUS), still(report::NATS));
+    let mut out = Vec::new();
+    for shape in rungs {
+        let mut runs = Vec::new();
+        if chorus_on {
+            let r = run(report::CHORUS, &runner.progress, || runner.chat(shape));
+            chorus_on = r.outcome.as_ref().is_ok_and(report::sustained);
+            runs.push(r);
+        }
+        if nats_on {
+            let r = peer(runner, peers, report::NATS, peers::nats::available(), |d| {
+                peers::nats::chat(shape, d)
+            });
+            nats_on = r
+                .as_ref()
+                .is_some_and(|r| r.outcome.as_ref().is_ok_and(report::sustained));
+            runs.extend(r);
+        }
+        if runs.is_empty() {
+            break;
+        }
+        out.push(Scenario {
+            shape: shape.clone(),
+            runs,
+        });
+    }
+    out
 }
 
 fn fanout(
