@@ -298,6 +298,9 @@ fn main() -> anyhow::Result<()> {
         progress: progress.clone(),
         notes: Default::default(),
     };
+    if cli.common.chorus_bin.is_none() && !runner.binary.exists() {
+        build_server(&progress)?;
+    }
     anyhow::ensure!(
         runner.binary.exists(),
         "{} is missing; build it with `cargo build --release -p chorus-gateway` or pass \
@@ -396,6 +399,30 @@ fn main() -> anyhow::Result<()> {
     if let Some(why) = chorus_failed.into_iter().flatten().flatten().next() {
         anyhow::bail!("a Chorus run failed: {why}");
     }
+    Ok(())
+}
+
+/// Builds the release server, as on a fresh clone, with the cargo that runs this (or the
+/// one on the PATH).
+fn build_server(progress: &ProgressBar) -> anyhow::Result<()> {
+    say(
+        progress,
+        "building the release chorus server (cargo build --release -p chorus-gateway)",
+    );
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "chorus-gateway",
+            "--bin",
+            "chorus",
+        ])
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+        .status()
+        .context("run cargo to build the server")?;
+    anyhow::ensure!(status.success(), "building the server failed: {status}");
     Ok(())
 }
 
