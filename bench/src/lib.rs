@@ -7,6 +7,8 @@
 
 pub mod counting;
 pub mod latency;
+pub mod load;
+pub mod peers;
 
 use std::time::Duration;
 

@@ -1,0 +1,750 @@
+//! `chorus-bench`: the load harness. It starts the real `chorus` server (and each peer:
+//! Redis pub/sub, NATS JetStream, PostgreSQL, when installed) on this machine, drives the
+//! same open-loop scenarios against each, and writes a markdown report with PNG latency
+//! plots. `chorus-bench suite` runs the standard suite; each scenario also runs alone.
+
+use anyhow::Context;
+use chorus_bench::load::chorus::{say, ChorusRunner};
+use chorus_bench::load::report::{self, Results, Run, RunInfo, Scenario};
+use chorus_bench::load::server::{self, ServerSettings};
+use chorus_bench::load::{plot, worker, ChatShape, ConnectionsShape, FanoutShape, HistoryShape};
+use chorus_bench::peers;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "chorus-bench",
+    about = "Load harness: Chorus against Redis, NATS and PostgreSQL"
+)]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Args)]
+struct Common {
+    /// The chorus server binary [default: target/release/chorus of this workspace]
+    #[arg(long, global = true)]
+    chorus_bin: Option<PathBuf>,
+    /// Where each run's fresh data directories go [default: the system temporary dir]
+    #[arg(long, global = true)]
+    work_dir: Option<PathBuf>,
+    /// Where the report and plots go (a new folder per invocation)
+    #[arg(long, global = true, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
+    results_dir: PathBuf,
+    /// Server shards [default: one per core]
+    #[arg(long, global = true)]
+    shards: Option<usize>,
+    /// Worker processes at least (more when connections need them)
+    #[arg(long, global = true, default_value_t = 1)]
+    workers: usize,
+    /// Run Chorus only, no peers
+    #[arg(long, global = true)]
+    no_peers: bool,
+    /// Seed of the history cursors [default: from the clock, printed in the report]
+    #[arg(long, global = true)]
+    seed: Option<u64>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// C connections in channels of M members, R messages/s in total, open loop
+    Chat(ChatArgs),
+    /// One channel of many members, K online; one message at a time
+    Fanout(FanoutArgs),
+    /// K idle authenticated WebSocket connections: server memory each, connect rate
+    Connections(ConnectionsArgs),
+    /// A channel of N messages; page reads at random cursors over REST
+    History(HistoryArgs),
+    /// Every scenario at the standard (or smoke) size, with peers, report, plots, README
+    Suite(SuiteArgs),
+    /// Internal: a worker process holding connections for its parent
+    #[command(hide = true)]
+    Worker,
+}
+
+#[derive(Debug, Clone, Args)]
+struct ChatArgs {
+    /// Connections (one user each)
+    #[arg(long, default_value_t = 1_000)]
+    connections: usize,
+    /// Members per channel
+    #[arg(long, default_value_t = 50)]
+    members: usize,
+    /// Messages per second in total
+    #[arg(long, default_value_t = 1_000.0)]
+    rate: f64,
+    /// Measured seconds
+    #[arg(long, default_value_t = 20.0)]
+    duration: f64,
+    /// Warm-up seconds before measuring
+    #[arg(long, default_value_t = 5.0)]
+    warmup: f64,
+    /// Bytes of text per message
+    #[arg(long, default_value_t = 100)]
+    body_bytes: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+struct FanoutArgs {
+    /// Members of the channel
+    #[arg(long, default_value_t = 100_000)]
+    members: usize,
+    /// Members online
+    #[arg(long, default_value_t = 19_000)]
+    online: usize,
+    /// Messages, one at a time
+    #[arg(long, default_value_t = 20)]
+    rounds: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+struct ConnectionsArgs {
+    /// Idle connections to open
+    #[arg(long, default_value_t = 19_000)]
+    connections: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+struct HistoryArgs {
+    /// Messages in the channel
+    #[arg(long, default_value_t = 1_000_000)]
+    messages: usize,
+    /// Messages per page
+    #[arg(long, default_value_t = 50)]
+    page: usize,
+    /// Page reads measured
+    #[arg(long, default_value_t = 20_000)]
+    queries: usize,
+    /// Readers at once
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Size {
+    /// The standard suite, under 15 minutes on a 2-core machine.
+    Standard,
+    /// A tiny run of every scenario, for the smoke test.
+    Smoke,
+}
+
+#[derive(Debug, Clone, Args)]
+struct SuiteArgs {
+    /// Standard or smoke sizes
+    #[arg(long, value_enum, default_value_t = Size::Standard)]
+    size: Size,
+    /// Leave bench/README.md's summary table alone
+    #[arg(long)]
+    no_readme: bool,
+}
+
+impl ChatArgs {
+    fn shape(&self) -> ChatShape {
+        ChatShape {
+            connections: self.connections,
+            members: self.members,
+            rate: self.rate,
+            duration: Duration::from_secs_f64(self.duration),
+            warmup: Duration::from_secs_f64(self.warmup),
+            body_bytes: self.body_bytes,
+        }
+    }
+}
+
+impl FanoutArgs {
+    fn shape(&self) -> FanoutShape {
+        FanoutShape {
+            members: self.members,
+            online: self.online,
+            rounds: self.rounds,
+        }
+    }
+}
+
+impl HistoryArgs {
+    fn shape(&self) -> HistoryShape {
+        HistoryShape {
+            messages: self.messages,
+            page: self.page,
+            queries: self.queries,
+            concurrency: self.concurrency,
+        }
+    }
+}
+
+/// The four shapes of a suite, and the rungs of the chat rate ladder.
+struct SuiteShapes {
+    chat: ChatShape,
+    ladder: Vec<ChatShape>,
+    fanout: FanoutShape,
+    connections: ConnectionsShape,
+    history: HistoryShape,
+}
+
+/// The rungs of a ladder: `base` at each of `rates`, over a shorter window.
+fn rungs(base: &ChatShape, rates: &[f64], warmup_s: f64, duration_s: f64) -> Vec<ChatShape> {
+    rates
+        .iter()
+        .map(|&rate| ChatShape {
+            rate,
+            warmup: Duration::from_secs_f64(warmup_s),
+            duration: Duration::from_secs_f64(duration_s),
+            ..base.clone()
+        })
+        .collect()
+}
+
+fn suite_shapes(size: Size) -> SuiteShapes {
+    let mut shapes = suite_sizes(size);
+    shapes.ladder = match size {
+        Size::Standard => rungs(&shapes.chat, &[2_000.0, 4_000.0, 8_000.0], 2.0, 8.0),
+        Size::Smoke => rungs(&shapes.chat, &[200.0], 0.3, 0.5),
+    };
+    shapes
+}
+
+fn suite_sizes(size: Size) -> SuiteShapes {
+    match size {
+        Size::Standard => SuiteShapes {
+            chat: ChatArgs {
+                connections: 1_000,
+                members: 50,
+                rate: 1_000.0,
+                duration: 20.0,
+                warmup: 5.0,
+                body_bytes: 100,
+            }
+            .shape(),
+            ladder: Vec::new(),
+            fanout: FanoutShape {
+                members: 100_000,
+                online: 19_000,
+                rounds: 20,
+            },
+            connections: ConnectionsShape {
+                connections: 19_000,
+            },
+            history: HistoryShape {
+                messages: 1_000_000,
+                page: 50,
+                queries: 20_000,
+                concurrency: 4,
+            },
+        },
+        Size::Smoke => SuiteShapes {
+            chat: ChatArgs {
+                connections: 20,
+                members: 5,
+                rate: 100.0,
+                duration: 1.0,
+                warmup: 0.5,
+                body_bytes: 64,
+            }
+            .shape(),
+            ladder: Vec::new(),
+            fanout: FanoutShape {
+                members: 300,
+                online: 30,
+                rounds: 3,
+            },
+            connections: ConnectionsShape { connections: 40 },
+            history: HistoryShape {
+                messages: 2_000,
+                page: 50,
+                queries: 100,
+                concurrency: 2,
+            },
+        },
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Cmd::Worker = cli.command {
+        return worker::run();
+    }
+    let started = Instant::now();
+    let load_before = loadavg();
+    let date = report::utc_date(chorus_bench::load::schedule::wall_ns() / 1_000_000_000);
+    let progress = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg} {wide_bar} {pos}/{len}")
+            .expect("a valid template"),
+    );
+    progress.enable_steady_tick(Duration::from_millis(200));
+    let mut settings = ServerSettings::default();
+    if let Some(shards) = cli.common.shards {
+        settings.shards = shards;
+    }
+    let runner = ChorusRunner {
+        binary: cli
+            .common
+            .chorus_bin
+            .clone()
+            .unwrap_or_else(server::default_binary),
+        worker_exe: std::env::current_exe().context("find this executable")?,
+        settings,
+        work_root: cli
+            .common
+            .work_dir
+            .clone()
+            .unwrap_or_else(std::env::temp_dir),
+        workers_min: cli.common.workers,
+        progress: progress.clone(),
+        notes: Default::default(),
+    };
+    if cli.common.chorus_bin.is_none() && !runner.binary.exists() {
+        build_server(&progress)?;
+    }
+    anyhow::ensure!(
+        runner.binary.exists(),
+        "{} is missing; build it with `cargo build --release -p chorus-gateway` or pass \
+         --chorus-bin",
+        runner.binary.display()
+    );
+    let seed = cli
+        .common
+        .seed
+        .unwrap_or_else(chorus_bench::load::schedule::wall_ns);
+    let peers = !cli.common.no_peers;
+    let mut results = Results::default();
+    let (name, readme) = match &cli.command {
+        Cmd::Chat(a) => {
+            results.chat = Some(chat(&runner, &a.shape(), peers));
+            ("chat", false)
+        }
+        Cmd::Fanout(a) => {
+            results.fanout = Some(fanout(&runner, &a.shape(), peers));
+            ("fanout", false)
+        }
+        Cmd::Connections(a) => {
+            let shape = ConnectionsShape {
+                connections: a.connections,
+            };
+            results.connections = Some(connections(&runner, &shape, peers));
+            ("connections", false)
+        }
+        Cmd::History(a) => {
+            results.history = Some(history(&runner, &a.shape(), peers, seed));
+            ("history", false)
+        }
+        Cmd::Suite(a) => {
+            if peers && matches!(a.size, Size::Standard) {
+                install_peers(&progress);
+            }
+            let shapes = suite_shapes(a.size);
+            let first = chat(&runner, &shapes.chat, peers);
+            results.ladder = ladder(&runner, &shapes.ladder, peers, &first);
+            results.chat = Some(first);
+            results.fanout = Some(fanout(&runner, &shapes.fanout, peers));
+            results.connections = Some(connections(&runner, &shapes.connections, peers));
+            results.history = Some(history(&runner, &shapes.history, peers, seed));
+            ("suite", !a.no_readme)
+        }
+        Cmd::Worker => unreachable!("handled above"),
+    };
+    progress.finish_and_clear();
+    let info = RunInfo {
+        date,
+        commit: commit(),
+        machine: format!(
+            "{}; load average (1, 5, 15 min) {load_before} at the start and {} at the end \
+             (other work on this machine competes for the same cores)",
+            machine(),
+            loadavg()
+        ),
+        command: format!(
+            "chorus-bench {} (history cursor seed {seed})",
+            std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+        ),
+        settings: runner.settings.clone(),
+        wall_secs: started.elapsed().as_secs_f64(),
+        notes: runner.notes.borrow().clone(),
+    };
+    let dir = write_report(&cli.common.results_dir, name, &info, &results)?;
+    println!("{}", report::summary_table(&results));
+    println!("{}", report::details(&results));
+    for note in &info.notes {
+        println!("{note}");
+    }
+    println!("report: {}", dir.join("report.md").display());
+    if readme {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
+        let old = std::fs::read_to_string(&path).unwrap_or_default();
+        let table = format!(
+            "Standard suite of {} at commit `{}` ({}); full report: `{}`.\n\n{}",
+            info.date,
+            info.commit,
+            info.machine,
+            dir.strip_prefix(env!("CARGO_MANIFEST_DIR"))
+                .unwrap_or(&dir)
+                .display(),
+            report::summary_table(&results)
+        );
+        std::fs::write(&path, report::refresh_readme(&old, &table))?;
+        println!("refreshed {}", path.display());
+    }
+    // A run in which Chorus itself failed is a failed run.
+    let chorus_failed = [
+        results.chat.as_ref().map(|s| chorus_error(&s.runs)),
+        results.fanout.as_ref().map(|s| chorus_error(&s.runs)),
+        results.connections.as_ref().map(|s| chorus_error(&s.runs)),
+        results.history.as_ref().map(|s| chorus_error(&s.runs)),
+    ];
+    if let Some(why) = chorus_failed.into_iter().flatten().flatten().next() {
+        anyhow::bail!("a Chorus run failed: {why}");
+    }
+    Ok(())
+}
+
+/// Builds the release server, as on a fresh clone, with the cargo that runs this (or the
+/// one on the PATH).
+fn build_server(progress: &ProgressBar) -> anyhow::Result<()> {
+    say(
+        progress,
+        "building the release chorus server (cargo build --release -p chorus-gateway)",
+    );
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "chorus-gateway",
+            "--bin",
+            "chorus",
+        ])
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+        .status()
+        .context("run cargo to build the server")?;
+    anyhow::ensure!(status.success(), "building the server failed: {status}");
+    Ok(())
+}
+
+/// Runs `bench/setup-peers.sh` when a peer is missing; a failure is reported, and the
+/// missing peers are then skipped with that reason in the report.
+fn install_peers(progress: &ProgressBar) {
+    if peers::redis::available() && peers::nats::available() && peers::postgres::available() {
+        return;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("setup-peers.sh");
+    progress.set_message("installing peers (setup-peers.sh)");
+    match std::process::Command::new("bash").arg(&script).status() {
+        Ok(status) if status.success() => {}
+        other => say(progress, format!("{} failed: {other:?}", script.display())),
+    }
+}
+
+fn chorus_error<O>(runs: &[Run<O>]) -> Option<String> {
+    runs.iter()
+        .find(|r| r.system == report::CHORUS)
+        .and_then(|r| r.outcome.as_ref().err().cloned())
+}
+
+fn run<O>(system: &str, progress: &ProgressBar, f: impl FnOnce() -> anyhow::Result<O>) -> Run<O> {
+    progress.set_message(format!("{system}: starting"));
+    let outcome = f().map_err(|e| format!("{e:#}"));
+    if let Err(why) = &outcome {
+        say(progress, format!("{system} failed: {why}"));
+    }
+    Run {
+        system: system.into(),
+        outcome,
+    }
+}
+
+/// Runs a peer if it is wanted and installed; otherwise a run saying why not.
+fn peer<O>(
+    runner: &ChorusRunner,
+    wanted: bool,
+    system: &str,
+    available: bool,
+    f: impl FnOnce(&Path) -> anyhow::Result<O>,
+) -> Option<Run<O>> {
+    if !wanted {
+        return None;
+    }
+    if !available {
+        say(
+            &runner.progress,
+            format!("{system} is not installed: skipped (bench/setup-peers.sh installs it)"),
+        );
+        return Some(Run {
+            system: system.into(),
+            outcome: Err("not installed; see bench/setup-peers.sh".into()),
+        });
+    }
+    Some(run(system, &runner.progress, || {
+        std::fs::create_dir_all(&runner.work_root)?;
+        let dir = tempfile::Builder::new()
+            .prefix("chorus-bench-peer-")
+            .tempdir_in(&runner.work_root)?;
+        f(dir.path())
+    }))
+}
+
+fn chat(
+    runner: &ChorusRunner,
+    shape: &ChatShape,
+    peers: bool,
+) -> Scenario<ChatShape, chorus_bench::load::ChatOutcome> {
+    let mut runs = vec![run(report::CHORUS, &runner.progress, || runner.chat(shape))];
+    runs.extend(peer(
+        runner,
+        peers,
+        report::REDIS,
+        peers::redis::available(),
+        |d| peers::redis::chat(shape, d),
+    ));
+    runs.extend(peer(
+        runner,
+        peers,
+        report::NATS,
+        peers::nats::available(),
+        |d| peers::nats::chat(shape, d),
+    ));
+    Scenario {
+        shape: shape.clone(),
+        runs,
+    }
+}
+
+/// Runs Chorus and NATS JetStream up the rungs, each until its first rung not sustained
+/// (counting the standard `chat` run `first` as the rung below).
+fn ladder(
+    runner: &ChorusRunner,
+    rungs: &[ChatShape],
+    peers: bool,
+    first: &Scenario<ChatShape, chorus_bench::load::ChatOutcome>,
+) -> Vec<Scenario<ChatShape, chorus_bench::load::ChatOutcome>> {
+    let still = |system: &str| first.outcome(system).is_some_and(report::sustained);
+    let (mut chorus_on, mut nats_on) = (still(report::CHORUS), still(report::NATS));
+    let mut out = Vec::new();
+    for shape in rungs {
+        let mut runs = Vec::new();
+        if chorus_on {
+            let r = run(report::CHORUS, &runner.progress, || runner.chat(shape));
+            chorus_on = r.outcome.as_ref().is_ok_and(report::sustained);
+            runs.push(r);
+        }
+        if nats_on {
+            let r = peer(runner, peers, report::NATS, peers::nats::available(), |d| {
+                peers::nats::chat(shape, d)
+            });
+            nats_on = r
+                .as_ref()
+                .is_some_and(|r| r.outcome.as_ref().is_ok_and(report::sustained));
+            runs.extend(r);
+        }
+        if runs.is_empty() {
+            break;
+        }
+        out.push(Scenario {
+            shape: shape.clone(),
+            runs,
+        });
+    }
+    out
+}
+
+fn fanout(
+    runner: &ChorusRunner,
+    shape: &FanoutShape,
+    peers: bool,
+) -> Scenario<FanoutShape, chorus_bench::load::FanoutOutcome> {
+    let mut runs = vec![run(report::CHORUS, &runner.progress, || {
+        runner.fanout(shape)
+    })];
+    runs.extend(peer(
+        runner,
+        peers,
+        report::REDIS,
+        peers::redis::available(),
+        |d| peers::redis::fanout(shape, d),
+    ));
+    runs.extend(peer(
+        runner,
+        peers,
+        report::NATS,
+        peers::nats::available(),
+        |d| peers::nats::fanout(shape, d),
+    ));
+    Scenario {
+        shape: shape.clone(),
+        runs,
+    }
+}
+
+fn connections(
+    runner: &ChorusRunner,
+    shape: &ConnectionsShape,
+    peers: bool,
+) -> Scenario<ConnectionsShape, chorus_bench::load::ConnectionsOutcome> {
+    let mut runs = vec![run(report::CHORUS, &runner.progress, || {
+        runner.connections(shape)
+    })];
+    runs.extend(peer(
+        runner,
+        peers,
+        report::REDIS,
+        peers::redis::available(),
+        |d| peers::redis::connections(shape, d),
+    ));
+    Scenario {
+        shape: shape.clone(),
+        runs,
+    }
+}
+
+fn history(
+    runner: &ChorusRunner,
+    shape: &HistoryShape,
+    peers: bool,
+    seed: u64,
+) -> Scenario<HistoryShape, chorus_bench::load::HistoryOutcome> {
+    let mut runs = vec![run(report::CHORUS, &runner.progress, || {
+        runner.history(shape, seed)
+    })];
+    runs.extend(peer(
+        runner,
+        peers,
+        report::POSTGRES,
+        peers::postgres::available(),
+        |d| peers::postgres::history(shape, d),
+    ));
+    Scenario {
+        shape: shape.clone(),
+        runs,
+    }
+}
+
+/// Writes `report.md` and the plots into a new folder of `results_dir`; returns it.
+fn write_report(
+    results_dir: &Path,
+    name: &str,
+    info: &RunInfo,
+    results: &Results,
+) -> anyhow::Result<PathBuf> {
+    let stamp = info.date.trim_end_matches(" UTC").replace([' ', ':'], "-");
+    let dir = results_dir.join(format!("{stamp}-{name}"));
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    std::fs::write(dir.join("report.md"), report::markdown(info, results))?;
+    if let Some(s) = &results.chat {
+        let mut series = Vec::new();
+        for r in &s.runs {
+            if let Ok(o) = &r.outcome {
+                series.push((format!("{} delivery", r.system), &o.delivery));
+                series.push((format!("{} ack", r.system), &o.ack));
+            }
+        }
+        chart(
+            &dir.join("chat.png"),
+            "chat: intended send → ack and → each delivery",
+            &series,
+        );
+    }
+    if let Some(s) = &results.fanout {
+        let mut series = Vec::new();
+        for r in &s.runs {
+            if let Ok(o) = &r.outcome {
+                series.push((format!("{} last member", r.system), &o.last));
+                series.push((format!("{} first member", r.system), &o.first));
+            }
+        }
+        chart(
+            &dir.join("fanout.png"),
+            "fanout: send → first and last online member",
+            &series,
+        );
+    }
+    if let Some(s) = &results.history {
+        let series: Vec<_> = s
+            .runs
+            .iter()
+            .filter_map(|r| {
+                r.outcome
+                    .as_ref()
+                    .ok()
+                    .map(|o| (format!("{} page", r.system), &o.page))
+            })
+            .collect();
+        chart(
+            &dir.join("history.png"),
+            "history: page read at a random cursor",
+            &series,
+        );
+    }
+    Ok(dir)
+}
+
+fn chart(path: &Path, title: &str, series: &[(String, &hdrhistogram::Histogram<u64>)]) {
+    if series.is_empty() {
+        return;
+    }
+    if let Err(e) = plot::percentile_chart(path, title, series) {
+        eprintln!("warning: {}: {e:#}", path.display());
+    }
+}
+
+fn commit() -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .current_dir(&root)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let head = git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    let dirty =
+        git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    if dirty {
+        format!("{head} (with uncommitted changes)")
+    } else {
+        head
+    }
+}
+
+/// The first three fields of `/proc/loadavg`.
+fn loadavg() -> String {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    text.split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_gib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|l| l.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1048576.0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    format!(
+        "{model}, {cores} cores, {mem_gib:.0} GiB, Linux {}, {} open files per process",
+        kernel.trim(),
+        limit.rlim_cur
+    )
+}

@@ -1,0 +1,687 @@
+//! The report of a run: a markdown file with the date, commit, machine and every setting,
+//! the summary table against the targets (Chorus, each peer, and the ratio), and the
+//! detailed percentiles of every system in every scenario.
+
+use super::server::ServerSettings;
+use super::{
+    ChatOutcome, ChatShape, ConnectionsOutcome, ConnectionsShape, FanoutOutcome, FanoutShape,
+    HistoryOutcome, HistoryShape, ServerUsage,
+};
+use hdrhistogram::Histogram;
+use std::fmt::Write;
+
+/// The issue's targets.
+pub mod targets {
+    /// Fan-out: the last online member served within this, in µs.
+    pub const FANOUT_LAST_US: u64 = 100_000;
+    /// Idle connections: at most this many bytes of server memory each.
+    pub const CONNECTION_BYTES: f64 = 6.0 * 1024.0;
+    /// Durable throughput against NATS JetStream: at least this multiple.
+    pub const NATS_THROUGHPUT_RATIO: f64 = 3.0;
+    /// A `chat` run is sustained when every delivery arrived and the delivery p99 is at
+    /// most this, in µs: a rate a chat user would accept.
+    pub const SUSTAINED_P99_US: u64 = 50_000;
+    /// History p99 against PostgreSQL: at least this many times faster.
+    pub const POSTGRES_HISTORY_RATIO: f64 = 10.0;
+}
+
+/// One system's result in one scenario: its outcome, or why there is none.
+#[derive(Clone, Debug)]
+pub struct Run<O> {
+    /// `Chorus`, `Redis pub/sub`, `NATS JetStream`, `PostgreSQL`.
+    pub system: String,
+    /// The outcome, or the error or reason it was skipped.
+    pub outcome: Result<O, String>,
+}
+
+/// A scenario's shape and every system's run of it, Chorus first.
+#[derive(Clone, Debug)]
+pub struct Scenario<S, O> {
+    /// The shape every system ran.
+    pub shape: S,
+    /// The runs, Chorus first.
+    pub runs: Vec<Run<O>>,
+}
+
+impl<S, O> Scenario<S, O> {
+    /// The run of `system`, if it produced an outcome.
+    pub fn outcome(&self, system: &str) -> Option<&O> {
+        self.runs
+            .iter()
+            .find(|r| r.system == system)
+            .and_then(|r| r.outcome.as_ref().ok())
+    }
+}
+
+/// Everything one invocation measured.
+#[derive(Clone, Debug, Default)]
+pub struct Results {
+    /// `chat`, if it ran.
+    pub chat: Option<Scenario<ChatShape, ChatOutcome>>,
+    /// The throughput ladder: the `chat` shape at rising rates, one scenario per rate, for
+    /// the systems whose acks are durable; a system stops climbing at its first rung that
+    /// it does not sustain.
+    pub ladder: Vec<Scenario<ChatShape, ChatOutcome>>,
+    /// `fanout`, if it ran.
+    pub fanout: Option<Scenario<FanoutShape, FanoutOutcome>>,
+    /// `connections`, if it ran.
+    pub connections: Option<Scenario<ConnectionsShape, ConnectionsOutcome>>,
+    /// `history`, if it ran.
+    pub history: Option<Scenario<HistoryShape, HistoryOutcome>>,
+}
+
+/// The name Chorus's runs carry.
+pub const CHORUS: &str = "Chorus";
+/// The name of Redis pub/sub's runs.
+pub const REDIS: &str = "Redis pub/sub";
+/// The name of NATS JetStream's runs.
+pub const NATS: &str = "NATS JetStream";
+/// The name of PostgreSQL's runs.
+pub const POSTGRES: &str = "PostgreSQL";
+
+/// Where and on what a run happened.
+#[derive(Clone, Debug)]
+pub struct RunInfo {
+    /// UTC date and time, `YYYY-MM-DD HH:MM:SS UTC`.
+    pub date: String,
+    /// The commit (and whether the tree had changes).
+    pub commit: String,
+    /// CPU, cores, memory, kernel, file limit.
+    pub machine: String,
+    /// The command that ran.
+    pub command: String,
+    /// The server's settings.
+    pub settings: ServerSettings,
+    /// How long the whole invocation took.
+    pub wall_secs: f64,
+    /// What the Chorus server reported about itself.
+    pub notes: Vec<String>,
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.2} ms", us as f64 / 1000.0)
+}
+
+fn q(h: &Histogram<u64>, quantile: f64) -> u64 {
+    if h.is_empty() {
+        0
+    } else {
+        h.value_at_quantile(quantile)
+    }
+}
+
+fn p99(h: &Histogram<u64>) -> u64 {
+    q(h, 0.99)
+}
+
+fn kib(bytes: f64) -> String {
+    format!("{:.2} KiB", bytes / 1024.0)
+}
+
+/// Server bytes per idle connection of a `connections` outcome.
+pub fn bytes_per_connection(o: &ConnectionsOutcome) -> f64 {
+    o.rss_after.saturating_sub(o.rss_before) as f64 / o.open.max(1) as f64
+}
+
+/// Deliveries per second of a `chat` outcome.
+pub fn deliveries_per_s(o: &ChatOutcome) -> f64 {
+    o.delivered as f64 / o.elapsed.as_secs_f64().max(1e-9)
+}
+
+/// Whether a chat run delivered everything it should have (its throughput was the offered
+/// load, not its limit).
+fn kept_up(o: &ChatOutcome) -> bool {
+    o.expected_deliveries > 0 && o.delivered >= o.expected_deliveries
+}
+
+/// Whether a chat run is sustained: everything delivered, p99 within the bound.
+pub fn sustained(o: &ChatOutcome) -> bool {
+    kept_up(o) && p99(&o.delivery) <= targets::SUSTAINED_P99_US
+}
+
+/// The highest deliveries/s `system` sustained in `chat` and the ladder, with its p99, and
+/// whether it also sustained the highest rate tried (so its limit was not found).
+fn best_sustained(results: &Results, system: &str) -> Option<(f64, u64, bool)> {
+    let runs: Vec<&ChatOutcome> = results
+        .chat
+        .iter()
+        .chain(&results.ladder)
+        .filter_map(|s| s.outcome(system))
+        .collect();
+    let best = runs
+        .iter()
+        .filter(|o| sustained(o))
+        .max_by(|a, b| deliveries_per_s(a).total_cmp(&deliveries_per_s(b)))?;
+    let top_rate = results
+        .chat
+        .iter()
+        .chain(&results.ladder)
+        .map(|s| s.shape.rate)
+        .fold(0.0, f64::max);
+    let topped = runs.iter().all(|o| sustained(o))
+        && results
+            .ladder
+            .last()
+            .and_then(|s| s.outcome(system))
+            .is_some()
+        && results
+            .ladder
+            .last()
+            .is_some_and(|s| s.shape.rate >= top_rate);
+    Some((deliveries_per_s(best), p99(&best.delivery), topped))
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "**met**"
+    } else {
+        "**not met**"
+    }
+}
+
+/// One summary row.
+struct Row {
+    target: String,
+    chorus: String,
+    peer: String,
+    ratio: String,
+    verdict: String,
+}
+
+fn missing<O>(s: Option<&Scenario<impl Sized, O>>, system: &str) -> String {
+    match s.and_then(|s| s.runs.iter().find(|r| r.system == system)) {
+        Some(Run {
+            outcome: Err(why), ..
+        }) => format!("n/a ({why})"),
+        _ => "n/a (not run)".into(),
+    }
+}
+
+/// The summary table: one row per target, with Chorus, the peer and the ratio.
+pub fn summary_table(results: &Results) -> String {
+    let mut rows = Vec::new();
+    let chat = results.chat.as_ref();
+    let c = chat.and_then(|s| s.outcome(CHORUS));
+    let r = chat.and_then(|s| s.outcome(REDIS));
+    rows.push(Row {
+        target: "chat delivery p99 ≤ Redis pub/sub's, same load (Chorus durable, Redis not)".into(),
+        chorus: c.map_or_else(|| missing(chat, CHORUS), |o| ms(p99(&o.delivery))),
+        peer: r.map_or_else(|| missing(chat, REDIS), |o| ms(p99(&o.delivery))),
+        ratio: match (c, r) {
+            (Some(c), Some(r)) => format!(
+                "{:.2}× Redis",
+                p99(&c.delivery) as f64 / p99(&r.delivery).max(1) as f64
+            ),
+            _ => "–".into(),
+        },
+        verdict: match (c, r) {
+            (Some(c), Some(r)) => verdict(p99(&c.delivery) <= p99(&r.delivery)).into(),
+            _ => "unknown".into(),
+        },
+    });
+    let (cb, nb) = (
+        best_sustained(results, CHORUS),
+        best_sustained(results, NATS),
+    );
+    let show = |b: Option<(f64, u64, bool)>, system: &str| match b {
+        Some((rate, p, topped)) => format!(
+            "{rate:.0}/s, p99 {}{}",
+            ms(p),
+            if topped { " (highest rate tried)" } else { "" }
+        ),
+        None => missing(chat, system),
+    };
+    rows.push(Row {
+        target: "durable deliveries/s ≥ 3× NATS JetStream's: highest rate sustained (all \
+                 delivered, p99 ≤ 50 ms) in `chat` and its rate ladder"
+            .into(),
+        chorus: show(cb, CHORUS),
+        peer: show(nb, NATS),
+        ratio: match (cb, nb) {
+            (Some(c), Some(n)) => format!("{:.2}× NATS", c.0 / n.0.max(1e-9)),
+            _ => "–".into(),
+        },
+        verdict: match (cb, nb) {
+            (Some(c), Some(n)) if c.2 && n.2 => {
+                "not shown: both sustained the highest rate tried".into()
+            }
+            (Some(c), Some(n)) => {
+                verdict(c.0 >= targets::NATS_THROUGHPUT_RATIO * n.0 && c.1 <= n.1).into()
+            }
+            (None, Some(_)) => verdict(false).into(),
+            _ => "unknown".into(),
+        },
+    });
+    let history = results.history.as_ref();
+    let c = history.and_then(|s| s.outcome(CHORUS));
+    let p = history.and_then(|s| s.outcome(POSTGRES));
+    rows.push(Row {
+        target: "history page p99 ≥ 10× faster than PostgreSQL's (Chorus: whole REST call; \
+                 PostgreSQL: SQL query only)"
+            .into(),
+        chorus: c.map_or_else(|| missing(history, CHORUS), |o| ms(p99(&o.page))),
+        peer: p.map_or_else(|| missing(history, POSTGRES), |o| ms(p99(&o.page))),
+        ratio: match (c, p) {
+            (Some(c), Some(p)) => format!(
+                "{:.1}× faster",
+                p99(&p.page) as f64 / p99(&c.page).max(1) as f64
+            ),
+            _ => "–".into(),
+        },
+        verdict: match (c, p) {
+            (Some(c), Some(p)) => verdict(
+                p99(&p.page) as f64 >= targets::POSTGRES_HISTORY_RATIO * p99(&c.page) as f64,
+            )
+            .into(),
+            _ => "unknown".into(),
+        },
+    });
+    let fanout = results.fanout.as_ref();
+    let c = fanout.and_then(|s| s.outcome(CHORUS));
+    let r = fanout.and_then(|s| s.outcome(REDIS));
+    rows.push(Row {
+        target: format!(
+            "fan-out, {} members: last online member ≤ 100 ms (max over rounds)",
+            fanout.map_or(0, |s| s.shape.members)
+        ),
+        chorus: c.map_or_else(
+            || missing(fanout, CHORUS),
+            |o| format!("max {}, p50 {}", ms(o.last.max()), ms(q(&o.last, 0.5))),
+        ),
+        peer: r.map_or_else(
+            || missing(fanout, REDIS),
+            |o| {
+                format!(
+                    "Redis: max {}, p50 {}",
+                    ms(o.last.max()),
+                    ms(q(&o.last, 0.5))
+                )
+            },
+        ),
+        ratio: match (c, r) {
+            (Some(c), Some(r)) => format!(
+                "{:.2}× Redis",
+                c.last.max() as f64 / r.last.max().max(1) as f64
+            ),
+            _ => "–".into(),
+        },
+        verdict: c.map_or("unknown".into(), |o| {
+            verdict(o.last.max() <= targets::FANOUT_LAST_US && o.missing == 0).into()
+        }),
+    });
+    let conns = results.connections.as_ref();
+    let c = conns.and_then(|s| s.outcome(CHORUS));
+    let r = conns.and_then(|s| s.outcome(REDIS));
+    rows.push(Row {
+        target: "~19,000 idle connections at ≤ 6 KiB each".into(),
+        chorus: c.map_or_else(
+            || missing(conns, CHORUS),
+            |o| format!("{} open, {} each", o.open, kib(bytes_per_connection(o))),
+        ),
+        peer: r.map_or_else(
+            || missing(conns, REDIS),
+            |o| {
+                format!(
+                    "Redis: {} open, {} each",
+                    o.open,
+                    kib(bytes_per_connection(o))
+                )
+            },
+        ),
+        ratio: match (c, r) {
+            (Some(c), Some(r)) => format!(
+                "{:.2}× Redis",
+                bytes_per_connection(c) / bytes_per_connection(r).max(1.0)
+            ),
+            _ => "–".into(),
+        },
+        verdict: c.map_or("unknown".into(), |o| {
+            verdict(o.open >= 19_000 && bytes_per_connection(o) <= targets::CONNECTION_BYTES).into()
+        }),
+    });
+    let mut out =
+        String::from("| target | Chorus | peer | ratio | verdict |\n|---|---|---|---|---|\n");
+    for row in rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} |",
+            row.target, row.chorus, row.peer, row.ratio, row.verdict
+        );
+    }
+    out
+}
+
+fn latency_row(system: &str, what: &str, h: &Histogram<u64>) -> String {
+    format!(
+        "| {system} | {what} | {} | {} | {} | {} | {} |\n",
+        h.len(),
+        ms(q(h, 0.5)),
+        ms(q(h, 0.99)),
+        ms(q(h, 0.999)),
+        ms(if h.is_empty() { 0 } else { h.max() }),
+    )
+}
+
+const LATENCY_HEAD: &str =
+    "| system | latency | count | p50 | p99 | p99.9 | max |\n|---|---|---|---|---|---|---|\n";
+
+fn usage(u: &ServerUsage, secs: f64) -> String {
+    format!(
+        "{:.1} CPU s ({:.0}% of a core), RSS {:.1} MiB",
+        u.cpu_secs,
+        100.0 * u.cpu_secs / secs.max(1e-9),
+        u.rss_bytes as f64 / (1024.0 * 1024.0)
+    )
+}
+
+fn failures<S, O>(s: &Scenario<S, O>) -> String {
+    let mut out = String::new();
+    for r in &s.runs {
+        if let Err(why) = &r.outcome {
+            let _ = writeln!(out, "- {}: no result ({why})", r.system);
+        }
+    }
+    out
+}
+
+/// The detailed section of each scenario that ran.
+pub fn details(results: &Results) -> String {
+    let mut out = String::new();
+    if let Some(s) = &results.chat {
+        let sh = &s.shape;
+        let _ = writeln!(
+            out,
+            "### chat\n\n{} connections in channels of {} members, {} msgs/s in total, \
+             {} B bodies, {:.1} s measured after {:.1} s of warm-up. Latency from each \
+             message's intended send time (open loop); every member's connection receives \
+             each message, its sender's included.\n",
+            sh.connections,
+            sh.members,
+            sh.rate,
+            sh.body_bytes,
+            sh.duration.as_secs_f64(),
+            sh.warmup.as_secs_f64()
+        );
+        out.push_str(LATENCY_HEAD);
+        for r in &s.runs {
+            if let Ok(o) = &r.outcome {
+                out.push_str(&latency_row(&r.system, "ack", &o.ack));
+                out.push_str(&latency_row(&r.system, "delivery", &o.delivery));
+            }
+        }
+        out.push_str("\n| system | sent | deliveries expected | delivered | deliveries/s | server |\n|---|---|---|---|---|---|\n");
+        for r in &s.runs {
+            if let Ok(o) = &r.outcome {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {} | {:.0} | {} |",
+                    r.system,
+                    o.sent,
+                    o.expected_deliveries,
+                    o.delivered,
+                    deliveries_per_s(o),
+                    usage(&o.server, o.elapsed.as_secs_f64())
+                );
+            }
+        }
+        out.push_str(&failures(s));
+        out.push_str("\n![chat latency](chat.png)\n\n");
+    }
+    if !results.ladder.is_empty() {
+        out.push_str(
+            "### chat rate ladder\n\nThe `chat` shape at rising rates (shorter windows), for \
+             the durable systems; each stops at its first rung not sustained (every delivery \
+             in, delivery p99 ≤ 50 ms). The load generator shares the two cores, so a high \
+             rung can be the generator's limit as much as the server's.\n\n\
+             | system | msgs/s | window | delivered / expected | deliveries/s | p50 | p99 | \
+             sustained | server |\n|---|---|---|---|---|---|---|---|---|\n",
+        );
+        for s in &results.ladder {
+            for r in &s.runs {
+                match &r.outcome {
+                    Ok(o) => {
+                        let _ = writeln!(
+                            out,
+                            "| {} | {:.0} | {:.1} s | {} / {} | {:.0} | {} | {} | {} | {} |",
+                            r.system,
+                            s.shape.rate,
+                            s.shape.duration.as_secs_f64(),
+                            o.delivered,
+                            o.expected_deliveries,
+                            deliveries_per_s(o),
+                            ms(q(&o.delivery, 0.5)),
+                            ms(p99(&o.delivery)),
+                            if sustained(o) { "yes" } else { "no" },
+                            usage(&o.server, o.elapsed.as_secs_f64())
+                        );
+                    }
+                    Err(why) => {
+                        let _ = writeln!(
+                            out,
+                            "| {} | {:.0} | – | failed: {why} | | | | no | |",
+                            r.system, s.shape.rate
+                        );
+                    }
+                }
+            }
+        }
+        out.push('\n');
+    }
+    if let Some(s) = &results.fanout {
+        let _ = writeln!(
+            out,
+            "### fanout\n\nOne channel of {} members, {} of them online; {} messages, one at \
+             a time. Time from the send to the first and to the last online delivery.\n",
+            s.shape.members, s.shape.online, s.shape.rounds
+        );
+        out.push_str(LATENCY_HEAD);
+        for r in &s.runs {
+            if let Ok(o) = &r.outcome {
+                out.push_str(&latency_row(&r.system, "first member", &o.first));
+                out.push_str(&latency_row(&r.system, "last member", &o.last));
+            }
+        }
+        out.push_str("\n| system | missing deliveries | server |\n|---|---|---|\n");
+        for r in &s.runs {
+            if let Ok(o) = &r.outcome {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | RSS {:.1} MiB, {:.1} CPU s over the run |",
+                    r.system,
+                    o.missing,
+                    o.server.rss_bytes as f64 / 1048576.0,
+                    o.server.cpu_secs
+                );
+            }
+        }
+        out.push_str(&failures(s));
+        out.push_str("\n![fanout latency](fanout.png)\n\n");
+    }
+    if let Some(s) = &results.connections {
+        let _ = writeln!(
+            out,
+            "### connections\n\n{} idle, authenticated connections asked for.\n\n\
+             | system | open | connects/s | RSS before | RSS after | per connection |\n\
+             |---|---|---|---|---|---|",
+            s.shape.connections
+        );
+        for r in &s.runs {
+            if let Ok(o) = &r.outcome {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {:.0} | {:.1} MiB | {:.1} MiB | {} |",
+                    r.system,
+                    o.open,
+                    o.connect_rate,
+                    o.rss_before as f64 / 1048576.0,
+                    o.rss_after as f64 / 1048576.0,
+                    kib(bytes_per_connection(o))
+                );
+            }
+        }
+        out.push_str(&failures(s));
+        out.push('\n');
+    }
+    if let Some(s) = &results.history {
+        let sh = &s.shape;
+        let _ = writeln!(
+            out,
+            "### history\n\nOne channel of {} messages; {} page reads of {} messages at random \
+             `before` cursors, {} readers (closed loop: each reader's next read follows its \
+             last). The layers differ: a Chorus read is a whole REST call (HTTP/1.1, token \
+             check, 50 messages rendered as JSON and parsed by the client), a PostgreSQL read \
+             is its prepared SQL query over its binary protocol, rows decoded, with no API \
+             server in front. The engine-level Chorus figure is under the server notes.\n",
+            sh.messages, sh.queries, sh.page, sh.concurrency
+        );
+        out.push_str(LATENCY_HEAD);
+        for r in &s.runs {
+            if let Ok(o) = &r.outcome {
+                out.push_str(&latency_row(&r.system, "page", &o.page));
+            }
+        }
+        out.push_str(
+            "\n| system | load time | wrong pages | server during reads |\n|---|---|---|---|\n",
+        );
+        for r in &s.runs {
+            if let Ok(o) = &r.outcome {
+                let _ = writeln!(
+                    out,
+                    "| {} | {:.1} s | {} | RSS {:.1} MiB, {:.1} CPU s |",
+                    r.system,
+                    o.load.as_secs_f64(),
+                    o.wrong,
+                    o.server.rss_bytes as f64 / 1048576.0,
+                    o.server.cpu_secs
+                );
+            }
+        }
+        out.push_str(&failures(s));
+        out.push_str("\n![history latency](history.png)\n\n");
+    }
+    out
+}
+
+/// The whole markdown report.
+pub fn markdown(info: &RunInfo, results: &Results) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "# Chorus load harness report, {}\n", info.date);
+    let _ = writeln!(out, "- Command: `{}`", info.command);
+    let _ = writeln!(out, "- Commit: `{}`", info.commit);
+    let _ = writeln!(out, "- Machine: {}", info.machine);
+    let _ = writeln!(
+        out,
+        "- Chorus server: release `chorus serve`, {} shards, {} partitions, connections_max \
+         {}, per-user rate limit raised to {:.0}/s (load generator users are not people); \
+         a fresh data directory seeded through the engine for every run, tokens minted with \
+         the server's key.",
+        info.settings.shards,
+        info.settings.partitions,
+        info.settings.connections_max,
+        info.settings.rate_per_s
+    );
+    let _ = writeln!(
+        out,
+        "- Peers: Redis pub/sub is not durable (a `PUBLISH` reply is its ack); NATS \
+         JetStream uses file storage with one replica; PostgreSQL holds `(channel_id, seq)` \
+         keyed messages. Every system runs on this machine, on the same two cores as the \
+         load generator, one after another."
+    );
+    let _ = writeln!(out, "- Took {:.0} s in all.\n", info.wall_secs);
+    out.push_str("## Summary against the targets\n\n");
+    out.push_str(&summary_table(results));
+    out.push_str("\n## Details\n\n");
+    out.push_str(&details(results));
+    if !info.notes.is_empty() {
+        out.push_str("## From the Chorus server's /metrics\n\n");
+        for note in &info.notes {
+            let _ = writeln!(out, "- {note}");
+        }
+    }
+    out
+}
+
+/// Replaces the text between `<!-- suite:begin -->` and `<!-- suite:end -->` in `readme`
+/// with `table` (appending a marked section when there is none).
+pub fn refresh_readme(readme: &str, table: &str) -> String {
+    const BEGIN: &str = "<!-- suite:begin -->";
+    const END: &str = "<!-- suite:end -->";
+    let block = format!("{BEGIN}\n{table}{END}");
+    match (readme.find(BEGIN), readme.find(END)) {
+        (Some(b), Some(e)) if b < e => {
+            format!("{}{block}{}", &readme[..b], &readme[e + END.len()..])
+        }
+        _ => format!("{readme}\n{block}\n"),
+    }
+}
+
+/// `YYYY-MM-DD HH:MM:SS UTC` for seconds since the Unix epoch.
+pub fn utc_date(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil-from-days, for the proleptic Gregorian calendar.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Known instants format as the calendar says.
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc_date(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc_date(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(utc_date(1_700_000_000), "2023-11-14 22:13:20 UTC");
+    }
+
+    // The marked block is replaced in place, and added when missing.
+    #[test]
+    fn readme_block_is_replaced() {
+        let readme = "intro\n<!-- suite:begin -->\nold\n<!-- suite:end -->\nafter\n";
+        let new = refresh_readme(readme, "new\n");
+        assert_eq!(
+            new,
+            "intro\n<!-- suite:begin -->\nnew\n<!-- suite:end -->\nafter\n"
+        );
+        let added = refresh_readme("intro\n", "t\n");
+        assert!(added.ends_with("<!-- suite:begin -->\nt\n<!-- suite:end -->\n"));
+    }
+
+    // A summary names a missing peer's reason instead of a number.
+    #[test]
+    fn summary_names_missing_runs() {
+        let results = Results {
+            history: Some(Scenario {
+                shape: HistoryShape {
+                    messages: 10,
+                    page: 5,
+                    queries: 1,
+                    concurrency: 1,
+                },
+                runs: vec![Run {
+                    system: POSTGRES.into(),
+                    outcome: Err("postgres not installed".into()),
+                }],
+            }),
+            ..Results::default()
+        };
+        let table = summary_table(&results);
+        assert!(table.contains("n/a (postgres not installed)"), "{table}");
+        assert_eq!(table.lines().count(), 7);
+    }
+}

@@ -1,0 +1,209 @@
+//! The Chorus server under test: the real `chorus` binary, started on a data directory
+//! that the harness seeded, on a free loopback port, and stopped with SIGTERM.
+//!
+//! Limits that exist to protect a public server from one abusive user are raised in the
+//! server's TOML config (see [`ServerSettings`]); everything else runs with the defaults a
+//! user gets from `chorus serve`.
+
+use anyhow::{bail, Context};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::Duration;
+
+/// How long the server may take to print its `listening` line (it replays its logs first).
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a drain may take after SIGTERM before the server is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The settings the harness gives a server, written to its TOML config.
+#[derive(Clone, Debug)]
+pub struct ServerSettings {
+    /// Engine shards (threads); the engine default is one per core.
+    pub shards: usize,
+    /// Channel partitions; the seeding engine must use the same number.
+    pub partitions: u32,
+    /// Open connections the server accepts (its default, 16,000, is below what one process
+    /// may hold here).
+    pub connections_max: usize,
+    /// Requests and frames per user per second. The load generator's users act far faster
+    /// than people, so the per-user limiter is set out of the way.
+    pub rate_per_s: f64,
+}
+
+impl Default for ServerSettings {
+    fn default() -> ServerSettings {
+        ServerSettings {
+            shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            partitions: chorus_gateway::config::PARTITIONS_DEFAULT,
+            connections_max: 19_800,
+            rate_per_s: 1_000_000.0,
+        }
+    }
+}
+
+impl ServerSettings {
+    /// The TOML config file's text.
+    pub fn toml(&self) -> String {
+        format!(
+            "partitions = {}\nconnections_max = {}\nrate_per_s = {:.1}\nrate_burst = {:.1}\n",
+            self.partitions, self.connections_max, self.rate_per_s, self.rate_per_s
+        )
+    }
+}
+
+/// A running `chorus serve`, stopped (SIGTERM, then SIGKILL) on drop.
+pub struct ChorusServer {
+    child: Child,
+    _stdout: Stdout,
+    /// The HTTP and WebSocket address it listens on.
+    pub addr: SocketAddr,
+    /// Where its standard error goes.
+    pub log: PathBuf,
+}
+
+impl ChorusServer {
+    /// Starts `binary` on `work_dir/data` (which may already hold seeded data) with
+    /// `settings`, and waits until it accepts connections.
+    pub fn start(
+        binary: &Path,
+        work_dir: &Path,
+        settings: &ServerSettings,
+    ) -> anyhow::Result<ChorusServer> {
+        let config = work_dir.join("chorus.toml");
+        std::fs::write(&config, settings.toml())?;
+        let log = work_dir.join("server.log");
+        let stderr = std::fs::File::create(&log)?;
+        let mut child = Command::new(binary)
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(data_dir(work_dir))
+            .args(["--http", "127.0.0.1:0", "--quic", "127.0.0.1:0"])
+            .arg("--shards")
+            .arg(settings.shards.to_string())
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "cannot start {} (build it with `cargo build --release -p chorus-gateway`)",
+                    binary.display()
+                )
+            })?;
+        let stdout = BufReader::new(child.stdout.take().expect("stdout is piped"));
+        let started = read_line_within(stdout, START_TIMEOUT);
+        let addr = started.as_ref().and_then(|(_, line)| parse_listening(line));
+        let (Some(addr), Some((stdout, _))) = (addr, started) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            let tail = std::fs::read_to_string(&log).unwrap_or_default();
+            bail!("chorus did not print its listening line; its log:\n{tail}");
+        };
+        Ok(ChorusServer {
+            child,
+            _stdout: stdout,
+            addr,
+            log,
+        })
+    }
+
+    /// The server's process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Drains the server with SIGTERM and waits for it; kills it after [`STOP_TIMEOUT`].
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        self.stop_inner()
+    }
+
+    fn stop_inner(&mut self) -> anyhow::Result<()> {
+        if self.child.try_wait()?.is_some() {
+            return Ok(());
+        }
+        // SAFETY: kill with a valid signal on our own child's pid has no memory effects.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + STOP_TIMEOUT;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                if !status.success() {
+                    bail!("chorus exited with {status}; see {}", self.log.display());
+                }
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child.kill()?;
+        self.child.wait()?;
+        bail!("chorus did not drain within {STOP_TIMEOUT:?} and was killed")
+    }
+}
+
+impl Drop for ChorusServer {
+    fn drop(&mut self) {
+        let _ = self.stop_inner();
+    }
+}
+
+/// The data directory inside a run's work directory.
+pub fn data_dir(work_dir: &Path) -> PathBuf {
+    work_dir.join("data")
+}
+
+/// The release `chorus` binary of this workspace.
+pub fn default_binary() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/chorus")
+}
+
+type Stdout = BufReader<ChildStdout>;
+
+/// The first line of `reader`, with the reader back, or `None` at end of file or timeout.
+fn read_line_within(mut reader: Stdout, timeout: Duration) -> Option<(Stdout, String)> {
+    // The read blocks; a helper thread does it so that a hung start fails the run instead
+    // of hanging it. On a timeout the thread is left blocked until the child is killed.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let got = reader.read_line(&mut line).ok().filter(|n| *n > 0);
+        let _ = tx.send(got.map(|_| (reader, line)));
+    });
+    rx.recv_timeout(timeout).ok().flatten()
+}
+
+/// The HTTP address in a `listening http=ADDR quic=ADDR` line.
+fn parse_listening(line: &str) -> Option<SocketAddr> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("http="))?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The address comes from the `http=` word of the server's first line, nothing else.
+    #[test]
+    fn listening_line() {
+        assert_eq!(
+            parse_listening("listening http=127.0.0.1:4321 quic=disabled\n"),
+            Some("127.0.0.1:4321".parse().unwrap())
+        );
+        assert_eq!(parse_listening("starting up"), None);
+    }
+
+    // The config names exactly the keys the server knows, so it is not refused.
+    #[test]
+    fn settings_toml_is_accepted_by_the_server_config() {
+        let text = ServerSettings::default().toml();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        let config = chorus_gateway::config::load_file(&path).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.connections_max, 19_800);
+    }
+}

@@ -1,0 +1,597 @@
+//! Worker processes: the connections of a run, spread over several processes so that no
+//! process holds more open files than the machine allows (20,000 here), each process with
+//! its own loopback source address so that no address runs out of ports.
+//!
+//! A worker is the `chorus-bench worker` subcommand. It reads one [`Job`] as a JSON line
+//! on standard input, opens its connections, reports [`Report::Ready`], and then follows
+//! [`Command`] lines from its parent while printing [`Report`] lines on standard output.
+//! Each worker runs one current-thread tokio runtime: the generator shares two cores with
+//! the server, so it must not spend CPU on thread hand-offs.
+
+use super::client::{self, Frame, Ws};
+use super::schedule::{self, Schedule};
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Connections one worker holds at most: below the per-process file limit (20,000) with
+/// room for the process's own files, and below the ports one source address has
+/// (32768–60999) even with earlier runs' sockets still in TIME_WAIT.
+pub const CONNECTIONS_PER_WORKER_MAX: usize = 9_500;
+/// Connection handshakes a worker keeps in flight.
+const CONNECT_IN_FLIGHT: usize = 64;
+/// How often an idle connection pings, well inside the server's two heartbeats (60 s).
+const PING_INTERVAL: Duration = Duration::from_secs(20);
+
+/// What a worker is asked to do.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Job {
+    /// Open connections and send and receive chat messages on an open-loop schedule.
+    Chat(ChatJob),
+    /// Open idle connections, hold them, and report when each fan-out round arrived.
+    Hold(HoldJob),
+}
+
+/// A worker's share of a `chat` run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ChatJob {
+    /// The server.
+    pub server: SocketAddr,
+    /// This worker's source address.
+    pub source: IpAddr,
+    /// `(connection index, token)` of each connection this worker holds.
+    pub connections: Vec<(usize, String)>,
+    /// Connections in the whole run.
+    pub total_connections: usize,
+    /// Members per channel: connection `i` is in channel `i / members`.
+    pub members: usize,
+    /// Channel IDs by channel index.
+    pub channel_ids: Vec<String>,
+    /// Messages per second across the run.
+    pub rate: f64,
+    /// Nanoseconds of schedule before the measured window.
+    pub warmup_ns: u64,
+    /// Nanoseconds of the measured window.
+    pub duration_ns: u64,
+    /// How long to wait for late acks and deliveries after the last send, in nanoseconds.
+    pub drain_ns: u64,
+    /// Bytes of text per message.
+    pub body_bytes: usize,
+}
+
+/// A worker's share of a `fanout` or `connections` run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HoldJob {
+    /// The server.
+    pub server: SocketAddr,
+    /// This worker's source address.
+    pub source: IpAddr,
+    /// One token per connection to open.
+    pub tokens: Vec<String>,
+}
+
+/// What a parent tells a worker after the job.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Command {
+    /// Chat: the schedule starts at this wall-clock instant.
+    Start {
+        /// Wall-clock nanoseconds of message 0.
+        start_ns: u64,
+    },
+    /// Hold: report round `round` now, complete or not.
+    Flush {
+        /// The round.
+        round: u64,
+    },
+    /// Close everything and exit.
+    Stop,
+}
+
+/// What a worker tells its parent.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Report {
+    /// Every connection was tried.
+    Ready {
+        /// Connections open and authenticated.
+        open: usize,
+        /// Connections that failed, with the first error.
+        failed: usize,
+        /// The first failure, if any.
+        first_error: Option<String>,
+        /// Seconds from the first connect to the last `hello`.
+        connect_secs: f64,
+    },
+    /// Chat: the schedule ran and the drain ended.
+    ChatDone(ChatTotals),
+    /// Hold: a fan-out round's deliveries on this worker.
+    Round {
+        /// The round.
+        round: u64,
+        /// Connections that received it.
+        count: usize,
+        /// Wall-clock nanoseconds of the first arrival (0 when none).
+        first_ns: u64,
+        /// Wall-clock nanoseconds of the last arrival (0 when none).
+        last_ns: u64,
+    },
+}
+
+/// A worker's measurements of a chat run.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ChatTotals {
+    /// Ack latencies, as `(µs, count)` pairs.
+    pub ack: Vec<(u64, u64)>,
+    /// Delivery latencies, as `(µs, count)` pairs.
+    pub delivery: Vec<(u64, u64)>,
+    /// Messages sent in the measured window.
+    pub sent: u64,
+    /// Acks received for them.
+    pub acked: u64,
+    /// Deliveries to this worker's connections that the window's messages should cause.
+    pub expected: u64,
+    /// Those that arrived.
+    pub delivered: u64,
+    /// `error` frames and unparsable frames received.
+    pub errors: u64,
+    /// Connections the server closed during the run.
+    pub closed: u64,
+}
+
+/// A histogram's recorded values as `(value, count)` pairs, for a JSON line.
+pub fn histogram_pairs(h: &Histogram<u64>) -> Vec<(u64, u64)> {
+    h.iter_recorded()
+        .map(|v| (v.value_iterated_to(), v.count_at_value()))
+        .collect()
+}
+
+/// Adds `(value, count)` pairs into `h`.
+pub fn add_pairs(h: &mut Histogram<u64>, pairs: &[(u64, u64)]) {
+    for &(value, count) in pairs {
+        h.saturating_record_n(value, count);
+    }
+}
+
+/// Runs a worker on this process's standard input and output until told to stop.
+pub fn run() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+        let line = stdin.next_line().await?.unwrap_or_default();
+        let job: Job = serde_json::from_str(&line)?;
+        let local = tokio::task::LocalSet::new();
+        match job {
+            Job::Chat(job) => local.run_until(chat(job, stdin)).await,
+            Job::Hold(job) => local.run_until(hold(job, stdin)).await,
+        }
+    })
+}
+
+type Stdin = tokio::io::Lines<BufReader<tokio::io::Stdin>>;
+
+/// Prints one report line and flushes it, so the parent sees it at once.
+fn report(r: &Report) {
+    let mut out = std::io::stdout().lock();
+    let line = serde_json::to_string(r).expect("reports serialize");
+    // A parent that is gone cannot be told anything; the next read of stdin ends the worker.
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+async fn next_command(stdin: &mut Stdin) -> anyhow::Result<Command> {
+    match stdin.next_line().await? {
+        Some(line) => Ok(serde_json::from_str(&line)?),
+        None => Ok(Command::Stop),
+    }
+}
+
+/// Opens a connection per token, [`CONNECT_IN_FLIGHT`] at a time; failures are `None`.
+async fn connect_all(
+    server: SocketAddr,
+    source: IpAddr,
+    tokens: &[&str],
+) -> (Vec<Option<Ws>>, Report) {
+    let started = Instant::now();
+    let mut first_error = None;
+    let results: Vec<anyhow::Result<Ws>> = futures_util::stream::iter(tokens)
+        .map(|t| client::connect(server, source, t))
+        .buffered(CONNECT_IN_FLIGHT)
+        .collect()
+        .await;
+    let connect_secs = started.elapsed().as_secs_f64();
+    let mut open = Vec::with_capacity(results.len());
+    for r in results {
+        match r {
+            Ok(ws) => open.push(Some(ws)),
+            Err(e) => {
+                first_error.get_or_insert_with(|| format!("{e:#}"));
+                open.push(None);
+            }
+        }
+    }
+    let count = open.iter().filter(|w| w.is_some()).count();
+    let ready = Report::Ready {
+        open: count,
+        failed: open.len() - count,
+        first_error,
+        connect_secs,
+    };
+    (open, ready)
+}
+
+// ---------------------------------------------------------------------------------------
+// chat
+// ---------------------------------------------------------------------------------------
+
+/// The measured state a chat worker's connection tasks share.
+struct ChatState {
+    ack: Histogram<u64>,
+    delivery: Histogram<u64>,
+    totals: ChatTotals,
+    window: (u64, u64),
+}
+
+impl ChatState {
+    fn in_window(&self, due_ns: u64) -> bool {
+        (self.window.0..self.window.1).contains(&due_ns)
+    }
+
+    fn on_frame(&mut self, text: &str) {
+        let Ok(frame) = Frame::parse(text) else {
+            self.totals.errors += 1;
+            return;
+        };
+        let now = schedule::wall_ns();
+        match frame.kind.as_ref() {
+            "ack" => {
+                let due = frame.reference.as_deref().and_then(|r| r.parse().ok());
+                if let Some(due) = due.filter(|d| self.in_window(*d)) {
+                    crate::latency::record(&mut self.ack, schedule::since(due, now));
+                    self.totals.acked += 1;
+                }
+            }
+            "event" => {
+                let parsed = frame.new_message_text().and_then(schedule::parse_chat_text);
+                if let Some((due, _sender)) = parsed {
+                    if self.in_window(due) {
+                        crate::latency::record(&mut self.delivery, schedule::since(due, now));
+                        self.totals.delivered += 1;
+                    }
+                }
+            }
+            "error" => self.totals.errors += 1,
+            _ => {}
+        }
+    }
+}
+
+async fn chat(job: ChatJob, mut stdin: Stdin) -> anyhow::Result<()> {
+    let tokens: Vec<&str> = job.connections.iter().map(|(_, t)| t.as_str()).collect();
+    let (sockets, ready) = connect_all(job.server, job.source, &tokens).await;
+    report(&ready);
+    let Command::Start { start_ns } = next_command(&mut stdin).await? else {
+        return Ok(());
+    };
+    let schedule = Schedule {
+        start_ns,
+        rate: job.rate,
+    };
+    let window = (
+        start_ns + job.warmup_ns,
+        start_ns + job.warmup_ns + job.duration_ns,
+    );
+    let total = schedule.count_in(Duration::from_nanos(job.warmup_ns + job.duration_ns));
+    let state = Rc::new(RefCell::new(ChatState {
+        ack: crate::latency::histogram_us(),
+        delivery: crate::latency::histogram_us(),
+        totals: ChatTotals::default(),
+        window,
+    }));
+    // Connection index → this worker's sender queue, for the connections that are open.
+    let mut senders: BTreeMap<usize, mpsc::UnboundedSender<String>> = BTreeMap::new();
+    let mut per_channel = vec![0u64; job.channel_ids.len()];
+    for ((index, _), ws) in job.connections.iter().zip(sockets) {
+        let Some(ws) = ws else { continue };
+        let (tx, rx) = mpsc::unbounded_channel();
+        senders.insert(*index, tx);
+        per_channel[index / job.members] += 1;
+        tokio::task::spawn_local(chat_connection(ws, rx, state.clone()));
+    }
+    // Deliveries this worker should see: each measured message reaches every one of this
+    // worker's connections in its channel, its sender's own included (Chorus delivers a
+    // message to every subscribed member; the peers count the same way).
+    let mut expected = 0;
+    for i in 0..total {
+        let due = schedule.due_ns(i);
+        if due >= window.0 && due < window.1 {
+            expected += per_channel[channel_of_message(&job, i)];
+        }
+    }
+    state.borrow_mut().totals.expected = expected;
+    send_schedule(&job, schedule, total, &senders, &state).await;
+    drop(senders);
+    let deadline = tokio::time::Instant::now() + Duration::from_nanos(job.drain_ns);
+    while tokio::time::Instant::now() < deadline {
+        let done = {
+            let t = &state.borrow().totals;
+            t.delivered >= t.expected && t.acked >= t.sent
+        };
+        if done {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let s = state.borrow();
+    let mut totals = s.totals.clone();
+    totals.ack = histogram_pairs(&s.ack);
+    totals.delivery = histogram_pairs(&s.delivery);
+    report(&Report::ChatDone(totals));
+    Ok(())
+}
+
+/// The channel of message `i`: channels take turns.
+pub fn channel_of_message(job: &ChatJob, i: u64) -> usize {
+    (i % job.channel_ids.len() as u64) as usize
+}
+
+/// The sender of message `i`: within its channel, the members take turns.
+pub fn sender_of_message(job: &ChatJob, i: u64) -> usize {
+    let channel = channel_of_message(job, i);
+    let first = channel * job.members;
+    let size = (first + job.members).min(job.total_connections) - first;
+    first + (i / job.channel_ids.len() as u64) as usize % size
+}
+
+/// Sends every message of the schedule that one of this worker's connections sends, each
+/// when it falls due (the timer wakes at most about a millisecond late, and that lateness
+/// is part of the measured latency).
+async fn send_schedule(
+    job: &ChatJob,
+    schedule: Schedule,
+    total: u64,
+    senders: &BTreeMap<usize, mpsc::UnboundedSender<String>>,
+    state: &Rc<RefCell<ChatState>>,
+) {
+    let epoch = (Instant::now(), schedule::wall_ns());
+    for i in 0..total {
+        let sender = sender_of_message(job, i);
+        let Some(tx) = senders.get(&sender) else {
+            continue;
+        };
+        let due = schedule.due_ns(i);
+        let wait = Duration::from_nanos(due.saturating_sub(epoch.1));
+        tokio::time::sleep_until((epoch.0 + wait).into()).await;
+        let channel = &job.channel_ids[sender / job.members];
+        let text = schedule::chat_text(due, sender, job.body_bytes);
+        let frame = serde_json::json!({
+            "type": "message:send", "ref": due.to_string(), "channel_id": channel,
+            "text": text, "client_msg_id": format!("{due}-{sender}"),
+        });
+        if tx.send(frame.to_string()).is_ok() && state.borrow().in_window(due) {
+            state.borrow_mut().totals.sent += 1;
+        }
+    }
+}
+
+async fn chat_connection(
+    mut ws: Ws,
+    mut outgoing: mpsc::UnboundedReceiver<String>,
+    state: Rc<RefCell<ChatState>>,
+) {
+    let mut sending = true;
+    loop {
+        tokio::select! {
+            frame = ws.next() => match frame {
+                Some(Ok(Message::Text(text))) => state.borrow_mut().on_frame(&text),
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => {
+                    state.borrow_mut().totals.closed += 1;
+                    return;
+                }
+            },
+            text = outgoing.recv(), if sending => match text {
+                Some(text) => {
+                    if ws.send(Message::text(text)).await.is_err() {
+                        state.borrow_mut().totals.closed += 1;
+                        return;
+                    }
+                }
+                None => sending = false,
+            },
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// hold (fanout, connections)
+// ---------------------------------------------------------------------------------------
+
+/// Arrivals of each fan-out round on this worker: count, first and last wall-clock ns.
+type Rounds = Rc<RefCell<BTreeMap<u64, (usize, u64, u64)>>>;
+
+/// The text of a fan-out message of round `round`.
+pub fn fanout_text(round: u64) -> String {
+    format!("fanout {round}")
+}
+
+fn parse_fanout_text(text: &str) -> Option<u64> {
+    text.strip_prefix("fanout ")?.parse().ok()
+}
+
+async fn hold(job: HoldJob, mut stdin: Stdin) -> anyhow::Result<()> {
+    let tokens: Vec<&str> = job.tokens.iter().map(String::as_str).collect();
+    let (sockets, ready) = connect_all(job.server, job.source, &tokens).await;
+    let open = sockets.iter().filter(|s| s.is_some()).count();
+    report(&ready);
+    let rounds: Rounds = Rc::default();
+    for (i, ws) in sockets.into_iter().enumerate() {
+        if let Some(ws) = ws {
+            // Spread the pings over the interval so they do not all arrive at once.
+            let offset = PING_INTERVAL.mul_f64(i as f64 / tokens.len().max(1) as f64);
+            let task = hold_connection(ws, offset, rounds.clone(), open);
+            tokio::task::spawn_local(task);
+        }
+    }
+    loop {
+        match next_command(&mut stdin).await? {
+            Command::Flush { round } => report(&round_report(&rounds, round)),
+            Command::Stop => return Ok(()),
+            Command::Start { .. } => anyhow::bail!("a hold worker takes no start"),
+        }
+    }
+}
+
+fn round_report(rounds: &Rounds, round: u64) -> Report {
+    let (count, first_ns, last_ns) = rounds.borrow().get(&round).copied().unwrap_or_default();
+    Report::Round {
+        round,
+        count,
+        first_ns,
+        last_ns,
+    }
+}
+
+async fn hold_connection(mut ws: Ws, ping_offset: Duration, rounds: Rounds, open: usize) {
+    let start = tokio::time::Instant::now() + ping_offset;
+    let mut ping = tokio::time::interval_at(start, PING_INTERVAL);
+    loop {
+        tokio::select! {
+            frame = ws.next() => match frame {
+                Some(Ok(Message::Text(text))) => {
+                    let now = schedule::wall_ns();
+                    let Ok(frame) = Frame::parse(&text) else { continue };
+                    let Some(round) = frame.new_message_text().and_then(parse_fanout_text) else {
+                        continue;
+                    };
+                    let mut all = rounds.borrow_mut();
+                    let entry = all.entry(round).or_insert((0, now, now));
+                    entry.0 += 1;
+                    entry.2 = now;
+                    if entry.0 == open {
+                        drop(all);
+                        report(&round_report(&rounds, round));
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return,
+            },
+            _ = ping.tick() => {
+                if ws.send(Message::text(r#"{"type":"ping"}"#)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// the parent's side
+// ---------------------------------------------------------------------------------------
+
+/// A running worker process, seen from its parent.
+pub struct WorkerHandle {
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    stdout: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+}
+
+impl WorkerHandle {
+    /// Starts `exe worker` and hands it `job`. Call from inside a tokio runtime.
+    pub async fn spawn(exe: &std::path::Path, job: &Job) -> anyhow::Result<WorkerHandle> {
+        let mut child = tokio::process::Command::new(exe)
+            .arg("worker")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdin = child.stdin.take().expect("stdin is piped");
+        let stdout = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
+        let mut handle = WorkerHandle {
+            child,
+            stdin,
+            stdout,
+        };
+        handle.send_line(&serde_json::to_string(job)?).await?;
+        Ok(handle)
+    }
+
+    async fn send_line(&mut self, line: &str) -> anyhow::Result<()> {
+        self.stdin.write_all(line.as_bytes()).await?;
+        self.stdin.write_all(b"\n").await?;
+        self.stdin.flush().await?;
+        Ok(())
+    }
+
+    /// Sends a command.
+    pub async fn command(&mut self, command: &Command) -> anyhow::Result<()> {
+        self.send_line(&serde_json::to_string(command)?).await
+    }
+
+    /// The next report; an error if the worker exited.
+    pub async fn report(&mut self) -> anyhow::Result<Report> {
+        match self.stdout.next_line().await? {
+            Some(line) => Ok(serde_json::from_str(&line)?),
+            None => anyhow::bail!("a worker exited early: {:?}", self.child.wait().await?),
+        }
+    }
+
+    /// Tells the worker to stop and waits for it to exit.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        let _ = self.command(&Command::Stop).await;
+        drop(self.stdin);
+        let status = self.child.wait().await?;
+        anyhow::ensure!(status.success(), "a worker failed: {status}");
+        Ok(())
+    }
+}
+
+/// The source address of worker `w` of a scenario: `127.0.0.2`, `127.0.0.3`, ...
+pub fn source_address(w: usize) -> IpAddr {
+    let n = u32::try_from(w + 2).expect("few workers");
+    IpAddr::V4(std::net::Ipv4Addr::from(0x7f00_0000 + n))
+}
+
+/// How many workers `connections` connections need.
+pub fn workers_for(connections: usize) -> usize {
+    connections.div_ceil(CONNECTIONS_PER_WORKER_MAX).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Histograms survive the trip through (value, count) pairs.
+    #[test]
+    fn histogram_pairs_round_trip() {
+        let mut h = crate::latency::histogram_us();
+        for v in [1, 5, 5, 900, 123_456] {
+            h.record(v).unwrap();
+        }
+        let mut back = crate::latency::histogram_us();
+        add_pairs(&mut back, &histogram_pairs(&h));
+        assert_eq!(back.len(), 5);
+        assert_eq!(back.value_at_quantile(0.5), h.value_at_quantile(0.5));
+        assert_eq!(back.max(), h.max());
+    }
+
+    // Source addresses start at 127.0.0.2 and worker counts cover every connection.
+    #[test]
+    fn sources_and_worker_counts() {
+        assert_eq!(source_address(0).to_string(), "127.0.0.2");
+        assert_eq!(source_address(3).to_string(), "127.0.0.5");
+        assert_eq!(workers_for(1), 1);
+        assert_eq!(workers_for(CONNECTIONS_PER_WORKER_MAX), 1);
+        assert_eq!(workers_for(19_000), 2);
+        assert_eq!(parse_fanout_text(&fanout_text(17)), Some(17));
+    }
+}

@@ -1,0 +1,170 @@
+//! The harness's smoke test: every scenario at a tiny size, against the real `chorus`
+//! binary, through the real `chorus-bench` binary, so the harness can never rot.
+//!
+//! The server binary is built first (`cargo build -p chorus-gateway --bin chorus`, a no-op
+//! under `cargo test --workspace`, which has built it already). Peers run too when their
+//! binaries are installed; the test prints which ones ran and which were skipped.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The debug `chorus` binary of this workspace, built if it is missing or stale.
+fn chorus_binary() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "-p", "chorus-gateway", "--bin", "chorus"])
+        .current_dir(&root)
+        .status()
+        .expect("run cargo build for the chorus binary");
+    assert!(status.success(), "building the chorus binary failed");
+    // The test executable lives in target/<profile>/deps; the binary in target/<profile>.
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap();
+    let binary = profile_dir.join("chorus");
+    assert!(binary.exists(), "{} is missing", binary.display());
+    binary
+}
+
+fn bench(args: &[&str], results: &std::path::Path, chorus: &std::path::Path) -> String {
+    let work = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_chorus-bench"))
+        .arg("--chorus-bin")
+        .arg(chorus)
+        .arg("--work-dir")
+        .arg(work.path())
+        .arg("--results-dir")
+        .arg(results)
+        .args(args)
+        .output()
+        .expect("run chorus-bench");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "chorus-bench {args:?} failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    eprint!("{stderr}");
+    stdout
+}
+
+/// The Chorus row of a report table whose first two cells are `system` and `what`:
+/// its count and p50 cells.
+fn chorus_row<'a>(stdout: &'a str, what: &str) -> Vec<&'a str> {
+    let prefix = format!("| Chorus | {what} |");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("no Chorus {what} row in:\n{stdout}"));
+    line.split('|')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect()
+}
+
+// The smoke-size suite runs every scenario on Chorus (and each installed peer), writes a
+// report with plots, and every Chorus figure is real: each expected delivery arrived, no
+// fan-out delivery is missing, every connection opened, no history page was wrong.
+#[test]
+fn smoke_suite_runs_every_scenario() {
+    let chorus = chorus_binary();
+    let results = tempfile::tempdir().unwrap();
+    let out = bench(
+        &["suite", "--size", "smoke", "--no-readme"],
+        results.path(),
+        &chorus,
+    );
+
+    let row = chorus_row(&out, "delivery");
+    let count: u64 = row[2].parse().unwrap();
+    assert_eq!(
+        count,
+        100 * 5,
+        "100 measured messages × 5 members each:\n{out}"
+    );
+    let sent_row = out
+        .lines()
+        .find(|l| l.starts_with("| Chorus | 100 |"))
+        .unwrap_or_else(|| panic!("sent/expected/delivered row:\n{out}"));
+    assert!(
+        sent_row.starts_with("| Chorus | 100 | 500 | 500 |"),
+        "{sent_row}"
+    );
+
+    let rung = out
+        .lines()
+        .find(|l| l.starts_with("| Chorus | 200 |"))
+        .unwrap_or_else(|| panic!("the rate ladder's Chorus rung:\n{out}"));
+    assert!(
+        rung.contains("| 500 / 500 |"),
+        "100 measured messages × 5: {rung}"
+    );
+
+    let last = chorus_row(&out, "last member");
+    assert_eq!(last[2], "3", "three fan-out rounds");
+    let fanout = out
+        .lines()
+        .find(|l| l.starts_with("| Chorus | 0 | RSS"))
+        .map(|_| ());
+    assert!(fanout.is_some(), "no missing fan-out delivery:\n{out}");
+
+    let conns = out
+        .lines()
+        .find(|l| l.starts_with("| Chorus | 40 |"))
+        .unwrap_or_else(|| panic!("all 40 connections open:\n{out}"));
+    assert!(conns.contains("KiB"), "{conns}");
+
+    let page = chorus_row(&out, "page");
+    assert_eq!(page[2], "100", "100 page reads");
+    let history = out
+        .lines()
+        .find(|l| l.starts_with("| Chorus |") && l.contains(" s | 0 | RSS"));
+    assert!(history.is_some(), "no wrong history page:\n{out}");
+
+    for peer in ["Redis pub/sub", "NATS JetStream", "PostgreSQL"] {
+        if out.contains(&format!("| {peer} |")) {
+            eprintln!("smoke: peer {peer} ran");
+        } else {
+            eprintln!("smoke: peer {peer} did not run (not installed, or failed: see the report)");
+        }
+    }
+
+    let dirs: Vec<_> = std::fs::read_dir(results.path()).unwrap().collect();
+    assert_eq!(dirs.len(), 1, "one report folder");
+    let dir = dirs.into_iter().next().unwrap().unwrap().path();
+    let report = std::fs::read_to_string(dir.join("report.md")).unwrap();
+    assert!(
+        report.contains("## Summary against the targets"),
+        "{report}"
+    );
+    for png in ["chat.png", "fanout.png", "history.png"] {
+        let bytes = std::fs::read(dir.join(png)).unwrap();
+        assert_eq!(&bytes[1..4], b"PNG", "{png}");
+    }
+}
+
+// A scenario also runs alone from its own subcommand and flags.
+#[test]
+fn one_scenario_runs_alone() {
+    let chorus = chorus_binary();
+    let results = tempfile::tempdir().unwrap();
+    let out = bench(
+        &[
+            "--no-peers",
+            "chat",
+            "--connections",
+            "6",
+            "--members",
+            "3",
+            "--rate",
+            "20",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0.2",
+        ],
+        results.path(),
+        &chorus,
+    );
+    let row = chorus_row(&out, "ack");
+    assert_eq!(row[2], "10", "20/s for 0.5 s:\n{out}");
+}
