@@ -158,8 +158,8 @@ mod tests {
     use chorus_log::{Entry, Log, LogConfig, SimConfig, SimStorage};
     use futures::executor::block_on;
 
-    // A log over the wrapper works as usual, and each flush shows up as one write and one
-    // sync of the records' exact encoded bytes.
+    // A log over the wrapper works as usual, and without preallocation each flush shows up
+    // as one write and one sync of the records' exact encoded bytes.
     #[test]
     fn counts_one_write_and_sync_per_flush() {
         block_on(async {
@@ -169,7 +169,11 @@ mod tests {
             };
             let storage = CountingStorage::new(SimStorage::new(sim));
             let counters = storage.counters();
-            let (log, _) = Log::open(storage, LogConfig::default()).await.unwrap();
+            let config = LogConfig {
+                preallocate_bytes: 0,
+                ..LogConfig::default()
+            };
+            let (log, _) = Log::open(storage, config).await.unwrap();
             let before = counters.snapshot();
             let payload = [7u8; 100];
             let batch = [Entry {
@@ -188,6 +192,34 @@ mod tests {
                 }
             );
             assert_eq!(log.read(1, 1 << 20).await.unwrap().len(), 3);
+        });
+    }
+
+    // With zeros written ahead (the default), the first flush also writes the zeros, in
+    // the same sync, and the flushes after it write only their records.
+    #[test]
+    fn preallocation_adds_one_write_to_the_first_flush() {
+        block_on(async {
+            let sim = SimConfig {
+                yield_permille: 0,
+                ..SimConfig::default()
+            };
+            let storage = CountingStorage::new(SimStorage::new(sim));
+            let counters = storage.counters();
+            let (log, _) = Log::open(storage, LogConfig::default()).await.unwrap();
+            let payload = [7u8; 100];
+            let entry = [Entry {
+                timestamp_us: 1,
+                payload: &payload,
+            }];
+            let before = counters.snapshot();
+            log.append(&entry).await.unwrap();
+            let first = counters.snapshot() - before;
+            assert_eq!((first.writes, first.syncs), (2, 1));
+            let before = counters.snapshot();
+            log.append(&entry).await.unwrap();
+            let second = counters.snapshot() - before;
+            assert_eq!((second.writes, second.syncs), (1, 1));
         });
     }
 }
