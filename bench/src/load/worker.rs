@@ -353,8 +353,9 @@ pub fn sender_of_message(job: &ChatJob, i: u64) -> usize {
 }
 
 /// Sends every message of the schedule that one of this worker's connections sends, each
-/// when it falls due (the timer wakes at most about a millisecond late, and that lateness
-/// is part of the measured latency).
+/// when it falls due. The schedule runs on a thread of its own that sleeps until each due
+/// time (tens of microseconds late at most), as the peers' senders do: tokio's timer
+/// wakes up to a millisecond late, and that lateness would count against Chorus alone.
 async fn send_schedule(
     job: &ChatJob,
     schedule: Schedule,
@@ -362,24 +363,42 @@ async fn send_schedule(
     senders: &BTreeMap<usize, mpsc::UnboundedSender<String>>,
     state: &Rc<RefCell<ChatState>>,
 ) {
-    let epoch = (Instant::now(), schedule::wall_ns());
-    for i in 0..total {
-        let sender = sender_of_message(job, i);
-        let Some(tx) = senders.get(&sender) else {
-            continue;
-        };
-        let due = schedule.due_ns(i);
-        let wait = Duration::from_nanos(due.saturating_sub(epoch.1));
-        tokio::time::sleep_until((epoch.0 + wait).into()).await;
-        let channel = &job.channel_ids[sender / job.members];
-        let text = schedule::chat_text(due, sender, job.body_bytes);
-        let frame = serde_json::json!({
-            "type": "message:send", "ref": due.to_string(), "channel_id": channel,
-            "text": text, "client_msg_id": format!("{due}-{sender}"),
-        });
-        if tx.send(frame.to_string()).is_ok() && state.borrow().in_window(due) {
-            state.borrow_mut().totals.sent += 1;
-        }
+    let window = state.borrow().window;
+    let job = job.clone();
+    let senders = senders.clone();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("chat-schedule".into())
+        .spawn(move || {
+            let epoch = (Instant::now(), schedule::wall_ns());
+            let mut sent = 0u64;
+            for i in 0..total {
+                let sender = sender_of_message(&job, i);
+                let Some(tx) = senders.get(&sender) else {
+                    continue;
+                };
+                let due = schedule.due_ns(i);
+                let at = epoch.0 + Duration::from_nanos(due.saturating_sub(epoch.1));
+                let now = Instant::now();
+                if at > now {
+                    std::thread::sleep(at - now);
+                }
+                let channel = &job.channel_ids[sender / job.members];
+                let text = schedule::chat_text(due, sender, job.body_bytes);
+                let frame = serde_json::json!({
+                    "type": "message:send", "ref": due.to_string(), "channel_id": channel,
+                    "text": text, "client_msg_id": format!("{due}-{sender}"),
+                });
+                if tx.send(frame.to_string()).is_ok() && (window.0..window.1).contains(&due) {
+                    sent += 1;
+                }
+            }
+            drop(senders);
+            let _ = done_tx.send(sent);
+        })
+        .expect("spawn the chat schedule thread");
+    if let Ok(sent) = done_rx.await {
+        state.borrow_mut().totals.sent += sent;
     }
 }
 
