@@ -515,16 +515,19 @@ impl<S: Storage> Log<S> {
         }
     }
 
-    /// Seals the active segment and starts a new one at the next offset to flush.
-    async fn roll(&self) -> io::Result<()> {
-        let (file, len, base, next, index) = {
-            let st = self.state.borrow();
-            let a = st.segments.last().expect("active segment");
-            let file = a.file.clone().expect("active file is open");
-            (file, a.len, a.base, a.next, a.index.clone())
-        };
-        // The real storage pads the last block with zeros; a sealed segment is exactly its
-        // records, so its index can be checked against its length.
+    /// Cuts the active segment to its records (the storage's block padding and any zeros
+    /// written ahead go) and writes its index, as a sealed segment has: for a seal, and for
+    /// a clean close.
+    async fn index_active(
+        &self,
+        file: &S::File,
+        len: u64,
+        base: u64,
+        next: u64,
+        index: SparseIndex,
+    ) -> io::Result<()> {
+        // A sealed segment is exactly its records, so its index can be checked against
+        // its length.
         file.truncate(len).await?;
         file.sync_data().await?;
         let idx = IndexFile {
@@ -533,7 +536,18 @@ impl<S: Storage> Log<S> {
             segment_len: len,
             index,
         };
-        write_index(&self.storage, &idx).await?;
+        write_index(&self.storage, &idx).await
+    }
+
+    /// Seals the active segment and starts a new one at the next offset to flush.
+    async fn roll(&self) -> io::Result<()> {
+        let (file, len, base, next, index) = {
+            let st = self.state.borrow();
+            let a = st.segments.last().expect("active segment");
+            let file = a.file.clone().expect("active file is open");
+            (file, a.len, a.base, a.next, a.index.clone())
+        };
+        self.index_active(&file, len, base, next, index).await?;
         let new_file = create_segment(&self.storage, next).await?;
         let map = file.map()?;
         let mut st = self.state.borrow_mut();
@@ -850,15 +864,7 @@ impl<S: Storage> Log<S> {
             }
         };
         if let Some((file, len, base, next, index)) = active {
-            file.truncate(len).await?;
-            file.sync_data().await?;
-            let idx = IndexFile {
-                base_offset: base,
-                next_offset: next,
-                segment_len: len,
-                index,
-            };
-            write_index(&self.storage, &idx).await?;
+            self.index_active(&file, len, base, next, index).await?;
             self.storage.sync_dir().await?;
         }
         let st = self.state.into_inner();

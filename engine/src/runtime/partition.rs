@@ -105,6 +105,18 @@ impl Snapshots {
     }
 }
 
+/// Writes a snapshot file on glommio's blocking pool. A failure is reported and
+/// otherwise ignored: the log still holds everything, and the next snapshot tries again.
+async fn store_snapshot(path: std::path::PathBuf, file: Vec<u8>) {
+    let shown = path.display().to_string();
+    let r = glommio::executor()
+        .spawn_blocking(move || crate::snapshot::store(&path, &file))
+        .await;
+    if let Err(e) = r {
+        eprintln!("chorus: snapshot {shown} not written: {e}");
+    }
+}
+
 /// A snapshot is taken once the events since the last one reach this fraction (1/8) of
 /// the events it covered: see [`Snapshots::due`].
 const SNAPSHOT_GROWTH_DIVISOR: u64 = 8;
@@ -287,13 +299,7 @@ impl Partition {
         writing.set(true);
         let path = self.snapshots.path.clone();
         glommio::spawn_local(async move {
-            let shown = path.display().to_string();
-            let r = glommio::executor()
-                .spawn_blocking(move || crate::snapshot::store(&path, &file))
-                .await;
-            if let Err(e) = r {
-                eprintln!("chorus: snapshot {shown} not written: {e}");
-            }
+            store_snapshot(path, file).await;
             writing.set(false);
         })
         .detach();
@@ -308,15 +314,7 @@ impl Partition {
         if self.failed.is_some() || self.snapshots.since == 0 {
             return;
         }
-        let file = self.snapshot_file();
-        let path = self.snapshots.path.clone();
-        let shown = path.display().to_string();
-        let r = glommio::executor()
-            .spawn_blocking(move || crate::snapshot::store(&path, &file))
-            .await;
-        if let Err(e) = r {
-            eprintln!("chorus: snapshot {shown} not written: {e}");
-        }
+        store_snapshot(self.snapshots.path.clone(), self.snapshot_file()).await;
     }
 
     /// Replays the log from `from`, returning the events replayed.
