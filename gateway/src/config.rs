@@ -41,6 +41,28 @@ pub const RATE_BURST_DEFAULT: f64 = 200.0;
 pub const TYPING_PER_S_DEFAULT: f64 = 1.0;
 /// Lifetime of an issued token: seven days.
 pub const TOKEN_TTL_S_DEFAULT: u64 = 7 * 24 * 60 * 60;
+/// Sign-ups one source address may make at once.
+pub const SIGNUP_PER_IP_BURST_DEFAULT: f64 = 10.0;
+/// Sign-ups one source address may make per hour, sustained.
+pub const SIGNUP_PER_IP_PER_HOUR_DEFAULT: f64 = 30.0;
+/// Failed logins one source address may make at once, whatever the accounts.
+pub const LOGIN_FAILURES_PER_IP_BURST_DEFAULT: f64 = 30.0;
+/// Failed logins one source address may make per hour, sustained.
+pub const LOGIN_FAILURES_PER_IP_PER_HOUR_DEFAULT: f64 = 300.0;
+/// Failed logins on one account from one source address at once.
+pub const LOGIN_FAILURES_PER_ACCOUNT_IP_BURST_DEFAULT: f64 = 10.0;
+/// Failed logins on one account from one source address per hour, sustained.
+pub const LOGIN_FAILURES_PER_ACCOUNT_IP_PER_HOUR_DEFAULT: f64 = 60.0;
+/// Failed logins on one account from all addresses at once: the global ceiling.
+pub const LOGIN_FAILURES_PER_ACCOUNT_BURST_DEFAULT: f64 = 100.0;
+/// Failed logins on one account from all addresses per hour, sustained.
+pub const LOGIN_FAILURES_PER_ACCOUNT_PER_HOUR_DEFAULT: f64 = 600.0;
+/// Seconds a client has to send a whole HTTP request head (or WebSocket upgrade request).
+pub const HTTP_HEADER_TIMEOUT_S_DEFAULT: u64 = 10;
+/// Seconds an HTTP keep-alive connection may sit idle between requests.
+pub const HTTP_IDLE_TIMEOUT_S_DEFAULT: u64 = 60;
+/// Open connections from one source address across all shards.
+pub const CONNECTIONS_PER_IP_MAX_DEFAULT: usize = 1_000;
 /// Name of the JWT secret file inside the data directory.
 pub const JWT_SECRET_FILE_NAME: &str = "jwt.key";
 
@@ -84,6 +106,28 @@ pub struct Config {
     pub token_ttl_s: u64,
     /// File holding the JWT signing secret; `None` means `<data_dir>/jwt.key`.
     pub jwt_secret_file: Option<PathBuf>,
+    /// Sign-ups one source address may make at once.
+    pub signup_per_ip_burst: f64,
+    /// Sign-ups one source address may make per hour, sustained.
+    pub signup_per_ip_per_hour: f64,
+    /// Failed logins one source address may make at once, over all accounts.
+    pub login_failures_per_ip_burst: f64,
+    /// Failed logins one source address may make per hour, sustained.
+    pub login_failures_per_ip_per_hour: f64,
+    /// Failed logins on one account from one source address at once.
+    pub login_failures_per_account_ip_burst: f64,
+    /// Failed logins on one account from one source address per hour, sustained.
+    pub login_failures_per_account_ip_per_hour: f64,
+    /// Failed logins on one account from every address together at once.
+    pub login_failures_per_account_burst: f64,
+    /// Failed logins on one account from every address together per hour, sustained.
+    pub login_failures_per_account_per_hour: f64,
+    /// Seconds a client has to send a whole request head; slower connections are dropped.
+    pub http_header_timeout_s: u64,
+    /// Seconds an HTTP keep-alive connection may sit idle between requests.
+    pub http_idle_timeout_s: u64,
+    /// Open connections from one source address across all shards; more are refused.
+    pub connections_per_ip_max: usize,
 }
 
 impl Default for Config {
@@ -104,6 +148,17 @@ impl Default for Config {
             typing_per_s: TYPING_PER_S_DEFAULT,
             token_ttl_s: TOKEN_TTL_S_DEFAULT,
             jwt_secret_file: None,
+            signup_per_ip_burst: SIGNUP_PER_IP_BURST_DEFAULT,
+            signup_per_ip_per_hour: SIGNUP_PER_IP_PER_HOUR_DEFAULT,
+            login_failures_per_ip_burst: LOGIN_FAILURES_PER_IP_BURST_DEFAULT,
+            login_failures_per_ip_per_hour: LOGIN_FAILURES_PER_IP_PER_HOUR_DEFAULT,
+            login_failures_per_account_ip_burst: LOGIN_FAILURES_PER_ACCOUNT_IP_BURST_DEFAULT,
+            login_failures_per_account_ip_per_hour: LOGIN_FAILURES_PER_ACCOUNT_IP_PER_HOUR_DEFAULT,
+            login_failures_per_account_burst: LOGIN_FAILURES_PER_ACCOUNT_BURST_DEFAULT,
+            login_failures_per_account_per_hour: LOGIN_FAILURES_PER_ACCOUNT_PER_HOUR_DEFAULT,
+            http_header_timeout_s: HTTP_HEADER_TIMEOUT_S_DEFAULT,
+            http_idle_timeout_s: HTTP_IDLE_TIMEOUT_S_DEFAULT,
+            connections_per_ip_max: CONNECTIONS_PER_IP_MAX_DEFAULT,
         }
     }
 }
@@ -140,6 +195,9 @@ impl Config {
             ("ws_outbound_frames_max", self.ws_outbound_frames_max == 0),
             ("connections_max", self.connections_max == 0),
             ("token_ttl_s", self.token_ttl_s == 0),
+            ("http_header_timeout_s", self.http_header_timeout_s == 0),
+            ("http_idle_timeout_s", self.http_idle_timeout_s == 0),
+            ("connections_per_ip_max", self.connections_per_ip_max == 0),
         ];
         if let Some((key, _)) = positive.iter().find(|(_, zero)| *zero) {
             return Err(invalid(key, "must be positive".into()));
@@ -147,14 +205,44 @@ impl Config {
         for (key, rate) in [
             ("rate_per_s", self.rate_per_s),
             ("typing_per_s", self.typing_per_s),
+            ("signup_per_ip_per_hour", self.signup_per_ip_per_hour),
+            (
+                "login_failures_per_ip_per_hour",
+                self.login_failures_per_ip_per_hour,
+            ),
+            (
+                "login_failures_per_account_ip_per_hour",
+                self.login_failures_per_account_ip_per_hour,
+            ),
+            (
+                "login_failures_per_account_per_hour",
+                self.login_failures_per_account_per_hour,
+            ),
         ] {
             if !(rate.is_finite() && rate > 0.0) {
                 return Err(invalid(key, "must be a positive number".into()));
             }
         }
         // A burst below one token would refuse every request forever.
-        if !(self.rate_burst.is_finite() && self.rate_burst >= 1.0) {
-            return Err(invalid("rate_burst", "must be at least 1".into()));
+        for (key, burst) in [
+            ("rate_burst", self.rate_burst),
+            ("signup_per_ip_burst", self.signup_per_ip_burst),
+            (
+                "login_failures_per_ip_burst",
+                self.login_failures_per_ip_burst,
+            ),
+            (
+                "login_failures_per_account_ip_burst",
+                self.login_failures_per_account_ip_burst,
+            ),
+            (
+                "login_failures_per_account_burst",
+                self.login_failures_per_account_burst,
+            ),
+        ] {
+            if !(burst.is_finite() && burst >= 1.0) {
+                return Err(invalid(key, "must be at least 1".into()));
+            }
         }
         Ok(())
     }
@@ -407,6 +495,13 @@ mod tests {
             ("rate_per_s = 0.0", "rate_per_s"),
             ("typing_per_s = nan", "typing_per_s"),
             ("rate_burst = 0.5", "rate_burst"),
+            ("signup_per_ip_burst = 0.0", "signup_per_ip_burst"),
+            (
+                "login_failures_per_ip_per_hour = -1.0",
+                "login_failures_per_ip_per_hour",
+            ),
+            ("http_header_timeout_s = 0", "http_header_timeout_s"),
+            ("connections_per_ip_max = 0", "connections_per_ip_max"),
         ];
         for (text, want) in cases {
             let err = parse_toml(text).unwrap().validate().unwrap_err();

@@ -1,0 +1,516 @@
+//! The one harness the gateway's end-to-end tests share: the real `chorus` binary started
+//! on free ports in a fresh data directory, REST calls through `ureq`, and WebSocket
+//! clients through `tungstenite`, all over real sockets.
+//!
+//! A test binary uses what it needs of this module, so unused helpers are allowed here.
+//! Every wait is bounded: a server that never prints its address, a frame that never
+//! arrives or a drain that never ends fails the test instead of hanging it.
+#![allow(dead_code)]
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+use tungstenite::{Message, WebSocket};
+
+/// How long a server may take to print its address.
+pub const START_WAIT: Duration = Duration::from_secs(20);
+/// How long a drained server may take to exit.
+pub const DRAIN_WAIT: Duration = Duration::from_secs(20);
+/// How long a restart may retry binding the address a killed server held.
+pub const REBIND_WAIT: Duration = Duration::from_secs(10);
+/// How long a test waits for a frame it expects before failing.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The password every test account uses.
+pub const PASSWORD: &str = "correct horse battery";
+/// Settings under which no test reaches a rate, sign-up or login limit: tests that are not
+/// about those limits start with these.
+pub const UNLIMITED: &str = "rate_per_s = 1000000.0\nrate_burst = 1000000.0\n\
+signup_per_ip_per_hour = 1000000.0\nsignup_per_ip_burst = 1000000.0\n\
+login_failures_per_ip_burst = 1000000.0\nlogin_failures_per_account_burst = 1000000.0\n\
+login_failures_per_account_ip_burst = 1000000.0\n";
+
+/// A running `chorus serve` on a data directory that outlives restarts; killed on drop.
+pub struct Server {
+    child: Option<Child>,
+    /// `host:port` of the HTTP and WebSocket listener.
+    pub addr: String,
+    dir: tempfile::TempDir,
+    agent: ureq::Agent,
+}
+
+impl Server {
+    /// Starts a server with two shards and the given TOML settings over the defaults.
+    pub fn start(config: &str) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("chorus.toml"), config).expect("config");
+        let (child, addr) = spawn(dir.path(), "127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(30))
+            .build();
+        Server {
+            child: Some(child),
+            addr,
+            dir,
+            agent,
+        }
+    }
+
+    /// `http://host:port`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The server process's ID.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// The data directory's parent, which also holds the config and the server's log.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The server's standard error so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// The server's resident memory in KiB, from `/proc`.
+    pub fn rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmRSS:")
+    }
+
+    /// How many files the server holds open.
+    pub fn open_files(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// SIGKILL: no drain, no flush; only what was durable survives.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("SIGKILL");
+            child.wait().expect("reap");
+        }
+    }
+
+    /// Sends a signal (`-STOP`, `-CONT`, ...) to the server.
+    pub fn signal(&self, which: &str) {
+        let sent = Command::new("kill")
+            .args([which, &self.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(sent.success(), "kill {which} failed");
+    }
+
+    /// SIGTERM, then waits for the drain to end; returns the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(sent.success(), "kill -TERM failed");
+        let deadline = Instant::now() + DRAIN_WAIT;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("the server did not finish draining within {DRAIN_WAIT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the server again on the same data directory and address. Binding may fail
+    /// for a moment after a kill; it is retried until [`REBIND_WAIT`].
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "kill or terminate the server first");
+        let deadline = Instant::now() + REBIND_WAIT;
+        loop {
+            match spawn(self.dir.path(), &self.addr) {
+                Ok((child, addr)) => {
+                    assert_eq!(addr, self.addr, "the restarted server moved");
+                    self.child = Some(child);
+                    return;
+                }
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("restart: {e}; retrying");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("the server did not come back: {e}"),
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------
+    // REST
+    // -----------------------------------------------------------------------------------
+
+    /// Sends a request with a raw body and the given headers.
+    pub fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Resp {
+        let mut req = self.agent.request(method, &format!("{}{path}", self.base_url()));
+        for (k, v) in headers {
+            req = req.set(k, v);
+        }
+        let result = match body {
+            Some(b) => req.send_bytes(b),
+            None => req.call(),
+        };
+        let resp = match result {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{method} {path}: {e}"),
+        };
+        Resp::read(resp, method, path)
+    }
+
+    /// Sends a request with a bearer token (if given) and a JSON body (if given).
+    pub fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> Resp {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = auth
+            .as_deref()
+            .map(|a| vec![("Authorization", a)])
+            .unwrap_or_default();
+        let bytes = body.map(|b| b.to_string().into_bytes());
+        self.raw(method, path, &headers, bytes.as_deref())
+    }
+
+    /// A call as `user` that must answer `status`; returns the body.
+    #[track_caller]
+    pub fn ok(&self, method: &str, path: &str, user: &User, body: Option<Value>, status: u16) -> Value {
+        let r = self.call(method, path, Some(&user.token), body);
+        assert_eq!(r.status, status, "{method} {path}: {}", r.text);
+        r.body
+    }
+
+    /// Signs up `name@example.com`.
+    #[track_caller]
+    pub fn signup(&self, name: &str) -> User {
+        let email = format!("{name}@example.com");
+        let body = json!({"email": email, "password": PASSWORD, "name": name});
+        let r = self.call("POST", "/api/v1/auth/signup", None, Some(body));
+        assert_eq!(r.status, 201, "signup {name}: {}", r.text);
+        User {
+            id: str_of(&r.body["user"]["id"]),
+            email,
+            token: str_of(&r.body["token"]),
+        }
+    }
+
+    /// A workspace owned by `owner` with `members` added; returns its ID.
+    #[track_caller]
+    pub fn workspace(&self, owner: &User, members: &[&User]) -> String {
+        let v = self.ok("POST", "/api/v1/workspaces", owner, Some(json!({"name": "acme"})), 201);
+        let wid = str_of(&v["workspace"]["id"]);
+        for m in members {
+            let path = format!("/api/v1/workspaces/{wid}/members");
+            self.ok("POST", &path, owner, Some(json!({"email": m.email})), 201);
+        }
+        wid
+    }
+
+    /// A public channel created by `owner` with `members` added; returns its ID.
+    #[track_caller]
+    pub fn channel(&self, wid: &str, owner: &User, name: &str, members: &[&User]) -> String {
+        let path = format!("/api/v1/workspaces/{wid}/channels");
+        let body = json!({"name": name, "kind": "public"});
+        let v = self.ok("POST", &path, owner, Some(body), 201);
+        let cid = str_of(&v["channel"]["id"]);
+        for m in members {
+            let path = format!("/api/v1/channels/{cid}/members");
+            self.ok("POST", &path, owner, Some(json!({"user_id": m.id})), 201);
+        }
+        cid
+    }
+
+    /// Posts a message over REST; returns it.
+    #[track_caller]
+    pub fn post(&self, user: &User, cid: &str, text: &str) -> Value {
+        let path = format!("/api/v1/channels/{cid}/messages");
+        self.ok("POST", &path, user, Some(json!({"text": text})), 201)["message"].clone()
+    }
+
+    /// The channel's messages, oldest first (at most 200).
+    #[track_caller]
+    pub fn messages(&self, user: &User, cid: &str) -> Vec<Value> {
+        let path = format!("/api/v1/channels/{cid}/messages?limit=200");
+        let v = self.ok("GET", &path, user, None, 200);
+        let mut messages = v["messages"].as_array().expect("messages").clone();
+        messages.reverse();
+        messages
+    }
+
+    /// A counter or gauge from `/metrics`.
+    pub fn metric(&self, name: &str) -> f64 {
+        let text = self.raw("GET", "/metrics", &[], None).text;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics"))
+    }
+
+    // -----------------------------------------------------------------------------------
+    // WebSocket
+    // -----------------------------------------------------------------------------------
+
+    /// Opens a WebSocket with the token in the query; returns it after reading `hello`.
+    #[track_caller]
+    pub fn connect(&self, user: &User) -> (Ws, Value) {
+        let mut ws = self.connect_raw(&user.token).expect("upgrade");
+        let hello = ws.recv();
+        assert_eq!(hello["type"], "hello", "{hello}");
+        (ws, hello)
+    }
+
+    /// Opens a WebSocket with a token; the upgrade's error when it is refused.
+    pub fn connect_raw(&self, token: &str) -> Result<Ws, tungstenite::Error> {
+        let stream = TcpStream::connect(&self.addr).expect("connect");
+        stream.set_read_timeout(Some(READ_TIMEOUT)).expect("timeout");
+        let url = format!("ws://{}/ws/v1/connect?token={token}", self.addr);
+        match tungstenite::client(url, stream) {
+            Ok((socket, _)) => Ok(Ws {
+                socket,
+                stash: Default::default(),
+            }),
+            Err(tungstenite::HandshakeError::Failure(e)) => Err(e),
+            Err(tungstenite::HandshakeError::Interrupted(_)) => panic!("blocking handshake"),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Starts `chorus serve` on `dir` and `http`; returns it and the address it printed, or
+/// why it did not start (it exited, for example because the address was taken).
+fn spawn(dir: &Path, http: &str) -> Result<(Child, String), String> {
+    let log_path = dir.join("server.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .expect("log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chorus"))
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args(["--http", http, "--quic", "127.0.0.1:0", "--shards", "2"])
+        .arg("--config")
+        .arg(dir.join("chorus.toml"))
+        .env("CHORUS_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("spawn chorus");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    // The line is read on a thread so that a server that never prints fails the test
+    // after START_WAIT instead of hanging it; the pipe stays drained for the server's life.
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let found = lines.by_ref().map_while(Result::ok).find_map(|l| {
+            l.strip_prefix("listening ").and_then(|rest| {
+                rest.split(' ')
+                    .find_map(|kv| kv.strip_prefix("http="))
+                    .map(str::to_owned)
+            })
+        });
+        let _ = tx.send(found);
+        for _ in lines {}
+    });
+    match rx.recv_timeout(START_WAIT) {
+        Ok(Some(addr)) => Ok((child, addr)),
+        other => {
+            let _ = child.kill();
+            let _ = child.wait();
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            Err(format!("no address printed ({other:?}); log tail: {tail:?}"))
+        }
+    }
+}
+
+/// A field of `/proc/PID/status` in KiB.
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// The path of a file in the directory of a running test's server, for messages.
+pub fn path_in(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name)
+}
+
+/// An account made by sign-up.
+#[derive(Clone, Debug)]
+pub struct User {
+    pub id: String,
+    pub email: String,
+    pub token: String,
+}
+
+/// An answer: status, a few headers, and the body as JSON (`Null` when empty or not JSON).
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub retry_after: Option<String>,
+    pub allow: Option<String>,
+    pub content_length: Option<String>,
+    pub text: String,
+    pub body: Value,
+}
+
+impl Resp {
+    fn read(resp: ureq::Response, method: &str, path: &str) -> Resp {
+        let status = resp.status();
+        let header = |name: &str| resp.header(name).map(str::to_owned);
+        let (content_type, retry_after, allow, content_length) = (
+            header("content-type"),
+            header("retry-after"),
+            header("allow"),
+            header("content-length"),
+        );
+        let mut text = String::new();
+        resp.into_reader()
+            .take(64 * 1024 * 1024)
+            .read_to_string(&mut text)
+            .expect("read body");
+        let json = content_type.as_deref() == Some("application/json");
+        let body = if text.is_empty() || !json {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{method} {path}: {e}: {text}"))
+        };
+        Resp {
+            status,
+            content_type,
+            retry_after,
+            allow,
+            content_length,
+            text,
+            body,
+        }
+    }
+
+    /// Asserts an error answer in `API.md`'s shape with this status and code.
+    #[track_caller]
+    pub fn assert_error(&self, status: u16, code: &str) {
+        assert_eq!(self.status, status, "{}", self.text);
+        assert_eq!(self.content_type.as_deref(), Some("application/json"));
+        assert_eq!(self.body["error"]["code"], code, "{}", self.text);
+        assert!(
+            self.body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{}",
+            self.text
+        );
+    }
+}
+
+/// A JSON string's value; panics on anything else.
+#[track_caller]
+pub fn str_of(v: &Value) -> String {
+    v.as_str()
+        .unwrap_or_else(|| panic!("not a string: {v}"))
+        .to_owned()
+}
+
+/// A client WebSocket over a blocking socket with a read timeout. Frames skipped while
+/// waiting for one of a given type are kept, in order, for the next reads.
+pub struct Ws {
+    pub socket: WebSocket<TcpStream>,
+    stash: std::collections::VecDeque<Value>,
+}
+
+impl Ws {
+    pub fn send(&mut self, frame: Value) {
+        self.socket.send(Message::text(frame.to_string())).expect("send");
+    }
+
+    pub fn send_raw(&mut self, message: Message) {
+        self.socket.send(message).expect("send");
+    }
+
+    /// The next JSON frame; fails on a close, a timeout or a non-JSON frame.
+    #[track_caller]
+    pub fn recv(&mut self) -> Value {
+        if let Some(v) = self.stash.pop_front() {
+            return v;
+        }
+        self.read_socket()
+    }
+
+    #[track_caller]
+    fn read_socket(&mut self) -> Value {
+        loop {
+            match self.socket.read() {
+                Ok(Message::Text(t)) => return serde_json::from_str(&t).expect("JSON frame"),
+                Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// The next frame of the given type; frames before it are kept for later reads.
+    #[track_caller]
+    pub fn recv_type(&mut self, kind: &str) -> Value {
+        if let Some(i) = self.stash.iter().position(|v| v["type"] == kind) {
+            return self.stash.remove(i).expect("found");
+        }
+        loop {
+            let v = self.read_socket();
+            if v["type"] == kind {
+                return v;
+            }
+            assert!(self.stash.len() < 10_000, "no {kind} frame");
+            self.stash.push_back(v);
+        }
+    }
+
+    /// Sends a ping with a ref and waits for its pong, skipping other frames: the
+    /// connection is alive and has handled everything sent before.
+    #[track_caller]
+    pub fn ping(&mut self, reference: &str) {
+        self.send(json!({"type": "ping", "ref": reference}));
+        let pong = self.recv_type("pong");
+        assert_eq!(pong["ref"], reference);
+    }
+
+    /// Reads until a close frame; returns its code and reason, and the JSON frames before.
+    #[track_caller]
+    pub fn recv_close(&mut self) -> (u16, String, Vec<Value>) {
+        let mut before: Vec<Value> = self.stash.drain(..).collect();
+        loop {
+            match self.socket.read() {
+                Ok(Message::Text(t)) => before.push(serde_json::from_str(&t).expect("JSON")),
+                Ok(Message::Close(Some(f))) => {
+                    return (u16::from(f.code), f.reason.to_string(), before)
+                }
+                Ok(Message::Close(None)) => panic!("close without a code"),
+                Ok(_) => continue,
+                Err(e) => panic!("expected a close frame, got {e}"),
+            }
+        }
+    }
+}
