@@ -26,20 +26,26 @@
 //!
 //! `hello`, `event` (the engine's encoded-once bytes, never re-encoded), `ack`
 //! `{"ref","message"|null}`, `error` `{"ref"|null,"code","message"}` (plus `retry_after_ms`
-//! when rate limited), `typing`, `pong`, `resumed`. Error codes of bad frames:
-//! `invalid_json` (not JSON, or not an object), `invalid_utf8`, `unsupported_frame` (binary
-//! frames), `too_large` (over `ws_frame_bytes_max`), `unknown_type`, `invalid_request`
-//! (missing fields, wrong types), `not_found` (unknown, malformed or foreign IDs: never
-//! revealed which), `rate_limited`, and the engine's codes as in REST. The connection stays
-//! up after every one of them.
+//! when rate limited), `typing`, `pong`, `resumed`. A well-formed frame that breaks
+//! `API.md` gets an `error` and the connection stays up: `invalid_json` (not JSON, or not
+//! an object), `unsupported_frame` (binary frames), `too_large` (over
+//! `ws_frame_bytes_max`), `unknown_type`, `invalid_request` (missing fields, wrong types),
+//! `not_found` (unknown, malformed or foreign IDs: never revealed which), `rate_limited`,
+//! and the engine's codes as in REST.
 //!
-//! Close codes: [`CLOSE_RESUME_REQUIRED`] (4000) when the client fell too far behind;
-//! [`CLOSE_HEARTBEAT_TIMEOUT`] (4002) when it was silent for two heartbeat intervals; 1001
-//! "going away" when the server drains; 1009 for a frame far over the limit; 1002 for a
-//! WebSocket protocol violation; 1011 when the engine cannot serve the session. After any
-//! of them the client reconnects and resumes. Answers `ack`, `error` and `pong` carry the
-//! request's `ref`; `typing:start` is answered only when it fails, and typing notices over
-//! `typing_per_s` for a (user, channel) on a shard are dropped quietly.
+//! A frame that breaks the WebSocket protocol itself fails the connection as RFC 6455 says
+//! ([`exit_for_read_error`]): 1007 for a text message or close reason that is not UTF-8
+//! (nothing of that message is acted on), 1009 for a message far over the limit, 1002 for
+//! every other violation. The server sends its close frame and closes TCP at once, as it
+//! does after answering the client's own close.
+//!
+//! Close codes the server starts: [`CLOSE_RESUME_REQUIRED`] (4000) when the client fell too
+//! far behind; [`CLOSE_HEARTBEAT_TIMEOUT`] (4002) when it was silent for two heartbeat
+//! intervals; 1001 "going away" when the server drains; 1011 when the engine cannot serve
+//! the session. After these it waits up to [`CLOSE_LINGER`] for the client's close. After
+//! any of them the client reconnects and resumes. Answers `ack`, `error` and `pong` carry
+//! the request's `ref`; `typing:start` is answered only when it fails, and typing notices
+//! over `typing_per_s` for a (user, channel) on a shard are dropped quietly.
 //!
 //! # Backpressure and memory
 //!
@@ -57,10 +63,9 @@
 //! grow only while there is something to write.
 //!
 //! tungstenite's protocol state machine is driven directly over a small non-blocking
-//! adapter (`SyncIo`) rather than through `async_tungstenite::WebSocketStream` (a crate not used here): the latter
-//! ends the stream on any read error, and a text frame of invalid UTF-8 must get an `error`
-//! frame while the connection stays up. It also lets one task poll reads and writes of the
-//! same socket in one place, with no lock between a reading and a writing half.
+//! adapter (`SyncIo`) rather than through a stream wrapper: one task polls reads and
+//! writes of the same socket in one place, with no lock between a reading and a writing
+//! half, and the session decides how each protocol error ends the connection.
 
 use crate::error::ApiError;
 use crate::server::ShardCtx;
@@ -376,9 +381,15 @@ fn would_block(e: &WsError) -> bool {
 /// Why a session ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Exit {
-    /// Send a close frame with this code and reason, then linger for the client's.
+    /// The server closes: send a close frame with this code and reason, then wait up to
+    /// [`CLOSE_LINGER`] for the client's close before closing TCP.
     Close(u16, &'static str),
-    /// The client closed; tungstenite has queued the answer, which is flushed.
+    /// The client broke the WebSocket protocol (RFC 6455 §7.1.7, "fail the connection"):
+    /// send a close frame with this code, then close TCP at once. Nothing more the client
+    /// sent is read as frames, so nothing of a broken message is ever acted on.
+    Fail(u16, &'static str),
+    /// The client closed; tungstenite has queued the answer, which is flushed, and then TCP
+    /// is closed at once.
     PeerClosed,
     /// The socket failed; nothing more can be sent.
     Gone,
@@ -482,7 +493,7 @@ impl Session {
             // they would enlarge every idle connection's task by their size.
             let next = match step {
                 Step::Client(Ok(message)) => Box::pin(self.on_message(message)).await,
-                Step::Client(Err(e)) => self.on_read_error(e),
+                Step::Client(Err(e)) => Some(self.on_read_error(e)),
                 Step::GraceOver => {
                     self.grace = None;
                     Box::pin(self.start(None)).await
@@ -675,35 +686,15 @@ impl Session {
         }
     }
 
-    /// A read error: some frames are answered with an `error` frame and the session goes on,
-    /// others end it.
-    fn on_read_error(&mut self, e: WsError) -> Option<Exit> {
-        match e {
-            WsError::Utf8(_) => {
-                self.heard();
-                let err = ApiError::invalid("a text frame must be valid UTF-8");
-                self.reply_error(
-                    &Value::Null,
-                    &ApiError {
-                        code: "invalid_utf8",
-                        ..err
-                    },
-                );
-                None
-            }
-            WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
-                Some(Exit::Close(1009, "frame too large"))
-            }
-            WsError::Capacity(_) | WsError::Protocol(_) => {
-                tracing::debug!(error = %e, user = %self.user, "websocket protocol error");
-                Some(Exit::Close(1002, "protocol error"))
-            }
-            WsError::ConnectionClosed | WsError::AlreadyClosed => Some(Exit::Gone),
-            e => {
-                tracing::debug!(error = %e, user = %self.user, "websocket read failed");
-                Some(Exit::Gone)
-            }
+    /// A read error ends the session: every error tungstenite reports while reading is a
+    /// broken protocol or a broken socket, and RFC 6455 fails the connection for the first.
+    /// (Frames that are well-formed but break `API.md` are answered in `on_message`.)
+    fn on_read_error(&self, e: WsError) -> Exit {
+        let exit = exit_for_read_error(&e);
+        if exit != Exit::Gone {
+            tracing::debug!(error = %e, user = %self.user, ?exit, "websocket protocol error");
         }
+        exit
     }
 
     fn heard(&mut self) {
@@ -816,40 +807,115 @@ impl Session {
     }
 }
 
-/// Sends the close frame of `exit` (unless the socket is gone), then waits up to
-/// [`CLOSE_LINGER`] for it to be written and for the client's close, so that the client
-/// reads the code. Frames the client sends meanwhile are dropped.
+/// What RFC 6455 asks of the server after tungstenite reports `e` while reading. This is
+/// the whole mapping of tungstenite's errors; `DESIGN.md` lists it as a table.
+fn exit_for_read_error(e: &WsError) -> Exit {
+    use tungstenite::error::ProtocolError as P;
+    match e {
+        // §8.1: a text message (in any of its fragments) or a close reason that is not
+        // UTF-8 fails the connection with 1007. tungstenite stops at the first bad byte;
+        // the partial message it was assembling is dropped with the session.
+        WsError::Utf8(_) => Exit::Fail(1007, "invalid UTF-8"),
+        // §7.4.1: 1009 for a message too big to process. Frames somewhat over the limit
+        // are read whole and answered with a `too_large` error instead (see `on_message`).
+        WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
+            Exit::Fail(1009, "message too large")
+        }
+        // The client closed TCP without a close frame: nothing can be sent.
+        WsError::Protocol(P::ResetWithoutClosingHandshake) => Exit::Gone,
+        // Reserved bits or opcodes, bad fragmentation, oversized or fragmented control
+        // frames, an unmasked client frame, a 1-byte close payload: 1002.
+        WsError::Capacity(_) | WsError::Protocol(_) | WsError::AttackAttempt => {
+            Exit::Fail(1002, "protocol error")
+        }
+        // A broken socket, or a state tungstenite already ended: nothing can be sent.
+        WsError::ConnectionClosed
+        | WsError::AlreadyClosed
+        | WsError::Io(_)
+        | WsError::WriteBufferFull(_) => Exit::Gone,
+        // Handshake-only errors cannot happen on an open session; treat them as broken.
+        _ => Exit::Fail(1002, "protocol error"),
+    }
+}
+
+/// Ends a session as `exit` says: sends the server's close frame (unless the socket is
+/// gone), flushes it, and closes TCP. After a close the server starts, it first waits up to
+/// [`CLOSE_LINGER`] for the client's close, so that the client reads the code; after the
+/// client's close, or after failing the connection, it closes TCP at once. Frames the
+/// client sends meanwhile are never acted on.
 async fn close(ws: &mut WebSocket<SyncIo<Socket>>, exit: Exit) {
-    let frame = match exit {
+    let (frame, wait_for_peer) = match exit {
         Exit::Gone => return,
-        Exit::PeerClosed => None,
-        Exit::Close(code, reason) => Some(CloseFrame {
-            code: CloseCode::from(code),
-            reason: Utf8Bytes::from_static(reason),
-        }),
+        Exit::PeerClosed => (None, false),
+        Exit::Fail(code, reason) => (Some(close_frame(code, reason)), false),
+        Exit::Close(code, reason) => (Some(close_frame(code, reason)), true),
     };
     if let Some(frame) = frame {
         match ws.close(Some(frame)) {
             Ok(()) => {}
             Err(e) if would_block(&e) => {}
+            // Terminated: the answer to the client's close went out (see below).
+            Err(WsError::ConnectionClosed) => {}
             Err(_) => return,
         }
     }
     let mut linger = glommio::timer::Timer::new(CLOSE_LINGER);
-    poll_fn(|cx| {
+    let flushed = poll_fn(|cx| {
         ws.get_mut().set_waker(cx.waker());
         if Pin::new(&mut linger).poll(cx).is_ready() {
-            return Poll::Ready(());
+            return Poll::Ready(false);
         }
         match ws.flush() {
             Ok(()) => {}
             Err(e) if would_block(&e) => return Poll::Pending,
-            Err(_) => return Poll::Ready(()),
+            // tungstenite reports the end of a completed handshake this way, after it
+            // wrote the last close frame.
+            Err(WsError::ConnectionClosed) => return Poll::Ready(true),
+            Err(_) => return Poll::Ready(false),
+        }
+        if !wait_for_peer {
+            return Poll::Ready(true);
         }
         loop {
             match ws.read() {
                 Ok(_) => continue,
                 Err(e) if would_block(&e) => return Poll::Pending,
+                Err(_) => return Poll::Ready(true),
+            }
+        }
+    })
+    .await;
+    if flushed {
+        shut_down(ws.get_mut(), &mut linger).await;
+    }
+}
+
+fn close_frame(code: u16, reason: &'static str) -> CloseFrame {
+    CloseFrame {
+        code: CloseCode::from(code),
+        reason: Utf8Bytes::from_static(reason),
+    }
+}
+
+/// Closes the sending half of TCP, so the client reads the end of the stream right after
+/// the close frame, then reads and drops whatever the client still sends until it closes
+/// too (or the linger ends). Closing a socket with unread input would reset the
+/// connection, and a reset can destroy the close frame before the client reads it.
+async fn shut_down(io: &mut SyncIo<Socket>, linger: &mut glommio::timer::Timer) {
+    if io.inner.shutdown(std::net::Shutdown::Write).await.is_err() {
+        return;
+    }
+    let mut scratch = [0u8; 1024];
+    poll_fn(|cx| {
+        io.set_waker(cx.waker());
+        if Pin::new(&mut *linger).poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        loop {
+            match io.read(&mut scratch) {
+                Ok(0) => return Poll::Ready(()),
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Poll::Pending,
                 Err(_) => return Poll::Ready(()),
             }
         }

@@ -635,6 +635,37 @@ impl Conn {
     }
 }
 
+impl Conn {
+    /// Fails the connection after the server broke the WebSocket protocol (RFC 6455
+    /// §7.1.7): a close frame with `code`, flushed within [`CLOSE_TIMEOUT`], then the
+    /// connection is dropped. Nothing of the broken message reached the application.
+    async fn fail(&mut self, code: u16) {
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: "protocol error".into(),
+        };
+        // Closing the queue behind the close frame lets the writer flush it and end.
+        let (closed, _) = mpsc::channel(1);
+        let writes = std::mem::replace(&mut self.writes, closed);
+        let _ = writes.try_send(WsMessage::Close(Some(frame)));
+        drop(writes);
+        let _ = timeout(CLOSE_TIMEOUT, &mut self.writer).await;
+    }
+}
+
+/// The close code RFC 6455 asks for after a read error, or `None` when the socket is gone
+/// and nothing can be sent. The server maps its errors the same way.
+fn fail_code(e: &WsError) -> Option<u16> {
+    use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
+    match e {
+        WsError::Utf8(_) => Some(1007),
+        WsError::Capacity(CapacityError::MessageTooLong { .. }) => Some(1009),
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
+        WsError::Capacity(_) | WsError::Protocol(_) | WsError::AttackAttempt => Some(1002),
+        _ => None,
+    }
+}
+
 impl Drop for Conn {
     fn drop(&mut self) {
         self.writer.abort();
@@ -833,7 +864,12 @@ impl Task {
                     last_heard = Instant::now();
                     match message {
                         Some(Ok(m)) => self.on_message(m),
-                        Some(Err(e)) => Some(End::Lost(format!("read: {e}"))),
+                        Some(Err(e)) => {
+                            if let Some(code) = fail_code(&e) {
+                                conn.fail(code).await;
+                            }
+                            Some(End::Lost(format!("read: {e}")))
+                        }
                         None => Some(End::Lost("the server closed the socket".into())),
                     }
                 }
