@@ -471,6 +471,13 @@ impl Engine {
         }
     }
 
+    /// Whether an account exists, answered by the caller's own shard's replica; an
+    /// embedder checks it when a credential names a user.
+    pub async fn user_exists(&self, user: UserId) -> Result<bool, EngineError> {
+        self.meta_read(user.0, |reply| MetaRead::UserExists { user, reply })
+            .await
+    }
+
     /// An account by login email, with its password hash, for the embedder's login.
     pub async fn user_by_email(&self, email: &str) -> Result<Option<User>, EngineError> {
         let email = email.to_owned();

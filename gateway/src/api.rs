@@ -14,8 +14,8 @@
 //! clients can talk to older servers; a field of the wrong type is refused with serde's
 //! message.
 
+use crate::ctx::{authenticate, token_now, ShardCtx};
 use crate::error::ApiError;
-use crate::server::{authenticate, token_now, ShardCtx};
 use bytes::Bytes;
 use chorus_engine::domain::{ChannelKind, PAGE_LIMIT_MAX};
 use chorus_engine::ids::{ChannelId, MessageId, UserId, WorkspaceId};
@@ -26,6 +26,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::ser::{SerializeMap, Serializer};
 use serde::{Deserialize, Serialize};
+use std::net::IpAddr;
 use std::rc::Rc;
 use std::str::FromStr;
 use std::sync::OnceLock;
@@ -349,7 +350,13 @@ fn find<'p>(method: &Method, path: &'p str) -> Found<'p> {
     if path.split('/').count() > PATH_SEGMENTS_MAX {
         return Found::Nothing;
     }
-    let verb = Verb::of(method);
+    // HEAD is served wherever GET is (RFC 9110 §9.3.2): the GET runs, and hyper sends its
+    // headers without the body.
+    let verb = if method == Method::HEAD {
+        Some(Verb::Get)
+    } else {
+        Verb::of(method)
+    };
     let mut allowed = Vec::new();
     for r in ROUTES {
         if let Some(params) = match_path(r.path, path) {
@@ -357,6 +364,9 @@ fn find<'p>(method: &Method, path: &'p str) -> Found<'p> {
                 return Found::Route(r, params);
             }
             allowed.push(r.verb.as_str());
+            if r.verb == Verb::Get {
+                allowed.push("HEAD");
+            }
         }
     }
     if allowed.is_empty() {
@@ -368,10 +378,14 @@ fn find<'p>(method: &Method, path: &'p str) -> Found<'p> {
 
 /// Serves one REST request: routes it, checks the token and the rate, reads the body and
 /// runs the call. Every answer is JSON (or empty, for 204).
-pub async fn handle(ctx: Rc<ShardCtx>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+pub async fn handle(
+    ctx: Rc<ShardCtx>,
+    req: Request<Incoming>,
+    peer: Option<IpAddr>,
+) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
     match find(req.method(), &path) {
-        Found::Route(route, params) => match serve(&ctx, route, &params, req).await {
+        Found::Route(route, params) => match serve(&ctx, route, &params, req, peer).await {
             Ok(reply) => reply.response(),
             Err(e) => e.response(),
         },
@@ -391,9 +405,10 @@ async fn serve(
     route: &'static Route,
     raw: &RawParams<'_>,
     req: Request<Incoming>,
+    peer: Option<IpAddr>,
 ) -> Result<Reply, ApiError> {
     let user = if route.auth {
-        let user = authenticate(ctx, req.headers(), req.uri())?;
+        let user = authenticate(ctx, req.headers(), req.uri()).await?;
         ctx.take_rate(user.0)?;
         Some(user)
     } else {
@@ -410,6 +425,7 @@ async fn serve(
     let call = Call {
         ctx,
         user,
+        peer: peer.unwrap_or(IpAddr::from([0, 0, 0, 0])),
         params,
         query,
         body,
@@ -471,13 +487,26 @@ fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if !start.starts_with('{') {
         return Err(ApiError::bad_json("the body must be a JSON object"));
     }
+    if !crate::json::depth_within(body, crate::json::JSON_DEPTH_MAX) {
+        return Err(too_deep());
+    }
     serde_json::from_str(text).map_err(|e| ApiError::bad_json(e.to_string()))
+}
+
+/// 400 for JSON nested deeper than [`crate::json::JSON_DEPTH_MAX`].
+pub fn too_deep() -> ApiError {
+    ApiError::bad_json(format!(
+        "JSON may nest at most {} levels deep",
+        crate::json::JSON_DEPTH_MAX
+    ))
 }
 
 /// A parsed request, as handlers see it.
 struct Call<'a> {
     ctx: &'a ShardCtx,
     user: Option<UserId>,
+    /// The client's address, for the sign-up and login limits.
+    peer: IpAddr,
     params: Vec<(&'static str, String)>,
     query: Option<String>,
     body: Bytes,
@@ -786,6 +815,7 @@ fn session(call: &Call<'_>, user: &UserView, status: u16) -> Reply {
 async fn signup(call: &Call<'_>) -> Result<Reply, ApiError> {
     let r: SignupReq = call.json()?;
     crate::auth::check_password(&r.password).map_err(ApiError::invalid)?;
+    call.ctx.shared.guard.signup(call.peer)?;
     // Checked before hashing so that a taken email costs no hash; the engine checks again
     // when it creates the user, which settles a race between two sign-ups.
     if call.engine().user_by_email(&r.email).await?.is_some() {
@@ -803,6 +833,8 @@ async fn signup(call: &Call<'_>) -> Result<Reply, ApiError> {
 
 async fn login(call: &Call<'_>) -> Result<Reply, ApiError> {
     let r: LoginReq = call.json()?;
+    let guard = &call.ctx.shared.guard;
+    let attempt = guard.login(&r.email, call.peer)?;
     let found = call.engine().user_by_email(&r.email).await?;
     let hash = found.as_ref().map(|u| u.password_hash.clone());
     let password = r.password;
@@ -815,7 +847,10 @@ async fn login(call: &Call<'_>) -> Result<Reply, ApiError> {
     })
     .await;
     match found {
-        Some(user) if ok => Ok(session(call, &UserView::from(&user), 200)),
+        Some(user) if ok => {
+            guard.login_succeeded(attempt);
+            Ok(session(call, &UserView::from(&user), 200))
+        }
         _ => Err(ApiError::unauthorized("wrong email or password")),
     }
 }
@@ -1178,7 +1213,16 @@ mod tests {
         }
         assert!(matches!(
             find(&Method::PUT, "/api/v1/me"),
-            Found::WrongMethod(m) if m == ["GET"]
+            Found::WrongMethod(m) if m == ["GET", "HEAD"]
+        ));
+        // HEAD is routed wherever GET is, and nowhere else.
+        assert!(matches!(
+            find(&Method::HEAD, "/api/v1/me"),
+            Found::Route(r, _) if r.op == Op::Me
+        ));
+        assert!(matches!(
+            find(&Method::HEAD, "/api/v1/auth/signup"),
+            Found::WrongMethod(m) if m == ["POST"]
         ));
         for unknown in ["/api/v1/nope", "/api/v1/me/", "/api/v1/channels//join", "/"] {
             assert!(

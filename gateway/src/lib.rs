@@ -5,7 +5,12 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod conn;
+pub mod ctx;
 pub mod error;
+pub mod guard;
+pub mod json;
+pub mod memory;
 pub mod metrics;
 pub mod ratelimit;
 pub mod server;

@@ -57,6 +57,12 @@ impl TokenBucket {
         Err(Duration::from_secs_f64(wait_s) + RETRY_AFTER_ROUNDING)
     }
 
+    /// Returns a token taken by a request that turned out not to count (a login that
+    /// succeeded, for a limit on failures).
+    pub fn give_back(&mut self) {
+        self.tokens = (self.tokens + 1.0).min(self.burst);
+    }
+
     /// Whether the bucket would be full at `now`, and so no different from a new one.
     pub fn is_full(&self, now: Instant) -> bool {
         self.tokens_at(now) >= self.burst
@@ -152,6 +158,13 @@ impl Limiter {
         self.buckets.insert(key, bucket);
         assert!(self.buckets.len() <= self.entries_max);
         taken
+    }
+
+    /// Returns one token to `key`'s bucket (see [`TokenBucket::give_back`]).
+    pub fn give_back(&mut self, key: u64) {
+        if let Some(bucket) = self.buckets.get_mut(&key) {
+            bucket.give_back();
+        }
     }
 
     /// Drops every bucket that has refilled, returning how many. Callers may run it on a

@@ -11,16 +11,11 @@
 
 use crate::auth::Tokens;
 use crate::config::Config;
-use crate::error::ApiError;
+use crate::ctx::{ConnectionsPerIp, ShardCtx, Shared};
+use crate::guard::AuthGuard;
 use crate::metrics::Metrics;
-use crate::ratelimit::Limiter;
-use bytes::Bytes;
 use chorus_engine::{Engine, EngineConfig};
 use futures::channel::oneshot;
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::{Request, Response};
-use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -29,58 +24,6 @@ use std::time::Duration;
 
 /// How long a drain waits for connections to finish before closing the engine anyway.
 const DRAIN_WAIT: Duration = Duration::from_secs(10);
-
-/// What every shard shares.
-pub struct Shared {
-    /// The engine.
-    pub engine: Engine,
-    /// The settings.
-    pub config: Config,
-    /// Token signing and checking.
-    pub tokens: Tokens,
-    /// Counters for `/metrics`.
-    pub metrics: Arc<Metrics>,
-    /// Set when the drain starts.
-    pub draining: AtomicBool,
-    /// Open connections across shards (HTTP and WebSocket).
-    pub connections: AtomicUsize,
-}
-
-/// What one shard's connections share.
-pub struct ShardCtx {
-    /// The process-wide state.
-    pub shared: Arc<Shared>,
-    /// This shard's rate limiter (a user's budget is per shard).
-    pub limiter: RefCell<Limiter>,
-    /// Senders that tell this shard's WebSocket sessions to close for a drain.
-    pub closers: RefCell<Vec<oneshot::Sender<()>>>,
-}
-
-impl ShardCtx {
-    /// Registers a session to be told when the server drains.
-    pub fn on_drain(&self) -> oneshot::Receiver<()> {
-        let (tx, rx) = oneshot::channel();
-        let mut closers = self.closers.borrow_mut();
-        // Sessions that ended dropped their receivers; forget their senders now and then,
-        // so the list stays about as long as the open sessions (amortized O(1) a push).
-        if closers.len() >= 64 && closers.len().is_power_of_two() {
-            closers.retain(|c| !c.is_canceled());
-        }
-        closers.push(tx);
-        rx
-    }
-
-    /// Takes one unit of the user's rate budget.
-    pub fn take_rate(&self, user: u64) -> Result<(), ApiError> {
-        self.limiter
-            .borrow_mut()
-            .try_take(user, std::time::Instant::now())
-            .map_err(|after| {
-                self.shared.metrics.rate_limited.inc();
-                ApiError::rate_limited(after)
-            })
-    }
-}
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -91,12 +34,6 @@ pub enum ServeError {
     /// A socket or file failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
-}
-
-fn now_s() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// Runs the server until SIGTERM or SIGINT, then drains and returns.
@@ -113,6 +50,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     engine_config.shards = shards;
     engine_config.partitions = config.partitions;
     engine_config.subscriber_queue_frames = config.ws_outbound_frames_max;
+    crate::memory::tune_allocator();
     let engine = Engine::open(engine_config)?;
     let tokens = Tokens::load_or_create(&config.jwt_secret_path(), config.token_ttl_s)?;
     let shared = Arc::new(Shared {
@@ -122,7 +60,15 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         metrics,
         draining: AtomicBool::new(false),
         connections: AtomicUsize::new(0),
+        per_ip: ConnectionsPerIp::new(config.connections_per_ip_max),
+        guard: AuthGuard::new(&config),
     });
+    let stop_housekeeping = Arc::new(AtomicBool::new(false));
+    let housekeeper = {
+        let shared = shared.clone();
+        let open = move || shared.connections.load(Ordering::Relaxed);
+        crate::memory::housekeeper(open, stop_housekeeping.clone())?
+    };
     let (addr, reserve) = reserve_port(config.http)?;
     let mut stops = Vec::new();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -161,6 +107,9 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     while shared.connections.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
+    stop_housekeeping.store(true, Ordering::Relaxed);
+    housekeeper.thread().unpark();
+    let _ = housekeeper.join();
     engine.shutdown();
     tracing::info!("stopped");
     Ok(())
@@ -220,14 +169,7 @@ async fn accept_loop(
             return;
         }
     };
-    let ctx = Rc::new(ShardCtx {
-        limiter: RefCell::new(Limiter::new(
-            shared.config.rate_per_s,
-            shared.config.rate_burst,
-        )),
-        shared,
-        closers: RefCell::new(Vec::new()),
-    });
+    let ctx = Rc::new(ShardCtx::new(shared));
     let mut stop = stop;
     loop {
         let accepted = {
@@ -244,20 +186,16 @@ async fn accept_loop(
                 continue;
             }
         };
-        let shared = &ctx.shared;
-        let open = shared.connections.fetch_add(1, Ordering::SeqCst) + 1;
-        if open > shared.config.connections_max {
-            shared.connections.fetch_sub(1, Ordering::SeqCst);
-            tracing::warn!(open, "connection limit reached; refusing");
+        let Some(ip) = admit(&ctx.shared, &stream) else {
             drop(stream);
             continue;
-        }
-        shared.metrics.connection_opened();
+        };
+        ctx.shared.metrics.connection_opened();
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
         glommio::spawn_local(async move {
-            serve_connection(ctx.clone(), stream).await;
-            ctx.shared.connections.fetch_sub(1, Ordering::SeqCst);
+            crate::conn::serve(ctx.clone(), stream).await;
+            release(&ctx.shared, ip);
             ctx.shared.metrics.connection_closed();
         })
         .detach();
@@ -268,140 +206,32 @@ async fn accept_loop(
     }
 }
 
-/// Bytes peeked at the start of a connection to tell a WebSocket handshake from HTTP.
-const WS_PREFIX: &[u8] = b"GET /ws/v1/connect";
-
-/// Serves one TCP connection: a WebSocket session, or HTTP/1.1 requests.
-///
-/// hyper's own upgrade path needs a `Send` stream, and a glommio stream belongs to its
-/// shard, so the two are told apart before either library reads: the first bytes are
-/// peeked (not consumed), and a connection whose first request is `GET /ws/v1/connect`
-/// goes whole to [`crate::ws::serve`], which does the handshake with tungstenite
-/// (authenticating in its callback) and runs the session. Everything else goes to hyper.
-async fn serve_connection(ctx: Rc<ShardCtx>, stream: glommio::net::TcpStream) {
-    // Each branch is boxed, so a connection's task holds only the state of the protocol it
-    // speaks: an idle WebSocket does not carry hyper's connection state, and the reverse.
-    if is_websocket(&stream).await {
-        Box::pin(crate::ws::serve(ctx, stream)).await;
-        return;
-    }
-    let io = smol_hyper::rt::FuturesIo::new(stream);
-    let mut drain = ctx.on_drain();
-    let service = hyper::service::service_fn(move |req| {
-        let ctx = ctx.clone();
-        async move { Ok::<_, std::convert::Infallible>(route(ctx, req).await) }
-    });
-    let mut conn = Box::pin(
-        hyper::server::conn::http1::Builder::new()
-            .keep_alive(true)
-            .max_buf_size(64 * 1024)
-            .serve_connection(io, service),
-    );
-    let ended = match futures::future::select(conn.as_mut(), &mut drain).await {
-        futures::future::Either::Left((ended, _)) => ended,
-        futures::future::Either::Right(_) => {
-            // Draining: finish the request in flight, if any, then close; an idle
-            // keep-alive connection closes at once.
-            conn.as_mut().graceful_shutdown();
-            conn.await
+/// Counts a new connection against `connections_max` and its address's
+/// `connections_per_ip_max`; `None` (and nothing counted) if either is reached. Returns the
+/// address to release when the connection ends.
+fn admit(shared: &Shared, stream: &glommio::net::TcpStream) -> Option<std::net::IpAddr> {
+    let ip = match stream.peer_addr() {
+        Ok(peer) => peer.ip(),
+        Err(e) => {
+            tracing::debug!(error = %e, "accepted a connection without a peer address");
+            return None;
         }
     };
-    if let Err(e) = ended {
-        tracing::debug!(error = %e, "connection ended");
+    let open = shared.connections.fetch_add(1, Ordering::SeqCst) + 1;
+    if open > shared.config.connections_max {
+        shared.connections.fetch_sub(1, Ordering::SeqCst);
+        tracing::warn!(open, "connection limit reached; refusing");
+        return None;
     }
-}
-
-/// Whether the connection starts with a WebSocket request line, by peeking until the
-/// prefix is decided (or the peer stops sending).
-async fn is_websocket(stream: &glommio::net::TcpStream) -> bool {
-    let mut buf = [0u8; WS_PREFIX.len()];
-    for _ in 0..WS_PEEKS_MAX {
-        let n = match stream.peek(&mut buf).await {
-            Ok(0) | Err(_) => return false,
-            Ok(n) => n,
-        };
-        if buf[..n] != WS_PREFIX[..n] {
-            return false;
-        }
-        if n == WS_PREFIX.len() {
-            return true;
-        }
-        // A request line split over packets: wait for more of it.
-        glommio::timer::sleep(Duration::from_millis(1)).await;
+    if !shared.per_ip.admit(ip) {
+        shared.connections.fetch_sub(1, Ordering::SeqCst);
+        tracing::warn!(%ip, "connection limit of one address reached; refusing");
+        return None;
     }
-    false
+    Some(ip)
 }
 
-/// How many times a short first packet is peeked again before it is taken as HTTP.
-const WS_PEEKS_MAX: usize = 200;
-
-/// Routes a request: the WebSocket endpoint, operations endpoints, or the REST API.
-async fn route(ctx: Rc<ShardCtx>, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    let started = std::time::Instant::now();
-    let response = match req.uri().path() {
-        // A WebSocket handshake must be the first request of its connection.
-        "/ws/v1/connect" => ApiError::new(
-            400,
-            "invalid_request",
-            "open the WebSocket on a new connection",
-        )
-        .response(),
-        "/healthz" => text(200, "text/plain", "ok\n"),
-        "/metrics" => text(
-            200,
-            crate::metrics::CONTENT_TYPE,
-            &ctx.shared.metrics.render(),
-        ),
-        _ if ctx.shared.draining.load(Ordering::SeqCst) => {
-            ApiError::unavailable("the server is shutting down").response()
-        }
-        _ => crate::api::handle(ctx.clone(), req).await,
-    };
-    ctx.shared
-        .metrics
-        .observe_request(response.status().as_u16(), started.elapsed());
-    response
-}
-
-/// A plain response.
-pub fn text(status: u16, content_type: &'static str, body: &str) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_owned())));
-    *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
-    r.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static(content_type),
-    );
-    r
-}
-
-/// The user a request's token names: `Authorization: Bearer …` or `?token=…`. It reads
-/// only the headers and URI, so the REST router and the WebSocket handshake share it.
-pub fn authenticate(
-    ctx: &ShardCtx,
-    headers: &hyper::http::HeaderMap,
-    uri: &hyper::http::Uri,
-) -> Result<chorus_engine::ids::UserId, ApiError> {
-    let from_header = headers
-        .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let from_query = uri
-        .query()
-        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")));
-    let token = from_header
-        .or(from_query)
-        .ok_or_else(|| ApiError::unauthorized("a bearer token is required"))?;
-    let sub = ctx
-        .shared
-        .tokens
-        .verify(token, now_s())
-        .map_err(|e| ApiError::unauthorized(format!("bad token: {e}")))?;
-    sub.parse()
-        .map_err(|_| ApiError::unauthorized("bad token: unknown subject"))
-}
-
-/// The current time in seconds, for tokens.
-pub fn token_now() -> u64 {
-    now_s()
+fn release(shared: &Shared, ip: std::net::IpAddr) {
+    shared.per_ip.release(ip);
+    shared.connections.fetch_sub(1, Ordering::SeqCst);
 }

@@ -67,8 +67,9 @@
 //! writes of the same socket in one place, with no lock between a reading and a writing
 //! half, and the session decides how each protocol error ends the connection.
 
+use crate::conn::Socket;
+use crate::ctx::ShardCtx;
 use crate::error::ApiError;
-use crate::server::ShardCtx;
 use bytes::Bytes;
 use chorus_engine::ids::{ChannelId, MessageId, UserId};
 use chorus_engine::queue::Cutoff;
@@ -80,7 +81,6 @@ use futures::io::{AsyncRead, AsyncWrite};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io::{self, Read, Write};
@@ -100,8 +100,6 @@ use tungstenite::{Message, Utf8Bytes};
 
 /// The endpoint's path.
 pub const WS_PATH: &str = "/ws/v1/connect";
-/// How long a client has to send its upgrade request and read the answer.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Close code: the client fell too far behind; it should reconnect and `resume` from the
 /// last seq it saw.
@@ -147,10 +145,11 @@ pub const FRAME_SLACK_BYTES: usize = 64 * 1024;
 /// endpoint 404, a request that is not a WebSocket upgrade 400 (426 with
 /// `Sec-WebSocket-Version: 13` for another version), and a draining server 503; then the
 /// connection is closed.
-pub async fn serve(ctx: Rc<ShardCtx>, stream: Socket) {
+pub async fn serve(ctx: Rc<ShardCtx>, stream: Socket, deadline: Instant) {
     // The handshake's and the subscription's futures are boxed: they are done before the
     // session starts, and inline they would enlarge every idle connection's task.
-    let Some((user, mut ws)) = Box::pin(handshake(&ctx, stream)).await else {
+    let handshake = Box::pin(handshake(&ctx, stream));
+    let Some((user, mut ws)) = crate::conn::until(deadline, handshake).await.flatten() else {
         return;
     };
     let sub = match Box::pin(ctx.shared.engine.subscribe_held(user)).await {
@@ -166,21 +165,21 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: Socket) {
     session.run().await;
 }
 
-/// Reads the upgrade request and answers it. Returns the user and the WebSocket when it
-/// was accepted. Everything it holds (the request, its headers, the handshake's buffers)
-/// is gone once it returns, so an idle session does not keep it.
+/// Reads the upgrade request and answers it, within the connection's header deadline.
+/// Returns the user and the WebSocket when it was accepted. Everything it holds (the
+/// request, its headers, the handshake's buffers) is gone once it returns, so an idle
+/// session does not keep it.
 async fn handshake(ctx: &ShardCtx, stream: Socket) -> Option<(UserId, WebSocket<SyncIo<Socket>>)> {
-    let mut deadline = glommio::timer::Timer::new(HANDSHAKE_TIMEOUT);
     let machine = HandshakeMachine::start_read(SyncIo::new(stream));
     let Some(StageResult::DoneReading {
         result: request,
         stream: io,
         tail,
-    }) = drive(machine, &mut deadline).await
+    }) = drive(machine).await
     else {
         return None;
     };
-    let (user, out) = match accept(ctx, &request) {
+    let (user, out) = match accept(ctx, &request).await {
         Ok((user, response)) => (Some(user), head_bytes(&response, &[])?),
         Err((e, extra)) => {
             let (response, body) = error_response(&e, extra);
@@ -188,7 +187,7 @@ async fn handshake(ctx: &ShardCtx, stream: Socket) -> Option<(UserId, WebSocket<
         }
     };
     drop(request);
-    let io = match drive(HandshakeMachine::start_write(io, out), &mut deadline).await {
+    let io = match drive(HandshakeMachine::start_write(io, out)).await {
         Some(StageResult::DoneWriting(io)) => io,
         _ => return None,
     };
@@ -214,32 +213,26 @@ fn head_bytes(response: &HandshakeResponse, body: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// Runs tungstenite's handshake machine (reading the request, or writing the answer) until
-/// its stage is done, the peer fails, or the deadline passes.
+/// its stage is done or the peer fails.
 async fn drive(
     machine: HandshakeMachine<SyncIo<Socket>>,
-    deadline: &mut glommio::timer::Timer,
 ) -> Option<StageResult<HandshakeRequest, SyncIo<Socket>>> {
     let mut machine = Some(machine);
-    poll_fn(|cx| {
-        if Pin::new(&mut *deadline).poll(cx).is_ready() {
-            return Poll::Ready(None);
-        }
-        loop {
-            let mut m = machine
-                .take()
-                .expect("the machine is put back before Pending");
-            m.get_mut().set_waker(cx.waker());
-            match m.single_round::<HandshakeRequest>() {
-                Ok(RoundResult::WouldBlock(m)) => {
-                    machine = Some(m);
-                    return Poll::Pending;
-                }
-                Ok(RoundResult::Incomplete(m)) => machine = Some(m),
-                Ok(RoundResult::StageFinished(done)) => return Poll::Ready(Some(done)),
-                Err(e) => {
-                    tracing::debug!(error = %e, "websocket handshake failed");
-                    return Poll::Ready(None);
-                }
+    poll_fn(|cx| loop {
+        let mut m = machine
+            .take()
+            .expect("the machine is put back before Pending");
+        m.get_mut().set_waker(cx.waker());
+        match m.single_round::<HandshakeRequest>() {
+            Ok(RoundResult::WouldBlock(m)) => {
+                machine = Some(m);
+                return Poll::Pending;
+            }
+            Ok(RoundResult::Incomplete(m)) => machine = Some(m),
+            Ok(RoundResult::StageFinished(done)) => return Poll::Ready(Some(done)),
+            Err(e) => {
+                tracing::debug!(error = %e, "websocket handshake failed");
+                return Poll::Ready(None);
             }
         }
     })
@@ -251,14 +244,15 @@ type ExtraHeader = Option<(HeaderName, &'static str)>;
 
 /// Decides the answer to an upgrade request: the user and the 101 response, or the error
 /// and any header it needs.
-fn accept(
+async fn accept(
     ctx: &ShardCtx,
     request: &HandshakeRequest,
 ) -> Result<(UserId, HandshakeResponse), (ApiError, ExtraHeader)> {
     if request.uri().path() != WS_PATH {
         return Err((ApiError::new(404, "not_found", "no such endpoint"), None));
     }
-    let user = crate::server::authenticate(ctx, request.headers(), request.uri())
+    let user = crate::ctx::authenticate(ctx, request.headers(), request.uri())
+        .await
         .map_err(|e| (e, None))?;
     if ctx.shared.draining.load(Ordering::SeqCst) {
         let e = ApiError::unavailable("the server is shutting down");
@@ -296,9 +290,6 @@ fn error_response(e: &ApiError, extra: ExtraHeader) -> (HandshakeResponse, Vec<u
     }
     (response, body)
 }
-
-/// The socket under a session: a TCP stream of the shard that accepted it.
-type Socket = glommio::net::TcpStream;
 
 /// tungstenite's settings: reads up to the frame limit plus slack (the session answers
 /// frames over the limit itself), and small buffers.
@@ -734,7 +725,10 @@ impl Session {
         if self.grace.take().is_some() {
             // The first frame decides where the subscription starts.
             let since = match &parsed {
-                Ok(ClientFrame::Resume(since)) => Some(since.clone()),
+                Ok(ClientFrame::Resume { since, unknown }) => {
+                    self.report_unknown(&reference, unknown);
+                    Some(since.clone())
+                }
                 _ => None,
             };
             if let Some(exit) = self.start(since.clone()).await {
@@ -771,7 +765,8 @@ impl Session {
                 self.replies
                     .push_back(encode(&json!({"type": "pong", "ref": reference})));
             }
-            ClientFrame::Resume(since) => {
+            ClientFrame::Resume { since, unknown } => {
+                self.report_unknown(&reference, &unknown);
                 let sub = self.sub.as_ref().expect("subscribed while serving");
                 match sub.resume(since).await {
                     Ok(true) => {}
@@ -785,7 +780,7 @@ impl Session {
                 }
             }
             ClientFrame::Typing(channel) => {
-                if typing_allowed(&self.ctx, self.user, channel) {
+                if self.ctx.typing_allowed(self.user, channel) {
                     let engine = self.ctx.shared.engine.clone();
                     let user = self.user;
                     self.request = Some(Box::pin(async move {
@@ -800,6 +795,22 @@ impl Session {
             },
         }
         None
+    }
+
+    /// Names the channels of a `resume` whose IDs do not parse: the others are resumed,
+    /// and the client learns which of its seqs were ignored.
+    fn report_unknown(&mut self, reference: &Value, unknown: &[String]) {
+        if unknown.is_empty() {
+            return;
+        }
+        let e = ApiError::new(
+            404,
+            "not_found",
+            format!("unknown channel ids, not resumed: {}", unknown.join(", ")),
+        );
+        let mut frame = error_value(reference, &e);
+        frame["channel_ids"] = json!(unknown);
+        self.replies.push_back(encode(&frame));
     }
 
     fn reply_error(&mut self, reference: &Value, e: &ApiError) {
@@ -924,30 +935,6 @@ async fn shut_down(io: &mut SyncIo<Socket>, linger: &mut glommio::timer::Timer) 
 }
 
 // ---------------------------------------------------------------------------------------
-// Typing
-// ---------------------------------------------------------------------------------------
-
-thread_local! {
-    /// This shard's typing budget per (user, channel). A shard thread serves one server,
-    /// so the first session's rate is every session's.
-    static TYPING: RefCell<Option<crate::ratelimit::Limiter>> = const { RefCell::new(None) };
-}
-
-/// Whether the user may send a typing notice to the channel now. Extra notices are dropped
-/// quietly: typing is best effort, and clients send it on every keystroke.
-fn typing_allowed(ctx: &ShardCtx, user: UserId, channel: ChannelId) -> bool {
-    // Collisions merge two pairs' budgets, which is harmless.
-    let key = user.0.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ channel.0;
-    let rate = ctx.shared.config.typing_per_s;
-    TYPING.with(|t| {
-        t.borrow_mut()
-            .get_or_insert_with(|| crate::ratelimit::Limiter::new(rate, 1.0))
-            .try_take(key, Instant::now())
-            .is_ok()
-    })
-}
-
-// ---------------------------------------------------------------------------------------
 // Client frames
 // ---------------------------------------------------------------------------------------
 
@@ -955,7 +942,12 @@ fn typing_allowed(ctx: &ShardCtx, user: UserId, channel: ChannelId) -> bool {
 #[derive(Debug)]
 enum ClientFrame {
     Ping,
-    Resume(Vec<(ChannelId, u64)>),
+    /// A resume: the channels to resume, and the IDs named that do not parse, which are
+    /// reported and skipped rather than failing the whole frame.
+    Resume {
+        since: Vec<(ChannelId, u64)>,
+        unknown: Vec<String>,
+    },
     Typing(ChannelId),
     Command(Command),
 }
@@ -1068,6 +1060,9 @@ struct ResumeFields {
 
 /// Parses a text frame into the `ref` to echo and the frame, or the error to answer.
 fn parse_frame(text: &str) -> (Value, Result<ClientFrame, ApiError>) {
+    if !crate::json::depth_within(text.as_bytes(), crate::json::JSON_DEPTH_MAX) {
+        return (Value::Null, Err(crate::api::too_deep()));
+    }
     let mut object = match serde_json::from_str::<Value>(text) {
         Ok(Value::Object(object)) => object,
         Ok(_) => return (Value::Null, Err(bad_json("a frame must be a JSON object"))),
@@ -1095,12 +1090,16 @@ fn frame_of(kind: &str, object: Map<String, Value>) -> Result<ClientFrame, ApiEr
         "ping" => ClientFrame::Ping,
         "resume" => {
             let f: ResumeFields = fields(object)?;
-            let since = f
-                .since
-                .into_iter()
-                .map(|(c, seq)| Ok((parse_id::<ChannelId>(&c, "channel")?, seq)))
-                .collect::<Result<_, ApiError>>()?;
-            ClientFrame::Resume(since)
+            let mut since = Vec::with_capacity(f.since.len());
+            let mut unknown = Vec::new();
+            for (c, seq) in f.since {
+                match c.parse::<ChannelId>() {
+                    Ok(id) => since.push((id, seq)),
+                    Err(_) => unknown.push(c.chars().take(64).collect()),
+                }
+            }
+            unknown.sort();
+            ClientFrame::Resume { since, unknown }
         }
         "typing:start" => {
             let f: TypingFields = fields(object)?;
@@ -1187,6 +1186,10 @@ fn encode(value: &Value) -> Bytes {
 
 /// `{"type":"error","ref","code","message"}`, with `retry_after_ms` when rate limited.
 fn error_frame(reference: &Value, e: &ApiError) -> Bytes {
+    encode(&error_value(reference, e))
+}
+
+fn error_value(reference: &Value, e: &ApiError) -> Value {
     let mut frame = json!({
         "type": "error",
         "ref": reference,
@@ -1197,7 +1200,7 @@ fn error_frame(reference: &Value, e: &ApiError) -> Bytes {
         let ms = u64::try_from(after.as_millis()).unwrap_or(u64::MAX).max(1);
         frame["retry_after_ms"] = json!(ms);
     }
-    encode(&frame)
+    frame
 }
 
 #[cfg(test)]
@@ -1266,7 +1269,10 @@ mod tests {
         }
         let resume = format!(r#"{{"type":"resume","since":{{"{c}":4}}}}"#);
         match parse_frame(&resume).1 {
-            Ok(ClientFrame::Resume(since)) => assert_eq!(since, vec![(ChannelId(9), 4)]),
+            Ok(ClientFrame::Resume { since, unknown }) => {
+                assert_eq!(since, vec![(ChannelId(9), 4)]);
+                assert!(unknown.is_empty());
+            }
             other => panic!("{other:?}"),
         }
         assert!(matches!(

@@ -58,6 +58,10 @@ pub(crate) enum MetaRequest {
 
 /// A read of the metadata replica, answered by whichever shard gets it.
 pub(crate) enum MetaRead {
+    UserExists {
+        user: UserId,
+        reply: Reply<bool>,
+    },
     UserByEmail {
         email: String,
         reply: Reply<Option<User>>,
@@ -76,6 +80,9 @@ pub(crate) enum MetaRead {
 /// Answers a read from a shard's replica.
 pub(crate) fn answer(meta: &MetaState, read: MetaRead) {
     match read {
+        MetaRead::UserExists { user, reply } => {
+            let _ = reply.send(Ok(meta.user(user).is_some()));
+        }
         MetaRead::UserByEmail { email, reply } => {
             let _ = reply.send(Ok(meta.user_by_email(&email).cloned()));
         }

@@ -1,0 +1,239 @@
+//! What the gateway's connections share: the process-wide [`Shared`] state and each
+//! shard's [`ShardCtx`], and [`authenticate`], which the REST router and the WebSocket
+//! handshake both use.
+//!
+//! Code map: `server` accepts connections and owns the shard loops; `api` (REST) and `ws`
+//! (the WebSocket session) serve them. All three depend on this module, and it depends on
+//! none of them.
+//!
+//! # Tokens
+//!
+//! A request is authenticated by a token that is ours, intact and unexpired, *and* names an
+//! account that exists now: every request asks the engine (the shard's own metadata
+//! replica, no cross-core hop), so a correctly signed token for a user that does not exist
+//! is refused with 401 like any bad token. Accounts cannot be removed or disabled yet; when
+//! they can, this same check makes every token of such an account stop working on its next
+//! request, with no token list to revoke.
+
+use crate::auth::Tokens;
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::guard::AuthGuard;
+use crate::metrics::Metrics;
+use crate::ratelimit::Limiter;
+use chorus_engine::ids::{ChannelId, UserId};
+use chorus_engine::Engine;
+use futures::channel::oneshot;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// What every shard shares.
+pub struct Shared {
+    /// The engine.
+    pub engine: Engine,
+    /// The settings.
+    pub config: Config,
+    /// Token signing and checking.
+    pub tokens: Tokens,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<Metrics>,
+    /// Set when the drain starts.
+    pub draining: AtomicBool,
+    /// Open connections across shards (HTTP and WebSocket).
+    pub connections: AtomicUsize,
+    /// Open connections per source address.
+    pub per_ip: ConnectionsPerIp,
+    /// Sign-up and login limits.
+    pub guard: AuthGuard,
+}
+
+/// What one shard's connections share.
+pub struct ShardCtx {
+    /// The process-wide state.
+    pub shared: Arc<Shared>,
+    /// This shard's rate limiter (a user's budget is per shard).
+    pub limiter: RefCell<Limiter>,
+    /// This shard's typing budget per (user, channel).
+    pub typing: RefCell<Limiter>,
+    /// Senders that tell this shard's WebSocket sessions to close for a drain.
+    pub closers: RefCell<Vec<oneshot::Sender<()>>>,
+}
+
+impl ShardCtx {
+    /// The context of a shard's connections.
+    pub fn new(shared: Arc<Shared>) -> ShardCtx {
+        let config = &shared.config;
+        ShardCtx {
+            limiter: RefCell::new(Limiter::new(config.rate_per_s, config.rate_burst)),
+            typing: RefCell::new(Limiter::new(config.typing_per_s, 1.0)),
+            shared,
+            closers: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// Registers a session to be told when the server drains.
+    pub fn on_drain(&self) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        let mut closers = self.closers.borrow_mut();
+        // Sessions that ended dropped their receivers; forget their senders now and then,
+        // so the list stays about as long as the open sessions (amortized O(1) a push).
+        if closers.len() >= 64 && closers.len().is_power_of_two() {
+            closers.retain(|c| !c.is_canceled());
+        }
+        closers.push(tx);
+        rx
+    }
+
+    /// Takes one unit of the user's rate budget.
+    pub fn take_rate(&self, user: u64) -> Result<(), ApiError> {
+        self.limiter
+            .borrow_mut()
+            .try_take(user, Instant::now())
+            .map_err(|after| {
+                self.shared.metrics.rate_limited.inc();
+                ApiError::rate_limited(after)
+            })
+    }
+
+    /// Whether the user may send a typing notice to the channel now. Extra notices are
+    /// dropped quietly: typing is best effort, and clients send it on every keystroke.
+    pub fn typing_allowed(&self, user: UserId, channel: ChannelId) -> bool {
+        // Collisions merge two pairs' budgets, which is harmless.
+        let key = user.0.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ channel.0;
+        self.typing
+            .borrow_mut()
+            .try_take(key, Instant::now())
+            .is_ok()
+    }
+}
+
+/// Open connections per source address, across all shards. Touched once when a
+/// connection opens and once when it closes, never per request or frame.
+pub struct ConnectionsPerIp {
+    max: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl ConnectionsPerIp {
+    /// A table admitting at most `max` connections per address.
+    pub fn new(max: usize) -> ConnectionsPerIp {
+        ConnectionsPerIp {
+            max,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Counts a new connection from `ip`, unless the address has its maximum open.
+    pub fn admit(&self, ip: IpAddr) -> bool {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// Forgets a connection [`admit`](Self::admit) counted.
+    pub fn release(&self, ip: IpAddr) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&ip);
+            }
+        }
+        // A table that once held a flood of addresses gives its memory back.
+        if open.capacity() > 64 && open.len() < open.capacity() / 4 {
+            let keep = open.len() * 2;
+            open.shrink_to(keep);
+        }
+    }
+}
+
+/// The user a request's token names: `Authorization: Bearer …` (the scheme in any case,
+/// RFC 9110 §11.1) or `?token=…`. The account must exist now; see the module documentation.
+pub async fn authenticate(
+    ctx: &ShardCtx,
+    headers: &hyper::http::HeaderMap,
+    uri: &hyper::http::Uri,
+) -> Result<UserId, ApiError> {
+    let token = bearer(headers)
+        .or_else(|| query_token(uri))
+        .ok_or_else(|| ApiError::unauthorized("a bearer token is required"))?;
+    let sub = ctx
+        .shared
+        .tokens
+        .verify(token, token_now())
+        .map_err(|e| ApiError::unauthorized(format!("bad token: {e}")))?;
+    let user: UserId = sub
+        .parse()
+        .map_err(|_| ApiError::unauthorized("bad token: unknown subject"))?;
+    if !ctx.shared.engine.user_exists(user).await? {
+        return Err(ApiError::unauthorized("bad token: no such account"));
+    }
+    Ok(user)
+}
+
+/// The credentials of an `Authorization: Bearer <token>` header, whatever the case of the
+/// scheme.
+fn bearer(headers: &hyper::http::HeaderMap) -> Option<&str> {
+    let value = headers.get(hyper::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+fn query_token(uri: &hyper::http::Uri) -> Option<&str> {
+    uri.query()?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("token="))
+}
+
+/// The current time in seconds, for tokens.
+pub fn token_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The scheme of an Authorization header is matched in any case, and nothing but a
+    // bearer scheme with a token is taken.
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        let of = |v: &str| {
+            let mut h = hyper::http::HeaderMap::new();
+            h.insert(hyper::header::AUTHORIZATION, v.parse().unwrap());
+            bearer(&h).map(str::to_owned)
+        };
+        assert_eq!(of("Bearer abc").as_deref(), Some("abc"));
+        assert_eq!(of("bearer abc").as_deref(), Some("abc"));
+        assert_eq!(of("BEARER  abc ").as_deref(), Some("abc"));
+        assert_eq!(of("Basic abc"), None);
+        assert_eq!(of("Bearer "), None);
+        assert_eq!(of("Bearerabc"), None);
+    }
+
+    // The per-address table admits up to its maximum, and a released slot is reusable.
+    #[test]
+    fn connections_per_ip() {
+        let t = ConnectionsPerIp::new(2);
+        let a = IpAddr::from([127, 0, 0, 1]);
+        let b = IpAddr::from([127, 0, 0, 2]);
+        assert!(t.admit(a) && t.admit(a));
+        assert!(!t.admit(a));
+        assert!(t.admit(b));
+        t.release(a);
+        assert!(t.admit(a));
+    }
+}
