@@ -222,6 +222,39 @@ impl Subscription {
         &mut self.frames
     }
 
+    /// Starts a subscription made with [`Engine::subscribe_held`]; see
+    /// [`SubscriptionControl::start`].
+    pub async fn start(&self, resume: Option<Vec<(ChannelId, u64)>>) -> Result<(), EngineError> {
+        self.control().start(resume).await
+    }
+
+    /// Resumes named channels of a started subscription; see
+    /// [`SubscriptionControl::resume`].
+    pub async fn resume(&self, since: Vec<(ChannelId, u64)>) -> Result<bool, EngineError> {
+        self.control().resume(since).await
+    }
+
+    /// A handle that starts and resumes this subscription apart from its frames, so that a
+    /// caller can wait on both at once.
+    pub fn control(&self) -> SubscriptionControl {
+        SubscriptionControl {
+            engine: self.engine.clone(),
+            id: self.info.id,
+            shard: self.info.shard,
+        }
+    }
+}
+
+/// Starts and resumes a [`Subscription`]; cheap to clone. Calls after the subscription was
+/// dropped change nothing.
+#[derive(Clone)]
+pub struct SubscriptionControl {
+    engine: Engine,
+    id: u64,
+    shard: u32,
+}
+
+impl SubscriptionControl {
     /// Starts a subscription made with [`Engine::subscribe_held`]. With `Some(since)`, every
     /// event after the given seq of each named channel comes first, in order, then a
     /// `resumed` frame; channels not named start where the subscription began. Then live
@@ -229,11 +262,11 @@ impl Subscription {
     pub async fn start(&self, resume: Option<Vec<(ChannelId, u64)>>) -> Result<(), EngineError> {
         let announce = resume.is_some();
         let msg = ShardMsg::Start {
-            sub: self.info.id,
+            sub: self.id,
             since: resume.unwrap_or_default(),
             announce,
         };
-        self.engine.inner.routes.send(self.info.shard, msg).await
+        self.engine.inner.routes.send(self.shard, msg).await
     }
 
     /// Resumes named channels of a started subscription: the events after the given seq
@@ -244,11 +277,11 @@ impl Subscription {
     pub async fn resume(&self, since: Vec<(ChannelId, u64)>) -> Result<bool, EngineError> {
         let (tx, rx) = oneshot::channel();
         let msg = ShardMsg::Resume {
-            sub: self.info.id,
+            sub: self.id,
             since,
             reply: Some(tx),
         };
-        self.engine.inner.routes.send(self.info.shard, msg).await?;
+        self.engine.inner.routes.send(self.shard, msg).await?;
         rx.await
             .map_err(|_| EngineError::Unavailable("the shard stopped".into()))
     }

@@ -111,6 +111,16 @@ impl ShardCtx {
     }
 }
 
+impl crate::session::Limits for ShardCtx {
+    fn take_rate(&self, user: UserId) -> Result<(), ApiError> {
+        ShardCtx::take_rate(self, user.0)
+    }
+
+    fn typing_allowed(&self, user: UserId, channel: ChannelId) -> bool {
+        ShardCtx::typing_allowed(self, user, channel)
+    }
+}
+
 /// Open connections per source address, across all shards. Touched once when a
 /// connection opens and once when it closes, never per request or frame.
 pub struct ConnectionsPerIp {

@@ -12,8 +12,10 @@ pub mod guard;
 pub mod json;
 pub mod memory;
 pub mod metrics;
+pub mod protocol;
 pub mod ratelimit;
 pub mod server;
+pub mod session;
 pub mod ws;
 
 pub use config::Config;

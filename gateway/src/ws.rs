@@ -1,87 +1,61 @@
-//! The WebSocket endpoint `GET /ws/v1/connect`: the upgrade handshake, and the session that
-//! runs on the connection afterwards, one task per connection on the shard that accepted it.
+//! The WebSocket driver of the client session: the upgrade handshake of
+//! `GET /ws/v1/connect`, then [`SessionCore`] driven over tungstenite, one task per
+//! connection on the shard that accepted it.
 //!
-//! # The session
+//! # What the driver does
 //!
 //! 1. The server hands over a connection whose first request line is the endpoint's. The
 //!    request is read and answered with tungstenite's HTTP handshake code, on this shard's
-//!    own stream (hyper's upgrade path needs a `Send` stream, which a glommio one is not).
-//!    It is authenticated first (a bad token is answered 401 and never upgraded), then
+//!    own stream (hyper's upgrade path needs a `Send` stream, which a glommio one is not),
+//!    within the connection's header deadline. It is authenticated first (a bad token, or
+//!    one of an account that does not exist, is answered 401 and never upgraded), then
 //!    checked (RFC 6455), then answered 101.
-//! 2. The session subscribes *held* ([`chorus_engine::Engine::subscribe_held`]): nothing
-//!    is delivered yet, and nothing committed from now on is lost. Then it sends `hello`.
-//! 3. It waits up to [`RESUME_GRACE`] for the client's first frame. A `resume` there starts
-//!    the subscription from the client's seqs (missed events, then `resumed`, then live);
-//!    anything else, or silence, starts it live from the subscription's beginning.
-//! 4. Then one loop selects over the client's frames, the subscription's frames, the answer
-//!    of the request in flight, the heartbeat deadline and the server's drain signal.
+//! 2. It subscribes *held* ([`chorus_engine::Engine::subscribe_held`]): nothing is
+//!    delivered yet, and nothing committed from now on is lost. Then the session core runs:
+//!    it decides what every client frame means, which engine calls to make, what to send
+//!    and when to close (see `session`). The driver polls the socket, the subscription's
+//!    queue, the call in flight, one timer and the drain signal, and feeds the core.
+//! 3. The core's close reason becomes a close code ([`close_code`]); a WebSocket protocol
+//!    violation fails the connection as RFC 6455 says ([`exit_for_read_error`]).
 //!
-//! Requests run one at a time per connection, in the order the client sent them, while
-//! events keep flowing: a connection's posts land in its channel in the order it sent them,
-//! and an `ack` goes out only once the engine has made the message durable. While a request
-//! is in flight the session reads no further client frames, so a client that pipelines waits
-//! in its own TCP buffers rather than in server memory.
+//! # Close codes
 //!
-//! # Frames the server sends, and the close codes
-//!
-//! `hello`, `event` (the engine's encoded-once bytes, never re-encoded), `ack`
-//! `{"ref","message"|null}`, `error` `{"ref"|null,"code","message"}` (plus `retry_after_ms`
-//! when rate limited), `typing`, `pong`, `resumed`. A well-formed frame that breaks
-//! `API.md` gets an `error` and the connection stays up: `invalid_json` (not JSON, or not
-//! an object), `unsupported_frame` (binary frames), `too_large` (over
-//! `ws_frame_bytes_max`), `unknown_type`, `invalid_request` (missing fields, wrong types),
-//! `not_found` (unknown, malformed or foreign IDs: never revealed which), `rate_limited`,
-//! and the engine's codes as in REST.
-//!
-//! A frame that breaks the WebSocket protocol itself fails the connection as RFC 6455 says
-//! ([`exit_for_read_error`]): 1007 for a text message or close reason that is not UTF-8
-//! (nothing of that message is acted on), 1009 for a message far over the limit, 1002 for
-//! every other violation. The server sends its close frame and closes TCP at once, as it
-//! does after answering the client's own close.
-//!
-//! Close codes the server starts: [`CLOSE_RESUME_REQUIRED`] (4000) when the client fell too
-//! far behind; [`CLOSE_HEARTBEAT_TIMEOUT`] (4002) when it was silent for two heartbeat
-//! intervals; 1001 "going away" when the server drains; 1011 when the engine cannot serve
-//! the session. After these it waits up to [`CLOSE_LINGER`] for the client's close. After
-//! any of them the client reconnects and resumes. Answers `ack`, `error` and `pong` carry
-//! the request's `ref`; `typing:start` is answered only when it fails, and typing notices
-//! over `typing_per_s` for a (user, channel) on a shard are dropped quietly.
+//! 1000/the client's own code echoed when the client closes; 1001 when the server drains;
+//! 1002, 1007 and 1009 for protocol violations (TCP closed at once); 1011 when the engine
+//! cannot start the session; [`CLOSE_RESUME_REQUIRED`] (4000) when the client fell a whole
+//! queue behind; [`CLOSE_HEARTBEAT_TIMEOUT`] (4002) after two silent heartbeat intervals.
+//! After a close it starts, the server waits up to [`CLOSE_LINGER`] for the client's.
 //!
 //! # Backpressure and memory
 //!
 //! Every buffer is bounded. Events wait in the engine's subscriber queue (at most
-//! `ws_outbound_frames_max` frames). The session takes a batch of at most
-//! [`BATCH_FRAMES_MAX`] out, hands it to tungstenite and flushes once, so a burst costs one
-//! write per batch rather than one per frame. While the socket is blocked it takes nothing
-//! more, so the queue absorbs a slow client: a live event that finds it full cuts the client
-//! off (a catch-up instead waits for room), and once the session has written what was
-//! queued before the cut it closes with 4000; the client resumes from its last seq, which
-//! the log still has. The session learns of the cut when the socket drains; a client that
-//! never reads again holds only those bounded buffers until the heartbeat closes it (its
-//! answers back up, so its JSON frames stop being read too). An idle connection
-//! holds a read buffer of [`READ_BUFFER_BYTES`] and a few small structures; write buffers
-//! grow only while there is something to write.
+//! `ws_outbound_frames_max` frames). The driver moves at most a batch into the core, hands
+//! the core's frames to tungstenite and flushes once, so a burst costs one write per batch
+//! rather than one per frame. While the socket is blocked it takes nothing more, so the
+//! queue absorbs a slow client: a live event that finds it full cuts the client off, and
+//! once the frames queued before the cut are written the session closes with 4000; the
+//! client resumes from its last seq, which the log still has. An idle connection holds a
+//! read buffer of [`READ_BUFFER_BYTES`] and a few small structures; write buffers grow
+//! only while there is something to write.
 //!
 //! tungstenite's protocol state machine is driven directly over a small non-blocking
 //! adapter (`SyncIo`) rather than through a stream wrapper: one task polls reads and
 //! writes of the same socket in one place, with no lock between a reading and a writing
-//! half, and the session decides how each protocol error ends the connection.
+//! half, and the driver decides how each protocol error ends the connection.
 
 use crate::conn::Socket;
 use crate::ctx::ShardCtx;
 use crate::error::ApiError;
+use crate::session::{
+    run_call, Answer, CloseReason, SessionConfig, SessionCore, SubscriptionControl, Violation,
+    BATCH_FRAMES_MAX,
+};
 use bytes::Bytes;
-use chorus_engine::ids::{ChannelId, MessageId, UserId};
-use chorus_engine::queue::Cutoff;
-use chorus_engine::view::MessageView;
+use chorus_engine::ids::UserId;
 use chorus_engine::Subscription;
 use futures::channel::oneshot;
 use futures::future::{poll_fn, LocalBoxFuture};
 use futures::io::{AsyncRead, AsyncWrite};
-use serde::de::DeserializeOwned;
-use serde::Deserialize;
-use serde_json::{json, Map, Value};
-use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io::{self, Read, Write};
 use std::pin::Pin;
@@ -110,8 +84,6 @@ pub const CLOSE_UNAUTHORIZED: u16 = 4001;
 /// Close code: the client sent nothing, not even a ping, for two heartbeat intervals.
 pub const CLOSE_HEARTBEAT_TIMEOUT: u16 = 4002;
 
-/// How long the session waits for a `resume` as the first frame before it starts live.
-pub const RESUME_GRACE: Duration = Duration::from_millis(200);
 /// tungstenite's read buffer, allocated for the life of the connection. Client frames are
 /// small; a larger one is read in several calls. This is most of an idle connection's cost.
 pub const READ_BUFFER_BYTES: usize = 2 * 1024;
@@ -122,13 +94,6 @@ pub const WRITE_BUFFER_BYTES: usize = 16 * 1024;
 /// Only a safety net: the session never writes while the socket is blocked, so the write
 /// buffer holds at most [`WRITE_BUFFER_BYTES`] plus one frame.
 pub const OUTBOUND_FRAME_BYTES_MAX: usize = 16 * 1024 * 1024;
-/// Frames handed to tungstenite before one flush.
-pub const BATCH_FRAMES_MAX: usize = 64;
-/// Staging slots a connection keeps between bursts.
-pub const STAGED_IDLE_SLOTS_MAX: usize = 8;
-/// Answers (acks, errors, pongs) waiting to be written; when full, the session stops reading
-/// client frames until the socket drains.
-pub const REPLIES_MAX: usize = 16;
 /// How long a closing connection waits to flush its close frame and hear the client's.
 pub const CLOSE_LINGER: Duration = Duration::from_secs(5);
 /// Slack above `ws_frame_bytes_max` that tungstenite still reads, so that a frame somewhat
@@ -369,7 +334,7 @@ fn would_block(e: &WsError) -> bool {
 // The session
 // ---------------------------------------------------------------------------------------
 
-/// Why a session ends.
+/// How the connection ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Exit {
     /// The server closes: send a close frame with this code and reason, then wait up to
@@ -386,51 +351,39 @@ enum Exit {
     Gone,
 }
 
-/// What woke the session loop.
-enum Step {
-    /// A frame from the client, or the error reading it.
-    Client(Result<Message, WsError>),
-    /// The first-frame grace ran out without a client frame.
-    GraceOver,
-    /// A full batch went out and more may be ready: yield, then go on.
-    More,
-    /// The session must end.
-    Exit(Exit),
+/// The WebSocket close for a session's close reason.
+fn close_code(reason: CloseReason) -> Exit {
+    match reason {
+        CloseReason::PeerClosed => Exit::PeerClosed,
+        CloseReason::GoingAway => Exit::Close(1001, "going away"),
+        CloseReason::ResumeRequired => Exit::Close(CLOSE_RESUME_REQUIRED, "resume required"),
+        CloseReason::HeartbeatTimeout => Exit::Close(CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout"),
+        CloseReason::Unavailable => Exit::Close(1011, "unavailable"),
+        CloseReason::Violation(Violation::InvalidUtf8) => Exit::Fail(1007, "invalid UTF-8"),
+        CloseReason::Violation(Violation::TooLarge) => Exit::Fail(1009, "message too large"),
+        CloseReason::Violation(Violation::Framing) => Exit::Fail(1002, "protocol error"),
+    }
 }
 
-/// What the outbound side did in one poll.
-enum Outbound {
-    /// Nothing more to do until a waker fires.
-    Idle,
-    /// Wrote and may have more right away.
-    More,
-    /// The session must end.
-    Exit(Exit),
-}
-
+/// A session on one WebSocket: the core, and everything it does not touch.
 struct Session {
     ctx: Rc<ShardCtx>,
-    user: UserId,
     ws: WebSocket<SyncIo<Socket>>,
+    core: SessionCore,
     /// Taken when the session ends, so that the engine stops queueing for a closing client.
     sub: Option<Subscription>,
+    control: SubscriptionControl,
     drain: oneshot::Receiver<()>,
-    /// Set until the subscription is started by the first frame or the grace's end.
-    grace: Option<glommio::timer::Timer>,
-    /// Fires when the client may have been silent too long; see `poll_heartbeat`.
-    heartbeat: glommio::timer::Timer,
-    last_heard: Instant,
-    silence_max: Duration,
-    /// Event frames taken from the subscription and not yet given to tungstenite: at most
-    /// one batch.
-    staged: Vec<Bytes>,
-    /// Answers to the client, written before events.
-    replies: VecDeque<Bytes>,
-    /// The request in flight, which answers with a frame or nothing.
-    request: Option<LocalBoxFuture<'static, Option<Bytes>>>,
+    /// Wakes the session at the core's next deadline; re-armed only when it fires or the
+    /// deadline moves earlier, so frames cost no timer work.
+    timer: glommio::timer::Timer,
+    armed_for: Instant,
+    /// The engine call in flight.
+    call: Option<LocalBoxFuture<'static, Answer>>,
+    /// Frames taken from the subscription in one go.
+    batch: Vec<Bytes>,
     /// The socket refused the last write; flush before writing more.
     blocked: bool,
-    frame_bytes_max: usize,
 }
 
 impl Session {
@@ -441,205 +394,224 @@ impl Session {
         sub: Subscription,
     ) -> Session {
         let config = &ctx.shared.config;
-        let silence_max = Duration::from_secs(config.heartbeat_interval_s.saturating_mul(2));
-        let frame_bytes_max = config.ws_frame_bytes_max;
+        let now = Instant::now();
+        let core = SessionCore::new(
+            user,
+            rand::random(),
+            SessionConfig {
+                heartbeat_interval_s: config.heartbeat_interval_s,
+                frame_bytes_max: config.ws_frame_bytes_max,
+            },
+            now,
+        );
+        let armed_for = core.poll_timeout();
         let drain = ctx.on_drain();
         Session {
-            ctx,
-            user,
-            ws,
+            control: sub.control(),
             sub: Some(sub),
+            timer: glommio::timer::Timer::new(armed_for.saturating_duration_since(now)),
+            armed_for,
+            ctx,
+            ws,
+            core,
             drain,
-            grace: Some(glommio::timer::Timer::new(RESUME_GRACE)),
-            heartbeat: glommio::timer::Timer::new(silence_max),
-            last_heard: Instant::now(),
-            silence_max,
-            staged: Vec::new(),
-            replies: VecDeque::new(),
-            request: None,
+            call: None,
+            batch: Vec::new(),
             blocked: false,
-            frame_bytes_max,
         }
     }
 
     async fn run(&mut self) {
-        let hello = encode(&json!({
-            "type": "hello",
-            "conn_id": format!("{:016x}", rand::random::<u64>()),
-            "user_id": self.user,
-            "heartbeat_interval": self.ctx.shared.config.heartbeat_interval_s,
-        }));
-        self.replies.push_back(hello);
-        let exit = self.serve().await;
+        let exit = poll_fn(|cx| self.poll(cx)).await;
         // Unsubscribe before lingering: the engine stops queueing for a closing client.
         self.sub = None;
+        self.call = None;
         Box::pin(close(&mut self.ws, exit)).await;
     }
 
-    /// The session loop; returns how to end.
-    async fn serve(&mut self) -> Exit {
+    /// Turns over every source until nothing is left to do or the session ends. A busy
+    /// connection gives the shard back when its time slice is used up, as
+    /// `yield_if_needed` would, so it never starves the shard's other tasks.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Exit> {
+        self.ws.get_mut().set_waker(cx.waker());
         loop {
-            let step = poll_fn(|cx| self.poll_step(cx)).await;
-            // The handlers' futures are boxed: they run once per client frame, and inline
-            // they would enlarge every idle connection's task by their size.
-            let next = match step {
-                Step::Client(Ok(message)) => Box::pin(self.on_message(message)).await,
-                Step::Client(Err(e)) => Some(self.on_read_error(e)),
-                Step::GraceOver => {
-                    self.grace = None;
-                    Box::pin(self.start(None)).await
+            match self.turn(cx) {
+                Err(exit) => return Poll::Ready(exit),
+                Ok(false) => return Poll::Pending,
+                Ok(true) if glommio::executor().need_preempt() => {
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
                 }
-                Step::More => None,
-                Step::Exit(exit) => Some(exit),
-            };
-            if let Some(exit) = next {
-                return exit;
+                Ok(true) => {}
             }
-            // A busy connection must not starve the shard's other tasks.
-            glommio::yield_if_needed().await;
         }
     }
 
-    /// Polls every source once, in an order that lets each make progress under load.
-    fn poll_step(&mut self, cx: &mut Context<'_>) -> Poll<Step> {
-        self.ws.get_mut().set_waker(cx.waker());
+    /// One turn over every source; whether it did work that may allow more right away.
+    fn turn(&mut self, cx: &mut Context<'_>) -> Result<bool, Exit> {
         if Pin::new(&mut self.drain).poll(cx).is_ready() {
             // A dropped sender means the shard is going away too.
-            return Poll::Ready(Step::Exit(Exit::Close(1001, "going away")));
+            self.core.handle_drain();
         }
-        if let Some(request) = self.request.as_mut() {
-            if let Poll::Ready(answer) = request.as_mut().poll(cx) {
-                self.request = None;
-                self.replies.extend(answer);
-            }
-        }
-        let outbound = match self.poll_outbound(cx) {
-            Outbound::Exit(exit) => return Poll::Ready(Step::Exit(exit)),
-            other => other,
-        };
-        if self.request.is_none() && self.replies.len() < REPLIES_MAX {
-            match self.ws.read() {
-                Err(e) if would_block(&e) => {}
-                other => return Poll::Ready(Step::Client(other)),
-            }
-        }
-        if let Some(grace) = self.grace.as_mut() {
-            if Pin::new(grace).poll(cx).is_ready() {
-                return Poll::Ready(Step::GraceOver);
-            }
-        }
-        if self.poll_heartbeat(cx) {
-            return Poll::Ready(Step::Exit(Exit::Close(
-                CLOSE_HEARTBEAT_TIMEOUT,
-                "heartbeat timeout",
-            )));
-        }
-        match outbound {
-            Outbound::More => Poll::Ready(Step::More),
-            _ => Poll::Pending,
+        let mut busy = self.poll_call(cx);
+        busy |= self.poll_outbound(cx)?;
+        busy |= self.poll_inbound()?;
+        busy |= self.poll_timer(cx);
+        match self.core.poll_close() {
+            Some(reason) => Err(close_code(reason)),
+            None => Ok(busy),
         }
     }
 
-    /// Whether the client has been silent for too long. The timer is re-armed for the
-    /// remainder when frames arrived meanwhile, so it costs one wake-up per interval rather
-    /// than a timer per frame.
-    fn poll_heartbeat(&mut self, cx: &mut Context<'_>) -> bool {
-        while Pin::new(&mut self.heartbeat).poll(cx).is_ready() {
-            let silent = self.last_heard.elapsed();
-            if silent >= self.silence_max {
-                return true;
+    /// Polls the engine call in flight, and starts the next one the core asks for.
+    fn poll_call(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut progressed = false;
+        loop {
+            if let Some(call) = self.call.as_mut() {
+                let Poll::Ready(answer) = call.as_mut().poll(cx) else {
+                    return progressed;
+                };
+                self.call = None;
+                self.core.handle_answer(answer, &*self.ctx);
+                progressed = true;
             }
-            self.heartbeat.reset(self.silence_max - silent);
+            let Some(call) = self.core.poll_call() else {
+                return progressed;
+            };
+            let engine = self.ctx.shared.engine.clone();
+            let user = self.core.user();
+            self.call = Some(Box::pin(run_call(engine, self.control.clone(), user, call)));
         }
-        false
     }
 
-    /// Moves frames from the subscription and the replies to the socket: one batch, one
-    /// flush. While the socket is blocked nothing more is taken from the subscription, so
-    /// its bounded queue is what absorbs a slow client, and the engine cuts the client off
-    /// when it overflows (a catch-up instead waits for room).
-    fn poll_outbound(&mut self, cx: &mut Context<'_>) -> Outbound {
+    /// Moves frames from the subscription into the core and the core's frames to the
+    /// socket: one batch, one flush. While the socket is blocked nothing more is taken from
+    /// the subscription, so its bounded queue is what absorbs a slow client.
+    fn poll_outbound(&mut self, cx: &mut Context<'_>) -> Result<bool, Exit> {
         if self.blocked {
             match self.ws.flush() {
                 Ok(()) => self.blocked = false,
-                Err(e) if would_block(&e) => return Outbound::Idle,
-                Err(e) => return Outbound::Exit(self.write_failed(e)),
+                Err(e) if would_block(&e) => return Ok(false),
+                Err(e) => return Err(self.write_failed(e)),
             }
         }
-        let (cutoff, waiting) = self.fill_staging(cx);
-        let (replies, events) = match self.write_batch() {
-            Ok(counts) => counts,
-            Err(e) => return Outbound::Exit(self.write_failed(e)),
-        };
-        // Deliveries and cutoffs are counted by the engine, which sees every subscriber.
-        let frames = (replies + events) as u64;
-        self.ctx.shared.metrics.ws_frames_out.add(frames);
-        if self.blocked {
-            // The socket's waker is registered; it fires when the client reads.
-            return Outbound::Idle;
-        }
-        if self.staged.is_empty() && self.staged.capacity() > STAGED_IDLE_SLOTS_MAX {
-            // An idle connection should not keep what a burst took.
-            self.staged.shrink_to(STAGED_IDLE_SLOTS_MAX);
-        }
-        match cutoff {
-            // The frames queued before the cutoff went out first.
-            Some(cutoff) if self.staged.is_empty() => Outbound::Exit(self.cut_off(cutoff)),
-            _ if waiting && self.staged.is_empty() => Outbound::Idle,
-            _ => Outbound::More,
-        }
-    }
-
-    /// Takes the subscription's ready frames into staging, up to its bound. Returns the
-    /// cutoff once every frame before it was taken, and whether the queue's waker is
-    /// registered (it was found empty).
-    fn fill_staging(&mut self, cx: &mut Context<'_>) -> (Option<Cutoff>, bool) {
-        let room = BATCH_FRAMES_MAX.saturating_sub(self.staged.len());
-        if room == 0 {
-            return (None, false);
-        }
-        let sub = self.sub.as_mut().expect("subscribed while serving");
-        match sub.try_recv_batch(&mut self.staged, room) {
-            Ok(0) => {}
-            Ok(_) => return (None, false),
-            Err(cutoff) => return (Some(cutoff), false),
-        }
-        match sub.receiver().poll_recv(cx) {
-            Poll::Ready(Ok(frame)) => {
-                self.staged.push(frame);
-                (None, false)
-            }
-            Poll::Ready(Err(cutoff)) => (Some(cutoff), false),
-            Poll::Pending => (None, true),
-        }
-    }
-
-    /// Hands the replies and up to a batch of staged events to tungstenite, then flushes
-    /// once. Returns how many of each went out (or were accepted before the socket blocked).
-    fn write_batch(&mut self) -> Result<(usize, usize), WsError> {
-        let mut replies = 0;
-        while !self.blocked {
-            let Some(frame) = self.replies.pop_front() else {
+        self.fill_events(cx);
+        let mut frames = 0;
+        while !self.blocked && frames < BATCH_FRAMES_MAX {
+            let Some(frame) = self.core.poll_transmit() else {
                 break;
             };
-            self.write_frame(frame)?;
-            replies += 1;
+            self.write_frame(frame).map_err(|e| self.write_failed(e))?;
+            frames += 1;
         }
-        let mut events = 0;
-        while !self.blocked && events < self.staged.len().min(BATCH_FRAMES_MAX) {
-            let frame = std::mem::take(&mut self.staged[events]);
-            events += 1;
-            self.write_frame(frame)?;
-        }
-        self.staged.drain(..events);
-        if replies + events > 0 && !self.blocked {
+        if frames > 0 && !self.blocked {
             match self.ws.flush() {
                 Ok(()) => {}
                 Err(e) if would_block(&e) => self.blocked = true,
-                Err(e) => return Err(e),
+                Err(e) => return Err(self.write_failed(e)),
             }
         }
-        Ok((replies, events))
+        // Deliveries and cutoffs are counted by the engine, which sees every subscriber.
+        self.ctx.shared.metrics.ws_frames_out.add(frames as u64);
+        Ok(frames > 0 && !self.blocked)
+    }
+
+    /// Takes the subscription's ready frames into the core, up to its room. Registers the
+    /// queue's waker when it is found empty.
+    fn fill_events(&mut self, cx: &mut Context<'_>) {
+        let room = self.core.event_room();
+        if room == 0 || self.blocked {
+            return;
+        }
+        let sub = self.sub.as_mut().expect("subscribed while serving");
+        let taken = match sub.try_recv_batch(&mut self.batch, room) {
+            Ok(0) => match sub.receiver().poll_recv(cx) {
+                Poll::Ready(Ok(frame)) => {
+                    self.batch.push(frame);
+                    Ok(())
+                }
+                Poll::Ready(Err(cutoff)) => Err(cutoff),
+                Poll::Pending => Ok(()),
+            },
+            Ok(_) => Ok(()),
+            Err(cutoff) => Err(cutoff),
+        };
+        for frame in self.batch.drain(..) {
+            self.core.push_event(frame);
+        }
+        if let Err(cutoff) = taken {
+            if matches!(cutoff, chorus_engine::queue::Cutoff::Overflow) {
+                tracing::debug!(user = %self.core.user(), "slow websocket client cut off");
+            }
+            self.core.handle_cutoff(cutoff);
+        }
+        if self.batch.capacity() > BATCH_FRAMES_MAX {
+            self.batch.shrink_to(BATCH_FRAMES_MAX);
+        }
+    }
+
+    /// Reads client frames while the core wants them; returns whether one was read.
+    fn poll_inbound(&mut self) -> Result<bool, Exit> {
+        let mut read = false;
+        while self.core.wants_client_frames() {
+            match self.ws.read() {
+                Ok(message) => {
+                    read = true;
+                    self.ctx.shared.metrics.ws_frames_in.inc();
+                    self.on_message(message);
+                }
+                Err(e) if would_block(&e) => break,
+                Err(e) => match exit_for_read_error(&e) {
+                    Exit::Gone => return Err(Exit::Gone),
+                    exit => {
+                        tracing::debug!(error = %e, user = %self.core.user(), ?exit, "websocket protocol error");
+                        self.core.handle_violation(violation_of(exit));
+                        break;
+                    }
+                },
+            }
+        }
+        Ok(read)
+    }
+
+    fn on_message(&mut self, message: Message) {
+        let now = Instant::now();
+        match message {
+            Message::Text(text) => self.core.handle_text(now, text.as_str(), &*self.ctx),
+            Message::Binary(_) => self.core.handle_binary(now),
+            // tungstenite answers pings itself; either way the client is alive.
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => self.core.handle_heard(now),
+            Message::Close(_) => self.core.handle_peer_closed(),
+        }
+    }
+
+    /// Fires the core's timeout when its deadline passed, and keeps the one timer armed
+    /// for the next deadline; whether it fired.
+    fn poll_timer(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut fired = false;
+        loop {
+            let due = self.core.poll_timeout();
+            if due < self.armed_for {
+                // The deadline moved earlier: re-arm now (rare; the grace only).
+                self.arm(due);
+            }
+            if Pin::new(&mut self.timer).poll(cx).is_pending() {
+                return fired;
+            }
+            fired = true;
+            self.core.handle_timeout(Instant::now());
+            if self.core.poll_close().is_some() {
+                return fired;
+            }
+            let next = self.core.poll_timeout();
+            self.arm(next);
+        }
+    }
+
+    fn arm(&mut self, at: Instant) {
+        self.armed_for = at;
+        self.timer
+            .reset(at.saturating_duration_since(Instant::now()));
     }
 
     /// Gives one frame to tungstenite. A `WouldBlock` means it was accepted but the socket
@@ -663,158 +635,17 @@ impl Session {
     }
 
     fn write_failed(&self, e: WsError) -> Exit {
-        tracing::debug!(error = %e, user = %self.user, "websocket write failed");
+        tracing::debug!(error = %e, user = %self.core.user(), "websocket write failed");
         Exit::Gone
     }
+}
 
-    fn cut_off(&self, cutoff: Cutoff) -> Exit {
-        match cutoff {
-            Cutoff::Overflow => {
-                tracing::debug!(user = %self.user, "slow websocket client cut off");
-                Exit::Close(CLOSE_RESUME_REQUIRED, "resume required")
-            }
-            Cutoff::Closed => Exit::Close(1001, "going away"),
-        }
-    }
-
-    /// A read error ends the session: every error tungstenite reports while reading is a
-    /// broken protocol or a broken socket, and RFC 6455 fails the connection for the first.
-    /// (Frames that are well-formed but break `API.md` are answered in `on_message`.)
-    fn on_read_error(&self, e: WsError) -> Exit {
-        let exit = exit_for_read_error(&e);
-        if exit != Exit::Gone {
-            tracing::debug!(error = %e, user = %self.user, ?exit, "websocket protocol error");
-        }
-        exit
-    }
-
-    fn heard(&mut self) {
-        self.last_heard = Instant::now();
-        self.ctx.shared.metrics.ws_frames_in.inc();
-    }
-
-    async fn on_message(&mut self, message: Message) -> Option<Exit> {
-        self.heard();
-        match message {
-            Message::Text(text) if text.len() > self.frame_bytes_max => {
-                let limit = self.frame_bytes_max;
-                let err = ApiError::too_large(format!("a frame may hold at most {limit} bytes"));
-                self.reply_error(&Value::Null, &err);
-                None
-            }
-            Message::Text(text) => self.on_text(text.as_str()).await,
-            Message::Binary(_) => {
-                let err = ApiError::invalid("frames are JSON text; binary frames are not used");
-                self.reply_error(
-                    &Value::Null,
-                    &ApiError {
-                        code: "unsupported_frame",
-                        ..err
-                    },
-                );
-                None
-            }
-            // tungstenite answers pings itself; either way the client is alive.
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => None,
-            Message::Close(_) => Some(Exit::PeerClosed),
-        }
-    }
-
-    async fn on_text(&mut self, text: &str) -> Option<Exit> {
-        let (reference, parsed) = parse_frame(text);
-        if self.grace.take().is_some() {
-            // The first frame decides where the subscription starts.
-            let since = match &parsed {
-                Ok(ClientFrame::Resume { since, unknown }) => {
-                    self.report_unknown(&reference, unknown);
-                    Some(since.clone())
-                }
-                _ => None,
-            };
-            if let Some(exit) = self.start(since.clone()).await {
-                return Some(exit);
-            }
-            if since.is_some() {
-                return None;
-            }
-        }
-        match parsed {
-            Ok(frame) => self.on_frame(reference, frame).await,
-            Err(e) => {
-                self.reply_error(&reference, &e);
-                None
-            }
-        }
-    }
-
-    /// Starts the held subscription: from the client's seqs, or live.
-    async fn start(&mut self, since: Option<Vec<(ChannelId, u64)>>) -> Option<Exit> {
-        let sub = self.sub.as_ref().expect("subscribed while serving");
-        match sub.start(since).await {
-            Ok(()) => None,
-            Err(e) => {
-                tracing::warn!(error = %e, user = %self.user, "starting a subscription failed");
-                Some(Exit::Close(1011, "unavailable"))
-            }
-        }
-    }
-
-    async fn on_frame(&mut self, reference: Value, frame: ClientFrame) -> Option<Exit> {
-        match frame {
-            ClientFrame::Ping => {
-                self.replies
-                    .push_back(encode(&json!({"type": "pong", "ref": reference})));
-            }
-            ClientFrame::Resume { since, unknown } => {
-                self.report_unknown(&reference, &unknown);
-                let sub = self.sub.as_ref().expect("subscribed while serving");
-                match sub.resume(since).await {
-                    Ok(true) => {}
-                    // Live frames of a named channel already went out after the point the
-                    // client asks for: sending the older ones now would break the order.
-                    // The client reconnects and resumes as its first frame.
-                    Ok(false) => {
-                        return Some(Exit::Close(CLOSE_RESUME_REQUIRED, "resume required"))
-                    }
-                    Err(e) => self.reply_error(&reference, &ApiError::from(e)),
-                }
-            }
-            ClientFrame::Typing(channel) => {
-                if self.ctx.typing_allowed(self.user, channel) {
-                    let engine = self.ctx.shared.engine.clone();
-                    let user = self.user;
-                    self.request = Some(Box::pin(async move {
-                        let r = engine.typing(user, channel).await;
-                        r.err().map(|e| error_frame(&reference, &ApiError::from(e)))
-                    }));
-                }
-            }
-            ClientFrame::Command(command) => match self.ctx.take_rate(self.user.0) {
-                Ok(()) => self.request = Some(command.run(&self.ctx, self.user, reference)),
-                Err(e) => self.reply_error(&reference, &e),
-            },
-        }
-        None
-    }
-
-    /// Names the channels of a `resume` whose IDs do not parse: the others are resumed,
-    /// and the client learns which of its seqs were ignored.
-    fn report_unknown(&mut self, reference: &Value, unknown: &[String]) {
-        if unknown.is_empty() {
-            return;
-        }
-        let e = ApiError::new(
-            404,
-            "not_found",
-            format!("unknown channel ids, not resumed: {}", unknown.join(", ")),
-        );
-        let mut frame = error_value(reference, &e);
-        frame["channel_ids"] = json!(unknown);
-        self.replies.push_back(encode(&frame));
-    }
-
-    fn reply_error(&mut self, reference: &Value, e: &ApiError) {
-        self.replies.push_back(error_frame(reference, e));
+/// The session's name for a protocol failure.
+fn violation_of(exit: Exit) -> Violation {
+    match exit {
+        Exit::Fail(1007, _) => Violation::InvalidUtf8,
+        Exit::Fail(1009, _) => Violation::TooLarge,
+        _ => Violation::Framing,
     }
 }
 
@@ -932,367 +763,4 @@ async fn shut_down(io: &mut SyncIo<Socket>, linger: &mut glommio::timer::Timer) 
         }
     })
     .await;
-}
-
-// ---------------------------------------------------------------------------------------
-// Client frames
-// ---------------------------------------------------------------------------------------
-
-/// A frame the client may send, parsed and checked.
-#[derive(Debug)]
-enum ClientFrame {
-    Ping,
-    /// A resume: the channels to resume, and the IDs named that do not parse, which are
-    /// reported and skipped rather than failing the whole frame.
-    Resume {
-        since: Vec<(ChannelId, u64)>,
-        unknown: Vec<String>,
-    },
-    Typing(ChannelId),
-    Command(Command),
-}
-
-/// A request that changes a channel: rate limited, answered with an `ack`.
-#[derive(Debug)]
-enum Command {
-    Send {
-        channel: ChannelId,
-        text: String,
-        client_msg_id: Option<String>,
-        thread: Option<MessageId>,
-    },
-    Edit {
-        message: MessageId,
-        text: String,
-    },
-    Delete {
-        message: MessageId,
-    },
-    React {
-        message: MessageId,
-        emoji: String,
-        add: bool,
-    },
-}
-
-impl Command {
-    /// The engine call, answering with its `ack` or `error` frame once it is durable.
-    fn run(
-        self,
-        ctx: &ShardCtx,
-        user: UserId,
-        reference: Value,
-    ) -> LocalBoxFuture<'static, Option<Bytes>> {
-        let engine = ctx.shared.engine.clone();
-        Box::pin(async move {
-            let result: Result<Option<MessageView>, _> = match self {
-                Command::Send {
-                    channel,
-                    text,
-                    client_msg_id,
-                    thread,
-                } => engine
-                    .post(user, channel, &text, client_msg_id.as_deref(), thread)
-                    .await
-                    .map(|(m, _)| Some(m)),
-                Command::Edit { message, text } => {
-                    engine.edit(user, message, &text).await.map(Some)
-                }
-                Command::Delete { message } => engine.delete(user, message).await.map(|()| None),
-                Command::React {
-                    message,
-                    emoji,
-                    add,
-                } => engine
-                    .react(user, message, &emoji, add)
-                    .await
-                    .map(|()| None),
-            };
-            Some(match result {
-                Ok(message) => {
-                    encode(&json!({"type": "ack", "ref": reference, "message": message}))
-                }
-                Err(e) => error_frame(&reference, &ApiError::from(e)),
-            })
-        })
-    }
-}
-
-#[derive(Deserialize)]
-struct SendFields {
-    channel_id: String,
-    text: String,
-    #[serde(default)]
-    client_msg_id: Option<String>,
-    #[serde(default)]
-    thread_id: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct EditFields {
-    channel_id: String,
-    message_id: String,
-    text: String,
-}
-
-#[derive(Deserialize)]
-struct TargetFields {
-    channel_id: String,
-    message_id: String,
-}
-
-#[derive(Deserialize)]
-struct ReactFields {
-    channel_id: String,
-    message_id: String,
-    emoji: String,
-}
-
-#[derive(Deserialize)]
-struct TypingFields {
-    channel_id: String,
-}
-
-#[derive(Deserialize)]
-struct ResumeFields {
-    since: HashMap<String, u64>,
-}
-
-/// Parses a text frame into the `ref` to echo and the frame, or the error to answer.
-fn parse_frame(text: &str) -> (Value, Result<ClientFrame, ApiError>) {
-    if !crate::json::depth_within(text.as_bytes(), crate::json::JSON_DEPTH_MAX) {
-        return (Value::Null, Err(crate::api::too_deep()));
-    }
-    let mut object = match serde_json::from_str::<Value>(text) {
-        Ok(Value::Object(object)) => object,
-        Ok(_) => return (Value::Null, Err(bad_json("a frame must be a JSON object"))),
-        Err(e) => return (Value::Null, Err(bad_json(format!("malformed JSON: {e}")))),
-    };
-    let reference = match object.remove("ref") {
-        None | Some(Value::Null) => Value::Null,
-        Some(r @ (Value::String(_) | Value::Number(_))) => r,
-        Some(_) => {
-            let e = ApiError::invalid("ref must be a string or a number");
-            return (Value::Null, Err(e));
-        }
-    };
-    let kind = match object.remove("type") {
-        Some(Value::String(kind)) => kind,
-        Some(_) => return (reference, Err(ApiError::invalid("type must be a string"))),
-        None => return (reference, Err(ApiError::invalid("a frame needs a type"))),
-    };
-    let frame = frame_of(&kind, object);
-    (reference, frame)
-}
-
-fn frame_of(kind: &str, object: Map<String, Value>) -> Result<ClientFrame, ApiError> {
-    let frame = match kind {
-        "ping" => ClientFrame::Ping,
-        "resume" => {
-            let f: ResumeFields = fields(object)?;
-            let mut since = Vec::with_capacity(f.since.len());
-            let mut unknown = Vec::new();
-            for (c, seq) in f.since {
-                match c.parse::<ChannelId>() {
-                    Ok(id) => since.push((id, seq)),
-                    Err(_) => unknown.push(c.chars().take(64).collect()),
-                }
-            }
-            unknown.sort();
-            ClientFrame::Resume { since, unknown }
-        }
-        "typing:start" => {
-            let f: TypingFields = fields(object)?;
-            ClientFrame::Typing(parse_id(&f.channel_id, "channel")?)
-        }
-        "message:send" => {
-            let f: SendFields = fields(object)?;
-            let channel = parse_id(&f.channel_id, "channel")?;
-            let thread = f.thread_id.map(|t| message_in(&t, channel)).transpose()?;
-            ClientFrame::Command(Command::Send {
-                channel,
-                text: f.text,
-                client_msg_id: f.client_msg_id,
-                thread,
-            })
-        }
-        "message:edit" => {
-            let f: EditFields = fields(object)?;
-            let message = target(&f.channel_id, &f.message_id)?;
-            ClientFrame::Command(Command::Edit {
-                message,
-                text: f.text,
-            })
-        }
-        "message:delete" => {
-            let f: TargetFields = fields(object)?;
-            let message = target(&f.channel_id, &f.message_id)?;
-            ClientFrame::Command(Command::Delete { message })
-        }
-        "reaction:add" | "reaction:remove" => {
-            let f: ReactFields = fields(object)?;
-            let message = target(&f.channel_id, &f.message_id)?;
-            ClientFrame::Command(Command::React {
-                message,
-                emoji: f.emoji,
-                add: kind == "reaction:add",
-            })
-        }
-        other => {
-            let shown: String = other.chars().take(64).collect();
-            return Err(ApiError::new(
-                400,
-                "unknown_type",
-                format!("unknown frame type {shown:?}"),
-            ));
-        }
-    };
-    Ok(frame)
-}
-
-fn fields<T: DeserializeOwned>(object: Map<String, Value>) -> Result<T, ApiError> {
-    serde_json::from_value(Value::Object(object)).map_err(|e| ApiError::invalid(e.to_string()))
-}
-
-fn bad_json(message: impl Into<String>) -> ApiError {
-    ApiError::bad_json(message)
-}
-
-/// An ID that does not parse names nothing, so it is not found, as in REST.
-fn parse_id<T: std::str::FromStr>(s: &str, what: &str) -> Result<T, ApiError> {
-    s.parse().map_err(|_| ApiError::not_found(what))
-}
-
-/// A message of the given channel; one of another channel is not found there.
-fn message_in(s: &str, channel: ChannelId) -> Result<MessageId, ApiError> {
-    let id: MessageId = parse_id(s, "message")?;
-    if id.channel != channel {
-        return Err(ApiError::not_found("message"));
-    }
-    Ok(id)
-}
-
-fn target(channel: &str, message: &str) -> Result<MessageId, ApiError> {
-    message_in(message, parse_id(channel, "channel")?)
-}
-
-// ---------------------------------------------------------------------------------------
-// Server frames
-// ---------------------------------------------------------------------------------------
-
-fn encode(value: &Value) -> Bytes {
-    Bytes::from(serde_json::to_vec(value).expect("a JSON value always serializes"))
-}
-
-/// `{"type":"error","ref","code","message"}`, with `retry_after_ms` when rate limited.
-fn error_frame(reference: &Value, e: &ApiError) -> Bytes {
-    encode(&error_value(reference, e))
-}
-
-fn error_value(reference: &Value, e: &ApiError) -> Value {
-    let mut frame = json!({
-        "type": "error",
-        "ref": reference,
-        "code": e.code,
-        "message": e.message,
-    });
-    if let Some(after) = e.retry_after {
-        let ms = u64::try_from(after.as_millis()).unwrap_or(u64::MAX).max(1);
-        frame["retry_after_ms"] = json!(ms);
-    }
-    frame
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn code_of(text: &str) -> &'static str {
-        match parse_frame(text).1 {
-            Ok(f) => panic!("{text} parsed as {f:?}"),
-            Err(e) => e.code,
-        }
-    }
-
-    // Each kind of bad frame maps to its documented error code, and the ref is echoed when
-    // it could be read.
-    #[test]
-    fn bad_frames_get_their_codes() {
-        assert_eq!(code_of("{"), "invalid_json");
-        assert_eq!(code_of("[1,2]"), "invalid_json");
-        assert_eq!(code_of(r#"{"ref":1}"#), "invalid_request");
-        assert_eq!(code_of(r#"{"type":7}"#), "invalid_request");
-        assert_eq!(code_of(r#"{"type":"nope"}"#), "unknown_type");
-        assert_eq!(
-            code_of(r#"{"type":"message:send","text":"x"}"#),
-            "invalid_request"
-        );
-        assert_eq!(
-            code_of(r#"{"type":"message:send","channel_id":5,"text":"x"}"#),
-            "invalid_request"
-        );
-        assert_eq!(
-            code_of(r#"{"type":"message:send","channel_id":"C!","text":"x"}"#),
-            "not_found"
-        );
-        assert_eq!(
-            code_of(r#"{"type":"message:edit","channel_id":"C1","message_id":"M2-1","text":"x"}"#),
-            "not_found"
-        );
-        assert_eq!(
-            code_of(r#"{"type":"resume","since":{"C1":-1}}"#),
-            "invalid_request"
-        );
-        let (reference, _) = parse_frame(r#"{"type":"nope","ref":"r1"}"#);
-        assert_eq!(reference, json!("r1"));
-    }
-
-    // Good frames parse into what the session runs.
-    #[test]
-    fn good_frames_parse() {
-        let c = ChannelId(9).to_string();
-        let m = MessageId {
-            channel: ChannelId(9),
-            seq: 3,
-        }
-        .to_string();
-        let send = json!({
-            "type": "message:send", "ref": "a", "channel_id": c, "text": "hi",
-            "client_msg_id": "k", "thread_id": m
-        })
-        .to_string();
-        match parse_frame(&send).1 {
-            Ok(ClientFrame::Command(Command::Send { thread, .. })) => {
-                assert_eq!(thread.map(|t| t.seq), Some(3))
-            }
-            other => panic!("{other:?}"),
-        }
-        let resume = format!(r#"{{"type":"resume","since":{{"{c}":4}}}}"#);
-        match parse_frame(&resume).1 {
-            Ok(ClientFrame::Resume { since, unknown }) => {
-                assert_eq!(since, vec![(ChannelId(9), 4)]);
-                assert!(unknown.is_empty());
-            }
-            other => panic!("{other:?}"),
-        }
-        assert!(matches!(
-            parse_frame(r#"{"type":"ping"}"#).1,
-            Ok(ClientFrame::Ping)
-        ));
-    }
-
-    // The error frame carries retry_after_ms only when rate limited.
-    #[test]
-    fn error_frame_shape() {
-        let e = ApiError::rate_limited(Duration::from_millis(1500));
-        let v: Value = serde_json::from_slice(&error_frame(&json!(3), &e)).unwrap();
-        assert_eq!(v["type"], "error");
-        assert_eq!(v["ref"], 3);
-        assert_eq!(v["code"], "rate_limited");
-        assert_eq!(v["retry_after_ms"], 1500);
-        let v: Value =
-            serde_json::from_slice(&error_frame(&Value::Null, &ApiError::not_found("x"))).unwrap();
-        assert!(v.get("retry_after_ms").is_none());
-        assert!(v["ref"].is_null());
-    }
 }

@@ -1,0 +1,431 @@
+//! The client protocol of `API.md` §6–§7, independent of the transport: the frames a
+//! client may send, parsed and checked into [`ClientFrame`]s, and the frames the server
+//! builds. The WebSocket driver and the QUIC driver carry the same frames; QUIC frames
+//! them with a 4-byte big-endian length ([`decode_length_prefixed`]).
+//!
+//! Everything here is a pure function of its input, which is what the fuzz targets call.
+
+use crate::error::ApiError;
+use bytes::Bytes;
+use chorus_engine::ids::{ChannelId, MessageId};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+
+/// The largest frame the length-prefixed (QUIC) form admits, whatever the configured
+/// limit: the prefix is read before the frame, so this bounds what a peer can make the
+/// server wait for.
+pub const LENGTH_PREFIXED_FRAME_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+// ---------------------------------------------------------------------------------------
+// Client frames
+// ---------------------------------------------------------------------------------------
+
+/// A frame the client may send, parsed and checked.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientFrame {
+    /// `ping`: answered with `pong`.
+    Ping,
+    /// A resume: the channels to resume, and the IDs named that do not parse, which are
+    /// reported and skipped rather than failing the whole frame.
+    Resume {
+        /// The channels and the last seq the client has of each.
+        since: Vec<(ChannelId, u64)>,
+        /// IDs that do not parse, at most 64 characters of each.
+        unknown: Vec<String>,
+    },
+    /// `typing:start` in a channel.
+    Typing(ChannelId),
+    /// A change to a channel, answered with `ack` once durable.
+    Command(Command),
+}
+
+/// A request that changes a channel: rate limited, answered with an `ack`.
+#[derive(Debug, Clone, PartialEq)]
+#[allow(missing_docs)] // The variants are the frames of API.md §6, field for field.
+pub enum Command {
+    Send {
+        channel: ChannelId,
+        text: String,
+        client_msg_id: Option<String>,
+        thread: Option<MessageId>,
+    },
+    Edit {
+        message: MessageId,
+        text: String,
+    },
+    Delete {
+        message: MessageId,
+    },
+    React {
+        message: MessageId,
+        emoji: String,
+        add: bool,
+    },
+}
+
+#[derive(Deserialize)]
+struct SendFields {
+    channel_id: String,
+    text: String,
+    #[serde(default)]
+    client_msg_id: Option<String>,
+    #[serde(default)]
+    thread_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct EditFields {
+    channel_id: String,
+    message_id: String,
+    text: String,
+}
+
+#[derive(Deserialize)]
+struct TargetFields {
+    channel_id: String,
+    message_id: String,
+}
+
+#[derive(Deserialize)]
+struct ReactFields {
+    channel_id: String,
+    message_id: String,
+    emoji: String,
+}
+
+#[derive(Deserialize)]
+struct TypingFields {
+    channel_id: String,
+}
+
+#[derive(Deserialize)]
+struct ResumeFields {
+    since: HashMap<String, u64>,
+}
+
+/// Parses a text frame into the `ref` to echo and the frame, or the error to answer.
+pub fn parse_frame(text: &str) -> (Value, Result<ClientFrame, ApiError>) {
+    if !crate::json::depth_within(text.as_bytes(), crate::json::JSON_DEPTH_MAX) {
+        return (Value::Null, Err(crate::api::too_deep()));
+    }
+    let mut object = match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(object)) => object,
+        Ok(_) => return (Value::Null, Err(bad_json("a frame must be a JSON object"))),
+        Err(e) => return (Value::Null, Err(bad_json(format!("malformed JSON: {e}")))),
+    };
+    let reference = match object.remove("ref") {
+        None | Some(Value::Null) => Value::Null,
+        Some(r @ (Value::String(_) | Value::Number(_))) => r,
+        Some(_) => {
+            let e = ApiError::invalid("ref must be a string or a number");
+            return (Value::Null, Err(e));
+        }
+    };
+    let kind = match object.remove("type") {
+        Some(Value::String(kind)) => kind,
+        Some(_) => return (reference, Err(ApiError::invalid("type must be a string"))),
+        None => return (reference, Err(ApiError::invalid("a frame needs a type"))),
+    };
+    let frame = frame_of(&kind, object);
+    (reference, frame)
+}
+
+fn frame_of(kind: &str, object: Map<String, Value>) -> Result<ClientFrame, ApiError> {
+    let frame = match kind {
+        "ping" => ClientFrame::Ping,
+        "resume" => {
+            let f: ResumeFields = fields(object)?;
+            let mut since = Vec::with_capacity(f.since.len());
+            let mut unknown = Vec::new();
+            for (c, seq) in f.since {
+                match c.parse::<ChannelId>() {
+                    Ok(id) => since.push((id, seq)),
+                    Err(_) => unknown.push(c.chars().take(64).collect()),
+                }
+            }
+            unknown.sort();
+            ClientFrame::Resume { since, unknown }
+        }
+        "typing:start" => {
+            let f: TypingFields = fields(object)?;
+            ClientFrame::Typing(parse_id(&f.channel_id, "channel")?)
+        }
+        "message:send" => {
+            let f: SendFields = fields(object)?;
+            let channel = parse_id(&f.channel_id, "channel")?;
+            let thread = f.thread_id.map(|t| message_in(&t, channel)).transpose()?;
+            ClientFrame::Command(Command::Send {
+                channel,
+                text: f.text,
+                client_msg_id: f.client_msg_id,
+                thread,
+            })
+        }
+        "message:edit" => {
+            let f: EditFields = fields(object)?;
+            let message = target(&f.channel_id, &f.message_id)?;
+            ClientFrame::Command(Command::Edit {
+                message,
+                text: f.text,
+            })
+        }
+        "message:delete" => {
+            let f: TargetFields = fields(object)?;
+            let message = target(&f.channel_id, &f.message_id)?;
+            ClientFrame::Command(Command::Delete { message })
+        }
+        "reaction:add" | "reaction:remove" => {
+            let f: ReactFields = fields(object)?;
+            let message = target(&f.channel_id, &f.message_id)?;
+            ClientFrame::Command(Command::React {
+                message,
+                emoji: f.emoji,
+                add: kind == "reaction:add",
+            })
+        }
+        other => {
+            let shown: String = other.chars().take(64).collect();
+            return Err(ApiError::new(
+                400,
+                "unknown_type",
+                format!("unknown frame type {shown:?}"),
+            ));
+        }
+    };
+    Ok(frame)
+}
+
+fn fields<T: DeserializeOwned>(object: Map<String, Value>) -> Result<T, ApiError> {
+    serde_json::from_value(Value::Object(object)).map_err(|e| ApiError::invalid(e.to_string()))
+}
+
+fn bad_json(message: impl Into<String>) -> ApiError {
+    ApiError::bad_json(message)
+}
+
+/// An ID that does not parse names nothing, so it is not found, as in REST.
+fn parse_id<T: std::str::FromStr>(s: &str, what: &str) -> Result<T, ApiError> {
+    s.parse().map_err(|_| ApiError::not_found(what))
+}
+
+/// A message of the given channel; one of another channel is not found there.
+fn message_in(s: &str, channel: ChannelId) -> Result<MessageId, ApiError> {
+    let id: MessageId = parse_id(s, "message")?;
+    if id.channel != channel {
+        return Err(ApiError::not_found("message"));
+    }
+    Ok(id)
+}
+
+fn target(channel: &str, message: &str) -> Result<MessageId, ApiError> {
+    message_in(message, parse_id(channel, "channel")?)
+}
+
+// ---------------------------------------------------------------------------------------
+// Server frames
+// ---------------------------------------------------------------------------------------
+
+/// A JSON value as a frame.
+pub fn encode(value: &Value) -> Bytes {
+    Bytes::from(serde_json::to_vec(value).expect("a JSON value always serializes"))
+}
+
+/// `{"type":"error","ref","code","message"}`, with `retry_after_ms` when rate limited.
+pub fn error_frame(reference: &Value, e: &ApiError) -> Bytes {
+    encode(&error_value(reference, e))
+}
+
+/// The `error` frame as a JSON value, for callers that add fields.
+pub fn error_value(reference: &Value, e: &ApiError) -> Value {
+    let mut frame = json!({
+        "type": "error",
+        "ref": reference,
+        "code": e.code,
+        "message": e.message,
+    });
+    if let Some(after) = e.retry_after {
+        let ms = u64::try_from(after.as_millis()).unwrap_or(u64::MAX).max(1);
+        frame["retry_after_ms"] = json!(ms);
+    }
+    frame
+}
+
+/// `hello`, the first frame of every session.
+pub fn hello(conn_id: u64, user: chorus_engine::ids::UserId, heartbeat_interval_s: u64) -> Bytes {
+    encode(&json!({
+        "type": "hello",
+        "conn_id": format!("{conn_id:016x}"),
+        "user_id": user,
+        "heartbeat_interval": heartbeat_interval_s,
+    }))
+}
+
+/// `pong`, the answer to `ping`.
+pub fn pong(reference: &Value) -> Bytes {
+    encode(&json!({"type": "pong", "ref": reference}))
+}
+
+/// `ack`, with the message the command changed (`null` for deletions and reactions).
+pub fn ack(reference: &Value, message: Option<&chorus_engine::view::MessageView>) -> Bytes {
+    encode(&json!({"type": "ack", "ref": reference, "message": message}))
+}
+
+// ---------------------------------------------------------------------------------------
+// The length-prefixed form (QUIC)
+// ---------------------------------------------------------------------------------------
+
+/// Why a length-prefixed frame cannot be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The length prefix is over the limit; the stream cannot be trusted further.
+    #[error("a frame of {0} bytes is over the limit")]
+    TooLarge(usize),
+    /// The frame is not UTF-8.
+    #[error("a frame is not valid UTF-8")]
+    InvalidUtf8,
+}
+
+/// Reads one frame from the front of `buf`: a 4-byte big-endian length, then that many
+/// bytes of UTF-8 JSON. Returns the text and the bytes it took, or `None` while the frame
+/// is incomplete. A length over `max` is refused before its bytes arrive.
+pub fn decode_length_prefixed(buf: &[u8], max: usize) -> Result<Option<(&str, usize)>, FrameError> {
+    let Some(prefix) = buf.first_chunk::<4>() else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes(*prefix) as usize;
+    if len > max.min(LENGTH_PREFIXED_FRAME_BYTES_MAX) {
+        return Err(FrameError::TooLarge(len));
+    }
+    let Some(frame) = buf.get(4..4 + len) else {
+        return Ok(None);
+    };
+    let text = std::str::from_utf8(frame).map_err(|_| FrameError::InvalidUtf8)?;
+    Ok(Some((text, 4 + len)))
+}
+
+/// Writes `frame` in the length-prefixed form.
+pub fn encode_length_prefixed(frame: &[u8], out: &mut Vec<u8>) {
+    let len = u32::try_from(frame.len()).expect("frames are far below 4 GiB");
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(frame);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code_of(text: &str) -> &'static str {
+        match parse_frame(text).1 {
+            Ok(f) => panic!("{text} parsed as {f:?}"),
+            Err(e) => e.code,
+        }
+    }
+
+    // Each kind of bad frame maps to its documented error code, and the ref is echoed when
+    // it could be read.
+    #[test]
+    fn bad_frames_get_their_codes() {
+        assert_eq!(code_of("{"), "invalid_json");
+        assert_eq!(code_of("[1,2]"), "invalid_json");
+        assert_eq!(code_of(r#"{"ref":1}"#), "invalid_request");
+        assert_eq!(code_of(r#"{"type":7}"#), "invalid_request");
+        assert_eq!(code_of(r#"{"type":"nope"}"#), "unknown_type");
+        assert_eq!(
+            code_of(r#"{"type":"message:send","text":"x"}"#),
+            "invalid_request"
+        );
+        assert_eq!(
+            code_of(r#"{"type":"message:send","channel_id":5,"text":"x"}"#),
+            "invalid_request"
+        );
+        assert_eq!(
+            code_of(r#"{"type":"message:send","channel_id":"C!","text":"x"}"#),
+            "not_found"
+        );
+        assert_eq!(
+            code_of(r#"{"type":"message:edit","channel_id":"C1","message_id":"M2-1","text":"x"}"#),
+            "not_found"
+        );
+        assert_eq!(
+            code_of(r#"{"type":"resume","since":{"C1":-1}}"#),
+            "invalid_request"
+        );
+        let (reference, _) = parse_frame(r#"{"type":"nope","ref":"r1"}"#);
+        assert_eq!(reference, json!("r1"));
+    }
+
+    // Good frames parse into what the session runs.
+    #[test]
+    fn good_frames_parse() {
+        let c = ChannelId(9).to_string();
+        let m = MessageId {
+            channel: ChannelId(9),
+            seq: 3,
+        }
+        .to_string();
+        let send = json!({
+            "type": "message:send", "ref": "a", "channel_id": c, "text": "hi",
+            "client_msg_id": "k", "thread_id": m
+        })
+        .to_string();
+        match parse_frame(&send).1 {
+            Ok(ClientFrame::Command(Command::Send { thread, .. })) => {
+                assert_eq!(thread.map(|t| t.seq), Some(3))
+            }
+            other => panic!("{other:?}"),
+        }
+        let resume = format!(r#"{{"type":"resume","since":{{"{c}":4}}}}"#);
+        match parse_frame(&resume).1 {
+            Ok(ClientFrame::Resume { since, unknown }) => {
+                assert_eq!(since, vec![(ChannelId(9), 4)]);
+                assert!(unknown.is_empty());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse_frame(r#"{"type":"ping"}"#).1,
+            Ok(ClientFrame::Ping)
+        ));
+    }
+
+    // Length-prefixed frames decode whole, wait for more when cut, and refuse oversized
+    // lengths and invalid UTF-8.
+    #[test]
+    fn length_prefixed_frames() {
+        let mut buf = Vec::new();
+        encode_length_prefixed(br#"{"type":"ping"}"#, &mut buf);
+        encode_length_prefixed(b"{}", &mut buf);
+        let (first, used) = decode_length_prefixed(&buf, 1024).unwrap().unwrap();
+        assert_eq!(first, r#"{"type":"ping"}"#);
+        let (second, used2) = decode_length_prefixed(&buf[used..], 1024).unwrap().unwrap();
+        assert_eq!((second, used + used2), ("{}", buf.len()));
+        for cut in 0..used {
+            assert_eq!(decode_length_prefixed(&buf[..cut], 1024), Ok(None));
+        }
+        assert_eq!(
+            decode_length_prefixed(&[0, 0, 4, 1], 1024),
+            Err(FrameError::TooLarge(1025))
+        );
+        assert_eq!(
+            decode_length_prefixed(&[0, 0, 0, 1, 0xff], 1024),
+            Err(FrameError::InvalidUtf8)
+        );
+    }
+
+    // The error frame carries retry_after_ms only when rate limited.
+    #[test]
+    fn error_frame_shape() {
+        let e = ApiError::rate_limited(std::time::Duration::from_millis(1500));
+        let v: Value = serde_json::from_slice(&error_frame(&json!(3), &e)).unwrap();
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["ref"], 3);
+        assert_eq!(v["code"], "rate_limited");
+        assert_eq!(v["retry_after_ms"], 1500);
+        let v: Value =
+            serde_json::from_slice(&error_frame(&Value::Null, &ApiError::not_found("x"))).unwrap();
+        assert!(v.get("retry_after_ms").is_none());
+        assert!(v["ref"].is_null());
+    }
+}

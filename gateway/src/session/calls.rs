@@ -1,0 +1,72 @@
+//! Running a session's [`Call`]s on the engine: the one part of a session that awaits, shared
+//! by every driver. Each call becomes an owned future, so a driver can poll it beside its
+//! socket and the subscription's frames.
+
+use super::{Answer, Call};
+use crate::error::ApiError;
+use crate::protocol::Command;
+use chorus_engine::ids::UserId;
+use chorus_engine::view::MessageView;
+use chorus_engine::Engine;
+
+pub use chorus_engine::SubscriptionControl;
+
+/// Makes `call` as `user` and answers it. `control` starts and resumes the session's
+/// subscription.
+pub async fn run_call(
+    engine: Engine,
+    control: SubscriptionControl,
+    user: UserId,
+    call: Call,
+) -> Answer {
+    match call {
+        Call::Start { since } => match control.start(since).await {
+            Ok(()) => Answer::Started(true),
+            Err(e) => {
+                tracing::warn!(error = %e, %user, "starting a subscription failed");
+                Answer::Started(false)
+            }
+        },
+        Call::Resume { reference, since } => Answer::Resumed {
+            reference,
+            result: control.resume(since).await.map_err(ApiError::from),
+        },
+        Call::Typing { reference, channel } => Answer::Typing {
+            reference,
+            result: engine.typing(user, channel).await.map_err(ApiError::from),
+        },
+        Call::Command { reference, command } => Answer::Command {
+            reference,
+            result: command_result(&engine, user, command).await,
+        },
+    }
+}
+
+async fn command_result(
+    engine: &Engine,
+    user: UserId,
+    command: Command,
+) -> Result<Option<MessageView>, ApiError> {
+    let result = match command {
+        Command::Send {
+            channel,
+            text,
+            client_msg_id,
+            thread,
+        } => engine
+            .post(user, channel, &text, client_msg_id.as_deref(), thread)
+            .await
+            .map(|(m, _)| Some(m)),
+        Command::Edit { message, text } => engine.edit(user, message, &text).await.map(Some),
+        Command::Delete { message } => engine.delete(user, message).await.map(|()| None),
+        Command::React {
+            message,
+            emoji,
+            add,
+        } => engine
+            .react(user, message, &emoji, add)
+            .await
+            .map(|()| None),
+    };
+    result.map_err(ApiError::from)
+}

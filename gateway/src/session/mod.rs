@@ -1,0 +1,488 @@
+//! The client session of `API.md` §6–§7 as a sans-IO state machine, [`SessionCore`], that
+//! every transport drives the same way.
+//!
+//! The core never touches a socket, a timer or the engine. A driver feeds it what happened
+//! (a text frame, engine frames, the answer of an engine call, the time) and asks it what
+//! to do (a frame to send, an engine call to make, when to wake it next, whether and why to
+//! close). The WebSocket driver (`ws`) maps that onto tungstenite and close codes; a QUIC
+//! driver maps it onto a stream; the tests and the whole-node simulation drive it with
+//! scripted inputs and simulated time.
+//!
+//! # The session
+//!
+//! 1. [`SessionCore::new`] queues `hello`. The engine subscription is *held* by then.
+//! 2. The first client frame, or [`RESUME_GRACE`] without one, starts the subscription:
+//!    from the client's seqs if that frame is `resume`, otherwise live ([`Call::Start`]).
+//! 3. Live: frames are parsed and answered; commands become engine calls, one at a time in
+//!    the order the client sent them, answered with `ack` or `error` once the engine
+//!    answers. While a call is in flight the core takes no client frames
+//!    ([`SessionCore::wants_client_frames`]), so a pipelining client waits in its own
+//!    buffers, not in server memory.
+//! 4. It ends for a [`CloseReason`]: the client closed or broke the protocol, it was silent
+//!    for two heartbeat intervals, it fell too far behind (after the frames queued before
+//!    the cut are sent), the server drains, or the engine could not start the session.
+//!
+//! Every queue is bounded: answers by [`REPLIES_MAX`] (the core stops taking client frames
+//! when full), events by [`BATCH_FRAMES_MAX`] ([`SessionCore::event_room`]); the rest waits
+//! in the engine's bounded subscriber queue.
+
+mod calls;
+#[cfg(test)]
+mod tests;
+
+pub use calls::{run_call, SubscriptionControl};
+
+use crate::error::ApiError;
+use crate::protocol::{self, ClientFrame, Command};
+use bytes::Bytes;
+use chorus_engine::ids::{ChannelId, UserId};
+use chorus_engine::queue::Cutoff;
+use chorus_engine::view::MessageView;
+use serde_json::{json, Value};
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// How long the session waits for a `resume` as the first frame before it starts live.
+pub const RESUME_GRACE: Duration = Duration::from_millis(200);
+/// Answers (acks, errors, pongs) waiting to be sent; when full, the core takes no client
+/// frames until they drain.
+pub const REPLIES_MAX: usize = 16;
+/// Engine frames the core holds for sending at once.
+pub const BATCH_FRAMES_MAX: usize = 64;
+/// Slots an idle session keeps in each queue after a burst.
+pub const IDLE_SLOTS_MAX: usize = 8;
+
+/// The settings a session needs.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionConfig {
+    /// Seconds between heartbeats, announced in `hello`; two of them silent end the session.
+    pub heartbeat_interval_s: u64,
+    /// The largest text frame answered; a larger one (that the transport still read) gets
+    /// a `too_large` error.
+    pub frame_bytes_max: usize,
+}
+
+/// Why a session ends. The driver maps each to its transport's close (a WebSocket code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client closed.
+    PeerClosed,
+    /// The server is draining, or the engine shut the subscription down.
+    GoingAway,
+    /// The client fell a whole queue behind, or asked to resume before frames it was
+    /// already sent: it reconnects and resumes.
+    ResumeRequired,
+    /// Nothing was heard from the client for two heartbeat intervals.
+    HeartbeatTimeout,
+    /// The engine could not start the session.
+    Unavailable,
+    /// The client broke the transport's protocol.
+    Violation(Violation),
+}
+
+/// How the client broke the transport's protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Violation {
+    /// A text message that is not UTF-8.
+    InvalidUtf8,
+    /// A message far over the size limit.
+    TooLarge,
+    /// Any other violation of the framing.
+    Framing,
+}
+
+/// What the core needs from the shard around it: the per-user budgets.
+pub trait Limits {
+    /// Takes one unit of the user's request budget, or says when to retry.
+    fn take_rate(&self, user: UserId) -> Result<(), ApiError>;
+    /// Whether the user may send a typing notice to the channel now.
+    fn typing_allowed(&self, user: UserId, channel: ChannelId) -> bool;
+}
+
+/// An engine call the session asks its driver to make; its result comes back as an
+/// [`Answer`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Call {
+    /// Start the held subscription: from these seqs, or live.
+    Start {
+        /// The client's seqs, when its first frame was `resume`.
+        since: Option<Vec<(ChannelId, u64)>>,
+    },
+    /// Resume named channels of the started subscription.
+    Resume {
+        /// The frame's `ref`.
+        reference: Value,
+        /// The channels and seqs.
+        since: Vec<(ChannelId, u64)>,
+    },
+    /// A command that changes a channel.
+    Command {
+        /// The frame's `ref`.
+        reference: Value,
+        /// The command.
+        command: Command,
+    },
+    /// A typing notice.
+    Typing {
+        /// The frame's `ref`.
+        reference: Value,
+        /// The channel.
+        channel: ChannelId,
+    },
+}
+
+/// The result of a [`Call`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    /// The subscription started (`true`) or could not (`false`).
+    Started(bool),
+    /// A resume was done (`Ok(true)`), or would go back before frames already sent.
+    Resumed {
+        /// The frame's `ref`.
+        reference: Value,
+        /// What the engine said.
+        result: Result<bool, ApiError>,
+    },
+    /// A command took effect (with the message it changed, if any), or failed.
+    Command {
+        /// The frame's `ref`.
+        reference: Value,
+        /// What the engine said.
+        result: Result<Option<MessageView>, ApiError>,
+    },
+    /// A typing notice went out, or failed.
+    Typing {
+        /// The frame's `ref`.
+        reference: Value,
+        /// What the engine said.
+        result: Result<(), ApiError>,
+    },
+}
+
+/// Where the session is.
+#[derive(Debug)]
+enum Phase {
+    /// Waiting for the first frame until the deadline.
+    Grace { until: Instant },
+    /// The subscription is starting; nothing is live yet.
+    Starting,
+    /// Started.
+    Live,
+}
+
+/// A parsed client frame and its `ref`.
+type Parsed = (Value, Result<ClientFrame, ApiError>);
+
+/// One client session; see the module documentation.
+#[derive(Debug)]
+pub struct SessionCore {
+    user: UserId,
+    config: SessionConfig,
+    phase: Phase,
+    last_heard: Instant,
+    /// Answers to send, before any event.
+    replies: VecDeque<Bytes>,
+    /// Engine frames to send, in order.
+    events: VecDeque<Bytes>,
+    /// The call to hand to the driver next.
+    call: Option<Call>,
+    /// Whether the driver is running a call.
+    in_flight: bool,
+    /// The first frame, when it was not `resume`: handled once the subscription started.
+    after_start: Option<Parsed>,
+    /// The engine cut the subscription off; the session closes once what was queued
+    /// before the cut is sent.
+    cut: Option<Cutoff>,
+    close: Option<CloseReason>,
+}
+
+impl SessionCore {
+    /// A session of `user`, opened at `now`; `hello` is its first frame.
+    pub fn new(user: UserId, conn_id: u64, config: SessionConfig, now: Instant) -> SessionCore {
+        let mut replies = VecDeque::new();
+        replies.push_back(protocol::hello(conn_id, user, config.heartbeat_interval_s));
+        SessionCore {
+            user,
+            config,
+            phase: Phase::Grace {
+                until: now + RESUME_GRACE,
+            },
+            last_heard: now,
+            replies,
+            events: VecDeque::new(),
+            call: None,
+            in_flight: false,
+            after_start: None,
+            cut: None,
+            close: None,
+        }
+    }
+
+    /// The user the session belongs to.
+    pub fn user(&self) -> UserId {
+        self.user
+    }
+
+    fn silence_max(&self) -> Duration {
+        Duration::from_secs(self.config.heartbeat_interval_s.saturating_mul(2))
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Inputs
+    // -----------------------------------------------------------------------------------
+
+    /// A complete text frame from the client.
+    pub fn handle_text(&mut self, now: Instant, text: &str, limits: &impl Limits) {
+        self.last_heard = now;
+        if text.len() > self.config.frame_bytes_max {
+            let limit = self.config.frame_bytes_max;
+            let e = ApiError::too_large(format!("a frame may hold at most {limit} bytes"));
+            self.reply_error(&Value::Null, &e);
+            return;
+        }
+        let parsed = protocol::parse_frame(text);
+        match self.phase {
+            Phase::Grace { .. } => self.start(Some(parsed)),
+            Phase::Starting => {
+                // Drivers take no frames while the start is in flight; keep the frame
+                // rather than lose it if one does.
+                assert!(self.after_start.is_none(), "a frame arrived while starting");
+                self.after_start = Some(parsed);
+            }
+            Phase::Live => self.on_frame(parsed, limits),
+        }
+    }
+
+    /// A binary frame: not used by the protocol, answered with an error.
+    pub fn handle_binary(&mut self, now: Instant) {
+        self.last_heard = now;
+        let e = ApiError {
+            code: "unsupported_frame",
+            ..ApiError::invalid("frames are JSON text; binary frames are not used")
+        };
+        self.reply_error(&Value::Null, &e);
+    }
+
+    /// A frame of the transport's own (a WebSocket ping or pong): the client is alive.
+    pub fn handle_heard(&mut self, now: Instant) {
+        self.last_heard = now;
+    }
+
+    /// The client broke the transport's protocol.
+    pub fn handle_violation(&mut self, violation: Violation) {
+        self.close_with(CloseReason::Violation(violation));
+    }
+
+    /// The client closed.
+    pub fn handle_peer_closed(&mut self) {
+        self.close_with(CloseReason::PeerClosed);
+    }
+
+    /// The server drains.
+    pub fn handle_drain(&mut self) {
+        self.close_with(CloseReason::GoingAway);
+    }
+
+    /// An engine frame for the client; the driver passes at most [`Self::event_room`].
+    pub fn push_event(&mut self, frame: Bytes) {
+        self.events.push_back(frame);
+    }
+
+    /// The engine cut the subscription off.
+    pub fn handle_cutoff(&mut self, cutoff: Cutoff) {
+        self.cut = Some(cutoff);
+    }
+
+    /// The answer of the call last taken with [`Self::poll_call`].
+    pub fn handle_answer(&mut self, answer: Answer, limits: &impl Limits) {
+        assert!(self.in_flight, "an answer without a call");
+        self.in_flight = false;
+        match answer {
+            Answer::Started(false) => self.close_with(CloseReason::Unavailable),
+            Answer::Started(true) => {
+                self.phase = Phase::Live;
+                if let Some(parsed) = self.after_start.take() {
+                    self.on_frame(parsed, limits);
+                }
+            }
+            Answer::Resumed { reference, result } => match result {
+                Ok(true) => {}
+                // Frames of a named channel already went out after the point asked for:
+                // sending older ones now would break the order, so the client reconnects
+                // and resumes as its first frame.
+                Ok(false) => self.close_with(CloseReason::ResumeRequired),
+                Err(e) => self.reply_error(&reference, &e),
+            },
+            Answer::Command { reference, result } => {
+                let frame = match result {
+                    Ok(message) => protocol::ack(&reference, message.as_ref()),
+                    Err(e) => protocol::error_frame(&reference, &e),
+                };
+                self.replies.push_back(frame);
+            }
+            Answer::Typing { reference, result } => {
+                if let Err(e) = result {
+                    self.reply_error(&reference, &e);
+                }
+            }
+        }
+    }
+
+    /// Time passed: the resume grace may be over, the client may be silent too long.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Phase::Grace { until } = self.phase {
+            if now >= until {
+                self.start(None);
+            }
+        }
+        if now.saturating_duration_since(self.last_heard) >= self.silence_max() {
+            self.close_with(CloseReason::HeartbeatTimeout);
+        }
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Outputs
+    // -----------------------------------------------------------------------------------
+
+    /// The engine call to make now, if any; its [`Answer`] must come back before the next.
+    pub fn poll_call(&mut self) -> Option<Call> {
+        if self.in_flight || self.close.is_some() {
+            return None;
+        }
+        let call = self.call.take()?;
+        self.in_flight = true;
+        Some(call)
+    }
+
+    /// The next frame to send: answers first, then events.
+    pub fn poll_transmit(&mut self) -> Option<Bytes> {
+        if let Some(frame) = self.replies.pop_front() {
+            return Some(frame);
+        }
+        let frame = self.events.pop_front();
+        if frame.is_none() {
+            // An idle session does not keep what a burst took.
+            shrink(&mut self.replies);
+            shrink(&mut self.events);
+        }
+        frame
+    }
+
+    /// When the driver must call [`Self::handle_timeout`] next.
+    pub fn poll_timeout(&self) -> Instant {
+        let heartbeat = self.last_heard + self.silence_max();
+        match self.phase {
+            Phase::Grace { until } => until.min(heartbeat),
+            _ => heartbeat,
+        }
+    }
+
+    /// Why the session must end now, if it must. After a cut, that is once every frame
+    /// queued before it was sent.
+    pub fn poll_close(&self) -> Option<CloseReason> {
+        if self.close.is_some() {
+            return self.close;
+        }
+        match self.cut {
+            Some(cut) if self.replies.is_empty() && self.events.is_empty() => Some(match cut {
+                Cutoff::Overflow => CloseReason::ResumeRequired,
+                Cutoff::Closed => CloseReason::GoingAway,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Whether the driver should read the next client frame now.
+    pub fn wants_client_frames(&self) -> bool {
+        self.close.is_none()
+            && !self.in_flight
+            && self.call.is_none()
+            && self.after_start.is_none()
+            && self.replies.len() < REPLIES_MAX
+    }
+
+    /// How many engine frames the core takes now (none after a cut or a close).
+    pub fn event_room(&self) -> usize {
+        if self.cut.is_some() || self.close.is_some() {
+            return 0;
+        }
+        BATCH_FRAMES_MAX.saturating_sub(self.events.len())
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Internals
+    // -----------------------------------------------------------------------------------
+
+    fn close_with(&mut self, reason: CloseReason) {
+        self.close.get_or_insert(reason);
+    }
+
+    /// The first frame, or the grace's end (`None`), starts the subscription: from the
+    /// client's seqs if the frame is `resume`; otherwise live, and the frame is handled
+    /// once started.
+    fn start(&mut self, first: Option<Parsed>) {
+        let since = match first {
+            Some((reference, Ok(ClientFrame::Resume { since, unknown }))) => {
+                self.report_unknown(&reference, &unknown);
+                Some(since)
+            }
+            other => {
+                self.after_start = other;
+                None
+            }
+        };
+        self.phase = Phase::Starting;
+        self.call = Some(Call::Start { since });
+    }
+
+    fn on_frame(&mut self, (reference, parsed): Parsed, limits: &impl Limits) {
+        let frame = match parsed {
+            Ok(frame) => frame,
+            Err(e) => return self.reply_error(&reference, &e),
+        };
+        match frame {
+            ClientFrame::Ping => self.replies.push_back(protocol::pong(&reference)),
+            ClientFrame::Resume { since, unknown } => {
+                self.report_unknown(&reference, &unknown);
+                self.call = Some(Call::Resume { reference, since });
+            }
+            ClientFrame::Typing(channel) => {
+                // Extra notices are dropped quietly: typing is best effort, and clients
+                // send it on every keystroke.
+                if limits.typing_allowed(self.user, channel) {
+                    self.call = Some(Call::Typing { reference, channel });
+                }
+            }
+            ClientFrame::Command(command) => match limits.take_rate(self.user) {
+                Ok(()) => self.call = Some(Call::Command { reference, command }),
+                Err(e) => self.reply_error(&reference, &e),
+            },
+        }
+    }
+
+    /// Names the channels of a `resume` whose IDs do not parse: the others are resumed,
+    /// and the client learns which of its seqs were ignored.
+    fn report_unknown(&mut self, reference: &Value, unknown: &[String]) {
+        if unknown.is_empty() {
+            return;
+        }
+        let e = ApiError::new(
+            404,
+            "not_found",
+            format!("unknown channel ids, not resumed: {}", unknown.join(", ")),
+        );
+        let mut frame = protocol::error_value(reference, &e);
+        frame["channel_ids"] = json!(unknown);
+        self.replies.push_back(protocol::encode(&frame));
+    }
+
+    fn reply_error(&mut self, reference: &Value, e: &ApiError) {
+        self.replies.push_back(protocol::error_frame(reference, e));
+    }
+}
+
+fn shrink(queue: &mut VecDeque<Bytes>) {
+    if queue.is_empty() && queue.capacity() > IDLE_SLOTS_MAX {
+        queue.shrink_to(IDLE_SLOTS_MAX);
+    }
+}

@@ -1,0 +1,391 @@
+//! The session core driven with scripted inputs and simulated time, as a transport would
+//! drive it, with no socket, timer or engine.
+
+use super::*;
+use chorus_engine::ids::MessageId;
+use std::cell::{Cell, RefCell};
+
+/// Budgets the tests control: how many commands pass, and whether typing does.
+struct FakeLimits {
+    commands_left: Cell<u32>,
+    typing: Cell<bool>,
+    typing_asked: RefCell<Vec<ChannelId>>,
+}
+
+impl FakeLimits {
+    fn generous() -> FakeLimits {
+        FakeLimits {
+            commands_left: Cell::new(u32::MAX),
+            typing: Cell::new(true),
+            typing_asked: RefCell::new(Vec::new()),
+        }
+    }
+}
+
+impl Limits for FakeLimits {
+    fn take_rate(&self, _user: UserId) -> Result<(), ApiError> {
+        match self.commands_left.get() {
+            0 => Err(ApiError::rate_limited(Duration::from_millis(1500))),
+            n => {
+                self.commands_left.set(n - 1);
+                Ok(())
+            }
+        }
+    }
+
+    fn typing_allowed(&self, _user: UserId, channel: ChannelId) -> bool {
+        self.typing_asked.borrow_mut().push(channel);
+        self.typing.get()
+    }
+}
+
+const USER: UserId = UserId(7);
+const CONFIG: SessionConfig = SessionConfig {
+    heartbeat_interval_s: 30,
+    frame_bytes_max: 1024,
+};
+
+/// A core and the simulated clock driving it.
+struct Harness {
+    core: SessionCore,
+    now: Instant,
+    limits: FakeLimits,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        let now = Instant::now();
+        Harness {
+            core: SessionCore::new(USER, 0xabc, CONFIG, now),
+            now,
+            limits: FakeLimits::generous(),
+        }
+    }
+
+    /// A harness whose session started live (the grace ran out) with `hello` read.
+    fn live() -> Harness {
+        let mut h = Harness::new();
+        assert_eq!(h.sent()[0]["type"], "hello");
+        h.advance(RESUME_GRACE);
+        assert_eq!(h.core.poll_call(), Some(Call::Start { since: None }));
+        h.answer(Answer::Started(true));
+        h
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.now += by;
+        if self.now >= self.core.poll_timeout() {
+            self.core.handle_timeout(self.now);
+        }
+    }
+
+    fn text(&mut self, frame: Value) {
+        let text = frame.to_string();
+        self.core.handle_text(self.now, &text, &self.limits);
+    }
+
+    fn answer(&mut self, answer: Answer) {
+        self.core.handle_answer(answer, &self.limits);
+    }
+
+    /// Every frame the core has to send now, as JSON.
+    fn sent(&mut self) -> Vec<Value> {
+        std::iter::from_fn(|| self.core.poll_transmit())
+            .map(|b| serde_json::from_slice(&b).expect("JSON"))
+            .collect()
+    }
+}
+
+fn channel() -> ChannelId {
+    ChannelId(42)
+}
+
+// The first frame is hello, with the heartbeat interval and the connection's id.
+#[test]
+fn hello_comes_first() {
+    let mut h = Harness::new();
+    let sent = h.sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0]["type"], "hello");
+    assert_eq!(sent[0]["heartbeat_interval"], 30);
+    assert_eq!(sent[0]["conn_id"], "0000000000000abc");
+    assert_eq!(sent[0]["user_id"], USER.to_string());
+}
+
+// Without a first frame the session starts live when the grace ends, and not before.
+#[test]
+fn grace_ends_in_a_live_start() {
+    let mut h = Harness::new();
+    assert_eq!(h.core.poll_timeout(), h.now + RESUME_GRACE);
+    h.advance(RESUME_GRACE - Duration::from_millis(1));
+    assert_eq!(h.core.poll_call(), None);
+    h.advance(Duration::from_millis(1));
+    assert_eq!(h.core.poll_call(), Some(Call::Start { since: None }));
+    assert!(!h.core.wants_client_frames(), "no frames while starting");
+    h.answer(Answer::Started(true));
+    assert!(h.core.wants_client_frames());
+}
+
+// A resume as the first frame starts from the client's seqs, and unparseable channel IDs
+// are reported by name while the others resume.
+#[test]
+fn resume_as_first_frame() {
+    let mut h = Harness::new();
+    h.sent();
+    let cid = channel().to_string();
+    h.text(json!({"type": "resume", "ref": "r", "since": {cid: 5, "bad!": 1}}));
+    assert_eq!(
+        h.core.poll_call(),
+        Some(Call::Start {
+            since: Some(vec![(channel(), 5)])
+        })
+    );
+    let sent = h.sent();
+    assert_eq!(sent[0]["code"], "not_found");
+    assert_eq!(sent[0]["channel_ids"], json!(["bad!"]));
+    assert_eq!(sent[0]["ref"], "r");
+}
+
+// A first frame that is not resume starts the session live and is handled once started,
+// in order, before any later frame.
+#[test]
+fn first_frame_is_handled_after_the_start() {
+    let mut h = Harness::new();
+    h.sent();
+    h.text(json!({"type": "ping", "ref": 1}));
+    assert_eq!(h.core.poll_call(), Some(Call::Start { since: None }));
+    assert!(h.sent().is_empty(), "nothing answered before the start");
+    h.answer(Answer::Started(true));
+    let sent = h.sent();
+    assert_eq!(sent, vec![json!({"type": "pong", "ref": 1})]);
+}
+
+// A failed start closes the session as unavailable.
+#[test]
+fn failed_start_closes() {
+    let mut h = Harness::new();
+    h.advance(RESUME_GRACE);
+    h.core.poll_call();
+    h.answer(Answer::Started(false));
+    assert_eq!(h.core.poll_close(), Some(CloseReason::Unavailable));
+}
+
+// Commands become one engine call at a time; no client frame is taken until its answer,
+// which is an ack carrying the message, or an error carrying the ref.
+#[test]
+fn commands_are_serialised_and_acked() {
+    let mut h = Harness::live();
+    let cid = channel().to_string();
+    h.text(json!({"type": "message:send", "ref": "a", "channel_id": cid, "text": "hi"}));
+    assert!(!h.core.wants_client_frames(), "a call is waiting");
+    let call = h.core.poll_call().expect("a call");
+    let Call::Command {
+        reference,
+        command: Command::Send { text, .. },
+    } = call
+    else {
+        panic!("{call:?}");
+    };
+    assert_eq!((reference.clone(), text.as_str()), (json!("a"), "hi"));
+    assert!(!h.core.wants_client_frames(), "a call is in flight");
+    assert_eq!(h.core.poll_call(), None, "one call at a time");
+    h.answer(Answer::Command {
+        reference,
+        result: Ok(None),
+    });
+    assert!(h.core.wants_client_frames());
+    assert_eq!(
+        h.sent(),
+        vec![json!({"type": "ack", "ref": "a", "message": null})]
+    );
+    let mid = MessageId {
+        channel: channel(),
+        seq: 3,
+    }
+    .to_string();
+    h.text(json!({"type": "message:delete", "ref": 9, "channel_id": channel().to_string(), "message_id": mid}));
+    let call = h.core.poll_call().expect("a call");
+    assert!(matches!(
+        call,
+        Call::Command {
+            command: Command::Delete { .. },
+            ..
+        }
+    ));
+    h.answer(Answer::Command {
+        reference: json!(9),
+        result: Err(ApiError::new(403, "forbidden", "not yours")),
+    });
+    let sent = h.sent();
+    assert_eq!(sent[0]["type"], "error");
+    assert_eq!(sent[0]["ref"], 9);
+    assert_eq!(sent[0]["code"], "forbidden");
+}
+
+// Over the rate, a command is answered with rate_limited and retry_after_ms, and makes no
+// engine call.
+#[test]
+fn rate_limited_commands() {
+    let mut h = Harness::live();
+    h.limits.commands_left.set(0);
+    let cid = channel().to_string();
+    h.text(json!({"type": "message:send", "ref": "x", "channel_id": cid, "text": "hi"}));
+    assert_eq!(h.core.poll_call(), None);
+    let sent = h.sent();
+    assert_eq!(sent[0]["code"], "rate_limited");
+    assert_eq!(sent[0]["retry_after_ms"], 1500);
+}
+
+// Typing over its budget is dropped quietly; within it, it is a call answered only when it
+// fails.
+#[test]
+fn typing_is_quiet() {
+    let mut h = Harness::live();
+    let cid = channel().to_string();
+    h.limits.typing.set(false);
+    h.text(json!({"type": "typing:start", "channel_id": cid}));
+    assert_eq!(h.core.poll_call(), None);
+    assert!(h.sent().is_empty());
+    h.limits.typing.set(true);
+    h.text(json!({"type": "typing:start", "ref": "t", "channel_id": cid}));
+    let call = h.core.poll_call().expect("typing call");
+    assert_eq!(
+        call,
+        Call::Typing {
+            reference: json!("t"),
+            channel: channel()
+        }
+    );
+    h.answer(Answer::Typing {
+        reference: json!("t"),
+        result: Ok(()),
+    });
+    assert!(
+        h.sent().is_empty(),
+        "no answer to a typing notice that went out"
+    );
+    assert_eq!(h.limits.typing_asked.borrow().len(), 2);
+}
+
+// Bad frames get error frames with their codes and the session stays up.
+#[test]
+fn bad_frames_get_errors() {
+    let mut h = Harness::live();
+    h.core.handle_text(h.now, "not json", &h.limits);
+    h.core.handle_binary(h.now);
+    let big = format!(r#"{{"type":"ping","pad":"{}"}}"#, "x".repeat(2000));
+    h.core.handle_text(h.now, &big, &h.limits);
+    let codes: Vec<_> = h.sent().iter().map(|f| f["code"].clone()).collect();
+    assert_eq!(
+        codes,
+        vec![
+            json!("invalid_json"),
+            json!("unsupported_frame"),
+            json!("too_large")
+        ]
+    );
+    assert_eq!(h.core.poll_close(), None);
+}
+
+// Answers queue up to their bound; then the core takes no client frames until they are
+// sent.
+#[test]
+fn answers_are_bounded() {
+    let mut h = Harness::live();
+    for i in 0..REPLIES_MAX {
+        assert!(h.core.wants_client_frames(), "after {i}");
+        h.text(json!({"type": "ping", "ref": i}));
+    }
+    assert!(!h.core.wants_client_frames());
+    assert_eq!(h.sent().len(), REPLIES_MAX);
+    assert!(h.core.wants_client_frames());
+}
+
+// Silence for two heartbeat intervals closes the session; any frame heard, even a
+// transport ping, moves the deadline.
+#[test]
+fn heartbeat_timeout() {
+    let mut h = Harness::live();
+    let silence = Duration::from_secs(60);
+    h.advance(silence - Duration::from_secs(1));
+    h.core.handle_heard(h.now);
+    h.advance(silence - Duration::from_secs(1));
+    assert_eq!(h.core.poll_close(), None);
+    h.advance(Duration::from_secs(1));
+    assert_eq!(h.core.poll_close(), Some(CloseReason::HeartbeatTimeout));
+    assert!(!h.core.wants_client_frames());
+    assert_eq!(h.core.poll_call(), None);
+}
+
+// Events go out after answers, the core takes at most a batch of them, and a cutoff closes
+// the session only once every event queued before it was sent.
+#[test]
+fn events_then_cutoff() {
+    let mut h = Harness::live();
+    assert_eq!(h.core.event_room(), BATCH_FRAMES_MAX);
+    for i in 0..3 {
+        h.core
+            .push_event(Bytes::from(format!(r#"{{"type":"event","seq":{i}}}"#)));
+    }
+    h.text(json!({"type": "ping", "ref": "p"}));
+    assert_eq!(h.core.event_room(), BATCH_FRAMES_MAX - 3);
+    h.core.handle_cutoff(Cutoff::Overflow);
+    assert_eq!(h.core.event_room(), 0, "nothing after the cut");
+    assert_eq!(h.core.poll_close(), None, "queued frames go first");
+    let sent = h.sent();
+    assert_eq!(sent[0]["type"], "pong");
+    assert_eq!(sent[3]["seq"], 2);
+    assert_eq!(h.core.poll_close(), Some(CloseReason::ResumeRequired));
+}
+
+// A late resume that would go back before frames already sent closes with
+// ResumeRequired; a resume that worked answers nothing.
+#[test]
+fn late_resume() {
+    let mut h = Harness::live();
+    let cid = channel().to_string();
+    h.text(json!({"type": "resume", "ref": "r", "since": {cid.clone(): 1}}));
+    assert!(matches!(h.core.poll_call(), Some(Call::Resume { .. })));
+    h.answer(Answer::Resumed {
+        reference: json!("r"),
+        result: Ok(true),
+    });
+    assert!(h.sent().is_empty());
+    h.text(json!({"type": "resume", "ref": "s", "since": {cid: 0}}));
+    h.core.poll_call();
+    h.answer(Answer::Resumed {
+        reference: json!("s"),
+        result: Ok(false),
+    });
+    assert_eq!(h.core.poll_close(), Some(CloseReason::ResumeRequired));
+}
+
+// Drain, the client's close and protocol violations each end the session with their
+// reason, and the first reason wins.
+#[test]
+fn close_reasons() {
+    let mut h = Harness::live();
+    h.core.handle_drain();
+    h.core.handle_peer_closed();
+    assert_eq!(h.core.poll_close(), Some(CloseReason::GoingAway));
+    let mut h = Harness::live();
+    h.core.handle_violation(Violation::InvalidUtf8);
+    assert_eq!(
+        h.core.poll_close(),
+        Some(CloseReason::Violation(Violation::InvalidUtf8))
+    );
+    let mut h = Harness::live();
+    h.core.handle_peer_closed();
+    assert_eq!(h.core.poll_close(), Some(CloseReason::PeerClosed));
+}
+
+// An idle session gives back the queue slots a burst took.
+#[test]
+fn idle_session_shrinks() {
+    let mut h = Harness::live();
+    for _ in 0..BATCH_FRAMES_MAX {
+        h.core.push_event(Bytes::from_static(b"{}"));
+    }
+    h.sent();
+    assert!(h.core.events.capacity() <= IDLE_SLOTS_MAX);
+}
