@@ -161,7 +161,9 @@ impl Server {
         headers: &[(&str, &str)],
         body: Option<&[u8]>,
     ) -> Resp {
-        let mut req = self.agent.request(method, &format!("{}{path}", self.base_url()));
+        let mut req = self
+            .agent
+            .request(method, &format!("{}{path}", self.base_url()));
         for (k, v) in headers {
             req = req.set(k, v);
         }
@@ -190,7 +192,14 @@ impl Server {
 
     /// A call as `user` that must answer `status`; returns the body.
     #[track_caller]
-    pub fn ok(&self, method: &str, path: &str, user: &User, body: Option<Value>, status: u16) -> Value {
+    pub fn ok(
+        &self,
+        method: &str,
+        path: &str,
+        user: &User,
+        body: Option<Value>,
+        status: u16,
+    ) -> Value {
         let r = self.call(method, path, Some(&user.token), body);
         assert_eq!(r.status, status, "{method} {path}: {}", r.text);
         r.body
@@ -213,7 +222,13 @@ impl Server {
     /// A workspace owned by `owner` with `members` added; returns its ID.
     #[track_caller]
     pub fn workspace(&self, owner: &User, members: &[&User]) -> String {
-        let v = self.ok("POST", "/api/v1/workspaces", owner, Some(json!({"name": "acme"})), 201);
+        let v = self.ok(
+            "POST",
+            "/api/v1/workspaces",
+            owner,
+            Some(json!({"name": "acme"})),
+            201,
+        );
         let wid = str_of(&v["workspace"]["id"]);
         for m in members {
             let path = format!("/api/v1/workspaces/{wid}/members");
@@ -277,7 +292,9 @@ impl Server {
     /// Opens a WebSocket with a token; the upgrade's error when it is refused.
     pub fn connect_raw(&self, token: &str) -> Result<Ws, tungstenite::Error> {
         let stream = TcpStream::connect(&self.addr).expect("connect");
-        stream.set_read_timeout(Some(READ_TIMEOUT)).expect("timeout");
+        stream
+            .set_read_timeout(Some(READ_TIMEOUT))
+            .expect("timeout");
         let url = format!("ws://{}/ws/v1/connect?token={token}", self.addr);
         match tungstenite::client(url, stream) {
             Ok((socket, _)) => Ok(Ws {
@@ -340,7 +357,9 @@ fn spawn(dir: &Path, http: &str) -> Result<(Child, String), String> {
             let _ = child.wait();
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(5).collect();
-            Err(format!("no address printed ({other:?}); log tail: {tail:?}"))
+            Err(format!(
+                "no address printed ({other:?}); log tail: {tail:?}"
+            ))
         }
     }
 }
@@ -445,7 +464,9 @@ pub struct Ws {
 
 impl Ws {
     pub fn send(&mut self, frame: Value) {
-        self.socket.send(Message::text(frame.to_string())).expect("send");
+        self.socket
+            .send(Message::text(frame.to_string()))
+            .expect("send");
     }
 
     pub fn send_raw(&mut self, message: Message) {
