@@ -560,7 +560,9 @@ impl Engine {
         }
     }
 
-    /// The DM or group DM of exactly the caller and `users`; `true` if created now.
+    /// The DM or group DM of exactly the caller and `users`; `true` if created now. Callers
+    /// opening the same set at once all get the one channel, and only once its members are
+    /// committed, so the channel can be read and posted to as soon as this returns.
     pub async fn open_dm(
         &self,
         user: UserId,
