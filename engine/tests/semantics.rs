@@ -1171,3 +1171,153 @@ fn resume_paces_its_catch_up_to_the_subscriber_queue() {
     drop(frames);
     e.shutdown();
 }
+
+// ---------------------------------------------------------------------------------------
+// Input validation
+// ---------------------------------------------------------------------------------------
+
+// Sign-up and adding a member by email refuse what a mail system would refuse; addresses
+// are one account whatever their case.
+#[test]
+fn malformed_emails_are_refused() {
+    let w = World::new(0);
+    let e = &w.engine;
+    for bad in [
+        "<>@example.com;DROP",
+        "no-at-sign",
+        "a@b@example.com",
+        "a..b@example.com",
+        ".a@example.com",
+        "a@localhost",
+        "a@-x.com",
+        "a b@example.com",
+        "a@example.com;DROP",
+    ] {
+        assert!(
+            matches!(
+                domain(block_on(e.create_user(bad, "n", "h"))),
+                DomainError::Invalid(_)
+            ),
+            "sign-up with {bad:?}"
+        );
+        assert!(
+            matches!(
+                domain(block_on(e.add_member(w.alice, w.ws, bad))),
+                DomainError::Invalid(_)
+            ),
+            "add_member with {bad:?}"
+        );
+    }
+    let erin =
+        block_on(e.create_user(" Erin.O'Neil+chat@Example.COM ", "Erin", "h")).expect("user");
+    assert_eq!(
+        erin.email, "Erin.O'Neil+chat@Example.COM",
+        "stored as given, trimmed"
+    );
+    assert!(matches!(
+        domain(block_on(e.create_user(
+            "erin.o'neil+chat@example.com",
+            "E",
+            "h"
+        ))),
+        DomainError::Conflict(_)
+    ));
+    let found = block_on(e.user_by_email("ERIN.O'NEIL+CHAT@EXAMPLE.COM")).expect("lookup");
+    assert_eq!(found.map(|u| u.id), Some(erin.id));
+    block_on(e.add_member(w.alice, w.ws, "erin.o'neil+chat@example.com")).expect("member");
+    w.shutdown();
+}
+
+// Channel names are normalised before they are stored and compared: invisible code points
+// and compatibility forms cannot make a second `general`, and a name of nothing visible is
+// refused.
+#[test]
+fn channel_names_are_normalised_before_uniqueness() {
+    let w = World::new(0);
+    let e = &w.engine;
+    let create = |name: &str| block_on(e.create_channel(w.alice, w.ws, name, ChannelKind::Public));
+    for lookalike in [
+        "gen\u{200B}eral",
+        "\u{FEFF}general",
+        "general\u{2060}",
+        "g\u{AD}eneral",
+        "ｇｅｎｅｒａｌ",
+        "GENERAL",
+        "Gen\u{200D}eral",
+    ] {
+        assert!(
+            matches!(domain(create(lookalike)), DomainError::Conflict(_)),
+            "{lookalike:?} beside general"
+        );
+    }
+    for invisible in [
+        "\u{200B}",
+        "\u{200B}\u{200C}\u{200D}\u{2060}",
+        "\u{FE0F}\u{E0041}",
+        " \u{200B} ",
+    ] {
+        assert!(
+            matches!(domain(create(invisible)), DomainError::Invalid(_)),
+            "{invisible:?}"
+        );
+    }
+    let c = create("ｄｅｓｉｇｎ\u{200B}").expect("channel");
+    assert_eq!(c.name, "design", "the normalised name is stored");
+    let listed = block_on(e.channel(w.alice, c.id)).expect("channel");
+    assert_eq!(listed.name, "design");
+    assert!(matches!(domain(create("design")), DomainError::Conflict(_)));
+    let cafe = create("café").expect("precomposed");
+    assert!(matches!(
+        domain(create("cafe\u{301}")),
+        DomainError::Conflict(_)
+    ));
+    assert_eq!(cafe.name, "café");
+    w.shutdown();
+}
+
+// A reaction is a shortcode or one Unicode emoji sequence; markup and other text are
+// refused both ways, and refusals store nothing.
+#[test]
+fn reaction_emoji_are_shortcodes_or_unicode_emoji() {
+    let w = World::new(0);
+    let e = &w.engine;
+    let m = w.post(w.alice, w.general, "react to me");
+    let before = w.last_seq(w.alice, w.general);
+    for bad in [
+        "<script>", "Tada", ":tada:", "👍👍", "a👍", "é", "🇫", "\u{200B}",
+    ] {
+        for add in [true, false] {
+            assert!(
+                matches!(
+                    domain(block_on(e.react(w.bob, m.id, bad, add))),
+                    DomainError::Invalid(_)
+                ),
+                "{bad:?} add={add}"
+            );
+        }
+    }
+    assert_eq!(w.last_seq(w.alice, w.general), before, "nothing stored");
+    let good = [
+        "+1",
+        "white_check_mark",
+        "👍🏽",
+        "🇫🇷",
+        "👨\u{200D}👩\u{200D}👧",
+        "1\u{FE0F}\u{20E3}",
+    ];
+    for emoji in good {
+        block_on(e.react(w.bob, m.id, emoji, true)).unwrap_or_else(|err| panic!("{emoji}: {err}"));
+    }
+    let names: Vec<String> = w
+        .message(w.carol, m.id)
+        .reactions
+        .into_iter()
+        .map(|(e, _)| e)
+        .collect();
+    assert_eq!(names, good);
+    for emoji in good {
+        block_on(e.react(w.bob, m.id, emoji, false)).expect("remove");
+    }
+    assert!(w.message(w.carol, m.id).reactions.is_empty());
+    w.shutdown();
+}
