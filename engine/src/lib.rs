@@ -32,6 +32,6 @@ pub mod view;
 
 pub use engine::{
     ChannelOutcome, Engine, EngineConfig, EngineError, MessagePage, MetaOutcome, Observer,
-    ObserverSlot, ReadOutcome, Recovery, Subscription,
+    ObserverSlot, ReadOutcome, Recovery, Subscription, HELD_EPHEMERAL_FRAMES_MAX,
 };
 pub use runtime::dispatch::SubscriptionInfo;

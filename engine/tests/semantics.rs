@@ -1173,6 +1173,89 @@ fn resume_paces_its_catch_up_to_the_subscriber_queue() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Typing
+// ---------------------------------------------------------------------------------------
+
+/// The frames of a subscription up to its next `resumed` frame (left out).
+fn frames_until_resumed(sub: &mut Subscription, ctx: &str) -> Vec<serde_json::Value> {
+    let mut frames = Vec::new();
+    loop {
+        let f = recv_within(sub, ctx);
+        if f["type"] == "resumed" {
+            return frames;
+        }
+        frames.push(f);
+    }
+}
+
+/// The typists of a run of `typing` frames of `channel`, in order.
+fn typists(frames: &[serde_json::Value], channel: ChannelId) -> Vec<String> {
+    frames
+        .iter()
+        .map(|f| {
+            assert_eq!(f["type"], "typing", "{f}");
+            assert_eq!(f["channel_id"], channel.to_string(), "{f}");
+            f["user_id"].as_str().expect("user_id").to_owned()
+        })
+        .collect()
+}
+
+// Typing sent to a subscription before it starts (the gateway's first moments after
+// `hello`) is not lost: it is kept, the latest per typist, and delivered once its channel
+// is live, after the catch-up; after that, typing goes out at once.
+#[test]
+fn typing_before_start_is_delivered_once_the_channel_is_live() {
+    let w = World::new(0);
+    let e = &w.engine;
+    let mut bob = block_on(e.subscribe_held(w.bob)).expect("subscribe");
+    block_on(e.typing(w.alice, w.general)).expect("typing");
+    let m = w.post(w.carol, w.general, "while bob was held");
+    block_on(e.typing(w.carol, w.general)).expect("typing");
+    block_on(e.typing(w.alice, w.general)).expect("typing again");
+    block_on(e.typing(w.bob, w.general)).expect("bob's own typing");
+    block_on(bob.start(Some(Vec::new()))).expect("start");
+    let frames = frames_until_resumed(&mut bob, "the start");
+    assert_eq!(
+        frames[0]["seq"], m.seq,
+        "the catch-up comes first: {frames:?}"
+    );
+    let mut who = typists(&frames[1..], w.general);
+    who.sort();
+    let mut want = vec![w.alice.to_string(), w.carol.to_string()];
+    want.sort();
+    assert_eq!(who, want, "one frame per typist, none of bob's own");
+
+    block_on(e.typing(w.dave, w.general)).expect("live typing");
+    let live = recv_within(&mut bob, "live typing");
+    assert_eq!(typists(&[live], w.general), vec![w.dave.to_string()]);
+    drop(bob);
+    w.shutdown();
+}
+
+// A held subscription keeps at most HELD_EPHEMERAL_FRAMES_MAX typing frames: the memory a
+// subscription that never starts can hold is bounded.
+#[test]
+fn typing_kept_for_a_held_subscription_is_bounded() {
+    let max = chorus_engine::HELD_EPHEMERAL_FRAMES_MAX;
+    let w = World::new(max + 2);
+    let e = &w.engine;
+    let mut bob = block_on(e.subscribe_held(w.bob)).expect("subscribe");
+    for u in &w.extra {
+        block_on(e.typing(*u, w.general)).expect("typing");
+    }
+    block_on(bob.start(Some(Vec::new()))).expect("start");
+    let frames = frames_until_resumed(&mut bob, "the start");
+    let who = typists(&frames, w.general);
+    let first: Vec<String> = w.extra[..max].iter().map(|u| u.to_string()).collect();
+    assert_eq!(
+        who, first,
+        "the first {max} typists, in order; later ones dropped"
+    );
+    drop(bob);
+    w.shutdown();
+}
+
+// ---------------------------------------------------------------------------------------
 // Input validation
 // ---------------------------------------------------------------------------------------
 
