@@ -188,6 +188,11 @@ pub struct Engine {
     inner: Arc<Inner>,
 }
 
+/// Ephemeral frames (typing) a subscription keeps while it is held or catching up, to
+/// deliver once its channel is live: the latest per typist and channel, and past this many
+/// the newer are dropped.
+pub const HELD_EPHEMERAL_FRAMES_MAX: usize = 64;
+
 /// A subscriber: the committed events of every channel its user is in, as JSON frames,
 /// including channels joined after it started. Dropping it unsubscribes.
 pub struct Subscription {
@@ -600,7 +605,9 @@ impl Engine {
         }
     }
 
-    /// The DM or group DM of exactly the caller and `users`; `true` if created now.
+    /// The DM or group DM of exactly the caller and `users`; `true` if created now. Callers
+    /// opening the same set at once all get the one channel, and only once its members are
+    /// committed, so the channel can be read and posted to as soon as this returns.
     pub async fn open_dm(
         &self,
         user: UserId,
@@ -801,7 +808,9 @@ impl Engine {
     }
 
     /// Tells the channel's other members' subscribers that the user is typing. Ephemeral:
-    /// never logged, never replayed, dropped rather than queued when a shard is busy.
+    /// never logged, never replayed, dropped rather than queued when a shard is busy. A
+    /// subscriber whose channel is not live yet (held, or catching up) gets it after the
+    /// catch-up.
     pub async fn typing(&self, user: UserId, channel: ChannelId) -> Result<(), EngineError> {
         let (partition, shard) = self.partition_shard(channel)?;
         ask(
@@ -930,7 +939,8 @@ impl Engine {
 
     /// Subscribes without delivering anything until [`Subscription::start`], which says
     /// where each channel resumes. Frames committed in between are not lost: `start`
-    /// fetches them from the log. A server uses this when a client may send `resume` as
+    /// fetches them from the log. Typing meanwhile is kept (the latest per typist and
+    /// channel, at most [`HELD_EPHEMERAL_FRAMES_MAX`]) and follows each channel's catch-up. A server uses this when a client may send `resume` as
     /// its first frame.
     pub async fn subscribe_held(&self, user: UserId) -> Result<Subscription, EngineError> {
         self.subscribe_with(user, true).await

@@ -33,5 +33,6 @@ pub mod view;
 pub use engine::{
     ChannelOutcome, Engine, EngineConfig, EngineError, MessagePage, MetaOutcome, Observer,
     ObserverSlot, ReadOutcome, Recovery, Subscription, SubscriptionControl,
+    HELD_EPHEMERAL_FRAMES_MAX,
 };
 pub use runtime::dispatch::SubscriptionInfo;

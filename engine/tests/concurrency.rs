@@ -372,3 +372,153 @@ fn channel_entries_report_last_seq() {
         "channel() and open_dm() disagree with channels()"
     );
 }
+
+/// Users whose DMs and group DMs the concurrent-open test opens.
+const DM_USERS: usize = 6;
+/// Callers opening the same DM at once, half from each side.
+const DM_OPENERS: usize = 50;
+
+/// Opens the DM of `set` from `DM_OPENERS` threads at once, each caller a member of the set
+/// in turn; returns every answer.
+fn open_at_once(
+    engine: &Engine,
+    ws: WorkspaceId,
+    set: &[UserId],
+) -> Vec<Result<(ChannelId, bool), String>> {
+    let start = Arc::new(Barrier::new(DM_OPENERS));
+    let threads: Vec<_> = (0..DM_OPENERS)
+        .map(|i| {
+            let (engine, start, set) = (engine.clone(), start.clone(), set.to_vec());
+            std::thread::spawn(move || {
+                let me = set[i % set.len()];
+                let others: Vec<UserId> = set.iter().copied().filter(|u| *u != me).collect();
+                start.wait();
+                block_on(engine.open_dm(me, ws, others))
+                    .map(|(c, created)| (c.id, created))
+                    .map_err(|e| format!("{me} opening {set:?}: {e}"))
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
+// Every caller that opens a DM or group DM while others open the same one at the same
+// moment gets that one channel, already usable (its members committed): exactly one call
+// creates it, and none answers "not found".
+#[test]
+fn concurrent_dm_opens_all_get_the_one_channel() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path());
+    let users: Vec<UserId> = (0..DM_USERS)
+        .map(|i| {
+            let email = format!("d{i}@example.com");
+            block_on(engine.create_user(&email, &format!("D {i}"), "hash"))
+                .unwrap()
+                .id
+        })
+        .collect();
+    let ws = block_on(engine.create_workspace(users[0], "acme"))
+        .unwrap()
+        .id;
+    for i in 1..DM_USERS {
+        block_on(engine.add_member(users[0], ws, &format!("d{i}@example.com"))).unwrap();
+    }
+    // Every pair, then group DMs of three and more, each new set opened by all at once.
+    let mut sets: Vec<Vec<UserId>> = Vec::new();
+    for a in 0..DM_USERS {
+        for b in a + 1..DM_USERS {
+            sets.push(vec![users[a], users[b]]);
+        }
+    }
+    for n in 3..DM_USERS {
+        sets.push(users[..n].to_vec());
+        sets.push(users[DM_USERS - n..].to_vec());
+    }
+    sets.push(users.clone());
+    for set in &sets {
+        let answers = open_at_once(&engine, ws, set);
+        let failed: Vec<&String> = answers.iter().filter_map(|r| r.as_ref().err()).collect();
+        assert!(
+            failed.is_empty(),
+            "{} of {DM_OPENERS} opens failed: {failed:?}",
+            failed.len()
+        );
+        let ids: BTreeSet<ChannelId> = answers.iter().map(|r| r.as_ref().unwrap().0).collect();
+        assert_eq!(ids.len(), 1, "{set:?} opened as {ids:?}");
+        let created = answers.iter().filter(|r| r.as_ref().unwrap().1).count();
+        assert_eq!(created, 1, "{set:?} created {created} times");
+        let c = *ids.first().unwrap();
+        for u in set {
+            let view = block_on(engine.channel(*u, c)).expect("a member sees the channel");
+            assert_eq!(
+                view.last_seq,
+                set.len() as u64,
+                "{set:?}: one join per member"
+            );
+        }
+    }
+    engine.shutdown();
+}
+
+/// Admins adding the same user at once, in the refusal test.
+const ADDERS: usize = 8;
+/// Users added, one after another, in the refusal test.
+const ADDED_USERS: usize = 12;
+
+// A refusal is never ahead of what the caller can read next: whoever hears that a user is
+// "already a member" finds that user in the member list at once, on any shard, just as
+// the caller whose add succeeded does.
+#[test]
+fn already_a_member_is_answered_only_once_every_shard_knows() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path());
+    // Users on every home shard (a test thread's calls go to its user's home shard), so the
+    // member list is read from every replica.
+    let readers: Vec<UserId> = (0..SHARDS)
+        .map(|i| {
+            block_on(engine.create_user(&format!("o{i}@example.com"), "O", "hash"))
+                .unwrap()
+                .id
+        })
+        .collect();
+    let ws = block_on(engine.create_workspace(readers[0], "acme"))
+        .unwrap()
+        .id;
+    for i in 1..SHARDS {
+        block_on(engine.add_member(readers[0], ws, &format!("o{i}@example.com"))).unwrap();
+    }
+    let users: Vec<UserView> = (0..ADDED_USERS)
+        .map(|i| block_on(engine.create_user(&format!("n{i}@example.com"), "N", "hash")).unwrap())
+        .collect();
+    let homes: BTreeSet<u64> = readers.iter().map(|u| u.0 % SHARDS as u64).collect();
+    assert_eq!(homes.len(), SHARDS, "a reader on every shard");
+    // The workspace's owner adds; the readers read, each on its home shard.
+    for u in &users {
+        let start = Arc::new(Barrier::new(ADDERS));
+        let threads: Vec<_> = (0..ADDERS)
+            .map(|i| {
+                let (engine, start, email) = (engine.clone(), start.clone(), u.email.clone());
+                let (adder, reader) = (readers[0], readers[i % readers.len()]);
+                std::thread::spawn(move || {
+                    start.wait();
+                    let added = block_on(engine.add_member(adder, ws, &email));
+                    let members = block_on(engine.members(reader, ws)).unwrap();
+                    (added.is_ok(), members.iter().any(|m| m.email == email))
+                })
+            })
+            .collect();
+        let answers: Vec<(bool, bool)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        assert_eq!(
+            answers.iter().filter(|a| a.0).count(),
+            1,
+            "{}: one add",
+            u.email
+        );
+        assert!(
+            answers.iter().all(|a| a.1),
+            "{}: a caller did not find the member it was told of: {answers:?}",
+            u.email
+        );
+    }
+    engine.shutdown();
+}

@@ -1171,3 +1171,236 @@ fn resume_paces_its_catch_up_to_the_subscriber_queue() {
     drop(frames);
     e.shutdown();
 }
+
+// ---------------------------------------------------------------------------------------
+// Typing
+// ---------------------------------------------------------------------------------------
+
+/// The frames of a subscription up to its next `resumed` frame (left out).
+fn frames_until_resumed(sub: &mut Subscription, ctx: &str) -> Vec<serde_json::Value> {
+    let mut frames = Vec::new();
+    loop {
+        let f = recv_within(sub, ctx);
+        if f["type"] == "resumed" {
+            return frames;
+        }
+        frames.push(f);
+    }
+}
+
+/// The typists of a run of `typing` frames of `channel`, in order.
+fn typists(frames: &[serde_json::Value], channel: ChannelId) -> Vec<String> {
+    frames
+        .iter()
+        .map(|f| {
+            assert_eq!(f["type"], "typing", "{f}");
+            assert_eq!(f["channel_id"], channel.to_string(), "{f}");
+            f["user_id"].as_str().expect("user_id").to_owned()
+        })
+        .collect()
+}
+
+// Typing sent to a subscription before it starts (the gateway's first moments after
+// `hello`) is not lost: it is kept, the latest per typist, and delivered once its channel
+// is live, after the catch-up; after that, typing goes out at once.
+#[test]
+fn typing_before_start_is_delivered_once_the_channel_is_live() {
+    let w = World::new(0);
+    let e = &w.engine;
+    let mut bob = block_on(e.subscribe_held(w.bob)).expect("subscribe");
+    block_on(e.typing(w.alice, w.general)).expect("typing");
+    let m = w.post(w.carol, w.general, "while bob was held");
+    block_on(e.typing(w.carol, w.general)).expect("typing");
+    block_on(e.typing(w.alice, w.general)).expect("typing again");
+    block_on(e.typing(w.bob, w.general)).expect("bob's own typing");
+    block_on(bob.start(Some(Vec::new()))).expect("start");
+    let frames = frames_until_resumed(&mut bob, "the start");
+    assert_eq!(
+        frames[0]["seq"], m.seq,
+        "the catch-up comes first: {frames:?}"
+    );
+    let mut who = typists(&frames[1..], w.general);
+    who.sort();
+    let mut want = vec![w.alice.to_string(), w.carol.to_string()];
+    want.sort();
+    assert_eq!(who, want, "one frame per typist, none of bob's own");
+
+    block_on(e.typing(w.dave, w.general)).expect("live typing");
+    let live = recv_within(&mut bob, "live typing");
+    assert_eq!(typists(&[live], w.general), vec![w.dave.to_string()]);
+    drop(bob);
+    w.shutdown();
+}
+
+// A held subscription keeps at most HELD_EPHEMERAL_FRAMES_MAX typing frames: the memory a
+// subscription that never starts can hold is bounded.
+#[test]
+fn typing_kept_for_a_held_subscription_is_bounded() {
+    let max = chorus_engine::HELD_EPHEMERAL_FRAMES_MAX;
+    let w = World::new(max + 2);
+    let e = &w.engine;
+    let mut bob = block_on(e.subscribe_held(w.bob)).expect("subscribe");
+    for u in &w.extra {
+        block_on(e.typing(*u, w.general)).expect("typing");
+    }
+    block_on(bob.start(Some(Vec::new()))).expect("start");
+    let frames = frames_until_resumed(&mut bob, "the start");
+    let who = typists(&frames, w.general);
+    let first: Vec<String> = w.extra[..max].iter().map(|u| u.to_string()).collect();
+    assert_eq!(
+        who, first,
+        "the first {max} typists, in order; later ones dropped"
+    );
+    drop(bob);
+    w.shutdown();
+}
+
+// ---------------------------------------------------------------------------------------
+// Input validation
+// ---------------------------------------------------------------------------------------
+
+// Sign-up and adding a member by email refuse what a mail system would refuse; addresses
+// are one account whatever their case.
+#[test]
+fn malformed_emails_are_refused() {
+    let w = World::new(0);
+    let e = &w.engine;
+    for bad in [
+        "<>@example.com;DROP",
+        "no-at-sign",
+        "a@b@example.com",
+        "a..b@example.com",
+        ".a@example.com",
+        "a@localhost",
+        "a@-x.com",
+        "a b@example.com",
+        "a@example.com;DROP",
+    ] {
+        assert!(
+            matches!(
+                domain(block_on(e.create_user(bad, "n", "h"))),
+                DomainError::Invalid(_)
+            ),
+            "sign-up with {bad:?}"
+        );
+        assert!(
+            matches!(
+                domain(block_on(e.add_member(w.alice, w.ws, bad))),
+                DomainError::Invalid(_)
+            ),
+            "add_member with {bad:?}"
+        );
+    }
+    let erin =
+        block_on(e.create_user(" Erin.O'Neil+chat@Example.COM ", "Erin", "h")).expect("user");
+    assert_eq!(
+        erin.email, "Erin.O'Neil+chat@Example.COM",
+        "stored as given, trimmed"
+    );
+    assert!(matches!(
+        domain(block_on(e.create_user(
+            "erin.o'neil+chat@example.com",
+            "E",
+            "h"
+        ))),
+        DomainError::Conflict(_)
+    ));
+    let found = block_on(e.user_by_email("ERIN.O'NEIL+CHAT@EXAMPLE.COM")).expect("lookup");
+    assert_eq!(found.map(|u| u.id), Some(erin.id));
+    block_on(e.add_member(w.alice, w.ws, "erin.o'neil+chat@example.com")).expect("member");
+    w.shutdown();
+}
+
+// Channel names are normalised before they are stored and compared: invisible code points
+// and compatibility forms cannot make a second `general`, and a name of nothing visible is
+// refused.
+#[test]
+fn channel_names_are_normalised_before_uniqueness() {
+    let w = World::new(0);
+    let e = &w.engine;
+    let create = |name: &str| block_on(e.create_channel(w.alice, w.ws, name, ChannelKind::Public));
+    for lookalike in [
+        "gen\u{200B}eral",
+        "\u{FEFF}general",
+        "general\u{2060}",
+        "g\u{AD}eneral",
+        "ｇｅｎｅｒａｌ",
+        "GENERAL",
+        "Gen\u{200D}eral",
+    ] {
+        assert!(
+            matches!(domain(create(lookalike)), DomainError::Conflict(_)),
+            "{lookalike:?} beside general"
+        );
+    }
+    for invisible in [
+        "\u{200B}",
+        "\u{200B}\u{200C}\u{200D}\u{2060}",
+        "\u{FE0F}\u{E0041}",
+        " \u{200B} ",
+    ] {
+        assert!(
+            matches!(domain(create(invisible)), DomainError::Invalid(_)),
+            "{invisible:?}"
+        );
+    }
+    let c = create("ｄｅｓｉｇｎ\u{200B}").expect("channel");
+    assert_eq!(c.name, "design", "the normalised name is stored");
+    let listed = block_on(e.channel(w.alice, c.id)).expect("channel");
+    assert_eq!(listed.name, "design");
+    assert!(matches!(domain(create("design")), DomainError::Conflict(_)));
+    let cafe = create("café").expect("precomposed");
+    assert!(matches!(
+        domain(create("cafe\u{301}")),
+        DomainError::Conflict(_)
+    ));
+    assert_eq!(cafe.name, "café");
+    w.shutdown();
+}
+
+// A reaction is a shortcode or one Unicode emoji sequence; markup and other text are
+// refused both ways, and refusals store nothing.
+#[test]
+fn reaction_emoji_are_shortcodes_or_unicode_emoji() {
+    let w = World::new(0);
+    let e = &w.engine;
+    let m = w.post(w.alice, w.general, "react to me");
+    let before = w.last_seq(w.alice, w.general);
+    for bad in [
+        "<script>", "Tada", ":tada:", "👍👍", "a👍", "é", "🇫", "\u{200B}",
+    ] {
+        for add in [true, false] {
+            assert!(
+                matches!(
+                    domain(block_on(e.react(w.bob, m.id, bad, add))),
+                    DomainError::Invalid(_)
+                ),
+                "{bad:?} add={add}"
+            );
+        }
+    }
+    assert_eq!(w.last_seq(w.alice, w.general), before, "nothing stored");
+    let good = [
+        "+1",
+        "white_check_mark",
+        "👍🏽",
+        "🇫🇷",
+        "👨\u{200D}👩\u{200D}👧",
+        "1\u{FE0F}\u{20E3}",
+    ];
+    for emoji in good {
+        block_on(e.react(w.bob, m.id, emoji, true)).unwrap_or_else(|err| panic!("{emoji}: {err}"));
+    }
+    let names: Vec<String> = w
+        .message(w.carol, m.id)
+        .reactions
+        .into_iter()
+        .map(|(e, _)| e)
+        .collect();
+    assert_eq!(names, good);
+    for emoji in good {
+        block_on(e.react(w.bob, m.id, emoji, false)).expect("remove");
+    }
+    assert!(w.message(w.carol, m.id).reactions.is_empty());
+    w.shutdown();
+}

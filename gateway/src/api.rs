@@ -815,6 +815,8 @@ fn session(call: &Call<'_>, user: &UserView, status: u16) -> Reply {
 async fn signup(call: &Call<'_>) -> Result<Reply, ApiError> {
     let r: SignupReq = call.json()?;
     crate::auth::check_password(&r.password).map_err(ApiError::invalid)?;
+    // A malformed address is refused before hashing too; the engine checks it again.
+    chorus_engine::domain::input::check_email(r.email.trim())?;
     call.ctx.shared.guard.signup(call.peer)?;
     // Checked before hashing so that a taken email costs no hash; the engine checks again
     // when it creates the user, which settles a race between two sign-ups.

@@ -7,9 +7,10 @@
 //! none scans a partition.
 
 use super::event::{Body, ChannelEvent, ChannelKind, Mentions};
+use super::input::check_emoji;
 use super::mention;
 use super::{DomainError, Principal};
-use super::{CLIENT_MSG_ID_BYTES_MAX, EMOJI_BYTES_MAX, IDEMPOTENCY_WINDOW_US, TEXT_BYTES_MAX};
+use super::{CLIENT_MSG_ID_BYTES_MAX, IDEMPOTENCY_WINDOW_US, TEXT_BYTES_MAX};
 use crate::ids::{ChannelId, MessageId, UserId, WorkspaceId};
 use crate::snapshot::{Reader, SnapshotError, Writer};
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -219,19 +220,11 @@ fn check_text(text: &str) -> Result<(), DomainError> {
     Ok(())
 }
 
-fn check_emoji(emoji: &str) -> Result<(), DomainError> {
-    let ok = !emoji.is_empty()
-        && emoji.len() <= EMOJI_BYTES_MAX
-        && !emoji
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control() || c == '/');
-    if ok {
-        Ok(())
-    } else {
-        Err(DomainError::Invalid(format!(
-            "emoji must be 1 to {EMOJI_BYTES_MAX} bytes with no spaces or '/'"
-        )))
-    }
+/// Whether `user` has reacted to `m` with `emoji`.
+fn has_reaction(m: &Message, emoji: &str, user: UserId) -> bool {
+    m.reactions
+        .iter()
+        .any(|(e, users)| e == emoji && users.contains(&user))
 }
 
 impl ChannelState {
@@ -411,12 +404,17 @@ impl ChannelState {
                 emoji,
                 add,
             } => {
-                check_emoji(&emoji)?;
+                // A reaction stored before the emoji rules existed can still be taken
+                // back by its user; anything else must pass them.
+                let legacy = !add
+                    && self
+                        .live_message(message)
+                        .is_ok_and(|m| has_reaction(m, &emoji, by.user()));
+                if !legacy {
+                    check_emoji(&emoji)?;
+                }
                 let m = self.live_message(message)?;
-                let present = m
-                    .reactions
-                    .iter()
-                    .any(|(e, users)| *e == emoji && users.contains(&by.user()));
+                let present = has_reaction(m, &emoji, by.user());
                 match (add, present) {
                     (true, true) | (false, false) => return Ok(ChannelDecision::Unchanged),
                     (true, false) => ChannelEvent::ReactionAdded {
@@ -1168,5 +1166,44 @@ mod tests {
         );
         assert_eq!(back.replies(&a, mid(3), None, 10).unwrap().items.len(), 1);
         assert_eq!(back.readable_until(UserId(2)), Some(s.last_seq()));
+    }
+
+    // A reaction stored before the emoji rules existed can be taken back by its user, and
+    // by no one else; a new one like it is refused.
+    #[test]
+    fn reactions_from_before_the_emoji_rules_can_be_removed() {
+        let mut s = ChannelState::new(C, W, ChannelKind::Public, UserId(1));
+        for e in s.initial_events(&[UserId(1)]) {
+            let seq = s.last_seq() + 1;
+            s.apply(seq, 0, &e);
+        }
+        let (a, b) = (p(1, Role::Member), p(2, Role::Member));
+        step(&mut s, &b, ChannelCommand::Join).unwrap(); // 2
+        step(&mut s, &a, post("root", None, None)).unwrap(); // 3
+        let seq = s.last_seq() + 1;
+        let legacy = ChannelEvent::ReactionAdded {
+            target: 3,
+            emoji: "<b>".into(),
+            user: UserId(1),
+        };
+        s.apply(seq, 2_000, &legacy);
+        let react = |add: bool| ChannelCommand::React {
+            message: mid(3),
+            emoji: "<b>".into(),
+            add,
+        };
+        assert!(matches!(
+            step(&mut s, &a, react(true)),
+            Err(DomainError::Invalid(_))
+        ));
+        assert!(matches!(
+            step(&mut s, &b, react(false)),
+            Err(DomainError::Invalid(_))
+        ));
+        assert!(matches!(
+            step(&mut s, &a, react(false)),
+            Ok(ChannelDecision::Event(ChannelEvent::ReactionRemoved { .. }))
+        ));
+        assert!(s.message_at(3).unwrap().reactions.is_empty());
     }
 }

@@ -5,8 +5,9 @@
 //! channel routing never leave the shard that needs them.
 
 use super::event::{ChannelKind, MetaEvent, Role};
+use super::input::{channel_name, channel_name_key, check_email, email_key};
 use super::{check_name, DomainError, Principal};
-use super::{EMAIL_BYTES_MAX, GROUP_DM_USERS_MAX, NAME_CHARS_MAX, USER_NAME_CHARS_MAX};
+use super::{GROUP_DM_USERS_MAX, NAME_CHARS_MAX, USER_NAME_CHARS_MAX};
 use crate::ids::{ChannelId, UserId, WorkspaceId};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -32,7 +33,8 @@ pub struct Workspace {
     pub name: String,
     /// Members and their roles, in ID order.
     pub members: BTreeMap<UserId, Role>,
-    /// Channel names in use (lowercase), for uniqueness.
+    /// Channel names in use, by [`channel_name_key`] (normalised, lowercase), for
+    /// uniqueness.
     channel_names: HashMap<String, ChannelId>,
     /// Every channel of the workspace, in ID order.
     pub channels: BTreeSet<ChannelId>,
@@ -141,20 +143,6 @@ pub struct MetaState {
     dms: HashMap<(WorkspaceId, Vec<UserId>), ChannelId>,
 }
 
-fn normalize_email(email: &str) -> Result<String, DomainError> {
-    let e = email.trim().to_lowercase();
-    let valid = e.len() <= EMAIL_BYTES_MAX
-        && e.split_once('@').is_some_and(|(local, domain)| {
-            !local.is_empty() && !domain.is_empty() && !domain.contains('@')
-        })
-        && !e.chars().any(|c| c.is_whitespace() || c.is_control());
-    if valid {
-        Ok(e)
-    } else {
-        Err(DomainError::Invalid("email is not a valid address".into()))
-    }
-}
-
 impl MetaState {
     /// An empty state for an engine of `partitions` channel partitions.
     pub fn new(partitions: u32) -> MetaState {
@@ -216,8 +204,8 @@ impl MetaState {
                 name,
                 password_hash,
             } => {
-                let key = normalize_email(&email)?;
-                if self.by_email.contains_key(&key) {
+                check_email(email.trim())?;
+                if self.by_email.contains_key(&email_key(&email)) {
                     return Err(DomainError::Conflict("email is already registered".into()));
                 }
                 MetaEvent::UserCreated {
@@ -243,11 +231,13 @@ impl MetaState {
                         "only an owner or admin may add members".into(),
                     ));
                 }
-                let key = normalize_email(&email)?;
-                let user = *self
-                    .by_email
-                    .get(&key)
-                    .ok_or(DomainError::NotFound("user"))?;
+                // An account made before addresses were checked is still found by its
+                // address; any other address must be well-formed.
+                let found = self.by_email.get(&email_key(&email)).copied();
+                if found.is_none() {
+                    check_email(email.trim())?;
+                }
+                let user = found.ok_or(DomainError::NotFound("user"))?;
                 if self.principal(user, by.workspace()).is_ok() {
                     return Err(DomainError::Conflict("already a member".into()));
                 }
@@ -264,15 +254,12 @@ impl MetaState {
                         "kind must be \"public\" or \"private\"".into(),
                     ));
                 }
-                let name = check_name("name", &name, NAME_CHARS_MAX)?;
-                if name.chars().any(char::is_whitespace) {
-                    return Err(DomainError::Invalid("channel names have no spaces".into()));
-                }
+                let name = channel_name(&name, NAME_CHARS_MAX)?;
                 let ws = self
                     .workspaces
                     .get(&by.workspace())
                     .expect("principal's workspace");
-                if ws.channel_names.contains_key(&name.to_lowercase()) {
+                if ws.channel_names.contains_key(&channel_name_key(&name)) {
                     return Err(DomainError::Conflict("channel name is taken".into()));
                 }
                 MetaEvent::ChannelCreated {
@@ -330,8 +317,7 @@ impl MetaState {
                 password_hash,
             } => {
                 self.bump(user.0);
-                let key = normalize_email(email).unwrap_or_else(|_| email.to_lowercase());
-                self.by_email.insert(key, *user);
+                self.by_email.insert(email_key(email), *user);
                 self.users.insert(
                     *user,
                     User {
@@ -389,7 +375,7 @@ impl MetaState {
                 if let Some(ws) = self.workspaces.get_mut(workspace) {
                     ws.channels.insert(*channel);
                     if !kind.is_direct() {
-                        ws.channel_names.insert(name.to_lowercase(), *channel);
+                        ws.channel_names.insert(channel_name_key(name), *channel);
                     }
                 }
                 if kind.is_direct() {
@@ -421,8 +407,9 @@ impl MetaState {
 
     /// A user by login email (case-insensitive).
     pub fn user_by_email(&self, email: &str) -> Option<&User> {
-        let key = normalize_email(email).ok()?;
-        self.by_email.get(&key).and_then(|id| self.users.get(id))
+        self.by_email
+            .get(&email_key(email))
+            .and_then(|id| self.users.get(id))
     }
 
     /// A workspace, only if the principal's own.
@@ -586,5 +573,55 @@ mod tests {
             }),
             Err(DomainError::Conflict(_))
         ));
+    }
+
+    // An account whose address was stored before addresses were checked keeps working: it
+    // is found by that address, and can be added to a workspace by it; new sign-ups with
+    // such an address are refused.
+    #[test]
+    fn accounts_from_before_the_email_rules_keep_working() {
+        let mut s = MetaState::new(8);
+        let owner = user(&mut s, "owner@x.io");
+        let legacy = UserId(s.allocate());
+        s.apply(&MetaEvent::UserCreated {
+            user: legacy,
+            email: "Old Style@Intranet".into(),
+            name: "Old".into(),
+            password_hash: "h".into(),
+        });
+        assert_eq!(
+            s.user_by_email("old style@intranet").map(|u| u.id),
+            Some(legacy)
+        );
+        let MetaEvent::WorkspaceCreated { workspace: w, .. } = run(
+            &mut s,
+            MetaCommand::CreateWorkspace {
+                owner,
+                name: "acme".into(),
+            },
+        )
+        .unwrap() else {
+            unreachable!()
+        };
+        let by = s.principal(owner, w).unwrap();
+        run(
+            &mut s,
+            MetaCommand::AddMember {
+                by,
+                email: "OLD STYLE@INTRANET".into(),
+            },
+        )
+        .unwrap();
+        assert!(s.principal(legacy, w).is_ok());
+        for email in ["old style@intranet", "other style@intranet"] {
+            assert!(matches!(
+                s.decide(MetaCommand::CreateUser {
+                    email: email.into(),
+                    name: "n".into(),
+                    password_hash: "h".into(),
+                }),
+                Err(DomainError::Invalid(_))
+            ));
+        }
     }
 }

@@ -13,11 +13,13 @@ pub mod channel;
 // is documented.
 #[allow(missing_docs)]
 pub mod event;
+pub mod input;
 pub mod mention;
 pub mod meta;
 
 use crate::ids::{UserId, WorkspaceId};
 pub use event::{Body, ChannelKind, Role};
+pub(crate) use input::check_name;
 
 /// Longest message text accepted, in bytes (1 MiB).
 pub const TEXT_BYTES_MAX: usize = 1024 * 1024;
@@ -118,23 +120,4 @@ impl DomainError {
             DomainError::TooLarge(_) => 413,
         }
     }
-}
-
-/// Checks a display or channel name: trimmed, 1..=max characters, no control characters.
-pub(crate) fn check_name(what: &str, name: &str, max: usize) -> Result<String, DomainError> {
-    let name = name.trim();
-    if name.is_empty() {
-        return Err(DomainError::Invalid(format!("{what} must not be empty")));
-    }
-    if name.chars().count() > max {
-        return Err(DomainError::Invalid(format!(
-            "{what} is longer than {max} characters"
-        )));
-    }
-    if name.chars().any(char::is_control) {
-        return Err(DomainError::Invalid(format!(
-            "{what} must not contain control characters"
-        )));
-    }
-    Ok(name.to_owned())
 }

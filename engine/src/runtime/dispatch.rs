@@ -11,8 +11,13 @@
 //! again after the last page. Because the partition answers through the same FIFO path as
 //! its deliveries, every live frame skipped was included in a page, and every frame after the
 //! last page comes after it: no gap, no repeat. A `resumed` frame follows the last page.
+//!
+//! Ephemeral frames (typing) have no seq and are not in the log, so a catch-up cannot bring
+//! them back: a subscriber whose channel is not live yet keeps them (bounded) and gets them
+//! after that channel's catch-up.
 
 use super::{Delivery, PartitionMsg, Routes, ShardMsg};
+use crate::engine::HELD_EPHEMERAL_FRAMES_MAX;
 use crate::ids::{ChannelId, UserId};
 use crate::queue::{Cutoff, FrameSender, PushOutcome};
 use bytes::Bytes;
@@ -75,6 +80,47 @@ struct Sub {
     resumed: BTreeMap<ChannelId, u64>,
     /// Send a `resumed` frame when the catch-up ends.
     announce: bool,
+    /// Ephemeral frames for channels not live yet (held, or catching up), delivered after
+    /// the channel's catch-up: the latest per channel and sender, at most
+    /// [`HELD_EPHEMERAL_FRAMES_MAX`].
+    held_ephemeral: Vec<HeldFrame>,
+}
+
+/// An ephemeral frame kept for a channel that is not live yet.
+struct HeldFrame {
+    channel: ChannelId,
+    from: UserId,
+    frame: Bytes,
+}
+
+impl Sub {
+    /// Keeps an ephemeral frame until its channel is live. A newer frame of the same sender
+    /// and channel replaces the older (typing says only "typing now"); past the bound, newer
+    /// senders are dropped, so a subscription that never starts holds bounded memory.
+    fn hold_ephemeral(&mut self, channel: ChannelId, from: UserId, frame: &Bytes) {
+        let same = |h: &&mut HeldFrame| h.channel == channel && h.from == from;
+        if let Some(h) = self.held_ephemeral.iter_mut().find(same) {
+            h.frame = frame.clone();
+        } else if self.held_ephemeral.len() < HELD_EPHEMERAL_FRAMES_MAX {
+            self.held_ephemeral.push(HeldFrame {
+                channel,
+                from,
+                frame: frame.clone(),
+            });
+        }
+    }
+
+    /// The ephemeral frames kept for a channel, in the order they were first kept.
+    fn take_held(&mut self, channel: ChannelId) -> Vec<Bytes> {
+        if self.held_ephemeral.is_empty() {
+            return Vec::new();
+        }
+        let (mine, rest) = std::mem::take(&mut self.held_ephemeral)
+            .into_iter()
+            .partition(|h| h.channel == channel);
+        self.held_ephemeral = rest;
+        mine.into_iter().map(|h: HeldFrame| h.frame).collect()
+    }
 }
 
 /// The subscribers of one shard.
@@ -148,6 +194,7 @@ impl Dispatcher {
                 resuming: 0,
                 resumed: BTreeMap::new(),
                 announce: false,
+                held_ephemeral: Vec::new(),
             },
         );
         self.by_user.entry(user).or_default().push(id);
@@ -289,12 +336,15 @@ impl Dispatcher {
         }
     }
 
-    /// Pushes an ephemeral frame to the live subscribers of its channel, except its
-    /// sender's own.
+    /// Pushes an ephemeral frame to the subscribers of its channel, except its sender's
+    /// own. A subscriber whose channel is not live yet (held until `start`, or catching up)
+    /// keeps it and gets it right after the catch-up: pushed now, it would come before the
+    /// catch-up's events, or before the client has said where to resume.
     fn deliver_ephemeral(&mut self, d: &Delivery, from: UserId, cut: &mut Vec<(u64, Cutoff)>) {
+        let mut waiting = Vec::new();
         let members = self.by_channel.get(&d.channel).map(Vec::as_slice);
         for m in members.unwrap_or(&[]) {
-            if m.outlet.gone.get() || m.chan.borrow().resuming {
+            if m.outlet.gone.get() {
                 continue;
             }
             let Some(s) = self.subs.get(&m.sub) else {
@@ -303,8 +353,17 @@ impl Dispatcher {
             if s.user == from {
                 continue;
             }
+            if m.chan.borrow().resuming {
+                waiting.push(m.sub);
+                continue;
+            }
             if m.outlet.queue.push(d.frame.clone()) != PushOutcome::Queued {
                 cut.push((m.sub, Cutoff::Overflow));
+            }
+        }
+        for sub in waiting {
+            if let Some(s) = self.subs.get_mut(&sub) {
+                s.hold_ephemeral(d.channel, from, &d.frame);
             }
         }
     }
@@ -468,6 +527,17 @@ impl Dispatcher {
         };
         if !done {
             self.ask_catch_up(user, channel, last, sub).await;
+            return;
+        }
+        // The channel is live: the ephemeral frames kept for it follow its catch-up, unless
+        // the user left it.
+        let held = s.take_held(channel);
+        if !leaving
+            && held
+                .into_iter()
+                .any(|f| s.outlet.queue.push(f) != PushOutcome::Queued)
+        {
+            self.cut_off(sub, Cutoff::Overflow).await;
             return;
         }
         if leaving {

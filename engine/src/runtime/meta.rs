@@ -3,11 +3,13 @@
 //!
 //! Shard 0 owns the metadata log. It decides each command against its replica and applies
 //! the event at once, commits the tick with one fsync, and then sends the committed event
-//! to every other shard. The caller hears back only when every shard has applied it (and,
-//! for a new channel, when its partition has committed the first members), so any shard
-//! it talks to next already knows the change.
+//! to every other shard. An event is published when every shard has applied it (and, for a
+//! new channel, when its partition has committed the first members). Every answer, whether
+//! it made an event or not, goes out only once every event decided before it is published
+//! ([`Publication`]), so any shard the caller talks to next knows everything the answer was
+//! decided from: a DM answered "exists already" is a DM whose members are committed.
 
-use super::{Ack, Countdown, PartitionMsg, Reply, Routes, ShardMsg};
+use super::{Ack, PartitionMsg, Reply, Routes, ShardMsg};
 use crate::domain::event::{self, Decoded, MetaEvent, MetaRecord};
 use crate::domain::meta::{partition_of, MetaCommand, MetaDecision, MetaState, User};
 use crate::domain::{ChannelKind, DomainError};
@@ -18,9 +20,11 @@ use crate::view::{ChannelView, MemberView, UserView, WorkspaceView};
 use chorus_log::Entry;
 use futures::channel::mpsc;
 use futures::StreamExt;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeSet, VecDeque};
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// A metadata command as callers send it: raw IDs, turned into principals by the owner.
 pub(crate) enum MetaRequest {
@@ -153,13 +157,141 @@ pub(crate) struct MetaOwner {
     pub routes: Routes,
     /// The shard's own partition queues, for the first members of channels it owns.
     pub local_partitions: Rc<RefCell<std::collections::HashMap<u32, mpsc::Sender<PartitionMsg>>>>,
+    /// The events not yet published and the answers waiting for them.
+    pub publication: Arc<Publication>,
+    /// The number of the last event decided (the first is 1).
+    pub last_event: Cell<u64>,
+    /// Why the owner stopped: a commit failed, so its state is ahead of its log.
+    pub failed: RefCell<Option<String>>,
+}
+
+/// The metadata events the owner has decided but not yet published, and the answers that
+/// wait for them.
+///
+/// An event is *published* once it is committed, every shard has applied it, and (for a new
+/// channel) the channel's partition has committed its first members. Every answer of the
+/// owner, a refusal or an "exists already" as much as the creator's own, waits until every
+/// event decided before it (its own included) is published: a caller then finds on any
+/// shard, and in the channel's partition, everything its answer was decided from. Without
+/// this, the second caller to open a DM heard "exists" while the first caller's channel
+/// was still being set up, and its next request found no such channel.
+///
+/// Shared by the owner, which decides, and the shards, whose acknowledgements publish: a
+/// mutex, taken a few times per metadata event, never on a channel's path.
+#[derive(Default)]
+pub(crate) struct Publication {
+    flight: Mutex<Flight>,
+}
+
+/// An answer waiting for events to be published.
+type Waiting = (u64, Reply<MetaOutcome>, Result<MetaOutcome, EngineError>);
+
+#[derive(Default)]
+struct Flight {
+    /// Events decided and not yet published, by number.
+    unpublished: BTreeSet<u64>,
+    /// Answers in the order decided, each with the number of the last event decided before
+    /// it: it goes out once that event and every one before it are published.
+    waiting: VecDeque<Waiting>,
+    /// The first event whose commit failed: it and every later one will never be published.
+    failed_from: Option<(u64, String)>,
+}
+
+impl Publication {
+    /// Event `n` was decided and applied on the owner.
+    fn begin(&self, n: u64) {
+        self.flight
+            .lock()
+            .expect("publication")
+            .unpublished
+            .insert(n);
+    }
+
+    /// Answers once every event up to `after` is published: now, if they are.
+    fn answer(
+        &self,
+        after: u64,
+        reply: Reply<MetaOutcome>,
+        value: Result<MetaOutcome, EngineError>,
+    ) {
+        let mut f = self.flight.lock().expect("publication");
+        if let Some((from, why)) = &f.failed_from {
+            if after >= *from {
+                let why = why.clone();
+                drop(f);
+                let _ = reply.send(Err(EngineError::Unavailable(why)));
+                return;
+            }
+        }
+        if f.unpublished.first().is_some_and(|first| *first <= after) {
+            f.waiting.push_back((after, reply, value));
+            return;
+        }
+        drop(f);
+        let _ = reply.send(value);
+    }
+
+    /// Event `n` is published: answers whatever waited for it (and nothing earlier).
+    pub(crate) fn published(&self, n: u64) {
+        let ready = {
+            let mut f = self.flight.lock().expect("publication");
+            f.unpublished.remove(&n);
+            let horizon = f.unpublished.first().copied().unwrap_or(u64::MAX);
+            let mut ready = Vec::new();
+            while f.waiting.front().is_some_and(|w| w.0 < horizon) {
+                ready.extend(f.waiting.pop_front());
+            }
+            ready
+        };
+        for (_, reply, value) in ready {
+            let _ = reply.send(value);
+        }
+    }
+
+    /// The commit of events from `from` on failed: they will never be published, and the
+    /// answers that wait for them are answered `Unavailable`.
+    fn fail(&self, from: u64, why: &str) {
+        let lost = {
+            let mut f = self.flight.lock().expect("publication");
+            f.failed_from = Some((from, why.to_owned()));
+            f.unpublished.retain(|n| *n < from);
+            let keep = f.waiting.iter().take_while(|w| w.0 < from).count();
+            f.waiting.split_off(keep)
+        };
+        for (_, reply, _) in lost {
+            let _ = reply.send(Err(EngineError::Unavailable(why.to_owned())));
+        }
+    }
+}
+
+/// Counts the acknowledgements of one event's publication: one from each other shard, and
+/// one from a new channel's partition once it has committed the first members.
+struct Publishing {
+    left: AtomicUsize,
+    event: u64,
+    publication: Arc<Publication>,
+}
+
+impl Ack for Publishing {
+    fn done(&self) {
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.publication.published(self.event);
+        }
+    }
 }
 
 struct Decided {
     record: MetaRecord,
     payload: Vec<u8>,
-    reply: Reply<MetaOutcome>,
-    outcome: MetaOutcome,
+    /// The event's number.
+    number: u64,
+}
+
+/// What deciding one command gave: an event to commit (its answer waits for its
+/// publication), or an answer that stores nothing.
+enum Decision {
+    Event(Decided),
+    Answer(Reply<MetaOutcome>, Result<MetaOutcome, EngineError>),
 }
 
 fn now_us() -> u64 {
@@ -186,19 +318,26 @@ impl MetaOwner {
     }
 
     async fn tick(&self, requests: Vec<MetaRequest>) {
+        if let Some(why) = self.failed.borrow().clone() {
+            for req in requests {
+                let _ = req
+                    .into_reply()
+                    .send(Err(EngineError::Unavailable(why.clone())));
+            }
+            return;
+        }
         let mut decided = Vec::new();
         for req in requests {
             match self.decide(req) {
-                Ok(Some(d)) => decided.push(d),
-                Ok(None) => {}
-                Err((reply, e)) => {
-                    let _ = reply.send(Err(e));
+                Decision::Event(d) => decided.push(d),
+                Decision::Answer(reply, value) => {
+                    self.publication.answer(self.last_event.get(), reply, value);
                 }
             }
         }
-        if decided.is_empty() {
+        let Some(first) = decided.first().map(|d| d.number) else {
             return;
-        }
+        };
         let entries: Vec<Entry<'_>> = decided
             .iter()
             .map(|d| Entry {
@@ -207,11 +346,11 @@ impl MetaOwner {
             })
             .collect();
         if let Err(e) = self.log.commit(&entries).await {
-            for d in decided {
-                let _ = d.reply.send(Err(EngineError::Unavailable(format!(
-                    "metadata commit failed: {e}"
-                ))));
-            }
+            // The state holds events the log does not: stop, as a partition does, until the
+            // engine is reopened and replays the log.
+            let why = format!("metadata commit failed: {e}");
+            self.publication.fail(first, &why);
+            *self.failed.borrow_mut() = Some(why);
             return;
         }
         for d in decided {
@@ -219,13 +358,9 @@ impl MetaOwner {
         }
     }
 
-    /// Decides and applies one command. `Ok(None)` when it was answered already (an
-    /// existing DM).
-    #[allow(clippy::type_complexity)]
-    fn decide(
-        &self,
-        req: MetaRequest,
-    ) -> Result<Option<Decided>, (Reply<MetaOutcome>, EngineError)> {
+    /// Decides and applies one command. An event's answer is queued at once, to go out
+    /// when the event is published.
+    fn decide(&self, req: MetaRequest) -> Decision {
         let mut meta = self.meta.borrow_mut();
         let (cmd, reply) = match req {
             MetaRequest::CreateUser {
@@ -277,36 +412,37 @@ impl MetaOwner {
                 reply,
             ),
         };
-        let decision = cmd.and_then(|cmd| meta.decide(cmd));
-        let event = match decision {
-            Err(e) => return Err((reply, e.into())),
+        let event = match cmd.and_then(|cmd| meta.decide(cmd)) {
+            Err(e) => return Decision::Answer(reply, Err(e.into())),
             Ok(MetaDecision::Existing(c)) => {
                 let view = meta
                     .channel(c)
                     .map(|c| ChannelView::new(c.id, c.workspace, &c.name, c.kind, 0))
                     .expect("existing channel");
-                let _ = reply.send(Ok(MetaOutcome::Channel(view, false)));
-                return Ok(None);
+                return Decision::Answer(reply, Ok(MetaOutcome::Channel(view, false)));
             }
             Ok(MetaDecision::New(e)) => e,
         };
         meta.apply(&event);
-        let outcome = outcome_of(&meta, &event);
+        let number = self.last_event.get() + 1;
+        self.last_event.set(number);
+        self.publication.begin(number);
+        self.publication
+            .answer(number, reply, Ok(outcome_of(&meta, &event)));
         let record = MetaRecord {
             at_us: now_us(),
             event,
         };
         let payload = event::encode_meta(&record);
-        Ok(Some(Decided {
+        Decision::Event(Decided {
             record,
             payload,
-            reply,
-            outcome,
-        }))
+            number,
+        })
     }
 
-    /// Sends a committed event to every other shard; the caller's reply waits for all of
-    /// them, and for a new channel's first members.
+    /// Sends a committed event to every other shard, and a new channel's first members to
+    /// its partition; their acknowledgements publish it.
     async fn publish(&self, d: Decided) {
         let others = self.routes.shard_count() as usize - 1;
         let new_channel = match &d.record.event {
@@ -315,10 +451,14 @@ impl MetaOwner {
         };
         let count = others + new_channel.is_some() as usize;
         if count == 0 {
-            let _ = d.reply.send(Ok(d.outcome));
+            self.publication.published(d.number);
             return;
         }
-        let ack: Arc<dyn Ack> = Countdown::new(count, d.reply, Ok(d.outcome));
+        let ack: Arc<dyn Ack> = Arc::new(Publishing {
+            left: AtomicUsize::new(count),
+            event: d.number,
+            publication: self.publication.clone(),
+        });
         let record = Arc::new(d.record);
         for s in 1..self.routes.shard_count() {
             let msg = ShardMsg::MetaApplied {
@@ -347,6 +487,19 @@ impl MetaOwner {
                     None => ack.done(),
                 }
             }
+        }
+    }
+}
+
+impl MetaRequest {
+    /// The reply of any request, to refuse it.
+    fn into_reply(self) -> Reply<MetaOutcome> {
+        match self {
+            MetaRequest::CreateUser { reply, .. }
+            | MetaRequest::CreateWorkspace { reply, .. }
+            | MetaRequest::AddMember { reply, .. }
+            | MetaRequest::CreateChannel { reply, .. }
+            | MetaRequest::OpenDm { reply, .. } => reply,
         }
     }
 }

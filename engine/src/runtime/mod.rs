@@ -35,43 +35,12 @@ thread_local! {
     pub(crate) static CURRENT_SHARD: Cell<Option<u32>> = const { Cell::new(None) };
 }
 
-/// Counts down acknowledgements and sends the reply when the last one arrives. Used when a
-/// metadata change must be applied on every shard before its caller hears back.
-pub(crate) struct Countdown<T: Send> {
-    left: AtomicUsize,
-    reply: Mutex<Option<Answer<T>>>,
-}
-
-/// A reply and the value it will carry.
-type Answer<T> = (Reply<T>, Result<T, EngineError>);
-
-impl<T: Send> Countdown<T> {
-    pub(crate) fn new(count: usize, reply: Reply<T>, value: Result<T, EngineError>) -> Arc<Self> {
-        Arc::new(Countdown {
-            left: AtomicUsize::new(count),
-            reply: Mutex::new(Some((reply, value))),
-        })
-    }
-
-    /// One acknowledgement; the last one sends the reply.
-    pub(crate) fn done(&self) {
-        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
-            if let Some((reply, value)) = self.reply.lock().expect("countdown").take() {
-                let _ = reply.send(value);
-            }
-        }
-    }
-}
-
-/// An acknowledgement that any shard can give, whatever the reply type.
+/// An acknowledgement that any shard can give: a shard applied a metadata event, or a
+/// partition committed a new channel's first members. Every holder calls `done` exactly
+/// once, on its failure paths too: a metadata event is published only when all have, and
+/// the owner's later answers wait for that.
 pub(crate) trait Ack: Send + Sync {
     fn done(&self);
-}
-
-impl<T: Send> Ack for Countdown<T> {
-    fn done(&self) {
-        Countdown::done(self)
-    }
 }
 
 /// A read of channel data.
@@ -387,6 +356,9 @@ impl Shard {
                 meta: meta.clone(),
                 routes: routes.clone(),
                 local_partitions: partitions.clone(),
+                publication: Arc::default(),
+                last_event: std::cell::Cell::new(0),
+                failed: std::cell::RefCell::new(None),
             };
             tasks.push(glommio::spawn_local(owner.run(rx)).detach());
             (meta, Some(tx))
