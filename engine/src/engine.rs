@@ -8,6 +8,7 @@
 //! including the shards' own.
 
 use crate::blob::BlobStore;
+use crate::consumer::{CommittedPage, Consumer, LogId, Waiter, Watermarks};
 use crate::domain::channel::ChannelCommand;
 use crate::domain::meta::{partition_of, User};
 use crate::domain::{ChannelKind, DomainError, PAGE_LIMIT_MAX};
@@ -76,6 +77,9 @@ pub struct EngineConfig {
     /// what that snapshot covered, so that snapshots cost a constant share of commits. A
     /// restart loads each partition's last snapshot and replays only the log after it.
     pub snapshot_every_events: u64,
+    /// The names of the committed-event consumers ([`crate::consumer`]). Declared before
+    /// the engine opens so that their logs are kept for them from the first moment.
+    pub consumers: Vec<String>,
 }
 
 impl EngineConfig {
@@ -91,6 +95,7 @@ impl EngineConfig {
             pin: true,
             observer: ObserverSlot::default(),
             snapshot_every_events: 100_000,
+            consumers: Vec::new(),
         }
     }
 }
@@ -165,6 +170,7 @@ pub struct MessagePage {
 struct Inner {
     routes: Routes,
     config: EngineConfig,
+    watermarks: Watermarks,
     recovery: Mutex<Vec<Recovery>>,
     threads: Mutex<Option<crate::shard::ShardSet<()>>>,
 }
@@ -389,6 +395,7 @@ impl Engine {
         let engine = Engine {
             inner: Arc::new(Inner {
                 routes,
+                watermarks: Watermarks::new(config.consumers.len(), config.partitions),
                 config,
                 recovery: Mutex::new(Vec::new()),
                 threads: Mutex::new(Some(threads)),
@@ -434,6 +441,93 @@ impl Engine {
     /// The configuration it runs with.
     pub fn config(&self) -> &EngineConfig {
         &self.inner.config
+    }
+
+    /// The committed-event consumer declared in [`EngineConfig::consumers`] as `name`.
+    pub fn consumer(&self, name: &str) -> Result<Consumer, EngineError> {
+        let index = self
+            .inner
+            .config
+            .consumers
+            .iter()
+            .position(|c| c == name)
+            .ok_or_else(|| {
+                EngineError::Config(format!("consumer {name:?} is not declared in the config"))
+            })?;
+        Ok(Consumer {
+            engine: self.clone(),
+            index,
+        })
+    }
+
+    pub(crate) fn watermarks(&self) -> &Watermarks {
+        &self.inner.watermarks
+    }
+
+    /// The logs consumers read: every channel partition, then the metadata log.
+    pub fn logs(&self) -> Vec<LogId> {
+        (0..self.inner.config.partitions)
+            .map(LogId::Partition)
+            .chain([LogId::Meta])
+            .collect()
+    }
+
+    /// The retention watermark of a log: no segment at or after it is ever deleted.
+    pub fn retention_watermark(&self, log: LogId) -> u64 {
+        self.inner.watermarks.watermark(log)
+    }
+
+    pub(crate) async fn read_committed(
+        &self,
+        log: LogId,
+        from: u64,
+    ) -> Result<CommittedPage, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        let waiter = Waiter { from, reply: tx };
+        let routes = &self.inner.routes;
+        let (shard, msg) = match log {
+            LogId::Meta => (0, ShardMsg::MetaCommitted(waiter)),
+            LogId::Partition(p) => {
+                self.check_partition(p)?;
+                let msg = PartitionMsg::Committed(waiter);
+                (routes.owner(p), ShardMsg::Partition { partition: p, msg })
+            }
+        };
+        routes.send(shard, msg).await?;
+        rx.await
+            .map_err(|_| EngineError::Unavailable("the shard stopped".into()))?
+    }
+
+    /// Retention: deletes the whole sealed segments of a channel partition's log that lie
+    /// before `offset`, but never at or after its retention watermark (the lowest cursor
+    /// of the declared consumers) nor after its last durable snapshot (the state before it
+    /// then lives only in the snapshot). Returns the log's new first offset. The metadata
+    /// log is replayed whole at every start and is never cut.
+    pub async fn delete_log_before(&self, partition: u32, offset: u64) -> Result<u64, EngineError> {
+        self.check_partition(partition)?;
+        let watermark = self.retention_watermark(LogId::Partition(partition));
+        let limit = offset.min(watermark);
+        let (tx, rx) = oneshot::channel();
+        let msg = PartitionMsg::DeleteBefore {
+            offset: limit,
+            reply: tx,
+        };
+        let shard = self.inner.routes.owner(partition);
+        self.inner
+            .routes
+            .send(shard, ShardMsg::Partition { partition, msg })
+            .await?;
+        rx.await
+            .map_err(|_| EngineError::Unavailable("the shard stopped".into()))?
+    }
+
+    fn check_partition(&self, partition: u32) -> Result<(), EngineError> {
+        if partition >= self.inner.config.partitions {
+            return Err(EngineError::Config(format!(
+                "partition {partition} does not exist"
+            )));
+        }
+        Ok(())
     }
 
     /// The number of shards.

@@ -20,6 +20,7 @@
 #![deny(missing_docs)]
 
 pub mod blob;
+pub mod consumer;
 pub mod domain;
 pub mod durability;
 mod engine;
@@ -30,6 +31,7 @@ pub mod shard;
 pub(crate) mod snapshot;
 pub mod view;
 
+pub use consumer::{CommittedEvent, CommittedKind, CommittedPage, Consumer, LogId};
 pub use engine::{
     ChannelOutcome, Engine, EngineConfig, EngineError, MessagePage, MetaOutcome, Observer,
     ObserverSlot, ReadOutcome, Recovery, Subscription, SubscriptionControl,

@@ -16,6 +16,7 @@ pub mod protocol;
 pub mod ratelimit;
 pub mod server;
 pub mod session;
+pub mod workspace_metrics;
 pub mod ws;
 
 pub use config::Config;

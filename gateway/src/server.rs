@@ -50,6 +50,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     engine_config.shards = shards;
     engine_config.partitions = config.partitions;
     engine_config.subscriber_queue_frames = config.ws_outbound_frames_max;
+    engine_config.consumers = vec![crate::workspace_metrics::CONSUMER_NAME.to_owned()];
     crate::memory::tune_allocator();
     let engine = Engine::open(engine_config)?;
     let tokens = Tokens::load_or_create(&config.jwt_secret_path(), config.token_ttl_s)?;
@@ -89,6 +90,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         }
     }
     drop(reserve);
+    let (stop_counting, counted) = start_workspace_metrics(&shared)?;
     {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
@@ -107,6 +109,8 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     while shared.connections.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
+    let _ = stop_counting.send(());
+    let _ = counted.recv_timeout(DRAIN_WAIT);
     stop_housekeeping.store(true, Ordering::Relaxed);
     housekeeper.thread().unpark();
     let _ = housekeeper.join();
@@ -234,4 +238,21 @@ fn admit(shared: &Shared, stream: &glommio::net::TcpStream) -> Option<std::net::
 fn release(shared: &Shared, ip: std::net::IpAddr) {
     shared.per_ip.release(ip);
     shared.connections.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// Starts the per-workspace message counter on shard 0. Returns its stop signal and the
+/// channel on which it says it stored its last counts.
+fn start_workspace_metrics(
+    shared: &Arc<Shared>,
+) -> Result<(oneshot::Sender<()>, std::sync::mpsc::Receiver<()>), ServeError> {
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let engine = shared.engine.clone();
+    let metrics = shared.metrics.clone();
+    let path = crate::workspace_metrics::state_path(&shared.config.data_dir);
+    futures::executor::block_on(shared.engine.spawn_on(0, move || async move {
+        crate::workspace_metrics::run(engine, metrics, path, stop_rx).await;
+        let _ = done_tx.send(());
+    }))?;
+    Ok((stop_tx, done_rx))
 }

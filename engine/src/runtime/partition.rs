@@ -64,6 +64,8 @@ pub(crate) struct Partition {
     failed: Option<String>,
     observer: crate::engine::ObserverSlot,
     snapshots: Snapshots,
+    /// Consumers' reads waiting for the next commit.
+    consumers: crate::consumer::Waiters,
 }
 
 /// Where a partition's snapshot goes, and when the next one is due.
@@ -78,6 +80,9 @@ pub(crate) struct Snapshots {
     covered: u64,
     /// A snapshot being written in the background.
     writing: Rc<std::cell::Cell<bool>>,
+    /// The log offset the last durable snapshot covers (0: none): the log may be cut
+    /// before it, never after.
+    durable_offset: Rc<std::cell::Cell<u64>>,
 }
 
 impl Snapshots {
@@ -89,6 +94,7 @@ impl Snapshots {
             since: 0,
             covered: 0,
             writing: Rc::new(std::cell::Cell::new(false)),
+            durable_offset: Rc::new(std::cell::Cell::new(0)),
         }
     }
 
@@ -105,15 +111,22 @@ impl Snapshots {
     }
 }
 
-/// Writes a snapshot file on glommio's blocking pool. A failure is reported and
-/// otherwise ignored: the log still holds everything, and the next snapshot tries again.
-async fn store_snapshot(path: std::path::PathBuf, file: Vec<u8>) {
+/// Writes a snapshot file covering the log up to `offset` on glommio's blocking pool, and
+/// records the offset once it is durable. A failure is reported and otherwise ignored: the
+/// log still holds everything, and the next snapshot tries again.
+async fn store_snapshot(
+    path: std::path::PathBuf,
+    file: Vec<u8>,
+    offset: u64,
+    durable: Rc<std::cell::Cell<u64>>,
+) {
     let shown = path.display().to_string();
     let r = glommio::executor()
         .spawn_blocking(move || crate::snapshot::store(&path, &file))
         .await;
-    if let Err(e) = r {
-        eprintln!("chorus: snapshot {shown} not written: {e}");
+    match r {
+        Ok(()) => durable.set(durable.get().max(offset)),
+        Err(e) => eprintln!("chorus: snapshot {shown} not written: {e}"),
     }
 }
 
@@ -170,6 +183,7 @@ impl Partition {
             failed: None,
             observer,
             snapshots,
+            consumers: Default::default(),
         };
         let snapshot_offset = p.restore_snapshot();
         let from = snapshot_offset.unwrap_or(p.log.first_offset());
@@ -212,6 +226,7 @@ impl Partition {
         match self.restore_from(&loaded) {
             Ok(events) => {
                 self.snapshots.covered = events;
+                self.snapshots.durable_offset.set(loaded.next_offset);
                 Some(loaded.next_offset)
             }
             Err(e) => {
@@ -298,8 +313,12 @@ impl Partition {
         let writing = self.snapshots.writing.clone();
         writing.set(true);
         let path = self.snapshots.path.clone();
+        let (offset, durable) = (
+            self.log.next_offset(),
+            self.snapshots.durable_offset.clone(),
+        );
         glommio::spawn_local(async move {
-            store_snapshot(path, file).await;
+            store_snapshot(path, file, offset, durable).await;
             writing.set(false);
         })
         .detach();
@@ -314,7 +333,9 @@ impl Partition {
         if self.failed.is_some() || self.snapshots.since == 0 {
             return;
         }
-        store_snapshot(self.snapshots.path.clone(), self.snapshot_file()).await;
+        let durable = self.snapshots.durable_offset.clone();
+        let (path, offset) = (self.snapshots.path.clone(), self.log.next_offset());
+        store_snapshot(path, self.snapshot_file(), offset, durable).await;
     }
 
     /// Replays the log from `from`, returning the events replayed.
@@ -480,6 +501,9 @@ impl Partition {
                 return 0;
             }
             self.deliver(&decided).await;
+        }
+        for waiter in self.consumers.ready(self.log.next_offset()) {
+            self.read_committed(waiter).await;
         }
         for p in pending {
             match p {
@@ -871,8 +895,32 @@ impl Partition {
                 workspace,
                 out,
             } => out.add(self.visible(user, workspace)),
+            PartitionMsg::Committed(waiter) if waiter.from >= self.log.next_offset() => {
+                self.consumers.park(waiter)
+            }
+            PartitionMsg::Committed(waiter) => self.read_committed(waiter).await,
+            PartitionMsg::DeleteBefore { offset, reply } => {
+                let limit = offset.min(self.snapshots.durable_offset.get());
+                let r = self.log.delete_before(limit).await;
+                let r = r.map_err(|e| EngineError::Unavailable(format!("retention: {e}")));
+                let _ = reply.send(r);
+            }
             other => fail(other, "unexpected request"),
         }
+    }
+
+    /// Answers a consumer's read from the log: committed events only, from its first
+    /// offset if the consumer asks for less.
+    async fn read_committed(&mut self, waiter: crate::consumer::Waiter) {
+        let from = waiter.from.max(self.log.first_offset());
+        let end = self.log.next_offset();
+        let page = self
+            .log
+            .read(from, crate::consumer::CONSUMER_READ_BYTES_MAX)
+            .await
+            .map_err(storage)
+            .and_then(|records| crate::consumer::page(records, end));
+        let _ = waiter.reply.send(page);
     }
 
     fn answer(
@@ -1049,6 +1097,12 @@ fn fail(msg: PartitionMsg, why: &str) {
         }
         PartitionMsg::Visible { out, .. } => out.add(Vec::new()),
         PartitionMsg::Typing { reply, .. } => {
+            let _ = reply.send(Err(err()));
+        }
+        PartitionMsg::Committed(waiter) => {
+            let _ = waiter.reply.send(Err(err()));
+        }
+        PartitionMsg::DeleteBefore { reply, .. } => {
             let _ = reply.send(Err(err()));
         }
         PartitionMsg::Online { .. } | PartitionMsg::CatchUp { .. } => {}
