@@ -13,6 +13,7 @@ pub mod json;
 pub mod memory;
 pub mod metrics;
 pub mod protocol;
+pub mod quic;
 pub mod ratelimit;
 pub mod server;
 pub mod session;
