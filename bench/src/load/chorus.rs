@@ -1,7 +1,9 @@
 //! The four scenarios run against Chorus: seed a fresh data directory, start the real
 //! `chorus` binary on it, drive it from worker processes, and return the same outcome
-//! types the peers return.
+//! types the peers return. `chat` and `connections` run over either transport (WebSocket
+//! or QUIC); `fanout` and `history` over WebSocket and REST.
 
+use super::client::{Conn, Dialer, Transport};
 use super::procstat::{self, UsageWindow};
 use super::schedule::{self, wall_ns};
 use super::seed::{self, Population};
@@ -9,14 +11,12 @@ use super::server::{self, ChorusServer, ServerSettings};
 use super::worker::{self, ChatJob, Command, HoldJob, Job, Report, WorkerHandle};
 use super::{
     ChatOutcome, ChatShape, ConnectionsOutcome, ConnectionsShape, FanoutOutcome, FanoutShape,
-    HistoryOutcome, HistoryShape,
+    HistoryOutcome, HistoryShape, LiveCheck,
 };
 use anyhow::{bail, ensure, Context};
-use futures_util::{SinkExt, StreamExt};
 use indicatif::ProgressBar;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use tokio_tungstenite::tungstenite::Message;
 
 /// How long after the last scheduled send a chat run waits for late acks and deliveries.
 const CHAT_DRAIN: Duration = Duration::from_secs(10);
@@ -73,16 +73,18 @@ impl ChorusRunner {
         result
     }
 
-    /// Spawns workers for `tokens`, split evenly, and waits until all are ready.
+    /// Spawns workers for `count` sessions over `transport`, split evenly, and waits until
+    /// all are ready.
     async fn spawn_workers<F>(
         &self,
         count: usize,
+        transport: Transport,
         make: F,
     ) -> anyhow::Result<(Vec<WorkerHandle>, usize, f64)>
     where
         F: Fn(usize, std::ops::Range<usize>) -> Job,
     {
-        let workers = worker::workers_for(count)
+        let workers = worker::workers_for(count, transport)
             .max(self.workers_min)
             .min(count.max(1));
         let mut handles = Vec::new();
@@ -117,8 +119,8 @@ impl ChorusRunner {
         Ok((handles, open, connect_secs))
     }
 
-    /// `chat` against Chorus.
-    pub fn chat(&self, shape: &ChatShape) -> anyhow::Result<ChatOutcome> {
+    /// `chat` against Chorus, every session over `transport`.
+    pub fn chat(&self, shape: &ChatShape, transport: Transport) -> anyhow::Result<ChatOutcome> {
         ensure!(
             shape.connections >= 2 && shape.members >= 2,
             "chat needs 2+ members"
@@ -131,12 +133,14 @@ impl ChorusRunner {
         let tokens = seed::mint_tokens(&server::data_dir(dir.path()), &pop.users)?;
         let server = ChorusServer::start(&self.binary, dir.path(), &self.settings)?;
         let channel_ids: Vec<String> = pop.channels.iter().map(|c| c.to_string()).collect();
+        let target = server.target(transport)?;
         let outcome = Self::runtime()?.block_on(async {
-            self.progress.set_message("chat: connecting");
+            self.progress
+                .set_message(format!("chat over {}: connecting", transport.label()));
             let (workers, open, _) = self
-                .spawn_workers(c, |w, range| {
+                .spawn_workers(c, transport, |w, range| {
                     Job::Chat(ChatJob {
-                        server: server.addr,
+                        target: target.clone(),
                         source: worker::source_address(w),
                         connections: range.map(|i| (i, tokens[i].clone())).collect(),
                         total_connections: c,
@@ -249,13 +253,14 @@ impl ChorusRunner {
         let server = ChorusServer::start(&self.binary, dir.path(), &self.settings)?;
         let usage = UsageWindow::start(server.pid());
         let channel = pop.channels[0].to_string();
+        let target = server.target(Transport::WebSocket)?;
         let outcome = Self::runtime()?.block_on(async {
             self.progress
                 .set_message(format!("fanout: connecting {}", shape.online));
             let online = &tokens[1..];
             let (workers, open, _) = self
-                .spawn_workers(online.len(), |w, range| {
-                    hold_job(&server, w, &online[range])
+                .spawn_workers(online.len(), Transport::WebSocket, |w, range| {
+                    hold_job(&target, w, &online[range])
                 })
                 .await?;
             ensure!(
@@ -263,8 +268,9 @@ impl ChorusRunner {
                 "only {open} of {} online members connected",
                 shape.online
             );
-            let sender =
-                super::client::connect(server.addr, "127.0.0.1".parse()?, &tokens[0]).await?;
+            let sender = Dialer::new(&target, "127.0.0.1".parse()?)?
+                .connect(&tokens[0])
+                .await?;
             self.fanout_rounds(shape, sender, workers, &channel).await
         });
         let mut outcome = outcome?;
@@ -276,7 +282,7 @@ impl ChorusRunner {
     async fn fanout_rounds(
         &self,
         shape: &FanoutShape,
-        mut sender: super::client::Ws,
+        mut sender: Conn,
         mut workers: Vec<WorkerHandle>,
         channel: &str,
     ) -> anyhow::Result<FanoutOutcome> {
@@ -295,7 +301,7 @@ impl ChorusRunner {
                 "text": worker::fanout_text(round), "client_msg_id": format!("fanout-{round}"),
             });
             let sent_ns = wall_ns();
-            sender.send(Message::text(frame.to_string())).await?;
+            sender.send_text(&frame.to_string()).await?;
             let (mut count, mut first, mut last) = (0, u64::MAX, 0);
             for w in &mut workers {
                 let (n, first_ns, last_ns) = round_of(w, round).await?;
@@ -322,7 +328,7 @@ impl ChorusRunner {
                 );
             }
             // The sender's own copy and its ack, read so that its queue never fills.
-            drain_ready(&mut sender).await;
+            sender.drain_ready().await;
             self.progress.inc(1);
         }
         for w in workers {
@@ -331,8 +337,13 @@ impl ChorusRunner {
         Ok(outcome)
     }
 
-    /// `connections` against Chorus.
-    pub fn connections(&self, shape: &ConnectionsShape) -> anyhow::Result<ConnectionsOutcome> {
+    /// `connections` against Chorus: idle sessions over `transport`, server RSS each,
+    /// and a ping round that every session must answer.
+    pub fn connections(
+        &self,
+        shape: &ConnectionsShape,
+        transport: Transport,
+    ) -> anyhow::Result<ConnectionsOutcome> {
         let dir = self.fresh_dir()?;
         let k = shape.connections;
         let pop = self.seed(dir.path(), |e| {
@@ -340,22 +351,33 @@ impl ChorusRunner {
         })?;
         let tokens = seed::mint_tokens(&server::data_dir(dir.path()), &pop.users)?;
         let server = ChorusServer::start(&self.binary, dir.path(), &self.settings)?;
+        let target = server.target(transport)?;
         let outcome = Self::runtime()?.block_on(async {
             tokio::time::sleep(RSS_SETTLE).await;
             let rss_before = procstat::rss_bytes(server.pid()).context("server RSS")?;
-            self.progress
-                .set_message(format!("connections: opening {k}"));
-            let (workers, open, connect_secs) = self
-                .spawn_workers(k, |w, range| hold_job(&server, w, &tokens[range]))
+            self.progress.set_message(format!(
+                "connections: opening {k} over {}",
+                transport.label()
+            ));
+            let (mut workers, open, connect_secs) = self
+                .spawn_workers(k, transport, |w, range| {
+                    hold_job(&target, w, &tokens[range])
+                })
                 .await?;
             tokio::time::sleep(RSS_SETTLE).await;
             let rss_after = procstat::rss_bytes(server.pid()).context("server RSS")?;
+            self.progress
+                .set_message(format!("connections: pinging {open}"));
+            let live = ping_round(&mut workers, 0).await?;
             for w in workers {
                 w.stop().await?;
             }
+            self.check_closed(server.addr).await;
             Ok::<_, anyhow::Error>(ConnectionsOutcome {
                 open,
                 connect_rate: open as f64 / connect_secs.max(1e-9),
+                connect_secs,
+                live: Some(live),
                 rss_before,
                 rss_after,
             })
@@ -475,15 +497,78 @@ fn engine_history_reads(
     Ok(hist)
 }
 
+impl ChorusRunner {
+    /// Warns when sessions are still open on the server after every worker closed its own
+    /// and exited: the server would then be measured, and drained, with sessions nobody
+    /// holds.
+    async fn check_closed(&self, addr: std::net::SocketAddr) {
+        // One client, so one kept-alive connection: the request's own, counted open too.
+        let client = reqwest::Client::new();
+        let deadline = tokio::time::Instant::now() + RSS_SETTLE;
+        let mut open = None;
+        while tokio::time::Instant::now() < deadline {
+            open = metric(&client, addr, "chorus_connections_open").await.ok();
+            if open.is_some_and(|n| n <= 1.0) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let open = open.map_or("unknown".into(), |n| format!("{}", n - 1.0));
+        say(
+            &self.progress,
+            format!(
+                "warning: {open} sessions still open on the server after the workers closed theirs"
+            ),
+        );
+    }
+}
+
+/// One unlabelled value of the server's `/metrics`.
+async fn metric(
+    client: &reqwest::Client,
+    addr: std::net::SocketAddr,
+    name: &str,
+) -> anyhow::Result<f64> {
+    let text = client
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .with_context(|| format!("{name} in /metrics"))
+}
+
 /// Members per channel of the users of a `connections` run (each is in one channel, as
 /// every chat user is, and the channels are idle).
 const CONNECTIONS_CHANNEL_MEMBERS: usize = 50;
 
-fn hold_job(server: &ChorusServer, w: usize, tokens: &[String]) -> Job {
+fn hold_job(target: &super::client::Target, w: usize, tokens: &[String]) -> Job {
     Job::Hold(HoldJob {
-        server: server.addr,
+        target: target.clone(),
         source: worker::source_address(w),
         tokens: tokens.to_vec(),
+    })
+}
+
+/// Asks every session of `workers` for a `pong` at once (ping round `round`) and waits
+/// for the answers, or for [`ROUND_TIMEOUT`].
+async fn ping_round(workers: &mut [WorkerHandle], round: u64) -> anyhow::Result<LiveCheck> {
+    let sent_ns = wall_ns();
+    for w in workers.iter_mut() {
+        w.command(&Command::Ping { round }).await?;
+    }
+    let (mut answered, mut last) = (0, sent_ns);
+    for w in workers.iter_mut() {
+        let (count, _, last_ns) = round_of(w, round).await?;
+        answered += count;
+        last = last.max(last_ns);
+    }
+    Ok(LiveCheck {
+        answered,
+        last: schedule::since(sent_ns, last),
     })
 }
 
@@ -581,9 +666,4 @@ async fn sleep_until_wall(ns: u64) {
     if ns > now {
         tokio::time::sleep(Duration::from_nanos(ns - now)).await;
     }
-}
-
-/// Reads whatever frames are already waiting on `ws`, without waiting for more.
-async fn drain_ready(ws: &mut super::client::Ws) {
-    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(1), ws.next()).await {}
 }

@@ -84,7 +84,8 @@ pub struct FanoutOutcome {
     pub server: ServerUsage,
 }
 
-/// `connections`: `connections` idle, authenticated WebSocket (or peer) connections.
+/// `connections`: `connections` idle, authenticated sessions (WebSocket or QUIC for
+/// Chorus; a peer's own connections).
 #[derive(Clone, Debug)]
 pub struct ConnectionsShape {
     /// Connections to open and hold.
@@ -98,10 +99,24 @@ pub struct ConnectionsOutcome {
     pub open: usize,
     /// Connections per second while opening.
     pub connect_rate: f64,
+    /// Seconds from the first connect to the last session open (the slowest worker's).
+    pub connect_secs: f64,
+    /// The liveness check after the RSS reading, where the run makes one.
+    pub live: Option<LiveCheck>,
     /// Server RSS before the first connection, in bytes.
     pub rss_before: u64,
     /// Server RSS with all connections open and idle, in bytes.
     pub rss_after: u64,
+}
+
+/// Every open session was asked to answer at once (a `ping` with a ref each), proving it
+/// live rather than merely counted.
+#[derive(Clone, Copy, Debug)]
+pub struct LiveCheck {
+    /// Sessions whose `pong` came back.
+    pub answered: usize,
+    /// From sending the pings to the last `pong` (or to the give-up time).
+    pub last: Duration,
 }
 
 /// `history`: a channel of `messages`; `queries` page reads at random `before` cursors,

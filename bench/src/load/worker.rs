@@ -1,6 +1,8 @@
 //! Worker processes: the connections of a run, spread over several processes so that no
 //! process holds more open files than the machine allows (20,000 here), each process with
-//! its own loopback source address so that no address runs out of ports.
+//! its own loopback source address so that no address runs out of ports. QUIC sessions
+//! hold no file each (a worker's all share one UDP socket), so they are bounded by the
+//! worker's memory and CPU instead ([`QUIC_SESSIONS_PER_WORKER_MAX`]).
 //!
 //! A worker is the `chorus-bench worker` subcommand. It reads one [`Job`] as a JSON line
 //! on standard input, opens its connections, reports [`Report::Ready`], and then follows
@@ -8,25 +10,28 @@
 //! Each worker runs one current-thread tokio runtime: the generator shares two cores with
 //! the server, so it must not spend CPU on thread hand-offs.
 
-use super::client::{self, Frame, Ws};
+use super::client::{Conn, Dialer, Frame, Target, Transport};
 use super::schedule::{self, Schedule};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::Message;
+use tokio::sync::{mpsc, watch};
 
 /// Connections one worker holds at most: below the per-process file limit (20,000) with
 /// room for the process's own files, and below the ports one source address has
 /// (32768–60999) even with earlier runs' sockets still in TIME_WAIT.
 pub const CONNECTIONS_PER_WORKER_MAX: usize = 9_500;
+/// QUIC sessions one worker holds at most. They need no file or port each; the bound is
+/// the worker's one core: it spreads 50,000 sessions over two workers, so that opening
+/// them (a TLS handshake each) uses both cores.
+pub const QUIC_SESSIONS_PER_WORKER_MAX: usize = 25_000;
 /// Connection handshakes a worker keeps in flight.
 const CONNECT_IN_FLIGHT: usize = 64;
 /// How often an idle connection pings, well inside the server's two heartbeats (60 s).
@@ -44,8 +49,8 @@ pub enum Job {
 /// A worker's share of a `chat` run.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ChatJob {
-    /// The server.
-    pub server: SocketAddr,
+    /// The server, and the transport.
+    pub target: Target,
     /// This worker's source address.
     pub source: IpAddr,
     /// `(connection index, token)` of each connection this worker holds.
@@ -71,8 +76,8 @@ pub struct ChatJob {
 /// A worker's share of a `fanout` or `connections` run.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HoldJob {
-    /// The server.
-    pub server: SocketAddr,
+    /// The server, and the transport.
+    pub target: Target,
     /// This worker's source address.
     pub source: IpAddr,
     /// One token per connection to open.
@@ -89,6 +94,12 @@ pub enum Command {
     },
     /// Hold: report round `round` now, complete or not.
     Flush {
+        /// The round.
+        round: u64,
+    },
+    /// Hold: every connection sends a `ping` with ref `live-{round}`; their pongs are
+    /// round `round`'s arrivals. A run numbers fan-out and ping rounds in one sequence.
+    Ping {
         /// The round.
         round: u64,
     },
@@ -112,7 +123,7 @@ pub enum Report {
     },
     /// Chat: the schedule ran and the drain ended.
     ChatDone(ChatTotals),
-    /// Hold: a fan-out round's deliveries on this worker.
+    /// Hold: a fan-out round's deliveries, or a ping round's pongs, on this worker.
     Round {
         /// The round.
         round: u64,
@@ -195,38 +206,37 @@ async fn next_command(stdin: &mut Stdin) -> anyhow::Result<Command> {
     }
 }
 
-/// Opens a connection per token, [`CONNECT_IN_FLIGHT`] at a time; failures are `None`.
+/// Opens a session per token, [`CONNECT_IN_FLIGHT`] at a time, and hands each to
+/// `on_open` with its token's index as soon as it is open (so a holder's heartbeat starts
+/// at once, however long the rest take). Returns the [`Report::Ready`] to send.
 async fn connect_all(
-    server: SocketAddr,
-    source: IpAddr,
+    dialer: &Dialer,
     tokens: &[&str],
-) -> (Vec<Option<Ws>>, Report) {
+    mut on_open: impl FnMut(usize, Conn),
+) -> Report {
     let started = Instant::now();
-    let mut first_error = None;
-    let results: Vec<anyhow::Result<Ws>> = futures_util::stream::iter(tokens)
-        .map(|t| client::connect(server, source, t))
-        .buffered(CONNECT_IN_FLIGHT)
-        .collect()
-        .await;
-    let connect_secs = started.elapsed().as_secs_f64();
-    let mut open = Vec::with_capacity(results.len());
-    for r in results {
-        match r {
-            Ok(ws) => open.push(Some(ws)),
+    let (mut open, mut failed, mut first_error) = (0, 0, None);
+    let mut attempts = futures_util::stream::iter(tokens.iter().enumerate())
+        .map(|(i, token)| async move { (i, dialer.connect(token).await) })
+        .buffer_unordered(CONNECT_IN_FLIGHT);
+    while let Some((i, result)) = attempts.next().await {
+        match result {
+            Ok(conn) => {
+                open += 1;
+                on_open(i, conn);
+            }
             Err(e) => {
+                failed += 1;
                 first_error.get_or_insert_with(|| format!("{e:#}"));
-                open.push(None);
             }
         }
     }
-    let count = open.iter().filter(|w| w.is_some()).count();
-    let ready = Report::Ready {
-        open: count,
-        failed: open.len() - count,
+    Report::Ready {
+        open,
+        failed,
         first_error,
-        connect_secs,
-    };
-    (open, ready)
+        connect_secs: started.elapsed().as_secs_f64(),
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -277,7 +287,9 @@ impl ChatState {
 
 async fn chat(job: ChatJob, mut stdin: Stdin) -> anyhow::Result<()> {
     let tokens: Vec<&str> = job.connections.iter().map(|(_, t)| t.as_str()).collect();
-    let (sockets, ready) = connect_all(job.server, job.source, &tokens).await;
+    let dialer = Dialer::new(&job.target, job.source)?;
+    let mut sessions: Vec<Option<Conn>> = tokens.iter().map(|_| None).collect();
+    let ready = connect_all(&dialer, &tokens, |i, conn| sessions[i] = Some(conn)).await;
     report(&ready);
     let Command::Start { start_ns } = next_command(&mut stdin).await? else {
         return Ok(());
@@ -300,12 +312,12 @@ async fn chat(job: ChatJob, mut stdin: Stdin) -> anyhow::Result<()> {
     // Connection index → this worker's sender queue, for the connections that are open.
     let mut senders: BTreeMap<usize, mpsc::UnboundedSender<String>> = BTreeMap::new();
     let mut per_channel = vec![0u64; job.channel_ids.len()];
-    for ((index, _), ws) in job.connections.iter().zip(sockets) {
-        let Some(ws) = ws else { continue };
+    for ((index, _), conn) in job.connections.iter().zip(sessions) {
+        let Some(conn) = conn else { continue };
         let (tx, rx) = mpsc::unbounded_channel();
         senders.insert(*index, tx);
         per_channel[index / job.members] += 1;
-        tokio::task::spawn_local(chat_connection(ws, rx, state.clone()));
+        tokio::task::spawn_local(chat_connection(conn, rx, state.clone()));
     }
     // Deliveries this worker should see: each measured message reaches every one of this
     // worker's connections in its channel, its sender's own included (Chorus delivers a
@@ -331,11 +343,15 @@ async fn chat(job: ChatJob, mut stdin: Stdin) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let s = state.borrow();
-    let mut totals = s.totals.clone();
-    totals.ack = histogram_pairs(&s.ack);
-    totals.delivery = histogram_pairs(&s.delivery);
+    let totals = {
+        let s = state.borrow();
+        let mut totals = s.totals.clone();
+        totals.ack = histogram_pairs(&s.ack);
+        totals.delivery = histogram_pairs(&s.delivery);
+        totals
+    };
     report(&Report::ChatDone(totals));
+    dialer.close().await;
     Ok(())
 }
 
@@ -403,16 +419,15 @@ async fn send_schedule(
 }
 
 async fn chat_connection(
-    mut ws: Ws,
+    mut conn: Conn,
     mut outgoing: mpsc::UnboundedReceiver<String>,
     state: Rc<RefCell<ChatState>>,
 ) {
     let mut sending = true;
     loop {
         tokio::select! {
-            frame = ws.next() => match frame {
-                Some(Ok(Message::Text(text))) => state.borrow_mut().on_frame(&text),
-                Some(Ok(_)) => {}
+            frame = conn.next_text() => match frame {
+                Some(Ok(text)) => state.borrow_mut().on_frame(&text),
                 Some(Err(_)) | None => {
                     state.borrow_mut().totals.closed += 1;
                     return;
@@ -420,7 +435,7 @@ async fn chat_connection(
             },
             text = outgoing.recv(), if sending => match text {
                 Some(text) => {
-                    if ws.send(Message::text(text)).await.is_err() {
+                    if conn.send_text(&text).await.is_err() {
                         state.borrow_mut().totals.closed += 1;
                         return;
                     }
@@ -435,8 +450,41 @@ async fn chat_connection(
 // hold (fanout, connections)
 // ---------------------------------------------------------------------------------------
 
-/// Arrivals of each fan-out round on this worker: count, first and last wall-clock ns.
-type Rounds = Rc<RefCell<BTreeMap<u64, (usize, u64, u64)>>>;
+/// What a hold worker's connection tasks share: the arrivals of each round (count, first
+/// and last wall-clock ns), and how many connections opened (final once the worker is
+/// ready, before any round starts), so that the task completing a round reports it.
+#[derive(Default)]
+struct Held {
+    rounds: RefCell<BTreeMap<u64, (usize, u64, u64)>>,
+    open: Cell<usize>,
+}
+
+impl Held {
+    /// Counts an arrival of `round` now, and reports the round once it reached everyone.
+    fn arrived(&self, round: u64) {
+        let now = schedule::wall_ns();
+        let mut rounds = self.rounds.borrow_mut();
+        let entry = rounds.entry(round).or_insert((0, now, now));
+        entry.0 += 1;
+        entry.2 = now;
+        let complete = entry.0 == self.open.get();
+        drop(rounds);
+        if complete {
+            report(&self.round_report(round));
+        }
+    }
+
+    fn round_report(&self, round: u64) -> Report {
+        let rounds = self.rounds.borrow();
+        let (count, first_ns, last_ns) = rounds.get(&round).copied().unwrap_or_default();
+        Report::Round {
+            round,
+            count,
+            first_ns,
+            last_ns,
+        }
+    }
+}
 
 /// The text of a fan-out message of round `round`.
 pub fn fanout_text(round: u64) -> String {
@@ -447,68 +495,78 @@ fn parse_fanout_text(text: &str) -> Option<u64> {
     text.strip_prefix("fanout ")?.parse().ok()
 }
 
+/// The ref of a ping of ping round `round`.
+fn live_ref(round: u64) -> String {
+    format!("live-{round}")
+}
+
+fn parse_live_ref(reference: &str) -> Option<u64> {
+    reference.strip_prefix("live-")?.parse().ok()
+}
+
 async fn hold(job: HoldJob, mut stdin: Stdin) -> anyhow::Result<()> {
     let tokens: Vec<&str> = job.tokens.iter().map(String::as_str).collect();
-    let (sockets, ready) = connect_all(job.server, job.source, &tokens).await;
-    let open = sockets.iter().filter(|s| s.is_some()).count();
-    report(&ready);
-    let rounds: Rounds = Rc::default();
-    for (i, ws) in sockets.into_iter().enumerate() {
-        if let Some(ws) = ws {
-            // Spread the pings over the interval so they do not all arrive at once.
-            let offset = PING_INTERVAL.mul_f64(i as f64 / tokens.len().max(1) as f64);
-            let task = hold_connection(ws, offset, rounds.clone(), open);
-            tokio::task::spawn_local(task);
-        }
+    let dialer = Dialer::new(&job.target, job.source)?;
+    let held = Rc::new(Held::default());
+    let (ping_round, _) = watch::channel(0u64);
+    let count = tokens.len().max(1);
+    let ready = connect_all(&dialer, &tokens, |i, conn| {
+        // Spread the heartbeats over the interval so they do not all arrive at once.
+        let offset = PING_INTERVAL.mul_f64((i + 1) as f64 / count as f64);
+        let task = hold_connection(conn, offset, held.clone(), ping_round.subscribe());
+        tokio::task::spawn_local(task);
+    })
+    .await;
+    if let Report::Ready { open, .. } = ready {
+        held.open.set(open);
     }
+    report(&ready);
     loop {
         match next_command(&mut stdin).await? {
-            Command::Flush { round } => report(&round_report(&rounds, round)),
-            Command::Stop => return Ok(()),
+            Command::Flush { round } => report(&held.round_report(round)),
+            Command::Ping { round } => {
+                ping_round.send_replace(round);
+            }
+            Command::Stop => {
+                dialer.close().await;
+                return Ok(());
+            }
             Command::Start { .. } => anyhow::bail!("a hold worker takes no start"),
         }
     }
 }
 
-fn round_report(rounds: &Rounds, round: u64) -> Report {
-    let (count, first_ns, last_ns) = rounds.borrow().get(&round).copied().unwrap_or_default();
-    Report::Round {
-        round,
-        count,
-        first_ns,
-        last_ns,
-    }
-}
-
-async fn hold_connection(mut ws: Ws, ping_offset: Duration, rounds: Rounds, open: usize) {
+async fn hold_connection(
+    mut conn: Conn,
+    ping_offset: Duration,
+    held: Rc<Held>,
+    mut ping_round: watch::Receiver<u64>,
+) {
     let start = tokio::time::Instant::now() + ping_offset;
-    let mut ping = tokio::time::interval_at(start, PING_INTERVAL);
+    let mut heartbeat = tokio::time::interval_at(start, PING_INTERVAL);
     loop {
-        tokio::select! {
-            frame = ws.next() => match frame {
-                Some(Ok(Message::Text(text))) => {
-                    let now = schedule::wall_ns();
-                    let Ok(frame) = Frame::parse(&text) else { continue };
-                    let Some(round) = frame.new_message_text().and_then(parse_fanout_text) else {
-                        continue;
-                    };
-                    let mut all = rounds.borrow_mut();
-                    let entry = all.entry(round).or_insert((0, now, now));
-                    entry.0 += 1;
-                    entry.2 = now;
-                    if entry.0 == open {
-                        drop(all);
-                        report(&round_report(&rounds, round));
-                    }
+        let ping = tokio::select! {
+            frame = conn.next_text() => {
+                let Some(Ok(text)) = frame else { return };
+                let Ok(frame) = Frame::parse(&text) else { continue };
+                let fanout = frame.new_message_text().and_then(parse_fanout_text);
+                let live = frame.reference.as_deref().and_then(parse_live_ref);
+                if let Some(round) = fanout.or(live.filter(|_| frame.kind == "pong")) {
+                    held.arrived(round);
                 }
-                Some(Ok(_)) => {}
-                Some(Err(_)) | None => return,
-            },
-            _ = ping.tick() => {
-                if ws.send(Message::text(r#"{"type":"ping"}"#)).await.is_err() {
+                continue;
+            }
+            _ = heartbeat.tick() => r#"{"type":"ping"}"#.to_owned(),
+            changed = ping_round.changed() => {
+                if changed.is_err() {
                     return;
                 }
+                let round = *ping_round.borrow_and_update();
+                serde_json::json!({"type": "ping", "ref": live_ref(round)}).to_string()
             }
+        };
+        if conn.send_text(&ping).await.is_err() {
+            return;
         }
     }
 }
@@ -580,9 +638,13 @@ pub fn source_address(w: usize) -> IpAddr {
     IpAddr::V4(std::net::Ipv4Addr::from(0x7f00_0000 + n))
 }
 
-/// How many workers `connections` connections need.
-pub fn workers_for(connections: usize) -> usize {
-    connections.div_ceil(CONNECTIONS_PER_WORKER_MAX).max(1)
+/// How many workers `connections` sessions over `transport` need.
+pub fn workers_for(connections: usize, transport: Transport) -> usize {
+    let per_worker = match transport {
+        Transport::WebSocket => CONNECTIONS_PER_WORKER_MAX,
+        Transport::Quic => QUIC_SESSIONS_PER_WORKER_MAX,
+    };
+    connections.div_ceil(per_worker).max(1)
 }
 
 #[cfg(test)]
@@ -608,9 +670,15 @@ mod tests {
     fn sources_and_worker_counts() {
         assert_eq!(source_address(0).to_string(), "127.0.0.2");
         assert_eq!(source_address(3).to_string(), "127.0.0.5");
-        assert_eq!(workers_for(1), 1);
-        assert_eq!(workers_for(CONNECTIONS_PER_WORKER_MAX), 1);
-        assert_eq!(workers_for(19_000), 2);
+        assert_eq!(workers_for(1, Transport::WebSocket), 1);
+        assert_eq!(
+            workers_for(CONNECTIONS_PER_WORKER_MAX, Transport::WebSocket),
+            1
+        );
+        assert_eq!(workers_for(19_000, Transport::WebSocket), 2);
+        assert_eq!(workers_for(19_000, Transport::Quic), 1);
+        assert_eq!(workers_for(50_000, Transport::Quic), 2);
         assert_eq!(parse_fanout_text(&fanout_text(17)), Some(17));
+        assert_eq!(parse_live_ref(&live_ref(3)), Some(3));
     }
 }
