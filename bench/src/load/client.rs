@@ -80,8 +80,6 @@ pub enum Dialer {
         endpoint: quinn::Endpoint,
         /// The server's QUIC address.
         server: SocketAddr,
-        /// Every connection opened, to close them paced (see [`Dialer::close`]).
-        opened: std::cell::RefCell<Vec<quinn::Connection>>,
     },
 }
 
@@ -100,7 +98,6 @@ impl Dialer {
                 Dialer::Quic {
                     endpoint,
                     server: *addr,
-                    opened: Default::default(),
                 }
             }
         })
@@ -111,52 +108,27 @@ impl Dialer {
     pub async fn connect(&self, token: &str) -> anyhow::Result<Conn> {
         let mut conn = match self {
             Dialer::WebSocket { server, source } => connect_ws(*server, *source, token).await?,
-            Dialer::Quic {
-                endpoint,
-                server,
-                opened,
-            } => {
-                let conn = connect_quic(endpoint, *server, token).await?;
-                if let Conn::Quic(q) = &conn {
-                    opened.borrow_mut().push(q.connection.clone());
-                }
-                conn
-            }
+            Dialer::Quic { endpoint, server } => connect_quic(endpoint, *server, token).await?,
         };
         conn.start_live().await?;
         Ok(conn)
     }
 }
 
-/// How long a closing dialer waits for the server to hear of its sessions' end.
-const CLOSE_WAIT: Duration = Duration::from_secs(2);
-/// QUIC sessions closed at once before the closer pauses: every close is a datagram to the
-/// same server socket, and thousands at once overflow its receive buffer (208 KiB here),
-/// leaving sessions open on the server that the client has forgotten.
-const CLOSE_BATCH: usize = 64;
-/// The pause between batches of closes.
-const CLOSE_PAUSE: Duration = Duration::from_millis(2);
+/// How long a QUIC session that finished its stream waits for the server to close it.
+pub const CLOSE_WAIT: Duration = Duration::from_secs(10);
+/// How long a closing dialer waits for its endpoint's last connections to be done.
+const ENDPOINT_CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 impl Dialer {
-    /// Ends every session this dialer opened, as a process exit ends its WebSockets (the
-    /// kernel closes their sockets): a QUIC session that simply vanished would stay open on
-    /// the server until its idle timeout. Closes are paced ([`CLOSE_BATCH`]); waits at most
-    /// [`CLOSE_WAIT`] for them to be done.
+    /// Closes whatever QUIC connection is still open, all at once, and waits a little for
+    /// the closes to go out: the backstop after [`Conn::close`], not the way to end many
+    /// sessions (one datagram each, which a busy server's socket may drop).
     pub async fn close(&self) {
-        let Dialer::Quic {
-            endpoint, opened, ..
-        } = self
-        else {
-            return;
-        };
-        let opened = std::mem::take(&mut *opened.borrow_mut());
-        for batch in opened.chunks(CLOSE_BATCH) {
-            for connection in batch {
-                connection.close(quinn::VarInt::from_u32(1000), b"");
-            }
-            tokio::time::sleep(CLOSE_PAUSE).await;
+        if let Dialer::Quic { endpoint, .. } = self {
+            endpoint.close(quinn::VarInt::from_u32(1000), b"");
+            let _ = tokio::time::timeout(ENDPOINT_CLOSE_WAIT, endpoint.wait_idle()).await;
         }
-        let _ = tokio::time::timeout(CLOSE_WAIT, endpoint.wait_idle()).await;
     }
 }
 
@@ -230,6 +202,20 @@ impl Conn {
         }
     }
 
+    /// Ends the session so that the server hears of it. A WebSocket is dropped: its TCP
+    /// connection closes, as at a process exit. A QUIC session finishes its stream, which
+    /// QUIC retransmits until the server acknowledges it, and waits up to [`CLOSE_WAIT`]
+    /// for the server to close the connection in answer; a bare CONNECTION_CLOSE is one
+    /// datagram that a busy server socket may drop, leaving the session open there until
+    /// its idle timeout.
+    pub async fn close(self) {
+        if let Conn::Quic(mut q) = self {
+            if q.send.finish().is_ok() {
+                let _ = tokio::time::timeout(CLOSE_WAIT, q.connection.closed()).await;
+            }
+        }
+    }
+
     /// Reads whatever frames are already waiting, without waiting for more.
     pub async fn drain_ready(&mut self) {
         while let Ok(Some(Ok(_))) =
@@ -259,9 +245,6 @@ impl QuicSession {
             match self.recv.read_chunk(usize::MAX, true).await {
                 Ok(Some(chunk)) => self.buffered.extend_from_slice(&chunk.bytes),
                 Ok(None) => return Ok(None),
-                Err(quinn::ReadError::ConnectionLost(_)) | Err(quinn::ReadError::Reset(_)) => {
-                    return Ok(None)
-                }
                 Err(e) => return Err(e.into()),
             }
         }

@@ -10,7 +10,7 @@
 //! Each worker runs one current-thread tokio runtime: the generator shares two cores with
 //! the server, so it must not spend CPU on thread hand-offs.
 
-use super::client::{Conn, Dialer, Frame, Target, Transport};
+use super::client::{self, Conn, Dialer, Frame, Target, Transport};
 use super::schedule::{self, Schedule};
 use futures_util::StreamExt;
 use hdrhistogram::Histogram;
@@ -22,7 +22,7 @@ use std::net::IpAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// Connections one worker holds at most: below the per-process file limit (20,000) with
 /// room for the process's own files, and below the ports one source address has
@@ -36,6 +36,11 @@ pub const QUIC_SESSIONS_PER_WORKER_MAX: usize = 25_000;
 const CONNECT_IN_FLIGHT: usize = 64;
 /// How often an idle connection pings, well inside the server's two heartbeats (60 s).
 const PING_INTERVAL: Duration = Duration::from_secs(20);
+/// Sessions told to close at once before the worker pauses: each close sends packets to
+/// the same server socket, and thousands at once overflow its receive buffer.
+const CLOSE_BATCH: usize = 64;
+/// The pause between batches of closes.
+const CLOSE_PAUSE: Duration = Duration::from_millis(2);
 
 /// What a worker is asked to do.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -206,6 +211,41 @@ async fn next_command(stdin: &mut Stdin) -> anyhow::Result<Command> {
     }
 }
 
+/// A session's task, and the signal that tells it to close its session and end.
+struct Running {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Spawns `task` with a stop signal it must obey by closing its session and returning.
+fn spawn_session<F, Fut>(task: F) -> Running
+where
+    F: FnOnce(oneshot::Receiver<()>) -> Fut,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
+    let (stop, stopped) = oneshot::channel();
+    Running {
+        stop,
+        task: tokio::task::spawn_local(task(stopped)),
+    }
+}
+
+/// Tells every session to close, [`CLOSE_BATCH`] at a time, waits for their tasks (each
+/// bounded by [`client::CLOSE_WAIT`]), then closes whatever the dialer still has open.
+async fn close_all(sessions: Vec<Running>, dialer: &Dialer) {
+    let mut tasks = Vec::with_capacity(sessions.len());
+    for (i, s) in sessions.into_iter().enumerate() {
+        let _ = s.stop.send(());
+        tasks.push(s.task);
+        if (i + 1) % CLOSE_BATCH == 0 {
+            tokio::time::sleep(CLOSE_PAUSE).await;
+        }
+    }
+    let wait = client::CLOSE_WAIT + Duration::from_secs(1);
+    let _ = tokio::time::timeout(wait, futures_util::future::join_all(tasks)).await;
+    dialer.close().await;
+}
+
 /// Opens a session per token, [`CONNECT_IN_FLIGHT`] at a time, and hands each to
 /// `on_open` with its token's index as soon as it is open (so a holder's heartbeat starts
 /// at once, however long the rest take). Returns the [`Report::Ready`] to send.
@@ -312,12 +352,14 @@ async fn chat(job: ChatJob, mut stdin: Stdin) -> anyhow::Result<()> {
     // Connection index → this worker's sender queue, for the connections that are open.
     let mut senders: BTreeMap<usize, mpsc::UnboundedSender<String>> = BTreeMap::new();
     let mut per_channel = vec![0u64; job.channel_ids.len()];
+    let mut running = Vec::new();
     for ((index, _), conn) in job.connections.iter().zip(sessions) {
         let Some(conn) = conn else { continue };
         let (tx, rx) = mpsc::unbounded_channel();
         senders.insert(*index, tx);
         per_channel[index / job.members] += 1;
-        tokio::task::spawn_local(chat_connection(conn, rx, state.clone()));
+        let state = state.clone();
+        running.push(spawn_session(|stop| chat_connection(conn, rx, state, stop)));
     }
     // Deliveries this worker should see: each measured message reaches every one of this
     // worker's connections in its channel, its sender's own included (Chorus delivers a
@@ -351,7 +393,7 @@ async fn chat(job: ChatJob, mut stdin: Stdin) -> anyhow::Result<()> {
         totals
     };
     report(&Report::ChatDone(totals));
-    dialer.close().await;
+    close_all(running, &dialer).await;
     Ok(())
 }
 
@@ -422,10 +464,12 @@ async fn chat_connection(
     mut conn: Conn,
     mut outgoing: mpsc::UnboundedReceiver<String>,
     state: Rc<RefCell<ChatState>>,
+    mut stop: oneshot::Receiver<()>,
 ) {
     let mut sending = true;
     loop {
         tokio::select! {
+            _ = &mut stop => return conn.close().await,
             frame = conn.next_text() => match frame {
                 Some(Ok(text)) => state.borrow_mut().on_frame(&text),
                 Some(Err(_)) | None => {
@@ -510,11 +554,14 @@ async fn hold(job: HoldJob, mut stdin: Stdin) -> anyhow::Result<()> {
     let held = Rc::new(Held::default());
     let (ping_round, _) = watch::channel(0u64);
     let count = tokens.len().max(1);
+    let mut running = Vec::with_capacity(tokens.len());
     let ready = connect_all(&dialer, &tokens, |i, conn| {
         // Spread the heartbeats over the interval so they do not all arrive at once.
         let offset = PING_INTERVAL.mul_f64((i + 1) as f64 / count as f64);
-        let task = hold_connection(conn, offset, held.clone(), ping_round.subscribe());
-        tokio::task::spawn_local(task);
+        let (held, pings) = (held.clone(), ping_round.subscribe());
+        running.push(spawn_session(|stop| {
+            hold_connection(conn, offset, held, pings, stop)
+        }));
     })
     .await;
     if let Report::Ready { open, .. } = ready {
@@ -528,7 +575,7 @@ async fn hold(job: HoldJob, mut stdin: Stdin) -> anyhow::Result<()> {
                 ping_round.send_replace(round);
             }
             Command::Stop => {
-                dialer.close().await;
+                close_all(running, &dialer).await;
                 return Ok(());
             }
             Command::Start { .. } => anyhow::bail!("a hold worker takes no start"),
@@ -541,11 +588,13 @@ async fn hold_connection(
     ping_offset: Duration,
     held: Rc<Held>,
     mut ping_round: watch::Receiver<u64>,
+    mut stop: oneshot::Receiver<()>,
 ) {
     let start = tokio::time::Instant::now() + ping_offset;
     let mut heartbeat = tokio::time::interval_at(start, PING_INTERVAL);
     loop {
         let ping = tokio::select! {
+            _ = &mut stop => return conn.close().await,
             frame = conn.next_text() => {
                 let Some(Ok(text)) = frame else { return };
                 let Ok(frame) = Frame::parse(&text) else { continue };
