@@ -106,17 +106,17 @@ impl ChorusRunner {
                 Report::Ready {
                     open: o,
                     failed,
+                    retried,
                     first_error,
                     connect_secs: secs,
                 } => {
-                    if failed > 0 {
-                        say(
-                            &self.progress,
-                            format!(
-                                "warning: {failed} connections failed; first: {}",
-                                first_error.unwrap_or_default()
-                            ),
-                        );
+                    if failed + retried > 0 {
+                        self.warn(format!(
+                            "{} sessions: {failed} failed to open, {retried} attempts failed \
+                             and were retried; first error: {}",
+                            transport.label(),
+                            first_error.unwrap_or_default()
+                        ));
                     }
                     open += o;
                     connect_secs = connect_secs.max(secs);
@@ -170,7 +170,7 @@ impl ChorusRunner {
             }
             Ok(outcome)
         })?;
-        server.stop()?;
+        self.stop_server(server, "chat");
         Ok(outcome)
     }
 
@@ -283,7 +283,7 @@ impl ChorusRunner {
         });
         let mut outcome = outcome?;
         outcome.server = usage.finish();
-        server.stop()?;
+        self.stop_server(server, "fanout");
         Ok(outcome)
     }
 
@@ -390,7 +390,7 @@ impl ChorusRunner {
                 rss_after,
             })
         })?;
-        server.stop()?;
+        self.stop_server(server, "connections");
         Ok(outcome)
     }
 
@@ -450,7 +450,7 @@ impl ChorusRunner {
             &self.progress,
         ))?;
         let server_usage = usage.finish();
-        server.stop()?;
+        self.stop_server(server, "history");
         Ok(HistoryOutcome {
             page,
             load,
@@ -522,12 +522,25 @@ impl ChorusRunner {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let open = open.map_or("unknown".into(), |n| format!("{}", n - 1.0));
-        say(
-            &self.progress,
-            format!(
-                "warning: {open} sessions still open on the server after the workers closed theirs"
-            ),
-        );
+        self.warn(format!(
+            "{open} sessions still open on the server {CLOSE_SETTLE:?} after the workers \
+             closed theirs"
+        ));
+    }
+
+    /// Shows a warning and keeps it for the report's notes.
+    fn warn(&self, line: String) {
+        say(&self.progress, format!("warning: {line}"));
+        self.notes.borrow_mut().push(format!("warning: {line}"));
+    }
+
+    /// Stops the server. One that does not drain in time is killed and reported in the
+    /// notes, and the figures measured before stay: the drain is the server's own concern,
+    /// not what the run measured.
+    fn stop_server(&self, server: ChorusServer, scenario: &str) {
+        if let Err(e) = server.stop() {
+            self.warn(format!("{scenario}: {e:#}"));
+        }
     }
 }
 
