@@ -22,7 +22,7 @@ use std::net::IpAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::mpsc;
 
 /// Connections one worker holds at most: below the per-process file limit (20,000) with
 /// room for the process's own files, and below the ports one source address has
@@ -41,11 +41,13 @@ const CONNECT_IN_FLIGHT: usize = 64;
 const CONNECT_ATTEMPTS_MAX: usize = 3;
 /// How often an idle connection pings, well inside the server's two heartbeats (60 s).
 const PING_INTERVAL: Duration = Duration::from_secs(20);
-/// Sessions told to close at once before the worker pauses: each close sends packets to
-/// the same server socket, and thousands at once overflow its receive buffer.
-const CLOSE_BATCH: usize = 64;
-/// The pause between batches of closes.
-const CLOSE_PAUSE: Duration = Duration::from_millis(2);
+/// Sessions told at once to ping or to close before the worker pauses: each then sends a
+/// packet to the same server socket, and tens of thousands at once overflow its receive
+/// buffer (208 KiB here); a QUIC session then waits out retransmission timeouts that back
+/// off to many seconds, which would measure the burst rather than the server.
+const CONTROL_BATCH: usize = 64;
+/// The pause between batches.
+const CONTROL_PAUSE: Duration = Duration::from_millis(2);
 
 /// What a worker is asked to do.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -107,8 +109,9 @@ pub enum Command {
         /// The round.
         round: u64,
     },
-    /// Hold: every connection sends a `ping` with ref `live-{round}`; their pongs are
-    /// round `round`'s arrivals. A run numbers fan-out and ping rounds in one sequence.
+    /// Hold: every connection sends a `ping` with ref `live-{round}` (told
+    /// [`CONTROL_BATCH`] at a time); their pongs are round `round`'s arrivals. A run
+    /// numbers fan-out and ping rounds in one sequence.
     Ping {
         /// The round.
         round: u64,
@@ -218,36 +221,50 @@ async fn next_command(stdin: &mut Stdin) -> anyhow::Result<Command> {
     }
 }
 
-/// A session's task, and the signal that tells it to close its session and end.
+/// What a worker tells one session's task.
+#[derive(Clone, Copy, Debug)]
+enum Control {
+    /// Send a `ping` with ref `live-{round}`.
+    Ping(u64),
+    /// Close the session and end.
+    Stop,
+}
+
+/// A session's task, and the channel that controls it.
 struct Running {
-    stop: oneshot::Sender<()>,
+    control: mpsc::UnboundedSender<Control>,
     task: tokio::task::JoinHandle<()>,
 }
 
-/// Spawns `task` with a stop signal it must obey by closing its session and returning.
+/// Spawns `task` with its control channel; a task ends, closing its session, on
+/// [`Control::Stop`] or when the channel closes.
 fn spawn_session<F, Fut>(task: F) -> Running
 where
-    F: FnOnce(oneshot::Receiver<()>) -> Fut,
+    F: FnOnce(mpsc::UnboundedReceiver<Control>) -> Fut,
     Fut: std::future::Future<Output = ()> + 'static,
 {
-    let (stop, stopped) = oneshot::channel();
+    let (control, controlled) = mpsc::unbounded_channel();
     Running {
-        stop,
-        task: tokio::task::spawn_local(task(stopped)),
+        control,
+        task: tokio::task::spawn_local(task(controlled)),
     }
 }
 
-/// Tells every session to close, [`CLOSE_BATCH`] at a time, waits for their tasks (each
-/// bounded by [`client::CLOSE_WAIT`]), then closes whatever the dialer still has open.
-async fn close_all(sessions: Vec<Running>, dialer: &Dialer) {
-    let mut tasks = Vec::with_capacity(sessions.len());
-    for (i, s) in sessions.into_iter().enumerate() {
-        let _ = s.stop.send(());
-        tasks.push(s.task);
-        if (i + 1) % CLOSE_BATCH == 0 {
-            tokio::time::sleep(CLOSE_PAUSE).await;
+/// Tells every session `control`, [`CONTROL_BATCH`] at a time.
+async fn tell_all(sessions: &[Running], control: Control) {
+    for batch in sessions.chunks(CONTROL_BATCH) {
+        for s in batch {
+            let _ = s.control.send(control);
         }
+        tokio::time::sleep(CONTROL_PAUSE).await;
     }
+}
+
+/// Tells every session to close, waits for their tasks (each bounded by
+/// [`client::CLOSE_WAIT`]), then closes whatever the dialer still has open.
+async fn close_all(sessions: Vec<Running>, dialer: &Dialer) {
+    tell_all(&sessions, Control::Stop).await;
+    let tasks = sessions.into_iter().map(|s| s.task);
     let wait = client::CLOSE_WAIT + Duration::from_secs(1);
     let _ = tokio::time::timeout(wait, futures_util::future::join_all(tasks)).await;
     dialer.close().await;
@@ -386,7 +403,9 @@ async fn chat(job: ChatJob, mut stdin: Stdin) -> anyhow::Result<()> {
         senders.insert(*index, tx);
         per_channel[index / job.members] += 1;
         let state = state.clone();
-        running.push(spawn_session(|stop| chat_connection(conn, rx, state, stop)));
+        running.push(spawn_session(|control| {
+            chat_connection(conn, rx, state, control)
+        }));
     }
     // Deliveries this worker should see: each measured message reaches every one of this
     // worker's connections in its channel, its sender's own included (Chorus delivers a
@@ -491,12 +510,14 @@ async fn chat_connection(
     mut conn: Conn,
     mut outgoing: mpsc::UnboundedReceiver<String>,
     state: Rc<RefCell<ChatState>>,
-    mut stop: oneshot::Receiver<()>,
+    mut control: mpsc::UnboundedReceiver<Control>,
 ) {
     let mut sending = true;
     loop {
         tokio::select! {
-            _ = &mut stop => return conn.close().await,
+            c = control.recv() => if matches!(c, Some(Control::Stop) | None) {
+                return conn.close().await;
+            },
             frame = conn.next_text() => match frame {
                 Some(Ok(text)) => state.borrow_mut().on_frame(&text),
                 Some(Err(_)) | None => {
@@ -579,15 +600,14 @@ async fn hold(job: HoldJob, mut stdin: Stdin) -> anyhow::Result<()> {
     let tokens: Vec<&str> = job.tokens.iter().map(String::as_str).collect();
     let dialer = Dialer::new(&job.target, job.source)?;
     let held = Rc::new(Held::default());
-    let (ping_round, _) = watch::channel(0u64);
     let count = tokens.len().max(1);
     let mut running = Vec::with_capacity(tokens.len());
     let ready = connect_all(&dialer, &tokens, |i, conn| {
         // Spread the heartbeats over the interval so they do not all arrive at once.
         let offset = PING_INTERVAL.mul_f64((i + 1) as f64 / count as f64);
-        let (held, pings) = (held.clone(), ping_round.subscribe());
-        running.push(spawn_session(|stop| {
-            hold_connection(conn, offset, held, pings, stop)
+        let held = held.clone();
+        running.push(spawn_session(|control| {
+            hold_connection(conn, offset, held, control)
         }));
     })
     .await;
@@ -598,9 +618,7 @@ async fn hold(job: HoldJob, mut stdin: Stdin) -> anyhow::Result<()> {
     loop {
         match next_command(&mut stdin).await? {
             Command::Flush { round } => report(&held.round_report(round)),
-            Command::Ping { round } => {
-                ping_round.send_replace(round);
-            }
+            Command::Ping { round } => tell_all(&running, Control::Ping(round)).await,
             Command::Stop => {
                 close_all(running, &dialer).await;
                 return Ok(());
@@ -614,14 +632,18 @@ async fn hold_connection(
     mut conn: Conn,
     ping_offset: Duration,
     held: Rc<Held>,
-    mut ping_round: watch::Receiver<u64>,
-    mut stop: oneshot::Receiver<()>,
+    mut control: mpsc::UnboundedReceiver<Control>,
 ) {
     let start = tokio::time::Instant::now() + ping_offset;
     let mut heartbeat = tokio::time::interval_at(start, PING_INTERVAL);
     loop {
         let ping = tokio::select! {
-            _ = &mut stop => return conn.close().await,
+            c = control.recv() => match c {
+                Some(Control::Ping(round)) => {
+                    serde_json::json!({"type": "ping", "ref": live_ref(round)}).to_string()
+                }
+                Some(Control::Stop) | None => return conn.close().await,
+            },
             frame = conn.next_text() => {
                 let Some(Ok(text)) = frame else { return };
                 let Ok(frame) = Frame::parse(&text) else { continue };
@@ -633,13 +655,6 @@ async fn hold_connection(
                 continue;
             }
             _ = heartbeat.tick() => r#"{"type":"ping"}"#.to_owned(),
-            changed = ping_round.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-                let round = *ping_round.borrow_and_update();
-                serde_json::json!({"type": "ping", "ref": live_ref(round)}).to_string()
-            }
         };
         if conn.send_text(&ping).await.is_err() {
             return;
