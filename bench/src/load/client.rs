@@ -83,6 +83,31 @@ pub enum Dialer {
     },
 }
 
+/// Bytes asked for a worker endpoint's socket buffers: all of a worker's sessions share its
+/// socket, and the default (208 KiB) dropped datagrams when thousands answered at once.
+const QUIC_SOCKET_BUFFER_BYTES: usize = 4 << 20;
+
+/// A client endpoint bound to `bind`, with large socket buffers.
+fn quic_endpoint(bind: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(bind),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    // The kernel caps what it grants at net.core.rmem_max and wmem_max.
+    socket.set_recv_buffer_size(QUIC_SOCKET_BUFFER_BYTES)?;
+    socket.set_send_buffer_size(QUIC_SOCKET_BUFFER_BYTES)?;
+    socket.bind(&bind.into())?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| anyhow::anyhow!("a QUIC endpoint needs a tokio runtime"))?;
+    Ok(quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket.into(),
+        runtime,
+    )?)
+}
+
 impl Dialer {
     /// A dialer for `target` from `source`. A QUIC dialer binds its endpoint now, so call
     /// this inside a tokio runtime.
@@ -93,7 +118,7 @@ impl Dialer {
                 source,
             },
             Target::Quic { addr, pin_sha256 } => {
-                let mut endpoint = quinn::Endpoint::client(SocketAddr::new(source, 0))?;
+                let mut endpoint = quic_endpoint(SocketAddr::new(source, 0))?;
                 endpoint.set_default_client_config(quic_config(pin_sha256)?);
                 Dialer::Quic {
                     endpoint,

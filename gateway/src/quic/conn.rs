@@ -10,7 +10,7 @@
 //! pipelines; it takes events only while the stream accepts writes, so the engine's
 //! bounded subscriber queue holds back, and at worst cuts off, a client that does not read.
 
-use super::{app_error_code, Mailbox, ShardQuic, CLOSE_UNAUTHORIZED, DATAGRAM_BYTES_MAX};
+use super::{app_error_code, Mailbox, ShardQuic, CLOSE_UNAUTHORIZED};
 use crate::ctx::ShardCtx;
 use crate::error::ApiError;
 use crate::protocol::{self, FrameError};
@@ -74,7 +74,9 @@ struct Driver {
     ctx: Rc<ShardCtx>,
     quic: Rc<ShardQuic>,
     ch: ConnectionHandle,
-    conn: Connection,
+    /// Boxed: the state machine is about 6 KiB, and a value held across the task's first
+    /// await is laid out in its future once per place it passes through.
+    conn: Box<Connection>,
     mailbox: Rc<Mailbox>,
     stream: Option<StreamId>,
     /// Bytes read from the stream and not yet a whole frame.
@@ -100,7 +102,7 @@ pub(super) async fn run(
     ctx: Rc<ShardCtx>,
     quic: Rc<ShardQuic>,
     ch: ConnectionHandle,
-    conn: Connection,
+    conn: Box<Connection>,
     mailbox: Rc<Mailbox>,
 ) {
     let header_timeout = Duration::from_secs(ctx.shared.config.http_header_timeout_s);
@@ -120,7 +122,9 @@ pub(super) async fn run(
         },
         timer: glommio::timer::Timer::new(Duration::from_secs(3600)),
     };
-    let mut transmit = Vec::with_capacity(DATAGRAM_BYTES_MAX);
+    // The datagram being sent. It is let go before the task waits, so that an idle
+    // session holds no send buffer (quinn-proto sizes it to the path's MTU when it writes).
+    let mut transmit = Vec::new();
     loop {
         d.pump(Instant::now());
         // Send what QUIC has to send, a bounded number per turn.
@@ -140,6 +144,7 @@ pub(super) async fn run(
             glommio::yield_if_needed().await;
             continue;
         }
+        transmit = Vec::new();
         poll_fn(|cx| d.wait(cx)).await;
     }
     // The endpoint forgets the connection.

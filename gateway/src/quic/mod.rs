@@ -61,6 +61,13 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 pub const BIDI_STREAMS_MAX: u32 = 2;
 /// How long a draining shard keeps its endpoint for connections that are closing.
 pub const DRAIN_WAIT: Duration = Duration::from_secs(5);
+/// Bytes asked for each shard socket's receive and send buffers; the kernel caps the request
+/// at `net.core.rmem_max` and `wmem_max` (4 MiB here). The default (208 KiB) holds about 150
+/// full datagrams, so a burst of handshakes or acknowledgements from thousands of clients
+/// overflowed it, and QUIC's backed-off retransmissions then took seconds.
+pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
+/// How often a draining endpoint looks whether its connections are done.
+const DRAIN_POLL: Duration = Duration::from_millis(10);
 /// Bytes of events in flight to one client before its send stream blocks.
 pub const SEND_WINDOW_BYTES: u64 = 1 << 20;
 
@@ -167,6 +174,21 @@ impl QuicSetup {
     }
 }
 
+/// Asks for [`SOCKET_BUFFER_BYTES`] of receive and send buffer on a shard's socket; a
+/// smaller grant is logged, not refused.
+pub fn size_socket_buffers(socket: &glommio::net::UdpSocket) {
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    // SAFETY: the descriptor belongs to `socket`, which outlives this borrow.
+    let fd = unsafe { BorrowedFd::borrow_raw(socket.as_raw_fd()) };
+    let s = socket2::SockRef::from(&fd);
+    let asked = (
+        s.set_recv_buffer_size(SOCKET_BUFFER_BYTES),
+        s.set_send_buffer_size(SOCKET_BUFFER_BYTES),
+    );
+    let granted = (s.recv_buffer_size(), s.send_buffer_size());
+    tracing::debug!(?asked, ?granted, "quic socket buffers");
+}
+
 /// A connection's inbox of events from the endpoint, on its shard.
 #[derive(Default)]
 struct Mailbox {
@@ -220,41 +242,64 @@ pub async fn serve_shard(
         connections: RefCell::new(HashMap::new()),
     });
     let mut buf = vec![0u8; DATAGRAM_BYTES_MAX];
+    // Set when the drain begins: the endpoint keeps reading, because closing connections
+    // still need their peers' acknowledgements, until none is left or this passes.
+    let mut drain_until: Option<Instant> = None;
     loop {
-        let received = {
+        if let Some(until) = drain_until {
+            if quic.connections.borrow().is_empty() || Instant::now() >= until {
+                break;
+            }
+        }
+        let wake = {
             let recv = std::pin::pin!(quic.socket.recv_from(&mut buf));
             let next = select(recv, forwarded.next());
-            match select(next, &mut stop).await {
-                Either::Left((Either::Left((Ok((n, remote)), _)), _)) => Some((remote, n)),
+            let other = std::pin::pin!(async {
+                match drain_until {
+                    // A turn of the drain's check, in case nothing arrives.
+                    Some(_) => glommio::timer::sleep(DRAIN_POLL).await,
+                    None => {
+                        let _ = (&mut stop).await;
+                        drain_until = Some(Instant::now() + DRAIN_WAIT);
+                    }
+                }
+            });
+            match select(next, other).await {
+                Either::Left((Either::Left((Ok((n, remote)), _)), _)) => Wake::Datagram(remote, n),
                 Either::Left((Either::Left((Err(e), _)), _)) => {
                     tracing::debug!(error = %e, "quic receive failed");
-                    None
+                    Wake::Nothing
                 }
-                Either::Left((Either::Right((Some(f), _)), _)) => {
-                    handle(&ctx, &quic, f.remote, f.data).await;
-                    None
-                }
-                Either::Left((Either::Right((None, _)), _)) | Either::Right(_) => break,
+                Either::Left((Either::Right((Some(f), _)), _)) => Wake::Forwarded(f),
+                // The router is gone only when the server is: nothing can arrive any more.
+                Either::Left((Either::Right((None, _)), _)) => break,
+                Either::Right(_) => Wake::Nothing,
             }
         };
-        let Some((remote, n)) = received else {
-            continue;
-        };
-        match cid::route(&setup.cid_key, &buf[..n], shard, shards) {
-            cid::Route::Shard(owner) => {
-                ctx.shared.metrics.quic_forwarded.inc();
-                let data = BytesMut::from(&buf[..n]);
-                setup.router.forward(owner, Forwarded { remote, data });
-            }
-            cid::Route::Here => handle(&ctx, &quic, remote, BytesMut::from(&buf[..n])).await,
+        match wake {
+            Wake::Datagram(remote, n) => match cid::route(&setup.cid_key, &buf[..n], shard, shards)
+            {
+                cid::Route::Shard(owner) => {
+                    ctx.shared.metrics.quic_forwarded.inc();
+                    let data = BytesMut::from(&buf[..n]);
+                    setup.router.forward(owner, Forwarded { remote, data });
+                }
+                cid::Route::Here => handle(&ctx, &quic, remote, BytesMut::from(&buf[..n])).await,
+            },
+            Wake::Forwarded(f) => handle(&ctx, &quic, f.remote, f.data).await,
+            Wake::Nothing => {}
         }
     }
-    // Draining: every connection's session closes with 1001 through the drain signal its
-    // session registered; the endpoint lives until they are done.
-    let deadline = Instant::now() + DRAIN_WAIT;
-    while !quic.connections.borrow().is_empty() && Instant::now() < deadline {
-        glommio::timer::sleep(Duration::from_millis(10)).await;
-    }
+}
+
+/// What woke the endpoint task.
+enum Wake {
+    /// A datagram of `n` bytes from this address, in the receive buffer.
+    Datagram(SocketAddr, usize),
+    /// A datagram another shard forwarded.
+    Forwarded(Forwarded),
+    /// A failed read, the drain's start, or a turn of the drain's check.
+    Nothing,
 }
 
 /// Hands one datagram of this shard to the endpoint and acts on what it says.
@@ -303,6 +348,8 @@ fn start_connection(
     let mailbox = Rc::new(Mailbox::default());
     quic.connections.borrow_mut().insert(ch, mailbox.clone());
     let (ctx, quic) = (ctx.clone(), quic.clone());
+    // Boxed before the task captures it: see `conn::Driver::conn`.
+    let connection = Box::new(connection);
     ctx.shared.quic_sessions.fetch_add(1, Ordering::SeqCst);
     ctx.shared.metrics.connection_opened();
     glommio::spawn_local(async move {
