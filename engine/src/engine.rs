@@ -8,10 +8,13 @@
 //! including the shards' own.
 
 use crate::blob::BlobStore;
+use crate::config::EngineConfig;
 use crate::domain::channel::ChannelCommand;
 use crate::domain::meta::{partition_of, User};
 use crate::domain::{ChannelKind, DomainError, PAGE_LIMIT_MAX};
+use crate::error::{EngineError, IoError, Unavailable};
 use crate::ids::{ChannelId, MessageId, UserId, WorkspaceId};
+use crate::outcome::{ChannelOutcome, MessagePage, MetaOutcome, ReadOutcome, Recovery};
 use crate::queue::{FrameReceiver, Inbox};
 use crate::runtime::dispatch::SubscriptionInfo;
 use crate::runtime::meta::{MetaRead, MetaRequest};
@@ -21,146 +24,7 @@ use crate::runtime::{
 use crate::view::{ChannelView, MemberView, MessageView, UserView, WorkspaceView};
 use bytes::Bytes;
 use futures::channel::oneshot;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-
-/// What the engine reports as it works, for an embedder's metrics. Called on shard
-/// threads, on hot paths: implementations must be cheap (atomic counters) and never block.
-pub trait Observer: Send + Sync {
-    /// A partition committed `events` events in one batch, and the commit (write and
-    /// fsync) took `latency`.
-    fn committed(&self, events: usize, latency: std::time::Duration);
-    /// `frames` frames were pushed into subscriber queues.
-    fn delivered(&self, frames: usize);
-    /// A subscriber was cut off because it fell behind.
-    fn cut_off(&self);
-    /// A shard's inbox depth changed by `delta` messages since its last report.
-    fn queue_depth(&self, delta: i64);
-}
-
-/// An [`Observer`] slot in the configuration.
-#[derive(Clone, Default)]
-pub struct ObserverSlot(pub Option<Arc<dyn Observer>>);
-
-impl std::fmt::Debug for ObserverSlot {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() {
-            "Some(Observer)"
-        } else {
-            "None"
-        })
-    }
-}
-
-/// Settings of an engine. Every limit is named.
-#[derive(Clone, Debug)]
-pub struct EngineConfig {
-    /// Where the logs and blobs live.
-    pub data_dir: PathBuf,
-    /// Shards (threads, one per core by default).
-    pub shards: usize,
-    /// Channel partitions. Fixed for the life of a data directory.
-    pub partitions: u32,
-    /// Messages a shard's inbox holds before senders wait.
-    pub inbox_capacity: usize,
-    /// Frames a subscriber's queue holds before the subscriber is cut off.
-    pub subscriber_queue_frames: usize,
-    /// The size at which a log segment is sealed.
-    pub segment_bytes_max: u64,
-    /// Pin each shard to a core.
-    pub pin: bool,
-    /// Who hears about commits, deliveries and queue depths.
-    pub observer: ObserverSlot,
-    /// The least number of events a partition commits between two snapshots of its state.
-    /// A partition also waits until the events since its last snapshot reach an eighth of
-    /// what that snapshot covered, so that snapshots cost a constant share of commits. A
-    /// restart loads each partition's last snapshot and replays only the log after it.
-    pub snapshot_every_events: u64,
-}
-
-impl EngineConfig {
-    /// Defaults for a data directory: one shard per core, 16 partitions.
-    pub fn new(data_dir: impl Into<PathBuf>) -> EngineConfig {
-        EngineConfig {
-            data_dir: data_dir.into(),
-            shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            partitions: 16,
-            inbox_capacity: 65536,
-            subscriber_queue_frames: 4096,
-            segment_bytes_max: 64 * 1024 * 1024,
-            pin: true,
-            observer: ObserverSlot::default(),
-            snapshot_every_events: 100_000,
-        }
-    }
-}
-
-/// Why an engine call failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum EngineError {
-    /// The request was refused by the domain rules.
-    #[error(transparent)]
-    Domain(#[from] DomainError),
-    /// The engine cannot serve this now: shutting down, or a partition stopped after a
-    /// storage failure.
-    #[error("unavailable: {0}")]
-    Unavailable(String),
-    /// Stored data failed verification.
-    #[error("corrupt data: {0}")]
-    Corrupt(String),
-    /// The data directory cannot be used.
-    #[error("i/o error: {0}")]
-    Io(String),
-    /// The configuration does not fit the data directory.
-    #[error("configuration: {0}")]
-    Config(String),
-}
-
-/// The outcome of a metadata command.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MetaOutcome {
-    /// A created user.
-    User(UserView),
-    /// A created workspace.
-    Workspace(WorkspaceView),
-    /// An added member.
-    Member(MemberView),
-    /// A channel, and whether it was created by this call.
-    Channel(ChannelView, bool),
-}
-
-/// The outcome of a channel command.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChannelOutcome {
-    /// The seq of the event stored, if one was.
-    pub seq: Option<u64>,
-    /// The message the command is about, as it stands after it.
-    pub message: Option<MessageView>,
-    /// Whether something new was stored (false for a repeated `client_msg_id`).
-    pub created: bool,
-}
-
-/// The outcome of a channel read.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ReadOutcome {
-    /// A page of messages and the cursor of the next page.
-    Page(Vec<MessageView>, Option<u64>),
-    /// One message.
-    Message(MessageView),
-    /// A message's texts, oldest first, with RFC 3339 times.
-    Versions(Vec<(String, String)>),
-    /// A channel with its last committed seq.
-    Channel(ChannelView),
-}
-
-/// A page of messages.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MessagePage {
-    /// The messages.
-    pub messages: Vec<MessageView>,
-    /// The cursor of the next page (a seq), if there is one.
-    pub next_cursor: Option<u64>,
-}
 
 struct Inner {
     routes: Routes,
@@ -169,29 +33,11 @@ struct Inner {
     threads: Mutex<Option<crate::shard::ShardSet<()>>>,
 }
 
-/// How one partition recovered when the engine opened.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Recovery {
-    /// The partition.
-    pub partition: u32,
-    /// The log offset up to which the state came from a snapshot, if one was used.
-    pub snapshot_offset: Option<u64>,
-    /// Events replayed from the log (after the snapshot, or all of them).
-    pub replayed_events: u64,
-    /// How long the partition took to open, snapshot and replay included.
-    pub took: std::time::Duration,
-}
-
 /// A running engine. Clones share it.
 #[derive(Clone)]
 pub struct Engine {
     inner: Arc<Inner>,
 }
-
-/// Ephemeral frames (typing) a subscription keeps while it is held or catching up, to
-/// deliver once its channel is live: the latest per typist and channel, and past this many
-/// the newer are dropped.
-pub const HELD_EPHEMERAL_FRAMES_MAX: usize = 64;
 
 /// A subscriber: the committed events of every channel its user is in, as JSON frames,
 /// including channels joined after it started. Dropping it unsubscribes.
@@ -287,8 +133,7 @@ impl SubscriptionControl {
             reply: Some(tx),
         };
         self.engine.inner.routes.send(self.shard, msg).await?;
-        rx.await
-            .map_err(|_| EngineError::Unavailable("the shard stopped".into()))
+        rx.await.map_err(|_| Unavailable::ShardStopped.into())
     }
 }
 
@@ -306,8 +151,7 @@ async fn ask<T>(
 ) -> Result<T, EngineError> {
     let (tx, rx) = oneshot::channel();
     routes.send(shard, f(tx)).await?;
-    rx.await
-        .map_err(|_| EngineError::Unavailable("the shard stopped".into()))?
+    rx.await.map_err(|_| Unavailable::ShardStopped)?
 }
 
 fn validate_limit(limit: usize) -> Result<usize, EngineError> {
@@ -330,14 +174,14 @@ impl Engine {
             return Err(EngineError::Config("too many partitions".into()));
         }
         std::fs::create_dir_all(&config.data_dir)
-            .map_err(|e| EngineError::Io(format!("{}: {e}", config.data_dir.display())))?;
+            .map_err(|e| IoError::new(config.data_dir.display().to_string(), e))?;
         check_layout(&config)?;
         let snapshots = config.data_dir.join("snapshots");
         std::fs::create_dir_all(&snapshots)
-            .map_err(|e| EngineError::Io(format!("{}: {e}", snapshots.display())))?;
+            .map_err(|e| IoError::new(snapshots.display().to_string(), e))?;
         let blobs = Arc::new(
             BlobStore::open(&config.data_dir.join("blobs"))
-                .map_err(|e| EngineError::Io(format!("blob store: {e}")))?,
+                .map_err(|e| IoError::new("blob store", e))?,
         );
         let mut senders = Vec::new();
         let mut receivers = Vec::new();
@@ -385,7 +229,7 @@ impl Engine {
                 .expect("each shard starts once");
             crate::runtime::run_shard(setup)
         })
-        .map_err(|e| EngineError::Unavailable(format!("starting shards: {e}")))?;
+        .map_err(|e| Unavailable::Start(Arc::new(e)))?;
         let engine = Engine {
             inner: Arc::new(Inner {
                 routes,
@@ -407,7 +251,7 @@ impl Engine {
                 }
                 Err(_) => {
                     engine.shutdown();
-                    return Err(EngineError::Unavailable("a shard failed to start".into()));
+                    return Err(Unavailable::ShardDidNotStart.into());
                 }
             }
         }
@@ -661,8 +505,7 @@ impl Engine {
             }));
             self.inner.routes.send(s, msg).await?;
         }
-        rx.await
-            .map_err(|_| EngineError::Unavailable("a shard stopped".into()))?
+        rx.await.map_err(|_| Unavailable::ShardStopped)?
     }
 
     /// A channel the user can see (a member, or a public channel of their workspace),
@@ -990,8 +833,8 @@ fn check_layout(config: &EngineConfig) -> Result<(), EngineError> {
                 std::fs::rename(&tmp, &path)?;
                 std::fs::File::open(&config.data_dir)?.sync_all()
             };
-            write().map_err(|e| EngineError::Io(format!("{}: {e}", path.display())))
+            write().map_err(|e| IoError::new(path.display().to_string(), e).into())
         }
-        Err(e) => Err(EngineError::Io(format!("{}: {e}", path.display()))),
+        Err(e) => Err(IoError::new(path.display().to_string(), e).into()),
     }
 }

@@ -20,19 +20,21 @@
 #![deny(missing_docs)]
 
 pub mod blob;
+mod config;
 pub mod domain;
 pub mod durability;
 mod engine;
+mod error;
 pub mod ids;
+mod outcome;
 pub mod queue;
 pub(crate) mod runtime;
 pub mod shard;
 pub(crate) mod snapshot;
 pub mod view;
 
-pub use engine::{
-    ChannelOutcome, Engine, EngineConfig, EngineError, MessagePage, MetaOutcome, Observer,
-    ObserverSlot, ReadOutcome, Recovery, Subscription, SubscriptionControl,
-    HELD_EPHEMERAL_FRAMES_MAX,
-};
+pub use config::{EngineConfig, Observer, ObserverSlot, HELD_EPHEMERAL_FRAMES_MAX};
+pub use engine::{Engine, Subscription, SubscriptionControl};
+pub use error::{Corrupt, EngineError, IoError, Unavailable};
+pub use outcome::{ChannelOutcome, MessagePage, MetaOutcome, ReadOutcome, Recovery};
 pub use runtime::dispatch::SubscriptionInfo;

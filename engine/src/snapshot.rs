@@ -178,14 +178,18 @@ impl<'a> Reader<'a> {
             .map_err(|_| bad(format!("invalid UTF-8 before byte {}", self.at)))
     }
 
-    /// Reads a string written by [`Writer::str`] as text that shares the file's buffer:
-    /// no allocation.
-    pub fn text(&mut self) -> Result<crate::domain::channel::Text, SnapshotError> {
+    /// Reads bytes written by [`Writer::bytes`] (or a string written by [`Writer::str`])
+    /// as a slice that shares the file's buffer: no allocation.
+    pub fn shared_bytes(&mut self) -> Result<bytes::Bytes, SnapshotError> {
         let n = self.count(1)?;
         let start = self.base + self.at;
         self.take(n)?;
-        crate::domain::channel::Text::from_shared(self.file.slice(start..start + n))
-            .map_err(|_| bad(format!("invalid UTF-8 before byte {}", self.at)))
+        Ok(self.file.slice(start..start + n))
+    }
+
+    /// Where the reader is in the body, for messages about what it read.
+    pub fn position(&self) -> usize {
+        self.at
     }
 
     /// Reads u64s written by [`Writer::u64s`].
@@ -324,7 +328,7 @@ mod tests {
         assert_eq!(r.u8().unwrap(), 7);
         assert_eq!(r.u32().unwrap(), 0xdead_beef);
         assert_eq!(r.string().unwrap(), "héllo");
-        assert_eq!(r.text().unwrap().as_str(), "shared");
+        assert_eq!(&r.shared_bytes().unwrap()[..], b"shared");
         assert_eq!(r.u64s().unwrap(), vec![1, 2, u64::MAX]);
         r.finish().unwrap();
     }

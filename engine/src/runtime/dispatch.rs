@@ -17,7 +17,7 @@
 //! after that channel's catch-up.
 
 use super::{Delivery, PartitionMsg, Routes, ShardMsg};
-use crate::engine::HELD_EPHEMERAL_FRAMES_MAX;
+use crate::config::HELD_EPHEMERAL_FRAMES_MAX;
 use crate::ids::{ChannelId, UserId};
 use crate::queue::{Cutoff, FrameSender, PushOutcome};
 use bytes::Bytes;
@@ -136,7 +136,7 @@ pub(crate) struct Dispatcher {
     stale: HashMap<ChannelId, usize>,
     /// Catch-up pages waiting for room in their subscriber's queue.
     stalled: Vec<(UserId, ChannelId, u64, u64)>,
-    observer: crate::engine::ObserverSlot,
+    observer: crate::config::ObserverSlot,
     /// Messages for shards (this one included), sent by the shard's loop. The dispatcher
     /// runs inside that loop, so it must never wait on an inbox: waiting on its own full
     /// inbox would wait forever.
@@ -151,7 +151,7 @@ impl Dispatcher {
     pub(crate) fn new(
         shard: u32,
         routes: Routes,
-        observer: crate::engine::ObserverSlot,
+        observer: crate::config::ObserverSlot,
     ) -> Dispatcher {
         Dispatcher {
             shard,

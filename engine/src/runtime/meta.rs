@@ -14,8 +14,9 @@ use crate::domain::event::{self, Decoded, MetaEvent, MetaRecord};
 use crate::domain::meta::{partition_of, MetaCommand, MetaDecision, MetaState, User};
 use crate::domain::{ChannelKind, DomainError};
 use crate::durability::{Durability, LocalDurability};
-use crate::engine::{EngineError, MetaOutcome};
+use crate::error::{Corrupt, EngineError, Unavailable};
 use crate::ids::{UserId, WorkspaceId};
+use crate::outcome::MetaOutcome;
 use crate::view::{ChannelView, MemberView, UserView, WorkspaceView};
 use chorus_log::Entry;
 use futures::channel::mpsc;
@@ -121,6 +122,9 @@ pub(crate) fn answer(meta: &MetaState, read: MetaRead) {
     }
 }
 
+/// The name of the metadata log's directory, under the data directory.
+pub(crate) const META_LOG: &str = "meta";
+
 /// Replays the metadata log into a fresh state.
 pub(crate) async fn replay(
     log: &LocalDurability,
@@ -129,20 +133,29 @@ pub(crate) async fn replay(
     let mut state = MetaState::new(partitions);
     let mut at = log.first_offset();
     while at < log.next_offset() {
-        let records = log
-            .read(at, 4 << 20)
-            .await
-            .map_err(|e| EngineError::Corrupt(e.to_string()))?;
+        let records = log.read(at, 4 << 20).await.map_err(|e| Corrupt::LogRead {
+            log: META_LOG.into(),
+            source: Arc::new(e),
+        })?;
         let Some(last) = records.last() else { break };
         at = last.offset + 1;
         for r in records {
             match event::decode(&r.payload) {
                 Ok(Decoded::Meta(rec)) => state.apply(&rec.event),
-                other => {
-                    return Err(EngineError::Corrupt(format!(
-                        "metadata log offset {}: {other:?}",
-                        r.offset
-                    )))
+                Ok(Decoded::Channel(_)) => {
+                    return Err(Corrupt::Replay {
+                        log: META_LOG.into(),
+                        what: format!("channel event at offset {}", r.offset),
+                    }
+                    .into())
+                }
+                Err(source) => {
+                    return Err(Corrupt::Event {
+                        log: META_LOG.into(),
+                        offset: r.offset,
+                        source,
+                    }
+                    .into())
                 }
             }
         }
@@ -162,7 +175,7 @@ pub(crate) struct MetaOwner {
     /// The number of the last event decided (the first is 1).
     pub last_event: Cell<u64>,
     /// Why the owner stopped: a commit failed, so its state is ahead of its log.
-    pub failed: RefCell<Option<String>>,
+    pub failed: RefCell<Option<Unavailable>>,
 }
 
 /// The metadata events the owner has decided but not yet published, and the answers that
@@ -194,7 +207,7 @@ struct Flight {
     /// it: it goes out once that event and every one before it are published.
     waiting: VecDeque<Waiting>,
     /// The first event whose commit failed: it and every later one will never be published.
-    failed_from: Option<(u64, String)>,
+    failed_from: Option<(u64, Unavailable)>,
 }
 
 impl Publication {
@@ -219,7 +232,7 @@ impl Publication {
             if after >= *from {
                 let why = why.clone();
                 drop(f);
-                let _ = reply.send(Err(EngineError::Unavailable(why)));
+                let _ = reply.send(Err(why.into()));
                 return;
             }
         }
@@ -250,16 +263,16 @@ impl Publication {
 
     /// The commit of events from `from` on failed: they will never be published, and the
     /// answers that wait for them are answered `Unavailable`.
-    fn fail(&self, from: u64, why: &str) {
+    fn fail(&self, from: u64, why: &Unavailable) {
         let lost = {
             let mut f = self.flight.lock().expect("publication");
-            f.failed_from = Some((from, why.to_owned()));
+            f.failed_from = Some((from, why.clone()));
             f.unpublished.retain(|n| *n < from);
             let keep = f.waiting.iter().take_while(|w| w.0 < from).count();
             f.waiting.split_off(keep)
         };
         for (_, reply, _) in lost {
-            let _ = reply.send(Err(EngineError::Unavailable(why.to_owned())));
+            let _ = reply.send(Err(why.clone().into()));
         }
     }
 }
@@ -320,9 +333,7 @@ impl MetaOwner {
     async fn tick(&self, requests: Vec<MetaRequest>) {
         if let Some(why) = self.failed.borrow().clone() {
             for req in requests {
-                let _ = req
-                    .into_reply()
-                    .send(Err(EngineError::Unavailable(why.clone())));
+                let _ = req.into_reply().send(Err(why.clone().into()));
             }
             return;
         }
@@ -348,7 +359,7 @@ impl MetaOwner {
         if let Err(e) = self.log.commit(&entries).await {
             // The state holds events the log does not: stop, as a partition does, until the
             // engine is reopened and replays the log.
-            let why = format!("metadata commit failed: {e}");
+            let why = Unavailable::MetaStopped(Arc::new(e));
             self.publication.fail(first, &why);
             *self.failed.borrow_mut() = Some(why);
             return;

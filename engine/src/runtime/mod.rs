@@ -17,8 +17,9 @@ pub(crate) mod partition;
 use crate::domain::channel::ChannelCommand;
 use crate::domain::event::MetaRecord;
 use crate::domain::meta::MetaState;
-use crate::engine::{ChannelOutcome, EngineError, ReadOutcome};
+use crate::error::{Corrupt, EngineError, IoError, Unavailable};
 use crate::ids::{ChannelId, MessageId, UserId, WorkspaceId};
+use crate::outcome::{ChannelOutcome, ReadOutcome};
 use crate::queue::{FrameSender, InboxSender};
 use crate::view::ChannelView;
 use bytes::Bytes;
@@ -237,7 +238,7 @@ impl Routes {
         self.shards[shard as usize]
             .send(msg)
             .await
-            .map_err(|_| EngineError::Unavailable("the engine is shutting down".into()))
+            .map_err(|_| Unavailable::ShuttingDown.into())
     }
 }
 
@@ -256,13 +257,13 @@ pub(crate) struct ShardSetup {
     pub id: u32,
     pub routes: Routes,
     pub inbox: crate::queue::InboxReceiver<ShardMsg>,
-    pub config: crate::engine::EngineConfig,
+    pub config: crate::config::EngineConfig,
     pub blobs: Arc<crate::blob::BlobStore>,
     /// Shard 0 sends each other shard the metadata replica it starts from.
     pub meta_in: std::sync::mpsc::Receiver<MetaSnapshot>,
     pub meta_out: Vec<std::sync::mpsc::Sender<MetaSnapshot>>,
     /// Reports when this shard serves (or why it cannot).
-    pub ready: std::sync::mpsc::Sender<Result<(u32, Vec<crate::engine::Recovery>), EngineError>>,
+    pub ready: std::sync::mpsc::Sender<Result<(u32, Vec<crate::outcome::Recovery>), EngineError>>,
 }
 
 /// The main loop of one shard.
@@ -283,7 +284,7 @@ pub(crate) async fn run_shard(setup: ShardSetup) {
 struct Shard {
     id: u32,
     routes: Routes,
-    observer: crate::engine::ObserverSlot,
+    observer: crate::config::ObserverSlot,
     /// The inbox depth last reported to the observer.
     depth_reported: usize,
     meta: std::rc::Rc<std::cell::RefCell<MetaState>>,
@@ -299,7 +300,7 @@ struct Shard {
 
 fn open_log(
     dir: std::path::PathBuf,
-    config: &crate::engine::EngineConfig,
+    config: &crate::config::EngineConfig,
 ) -> impl std::future::Future<Output = Result<crate::durability::LocalDurability, EngineError>> {
     let log_config = chorus_log::LogConfig {
         segment_bytes_max: config.segment_bytes_max,
@@ -307,10 +308,13 @@ fn open_log(
     };
     async move {
         let storage = chorus_log::DiskStorage::open_dir(&dir)
-            .map_err(|e| EngineError::Io(format!("{}: {e}", dir.display())))?;
+            .map_err(|e| IoError::new(dir.display().to_string(), e))?;
         let (log, report) = chorus_log::Log::open(storage, log_config)
             .await
-            .map_err(|e| EngineError::Corrupt(format!("{}: {e}", dir.display())))?;
+            .map_err(|e| Corrupt::LogOpen {
+                log: dir.display().to_string(),
+                source: Arc::new(e),
+            })?;
         if report.torn_tail.is_some() || !report.removed_segments.is_empty() {
             eprintln!("chorus: recovered {}: {report:?}", dir.display());
         }
@@ -325,7 +329,7 @@ impl Shard {
         (
             Shard,
             crate::queue::InboxReceiver<ShardMsg>,
-            Vec<crate::engine::Recovery>,
+            Vec<crate::outcome::Recovery>,
         ),
         EngineError,
     > {
@@ -363,9 +367,7 @@ impl Shard {
             tasks.push(glommio::spawn_local(owner.run(rx)).detach());
             (meta, Some(tx))
         } else {
-            let snapshot = meta_in
-                .recv()
-                .map_err(|_| EngineError::Unavailable("shard 0 did not start".into()))?;
+            let snapshot = meta_in.recv().map_err(|_| Unavailable::ShardDidNotStart)?;
             (Rc::new(RefCell::new((*snapshot).clone())), None)
         };
         let mut recovered = Vec::new();
@@ -389,7 +391,7 @@ impl Shard {
                     ),
                 )
                 .await?;
-            recovered.push(crate::engine::Recovery {
+            recovered.push(crate::outcome::Recovery {
                 partition: p,
                 snapshot_offset,
                 replayed_events,

@@ -18,11 +18,12 @@ use crate::domain::event::{self, Body, ChannelEvent, ChannelRecord, Decoded};
 use crate::domain::meta::MetaState;
 use crate::domain::{DomainError, Principal, INLINE_BODY_BYTES_MAX};
 use crate::durability::{Durability, LocalDurability};
-use crate::engine::{ChannelOutcome, EngineError, ReadOutcome};
+use crate::error::{Corrupt, EngineError, IoError, Unavailable};
 use crate::ids::{ChannelId, UserId};
+use crate::outcome::{ChannelOutcome, ReadOutcome};
 use crate::view::{rfc3339, ChannelView, MessageView};
 use bytes::Bytes;
-use chorus_log::Entry;
+use chorus_log::{AppendError, Entry, ReadError};
 use futures::channel::mpsc;
 use futures::StreamExt;
 use std::cell::RefCell;
@@ -61,8 +62,8 @@ pub(crate) struct Partition {
     routes: Routes,
     meta: Rc<RefCell<MetaState>>,
     blobs: Arc<BlobStore>,
-    failed: Option<String>,
-    observer: crate::engine::ObserverSlot,
+    failed: Option<Unavailable>,
+    observer: crate::config::ObserverSlot,
     snapshots: Snapshots,
 }
 
@@ -153,7 +154,7 @@ impl Partition {
         routes: Routes,
         meta: Rc<RefCell<MetaState>>,
         blobs: Arc<BlobStore>,
-        observer: crate::engine::ObserverSlot,
+        observer: crate::config::ObserverSlot,
         snapshots: Snapshots,
     ) -> Result<(Partition, Vec<ChannelId>, (Option<u64>, u64)), EngineError> {
         let mut p = Partition {
@@ -323,23 +324,30 @@ impl Partition {
         let mut replayed = 0;
         let end = self.log.next_offset();
         while at < end {
-            let records = self.log.read(at, 4 << 20).await.map_err(storage)?;
+            let records = self
+                .log
+                .read(at, 4 << 20)
+                .await
+                .map_err(|e| read_failed(self.id, e))?;
             let Some(last) = records.last() else { break };
             at = last.offset + 1;
             for r in records {
                 let rec = match event::decode(&r.payload) {
                     Ok(Decoded::Channel(rec)) => rec,
                     Ok(Decoded::Meta(_)) => {
-                        return Err(EngineError::Corrupt(format!(
-                            "partition {}: metadata event at offset {}",
-                            self.id, r.offset
-                        )))
+                        return Err(Corrupt::Replay {
+                            log: log_name(self.id),
+                            what: format!("metadata event at offset {}", r.offset),
+                        }
+                        .into())
                     }
-                    Err(e) => {
-                        return Err(EngineError::Corrupt(format!(
-                            "partition {} offset {}: {e}",
-                            self.id, r.offset
-                        )))
+                    Err(source) => {
+                        return Err(Corrupt::Event {
+                            log: log_name(self.id),
+                            offset: r.offset,
+                            source,
+                        }
+                        .into())
                     }
                 };
                 self.replay_one(rec, r.offset)?;
@@ -351,11 +359,19 @@ impl Partition {
     }
 
     fn replay_one(&mut self, rec: ChannelRecord, offset: u64) -> Result<(), EngineError> {
-        let rt = self.channel_rt(rec.channel).ok_or_else(|| {
-            EngineError::Corrupt(format!("event of unknown channel {}", rec.channel))
-        })?;
+        let id = self.id;
+        let corrupt = |what: String| -> EngineError {
+            Corrupt::Replay {
+                log: log_name(id),
+                what,
+            }
+            .into()
+        };
+        let rt = self
+            .channel_rt(rec.channel)
+            .ok_or_else(|| corrupt(format!("event of unknown channel {}", rec.channel)))?;
         if rec.seq != rt.state.last_seq() + 1 {
-            return Err(EngineError::Corrupt(format!(
+            return Err(corrupt(format!(
                 "channel {}: seq {} after {}",
                 rec.channel,
                 rec.seq,
@@ -463,13 +479,16 @@ impl Partition {
             }
         }
         if !decided.is_empty() {
-            if let Err(e) = self.commit(&decided).await {
-                let why = format!("partition {} stopped: {e}", self.id);
+            if let Err(source) = self.commit(&decided).await {
+                let why = Unavailable::PartitionStopped {
+                    partition: self.id,
+                    source: Arc::new(source),
+                };
                 self.failed = Some(why.clone());
                 for p in pending {
                     match p {
                         Pending::Outcome(reply, _) => {
-                            let _ = reply.send(Err(EngineError::Unavailable(why.clone())));
+                            let _ = reply.send(Err(why.clone().into()));
                         }
                         Pending::Ack(ack) => ack.done(),
                     }
@@ -563,7 +582,7 @@ impl Partition {
                     let r = self
                         .blobs
                         .put(t.as_bytes())
-                        .map_err(|e| EngineError::Io(format!("blob store: {e}")))?;
+                        .map_err(|e| IoError::new("blob store", e))?;
                     Ok(Body::Blob {
                         hash: r.hash,
                         len: r.len,
@@ -675,7 +694,7 @@ impl Partition {
         }
     }
 
-    async fn commit(&mut self, decided: &[Decided]) -> Result<(), EngineError> {
+    async fn commit(&mut self, decided: &[Decided]) -> Result<(), AppendError> {
         let entries: Vec<Entry<'_>> = decided
             .iter()
             .map(|d| Entry {
@@ -688,8 +707,7 @@ impl Partition {
         if let (Some(o), Ok(_)) = (&self.observer.0, &committed) {
             o.committed(entries.len(), started.elapsed());
         }
-        let range =
-            committed.map_err(|e| EngineError::Unavailable(format!("commit failed: {e}")))?;
+        let range = committed?;
         for (d, offset) in decided.iter().zip(range) {
             let rt = self.channels.get_mut(&d.channel).expect("channel state");
             rt.offsets.push(offset);
@@ -871,7 +889,10 @@ impl Partition {
                 workspace,
                 out,
             } => out.add(self.visible(user, workspace)),
-            other => fail(other, "unexpected request"),
+            PartitionMsg::Command { .. }
+            | PartitionMsg::Init { .. }
+            | PartitionMsg::Online { .. }
+            | PartitionMsg::Typing { .. } => unreachable!("a tick handles these itself"),
         }
     }
 
@@ -1029,12 +1050,21 @@ impl Partition {
     }
 }
 
-fn storage(e: chorus_log::ReadError) -> EngineError {
-    EngineError::Corrupt(e.to_string())
+/// The name of a partition's log directory, under the data directory.
+pub(crate) fn log_name(partition: u32) -> String {
+    format!("p{partition:05}")
 }
 
-fn fail(msg: PartitionMsg, why: &str) {
-    let err = || EngineError::Unavailable(why.to_owned());
+fn read_failed(partition: u32, e: ReadError) -> EngineError {
+    Corrupt::LogRead {
+        log: log_name(partition),
+        source: Arc::new(e),
+    }
+    .into()
+}
+
+fn fail(msg: PartitionMsg, why: &Unavailable) {
+    let err = || EngineError::from(why.clone());
     match msg {
         PartitionMsg::Command { reply, .. } => {
             let _ = reply.send(Err(err()));
