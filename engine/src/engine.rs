@@ -7,11 +7,12 @@
 //! An `Engine` is `Send + Sync` and cheap to clone; it can be called from any thread,
 //! including the shards' own.
 
-use crate::blob::BlobStore;
+use crate::blob::DiskBlobStore;
 use crate::config::EngineConfig;
 use crate::domain::channel::ChannelCommand;
 use crate::domain::meta::{partition_of, User};
 use crate::domain::{ChannelKind, DomainError, PAGE_LIMIT_MAX};
+use crate::env::{Env, GlommioEnv};
 use crate::error::{EngineError, IoError, Unavailable};
 use crate::ids::{ChannelId, MessageId, UserId, WorkspaceId};
 use crate::outcome::{ChannelOutcome, MessagePage, MetaOutcome, ReadOutcome, Recovery};
@@ -19,10 +20,11 @@ use crate::queue::{FrameReceiver, Inbox};
 use crate::runtime::dispatch::SubscriptionInfo;
 use crate::runtime::meta::{MetaRead, MetaRequest};
 use crate::runtime::{
-    ChannelRead, Gather, PartitionMsg, Reply, Routes, ShardMsg, ShardSetup, CURRENT_SHARD,
+    ChannelRead, Gather, PartitionMsg, Reply, Routes, ShardMsg, ShardSetup, Started, CURRENT_SHARD,
 };
 use crate::view::{ChannelView, MemberView, MessageView, UserView, WorkspaceView};
 use bytes::Bytes;
+use chorus_log::DiskRoot;
 use futures::channel::oneshot;
 use std::sync::{Arc, Mutex};
 
@@ -31,6 +33,8 @@ struct Inner {
     config: EngineConfig,
     recovery: Mutex<Vec<Recovery>>,
     threads: Mutex<Option<crate::shard::ShardSet<()>>>,
+    /// Each shard's word that it stopped.
+    stopped: Mutex<Vec<oneshot::Receiver<()>>>,
 }
 
 /// A running engine. Clones share it.
@@ -165,97 +169,104 @@ impl Engine {
     /// Opens (or creates) the engine in `config.data_dir` and starts its shards. Returns
     /// once every shard has recovered its partitions and serves.
     pub fn open(config: EngineConfig) -> Result<Engine, EngineError> {
-        if config.shards == 0 || config.partitions == 0 {
-            return Err(EngineError::Config(
-                "shards and partitions must be positive".into(),
-            ));
-        }
-        if config.partitions > 1 << crate::domain::meta::PARTITION_BITS {
-            return Err(EngineError::Config("too many partitions".into()));
-        }
+        validate(&config)?;
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| IoError::new(config.data_dir.display().to_string(), e))?;
-        check_layout(&config)?;
-        let snapshots = config.data_dir.join("snapshots");
-        std::fs::create_dir_all(&snapshots)
-            .map_err(|e| IoError::new(snapshots.display().to_string(), e))?;
-        let blobs = Arc::new(
-            BlobStore::open(&config.data_dir.join("blobs"))
-                .map_err(|e| IoError::new("blob store", e))?,
-        );
-        let mut senders = Vec::new();
-        let mut receivers = Vec::new();
-        for _ in 0..config.shards {
-            let (tx, rx) = Inbox::new(config.inbox_capacity);
-            senders.push(tx);
-            receivers.push(rx);
-        }
-        let routes = Routes {
-            shards: Arc::new(senders),
-            partitions: config.partitions,
-        };
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let mut meta_out = Vec::new();
-        let mut meta_in = vec![None];
-        for _ in 1..config.shards {
-            let (tx, rx) = std::sync::mpsc::channel();
-            meta_out.push(tx);
-            meta_in.push(Some(rx));
-        }
-        let mut setups: Vec<Option<ShardSetup>> = Vec::new();
-        for (i, inbox) in receivers.into_iter().enumerate() {
-            let (unused_tx, unused_rx) = std::sync::mpsc::channel();
-            drop(unused_tx);
-            setups.push(Some(ShardSetup {
-                id: i as u32,
-                routes: routes.clone(),
-                inbox,
-                config: config.clone(),
-                blobs: blobs.clone(),
-                meta_in: meta_in[i].take().unwrap_or(unused_rx),
-                meta_out: if i == 0 {
-                    std::mem::take(&mut meta_out)
-                } else {
-                    Vec::new()
-                },
-                ready: ready_tx.clone(),
-            }));
-        }
-        drop(ready_tx);
+        let blobs = DiskBlobStore::open(&config.data_dir.join("blobs"))
+            .map_err(|e| IoError::new("blob store", e))?;
+        let root = DiskRoot::new(&config.data_dir);
+        Engine::open_with(config, move |_| {
+            GlommioEnv::new(root.clone(), blobs.clone())
+        })
+    }
+
+    /// Opens the engine as [`Engine::open`] does, with each shard in the environment `env`
+    /// makes for it on the shard's own thread (a glommio executor): its directories, its
+    /// blob store, its clock. `config.data_dir` is not used.
+    pub fn open_with<E, F>(config: EngineConfig, env: F) -> Result<Engine, EngineError>
+    where
+        E: Env,
+        F: Fn(crate::shard::ShardContext) -> E + Send + Sync + 'static,
+    {
+        validate(&config)?;
+        let Plan {
+            routes,
+            setups,
+            mut ready,
+            stopped,
+        } = Plan::new(&config);
+        let setups: Vec<Option<(ShardSetup, _)>> = setups.into_iter().map(Some).collect();
         let setups = Arc::new(Mutex::new(setups));
         let threads = crate::shard::ShardSet::start(config.shards, config.pin, move |ctx| {
-            let setup = setups.lock().expect("setups")[ctx.id]
+            let (setup, stopped) = setups.lock().expect("setups")[ctx.id]
                 .take()
                 .expect("each shard starts once");
-            crate::runtime::run_shard(setup)
+            // This thread is the shard's own: calls made on it go to this shard.
+            CURRENT_SHARD.with(|c| c.set(Some(ctx.id as u32)));
+            crate::runtime::run_shard(setup, env(ctx), stopped)
         })
         .map_err(|e| Unavailable::Start(Arc::new(e)))?;
-        let engine = Engine {
+        let engine = Engine::new(routes, config, stopped, Some(threads));
+        let started = futures::executor::block_on(collect_starts(&mut ready, engine.shard_count()));
+        match started {
+            Ok(recovered) => {
+                *engine.inner.recovery.lock().expect("recovery") = recovered;
+                Ok(engine)
+            }
+            Err(e) => {
+                engine.shutdown();
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts the engine's shards as tasks on the calling task's executor, shard `i` in the
+    /// environment `env(i)` (whose `spawn` runs its task), and returns once every shard
+    /// serves. This is how the simulation runs a whole node on one thread. Stop it with
+    /// [`Engine::close`], or drop its executor to simulate a crash.
+    pub async fn start_local<E: Env>(
+        config: EngineConfig,
+        env: impl Fn(u32) -> E,
+    ) -> Result<Engine, EngineError> {
+        validate(&config)?;
+        let Plan {
+            routes,
+            setups,
+            mut ready,
+            stopped,
+        } = Plan::new(&config);
+        for (setup, stopped) in setups {
+            let env = env(setup.id);
+            drop(env.spawn(crate::runtime::run_shard(setup, env.clone(), stopped)));
+        }
+        let engine = Engine::new(routes, config, stopped, None);
+        match collect_starts(&mut ready, engine.shard_count()).await {
+            Ok(recovered) => {
+                *engine.inner.recovery.lock().expect("recovery") = recovered;
+                Ok(engine)
+            }
+            Err(e) => {
+                engine.close().await;
+                Err(e)
+            }
+        }
+    }
+
+    fn new(
+        routes: Routes,
+        config: EngineConfig,
+        stopped: Vec<oneshot::Receiver<()>>,
+        threads: Option<crate::shard::ShardSet<()>>,
+    ) -> Engine {
+        Engine {
             inner: Arc::new(Inner {
                 routes,
                 config,
                 recovery: Mutex::new(Vec::new()),
-                threads: Mutex::new(Some(threads)),
+                threads: Mutex::new(threads),
+                stopped: Mutex::new(stopped),
             }),
-        };
-        for _ in 0..engine.inner.config.shards {
-            match ready_rx.recv() {
-                Ok(Ok((_, recovered))) => {
-                    let mut all = engine.inner.recovery.lock().expect("recovery");
-                    all.extend(recovered);
-                    all.sort_by_key(|r| r.partition);
-                }
-                Ok(Err(e)) => {
-                    engine.shutdown();
-                    return Err(e);
-                }
-                Err(_) => {
-                    engine.shutdown();
-                    return Err(Unavailable::ShardDidNotStart.into());
-                }
-            }
         }
-        Ok(engine)
     }
 
     /// Stops every shard after the work in flight and closes the logs. Blocks until done.
@@ -267,6 +278,18 @@ impl Engine {
         }
         if let Some(t) = self.inner.threads.lock().expect("threads").take() {
             let _ = t.join();
+        }
+    }
+
+    /// Stops every shard after the work in flight and closes the logs, without blocking
+    /// the thread: the way to stop an engine started with [`Engine::start_local`].
+    pub async fn close(&self) {
+        for s in self.inner.routes.shards.iter() {
+            let _ = s.send(ShardMsg::Shutdown).await;
+        }
+        let stopped = std::mem::take(&mut *self.inner.stopped.lock().expect("stopped"));
+        for shard in stopped {
+            let _ = shard.await;
         }
     }
 
@@ -812,29 +835,103 @@ impl Engine {
     }
 }
 
-/// Records the partition count in the data directory on first open and refuses a different
-/// one later: channel IDs carry their partition.
-fn check_layout(config: &EngineConfig) -> Result<(), EngineError> {
-    let path = config.data_dir.join("ENGINE");
-    let want = format!("chorus-engine layout 1\npartitions {}\n", config.partitions);
-    match std::fs::read_to_string(&path) {
-        Ok(have) if have == want => Ok(()),
-        Ok(have) => Err(EngineError::Config(format!(
-            "{} was created with a different layout: {have:?}",
-            path.display()
-        ))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let tmp = config.data_dir.join("ENGINE.tmp");
-            let write = || -> std::io::Result<()> {
-                use std::io::Write;
-                let mut f = std::fs::File::create(&tmp)?;
-                f.write_all(want.as_bytes())?;
-                f.sync_all()?;
-                std::fs::rename(&tmp, &path)?;
-                std::fs::File::open(&config.data_dir)?.sync_all()
-            };
-            write().map_err(|e| IoError::new(path.display().to_string(), e).into())
+/// Refuses a configuration no engine can run with.
+fn validate(config: &EngineConfig) -> Result<(), EngineError> {
+    if config.shards == 0 || config.partitions == 0 {
+        return Err(EngineError::Config(
+            "shards and partitions must be positive".into(),
+        ));
+    }
+    if config.partitions > 1 << crate::domain::meta::PARTITION_BITS {
+        return Err(EngineError::Config("too many partitions".into()));
+    }
+    Ok(())
+}
+
+/// The inboxes, routes and start-up channels of a node's shards, before they run.
+struct Plan {
+    routes: Routes,
+    /// Each shard's setup, and the sender it tells when it stopped.
+    setups: Vec<(ShardSetup, oneshot::Sender<()>)>,
+    ready: futures::channel::mpsc::UnboundedReceiver<(u32, Started)>,
+    stopped: Vec<oneshot::Receiver<()>>,
+}
+
+impl Plan {
+    fn new(config: &EngineConfig) -> Plan {
+        let mut senders = Vec::new();
+        let mut receivers = Vec::new();
+        for _ in 0..config.shards {
+            let (tx, rx) = Inbox::new(config.inbox_capacity);
+            senders.push(tx);
+            receivers.push(rx);
         }
-        Err(e) => Err(IoError::new(path.display().to_string(), e).into()),
+        let routes = Routes {
+            shards: Arc::new(senders),
+            partitions: config.partitions,
+        };
+        let (ready_tx, ready) = futures::channel::mpsc::unbounded();
+        let mut meta_out = Vec::new();
+        let mut meta_in = vec![None];
+        for _ in 1..config.shards {
+            let (tx, rx) = oneshot::channel();
+            meta_out.push(tx);
+            meta_in.push(Some(rx));
+        }
+        let mut setups = Vec::new();
+        let mut stopped = Vec::new();
+        for (i, inbox) in receivers.into_iter().enumerate() {
+            let (stopped_tx, stopped_rx) = oneshot::channel();
+            stopped.push(stopped_rx);
+            let setup = ShardSetup {
+                id: i as u32,
+                routes: routes.clone(),
+                inbox,
+                config: config.clone(),
+                meta_in: meta_in[i].take(),
+                meta_out: if i == 0 {
+                    std::mem::take(&mut meta_out)
+                } else {
+                    Vec::new()
+                },
+                ready: ready_tx.clone(),
+            };
+            setups.push((setup, stopped_tx));
+        }
+        Plan {
+            routes,
+            setups,
+            ready,
+            stopped,
+        }
+    }
+}
+
+/// Waits for every shard to report its start, and returns the recovery of every
+/// partition, or the error that stopped the start. Shard 0's error comes first: when it
+/// fails (a layout that does not fit, a damaged metadata log), the others fail only
+/// because it did.
+async fn collect_starts(
+    ready: &mut futures::channel::mpsc::UnboundedReceiver<(u32, Started)>,
+    shards: usize,
+) -> Result<Vec<Recovery>, EngineError> {
+    use futures::StreamExt;
+    let mut recovered = Vec::new();
+    let mut failures = Vec::new();
+    for _ in 0..shards {
+        match ready.next().await {
+            Some((_, Ok(r))) => recovered.extend(r),
+            Some((shard, Err(e))) => failures.push((shard, e)),
+            // A shard thread died without reporting.
+            None => failures.push((u32::MAX, Unavailable::ShardDidNotStart.into())),
+        }
+    }
+    failures.sort_by_key(|(shard, _)| *shard);
+    match failures.into_iter().next() {
+        Some((_, e)) => Err(e),
+        None => {
+            recovered.sort_by_key(|r| r.partition);
+            Ok(recovered)
+        }
     }
 }

@@ -24,6 +24,7 @@ mod config;
 pub mod domain;
 pub mod durability;
 mod engine;
+pub mod env;
 mod error;
 pub mod ids;
 mod outcome;

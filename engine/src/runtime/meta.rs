@@ -14,6 +14,7 @@ use crate::domain::event::{self, Decoded, MetaEvent, MetaRecord};
 use crate::domain::meta::{partition_of, MetaCommand, MetaDecision, MetaState, User};
 use crate::domain::{ChannelKind, DomainError};
 use crate::durability::{Durability, LocalDurability};
+use crate::env::{DirOf, Env};
 use crate::error::{Corrupt, EngineError, Unavailable};
 use crate::ids::{UserId, WorkspaceId};
 use crate::outcome::MetaOutcome;
@@ -127,7 +128,7 @@ pub(crate) const META_LOG: &str = "meta";
 
 /// Replays the metadata log into a fresh state.
 pub(crate) async fn replay(
-    log: &LocalDurability,
+    log: &impl Durability,
     partitions: u32,
 ) -> Result<MetaState, EngineError> {
     let mut state = MetaState::new(partitions);
@@ -164,12 +165,13 @@ pub(crate) async fn replay(
 }
 
 /// The metadata owner's task.
-pub(crate) struct MetaOwner {
-    pub log: LocalDurability,
+pub(crate) struct MetaOwner<E: Env> {
+    pub env: E,
+    pub log: LocalDurability<DirOf<E>>,
     pub meta: Rc<RefCell<MetaState>>,
     pub routes: Routes,
     /// The shard's own partition queues, for the first members of channels it owns.
-    pub local_partitions: Rc<RefCell<std::collections::HashMap<u32, mpsc::Sender<PartitionMsg>>>>,
+    pub local_partitions: super::PartitionQueues,
     /// The events not yet published and the answers waiting for them.
     pub publication: Arc<Publication>,
     /// The number of the last event decided (the first is 1).
@@ -307,14 +309,7 @@ enum Decision {
     Answer(Reply<MetaOutcome>, Result<MetaOutcome, EngineError>),
 }
 
-fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
-
-impl MetaOwner {
+impl<E: Env> MetaOwner<E> {
     pub(crate) async fn run(self, mut rx: mpsc::Receiver<MetaRequest>) {
         let mut tick = Vec::new();
         while let Some(first) = rx.next().await {
@@ -441,7 +436,7 @@ impl MetaOwner {
         self.publication
             .answer(number, reply, Ok(outcome_of(&meta, &event)));
         let record = MetaRecord {
-            at_us: now_us(),
+            at_us: self.env.unix_us(),
             event,
         };
         let payload = event::encode_meta(&record);

@@ -11,18 +11,21 @@
 //! the deliveries it sends afterwards cannot overtake each other.
 
 pub(crate) mod dispatch;
+pub(crate) mod layout;
 pub(crate) mod meta;
 pub(crate) mod partition;
 
 use crate::domain::channel::ChannelCommand;
 use crate::domain::event::MetaRecord;
 use crate::domain::meta::MetaState;
+use crate::env::{DirOf, Env};
 use crate::error::{Corrupt, EngineError, IoError, Unavailable};
 use crate::ids::{ChannelId, MessageId, UserId, WorkspaceId};
 use crate::outcome::{ChannelOutcome, ReadOutcome};
 use crate::queue::{FrameSender, InboxSender};
 use crate::view::ChannelView;
 use bytes::Bytes;
+use chorus_log::StorageRoot;
 use futures::channel::oneshot;
 use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -32,7 +35,8 @@ use std::sync::{Arc, Mutex};
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
 
 thread_local! {
-    /// The shard this thread runs, if it is a shard thread.
+    /// The shard this thread runs, if it is a shard thread of its own (set by the thread
+    /// bootstrap, never by a shard's loop: the simulation runs every shard on one thread).
     pub(crate) static CURRENT_SHARD: Cell<Option<u32>> = const { Cell::new(None) };
 }
 
@@ -248,86 +252,101 @@ pub(crate) type MetaSnapshot = Arc<MetaState>;
 /// How often a shard looks again at catch-ups waiting for their subscribers to read.
 const CATCH_UP_RETRY: std::time::Duration = std::time::Duration::from_millis(2);
 
+/// The directory of the partitions' snapshot files, under the data directory.
+const SNAPSHOT_DIR: &str = "snapshots";
+
 /// How often a shard looks for subscribers whose receiving side is gone. A sweep walks
 /// every subscriber of the shard (about 100 µs for 5,000), so it must not run per turn.
 const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// What a shard needs to run.
+/// What a shard needs to run, besides its environment.
 pub(crate) struct ShardSetup {
     pub id: u32,
     pub routes: Routes,
     pub inbox: crate::queue::InboxReceiver<ShardMsg>,
     pub config: crate::config::EngineConfig,
-    pub blobs: Arc<crate::blob::BlobStore>,
     /// Shard 0 sends each other shard the metadata replica it starts from.
-    pub meta_in: std::sync::mpsc::Receiver<MetaSnapshot>,
-    pub meta_out: Vec<std::sync::mpsc::Sender<MetaSnapshot>>,
+    pub meta_in: Option<oneshot::Receiver<MetaSnapshot>>,
+    pub meta_out: Vec<oneshot::Sender<MetaSnapshot>>,
     /// Reports when this shard serves (or why it cannot).
-    pub ready: std::sync::mpsc::Sender<Result<(u32, Vec<crate::outcome::Recovery>), EngineError>>,
+    pub ready: futures::channel::mpsc::UnboundedSender<(u32, Started)>,
 }
 
-/// The main loop of one shard.
-pub(crate) async fn run_shard(setup: ShardSetup) {
-    CURRENT_SHARD.with(|c| c.set(Some(setup.id)));
+/// How a shard's start went: the recovery of each of its partitions, or why it failed.
+pub(crate) type Started = Result<Vec<crate::outcome::Recovery>, EngineError>;
+
+/// The main loop of one shard; `stopped` is told when it has stopped, its logs closed.
+pub(crate) async fn run_shard<E: Env>(setup: ShardSetup, env: E, stopped: oneshot::Sender<()>) {
     let ready = setup.ready.clone();
-    match Shard::start(setup).await {
+    let id = setup.id;
+    match Shard::start(setup, env).await {
         Ok((shard, inbox, recovered)) => {
-            let _ = ready.send(Ok((shard.id, recovered)));
+            let _ = ready.unbounded_send((id, Ok(recovered)));
             shard.serve(inbox).await;
         }
         Err(e) => {
-            let _ = ready.send(Err(e));
+            let _ = ready.unbounded_send((id, Err(e)));
         }
     }
+    let _ = stopped.send(());
 }
 
-struct Shard {
+struct Shard<E: Env> {
     id: u32,
+    env: E,
     routes: Routes,
     observer: crate::config::ObserverSlot,
     /// The inbox depth last reported to the observer.
     depth_reported: usize,
     meta: std::rc::Rc<std::cell::RefCell<MetaState>>,
     meta_owner: Option<futures::channel::mpsc::Sender<meta::MetaRequest>>,
-    partitions: std::rc::Rc<
-        std::cell::RefCell<
-            std::collections::HashMap<u32, futures::channel::mpsc::Sender<PartitionMsg>>,
-        >,
-    >,
-    tasks: Vec<glommio::task::JoinHandle<()>>,
+    /// The queues of this shard's partitions, in partition order.
+    partitions: PartitionQueues,
+    tasks: Vec<E::Task>,
     dispatcher: dispatch::Dispatcher,
 }
 
-fn open_log(
-    dir: std::path::PathBuf,
+/// The queues of a shard's partitions, shared by its loop and its metadata owner.
+pub(crate) type PartitionQueues = std::rc::Rc<
+    std::cell::RefCell<
+        std::collections::BTreeMap<u32, futures::channel::mpsc::Sender<PartitionMsg>>,
+    >,
+>;
+
+/// Opens the log in the directory `name` of the environment's root.
+async fn open_log<E: Env>(
+    env: &E,
+    name: &str,
     config: &crate::config::EngineConfig,
-) -> impl std::future::Future<Output = Result<crate::durability::LocalDurability, EngineError>> {
+) -> Result<crate::durability::LocalDurability<DirOf<E>>, EngineError> {
     let log_config = chorus_log::LogConfig {
         segment_bytes_max: config.segment_bytes_max,
         ..chorus_log::LogConfig::default()
     };
-    async move {
-        let storage = chorus_log::DiskStorage::open_dir(&dir)
-            .map_err(|e| IoError::new(dir.display().to_string(), e))?;
-        let (log, report) = chorus_log::Log::open(storage, log_config)
-            .await
-            .map_err(|e| Corrupt::LogOpen {
-                log: dir.display().to_string(),
-                source: Arc::new(e),
-            })?;
-        if report.torn_tail.is_some() || !report.removed_segments.is_empty() {
-            eprintln!("chorus: recovered {}: {report:?}", dir.display());
-        }
-        Ok(crate::durability::LocalDurability::new(log))
+    let storage = env
+        .root()
+        .dir(name)
+        .await
+        .map_err(|e| IoError::new(name, e))?;
+    let (log, report) = chorus_log::Log::open(storage, log_config)
+        .await
+        .map_err(|e| Corrupt::LogOpen {
+            log: name.to_owned(),
+            source: Arc::new(e),
+        })?;
+    if report.torn_tail.is_some() || !report.removed_segments.is_empty() {
+        eprintln!("chorus: recovered {name}: {report:?}");
     }
+    Ok(crate::durability::LocalDurability::new(log))
 }
 
-impl Shard {
+impl<E: Env> Shard<E> {
     async fn start(
         setup: ShardSetup,
+        env: E,
     ) -> Result<
         (
-            Shard,
+            Shard<E>,
             crate::queue::InboxReceiver<ShardMsg>,
             Vec<crate::outcome::Recovery>,
         ),
@@ -340,53 +359,62 @@ impl Shard {
             routes,
             inbox,
             config,
-            blobs,
             meta_in,
             meta_out,
             ..
         } = setup;
         let mut tasks = Vec::new();
-        let partitions = Rc::new(RefCell::new(std::collections::HashMap::new()));
-        let (meta, meta_owner) = if id == 0 {
-            let log = open_log(config.data_dir.join("meta"), &config).await?;
-            let state = meta::replay(&log, config.partitions).await?;
-            for tx in &meta_out {
-                let _ = tx.send(Arc::new(state.clone()));
+        let partitions = PartitionQueues::default();
+        let (meta, meta_owner) = match meta_in {
+            None => {
+                // Shard 0 checks the layout before anything is opened, and the others open
+                // nothing until it sends them the metadata replica.
+                layout::check(&env, config.partitions).await?;
+                let log = open_log(&env, meta::META_LOG, &config).await?;
+                let state = meta::replay(&log, config.partitions).await?;
+                for tx in meta_out {
+                    let _ = tx.send(Arc::new(state.clone()));
+                }
+                let meta = Rc::new(RefCell::new(state));
+                let (tx, rx) = futures::channel::mpsc::channel(partition::PARTITION_QUEUE_MAX);
+                let owner = meta::MetaOwner {
+                    env: env.clone(),
+                    log,
+                    meta: meta.clone(),
+                    routes: routes.clone(),
+                    local_partitions: partitions.clone(),
+                    publication: Arc::default(),
+                    last_event: std::cell::Cell::new(0),
+                    failed: std::cell::RefCell::new(None),
+                };
+                tasks.push(env.spawn(owner.run(rx)));
+                (meta, Some(tx))
             }
-            let meta = Rc::new(RefCell::new(state));
-            let (tx, rx) = futures::channel::mpsc::channel(partition::PARTITION_QUEUE_MAX);
-            let owner = meta::MetaOwner {
-                log,
-                meta: meta.clone(),
-                routes: routes.clone(),
-                local_partitions: partitions.clone(),
-                publication: Arc::default(),
-                last_event: std::cell::Cell::new(0),
-                failed: std::cell::RefCell::new(None),
-            };
-            tasks.push(glommio::spawn_local(owner.run(rx)).detach());
-            (meta, Some(tx))
-        } else {
-            let snapshot = meta_in.recv().map_err(|_| Unavailable::ShardDidNotStart)?;
-            (Rc::new(RefCell::new((*snapshot).clone())), None)
+            Some(meta_in) => {
+                let snapshot = meta_in.await.map_err(|_| Unavailable::ShardDidNotStart)?;
+                (Rc::new(RefCell::new((*snapshot).clone())), None)
+            }
         };
+        let snapshots = env
+            .root()
+            .dir(SNAPSHOT_DIR)
+            .await
+            .map_err(|e| IoError::new(SNAPSHOT_DIR, e))?;
         let mut recovered = Vec::new();
         for p in (0..config.partitions).filter(|p| routes.owner(*p) == id) {
-            let started = std::time::Instant::now();
-            let log = open_log(config.data_dir.join(format!("p{p:05}")), &config).await?;
+            let started = env.now();
+            let log = open_log(&env, &partition::log_name(p), &config).await?;
             let (part, uninitialised, (snapshot_offset, replayed_events)) =
                 partition::Partition::open(
                     p,
+                    env.clone(),
                     log,
                     routes.clone(),
                     meta.clone(),
-                    blobs.clone(),
                     config.observer.clone(),
                     partition::Snapshots::new(
-                        config
-                            .data_dir
-                            .join("snapshots")
-                            .join(format!("p{p:05}.snap")),
+                        snapshots.clone(),
+                        format!("p{p:05}.snap"),
                         config.snapshot_every_events,
                     ),
                 )
@@ -395,19 +423,20 @@ impl Shard {
                 partition: p,
                 snapshot_offset,
                 replayed_events,
-                took: started.elapsed(),
+                took: env.now().duration_since(started),
             });
             let (mut tx, rx) = futures::channel::mpsc::channel(partition::PARTITION_QUEUE_MAX);
             for channel in uninitialised {
                 let _ = tx.try_send(PartitionMsg::Init { channel, ack: None });
             }
             partitions.borrow_mut().insert(p, tx);
-            tasks.push(glommio::spawn_local(part.run(rx)).detach());
+            tasks.push(env.spawn(part.run(rx)));
         }
         let dispatcher = dispatch::Dispatcher::new(id, routes.clone(), config.observer.clone());
         Ok((
             Shard {
                 id,
+                env,
                 routes: routes.clone(),
                 observer: config.observer.clone(),
                 depth_reported: 0,
@@ -424,7 +453,7 @@ impl Shard {
 
     async fn serve(mut self, mut inbox: crate::queue::InboxReceiver<ShardMsg>) {
         let mut batch = Vec::with_capacity(1024);
-        let mut swept = std::time::Instant::now();
+        let mut swept = self.env.now();
         // Messages this shard sent itself, and messages for full inboxes, to try again.
         let mut own: std::collections::VecDeque<ShardMsg> = std::collections::VecDeque::new();
         let mut retry: Vec<(u32, ShardMsg)> = Vec::new();
@@ -434,7 +463,7 @@ impl Shard {
             if batch.is_empty() && inbox.drain_into(&mut batch, 1024) == 0 {
                 if self.dispatcher.has_stalled() || !retry.is_empty() {
                     // A catch-up waits for its subscriber to read: look again soon.
-                    let wake = glommio::timer::sleep(CATCH_UP_RETRY);
+                    let wake = self.env.sleep(CATCH_UP_RETRY);
                     let next = std::pin::pin!(inbox.recv());
                     match futures::future::select(next, std::pin::pin!(wake)).await {
                         futures::future::Either::Left((Some(m), _)) => batch.push(m),
@@ -458,9 +487,9 @@ impl Shard {
             }
             // The sweep walks every subscriber, so it runs by the clock: counted in turns, it
             // ran most often when the shard was least loaded, where a turn is one post.
-            if swept.elapsed() >= SWEEP_INTERVAL {
+            if self.env.now().duration_since(swept) >= SWEEP_INTERVAL {
                 self.dispatcher.sweep().await;
-                swept = std::time::Instant::now();
+                swept = self.env.now();
             }
             if let Some(o) = &self.observer.0 {
                 let depth = inbox.len();
@@ -567,9 +596,7 @@ impl Shard {
                     .catch_up_page(sub, channel, frames, last, done)
                     .await
             }
-            ShardMsg::Spawn(make) => {
-                glommio::spawn_local(make()).detach();
-            }
+            ShardMsg::Spawn(make) => drop(self.env.spawn(make())),
             ShardMsg::Shutdown => {}
         }
     }
