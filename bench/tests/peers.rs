@@ -1,6 +1,7 @@
 //! The peers at a tiny size: each scenario function really starts its peer server, runs,
 //! and returns results that add up. A peer whose server is not installed is skipped with
-//! a printed reason (`bench/setup-peers.sh` installs them all).
+//! a printed reason (`bench/setup-peers.sh` installs them all), except where
+//! `CHORUS_REQUIRE_PEERS` is set, as CI sets it: there a missing peer fails the test.
 
 use chorus_bench::load::{ChatShape, ConnectionsShape, FanoutShape, HistoryShape};
 use chorus_bench::peers;
@@ -18,6 +19,10 @@ fn chat_shape() -> ChatShape {
 }
 
 fn skip(peer: &str) {
+    assert!(
+        std::env::var_os("CHORUS_REQUIRE_PEERS").is_none(),
+        "{peer} is not installed and CHORUS_REQUIRE_PEERS is set; run bench/setup-peers.sh"
+    );
     eprintln!("SKIPPED: {peer} is not installed; run bench/setup-peers.sh");
 }
 

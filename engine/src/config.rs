@@ -56,6 +56,9 @@ pub struct EngineConfig {
     /// what that snapshot covered, so that snapshots cost a constant share of commits. A
     /// restart loads each partition's last snapshot and replays only the log after it.
     pub snapshot_every_events: u64,
+    /// The names of the committed-event consumers ([`crate::consumer`]). Declared before
+    /// the engine opens so that their logs are kept for them from the first moment.
+    pub consumers: Vec<String>,
 }
 
 impl EngineConfig {
@@ -71,6 +74,7 @@ impl EngineConfig {
             pin: true,
             observer: ObserverSlot::default(),
             snapshot_every_events: 100_000,
+            consumers: Vec::new(),
         }
     }
 }

@@ -4,7 +4,7 @@
 //! replication work will add an implementation that is durable once a majority of replicas
 //! have it, without touching the domain or the shards: they only ever call [`Durability`].
 
-use chorus_log::{AppendError, Entry, Log, ReadError, Record, Storage};
+use chorus_log::{AppendError, Entry, Log, ReadError, Record, Storage, TruncateError};
 use std::ops::Range;
 
 /// Where a partition's events become durable, and where they are read back from.
@@ -22,6 +22,9 @@ pub trait Durability {
 
     /// The first offset still held.
     fn first_offset(&self) -> u64;
+
+    /// Retention: removes whole segments before `offset`; returns the new first offset.
+    async fn delete_before(&self, offset: u64) -> Result<u64, TruncateError>;
 }
 
 /// Durable means fsynced into the local log (group commit), on whatever storage the log
@@ -57,5 +60,9 @@ impl<S: Storage> Durability for LocalDurability<S> {
 
     fn first_offset(&self) -> u64 {
         self.log.first_offset()
+    }
+
+    async fn delete_before(&self, offset: u64) -> Result<u64, TruncateError> {
+        self.log.delete_before(offset).await
     }
 }

@@ -9,6 +9,7 @@
 
 use crate::blob::DiskBlobStore;
 use crate::config::EngineConfig;
+use crate::consumer::{CommittedPage, Consumer, LogId, Waiter, Watermarks};
 use crate::domain::channel::ChannelCommand;
 use crate::domain::meta::{partition_of, User};
 use crate::domain::{ChannelKind, DomainError, PAGE_LIMIT_MAX};
@@ -31,6 +32,7 @@ use std::sync::{Arc, Mutex};
 struct Inner {
     routes: Routes,
     config: EngineConfig,
+    watermarks: Watermarks,
     recovery: Mutex<Vec<Recovery>>,
     threads: Mutex<Option<crate::shard::ShardSet<()>>>,
     /// Each shard's word that it stopped.
@@ -261,6 +263,7 @@ impl Engine {
         Engine {
             inner: Arc::new(Inner {
                 routes,
+                watermarks: Watermarks::new(config.consumers.len(), config.partitions),
                 config,
                 recovery: Mutex::new(Vec::new()),
                 threads: Mutex::new(threads),
@@ -301,6 +304,91 @@ impl Engine {
     /// The configuration it runs with.
     pub fn config(&self) -> &EngineConfig {
         &self.inner.config
+    }
+
+    /// The committed-event consumer declared in [`EngineConfig::consumers`] as `name`.
+    pub fn consumer(&self, name: &str) -> Result<Consumer, EngineError> {
+        let index = self
+            .inner
+            .config
+            .consumers
+            .iter()
+            .position(|c| c == name)
+            .ok_or_else(|| {
+                EngineError::Config(format!("consumer {name:?} is not declared in the config"))
+            })?;
+        Ok(Consumer {
+            engine: self.clone(),
+            index,
+        })
+    }
+
+    pub(crate) fn watermarks(&self) -> &Watermarks {
+        &self.inner.watermarks
+    }
+
+    /// The logs consumers read: every channel partition, then the metadata log.
+    pub fn logs(&self) -> Vec<LogId> {
+        (0..self.inner.config.partitions)
+            .map(LogId::Partition)
+            .chain([LogId::Meta])
+            .collect()
+    }
+
+    /// The retention watermark of a log: no segment at or after it is ever deleted.
+    pub fn retention_watermark(&self, log: LogId) -> u64 {
+        self.inner.watermarks.watermark(log)
+    }
+
+    pub(crate) async fn read_committed(
+        &self,
+        log: LogId,
+        from: u64,
+    ) -> Result<CommittedPage, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        let waiter = Waiter { from, reply: tx };
+        let routes = &self.inner.routes;
+        let (shard, msg) = match log {
+            LogId::Meta => (0, ShardMsg::MetaCommitted(waiter)),
+            LogId::Partition(p) => {
+                self.check_partition(p)?;
+                let msg = PartitionMsg::Committed(waiter);
+                (routes.owner(p), ShardMsg::Partition { partition: p, msg })
+            }
+        };
+        routes.send(shard, msg).await?;
+        rx.await.map_err(|_| Unavailable::ShardStopped)?
+    }
+
+    /// Retention: deletes the whole sealed segments of a channel partition's log that lie
+    /// before `offset`, but never at or after its retention watermark (the lowest cursor
+    /// of the declared consumers) nor after its last durable snapshot (the state before it
+    /// then lives only in the snapshot). Returns the log's new first offset. The metadata
+    /// log is replayed whole at every start and is never cut.
+    pub async fn delete_log_before(&self, partition: u32, offset: u64) -> Result<u64, EngineError> {
+        self.check_partition(partition)?;
+        let watermark = self.retention_watermark(LogId::Partition(partition));
+        let limit = offset.min(watermark);
+        let (tx, rx) = oneshot::channel();
+        let msg = PartitionMsg::DeleteBefore {
+            offset: limit,
+            reply: tx,
+        };
+        let shard = self.inner.routes.owner(partition);
+        self.inner
+            .routes
+            .send(shard, ShardMsg::Partition { partition, msg })
+            .await?;
+        rx.await.map_err(|_| Unavailable::ShardStopped)?
+    }
+
+    fn check_partition(&self, partition: u32) -> Result<(), EngineError> {
+        if partition >= self.inner.config.partitions {
+            return Err(EngineError::Config(format!(
+                "partition {partition} does not exist"
+            )));
+        }
+        Ok(())
     }
 
     /// The number of shards.

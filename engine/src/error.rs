@@ -9,7 +9,7 @@
 
 use crate::domain::event::DecodeError;
 use crate::domain::DomainError;
-use chorus_log::{AppendError, OpenError, ReadError};
+use chorus_log::{AppendError, OpenError, ReadError, TruncateError};
 use std::io;
 use std::sync::Arc;
 
@@ -79,6 +79,12 @@ pub enum Unavailable {
     /// A shard ended before it reported whether it serves.
     #[error("a shard failed to start")]
     ShardDidNotStart,
+    /// Too many consumer reads wait for a log's next commit.
+    #[error("too many consumer reads waiting")]
+    ConsumerReadsFull,
+    /// Retention could not remove a log's segments.
+    #[error("retention: {0}")]
+    Retention(#[source] Arc<TruncateError>),
 }
 
 /// Stored data that failed verification, or that contradicts itself.

@@ -21,6 +21,7 @@
 
 pub mod blob;
 mod config;
+pub mod consumer;
 pub mod domain;
 pub mod durability;
 mod engine;
@@ -35,6 +36,7 @@ pub(crate) mod snapshot;
 pub mod view;
 
 pub use config::{EngineConfig, Observer, ObserverSlot, HELD_EPHEMERAL_FRAMES_MAX};
+pub use consumer::{CommittedEvent, CommittedKind, CommittedPage, Consumer, LogId};
 pub use engine::{Engine, Subscription, SubscriptionControl};
 pub use error::{Corrupt, EngineError, IoError, Unavailable};
 pub use outcome::{ChannelOutcome, MessagePage, MetaOutcome, ReadOutcome, Recovery};

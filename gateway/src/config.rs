@@ -128,6 +128,11 @@ pub struct Config {
     pub http_idle_timeout_s: u64,
     /// Open connections from one source address across all shards; more are refused.
     pub connections_per_ip_max: usize,
+    /// PEM certificate chain of the QUIC endpoint; with `quic_key_file`. Without them a
+    /// self-signed certificate is generated into the data directory and reused.
+    pub quic_cert_file: Option<PathBuf>,
+    /// PEM private key of `quic_cert_file`.
+    pub quic_key_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -159,6 +164,8 @@ impl Default for Config {
             http_header_timeout_s: HTTP_HEADER_TIMEOUT_S_DEFAULT,
             http_idle_timeout_s: HTTP_IDLE_TIMEOUT_S_DEFAULT,
             connections_per_ip_max: CONNECTIONS_PER_IP_MAX_DEFAULT,
+            quic_cert_file: None,
+            quic_key_file: None,
         }
     }
 }
@@ -184,6 +191,12 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.shards > SHARDS_MAX {
             return Err(invalid("shards", format!("at most {SHARDS_MAX}")));
+        }
+        if self.quic_cert_file.is_some() != self.quic_key_file.is_some() {
+            return Err(invalid(
+                "quic_cert_file",
+                "quic_cert_file and quic_key_file go together".into(),
+            ));
         }
         if self.partitions == 0 || self.partitions > PARTITIONS_MAX {
             return Err(invalid("partitions", format!("1 to {PARTITIONS_MAX}")));

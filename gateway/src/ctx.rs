@@ -45,6 +45,9 @@ pub struct Shared {
     pub draining: AtomicBool,
     /// Open connections across shards (HTTP and WebSocket).
     pub connections: AtomicUsize,
+    /// Open QUIC sessions across shards. They hold no file descriptor each, so
+    /// `connections_max` does not count them.
+    pub quic_sessions: AtomicUsize,
     /// Open connections per source address.
     pub per_ip: ConnectionsPerIp,
     /// Sign-up and login limits.
@@ -175,6 +178,12 @@ pub async fn authenticate(
     let token = bearer(headers)
         .or_else(|| query_token(uri))
         .ok_or_else(|| ApiError::unauthorized("a bearer token is required"))?;
+    authenticate_token(ctx, token).await
+}
+
+/// The user a token names, if it is ours, intact, unexpired, and names an account that
+/// exists now. Transports that carry the token in a frame (QUIC's `auth`) call this.
+pub async fn authenticate_token(ctx: &ShardCtx, token: &str) -> Result<UserId, ApiError> {
     let sub = ctx
         .shared
         .tokens

@@ -13,9 +13,11 @@ pub mod json;
 pub mod memory;
 pub mod metrics;
 pub mod protocol;
+pub mod quic;
 pub mod ratelimit;
 pub mod server;
 pub mod session;
+pub mod workspace_metrics;
 pub mod ws;
 
 pub use config::Config;

@@ -189,6 +189,10 @@ pub struct Metrics {
     /// Work waiting in queues. With several shards, have each add its change rather than
     /// set its own value, or the shards overwrite each other.
     pub queue_depth: Gauge,
+    /// Messages posted per workspace, as the `workspace_metrics` consumer last counted
+    /// them. Behind a mutex: written once per page of events the consumer reads, read once
+    /// per scrape, never on a request's path.
+    workspace_messages: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 impl Default for Metrics {
@@ -213,7 +217,18 @@ impl Metrics {
             request_duration_seconds: Histogram::new(REQUEST_DURATION_BUCKETS_S),
             fsync_latency_seconds: Histogram::new(FSYNC_LATENCY_BUCKETS_S),
             queue_depth: Gauge::default(),
+            workspace_messages: Default::default(),
         }
+    }
+
+    /// Replaces the per-workspace message counts (kept by the `workspace_metrics`
+    /// consumer, which owns them; this is the copy a scrape reads).
+    pub fn set_workspace_messages(&self, counts: &std::collections::BTreeMap<String, u64>) {
+        let mut shown = self
+            .workspace_messages
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        shown.clone_from(counts);
     }
 
     /// Records an accepted connection.
@@ -332,6 +347,21 @@ impl Metrics {
             "Work waiting in queues.",
             self.queue_depth.get(),
         );
+        let name = "workspace_messages_total";
+        header(
+            &mut out,
+            name,
+            "Messages posted, by workspace, counted from the log exactly once.",
+            "counter",
+        );
+        let counts = self
+            .workspace_messages
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for (workspace, count) in counts.iter() {
+            sample(&mut out, name, &format!("workspace=\"{workspace}\""), count);
+        }
+        drop(counts);
         out
     }
 }

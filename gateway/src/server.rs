@@ -50,6 +50,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     engine_config.shards = shards;
     engine_config.partitions = config.partitions;
     engine_config.subscriber_queue_frames = config.ws_outbound_frames_max;
+    engine_config.consumers = vec![crate::workspace_metrics::CONSUMER_NAME.to_owned()];
     crate::memory::tune_allocator();
     let engine = Engine::open(engine_config)?;
     let tokens = Tokens::load_or_create(&config.jwt_secret_path(), config.token_ttl_s)?;
@@ -60,6 +61,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         metrics,
         draining: AtomicBool::new(false),
         connections: AtomicUsize::new(0),
+        quic_sessions: AtomicUsize::new(0),
         per_ip: ConnectionsPerIp::new(config.connections_per_ip_max),
         guard: AuthGuard::new(&config),
     });
@@ -69,16 +71,24 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         let open = move || shared.connections.load(Ordering::Relaxed);
         crate::memory::housekeeper(open, stop_housekeeping.clone())?
     };
-    let (addr, reserve) = reserve_port(config.http)?;
+    let (addr, reserve) = reserve_port(config.http, socket2::Type::STREAM)?;
+    let (quic_addr, reserve_quic) = reserve_port(config.quic, socket2::Type::DGRAM)?;
+    let quic = quic_setup(&config, shards)?;
     let mut stops = Vec::new();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    for shard in 0..shards {
+    for (shard, forwarded) in quic.1.into_iter().enumerate() {
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         stops.push(stop_tx);
         let (shared, ready) = (shared.clone(), ready_tx.clone());
-        futures::executor::block_on(
-            engine.spawn_on(shard, move || accept_loop(shared, addr, stop_rx, ready)),
-        )?;
+        let listen = Listen {
+            http: addr,
+            quic: quic_addr,
+            quic_setup: quic.0.clone(),
+            forwarded,
+        };
+        futures::executor::block_on(engine.spawn_on(shard, move || {
+            shard_main(shared, shard, listen, stop_rx, ready)
+        }))?;
     }
     drop(ready_tx);
     for _ in 0..shards {
@@ -89,13 +99,15 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         }
     }
     drop(reserve);
+    drop(reserve_quic);
+    let (stop_counting, counted) = start_workspace_metrics(&shared)?;
     {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
-        writeln!(out, "listening http={addr} quic=disabled")?;
+        writeln!(out, "listening http={addr} quic={quic_addr}")?;
         out.flush()?;
     }
-    tracing::info!(%addr, shards, "serving");
+    tracing::info!(%addr, %quic_addr, shards, "serving");
     let mut signals = signals;
     let signal = signals.forever().next();
     tracing::info!(?signal, "draining");
@@ -104,9 +116,13 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         let _ = stop.send(());
     }
     let deadline = std::time::Instant::now() + DRAIN_WAIT;
-    while shared.connections.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+    let open =
+        || shared.connections.load(Ordering::SeqCst) + shared.quic_sessions.load(Ordering::SeqCst);
+    while open() > 0 && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
+    let _ = stop_counting.send(());
+    let _ = counted.recv_timeout(DRAIN_WAIT);
     stop_housekeeping.store(true, Ordering::Relaxed);
     housekeeper.thread().unpark();
     let _ = housekeeper.join();
@@ -137,11 +153,94 @@ impl chorus_engine::Observer for EngineMetrics {
     }
 }
 
+/// The QUIC settings every shard shares, and each shard's queue of forwarded datagrams.
+fn quic_setup(
+    config: &Config,
+    shards: usize,
+) -> Result<
+    (
+        Arc<crate::quic::QuicSetup>,
+        Vec<futures::channel::mpsc::Receiver<crate::quic::Forwarded>>,
+    ),
+    ServeError,
+> {
+    if shards > crate::quic::cid::SHARDS_MAX {
+        return Err(std::io::Error::other("QUIC connection IDs name at most 256 shards").into());
+    }
+    let configured = config
+        .quic_cert_file
+        .as_deref()
+        .zip(config.quic_key_file.as_deref());
+    let identity = crate::quic::cert::load_or_create(configured, &config.data_dir)?;
+    tracing::info!(
+        sha256 = %identity.fingerprint(),
+        "QUIC certificate fingerprint (pin it in clients)"
+    );
+    let (router, forwarded) = crate::quic::Router::new(shards);
+    let setup = crate::quic::QuicSetup::new(identity, router)?;
+    Ok((Arc::new(setup), forwarded))
+}
+
+/// Where a shard listens.
+struct Listen {
+    http: SocketAddr,
+    quic: SocketAddr,
+    quic_setup: Arc<crate::quic::QuicSetup>,
+    forwarded: futures::channel::mpsc::Receiver<crate::quic::Forwarded>,
+}
+
+/// One shard's listeners: binds HTTP and QUIC, then accepts until the drain, serving each
+/// connection on this shard.
+async fn shard_main(
+    shared: Arc<Shared>,
+    shard: usize,
+    listen: Listen,
+    stop: oneshot::Receiver<()>,
+    ready: std::sync::mpsc::Sender<std::io::Result<()>>,
+) {
+    let bound = glommio::net::TcpListener::bind(listen.http).and_then(|tcp| {
+        let udp = glommio::net::UdpSocket::bind(listen.quic)?;
+        Ok((tcp, udp))
+    });
+    let (listener, udp) = match bound {
+        Ok(b) => {
+            let _ = ready.send(Ok(()));
+            b
+        }
+        Err(e) => {
+            let _ = ready.send(Err(std::io::Error::other(e.to_string())));
+            return;
+        }
+    };
+    let ctx = Rc::new(ShardCtx::new(shared));
+    let (stop_quic, quic_stopped) = oneshot::channel();
+    let quic = glommio::spawn_local(crate::quic::serve_shard(
+        ctx.clone(),
+        listen.quic_setup,
+        shard,
+        udp,
+        listen.forwarded,
+        quic_stopped,
+    ));
+    accept_loop(&ctx, listener, stop).await;
+    let _ = stop_quic.send(());
+    // Tell the sessions of this shard, WebSocket and QUIC, to go away.
+    for closer in ctx.closers.borrow_mut().drain(..) {
+        let _ = closer.send(());
+    }
+    quic.await;
+}
+
 /// Binds the address once, without listening, to learn the port (when it is 0) and keep
-/// it while the shards bind it with `SO_REUSEPORT`.
-fn reserve_port(addr: SocketAddr) -> std::io::Result<(SocketAddr, socket2::Socket)> {
+/// it while the shards bind it with `SO_REUSEPORT`. A reserved UDP socket is in the
+/// port's group and may take a datagram meant for a shard before it is dropped, which is
+/// before the server says it listens.
+fn reserve_port(
+    addr: SocketAddr,
+    kind: socket2::Type,
+) -> std::io::Result<(SocketAddr, socket2::Socket)> {
     let domain = socket2::Domain::for_address(addr);
-    let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    let s = socket2::Socket::new(domain, kind, None)?;
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
     s.bind(&addr.into())?;
@@ -152,24 +251,12 @@ fn reserve_port(addr: SocketAddr) -> std::io::Result<(SocketAddr, socket2::Socke
     Ok((bound, s))
 }
 
-/// One shard's listener: accepts until the drain, serving each connection on this shard.
+/// Accepts HTTP and WebSocket connections until `stop`, serving each on this shard.
 async fn accept_loop(
-    shared: Arc<Shared>,
-    addr: SocketAddr,
+    ctx: &Rc<ShardCtx>,
+    listener: glommio::net::TcpListener,
     stop: oneshot::Receiver<()>,
-    ready: std::sync::mpsc::Sender<std::io::Result<()>>,
 ) {
-    let listener = match glommio::net::TcpListener::bind(addr) {
-        Ok(l) => {
-            let _ = ready.send(Ok(()));
-            l
-        }
-        Err(e) => {
-            let _ = ready.send(Err(std::io::Error::other(e.to_string())));
-            return;
-        }
-    };
-    let ctx = Rc::new(ShardCtx::new(shared));
     let mut stop = stop;
     loop {
         let accepted = {
@@ -199,10 +286,6 @@ async fn accept_loop(
             ctx.shared.metrics.connection_closed();
         })
         .detach();
-    }
-    // Tell the WebSocket sessions of this shard to go away.
-    for closer in ctx.closers.borrow_mut().drain(..) {
-        let _ = closer.send(());
     }
 }
 
@@ -234,4 +317,21 @@ fn admit(shared: &Shared, stream: &glommio::net::TcpStream) -> Option<std::net::
 fn release(shared: &Shared, ip: std::net::IpAddr) {
     shared.per_ip.release(ip);
     shared.connections.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// Starts the per-workspace message counter on shard 0. Returns its stop signal and the
+/// channel on which it says it stored its last counts.
+fn start_workspace_metrics(
+    shared: &Arc<Shared>,
+) -> Result<(oneshot::Sender<()>, std::sync::mpsc::Receiver<()>), ServeError> {
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let engine = shared.engine.clone();
+    let metrics = shared.metrics.clone();
+    let path = crate::workspace_metrics::state_path(&shared.config.data_dir);
+    futures::executor::block_on(shared.engine.spawn_on(0, move || async move {
+        crate::workspace_metrics::run(engine, metrics, path, stop_rx).await;
+        let _ = done_tx.send(());
+    }))?;
+    Ok((stop_tx, done_rx))
 }

@@ -2,162 +2,39 @@
 //! sockets: the whole flow, bad input, workspace isolation, the OpenAPI document, and the
 //! rate limit. Each test starts its own server on a free port in a fresh data directory.
 
+mod common;
+
 use chorus_engine::ids::{ChannelId, MessageId, UserId, WorkspaceId};
+use common::{Resp, User, AUTH_UNLIMITED, PASSWORD};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// The request body limit the tests configure: small, so the 413 case sends little.
 const BODY_LIMIT: usize = 2 * 1024 * 1024;
 /// Settings for every test but the rate-limit one: a rate no test reaches.
 const FAST: &str =
     "rate_per_s = 100000.0\nrate_burst = 100000.0\nrequest_body_bytes_max = 2097152\n";
-/// How long a server may take to print its address.
-const START_WAIT: Duration = Duration::from_secs(20);
-const PASSWORD: &str = "correct horse battery";
 
-/// A running server; dropping it kills the process.
-struct Server {
-    child: Child,
-    base: String,
-    agent: ureq::Agent,
-    /// The data directory, removed when the server is dropped.
-    _dir: tempfile::TempDir,
-}
+/// The shared harness's server with the REST conveniences these tests read best with.
+struct Server(common::Server);
 
-/// An answer: status, a few headers, and the body as JSON (`Null` when empty).
-#[derive(Debug)]
-struct Resp {
-    status: u16,
-    content_type: Option<String>,
-    retry_after: Option<String>,
-    allow: Option<String>,
-    text: String,
-    body: Value,
-}
+impl std::ops::Deref for Server {
+    type Target = common::Server;
 
-/// An account made by sign-up.
-#[derive(Clone, Debug)]
-struct User {
-    id: String,
-    email: String,
-    token: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    fn deref(&self) -> &common::Server {
+        &self.0
     }
 }
 
 impl Server {
     fn start(config: &str) -> Server {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config_path = dir.path().join("chorus.toml");
-        std::fs::write(&config_path, config).expect("write config");
-        let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_chorus"))
-            .arg("serve")
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .args(["--http", "127.0.0.1:0", "--shards", "2"])
-            .arg("--config")
-            .arg(&config_path)
-            .env("CHORUS_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .expect("start chorus");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        // The line is read on a thread so that a server that never prints fails the test
-        // after START_WAIT instead of hanging it.
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            let found = lines.by_ref().map_while(Result::ok).find_map(|l| {
-                l.strip_prefix("listening ").and_then(|rest| {
-                    rest.split(' ')
-                        .find_map(|kv| kv.strip_prefix("http="))
-                        .map(str::to_owned)
-                })
-            });
-            let _ = tx.send(found);
-            // Keep the pipe open and drained for the life of the server.
-            for _ in lines {}
-        });
-        let addr = match rx.recv_timeout(START_WAIT) {
-            Ok(Some(addr)) => addr,
-            other => {
-                let _ = child.kill();
-                let log = std::fs::read_to_string(dir.path().join("stderr.log"));
-                panic!("the server did not start ({other:?}); stderr: {log:?}");
-            }
-        };
-        let agent = ureq::AgentBuilder::new()
-            .timeout(Duration::from_secs(30))
-            .build();
-        Server {
-            child,
-            base: format!("http://{addr}"),
-            agent,
-            _dir: dir,
-        }
-    }
-
-    /// Sends a request with a raw body and optional headers.
-    fn raw(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> Resp {
-        let mut req = self.agent.request(method, &format!("{}{path}", self.base));
-        for (k, v) in headers {
-            req = req.set(k, v);
-        }
-        let result = match body {
-            Some(b) => req.send_bytes(b),
-            None => req.call(),
-        };
-        let resp = match result {
-            Ok(r) => r,
-            Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => panic!("{method} {path}: {e}"),
-        };
-        let status = resp.status();
-        let header = |name: &str| resp.header(name).map(str::to_owned);
-        let (content_type, retry_after, allow) = (
-            header("content-type"),
-            header("retry-after"),
-            header("allow"),
-        );
-        let mut text = String::new();
-        resp.into_reader()
-            .take(64 * 1024 * 1024)
-            .read_to_string(&mut text)
-            .expect("read body");
-        let json = content_type.as_deref() == Some("application/json");
-        let body = if text.is_empty() || !json {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{method} {path}: {e}: {text}"))
-        };
-        Resp {
-            status,
-            content_type,
-            retry_after,
-            allow,
-            text,
-            body,
-        }
+        Server(common::Server::start(&format!("{AUTH_UNLIMITED}{config}")))
     }
 
     /// Sends a request as a user (or anonymously), with a JSON body if given.
     fn call(&self, method: &str, path: &str, user: Option<&User>, body: Option<Value>) -> Resp {
-        let auth = user.map(|u| format!("Bearer {}", u.token));
-        let headers: Vec<(&str, &str)> = auth
-            .as_deref()
-            .map(|a| vec![("Authorization", a)])
-            .unwrap_or_default();
-        let bytes = body.map(|b| b.to_string().into_bytes());
-        self.raw(method, path, &headers, bytes.as_deref())
+        let token = user.map(|u| u.token.as_str());
+        self.0.call(method, path, token, body)
     }
 
     fn get(&self, path: &str, user: &User) -> Resp {

@@ -23,13 +23,13 @@
 //!
 //! At the end, ignored tests pin down server bugs these tests ran into; each names its bug.
 
+mod common;
+
 use chorus_client::{ChannelKind, Client, ConnectOptions, Message, Session, Stats, StreamHandle};
+use common::{Server, PASSWORD};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -49,23 +49,19 @@ const RESUME_MESSAGES_DEFAULT: usize = 10_000;
 /// Messages of `server_crash`, `drain_restart` and `frozen_server` unless
 /// `CHORUS_CRASH_MESSAGES` says otherwise.
 const CRASH_MESSAGES_DEFAULT: usize = 2_000;
-/// How long a server may take to print its address.
-const START_WAIT: Duration = Duration::from_secs(30);
-/// How long a restarted server may keep failing to bind the address the killed one had.
-const REBIND_WAIT: Duration = Duration::from_secs(5);
-/// How long a SIGTERMed server may take to drain and exit.
-const DRAIN_WAIT: Duration = Duration::from_secs(30);
 /// How long all the sends may take, and then the deliveries, before the test fails.
 const PHASE_WAIT: Duration = Duration::from_secs(240);
 /// Rate limits far above what the test sends: the rate limit is not under test here, and
 /// the SDK would wait it out anyway, only slower.
-const CONFIG: &str = "rate_per_s = 1000000.0\nrate_burst = 1000000.0\n";
+const CONFIG: &str = common::UNLIMITED;
 /// [`CONFIG`] with a server-side queue per subscriber so small that bursts overflow it.
-const CONFIG_TINY_QUEUES: &str =
-    "rate_per_s = 1000000.0\nrate_burst = 1000000.0\nws_outbound_frames_max = 8\n";
+fn config_tiny_queues() -> String {
+    format!("{CONFIG}ws_outbound_frames_max = 8\n")
+}
 /// [`CONFIG`] with a one-second heartbeat interval.
-const CONFIG_FAST_HEARTBEAT: &str =
-    "rate_per_s = 1000000.0\nrate_burst = 1000000.0\nheartbeat_interval_s = 1\n";
+fn config_fast_heartbeat() -> String {
+    format!("{CONFIG}heartbeat_interval_s = 1\n")
+}
 /// How long `frozen_server` keeps the server stopped: several heartbeat intervals.
 const FREEZE: Duration = Duration::from_secs(3);
 /// How long `idle_stream_stays_up` stays idle: several heartbeat intervals.
@@ -78,146 +74,6 @@ const SLOW_EVENT_QUEUE: usize = 32;
 const SLOW_READER_PAUSE: Duration = Duration::from_millis(5);
 /// Events a slow reader reads between two pauses.
 const SLOW_READER_BATCH: usize = 8;
-const PASSWORD: &str = "correct horse battery";
-
-// ---------------------------------------------------------------------------------------
-// The server
-// ---------------------------------------------------------------------------------------
-
-/// A `chorus serve` on a data directory that outlives restarts; killed on drop.
-struct Server {
-    child: Option<Child>,
-    addr: String,
-    dir: tempfile::TempDir,
-}
-
-impl Server {
-    fn start(config: &str) -> Server {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("chorus.toml"), config).expect("config");
-        let (child, addr) = spawn(dir.path(), "127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
-        Server {
-            child: Some(child),
-            addr,
-            dir,
-        }
-    }
-
-    fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// SIGKILL: no drain, no flush; only what was durable survives.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().expect("SIGKILL");
-            child.wait().expect("reap");
-        }
-    }
-
-    /// Sends a signal (`-STOP`, `-CONT`, ...) to the server.
-    fn signal(&self, which: &str) {
-        let child = self.child.as_ref().expect("running");
-        let sent = Command::new("kill")
-            .args([which, &child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(sent.success(), "kill {which} failed");
-    }
-
-    /// SIGTERM, then waits for the drain to end; the server must exit 0.
-    fn terminate(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let sent = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("kill -TERM");
-        assert!(sent.success(), "kill -TERM failed");
-        let deadline = Instant::now() + DRAIN_WAIT;
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("the server did not finish draining within {DRAIN_WAIT:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        assert!(status.success(), "the drained server exited with {status}");
-    }
-
-    /// Starts the server again on the same data directory and address. Binding may fail
-    /// for a moment after the kill; it is retried until [`REBIND_WAIT`].
-    fn restart(&mut self) {
-        let deadline = Instant::now() + REBIND_WAIT;
-        loop {
-            match spawn(self.dir.path(), &self.addr) {
-                Ok((child, addr)) => {
-                    assert_eq!(addr, self.addr, "the restarted server moved");
-                    self.child = Some(child);
-                    return;
-                }
-                Err(e) if Instant::now() < deadline => {
-                    eprintln!("restart: {e}; retrying");
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                Err(e) => panic!("the server did not come back: {e}"),
-            }
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// Starts `chorus serve` on `dir` and `http`; returns it and the address it printed, or
-/// why it did not start (it exited, for example because the address was taken).
-fn spawn(dir: &Path, http: &str) -> Result<(Child, String), String> {
-    let log_path = dir.join("server.log");
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .expect("log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_chorus"))
-        .arg("serve")
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .args(["--http", http, "--quic", "127.0.0.1:0", "--shards", "2"])
-        .arg("--config")
-        .arg(dir.join("chorus.toml"))
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .expect("spawn chorus");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx.recv_timeout(START_WAIT).unwrap_or_default();
-    match line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("http="))
-    {
-        Some(addr) => Ok((child, addr.to_owned())),
-        None => {
-            let _ = child.kill();
-            let _ = child.wait();
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            let tail: String = log.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
-            Err(format!("no address printed ({line:?}); log tail: {tail}"))
-        }
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // The exchange
@@ -694,7 +550,7 @@ async fn restart_midway(name: &str, stop: Stop, config: &str) {
             tokio::task::block_in_place(|| {
                 match stop {
                     Stop::Kill => server.kill(),
-                    Stop::Term => server.terminate(),
+                    Stop::Term => assert!(server.terminate().success(), "the drain failed"),
                     Stop::Freeze => {
                         server.signal("-STOP");
                         std::thread::sleep(FREEZE);
@@ -714,6 +570,14 @@ async fn restart_midway(name: &str, stop: Stop, config: &str) {
     let (outcome, _) = exchange(seed, &world, plan.clone(), faults).await;
     let (server, down) = restart.await.expect("restart task");
     verify(seed, &world, &plan, &outcome).await;
+    // Every stop must really have cut the streams: a freeze the heartbeats did not notice
+    // would prove nothing about resuming after one.
+    let disconnects: u64 = outcome.seen.iter().map(|s| s.stats.disconnects).sum();
+    assert!(
+        disconnects >= outcome.seen.len() as u64,
+        "{name}: only {disconnects} disconnects over {} streams",
+        outcome.seen.len()
+    );
     summary(
         name,
         seed,
@@ -744,14 +608,14 @@ async fn drain_restart() {
 // acknowledged is lost or repeated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_server() {
-    restart_midway("frozen_server", Stop::Freeze, CONFIG_FAST_HEARTBEAT).await;
+    restart_midway("frozen_server", Stop::Freeze, &config_fast_heartbeat()).await;
 }
 
 // With a heartbeat interval of one second, an idle stream stays connected for several
 // intervals: the SDK's pings keep the server from closing it (4002).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_stream_stays_up() {
-    let server = Server::start(CONFIG_FAST_HEARTBEAT);
+    let server = Server::start(&config_fast_heartbeat());
     let world = world(&server.base_url()).await;
     // The default options: the stream starts from the channels' seqs as REST reports them.
     let mut stream = world.users[1]
@@ -782,7 +646,7 @@ async fn slow_consumers() {
     let messages = env_usize("CHORUS_SLOW_MESSAGES", SLOW_MESSAGES_DEFAULT);
     eprintln!("slow_consumers: seed {seed} (CHORUS_RESUME_SEED), {messages} messages");
     let mut rng = StdRng::seed_from_u64(seed);
-    let server = Server::start(CONFIG_TINY_QUEUES);
+    let server = Server::start(&config_tiny_queues());
     let world = world(&server.base_url()).await;
     let plan = Arc::new(plan(&mut rng, messages));
     let faults = Faults {
@@ -944,7 +808,7 @@ async fn drain_does_not_wait_for_idle_http_connections() {
     // Leaves one idle keep-alive connection in the client's pool.
     assert!(client.healthy().await);
     let started = Instant::now();
-    tokio::task::block_in_place(|| server.terminate());
+    tokio::task::block_in_place(|| assert!(server.terminate().success()));
     let took = started.elapsed();
     drop(client);
     assert!(

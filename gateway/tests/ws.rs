@@ -6,317 +6,19 @@
 //! timeout, so a missing frame fails the test instead of hanging it; no test sleeps to
 //! guess when something has happened.
 
-use chorus_engine::ids::{ChannelId, MessageId};
-use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-use tungstenite::{Message, WebSocket};
+mod common;
 
-/// How long a test waits for a frame it expects before failing.
-const READ_TIMEOUT: Duration = Duration::from_secs(10);
+use chorus_engine::ids::{ChannelId, MessageId};
+use common::{Server, User, Ws, AUTH_UNLIMITED, READ_TIMEOUT};
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+use tungstenite::Message;
 
 // ---------------------------------------------------------------------------------------
 // Harness
 // ---------------------------------------------------------------------------------------
-
-/// A running `chorus serve`, killed on drop.
-struct Server {
-    child: Child,
-    addr: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Server {
-    /// Starts a server with the given TOML settings on top of the defaults.
-    fn start(config: &str) -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let config_path = dir.path().join("chorus.toml");
-        std::fs::write(&config_path, config).unwrap();
-        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_chorus"))
-            .arg("serve")
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .args([
-                "--http",
-                "127.0.0.1:0",
-                "--quic",
-                "127.0.0.1:0",
-                "--shards",
-                "2",
-            ])
-            .arg("--config")
-            .arg(&config_path)
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("http="))
-            .unwrap_or_else(|| panic!("no address in {line:?}; see {}", log_path(&dir)))
-            .to_owned();
-        Server {
-            child,
-            addr,
-            _dir: dir,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    /// A REST call; returns the status and the JSON body (null when empty).
-    fn call(
-        &self,
-        method: &str,
-        path: &str,
-        token: Option<&str>,
-        body: Option<Value>,
-    ) -> (u16, Value) {
-        let mut req = ureq::request(method, &self.url(path));
-        if let Some(token) = token {
-            req = req.set("Authorization", &format!("Bearer {token}"));
-        }
-        let result = match body {
-            Some(body) => req
-                .set("Content-Type", "application/json")
-                .send_string(&body.to_string()),
-            None => req.call(),
-        };
-        let response = match result {
-            Ok(r) => r,
-            Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => panic!("{method} {path}: {e}"),
-        };
-        let status = response.status();
-        let text = response.into_string().unwrap();
-        let value = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
-        (status, value)
-    }
-
-    /// A REST call that must answer `want`.
-    fn ok(&self, method: &str, path: &str, token: &str, body: Option<Value>, want: u16) -> Value {
-        let (status, value) = self.call(method, path, Some(token), body);
-        assert_eq!(status, want, "{method} {path}: {value}");
-        value
-    }
-
-    /// Signs up a user; returns (user id, token).
-    fn signup(&self, name: &str) -> User {
-        let email = format!("{name}@example.com");
-        let body = json!({"email": email, "password": "correct horse", "name": name});
-        let (status, v) = self.call("POST", "/api/v1/auth/signup", None, Some(body));
-        assert_eq!(status, 201, "{v}");
-        User {
-            id: v["user"]["id"].as_str().unwrap().to_owned(),
-            email: format!("{name}@example.com"),
-            token: v["token"].as_str().unwrap().to_owned(),
-        }
-    }
-
-    /// A workspace owned by `owner` with `members` in it; returns its ID.
-    fn workspace(&self, owner: &User, members: &[&User]) -> String {
-        let v = self.ok(
-            "POST",
-            "/api/v1/workspaces",
-            &owner.token,
-            Some(json!({"name": "acme"})),
-            201,
-        );
-        let wid = v["workspace"]["id"].as_str().unwrap().to_owned();
-        for m in members {
-            let path = format!("/api/v1/workspaces/{wid}/members");
-            self.ok(
-                "POST",
-                &path,
-                &owner.token,
-                Some(json!({"email": m.email})),
-                201,
-            );
-        }
-        wid
-    }
-
-    /// A public channel created by `owner` with `members` added; returns its ID.
-    fn channel(&self, wid: &str, owner: &User, name: &str, members: &[&User]) -> String {
-        let path = format!("/api/v1/workspaces/{wid}/channels");
-        let body = json!({"name": name, "kind": "public"});
-        let v = self.ok("POST", &path, &owner.token, Some(body), 201);
-        let cid = v["channel"]["id"].as_str().unwrap().to_owned();
-        for m in members {
-            let path = format!("/api/v1/channels/{cid}/members");
-            self.ok(
-                "POST",
-                &path,
-                &owner.token,
-                Some(json!({"user_id": m.id})),
-                201,
-            );
-        }
-        cid
-    }
-
-    /// Posts over REST; returns the message.
-    fn post(&self, user: &User, cid: &str, text: &str) -> Value {
-        let path = format!("/api/v1/channels/{cid}/messages");
-        self.ok("POST", &path, &user.token, Some(json!({"text": text})), 201)["message"].clone()
-    }
-
-    fn last_seq(&self, user: &User, cid: &str) -> u64 {
-        let v = self.ok(
-            "GET",
-            &format!("/api/v1/channels/{cid}"),
-            &user.token,
-            None,
-            200,
-        );
-        v["channel"]["last_seq"].as_u64().unwrap()
-    }
-
-    fn metric(&self, name: &str) -> f64 {
-        let text = ureq::get(&self.url("/metrics"))
-            .call()
-            .unwrap()
-            .into_string()
-            .unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in /metrics"))
-    }
-
-    /// Opens a WebSocket with the token in the query; returns it after reading `hello`.
-    fn connect(&self, user: &User) -> (Ws, Value) {
-        let mut ws = self.connect_raw(&user.token).expect("upgrade");
-        let hello = ws.recv();
-        assert_eq!(hello["type"], "hello", "{hello}");
-        (ws, hello)
-    }
-
-    fn connect_raw(&self, token: &str) -> Result<Ws, tungstenite::Error> {
-        let stream = TcpStream::connect(&self.addr).unwrap();
-        stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
-        let url = format!("ws://{}/ws/v1/connect?token={token}", self.addr);
-        match tungstenite::client(url, stream) {
-            Ok((socket, _)) => Ok(Ws {
-                socket,
-                stash: Default::default(),
-            }),
-            Err(tungstenite::HandshakeError::Failure(e)) => Err(e),
-            Err(tungstenite::HandshakeError::Interrupted(_)) => panic!("blocking handshake"),
-        }
-    }
-
-    /// Sends SIGTERM and waits for the exit status.
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        assert!(killed.success());
-        self.child.wait().unwrap()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn log_path(dir: &tempfile::TempDir) -> String {
-    dir.path().join("server.log").display().to_string()
-}
-
-struct User {
-    id: String,
-    email: String,
-    token: String,
-}
-
-/// A client WebSocket over a blocking socket with a read timeout. Frames skipped while
-/// waiting for one of a given type are kept, in order, for the next reads.
-struct Ws {
-    socket: WebSocket<TcpStream>,
-    stash: std::collections::VecDeque<Value>,
-}
-
-impl Ws {
-    fn send(&mut self, frame: Value) {
-        self.socket.send(Message::text(frame.to_string())).unwrap();
-    }
-
-    fn send_raw(&mut self, message: Message) {
-        self.socket.send(message).unwrap();
-    }
-
-    /// The next JSON frame; fails on a close, a timeout or a non-JSON frame.
-    fn recv(&mut self) -> Value {
-        if let Some(v) = self.stash.pop_front() {
-            return v;
-        }
-        self.read_socket()
-    }
-
-    fn read_socket(&mut self) -> Value {
-        loop {
-            match self.socket.read() {
-                Ok(Message::Text(t)) => return serde_json::from_str(&t).unwrap(),
-                Ok(Message::Ping(_) | Message::Pong(_)) => continue,
-                other => panic!("expected a text frame, got {other:?}"),
-            }
-        }
-    }
-
-    /// The next frame of the given type; frames before it are kept for later reads.
-    fn recv_type(&mut self, kind: &str) -> Value {
-        if let Some(i) = self.stash.iter().position(|v| v["type"] == kind) {
-            return self.stash.remove(i).unwrap();
-        }
-        loop {
-            let v = self.read_socket();
-            if v["type"] == kind {
-                return v;
-            }
-            assert!(self.stash.len() < 10_000, "no {kind} frame");
-            self.stash.push_back(v);
-        }
-    }
-
-    /// Sends a ping with a ref and waits for its pong, skipping other frames: the
-    /// connection is alive and has handled everything sent before.
-    fn ping(&mut self, reference: &str) {
-        self.send(json!({"type": "ping", "ref": reference}));
-        let pong = self.recv_type("pong");
-        assert_eq!(pong["ref"], reference);
-    }
-
-    /// Reads until a close frame; returns its code and reason, and the JSON frames before.
-    fn recv_close(&mut self) -> (u16, String, Vec<Value>) {
-        let mut before: Vec<Value> = self.stash.drain(..).collect();
-        loop {
-            match self.socket.read() {
-                Ok(Message::Text(t)) => before.push(serde_json::from_str(&t).unwrap()),
-                Ok(Message::Close(Some(f))) => {
-                    return (u16::from(f.code), f.reason.to_string(), before)
-                }
-                Ok(Message::Close(None)) => panic!("close without a code"),
-                Ok(_) => continue,
-                Err(e) => panic!("expected a close frame, got {e}"),
-            }
-        }
-    }
-}
 
 /// The `event` frame's inner type.
 fn event_type(v: &Value) -> &str {
@@ -326,7 +28,7 @@ fn event_type(v: &Value) -> &str {
 
 /// A server with two members of one workspace sharing one channel.
 fn pair(config: &str) -> (Server, User, User, String, String) {
-    let server = Server::start(config);
+    let server = Server::start(&format!("{AUTH_UNLIMITED}{config}"));
     let alice = server.signup("alice");
     let bob = server.signup("bob");
     let wid = server.workspace(&alice, &[&bob]);
@@ -368,7 +70,7 @@ fn send_ack_and_events_reach_the_other_member() {
     let page = server.ok(
         "GET",
         &format!("/api/v1/channels/{cid}/messages"),
-        &bob.token,
+        &bob,
         None,
         200,
     );
@@ -444,7 +146,7 @@ fn channels_joined_after_connecting_stream_events() {
     server.ok(
         "POST",
         &format!("/api/v1/channels/{later}/join"),
-        &bob.token,
+        &bob,
         None,
         200,
     );
@@ -631,7 +333,7 @@ fn upgrades_are_refused_with_http_errors() {
     let (status, answer) = raw_http(&server.addr, &upgrade("/ws/v1/connect", &bearer, "13", key));
     assert_eq!(status, 101, "{answer}");
     assert!(answer.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{answer}");
-    assert_eq!(server.call("GET", "/healthz", None, None).0, 200);
+    assert_eq!(server.call("GET", "/healthz", None, None).status, 200);
 }
 
 // A frame the client sends in the same packet as its upgrade request is not lost: a
@@ -673,11 +375,13 @@ fn frames_sent_with_the_request_are_kept() {
         String::from_utf8_lossy(&got)
     );
     let rest = got[head_end..].to_vec();
-    let socket = WebSocket::from_partially_read(s, rest, tungstenite::protocol::Role::Client, None);
-    let mut ws = Ws {
-        socket,
-        stash: Default::default(),
-    };
+    let socket = tungstenite::WebSocket::from_partially_read(
+        s,
+        rest,
+        tungstenite::protocol::Role::Client,
+        None,
+    );
+    let mut ws = Ws::new(socket);
     assert_eq!(ws.recv()["type"], "hello");
     let e = ws.recv();
     assert_eq!(e["event"]["message"]["id"], second["id"], "{e}");
@@ -899,11 +603,11 @@ fn bad_frames_get_error_frames_and_the_connection_survives() {
         b.ping(&format!("after {i}"));
     }
     // Nothing bad was stored, and the server still serves.
-    assert_eq!(server.call("GET", "/healthz", None, None).0, 200);
+    assert_eq!(server.call("GET", "/healthz", None, None).status, 200);
     let page = server.ok(
         "GET",
         &format!("/api/v1/channels/{cid}/messages"),
-        &bob.token,
+        &bob,
         None,
         200,
     );
@@ -1002,7 +706,7 @@ fn slow_readers_are_cut_off_and_resume() {
     assert!(before.len() < posted, "all {posted} delivered");
     let seqs: Vec<u64> = before.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
-    assert_eq!(server.call("GET", "/healthz", None, None).0, 200);
+    assert_eq!(server.call("GET", "/healthz", None, None).status, 200);
 
     let last = seqs.last().copied().unwrap_or(0);
     let (mut b, _) = server.connect(&bob);

@@ -62,6 +62,14 @@ pub(crate) enum MetaRequest {
     },
 }
 
+/// What the metadata owner's task receives.
+pub(crate) enum MetaMsg {
+    /// A command.
+    Request(MetaRequest),
+    /// A consumer's read of the metadata log.
+    Committed(crate::consumer::Waiter),
+}
+
 /// A read of the metadata replica, answered by whichever shard gets it.
 pub(crate) enum MetaRead {
     UserExists {
@@ -310,19 +318,53 @@ enum Decision {
 }
 
 impl<E: Env> MetaOwner<E> {
-    pub(crate) async fn run(self, mut rx: mpsc::Receiver<MetaRequest>) {
+    pub(crate) async fn run(self, mut rx: mpsc::Receiver<MetaMsg>) {
         let mut tick = Vec::new();
+        let mut reads = Vec::new();
+        let mut consumers = crate::consumer::Waiters::default();
         while let Some(first) = rx.next().await {
-            tick.push(first);
-            while tick.len() < super::partition::TICK_REQUESTS_MAX {
-                match rx.try_recv() {
-                    Ok(m) => tick.push(m),
-                    Err(_) => break,
+            let mut next = Some(first);
+            while let Some(msg) = next.take() {
+                match msg {
+                    MetaMsg::Request(r) => tick.push(r),
+                    MetaMsg::Committed(w) => reads.push(w),
+                }
+                if tick.len() < super::partition::TICK_REQUESTS_MAX {
+                    next = rx.try_recv().ok();
                 }
             }
             self.tick(std::mem::take(&mut tick)).await;
+            // Consumers read committed events only: after the tick's commit.
+            let end = self.log.next_offset();
+            reads.extend(consumers.ready(end));
+            for waiter in reads.drain(..) {
+                if waiter.from >= end {
+                    consumers.park(waiter);
+                } else {
+                    self.read_committed(waiter).await;
+                }
+            }
         }
         let _ = self.log.close().await;
+    }
+
+    /// Answers a consumer's read of the metadata log.
+    async fn read_committed(&self, waiter: crate::consumer::Waiter) {
+        let from = waiter.from.max(self.log.first_offset());
+        let end = self.log.next_offset();
+        let page = self
+            .log
+            .read(from, crate::consumer::CONSUMER_READ_BYTES_MAX)
+            .await
+            .map_err(|e| {
+                Corrupt::LogRead {
+                    log: META_LOG.into(),
+                    source: Arc::new(e),
+                }
+                .into()
+            })
+            .and_then(|records| crate::consumer::page(records, end, META_LOG));
+        let _ = waiter.reply.send(page);
     }
 
     async fn tick(&self, requests: Vec<MetaRequest>) {

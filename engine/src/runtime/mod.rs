@@ -117,6 +117,11 @@ pub(crate) enum PartitionMsg {
         workspace: Option<WorkspaceId>,
         out: Arc<Gather>,
     },
+    /// A consumer's read of committed events: answered now, or at the next commit.
+    Committed(crate::consumer::Waiter),
+    /// Retention: delete whole segments before the offset (already clamped to the
+    /// consumers' watermark), never after the last durable snapshot.
+    DeleteBefore { offset: u64, reply: Reply<u64> },
 }
 
 /// Gathers the answers of every partition to a scatter query.
@@ -171,6 +176,8 @@ pub(crate) enum ShardMsg {
     },
     /// A read of the metadata replica.
     MetaRead(meta::MetaRead),
+    /// A consumer's read of the metadata log (metadata owner only).
+    MetaCommitted(crate::consumer::Waiter),
     /// A request for a partition this shard owns.
     Partition { partition: u32, msg: PartitionMsg },
     /// The same request for every partition this shard owns (scatter).
@@ -299,7 +306,7 @@ struct Shard<E: Env> {
     /// The inbox depth last reported to the observer.
     depth_reported: usize,
     meta: std::rc::Rc<std::cell::RefCell<MetaState>>,
-    meta_owner: Option<futures::channel::mpsc::Sender<meta::MetaRequest>>,
+    meta_owner: Option<futures::channel::mpsc::Sender<meta::MetaMsg>>,
     /// The queues of this shard's partitions, in partition order.
     partitions: PartitionQueues,
     tasks: Vec<E::Task>,
@@ -530,9 +537,18 @@ impl<E: Env> Shard<E> {
         match msg {
             ShardMsg::Meta(req) => {
                 if let Some(tx) = self.meta_owner.as_mut() {
-                    let _ = tx.send(req).await;
+                    let _ = tx.send(meta::MetaMsg::Request(req)).await;
                 }
             }
+            ShardMsg::MetaCommitted(waiter) => match self.meta_owner.as_mut() {
+                Some(tx) => {
+                    let _ = tx.send(meta::MetaMsg::Committed(waiter)).await;
+                }
+                // Only shard 0 is asked, and it has the owner until it stops.
+                None => {
+                    let _ = waiter.reply.send(Err(Unavailable::ShuttingDown.into()));
+                }
+            },
             ShardMsg::MetaApplied { record, ack } => {
                 self.meta.borrow_mut().apply(&record.event);
                 if let crate::domain::event::MetaEvent::ChannelCreated { channel, .. } =

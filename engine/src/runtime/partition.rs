@@ -66,6 +66,8 @@ pub(crate) struct Partition<E: Env> {
     failed: Option<Unavailable>,
     observer: crate::config::ObserverSlot,
     snapshots: Snapshots<DirOf<E>>,
+    /// Consumers' reads waiting for the next commit.
+    consumers: crate::consumer::Waiters,
 }
 
 /// Where a partition's snapshot goes, and when the next one is due.
@@ -82,6 +84,9 @@ pub(crate) struct Snapshots<D> {
     covered: u64,
     /// A snapshot being written in the background.
     writing: Rc<std::cell::Cell<bool>>,
+    /// The log offset the last durable snapshot covers (0: none): the log may be cut
+    /// before it, never after.
+    durable_offset: Rc<std::cell::Cell<u64>>,
 }
 
 impl<D: Storage + Clone + 'static> Snapshots<D> {
@@ -94,6 +99,7 @@ impl<D: Storage + Clone + 'static> Snapshots<D> {
             since: 0,
             covered: 0,
             writing: Rc::new(std::cell::Cell::new(false)),
+            durable_offset: Rc::new(std::cell::Cell::new(0)),
         }
     }
 
@@ -110,11 +116,19 @@ impl<D: Storage + Clone + 'static> Snapshots<D> {
     }
 }
 
-/// Writes a snapshot file. A failure is reported and otherwise ignored: the log still
-/// holds everything, and the next snapshot tries again.
-async fn store_snapshot<D: Storage>(dir: D, name: String, file: Vec<u8>) {
-    if let Err(e) = crate::snapshot::store(&dir, &name, &file).await {
-        eprintln!("chorus: snapshot {name} not written: {e}");
+/// Writes a snapshot file covering the log up to `offset`, and records the offset once it
+/// is durable. A failure is reported and otherwise ignored: the log still holds
+/// everything, and the next snapshot tries again.
+async fn store_snapshot<D: Storage>(
+    dir: D,
+    name: String,
+    file: Vec<u8>,
+    offset: u64,
+    durable: Rc<std::cell::Cell<u64>>,
+) {
+    match crate::snapshot::store(&dir, &name, &file).await {
+        Ok(()) => durable.set(durable.get().max(offset)),
+        Err(e) => eprintln!("chorus: snapshot {name} not written: {e}"),
     }
 }
 
@@ -226,6 +240,7 @@ impl<E: Env> Partition<E> {
             failed: None,
             observer,
             snapshots,
+            consumers: Default::default(),
         };
         let snapshot_offset = p.restore_snapshot().await;
         let from = snapshot_offset.unwrap_or(p.log.first_offset());
@@ -274,6 +289,7 @@ impl<E: Env> Partition<E> {
         match self.restore_from(&loaded) {
             Ok(events) => {
                 self.snapshots.covered = events;
+                self.snapshots.durable_offset.set(loaded.next_offset);
                 Some(loaded.next_offset)
             }
             Err(e) => {
@@ -360,8 +376,12 @@ impl<E: Env> Partition<E> {
         let writing = self.snapshots.writing.clone();
         writing.set(true);
         let (dir, name) = (self.snapshots.dir.clone(), self.snapshots.name.clone());
+        let (offset, durable) = (
+            self.log.next_offset(),
+            self.snapshots.durable_offset.clone(),
+        );
         drop(self.env.spawn(async move {
-            store_snapshot(dir, name, file).await;
+            store_snapshot(dir, name, file, offset, durable).await;
             writing.set(false);
         }));
     }
@@ -376,7 +396,11 @@ impl<E: Env> Partition<E> {
             return;
         }
         let (dir, name) = (self.snapshots.dir.clone(), self.snapshots.name.clone());
-        store_snapshot(dir, name, self.snapshot_file()).await;
+        let (offset, durable) = (
+            self.log.next_offset(),
+            self.snapshots.durable_offset.clone(),
+        );
+        store_snapshot(dir, name, self.snapshot_file(), offset, durable).await;
     }
 
     /// Replays the log from `from`, returning the events replayed.
@@ -560,6 +584,9 @@ impl<E: Env> Partition<E> {
                 return 0;
             }
             self.deliver(&decided).await;
+        }
+        for waiter in self.consumers.ready(self.log.next_offset()) {
+            self.read_committed(waiter).await;
         }
         for p in pending {
             match p {
@@ -965,11 +992,35 @@ impl<E: Env> Partition<E> {
                 workspace,
                 out,
             } => out.add(self.visible(user, workspace)),
+            PartitionMsg::Committed(waiter) if waiter.from >= self.log.next_offset() => {
+                self.consumers.park(waiter)
+            }
+            PartitionMsg::Committed(waiter) => self.read_committed(waiter).await,
+            PartitionMsg::DeleteBefore { offset, reply } => {
+                let limit = offset.min(self.snapshots.durable_offset.get());
+                let r = self.log.delete_before(limit).await;
+                let r = r.map_err(|e| Unavailable::Retention(Arc::new(e)).into());
+                let _ = reply.send(r);
+            }
             PartitionMsg::Command { .. }
             | PartitionMsg::Init { .. }
             | PartitionMsg::Online { .. }
             | PartitionMsg::Typing { .. } => unreachable!("a tick handles these itself"),
         }
+    }
+
+    /// Answers a consumer's read from the log: committed events only, from its first
+    /// offset if the consumer asks for less.
+    async fn read_committed(&mut self, waiter: crate::consumer::Waiter) {
+        let from = waiter.from.max(self.log.first_offset());
+        let end = self.log.next_offset();
+        let page = self
+            .log
+            .read(from, crate::consumer::CONSUMER_READ_BYTES_MAX)
+            .await
+            .map_err(|e| read_failed(self.id, e))
+            .and_then(|records| crate::consumer::page(records, end, &log_name(self.id)));
+        let _ = waiter.reply.send(page);
     }
 
     /// Answers a read from committed state. Bodies in the blob store are fetched first,
@@ -1173,6 +1224,12 @@ fn fail(msg: PartitionMsg, why: &Unavailable) {
         }
         PartitionMsg::Visible { out, .. } => out.add(Vec::new()),
         PartitionMsg::Typing { reply, .. } => {
+            let _ = reply.send(Err(err()));
+        }
+        PartitionMsg::Committed(waiter) => {
+            let _ = waiter.reply.send(Err(err()));
+        }
+        PartitionMsg::DeleteBefore { reply, .. } => {
             let _ = reply.send(Err(err()));
         }
         PartitionMsg::Online { .. } | PartitionMsg::CatchUp { .. } => {}

@@ -25,10 +25,14 @@ pub const REBIND_WAIT: Duration = Duration::from_secs(10);
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// The password every test account uses.
 pub const PASSWORD: &str = "correct horse battery";
-/// Settings under which no test reaches a rate, sign-up or login limit: tests that are not
-/// about those limits start with these.
+/// Settings under which no test reaches a sign-up or login limit: tests that sign up many
+/// users from one address and are not about those limits add these.
+pub const AUTH_UNLIMITED: &str = "signup_per_ip_burst = 1000000.0\n\
+login_failures_per_ip_burst = 1000000.0\nlogin_failures_per_account_burst = 1000000.0\n\
+login_failures_per_account_ip_burst = 1000000.0\n";
+/// [`AUTH_UNLIMITED`] and no per-user rate limit either.
 pub const UNLIMITED: &str = "rate_per_s = 1000000.0\nrate_burst = 1000000.0\n\
-signup_per_ip_per_hour = 1000000.0\nsignup_per_ip_burst = 1000000.0\n\
+signup_per_ip_burst = 1000000.0\n\
 login_failures_per_ip_burst = 1000000.0\nlogin_failures_per_account_burst = 1000000.0\n\
 login_failures_per_account_ip_burst = 1000000.0\n";
 
@@ -268,6 +272,13 @@ impl Server {
         messages
     }
 
+    /// The last seq of a channel, as `user` sees it.
+    #[track_caller]
+    pub fn last_seq(&self, user: &User, cid: &str) -> u64 {
+        let v = self.ok("GET", &format!("/api/v1/channels/{cid}"), user, None, 200);
+        v["channel"]["last_seq"].as_u64().expect("last_seq")
+    }
+
     /// A counter or gauge from `/metrics`.
     pub fn metric(&self, name: &str) -> f64 {
         let text = self.raw("GET", "/metrics", &[], None).text;
@@ -463,6 +474,14 @@ pub struct Ws {
 }
 
 impl Ws {
+    /// A client over a socket whose handshake the test did itself.
+    pub fn new(socket: WebSocket<TcpStream>) -> Ws {
+        Ws {
+            socket,
+            stash: Default::default(),
+        }
+    }
+
     pub fn send(&mut self, frame: Value) {
         self.socket
             .send(Message::text(frame.to_string()))

@@ -1,0 +1,264 @@
+//! Committed-event consumers: named readers of the committed events of each log (the
+//! channel partitions and the metadata log), each from a cursor it keeps durably itself.
+//!
+//! **Seam.** A consumer (search indexing, notification decisions, previews, per-workspace
+//! metrics) asks [`Consumer::read`] for the events after its cursor. The call answers at
+//! once when there are some, and otherwise when the next commit of that log brings some:
+//! consumers are woken by commits and never poll. The events come from the log, read by
+//! the log's owner shard after its tick's replies and deliveries, so a consumer costs a
+//! send nothing, and a slow or stopped consumer holds no memory: its events wait in the
+//! log, not in a queue. The consumer stores its own state and cursor together (a file, an
+//! index commit) and then calls [`Consumer::acknowledge`].
+//!
+//! **Architecture invariant: the retention watermark.** Each log's watermark is the lowest
+//! cursor any declared consumer has acknowledged since the engine opened (0 until every
+//! declared consumer has acknowledged one). No log segment at or after the watermark is ever
+//! deleted ([`crate::Engine::delete_log_before`] clamps to it), so a consumer that restarts
+//! from its durable cursor always finds its next event. Consumers are declared in
+//! [`crate::EngineConfig::consumers`], before the engine opens, precisely so that the
+//! watermark holds from the first moment: one that acknowledged nothing yet pins its logs
+//! whole.
+
+use crate::domain::event::{self, ChannelRecord, Decoded, MetaRecord};
+use crate::error::{Corrupt, EngineError, Unavailable};
+use crate::runtime::Reply;
+use chorus_log::Record;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The most bytes of log payload one read returns (at least one event is always returned
+/// when there is one).
+pub const CONSUMER_READ_BYTES_MAX: usize = 256 * 1024;
+/// Reads waiting for the next commit of one log. A consumer keeps at most one read in
+/// flight per log, so this bounds the number of consumers, not their speed.
+pub const CONSUMER_WAITERS_MAX: usize = 64;
+
+/// A log consumers read: a channel partition, or the metadata log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LogId {
+    /// The metadata log: accounts, workspaces, the channel directory.
+    Meta,
+    /// A channel partition's log.
+    Partition(u32),
+}
+
+/// One committed event, as a consumer reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommittedEvent {
+    /// Its offset in its log.
+    pub offset: u64,
+    /// The event.
+    pub event: CommittedKind,
+}
+
+/// The two kinds of event a log holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommittedKind {
+    /// A metadata event.
+    Meta(MetaRecord),
+    /// A channel event, with its channel, workspace and seq.
+    Channel(ChannelRecord),
+}
+
+/// A page of a log's committed events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommittedPage {
+    /// The events, in log order; at least one.
+    pub events: Vec<CommittedEvent>,
+    /// The offset to read from next: the cursor once these are processed.
+    pub next: u64,
+    /// The log's end when it was read (the offset after its last committed event): a
+    /// consumer whose `next` reached it has caught up, and its next read waits.
+    pub end: u64,
+}
+
+/// A declared consumer; cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct Consumer {
+    pub(crate) engine: crate::Engine,
+    pub(crate) index: usize,
+}
+
+impl Consumer {
+    /// The consumer's name, as declared.
+    pub fn name(&self) -> &str {
+        &self.engine.config().consumers[self.index]
+    }
+
+    /// The committed events of `log` at and after offset `from`, at most about
+    /// [`CONSUMER_READ_BYTES_MAX`] of them; waits for the next commit when there are none.
+    /// A `from` below the log's first offset reads from its first offset.
+    pub async fn read(&self, log: LogId, from: u64) -> Result<CommittedPage, EngineError> {
+        self.engine.read_committed(log, from).await
+    }
+
+    /// Says the consumer has durably processed every event of `log` before offset
+    /// `cursor`: the log's segments before the lowest such cursor may be deleted. A cursor
+    /// lower than one acknowledged before is ignored (cursors only move forward).
+    pub fn acknowledge(&self, log: LogId, cursor: u64) {
+        self.engine
+            .watermarks()
+            .acknowledge(self.index, log, cursor);
+    }
+}
+
+/// The cursors every declared consumer acknowledged, per log, since the engine opened.
+pub(crate) struct Watermarks {
+    partitions: u32,
+    /// Per consumer, per log (the metadata log last): 0 until acknowledged.
+    cursors: Vec<Vec<AtomicU64>>,
+}
+
+impl Watermarks {
+    pub(crate) fn new(consumers: usize, partitions: u32) -> Watermarks {
+        let logs = partitions as usize + 1;
+        Watermarks {
+            partitions,
+            cursors: (0..consumers)
+                .map(|_| (0..logs).map(|_| AtomicU64::new(0)).collect())
+                .collect(),
+        }
+    }
+
+    fn slot(&self, log: LogId) -> usize {
+        match log {
+            LogId::Partition(p) => {
+                assert!(p < self.partitions, "partition {p} out of range");
+                p as usize
+            }
+            LogId::Meta => self.partitions as usize,
+        }
+    }
+
+    fn acknowledge(&self, consumer: usize, log: LogId, cursor: u64) {
+        let slot = self.slot(log);
+        self.cursors[consumer][slot].fetch_max(cursor, Ordering::AcqRel);
+    }
+
+    /// The lowest acknowledged cursor of `log` over every declared consumer: no segment at
+    /// or after it may be deleted. `u64::MAX` when no consumer is declared.
+    pub(crate) fn watermark(&self, log: LogId) -> u64 {
+        let slot = self.slot(log);
+        self.cursors
+            .iter()
+            .map(|c| c[slot].load(Ordering::Acquire))
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+}
+
+/// Turns log records into committed events. A record that does not decode is corrupt
+/// data the log's checksum did not catch: the read fails rather than skip it.
+pub(crate) fn page(
+    records: Vec<Record>,
+    end: u64,
+    log: &str,
+) -> Result<CommittedPage, EngineError> {
+    let next = records.last().map_or(end, |r| r.offset + 1);
+    let events = records
+        .into_iter()
+        .map(|r| {
+            let event = match event::decode(&r.payload) {
+                Ok(Decoded::Meta(m)) => CommittedKind::Meta(m),
+                Ok(Decoded::Channel(c)) => CommittedKind::Channel(c),
+                Err(source) => {
+                    return Err(Corrupt::Event {
+                        log: log.to_owned(),
+                        offset: r.offset,
+                        source,
+                    }
+                    .into())
+                }
+            };
+            Ok(CommittedEvent {
+                offset: r.offset,
+                event,
+            })
+        })
+        .collect::<Result<Vec<_>, EngineError>>()?;
+    Ok(CommittedPage { events, next, end })
+}
+
+/// A consumer's read that waits for the next commit of its log.
+pub(crate) struct Waiter {
+    pub from: u64,
+    pub reply: Reply<CommittedPage>,
+}
+
+/// The reads waiting for a log's next commit, held by the log's owner.
+#[derive(Default)]
+pub(crate) struct Waiters {
+    waiting: Vec<Waiter>,
+}
+
+impl Waiters {
+    /// Parks a read until the log reaches past `from`; refuses when too many wait.
+    pub(crate) fn park(&mut self, waiter: Waiter) {
+        if self.waiting.len() >= CONSUMER_WAITERS_MAX {
+            let _ = waiter
+                .reply
+                .send(Err(Unavailable::ConsumerReadsFull.into()));
+            return;
+        }
+        self.waiting.push(waiter);
+    }
+
+    /// The reads the log can answer now that its next offset is `next`; the others stay.
+    pub(crate) fn ready(&mut self, next: u64) -> Vec<Waiter> {
+        if self.waiting.is_empty() {
+            return Vec::new();
+        }
+        let (ready, waiting) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|w| w.from < next || w.reply.is_canceled());
+        self.waiting = waiting;
+        ready
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The watermark is the lowest acknowledged cursor over every declared consumer, 0 until
+    // all have acknowledged, unbounded with none declared; cursors never move back.
+    #[test]
+    fn watermark_is_the_lowest_cursor() {
+        let w = Watermarks::new(2, 4);
+        assert_eq!(w.watermark(LogId::Partition(1)), 0);
+        w.acknowledge(0, LogId::Partition(1), 50);
+        assert_eq!(w.watermark(LogId::Partition(1)), 0);
+        w.acknowledge(1, LogId::Partition(1), 30);
+        assert_eq!(w.watermark(LogId::Partition(1)), 30);
+        w.acknowledge(1, LogId::Partition(1), 10);
+        assert_eq!(w.watermark(LogId::Partition(1)), 30);
+        w.acknowledge(1, LogId::Partition(1), 80);
+        assert_eq!(w.watermark(LogId::Partition(1)), 50);
+        assert_eq!(w.watermark(LogId::Meta), 0);
+        assert_eq!(Watermarks::new(0, 4).watermark(LogId::Meta), u64::MAX);
+    }
+
+    // Waiting reads are answered once the log reaches past them, and their number is
+    // bounded.
+    #[test]
+    fn waiters_wake_on_commit() {
+        let mut w = Waiters::default();
+        let (tx, _rx1) = futures::channel::oneshot::channel();
+        w.park(Waiter { from: 5, reply: tx });
+        let (tx, _rx2) = futures::channel::oneshot::channel();
+        w.park(Waiter { from: 9, reply: tx });
+        assert!(w.ready(5).is_empty());
+        assert_eq!(w.ready(6).len(), 1);
+        assert_eq!(w.ready(10).len(), 1);
+        let mut receivers = Vec::new();
+        for _ in 0..CONSUMER_WAITERS_MAX + 1 {
+            let (tx, rx) = futures::channel::oneshot::channel();
+            w.park(Waiter {
+                from: 100,
+                reply: tx,
+            });
+            receivers.push(rx);
+        }
+        let refused = receivers.last_mut().unwrap().try_recv().unwrap();
+        assert!(matches!(refused, Some(Err(EngineError::Unavailable(_)))));
+    }
+}
