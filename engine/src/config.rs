@@ -45,6 +45,10 @@ pub struct EngineConfig {
     pub inbox_capacity: usize,
     /// Frames a subscriber's queue holds before the subscriber is cut off.
     pub subscriber_queue_frames: usize,
+    /// Requests a partition's queue holds before the shard's loop waits for it.
+    pub partition_queue_requests: usize,
+    /// Most events in one page of a resuming subscriber's catch-up.
+    pub catch_up_events: usize,
     /// The size at which a log segment is sealed.
     pub segment_bytes_max: u64,
     /// Pin each shard to a core.
@@ -70,6 +74,8 @@ impl EngineConfig {
             partitions: 16,
             inbox_capacity: 65536,
             subscriber_queue_frames: 4096,
+            partition_queue_requests: 8192,
+            catch_up_events: 256,
             segment_bytes_max: 64 * 1024 * 1024,
             pin: true,
             observer: ObserverSlot::default(),

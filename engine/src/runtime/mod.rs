@@ -383,7 +383,7 @@ impl<E: Env> Shard<E> {
                     let _ = tx.send(Arc::new(state.clone()));
                 }
                 let meta = Rc::new(RefCell::new(state));
-                let (tx, rx) = futures::channel::mpsc::channel(partition::PARTITION_QUEUE_MAX);
+                let (tx, rx) = futures::channel::mpsc::channel(config.partition_queue_requests);
                 let owner = meta::MetaOwner {
                     env: env.clone(),
                     log,
@@ -418,7 +418,7 @@ impl<E: Env> Shard<E> {
                     log,
                     routes.clone(),
                     meta.clone(),
-                    config.observer.clone(),
+                    &config,
                     partition::Snapshots::new(
                         snapshots.clone(),
                         format!("p{p:05}.snap"),
@@ -432,7 +432,7 @@ impl<E: Env> Shard<E> {
                 replayed_events,
                 took: env.now().duration_since(started),
             });
-            let (mut tx, rx) = futures::channel::mpsc::channel(partition::PARTITION_QUEUE_MAX);
+            let (mut tx, rx) = futures::channel::mpsc::channel(config.partition_queue_requests);
             for channel in uninitialised {
                 let _ = tx.try_send(PartitionMsg::Init { channel, ack: None });
             }

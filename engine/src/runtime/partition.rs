@@ -34,10 +34,6 @@ use std::sync::Arc;
 
 /// Most requests taken into one tick.
 pub(crate) const TICK_REQUESTS_MAX: usize = 1024;
-/// Most events in one catch-up page.
-pub(crate) const CATCH_UP_EVENTS_MAX: usize = 256;
-/// Requests waiting for a partition's task, past which the shard's loop waits.
-pub(crate) const PARTITION_QUEUE_MAX: usize = 8192;
 
 struct ChannelRt {
     state: ChannelState,
@@ -68,6 +64,8 @@ pub(crate) struct Partition<E: Env> {
     snapshots: Snapshots<DirOf<E>>,
     /// Consumers' reads waiting for the next commit.
     consumers: crate::consumer::Waiters,
+    /// Most events in one catch-up page ([`crate::EngineConfig::catch_up_events`]).
+    catch_up_events: usize,
 }
 
 /// Where a partition's snapshot goes, and when the next one is due.
@@ -223,7 +221,7 @@ impl<E: Env> Partition<E> {
         log: LocalDurability<DirOf<E>>,
         routes: Routes,
         meta: Rc<RefCell<MetaState>>,
-        observer: crate::config::ObserverSlot,
+        config: &crate::config::EngineConfig,
         snapshots: Snapshots<DirOf<E>>,
     ) -> Result<(Partition<E>, Vec<ChannelId>, (Option<u64>, u64)), EngineError> {
         let mut p = Partition {
@@ -238,9 +236,10 @@ impl<E: Env> Partition<E> {
             routes,
             meta,
             failed: None,
-            observer,
+            observer: config.observer.clone(),
             snapshots,
             consumers: Default::default(),
+            catch_up_events: config.catch_up_events,
         };
         let snapshot_offset = p.restore_snapshot().await;
         let from = snapshot_offset.unwrap_or(p.log.first_offset());
@@ -1127,7 +1126,7 @@ impl<E: Env> Partition<E> {
         };
         let end = rt.committed.min(limit);
         let from = after.min(end);
-        let page = CATCH_UP_EVENTS_MAX.min(max.max(1)) as u64;
+        let page = self.catch_up_events.min(max.max(1)) as u64;
         let to = end.min(from + page);
         let mut frames = Vec::with_capacity((to - from) as usize);
         for seq in from + 1..=to {
