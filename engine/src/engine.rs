@@ -21,7 +21,8 @@ use crate::queue::{FrameReceiver, Inbox};
 use crate::runtime::dispatch::SubscriptionInfo;
 use crate::runtime::meta::{MetaRead, MetaRequest};
 use crate::runtime::{
-    ChannelRead, Gather, PartitionMsg, Reply, Routes, ShardMsg, ShardSetup, Started, CURRENT_SHARD,
+    ChannelRead, Gather, PartitionMsg, Reply, Routes, ShardInboxes, ShardMsg, ShardSenders,
+    ShardSetup, Started, CURRENT_SHARD,
 };
 use crate::view::{ChannelView, MemberView, MessageView, UserView, WorkspaceView};
 use bytes::Bytes;
@@ -146,7 +147,7 @@ impl SubscriptionControl {
 impl Drop for Subscription {
     fn drop(&mut self) {
         let msg = ShardMsg::Unsubscribe { sub: self.info.id };
-        let _ = self.engine.inner.routes.shards[self.info.shard as usize].try_send(msg);
+        let _ = self.engine.inner.routes.try_send(self.info.shard, msg);
     }
 }
 
@@ -274,10 +275,10 @@ impl Engine {
 
     /// Stops every shard after the work in flight and closes the logs. Blocks until done.
     pub fn shutdown(&self) {
-        for s in self.inner.routes.shards.iter() {
+        for s in 0..self.inner.routes.shard_count() {
             // A full inbox drains: wait for room rather than lose the message and hang in
             // the join below.
-            let _ = futures::executor::block_on(s.send(ShardMsg::Shutdown));
+            let _ = futures::executor::block_on(self.inner.routes.send(s, ShardMsg::Shutdown));
         }
         if let Some(t) = self.inner.threads.lock().expect("threads").take() {
             let _ = t.join();
@@ -287,8 +288,8 @@ impl Engine {
     /// Stops every shard after the work in flight and closes the logs, without blocking
     /// the thread: the way to stop an engine started with [`Engine::start_local`].
     pub async fn close(&self) {
-        for s in self.inner.routes.shards.iter() {
-            let _ = s.send(ShardMsg::Shutdown).await;
+        for s in 0..self.inner.routes.shard_count() {
+            let _ = self.inner.routes.send(s, ShardMsg::Shutdown).await;
         }
         let stopped = std::mem::take(&mut *self.inner.stopped.lock().expect("stopped"));
         for shard in stopped {
@@ -389,6 +390,23 @@ impl Engine {
             )));
         }
         Ok(())
+    }
+
+    /// Every partition's subscriber index: how many live subscriptions of each user each
+    /// shard has, as the partitions count them. Once every subscription is gone, and the
+    /// shards have swept, it is empty. For tests and the simulation, which check that the
+    /// index never keeps a subscription that is gone.
+    #[doc(hidden)]
+    pub async fn subscriber_index(&self) -> Result<Vec<crate::SubscriberCount>, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        let audit = crate::runtime::Audit::new(self.inner.config.partitions as usize, tx);
+        for s in 0..self.inner.routes.shard_count() {
+            let a = audit.clone();
+            let msg =
+                ShardMsg::AllPartitions(Box::new(move || PartitionMsg::Audit { out: a.clone() }));
+            self.inner.routes.send(s, msg).await?;
+        }
+        rx.await.map_err(|_| Unavailable::ShardStopped)?
     }
 
     /// The number of shards.
@@ -950,9 +968,13 @@ impl Plan {
         let mut senders = Vec::new();
         let mut receivers = Vec::new();
         for _ in 0..config.shards {
-            let (tx, rx) = Inbox::new(config.inbox_capacity);
-            senders.push(tx);
-            receivers.push(rx);
+            let (requests, requests_rx) = Inbox::new(config.inbox_capacity);
+            let (events, events_rx) = Inbox::new(config.inbox_capacity);
+            senders.push(ShardSenders { requests, events });
+            receivers.push(ShardInboxes {
+                requests: requests_rx,
+                events: events_rx,
+            });
         }
         let routes = Routes {
             shards: Arc::new(senders),
@@ -968,13 +990,13 @@ impl Plan {
         }
         let mut setups = Vec::new();
         let mut stopped = Vec::new();
-        for (i, inbox) in receivers.into_iter().enumerate() {
+        for (i, inboxes) in receivers.into_iter().enumerate() {
             let (stopped_tx, stopped_rx) = oneshot::channel();
             stopped.push(stopped_rx);
             let setup = ShardSetup {
                 id: i as u32,
                 routes: routes.clone(),
-                inbox,
+                inboxes,
                 config: config.clone(),
                 meta_in: meta_in[i].take(),
                 meta_out: if i == 0 {

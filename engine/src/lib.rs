@@ -39,5 +39,7 @@ pub use config::{EngineConfig, Observer, ObserverSlot, HELD_EPHEMERAL_FRAMES_MAX
 pub use consumer::{CommittedEvent, CommittedKind, CommittedPage, Consumer, LogId};
 pub use engine::{Engine, Subscription, SubscriptionControl};
 pub use error::{Corrupt, EngineError, IoError, Unavailable};
-pub use outcome::{ChannelOutcome, MessagePage, MetaOutcome, ReadOutcome, Recovery};
+pub use outcome::{
+    ChannelOutcome, MessagePage, MetaOutcome, ReadOutcome, Recovery, SubscriberCount,
+};
 pub use runtime::dispatch::SubscriptionInfo;

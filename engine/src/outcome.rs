@@ -49,6 +49,20 @@ pub struct MessagePage {
     pub next_cursor: Option<u64>,
 }
 
+/// One entry of a partition's subscriber index: how many live subscriptions of a user a
+/// shard has, as the partition counts them (see [`crate::Engine::subscriber_index`]).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SubscriberCount {
+    /// The partition.
+    pub partition: u32,
+    /// The user.
+    pub user: crate::ids::UserId,
+    /// The shard the subscriptions live on.
+    pub shard: u32,
+    /// How many.
+    pub subscriptions: u32,
+}
+
 /// How one partition recovered when the engine opened.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Recovery {

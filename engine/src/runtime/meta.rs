@@ -179,7 +179,7 @@ pub(crate) struct MetaOwner<E: Env> {
     pub meta: Rc<RefCell<MetaState>>,
     pub routes: Routes,
     /// The shard's own partition queues, for the first members of channels it owns.
-    pub local_partitions: super::PartitionQueues,
+    pub local_partitions: super::shard::PartitionQueues,
     /// The events not yet published and the answers waiting for them.
     pub publication: Arc<Publication>,
     /// The number of the last event decided (the first is 1).
@@ -535,6 +535,18 @@ impl<E: Env> MetaOwner<E> {
                     None => ack.done(),
                 }
             }
+        }
+    }
+}
+
+/// Answers a message the owner will not serve.
+pub(crate) fn fail(msg: MetaMsg, why: &Unavailable) {
+    match msg {
+        MetaMsg::Request(req) => {
+            let _ = req.into_reply().send(Err(why.clone().into()));
+        }
+        MetaMsg::Committed(waiter) => {
+            let _ = waiter.reply.send(Err(why.clone().into()));
         }
     }
 }

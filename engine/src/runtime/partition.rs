@@ -352,7 +352,10 @@ impl<E: Env> Partition<E> {
     fn snapshot_file(&self) -> Vec<u8> {
         let mut w = crate::snapshot::Writer::with_capacity(1 << 16);
         w.len(self.channels.len());
-        for rt in self.channels.values() {
+        // In channel order, so that the same state always makes the same file.
+        let mut channels: Vec<&ChannelRt> = self.channels.values().collect();
+        channels.sort_unstable_by_key(|rt| rt.state.id);
+        for rt in channels {
             debug_assert_eq!(rt.committed, rt.state.last_seq());
             rt.state.snapshot(&mut w);
             w.u64s(&rt.offsets);
@@ -904,7 +907,7 @@ impl<E: Env> Partition<E> {
                 ephemeral_from: Some(user),
             };
             // Typing is best effort: a full inbox drops it rather than wait.
-            let _ = self.routes.shards[shard as usize].try_send(ShardMsg::Deliver(vec![d]));
+            let _ = self.routes.try_send(shard, ShardMsg::Deliver(vec![d]));
         }
         Ok(())
     }
@@ -991,6 +994,25 @@ impl<E: Env> Partition<E> {
                 workspace,
                 out,
             } => out.add(self.visible(user, workspace)),
+            PartitionMsg::Audit { out } => {
+                let counts = self
+                    .online
+                    .iter()
+                    .flat_map(|(user, shards)| {
+                        shards
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, n)| **n > 0)
+                            .map(|(s, n)| crate::outcome::SubscriberCount {
+                                partition: self.id,
+                                user: *user,
+                                shard: s as u32,
+                                subscriptions: *n,
+                            })
+                    })
+                    .collect();
+                out.add(counts);
+            }
             PartitionMsg::Committed(waiter) if waiter.from >= self.log.next_offset() => {
                 self.consumers.park(waiter)
             }
@@ -1207,7 +1229,8 @@ fn read_failed(partition: u32, e: ReadError) -> EngineError {
     .into()
 }
 
-fn fail(msg: PartitionMsg, why: &Unavailable) {
+/// Answers a request the partition will not serve.
+pub(crate) fn fail(msg: PartitionMsg, why: &Unavailable) {
     let err = || EngineError::from(why.clone());
     match msg {
         PartitionMsg::Command { reply, .. } => {
@@ -1222,6 +1245,7 @@ fn fail(msg: PartitionMsg, why: &Unavailable) {
             }
         }
         PartitionMsg::Visible { out, .. } => out.add(Vec::new()),
+        PartitionMsg::Audit { out } => out.add(Vec::new()),
         PartitionMsg::Typing { reply, .. } => {
             let _ = reply.send(Err(err()));
         }
