@@ -145,6 +145,9 @@ fn frame_of(kind: &str, object: Map<String, Value>) -> Result<ClientFrame, ApiEr
                     Err(_) => unknown.push(c.chars().take(64).collect()),
                 }
             }
+            // In channel order, not the hash map's: the engine asks for catch-ups in this
+            // order, and a simulated run must replay exactly.
+            since.sort_unstable();
             unknown.sort();
             ClientFrame::Resume { since, unknown }
         }
