@@ -16,6 +16,7 @@
 
 use crate::ctx::{authenticate, token_now, ShardCtx};
 use crate::error::ApiError;
+use crate::protocol::{message_in, parse_id};
 use bytes::Bytes;
 use chorus_engine::domain::{ChannelKind, PAGE_LIMIT_MAX};
 use chorus_engine::ids::{ChannelId, MessageId, UserId, WorkspaceId};
@@ -28,7 +29,6 @@ use serde::ser::{SerializeMap, Serializer};
 use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 use std::rc::Rc;
-use std::str::FromStr;
 use std::sync::OnceLock;
 
 /// Items in a page when the request names no `limit`.
@@ -585,21 +585,6 @@ impl Call<'_> {
     fn cursor(&self, key: &str) -> Result<Option<u64>, ApiError> {
         self.query(key)?.map(|c| decode_cursor(&c)).transpose()
     }
-}
-
-/// An ID from a path or body; one that does not parse names nothing, so it is not found.
-fn parse_id<T: FromStr>(s: &str, what: &str) -> Result<T, ApiError> {
-    s.parse().map_err(|_| ApiError::not_found(what))
-}
-
-/// A message ID that must name a message of `channel`: the engine routes a message call by
-/// the channel inside the ID, so one of another channel would reach past the path's.
-fn message_in(s: &str, channel: ChannelId) -> Result<MessageId, ApiError> {
-    let id: MessageId = parse_id(s, "message")?;
-    if id.channel != channel {
-        return Err(ApiError::not_found("message"));
-    }
-    Ok(id)
 }
 
 /// A page cursor: a seq, written so that clients do not take it for a number.
