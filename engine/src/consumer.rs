@@ -172,6 +172,19 @@ pub(crate) fn page(records: Vec<Record>, end: u64) -> Result<CommittedPage, Engi
     Ok(CommittedPage { events, next, end })
 }
 
+/// Answers a consumer's read from `log`: committed events only, from the log's first
+/// offset if the consumer asks for less.
+pub(crate) async fn answer(log: &impl crate::durability::Durability, waiter: Waiter) {
+    let from = waiter.from.max(log.first_offset());
+    let end = log.next_offset();
+    let page = log
+        .read(from, CONSUMER_READ_BYTES_MAX)
+        .await
+        .map_err(|e| EngineError::Corrupt(e.to_string()))
+        .and_then(|records| page(records, end));
+    let _ = waiter.reply.send(page);
+}
+
 /// A consumer's read that waits for the next commit of its log.
 pub(crate) struct Waiter {
     pub from: u64,

@@ -503,7 +503,7 @@ impl Partition {
             self.deliver(&decided).await;
         }
         for waiter in self.consumers.ready(self.log.next_offset()) {
-            self.read_committed(waiter).await;
+            crate::consumer::answer(&self.log, waiter).await;
         }
         for p in pending {
             match p {
@@ -898,7 +898,7 @@ impl Partition {
             PartitionMsg::Committed(waiter) if waiter.from >= self.log.next_offset() => {
                 self.consumers.park(waiter)
             }
-            PartitionMsg::Committed(waiter) => self.read_committed(waiter).await,
+            PartitionMsg::Committed(waiter) => crate::consumer::answer(&self.log, waiter).await,
             PartitionMsg::DeleteBefore { offset, reply } => {
                 let limit = offset.min(self.snapshots.durable_offset.get());
                 let r = self.log.delete_before(limit).await;
@@ -907,20 +907,6 @@ impl Partition {
             }
             other => fail(other, "unexpected request"),
         }
-    }
-
-    /// Answers a consumer's read from the log: committed events only, from its first
-    /// offset if the consumer asks for less.
-    async fn read_committed(&mut self, waiter: crate::consumer::Waiter) {
-        let from = waiter.from.max(self.log.first_offset());
-        let end = self.log.next_offset();
-        let page = self
-            .log
-            .read(from, crate::consumer::CONSUMER_READ_BYTES_MAX)
-            .await
-            .map_err(storage)
-            .and_then(|records| crate::consumer::page(records, end));
-        let _ = waiter.reply.send(page);
     }
 
     fn answer(
