@@ -23,6 +23,8 @@ pub mod blob;
 pub mod domain;
 pub mod durability;
 mod engine;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ids;
 pub mod queue;
 pub(crate) mod runtime;
