@@ -24,6 +24,8 @@ pub mod consumer;
 pub mod domain;
 pub mod durability;
 mod engine;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ids;
 pub mod queue;
 pub(crate) mod runtime;

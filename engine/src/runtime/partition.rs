@@ -244,12 +244,8 @@ impl Partition {
         &mut self,
         loaded: &crate::snapshot::Loaded,
     ) -> Result<u64, crate::snapshot::SnapshotError> {
-        let mut r = loaded.body();
-        let n = r.count(8)?;
         let mut events = 0;
-        for _ in 0..n {
-            let state = ChannelState::restore(&mut r)?;
-            let offsets = r.u64s()?;
+        for (state, offsets) in read_channels(loaded)? {
             let known = {
                 let meta = self.meta.borrow();
                 meta.channel(state.id).is_some_and(|c| {
@@ -257,9 +253,9 @@ impl Partition {
                         && crate::domain::meta::partition_of(c.id) == self.id
                 })
             };
-            if !known || offsets.len() as u64 != state.last_seq() {
+            if !known {
                 return Err(crate::snapshot::SnapshotError(format!(
-                    "channel {} does not match the directory or its offsets",
+                    "channel {} does not match the directory",
                     state.id
                 )));
             }
@@ -281,7 +277,6 @@ impl Partition {
                 },
             );
         }
-        r.finish()?;
         Ok(events)
     }
 
@@ -289,12 +284,13 @@ impl Partition {
     /// Call it only between ticks, when the state holds exactly the committed events.
     fn snapshot_file(&self) -> Vec<u8> {
         let mut w = crate::snapshot::Writer::with_capacity(1 << 16);
-        w.len(self.channels.len());
-        for rt in self.channels.values() {
-            debug_assert_eq!(rt.committed, rt.state.last_seq());
-            rt.state.snapshot(&mut w);
-            w.u64s(&rt.offsets);
-        }
+        write_channels(
+            &mut w,
+            self.channels.values().map(|rt| {
+                debug_assert_eq!(rt.committed, rt.state.last_seq());
+                (&rt.state, &rt.offsets[..])
+            }),
+        );
         w.finish(self.id, self.log.next_offset())
     }
 
@@ -1093,6 +1089,46 @@ fn fail(msg: PartitionMsg, why: &str) {
         }
         PartitionMsg::Online { .. } | PartitionMsg::CatchUp { .. } => {}
     }
+}
+
+/// Writes a partition snapshot's body: the number of channels, then each channel's state
+/// and the log offset of each of its events.
+pub(crate) fn write_channels<'a>(
+    w: &mut crate::snapshot::Writer,
+    channels: impl ExactSizeIterator<Item = (&'a ChannelState, &'a [u64])>,
+) {
+    w.len(channels.len());
+    for (state, offsets) in channels {
+        state.snapshot(w);
+        w.u64s(offsets);
+    }
+}
+
+/// Reads a body written by [`write_channels`], checking everything the body alone can
+/// show: each channel's state (see [`ChannelState::restore`]), one log offset per event,
+/// and no bytes left over. Whether the channels belong here is the caller's to check.
+pub(crate) fn read_channels(
+    loaded: &crate::snapshot::Loaded,
+) -> Result<Vec<(ChannelState, Vec<u64>)>, crate::snapshot::SnapshotError> {
+    let mut r = loaded.body();
+    // No capacity from the count: it is checked against 8 bytes left per channel, far
+    // less than a channel's state takes in memory.
+    let mut channels = Vec::new();
+    for _ in 0..r.count(8)? {
+        let state = ChannelState::restore(&mut r)?;
+        let offsets = r.u64s()?;
+        if offsets.len() as u64 != state.last_seq() {
+            return Err(crate::snapshot::SnapshotError(format!(
+                "channel {} has {} event offsets for {} events",
+                state.id,
+                offsets.len(),
+                state.last_seq()
+            )));
+        }
+        channels.push((state, offsets));
+    }
+    r.finish()?;
+    Ok(channels)
 }
 
 /// How a log record refers to a frame kept in the blob store.
