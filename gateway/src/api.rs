@@ -736,6 +736,25 @@ struct TextReq {
     text: String,
 }
 
+/// Parses `body` as every request type of the API, for the fuzz target: none may panic,
+/// whatever the bytes. Returns how many accepted it.
+pub(crate) fn parse_as_every_request(body: &[u8]) -> usize {
+    [
+        parse_json::<SignupReq>(body).is_ok(),
+        parse_json::<LoginReq>(body).is_ok(),
+        parse_json::<NameReq>(body).is_ok(),
+        parse_json::<EmailReq>(body).is_ok(),
+        parse_json::<ChannelReq>(body).is_ok(),
+        parse_json::<DmReq>(body).is_ok(),
+        parse_json::<UserIdReq>(body).is_ok(),
+        parse_json::<PostReq>(body).is_ok(),
+        parse_json::<TextReq>(body).is_ok(),
+    ]
+    .into_iter()
+    .filter(|ok| *ok)
+    .count()
+}
+
 // ---------------------------------------------------------------------------------------
 // Handlers
 // ---------------------------------------------------------------------------------------
