@@ -178,6 +178,26 @@ pub(crate) fn page(
     Ok(CommittedPage { events, next, end })
 }
 
+/// Answers a consumer's read from `log`: committed events only, from the log's first
+/// offset if the consumer asks for less.
+/// `name` is the log's directory, for errors.
+pub(crate) async fn answer(log: &impl crate::durability::Durability, waiter: Waiter, name: &str) {
+    let from = waiter.from.max(log.first_offset());
+    let end = log.next_offset();
+    let page = log
+        .read(from, CONSUMER_READ_BYTES_MAX)
+        .await
+        .map_err(|e| {
+            Corrupt::LogRead {
+                log: name.to_owned(),
+                source: std::sync::Arc::new(e),
+            }
+            .into()
+        })
+        .and_then(|records| page(records, end, name));
+    let _ = waiter.reply.send(page);
+}
+
 /// A consumer's read that waits for the next commit of its log.
 pub(crate) struct Waiter {
     pub from: u64,

@@ -27,6 +27,8 @@ pub mod durability;
 mod engine;
 pub mod env;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ids;
 mod outcome;
 pub mod queue;

@@ -95,17 +95,22 @@ impl Writer {
 
     /// The finished file: header, body, checksum.
     pub fn finish(self, partition: u32, next_offset: u64) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEADER_BYTES + self.buf.len() + 8);
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&SNAPSHOT_FORMAT_VERSION.to_le_bytes());
-        out.extend_from_slice(&partition.to_le_bytes());
-        out.extend_from_slice(&next_offset.to_le_bytes());
-        out.extend_from_slice(&(self.buf.len() as u64).to_le_bytes());
-        out.extend_from_slice(&self.buf);
-        let sum = xxhash_rust::xxh3::xxh3_64(&out);
-        out.extend_from_slice(&sum.to_le_bytes());
-        out
+        seal(&self.buf, partition, next_offset)
     }
+}
+
+/// A snapshot file of `partition` around `body`: header, body, checksum.
+pub fn seal(body: &[u8], partition: u32, next_offset: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_BYTES + body.len() + 8);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&SNAPSHOT_FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&partition.to_le_bytes());
+    out.extend_from_slice(&next_offset.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(body);
+    let sum = xxhash_rust::xxh3::xxh3_64(&out);
+    out.extend_from_slice(&sum.to_le_bytes());
+    out
 }
 
 /// Reads a snapshot body. Every read checks its bounds, and counts are checked against

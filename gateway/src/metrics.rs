@@ -189,6 +189,9 @@ pub struct Metrics {
     /// Work waiting in queues. With several shards, have each add its change rather than
     /// set its own value, or the shards overwrite each other.
     pub queue_depth: Gauge,
+    /// QUIC datagrams a shard received for a connection of another shard (a client that
+    /// moved) and forwarded to it.
+    pub quic_forwarded: Counter,
     /// Messages posted per workspace, as the `workspace_metrics` consumer last counted
     /// them. Behind a mutex: written once per page of events the consumer reads, read once
     /// per scrape, never on a request's path.
@@ -217,6 +220,7 @@ impl Metrics {
             request_duration_seconds: Histogram::new(REQUEST_DURATION_BUCKETS_S),
             fsync_latency_seconds: Histogram::new(FSYNC_LATENCY_BUCKETS_S),
             queue_depth: Gauge::default(),
+            quic_forwarded: Counter::default(),
             workspace_messages: Default::default(),
         }
     }
@@ -346,6 +350,12 @@ impl Metrics {
             "queue_depth",
             "Work waiting in queues.",
             self.queue_depth.get(),
+        );
+        counter(
+            &mut out,
+            "quic_datagrams_forwarded_total",
+            "QUIC datagrams forwarded to the shard that owns their connection.",
+            &self.quic_forwarded,
         );
         let name = "workspace_messages_total";
         header(

@@ -341,30 +341,11 @@ impl<E: Env> MetaOwner<E> {
                 if waiter.from >= end {
                     consumers.park(waiter);
                 } else {
-                    self.read_committed(waiter).await;
+                    crate::consumer::answer(&self.log, waiter, META_LOG).await;
                 }
             }
         }
         let _ = self.log.close().await;
-    }
-
-    /// Answers a consumer's read of the metadata log.
-    async fn read_committed(&self, waiter: crate::consumer::Waiter) {
-        let from = waiter.from.max(self.log.first_offset());
-        let end = self.log.next_offset();
-        let page = self
-            .log
-            .read(from, crate::consumer::CONSUMER_READ_BYTES_MAX)
-            .await
-            .map_err(|e| {
-                Corrupt::LogRead {
-                    log: META_LOG.into(),
-                    source: Arc::new(e),
-                }
-                .into()
-            })
-            .and_then(|records| crate::consumer::page(records, end, META_LOG));
-        let _ = waiter.reply.send(page);
     }
 
     async fn tick(&self, requests: Vec<MetaRequest>) {

@@ -306,12 +306,8 @@ impl<E: Env> Partition<E> {
         &mut self,
         loaded: &crate::snapshot::Loaded,
     ) -> Result<u64, crate::snapshot::SnapshotError> {
-        let mut r = loaded.body();
-        let n = r.count(8)?;
         let mut events = 0;
-        for _ in 0..n {
-            let state = ChannelState::restore(&mut r)?;
-            let offsets = r.u64s()?;
+        for (state, offsets) in read_channels(loaded)? {
             let known = {
                 let meta = self.meta.borrow();
                 meta.channel(state.id).is_some_and(|c| {
@@ -319,9 +315,9 @@ impl<E: Env> Partition<E> {
                         && crate::domain::meta::partition_of(c.id) == self.id
                 })
             };
-            if !known || offsets.len() as u64 != state.last_seq() {
+            if !known {
                 return Err(crate::snapshot::SnapshotError(format!(
-                    "channel {} does not match the directory or its offsets",
+                    "channel {} does not match the directory",
                     state.id
                 )));
             }
@@ -343,7 +339,6 @@ impl<E: Env> Partition<E> {
                 },
             );
         }
-        r.finish()?;
         Ok(events)
     }
 
@@ -351,15 +346,16 @@ impl<E: Env> Partition<E> {
     /// Call it only between ticks, when the state holds exactly the committed events.
     fn snapshot_file(&self) -> Vec<u8> {
         let mut w = crate::snapshot::Writer::with_capacity(1 << 16);
-        w.len(self.channels.len());
         // In channel order, so that the same state always makes the same file.
         let mut channels: Vec<&ChannelRt> = self.channels.values().collect();
         channels.sort_unstable_by_key(|rt| rt.state.id);
-        for rt in channels {
-            debug_assert_eq!(rt.committed, rt.state.last_seq());
-            rt.state.snapshot(&mut w);
-            w.u64s(&rt.offsets);
-        }
+        write_channels(
+            &mut w,
+            channels.into_iter().map(|rt| {
+                debug_assert_eq!(rt.committed, rt.state.last_seq());
+                (&rt.state, &rt.offsets[..])
+            }),
+        );
         w.finish(self.id, self.log.next_offset())
     }
 
@@ -588,7 +584,7 @@ impl<E: Env> Partition<E> {
             self.deliver(&decided).await;
         }
         for waiter in self.consumers.ready(self.log.next_offset()) {
-            self.read_committed(waiter).await;
+            crate::consumer::answer(&self.log, waiter, &log_name(self.id)).await;
         }
         for p in pending {
             match p {
@@ -1016,7 +1012,9 @@ impl<E: Env> Partition<E> {
             PartitionMsg::Committed(waiter) if waiter.from >= self.log.next_offset() => {
                 self.consumers.park(waiter)
             }
-            PartitionMsg::Committed(waiter) => self.read_committed(waiter).await,
+            PartitionMsg::Committed(waiter) => {
+                crate::consumer::answer(&self.log, waiter, &log_name(self.id)).await
+            }
             PartitionMsg::DeleteBefore { offset, reply } => {
                 let limit = offset.min(self.snapshots.durable_offset.get());
                 let r = self.log.delete_before(limit).await;
@@ -1028,20 +1026,6 @@ impl<E: Env> Partition<E> {
             | PartitionMsg::Online { .. }
             | PartitionMsg::Typing { .. } => unreachable!("a tick handles these itself"),
         }
-    }
-
-    /// Answers a consumer's read from the log: committed events only, from its first
-    /// offset if the consumer asks for less.
-    async fn read_committed(&mut self, waiter: crate::consumer::Waiter) {
-        let from = waiter.from.max(self.log.first_offset());
-        let end = self.log.next_offset();
-        let page = self
-            .log
-            .read(from, crate::consumer::CONSUMER_READ_BYTES_MAX)
-            .await
-            .map_err(|e| read_failed(self.id, e))
-            .and_then(|records| crate::consumer::page(records, end, &log_name(self.id)));
-        let _ = waiter.reply.send(page);
     }
 
     /// Answers a read from committed state. Bodies in the blob store are fetched first,
@@ -1257,6 +1241,46 @@ pub(crate) fn fail(msg: PartitionMsg, why: &Unavailable) {
         }
         PartitionMsg::Online { .. } | PartitionMsg::CatchUp { .. } => {}
     }
+}
+
+/// Writes a partition snapshot's body: the number of channels, then each channel's state
+/// and the log offset of each of its events.
+pub(crate) fn write_channels<'a>(
+    w: &mut crate::snapshot::Writer,
+    channels: impl ExactSizeIterator<Item = (&'a ChannelState, &'a [u64])>,
+) {
+    w.len(channels.len());
+    for (state, offsets) in channels {
+        state.snapshot(w);
+        w.u64s(offsets);
+    }
+}
+
+/// Reads a body written by [`write_channels`], checking everything the body alone can
+/// show: each channel's state (see [`ChannelState::restore`]), one log offset per event,
+/// and no bytes left over. Whether the channels belong here is the caller's to check.
+pub(crate) fn read_channels(
+    loaded: &crate::snapshot::Loaded,
+) -> Result<Vec<(ChannelState, Vec<u64>)>, crate::snapshot::SnapshotError> {
+    let mut r = loaded.body();
+    // No capacity from the count: it is checked against 8 bytes left per channel, far
+    // less than a channel's state takes in memory.
+    let mut channels = Vec::new();
+    for _ in 0..r.count(8)? {
+        let state = ChannelState::restore(&mut r)?;
+        let offsets = r.u64s()?;
+        if offsets.len() as u64 != state.last_seq() {
+            return Err(crate::snapshot::SnapshotError(format!(
+                "channel {} has {} event offsets for {} events",
+                state.id,
+                offsets.len(),
+                state.last_seq()
+            )));
+        }
+        channels.push((state, offsets));
+    }
+    r.finish()?;
+    Ok(channels)
 }
 
 /// How a log record refers to a frame kept in the blob store.

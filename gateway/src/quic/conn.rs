@@ -15,8 +15,8 @@ use crate::ctx::ShardCtx;
 use crate::error::ApiError;
 use crate::protocol::{self, FrameError};
 use crate::session::{
-    run_call, Answer, CloseReason, SessionConfig, SessionCore, SubscriptionControl, Violation,
-    BATCH_FRAMES_MAX,
+    run_call, take_events, Answer, CloseReason, SessionConfig, SessionCore, SubscriptionControl,
+    Violation, BATCH_FRAMES_MAX,
 };
 use bytes::{Bytes, BytesMut};
 use chorus_engine::ids::UserId;
@@ -45,9 +45,20 @@ enum Phase {
     Opening(LocalBoxFuture<'static, Result<(UserId, Subscription), ApiError>>),
     /// The session runs.
     Live(Box<Live>),
+    /// The session ended: its last frames are being delivered (the send stream is
+    /// finished) before the connection closes with this code, at the latest at `until`.
+    Finishing {
+        code: u32,
+        why: String,
+        until: Instant,
+    },
     /// Closed; waiting for QUIC to finish.
     Closing,
 }
+
+/// How long a session that ended waits for its last frames to be acknowledged before the
+/// connection closes anyway.
+const FINISH_LINGER: Duration = Duration::from_secs(2);
 
 /// A running session: the core and what it does not touch.
 struct Live {
@@ -173,6 +184,12 @@ impl Driver {
                     }
                 }
             }
+            Event::Stream(StreamEvent::Finished { id }) if Some(id) == self.stream => {
+                if let Phase::Finishing { code, why, .. } = &self.phase {
+                    let (code, why) = (*code, why.clone());
+                    self.close_now(code, &why);
+                }
+            }
             Event::ConnectionLost { reason } => {
                 tracing::debug!(%reason, "quic connection lost");
                 self.phase = Phase::Closing;
@@ -196,6 +213,13 @@ impl Driver {
             }
             Phase::Opening(_) => {}
             Phase::Live(_) => self.live(now),
+            Phase::Finishing { code, why, until } => {
+                let due = (now >= *until).then(|| (*code, why.clone()));
+                self.flush_outbox();
+                if let Some((code, why)) = due {
+                    self.close_now(code, &why);
+                }
+            }
             Phase::Closing => {}
         }
     }
@@ -389,10 +413,36 @@ impl Driver {
 
     fn close(&mut self, reason: CloseReason) {
         let code = app_error_code(reason);
-        self.close_code(code, &format!("{reason:?}"));
+        match reason {
+            // The client closed, or broke the framing: nothing more is worth delivering.
+            CloseReason::PeerClosed | CloseReason::Violation(_) => {
+                self.close_now(code, &format!("{reason:?}"))
+            }
+            _ => self.close_code(code, &format!("{reason:?}")),
+        }
     }
 
+    /// Ends the session with `code` once the frames already written are delivered: the
+    /// send stream is finished, and the connection closes when the client acknowledged
+    /// all of it, or after [`FINISH_LINGER`].
     fn close_code(&mut self, code: u32, why: &str) {
+        if matches!(self.phase, Phase::Closing | Phase::Finishing { .. }) {
+            return;
+        }
+        let finished = self
+            .stream
+            .is_some_and(|id| self.conn.send_stream(id).finish().is_ok());
+        if !finished {
+            return self.close_now(code, why);
+        }
+        self.phase = Phase::Finishing {
+            code,
+            why: why.to_owned(),
+            until: Instant::now() + FINISH_LINGER,
+        };
+    }
+
+    fn close_now(&mut self, code: u32, why: &str) {
         if matches!(self.phase, Phase::Closing) {
             return;
         }
@@ -413,7 +463,7 @@ impl Driver {
         if Pin::new(&mut self.drain).poll(cx).is_ready() {
             match &mut self.phase {
                 Phase::Live(live) => live.core.handle_drain(),
-                Phase::Closing => {}
+                Phase::Closing | Phase::Finishing { .. } => {}
                 _ => self.close(CloseReason::GoingAway),
             }
             // The drain fires once; a fresh receiver never fires again.
@@ -443,7 +493,7 @@ impl Driver {
 
     fn session_deadline(&self) -> Option<Instant> {
         match &self.phase {
-            Phase::Auth { until } => Some(*until),
+            Phase::Auth { until } | Phase::Finishing { until, .. } => Some(*until),
             Phase::Live(live) => Some(live.core.poll_timeout()),
             _ => None,
         }
@@ -486,28 +536,8 @@ impl Driver {
         }
         // Events only while the stream takes writes: otherwise the engine's bounded queue
         // holds them, and cuts the client off when it is full.
-        let room = live.core.event_room();
-        if room > 0 && self.outbox.is_empty() {
-            let taken = match live.sub.try_recv_batch(&mut live.batch, room) {
-                Ok(0) => match live.sub.receiver().poll_recv(cx) {
-                    Poll::Ready(Ok(frame)) => {
-                        live.batch.push(frame);
-                        Ok(())
-                    }
-                    Poll::Ready(Err(cut)) => Err(cut),
-                    Poll::Pending => Ok(()),
-                },
-                Ok(_) => Ok(()),
-                Err(cut) => Err(cut),
-            };
-            progressed |= !live.batch.is_empty();
-            for frame in live.batch.drain(..) {
-                live.core.push_event(frame);
-            }
-            if let Err(cut) = taken {
-                live.core.handle_cutoff(cut);
-                progressed = true;
-            }
+        if self.outbox.is_empty() {
+            progressed |= take_events(&mut live.core, &mut live.sub, &mut live.batch, cx);
         }
         progressed.then_some(Poll::Ready(()))
     }

@@ -158,7 +158,8 @@ impl QuicSetup {
         })
     }
 
-    fn endpoint(&self, shard: usize) -> Endpoint {
+    /// A fresh endpoint for `shard`, with the shared keys.
+    pub fn endpoint(&self, shard: usize) -> Endpoint {
         let mut config = EndpointConfig::new(self.reset_key.clone());
         let key = self.cid_key.clone();
         config.cid_generator(move || Box::new(cid::ShardCids::new(key.clone(), shard)));
@@ -241,6 +242,7 @@ pub async fn serve_shard(
         };
         match cid::route(&setup.cid_key, &buf[..n], shard, shards) {
             cid::Route::Shard(owner) => {
+                ctx.shared.metrics.quic_forwarded.inc();
                 let data = BytesMut::from(&buf[..n]);
                 setup.router.forward(owner, Forwarded { remote, data });
             }

@@ -41,6 +41,8 @@ pub struct Server {
     child: Option<Child>,
     /// `host:port` of the HTTP and WebSocket listener.
     pub addr: String,
+    /// `host:port` of the QUIC endpoint (a new port after each restart).
+    pub quic_addr: String,
     dir: tempfile::TempDir,
     agent: ureq::Agent,
 }
@@ -50,13 +52,15 @@ impl Server {
     pub fn start(config: &str) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("chorus.toml"), config).expect("config");
-        let (child, addr) = spawn(dir.path(), "127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        let (child, addr, quic_addr) =
+            spawn(dir.path(), "127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
         let agent = ureq::AgentBuilder::new()
             .timeout(Duration::from_secs(30))
             .build();
         Server {
             child: Some(child),
             addr,
+            quic_addr,
             dir,
             agent,
         }
@@ -139,9 +143,10 @@ impl Server {
         let deadline = Instant::now() + REBIND_WAIT;
         loop {
             match spawn(self.dir.path(), &self.addr) {
-                Ok((child, addr)) => {
+                Ok((child, addr, quic_addr)) => {
                     assert_eq!(addr, self.addr, "the restarted server moved");
                     self.child = Some(child);
+                    self.quic_addr = quic_addr;
                     return;
                 }
                 Err(e) if Instant::now() < deadline => {
@@ -279,6 +284,17 @@ impl Server {
         v["channel"]["last_seq"].as_u64().expect("last_seq")
     }
 
+    /// The SHA-256 of the QUIC certificate the server generated, for pinning.
+    pub fn quic_pin(&self) -> String {
+        let data = self.dir.path().join("data");
+        let cert = chorus_gateway::quic::cert::load(
+            &data.join(chorus_gateway::quic::cert::CERT_FILE_NAME),
+            &data.join(chorus_gateway::quic::cert::KEY_FILE_NAME),
+        )
+        .expect("the generated QUIC certificate");
+        cert.fingerprint()
+    }
+
     /// A counter or gauge from `/metrics`.
     pub fn metric(&self, name: &str) -> f64 {
         let text = self.raw("GET", "/metrics", &[], None).text;
@@ -324,9 +340,10 @@ impl Drop for Server {
     }
 }
 
-/// Starts `chorus serve` on `dir` and `http`; returns it and the address it printed, or
-/// why it did not start (it exited, for example because the address was taken).
-fn spawn(dir: &Path, http: &str) -> Result<(Child, String), String> {
+/// Starts `chorus serve` on `dir` and `http`; returns it and the HTTP and QUIC addresses
+/// it printed, or why it did not start (it exited, for example because the address was
+/// taken).
+fn spawn(dir: &Path, http: &str) -> Result<(Child, String, String), String> {
     let log_path = dir.join("server.log");
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -352,17 +369,19 @@ fn spawn(dir: &Path, http: &str) -> Result<(Child, String), String> {
     std::thread::spawn(move || {
         let mut lines = BufReader::new(stdout).lines();
         let found = lines.by_ref().map_while(Result::ok).find_map(|l| {
-            l.strip_prefix("listening ").and_then(|rest| {
+            let rest = l.strip_prefix("listening ")?.to_owned();
+            let field = |key: &str| {
                 rest.split(' ')
-                    .find_map(|kv| kv.strip_prefix("http="))
+                    .find_map(|kv| kv.strip_prefix(key))
                     .map(str::to_owned)
-            })
+            };
+            Some((field("http=")?, field("quic=")?))
         });
         let _ = tx.send(found);
         for _ in lines {}
     });
     match rx.recv_timeout(START_WAIT) {
-        Ok(Some(addr)) => Ok((child, addr)),
+        Ok(Some((http, quic))) => Ok((child, http, quic)),
         other => {
             let _ = child.kill();
             let _ = child.wait();

@@ -42,7 +42,7 @@ use crate::outbox::{Outbox, REQUESTS_ON_WIRE_MAX};
 use crate::rest::{Client, Session};
 use crate::tracker::{Membership, SeqTracker, Verdict};
 use crate::types::Message;
-use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::stream::SplitSink;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -93,6 +93,8 @@ pub struct ConnectOptions {
     pub backoff: Backoff,
     /// Events delivered and not yet read, at most (at least 2).
     pub event_queue_max: usize,
+    /// How the stream reaches the server: a WebSocket (the default) or QUIC.
+    pub transport: Transport,
 }
 
 impl Default for ConnectOptions {
@@ -101,8 +103,20 @@ impl Default for ConnectOptions {
             since: None,
             backoff: Backoff::default(),
             event_queue_max: EVENT_QUEUE_MAX,
+            transport: Transport::WebSocket,
         }
     }
+}
+
+/// The transport of an event stream. Both carry the same frames, and the stream behaves
+/// the same over either: resume, dedupe, reconnects.
+#[derive(Clone, Debug, Default)]
+pub enum Transport {
+    /// `ws://…/ws/v1/connect` on the client's base URL.
+    #[default]
+    WebSocket,
+    /// QUIC to this address, with the server certificate pinned.
+    Quic(crate::quic::QuicTarget),
 }
 
 /// One event of a channel, as the server's `event` frame carries it.
@@ -247,9 +261,14 @@ impl Session {
             None => self.channel_seqs().await?,
         };
         let tracker = SeqTracker::seeded(&since);
-        let conn = Conn::open(self.client(), &self.token, &tracker.since())
-            .await
-            .map_err(ConnectError::into_error)?;
+        let conn = Conn::open(
+            self.client(),
+            &options.transport,
+            &self.token,
+            &tracker.since(),
+        )
+        .await
+        .map_err(ConnectError::into_error)?;
         let queue_max = options.event_queue_max.max(2);
         let (events_tx, events) = mpsc::channel(queue_max);
         let (typing_tx, typing) = mpsc::channel(TYPING_QUEUE_MAX);
@@ -259,6 +278,7 @@ impl Session {
         let end = Arc::new(Mutex::new(None));
         let task = Task {
             client: self.client().clone(),
+            transport: options.transport,
             token: self.token.clone(),
             user_id: self.user.id.clone(),
             backoff: options.backoff,
@@ -513,14 +533,26 @@ impl StreamHandle {
 
 type Ws = WebSocketStream<TcpStream>;
 
+/// What a connection's frames come from, whatever its transport.
+type Reader =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<WsMessage, WsError>> + Send>>;
+
 /// An open session: the reading half, the writer task that owns the writing half, and a
-/// second handle on the socket to reset it.
+/// way to cut the connection as a network failure would.
 struct Conn {
-    read: SplitStream<Ws>,
+    read: Reader,
     writes: mpsc::Sender<WsMessage>,
     writer: JoinHandle<()>,
-    cutter: Option<TcpSocket>,
+    cutter: Option<Cutter>,
     heartbeat: Duration,
+}
+
+/// How a connection is cut without a close handshake.
+enum Cutter {
+    /// A second descriptor of the TCP socket, to reset it.
+    Tcp(TcpSocket),
+    /// The QUIC connection and its endpoint, dropped together.
+    Quic(quinn::Connection, quinn::Endpoint),
 }
 
 /// Why a connection could not be opened.
@@ -549,13 +581,43 @@ impl Conn {
     /// waits only briefly for it), and reads `hello`.
     async fn open(
         client: &Client,
+        transport: &Transport,
         token: &str,
         since: &HashMap<String, u64>,
     ) -> Result<Conn, ConnectError> {
-        match timeout(CONNECT_TIMEOUT, Conn::open_now(client, token, since)).await {
+        let opening = async {
+            match transport {
+                Transport::WebSocket => Conn::open_now(client, token, since).await,
+                Transport::Quic(target) => Conn::open_quic(target, token, since).await,
+            }
+        };
+        match timeout(CONNECT_TIMEOUT, opening).await {
             Ok(result) => result,
             Err(_) => Err(ConnectError::Retry("connecting timed out".into())),
         }
+    }
+
+    /// Connects over QUIC: `auth`, then `resume` as the session's first frame, then reads
+    /// `hello`.
+    async fn open_quic(
+        target: &crate::quic::QuicTarget,
+        token: &str,
+        since: &HashMap<String, u64>,
+    ) -> Result<Conn, ConnectError> {
+        let resume = frames::resume(since);
+        let quic = crate::quic::open(target, token, resume, WRITE_QUEUE_MAX)
+            .await
+            .map_err(ConnectError::Retry)?;
+        let mut rx = quic.read;
+        let mut read: Reader = Box::pin(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)));
+        let heartbeat = read_hello(&mut read).await?;
+        Ok(Conn {
+            read,
+            writes: quic.writes,
+            writer: quic.writer,
+            cutter: Some(Cutter::Quic(quic.connection, quic.endpoint)),
+            heartbeat,
+        })
     }
 
     async fn open_now(
@@ -584,11 +646,12 @@ impl Conn {
         let (ws, _) = tokio_tungstenite::client_async(request, tcp)
             .await
             .map_err(upgrade_error)?;
-        let (mut sink, mut read) = ws.split();
+        let (mut sink, read) = ws.split();
         let resume = WsMessage::text(frames::resume(since));
         sink.send(resume)
             .await
             .map_err(|e| ConnectError::Retry(e.to_string()))?;
+        let mut read: Reader = Box::pin(read);
         let heartbeat = read_hello(&mut read).await?;
         let (writes, rx) = mpsc::channel(WRITE_QUEUE_MAX);
         let writer = tokio::spawn(write_loop(sink, rx));
@@ -596,7 +659,7 @@ impl Conn {
             read,
             writes,
             writer,
-            cutter: Some(cutter),
+            cutter: Some(Cutter::Tcp(cutter)),
             heartbeat,
         })
     }
@@ -611,9 +674,18 @@ impl Conn {
 
     /// Resets the connection: no close frame, a TCP RST.
     fn cut(mut self) {
-        if let Some(cutter) = self.cutter.take() {
+        match self.cutter.take() {
             // Set on the shared socket; the reset goes out when the last descriptor closes.
-            let _ = cutter.set_zero_linger();
+            Some(Cutter::Tcp(socket)) => {
+                let _ = socket.set_zero_linger();
+            }
+            // Dropping the socket loses everything in flight; the server learns of it by its
+            // heartbeat, as it would of a client whose network went away.
+            Some(Cutter::Quic(connection, endpoint)) => {
+                drop(connection);
+                drop(endpoint);
+            }
+            None => {}
         }
     }
 
@@ -680,18 +752,22 @@ fn upgrade_error(e: WsError) -> ConnectError {
 }
 
 /// Reads until `hello`; returns its heartbeat interval. The server sends it first.
-async fn read_hello(read: &mut SplitStream<Ws>) -> Result<Duration, ConnectError> {
+async fn read_hello(read: &mut Reader) -> Result<Duration, ConnectError> {
     while let Some(message) = read.next().await {
         match message.map_err(|e| ConnectError::Retry(e.to_string()))? {
-            WsMessage::Text(text) => {
-                if let Ok(ServerFrame::Hello {
+            WsMessage::Text(text) => match ServerFrame::parse(text.as_str()) {
+                Ok(ServerFrame::Hello {
                     heartbeat_interval, ..
-                }) = ServerFrame::parse(text.as_str())
-                {
+                }) => {
                     let interval = Duration::from_secs(heartbeat_interval);
                     return Ok(interval.max(HEARTBEAT_INTERVAL_MIN));
                 }
-            }
+                // QUIC refuses a token with an error frame before closing.
+                Ok(ServerFrame::Error { code, .. }) if code == "unauthorized" => {
+                    return Err(ConnectError::Fatal(Error::Unauthorized));
+                }
+                _ => {}
+            },
             WsMessage::Close(frame) => return Err(close_error(frame.as_ref())),
             _ => {}
         }
@@ -743,6 +819,7 @@ enum End {
 
 struct Task {
     client: Client,
+    transport: Transport,
     token: String,
     user_id: String,
     backoff: Backoff,
@@ -793,7 +870,8 @@ impl Task {
             if !self.idle(delay).await {
                 return self.finish(Error::Closed);
             }
-            match Conn::open(&self.client, &self.token, &self.tracker.since()).await {
+            let since = self.tracker.since();
+            match Conn::open(&self.client, &self.transport, &self.token, &since).await {
                 Ok(c) => {
                     bump(&self.counters.connections);
                     self.overflowed = false;
@@ -1114,6 +1192,7 @@ mod tests {
         let (_, commands) = mpsc::channel(1);
         let task = Task {
             client: Client::new("http://127.0.0.1:9").unwrap(),
+            transport: Transport::WebSocket,
             token: String::new(),
             user_id: "U1".into(),
             backoff: Backoff::default(),
