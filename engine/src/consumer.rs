@@ -21,7 +21,7 @@
 
 use crate::domain::event::{self, ChannelRecord, Decoded, MetaRecord};
 use crate::error::{Corrupt, EngineError, Unavailable};
-use crate::runtime::Reply;
+use crate::outcome::Reply;
 use chorus_log::Record;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -71,36 +71,6 @@ pub struct CommittedPage {
     pub end: u64,
 }
 
-/// A declared consumer; cheap to clone, usable from any thread.
-#[derive(Clone)]
-pub struct Consumer {
-    pub(crate) engine: crate::Engine,
-    pub(crate) index: usize,
-}
-
-impl Consumer {
-    /// The consumer's name, as declared.
-    pub fn name(&self) -> &str {
-        &self.engine.config().consumers[self.index]
-    }
-
-    /// The committed events of `log` at and after offset `from`, at most about
-    /// [`CONSUMER_READ_BYTES_MAX`] of them; waits for the next commit when there are none.
-    /// A `from` below the log's first offset reads from its first offset.
-    pub async fn read(&self, log: LogId, from: u64) -> Result<CommittedPage, EngineError> {
-        self.engine.read_committed(log, from).await
-    }
-
-    /// Says the consumer has durably processed every event of `log` before offset
-    /// `cursor`: the log's segments before the lowest such cursor may be deleted. A cursor
-    /// lower than one acknowledged before is ignored (cursors only move forward).
-    pub fn acknowledge(&self, log: LogId, cursor: u64) {
-        self.engine
-            .watermarks()
-            .acknowledge(self.index, log, cursor);
-    }
-}
-
 /// The cursors every declared consumer acknowledged, per log, since the engine opened.
 pub(crate) struct Watermarks {
     partitions: u32,
@@ -129,7 +99,7 @@ impl Watermarks {
         }
     }
 
-    fn acknowledge(&self, consumer: usize, log: LogId, cursor: u64) {
+    pub(crate) fn acknowledge(&self, consumer: usize, log: LogId, cursor: u64) {
         let slot = self.slot(log);
         self.cursors[consumer][slot].fetch_max(cursor, Ordering::AcqRel);
     }

@@ -9,7 +9,7 @@
 
 use crate::blob::DiskBlobStore;
 use crate::config::EngineConfig;
-use crate::consumer::{CommittedPage, Consumer, LogId, Waiter, Watermarks};
+use crate::consumer::{CommittedPage, LogId, Waiter, Watermarks};
 use crate::domain::channel::ChannelCommand;
 use crate::domain::meta::{partition_of, User};
 use crate::domain::{ChannelKind, DomainError, PAGE_LIMIT_MAX};
@@ -100,6 +100,37 @@ impl Subscription {
             id: self.info.id,
             shard: self.info.shard,
         }
+    }
+}
+
+/// A declared committed-event consumer ([`crate::consumer`]); cheap to clone, usable from
+/// any thread.
+#[derive(Clone)]
+pub struct Consumer {
+    engine: Engine,
+    index: usize,
+}
+
+impl Consumer {
+    /// The consumer's name, as declared.
+    pub fn name(&self) -> &str {
+        &self.engine.config().consumers[self.index]
+    }
+
+    /// The committed events of `log` at and after offset `from`, at most about
+    /// [`crate::consumer::CONSUMER_READ_BYTES_MAX`] of them; waits for the next commit when
+    /// there are none. A `from` below the log's first offset reads from its first offset.
+    pub async fn read(&self, log: LogId, from: u64) -> Result<CommittedPage, EngineError> {
+        self.engine.read_committed(log, from).await
+    }
+
+    /// Says the consumer has durably processed every event of `log` before offset
+    /// `cursor`: the log's segments before the lowest such cursor may be deleted. A cursor
+    /// lower than one acknowledged before is ignored (cursors only move forward).
+    pub fn acknowledge(&self, log: LogId, cursor: u64) {
+        self.engine
+            .watermarks()
+            .acknowledge(self.index, log, cursor);
     }
 }
 

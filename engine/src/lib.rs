@@ -38,8 +38,8 @@ pub(crate) mod snapshot;
 pub mod view;
 
 pub use config::{EngineConfig, Observer, ObserverSlot, HELD_EPHEMERAL_FRAMES_MAX};
-pub use consumer::{CommittedEvent, CommittedKind, CommittedPage, Consumer, LogId};
-pub use engine::{Engine, Subscription, SubscriptionControl};
+pub use consumer::{CommittedEvent, CommittedKind, CommittedPage, LogId};
+pub use engine::{Consumer, Engine, Subscription, SubscriptionControl};
 pub use error::{Corrupt, EngineError, IoError, Unavailable};
 pub use outcome::{
     ChannelOutcome, MessagePage, MetaOutcome, ReadOutcome, Recovery, SubscriberCount,

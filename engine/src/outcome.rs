@@ -1,7 +1,11 @@
 //! What engine calls answer: the outcomes of commands and reads, and how partitions
 //! recovered at open.
 
+use crate::error::EngineError;
 use crate::view::{ChannelView, MemberView, MessageView, UserView, WorkspaceView};
+
+/// Where an engine call's answer goes: the caller waits on the other end.
+pub(crate) type Reply<T> = futures::channel::oneshot::Sender<Result<T, EngineError>>;
 
 /// The outcome of a metadata command.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -31,13 +31,11 @@ use crate::outcome::{ChannelOutcome, ReadOutcome};
 use crate::queue::{FrameSender, InboxSender};
 use crate::view::ChannelView;
 use bytes::Bytes;
-use futures::channel::oneshot;
 use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// A reply to whoever asked.
-pub(crate) type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
+pub(crate) use crate::outcome::Reply;
 
 thread_local! {
     /// The shard this thread runs, if it is a shard thread of its own (set by the thread
