@@ -268,7 +268,10 @@ impl Client {
                 if a["ref"].as_str() == Some(reference) {
                     return Some(a);
                 }
-                if a["type"] == "error" && a["ref"].is_null() {
+                // The only frames this client sends without a `ref` are typing notices; one
+                // to a channel the user has just left is answered `not_found`, and nothing
+                // else may come back without a `ref`.
+                if a["type"] == "error" && a["ref"].is_null() && a["code"] != "not_found" {
                     self.world
                         .borrow_mut()
                         .violations
@@ -545,8 +548,9 @@ impl Client {
         }
     }
 
-    /// A `resume` in the middle of a session, from the last seqs received: it must bring
-    /// nothing twice, and either be done (`resumed`) or close the session so that the
+    /// A `resume` in the middle of a session, from the last seqs received of every channel
+    /// the user is in, often while the connection's first catch-up still runs: it must
+    /// bring nothing twice, and either be done (`resumed`) or close the session so that the
     /// client starts over.
     async fn resume_live(&mut self) {
         let since: serde_json::Map<String, Value> = {
@@ -554,7 +558,7 @@ impl Client {
             let u = &w.users[self.index];
             u.last
                 .iter()
-                .filter(|(c, _)| !u.left.contains(c) && u.this_connection.contains(c))
+                .filter(|(c, _)| !u.left.contains(c))
                 .map(|(c, s)| (c.to_string(), json!(s)))
                 .collect()
         };
