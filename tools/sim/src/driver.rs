@@ -15,7 +15,8 @@ use chorus_engine::ids::{ChannelId, UserId};
 use chorus_engine::{Engine, Subscription, SubscriptionControl};
 use chorus_gateway::error::ApiError;
 use chorus_gateway::session::{
-    run_call, Answer, CloseReason, Limits, SessionConfig, SessionCore, BATCH_FRAMES_MAX,
+    run_call, take_events, Answer, CloseReason, Limits, SessionConfig, SessionCore,
+    BATCH_FRAMES_MAX,
 };
 use futures::future::LocalBoxFuture;
 use std::future::Future;
@@ -191,30 +192,8 @@ impl Driver {
     }
 
     fn fill_events(&mut self, cx: &mut Context<'_>) {
-        let room = self.core.event_room();
-        if room == 0 {
-            return;
-        }
-        let Some(sub) = self.sub.as_mut() else {
-            return;
-        };
-        let taken = match sub.try_recv_batch(&mut self.batch, room) {
-            Ok(0) => match sub.receiver().poll_recv(cx) {
-                Poll::Ready(Ok(frame)) => {
-                    self.batch.push(frame);
-                    Ok(())
-                }
-                Poll::Ready(Err(cutoff)) => Err(cutoff),
-                Poll::Pending => Ok(()),
-            },
-            Ok(_) => Ok(()),
-            Err(cutoff) => Err(cutoff),
-        };
-        for frame in self.batch.drain(..) {
-            self.core.push_event(frame);
-        }
-        if let Err(cutoff) = taken {
-            self.core.handle_cutoff(cutoff);
+        if let Some(sub) = self.sub.as_mut() {
+            take_events(&mut self.core, sub, &mut self.batch, cx);
         }
     }
 
