@@ -38,6 +38,36 @@ struct Inner {
     threads: Mutex<Option<crate::shard::ShardSet<()>>>,
     /// Each shard's word that it stopped.
     stopped: Mutex<Vec<oneshot::Receiver<()>>>,
+    /// The open lock file of the data directory, when the engine runs on disk.
+    data_dir_lock: Mutex<Option<std::fs::File>>,
+}
+
+/// The name of the lock file in a data directory.
+pub const LOCK_FILE_NAME: &str = "LOCK";
+
+/// Takes the exclusive lock of a data directory (`flock` on its `LOCK` file, released when
+/// the file is closed, also by a crash), or says that another engine holds it.
+fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, EngineError> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join(LOCK_FILE_NAME);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| IoError::new(path.display().to_string(), e))?;
+    // SAFETY: flock on a descriptor this function owns; it changes no memory.
+    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if locked != 0 {
+        let e = std::io::Error::last_os_error();
+        let what = format!(
+            "{} is in use by another chorus engine (locked by {})",
+            dir.display(),
+            path.display()
+        );
+        return Err(IoError::new(what, e).into());
+    }
+    Ok(file)
 }
 
 /// A running engine. Clones share it.
@@ -202,16 +232,22 @@ fn validate_limit(limit: usize) -> Result<usize, EngineError> {
 impl Engine {
     /// Opens (or creates) the engine in `config.data_dir` and starts its shards. Returns
     /// once every shard has recovered its partitions and serves.
+    ///
+    /// The data directory is locked for the life of the engine: a second engine (in this
+    /// process or another) refuses to open it rather than write the same logs.
     pub fn open(config: EngineConfig) -> Result<Engine, EngineError> {
         validate(&config)?;
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| IoError::new(config.data_dir.display().to_string(), e))?;
+        let lock = lock_data_dir(&config.data_dir)?;
         let blobs = DiskBlobStore::open(&config.data_dir.join("blobs"))
             .map_err(|e| IoError::new("blob store", e))?;
         let root = DiskRoot::new(&config.data_dir);
-        Engine::open_with(config, move |_| {
+        let engine = Engine::open_with(config, move |_| {
             GlommioEnv::new(root.clone(), blobs.clone())
-        })
+        })?;
+        *engine.inner.data_dir_lock.lock().expect("lock") = Some(lock);
+        Ok(engine)
     }
 
     /// Opens the engine as [`Engine::open`] does, with each shard in the environment `env`
@@ -298,6 +334,7 @@ impl Engine {
                 watermarks: Watermarks::new(config.consumers.len(), config.partitions),
                 config,
                 recovery: Mutex::new(Vec::new()),
+                data_dir_lock: Mutex::new(None),
                 threads: Mutex::new(threads),
                 stopped: Mutex::new(stopped),
             }),
@@ -314,6 +351,8 @@ impl Engine {
         if let Some(t) = self.inner.threads.lock().expect("threads").take() {
             let _ = t.join();
         }
+        // The logs are closed: another engine may open the directory now.
+        self.inner.data_dir_lock.lock().expect("lock").take();
     }
 
     /// Stops every shard after the work in flight and closes the logs, without blocking
