@@ -8,7 +8,8 @@ use chorus_engine::{Engine, EngineConfig, EngineError};
 use futures::executor::block_on;
 
 fn main() -> Result<(), EngineError> {
-    let dir = tempfile::tempdir().map_err(|e| EngineError::Io(e.to_string()))?;
+    let dir = tempfile::tempdir()
+        .map_err(|e| EngineError::Io(chorus_engine::IoError::new("a temporary directory", e)))?;
     let mut config = EngineConfig::new(dir.path());
     config.shards = 2;
     config.partitions = 8;

@@ -16,14 +16,22 @@
 //! The bytes are fsynced in a temporary file, renamed into place, and the directory that
 //! gained the name is fsynced before `put` returns.
 //!
-//! API boundary: this is blocking `std::fs`, on purpose. Only bodies over 64 KiB come here,
-//! which is far off the hot path, and a blob is written once and read rarely; a shard that
-//! must not stall calls it from a blocking thread pool.
+//! [`BlobStore`] is the seam. [`DiskBlobStore`] is the real store: blocking `std::fs`, run
+//! on glommio's blocking pool, so that a large body's writes and fsyncs never stall the
+//! other partitions of its shard. [`StorageBlobStore`] keeps the same layout in any
+//! [`StorageRoot`] (the simulation's disk), with one difference: a [`Storage`] renames only
+//! within a directory, so a write in progress sits beside its final name as
+//! `<name>.<n>.tmp` rather than in `tmp/`, and a crash may leave such a file behind.
 
+use bytes::Bytes;
+use chorus_log::{Storage, StorageFile, StorageRoot};
+use std::cell::Cell;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// The largest blob the store accepts, in bytes. `get` returns a blob in memory, so this is
 /// also the most memory one read may take.
@@ -119,19 +127,70 @@ pub enum Corruption {
     Hash,
 }
 
-/// A content-addressed store of immutable blobs in one directory. `&self` methods are safe
-/// to call from many threads at once; one process owns a store directory at a time.
+/// A content-addressed store of immutable blobs, as a shard uses it. Futures need not be
+/// `Send`: a store handle belongs to one shard.
+#[allow(async_fn_in_trait)]
+pub trait BlobStore {
+    /// Stores `bytes` durably and returns their reference. Storing the same bytes again
+    /// returns the same reference without rewriting them.
+    async fn put(&self, bytes: Bytes) -> io::Result<BlobRef>;
+
+    /// Reads the blob `blob` names, checking its length and hash.
+    async fn get(&self, blob: BlobRef) -> Result<Bytes, BlobError>;
+}
+
+/// The blob store on the local disk: a directory of files, read and written with blocking
+/// `std::fs` on glommio's blocking pool. Clones share the directory, also across shards.
+#[derive(Clone, Debug)]
+pub struct DiskBlobStore {
+    dir: Arc<BlobDir>,
+}
+
+impl DiskBlobStore {
+    /// Opens the store at `dir`, creating it if needed, and removes writes that a crash
+    /// left unfinished. Blocking: call it before the shards start.
+    pub fn open(dir: &Path) -> io::Result<DiskBlobStore> {
+        Ok(DiskBlobStore {
+            dir: Arc::new(BlobDir::open(dir)?),
+        })
+    }
+
+    /// The directory the store lives in.
+    pub fn root(&self) -> &Path {
+        &self.dir.root
+    }
+}
+
+impl BlobStore for DiskBlobStore {
+    async fn put(&self, bytes: Bytes) -> io::Result<BlobRef> {
+        let dir = self.dir.clone();
+        glommio::executor()
+            .spawn_blocking(move || dir.put(&bytes))
+            .await
+    }
+
+    async fn get(&self, blob: BlobRef) -> Result<Bytes, BlobError> {
+        let dir = self.dir.clone();
+        glommio::executor()
+            .spawn_blocking(move || dir.get(&blob).map(Bytes::from))
+            .await
+    }
+}
+
+/// The blob store's directory on the local disk, with blocking methods. `&self` methods
+/// are safe to call from many threads at once; one process owns a store directory at a
+/// time.
 #[derive(Debug)]
-pub struct BlobStore {
+struct BlobDir {
     root: PathBuf,
 }
 
-impl BlobStore {
+impl BlobDir {
     /// Opens the store at `dir`, creating it if needed, and removes writes that a crash
     /// left unfinished.
-    pub fn open(dir: &Path) -> io::Result<BlobStore> {
+    fn open(dir: &Path) -> io::Result<BlobDir> {
         fs::create_dir_all(dir)?;
-        let store = BlobStore {
+        let store = BlobDir {
             root: dir.to_path_buf(),
         };
         // Creating every fan-out directory up front, and making the root's entries durable
@@ -152,13 +211,8 @@ impl BlobStore {
 
     /// Stores `bytes` durably and returns their reference. Storing the same bytes again
     /// returns the same reference without rewriting them.
-    pub fn put(&self, bytes: &[u8]) -> io::Result<BlobRef> {
-        if bytes.len() as u64 > BLOB_BYTES_MAX {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("a blob of {} bytes exceeds {BLOB_BYTES_MAX}", bytes.len()),
-            ));
-        }
+    fn put(&self, bytes: &[u8]) -> io::Result<BlobRef> {
+        check_size(bytes)?;
         let blob = BlobRef::of(bytes);
         let path = self.path_of(&blob);
         match fs::metadata(&path) {
@@ -177,7 +231,7 @@ impl BlobStore {
     }
 
     /// Reads the blob `blob` names, checking its length and hash.
-    pub fn get(&self, blob: &BlobRef) -> Result<Vec<u8>, BlobError> {
+    fn get(&self, blob: &BlobRef) -> Result<Vec<u8>, BlobError> {
         let file = match File::open(self.path_of(blob)) {
             Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -199,20 +253,14 @@ impl BlobStore {
             let actual = bytes.len() as u64;
             return Err(corrupt(blob, Corruption::Length { actual }));
         }
-        if *blake3::hash(&bytes).as_bytes() != blob.hash {
-            return Err(corrupt(blob, Corruption::Hash));
-        }
+        verify(blob, &bytes)?;
         Ok(bytes)
     }
 
     /// Whether a blob with this reference's hash is stored (without verifying it).
-    pub fn contains(&self, blob: &BlobRef) -> io::Result<bool> {
+    #[cfg(test)]
+    fn contains(&self, blob: &BlobRef) -> io::Result<bool> {
         self.path_of(blob).try_exists()
-    }
-
-    /// The directory the store lives in.
-    pub fn root(&self) -> &Path {
-        &self.root
     }
 
     /// Where the blob `blob` names lives: `root/ab/cdef…`.
@@ -257,6 +305,115 @@ impl BlobStore {
         }
         Ok(())
     }
+}
+
+/// The blob store in a [`StorageRoot`], in the layout of the disk store: `blobs/ab/cdef…`.
+/// Clones share their numbering of temporary files.
+#[derive(Clone, Debug)]
+pub struct StorageBlobStore<R> {
+    root: R,
+    tmp_counter: Rc<Cell<u64>>,
+}
+
+impl<R: StorageRoot> StorageBlobStore<R> {
+    /// The store under `blobs/` of `root`.
+    pub fn new(root: R) -> StorageBlobStore<R> {
+        StorageBlobStore {
+            root,
+            tmp_counter: Rc::default(),
+        }
+    }
+
+    async fn dir_of(&self, blob: &BlobRef) -> io::Result<(R::Dir, String)> {
+        let hex = blob.to_hex();
+        let (fanout, name) = hex.split_at(2);
+        let dir = self.root.dir(&format!("blobs/{fanout}")).await?;
+        Ok((dir, name.to_owned()))
+    }
+}
+
+impl<R: StorageRoot> BlobStore for StorageBlobStore<R> {
+    async fn put(&self, bytes: Bytes) -> io::Result<BlobRef> {
+        check_size(&bytes)?;
+        let blob = BlobRef::of(&bytes);
+        let (dir, name) = self.dir_of(&blob).await?;
+        match dir.open(&name).await {
+            Ok(f) if f.len().await? == blob.len => {
+                // Another put may have renamed it into place and not yet synced it.
+                let synced = f.sync_data().await;
+                f.close().await?;
+                synced?;
+                dir.sync_dir().await?;
+                return Ok(blob);
+            }
+            // A file of the wrong length is damage: replace it.
+            Ok(f) => f.close().await?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let n = self.tmp_counter.get();
+        self.tmp_counter.set(n + 1);
+        let tmp = format!("{name}.{n}.tmp");
+        let f = dir.create(&tmp).await?;
+        let written = async {
+            f.write_at(0, &bytes).await?;
+            f.truncate(blob.len).await?;
+            f.sync_data().await
+        }
+        .await;
+        let closed = f.close().await;
+        if let Err(e) = written.and(closed) {
+            let _ = dir.remove(&tmp).await;
+            return Err(e);
+        }
+        dir.rename(&tmp, &name).await?;
+        dir.sync_dir().await?;
+        Ok(blob)
+    }
+
+    async fn get(&self, blob: BlobRef) -> Result<Bytes, BlobError> {
+        let (dir, name) = self.dir_of(&blob).await?;
+        let f = match dir.open(&name).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(BlobError::NotFound(blob)),
+            Err(e) => return Err(e.into()),
+        };
+        let read = async {
+            let actual = f.len().await?;
+            if actual != blob.len || actual > BLOB_BYTES_MAX {
+                return Err(corrupt(&blob, Corruption::Length { actual }));
+            }
+            Ok(f.read_at(0, blob.len as usize).await?)
+        }
+        .await;
+        f.close().await?;
+        let bytes = read?;
+        if bytes.len() as u64 != blob.len {
+            let actual = bytes.len() as u64;
+            return Err(corrupt(&blob, Corruption::Length { actual }));
+        }
+        verify(&blob, &bytes)?;
+        Ok(Bytes::from(bytes))
+    }
+}
+
+/// Refuses a blob over [`BLOB_BYTES_MAX`].
+fn check_size(bytes: &[u8]) -> io::Result<()> {
+    if bytes.len() as u64 > BLOB_BYTES_MAX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("a blob of {} bytes exceeds {BLOB_BYTES_MAX}", bytes.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks stored bytes against their reference's hash.
+fn verify(blob: &BlobRef, bytes: &[u8]) -> Result<(), BlobError> {
+    if *blake3::hash(bytes).as_bytes() != blob.hash {
+        return Err(corrupt(blob, Corruption::Hash));
+    }
+    Ok(())
 }
 
 fn corrupt(blob: &BlobRef, problem: Corruption) -> BlobError {
@@ -307,7 +464,7 @@ mod tests {
     fn put_then_get_round_trips() {
         // What put stores, get returns byte for byte, also after the store is reopened.
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(dir.path()).unwrap();
+        let store = BlobDir::open(dir.path()).unwrap();
         let bytes = body(1);
         let blob = store.put(&bytes).unwrap();
         assert_eq!(blob, BlobRef::of(&bytes));
@@ -316,7 +473,7 @@ mod tests {
         assert_eq!(store.put(b"").unwrap(), BlobRef::of(b""));
         assert_eq!(store.get(&BlobRef::of(b"")).unwrap(), b"");
         drop(store);
-        let store = BlobStore::open(dir.path()).unwrap();
+        let store = BlobDir::open(dir.path()).unwrap();
         assert_eq!(store.get(&blob).unwrap(), bytes);
     }
 
@@ -324,7 +481,7 @@ mod tests {
     fn put_is_idempotent_and_does_not_rewrite() {
         // The same content gets the same reference, and the stored file is left untouched.
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(dir.path()).unwrap();
+        let store = BlobDir::open(dir.path()).unwrap();
         let first = store.put(&body(2)).unwrap();
         let path = store.path_of(&first);
         let inode_before = std::os::unix::fs::MetadataExt::ino(&fs::metadata(&path).unwrap());
@@ -341,7 +498,7 @@ mod tests {
         // One flipped byte on disk is caught by the hash check, and a truncation by the
         // length check.
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(dir.path()).unwrap();
+        let store = BlobDir::open(dir.path()).unwrap();
         let blob = store.put(&body(4)).unwrap();
         let path = store.path_of(&blob);
         let mut file = OpenOptions::new()
@@ -384,7 +541,7 @@ mod tests {
     fn missing_blob_is_not_found() {
         // A reference to content never stored is NotFound, not an I/O error.
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(dir.path()).unwrap();
+        let store = BlobDir::open(dir.path()).unwrap();
         let blob = BlobRef::of(b"never stored");
         assert!(matches!(store.get(&blob), Err(BlobError::NotFound(b)) if b == blob));
         assert!(!store.contains(&blob).unwrap());
@@ -394,7 +551,7 @@ mod tests {
     fn hex_round_trips_and_names_the_file() {
         // A reference survives its hex form, and its file sits under the first byte's dir.
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(dir.path()).unwrap();
+        let store = BlobDir::open(dir.path()).unwrap();
         let blob = store.put(b"hello").unwrap();
         let hex = blob.to_hex();
         assert_eq!(hex.len(), 64);
@@ -408,10 +565,44 @@ mod tests {
     fn open_clears_unfinished_writes() {
         // A temporary file left by a crash mid-put is removed on the next open.
         let dir = tempfile::tempdir().unwrap();
-        drop(BlobStore::open(dir.path()).unwrap());
+        drop(BlobDir::open(dir.path()).unwrap());
         let leftover = dir.path().join(TMP_DIR).join("1234.0");
         fs::write(&leftover, b"half a blob").unwrap();
-        let _store = BlobStore::open(dir.path()).unwrap();
+        let _store = BlobDir::open(dir.path()).unwrap();
         assert!(!leftover.exists());
+    }
+
+    // A blob in a storage root round trips, survives a crash once put returned, keeps the
+    // disk layout, and is checked on every read.
+    #[test]
+    fn storage_store_round_trips_and_survives_a_crash() {
+        use chorus_log::{SimConfig, SimRoot};
+        use futures::executor::block_on;
+        let root = SimRoot::new(SimConfig {
+            seed: 3,
+            yield_permille: 500,
+        });
+        let store = StorageBlobStore::new(root.clone());
+        let bytes = Bytes::from(body(5));
+        let blob = block_on(store.put(bytes.clone())).unwrap();
+        assert_eq!(block_on(store.put(bytes.clone())).unwrap(), blob);
+        root.crash();
+        assert_eq!(block_on(store.get(blob)).unwrap(), bytes);
+        let hex = blob.to_hex();
+        let dir = root.dir_now(&format!("blobs/{}", &hex[..2]));
+        assert_eq!(dir.contents(&hex[2..]).unwrap(), bytes);
+        dir.flip_bit(&hex[2..], 7, 1);
+        assert!(matches!(
+            block_on(store.get(blob)),
+            Err(BlobError::Corrupt {
+                problem: Corruption::Hash,
+                ..
+            })
+        ));
+        let never = BlobRef::of(b"never stored");
+        assert!(matches!(
+            block_on(store.get(never)),
+            Err(BlobError::NotFound(_))
+        ));
     }
 }

@@ -20,8 +20,8 @@
 //! whole.
 
 use crate::domain::event::{self, ChannelRecord, Decoded, MetaRecord};
-use crate::engine::EngineError;
-use crate::runtime::Reply;
+use crate::error::{Corrupt, EngineError, Unavailable};
+use crate::outcome::Reply;
 use chorus_log::Record;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -71,36 +71,6 @@ pub struct CommittedPage {
     pub end: u64,
 }
 
-/// A declared consumer; cheap to clone, usable from any thread.
-#[derive(Clone)]
-pub struct Consumer {
-    pub(crate) engine: crate::Engine,
-    pub(crate) index: usize,
-}
-
-impl Consumer {
-    /// The consumer's name, as declared.
-    pub fn name(&self) -> &str {
-        &self.engine.config().consumers[self.index]
-    }
-
-    /// The committed events of `log` at and after offset `from`, at most about
-    /// [`CONSUMER_READ_BYTES_MAX`] of them; waits for the next commit when there are none.
-    /// A `from` below the log's first offset reads from its first offset.
-    pub async fn read(&self, log: LogId, from: u64) -> Result<CommittedPage, EngineError> {
-        self.engine.read_committed(log, from).await
-    }
-
-    /// Says the consumer has durably processed every event of `log` before offset
-    /// `cursor`: the log's segments before the lowest such cursor may be deleted. A cursor
-    /// lower than one acknowledged before is ignored (cursors only move forward).
-    pub fn acknowledge(&self, log: LogId, cursor: u64) {
-        self.engine
-            .watermarks()
-            .acknowledge(self.index, log, cursor);
-    }
-}
-
 /// The cursors every declared consumer acknowledged, per log, since the engine opened.
 pub(crate) struct Watermarks {
     partitions: u32,
@@ -129,7 +99,7 @@ impl Watermarks {
         }
     }
 
-    fn acknowledge(&self, consumer: usize, log: LogId, cursor: u64) {
+    pub(crate) fn acknowledge(&self, consumer: usize, log: LogId, cursor: u64) {
         let slot = self.slot(log);
         self.cursors[consumer][slot].fetch_max(cursor, Ordering::AcqRel);
     }
@@ -148,7 +118,11 @@ impl Watermarks {
 
 /// Turns log records into committed events. A record that does not decode is corrupt
 /// data the log's checksum did not catch: the read fails rather than skip it.
-pub(crate) fn page(records: Vec<Record>, end: u64) -> Result<CommittedPage, EngineError> {
+pub(crate) fn page(
+    records: Vec<Record>,
+    end: u64,
+    log: &str,
+) -> Result<CommittedPage, EngineError> {
     let next = records.last().map_or(end, |r| r.offset + 1);
     let events = records
         .into_iter()
@@ -156,11 +130,13 @@ pub(crate) fn page(records: Vec<Record>, end: u64) -> Result<CommittedPage, Engi
             let event = match event::decode(&r.payload) {
                 Ok(Decoded::Meta(m)) => CommittedKind::Meta(m),
                 Ok(Decoded::Channel(c)) => CommittedKind::Channel(c),
-                Err(e) => {
-                    return Err(EngineError::Corrupt(format!(
-                        "event at offset {}: {e}",
-                        r.offset
-                    )))
+                Err(source) => {
+                    return Err(Corrupt::Event {
+                        log: log.to_owned(),
+                        offset: r.offset,
+                        source,
+                    }
+                    .into())
                 }
             };
             Ok(CommittedEvent {
@@ -168,8 +144,28 @@ pub(crate) fn page(records: Vec<Record>, end: u64) -> Result<CommittedPage, Engi
                 event,
             })
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, EngineError>>()?;
     Ok(CommittedPage { events, next, end })
+}
+
+/// Answers a consumer's read from `log`: committed events only, from the log's first
+/// offset if the consumer asks for less.
+/// `name` is the log's directory, for errors.
+pub(crate) async fn answer(log: &impl crate::durability::Durability, waiter: Waiter, name: &str) {
+    let from = waiter.from.max(log.first_offset());
+    let end = log.next_offset();
+    let page = log
+        .read(from, CONSUMER_READ_BYTES_MAX)
+        .await
+        .map_err(|e| {
+            Corrupt::LogRead {
+                log: name.to_owned(),
+                source: std::sync::Arc::new(e),
+            }
+            .into()
+        })
+        .and_then(|records| page(records, end, name));
+    let _ = waiter.reply.send(page);
 }
 
 /// A consumer's read that waits for the next commit of its log.
@@ -188,8 +184,9 @@ impl Waiters {
     /// Parks a read until the log reaches past `from`; refuses when too many wait.
     pub(crate) fn park(&mut self, waiter: Waiter) {
         if self.waiting.len() >= CONSUMER_WAITERS_MAX {
-            let e = EngineError::Unavailable("too many consumer reads waiting".into());
-            let _ = waiter.reply.send(Err(e));
+            let _ = waiter
+                .reply
+                .send(Err(Unavailable::ConsumerReadsFull.into()));
             return;
         }
         self.waiting.push(waiter);

@@ -4,7 +4,7 @@
 //! replication work will add an implementation that is durable once a majority of replicas
 //! have it, without touching the domain or the shards: they only ever call [`Durability`].
 
-use chorus_log::{AppendError, DiskStorage, Entry, Log, ReadError, Record, TruncateError};
+use chorus_log::{AppendError, Entry, Log, ReadError, Record, Storage, TruncateError};
 use std::ops::Range;
 
 /// Where a partition's events become durable, and where they are read back from.
@@ -27,14 +27,15 @@ pub trait Durability {
     async fn delete_before(&self, offset: u64) -> Result<u64, TruncateError>;
 }
 
-/// Durable means fsynced into the local log (group commit).
-pub struct LocalDurability {
-    log: Log<DiskStorage>,
+/// Durable means fsynced into the local log (group commit), on whatever storage the log
+/// was opened over.
+pub struct LocalDurability<S: Storage> {
+    log: Log<S>,
 }
 
-impl LocalDurability {
+impl<S: Storage> LocalDurability<S> {
     /// Wraps an open log.
-    pub fn new(log: Log<DiskStorage>) -> LocalDurability {
+    pub fn new(log: Log<S>) -> LocalDurability<S> {
         LocalDurability { log }
     }
 
@@ -44,7 +45,7 @@ impl LocalDurability {
     }
 }
 
-impl Durability for LocalDurability {
+impl<S: Storage> Durability for LocalDurability<S> {
     async fn commit(&self, batch: &[Entry<'_>]) -> Result<Range<u64>, AppendError> {
         self.log.append(batch).await
     }

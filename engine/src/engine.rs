@@ -7,165 +7,28 @@
 //! An `Engine` is `Send + Sync` and cheap to clone; it can be called from any thread,
 //! including the shards' own.
 
-use crate::blob::BlobStore;
-use crate::consumer::{CommittedPage, Consumer, LogId, Waiter, Watermarks};
+use crate::blob::DiskBlobStore;
+use crate::config::EngineConfig;
+use crate::consumer::{CommittedPage, LogId, Waiter, Watermarks};
 use crate::domain::channel::ChannelCommand;
 use crate::domain::meta::{partition_of, User};
 use crate::domain::{ChannelKind, DomainError, PAGE_LIMIT_MAX};
+use crate::env::{Env, GlommioEnv};
+use crate::error::{EngineError, IoError, Unavailable};
 use crate::ids::{ChannelId, MessageId, UserId, WorkspaceId};
+use crate::outcome::{ChannelOutcome, MessagePage, MetaOutcome, ReadOutcome, Recovery};
 use crate::queue::{FrameReceiver, Inbox};
 use crate::runtime::dispatch::SubscriptionInfo;
 use crate::runtime::meta::{MetaRead, MetaRequest};
 use crate::runtime::{
-    ChannelRead, Gather, PartitionMsg, Reply, Routes, ShardMsg, ShardSetup, CURRENT_SHARD,
+    ChannelRead, Gather, PartitionMsg, Reply, Routes, ShardInboxes, ShardMsg, ShardSenders,
+    ShardSetup, Started, CURRENT_SHARD,
 };
 use crate::view::{ChannelView, MemberView, MessageView, UserView, WorkspaceView};
 use bytes::Bytes;
+use chorus_log::DiskRoot;
 use futures::channel::oneshot;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-
-/// What the engine reports as it works, for an embedder's metrics. Called on shard
-/// threads, on hot paths: implementations must be cheap (atomic counters) and never block.
-pub trait Observer: Send + Sync {
-    /// A partition committed `events` events in one batch, and the commit (write and
-    /// fsync) took `latency`.
-    fn committed(&self, events: usize, latency: std::time::Duration);
-    /// `frames` frames were pushed into subscriber queues.
-    fn delivered(&self, frames: usize);
-    /// A subscriber was cut off because it fell behind.
-    fn cut_off(&self);
-    /// A shard's inbox depth changed by `delta` messages since its last report.
-    fn queue_depth(&self, delta: i64);
-}
-
-/// An [`Observer`] slot in the configuration.
-#[derive(Clone, Default)]
-pub struct ObserverSlot(pub Option<Arc<dyn Observer>>);
-
-impl std::fmt::Debug for ObserverSlot {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() {
-            "Some(Observer)"
-        } else {
-            "None"
-        })
-    }
-}
-
-/// Settings of an engine. Every limit is named.
-#[derive(Clone, Debug)]
-pub struct EngineConfig {
-    /// Where the logs and blobs live.
-    pub data_dir: PathBuf,
-    /// Shards (threads, one per core by default).
-    pub shards: usize,
-    /// Channel partitions. Fixed for the life of a data directory.
-    pub partitions: u32,
-    /// Messages a shard's inbox holds before senders wait.
-    pub inbox_capacity: usize,
-    /// Frames a subscriber's queue holds before the subscriber is cut off.
-    pub subscriber_queue_frames: usize,
-    /// The size at which a log segment is sealed.
-    pub segment_bytes_max: u64,
-    /// Pin each shard to a core.
-    pub pin: bool,
-    /// Who hears about commits, deliveries and queue depths.
-    pub observer: ObserverSlot,
-    /// The least number of events a partition commits between two snapshots of its state.
-    /// A partition also waits until the events since its last snapshot reach an eighth of
-    /// what that snapshot covered, so that snapshots cost a constant share of commits. A
-    /// restart loads each partition's last snapshot and replays only the log after it.
-    pub snapshot_every_events: u64,
-    /// The names of the committed-event consumers ([`crate::consumer`]). Declared before
-    /// the engine opens so that their logs are kept for them from the first moment.
-    pub consumers: Vec<String>,
-}
-
-impl EngineConfig {
-    /// Defaults for a data directory: one shard per core, 16 partitions.
-    pub fn new(data_dir: impl Into<PathBuf>) -> EngineConfig {
-        EngineConfig {
-            data_dir: data_dir.into(),
-            shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            partitions: 16,
-            inbox_capacity: 65536,
-            subscriber_queue_frames: 4096,
-            segment_bytes_max: 64 * 1024 * 1024,
-            pin: true,
-            observer: ObserverSlot::default(),
-            snapshot_every_events: 100_000,
-            consumers: Vec::new(),
-        }
-    }
-}
-
-/// Why an engine call failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum EngineError {
-    /// The request was refused by the domain rules.
-    #[error(transparent)]
-    Domain(#[from] DomainError),
-    /// The engine cannot serve this now: shutting down, or a partition stopped after a
-    /// storage failure.
-    #[error("unavailable: {0}")]
-    Unavailable(String),
-    /// Stored data failed verification.
-    #[error("corrupt data: {0}")]
-    Corrupt(String),
-    /// The data directory cannot be used.
-    #[error("i/o error: {0}")]
-    Io(String),
-    /// The configuration does not fit the data directory.
-    #[error("configuration: {0}")]
-    Config(String),
-}
-
-/// The outcome of a metadata command.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MetaOutcome {
-    /// A created user.
-    User(UserView),
-    /// A created workspace.
-    Workspace(WorkspaceView),
-    /// An added member.
-    Member(MemberView),
-    /// A channel, and whether it was created by this call.
-    Channel(ChannelView, bool),
-}
-
-/// The outcome of a channel command.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChannelOutcome {
-    /// The seq of the event stored, if one was.
-    pub seq: Option<u64>,
-    /// The message the command is about, as it stands after it.
-    pub message: Option<MessageView>,
-    /// Whether something new was stored (false for a repeated `client_msg_id`).
-    pub created: bool,
-}
-
-/// The outcome of a channel read.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ReadOutcome {
-    /// A page of messages and the cursor of the next page.
-    Page(Vec<MessageView>, Option<u64>),
-    /// One message.
-    Message(MessageView),
-    /// A message's texts, oldest first, with RFC 3339 times.
-    Versions(Vec<(String, String)>),
-    /// A channel with its last committed seq.
-    Channel(ChannelView),
-}
-
-/// A page of messages.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MessagePage {
-    /// The messages.
-    pub messages: Vec<MessageView>,
-    /// The cursor of the next page (a seq), if there is one.
-    pub next_cursor: Option<u64>,
-}
 
 struct Inner {
     routes: Routes,
@@ -173,19 +36,38 @@ struct Inner {
     watermarks: Watermarks,
     recovery: Mutex<Vec<Recovery>>,
     threads: Mutex<Option<crate::shard::ShardSet<()>>>,
+    /// Each shard's word that it stopped.
+    stopped: Mutex<Vec<oneshot::Receiver<()>>>,
+    /// The open lock file of the data directory, when the engine runs on disk.
+    data_dir_lock: Mutex<Option<std::fs::File>>,
 }
 
-/// How one partition recovered when the engine opened.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Recovery {
-    /// The partition.
-    pub partition: u32,
-    /// The log offset up to which the state came from a snapshot, if one was used.
-    pub snapshot_offset: Option<u64>,
-    /// Events replayed from the log (after the snapshot, or all of them).
-    pub replayed_events: u64,
-    /// How long the partition took to open, snapshot and replay included.
-    pub took: std::time::Duration,
+/// The name of the lock file in a data directory.
+pub const LOCK_FILE_NAME: &str = "LOCK";
+
+/// Takes the exclusive lock of a data directory (`flock` on its `LOCK` file, released when
+/// the file is closed, also by a crash), or says that another engine holds it.
+fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, EngineError> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join(LOCK_FILE_NAME);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| IoError::new(path.display().to_string(), e))?;
+    // SAFETY: flock on a descriptor this function owns; it changes no memory.
+    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if locked != 0 {
+        let e = std::io::Error::last_os_error();
+        let what = format!(
+            "{} is in use by another chorus engine (locked by {})",
+            dir.display(),
+            path.display()
+        );
+        return Err(IoError::new(what, e).into());
+    }
+    Ok(file)
 }
 
 /// A running engine. Clones share it.
@@ -193,11 +75,6 @@ pub struct Recovery {
 pub struct Engine {
     inner: Arc<Inner>,
 }
-
-/// Ephemeral frames (typing) a subscription keeps while it is held or catching up, to
-/// deliver once its channel is live: the latest per typist and channel, and past this many
-/// the newer are dropped.
-pub const HELD_EPHEMERAL_FRAMES_MAX: usize = 64;
 
 /// A subscriber: the committed events of every channel its user is in, as JSON frames,
 /// including channels joined after it started. Dropping it unsubscribes.
@@ -256,6 +133,37 @@ impl Subscription {
     }
 }
 
+/// A declared committed-event consumer ([`crate::consumer`]); cheap to clone, usable from
+/// any thread.
+#[derive(Clone)]
+pub struct Consumer {
+    engine: Engine,
+    index: usize,
+}
+
+impl Consumer {
+    /// The consumer's name, as declared.
+    pub fn name(&self) -> &str {
+        &self.engine.config().consumers[self.index]
+    }
+
+    /// The committed events of `log` at and after offset `from`, at most about
+    /// [`crate::consumer::CONSUMER_READ_BYTES_MAX`] of them; waits for the next commit when
+    /// there are none. A `from` below the log's first offset reads from its first offset.
+    pub async fn read(&self, log: LogId, from: u64) -> Result<CommittedPage, EngineError> {
+        self.engine.read_committed(log, from).await
+    }
+
+    /// Says the consumer has durably processed every event of `log` before offset
+    /// `cursor`: the log's segments before the lowest such cursor may be deleted. A cursor
+    /// lower than one acknowledged before is ignored (cursors only move forward).
+    pub fn acknowledge(&self, log: LogId, cursor: u64) {
+        self.engine
+            .watermarks()
+            .acknowledge(self.index, log, cursor);
+    }
+}
+
 /// Starts and resumes a [`Subscription`]; cheap to clone. Calls after the subscription was
 /// dropped change nothing.
 #[derive(Clone)]
@@ -293,15 +201,14 @@ impl SubscriptionControl {
             reply: Some(tx),
         };
         self.engine.inner.routes.send(self.shard, msg).await?;
-        rx.await
-            .map_err(|_| EngineError::Unavailable("the shard stopped".into()))
+        rx.await.map_err(|_| Unavailable::ShardStopped.into())
     }
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
         let msg = ShardMsg::Unsubscribe { sub: self.info.id };
-        let _ = self.engine.inner.routes.shards[self.info.shard as usize].try_send(msg);
+        let _ = self.engine.inner.routes.try_send(self.info.shard, msg);
     }
 }
 
@@ -312,8 +219,7 @@ async fn ask<T>(
 ) -> Result<T, EngineError> {
     let (tx, rx) = oneshot::channel();
     routes.send(shard, f(tx)).await?;
-    rx.await
-        .map_err(|_| EngineError::Unavailable("the shard stopped".into()))?
+    rx.await.map_err(|_| Unavailable::ShardStopped)?
 }
 
 fn validate_limit(limit: usize) -> Result<usize, EngineError> {
@@ -326,110 +232,138 @@ fn validate_limit(limit: usize) -> Result<usize, EngineError> {
 impl Engine {
     /// Opens (or creates) the engine in `config.data_dir` and starts its shards. Returns
     /// once every shard has recovered its partitions and serves.
+    ///
+    /// The data directory is locked for the life of the engine: a second engine (in this
+    /// process or another) refuses to open it rather than write the same logs.
     pub fn open(config: EngineConfig) -> Result<Engine, EngineError> {
-        if config.shards == 0 || config.partitions == 0 {
-            return Err(EngineError::Config(
-                "shards and partitions must be positive".into(),
-            ));
-        }
-        if config.partitions > 1 << crate::domain::meta::PARTITION_BITS {
-            return Err(EngineError::Config("too many partitions".into()));
-        }
+        validate(&config)?;
         std::fs::create_dir_all(&config.data_dir)
-            .map_err(|e| EngineError::Io(format!("{}: {e}", config.data_dir.display())))?;
-        check_layout(&config)?;
-        let snapshots = config.data_dir.join("snapshots");
-        std::fs::create_dir_all(&snapshots)
-            .map_err(|e| EngineError::Io(format!("{}: {e}", snapshots.display())))?;
-        let blobs = Arc::new(
-            BlobStore::open(&config.data_dir.join("blobs"))
-                .map_err(|e| EngineError::Io(format!("blob store: {e}")))?,
-        );
-        let mut senders = Vec::new();
-        let mut receivers = Vec::new();
-        for _ in 0..config.shards {
-            let (tx, rx) = Inbox::new(config.inbox_capacity);
-            senders.push(tx);
-            receivers.push(rx);
-        }
-        let routes = Routes {
-            shards: Arc::new(senders),
-            partitions: config.partitions,
-        };
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let mut meta_out = Vec::new();
-        let mut meta_in = vec![None];
-        for _ in 1..config.shards {
-            let (tx, rx) = std::sync::mpsc::channel();
-            meta_out.push(tx);
-            meta_in.push(Some(rx));
-        }
-        let mut setups: Vec<Option<ShardSetup>> = Vec::new();
-        for (i, inbox) in receivers.into_iter().enumerate() {
-            let (unused_tx, unused_rx) = std::sync::mpsc::channel();
-            drop(unused_tx);
-            setups.push(Some(ShardSetup {
-                id: i as u32,
-                routes: routes.clone(),
-                inbox,
-                config: config.clone(),
-                blobs: blobs.clone(),
-                meta_in: meta_in[i].take().unwrap_or(unused_rx),
-                meta_out: if i == 0 {
-                    std::mem::take(&mut meta_out)
-                } else {
-                    Vec::new()
-                },
-                ready: ready_tx.clone(),
-            }));
-        }
-        drop(ready_tx);
+            .map_err(|e| IoError::new(config.data_dir.display().to_string(), e))?;
+        let lock = lock_data_dir(&config.data_dir)?;
+        let blobs = DiskBlobStore::open(&config.data_dir.join("blobs"))
+            .map_err(|e| IoError::new("blob store", e))?;
+        let root = DiskRoot::new(&config.data_dir);
+        let engine = Engine::open_with(config, move |_| {
+            GlommioEnv::new(root.clone(), blobs.clone())
+        })?;
+        *engine.inner.data_dir_lock.lock().expect("lock") = Some(lock);
+        Ok(engine)
+    }
+
+    /// Opens the engine as [`Engine::open`] does, with each shard in the environment `env`
+    /// makes for it on the shard's own thread (a glommio executor): its directories, its
+    /// blob store, its clock. `config.data_dir` is not used.
+    pub fn open_with<E, F>(config: EngineConfig, env: F) -> Result<Engine, EngineError>
+    where
+        E: Env,
+        F: Fn(crate::shard::ShardContext) -> E + Send + Sync + 'static,
+    {
+        validate(&config)?;
+        let Plan {
+            routes,
+            setups,
+            mut ready,
+            stopped,
+        } = Plan::new(&config);
+        let setups: Vec<Option<(ShardSetup, _)>> = setups.into_iter().map(Some).collect();
         let setups = Arc::new(Mutex::new(setups));
         let threads = crate::shard::ShardSet::start(config.shards, config.pin, move |ctx| {
-            let setup = setups.lock().expect("setups")[ctx.id]
+            let (setup, stopped) = setups.lock().expect("setups")[ctx.id]
                 .take()
                 .expect("each shard starts once");
-            crate::runtime::run_shard(setup)
+            // This thread is the shard's own: calls made on it go to this shard.
+            CURRENT_SHARD.with(|c| c.set(Some(ctx.id as u32)));
+            crate::runtime::run_shard(setup, env(ctx), stopped)
         })
-        .map_err(|e| EngineError::Unavailable(format!("starting shards: {e}")))?;
-        let engine = Engine {
+        .map_err(|e| Unavailable::Start(Arc::new(e)))?;
+        let engine = Engine::new(routes, config, stopped, Some(threads));
+        let started = futures::executor::block_on(collect_starts(&mut ready, engine.shard_count()));
+        match started {
+            Ok(recovered) => {
+                *engine.inner.recovery.lock().expect("recovery") = recovered;
+                Ok(engine)
+            }
+            Err(e) => {
+                engine.shutdown();
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts the engine's shards as tasks on the calling task's executor, shard `i` in the
+    /// environment `env(i)` (whose `spawn` runs its task), and returns once every shard
+    /// serves. This is how the simulation runs a whole node on one thread. Stop it with
+    /// [`Engine::close`], or drop its executor to simulate a crash.
+    pub async fn start_local<E: Env>(
+        config: EngineConfig,
+        env: impl Fn(u32) -> E,
+    ) -> Result<Engine, EngineError> {
+        validate(&config)?;
+        let Plan {
+            routes,
+            setups,
+            mut ready,
+            stopped,
+        } = Plan::new(&config);
+        for (setup, stopped) in setups {
+            let env = env(setup.id);
+            drop(env.spawn(crate::runtime::run_shard(setup, env.clone(), stopped)));
+        }
+        let engine = Engine::new(routes, config, stopped, None);
+        match collect_starts(&mut ready, engine.shard_count()).await {
+            Ok(recovered) => {
+                *engine.inner.recovery.lock().expect("recovery") = recovered;
+                Ok(engine)
+            }
+            Err(e) => {
+                engine.close().await;
+                Err(e)
+            }
+        }
+    }
+
+    fn new(
+        routes: Routes,
+        config: EngineConfig,
+        stopped: Vec<oneshot::Receiver<()>>,
+        threads: Option<crate::shard::ShardSet<()>>,
+    ) -> Engine {
+        Engine {
             inner: Arc::new(Inner {
                 routes,
                 watermarks: Watermarks::new(config.consumers.len(), config.partitions),
                 config,
                 recovery: Mutex::new(Vec::new()),
-                threads: Mutex::new(Some(threads)),
+                data_dir_lock: Mutex::new(None),
+                threads: Mutex::new(threads),
+                stopped: Mutex::new(stopped),
             }),
-        };
-        for _ in 0..engine.inner.config.shards {
-            match ready_rx.recv() {
-                Ok(Ok((_, recovered))) => {
-                    let mut all = engine.inner.recovery.lock().expect("recovery");
-                    all.extend(recovered);
-                    all.sort_by_key(|r| r.partition);
-                }
-                Ok(Err(e)) => {
-                    engine.shutdown();
-                    return Err(e);
-                }
-                Err(_) => {
-                    engine.shutdown();
-                    return Err(EngineError::Unavailable("a shard failed to start".into()));
-                }
-            }
         }
-        Ok(engine)
     }
 
     /// Stops every shard after the work in flight and closes the logs. Blocks until done.
     pub fn shutdown(&self) {
-        for s in self.inner.routes.shards.iter() {
+        for s in 0..self.inner.routes.shard_count() {
             // A full inbox drains: wait for room rather than lose the message and hang in
             // the join below.
-            let _ = futures::executor::block_on(s.send(ShardMsg::Shutdown));
+            let _ = futures::executor::block_on(self.inner.routes.send(s, ShardMsg::Shutdown));
         }
         if let Some(t) = self.inner.threads.lock().expect("threads").take() {
             let _ = t.join();
+        }
+        // The logs are closed: another engine may open the directory now.
+        self.inner.data_dir_lock.lock().expect("lock").take();
+    }
+
+    /// Stops every shard after the work in flight and closes the logs, without blocking
+    /// the thread: the way to stop an engine started with [`Engine::start_local`].
+    pub async fn close(&self) {
+        for s in 0..self.inner.routes.shard_count() {
+            let _ = self.inner.routes.send(s, ShardMsg::Shutdown).await;
+        }
+        let stopped = std::mem::take(&mut *self.inner.stopped.lock().expect("stopped"));
+        for shard in stopped {
+            let _ = shard.await;
         }
     }
 
@@ -494,8 +428,7 @@ impl Engine {
             }
         };
         routes.send(shard, msg).await?;
-        rx.await
-            .map_err(|_| EngineError::Unavailable("the shard stopped".into()))?
+        rx.await.map_err(|_| Unavailable::ShardStopped)?
     }
 
     /// Retention: deletes the whole sealed segments of a channel partition's log that lie
@@ -517,8 +450,7 @@ impl Engine {
             .routes
             .send(shard, ShardMsg::Partition { partition, msg })
             .await?;
-        rx.await
-            .map_err(|_| EngineError::Unavailable("the shard stopped".into()))?
+        rx.await.map_err(|_| Unavailable::ShardStopped)?
     }
 
     fn check_partition(&self, partition: u32) -> Result<(), EngineError> {
@@ -528,6 +460,23 @@ impl Engine {
             )));
         }
         Ok(())
+    }
+
+    /// Every partition's subscriber index: how many live subscriptions of each user each
+    /// shard has, as the partitions count them. Once every subscription is gone, and the
+    /// shards have swept, it is empty. For tests and the simulation, which check that the
+    /// index never keeps a subscription that is gone.
+    #[doc(hidden)]
+    pub async fn subscriber_index(&self) -> Result<Vec<crate::SubscriberCount>, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        let audit = crate::runtime::Audit::new(self.inner.config.partitions as usize, tx);
+        for s in 0..self.inner.routes.shard_count() {
+            let a = audit.clone();
+            let msg =
+                ShardMsg::AllPartitions(Box::new(move || PartitionMsg::Audit { out: a.clone() }));
+            self.inner.routes.send(s, msg).await?;
+        }
+        rx.await.map_err(|_| Unavailable::ShardStopped)?
     }
 
     /// The number of shards.
@@ -755,8 +704,7 @@ impl Engine {
             }));
             self.inner.routes.send(s, msg).await?;
         }
-        rx.await
-            .map_err(|_| EngineError::Unavailable("a shard stopped".into()))?
+        rx.await.map_err(|_| Unavailable::ShardStopped)?
     }
 
     /// A channel the user can see (a member, or a public channel of their workspace),
@@ -1063,29 +1011,107 @@ impl Engine {
     }
 }
 
-/// Records the partition count in the data directory on first open and refuses a different
-/// one later: channel IDs carry their partition.
-fn check_layout(config: &EngineConfig) -> Result<(), EngineError> {
-    let path = config.data_dir.join("ENGINE");
-    let want = format!("chorus-engine layout 1\npartitions {}\n", config.partitions);
-    match std::fs::read_to_string(&path) {
-        Ok(have) if have == want => Ok(()),
-        Ok(have) => Err(EngineError::Config(format!(
-            "{} was created with a different layout: {have:?}",
-            path.display()
-        ))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let tmp = config.data_dir.join("ENGINE.tmp");
-            let write = || -> std::io::Result<()> {
-                use std::io::Write;
-                let mut f = std::fs::File::create(&tmp)?;
-                f.write_all(want.as_bytes())?;
-                f.sync_all()?;
-                std::fs::rename(&tmp, &path)?;
-                std::fs::File::open(&config.data_dir)?.sync_all()
-            };
-            write().map_err(|e| EngineError::Io(format!("{}: {e}", path.display())))
+/// Refuses a configuration no engine can run with.
+fn validate(config: &EngineConfig) -> Result<(), EngineError> {
+    if config.shards == 0 || config.partitions == 0 {
+        return Err(EngineError::Config(
+            "shards and partitions must be positive".into(),
+        ));
+    }
+    if config.partitions > 1 << crate::domain::meta::PARTITION_BITS {
+        return Err(EngineError::Config("too many partitions".into()));
+    }
+    Ok(())
+}
+
+/// The inboxes, routes and start-up channels of a node's shards, before they run.
+struct Plan {
+    routes: Routes,
+    /// Each shard's setup, and the sender it tells when it stopped.
+    setups: Vec<(ShardSetup, oneshot::Sender<()>)>,
+    ready: futures::channel::mpsc::UnboundedReceiver<(u32, Started)>,
+    stopped: Vec<oneshot::Receiver<()>>,
+}
+
+impl Plan {
+    fn new(config: &EngineConfig) -> Plan {
+        let mut senders = Vec::new();
+        let mut receivers = Vec::new();
+        for _ in 0..config.shards {
+            let (requests, requests_rx) = Inbox::new(config.inbox_capacity);
+            let (events, events_rx) = Inbox::new(config.inbox_capacity);
+            senders.push(ShardSenders { requests, events });
+            receivers.push(ShardInboxes {
+                requests: requests_rx,
+                events: events_rx,
+            });
         }
-        Err(e) => Err(EngineError::Io(format!("{}: {e}", path.display()))),
+        let routes = Routes {
+            shards: Arc::new(senders),
+            partitions: config.partitions,
+        };
+        let (ready_tx, ready) = futures::channel::mpsc::unbounded();
+        let mut meta_out = Vec::new();
+        let mut meta_in = vec![None];
+        for _ in 1..config.shards {
+            let (tx, rx) = oneshot::channel();
+            meta_out.push(tx);
+            meta_in.push(Some(rx));
+        }
+        let mut setups = Vec::new();
+        let mut stopped = Vec::new();
+        for (i, inboxes) in receivers.into_iter().enumerate() {
+            let (stopped_tx, stopped_rx) = oneshot::channel();
+            stopped.push(stopped_rx);
+            let setup = ShardSetup {
+                id: i as u32,
+                routes: routes.clone(),
+                inboxes,
+                config: config.clone(),
+                meta_in: meta_in[i].take(),
+                meta_out: if i == 0 {
+                    std::mem::take(&mut meta_out)
+                } else {
+                    Vec::new()
+                },
+                ready: ready_tx.clone(),
+            };
+            setups.push((setup, stopped_tx));
+        }
+        Plan {
+            routes,
+            setups,
+            ready,
+            stopped,
+        }
+    }
+}
+
+/// Waits for every shard to report its start, and returns the recovery of every
+/// partition, or the error that stopped the start. Shard 0's error comes first: when it
+/// fails (a layout that does not fit, a damaged metadata log), the others fail only
+/// because it did.
+async fn collect_starts(
+    ready: &mut futures::channel::mpsc::UnboundedReceiver<(u32, Started)>,
+    shards: usize,
+) -> Result<Vec<Recovery>, EngineError> {
+    use futures::StreamExt;
+    let mut recovered = Vec::new();
+    let mut failures = Vec::new();
+    for _ in 0..shards {
+        match ready.next().await {
+            Some((_, Ok(r))) => recovered.extend(r),
+            Some((shard, Err(e))) => failures.push((shard, e)),
+            // A shard thread died without reporting.
+            None => failures.push((u32::MAX, Unavailable::ShardDidNotStart.into())),
+        }
+    }
+    failures.sort_by_key(|(shard, _)| *shard);
+    match failures.into_iter().next() {
+        Some((_, e)) => Err(e),
+        None => {
+            recovered.sort_by_key(|r| r.partition);
+            Ok(recovered)
+        }
     }
 }

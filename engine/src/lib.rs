@@ -20,21 +20,28 @@
 #![deny(missing_docs)]
 
 pub mod blob;
+mod config;
 pub mod consumer;
 pub mod domain;
 pub mod durability;
 mod engine;
+pub mod env;
+mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ids;
+mod outcome;
 pub mod queue;
 pub(crate) mod runtime;
 pub mod shard;
 pub(crate) mod snapshot;
 pub mod view;
 
-pub use consumer::{CommittedEvent, CommittedKind, CommittedPage, Consumer, LogId};
-pub use engine::{
-    ChannelOutcome, Engine, EngineConfig, EngineError, MessagePage, MetaOutcome, Observer,
-    ObserverSlot, ReadOutcome, Recovery, Subscription, SubscriptionControl,
-    HELD_EPHEMERAL_FRAMES_MAX,
+pub use config::{EngineConfig, Observer, ObserverSlot, HELD_EPHEMERAL_FRAMES_MAX};
+pub use consumer::{CommittedEvent, CommittedKind, CommittedPage, LogId};
+pub use engine::{Consumer, Engine, Subscription, SubscriptionControl};
+pub use error::{Corrupt, EngineError, IoError, Unavailable};
+pub use outcome::{
+    ChannelOutcome, MessagePage, MetaOutcome, ReadOutcome, Recovery, SubscriberCount,
 };
 pub use runtime::dispatch::SubscriptionInfo;

@@ -18,11 +18,12 @@
 //! | 8 | xxh3-64 of every byte before it |
 //!
 //! Files are written as `NAME.tmp`, fsynced, renamed over `NAME`, and the directory is
-//! fsynced, so a crash leaves either the old snapshot or the new one, never a mix.
+//! fsynced, so a crash leaves either the old snapshot or the new one, never a mix. They
+//! are read and written through a [`Storage`] directory (`snapshots/` of the data
+//! directory), so that the simulated disk holds them too.
 
-use std::fs::{self, File};
-use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use chorus_log::{Storage, StorageFile};
+use std::io;
 
 const MAGIC: &[u8; 8] = b"CHORSNAP";
 /// The snapshot format version written by this code.
@@ -94,17 +95,22 @@ impl Writer {
 
     /// The finished file: header, body, checksum.
     pub fn finish(self, partition: u32, next_offset: u64) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEADER_BYTES + self.buf.len() + 8);
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&SNAPSHOT_FORMAT_VERSION.to_le_bytes());
-        out.extend_from_slice(&partition.to_le_bytes());
-        out.extend_from_slice(&next_offset.to_le_bytes());
-        out.extend_from_slice(&(self.buf.len() as u64).to_le_bytes());
-        out.extend_from_slice(&self.buf);
-        let sum = xxhash_rust::xxh3::xxh3_64(&out);
-        out.extend_from_slice(&sum.to_le_bytes());
-        out
+        seal(&self.buf, partition, next_offset)
     }
+}
+
+/// A snapshot file of `partition` around `body`: header, body, checksum.
+pub fn seal(body: &[u8], partition: u32, next_offset: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_BYTES + body.len() + 8);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&SNAPSHOT_FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&partition.to_le_bytes());
+    out.extend_from_slice(&next_offset.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(body);
+    let sum = xxhash_rust::xxh3::xxh3_64(&out);
+    out.extend_from_slice(&sum.to_le_bytes());
+    out
 }
 
 /// Reads a snapshot body. Every read checks its bounds, and counts are checked against
@@ -178,14 +184,18 @@ impl<'a> Reader<'a> {
             .map_err(|_| bad(format!("invalid UTF-8 before byte {}", self.at)))
     }
 
-    /// Reads a string written by [`Writer::str`] as text that shares the file's buffer:
-    /// no allocation.
-    pub fn text(&mut self) -> Result<crate::domain::channel::Text, SnapshotError> {
+    /// Reads bytes written by [`Writer::bytes`] (or a string written by [`Writer::str`])
+    /// as a slice that shares the file's buffer: no allocation.
+    pub fn shared_bytes(&mut self) -> Result<bytes::Bytes, SnapshotError> {
         let n = self.count(1)?;
         let start = self.base + self.at;
         self.take(n)?;
-        crate::domain::channel::Text::from_shared(self.file.slice(start..start + n))
-            .map_err(|_| bad(format!("invalid UTF-8 before byte {}", self.at)))
+        Ok(self.file.slice(start..start + n))
+    }
+
+    /// Where the reader is in the body, for messages about what it read.
+    pub fn position(&self) -> usize {
+        self.at
     }
 
     /// Reads u64s written by [`Writer::u64s`].
@@ -255,50 +265,61 @@ pub fn parse(file: impl Into<bytes::Bytes>, partition: u32) -> Result<Loaded, Sn
     Ok(Loaded { file, next_offset })
 }
 
-/// Maps the snapshot at `path` and verifies it: `Ok(None)` when there is none.
+/// Maps the snapshot `name` of `dir` and verifies it: `Ok(None)` when there is none.
 ///
 /// The file is mapped, not read: restored texts share its pages, which stay in the page
 /// cache (clean, so the kernel may drop and re-read them) instead of being copied into the
 /// heap. A later snapshot is written to a new file and renamed over this one, so the
 /// mapped file never changes while it is mapped.
-pub fn load(path: &Path, partition: u32) -> Result<Option<Loaded>, SnapshotError> {
-    let file = match File::open(path) {
+pub async fn load<S: Storage>(
+    dir: &S,
+    name: &str,
+    partition: u32,
+) -> Result<Option<Loaded>, SnapshotError> {
+    let failed = |e: io::Error| bad(format!("{name}: {e}"));
+    let file = match dir.open(name).await {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(bad(format!("{}: {e}", path.display()))),
+        Err(e) => return Err(failed(e)),
     };
-    let len = file
-        .metadata()
-        .map_err(|e| bad(format!("{}: {e}", path.display())))?
-        .len();
-    if len == 0 {
+    let mapped = file.map_populated().map_err(failed);
+    file.close().await.map_err(failed)?;
+    let mapped = mapped?;
+    if mapped.is_empty() {
         return Err(bad("empty file"));
     }
-    // SAFETY: snapshot files are never modified in place (see `store`), so the mapping
-    // cannot change or shrink under the references into it.
-    let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }
-        .map_err(|e| bad(format!("{}: {e}", path.display())))?;
-    parse(bytes::Bytes::from_owner(map), partition).map(Some)
+    parse(mapped, partition).map(Some)
 }
 
-/// Writes `file` to `path` atomically and durably: temporary file, fsync, rename, fsync of
-/// the directory. Blocking; run it off the shard.
-pub fn store(path: &Path, file: &[u8]) -> io::Result<()> {
-    let tmp = tmp_path(path);
-    {
-        let mut f = File::create(&tmp)?;
-        f.write_all(file)?;
-        f.sync_data()?;
+/// The most bytes of a snapshot written with one call: the real storage copies each write
+/// into a buffer of its own, so a snapshot is written in pieces rather than copied whole.
+const WRITE_BYTES_MAX: usize = 4 << 20;
+
+/// Writes `file` as `name` in `dir` atomically and durably: temporary file, fsync, rename,
+/// fsync of the directory.
+pub async fn store<S: Storage>(dir: &S, name: &str, file: &[u8]) -> io::Result<()> {
+    let tmp = format!("{name}.tmp");
+    // A crash may have left the temporary file of an earlier snapshot.
+    match dir.remove(&tmp).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
     }
-    fs::rename(&tmp, path)?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    File::open(dir)?.sync_all()
-}
-
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(".tmp");
-    PathBuf::from(name)
+    let f = dir.create(&tmp).await?;
+    let written = async {
+        for (i, piece) in file.chunks(WRITE_BYTES_MAX).enumerate() {
+            f.write_at((i * WRITE_BYTES_MAX) as u64, piece).await?;
+        }
+        // The real storage pads its last block with zeros; the snapshot ends at its bytes.
+        f.truncate(file.len() as u64).await?;
+        f.sync_data().await
+    }
+    .await;
+    let closed = f.close().await;
+    written?;
+    closed?;
+    dir.rename(&tmp, name).await?;
+    dir.sync_dir().await
 }
 
 #[cfg(test)]
@@ -324,7 +345,7 @@ mod tests {
         assert_eq!(r.u8().unwrap(), 7);
         assert_eq!(r.u32().unwrap(), 0xdead_beef);
         assert_eq!(r.string().unwrap(), "héllo");
-        assert_eq!(r.text().unwrap().as_str(), "shared");
+        assert_eq!(&r.shared_bytes().unwrap()[..], b"shared");
         assert_eq!(r.u64s().unwrap(), vec![1, 2, u64::MAX]);
         r.finish().unwrap();
     }
@@ -357,15 +378,21 @@ mod tests {
         assert!(loaded.body().bytes().is_err());
     }
 
-    // A stored snapshot replaces the old one whole and leaves no temporary file.
+    // A stored snapshot replaces the old one whole and leaves no temporary file, and a
+    // crash after `store` returns keeps it.
     #[test]
     fn store_replaces_atomically() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("p00000.snap");
-        assert!(load(&path, 3).unwrap().is_none());
-        store(&path, &sample()).unwrap();
-        store(&path, &sample()).unwrap();
-        assert_eq!(load(&path, 3).unwrap().unwrap().next_offset, 42);
-        assert!(!tmp_path(&path).exists());
+        let dir = chorus_log::SimStorage::new(chorus_log::SimConfig::default());
+        futures::executor::block_on(async {
+            assert!(load(&dir, "p00000.snap", 3).await.unwrap().is_none());
+            store(&dir, "p00000.snap", &sample()).await.unwrap();
+            store(&dir, "p00000.snap", &sample()).await.unwrap();
+        });
+        dir.crash();
+        futures::executor::block_on(async {
+            let loaded = load(&dir, "p00000.snap", 3).await.unwrap().unwrap();
+            assert_eq!(loaded.next_offset, 42);
+            assert_eq!(dir.list().await.unwrap(), vec!["p00000.snap".to_string()]);
+        });
     }
 }

@@ -844,3 +844,26 @@ fn resume_replays_large_messages_as_they_were() {
     chat.engine.shutdown();
     chat.assert_same_as_live(&replayed);
 }
+
+// A data directory is locked while an engine has it open: a second engine refuses it
+// (rather than write the same logs), and a shut-down engine's directory opens again.
+#[test]
+fn a_data_directory_is_open_in_one_engine_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = open(dir.path());
+    let second = Engine::open({
+        let mut config = EngineConfig::new(dir.path());
+        config.shards = 1;
+        config.partitions = 8;
+        config.pin = false;
+        config
+    });
+    match second {
+        Err(e) => assert!(e.to_string().contains("in use by another"), "{e}"),
+        Ok(_) => panic!("a second engine opened a locked data directory"),
+    }
+    first.shutdown();
+    drop(first);
+    let again = open(dir.path());
+    again.shutdown();
+}

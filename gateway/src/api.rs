@@ -16,6 +16,7 @@
 
 use crate::ctx::{authenticate, token_now, ShardCtx};
 use crate::error::ApiError;
+use crate::protocol::{message_in, parse_id};
 use bytes::Bytes;
 use chorus_engine::domain::{ChannelKind, PAGE_LIMIT_MAX};
 use chorus_engine::ids::{ChannelId, MessageId, UserId, WorkspaceId};
@@ -28,7 +29,6 @@ use serde::ser::{SerializeMap, Serializer};
 use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 use std::rc::Rc;
-use std::str::FromStr;
 use std::sync::OnceLock;
 
 /// Items in a page when the request names no `limit`.
@@ -587,21 +587,6 @@ impl Call<'_> {
     }
 }
 
-/// An ID from a path or body; one that does not parse names nothing, so it is not found.
-fn parse_id<T: FromStr>(s: &str, what: &str) -> Result<T, ApiError> {
-    s.parse().map_err(|_| ApiError::not_found(what))
-}
-
-/// A message ID that must name a message of `channel`: the engine routes a message call by
-/// the channel inside the ID, so one of another channel would reach past the path's.
-fn message_in(s: &str, channel: ChannelId) -> Result<MessageId, ApiError> {
-    let id: MessageId = parse_id(s, "message")?;
-    if id.channel != channel {
-        return Err(ApiError::not_found("message"));
-    }
-    Ok(id)
-}
-
 /// A page cursor: a seq, written so that clients do not take it for a number.
 pub fn encode_cursor(seq: u64) -> String {
     format!("s{seq:x}")
@@ -749,6 +734,25 @@ struct PostReq {
 #[derive(Deserialize)]
 struct TextReq {
     text: String,
+}
+
+/// Parses `body` as every request type of the API, for the fuzz target: none may panic,
+/// whatever the bytes. Returns how many accepted it.
+pub(crate) fn parse_as_every_request(body: &[u8]) -> usize {
+    [
+        parse_json::<SignupReq>(body).is_ok(),
+        parse_json::<LoginReq>(body).is_ok(),
+        parse_json::<NameReq>(body).is_ok(),
+        parse_json::<EmailReq>(body).is_ok(),
+        parse_json::<ChannelReq>(body).is_ok(),
+        parse_json::<DmReq>(body).is_ok(),
+        parse_json::<UserIdReq>(body).is_ok(),
+        parse_json::<PostReq>(body).is_ok(),
+        parse_json::<TextReq>(body).is_ok(),
+    ]
+    .into_iter()
+    .filter(|ok| *ok)
+    .count()
 }
 
 // ---------------------------------------------------------------------------------------

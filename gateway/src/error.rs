@@ -107,7 +107,7 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> ApiError {
         match e {
             EngineError::Domain(d) => d.into(),
-            EngineError::Unavailable(m) => ApiError::unavailable(m),
+            EngineError::Unavailable(m) => ApiError::unavailable(m.to_string()),
             other => {
                 tracing::error!(error = %other, "engine error");
                 ApiError::new(500, "internal", "internal error")

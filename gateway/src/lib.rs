@@ -8,6 +8,8 @@ pub mod config;
 pub mod conn;
 pub mod ctx;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod guard;
 pub mod json;
 pub mod memory;

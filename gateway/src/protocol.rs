@@ -145,6 +145,9 @@ fn frame_of(kind: &str, object: Map<String, Value>) -> Result<ClientFrame, ApiEr
                     Err(_) => unknown.push(c.chars().take(64).collect()),
                 }
             }
+            // In channel order, not the hash map's: the engine asks for catch-ups in this
+            // order, and a simulated run must replay exactly.
+            since.sort_unstable();
             unknown.sort();
             ClientFrame::Resume { since, unknown }
         }
@@ -205,13 +208,15 @@ fn bad_json(message: impl Into<String>) -> ApiError {
     ApiError::bad_json(message)
 }
 
-/// An ID that does not parse names nothing, so it is not found, as in REST.
-fn parse_id<T: std::str::FromStr>(s: &str, what: &str) -> Result<T, ApiError> {
+/// An ID from a frame, a path or a body: one that does not parse names nothing, so it is
+/// not found, like an unknown ID and like an ID of another workspace.
+pub(crate) fn parse_id<T: std::str::FromStr>(s: &str, what: &str) -> Result<T, ApiError> {
     s.parse().map_err(|_| ApiError::not_found(what))
 }
 
-/// A message of the given channel; one of another channel is not found there.
-fn message_in(s: &str, channel: ChannelId) -> Result<MessageId, ApiError> {
+/// A message ID that must name a message of `channel`: the engine routes a message call by
+/// the channel inside the ID, so one of another channel would reach past the named one.
+pub(crate) fn message_in(s: &str, channel: ChannelId) -> Result<MessageId, ApiError> {
     let id: MessageId = parse_id(s, "message")?;
     if id.channel != channel {
         return Err(ApiError::not_found("message"));

@@ -51,6 +51,9 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     engine_config.partitions = config.partitions;
     engine_config.subscriber_queue_frames = config.ws_outbound_frames_max;
     engine_config.consumers = vec![crate::workspace_metrics::CONSUMER_NAME.to_owned()];
+    // The ports first: a server that cannot listen must not have opened the data.
+    let (addr, reserve) = reserve_port(config.http, socket2::Type::STREAM)?;
+    let (quic_addr, reserve_quic) = reserve_port(config.quic, socket2::Type::DGRAM)?;
     crate::memory::tune_allocator();
     let engine = Engine::open(engine_config)?;
     let tokens = Tokens::load_or_create(&config.jwt_secret_path(), config.token_ttl_s)?;
@@ -71,8 +74,6 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         let open = move || shared.connections.load(Ordering::Relaxed);
         crate::memory::housekeeper(open, stop_housekeeping.clone())?
     };
-    let (addr, reserve) = reserve_port(config.http, socket2::Type::STREAM)?;
-    let (quic_addr, reserve_quic) = reserve_port(config.quic, socket2::Type::DGRAM)?;
     let quic = quic_setup(&config, shards)?;
     let mut stops = Vec::new();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -236,11 +237,31 @@ async fn shard_main(
 /// it while the shards bind it with `SO_REUSEPORT`. A reserved UDP socket is in the
 /// port's group and may take a datagram meant for a shard before it is dropped, which is
 /// before the server says it listens.
+///
+/// `SO_REUSEPORT` would also let a second server bind the same port and take half of its
+/// clients, so the server first makes sure nobody else serves there, and refuses to start
+/// if someone does: for TCP, a connection to the port must be refused (binding exclusively
+/// would also fail for the closing connections a killed predecessor left); for UDP, the
+/// port must be free to bind exclusively.
 fn reserve_port(
     addr: SocketAddr,
     kind: socket2::Type,
 ) -> std::io::Result<(SocketAddr, socket2::Socket)> {
+    let in_use = |e: &dyn std::fmt::Display| {
+        std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            format!("{addr} is in use by another process: {e}"),
+        )
+    };
     let domain = socket2::Domain::for_address(addr);
+    if kind == socket2::Type::STREAM && addr.port() != 0 {
+        if std::net::TcpStream::connect_timeout(&addr, PORT_PROBE_TIMEOUT).is_ok() {
+            return Err(in_use(&"a server accepts connections there"));
+        }
+    } else if kind == socket2::Type::DGRAM {
+        let exclusive = socket2::Socket::new(domain, kind, None)?;
+        exclusive.bind(&addr.into()).map_err(|e| in_use(&e))?;
+    }
     let s = socket2::Socket::new(domain, kind, None)?;
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
@@ -251,6 +272,9 @@ fn reserve_port(
         .ok_or_else(|| std::io::Error::other("not an IP socket"))?;
     Ok((bound, s))
 }
+
+/// How long the check for another server on the HTTP port waits for a connection.
+const PORT_PROBE_TIMEOUT: Duration = Duration::from_millis(200);
 
 /// Accepts HTTP and WebSocket connections until `stop`, serving each on this shard.
 async fn accept_loop(

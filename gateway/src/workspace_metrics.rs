@@ -14,8 +14,9 @@
 //! most every [`PERSIST_INTERVAL`], so a busy server pays one small fsync per interval, not
 //! per event.
 
-use chorus_engine::consumer::{CommittedKind, CommittedPage, Consumer, LogId};
+use chorus_engine::consumer::{CommittedKind, CommittedPage, LogId};
 use chorus_engine::domain::event::ChannelEvent;
+use chorus_engine::Consumer;
 use chorus_engine::Engine;
 use futures::channel::oneshot;
 use futures::future::{select, Either, LocalBoxFuture};

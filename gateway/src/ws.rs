@@ -47,8 +47,8 @@ use crate::conn::Socket;
 use crate::ctx::ShardCtx;
 use crate::error::ApiError;
 use crate::session::{
-    run_call, Answer, CloseReason, SessionConfig, SessionCore, SubscriptionControl, Violation,
-    BATCH_FRAMES_MAX,
+    run_call, take_events, Answer, CloseReason, SessionConfig, SessionCore, SubscriptionControl,
+    Violation, BATCH_FRAMES_MAX,
 };
 use bytes::Bytes;
 use chorus_engine::ids::UserId;
@@ -516,38 +516,13 @@ impl Session {
         Ok(frames > 0 && !self.blocked)
     }
 
-    /// Takes the subscription's ready frames into the core, up to its room. Registers the
-    /// queue's waker when it is found empty.
+    /// Takes the subscription's ready frames into the core, unless the socket is blocked.
     fn fill_events(&mut self, cx: &mut Context<'_>) {
-        let room = self.core.event_room();
-        if room == 0 || self.blocked {
+        if self.blocked {
             return;
         }
         let sub = self.sub.as_mut().expect("subscribed while serving");
-        let taken = match sub.try_recv_batch(&mut self.batch, room) {
-            Ok(0) => match sub.receiver().poll_recv(cx) {
-                Poll::Ready(Ok(frame)) => {
-                    self.batch.push(frame);
-                    Ok(())
-                }
-                Poll::Ready(Err(cutoff)) => Err(cutoff),
-                Poll::Pending => Ok(()),
-            },
-            Ok(_) => Ok(()),
-            Err(cutoff) => Err(cutoff),
-        };
-        for frame in self.batch.drain(..) {
-            self.core.push_event(frame);
-        }
-        if let Err(cutoff) = taken {
-            if matches!(cutoff, chorus_engine::queue::Cutoff::Overflow) {
-                tracing::debug!(user = %self.core.user(), "slow websocket client cut off");
-            }
-            self.core.handle_cutoff(cutoff);
-        }
-        if self.batch.capacity() > BATCH_FRAMES_MAX {
-            self.batch.shrink_to(BATCH_FRAMES_MAX);
-        }
+        take_events(&mut self.core, sub, &mut self.batch, cx);
     }
 
     /// Reads client frames while the core wants them; returns whether one was read.

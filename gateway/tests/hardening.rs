@@ -436,3 +436,34 @@ fn deeply_nested_json_is_refused() {
     assert_eq!(e["code"], "invalid_json", "{e}");
     ws.ping("still up");
 }
+
+// A second server on a port a server already serves refuses to start, and touches no data:
+// SO_REUSEPORT would otherwise let it take half of the first one's clients.
+#[test]
+fn a_second_server_on_the_same_port_refuses_to_start() {
+    let server = Server::start(UNLIMITED);
+    let dir = tempfile::tempdir().unwrap();
+    for (http, quic) in [
+        (server.addr.as_str(), "127.0.0.1:0"),
+        ("127.0.0.1:0", server.quic_addr.as_str()),
+    ] {
+        let data = dir.path().join("data");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_chorus"))
+            .args(["serve", "--http", http, "--quic", quic, "--shards", "1"])
+            .arg("--data-dir")
+            .arg(&data)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "a second server started on {http} {quic}"
+        );
+        assert!(stderr.contains("in use by another process"), "{stderr}");
+        assert!(
+            !data.exists(),
+            "the refused server created its data directory"
+        );
+    }
+    assert_eq!(server.call("GET", "/healthz", None, None).status, 200);
+}

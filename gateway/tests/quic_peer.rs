@@ -42,7 +42,11 @@ fn aioquic_client_speaks_the_protocol() {
         .output()
         .expect("run python3");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "aioquic client failed: {stderr}");
+    assert!(
+        out.status.success(),
+        "aioquic client failed: {stderr}\nserver log:\n{}",
+        server.log()
+    );
     let seen: Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
     assert_eq!(seen["hello_user"], alice.id.as_str());
     assert_eq!(seen["replayed_seq"], since + 1);

@@ -17,4 +17,6 @@ pub mod storage;
 pub use error::{AppendError, CorruptReason, Error, OpenError, ReadError, TruncateError};
 pub use format::Record;
 pub use log::{CorruptSegment, Entry, Log, LogConfig, RecoveryReport, TornTail};
-pub use storage::{DiskStorage, SimConfig, SimStorage, Storage, StorageFile};
+pub use storage::{
+    DiskRoot, DiskStorage, SimConfig, SimRoot, SimStorage, Storage, StorageFile, StorageRoot,
+};

@@ -719,7 +719,12 @@ fn write_body(w: &mut Writer, body: &StoredBody) {
 
 fn read_body(r: &mut Reader<'_>) -> Result<StoredBody, SnapshotError> {
     match r.u8()? {
-        BODY_TEXT => Ok(StoredBody::Text(r.text()?)),
+        BODY_TEXT => {
+            let bytes = r.shared_bytes()?;
+            Text::from_shared(bytes)
+                .map(StoredBody::Text)
+                .map_err(|_| SnapshotError(format!("invalid UTF-8 before byte {}", r.position())))
+        }
         BODY_BLOB => {
             let hash: [u8; 32] = r
                 .bytes()?

@@ -10,14 +10,19 @@
 //! partition for the events after that seq, pushes them in order, and turns the channel live
 //! again after the last page. Because the partition answers through the same FIFO path as
 //! its deliveries, every live frame skipped was included in a page, and every frame after the
-//! last page comes after it: no gap, no repeat. A `resumed` frame follows the last page.
+//! last page comes after it: no gap, no repeat. A `resumed` frame follows the last page of
+//! the last channel, naming the last seq sent of each. A channel whose catch-up ends while
+//! others still catch up is *parked*: its live frames wait, in order and within the
+//! queue's capacity, until `resumed` is out, so every live event of a resumed channel comes
+//! after `resumed`, as `API.md` says. A resume asked while one is catching up is refused
+//! (the client starts over): two catch-ups of one channel would send its frames twice.
 //!
 //! Ephemeral frames (typing) have no seq and are not in the log, so a catch-up cannot bring
 //! them back: a subscriber whose channel is not live yet keeps them (bounded) and gets them
 //! after that channel's catch-up.
 
 use super::{Delivery, PartitionMsg, Routes, ShardMsg};
-use crate::engine::HELD_EPHEMERAL_FRAMES_MAX;
+use crate::config::HELD_EPHEMERAL_FRAMES_MAX;
 use crate::ids::{ChannelId, UserId};
 use crate::queue::{Cutoff, FrameSender, PushOutcome};
 use bytes::Bytes;
@@ -46,6 +51,13 @@ struct Chan {
     /// The user left while this channel was resuming: drop it once the catch-up (which
     /// ends with the `member:left` event) is done.
     leaving: bool,
+    /// Its catch-up is done but the resume it belongs to is not: its live frames wait in
+    /// the outlet's parked list until the `resumed` frame is out.
+    parked: bool,
+    /// Followed only for a resume's catch-up, because the resume named it though the
+    /// subscription did not follow it (see `follow_former`): named in `resumed` only if the
+    /// catch-up brought something.
+    former: bool,
 }
 
 /// A subscriber's state in one channel, shared by the subscriber and the channel's member
@@ -57,6 +69,27 @@ struct Outlet {
     queue: FrameSender,
     /// Set when the subscriber is removed: member lists drop it lazily (see `remove`).
     gone: Cell<bool>,
+    /// Frames of channels whose catch-up is done while the resume is not, in the order
+    /// they came: they follow the `resumed` frame, as `API.md` says live events do. With
+    /// the queued frames they never exceed the queue's capacity: past that, the subscriber
+    /// is cut off, as it would have been had they gone to its queue.
+    parked: RefCell<Vec<Bytes>>,
+}
+
+impl Outlet {
+    /// Sends a frame: to the queue, or to the parked list while its channel is parked.
+    /// False when it does not fit: the subscriber must be cut off.
+    fn send(&self, frame: Bytes, parked: bool) -> bool {
+        if !parked {
+            return self.queue.push(frame) == PushOutcome::Queued;
+        }
+        let mut list = self.parked.borrow_mut();
+        if list.len() + self.queue.len() >= self.queue.capacity() {
+            return false;
+        }
+        list.push(frame);
+        true
+    }
 }
 
 /// One subscriber in a channel's member list: everything a delivery needs, reached
@@ -84,6 +117,10 @@ struct Sub {
     /// the channel's catch-up: the latest per channel and sender, at most
     /// [`HELD_EPHEMERAL_FRAMES_MAX`].
     held_ephemeral: Vec<HeldFrame>,
+    /// Channels the user left while subscribed, with the seq of the `member:left` this
+    /// subscription was sent: a later resume naming one has nothing more to get from it,
+    /// and must not go back before it.
+    departed: HashMap<ChannelId, u64>,
 }
 
 /// An ephemeral frame kept for a channel that is not live yet.
@@ -136,7 +173,7 @@ pub(crate) struct Dispatcher {
     stale: HashMap<ChannelId, usize>,
     /// Catch-up pages waiting for room in their subscriber's queue.
     stalled: Vec<(UserId, ChannelId, u64, u64)>,
-    observer: crate::engine::ObserverSlot,
+    observer: crate::config::ObserverSlot,
     /// Messages for shards (this one included), sent by the shard's loop. The dispatcher
     /// runs inside that loop, so it must never wait on an inbox: waiting on its own full
     /// inbox would wait forever.
@@ -151,7 +188,7 @@ impl Dispatcher {
     pub(crate) fn new(
         shard: u32,
         routes: Routes,
-        observer: crate::engine::ObserverSlot,
+        observer: crate::config::ObserverSlot,
     ) -> Dispatcher {
         Dispatcher {
             shard,
@@ -186,6 +223,7 @@ impl Dispatcher {
                 outlet: Rc::new(Outlet {
                     queue,
                     gone: Cell::new(false),
+                    parked: RefCell::new(Vec::new()),
                 }),
                 channels: HashMap::new(),
                 acks_waiting: self.routes.partitions as usize,
@@ -195,6 +233,7 @@ impl Dispatcher {
                 resumed: BTreeMap::new(),
                 announce: false,
                 held_ephemeral: Vec::new(),
+                departed: HashMap::new(),
             },
         );
         self.by_user.entry(user).or_default().push(id);
@@ -225,6 +264,8 @@ impl Dispatcher {
                 resuming: s.held,
                 sent: false,
                 leaving: false,
+                parked: false,
+                former: false,
             };
             s.started.push((c, committed));
             // A join delivered before this answer already listed the channel: its state
@@ -268,21 +309,31 @@ impl Dispatcher {
                 for id in self.by_user.get(&user).cloned().unwrap_or_default() {
                     let s = self.subs.get_mut(&id).expect("indexed subscriber");
                     let held = s.held;
-                    if let std::collections::hash_map::Entry::Vacant(e) =
-                        s.channels.entry(d.channel)
-                    {
-                        let chan = Rc::new(RefCell::new(Chan {
-                            next: Some(d.seq),
-                            resuming: held,
-                            sent: false,
-                            leaving: false,
-                        }));
-                        e.insert(chan.clone());
-                        self.by_channel.entry(d.channel).or_default().push(Member {
-                            sub: id,
-                            outlet: s.outlet.clone(),
-                            chan,
-                        });
+                    // Joined while a resume catches up: the channel's frames follow `resumed`.
+                    let parked = !held && s.announce && s.resuming > 0;
+                    s.departed.remove(&d.channel);
+                    match s.channels.entry(d.channel) {
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            let chan = Rc::new(RefCell::new(Chan {
+                                next: Some(d.seq),
+                                resuming: held,
+                                sent: false,
+                                leaving: false,
+                                parked,
+                                former: false,
+                            }));
+                            e.insert(chan.clone());
+                            self.by_channel.entry(d.channel).or_default().push(Member {
+                                sub: id,
+                                outlet: s.outlet.clone(),
+                                chan,
+                            });
+                        }
+                        // Back in a channel whose catch-up was to end with the user's
+                        // leave: the catch-up brings this join too, and the channel stays.
+                        std::collections::hash_map::Entry::Occupied(e) => {
+                            e.get().borrow_mut().leaving = false;
+                        }
                     }
                 }
             }
@@ -302,7 +353,7 @@ impl Dispatcher {
                 }
                 chan.next = Some(d.seq + 1);
                 chan.sent = true;
-                if m.outlet.queue.push(d.frame.clone()) == PushOutcome::Queued {
+                if m.outlet.send(d.frame.clone(), chan.parked) {
                     pushed += 1;
                 } else {
                     cut.push((m.sub, Cutoff::Overflow));
@@ -318,6 +369,7 @@ impl Dispatcher {
                         Some(chan) if chan.borrow().resuming => chan.borrow_mut().leaving = true,
                         _ => {
                             s.channels.remove(&d.channel);
+                            s.departed.insert(d.channel, d.seq);
                             if let Some(v) = self.by_channel.get_mut(&d.channel) {
                                 v.retain(|m| m.sub != id);
                             }
@@ -357,7 +409,7 @@ impl Dispatcher {
                 waiting.push(m.sub);
                 continue;
             }
-            if m.outlet.queue.push(d.frame.clone()) != PushOutcome::Queued {
+            if !m.outlet.send(d.frame.clone(), m.chan.borrow().parked) {
                 cut.push((m.sub, Cutoff::Overflow));
             }
         }
@@ -381,6 +433,10 @@ impl Dispatcher {
             return;
         }
         s.held = false;
+        self.follow_former(sub, &since);
+        let Some(s) = self.subs.get_mut(&sub) else {
+            return;
+        };
         let since: HashMap<ChannelId, u64> = since.into_iter().collect();
         let user = s.user;
         let mut asks = Vec::new();
@@ -388,7 +444,9 @@ impl Dispatcher {
             let mut chan = chan.borrow_mut();
             if let Some(seq) = since.get(c) {
                 chan.next = Some(seq + 1);
-                s.resumed.insert(*c, *seq);
+                if !chan.former {
+                    s.resumed.insert(*c, *seq);
+                }
             }
             if !chan.resuming {
                 chan.resuming = true;
@@ -401,6 +459,9 @@ impl Dispatcher {
             self.finish_resume(sub).await;
             return;
         }
+        // The channels are a hash map: ask in channel order, so that a run replays exactly
+        // (the simulation depends on it).
+        asks.sort_unstable();
         for (c, after) in asks {
             self.ask_catch_up(user, c, after, sub).await;
         }
@@ -414,15 +475,26 @@ impl Dispatcher {
         let Some(s) = self.subs.get_mut(&sub) else {
             return false;
         };
+        // A resume while another is catching up would ask a second catch-up of a channel
+        // whose first is in flight, and send its frames twice: refused, so the client
+        // starts over, as for a resume that would go back.
+        if s.resuming > 0 {
+            return false;
+        }
         let behind = since.iter().any(|(c, seq)| {
-            s.channels.get(c).is_some_and(|chan| {
+            let live = s.channels.get(c).is_some_and(|chan| {
                 let chan = chan.borrow();
                 chan.sent && chan.next.is_some_and(|n| seq + 1 < n)
-            })
+            });
+            live || s.departed.get(c).is_some_and(|left| seq < left)
         });
         if behind {
             return false;
         }
+        self.follow_former(sub, &since);
+        let Some(s) = self.subs.get_mut(&sub) else {
+            return false;
+        };
         let user = s.user;
         let mut asks = Vec::new();
         for (c, seq) in since {
@@ -437,7 +509,9 @@ impl Dispatcher {
                     s.resuming += 1;
                 }
                 chan.next = Some(after + 1);
-                s.resumed.insert(c, after);
+                if !chan.former {
+                    s.resumed.insert(c, after);
+                }
                 asks.push((c, after));
             }
         }
@@ -450,6 +524,40 @@ impl Dispatcher {
             self.ask_catch_up(user, c, after, sub).await;
         }
         true
+    }
+
+    /// Follows, for one catch-up, the channels a resume names that the subscription does
+    /// not follow: the user may have left one while away, and then what happened in it
+    /// after the seq named, up to the user's own `member:left`, is still theirs to get (its
+    /// partition reads a former member's catch-up up to the removal, and a channel the user
+    /// never was in gives nothing). Each is dropped when its catch-up ends, unless the user
+    /// joined again meanwhile.
+    fn follow_former(&mut self, sub: u64, since: &[(ChannelId, u64)]) {
+        let Some(s) = self.subs.get_mut(&sub) else {
+            return;
+        };
+        for (c, seq) in since {
+            if s.channels.contains_key(c)
+                || s.departed.contains_key(c)
+                || crate::domain::meta::partition_of(*c) >= self.routes.partitions
+            {
+                continue;
+            }
+            let chan = Rc::new(RefCell::new(Chan {
+                next: Some(seq + 1),
+                resuming: false,
+                sent: false,
+                leaving: true,
+                parked: false,
+                former: true,
+            }));
+            s.channels.insert(*c, chan.clone());
+            self.by_channel.entry(*c).or_default().push(Member {
+                sub,
+                outlet: s.outlet.clone(),
+                chan,
+            });
+        }
     }
 
     /// Asks for the next page of a catch-up, no larger than the room left in the
@@ -515,15 +623,17 @@ impl Dispatcher {
             self.cut_off(sub, Cutoff::Overflow).await;
             return;
         }
-        let leaving = {
+        let (leaving, parked, former, sent_any) = {
             let mut chan = chan.borrow_mut();
             chan.next = Some(last + 1);
             chan.sent |= sent;
             if done && chan.resuming {
                 chan.resuming = false;
                 s.resuming = s.resuming.saturating_sub(1);
+                // Other channels still catch up: this one's live frames wait for `resumed`.
+                chan.parked = s.announce && s.resuming > 0;
             }
-            done && chan.leaving
+            (done && chan.leaving, chan.parked, chan.former, chan.sent)
         };
         if !done {
             self.ask_catch_up(user, channel, last, sub).await;
@@ -532,21 +642,25 @@ impl Dispatcher {
         // The channel is live: the ephemeral frames kept for it follow its catch-up, unless
         // the user left it.
         let held = s.take_held(channel);
-        if !leaving
-            && held
-                .into_iter()
-                .any(|f| s.outlet.queue.push(f) != PushOutcome::Queued)
-        {
+        if !leaving && held.into_iter().any(|f| !s.outlet.send(f, parked)) {
             self.cut_off(sub, Cutoff::Overflow).await;
             return;
         }
         if leaving {
             s.channels.remove(&channel);
+            if sent_any {
+                s.departed.insert(channel, last);
+            }
             if let Some(v) = self.by_channel.get_mut(&channel) {
                 v.retain(|m| m.sub != sub);
             }
         }
-        if let Some(r) = s.resumed.get_mut(&channel) {
+        if former {
+            // A channel the user was never in brings nothing, and is not named.
+            if sent_any {
+                s.resumed.insert(channel, last);
+            }
+        } else if let Some(r) = s.resumed.get_mut(&channel) {
             *r = last;
         }
         if s.resuming == 0 {
@@ -554,21 +668,32 @@ impl Dispatcher {
         }
     }
 
+    /// Ends a resume: the `resumed` frame (when one was asked for), then the live frames
+    /// parked meanwhile, and every channel is live.
     async fn finish_resume(&mut self, sub: u64) {
         let Some(s) = self.subs.get_mut(&sub) else {
             return;
         };
-        if !std::mem::take(&mut s.announce) {
-            s.resumed.clear();
-            return;
+        for chan in s.channels.values() {
+            chan.borrow_mut().parked = false;
         }
-        let channels: serde_json::Map<String, serde_json::Value> = std::mem::take(&mut s.resumed)
-            .into_iter()
-            .map(|(c, seq)| (c.to_string(), seq.into()))
-            .collect();
-        let frame = serde_json::json!({"type": "resumed", "channels": channels});
-        let bytes = Bytes::from(serde_json::to_vec(&frame).expect("json"));
-        if s.outlet.queue.push(bytes) != PushOutcome::Queued {
+        let parked = std::mem::take(&mut *s.outlet.parked.borrow_mut());
+        let resumed = std::mem::take(&mut s.resumed);
+        let mut fits = true;
+        if std::mem::take(&mut s.announce) {
+            let channels: serde_json::Map<String, serde_json::Value> = resumed
+                .into_iter()
+                .map(|(c, seq)| (c.to_string(), seq.into()))
+                .collect();
+            let frame = serde_json::json!({"type": "resumed", "channels": channels});
+            let bytes = Bytes::from(serde_json::to_vec(&frame).expect("json"));
+            fits = s.outlet.queue.push(bytes) == PushOutcome::Queued;
+        }
+        fits = fits
+            && parked
+                .into_iter()
+                .all(|f| s.outlet.queue.push(f) == PushOutcome::Queued);
+        if !fits {
             self.cut_off(sub, Cutoff::Overflow).await;
         }
     }
@@ -621,12 +746,14 @@ impl Dispatcher {
 
     /// Drops subscribers whose receiving side is gone.
     pub(crate) async fn sweep(&mut self) {
-        let gone: Vec<u64> = self
+        let mut gone: Vec<u64> = self
             .subs
             .iter()
             .filter(|(_, s)| s.outlet.queue.is_closed())
             .map(|(id, _)| *id)
             .collect();
+        // In subscription order, not the hash map's, so that a run replays exactly.
+        gone.sort_unstable();
         for id in gone {
             self.unsubscribe(id).await;
         }

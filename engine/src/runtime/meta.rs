@@ -14,8 +14,10 @@ use crate::domain::event::{self, Decoded, MetaEvent, MetaRecord};
 use crate::domain::meta::{partition_of, MetaCommand, MetaDecision, MetaState, User};
 use crate::domain::{ChannelKind, DomainError};
 use crate::durability::{Durability, LocalDurability};
-use crate::engine::{EngineError, MetaOutcome};
+use crate::env::{DirOf, Env};
+use crate::error::{Corrupt, EngineError, Unavailable};
 use crate::ids::{UserId, WorkspaceId};
+use crate::outcome::MetaOutcome;
 use crate::view::{ChannelView, MemberView, UserView, WorkspaceView};
 use chorus_log::Entry;
 use futures::channel::mpsc;
@@ -129,28 +131,40 @@ pub(crate) fn answer(meta: &MetaState, read: MetaRead) {
     }
 }
 
+/// The name of the metadata log's directory, under the data directory.
+pub(crate) const META_LOG: &str = "meta";
+
 /// Replays the metadata log into a fresh state.
 pub(crate) async fn replay(
-    log: &LocalDurability,
+    log: &impl Durability,
     partitions: u32,
 ) -> Result<MetaState, EngineError> {
     let mut state = MetaState::new(partitions);
     let mut at = log.first_offset();
     while at < log.next_offset() {
-        let records = log
-            .read(at, 4 << 20)
-            .await
-            .map_err(|e| EngineError::Corrupt(e.to_string()))?;
+        let records = log.read(at, 4 << 20).await.map_err(|e| Corrupt::LogRead {
+            log: META_LOG.into(),
+            source: Arc::new(e),
+        })?;
         let Some(last) = records.last() else { break };
         at = last.offset + 1;
         for r in records {
             match event::decode(&r.payload) {
                 Ok(Decoded::Meta(rec)) => state.apply(&rec.event),
-                other => {
-                    return Err(EngineError::Corrupt(format!(
-                        "metadata log offset {}: {other:?}",
-                        r.offset
-                    )))
+                Ok(Decoded::Channel(_)) => {
+                    return Err(Corrupt::Replay {
+                        log: META_LOG.into(),
+                        what: format!("channel event at offset {}", r.offset),
+                    }
+                    .into())
+                }
+                Err(source) => {
+                    return Err(Corrupt::Event {
+                        log: META_LOG.into(),
+                        offset: r.offset,
+                        source,
+                    }
+                    .into())
                 }
             }
         }
@@ -159,18 +173,19 @@ pub(crate) async fn replay(
 }
 
 /// The metadata owner's task.
-pub(crate) struct MetaOwner {
-    pub log: LocalDurability,
+pub(crate) struct MetaOwner<E: Env> {
+    pub env: E,
+    pub log: LocalDurability<DirOf<E>>,
     pub meta: Rc<RefCell<MetaState>>,
     pub routes: Routes,
     /// The shard's own partition queues, for the first members of channels it owns.
-    pub local_partitions: Rc<RefCell<std::collections::HashMap<u32, mpsc::Sender<PartitionMsg>>>>,
+    pub local_partitions: super::shard::PartitionQueues,
     /// The events not yet published and the answers waiting for them.
     pub publication: Arc<Publication>,
     /// The number of the last event decided (the first is 1).
     pub last_event: Cell<u64>,
     /// Why the owner stopped: a commit failed, so its state is ahead of its log.
-    pub failed: RefCell<Option<String>>,
+    pub failed: RefCell<Option<Unavailable>>,
 }
 
 /// The metadata events the owner has decided but not yet published, and the answers that
@@ -202,7 +217,7 @@ struct Flight {
     /// it: it goes out once that event and every one before it are published.
     waiting: VecDeque<Waiting>,
     /// The first event whose commit failed: it and every later one will never be published.
-    failed_from: Option<(u64, String)>,
+    failed_from: Option<(u64, Unavailable)>,
 }
 
 impl Publication {
@@ -227,7 +242,7 @@ impl Publication {
             if after >= *from {
                 let why = why.clone();
                 drop(f);
-                let _ = reply.send(Err(EngineError::Unavailable(why)));
+                let _ = reply.send(Err(why.into()));
                 return;
             }
         }
@@ -258,16 +273,16 @@ impl Publication {
 
     /// The commit of events from `from` on failed: they will never be published, and the
     /// answers that wait for them are answered `Unavailable`.
-    fn fail(&self, from: u64, why: &str) {
+    fn fail(&self, from: u64, why: &Unavailable) {
         let lost = {
             let mut f = self.flight.lock().expect("publication");
-            f.failed_from = Some((from, why.to_owned()));
+            f.failed_from = Some((from, why.clone()));
             f.unpublished.retain(|n| *n < from);
             let keep = f.waiting.iter().take_while(|w| w.0 < from).count();
             f.waiting.split_off(keep)
         };
         for (_, reply, _) in lost {
-            let _ = reply.send(Err(EngineError::Unavailable(why.to_owned())));
+            let _ = reply.send(Err(why.clone().into()));
         }
     }
 }
@@ -302,14 +317,7 @@ enum Decision {
     Answer(Reply<MetaOutcome>, Result<MetaOutcome, EngineError>),
 }
 
-fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
-
-impl MetaOwner {
+impl<E: Env> MetaOwner<E> {
     pub(crate) async fn run(self, mut rx: mpsc::Receiver<MetaMsg>) {
         let mut tick = Vec::new();
         let mut reads = Vec::new();
@@ -333,32 +341,17 @@ impl MetaOwner {
                 if waiter.from >= end {
                     consumers.park(waiter);
                 } else {
-                    self.read_committed(waiter).await;
+                    crate::consumer::answer(&self.log, waiter, META_LOG).await;
                 }
             }
         }
         let _ = self.log.close().await;
     }
 
-    /// Answers a consumer's read of the metadata log.
-    async fn read_committed(&self, waiter: crate::consumer::Waiter) {
-        let from = waiter.from.max(self.log.first_offset());
-        let end = self.log.next_offset();
-        let page = self
-            .log
-            .read(from, crate::consumer::CONSUMER_READ_BYTES_MAX)
-            .await
-            .map_err(|e| EngineError::Corrupt(e.to_string()))
-            .and_then(|records| crate::consumer::page(records, end));
-        let _ = waiter.reply.send(page);
-    }
-
     async fn tick(&self, requests: Vec<MetaRequest>) {
         if let Some(why) = self.failed.borrow().clone() {
             for req in requests {
-                let _ = req
-                    .into_reply()
-                    .send(Err(EngineError::Unavailable(why.clone())));
+                let _ = req.into_reply().send(Err(why.clone().into()));
             }
             return;
         }
@@ -384,7 +377,7 @@ impl MetaOwner {
         if let Err(e) = self.log.commit(&entries).await {
             // The state holds events the log does not: stop, as a partition does, until the
             // engine is reopened and replays the log.
-            let why = format!("metadata commit failed: {e}");
+            let why = Unavailable::MetaStopped(Arc::new(e));
             self.publication.fail(first, &why);
             *self.failed.borrow_mut() = Some(why);
             return;
@@ -466,7 +459,7 @@ impl MetaOwner {
         self.publication
             .answer(number, reply, Ok(outcome_of(&meta, &event)));
         let record = MetaRecord {
-            at_us: now_us(),
+            at_us: self.env.unix_us(),
             event,
         };
         let payload = event::encode_meta(&record);
@@ -523,6 +516,18 @@ impl MetaOwner {
                     None => ack.done(),
                 }
             }
+        }
+    }
+}
+
+/// Answers a message the owner will not serve.
+pub(crate) fn fail(msg: MetaMsg, why: &Unavailable) {
+    match msg {
+        MetaMsg::Request(req) => {
+            let _ = req.into_reply().send(Err(why.clone().into()));
+        }
+        MetaMsg::Committed(waiter) => {
+            let _ = waiter.reply.send(Err(why.clone().into()));
         }
     }
 }

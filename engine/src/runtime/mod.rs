@@ -1,37 +1,45 @@
-//! The shards at run time: the messages they exchange, and each shard's main loop.
+//! The shards at run time: the messages they exchange and where they go ([`Routes`]);
+//! each shard's start and main loop are in [`shard`].
 //!
-//! Every shard has one bounded inbox ([`crate::queue::Inbox`]) that any thread may send to.
-//! The main loop drains it in batches (a tick) and routes each message: metadata commands to
-//! the metadata owner (shard 0), channel requests to the task of the partition that owns the
-//! channel, and deliveries, subscriptions and resumes to the shard's dispatcher.
+//! Every shard has two bounded inboxes ([`crate::queue::Inbox`]) that any thread may send
+//! to: requests (metadata commands to the metadata owner on shard 0, channel requests to
+//! the task of the partition that owns the channel, metadata events to apply) and events
+//! (deliveries, registrations' answers, catch-up pages, subscriptions and resumes, for the
+//! shard's dispatcher). [`ShardMsg::is_event`] says which a message goes to.
 //!
-//! Architecture invariant: messages from one shard to another arrive in the order they were
-//! sent, because each sender pushes into the target's FIFO inbox from one thread. Resume
-//! and subscription correctness rest on it: a partition's reply to a subscriber shard and
-//! the deliveries it sends afterwards cannot overtake each other.
+//! Architecture invariant: messages of one kind (requests, or events) from one sender to a
+//! shard arrive in the order they were sent, because the sender pushes into that FIFO inbox
+//! from one thread, and a shard's dispatcher sends a message for a full inbox only after
+//! the ones it sent that inbox before. Resume and subscription correctness rest on it: a
+//! partition's answer to a subscriber's shard and the deliveries it sends afterwards (all
+//! events) cannot overtake each other, nor can a dispatcher's registration and its later
+//! unregistration (both requests).
 
 pub(crate) mod dispatch;
+pub(crate) mod layout;
 pub(crate) mod meta;
 pub(crate) mod partition;
+pub(crate) mod shard;
+
+pub(crate) use shard::{run_shard, ShardInboxes, ShardSetup, Started};
 
 use crate::domain::channel::ChannelCommand;
 use crate::domain::event::MetaRecord;
-use crate::domain::meta::MetaState;
-use crate::engine::{ChannelOutcome, EngineError, ReadOutcome};
+use crate::error::{EngineError, Unavailable};
 use crate::ids::{ChannelId, MessageId, UserId, WorkspaceId};
+use crate::outcome::{ChannelOutcome, ReadOutcome};
 use crate::queue::{FrameSender, InboxSender};
 use crate::view::ChannelView;
 use bytes::Bytes;
-use futures::channel::oneshot;
 use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// A reply to whoever asked.
-pub(crate) type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
+pub(crate) use crate::outcome::Reply;
 
 thread_local! {
-    /// The shard this thread runs, if it is a shard thread.
+    /// The shard this thread runs, if it is a shard thread of its own (set by the thread
+    /// bootstrap, never by a shard's loop: the simulation runs every shard on one thread).
     pub(crate) static CURRENT_SHARD: Cell<Option<u32>> = const { Cell::new(None) };
 }
 
@@ -112,6 +120,8 @@ pub(crate) enum PartitionMsg {
         workspace: Option<WorkspaceId>,
         out: Arc<Gather>,
     },
+    /// The partition's subscriber index, for [`crate::Engine::subscriber_index`].
+    Audit { out: Arc<Audit> },
     /// A consumer's read of committed events: answered now, or at the next commit.
     Committed(crate::consumer::Waiter),
     /// Retention: delete whole segments before the offset (already clamped to the
@@ -141,6 +151,37 @@ impl Gather {
             let mut items = std::mem::take(&mut *self.items.lock().expect("gather"));
             items.sort_by_key(|c| c.id);
             if let Some(reply) = self.reply.lock().expect("gather").take() {
+                let _ = reply.send(Ok(items));
+            }
+        }
+    }
+}
+
+/// Gathers every partition's subscriber index.
+pub(crate) struct Audit {
+    left: AtomicUsize,
+    items: Mutex<Vec<crate::outcome::SubscriberCount>>,
+    reply: Mutex<Option<Reply<Vec<crate::outcome::SubscriberCount>>>>,
+}
+
+impl Audit {
+    pub(crate) fn new(
+        count: usize,
+        reply: Reply<Vec<crate::outcome::SubscriberCount>>,
+    ) -> Arc<Audit> {
+        Arc::new(Audit {
+            left: AtomicUsize::new(count),
+            items: Mutex::new(Vec::new()),
+            reply: Mutex::new(Some(reply)),
+        })
+    }
+
+    pub(crate) fn add(&self, mut counts: Vec<crate::outcome::SubscriberCount>) {
+        self.items.lock().expect("audit").append(&mut counts);
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let mut items = std::mem::take(&mut *self.items.lock().expect("audit"));
+            items.sort_unstable();
+            if let Some(reply) = self.reply.lock().expect("audit").take() {
                 let _ = reply.send(Ok(items));
             }
         }
@@ -222,11 +263,57 @@ pub(crate) enum ShardMsg {
     Shutdown,
 }
 
-/// Where every shard's inbox is, and how partitions map to shards.
+/// Where every shard's inboxes are, and how partitions map to shards.
 #[derive(Clone)]
 pub(crate) struct Routes {
-    pub shards: Arc<Vec<InboxSender<ShardMsg>>>,
+    pub shards: Arc<Vec<ShardSenders>>,
     pub partitions: u32,
+}
+
+/// The sending ends of a shard's two inboxes (see [`shard`]).
+pub(crate) struct ShardSenders {
+    /// For its partitions, metadata owner and replica.
+    pub requests: InboxSender<ShardMsg>,
+    /// For its dispatcher.
+    pub events: InboxSender<ShardMsg>,
+}
+
+impl ShardMsg {
+    /// Whether the message is for the shard's dispatcher (its events inbox), rather than
+    /// for its partitions, metadata owner or replica (its requests inbox).
+    pub(crate) fn is_event(&self) -> bool {
+        matches!(
+            self,
+            ShardMsg::Deliver(_)
+                | ShardMsg::Subscribe { .. }
+                | ShardMsg::Start { .. }
+                | ShardMsg::Unsubscribe { .. }
+                | ShardMsg::OnlineAck { .. }
+                | ShardMsg::Resume { .. }
+                | ShardMsg::CatchUpReply { .. }
+        )
+    }
+
+    /// The message's kind, for messages about it.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            ShardMsg::Meta(_) => "Meta",
+            ShardMsg::MetaApplied { .. } => "MetaApplied",
+            ShardMsg::MetaRead(_) => "MetaRead",
+            ShardMsg::MetaCommitted(_) => "MetaCommitted",
+            ShardMsg::Partition { .. } => "Partition",
+            ShardMsg::AllPartitions(_) => "AllPartitions",
+            ShardMsg::Deliver(_) => "Deliver",
+            ShardMsg::Subscribe { .. } => "Subscribe",
+            ShardMsg::Start { .. } => "Start",
+            ShardMsg::Unsubscribe { .. } => "Unsubscribe",
+            ShardMsg::OnlineAck { .. } => "OnlineAck",
+            ShardMsg::Resume { .. } => "Resume",
+            ShardMsg::CatchUpReply { .. } => "CatchUpReply",
+            ShardMsg::Spawn(_) => "Spawn",
+            ShardMsg::Shutdown => "Shutdown",
+        }
+    }
 }
 
 impl Routes {
@@ -239,352 +326,30 @@ impl Routes {
         partition % self.shard_count()
     }
 
+    /// The inbox of `shard` that takes `msg`.
+    fn inbox(&self, shard: u32, msg: &ShardMsg) -> &InboxSender<ShardMsg> {
+        let s = &self.shards[shard as usize];
+        if msg.is_event() {
+            &s.events
+        } else {
+            &s.requests
+        }
+    }
+
     /// Sends a message, waiting for room if the inbox is full.
     pub(crate) async fn send(&self, shard: u32, msg: ShardMsg) -> Result<(), EngineError> {
-        self.shards[shard as usize]
+        self.inbox(shard, &msg)
             .send(msg)
             .await
-            .map_err(|_| EngineError::Unavailable("the engine is shutting down".into()))
-    }
-}
-
-/// The initial metadata replica handed to each shard at start.
-pub(crate) type MetaSnapshot = Arc<MetaState>;
-
-/// How often a shard looks again at catch-ups waiting for their subscribers to read.
-const CATCH_UP_RETRY: std::time::Duration = std::time::Duration::from_millis(2);
-
-/// How often a shard looks for subscribers whose receiving side is gone. A sweep walks
-/// every subscriber of the shard (about 100 µs for 5,000), so it must not run per turn.
-const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
-
-/// What a shard needs to run.
-pub(crate) struct ShardSetup {
-    pub id: u32,
-    pub routes: Routes,
-    pub inbox: crate::queue::InboxReceiver<ShardMsg>,
-    pub config: crate::engine::EngineConfig,
-    pub blobs: Arc<crate::blob::BlobStore>,
-    /// Shard 0 sends each other shard the metadata replica it starts from.
-    pub meta_in: std::sync::mpsc::Receiver<MetaSnapshot>,
-    pub meta_out: Vec<std::sync::mpsc::Sender<MetaSnapshot>>,
-    /// Reports when this shard serves (or why it cannot).
-    pub ready: std::sync::mpsc::Sender<Result<(u32, Vec<crate::engine::Recovery>), EngineError>>,
-}
-
-/// The main loop of one shard.
-pub(crate) async fn run_shard(setup: ShardSetup) {
-    CURRENT_SHARD.with(|c| c.set(Some(setup.id)));
-    let ready = setup.ready.clone();
-    match Shard::start(setup).await {
-        Ok((shard, inbox, recovered)) => {
-            let _ = ready.send(Ok((shard.id, recovered)));
-            shard.serve(inbox).await;
-        }
-        Err(e) => {
-            let _ = ready.send(Err(e));
-        }
-    }
-}
-
-struct Shard {
-    id: u32,
-    routes: Routes,
-    observer: crate::engine::ObserverSlot,
-    /// The inbox depth last reported to the observer.
-    depth_reported: usize,
-    meta: std::rc::Rc<std::cell::RefCell<MetaState>>,
-    meta_owner: Option<futures::channel::mpsc::Sender<meta::MetaMsg>>,
-    partitions: std::rc::Rc<
-        std::cell::RefCell<
-            std::collections::HashMap<u32, futures::channel::mpsc::Sender<PartitionMsg>>,
-        >,
-    >,
-    tasks: Vec<glommio::task::JoinHandle<()>>,
-    dispatcher: dispatch::Dispatcher,
-}
-
-fn open_log(
-    dir: std::path::PathBuf,
-    config: &crate::engine::EngineConfig,
-) -> impl std::future::Future<Output = Result<crate::durability::LocalDurability, EngineError>> {
-    let log_config = chorus_log::LogConfig {
-        segment_bytes_max: config.segment_bytes_max,
-        ..chorus_log::LogConfig::default()
-    };
-    async move {
-        let storage = chorus_log::DiskStorage::open_dir(&dir)
-            .map_err(|e| EngineError::Io(format!("{}: {e}", dir.display())))?;
-        let (log, report) = chorus_log::Log::open(storage, log_config)
-            .await
-            .map_err(|e| EngineError::Corrupt(format!("{}: {e}", dir.display())))?;
-        if report.torn_tail.is_some() || !report.removed_segments.is_empty() {
-            eprintln!("chorus: recovered {}: {report:?}", dir.display());
-        }
-        Ok(crate::durability::LocalDurability::new(log))
-    }
-}
-
-impl Shard {
-    async fn start(
-        setup: ShardSetup,
-    ) -> Result<
-        (
-            Shard,
-            crate::queue::InboxReceiver<ShardMsg>,
-            Vec<crate::engine::Recovery>,
-        ),
-        EngineError,
-    > {
-        use std::cell::RefCell;
-        use std::rc::Rc;
-        let ShardSetup {
-            id,
-            routes,
-            inbox,
-            config,
-            blobs,
-            meta_in,
-            meta_out,
-            ..
-        } = setup;
-        let mut tasks = Vec::new();
-        let partitions = Rc::new(RefCell::new(std::collections::HashMap::new()));
-        let (meta, meta_owner) = if id == 0 {
-            let log = open_log(config.data_dir.join("meta"), &config).await?;
-            let state = meta::replay(&log, config.partitions).await?;
-            for tx in &meta_out {
-                let _ = tx.send(Arc::new(state.clone()));
-            }
-            let meta = Rc::new(RefCell::new(state));
-            let (tx, rx) = futures::channel::mpsc::channel(partition::PARTITION_QUEUE_MAX);
-            let owner = meta::MetaOwner {
-                log,
-                meta: meta.clone(),
-                routes: routes.clone(),
-                local_partitions: partitions.clone(),
-                publication: Arc::default(),
-                last_event: std::cell::Cell::new(0),
-                failed: std::cell::RefCell::new(None),
-            };
-            tasks.push(glommio::spawn_local(owner.run(rx)).detach());
-            (meta, Some(tx))
-        } else {
-            let snapshot = meta_in
-                .recv()
-                .map_err(|_| EngineError::Unavailable("shard 0 did not start".into()))?;
-            (Rc::new(RefCell::new((*snapshot).clone())), None)
-        };
-        let mut recovered = Vec::new();
-        for p in (0..config.partitions).filter(|p| routes.owner(*p) == id) {
-            let started = std::time::Instant::now();
-            let log = open_log(config.data_dir.join(format!("p{p:05}")), &config).await?;
-            let (part, uninitialised, (snapshot_offset, replayed_events)) =
-                partition::Partition::open(
-                    p,
-                    log,
-                    routes.clone(),
-                    meta.clone(),
-                    blobs.clone(),
-                    config.observer.clone(),
-                    partition::Snapshots::new(
-                        config
-                            .data_dir
-                            .join("snapshots")
-                            .join(format!("p{p:05}.snap")),
-                        config.snapshot_every_events,
-                    ),
-                )
-                .await?;
-            recovered.push(crate::engine::Recovery {
-                partition: p,
-                snapshot_offset,
-                replayed_events,
-                took: started.elapsed(),
-            });
-            let (mut tx, rx) = futures::channel::mpsc::channel(partition::PARTITION_QUEUE_MAX);
-            for channel in uninitialised {
-                let _ = tx.try_send(PartitionMsg::Init { channel, ack: None });
-            }
-            partitions.borrow_mut().insert(p, tx);
-            tasks.push(glommio::spawn_local(part.run(rx)).detach());
-        }
-        let dispatcher = dispatch::Dispatcher::new(id, routes.clone(), config.observer.clone());
-        Ok((
-            Shard {
-                id,
-                routes: routes.clone(),
-                observer: config.observer.clone(),
-                depth_reported: 0,
-                meta,
-                meta_owner,
-                partitions,
-                tasks,
-                dispatcher,
-            },
-            inbox,
-            recovered,
-        ))
+            .map_err(|_| Unavailable::ShuttingDown.into())
     }
 
-    async fn serve(mut self, mut inbox: crate::queue::InboxReceiver<ShardMsg>) {
-        let mut batch = Vec::with_capacity(1024);
-        let mut swept = std::time::Instant::now();
-        // Messages this shard sent itself, and messages for full inboxes, to try again.
-        let mut own: std::collections::VecDeque<ShardMsg> = std::collections::VecDeque::new();
-        let mut retry: Vec<(u32, ShardMsg)> = Vec::new();
-        'outer: loop {
-            self.route_outbox(&mut own, &mut retry);
-            batch.extend(own.drain(..));
-            if batch.is_empty() && inbox.drain_into(&mut batch, 1024) == 0 {
-                if self.dispatcher.has_stalled() || !retry.is_empty() {
-                    // A catch-up waits for its subscriber to read: look again soon.
-                    let wake = glommio::timer::sleep(CATCH_UP_RETRY);
-                    let next = std::pin::pin!(inbox.recv());
-                    match futures::future::select(next, std::pin::pin!(wake)).await {
-                        futures::future::Either::Left((Some(m), _)) => batch.push(m),
-                        futures::future::Either::Left((None, _)) => break,
-                        futures::future::Either::Right(_) => {}
-                    }
-                    self.dispatcher.retry_stalled().await;
-                    self.dispatcher.outbox.append(&mut retry);
-                } else {
-                    match inbox.recv().await {
-                        Some(m) => batch.push(m),
-                        None => break,
-                    }
-                }
-            }
-            for msg in batch.drain(..) {
-                if let ShardMsg::Shutdown = msg {
-                    break 'outer;
-                }
-                self.handle(msg).await;
-            }
-            // The sweep walks every subscriber, so it runs by the clock: counted in turns, it
-            // ran most often when the shard was least loaded, where a turn is one post.
-            if swept.elapsed() >= SWEEP_INTERVAL {
-                self.dispatcher.sweep().await;
-                swept = std::time::Instant::now();
-            }
-            if let Some(o) = &self.observer.0 {
-                let depth = inbox.len();
-                o.queue_depth(depth as i64 - self.depth_reported as i64);
-                self.depth_reported = depth;
-            }
-        }
-        // Closing the queues lets each task finish what it holds and close its log.
-        self.meta_owner = None;
-        self.partitions.borrow_mut().clear();
-        for t in self.tasks.drain(..) {
-            t.await;
-        }
-    }
-
-    /// Sends what the dispatcher queued, without waiting: messages for this shard are
-    /// handled by its own loop next, and a message for a full inbox is tried again later.
-    fn route_outbox(
-        &mut self,
-        own: &mut std::collections::VecDeque<ShardMsg>,
-        retry: &mut Vec<(u32, ShardMsg)>,
-    ) {
-        for (shard, msg) in self.dispatcher.outbox.drain(..) {
-            if shard == self.id {
-                own.push_back(msg);
-                continue;
-            }
-            match self.routes.shards[shard as usize].try_send(msg) {
-                Ok(()) => {}
-                Err(crate::queue::SendError::Full(msg)) => retry.push((shard, msg)),
-                Err(crate::queue::SendError::Closed(_)) => {}
-            }
-        }
-    }
-
-    async fn handle(&mut self, msg: ShardMsg) {
-        use futures::SinkExt;
-        match msg {
-            ShardMsg::Meta(req) => {
-                if let Some(tx) = self.meta_owner.as_mut() {
-                    let _ = tx.send(meta::MetaMsg::Request(req)).await;
-                }
-            }
-            ShardMsg::MetaCommitted(waiter) => match self.meta_owner.as_mut() {
-                Some(tx) => {
-                    let _ = tx.send(meta::MetaMsg::Committed(waiter)).await;
-                }
-                None => {
-                    let e = EngineError::Unavailable("not the metadata owner".into());
-                    let _ = waiter.reply.send(Err(e));
-                }
-            },
-            ShardMsg::MetaApplied { record, ack } => {
-                self.meta.borrow_mut().apply(&record.event);
-                if let crate::domain::event::MetaEvent::ChannelCreated { channel, .. } =
-                    &record.event
-                {
-                    let p = crate::domain::meta::partition_of(*channel);
-                    let tx = self.partitions.borrow().get(&p).cloned();
-                    if let Some(mut tx) = tx {
-                        let init = PartitionMsg::Init {
-                            channel: *channel,
-                            ack: Some(ack.clone()),
-                        };
-                        if tx.send(init).await.is_err() {
-                            ack.done();
-                        }
-                    }
-                }
-                ack.done();
-            }
-            ShardMsg::MetaRead(read) => meta::answer(&self.meta.borrow(), read),
-            ShardMsg::Partition { partition, msg } => {
-                let tx = self.partitions.borrow().get(&partition).cloned();
-                if let Some(mut tx) = tx {
-                    let _ = tx.send(msg).await;
-                }
-            }
-            ShardMsg::AllPartitions(make) => {
-                let txs: Vec<_> = self.partitions.borrow().values().cloned().collect();
-                for mut tx in txs {
-                    let _ = tx.send(make()).await;
-                }
-            }
-            ShardMsg::Deliver(batch) => self.dispatcher.deliver(batch).await,
-            ShardMsg::Subscribe {
-                user,
-                queue,
-                held,
-                reply,
-            } => self.dispatcher.subscribe(user, queue, held, reply).await,
-            ShardMsg::Start {
-                sub,
-                since,
-                announce,
-            } => self.dispatcher.start(sub, since, announce).await,
-            ShardMsg::Unsubscribe { sub } => self.dispatcher.unsubscribe(sub).await,
-            ShardMsg::OnlineAck { sub, channels } => self.dispatcher.online_ack(sub, channels),
-            ShardMsg::Resume { sub, since, reply } => {
-                let done = self.dispatcher.resume(sub, since).await;
-                if let Some(reply) = reply {
-                    let _ = reply.send(done);
-                }
-            }
-            ShardMsg::CatchUpReply {
-                sub,
-                channel,
-                frames,
-                last,
-                done,
-            } => {
-                self.dispatcher
-                    .catch_up_page(sub, channel, frames, last, done)
-                    .await
-            }
-            ShardMsg::Spawn(make) => {
-                glommio::spawn_local(make()).detach();
-            }
-            ShardMsg::Shutdown => {}
-        }
+    /// Sends a message if its inbox has room, without waiting.
+    pub(crate) fn try_send(
+        &self,
+        shard: u32,
+        msg: ShardMsg,
+    ) -> Result<(), crate::queue::SendError<ShardMsg>> {
+        self.inbox(shard, &msg).try_send(msg)
     }
 }

@@ -12,17 +12,19 @@
 //! Reads and catch-ups are answered after the tick's commit, from committed state.
 
 use super::{Ack, ChannelRead, Delivery, PartitionMsg, Reply, Routes, ShardMsg};
-use crate::blob::BlobStore;
+use crate::blob::{BlobRef, BlobStore};
 use crate::domain::channel::{ChannelDecision, ChannelState, Message, StoredBody};
 use crate::domain::event::{self, Body, ChannelEvent, ChannelRecord, Decoded};
 use crate::domain::meta::MetaState;
 use crate::domain::{DomainError, Principal, INLINE_BODY_BYTES_MAX};
 use crate::durability::{Durability, LocalDurability};
-use crate::engine::{ChannelOutcome, EngineError, ReadOutcome};
+use crate::env::{DirOf, Env};
+use crate::error::{Corrupt, EngineError, IoError, Unavailable};
 use crate::ids::{ChannelId, UserId};
+use crate::outcome::{ChannelOutcome, ReadOutcome};
 use crate::view::{rfc3339, ChannelView, MessageView};
 use bytes::Bytes;
-use chorus_log::Entry;
+use chorus_log::{AppendError, Entry, ReadError, Storage};
 use futures::channel::mpsc;
 use futures::StreamExt;
 use std::cell::RefCell;
@@ -32,10 +34,6 @@ use std::sync::Arc;
 
 /// Most requests taken into one tick.
 pub(crate) const TICK_REQUESTS_MAX: usize = 1024;
-/// Most events in one catch-up page.
-pub(crate) const CATCH_UP_EVENTS_MAX: usize = 256;
-/// Requests waiting for a partition's task, past which the shard's loop waits.
-pub(crate) const PARTITION_QUEUE_MAX: usize = 8192;
 
 struct ChannelRt {
     state: ChannelState,
@@ -46,9 +44,10 @@ struct ChannelRt {
 }
 
 /// A partition and everything it owns.
-pub(crate) struct Partition {
+pub(crate) struct Partition<E: Env> {
     pub id: u32,
-    log: LocalDurability,
+    env: E,
+    log: LocalDurability<DirOf<E>>,
     channels: HashMap<ChannelId, ChannelRt>,
     /// Committed channel membership, by user.
     user_channels: HashMap<UserId, BTreeSet<ChannelId>>,
@@ -60,18 +59,21 @@ pub(crate) struct Partition {
     public: HashMap<crate::ids::WorkspaceId, BTreeSet<ChannelId>>,
     routes: Routes,
     meta: Rc<RefCell<MetaState>>,
-    blobs: Arc<BlobStore>,
-    failed: Option<String>,
-    observer: crate::engine::ObserverSlot,
-    snapshots: Snapshots,
+    failed: Option<Unavailable>,
+    observer: crate::config::ObserverSlot,
+    snapshots: Snapshots<DirOf<E>>,
     /// Consumers' reads waiting for the next commit.
     consumers: crate::consumer::Waiters,
+    /// Most events in one catch-up page ([`crate::EngineConfig::catch_up_events`]).
+    catch_up_events: usize,
 }
 
 /// Where a partition's snapshot goes, and when the next one is due.
-pub(crate) struct Snapshots {
-    /// The snapshot file.
-    pub path: std::path::PathBuf,
+pub(crate) struct Snapshots<D> {
+    /// The directory of snapshot files.
+    pub dir: D,
+    /// The snapshot file's name in it.
+    pub name: String,
     /// The least number of events between two snapshots.
     pub every_events: u64,
     /// Events committed since the last snapshot (or since the start of the log).
@@ -85,11 +87,12 @@ pub(crate) struct Snapshots {
     durable_offset: Rc<std::cell::Cell<u64>>,
 }
 
-impl Snapshots {
-    /// Snapshots at `path`, taken at least `every_events` apart.
-    pub(crate) fn new(path: std::path::PathBuf, every_events: u64) -> Snapshots {
+impl<D: Storage + Clone + 'static> Snapshots<D> {
+    /// Snapshots named `name` in `dir`, taken at least `every_events` apart.
+    pub(crate) fn new(dir: D, name: String, every_events: u64) -> Snapshots<D> {
         Snapshots {
-            path,
+            dir,
+            name,
             every_events,
             since: 0,
             covered: 0,
@@ -111,22 +114,19 @@ impl Snapshots {
     }
 }
 
-/// Writes a snapshot file covering the log up to `offset` on glommio's blocking pool, and
-/// records the offset once it is durable. A failure is reported and otherwise ignored: the
-/// log still holds everything, and the next snapshot tries again.
-async fn store_snapshot(
-    path: std::path::PathBuf,
+/// Writes a snapshot file covering the log up to `offset`, and records the offset once it
+/// is durable. A failure is reported and otherwise ignored: the log still holds
+/// everything, and the next snapshot tries again.
+async fn store_snapshot<D: Storage>(
+    dir: D,
+    name: String,
     file: Vec<u8>,
     offset: u64,
     durable: Rc<std::cell::Cell<u64>>,
 ) {
-    let shown = path.display().to_string();
-    let r = glommio::executor()
-        .spawn_blocking(move || crate::snapshot::store(&path, &file))
-        .await;
-    match r {
+    match crate::snapshot::store(&dir, &name, &file).await {
         Ok(()) => durable.set(durable.get().max(offset)),
-        Err(e) => eprintln!("chorus: snapshot {shown} not written: {e}"),
+        Err(e) => eprintln!("chorus: snapshot {name} not written: {e}"),
     }
 }
 
@@ -150,27 +150,83 @@ struct Decided {
     at_us: u64,
 }
 
-fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
+/// The texts of the blob bodies a rendering needs, fetched before it: rendering (a view,
+/// a frame) is synchronous, and the blob store is not. Usually empty: only bodies over
+/// [`INLINE_BODY_BYTES_MAX`] live in the blob store.
+#[derive(Default)]
+struct BlobTexts(Vec<(BlobRef, Bytes)>);
+
+impl BlobTexts {
+    /// The text of a body: inline, or fetched. A blob that could not be read shows as an
+    /// empty text, as it always has.
+    fn text(&self, body: &StoredBody) -> String {
+        match body {
+            StoredBody::Text(t) => t.as_str().to_owned(),
+            StoredBody::Blob { hash, len } => {
+                let wanted = BlobRef {
+                    hash: **hash,
+                    len: *len,
+                };
+                self.0
+                    .iter()
+                    .find(|(r, _)| *r == wanted)
+                    .map(|(_, t)| String::from_utf8_lossy(t).into_owned())
+                    .unwrap_or_default()
+            }
+        }
+    }
+
+    /// Remembers a text that was just stored under `blob`.
+    fn insert(&mut self, blob: BlobRef, text: Bytes) {
+        if !self.0.iter().any(|(r, _)| *r == blob) {
+            self.0.push((blob, text));
+        }
+    }
+
+    /// Fetches a body's text if it is in the blob store and not known yet.
+    async fn fetch(&mut self, blobs: &impl BlobStore, body: &StoredBody) {
+        let StoredBody::Blob { hash, len } = body else {
+            return;
+        };
+        let blob = BlobRef {
+            hash: **hash,
+            len: *len,
+        };
+        if self.0.iter().any(|(r, _)| *r == blob) {
+            return;
+        }
+        // A blob that cannot be read shows as an empty text.
+        let text = blobs.get(blob).await.unwrap_or_default();
+        self.0.push((blob, text));
+    }
+
+    /// Fetches the current bodies of `messages`.
+    async fn fetch_all<'a>(
+        &mut self,
+        blobs: &impl BlobStore,
+        messages: impl IntoIterator<Item = &'a Message>,
+    ) {
+        for m in messages {
+            self.fetch(blobs, m.body()).await;
+        }
+    }
 }
 
-impl Partition {
+impl<E: Env> Partition<E> {
     /// Opens a partition: replays its log into state and finds channels of the directory
     /// that still need their first members.
     pub(crate) async fn open(
         id: u32,
-        log: LocalDurability,
+        env: E,
+        log: LocalDurability<DirOf<E>>,
         routes: Routes,
         meta: Rc<RefCell<MetaState>>,
-        blobs: Arc<BlobStore>,
-        observer: crate::engine::ObserverSlot,
-        snapshots: Snapshots,
-    ) -> Result<(Partition, Vec<ChannelId>, (Option<u64>, u64)), EngineError> {
+        config: &crate::config::EngineConfig,
+        snapshots: Snapshots<DirOf<E>>,
+    ) -> Result<(Partition<E>, Vec<ChannelId>, (Option<u64>, u64)), EngineError> {
         let mut p = Partition {
             id,
+            env,
             log,
             channels: HashMap::new(),
             user_channels: HashMap::new(),
@@ -179,22 +235,27 @@ impl Partition {
             public: HashMap::new(),
             routes,
             meta,
-            blobs,
             failed: None,
-            observer,
+            observer: config.observer.clone(),
             snapshots,
             consumers: Default::default(),
+            catch_up_events: config.catch_up_events,
         };
-        let snapshot_offset = p.restore_snapshot();
+        let snapshot_offset = p.restore_snapshot().await;
         let from = snapshot_offset.unwrap_or(p.log.first_offset());
         let replayed = p.replay(from).await?;
         let uninitialised = {
             let meta = p.meta.borrow();
-            meta.channels()
+            let mut ids: Vec<ChannelId> = meta
+                .channels()
                 .filter(|c| crate::domain::meta::partition_of(c.id) == id)
                 .filter(|c| p.channels.get(&c.id).is_none_or(|rt| rt.committed == 0))
                 .map(|c| c.id)
-                .collect()
+                .collect();
+            // The directory is a hash map: sort, so that the first members are committed
+            // in the same order on every open (the simulation replays seeds exactly).
+            ids.sort_unstable();
+            ids
         };
         Ok((p, uninitialised, (snapshot_offset, replayed)))
     }
@@ -202,21 +263,22 @@ impl Partition {
     /// Loads the partition's snapshot if there is a usable one, and returns the log offset
     /// it covers, from which the log is replayed (`None`: replay all of it). A snapshot that cannot be used is reported and ignored: the whole
     /// log is replayed instead, and the state is rebuilt from it alone.
-    fn restore_snapshot(&mut self) -> Option<u64> {
-        let path = self.snapshots.path.clone();
+    async fn restore_snapshot(&mut self) -> Option<u64> {
+        let path = format!("snapshots/{}", self.snapshots.name);
         let first = self.log.first_offset();
-        let loaded = match crate::snapshot::load(&path, self.id) {
-            Ok(Some(l)) => l,
-            Ok(None) => return None,
-            Err(e) => {
-                eprintln!("chorus: ignoring {}: {e}", path.display());
-                return None;
-            }
-        };
+        let loaded =
+            match crate::snapshot::load(&self.snapshots.dir, &self.snapshots.name, self.id).await {
+                Ok(Some(l)) => l,
+                Ok(None) => return None,
+                Err(e) => {
+                    eprintln!("chorus: ignoring {path}: {e}");
+                    return None;
+                }
+            };
         if loaded.next_offset > self.log.next_offset() || loaded.next_offset < first {
             eprintln!(
                 "chorus: ignoring {}: it covers the log up to offset {}, but the log holds {}..{}",
-                path.display(),
+                path,
                 loaded.next_offset,
                 first,
                 self.log.next_offset()
@@ -230,7 +292,7 @@ impl Partition {
                 Some(loaded.next_offset)
             }
             Err(e) => {
-                eprintln!("chorus: ignoring {}: {e}", path.display());
+                eprintln!("chorus: ignoring {path}: {e}");
                 self.channels.clear();
                 self.user_channels.clear();
                 self.public.clear();
@@ -244,12 +306,8 @@ impl Partition {
         &mut self,
         loaded: &crate::snapshot::Loaded,
     ) -> Result<u64, crate::snapshot::SnapshotError> {
-        let mut r = loaded.body();
-        let n = r.count(8)?;
         let mut events = 0;
-        for _ in 0..n {
-            let state = ChannelState::restore(&mut r)?;
-            let offsets = r.u64s()?;
+        for (state, offsets) in read_channels(loaded)? {
             let known = {
                 let meta = self.meta.borrow();
                 meta.channel(state.id).is_some_and(|c| {
@@ -257,9 +315,9 @@ impl Partition {
                         && crate::domain::meta::partition_of(c.id) == self.id
                 })
             };
-            if !known || offsets.len() as u64 != state.last_seq() {
+            if !known {
                 return Err(crate::snapshot::SnapshotError(format!(
-                    "channel {} does not match the directory or its offsets",
+                    "channel {} does not match the directory",
                     state.id
                 )));
             }
@@ -281,7 +339,6 @@ impl Partition {
                 },
             );
         }
-        r.finish()?;
         Ok(events)
     }
 
@@ -289,18 +346,22 @@ impl Partition {
     /// Call it only between ticks, when the state holds exactly the committed events.
     fn snapshot_file(&self) -> Vec<u8> {
         let mut w = crate::snapshot::Writer::with_capacity(1 << 16);
-        w.len(self.channels.len());
-        for rt in self.channels.values() {
-            debug_assert_eq!(rt.committed, rt.state.last_seq());
-            rt.state.snapshot(&mut w);
-            w.u64s(&rt.offsets);
-        }
+        // In channel order, so that the same state always makes the same file.
+        let mut channels: Vec<&ChannelRt> = self.channels.values().collect();
+        channels.sort_unstable_by_key(|rt| rt.state.id);
+        write_channels(
+            &mut w,
+            channels.into_iter().map(|rt| {
+                debug_assert_eq!(rt.committed, rt.state.last_seq());
+                (&rt.state, &rt.offsets[..])
+            }),
+        );
         w.finish(self.id, self.log.next_offset())
     }
 
     /// Writes a snapshot in the background if one is due. The state is encoded here, on
-    /// the shard (the only pause it costs), and written and fsynced on glommio's blocking
-    /// pool while the partition goes on.
+    /// the shard (the only pause it costs), and written and fsynced by a task of its own
+    /// while the partition goes on.
     fn maybe_snapshot(&mut self, committed_events: u64) {
         self.snapshots.since += committed_events;
         if self.failed.is_some() || !self.snapshots.due() {
@@ -312,30 +373,32 @@ impl Partition {
         self.snapshots.covered = covered;
         let writing = self.snapshots.writing.clone();
         writing.set(true);
-        let path = self.snapshots.path.clone();
+        let (dir, name) = (self.snapshots.dir.clone(), self.snapshots.name.clone());
         let (offset, durable) = (
             self.log.next_offset(),
             self.snapshots.durable_offset.clone(),
         );
-        glommio::spawn_local(async move {
-            store_snapshot(path, file, offset, durable).await;
+        drop(self.env.spawn(async move {
+            store_snapshot(dir, name, file, offset, durable).await;
             writing.set(false);
-        })
-        .detach();
+        }));
     }
 
     /// Writes a final snapshot at shutdown, after any background one, unless nothing
     /// changed since the last.
     async fn final_snapshot(&mut self) {
         while self.snapshots.writing.get() {
-            glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+            self.env.sleep(std::time::Duration::from_millis(1)).await;
         }
         if self.failed.is_some() || self.snapshots.since == 0 {
             return;
         }
-        let durable = self.snapshots.durable_offset.clone();
-        let (path, offset) = (self.snapshots.path.clone(), self.log.next_offset());
-        store_snapshot(path, self.snapshot_file(), offset, durable).await;
+        let (dir, name) = (self.snapshots.dir.clone(), self.snapshots.name.clone());
+        let (offset, durable) = (
+            self.log.next_offset(),
+            self.snapshots.durable_offset.clone(),
+        );
+        store_snapshot(dir, name, self.snapshot_file(), offset, durable).await;
     }
 
     /// Replays the log from `from`, returning the events replayed.
@@ -344,23 +407,30 @@ impl Partition {
         let mut replayed = 0;
         let end = self.log.next_offset();
         while at < end {
-            let records = self.log.read(at, 4 << 20).await.map_err(storage)?;
+            let records = self
+                .log
+                .read(at, 4 << 20)
+                .await
+                .map_err(|e| read_failed(self.id, e))?;
             let Some(last) = records.last() else { break };
             at = last.offset + 1;
             for r in records {
                 let rec = match event::decode(&r.payload) {
                     Ok(Decoded::Channel(rec)) => rec,
                     Ok(Decoded::Meta(_)) => {
-                        return Err(EngineError::Corrupt(format!(
-                            "partition {}: metadata event at offset {}",
-                            self.id, r.offset
-                        )))
+                        return Err(Corrupt::Replay {
+                            log: log_name(self.id),
+                            what: format!("metadata event at offset {}", r.offset),
+                        }
+                        .into())
                     }
-                    Err(e) => {
-                        return Err(EngineError::Corrupt(format!(
-                            "partition {} offset {}: {e}",
-                            self.id, r.offset
-                        )))
+                    Err(source) => {
+                        return Err(Corrupt::Event {
+                            log: log_name(self.id),
+                            offset: r.offset,
+                            source,
+                        }
+                        .into())
                     }
                 };
                 self.replay_one(rec, r.offset)?;
@@ -372,11 +442,19 @@ impl Partition {
     }
 
     fn replay_one(&mut self, rec: ChannelRecord, offset: u64) -> Result<(), EngineError> {
-        let rt = self.channel_rt(rec.channel).ok_or_else(|| {
-            EngineError::Corrupt(format!("event of unknown channel {}", rec.channel))
-        })?;
+        let id = self.id;
+        let corrupt = |what: String| -> EngineError {
+            Corrupt::Replay {
+                log: log_name(id),
+                what,
+            }
+            .into()
+        };
+        let rt = self
+            .channel_rt(rec.channel)
+            .ok_or_else(|| corrupt(format!("event of unknown channel {}", rec.channel)))?;
         if rec.seq != rt.state.last_seq() + 1 {
-            return Err(EngineError::Corrupt(format!(
+            return Err(corrupt(format!(
                 "channel {}: seq {} after {}",
                 rec.channel,
                 rec.seq,
@@ -457,11 +535,11 @@ impl Partition {
                     cmd,
                     reply,
                 } => {
-                    let outcome = self.command(user, channel, cmd, &mut decided);
+                    let outcome = self.command(user, channel, cmd, &mut decided).await;
                     pending.push(Pending::Outcome(reply, outcome));
                 }
                 PartitionMsg::Init { channel, ack } => {
-                    self.init(channel, &mut decided);
+                    self.init(channel, &mut decided).await;
                     if let Some(ack) = ack {
                         pending.push(Pending::Ack(ack));
                     }
@@ -484,13 +562,16 @@ impl Partition {
             }
         }
         if !decided.is_empty() {
-            if let Err(e) = self.commit(&decided).await {
-                let why = format!("partition {} stopped: {e}", self.id);
+            if let Err(source) = self.commit(&decided).await {
+                let why = Unavailable::PartitionStopped {
+                    partition: self.id,
+                    source: Arc::new(source),
+                };
                 self.failed = Some(why.clone());
                 for p in pending {
                     match p {
                         Pending::Outcome(reply, _) => {
-                            let _ = reply.send(Err(EngineError::Unavailable(why.clone())));
+                            let _ = reply.send(Err(why.clone().into()));
                         }
                         Pending::Ack(ack) => ack.done(),
                     }
@@ -503,7 +584,7 @@ impl Partition {
             self.deliver(&decided).await;
         }
         for waiter in self.consumers.ready(self.log.next_offset()) {
-            self.read_committed(waiter).await;
+            crate::consumer::answer(&self.log, waiter, &log_name(self.id)).await;
         }
         for p in pending {
             match p {
@@ -526,7 +607,7 @@ impl Partition {
     }
 
     /// Decides a command and applies its event; the outcome is sent after the commit.
-    fn command(
+    async fn command(
         &mut self,
         user: UserId,
         channel: ChannelId,
@@ -534,18 +615,23 @@ impl Partition {
         decided: &mut Vec<Decided>,
     ) -> Result<ChannelOutcome, EngineError> {
         let principal = self.principal(user, channel)?;
-        let now = now_us();
+        let now = self.env.unix_us();
         let rt = self
             .channel_rt(channel)
             .ok_or(DomainError::NotFound("channel"))?;
+        let mut texts = BlobTexts::default();
         match rt.state.decide(&principal, cmd, now)? {
             ChannelDecision::Event(event) => {
-                let event = self.finish_event(principal.workspace(), event)?;
-                let (seq, target) = self.decide_event(channel, event, now, decided);
+                let event = self
+                    .finish_event(principal.workspace(), event, &mut texts)
+                    .await?;
+                let (seq, target) = self
+                    .decide_event(channel, event, now, decided, &mut texts)
+                    .await;
                 let rt = &self.channels[&channel];
                 let message = target
                     .and_then(|t| rt.state.message_at(t))
-                    .map(|m| self.view(channel, m));
+                    .map(|m| view(channel, m, &texts));
                 Ok(ChannelOutcome {
                     seq: Some(seq),
                     message,
@@ -555,7 +641,8 @@ impl Partition {
             ChannelDecision::Duplicate(seq) => {
                 let rt = &self.channels[&channel];
                 let m = rt.state.message_at(seq).expect("remembered message exists");
-                let message = Some(self.view(channel, m));
+                texts.fetch(self.env.blobs(), m.body()).await;
+                let message = Some(view(channel, m, &texts));
                 Ok(ChannelOutcome {
                     seq: None,
                     message,
@@ -574,28 +661,14 @@ impl Partition {
     /// member to be added must belong to the workspace, and a body over the inline limit
     /// goes to the blob store (durably, before the event that references it commits).
     /// Both come after the domain's own checks, so a refused command reveals nothing and
-    /// stores nothing.
-    fn finish_event(
+    /// stores nothing. The blob store works off the shard, so only this partition waits
+    /// for it.
+    async fn finish_event(
         &self,
         workspace: crate::ids::WorkspaceId,
         event: ChannelEvent,
+        texts: &mut BlobTexts,
     ) -> Result<ChannelEvent, EngineError> {
-        let large = |body: &Body| matches!(body, Body::Text(t) if t.len() > INLINE_BODY_BYTES_MAX);
-        let to_blob = |body: Body| -> Result<Body, EngineError> {
-            match body {
-                Body::Text(t) if t.len() > INLINE_BODY_BYTES_MAX => {
-                    let r = self
-                        .blobs
-                        .put(t.as_bytes())
-                        .map_err(|e| EngineError::Io(format!("blob store: {e}")))?;
-                    Ok(Body::Blob {
-                        hash: r.hash,
-                        len: r.len,
-                    })
-                }
-                other => Ok(other),
-            }
-        };
         Ok(match event {
             ChannelEvent::MemberJoined { user, .. }
                 if self.meta.borrow().principal(user, workspace).is_err() =>
@@ -608,9 +681,9 @@ impl Partition {
                 thread,
                 client_msg_id,
                 mentions,
-            } if large(&body) => ChannelEvent::MessagePosted {
+            } => ChannelEvent::MessagePosted {
                 user,
-                body: to_blob(body)?,
+                body: self.to_blob(body, texts).await?,
                 thread,
                 client_msg_id,
                 mentions,
@@ -619,29 +692,56 @@ impl Partition {
                 target,
                 body,
                 mentions,
-            } if large(&body) => ChannelEvent::MessageEdited {
+            } => ChannelEvent::MessageEdited {
                 target,
-                body: to_blob(body)?,
+                body: self.to_blob(body, texts).await?,
                 mentions,
             },
             other => other,
         })
     }
 
+    /// A body over the inline limit, stored in the blob store; any other body as it is.
+    async fn to_blob(&self, body: Body, texts: &mut BlobTexts) -> Result<Body, EngineError> {
+        match body {
+            Body::Text(t) if t.len() > INLINE_BODY_BYTES_MAX => {
+                let bytes = Bytes::from(t.into_bytes());
+                let r = self
+                    .env
+                    .blobs()
+                    .put(bytes.clone())
+                    .await
+                    .map_err(|e| IoError::new("blob store", e))?;
+                texts.insert(r, bytes);
+                Ok(Body::Blob {
+                    hash: r.hash,
+                    len: r.len,
+                })
+            }
+            other => Ok(other),
+        }
+    }
+
     /// Applies a decided event, renders its frame, and queues it for the tick's commit.
-    fn decide_event(
+    async fn decide_event(
         &mut self,
         channel: ChannelId,
         event: ChannelEvent,
         at_us: u64,
         decided: &mut Vec<Decided>,
+        texts: &mut BlobTexts,
     ) -> (u64, Option<u64>) {
-        let blobs = self.blobs.clone();
         let rt = self.channels.get_mut(&channel).expect("channel state");
         let seq = rt.state.last_seq() + 1;
         let target = target_of(&event, seq);
+        // The frame shows the message the event is about: fetch its body first if it is
+        // a blob (a new body was just stored, and `texts` has it).
+        if let Some(m) = target.and_then(|t| rt.state.message_at(t)) {
+            texts.fetch(self.env.blobs(), m.body()).await;
+        }
+        let rt = self.channels.get_mut(&channel).expect("channel state");
         rt.state.apply(seq, at_us, &event);
-        let frame = crate::view::event_frame(&rt.state, seq, &event, |m| body_text(&blobs, m));
+        let frame = crate::view::event_frame(&rt.state, seq, &event, |m| texts.text(m.body()));
         // A large body stays out of the log: a frame that carries one goes to the blob
         // store too, and the log keeps its reference (a zero byte, the hash and the length;
         // a JSON frame never starts with a zero byte).
@@ -651,18 +751,6 @@ impl Partition {
                 .map(|m| m.body()),
             Some(StoredBody::Blob { .. })
         );
-        let reference;
-        let stored: &[u8] = if large {
-            reference = match blobs.put(&frame) {
-                Ok(r) => frame_reference(&r),
-                // Without the frame in the blob store the event cannot be replayed as it
-                // was; keep it in the log rather than lose it.
-                Err(_) => frame.clone(),
-            };
-            &reference
-        } else {
-            &frame
-        };
         let record = ChannelRecord {
             channel,
             workspace: rt.state.workspace,
@@ -670,36 +758,48 @@ impl Partition {
             at_us,
             event,
         };
-        let payload = event::encode_channel(&record, stored);
+        let frame = Bytes::from(frame);
+        let payload = if large {
+            match self.env.blobs().put(frame.clone()).await {
+                Ok(r) => event::encode_channel(&record, &frame_reference(&r)),
+                // Without the frame in the blob store the event cannot be replayed as it
+                // was; keep it in the log rather than lose it.
+                Err(_) => event::encode_channel(&record, &frame),
+            }
+        } else {
+            event::encode_channel(&record, &frame)
+        };
         decided.push(Decided {
             channel,
             seq,
             payload,
-            frame: Bytes::from(frame),
+            frame,
             membership: membership_of(&record.event),
             at_us,
         });
         (seq, target)
     }
 
-    fn init(&mut self, channel: ChannelId, decided: &mut Vec<Decided>) {
+    async fn init(&mut self, channel: ChannelId, decided: &mut Vec<Decided>) {
         let members = match self.meta.borrow().channel(channel) {
             Some(c) => c.initial_members.clone(),
             None => return,
         };
+        let now = self.env.unix_us();
         let Some(rt) = self.channel_rt(channel) else {
             return;
         };
         if rt.state.last_seq() > 0 {
             return;
         }
-        let now = now_us();
+        let mut texts = BlobTexts::default();
         for e in rt.state.initial_events(&members) {
-            self.decide_event(channel, e, now, decided);
+            self.decide_event(channel, e, now, decided, &mut texts)
+                .await;
         }
     }
 
-    async fn commit(&mut self, decided: &[Decided]) -> Result<(), EngineError> {
+    async fn commit(&mut self, decided: &[Decided]) -> Result<(), AppendError> {
         let entries: Vec<Entry<'_>> = decided
             .iter()
             .map(|d| Entry {
@@ -707,13 +807,12 @@ impl Partition {
                 payload: &d.payload,
             })
             .collect();
-        let started = std::time::Instant::now();
+        let started = self.env.now();
         let committed = self.log.commit(&entries).await;
         if let (Some(o), Ok(_)) = (&self.observer.0, &committed) {
-            o.committed(entries.len(), started.elapsed());
+            o.committed(entries.len(), self.env.now().duration_since(started));
         }
-        let range =
-            committed.map_err(|e| EngineError::Unavailable(format!("commit failed: {e}")))?;
+        let range = committed?;
         for (d, offset) in decided.iter().zip(range) {
             let rt = self.channels.get_mut(&d.channel).expect("channel state");
             rt.offsets.push(offset);
@@ -804,7 +903,7 @@ impl Partition {
                 ephemeral_from: Some(user),
             };
             // Typing is best effort: a full inbox drops it rather than wait.
-            let _ = self.routes.shards[shard as usize].try_send(ShardMsg::Deliver(vec![d]));
+            let _ = self.routes.try_send(shard, ShardMsg::Deliver(vec![d]));
         }
         Ok(())
     }
@@ -865,10 +964,6 @@ impl Partition {
         }
     }
 
-    fn view(&self, channel: ChannelId, m: &Message) -> MessageView {
-        MessageView::new(channel, m, &body_text(&self.blobs, m))
-    }
-
     async fn read(&mut self, msg: PartitionMsg) {
         match msg {
             PartitionMsg::Read {
@@ -877,7 +972,7 @@ impl Partition {
                 read,
                 reply,
             } => {
-                let _ = reply.send(self.answer(user, channel, read));
+                let _ = reply.send(self.answer(user, channel, read).await);
             }
             PartitionMsg::CatchUp {
                 user,
@@ -895,35 +990,47 @@ impl Partition {
                 workspace,
                 out,
             } => out.add(self.visible(user, workspace)),
+            PartitionMsg::Audit { out } => {
+                let counts = self
+                    .online
+                    .iter()
+                    .flat_map(|(user, shards)| {
+                        shards
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, n)| **n > 0)
+                            .map(|(s, n)| crate::outcome::SubscriberCount {
+                                partition: self.id,
+                                user: *user,
+                                shard: s as u32,
+                                subscriptions: *n,
+                            })
+                    })
+                    .collect();
+                out.add(counts);
+            }
             PartitionMsg::Committed(waiter) if waiter.from >= self.log.next_offset() => {
                 self.consumers.park(waiter)
             }
-            PartitionMsg::Committed(waiter) => self.read_committed(waiter).await,
+            PartitionMsg::Committed(waiter) => {
+                crate::consumer::answer(&self.log, waiter, &log_name(self.id)).await
+            }
             PartitionMsg::DeleteBefore { offset, reply } => {
                 let limit = offset.min(self.snapshots.durable_offset.get());
                 let r = self.log.delete_before(limit).await;
-                let r = r.map_err(|e| EngineError::Unavailable(format!("retention: {e}")));
+                let r = r.map_err(|e| Unavailable::Retention(Arc::new(e)).into());
                 let _ = reply.send(r);
             }
-            other => fail(other, "unexpected request"),
+            PartitionMsg::Command { .. }
+            | PartitionMsg::Init { .. }
+            | PartitionMsg::Online { .. }
+            | PartitionMsg::Typing { .. } => unreachable!("a tick handles these itself"),
         }
     }
 
-    /// Answers a consumer's read from the log: committed events only, from its first
-    /// offset if the consumer asks for less.
-    async fn read_committed(&mut self, waiter: crate::consumer::Waiter) {
-        let from = waiter.from.max(self.log.first_offset());
-        let end = self.log.next_offset();
-        let page = self
-            .log
-            .read(from, crate::consumer::CONSUMER_READ_BYTES_MAX)
-            .await
-            .map_err(storage)
-            .and_then(|records| crate::consumer::page(records, end));
-        let _ = waiter.reply.send(page);
-    }
-
-    fn answer(
+    /// Answers a read from committed state. Bodies in the blob store are fetched first,
+    /// so only this partition waits for them.
+    async fn answer(
         &self,
         user: UserId,
         channel: ChannelId,
@@ -935,22 +1042,36 @@ impl Partition {
             .get(&channel)
             .ok_or(DomainError::NotFound("channel"))?;
         let s = &rt.state;
+        let blobs = self.env.blobs();
+        let mut texts = BlobTexts::default();
         Ok(match read {
             ChannelRead::History { before, limit } => {
                 let page = s.history(&p, before, limit)?;
+                texts.fetch_all(blobs, page.items.iter().copied()).await;
                 ReadOutcome::Page(
-                    page.items.iter().map(|m| self.view(channel, m)).collect(),
+                    page.items
+                        .iter()
+                        .map(|m| view(channel, m, &texts))
+                        .collect(),
                     page.next_cursor,
                 )
             }
             ChannelRead::Replies { root, after, limit } => {
                 let page = s.replies(&p, root, after, limit)?;
+                texts.fetch_all(blobs, page.items.iter().copied()).await;
                 ReadOutcome::Page(
-                    page.items.iter().map(|m| self.view(channel, m)).collect(),
+                    page.items
+                        .iter()
+                        .map(|m| view(channel, m, &texts))
+                        .collect(),
                     page.next_cursor,
                 )
             }
-            ChannelRead::Message { id } => ReadOutcome::Message(self.view(channel, s.get(&p, id)?)),
+            ChannelRead::Message { id } => {
+                let m = s.get(&p, id)?;
+                texts.fetch(blobs, m.body()).await;
+                ReadOutcome::Message(view(channel, m, &texts))
+            }
             ChannelRead::Info => {
                 let visible =
                     s.is_member(user) || s.kind == crate::domain::event::ChannelKind::Public;
@@ -972,10 +1093,13 @@ impl Partition {
                 if m.deleted {
                     return Ok(ReadOutcome::Versions(Vec::new()));
                 }
+                for (b, _) in m.versions.iter() {
+                    texts.fetch(blobs, b).await;
+                }
                 ReadOutcome::Versions(
                     m.versions
                         .iter()
-                        .map(|(b, at)| (body_of(&self.blobs, b), rfc3339(*at)))
+                        .map(|(b, at)| (texts.text(b), rfc3339(*at)))
                         .collect(),
                 )
             }
@@ -1008,7 +1132,7 @@ impl Partition {
         };
         let end = rt.committed.min(limit);
         let from = after.min(end);
-        let page = CATCH_UP_EVENTS_MAX.min(max.max(1)) as u64;
+        let page = self.catch_up_events.min(max.max(1)) as u64;
         let to = end.min(from + page);
         let mut frames = Vec::with_capacity((to - from) as usize);
         for seq in from + 1..=to {
@@ -1018,7 +1142,7 @@ impl Partition {
                     let payload = records[0].payload.clone();
                     let stored = event::stored_frame(&payload);
                     match stored.first() {
-                        Some(0) => match self.referenced_frame(stored) {
+                        Some(0) => match self.referenced_frame(stored).await {
                             Some(frame) => frame,
                             None => return empty(true),
                         },
@@ -1042,11 +1166,10 @@ impl Partition {
     }
 
     /// The frame a log record refers to in the blob store.
-    fn referenced_frame(&self, stored: &[u8]) -> Option<Bytes> {
+    async fn referenced_frame(&self, stored: &[u8]) -> Option<Bytes> {
         let hash: [u8; 32] = stored.get(1..33)?.try_into().ok()?;
         let len = u64::from_le_bytes(stored.get(33..41)?.try_into().ok()?);
-        let r = crate::blob::BlobRef { hash, len };
-        self.blobs.get(&r).ok().map(Bytes::from)
+        self.env.blobs().get(BlobRef { hash, len }).await.ok()
     }
 
     /// The channels a user sees, from the indexes: the workspace's public channels here
@@ -1077,12 +1200,22 @@ impl Partition {
     }
 }
 
-fn storage(e: chorus_log::ReadError) -> EngineError {
-    EngineError::Corrupt(e.to_string())
+/// The name of a partition's log directory, under the data directory.
+pub(crate) fn log_name(partition: u32) -> String {
+    format!("p{partition:05}")
 }
 
-fn fail(msg: PartitionMsg, why: &str) {
-    let err = || EngineError::Unavailable(why.to_owned());
+fn read_failed(partition: u32, e: ReadError) -> EngineError {
+    Corrupt::LogRead {
+        log: log_name(partition),
+        source: Arc::new(e),
+    }
+    .into()
+}
+
+/// Answers a request the partition will not serve.
+pub(crate) fn fail(msg: PartitionMsg, why: &Unavailable) {
+    let err = || EngineError::from(why.clone());
     match msg {
         PartitionMsg::Command { reply, .. } => {
             let _ = reply.send(Err(err()));
@@ -1096,6 +1229,7 @@ fn fail(msg: PartitionMsg, why: &str) {
             }
         }
         PartitionMsg::Visible { out, .. } => out.add(Vec::new()),
+        PartitionMsg::Audit { out } => out.add(Vec::new()),
         PartitionMsg::Typing { reply, .. } => {
             let _ = reply.send(Err(err()));
         }
@@ -1109,8 +1243,48 @@ fn fail(msg: PartitionMsg, why: &str) {
     }
 }
 
+/// Writes a partition snapshot's body: the number of channels, then each channel's state
+/// and the log offset of each of its events.
+pub(crate) fn write_channels<'a>(
+    w: &mut crate::snapshot::Writer,
+    channels: impl ExactSizeIterator<Item = (&'a ChannelState, &'a [u64])>,
+) {
+    w.len(channels.len());
+    for (state, offsets) in channels {
+        state.snapshot(w);
+        w.u64s(offsets);
+    }
+}
+
+/// Reads a body written by [`write_channels`], checking everything the body alone can
+/// show: each channel's state (see [`ChannelState::restore`]), one log offset per event,
+/// and no bytes left over. Whether the channels belong here is the caller's to check.
+pub(crate) fn read_channels(
+    loaded: &crate::snapshot::Loaded,
+) -> Result<Vec<(ChannelState, Vec<u64>)>, crate::snapshot::SnapshotError> {
+    let mut r = loaded.body();
+    // No capacity from the count: it is checked against 8 bytes left per channel, far
+    // less than a channel's state takes in memory.
+    let mut channels = Vec::new();
+    for _ in 0..r.count(8)? {
+        let state = ChannelState::restore(&mut r)?;
+        let offsets = r.u64s()?;
+        if offsets.len() as u64 != state.last_seq() {
+            return Err(crate::snapshot::SnapshotError(format!(
+                "channel {} has {} event offsets for {} events",
+                state.id,
+                offsets.len(),
+                state.last_seq()
+            )));
+        }
+        channels.push((state, offsets));
+    }
+    r.finish()?;
+    Ok(channels)
+}
+
 /// How a log record refers to a frame kept in the blob store.
-fn frame_reference(r: &crate::blob::BlobRef) -> Vec<u8> {
+fn frame_reference(r: &BlobRef) -> Vec<u8> {
     let mut out = Vec::with_capacity(41);
     out.push(0);
     out.extend_from_slice(&r.hash);
@@ -1138,19 +1312,7 @@ fn target_of(e: &ChannelEvent, seq: u64) -> Option<u64> {
     }
 }
 
-fn body_of(blobs: &BlobStore, b: &StoredBody) -> String {
-    match b {
-        StoredBody::Text(t) => t.as_str().to_owned(),
-        StoredBody::Blob { hash, len } => blobs
-            .get(&crate::blob::BlobRef {
-                hash: **hash,
-                len: *len,
-            })
-            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
-            .unwrap_or_default(),
-    }
-}
-
-fn body_text(blobs: &BlobStore, m: &Message) -> String {
-    body_of(blobs, m.body())
+/// A message as callers see it, with its body's text from `texts` if it is a blob.
+fn view(channel: ChannelId, m: &Message, texts: &BlobTexts) -> MessageView {
+    MessageView::new(channel, m, &texts.text(m.body()))
 }

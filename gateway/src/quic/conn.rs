@@ -15,8 +15,8 @@ use crate::ctx::ShardCtx;
 use crate::error::ApiError;
 use crate::protocol::{self, FrameError};
 use crate::session::{
-    run_call, Answer, CloseReason, SessionConfig, SessionCore, SubscriptionControl, Violation,
-    BATCH_FRAMES_MAX,
+    run_call, take_events, Answer, CloseReason, SessionConfig, SessionCore, SubscriptionControl,
+    Violation, BATCH_FRAMES_MAX,
 };
 use bytes::{Bytes, BytesMut};
 use chorus_engine::ids::UserId;
@@ -541,28 +541,8 @@ impl Driver {
         }
         // Events only while the stream takes writes: otherwise the engine's bounded queue
         // holds them, and cuts the client off when it is full.
-        let room = live.core.event_room();
-        if room > 0 && self.outbox.is_empty() {
-            let taken = match live.sub.try_recv_batch(&mut live.batch, room) {
-                Ok(0) => match live.sub.receiver().poll_recv(cx) {
-                    Poll::Ready(Ok(frame)) => {
-                        live.batch.push(frame);
-                        Ok(())
-                    }
-                    Poll::Ready(Err(cut)) => Err(cut),
-                    Poll::Pending => Ok(()),
-                },
-                Ok(_) => Ok(()),
-                Err(cut) => Err(cut),
-            };
-            progressed |= !live.batch.is_empty();
-            for frame in live.batch.drain(..) {
-                live.core.push_event(frame);
-            }
-            if let Err(cut) = taken {
-                live.core.handle_cutoff(cut);
-                progressed = true;
-            }
+        if self.outbox.is_empty() {
+            progressed |= take_events(&mut live.core, &mut live.sub, &mut live.batch, cx);
         }
         progressed.then_some(Poll::Ready(()))
     }

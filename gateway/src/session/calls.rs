@@ -2,12 +2,14 @@
 //! by every driver. Each call becomes an owned future, so a driver can poll it beside its
 //! socket and the subscription's frames.
 
-use super::{Answer, Call};
+use super::{Answer, Call, SessionCore};
 use crate::error::ApiError;
 use crate::protocol::Command;
+use bytes::Bytes;
 use chorus_engine::ids::UserId;
 use chorus_engine::view::MessageView;
-use chorus_engine::Engine;
+use chorus_engine::{Engine, Subscription};
+use std::task::{Context, Poll};
 
 pub use chorus_engine::SubscriptionControl;
 
@@ -69,4 +71,46 @@ async fn command_result(
             .map(|()| None),
     };
     result.map_err(ApiError::from)
+}
+
+/// Moves the subscription's ready frames into the core, up to its room, and registers the
+/// queue's waker when it is found empty; a cutoff is handed to the core. Returns whether
+/// anything happened. `batch` is the caller's scratch space, left empty.
+pub fn take_events(
+    core: &mut SessionCore,
+    sub: &mut Subscription,
+    batch: &mut Vec<Bytes>,
+    cx: &mut Context<'_>,
+) -> bool {
+    let room = core.event_room();
+    if room == 0 {
+        return false;
+    }
+    let taken = match sub.try_recv_batch(batch, room) {
+        Ok(0) => match sub.receiver().poll_recv(cx) {
+            Poll::Ready(Ok(frame)) => {
+                batch.push(frame);
+                Ok(())
+            }
+            Poll::Ready(Err(cutoff)) => Err(cutoff),
+            Poll::Pending => Ok(()),
+        },
+        Ok(_) => Ok(()),
+        Err(cutoff) => Err(cutoff),
+    };
+    let mut progressed = !batch.is_empty();
+    for frame in batch.drain(..) {
+        core.push_event(frame);
+    }
+    if batch.capacity() > super::BATCH_FRAMES_MAX {
+        batch.shrink_to(super::BATCH_FRAMES_MAX);
+    }
+    if let Err(cutoff) = taken {
+        if matches!(cutoff, chorus_engine::queue::Cutoff::Overflow) {
+            tracing::debug!(user = %core.user(), "slow client cut off");
+        }
+        core.handle_cutoff(cutoff);
+        progressed = true;
+    }
+    progressed
 }

@@ -30,7 +30,7 @@ mod calls;
 #[cfg(test)]
 mod tests;
 
-pub use calls::{run_call, SubscriptionControl};
+pub use calls::{run_call, take_events, SubscriptionControl};
 
 use crate::error::ApiError;
 use crate::protocol::{self, ClientFrame, Command};

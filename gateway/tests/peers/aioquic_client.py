@@ -24,6 +24,7 @@ class Session(QuicConnectionProtocol):
         super().__init__(*args, **kwargs)
         self.buffer = b""
         self.frames = asyncio.Queue()
+        self.kept = []
 
     def quic_event_received(self, event):
         if isinstance(event, StreamDataReceived):
@@ -38,16 +39,22 @@ class Session(QuicConnectionProtocol):
             self.frames.put_nowait({"type": "closed", "code": event.error_code})
 
     async def next(self, kind):
+        """The next frame of a kind. Frames of other kinds are kept for later calls: the
+        protocol does not order an ack against the event of the same message."""
+        for i, frame in enumerate(self.kept):
+            if frame["type"] == kind:
+                return self.kept.pop(i)
         while True:
             frame = await asyncio.wait_for(self.frames.get(), 10)
             if frame["type"] == kind:
                 return frame
             if frame["type"] == "closed":
                 raise RuntimeError(f"closed with {frame['code']} while waiting for {kind}")
+            self.kept.append(frame)
 
 
 async def main(host, port, pin, token, channel, since):
-    config = QuicConfiguration(is_client=True, alpn_protocols=["chorus/1"])
+    config = QuicConfiguration(is_client=True, alpn_protocols=["chorus/1"], idle_timeout=20.0)
     # Trust comes from the pin, checked below, not from a certificate authority.
     config.verify_mode = ssl.CERT_NONE
     async with connect(host, port, configuration=config, create_protocol=Session) as session:

@@ -18,7 +18,7 @@
 //! record header as the end of data, and it truncates a segment to its logical length when
 //! it seals it, so mapped segments end exactly where their data does.
 
-use super::{Storage, StorageFile};
+use super::{path_components, Storage, StorageFile, StorageRoot};
 use bytes::Bytes;
 use glommio::io::{DmaFile, OpenOptions};
 use glommio::sync::Semaphore;
@@ -131,6 +131,50 @@ impl DiskStorage {
         opened?.close().await?;
         probes.devices.borrow_mut().push(device);
         Ok(())
+    }
+}
+
+/// A directory of the file system as a [`StorageRoot`]: the data directory of a node.
+///
+/// Cloning is cheap, and a root may be shared across threads; each opened directory
+/// ([`DiskStorage`]) belongs to the thread that opened it.
+#[derive(Clone, Debug)]
+pub struct DiskRoot {
+    path: std::sync::Arc<PathBuf>,
+}
+
+impl DiskRoot {
+    /// The tree under `path`, which is created (with its parents) when a directory of it
+    /// is first opened.
+    pub fn new(path: impl AsRef<Path>) -> DiskRoot {
+        DiskRoot {
+            path: std::sync::Arc::new(path.as_ref().to_path_buf()),
+        }
+    }
+
+    /// Where the tree is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl StorageRoot for DiskRoot {
+    type Dir = DiskStorage;
+
+    async fn dir(&self, path: &str) -> io::Result<DiskStorage> {
+        let mut at = self.path.to_path_buf();
+        std::fs::create_dir_all(&at)?;
+        for part in path_components(path)? {
+            let parent = at.clone();
+            at.push(part);
+            match std::fs::create_dir(&at) {
+                // A new name is durable only once its directory is synced.
+                Ok(()) => File::open(&parent)?.sync_all()?,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+        }
+        DiskStorage::open_dir(at)
     }
 }
 
@@ -444,6 +488,18 @@ impl StorageFile for DiskFile {
         Ok(Bytes::from_owner(map))
     }
 
+    fn map_populated(&self) -> io::Result<Bytes> {
+        // SAFETY: as in `map`.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.file.as_raw_fd()) };
+        let file = File::from(fd.try_clone_to_owned()?);
+        if file.metadata()?.len() == 0 {
+            return Ok(Bytes::new());
+        }
+        // SAFETY: as in `map`: callers map only files that no longer change.
+        let map = unsafe { memmap2::MmapOptions::new().populate().map(&file)? };
+        Ok(Bytes::from_owner(map))
+    }
+
     async fn close(self) -> io::Result<()> {
         Ok(self.file.close().await?)
     }
@@ -644,6 +700,34 @@ mod tests {
             storage.rename("a.tmp", "a").await.unwrap();
             assert_eq!(&file.map().unwrap()[..], b"sealed");
         });
+    }
+
+    // A root opens nested directories, creating them, and refuses paths that would leave
+    // it; a populated map reads the same bytes as a plain one.
+    #[test]
+    fn root_opens_nested_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = DiskRoot::new(dir.path().join("data"));
+        let base = root.path().to_path_buf();
+        LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                let blobs = root.dir("blobs/ab").await.unwrap();
+                let file = blobs.create("x").await.unwrap();
+                file.write_at(0, b"blob").await.unwrap();
+                file.truncate(4).await.unwrap();
+                assert_eq!(&file.map_populated().unwrap()[..], b"blob");
+                assert_eq!(
+                    root.dir("").await.unwrap().list().await.unwrap(),
+                    Vec::<String>::new()
+                );
+                for bad in ["../x", "a//b", "/abs", "a/./b"] {
+                    assert!(root.dir(bad).await.is_err(), "{bad}");
+                }
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        assert!(base.join("blobs").join("ab").join("x").is_file());
     }
 
     // Overlapping writes to one file are a caller bug, caught instead of corrupting a block.

@@ -10,6 +10,11 @@
 //! API boundary: writes are positioned (`write_at`), never appended implicitly, so the log
 //! alone decides where bytes go. `sync_data` is the only durability point for file
 //! contents, and `sync_dir` the only one for creating, removing or renaming names.
+//!
+//! A node keeps many directories (one per log, and others for its snapshots and blobs).
+//! [`StorageRoot`] is the tree they live in: it opens a directory by its path, creating it
+//! durably if it is missing. [`DiskRoot`] is a directory of the file system; [`SimRoot`]
+//! is a tree of simulated directories that crash together.
 
 use bytes::Bytes;
 use std::io;
@@ -17,8 +22,42 @@ use std::io;
 mod disk;
 pub mod sim;
 
-pub use disk::DiskStorage;
-pub use sim::{SimConfig, SimStorage};
+pub use disk::{DiskRoot, DiskStorage};
+pub use sim::{SimConfig, SimRoot, SimStorage};
+
+/// A tree of directories, each a [`Storage`]: where a node keeps all of its files.
+///
+/// A path names a directory relative to the root, its components separated by `/`; the
+/// empty path is the root itself. Components are plain names: never empty, `.` or `..`,
+/// so no path leaves the tree.
+#[allow(async_fn_in_trait)]
+pub trait StorageRoot: Clone {
+    /// The directory type.
+    type Dir: Storage + Clone;
+
+    /// Opens the directory at `path`, creating it (and its parents) if missing. A created
+    /// directory is durable when this returns: its parent is synced.
+    async fn dir(&self, path: &str) -> io::Result<Self::Dir>;
+}
+
+/// Checks that `path` is a relative path of plain names (see [`StorageRoot`]) and returns
+/// its components.
+pub fn path_components(path: &str) -> io::Result<Vec<&str>> {
+    if path.is_empty() {
+        return Ok(Vec::new());
+    }
+    let parts: Vec<&str> = path.split('/').collect();
+    if parts
+        .iter()
+        .any(|p| p.is_empty() || *p == "." || *p == ".." || p.contains('\0'))
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("not a relative path of plain names: {path:?}"),
+        ));
+    }
+    Ok(parts)
+}
 
 /// One directory of files, as the log sees it.
 ///
@@ -71,6 +110,12 @@ pub trait StorageFile {
     /// A read-only view of the whole file as it is now. The log maps only sealed segments,
     /// which no longer change while mapped.
     fn map(&self) -> io::Result<Bytes>;
+
+    /// [`StorageFile::map`] for a file that is about to be read whole: the real storage
+    /// reads it in at once (`MAP_POPULATE`) rather than a page fault at a time.
+    fn map_populated(&self) -> io::Result<Bytes> {
+        self.map()
+    }
 
     /// Closes the handle.
     async fn close(self) -> io::Result<()>;

@@ -11,7 +11,7 @@
 //! return EIO once; [`SimStorage::flip_bit`] damages stored bytes. Every random choice comes
 //! from a seeded generator, so a seed replays exactly.
 
-use super::{Storage, StorageFile};
+use super::{path_components, Storage, StorageFile, StorageRoot};
 use bytes::Bytes;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
@@ -215,6 +215,79 @@ impl SimStorage {
         let mut disk = self.disk.borrow_mut();
         let permille = disk.yield_permille;
         YieldOnce(disk.rng.chance(permille))
+    }
+}
+
+/// A simulated tree of directories, each a [`SimStorage`] with choices seeded from the
+/// tree's seed and its path. Clones share the tree.
+///
+/// A directory is durable once [`StorageRoot::dir`] returns, as on the real disk, which
+/// syncs the parent of a directory it creates. [`SimRoot::crash`] crashes every directory
+/// at once, as a power loss does.
+#[derive(Clone, Debug)]
+pub struct SimRoot {
+    tree: Rc<RefCell<SimTree>>,
+}
+
+#[derive(Debug)]
+struct SimTree {
+    config: SimConfig,
+    dirs: BTreeMap<String, SimStorage>,
+}
+
+impl SimRoot {
+    /// An empty tree.
+    pub fn new(config: SimConfig) -> SimRoot {
+        SimRoot {
+            tree: Rc::new(RefCell::new(SimTree {
+                config,
+                dirs: BTreeMap::new(),
+            })),
+        }
+    }
+
+    /// The directory at `path`, created if missing, without awaiting: for tests that
+    /// inject faults into it or look at its files.
+    ///
+    /// # Panics
+    ///
+    /// If `path` is not a relative path of plain names.
+    pub fn dir_now(&self, path: &str) -> SimStorage {
+        path_components(path).expect("a relative path of plain names");
+        let mut tree = self.tree.borrow_mut();
+        let config = SimConfig {
+            // Each directory makes its own choices, so that one directory's use does not
+            // shift another's.
+            seed: tree.config.seed ^ xxhash_rust::xxh3::xxh3_64(path.as_bytes()),
+            ..tree.config.clone()
+        };
+        tree.dirs
+            .entry(path.to_owned())
+            .or_insert_with(|| SimStorage::new(config))
+            .clone()
+    }
+
+    /// The paths of the directories that exist, in order.
+    pub fn dirs(&self) -> Vec<String> {
+        self.tree.borrow().dirs.keys().cloned().collect()
+    }
+
+    /// Simulates a power loss and restart of the whole tree: every directory crashes (see
+    /// [`SimStorage::crash`]).
+    pub fn crash(&self) {
+        let dirs: Vec<SimStorage> = self.tree.borrow().dirs.values().cloned().collect();
+        for dir in dirs {
+            dir.crash();
+        }
+    }
+}
+
+impl StorageRoot for SimRoot {
+    type Dir = SimStorage;
+
+    async fn dir(&self, path: &str) -> io::Result<SimStorage> {
+        path_components(path)?;
+        Ok(self.dir_now(path))
     }
 }
 
@@ -459,6 +532,37 @@ mod tests {
             assert!(bytes[..1000].iter().all(|&b| b == 1));
             assert!(bytes[1000..].iter().all(|&b| b == 2 || b == 0));
         }
+    }
+
+    // A root's directories are each a storage of their own, and a crash of the root
+    // crashes all of them.
+    #[test]
+    fn root_crashes_every_directory() {
+        let root = SimRoot::new(SimConfig {
+            seed: 7,
+            yield_permille: 0,
+        });
+        block_on(async {
+            for path in ["", "p00001", "blobs/ab"] {
+                let dir = root.dir(path).await.unwrap();
+                let f = dir.create("synced").await.unwrap();
+                f.write_at(0, b"kept").await.unwrap();
+                f.sync_data().await.unwrap();
+                dir.sync_dir().await.unwrap();
+                f.write_at(4, &[9; 4096]).await.unwrap();
+            }
+            assert!(root.dir("../escape").await.is_err());
+        });
+        assert_eq!(root.dirs(), vec!["", "blobs/ab", "p00001"]);
+        root.crash();
+        let mut torn = 0;
+        for path in ["", "p00001", "blobs/ab"] {
+            let bytes = root.dir_now(path).contents("synced").unwrap();
+            assert_eq!(&bytes[..4], b"kept");
+            torn += (bytes.len() != 4 + 4096) as u32;
+        }
+        // Each directory chose for itself what its unsynced write left.
+        assert!(torn > 0, "every unsynced write survived whole");
     }
 
     // An unsynced create may vanish at a crash; a synced one never does.

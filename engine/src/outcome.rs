@@ -1,0 +1,81 @@
+//! What engine calls answer: the outcomes of commands and reads, and how partitions
+//! recovered at open.
+
+use crate::error::EngineError;
+use crate::view::{ChannelView, MemberView, MessageView, UserView, WorkspaceView};
+
+/// Where an engine call's answer goes: the caller waits on the other end.
+pub(crate) type Reply<T> = futures::channel::oneshot::Sender<Result<T, EngineError>>;
+
+/// The outcome of a metadata command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetaOutcome {
+    /// A created user.
+    User(UserView),
+    /// A created workspace.
+    Workspace(WorkspaceView),
+    /// An added member.
+    Member(MemberView),
+    /// A channel, and whether it was created by this call.
+    Channel(ChannelView, bool),
+}
+
+/// The outcome of a channel command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelOutcome {
+    /// The seq of the event stored, if one was.
+    pub seq: Option<u64>,
+    /// The message the command is about, as it stands after it.
+    pub message: Option<MessageView>,
+    /// Whether something new was stored (false for a repeated `client_msg_id`).
+    pub created: bool,
+}
+
+/// The outcome of a channel read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadOutcome {
+    /// A page of messages and the cursor of the next page.
+    Page(Vec<MessageView>, Option<u64>),
+    /// One message.
+    Message(MessageView),
+    /// A message's texts, oldest first, with RFC 3339 times.
+    Versions(Vec<(String, String)>),
+    /// A channel with its last committed seq.
+    Channel(ChannelView),
+}
+
+/// A page of messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessagePage {
+    /// The messages.
+    pub messages: Vec<MessageView>,
+    /// The cursor of the next page (a seq), if there is one.
+    pub next_cursor: Option<u64>,
+}
+
+/// One entry of a partition's subscriber index: how many live subscriptions of a user a
+/// shard has, as the partition counts them (see [`crate::Engine::subscriber_index`]).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SubscriberCount {
+    /// The partition.
+    pub partition: u32,
+    /// The user.
+    pub user: crate::ids::UserId,
+    /// The shard the subscriptions live on.
+    pub shard: u32,
+    /// How many.
+    pub subscriptions: u32,
+}
+
+/// How one partition recovered when the engine opened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Recovery {
+    /// The partition.
+    pub partition: u32,
+    /// The log offset up to which the state came from a snapshot, if one was used.
+    pub snapshot_offset: Option<u64>,
+    /// Events replayed from the log (after the snapshot, or all of them).
+    pub replayed_events: u64,
+    /// How long the partition took to open, snapshot and replay included.
+    pub took: std::time::Duration,
+}

@@ -1,0 +1,132 @@
+//! Checked entries for the fuzz targets of the gateway's decoders (`fuzz/`): client frames
+//! in both of their forms, REST request bodies, and QUIC datagrams. Each takes arbitrary
+//! bytes, must not panic, and checks what must hold of what it accepts. The stable test
+//! `gateway/tests/fuzz_corpus.rs` replays the committed corpora through the same functions.
+//! Not part of the API.
+
+use crate::protocol::{self, ClientFrame};
+use crate::session::{Answer, Call, Limits, SessionConfig, SessionCore};
+use chorus_engine::ids::{ChannelId, UserId};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Budgets that let everything through: the fuzzer explores the core, not the limiter.
+struct Open;
+
+impl Limits for Open {
+    fn take_rate(&self, _: UserId) -> Result<(), crate::error::ApiError> {
+        Ok(())
+    }
+
+    fn typing_allowed(&self, _: UserId, _: ChannelId) -> bool {
+        true
+    }
+}
+
+/// A client frame, as a WebSocket text message (when the bytes are UTF-8) and as a run of
+/// length-prefixed QUIC frames: parsing never panics, a parsed frame names only what it
+/// parsed, and a session core fed the frames answers each, within its bounds.
+pub fn client_frame(data: &[u8]) -> bool {
+    let mut texts = Vec::new();
+    if let Ok(text) = std::str::from_utf8(data) {
+        texts.push(text.to_owned());
+    }
+    let mut rest = data;
+    while let Ok(Some((text, used))) = protocol::decode_length_prefixed(rest, 1 << 20) {
+        assert!(used >= 4 && used <= rest.len());
+        texts.push(text.to_owned());
+        rest = &rest[used..];
+    }
+    let start = Instant::now();
+    let config = SessionConfig {
+        heartbeat_interval_s: 30,
+        frame_bytes_max: 1 << 20,
+    };
+    let mut core = SessionCore::new(UserId(1), 1, config, start);
+    let mut accepted = false;
+    for (i, text) in texts.iter().enumerate() {
+        let (_, parsed) = protocol::parse_frame(text);
+        if let Ok(ClientFrame::Resume { unknown, .. }) = &parsed {
+            assert!(unknown.iter().all(|u| u.chars().count() <= 64));
+        }
+        accepted |= parsed.is_ok();
+        let now = start + Duration::from_millis(i as u64);
+        if core.wants_client_frames() {
+            core.handle_text(now, text, &Open);
+        }
+        // Every call the core asks for is answered, as a driver would.
+        while let Some(call) = core.poll_call() {
+            core.handle_answer(answer_to(call), &Open);
+        }
+        let mut sent = 0;
+        while core.poll_transmit().is_some() {
+            sent += 1;
+            assert!(sent <= 64, "a frame answered with more than a batch");
+        }
+    }
+    accepted
+}
+
+/// The answer an engine would give a call, successful, for driving the core.
+fn answer_to(call: Call) -> Answer {
+    match call {
+        Call::Start { .. } => Answer::Started(true),
+        Call::Resume { reference, .. } => Answer::Resumed {
+            reference,
+            result: Ok(true),
+        },
+        Call::Command { reference, .. } => Answer::Command {
+            reference,
+            result: Ok(None),
+        },
+        Call::Typing { reference, .. } => Answer::Typing {
+            reference,
+            result: Ok(()),
+        },
+    }
+}
+
+/// A REST request body, parsed as every request type: never panics, however deep or long.
+pub fn rest_body(data: &[u8]) -> bool {
+    crate::api::parse_as_every_request(data) > 0
+}
+
+/// The QUIC settings of the target: a certificate generated once per process.
+fn quic_setup() -> &'static crate::quic::QuicSetup {
+    static SETUP: OnceLock<crate::quic::QuicSetup> = OnceLock::new();
+    SETUP.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("chorus-fuzz-quic-{}", std::process::id()));
+        let identity =
+            crate::quic::cert::load_or_create(None, &dir).expect("a generated certificate");
+        let (router, _) = crate::quic::Router::new(2);
+        crate::quic::QuicSetup::new(identity, router).expect("QUIC settings")
+    })
+}
+
+/// A datagram at the QUIC port: routing it by its connection ID never panics and names a
+/// shard that exists, and a fresh endpoint of ours handles it, and any connection it opens
+/// answers, without panicking. Returns whether it opened a connection.
+pub fn quic_datagram(data: &[u8]) -> bool {
+    let setup = quic_setup();
+    match crate::quic::cid::route(&setup.cid_key, data, 0, 2) {
+        crate::quic::cid::Route::Here => {}
+        crate::quic::cid::Route::Shard(s) => assert!(s < 2),
+    }
+    let mut endpoint = setup.endpoint(0);
+    let now = Instant::now();
+    let remote = "127.0.0.1:4433".parse().expect("an address");
+    let mut buf = Vec::new();
+    let event = endpoint.handle(now, remote, None, None, data.into(), &mut buf);
+    let Some(quinn_proto::DatagramEvent::NewConnection(incoming)) = event else {
+        return false;
+    };
+    let Ok((_, mut connection)) = endpoint.accept(incoming, now, &mut buf, None) else {
+        return false;
+    };
+    while connection.poll().is_some() {}
+    buf.clear();
+    while connection.poll_transmit(now, 1, &mut buf).is_some() {
+        buf.clear();
+    }
+    true
+}
