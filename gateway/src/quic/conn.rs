@@ -85,7 +85,8 @@ struct Driver {
     /// frame, in order.
     outbox: VecDeque<Bytes>,
     phase: Phase,
-    drain: oneshot::Receiver<()>,
+    /// The server's drain signal, until it fires.
+    drain: Option<oneshot::Receiver<()>>,
     timer: glommio::timer::Timer,
     frame_bytes_max: usize,
 }
@@ -107,7 +108,7 @@ pub(super) async fn run(
 ) {
     let header_timeout = Duration::from_secs(ctx.shared.config.http_header_timeout_s);
     let mut d = Driver {
-        drain: ctx.on_drain(),
+        drain: Some(ctx.on_drain()),
         frame_bytes_max: ctx.shared.config.ws_frame_bytes_max,
         ctx,
         quic,
@@ -465,14 +466,19 @@ impl Driver {
         if !self.mailbox.events.borrow().is_empty() {
             return Poll::Ready(());
         }
-        if Pin::new(&mut self.drain).poll(cx).is_ready() {
+        let drained = self
+            .drain
+            .as_mut()
+            .is_some_and(|drain| Pin::new(drain).poll(cx).is_ready());
+        if drained {
+            // The drain fires once. (A receiver put in its place would be ready at once,
+            // its sender gone, and the task would spin without yielding its shard.)
+            self.drain = None;
             match &mut self.phase {
                 Phase::Live(live) => live.core.handle_drain(),
                 Phase::Closing | Phase::Finishing { .. } => {}
                 _ => self.close(CloseReason::GoingAway),
             }
-            // The drain fires once; a fresh receiver never fires again.
-            self.drain = oneshot::channel().1;
             return Poll::Ready(());
         }
         let now = Instant::now();
