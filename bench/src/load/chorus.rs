@@ -194,10 +194,16 @@ impl ChorusRunner {
         self.progress
             .set_message("chat: warm-up and measured window (ms)");
         let mut usage = None;
+        let mut generator: Vec<UsageWindow> = Vec::new();
         loop {
             let now = wall_ns();
             if usage.is_none() && now >= window_start {
                 usage = Some(UsageWindow::start(pid));
+                generator = workers
+                    .iter()
+                    .filter_map(|w| w.pid())
+                    .map(UsageWindow::start)
+                    .collect();
             }
             if now >= window_end {
                 break;
@@ -206,6 +212,7 @@ impl ChorusRunner {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let server = usage.unwrap_or_else(|| UsageWindow::start(pid)).finish();
+        let generator_cpu_secs = generator.iter().map(|w| w.finish().cpu_secs).sum();
         self.progress.set_message("chat: draining");
         let mut outcome = ChatOutcome {
             ack: crate::latency::histogram_us(),
@@ -215,6 +222,7 @@ impl ChorusRunner {
             delivered: 0,
             elapsed: shape.duration,
             server,
+            generator_cpu_secs,
         };
         let (mut errors, mut closed, mut acked) = (0, 0, 0);
         for mut w in workers {

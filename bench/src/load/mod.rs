@@ -57,6 +57,9 @@ pub struct ChatOutcome {
     pub elapsed: Duration,
     /// The server's resource use over the measured window.
     pub server: ServerUsage,
+    /// CPU seconds the load generator used over the measured window: the worker processes
+    /// for Chorus, this process for the peers. It shares the server's two cores.
+    pub generator_cpu_secs: f64,
 }
 
 /// `fanout`: one channel of `members`, of whom `online` hold a live subscription; one

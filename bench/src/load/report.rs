@@ -511,18 +511,19 @@ pub fn details(results: &Results) -> String {
                 out.push_str(&latency_row(&r.system, "delivery", &o.delivery));
             }
         }
-        out.push_str("\n| system | sent | deliveries expected | delivered | deliveries/s | server |\n|---|---|---|---|---|---|\n");
+        out.push_str("\n| system | sent | deliveries expected | delivered | deliveries/s | server | load generator |\n|---|---|---|---|---|---|---|\n");
         for r in &s.runs {
             if let Ok(o) = &r.outcome {
                 let _ = writeln!(
                     out,
-                    "| {} | {} | {} | {} | {:.0} | {} |",
+                    "| {} | {} | {} | {} | {:.0} | {} | {:.1} CPU s |",
                     r.system,
                     o.sent,
                     o.expected_deliveries,
                     o.delivered,
                     deliveries_per_s(o),
-                    usage(&o.server, o.elapsed.as_secs_f64())
+                    usage(&o.server, o.elapsed.as_secs_f64()),
+                    o.generator_cpu_secs
                 );
             }
         }

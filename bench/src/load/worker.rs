@@ -702,6 +702,11 @@ impl WorkerHandle {
         Ok(())
     }
 
+    /// The worker's process ID, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Sends a command.
     pub async fn command(&mut self, command: &Command) -> anyhow::Result<()> {
         self.send_line(&serde_json::to_string(command)?).await

@@ -219,11 +219,52 @@ struct ShardQuic {
 impl ShardQuic {
     /// Sends one datagram; a failure is the network's loss.
     async fn send(&self, data: &[u8], to: SocketAddr) {
-        if let Err(e) = self.socket.send_to(data, to).await {
+        // A datagram that fits the socket's buffer is sent by a direct, non-blocking call:
+        // a round trip through the ring for each would cost a wake-up of the task per
+        // datagram. Only a full buffer waits on the ring.
+        let sent = match self.try_send(data, to) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self
+                .socket
+                .send_to(data, to)
+                .await
+                .map(drop)
+                .map_err(std::io::Error::from),
+            other => other,
+        };
+        if let Err(e) = sent {
             tracing::debug!(error = %e, %to, "quic send failed");
         }
     }
+
+    /// Sends one datagram if the socket can take it now.
+    fn try_send(&self, data: &[u8], to: SocketAddr) -> std::io::Result<()> {
+        self.with_socket(|s| s.send_to_with_flags(data, &to.into(), libc::MSG_DONTWAIT))
+            .map(drop)
+    }
+
+    /// Reads one datagram into `buf` if one is waiting.
+    fn try_recv(&self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+        // SAFETY: initialised bytes are valid `MaybeUninit` bytes, and the call only
+        // writes them.
+        let uninit = unsafe { &mut *(buf as *mut [u8] as *mut [std::mem::MaybeUninit<u8>]) };
+        let (n, from) = self.with_socket(|s| s.recv_from_with_flags(uninit, libc::MSG_DONTWAIT))?;
+        let from = from
+            .as_socket()
+            .ok_or_else(|| std::io::Error::other("a datagram from a non-IP address"))?;
+        Ok((n, from))
+    }
+
+    fn with_socket<T>(&self, f: impl FnOnce(socket2::SockRef<'_>) -> T) -> T {
+        use std::os::fd::{AsRawFd, BorrowedFd};
+        // SAFETY: the descriptor belongs to `self.socket`, which outlives this borrow.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.socket.as_raw_fd()) };
+        f(socket2::SockRef::from(&fd))
+    }
 }
+
+/// Datagrams the endpoint task reads by direct calls before it lets the shard's other
+/// tasks run.
+const RECEIVES_PER_TURN: usize = 64;
 
 /// Serves QUIC on `socket` for this shard until `stop` fires: reads datagrams, forwards
 /// those of other shards' connections, and starts a task per new connection.
@@ -235,7 +276,6 @@ pub async fn serve_shard(
     mut forwarded: mpsc::Receiver<Forwarded>,
     mut stop: oneshot::Receiver<()>,
 ) {
-    let shards = setup.router.shards.len();
     let quic = Rc::new(ShardQuic {
         endpoint: RefCell::new(setup.endpoint(shard)),
         socket,
@@ -250,6 +290,28 @@ pub async fn serve_shard(
             if quic.connections.borrow().is_empty() || Instant::now() >= until {
                 break;
             }
+        }
+        // While datagrams are waiting, read them by direct calls; the ring is for waiting.
+        let mut read = 0;
+        while read < RECEIVES_PER_TURN {
+            match quic.try_recv(&mut buf) {
+                Ok((n, remote)) => {
+                    read += 1;
+                    on_datagram(&ctx, &quic, &setup, shard, remote, &buf[..n]).await;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "quic receive failed");
+                    break;
+                }
+            }
+        }
+        while let Ok(f) = forwarded.try_recv() {
+            handle(&ctx, &quic, f.remote, f.data).await;
+        }
+        if read == RECEIVES_PER_TURN {
+            glommio::yield_if_needed().await;
+            continue;
         }
         let wake = {
             let recv = std::pin::pin!(quic.socket.recv_from(&mut buf));
@@ -277,18 +339,33 @@ pub async fn serve_shard(
             }
         };
         match wake {
-            Wake::Datagram(remote, n) => match cid::route(&setup.cid_key, &buf[..n], shard, shards)
-            {
-                cid::Route::Shard(owner) => {
-                    ctx.shared.metrics.quic_forwarded.inc();
-                    let data = BytesMut::from(&buf[..n]);
-                    setup.router.forward(owner, Forwarded { remote, data });
-                }
-                cid::Route::Here => handle(&ctx, &quic, remote, BytesMut::from(&buf[..n])).await,
-            },
+            Wake::Datagram(remote, n) => {
+                on_datagram(&ctx, &quic, &setup, shard, remote, &buf[..n]).await
+            }
             Wake::Forwarded(f) => handle(&ctx, &quic, f.remote, f.data).await,
             Wake::Nothing => {}
         }
+    }
+}
+
+/// Routes a datagram this shard's socket received: to the shard its connection ID names,
+/// or to this shard's endpoint.
+async fn on_datagram(
+    ctx: &Rc<ShardCtx>,
+    quic: &Rc<ShardQuic>,
+    setup: &QuicSetup,
+    shard: usize,
+    remote: SocketAddr,
+    datagram: &[u8],
+) {
+    let shards = setup.router.shards.len();
+    match cid::route(&setup.cid_key, datagram, shard, shards) {
+        cid::Route::Shard(owner) => {
+            ctx.shared.metrics.quic_forwarded.inc();
+            let data = BytesMut::from(datagram);
+            setup.router.forward(owner, Forwarded { remote, data });
+        }
+        cid::Route::Here => handle(ctx, quic, remote, BytesMut::from(datagram)).await,
     }
 }
 
