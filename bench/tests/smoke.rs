@@ -47,14 +47,19 @@ fn bench(args: &[&str], results: &std::path::Path, chorus: &std::path::Path) -> 
     stdout
 }
 
-/// The Chorus row of a report table whose first two cells are `system` and `what`:
-/// its count and p50 cells.
+/// The Chorus (WebSocket) row of a report table whose first two cells are the system and
+/// `what`: its cells.
 fn chorus_row<'a>(stdout: &'a str, what: &str) -> Vec<&'a str> {
-    let prefix = format!("| Chorus | {what} |");
+    system_row(stdout, "Chorus", what)
+}
+
+/// The row of `system` in a report table whose second cell is `what`: its cells.
+fn system_row<'a>(stdout: &'a str, system: &str, what: &str) -> Vec<&'a str> {
+    let prefix = format!("| {system} | {what} |");
     let line = stdout
         .lines()
         .find(|l| l.starts_with(&prefix))
-        .unwrap_or_else(|| panic!("no Chorus {what} row in:\n{stdout}"));
+        .unwrap_or_else(|| panic!("no {system} {what} row in:\n{stdout}"));
     line.split('|')
         .map(str::trim)
         .filter(|c| !c.is_empty())
@@ -112,6 +117,30 @@ fn smoke_suite_runs_every_scenario() {
         .find(|l| l.starts_with("| Chorus | 40 |"))
         .unwrap_or_else(|| panic!("all 40 connections open:\n{out}"));
     assert!(conns.contains("KiB"), "{conns}");
+
+    // The QUIC variants: the same chat load, every delivery in; every idle session open
+    // and answering its ping, in `connections` and in the sessions-at-scale run.
+    let quic = system_row(&out, "Chorus QUIC", "delivery");
+    assert_eq!(quic[2], "500", "100 measured messages × 5 members:\n{out}");
+    assert!(
+        out.contains("| Chorus QUIC | 100 | 500 | 500 |"),
+        "QUIC sent/expected/delivered:\n{out}"
+    );
+    for n in [40, 60] {
+        let (prefix, live) = (format!("| Chorus QUIC | {n} |"), format!("| {n} within"));
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(&prefix) && l.contains(&live)),
+            "{n} QUIC sessions open and live:\n{out}"
+        );
+    }
+    for target in [
+        "over QUIC ≤ 1.2×",
+        "per idle QUIC session",
+        "idle QUIC sessions on one",
+    ] {
+        assert!(out.contains(target), "summary row {target:?}:\n{out}");
+    }
 
     let page = chorus_row(&out, "page");
     assert_eq!(page[2], "100", "100 page reads");

@@ -201,6 +201,7 @@ async fn shard_main(
 ) {
     let bound = glommio::net::TcpListener::bind(listen.http).and_then(|tcp| {
         let udp = glommio::net::UdpSocket::bind(listen.quic)?;
+        crate::quic::size_socket_buffers(&udp);
         Ok((tcp, udp))
     });
     let (listener, udp) = match bound {

@@ -350,3 +350,28 @@ async fn a_peer_that_never_reads() {
         "RSS grew {grown} KiB for a client that never reads"
     );
 }
+
+// SIGTERM ends every QUIC session with 1001 after its stream is finished, and the server
+// exits 0 within the drain: a draining shard keeps reading its socket, so the sessions'
+// last acknowledgements still reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_closes_quic_sessions_with_going_away() {
+    let server = Server::start(UNLIMITED);
+    let alice = server.signup("alice");
+    let mut sessions = Vec::new();
+    for i in 0..20 {
+        let mut raw = Raw::session(&server, &alice).await;
+        raw.ping(&format!("up {i}")).await;
+        sessions.push(raw);
+    }
+    let terminated = tokio::task::spawn_blocking(move || {
+        let mut server = server;
+        server.terminate()
+    });
+    for raw in &mut sessions {
+        let (end, _) = raw.until_closed().await;
+        assert_eq!(end, Ended::Closed(1001));
+    }
+    let status = terminated.await.expect("the drain");
+    assert!(status.success(), "{status:?}");
+}

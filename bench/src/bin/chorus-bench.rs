@@ -5,6 +5,7 @@
 
 use anyhow::Context;
 use chorus_bench::load::chorus::{say, ChorusRunner};
+use chorus_bench::load::client::Transport;
 use chorus_bench::load::report::{self, Results, Run, RunInfo, Scenario};
 use chorus_bench::load::server::{self, ServerSettings};
 use chorus_bench::load::{plot, worker, ChatShape, ConnectionsShape, FanoutShape, HistoryShape};
@@ -57,7 +58,8 @@ enum Cmd {
     Chat(ChatArgs),
     /// One channel of many members, K online; one message at a time
     Fanout(FanoutArgs),
-    /// K idle authenticated WebSocket connections: server memory each, connect rate
+    /// K idle authenticated sessions (WebSocket, QUIC or both): server memory each, connect
+    /// rate, a ping round that all must answer
     Connections(ConnectionsArgs),
     /// A channel of N messages; page reads at random cursors over REST
     History(HistoryArgs),
@@ -88,6 +90,30 @@ struct ChatArgs {
     /// Bytes of text per message
     #[arg(long, default_value_t = 100)]
     body_bytes: usize,
+    /// The sessions' transport; `both` runs the same load over each, one after the other
+    #[arg(long, value_enum, default_value_t = TransportArg::Websocket)]
+    transport: TransportArg,
+}
+
+/// The transports a Chorus scenario runs over.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum TransportArg {
+    /// WebSocket sessions (one TCP connection each)
+    Websocket,
+    /// QUIC sessions (API.md §8), a worker's all over one UDP socket
+    Quic,
+    /// WebSocket, then QUIC, each on a fresh server
+    Both,
+}
+
+impl TransportArg {
+    fn transports(self) -> &'static [Transport] {
+        match self {
+            TransportArg::Websocket => &[Transport::WebSocket],
+            TransportArg::Quic => &[Transport::Quic],
+            TransportArg::Both => &[Transport::WebSocket, Transport::Quic],
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -108,6 +134,9 @@ struct ConnectionsArgs {
     /// Idle connections to open
     #[arg(long, default_value_t = 19_000)]
     connections: usize,
+    /// The sessions' transport; `both` runs the same size over each, one after the other
+    #[arg(long, value_enum, default_value_t = TransportArg::Websocket)]
+    transport: TransportArg,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -178,12 +207,14 @@ impl HistoryArgs {
     }
 }
 
-/// The four shapes of a suite, and the rungs of the chat rate ladder.
+/// The four shapes of a suite, the rungs of the chat rate ladder, and the size of the
+/// QUIC sessions run.
 struct SuiteShapes {
     chat: ChatShape,
     ladder: Vec<ChatShape>,
     fanout: FanoutShape,
     connections: ConnectionsShape,
+    quic_sessions: ConnectionsShape,
     history: HistoryShape,
 }
 
@@ -199,6 +230,9 @@ fn rungs(base: &ChatShape, rates: &[f64], warmup_s: f64, duration_s: f64) -> Vec
         })
         .collect()
 }
+
+/// The smoke test's settling time for RSS readings: its figures are not kept, its time is.
+const SMOKE_RSS_SETTLE: Duration = Duration::from_millis(250);
 
 fn suite_shapes(size: Size) -> SuiteShapes {
     let mut shapes = suite_sizes(size);
@@ -219,6 +253,7 @@ fn suite_sizes(size: Size) -> SuiteShapes {
                 duration: 20.0,
                 warmup: 5.0,
                 body_bytes: 100,
+                transport: TransportArg::Both,
             }
             .shape(),
             ladder: Vec::new(),
@@ -229,6 +264,9 @@ fn suite_sizes(size: Size) -> SuiteShapes {
             },
             connections: ConnectionsShape {
                 connections: 19_000,
+            },
+            quic_sessions: ConnectionsShape {
+                connections: report::targets::QUIC_SESSIONS,
             },
             history: HistoryShape {
                 messages: 1_000_000,
@@ -245,6 +283,7 @@ fn suite_sizes(size: Size) -> SuiteShapes {
                 duration: 1.0,
                 warmup: 0.5,
                 body_bytes: 64,
+                transport: TransportArg::Both,
             }
             .shape(),
             ladder: Vec::new(),
@@ -254,6 +293,7 @@ fn suite_sizes(size: Size) -> SuiteShapes {
                 rounds: 3,
             },
             connections: ConnectionsShape { connections: 40 },
+            quic_sessions: ConnectionsShape { connections: 60 },
             history: HistoryShape {
                 messages: 2_000,
                 page: 50,
@@ -295,6 +335,12 @@ fn main() -> anyhow::Result<()> {
             .clone()
             .unwrap_or_else(std::env::temp_dir),
         workers_min: cli.common.workers,
+        rss_settle: match &cli.command {
+            Cmd::Suite(SuiteArgs {
+                size: Size::Smoke, ..
+            }) => SMOKE_RSS_SETTLE,
+            _ => chorus_bench::load::chorus::RSS_SETTLE,
+        },
         progress: progress.clone(),
         notes: Default::default(),
     };
@@ -315,7 +361,7 @@ fn main() -> anyhow::Result<()> {
     let mut results = Results::default();
     let (name, readme) = match &cli.command {
         Cmd::Chat(a) => {
-            results.chat = Some(chat(&runner, &a.shape(), peers));
+            results.chat = Some(chat(&runner, &a.shape(), a.transport, peers));
             ("chat", false)
         }
         Cmd::Fanout(a) => {
@@ -326,7 +372,7 @@ fn main() -> anyhow::Result<()> {
             let shape = ConnectionsShape {
                 connections: a.connections,
             };
-            results.connections = Some(connections(&runner, &shape, peers));
+            results.connections = Some(connections(&runner, &shape, a.transport, peers));
             ("connections", false)
         }
         Cmd::History(a) => {
@@ -338,11 +384,18 @@ fn main() -> anyhow::Result<()> {
                 install_peers(&progress);
             }
             let shapes = suite_shapes(a.size);
-            let first = chat(&runner, &shapes.chat, peers);
+            let both = TransportArg::Both;
+            let first = chat(&runner, &shapes.chat, both, peers);
             results.ladder = ladder(&runner, &shapes.ladder, peers, &first);
             results.chat = Some(first);
             results.fanout = Some(fanout(&runner, &shapes.fanout, peers));
-            results.connections = Some(connections(&runner, &shapes.connections, peers));
+            results.connections = Some(connections(&runner, &shapes.connections, both, peers));
+            results.quic_sessions = Some(connections(
+                &runner,
+                &shapes.quic_sessions,
+                TransportArg::Quic,
+                false,
+            ));
             results.history = Some(history(&runner, &shapes.history, peers, seed));
             ("suite", !a.no_readme)
         }
@@ -394,6 +447,10 @@ fn main() -> anyhow::Result<()> {
         results.chat.as_ref().map(|s| chorus_error(&s.runs)),
         results.fanout.as_ref().map(|s| chorus_error(&s.runs)),
         results.connections.as_ref().map(|s| chorus_error(&s.runs)),
+        results
+            .quic_sessions
+            .as_ref()
+            .map(|s| chorus_error(&s.runs)),
         results.history.as_ref().map(|s| chorus_error(&s.runs)),
     ];
     if let Some(why) = chorus_failed.into_iter().flatten().flatten().next() {
@@ -442,8 +499,21 @@ fn install_peers(progress: &ProgressBar) {
 
 fn chorus_error<O>(runs: &[Run<O>]) -> Option<String> {
     runs.iter()
-        .find(|r| r.system == report::CHORUS)
-        .and_then(|r| r.outcome.as_ref().err().cloned())
+        .filter(|r| r.system == report::CHORUS || r.system == report::CHORUS_QUIC)
+        .find_map(|r| {
+            r.outcome
+                .as_ref()
+                .err()
+                .map(|e| format!("{}: {e}", r.system))
+        })
+}
+
+/// The name of Chorus's runs over `transport`.
+fn chorus_system(transport: Transport) -> &'static str {
+    match transport {
+        Transport::WebSocket => report::CHORUS,
+        Transport::Quic => report::CHORUS_QUIC,
+    }
 }
 
 fn run<O>(system: &str, progress: &ProgressBar, f: impl FnOnce() -> anyhow::Result<O>) -> Run<O> {
@@ -491,9 +561,12 @@ fn peer<O>(
 fn chat(
     runner: &ChorusRunner,
     shape: &ChatShape,
+    transport: TransportArg,
     peers: bool,
 ) -> Scenario<ChatShape, chorus_bench::load::ChatOutcome> {
-    let mut runs = vec![run(report::CHORUS, &runner.progress, || runner.chat(shape))];
+    let mut runs: Vec<_> = (transport.transports().iter())
+        .map(|&t| run(chorus_system(t), &runner.progress, || runner.chat(shape, t)))
+        .collect();
     runs.extend(peer(
         runner,
         peers,
@@ -530,7 +603,9 @@ fn ladder(
     for shape in rungs {
         let mut runs = Vec::new();
         if chorus_on {
-            let r = run(report::CHORUS, &runner.progress, || runner.chat(shape));
+            let r = run(report::CHORUS, &runner.progress, || {
+                runner.chat(shape, Transport::WebSocket)
+            });
             chorus_on = r.outcome.as_ref().is_ok_and(report::sustained);
             runs.push(r);
         }
@@ -585,11 +660,16 @@ fn fanout(
 fn connections(
     runner: &ChorusRunner,
     shape: &ConnectionsShape,
+    transport: TransportArg,
     peers: bool,
 ) -> Scenario<ConnectionsShape, chorus_bench::load::ConnectionsOutcome> {
-    let mut runs = vec![run(report::CHORUS, &runner.progress, || {
-        runner.connections(shape)
-    })];
+    let mut runs: Vec<_> = (transport.transports().iter())
+        .map(|&t| {
+            run(chorus_system(t), &runner.progress, || {
+                runner.connections(shape, t)
+            })
+        })
+        .collect();
     runs.extend(peer(
         runner,
         peers,

@@ -1,7 +1,9 @@
 //! The four scenarios run against Chorus: seed a fresh data directory, start the real
 //! `chorus` binary on it, drive it from worker processes, and return the same outcome
-//! types the peers return.
+//! types the peers return. `chat` and `connections` run over either transport (WebSocket
+//! or QUIC); `fanout` and `history` over WebSocket and REST.
 
+use super::client::{Conn, Dialer, Transport};
 use super::procstat::{self, UsageWindow};
 use super::schedule::{self, wall_ns};
 use super::seed::{self, Population};
@@ -9,21 +11,24 @@ use super::server::{self, ChorusServer, ServerSettings};
 use super::worker::{self, ChatJob, Command, HoldJob, Job, Report, WorkerHandle};
 use super::{
     ChatOutcome, ChatShape, ConnectionsOutcome, ConnectionsShape, FanoutOutcome, FanoutShape,
-    HistoryOutcome, HistoryShape,
+    HistoryOutcome, HistoryShape, LiveCheck,
 };
 use anyhow::{bail, ensure, Context};
-use futures_util::{SinkExt, StreamExt};
 use indicatif::ProgressBar;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use tokio_tungstenite::tungstenite::Message;
 
 /// How long after the last scheduled send a chat run waits for late acks and deliveries.
 const CHAT_DRAIN: Duration = Duration::from_secs(10);
 /// How long a fan-out round may take before the missing deliveries are counted.
 const ROUND_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long the server settles before and after connections open, for RSS readings.
-const RSS_SETTLE: Duration = Duration::from_secs(2);
+/// How long the server settles before and after connections open, for RSS readings (the
+/// standard size; [`ChorusRunner::rss_settle`]).
+pub const RSS_SETTLE: Duration = Duration::from_secs(2);
+/// How long the server may take to end the sessions the workers closed: a QUIC connection
+/// closed by its peer lingers for three probe timeouts (RFC 9000 §10.2), seconds when its
+/// round-trip estimate comes from a storm of handshakes on a busy machine.
+const CLOSE_SETTLE: Duration = Duration::from_secs(15);
 /// Bytes of text of each history message.
 const HISTORY_BODY_BYTES: usize = 100;
 
@@ -40,6 +45,9 @@ pub struct ChorusRunner {
     pub work_root: PathBuf,
     /// Workers at least (more when the connections need them).
     pub workers_min: usize,
+    /// How long the server settles before and after connections open, for RSS readings:
+    /// [`RSS_SETTLE`], shorter in the smoke test, whose figures are not kept.
+    pub rss_settle: Duration,
     /// The progress bar of the run.
     pub progress: ProgressBar,
     /// What the server said about itself during the runs (from its `/metrics`), for the
@@ -73,16 +81,18 @@ impl ChorusRunner {
         result
     }
 
-    /// Spawns workers for `tokens`, split evenly, and waits until all are ready.
+    /// Spawns workers for `count` sessions over `transport`, split evenly, and waits until
+    /// all are ready.
     async fn spawn_workers<F>(
         &self,
         count: usize,
+        transport: Transport,
         make: F,
     ) -> anyhow::Result<(Vec<WorkerHandle>, usize, f64)>
     where
         F: Fn(usize, std::ops::Range<usize>) -> Job,
     {
-        let workers = worker::workers_for(count)
+        let workers = worker::workers_for(count, transport)
             .max(self.workers_min)
             .min(count.max(1));
         let mut handles = Vec::new();
@@ -96,17 +106,17 @@ impl ChorusRunner {
                 Report::Ready {
                     open: o,
                     failed,
+                    retried,
                     first_error,
                     connect_secs: secs,
                 } => {
-                    if failed > 0 {
-                        say(
-                            &self.progress,
-                            format!(
-                                "warning: {failed} connections failed; first: {}",
-                                first_error.unwrap_or_default()
-                            ),
-                        );
+                    if failed + retried > 0 {
+                        self.warn(format!(
+                            "{} sessions: {failed} failed to open, {retried} attempts failed \
+                             and were retried; first error: {}",
+                            transport.label(),
+                            first_error.unwrap_or_default()
+                        ));
                     }
                     open += o;
                     connect_secs = connect_secs.max(secs);
@@ -117,8 +127,8 @@ impl ChorusRunner {
         Ok((handles, open, connect_secs))
     }
 
-    /// `chat` against Chorus.
-    pub fn chat(&self, shape: &ChatShape) -> anyhow::Result<ChatOutcome> {
+    /// `chat` against Chorus, every session over `transport`.
+    pub fn chat(&self, shape: &ChatShape, transport: Transport) -> anyhow::Result<ChatOutcome> {
         ensure!(
             shape.connections >= 2 && shape.members >= 2,
             "chat needs 2+ members"
@@ -131,12 +141,14 @@ impl ChorusRunner {
         let tokens = seed::mint_tokens(&server::data_dir(dir.path()), &pop.users)?;
         let server = ChorusServer::start(&self.binary, dir.path(), &self.settings)?;
         let channel_ids: Vec<String> = pop.channels.iter().map(|c| c.to_string()).collect();
+        let target = server.target(transport)?;
         let outcome = Self::runtime()?.block_on(async {
-            self.progress.set_message("chat: connecting");
+            self.progress
+                .set_message(format!("chat over {}: connecting", transport.label()));
             let (workers, open, _) = self
-                .spawn_workers(c, |w, range| {
+                .spawn_workers(c, transport, |w, range| {
                     Job::Chat(ChatJob {
-                        server: server.addr,
+                        target: target.clone(),
                         source: worker::source_address(w),
                         connections: range.map(|i| (i, tokens[i].clone())).collect(),
                         total_connections: c,
@@ -158,7 +170,7 @@ impl ChorusRunner {
             }
             Ok(outcome)
         })?;
-        server.stop()?;
+        self.stop_server(server, "chat");
         Ok(outcome)
     }
 
@@ -182,10 +194,16 @@ impl ChorusRunner {
         self.progress
             .set_message("chat: warm-up and measured window (ms)");
         let mut usage = None;
+        let mut generator: Vec<UsageWindow> = Vec::new();
         loop {
             let now = wall_ns();
             if usage.is_none() && now >= window_start {
                 usage = Some(UsageWindow::start(pid));
+                generator = workers
+                    .iter()
+                    .filter_map(|w| w.pid())
+                    .map(UsageWindow::start)
+                    .collect();
             }
             if now >= window_end {
                 break;
@@ -194,6 +212,7 @@ impl ChorusRunner {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let server = usage.unwrap_or_else(|| UsageWindow::start(pid)).finish();
+        let generator_cpu_secs = generator.iter().map(|w| w.finish().cpu_secs).sum();
         self.progress.set_message("chat: draining");
         let mut outcome = ChatOutcome {
             ack: crate::latency::histogram_us(),
@@ -203,6 +222,7 @@ impl ChorusRunner {
             delivered: 0,
             elapsed: shape.duration,
             server,
+            generator_cpu_secs,
         };
         let (mut errors, mut closed, mut acked) = (0, 0, 0);
         for mut w in workers {
@@ -249,13 +269,14 @@ impl ChorusRunner {
         let server = ChorusServer::start(&self.binary, dir.path(), &self.settings)?;
         let usage = UsageWindow::start(server.pid());
         let channel = pop.channels[0].to_string();
+        let target = server.target(Transport::WebSocket)?;
         let outcome = Self::runtime()?.block_on(async {
             self.progress
                 .set_message(format!("fanout: connecting {}", shape.online));
             let online = &tokens[1..];
             let (workers, open, _) = self
-                .spawn_workers(online.len(), |w, range| {
-                    hold_job(&server, w, &online[range])
+                .spawn_workers(online.len(), Transport::WebSocket, |w, range| {
+                    hold_job(&target, w, &online[range])
                 })
                 .await?;
             ensure!(
@@ -263,20 +284,21 @@ impl ChorusRunner {
                 "only {open} of {} online members connected",
                 shape.online
             );
-            let sender =
-                super::client::connect(server.addr, "127.0.0.1".parse()?, &tokens[0]).await?;
+            let sender = Dialer::new(&target, "127.0.0.1".parse()?)?
+                .connect(&tokens[0])
+                .await?;
             self.fanout_rounds(shape, sender, workers, &channel).await
         });
         let mut outcome = outcome?;
         outcome.server = usage.finish();
-        server.stop()?;
+        self.stop_server(server, "fanout");
         Ok(outcome)
     }
 
     async fn fanout_rounds(
         &self,
         shape: &FanoutShape,
-        mut sender: super::client::Ws,
+        mut sender: Conn,
         mut workers: Vec<WorkerHandle>,
         channel: &str,
     ) -> anyhow::Result<FanoutOutcome> {
@@ -295,7 +317,7 @@ impl ChorusRunner {
                 "text": worker::fanout_text(round), "client_msg_id": format!("fanout-{round}"),
             });
             let sent_ns = wall_ns();
-            sender.send(Message::text(frame.to_string())).await?;
+            sender.send_text(&frame.to_string()).await?;
             let (mut count, mut first, mut last) = (0, u64::MAX, 0);
             for w in &mut workers {
                 let (n, first_ns, last_ns) = round_of(w, round).await?;
@@ -322,7 +344,7 @@ impl ChorusRunner {
                 );
             }
             // The sender's own copy and its ack, read so that its queue never fills.
-            drain_ready(&mut sender).await;
+            sender.drain_ready().await;
             self.progress.inc(1);
         }
         for w in workers {
@@ -331,8 +353,13 @@ impl ChorusRunner {
         Ok(outcome)
     }
 
-    /// `connections` against Chorus.
-    pub fn connections(&self, shape: &ConnectionsShape) -> anyhow::Result<ConnectionsOutcome> {
+    /// `connections` against Chorus: idle sessions over `transport`, server RSS each,
+    /// and a ping round that every session must answer.
+    pub fn connections(
+        &self,
+        shape: &ConnectionsShape,
+        transport: Transport,
+    ) -> anyhow::Result<ConnectionsOutcome> {
         let dir = self.fresh_dir()?;
         let k = shape.connections;
         let pop = self.seed(dir.path(), |e| {
@@ -340,27 +367,38 @@ impl ChorusRunner {
         })?;
         let tokens = seed::mint_tokens(&server::data_dir(dir.path()), &pop.users)?;
         let server = ChorusServer::start(&self.binary, dir.path(), &self.settings)?;
+        let target = server.target(transport)?;
         let outcome = Self::runtime()?.block_on(async {
-            tokio::time::sleep(RSS_SETTLE).await;
+            tokio::time::sleep(self.rss_settle).await;
             let rss_before = procstat::rss_bytes(server.pid()).context("server RSS")?;
-            self.progress
-                .set_message(format!("connections: opening {k}"));
-            let (workers, open, connect_secs) = self
-                .spawn_workers(k, |w, range| hold_job(&server, w, &tokens[range]))
+            self.progress.set_message(format!(
+                "connections: opening {k} over {}",
+                transport.label()
+            ));
+            let (mut workers, open, connect_secs) = self
+                .spawn_workers(k, transport, |w, range| {
+                    hold_job(&target, w, &tokens[range])
+                })
                 .await?;
-            tokio::time::sleep(RSS_SETTLE).await;
+            tokio::time::sleep(self.rss_settle).await;
             let rss_after = procstat::rss_bytes(server.pid()).context("server RSS")?;
+            self.progress
+                .set_message(format!("connections: pinging {open}"));
+            let live = ping_round(&mut workers, 0).await?;
             for w in workers {
                 w.stop().await?;
             }
+            self.check_closed(server.addr).await;
             Ok::<_, anyhow::Error>(ConnectionsOutcome {
                 open,
                 connect_rate: open as f64 / connect_secs.max(1e-9),
+                connect_secs,
+                live: Some(live),
                 rss_before,
                 rss_after,
             })
         })?;
-        server.stop()?;
+        self.stop_server(server, "connections");
         Ok(outcome)
     }
 
@@ -420,7 +458,7 @@ impl ChorusRunner {
             &self.progress,
         ))?;
         let server_usage = usage.finish();
-        server.stop()?;
+        self.stop_server(server, "history");
         Ok(HistoryOutcome {
             page,
             load,
@@ -475,15 +513,91 @@ fn engine_history_reads(
     Ok(hist)
 }
 
+impl ChorusRunner {
+    /// Warns when sessions are still open on the server after every worker closed its own
+    /// and exited: the server would then be measured, and drained, with sessions nobody
+    /// holds.
+    async fn check_closed(&self, addr: std::net::SocketAddr) {
+        // One client, so one kept-alive connection: the request's own, counted open too.
+        let client = reqwest::Client::new();
+        let deadline = tokio::time::Instant::now() + CLOSE_SETTLE;
+        let mut open = None;
+        while tokio::time::Instant::now() < deadline {
+            open = metric(&client, addr, "chorus_connections_open").await.ok();
+            if open.is_some_and(|n| n <= 1.0) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let open = open.map_or("unknown".into(), |n| format!("{}", n - 1.0));
+        self.warn(format!(
+            "{open} sessions still open on the server {CLOSE_SETTLE:?} after the workers \
+             closed theirs"
+        ));
+    }
+
+    /// Shows a warning and keeps it for the report's notes.
+    fn warn(&self, line: String) {
+        say(&self.progress, format!("warning: {line}"));
+        self.notes.borrow_mut().push(format!("warning: {line}"));
+    }
+
+    /// Stops the server. One that does not drain in time is killed and reported in the
+    /// notes, and the figures measured before stay: the drain is the server's own concern,
+    /// not what the run measured.
+    fn stop_server(&self, server: ChorusServer, scenario: &str) {
+        if let Err(e) = server.stop() {
+            self.warn(format!("{scenario}: {e:#}"));
+        }
+    }
+}
+
+/// One unlabelled value of the server's `/metrics`.
+async fn metric(
+    client: &reqwest::Client,
+    addr: std::net::SocketAddr,
+    name: &str,
+) -> anyhow::Result<f64> {
+    let text = client
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .with_context(|| format!("{name} in /metrics"))
+}
+
 /// Members per channel of the users of a `connections` run (each is in one channel, as
 /// every chat user is, and the channels are idle).
 const CONNECTIONS_CHANNEL_MEMBERS: usize = 50;
 
-fn hold_job(server: &ChorusServer, w: usize, tokens: &[String]) -> Job {
+fn hold_job(target: &super::client::Target, w: usize, tokens: &[String]) -> Job {
     Job::Hold(HoldJob {
-        server: server.addr,
+        target: target.clone(),
         source: worker::source_address(w),
         tokens: tokens.to_vec(),
+    })
+}
+
+/// Asks every session of `workers` for a `pong` at once (ping round `round`) and waits
+/// for the answers, or for [`ROUND_TIMEOUT`].
+async fn ping_round(workers: &mut [WorkerHandle], round: u64) -> anyhow::Result<LiveCheck> {
+    let sent_ns = wall_ns();
+    for w in workers.iter_mut() {
+        w.command(&Command::Ping { round }).await?;
+    }
+    let (mut answered, mut last) = (0, sent_ns);
+    for w in workers.iter_mut() {
+        let (count, _, last_ns) = round_of(w, round).await?;
+        answered += count;
+        last = last.max(last_ns);
+    }
+    Ok(LiveCheck {
+        answered,
+        last: schedule::since(sent_ns, last),
     })
 }
 
@@ -581,9 +695,4 @@ async fn sleep_until_wall(ns: u64) {
     if ns > now {
         tokio::time::sleep(Duration::from_nanos(ns - now)).await;
     }
-}
-
-/// Reads whatever frames are already waiting on `ws`, without waiting for more.
-async fn drain_ready(ws: &mut super::client::Ws) {
-    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(1), ws.next()).await {}
 }

@@ -57,6 +57,9 @@ pub struct ChatOutcome {
     pub elapsed: Duration,
     /// The server's resource use over the measured window.
     pub server: ServerUsage,
+    /// CPU seconds the load generator used over the measured window: the worker processes
+    /// for Chorus, this process for the peers. It shares the server's two cores.
+    pub generator_cpu_secs: f64,
 }
 
 /// `fanout`: one channel of `members`, of whom `online` hold a live subscription; one
@@ -84,7 +87,8 @@ pub struct FanoutOutcome {
     pub server: ServerUsage,
 }
 
-/// `connections`: `connections` idle, authenticated WebSocket (or peer) connections.
+/// `connections`: `connections` idle, authenticated sessions (WebSocket or QUIC for
+/// Chorus; a peer's own connections).
 #[derive(Clone, Debug)]
 pub struct ConnectionsShape {
     /// Connections to open and hold.
@@ -98,10 +102,24 @@ pub struct ConnectionsOutcome {
     pub open: usize,
     /// Connections per second while opening.
     pub connect_rate: f64,
+    /// Seconds from the first connect to the last session open (the slowest worker's).
+    pub connect_secs: f64,
+    /// The liveness check after the RSS reading, where the run makes one.
+    pub live: Option<LiveCheck>,
     /// Server RSS before the first connection, in bytes.
     pub rss_before: u64,
     /// Server RSS with all connections open and idle, in bytes.
     pub rss_after: u64,
+}
+
+/// Every open session was asked to answer at once (a `ping` with a ref each), proving it
+/// live rather than merely counted.
+#[derive(Clone, Copy, Debug)]
+pub struct LiveCheck {
+    /// Sessions whose `pong` came back.
+    pub answered: usize,
+    /// From sending the pings to the last `pong` (or to the give-up time).
+    pub last: Duration,
 }
 
 /// `history`: a channel of `messages`; `queries` page reads at random `before` cursors,

@@ -23,6 +23,12 @@ pub mod targets {
     pub const SUSTAINED_P99_US: u64 = 50_000;
     /// History p99 against PostgreSQL: at least this many times faster.
     pub const POSTGRES_HISTORY_RATIO: f64 = 10.0;
+    /// Chat delivery p99 over QUIC against the WebSocket's, same load, same run: at most
+    /// this multiple.
+    pub const QUIC_P99_RATIO: f64 = 1.2;
+    /// Idle QUIC sessions one node holds, open and answering, past the file limit that
+    /// bounds WebSockets.
+    pub const QUIC_SESSIONS: usize = 50_000;
 }
 
 /// One system's result in one scenario: its outcome, or why there is none.
@@ -66,12 +72,16 @@ pub struct Results {
     pub fanout: Option<Scenario<FanoutShape, FanoutOutcome>>,
     /// `connections`, if it ran.
     pub connections: Option<Scenario<ConnectionsShape, ConnectionsOutcome>>,
+    /// Idle QUIC sessions at a size no WebSocket run reaches here (the 50,000 target).
+    pub quic_sessions: Option<Scenario<ConnectionsShape, ConnectionsOutcome>>,
     /// `history`, if it ran.
     pub history: Option<Scenario<HistoryShape, HistoryOutcome>>,
 }
 
-/// The name Chorus's runs carry.
+/// The name Chorus's runs carry (its sessions over WebSocket).
 pub const CHORUS: &str = "Chorus";
+/// The name of Chorus's runs whose sessions are over QUIC.
+pub const CHORUS_QUIC: &str = "Chorus QUIC";
 /// The name of Redis pub/sub's runs.
 pub const REDIS: &str = "Redis pub/sub";
 /// The name of NATS JetStream's runs.
@@ -112,6 +122,10 @@ fn q(h: &Histogram<u64>, quantile: f64) -> u64 {
 
 fn p99(h: &Histogram<u64>) -> u64 {
     q(h, 0.99)
+}
+
+fn q50(h: &Histogram<u64>) -> u64 {
+    q(h, 0.5)
 }
 
 fn kib(bytes: f64) -> String {
@@ -339,6 +353,7 @@ pub fn summary_table(results: &Results) -> String {
             verdict(o.open >= 19_000 && bytes_per_connection(o) <= targets::CONNECTION_BYTES).into()
         }),
     });
+    rows.extend(quic_rows(results));
     let mut out =
         String::from("| target | Chorus | peer | ratio | verdict |\n|---|---|---|---|---|\n");
     for row in rows {
@@ -349,6 +364,93 @@ pub fn summary_table(results: &Results) -> String {
         );
     }
     out
+}
+
+/// The QUIC targets' rows: delivery p99 against the WebSocket's in the same run, memory per
+/// idle session beside the WebSocket's, and the 50,000 idle sessions.
+fn quic_rows(results: &Results) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let chat = results.chat.as_ref();
+    let (w, q) = (
+        chat.and_then(|s| s.outcome(CHORUS)),
+        chat.and_then(|s| s.outcome(CHORUS_QUIC)),
+    );
+    let p50_p99 =
+        |o: &ChatOutcome| format!("p50 {}, p99 {}", ms(q50(&o.delivery)), ms(p99(&o.delivery)));
+    rows.push(Row {
+        target: "chat delivery p99 over QUIC ≤ 1.2× the WebSocket's, same load, same run".into(),
+        chorus: q.map_or_else(|| missing(chat, CHORUS_QUIC), p50_p99),
+        peer: w.map_or_else(
+            || missing(chat, CHORUS),
+            |o| format!("WebSocket: {}", p50_p99(o)),
+        ),
+        ratio: match (q, w) {
+            (Some(q), Some(w)) => format!(
+                "p50 {:.2}×, p99 {:.2}× WebSocket",
+                q50(&q.delivery) as f64 / q50(&w.delivery).max(1) as f64,
+                p99(&q.delivery) as f64 / p99(&w.delivery).max(1) as f64
+            ),
+            _ => "–".into(),
+        },
+        verdict: match (q, w) {
+            (Some(q), Some(w)) => verdict(
+                kept_up(q)
+                    && p99(&q.delivery) as f64 <= targets::QUIC_P99_RATIO * p99(&w.delivery) as f64,
+            )
+            .into(),
+            _ => "unknown".into(),
+        },
+    });
+    let conns = results.connections.as_ref();
+    let (w, q) = (
+        conns.and_then(|s| s.outcome(CHORUS)),
+        conns.and_then(|s| s.outcome(CHORUS_QUIC)),
+    );
+    let each =
+        |o: &ConnectionsOutcome| format!("{} open, {} each", o.open, kib(bytes_per_connection(o)));
+    rows.push(Row {
+        target: "server memory per idle QUIC session, beside the WebSocket's".into(),
+        chorus: q.map_or_else(|| missing(conns, CHORUS_QUIC), each),
+        peer: w.map_or_else(
+            || missing(conns, CHORUS),
+            |o| format!("WebSocket: {}", each(o)),
+        ),
+        ratio: match (q, w) {
+            (Some(q), Some(w)) => format!(
+                "{:.2}× WebSocket",
+                bytes_per_connection(q) / bytes_per_connection(w).max(1.0)
+            ),
+            _ => "–".into(),
+        },
+        verdict: match (q, w) {
+            (Some(_), Some(_)) => "reported (no bound set)".into(),
+            _ => "unknown".into(),
+        },
+    });
+    let many = results.quic_sessions.as_ref();
+    let q = many.and_then(|s| s.outcome(CHORUS_QUIC));
+    rows.push(Row {
+        target: "50,000 concurrent idle QUIC sessions on one node, each answering a ping".into(),
+        chorus: q.map_or_else(
+            || missing(many, CHORUS_QUIC),
+            |o| {
+                format!(
+                    "{} open, {} live, opened in {:.1} s, {} each",
+                    o.open,
+                    o.live.map_or(0, |l| l.answered),
+                    o.connect_secs,
+                    kib(bytes_per_connection(o))
+                )
+            },
+        ),
+        peer: "WebSocket: one file each, ≤ 20,000 files per process".into(),
+        ratio: "–".into(),
+        verdict: q.map_or("unknown".into(), |o| {
+            let live = o.live.map_or(0, |l| l.answered);
+            verdict(o.open >= targets::QUIC_SESSIONS && live == o.open).into()
+        }),
+    });
+    rows
 }
 
 fn latency_row(system: &str, what: &str, h: &Histogram<u64>) -> String {
@@ -409,18 +511,19 @@ pub fn details(results: &Results) -> String {
                 out.push_str(&latency_row(&r.system, "delivery", &o.delivery));
             }
         }
-        out.push_str("\n| system | sent | deliveries expected | delivered | deliveries/s | server |\n|---|---|---|---|---|---|\n");
+        out.push_str("\n| system | sent | deliveries expected | delivered | deliveries/s | server | load generator |\n|---|---|---|---|---|---|---|\n");
         for r in &s.runs {
             if let Ok(o) = &r.outcome {
                 let _ = writeln!(
                     out,
-                    "| {} | {} | {} | {} | {:.0} | {} |",
+                    "| {} | {} | {} | {} | {:.0} | {} | {:.1} CPU s |",
                     r.system,
                     o.sent,
                     o.expected_deliveries,
                     o.delivered,
                     deliveries_per_s(o),
-                    usage(&o.server, o.elapsed.as_secs_f64())
+                    usage(&o.server, o.elapsed.as_secs_f64()),
+                    o.generator_cpu_secs
                 );
             }
         }
@@ -500,27 +603,21 @@ pub fn details(results: &Results) -> String {
     if let Some(s) = &results.connections {
         let _ = writeln!(
             out,
-            "### connections\n\n{} idle, authenticated connections asked for.\n\n\
-             | system | open | connects/s | RSS before | RSS after | per connection |\n\
-             |---|---|---|---|---|---|",
+            "### connections\n\n{} idle, authenticated connections asked for (Chorus: over \
+             WebSocket, and over QUIC).\n",
             s.shape.connections
         );
-        for r in &s.runs {
-            if let Ok(o) = &r.outcome {
-                let _ = writeln!(
-                    out,
-                    "| {} | {} | {:.0} | {:.1} MiB | {:.1} MiB | {} |",
-                    r.system,
-                    o.open,
-                    o.connect_rate,
-                    o.rss_before as f64 / 1048576.0,
-                    o.rss_after as f64 / 1048576.0,
-                    kib(bytes_per_connection(o))
-                );
-            }
-        }
-        out.push_str(&failures(s));
-        out.push('\n');
+        out.push_str(&connections_table(s));
+    }
+    if let Some(s) = &results.quic_sessions {
+        let _ = writeln!(
+            out,
+            "### QUIC sessions at scale\n\n{} idle, authenticated QUIC sessions asked for, \
+             on one server: past the 20,000 open files that bound a process's WebSockets \
+             here. Each worker holds its sessions over one UDP socket.\n",
+            s.shape.connections
+        );
+        out.push_str(&connections_table(s));
     }
     if let Some(s) = &results.history {
         let sh = &s.shape;
@@ -559,6 +656,38 @@ pub fn details(results: &Results) -> String {
         out.push_str(&failures(s));
         out.push_str("\n![history latency](history.png)\n\n");
     }
+    out
+}
+
+/// The table of a `connections`-shaped scenario: each system's sessions, their opening,
+/// the server's memory, and the ping round that proved them live.
+fn connections_table(s: &Scenario<ConnectionsShape, ConnectionsOutcome>) -> String {
+    let mut out = String::from(
+        "| system | open | opening took | connects/s | RSS before | RSS after | per \
+         connection | answered a ping |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in &s.runs {
+        if let Ok(o) = &r.outcome {
+            let live = o.live.map_or_else(
+                || "not checked".into(),
+                |l| format!("{} within {:.2} s", l.answered, l.last.as_secs_f64()),
+            );
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.1} s | {:.0} | {:.1} MiB | {:.1} MiB | {} | {} |",
+                r.system,
+                o.open,
+                o.connect_secs,
+                o.connect_rate,
+                o.rss_before as f64 / 1048576.0,
+                o.rss_after as f64 / 1048576.0,
+                kib(bytes_per_connection(o)),
+                live
+            );
+        }
+    }
+    out.push_str(&failures(s));
+    out.push('\n');
     out
 }
 
@@ -682,6 +811,6 @@ mod tests {
         };
         let table = summary_table(&results);
         assert!(table.contains("n/a (postgres not installed)"), "{table}");
-        assert_eq!(table.lines().count(), 7);
+        assert_eq!(table.lines().count(), 10);
     }
 }

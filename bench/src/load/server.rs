@@ -5,6 +5,7 @@
 //! server's TOML config (see [`ServerSettings`]); everything else runs with the defaults a
 //! user gets from `chorus serve`.
 
+use super::client::{Target, Transport};
 use anyhow::{bail, Context};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -66,6 +67,10 @@ pub struct ChorusServer {
     _stdout: Stdout,
     /// The HTTP and WebSocket address it listens on.
     pub addr: SocketAddr,
+    /// The QUIC address it listens on.
+    pub quic_addr: Option<SocketAddr>,
+    /// Its data directory.
+    data: PathBuf,
     /// Where its standard error goes.
     pub log: PathBuf,
 }
@@ -102,8 +107,8 @@ impl ChorusServer {
             })?;
         let stdout = BufReader::new(child.stdout.take().expect("stdout is piped"));
         let started = read_line_within(stdout, START_TIMEOUT);
-        let addr = started.as_ref().and_then(|(_, line)| parse_listening(line));
-        let (Some(addr), Some((stdout, _))) = (addr, started) else {
+        let addrs = started.as_ref().and_then(|(_, line)| parse_listening(line));
+        let (Some((addr, quic_addr)), Some((stdout, _))) = (addrs, started) else {
             let _ = child.kill();
             let _ = child.wait();
             let tail = std::fs::read_to_string(&log).unwrap_or_default();
@@ -113,7 +118,31 @@ impl ChorusServer {
             child,
             _stdout: stdout,
             addr,
+            quic_addr,
+            data: data_dir(work_dir),
             log,
+        })
+    }
+
+    /// Where sessions over `transport` connect. For QUIC, the certificate the server
+    /// generated into its data directory is pinned, as a client that read the fingerprint
+    /// from the server's log would pin it.
+    pub fn target(&self, transport: Transport) -> anyhow::Result<Target> {
+        Ok(match transport {
+            Transport::WebSocket => Target::WebSocket(self.addr),
+            Transport::Quic => {
+                use chorus_gateway::quic::cert;
+                let addr = self.quic_addr.context("the server serves no QUIC")?;
+                let identity = cert::load(
+                    &self.data.join(cert::CERT_FILE_NAME),
+                    &self.data.join(cert::KEY_FILE_NAME),
+                )
+                .context("the server's QUIC certificate")?;
+                Target::Quic {
+                    addr,
+                    pin_sha256: identity.fingerprint(),
+                }
+            }
         })
     }
 
@@ -145,7 +174,10 @@ impl ChorusServer {
         }
         self.child.kill()?;
         self.child.wait()?;
-        bail!("chorus did not drain within {STOP_TIMEOUT:?} and was killed")
+        bail!(
+            "chorus did not drain within {STOP_TIMEOUT:?} and was killed; the end of its log:\n{}",
+            log_tail(&self.log)
+        )
     }
 }
 
@@ -153,6 +185,15 @@ impl Drop for ChorusServer {
     fn drop(&mut self) {
         let _ = self.stop_inner();
     }
+}
+
+/// The last lines of a server log, for an error message (the log goes with its run's
+/// temporary directory).
+fn log_tail(path: &Path) -> String {
+    const LINES: usize = 20;
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(LINES)..].join("\n")
 }
 
 /// The data directory inside a run's work directory.
@@ -180,24 +221,31 @@ fn read_line_within(mut reader: Stdout, timeout: Duration) -> Option<(Stdout, St
     rx.recv_timeout(timeout).ok().flatten()
 }
 
-/// The HTTP address in a `listening http=ADDR quic=ADDR` line.
-fn parse_listening(line: &str) -> Option<SocketAddr> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix("http="))?
-        .parse()
-        .ok()
+/// The HTTP address and the QUIC address (`None` when disabled) in a
+/// `listening http=ADDR quic=ADDR` line.
+fn parse_listening(line: &str) -> Option<(SocketAddr, Option<SocketAddr>)> {
+    let field = |name: &str| line.split_whitespace().find_map(|w| w.strip_prefix(name));
+    let http = field("http=")?.parse().ok()?;
+    Some((http, field("quic=").and_then(|a| a.parse().ok())))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    // The address comes from the `http=` word of the server's first line, nothing else.
+    // The addresses come from the `http=` and `quic=` words of the server's first line.
     #[test]
     fn listening_line() {
         assert_eq!(
             parse_listening("listening http=127.0.0.1:4321 quic=disabled\n"),
-            Some("127.0.0.1:4321".parse().unwrap())
+            Some(("127.0.0.1:4321".parse().unwrap(), None))
+        );
+        assert_eq!(
+            parse_listening("listening http=127.0.0.1:1 quic=127.0.0.1:2\n"),
+            Some((
+                "127.0.0.1:1".parse().unwrap(),
+                Some("127.0.0.1:2".parse().unwrap())
+            ))
         );
         assert_eq!(parse_listening("starting up"), None);
     }

@@ -1,6 +1,8 @@
 //! Worker processes: the connections of a run, spread over several processes so that no
 //! process holds more open files than the machine allows (20,000 here), each process with
-//! its own loopback source address so that no address runs out of ports.
+//! its own loopback source address so that no address runs out of ports. QUIC sessions
+//! hold no file each (a worker's all share one UDP socket), so they are bounded by the
+//! worker's memory and CPU instead ([`QUIC_SESSIONS_PER_WORKER_MAX`]).
 //!
 //! A worker is the `chorus-bench worker` subcommand. It reads one [`Job`] as a JSON line
 //! on standard input, opens its connections, reports [`Report::Ready`], and then follows
@@ -8,29 +10,46 @@
 //! Each worker runs one current-thread tokio runtime: the generator shares two cores with
 //! the server, so it must not spend CPU on thread hand-offs.
 
-use super::client::{self, Frame, Ws};
+use super::client::{self, Conn, Dialer, Frame, Target, Transport};
 use super::schedule::{self, Schedule};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::Message;
 
 /// Connections one worker holds at most: below the per-process file limit (20,000) with
 /// room for the process's own files, and below the ports one source address has
 /// (32768–60999) even with earlier runs' sockets still in TIME_WAIT.
 pub const CONNECTIONS_PER_WORKER_MAX: usize = 9_500;
+/// QUIC sessions one worker holds at most. They need no file or port each; the bound is
+/// the worker's one core: it spreads 50,000 sessions over two workers, so that opening
+/// them (a TLS handshake each) uses both cores.
+pub const QUIC_SESSIONS_PER_WORKER_MAX: usize = 25_000;
 /// Connection handshakes a worker keeps in flight.
 const CONNECT_IN_FLIGHT: usize = 64;
+/// Tries to open one session before it counts as failed. A real client reconnects; a
+/// storm of tens of thousands of handshakes on two shared cores loses a few (a QUIC
+/// session's `auth` can miss the server's deadline when its packets are dropped). Every
+/// retry is reported.
+const CONNECT_ATTEMPTS_MAX: usize = 3;
 /// How often an idle connection pings, well inside the server's two heartbeats (60 s).
 const PING_INTERVAL: Duration = Duration::from_secs(20);
+/// Sessions told at once to ping or to close before the worker pauses: each then sends a
+/// packet to the same server socket, and tens of thousands at once overflow its receive
+/// buffer (208 KiB here); a QUIC session then waits out retransmission timeouts that back
+/// off to many seconds, which would measure the burst rather than the server. 64 every
+/// 5 ms is 12,800 a second per worker: at 32,000 (every 2 ms), two workers' pings to 50,000
+/// sessions lost a few percent of their answers for over 40 s.
+const CONTROL_BATCH: usize = 64;
+/// The pause between batches.
+const CONTROL_PAUSE: Duration = Duration::from_millis(5);
 
 /// What a worker is asked to do.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -44,8 +63,8 @@ pub enum Job {
 /// A worker's share of a `chat` run.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ChatJob {
-    /// The server.
-    pub server: SocketAddr,
+    /// The server, and the transport.
+    pub target: Target,
     /// This worker's source address.
     pub source: IpAddr,
     /// `(connection index, token)` of each connection this worker holds.
@@ -71,8 +90,8 @@ pub struct ChatJob {
 /// A worker's share of a `fanout` or `connections` run.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HoldJob {
-    /// The server.
-    pub server: SocketAddr,
+    /// The server, and the transport.
+    pub target: Target,
     /// This worker's source address.
     pub source: IpAddr,
     /// One token per connection to open.
@@ -92,6 +111,13 @@ pub enum Command {
         /// The round.
         round: u64,
     },
+    /// Hold: every connection sends a `ping` with ref `live-{round}` (told
+    /// [`CONTROL_BATCH`] at a time); their pongs are round `round`'s arrivals. A run
+    /// numbers fan-out and ping rounds in one sequence.
+    Ping {
+        /// The round.
+        round: u64,
+    },
     /// Close everything and exit.
     Stop,
 }
@@ -105,14 +131,16 @@ pub enum Report {
         open: usize,
         /// Connections that failed, with the first error.
         failed: usize,
-        /// The first failure, if any.
+        /// Attempts that failed and were tried again (see [`CONNECT_ATTEMPTS_MAX`]).
+        retried: usize,
+        /// The first failed attempt, if any.
         first_error: Option<String>,
         /// Seconds from the first connect to the last `hello`.
         connect_secs: f64,
     },
     /// Chat: the schedule ran and the drain ended.
     ChatDone(ChatTotals),
-    /// Hold: a fan-out round's deliveries on this worker.
+    /// Hold: a fan-out round's deliveries, or a ping round's pongs, on this worker.
     Round {
         /// The round.
         round: u64,
@@ -195,38 +223,106 @@ async fn next_command(stdin: &mut Stdin) -> anyhow::Result<Command> {
     }
 }
 
-/// Opens a connection per token, [`CONNECT_IN_FLIGHT`] at a time; failures are `None`.
+/// What a worker tells one session's task.
+#[derive(Clone, Copy, Debug)]
+enum Control {
+    /// Send a `ping` with ref `live-{round}`.
+    Ping(u64),
+    /// Close the session and end.
+    Stop,
+}
+
+/// A session's task, and the channel that controls it.
+struct Running {
+    control: mpsc::UnboundedSender<Control>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Spawns `task` with its control channel; a task ends, closing its session, on
+/// [`Control::Stop`] or when the channel closes.
+fn spawn_session<F, Fut>(task: F) -> Running
+where
+    F: FnOnce(mpsc::UnboundedReceiver<Control>) -> Fut,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
+    let (control, controlled) = mpsc::unbounded_channel();
+    Running {
+        control,
+        task: tokio::task::spawn_local(task(controlled)),
+    }
+}
+
+/// Tells every session `control`, [`CONTROL_BATCH`] at a time.
+async fn tell_all(sessions: &[Running], control: Control) {
+    for batch in sessions.chunks(CONTROL_BATCH) {
+        for s in batch {
+            let _ = s.control.send(control);
+        }
+        tokio::time::sleep(CONTROL_PAUSE).await;
+    }
+}
+
+/// Tells every session to close, waits for their tasks (each bounded by
+/// [`client::CLOSE_WAIT`]), then closes whatever the dialer still has open.
+async fn close_all(sessions: Vec<Running>, dialer: &Dialer) {
+    tell_all(&sessions, Control::Stop).await;
+    let tasks = sessions.into_iter().map(|s| s.task);
+    let wait = client::CLOSE_WAIT + Duration::from_secs(1);
+    let _ = tokio::time::timeout(wait, futures_util::future::join_all(tasks)).await;
+    dialer.close().await;
+}
+
+/// Opens a session per token, [`CONNECT_IN_FLIGHT`] at a time, and hands each to
+/// `on_open` with its token's index as soon as it is open (so a holder's heartbeat starts
+/// at once, however long the rest take). Returns the [`Report::Ready`] to send.
 async fn connect_all(
-    server: SocketAddr,
-    source: IpAddr,
+    dialer: &Dialer,
     tokens: &[&str],
-) -> (Vec<Option<Ws>>, Report) {
+    mut on_open: impl FnMut(usize, Conn),
+) -> Report {
     let started = Instant::now();
-    let mut first_error = None;
-    let results: Vec<anyhow::Result<Ws>> = futures_util::stream::iter(tokens)
-        .map(|t| client::connect(server, source, t))
-        .buffered(CONNECT_IN_FLIGHT)
-        .collect()
-        .await;
-    let connect_secs = started.elapsed().as_secs_f64();
-    let mut open = Vec::with_capacity(results.len());
-    for r in results {
-        match r {
-            Ok(ws) => open.push(Some(ws)),
+    let (mut open, mut failed) = (0, 0);
+    let errors: RefCell<(usize, Option<String>)> = RefCell::default();
+    let errors = &errors;
+    let mut attempts = futures_util::stream::iter(tokens.iter().enumerate())
+        .map(|(i, token)| async move {
+            let mut attempt = 1;
+            loop {
+                match dialer.connect(token).await {
+                    Err(e) if attempt < CONNECT_ATTEMPTS_MAX => {
+                        let mut errors = errors.borrow_mut();
+                        errors.0 += 1;
+                        errors.1.get_or_insert_with(|| format!("{e:#}"));
+                        attempt += 1;
+                    }
+                    result => return (i, result),
+                }
+            }
+        })
+        .buffer_unordered(CONNECT_IN_FLIGHT);
+    while let Some((i, result)) = attempts.next().await {
+        match result {
+            Ok(conn) => {
+                open += 1;
+                on_open(i, conn);
+            }
             Err(e) => {
-                first_error.get_or_insert_with(|| format!("{e:#}"));
-                open.push(None);
+                failed += 1;
+                errors
+                    .borrow_mut()
+                    .1
+                    .get_or_insert_with(|| format!("{e:#}"));
             }
         }
     }
-    let count = open.iter().filter(|w| w.is_some()).count();
-    let ready = Report::Ready {
-        open: count,
-        failed: open.len() - count,
+    let (retried, first_error) = errors.take();
+    Report::Ready {
+        open,
+        failed,
+        retried,
         first_error,
-        connect_secs,
-    };
-    (open, ready)
+        connect_secs: started.elapsed().as_secs_f64(),
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -277,7 +373,9 @@ impl ChatState {
 
 async fn chat(job: ChatJob, mut stdin: Stdin) -> anyhow::Result<()> {
     let tokens: Vec<&str> = job.connections.iter().map(|(_, t)| t.as_str()).collect();
-    let (sockets, ready) = connect_all(job.server, job.source, &tokens).await;
+    let dialer = Dialer::new(&job.target, job.source)?;
+    let mut sessions: Vec<Option<Conn>> = tokens.iter().map(|_| None).collect();
+    let ready = connect_all(&dialer, &tokens, |i, conn| sessions[i] = Some(conn)).await;
     report(&ready);
     let Command::Start { start_ns } = next_command(&mut stdin).await? else {
         return Ok(());
@@ -300,12 +398,16 @@ async fn chat(job: ChatJob, mut stdin: Stdin) -> anyhow::Result<()> {
     // Connection index → this worker's sender queue, for the connections that are open.
     let mut senders: BTreeMap<usize, mpsc::UnboundedSender<String>> = BTreeMap::new();
     let mut per_channel = vec![0u64; job.channel_ids.len()];
-    for ((index, _), ws) in job.connections.iter().zip(sockets) {
-        let Some(ws) = ws else { continue };
+    let mut running = Vec::new();
+    for ((index, _), conn) in job.connections.iter().zip(sessions) {
+        let Some(conn) = conn else { continue };
         let (tx, rx) = mpsc::unbounded_channel();
         senders.insert(*index, tx);
         per_channel[index / job.members] += 1;
-        tokio::task::spawn_local(chat_connection(ws, rx, state.clone()));
+        let state = state.clone();
+        running.push(spawn_session(|control| {
+            chat_connection(conn, rx, state, control)
+        }));
     }
     // Deliveries this worker should see: each measured message reaches every one of this
     // worker's connections in its channel, its sender's own included (Chorus delivers a
@@ -331,11 +433,15 @@ async fn chat(job: ChatJob, mut stdin: Stdin) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let s = state.borrow();
-    let mut totals = s.totals.clone();
-    totals.ack = histogram_pairs(&s.ack);
-    totals.delivery = histogram_pairs(&s.delivery);
+    let totals = {
+        let s = state.borrow();
+        let mut totals = s.totals.clone();
+        totals.ack = histogram_pairs(&s.ack);
+        totals.delivery = histogram_pairs(&s.delivery);
+        totals
+    };
     report(&Report::ChatDone(totals));
+    close_all(running, &dialer).await;
     Ok(())
 }
 
@@ -403,16 +509,19 @@ async fn send_schedule(
 }
 
 async fn chat_connection(
-    mut ws: Ws,
+    mut conn: Conn,
     mut outgoing: mpsc::UnboundedReceiver<String>,
     state: Rc<RefCell<ChatState>>,
+    mut control: mpsc::UnboundedReceiver<Control>,
 ) {
     let mut sending = true;
     loop {
         tokio::select! {
-            frame = ws.next() => match frame {
-                Some(Ok(Message::Text(text))) => state.borrow_mut().on_frame(&text),
-                Some(Ok(_)) => {}
+            c = control.recv() => if matches!(c, Some(Control::Stop) | None) {
+                return conn.close().await;
+            },
+            frame = conn.next_text() => match frame {
+                Some(Ok(text)) => state.borrow_mut().on_frame(&text),
                 Some(Err(_)) | None => {
                     state.borrow_mut().totals.closed += 1;
                     return;
@@ -420,7 +529,7 @@ async fn chat_connection(
             },
             text = outgoing.recv(), if sending => match text {
                 Some(text) => {
-                    if ws.send(Message::text(text)).await.is_err() {
+                    if conn.send_text(&text).await.is_err() {
                         state.borrow_mut().totals.closed += 1;
                         return;
                     }
@@ -435,8 +544,41 @@ async fn chat_connection(
 // hold (fanout, connections)
 // ---------------------------------------------------------------------------------------
 
-/// Arrivals of each fan-out round on this worker: count, first and last wall-clock ns.
-type Rounds = Rc<RefCell<BTreeMap<u64, (usize, u64, u64)>>>;
+/// What a hold worker's connection tasks share: the arrivals of each round (count, first
+/// and last wall-clock ns), and how many connections opened (final once the worker is
+/// ready, before any round starts), so that the task completing a round reports it.
+#[derive(Default)]
+struct Held {
+    rounds: RefCell<BTreeMap<u64, (usize, u64, u64)>>,
+    open: Cell<usize>,
+}
+
+impl Held {
+    /// Counts an arrival of `round` now, and reports the round once it reached everyone.
+    fn arrived(&self, round: u64) {
+        let now = schedule::wall_ns();
+        let mut rounds = self.rounds.borrow_mut();
+        let entry = rounds.entry(round).or_insert((0, now, now));
+        entry.0 += 1;
+        entry.2 = now;
+        let complete = entry.0 == self.open.get();
+        drop(rounds);
+        if complete {
+            report(&self.round_report(round));
+        }
+    }
+
+    fn round_report(&self, round: u64) -> Report {
+        let rounds = self.rounds.borrow();
+        let (count, first_ns, last_ns) = rounds.get(&round).copied().unwrap_or_default();
+        Report::Round {
+            round,
+            count,
+            first_ns,
+            last_ns,
+        }
+    }
+}
 
 /// The text of a fan-out message of round `round`.
 pub fn fanout_text(round: u64) -> String {
@@ -447,68 +589,77 @@ fn parse_fanout_text(text: &str) -> Option<u64> {
     text.strip_prefix("fanout ")?.parse().ok()
 }
 
+/// The ref of a ping of ping round `round`.
+fn live_ref(round: u64) -> String {
+    format!("live-{round}")
+}
+
+fn parse_live_ref(reference: &str) -> Option<u64> {
+    reference.strip_prefix("live-")?.parse().ok()
+}
+
 async fn hold(job: HoldJob, mut stdin: Stdin) -> anyhow::Result<()> {
     let tokens: Vec<&str> = job.tokens.iter().map(String::as_str).collect();
-    let (sockets, ready) = connect_all(job.server, job.source, &tokens).await;
-    let open = sockets.iter().filter(|s| s.is_some()).count();
-    report(&ready);
-    let rounds: Rounds = Rc::default();
-    for (i, ws) in sockets.into_iter().enumerate() {
-        if let Some(ws) = ws {
-            // Spread the pings over the interval so they do not all arrive at once.
-            let offset = PING_INTERVAL.mul_f64(i as f64 / tokens.len().max(1) as f64);
-            let task = hold_connection(ws, offset, rounds.clone(), open);
-            tokio::task::spawn_local(task);
-        }
+    let dialer = Dialer::new(&job.target, job.source)?;
+    let held = Rc::new(Held::default());
+    let count = tokens.len().max(1);
+    let mut running = Vec::with_capacity(tokens.len());
+    let ready = connect_all(&dialer, &tokens, |i, conn| {
+        // Spread the heartbeats over the interval so they do not all arrive at once.
+        let offset = PING_INTERVAL.mul_f64((i + 1) as f64 / count as f64);
+        let held = held.clone();
+        running.push(spawn_session(|control| {
+            hold_connection(conn, offset, held, control)
+        }));
+    })
+    .await;
+    if let Report::Ready { open, .. } = ready {
+        held.open.set(open);
     }
+    report(&ready);
     loop {
         match next_command(&mut stdin).await? {
-            Command::Flush { round } => report(&round_report(&rounds, round)),
-            Command::Stop => return Ok(()),
+            Command::Flush { round } => report(&held.round_report(round)),
+            Command::Ping { round } => tell_all(&running, Control::Ping(round)).await,
+            Command::Stop => {
+                close_all(running, &dialer).await;
+                return Ok(());
+            }
             Command::Start { .. } => anyhow::bail!("a hold worker takes no start"),
         }
     }
 }
 
-fn round_report(rounds: &Rounds, round: u64) -> Report {
-    let (count, first_ns, last_ns) = rounds.borrow().get(&round).copied().unwrap_or_default();
-    Report::Round {
-        round,
-        count,
-        first_ns,
-        last_ns,
-    }
-}
-
-async fn hold_connection(mut ws: Ws, ping_offset: Duration, rounds: Rounds, open: usize) {
+async fn hold_connection(
+    mut conn: Conn,
+    ping_offset: Duration,
+    held: Rc<Held>,
+    mut control: mpsc::UnboundedReceiver<Control>,
+) {
     let start = tokio::time::Instant::now() + ping_offset;
-    let mut ping = tokio::time::interval_at(start, PING_INTERVAL);
+    let mut heartbeat = tokio::time::interval_at(start, PING_INTERVAL);
     loop {
-        tokio::select! {
-            frame = ws.next() => match frame {
-                Some(Ok(Message::Text(text))) => {
-                    let now = schedule::wall_ns();
-                    let Ok(frame) = Frame::parse(&text) else { continue };
-                    let Some(round) = frame.new_message_text().and_then(parse_fanout_text) else {
-                        continue;
-                    };
-                    let mut all = rounds.borrow_mut();
-                    let entry = all.entry(round).or_insert((0, now, now));
-                    entry.0 += 1;
-                    entry.2 = now;
-                    if entry.0 == open {
-                        drop(all);
-                        report(&round_report(&rounds, round));
-                    }
+        let ping = tokio::select! {
+            c = control.recv() => match c {
+                Some(Control::Ping(round)) => {
+                    serde_json::json!({"type": "ping", "ref": live_ref(round)}).to_string()
                 }
-                Some(Ok(_)) => {}
-                Some(Err(_)) | None => return,
+                Some(Control::Stop) | None => return conn.close().await,
             },
-            _ = ping.tick() => {
-                if ws.send(Message::text(r#"{"type":"ping"}"#)).await.is_err() {
-                    return;
+            frame = conn.next_text() => {
+                let Some(Ok(text)) = frame else { return };
+                let Ok(frame) = Frame::parse(&text) else { continue };
+                let fanout = frame.new_message_text().and_then(parse_fanout_text);
+                let live = frame.reference.as_deref().and_then(parse_live_ref);
+                if let Some(round) = fanout.or(live.filter(|_| frame.kind == "pong")) {
+                    held.arrived(round);
                 }
+                continue;
             }
+            _ = heartbeat.tick() => r#"{"type":"ping"}"#.to_owned(),
+        };
+        if conn.send_text(&ping).await.is_err() {
+            return;
         }
     }
 }
@@ -551,6 +702,11 @@ impl WorkerHandle {
         Ok(())
     }
 
+    /// The worker's process ID, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Sends a command.
     pub async fn command(&mut self, command: &Command) -> anyhow::Result<()> {
         self.send_line(&serde_json::to_string(command)?).await
@@ -580,9 +736,13 @@ pub fn source_address(w: usize) -> IpAddr {
     IpAddr::V4(std::net::Ipv4Addr::from(0x7f00_0000 + n))
 }
 
-/// How many workers `connections` connections need.
-pub fn workers_for(connections: usize) -> usize {
-    connections.div_ceil(CONNECTIONS_PER_WORKER_MAX).max(1)
+/// How many workers `connections` sessions over `transport` need.
+pub fn workers_for(connections: usize, transport: Transport) -> usize {
+    let per_worker = match transport {
+        Transport::WebSocket => CONNECTIONS_PER_WORKER_MAX,
+        Transport::Quic => QUIC_SESSIONS_PER_WORKER_MAX,
+    };
+    connections.div_ceil(per_worker).max(1)
 }
 
 #[cfg(test)]
@@ -608,9 +768,15 @@ mod tests {
     fn sources_and_worker_counts() {
         assert_eq!(source_address(0).to_string(), "127.0.0.2");
         assert_eq!(source_address(3).to_string(), "127.0.0.5");
-        assert_eq!(workers_for(1), 1);
-        assert_eq!(workers_for(CONNECTIONS_PER_WORKER_MAX), 1);
-        assert_eq!(workers_for(19_000), 2);
+        assert_eq!(workers_for(1, Transport::WebSocket), 1);
+        assert_eq!(
+            workers_for(CONNECTIONS_PER_WORKER_MAX, Transport::WebSocket),
+            1
+        );
+        assert_eq!(workers_for(19_000, Transport::WebSocket), 2);
+        assert_eq!(workers_for(19_000, Transport::Quic), 1);
+        assert_eq!(workers_for(50_000, Transport::Quic), 2);
         assert_eq!(parse_fanout_text(&fanout_text(17)), Some(17));
+        assert_eq!(parse_live_ref(&live_ref(3)), Some(3));
     }
 }

@@ -491,7 +491,7 @@ pub(crate) async fn run_chat(
     std::thread::spawn(move || {
         let _ = tx.send(sender.join());
     });
-    let (server, elapsed) = rx
+    let (server, generator_cpu_secs, elapsed) = rx
         .await
         .context("schedule thread vanished")?
         .map_err(|_| anyhow::anyhow!("schedule thread panicked"))?;
@@ -513,6 +513,7 @@ pub(crate) async fn run_chat(
         delivered: deliveries.latencies.count(),
         elapsed,
         server,
+        generator_cpu_secs,
     };
     if outcome.sent > 0 && outcome.ack.is_empty() {
         let why = first_failure
@@ -537,13 +538,17 @@ fn keep_schedule(
     failures: &Arc<AtomicU64>,
     first_failure: &Arc<Mutex<Option<String>>>,
     server_pid: u32,
-) -> (ServerUsage, Duration) {
+) -> (ServerUsage, f64, Duration) {
     let mut window = None;
     for i in 0..plan.total {
         let due_ns = plan.schedule.due_ns(i);
         sleep_until_wall(due_ns);
         if i == plan.first_measured {
-            window = Some((UsageWindow::start(server_pid), Instant::now()));
+            window = Some((
+                UsageWindow::start(server_pid),
+                UsageWindow::start(std::process::id()),
+                Instant::now(),
+            ));
         }
         let measured = i >= plan.first_measured;
         let text = chat_text(due_ns, plan.sender_of_message(i), plan.shape.body_bytes);
@@ -566,8 +571,12 @@ fn keep_schedule(
     }
     sleep_until_wall(plan.window_end_ns());
     match window {
-        Some((usage, started)) => (usage.finish(), started.elapsed()),
-        None => (ServerUsage::default(), Duration::ZERO),
+        Some((usage, generator, started)) => (
+            usage.finish(),
+            generator.finish().cpu_secs,
+            started.elapsed(),
+        ),
+        None => (ServerUsage::default(), 0.0, Duration::ZERO),
     }
 }
 

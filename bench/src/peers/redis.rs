@@ -176,6 +176,8 @@ pub fn connections(
         anyhow::Ok(ConnectionsOutcome {
             open,
             connect_rate: open as f64 / connect_secs.max(1e-9),
+            connect_secs,
+            live: None,
             rss_before,
             rss_after,
         })

@@ -10,7 +10,7 @@
 //! pipelines; it takes events only while the stream accepts writes, so the engine's
 //! bounded subscriber queue holds back, and at worst cuts off, a client that does not read.
 
-use super::{app_error_code, Mailbox, ShardQuic, CLOSE_UNAUTHORIZED, DATAGRAM_BYTES_MAX};
+use super::{app_error_code, Mailbox, ShardQuic, CLOSE_UNAUTHORIZED};
 use crate::ctx::ShardCtx;
 use crate::error::ApiError;
 use crate::protocol::{self, FrameError};
@@ -74,7 +74,9 @@ struct Driver {
     ctx: Rc<ShardCtx>,
     quic: Rc<ShardQuic>,
     ch: ConnectionHandle,
-    conn: Connection,
+    /// Boxed: the state machine is about 6 KiB, and a value held across the task's first
+    /// await is laid out in its future once per place it passes through.
+    conn: Box<Connection>,
     mailbox: Rc<Mailbox>,
     stream: Option<StreamId>,
     /// Bytes read from the stream and not yet a whole frame.
@@ -83,7 +85,8 @@ struct Driver {
     /// frame, in order.
     outbox: VecDeque<Bytes>,
     phase: Phase,
-    drain: oneshot::Receiver<()>,
+    /// The server's drain signal, until it fires.
+    drain: Option<oneshot::Receiver<()>>,
     timer: glommio::timer::Timer,
     frame_bytes_max: usize,
 }
@@ -100,12 +103,12 @@ pub(super) async fn run(
     ctx: Rc<ShardCtx>,
     quic: Rc<ShardQuic>,
     ch: ConnectionHandle,
-    conn: Connection,
+    conn: Box<Connection>,
     mailbox: Rc<Mailbox>,
 ) {
     let header_timeout = Duration::from_secs(ctx.shared.config.http_header_timeout_s);
     let mut d = Driver {
-        drain: ctx.on_drain(),
+        drain: Some(ctx.on_drain()),
         frame_bytes_max: ctx.shared.config.ws_frame_bytes_max,
         ctx,
         quic,
@@ -120,7 +123,9 @@ pub(super) async fn run(
         },
         timer: glommio::timer::Timer::new(Duration::from_secs(3600)),
     };
-    let mut transmit = Vec::with_capacity(DATAGRAM_BYTES_MAX);
+    // The datagram being sent. It is let go before the task waits, so that an idle
+    // session holds no send buffer (quinn-proto sizes it to the path's MTU when it writes).
+    let mut transmit = Vec::new();
     loop {
         d.pump(Instant::now());
         // Send what QUIC has to send, a bounded number per turn.
@@ -140,6 +145,7 @@ pub(super) async fn run(
             glommio::yield_if_needed().await;
             continue;
         }
+        transmit = Vec::new();
         poll_fn(|cx| d.wait(cx)).await;
     }
     // The endpoint forgets the connection.
@@ -460,14 +466,19 @@ impl Driver {
         if !self.mailbox.events.borrow().is_empty() {
             return Poll::Ready(());
         }
-        if Pin::new(&mut self.drain).poll(cx).is_ready() {
+        let drained = self
+            .drain
+            .as_mut()
+            .is_some_and(|drain| Pin::new(drain).poll(cx).is_ready());
+        if drained {
+            // The drain fires once. (A receiver put in its place would be ready at once,
+            // its sender gone, and the task would spin without yielding its shard.)
+            self.drain = None;
             match &mut self.phase {
                 Phase::Live(live) => live.core.handle_drain(),
                 Phase::Closing | Phase::Finishing { .. } => {}
                 _ => self.close(CloseReason::GoingAway),
             }
-            // The drain fires once; a fresh receiver never fires again.
-            self.drain = oneshot::channel().1;
             return Poll::Ready(());
         }
         let now = Instant::now();

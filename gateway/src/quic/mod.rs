@@ -61,6 +61,13 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 pub const BIDI_STREAMS_MAX: u32 = 2;
 /// How long a draining shard keeps its endpoint for connections that are closing.
 pub const DRAIN_WAIT: Duration = Duration::from_secs(5);
+/// Bytes asked for each shard socket's receive and send buffers; the kernel caps the request
+/// at `net.core.rmem_max` and `wmem_max` (4 MiB here). The default (208 KiB) holds about 150
+/// full datagrams, so a burst of handshakes or acknowledgements from thousands of clients
+/// overflowed it, and QUIC's backed-off retransmissions then took seconds.
+pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
+/// How often a draining endpoint looks whether its connections are done.
+const DRAIN_POLL: Duration = Duration::from_millis(10);
 /// Bytes of events in flight to one client before its send stream blocks.
 pub const SEND_WINDOW_BYTES: u64 = 1 << 20;
 
@@ -167,6 +174,21 @@ impl QuicSetup {
     }
 }
 
+/// Asks for [`SOCKET_BUFFER_BYTES`] of receive and send buffer on a shard's socket; a
+/// smaller grant is logged, not refused.
+pub fn size_socket_buffers(socket: &glommio::net::UdpSocket) {
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    // SAFETY: the descriptor belongs to `socket`, which outlives this borrow.
+    let fd = unsafe { BorrowedFd::borrow_raw(socket.as_raw_fd()) };
+    let s = socket2::SockRef::from(&fd);
+    let asked = (
+        s.set_recv_buffer_size(SOCKET_BUFFER_BYTES),
+        s.set_send_buffer_size(SOCKET_BUFFER_BYTES),
+    );
+    let granted = (s.recv_buffer_size(), s.send_buffer_size());
+    tracing::debug!(?asked, ?granted, "quic socket buffers");
+}
+
 /// A connection's inbox of events from the endpoint, on its shard.
 #[derive(Default)]
 struct Mailbox {
@@ -197,11 +219,52 @@ struct ShardQuic {
 impl ShardQuic {
     /// Sends one datagram; a failure is the network's loss.
     async fn send(&self, data: &[u8], to: SocketAddr) {
-        if let Err(e) = self.socket.send_to(data, to).await {
+        // A datagram that fits the socket's buffer is sent by a direct, non-blocking call:
+        // a round trip through the ring for each would cost a wake-up of the task per
+        // datagram. Only a full buffer waits on the ring.
+        let sent = match self.try_send(data, to) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self
+                .socket
+                .send_to(data, to)
+                .await
+                .map(drop)
+                .map_err(std::io::Error::from),
+            other => other,
+        };
+        if let Err(e) = sent {
             tracing::debug!(error = %e, %to, "quic send failed");
         }
     }
+
+    /// Sends one datagram if the socket can take it now.
+    fn try_send(&self, data: &[u8], to: SocketAddr) -> std::io::Result<()> {
+        self.with_socket(|s| s.send_to_with_flags(data, &to.into(), libc::MSG_DONTWAIT))
+            .map(drop)
+    }
+
+    /// Reads one datagram into `buf` if one is waiting.
+    fn try_recv(&self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+        // SAFETY: initialised bytes are valid `MaybeUninit` bytes, and the call only
+        // writes them.
+        let uninit = unsafe { &mut *(buf as *mut [u8] as *mut [std::mem::MaybeUninit<u8>]) };
+        let (n, from) = self.with_socket(|s| s.recv_from_with_flags(uninit, libc::MSG_DONTWAIT))?;
+        let from = from
+            .as_socket()
+            .ok_or_else(|| std::io::Error::other("a datagram from a non-IP address"))?;
+        Ok((n, from))
+    }
+
+    fn with_socket<T>(&self, f: impl FnOnce(socket2::SockRef<'_>) -> T) -> T {
+        use std::os::fd::{AsRawFd, BorrowedFd};
+        // SAFETY: the descriptor belongs to `self.socket`, which outlives this borrow.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.socket.as_raw_fd()) };
+        f(socket2::SockRef::from(&fd))
+    }
 }
+
+/// Datagrams the endpoint task reads by direct calls before it lets the shard's other
+/// tasks run.
+const RECEIVES_PER_TURN: usize = 64;
 
 /// Serves QUIC on `socket` for this shard until `stop` fires: reads datagrams, forwards
 /// those of other shards' connections, and starts a task per new connection.
@@ -213,48 +276,107 @@ pub async fn serve_shard(
     mut forwarded: mpsc::Receiver<Forwarded>,
     mut stop: oneshot::Receiver<()>,
 ) {
-    let shards = setup.router.shards.len();
     let quic = Rc::new(ShardQuic {
         endpoint: RefCell::new(setup.endpoint(shard)),
         socket,
         connections: RefCell::new(HashMap::new()),
     });
     let mut buf = vec![0u8; DATAGRAM_BYTES_MAX];
+    // Set when the drain begins: the endpoint keeps reading, because closing connections
+    // still need their peers' acknowledgements, until none is left or this passes.
+    let mut drain_until: Option<Instant> = None;
     loop {
-        let received = {
+        if let Some(until) = drain_until {
+            if quic.connections.borrow().is_empty() || Instant::now() >= until {
+                break;
+            }
+        }
+        // While datagrams are waiting, read them by direct calls; the ring is for waiting.
+        let mut read = 0;
+        while read < RECEIVES_PER_TURN {
+            match quic.try_recv(&mut buf) {
+                Ok((n, remote)) => {
+                    read += 1;
+                    on_datagram(&ctx, &quic, &setup, shard, remote, &buf[..n]).await;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "quic receive failed");
+                    break;
+                }
+            }
+        }
+        while let Ok(f) = forwarded.try_recv() {
+            handle(&ctx, &quic, f.remote, f.data).await;
+        }
+        if read == RECEIVES_PER_TURN {
+            glommio::yield_if_needed().await;
+            continue;
+        }
+        let wake = {
             let recv = std::pin::pin!(quic.socket.recv_from(&mut buf));
             let next = select(recv, forwarded.next());
-            match select(next, &mut stop).await {
-                Either::Left((Either::Left((Ok((n, remote)), _)), _)) => Some((remote, n)),
+            let other = std::pin::pin!(async {
+                match drain_until {
+                    // A turn of the drain's check, in case nothing arrives.
+                    Some(_) => glommio::timer::sleep(DRAIN_POLL).await,
+                    None => {
+                        let _ = (&mut stop).await;
+                        drain_until = Some(Instant::now() + DRAIN_WAIT);
+                    }
+                }
+            });
+            match select(next, other).await {
+                Either::Left((Either::Left((Ok((n, remote)), _)), _)) => Wake::Datagram(remote, n),
                 Either::Left((Either::Left((Err(e), _)), _)) => {
                     tracing::debug!(error = %e, "quic receive failed");
-                    None
+                    Wake::Nothing
                 }
-                Either::Left((Either::Right((Some(f), _)), _)) => {
-                    handle(&ctx, &quic, f.remote, f.data).await;
-                    None
-                }
-                Either::Left((Either::Right((None, _)), _)) | Either::Right(_) => break,
+                Either::Left((Either::Right((Some(f), _)), _)) => Wake::Forwarded(f),
+                // The router is gone only when the server is: nothing can arrive any more.
+                Either::Left((Either::Right((None, _)), _)) => break,
+                Either::Right(_) => Wake::Nothing,
             }
         };
-        let Some((remote, n)) = received else {
-            continue;
-        };
-        match cid::route(&setup.cid_key, &buf[..n], shard, shards) {
-            cid::Route::Shard(owner) => {
-                ctx.shared.metrics.quic_forwarded.inc();
-                let data = BytesMut::from(&buf[..n]);
-                setup.router.forward(owner, Forwarded { remote, data });
+        match wake {
+            Wake::Datagram(remote, n) => {
+                on_datagram(&ctx, &quic, &setup, shard, remote, &buf[..n]).await
             }
-            cid::Route::Here => handle(&ctx, &quic, remote, BytesMut::from(&buf[..n])).await,
+            Wake::Forwarded(f) => handle(&ctx, &quic, f.remote, f.data).await,
+            Wake::Nothing => {}
         }
     }
-    // Draining: every connection's session closes with 1001 through the drain signal its
-    // session registered; the endpoint lives until they are done.
-    let deadline = Instant::now() + DRAIN_WAIT;
-    while !quic.connections.borrow().is_empty() && Instant::now() < deadline {
-        glommio::timer::sleep(Duration::from_millis(10)).await;
+}
+
+/// Routes a datagram this shard's socket received: to the shard its connection ID names,
+/// or to this shard's endpoint.
+async fn on_datagram(
+    ctx: &Rc<ShardCtx>,
+    quic: &Rc<ShardQuic>,
+    setup: &QuicSetup,
+    shard: usize,
+    remote: SocketAddr,
+    datagram: &[u8],
+) {
+    let shards = setup.router.shards.len();
+    match cid::route(&setup.cid_key, datagram, shard, shards) {
+        cid::Route::Shard(owner) => {
+            ctx.shared.metrics.quic_forwarded.inc();
+            let data = BytesMut::from(datagram);
+            setup.router.forward(owner, Forwarded { remote, data });
+        }
+        cid::Route::Here => handle(ctx, quic, remote, BytesMut::from(datagram)).await,
     }
+}
+
+/// What woke the endpoint task.
+enum Wake {
+    /// A datagram of `n` bytes from this address, in the receive buffer.
+    Datagram(SocketAddr, usize),
+    /// A datagram another shard forwarded.
+    Forwarded(Forwarded),
+    /// A failed read, the drain's start, or a turn of the drain's check.
+    Nothing,
 }
 
 /// Hands one datagram of this shard to the endpoint and acts on what it says.
@@ -303,6 +425,8 @@ fn start_connection(
     let mailbox = Rc::new(Mailbox::default());
     quic.connections.borrow_mut().insert(ch, mailbox.clone());
     let (ctx, quic) = (ctx.clone(), quic.clone());
+    // Boxed before the task captures it: see `conn::Driver::conn`.
+    let connection = Box::new(connection);
     ctx.shared.quic_sessions.fetch_add(1, Ordering::SeqCst);
     ctx.shared.metrics.connection_opened();
     glommio::spawn_local(async move {
