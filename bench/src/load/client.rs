@@ -64,8 +64,8 @@ pub enum Target {
 }
 
 /// Opens sessions to one server from one source address. A QUIC dialer owns the worker's
-/// one quinn endpoint (one UDP socket), which every QUIC session of the worker shares, so
-/// QUIC sessions cost the worker no file each.
+/// [`QUIC_ENDPOINTS`] quinn endpoints (a UDP socket each), which its QUIC sessions share in
+/// turn, so QUIC sessions cost the worker no file each.
 pub enum Dialer {
     /// WebSockets from `source` (a port each).
     WebSocket {
@@ -74,14 +74,22 @@ pub enum Dialer {
         /// The loopback address sockets bind to.
         source: IpAddr,
     },
-    /// QUIC connections over `endpoint`.
+    /// QUIC connections over `endpoints`, in turn.
     Quic {
-        /// The worker's endpoint, bound to its source address.
-        endpoint: quinn::Endpoint,
+        /// The worker's endpoints, bound to its source address.
+        endpoints: Vec<quinn::Endpoint>,
+        /// The endpoint the next session opens over, modulo their number.
+        next: std::sync::atomic::AtomicUsize,
         /// The server's QUIC address.
         server: SocketAddr,
     },
 }
+
+/// Endpoints (source ports) per QUIC worker. The server's kernel picks a shard by a
+/// datagram's 4-tuple, so sessions over one socket would all land on one shard, which
+/// clients on their own devices never do; sessions spread over 16 ports spread over the
+/// shards as real clients' would.
+pub const QUIC_ENDPOINTS: usize = 16;
 
 /// Bytes asked for a worker endpoint's socket buffers: all of a worker's sessions share its
 /// socket, and the default (208 KiB) dropped datagrams when thousands answered at once.
@@ -118,10 +126,17 @@ impl Dialer {
                 source,
             },
             Target::Quic { addr, pin_sha256 } => {
-                let mut endpoint = quic_endpoint(SocketAddr::new(source, 0))?;
-                endpoint.set_default_client_config(quic_config(pin_sha256)?);
+                let config = quic_config(pin_sha256)?;
+                let endpoints = (0..QUIC_ENDPOINTS)
+                    .map(|_| {
+                        let mut endpoint = quic_endpoint(SocketAddr::new(source, 0))?;
+                        endpoint.set_default_client_config(config.clone());
+                        Ok(endpoint)
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()?;
                 Dialer::Quic {
-                    endpoint,
+                    endpoints,
+                    next: Default::default(),
                     server: *addr,
                 }
             }
@@ -133,7 +148,15 @@ impl Dialer {
     pub async fn connect(&self, token: &str) -> anyhow::Result<Conn> {
         let mut conn = match self {
             Dialer::WebSocket { server, source } => connect_ws(*server, *source, token).await?,
-            Dialer::Quic { endpoint, server } => connect_quic(endpoint, *server, token).await?,
+            Dialer::Quic {
+                endpoints,
+                next,
+                server,
+            } => {
+                let turn = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let endpoint = &endpoints[turn % endpoints.len()];
+                connect_quic(endpoint, *server, token).await?
+            }
         };
         conn.start_live().await?;
         Ok(conn)
@@ -150,9 +173,12 @@ impl Dialer {
     /// the closes to go out: the backstop after [`Conn::close`], not the way to end many
     /// sessions (one datagram each, which a busy server's socket may drop).
     pub async fn close(&self) {
-        if let Dialer::Quic { endpoint, .. } = self {
-            endpoint.close(quinn::VarInt::from_u32(1000), b"");
-            let _ = tokio::time::timeout(ENDPOINT_CLOSE_WAIT, endpoint.wait_idle()).await;
+        if let Dialer::Quic { endpoints, .. } = self {
+            for endpoint in endpoints {
+                endpoint.close(quinn::VarInt::from_u32(1000), b"");
+            }
+            let idle = futures_util::future::join_all(endpoints.iter().map(|e| e.wait_idle()));
+            let _ = tokio::time::timeout(ENDPOINT_CLOSE_WAIT, idle).await;
         }
     }
 }

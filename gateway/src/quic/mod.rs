@@ -282,6 +282,10 @@ pub async fn serve_shard(
         connections: RefCell::new(HashMap::new()),
     });
     let mut buf = vec![0u8; DATAGRAM_BYTES_MAX];
+    // The read waiting on the ring, kept across turns: dropping one in flight could lose
+    // a datagram the kernel had already handed it.
+    let mut waiting: Option<RingRecv> = None;
+    let mut spare = Some(vec![0u8; DATAGRAM_BYTES_MAX]);
     // Set when the drain begins: the endpoint keeps reading, because closing connections
     // still need their peers' acknowledgements, until none is left or this passes.
     let mut drain_until: Option<Instant> = None;
@@ -314,8 +318,13 @@ pub async fn serve_shard(
             continue;
         }
         let wake = {
-            let recv = std::pin::pin!(quic.socket.recv_from(&mut buf));
-            let next = select(recv, forwarded.next());
+            let recv = waiting.get_or_insert_with(|| {
+                let buf = spare
+                    .take()
+                    .unwrap_or_else(|| vec![0u8; DATAGRAM_BYTES_MAX]);
+                ring_recv(quic.clone(), buf)
+            });
+            let next = select(recv.as_mut(), forwarded.next());
             let other = std::pin::pin!(async {
                 match drain_until {
                     // A turn of the drain's check, in case nothing arrives.
@@ -327,10 +336,20 @@ pub async fn serve_shard(
                 }
             });
             match select(next, other).await {
-                Either::Left((Either::Left((Ok((n, remote)), _)), _)) => Wake::Datagram(remote, n),
-                Either::Left((Either::Left((Err(e), _)), _)) => {
-                    tracing::debug!(error = %e, "quic receive failed");
-                    Wake::Nothing
+                Either::Left((Either::Left(((ring_buf, got), _)), _)) => {
+                    waiting = None;
+                    let wake = match got {
+                        Ok((n, remote)) => {
+                            buf[..n].copy_from_slice(&ring_buf[..n]);
+                            Wake::Datagram(remote, n)
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "quic receive failed");
+                            Wake::Nothing
+                        }
+                    };
+                    spare = Some(ring_buf);
+                    wake
                 }
                 Either::Left((Either::Right((Some(f), _)), _)) => Wake::Forwarded(f),
                 // The router is gone only when the server is: nothing can arrive any more.
@@ -367,6 +386,22 @@ async fn on_datagram(
         }
         cid::Route::Here => handle(ctx, quic, remote, BytesMut::from(datagram)).await,
     }
+}
+
+/// A read of one datagram through the ring, owning its buffer so that it can wait across
+/// the endpoint task's turns.
+type RingRecv =
+    futures::future::LocalBoxFuture<'static, (Vec<u8>, std::io::Result<(usize, SocketAddr)>)>;
+
+fn ring_recv(quic: Rc<ShardQuic>, mut buf: Vec<u8>) -> RingRecv {
+    Box::pin(async move {
+        let got = quic
+            .socket
+            .recv_from(&mut buf)
+            .await
+            .map_err(std::io::Error::from);
+        (buf, got)
+    })
 }
 
 /// What woke the endpoint task.
