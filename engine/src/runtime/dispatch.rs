@@ -367,13 +367,18 @@ impl Dispatcher {
                     match s.channels.get(&d.channel) {
                         // The catch-up in flight ends with this event; drop the channel then.
                         Some(chan) if chan.borrow().resuming => chan.borrow_mut().leaving = true,
-                        _ => {
+                        Some(_) => {
                             s.channels.remove(&d.channel);
                             s.departed.insert(d.channel, d.seq);
                             if let Some(v) = self.by_channel.get_mut(&d.channel) {
                                 v.retain(|m| m.sub != id);
                             }
                         }
+                        // Not followed by this subscription (its registration with the
+                        // channel's partition is not answered yet, or it never was in it):
+                        // it was not sent this `member:left`, so it has not departed, and a
+                        // resume naming the channel still catches up to it.
+                        None => {}
                     }
                 }
             }
