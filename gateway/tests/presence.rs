@@ -368,3 +368,32 @@ fn presence_limits() {
     put(json!({"mode": "away", "dnd_until": "2099-01-01T00:00:00Z"}))
         .assert_error(400, "invalid_request");
 }
+
+// Presence is never written anywhere: after a restart everyone is offline, and a mode
+// chosen before it is forgotten (a user who was dnd comes back online in mode auto).
+#[test]
+fn presence_restart_starts_everyone_offline() {
+    let (mut server, alice, bob, wid) = pair(FAST);
+    let (b, _) = server.connect(&bob);
+    let own = set_presence(&server, &bob, json!({"mode": "dnd"}));
+    assert_eq!(own["status"], "dnd");
+    drop(b);
+    server.kill();
+    server.restart();
+    let q = format!(
+        "/api/v1/workspaces/{wid}/presence?user_ids={},{}",
+        bob.id, alice.id
+    );
+    let listed = server.ok("GET", &q, &alice, None, 200);
+    let statuses: Vec<&str> = listed["presence"]
+        .as_array()
+        .expect("presence")
+        .iter()
+        .map(|p| p["status"].as_str().expect("status"))
+        .collect();
+    assert_eq!(statuses, ["offline", "offline"], "{listed}");
+    assert!(listed["presence"][0]["last_active_at"].is_null());
+    let mut watcher = watching(&server, &alice, &[&bob]);
+    let (_b, _) = server.connect(&bob);
+    assert_eq!(next_presence(&mut watcher, &bob)["status"], "online");
+}
