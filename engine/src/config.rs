@@ -63,6 +63,9 @@ pub struct EngineConfig {
     /// The names of the committed-event consumers ([`crate::consumer`]). Declared before
     /// the engine opens so that their logs are kept for them from the first moment.
     pub consumers: Vec<String>,
+    /// How long a user's presence stays as it was after their last connection went, before
+    /// it becomes `offline` (`presence_offline_grace_s`, `API.md` §10).
+    pub presence_offline_grace: std::time::Duration,
 }
 
 impl EngineConfig {
@@ -81,6 +84,7 @@ impl EngineConfig {
             observer: ObserverSlot::default(),
             snapshot_every_events: 100_000,
             consumers: Vec::new(),
+            presence_offline_grace: std::time::Duration::from_secs(30),
         }
     }
 }

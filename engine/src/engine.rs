@@ -205,6 +205,43 @@ impl SubscriptionControl {
     }
 }
 
+impl SubscriptionControl {
+    /// Changes the set of users whose presence this subscription watches (`API.md` §10),
+    /// at most [`crate::presence::PRESENCE_WATCH_MAX`] (more is `DomainError::TooMany` and
+    /// changes nothing), and answers what each added user shows now, with the owner's
+    /// number of the last change that includes. A user who shares no workspace with the
+    /// subscriber shows `offline` (number `u64::MAX`) and is never reported again. Later
+    /// changes of a watched user arrive in the subscription's frames as
+    /// [`crate::presence::Update`] records, which are not JSON: the reader turns them into
+    /// its own frames, and drops a record whose `seq` is not above the number answered
+    /// (a change the answer already includes, still on its way).
+    pub async fn watch_presence(
+        &self,
+        op: crate::presence::WatchOp,
+        users: Vec<UserId>,
+    ) -> Result<Vec<(UserId, crate::presence::Presence, u64)>, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        let msg = ShardMsg::PresenceSub {
+            sub: self.id,
+            op,
+            users,
+            reply: tx,
+        };
+        self.engine.inner.routes.send(self.shard, msg).await?;
+        rx.await.map_err(|_| Unavailable::ShardStopped)?
+    }
+
+    /// Tells the user's presence owner that the person on this connection became active
+    /// (`true`) or idle. A subscription counts as an active connection from its start.
+    pub async fn report_activity(&self, active: bool) -> Result<(), EngineError> {
+        let msg = ShardMsg::PresenceActivity {
+            sub: self.id,
+            active,
+        };
+        self.engine.inner.routes.send(self.shard, msg).await
+    }
+}
+
 impl Drop for Subscription {
     fn drop(&mut self) {
         let msg = ShardMsg::Unsubscribe { sub: self.info.id };
@@ -971,6 +1008,89 @@ impl Engine {
             ReadOutcome::Versions(v) => Ok(v),
             other => unreachable!("versions answered {other:?}"),
         }
+    }
+
+    /// Sets the user's presence mode (`API.md` §10) at their home shard, and answers their
+    /// own presence as others see it, with the mode. `dnd_until_us` (microseconds since the
+    /// Unix epoch) ends a `dnd` mode, when the mode returns to `auto`; it is ignored for
+    /// other modes. Presence is never logged: a restart forgets every mode.
+    pub async fn set_presence(
+        &self,
+        user: UserId,
+        mode: crate::presence::Mode,
+        dnd_until_us: Option<u64>,
+    ) -> Result<crate::presence::OwnPresence, EngineError> {
+        let shard = crate::presence::home_shard(user, self.inner.routes.shard_count());
+        let dnd_until_us = dnd_until_us.filter(|_| mode == crate::presence::Mode::Dnd);
+        let (presence, mode, dnd_until_us) = ask(
+            |reply| ShardMsg::PresenceMode {
+                user,
+                mode,
+                dnd_until_us,
+                reply,
+            },
+            &self.inner.routes,
+            shard,
+        )
+        .await?;
+        Ok(crate::presence::OwnPresence {
+            presence,
+            mode,
+            dnd_until_us,
+        })
+    }
+
+    /// What `users` show, as `asker` sees them, for the members of a workspace the asker
+    /// belongs to: users who are not members of it are left out (the answer keeps the
+    /// order asked, once each). At most [`crate::presence::PRESENCE_QUERY_MAX`] users.
+    pub async fn presence(
+        &self,
+        asker: UserId,
+        workspace: WorkspaceId,
+        users: &[UserId],
+    ) -> Result<Vec<(UserId, crate::presence::Presence)>, EngineError> {
+        use crate::presence::{home_shard, PRESENCE_QUERY_MAX};
+        if users.len() > PRESENCE_QUERY_MAX {
+            return Err(DomainError::TooMany(format!(
+                "at most {PRESENCE_QUERY_MAX} user ids per query, not {}",
+                users.len()
+            ))
+            .into());
+        }
+        let members: std::collections::HashSet<UserId> = self
+            .members(asker, workspace)
+            .await?
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
+        let mut wanted: Vec<UserId> = Vec::new();
+        for u in users {
+            if members.contains(u) && !wanted.contains(u) {
+                wanted.push(*u);
+            }
+        }
+        let shards = self.inner.routes.shard_count();
+        let mut by_shard: std::collections::BTreeMap<u32, Vec<UserId>> = Default::default();
+        for u in &wanted {
+            by_shard.entry(home_shard(*u, shards)).or_default().push(*u);
+        }
+        let (tx, rx) = oneshot::channel();
+        let gather = crate::runtime::PresenceGather::new(by_shard.len(), Vec::new(), tx);
+        for (shard, users) in by_shard {
+            let out = gather.clone();
+            let msg = ShardMsg::PresenceQuery { asker, users, out };
+            self.inner.routes.send(shard, msg).await?;
+        }
+        let found: std::collections::HashMap<UserId, crate::presence::Presence> = rx
+            .await
+            .map_err(|_| Unavailable::ShardStopped)??
+            .into_iter()
+            .map(|(u, p, _)| (u, p))
+            .collect();
+        Ok(wanted
+            .into_iter()
+            .filter_map(|u| found.get(&u).map(|p| (u, *p)))
+            .collect())
     }
 
     /// Subscribes to the events of every channel the user is in, live from now. From a

@@ -31,6 +31,7 @@ mod error;
 pub mod fuzzing;
 pub mod ids;
 mod outcome;
+pub mod presence;
 pub mod queue;
 pub(crate) mod runtime;
 pub mod shard;

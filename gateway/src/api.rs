@@ -20,6 +20,7 @@ use crate::protocol::{message_in, parse_id};
 use bytes::Bytes;
 use chorus_engine::domain::{ChannelKind, PAGE_LIMIT_MAX};
 use chorus_engine::ids::{ChannelId, MessageId, UserId, WorkspaceId};
+use chorus_engine::presence::{Mode, PRESENCE_QUERY_MAX};
 use chorus_engine::view::UserView;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::{Body, Incoming};
@@ -135,6 +136,10 @@ pub enum Op {
     AddReaction,
     /// `DELETE /channels/{cid}/messages/{mid}/reactions/{emoji}`.
     RemoveReaction,
+    /// `PUT /me/presence`.
+    SetPresence,
+    /// `GET /workspaces/{wid}/presence`.
+    GetPresence,
     /// `GET /openapi.json`.
     OpenApi,
 }
@@ -272,6 +277,13 @@ pub static ROUTES: &[Route] = &[
         ]),
     route(Verb::Get, "/api/v1/openapi.json", Op::OpenApi, 200, "This document").public(),
     route(Verb::Get, "/api/v1/me", Op::Me, 200, "The caller and their workspaces"),
+    route(Verb::Put, "/api/v1/me/presence", Op::SetPresence, 200, "Set the caller's presence mode")
+        .body(&[
+            req("mode", Ty::String, "auto, away, dnd or invisible"),
+            opt("dnd_until", Ty::String, "RFC 3339 UTC time when dnd ends (mode dnd); null: until changed"),
+        ]),
+    route(Verb::Get, "/api/v1/workspaces/{wid}/presence", Op::GetPresence, 200, "The presence of members of a workspace")
+        .query(&[opt("user_ids", Ty::String, "comma-separated user IDs, at most 500; non-members are left out")]),
     route(Verb::Get, "/api/v1/workspaces", Op::ListWorkspaces, 200, "The caller's workspaces"),
     route(Verb::Post, "/api/v1/workspaces", Op::CreateWorkspace, 201, "Create a workspace owned by the caller")
         .body(&[req("name", Ty::String, "workspace name")]),
@@ -725,6 +737,13 @@ struct UserIdReq {
 }
 
 #[derive(Deserialize)]
+struct PresenceReq {
+    mode: String,
+    #[serde(default)]
+    dnd_until: Option<String>,
+}
+
+#[derive(Deserialize)]
 struct PostReq {
     text: String,
     client_msg_id: Option<String>,
@@ -749,6 +768,7 @@ pub(crate) fn parse_as_every_request(body: &[u8]) -> usize {
         parse_json::<UserIdReq>(body).is_ok(),
         parse_json::<PostReq>(body).is_ok(),
         parse_json::<TextReq>(body).is_ok(),
+        parse_json::<PresenceReq>(body).is_ok(),
     ]
     .into_iter()
     .filter(|ok| *ok)
@@ -785,6 +805,8 @@ async fn run(op: Op, call: &Call<'_>) -> Result<Reply, ApiError> {
         Op::History => history(call).await,
         Op::AddReaction => react(call, true).await,
         Op::RemoveReaction => react(call, false).await,
+        Op::SetPresence => set_presence(call).await,
+        Op::GetPresence => get_presence(call).await,
     }
 }
 
@@ -891,6 +913,66 @@ async fn list_members(call: &Call<'_>) -> Result<Reply, ApiError> {
     let wid = call.workspace()?;
     let members = call.engine().members(call.user(), wid).await?;
     Ok(Reply::json(200, &List("members", &members, None)))
+}
+
+async fn set_presence(call: &Call<'_>) -> Result<Reply, ApiError> {
+    let req: PresenceReq = call.json()?;
+    let mode = Mode::parse(&req.mode)
+        .ok_or_else(|| ApiError::invalid("mode must be auto, away, dnd or invisible"))?;
+    let until = match (mode, req.dnd_until.as_deref()) {
+        (Mode::Dnd, Some(at)) => Some(parse_future_time(at)?),
+        (_, Some(_)) => return Err(ApiError::invalid("dnd_until goes with mode dnd only")),
+        (_, None) => None,
+    };
+    let user = call.user();
+    let own = call.engine().set_presence(user, mode, until).await?;
+    let value = crate::protocol::own_presence_value(user, &own);
+    Ok(Reply::json(200, &One("presence", &value)))
+}
+
+/// An RFC 3339 UTC time that has not passed, in microseconds since the epoch.
+fn parse_future_time(at: &str) -> Result<u64, ApiError> {
+    let bad = || {
+        ApiError::invalid("dnd_until must be an RFC 3339 UTC time, such as 2030-01-01T09:00:00Z")
+    };
+    let time = humantime::parse_rfc3339(at).map_err(|_| bad())?;
+    let us = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| bad())?
+        .as_micros();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros();
+    if us <= now {
+        return Err(ApiError::invalid("dnd_until has passed"));
+    }
+    u64::try_from(us).map_err(|_| bad())
+}
+
+async fn get_presence(call: &Call<'_>) -> Result<Reply, ApiError> {
+    let wid = call.workspace()?;
+    let raw = call.query("user_ids")?.unwrap_or_default();
+    let ids: Vec<&str> = raw
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    if ids.len() > PRESENCE_QUERY_MAX {
+        return Err(ApiError::new(
+            400,
+            "too_many",
+            format!("at most {PRESENCE_QUERY_MAX} user ids, not {}", ids.len()),
+        ));
+    }
+    // An ID that does not parse names no member: it is left out, like a non-member.
+    let users: Vec<UserId> = ids.iter().filter_map(|s| s.parse().ok()).collect();
+    let found = call.engine().presence(call.user(), wid, &users).await?;
+    let list: Vec<serde_json::Value> = found
+        .iter()
+        .map(|(u, p)| crate::protocol::presence_value(*u, p))
+        .collect();
+    Ok(Reply::json(200, &List("presence", &list, None)))
 }
 
 async fn list_channels(call: &Call<'_>) -> Result<Reply, ApiError> {

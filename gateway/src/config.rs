@@ -63,6 +63,11 @@ pub const HTTP_HEADER_TIMEOUT_S_DEFAULT: u64 = 10;
 pub const HTTP_IDLE_TIMEOUT_S_DEFAULT: u64 = 60;
 /// Open connections from one source address across all shards.
 pub const CONNECTIONS_PER_IP_MAX_DEFAULT: usize = 1_000;
+/// Seconds a user's presence stays as it was after their last connection went, before it
+/// becomes `offline` (`API.md` §10).
+pub const PRESENCE_OFFLINE_GRACE_S_DEFAULT: u64 = 30;
+/// Milliseconds of a connection's presence window: at most one `presence` frame per window.
+pub const PRESENCE_FLUSH_MS_DEFAULT: u64 = 250;
 /// Name of the JWT secret file inside the data directory.
 pub const JWT_SECRET_FILE_NAME: &str = "jwt.key";
 
@@ -133,6 +138,12 @@ pub struct Config {
     pub quic_cert_file: Option<PathBuf>,
     /// PEM private key of `quic_cert_file`.
     pub quic_key_file: Option<PathBuf>,
+    /// Seconds a user stays as they were after their last connection went (0: offline at
+    /// once).
+    pub presence_offline_grace_s: u64,
+    /// Milliseconds of a connection's presence window: at most one `presence` frame per
+    /// window, holding each changed user's latest status.
+    pub presence_flush_ms: u64,
 }
 
 impl Default for Config {
@@ -144,6 +155,8 @@ impl Default for Config {
             shards: 0,
             partitions: PARTITIONS_DEFAULT,
             heartbeat_interval_s: HEARTBEAT_INTERVAL_S_DEFAULT,
+            presence_offline_grace_s: PRESENCE_OFFLINE_GRACE_S_DEFAULT,
+            presence_flush_ms: PRESENCE_FLUSH_MS_DEFAULT,
             request_body_bytes_max: REQUEST_BODY_BYTES_MAX_DEFAULT,
             ws_frame_bytes_max: WS_FRAME_BYTES_MAX_DEFAULT,
             ws_outbound_frames_max: WS_OUTBOUND_FRAMES_MAX_DEFAULT,
@@ -211,6 +224,7 @@ impl Config {
             ("http_header_timeout_s", self.http_header_timeout_s == 0),
             ("http_idle_timeout_s", self.http_idle_timeout_s == 0),
             ("connections_per_ip_max", self.connections_per_ip_max == 0),
+            ("presence_flush_ms", self.presence_flush_ms == 0),
         ];
         if let Some((key, _)) = positive.iter().find(|(_, zero)| *zero) {
             return Err(invalid(key, "must be positive".into()));

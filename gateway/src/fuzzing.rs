@@ -41,6 +41,7 @@ pub fn client_frame(data: &[u8]) -> bool {
     let config = SessionConfig {
         heartbeat_interval_s: 30,
         frame_bytes_max: 1 << 20,
+        presence_flush: std::time::Duration::from_millis(250),
     };
     let mut core = SessionCore::new(UserId(1), 1, config, start);
     let mut accepted = false;
@@ -83,6 +84,16 @@ fn answer_to(call: Call) -> Answer {
             reference,
             result: Ok(()),
         },
+        Call::PresenceSub {
+            reference, users, ..
+        } => Answer::PresenceSub {
+            reference,
+            result: Ok(users
+                .into_iter()
+                .map(|u| (u, chorus_engine::presence::Presence::OFFLINE, 0))
+                .collect()),
+        },
+        Call::Activity { .. } => Answer::Activity,
     }
 }
 

@@ -7,7 +7,9 @@
 
 use crate::error::ApiError;
 use bytes::Bytes;
-use chorus_engine::ids::{ChannelId, MessageId};
+use chorus_engine::ids::{ChannelId, MessageId, UserId};
+use chorus_engine::presence::{OwnPresence, Presence, WatchOp, PRESENCE_WATCH_MAX};
+use chorus_engine::view::rfc3339;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -39,6 +41,15 @@ pub enum ClientFrame {
     Typing(ChannelId),
     /// A change to a channel, answered with `ack` once durable.
     Command(Command),
+    /// `presence:sub`: change the set of users whose presence the connection watches.
+    PresenceSub {
+        /// How the set changes.
+        op: WatchOp,
+        /// The users named, at most [`PRESENCE_WATCH_MAX`].
+        users: Vec<UserId>,
+    },
+    /// `activity`: the person became active (`true`) or idle.
+    Activity(bool),
 }
 
 /// A request that changes a channel: rate limited, answered with an `ack`.
@@ -98,6 +109,18 @@ struct ReactFields {
 #[derive(Deserialize)]
 struct TypingFields {
     channel_id: String,
+}
+
+#[derive(Deserialize)]
+struct PresenceSubFields {
+    user_ids: Vec<String>,
+    #[serde(default)]
+    op: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ActivityFields {
+    state: String,
 }
 
 #[derive(Deserialize)]
@@ -188,6 +211,32 @@ fn frame_of(kind: &str, object: Map<String, Value>) -> Result<ClientFrame, ApiEr
                 add: kind == "reaction:add",
             })
         }
+        "presence:sub" => {
+            let f: PresenceSubFields = fields(object)?;
+            let op = match f.op.as_deref() {
+                None | Some("set") => WatchOp::Set,
+                Some("add") => WatchOp::Add,
+                Some("remove") => WatchOp::Remove,
+                Some(_) => return Err(ApiError::invalid("op must be set, add or remove")),
+            };
+            if f.user_ids.len() > PRESENCE_WATCH_MAX {
+                return Err(too_many_watched(f.user_ids.len()));
+            }
+            let users = f
+                .user_ids
+                .iter()
+                .map(|u| parse_id(u, "user"))
+                .collect::<Result<Vec<UserId>, _>>()?;
+            ClientFrame::PresenceSub { op, users }
+        }
+        "activity" => {
+            let f: ActivityFields = fields(object)?;
+            match f.state.as_str() {
+                "active" => ClientFrame::Activity(true),
+                "idle" => ClientFrame::Activity(false),
+                _ => return Err(ApiError::invalid("state must be active or idle")),
+            }
+        }
         other => {
             let shown: String = other.chars().take(64).collect();
             return Err(ApiError::new(
@@ -198,6 +247,15 @@ fn frame_of(kind: &str, object: Map<String, Value>) -> Result<ClientFrame, ApiEr
         }
     };
     Ok(frame)
+}
+
+/// The error for a `presence:sub` naming more users than a connection may watch.
+pub fn too_many_watched(count: usize) -> ApiError {
+    ApiError::new(
+        400,
+        "too_many",
+        format!("a connection watches at most {PRESENCE_WATCH_MAX} users, not {count}"),
+    )
 }
 
 fn fields<T: DeserializeOwned>(object: Map<String, Value>) -> Result<T, ApiError> {
@@ -275,6 +333,48 @@ pub fn pong(reference: &Value) -> Bytes {
 /// `ack`, with the message the command changed (`null` for deletions and reactions).
 pub fn ack(reference: &Value, message: Option<&chorus_engine::view::MessageView>) -> Bytes {
     encode(&json!({"type": "ack", "ref": reference, "message": message}))
+}
+
+/// `presence`: `{"user_id","status","dnd_until","last_active_at"}`.
+pub fn presence_value(user: UserId, p: &Presence) -> Value {
+    json!({
+        "user_id": user,
+        "status": p.status.as_str(),
+        "dnd_until": p.dnd_until_us.map(rfc3339),
+        "last_active_at": p.last_active_us.map(rfc3339),
+    })
+}
+
+/// A user's own `presence`, with the `mode` they chose (`PUT /me/presence`).
+pub fn own_presence_value(user: UserId, own: &OwnPresence) -> Value {
+    let mut value = presence_value(user, &own.presence);
+    value["mode"] = json!(own.mode.as_str());
+    if own.presence.dnd_until_us.is_none() {
+        value["dnd_until"] = json!(own.dnd_until_us.map(rfc3339));
+    }
+    value
+}
+
+fn presence_map<'a>(users: impl IntoIterator<Item = (&'a UserId, &'a Presence)>) -> Value {
+    let map: Map<String, Value> = users
+        .into_iter()
+        .map(|(u, p)| (u.to_string(), presence_value(*u, p)))
+        .collect();
+    Value::Object(map)
+}
+
+/// `ack {"ref","users":{user_id: presence}}`, the answer to `presence:sub`.
+pub fn presence_ack<'a>(
+    reference: &Value,
+    users: impl IntoIterator<Item = (&'a UserId, &'a Presence)>,
+) -> Bytes {
+    let users = presence_map(users);
+    encode(&json!({"type": "ack", "ref": reference, "users": users}))
+}
+
+/// `presence {"users":{user_id: presence}}`: the latest status of each user that changed.
+pub fn presence_frame<'a>(users: impl IntoIterator<Item = (&'a UserId, &'a Presence)>) -> Bytes {
+    encode(&json!({"type": "presence", "users": presence_map(users)}))
 }
 
 // ---------------------------------------------------------------------------------------

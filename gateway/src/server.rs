@@ -50,6 +50,8 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     engine_config.shards = shards;
     engine_config.partitions = config.partitions;
     engine_config.subscriber_queue_frames = config.ws_outbound_frames_max;
+    engine_config.presence_offline_grace =
+        std::time::Duration::from_secs(config.presence_offline_grace_s);
     engine_config.consumers = vec![crate::workspace_metrics::CONSUMER_NAME.to_owned()];
     // The ports first: a server that cannot listen must not have opened the data.
     let (addr, reserve) = reserve_port(config.http, socket2::Type::STREAM)?;

@@ -401,6 +401,7 @@ impl Session {
             SessionConfig {
                 heartbeat_interval_s: config.heartbeat_interval_s,
                 frame_bytes_max: config.ws_frame_bytes_max,
+                presence_flush: std::time::Duration::from_millis(config.presence_flush_ms),
             },
             now,
         );
@@ -522,7 +523,7 @@ impl Session {
             return;
         }
         let sub = self.sub.as_mut().expect("subscribed while serving");
-        take_events(&mut self.core, sub, &mut self.batch, cx);
+        take_events(Instant::now(), &mut self.core, sub, &mut self.batch, cx);
     }
 
     /// Reads client frames while the core wants them; returns whether one was read.

@@ -375,3 +375,24 @@ async fn drain_closes_quic_sessions_with_going_away() {
     let status = terminated.await.expect("the drain");
     assert!(status.success(), "{status:?}");
 }
+
+// Presence over QUIC: the same session core watches, coalesces and sends `presence`
+// frames as over the WebSocket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_over_quic() {
+    let server = Server::start(&format!("{UNLIMITED}presence_flush_ms = 50\n"));
+    let (alice, bob) = (server.signup("alice"), server.signup("bob"));
+    server.workspace(&alice, &[&bob]);
+    let mut raw = Raw::session(&server, &alice).await;
+    let sub = json!({"type": "presence:sub", "ref": "s", "user_ids": [bob.id]});
+    raw.send(&sub).await;
+    let ack = raw.recv_type("ack").await;
+    assert_eq!(ack["users"][&bob.id]["status"], "offline", "{ack}");
+    let (mut ws, _) = tokio::task::block_in_place(|| server.connect(&bob));
+    let online = raw.recv_type("presence").await;
+    assert_eq!(online["users"][&bob.id]["status"], "online", "{online}");
+    tokio::task::block_in_place(|| ws.send(json!({"type": "activity", "state": "idle"})));
+    let away = raw.recv_type("presence").await;
+    assert_eq!(away["users"][&bob.id]["status"], "away", "{away}");
+    raw.endpoint.close(0u32.into(), b"done");
+}

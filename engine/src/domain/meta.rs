@@ -419,6 +419,21 @@ impl MetaState {
             .expect("a principal's workspace exists")
     }
 
+    /// Whether two users belong to a common workspace (a user shares one with themselves
+    /// when they belong to any): only then may one see the other's presence.
+    pub fn share_workspace(&self, a: UserId, b: UserId) -> bool {
+        let (Some(wa), Some(wb)) = (self.user_workspaces.get(&a), self.user_workspaces.get(&b))
+        else {
+            return false;
+        };
+        let (small, large) = if wa.len() <= wb.len() {
+            (wa, wb)
+        } else {
+            (wb, wa)
+        };
+        small.iter().any(|w| large.contains(w))
+    }
+
     /// The workspaces a user belongs to, in ID order.
     pub fn workspaces_of(&self, user: UserId) -> Vec<&Workspace> {
         self.user_workspaces

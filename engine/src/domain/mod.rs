@@ -96,6 +96,9 @@ pub enum DomainError {
     /// 413: too large.
     #[error("{0}")]
     TooLarge(String),
+    /// 400 `too_many`: a request names more items than a limit allows.
+    #[error("{0}")]
+    TooMany(String),
 }
 
 impl DomainError {
@@ -107,6 +110,7 @@ impl DomainError {
             DomainError::NotFound(_) => "not_found",
             DomainError::Conflict(_) => "conflict",
             DomainError::TooLarge(_) => "too_large",
+            DomainError::TooMany(_) => "too_many",
         }
     }
 
@@ -118,6 +122,7 @@ impl DomainError {
             DomainError::NotFound(_) => 404,
             DomainError::Conflict(_) => 409,
             DomainError::TooLarge(_) => 413,
+            DomainError::TooMany(_) => 400,
         }
     }
 }

@@ -21,13 +21,16 @@
 //! them back: a subscriber whose channel is not live yet keeps them (bounded) and gets them
 //! after that channel's catch-up.
 
-use super::{Delivery, PartitionMsg, Routes, ShardMsg};
+use super::{ConnReport, Delivery, PartitionMsg, Routes, ShardMsg};
 use crate::config::HELD_EPHEMERAL_FRAMES_MAX;
+use crate::domain::DomainError;
+use crate::error::Unavailable;
 use crate::ids::{ChannelId, UserId};
+use crate::presence::{ConnKey, WatchOp, PRESENCE_WATCH_MAX};
 use crate::queue::{Cutoff, FrameSender, PushOutcome};
 use bytes::Bytes;
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::rc::Rc;
 
 /// What a new subscription starts with.
@@ -121,6 +124,9 @@ struct Sub {
     /// subscription was sent: a later resume naming one has nothing more to get from it,
     /// and must not go back before it.
     departed: HashMap<ChannelId, u64>,
+    /// The users whose presence this subscriber watches (registered with each one's home
+    /// shard), at most [`crate::presence::PRESENCE_WATCH_MAX`].
+    watching: HashSet<UserId>,
 }
 
 /// An ephemeral frame kept for a channel that is not live yet.
@@ -234,9 +240,16 @@ impl Dispatcher {
                 announce: false,
                 held_ephemeral: Vec::new(),
                 departed: HashMap::new(),
+                watching: HashSet::new(),
             },
         );
         self.by_user.entry(user).or_default().push(id);
+        // Every subscription is a connection of its user, for presence.
+        let conn = ConnKey::new(self.shard, id);
+        let report = ConnReport::Connected;
+        let home = self.home(user);
+        self.outbox
+            .push((home, ShardMsg::PresenceConn { user, conn, report }));
         self.broadcast_online(user, 1, Some(id)).await;
     }
 
@@ -367,13 +380,18 @@ impl Dispatcher {
                     match s.channels.get(&d.channel) {
                         // The catch-up in flight ends with this event; drop the channel then.
                         Some(chan) if chan.borrow().resuming => chan.borrow_mut().leaving = true,
-                        _ => {
+                        Some(_) => {
                             s.channels.remove(&d.channel);
                             s.departed.insert(d.channel, d.seq);
                             if let Some(v) = self.by_channel.get_mut(&d.channel) {
                                 v.retain(|m| m.sub != id);
                             }
                         }
+                        // Not followed by this subscription (its registration with the
+                        // channel's partition is not answered yet, or it never was in it):
+                        // it was not sent this `member:left`, so it has not departed, and a
+                        // resume naming the channel still catches up to it.
+                        None => {}
                     }
                 }
             }
@@ -716,8 +734,18 @@ impl Dispatcher {
     }
 
     fn remove(&mut self, sub: u64) -> Option<Sub> {
-        let s = self.subs.remove(&sub)?;
+        let mut s = self.subs.remove(&sub)?;
         s.outlet.gone.set(true);
+        // The connection is gone for presence, and watches no one any more.
+        let conn = ConnKey::new(self.shard, sub);
+        let mut watched: Vec<UserId> = s.watching.drain().collect();
+        // In user order, not the hash set's, so that a simulated run replays exactly.
+        watched.sort_unstable();
+        self.send_watch(s.user, conn, Vec::new(), watched, None);
+        let report = ConnReport::Gone;
+        let (user, home) = (s.user, self.home(s.user));
+        self.outbox
+            .push((home, ShardMsg::PresenceConn { user, conn, report }));
         if let Some(v) = self.by_user.get_mut(&s.user) {
             v.retain(|x| *x != sub);
             if v.is_empty() {
@@ -742,6 +770,140 @@ impl Dispatcher {
             }
         }
         Some(s)
+    }
+
+    /// The home shard of a user: their presence owner.
+    fn home(&self, user: UserId) -> u32 {
+        crate::presence::home_shard(user, self.routes.shard_count())
+    }
+
+    /// A subscriber changes the set of users it watches: the set is checked against the
+    /// limit, and each change goes to the home shard of the user it names, one message per
+    /// shard. The owners answer what the added users show, through `reply`.
+    pub(crate) fn presence_sub(
+        &mut self,
+        sub: u64,
+        op: WatchOp,
+        mut users: Vec<UserId>,
+        reply: super::Reply<super::Presences>,
+    ) {
+        let Some(s) = self.subs.get_mut(&sub) else {
+            let _ = reply.send(Err(Unavailable::ShuttingDown.into()));
+            return;
+        };
+        users.sort_unstable();
+        users.dedup();
+        let count = match op {
+            WatchOp::Set => users.len(),
+            WatchOp::Add => {
+                s.watching.len() + users.iter().filter(|u| !s.watching.contains(u)).count()
+            }
+            WatchOp::Remove => 0,
+        };
+        if count > PRESENCE_WATCH_MAX {
+            let e = DomainError::TooMany(format!(
+                "a connection watches at most {PRESENCE_WATCH_MAX} users; this would be {count}"
+            ));
+            let _ = reply.send(Err(e.into()));
+            return;
+        }
+        let (add, remove) = match op {
+            WatchOp::Set => {
+                let keep: HashSet<UserId> = users.iter().copied().collect();
+                let mut gone: Vec<UserId> = s
+                    .watching
+                    .iter()
+                    .filter(|u| !keep.contains(u))
+                    .copied()
+                    .collect();
+                gone.sort_unstable();
+                s.watching = keep;
+                (users, gone)
+            }
+            WatchOp::Add => {
+                s.watching.extend(users.iter().copied());
+                (users, Vec::new())
+            }
+            WatchOp::Remove => {
+                users.retain(|u| s.watching.remove(u));
+                if s.watching.capacity() > 2 * s.watching.len() + 16 {
+                    s.watching.shrink_to_fit();
+                }
+                (Vec::new(), users)
+            }
+        };
+        let user = s.user;
+        self.send_watch(
+            user,
+            ConnKey::new(self.shard, sub),
+            add,
+            remove,
+            Some(reply),
+        );
+    }
+
+    /// Sends the watch changes of a connection to the users' home shards, one message per
+    /// shard; the answers for the added users gather into `reply`.
+    fn send_watch(
+        &mut self,
+        watcher: UserId,
+        conn: ConnKey,
+        add: Vec<UserId>,
+        remove: Vec<UserId>,
+        reply: Option<super::Reply<super::Presences>>,
+    ) {
+        let mut by_shard: BTreeMap<u32, (Vec<UserId>, Vec<UserId>)> = BTreeMap::new();
+        for u in add {
+            by_shard.entry(self.home(u)).or_default().0.push(u);
+        }
+        for u in remove {
+            by_shard.entry(self.home(u)).or_default().1.push(u);
+        }
+        let asked = by_shard.values().filter(|(a, _)| !a.is_empty()).count();
+        let gather = reply.map(|r| super::PresenceGather::new(asked, Vec::new(), r));
+        for (shard, (add, remove)) in by_shard {
+            let out = gather.clone().filter(|_| !add.is_empty());
+            let msg = ShardMsg::PresenceWatch {
+                watcher,
+                conn,
+                add,
+                remove,
+                out,
+            };
+            self.outbox.push((shard, msg));
+        }
+    }
+
+    /// A subscriber's person became active or idle: their presence owner hears it.
+    pub(crate) fn presence_activity(&mut self, sub: u64, active: bool) {
+        let Some(s) = self.subs.get(&sub) else {
+            return;
+        };
+        let (user, home) = (s.user, self.home(s.user));
+        let conn = ConnKey::new(self.shard, sub);
+        let report = ConnReport::Active(active);
+        self.outbox
+            .push((home, ShardMsg::PresenceConn { user, conn, report }));
+    }
+
+    /// Pushes a presence record to the local subscribers that still watch its user (one
+    /// may have stopped since the owner sent it). A full queue cuts the subscriber off,
+    /// as for any frame.
+    pub(crate) async fn presence_deliver(&mut self, user: UserId, record: Bytes, subs: Vec<u64>) {
+        let mut cut = Vec::new();
+        for sub in subs {
+            let Some(s) = self.subs.get(&sub) else {
+                continue;
+            };
+            if s.watching.contains(&user)
+                && s.outlet.queue.push(record.clone()) != PushOutcome::Queued
+            {
+                cut.push(sub);
+            }
+        }
+        for sub in cut {
+            self.cut_off(sub, Cutoff::Overflow).await;
+        }
     }
 
     /// Drops subscribers whose receiving side is gone.

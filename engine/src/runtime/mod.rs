@@ -28,6 +28,7 @@ use crate::domain::event::MetaRecord;
 use crate::error::{EngineError, Unavailable};
 use crate::ids::{ChannelId, MessageId, UserId, WorkspaceId};
 use crate::outcome::{ChannelOutcome, ReadOutcome};
+use crate::presence::{ConnKey, Mode, Presence, WatchOp};
 use crate::queue::{FrameSender, InboxSender};
 use crate::view::ChannelView;
 use bytes::Bytes;
@@ -157,6 +158,55 @@ impl Gather {
     }
 }
 
+/// What a connection tells its user's presence owner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ConnReport {
+    /// It opened (active).
+    Connected,
+    /// The person became active (`true`) or idle.
+    Active(bool),
+    /// It closed.
+    Gone,
+}
+
+/// What users show, each with their ID and the owner's change number it includes.
+pub(crate) type Presences = Vec<(UserId, Presence, u64)>;
+
+/// Gathers the presence owners' answers about the users each owns.
+pub(crate) struct PresenceGather {
+    left: AtomicUsize,
+    items: Mutex<Presences>,
+    reply: Mutex<Option<Reply<Presences>>>,
+}
+
+impl PresenceGather {
+    /// Answers `reply` once `count` owners have added theirs (at once when `count` is 0).
+    pub(crate) fn new(
+        count: usize,
+        items: Presences,
+        reply: Reply<Presences>,
+    ) -> Arc<PresenceGather> {
+        let gather = Arc::new(PresenceGather {
+            left: AtomicUsize::new(count + 1),
+            items: Mutex::new(items),
+            reply: Mutex::new(Some(reply)),
+        });
+        gather.add(Vec::new());
+        gather
+    }
+
+    pub(crate) fn add(&self, mut found: Presences) {
+        self.items.lock().expect("gather").append(&mut found);
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let mut items = std::mem::take(&mut *self.items.lock().expect("gather"));
+            items.sort_unstable_by_key(|(u, _, _)| *u);
+            if let Some(reply) = self.reply.lock().expect("gather").take() {
+                let _ = reply.send(Ok(items));
+            }
+        }
+    }
+}
+
 /// Gathers every partition's subscriber index.
 pub(crate) struct Audit {
     left: AtomicUsize,
@@ -257,6 +307,50 @@ pub(crate) enum ShardMsg {
         last: u64,
         done: bool,
     },
+    /// A connection's report to its user's presence owner (this shard).
+    PresenceConn {
+        user: UserId,
+        conn: ConnKey,
+        report: ConnReport,
+    },
+    /// A user sets their presence mode, at their presence owner (this shard).
+    PresenceMode {
+        user: UserId,
+        mode: Mode,
+        dnd_until_us: Option<u64>,
+        reply: Reply<(Presence, Mode, Option<u64>)>,
+    },
+    /// A connection starts or stops watching users whose presence this shard owns. Those
+    /// added are answered through `out`.
+    PresenceWatch {
+        watcher: UserId,
+        conn: ConnKey,
+        add: Vec<UserId>,
+        remove: Vec<UserId>,
+        out: Option<Arc<PresenceGather>>,
+    },
+    /// What users whose presence this shard owns show, as `asker` may see them.
+    PresenceQuery {
+        asker: UserId,
+        users: Vec<UserId>,
+        out: Arc<PresenceGather>,
+    },
+    /// A presence change for this shard's subscribers `subs` that watch `user`: an
+    /// [`crate::presence::Update`] record, encoded once by the owner.
+    PresenceDeliver {
+        user: UserId,
+        record: Bytes,
+        subs: Vec<u64>,
+    },
+    /// A subscriber changes the set of users it watches.
+    PresenceSub {
+        sub: u64,
+        op: WatchOp,
+        users: Vec<UserId>,
+        reply: Reply<Presences>,
+    },
+    /// A subscriber's person became active or idle.
+    PresenceActivity { sub: u64, active: bool },
     /// Run a task of the embedder on this shard (a server's accept loop, say).
     Spawn(Box<dyn FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>> + Send>),
     /// Stop: finish what is in flight, close the logs, and exit.
@@ -291,6 +385,9 @@ impl ShardMsg {
                 | ShardMsg::OnlineAck { .. }
                 | ShardMsg::Resume { .. }
                 | ShardMsg::CatchUpReply { .. }
+                | ShardMsg::PresenceDeliver { .. }
+                | ShardMsg::PresenceSub { .. }
+                | ShardMsg::PresenceActivity { .. }
         )
     }
 
@@ -310,6 +407,13 @@ impl ShardMsg {
             ShardMsg::OnlineAck { .. } => "OnlineAck",
             ShardMsg::Resume { .. } => "Resume",
             ShardMsg::CatchUpReply { .. } => "CatchUpReply",
+            ShardMsg::PresenceConn { .. } => "PresenceConn",
+            ShardMsg::PresenceMode { .. } => "PresenceMode",
+            ShardMsg::PresenceWatch { .. } => "PresenceWatch",
+            ShardMsg::PresenceQuery { .. } => "PresenceQuery",
+            ShardMsg::PresenceDeliver { .. } => "PresenceDeliver",
+            ShardMsg::PresenceSub { .. } => "PresenceSub",
+            ShardMsg::PresenceActivity { .. } => "PresenceActivity",
             ShardMsg::Spawn(_) => "Spawn",
             ShardMsg::Shutdown => "Shutdown",
         }

@@ -120,6 +120,10 @@ struct Shard<E: Env> {
     own: VecDeque<ShardMsg>,
     /// Messages of the dispatcher for other shards whose inbox was full.
     waiting: Waiting<ShardMsg>,
+    /// The presence of the users whose home shard this is (`crate::presence`).
+    presence: crate::presence::PresenceTable,
+    /// Presence deliveries for this shard's own dispatcher, handled as the next events.
+    own_events: VecDeque<ShardMsg>,
 }
 
 /// Messages for full inboxes, per shard in the order they were sent.
@@ -204,6 +208,7 @@ enum Wake {
     Request(Option<ShardMsg>),
     Room,
     Timer,
+    Presence,
 }
 
 impl<E: Env> Shard<E> {
@@ -311,6 +316,8 @@ impl<E: Env> Shard<E> {
             held,
             own: VecDeque::new(),
             waiting: Waiting::new(),
+            presence: crate::presence::PresenceTable::new(config.presence_offline_grace),
+            own_events: VecDeque::new(),
         };
         Ok((shard, inboxes, recovered))
     }
@@ -319,9 +326,11 @@ impl<E: Env> Shard<E> {
         let mut batch = Vec::with_capacity(TURN_MESSAGES_MAX);
         let mut swept = self.env.now();
         let mut retry_at = None;
+        let mut presence_at = None;
         'turns: loop {
             // Events first: the dispatcher never waits, so whatever the requests wait for,
             // the partitions that deliver to this shard always get their messages in.
+            batch.extend(self.own_events.drain(..));
             inboxes.events.drain_into(&mut batch, TURN_MESSAGES_MAX);
             for msg in batch.drain(..) {
                 self.handle_event(msg).await;
@@ -344,6 +353,7 @@ impl<E: Env> Shard<E> {
                 self.dispatcher.sweep().await;
                 swept = self.env.now();
             }
+            self.expire_presence();
             self.route_outbox();
             if let Some(o) = &self.observer.0 {
                 let depth = inboxes.requests.len() + inboxes.events.len();
@@ -351,6 +361,7 @@ impl<E: Env> Shard<E> {
                 self.depth_reported = depth;
             }
             let idle = inboxes.events.is_empty()
+                && self.own_events.is_empty()
                 && (!self.held.is_empty() || (self.own.is_empty() && inboxes.requests.is_empty()));
             if !idle {
                 continue;
@@ -359,7 +370,23 @@ impl<E: Env> Shard<E> {
             if waiting && retry_at.is_none() {
                 retry_at = Some(Box::pin(self.env.sleep(RETRY_INTERVAL)));
             }
-            let wake = std::future::poll_fn(|cx| self.poll_wake(cx, &mut inboxes, &mut retry_at));
+            // A presence deadline (an offline grace, the end of a `dnd`) is a timer of its
+            // own, armed for the earliest: the table is never swept.
+            let next = self.presence.next_deadline();
+            if next != presence_at.as_ref().map(|(at, _)| *at) {
+                presence_at = next.map(|at| {
+                    let wait = at.saturating_duration_since(self.env.now());
+                    (at, Box::pin(self.env.sleep(wait)))
+                });
+            }
+            let wake = std::future::poll_fn(|cx| {
+                if let Some((_, timer)) = presence_at.as_mut() {
+                    if std::future::Future::poll(timer.as_mut(), cx).is_ready() {
+                        return Poll::Ready(Wake::Presence);
+                    }
+                }
+                self.poll_wake(cx, &mut inboxes, &mut retry_at)
+            });
             match wake.await {
                 Wake::Event(Some(msg)) => self.handle_event(msg).await,
                 Wake::Request(Some(msg)) => {
@@ -370,6 +397,10 @@ impl<E: Env> Shard<E> {
                 }
                 Wake::Event(None) | Wake::Request(None) => break,
                 Wake::Room => {}
+                Wake::Presence => {
+                    presence_at = None;
+                    self.expire_presence();
+                }
                 Wake::Timer => {
                     retry_at = None;
                     self.dispatcher.retry_stalled().await;
@@ -556,6 +587,64 @@ impl<E: Env> Shard<E> {
                     self.forward(Held::Partition(p, make()));
                 }
             }
+            ShardMsg::PresenceConn { user, conn, report } => {
+                let (now, unix) = (self.env.now(), self.env.unix_us());
+                let change = match report {
+                    super::ConnReport::Connected => self.presence.connect(unix, user, conn),
+                    super::ConnReport::Active(a) => self.presence.activity(unix, user, conn, a),
+                    super::ConnReport::Gone => self.presence.disconnect(now, unix, user, conn),
+                };
+                self.announce(change);
+            }
+            ShardMsg::PresenceMode {
+                user,
+                mode,
+                dnd_until_us,
+                reply,
+            } => {
+                let (now, unix) = (self.env.now(), self.env.unix_us());
+                let (shown, change) = self.presence.set_mode(now, unix, user, mode, dnd_until_us);
+                self.announce(change);
+                let (mode, until) = self.presence.mode(user);
+                let _ = reply.send(Ok((shown, mode, until)));
+            }
+            ShardMsg::PresenceWatch {
+                watcher,
+                conn,
+                add,
+                remove,
+                out,
+            } => {
+                for user in remove {
+                    self.presence.unwatch(user, conn);
+                }
+                let meta = self.meta.borrow();
+                let mut found = Vec::with_capacity(add.len());
+                for user in add {
+                    // A user who shares no workspace with the watcher is offline to them,
+                    // and is not watched: nothing of theirs ever reaches the watcher.
+                    let (shown, seq) = if meta.share_workspace(watcher, user) {
+                        self.presence.watch(user, conn)
+                    } else {
+                        (crate::presence::Presence::OFFLINE, u64::MAX)
+                    };
+                    found.push((user, shown, seq));
+                }
+                if let Some(out) = out {
+                    out.add(found);
+                }
+            }
+            ShardMsg::PresenceQuery { asker, users, out } => {
+                let meta = self.meta.borrow();
+                let found = users
+                    .into_iter()
+                    .map(|user| match meta.share_workspace(asker, user) {
+                        true => (user, self.presence.get(user), 0),
+                        false => (user, crate::presence::Presence::OFFLINE, 0),
+                    })
+                    .collect();
+                out.add(found);
+            }
             ShardMsg::Spawn(make) => drop(self.env.spawn(make())),
             ShardMsg::Shutdown => {}
             event => unreachable!("an event in the requests inbox: {}", event.name()),
@@ -597,7 +686,58 @@ impl<E: Env> Shard<E> {
                     .catch_up_page(sub, channel, frames, last, done)
                     .await
             }
+            ShardMsg::PresenceDeliver { user, record, subs } => {
+                self.dispatcher.presence_deliver(user, record, subs).await
+            }
+            ShardMsg::PresenceSub {
+                sub,
+                op,
+                users,
+                reply,
+            } => self.dispatcher.presence_sub(sub, op, users, reply),
+            ShardMsg::PresenceActivity { sub, active } => {
+                self.dispatcher.presence_activity(sub, active)
+            }
             request => unreachable!("a request in the events inbox: {}", request.name()),
+        }
+    }
+
+    /// Ends every presence deadline that has passed, and sends what changed.
+    fn expire_presence(&mut self) {
+        let now = self.env.now();
+        if self.presence.next_deadline().is_some_and(|at| at <= now) {
+            for change in self.presence.expire(now) {
+                self.announce(Some(change));
+            }
+        }
+    }
+
+    /// Sends a presence change to the connections watching its user: one message per
+    /// shard that has any, carrying the record encoded once.
+    fn announce(&mut self, change: Option<crate::presence::Change>) {
+        let Some(change) = change else { return };
+        let watchers = self.presence.watchers(change.user);
+        if watchers.is_empty() {
+            return;
+        }
+        let mut by_shard: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+        for w in watchers {
+            by_shard.entry(w.shard()).or_default().push(w.sub());
+        }
+        let record = crate::presence::Update::from(change).encode();
+        let routes = &self.routes;
+        for (shard, subs) in by_shard {
+            let msg = ShardMsg::PresenceDeliver {
+                user: change.user,
+                record: record.clone(),
+                subs,
+            };
+            if shard == self.id {
+                self.own_events.push_back(msg);
+            } else {
+                self.waiting
+                    .send(shard, msg, |shard, msg| try_route(routes, shard, msg));
+            }
         }
     }
 }

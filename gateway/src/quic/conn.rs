@@ -260,6 +260,7 @@ impl Driver {
             SessionConfig {
                 heartbeat_interval_s: config.heartbeat_interval_s,
                 frame_bytes_max: config.ws_frame_bytes_max,
+                presence_flush: std::time::Duration::from_millis(config.presence_flush_ms),
             },
             now,
         );
@@ -548,7 +549,7 @@ impl Driver {
         // Events only while the stream takes writes: otherwise the engine's bounded queue
         // holds them, and cuts the client off when it is full.
         if self.outbox.is_empty() {
-            progressed |= take_events(&mut live.core, &mut live.sub, &mut live.batch, cx);
+            progressed |= take_events(now, &mut live.core, &mut live.sub, &mut live.batch, cx);
         }
         progressed.then_some(Poll::Ready(()))
     }

@@ -37,6 +37,23 @@ pub async fn run_call(
             reference,
             result: engine.typing(user, channel).await.map_err(ApiError::from),
         },
+        Call::PresenceSub {
+            reference,
+            op,
+            users,
+        } => Answer::PresenceSub {
+            reference,
+            result: control
+                .watch_presence(op, users)
+                .await
+                .map_err(ApiError::from),
+        },
+        Call::Activity { active } => {
+            if let Err(e) = control.report_activity(active).await {
+                tracing::debug!(error = %e, %user, "reporting activity failed");
+            }
+            Answer::Activity
+        }
         Call::Command { reference, command } => Answer::Command {
             reference,
             result: command_result(&engine, user, command).await,
@@ -77,6 +94,7 @@ async fn command_result(
 /// queue's waker when it is found empty; a cutoff is handed to the core. Returns whether
 /// anything happened. `batch` is the caller's scratch space, left empty.
 pub fn take_events(
+    now: std::time::Instant,
     core: &mut SessionCore,
     sub: &mut Subscription,
     batch: &mut Vec<Bytes>,
@@ -100,7 +118,7 @@ pub fn take_events(
     };
     let mut progressed = !batch.is_empty();
     for frame in batch.drain(..) {
-        core.push_event(frame);
+        core.push_event(now, frame);
     }
     if batch.capacity() > super::BATCH_FRAMES_MAX {
         batch.shrink_to(super::BATCH_FRAMES_MAX);

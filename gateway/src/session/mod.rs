@@ -36,10 +36,11 @@ use crate::error::ApiError;
 use crate::protocol::{self, ClientFrame, Command};
 use bytes::Bytes;
 use chorus_engine::ids::{ChannelId, UserId};
+use chorus_engine::presence::{Presence, Update, WatchOp, PRESENCE_WATCH_MAX};
 use chorus_engine::queue::Cutoff;
 use chorus_engine::view::MessageView;
 use serde_json::{json, Value};
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 /// How long the session waits for a `resume` as the first frame before it starts live.
@@ -60,6 +61,9 @@ pub struct SessionConfig {
     /// The largest text frame answered; a larger one (that the transport still read) gets
     /// a `too_large` error.
     pub frame_bytes_max: usize,
+    /// The presence window (`presence_flush_ms`): at most one `presence` frame per window,
+    /// holding each changed user's latest status.
+    pub presence_flush: Duration,
 }
 
 /// Why a session ends. The driver maps each to its transport's close (a WebSocket code).
@@ -129,6 +133,20 @@ pub enum Call {
         /// The channel.
         channel: ChannelId,
     },
+    /// A change of the users whose presence the connection watches.
+    PresenceSub {
+        /// The frame's `ref`.
+        reference: Value,
+        /// How the set changes.
+        op: WatchOp,
+        /// The users named.
+        users: Vec<UserId>,
+    },
+    /// The person became active (`true`) or idle.
+    Activity {
+        /// Which.
+        active: bool,
+    },
 }
 
 /// The result of a [`Call`].
@@ -157,6 +175,15 @@ pub enum Answer {
         /// What the engine said.
         result: Result<(), ApiError>,
     },
+    /// The watched set changed, with what each added user shows; or it did not.
+    PresenceSub {
+        /// The frame's `ref`.
+        reference: Value,
+        /// What the engine said.
+        result: Result<Vec<(UserId, Presence, u64)>, ApiError>,
+    },
+    /// The activity was reported (or the session is ending anyway).
+    Activity,
 }
 
 /// Where the session is.
@@ -194,6 +221,18 @@ pub struct SessionCore {
     /// before the cut is sent.
     cut: Option<Cutoff>,
     close: Option<CloseReason>,
+    /// Presence changes of this window, per user: what the client was last told (or would
+    /// have been), the latest, and its change number. See [`SessionCore::flush_presence`].
+    presence: HashMap<UserId, (Presence, Presence, u64)>,
+    /// When the window's `presence` frame goes out; set by the window's first change.
+    presence_flush_at: Option<Instant>,
+    /// The users the client watches, as of the last `presence:sub` handled, each with the
+    /// owner's change number its ack included (0 until the ack): a record of anyone else
+    /// (one that crossed a removal on its way), or of a change the ack included (one that
+    /// was on its way when the user was watched again), is dropped.
+    watching: HashMap<UserId, u64>,
+    /// The activity last reported to the engine; a connection starts active.
+    active: bool,
 }
 
 impl SessionCore {
@@ -215,6 +254,10 @@ impl SessionCore {
             after_start: None,
             cut: None,
             close: None,
+            presence: HashMap::new(),
+            presence_flush_at: None,
+            watching: HashMap::new(),
+            active: true,
         }
     }
 
@@ -283,9 +326,30 @@ impl SessionCore {
         self.close_with(CloseReason::GoingAway);
     }
 
-    /// An engine frame for the client; the driver passes at most [`Self::event_room`].
-    pub fn push_event(&mut self, frame: Bytes) {
-        self.events.push_back(frame);
+    /// An engine frame for the client; the driver passes at most [`Self::event_room`]. A
+    /// presence [`Update`] record is not sent as is: it joins the window's changes.
+    pub fn push_event(&mut self, now: Instant, frame: Bytes) {
+        if !Update::is_update(&frame) {
+            self.events.push_back(frame);
+            return;
+        }
+        let Some(update) = Update::decode(&frame) else {
+            tracing::error!("a presence record that does not decode");
+            return;
+        };
+        if self
+            .watching
+            .get(&update.user)
+            .is_none_or(|after| update.seq <= *after)
+        {
+            return;
+        }
+        self.presence
+            .entry(update.user)
+            .and_modify(|(_, latest, seq)| (*latest, *seq) = (update.new, update.seq))
+            .or_insert((update.old, update.new, update.seq));
+        self.presence_flush_at
+            .get_or_insert(now + self.config.presence_flush);
     }
 
     /// The engine cut the subscription off.
@@ -325,11 +389,38 @@ impl SessionCore {
                     self.reply_error(&reference, &e);
                 }
             }
+            Answer::PresenceSub { reference, result } => match result {
+                Ok(users) => {
+                    // The ack tells the client where each added user stands: a change in
+                    // this window is measured from there.
+                    for (user, shown, seq) in &users {
+                        if let Some(after) = self.watching.get_mut(user) {
+                            *after = *seq;
+                        }
+                        match self.presence.get_mut(user) {
+                            // The ack includes that change already.
+                            Some((_, _, latest)) if *latest <= *seq => {
+                                self.presence.remove(user);
+                            }
+                            Some((told, _, _)) => *told = *shown,
+                            None => {}
+                        }
+                    }
+                    let shown = users.iter().map(|(u, p, _)| (u, p));
+                    self.replies
+                        .push_back(protocol::presence_ack(&reference, shown));
+                }
+                Err(e) => self.reply_error(&reference, &e),
+            },
+            Answer::Activity => {}
         }
     }
 
     /// Time passed: the resume grace may be over, the client may be silent too long.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.presence_flush_at.is_some_and(|at| now >= at) {
+            self.flush_presence();
+        }
         if let Phase::Grace { until } = self.phase {
             if now >= until {
                 self.start(None);
@@ -371,10 +462,11 @@ impl SessionCore {
     /// When the driver must call [`Self::handle_timeout`] next.
     pub fn poll_timeout(&self) -> Instant {
         let heartbeat = self.last_heard + self.silence_max();
-        match self.phase {
+        let next = match self.phase {
             Phase::Grace { until } => until.min(heartbeat),
             _ => heartbeat,
-        }
+        };
+        self.presence_flush_at.map_or(next, |at| at.min(next))
     }
 
     /// Why the session must end now, if it must. After a cut, that is once every frame
@@ -412,6 +504,29 @@ impl SessionCore {
     // -----------------------------------------------------------------------------------
     // Internals
     // -----------------------------------------------------------------------------------
+
+    /// Ends the presence window: one `presence` frame with the latest status of every user
+    /// whose status differs from what the client was last told; nothing for a change undone
+    /// within the window. The next change opens the next window, so frames are at least a
+    /// window apart.
+    fn flush_presence(&mut self) {
+        self.presence_flush_at = None;
+        let mut changed: Vec<(UserId, Presence)> = self
+            .presence
+            .drain()
+            .filter(|(_, (told, latest, _))| !told.same_state(latest))
+            .map(|(user, (_, latest, _))| (user, latest))
+            .collect();
+        if self.presence.capacity() > IDLE_SLOTS_MAX {
+            self.presence.shrink_to(IDLE_SLOTS_MAX);
+        }
+        if changed.is_empty() {
+            return;
+        }
+        changed.sort_unstable_by_key(|(u, _)| *u);
+        let frame = protocol::presence_frame(changed.iter().map(|(u, p)| (u, p)));
+        self.events.push_back(frame);
+    }
 
     fn close_with(&mut self, reason: CloseReason) {
         self.close.get_or_insert(reason);
@@ -457,7 +572,67 @@ impl SessionCore {
                 Ok(()) => self.call = Some(Call::Command { reference, command }),
                 Err(e) => self.reply_error(&reference, &e),
             },
+            ClientFrame::PresenceSub { op, users } => match limits.take_rate(self.user) {
+                Ok(()) => self.presence_sub(reference, op, users),
+                Err(e) => self.reply_error(&reference, &e),
+            },
+            ClientFrame::Activity(active) => {
+                // Only a change reaches the owner: clients may report on every keystroke.
+                if active != self.active {
+                    self.active = active;
+                    self.call = Some(Call::Activity { active });
+                }
+            }
         }
+    }
+
+    /// Changes the watched set at once (so that no record of a user removed is turned into
+    /// a frame from now on) and asks the engine to follow. Past the limit, nothing changes
+    /// and the answer is `too_many`.
+    fn presence_sub(&mut self, reference: Value, op: WatchOp, users: Vec<UserId>) {
+        let count = match op {
+            WatchOp::Set => users.iter().collect::<HashSet<_>>().len(),
+            WatchOp::Add => {
+                let new: HashSet<&UserId> = users
+                    .iter()
+                    .filter(|u| !self.watching.contains_key(u))
+                    .collect();
+                self.watching.len() + new.len()
+            }
+            WatchOp::Remove => 0,
+        };
+        if count > PRESENCE_WATCH_MAX {
+            return self.reply_error(&reference, &protocol::too_many_watched(count));
+        }
+        match op {
+            WatchOp::Set => {
+                let before = std::mem::take(&mut self.watching);
+                self.watching = users
+                    .iter()
+                    .map(|u| (*u, before.get(u).copied().unwrap_or(0)))
+                    .collect();
+            }
+            WatchOp::Add => {
+                for u in &users {
+                    self.watching.entry(*u).or_insert(0);
+                }
+            }
+            WatchOp::Remove => {
+                for u in &users {
+                    self.watching.remove(u);
+                }
+            }
+        }
+        if self.watching.capacity() > 2 * self.watching.len() + IDLE_SLOTS_MAX {
+            self.watching.shrink_to_fit();
+        }
+        let watching = &self.watching;
+        self.presence.retain(|u, _| watching.contains_key(u));
+        self.call = Some(Call::PresenceSub {
+            reference,
+            op,
+            users,
+        });
     }
 
     /// Names the channels of a `resume` whose IDs do not parse: the others are resumed,

@@ -3,6 +3,7 @@
 
 use super::*;
 use chorus_engine::ids::MessageId;
+use chorus_engine::presence::Status;
 use std::cell::{Cell, RefCell};
 
 /// Budgets the tests control: how many commands pass, and whether typing does.
@@ -43,6 +44,7 @@ const USER: UserId = UserId(7);
 const CONFIG: SessionConfig = SessionConfig {
     heartbeat_interval_s: 30,
     frame_bytes_max: 1024,
+    presence_flush: Duration::from_millis(250),
 };
 
 /// A core and the simulated clock driving it.
@@ -54,9 +56,13 @@ struct Harness {
 
 impl Harness {
     fn new() -> Harness {
+        Harness::with(CONFIG)
+    }
+
+    fn with(config: SessionConfig) -> Harness {
         let now = Instant::now();
         Harness {
-            core: SessionCore::new(USER, 0xabc, CONFIG, now),
+            core: SessionCore::new(USER, 0xabc, config, now),
             now,
             limits: FakeLimits::generous(),
         }
@@ -64,7 +70,11 @@ impl Harness {
 
     /// A harness whose session started live (the grace ran out) with `hello` read.
     fn live() -> Harness {
-        let mut h = Harness::new();
+        Harness::live_with(CONFIG)
+    }
+
+    fn live_with(config: SessionConfig) -> Harness {
+        let mut h = Harness::with(config);
         assert_eq!(h.sent()[0]["type"], "hello");
         h.advance(RESUME_GRACE);
         assert_eq!(h.core.poll_call(), Some(Call::Start { since: None }));
@@ -324,8 +334,10 @@ fn events_then_cutoff() {
     let mut h = Harness::live();
     assert_eq!(h.core.event_room(), BATCH_FRAMES_MAX);
     for i in 0..3 {
-        h.core
-            .push_event(Bytes::from(format!(r#"{{"type":"event","seq":{i}}}"#)));
+        h.core.push_event(
+            h.now,
+            Bytes::from(format!(r#"{{"type":"event","seq":{i}}}"#)),
+        );
     }
     h.text(json!({"type": "ping", "ref": "p"}));
     assert_eq!(h.core.event_room(), BATCH_FRAMES_MAX - 3);
@@ -384,8 +396,149 @@ fn close_reasons() {
 fn idle_session_shrinks() {
     let mut h = Harness::live();
     for _ in 0..BATCH_FRAMES_MAX {
-        h.core.push_event(Bytes::from_static(b"{}"));
+        h.core.push_event(h.now, Bytes::from_static(b"{}"));
     }
     h.sent();
     assert!(h.core.events.capacity() <= IDLE_SLOTS_MAX);
+}
+
+/// Watches users, as a client's `presence:sub` and the engine's answer do.
+fn watch(h: &mut Harness, users: &[u64]) {
+    let ids: Vec<String> = users.iter().map(|u| UserId(*u).to_string()).collect();
+    h.text(json!({"type": "presence:sub", "ref": "w", "user_ids": ids}));
+    assert!(matches!(h.core.poll_call(), Some(Call::PresenceSub { .. })));
+    let offline = users
+        .iter()
+        .map(|u| (UserId(*u), Presence::OFFLINE, 0))
+        .collect();
+    h.answer(Answer::PresenceSub {
+        reference: json!("w"),
+        result: Ok(offline),
+    });
+    assert_eq!(h.sent()[0]["type"], "ack");
+}
+
+/// A record of the owner's change number `seq`.
+fn update_at(seq: u64, user: u64, old: Status, new: Status) -> Bytes {
+    let p = |status| Presence {
+        status,
+        dnd_until_us: None,
+        last_active_us: None,
+    };
+    Update {
+        user: UserId(user),
+        old: p(old),
+        new: p(new),
+        seq,
+    }
+    .encode()
+}
+
+fn update(user: u64, old: Status, new: Status) -> Bytes {
+    thread_local!(static SEQ: Cell<u64> = const { Cell::new(100) });
+    let seq = SEQ.with(|s| {
+        s.set(s.get() + 1);
+        s.get()
+    });
+    update_at(seq, user, old, new)
+}
+
+// A burst of presence changes becomes one frame at the end of the window, with only each
+// user's latest status; a change undone within the window sends nothing; the next window
+// opens with the next change, so frames are at least a window apart.
+#[test]
+fn presence_is_coalesced_per_window() {
+    use chorus_engine::presence::Status::{Away, Offline, Online};
+    let mut h = Harness::live();
+    watch(&mut h, &[1, 2]);
+    h.core.push_event(h.now, update(1, Offline, Online));
+    h.advance(Duration::from_millis(10));
+    for (old, new) in [(Online, Away), (Away, Online), (Online, Away)] {
+        h.core.push_event(h.now, update(1, old, new));
+    }
+    h.core.push_event(h.now, update(2, Online, Away));
+    h.core.push_event(h.now, update(2, Away, Online));
+    h.advance(Duration::from_millis(200));
+    assert!(h.sent().is_empty(), "nothing before the window ends");
+    h.advance(Duration::from_millis(40));
+    let sent = h.sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0]["type"], "presence");
+    let users = sent[0]["users"].as_object().expect("users");
+    assert_eq!(users.len(), 1, "user 2 changed and changed back: {sent:?}");
+    assert_eq!(users[&UserId(1).to_string()]["status"], "away");
+    // Undone within the next window: no frame at all.
+    h.core.push_event(h.now, update(1, Away, Online));
+    h.core.push_event(h.now, update(1, Online, Away));
+    h.advance(Duration::from_millis(250));
+    assert!(h.sent().is_empty());
+    assert!(
+        h.core.poll_timeout() > h.now + Duration::from_secs(1),
+        "no window open"
+    );
+}
+
+// `presence:sub` becomes one engine call whose answer is the ack with every user added;
+// a change already in the window is measured from what the ack said.
+#[test]
+fn presence_sub_is_acked_with_the_users() {
+    use chorus_engine::presence::Status::{Away, Offline, Online};
+    let mut h = Harness::live();
+    h.text(json!({"type": "presence:sub", "ref": "s", "user_ids": [UserId(1).to_string()]}));
+    let Some(Call::PresenceSub { op, users, .. }) = h.core.poll_call() else {
+        panic!("a presence call");
+    };
+    assert_eq!((op, users.clone()), (WatchOp::Set, vec![UserId(1)]));
+    // Change 5 arrives before the ack, which includes up to change 7: dropped.
+    h.core.push_event(h.now, update_at(5, 1, Online, Away));
+    let shown = Presence {
+        status: Away,
+        dnd_until_us: None,
+        last_active_us: None,
+    };
+    h.answer(Answer::PresenceSub {
+        reference: json!("s"),
+        result: Ok(vec![(UserId(1), shown, 7)]),
+    });
+    let sent = h.sent();
+    assert_eq!(sent[0]["type"], "ack");
+    assert_eq!(sent[0]["users"][UserId(1).to_string()]["status"], "away");
+    // A change the ack included, arriving late (it crossed a re-watch), is dropped too; a
+    // later one is not.
+    h.core.push_event(h.now, update_at(6, 1, Offline, Online));
+    h.advance(Duration::from_millis(250));
+    assert!(h.sent().is_empty(), "the ack already said away");
+    h.core.push_event(h.now, update_at(8, 1, Away, Online));
+    h.advance(Duration::from_millis(250));
+    assert_eq!(
+        h.sent()[0]["users"][UserId(1).to_string()]["status"],
+        "online"
+    );
+}
+
+// Over 1,000 users is refused with `too_many` before the engine is asked; activity reaches
+// the engine only when it changes.
+#[test]
+fn presence_limits_and_activity() {
+    let mut h = Harness::live_with(SessionConfig {
+        frame_bytes_max: 1 << 20,
+        ..CONFIG
+    });
+    let ids: Vec<String> = (0..1001).map(|i| UserId(i).to_string()).collect();
+    h.text(json!({"type": "presence:sub", "ref": 9, "user_ids": ids}));
+    assert_eq!(h.core.poll_call(), None);
+    let sent = h.sent();
+    assert_eq!(
+        (sent[0]["code"].as_str(), sent[0]["ref"].as_i64()),
+        (Some("too_many"), Some(9))
+    );
+    h.text(json!({"type": "activity", "state": "active"}));
+    assert_eq!(h.core.poll_call(), None, "a connection starts active");
+    h.text(json!({"type": "activity", "state": "idle"}));
+    assert_eq!(h.core.poll_call(), Some(Call::Activity { active: false }));
+    h.answer(Answer::Activity);
+    h.text(json!({"type": "activity", "state": "idle"}));
+    assert_eq!(h.core.poll_call(), None);
+    h.text(json!({"type": "activity", "state": "asleep"}));
+    assert_eq!(h.sent()[0]["code"], "invalid_request");
 }

@@ -16,7 +16,7 @@ use chorus_engine::ids::{ChannelId, MessageId, UserId};
 use chorus_engine::{Engine, EngineError};
 use chorus_gateway::session::{CloseReason, SessionConfig};
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 /// Frames a connection holds in each direction: the socket's buffers.
@@ -26,6 +26,7 @@ const CONNECTION_FRAMES: usize = 4;
 pub const SESSION: SessionConfig = SessionConfig {
     heartbeat_interval_s: 30,
     frame_bytes_max: 1 << 20,
+    presence_flush: Duration::from_millis(250),
 };
 
 /// Chances, in 1/1000, of each action of a connected client; the rest is a short pause.
@@ -46,10 +47,13 @@ struct Mix {
     silent: u32,
     disconnect: u32,
     vanish: u32,
+    presence: u32,
+    activity: u32,
+    mode: u32,
 }
 
 const MIX: Mix = Mix {
-    post: 380,
+    post: 230,
     edit: 70,
     delete: 40,
     react: 80,
@@ -65,6 +69,9 @@ const MIX: Mix = Mix {
     silent: 5,
     disconnect: 40,
     vanish: 20,
+    presence: 60,
+    activity: 120,
+    mode: 40,
 };
 
 /// A client's open connection.
@@ -72,6 +79,13 @@ struct Conn {
     to_server: Pipe<ToServer>,
     from_server: Pipe<ToClient>,
     closed: Option<CloseReason>,
+    /// The users whose presence this connection watches, as of its last ack.
+    watching: BTreeSet<UserId>,
+    /// While a `presence:sub` waits for its ack: the users watched before or after it.
+    transition: Option<BTreeSet<UserId>>,
+    /// What this connection was last told of each watched user (status and `dnd_until`),
+    /// and whether by a `presence` frame (rather than an ack).
+    told: BTreeMap<UserId, (Value, bool)>,
 }
 
 /// One user's client for one life of the node.
@@ -146,6 +160,9 @@ impl Client {
             to_server,
             from_server,
             closed: None,
+            watching: BTreeSet::new(),
+            transition: None,
+            told: BTreeMap::new(),
         });
         self.trace(format!("connects as {conn_id:x}"));
         let roll = self.roll();
@@ -170,6 +187,11 @@ impl Client {
             }
             None if roll < 900 => self.send(json!({"type": "ping", "ref": "first"})),
             None => {}
+        }
+        // Most connections watch some users from the start, as a client showing a member
+        // list does.
+        if self.executor.chance(600) {
+            self.presence_sub().await;
         }
     }
 
@@ -235,6 +257,10 @@ impl Client {
                 return None;
             }
         };
+        if v["type"] == "presence" {
+            self.on_presence(&v);
+            return None;
+        }
         let mut w = self.world.borrow_mut();
         match v["type"].as_str() {
             Some("event") => w.on_event(self.index, frame, &v),
@@ -347,6 +373,160 @@ impl Client {
             self.disconnect(true).await
         } else if next(MIX.vanish) {
             self.disconnect(false).await
+        } else if next(MIX.presence) {
+            self.presence_sub().await
+        } else if next(MIX.activity) {
+            let state = if self.executor.chance(500) {
+                "idle"
+            } else {
+                "active"
+            };
+            self.send(json!({"type": "activity", "state": state}));
+        } else if next(MIX.mode) {
+            self.set_mode().await
+        }
+    }
+
+    /// Whether this client's user shares a workspace with `other`: only then may it see
+    /// their presence.
+    fn shares_workspace(&self, other: UserId) -> bool {
+        let w = self.world.borrow();
+        let mine = &w.users[self.index].workspaces;
+        w.users
+            .iter()
+            .find(|u| u.id == other)
+            .is_some_and(|u| u.workspaces.iter().any(|ws| mine.contains(ws)))
+    }
+
+    fn violation(&self, what: String) {
+        self.world
+            .borrow_mut()
+            .violations
+            .push(format!("user {}: {what}", self.user));
+    }
+
+    /// Changes the set of users this connection watches (any user of the run, including
+    /// ones in no shared workspace, and itself), and checks the ack: exactly the users
+    /// added, and `offline` for every user it may not see.
+    async fn presence_sub(&mut self) {
+        let all: Vec<UserId> = self.world.borrow().users.iter().map(|u| u.id).collect();
+        let named: BTreeSet<UserId> = all
+            .into_iter()
+            .filter(|_| self.executor.chance(500))
+            .collect();
+        let op = ["set", "add", "remove"][self.executor.below(3) as usize];
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        let old = conn.watching.clone();
+        let new: BTreeSet<UserId> = match op {
+            "set" => named.clone(),
+            "add" => old.union(&named).copied().collect(),
+            _ => old.difference(&named).copied().collect(),
+        };
+        conn.transition = Some(old.union(&new).copied().collect());
+        let reference = format!("ps{}", self.world.borrow_mut().unique());
+        let ids: Vec<String> = named.iter().map(|u| u.to_string()).collect();
+        self.send(json!({"type": "presence:sub", "ref": reference, "op": op, "user_ids": ids}));
+        let answer = self.answer(&reference).await;
+        if let Some(conn) = self.conn.as_mut() {
+            conn.transition = None;
+        }
+        let Some(a) = answer else { return };
+        if a["type"] == "error" {
+            if a["code"] != "unavailable" {
+                self.violation(format!("presence:sub refused: {a}"));
+            }
+            return;
+        }
+        let acked = a["users"].as_object().cloned().unwrap_or_default();
+        let expected: BTreeSet<String> = match op {
+            "remove" => BTreeSet::new(),
+            _ => named.iter().map(|u| u.to_string()).collect(),
+        };
+        if acked.keys().cloned().collect::<BTreeSet<_>>() != expected {
+            self.violation(format!("presence:sub {op} acked other users: {a}"));
+        }
+        let mut told = Vec::new();
+        for (id, p) in &acked {
+            let Ok(u) = id.parse::<UserId>() else {
+                self.violation(format!("an ack names {id}"));
+                continue;
+            };
+            if !self.shares_workspace(u)
+                && (p["status"] != "offline" || !p["last_active_at"].is_null())
+            {
+                self.violation(format!("the presence of {u}, in no shared workspace: {p}"));
+            }
+            told.push((u, json!([p["status"], p["dnd_until"]])));
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        conn.told.retain(|u, _| new.contains(u));
+        for (u, key) in told {
+            conn.told.insert(u, (key, false));
+        }
+        conn.watching = new;
+    }
+
+    /// Checks a `presence` frame: only users this connection watches, none it may not
+    /// see, and never a user's state as the last frame already showed it (a change undone
+    /// within the window sends nothing).
+    fn on_presence(&mut self, v: &Value) {
+        self.world.borrow_mut().counters.presence += 1;
+        let users = v["users"].as_object().cloned().unwrap_or_default();
+        if users.is_empty() {
+            self.violation(format!("an empty presence frame: {v}"));
+        }
+        for (id, p) in users {
+            let Ok(u) = id.parse::<UserId>() else {
+                self.violation(format!("a presence frame names {id}"));
+                continue;
+            };
+            if !self.shares_workspace(u) {
+                self.violation(format!("the presence of {u}, in no shared workspace: {v}"));
+            }
+            let status = p["status"].as_str().unwrap_or("");
+            if !["online", "away", "dnd", "offline"].contains(&status) {
+                self.violation(format!("a presence status {status:?}"));
+            }
+            let key = json!([p["status"], p["dnd_until"]]);
+            let Some(conn) = self.conn.as_mut() else {
+                return;
+            };
+            let allowed = conn.transition.as_ref().unwrap_or(&conn.watching);
+            let watched = allowed.contains(&u);
+            let repeat = conn.told.get(&u) == Some(&(key.clone(), true));
+            conn.told.insert(u, (key, true));
+            if !watched {
+                self.violation(format!("the presence of {u}, not watched: {v}"));
+            }
+            if repeat {
+                self.violation(format!(
+                    "a presence frame that changes nothing for {u}: {v}"
+                ));
+            }
+        }
+    }
+
+    /// Sets a presence mode through the API, as REST does: sometimes `dnd` until a moment
+    /// a few seconds ahead, whose end is a timer event of the owner.
+    async fn set_mode(&mut self) {
+        use chorus_engine::presence::Mode;
+        let mode =
+            [Mode::Auto, Mode::Away, Mode::Dnd, Mode::Invisible][self.executor.below(4) as usize];
+        let now_us = crate::env::EPOCH_US + self.executor.elapsed().as_micros() as u64;
+        let until = (mode == Mode::Dnd && self.executor.chance(700))
+            .then(|| now_us + 1_000 + self.executor.below(3_000_000));
+        match self.engine.set_presence(self.user, mode, until).await {
+            Ok(own) if own.mode != mode || own.dnd_until_us != until => {
+                self.violation(format!("set {mode:?} until {until:?}, answered {own:?}"));
+            }
+            Ok(own) if mode == Mode::Invisible && own.presence.status.as_str() != "offline" => {
+                self.violation(format!("invisible, shown {own:?}"));
+            }
+            _ => {}
         }
     }
 

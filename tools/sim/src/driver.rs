@@ -193,7 +193,13 @@ impl Driver {
 
     fn fill_events(&mut self, cx: &mut Context<'_>) {
         if let Some(sub) = self.sub.as_mut() {
-            take_events(&mut self.core, sub, &mut self.batch, cx);
+            take_events(
+                self.executor.now(),
+                &mut self.core,
+                sub,
+                &mut self.batch,
+                cx,
+            );
         }
     }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 /// The simulated wall clock at the start of a run, in microseconds since the Unix epoch
 /// (2026-01-01): event times are this plus simulated time.
-const EPOCH_US: u64 = 1_767_225_600_000_000;
+pub const EPOCH_US: u64 = 1_767_225_600_000_000;
 
 /// Chance, in 1/1000, that `yield_if_needed` yields.
 const YIELD_PERMILLE: u32 = 100;

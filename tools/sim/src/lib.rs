@@ -56,6 +56,8 @@ pub fn engine_config(shards: usize, partitions: u32) -> EngineConfig {
     // restarts from them happen in every run.
     c.segment_bytes_max = 64 * 1024;
     c.snapshot_every_events = 16;
+    // A short offline grace, so that presence deadlines fire in every run.
+    c.presence_offline_grace = std::time::Duration::from_secs(1);
     c
 }
 

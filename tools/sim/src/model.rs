@@ -190,6 +190,8 @@ pub struct Counters {
     pub events: u64,
     /// Typing frames received.
     pub typing: u64,
+    /// `presence` frames received and checked.
+    pub presence: u64,
     /// Operations issued.
     pub ops: u64,
     /// Operations acknowledged.

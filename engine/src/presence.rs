@@ -1,0 +1,586 @@
+//! Presence (`API.md` §10) as a pure state machine: the table a user's home shard keeps for
+//! the users it owns, and the compact update record that carries a change to a watcher.
+//!
+//! [`PresenceTable`] touches no clock, timer, queue or socket. Its owner feeds it what
+//! happened (a connection opened, reported active or idle, went away; a mode was set; a
+//! connection started or stopped watching a user) together with the time, and asks it when
+//! it must be woken next ([`PresenceTable::next_deadline`]). Each input answers the
+//! [`Change`] of what others see, if there is one; the owner sends it to the watchers.
+//! Deadlines (the offline grace, a `dnd_until`) are timer events: the owner sleeps until
+//! the earliest and calls [`PresenceTable::expire`]; nothing sweeps the table.
+//!
+//! The status others see is derived, never stored as a fact:
+//! - a user is *present* while a connection is open or the offline grace after the last one
+//!   runs; a user who is not present, or whose mode is `invisible`, is `offline`;
+//! - otherwise mode `dnd` shows `dnd`, mode `away` shows `away`, and mode `auto` shows
+//!   `online` if any connection is active, `away` if every one reported idle, and, during
+//!   the grace, whatever it showed when the last connection went.
+//!
+//! Presence lives only here, in memory: it is never written to a log, so a restart starts
+//! everyone `offline` in mode `auto`.
+
+use crate::ids::UserId;
+use bytes::Bytes;
+use smallvec::SmallVec;
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+/// Most users one connection watches (`API.md` §10).
+pub const PRESENCE_WATCH_MAX: usize = 1_000;
+/// Most users one presence query names (`API.md` §10).
+pub const PRESENCE_QUERY_MAX: usize = 500;
+
+/// How a `presence:sub` changes a connection's watched set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WatchOp {
+    /// Replace the whole set.
+    Set,
+    /// Add to it.
+    Add,
+    /// Remove from it.
+    Remove,
+}
+
+/// What others see.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Status {
+    /// Present, and active on some connection.
+    Online,
+    /// Present, idle on every connection, or in mode `away`.
+    Away,
+    /// Present, in mode `dnd`.
+    Dnd,
+    /// Not present, or invisible.
+    Offline,
+}
+
+impl Status {
+    /// The name of `API.md`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Online => "online",
+            Status::Away => "away",
+            Status::Dnd => "dnd",
+            Status::Offline => "offline",
+        }
+    }
+
+    fn code(self) -> u8 {
+        self as u8
+    }
+
+    fn from_code(code: u8) -> Option<Status> {
+        [Status::Online, Status::Away, Status::Dnd, Status::Offline]
+            .get(code as usize)
+            .copied()
+    }
+}
+
+/// What the user chose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Derived from the connections (the default).
+    Auto,
+    /// Always `away` while present.
+    Away,
+    /// `dnd` while present, until its deadline if it has one.
+    Dnd,
+    /// `offline` to everyone else.
+    Invisible,
+}
+
+impl Mode {
+    /// The name of `API.md`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Auto => "auto",
+            Mode::Away => "away",
+            Mode::Dnd => "dnd",
+            Mode::Invisible => "invisible",
+        }
+    }
+
+    /// Parses the name of `API.md`.
+    pub fn parse(s: &str) -> Option<Mode> {
+        match s {
+            "auto" => Some(Mode::Auto),
+            "away" => Some(Mode::Away),
+            "dnd" => Some(Mode::Dnd),
+            "invisible" => Some(Mode::Invisible),
+            _ => None,
+        }
+    }
+}
+
+/// A user's presence as others see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Presence {
+    /// The status.
+    pub status: Status,
+    /// When `dnd` ends (microseconds since the Unix epoch), while the status is `dnd`.
+    pub dnd_until_us: Option<u64>,
+    /// When the user was last active (microseconds since the Unix epoch); never shown for
+    /// an invisible user.
+    pub last_active_us: Option<u64>,
+}
+
+impl Presence {
+    /// What a user nobody knows about, or who shares no workspace with the asker, shows.
+    pub const OFFLINE: Presence = Presence {
+        status: Status::Offline,
+        dnd_until_us: None,
+        last_active_us: None,
+    };
+
+    /// Whether two presences show the same state: a status change is a change of the
+    /// status or of the end of `dnd`; `last_active_us` alone is not one.
+    pub fn same_state(&self, other: &Presence) -> bool {
+        self.status == other.status && self.dnd_until_us == other.dnd_until_us
+    }
+}
+
+/// A user's own presence: as others see it, with the mode they chose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OwnPresence {
+    /// What others see.
+    pub presence: Presence,
+    /// The mode.
+    pub mode: Mode,
+    /// When `dnd` ends, in mode `dnd` with an end.
+    pub dnd_until_us: Option<u64>,
+}
+
+/// A connection as the presence owner knows it: its shard and its subscription's ID on
+/// that shard, in one word (16 bits of shard, 48 of subscription), so that a watcher costs
+/// 8 bytes in a watched user's list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnKey(pub u64);
+
+impl ConnKey {
+    const SUB_BITS: u32 = 48;
+
+    /// The key of subscription `sub` of `shard`.
+    pub fn new(shard: u32, sub: u64) -> ConnKey {
+        assert!(
+            shard < 1 << 16,
+            "shard {shard} does not fit a connection key"
+        );
+        assert!(
+            sub < 1 << Self::SUB_BITS,
+            "subscription {sub} does not fit a key"
+        );
+        ConnKey((u64::from(shard) << Self::SUB_BITS) | sub)
+    }
+
+    /// The connection's shard.
+    pub fn shard(self) -> u32 {
+        (self.0 >> Self::SUB_BITS) as u32
+    }
+
+    /// The connection's subscription on its shard.
+    pub fn sub(self) -> u64 {
+        self.0 & ((1 << Self::SUB_BITS) - 1)
+    }
+}
+
+/// The home shard of a user: the shard that owns their presence.
+pub fn home_shard(user: UserId, shards: u32) -> u32 {
+    (xxhash_rust::xxh3::xxh3_64(&user.0.to_le_bytes()) % u64::from(shards.max(1))) as u32
+}
+
+/// A change of what others see of a user.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// Whose.
+    pub user: UserId,
+    /// What they showed before.
+    pub old: Presence,
+    /// What they show now.
+    pub new: Presence,
+    /// The table's change number: every change of the table has a higher one than all
+    /// before it, and [`PresenceTable::watch`] answers the last, so a watcher can tell a
+    /// change its answer already includes from a later one.
+    pub seq: u64,
+}
+
+/// Which deadline of a user.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Deadline {
+    /// The offline grace after the last connection went.
+    Grace,
+    /// The end of `dnd`.
+    Dnd,
+}
+
+/// One user's presence at their home shard.
+#[derive(Debug)]
+struct Entry {
+    /// The open connections, each active (`true`) or idle.
+    conns: SmallVec<[(ConnKey, bool); 2]>,
+    mode: Mode,
+    /// The end of `dnd`: the deadline on the owner's clock and the wall time shown.
+    dnd: Option<(Instant, u64)>,
+    /// While the offline grace runs: when it ends.
+    grace_until: Option<Instant>,
+    /// The `auto` status shown when the last connection went, kept through the grace.
+    kept: Status,
+    last_active_us: Option<u64>,
+    /// What watchers were last told (or would have been).
+    shown: Presence,
+    /// The connections watching this user.
+    watchers: Vec<ConnKey>,
+}
+
+impl Entry {
+    fn new() -> Entry {
+        Entry {
+            conns: SmallVec::new(),
+            mode: Mode::Auto,
+            dnd: None,
+            grace_until: None,
+            kept: Status::Offline,
+            last_active_us: None,
+            shown: Presence::OFFLINE,
+            watchers: Vec::new(),
+        }
+    }
+
+    /// The `auto` status of the open connections.
+    fn auto_status(&self) -> Status {
+        if self.conns.is_empty() {
+            self.kept
+        } else if self.conns.iter().any(|(_, active)| *active) {
+            Status::Online
+        } else {
+            Status::Away
+        }
+    }
+
+    /// What others see now.
+    fn derive(&self) -> Presence {
+        let present = !self.conns.is_empty() || self.grace_until.is_some();
+        let status = match self.mode {
+            _ if !present => Status::Offline,
+            Mode::Invisible => Status::Offline,
+            Mode::Dnd => Status::Dnd,
+            Mode::Away => Status::Away,
+            Mode::Auto => self.auto_status(),
+        };
+        Presence {
+            status,
+            dnd_until_us: match status {
+                Status::Dnd => self.dnd.map(|(_, wall)| wall),
+                _ => None,
+            },
+            last_active_us: match self.mode {
+                Mode::Invisible => None,
+                _ => self.last_active_us,
+            },
+        }
+    }
+
+    /// Nothing here that a restart would not forget anyway... except `last_active_us`,
+    /// which is kept for as long as the process runs.
+    fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+            && self.grace_until.is_none()
+            && self.mode == Mode::Auto
+            && self.watchers.is_empty()
+            && self.last_active_us.is_none()
+    }
+}
+
+/// The presence of the users one shard owns; see the module documentation.
+#[derive(Debug)]
+pub struct PresenceTable {
+    grace: Duration,
+    /// The number of the last change.
+    seq: u64,
+    users: HashMap<UserId, Entry>,
+    /// Every pending deadline, earliest first.
+    deadlines: BTreeSet<(Instant, UserId, Deadline)>,
+}
+
+impl PresenceTable {
+    /// An empty table; everyone is `offline`. `grace` is how long a user stays as they were
+    /// after their last connection went.
+    pub fn new(grace: Duration) -> PresenceTable {
+        PresenceTable {
+            grace,
+            seq: 0,
+            users: HashMap::new(),
+            deadlines: BTreeSet::new(),
+        }
+    }
+
+    /// What others see of `user` now.
+    pub fn get(&self, user: UserId) -> Presence {
+        self.users.get(&user).map_or(Presence::OFFLINE, |e| e.shown)
+    }
+
+    /// The mode `user` chose, and the end of `dnd` shown, if any.
+    pub fn mode(&self, user: UserId) -> (Mode, Option<u64>) {
+        self.users.get(&user).map_or((Mode::Auto, None), |e| {
+            (e.mode, e.dnd.map(|(_, wall)| wall))
+        })
+    }
+
+    /// The connections watching `user`.
+    pub fn watchers(&self, user: UserId) -> &[ConnKey] {
+        self.users.get(&user).map_or(&[], |e| &e.watchers)
+    }
+
+    /// How many users the table holds (for tests and measurements).
+    pub fn len(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Whether the table holds no user.
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+
+    /// When [`Self::expire`] must be called next.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.deadlines.first().map(|(at, _, _)| *at)
+    }
+
+    /// A connection of `user` opened; it counts as active.
+    pub fn connect(&mut self, unix_us: u64, user: UserId, conn: ConnKey) -> Option<Change> {
+        let e = self.users.entry(user).or_insert_with(Entry::new);
+        if !e.conns.iter().any(|(c, _)| *c == conn) {
+            e.conns.push((conn, true));
+        }
+        e.last_active_us = Some(unix_us);
+        if let Some(at) = e.grace_until.take() {
+            self.deadlines.remove(&(at, user, Deadline::Grace));
+        }
+        self.settle(user)
+    }
+
+    /// A connection of `user` reported the person active or idle.
+    pub fn activity(
+        &mut self,
+        unix_us: u64,
+        user: UserId,
+        conn: ConnKey,
+        active: bool,
+    ) -> Option<Change> {
+        let e = self.users.get_mut(&user)?;
+        let (_, state) = e.conns.iter_mut().find(|(c, _)| *c == conn)?;
+        // Activity ends or goes on now: either way, the person was active until now.
+        if active || *state {
+            e.last_active_us = Some(unix_us);
+        }
+        *state = active;
+        self.settle(user)
+    }
+
+    /// A connection of `user` went away. When it was the last, the user stays as they were
+    /// for the grace.
+    pub fn disconnect(
+        &mut self,
+        now: Instant,
+        unix_us: u64,
+        user: UserId,
+        conn: ConnKey,
+    ) -> Option<Change> {
+        let e = self.users.get_mut(&user)?;
+        let i = e.conns.iter().position(|(c, _)| *c == conn)?;
+        let kept = e.auto_status();
+        let (_, active) = e.conns.swap_remove(i);
+        if active {
+            e.last_active_us = Some(unix_us);
+        }
+        if e.conns.is_empty() {
+            e.kept = kept;
+            let at = now + self.grace;
+            e.grace_until = Some(at);
+            self.deadlines.insert((at, user, Deadline::Grace));
+        }
+        self.settle(user)
+    }
+
+    /// `user` chose a mode; `dnd_until_us` (a wall time) ends a `dnd` mode, at `now` plus
+    /// its distance from `unix_us` on the owner's clock. Answers what others see now.
+    pub fn set_mode(
+        &mut self,
+        now: Instant,
+        unix_us: u64,
+        user: UserId,
+        mode: Mode,
+        dnd_until_us: Option<u64>,
+    ) -> (Presence, Option<Change>) {
+        let e = self.users.entry(user).or_insert_with(Entry::new);
+        if let Some((at, _)) = e.dnd.take() {
+            self.deadlines.remove(&(at, user, Deadline::Dnd));
+        }
+        e.mode = mode;
+        if let (Mode::Dnd, Some(wall)) = (mode, dnd_until_us) {
+            let at = now + Duration::from_micros(wall.saturating_sub(unix_us));
+            e.dnd = Some((at, wall));
+            self.deadlines.insert((at, user, Deadline::Dnd));
+        }
+        let change = self.settle(user);
+        (self.get(user), change)
+    }
+
+    /// Every deadline at or before `now`, in time order: the grace ends (the user goes
+    /// `offline`), `dnd` ends (the mode returns to `auto`). Answers the changes they make.
+    pub fn expire(&mut self, now: Instant) -> Vec<Change> {
+        let mut changes = Vec::new();
+        while let Some(&(at, user, which)) = self.deadlines.first() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop_first();
+            let Some(e) = self.users.get_mut(&user) else {
+                continue;
+            };
+            match which {
+                Deadline::Grace => e.grace_until = None,
+                Deadline::Dnd => {
+                    e.dnd = None;
+                    e.mode = Mode::Auto;
+                }
+            }
+            changes.extend(self.settle(user));
+        }
+        changes
+    }
+
+    /// `conn` watches `user` from now on (again, if it did); answers what `user` shows and
+    /// the number of the last change, which that includes.
+    pub fn watch(&mut self, user: UserId, conn: ConnKey) -> (Presence, u64) {
+        let e = self.users.entry(user).or_insert_with(Entry::new);
+        if !e.watchers.contains(&conn) {
+            e.watchers.push(conn);
+        }
+        (e.shown, self.seq)
+    }
+
+    /// `conn` no longer watches `user`.
+    pub fn unwatch(&mut self, user: UserId, conn: ConnKey) {
+        let Some(e) = self.users.get_mut(&user) else {
+            return;
+        };
+        if let Some(i) = e.watchers.iter().position(|c| *c == conn) {
+            e.watchers.swap_remove(i);
+            if e.watchers.capacity() > 4 * e.watchers.len().max(1) {
+                e.watchers.shrink_to_fit();
+            }
+        }
+        if e.is_empty() {
+            self.users.remove(&user);
+        }
+    }
+
+    /// Brings what `user` shows up to date; the change, if the state shown changed.
+    fn settle(&mut self, user: UserId) -> Option<Change> {
+        let e = self.users.get_mut(&user)?;
+        let new = e.derive();
+        let old = e.shown;
+        e.shown = new;
+        if e.is_empty() {
+            self.users.remove(&user);
+        }
+        if old.same_state(&new) {
+            return None;
+        }
+        self.seq += 1;
+        Some(Change {
+            user,
+            old,
+            new,
+            seq: self.seq,
+        })
+    }
+}
+
+/// The first byte of an update record. Every frame of `API.md` is a JSON object and starts
+/// with `{`, so a subscriber's queue can carry both and its reader tell them apart.
+pub const UPDATE_TAG: u8 = 0;
+/// The length of an update record.
+pub const UPDATE_BYTES: usize = 44;
+
+/// A change of one watched user, as a watcher's connection receives it: encoded once by
+/// the owner, shared by every watcher, and never sent to a client as is (the session turns
+/// the latest of each user into a `presence` frame).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Update {
+    /// Whose.
+    pub user: UserId,
+    /// What they showed before.
+    pub old: Presence,
+    /// What they show now.
+    pub new: Presence,
+    /// The owner's change number ([`Change::seq`]).
+    pub seq: u64,
+}
+
+impl Update {
+    /// The record: tag, version 1, old and new status, then little-endian user, old and
+    /// new `dnd_until` and `last_active` (each 0 for none), and the change number.
+    pub fn encode(&self) -> Bytes {
+        let mut out = Vec::with_capacity(UPDATE_BYTES);
+        out.extend_from_slice(&[
+            UPDATE_TAG,
+            1,
+            self.old.status.code(),
+            self.new.status.code(),
+        ]);
+        out.extend_from_slice(&self.user.0.to_le_bytes());
+        out.extend_from_slice(&self.old.dnd_until_us.unwrap_or(0).to_le_bytes());
+        out.extend_from_slice(&self.new.dnd_until_us.unwrap_or(0).to_le_bytes());
+        out.extend_from_slice(&self.new.last_active_us.unwrap_or(0).to_le_bytes());
+        out.extend_from_slice(&self.seq.to_le_bytes());
+        Bytes::from(out)
+    }
+
+    /// Reads a record made by [`Update::encode`]; `None` for anything else.
+    pub fn decode(bytes: &[u8]) -> Option<Update> {
+        if bytes.len() != UPDATE_BYTES || bytes[0] != UPDATE_TAG || bytes[1] != 1 {
+            return None;
+        }
+        let word = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&bytes[i..i + 8]);
+            u64::from_le_bytes(b)
+        };
+        let some = |v: u64| (v != 0).then_some(v);
+        let last_active_us = some(word(28));
+        Some(Update {
+            user: UserId(word(4)),
+            old: Presence {
+                status: Status::from_code(bytes[2])?,
+                dnd_until_us: some(word(12)),
+                last_active_us,
+            },
+            new: Presence {
+                status: Status::from_code(bytes[3])?,
+                dnd_until_us: some(word(20)),
+                last_active_us,
+            },
+            seq: word(36),
+        })
+    }
+
+    /// Whether a frame in a subscriber's queue is an update record.
+    pub fn is_update(frame: &[u8]) -> bool {
+        frame.first() == Some(&UPDATE_TAG)
+    }
+}
+
+impl From<Change> for Update {
+    fn from(c: Change) -> Update {
+        Update {
+            user: c.user,
+            old: c.old,
+            new: c.new,
+            seq: c.seq,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,306 @@
+//! The presence table against a plain model under random events and simulated time.
+
+use super::*;
+use std::collections::BTreeMap;
+
+const GRACE: Duration = Duration::from_secs(3);
+const EPOCH_US: u64 = 1_700_000_000_000_000;
+
+/// A seeded generator (SplitMix64), so that a failing seed replays exactly.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// One user in the model: the facts, with the status computed from them at any time.
+#[derive(Default)]
+struct ModelUser {
+    conns: BTreeMap<u64, bool>,
+    mode: Option<Mode>,
+    /// The end of `dnd`: on the clock, and as shown.
+    dnd: Option<(Instant, u64)>,
+    /// When the last connection went, and the `auto` status it left behind.
+    left: Option<(Instant, Status)>,
+}
+
+impl ModelUser {
+    fn state(&self, t: Instant) -> (Status, Option<u64>) {
+        let dnd_over = self.dnd.is_some_and(|(at, _)| t >= at);
+        let mode = match self.mode.unwrap_or(Mode::Auto) {
+            Mode::Dnd if dnd_over => Mode::Auto,
+            m => m,
+        };
+        let in_grace = self.left.is_some_and(|(at, _)| t < at + GRACE);
+        if (self.conns.is_empty() && !in_grace) || mode == Mode::Invisible {
+            return (Status::Offline, None);
+        }
+        match mode {
+            Mode::Dnd => (Status::Dnd, self.dnd.map(|(_, wall)| wall)),
+            Mode::Away => (Status::Away, None),
+            _ if self.conns.is_empty() => (self.left.expect("in grace").1, None),
+            _ if self.conns.values().any(|a| *a) => (Status::Online, None),
+            _ => (Status::Away, None),
+        }
+    }
+}
+
+struct Run {
+    seed: u64,
+    start: Instant,
+    now: Instant,
+    table: PresenceTable,
+    model: Vec<ModelUser>,
+    /// What a watcher that got every change would show.
+    seen: Vec<Presence>,
+    last_seq: u64,
+}
+
+impl Run {
+    fn unix(&self) -> u64 {
+        EPOCH_US + (self.now - self.start).as_micros() as u64
+    }
+
+    fn take(&mut self, change: Option<Change>, step: usize) {
+        let Some(c) = change else { return };
+        let u = c.user.0 as usize;
+        assert!(
+            c.old.same_state(&self.seen[u]),
+            "seed {} step {step}: a change from {:?}, but the watcher saw {:?}",
+            self.seed,
+            c.old,
+            self.seen[u]
+        );
+        assert!(
+            !c.old.same_state(&c.new),
+            "seed {}: an empty change",
+            self.seed
+        );
+        assert!(c.seq > self.last_seq, "seed {}: numbers go up", self.seed);
+        self.last_seq = c.seq;
+        self.seen[u] = c.new;
+    }
+
+    fn check(&self, step: usize, what: &str) {
+        for (u, m) in self.model.iter().enumerate() {
+            let (status, dnd) = m.state(self.now);
+            let seen = self.seen[u];
+            assert_eq!(
+                (seen.status, seen.dnd_until_us),
+                (status, dnd),
+                "seed {} step {step} ({what}) user {u} at {:?}",
+                self.seed,
+                self.now - self.start
+            );
+            assert!(self.table.get(UserId(u as u64)).same_state(&seen));
+        }
+    }
+
+    /// Moves the clock to `to`, waking at every deadline on the way as the owner's timer
+    /// does, and checks the model at each.
+    fn advance(&mut self, to: Instant, step: usize) {
+        while let Some(at) = self.table.next_deadline().filter(|at| *at <= to) {
+            assert!(at >= self.now, "seed {}: a deadline in the past", self.seed);
+            self.now = at;
+            for c in self.table.expire(at) {
+                self.take(Some(c), step);
+            }
+            self.check(step, "deadline");
+        }
+        self.now = to;
+        self.check(step, "advance");
+    }
+}
+
+fn run(seed: u64, steps: usize) {
+    let mut rng = Rng(seed);
+    let start = Instant::now();
+    let users = 1 + rng.below(4) as usize;
+    let mut r = Run {
+        seed,
+        start,
+        now: start,
+        table: PresenceTable::new(GRACE),
+        model: (0..users).map(|_| ModelUser::default()).collect(),
+        seen: vec![Presence::OFFLINE; users],
+        last_seq: 0,
+    };
+    for step in 0..steps {
+        let u = rng.below(users as u64) as usize;
+        let user = UserId(u as u64);
+        let c = rng.below(3);
+        let conn = ConnKey::new(0, (u as u64) * 8 + c);
+        let (now, unix) = (r.now, r.unix());
+        let open = r.model[u].conns.contains_key(&c);
+        match rng.below(10) {
+            0..=1 if !open => {
+                let change = r.table.connect(unix, user, conn);
+                r.model[u].conns.insert(c, true);
+                r.model[u].left = None;
+                r.take(change, step);
+            }
+            0..=2 if open => {
+                let active = rng.below(2) == 0;
+                let change = r.table.activity(unix, user, conn, active);
+                r.model[u].conns.insert(c, active);
+                r.take(change, step);
+            }
+            3 if open => {
+                let m = &mut r.model[u];
+                let auto = if m.conns.values().any(|a| *a) {
+                    Status::Online
+                } else {
+                    Status::Away
+                };
+                m.conns.remove(&c);
+                if m.conns.is_empty() {
+                    m.left = Some((now, auto));
+                }
+                let change = r.table.disconnect(now, unix, user, conn);
+                r.take(change, step);
+            }
+            4 => {
+                let mode =
+                    [Mode::Auto, Mode::Away, Mode::Dnd, Mode::Invisible][rng.below(4) as usize];
+                let until = (mode == Mode::Dnd && rng.below(3) > 0)
+                    .then(|| unix + 1 + rng.below(5_000_000));
+                let (own, change) = r.table.set_mode(now, unix, user, mode, until);
+                let m = &mut r.model[u];
+                m.mode = Some(mode);
+                m.dnd = until.map(|wall| (now + Duration::from_micros(wall - unix), wall));
+                r.take(change, step);
+                assert!(own.same_state(&r.seen[u]));
+                assert_eq!(r.table.mode(user), (mode, until));
+            }
+            _ => {
+                let to = now + Duration::from_micros(rng.below(2_000_000));
+                r.advance(to, step);
+            }
+        }
+        r.check(step, "event");
+    }
+    // Everyone leaves: after the grace and every dnd, all are offline and nothing is left
+    // but what a restart would forget too.
+    for u in 0..users {
+        let conns: Vec<u64> = r.model[u].conns.keys().copied().collect();
+        for c in conns {
+            let (now, unix) = (r.now, r.unix());
+            let m = &mut r.model[u];
+            let auto = if m.conns.values().any(|a| *a) {
+                Status::Online
+            } else {
+                Status::Away
+            };
+            m.conns.remove(&c);
+            if m.conns.is_empty() {
+                m.left = Some((now, auto));
+            }
+            let change = r.table.disconnect(
+                now,
+                unix,
+                UserId(u as u64),
+                ConnKey::new(0, u as u64 * 8 + c),
+            );
+            r.take(change, steps);
+        }
+    }
+    let end = r.now + GRACE + Duration::from_secs(6);
+    r.advance(end, steps);
+    assert!(r.seen.iter().all(|p| p.status == Status::Offline));
+    assert_eq!(
+        r.table.next_deadline(),
+        None,
+        "seed {seed}: a deadline left"
+    );
+}
+
+// The table's changes, folded as a watcher folds them, always show what the plain model
+// computes from the facts, at every event and at every deadline, over many seeds.
+#[test]
+fn table_matches_the_model() {
+    let seeds: u64 = std::env::var("CHORUS_PRESENCE_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2_000);
+    for seed in 0..seeds {
+        run(seed, 200);
+    }
+}
+
+// A reconnect within the grace changes nothing others see; after the grace the user is
+// offline, once.
+#[test]
+fn reconnect_within_grace_is_silent() {
+    let t0 = Instant::now();
+    let mut table = PresenceTable::new(GRACE);
+    let u = UserId(7);
+    let (a, b) = (ConnKey::new(0, 1), ConnKey::new(1, 1));
+    let on = table.connect(EPOCH_US, u, a).expect("online");
+    assert_eq!(on.new.status, Status::Online);
+    assert_eq!(table.disconnect(t0, EPOCH_US, u, a), None);
+    assert!(table
+        .expire(t0 + GRACE - Duration::from_millis(1))
+        .is_empty());
+    assert_eq!(table.connect(EPOCH_US, u, b), None);
+    assert_eq!(table.next_deadline(), None);
+    assert_eq!(
+        table.disconnect(t0 + Duration::from_secs(2), EPOCH_US, u, b),
+        None
+    );
+    let off = table.expire(t0 + Duration::from_secs(2) + GRACE);
+    assert_eq!(off.len(), 1);
+    assert_eq!(off[0].new.status, Status::Offline);
+    assert_eq!(off[0].new.last_active_us, Some(EPOCH_US));
+}
+
+// Watchers are kept per watched user, once each, and a user nobody watches or sees is
+// forgotten.
+#[test]
+fn watchers_are_kept_once_and_forgotten() {
+    let mut table = PresenceTable::new(GRACE);
+    let u = UserId(3);
+    let (a, b) = (ConnKey::new(2, 9), ConnKey::new(0, 4));
+    assert_eq!(table.watch(u, a), (Presence::OFFLINE, 0));
+    table.watch(u, a);
+    table.watch(u, b);
+    assert_eq!(table.watchers(u), &[a, b]);
+    table.unwatch(u, a);
+    assert_eq!(table.watchers(u), &[b]);
+    table.unwatch(u, b);
+    assert!(table.is_empty());
+    assert_eq!((a.shard(), a.sub()), (2, 9));
+}
+
+// An update record survives its encoding, and no JSON frame reads as one.
+#[test]
+fn update_records_round_trip() {
+    let update = Update {
+        user: UserId(42),
+        old: Presence::OFFLINE,
+        new: Presence {
+            status: Status::Dnd,
+            dnd_until_us: Some(EPOCH_US + 5),
+            last_active_us: Some(EPOCH_US),
+        },
+        seq: 9,
+    };
+    let bytes = update.encode();
+    assert_eq!(bytes.len(), UPDATE_BYTES);
+    assert!(Update::is_update(&bytes));
+    let back = Update::decode(&bytes).expect("decodes");
+    assert_eq!(back.new, update.new);
+    assert_eq!((back.user, back.seq), (update.user, 9));
+    assert!(back.old.same_state(&update.old));
+    assert!(!Update::is_update(br#"{"type":"event"}"#));
+    assert_eq!(Update::decode(br#"{"type":"event"}"#), None);
+}
