@@ -239,6 +239,7 @@ impl Client {
         match v["type"].as_str() {
             Some("event") => w.on_event(self.index, frame, &v),
             Some("resumed") => w.on_resumed(self.index, &v),
+            Some("read") => w.on_read(self.index, &v),
             Some("typing") => {
                 w.counters.typing += 1;
                 if v["user_id"].as_str() == Some(&self.user.to_string()) {
