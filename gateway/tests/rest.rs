@@ -841,6 +841,8 @@ const API_MD_CALLS: &[(&str, &str)] = &[
     ("get", "/api/v1/channels/{cid}/messages/{mid}/history"),
     ("put", "/api/v1/channels/{cid}/messages/{mid}/reactions/{emoji}"),
     ("delete", "/api/v1/channels/{cid}/messages/{mid}/reactions/{emoji}"),
+    ("post", "/api/v1/channels/{cid}/read"),
+    ("get", "/api/v1/workspaces/{wid}/unreads"),
 ];
 
 /// A request body for an operation, from its schema's required fields.
@@ -857,6 +859,7 @@ fn sample_body(op: &Value, n: usize, carol: &User, bob: &User) -> Option<Vec<u8>
             "text" => json!("hello"),
             "user_ids" => json!([bob.id]),
             "user_id" => json!(bob.id),
+            "seq" => json!(1),
             other => panic!("no sample for required field {other}"),
         };
         body.insert(name.to_owned(), value);

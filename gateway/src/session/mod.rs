@@ -37,7 +37,7 @@ use crate::protocol::{self, ClientFrame, Command};
 use bytes::Bytes;
 use chorus_engine::ids::{ChannelId, UserId};
 use chorus_engine::queue::Cutoff;
-use chorus_engine::view::MessageView;
+use chorus_engine::view::{MessageView, ReadView};
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -129,6 +129,15 @@ pub enum Call {
         /// The channel.
         channel: ChannelId,
     },
+    /// Move the read marker of a channel forward.
+    MarkRead {
+        /// The frame's `ref`.
+        reference: Value,
+        /// The channel.
+        channel: ChannelId,
+        /// The highest seq read.
+        seq: u64,
+    },
 }
 
 /// The result of a [`Call`].
@@ -156,6 +165,13 @@ pub enum Answer {
         reference: Value,
         /// What the engine said.
         result: Result<(), ApiError>,
+    },
+    /// A read marker was marked (with the caller's read state), or the mark failed.
+    Read {
+        /// The frame's `ref`.
+        reference: Value,
+        /// What the engine said.
+        result: Result<ReadView, ApiError>,
     },
 }
 
@@ -325,6 +341,13 @@ impl SessionCore {
                     self.reply_error(&reference, &e);
                 }
             }
+            Answer::Read { reference, result } => {
+                let frame = match result {
+                    Ok(read) => protocol::ack_read(&reference, &read),
+                    Err(e) => protocol::error_frame(&reference, &e),
+                };
+                self.replies.push_back(frame);
+            }
         }
     }
 
@@ -453,6 +476,16 @@ impl SessionCore {
                     self.call = Some(Call::Typing { reference, channel });
                 }
             }
+            ClientFrame::MarkRead { channel, seq } => match limits.take_rate(self.user) {
+                Ok(()) => {
+                    self.call = Some(Call::MarkRead {
+                        reference,
+                        channel,
+                        seq,
+                    })
+                }
+                Err(e) => self.reply_error(&reference, &e),
+            },
             ClientFrame::Command(command) => match limits.take_rate(self.user) {
                 Ok(()) => self.call = Some(Call::Command { reference, command }),
                 Err(e) => self.reply_error(&reference, &e),
