@@ -46,6 +46,7 @@ struct Mix {
     silent: u32,
     disconnect: u32,
     vanish: u32,
+    read: u32,
 }
 
 const MIX: Mix = Mix {
@@ -65,6 +66,7 @@ const MIX: Mix = Mix {
     silent: 5,
     disconnect: 40,
     vanish: 20,
+    read: 40,
 };
 
 /// A client's open connection.
@@ -348,6 +350,8 @@ impl Client {
             self.disconnect(true).await
         } else if next(MIX.vanish) {
             self.disconnect(false).await
+        } else if next(MIX.read) {
+            self.mark_read().await
         }
     }
 
@@ -565,6 +569,52 @@ impl Client {
         };
         self.trace(format!("resumes {since:?}"));
         self.send(json!({"type": "resume", "since": since}));
+    }
+
+    /// Marks a channel read up to the last seq received of it (`read:mark`). The ack's
+    /// marker is at least that seq (markers only move forward), at most the channel's
+    /// last seq, and counts no more mentions than unread messages. A channel left
+    /// meanwhile is `not_found`. (The ack is not checked against the `read` frames: an
+    /// answer goes out before events already queued, so it may overtake older frames.)
+    async fn mark_read(&mut self) {
+        let picked = {
+            let w = self.world.borrow();
+            let u = &w.users[self.index];
+            let known: Vec<(ChannelId, u64)> = u
+                .last
+                .iter()
+                .filter(|(c, _)| u.channels.contains(c))
+                .map(|(c, s)| (*c, *s))
+                .collect();
+            known
+        };
+        let Some((channel, seq)) = self.pick(&picked) else {
+            return;
+        };
+        let reference = format!("read{}", self.world.borrow_mut().unique());
+        self.send(json!({"type": "read:mark", "ref": reference,
+            "channel_id": channel.to_string(), "seq": seq}));
+        let Some(a) = self.answer(&reference).await else {
+            return;
+        };
+        let r = &a["read"];
+        let ok = match a["type"].as_str() {
+            Some("ack") => {
+                let n = |k: &str| r[k].as_u64().unwrap_or(0);
+                r["channel_id"] == channel.to_string()
+                    && n("read_seq") >= seq
+                    && n("read_seq") <= n("last_seq")
+                    && n("mention_count") <= n("unread_count")
+            }
+            Some("error") => matches!(a["code"].as_str(), Some("not_found" | "unavailable")),
+            _ => false,
+        };
+        if !ok {
+            self.world.borrow_mut().violations.push(format!(
+                "user {}: read:mark of {channel} at {seq} answered {a}",
+                self.user
+            ));
+        }
     }
 
     async fn ping(&mut self) {
