@@ -354,8 +354,9 @@ fn read_frames_reach_every_connection() {
     ws.ping("alive");
 }
 
-// Markers are durable: after a SIGKILL (replaying the log) and after a drain (loading the
-// shutdown snapshot), every marker and count is as it was, and still only moves forward.
+// Markers are durable: after a SIGKILL (replaying the log), after a drain (loading the
+// shutdown snapshot), and after a SIGKILL that follows marks made since the snapshot, every
+// marker and count is as it was, and still only moves forward.
 #[test]
 fn markers_survive_sigkill_and_restart() {
     let mut server = Server::start(UNLIMITED);
@@ -401,6 +402,17 @@ fn markers_survive_sigkill_and_restart() {
     );
     let log = server.log();
     assert!(!log.contains("ignoring"), "a snapshot was not used: {log}");
+
+    // Marks after the snapshot replay over it.
+    let moved = mark_ok(&server, &bob, &channels[2], 5);
+    assert_eq!(counts(&moved), (5, 0, 0), "the marker moved");
+    server.kill();
+    server.restart();
+    assert_eq!(
+        read_of(&server, &bob, &wid, &channels[2]),
+        moved,
+        "snapshot, then the log"
+    );
 }
 
 // Nothing of another workspace is reachable: marking a channel there, or listing its
