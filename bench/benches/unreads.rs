@@ -42,6 +42,8 @@ struct Seeded {
     reader: UserId,
     workspace: String,
     channels: Vec<ChannelId>,
+    /// The same unreads asked of the embedded engine in process (no HTTP, JWT or JSON).
+    in_process: LatencySummary,
 }
 
 fn seed_data(
@@ -97,10 +99,18 @@ fn seed_data(
         while let Some(r) = pending.next().await {
             r?;
         }
+        let mut in_process = latency::histogram_us();
+        for _ in 0..env_u64("CHORUS_BENCH_UNREADS_QUERIES", 2_000) {
+            let started = Instant::now();
+            let (reads, _) = engine.unreads(reader.id, ws.id, None, channels).await?;
+            latency::record(&mut in_process, started.elapsed());
+            assert_eq!(reads.len(), channels);
+        }
         Ok::<_, chorus_engine::EngineError>(Seeded {
             reader: reader.id,
             workspace: ws.id.to_string(),
             channels: ids,
+            in_process: LatencySummary::of(&in_process),
         })
     })
     .expect("seed");
@@ -257,9 +267,11 @@ fn main() {
         let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
         let r = run_once(&seeded, messages, dir.path(), &settings);
         println!(
-            "run {run}: GET /unreads ({channels} channels) idle p50 {:.2} ms p99 {:.2} ms max {:.2} ms; \
+            "run {run}: engine.unreads in process p50 {:.2} ms p99 {:.2} ms; GET /unreads ({channels} channels) idle p50 {:.2} ms p99 {:.2} ms max {:.2} ms; \
              beside marks p50 {:.2} ms p99 {:.2} ms ({} requests); marks {:.0}/s, p50 {:.2} ms p99 {:.2} ms max {:.2} ms; \
              load {}",
+            ms(seeded.in_process.p50_us),
+            ms(seeded.in_process.p99_us),
             ms(r.idle.p50_us),
             ms(r.idle.p99_us),
             ms(r.idle.max_us),
