@@ -19,7 +19,7 @@
 //! watermark holds from the first moment: one that acknowledged nothing yet pins its logs
 //! whole.
 
-use crate::domain::event::{self, ChannelRecord, Decoded, MetaRecord};
+use crate::domain::event::{self, ChannelRecord, Decoded, MetaRecord, ReadRecord};
 use crate::error::{Corrupt, EngineError, Unavailable};
 use crate::outcome::Reply;
 use chorus_log::Record;
@@ -50,13 +50,15 @@ pub struct CommittedEvent {
     pub event: CommittedKind,
 }
 
-/// The two kinds of event a log holds.
+/// The kinds of record a log holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommittedKind {
     /// A metadata event.
     Meta(MetaRecord),
     /// A channel event, with its channel, workspace and seq.
     Channel(ChannelRecord),
+    /// A member's read marker moved forward (not a channel event: no seq).
+    Read(ReadRecord),
 }
 
 /// A page of a log's committed events.
@@ -130,6 +132,7 @@ pub(crate) fn page(
             let event = match event::decode(&r.payload) {
                 Ok(Decoded::Meta(m)) => CommittedKind::Meta(m),
                 Ok(Decoded::Channel(c)) => CommittedKind::Channel(c),
+                Ok(Decoded::Read(r)) => CommittedKind::Read(r),
                 Err(source) => {
                     return Err(Corrupt::Event {
                         log: log.to_owned(),

@@ -24,7 +24,7 @@ use crate::runtime::{
     ChannelRead, Gather, PartitionMsg, Reply, Routes, ShardInboxes, ShardMsg, ShardSenders,
     ShardSetup, Started, CURRENT_SHARD,
 };
-use crate::view::{ChannelView, MemberView, MessageView, UserView, WorkspaceView};
+use crate::view::{ChannelView, MemberView, MessageView, ReadView, UserView, WorkspaceView};
 use bytes::Bytes;
 use chorus_log::DiskRoot;
 use futures::channel::oneshot;
@@ -905,6 +905,73 @@ impl Engine {
             shard,
         )
         .await
+    }
+
+    /// Marks a channel read up to `seq` (`API.md` §9) and answers the caller's read state.
+    /// The marker only moves forward: a `seq` at or below it changes nothing and answers
+    /// the marker as it stands. A `seq` above the channel's last is refused (`Invalid`); a
+    /// channel the caller is not a member of is `NotFound`. A move is durable before the
+    /// answer, is not a channel event (no seq), and every connection of the caller gets a
+    /// `read` frame.
+    pub async fn mark_read(
+        &self,
+        user: UserId,
+        channel: ChannelId,
+        seq: u64,
+    ) -> Result<ReadView, EngineError> {
+        let (partition, shard) = self.partition_shard(channel)?;
+        ask(
+            |reply| ShardMsg::Partition {
+                partition,
+                msg: PartitionMsg::MarkRead {
+                    user,
+                    channel,
+                    seq,
+                    reply,
+                },
+            },
+            &self.inner.routes,
+            shard,
+        )
+        .await
+    }
+
+    /// The caller's read state in every channel of the workspace they are a member of,
+    /// in channel order: at most `limit` after the channel `after`, and the channel to
+    /// continue after when there are more. No message is walked: each channel's counts
+    /// come from its indexes.
+    pub async fn unreads(
+        &self,
+        user: UserId,
+        workspace: WorkspaceId,
+        after: Option<ChannelId>,
+        limit: usize,
+    ) -> Result<(Vec<ReadView>, Option<ChannelId>), EngineError> {
+        self.meta_read(user.0, |reply| MetaRead::InWorkspace {
+            user,
+            workspace,
+            reply,
+        })
+        .await?;
+        let (tx, rx) = oneshot::channel();
+        let gather = Gather::new(self.inner.config.partitions as usize, tx);
+        for s in 0..self.inner.routes.shard_count() {
+            let g = gather.clone();
+            let msg = ShardMsg::AllPartitions(Box::new(move || PartitionMsg::Unreads {
+                user,
+                workspace,
+                after,
+                limit,
+                out: g.clone(),
+            }));
+            self.inner.routes.send(s, msg).await?;
+        }
+        let mut reads = rx.await.map_err(|_| Unavailable::ShardStopped)??;
+        let next = (reads.len() > limit).then(|| {
+            reads.truncate(limit);
+            reads.last().map(|r| r.channel_id)
+        });
+        Ok((reads, next.flatten()))
     }
 
     /// Joins a public channel.

@@ -41,6 +41,7 @@ fn encode(decoded: &Decoded, frame: &[u8]) -> Vec<u8> {
     match decoded {
         Decoded::Meta(record) => event::encode_meta(record),
         Decoded::Channel(record) => event::encode_channel(record, frame),
+        Decoded::Read(record) => event::encode_read(record),
     }
 }
 

@@ -5,12 +5,12 @@
 //! missing, of another version, damaged, or ahead of its log is ignored (with a line on
 //! stderr) and the partition replays its whole log, as it did before snapshots existed.
 //!
-//! File format, version 1, all integers little-endian:
+//! File format, version 2 (version 1 had no read markers), all integers little-endian:
 //!
 //! | bytes | field |
 //! |---|---|
 //! | 8 | magic `CHORSNAP` |
-//! | 4 | format version (1) |
+//! | 4 | format version (2) |
 //! | 4 | partition id |
 //! | 8 | `next_offset`: the log offset after the last event the snapshot covers |
 //! | 8 | body length `n` |
@@ -27,7 +27,7 @@ use std::io;
 
 const MAGIC: &[u8; 8] = b"CHORSNAP";
 /// The snapshot format version written by this code.
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 1;
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 2;
 const HEADER_BYTES: usize = 8 + 4 + 4 + 8 + 8;
 
 /// Why a snapshot could not be used.

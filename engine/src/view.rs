@@ -7,6 +7,7 @@
 use crate::domain::channel::{ChannelState, Message};
 use crate::domain::event::{ChannelEvent, ChannelKind, Role};
 use crate::domain::meta::{User, Workspace};
+use crate::domain::unread::ReadCounts;
 use crate::ids::{ChannelId, MessageId, UserId, WorkspaceId};
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
@@ -94,6 +95,77 @@ pub struct ChannelView {
     pub kind: &'static str,
     /// The seq of its last event.
     pub last_seq: u64,
+    /// The caller's read state, in a list of the caller's channels (`API.md` §9): absent
+    /// where the view is not for one caller.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub read: Option<ChannelReadFields>,
+}
+
+/// The caller's `read_seq`, `unread_count` and `mention_count` on a channel object. For a
+/// public channel the caller is not in, `read_seq` is null and the counts are 0.
+#[derive(Serialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelReadFields {
+    /// The caller's read marker, or null when not a member.
+    pub read_seq: Option<u64>,
+    /// Messages after it that others posted and that are not deleted.
+    pub unread_count: u64,
+    /// Those of them that mention the caller.
+    pub mention_count: u64,
+}
+
+impl ChannelReadFields {
+    /// The fields for a member with `counts`, or for a non-member.
+    pub fn of(counts: Option<ReadCounts>) -> ChannelReadFields {
+        ChannelReadFields {
+            read_seq: counts.map(|c| c.read_seq),
+            unread_count: counts.map_or(0, |c| c.unread_count),
+            mention_count: counts.map_or(0, |c| c.mention_count),
+        }
+    }
+}
+
+/// `read`: `{"channel_id","read_seq","last_seq","unread_count","mention_count"}`, one
+/// member's read state in one channel (`API.md` §9).
+#[derive(Serialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadView {
+    /// The channel.
+    pub channel_id: ChannelId,
+    /// The highest seq the member has read.
+    pub read_seq: u64,
+    /// The channel's last seq.
+    pub last_seq: u64,
+    /// Messages after `read_seq` that others posted and that are not deleted.
+    pub unread_count: u64,
+    /// Those of them that mention the member (every one of them in a DM).
+    pub mention_count: u64,
+}
+
+impl ReadView {
+    /// A member's read state from the channel's counts.
+    pub fn new(channel: ChannelId, last_seq: u64, c: ReadCounts) -> ReadView {
+        ReadView {
+            channel_id: channel,
+            read_seq: c.read_seq,
+            last_seq,
+            unread_count: c.unread_count,
+            mention_count: c.mention_count,
+        }
+    }
+
+    /// The `read` frame that tells a member's connections about a marker change:
+    /// `{"type":"read","read":{...}}`.
+    pub fn frame(&self) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Frame<'a> {
+            r#type: &'static str,
+            read: &'a ReadView,
+        }
+        serde_json::to_vec(&Frame {
+            r#type: "read",
+            read: self,
+        })
+        .expect("a read view serializes")
+    }
 }
 
 impl ChannelView {
@@ -111,6 +183,7 @@ impl ChannelView {
             name: name.to_owned(),
             kind: kind.as_str(),
             last_seq,
+            read: None,
         }
     }
 }

@@ -763,11 +763,18 @@ fn forward(mut sub: Subscription) -> mpsc::Receiver<Result<Vec<u8>, String>> {
     rx
 }
 
+/// The next frame that is not a `read` frame (a poster's own marker moving: the model is
+/// of channel events).
 fn next_frame(rx: &mpsc::Receiver<Result<Vec<u8>, String>>, ctx: &str) -> serde_json::Value {
-    match rx.recv_timeout(FRAME_TIMEOUT) {
-        Ok(Ok(bytes)) => serde_json::from_slice(&bytes).expect("a frame is JSON"),
-        Ok(Err(e)) => panic!("{ctx}: the subscription ended: {e}"),
-        Err(_) => panic!("{ctx}: no frame within {FRAME_TIMEOUT:?}"),
+    loop {
+        let v: serde_json::Value = match rx.recv_timeout(FRAME_TIMEOUT) {
+            Ok(Ok(bytes)) => serde_json::from_slice(&bytes).expect("a frame is JSON"),
+            Ok(Err(e)) => panic!("{ctx}: the subscription ended: {e}"),
+            Err(_) => panic!("{ctx}: no frame within {FRAME_TIMEOUT:?}"),
+        };
+        if v["type"] != "read" {
+            return v;
+        }
     }
 }
 

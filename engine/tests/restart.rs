@@ -58,8 +58,11 @@ fn next_frame(sub: &mut Subscription) -> (Value, Bytes) {
     loop {
         match sub.receiver().poll_recv(&mut cx) {
             Poll::Ready(Ok(frame)) => {
-                let v = serde_json::from_slice(&frame).expect("frame is JSON");
-                return (v, frame);
+                let v: Value = serde_json::from_slice(&frame).expect("frame is JSON");
+                // A poster's own `read` frames (its marker moved) are no channel events.
+                if v["type"] != "read" {
+                    return (v, frame);
+                }
             }
             Poll::Ready(Err(cut)) => panic!("subscriber cut off: {cut}"),
             Poll::Pending => {

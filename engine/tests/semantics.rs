@@ -869,11 +869,18 @@ fn forward(mut sub: Subscription) -> Frames {
     rx
 }
 
+/// The next frame that is not a `read` frame (a poster's own marker moving: not what these
+/// tests are about; `gateway/tests/read_state.rs` checks them).
 fn next_frame(rx: &Frames, ctx: &str) -> serde_json::Value {
-    match rx.recv_timeout(FRAME_TIMEOUT) {
-        Ok(Ok(bytes)) => serde_json::from_slice(&bytes).expect("a frame is JSON"),
-        Ok(Err(e)) => panic!("{ctx}: the subscription ended: {e}"),
-        Err(_) => panic!("{ctx}: no frame within {FRAME_TIMEOUT:?}"),
+    loop {
+        let v: serde_json::Value = match rx.recv_timeout(FRAME_TIMEOUT) {
+            Ok(Ok(bytes)) => serde_json::from_slice(&bytes).expect("a frame is JSON"),
+            Ok(Err(e)) => panic!("{ctx}: the subscription ended: {e}"),
+            Err(_) => panic!("{ctx}: no frame within {FRAME_TIMEOUT:?}"),
+        };
+        if v["type"] != "read" {
+            return v;
+        }
     }
 }
 

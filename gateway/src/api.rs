@@ -34,6 +34,9 @@ use std::sync::OnceLock;
 
 /// Items in a page when the request names no `limit`.
 pub const PAGE_LIMIT_DEFAULT: usize = 50;
+/// Most channels in one page of `GET /workspaces/{wid}/unreads`, and its default: a
+/// user's whole sidebar in one answer (counting costs binary searches, not walks).
+pub const UNREADS_PAGE_MAX: usize = 1000;
 
 /// Bytes of an oversized body read and thrown away before answering 413. Reading a little
 /// past the limit lets a client that sent a slightly large body finish sending and read the
@@ -140,6 +143,10 @@ pub enum Op {
     SetPresence,
     /// `GET /workspaces/{wid}/presence`.
     GetPresence,
+    /// `POST /channels/{cid}/read`.
+    MarkRead,
+    /// `GET /workspaces/{wid}/unreads`.
+    Unreads,
     /// `GET /openapi.json`.
     OpenApi,
 }
@@ -322,6 +329,13 @@ pub static ROUTES: &[Route] = &[
     route(Verb::Get, "/api/v1/channels/{cid}/messages/{mid}/history", Op::History, 200, "Every text a message had, oldest first"),
     route(Verb::Put, "/api/v1/channels/{cid}/messages/{mid}/reactions/{emoji}", Op::AddReaction, 204, "Add the caller's reaction"),
     route(Verb::Delete, "/api/v1/channels/{cid}/messages/{mid}/reactions/{emoji}", Op::RemoveReaction, 204, "Remove the caller's reaction"),
+    route(Verb::Post, "/api/v1/channels/{cid}/read", Op::MarkRead, 200, "Move the caller's read marker forward (a lower seq answers the marker as it is)")
+        .body(&[req("seq", Ty::Integer, "the highest seq read, at most the channel's last_seq")]),
+    route(Verb::Get, "/api/v1/workspaces/{wid}/unreads", Op::Unreads, 200, "The caller's read state in each of their channels")
+        .query(&[
+            opt("cursor", Ty::String, "the next_cursor of the previous page"),
+            opt("limit", Ty::Integer, "page size, 1 to 1000, default 1000"),
+        ]),
 ];
 
 // ---------------------------------------------------------------------------------------
@@ -755,6 +769,11 @@ struct TextReq {
     text: String,
 }
 
+#[derive(Deserialize)]
+struct SeqReq {
+    seq: u64,
+}
+
 /// Parses `body` as every request type of the API, for the fuzz target: none may panic,
 /// whatever the bytes. Returns how many accepted it.
 pub(crate) fn parse_as_every_request(body: &[u8]) -> usize {
@@ -769,6 +788,7 @@ pub(crate) fn parse_as_every_request(body: &[u8]) -> usize {
         parse_json::<PostReq>(body).is_ok(),
         parse_json::<TextReq>(body).is_ok(),
         parse_json::<PresenceReq>(body).is_ok(),
+        parse_json::<SeqReq>(body).is_ok(),
     ]
     .into_iter()
     .filter(|ok| *ok)
@@ -807,6 +827,8 @@ async fn run(op: Op, call: &Call<'_>) -> Result<Reply, ApiError> {
         Op::RemoveReaction => react(call, false).await,
         Op::SetPresence => set_presence(call).await,
         Op::GetPresence => get_presence(call).await,
+        Op::MarkRead => mark_read(call).await,
+        Op::Unreads => unreads(call).await,
     }
 }
 
@@ -1072,6 +1094,38 @@ async fn post_message(call: &Call<'_>) -> Result<Reply, ApiError> {
     Ok(Reply::json(
         if created { 201 } else { 200 },
         &One("message", &m),
+    ))
+}
+
+async fn mark_read(call: &Call<'_>) -> Result<Reply, ApiError> {
+    let cid = call.channel()?;
+    let r: SeqReq = call.json()?;
+    let read = call.engine().mark_read(call.user(), cid, r.seq).await?;
+    Ok(Reply::json(200, &One("read", &read)))
+}
+
+async fn unreads(call: &Call<'_>) -> Result<Reply, ApiError> {
+    let wid = call.workspace()?;
+    let after = call.cursor("cursor")?.map(ChannelId);
+    let limit = match call.query("limit")? {
+        None => UNREADS_PAGE_MAX,
+        Some(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=UNREADS_PAGE_MAX).contains(n))
+            .ok_or_else(|| {
+                ApiError::invalid(format!(
+                    "limit must be an integer from 1 to {UNREADS_PAGE_MAX}"
+                ))
+            })?,
+    };
+    let (reads, next) = call
+        .engine()
+        .unreads(call.user(), wid, after, limit)
+        .await?;
+    Ok(Reply::json(
+        200,
+        &List("unreads", &reads, next.map(|c| c.0)),
     ))
 }
 

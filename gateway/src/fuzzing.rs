@@ -94,6 +94,20 @@ fn answer_to(call: Call) -> Answer {
                 .collect()),
         },
         Call::Activity { .. } => Answer::Activity,
+        Call::MarkRead {
+            reference,
+            channel,
+            seq,
+        } => Answer::Read {
+            reference,
+            result: Ok(chorus_engine::view::ReadView {
+                channel_id: channel,
+                read_seq: seq,
+                last_seq: seq,
+                unread_count: 0,
+                mention_count: 0,
+            }),
+        },
     }
 }
 

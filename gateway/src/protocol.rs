@@ -39,6 +39,13 @@ pub enum ClientFrame {
     },
     /// `typing:start` in a channel.
     Typing(ChannelId),
+    /// `read:mark`: move the caller's read marker in a channel forward to `seq`.
+    MarkRead {
+        /// The channel.
+        channel: ChannelId,
+        /// The highest seq read.
+        seq: u64,
+    },
     /// A change to a channel, answered with `ack` once durable.
     Command(Command),
     /// `presence:sub`: change the set of users whose presence the connection watches.
@@ -124,6 +131,12 @@ struct ActivityFields {
 }
 
 #[derive(Deserialize)]
+struct MarkReadFields {
+    channel_id: String,
+    seq: u64,
+}
+
+#[derive(Deserialize)]
 struct ResumeFields {
     since: HashMap<String, u64>,
 }
@@ -177,6 +190,13 @@ fn frame_of(kind: &str, object: Map<String, Value>) -> Result<ClientFrame, ApiEr
         "typing:start" => {
             let f: TypingFields = fields(object)?;
             ClientFrame::Typing(parse_id(&f.channel_id, "channel")?)
+        }
+        "read:mark" => {
+            let f: MarkReadFields = fields(object)?;
+            ClientFrame::MarkRead {
+                channel: parse_id(&f.channel_id, "channel")?,
+                seq: f.seq,
+            }
         }
         "message:send" => {
             let f: SendFields = fields(object)?;
@@ -328,6 +348,11 @@ pub fn hello(conn_id: u64, user: chorus_engine::ids::UserId, heartbeat_interval_
 /// `pong`, the answer to `ping`.
 pub fn pong(reference: &Value) -> Bytes {
     encode(&json!({"type": "pong", "ref": reference}))
+}
+
+/// `ack` of a `read:mark`, with the caller's read state as it stands.
+pub fn ack_read(reference: &Value, read: &chorus_engine::view::ReadView) -> Bytes {
+    encode(&json!({"type": "ack", "ref": reference, "read": read}))
 }
 
 /// `ack`, with the message the command changed (`null` for deletions and reactions).

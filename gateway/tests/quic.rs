@@ -396,3 +396,46 @@ async fn presence_over_quic() {
     assert_eq!(away["users"][&bob.id]["status"], "away", "{away}");
     raw.endpoint.close(0u32.into(), b"done");
 }
+
+// read:mark over QUIC runs through the same session core as over the WebSocket: it is
+// acknowledged with the read state, the marker change reaches the user's connections on
+// both transports as a `read` frame, and bad input is answered with an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_mark_over_quic() {
+    let server = Server::start(UNLIMITED);
+    let (alice, bob) = (server.signup("alice"), server.signup("bob"));
+    let wid = server.workspace(&alice, &[&bob]);
+    let cid = server.channel(&wid, &alice, "general", &[&bob]);
+    server.post(&bob, &cid, "one");
+    server.post(&bob, &cid, "two");
+    let mut quic = Raw::session(&server, &alice).await;
+    quic.ping("q").await;
+    let (mut ws, _) = server.connect(&alice);
+    ws.ping("w");
+    let mark = json!({"type": "read:mark", "ref": "m1", "channel_id": cid, "seq": 3});
+    quic.send(&mark).await;
+    // The ack and the `read` frame come in either order.
+    let (mut ack, mut read) = (None, None);
+    while ack.is_none() || read.is_none() {
+        let v = quic.recv().await.expect("a frame");
+        match v["type"].as_str() {
+            Some("ack") => ack = Some(v),
+            Some("read") => read = Some(v),
+            _ => {}
+        }
+    }
+    let (ack, read) = (ack.unwrap(), read.unwrap());
+    assert_eq!(ack["ref"], "m1");
+    let counts = (&ack["read"]["read_seq"], &ack["read"]["unread_count"]);
+    assert_eq!(counts, (&json!(3), &json!(1)));
+    assert_eq!(read["read"], ack["read"]);
+    assert_eq!(ws.recv_type("read")["read"], ack["read"]);
+    let above = json!({"type": "read:mark", "ref": "m2", "channel_id": cid, "seq": 99});
+    quic.send(&above).await;
+    let e = quic.recv_type("error").await;
+    assert_eq!(
+        (e["ref"].clone(), e["code"].clone()),
+        (json!("m2"), json!("invalid_request"))
+    );
+    quic.ping("still").await;
+}

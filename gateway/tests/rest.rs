@@ -843,6 +843,8 @@ const API_MD_CALLS: &[(&str, &str)] = &[
     ("delete", "/api/v1/channels/{cid}/messages/{mid}/reactions/{emoji}"),
     ("put", "/api/v1/me/presence"),
     ("get", "/api/v1/workspaces/{wid}/presence"),
+    ("post", "/api/v1/channels/{cid}/read"),
+    ("get", "/api/v1/workspaces/{wid}/unreads"),
 ];
 
 /// A request body for an operation, from its schema's required fields.
@@ -860,6 +862,7 @@ fn sample_body(op: &Value, n: usize, carol: &User, bob: &User) -> Option<Vec<u8>
             "user_ids" => json!([bob.id]),
             "user_id" => json!(bob.id),
             "mode" => json!("auto"),
+            "seq" => json!(1),
             other => panic!("no sample for required field {other}"),
         };
         body.insert(name.to_owned(), value);

@@ -9,6 +9,7 @@
 use super::event::{Body, ChannelEvent, ChannelKind, Mentions};
 use super::input::check_emoji;
 use super::mention;
+use super::unread::{ReadCounts, ReadIndex};
 use super::{DomainError, Principal};
 use super::{CLIENT_MSG_ID_BYTES_MAX, IDEMPOTENCY_WINDOW_US, TEXT_BYTES_MAX};
 use crate::ids::{ChannelId, MessageId, UserId, WorkspaceId};
@@ -206,6 +207,8 @@ pub struct ChannelState {
     idempotency_order: VecDeque<(u64, UserId, String)>,
     /// Former members and the seq of the event that removed them.
     departed: HashMap<UserId, u64>,
+    /// The members' read markers and the unread indexes (`API.md` §9).
+    reads: ReadIndex,
 }
 
 fn check_text(text: &str) -> Result<(), DomainError> {
@@ -248,6 +251,7 @@ impl ChannelState {
             idempotency: HashMap::new(),
             idempotency_order: VecDeque::new(),
             departed: HashMap::new(),
+            reads: ReadIndex::default(),
         }
     }
 
@@ -508,18 +512,21 @@ impl ChannelState {
             ChannelEvent::MemberJoined { user, .. } => {
                 self.members.insert(*user);
                 self.departed.remove(user);
+                self.reads.joined(*user, seq);
             }
             ChannelEvent::MemberLeft { user, .. } => {
                 self.members.remove(user);
                 self.departed.insert(*user, seq);
+                self.reads.left(*user);
             }
             ChannelEvent::MessagePosted {
                 user,
                 body,
                 thread,
                 client_msg_id,
-                ..
+                mentions,
             } => {
+                self.reads.posted(seq, *user, mentions);
                 match thread {
                     Some(root) => {
                         self.replies.entry(*root).or_default().push(seq);
@@ -545,13 +552,24 @@ impl ChannelState {
                     client_msg_id: client_msg_id.clone(),
                 });
             }
-            ChannelEvent::MessageEdited { target, body, .. } => {
+            ChannelEvent::MessageEdited {
+                target,
+                body,
+                mentions,
+            } => {
                 if let Some(m) = self.msg_mut(*target) {
                     m.versions.push((StoredBody::from(body), at_us));
                     m.edited_at = Some(at_us);
+                    if !m.deleted {
+                        let author = m.user;
+                        self.reads.edited(*target, author, mentions);
+                    }
                 }
             }
             ChannelEvent::MessageDeleted { target, .. } => {
+                if let Some(author) = self.msg(*target).filter(|m| !m.deleted).map(|m| m.user) {
+                    self.reads.deleted(*target, author);
+                }
                 if let Some(m) = self.msg_mut(*target) {
                     // A deletion removes the texts from the state: the message keeps its
                     // place, empty. (The log keeps its events, as the audit trail.)
@@ -609,6 +627,32 @@ impl ChannelState {
         self.idempotency.insert((user, key.to_owned()), seq);
         self.idempotency_order
             .push_back((at_us, user, key.to_owned()));
+    }
+
+    /// Decides a read marker: whether marking `seq` read moves the principal's marker
+    /// (a lower or equal seq is a no-op that answers the current marker). A seq above the
+    /// channel's last is refused; a channel the principal is not in is not found.
+    pub fn decide_read(&self, by: &Principal, seq: u64) -> Result<bool, DomainError> {
+        self.check_reach(by)?;
+        if seq > self.last_seq {
+            return Err(DomainError::Invalid(format!(
+                "seq {seq} is above the channel's last_seq {}",
+                self.last_seq
+            )));
+        }
+        Ok(self.reads.marker(by.user()).is_none_or(|m| m < seq))
+    }
+
+    /// Moves a member's read marker forward to `seq` (never back, never past the last
+    /// seq); returns whether it moved. Not a channel event: the seq stays as it is.
+    pub fn mark_read(&mut self, user: UserId, seq: u64) -> bool {
+        seq <= self.last_seq && self.reads.mark(user, seq)
+    }
+
+    /// A member's read marker and unread counts; `None` for anyone else. In a DM or group
+    /// DM every unread message counts as a mention.
+    pub fn read_counts(&self, user: UserId) -> Option<ReadCounts> {
+        self.reads.counts(user, self.kind.is_direct())
     }
 
     /// A message the principal may read.
@@ -806,6 +850,22 @@ impl ChannelState {
             w.u64(u.0);
             w.str(key);
         }
+        let markers = self.reads.markers_sorted();
+        w.len(markers.len());
+        for (u, seq) in markers {
+            w.u64(u.0);
+            w.u64(seq);
+        }
+        let mentions = self.reads.mentions_sorted();
+        w.len(mentions.len());
+        for (seq, m) in mentions {
+            w.u64(seq);
+            w.u8(u8::from(m.here) | u8::from(m.channel) << 1);
+            w.len(m.users.len());
+            for u in &m.users {
+                w.u64(u.0);
+            }
+        }
     }
 
     /// Reads a state written by [`ChannelState::snapshot`], checking that its messages come
@@ -909,7 +969,65 @@ impl ChannelState {
             let user = UserId(r.u64()?);
             s.idempotency_order.push_back((at, user, r.string()?));
         }
+        s.restore_reads(r)?;
         Ok(s)
+    }
+
+    /// Reads the read markers and the mentions of live messages that
+    /// [`ChannelState::snapshot`] wrote last, and rebuilds the unread indexes from them and
+    /// the messages. A marker must belong to a member and lie within the channel; a
+    /// mention must belong to a live message.
+    fn restore_reads(&mut self, r: &mut Reader<'_>) -> Result<(), SnapshotError> {
+        let fail = |what: String| SnapshotError(what);
+        let mut markers = Vec::new();
+        for _ in 0..r.count(16)? {
+            let (user, seq) = (UserId(r.u64()?), r.u64()?);
+            if !self.members.contains(&user) || seq > self.last_seq {
+                return Err(fail(format!(
+                    "channel {}: marker of {user} at {seq}",
+                    self.id
+                )));
+            }
+            markers.push((user, seq));
+        }
+        let mut mentions = HashMap::new();
+        for _ in 0..r.count(17)? {
+            let seq = r.u64()?;
+            let flags = r.u8()?;
+            let users = (0..r.count(8)?)
+                .map(|_| r.u64().map(UserId))
+                .collect::<Result<Vec<_>, _>>()?;
+            if self.msg(seq).is_none_or(|m| m.deleted) {
+                return Err(fail(format!("channel {}: mentions of no message", self.id)));
+            }
+            let m = Mentions {
+                users,
+                here: flags & 1 != 0,
+                channel: flags & 2 != 0,
+            };
+            mentions.insert(seq, m);
+        }
+        // The index is rebuilt in seq order, as the events built it: a member's marker is
+        // then set to what the snapshot recorded.
+        let mut reads = ReadIndex::default();
+        let none = Mentions::default();
+        for m in &self.messages {
+            reads.posted(m.seq, m.user, mentions.get(&m.seq).unwrap_or(&none));
+            if m.deleted {
+                reads.deleted(m.seq, m.user);
+            }
+        }
+        for (user, seq) in markers {
+            reads.restore_marker(user, seq);
+        }
+        if let Some(u) = self.members.iter().find(|u| reads.marker(**u).is_none()) {
+            return Err(fail(format!(
+                "channel {}: member {u} has no marker",
+                self.id
+            )));
+        }
+        self.reads = reads;
+        Ok(())
     }
 }
 
@@ -1099,8 +1217,8 @@ mod tests {
     }
 
     // A snapshot of a channel with every kind of event (threads, edits, deletions,
-    // reactions, idempotency keys, a member who left, a blob body) restores to an equal
-    // state, indexes included.
+    // reactions, idempotency keys, a member who left, a blob body, mentions, a read marker)
+    // restores to an equal state, indexes and unread counts included.
     #[test]
     fn snapshot_round_trip() {
         let mut s = ChannelState::new(C, W, ChannelKind::Private, UserId(1));
@@ -1151,6 +1269,14 @@ mod tests {
             mentions: Mentions::default(),
         };
         s.apply(seq, 9_999, &big);
+        let mention = format!("hey <@{}>", UserId(1));
+        step(&mut s, &b, post(&mention, None, None)).unwrap();
+        step(&mut s, &b, post("@here", None, Some(3))).unwrap();
+        assert!(
+            !s.mark_read(UserId(1), 4),
+            "user 1 posted 5: its marker is past 4"
+        );
+        assert!(s.mark_read(UserId(1), seq));
         step(&mut s, &a, ChannelCommand::RemoveMember { user: UserId(2) }).unwrap();
 
         let mut w = Writer::default();
@@ -1167,10 +1293,16 @@ mod tests {
                 .iter()
                 .map(|m| m.seq)
                 .collect::<Vec<_>>(),
-            vec![seq, 5, 3]
+            vec![seq + 1, seq, 5, 3]
         );
-        assert_eq!(back.replies(&a, mid(3), None, 10).unwrap().items.len(), 1);
+        assert_eq!(back.replies(&a, mid(3), None, 10).unwrap().items.len(), 2);
         assert_eq!(back.readable_until(UserId(2)), Some(s.last_seq()));
+        let counts = back.read_counts(UserId(1)).unwrap();
+        assert_eq!(Some(counts), s.read_counts(UserId(1)));
+        assert_eq!(
+            (counts.read_seq, counts.unread_count, counts.mention_count),
+            (seq, 2, 2)
+        );
     }
 
     // A reaction stored before the emoji rules existed can be taken back by its user, and

@@ -5,8 +5,11 @@
 //! events (messages, edits, deletions, reactions, channel membership) live in the log of the
 //! channel's partition, one log record per event, each with its channel `seq`.
 //!
+//! A partition's log also holds read markers (`b'R'`): a member's marker moved forward.
+//! They are not channel events and take no seq (`API.md` §9).
+//!
 //! A log payload is one byte of event format version, one byte of kind (`b'M'` metadata,
-//! `b'C'` channel), a u32 (little-endian) length of the archive, the record in rkyv's
+//! `b'C'` channel, `b'R'` read marker), a u32 (little-endian) length of the archive, the record in rkyv's
 //! archived form (little-endian, unaligned, 32-bit relative pointers: the features pinned in
 //! `Cargo.toml` are part of the format), and then, for a channel event, the JSON `event`
 //! frame exactly as live subscribers received it. Storing the frame lets resume replay an
@@ -19,6 +22,7 @@ use crate::ids::{ChannelId, UserId, WorkspaceId};
 pub const EVENT_FORMAT_VERSION: u8 = 1;
 const KIND_META: u8 = b'M';
 const KIND_CHANNEL: u8 = b'C';
+const KIND_READ: u8 = b'R';
 
 /// A member's role in a workspace.
 #[derive(
@@ -258,6 +262,23 @@ pub struct ChannelRecord {
     pub event: ChannelEvent,
 }
 
+/// A member's read marker moved forward to `seq`. Durable, private to the member, and not
+/// a channel event: it takes no seq of its own, and no subscriber's stream shows it.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(attr(allow(missing_docs)))]
+pub struct ReadRecord {
+    /// The channel.
+    pub channel: ChannelId,
+    /// The channel's workspace.
+    pub workspace: WorkspaceId,
+    /// The member.
+    pub user: UserId,
+    /// The highest seq the member has read, at most the channel's last seq when marked.
+    pub seq: u64,
+    /// Microseconds since the Unix epoch.
+    pub at_us: u64,
+}
+
 /// A decoded log payload.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decoded {
@@ -265,6 +286,8 @@ pub enum Decoded {
     Meta(MetaRecord),
     /// A channel event.
     Channel(ChannelRecord),
+    /// A read marker.
+    Read(ReadRecord),
 }
 
 /// Why a log payload is not a valid event.
@@ -314,6 +337,11 @@ pub fn encode_channel(record: &ChannelRecord, frame: &[u8]) -> Vec<u8> {
     encode_with(KIND_CHANNEL, record, frame)
 }
 
+/// Encodes a read marker as a log payload.
+pub fn encode_read(record: &ReadRecord) -> Vec<u8> {
+    encode_with(KIND_READ, record, &[])
+}
+
 /// The stored frame of a channel event payload (already validated by [`decode`]).
 pub fn stored_frame(payload: &[u8]) -> &[u8] {
     let len = u32::from_le_bytes(payload[2..6].try_into().expect("4 bytes")) as usize;
@@ -342,6 +370,9 @@ pub fn decode(payload: &[u8]) -> Result<Decoded, DecodeError> {
             .map_err(archive),
         KIND_CHANNEL => rkyv::from_bytes::<ChannelRecord, rkyv::rancor::Error>(body)
             .map(Decoded::Channel)
+            .map_err(archive),
+        KIND_READ => rkyv::from_bytes::<ReadRecord, rkyv::rancor::Error>(body)
+            .map(Decoded::Read)
             .map_err(archive),
         other => Err(DecodeError::Kind(other)),
     }
@@ -394,5 +425,18 @@ mod tests {
             },
         };
         assert_eq!(decode(&encode_meta(&meta)), Ok(Decoded::Meta(meta)));
+        let read = ReadRecord {
+            channel: ChannelId(8),
+            workspace: WorkspaceId(1),
+            user: UserId(2),
+            seq: 7,
+            at_us: 6,
+        };
+        let bytes = encode_read(&read);
+        assert_eq!(bytes[1], b'R');
+        assert_eq!(decode(&bytes), Ok(Decoded::Read(read)));
+        for cut in 2..bytes.len() {
+            assert!(decode(&bytes[..cut]).is_err());
+        }
     }
 }

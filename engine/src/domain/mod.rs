@@ -16,6 +16,7 @@ pub mod event;
 pub mod input;
 pub mod mention;
 pub mod meta;
+pub mod unread;
 
 use crate::ids::{UserId, WorkspaceId};
 pub use event::{Body, ChannelKind, Role};

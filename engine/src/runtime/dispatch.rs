@@ -318,6 +318,10 @@ impl Dispatcher {
                 self.deliver_ephemeral(&d, from, &mut cut);
                 continue;
             }
+            if let Some(user) = d.to_user {
+                pushed += self.deliver_to_user(user, &d.frame, &mut cut);
+                continue;
+            }
             if let Some((user, true)) = d.membership {
                 for id in self.by_user.get(&user).cloned().unwrap_or_default() {
                     let s = self.subs.get_mut(&id).expect("indexed subscriber");
@@ -436,6 +440,32 @@ impl Dispatcher {
                 s.hold_ephemeral(d.channel, from, &d.frame);
             }
         }
+    }
+
+    /// Pushes a frame to every local subscriber of one user (a `read` frame), whatever
+    /// channels it follows and whether they are live: it is no channel event, so it has no
+    /// place in a channel's order to keep. Returns how many took it.
+    fn deliver_to_user(
+        &mut self,
+        user: UserId,
+        frame: &Bytes,
+        cut: &mut Vec<(u64, Cutoff)>,
+    ) -> usize {
+        let mut pushed = 0;
+        for id in self.by_user.get(&user).map(Vec::as_slice).unwrap_or(&[]) {
+            let Some(s) = self.subs.get(id) else {
+                continue;
+            };
+            if s.outlet.gone.get() {
+                continue;
+            }
+            if s.outlet.send(frame.clone(), false) {
+                pushed += 1;
+            } else {
+                cut.push((*id, Cutoff::Overflow));
+            }
+        }
+        pushed
     }
 
     /// Starts a held subscriber: every channel catches up from the log, the named ones

@@ -89,6 +89,12 @@ pub(crate) enum MetaRead {
         workspace: WorkspaceId,
         reply: Reply<Vec<MemberView>>,
     },
+    /// Whether the user is a member of the workspace (`NotFound` if not).
+    InWorkspace {
+        user: UserId,
+        workspace: WorkspaceId,
+        reply: Reply<()>,
+    },
 }
 
 /// Answers a read from a shard's replica.
@@ -128,6 +134,14 @@ pub(crate) fn answer(meta: &MetaState, read: MetaRead) {
             });
             let _ = reply.send(r.map_err(Into::into));
         }
+        MetaRead::InWorkspace {
+            user,
+            workspace,
+            reply,
+        } => {
+            let r = meta.principal(user, workspace).map(drop);
+            let _ = reply.send(r.map_err(Into::into));
+        }
     }
 }
 
@@ -151,10 +165,10 @@ pub(crate) async fn replay(
         for r in records {
             match event::decode(&r.payload) {
                 Ok(Decoded::Meta(rec)) => state.apply(&rec.event),
-                Ok(Decoded::Channel(_)) => {
+                Ok(Decoded::Channel(_) | Decoded::Read(_)) => {
                     return Err(Corrupt::Replay {
                         log: META_LOG.into(),
-                        what: format!("channel event at offset {}", r.offset),
+                        what: format!("channel record at offset {}", r.offset),
                     }
                     .into())
                 }

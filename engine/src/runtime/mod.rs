@@ -30,7 +30,7 @@ use crate::ids::{ChannelId, MessageId, UserId, WorkspaceId};
 use crate::outcome::{ChannelOutcome, ReadOutcome};
 use crate::presence::{ConnKey, Mode, Presence, WatchOp};
 use crate::queue::{FrameSender, InboxSender};
-use crate::view::ChannelView;
+use crate::view::{ChannelView, ReadView};
 use bytes::Bytes;
 use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -88,6 +88,22 @@ pub(crate) enum PartitionMsg {
         read: ChannelRead,
         reply: Reply<ReadOutcome>,
     },
+    /// Move the user's read marker forward to `seq` (`API.md` §9): durable, not an event.
+    MarkRead {
+        user: UserId,
+        channel: ChannelId,
+        seq: u64,
+        reply: Reply<ReadView>,
+    },
+    /// The user's read state in their channels of a workspace after `after`: at most
+    /// `limit` of them, in channel order.
+    Unreads {
+        user: UserId,
+        workspace: WorkspaceId,
+        after: Option<ChannelId>,
+        limit: usize,
+        out: Arc<Gather<ReadView>>,
+    },
     /// A channel was created in the directory: give it its first members.
     Init {
         channel: ChannelId,
@@ -119,7 +135,7 @@ pub(crate) enum PartitionMsg {
     Visible {
         user: UserId,
         workspace: Option<WorkspaceId>,
-        out: Arc<Gather>,
+        out: Arc<Gather<ChannelView>>,
     },
     /// The partition's subscriber index, for [`crate::Engine::subscriber_index`].
     Audit { out: Arc<Audit> },
@@ -130,15 +146,32 @@ pub(crate) enum PartitionMsg {
     DeleteBefore { offset: u64, reply: Reply<u64> },
 }
 
-/// Gathers the answers of every partition to a scatter query.
-pub(crate) struct Gather {
-    left: AtomicUsize,
-    items: Mutex<Vec<ChannelView>>,
-    reply: Mutex<Option<Reply<Vec<ChannelView>>>>,
+/// Something a scatter query gathers, answered in channel order.
+pub(crate) trait OfChannel {
+    fn channel(&self) -> ChannelId;
 }
 
-impl Gather {
-    pub(crate) fn new(count: usize, reply: Reply<Vec<ChannelView>>) -> Arc<Gather> {
+impl OfChannel for ChannelView {
+    fn channel(&self) -> ChannelId {
+        self.id
+    }
+}
+
+impl OfChannel for ReadView {
+    fn channel(&self) -> ChannelId {
+        self.channel_id
+    }
+}
+
+/// Gathers the answers of every partition to a scatter query.
+pub(crate) struct Gather<T> {
+    left: AtomicUsize,
+    items: Mutex<Vec<T>>,
+    reply: Mutex<Option<Reply<Vec<T>>>>,
+}
+
+impl<T: OfChannel> Gather<T> {
+    pub(crate) fn new(count: usize, reply: Reply<Vec<T>>) -> Arc<Gather<T>> {
         Arc::new(Gather {
             left: AtomicUsize::new(count),
             items: Mutex::new(Vec::new()),
@@ -146,11 +179,11 @@ impl Gather {
         })
     }
 
-    pub(crate) fn add(&self, mut views: Vec<ChannelView>) {
+    pub(crate) fn add(&self, mut views: Vec<T>) {
         self.items.lock().expect("gather").append(&mut views);
         if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
             let mut items = std::mem::take(&mut *self.items.lock().expect("gather"));
-            items.sort_by_key(|c| c.id);
+            items.sort_by_key(|c| c.channel());
             if let Some(reply) = self.reply.lock().expect("gather").take() {
                 let _ = reply.send(Ok(items));
             }
@@ -249,6 +282,9 @@ pub(crate) struct Delivery {
     /// An ephemeral frame (typing) from this user: it has no seq (`seq` is 0), is never
     /// logged, and does not go back to its sender.
     pub ephemeral_from: Option<UserId>,
+    /// A frame for this user's subscribers only, whatever channels they follow (a `read`
+    /// frame: a marker change reaches every connection of its user). It has no seq.
+    pub to_user: Option<UserId>,
 }
 
 /// A message to a shard.

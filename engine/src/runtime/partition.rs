@@ -14,7 +14,7 @@
 use super::{Ack, ChannelRead, Delivery, PartitionMsg, Reply, Routes, ShardMsg};
 use crate::blob::{BlobRef, BlobStore};
 use crate::domain::channel::{ChannelDecision, ChannelState, Message, StoredBody};
-use crate::domain::event::{self, Body, ChannelEvent, ChannelRecord, Decoded};
+use crate::domain::event::{self, Body, ChannelEvent, ChannelRecord, Decoded, ReadRecord};
 use crate::domain::meta::MetaState;
 use crate::domain::{DomainError, Principal, INLINE_BODY_BYTES_MAX};
 use crate::durability::{Durability, LocalDurability};
@@ -22,7 +22,7 @@ use crate::env::{DirOf, Env};
 use crate::error::{Corrupt, EngineError, IoError, Unavailable};
 use crate::ids::{ChannelId, UserId};
 use crate::outcome::{ChannelOutcome, ReadOutcome};
-use crate::view::{rfc3339, ChannelView, MessageView};
+use crate::view::{rfc3339, ChannelReadFields, ChannelView, MessageView, ReadView};
 use bytes::Bytes;
 use chorus_log::{AppendError, Entry, ReadError, Storage};
 use futures::channel::mpsc;
@@ -137,7 +137,48 @@ const SNAPSHOT_GROWTH_DIVISOR: u64 = 8;
 /// A reply to send after the tick's commit.
 enum Pending {
     Outcome(Reply<ChannelOutcome>, Result<ChannelOutcome, EngineError>),
+    Read(Reply<ReadView>, Result<ReadView, EngineError>),
     Ack(Arc<dyn Ack>),
+}
+
+impl Pending {
+    /// Answers with `why` instead: the tick's commit failed.
+    fn fail(self, why: &Unavailable) {
+        match self {
+            Pending::Outcome(reply, _) => {
+                let _ = reply.send(Err(why.clone().into()));
+            }
+            Pending::Read(reply, _) => {
+                let _ = reply.send(Err(why.clone().into()));
+            }
+            Pending::Ack(ack) => ack.done(),
+        }
+    }
+
+    /// Answers as decided: the tick's commit succeeded.
+    fn answer(self) {
+        match self {
+            Pending::Outcome(reply, outcome) => {
+                let _ = reply.send(outcome);
+            }
+            Pending::Read(reply, outcome) => {
+                let _ = reply.send(outcome);
+            }
+            Pending::Ack(ack) => ack.done(),
+        }
+    }
+}
+
+/// A read marker moved in this tick: by a mark (with the record to log), or by a post
+/// (the post's event is the record). Its `read` frame goes to the user's connections after
+/// the commit.
+struct Moved {
+    user: UserId,
+    /// The marker's log record, for a mark.
+    payload: Option<Vec<u8>>,
+    /// The `read` frame, rendered when the user has connections.
+    frame: Option<Bytes>,
+    at_us: u64,
 }
 
 /// One event decided in this tick.
@@ -147,6 +188,8 @@ struct Decided {
     payload: Vec<u8>,
     frame: Bytes,
     membership: Option<(UserId, bool)>,
+    /// The author, for a post (it moves the author's read marker).
+    posted_by: Option<UserId>,
     at_us: u64,
 }
 
@@ -417,6 +460,12 @@ impl<E: Env> Partition<E> {
             for r in records {
                 let rec = match event::decode(&r.payload) {
                     Ok(Decoded::Channel(rec)) => rec,
+                    Ok(Decoded::Read(rec)) => {
+                        self.replay_mark(rec, r.offset)?;
+                        self.snapshots.since += 1;
+                        replayed += 1;
+                        continue;
+                    }
                     Ok(Decoded::Meta(_)) => {
                         return Err(Corrupt::Replay {
                             log: log_name(self.id),
@@ -475,6 +524,34 @@ impl<E: Env> Partition<E> {
         Ok(())
     }
 
+    /// Replays a read marker. It was decided against the state its tick's events left, so
+    /// it never names a seq beyond them.
+    fn replay_mark(&mut self, rec: ReadRecord, offset: u64) -> Result<(), EngineError> {
+        let log = log_name(self.id);
+        let Some(rt) = self.channels.get_mut(&rec.channel) else {
+            return Err(Corrupt::Replay {
+                log,
+                what: format!("read marker of unknown channel {} at {offset}", rec.channel),
+            }
+            .into());
+        };
+        if rec.seq > rt.state.last_seq() {
+            return Err(Corrupt::Replay {
+                log,
+                what: format!(
+                    "channel {}: read marker at {} after seq {}",
+                    rec.channel,
+                    rec.seq,
+                    rt.state.last_seq()
+                ),
+            }
+            .into());
+        }
+        // A marker of a member who left later in the same tick is gone with them.
+        rt.state.mark_read(rec.user, rec.seq);
+        Ok(())
+    }
+
     /// The run-time state of a channel, created from the directory on first use.
     fn channel_rt(&mut self, channel: ChannelId) -> Option<&mut ChannelRt> {
         if !self.channels.contains_key(&channel) {
@@ -521,6 +598,7 @@ impl<E: Env> Partition<E> {
     /// Runs one tick, returning the events it committed.
     async fn tick(&mut self, msgs: Vec<PartitionMsg>) -> u64 {
         let mut decided: Vec<Decided> = Vec::new();
+        let mut moved: Vec<Moved> = Vec::new();
         let mut pending: Vec<Pending> = Vec::new();
         let mut reads: Vec<PartitionMsg> = Vec::new();
         for msg in msgs {
@@ -535,8 +613,19 @@ impl<E: Env> Partition<E> {
                     cmd,
                     reply,
                 } => {
+                    let before = decided.len();
                     let outcome = self.command(user, channel, cmd, &mut decided).await;
+                    self.moved_by_post(&decided[before..], &mut moved);
                     pending.push(Pending::Outcome(reply, outcome));
+                }
+                PartitionMsg::MarkRead {
+                    user,
+                    channel,
+                    seq,
+                    reply,
+                } => {
+                    let outcome = self.mark_read(user, channel, seq, &mut moved);
+                    pending.push(Pending::Read(reply, outcome));
                 }
                 PartitionMsg::Init { channel, ack } => {
                     self.init(channel, &mut decided).await;
@@ -561,43 +650,101 @@ impl<E: Env> Partition<E> {
                 other => reads.push(other),
             }
         }
-        if !decided.is_empty() {
-            if let Err(source) = self.commit(&decided).await {
+        let marks = moved.iter().filter(|m| m.payload.is_some()).count();
+        if !decided.is_empty() || marks > 0 {
+            if let Err(source) = self.commit(&decided, &moved).await {
                 let why = Unavailable::PartitionStopped {
                     partition: self.id,
                     source: Arc::new(source),
                 };
                 self.failed = Some(why.clone());
                 for p in pending {
-                    match p {
-                        Pending::Outcome(reply, _) => {
-                            let _ = reply.send(Err(why.clone().into()));
-                        }
-                        Pending::Ack(ack) => ack.done(),
-                    }
+                    p.fail(&why);
                 }
                 for r in reads {
                     fail(r, &why);
                 }
                 return 0;
             }
-            self.deliver(&decided).await;
+            self.deliver(&decided, &moved).await;
         }
         for waiter in self.consumers.ready(self.log.next_offset()) {
             crate::consumer::answer(&self.log, waiter, &log_name(self.id)).await;
         }
         for p in pending {
-            match p {
-                Pending::Outcome(reply, outcome) => {
-                    let _ = reply.send(outcome);
-                }
-                Pending::Ack(ack) => ack.done(),
-            }
+            p.answer();
         }
         for r in reads {
             self.read(r).await;
         }
-        decided.len() as u64
+        (decided.len() + marks) as u64
+    }
+
+    /// Posts just decided moved their authors' markers: their connections get a `read`
+    /// frame after the commit (the post's own record makes the move durable).
+    fn moved_by_post(&self, new: &[Decided], moved: &mut Vec<Moved>) {
+        for d in new {
+            let Some(user) = d.posted_by else { continue };
+            moved.push(Moved {
+                user,
+                payload: None,
+                frame: self.read_frame(user, d.channel),
+                at_us: d.at_us,
+            });
+        }
+    }
+
+    /// The `read` frame of a user's marker in a channel, if the user has connections.
+    fn read_frame(&self, user: UserId, channel: ChannelId) -> Option<Bytes> {
+        if !self.online.contains_key(&user) {
+            return None;
+        }
+        let view = self.read_view(user, channel)?;
+        Some(Bytes::from(view.frame()))
+    }
+
+    /// A member's read state in a channel, from the state as decided so far.
+    fn read_view(&self, user: UserId, channel: ChannelId) -> Option<ReadView> {
+        let rt = self.channels.get(&channel)?;
+        let counts = rt.state.read_counts(user)?;
+        Some(ReadView::new(channel, rt.state.last_seq(), counts))
+    }
+
+    /// Decides a mark: moves the marker forward now (so the tick's later requests see it)
+    /// and queues its record for the commit; a seq at or below the marker changes
+    /// nothing. Either way the answer, sent after the commit, is the marker as it stands.
+    fn mark_read(
+        &mut self,
+        user: UserId,
+        channel: ChannelId,
+        seq: u64,
+        moved: &mut Vec<Moved>,
+    ) -> Result<ReadView, EngineError> {
+        let principal = self.principal(user, channel)?;
+        let at_us = self.env.unix_us();
+        let rt = self
+            .channel_rt(channel)
+            .ok_or(DomainError::NotFound("channel"))?;
+        if rt.state.decide_read(&principal, seq)? {
+            assert!(rt.state.mark_read(user, seq), "a decided mark moves");
+            let record = ReadRecord {
+                channel,
+                workspace: rt.state.workspace,
+                user,
+                seq,
+                at_us,
+            };
+            let payload = Some(event::encode_read(&record));
+            let frame = self.read_frame(user, channel);
+            moved.push(Moved {
+                user,
+                payload,
+                frame,
+                at_us,
+            });
+        }
+        let view = self.read_view(user, channel);
+        Ok(view.expect("a member has a marker"))
     }
 
     fn principal(&self, user: UserId, channel: ChannelId) -> Result<Principal, DomainError> {
@@ -769,12 +916,17 @@ impl<E: Env> Partition<E> {
         } else {
             event::encode_channel(&record, &frame)
         };
+        let posted_by = match &record.event {
+            ChannelEvent::MessagePosted { user, .. } => Some(*user),
+            _ => None,
+        };
         decided.push(Decided {
             channel,
             seq,
             payload,
             frame,
             membership: membership_of(&record.event),
+            posted_by,
             at_us,
         });
         (seq, target)
@@ -799,12 +951,21 @@ impl<E: Env> Partition<E> {
         }
     }
 
-    async fn commit(&mut self, decided: &[Decided]) -> Result<(), AppendError> {
+    /// Commits the tick's events and then its marks, as one batch. Marks go after the
+    /// events: replayed in that order, a mark never names a seq the channel lacks, and the
+    /// markers come out as they were decided, because a marker only moves forward and a
+    /// join (which resets it) always lies above any mark decided before it.
+    async fn commit(&mut self, decided: &[Decided], moved: &[Moved]) -> Result<(), AppendError> {
+        let marks = moved
+            .iter()
+            .filter_map(|m| Some((m.at_us, m.payload.as_deref()?)));
         let entries: Vec<Entry<'_>> = decided
             .iter()
-            .map(|d| Entry {
-                timestamp_us: d.at_us,
-                payload: &d.payload,
+            .map(|d| (d.at_us, &d.payload[..]))
+            .chain(marks)
+            .map(|(timestamp_us, payload)| Entry {
+                timestamp_us,
+                payload,
             })
             .collect();
         let started = self.env.now();
@@ -831,7 +992,7 @@ impl<E: Env> Partition<E> {
 
     /// Sends each committed event to every shard with a subscriber for its channel, one
     /// message per shard per tick. The frame is shared, never copied.
-    async fn deliver(&mut self, decided: &[Decided]) {
+    async fn deliver(&mut self, decided: &[Decided], moved: &[Moved]) {
         let shards = self.routes.shard_count() as usize;
         let mut out: Vec<Vec<Delivery>> = vec![Vec::new(); shards];
         for d in decided {
@@ -847,12 +1008,32 @@ impl<E: Env> Partition<E> {
                             frame: d.frame.clone(),
                             membership: d.membership,
                             ephemeral_from: None,
+                            to_user: None,
                         });
                     }
                 }
             }
             if let Some((user, false)) = d.membership {
                 self.adjust_channel_shards(d.channel, user, -1);
+            }
+        }
+        // Each marker change goes to every shard with a connection of its user, after the
+        // tick's events (so a post's own frame comes before the read frame it causes).
+        for m in moved {
+            let (Some(frame), Some(per_shard)) = (&m.frame, self.online.get(&m.user)) else {
+                continue;
+            };
+            for (shard, n) in per_shard.iter().enumerate() {
+                if *n > 0 {
+                    out[shard].push(Delivery {
+                        channel: ChannelId(0),
+                        seq: 0,
+                        frame: frame.clone(),
+                        membership: None,
+                        ephemeral_from: None,
+                        to_user: Some(m.user),
+                    });
+                }
             }
         }
         for (shard, batch) in out.into_iter().enumerate() {
@@ -901,6 +1082,7 @@ impl<E: Env> Partition<E> {
                 frame: frame.clone(),
                 membership: None,
                 ephemeral_from: Some(user),
+                to_user: None,
             };
             // Typing is best effort: a full inbox drops it rather than wait.
             let _ = self.routes.try_send(shard, ShardMsg::Deliver(vec![d]));
@@ -990,6 +1172,13 @@ impl<E: Env> Partition<E> {
                 workspace,
                 out,
             } => out.add(self.visible(user, workspace)),
+            PartitionMsg::Unreads {
+                user,
+                workspace,
+                after,
+                limit,
+                out,
+            } => out.add(self.unreads(user, workspace, after, limit)),
             PartitionMsg::Audit { out } => {
                 let counts = self
                     .online
@@ -1022,6 +1211,7 @@ impl<E: Env> Partition<E> {
                 let _ = reply.send(r);
             }
             PartitionMsg::Command { .. }
+            | PartitionMsg::MarkRead { .. }
             | PartitionMsg::Init { .. }
             | PartitionMsg::Online { .. }
             | PartitionMsg::Typing { .. } => unreachable!("a tick handles these itself"),
@@ -1194,8 +1384,41 @@ impl<E: Env> Partition<E> {
                 let reach = workspace.is_none_or(|w| c.workspace == w)
                     && meta.principal(user, c.workspace).is_ok();
                 let rt = self.channels.get(&id)?;
-                reach.then(|| ChannelView::new(c.id, c.workspace, &c.name, c.kind, rt.committed))
+                let mut view = ChannelView::new(c.id, c.workspace, &c.name, c.kind, rt.committed);
+                // A workspace's list carries the caller's read state (API.md §9).
+                if workspace.is_some() {
+                    view.read = Some(ChannelReadFields::of(rt.state.read_counts(user)));
+                }
+                reach.then_some(view)
             })
+            .collect()
+    }
+
+    /// The user's read state in each of their channels here of `workspace` after
+    /// `after`, in channel order: at most `limit + 1`, so that the gatherer knows whether
+    /// a next page exists. Each costs a few binary searches (see `domain::unread`).
+    fn unreads(
+        &self,
+        user: UserId,
+        workspace: crate::ids::WorkspaceId,
+        after: Option<ChannelId>,
+        limit: usize,
+    ) -> Vec<ReadView> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let Some(mine) = self.user_channels.get(&user) else {
+            return Vec::new();
+        };
+        let from = after.map_or(Unbounded, Excluded);
+        mine.range((from, Unbounded))
+            .filter_map(|id| {
+                let rt = self.channels.get(id)?;
+                if rt.state.workspace != workspace {
+                    return None;
+                }
+                let counts = rt.state.read_counts(user)?;
+                Some(ReadView::new(*id, rt.committed, counts))
+            })
+            .take(limit.saturating_add(1))
             .collect()
     }
 }
@@ -1229,6 +1452,10 @@ pub(crate) fn fail(msg: PartitionMsg, why: &Unavailable) {
             }
         }
         PartitionMsg::Visible { out, .. } => out.add(Vec::new()),
+        PartitionMsg::Unreads { out, .. } => out.add(Vec::new()),
+        PartitionMsg::MarkRead { reply, .. } => {
+            let _ = reply.send(Err(err()));
+        }
         PartitionMsg::Audit { out } => out.add(Vec::new()),
         PartitionMsg::Typing { reply, .. } => {
             let _ = reply.send(Err(err()));

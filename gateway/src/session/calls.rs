@@ -54,6 +54,17 @@ pub async fn run_call(
             }
             Answer::Activity
         }
+        Call::MarkRead {
+            reference,
+            channel,
+            seq,
+        } => Answer::Read {
+            reference,
+            result: engine
+                .mark_read(user, channel, seq)
+                .await
+                .map_err(ApiError::from),
+        },
         Call::Command { reference, command } => Answer::Command {
             reference,
             result: command_result(&engine, user, command).await,

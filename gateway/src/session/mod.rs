@@ -38,7 +38,7 @@ use bytes::Bytes;
 use chorus_engine::ids::{ChannelId, UserId};
 use chorus_engine::presence::{Presence, Update, WatchOp, PRESENCE_WATCH_MAX};
 use chorus_engine::queue::Cutoff;
-use chorus_engine::view::MessageView;
+use chorus_engine::view::{MessageView, ReadView};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -147,6 +147,15 @@ pub enum Call {
         /// Which.
         active: bool,
     },
+    /// Move the read marker of a channel forward.
+    MarkRead {
+        /// The frame's `ref`.
+        reference: Value,
+        /// The channel.
+        channel: ChannelId,
+        /// The highest seq read.
+        seq: u64,
+    },
 }
 
 /// The result of a [`Call`].
@@ -184,6 +193,13 @@ pub enum Answer {
     },
     /// The activity was reported (or the session is ending anyway).
     Activity,
+    /// A read marker was marked (with the caller's read state), or the mark failed.
+    Read {
+        /// The frame's `ref`.
+        reference: Value,
+        /// What the engine said.
+        result: Result<ReadView, ApiError>,
+    },
 }
 
 /// Where the session is.
@@ -413,6 +429,13 @@ impl SessionCore {
                 Err(e) => self.reply_error(&reference, &e),
             },
             Answer::Activity => {}
+            Answer::Read { reference, result } => {
+                let frame = match result {
+                    Ok(read) => protocol::ack_read(&reference, &read),
+                    Err(e) => protocol::error_frame(&reference, &e),
+                };
+                self.replies.push_back(frame);
+            }
         }
     }
 
@@ -568,6 +591,16 @@ impl SessionCore {
                     self.call = Some(Call::Typing { reference, channel });
                 }
             }
+            ClientFrame::MarkRead { channel, seq } => match limits.take_rate(self.user) {
+                Ok(()) => {
+                    self.call = Some(Call::MarkRead {
+                        reference,
+                        channel,
+                        seq,
+                    })
+                }
+                Err(e) => self.reply_error(&reference, &e),
+            },
             ClientFrame::Command(command) => match limits.take_rate(self.user) {
                 Ok(()) => self.call = Some(Call::Command { reference, command }),
                 Err(e) => self.reply_error(&reference, &e),

@@ -50,6 +50,34 @@ struct Mix {
     presence: u32,
     activity: u32,
     mode: u32,
+    read: u32,
+}
+
+impl Mix {
+    /// The sum of the chances; at most 1,000 (checked below), or the actions past it would
+    /// never be chosen.
+    const fn total(&self) -> u32 {
+        self.post
+            + self.edit
+            + self.delete
+            + self.react
+            + self.unreact
+            + self.typing
+            + self.ping
+            + self.join
+            + self.leave
+            + self.dm
+            + self.create
+            + self.slow
+            + self.resume
+            + self.silent
+            + self.disconnect
+            + self.vanish
+            + self.presence
+            + self.activity
+            + self.mode
+            + self.read
+    }
 }
 
 const MIX: Mix = Mix {
@@ -69,10 +97,16 @@ const MIX: Mix = Mix {
     silent: 5,
     disconnect: 40,
     vanish: 20,
-    presence: 60,
-    activity: 120,
-    mode: 40,
+    presence: 50,
+    activity: 80,
+    mode: 30,
+    read: 40,
 };
+
+const _: () = assert!(
+    MIX.total() <= 1000,
+    "the chances of a client's actions exceed 1,000"
+);
 
 /// A client's open connection.
 struct Conn {
@@ -265,6 +299,7 @@ impl Client {
         match v["type"].as_str() {
             Some("event") => w.on_event(self.index, frame, &v),
             Some("resumed") => w.on_resumed(self.index, &v),
+            Some("read") => w.on_read(self.index, &v),
             Some("typing") => {
                 w.counters.typing += 1;
                 if v["user_id"].as_str() == Some(&self.user.to_string()) {
@@ -384,6 +419,8 @@ impl Client {
             self.send(json!({"type": "activity", "state": state}));
         } else if next(MIX.mode) {
             self.set_mode().await
+        } else if next(MIX.read) {
+            self.mark_read().await
         }
     }
 
@@ -744,6 +781,52 @@ impl Client {
         };
         self.trace(format!("resumes {since:?}"));
         self.send(json!({"type": "resume", "since": since}));
+    }
+
+    /// Marks a channel read up to the last seq received of it (`read:mark`). The ack's
+    /// marker is at least that seq (markers only move forward), at most the channel's
+    /// last seq, and counts no more mentions than unread messages. A channel left
+    /// meanwhile is `not_found`. (The ack is not checked against the `read` frames: an
+    /// answer goes out before events already queued, so it may overtake older frames.)
+    async fn mark_read(&mut self) {
+        let picked = {
+            let w = self.world.borrow();
+            let u = &w.users[self.index];
+            let known: Vec<(ChannelId, u64)> = u
+                .last
+                .iter()
+                .filter(|(c, _)| u.channels.contains(c))
+                .map(|(c, s)| (*c, *s))
+                .collect();
+            known
+        };
+        let Some((channel, seq)) = self.pick(&picked) else {
+            return;
+        };
+        let reference = format!("read{}", self.world.borrow_mut().unique());
+        self.send(json!({"type": "read:mark", "ref": reference,
+            "channel_id": channel.to_string(), "seq": seq}));
+        let Some(a) = self.answer(&reference).await else {
+            return;
+        };
+        let r = &a["read"];
+        let ok = match a["type"].as_str() {
+            Some("ack") => {
+                let n = |k: &str| r[k].as_u64().unwrap_or(0);
+                r["channel_id"] == channel.to_string()
+                    && n("read_seq") >= seq
+                    && n("read_seq") <= n("last_seq")
+                    && n("mention_count") <= n("unread_count")
+            }
+            Some("error") => matches!(a["code"].as_str(), Some("not_found" | "unavailable")),
+            _ => false,
+        };
+        if !ok {
+            self.world.borrow_mut().violations.push(format!(
+                "user {}: read:mark of {channel} at {seq} answered {a}",
+                self.user
+            ));
+        }
     }
 
     async fn ping(&mut self) {

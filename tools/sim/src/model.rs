@@ -134,6 +134,8 @@ pub struct UserState {
     pub resumed: Option<BTreeSet<ChannelId>>,
     /// The channels the current connection has received an event of.
     pub this_connection: BTreeSet<ChannelId>,
+    /// The highest `read_seq` a `read` frame showed per channel, over every connection.
+    pub read: BTreeMap<ChannelId, u64>,
 }
 
 impl UserState {
@@ -158,6 +160,7 @@ impl UserState {
             connections: 0,
             resumed: None,
             this_connection: BTreeSet::new(),
+            read: BTreeMap::new(),
         }
     }
 }
@@ -192,6 +195,8 @@ pub struct Counters {
     pub typing: u64,
     /// `presence` frames received and checked.
     pub presence: u64,
+    /// `read` frames received and checked.
+    pub reads: u64,
     /// Operations issued.
     pub ops: u64,
     /// Operations acknowledged.
@@ -370,6 +375,42 @@ impl World {
             seq,
             frame: frame.clone(),
         });
+    }
+
+    /// Checks a `read` frame (`API.md` §9): a marker only moves forward, so a user's
+    /// `read_seq` in a channel never goes back, over every connection and every crash (a
+    /// frame goes out only once its marker is durable); it never passes the channel's
+    /// `last_seq`; and the mentions counted are among the unread messages.
+    pub fn on_read(&mut self, user_index: usize, v: &Value) {
+        self.counters.reads += 1;
+        let u = &mut self.users[user_index];
+        let r = &v["read"];
+        let fields = (
+            r["channel_id"]
+                .as_str()
+                .and_then(|c| c.parse::<ChannelId>().ok()),
+            r["read_seq"].as_u64(),
+            r["last_seq"].as_u64(),
+            r["unread_count"].as_u64(),
+            r["mention_count"].as_u64(),
+        );
+        let (Some(channel), Some(read), Some(last), Some(unread), Some(mentions)) = fields else {
+            self.violations
+                .push(format!("user {}: a malformed read frame: {v}", u.id));
+            return;
+        };
+        let before = u.read.insert(channel, read).unwrap_or(0);
+        if read < before {
+            self.violations.push(format!(
+                "user {}, channel {channel}: read_seq {read} after {before} (a marker went back)",
+                u.id
+            ));
+            u.read.insert(channel, before);
+        }
+        if read > last || mentions > unread || (read == last && unread > 0) {
+            self.violations
+                .push(format!("user {}: an inconsistent read frame: {v}", u.id));
+        }
     }
 
     /// Checks a `resumed` frame: each channel it names ends at the last seq the user
