@@ -18,6 +18,13 @@ use indicatif::ProgressBar;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+/// Worker processes that `chat` uses at least, over either transport: one per core. A QUIC
+/// client's per-packet work (decryption, acknowledgements, stream reassembly) on a single
+/// thread fell behind 1,000 sessions receiving 25,000 deliveries/s, so the generator's
+/// queue was measured (QUIC delivery p50 105–130 ms with one worker, 10–13 ms with two,
+/// the WebSocket's 5–7 ms).
+const CHAT_WORKERS_MIN: usize = 2;
+
 /// How long after the last scheduled send a chat run waits for late acks and deliveries.
 const CHAT_DRAIN: Duration = Duration::from_secs(10);
 /// How long a fan-out round may take before the missing deliveries are counted.
@@ -87,6 +94,7 @@ impl ChorusRunner {
         &self,
         count: usize,
         transport: Transport,
+        at_least: usize,
         make: F,
     ) -> anyhow::Result<(Vec<WorkerHandle>, usize, f64)>
     where
@@ -94,6 +102,7 @@ impl ChorusRunner {
     {
         let workers = worker::workers_for(count, transport)
             .max(self.workers_min)
+            .max(at_least)
             .min(count.max(1));
         let mut handles = Vec::new();
         for w in 0..workers {
@@ -128,6 +137,8 @@ impl ChorusRunner {
     }
 
     /// `chat` against Chorus, every session over `transport`.
+    ///
+    /// The sessions are split over [`CHAT_WORKERS_MIN`] worker processes or more.
     pub fn chat(&self, shape: &ChatShape, transport: Transport) -> anyhow::Result<ChatOutcome> {
         ensure!(
             shape.connections >= 2 && shape.members >= 2,
@@ -146,7 +157,7 @@ impl ChorusRunner {
             self.progress
                 .set_message(format!("chat over {}: connecting", transport.label()));
             let (workers, open, _) = self
-                .spawn_workers(c, transport, |w, range| {
+                .spawn_workers(c, transport, CHAT_WORKERS_MIN, |w, range| {
                     Job::Chat(ChatJob {
                         target: target.clone(),
                         source: worker::source_address(w),
@@ -275,7 +286,7 @@ impl ChorusRunner {
                 .set_message(format!("fanout: connecting {}", shape.online));
             let online = &tokens[1..];
             let (workers, open, _) = self
-                .spawn_workers(online.len(), Transport::WebSocket, |w, range| {
+                .spawn_workers(online.len(), Transport::WebSocket, 1, |w, range| {
                     hold_job(&target, w, &online[range])
                 })
                 .await?;
@@ -376,7 +387,7 @@ impl ChorusRunner {
                 transport.label()
             ));
             let (mut workers, open, connect_secs) = self
-                .spawn_workers(k, transport, |w, range| {
+                .spawn_workers(k, transport, 1, |w, range| {
                     hold_job(&target, w, &tokens[range])
                 })
                 .await?;
