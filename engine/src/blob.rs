@@ -177,6 +177,16 @@ impl BlobStore for DiskBlobStore {
     }
 }
 
+/// Reads and checks one blob of the disk store at `root` with blocking I/O, without
+/// opening the store (which would clear writes in progress): for readers on threads of
+/// their own, such as the search indexer, while the engine runs.
+pub fn read_blob(root: &Path, blob: &BlobRef) -> Result<Vec<u8>, BlobError> {
+    BlobDir {
+        root: root.to_path_buf(),
+    }
+    .get(blob)
+}
+
 /// The blob store's directory on the local disk, with blocking methods. `&self` methods
 /// are safe to call from many threads at once; one process owns a store directory at a
 /// time.

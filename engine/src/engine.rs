@@ -7,7 +7,7 @@
 //! An `Engine` is `Send + Sync` and cheap to clone; it can be called from any thread,
 //! including the shards' own.
 
-use crate::blob::DiskBlobStore;
+use crate::blob::{BlobStore, DiskBlobStore};
 use crate::config::EngineConfig;
 use crate::consumer::{CommittedPage, LogId, Waiter, Watermarks};
 use crate::domain::channel::ChannelCommand;
@@ -15,7 +15,7 @@ use crate::domain::meta::{partition_of, User};
 use crate::domain::{ChannelKind, DomainError, PAGE_LIMIT_MAX};
 use crate::env::{Env, GlommioEnv};
 use crate::error::{EngineError, IoError, Unavailable};
-use crate::ids::{ChannelId, MessageId, UserId, WorkspaceId};
+use crate::ids::{ChannelId, FileId, MessageId, UserId, WorkspaceId};
 use crate::outcome::{ChannelOutcome, MessagePage, MetaOutcome, ReadOutcome, Recovery};
 use crate::queue::{FrameReceiver, Inbox};
 use crate::runtime::dispatch::SubscriptionInfo;
@@ -24,7 +24,9 @@ use crate::runtime::{
     ChannelRead, Gather, PartitionMsg, Reply, Routes, ShardInboxes, ShardMsg, ShardSenders,
     ShardSetup, Started, CURRENT_SHARD,
 };
-use crate::view::{ChannelView, MemberView, MessageView, ReadView, UserView, WorkspaceView};
+use crate::view::{
+    ChannelView, FileView, MemberView, MessageView, ReadView, UserView, WorkspaceView,
+};
 use bytes::Bytes;
 use chorus_log::DiskRoot;
 use futures::channel::oneshot;
@@ -279,6 +281,24 @@ impl Engine {
         let lock = lock_data_dir(&config.data_dir)?;
         let blobs = DiskBlobStore::open(&config.data_dir.join("blobs"))
             .map_err(|e| IoError::new("blob store", e))?;
+        let root = DiskRoot::new(&config.data_dir);
+        let engine = Engine::open_with(config, move |_| {
+            GlommioEnv::new(root.clone(), blobs.clone())
+        })?;
+        *engine.inner.data_dir_lock.lock().expect("lock") = Some(lock);
+        Ok(engine)
+    }
+
+    /// Opens the engine as [`Engine::open`] does, with message bodies over the inline limit
+    /// in `blobs` rather than in `blobs/` of the data directory (an S3 bucket, say).
+    pub fn open_with_blobs<B>(config: EngineConfig, blobs: B) -> Result<Engine, EngineError>
+    where
+        B: BlobStore + Clone + Send + Sync + 'static,
+    {
+        validate(&config)?;
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| IoError::new(config.data_dir.display().to_string(), e))?;
+        let lock = lock_data_dir(&config.data_dir)?;
         let root = DiskRoot::new(&config.data_dir);
         let engine = Engine::open_with(config, move |_| {
             GlommioEnv::new(root.clone(), blobs.clone())
@@ -709,6 +729,119 @@ impl Engine {
         }
     }
 
+    /// Records a file whose bytes are durable in the file store, uploaded by `user` to
+    /// `workspace`. The answer comes once the record is durable and every shard knows it.
+    pub async fn store_file(
+        &self,
+        user: UserId,
+        workspace: WorkspaceId,
+        file: crate::outcome::NewFile,
+    ) -> Result<FileView, EngineError> {
+        match self
+            .meta(|reply| MetaRequest::StoreFile {
+                user,
+                workspace,
+                file: Box::new(file),
+                reply,
+            })
+            .await?
+        {
+            MetaOutcome::File(f) => Ok(f),
+            other => unreachable!("store_file answered {other:?}"),
+        }
+    }
+
+    /// Deletes a file (its uploader or a workspace admin) and answers it as it was. Its
+    /// bytes stay in the file store until the embedder finds them unused
+    /// ([`Engine::file_bytes_in_use`]).
+    pub async fn delete_file(&self, user: UserId, file: FileId) -> Result<FileView, EngineError> {
+        match self
+            .meta(|reply| MetaRequest::DeleteFile { user, file, reply })
+            .await?
+        {
+            MetaOutcome::File(f) => Ok(f),
+            other => unreachable!("delete_file answered {other:?}"),
+        }
+    }
+
+    /// A live file, for a caller that holds a credential for this file itself (a signed
+    /// link the embedder checked): no user or workspace is checked here.
+    pub async fn linked_file(&self, file: FileId) -> Result<FileView, EngineError> {
+        self.meta_read(file.0, |reply| MetaRead::LinkedFile { file, reply })
+            .await
+    }
+
+    /// A live file of a workspace the user belongs to; `NotFound` for a deleted file, an
+    /// unknown one, and one of another workspace alike. Who else may read it is the
+    /// embedder's rule on top of this.
+    pub async fn file(&self, user: UserId, file: FileId) -> Result<FileView, EngineError> {
+        self.meta_read(user.0, |reply| MetaRead::File { user, file, reply })
+            .await
+    }
+
+    /// Records the preview of one kind of a live file: made (its bytes already durable in
+    /// the file store) or never to be. `Conflict` if that kind is recorded already.
+    pub async fn record_preview(
+        &self,
+        record: crate::domain::event::PreviewRecord,
+    ) -> Result<FileView, EngineError> {
+        let record = Box::new(record);
+        match self
+            .meta(|reply| MetaRequest::RecordPreview { record, reply })
+            .await?
+        {
+            MetaOutcome::File(f) => Ok(f),
+            other => unreachable!("record_preview answered {other:?}"),
+        }
+    }
+
+    /// Live files none of whose previews is decided yet, in ID order.
+    pub async fn files_without_previews(&self) -> Result<Vec<FileView>, EngineError> {
+        self.meta_read(0, |reply| MetaRead::FilesWithoutPreviews { reply })
+            .await
+    }
+
+    /// `NotFound` unless the user is a member of the workspace.
+    pub async fn check_member(
+        &self,
+        user: UserId,
+        workspace: WorkspaceId,
+    ) -> Result<(), EngineError> {
+        self.meta_read(user.0, |reply| MetaRead::InWorkspace {
+            user,
+            workspace,
+            reply,
+        })
+        .await
+    }
+
+    /// The channels where `user` can read a message, not deleted, that carries `file`:
+    /// who besides its uploader may read a file (`API.md` §11). Asks every partition.
+    pub async fn file_channels(
+        &self,
+        user: UserId,
+        file: FileId,
+    ) -> Result<Vec<ChannelId>, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        let gather = Gather::new(self.inner.config.partitions as usize, tx);
+        for s in 0..self.inner.routes.shard_count() {
+            let g = gather.clone();
+            let msg = ShardMsg::AllPartitions(Box::new(move || PartitionMsg::FileReaders {
+                user,
+                file,
+                out: g.clone(),
+            }));
+            self.inner.routes.send(s, msg).await?;
+        }
+        rx.await.map_err(|_| Unavailable::ShardStopped)?
+    }
+
+    /// Whether a live file has the bytes with this SHA-256, on the caller's shard's replica.
+    pub async fn file_bytes_in_use(&self, sha256: [u8; 32]) -> Result<bool, EngineError> {
+        self.meta_read(0, |reply| MetaRead::FileBytesInUse { sha256, reply })
+            .await
+    }
+
     /// The channels the user can see in a workspace: every public one and the others they
     /// are in.
     pub async fn channels(
@@ -821,6 +954,21 @@ impl Engine {
         client_msg_id: Option<&str>,
         thread: Option<MessageId>,
     ) -> Result<(MessageView, bool), EngineError> {
+        self.post_with_files(user, channel, text, client_msg_id, thread, Vec::new())
+            .await
+    }
+
+    /// Posts a message with files (at most 10, each a live file the user uploaded to the
+    /// channel's workspace; `text` may then be empty). Otherwise as [`Engine::post`].
+    pub async fn post_with_files(
+        &self,
+        user: UserId,
+        channel: ChannelId,
+        text: &str,
+        client_msg_id: Option<&str>,
+        thread: Option<MessageId>,
+        files: Vec<FileId>,
+    ) -> Result<(MessageView, bool), EngineError> {
         let out = self
             .command(
                 user,
@@ -829,6 +977,7 @@ impl Engine {
                     text: text.to_owned(),
                     client_msg_id: client_msg_id.map(str::to_owned),
                     thread,
+                    files: (!files.is_empty()).then(|| Box::new(files)),
                 },
             )
             .await?;

@@ -2,7 +2,7 @@
 //! recovered at open.
 
 use crate::error::EngineError;
-use crate::view::{ChannelView, MemberView, MessageView, UserView, WorkspaceView};
+use crate::view::{ChannelView, FileView, MemberView, MessageView, UserView, WorkspaceView};
 
 /// Where an engine call's answer goes: the caller waits on the other end.
 pub(crate) type Reply<T> = futures::channel::oneshot::Sender<Result<T, EngineError>>;
@@ -18,6 +18,22 @@ pub enum MetaOutcome {
     Member(MemberView),
     /// A channel, and whether it was created by this call.
     Channel(ChannelView, bool),
+    /// A stored file, or a deleted one as it was.
+    File(FileView),
+}
+
+/// A file whose bytes are durable in the file store, to be recorded by
+/// [`crate::Engine::store_file`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewFile {
+    /// The name as the client gave it.
+    pub name: String,
+    /// Its length in bytes.
+    pub size: u64,
+    /// Its media type, `type/subtype`.
+    pub content_type: String,
+    /// The SHA-256 of its bytes.
+    pub sha256: [u8; 32],
 }
 
 /// The outcome of a channel command.

@@ -5,7 +5,8 @@
 //! missing, of another version, damaged, or ahead of its log is ignored (with a line on
 //! stderr) and the partition replays its whole log, as it did before snapshots existed.
 //!
-//! File format, version 2 (version 1 had no read markers), all integers little-endian:
+//! File format, version 3 (version 1 had no read markers, version 2 no files on messages),
+//! all integers little-endian:
 //!
 //! | bytes | field |
 //! |---|---|
@@ -26,8 +27,11 @@ use chorus_log::{Storage, StorageFile};
 use std::io;
 
 const MAGIC: &[u8; 8] = b"CHORSNAP";
-/// The snapshot format version written by this code.
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 2;
+/// The snapshot format version written by this code. Version 3 added a message's files
+/// (behind a flag bit that version 2 never sets), so version 2 files are read as they are.
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 3;
+/// The oldest snapshot format version this code reads.
+const SNAPSHOT_FORMAT_VERSION_MIN: u32 = 2;
 const HEADER_BYTES: usize = 8 + 4 + 4 + 8 + 8;
 
 /// Why a snapshot could not be used.
@@ -247,7 +251,7 @@ pub fn parse(file: impl Into<bytes::Bytes>, partition: u32) -> Result<Loaded, Sn
     let u32_at = |at: usize| u32::from_le_bytes(file[at..at + 4].try_into().expect("4"));
     let u64_at = |at: usize| u64::from_le_bytes(file[at..at + 8].try_into().expect("8"));
     let version = u32_at(8);
-    if version != SNAPSHOT_FORMAT_VERSION {
+    if !(SNAPSHOT_FORMAT_VERSION_MIN..=SNAPSHOT_FORMAT_VERSION).contains(&version) {
         return Err(bad(format!("format version {version} is not known")));
     }
     if u32_at(12) != partition {

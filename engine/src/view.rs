@@ -6,9 +6,9 @@
 
 use crate::domain::channel::{ChannelState, Message};
 use crate::domain::event::{ChannelEvent, ChannelKind, Role};
-use crate::domain::meta::{User, Workspace};
+use crate::domain::meta::{FileEntry, User, Workspace};
 use crate::domain::unread::ReadCounts;
-use crate::ids::{ChannelId, MessageId, UserId, WorkspaceId};
+use crate::ids::{ChannelId, FileId, MessageId, UserId, WorkspaceId};
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
 use std::time::{Duration, UNIX_EPOCH};
@@ -16,6 +16,98 @@ use std::time::{Duration, UNIX_EPOCH};
 /// An RFC 3339 UTC time with microseconds, from microseconds since the epoch.
 pub fn rfc3339(at_us: u64) -> String {
     humantime::format_rfc3339_micros(UNIX_EPOCH + Duration::from_micros(at_us)).to_string()
+}
+
+/// `file`: `{"id","workspace_id","user_id","name","size","content_type","sha256",
+/// "created_at","previews"}`, or `{"id","deleted":true}` once deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileView {
+    /// The file's ID.
+    pub id: FileId,
+    /// Its workspace.
+    pub workspace_id: WorkspaceId,
+    /// The uploader.
+    pub user_id: UserId,
+    /// The name as given.
+    pub name: String,
+    /// Its length in bytes.
+    pub size: u64,
+    /// Its media type.
+    pub content_type: String,
+    /// The SHA-256 of its bytes.
+    pub sha256: [u8; 32],
+    /// When it was uploaded, in microseconds since the Unix epoch.
+    pub created_at_us: u64,
+    /// Whether it was deleted.
+    pub deleted: bool,
+    /// Its previews as decided so far: made, or never to be.
+    pub previews: Vec<crate::domain::event::PreviewRecord>,
+}
+
+impl FileView {
+    /// The decision about its preview of `kind`, if there is one yet.
+    pub fn preview(&self, kind: &str) -> Option<&crate::domain::event::PreviewRecord> {
+        self.previews.iter().find(|p| p.kind == kind)
+    }
+
+    /// The SHA-256 in lowercase hex.
+    pub fn sha256_hex(&self) -> String {
+        self.sha256.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl From<&FileEntry> for FileView {
+    fn from(e: &FileEntry) -> FileView {
+        let s = &e.stored;
+        FileView {
+            id: s.file,
+            workspace_id: s.workspace,
+            user_id: s.user,
+            name: s.name.clone(),
+            size: s.size,
+            content_type: s.content_type.clone(),
+            sha256: s.sha256,
+            created_at_us: s.at_us,
+            deleted: e.deleted,
+            previews: e.previews.clone(),
+        }
+    }
+}
+
+impl Serialize for FileView {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.deleted {
+            let mut map = s.serialize_map(Some(2))?;
+            map.serialize_entry("id", &self.id)?;
+            map.serialize_entry("deleted", &true)?;
+            return map.end();
+        }
+        let mut map = s.serialize_map(Some(9))?;
+        map.serialize_entry("id", &self.id)?;
+        map.serialize_entry("workspace_id", &self.workspace_id)?;
+        map.serialize_entry("user_id", &self.user_id)?;
+        map.serialize_entry("name", &self.name)?;
+        map.serialize_entry("size", &self.size)?;
+        map.serialize_entry("content_type", &self.content_type)?;
+        map.serialize_entry("sha256", &self.sha256_hex())?;
+        map.serialize_entry("created_at", &rfc3339(self.created_at_us))?;
+        // A key for each preview made: an image's dimensions, `{}` for an HTML one.
+        let previews: serde_json::Map<String, serde_json::Value> = self
+            .previews
+            .iter()
+            .filter_map(|p| {
+                let made = p.made.as_ref()?;
+                let value = if made.width == 0 {
+                    serde_json::json!({})
+                } else {
+                    serde_json::json!({"width": made.width, "height": made.height})
+                };
+                Some((p.kind.clone(), value))
+            })
+            .collect();
+        map.serialize_entry("previews", &previews)?;
+        map.end()
+    }
 }
 
 /// `user`: `{"id","email","name"}`.
@@ -216,6 +308,8 @@ pub struct MessageView {
     pub created_at: u64,
     /// The client's idempotency key.
     pub client_msg_id: Option<String>,
+    /// Its files (`API.md` §11), resolved by whoever makes the view.
+    pub files: Vec<FileView>,
 }
 
 impl MessageView {
@@ -241,6 +335,7 @@ impl MessageView {
             deleted: m.deleted,
             created_at: m.created_at,
             client_msg_id: m.client_msg_id.clone(),
+            files: Vec::new(),
         }
     }
 }
@@ -259,7 +354,7 @@ impl Serialize for Reactions<'_> {
 
 impl Serialize for MessageView {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut map = s.serialize_map(Some(12))?;
+        let mut map = s.serialize_map(Some(13))?;
         map.serialize_entry("id", &self.id)?;
         map.serialize_entry("channel_id", &self.channel_id)?;
         map.serialize_entry("seq", &self.seq)?;
@@ -272,6 +367,7 @@ impl Serialize for MessageView {
         map.serialize_entry("deleted", &self.deleted)?;
         map.serialize_entry("created_at", &rfc3339(self.created_at))?;
         map.serialize_entry("client_msg_id", &self.client_msg_id)?;
+        map.serialize_entry("files", &self.files)?;
         map.end()
     }
 }
@@ -319,18 +415,18 @@ struct EventFrame<'a> {
 }
 
 /// Renders the `event` frame of a committed channel event, with the message as it stands
-/// after the event. `text` resolves a message's current body.
+/// after the event. `view` makes a message's view (its body's text and its files resolved).
 pub fn event_frame(
     state: &ChannelState,
     seq: u64,
     event: &ChannelEvent,
-    text: impl Fn(&Message) -> String,
+    view: impl Fn(&Message) -> MessageView,
 ) -> Vec<u8> {
     let channel = state.id;
     let view_of = |target: u64| {
         state
             .message_at(target)
-            .map(|m| MessageView::new(channel, m, &text(m)))
+            .map(&view)
             .expect("an event's message exists once it is applied")
     };
     let mid = |seq| MessageId { channel, seq };
@@ -344,7 +440,7 @@ pub fn event_frame(
             user_id: *user,
             by: *by,
         },
-        ChannelEvent::MessagePosted { .. } => {
+        ChannelEvent::MessagePosted { .. } | ChannelEvent::MessagePostedWithFiles(_) => {
             message = view_of(seq);
             EventBody::MessageNew { message: &message }
         }
@@ -417,6 +513,7 @@ mod tests {
             deleted: false,
             created_at: 1_500_000,
             client_msg_id: Some("k".into()),
+            files: Box::default(),
         };
         let v = serde_json::to_value(MessageView::new(ChannelId(7), &m, "hi")).unwrap();
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();

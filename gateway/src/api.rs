@@ -14,6 +14,9 @@
 //! clients can talk to older servers; a field of the wrong type is refused with serde's
 //! message.
 
+mod search;
+
+use crate::body::ReqBody;
 use crate::ctx::{authenticate, token_now, ShardCtx};
 use crate::error::ApiError;
 use crate::protocol::{message_in, parse_id};
@@ -23,7 +26,7 @@ use chorus_engine::ids::{ChannelId, MessageId, UserId, WorkspaceId};
 use chorus_engine::presence::{Mode, PRESENCE_QUERY_MAX};
 use chorus_engine::view::UserView;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper::body::{Body, Incoming};
+use hyper::body::Body;
 use hyper::{Method, Request, Response, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::ser::{SerializeMap, Serializer};
@@ -78,7 +81,7 @@ impl Verb {
         }
     }
 
-    fn of(method: &Method) -> Option<Verb> {
+    pub(crate) fn of(method: &Method) -> Option<Verb> {
         Some(match *method {
             Method::GET => Verb::Get,
             Method::POST => Verb::Post,
@@ -149,6 +152,14 @@ pub enum Op {
     Unreads,
     /// `GET /openapi.json`.
     OpenApi,
+    /// A files route, served by [`crate::files`].
+    File(crate::files::FileOp),
+    /// `GET /workspaces/{wid}/search/messages`.
+    SearchMessages,
+    /// `GET /workspaces/{wid}/search/users`.
+    SearchUsers,
+    /// `GET /workspaces/{wid}/search/files`.
+    SearchFiles,
 }
 
 /// The JSON type of a body field or query parameter.
@@ -160,6 +171,8 @@ pub enum Ty {
     Integer,
     /// An array of strings.
     Strings,
+    /// A file's bytes (a multipart form's file field).
+    Binary,
 }
 
 /// A body field or query parameter, for the OpenAPI document.
@@ -175,7 +188,7 @@ pub struct Field {
     pub about: &'static str,
 }
 
-const fn req(name: &'static str, ty: Ty, about: &'static str) -> Field {
+pub(crate) const fn req(name: &'static str, ty: Ty, about: &'static str) -> Field {
     Field {
         name,
         ty,
@@ -184,7 +197,7 @@ const fn req(name: &'static str, ty: Ty, about: &'static str) -> Field {
     }
 }
 
-const fn opt(name: &'static str, ty: Ty, about: &'static str) -> Field {
+pub(crate) const fn opt(name: &'static str, ty: Ty, about: &'static str) -> Field {
     Field {
         name,
         ty,
@@ -213,9 +226,12 @@ pub struct Route {
     pub body: &'static [Field],
     /// Its query parameters.
     pub query: &'static [Field],
+    /// Whether the body is `multipart/form-data` (with `body` as its fields) rather than
+    /// JSON.
+    pub form: bool,
 }
 
-const fn route(
+pub(crate) const fn route(
     verb: Verb,
     path: &'static str,
     op: Op,
@@ -236,22 +252,36 @@ const fn route(
         },
         body: &[],
         query: &[],
+        form: false,
     }
 }
 
 impl Route {
-    const fn public(mut self) -> Route {
+    pub(crate) const fn public(mut self) -> Route {
         self.auth = false;
         self
     }
 
-    const fn body(mut self, fields: &'static [Field]) -> Route {
+    pub(crate) const fn body(mut self, fields: &'static [Field]) -> Route {
         self.body = fields;
         self
     }
 
-    const fn query(mut self, fields: &'static [Field]) -> Route {
+    pub(crate) const fn query(mut self, fields: &'static [Field]) -> Route {
         self.query = fields;
+        self
+    }
+
+    /// A `multipart/form-data` body with these fields.
+    pub(crate) const fn form(mut self, fields: &'static [Field]) -> Route {
+        self.body = fields;
+        self.form = true;
+        self
+    }
+
+    /// For calls that answer 202 while their answer is being made.
+    pub(crate) const fn or_pending(mut self) -> Route {
+        self.statuses = &[200, 202];
         self
     }
 
@@ -317,6 +347,7 @@ pub static ROUTES: &[Route] = &[
             TEXT,
             opt("client_msg_id", Ty::String, "idempotency key: a repeat answers 200 with the first message"),
             opt("thread_id", Ty::String, "the thread root, for a reply"),
+            opt("file_ids", Ty::Strings, "files the caller uploaded to this workspace, at most 10; text may then be empty"),
         ]),
     route(Verb::Get, "/api/v1/channels/{cid}/messages", Op::ListMessages, 200, "Top-level messages, newest first")
         .query(&[opt("before", Ty::String, "the next_cursor of the previous page"), LIMIT]),
@@ -336,7 +367,20 @@ pub static ROUTES: &[Route] = &[
             opt("cursor", Ty::String, "the next_cursor of the previous page"),
             opt("limit", Ty::Integer, "page size, 1 to 1000, default 1000"),
         ]),
+    route(Verb::Get, "/api/v1/workspaces/{wid}/search/messages", Op::SearchMessages, 200, "Messages the caller can read that match a query (README: search query grammar)")
+        .query(&[
+            opt("q", Ty::String, "the query, up to 1000 characters"),
+            opt("sort", Ty::String, "relevance (default) or newest"),
+            SEARCH_CURSOR, SEARCH_LIMIT,
+        ]),
+    route(Verb::Get, "/api/v1/workspaces/{wid}/search/files", Op::SearchFiles, 200, "Files the caller can read whose name or text (text, code and PDF files) matches a query (README: search query grammar)")
+        .query(&[opt("q", Ty::String, "the query, up to 1000 characters"), SEARCH_CURSOR, SEARCH_LIMIT]),
+    route(Verb::Get, "/api/v1/workspaces/{wid}/search/users", Op::SearchUsers, 200, "Members with a name word or email starting with each word of q")
+        .query(&[opt("q", Ty::String, "words, up to 1000 characters"), SEARCH_CURSOR, SEARCH_LIMIT]),
 ];
+
+const SEARCH_CURSOR: Field = opt("cursor", Ty::String, "the next_cursor of the previous page");
+const SEARCH_LIMIT: Field = opt("limit", Ty::Integer, "page size, 1 to 100, default 20");
 
 // ---------------------------------------------------------------------------------------
 // The router
@@ -354,7 +398,7 @@ enum Found<'p> {
 }
 
 /// Matches a path against a pattern, returning its parameters.
-fn match_path<'p>(pattern: &'static str, path: &'p str) -> Option<RawParams<'p>> {
+pub(crate) fn match_path<'p>(pattern: &'static str, path: &'p str) -> Option<RawParams<'p>> {
     let mut params = Vec::new();
     let mut want = pattern.split('/');
     let mut have = path.split('/');
@@ -406,7 +450,7 @@ fn find<'p>(method: &Method, path: &'p str) -> Found<'p> {
 /// runs the call. Every answer is JSON (or empty, for 204).
 pub async fn handle(
     ctx: Rc<ShardCtx>,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
     peer: Option<IpAddr>,
 ) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
@@ -430,7 +474,7 @@ async fn serve(
     ctx: &ShardCtx,
     route: &'static Route,
     raw: &RawParams<'_>,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
     peer: Option<IpAddr>,
 ) -> Result<Reply, ApiError> {
     let user = if route.auth {
@@ -471,7 +515,7 @@ fn decode_params(raw: &RawParams<'_>) -> Result<Vec<(&'static str, String)>, Api
 }
 
 /// Reads a body of at most `limit` bytes.
-async fn read_body(mut body: Incoming, limit: usize) -> Result<Bytes, ApiError> {
+async fn read_body(mut body: ReqBody, limit: usize) -> Result<Bytes, ApiError> {
     let too_large = || ApiError::too_large(format!("the request body is over {limit} bytes"));
     let declared = body.size_hint().exact().unwrap_or(0);
     if declared > limit.saturating_add(OVERSIZED_DRAIN_BYTES_MAX) as u64 {
@@ -480,24 +524,12 @@ async fn read_body(mut body: Incoming, limit: usize) -> Result<Bytes, ApiError> 
     match Limited::new(&mut body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            drain(&mut body, OVERSIZED_DRAIN_BYTES_MAX).await;
+            crate::body::read_at_most(&mut body, OVERSIZED_DRAIN_BYTES_MAX as u64).await;
             Err(too_large())
         }
         Err(e) => Err(ApiError::invalid(format!(
             "the request body could not be read: {e}"
         ))),
-    }
-}
-
-/// Reads and drops up to `max` more bytes of a body.
-async fn drain(body: &mut Incoming, max: usize) {
-    let mut left = max;
-    while let Some(Ok(frame)) = body.frame().await {
-        let n = frame.data_ref().map_or(0, Bytes::len);
-        if n > left {
-            return;
-        }
-        left -= n;
     }
 }
 
@@ -762,6 +794,8 @@ struct PostReq {
     text: String,
     client_msg_id: Option<String>,
     thread_id: Option<String>,
+    #[serde(default)]
+    file_ids: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -829,6 +863,12 @@ async fn run(op: Op, call: &Call<'_>) -> Result<Reply, ApiError> {
         Op::GetPresence => get_presence(call).await,
         Op::MarkRead => mark_read(call).await,
         Op::Unreads => unreads(call).await,
+        // The files routes are not in this router's table: `conn` sends their paths to
+        // `crate::files`, which streams their bodies.
+        Op::File(_) => Err(ApiError::new(404, "not_found", "no such endpoint")),
+        Op::SearchMessages => search::messages(call).await,
+        Op::SearchUsers => search::users(call).await,
+        Op::SearchFiles => search::files(call).await,
     }
 }
 
@@ -1081,14 +1121,16 @@ async fn post_message(call: &Call<'_>) -> Result<Reply, ApiError> {
         .as_deref()
         .map(|t| message_in(t, cid))
         .transpose()?;
+    let files = crate::protocol::file_ids(&r.file_ids)?;
     let (m, created) = call
         .engine()
-        .post(
+        .post_with_files(
             call.user(),
             cid,
             &r.text,
             r.client_msg_id.as_deref(),
             thread,
+            files,
         )
         .await?;
     Ok(Reply::json(
@@ -1212,6 +1254,8 @@ fn param_about(name: &str) -> &'static str {
         "mid" => "a message ID (of that channel)",
         "uid" => "a user ID",
         "emoji" => "an emoji name, percent-encoded",
+        "fid" => "a file ID",
+        "kind" => "a preview kind: thumb, page1 or code",
         _ => "",
     }
 }
@@ -1221,6 +1265,7 @@ fn schema_of(ty: Ty) -> serde_json::Value {
         Ty::String => serde_json::json!({"type": "string"}),
         Ty::Integer => serde_json::json!({"type": "integer"}),
         Ty::Strings => serde_json::json!({"type": "array", "items": {"type": "string"}}),
+        Ty::Binary => serde_json::json!({"type": "string", "format": "binary"}),
     }
 }
 
@@ -1266,8 +1311,13 @@ fn operation(r: &Route) -> serde_json::Value {
         op["security"] = json!([]);
     }
     if !r.body.is_empty() {
+        let media = if r.form {
+            "multipart/form-data"
+        } else {
+            "application/json"
+        };
         op["requestBody"] = json!({"required": true,
-            "content": {"application/json": {"schema": body_schema(r.body)}}});
+            "content": {media: {"schema": body_schema(r.body)}}});
     }
     op
 }
@@ -1293,7 +1343,7 @@ fn body_schema(fields: &[Field]) -> serde_json::Value {
 pub fn openapi() -> serde_json::Value {
     use serde_json::json;
     let mut paths = serde_json::Map::new();
-    for r in ROUTES {
+    for r in ROUTES.iter().chain(crate::files::ROUTES) {
         let item = paths.entry(r.path).or_insert_with(|| json!({}));
         item[r.verb.as_str().to_lowercase()] = operation(r);
     }

@@ -68,6 +68,18 @@ pub const CONNECTIONS_PER_IP_MAX_DEFAULT: usize = 1_000;
 pub const PRESENCE_OFFLINE_GRACE_S_DEFAULT: u64 = 30;
 /// Milliseconds of a connection's presence window: at most one `presence` frame per window.
 pub const PRESENCE_FLUSH_MS_DEFAULT: u64 = 250;
+/// Largest uploaded file in bytes (`API.md` §11).
+pub const FILE_BYTES_MAX_DEFAULT: u64 = 100 << 20;
+/// Seconds a signed file link works.
+pub const FILE_URL_TTL_S_DEFAULT: u64 = 300;
+/// Milliseconds a preview worker may run (wall clock) before it is killed.
+pub const PREVIEW_TIMEOUT_MS_DEFAULT: u64 = 60_000;
+/// Seconds of CPU a preview worker may use (RLIMIT_CPU).
+pub const PREVIEW_CPU_S_DEFAULT: u64 = 30;
+/// Address space of a preview worker in bytes (RLIMIT_AS).
+pub const PREVIEW_MEMORY_BYTES_MAX_DEFAULT: u64 = 2 << 30;
+/// Preview workers running at once.
+pub const PREVIEW_WORKERS_DEFAULT: usize = 2;
 /// Name of the JWT secret file inside the data directory.
 pub const JWT_SECRET_FILE_NAME: &str = "jwt.key";
 
@@ -144,6 +156,32 @@ pub struct Config {
     /// Milliseconds of a connection's presence window: at most one `presence` frame per
     /// window, holding each changed user's latest status.
     pub presence_flush_ms: u64,
+    /// Largest uploaded file in bytes; a larger upload is answered 413 and leaves nothing.
+    pub file_bytes_max: u64,
+    /// Seconds a signed file link works.
+    pub file_url_ttl_s: u64,
+    /// Milliseconds a preview worker may run before it is killed (and the file gets no
+    /// preview).
+    pub preview_timeout_ms: u64,
+    /// Seconds of CPU a preview worker may use.
+    pub preview_cpu_s: u64,
+    /// Address space of a preview worker, bytes.
+    pub preview_memory_bytes_max: u64,
+    /// Preview workers running at once (each a child process making one preview).
+    pub preview_workers: usize,
+    /// Where uploaded files' bytes live: `"disk"` (under the data directory) or
+    /// `"s3://BUCKET"` (with the `s3_*` keys).
+    pub blob_store: String,
+    /// The S3 endpoint URL; empty for AWS.
+    pub s3_endpoint: String,
+    /// The S3 region.
+    pub s3_region: String,
+    /// The S3 access key ID; empty to take it from the environment.
+    pub s3_access_key_id: String,
+    /// The S3 secret access key; empty to take it from the environment.
+    pub s3_secret_access_key: String,
+    /// Whether the S3 endpoint may be plain HTTP.
+    pub s3_allow_http: bool,
 }
 
 impl Default for Config {
@@ -179,6 +217,18 @@ impl Default for Config {
             connections_per_ip_max: CONNECTIONS_PER_IP_MAX_DEFAULT,
             quic_cert_file: None,
             quic_key_file: None,
+            file_bytes_max: FILE_BYTES_MAX_DEFAULT,
+            file_url_ttl_s: FILE_URL_TTL_S_DEFAULT,
+            preview_timeout_ms: PREVIEW_TIMEOUT_MS_DEFAULT,
+            preview_cpu_s: PREVIEW_CPU_S_DEFAULT,
+            preview_memory_bytes_max: PREVIEW_MEMORY_BYTES_MAX_DEFAULT,
+            preview_workers: PREVIEW_WORKERS_DEFAULT,
+            blob_store: "disk".into(),
+            s3_endpoint: String::new(),
+            s3_region: "us-east-1".into(),
+            s3_access_key_id: String::new(),
+            s3_secret_access_key: String::new(),
+            s3_allow_http: false,
         }
     }
 }
@@ -190,6 +240,20 @@ impl Config {
             Some(path) => path.clone(),
             None => self.data_dir.join(JWT_SECRET_FILE_NAME),
         }
+    }
+
+    /// The S3 bucket files go to, when `blob_store` names one.
+    pub fn s3_config(&self) -> Option<crate::files::store::S3Config> {
+        let bucket = self.blob_store.strip_prefix("s3://")?;
+        let set = |v: &str| Some(v.to_owned()).filter(|v| !v.is_empty());
+        Some(crate::files::store::S3Config {
+            bucket: bucket.trim_end_matches('/').to_owned(),
+            endpoint: set(&self.s3_endpoint),
+            region: self.s3_region.clone(),
+            access_key_id: set(&self.s3_access_key_id),
+            secret_access_key: set(&self.s3_secret_access_key),
+            allow_http: self.s3_allow_http,
+        })
     }
 
     /// The number of shards to run: `shards`, or one per core when it is 0.
@@ -211,6 +275,10 @@ impl Config {
                 "quic_cert_file and quic_key_file go together".into(),
             ));
         }
+        let bucket = self.blob_store.strip_prefix("s3://");
+        if self.blob_store != "disk" && bucket.is_none_or(|b| b.trim_end_matches('/').is_empty()) {
+            return Err(invalid("blob_store", "\"disk\" or \"s3://BUCKET\"".into()));
+        }
         if self.partitions == 0 || self.partitions > PARTITIONS_MAX {
             return Err(invalid("partitions", format!("1 to {PARTITIONS_MAX}")));
         }
@@ -225,6 +293,15 @@ impl Config {
             ("http_idle_timeout_s", self.http_idle_timeout_s == 0),
             ("connections_per_ip_max", self.connections_per_ip_max == 0),
             ("presence_flush_ms", self.presence_flush_ms == 0),
+            ("file_bytes_max", self.file_bytes_max == 0),
+            ("file_url_ttl_s", self.file_url_ttl_s == 0),
+            ("preview_timeout_ms", self.preview_timeout_ms == 0),
+            ("preview_cpu_s", self.preview_cpu_s == 0),
+            (
+                "preview_memory_bytes_max",
+                self.preview_memory_bytes_max == 0,
+            ),
+            ("preview_workers", self.preview_workers == 0),
         ];
         if let Some((key, _)) = positive.iter().find(|(_, zero)| *zero) {
             return Err(invalid(key, "must be positive".into()));
@@ -322,6 +399,31 @@ pub struct Cli {
 pub enum Command {
     /// Run a complete single-node server.
     Serve(ServeArgs),
+    /// Make one file preview under resource limits (started by the server, not by hand).
+    PreviewWorker(PreviewWorkerArgs),
+}
+
+/// Flags of `chorus preview-worker`.
+#[derive(Debug, Args)]
+pub struct PreviewWorkerArgs {
+    /// The preview kind: thumb, page1 or code.
+    #[arg(long)]
+    pub kind: String,
+    /// The file to preview.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Where to write the preview.
+    #[arg(long)]
+    pub output: PathBuf,
+    /// The file's name, for choosing a syntax.
+    #[arg(long, default_value = "")]
+    pub name: String,
+    /// RLIMIT_AS of the worker, bytes.
+    #[arg(long)]
+    pub memory_bytes: u64,
+    /// RLIMIT_CPU of the worker, seconds.
+    #[arg(long)]
+    pub cpu_s: u64,
 }
 
 /// Flags of `chorus serve`. Each is optional so that an absent flag falls through to the
@@ -401,6 +503,7 @@ mod tests {
         let argv = ["chorus", "serve"].iter().chain(argv);
         match Cli::try_parse_from(argv).unwrap().command {
             Command::Serve(args) => args,
+            Command::PreviewWorker(_) => unreachable!("parsed `chorus serve`"),
         }
     }
 

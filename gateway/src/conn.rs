@@ -252,35 +252,60 @@ async fn serve_http(ctx: Rc<ShardCtx>, stream: Socket, first_head_deadline: Inst
 }
 
 /// Routes a request: the WebSocket endpoint, operations endpoints, or the REST API.
+///
+/// What the handler leaves of the request body is read here before the answer goes out
+/// (see [`crate::body`]); when it cannot be, the answer says `Connection: close`.
 async fn route(
     ctx: Rc<ShardCtx>,
     req: Request<Incoming>,
     peer: Option<std::net::IpAddr>,
-) -> Response<Full<Bytes>> {
+) -> Response<crate::files::Body> {
     let started = Instant::now();
-    let response = match req.uri().path() {
-        // A WebSocket handshake must be the first request of its connection.
-        "/ws/v1/connect" => ApiError::new(
-            400,
-            "invalid_request",
-            "open the WebSocket on a new connection",
-        )
-        .response(),
-        "/healthz" => text(200, "text/plain", "ok\n"),
-        "/metrics" => text(
-            200,
-            crate::metrics::CONTENT_TYPE,
-            &ctx.shared.metrics.render(),
-        ),
-        _ if ctx.shared.draining.load(Ordering::SeqCst) => {
-            ApiError::unavailable("the server is shutting down").response()
-        }
-        _ => crate::api::handle(ctx.clone(), req, peer).await,
-    };
+    let leftover = crate::body::Leftover::default();
+    let req = req.map(|b| leftover.wrap(b));
+    let mut response = dispatch(&ctx, req, peer).await;
+    let deadline = Instant::now() + Duration::from_secs(ctx.shared.config.http_header_timeout_s);
+    if !leftover.finish(deadline).await {
+        response.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("close"),
+        );
+    }
     ctx.shared
         .metrics
         .observe_request(response.status().as_u16(), started.elapsed());
     response
+}
+
+/// The handler of a request: the WebSocket endpoint, operations endpoints, or the REST API.
+async fn dispatch(
+    ctx: &Rc<ShardCtx>,
+    req: Request<crate::body::ReqBody>,
+    peer: Option<std::net::IpAddr>,
+) -> Response<crate::files::Body> {
+    let boxed = crate::files::boxed;
+    match req.uri().path() {
+        // A WebSocket handshake must be the first request of its connection.
+        "/ws/v1/connect" => boxed(
+            ApiError::new(
+                400,
+                "invalid_request",
+                "open the WebSocket on a new connection",
+            )
+            .response(),
+        ),
+        "/healthz" => boxed(text(200, "text/plain", "ok\n")),
+        "/metrics" => boxed(text(
+            200,
+            crate::metrics::CONTENT_TYPE,
+            &ctx.shared.metrics.render(),
+        )),
+        _ if ctx.shared.draining.load(Ordering::SeqCst) => {
+            boxed(ApiError::unavailable("the server is shutting down").response())
+        }
+        p if p.starts_with("/api/v1/files/") => crate::files::handle(ctx.clone(), req).await,
+        _ => boxed(crate::api::handle(ctx.clone(), req, peer).await),
+    }
 }
 
 /// A plain response.

@@ -52,6 +52,10 @@ pub struct Shared {
     pub per_ip: ConnectionsPerIp,
     /// Sign-up and login limits.
     pub guard: AuthGuard,
+    /// The file store and link signing.
+    pub files: crate::files::Files,
+    /// The message search index.
+    pub search: Arc<chorus_search::Search>,
 }
 
 /// What one shard's connections share.

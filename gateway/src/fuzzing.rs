@@ -1,5 +1,5 @@
 //! Checked entries for the fuzz targets of the gateway's decoders (`fuzz/`): client frames
-//! in both of their forms, REST request bodies, and QUIC datagrams. Each takes arbitrary
+//! in both of their forms, REST request bodies, upload forms, and QUIC datagrams. Each takes arbitrary
 //! bytes, must not panic, and checks what must hold of what it accepts. The stable test
 //! `gateway/tests/fuzz_corpus.rs` replays the committed corpora through the same functions.
 //! Not part of the API.
@@ -114,6 +114,65 @@ fn answer_to(call: Call) -> Answer {
 /// A REST request body, parsed as every request type: never panics, however deep or long.
 pub fn rest_body(data: &[u8]) -> bool {
     crate::api::parse_as_every_request(data) > 0
+}
+
+/// The boundary of the forms the multipart target reads.
+pub const MULTIPART_BOUNDARY: &str = "XyZ";
+/// The file limit of the multipart target: small, so the fuzzer reaches it.
+pub const MULTIPART_FILE_BYTES_MAX: u64 = 4096;
+
+/// An upload's form (`multipart/form-data` with boundary [`MULTIPART_BOUNDARY`]) read as
+/// the upload route reads it, delivered in chunks whose size the first byte chooses (so
+/// boundaries fall across chunks): nothing panics, an accepted form has a file of at most
+/// the limit whose every byte reached the sink, and its workspace was named first.
+/// Returns whether the form was accepted.
+pub fn multipart(data: &[u8]) -> bool {
+    use crate::files::upload::{read_form, Sink};
+    use bytes::Bytes;
+    #[derive(Default)]
+    struct Memory {
+        workspace: Option<String>,
+        bytes: Vec<u8>,
+    }
+    impl Sink for Memory {
+        async fn workspace(&mut self, id: &str) -> Result<(), crate::error::ApiError> {
+            self.workspace = Some(id.to_owned());
+            Ok(())
+        }
+        async fn write(&mut self, chunk: Bytes) -> Result<(), crate::error::ApiError> {
+            assert!(self.workspace.is_some(), "file bytes before the workspace");
+            self.bytes.extend_from_slice(&chunk);
+            Ok(())
+        }
+    }
+    let Some((first, body)) = data.split_first() else {
+        return false;
+    };
+    let chunk = usize::from(*first % 64) + 1;
+    let chunks: Vec<Result<Bytes, std::io::Error>> = body
+        .chunks(chunk)
+        .map(|c| Ok(Bytes::copy_from_slice(c)))
+        .collect();
+    let mut sink = Memory::default();
+    let read = futures::executor::block_on(read_form(
+        futures::stream::iter(chunks),
+        MULTIPART_BOUNDARY,
+        MULTIPART_FILE_BYTES_MAX,
+        &mut sink,
+    ));
+    match read {
+        Ok(form) => {
+            assert!(form.size <= MULTIPART_FILE_BYTES_MAX);
+            assert_eq!(form.size, sink.bytes.len() as u64);
+            assert_eq!(sink.workspace.as_deref(), Some(form.workspace_id.as_str()));
+            assert!(form.content_type.contains('/'));
+            true
+        }
+        Err(e) => {
+            assert!(matches!(e.status, 400 | 404 | 413), "{e:?}");
+            false
+        }
+    }
 }
 
 /// The QUIC settings of the target: a certificate generated once per process.

@@ -4,10 +4,12 @@
 
 pub mod api;
 pub mod auth;
+pub mod body;
 pub mod config;
 pub mod conn;
 pub mod ctx;
 pub mod error;
+pub mod files;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod guard;

@@ -13,6 +13,9 @@ fn main() -> std::process::ExitCode {
         .init();
     let cli = chorus_gateway::config::Cli::parse();
     let config = match cli.command {
+        chorus_gateway::config::Command::PreviewWorker(args) => {
+            return chorus_gateway::files::preview::run_worker(&args);
+        }
         chorus_gateway::config::Command::Serve(args) => match args.resolve() {
             Ok(c) => c,
             Err(e) => {

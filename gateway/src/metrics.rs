@@ -192,10 +192,23 @@ pub struct Metrics {
     /// QUIC datagrams a shard received for a connection of another shard (a client that
     /// moved) and forwarded to it.
     pub quic_forwarded: Counter,
+    /// Packets QUIC sent, and declared lost, on connections that ended, with the
+    /// congestion events those losses caused: what a QUIC session's latency tail comes
+    /// from when it is not the server.
+    pub quic_packets_sent: Counter,
+    /// See [`Metrics::quic_packets_sent`].
+    pub quic_packets_lost: Counter,
+    /// See [`Metrics::quic_packets_sent`].
+    pub quic_congestion_events: Counter,
+    /// Preview workers that crashed, were killed at their deadline, or died past a
+    /// resource limit (files refused cleanly are not counted).
+    pub preview_worker_crashes: Counter,
     /// Messages posted per workspace, as the `workspace_metrics` consumer last counted
     /// them. Behind a mutex: written once per page of events the consumer reads, read once
     /// per scrape, never on a request's path.
     workspace_messages: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    /// The search index, once it is open.
+    search: std::sync::OnceLock<std::sync::Arc<chorus_search::Search>>,
 }
 
 impl Default for Metrics {
@@ -221,7 +234,12 @@ impl Metrics {
             fsync_latency_seconds: Histogram::new(FSYNC_LATENCY_BUCKETS_S),
             queue_depth: Gauge::default(),
             quic_forwarded: Counter::default(),
+            quic_packets_sent: Counter::default(),
+            quic_packets_lost: Counter::default(),
+            quic_congestion_events: Counter::default(),
+            preview_worker_crashes: Counter::default(),
             workspace_messages: Default::default(),
+            search: Default::default(),
         }
     }
 
@@ -357,6 +375,30 @@ impl Metrics {
             "QUIC datagrams forwarded to the shard that owns their connection.",
             &self.quic_forwarded,
         );
+        counter(
+            &mut out,
+            "quic_packets_sent_total",
+            "QUIC packets sent, counted when their connection ends.",
+            &self.quic_packets_sent,
+        );
+        counter(
+            &mut out,
+            "quic_packets_lost_total",
+            "QUIC packets declared lost, counted when their connection ends.",
+            &self.quic_packets_lost,
+        );
+        counter(
+            &mut out,
+            "quic_congestion_events_total",
+            "QUIC congestion events (window reductions), counted when their connection ends.",
+            &self.quic_congestion_events,
+        );
+        counter(
+            &mut out,
+            "preview_worker_crashes_total",
+            "Preview workers that crashed, hit a resource limit, or were killed at their deadline.",
+            &self.preview_worker_crashes,
+        );
         let name = "workspace_messages_total";
         header(
             &mut out,
@@ -372,7 +414,81 @@ impl Metrics {
             sample(&mut out, name, &format!("workspace=\"{workspace}\""), count);
         }
         drop(counts);
+        if let Some(search) = self.search.get() {
+            render_search(&mut out, &search.status);
+        }
         out
+    }
+
+    /// Reports the search index's state and counters from now on.
+    pub fn set_search(&self, search: std::sync::Arc<chorus_search::Search>) {
+        let _ = self.search.set(search);
+    }
+}
+
+/// The search index: one `search_index_state` sample per state (1 for the current one),
+/// then its counters.
+fn render_search(out: &mut String, status: &chorus_search::Status) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let name = "search_index_state";
+    let help = "The search index's state: 1 for the current one (rebuilding after a missing or damaged index, catching_up, ready, failed).";
+    header(out, name, help, "gauge");
+    let now = status.state();
+    for state in chorus_search::State::ALL {
+        let labels = format!("state=\"{}\"", state.as_str());
+        sample(out, name, &labels, u8::from(state == now));
+    }
+    for (name, help, kind, value) in [
+        (
+            "search_index_rebuilds_total",
+            "Times the search index was missing or damaged and rebuilt from the logs.",
+            "counter",
+            status.rebuilds.load(Relaxed),
+        ),
+        (
+            "search_indexed_events_total",
+            "Log records the search indexer has read.",
+            "counter",
+            status.events.load(Relaxed),
+        ),
+        (
+            "search_index_commits_total",
+            "Search index commits.",
+            "counter",
+            status.commits.load(Relaxed),
+        ),
+        (
+            "search_index_messages",
+            "Documents in the search index at its last commit: messages, and files (none in a workspace without uploads).",
+            "gauge",
+            status.docs.load(Relaxed),
+        ),
+        (
+            "search_files_extracted_total",
+            "Files whose text the search indexer extracted (or found to have none) since start.",
+            "counter",
+            status.files_extracted.load(Relaxed),
+        ),
+    ] {
+        header(out, name, help, kind);
+        sample(out, name, "", value);
+    }
+    for (name, help, kind, us) in [
+        (
+            "search_index_commit_seconds_total",
+            "Time spent committing the search index and reloading its reader.",
+            "counter",
+            status.commit_us.load(Relaxed),
+        ),
+        (
+            "search_index_commit_seconds_max",
+            "The longest search index commit since start.",
+            "gauge",
+            status.commit_us_max.load(Relaxed),
+        ),
+    ] {
+        header(out, name, help, kind);
+        sample(out, name, "", us as f64 / 1e6);
     }
 }
 
@@ -455,6 +571,10 @@ mod tests {
             ("request_duration_seconds", "histogram"),
             ("fsync_latency_seconds", "histogram"),
             ("queue_depth", "gauge"),
+            ("quic_packets_sent_total", "counter"),
+            ("quic_packets_lost_total", "counter"),
+            ("quic_congestion_events_total", "counter"),
+            ("preview_worker_crashes_total", "counter"),
         ] {
             let type_line = format!("# TYPE chorus_{name} {kind}\n");
             assert_eq!(text.matches(&type_line).count(), 1, "{type_line}");

@@ -11,7 +11,7 @@ use chorus_engine::ids::{ChannelId, MessageId, UserId};
 use chorus_engine::presence::{OwnPresence, Presence, WatchOp, PRESENCE_WATCH_MAX};
 use chorus_engine::view::rfc3339;
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 
@@ -68,6 +68,7 @@ pub enum Command {
         text: String,
         client_msg_id: Option<String>,
         thread: Option<MessageId>,
+        files: Vec<chorus_engine::ids::FileId>,
     },
     Edit {
         message: MessageId,
@@ -91,6 +92,8 @@ struct SendFields {
     client_msg_id: Option<String>,
     #[serde(default)]
     thread_id: Option<String>,
+    #[serde(default)]
+    file_ids: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -207,6 +210,7 @@ fn frame_of(kind: &str, object: Map<String, Value>) -> Result<ClientFrame, ApiEr
                 text: f.text,
                 client_msg_id: f.client_msg_id,
                 thread,
+                files: file_ids(&f.file_ids)?,
             })
         }
         "message:edit" => {
@@ -292,6 +296,20 @@ pub(crate) fn parse_id<T: std::str::FromStr>(s: &str, what: &str) -> Result<T, A
     s.parse().map_err(|_| ApiError::not_found(what))
 }
 
+/// The `file_ids` of a post, REST or WebSocket alike: at most
+/// [`chorus_engine::domain::FILES_PER_MESSAGE_MAX`] (400 `too_many` before any is parsed), and
+/// an ID that does not parse is unknown (404), like a file of someone else.
+pub(crate) fn file_ids(ids: &[String]) -> Result<Vec<chorus_engine::ids::FileId>, ApiError> {
+    let max = chorus_engine::domain::FILES_PER_MESSAGE_MAX;
+    if ids.len() > max {
+        return Err(chorus_engine::domain::DomainError::TooMany(format!(
+            "a message carries at most {max} files"
+        ))
+        .into());
+    }
+    ids.iter().map(|f| parse_id(f, "file")).collect()
+}
+
 /// A message ID that must name a message of `channel`: the engine routes a message call by
 /// the channel inside the ID, so one of another channel would reach past the named one.
 pub(crate) fn message_in(s: &str, channel: ChannelId) -> Result<MessageId, ApiError> {
@@ -362,12 +380,7 @@ pub fn ack(reference: &Value, message: Option<&chorus_engine::view::MessageView>
 
 /// `presence`: `{"user_id","status","dnd_until","last_active_at"}`.
 pub fn presence_value(user: UserId, p: &Presence) -> Value {
-    json!({
-        "user_id": user,
-        "status": p.status.as_str(),
-        "dnd_until": p.dnd_until_us.map(rfc3339),
-        "last_active_at": p.last_active_us.map(rfc3339),
-    })
+    serde_json::to_value(PresenceOut(user, p)).expect("a presence always serializes")
 }
 
 /// A user's own `presence`, with the `mode` they chose (`PUT /me/presence`).
@@ -380,12 +393,65 @@ pub fn own_presence_value(user: UserId, own: &OwnPresence) -> Value {
     value
 }
 
-fn presence_map<'a>(users: impl IntoIterator<Item = (&'a UserId, &'a Presence)>) -> Value {
-    let map: Map<String, Value> = users
-        .into_iter()
-        .map(|(u, p)| (u.to_string(), presence_value(*u, p)))
-        .collect();
-    Value::Object(map)
+/// A `presence` object serialized straight from the engine's record: the same fields as
+/// [`presence_value`], with no intermediate JSON value (a frame of a hundred users would
+/// otherwise allocate a map and its strings per user).
+struct PresenceOut<'a>(UserId, &'a Presence);
+
+/// An RFC 3339 time written straight into the output.
+struct Rfc3339(u64);
+
+impl Serialize for Rfc3339 {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_rfc3339_micros(
+            std::time::UNIX_EPOCH + std::time::Duration::from_micros(self.0),
+        ))
+    }
+}
+
+impl Serialize for PresenceOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let PresenceOut(user, p) = self;
+        let mut map = s.serialize_map(Some(4))?;
+        map.serialize_entry("user_id", user)?;
+        map.serialize_entry("status", p.status.as_str())?;
+        map.serialize_entry("dnd_until", &p.dnd_until_us.map(Rfc3339))?;
+        map.serialize_entry("last_active_at", &p.last_active_us.map(Rfc3339))?;
+        map.end()
+    }
+}
+
+/// `{user_id: presence, ...}` of `users`, serialized as it is iterated.
+struct PresenceMap<I>(std::cell::Cell<Option<I>>);
+
+impl<'a, I: Iterator<Item = (&'a UserId, &'a Presence)>> Serialize for PresenceMap<I> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let users = self.0.take().into_iter().flatten();
+        s.collect_map(users.map(|(u, p)| (u, PresenceOut(*u, p))))
+    }
+}
+
+/// Serializes a frame of `type` with `ref` (if any) and `users`.
+fn encode_presence<'a>(
+    kind: &str,
+    reference: Option<&Value>,
+    users: impl IntoIterator<Item = (&'a UserId, &'a Presence)>,
+) -> Bytes {
+    #[derive(Serialize)]
+    struct Frame<'r, M> {
+        #[serde(rename = "type")]
+        kind: &'r str,
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'r Value>,
+        users: M,
+    }
+    let frame = Frame {
+        kind,
+        reference,
+        users: PresenceMap(std::cell::Cell::new(Some(users.into_iter()))),
+    };
+    Bytes::from(serde_json::to_vec(&frame).expect("a presence frame always serializes"))
 }
 
 /// `ack {"ref","users":{user_id: presence}}`, the answer to `presence:sub`.
@@ -393,13 +459,12 @@ pub fn presence_ack<'a>(
     reference: &Value,
     users: impl IntoIterator<Item = (&'a UserId, &'a Presence)>,
 ) -> Bytes {
-    let users = presence_map(users);
-    encode(&json!({"type": "ack", "ref": reference, "users": users}))
+    encode_presence("ack", Some(reference), users)
 }
 
 /// `presence {"users":{user_id: presence}}`: the latest status of each user that changed.
 pub fn presence_frame<'a>(users: impl IntoIterator<Item = (&'a UserId, &'a Presence)>) -> Bytes {
-    encode(&json!({"type": "presence", "users": presence_map(users)}))
+    encode_presence("presence", None, users)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -445,6 +510,48 @@ pub fn encode_length_prefixed(frame: &[u8], out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // Presence frames and acks, written straight from the records, are the JSON of
+    // API.md §10: each user's object under their id, times in RFC 3339, nulls kept.
+    #[test]
+    fn presence_frames_are_the_documented_json() {
+        use chorus_engine::presence::Status;
+        let (a, b) = (UserId(7), UserId(9));
+        let pa = Presence {
+            status: Status::Dnd,
+            dnd_until_us: Some(1_700_000_000_000_000),
+            last_active_us: Some(1_699_999_999_500_000),
+        };
+        let pb = Presence {
+            status: Status::Offline,
+            dnd_until_us: None,
+            last_active_us: None,
+        };
+        let users = [(a, pa), (b, pb)];
+        let frame: Value =
+            serde_json::from_slice(&presence_frame(users.iter().map(|(u, p)| (u, p)))).unwrap();
+        let expected_a = json!({"user_id": a, "status": "dnd",
+            "dnd_until": "2023-11-14T22:13:20.000000Z",
+            "last_active_at": "2023-11-14T22:13:19.500000Z"});
+        let expected_b = json!({"user_id": b, "status": "offline", "dnd_until": null,
+            "last_active_at": null});
+        assert_eq!(
+            frame,
+            json!({"type": "presence", "users": {a.to_string(): expected_a.clone(),
+                b.to_string(): expected_b.clone()}})
+        );
+        let ack: Value = serde_json::from_slice(&presence_ack(
+            &json!("r1"),
+            users.iter().map(|(u, p)| (u, p)),
+        ))
+        .unwrap();
+        assert_eq!(
+            ack,
+            json!({"type": "ack", "ref": "r1", "users": {a.to_string(): expected_a,
+                b.to_string(): expected_b}})
+        );
+        assert_eq!(presence_value(b, &pb)["status"], "offline");
+    }
 
     fn code_of(text: &str) -> &'static str {
         match parse_frame(text).1 {

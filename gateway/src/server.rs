@@ -36,6 +36,9 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
+/// The search indexer's consumer name.
+const SEARCH_CONSUMER: &str = "search-index";
+
 /// Runs the server until SIGTERM or SIGINT, then drains and returns.
 pub fn serve(config: Config) -> Result<(), ServeError> {
     let shards = config.shard_count();
@@ -52,13 +55,42 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     engine_config.subscriber_queue_frames = config.ws_outbound_frames_max;
     engine_config.presence_offline_grace =
         std::time::Duration::from_secs(config.presence_offline_grace_s);
-    engine_config.consumers = vec![crate::workspace_metrics::CONSUMER_NAME.to_owned()];
+    engine_config.consumers = vec![
+        crate::workspace_metrics::CONSUMER_NAME.to_owned(),
+        SEARCH_CONSUMER.to_owned(),
+    ];
     // The ports first: a server that cannot listen must not have opened the data.
     let (addr, reserve) = reserve_port(config.http, socket2::Type::STREAM)?;
     let (quic_addr, reserve_quic) = reserve_port(config.quic, socket2::Type::DGRAM)?;
     crate::memory::tune_allocator();
-    let engine = Engine::open(engine_config)?;
+    // With an S3 bucket configured, message bodies over 64 KiB go there too.
+    let s3 = match config.s3_config() {
+        Some(c) => Some(Arc::new(crate::files::store::S3::connect(&c)?)),
+        None => None,
+    };
+    let engine = match &s3 {
+        Some(s3) => {
+            Engine::open_with_blobs(engine_config, crate::files::store::S3BlobStore(s3.clone()))?
+        }
+        None => Engine::open(engine_config)?,
+    };
+    let search = chorus_search::Search::open(&config.data_dir.join("search"))
+        .map_err(std::io::Error::other)?;
+    metrics.set_search(search.clone());
     let tokens = Tokens::load_or_create(&config.jwt_secret_path(), config.token_ttl_s)?;
+    let files = crate::files::Files::open(&config, engine.clone(), metrics.clone(), s3.clone())?;
+    let sources = crate::files::search_sources::SearchSources {
+        blobs: match s3 {
+            Some(s3) => {
+                crate::files::search_sources::Blobs::S3(crate::files::store::S3BlobStore(s3))
+            }
+            None => crate::files::search_sources::Blobs::Disk(config.data_dir.join("blobs")),
+        },
+        store: files.store.clone(),
+        exe: std::env::current_exe()?,
+        limits: files.limits,
+        metrics: metrics.clone(),
+    };
     let shared = Arc::new(Shared {
         engine: engine.clone(),
         config: config.clone(),
@@ -69,6 +101,8 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         quic_sessions: AtomicUsize::new(0),
         per_ip: ConnectionsPerIp::new(config.connections_per_ip_max),
         guard: AuthGuard::new(&config),
+        files,
+        search: search.clone(),
     });
     let stop_housekeeping = Arc::new(AtomicBool::new(false));
     let housekeeper = {
@@ -104,6 +138,15 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     drop(reserve);
     drop(reserve_quic);
     let (stop_counting, counted) = start_workspace_metrics(&shared)?;
+    let (stop_indexing, indexer) = {
+        let (tx, rx) = oneshot::channel();
+        let config = chorus_search::indexer::IndexerConfig {
+            engine: engine.clone(),
+            consumer: SEARCH_CONSUMER.to_owned(),
+            sources: Arc::new(sources),
+        };
+        (tx, chorus_search::indexer::spawn(search, config, rx)?)
+    };
     {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
@@ -126,6 +169,9 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     }
     let _ = stop_counting.send(());
     let _ = counted.recv_timeout(DRAIN_WAIT);
+    // The indexer commits what it has read and stops before the engine does.
+    let _ = stop_indexing.send(());
+    let _ = indexer.join();
     stop_housekeeping.store(true, Ordering::Relaxed);
     housekeeper.thread().unpark();
     let _ = housekeeper.join();

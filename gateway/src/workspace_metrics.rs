@@ -2,8 +2,8 @@
 //! that the consumer seam works end to end.
 //!
 //! It reads every channel partition's log through [`chorus_engine::Consumer`] from its own
-//! cursors, counts `MessagePosted` events by workspace, and stores the counts together with
-//! the cursors in one file, written whole through a temporary name, fsynced, renamed and
+//! cursors, counts posted messages (with or without files) by workspace, and stores the
+//! counts together with the cursors in one file, written whole through a temporary name, fsynced, renamed and
 //! the directory fsynced. Counts and cursors therefore never disagree on disk: after a
 //! crash it resumes from the cursors it stored with the counts, so no event is counted
 //! twice or missed. Only then does it acknowledge the cursors to the engine, whose
@@ -15,7 +15,6 @@
 //! per event.
 
 use chorus_engine::consumer::{CommittedKind, CommittedPage, LogId};
-use chorus_engine::domain::event::ChannelEvent;
 use chorus_engine::Consumer;
 use chorus_engine::Engine;
 use futures::channel::oneshot;
@@ -54,7 +53,7 @@ impl State {
     pub fn apply(&mut self, partition: u32, page: &CommittedPage) {
         for e in &page.events {
             if let CommittedKind::Channel(r) = &e.event {
-                if let ChannelEvent::MessagePosted { .. } = r.event {
+                if r.event.posted().is_some() {
                     *self.counts.entry(r.workspace.to_string()).or_default() += 1;
                 }
             }

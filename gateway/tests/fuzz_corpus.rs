@@ -1,5 +1,5 @@
 //! Replays the committed fuzz corpora of the gateway's decoders (`fuzz/corpus/client_frame/`,
-//! `rest_body/`, `quic_datagram/`) through the fuzz targets' checks on the stable toolchain,
+//! `rest_body/`, `multipart/`, `quic_datagram/`) through the fuzz targets' checks on the stable toolchain,
 //! so every input the fuzzer kept stays a regression test without nightly or libFuzzer.
 //!
 //! `write_seed_corpora` (ignored) writes the hand-made seed inputs the fuzzer started from;
@@ -51,6 +51,13 @@ fn client_frame_corpus_replays_cleanly() {
 #[test]
 fn rest_body_corpus_replays_cleanly() {
     replay("rest_body", chorus_gateway::fuzzing::rest_body);
+}
+
+// Upload forms, read as the upload route reads them in chunks of every size: nothing
+// panics, an accepted file is whole and within the limit.
+#[test]
+fn multipart_corpus_replays_cleanly() {
+    replay("multipart", chorus_gateway::fuzzing::multipart);
 }
 
 // QUIC datagrams at the server's port: routing and a fresh endpoint never panic.
@@ -158,6 +165,76 @@ fn write_seed_corpora() {
         .as_bytes(),
     );
     write("rest_body", "seed-not-utf8", b"{\"name\":\"\xff\"}");
+
+    // A form part: name, filename, content type, value.
+    type Part<'a> = (&'a str, Option<&'a str>, Option<&'a str>, &'a [u8]);
+    let form = |parts: &[Part]| {
+        let mut body = vec![7u8]; // the chunk size byte
+        for (name, filename, ctype, value) in parts {
+            body.extend_from_slice(b"--XyZ\r\nContent-Disposition: form-data; name=\"");
+            body.extend_from_slice(name.as_bytes());
+            body.push(b'"');
+            if let Some(f) = filename {
+                body.extend_from_slice(format!("; filename=\"{f}\"").as_bytes());
+            }
+            body.extend_from_slice(b"\r\n");
+            if let Some(t) = ctype {
+                body.extend_from_slice(format!("Content-Type: {t}\r\n").as_bytes());
+            }
+            body.extend_from_slice(b"\r\n");
+            body.extend_from_slice(value);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(b"--XyZ--\r\n");
+        body
+    };
+    let png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR";
+    write(
+        "multipart",
+        "seed-text",
+        &form(&[
+            ("workspace_id", None, None, b"W1"),
+            ("file", Some("a.txt"), Some("text/plain"), b"hello"),
+        ]),
+    );
+    write(
+        "multipart",
+        "seed-png-traversal-name",
+        &form(&[
+            ("workspace_id", None, None, b"W1"),
+            ("file", Some("../../x.png"), Some("image/png"), png),
+        ]),
+    );
+    write(
+        "multipart",
+        "seed-mismatch",
+        &form(&[
+            ("workspace_id", None, None, b"W1"),
+            ("file", Some("a.png"), Some("image/png"), b"<svg/>"),
+        ]),
+    );
+    write(
+        "multipart",
+        "seed-file-first",
+        &form(&[
+            ("file", Some("a.txt"), None, b"x"),
+            ("workspace_id", None, None, b"W1"),
+        ]),
+    );
+    write(
+        "multipart",
+        "seed-too-large",
+        &form(&[
+            ("workspace_id", None, None, b"W1"),
+            ("file", Some("big"), None, &[b'z'; 5000]),
+        ]),
+    );
+    let mut cut = form(&[
+        ("workspace_id", None, None, b"W1"),
+        ("file", Some("a.txt"), None, b"hello"),
+    ]);
+    cut.truncate(cut.len() - 12);
+    write("multipart", "seed-cut", &cut);
 
     write("quic_datagram", "seed-initial", &initial_datagram());
     write(

@@ -347,6 +347,85 @@ fn slow_and_silent_connections_are_dropped() {
     );
 }
 
+/// Reads HTTP answers from `stream` until `count` have arrived whole (by their
+/// `Content-Length`) or the server closes; returns each one's head (lowercase) and body.
+fn read_answers(stream: &mut TcpStream, count: usize) -> Vec<(String, String)> {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut bytes = Vec::new();
+    let mut answers = Vec::new();
+    let mut buf = [0u8; 4096];
+    while answers.len() < count {
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let head = text[..end].to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if text.len() >= end + 4 + length {
+                answers.push((head, text[end + 4..end + 4 + length].to_owned()));
+                bytes.drain(..end + 4 + length);
+                continue;
+            }
+        }
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => bytes.extend_from_slice(&buf[..n]),
+        }
+    }
+    answers
+}
+
+// A request answered before its body is read (here a 401) keeps its keep-alive connection:
+// the server reads the rest of the body, even when it arrives after the head, and the next
+// request on the connection is served. A body too large to read through is answered with
+// `Connection: close`, so the client knows not to reuse the connection.
+#[test]
+fn an_unread_body_keeps_the_connection_or_says_close() {
+    let server = Server::start(UNLIMITED);
+    let addr: SocketAddr = server.addr.parse().unwrap();
+    let body = format!("{{\"text\": \"{}\"}}", "x".repeat(100_000));
+    let head = |length: usize| {
+        format!(
+            "POST /api/v1/channels/c1/read HTTP/1.1\r\nHost: x\r\n\
+             Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+        )
+    };
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.write_all(head(body.len()).as_bytes()).unwrap();
+    // The body comes late, as from a client that writes the head and the body apart.
+    std::thread::sleep(Duration::from_millis(300));
+    stream.write_all(body.as_bytes()).unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let answers = read_answers(&mut stream, 2);
+    assert_eq!(answers.len(), 2, "the connection closed: {answers:?}");
+    assert!(answers[0].0.starts_with("http/1.1 401"), "{:?}", answers[0]);
+    assert!(
+        !answers[0].0.contains("connection: close"),
+        "{:?}",
+        answers[0]
+    );
+    assert!(answers[1].0.starts_with("http/1.1 200"), "{:?}", answers[1]);
+    assert_eq!(answers[1].1, "ok\n");
+
+    // Declared far larger than the server reads through: the answer says close.
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.write_all(head(50 * 1024 * 1024).as_bytes()).unwrap();
+    stream.write_all(body.as_bytes()).unwrap();
+    let answers = read_answers(&mut stream, 1);
+    assert_eq!(answers.len(), 1, "no answer");
+    assert!(answers[0].0.starts_with("http/1.1 401"), "{:?}", answers[0]);
+    assert!(
+        answers[0].0.contains("connection: close"),
+        "{:?}",
+        answers[0]
+    );
+}
+
 // HEAD is answered wherever GET is, with the GET's status and headers and no body.
 #[test]
 fn head_works_like_get_without_the_body() {

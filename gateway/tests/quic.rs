@@ -439,3 +439,53 @@ async fn read_mark_over_quic() {
     );
     quic.ping("still").await;
 }
+
+// `chorus_connections_open` counts a QUIC session while its connection is open: it rises
+// with each session and falls back to where it was once each closed, whether the client
+// closed it or the server did, never below.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_sessions_are_counted_while_open() {
+    let server = Server::start(UNLIMITED);
+    let alice = server.signup("alice");
+    let open = || server.metric("chorus_connections_open");
+    let base = open();
+    let mut a = Raw::session(&server, &alice).await;
+    let mut b = Raw::session(&server, &alice).await;
+    a.ping("a").await;
+    b.ping("b").await;
+    assert_eq!(open(), base + 2.0);
+
+    a.connection.close(0u32.into(), b"bye");
+    let mut c = Raw::connect(&server).await;
+    c.send(&json!({"type": "ping", "ref": 1})).await;
+    assert_eq!(c.until_closed().await.0, Ended::Closed(4001));
+    b.connection.close(0u32.into(), b"bye");
+
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let now = open();
+        assert!(
+            now >= base,
+            "the gauge fell below its start: {now} < {base}"
+        );
+        if now == base {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} sessions still counted after every one closed",
+            now - base
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Once their connections drained, their packets are counted.
+    let deadline = std::time::Instant::now() + WAIT;
+    while server.metric("chorus_quic_packets_sent_total") == 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no QUIC packets counted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(server.metric("chorus_quic_packets_lost_total"), 0.0);
+}

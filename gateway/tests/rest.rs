@@ -5,7 +5,7 @@
 mod common;
 
 use chorus_engine::ids::{ChannelId, MessageId, UserId, WorkspaceId};
-use common::{Resp, User, AUTH_UNLIMITED, PASSWORD};
+use common::{upload_file, Resp, User, AUTH_UNLIMITED, PASSWORD};
 use serde_json::{json, Value};
 use std::time::Instant;
 
@@ -845,6 +845,12 @@ const API_MD_CALLS: &[(&str, &str)] = &[
     ("get", "/api/v1/workspaces/{wid}/presence"),
     ("post", "/api/v1/channels/{cid}/read"),
     ("get", "/api/v1/workspaces/{wid}/unreads"),
+    ("post", "/api/v1/files/upload"),
+    ("get", "/api/v1/files/{fid}"),
+    ("get", "/api/v1/files/{fid}/content"),
+    ("post", "/api/v1/files/{fid}/url"),
+    ("delete", "/api/v1/files/{fid}"),
+    ("get", "/api/v1/files/{fid}/preview/{kind}"),
 ];
 
 /// A request body for an operation, from its schema's required fields.
@@ -903,7 +909,10 @@ fn rest_openapi_routes_answer() {
                 201,
             );
             let mid = str_of(&s.post(&alice, &cid, json!({"text": "target"}))["id"]);
+            let fid = upload_file(&s, &alice, &wid);
             let url = path
+                .replace("{fid}", &fid)
+                .replace("{kind}", "code")
                 .replace("{wid}", &wid)
                 .replace("{cid}", &cid)
                 .replace("{mid}", &mid)

@@ -74,6 +74,10 @@ const SLOW_EVENT_QUEUE: usize = 32;
 const SLOW_READER_PAUSE: Duration = Duration::from_millis(5);
 /// Events a slow reader reads between two pauses.
 const SLOW_READER_BATCH: usize = 8;
+/// A slow reader reads nothing until this share (1/n) of the sends is acknowledged: every
+/// member then has far more events waiting than [`SLOW_EVENT_QUEUE`] holds, so the SDK's
+/// queue overflows however the machine schedules the tasks.
+const SLOW_READER_STALL_SHARE: usize = 4;
 
 // ---------------------------------------------------------------------------------------
 // The exchange
@@ -164,9 +168,15 @@ fn reader(
     user: usize,
     mut stream: chorus_client::Stream,
     mut targets: Targets,
-    slow: bool,
+    slow: Option<(Arc<AtomicUsize>, usize)>,
 ) -> JoinHandle<Seen> {
     tokio::spawn(async move {
+        if let Some((acked, stall_until)) = &slow {
+            while acked.load(Ordering::SeqCst) < *stall_until {
+                tokio::time::sleep(SLOW_READER_PAUSE).await;
+            }
+        }
+        let slow = slow.is_some();
         let mut channels: HashMap<String, Vec<_>> = HashMap::new();
         let mut until_pause = SLOW_READER_BATCH;
         loop {
@@ -316,6 +326,7 @@ async fn exchange(
     let (targets_tx, targets_rx) = watch::channel(None);
     let mut handles = Vec::new();
     let mut readers = Vec::new();
+    let acked_count = Arc::new(AtomicUsize::new(0));
     for (i, user) in world.users.iter().enumerate() {
         let mut options = ConnectOptions {
             since: Some(world.baseline.clone()),
@@ -327,9 +338,11 @@ async fn exchange(
         }
         let stream = user.connect(options).await.expect("connect");
         handles.push(stream.handle());
-        readers.push(reader(i, stream, targets_rx.clone(), faults.slow));
+        let slow = faults
+            .slow
+            .then(|| (acked_count.clone(), plan.len() / SLOW_READER_STALL_SHARE));
+        readers.push(reader(i, stream, targets_rx.clone(), slow));
     }
-    let acked_count = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let (stop_tx, stop_rx) = oneshot::channel();
     let cuts = faults.cuts.map(|rng| cutter(handles.clone(), rng, stop_rx));
@@ -660,7 +673,8 @@ async fn idle_stream_stays_up() {
 }
 
 // Readers slower than the senders, with tiny queues on both sides: the server cuts them
-// off with 4000 ("resume required") and the SDK's own queue overflows, and still every
+// off with 4000 ("resume required") and the SDK's own queue overflows (the readers read
+// nothing until a quarter of the sends is acknowledged), and still every
 // acknowledged message reaches every member once, in order, with no gap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_consumers() {

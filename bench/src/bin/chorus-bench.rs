@@ -6,9 +6,13 @@
 use anyhow::Context;
 use chorus_bench::load::chorus::{say, ChorusRunner};
 use chorus_bench::load::client::Transport;
+use chorus_bench::load::files::{self, FilesShape};
+use chorus_bench::load::presence::PresenceShape;
 use chorus_bench::load::report::{self, Results, Run, RunInfo, Scenario};
 use chorus_bench::load::server::{self, ServerSettings};
-use chorus_bench::load::{plot, worker, ChatShape, ConnectionsShape, FanoutShape, HistoryShape};
+use chorus_bench::load::{
+    plot, worker, ChatOutcome, ChatShape, ConnectionsShape, FanoutShape, HistoryShape,
+};
 use chorus_bench::peers;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -63,6 +67,12 @@ enum Cmd {
     Connections(ConnectionsArgs),
     /// A channel of N messages; page reads at random cursors over REST
     History(HistoryArgs),
+    /// K connections each watching W users' presence; a share of the users changes status
+    /// every second
+    Presence(PresenceArgs),
+    /// Files: 20 MiB upload throughput against raw write+fsync, a 4000×3000 JPEG's thumb
+    /// against vipsthumbnail, upload → thumb latency at 20 uploads/s (Chorus only)
+    Files(FilesArgs),
     /// Every scenario at the standard (or smoke) size, with peers, report, plots, README
     Suite(SuiteArgs),
     /// Internal: a worker process holding connections for its parent
@@ -117,6 +127,16 @@ impl TransportArg {
 }
 
 #[derive(Debug, Clone, Args)]
+struct FilesArgs {
+    /// A tiny size (2 uploads of 1 MiB, a 400×300 JPEG, 5 uploads/s for 1 s)
+    #[arg(long)]
+    smoke: bool,
+    /// Fail when vipsthumbnail is missing [default: when CHORUS_REQUIRE_PEERS is set]
+    #[arg(long)]
+    require_vips: bool,
+}
+
+#[derive(Debug, Clone, Args)]
 struct FanoutArgs {
     /// Members of the channel
     #[arg(long, default_value_t = 100_000)]
@@ -153,6 +173,37 @@ struct HistoryArgs {
     /// Readers at once
     #[arg(long, default_value_t = 4)]
     concurrency: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+struct PresenceArgs {
+    /// Connections (one user each)
+    #[arg(long, default_value_t = 19_000)]
+    connections: usize,
+    /// Users each connection watches
+    #[arg(long, default_value_t = 100)]
+    watched: usize,
+    /// Percent of the users that change status each second
+    #[arg(long, default_value_t = 5.0)]
+    change_percent: f64,
+    /// Measured seconds
+    #[arg(long, default_value_t = 20.0)]
+    duration: f64,
+    /// Warm-up seconds before measuring
+    #[arg(long, default_value_t = 5.0)]
+    warmup: f64,
+}
+
+impl PresenceArgs {
+    fn shape(&self) -> PresenceShape {
+        PresenceShape {
+            connections: self.connections,
+            watched: self.watched,
+            change_share: self.change_percent / 100.0,
+            duration: Duration::from_secs_f64(self.duration),
+            warmup: Duration::from_secs_f64(self.warmup),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -216,6 +267,7 @@ struct SuiteShapes {
     connections: ConnectionsShape,
     quic_sessions: ConnectionsShape,
     history: HistoryShape,
+    presence: PresenceShape,
 }
 
 /// The rungs of a ladder: `base` at each of `rates`, over a shorter window.
@@ -274,6 +326,14 @@ fn suite_sizes(size: Size) -> SuiteShapes {
                 queries: 20_000,
                 concurrency: 4,
             },
+            presence: PresenceArgs {
+                connections: 19_000,
+                watched: 100,
+                change_percent: 5.0,
+                duration: 20.0,
+                warmup: 5.0,
+            }
+            .shape(),
         },
         Size::Smoke => SuiteShapes {
             chat: ChatArgs {
@@ -300,6 +360,14 @@ fn suite_sizes(size: Size) -> SuiteShapes {
                 queries: 100,
                 concurrency: 2,
             },
+            presence: PresenceArgs {
+                connections: 60,
+                watched: 10,
+                change_percent: 50.0,
+                duration: 1.5,
+                warmup: 0.5,
+            }
+            .shape(),
         },
     }
 }
@@ -353,6 +421,9 @@ fn main() -> anyhow::Result<()> {
          --chorus-bin",
         runner.binary.display()
     );
+    if let Cmd::Files(a) = &cli.command {
+        return files(&runner, a, &load_before);
+    }
     let seed = cli
         .common
         .seed
@@ -379,6 +450,10 @@ fn main() -> anyhow::Result<()> {
             results.history = Some(history(&runner, &a.shape(), peers, seed));
             ("history", false)
         }
+        Cmd::Presence(a) => {
+            results.presence = Some(presence(&runner, &a.shape(), seed));
+            ("presence", false)
+        }
         Cmd::Suite(a) => {
             if peers && matches!(a.size, Size::Standard) {
                 install_peers(&progress);
@@ -397,9 +472,10 @@ fn main() -> anyhow::Result<()> {
                 false,
             ));
             results.history = Some(history(&runner, &shapes.history, peers, seed));
+            results.presence = Some(presence(&runner, &shapes.presence, seed));
             ("suite", !a.no_readme)
         }
-        Cmd::Worker => unreachable!("handled above"),
+        Cmd::Worker | Cmd::Files(_) => unreachable!("handled above"),
     };
     progress.finish_and_clear();
     let info = RunInfo {
@@ -452,6 +528,7 @@ fn main() -> anyhow::Result<()> {
             .as_ref()
             .map(|s| chorus_error(&s.runs)),
         results.history.as_ref().map(|s| chorus_error(&s.runs)),
+        results.presence.as_ref().map(|s| chorus_error(&s.runs)),
     ];
     if let Some(why) = chorus_failed.into_iter().flatten().flatten().next() {
         anyhow::bail!("a Chorus run failed: {why}");
@@ -486,7 +563,11 @@ fn build_server(progress: &ProgressBar) -> anyhow::Result<()> {
 /// Runs `bench/setup-peers.sh` when a peer is missing; a failure is reported, and the
 /// missing peers are then skipped with that reason in the report.
 fn install_peers(progress: &ProgressBar) {
-    if peers::redis::available() && peers::nats::available() && peers::postgres::available() {
+    if peers::redis::available()
+        && peers::nats::available()
+        && peers::nats::fsync_available()
+        && peers::postgres::available()
+    {
         return;
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("setup-peers.sh");
@@ -558,47 +639,63 @@ fn peer<O>(
     }))
 }
 
+/// A peer's `chat` scenario function.
+type ChatFn = fn(&ChatShape, &Path) -> anyhow::Result<ChatOutcome>;
+
+/// The peers that run `chat` and climb its rate ladder, in report order: each one's name,
+/// whether it is installed, and its scenario function.
+fn chat_peers() -> Vec<(&'static str, bool, ChatFn)> {
+    vec![
+        (
+            report::REDIS,
+            peers::redis::available(),
+            peers::redis::chat as ChatFn,
+        ),
+        (report::NATS, peers::nats::available(), peers::nats::chat),
+        (
+            report::NATS_FSYNC,
+            peers::nats::fsync_available(),
+            peers::nats::fsync_chat,
+        ),
+    ]
+}
+
 fn chat(
     runner: &ChorusRunner,
     shape: &ChatShape,
     transport: TransportArg,
     peers: bool,
-) -> Scenario<ChatShape, chorus_bench::load::ChatOutcome> {
+) -> Scenario<ChatShape, ChatOutcome> {
     let mut runs: Vec<_> = (transport.transports().iter())
         .map(|&t| run(chorus_system(t), &runner.progress, || runner.chat(shape, t)))
         .collect();
-    runs.extend(peer(
-        runner,
-        peers,
-        report::REDIS,
-        peers::redis::available(),
-        |d| peers::redis::chat(shape, d),
-    ));
-    runs.extend(peer(
-        runner,
-        peers,
-        report::NATS,
-        peers::nats::available(),
-        |d| peers::nats::chat(shape, d),
-    ));
+    for (system, available, chat) in chat_peers() {
+        runs.extend(peer(runner, peers, system, available, |d| chat(shape, d)));
+    }
     Scenario {
         shape: shape.clone(),
         runs,
     }
 }
 
-/// Runs Chorus and NATS JetStream up the rungs, each until its first rung not sustained.
-/// The first rung always runs for every system that ran the standard `chat` (`first`):
-/// a busy machine that pushed one run over the bar says little about the next rate, and a
-/// report that shows the rung is more honest than one that skips it.
+/// Runs Chorus and every `chat` peer (Redis pub/sub and both NATS servers) up the rungs, each
+/// until its first rung not sustained. The first rung always runs for every system that
+/// ran the standard `chat` (`first`): a busy machine that pushed one run over the bar says
+/// little about the next rate, and a report that shows the rung is more honest than one
+/// that skips it.
 fn ladder(
     runner: &ChorusRunner,
     rungs: &[ChatShape],
     peers: bool,
-    first: &Scenario<ChatShape, chorus_bench::load::ChatOutcome>,
-) -> Vec<Scenario<ChatShape, chorus_bench::load::ChatOutcome>> {
+    first: &Scenario<ChatShape, ChatOutcome>,
+) -> Vec<Scenario<ChatShape, ChatOutcome>> {
     let ran = |system: &str| first.outcome(system).is_some();
-    let (mut chorus_on, mut nats_on) = (ran(report::CHORUS), ran(report::NATS));
+    let mut chorus_on = ran(report::CHORUS);
+    // The peers still climbing: a peer drops out at its first rung not sustained.
+    let mut climbing: Vec<_> = chat_peers()
+        .into_iter()
+        .filter(|(system, ..)| ran(system))
+        .collect();
     let mut out = Vec::new();
     for shape in rungs {
         let mut runs = Vec::new();
@@ -609,15 +706,14 @@ fn ladder(
             chorus_on = r.outcome.as_ref().is_ok_and(report::sustained);
             runs.push(r);
         }
-        if nats_on {
-            let r = peer(runner, peers, report::NATS, peers::nats::available(), |d| {
-                peers::nats::chat(shape, d)
-            });
-            nats_on = r
+        climbing.retain(|&(system, available, chat)| {
+            let r = peer(runner, peers, system, available, |d| chat(shape, d));
+            let on = r
                 .as_ref()
                 .is_some_and(|r| r.outcome.as_ref().is_ok_and(report::sustained));
             runs.extend(r);
-        }
+            on
+        });
         if runs.is_empty() {
             break;
         }
@@ -702,6 +798,19 @@ fn history(
     Scenario {
         shape: shape.clone(),
         runs,
+    }
+}
+
+fn presence(
+    runner: &ChorusRunner,
+    shape: &PresenceShape,
+    seed: u64,
+) -> Scenario<PresenceShape, chorus_bench::load::presence::PresenceOutcome> {
+    Scenario {
+        shape: shape.clone(),
+        runs: vec![run(report::CHORUS, &runner.progress, || {
+            runner.presence(shape, seed)
+        })],
     }
 }
 
@@ -795,6 +904,29 @@ fn commit() -> String {
 }
 
 /// The first three fields of `/proc/loadavg`.
+/// `files`: runs alone and prints its table (no peers but vipsthumbnail, no plots).
+fn files(runner: &ChorusRunner, a: &FilesArgs, load_before: &str) -> anyhow::Result<()> {
+    let mut shape = if a.smoke {
+        FilesShape::smoke()
+    } else {
+        FilesShape::standard()
+    };
+    shape.require_vips = a.require_vips || std::env::var_os("CHORUS_REQUIRE_PEERS").is_some();
+    let outcome = files::run(&runner.binary, &runner.work_root, &shape, &runner.progress)?;
+    runner.progress.finish_and_clear();
+    println!(
+        "files: {}; load average (1, 5, 15 min) {load_before} at the start, {} at the end\n",
+        machine(),
+        loadavg()
+    );
+    print!("{}", outcome.table(&shape));
+    println!(
+        "\nuploads created: {}/{}; thumbs ready: {}/{}",
+        outcome.uploads_created, shape.upload_files, outcome.previews_ready, outcome.preview_sent
+    );
+    Ok(())
+}
+
 fn loadavg() -> String {
     let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     text.split_whitespace()

@@ -63,21 +63,21 @@ pub struct ChorusRunner {
 }
 
 impl ChorusRunner {
-    fn fresh_dir(&self) -> anyhow::Result<tempfile::TempDir> {
+    pub(super) fn fresh_dir(&self) -> anyhow::Result<tempfile::TempDir> {
         std::fs::create_dir_all(&self.work_root)?;
         Ok(tempfile::Builder::new()
             .prefix("chorus-bench-")
             .tempdir_in(&self.work_root)?)
     }
 
-    fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    pub(super) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         Ok(tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?)
     }
 
     /// Seeds `dir` with `build`, then returns the population and tokens for `who`.
-    fn seed<F>(&self, dir: &std::path::Path, build: F) -> anyhow::Result<Population>
+    pub(super) fn seed<F>(&self, dir: &std::path::Path, build: F) -> anyhow::Result<Population>
     where
         F: FnOnce(&chorus_engine::Engine) -> anyhow::Result<Population>,
     {
@@ -90,7 +90,7 @@ impl ChorusRunner {
 
     /// Spawns workers for `count` sessions over `transport`, split evenly, and waits until
     /// all are ready.
-    async fn spawn_workers<F>(
+    pub(super) async fn spawn_workers<F>(
         &self,
         count: usize,
         transport: Transport,
@@ -175,6 +175,16 @@ impl ChorusRunner {
                 .await?;
             ensure!(open == c, "only {open} of {c} chat connections opened");
             let outcome = self.chat_measure(shape, workers, server.pid()).await?;
+            if transport == Transport::Quic {
+                self.check_closed(server.addr).await;
+                match quic_loss_note(server.addr).await {
+                    Ok(note) => self
+                        .notes
+                        .borrow_mut()
+                        .push(format!("chat over QUIC: {note}")),
+                    Err(e) => say(&self.progress, format!("warning: no QUIC counts: {e:#}")),
+                }
+            }
             match commit_note(server.addr).await {
                 Ok(note) => self.notes.borrow_mut().push(format!("chat: {note}")),
                 Err(e) => say(&self.progress, format!("warning: no /metrics: {e:#}")),
@@ -548,7 +558,7 @@ impl ChorusRunner {
     }
 
     /// Shows a warning and keeps it for the report's notes.
-    fn warn(&self, line: String) {
+    pub(super) fn warn(&self, line: String) {
         say(&self.progress, format!("warning: {line}"));
         self.notes.borrow_mut().push(format!("warning: {line}"));
     }
@@ -556,7 +566,7 @@ impl ChorusRunner {
     /// Stops the server. One that does not drain in time is killed and reported in the
     /// notes, and the figures measured before stay: the drain is the server's own concern,
     /// not what the run measured.
-    fn stop_server(&self, server: ChorusServer, scenario: &str) {
+    pub(super) fn stop_server(&self, server: ChorusServer, scenario: &str) {
         if let Err(e) = server.stop() {
             self.warn(format!("{scenario}: {e:#}"));
         }
@@ -642,6 +652,22 @@ async fn round_of(w: &mut WorkerHandle, round: u64) -> anyhow::Result<(usize, u6
     }
 }
 
+/// The QUIC packets of the sessions that ended, as the server's `/metrics` counts them:
+/// sent, declared lost, and the congestion events the losses caused.
+async fn quic_loss_note(addr: std::net::SocketAddr) -> anyhow::Result<String> {
+    // Counted when a connection has drained, a few probe timeouts after it closed.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let client = reqwest::Client::new();
+    let sent = metric(&client, addr, "chorus_quic_packets_sent_total").await?;
+    let lost = metric(&client, addr, "chorus_quic_packets_lost_total").await?;
+    let events = metric(&client, addr, "chorus_quic_congestion_events_total").await?;
+    Ok(format!(
+        "the server declared {lost:.0} of the {sent:.0} packets it sent lost ({:.3} %), \
+         in {events:.0} congestion events (whole run, warm-up included)",
+        100.0 * lost / sent.max(1.0)
+    ))
+}
+
 /// The server's group commits as its `/metrics` counts them: how many, events per commit,
 /// and the bucket bounds of the median and p99 of one batch write plus `fdatasync`.
 async fn commit_note(addr: std::net::SocketAddr) -> anyhow::Result<String> {
@@ -697,11 +723,11 @@ pub fn say(progress: &ProgressBar, line: impl AsRef<str>) {
     }
 }
 
-fn nanos(d: Duration) -> u64 {
+pub(super) fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-async fn sleep_until_wall(ns: u64) {
+pub(super) async fn sleep_until_wall(ns: u64) {
     let now = wall_ns();
     if ns > now {
         tokio::time::sleep(Duration::from_nanos(ns - now)).await;

@@ -9,8 +9,10 @@
 
 pub mod chorus;
 pub mod client;
+pub mod files;
 pub mod history;
 pub mod plot;
+pub mod presence;
 pub mod procstat;
 pub mod report;
 pub mod schedule;
@@ -149,11 +151,26 @@ pub struct HistoryOutcome {
     pub server: ServerUsage,
 }
 
-/// A server process's resource use, read from `/proc/PID/stat` and `/proc/PID/status`.
+/// A server process's resource use, read from `/proc/PID/stat`, `/proc/PID/status` and
+/// each thread's `/proc/PID/task/TID/status` (see [`procstat`]).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ServerUsage {
     /// CPU seconds (user + system) the process used in the window.
     pub cpu_secs: f64,
     /// Resident set size at the end of the window, in bytes.
     pub rss_bytes: u64,
+    /// Voluntary context switches (a thread blocked: a wait, a park, a sleep) in the
+    /// window, summed over the threads alive at its end; those of threads that exited
+    /// during the window are lost.
+    pub voluntary_switches: u64,
+    /// Involuntary context switches (a thread preempted) in the window, counted as
+    /// [`ServerUsage::voluntary_switches`] are.
+    pub involuntary_switches: u64,
+}
+
+impl ServerUsage {
+    /// Voluntary and involuntary context switches together.
+    pub fn switches(&self) -> u64 {
+        self.voluntary_switches + self.involuntary_switches
+    }
 }

@@ -2,6 +2,7 @@
 //! the summary table against the targets (Chorus, each peer, and the ratio), and the
 //! detailed percentiles of every system in every scenario.
 
+use super::presence::{PresenceOutcome, PresenceShape};
 use super::server::ServerSettings;
 use super::{
     ChatOutcome, ChatShape, ConnectionsOutcome, ConnectionsShape, FanoutOutcome, FanoutShape,
@@ -16,8 +17,10 @@ pub mod targets {
     pub const FANOUT_LAST_US: u64 = 100_000;
     /// Idle connections: at most this many bytes of server memory each.
     pub const CONNECTION_BYTES: f64 = 6.0 * 1024.0;
-    /// Durable throughput against NATS JetStream: at least this multiple.
+    /// Throughput against NATS JetStream (each of its two servers): at least this multiple.
     pub const NATS_THROUGHPUT_RATIO: f64 = 3.0;
+    /// Highest sustained rate against Redis pub/sub (not durable): at least this multiple.
+    pub const REDIS_THROUGHPUT_RATIO: f64 = 1.0;
     /// A `chat` run is sustained when every delivery arrived and the delivery p99 is at
     /// most this, in µs: a rate a chat user would accept.
     pub const SUSTAINED_P99_US: u64 = 50_000;
@@ -34,7 +37,7 @@ pub mod targets {
 /// One system's result in one scenario: its outcome, or why there is none.
 #[derive(Clone, Debug)]
 pub struct Run<O> {
-    /// `Chorus`, `Redis pub/sub`, `NATS JetStream`, `PostgreSQL`.
+    /// `Chorus`, `Redis pub/sub`, one of the two NATS JetStream servers, `PostgreSQL`.
     pub system: String,
     /// The outcome, or the error or reason it was skipped.
     pub outcome: Result<O, String>,
@@ -65,8 +68,8 @@ pub struct Results {
     /// `chat`, if it ran.
     pub chat: Option<Scenario<ChatShape, ChatOutcome>>,
     /// The throughput ladder: the `chat` shape at rising rates, one scenario per rate, for
-    /// the systems whose acks are durable; a system stops climbing at its first rung that
-    /// it does not sustain.
+    /// Chorus and the `chat` peers; a system stops climbing at its first rung that it does
+    /// not sustain.
     pub ladder: Vec<Scenario<ChatShape, ChatOutcome>>,
     /// `fanout`, if it ran.
     pub fanout: Option<Scenario<FanoutShape, FanoutOutcome>>,
@@ -76,6 +79,16 @@ pub struct Results {
     pub quic_sessions: Option<Scenario<ConnectionsShape, ConnectionsOutcome>>,
     /// `history`, if it ran.
     pub history: Option<Scenario<HistoryShape, HistoryOutcome>>,
+    /// `presence`, if it ran (Chorus alone: no peer has subscription presence).
+    pub presence: Option<Scenario<PresenceShape, PresenceOutcome>>,
+}
+
+/// Chorus's outcome of a scenario, or why there is none.
+fn chorus_outcome<S, O>(s: &Scenario<S, O>) -> Result<&O, String> {
+    match s.runs.iter().find(|r| r.system == CHORUS) {
+        Some(Run { outcome, .. }) => outcome.as_ref().map_err(Clone::clone),
+        None => Err("not run".into()),
+    }
 }
 
 /// The name Chorus's runs carry (its sessions over WebSocket).
@@ -84,8 +97,12 @@ pub const CHORUS: &str = "Chorus";
 pub const CHORUS_QUIC: &str = "Chorus QUIC";
 /// The name of Redis pub/sub's runs.
 pub const REDIS: &str = "Redis pub/sub";
-/// The name of NATS JetStream's runs.
-pub const NATS: &str = "NATS JetStream";
+/// The name of the runs of Debian's NATS JetStream 2.9, whose ack follows a write that is
+/// fsynced later (within two minutes).
+pub const NATS: &str = "NATS JetStream 2.9 (no fsync per ack)";
+/// The name of the runs of NATS JetStream 2.10+ with `sync_interval: always`, whose ack
+/// follows an fsync, as Chorus's does.
+pub const NATS_FSYNC: &str = "NATS JetStream 2.10+ (fsync every ack)";
 /// The name of PostgreSQL's runs.
 pub const POSTGRES: &str = "PostgreSQL";
 
@@ -140,6 +157,38 @@ pub fn bytes_per_connection(o: &ConnectionsOutcome) -> f64 {
 /// Deliveries per second of a `chat` outcome.
 pub fn deliveries_per_s(o: &ChatOutcome) -> f64 {
     o.delivered as f64 / o.elapsed.as_secs_f64().max(1e-9)
+}
+
+/// Server CPU microseconds per delivery of a `chat` outcome: CPU over the measured window
+/// divided by the deliveries of the messages sent in it.
+pub fn cpu_us_per_delivery(o: &ChatOutcome) -> f64 {
+    o.server.cpu_secs * 1e6 / o.delivered.max(1) as f64
+}
+
+/// Load generator CPU microseconds per delivery of a `chat` outcome.
+pub fn generator_us_per_delivery(o: &ChatOutcome) -> f64 {
+    o.generator_cpu_secs * 1e6 / o.delivered.max(1) as f64
+}
+
+/// Server context switches per delivery of a `chat` outcome: `(voluntary, involuntary)`.
+pub fn switches_per_delivery(o: &ChatOutcome) -> (f64, f64) {
+    let n = o.delivered.max(1) as f64;
+    (
+        o.server.voluntary_switches as f64 / n,
+        o.server.involuntary_switches as f64 / n,
+    )
+}
+
+/// What one delivery cost in a `chat` outcome: server CPU, server context switches, and the
+/// load generator's CPU beside them.
+fn per_delivery(o: &ChatOutcome) -> String {
+    let (vol, invol) = switches_per_delivery(o);
+    format!(
+        "{:.1} µs CPU, {:.2} switches ({vol:.2} vol. + {invol:.2} invol.); generator {:.1} µs",
+        cpu_us_per_delivery(o),
+        vol + invol,
+        generator_us_per_delivery(o)
+    )
 }
 
 /// Whether a chat run delivered everything it should have (its throughput was the offered
@@ -233,39 +282,28 @@ pub fn summary_table(results: &Results) -> String {
             _ => "unknown".into(),
         },
     });
-    let (cb, nb) = (
-        best_sustained(results, CHORUS),
-        best_sustained(results, NATS),
-    );
-    let show = |b: Option<(f64, u64, bool)>, system: &str| match b {
-        Some((rate, p, topped)) => format!(
-            "{rate:.0}/s, p99 {}{}",
-            ms(p),
-            if topped { " (highest rate tried)" } else { "" }
-        ),
-        None => missing(chat, system),
-    };
-    rows.push(Row {
-        target: "durable deliveries/s ≥ 3× NATS JetStream's: highest rate sustained (all \
-                 delivered, p99 ≤ 50 ms) in `chat` and its rate ladder"
-            .into(),
-        chorus: show(cb, CHORUS),
-        peer: show(nb, NATS),
-        ratio: match (cb, nb) {
-            (Some(c), Some(n)) => format!("{:.2}× NATS", c.0 / n.0.max(1e-9)),
-            _ => "–".into(),
-        },
-        verdict: match (cb, nb) {
-            (Some(c), Some(n)) if c.2 && n.2 => {
-                "not shown: both sustained the highest rate tried".into()
-            }
-            (Some(c), Some(n)) => {
-                verdict(c.0 >= targets::NATS_THROUGHPUT_RATIO * n.0 && c.1 <= n.1).into()
-            }
-            (None, Some(_)) => verdict(false).into(),
-            _ => "unknown".into(),
-        },
-    });
+    rows.push(throughput_row(
+        results,
+        NATS_FSYNC,
+        "NATS 2.10+",
+        targets::NATS_THROUGHPUT_RATIO,
+        "durable deliveries/s ≥ 3× NATS JetStream's, both fsyncing every ack (NATS 2.10+, \
+         `sync_interval: always`)",
+    ));
+    rows.push(throughput_row(
+        results,
+        NATS,
+        "NATS 2.9",
+        targets::NATS_THROUGHPUT_RATIO,
+        "deliveries/s ≥ 3× NATS JetStream 2.9's (its ack: written, fsynced within 2 min)",
+    ));
+    rows.push(throughput_row(
+        results,
+        REDIS,
+        "Redis",
+        targets::REDIS_THROUGHPUT_RATIO,
+        "deliveries/s ≥ 1.0× Redis pub/sub's (Chorus durable, Redis not)",
+    ));
     let history = results.history.as_ref();
     let c = history.and_then(|s| s.outcome(CHORUS));
     let p = history.and_then(|s| s.outcome(POSTGRES));
@@ -353,7 +391,19 @@ pub fn summary_table(results: &Results) -> String {
             verdict(o.open >= 19_000 && bytes_per_connection(o) <= targets::CONNECTION_BYTES).into()
         }),
     });
+    rows.push(efficiency_row(results));
     rows.extend(quic_rows(results));
+    if let Some(s) = &results.presence {
+        for [target, chorus, verdict] in super::presence::summary_rows(chorus_outcome(s)) {
+            rows.push(Row {
+                target,
+                chorus,
+                peer: "–".into(),
+                ratio: "–".into(),
+                verdict,
+            });
+        }
+    }
     let mut out =
         String::from("| target | Chorus | peer | ratio | verdict |\n|---|---|---|---|---|\n");
     for row in rows {
@@ -364,6 +414,100 @@ pub fn summary_table(results: &Results) -> String {
         );
     }
     out
+}
+
+/// A throughput row: the highest rate Chorus sustained in `chat` and its ladder against
+/// `peer`'s, met when Chorus's is at least `ratio` times the peer's at no worse a p99.
+/// When both sustained the highest rung tried, the ladder found neither limit and the row
+/// says so instead of a verdict.
+fn throughput_row(results: &Results, peer: &str, short: &str, ratio: f64, target: &str) -> Row {
+    let chat = results.chat.as_ref();
+    let (cb, pb) = (
+        best_sustained(results, CHORUS),
+        best_sustained(results, peer),
+    );
+    let show = |b: Option<(f64, u64, bool)>, system: &str| match b {
+        Some((rate, p, topped)) => format!(
+            "{rate:.0}/s, p99 {}{}",
+            ms(p),
+            if topped { " (highest rate tried)" } else { "" }
+        ),
+        None => missing(chat, system),
+    };
+    Row {
+        target: format!(
+            "{target}: highest rate sustained (all delivered, p99 ≤ 50 ms) in `chat` and its \
+             rate ladder"
+        ),
+        chorus: show(cb, CHORUS),
+        peer: show(pb, peer),
+        ratio: match (cb, pb) {
+            (Some(c), Some(p)) => format!("{:.2}× {short}", c.0 / p.0.max(1e-9)),
+            _ => "–".into(),
+        },
+        verdict: match (cb, pb) {
+            (Some(c), Some(p)) if c.2 && p.2 => {
+                "not shown: both sustained the highest rate tried".into()
+            }
+            (Some(c), Some(p)) => verdict(c.0 >= ratio * p.0 && c.1 <= p.1).into(),
+            (None, Some(_)) => verdict(false).into(),
+            _ => "unknown".into(),
+        },
+    }
+}
+
+/// The per-delivery cost row: server CPU and context switches per delivery in `chat` for
+/// every system that ran it, with the load generator's CPU beside each; the target is
+/// Chorus's CPU (over WebSocket) at most Redis's.
+fn efficiency_row(results: &Results) -> Row {
+    let chat = results.chat.as_ref();
+    let (c, q, r) = (
+        chat.and_then(|s| s.outcome(CHORUS)),
+        chat.and_then(|s| s.outcome(CHORUS_QUIC)),
+        chat.and_then(|s| s.outcome(REDIS)),
+    );
+    let each = |systems: &[&str]| -> String {
+        let cells: Vec<String> = systems
+            .iter()
+            .map(|&system| match chat.and_then(|s| s.outcome(system)) {
+                Some(o) => format!("{system}: {}", per_delivery(o)),
+                None => format!("{system}: {}", missing(chat, system)),
+            })
+            .collect();
+        cells.join("; ")
+    };
+    let peers: Vec<&str> = chat.map_or_else(Vec::new, |s| {
+        s.runs
+            .iter()
+            .map(|r| r.system.as_str())
+            .filter(|&system| system != CHORUS && system != CHORUS_QUIC)
+            .collect()
+    });
+    Row {
+        target: "server CPU per delivery in `chat` ≤ Redis pub/sub's (Chorus durable, Redis \
+                 not); context switches per delivery and the load generator's CPU beside it"
+            .into(),
+        chorus: each(&[CHORUS, CHORUS_QUIC]),
+        peer: if peers.is_empty() {
+            missing(chat, REDIS)
+        } else {
+            each(&peers)
+        },
+        ratio: match (c, r) {
+            (Some(c), Some(r)) => {
+                let redis = cpu_us_per_delivery(r).max(1e-9);
+                let quic = q.map_or_else(String::new, |q| {
+                    format!(" (QUIC {:.2}×)", cpu_us_per_delivery(q) / redis)
+                });
+                format!("{:.2}× Redis{quic}", cpu_us_per_delivery(c) / redis)
+            }
+            _ => "–".into(),
+        },
+        verdict: match (c, r) {
+            (Some(c), Some(r)) => verdict(cpu_us_per_delivery(c) <= cpu_us_per_delivery(r)).into(),
+            _ => "unknown".into(),
+        },
+    }
 }
 
 /// The QUIC targets' rows: delivery p99 against the WebSocket's in the same run, memory per
@@ -527,17 +671,39 @@ pub fn details(results: &Results) -> String {
                 );
             }
         }
+        out.push_str(
+            "\nWhat a delivery costs: server CPU over the measured window per delivery, the \
+             server's context switches per delivery (summed over its threads; those of \
+             threads that exited during the window are lost), and the load generator's CPU \
+             per delivery, which shares the same two cores.\n\n\
+             | system | server CPU per delivery | context switches per delivery (voluntary + \
+             involuntary) | load generator CPU per delivery |\n|---|---|---|---|\n",
+        );
+        for r in &s.runs {
+            if let Ok(o) = &r.outcome {
+                let (vol, invol) = switches_per_delivery(o);
+                let _ = writeln!(
+                    out,
+                    "| {} | {:.1} µs | {:.2} ({vol:.2} + {invol:.2}) | {:.1} µs |",
+                    r.system,
+                    cpu_us_per_delivery(o),
+                    vol + invol,
+                    generator_us_per_delivery(o)
+                );
+            }
+        }
         out.push_str(&failures(s));
         out.push_str("\n![chat latency](chat.png)\n\n");
     }
     if !results.ladder.is_empty() {
         out.push_str(
             "### chat rate ladder\n\nThe `chat` shape at rising rates (shorter windows), for \
-             the durable systems; each stops at its first rung not sustained (every delivery \
-             in, delivery p99 ≤ 50 ms). The load generator shares the two cores, so a high \
+             Chorus and every peer that ran `chat` (Redis pub/sub, not durable, included); \
+             each stops at its first rung not sustained (every delivery in, delivery p99 ≤ \
+             50 ms). The load generator shares the two cores, so a high \
              rung can be the generator's limit as much as the server's.\n\n\
              | system | msgs/s | window | delivered / expected | deliveries/s | p50 | p99 | \
-             sustained | server |\n|---|---|---|---|---|---|---|---|---|\n",
+             sustained | server | per delivery |\n|---|---|---|---|---|---|---|---|---|---|\n",
         );
         for s in &results.ladder {
             for r in &s.runs {
@@ -545,7 +711,7 @@ pub fn details(results: &Results) -> String {
                     Ok(o) => {
                         let _ = writeln!(
                             out,
-                            "| {} | {:.0} | {:.1} s | {} / {} | {:.0} | {} | {} | {} | {} |",
+                            "| {} | {:.0} | {:.1} s | {} / {} | {:.0} | {} | {} | {} | {} | {} |",
                             r.system,
                             s.shape.rate,
                             s.shape.duration.as_secs_f64(),
@@ -555,13 +721,14 @@ pub fn details(results: &Results) -> String {
                             ms(q(&o.delivery, 0.5)),
                             ms(p99(&o.delivery)),
                             if sustained(o) { "yes" } else { "no" },
-                            usage(&o.server, o.elapsed.as_secs_f64())
+                            usage(&o.server, o.elapsed.as_secs_f64()),
+                            per_delivery(o)
                         );
                     }
                     Err(why) => {
                         let _ = writeln!(
                             out,
-                            "| {} | {:.0} | – | failed: {why} | | | | no | |",
+                            "| {} | {:.0} | – | failed: {why} | | | | no | | |",
                             r.system, s.shape.rate
                         );
                     }
@@ -656,6 +823,9 @@ pub fn details(results: &Results) -> String {
         out.push_str(&failures(s));
         out.push_str("\n![history latency](history.png)\n\n");
     }
+    if let Some(s) = &results.presence {
+        out.push_str(&super::presence::details(&s.shape, chorus_outcome(s)));
+    }
     out
 }
 
@@ -712,8 +882,10 @@ pub fn markdown(info: &RunInfo, results: &Results) -> String {
     let _ = writeln!(
         out,
         "- Peers: Redis pub/sub is not durable (a `PUBLISH` reply is its ack); NATS \
-         JetStream uses file storage with one replica; PostgreSQL holds `(channel_id, seq)` \
-         keyed messages. Every system runs on this machine, on the same two cores as the \
+         JetStream uses file storage with one replica, in two servers: Debian's 2.9, whose \
+         ack follows a write that it fsyncs within two minutes, and 2.10+ with \
+         `sync_interval: always`, whose ack follows an fsync, as Chorus's does; PostgreSQL \
+         holds `(channel_id, seq)` keyed messages. Every system runs on this machine, on the same two cores as the \
          load generator, one after another."
     );
     let _ = writeln!(out, "- Took {:.0} s in all.\n", info.wall_secs);
@@ -811,6 +983,149 @@ mod tests {
         };
         let table = summary_table(&results);
         assert!(table.contains("n/a (postgres not installed)"), "{table}");
-        assert_eq!(table.lines().count(), 10);
+        assert_eq!(table.lines().count(), 13);
+    }
+
+    fn chat_outcome(cpu_secs: f64, switches: (u64, u64), generator_cpu_secs: f64) -> ChatOutcome {
+        ChatOutcome {
+            ack: crate::latency::histogram_us(),
+            delivery: crate::latency::histogram_us(),
+            sent: 1_000,
+            expected_deliveries: 50_000,
+            delivered: 50_000,
+            elapsed: std::time::Duration::from_secs(1),
+            server: ServerUsage {
+                cpu_secs,
+                rss_bytes: 1 << 20,
+                voluntary_switches: switches.0,
+                involuntary_switches: switches.1,
+            },
+            generator_cpu_secs,
+        }
+    }
+
+    // Redis climbs the ladder too: its highest sustained rate is the last rung it kept up
+    // with, and Chorus's best is set against it in a row of its own beside the NATS one.
+    #[test]
+    fn throughput_row_compares_with_redis() {
+        let shape = |rate| ChatShape {
+            connections: 1_000,
+            members: 50,
+            rate,
+            duration: std::time::Duration::from_secs(1),
+            warmup: std::time::Duration::ZERO,
+            body_bytes: 100,
+        };
+        let outcome = |delivered, expected, p99_us| {
+            let mut o = chat_outcome(1.0, (0, 0), 1.0);
+            (o.delivered, o.expected_deliveries) = (delivered, expected);
+            o.delivery.record(p99_us).unwrap();
+            o
+        };
+        let run = |system: &str, o| Run {
+            system: system.into(),
+            outcome: Ok(o),
+        };
+        let results = Results {
+            chat: Some(Scenario {
+                shape: shape(1_000.0),
+                runs: vec![
+                    run(CHORUS, outcome(50_000, 50_000, 20_000)),
+                    run(REDIS, outcome(50_000, 50_000, 900)),
+                ],
+            }),
+            ladder: vec![Scenario {
+                shape: shape(2_000.0),
+                runs: vec![
+                    run(CHORUS, outcome(100_000, 100_000, 30_000)),
+                    run(REDIS, outcome(90_000, 100_000, 900)),
+                ],
+            }],
+            ..Results::default()
+        };
+        let table = summary_table(&results);
+        let row = table
+            .lines()
+            .find(|l| l.starts_with("| deliveries/s ≥ 1.0× Redis pub/sub's"))
+            .unwrap_or_else(|| panic!("{table}"));
+        // (HDR histograms keep three significant digits: 30 ms reads as 30.02.)
+        assert!(
+            row.contains("| 100000/s, p99 30.02 ms (highest rate tried) |"),
+            "{row}"
+        );
+        assert!(
+            row.contains("| 50000/s, p99 0.90 ms | 2.00× Redis |"),
+            "{row}"
+        );
+        // Twice the rate, but at a worse p99 than Redis's: not met.
+        assert!(row.ends_with("| **not met** |"), "{row}");
+        assert!(
+            table.contains("| durable deliveries/s ≥ 3× NATS JetStream's, both fsyncing"),
+            "{table}"
+        );
+    }
+
+    // The per-delivery row divides each system's server CPU and context switches by its
+    // deliveries, sets Chorus's CPU against Redis's, and names every peer that ran.
+    #[test]
+    fn per_delivery_row_compares_every_system() {
+        let run = |system: &str, o| Run {
+            system: system.into(),
+            outcome: Ok(o),
+        };
+        let results = Results {
+            chat: Some(Scenario {
+                shape: ChatShape {
+                    connections: 1_000,
+                    members: 50,
+                    rate: 1_000.0,
+                    duration: std::time::Duration::from_secs(1),
+                    warmup: std::time::Duration::ZERO,
+                    body_bytes: 100,
+                },
+                runs: vec![
+                    run(CHORUS, chat_outcome(0.5, (100_000, 25_000), 0.4)),
+                    run(CHORUS_QUIC, chat_outcome(0.75, (50_000, 0), 0.4)),
+                    run(REDIS, chat_outcome(0.25, (10_000, 5_000), 0.2)),
+                    Run {
+                        system: NATS.into(),
+                        outcome: Err("not installed".into()),
+                    },
+                ],
+            }),
+            ..Results::default()
+        };
+        let table = summary_table(&results);
+        let row = table
+            .lines()
+            .find(|l| l.starts_with("| server CPU per delivery"))
+            .unwrap_or_else(|| panic!("{table}"));
+        assert!(
+            row.contains(
+                "Chorus: 10.0 µs CPU, 2.50 switches (2.00 vol. + 0.50 invol.); generator 8.0 µs"
+            ),
+            "{row}"
+        );
+        assert!(
+            row.contains("Chorus QUIC: 15.0 µs CPU, 1.00 switches"),
+            "{row}"
+        );
+        assert!(
+            row.contains("Redis pub/sub: 5.0 µs CPU, 0.30 switches"),
+            "{row}"
+        );
+        assert!(
+            row.contains(&format!("{NATS}: n/a (not installed)")),
+            "{row}"
+        );
+        assert!(
+            row.contains("| 2.00× Redis (QUIC 3.00×) | **not met** |"),
+            "{row}"
+        );
+        let details = details(&results);
+        assert!(
+            details.contains("| Redis pub/sub | 5.0 µs | 0.30 (0.20 + 0.10) | 4.0 µs |"),
+            "{details}"
+        );
     }
 }

@@ -38,6 +38,39 @@ impl Schedule {
     }
 }
 
+/// Sleeps a thread until wall-clock instants, by the monotonic clock: read once against
+/// the wall clock, so a wall-clock step during a run moves no due time.
+pub struct WallSleeper {
+    epoch: std::time::Instant,
+    epoch_wall_ns: u64,
+}
+
+impl WallSleeper {
+    /// A sleeper whose wall clock is read now.
+    pub fn new() -> WallSleeper {
+        WallSleeper {
+            epoch: std::time::Instant::now(),
+            epoch_wall_ns: wall_ns(),
+        }
+    }
+
+    /// Blocks the thread until `due_ns` (wall-clock nanoseconds); returns at once if it
+    /// has passed.
+    pub fn sleep_until(&self, due_ns: u64) {
+        let at = self.epoch + Duration::from_nanos(due_ns.saturating_sub(self.epoch_wall_ns));
+        let now = std::time::Instant::now();
+        if at > now {
+            std::thread::sleep(at - now);
+        }
+    }
+}
+
+impl Default for WallSleeper {
+    fn default() -> WallSleeper {
+        WallSleeper::new()
+    }
+}
+
 /// The text of a chat message: its due time, its sender's connection index, then `x`
 /// padding up to `body_bytes` (never shorter than the two numbers).
 pub fn chat_text(due_ns: u64, sender: usize, body_bytes: usize) -> String {

@@ -40,16 +40,16 @@ const CONNECT_IN_FLIGHT: usize = 64;
 /// retry is reported.
 const CONNECT_ATTEMPTS_MAX: usize = 3;
 /// How often an idle connection pings, well inside the server's two heartbeats (60 s).
-const PING_INTERVAL: Duration = Duration::from_secs(20);
+pub(super) const PING_INTERVAL: Duration = Duration::from_secs(20);
 /// Sessions told at once to ping or to close before the worker pauses: each then sends a
 /// packet to the same server socket, and tens of thousands at once overflow its receive
 /// buffer (208 KiB here); a QUIC session then waits out retransmission timeouts that back
 /// off to many seconds, which would measure the burst rather than the server. 64 every
 /// 5 ms is 12,800 a second per worker: at 32,000 (every 2 ms), two workers' pings to 50,000
 /// sessions lost a few percent of their answers for over 40 s.
-const CONTROL_BATCH: usize = 64;
+pub(super) const CONTROL_BATCH: usize = 64;
 /// The pause between batches.
-const CONTROL_PAUSE: Duration = Duration::from_millis(5);
+pub(super) const CONTROL_PAUSE: Duration = Duration::from_millis(5);
 
 /// What a worker is asked to do.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -58,6 +58,9 @@ pub enum Job {
     Chat(ChatJob),
     /// Open idle connections, hold them, and report when each fan-out round arrived.
     Hold(HoldJob),
+    /// Open connections, watch users' presence, and change this worker's users' status
+    /// on the run's schedule ([`super::presence`]).
+    Presence(super::presence::PresenceJob),
 }
 
 /// A worker's share of a `chat` run.
@@ -101,7 +104,9 @@ pub struct HoldJob {
 /// What a parent tells a worker after the job.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Command {
-    /// Chat: the schedule starts at this wall-clock instant.
+    /// Presence: every connection sends its `presence:sub`.
+    Subscribe,
+    /// Chat and presence: the schedule starts at this wall-clock instant.
     Start {
         /// Wall-clock nanoseconds of message 0.
         start_ns: u64,
@@ -140,6 +145,17 @@ pub enum Report {
     },
     /// Chat: the schedule ran and the drain ended.
     ChatDone(ChatTotals),
+    /// Presence: every `presence:sub` was acked (or the wait ended).
+    Subscribed {
+        /// `presence:sub` acks received.
+        acked: usize,
+        /// Users they added, summed over the connections.
+        subscriptions: u64,
+        /// Seconds from the first `presence:sub` to the last ack.
+        secs: f64,
+    },
+    /// Presence: the schedule ran and the drain ended.
+    PresenceDone(super::presence::PresenceTotals),
     /// Hold: a fan-out round's deliveries, or a ping round's pongs, on this worker.
     Round {
         /// The round.
@@ -201,14 +217,15 @@ pub fn run() -> anyhow::Result<()> {
         match job {
             Job::Chat(job) => local.run_until(chat(job, stdin)).await,
             Job::Hold(job) => local.run_until(hold(job, stdin)).await,
+            Job::Presence(job) => local.run_until(super::presence::work(job, stdin)).await,
         }
     })
 }
 
-type Stdin = tokio::io::Lines<BufReader<tokio::io::Stdin>>;
+pub(super) type Stdin = tokio::io::Lines<BufReader<tokio::io::Stdin>>;
 
 /// Prints one report line and flushes it, so the parent sees it at once.
-fn report(r: &Report) {
+pub(super) fn report(r: &Report) {
     let mut out = std::io::stdout().lock();
     let line = serde_json::to_string(r).expect("reports serialize");
     // A parent that is gone cannot be told anything; the next read of stdin ends the worker.
@@ -216,7 +233,7 @@ fn report(r: &Report) {
     let _ = out.flush();
 }
 
-async fn next_command(stdin: &mut Stdin) -> anyhow::Result<Command> {
+pub(super) async fn next_command(stdin: &mut Stdin) -> anyhow::Result<Command> {
     match stdin.next_line().await? {
         Some(line) => Ok(serde_json::from_str(&line)?),
         None => Ok(Command::Stop),
@@ -225,7 +242,7 @@ async fn next_command(stdin: &mut Stdin) -> anyhow::Result<Command> {
 
 /// What a worker tells one session's task.
 #[derive(Clone, Copy, Debug)]
-enum Control {
+pub(super) enum Control {
     /// Send a `ping` with ref `live-{round}`.
     Ping(u64),
     /// Close the session and end.
@@ -233,14 +250,14 @@ enum Control {
 }
 
 /// A session's task, and the channel that controls it.
-struct Running {
+pub(super) struct Running {
     control: mpsc::UnboundedSender<Control>,
     task: tokio::task::JoinHandle<()>,
 }
 
 /// Spawns `task` with its control channel; a task ends, closing its session, on
 /// [`Control::Stop`] or when the channel closes.
-fn spawn_session<F, Fut>(task: F) -> Running
+pub(super) fn spawn_session<F, Fut>(task: F) -> Running
 where
     F: FnOnce(mpsc::UnboundedReceiver<Control>) -> Fut,
     Fut: std::future::Future<Output = ()> + 'static,
@@ -264,7 +281,7 @@ async fn tell_all(sessions: &[Running], control: Control) {
 
 /// Tells every session to close, waits for their tasks (each bounded by
 /// [`client::CLOSE_WAIT`]), then closes whatever the dialer still has open.
-async fn close_all(sessions: Vec<Running>, dialer: &Dialer) {
+pub(super) async fn close_all(sessions: Vec<Running>, dialer: &Dialer) {
     tell_all(&sessions, Control::Stop).await;
     let tasks = sessions.into_iter().map(|s| s.task);
     let wait = client::CLOSE_WAIT + Duration::from_secs(1);
@@ -275,7 +292,7 @@ async fn close_all(sessions: Vec<Running>, dialer: &Dialer) {
 /// Opens a session per token, [`CONNECT_IN_FLIGHT`] at a time, and hands each to
 /// `on_open` with its token's index as soon as it is open (so a holder's heartbeat starts
 /// at once, however long the rest take). Returns the [`Report::Ready`] to send.
-async fn connect_all(
+pub(super) async fn connect_all(
     dialer: &Dialer,
     tokens: &[&str],
     mut on_open: impl FnMut(usize, Conn),
@@ -476,7 +493,7 @@ async fn send_schedule(
     std::thread::Builder::new()
         .name("chat-schedule".into())
         .spawn(move || {
-            let epoch = (Instant::now(), schedule::wall_ns());
+            let clock = schedule::WallSleeper::new();
             let mut sent = 0u64;
             for i in 0..total {
                 let sender = sender_of_message(&job, i);
@@ -484,11 +501,7 @@ async fn send_schedule(
                     continue;
                 };
                 let due = schedule.due_ns(i);
-                let at = epoch.0 + Duration::from_nanos(due.saturating_sub(epoch.1));
-                let now = Instant::now();
-                if at > now {
-                    std::thread::sleep(at - now);
-                }
+                clock.sleep_until(due);
                 let channel = &job.channel_ids[sender / job.members];
                 let text = schedule::chat_text(due, sender, job.body_bytes);
                 let frame = serde_json::json!({
@@ -625,7 +638,7 @@ async fn hold(job: HoldJob, mut stdin: Stdin) -> anyhow::Result<()> {
                 close_all(running, &dialer).await;
                 return Ok(());
             }
-            Command::Start { .. } => anyhow::bail!("a hold worker takes no start"),
+            other => anyhow::bail!("a hold worker does not take {other:?}"),
         }
     }
 }

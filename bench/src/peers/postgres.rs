@@ -23,10 +23,12 @@
 
 use super::{find_binary, free_port, fresh_dir, loopback, runtime, PeerProcess};
 use crate::latency::histogram_us;
+use crate::load::procstat::{switches_between, thread_switches, Switches};
 use crate::load::{HistoryOutcome, HistoryShape, ServerUsage};
 use anyhow::{bail, ensure, Context};
 use futures::pin_mut;
 use hdrhistogram::Histogram;
+use std::collections::HashMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -408,6 +410,7 @@ impl PgServer {
 struct TreeUsage {
     root: u32,
     cpu_start: f64,
+    switches_start: HashMap<u32, Switches>,
 }
 
 impl TreeUsage {
@@ -415,6 +418,7 @@ impl TreeUsage {
         TreeUsage {
             root,
             cpu_start: tree_cpu_secs(root),
+            switches_start: tree_switches(root),
         }
     }
 
@@ -423,11 +427,24 @@ impl TreeUsage {
     /// where a sum of RSS would count them in every backend that touched them.
     fn finish(&self) -> ServerUsage {
         let tree = process_tree(self.root);
+        let (voluntary, involuntary) =
+            switches_between(&self.switches_start, &tree_switches(self.root));
         ServerUsage {
             cpu_secs: (tree_cpu_secs(self.root) - self.cpu_start).max(0.0),
             rss_bytes: tree.iter().filter_map(|&pid| pss_bytes(pid)).sum(),
+            voluntary_switches: voluntary,
+            involuntary_switches: involuntary,
         }
     }
+}
+
+/// The context switches of every thread of every process in the tree under `root`, by
+/// thread id (unique across processes). A backend that exits takes its switches with it.
+fn tree_switches(root: u32) -> HashMap<u32, Switches> {
+    process_tree(root)
+        .into_iter()
+        .flat_map(thread_switches)
+        .collect()
 }
 
 /// `root` and every process descended from it.
@@ -536,5 +553,9 @@ mod tests {
         assert!(process_tree(me).contains(&me));
         assert!(tree_cpu_secs(me) >= 0.0);
         assert!(pss_bytes(me).unwrap() > 0);
+        assert!(
+            tree_switches(me).contains_key(&me),
+            "the main thread's tid is the pid"
+        );
     }
 }

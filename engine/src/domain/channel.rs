@@ -6,13 +6,15 @@
 //! Reads go through per-channel indexes (top-level messages by seq, replies by thread), so
 //! none scans a partition.
 
-use super::event::{Body, ChannelEvent, ChannelKind, Mentions};
+use super::event::{Body, ChannelEvent, ChannelKind, Mentions, PostedWithFiles};
 use super::input::check_emoji;
 use super::mention;
 use super::unread::{ReadCounts, ReadIndex};
 use super::{DomainError, Principal};
-use super::{CLIENT_MSG_ID_BYTES_MAX, IDEMPOTENCY_WINDOW_US, TEXT_BYTES_MAX};
-use crate::ids::{ChannelId, MessageId, UserId, WorkspaceId};
+use super::{
+    CLIENT_MSG_ID_BYTES_MAX, FILES_PER_MESSAGE_MAX, IDEMPOTENCY_WINDOW_US, TEXT_BYTES_MAX,
+};
+use crate::ids::{ChannelId, FileId, MessageId, UserId, WorkspaceId};
 use crate::snapshot::{Reader, SnapshotError, Writer};
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
@@ -109,6 +111,8 @@ pub struct Message {
     pub created_at: u64,
     /// The client's idempotency key.
     pub client_msg_id: Option<String>,
+    /// The files it was posted with (empty for most messages, and then unallocated).
+    pub files: Box<[FileId]>,
 }
 
 impl Message {
@@ -129,6 +133,10 @@ pub enum ChannelCommand {
         client_msg_id: Option<String>,
         /// The thread root.
         thread: Option<MessageId>,
+        /// Files to attach; the partition checks that the author uploaded them to this
+        /// workspace. Boxed (and `None` when there are none) to keep a shard's message
+        /// within 128 bytes: every request crosses a queue by value.
+        files: Option<Box<Vec<FileId>>>,
     },
     /// Replace a message's text (author only).
     Edit {
@@ -209,6 +217,34 @@ pub struct ChannelState {
     departed: HashMap<UserId, u64>,
     /// The members' read markers and the unread indexes (`API.md` §9).
     reads: ReadIndex,
+    /// The messages that carry each file, by seq: who may read a file (`API.md` §11).
+    file_refs: HashMap<FileId, Vec<u64>>,
+}
+
+/// A post's text: within the limit, and not empty unless the post carries files; at most
+/// [`FILES_PER_MESSAGE_MAX`] files, none twice.
+fn check_post_text(text: &str, files: &[FileId]) -> Result<(), DomainError> {
+    if files.len() > FILES_PER_MESSAGE_MAX {
+        return Err(DomainError::TooMany(format!(
+            "a message carries at most {FILES_PER_MESSAGE_MAX} files"
+        )));
+    }
+    if files
+        .iter()
+        .enumerate()
+        .any(|(i, f)| files[..i].contains(f))
+    {
+        return Err(DomainError::Invalid("a file is attached twice".into()));
+    }
+    if files.is_empty() {
+        return check_text(text);
+    }
+    if text.len() > TEXT_BYTES_MAX {
+        return Err(DomainError::TooLarge(format!(
+            "text is longer than {TEXT_BYTES_MAX} bytes"
+        )));
+    }
+    Ok(())
 }
 
 fn check_text(text: &str) -> Result<(), DomainError> {
@@ -252,6 +288,7 @@ impl ChannelState {
             idempotency_order: VecDeque::new(),
             departed: HashMap::new(),
             reads: ReadIndex::default(),
+            file_refs: HashMap::new(),
         }
     }
 
@@ -290,6 +327,16 @@ impl ChannelState {
                 by: self.created_by,
             })
             .collect()
+    }
+
+    /// Whether `user` can read a message of this channel that carries `file` and is not
+    /// deleted: the rule for reading a file that is not one's own (`API.md` §11).
+    pub fn file_readable(&self, user: UserId, file: FileId) -> bool {
+        self.members.contains(&user)
+            && self.file_refs.get(&file).is_some_and(|seqs| {
+                seqs.iter()
+                    .any(|seq| self.msg(*seq).is_some_and(|m| !m.deleted))
+            })
     }
 
     fn check_reach(&self, by: &Principal) -> Result<(), DomainError> {
@@ -340,8 +387,10 @@ impl ChannelState {
                 text,
                 client_msg_id,
                 thread,
+                files,
             } => {
-                check_text(&text)?;
+                let files = files.map(|f| *f).unwrap_or_default();
+                check_post_text(&text, &files)?;
                 if let Some(key) = &client_msg_id {
                     if key.is_empty() || key.len() > CLIENT_MSG_ID_BYTES_MAX {
                         return Err(DomainError::Invalid(format!(
@@ -364,12 +413,23 @@ impl ChannelState {
                         Some(root.seq)
                     }
                 };
-                ChannelEvent::MessagePosted {
-                    user: by.user(),
-                    mentions: self.mentions(&text),
-                    body: Body::Text(text),
-                    thread,
-                    client_msg_id,
+                if files.is_empty() {
+                    ChannelEvent::MessagePosted {
+                        user: by.user(),
+                        mentions: self.mentions(&text),
+                        body: Body::Text(text),
+                        thread,
+                        client_msg_id,
+                    }
+                } else {
+                    ChannelEvent::MessagePostedWithFiles(Box::new(PostedWithFiles {
+                        user: by.user(),
+                        mentions: self.mentions(&text),
+                        body: Body::Text(text),
+                        thread,
+                        client_msg_id,
+                        files,
+                    }))
                 }
             }
             ChannelCommand::Edit { message, text } => {
@@ -519,37 +579,36 @@ impl ChannelState {
                 self.departed.insert(*user, seq);
                 self.reads.left(*user);
             }
-            ChannelEvent::MessagePosted {
-                user,
-                body,
-                thread,
-                client_msg_id,
-                mentions,
-            } => {
-                self.reads.posted(seq, *user, mentions);
-                match thread {
+            ChannelEvent::MessagePosted { .. } | ChannelEvent::MessagePostedWithFiles(_) => {
+                let p = event.posted().expect("a post");
+                self.reads.posted(seq, p.user, p.mentions);
+                match p.thread {
                     Some(root) => {
-                        self.replies.entry(*root).or_default().push(seq);
-                        if let Some(r) = self.msg_mut(*root) {
+                        self.replies.entry(root).or_default().push(seq);
+                        if let Some(r) = self.msg_mut(root) {
                             r.reply_count += 1;
                         }
                     }
                     None => self.top_level.push(seq),
                 }
-                if let Some(key) = client_msg_id {
-                    self.remember(*user, key, seq, at_us);
+                if let Some(key) = p.client_msg_id {
+                    self.remember(p.user, key, seq, at_us);
+                }
+                for f in p.files {
+                    self.file_refs.entry(*f).or_default().push(seq);
                 }
                 self.messages.push(Message {
                     seq,
-                    user: *user,
-                    versions: smallvec::smallvec![(StoredBody::from(body), at_us)],
-                    thread: *thread,
+                    user: p.user,
+                    versions: smallvec::smallvec![(StoredBody::from(p.body), at_us)],
+                    thread: p.thread,
                     reply_count: 0,
                     reactions: Vec::new(),
                     edited_at: None,
                     deleted: false,
                     created_at: at_us,
-                    client_msg_id: client_msg_id.clone(),
+                    client_msg_id: p.client_msg_id.cloned(),
+                    files: p.files.into(),
                 });
             }
             ChannelEvent::MessageEdited {
@@ -744,6 +803,8 @@ fn kind_of(code: u8) -> Result<ChannelKind, SnapshotError> {
 const MSG_DELETED: u8 = 1;
 const MSG_EDITED: u8 = 2;
 const MSG_KEYED: u8 = 4;
+/// Snapshot version 3: the message carries files, written after its key.
+const MSG_FILES: u8 = 8;
 const BODY_TEXT: u8 = 0;
 const BODY_BLOB: u8 = 1;
 
@@ -816,13 +877,20 @@ impl ChannelState {
                     MSG_KEYED
                 } else {
                     0
-                };
+                }
+                | if m.files.is_empty() { 0 } else { MSG_FILES };
             w.u8(flags);
             if let Some(at) = m.edited_at {
                 w.u64(at);
             }
             if let Some(key) = &m.client_msg_id {
                 w.str(key);
+            }
+            if !m.files.is_empty() {
+                w.len(m.files.len());
+                for f in &m.files {
+                    w.u64(f.0);
+                }
             }
             w.len(m.versions.len());
             for (body, at) in &m.versions {
@@ -916,6 +984,16 @@ impl ChannelState {
             } else {
                 None
             };
+            let files: Box<[FileId]> = if flags & MSG_FILES != 0 {
+                (0..r.count(8)?)
+                    .map(|_| r.u64().map(FileId))
+                    .collect::<Result<_, _>>()?
+            } else {
+                Box::default()
+            };
+            for f in files.iter() {
+                s.file_refs.entry(*f).or_default().push(seq);
+            }
             let nv = r.count(9)?;
             if nv == 0 {
                 return Err(fail(format!("channel {}: message {seq} has no body", s.id)));
@@ -953,6 +1031,7 @@ impl ChannelState {
                 deleted: flags & MSG_DELETED != 0,
                 created_at,
                 client_msg_id,
+                files,
             });
         }
         for _ in 0..r.count(24)? {
@@ -1061,6 +1140,7 @@ mod tests {
             text: text.into(),
             client_msg_id: key.map(Into::into),
             thread: thread.map(|seq| MessageId { channel: C, seq }),
+            files: None,
         }
     }
 
@@ -1217,7 +1297,8 @@ mod tests {
     }
 
     // A snapshot of a channel with every kind of event (threads, edits, deletions,
-    // reactions, idempotency keys, a member who left, a blob body, mentions, a read marker)
+    // reactions, idempotency keys, a member who left, a blob body, files, mentions, a read
+    // marker)
     // restores to an equal state, indexes and unread counts included.
     #[test]
     fn snapshot_round_trip() {
@@ -1269,6 +1350,16 @@ mod tests {
             mentions: Mentions::default(),
         };
         s.apply(seq, 9_999, &big);
+        let with_files = ChannelCommand::Post {
+            text: String::new(),
+            client_msg_id: None,
+            thread: None,
+            files: Some(Box::new(vec![FileId(40), FileId(41)])),
+        };
+        step(&mut s, &b, with_files).unwrap();
+        assert!(s.file_readable(UserId(2), FileId(41)));
+        assert!(!s.file_readable(UserId(3), FileId(41)));
+        assert!(!s.file_readable(UserId(2), FileId(42)));
         let mention = format!("hey <@{}>", UserId(1));
         step(&mut s, &b, post(&mention, None, None)).unwrap();
         step(&mut s, &b, post("@here", None, Some(3))).unwrap();
@@ -1293,7 +1384,11 @@ mod tests {
                 .iter()
                 .map(|m| m.seq)
                 .collect::<Vec<_>>(),
-            vec![seq + 1, seq, 5, 3]
+            vec![seq + 2, seq + 1, seq, 5, 3]
+        );
+        assert_eq!(
+            &*back.message_at(seq + 1).unwrap().files,
+            [FileId(40), FileId(41)]
         );
         assert_eq!(back.replies(&a, mid(3), None, 10).unwrap().items.len(), 2);
         assert_eq!(back.readable_until(UserId(2)), Some(s.last_seq()));
@@ -1301,7 +1396,7 @@ mod tests {
         assert_eq!(Some(counts), s.read_counts(UserId(1)));
         assert_eq!(
             (counts.read_seq, counts.unread_count, counts.mention_count),
-            (seq, 2, 2)
+            (seq, 3, 2)
         );
     }
 

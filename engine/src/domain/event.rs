@@ -16,7 +16,7 @@
 //! event with the message as it stood then, without rendering it again. Decoding validates
 //! the archive (bytecheck) before anything is used.
 
-use crate::ids::{ChannelId, UserId, WorkspaceId};
+use crate::ids::{ChannelId, FileId, UserId, WorkspaceId};
 
 /// The event format version written by this code.
 pub const EVENT_FORMAT_VERSION: u8 = 1;
@@ -167,6 +167,71 @@ pub enum MetaEvent {
         /// The members it starts with, sorted.
         members: Vec<UserId>,
     },
+    /// A file was uploaded; its bytes are in the file store under their SHA-256. Boxed so
+    /// that the archived enum keeps its size: a record of an older variant is found at the
+    /// end of its payload by that size, so growing it would misread every older log.
+    FileStored(Box<StoredFile>),
+    /// A file's preview of one kind was made, or will never be (boxed like `FileStored`).
+    PreviewMade(Box<PreviewRecord>),
+    /// A file was deleted; its ID is never used again.
+    FileDeleted {
+        /// The file.
+        file: FileId,
+        /// Its workspace.
+        workspace: WorkspaceId,
+        /// Who deleted it.
+        by: UserId,
+    },
+}
+
+/// The outcome of making one preview of a file.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(attr(allow(missing_docs)))]
+pub struct PreviewRecord {
+    /// The file.
+    pub file: FileId,
+    /// The preview kind (`thumb`, `page1`, `code`).
+    pub kind: String,
+    /// The preview, or `None` when the file has none of this kind (`no_preview`).
+    pub made: Option<PreviewMade>,
+}
+
+/// A preview that was made: its bytes are in the file store under their SHA-256.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(attr(allow(missing_docs)))]
+pub struct PreviewMade {
+    /// Its width in pixels (0 for HTML).
+    pub width: u32,
+    /// Its height in pixels (0 for HTML).
+    pub height: u32,
+    /// Its length in bytes.
+    pub size: u64,
+    /// Its media type.
+    pub content_type: String,
+    /// The SHA-256 of its bytes.
+    pub sha256: [u8; 32],
+}
+
+/// What the metadata log keeps of an uploaded file.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(attr(allow(missing_docs)))]
+pub struct StoredFile {
+    /// The file.
+    pub file: FileId,
+    /// Its workspace.
+    pub workspace: WorkspaceId,
+    /// The uploader.
+    pub user: UserId,
+    /// The name as the client gave it; never used as a path.
+    pub name: String,
+    /// Its length in bytes.
+    pub size: u64,
+    /// Its media type (`type/subtype`, lowercase).
+    pub content_type: String,
+    /// The SHA-256 of its bytes: its address in the file store.
+    pub sha256: [u8; 32],
+    /// When it was stored, in microseconds since the Unix epoch.
+    pub at_us: u64,
 }
 
 /// A metadata event with its time.
@@ -210,6 +275,10 @@ pub enum ChannelEvent {
         /// Mentions in the text.
         mentions: Mentions,
     },
+    /// A message was posted with files; otherwise as [`ChannelEvent::MessagePosted`].
+    /// Boxed, so that the archived channel event keeps its size and older logs still read
+    /// (see [`MetaEvent::FileStored`]).
+    MessagePostedWithFiles(Box<PostedWithFiles>),
     /// A message's text was replaced.
     MessageEdited {
         /// The message's seq.
@@ -244,6 +313,72 @@ pub enum ChannelEvent {
         /// Who withdrew it.
         user: UserId,
     },
+}
+
+/// A message posted with files.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(attr(allow(missing_docs)))]
+pub struct PostedWithFiles {
+    /// The author.
+    pub user: UserId,
+    /// The body (may be empty).
+    pub body: Body,
+    /// The root message's seq, for a thread reply.
+    pub thread: Option<u64>,
+    /// The client's idempotency key.
+    pub client_msg_id: Option<String>,
+    /// Mentions in the text.
+    pub mentions: Mentions,
+    /// The files, in the order given; uploaded by the author to the channel's workspace.
+    pub files: Vec<FileId>,
+}
+
+/// A posted message, whichever event carried it.
+#[derive(Clone, Copy, Debug)]
+pub struct Posted<'a> {
+    /// The author.
+    pub user: UserId,
+    /// The body.
+    pub body: &'a Body,
+    /// The root message's seq, for a thread reply.
+    pub thread: Option<u64>,
+    /// The client's idempotency key.
+    pub client_msg_id: Option<&'a String>,
+    /// Mentions in the text.
+    pub mentions: &'a Mentions,
+    /// The files.
+    pub files: &'a [FileId],
+}
+
+impl ChannelEvent {
+    /// The message this event posts, if it posts one.
+    pub fn posted(&self) -> Option<Posted<'_>> {
+        match self {
+            ChannelEvent::MessagePosted {
+                user,
+                body,
+                thread,
+                client_msg_id,
+                mentions,
+            } => Some(Posted {
+                user: *user,
+                body,
+                thread: *thread,
+                client_msg_id: client_msg_id.as_ref(),
+                mentions,
+                files: &[],
+            }),
+            ChannelEvent::MessagePostedWithFiles(p) => Some(Posted {
+                user: p.user,
+                body: &p.body,
+                thread: p.thread,
+                client_msg_id: p.client_msg_id.as_ref(),
+                mentions: &p.mentions,
+                files: &p.files,
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// A channel event with its place in the channel's order.
@@ -425,6 +560,20 @@ mod tests {
             },
         };
         assert_eq!(decode(&encode_meta(&meta)), Ok(Decoded::Meta(meta)));
+        let file = MetaRecord {
+            at_us: 7,
+            event: MetaEvent::FileStored(Box::new(StoredFile {
+                file: FileId(9),
+                workspace: WorkspaceId(1),
+                user: UserId(2),
+                name: "../../x".into(),
+                size: 5,
+                content_type: "text/plain".into(),
+                sha256: [7; 32],
+                at_us: 7,
+            })),
+        };
+        assert_eq!(decode(&encode_meta(&file)), Ok(Decoded::Meta(file)));
         let read = ReadRecord {
             channel: ChannelId(8),
             workspace: WorkspaceId(1),
@@ -438,5 +587,37 @@ mod tests {
         for cut in 2..bytes.len() {
             assert!(decode(&bytes[..cut]).is_err());
         }
+    }
+
+    // The archived metadata event keeps the size it had before files: a record is found at
+    // the end of its payload by this size, so a larger enum would misread older logs.
+    #[test]
+    fn archived_meta_event_keeps_its_size() {
+        assert_eq!(std::mem::size_of::<ArchivedMetaEvent>(), 42);
+        assert_eq!(std::mem::size_of::<ArchivedChannelEvent>(), 78);
+    }
+
+    // A post with files round-trips and reads as a post.
+    #[test]
+    fn posts_with_files() {
+        let rec = ChannelRecord {
+            channel: ChannelId(3),
+            workspace: WorkspaceId(1),
+            seq: 2,
+            at_us: 9,
+            event: ChannelEvent::MessagePostedWithFiles(Box::new(PostedWithFiles {
+                user: UserId(2),
+                body: Body::Text(String::new()),
+                thread: None,
+                client_msg_id: Some("k".into()),
+                mentions: Mentions::default(),
+                files: vec![FileId(5), FileId(6)],
+            })),
+        };
+        let bytes = encode_channel(&rec, b"{}");
+        assert_eq!(decode(&bytes), Ok(Decoded::Channel(rec.clone())));
+        let posted = rec.event.posted().unwrap();
+        assert_eq!(posted.files, [FileId(5), FileId(6)]);
+        assert_eq!(posted.client_msg_id.map(String::as_str), Some("k"));
     }
 }

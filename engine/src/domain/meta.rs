@@ -4,11 +4,11 @@
 //! replica of this state, applied from the committed events, so membership checks and
 //! channel routing never leave the shard that needs them.
 
-use super::event::{ChannelKind, MetaEvent, Role};
+use super::event::{ChannelKind, MetaEvent, PreviewRecord, Role, StoredFile};
 use super::input::{channel_name, channel_name_key, check_email, email_key};
 use super::{check_name, DomainError, Principal};
 use super::{GROUP_DM_USERS_MAX, NAME_CHARS_MAX, USER_NAME_CHARS_MAX};
-use crate::ids::{ChannelId, UserId, WorkspaceId};
+use crate::ids::{ChannelId, FileId, UserId, WorkspaceId};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// An account.
@@ -57,6 +57,23 @@ pub struct ChannelMeta {
     pub initial_members: Vec<UserId>,
 }
 
+/// The longest file name, in characters.
+pub const FILE_NAME_CHARS_MAX: usize = 255;
+/// The longest media type of a file, in bytes.
+pub const CONTENT_TYPE_BYTES_MAX: usize = 127;
+
+/// A file as the metadata state knows it. A deleted file keeps its entry, so that messages
+/// can show it as deleted and its ID is never given out again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileEntry {
+    /// What was stored.
+    pub stored: StoredFile,
+    /// Whether it was deleted.
+    pub deleted: bool,
+    /// The previews decided so far, made or not, in the order decided.
+    pub previews: Vec<PreviewRecord>,
+}
+
 /// A metadata command, decided by the metadata partition's owner.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MetaCommand {
@@ -98,6 +115,33 @@ pub enum MetaCommand {
         by: Principal,
         /// The other users.
         users: Vec<UserId>,
+    },
+    /// A member records a file whose bytes are already in the file store.
+    StoreFile {
+        /// The uploader.
+        by: Principal,
+        /// The name as given.
+        name: String,
+        /// Its length in bytes.
+        size: u64,
+        /// Its media type.
+        content_type: String,
+        /// The SHA-256 of its bytes.
+        sha256: [u8; 32],
+        /// The time of the upload, in microseconds since the Unix epoch.
+        at_us: u64,
+    },
+    /// The server records a preview of a live file (made, or never to be).
+    RecordPreview {
+        /// What was decided.
+        record: PreviewRecord,
+    },
+    /// The uploader or a workspace admin deletes a file.
+    DeleteFile {
+        /// The acting principal.
+        by: Principal,
+        /// The file.
+        file: FileId,
     },
 }
 
@@ -141,6 +185,9 @@ pub struct MetaState {
     user_workspaces: HashMap<UserId, BTreeSet<WorkspaceId>>,
     channels: HashMap<ChannelId, ChannelMeta>,
     dms: HashMap<(WorkspaceId, Vec<UserId>), ChannelId>,
+    files: HashMap<FileId, FileEntry>,
+    /// How many live files have each SHA-256: the file store may drop bytes at zero.
+    file_shas: HashMap<[u8; 32], u32>,
 }
 
 impl MetaState {
@@ -303,6 +350,48 @@ impl MetaState {
                     members: set,
                 }
             }
+            MetaCommand::StoreFile {
+                by,
+                name,
+                size,
+                content_type,
+                sha256,
+                at_us,
+            } => MetaEvent::FileStored(Box::new(StoredFile {
+                file: FileId(id),
+                workspace: by.workspace(),
+                user: by.user(),
+                name: check_file_name(name)?,
+                size,
+                content_type: check_content_type(content_type)?,
+                sha256,
+                at_us,
+            })),
+            MetaCommand::RecordPreview { record } => {
+                let live = self.files.get(&record.file).filter(|e| !e.deleted);
+                let Some(entry) = live else {
+                    return Err(DomainError::NotFound("file"));
+                };
+                if entry.previews.iter().any(|p| p.kind == record.kind) {
+                    return Err(DomainError::Conflict("the preview is recorded".into()));
+                }
+                MetaEvent::PreviewMade(Box::new(record))
+            }
+            MetaCommand::DeleteFile { by, file } => {
+                let entry = self
+                    .live_file(by.workspace(), file)
+                    .ok_or(DomainError::NotFound("file"))?;
+                if entry.stored.user != by.user() && !by.role().is_admin() {
+                    return Err(DomainError::Forbidden(
+                        "only the uploader or a workspace admin may delete a file".into(),
+                    ));
+                }
+                MetaEvent::FileDeleted {
+                    file,
+                    workspace: by.workspace(),
+                    by: by.user(),
+                }
+            }
         };
         Ok(MetaDecision::New(event))
     }
@@ -310,6 +399,47 @@ impl MetaState {
     /// Applies a committed (or, on the owner, a just-decided) event.
     pub fn apply(&mut self, event: &MetaEvent) {
         match event {
+            MetaEvent::FileStored(stored) => {
+                self.bump(stored.file.0);
+                *self.file_shas.entry(stored.sha256).or_default() += 1;
+                let entry = FileEntry {
+                    stored: (**stored).clone(),
+                    deleted: false,
+                    previews: Vec::new(),
+                };
+                self.files.insert(stored.file, entry);
+            }
+            MetaEvent::PreviewMade(record) => {
+                let Some(entry) = self.files.get_mut(&record.file).filter(|e| !e.deleted) else {
+                    return;
+                };
+                entry.previews.push((**record).clone());
+                if let Some(made) = &record.made {
+                    *self.file_shas.entry(made.sha256).or_default() += 1;
+                }
+            }
+            MetaEvent::FileDeleted { file, .. } => {
+                let Some(entry) = self.files.get_mut(file).filter(|e| !e.deleted) else {
+                    return;
+                };
+                entry.deleted = true;
+                let shas: Vec<[u8; 32]> = std::iter::once(entry.stored.sha256)
+                    .chain(
+                        entry
+                            .previews
+                            .iter()
+                            .filter_map(|p| Some(p.made.as_ref()?.sha256)),
+                    )
+                    .collect();
+                for sha in shas {
+                    if let Some(n) = self.file_shas.get_mut(&sha) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.file_shas.remove(&sha);
+                        }
+                    }
+                }
+            }
             MetaEvent::UserCreated {
                 user,
                 email,
@@ -396,6 +526,41 @@ impl MetaState {
         }
     }
 
+    /// A file of `workspace`, deleted or not; `None` for a file of another workspace.
+    pub fn file(&self, workspace: WorkspaceId, file: FileId) -> Option<&FileEntry> {
+        self.files
+            .get(&file)
+            .filter(|e| e.stored.workspace == workspace)
+    }
+
+    /// A file by ID alone, deleted or not, for callers that check the workspace themselves.
+    pub fn file_any(&self, file: FileId) -> Option<&FileEntry> {
+        self.files.get(&file)
+    }
+
+    /// A file of `workspace` that is not deleted.
+    pub fn live_file(&self, workspace: WorkspaceId, file: FileId) -> Option<&FileEntry> {
+        self.file(workspace, file).filter(|e| !e.deleted)
+    }
+
+    /// Live files none of whose previews is decided yet, in ID order: the work a preview
+    /// maker resumes after a restart.
+    pub fn files_without_previews(&self) -> Vec<&FileEntry> {
+        let mut out: Vec<&FileEntry> = self
+            .files
+            .values()
+            .filter(|e| !e.deleted && e.previews.is_empty())
+            .collect();
+        out.sort_by_key(|e| e.stored.file);
+        out
+    }
+
+    /// Whether a live file (or a preview of one) has these bytes (by SHA-256), so that the
+    /// store must keep them.
+    pub fn file_bytes_in_use(&self, sha256: &[u8; 32]) -> bool {
+        self.file_shas.contains_key(sha256)
+    }
+
     fn bump(&mut self, id: u64) {
         self.next_id = self.next_id.max(id + 1);
     }
@@ -455,6 +620,36 @@ impl MetaState {
     }
 }
 
+/// A file name is stored as given, but it must be 1–255 characters without control
+/// characters (which no file system or browser shows sensibly).
+fn check_file_name(name: String) -> Result<String, DomainError> {
+    let chars = name.chars().count();
+    if chars == 0 || chars > FILE_NAME_CHARS_MAX {
+        return Err(DomainError::Invalid(format!(
+            "a file name is 1 to {FILE_NAME_CHARS_MAX} characters"
+        )));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(DomainError::Invalid(
+            "a file name may not contain control characters".into(),
+        ));
+    }
+    Ok(name)
+}
+
+/// A media type is `type/subtype` in printable ASCII without spaces, as the gateway
+/// normalises it.
+fn check_content_type(t: String) -> Result<String, DomainError> {
+    let ok = t.len() <= CONTENT_TYPE_BYTES_MAX
+        && t.split_once('/')
+            .is_some_and(|(a, b)| !a.is_empty() && !b.is_empty())
+        && t.bytes().all(|b| b.is_ascii_graphic());
+    if !ok {
+        return Err(DomainError::Invalid(format!("{t:?} is not a media type")));
+    }
+    Ok(t)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -483,6 +678,98 @@ mod tests {
             MetaEvent::UserCreated { user, .. } => user,
             _ => unreachable!(),
         }
+    }
+
+    // Files: names are stored as given within their rules; only the uploader or an admin
+    // deletes; a deleted file stays known as deleted; bytes count as in use while any live
+    // file has them.
+    #[test]
+    fn files_store_delete_and_share_bytes() {
+        let mut s = MetaState::new(8);
+        let a = user(&mut s, "a@x.io");
+        let b = user(&mut s, "b@x.io");
+        let c = user(&mut s, "c@x.io");
+        let MetaEvent::WorkspaceCreated { workspace: w, .. } = run(
+            &mut s,
+            MetaCommand::CreateWorkspace {
+                owner: a,
+                name: "acme".into(),
+            },
+        )
+        .unwrap() else {
+            unreachable!()
+        };
+        let pa = s.principal(a, w).unwrap();
+        for email in ["b@x.io", "c@x.io"] {
+            let add = MetaCommand::AddMember {
+                by: pa,
+                email: email.into(),
+            };
+            run(&mut s, add).unwrap();
+        }
+        let (pb, pc) = (s.principal(b, w).unwrap(), s.principal(c, w).unwrap());
+        let store = |by: Principal, name: &str| MetaCommand::StoreFile {
+            by,
+            name: name.into(),
+            size: 3,
+            content_type: "text/plain".into(),
+            sha256: [9; 32],
+            at_us: 1,
+        };
+        let stored = |e| match e {
+            MetaEvent::FileStored(f) => f.file,
+            other => panic!("{other:?}"),
+        };
+        let f1 = stored(run(&mut s, store(pb, "../../x")).unwrap());
+        let f2 = stored(run(&mut s, store(pb, "copy.txt")).unwrap());
+        assert_eq!(s.live_file(w, f1).unwrap().stored.name, "../../x");
+        for bad in ["", "a\nb", &"n".repeat(FILE_NAME_CHARS_MAX + 1)] {
+            assert!(matches!(
+                s.decide(store(pb, bad)),
+                Err(DomainError::Invalid(_))
+            ));
+        }
+        let delete = |by, file| MetaCommand::DeleteFile { by, file };
+        assert!(matches!(
+            s.decide(delete(pc, f1)),
+            Err(DomainError::Forbidden(_))
+        ));
+        run(&mut s, delete(pb, f1)).unwrap();
+        assert!(s.live_file(w, f1).is_none());
+        assert!(s.file(w, f1).unwrap().deleted);
+        assert!(s.file_bytes_in_use(&[9; 32]), "f2 has the same bytes");
+        assert!(matches!(
+            s.decide(delete(pb, f1)),
+            Err(DomainError::NotFound("file"))
+        ));
+        // A preview's bytes are in use while its file lives; a kind is decided once.
+        let preview = |file, kind: &str| MetaCommand::RecordPreview {
+            record: PreviewRecord {
+                file,
+                kind: kind.into(),
+                made: Some(super::super::event::PreviewMade {
+                    width: 3,
+                    height: 2,
+                    size: 10,
+                    content_type: "image/png".into(),
+                    sha256: [4; 32],
+                }),
+            },
+        };
+        run(&mut s, preview(f2, "thumb")).unwrap();
+        assert!(s.file_bytes_in_use(&[4; 32]));
+        assert!(matches!(
+            s.decide(preview(f2, "thumb")),
+            Err(DomainError::Conflict(_))
+        ));
+        assert!(matches!(
+            s.decide(preview(f1, "thumb")),
+            Err(DomainError::NotFound("file"))
+        ));
+        assert!(s.files_without_previews().is_empty());
+        run(&mut s, delete(pa, f2)).unwrap();
+        assert!(!s.file_bytes_in_use(&[9; 32]));
+        assert!(!s.file_bytes_in_use(&[4; 32]));
     }
 
     // Workspace roles gate adding members, membership gates principals, and the same set

@@ -36,6 +36,8 @@ pub const EMAIL_BYTES_MAX: usize = 254;
 pub const EMOJI_BYTES_MAX: usize = 64;
 /// Longest client message ID, in bytes.
 pub const CLIENT_MSG_ID_BYTES_MAX: usize = 128;
+/// Most files one message may carry (`API.md` §11).
+pub const FILES_PER_MESSAGE_MAX: usize = 10;
 /// Most users in a group DM, the caller included.
 pub const GROUP_DM_USERS_MAX: usize = 9;
 /// How long a `client_msg_id` is remembered: a repeat within this window never stores a

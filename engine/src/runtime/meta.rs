@@ -16,9 +16,9 @@ use crate::domain::{ChannelKind, DomainError};
 use crate::durability::{Durability, LocalDurability};
 use crate::env::{DirOf, Env};
 use crate::error::{Corrupt, EngineError, Unavailable};
-use crate::ids::{UserId, WorkspaceId};
+use crate::ids::{FileId, UserId, WorkspaceId};
 use crate::outcome::MetaOutcome;
-use crate::view::{ChannelView, MemberView, UserView, WorkspaceView};
+use crate::view::{ChannelView, FileView, MemberView, UserView, WorkspaceView};
 use chorus_log::Entry;
 use futures::channel::mpsc;
 use futures::StreamExt;
@@ -60,6 +60,21 @@ pub(crate) enum MetaRequest {
         users: Vec<UserId>,
         reply: Reply<MetaOutcome>,
     },
+    StoreFile {
+        user: UserId,
+        workspace: WorkspaceId,
+        file: Box<crate::outcome::NewFile>,
+        reply: Reply<MetaOutcome>,
+    },
+    DeleteFile {
+        user: UserId,
+        file: FileId,
+        reply: Reply<MetaOutcome>,
+    },
+    RecordPreview {
+        record: Box<crate::domain::event::PreviewRecord>,
+        reply: Reply<MetaOutcome>,
+    },
 }
 
 /// What the metadata owner's task receives.
@@ -94,6 +109,26 @@ pub(crate) enum MetaRead {
         user: UserId,
         workspace: WorkspaceId,
         reply: Reply<()>,
+    },
+    /// A live file of a workspace the user is in (`NotFound` otherwise).
+    File {
+        user: UserId,
+        file: FileId,
+        reply: Reply<FileView>,
+    },
+    /// A live file, whoever asks: for a caller holding a credential for the file itself.
+    LinkedFile {
+        file: FileId,
+        reply: Reply<FileView>,
+    },
+    /// Live files with no preview decided yet.
+    FilesWithoutPreviews {
+        reply: Reply<Vec<FileView>>,
+    },
+    /// Whether a live file still has these bytes.
+    FileBytesInUse {
+        sha256: [u8; 32],
+        reply: Reply<bool>,
     },
 }
 
@@ -141,6 +176,34 @@ pub(crate) fn answer(meta: &MetaState, read: MetaRead) {
         } => {
             let r = meta.principal(user, workspace).map(drop);
             let _ = reply.send(r.map_err(Into::into));
+        }
+        MetaRead::File { user, file, reply } => {
+            let r = meta
+                .file_any(file)
+                .filter(|e| !e.deleted)
+                .filter(|e| meta.principal(user, e.stored.workspace).is_ok())
+                .map(FileView::from)
+                .ok_or(EngineError::Domain(DomainError::NotFound("file")));
+            let _ = reply.send(r);
+        }
+        MetaRead::LinkedFile { file, reply } => {
+            let r = meta
+                .file_any(file)
+                .filter(|e| !e.deleted)
+                .map(FileView::from)
+                .ok_or(EngineError::Domain(DomainError::NotFound("file")));
+            let _ = reply.send(r);
+        }
+        MetaRead::FilesWithoutPreviews { reply } => {
+            let files = meta
+                .files_without_previews()
+                .into_iter()
+                .map(FileView::from)
+                .collect();
+            let _ = reply.send(Ok(files));
+        }
+        MetaRead::FileBytesInUse { sha256, reply } => {
+            let _ = reply.send(Ok(meta.file_bytes_in_use(&sha256)));
         }
     }
 }
@@ -454,6 +517,35 @@ impl<E: Env> MetaOwner<E> {
                     .map(|by| MetaCommand::OpenDm { by, users }),
                 reply,
             ),
+            MetaRequest::StoreFile {
+                user,
+                workspace,
+                file,
+                reply,
+            } => (
+                meta.principal(user, workspace)
+                    .map(|by| MetaCommand::StoreFile {
+                        by,
+                        name: file.name,
+                        size: file.size,
+                        content_type: file.content_type,
+                        sha256: file.sha256,
+                        at_us: self.env.unix_us(),
+                    }),
+                reply,
+            ),
+            MetaRequest::RecordPreview { record, reply } => {
+                (Ok(MetaCommand::RecordPreview { record: *record }), reply)
+            }
+            MetaRequest::DeleteFile { user, file, reply } => {
+                // A file of a workspace the user is not in is unknown to them.
+                let workspace = meta.file_any(file).map(|e| e.stored.workspace);
+                let by = workspace
+                    .ok_or(DomainError::NotFound("file"))
+                    .and_then(|w| meta.principal(user, w))
+                    .map_err(|_| DomainError::NotFound("file"));
+                (by.map(|by| MetaCommand::DeleteFile { by, file }), reply)
+            }
         };
         let event = match cmd.and_then(|cmd| meta.decide(cmd)) {
             Err(e) => return Decision::Answer(reply, Err(e.into())),
@@ -554,7 +646,10 @@ impl MetaRequest {
             | MetaRequest::CreateWorkspace { reply, .. }
             | MetaRequest::AddMember { reply, .. }
             | MetaRequest::CreateChannel { reply, .. }
-            | MetaRequest::OpenDm { reply, .. } => reply,
+            | MetaRequest::OpenDm { reply, .. }
+            | MetaRequest::StoreFile { reply, .. }
+            | MetaRequest::DeleteFile { reply, .. }
+            | MetaRequest::RecordPreview { reply, .. } => reply,
         }
     }
 }
@@ -585,6 +680,21 @@ fn outcome_of(meta: &MetaState, e: &MetaEvent) -> MetaOutcome {
         } => MetaOutcome::Channel(
             ChannelView::new(*channel, *workspace, name, *kind, members.len() as u64),
             true,
+        ),
+        MetaEvent::FileStored(stored) => MetaOutcome::File(
+            meta.file_any(stored.file)
+                .map(FileView::from)
+                .expect("stored file"),
+        ),
+        MetaEvent::PreviewMade(record) => MetaOutcome::File(
+            meta.file_any(record.file)
+                .map(FileView::from)
+                .expect("previewed file"),
+        ),
+        MetaEvent::FileDeleted { file, .. } => MetaOutcome::File(
+            meta.file_any(*file)
+                .map(FileView::from)
+                .expect("deleted file"),
         ),
     }
 }

@@ -137,6 +137,12 @@ pub(crate) enum PartitionMsg {
         workspace: Option<WorkspaceId>,
         out: Arc<Gather<ChannelView>>,
     },
+    /// The channels where a user can read a live message that carries a file.
+    FileReaders {
+        user: UserId,
+        file: crate::ids::FileId,
+        out: Arc<Gather<ChannelId>>,
+    },
     /// The partition's subscriber index, for [`crate::Engine::subscriber_index`].
     Audit { out: Arc<Audit> },
     /// A consumer's read of committed events: answered now, or at the next commit.
@@ -154,6 +160,12 @@ pub(crate) trait OfChannel {
 impl OfChannel for ChannelView {
     fn channel(&self) -> ChannelId {
         self.id
+    }
+}
+
+impl OfChannel for ChannelId {
+    fn channel(&self) -> ChannelId {
+        *self
     }
 }
 

@@ -778,7 +778,7 @@ impl<E: Env> Partition<E> {
                 let rt = &self.channels[&channel];
                 let message = target
                     .and_then(|t| rt.state.message_at(t))
-                    .map(|m| view(channel, m, &texts));
+                    .map(|m| view(channel, m, &texts, &self.meta.borrow()));
                 Ok(ChannelOutcome {
                     seq: Some(seq),
                     message,
@@ -789,7 +789,7 @@ impl<E: Env> Partition<E> {
                 let rt = &self.channels[&channel];
                 let m = rt.state.message_at(seq).expect("remembered message exists");
                 texts.fetch(self.env.blobs(), m.body()).await;
-                let message = Some(view(channel, m, &texts));
+                let message = Some(view(channel, m, &texts, &self.meta.borrow()));
                 Ok(ChannelOutcome {
                     seq: None,
                     message,
@@ -835,6 +835,11 @@ impl<E: Env> Partition<E> {
                 client_msg_id,
                 mentions,
             },
+            ChannelEvent::MessagePostedWithFiles(mut p) => {
+                self.check_files(workspace, p.user, &p.files)?;
+                p.body = self.to_blob(p.body, texts).await?;
+                ChannelEvent::MessagePostedWithFiles(p)
+            }
             ChannelEvent::MessageEdited {
                 target,
                 body,
@@ -846,6 +851,25 @@ impl<E: Env> Partition<E> {
             },
             other => other,
         })
+    }
+
+    /// Files attached to a post must be live files the author uploaded to the channel's
+    /// workspace; any other is unknown to them (404), as a file they cannot read is.
+    fn check_files(
+        &self,
+        workspace: crate::ids::WorkspaceId,
+        author: UserId,
+        files: &[crate::ids::FileId],
+    ) -> Result<(), EngineError> {
+        let meta = self.meta.borrow();
+        let own = |f: &crate::ids::FileId| {
+            meta.live_file(workspace, *f)
+                .is_some_and(|e| e.stored.user == author)
+        };
+        if !files.iter().all(own) {
+            return Err(DomainError::NotFound("file").into());
+        }
+        Ok(())
     }
 
     /// A body over the inline limit, stored in the blob store; any other body as it is.
@@ -888,7 +912,10 @@ impl<E: Env> Partition<E> {
         }
         let rt = self.channels.get_mut(&channel).expect("channel state");
         rt.state.apply(seq, at_us, &event);
-        let frame = crate::view::event_frame(&rt.state, seq, &event, |m| texts.text(m.body()));
+        let meta = &self.meta;
+        let frame = crate::view::event_frame(&rt.state, seq, &event, |m| {
+            view(channel, m, texts, &meta.borrow())
+        });
         // A large body stays out of the log: a frame that carries one goes to the blob
         // store too, and the log keeps its reference (a zero byte, the hash and the length;
         // a JSON frame never starts with a zero byte).
@@ -916,10 +943,7 @@ impl<E: Env> Partition<E> {
         } else {
             event::encode_channel(&record, &frame)
         };
-        let posted_by = match &record.event {
-            ChannelEvent::MessagePosted { user, .. } => Some(*user),
-            _ => None,
-        };
+        let posted_by = record.event.posted().map(|p| p.user);
         decided.push(Decided {
             channel,
             seq,
@@ -1172,6 +1196,19 @@ impl<E: Env> Partition<E> {
                 workspace,
                 out,
             } => out.add(self.visible(user, workspace)),
+            PartitionMsg::FileReaders { user, file, out } => {
+                let channels = self.user_channels.get(&user).map_or_else(Vec::new, |cs| {
+                    cs.iter()
+                        .filter(|c| {
+                            self.channels
+                                .get(c)
+                                .is_some_and(|rt| rt.state.file_readable(user, file))
+                        })
+                        .copied()
+                        .collect()
+                });
+                out.add(channels);
+            }
             PartitionMsg::Unreads {
                 user,
                 workspace,
@@ -1241,7 +1278,7 @@ impl<E: Env> Partition<E> {
                 ReadOutcome::Page(
                     page.items
                         .iter()
-                        .map(|m| view(channel, m, &texts))
+                        .map(|m| view(channel, m, &texts, &self.meta.borrow()))
                         .collect(),
                     page.next_cursor,
                 )
@@ -1252,7 +1289,7 @@ impl<E: Env> Partition<E> {
                 ReadOutcome::Page(
                     page.items
                         .iter()
-                        .map(|m| view(channel, m, &texts))
+                        .map(|m| view(channel, m, &texts, &self.meta.borrow()))
                         .collect(),
                     page.next_cursor,
                 )
@@ -1260,7 +1297,7 @@ impl<E: Env> Partition<E> {
             ChannelRead::Message { id } => {
                 let m = s.get(&p, id)?;
                 texts.fetch(blobs, m.body()).await;
-                ReadOutcome::Message(view(channel, m, &texts))
+                ReadOutcome::Message(view(channel, m, &texts, &self.meta.borrow()))
             }
             ChannelRead::Info => {
                 let visible =
@@ -1452,6 +1489,7 @@ pub(crate) fn fail(msg: PartitionMsg, why: &Unavailable) {
             }
         }
         PartitionMsg::Visible { out, .. } => out.add(Vec::new()),
+        PartitionMsg::FileReaders { out, .. } => out.add(Vec::new()),
         PartitionMsg::Unreads { out, .. } => out.add(Vec::new()),
         PartitionMsg::MarkRead { reply, .. } => {
             let _ = reply.send(Err(err()));
@@ -1530,7 +1568,7 @@ fn membership_of(e: &ChannelEvent) -> Option<(UserId, bool)> {
 /// The seq of the message an event is about, if any.
 fn target_of(e: &ChannelEvent, seq: u64) -> Option<u64> {
     match e {
-        ChannelEvent::MessagePosted { .. } => Some(seq),
+        ChannelEvent::MessagePosted { .. } | ChannelEvent::MessagePostedWithFiles(_) => Some(seq),
         ChannelEvent::MessageEdited { target, .. }
         | ChannelEvent::MessageDeleted { target, .. }
         | ChannelEvent::ReactionAdded { target, .. }
@@ -1540,6 +1578,16 @@ fn target_of(e: &ChannelEvent, seq: u64) -> Option<u64> {
 }
 
 /// A message as callers see it, with its body's text from `texts` if it is a blob.
-fn view(channel: ChannelId, m: &Message, texts: &BlobTexts) -> MessageView {
-    MessageView::new(channel, m, &texts.text(m.body()))
+/// Its files as they stand now (a deleted file as `{"id","deleted":true}`), from the
+/// shard's metadata replica; a deleted message shows none.
+fn view(channel: ChannelId, m: &Message, texts: &BlobTexts, meta: &MetaState) -> MessageView {
+    let mut v = MessageView::new(channel, m, &texts.text(m.body()));
+    if !m.deleted {
+        v.files = m
+            .files
+            .iter()
+            .filter_map(|f| meta.file_any(*f).map(crate::view::FileView::from))
+            .collect();
+    }
+    v
 }

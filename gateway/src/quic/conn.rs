@@ -98,7 +98,7 @@ struct AuthFrame {
     token: String,
 }
 
-/// Runs a connection until QUIC has drained it.
+/// Runs a connection until QUIC has drained it, and counts it closed in the metrics.
 pub(super) async fn run(
     ctx: Rc<ShardCtx>,
     quic: Rc<ShardQuic>,
@@ -126,8 +126,15 @@ pub(super) async fn run(
     // The datagram being sent. It is let go before the task waits, so that an idle
     // session holds no send buffer (quinn-proto sizes it to the path's MTU when it writes).
     let mut transmit = Vec::new();
+    // `chorus_connections_open` counts a session until its connection closes, not until
+    // QUIC's draining period (three probe timeouts, seconds on a busy machine) ends.
+    let mut counted_closed = false;
     loop {
         d.pump(Instant::now());
+        if !counted_closed && d.conn.is_closed() {
+            d.ctx.shared.metrics.connection_closed();
+            counted_closed = true;
+        }
         // Send what QUIC has to send, a bounded number per turn.
         let mut sent = 0;
         while sent < TRANSMITS_PER_TURN {
@@ -148,6 +155,14 @@ pub(super) async fn run(
         transmit = Vec::new();
         poll_fn(|cx| d.wait(cx)).await;
     }
+    if !counted_closed {
+        d.ctx.shared.metrics.connection_closed();
+    }
+    let path = d.conn.stats().path;
+    let metrics = &d.ctx.shared.metrics;
+    metrics.quic_packets_sent.add(path.sent_packets);
+    metrics.quic_packets_lost.add(path.lost_packets);
+    metrics.quic_congestion_events.add(path.congestion_events);
     // The endpoint forgets the connection.
     while let Some(event) = d.conn.poll_endpoint_events() {
         d.quic.endpoint.borrow_mut().handle_event(d.ch, event);

@@ -468,7 +468,6 @@ fn start_connection(
         conn::run(ctx.clone(), quic.clone(), ch, connection, mailbox).await;
         quic.connections.borrow_mut().remove(&ch);
         ctx.shared.quic_sessions.fetch_sub(1, Ordering::SeqCst);
-        ctx.shared.metrics.connection_closed();
     })
     .detach();
 }

@@ -83,8 +83,16 @@ async fn command_result(
             text,
             client_msg_id,
             thread,
+            files,
         } => engine
-            .post(user, channel, &text, client_msg_id.as_deref(), thread)
+            .post_with_files(
+                user,
+                channel,
+                &text,
+                client_msg_id.as_deref(),
+                thread,
+                files,
+            )
             .await
             .map(|(m, _)| Some(m)),
         Command::Edit { message, text } => engine.edit(user, message, &text).await.map(Some),

@@ -29,6 +29,7 @@
 mod calls;
 #[cfg(test)]
 mod tests;
+mod watched;
 
 pub use calls::{run_call, take_events, SubscriptionControl};
 
@@ -246,7 +247,7 @@ pub struct SessionCore {
     /// owner's change number its ack included (0 until the ack): a record of anyone else
     /// (one that crossed a removal on its way), or of a change the ack included (one that
     /// was on its way when the user was watched again), is dropped.
-    watching: HashMap<UserId, u64>,
+    watching: watched::Watched,
     /// The activity last reported to the engine; a connection starts active.
     active: bool,
 }
@@ -272,7 +273,7 @@ impl SessionCore {
             close: None,
             presence: HashMap::new(),
             presence_flush_at: None,
-            watching: HashMap::new(),
+            watching: watched::Watched::default(),
             active: true,
         }
     }
@@ -356,7 +357,7 @@ impl SessionCore {
         if self
             .watching
             .get(&update.user)
-            .is_none_or(|after| update.seq <= *after)
+            .is_none_or(|after| update.seq <= after)
         {
             return;
         }
@@ -628,7 +629,7 @@ impl SessionCore {
             WatchOp::Add => {
                 let new: HashSet<&UserId> = users
                     .iter()
-                    .filter(|u| !self.watching.contains_key(u))
+                    .filter(|u| !self.watching.contains(u))
                     .collect();
                 self.watching.len() + new.len()
             }
@@ -638,29 +639,12 @@ impl SessionCore {
             return self.reply_error(&reference, &protocol::too_many_watched(count));
         }
         match op {
-            WatchOp::Set => {
-                let before = std::mem::take(&mut self.watching);
-                self.watching = users
-                    .iter()
-                    .map(|u| (*u, before.get(u).copied().unwrap_or(0)))
-                    .collect();
-            }
-            WatchOp::Add => {
-                for u in &users {
-                    self.watching.entry(*u).or_insert(0);
-                }
-            }
-            WatchOp::Remove => {
-                for u in &users {
-                    self.watching.remove(u);
-                }
-            }
-        }
-        if self.watching.capacity() > 2 * self.watching.len() + IDLE_SLOTS_MAX {
-            self.watching.shrink_to_fit();
+            WatchOp::Set => self.watching.set(&users),
+            WatchOp::Add => self.watching.add(&users),
+            WatchOp::Remove => self.watching.remove(&users),
         }
         let watching = &self.watching;
-        self.presence.retain(|u, _| watching.contains_key(u));
+        self.presence.retain(|u, _| watching.contains(u));
         self.call = Some(Call::PresenceSub {
             reference,
             op,

@@ -54,8 +54,12 @@ impl Server {
         std::fs::write(dir.path().join("chorus.toml"), config).expect("config");
         let (child, addr, quic_addr) =
             spawn(dir.path(), "127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        // No pooled connections: a request never lands on a connection the server has just
+        // closed (it may close one after an answer that left a request body unread), which
+        // would read as an unexpected EOF and is not what a test asks about.
         let agent = ureq::AgentBuilder::new()
             .timeout(Duration::from_secs(30))
+            .max_idle_connections(0)
             .build();
         Server {
             child: Some(child),
@@ -572,4 +576,125 @@ impl Ws {
             }
         }
     }
+}
+
+/// Uploads a small text file as `user` with a multipart body made here; returns its ID.
+pub fn upload_file(s: &Server, user: &User, wid: &str) -> String {
+    let b = "chorus-test-boundary";
+    let body = format!(
+        "--{b}\r\nContent-Disposition: form-data; name=\"workspace_id\"\r\n\r\n{wid}\r\n\
+         --{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"t.txt\"\r\n\
+         Content-Type: text/plain\r\n\r\nhello\r\n--{b}--\r\n"
+    );
+    let auth = format!("Bearer {}", user.token);
+    let ct = format!("multipart/form-data; boundary={b}");
+    let headers = [
+        ("Authorization", auth.as_str()),
+        ("Content-Type", ct.as_str()),
+    ];
+    let r = s.raw(
+        "POST",
+        "/api/v1/files/upload",
+        &headers,
+        Some(body.as_bytes()),
+    );
+    assert_eq!(r.status, 201, "{}", r.text);
+    str_of(&r.body["file"]["id"])
+}
+
+/// A one-page PDF with `lines` of 12 pt Helvetica, each word placed on its own with `Tm`
+/// and no space drawn (as many PDF writers do), written here byte by byte.
+pub fn pdf(lines: &[&str]) -> Vec<u8> {
+    let mut content = String::from("BT /F1 12 Tf\n");
+    for (i, line) in lines.iter().enumerate() {
+        let y = 720 - 16 * i;
+        let mut x = 72;
+        for word in line.split(' ') {
+            content.push_str(&format!("1 0 0 1 {x} {y} Tm ({word}) Tj\n"));
+            x += word.len() * 10 + 6;
+        }
+    }
+    content.push_str("ET\n");
+    let objects = [
+        "<< /Type /Catalog /Pages 2 0 R >>".to_owned(),
+        "<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_owned(),
+        "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R \
+         /Resources << /Font << /F1 5 0 R >> >> >>"
+            .to_owned(),
+        format!(
+            "<< /Length {} >>\nstream\n{content}endstream",
+            content.len()
+        ),
+        "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>"
+            .to_owned(),
+    ];
+    let mut out = b"%PDF-1.4\n".to_vec();
+    let mut offsets = Vec::new();
+    for (i, body) in objects.iter().enumerate() {
+        offsets.push(out.len());
+        out.extend_from_slice(format!("{} 0 obj\n{body}\nendobj\n", i + 1).as_bytes());
+    }
+    let xref = out.len();
+    let n = objects.len() + 1;
+    out.extend_from_slice(format!("xref\n0 {n}\n0000000000 65535 f \n").as_bytes());
+    for o in offsets {
+        out.extend_from_slice(format!("{o:010} 00000 n \n").as_bytes());
+    }
+    out.extend_from_slice(
+        format!("trailer\n<< /Size {n} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n").as_bytes(),
+    );
+    out
+}
+
+/// `q` percent-encoded for a query string (everything but the unreserved characters).
+pub fn query_encode(q: &str) -> String {
+    q.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Uploads `bytes` as `name` with the Python `requests` client; returns its
+/// `{"status","body"}`.
+pub fn upload_with_requests(
+    s: &Server,
+    user: &User,
+    wid: &str,
+    name: &str,
+    ctype: &str,
+    bytes: &[u8],
+) -> Value {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("upload");
+    std::fs::write(&path, bytes).expect("write");
+    upload_path_with_requests(s, user, wid, name, ctype, &path)
+}
+
+/// Uploads the file at `path` as `name` with the Python `requests` client (its script is
+/// `tests/peers/files_client.py`); returns its `{"status","body"}`.
+pub fn upload_path_with_requests(
+    s: &Server,
+    user: &User,
+    wid: &str,
+    name: &str,
+    ctype: &str,
+    path: &Path,
+) -> Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/files_client.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .args([&s.base_url(), &user.token, wid, name, ctype])
+        .arg(path)
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "the requests client failed (is requests installed? python3 -m pip install requests): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON line")
 }

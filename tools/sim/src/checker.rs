@@ -308,6 +308,8 @@ fn check_origins(world: &World, logs: &Logs, bad: &mut Vec<String>) {
                     matches!(k, OpKind::Post { channel: c, key, .. }
                         if u == *user && c == channel && Some(key) == client_msg_id.as_ref())
                 }),
+                // The simulation uploads no files, so a post with files was never issued.
+                ChannelEvent::MessagePostedWithFiles(_) => false,
                 ChannelEvent::MessageEdited { target, body, .. } => issued(&|k, _| {
                     matches!(k, OpKind::Edit { message, text }
                         if message.channel == *channel && message.seq == *target

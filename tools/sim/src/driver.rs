@@ -1,4 +1,4 @@
-//! The session driver: what `gateway/src/ws.rs` does for a WebSocket, done for an
+//! The session driver: what `gateway/src/ws/` does for a WebSocket, done for an
 //! in-memory connection. It subscribes held, runs a [`SessionCore`], makes the core's
 //! engine calls, moves frames between the subscription, the core and the connection, arms
 //! the core's timer on the simulated clock, and ends the connection with the core's close

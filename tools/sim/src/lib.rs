@@ -4,7 +4,7 @@
 //! ([`executor`]), it runs a whole node: every shard's loop, its partitions, the metadata
 //! owner and the dispatchers (the real engine, through [`chorus_engine::Engine::start_local`]
 //! and the environment seam, [`env::SimEnv`]), the simulated disk ([`chorus_log::SimRoot`]),
-//! and one session core per client connection ([`driver`], the role `ws.rs` plays). Every
+//! and one session core per client connection ([`driver`], the role `gateway/src/ws/` plays). Every
 //! queue is tiny (inbox 4, partition queue 2, subscriber queue 8, catch-up page 3), so
 //! backpressure, cut-offs and catch-ups happen all the time.
 //!

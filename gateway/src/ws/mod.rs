@@ -29,19 +29,22 @@
 //! # Backpressure and memory
 //!
 //! Every buffer is bounded. Events wait in the engine's subscriber queue (at most
-//! `ws_outbound_frames_max` frames). The driver moves at most a batch into the core, hands
-//! the core's frames to tungstenite and flushes once, so a burst costs one write per batch
-//! rather than one per frame. While the socket is blocked it takes nothing more, so the
-//! queue absorbs a slow client: a live event that finds it full cuts the client off, and
-//! once the frames queued before the cut are written the session closes with 4000; the
-//! client resumes from its last seq, which the log still has. An idle connection holds a
-//! read buffer of [`READ_BUFFER_BYTES`] and a few small structures; write buffers grow
-//! only while there is something to write.
+//! `ws_outbound_frames_max` frames). The driver moves at most a batch into the core and
+//! writes the core's frames itself ([`out`]): one `sendmsg` per batch, straight from the
+//! shared payloads, so a burst costs one system call and no copy. While frames wait for
+//! the socket it takes nothing more, so the queue absorbs a slow client: a live event that
+//! finds it full cuts the client off, and once the frames queued before the cut are
+//! written the session closes with 4000; the client resumes from its last seq, which the
+//! log still has. An idle connection holds a read buffer of [`READ_BUFFER_BYTES`] and a
+//! few small structures; no write buffer outlives the frames in it.
 //!
-//! tungstenite's protocol state machine is driven directly over a small non-blocking
-//! adapter (`SyncIo`) rather than through a stream wrapper: one task polls reads and
-//! writes of the same socket in one place, with no lock between a reading and a writing
-//! half, and the driver decides how each protocol error ends the connection.
+//! tungstenite's protocol state machine reads the client's frames and writes its own
+//! (answers to pings and closes), driven directly over a small non-blocking adapter
+//! (`SyncIo`) rather than through a stream wrapper: one task polls reads and writes of the
+//! same socket in one place, with no lock between a reading and a writing half, and the
+//! driver decides how each protocol error ends the connection.
+
+mod out;
 
 use crate::conn::Socket;
 use crate::ctx::ShardCtx;
@@ -58,6 +61,7 @@ use futures::future::{poll_fn, LocalBoxFuture};
 use futures::io::{AsyncRead, AsyncWrite};
 use std::future::Future;
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -87,12 +91,10 @@ pub const CLOSE_HEARTBEAT_TIMEOUT: u16 = 4002;
 /// tungstenite's read buffer, allocated for the life of the connection. Client frames are
 /// small; a larger one is read in several calls. This is most of an idle connection's cost.
 pub const READ_BUFFER_BYTES: usize = 2 * 1024;
-/// Bytes tungstenite gathers before it writes to the socket; a batch is flushed at its end
-/// anyway. The buffer only grows while a batch is being written.
+/// Bytes tungstenite gathers before it writes to the socket. It writes only its own small
+/// frames (answers to pings and closes); the session's go through [`out`].
 pub const WRITE_BUFFER_BYTES: usize = 16 * 1024;
-/// The largest frame the server writes: a 1 MiB text escapes to at most ~6 MiB of JSON.
-/// Only a safety net: the session never writes while the socket is blocked, so the write
-/// buffer holds at most [`WRITE_BUFFER_BYTES`] plus one frame.
+/// The most tungstenite buffers: a few control frames. Only a safety net.
 pub const OUTBOUND_FRAME_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// How long a closing connection waits to flush its close frame and hear the client's.
 pub const CLOSE_LINGER: Duration = Duration::from_secs(5);
@@ -275,9 +277,14 @@ fn ws_config(frame_bytes_max: usize) -> WebSocketConfig {
 /// `std::io` over a `futures::io` stream for tungstenite: a call that would wait returns
 /// `WouldBlock` after registering the session task's waker, so the task is polled again
 /// when the socket is ready.
+///
+/// While the session's own frames are partly written (`gate`), tungstenite's writes are
+/// refused as `WouldBlock`: its frames (answers to pings and closes) wait in its buffer and
+/// go out between whole frames, never inside one.
 struct SyncIo<S> {
     inner: S,
     waker: Waker,
+    gate: bool,
 }
 
 impl<S> SyncIo<S> {
@@ -285,6 +292,7 @@ impl<S> SyncIo<S> {
         SyncIo {
             inner,
             waker: futures::task::noop_waker(),
+            gate: false,
         }
     }
 
@@ -318,6 +326,9 @@ impl<S: AsyncRead + Unpin> Read for SyncIo<S> {
 
 impl<S: AsyncWrite + Unpin> Write for SyncIo<S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.gate {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
         self.poll_io(|s, cx| s.poll_write(cx, buf))
     }
 
@@ -382,8 +393,8 @@ struct Session {
     call: Option<LocalBoxFuture<'static, Answer>>,
     /// Frames taken from the subscription in one go.
     batch: Vec<Bytes>,
-    /// The socket refused the last write; flush before writing more.
-    blocked: bool,
+    /// The core's frames not yet (wholly) written to the socket.
+    out: out::Outbound,
 }
 
 impl Session {
@@ -418,15 +429,34 @@ impl Session {
             drain,
             call: None,
             batch: Vec::new(),
-            blocked: false,
+            out: out::Outbound::default(),
         }
     }
 
     async fn run(&mut self) {
-        let exit = poll_fn(|cx| self.poll(cx)).await;
+        let mut exit = poll_fn(|cx| self.poll(cx)).await;
         // Unsubscribe before lingering: the engine stops queueing for a closing client.
         self.sub = None;
         self.call = None;
+        if exit != Exit::Gone && !self.out.is_empty() {
+            // The frames begun before the close go out whole, ahead of the close frame.
+            let mut linger = glommio::timer::Timer::new(CLOSE_LINGER);
+            let written = poll_fn(|cx| {
+                self.ws.get_mut().set_waker(cx.waker());
+                if Pin::new(&mut linger).poll(cx).is_ready() {
+                    return Poll::Ready(false);
+                }
+                match self.write_out(cx) {
+                    Ok(true) => Poll::Ready(true),
+                    Ok(false) => Poll::Pending,
+                    Err(_) => Poll::Ready(false),
+                }
+            })
+            .await;
+            if !written {
+                exit = Exit::Gone;
+            }
+        }
         Box::pin(close(&mut self.ws, exit)).await;
     }
 
@@ -486,44 +516,58 @@ impl Session {
     }
 
     /// Moves frames from the subscription into the core and the core's frames to the
-    /// socket: one batch, one flush. While the socket is blocked nothing more is taken from
-    /// the subscription, so its bounded queue is what absorbs a slow client.
+    /// socket: one batch, one `sendmsg` ([`out`]). While frames wait for the socket nothing
+    /// more is taken from the subscription, so its bounded queue is what absorbs a slow
+    /// client.
     fn poll_outbound(&mut self, cx: &mut Context<'_>) -> Result<bool, Exit> {
-        if self.blocked {
-            match self.ws.flush() {
-                Ok(()) => self.blocked = false,
-                Err(e) if would_block(&e) => return Ok(false),
-                Err(e) => return Err(self.write_failed(e)),
-            }
+        if !self.write_out(cx)? {
+            return Ok(false);
         }
-        self.fill_events(cx);
-        let mut frames = 0;
-        while !self.blocked && frames < BATCH_FRAMES_MAX {
-            let Some(frame) = self.core.poll_transmit() else {
-                break;
-            };
-            self.write_frame(frame).map_err(|e| self.write_failed(e))?;
-            frames += 1;
-        }
-        if frames > 0 && !self.blocked {
-            match self.ws.flush() {
-                Ok(()) => {}
-                Err(e) if would_block(&e) => self.blocked = true,
-                Err(e) => return Err(self.write_failed(e)),
-            }
-        }
-        // Deliveries and cutoffs are counted by the engine, which sees every subscriber.
-        self.ctx.shared.metrics.ws_frames_out.add(frames as u64);
-        Ok(frames > 0 && !self.blocked)
-    }
-
-    /// Takes the subscription's ready frames into the core, unless the socket is blocked.
-    fn fill_events(&mut self, cx: &mut Context<'_>) {
-        if self.blocked {
-            return;
+        // tungstenite's own frames go out between whole frames of ours.
+        match self.ws.flush() {
+            Ok(()) => {}
+            Err(e) if would_block(&e) => return Ok(false),
+            Err(e) => return Err(self.write_failed(e)),
         }
         let sub = self.sub.as_mut().expect("subscribed while serving");
         take_events(Instant::now(), &mut self.core, sub, &mut self.batch, cx);
+        let mut frames = 0;
+        while frames < BATCH_FRAMES_MAX {
+            let Some(frame) = self.core.poll_transmit() else {
+                break;
+            };
+            self.out.push_text(frame);
+            frames += 1;
+        }
+        // Deliveries and cutoffs are counted by the engine, which sees every subscriber.
+        self.ctx.shared.metrics.ws_frames_out.add(frames as u64);
+        Ok(frames > 0 && self.write_out(cx)?)
+    }
+
+    /// Writes the frames waiting for the socket; whether all went. When the socket is
+    /// full, its own `poll_write` is handed the front bytes, which registers the task for
+    /// writability, and tungstenite is held back until the frames are out (the gate).
+    fn write_out(&mut self, cx: &mut Context<'_>) -> Result<bool, Exit> {
+        let io = self.ws.get_mut();
+        loop {
+            let result = self.out.send_to(io.inner.as_raw_fd());
+            match result {
+                Ok(true) => {
+                    io.gate = false;
+                    return Ok(true);
+                }
+                Ok(false) => match Pin::new(&mut io.inner).poll_write(cx, self.out.front()) {
+                    Poll::Ready(Ok(n)) if n > 0 => self.out.advance(n),
+                    Poll::Ready(Ok(_)) => return Err(Exit::Gone),
+                    Poll::Ready(Err(e)) => return Err(self.write_failed(WsError::Io(e))),
+                    Poll::Pending => {
+                        io.gate = true;
+                        return Ok(false);
+                    }
+                },
+                Err(e) => return Err(self.write_failed(WsError::Io(e))),
+            }
+        }
     }
 
     /// Reads client frames while the core wants them; returns whether one was read.
@@ -588,26 +632,6 @@ impl Session {
         self.armed_for = at;
         self.timer
             .reset(at.saturating_duration_since(Instant::now()));
-    }
-
-    /// Gives one frame to tungstenite. A `WouldBlock` means it was accepted but the socket
-    /// is full: the session stops writing until a flush succeeds.
-    fn write_frame(&mut self, frame: Bytes) -> Result<(), WsError> {
-        // Every frame is serde_json output or the engine's, which is also serde_json's.
-        let text = Utf8Bytes::try_from(frame).map_err(|_| {
-            WsError::Io(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "an outbound frame is not UTF-8",
-            ))
-        })?;
-        match self.ws.write(Message::Text(text)) {
-            Ok(()) => Ok(()),
-            Err(e) if would_block(&e) => {
-                self.blocked = true;
-                Ok(())
-            }
-            Err(e) => Err(e),
-        }
     }
 
     fn write_failed(&self, e: WsError) -> Exit {

@@ -1,0 +1,586 @@
+//! The indexer: a committed-event consumer that keeps the index in step with every
+//! channel partition's log and with the metadata log's files, on a thread of its own
+//! (never a shard's).
+//!
+//! - **Cursor.** The offset to read next in each partition and in the metadata log is the
+//!   commit payload of the index ([`crate::index::Payload`]): documents and cursors are
+//!   one tantivy commit, so after a crash at any moment the index holds exactly the events
+//!   before its cursors, and indexing resumes from them. Only after a commit are the
+//!   cursors acknowledged to the engine (its retention watermark keeps the log from them
+//!   on).
+//! - **Documents.** A post adds its message; an edit writes it again with the new text, a
+//!   reaction with the new count (a document is replaced whole: deleted by its ID term,
+//!   then added); a deletion removes it. Every write deletes the ID first, so an event
+//!   indexed again (it cannot be, but the rule costs nothing) never makes a second
+//!   document. Encrypted messages do not exist in this build's domain; when they do, their
+//!   posts must be skipped here (`BRIEF.md`: the server cannot read them).
+//! - **Files.** `FileStored` writes a file's document (name, uploader, time, and the flag
+//!   `text_pending` when its type has text, see [`crate::extract`]); `FileDeleted` removes
+//!   it. A post with files adds `(channel, seq)` to each file's shares, and the deletion
+//!   of that message takes it back: the file document's channels are the channels where a
+//!   live message carries it, which is who besides the uploader may read it (`API.md`
+//!   §11). The logs are read independently, so a share may be indexed before the file's
+//!   record; it then makes a partial document that no search matches until the record
+//!   arrives. (A share indexed after the file's deletion leaves such a partial document
+//!   for good: a few bytes, never a result.) Extracted text comes back from the extractor
+//!   thread and is written into the file's document, which clears the flag.
+//! - **Batching.** After the first event of a batch, every page already answered is taken
+//!   too, for at most [`BATCH_WINDOW`]; then one commit and one explicit `reload()` of the
+//!   reader (`ReloadPolicy::Manual`), the moment from which the batch is searchable. Under
+//!   load the pages that arrive during a commit make the next batch.
+//! - **Failure.** A commit that fails (the directory was removed, the disk failed) starts
+//!   the index over: it is moved aside, created empty, and rebuilt from the logs while
+//!   queries keep being answered from what it holds.
+
+use crate::extract::{text_kind, Extracted, Sources};
+use crate::index::{Fields, FileDoc, FileMeta, MessageDoc, Payload, INDEX_FORMAT_VERSION};
+use crate::{Search, State};
+use chorus_engine::consumer::{CommittedKind, CommittedPage, LogId};
+use chorus_engine::domain::event::{Body, ChannelEvent, ChannelRecord, MetaEvent, MetaRecord};
+use chorus_engine::ids::{FileId, MessageId};
+use chorus_engine::{Consumer, Engine, EngineError};
+use futures::channel::{mpsc, oneshot};
+use futures::future::{select, Either, FutureExt, LocalBoxFuture};
+use futures::stream::{FuturesUnordered, StreamExt};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tantivy::collector::TopDocs;
+use tantivy::query::TermQuery;
+use tantivy::schema::IndexRecordOption;
+use tantivy::{IndexWriter, TantivyDocument};
+
+/// The longest a batch gathers events before its commit.
+pub const BATCH_WINDOW: Duration = Duration::from_millis(100);
+/// How long the indexer waits before reading a log again after a read failed.
+pub const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+/// The writer's memory budget (tantivy's arena, one indexing thread).
+pub const WRITER_BYTES: usize = 32 << 20;
+
+type Read = (LogId, Result<CommittedPage, EngineError>);
+
+/// What the indexer's loop woke up for.
+enum Next {
+    Read(Read),
+    Text(Extracted),
+    /// The extractor's channel closed.
+    TextsGone,
+    Stop,
+}
+
+/// What the indexer needs from the server.
+pub struct IndexerConfig {
+    /// The engine whose logs it indexes.
+    pub engine: Engine,
+    /// Its consumer name, declared in the engine's configuration.
+    pub consumer: String,
+    /// Message bodies in the blob store, and files' text.
+    pub sources: Arc<dyn Sources>,
+}
+
+/// Starts the indexer on a thread of its own, and the extractor on another. The indexer
+/// stops when `stop` fires (or its sender is dropped), after committing what it has; the
+/// extractor stops with it (after the file it is on, whose work the next start redoes).
+pub fn spawn(
+    search: Arc<Search>,
+    config: IndexerConfig,
+    stop: oneshot::Receiver<()>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let (tx, rx) = mpsc::channel(crate::extract::EXTRACT_BATCH);
+    let stop_extracting = Arc::new(AtomicBool::new(false));
+    crate::extract::spawn(
+        search.clone(),
+        config.sources.clone(),
+        tx,
+        stop_extracting.clone(),
+    )?;
+    std::thread::Builder::new()
+        .name("search-indexer".into())
+        .spawn(move || {
+            run(search, config, stop, rx);
+            stop_extracting.store(true, Ordering::Release);
+        })
+}
+
+fn run(
+    search: Arc<Search>,
+    config: IndexerConfig,
+    mut stop: oneshot::Receiver<()>,
+    extracted: mpsc::Receiver<Extracted>,
+) {
+    let mut extracted = Some(extracted);
+    let consumer = match config.engine.consumer(&config.consumer) {
+        Ok(c) => c,
+        Err(e) => return fail(&search, &e.to_string()),
+    };
+    // Each partition's log end when the engine opened: the index is ready once its
+    // cursors reached all of them.
+    let ends: BTreeMap<u32, u64> = config
+        .engine
+        .recovery()
+        .iter()
+        .map(|r| {
+            (
+                r.partition,
+                r.snapshot_offset.unwrap_or(0) + r.replayed_events,
+            )
+        })
+        .collect();
+    let partitions = config.engine.config().partitions;
+    loop {
+        let mut indexer = match Indexer::new(&search, &consumer, &config, &ends) {
+            Ok(i) => i,
+            Err(e) => return fail(&search, &e),
+        };
+        match indexer.run(partitions, &mut stop, &mut extracted) {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::error!(error = %e, "search index failed; rebuilding it from the logs");
+                drop(indexer);
+                if let Err(e) = search.start_over() {
+                    return fail(&search, &e.to_string());
+                }
+            }
+        }
+    }
+}
+
+fn fail(search: &Search, why: &str) {
+    tracing::error!(error = why, "search indexing stopped");
+    search.status.set_state(State::Failed);
+}
+
+struct Indexer<'a> {
+    search: &'a Search,
+    consumer: &'a Consumer,
+    sources: &'a dyn Sources,
+    fields: Fields,
+    writer: IndexWriter<TantivyDocument>,
+    reader: tantivy::IndexReader,
+    cursors: BTreeMap<u32, u64>,
+    /// The metadata log's cursor.
+    meta: u64,
+    /// Each partition's log end when the engine opened.
+    ends: BTreeMap<u32, u64>,
+    /// Partitions whose cursor has not reached that end yet.
+    behind: BTreeSet<u32>,
+    /// Documents written since the last commit (`None`: deleted), which the reader does
+    /// not see yet.
+    pending: HashMap<MessageId, Option<MessageDoc>>,
+    /// File documents written since the last commit (`None`: deleted).
+    pending_files: HashMap<FileId, Option<FileDoc>>,
+    /// The highest extraction result taken into this batch.
+    extracted: u64,
+    dirty: bool,
+}
+
+impl<'a> Indexer<'a> {
+    fn new(
+        search: &'a Search,
+        consumer: &'a Consumer,
+        config: &'a IndexerConfig,
+        ends: &BTreeMap<u32, u64>,
+    ) -> Result<Indexer<'a>, String> {
+        let live = search.live();
+        let writer = live
+            .index
+            .writer_with_num_threads(1, WRITER_BYTES)
+            .map_err(|e| e.to_string())?;
+        let (cursors, meta) = search.cursors();
+        let behind: BTreeSet<u32> = ends
+            .iter()
+            .filter(|(p, end)| cursors.get(p).copied().unwrap_or(0) < **end)
+            .map(|(p, _)| *p)
+            .collect();
+        let state = match (behind.is_empty(), search.status.rebuilding()) {
+            (true, _) => State::Ready,
+            (false, true) => State::Rebuilding,
+            (false, false) => State::CatchingUp,
+        };
+        search.status.set_state(state);
+        Ok(Indexer {
+            search,
+            consumer,
+            sources: config.sources.as_ref(),
+            fields: live.fields,
+            reader: live.reader.clone(),
+            writer,
+            cursors,
+            meta,
+            ends: ends.clone(),
+            behind,
+            pending: HashMap::new(),
+            pending_files: HashMap::new(),
+            extracted: 0,
+            dirty: false,
+        })
+    }
+
+    fn read(&self, log: LogId) -> LocalBoxFuture<'static, Read> {
+        let consumer = self.consumer.clone();
+        let from = match log {
+            LogId::Meta => self.meta,
+            LogId::Partition(p) => self.cursors.get(&p).copied().unwrap_or(0),
+        };
+        Box::pin(async move {
+            let page = consumer.read(log, from).await;
+            (log, page)
+        })
+    }
+
+    /// Indexes until `stop` fires (`Ok`) or a commit fails (`Err`).
+    fn run(
+        &mut self,
+        partitions: u32,
+        stop: &mut oneshot::Receiver<()>,
+        extracted: &mut Option<mpsc::Receiver<Extracted>>,
+    ) -> Result<(), String> {
+        let mut reads: FuturesUnordered<LocalBoxFuture<'static, Read>> = (0..partitions)
+            .map(|p| self.read(LogId::Partition(p)))
+            .chain([self.read(LogId::Meta)])
+            .collect();
+        loop {
+            let next = {
+                // Once the extractor is gone (it stopped or failed), its channel answers
+                // `None` at once, every time: stop asking it rather than spin.
+                let texts = std::pin::pin!(async {
+                    match extracted.as_mut() {
+                        Some(rx) => rx.next().await,
+                        None => futures::future::pending().await,
+                    }
+                });
+                match futures::executor::block_on(select(select(reads.next(), texts), &mut *stop)) {
+                    Either::Left((Either::Left((Some(read), _)), _)) => Next::Read(read),
+                    Either::Left((Either::Right((Some(text), _)), _)) => Next::Text(text),
+                    Either::Left((Either::Right((None, _)), _)) => Next::TextsGone,
+                    Either::Left((Either::Left((None, _)), _)) | Either::Right(_) => Next::Stop,
+                }
+            };
+            let stopping = match next {
+                Next::Read(read) => {
+                    self.take(read, &mut reads)?;
+                    false
+                }
+                Next::Text(text) => {
+                    self.take_text(text)?;
+                    false
+                }
+                Next::TextsGone => {
+                    tracing::error!(
+                        "search: the text extractor stopped; files keep their names only"
+                    );
+                    *extracted = None;
+                    false
+                }
+                Next::Stop => true,
+            };
+            // Take every page and text already answered, within the batch window.
+            let opened = Instant::now();
+            while !stopping && opened.elapsed() < BATCH_WINDOW {
+                let text = extracted.as_mut().and_then(|rx| rx.next().now_or_never());
+                if let Some(Some(text)) = text {
+                    self.take_text(text)?;
+                    continue;
+                }
+                match reads.next().now_or_never() {
+                    Some(Some(read)) => self.take(read, &mut reads)?,
+                    _ => break,
+                }
+            }
+            if self.dirty {
+                self.commit()?;
+            }
+            if stopping {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Applies one read and asks for the next.
+    fn take(
+        &mut self,
+        (log, page): Read,
+        reads: &mut FuturesUnordered<LocalBoxFuture<'static, Read>>,
+    ) -> Result<(), String> {
+        match page {
+            Ok(page) => {
+                for e in &page.events {
+                    match &e.event {
+                        CommittedKind::Channel(r) => self.apply(r)?,
+                        CommittedKind::Meta(r) => self.apply_meta(r)?,
+                        CommittedKind::Read(_) => {}
+                    }
+                }
+                let n = page.events.len() as u64;
+                self.search.status.events.fetch_add(n, Ordering::Relaxed);
+                match log {
+                    LogId::Meta => self.meta = page.next,
+                    LogId::Partition(p) => {
+                        self.cursors.insert(p, page.next);
+                    }
+                }
+                self.dirty = true;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, ?log, "search indexer: read failed");
+                std::thread::sleep(RETRY_INTERVAL);
+            }
+        }
+        reads.push(self.read(log));
+        Ok(())
+    }
+
+    /// Writes a file's extracted text, unless the file is gone or has its text already.
+    fn take_text(&mut self, extracted: Extracted) -> Result<(), String> {
+        self.extracted = self.extracted.max(extracted.seq);
+        self.dirty = true;
+        self.search
+            .status
+            .files_extracted
+            .fetch_add(1, Ordering::Relaxed);
+        let Some(mut doc) = self.current_file(extracted.file)? else {
+            return Ok(());
+        };
+        if !doc.text_pending {
+            return Ok(());
+        }
+        doc.text = extracted.text;
+        doc.text_pending = false;
+        self.put_file(doc)
+    }
+
+    fn apply_meta(&mut self, r: &MetaRecord) -> Result<(), String> {
+        match &r.event {
+            MetaEvent::FileStored(s) => {
+                let mut doc = self
+                    .current_file(s.file)?
+                    .unwrap_or_else(|| FileDoc::partial(s.file, s.workspace));
+                doc.workspace = s.workspace;
+                doc.text_pending = text_kind(&s.content_type, &s.name).is_some();
+                doc.meta = Some(FileMeta {
+                    user: s.user,
+                    name: s.name.clone(),
+                    content_type: s.content_type.clone(),
+                    size: s.size,
+                    sha256: s.sha256,
+                    at_us: s.at_us as i64,
+                });
+                self.put_file(doc)
+            }
+            MetaEvent::FileDeleted { file, .. } => {
+                self.writer.delete_term(self.fields.file_term(*file));
+                self.pending_files.insert(*file, None);
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Adds or takes back the share of `files` by the message `(channel, seq)`.
+    fn share(
+        &mut self,
+        r: &ChannelRecord,
+        files: &[FileId],
+        seq: u64,
+        shared: bool,
+    ) -> Result<(), String> {
+        for file in files {
+            let current = self.current_file(*file)?;
+            let mut doc = match (current, shared) {
+                (Some(doc), _) => doc,
+                (None, true) => FileDoc::partial(*file, r.workspace),
+                (None, false) => continue,
+            };
+            if shared {
+                doc.shares.insert((r.channel, seq));
+            } else {
+                doc.shares.remove(&(r.channel, seq));
+            }
+            self.put_file(doc)?;
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, r: &ChannelRecord) -> Result<(), String> {
+        let id = |seq| MessageId {
+            channel: r.channel,
+            seq,
+        };
+        match &r.event {
+            ChannelEvent::MessagePosted { .. } | ChannelEvent::MessagePostedWithFiles(_) => {
+                let Some(posted) = r.event.posted() else {
+                    return Ok(());
+                };
+                let doc = MessageDoc {
+                    workspace: r.workspace,
+                    id: id(r.seq),
+                    user: posted.user,
+                    at_us: r.at_us as i64,
+                    thread: posted.thread,
+                    reactions: 0,
+                    text: self.body_text(posted.body),
+                    files: posted.files.to_vec(),
+                };
+                self.share(r, posted.files, r.seq, true)?;
+                self.put(doc)
+            }
+            ChannelEvent::MessageEdited { target, body, .. } => {
+                let text = self.body_text(body);
+                self.change(r, id(*target), |d| d.text = text)
+            }
+            ChannelEvent::ReactionAdded { target, .. } => {
+                self.change(r, id(*target), |d| d.reactions += 1)
+            }
+            ChannelEvent::ReactionRemoved { target, .. } => self.change(r, id(*target), |d| {
+                d.reactions = d.reactions.saturating_sub(1)
+            }),
+            ChannelEvent::MessageDeleted { target, .. } => {
+                if let Some(doc) = self.current(r, id(*target))? {
+                    self.share(r, &doc.files, *target, false)?;
+                }
+                self.writer.delete_term(self.fields.id_term(id(*target)));
+                self.pending.insert(id(*target), None);
+                Ok(())
+            }
+            ChannelEvent::MemberJoined { .. } | ChannelEvent::MemberLeft { .. } => Ok(()),
+        }
+    }
+
+    /// Rewrites a message's document with `f` applied; a message not in the index
+    /// (deleted) is left out.
+    fn change(
+        &mut self,
+        r: &ChannelRecord,
+        id: MessageId,
+        f: impl FnOnce(&mut MessageDoc),
+    ) -> Result<(), String> {
+        let Some(mut doc) = self.current(r, id)? else {
+            return Ok(());
+        };
+        f(&mut doc);
+        self.put(doc)
+    }
+
+    fn put(&mut self, doc: MessageDoc) -> Result<(), String> {
+        self.writer.delete_term(self.fields.id_term(doc.id));
+        self.writer
+            .add_document(doc.to_document(&self.fields))
+            .map_err(|e| e.to_string())?;
+        self.pending.insert(doc.id, Some(doc));
+        Ok(())
+    }
+
+    fn put_file(&mut self, doc: FileDoc) -> Result<(), String> {
+        self.writer.delete_term(self.fields.file_term(doc.id));
+        self.writer
+            .add_document(doc.to_document(&self.fields))
+            .map_err(|e| e.to_string())?;
+        self.pending_files.insert(doc.id, Some(doc));
+        Ok(())
+    }
+
+    /// A file's document as it stands: written in this batch, or committed.
+    fn current_file(&self, id: FileId) -> Result<Option<FileDoc>, String> {
+        if let Some(doc) = self.pending_files.get(&id) {
+            return Ok(doc.clone());
+        }
+        let Some(stored) = self.stored(self.fields.file_term(id))? else {
+            return Ok(None);
+        };
+        Ok(FileDoc::from_document(&stored, &self.fields))
+    }
+
+    /// The committed document with this ID term.
+    fn stored(&self, term: tantivy::Term) -> Result<Option<TantivyDocument>, String> {
+        let searcher = self.reader.searcher();
+        let query = TermQuery::new(term, IndexRecordOption::Basic);
+        let top = searcher
+            .search(&query, &TopDocs::with_limit(1).order_by_score())
+            .map_err(|e| e.to_string())?;
+        let Some((_, address)) = top.first() else {
+            return Ok(None);
+        };
+        searcher.doc(*address).map(Some).map_err(|e| e.to_string())
+    }
+
+    /// A message's document as it stands: written in this batch, or committed.
+    fn current(&self, r: &ChannelRecord, id: MessageId) -> Result<Option<MessageDoc>, String> {
+        if let Some(doc) = self.pending.get(&id) {
+            return Ok(doc.clone());
+        }
+        let Some(stored) = self.stored(self.fields.id_term(id))? else {
+            return Ok(None);
+        };
+        Ok(MessageDoc::from_document(
+            &stored,
+            &self.fields,
+            r.workspace,
+        ))
+    }
+
+    /// A body's text; one in the blob store is read from it (a body that cannot be read
+    /// is indexed without text, with a warning, rather than stopping the index).
+    fn body_text(&self, body: &Body) -> String {
+        match body {
+            Body::Text(t) => t.clone(),
+            Body::Blob { hash, len } => {
+                let blob = chorus_engine::blob::BlobRef {
+                    hash: *hash,
+                    len: *len,
+                };
+                match self
+                    .sources
+                    .blob(&blob)
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| String::from_utf8(b).map_err(|e| e.to_string()))
+                {
+                    Ok(text) => text,
+                    Err(e) => {
+                        tracing::warn!(error = %e, blob = %blob.to_hex(), "search: body not indexed");
+                        String::new()
+                    }
+                }
+            }
+        }
+    }
+
+    /// Commits the batch with its cursors, makes it searchable, then acknowledges.
+    fn commit(&mut self) -> Result<(), String> {
+        let payload = Payload {
+            version: INDEX_FORMAT_VERSION,
+            cursors: self.cursors.clone(),
+            meta: self.meta,
+        };
+        let json = serde_json::to_string(&payload).expect("the payload serializes");
+        let started = Instant::now();
+        let mut prepared = self.writer.prepare_commit().map_err(|e| e.to_string())?;
+        prepared.set_payload(&json);
+        prepared.commit().map_err(|e| e.to_string())?;
+        self.reader.reload().map_err(|e| e.to_string())?;
+        self.pending.clear();
+        self.pending_files.clear();
+        self.dirty = false;
+        self.search.set_cursors(self.cursors.clone(), self.meta);
+        self.search.progress.committed(self.extracted);
+        let status = &self.search.status;
+        status.commits.fetch_add(1, Ordering::Relaxed);
+        let took = started.elapsed().as_micros() as u64;
+        status.commit_us.fetch_add(took, Ordering::Relaxed);
+        status.commit_us_max.fetch_max(took, Ordering::Relaxed);
+        status
+            .docs
+            .store(self.reader.searcher().num_docs(), Ordering::Relaxed);
+        for (p, cursor) in &self.cursors {
+            self.consumer.acknowledge(LogId::Partition(*p), *cursor);
+        }
+        self.consumer.acknowledge(LogId::Meta, self.meta);
+        let (cursors, ends) = (&self.cursors, &self.ends);
+        self.behind
+            .retain(|p| cursors.get(p).copied().unwrap_or(0) < ends.get(p).copied().unwrap_or(0));
+        if self.behind.is_empty() {
+            status.set_state(State::Ready);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,326 @@
+//! The index and the query builder without a server: the isolation filter (of messages
+//! and of files), ranking, ordering and paging, the commit payload that carries the
+//! cursors across a reopen, and an older format rebuilt, on an index in a temporary
+//! directory written through the same documents the indexer writes.
+
+use chorus_engine::ids::{ChannelId, FileId, MessageId, UserId, WorkspaceId};
+use chorus_search::index::{self, FileDoc, FileMeta, MessageDoc, Payload, INDEX_FORMAT_VERSION};
+use chorus_search::query::parse;
+use chorus_search::search::{run, run_files, Scope, Sort};
+use chorus_search::Search;
+
+const W1: WorkspaceId = WorkspaceId(1);
+const W2: WorkspaceId = WorkspaceId(2);
+const ALICE: UserId = UserId(10);
+
+fn doc(workspace: WorkspaceId, channel: u64, seq: u64, at_us: i64, text: &str) -> MessageDoc {
+    MessageDoc {
+        workspace,
+        id: MessageId {
+            channel: ChannelId(channel),
+            seq,
+        },
+        user: ALICE,
+        at_us,
+        thread: None,
+        reactions: 0,
+        text: text.to_owned(),
+        files: Vec::new(),
+    }
+}
+
+/// An index holding `docs`, committed with `cursors`.
+fn index_with(
+    dir: &std::path::Path,
+    docs: &[MessageDoc],
+    cursors: &[(u32, u64)],
+) -> std::sync::Arc<Search> {
+    let search = Search::open(dir).unwrap();
+    let live = search.live();
+    let mut writer: tantivy::IndexWriter =
+        live.index.writer_with_num_threads(1, 15_000_000).unwrap();
+    for d in docs {
+        writer.add_document(d.to_document(&live.fields)).unwrap();
+    }
+    let payload = Payload {
+        version: INDEX_FORMAT_VERSION,
+        cursors: cursors.iter().copied().collect(),
+        meta: 0,
+    };
+    let mut prepared = writer.prepare_commit().unwrap();
+    prepared.set_payload(&serde_json::to_string(&payload).unwrap());
+    prepared.commit().unwrap();
+    live.reader.reload().unwrap();
+    search
+}
+
+fn scope(workspace: WorkspaceId, channels: &[(u64, &str)]) -> Scope {
+    Scope {
+        user: ALICE,
+        workspace,
+        channels: channels
+            .iter()
+            .map(|(c, n)| (ChannelId(*c), (*n).to_owned()))
+            .collect(),
+    }
+}
+
+fn seqs(search: &Search, q: &str, scope: &Scope, sort: Sort) -> (Vec<u64>, usize) {
+    let hits = run(&search.live(), &parse(q).unwrap(), scope, sort, 0, 100).unwrap();
+    (hits.ids.iter().map(|m| m.seq).collect(), hits.total)
+}
+
+// Only the scope's workspace and readable channels match, whatever the query says, and an
+// in: outside the readable set, or an empty set, matches nothing.
+#[test]
+fn isolation_is_part_of_the_query() {
+    let dir = tempfile::tempdir().unwrap();
+    let search = index_with(
+        dir.path(),
+        &[
+            doc(W1, 1, 1, 10, "shared secret"),
+            doc(W1, 2, 2, 20, "shared secret"),
+            doc(W2, 1, 3, 30, "shared secret"),
+            doc(W2, 3, 4, 40, "shared secret"),
+        ],
+        &[],
+    );
+    let s = scope(W1, &[(1, "general")]);
+    assert_eq!(seqs(&search, "secret", &s, Sort::Relevance), (vec![1], 1));
+    assert_eq!(
+        seqs(&search, "in:C2 secret", &s, Sort::Relevance),
+        (vec![], 0)
+    );
+    assert_eq!(seqs(&search, "in:#general", &s, Sort::Newest), (vec![1], 1));
+    assert_eq!(seqs(&search, "-nothing", &s, Sort::Newest), (vec![1], 1));
+    assert_eq!(
+        seqs(&search, "secret", &scope(W1, &[]), Sort::Relevance),
+        (vec![], 0)
+    );
+    let both = scope(W2, &[(1, "a"), (3, "b")]);
+    assert_eq!(
+        seqs(&search, "secret", &both, Sort::Newest),
+        (vec![4, 3], 2)
+    );
+}
+
+// An exact match ranks above a match one edit away, even when the exact one is in a much
+// longer text (a lower BM25); a word-less query lists the newest first.
+#[test]
+fn exact_above_one_edit_and_newest_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = format!("deployment {}", "words ".repeat(200));
+    let search = index_with(
+        dir.path(),
+        &[
+            doc(W1, 1, 1, 10, "deploymant"),
+            doc(W1, 1, 2, 20, &long),
+            doc(W1, 1, 3, 30, "deploy"),
+        ],
+        &[],
+    );
+    let s = scope(W1, &[(1, "general")]);
+    assert_eq!(
+        seqs(&search, "deployment", &s, Sort::Relevance),
+        (vec![2, 1], 2)
+    );
+    assert_eq!(
+        seqs(&search, "deployment", &s, Sort::Newest),
+        (vec![2, 1], 2)
+    );
+    assert_eq!(
+        seqs(&search, "in:#general", &s, Sort::Relevance),
+        (vec![3, 2, 1], 3)
+    );
+    let page = run(
+        &search.live(),
+        &parse("in:#general").unwrap(),
+        &s,
+        Sort::Newest,
+        1,
+        1,
+    )
+    .unwrap();
+    assert_eq!((page.ids[0].seq, page.total), (2, 3));
+}
+
+// The cursors committed with the documents come back when the index is opened again, and
+// an index whose metadata is damaged is started over, empty, with no cursors.
+#[test]
+fn cursors_live_in_the_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("search");
+    let search = index_with(&path, &[doc(W1, 1, 1, 10, "kept")], &[(0, 7), (3, 42)]);
+    drop(search);
+    let opened = index::open(&path).unwrap();
+    assert!(!opened.rebuilt);
+    assert_eq!(
+        opened
+            .payload
+            .cursors
+            .clone()
+            .into_iter()
+            .collect::<Vec<_>>(),
+        [(0, 7), (3, 42)]
+    );
+    assert_eq!(opened.reader.searcher().num_docs(), 1);
+    drop(opened);
+    std::fs::write(path.join("meta.json"), b"{").unwrap();
+    let opened = index::open(&path).unwrap();
+    assert!(opened.rebuilt);
+    assert!(opened.payload.cursors.is_empty());
+    assert_eq!(opened.reader.searcher().num_docs(), 0);
+    assert!(dir.path().join("search.corrupt").exists());
+}
+
+// Excluded phrases and phrase prefixes work however the documents are split into
+// segments, including when the phrase's first match comes after the first candidate
+// (tantivy's phrase scorers assert on that backward seek; see `forward.rs`).
+#[test]
+fn excluded_phrases_over_any_segmentation() {
+    let texts = [
+        "Café CRÈME at noon",
+        "the build failed again",
+        "failed to build the docs",
+        "deployment finished",
+        "a cat sat failed",
+    ];
+    for split in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        let search = Search::open(dir.path()).unwrap();
+        let live = search.live();
+        let mut writer: tantivy::IndexWriter =
+            live.index.writer_with_num_threads(1, 15_000_000).unwrap();
+        for (i, t) in texts.iter().enumerate() {
+            let d = doc(W1, 1, i as u64 + 1, i as i64, t);
+            writer.add_document(d.to_document(&live.fields)).unwrap();
+            if split == 0 || (split == 1 && i % 2 == 0) {
+                writer.commit().unwrap();
+            }
+        }
+        writer.commit().unwrap();
+        live.reader.reload().unwrap();
+        let s = scope(W1, &[(1, "general")]);
+        for q in [
+            "failed -\"the docs\"",
+            "failed -the-do*",
+            "failed -\"to build\" -cat",
+        ] {
+            let (mut got, total) = seqs(&search, q, &s, Sort::Relevance);
+            got.sort();
+            let want: &[u64] = if q.ends_with("cat") { &[2] } else { &[2, 5] };
+            assert_eq!(
+                (got.as_slice(), total),
+                (want, want.len()),
+                "split {split}, q={q}"
+            );
+        }
+    }
+}
+
+const BOB: UserId = UserId(11);
+
+fn file(id: u64, workspace: WorkspaceId, user: UserId, name: &str, text: &str) -> FileDoc {
+    FileDoc {
+        id: FileId(id),
+        workspace,
+        meta: Some(FileMeta {
+            user,
+            name: name.to_owned(),
+            content_type: "text/plain".into(),
+            size: text.len() as u64,
+            sha256: [id as u8; 32],
+            at_us: id as i64,
+        }),
+        shares: Default::default(),
+        text: text.to_owned(),
+        text_pending: false,
+    }
+}
+
+fn files_of(search: &Search, q: &str, scope: &Scope) -> (Vec<u64>, usize) {
+    let parsed = chorus_search::query::parse_files(q).unwrap();
+    let hits = run_files(&search.live(), &parsed, scope, 0, 100).unwrap();
+    (hits.hits.iter().map(|h| h.id.0).collect(), hits.total)
+}
+
+// A file matches only for its uploader and the members of a readable channel where a
+// live message shares it, only in its workspace, never while it is known by a share
+// alone; in: keeps the shared ones; a name match ranks above a text match.
+#[test]
+fn files_follow_the_read_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let search = Search::open(&dir.path().join("search")).unwrap();
+    let mut shared = file(3, W1, BOB, "report three", "");
+    shared.shares.insert((ChannelId(1), 5));
+    let mut hidden = file(4, W1, BOB, "report four", "");
+    hidden.shares.insert((ChannelId(3), 1));
+    let mut partial = FileDoc::partial(FileId(6), W1);
+    partial.shares.insert((ChannelId(1), 6));
+    partial.text = "report".into();
+    let mut in_text = file(8, W1, ALICE, "misc", "a zebra crossing");
+    in_text.meta.as_mut().unwrap().at_us = 100;
+    let docs = [
+        file(1, W1, ALICE, "report one", ""),
+        file(2, W1, BOB, "report two", ""),
+        shared,
+        hidden,
+        file(5, W2, ALICE, "report five", ""),
+        partial,
+        file(7, W1, ALICE, "zebra.txt", ""),
+        in_text,
+    ];
+    let live = search.live();
+    let mut writer: tantivy::IndexWriter =
+        live.index.writer_with_num_threads(1, 15_000_000).unwrap();
+    for d in &docs {
+        writer.add_document(d.to_document(&live.fields)).unwrap();
+    }
+    // Messages never answer a file search, nor files a message search.
+    writer
+        .add_document(doc(W1, 1, 1, 10, "report zebra").to_document(&live.fields))
+        .unwrap();
+    writer.commit().unwrap();
+    live.reader.reload().unwrap();
+    let alice = scope(W1, &[(1, "general"), (2, "random")]);
+    assert_eq!(files_of(&search, "report", &alice), (vec![1, 3], 2));
+    assert_eq!(
+        files_of(&search, "report in:#general", &alice),
+        (vec![3], 1)
+    );
+    assert_eq!(files_of(&search, "report in:C3", &alice), (vec![], 0));
+    assert_eq!(files_of(&search, "report from:me", &alice), (vec![1], 1));
+    assert_eq!(files_of(&search, "report -one", &alice), (vec![3], 1));
+    assert_eq!(files_of(&search, "zebra", &alice), (vec![7, 8], 2));
+    assert_eq!(files_of(&search, "zebras", &alice), (vec![7, 8], 2));
+    assert_eq!(files_of(&search, "report", &scope(W2, &[])), (vec![5], 1));
+    assert_eq!(
+        seqs(&search, "report", &alice, Sort::Relevance),
+        (vec![1], 1)
+    );
+}
+
+// An index of format 2 (a fixture made by that version's code) is another schema and an
+// older payload: it is moved aside and rebuilt from the logs, never read as version 3.
+#[test]
+fn format_2_is_rebuilt() {
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/index-v2");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("search");
+    std::fs::create_dir(&path).unwrap();
+    for entry in std::fs::read_dir(&fixture).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), path.join(entry.file_name())).unwrap();
+    }
+    let old = tantivy::Index::open_in_dir(&path).unwrap();
+    let payload = old.load_metas().unwrap().payload.unwrap();
+    assert!(payload.contains("\"version\":2"), "{payload}");
+    assert_eq!(old.reader().unwrap().searcher().num_docs(), 1);
+    drop(old);
+    let opened = index::open(&path).unwrap();
+    assert!(opened.rebuilt);
+    assert!(opened.payload.cursors.is_empty());
+    assert_eq!(opened.payload.version, INDEX_FORMAT_VERSION);
+    assert_eq!(opened.reader.searcher().num_docs(), 0);
+    assert!(dir.path().join("search.corrupt").exists());
+}

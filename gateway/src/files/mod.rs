@@ -1,0 +1,825 @@
+//! Files (`API.md` §11): uploads streamed into the file store, their content with `Range`,
+//! signed links, and deletion.
+//!
+//! This module owns the `/api/v1/files/` routes. Their table ([`ROUTES`]) is part of the
+//! OpenAPI document like every other route, but they are served here, not by
+//! [`crate::api`], because their bodies are streams both ways: an upload is read chunk by
+//! chunk into the store, and content is read from the store chunk by chunk as the socket
+//! takes it. Neither ever holds a whole file in memory.
+//!
+//! Metadata lives in the engine's metadata log (`FileStored`, `FileDeleted`), so every
+//! shard can answer from its own replica whether a file exists; the bytes live in the
+//! [`store::FileStore`]. Who may read a file: its uploader, and every member of a channel
+//! with a message (not deleted) that carries it, which the channel partitions answer.
+//! Everyone else gets 404, as for an unknown ID, and so does everyone for a deleted file.
+//!
+//! Previews are made off the server's threads, by a worker process per preview
+//! ([`previews`] supervises, [`preview`] runs in the worker); the preview route answers 202
+//! while one is owed.
+//!
+//! API boundary: file names are stored and shown as given and are never part of a path;
+//! the store names bytes by their SHA-256 only.
+
+pub mod link;
+pub mod pdf_text;
+pub mod preview;
+pub mod previews;
+pub mod search_sources;
+pub mod store;
+pub mod upload;
+
+use crate::api::{Route, Verb};
+use crate::body::ReqBody;
+use crate::ctx::{authenticate, token_now, ShardCtx};
+use crate::error::ApiError;
+use bytes::Bytes;
+use chorus_engine::ids::{FileId, UserId, WorkspaceId};
+use chorus_engine::view::FileView;
+use futures::Stream;
+use futures::StreamExt;
+use http_body_util::Full;
+use hyper::body::Frame;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use std::io;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use store::{FileStore, Pending};
+
+/// Bytes of an upload gathered before they are written to the store in one blocking call.
+pub const UPLOAD_FLUSH_BYTES: usize = 1 << 20;
+/// Bytes read from the store per blocking call when serving content.
+pub const READ_CHUNK_BYTES: usize = 256 * 1024;
+/// How long an upload waits between tries while a removal holds the same bytes.
+const PIN_RETRY: Duration = Duration::from_millis(2);
+
+/// The body of every HTTP response: JSON or text in one piece, or file content streamed
+/// from the blocking pool. Not `Send`: it lives on its connection's shard.
+pub enum Body {
+    /// One piece.
+    Full(Full<Bytes>),
+    /// Chunks read as the connection takes them, and the bytes still to come.
+    Stream(Pin<Box<dyn Stream<Item = io::Result<Bytes>>>>, u64),
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        match self.get_mut() {
+            Body::Full(full) => Pin::new(full)
+                .poll_frame(cx)
+                .map_err(|never| match never {}),
+            Body::Stream(chunks, left) => match chunks.as_mut().poll_next(cx) {
+                Poll::Ready(Some(Ok(chunk))) => {
+                    *left = left.saturating_sub(chunk.len() as u64);
+                    Poll::Ready(Some(Ok(Frame::data(chunk))))
+                }
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Full(full) => full.is_end_stream(),
+            Body::Stream(_, left) => *left == 0,
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            Body::Full(full) => full.size_hint(),
+            Body::Stream(_, left) => hyper::body::SizeHint::with_exact(*left),
+        }
+    }
+}
+
+/// A response body in one piece.
+pub fn full(body: Full<Bytes>) -> Body {
+    Body::Full(body)
+}
+
+/// Wraps a one-piece response.
+pub fn boxed(r: Response<Full<Bytes>>) -> Response<Body> {
+    r.map(full)
+}
+
+/// What the files routes share, process-wide.
+pub struct Files {
+    /// The bytes.
+    pub store: Arc<FileStore>,
+    /// Signs and checks links.
+    pub signer: link::Signer,
+    /// The queue of files to preview.
+    pub previews: previews::Previews,
+    /// The limits of every worker process.
+    pub limits: previews::PreviewLimits,
+}
+
+impl Files {
+    /// Opens the store and the link key under the data directory, and starts the preview
+    /// supervisor. Blocking.
+    pub fn open(
+        config: &crate::config::Config,
+        engine: chorus_engine::Engine,
+        metrics: Arc<crate::metrics::Metrics>,
+        s3: Option<Arc<store::S3>>,
+    ) -> io::Result<Files> {
+        let backend = match s3 {
+            None => store::Backend::Disk,
+            Some(s3) => store::Backend::S3(s3),
+        };
+        let store = Arc::new(FileStore::open_with(&config.data_dir, backend)?);
+        let limits = previews::PreviewLimits {
+            timeout: Duration::from_millis(config.preview_timeout_ms),
+            cpu_s: config.preview_cpu_s,
+            memory_bytes: config.preview_memory_bytes_max,
+            workers: config.preview_workers,
+        };
+        Ok(Files {
+            previews: previews::Previews::start(engine, store.clone(), metrics, limits)?,
+            store,
+            signer: link::Signer::load_or_create(&config.data_dir)?,
+            limits,
+        })
+    }
+}
+
+/// What a files route does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileOp {
+    /// `POST /files/upload`.
+    Upload,
+    /// `GET /files/{fid}`.
+    Get,
+    /// `GET /files/{fid}/content`.
+    Content,
+    /// `POST /files/{fid}/url`.
+    Url,
+    /// `DELETE /files/{fid}`.
+    Delete,
+    /// `GET /files/{fid}/preview/{kind}`.
+    Preview,
+}
+
+/// The files routes, for the router below and the OpenAPI document.
+#[rustfmt::skip] // One route per line reads as the table it is.
+pub static ROUTES: &[Route] = &[
+    crate::api::route(Verb::Post, "/api/v1/files/upload", crate::api::Op::File(FileOp::Upload), 201, "Upload a file (multipart/form-data: workspace_id, then file)")
+        .form(&[
+            crate::api::req("workspace_id", crate::api::Ty::String, "the workspace to upload to"),
+            crate::api::req("file", crate::api::Ty::Binary, "the file, with its filename and content type"),
+        ]),
+    crate::api::route(Verb::Get, "/api/v1/files/{fid}", crate::api::Op::File(FileOp::Get), 200, "A file's metadata"),
+    crate::api::route(Verb::Get, "/api/v1/files/{fid}/content", crate::api::Op::File(FileOp::Content), 200, "A file's bytes; Range gives 206; a signed link needs no token")
+        .query(&[
+            crate::api::opt("expires", crate::api::Ty::Integer, "from a signed link: its expiry, Unix seconds"),
+            crate::api::opt("sig", crate::api::Ty::String, "from a signed link: its signature"),
+        ]),
+    crate::api::route(Verb::Get, "/api/v1/files/{fid}/preview/{kind}", crate::api::Op::File(FileOp::Preview), 200, "A preview: 200 when made, 202 with Retry-After while it is made, 404 no_preview if there will be none")
+        .or_pending(),
+    crate::api::route(Verb::Post, "/api/v1/files/{fid}/url", crate::api::Op::File(FileOp::Url), 200, "A signed link to the content that works without a token until it expires"),
+    crate::api::route(Verb::Delete, "/api/v1/files/{fid}", crate::api::Op::File(FileOp::Delete), 204, "Delete a file (the uploader or a workspace admin)"),
+];
+
+/// Serves a request under `/api/v1/files/`.
+pub async fn handle(ctx: Rc<ShardCtx>, req: Request<ReqBody>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let verb = if req.method() == Method::HEAD {
+        Some(Verb::Get)
+    } else {
+        Verb::of(req.method())
+    };
+    let mut allowed = Vec::new();
+    for r in ROUTES {
+        let Some(params) = crate::api::match_path(r.path, &path) else {
+            continue;
+        };
+        if Some(r.verb) != verb {
+            allowed.push(r.verb.as_str());
+            continue;
+        }
+        let crate::api::Op::File(op) = r.op else {
+            unreachable!("the files table holds file routes only")
+        };
+        let fid = params.iter().find(|(n, _)| *n == "fid").map(|(_, v)| *v);
+        let kind = params.iter().find(|(n, _)| *n == "kind").map(|(_, v)| *v);
+        return match serve(&ctx, op, fid, kind, req).await {
+            Ok(r) => r,
+            Err(e) => boxed(e.response()),
+        };
+    }
+    if allowed.is_empty() {
+        return boxed(ApiError::new(404, "not_found", "no such endpoint").response());
+    }
+    let mut r = boxed(ApiError::method_not_allowed().response());
+    if let Ok(v) = HeaderValue::from_str(&allowed.join(", ")) {
+        r.headers_mut().insert(header::ALLOW, v);
+    }
+    r
+}
+
+async fn serve(
+    ctx: &ShardCtx,
+    op: FileOp,
+    fid: Option<&str>,
+    kind: Option<&str>,
+    req: Request<ReqBody>,
+) -> Result<Response<Body>, ApiError> {
+    // An ID that does not parse is unknown, like an ID of another workspace.
+    let fid = fid
+        .map(|f| f.parse::<FileId>().map_err(|_| ApiError::not_found("file")))
+        .transpose()?;
+    if op == FileOp::Content {
+        if let Some((expires, sig)) = signed(req.uri().query()) {
+            let fid = fid.expect("the content route names a file");
+            return signed_content(ctx, fid, &expires, &sig, &req).await;
+        }
+    }
+    let user = authenticate(ctx, req.headers(), req.uri()).await?;
+    ctx.take_rate(user.0)?;
+    match (op, fid) {
+        (FileOp::Upload, _) => upload(ctx, user, req).await,
+        (FileOp::Get, Some(fid)) => {
+            let f = readable(ctx, user, fid).await?;
+            Ok(json(200, &serde_json::json!({ "file": f })))
+        }
+        (FileOp::Content, Some(fid)) => {
+            let f = readable(ctx, user, fid).await?;
+            content(ctx, &f, &req).await
+        }
+        (FileOp::Url, Some(fid)) => {
+            readable(ctx, user, fid).await?;
+            let expires = token_now() + ctx.shared.config.file_url_ttl_s;
+            let url = ctx.shared.files.signer.link(fid, expires);
+            let at = chorus_engine::view::rfc3339(expires * 1_000_000);
+            Ok(json(
+                200,
+                &serde_json::json!({ "url": url, "expires_at": at }),
+            ))
+        }
+        (FileOp::Delete, Some(fid)) => delete(ctx, user, fid).await,
+        (FileOp::Preview, Some(fid)) => {
+            let f = readable(ctx, user, fid).await?;
+            preview(ctx, &f, kind.unwrap_or(""), &req).await
+        }
+        (_, None) => unreachable!("every other files route names a file"),
+    }
+}
+
+/// The file if `user` may read it: its uploader, and every user who can read a message
+/// (not deleted) that carries it. Anyone else, and everyone for a deleted, unknown or
+/// foreign file, gets the same 404.
+async fn readable(ctx: &ShardCtx, user: UserId, fid: FileId) -> Result<FileView, ApiError> {
+    let f = ctx.shared.engine.file(user, fid).await?;
+    if f.user_id == user || !ctx.shared.engine.file_channels(user, fid).await?.is_empty() {
+        return Ok(f);
+    }
+    Err(ApiError::not_found("file"))
+}
+
+fn json(status: u16, value: &serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(full(Full::new(Bytes::from(value.to_string()))));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+// ---------------------------------------------------------------------------------------
+// Upload
+// ---------------------------------------------------------------------------------------
+
+/// Streams the form's file into the store, then commits its record; 201 once both are
+/// durable.
+async fn upload(
+    ctx: &ShardCtx,
+    user: UserId,
+    req: Request<ReqBody>,
+) -> Result<Response<Body>, ApiError> {
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let boundary = upload::boundary(content_type)?;
+    let max = ctx.shared.config.file_bytes_max;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max.saturating_add(upload::FORM_OVERHEAD_BYTES_MAX)) {
+        return Err(ApiError::too_large(format!(
+            "a file is at most {max} bytes"
+        )));
+    }
+    let stream = http_body_util::BodyStream::new(req.into_body()).filter_map(|frame| {
+        futures::future::ready(match frame {
+            Ok(frame) => frame.into_data().ok().map(Ok),
+            Err(e) => Some(Err(e)),
+        })
+    });
+    let mut sink = StoreSink {
+        ctx,
+        user,
+        workspace: None,
+        pending: None,
+        writing: None,
+        buf: Vec::new(),
+    };
+    let form = upload::read_form(stream, &boundary, max, &mut sink).await?;
+    let workspace = sink.workspace.expect("the form named its workspace first");
+    let finished = sink.finish().await?;
+    let sha = finished.sha;
+    let store = ctx.shared.files.store.clone();
+    let pin = pin_upload(&store, sha).await;
+    let publish = store.clone();
+    off_shard(move || publish.publish(finished))
+        .await
+        .map_err(internal)?;
+    let file = chorus_engine::NewFile {
+        name: form.name,
+        size: form.size,
+        content_type: form.content_type,
+        sha256: sha,
+    };
+    let stored = ctx.shared.engine.store_file(user, workspace, file).await;
+    match stored {
+        Ok(f) => {
+            ctx.shared.files.previews.submit(f.clone());
+            Ok(json(201, &serde_json::json!({ "file": f })))
+        }
+        Err(e) => {
+            // The record was refused (a bad name, say): the bytes may now be unused.
+            drop(pin);
+            reclaim(ctx, sha).await;
+            Err(e.into())
+        }
+    }
+}
+
+/// Receives the file's bytes: checks the workspace first, then writes to a temporary file
+/// in pieces of [`UPLOAD_FLUSH_BYTES`] on the blocking pool, hashing there too. One piece
+/// is written while the next is read from the socket: the two stages overlap, so an
+/// upload takes about as long as the slower of them, not their sum.
+struct StoreSink<'a> {
+    ctx: &'a ShardCtx,
+    user: UserId,
+    workspace: Option<WorkspaceId>,
+    /// The upload, when no piece is being written.
+    pending: Option<Pending>,
+    /// The piece being written, which gives the upload and its buffer back.
+    writing: Option<glommio::task::JoinHandle<Written>>,
+    buf: Vec<u8>,
+}
+
+/// What writing a piece gives back: the upload, and the buffer for another piece.
+type Written = io::Result<(Pending, Vec<u8>)>;
+
+impl StoreSink<'_> {
+    /// Waits for the piece being written, if any; the upload is then in `pending`.
+    async fn written(&mut self) -> Result<(), ApiError> {
+        if let Some(writing) = self.writing.take() {
+            let (pending, mut spare) = writing
+                .await
+                .ok_or_else(|| internal(io::Error::other("the write task was cancelled")))?
+                .map_err(internal)?;
+            spare.clear();
+            self.pending = Some(pending);
+            if self.buf.capacity() == 0 {
+                self.buf = spare;
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands the buffer to the blocking pool once the previous piece is written, and goes
+    /// on reading into the other buffer meanwhile.
+    async fn flush(&mut self) -> Result<(), ApiError> {
+        let buf = std::mem::take(&mut self.buf);
+        self.written().await?;
+        let mut pending = self.pending.take().expect("the upload has begun");
+        let task = glommio::spawn_local(off_shard(move || {
+            pending.append(&buf).map(|()| (pending, buf))
+        }));
+        self.writing = Some(task.detach());
+        Ok(())
+    }
+
+    async fn finish(mut self) -> Result<store::Finished, ApiError> {
+        if !self.buf.is_empty() {
+            self.flush().await?;
+        }
+        self.written().await?;
+        let pending = self.pending.take().expect("the upload has begun");
+        off_shard(move || pending.finish()).await.map_err(internal)
+    }
+}
+
+impl upload::Sink for StoreSink<'_> {
+    async fn workspace(&mut self, workspace_id: &str) -> Result<(), ApiError> {
+        if self.workspace.is_some() {
+            return Err(ApiError::invalid("workspace_id is given twice"));
+        }
+        let wid: WorkspaceId = workspace_id
+            .parse()
+            .map_err(|_| ApiError::not_found("workspace"))?;
+        self.ctx.shared.engine.check_member(self.user, wid).await?;
+        let store = self.ctx.shared.files.store.clone();
+        self.pending = Some(off_shard(move || store.begin()).await.map_err(internal)?);
+        self.workspace = Some(wid);
+        Ok(())
+    }
+
+    async fn write(&mut self, chunk: Bytes) -> Result<(), ApiError> {
+        if self.buf.capacity() == 0 {
+            self.buf.reserve_exact(UPLOAD_FLUSH_BYTES);
+        }
+        self.buf.extend_from_slice(&chunk);
+        if self.buf.len() >= UPLOAD_FLUSH_BYTES {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+}
+
+/// An upload's pin on its bytes, released when dropped (also when the request is dropped
+/// half way).
+struct PinGuard {
+    store: Arc<FileStore>,
+    sha: store::Sha256,
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        self.store.pins.unpin_upload(&self.sha);
+    }
+}
+
+async fn pin_upload(store: &Arc<FileStore>, sha: store::Sha256) -> PinGuard {
+    while !store.pins.pin_upload(&sha) {
+        glommio::timer::sleep(PIN_RETRY).await;
+    }
+    PinGuard {
+        store: store.clone(),
+        sha,
+    }
+}
+
+/// Removes the bytes with this SHA-256 if no live file has them and no upload holds them.
+/// Failures are logged: the bytes then stay, unused, which loses nothing.
+async fn reclaim(ctx: &ShardCtx, sha: store::Sha256) {
+    let store = ctx.shared.files.store.clone();
+    if !store.pins.mark_removing(&sha) {
+        return;
+    }
+    let in_use = ctx.shared.engine.file_bytes_in_use(sha).await;
+    if let Ok(false) = in_use {
+        let remover = store.clone();
+        if let Err(e) = off_shard(move || remover.remove(&sha)).await {
+            tracing::warn!(error = %e, sha = %store::hex(&sha), "could not remove a file's bytes");
+        }
+    }
+    store.pins.unmark_removing(&sha);
+}
+
+async fn off_shard<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+    glommio::executor().spawn_blocking(f).await
+}
+
+fn internal(e: io::Error) -> ApiError {
+    tracing::error!(error = %e, "file store I/O failed");
+    ApiError::new(500, "internal", "internal error")
+}
+
+// ---------------------------------------------------------------------------------------
+// Content
+// ---------------------------------------------------------------------------------------
+
+/// `expires` and `sig` of a signed link's query, when both are there.
+fn signed(query: Option<&str>) -> Option<(String, String)> {
+    let (mut expires, mut sig) = (None, None);
+    for pair in query?.split('&') {
+        match pair.split_once('=') {
+            Some(("expires", v)) => expires = Some(v.to_owned()),
+            Some(("sig", v)) => sig = Some(v.to_owned()),
+            _ => {}
+        }
+    }
+    Some((expires?, sig?))
+}
+
+/// Content through a signed link: 403 for a tampered or expired link, 404 for a file
+/// deleted since.
+async fn signed_content(
+    ctx: &ShardCtx,
+    fid: FileId,
+    expires: &str,
+    sig: &str,
+    req: &Request<ReqBody>,
+) -> Result<Response<Body>, ApiError> {
+    ctx.shared
+        .files
+        .signer
+        .check(fid, expires, sig, token_now())
+        .map_err(|e| match e {
+            link::LinkError::Tampered => ApiError::new(403, "invalid_link", e.to_string()),
+            link::LinkError::Expired => ApiError::new(403, "link_expired", e.to_string()),
+        })?;
+    let f = ctx.shared.engine.linked_file(fid).await?;
+    content(ctx, &f, req).await
+}
+
+/// A byte range of a file, both ends included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteRange {
+    /// The first byte.
+    pub start: u64,
+    /// The last byte.
+    pub end: u64,
+}
+
+/// What a `Range` header asks of a file of `len` bytes: `Ok(None)` for the whole file
+/// (no header, another unit, several ranges, or a header that does not parse, which
+/// RFC 9110 §14.2 lets a server ignore), `Err(())` when nothing of it can be served (416).
+#[allow(clippy::result_unit_err)]
+pub fn parse_range(header: Option<&str>, len: u64) -> Result<Option<ByteRange>, ()> {
+    let Some(spec) = header.and_then(|h| h.trim().strip_prefix("bytes=")) else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let Some((a, b)) = spec.trim().split_once('-') else {
+        return Ok(None);
+    };
+    let (a, b) = (a.trim(), b.trim());
+    let range = if a.is_empty() {
+        // The last n bytes.
+        let Ok(n) = b.parse::<u64>() else {
+            return Ok(None);
+        };
+        if n == 0 || len == 0 {
+            return Err(());
+        }
+        ByteRange {
+            start: len.saturating_sub(n),
+            end: len - 1,
+        }
+    } else {
+        let Ok(start) = a.parse::<u64>() else {
+            return Ok(None);
+        };
+        let end = if b.is_empty() {
+            u64::MAX
+        } else {
+            match b.parse::<u64>() {
+                Ok(end) if end >= start => end,
+                _ => return Ok(None),
+            }
+        };
+        if start >= len {
+            return Err(());
+        }
+        ByteRange {
+            start,
+            end: end.min(len - 1),
+        }
+    };
+    Ok(Some(range))
+}
+
+/// The file's bytes, whole or the range asked for, with the headers that keep a browser
+/// from running them.
+async fn content(
+    ctx: &ShardCtx,
+    f: &FileView,
+    req: &Request<ReqBody>,
+) -> Result<Response<Body>, ApiError> {
+    let served = Served {
+        sha: f.sha256,
+        size: f.size,
+        content_type: &f.content_type,
+        disposition: disposition(&f.name, &f.content_type),
+    };
+    serve_bytes(ctx, served, req).await
+}
+
+/// Stored bytes to serve, and how.
+struct Served<'a> {
+    sha: store::Sha256,
+    size: u64,
+    content_type: &'a str,
+    disposition: String,
+}
+
+/// Serves stored bytes, whole or the range asked for, with an ETag of their SHA-256.
+async fn serve_bytes(
+    ctx: &ShardCtx,
+    f: Served<'_>,
+    req: &Request<ReqBody>,
+) -> Result<Response<Body>, ApiError> {
+    let etag = format!("\"{}\"", store::hex(&f.sha));
+    let mut builder = Response::builder()
+        .header(header::ETAG, &etag)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
+        .header(
+            header::CONTENT_SECURITY_POLICY,
+            "sandbox; default-src 'none'",
+        )
+        .header(header::CACHE_CONTROL, "private, no-cache")
+        .header(header::CONTENT_DISPOSITION, &f.disposition);
+    let not_modified = req
+        .headers()
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+    if not_modified {
+        return Ok(builder
+            .status(304)
+            .body(full(Full::default()))
+            .expect("valid response"));
+    }
+    let range = req
+        .headers()
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok());
+    let range = match parse_range(range, f.size) {
+        Ok(r) => r,
+        Err(()) => {
+            let mut e = boxed(
+                ApiError::new(
+                    416,
+                    "range_not_satisfiable",
+                    "the range is outside the file",
+                )
+                .response(),
+            );
+            let v = HeaderValue::from_str(&format!("bytes */{}", f.size)).expect("ascii");
+            e.headers_mut().insert(header::CONTENT_RANGE, v);
+            return Ok(e);
+        }
+    };
+    let (status, start, len) = match range {
+        Some(r) => {
+            builder = builder.header(
+                header::CONTENT_RANGE,
+                format!("bytes {}-{}/{}", r.start, r.end, f.size),
+            );
+            (206, r.start, r.end - r.start + 1)
+        }
+        None => (200, 0, f.size),
+    };
+    let store = ctx.shared.files.store.clone();
+    let (sha, size) = (f.sha, f.size);
+    let file = off_shard(move || store.open_bytes(&sha, size))
+        .await
+        .map_err(internal)?;
+    Ok(builder
+        .status(status)
+        .header(header::CONTENT_TYPE, f.content_type)
+        .header(header::CONTENT_LENGTH, len)
+        .body(stream_file(
+            ctx.shared.files.store.clone(),
+            file,
+            start,
+            len,
+        ))
+        .expect("valid response"))
+}
+
+/// `inline` for a raster image a browser shows, `attachment` for everything else; the
+/// name goes in RFC 8187 form, with an ASCII fallback.
+fn disposition(name: &str, content_type: &str) -> String {
+    let kind = if upload::INLINE_TYPES.contains(&content_type) {
+        "inline"
+    } else {
+        "attachment"
+    };
+    let ascii: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let encoded = percent_encoding::utf8_percent_encode(name, percent_encoding::NON_ALPHANUMERIC);
+    format!("{kind}; filename=\"{ascii}\"; filename*=UTF-8''{encoded}")
+}
+
+/// A file's preview of `kind`: the bytes once made, 202 with `Retry-After` while it is
+/// being made, 404 `no_preview` when there will be none (a kind the file cannot have, or a
+/// worker that refused or crashed).
+async fn preview(
+    ctx: &ShardCtx,
+    f: &FileView,
+    kind: &str,
+    req: &Request<ReqBody>,
+) -> Result<Response<Body>, ApiError> {
+    let none = || ApiError::new(404, "no_preview", format!("the file has no {kind} preview"));
+    if preview::kind_for(&f.content_type) != Some(kind) {
+        return Err(none());
+    }
+    let Some(record) = f.preview(kind) else {
+        let mut r = json(202, &serde_json::json!({ "preview": "pending" }));
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return Ok(r);
+    };
+    let made = record.made.as_ref().ok_or_else(none)?;
+    let name = format!("{}.{kind}", f.name);
+    let served = Served {
+        sha: made.sha256,
+        size: made.size,
+        content_type: &made.content_type,
+        disposition: disposition(&name, &made.content_type),
+    };
+    serve_bytes(ctx, served, req).await
+}
+
+/// Streams `len` bytes of `file` from `offset`, one blocking read of at most
+/// [`READ_CHUNK_BYTES`] at a time, as the connection takes them.
+fn stream_file(store: Arc<FileStore>, file: store::Source, offset: u64, len: u64) -> Body {
+    let file = Arc::new(file);
+    let chunks = futures::stream::unfold((file, offset, len), move |(file, at, left)| {
+        let store = store.clone();
+        async move {
+            if left == 0 {
+                return None;
+            }
+            let n = left.min(READ_CHUNK_BYTES as u64) as usize;
+            let reader = file.clone();
+            let read = off_shard(move || store.read_at(&reader, at, n).map(Bytes::from)).await;
+            // After a failed read the response ends there: the client sees a short body.
+            let left = if read.is_ok() { left - n as u64 } else { 0 };
+            Some((read, (file, at + n as u64, left)))
+        }
+    });
+    Body::Stream(Box::pin(chunks), len)
+}
+
+// ---------------------------------------------------------------------------------------
+// Delete
+// ---------------------------------------------------------------------------------------
+
+/// Deletes a file: from the answer on, its content and links are 404; its bytes go once no
+/// other live file has them.
+async fn delete(ctx: &ShardCtx, user: UserId, fid: FileId) -> Result<Response<Body>, ApiError> {
+    let may_read = readable(ctx, user, fid).await.is_ok();
+    let deleted = match ctx.shared.engine.delete_file(user, fid).await {
+        Ok(f) => f,
+        // A member who cannot read the file must not learn that it exists.
+        Err(chorus_engine::EngineError::Domain(chorus_engine::domain::DomainError::Forbidden(
+            _,
+        ))) if !may_read => return Err(ApiError::not_found("file")),
+        Err(e) => return Err(e.into()),
+    };
+    reclaim(ctx, deleted.sha256).await;
+    for made in deleted.previews.iter().filter_map(|p| p.made.as_ref()) {
+        reclaim(ctx, made.sha256).await;
+    }
+    let mut r = Response::new(full(Full::default()));
+    *r.status_mut() = StatusCode::NO_CONTENT;
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Range headers: one range in any of its three forms, clamped to the file; 416 only
+    // when nothing of the file is asked for; the whole file for what cannot be read.
+    #[test]
+    fn ranges() {
+        let r = |s, e| Ok(Some(ByteRange { start: s, end: e }));
+        assert_eq!(parse_range(Some("bytes=0-9"), 100), r(0, 9));
+        assert_eq!(parse_range(Some("bytes=90-"), 100), r(90, 99));
+        assert_eq!(parse_range(Some("bytes=90-1000"), 100), r(90, 99));
+        assert_eq!(parse_range(Some("bytes=-10"), 100), r(90, 99));
+        assert_eq!(parse_range(Some("bytes=-1000"), 100), r(0, 99));
+        assert_eq!(parse_range(Some("bytes=100-"), 100), Err(()));
+        assert_eq!(parse_range(Some("bytes=-0"), 100), Err(()));
+        assert_eq!(parse_range(Some("bytes=0-"), 0), Err(()));
+        assert_eq!(parse_range(None, 100), Ok(None));
+        assert_eq!(parse_range(Some("bytes=5-2"), 100), Ok(None));
+        assert_eq!(parse_range(Some("bytes=0-1,5-6"), 100), Ok(None));
+        assert_eq!(parse_range(Some("items=0-1"), 100), Ok(None));
+        assert_eq!(parse_range(Some("bytes=x-1"), 100), Ok(None));
+    }
+}

@@ -1,0 +1,124 @@
+//! What the search indexer reads besides the logs ([`chorus_search::extract::Sources`]):
+//! message bodies in the engine's blob store, and the text of uploaded files, both
+//! through the configured backend (the local disk or the S3 bucket), so a server on S3
+//! indexes the same text as one on the disk.
+//!
+//! - **Bodies** over 64 KiB: read from `blobs/` on the disk without opening the store (which
+//!   would clear writes in progress), or from the bucket with [`S3BlobStore`]'s blocking
+//!   read; checked against length and hash either way.
+//! - **Text and code files**: only their first [`TEXT_BYTES_MAX`] bytes are read (ranged
+//!   reads on S3), then kept if they are UTF-8 without NUL bytes.
+//! - **PDFs**: a `chorus preview-worker --kind text` process per file, the preview
+//!   worker's sandbox (`setrlimit` on address space and CPU time, killed at the preview
+//!   deadline): a hostile PDF takes down that process only, and the file is indexed by
+//!   its name. On S3 the worker reads a local copy in the store's `tmp/`, removed after.
+//!
+//! Every method blocks; the indexer and its extractor call them on their own threads.
+
+use super::previews::{run_worker, Outcome, PreviewLimits};
+use super::store::{FileStore, S3BlobStore};
+use crate::metrics::Metrics;
+use chorus_engine::blob::{BlobError, BlobRef};
+use chorus_search::extract::{cap_text, plain_text, FileToRead, Sources, TextKind, TEXT_BYTES_MAX};
+use std::io::{self, Read};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Where message bodies over 64 KiB are.
+pub enum Blobs {
+    /// The engine's blob directory on the local disk.
+    Disk(PathBuf),
+    /// The bucket.
+    S3(S3BlobStore),
+}
+
+/// The server's [`Sources`].
+pub struct SearchSources {
+    /// Message bodies.
+    pub blobs: Blobs,
+    /// File bytes.
+    pub store: Arc<FileStore>,
+    /// This executable, to run workers.
+    pub exe: PathBuf,
+    /// The workers' limits (the preview limits).
+    pub limits: PreviewLimits,
+    /// Where worker crashes are counted.
+    pub metrics: Arc<Metrics>,
+}
+
+impl Sources for SearchSources {
+    fn blob(&self, blob: &BlobRef) -> Result<Vec<u8>, BlobError> {
+        match &self.blobs {
+            Blobs::Disk(root) => chorus_engine::blob::read_blob(root, blob),
+            Blobs::S3(s3) => s3.get_blocking(blob).map(|b| b.to_vec()),
+        }
+    }
+
+    fn file_text(&self, file: &FileToRead, kind: TextKind) -> io::Result<Option<String>> {
+        let read = match kind {
+            TextKind::Plain => self.plain(file),
+            TextKind::Pdf => self.pdf(file),
+        };
+        match read {
+            // The bytes are gone (the file was deleted and its bytes reclaimed) or do not
+            // match their record: there is no text to index.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::InvalidData
+                ) =>
+            {
+                tracing::debug!(error = %e, file = %file.id, "search: no bytes to read");
+                Ok(None)
+            }
+            other => other,
+        }
+    }
+}
+
+impl SearchSources {
+    fn plain(&self, file: &FileToRead) -> io::Result<Option<String>> {
+        let n = file.size.min(TEXT_BYTES_MAX as u64) as usize;
+        if n == 0 {
+            return Ok(Some(String::new()));
+        }
+        let source = self.store.open_bytes(&file.sha256, file.size)?;
+        let head = self.store.read_at(&source, 0, n)?;
+        Ok(plain_text(&head))
+    }
+
+    fn pdf(&self, file: &FileToRead) -> io::Result<Option<String>> {
+        let (input, copied) = self.store.local_copy(&file.sha256, file.size)?;
+        let output = self.store.tmp_path();
+        let kind = super::preview::TEXT_KIND;
+        let outcome = run_worker(&self.exe, self.limits, kind, &file.name, &input, output);
+        if copied {
+            let _ = std::fs::remove_file(&input);
+        }
+        match outcome? {
+            Outcome::Made { output, .. } => {
+                let read = std::fs::File::open(&output).and_then(|f| {
+                    let mut bytes = Vec::new();
+                    f.take(TEXT_BYTES_MAX as u64).read_to_end(&mut bytes)?;
+                    Ok(bytes)
+                });
+                let _ = std::fs::remove_file(&output);
+                // The worker wrote UTF-8; a character cut by the limit is dropped.
+                Ok(Some(cap_text(
+                    String::from_utf8_lossy(&read?)
+                        .trim_end_matches('\u{fffd}')
+                        .to_owned(),
+                )))
+            }
+            Outcome::Refused(why) => {
+                tracing::debug!(file = %file.id, why, "search: no text in the PDF");
+                Ok(None)
+            }
+            Outcome::Crashed(why) => {
+                self.metrics.preview_worker_crashes.inc();
+                tracing::warn!(file = %file.id, why, "search: PDF text worker crashed");
+                Ok(None)
+            }
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! The users a connection watches, with the owner's change number each one's ack included.
+//!
+//! A sorted vector rather than a hash map: a connection watches at most 1,000 users, and
+//! it is looked up once per presence record, so a binary search costs nothing measurable,
+//! while the memory is 16 bytes a user, exactly, against about 22 for a hash map at its
+//! load factor (1.9 million subscriptions on a node make that 11 MiB).
+
+use chorus_engine::ids::UserId;
+
+/// The watched users, sorted by ID, each with a change number.
+#[derive(Debug, Default)]
+pub(super) struct Watched {
+    users: Vec<(UserId, u64)>,
+}
+
+impl Watched {
+    fn find(&self, user: &UserId) -> Result<usize, usize> {
+        self.users.binary_search_by(|(u, _)| u.cmp(user))
+    }
+
+    /// The change number of a watched user.
+    pub(super) fn get(&self, user: &UserId) -> Option<u64> {
+        self.find(user).ok().map(|i| self.users[i].1)
+    }
+
+    /// The change number of a watched user, to update.
+    pub(super) fn get_mut(&mut self, user: &UserId) -> Option<&mut u64> {
+        self.find(user).ok().map(|i| &mut self.users[i].1)
+    }
+
+    pub(super) fn contains(&self, user: &UserId) -> bool {
+        self.find(user).is_ok()
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Replaces the set with `users`, keeping the change number of those already watched.
+    pub(super) fn set(&mut self, users: &[UserId]) {
+        let mut next: Vec<(UserId, u64)> = users
+            .iter()
+            .map(|u| (*u, self.get(u).unwrap_or(0)))
+            .collect();
+        next.sort_unstable_by_key(|(u, _)| *u);
+        next.dedup_by_key(|(u, _)| *u);
+        next.shrink_to_fit();
+        self.users = next;
+    }
+
+    /// Adds `users` not yet watched, with change number 0.
+    pub(super) fn add(&mut self, users: &[UserId]) {
+        for u in users {
+            if let Err(at) = self.find(u) {
+                self.users.insert(at, (*u, 0));
+            }
+        }
+        self.users.shrink_to_fit();
+    }
+
+    /// Stops watching `users`.
+    pub(super) fn remove(&mut self, users: &[UserId]) {
+        let gone: std::collections::HashSet<&UserId> = users.iter().collect();
+        self.users.retain(|(u, _)| !gone.contains(u));
+        self.users.shrink_to_fit();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Set, add and remove keep the set sorted and free of duplicates, and a user's change
+    // number survives a `set` that keeps the user.
+    #[test]
+    fn set_add_remove() {
+        let mut w = Watched::default();
+        w.set(&[UserId(5), UserId(1), UserId(5), UserId(3)]);
+        assert_eq!(w.len(), 3);
+        *w.get_mut(&UserId(3)).unwrap() = 9;
+        w.set(&[UserId(3), UserId(7)]);
+        assert_eq!((w.get(&UserId(3)), w.get(&UserId(7))), (Some(9), Some(0)));
+        assert!(!w.contains(&UserId(1)));
+        w.add(&[UserId(2), UserId(7), UserId(9)]);
+        assert_eq!(w.len(), 4);
+        assert_eq!(w.get(&UserId(3)), Some(9));
+        w.remove(&[UserId(3), UserId(4)]);
+        assert_eq!(w.len(), 3);
+        assert!(w.contains(&UserId(2)) && w.contains(&UserId(9)) && !w.contains(&UserId(3)));
+        let ids: Vec<UserId> = w.users.iter().map(|(u, _)| *u).collect();
+        assert_eq!(ids, [UserId(2), UserId(7), UserId(9)]);
+    }
+}
