@@ -1202,8 +1202,27 @@ impl Engine {
 
     /// One message.
     pub async fn message(&self, user: UserId, id: MessageId) -> Result<MessageView, EngineError> {
+        self.one_message(user, id, false).await
+    }
+
+    /// A message search found, read by search's rule (`API.md` §12): the caller's channels
+    /// and their workspace's public channels, joined or not.
+    pub async fn found_message(
+        &self,
+        user: UserId,
+        id: MessageId,
+    ) -> Result<MessageView, EngineError> {
+        self.one_message(user, id, true).await
+    }
+
+    async fn one_message(
+        &self,
+        user: UserId,
+        id: MessageId,
+        found: bool,
+    ) -> Result<MessageView, EngineError> {
         match self
-            .read(user, id.channel, ChannelRead::Message { id })
+            .read(user, id.channel, ChannelRead::Message { id, found })
             .await?
         {
             ReadOutcome::Message(m) => Ok(m),

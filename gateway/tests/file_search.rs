@@ -239,8 +239,10 @@ fn only_readable_files() {
     let alice = s.signup("alice");
     let bob = s.signup("bob");
     let carol = s.signup("carol");
-    let wid = s.workspace(&alice, &[&bob]);
+    let dave = s.signup("dave");
+    let wid = s.workspace(&alice, &[&bob, &dave]);
     let other = s.workspace(&carol, &[]);
+    // Public, and Dave is not in it.
     let general = s.channel(&wid, &alice, "general", &[&bob]);
     let secret = upload(
         &s,
@@ -291,6 +293,11 @@ fn only_readable_files() {
     wait_names(&s, &alice, &wid, "zeppelin from:me", &["alice-plans.txt"]);
     // Carol still finds nothing of Alice's workspace in hers.
     wait_names(&s, &carol, &other, "classified", &[]);
+    // Dave may find the sharing message (a public channel's), but not read the file (not
+    // a member), so it is neither shown nor counted.
+    let found = search(&s, &dave, &wid, "classified");
+    assert_eq!(found["total"], 0, "{found}");
+    assert_eq!(found["results"], json!([]), "{found}");
 
     // The sharing message deleted: Alice loses the file, Bob keeps it.
     let path = format!(

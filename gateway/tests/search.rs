@@ -471,9 +471,15 @@ fn isolation_under_every_operator() {
         "in:#secret".into(),
         "in:#open zebra".into(),
     ];
+    // Every match counted is one a page shows: hits are read by the rule that chose them.
+    let whole = |body: &Value, who: &str, q: &str| {
+        let shown = body["results"].as_array().unwrap().len() as u64;
+        assert_eq!(Some(shown), body["total"].as_u64(), "{who}, q={q}: {body}");
+    };
     for q in &queries {
         // Bob, in w1: only the public channel he is not even a member of.
         let body = search_with(&server, &bob, &w1, q, "&limit=100");
+        whole(&body, "bob in w1", q);
         for r in body["results"].as_array().unwrap() {
             assert_eq!(
                 r["message"]["channel_id"],
@@ -483,6 +489,7 @@ fn isolation_under_every_operator() {
         }
         // Alice, in w1: her channels of w1, never w2's.
         let body = search_with(&server, &alice, &w1, q, "&limit=100");
+        whole(&body, "alice in w1", q);
         for r in body["results"].as_array().unwrap() {
             let c = str_of(&r["message"]["channel_id"]);
             assert!(c == open || c == private, "alice in w1, q={q}: {r}");
@@ -490,6 +497,7 @@ fn isolation_under_every_operator() {
         // Bob, in w2: a member of w2 but not of its channel... which is public, so readable;
         // never w1's.
         let body = search_with(&server, &bob, &w2, q, "&limit=100");
+        whole(&body, "bob in w2", q);
         for r in body["results"].as_array().unwrap() {
             assert_eq!(
                 r["message"]["channel_id"],

@@ -726,6 +726,16 @@ impl ChannelState {
         self.msg(seq)
     }
 
+    /// A message as search shows it (`API.md` §12): to a member, or, in a public channel,
+    /// to any member of its workspace.
+    pub fn found(&self, by: &Principal, id: MessageId) -> Result<&Message, DomainError> {
+        let reach = self.members.contains(&by.user()) || self.kind == ChannelKind::Public;
+        if by.workspace() != self.workspace || !reach {
+            return Err(DomainError::NotFound("channel"));
+        }
+        self.message(id)
+    }
+
     /// Top-level messages before `before` (a seq), newest first.
     pub fn history(
         &self,

@@ -64,8 +64,10 @@ pub(crate) enum ChannelRead {
         after: Option<u64>,
         limit: usize,
     },
+    /// One message; `found`: read by search's rule (`Channel::found`), not a member's.
     Message {
         id: MessageId,
+        found: bool,
     },
     Versions {
         id: MessageId,

@@ -1294,8 +1294,12 @@ impl<E: Env> Partition<E> {
                     page.next_cursor,
                 )
             }
-            ChannelRead::Message { id } => {
-                let m = s.get(&p, id)?;
+            ChannelRead::Message { id, found } => {
+                let m = if found {
+                    s.found(&p, id)?
+                } else {
+                    s.get(&p, id)?
+                };
                 texts.fetch(blobs, m.body()).await;
                 ReadOutcome::Message(view(channel, m, &texts, &self.meta.borrow()))
             }

@@ -2,7 +2,8 @@
 //!
 //! The caller's readable set comes from the engine (`Engine::channels`: their channels and
 //! the workspace's public ones, and 404 for a workspace they are not in) and is handed to
-//! the index as part of the query (see `chorus_search::search`). The tantivy search runs
+//! the index as part of the query (see `chorus_search::search`); files narrow it to the
+//! caller's own channels, as the files API does. The tantivy search runs
 //! on the shard's blocking pool, so a long query never stalls the shard's other
 //! connections; so do a file's snippet and highlights. Each hit is then read from the
 //! engine as it stands, which also renders it exactly as every other call does: a message
@@ -97,7 +98,7 @@ pub(super) async fn messages(call: &Call<'_>) -> Result<Reply, ApiError> {
         Some(_) => return Err(ApiError::invalid("sort must be relevance or newest")),
     };
     let user = call.user();
-    let scope = scope(call, workspace).await?;
+    let scope = scope(call, workspace, Readers::Messages).await?;
     let search = call.ctx.shared.search.clone();
     let query = parsed.clone();
     let hits = off_shard(&q, move || {
@@ -106,7 +107,7 @@ pub(super) async fn messages(call: &Call<'_>) -> Result<Reply, ApiError> {
     .await?;
     let mut results = Vec::with_capacity(hits.ids.len());
     for id in hits.ids {
-        match call.engine().message(user, id).await {
+        match call.engine().found_message(user, id).await {
             // Deleted or left since the index last committed: not the caller's to see.
             Ok(m) if m.deleted => {}
             Err(EngineError::Domain(_)) => {}
@@ -128,17 +129,35 @@ pub(super) async fn messages(call: &Call<'_>) -> Result<Reply, ApiError> {
     Ok(Reply::json(200, &body))
 }
 
-/// The caller's readable set in the workspace; 404 for a workspace they are not in.
+/// Whose rule a search's readable channels follow.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Readers {
+    /// `API.md` §12: the caller's channels and every public channel of the workspace.
+    Messages,
+    /// `API.md` §11: the channels the caller is in (and, in the query, their own uploads).
+    Files,
+}
+
+/// The caller's readable set in the workspace; 404 for a workspace they are not in. The
+/// hits are read by the same rule, so `total` counts only what a page can show.
 async fn scope(
     call: &Call<'_>,
     workspace: chorus_engine::ids::WorkspaceId,
+    readers: Readers,
 ) -> Result<Scope, ApiError> {
     let user = call.user();
     let channels = call.engine().channels(user, workspace).await?;
+    // A workspace's list carries the caller's read state, whose marker only a member has.
+    let member =
+        |c: &chorus_engine::view::ChannelView| c.read.is_some_and(|r| r.read_seq.is_some());
     Ok(Scope {
         user,
         workspace,
-        channels: channels.into_iter().map(|c| (c.id, c.name)).collect(),
+        channels: channels
+            .into_iter()
+            .filter(|c| readers == Readers::Messages || member(c))
+            .map(|c| (c.id, c.name))
+            .collect(),
     })
 }
 
@@ -171,7 +190,7 @@ pub(super) async fn files(call: &Call<'_>) -> Result<Reply, ApiError> {
     let parsed =
         chorus_search::query::parse_files(&q).map_err(|e| ApiError::invalid(e.to_string()))?;
     let (limit, offset) = page(call)?;
-    let scope = scope(call, workspace).await?;
+    let scope = scope(call, workspace, Readers::Files).await?;
     let search = call.ctx.shared.search.clone();
     let query = parsed.clone();
     let found = off_shard(&q, move || {
