@@ -23,6 +23,18 @@ fn patch(s: &Server, user: &User, body: Value) -> Value {
     s.ok("PATCH", PREFS, user, Some(body), 200)["prefs"].clone()
 }
 
+/// A push device's registration body.
+fn device(app_id: &str, pushkey: &str, platform: &str) -> Value {
+    json!({"app_id": app_id, "pushkey": pushkey, "platform": platform})
+}
+
+/// Registers a push device, which must succeed; returns the device.
+#[track_caller]
+fn add_device(s: &Server, user: &User, app_id: &str, pushkey: &str, platform: &str) -> Value {
+    let body = device(app_id, pushkey, platform);
+    s.ok("POST", DEVICES, user, Some(body), 201)["device"].clone()
+}
+
 /// The IDs of a user's push devices, as listed.
 #[track_caller]
 fn device_ids(s: &Server, user: &User) -> Vec<String> {
@@ -239,71 +251,20 @@ fn channel_prefs_devices_isolation_and_restart() {
     assert_eq!(s.ok("GET", &path, &alice, None, 200)["channel_prefs"], got);
 
     // Devices.
-    let device = |app: &str, key: &str, platform: &str| json!({"app_id": app, "pushkey": key, "platform": platform});
-    let d1 = s.ok(
-        "POST",
-        DEVICES,
-        &alice,
-        Some(device("io.chorus.ios", "k1", "apns")),
-        201,
-    );
-    let d1 = d1["device"].clone();
+    let d1 = add_device(&s, &alice, "io.chorus.ios", "k1", "apns");
     assert_eq!(d1["app_id"], "io.chorus.ios");
     assert_eq!(d1["pushkey"], "k1");
     assert_eq!(d1["platform"], "apns");
     let d1_id = common::str_of(&d1["id"]);
-    let again = s.ok(
-        "POST",
-        DEVICES,
-        &alice,
-        Some(device("io.chorus.ios", "k1", "apns")),
-        201,
-    );
-    assert_eq!(
-        again["device"]["id"], d1["id"],
-        "the same key is the same device"
-    );
-    let d2 = s.ok(
-        "POST",
-        DEVICES,
-        &alice,
-        Some(device("io.chorus.web", "k2", "webpush")),
-        201,
-    );
-    let d2_id = common::str_of(&d2["device"]["id"]);
-    let b1 = s.ok(
-        "POST",
-        DEVICES,
-        &bob,
-        Some(device("io.chorus.android", "kb", "fcm")),
-        201,
-    );
-    let b1_id = common::str_of(&b1["device"]["id"]);
-    refused(
-        &s,
-        "POST",
-        DEVICES,
-        &alice,
-        device("a", "k", "gcm"),
-        "invalid_request",
-    );
-    refused(
-        &s,
-        "POST",
-        DEVICES,
-        &alice,
-        device("", "k", "fcm"),
-        "invalid_request",
-    );
+    let again = add_device(&s, &alice, "io.chorus.ios", "k1", "apns");
+    assert_eq!(again["id"], d1["id"], "the same key is the same device");
+    let d2_id = common::str_of(&add_device(&s, &alice, "io.chorus.web", "k2", "webpush")["id"]);
+    let b1_id = common::str_of(&add_device(&s, &bob, "io.chorus.android", "kb", "fcm")["id"]);
     let huge = "k".repeat(513);
-    refused(
-        &s,
-        "POST",
-        DEVICES,
-        &alice,
-        device("a", &huge, "fcm"),
-        "invalid_request",
-    );
+    for (app, key, platform) in [("a", "k", "gcm"), ("", "k", "fcm"), ("a", &huge, "fcm")] {
+        let body = device(app, key, platform);
+        refused(&s, "POST", DEVICES, &alice, body, "invalid_request");
+    }
     refused(
         &s,
         "POST",
@@ -313,7 +274,7 @@ fn channel_prefs_devices_isolation_and_restart() {
         "invalid_json",
     );
     assert_eq!(device_ids(&s, &alice), [d1_id.clone(), d2_id.clone()]);
-    assert_eq!(device_ids(&s, &bob), [b1_id.clone()]);
+    assert_eq!(device_ids(&s, &bob), std::slice::from_ref(&b1_id));
     // Someone else's device, and a made-up one, are 404 alike; bob keeps his.
     let theirs_r = s.call(
         "DELETE",
@@ -336,7 +297,7 @@ fn channel_prefs_devices_isolation_and_restart() {
         None,
     );
     not_an_id.assert_error(404, "not_found");
-    assert_eq!(device_ids(&s, &bob), [b1_id.clone()]);
+    assert_eq!(device_ids(&s, &bob), std::slice::from_ref(&b1_id));
     let r = s.call(
         "DELETE",
         &format!("{DEVICES}/{d2_id}"),
@@ -351,7 +312,7 @@ fn channel_prefs_devices_isolation_and_restart() {
         None,
     );
     r.assert_error(404, "not_found");
-    assert_eq!(device_ids(&s, &alice), [d1_id.clone()]);
+    assert_eq!(device_ids(&s, &alice), std::slice::from_ref(&d1_id));
 
     s.kill();
     s.restart();
@@ -363,12 +324,6 @@ fn channel_prefs_devices_isolation_and_restart() {
     assert_eq!(device_ids(&s, &alice), [d1_id]);
     assert_eq!(device_ids(&s, &bob), [b1_id]);
     // IDs are not given out twice after a restart.
-    let d3 = s.ok(
-        "POST",
-        DEVICES,
-        &alice,
-        Some(device("io.chorus.web", "k3", "webpush")),
-        201,
-    );
-    assert_ne!(common::str_of(&d3["device"]["id"]), d2_id);
+    let d3 = add_device(&s, &alice, "io.chorus.web", "k3", "webpush");
+    assert_ne!(common::str_of(&d3["id"]), d2_id);
 }

@@ -705,6 +705,17 @@ mod tests {
         }
     }
 
+    fn workspace(state: &mut MetaState, owner: UserId) -> WorkspaceId {
+        let create = MetaCommand::CreateWorkspace {
+            owner,
+            name: "acme".into(),
+        };
+        match run(state, create).unwrap() {
+            MetaEvent::WorkspaceCreated { workspace, .. } => workspace,
+            other => panic!("{other:?}"),
+        }
+    }
+
     // Files: names are stored as given within their rules; only the uploader or an admin
     // deletes; a deleted file stays known as deleted; bytes count as in use while any live
     // file has them.
@@ -714,16 +725,7 @@ mod tests {
         let a = user(&mut s, "a@x.io");
         let b = user(&mut s, "b@x.io");
         let c = user(&mut s, "c@x.io");
-        let MetaEvent::WorkspaceCreated { workspace: w, .. } = run(
-            &mut s,
-            MetaCommand::CreateWorkspace {
-                owner: a,
-                name: "acme".into(),
-            },
-        )
-        .unwrap() else {
-            unreachable!()
-        };
+        let w = workspace(&mut s, a);
         let pa = s.principal(a, w).unwrap();
         for email in ["b@x.io", "c@x.io"] {
             let add = MetaCommand::AddMember {
@@ -816,16 +818,7 @@ mod tests {
             ),
             Err(DomainError::Conflict(_))
         ));
-        let MetaEvent::WorkspaceCreated { workspace: w, .. } = run(
-            &mut s,
-            MetaCommand::CreateWorkspace {
-                owner: a,
-                name: "acme".into(),
-            },
-        )
-        .unwrap() else {
-            unreachable!()
-        };
+        let w = workspace(&mut s, a);
         assert!(s.principal(b, w).is_err());
         let pa = s.principal(a, w).unwrap();
         run(
@@ -910,16 +903,7 @@ mod tests {
         let mut s = MetaState::new(8);
         let a = user(&mut s, "a@x.io");
         let m = user(&mut s, "m@x.io");
-        let MetaEvent::WorkspaceCreated { workspace: w, .. } = run(
-            &mut s,
-            MetaCommand::CreateWorkspace {
-                owner: a,
-                name: "acme".into(),
-            },
-        )
-        .unwrap() else {
-            unreachable!()
-        };
+        let w = workspace(&mut s, a);
         let by = s.principal(a, w).unwrap();
         let MetaEvent::ChannelCreated { channel, .. } = run(
             &mut s,
