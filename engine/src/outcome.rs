@@ -30,7 +30,7 @@ pub enum NotifyOutcome {
     /// The user's whole preferences.
     Prefs(crate::domain::notify::NotifyPrefs),
     /// The user's preferences for a channel.
-    Channel(crate::domain::notify::ChannelPrefsView),
+    Channel(crate::view::ChannelPrefsView),
     /// A registered device.
     Device(crate::domain::notify::PushDevice),
     /// A device was removed.

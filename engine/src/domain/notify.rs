@@ -8,7 +8,7 @@
 //! check of client input is here, decided by the metadata owner before anything is
 //! written: a value in the log has passed these checks.
 //!
-//! [`rules`] holds the pure functions that decide, from these preferences, who is notified
+//! Their JSON shapes are in [`crate::view`]. [`rules`] holds the pure functions that decide, from these preferences, who is notified
 //! of a message; nothing calls them on the send path.
 
 pub mod rules;
@@ -16,8 +16,7 @@ pub mod rules;
 use super::event::MetaEvent;
 use super::DomainError;
 use crate::ids::{ChannelId, DeviceId, UserId};
-use serde::ser::{SerializeMap, Serializer};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use std::collections::{BTreeSet, HashMap};
 
 /// Most keywords a user may have.
@@ -415,7 +414,7 @@ fn parse_hhmm(field: &str, s: &str) -> Result<u16, DomainError> {
 }
 
 /// `HH:MM` of minutes after midnight.
-fn hhmm(min: u16) -> String {
+pub fn hhmm(min: u16) -> String {
     format!("{:02}:{:02}", min / 60, min % 60)
 }
 
@@ -675,71 +674,6 @@ impl NotifyState {
                 self.by_user.remove(&d.user);
             }
         }
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// JSON shapes
-// ---------------------------------------------------------------------------------------
-
-/// `prefs`: `{"push","email","email_digest_s","keywords","dnd_schedule"}`.
-impl Serialize for NotifyPrefs {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut map = s.serialize_map(Some(5))?;
-        map.serialize_entry("push", self.push.as_str())?;
-        map.serialize_entry("email", self.email.as_str())?;
-        map.serialize_entry("email_digest_s", &self.email_digest_s)?;
-        map.serialize_entry("keywords", &self.keywords)?;
-        map.serialize_entry("dnd_schedule", &self.dnd_schedule)?;
-        map.end()
-    }
-}
-
-/// `{"tz","days","start","end"}`, days Monday first.
-impl Serialize for DndSchedule {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let days: Vec<&str> = (0..7)
-            .filter(|i| self.starts_on(*i))
-            .map(|i| DAY_NAMES[i])
-            .collect();
-        let mut map = s.serialize_map(Some(4))?;
-        map.serialize_entry("tz", &self.tz)?;
-        map.serialize_entry("days", &days)?;
-        map.serialize_entry("start", &hhmm(self.start_min))?;
-        map.serialize_entry("end", &hhmm(self.end_min))?;
-        map.end()
-    }
-}
-
-/// `channel_prefs`: `{"channel_id","level","muted"}`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ChannelPrefsView {
-    /// The channel.
-    pub channel: ChannelId,
-    /// The user's preferences for it.
-    pub prefs: ChannelPrefs,
-}
-
-impl Serialize for ChannelPrefsView {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut map = s.serialize_map(Some(3))?;
-        map.serialize_entry("channel_id", &self.channel)?;
-        map.serialize_entry("level", self.prefs.level.as_str())?;
-        map.serialize_entry("muted", &self.prefs.muted)?;
-        map.end()
-    }
-}
-
-/// `device`: `{"id","app_id","pushkey","platform","created_at"}`.
-impl Serialize for PushDevice {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut map = s.serialize_map(Some(5))?;
-        map.serialize_entry("id", &self.id)?;
-        map.serialize_entry("app_id", &self.app_id)?;
-        map.serialize_entry("pushkey", &self.pushkey)?;
-        map.serialize_entry("platform", self.platform.as_str())?;
-        map.serialize_entry("created_at", &crate::view::rfc3339(self.at_us))?;
-        map.end()
     }
 }
 

@@ -7,13 +7,13 @@
 
 use super::Engine;
 use crate::domain::notify::{
-    ChannelPrefsInput, ChannelPrefsView, DeviceInput, NotifyCommand, NotifyPrefs, PrefsPatch,
-    PushDevice,
+    ChannelPrefsInput, DeviceInput, NotifyCommand, NotifyPrefs, PrefsPatch, PushDevice,
 };
 use crate::error::EngineError;
 use crate::ids::{ChannelId, DeviceId, UserId};
 use crate::outcome::{MetaOutcome, NotifyOutcome};
 use crate::runtime::meta::{MetaRead, MetaRequest};
+use crate::view::ChannelPrefsView;
 
 impl Engine {
     async fn notify(&self, cmd: NotifyCommand) -> Result<NotifyOutcome, EngineError> {

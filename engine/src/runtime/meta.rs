@@ -12,16 +12,14 @@
 use super::{Ack, PartitionMsg, Reply, Routes, ShardMsg};
 use crate::domain::event::{self, Decoded, MetaEvent, MetaRecord};
 use crate::domain::meta::{partition_of, MetaCommand, MetaDecision, MetaState, User};
-use crate::domain::notify::{
-    ChannelPrefsView, NotifyChange, NotifyCommand, NotifyPrefs, PushDevice,
-};
+use crate::domain::notify::{NotifyChange, NotifyCommand, NotifyPrefs, PushDevice};
 use crate::domain::{ChannelKind, DomainError};
 use crate::durability::{Durability, LocalDurability};
 use crate::env::{DirOf, Env};
 use crate::error::{Corrupt, EngineError, Unavailable};
 use crate::ids::{ChannelId, FileId, UserId, WorkspaceId};
 use crate::outcome::{MetaOutcome, NotifyOutcome};
-use crate::view::{ChannelView, FileView, MemberView, UserView, WorkspaceView};
+use crate::view::{ChannelPrefsView, ChannelView, FileView, MemberView, UserView, WorkspaceView};
 use chorus_log::Entry;
 use futures::channel::mpsc;
 use futures::StreamExt;
