@@ -7,6 +7,8 @@
 //! An `Engine` is `Send + Sync` and cheap to clone; it can be called from any thread,
 //! including the shards' own.
 
+mod notify;
+
 use crate::blob::{BlobStore, DiskBlobStore};
 use crate::config::EngineConfig;
 use crate::consumer::{CommittedPage, LogId, Waiter, Watermarks};

@@ -1,7 +1,7 @@
 //! Identifiers of users, workspaces, channels and messages, and their opaque string forms.
 //!
 //! Inside the engine an ID is a number; outside it is an opaque string: a one-letter kind
-//! (`U`, `W`, `C`, `M`, `F`) and the number in lowercase Crockford base32. A message has no
+//! (`U`, `W`, `C`, `M`, `F`, `D`) and the number in lowercase Crockford base32. A message has no
 //! number of its own: it is named by its channel and the `seq` of the event that created
 //! it, so message IDs need no allocator and replay to the same values.
 
@@ -96,6 +96,10 @@ id_type!(
 id_type!(
     /// An uploaded file; numbered from the same sequence as users, workspaces and channels.
     FileId, 'F', "file"
+);
+id_type!(
+    /// A push device a user registered (`API.md` §13); numbered from the same sequence.
+    DeviceId, 'D', "device"
 );
 
 /// A message: its channel and the `seq` of the event that created it.

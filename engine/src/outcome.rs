@@ -20,6 +20,21 @@ pub enum MetaOutcome {
     Channel(ChannelView, bool),
     /// A stored file, or a deleted one as it was.
     File(FileView),
+    /// Notification preferences or a push device, as they stand after the change.
+    Notify(NotifyOutcome),
+}
+
+/// What a notification preferences command answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotifyOutcome {
+    /// The user's whole preferences.
+    Prefs(crate::domain::notify::NotifyPrefs),
+    /// The user's preferences for a channel.
+    Channel(crate::view::ChannelPrefsView),
+    /// A registered device.
+    Device(crate::domain::notify::PushDevice),
+    /// A device was removed.
+    DeviceRemoved,
 }
 
 /// A file whose bytes are durable in the file store, to be recorded by

@@ -7,6 +7,7 @@
 use crate::domain::channel::{ChannelState, Message};
 use crate::domain::event::{ChannelEvent, ChannelKind, Role};
 use crate::domain::meta::{FileEntry, User, Workspace};
+use crate::domain::notify::{self, ChannelPrefs, DndSchedule, NotifyPrefs, PushDevice};
 use crate::domain::unread::ReadCounts;
 use crate::ids::{ChannelId, FileId, MessageId, UserId, WorkspaceId};
 use serde::ser::{SerializeMap, Serializer};
@@ -544,5 +545,70 @@ mod tests {
         );
         let text = serde_json::to_string(&MessageView::new(ChannelId(7), &m, "hi")).unwrap();
         assert!(text.find("tada").unwrap() < text.find("+1").unwrap());
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Notification preferences (`API.md` §13)
+// ---------------------------------------------------------------------------------------
+
+/// `prefs`: `{"push","email","email_digest_s","keywords","dnd_schedule"}`.
+impl Serialize for NotifyPrefs {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(5))?;
+        map.serialize_entry("push", self.push.as_str())?;
+        map.serialize_entry("email", self.email.as_str())?;
+        map.serialize_entry("email_digest_s", &self.email_digest_s)?;
+        map.serialize_entry("keywords", &self.keywords)?;
+        map.serialize_entry("dnd_schedule", &self.dnd_schedule)?;
+        map.end()
+    }
+}
+
+/// `{"tz","days","start","end"}`, days Monday first.
+impl Serialize for DndSchedule {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let days: Vec<&str> = (0..7)
+            .filter(|i| self.starts_on(*i))
+            .map(|i| notify::DAY_NAMES[i])
+            .collect();
+        let mut map = s.serialize_map(Some(4))?;
+        map.serialize_entry("tz", &self.tz)?;
+        map.serialize_entry("days", &days)?;
+        map.serialize_entry("start", &notify::hhmm(self.start_min))?;
+        map.serialize_entry("end", &notify::hhmm(self.end_min))?;
+        map.end()
+    }
+}
+
+/// `channel_prefs`: `{"channel_id","level","muted"}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChannelPrefsView {
+    /// The channel.
+    pub channel: ChannelId,
+    /// The user's preferences for it.
+    pub prefs: ChannelPrefs,
+}
+
+impl Serialize for ChannelPrefsView {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(3))?;
+        map.serialize_entry("channel_id", &self.channel)?;
+        map.serialize_entry("level", self.prefs.level.as_str())?;
+        map.serialize_entry("muted", &self.prefs.muted)?;
+        map.end()
+    }
+}
+
+/// `device`: `{"id","app_id","pushkey","platform","created_at"}`.
+impl Serialize for PushDevice {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(5))?;
+        map.serialize_entry("id", &self.id)?;
+        map.serialize_entry("app_id", &self.app_id)?;
+        map.serialize_entry("pushkey", &self.pushkey)?;
+        map.serialize_entry("platform", self.platform.as_str())?;
+        map.serialize_entry("created_at", &rfc3339(self.at_us))?;
+        map.end()
     }
 }

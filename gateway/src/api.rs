@@ -14,6 +14,7 @@
 //! clients can talk to older servers; a field of the wrong type is refused with serde's
 //! message.
 
+mod notify;
 mod search;
 
 use crate::body::ReqBody;
@@ -160,6 +161,20 @@ pub enum Op {
     SearchUsers,
     /// `GET /workspaces/{wid}/search/files`.
     SearchFiles,
+    /// `GET /me/notification-prefs`.
+    GetNotifyPrefs,
+    /// `PATCH /me/notification-prefs`.
+    PatchNotifyPrefs,
+    /// `GET /channels/{cid}/notification-prefs`.
+    GetChannelNotifyPrefs,
+    /// `PUT /channels/{cid}/notification-prefs`.
+    PutChannelNotifyPrefs,
+    /// `GET /me/push-devices`.
+    ListPushDevices,
+    /// `POST /me/push-devices`.
+    AddPushDevice,
+    /// `DELETE /me/push-devices/{did}`.
+    RemovePushDevice,
 }
 
 /// The JSON type of a body field or query parameter.
@@ -173,6 +188,10 @@ pub enum Ty {
     Strings,
     /// A file's bytes (a multipart form's file field).
     Binary,
+    /// `true` or `false`.
+    Boolean,
+    /// A JSON object (described in the field's text), or `null` where the text says so.
+    Object,
 }
 
 /// A body field or query parameter, for the OpenAPI document.
@@ -377,6 +396,29 @@ pub static ROUTES: &[Route] = &[
         .query(&[opt("q", Ty::String, "the query, up to 1000 characters"), SEARCH_CURSOR, SEARCH_LIMIT]),
     route(Verb::Get, "/api/v1/workspaces/{wid}/search/users", Op::SearchUsers, 200, "Members with a name word or email starting with each word of q")
         .query(&[opt("q", Ty::String, "words, up to 1000 characters"), SEARCH_CURSOR, SEARCH_LIMIT]),
+    route(Verb::Get, "/api/v1/me/notification-prefs", Op::GetNotifyPrefs, 200, "The caller's notification preferences"),
+    route(Verb::Patch, "/api/v1/me/notification-prefs", Op::PatchNotifyPrefs, 200, "Change some of the caller's notification preferences")
+        .body(&[
+            opt("push", Ty::String, "all, mentions (default) or none"),
+            opt("email", Ty::String, "all, mentions (default) or none"),
+            opt("email_digest_s", Ty::Integer, "seconds between email digests, 0 (never) to 604800, default 900"),
+            opt("keywords", Ty::Strings, "at most 50, each 1 to 64 characters; each counts as a mention as a whole word, in any case"),
+            opt("dnd_schedule", Ty::Object, "{\"tz\": IANA time zone, \"days\": [\"mon\"…\"sun\"] on which it starts, \"start\": \"HH:MM\", \"end\": \"HH:MM\" (before start: past midnight)}, or null for none"),
+        ]),
+    route(Verb::Get, "/api/v1/channels/{cid}/notification-prefs", Op::GetChannelNotifyPrefs, 200, "The caller's notification preferences for a channel"),
+    route(Verb::Put, "/api/v1/channels/{cid}/notification-prefs", Op::PutChannelNotifyPrefs, 200, "Replace the caller's notification preferences for a channel")
+        .body(&[
+            opt("level", Ty::String, "default (the caller's prefs; the default), all, mentions or none"),
+            opt("muted", Ty::Boolean, "a muted channel notifies nothing; default false"),
+        ]),
+    route(Verb::Get, "/api/v1/me/push-devices", Op::ListPushDevices, 200, "The caller's push devices"),
+    route(Verb::Post, "/api/v1/me/push-devices", Op::AddPushDevice, 201, "Register a push device (the same app_id and pushkey again keeps its ID)")
+        .body(&[
+            req("app_id", Ty::String, "the push gateway's app ID, 1 to 64 characters"),
+            req("pushkey", Ty::String, "the device's push key, 1 to 512 bytes"),
+            req("platform", Ty::String, "apns, fcm or webpush"),
+        ]),
+    route(Verb::Delete, "/api/v1/me/push-devices/{did}", Op::RemovePushDevice, 204, "Remove one of the caller's push devices"),
 ];
 
 const SEARCH_CURSOR: Field = opt("cursor", Ty::String, "the next_cursor of the previous page");
@@ -827,6 +869,7 @@ pub(crate) fn parse_as_every_request(body: &[u8]) -> usize {
     .into_iter()
     .filter(|ok| *ok)
     .count()
+        + notify::parse_as_every_request(body)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -869,6 +912,13 @@ async fn run(op: Op, call: &Call<'_>) -> Result<Reply, ApiError> {
         Op::SearchMessages => search::messages(call).await,
         Op::SearchUsers => search::users(call).await,
         Op::SearchFiles => search::files(call).await,
+        Op::GetNotifyPrefs => notify::get_prefs(call).await,
+        Op::PatchNotifyPrefs => notify::patch_prefs(call).await,
+        Op::GetChannelNotifyPrefs => notify::get_channel_prefs(call).await,
+        Op::PutChannelNotifyPrefs => notify::put_channel_prefs(call).await,
+        Op::ListPushDevices => notify::list_devices(call).await,
+        Op::AddPushDevice => notify::add_device(call).await,
+        Op::RemovePushDevice => notify::remove_device(call).await,
     }
 }
 
@@ -1256,6 +1306,7 @@ fn param_about(name: &str) -> &'static str {
         "emoji" => "an emoji name, percent-encoded",
         "fid" => "a file ID",
         "kind" => "a preview kind: thumb, page1 or code",
+        "did" => "a push device ID (of the caller)",
         _ => "",
     }
 }
@@ -1266,6 +1317,8 @@ fn schema_of(ty: Ty) -> serde_json::Value {
         Ty::Integer => serde_json::json!({"type": "integer"}),
         Ty::Strings => serde_json::json!({"type": "array", "items": {"type": "string"}}),
         Ty::Binary => serde_json::json!({"type": "string", "format": "binary"}),
+        Ty::Boolean => serde_json::json!({"type": "boolean"}),
+        Ty::Object => serde_json::json!({"type": "object", "nullable": true}),
     }
 }
 

@@ -725,6 +725,8 @@ const STRANGER_CALLS: &[(&str, &str, Option<&str>)] = &[
     ("GET", "/api/v1/channels/{c}/messages/{m}/history", None),
     ("PUT", "/api/v1/channels/{c}/messages/{m}/reactions/tada", None),
     ("DELETE", "/api/v1/channels/{c}/messages/{m}/reactions/tada", None),
+    ("GET", "/api/v1/channels/{c}/notification-prefs", None),
+    ("PUT", "/api/v1/channels/{c}/notification-prefs", Some(r#"{"level":"all","muted":true}"#)),
 ];
 
 // A user of workspace B who tries every call with workspace A's IDs gets 404, with exactly
@@ -851,6 +853,11 @@ const API_MD_CALLS: &[(&str, &str)] = &[
     ("post", "/api/v1/files/{fid}/url"),
     ("delete", "/api/v1/files/{fid}"),
     ("get", "/api/v1/files/{fid}/preview/{kind}"),
+    ("get", "/api/v1/me/notification-prefs"),
+    ("patch", "/api/v1/me/notification-prefs"),
+    ("put", "/api/v1/channels/{cid}/notification-prefs"),
+    ("post", "/api/v1/me/push-devices"),
+    ("delete", "/api/v1/me/push-devices/{did}"),
 ];
 
 /// A request body for an operation, from its schema's required fields.
@@ -869,6 +876,9 @@ fn sample_body(op: &Value, n: usize, carol: &User, bob: &User) -> Option<Vec<u8>
             "user_id" => json!(bob.id),
             "mode" => json!("auto"),
             "seq" => json!(1),
+            "app_id" => json!("io.chorus.test"),
+            "pushkey" => json!(format!("key{n}")),
+            "platform" => json!("fcm"),
             other => panic!("no sample for required field {other}"),
         };
         body.insert(name.to_owned(), value);
@@ -910,7 +920,17 @@ fn rest_openapi_routes_answer() {
             );
             let mid = str_of(&s.post(&alice, &cid, json!({"text": "target"}))["id"]);
             let fid = upload_file(&s, &alice, &wid);
+            let did = if path.contains("{did}") {
+                let body = json!({"app_id": "io.chorus.test", "pushkey": format!("d{n}"), "platform": "apns"});
+                str_of(
+                    &ok(s.send("POST", "/api/v1/me/push-devices", &alice, body), 201)["device"]
+                        ["id"],
+                )
+            } else {
+                String::new()
+            };
             let url = path
+                .replace("{did}", &did)
                 .replace("{fid}", &fid)
                 .replace("{kind}", "code")
                 .replace("{wid}", &wid)

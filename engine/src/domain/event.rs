@@ -182,6 +182,10 @@ pub enum MetaEvent {
         /// Who deleted it.
         by: UserId,
     },
+    /// A user's notification preferences, channel preferences or push devices changed
+    /// (`API.md` §13); the change carries the full resulting value. Boxed like
+    /// `FileStored`.
+    Notify(Box<super::notify::NotifyChange>),
 }
 
 /// The outcome of making one preview of a file.
@@ -574,6 +578,17 @@ mod tests {
             })),
         };
         assert_eq!(decode(&encode_meta(&file)), Ok(Decoded::Meta(file)));
+        let prefs = MetaRecord {
+            at_us: 8,
+            event: MetaEvent::Notify(Box::new(crate::domain::notify::NotifyChange::Prefs {
+                user: UserId(2),
+                prefs: crate::domain::notify::NotifyPrefs {
+                    keywords: vec!["deploy".into()],
+                    ..Default::default()
+                },
+            })),
+        };
+        assert_eq!(decode(&encode_meta(&prefs)), Ok(Decoded::Meta(prefs)));
         let read = ReadRecord {
             channel: ChannelId(8),
             workspace: WorkspaceId(1),

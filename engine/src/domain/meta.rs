@@ -6,6 +6,7 @@
 
 use super::event::{ChannelKind, MetaEvent, PreviewRecord, Role, StoredFile};
 use super::input::{channel_name, channel_name_key, check_email, email_key};
+use super::notify::{NotifyCommand, NotifyState};
 use super::{check_name, DomainError, Principal};
 use super::{GROUP_DM_USERS_MAX, NAME_CHARS_MAX, USER_NAME_CHARS_MAX};
 use crate::ids::{ChannelId, FileId, UserId, WorkspaceId};
@@ -143,6 +144,8 @@ pub enum MetaCommand {
         /// The file.
         file: FileId,
     },
+    /// A user changes their notification preferences or push devices.
+    Notify(NotifyCommand),
 }
 
 /// What deciding a metadata command yields.
@@ -188,6 +191,8 @@ pub struct MetaState {
     files: HashMap<FileId, FileEntry>,
     /// How many live files have each SHA-256: the file store may drop bytes at zero.
     file_shas: HashMap<[u8; 32], u32>,
+    /// Notification preferences and push devices.
+    notify: NotifyState,
 }
 
 impl MetaState {
@@ -392,6 +397,15 @@ impl MetaState {
                     by: by.user(),
                 }
             }
+            MetaCommand::Notify(cmd) => {
+                if self.user(cmd.user()).is_none() {
+                    return Err(DomainError::NotFound("user"));
+                }
+                if let NotifyCommand::SetChannel { user, channel, .. } = &cmd {
+                    self.channel_principal(*user, *channel)?;
+                }
+                self.notify.decide(cmd, id)?.into()
+            }
         };
         Ok(MetaDecision::New(event))
     }
@@ -399,6 +413,12 @@ impl MetaState {
     /// Applies a committed (or, on the owner, a just-decided) event.
     pub fn apply(&mut self, event: &MetaEvent) {
         match event {
+            MetaEvent::Notify(change) => {
+                if let super::notify::NotifyChange::DeviceAdded(d) = &**change {
+                    self.bump(d.id.0);
+                }
+                self.notify.apply(change);
+            }
             MetaEvent::FileStored(stored) => {
                 self.bump(stored.file.0);
                 *self.file_shas.entry(stored.sha256).or_default() += 1;
@@ -524,6 +544,11 @@ impl MetaState {
                 );
             }
         }
+    }
+
+    /// Notification preferences and push devices.
+    pub fn notify(&self) -> &NotifyState {
+        &self.notify
     }
 
     /// A file of `workspace`, deleted or not; `None` for a file of another workspace.
@@ -680,6 +705,17 @@ mod tests {
         }
     }
 
+    fn workspace(state: &mut MetaState, owner: UserId) -> WorkspaceId {
+        let create = MetaCommand::CreateWorkspace {
+            owner,
+            name: "acme".into(),
+        };
+        match run(state, create).unwrap() {
+            MetaEvent::WorkspaceCreated { workspace, .. } => workspace,
+            other => panic!("{other:?}"),
+        }
+    }
+
     // Files: names are stored as given within their rules; only the uploader or an admin
     // deletes; a deleted file stays known as deleted; bytes count as in use while any live
     // file has them.
@@ -689,16 +725,7 @@ mod tests {
         let a = user(&mut s, "a@x.io");
         let b = user(&mut s, "b@x.io");
         let c = user(&mut s, "c@x.io");
-        let MetaEvent::WorkspaceCreated { workspace: w, .. } = run(
-            &mut s,
-            MetaCommand::CreateWorkspace {
-                owner: a,
-                name: "acme".into(),
-            },
-        )
-        .unwrap() else {
-            unreachable!()
-        };
+        let w = workspace(&mut s, a);
         let pa = s.principal(a, w).unwrap();
         for email in ["b@x.io", "c@x.io"] {
             let add = MetaCommand::AddMember {
@@ -791,16 +818,7 @@ mod tests {
             ),
             Err(DomainError::Conflict(_))
         ));
-        let MetaEvent::WorkspaceCreated { workspace: w, .. } = run(
-            &mut s,
-            MetaCommand::CreateWorkspace {
-                owner: a,
-                name: "acme".into(),
-            },
-        )
-        .unwrap() else {
-            unreachable!()
-        };
+        let w = workspace(&mut s, a);
         assert!(s.principal(b, w).is_err());
         let pa = s.principal(a, w).unwrap();
         run(
@@ -875,6 +893,55 @@ mod tests {
             }),
             Err(DomainError::Conflict(_))
         ));
+    }
+
+    // Channel preferences are only for channels of the user's workspaces; a stranger's
+    // attempt is the same NotFound as an unknown channel, and prefs replay from events.
+    #[test]
+    fn notify_prefs_stay_in_reach() {
+        use crate::domain::notify::{ChannelPrefsInput, NotifyCommand, PrefsPatch};
+        let mut s = MetaState::new(8);
+        let a = user(&mut s, "a@x.io");
+        let m = user(&mut s, "m@x.io");
+        let w = workspace(&mut s, a);
+        let by = s.principal(a, w).unwrap();
+        let MetaEvent::ChannelCreated { channel, .. } = run(
+            &mut s,
+            MetaCommand::CreateChannel {
+                by,
+                name: "general".into(),
+                kind: ChannelKind::Public,
+            },
+        )
+        .unwrap() else {
+            unreachable!()
+        };
+        let set = |user| {
+            MetaCommand::Notify(NotifyCommand::SetChannel {
+                user,
+                channel,
+                prefs: ChannelPrefsInput {
+                    level: Some("all".into()),
+                    muted: Some(true),
+                },
+            })
+        };
+        assert_eq!(s.decide(set(m)), Err(DomainError::NotFound("channel")));
+        let event = run(&mut s, set(a)).unwrap();
+        assert!(s.notify().channel(a, channel).muted);
+        let patch = MetaCommand::Notify(NotifyCommand::PatchPrefs {
+            user: a,
+            patch: PrefsPatch {
+                push: Some("none".into()),
+                ..PrefsPatch::default()
+            },
+        });
+        let patched = run(&mut s, patch).unwrap();
+        let mut replica = MetaState::new(8);
+        replica.apply(&event);
+        replica.apply(&patched);
+        assert_eq!(replica.notify().prefs(a), s.notify().prefs(a));
+        assert!(replica.notify().channel(a, channel).muted);
     }
 
     // An account whose address was stored before addresses were checked keeps working: it

@@ -16,6 +16,9 @@ pub mod event;
 pub mod input;
 pub mod mention;
 pub mod meta;
+// Like `event`: rkyv's resolver types have no docs; every hand-written item has.
+#[allow(missing_docs)]
+pub mod notify;
 pub mod unread;
 
 use crate::ids::{UserId, WorkspaceId};

@@ -12,13 +12,14 @@
 use super::{Ack, PartitionMsg, Reply, Routes, ShardMsg};
 use crate::domain::event::{self, Decoded, MetaEvent, MetaRecord};
 use crate::domain::meta::{partition_of, MetaCommand, MetaDecision, MetaState, User};
+use crate::domain::notify::{NotifyChange, NotifyCommand, NotifyPrefs, PushDevice};
 use crate::domain::{ChannelKind, DomainError};
 use crate::durability::{Durability, LocalDurability};
 use crate::env::{DirOf, Env};
 use crate::error::{Corrupt, EngineError, Unavailable};
-use crate::ids::{FileId, UserId, WorkspaceId};
-use crate::outcome::MetaOutcome;
-use crate::view::{ChannelView, FileView, MemberView, UserView, WorkspaceView};
+use crate::ids::{ChannelId, FileId, UserId, WorkspaceId};
+use crate::outcome::{MetaOutcome, NotifyOutcome};
+use crate::view::{ChannelPrefsView, ChannelView, FileView, MemberView, UserView, WorkspaceView};
 use chorus_log::Entry;
 use futures::channel::mpsc;
 use futures::StreamExt;
@@ -75,6 +76,10 @@ pub(crate) enum MetaRequest {
         record: Box<crate::domain::event::PreviewRecord>,
         reply: Reply<MetaOutcome>,
     },
+    Notify {
+        cmd: Box<NotifyCommand>,
+        reply: Reply<MetaOutcome>,
+    },
 }
 
 /// What the metadata owner's task receives.
@@ -129,6 +134,22 @@ pub(crate) enum MetaRead {
     FileBytesInUse {
         sha256: [u8; 32],
         reply: Reply<bool>,
+    },
+    /// A user's notification preferences.
+    NotifyPrefs {
+        user: UserId,
+        reply: Reply<NotifyPrefs>,
+    },
+    /// A user's preferences for a channel of a workspace they are in (`NotFound` otherwise).
+    ChannelNotifyPrefs {
+        user: UserId,
+        channel: ChannelId,
+        reply: Reply<ChannelPrefsView>,
+    },
+    /// A user's push devices.
+    PushDevices {
+        user: UserId,
+        reply: Reply<Vec<PushDevice>>,
     },
 }
 
@@ -204,6 +225,26 @@ pub(crate) fn answer(meta: &MetaState, read: MetaRead) {
         }
         MetaRead::FileBytesInUse { sha256, reply } => {
             let _ = reply.send(Ok(meta.file_bytes_in_use(&sha256)));
+        }
+        MetaRead::NotifyPrefs { user, reply } => {
+            let _ = reply.send(Ok(meta.notify().prefs(user).clone()));
+        }
+        MetaRead::ChannelNotifyPrefs {
+            user,
+            channel,
+            reply,
+        } => {
+            let r = meta
+                .channel_principal(user, channel)
+                .map(|_| ChannelPrefsView {
+                    channel,
+                    prefs: meta.notify().channel(user, channel),
+                });
+            let _ = reply.send(r.map_err(Into::into));
+        }
+        MetaRead::PushDevices { user, reply } => {
+            let devices = meta.notify().devices(user).into_iter().cloned().collect();
+            let _ = reply.send(Ok(devices));
         }
     }
 }
@@ -537,6 +578,13 @@ impl<E: Env> MetaOwner<E> {
             MetaRequest::RecordPreview { record, reply } => {
                 (Ok(MetaCommand::RecordPreview { record: *record }), reply)
             }
+            MetaRequest::Notify { mut cmd, reply } => {
+                // A device is stamped by the owner's clock, as a file is.
+                if let NotifyCommand::AddDevice { at_us, .. } = &mut *cmd {
+                    *at_us = self.env.unix_us();
+                }
+                (Ok(MetaCommand::Notify(*cmd)), reply)
+            }
             MetaRequest::DeleteFile { user, file, reply } => {
                 // A file of a workspace the user is not in is unknown to them.
                 let workspace = meta.file_any(file).map(|e| e.stored.workspace);
@@ -649,7 +697,8 @@ impl MetaRequest {
             | MetaRequest::OpenDm { reply, .. }
             | MetaRequest::StoreFile { reply, .. }
             | MetaRequest::DeleteFile { reply, .. }
-            | MetaRequest::RecordPreview { reply, .. } => reply,
+            | MetaRequest::RecordPreview { reply, .. }
+            | MetaRequest::Notify { reply, .. } => reply,
         }
     }
 }
@@ -696,5 +745,16 @@ fn outcome_of(meta: &MetaState, e: &MetaEvent) -> MetaOutcome {
                 .map(FileView::from)
                 .expect("deleted file"),
         ),
+        MetaEvent::Notify(change) => MetaOutcome::Notify(match &**change {
+            NotifyChange::Prefs { prefs, .. } => NotifyOutcome::Prefs(prefs.clone()),
+            NotifyChange::Channel { channel, prefs, .. } => {
+                NotifyOutcome::Channel(ChannelPrefsView {
+                    channel: *channel,
+                    prefs: *prefs,
+                })
+            }
+            NotifyChange::DeviceAdded(d) => NotifyOutcome::Device(d.clone()),
+            NotifyChange::DeviceRemoved { .. } => NotifyOutcome::DeviceRemoved,
+        }),
     }
 }
