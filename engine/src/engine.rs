@@ -23,8 +23,8 @@ use crate::queue::{FrameReceiver, Inbox};
 use crate::runtime::dispatch::SubscriptionInfo;
 use crate::runtime::meta::{MetaRead, MetaRequest};
 use crate::runtime::{
-    ChannelRead, Gather, PartitionMsg, Reply, Routes, ShardInboxes, ShardMsg, ShardSenders,
-    ShardSetup, Started, CURRENT_SHARD,
+    ChannelRead, Gather, OfChannel, PartitionMsg, Reply, Routes, ShardInboxes, ShardMsg,
+    ShardSenders, ShardSetup, Started, CURRENT_SHARD,
 };
 use crate::view::{
     ChannelView, FileView, MemberView, MessageView, ReadView, UserView, WorkspaceView,
@@ -824,15 +824,21 @@ impl Engine {
         user: UserId,
         file: FileId,
     ) -> Result<Vec<ChannelId>, EngineError> {
+        self.ask_partitions(move |out| PartitionMsg::FileReaders { user, file, out })
+            .await
+    }
+
+    /// Asks every partition for its part of an answer (`ask` makes a partition's request
+    /// around the gatherer they share) and answers all the parts, in no order.
+    async fn ask_partitions<T: OfChannel + Send + 'static>(
+        &self,
+        ask: impl Fn(Arc<Gather<T>>) -> PartitionMsg + Clone + Send + 'static,
+    ) -> Result<Vec<T>, EngineError> {
         let (tx, rx) = oneshot::channel();
         let gather = Gather::new(self.inner.config.partitions as usize, tx);
         for s in 0..self.inner.routes.shard_count() {
-            let g = gather.clone();
-            let msg = ShardMsg::AllPartitions(Box::new(move || PartitionMsg::FileReaders {
-                user,
-                file,
-                out: g.clone(),
-            }));
+            let (g, ask) = (gather.clone(), ask.clone());
+            let msg = ShardMsg::AllPartitions(Box::new(move || ask(g.clone())));
             self.inner.routes.send(s, msg).await?;
         }
         rx.await.map_err(|_| Unavailable::ShardStopped)?
@@ -865,18 +871,12 @@ impl Engine {
         user: UserId,
         workspace: Option<WorkspaceId>,
     ) -> Result<Vec<ChannelView>, EngineError> {
-        let (tx, rx) = oneshot::channel();
-        let gather = Gather::new(self.inner.config.partitions as usize, tx);
-        for s in 0..self.inner.routes.shard_count() {
-            let g = gather.clone();
-            let msg = ShardMsg::AllPartitions(Box::new(move || PartitionMsg::Visible {
-                user,
-                workspace,
-                out: g.clone(),
-            }));
-            self.inner.routes.send(s, msg).await?;
-        }
-        rx.await.map_err(|_| Unavailable::ShardStopped)?
+        self.ask_partitions(move |out| PartitionMsg::Visible {
+            user,
+            workspace,
+            out,
+        })
+        .await
     }
 
     /// A channel the user can see (a member, or a public channel of their workspace),
@@ -1104,20 +1104,15 @@ impl Engine {
             reply,
         })
         .await?;
-        let (tx, rx) = oneshot::channel();
-        let gather = Gather::new(self.inner.config.partitions as usize, tx);
-        for s in 0..self.inner.routes.shard_count() {
-            let g = gather.clone();
-            let msg = ShardMsg::AllPartitions(Box::new(move || PartitionMsg::Unreads {
+        let mut reads = self
+            .ask_partitions(move |out| PartitionMsg::Unreads {
                 user,
                 workspace,
                 after,
                 limit,
-                out: g.clone(),
-            }));
-            self.inner.routes.send(s, msg).await?;
-        }
-        let mut reads = rx.await.map_err(|_| Unavailable::ShardStopped)??;
+                out,
+            })
+            .await?;
         let next = (reads.len() > limit).then(|| {
             reads.truncate(limit);
             reads.last().map(|r| r.channel_id)

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{str_of, Server, User, UNLIMITED};
+use common::{str_of, upload_bytes as upload, Server, User, UNLIMITED};
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -44,6 +44,30 @@ impl Moto {
         Some(moto)
     }
 
+    /// moto with the bucket made, and a server config that stores blobs there; `None`
+    /// (the test skips, saying why) when moto is not installed, which CI forbids.
+    fn with_bucket() -> Option<(Moto, String)> {
+        let Some(moto) = Moto::start() else {
+            assert!(
+                std::env::var_os("CHORUS_REQUIRE_PEERS").is_none(),
+                "moto_server is not installed and CHORUS_REQUIRE_PEERS is set"
+            );
+            eprintln!(
+                "SKIPPED: moto_server is not installed (python3 -m pip install 'moto[server]')"
+            );
+            return None;
+        };
+        let created = ureq::put(&format!("{}/{BUCKET}", moto.url)).call();
+        assert!(created.is_ok(), "create the bucket: {created:?}");
+        let config = format!(
+            "{UNLIMITED}blob_store = \"s3://{BUCKET}\"\ns3_endpoint = \"{}\"\n\
+             s3_allow_http = true\ns3_access_key_id = \"test\"\n\
+             s3_secret_access_key = \"test\"\n",
+            moto.url
+        );
+        Some((moto, config))
+    }
+
     /// The keys of the files' objects in the bucket (the engine's blobs aside).
     fn file_keys(&self) -> Vec<String> {
         self.keys()
@@ -74,35 +98,6 @@ impl Drop for Moto {
     }
 }
 
-/// Uploads `bytes` with a multipart body made here; returns the file.
-fn upload(
-    s: &Server,
-    user: &User,
-    wid: &str,
-    name: &str,
-    ctype: &str,
-    bytes: &[u8],
-) -> serde_json::Value {
-    let b = "chorus-s3-boundary";
-    let mut body = format!(
-        "--{b}\r\nContent-Disposition: form-data; name=\"workspace_id\"\r\n\r\n{wid}\r\n\
-         --{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n\
-         Content-Type: {ctype}\r\n\r\n"
-    )
-    .into_bytes();
-    body.extend_from_slice(bytes);
-    body.extend_from_slice(format!("\r\n--{b}--\r\n").as_bytes());
-    let auth = format!("Bearer {}", user.token);
-    let ct = format!("multipart/form-data; boundary={b}");
-    let headers = [
-        ("Authorization", auth.as_str()),
-        ("Content-Type", ct.as_str()),
-    ];
-    let r = s.raw("POST", "/api/v1/files/upload", &headers, Some(&body));
-    assert_eq!(r.status, 201, "{}", r.text);
-    r.body["file"].clone()
-}
-
 fn get_bytes(s: &Server, user: &User, path: &str, range: Option<&str>) -> (u16, Vec<u8>) {
     let mut req = ureq::get(&format!("{}{path}", s.base_url()))
         .set("Authorization", &format!("Bearer {}", user.token));
@@ -126,21 +121,9 @@ fn get_bytes(s: &Server, user: &User, path: &str, range: Option<&str>) -> (u16, 
 // the files removes their objects.
 #[test]
 fn files_live_in_s3() {
-    let Some(moto) = Moto::start() else {
-        assert!(
-            std::env::var_os("CHORUS_REQUIRE_PEERS").is_none(),
-            "moto_server is not installed and CHORUS_REQUIRE_PEERS is set"
-        );
-        eprintln!("SKIPPED: moto_server is not installed (python3 -m pip install 'moto[server]')");
+    let Some((moto, config)) = Moto::with_bucket() else {
         return;
     };
-    let created = ureq::put(&format!("{}/{BUCKET}", moto.url)).call();
-    assert!(created.is_ok(), "create the bucket: {created:?}");
-    let config = format!(
-        "{UNLIMITED}blob_store = \"s3://{BUCKET}\"\ns3_endpoint = \"{}\"\ns3_allow_http = true\n\
-         s3_access_key_id = \"test\"\ns3_secret_access_key = \"test\"\n",
-        moto.url
-    );
     let s = Server::start(&config);
     let alice = s.signup("alice");
     let wid = s.workspace(&alice, &[]);
@@ -228,20 +211,9 @@ fn files_live_in_s3() {
 // bucket rather than the local blob store, and read back, also after a SIGKILL.
 #[test]
 fn large_message_bodies_live_in_s3() {
-    let Some(moto) = Moto::start() else {
-        assert!(
-            std::env::var_os("CHORUS_REQUIRE_PEERS").is_none(),
-            "moto_server is not installed and CHORUS_REQUIRE_PEERS is set"
-        );
-        eprintln!("SKIPPED: moto_server is not installed (python3 -m pip install 'moto[server]')");
+    let Some((moto, config)) = Moto::with_bucket() else {
         return;
     };
-    assert!(ureq::put(&format!("{}/{BUCKET}", moto.url)).call().is_ok());
-    let config = format!(
-        "{UNLIMITED}blob_store = \"s3://{BUCKET}\"\ns3_endpoint = \"{}\"\ns3_allow_http = true\n\
-         s3_access_key_id = \"test\"\ns3_secret_access_key = \"test\"\n",
-        moto.url
-    );
     let mut s = Server::start(&config);
     let alice = s.signup("alice");
     let wid = s.workspace(&alice, &[]);
@@ -299,20 +271,10 @@ fn wait_found(s: &Server, user: &User, wid: &str, kind: &str, q: &str, n: u64) {
 // PDF, whose bytes are nowhere on the local disk.
 #[test]
 fn search_reads_through_s3() {
-    let Some(moto) = Moto::start() else {
-        assert!(
-            std::env::var_os("CHORUS_REQUIRE_PEERS").is_none(),
-            "moto_server is not installed and CHORUS_REQUIRE_PEERS is set"
-        );
-        eprintln!("SKIPPED: moto_server is not installed (python3 -m pip install 'moto[server]')");
+    // moto runs until `_moto` drops, at the end of the test.
+    let Some((_moto, config)) = Moto::with_bucket() else {
         return;
     };
-    assert!(ureq::put(&format!("{}/{BUCKET}", moto.url)).call().is_ok());
-    let config = format!(
-        "{UNLIMITED}blob_store = \"s3://{BUCKET}\"\ns3_endpoint = \"{}\"\ns3_allow_http = true\n\
-         s3_access_key_id = \"test\"\ns3_secret_access_key = \"test\"\n",
-        moto.url
-    );
     let s = Server::start(&config);
     let alice = s.signup("alice");
     let wid = s.workspace(&alice, &[]);

@@ -26,6 +26,8 @@ pub mod preview;
 pub mod previews;
 pub mod search_sources;
 pub mod store;
+#[cfg(test)]
+mod test_pdf;
 pub mod upload;
 
 use crate::api::{Route, Verb};

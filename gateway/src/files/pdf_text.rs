@@ -164,72 +164,22 @@ impl<'a> Device<'a> for TextSink {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-
-    /// A one-page PDF showing `lines` in 12 pt Helvetica, each word placed on its own
-    /// with `Tm` and no space drawn, so that the spaces must come from the gaps.
-    pub(crate) fn pdf_with_lines(lines: &[&str]) -> Vec<u8> {
-        let mut content = String::from("BT /F1 12 Tf\n");
-        for (i, line) in lines.iter().enumerate() {
-            let y = 720 - 16 * i;
-            let mut x = 72;
-            for word in line.split(' ') {
-                content.push_str(&format!("1 0 0 1 {x} {y} Tm ({word}) Tj\n"));
-                // Wider than any 12 pt Helvetica word of this length, plus a gap.
-                x += word.len() * 10 + 6;
-            }
-        }
-        content.push_str("ET\n");
-        minimal_pdf(&content)
-    }
-
-    /// A PDF of one page with the content stream `content` and Helvetica as `/F1`.
-    pub(crate) fn minimal_pdf(content: &str) -> Vec<u8> {
-        let objects = [
-            "<< /Type /Catalog /Pages 2 0 R >>".to_owned(),
-            "<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_owned(),
-            "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R \
-             /Resources << /Font << /F1 5 0 R >> >> >>"
-                .to_owned(),
-            format!(
-                "<< /Length {} >>\nstream\n{content}endstream",
-                content.len()
-            ),
-            "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>"
-                .to_owned(),
-        ];
-        let mut out = b"%PDF-1.4\n".to_vec();
-        let mut offsets = Vec::new();
-        for (i, body) in objects.iter().enumerate() {
-            offsets.push(out.len());
-            out.extend_from_slice(format!("{} 0 obj\n{body}\nendobj\n", i + 1).as_bytes());
-        }
-        let xref = out.len();
-        out.extend_from_slice(
-            format!("xref\n0 {}\n0000000000 65535 f \n", objects.len() + 1).as_bytes(),
-        );
-        for o in offsets {
-            out.extend_from_slice(format!("{o:010} 00000 n \n").as_bytes());
-        }
-        out.extend_from_slice(
-            format!(
-                "trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n",
-                objects.len() + 1
-            )
-            .as_bytes(),
-        );
-        out
-    }
+    use crate::files::test_pdf::{one_page, text_lines};
 
     // Lines and words come back from glyph positions, spaces from gaps between words
     // drawn apart; a PDF that is not one is refused.
     #[test]
     fn text_of_a_page() {
-        let pdf = pdf_with_lines(&["Quarterly zanzibar report", "Revenue grew"]);
+        let pdf = text_lines(&["Quarterly zanzibar report", "Revenue grew"]);
         let text = pdf_text(pdf).unwrap();
         assert_eq!(text, "Quarterly zanzibar report\nRevenue grew\n");
-        let drawn_spaces = minimal_pdf("BT /F1 12 Tf 72 720 Td (Hello there, world) Tj ET\n");
+        let drawn_spaces = one_page(
+            612,
+            792,
+            "BT /F1 12 Tf 72 720 Td (Hello there, world) Tj ET\n",
+        );
         assert_eq!(pdf_text(drawn_spaces).unwrap(), "Hello there, world\n");
         assert!(pdf_text(b"not a pdf".to_vec()).is_err());
     }

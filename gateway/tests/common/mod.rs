@@ -580,70 +580,45 @@ impl Ws {
 
 /// Uploads a small text file as `user` with a multipart body made here; returns its ID.
 pub fn upload_file(s: &Server, user: &User, wid: &str) -> String {
+    str_of(&upload_bytes(s, user, wid, "t.txt", "text/plain", b"hello")["id"])
+}
+
+/// Uploads `bytes` as `name` with a multipart body made here; returns the file.
+pub fn upload_bytes(
+    s: &Server,
+    user: &User,
+    wid: &str,
+    name: &str,
+    ctype: &str,
+    bytes: &[u8],
+) -> Value {
     let b = "chorus-test-boundary";
-    let body = format!(
+    let mut body = format!(
         "--{b}\r\nContent-Disposition: form-data; name=\"workspace_id\"\r\n\r\n{wid}\r\n\
-         --{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"t.txt\"\r\n\
-         Content-Type: text/plain\r\n\r\nhello\r\n--{b}--\r\n"
-    );
+         --{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n\
+         Content-Type: {ctype}\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(bytes);
+    body.extend_from_slice(format!("\r\n--{b}--\r\n").as_bytes());
     let auth = format!("Bearer {}", user.token);
     let ct = format!("multipart/form-data; boundary={b}");
     let headers = [
         ("Authorization", auth.as_str()),
         ("Content-Type", ct.as_str()),
     ];
-    let r = s.raw(
-        "POST",
-        "/api/v1/files/upload",
-        &headers,
-        Some(body.as_bytes()),
-    );
+    let r = s.raw("POST", "/api/v1/files/upload", &headers, Some(&body));
     assert_eq!(r.status, 201, "{}", r.text);
-    str_of(&r.body["file"]["id"])
+    r.body["file"].clone()
 }
 
-/// A one-page PDF with `lines` of 12 pt Helvetica, each word placed on its own with `Tm`
-/// and no space drawn (as many PDF writers do), written here byte by byte.
+/// PDFs written byte by byte, shared with the gateway's own unit tests.
+#[path = "../../src/files/test_pdf.rs"]
+pub mod test_pdf;
+
+/// A one-page PDF showing `lines`, a word at a time (`test_pdf::text_lines`).
 pub fn pdf(lines: &[&str]) -> Vec<u8> {
-    let mut content = String::from("BT /F1 12 Tf\n");
-    for (i, line) in lines.iter().enumerate() {
-        let y = 720 - 16 * i;
-        let mut x = 72;
-        for word in line.split(' ') {
-            content.push_str(&format!("1 0 0 1 {x} {y} Tm ({word}) Tj\n"));
-            x += word.len() * 10 + 6;
-        }
-    }
-    content.push_str("ET\n");
-    let objects = [
-        "<< /Type /Catalog /Pages 2 0 R >>".to_owned(),
-        "<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_owned(),
-        "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R \
-         /Resources << /Font << /F1 5 0 R >> >> >>"
-            .to_owned(),
-        format!(
-            "<< /Length {} >>\nstream\n{content}endstream",
-            content.len()
-        ),
-        "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>"
-            .to_owned(),
-    ];
-    let mut out = b"%PDF-1.4\n".to_vec();
-    let mut offsets = Vec::new();
-    for (i, body) in objects.iter().enumerate() {
-        offsets.push(out.len());
-        out.extend_from_slice(format!("{} 0 obj\n{body}\nendobj\n", i + 1).as_bytes());
-    }
-    let xref = out.len();
-    let n = objects.len() + 1;
-    out.extend_from_slice(format!("xref\n0 {n}\n0000000000 65535 f \n").as_bytes());
-    for o in offsets {
-        out.extend_from_slice(format!("{o:010} 00000 n \n").as_bytes());
-    }
-    out.extend_from_slice(
-        format!("trailer\n<< /Size {n} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n").as_bytes(),
-    );
-    out
+    test_pdf::text_lines(lines)
 }
 
 /// `q` percent-encoded for a query string (everything but the unreserved characters).
