@@ -1315,7 +1315,11 @@ impl Engine {
         let gather = crate::runtime::PresenceGather::new(by_shard.len(), Vec::new(), tx);
         for (shard, users) in by_shard {
             let out = gather.clone();
-            let msg = ShardMsg::PresenceQuery { asker, users, out };
+            let msg = ShardMsg::PresenceQuery {
+                asker: Some(asker),
+                users,
+                out,
+            };
             self.inner.routes.send(shard, msg).await?;
         }
         let found: std::collections::HashMap<UserId, crate::presence::Presence> = rx
@@ -1327,6 +1331,45 @@ impl Engine {
         Ok(wanted
             .into_iter()
             .filter_map(|u| found.get(&u).map(|p| (u, *p)))
+            .collect())
+    }
+
+    /// What decides a push for each of `users` (`API.md` §13), from their presence owners:
+    /// for the notification decider, which has checked they are members of the message's
+    /// channel. In the order asked; at most [`crate::presence::PRESENCE_QUERY_MAX`].
+    pub async fn reach(
+        &self,
+        users: &[UserId],
+    ) -> Result<Vec<(UserId, crate::presence::Reach)>, EngineError> {
+        use crate::presence::{home_shard, Reach, PRESENCE_QUERY_MAX};
+        if users.len() > PRESENCE_QUERY_MAX {
+            return Err(DomainError::TooMany(format!("at most {PRESENCE_QUERY_MAX} users")).into());
+        }
+        let shards = self.inner.routes.shard_count();
+        let mut by_shard: std::collections::BTreeMap<u32, Vec<UserId>> = Default::default();
+        for u in users {
+            by_shard.entry(home_shard(*u, shards)).or_default().push(*u);
+        }
+        let (tx, rx) = oneshot::channel();
+        let gather = crate::runtime::PresenceGather::new(by_shard.len(), Vec::new(), tx);
+        for (shard, users) in by_shard {
+            let out = gather.clone();
+            let msg = ShardMsg::PresenceQuery {
+                asker: None,
+                users,
+                out,
+            };
+            self.inner.routes.send(shard, msg).await?;
+        }
+        let found: std::collections::HashMap<UserId, Reach> = rx
+            .await
+            .map_err(|_| Unavailable::ShardStopped)??
+            .into_iter()
+            .map(|(u, _, bits)| (u, Reach::from_bits(bits)))
+            .collect();
+        Ok(users
+            .iter()
+            .map(|u| (*u, found.get(u).copied().unwrap_or_default()))
             .collect())
     }
 

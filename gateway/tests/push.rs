@@ -177,7 +177,7 @@ fn serve(conn: TcpStream, state: Arc<Mutex<SinkState>>) {
 
 fn server(sink: &Sink) -> Server {
     Server::start(&format!(
-        "{UNLIMITED}presence_offline_grace_s = 0\npush_gateway_url = \"{}\"\n",
+        "{UNLIMITED}push_gateway_url = \"{}\"\n",
         sink.url
     ))
 }
@@ -208,13 +208,14 @@ fn online(s: &Server, user: &User) -> Ws {
 
 // Who is pushed for one message, rule by rule: a mention to an offline member, with the
 // Matrix push gateway body of API.md §13; a keyword; any message of a DM. And who is not:
-// the author, a `none` level, a muted channel, an active connection, do-not-disturb.
+// the author, a `none` level, a muted channel, an active connection, do-not-disturb
+// mode (without a connection), a `mentions` level that is not named.
 #[test]
 fn push_goes_to_whom_the_rules_name() {
     let sink = Sink::start();
     let s = server(&sink);
     let names = [
-        "alice", "bob", "carol", "dave", "erin", "frank", "gina", "harry",
+        "alice", "bob", "carol", "dave", "erin", "frank", "gina", "harry", "ivan",
     ];
     let u: BTreeMap<&str, User> = names.iter().map(|n| (*n, s.signup(n))).collect();
     let others: Vec<&User> = names[1..].iter().map(|n| &u[n]).collect();
@@ -240,9 +241,12 @@ fn push_goes_to_whom_the_rules_name() {
         Some(json!({"keywords": ["Deploy"]})),
         200,
     );
-    // erin is active; frank is connected in do-not-disturb.
+    // erin is active; frank set do-not-disturb (and is not connected); ivan closed his
+    // connection, and the offline grace (30 s by default) that still shows him online to
+    // others does not stop his push.
     let _erin = online(&s, &u["erin"]);
-    let _frank = online(&s, &u["frank"]);
+    drop(online(&s, &u["ivan"]));
+    std::thread::sleep(Duration::from_millis(300));
     s.ok(
         "PUT",
         "/api/v1/me/presence",
@@ -251,7 +255,7 @@ fn push_goes_to_whom_the_rules_name() {
         200,
     );
 
-    let mentioned: Vec<String> = ["alice", "bob", "carol", "dave", "erin", "frank"]
+    let mentioned: Vec<String> = ["alice", "bob", "carol", "dave", "erin", "frank", "ivan"]
         .iter()
         .map(|n| format!("<@{}>", u[n].id))
         .collect();
@@ -273,6 +277,7 @@ fn push_goes_to_whom_the_rules_name() {
     // The keyword matches whole words in any case; harry (level mentions) is not named.
     let g = sink.wait_for(&m, "key-gina");
     assert_eq!(g["prio"], "high");
+    sink.wait_for(&m, "key-ivan");
 
     // A DM pushes any message.
     let dm = s.ok(
@@ -292,7 +297,7 @@ fn push_goes_to_whom_the_rules_name() {
     let later = post(&s, &u["alice"], &cid, &format!("<@{}> later", u["bob"].id));
     sink.wait_for(&later, "key-bob");
     std::thread::sleep(SETTLE);
-    assert_eq!(sink.count(&m), 2, "only bob and gina: {:?}", sink.accepted());
+    assert_eq!(sink.count(&m), 3, "only bob, gina, ivan: {:?}", sink.accepted());
     assert_eq!(sink.count(&d), 1);
     assert_eq!(sink.count(&later), 1);
 }

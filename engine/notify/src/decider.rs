@@ -15,8 +15,9 @@
 //! - **Deciding.** For a new message: the candidates are the members but the author whose
 //!   level (the channel's, else `prefs.push`) lets it through (`all`; `mentions` only on a
 //!   mention, `@channel`/`@here`, a keyword, or a DM), not muted, and with a device. Only
-//!   for those is presence asked (one `Engine::presence` call per message, off the shard's
-//!   send path): an `online` status (an active connection) or `dnd` means no push. Then
+//!   for those is presence asked (`Engine::reach`, one message to each of their presence
+//!   owners, off the send path): an open connection in the `active` state, or mode `dnd`,
+//!   means no push (a closed connection in its offline grace does not count). Then
 //!   [`rules::decide`] has the last word (DND schedule included) and each device gets an
 //!   item. Read state is checked by the sender, just before the push goes out.
 //! - **Durability.** The items of everything read in one round and the cursors after it
@@ -28,7 +29,7 @@ use chorus_engine::domain::event::{Body, ChannelEvent, ChannelKind, ChannelRecor
 use chorus_engine::domain::notify::rules::{self, Message, Recipient};
 use chorus_engine::domain::notify::{Level, NotifyState};
 use chorus_engine::ids::{ChannelId, UserId};
-use chorus_engine::presence::Status;
+use chorus_engine::presence::Reach;
 use chorus_engine::{Consumer, Engine, EngineError};
 use futures::channel::oneshot;
 use futures::future::{select, Either, FutureExt, LocalBoxFuture};
@@ -296,14 +297,14 @@ impl Decider {
         if candidates.is_empty() {
             return;
         }
-        let presence = self.presence(r, &candidates);
+        let reach = self.reach(&candidates);
         let now = jiff::Timestamp::now();
         let room_name = channel.map(|c| c.name.clone()).unwrap_or_default();
         let author_name = self.names.get(&posted.user).cloned().unwrap_or_default();
         for user in candidates {
-            let status = presence.get(&user).copied().unwrap_or(Status::Offline);
+            let reach = reach.get(&user).copied().unwrap_or_default();
             // An active connection sees the message live.
-            if status == Status::Online {
+            if reach.active {
                 continue;
             }
             let prefs = self.notify.prefs(user);
@@ -311,8 +312,8 @@ impl Decider {
                 user,
                 prefs,
                 channel: self.notify.channel(user, r.channel),
-                online: status != Status::Offline,
-                dnd_mode: status == Status::Dnd,
+                online: reach.online,
+                dnd_mode: reach.dnd,
             };
             if !rules::decide(&recipient, &m, now).push {
                 continue;
@@ -336,14 +337,13 @@ impl Decider {
         }
     }
 
-    /// The candidates' presence status, asked of their home shards. When presence cannot
-    /// be asked, everyone counts as offline: a push too many rather than one lost.
-    fn presence(&self, r: &ChannelRecord, users: &[UserId]) -> HashMap<UserId, Status> {
+    /// What reaches each candidate, asked of their presence owners. When it cannot be
+    /// asked, everyone counts as away and reachable: a push too many rather than one lost.
+    fn reach(&self, users: &[UserId]) -> HashMap<UserId, Reach> {
         let mut found = HashMap::new();
         for chunk in users.chunks(chorus_engine::presence::PRESENCE_QUERY_MAX) {
-            let asked = self.engine.presence(chunk[0], r.workspace, chunk);
-            match futures::executor::block_on(asked) {
-                Ok(list) => found.extend(list.into_iter().map(|(u, p)| (u, p.status))),
+            match futures::executor::block_on(self.engine.reach(chunk)) {
+                Ok(list) => found.extend(list),
                 Err(e) => tracing::warn!(error = %e, "notify decider: presence not known"),
             }
         }
