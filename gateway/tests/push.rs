@@ -176,10 +176,7 @@ fn serve(conn: TcpStream, state: Arc<Mutex<SinkState>>) {
 }
 
 fn server(sink: &Sink) -> Server {
-    Server::start(&format!(
-        "{UNLIMITED}push_gateway_url = \"{}\"\n",
-        sink.url
-    ))
+    Server::start(&format!("{UNLIMITED}push_gateway_url = \"{}\"\n", sink.url))
 }
 
 /// Registers a push device with pushkey `key`; returns its ID.
@@ -297,7 +294,12 @@ fn push_goes_to_whom_the_rules_name() {
     let later = post(&s, &u["alice"], &cid, &format!("<@{}> later", u["bob"].id));
     sink.wait_for(&later, "key-bob");
     std::thread::sleep(SETTLE);
-    assert_eq!(sink.count(&m), 3, "only bob, gina, ivan: {:?}", sink.accepted());
+    assert_eq!(
+        sink.count(&m),
+        3,
+        "only bob, gina, ivan: {:?}",
+        sink.accepted()
+    );
     assert_eq!(sink.count(&d), 1);
     assert_eq!(sink.count(&later), 1);
 }
@@ -346,7 +348,10 @@ fn pushes_wait_for_the_gateway_and_are_checked_again() {
     sink.answer(Answer::Ok);
 
     let n = sink.wait_for(&late, "key-bob");
-    assert_eq!(n["content"]["body"], format!("<@{}> late but there", bob.id));
+    assert_eq!(
+        n["content"]["body"],
+        format!("<@{}> late but there", bob.id)
+    );
     let e = sink.wait_for(&edited, "key-bob");
     assert_eq!(e["content"]["body"], format!("<@{}> final text", bob.id));
     let barrier = mention("barrier");
@@ -387,7 +392,10 @@ fn rejected_pushkeys_remove_their_device() {
             break;
         }
         assert!(ids.contains(&gone), "{ids:?}");
-        assert!(Instant::now() < deadline, "the rejected device stayed: {ids:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the rejected device stayed: {ids:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     sink.answer(Answer::Ok);
@@ -415,7 +423,12 @@ fn sigkill_loses_no_push() {
     let mut repeats = Vec::new();
     for round in 0..=KILLS {
         for i in 0..PER_ROUND {
-            sent.push(post(&s, &alice, &cid, &format!("<@{}> {round}.{i}", bob.id)));
+            sent.push(post(
+                &s,
+                &alice,
+                &cid,
+                &format!("<@{}> {round}.{i}", bob.id),
+            ));
         }
         if round == KILLS {
             break;
@@ -435,7 +448,11 @@ fn sigkill_loses_no_push() {
     }
     std::thread::sleep(SETTLE);
     let accepted = sink.accepted();
-    assert_eq!(count_distinct(&accepted), sent.len(), "every message pushed");
+    assert_eq!(
+        count_distinct(&accepted),
+        sent.len(),
+        "every message pushed"
+    );
     let mut per_id: BTreeMap<String, usize> = BTreeMap::new();
     for b in &accepted {
         *per_id

@@ -218,7 +218,10 @@ impl Decider {
                 self.names.insert(*user, name.clone());
             }
             MetaEvent::ChannelCreated {
-                channel, name, kind, ..
+                channel,
+                name,
+                kind,
+                ..
             } => {
                 let c = self.channels.entry(*channel).or_default();
                 c.kind = Some(*kind);
@@ -232,10 +235,18 @@ impl Decider {
     fn apply(&mut self, r: &ChannelRecord, new: bool) {
         match &r.event {
             ChannelEvent::MemberJoined { user, .. } => {
-                self.channels.entry(r.channel).or_default().members.insert(*user);
+                self.channels
+                    .entry(r.channel)
+                    .or_default()
+                    .members
+                    .insert(*user);
             }
             ChannelEvent::MemberLeft { user, .. } => {
-                self.channels.entry(r.channel).or_default().members.remove(user);
+                self.channels
+                    .entry(r.channel)
+                    .or_default()
+                    .members
+                    .remove(user);
             }
             _ if new => self.decide(r),
             _ => {}

@@ -639,7 +639,11 @@ impl<E: Env> Shard<E> {
                 let found = users
                     .into_iter()
                     .map(|user| match asker {
-                        None => (user, self.presence.get(user), self.presence.reach(user).bits()),
+                        None => (
+                            user,
+                            self.presence.get(user),
+                            self.presence.reach(user).bits(),
+                        ),
                         Some(asker) if meta.share_workspace(asker, user) => {
                             (user, self.presence.get(user), 0)
                         }
