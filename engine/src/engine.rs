@@ -431,6 +431,20 @@ impl Engine {
         self.inner.recovery.lock().expect("recovery").clone()
     }
 
+    /// Each partition's log end when the engine opened (the offset after its last event):
+    /// where a consumer that starts now has caught up with what came before it.
+    pub fn ends_at_open(&self) -> std::collections::BTreeMap<u32, u64> {
+        self.recovery()
+            .iter()
+            .map(|r| {
+                (
+                    r.partition,
+                    r.snapshot_offset.unwrap_or(0) + r.replayed_events,
+                )
+            })
+            .collect()
+    }
+
     /// The configuration it runs with.
     pub fn config(&self) -> &EngineConfig {
         &self.inner.config

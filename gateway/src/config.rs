@@ -284,7 +284,7 @@ impl Config {
             return Err(invalid("blob_store", "\"disk\" or \"s3://BUCKET\"".into()));
         }
         let url = &self.push_gateway_url;
-        if !url.is_empty() && !(url.starts_with("http://") || url.starts_with("https://")) {
+        if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
             return Err(invalid(
                 "push_gateway_url",
                 "an http:// or https:// URL, or empty".into(),

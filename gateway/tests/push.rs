@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 /// How long a push may take to arrive in these tests.
 const ARRIVE_WAIT: Duration = Duration::from_secs(20);
+/// The sender's bound on requests in flight (`chorus_notify::sender::IN_FLIGHT`).
+const IN_FLIGHT: usize = 32;
 /// After a barrier arrived, how long earlier pushes may still be on their way.
 const SETTLE: Duration = Duration::from_millis(500);
 
@@ -179,6 +181,16 @@ fn server(sink: &Sink) -> Server {
     Server::start(&format!("{UNLIMITED}push_gateway_url = \"{}\"\n", sink.url))
 }
 
+/// A server pushing to `sink`, with alice and bob in a channel; answers the channel's ID.
+fn pair(sink: &Sink) -> (Server, User, User, String) {
+    let s = server(sink);
+    let alice = s.signup("alice");
+    let bob = s.signup("bob");
+    let wid = s.workspace(&alice, &[&bob]);
+    let cid = s.channel(&wid, &alice, "general", &[&bob]);
+    (s, alice, bob, cid)
+}
+
 /// Registers a push device with pushkey `key`; returns its ID.
 #[track_caller]
 fn device(s: &Server, user: &User, key: &str) -> String {
@@ -310,11 +322,7 @@ fn push_goes_to_whom_the_rules_name() {
 #[test]
 fn pushes_wait_for_the_gateway_and_are_checked_again() {
     let sink = Sink::start();
-    let s = server(&sink);
-    let alice = s.signup("alice");
-    let bob = s.signup("bob");
-    let wid = s.workspace(&alice, &[&bob]);
-    let cid = s.channel(&wid, &alice, "general", &[&bob]);
+    let (s, alice, bob, cid) = pair(&sink);
     device(&s, &bob, "key-bob");
     let mention = |text: &str| post(&s, &alice, &cid, &format!("<@{}> {text}", bob.id));
 
@@ -368,11 +376,7 @@ fn pushes_wait_for_the_gateway_and_are_checked_again() {
 #[test]
 fn rejected_pushkeys_remove_their_device() {
     let sink = Sink::start();
-    let s = server(&sink);
-    let alice = s.signup("alice");
-    let bob = s.signup("bob");
-    let wid = s.workspace(&alice, &[&bob]);
-    let cid = s.channel(&wid, &alice, "general", &[&bob]);
+    let (s, alice, bob, cid) = pair(&sink);
     let gone = device(&s, &bob, "key-gone");
     let kept = device(&s, &bob, "key-kept");
     sink.answer(Answer::Reject(vec!["key-gone".into()]));
@@ -413,11 +417,7 @@ fn sigkill_loses_no_push() {
     const KILLS: usize = 3;
     const PER_ROUND: usize = 15;
     let sink = Sink::start();
-    let mut s = server(&sink);
-    let alice = s.signup("alice");
-    let bob = s.signup("bob");
-    let wid = s.workspace(&alice, &[&bob]);
-    let cid = s.channel(&wid, &alice, "general", &[&bob]);
+    let (mut s, alice, bob, cid) = pair(&sink);
     device(&s, &bob, "key-bob");
     let mut sent: Vec<String> = Vec::new();
     let mut repeats = Vec::new();
@@ -461,7 +461,11 @@ fn sigkill_loses_no_push() {
     }
     let mut last = 0;
     for (kill, total) in repeats.iter().enumerate() {
-        eprintln!("kill {}: {} repeated pushes", kill + 1, total - last);
+        let these = total - last;
+        eprintln!("kill {}: {these} repeated pushes", kill + 1);
+        // At most the requests in flight at the kill, and those answered since the
+        // sender last stored its cursor.
+        assert!(these <= IN_FLIGHT, "kill {}: {these} repeats", kill + 1);
         last = *total;
     }
     let repeated: usize = per_id.values().map(|n| n - 1).sum();

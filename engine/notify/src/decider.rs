@@ -81,16 +81,7 @@ pub fn spawn(
     let decided = match stored {
         Some(c) => c,
         None => {
-            let partitions = engine
-                .recovery()
-                .iter()
-                .map(|r| {
-                    (
-                        r.partition,
-                        r.snapshot_offset.unwrap_or(0) + r.replayed_events,
-                    )
-                })
-                .collect();
+            let partitions = engine.ends_at_open();
             let first = Cursors {
                 partitions,
                 meta: 0,

@@ -10,12 +10,13 @@
 //!   again. So items and the cursors that produced them become durable together, and no
 //!   decision is ever stored twice.
 //! - **The sender's cursor** is the byte offset before which every item was answered
-//!   (pushed, dropped, or given up), in `<data>/notify/sent`, written through a temporary
-//!   file, fsync, rename and directory fsync. Items at and after it are pending: they are
+//!   (pushed, dropped, or given up), with the offsets of the items after it answered too
+//!   (out of order), in `<data>/notify/sent`, written through a temporary file, fsync,
+//!   rename and directory fsync. The other items at and after it are pending: they are
 //!   kept in memory and sent (again, after a crash: a repeat carries the same `event_id`).
 
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -178,11 +179,17 @@ impl Outbox {
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)?;
         let (records, _) = scan(&bytes);
-        let sent = match std::fs::read_to_string(dir.join("sent")) {
-            Ok(s) => s.trim().parse::<u64>().unwrap_or(0),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        // The cursor, then the offsets of items after it that were answered too.
+        let text = match std::fs::read_to_string(dir.join("sent")) {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
             Err(e) => return Err(e),
         };
+        let mut numbers = text
+            .split_whitespace()
+            .filter_map(|n| n.parse::<u64>().ok());
+        let sent = numbers.next().unwrap_or(0);
+        let answered: BTreeSet<u64> = numbers.collect();
         let mut cursors = None;
         let mut kept = 0;
         let mut items = Vec::new();
@@ -196,7 +203,7 @@ impl Outbox {
                 }
             }
         }
-        items.retain(|p| p.end <= kept && p.at >= sent);
+        items.retain(|p| p.end <= kept && p.at >= sent && !answered.contains(&p.at));
         if (bytes.len() as u64) > kept {
             tracing::warn!(
                 cut = bytes.len() as u64 - kept,
@@ -281,9 +288,16 @@ impl Outbox {
         self.len() == 0
     }
 
-    /// Stores the sender's cursor durably.
-    pub fn store_sent(&self, sent: u64) -> std::io::Result<()> {
-        store_file(&self.dir.join("sent"), sent.to_string().as_bytes())
+    /// Stores the sender's cursor durably, with the offsets of the items after it that
+    /// were answered too (at most the requests in flight), so that a restart resends only
+    /// what was answered after this store.
+    pub fn store_sent(&self, sent: u64, answered: &BTreeSet<u64>) -> std::io::Result<()> {
+        let mut text = sent.to_string();
+        for at in answered.range(sent..) {
+            text.push(' ');
+            text.push_str(&at.to_string());
+        }
+        store_file(&self.dir.join("sent"), text.as_bytes())
     }
 }
 
@@ -326,7 +340,7 @@ mod tests {
         let taken = outbox.take();
         assert_eq!(taken.len(), 2);
         outbox.append(vec![item(3)], &cursors(20)).unwrap();
-        outbox.store_sent(taken[1].end).unwrap();
+        outbox.store_sent(taken[1].end, &BTreeSet::new()).unwrap();
         let whole = outbox.len();
         drop(outbox);
         // A batch whose cursors record was torn: items written, cursors not whole.
@@ -347,9 +361,22 @@ mod tests {
         f.write_all(&torn).unwrap();
         drop(f);
         let opened = Outbox::open(dir.path()).unwrap();
-        assert_eq!(opened.cursors.unwrap().partitions[&0], 20);
+        assert_eq!(opened.cursors.as_ref().unwrap().partitions[&0], 20);
         assert_eq!(opened.outbox.len(), whole);
-        let pending: Vec<u64> = opened.outbox.take().iter().map(|p| p.item.seq).collect();
-        assert_eq!(pending, vec![3]);
+        let pending = opened.outbox.take();
+        assert_eq!(
+            pending.iter().map(|p| p.item.seq).collect::<Vec<_>>(),
+            vec![3]
+        );
+        // An item answered after the cursor is not sent again.
+        let cursor = taken[0].at;
+        opened
+            .outbox
+            .store_sent(cursor, &[taken[1].at].into())
+            .unwrap();
+        drop(opened);
+        let again = Outbox::open(dir.path()).unwrap().outbox.take();
+        let seqs: Vec<u64> = again.iter().map(|p| p.item.seq).collect();
+        assert_eq!(seqs, vec![1, 3]);
     }
 }

@@ -15,15 +15,16 @@
 //! - **Rejected push keys.** A 200 answer's `rejected` keys remove the device through the
 //!   engine's push-device delete path (a metadata event, so the decider forgets it too).
 //! - **Cursor.** After items are answered, the offset before which every item is answered
-//!   is stored ([`Outbox::store_sent`]). A crash resends the items after it, with the
-//!   same `event_id` (the message ID): the only way a push repeats.
+//!   is stored, with the items answered after it ([`Outbox::store_sent`]). A crash resends
+//!   the items answered since the last store, with the same `event_id` (the message ID):
+//!   the only way a push repeats.
 
 use crate::outbox::{Item, Outbox, Pending};
 use chorus_engine::ids::{ChannelId, DeviceId, MessageId, UserId, WorkspaceId};
 use chorus_engine::{Engine, EngineError};
 use futures::channel::oneshot;
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -96,11 +97,13 @@ enum Check {
 }
 
 impl Sender {
-    async fn run(self, outbox: Arc<Outbox>, mut stored: u64, mut stop: oneshot::Receiver<()>) {
+    async fn run(self, outbox: Arc<Outbox>, sent: u64, mut stop: oneshot::Receiver<()>) {
         let mut waiting: VecDeque<Pending> = VecDeque::new();
         // Items taken and not answered: offset → offset after.
         let mut open: BTreeMap<u64, u64> = BTreeMap::new();
-        let mut taken_end = stored;
+        let mut taken_end = sent;
+        // Items answered after the first open one (they are answered out of order).
+        let mut answered: BTreeSet<u64> = BTreeSet::new();
         let mut tasks = tokio::task::JoinSet::new();
         loop {
             for p in outbox.take() {
@@ -119,18 +122,18 @@ impl Sender {
             tokio::select! {
                 _ = outbox.appended.notified() => {}
                 Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                    if let Ok(at) = done {
-                        open.remove(&at);
-                    }
+                    let mut finished: Vec<u64> = done.into_iter().collect();
                     while let Some(Ok(at)) = tasks.try_join_next() {
+                        finished.push(at);
+                    }
+                    for at in finished {
                         open.remove(&at);
+                        answered.insert(at);
                     }
                     let cursor = open.keys().next().copied().unwrap_or(taken_end);
-                    if cursor > stored {
-                        match outbox.store_sent(cursor) {
-                            Ok(()) => stored = cursor,
-                            Err(e) => tracing::error!(error = %e, "notify sender: cursor not stored"),
-                        }
+                    answered = answered.split_off(&cursor);
+                    if let Err(e) = outbox.store_sent(cursor, &answered) {
+                        tracing::error!(error = %e, "notify sender: cursor not stored");
                     }
                 }
                 _ = &mut stop => return,
