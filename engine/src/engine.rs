@@ -1300,7 +1300,7 @@ impl Engine {
         workspace: WorkspaceId,
         users: &[UserId],
     ) -> Result<Vec<(UserId, crate::presence::Presence)>, EngineError> {
-        use crate::presence::{home_shard, PRESENCE_QUERY_MAX};
+        use crate::presence::PRESENCE_QUERY_MAX;
         if users.len() > PRESENCE_QUERY_MAX {
             return Err(DomainError::TooMany(format!(
                 "at most {PRESENCE_QUERY_MAX} user ids per query, not {}",
@@ -1320,25 +1320,9 @@ impl Engine {
                 wanted.push(*u);
             }
         }
-        let shards = self.inner.routes.shard_count();
-        let mut by_shard: std::collections::BTreeMap<u32, Vec<UserId>> = Default::default();
-        for u in &wanted {
-            by_shard.entry(home_shard(*u, shards)).or_default().push(*u);
-        }
-        let (tx, rx) = oneshot::channel();
-        let gather = crate::runtime::PresenceGather::new(by_shard.len(), Vec::new(), tx);
-        for (shard, users) in by_shard {
-            let out = gather.clone();
-            let msg = ShardMsg::PresenceQuery {
-                asker: Some(asker),
-                users,
-                out,
-            };
-            self.inner.routes.send(shard, msg).await?;
-        }
-        let found: std::collections::HashMap<UserId, crate::presence::Presence> = rx
-            .await
-            .map_err(|_| Unavailable::ShardStopped)??
+        let found: std::collections::HashMap<UserId, crate::presence::Presence> = self
+            .ask_presence_owners(Some(asker), &wanted)
+            .await?
             .into_iter()
             .map(|(u, p, _)| (u, p))
             .collect();
@@ -1355,29 +1339,13 @@ impl Engine {
         &self,
         users: &[UserId],
     ) -> Result<Vec<(UserId, crate::presence::Reach)>, EngineError> {
-        use crate::presence::{home_shard, Reach, PRESENCE_QUERY_MAX};
+        use crate::presence::{Reach, PRESENCE_QUERY_MAX};
         if users.len() > PRESENCE_QUERY_MAX {
             return Err(DomainError::TooMany(format!("at most {PRESENCE_QUERY_MAX} users")).into());
         }
-        let shards = self.inner.routes.shard_count();
-        let mut by_shard: std::collections::BTreeMap<u32, Vec<UserId>> = Default::default();
-        for u in users {
-            by_shard.entry(home_shard(*u, shards)).or_default().push(*u);
-        }
-        let (tx, rx) = oneshot::channel();
-        let gather = crate::runtime::PresenceGather::new(by_shard.len(), Vec::new(), tx);
-        for (shard, users) in by_shard {
-            let out = gather.clone();
-            let msg = ShardMsg::PresenceQuery {
-                asker: None,
-                users,
-                out,
-            };
-            self.inner.routes.send(shard, msg).await?;
-        }
-        let found: std::collections::HashMap<UserId, Reach> = rx
-            .await
-            .map_err(|_| Unavailable::ShardStopped)??
+        let found: std::collections::HashMap<UserId, Reach> = self
+            .ask_presence_owners(None, users)
+            .await?
             .into_iter()
             .map(|(u, _, bits)| (u, Reach::from_bits(bits)))
             .collect();
@@ -1385,6 +1353,28 @@ impl Engine {
             .iter()
             .map(|u| (*u, found.get(u).copied().unwrap_or_default()))
             .collect())
+    }
+
+    /// Asks each user's presence owner (their home shard) about them, all owners at once.
+    async fn ask_presence_owners(
+        &self,
+        asker: Option<UserId>,
+        users: &[UserId],
+    ) -> Result<crate::runtime::Presences, EngineError> {
+        let shards = self.inner.routes.shard_count();
+        let mut by_shard: std::collections::BTreeMap<u32, Vec<UserId>> = Default::default();
+        for u in users {
+            let home = crate::presence::home_shard(*u, shards);
+            by_shard.entry(home).or_default().push(*u);
+        }
+        let (tx, rx) = oneshot::channel();
+        let gather = crate::runtime::PresenceGather::new(by_shard.len(), Vec::new(), tx);
+        for (shard, users) in by_shard {
+            let out = gather.clone();
+            let msg = ShardMsg::PresenceQuery { asker, users, out };
+            self.inner.routes.send(shard, msg).await?;
+        }
+        rx.await.map_err(|_| Unavailable::ShardStopped)?
     }
 
     /// Subscribes to the events of every channel the user is in, live from now. From a
