@@ -431,6 +431,20 @@ impl Engine {
         self.inner.recovery.lock().expect("recovery").clone()
     }
 
+    /// Each partition's log end when the engine opened (the offset after its last event):
+    /// where a consumer that starts now has caught up with what came before it.
+    pub fn ends_at_open(&self) -> std::collections::BTreeMap<u32, u64> {
+        self.recovery()
+            .iter()
+            .map(|r| {
+                (
+                    r.partition,
+                    r.snapshot_offset.unwrap_or(0) + r.replayed_events,
+                )
+            })
+            .collect()
+    }
+
     /// The configuration it runs with.
     pub fn config(&self) -> &EngineConfig {
         &self.inner.config
@@ -1281,7 +1295,7 @@ impl Engine {
         workspace: WorkspaceId,
         users: &[UserId],
     ) -> Result<Vec<(UserId, crate::presence::Presence)>, EngineError> {
-        use crate::presence::{home_shard, PRESENCE_QUERY_MAX};
+        use crate::presence::PRESENCE_QUERY_MAX;
         if users.len() > PRESENCE_QUERY_MAX {
             return Err(DomainError::TooMany(format!(
                 "at most {PRESENCE_QUERY_MAX} user ids per query, not {}",
@@ -1301,10 +1315,52 @@ impl Engine {
                 wanted.push(*u);
             }
         }
+        let found: std::collections::HashMap<UserId, crate::presence::Presence> = self
+            .ask_presence_owners(Some(asker), &wanted)
+            .await?
+            .into_iter()
+            .map(|(u, p, _)| (u, p))
+            .collect();
+        Ok(wanted
+            .into_iter()
+            .filter_map(|u| found.get(&u).map(|p| (u, *p)))
+            .collect())
+    }
+
+    /// What decides a push for each of `users` (`API.md` §13), from their presence owners:
+    /// for the notification decider, which has checked they are members of the message's
+    /// channel. In the order asked; at most [`crate::presence::PRESENCE_QUERY_MAX`].
+    pub async fn reach(
+        &self,
+        users: &[UserId],
+    ) -> Result<Vec<(UserId, crate::presence::Reach)>, EngineError> {
+        use crate::presence::{Reach, PRESENCE_QUERY_MAX};
+        if users.len() > PRESENCE_QUERY_MAX {
+            return Err(DomainError::TooMany(format!("at most {PRESENCE_QUERY_MAX} users")).into());
+        }
+        let found: std::collections::HashMap<UserId, Reach> = self
+            .ask_presence_owners(None, users)
+            .await?
+            .into_iter()
+            .map(|(u, _, bits)| (u, Reach::from_bits(bits)))
+            .collect();
+        Ok(users
+            .iter()
+            .map(|u| (*u, found.get(u).copied().unwrap_or_default()))
+            .collect())
+    }
+
+    /// Asks each user's presence owner (their home shard) about them, all owners at once.
+    async fn ask_presence_owners(
+        &self,
+        asker: Option<UserId>,
+        users: &[UserId],
+    ) -> Result<crate::runtime::Presences, EngineError> {
         let shards = self.inner.routes.shard_count();
         let mut by_shard: std::collections::BTreeMap<u32, Vec<UserId>> = Default::default();
-        for u in &wanted {
-            by_shard.entry(home_shard(*u, shards)).or_default().push(*u);
+        for u in users {
+            let home = crate::presence::home_shard(*u, shards);
+            by_shard.entry(home).or_default().push(*u);
         }
         let (tx, rx) = oneshot::channel();
         let gather = crate::runtime::PresenceGather::new(by_shard.len(), Vec::new(), tx);
@@ -1313,16 +1369,7 @@ impl Engine {
             let msg = ShardMsg::PresenceQuery { asker, users, out };
             self.inner.routes.send(shard, msg).await?;
         }
-        let found: std::collections::HashMap<UserId, crate::presence::Presence> = rx
-            .await
-            .map_err(|_| Unavailable::ShardStopped)??
-            .into_iter()
-            .map(|(u, p, _)| (u, p))
-            .collect();
-        Ok(wanted
-            .into_iter()
-            .filter_map(|u| found.get(&u).map(|p| (u, *p)))
-            .collect())
+        rx.await.map_err(|_| Unavailable::ShardStopped)?
     }
 
     /// Subscribes to the events of every channel the user is in, live from now. From a

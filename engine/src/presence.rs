@@ -150,6 +150,34 @@ pub struct OwnPresence {
     pub dnd_until_us: Option<u64>,
 }
 
+/// What decides a push (`API.md` §13), as the presence owner knows it now: an open
+/// connection in the `active` state (closed ones and the offline grace do not count), mode
+/// `dnd` (connected or not), and whether others see the user online (for `@here`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reach {
+    /// A connection is open and active.
+    pub active: bool,
+    /// The mode is `dnd`.
+    pub dnd: bool,
+    /// Others do not see them `offline`.
+    pub online: bool,
+}
+
+impl Reach {
+    /// In one word, for the gather of presence answers.
+    pub(crate) fn bits(self) -> u64 {
+        self.active as u64 | (self.dnd as u64) << 1 | (self.online as u64) << 2
+    }
+
+    pub(crate) fn from_bits(b: u64) -> Reach {
+        Reach {
+            active: b & 1 != 0,
+            dnd: b & 2 != 0,
+            online: b & 4 != 0,
+        }
+    }
+}
+
 /// A connection as the presence owner knows it: its shard and its subscription's ID on
 /// that shard, in one word (16 bits of shard, 48 of subscription), so that a watcher costs
 /// 8 bytes in a watched user's list.
@@ -316,6 +344,15 @@ impl PresenceTable {
     /// What others see of `user` now.
     pub fn get(&self, user: UserId) -> Presence {
         self.users.get(&user).map_or(Presence::OFFLINE, |e| e.shown)
+    }
+
+    /// What the notification decider needs of `user` (`API.md` §13), whatever others see.
+    pub fn reach(&self, user: UserId) -> Reach {
+        self.users.get(&user).map_or(Reach::default(), |e| Reach {
+            active: e.conns.iter().any(|(_, active)| *active),
+            dnd: e.mode == Mode::Dnd,
+            online: e.shown.status != Status::Offline,
+        })
     }
 
     /// The mode `user` chose, and the end of `dnd` shown, if any.

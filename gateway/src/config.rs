@@ -182,6 +182,9 @@ pub struct Config {
     pub s3_secret_access_key: String,
     /// Whether the S3 endpoint may be plain HTTP.
     pub s3_allow_http: bool,
+    /// The full URL of the push gateway's notify endpoint (`API.md` §13), for example
+    /// `http://127.0.0.1:5000/_matrix/push/v1/notify`; empty: no pushes, and no decider.
+    pub push_gateway_url: String,
 }
 
 impl Default for Config {
@@ -229,6 +232,7 @@ impl Default for Config {
             s3_access_key_id: String::new(),
             s3_secret_access_key: String::new(),
             s3_allow_http: false,
+            push_gateway_url: String::new(),
         }
     }
 }
@@ -278,6 +282,13 @@ impl Config {
         let bucket = self.blob_store.strip_prefix("s3://");
         if self.blob_store != "disk" && bucket.is_none_or(|b| b.trim_end_matches('/').is_empty()) {
             return Err(invalid("blob_store", "\"disk\" or \"s3://BUCKET\"".into()));
+        }
+        let url = &self.push_gateway_url;
+        if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(invalid(
+                "push_gateway_url",
+                "an http:// or https:// URL, or empty".into(),
+            ));
         }
         if self.partitions == 0 || self.partitions > PARTITIONS_MAX {
             return Err(invalid("partitions", format!("1 to {PARTITIONS_MAX}")));

@@ -38,6 +38,8 @@ pub enum ServeError {
 
 /// The search indexer's consumer name.
 const SEARCH_CONSUMER: &str = "search-index";
+/// The notification decider's consumer name.
+const NOTIFY_CONSUMER: &str = "notify-decider";
 
 /// Runs the server until SIGTERM or SIGINT, then drains and returns.
 pub fn serve(config: Config) -> Result<(), ServeError> {
@@ -59,6 +61,12 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         crate::workspace_metrics::CONSUMER_NAME.to_owned(),
         SEARCH_CONSUMER.to_owned(),
     ];
+    // The decider runs only where pushes can go: a declared consumer that never reads
+    // would pin every log (the retention watermark).
+    let pushing = !config.push_gateway_url.is_empty();
+    if pushing {
+        engine_config.consumers.push(NOTIFY_CONSUMER.to_owned());
+    }
     // The ports first: a server that cannot listen must not have opened the data.
     let (addr, reserve) = reserve_port(config.http, socket2::Type::STREAM)?;
     let (quic_addr, reserve_quic) = reserve_port(config.quic, socket2::Type::DGRAM)?;
@@ -147,6 +155,15 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         };
         (tx, chorus_search::indexer::spawn(search, config, rx)?)
     };
+    let notifier = match pushing {
+        true => Some(chorus_notify::start(
+            &engine,
+            NOTIFY_CONSUMER,
+            &config.data_dir.join("notify"),
+            &config.push_gateway_url,
+        )?),
+        false => None,
+    };
     {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
@@ -172,6 +189,9 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     // The indexer commits what it has read and stops before the engine does.
     let _ = stop_indexing.send(());
     let _ = indexer.join();
+    if let Some(n) = notifier {
+        n.stop();
+    }
     stop_housekeeping.store(true, Ordering::Relaxed);
     housekeeper.thread().unpark();
     let _ = housekeeper.join();

@@ -116,17 +116,7 @@ fn run(
     };
     // Each partition's log end when the engine opened: the index is ready once its
     // cursors reached all of them.
-    let ends: BTreeMap<u32, u64> = config
-        .engine
-        .recovery()
-        .iter()
-        .map(|r| {
-            (
-                r.partition,
-                r.snapshot_offset.unwrap_or(0) + r.replayed_events,
-            )
-        })
-        .collect();
+    let ends: BTreeMap<u32, u64> = config.engine.ends_at_open();
     let partitions = config.engine.config().partitions;
     loop {
         let mut indexer = match Indexer::new(&search, &consumer, &config, &ends) {

@@ -304,3 +304,28 @@ fn update_records_round_trip() {
     assert!(!Update::is_update(br#"{"type":"event"}"#));
     assert_eq!(Update::decode(br#"{"type":"event"}"#), None);
 }
+
+// What reaches a user for pushes: an active open connection, not the grace after it; mode
+// `dnd` with or without a connection; and its bits round-trip.
+#[test]
+fn reach_counts_open_active_connections_and_dnd() {
+    let t0 = Instant::now();
+    let mut table = PresenceTable::new(GRACE);
+    let u = UserId(9);
+    let a = ConnKey::new(0, 1);
+    assert_eq!(table.reach(u), Reach::default());
+    table.connect(EPOCH_US, u, a);
+    assert!(table.reach(u).active && table.reach(u).online);
+    table.activity(EPOCH_US, u, a, false);
+    assert!(!table.reach(u).active && table.reach(u).online);
+    table.activity(EPOCH_US, u, a, true);
+    table.disconnect(t0, EPOCH_US, u, a);
+    let graced = table.reach(u);
+    assert!(!graced.active && graced.online, "{graced:?}");
+    let v = UserId(10);
+    table.set_mode(t0, EPOCH_US, v, Mode::Dnd, None);
+    assert!(table.reach(v).dnd && !table.reach(v).active);
+    for r in [graced, table.reach(v)] {
+        assert_eq!(Reach::from_bits(r.bits()), r);
+    }
+}

@@ -379,9 +379,11 @@ pub(crate) enum ShardMsg {
         remove: Vec<UserId>,
         out: Option<Arc<PresenceGather>>,
     },
-    /// What users whose presence this shard owns show, as `asker` may see them.
+    /// What users whose presence this shard owns show, as `asker` may see them; with no
+    /// asker (the notification decider), what reaches them instead: each answer's third
+    /// field is [`crate::presence::Reach::bits`].
     PresenceQuery {
-        asker: UserId,
+        asker: Option<UserId>,
         users: Vec<UserId>,
         out: Arc<PresenceGather>,
     },

@@ -638,9 +638,16 @@ impl<E: Env> Shard<E> {
                 let meta = self.meta.borrow();
                 let found = users
                     .into_iter()
-                    .map(|user| match meta.share_workspace(asker, user) {
-                        true => (user, self.presence.get(user), 0),
-                        false => (user, crate::presence::Presence::OFFLINE, 0),
+                    .map(|user| match asker {
+                        None => (
+                            user,
+                            self.presence.get(user),
+                            self.presence.reach(user).bits(),
+                        ),
+                        Some(asker) if meta.share_workspace(asker, user) => {
+                            (user, self.presence.get(user), 0)
+                        }
+                        Some(_) => (user, crate::presence::Presence::OFFLINE, 0),
                     })
                     .collect();
                 out.add(found);

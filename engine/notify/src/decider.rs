@@ -1,0 +1,354 @@
+//! The decider: a committed-event consumer, on a thread of its own (never a shard's), that
+//! turns each new message into the push items of the outbox.
+//!
+//! - **Its own state.** It reads every channel partition (one read in flight each) and the
+//!   metadata log (one read), and keeps what it needs from them: each channel's members
+//!   (member joined/left), kind and name; users' display names; and everyone's
+//!   notification preferences and push devices (`MetaEvent::Notify`, applied to a
+//!   [`NotifyState`] of its own). So a message costs the shard that committed it nothing.
+//! - **Restart.** That state is not stored: at start the decider reads every log from its
+//!   beginning, and events before its stored cursors only rebuild state; events at and
+//!   after them are decided. On a first start (no outbox) the cursors are the logs' ends
+//!   when the engine opened: nothing posted before notifications were switched on is
+//!   pushed. Because it reads the logs from the start, it acknowledges no cursor: it pins
+//!   its logs for the retention watermark until it stores a snapshot of its state.
+//! - **Deciding.** For a new message: the candidates are the members but the author whose
+//!   level (the channel's, else `prefs.push`) lets it through (`all`; `mentions` only on a
+//!   mention, `@channel`/`@here`, a keyword, or a DM), not muted, and with a device. Only
+//!   for those is presence asked (`Engine::reach`, one message to each of their presence
+//!   owners, off the send path): an open connection in the `active` state, or mode `dnd`,
+//!   means no push (a closed connection in its offline grace does not count). Then
+//!   [`rules::decide`] has the last word (DND schedule included) and each device gets an
+//!   item. Read state is checked by the sender, just before the push goes out.
+//! - **Durability.** The items of everything read in one round and the cursors after it
+//!   are appended to the outbox in one write and one fsync ([`crate::outbox`]).
+
+use crate::outbox::{Cursors, Item, Outbox};
+use chorus_engine::consumer::{CommittedKind, CommittedPage, LogId};
+use chorus_engine::domain::event::{Body, ChannelEvent, ChannelKind, ChannelRecord, MetaEvent};
+use chorus_engine::domain::notify::rules::{self, Message, Recipient};
+use chorus_engine::domain::notify::{Level, NotifyState};
+use chorus_engine::ids::{ChannelId, UserId};
+use chorus_engine::presence::Reach;
+use chorus_engine::{Consumer, Engine, EngineError};
+use futures::channel::oneshot;
+use futures::future::{select, Either, FutureExt, LocalBoxFuture};
+use futures::stream::{FuturesUnordered, StreamExt};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long the decider waits before reading a log again after a read failed.
+pub const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
+type Read = (LogId, Result<CommittedPage, EngineError>);
+
+#[derive(Default)]
+struct Channel {
+    kind: Option<ChannelKind>,
+    name: String,
+    members: BTreeSet<UserId>,
+}
+
+/// The decider's state, built from the events it reads.
+pub struct Decider {
+    engine: Engine,
+    consumer: Consumer,
+    outbox: Arc<Outbox>,
+    /// The stored cursors: events before them are already decided.
+    decided: Cursors,
+    /// The offsets to read next.
+    reading: Cursors,
+    channels: HashMap<ChannelId, Channel>,
+    names: HashMap<UserId, String>,
+    notify: NotifyState,
+    /// Items decided in this round.
+    items: Vec<Item>,
+}
+
+/// Starts the decider on a thread of its own. It stops when `stop` fires (or its sender is
+/// dropped), after storing what it has decided.
+pub fn spawn(
+    engine: Engine,
+    consumer: &str,
+    outbox: Arc<Outbox>,
+    stored: Option<Cursors>,
+    stop: oneshot::Receiver<()>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let consumer = engine
+        .consumer(consumer)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let decided = match stored {
+        Some(c) => c,
+        None => {
+            let partitions = engine.ends_at_open();
+            let first = Cursors {
+                partitions,
+                meta: 0,
+            };
+            // Stored at once, so that a restart before the first message keeps them.
+            outbox.append(Vec::new(), &first)?;
+            first
+        }
+    };
+    let decider = Decider {
+        engine,
+        consumer,
+        outbox,
+        decided,
+        reading: Cursors::default(),
+        channels: HashMap::new(),
+        names: HashMap::new(),
+        notify: NotifyState::default(),
+        items: Vec::new(),
+    };
+    std::thread::Builder::new()
+        .name("notify-decider".into())
+        .spawn(move || decider.run(stop))
+}
+
+impl Decider {
+    fn read(&self, log: LogId) -> LocalBoxFuture<'static, Read> {
+        let consumer = self.consumer.clone();
+        let from = match log {
+            LogId::Meta => self.reading.meta,
+            LogId::Partition(p) => self.reading.partitions.get(&p).copied().unwrap_or(0),
+        };
+        Box::pin(async move { (log, consumer.read(log, from).await) })
+    }
+
+    fn run(mut self, mut stop: oneshot::Receiver<()>) {
+        // The metadata log first, up to where it was read before the restart: preferences
+        // and devices known then are known before any message is decided again.
+        while self.reading.meta < self.decided.meta {
+            let read = self.read(LogId::Meta);
+            match futures::executor::block_on(select(read, &mut stop)) {
+                Either::Left((read, _)) => self.apply_page(read),
+                Either::Right(_) => return,
+            }
+        }
+        let partitions = self.engine.config().partitions;
+        let mut reads: FuturesUnordered<LocalBoxFuture<'static, Read>> = (0..partitions)
+            .map(|p| self.read(LogId::Partition(p)))
+            .chain([self.read(LogId::Meta)])
+            .collect();
+        loop {
+            let read = match futures::executor::block_on(select(reads.next(), &mut stop)) {
+                Either::Left((Some(read), _)) => read,
+                _ => return,
+            };
+            self.take(read, &mut reads);
+            while let Some(Some(read)) = reads.next().now_or_never() {
+                self.take(read, &mut reads);
+            }
+            if let Err(e) = self.store() {
+                // The outbox cannot be written: stop deciding rather than lose decisions;
+                // a restart decides again from the stored cursors.
+                tracing::error!(error = %e, "notify decider: the outbox failed; stopping");
+                return;
+            }
+        }
+    }
+
+    /// Stores the round's items with the cursors after them, if anything was decided.
+    fn store(&mut self) -> std::io::Result<()> {
+        let mut moved = self.reading.meta > self.decided.meta;
+        for (p, at) in &self.reading.partitions {
+            let decided = self.decided.partitions.entry(*p).or_insert(0);
+            if *at > *decided {
+                *decided = *at;
+                moved = true;
+            }
+        }
+        self.decided.meta = self.decided.meta.max(self.reading.meta);
+        if !moved {
+            return Ok(());
+        }
+        let items = std::mem::take(&mut self.items);
+        self.outbox.append(items, &self.decided)
+    }
+
+    /// Applies one page and asks for the next.
+    fn take(&mut self, read: Read, reads: &mut FuturesUnordered<LocalBoxFuture<'static, Read>>) {
+        let log = read.0;
+        self.apply_page(read);
+        reads.push(self.read(log));
+    }
+
+    fn apply_page(&mut self, (log, page): Read) {
+        match page {
+            Ok(page) => {
+                let from = match log {
+                    LogId::Meta => self.decided.meta,
+                    LogId::Partition(p) => self.decided.partitions.get(&p).copied().unwrap_or(0),
+                };
+                for e in &page.events {
+                    match &e.event {
+                        CommittedKind::Channel(r) => self.apply(r, e.offset >= from),
+                        CommittedKind::Meta(r) => self.apply_meta(&r.event),
+                        CommittedKind::Read(_) => {}
+                    }
+                }
+                match log {
+                    LogId::Meta => self.reading.meta = page.next,
+                    LogId::Partition(p) => {
+                        self.reading.partitions.insert(p, page.next);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, ?log, "notify decider: read failed");
+                std::thread::sleep(RETRY_INTERVAL);
+            }
+        }
+    }
+
+    fn apply_meta(&mut self, event: &MetaEvent) {
+        match event {
+            MetaEvent::UserCreated { user, name, .. } => {
+                self.names.insert(*user, name.clone());
+            }
+            MetaEvent::ChannelCreated {
+                channel,
+                name,
+                kind,
+                ..
+            } => {
+                let c = self.channels.entry(*channel).or_default();
+                c.kind = Some(*kind);
+                c.name = name.clone();
+            }
+            MetaEvent::Notify(change) => self.notify.apply(change),
+            _ => {}
+        }
+    }
+
+    fn apply(&mut self, r: &ChannelRecord, new: bool) {
+        match &r.event {
+            ChannelEvent::MemberJoined { user, .. } => {
+                self.channels
+                    .entry(r.channel)
+                    .or_default()
+                    .members
+                    .insert(*user);
+            }
+            ChannelEvent::MemberLeft { user, .. } => {
+                self.channels
+                    .entry(r.channel)
+                    .or_default()
+                    .members
+                    .remove(user);
+            }
+            _ if new => self.decide(r),
+            _ => {}
+        }
+    }
+
+    /// The members who could be notified of this message by their level alone, with a
+    /// device: the candidates, before presence and the rules' last word.
+    fn candidates(&self, r: &ChannelRecord, m: &Message<'_>) -> Vec<UserId> {
+        let Some(channel) = self.channels.get(&r.channel) else {
+            return Vec::new();
+        };
+        channel
+            .members
+            .iter()
+            .copied()
+            .filter(|u| *u != m.author)
+            .filter(|u| {
+                let prefs = self.notify.prefs(*u);
+                let cp = self.notify.channel(*u, r.channel);
+                if cp.muted {
+                    return false;
+                }
+                match rules::level(cp, prefs.push) {
+                    Level::All => true,
+                    Level::None => false,
+                    Level::Mentions => {
+                        m.direct
+                            || rules::mentioned(*u, m.mentions, true)
+                            || rules::keyword_in(&prefs.keywords, m.text)
+                    }
+                }
+            })
+            .filter(|u| !self.notify.devices(*u).is_empty())
+            .collect()
+    }
+
+    fn decide(&mut self, r: &ChannelRecord) {
+        let Some(posted) = r.event.posted() else {
+            return;
+        };
+        let channel = self.channels.get(&r.channel);
+        let direct = channel
+            .and_then(|c| c.kind)
+            .is_some_and(ChannelKind::is_direct);
+        // A body kept in the blob store (over 64 KiB) is not read here: no keyword
+        // matches it; mentions and levels still apply.
+        let text = match posted.body {
+            Body::Text(t) => t.as_str(),
+            Body::Blob { .. } => "",
+        };
+        let m = Message {
+            author: posted.user,
+            text,
+            mentions: posted.mentions,
+            direct,
+        };
+        let candidates = self.candidates(r, &m);
+        if candidates.is_empty() {
+            return;
+        }
+        let reach = self.reach(&candidates);
+        let now = jiff::Timestamp::now();
+        let room_name = channel.map(|c| c.name.clone()).unwrap_or_default();
+        let author_name = self.names.get(&posted.user).cloned().unwrap_or_default();
+        for user in candidates {
+            let reach = reach.get(&user).copied().unwrap_or_default();
+            // An active connection sees the message live.
+            if reach.active {
+                continue;
+            }
+            let prefs = self.notify.prefs(user);
+            let recipient = Recipient {
+                user,
+                prefs,
+                channel: self.notify.channel(user, r.channel),
+                online: reach.online,
+                dnd_mode: reach.dnd,
+            };
+            if !rules::decide(&recipient, &m, now).push {
+                continue;
+            }
+            let high = rules::concerns(&recipient, &m);
+            for d in self.notify.devices(user) {
+                self.items.push(Item {
+                    channel: r.channel.0,
+                    seq: r.seq,
+                    workspace: r.workspace.0,
+                    user: user.0,
+                    device: d.id.0,
+                    app_id: d.app_id.clone(),
+                    pushkey: d.pushkey.clone(),
+                    author: posted.user.0,
+                    author_name: author_name.clone(),
+                    room_name: room_name.clone(),
+                    high,
+                });
+            }
+        }
+    }
+
+    /// What reaches each candidate, asked of their presence owners. When it cannot be
+    /// asked, everyone counts as away and reachable: a push too many rather than one lost.
+    fn reach(&self, users: &[UserId]) -> HashMap<UserId, Reach> {
+        let mut found = HashMap::new();
+        for chunk in users.chunks(chorus_engine::presence::PRESENCE_QUERY_MAX) {
+            match futures::executor::block_on(self.engine.reach(chunk)) {
+                Ok(list) => found.extend(list),
+                Err(e) => tracing::warn!(error = %e, "notify decider: presence not known"),
+            }
+        }
+        found
+    }
+}

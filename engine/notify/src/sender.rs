@@ -1,0 +1,257 @@
+//! The push sender: on a thread of its own with a tokio current-thread runtime (never a
+//! shard's), it POSTs the outbox's items to the push gateway in the Matrix push gateway
+//! format (`API.md` §13).
+//!
+//! - **Client.** One `reqwest` client: keep-alive connections, at most [`IN_FLIGHT`]
+//!   requests at once (items wait in memory, in log order, for a place).
+//! - **Checked again before each attempt.** The message is read as the recipient sees it:
+//!   deleted, or no longer theirs to read (they left) → dropped; edited → the current
+//!   text. Their read marker at or past it → dropped. So nothing read is pushed, whatever
+//!   the delay.
+//! - **Retry.** A 5xx, a 429 or a connection error is retried after an exponential
+//!   backoff with jitter ([`backoff`]), for as long as it takes: an item is answered only
+//!   by the gateway, or dropped by the checks. Another 4xx gives the item up (the gateway
+//!   will never take that body), with a warning.
+//! - **Rejected push keys.** A 200 answer's `rejected` keys remove the device through the
+//!   engine's push-device delete path (a metadata event, so the decider forgets it too).
+//! - **Cursor.** After items are answered, the offset before which every item is answered
+//!   is stored, with the items answered after it ([`Outbox::store_sent`]). A crash resends
+//!   the items answered since the last store, with the same `event_id` (the message ID):
+//!   the only way a push repeats.
+
+use crate::outbox::{Item, Outbox, Pending};
+use chorus_engine::ids::{ChannelId, DeviceId, MessageId, UserId, WorkspaceId};
+use chorus_engine::{Engine, EngineError};
+use futures::channel::oneshot;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Most push requests in flight at once.
+pub const IN_FLIGHT: usize = 32;
+/// The first retry's delay.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// The longest delay between two attempts.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long one request may take before it counts as a connection error.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Read state is asked in pages of this many channels.
+const UNREADS_PAGE: usize = 500;
+
+/// The delay before attempt `n + 1` (after `n` failures): doubling from [`BACKOFF_MIN`] up
+/// to [`BACKOFF_MAX`], then a random point in its upper half, so that many items failing
+/// together do not retry together.
+pub fn backoff(failures: u32) -> Duration {
+    let full = BACKOFF_MIN
+        .saturating_mul(1u32 << failures.min(16))
+        .min(BACKOFF_MAX);
+    let half = full / 2;
+    half + half.mul_f64(fastrand::f64())
+}
+
+/// Starts the sender on a thread of its own; it stops when `stop` fires or its sender is
+/// dropped (items not answered yet are sent after the next start).
+pub fn spawn(
+    engine: Engine,
+    url: String,
+    outbox: Arc<Outbox>,
+    sent: u64,
+    stop: oneshot::Receiver<()>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(IN_FLIGHT)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .timeout(REQUEST_TIMEOUT)
+        .build()
+        .map_err(std::io::Error::other)?;
+    std::thread::Builder::new()
+        .name("notify-push".into())
+        .spawn(move || {
+            let local = tokio::task::LocalSet::new();
+            let sender = Sender {
+                engine,
+                url,
+                client,
+            };
+            local.block_on(&runtime, sender.run(outbox, sent, stop));
+        })
+}
+
+#[derive(Clone)]
+struct Sender {
+    engine: Engine,
+    url: String,
+    client: reqwest::Client,
+}
+
+/// What the checks before an attempt found.
+enum Check {
+    /// Send this body.
+    Send(Value),
+    /// Read, deleted, or no longer the recipient's: nothing to send.
+    Drop(&'static str),
+}
+
+impl Sender {
+    async fn run(self, outbox: Arc<Outbox>, sent: u64, mut stop: oneshot::Receiver<()>) {
+        let mut waiting: VecDeque<Pending> = VecDeque::new();
+        // Items taken and not answered: offset → offset after.
+        let mut open: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut taken_end = sent;
+        // Items answered after the first open one (they are answered out of order).
+        let mut answered: BTreeSet<u64> = BTreeSet::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            for p in outbox.take() {
+                open.insert(p.at, p.end);
+                taken_end = taken_end.max(p.end);
+                waiting.push_back(p);
+            }
+            while tasks.len() < IN_FLIGHT {
+                let Some(p) = waiting.pop_front() else { break };
+                let sender = self.clone();
+                tasks.spawn_local(async move {
+                    sender.send(&p.item).await;
+                    p.at
+                });
+            }
+            tokio::select! {
+                _ = outbox.appended.notified() => {}
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                    let mut finished: Vec<u64> = done.into_iter().collect();
+                    while let Some(Ok(at)) = tasks.try_join_next() {
+                        finished.push(at);
+                    }
+                    for at in finished {
+                        open.remove(&at);
+                        answered.insert(at);
+                    }
+                    let cursor = open.keys().next().copied().unwrap_or(taken_end);
+                    answered = answered.split_off(&cursor);
+                    if let Err(e) = outbox.store_sent(cursor, &answered) {
+                        tracing::error!(error = %e, "notify sender: cursor not stored");
+                    }
+                }
+                _ = &mut stop => return,
+            }
+        }
+    }
+
+    /// Sends one item until the gateway answers it or the checks drop it.
+    async fn send(&self, item: &Item) {
+        let mut failures = 0;
+        loop {
+            match self.check(item).await {
+                Ok(Check::Drop(why)) => {
+                    tracing::debug!(why, seq = item.seq, "notify sender: push dropped");
+                    return;
+                }
+                Ok(Check::Send(body)) => match self.post(item, &body).await {
+                    Ok(()) => return,
+                    Err(e) => tracing::warn!(error = %e, failures, "notify sender: push failed"),
+                },
+                Err(e) => tracing::warn!(error = %e, "notify sender: checks failed"),
+            }
+            tokio::time::sleep(backoff(failures)).await;
+            failures += 1;
+        }
+    }
+
+    /// Posts a body: `Ok` once answered (2xx, or a 4xx that no retry would change).
+    async fn post(&self, item: &Item, body: &Value) -> Result<(), String> {
+        let resp = self
+            .client
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = resp.status();
+        if status.is_server_error() || status.as_u16() == 429 {
+            return Err(format!("push gateway answered {status}"));
+        }
+        if !status.is_success() {
+            tracing::warn!(%status, seq = item.seq, "notify sender: the push gateway refused a push; given up");
+            return Ok(());
+        }
+        let answer: Value = match resp.bytes().await {
+            Ok(b) => serde_json::from_slice(&b).unwrap_or(Value::Null),
+            Err(_) => Value::Null,
+        };
+        let rejected = answer["rejected"]
+            .as_array()
+            .is_some_and(|keys| keys.iter().any(|k| k.as_str() == Some(&item.pushkey)));
+        if rejected {
+            let (user, device) = (UserId(item.user), DeviceId(item.device));
+            match self.engine.remove_push_device(user, device).await {
+                Ok(()) | Err(EngineError::Domain(_)) => {}
+                Err(e) => tracing::warn!(error = %e, "notify sender: rejected device not removed"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks an item against the message and the recipient's read state as they are now.
+    async fn check(&self, item: &Item) -> Result<Check, EngineError> {
+        let user = UserId(item.user);
+        let id = MessageId {
+            channel: ChannelId(item.channel),
+            seq: item.seq,
+        };
+        let message = match self.engine.message(user, id).await {
+            Ok(m) => m,
+            Err(EngineError::Domain(_)) => return Ok(Check::Drop("not readable")),
+            Err(e) => return Err(e),
+        };
+        if message.deleted {
+            return Ok(Check::Drop("deleted"));
+        }
+        let mut unread = 0;
+        let (_, workspaces) = match self.engine.me(user).await {
+            Ok(me) => me,
+            Err(EngineError::Domain(_)) => return Ok(Check::Drop("no such user")),
+            Err(e) => return Err(e),
+        };
+        for w in workspaces {
+            let mut after = None;
+            loop {
+                let (reads, next) = match self.engine.unreads(user, w.id, after, UNREADS_PAGE).await
+                {
+                    Ok(r) => r,
+                    Err(EngineError::Domain(_)) => break,
+                    Err(e) => return Err(e),
+                };
+                for r in &reads {
+                    if w.id == WorkspaceId(item.workspace)
+                        && r.channel_id == id.channel
+                        && r.read_seq >= item.seq
+                    {
+                        return Ok(Check::Drop("read"));
+                    }
+                    unread += r.unread_count;
+                }
+                match next {
+                    Some(n) => after = Some(n),
+                    None => break,
+                }
+            }
+        }
+        Ok(Check::Send(json!({"notification": {
+            "event_id": id.to_string(),
+            "room_id": id.channel.to_string(),
+            "type": "m.room.message",
+            "sender": UserId(item.author).to_string(),
+            "sender_display_name": item.author_name,
+            "room_name": item.room_name,
+            "prio": if item.high { "high" } else { "low" },
+            "content": {"body": message.text},
+            "counts": {"unread": unread},
+            "devices": [{"app_id": item.app_id, "pushkey": item.pushkey}],
+        }})))
+    }
+}

@@ -1,0 +1,485 @@
+//! End-to-end tests of pushes (`API.md` §13, issue 16 steps 2–4) against the real `chorus`
+//! binary: the decider, the outbox and the push sender, with a push gateway sink on
+//! loopback written here (a tiny HTTP/1.1 server that records each JSON body and answers
+//! 200, 500, `{"rejected":[...]}`, or closes the connection).
+//!
+//! "Nothing arrives" is checked after a barrier: a later message that must push, once it
+//! arrived, plus a short grace, since the sender may answer items out of order.
+
+mod common;
+
+use common::{str_of, Server, User, Ws, UNLIMITED};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a push may take to arrive in these tests.
+const ARRIVE_WAIT: Duration = Duration::from_secs(20);
+/// The sender's bound on requests in flight (`chorus_notify::sender::IN_FLIGHT`).
+const IN_FLIGHT: usize = 32;
+/// After a barrier arrived, how long earlier pushes may still be on their way.
+const SETTLE: Duration = Duration::from_millis(500);
+
+/// How the sink answers.
+#[derive(Clone, Debug, PartialEq)]
+enum Answer {
+    Ok,
+    Fail,
+    /// Close the connection without an answer.
+    Close,
+    Reject(Vec<String>),
+}
+
+#[derive(Default)]
+struct SinkState {
+    answer: Option<Answer>,
+    /// Bodies answered 200, in arrival order.
+    accepted: Vec<Value>,
+    /// Requests of any outcome.
+    attempts: usize,
+}
+
+/// A push gateway on loopback.
+#[derive(Clone)]
+struct Sink {
+    url: String,
+    state: Arc<Mutex<SinkState>>,
+}
+
+impl Sink {
+    fn start() -> Sink {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the sink");
+        let url = format!(
+            "http://{}/_matrix/push/v1/notify",
+            listener.local_addr().unwrap()
+        );
+        let state = Arc::new(Mutex::new(SinkState {
+            answer: Some(Answer::Ok),
+            ..Default::default()
+        }));
+        let s = state.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let s = s.clone();
+                std::thread::spawn(move || serve(conn, s));
+            }
+        });
+        Sink { url, state }
+    }
+
+    fn answer(&self, a: Answer) {
+        self.state.lock().unwrap().answer = Some(a);
+    }
+
+    fn accepted(&self) -> Vec<Value> {
+        self.state.lock().unwrap().accepted.clone()
+    }
+
+    fn attempts(&self) -> usize {
+        self.state.lock().unwrap().attempts
+    }
+
+    /// The accepted pushes of a message, as `event_id`s.
+    fn count(&self, event_id: &str) -> usize {
+        self.accepted()
+            .iter()
+            .filter(|b| b["notification"]["event_id"] == event_id)
+            .count()
+    }
+
+    /// Waits for an accepted push of the message to `pushkey`; returns its notification.
+    #[track_caller]
+    fn wait_for(&self, event_id: &str, pushkey: &str) -> Value {
+        let deadline = Instant::now() + ARRIVE_WAIT;
+        loop {
+            let found = self.accepted().into_iter().find(|b| {
+                let n = &b["notification"];
+                n["event_id"] == event_id && n["devices"][0]["pushkey"] == pushkey
+            });
+            if let Some(b) = found {
+                return b["notification"].clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no push of {event_id} to {pushkey}; got {:?}",
+                self.accepted()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[track_caller]
+    fn wait_attempts(&self, n: usize) {
+        let deadline = Instant::now() + ARRIVE_WAIT;
+        while self.attempts() < n {
+            assert!(Instant::now() < deadline, "fewer than {n} attempts");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Serves one keep-alive connection.
+fn serve(conn: TcpStream, state: Arc<Mutex<SinkState>>) {
+    let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+    let mut conn = conn;
+    loop {
+        let mut length = 0usize;
+        let mut line = String::new();
+        // The request line, then headers up to the empty line.
+        let mut first = true;
+        loop {
+            line.clear();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            let l = line.trim_end();
+            if l.is_empty() && !first {
+                break;
+            }
+            first = false;
+            if let Some((name, value)) = l.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let answer = {
+            let mut s = state.lock().unwrap();
+            s.attempts += 1;
+            let answer = s.answer.clone().unwrap_or(Answer::Ok);
+            if matches!(answer, Answer::Ok | Answer::Reject(_)) {
+                s.accepted
+                    .push(serde_json::from_slice(&body).unwrap_or(Value::Null));
+            }
+            answer
+        };
+        let (status, text) = match answer {
+            Answer::Ok => ("200 OK", json!({"rejected": []}).to_string()),
+            Answer::Reject(keys) => ("200 OK", json!({ "rejected": keys }).to_string()),
+            Answer::Fail => ("500 Internal Server Error", "{}".to_string()),
+            Answer::Close => return,
+        };
+        let head = format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            text.len()
+        );
+        if conn.write_all(head.as_bytes()).is_err() || conn.write_all(text.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+fn server(sink: &Sink) -> Server {
+    Server::start(&format!("{UNLIMITED}push_gateway_url = \"{}\"\n", sink.url))
+}
+
+/// A server pushing to `sink`, with alice and bob in a channel; answers the channel's ID.
+fn pair(sink: &Sink) -> (Server, User, User, String) {
+    let s = server(sink);
+    let alice = s.signup("alice");
+    let bob = s.signup("bob");
+    let wid = s.workspace(&alice, &[&bob]);
+    let cid = s.channel(&wid, &alice, "general", &[&bob]);
+    (s, alice, bob, cid)
+}
+
+/// Registers a push device with pushkey `key`; returns its ID.
+#[track_caller]
+fn device(s: &Server, user: &User, key: &str) -> String {
+    let body = json!({"app_id": "chat.chorus", "pushkey": key, "platform": "fcm"});
+    let v = s.ok("POST", "/api/v1/me/push-devices", user, Some(body), 201);
+    str_of(&v["device"]["id"])
+}
+
+/// Posts and returns the message's ID.
+#[track_caller]
+fn post(s: &Server, user: &User, cid: &str, text: &str) -> String {
+    str_of(&s.post(user, cid, text)["id"])
+}
+
+/// A connection of `user` whose presence owner has heard it (its own status acked).
+#[track_caller]
+fn online(s: &Server, user: &User) -> Ws {
+    let (mut ws, _) = s.connect(user);
+    ws.send(json!({"type": "presence:sub", "ref": "me", "op": "add", "user_ids": [user.id]}));
+    let ack = ws.recv_type("ack");
+    assert_eq!(ack["users"][&user.id]["status"], "online", "{ack}");
+    ws
+}
+
+// Who is pushed for one message, rule by rule: a mention to an offline member, with the
+// Matrix push gateway body of API.md §13; a keyword; any message of a DM. And who is not:
+// the author, a `none` level, a muted channel, an active connection, do-not-disturb
+// mode (without a connection), a `mentions` level that is not named.
+#[test]
+fn push_goes_to_whom_the_rules_name() {
+    let sink = Sink::start();
+    let s = server(&sink);
+    let names = [
+        "alice", "bob", "carol", "dave", "erin", "frank", "gina", "harry", "ivan",
+    ];
+    let u: BTreeMap<&str, User> = names.iter().map(|n| (*n, s.signup(n))).collect();
+    let others: Vec<&User> = names[1..].iter().map(|n| &u[n]).collect();
+    let wid = s.workspace(&u["alice"], &others);
+    let cid = s.channel(&wid, &u["alice"], "general", &others);
+    for n in names {
+        device(&s, &u[n], &format!("key-{n}"));
+    }
+    // carol wants nothing; dave muted the channel; gina has a keyword.
+    s.ok(
+        "PATCH",
+        "/api/v1/me/notification-prefs",
+        &u["carol"],
+        Some(json!({"push": "none"})),
+        200,
+    );
+    let path = format!("/api/v1/channels/{cid}/notification-prefs");
+    s.ok("PUT", &path, &u["dave"], Some(json!({"muted": true})), 200);
+    s.ok(
+        "PATCH",
+        "/api/v1/me/notification-prefs",
+        &u["gina"],
+        Some(json!({"keywords": ["Deploy"]})),
+        200,
+    );
+    // erin is active; frank set do-not-disturb (and is not connected); ivan closed his
+    // connection, and the offline grace (30 s by default) that still shows him online to
+    // others does not stop his push.
+    let _erin = online(&s, &u["erin"]);
+    drop(online(&s, &u["ivan"]));
+    std::thread::sleep(Duration::from_millis(300));
+    s.ok(
+        "PUT",
+        "/api/v1/me/presence",
+        &u["frank"],
+        Some(json!({"mode": "dnd"})),
+        200,
+    );
+
+    let mentioned: Vec<String> = ["alice", "bob", "carol", "dave", "erin", "frank", "ivan"]
+        .iter()
+        .map(|n| format!("<@{}>", u[n].id))
+        .collect();
+    let text = format!("{} the deploy is done", mentioned.join(" "));
+    let m = post(&s, &u["alice"], &cid, &text);
+    let n = sink.wait_for(&m, "key-bob");
+    assert_eq!(n["room_id"], cid.as_str());
+    assert_eq!(n["type"], "m.room.message");
+    assert_eq!(n["sender"], u["alice"].id.as_str());
+    assert_eq!(n["sender_display_name"], "alice");
+    assert_eq!(n["room_name"], "general");
+    assert_eq!(n["prio"], "high");
+    assert_eq!(n["content"]["body"], text.as_str());
+    assert_eq!(n["counts"]["unread"], 1);
+    assert_eq!(
+        n["devices"],
+        json!([{"app_id": "chat.chorus", "pushkey": "key-bob"}])
+    );
+    // The keyword matches whole words in any case; harry (level mentions) is not named.
+    let g = sink.wait_for(&m, "key-gina");
+    assert_eq!(g["prio"], "high");
+    sink.wait_for(&m, "key-ivan");
+
+    // A DM pushes any message.
+    let dm = s.ok(
+        "POST",
+        &format!("/api/v1/workspaces/{wid}/dms"),
+        &u["alice"],
+        Some(json!({"user_ids": [u["harry"].id]})),
+        201,
+    );
+    let dm = str_of(&dm["channel"]["id"]);
+    let d = post(&s, &u["alice"], &dm, "lunch?");
+    let h = sink.wait_for(&d, "key-harry");
+    assert_eq!(h["prio"], "high");
+    assert_eq!(h["content"]["body"], "lunch?");
+
+    // The barrier: a later push arrived, so every decision about `m` is made.
+    let later = post(&s, &u["alice"], &cid, &format!("<@{}> later", u["bob"].id));
+    sink.wait_for(&later, "key-bob");
+    std::thread::sleep(SETTLE);
+    assert_eq!(
+        sink.count(&m),
+        3,
+        "only bob, gina, ivan: {:?}",
+        sink.accepted()
+    );
+    assert_eq!(sink.count(&d), 1);
+    assert_eq!(sink.count(&later), 1);
+}
+
+// The gateway failing (500s, then connections closed) delays pushes but loses none;
+// what was read, or deleted, before the push could go out is dropped; an edit before it
+// pushes the current text.
+#[test]
+fn pushes_wait_for_the_gateway_and_are_checked_again() {
+    let sink = Sink::start();
+    let (s, alice, bob, cid) = pair(&sink);
+    device(&s, &bob, "key-bob");
+    let mention = |text: &str| post(&s, &alice, &cid, &format!("<@{}> {text}", bob.id));
+
+    sink.answer(Answer::Fail);
+    let read = mention("read soon");
+    sink.wait_attempts(2);
+    let seq = s.last_seq(&bob, &cid);
+    let mark = format!("/api/v1/channels/{cid}/read");
+    s.ok("POST", &mark, &bob, Some(json!({"seq": seq})), 200);
+    let edited = mention("first draft");
+    let deleted = mention("oops");
+    let late = mention("late but there");
+    s.ok(
+        "PATCH",
+        &format!("/api/v1/channels/{cid}/messages/{edited}"),
+        &alice,
+        Some(json!({"text": format!("<@{}> final text", bob.id)})),
+        200,
+    );
+    let r = s.call(
+        "DELETE",
+        &format!("/api/v1/channels/{cid}/messages/{deleted}"),
+        Some(&alice.token),
+        None,
+    );
+    assert_eq!(r.status, 204, "{}", r.text);
+    let before = sink.attempts();
+    sink.answer(Answer::Close);
+    sink.wait_attempts(before + 3);
+    assert!(sink.accepted().is_empty(), "{:?}", sink.accepted());
+    sink.answer(Answer::Ok);
+
+    let n = sink.wait_for(&late, "key-bob");
+    assert_eq!(
+        n["content"]["body"],
+        format!("<@{}> late but there", bob.id)
+    );
+    let e = sink.wait_for(&edited, "key-bob");
+    assert_eq!(e["content"]["body"], format!("<@{}> final text", bob.id));
+    let barrier = mention("barrier");
+    sink.wait_for(&barrier, "key-bob");
+    std::thread::sleep(SETTLE);
+    assert_eq!(sink.count(&read), 0, "read before the push: dropped");
+    assert_eq!(sink.count(&deleted), 0, "deleted before the push: dropped");
+    assert_eq!(sink.count(&late), 1);
+    assert_eq!(sink.count(&edited), 1);
+}
+
+// A gateway that answers a push key as rejected gets that device removed; the user's
+// other device stays.
+#[test]
+fn rejected_pushkeys_remove_their_device() {
+    let sink = Sink::start();
+    let (s, alice, bob, cid) = pair(&sink);
+    let gone = device(&s, &bob, "key-gone");
+    let kept = device(&s, &bob, "key-kept");
+    sink.answer(Answer::Reject(vec!["key-gone".into()]));
+    let m = post(&s, &alice, &cid, &format!("<@{}> hi", bob.id));
+    sink.wait_for(&m, "key-gone");
+    sink.wait_for(&m, "key-kept");
+    let deadline = Instant::now() + ARRIVE_WAIT;
+    loop {
+        let v = s.ok("GET", "/api/v1/me/push-devices", &bob, None, 200);
+        let ids: Vec<String> = v["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| str_of(&d["id"]))
+            .collect();
+        if ids == vec![kept.clone()] {
+            break;
+        }
+        assert!(ids.contains(&gone), "{ids:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the rejected device stayed: {ids:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    sink.answer(Answer::Ok);
+    let next = post(&s, &alice, &cid, &format!("<@{}> again", bob.id));
+    sink.wait_for(&next, "key-kept");
+    std::thread::sleep(SETTLE);
+    assert_eq!(sink.count(&next), 1, "no push to the removed device");
+}
+
+// SIGKILL during a stream of mentions: after each restart every acknowledged message is
+// pushed; a repeat happens only across a kill and carries the same event_id. Repeats are
+// reported per kill.
+#[test]
+fn sigkill_loses_no_push() {
+    const KILLS: usize = 3;
+    const PER_ROUND: usize = 15;
+    let sink = Sink::start();
+    let (mut s, alice, bob, cid) = pair(&sink);
+    device(&s, &bob, "key-bob");
+    let mut sent: Vec<String> = Vec::new();
+    let mut repeats = Vec::new();
+    for round in 0..=KILLS {
+        for i in 0..PER_ROUND {
+            sent.push(post(
+                &s,
+                &alice,
+                &cid,
+                &format!("<@{}> {round}.{i}", bob.id),
+            ));
+        }
+        if round == KILLS {
+            break;
+        }
+        // Kill with pushes in flight: some answered, some not yet.
+        std::thread::sleep(Duration::from_millis(round as u64 * 30));
+        s.kill();
+        s.restart();
+        for id in &sent {
+            sink.wait_for(id, "key-bob");
+        }
+        let accepted = sink.accepted();
+        repeats.push(accepted.len() - count_distinct(&accepted));
+    }
+    for id in &sent {
+        sink.wait_for(id, "key-bob");
+    }
+    std::thread::sleep(SETTLE);
+    let accepted = sink.accepted();
+    assert_eq!(
+        count_distinct(&accepted),
+        sent.len(),
+        "every message pushed"
+    );
+    let mut per_id: BTreeMap<String, usize> = BTreeMap::new();
+    for b in &accepted {
+        *per_id
+            .entry(str_of(&b["notification"]["event_id"]))
+            .or_default() += 1;
+    }
+    let mut last = 0;
+    for (kill, total) in repeats.iter().enumerate() {
+        let these = total - last;
+        eprintln!("kill {}: {these} repeated pushes", kill + 1);
+        // At most the requests in flight at the kill, and those answered since the
+        // sender last stored its cursor.
+        assert!(these <= IN_FLIGHT, "kill {}: {these} repeats", kill + 1);
+        last = *total;
+    }
+    let repeated: usize = per_id.values().map(|n| n - 1).sum();
+    assert_eq!(repeated, last, "no repeat after the last kill");
+    assert!(
+        per_id.keys().all(|id| sent.contains(id)),
+        "only messages sent: every repeat has a sent event_id"
+    );
+}
+
+fn count_distinct(bodies: &[Value]) -> usize {
+    let ids: std::collections::BTreeSet<String> = bodies
+        .iter()
+        .map(|b| str_of(&b["notification"]["event_id"]))
+        .collect();
+    ids.len()
+}
