@@ -574,8 +574,16 @@ fn restart_and_rebuild() {
     wait_ready(&server);
     assert!(server.dir().join("data").join("search.corrupt").exists());
 
-    // Deleted while running: the next commit fails, and the index starts over.
-    std::fs::remove_dir_all(&index).unwrap();
+    // Deleted while running: the next commit fails, and the index starts over. The indexer
+    // may write a file into the directory while it is being removed: remove until gone.
+    let deadline = Instant::now() + CATCH_UP_WAIT;
+    while let Err(e) = std::fs::remove_dir_all(&index) {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            break;
+        }
+        assert!(Instant::now() < deadline, "remove {}: {e}", index.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
     server.post(&alice, &general, "kiwi afterdeletion");
     let deadline = Instant::now() + CATCH_UP_WAIT;
     while server.metric("chorus_search_index_rebuilds_total") < 2.0 {
