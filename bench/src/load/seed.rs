@@ -112,6 +112,38 @@ pub fn one_big_channel(
     })
 }
 
+/// `users` users in one workspace, each a member of every one of `channels` public
+/// channels (named `c0`, `c1`, …), which the owner created and stays in.
+pub fn users_in_every_channel(
+    engine: &Engine,
+    users: usize,
+    channels: usize,
+    progress: &ProgressBar,
+) -> anyhow::Result<Population> {
+    let (owner, workspace) = block_on(owner_and_workspace(engine))?;
+    let ids = create_users(engine, owner, workspace, users, progress)?;
+    let made = fan(progress, "create channels", channels, |c| async move {
+        let name = format!("c{c}");
+        let channel = engine
+            .create_channel(owner, workspace, &name, ChannelKind::Public)
+            .await?;
+        Ok(channel.id)
+    })?;
+    let (ids_ref, made_ref) = (&ids, &made);
+    fan(
+        progress,
+        "join channels",
+        users * channels,
+        |i| async move { engine.join(ids_ref[i % users], made_ref[i / users]).await },
+    )?;
+    Ok(Population {
+        owner,
+        workspace,
+        users: ids,
+        channels: made,
+    })
+}
+
 /// Posts `count` messages of `body_bytes` into `channel` as `user`, as fast as the engine
 /// commits them.
 pub fn post_history(
