@@ -14,9 +14,9 @@
 //! 3. **Freshness.** Posts at `fresh_rate` per second, open loop, for `fresh_secs`, into
 //!    [`FRESH_CHANNELS`] channels of their own; each text holds the marker word and a
 //!    unique token. One poller per channel searches `MARKER in:CHANNEL`, newest first,
-//!    every [`POLL_EVERY`], paging on while a whole page is new: a channel is one
-//!    partition, indexed in log order, so what a poll finds is always a prefix of the
-//!    channel and nothing new hides behind something seen. A message's figure is its
+//!    every [`POLL_EVERY`], paging on until it reaches a message an earlier poll listed:
+//!    a channel is one partition, indexed in log order, so what is searchable is always a
+//!    prefix of the channel and nothing new hides behind something listed before. A message's figure is its
 //!    201 (the ack) → the response of the first poll that listed it. Afterwards, every
 //!    [`TOKEN_CHECK_EVERY`]th message is searched by its unique token alone.
 //! 4. **Index size.** The server's `search/` directory after the queries, per message.
@@ -35,15 +35,17 @@ use futures::stream::{self, StreamExt};
 use hdrhistogram::Histogram;
 use indicatif::ProgressBar;
 use serde::Deserialize;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Channels the freshness posts go to, one poller each.
-pub const FRESH_CHANNELS: usize = 4;
-/// How often each freshness poller searches.
-pub const POLL_EVERY: Duration = Duration::from_millis(10);
+pub const FRESH_CHANNELS: usize = 2;
+/// How often each freshness poller searches. Each search renders its page through the
+/// engine (about a millisecond of server CPU here): four pollers every 10 ms took most of
+/// a core of the two, and slowed what they measured.
+pub const POLL_EVERY: Duration = Duration::from_millis(20);
 /// One freshness message in this many is also searched by its own token afterwards.
 pub const TOKEN_CHECK_EVERY: usize = 50;
 /// The word every freshness message holds (four characters: matched exactly, never one
@@ -55,6 +57,8 @@ const FRESH_GIVE_UP: Duration = Duration::from_secs(5);
 const CATCH_UP_GIVE_UP: Duration = Duration::from_secs(600);
 /// Results per search page, as the API's default.
 pub const PAGE: usize = 20;
+/// The API's largest page.
+const PAGE_MAX: usize = 100;
 /// The name prefixes (`comm`, 15 bytes at most) of the server's search threads: the
 /// indexer and extractor, and tantivy's indexing, segment, merge and doc-store threads.
 const SEARCH_THREADS: &[&str] = &[
@@ -784,8 +788,10 @@ impl Api {
         q: &str,
         sort: &str,
         cursor: Option<&str>,
+        limit: usize,
     ) -> anyhow::Result<Page> {
-        let mut params = vec![("q", q), ("sort", sort)];
+        let limit = limit.to_string();
+        let mut params = vec![("q", q), ("sort", sort), ("limit", &limit)];
         params.extend(cursor.map(|c| ("cursor", c)));
         let resp = self
             .client
@@ -843,7 +849,7 @@ async fn wait_searchable(api: &Api, names: &Names, messages: usize) -> anyhow::R
     let q = format!("after:{}", &rfc3339(0)[..10]);
     let deadline = Instant::now() + CATCH_UP_GIVE_UP;
     loop {
-        let page = api.search(names, &q, "newest", None).await?;
+        let page = api.search(names, &q, "newest", None, 1).await?;
         if page.total >= messages as u64 {
             return Ok(());
         }
@@ -888,7 +894,7 @@ async fn run_queries(
     let mut answers = stream::iter(queries.iter().enumerate())
         .map(|(i, q)| async move {
             let started = Instant::now();
-            let page = api.search(names, q, "relevance", None).await?;
+            let page = api.search(names, q, "relevance", None, PAGE).await?;
             anyhow::Ok((i, started.elapsed(), page.total))
         })
         .buffer_unordered(searchers);
@@ -999,8 +1005,11 @@ async fn freshness(
     })
 }
 
-/// One channel's poller: searches `q` newest first every [`POLL_EVERY`], paging on while
-/// a whole page is new, and notes when each message was first listed.
+/// One channel's poller: searches `q` newest first every [`POLL_EVERY`], paging on until
+/// it reaches a message an earlier poll listed, and notes when each message was first
+/// listed. A channel's searchable messages are a prefix of it (one partition, indexed in
+/// order), and a commit between two pages only pushes results down (offsets repeat, never
+/// skip), so every message is listed by the first poll after it became searchable.
 async fn poll(
     api: &Api,
     names: &Names,
@@ -1012,21 +1021,30 @@ async fn poll(
     while !done.load(std::sync::atomic::Ordering::Relaxed) {
         let next = tokio::time::Instant::now() + POLL_EVERY;
         let mut cursor = None;
+        // What this poll listed: a page may repeat some (results pushed down by a commit
+        // between pages), and paging goes on until it reaches one an earlier poll listed.
+        let mut this_poll = HashSet::new();
         loop {
-            let page = api.search(names, q, "newest", cursor.as_deref()).await?;
+            // The first page is the API's default size; a poll that needs more (a commit
+            // made many messages searchable at once) asks for the largest pages.
+            let limit = if cursor.is_none() { PAGE } else { PAGE_MAX };
+            let page = api.search(names, q, "newest", cursor.as_deref(), limit).await?;
             polls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let now = Instant::now();
             let mut seen = found.lock().expect("not poisoned");
-            let mut new = 0;
+            let mut reached_old = false;
             for hit in &page.results {
-                if !seen.contains_key(&hit.message.id) {
-                    seen.insert(hit.message.id.clone(), now);
-                    new += 1;
+                let id = &hit.message.id;
+                if !seen.contains_key(id) {
+                    seen.insert(id.clone(), now);
+                    this_poll.insert(id.clone());
+                } else if !this_poll.contains(id) {
+                    reached_old = true;
                 }
             }
             drop(seen);
             match page.next_cursor {
-                Some(c) if new == page.results.len() && new > 0 => cursor = Some(c),
+                Some(c) if !reached_old => cursor = Some(c),
                 _ => break,
             }
         }
@@ -1044,7 +1062,7 @@ async fn check_tokens(
 ) -> anyhow::Result<(usize, usize)> {
     let (mut searched, mut found) = (0, 0);
     for (id, token) in acked.iter().step_by(TOKEN_CHECK_EVERY) {
-        let page = api.search(names, token, "relevance", None).await?;
+        let page = api.search(names, token, "relevance", None, PAGE).await?;
         searched += 1;
         found += usize::from(page.results.iter().any(|h| &h.message.id == id));
     }
