@@ -13,12 +13,15 @@
 //!    /workspaces/{wid}/search/messages`, 20 results and the exact `total`).
 //! 3. **Freshness.** Posts at `fresh_rate` per second, open loop, for `fresh_secs`, into
 //!    [`FRESH_CHANNELS`] channels of their own; each text holds the marker word and a
-//!    unique token. One poller per channel searches `MARKER in:CHANNEL`, newest first,
-//!    every [`POLL_EVERY`], paging on until it reaches a message an earlier poll listed:
-//!    a channel is one partition, indexed in log order, so what is searchable is always a
-//!    prefix of the channel and nothing new hides behind something listed before. A message's figure is its
-//!    201 (the ack) → the response of the first poll that listed it. Afterwards, every
-//!    [`TOKEN_CHECK_EVERY`]th message is searched by its unique token alone.
+//!    unique token. One poller per channel asks every [`POLL_EVERY`] for the `total` of
+//!    `MARKER in:CHANNEL` (one result, newest first). A channel is one partition, indexed
+//!    in log order, so its searchable messages are always its first `total`: a message's
+//!    figure is its 201 (the ack) → the response of the first poll that counted its rank
+//!    in the channel (an upper bound, at most a poll interval and a poll late). Counting
+//!    instead of listing keeps each poll to one rendered result: pages of 20, listed
+//!    while the server took 1,000 posts/s, fell behind and measured their own backlog.
+//!    Afterwards, every [`TOKEN_CHECK_EVERY`]th message is searched by its unique token
+//!    alone, and must be the one found.
 //! 4. **Index size.** The server's `search/` directory after the queries, per message.
 //!
 //! PostgreSQL ([`crate::peers::postgres::search`]) then loads the same rows (with the
@@ -30,22 +33,22 @@ use super::seed;
 use super::server::{self, ChorusServer, ServerSettings};
 use super::ServerUsage;
 use anyhow::{ensure, Context};
+use chorus_engine::ids::MessageId;
 use chorus_engine::view::rfc3339;
 use futures::stream::{self, StreamExt};
 use hdrhistogram::Histogram;
 use indicatif::ProgressBar;
 use serde::Deserialize;
-use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Channels the freshness posts go to, one poller each.
 pub const FRESH_CHANNELS: usize = 2;
-/// How often each freshness poller searches. Each search renders its page through the
-/// engine (about a millisecond of server CPU here): four pollers every 10 ms took most of
-/// a core of the two, and slowed what they measured.
-pub const POLL_EVERY: Duration = Duration::from_millis(20);
+/// How often each freshness poller searches. A poll asks for one result and the count:
+/// pages of 20 rendered through the engine while it took 1,000 posts/s were slower than
+/// the messages came in, and the pollers measured their own backlog.
+pub const POLL_EVERY: Duration = Duration::from_millis(10);
 /// One freshness message in this many is also searched by its own token afterwards.
 pub const TOKEN_CHECK_EVERY: usize = 50;
 /// The word every freshness message holds (four characters: matched exactly, never one
@@ -57,8 +60,6 @@ const FRESH_GIVE_UP: Duration = Duration::from_secs(5);
 const CATCH_UP_GIVE_UP: Duration = Duration::from_secs(600);
 /// Results per search page, as the API's default.
 pub const PAGE: usize = 20;
-/// The API's largest page.
-const PAGE_MAX: usize = 100;
 /// The name prefixes (`comm`, 15 bytes at most) of the server's search threads: the
 /// indexer and extractor, and tantivy's indexing, segment, merge and doc-store threads.
 const SEARCH_THREADS: &[&str] = &[
@@ -162,6 +163,8 @@ pub struct ChorusSearch {
     pub fresh_search_cpu_secs: f64,
     /// Polls made in the freshness phase.
     pub polls: u64,
+    /// Their latency (request → response), microseconds.
+    pub poll: Histogram<u64>,
     /// Index commits in the freshness phase, and the seconds they took (`/metrics`).
     pub fresh_commits: (f64, f64),
     /// Freshness messages searched by their token, and those found.
@@ -296,9 +299,10 @@ impl SearchOutcome {
             ms(targets::FRESH_MAX_US),
         ));
         t.push_str(&format!(
-            "| freshness posts: intended send → 201 (ms) | {}; {} polls, {:.0} commits, {:.1} ms each on average | | | – |\n",
+            "| freshness posts: intended send → 201 (ms) | {}; {} polls ({}), {:.0} commits, {:.1} ms each on average | | | – |\n",
             lat(&c.fresh_ack),
             c.polls,
+            lat(&c.poll),
             c.fresh_commits.0,
             c.fresh_commits.1 * 1e3 / c.fresh_commits.0.max(1.0),
         ));
@@ -715,6 +719,7 @@ fn chorus_side(
         fresh_usage,
         fresh_search_cpu_secs,
         polls: fresh.polls,
+        poll: fresh.poll,
         fresh_commits: (
             commits_after.0 - commits_before.0,
             commits_after.1 - commits_before.1,
@@ -746,7 +751,6 @@ struct PostedMessage {
 #[derive(Deserialize)]
 struct Page {
     results: Vec<Hit>,
-    next_cursor: Option<String>,
     total: u64,
 }
 
@@ -914,6 +918,8 @@ struct Freshness {
     latency: Histogram<u64>,
     ack: Histogram<u64>,
     polls: u64,
+    /// Each poll's request → response.
+    poll: Histogram<u64>,
 }
 
 /// The unique token of freshness message `k`: four characters, a digit first (no corpus
@@ -937,18 +943,14 @@ async fn freshness(
 ) -> anyhow::Result<Freshness> {
     let count = (shape.fresh_rate * shape.fresh_secs).round().max(1.0) as usize;
     ensure!(count <= 466_560, "more freshness messages than tokens");
-    let found: Arc<Mutex<HashMap<String, Instant>>> = Default::default();
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let polls = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let pollers: Vec<_> = names
         .fresh
         .iter()
         .map(|channel| {
-            let (api, found, done, polls) =
-                (api.clone(), found.clone(), done.clone(), polls.clone());
+            let (api, done, names) = (api.clone(), done.clone(), names.clone());
             let q = format!("{MARKER} in:{channel}");
-            let names = names.clone();
-            tokio::spawn(async move { poll(&api, &names, &q, &found, &done, &polls).await })
+            tokio::spawn(async move { poll(&api, &names, &q, &done).await })
         })
         .collect();
     let start = tokio::time::Instant::now() + Duration::from_millis(200);
@@ -972,85 +974,73 @@ async fn freshness(
     for (k, p) in posts.into_iter().enumerate() {
         let (id, at, took) = p.await.context("a freshness post panicked")??;
         crate::latency::record(&mut ack, took);
+        let id: MessageId = id.parse().context("a message ID")?;
         acked.push((id, token(k), at));
     }
-    let deadline = Instant::now() + FRESH_GIVE_UP;
-    while Instant::now() < deadline {
-        let seen = found.lock().expect("not poisoned");
-        if acked.iter().all(|(id, ..)| seen.contains_key(id)) {
-            break;
-        }
-        drop(seen);
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    // Each channel's messages in channel order: the one of rank `r` (from 1) is searchable
+    // once a poll counts `r`.
+    let per_channel = names.fresh.len();
+    let mut ranked: Vec<Vec<(u64, Instant)>> = vec![Vec::new(); per_channel];
+    for (k, (id, _, at)) in acked.iter().enumerate() {
+        ranked[k % per_channel].push((id.seq, *at));
     }
+    for r in &mut ranked {
+        r.sort_unstable_by_key(|(seq, _)| *seq);
+    }
+    tokio::time::sleep(FRESH_GIVE_UP).await;
     done.store(true, std::sync::atomic::Ordering::Relaxed);
-    for p in pollers {
-        p.await.context("a poller panicked")??;
-    }
-    let seen = found.lock().expect("not poisoned");
     let mut latency = crate::latency::histogram_us();
-    let mut n = 0;
-    for (id, _, acked_at) in &acked {
-        if let Some(at) = seen.get(id) {
-            crate::latency::record(&mut latency, at.saturating_duration_since(*acked_at));
-            n += 1;
+    let mut poll_latency = crate::latency::histogram_us();
+    let (mut found, mut polls) = (0, 0);
+    for (p, ranked) in pollers.into_iter().zip(&ranked) {
+        let (counts, took) = p.await.context("a poller panicked")??;
+        poll_latency
+            .add(&took)
+            .expect("histograms of one shape add");
+        polls += counts.len() as u64;
+        for (r, (_, acked_at)) in ranked.iter().enumerate() {
+            let first = counts.partition_point(|&(_, total)| total < r as u64 + 1);
+            if let Some((at, _)) = counts.get(first) {
+                crate::latency::record(&mut latency, at.saturating_duration_since(*acked_at));
+                found += 1;
+            }
         }
     }
     Ok(Freshness {
-        acked: acked.into_iter().map(|(id, t, _)| (id, t)).collect(),
-        found: n,
+        acked: acked
+            .into_iter()
+            .map(|(id, t, _)| (id.to_string(), t))
+            .collect(),
+        found,
         latency,
         ack,
-        polls: polls.load(std::sync::atomic::Ordering::Relaxed),
+        polls,
+        poll: poll_latency,
     })
 }
 
-/// One channel's poller: searches `q` newest first every [`POLL_EVERY`], paging on until
-/// it reaches a message an earlier poll listed, and notes when each message was first
-/// listed. A channel's searchable messages are a prefix of it (one partition, indexed in
-/// order), and a commit between two pages only pushes results down (offsets repeat, never
-/// skip), so every message is listed by the first poll after it became searchable.
+/// One channel's poller: every [`POLL_EVERY`], asks for `q`'s `total` (one result, newest
+/// first); returns each answer's time and count, and the polls' latencies. A channel is
+/// one partition, indexed in log order, so its searchable messages are always its first
+/// `total`: a message is searchable from the first answer that counts its rank.
 async fn poll(
     api: &Api,
     names: &Names,
     q: &str,
-    found: &Mutex<HashMap<String, Instant>>,
     done: &std::sync::atomic::AtomicBool,
-    polls: &std::sync::atomic::AtomicU64,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<(Vec<(Instant, u64)>, Histogram<u64>)> {
+    let mut counts = Vec::new();
+    let mut took = crate::latency::histogram_us();
     while !done.load(std::sync::atomic::Ordering::Relaxed) {
         let next = tokio::time::Instant::now() + POLL_EVERY;
-        let mut cursor = None;
-        // What this poll listed: a page may repeat some (results pushed down by a commit
-        // between pages), and paging goes on until it reaches one an earlier poll listed.
-        let mut this_poll = HashSet::new();
-        loop {
-            // The first page is the API's default size; a poll that needs more (a commit
-            // made many messages searchable at once) asks for the largest pages.
-            let limit = if cursor.is_none() { PAGE } else { PAGE_MAX };
-            let page = api.search(names, q, "newest", cursor.as_deref(), limit).await?;
-            polls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let now = Instant::now();
-            let mut seen = found.lock().expect("not poisoned");
-            let mut reached_old = false;
-            for hit in &page.results {
-                let id = &hit.message.id;
-                if !seen.contains_key(id) {
-                    seen.insert(id.clone(), now);
-                    this_poll.insert(id.clone());
-                } else if !this_poll.contains(id) {
-                    reached_old = true;
-                }
-            }
-            drop(seen);
-            match page.next_cursor {
-                Some(c) if !reached_old => cursor = Some(c),
-                _ => break,
-            }
-        }
+        let sent = Instant::now();
+        let page = api.search(names, q, "newest", None, 1).await?;
+        let now = Instant::now();
+        crate::latency::record(&mut took, now - sent);
+        counts.push((now, page.total));
         tokio::time::sleep_until(next).await;
     }
-    Ok(())
+    Ok((counts, took))
 }
 
 /// Searches every [`TOKEN_CHECK_EVERY`]th freshness message by its token alone; how many
