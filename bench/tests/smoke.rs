@@ -66,6 +66,16 @@ fn system_row<'a>(stdout: &'a str, system: &str, what: &str) -> Vec<&'a str> {
         .collect()
 }
 
+/// The cells of the first line of `out` that starts with `prefix` (the first, before the
+/// leading `|`, is empty).
+fn row_cells(out: &str, prefix: &str) -> Vec<String> {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} row in\n{out}"));
+    line.split('|').map(|c| c.trim().to_owned()).collect()
+}
+
 /// The "what a delivery costs" row of `system` in the chat details: server CPU µs and
 /// context switches per delivery, and the load generator's CPU µs per delivery.
 fn per_delivery(stdout: &str, system: &str) -> Option<(f64, f64, f64)> {
@@ -300,13 +310,7 @@ fn files_smoke() {
         out.contains("uploads created: 2/2; thumbs ready: 5/5"),
         "{out}"
     );
-    let cells = |prefix: &str| -> Vec<String> {
-        let line = out
-            .lines()
-            .find(|l| l.starts_with(prefix))
-            .unwrap_or_else(|| panic!("no {prefix:?} row in\n{out}"));
-        line.split('|').map(|c| c.trim().to_owned()).collect()
-    };
+    let cells = |prefix: &str| row_cells(&out, prefix);
     let upload = cells("| upload 2 ×");
     let ratio: f64 = upload[4].parse().unwrap();
     assert!(ratio > 0.0 && ratio.is_finite(), "{out}");
@@ -335,13 +339,7 @@ fn search_smoke() {
     let chorus = chorus_binary();
     let results = tempfile::tempdir().unwrap();
     let out = bench(&["search", "--smoke"], results.path(), &chorus);
-    let cells = |prefix: &str| -> Vec<String> {
-        let line = out
-            .lines()
-            .find(|l| l.starts_with(prefix))
-            .unwrap_or_else(|| panic!("no {prefix:?} row in\n{out}"));
-        line.split('|').map(|c| c.trim().to_owned()).collect()
-    };
+    let cells = |prefix: &str| row_cells(&out, prefix);
     let query = cells("| query (ms), 2000 messages");
     assert!(query[2].starts_with("p50 "), "{out}");
     let fresh = cells("| ack → searchable");

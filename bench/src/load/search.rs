@@ -444,17 +444,11 @@ pub fn details(shape: &SearchShape, outcome: &Result<SearchOutcome, String>) -> 
 
 /// The medians over `runs` of the key figures, one line each.
 pub fn medians(runs: &[SearchOutcome]) -> String {
-    fn median(mut v: Vec<f64>) -> String {
+    fn median(v: Vec<f64>) -> String {
         if v.is_empty() {
             return "n/a".into();
         }
-        v.sort_by(f64::total_cmp);
-        let m = if v.len() % 2 == 1 {
-            v[v.len() / 2]
-        } else {
-            (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
-        };
-        format!("{m:.2}")
+        format!("{:.2}", crate::latency::median(&v))
     }
     let ms_of = |f: &dyn Fn(&SearchOutcome) -> Option<u64>| {
         median(
@@ -702,7 +696,7 @@ fn chorus_side(
     let commits_after = search_metrics(&rt, &api)?;
     progress.set_message("search: tokens");
     let tokens = rt.block_on(check_tokens(&api, &names, &fresh.acked))?;
-    let index_bytes = dir_bytes(&data.join("search"));
+    let index_bytes = crate::dir_bytes(&data.join("search"));
     drop(rt);
     server.stop()?;
     let chorus = ChorusSearch {
@@ -1079,20 +1073,6 @@ fn search_metrics(rt: &tokio::runtime::Runtime, api: &Api) -> anyhow::Result<(f6
         value("search_index_commits_total"),
         value("search_index_commit_seconds_total"),
     ))
-}
-
-/// Bytes of the files under `dir`.
-pub fn dir_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
 }
 
 fn now_us() -> u64 {

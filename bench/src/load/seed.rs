@@ -64,13 +64,7 @@ pub fn users_in_channels(
     } else {
         users.div_ceil(members)
     };
-    let channels = fan(progress, "create channels", channel_count, |c| async move {
-        let name = format!("c{c}");
-        let channel = engine
-            .create_channel(owner, workspace, &name, ChannelKind::Public)
-            .await?;
-        Ok(channel.id)
-    })?;
+    let channels = public_channels(engine, owner, workspace, channel_count, progress)?;
     let (ids_ref, channels_ref) = (&ids, &channels);
     fan(
         progress,
@@ -122,13 +116,7 @@ pub fn users_in_every_channel(
 ) -> anyhow::Result<Population> {
     let (owner, workspace) = block_on(owner_and_workspace(engine))?;
     let ids = create_users(engine, owner, workspace, users, progress)?;
-    let made = fan(progress, "create channels", channels, |c| async move {
-        let name = format!("c{c}");
-        let channel = engine
-            .create_channel(owner, workspace, &name, ChannelKind::Public)
-            .await?;
-        Ok(channel.id)
-    })?;
+    let made = public_channels(engine, owner, workspace, channels, progress)?;
     let (ids_ref, made_ref) = (&ids, &made);
     fan(
         progress,
@@ -141,6 +129,23 @@ pub fn users_in_every_channel(
         workspace,
         users: ids,
         channels: made,
+    })
+}
+
+/// `count` public channels `c0`, `c1`, … created by `owner`.
+fn public_channels(
+    engine: &Engine,
+    owner: UserId,
+    workspace: WorkspaceId,
+    count: usize,
+    progress: &ProgressBar,
+) -> anyhow::Result<Vec<ChannelId>> {
+    fan(progress, "create channels", count, |c| async move {
+        let name = format!("c{c}");
+        let channel = engine
+            .create_channel(owner, workspace, &name, ChannelKind::Public)
+            .await?;
+        Ok(channel.id)
     })
 }
 

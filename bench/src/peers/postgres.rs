@@ -24,7 +24,7 @@
 
 use super::{find_binary, free_port, fresh_dir, loopback, runtime, PeerProcess};
 use crate::latency::histogram_us;
-use crate::load::corpus::Query;
+use crate::load::corpus::{Query, Rng};
 use crate::load::procstat::{switches_between, thread_switches, Switches};
 use crate::load::search::{PgJob, PgSearch};
 use crate::load::{HistoryOutcome, HistoryShape, ServerUsage};
@@ -396,7 +396,7 @@ async fn read_pages(
         .prepare(PAGE_QUERY)
         .await
         .context("preparing the page query")?;
-    let mut cursors = SplitMix64(seed);
+    let mut cursors = Rng::new(seed, 0);
     let (mut latencies, mut wrong) = (histogram_us(), 0);
     let limit = shape.page as i64;
     // Cursors from `page + 1` to `messages + 1`: every page is full.
@@ -435,20 +435,6 @@ fn page_is_right(page: &[(i64, i64, SystemTime, String)], before: i64, len: usiz
         && page.iter().zip(1..).all(|((seq, author, _, body), back)| {
             *seq == before - back && *author == seq % 1_000 && *body == history_body(*seq)
         })
-}
-
-/// The SplitMix64 generator: a few lines, good enough for uniform cursors, and seeded so
-/// a run can be repeated exactly.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
 }
 
 /// The PostgreSQL programs this peer runs.
