@@ -402,7 +402,7 @@ async fn read_pages(
     // Cursors from `page + 1` to `messages + 1`: every page is full.
     let span = (shape.messages - shape.page + 1) as u64;
     for _ in 0..queries {
-        let before = (shape.page as u64 + 1 + cursors.next() % span) as i64;
+        let before = (shape.page as u64 + 1 + cursors.next_u64() % span) as i64;
         let started = Instant::now();
         let rows = client
             .query(&statement, &[&CHANNEL_ID, &before, &limit])
