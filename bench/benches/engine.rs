@@ -51,6 +51,7 @@
 //! Everything runs on the same cores as the engine: on a small machine the posters and
 //! consumers take CPU from the shards, and the numbers include that.
 
+use chorus_bench::dir_bytes;
 use chorus_bench::latency::{self, median};
 use chorus_engine::domain::ChannelKind;
 use chorus_engine::ids::{ChannelId, UserId, WorkspaceId};
@@ -1794,19 +1795,4 @@ fn restart_text(i: u64) -> String {
     }
     text.truncate(RESTART_TEXT_BYTES);
     text
-}
-
-/// Bytes of every file under `dir`.
-fn dir_bytes(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
 }

@@ -10,7 +10,23 @@ pub mod latency;
 pub mod load;
 pub mod peers;
 
+use std::path::Path;
 use std::time::Duration;
+
+/// Bytes of the files under `dir`, in every folder below it; 0 for what cannot be read.
+pub fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
 
 /// Reads a run length in seconds from the environment variable `name`, or `default` when
 /// it is unset.

@@ -66,6 +66,16 @@ fn system_row<'a>(stdout: &'a str, system: &str, what: &str) -> Vec<&'a str> {
         .collect()
 }
 
+/// The cells of the first line of `out` that starts with `prefix` (the first, before the
+/// leading `|`, is empty).
+fn row_cells(out: &str, prefix: &str) -> Vec<String> {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} row in\n{out}"));
+    line.split('|').map(|c| c.trim().to_owned()).collect()
+}
+
 /// The "what a delivery costs" row of `system` in the chat details: server CPU µs and
 /// context switches per delivery, and the load generator's CPU µs per delivery.
 fn per_delivery(stdout: &str, system: &str) -> Option<(f64, f64, f64)> {
@@ -198,6 +208,15 @@ fn smoke_suite_runs_every_scenario() {
 
     let page = chorus_row(&out, "page");
     assert_eq!(page[2], "100", "100 page reads");
+
+    // Search joins the suite: its two targets are in the summary, its table in the details.
+    for row in ["| search: query p99 ≤", "| search: ack → searchable p99 ≤"] {
+        assert!(out.contains(row), "summary row {row:?}:\n{out}");
+    }
+    assert!(
+        out.contains("; 100/100 found;"),
+        "every freshness message found:\n{out}"
+    );
     let history = out
         .lines()
         .find(|l| l.starts_with("| Chorus |") && l.contains(" s | 0 | RSS"));
@@ -291,13 +310,7 @@ fn files_smoke() {
         out.contains("uploads created: 2/2; thumbs ready: 5/5"),
         "{out}"
     );
-    let cells = |prefix: &str| -> Vec<String> {
-        let line = out
-            .lines()
-            .find(|l| l.starts_with(prefix))
-            .unwrap_or_else(|| panic!("no {prefix:?} row in\n{out}"));
-        line.split('|').map(|c| c.trim().to_owned()).collect()
-    };
+    let cells = |prefix: &str| row_cells(&out, prefix);
     let upload = cells("| upload 2 ×");
     let ratio: f64 = upload[4].parse().unwrap();
     assert!(ratio > 0.0 && ratio.is_finite(), "{out}");
@@ -316,4 +329,37 @@ fn files_smoke() {
     }
     let preview = cells("| upload → thumb ready");
     assert!(preview[2].starts_with("p50 "), "{out}");
+}
+
+// `search` at its smoke size: every loaded message searchable, every freshness message
+// found by polling and by its token, and the table's figures real; PostgreSQL answers the
+// same queries when installed (required under CHORUS_REQUIRE_PEERS).
+#[test]
+fn search_smoke() {
+    let chorus = chorus_binary();
+    let results = tempfile::tempdir().unwrap();
+    let out = bench(&["search", "--smoke"], results.path(), &chorus);
+    let cells = |prefix: &str| row_cells(&out, prefix);
+    let query = cells("| query (ms), 2000 messages");
+    assert!(query[2].starts_with("p50 "), "{out}");
+    let fresh = cells("| ack → searchable");
+    assert!(
+        fresh[2].contains("; 100/100 found; 2/2 found by token"),
+        "every freshness message found:\n{out}"
+    );
+    let bytes = cells("| bytes per message");
+    let per: f64 = bytes[2].parse().unwrap();
+    assert!(per > 0.0 && per.is_finite(), "{out}");
+    let required = std::env::var_os("CHORUS_REQUIRE_PEERS").is_some();
+    if query[3].starts_with("n/a") {
+        assert!(!required, "PostgreSQL did not run:\n{out}");
+        eprintln!("smoke: PostgreSQL did not run: {}", query[3]);
+    } else {
+        assert!(query[3].starts_with("p50 "), "{out}");
+        let same = cells("| queries with the same `total`");
+        assert!(
+            same[2].ends_with("of 40 (Chorus also matches words of 5+ letters one edit away)"),
+            "{out}"
+        );
+    }
 }

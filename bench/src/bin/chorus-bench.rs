@@ -9,6 +9,7 @@ use chorus_bench::load::client::Transport;
 use chorus_bench::load::files::{self, FilesShape};
 use chorus_bench::load::presence::PresenceShape;
 use chorus_bench::load::report::{self, Results, Run, RunInfo, Scenario};
+use chorus_bench::load::search::{self, SearchOutcome, SearchShape};
 use chorus_bench::load::server::{self, ServerSettings};
 use chorus_bench::load::{
     plot, worker, ChatOutcome, ChatShape, ConnectionsShape, FanoutShape, HistoryShape,
@@ -73,6 +74,10 @@ enum Cmd {
     /// Files: 20 MiB upload throughput against raw write+fsync, a 4000×3000 JPEG's thumb
     /// against vipsthumbnail, upload → thumb latency at 20 uploads/s (Chorus only)
     Files(FilesArgs),
+    /// Message search against PostgreSQL full-text search on the same corpus: query
+    /// latency with concurrent searchers, ack → searchable at a sustained rate, indexing
+    /// CPU and index bytes per message
+    Search(SearchArgs),
     /// Every scenario at the standard (or smoke) size, with peers, report, plots, README
     Suite(SuiteArgs),
     /// Internal: a worker process holding connections for its parent
@@ -134,6 +139,50 @@ struct FilesArgs {
     /// Fail when vipsthumbnail is missing [default: when CHORUS_REQUIRE_PEERS is set]
     #[arg(long)]
     require_vips: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+struct SearchArgs {
+    /// A tiny size (2,000 messages, 40 queries, 100 msgs/s for 1 s)
+    #[arg(long)]
+    smoke: bool,
+    /// Messages loaded [default: 1,000,000]
+    #[arg(long)]
+    messages: Option<usize>,
+    /// Queries measured on each system [default: 2,000]
+    #[arg(long)]
+    queries: Option<usize>,
+    /// Concurrent searchers [default: 4]
+    #[arg(long)]
+    searchers: Option<usize>,
+    /// Freshness posts per second [default: 1,000]
+    #[arg(long)]
+    fresh_rate: Option<f64>,
+    /// Seconds of freshness posts [default: 20]
+    #[arg(long)]
+    fresh_secs: Option<f64>,
+    /// Runs, each on a fresh server and a fresh PostgreSQL; the medians of the key
+    /// figures follow the tables
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+}
+
+impl SearchArgs {
+    fn shape(&self) -> SearchShape {
+        let base = if self.smoke {
+            SearchShape::smoke()
+        } else {
+            SearchShape::standard()
+        };
+        SearchShape {
+            messages: self.messages.unwrap_or(base.messages),
+            queries: self.queries.unwrap_or(base.queries),
+            searchers: self.searchers.unwrap_or(base.searchers),
+            fresh_rate: self.fresh_rate.unwrap_or(base.fresh_rate),
+            fresh_secs: self.fresh_secs.unwrap_or(base.fresh_secs),
+            ..base
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -268,6 +317,7 @@ struct SuiteShapes {
     quic_sessions: ConnectionsShape,
     history: HistoryShape,
     presence: PresenceShape,
+    search: SearchShape,
 }
 
 /// The rungs of a ladder: `base` at each of `rates`, over a shorter window.
@@ -334,6 +384,7 @@ fn suite_sizes(size: Size) -> SuiteShapes {
                 warmup: 5.0,
             }
             .shape(),
+            search: SearchShape::suite(),
         },
         Size::Smoke => SuiteShapes {
             chat: ChatArgs {
@@ -368,6 +419,7 @@ fn suite_sizes(size: Size) -> SuiteShapes {
                 warmup: 0.5,
             }
             .shape(),
+            search: SearchShape::smoke(),
         },
     }
 }
@@ -424,6 +476,9 @@ fn main() -> anyhow::Result<()> {
     if let Cmd::Files(a) = &cli.command {
         return files(&runner, a, &load_before);
     }
+    if let Cmd::Search(a) = &cli.command {
+        return search(&runner, a, !cli.common.no_peers, &load_before);
+    }
     let seed = cli
         .common
         .seed
@@ -473,9 +528,14 @@ fn main() -> anyhow::Result<()> {
             ));
             results.history = Some(history(&runner, &shapes.history, peers, seed));
             results.presence = Some(presence(&runner, &shapes.presence, seed));
+            let searched = search_once(&runner, &shapes.search, peers);
+            if let Err(why) = &searched {
+                say(&progress, format!("search failed: {why:#}"));
+            }
+            results.search = Some((shapes.search, searched.map_err(|e| format!("{e:#}"))));
             ("suite", !a.no_readme)
         }
-        Cmd::Worker | Cmd::Files(_) => unreachable!("handled above"),
+        Cmd::Worker | Cmd::Files(_) | Cmd::Search(_) => unreachable!("handled above"),
     };
     progress.finish_and_clear();
     let info = RunInfo {
@@ -529,6 +589,10 @@ fn main() -> anyhow::Result<()> {
             .map(|s| chorus_error(&s.runs)),
         results.history.as_ref().map(|s| chorus_error(&s.runs)),
         results.presence.as_ref().map(|s| chorus_error(&s.runs)),
+        results
+            .search
+            .as_ref()
+            .map(|(_, o)| o.as_ref().err().map(|why| format!("search: {why}"))),
     ];
     if let Some(why) = chorus_failed.into_iter().flatten().flatten().next() {
         anyhow::bail!("a Chorus run failed: {why}");
@@ -924,6 +988,62 @@ fn files(runner: &ChorusRunner, a: &FilesArgs, load_before: &str) -> anyhow::Res
         "\nuploads created: {}/{}; thumbs ready: {}/{}",
         outcome.uploads_created, shape.upload_files, outcome.previews_ready, outcome.preview_sent
     );
+    Ok(())
+}
+
+/// Runs `search` on Chorus, then on PostgreSQL (unless `peers` is off or it is missing).
+fn search_once(
+    runner: &ChorusRunner,
+    shape: &SearchShape,
+    peers: bool,
+) -> anyhow::Result<SearchOutcome> {
+    let pg = peers && peers::postgres::available();
+    search::run(
+        &runner.binary,
+        &runner.work_root,
+        shape,
+        &runner.progress,
+        |job, dir| {
+            anyhow::ensure!(
+                pg,
+                "{}",
+                if peers {
+                    "not installed; see bench/setup-peers.sh"
+                } else {
+                    "--no-peers"
+                }
+            );
+            peers::postgres::search(job, dir)
+        },
+    )
+}
+
+/// `search`: runs alone and prints its table per run, then the medians of the key figures.
+fn search(
+    runner: &ChorusRunner,
+    a: &SearchArgs,
+    peers: bool,
+    load_before: &str,
+) -> anyhow::Result<()> {
+    let shape = a.shape();
+    let mut outcomes = Vec::new();
+    for r in 0..a.runs.max(1) {
+        runner
+            .progress
+            .set_message(format!("search: run {} of {}", r + 1, a.runs));
+        let outcome = search_once(runner, &shape, peers)?;
+        runner.progress.suspend(|| {
+            println!("run {} of {}:\n\n{}", r + 1, a.runs, outcome.table(&shape));
+        });
+        outcomes.push(outcome);
+    }
+    runner.progress.finish_and_clear();
+    println!(
+        "search: {}; load average (1, 5, 15 min) {load_before} at the start, {} at the end\n",
+        machine(),
+        loadavg()
+    );
+    print!("{}", search::medians(&outcomes));
     Ok(())
 }
 

@@ -9,6 +9,7 @@
 
 pub mod chorus;
 pub mod client;
+pub mod corpus;
 pub mod files;
 pub mod history;
 pub mod plot;
@@ -16,6 +17,7 @@ pub mod presence;
 pub mod procstat;
 pub mod report;
 pub mod schedule;
+pub mod search;
 pub mod seed;
 pub mod server;
 pub mod worker;

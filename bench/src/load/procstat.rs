@@ -59,6 +59,30 @@ pub fn switches_between(start: &HashMap<u32, Switches>, end: &HashMap<u32, Switc
     })
 }
 
+/// CPU seconds (user + system) used so far by the threads of process `pid` whose name
+/// (`comm`, at most 15 bytes) starts with one of `prefixes`. Threads that have exited are
+/// not counted.
+pub fn named_threads_cpu_secs(pid: u32, prefixes: &[&str]) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    // SAFETY: sysconf has no preconditions; it only reads a system constant.
+    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let ticks: u64 = tasks
+        .flatten()
+        .filter_map(|entry| {
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            let name = &stat[stat.find('(')? + 1..stat.rfind(')')?];
+            prefixes
+                .iter()
+                .any(|p| name.starts_with(p))
+                .then(|| parse_stat_ticks(&stat))
+                .flatten()
+        })
+        .sum();
+    ticks as f64 / per_sec
+}
+
 /// `utime + stime` in clock ticks from the text of `/proc/PID/stat`. The command name (field
 /// 2) may hold spaces and parentheses, so fields are counted from the last `)`.
 fn parse_stat_ticks(stat: &str) -> Option<u64> {

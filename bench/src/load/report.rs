@@ -3,6 +3,7 @@
 //! detailed percentiles of every system in every scenario.
 
 use super::presence::{PresenceOutcome, PresenceShape};
+use super::search::{SearchOutcome, SearchShape};
 use super::server::ServerSettings;
 use super::{
     ChatOutcome, ChatShape, ConnectionsOutcome, ConnectionsShape, FanoutOutcome, FanoutShape,
@@ -81,6 +82,8 @@ pub struct Results {
     pub history: Option<Scenario<HistoryShape, HistoryOutcome>>,
     /// `presence`, if it ran (Chorus alone: no peer has subscription presence).
     pub presence: Option<Scenario<PresenceShape, PresenceOutcome>>,
+    /// `search`, if it ran: Chorus and PostgreSQL in one outcome, or why Chorus failed.
+    pub search: Option<(SearchShape, Result<SearchOutcome, String>)>,
 }
 
 /// Chorus's outcome of a scenario, or why there is none.
@@ -234,7 +237,7 @@ fn best_sustained(results: &Results, system: &str) -> Option<(f64, u64, bool)> {
     Some((deliveries_per_s(best), p99(&best.delivery), topped))
 }
 
-fn verdict(met: bool) -> &'static str {
+pub(crate) fn verdict(met: bool) -> &'static str {
     if met {
         "**met**"
     } else {
@@ -400,6 +403,17 @@ pub fn summary_table(results: &Results) -> String {
                 chorus,
                 peer: "–".into(),
                 ratio: "–".into(),
+                verdict,
+            });
+        }
+    }
+    if let Some((shape, outcome)) = &results.search {
+        for [target, chorus, peer, ratio, verdict] in super::search::summary_rows(shape, outcome) {
+            rows.push(Row {
+                target,
+                chorus,
+                peer,
+                ratio,
                 verdict,
             });
         }
@@ -822,6 +836,9 @@ pub fn details(results: &Results) -> String {
         }
         out.push_str(&failures(s));
         out.push_str("\n![history latency](history.png)\n\n");
+    }
+    if let Some((shape, outcome)) = &results.search {
+        out.push_str(&super::search::details(shape, outcome));
     }
     if let Some(s) = &results.presence {
         out.push_str(&super::presence::details(&s.shape, chorus_outcome(s)));

@@ -64,13 +64,7 @@ pub fn users_in_channels(
     } else {
         users.div_ceil(members)
     };
-    let channels = fan(progress, "create channels", channel_count, |c| async move {
-        let name = format!("c{c}");
-        let channel = engine
-            .create_channel(owner, workspace, &name, ChannelKind::Public)
-            .await?;
-        Ok(channel.id)
-    })?;
+    let channels = public_channels(engine, owner, workspace, channel_count, progress)?;
     let (ids_ref, channels_ref) = (&ids, &channels);
     fan(
         progress,
@@ -109,6 +103,49 @@ pub fn one_big_channel(
         workspace,
         users: ids,
         channels: vec![channel.id],
+    })
+}
+
+/// `users` users in one workspace, each a member of every one of `channels` public
+/// channels (named `c0`, `c1`, …), which the owner created and stays in.
+pub fn users_in_every_channel(
+    engine: &Engine,
+    users: usize,
+    channels: usize,
+    progress: &ProgressBar,
+) -> anyhow::Result<Population> {
+    let (owner, workspace) = block_on(owner_and_workspace(engine))?;
+    let ids = create_users(engine, owner, workspace, users, progress)?;
+    let made = public_channels(engine, owner, workspace, channels, progress)?;
+    let (ids_ref, made_ref) = (&ids, &made);
+    fan(
+        progress,
+        "join channels",
+        users * channels,
+        |i| async move { engine.join(ids_ref[i % users], made_ref[i / users]).await },
+    )?;
+    Ok(Population {
+        owner,
+        workspace,
+        users: ids,
+        channels: made,
+    })
+}
+
+/// `count` public channels `c0`, `c1`, … created by `owner`.
+fn public_channels(
+    engine: &Engine,
+    owner: UserId,
+    workspace: WorkspaceId,
+    count: usize,
+    progress: &ProgressBar,
+) -> anyhow::Result<Vec<ChannelId>> {
+    fan(progress, "create channels", count, |c| async move {
+        let name = format!("c{c}");
+        let channel = engine
+            .create_channel(owner, workspace, &name, ChannelKind::Public)
+            .await?;
+        Ok(channel.id)
     })
 }
 

@@ -1,5 +1,6 @@
-//! PostgreSQL 15 as the peer for `history`: the seeds' "PostgreSQL with partitioning"
-//! alternative to Cassandra.
+//! PostgreSQL 15 as the peer for `history` (the seeds' "PostgreSQL with partitioning"
+//! alternative to Cassandra) and for `search` (full-text search with a `tsvector` column
+//! and a GIN index, as Zulip uses it; see [`search`]).
 //!
 //! Messages live in one table keyed by `(channel_id, seq)`, whose primary-key index serves
 //! the page query, hash-partitioned by channel (8 partitions; a channel's rows are all in
@@ -23,7 +24,9 @@
 
 use super::{find_binary, free_port, fresh_dir, loopback, runtime, PeerProcess};
 use crate::latency::histogram_us;
+use crate::load::corpus::{Query, Rng};
 use crate::load::procstat::{switches_between, thread_switches, Switches};
+use crate::load::search::{PgJob, PgSearch};
 use crate::load::{HistoryOutcome, HistoryShape, ServerUsage};
 use anyhow::{bail, ensure, Context};
 use futures::pin_mut;
@@ -106,6 +109,205 @@ pub fn history(shape: &HistoryShape, work_dir: &Path) -> anyhow::Result<HistoryO
     })?;
     server.stop()?;
     Ok(outcome)
+}
+
+/// The `search` table: the messages with their `tsvector` as a stored generated column
+/// (`to_tsvector('simple', body)`: lowercased words, no stemming and no stop words, the
+/// closest of PostgreSQL's configurations to Chorus's folding), indexed with GIN.
+const SEARCH_SCHEMA: &str = "CREATE TABLE messages (
+    id bigint PRIMARY KEY,
+    channel_id bigint NOT NULL,
+    author_id bigint NOT NULL,
+    created_at timestamptz NOT NULL,
+    body text NOT NULL,
+    tsv tsvector GENERATED ALWAYS AS (to_tsvector('simple', body)) STORED
+)";
+
+/// Runs `search` against PostgreSQL: loads the rows with text `COPY` (the generated
+/// column computes each `tsvector`), builds the GIN index, vacuums and analyses, then
+/// answers the warm-up and measured queries from `job.searchers` connections at once, each
+/// as one statement that returns the page of 20 by `ts_rank` with the exact count
+/// (`count(*) OVER ()`), since Chorus's `total` is exact.
+pub fn search(job: &PgJob<'_>, work_dir: &Path) -> anyhow::Result<PgSearch> {
+    let server = PgServer::start(work_dir, job.searchers + CONNECTIONS_SPARE)?;
+    let outcome = runtime()?.block_on(async {
+        let loader = server.connect().await?;
+        loader
+            .batch_execute(SEARCH_SCHEMA)
+            .await
+            .context("creating the table")?;
+        let cpu = tree_cpu_secs(server.pid());
+        let started = Instant::now();
+        copy_messages(&loader, job).await?;
+        let load = started.elapsed();
+        let started = Instant::now();
+        loader
+            .batch_execute("CREATE INDEX messages_tsv ON messages USING gin (tsv)")
+            .await
+            .context("building the GIN index")?;
+        let index = started.elapsed();
+        let load_cpu_secs = tree_cpu_secs(server.pid()) - cpu;
+        loader
+            .batch_execute("VACUUM ANALYZE messages")
+            .await
+            .context("VACUUM ANALYZE")?;
+        let size = |sql: &'static str| {
+            let loader = &loader;
+            async move {
+                let row = loader.query_one(sql, &[]).await?;
+                anyhow::Ok(row.try_get::<_, i64>(0)? as u64)
+            }
+        };
+        let table_bytes = size("SELECT pg_table_size('messages')").await?;
+        let gin_bytes = size("SELECT pg_relation_size('messages_tsv')").await?;
+        let mut clients = Vec::with_capacity(job.searchers);
+        for _ in 0..job.searchers {
+            clients.push(server.connect().await?);
+        }
+        pg_queries(&clients, job.warmup).await?;
+        let (query, totals) = pg_queries(&clients, job.queries).await?;
+        anyhow::Ok(PgSearch {
+            load,
+            index,
+            load_cpu_secs,
+            query,
+            totals,
+            table_bytes,
+            gin_bytes,
+        })
+    })?;
+    server.stop()?;
+    Ok(outcome)
+}
+
+/// Loads every message of `job` with text `COPY` (the corpus has no tab, newline or
+/// backslash, so its text needs no escaping; checked).
+async fn copy_messages(client: &Client, job: &PgJob<'_>) -> anyhow::Result<()> {
+    use futures::SinkExt;
+    let sink = client
+        .copy_in("COPY messages (id, channel_id, author_id, created_at, body) FROM STDIN")
+        .await
+        .context("starting COPY")?;
+    pin_mut!(sink);
+    let mut buf = bytes::BytesMut::with_capacity(1 << 20);
+    for (i, at) in job.created_at.iter().enumerate() {
+        let m = job.corpus.message(i as u64);
+        ensure!(
+            !m.text.contains(['\t', '\n', '\r', '\\']),
+            "message {i} needs COPY escaping"
+        );
+        buf.extend_from_slice(
+            format!("{i}\t{}\t{}\t{at}\t{}\n", m.channel, m.author, m.text).as_bytes(),
+        );
+        if buf.len() >= 1 << 20 {
+            sink.send(buf.split().freeze()).await.context("COPY data")?;
+        }
+    }
+    sink.send(buf.freeze()).await.context("COPY data")?;
+    let rows = sink.as_mut().finish().await.context("finishing COPY")?;
+    ensure!(
+        rows == job.created_at.len() as u64,
+        "COPY loaded {rows} rows of {}",
+        job.created_at.len()
+    );
+    Ok(())
+}
+
+/// The statement answering `q`: the page by rank with the exact count. `after:` is
+/// exclusive of its (UTC) day, as in Chorus.
+fn search_sql(q: &Query) -> String {
+    let tsquery = if q.phrase {
+        "phraseto_tsquery"
+    } else {
+        "plainto_tsquery"
+    };
+    let mut sql = format!(
+        "SELECT id, channel_id, author_id, created_at, body, count(*) OVER () \
+         FROM messages, {tsquery}('simple', $1) q WHERE tsv @@ q"
+    );
+    let mut n = 1;
+    let mut param = |sql: &mut String, clause: &str| {
+        n += 1;
+        sql.push_str(&clause.replace('$', &format!("${n}")));
+    };
+    if q.author.is_some() {
+        param(&mut sql, " AND author_id = $");
+    }
+    if q.channel.is_some() {
+        param(&mut sql, " AND channel_id = $");
+    }
+    if q.after.is_some() {
+        param(
+            &mut sql,
+            " AND created_at >= (($::text::date + 1)::timestamp AT TIME ZONE 'UTC')",
+        );
+    }
+    sql.push_str(&format!(
+        " ORDER BY ts_rank(tsv, q) DESC LIMIT {}",
+        crate::load::search::PAGE
+    ));
+    sql
+}
+
+/// Runs `queries` from each of `clients` in turn, each taking the next query when its
+/// last is answered; the latencies (request → rows parsed) and each query's count.
+async fn pg_queries(
+    clients: &[Client],
+    queries: &[Query],
+) -> anyhow::Result<(Histogram<u64>, Vec<u64>)> {
+    use futures::stream::{self, StreamExt};
+    use tokio_postgres::types::ToSql;
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let per_client = clients.iter().map(|client| {
+        let next = &next;
+        async move {
+            let mut statements = HashMap::new();
+            let mut out = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(q) = queries.get(i) else {
+                    return anyhow::Ok(out);
+                };
+                let sql = search_sql(q);
+                if !statements.contains_key(&sql) {
+                    let st = client.prepare(&sql).await.context("preparing a search")?;
+                    statements.insert(sql.clone(), st);
+                }
+                let (author, channel) = (q.author.map(|a| a as i64), q.channel.map(|c| c as i64));
+                let mut params: Vec<&(dyn ToSql + Sync)> = vec![&q.text];
+                params.extend(author.as_ref().map(|a| a as &(dyn ToSql + Sync)));
+                params.extend(channel.as_ref().map(|c| c as &(dyn ToSql + Sync)));
+                params.extend(q.after.as_ref().map(|d| d as &(dyn ToSql + Sync)));
+                let started = Instant::now();
+                let rows = client
+                    .query(&statements[&sql], &params)
+                    .await
+                    .with_context(|| format!("search {sql}"))?;
+                let mut total = 0;
+                for row in &rows {
+                    let _: (i64, i64, i64, SystemTime, String) = (
+                        row.try_get(0)?,
+                        row.try_get(1)?,
+                        row.try_get(2)?,
+                        row.try_get(3)?,
+                        row.try_get(4)?,
+                    );
+                    total = row.try_get::<_, i64>(5)? as u64;
+                }
+                out.push((i, started.elapsed(), total));
+            }
+        }
+    });
+    let mut latency = histogram_us();
+    let mut totals = vec![0; queries.len()];
+    let mut all = stream::iter(per_client).buffer_unordered(clients.len());
+    while let Some(done) = all.next().await {
+        for (i, took, total) in done? {
+            crate::latency::record(&mut latency, took);
+            totals[i] = total;
+        }
+    }
+    Ok((latency, totals))
 }
 
 /// Creates the partitioned table and loads `messages` messages into the channel with
@@ -194,13 +396,13 @@ async fn read_pages(
         .prepare(PAGE_QUERY)
         .await
         .context("preparing the page query")?;
-    let mut cursors = SplitMix64(seed);
+    let mut cursors = Rng::new(seed, 0);
     let (mut latencies, mut wrong) = (histogram_us(), 0);
     let limit = shape.page as i64;
     // Cursors from `page + 1` to `messages + 1`: every page is full.
     let span = (shape.messages - shape.page + 1) as u64;
     for _ in 0..queries {
-        let before = (shape.page as u64 + 1 + cursors.next() % span) as i64;
+        let before = (shape.page as u64 + 1 + cursors.next_u64() % span) as i64;
         let started = Instant::now();
         let rows = client
             .query(&statement, &[&CHANNEL_ID, &before, &limit])
@@ -233,20 +435,6 @@ fn page_is_right(page: &[(i64, i64, SystemTime, String)], before: i64, len: usiz
         && page.iter().zip(1..).all(|((seq, author, _, body), back)| {
             *seq == before - back && *author == seq % 1_000 && *body == history_body(*seq)
         })
-}
-
-/// The SplitMix64 generator: a few lines, good enough for uniform cursors, and seeded so
-/// a run can be repeated exactly.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
 }
 
 /// The PostgreSQL programs this peer runs.
