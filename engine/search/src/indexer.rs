@@ -413,7 +413,7 @@ impl<'a> Indexer<'a> {
                     files: posted.files.to_vec(),
                 };
                 self.share(r, posted.files, r.seq, true)?;
-                self.put(doc)
+                self.add(doc)
             }
             ChannelEvent::MessageEdited { target, body, .. } => {
                 let text = self.body_text(body);
@@ -452,8 +452,16 @@ impl<'a> Indexer<'a> {
         self.put(doc)
     }
 
+    /// Replaces a message's document.
     fn put(&mut self, doc: MessageDoc) -> Result<(), String> {
         self.writer.delete_term(self.fields.id_term(doc.id));
+        self.add(doc)
+    }
+
+    /// Adds a new message's document, with no delete before it: no document of that ID
+    /// can be in the index (a post is applied once, after the committed cursor), and a
+    /// pending delete costs every commit a lookup of its term in every segment.
+    fn add(&mut self, doc: MessageDoc) -> Result<(), String> {
         self.writer
             .add_document(doc.to_document(&self.fields))
             .map_err(|e| e.to_string())?;
