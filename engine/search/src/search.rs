@@ -30,7 +30,7 @@ use tantivy::query::{
     PhraseQuery, Query, RangeQuery, RegexQuery, TermQuery, TermSetQuery,
 };
 use tantivy::schema::{Field, IndexRecordOption, Value};
-use tantivy::{DocAddress, Order, Searcher, TantivyDocument, Term};
+use tantivy::{DocAddress, DocId, Order, Score, Searcher, SegmentReader, TantivyDocument, Term};
 
 /// The most results per page (`API.md` §12).
 pub const LIMIT_MAX: usize = 100;
@@ -160,7 +160,15 @@ fn top(
     };
     Ok(match sort {
         Sort::Relevance => {
-            let (n, docs) = searcher.search(query, &(Count, top.order_by_score()))?;
+            // Equal scores (the same words, in documents alike) are ordered newest first,
+            // not by where a document sits: a merge between two pages moves documents, and
+            // a cursor's offset would then repeat one and skip another.
+            let by_score = top.tweak_score(|segment: &SegmentReader| {
+                let at =
+                    (segment.fast_fields().i64("at_us").ok()).map(|c| c.first_or_default_col(0));
+                move |doc: DocId, score: Score| (score, at.as_ref().map_or(0, |c| c.get_val(doc)))
+            });
+            let (n, docs) = searcher.search(query, &(Count, by_score))?;
             (n, docs.into_iter().map(|(_, a)| a).collect())
         }
         Sort::Newest => {

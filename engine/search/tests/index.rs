@@ -283,7 +283,8 @@ fn files_follow_the_read_rule() {
     writer.commit().unwrap();
     live.reader.reload().unwrap();
     let alice = scope(W1, &[(1, "general"), (2, "random")]);
-    assert_eq!(files_of(&search, "report", &alice), (vec![1, 3], 2));
+    // Equal scores (the same name words): the newest first.
+    assert_eq!(files_of(&search, "report", &alice), (vec![3, 1], 2));
     assert_eq!(
         files_of(&search, "report in:#general", &alice),
         (vec![3], 1)
