@@ -1049,7 +1049,9 @@ fn unpreviewable_files_get_no_preview() {
 }
 
 // A worker that does not finish in time is killed and counted as crashed in /metrics; the
-// file gets no preview and the server keeps serving.
+// file gets no preview and the server keeps serving. The images are large enough that no
+// worker decodes one within the 1 ms deadline (a 64 px one once did, before the poll
+// stopped sleeping past the deadline).
 #[test]
 fn worker_crashes_are_counted() {
     let s = Server::start(&format!("{UNLIMITED}preview_timeout_ms = 1\n"));
@@ -1062,7 +1064,7 @@ fn worker_crashes_are_counted() {
         &wid,
         "a.png",
         "image/png",
-        &image_bytes(64, 64, image::ImageFormat::Png),
+        &image_bytes(1600, 1600, image::ImageFormat::Png),
     );
     assert_no_preview(&preview(&s, &alice, &str_of(&f["id"]), "thumb"));
     assert_eq!(s.metric("chorus_preview_worker_crashes_total"), 1.0);
@@ -1072,7 +1074,7 @@ fn worker_crashes_are_counted() {
         &wid,
         "b.png",
         "image/png",
-        &image_bytes(64, 32, image::ImageFormat::Png),
+        &image_bytes(1600, 800, image::ImageFormat::Png),
     );
     assert_no_preview(&preview(&s, &alice, &str_of(&f["id"]), "thumb"));
     assert_eq!(s.metric("chorus_preview_worker_crashes_total"), 2.0);

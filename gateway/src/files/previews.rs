@@ -147,13 +147,16 @@ pub(crate) fn run_worker(
         if let Some(status) = child.try_wait()? {
             break status;
         }
-        if Instant::now() >= deadline {
+        let now = Instant::now();
+        if now >= deadline {
             let _ = child.kill();
             let _ = child.wait();
             let _ = std::fs::remove_file(&output);
             return Ok(Outcome::Crashed("killed at its deadline".into()));
         }
-        std::thread::sleep(WAIT_POLL);
+        // Never sleep past the deadline: a worker that ends after it is late, however
+        // coarse the poll.
+        std::thread::sleep(WAIT_POLL.min(deadline - now));
     };
     let (mut stdout, mut stderr) = (String::new(), String::new());
     if let Some(mut out) = child.stdout.take() {
