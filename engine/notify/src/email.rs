@@ -20,6 +20,7 @@
 use crate::outbox::{EmailItem, Outbox, Pending};
 use crate::sender::backoff;
 use chorus_engine::ids::{ChannelId, MessageId, UserId, WorkspaceId};
+use chorus_engine::view::MessageView;
 use chorus_engine::{Engine, EngineError};
 use futures::channel::oneshot;
 use lettre::message::{Mailbox, MultiPart};
@@ -80,7 +81,7 @@ pub struct Section {
 /// What one digest lists.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Digest {
-    /// The channels, in the order their first message arrived.
+    /// The channels, in the order their first listed message was posted.
     pub sections: Vec<Section>,
     /// Unread messages of the window beyond [`DIGEST_MESSAGES_MAX`], not listed.
     pub more: usize,
@@ -296,7 +297,13 @@ impl Sender {
         for w in workspaces {
             self.read_markers(user, WorkspaceId(w), &mut read).await?;
         }
-        let mut sections: Vec<(u64, Section)> = Vec::new();
+        // Each channel's messages in seq order; the decider appends the channels' items
+        // in the order it happens to read their partitions.
+        let mut items: Vec<&EmailItem> = items.iter().collect();
+        items.sort_by_key(|i| (i.channel, i.seq));
+        items.dedup_by_key(|i| (i.channel, i.seq));
+        // (channel, when its first listed message was posted, its section)
+        let mut sections: Vec<(u64, u64, Section)> = Vec::new();
         let mut listed = 0;
         let mut more = 0;
         for item in items {
@@ -305,7 +312,7 @@ impl Sender {
             if read.get(&channel).is_none_or(|r| *r >= item.seq) {
                 continue;
             }
-            let Some(text) = self.current_text(user, channel, item.seq).await? else {
+            let Some(message) = self.current(user, channel, item.seq).await? else {
                 continue;
             };
             if listed == DIGEST_MESSAGES_MAX {
@@ -315,18 +322,19 @@ impl Sender {
             listed += 1;
             let line = Line {
                 author: item.author_name.clone(),
-                text,
+                text: message.text,
                 link: self.link(channel, item.seq),
             };
-            match sections.iter_mut().find(|(c, _)| *c == item.channel) {
-                Some((_, s)) => s.lines.push(line),
-                None => sections.push((item.channel, section(item, line))),
+            match sections.iter_mut().find(|(c, _, _)| *c == item.channel) {
+                Some((_, _, s)) => s.lines.push(line),
+                None => sections.push((item.channel, message.created_at, section(item, line))),
             }
         }
         if listed == 0 {
             return Ok(None);
         }
-        let sections = sections.into_iter().map(|(_, s)| s).collect();
+        sections.sort_by_key(|(c, posted, _)| (*posted, *c));
+        let sections = sections.into_iter().map(|(_, _, s)| s).collect();
         Ok(Some((me.email, Digest { sections, more })))
     }
 
@@ -356,16 +364,16 @@ impl Sender {
         }
     }
 
-    /// The message's text as the user reads it now; `None` when deleted or unreadable.
-    async fn current_text(
+    /// The message as the user reads it now; `None` when deleted or unreadable.
+    async fn current(
         &self,
         user: UserId,
         channel: ChannelId,
         seq: u64,
-    ) -> Result<Option<String>, EngineError> {
+    ) -> Result<Option<MessageView>, EngineError> {
         match self.engine.message(user, MessageId { channel, seq }).await {
             Ok(m) if m.deleted => Ok(None),
-            Ok(m) => Ok(Some(m.text)),
+            Ok(m) => Ok(Some(m)),
             Err(EngineError::Domain(_)) => Ok(None),
             Err(e) => Err(e),
         }
