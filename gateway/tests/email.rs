@@ -23,13 +23,21 @@ const ARRIVE_WAIT: Duration = Duration::from_secs(20);
 const SETTLE: Duration = Duration::from_millis(1500);
 const PUBLIC_URL: &str = "https://chat.example.com/app";
 
-/// The SMTP server: receives, parses and prints each message as JSON.
+/// The SMTP server: receives, parses and prints each message as JSON, after refusing the
+/// first `sys.argv[1]` messages with a transient 451 (printed as `{"refused": true}`).
 const SINK: &str = r#"
 import asyncio, email, email.policy, json, sys
 from aiosmtpd.smtp import SMTP
 
+refusals = int(sys.argv[1])
+
 class Handler:
     async def handle_DATA(self, server, session, envelope):
+        global refusals
+        if refusals > 0:
+            refusals -= 1
+            print(json.dumps({"refused": True}), flush=True)
+            return "451 4.3.0 try again later"
         m = email.message_from_bytes(envelope.content, policy=email.policy.default)
         text = m.get_body(preferencelist=("plain",))
         html = m.get_body(preferencelist=("html",))
@@ -64,8 +72,13 @@ impl Smtp {
     /// Starts the sink; `None` (the test skips, saying why) when aiosmtpd is missing,
     /// which CI forbids.
     fn start() -> Option<Smtp> {
+        Smtp::refusing(0)
+    }
+
+    /// Starts the sink refusing the first `refusals` messages with a transient error.
+    fn refusing(refusals: usize) -> Option<Smtp> {
         let mut child = Command::new("python3")
-            .args(["-c", SINK])
+            .args(["-c", SINK, &refusals.to_string()])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -315,6 +328,36 @@ fn nothing_is_sent_when_read_or_not_wanted() {
     for u in [reader, none, quiet, mentions] {
         assert_eq!(smtp.to(&u.email), Vec::<Value>::new(), "{}", u.email);
     }
+    assert_eq!(s.metric("chorus_notify_emails_sent_total"), 1.0);
+}
+
+// A transient SMTP refusal delays the digest without losing it or sending it twice.
+#[test]
+fn a_refused_digest_is_retried() {
+    let Some(smtp) = Smtp::refusing(2) else {
+        return;
+    };
+    let s = Server::start(&smtp.config());
+    let alice = s.signup("alice");
+    let bob = s.signup("bob");
+    let wid = s.workspace(&alice, &[&bob]);
+    let cid = s.channel(&wid, &alice, "general", &[&bob]);
+    prefs(&s, &bob, json!({"email": "all", "email_digest_s": 1}));
+    let m = post(&s, &alice, &cid, "worth the wait");
+    let (digest, _) = smtp.wait_for(&bob.email, 1);
+    assert!(digest["text"].as_str().unwrap().contains(&link(&cid, &m)));
+    let refused = |v: &Value| v["refused"] == true;
+    assert_eq!(
+        smtp.received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|v| refused(v))
+            .count(),
+        2
+    );
+    std::thread::sleep(SETTLE);
+    assert_eq!(smtp.to(&bob.email).len(), 1);
     assert_eq!(s.metric("chorus_notify_emails_sent_total"), 1.0);
 }
 

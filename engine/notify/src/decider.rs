@@ -95,6 +95,19 @@ pub struct Modes {
     pub email: bool,
 }
 
+/// The digest window a message decided at `now_ms` joins: the user's latest one while it
+/// is open, else a new one that closes `digest_s` later. A window closes at `closes`
+/// exactly, the instant the email sender may send it.
+pub fn window_at(latest: Option<Window>, now_ms: u64, digest_s: u32) -> Window {
+    match latest {
+        Some(w) if now_ms < w.closes => w,
+        _ => Window {
+            opened: now_ms,
+            closes: now_ms + u64::from(digest_s) * 1000,
+        },
+    }
+}
+
 /// Starts the decider on a thread of its own. It stops when `stop` fires (or its sender is
 /// dropped), after storing what it has decided.
 pub fn spawn(
@@ -327,20 +340,12 @@ impl Decider {
         }
     }
 
-    /// The user's digest window for a message decided at `now_ms`: the open one, or a new
-    /// one that closes `digest_s` later.
+    /// The user's digest window for a message decided at `now_ms` (see [`window_at`]).
     fn window(&mut self, user: UserId, now_ms: u64, digest_s: u32) -> Window {
-        let window = self.windows.entry(user).or_insert(Window {
-            opened: 0,
-            closes: 0,
-        });
-        if now_ms >= window.closes {
-            *window = Window {
-                opened: now_ms,
-                closes: now_ms + u64::from(digest_s) * 1000,
-            };
-        }
-        *window
+        let latest = self.windows.get(&user).copied();
+        let window = window_at(latest, now_ms, digest_s);
+        self.windows.insert(user, window);
+        window
     }
 
     fn decide(&mut self, r: &ChannelRecord) {
@@ -434,5 +439,33 @@ impl Decider {
             }
         }
         found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A window takes every message until it closes; the first message at or after its
+    // close opens the next, with the interval the user has then.
+    #[test]
+    fn windows_open_at_a_message_and_close_digest_s_later() {
+        let first = window_at(None, 10_000, 2);
+        assert_eq!(
+            first,
+            Window {
+                opened: 10_000,
+                closes: 12_000
+            }
+        );
+        assert_eq!(window_at(Some(first), 11_999, 900), first);
+        let next = window_at(Some(first), 12_000, 5);
+        assert_eq!(
+            next,
+            Window {
+                opened: 12_000,
+                closes: 17_000
+            }
+        );
     }
 }
