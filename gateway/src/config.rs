@@ -687,6 +687,16 @@ mod tests {
             ),
             ("http_header_timeout_s = 0", "http_header_timeout_s"),
             ("connections_per_ip_max = 0", "connections_per_ip_max"),
+            ("smtp_url = \"mail.example.com\"", "smtp_url"),
+            ("smtp_url = \"smtp://127.0.0.1:25\"", "email_from"),
+            (
+                "smtp_url = \"smtp://h\"\nemail_from = \"a@b.c\"",
+                "public_url",
+            ),
+            (
+                "smtp_url = \"smtp://h\"\nemail_from = \"a@b.c\"\npublic_url = \"x\"",
+                "public_url",
+            ),
         ];
         for (text, want) in cases {
             let err = parse_toml(text).unwrap().validate().unwrap_err();
@@ -695,6 +705,11 @@ mod tests {
                 other => panic!("{text}: {other:?}"),
             }
         }
+        // The email keys together are usable.
+        let usable = "smtp_url = \"smtps://u:p@mail.example.com\"\n\
+                      email_from = \"Chorus <c@example.com>\"\n\
+                      public_url = \"https://chat.example.com\"";
+        parse_toml(usable).unwrap().validate().unwrap();
         let err = serve_args(&["--shards", "5000"]).resolve().unwrap_err();
         assert!(matches!(err, ConfigError::Invalid { key: "shards", .. }));
         assert!(Cli::try_parse_from(["chorus", "serve", "--http", "nowhere"]).is_err());

@@ -151,6 +151,27 @@ struct Waiting {
     sending: bool,
 }
 
+/// Answers the first `sent` items of a window (those its digest was gathered from) and
+/// answers their offsets. Items that arrived while it was being sent stay, due at once:
+/// they go out in a digest of their own.
+fn answer(windows: &mut BTreeMap<Key, Waiting>, key: Key, sent: usize) -> Vec<u64> {
+    let Some(mut w) = windows.remove(&key) else {
+        return Vec::new();
+    };
+    let late = w.items.split_off(sent.min(w.items.len()));
+    if !late.is_empty() {
+        windows.insert(
+            key,
+            Waiting {
+                closes: w.closes,
+                items: late,
+                sending: false,
+            },
+        );
+    }
+    w.items.iter().map(|p| p.at).collect()
+}
+
 /// The wall clock in Unix ms, the clock the decider opens windows by.
 fn now_ms() -> u64 {
     jiff::Timestamp::now().as_millisecond().max(0) as u64
@@ -190,7 +211,7 @@ impl Sender {
                     let key = *key;
                     tasks.spawn_local(async move {
                         sender.send(key.0, &items).await;
-                        key
+                        (key, items.len())
                     });
                 }
             }
@@ -204,14 +225,14 @@ impl Sender {
                 _ = outbox.emails_appended.notified() => {}
                 _ = tokio::time::sleep(wait), if next_due.is_some() && tasks.len() < IN_FLIGHT => {}
                 Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                    let mut finished: Vec<Key> = done.into_iter().collect();
+                    let mut finished: Vec<(Key, usize)> = done.into_iter().collect();
                     while let Some(Ok(key)) = tasks.try_join_next() {
                         finished.push(key);
                     }
-                    for key in finished {
-                        for p in windows.remove(&key).map(|w| w.items).unwrap_or_default() {
-                            open.remove(&p.at);
-                            answered.insert(p.at);
+                    for (key, sent) in finished {
+                        for at in answer(&mut windows, key, sent) {
+                            open.remove(&at);
+                            answered.insert(at);
                         }
                     }
                     let cursor = open.first().copied().unwrap_or(taken_end);
@@ -526,5 +547,47 @@ mod tests {
         assert!(!c.text.contains(&long));
         assert!(c.text.contains("and 4 more."));
         assert!(c.html.contains("<p>and 4 more.</p>"));
+    }
+
+    fn waiting(ats: &[u64]) -> Waiting {
+        let item = EmailItem {
+            user: 1,
+            window: 10,
+            closes: 20,
+            channel: 2,
+            seq: 3,
+            workspace: 4,
+            author_name: "ann".into(),
+            room_name: "general".into(),
+        };
+        Waiting {
+            closes: 20,
+            items: ats
+                .iter()
+                .map(|at| Pending {
+                    at: *at,
+                    end: at + 1,
+                    item: item.clone(),
+                })
+                .collect(),
+            sending: true,
+        }
+    }
+
+    // A sent window answers the items its digest was gathered from; an item that arrived
+    // while it was being sent is kept, due at once, so it is not lost.
+    #[test]
+    fn answering_a_window_keeps_late_items() {
+        let mut windows = BTreeMap::from([((1, 10), waiting(&[5, 9]))]);
+        assert_eq!(answer(&mut windows, (1, 10), 2), vec![5, 9]);
+        assert!(windows.is_empty());
+        let mut windows = BTreeMap::from([((1, 10), waiting(&[5, 9, 12]))]);
+        assert_eq!(answer(&mut windows, (1, 10), 2), vec![5, 9]);
+        let late = &windows[&(1, 10)];
+        assert!(!late.sending);
+        assert_eq!(
+            late.items.iter().map(|p| p.at).collect::<Vec<_>>(),
+            vec![12]
+        );
     }
 }
