@@ -290,24 +290,25 @@ fn digest_lists_unread_messages_by_channel() {
 }
 
 // Nothing is emailed to whoever read everything of the window, to whoever's email level
-// is none (theirs or the channel's), or for a message their level `mentions` lets
-// through no mention of; the barrier is a digest of the same round to another user.
+// is none (theirs or the channel's), for a message their level `mentions` lets through
+// no mention of, or to whoever switched email off or muted the channel while the window
+// was open; the barrier is a digest of the same round to another user.
 #[test]
 fn nothing_is_sent_when_read_or_not_wanted() {
     let Some(smtp) = Smtp::start() else { return };
     let s = Server::start(&smtp.config());
     let alice = s.signup("alice");
-    let users: Vec<User> = ["reader", "none", "quiet", "mentions", "barrier"]
-        .iter()
-        .map(|n| s.signup(n))
-        .collect();
-    let [reader, none, quiet, mentions, barrier] = &users[..] else {
+    let names = [
+        "reader", "none", "quiet", "mentions", "off", "muter", "barrier",
+    ];
+    let users: Vec<User> = names.iter().map(|n| s.signup(n)).collect();
+    let [reader, none, quiet, mentions, off, muter, barrier] = &users[..] else {
         unreachable!()
     };
     let members: Vec<&User> = users.iter().collect();
     let wid = s.workspace(&alice, &members);
     let cid = s.channel(&wid, &alice, "general", &members);
-    for u in [reader, quiet, barrier] {
+    for u in [reader, quiet, off, muter, barrier] {
         prefs(&s, u, json!({"email": "all", "email_digest_s": 2}));
     }
     prefs(&s, none, json!({"email": "none", "email_digest_s": 1}));
@@ -321,11 +322,16 @@ fn nothing_is_sent_when_read_or_not_wanted() {
     s.ok("PUT", &path, quiet, Some(body), 200);
 
     let m = post(&s, &alice, &cid, "hello everyone");
+    // Decided for reader, off, muter and barrier first: what follows is checked at send time.
+    wait_for_email_items(&s, 4);
     read_up_to(&s, reader, &cid, &m);
+    prefs(&s, off, json!({"email": "none"}));
+    let body = json!({"level": "default", "muted": true});
+    s.ok("PUT", &path, muter, Some(body), 200);
     let (digest, _) = smtp.wait_for(&barrier.email, 1);
     assert!(digest["text"].as_str().unwrap().contains("hello everyone"));
     std::thread::sleep(SETTLE);
-    for u in [reader, none, quiet, mentions] {
+    for u in [reader, none, quiet, mentions, off, muter] {
         assert_eq!(smtp.to(&u.email), Vec::<Value>::new(), "{}", u.email);
     }
     assert_eq!(s.metric("chorus_notify_emails_sent_total"), 1.0);
@@ -361,14 +367,31 @@ fn a_refused_digest_is_retried() {
     assert_eq!(s.metric("chorus_notify_emails_sent_total"), 1.0);
 }
 
+/// The outbox log's text (its records are JSON), empty before it exists.
+fn outbox_text(s: &Server) -> String {
+    let path = s.dir().join("data/notify/outbox.log");
+    String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned()
+}
+
+/// Waits until the decider stored `n` email items.
+#[track_caller]
+fn wait_for_email_items(s: &Server, n: usize) {
+    let deadline = Instant::now() + ARRIVE_WAIT;
+    while outbox_text(s).matches("\"t\":\"email\"").count() < n {
+        assert!(
+            Instant::now() < deadline,
+            "fewer than {n} email items stored"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The `closes` of the first email item in the outbox, once the decider stored one.
 #[track_caller]
 fn stored_window_closes(s: &Server) -> u64 {
-    let path = s.dir().join("data/notify/outbox.log");
     let deadline = Instant::now() + ARRIVE_WAIT;
     loop {
-        let bytes = std::fs::read(&path).unwrap_or_default();
-        let text = String::from_utf8_lossy(&bytes);
+        let text = outbox_text(s);
         if let Some(at) = text.find("\"closes\":") {
             let digits: String = text[at + 9..]
                 .chars()

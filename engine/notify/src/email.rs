@@ -8,7 +8,9 @@
 //!   sent goes out in a digest of its own: an extra email rather than a lost one.
 //! - **Checked again before each attempt.** Each message is read as the recipient sees it
 //!   now: read (their marker at or past it), deleted, or no longer theirs to read → left
-//!   out; edited → the current text. If nothing is left, nothing is sent.
+//!   out; edited → the current text. Email switched off since (`email_digest_s` 0), or a
+//!   channel muted or set to level `none` since → left out too (any other change of
+//!   preferences applies from the next message on). If nothing is left, nothing is sent.
 //! - **Retry.** A connection error or a transient SMTP answer (4xx) is retried after
 //!   [`crate::sender::backoff`], for as long as it takes; a permanent answer (5xx) gives
 //!   the digest up, with a warning.
@@ -19,6 +21,7 @@
 
 use crate::outbox::{EmailItem, Outbox, Pending};
 use crate::sender::backoff;
+use chorus_engine::domain::notify::{rules, Level};
 use chorus_engine::ids::{ChannelId, MessageId, UserId, WorkspaceId};
 use chorus_engine::view::MessageView;
 use chorus_engine::{Engine, EngineError};
@@ -313,6 +316,14 @@ impl Sender {
             Err(EngineError::Domain(_)) => return Ok(None),
             Err(e) => return Err(e),
         };
+        let prefs = match self.engine.notify_prefs(user).await {
+            Ok(p) => p,
+            Err(EngineError::Domain(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if prefs.email_digest_s == 0 {
+            return Ok(None);
+        }
         let workspaces: BTreeSet<u64> = items.iter().map(|i| i.workspace).collect();
         let mut read = HashMap::new();
         for w in workspaces {
@@ -325,12 +336,23 @@ impl Sender {
         items.dedup_by_key(|i| (i.channel, i.seq));
         // (channel, when its first listed message was posted, its section)
         let mut sections: Vec<(u64, u64, Section)> = Vec::new();
+        let mut wanted: HashMap<ChannelId, bool> = HashMap::new();
         let mut listed = 0;
         let mut more = 0;
         for item in items {
             let channel = ChannelId(item.channel);
             // No marker: no longer a member, so no longer theirs to read.
             if read.get(&channel).is_none_or(|r| *r >= item.seq) {
+                continue;
+            }
+            let still = match wanted.get(&channel) {
+                Some(still) => *still,
+                None => {
+                    let still = self.still_wanted(user, channel, prefs.email).await?;
+                    *wanted.entry(channel).or_insert(still)
+                }
+            };
+            if !still {
                 continue;
             }
             let Some(message) = self.current(user, channel, item.seq).await? else {
@@ -357,6 +379,22 @@ impl Sender {
         sections.sort_by_key(|(c, posted, _)| (*posted, *c));
         let sections = sections.into_iter().map(|(_, _, s)| s).collect();
         Ok(Some((me.email, Digest { sections, more })))
+    }
+
+    /// Whether the user still wants email from this channel: not muted, and an email
+    /// level (the channel's, else `email`) other than `none`. A channel switched off while
+    /// the window was open drops out of its digest.
+    async fn still_wanted(
+        &self,
+        user: UserId,
+        channel: ChannelId,
+        email: Level,
+    ) -> Result<bool, EngineError> {
+        match self.engine.channel_notify_prefs(user, channel).await {
+            Ok(v) => Ok(!v.prefs.muted && rules::level(v.prefs, email) != Level::None),
+            Err(EngineError::Domain(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// The user's read marker of each of their channels in a workspace.
