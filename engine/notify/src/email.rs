@@ -114,7 +114,12 @@ pub fn spawn(
     let invalid = |what: &str, e: &dyn std::fmt::Display| {
         std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{what}: {e}"))
     };
-    let from: Mailbox = config.from.parse().map_err(|e| invalid("email_from", &e))?;
+    let from: Mailbox = config.from.parse().map_err(|e| {
+        invalid(
+            "email_from (an address, like `Chorus <chorus@example.com>`)",
+            &e,
+        )
+    })?;
     let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(&config.smtp_url)
         .map_err(|e| invalid("smtp_url", &e))?
         .timeout(Some(SMTP_TIMEOUT))

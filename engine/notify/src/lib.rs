@@ -41,50 +41,44 @@ pub fn start(
     settings: Settings,
 ) -> std::io::Result<Notifier> {
     let opened = outbox::Outbox::open(dir)?;
-    let mut notifier = Notifier {
-        stops: Vec::new(),
-        threads: Vec::new(),
-    };
     let modes = decider::Modes {
         push: settings.push_gateway_url.is_some(),
         email: settings.email.is_some(),
     };
-    // The decider first, so that it is stopped (and stores what it decided) first.
+    // The senders first: a sender that cannot start (an `email_from` that does not parse)
+    // stops the server before anything is decided.
+    let mut senders = Vec::new();
+    if let Some(url) = settings.push_gateway_url {
+        let (stop, stopped) = oneshot::channel();
+        let outbox = opened.outbox.clone();
+        let thread = sender::spawn(engine.clone(), url, outbox, opened.sent, stopped)?;
+        senders.push((stop, thread));
+    }
+    if let Some(config) = settings.email {
+        let (stop, stopped) = oneshot::channel();
+        let thread = email::spawn(
+            engine.clone(),
+            config,
+            opened.outbox.clone(),
+            opened.emailed,
+            settings.emails_sent,
+            stopped,
+        )?;
+        senders.push((stop, thread));
+    }
     let (stop, stopped) = oneshot::channel();
-    notifier.stops.push(stop);
-    notifier.threads.push(decider::spawn(
+    let decider = decider::spawn(
         engine.clone(),
         consumer,
-        opened.outbox.clone(),
+        opened.outbox,
         opened.cursors,
         modes,
         opened.windows,
         stopped,
-    )?);
-    if let Some(url) = settings.push_gateway_url {
-        let (stop, stopped) = oneshot::channel();
-        notifier.stops.push(stop);
-        notifier.threads.push(sender::spawn(
-            engine.clone(),
-            url,
-            opened.outbox.clone(),
-            opened.sent,
-            stopped,
-        )?);
-    }
-    if let Some(config) = settings.email {
-        let (stop, stopped) = oneshot::channel();
-        notifier.stops.push(stop);
-        notifier.threads.push(email::spawn(
-            engine.clone(),
-            config,
-            opened.outbox,
-            opened.emailed,
-            settings.emails_sent,
-            stopped,
-        )?);
-    }
-    Ok(notifier)
+    )?;
+    // The decider is stopped first, so that it stores what it decided before the senders go.
+    let (stops, threads) = std::iter::once((stop, decider)).chain(senders).unzip();
+    Ok(Notifier { stops, threads })
 }
 
 impl Notifier {
