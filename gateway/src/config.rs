@@ -185,6 +185,17 @@ pub struct Config {
     /// The full URL of the push gateway's notify endpoint (`API.md` §13), for example
     /// `http://127.0.0.1:5000/_matrix/push/v1/notify`; empty: no pushes, and no decider.
     pub push_gateway_url: String,
+    /// The SMTP server email digests go through (`API.md` §13), for example
+    /// `smtp://127.0.0.1:2525`, or `smtps://USER:PASSWORD@HOST` for TLS from the start
+    /// (`smtp://…?tls=required` for STARTTLS); empty: no email, and with no push gateway,
+    /// no decider.
+    pub smtp_url: String,
+    /// The digests' sender, for example `Chorus <chorus@example.com>`; required with
+    /// `smtp_url`.
+    pub email_from: String,
+    /// The server's public base URL, under which digests link to each message; required
+    /// with `smtp_url`.
+    pub public_url: String,
 }
 
 impl Default for Config {
@@ -233,6 +244,9 @@ impl Default for Config {
             s3_secret_access_key: String::new(),
             s3_allow_http: false,
             push_gateway_url: String::new(),
+            smtp_url: String::new(),
+            email_from: String::new(),
+            public_url: String::new(),
         }
     }
 }
@@ -290,6 +304,7 @@ impl Config {
                 "an http:// or https:// URL, or empty".into(),
             ));
         }
+        self.validate_email()?;
         if self.partitions == 0 || self.partitions > PARTITIONS_MAX {
             return Err(invalid("partitions", format!("1 to {PARTITIONS_MAX}")));
         }
@@ -358,6 +373,35 @@ impl Config {
             if !(burst.is_finite() && burst >= 1.0) {
                 return Err(invalid(key, "must be at least 1".into()));
             }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Checks the email keys: none, or an SMTP URL with a sender and a public URL.
+    fn validate_email(&self) -> Result<(), ConfigError> {
+        if self.smtp_url.is_empty() {
+            return Ok(());
+        }
+        if !(self.smtp_url.starts_with("smtp://") || self.smtp_url.starts_with("smtps://")) {
+            return Err(invalid(
+                "smtp_url",
+                "an smtp:// or smtps:// URL, or empty".into(),
+            ));
+        }
+        if self.email_from.is_empty() {
+            return Err(invalid(
+                "email_from",
+                "an address, required with smtp_url".into(),
+            ));
+        }
+        let url = &self.public_url;
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(invalid(
+                "public_url",
+                "an http:// or https:// URL, required with smtp_url".into(),
+            ));
         }
         Ok(())
     }
@@ -643,6 +687,16 @@ mod tests {
             ),
             ("http_header_timeout_s = 0", "http_header_timeout_s"),
             ("connections_per_ip_max = 0", "connections_per_ip_max"),
+            ("smtp_url = \"mail.example.com\"", "smtp_url"),
+            ("smtp_url = \"smtp://127.0.0.1:25\"", "email_from"),
+            (
+                "smtp_url = \"smtp://h\"\nemail_from = \"a@b.c\"",
+                "public_url",
+            ),
+            (
+                "smtp_url = \"smtp://h\"\nemail_from = \"a@b.c\"\npublic_url = \"x\"",
+                "public_url",
+            ),
         ];
         for (text, want) in cases {
             let err = parse_toml(text).unwrap().validate().unwrap_err();
@@ -651,6 +705,11 @@ mod tests {
                 other => panic!("{text}: {other:?}"),
             }
         }
+        // The email keys together are usable.
+        let usable = "smtp_url = \"smtps://u:p@mail.example.com\"\n\
+                      email_from = \"Chorus <c@example.com>\"\n\
+                      public_url = \"https://chat.example.com\"";
+        parse_toml(usable).unwrap().validate().unwrap();
         let err = serve_args(&["--shards", "5000"]).resolve().unwrap_err();
         assert!(matches!(err, ConfigError::Invalid { key: "shards", .. }));
         assert!(Cli::try_parse_from(["chorus", "serve", "--http", "nowhere"]).is_err());

@@ -207,6 +207,8 @@ pub struct Metrics {
     /// them. Behind a mutex: written once per page of events the consumer reads, read once
     /// per scrape, never on a request's path.
     workspace_messages: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Email digests handed to the SMTP server; shared with the notifier's email sender.
+    pub notify_emails_sent: std::sync::Arc<AtomicU64>,
     /// The search index, once it is open.
     search: std::sync::OnceLock<std::sync::Arc<chorus_search::Search>>,
 }
@@ -239,6 +241,7 @@ impl Metrics {
             quic_congestion_events: Counter::default(),
             preview_worker_crashes: Counter::default(),
             workspace_messages: Default::default(),
+            notify_emails_sent: Default::default(),
             search: Default::default(),
         }
     }
@@ -399,6 +402,15 @@ impl Metrics {
             "Preview workers that crashed, hit a resource limit, or were killed at their deadline.",
             &self.preview_worker_crashes,
         );
+        let name = "notify_emails_sent_total";
+        header(
+            &mut out,
+            name,
+            "Email digests handed to the SMTP server.",
+            "counter",
+        );
+        let emails = self.notify_emails_sent.load(Ordering::Relaxed);
+        sample(&mut out, name, "", emails);
         let name = "workspace_messages_total";
         header(
             &mut out,

@@ -61,10 +61,10 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         crate::workspace_metrics::CONSUMER_NAME.to_owned(),
         SEARCH_CONSUMER.to_owned(),
     ];
-    // The decider runs only where pushes can go: a declared consumer that never reads
-    // would pin every log (the retention watermark).
-    let pushing = !config.push_gateway_url.is_empty();
-    if pushing {
+    // The decider runs only where pushes or emails can go: a declared consumer that never
+    // reads would pin every log (the retention watermark).
+    let notifying = !config.push_gateway_url.is_empty() || !config.smtp_url.is_empty();
+    if notifying {
         engine_config.consumers.push(NOTIFY_CONSUMER.to_owned());
     }
     // The ports first: a server that cannot listen must not have opened the data.
@@ -155,12 +155,12 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         };
         (tx, chorus_search::indexer::spawn(search, config, rx)?)
     };
-    let notifier = match pushing {
+    let notifier = match notifying {
         true => Some(chorus_notify::start(
             &engine,
             NOTIFY_CONSUMER,
             &config.data_dir.join("notify"),
-            &config.push_gateway_url,
+            notify_settings(&config, &shared.metrics),
         )?),
         false => None,
     };
@@ -410,6 +410,20 @@ fn admit(shared: &Shared, stream: &glommio::net::TcpStream) -> Option<std::net::
 fn release(shared: &Shared, ip: std::net::IpAddr) {
     shared.per_ip.release(ip);
     shared.connections.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// What the notifier sends through, from the configuration: an empty key is off.
+fn notify_settings(config: &Config, metrics: &Metrics) -> chorus_notify::Settings {
+    let set = |v: &str| Some(v.to_owned()).filter(|v| !v.is_empty());
+    chorus_notify::Settings {
+        push_gateway_url: set(&config.push_gateway_url),
+        email: set(&config.smtp_url).map(|smtp_url| chorus_notify::email::EmailConfig {
+            smtp_url,
+            from: config.email_from.clone(),
+            public_url: config.public_url.clone(),
+        }),
+        emails_sent: metrics.notify_emails_sent.clone(),
+    }
 }
 
 /// Starts the per-workspace message counter on shard 0. Returns its stop signal and the

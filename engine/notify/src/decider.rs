@@ -1,5 +1,5 @@
 //! The decider: a committed-event consumer, on a thread of its own (never a shard's), that
-//! turns each new message into the push items of the outbox.
+//! turns each new message into the push items and email items of the outbox.
 //!
 //! - **Its own state.** It reads every channel partition (one read in flight each) and the
 //!   metadata log (one read), and keeps what it needs from them: each channel's members
@@ -13,17 +13,31 @@
 //!   pushed. Because it reads the logs from the start, it acknowledges no cursor: it pins
 //!   its logs for the retention watermark until it stores a snapshot of its state.
 //! - **Deciding.** For a new message: the candidates are the members but the author whose
-//!   level (the channel's, else `prefs.push`) lets it through (`all`; `mentions` only on a
-//!   mention, `@channel`/`@here`, a keyword, or a DM), not muted, and with a device. Only
+//!   level (the channel's, else `prefs.push`, or `prefs.email`) lets it through (`all`;
+//!   `mentions` only on a mention, `@channel`/`@here`, a keyword, or a DM), not muted, and
+//!   with a device (for a push) or a digest interval (for email). Only
 //!   for those is presence asked (`Engine::reach`, one message to each of their presence
 //!   owners, off the send path): an open connection in the `active` state, or mode `dnd`,
 //!   means no push (a closed connection in its offline grace does not count). Then
 //!   [`rules::decide`] has the last word (DND schedule included) and each device gets an
 //!   item. Read state is checked by the sender, just before the push goes out.
+//! - **Email follows the push rules, with the email level.** An active connection, the
+//!   `dnd` mode or the DND schedule at the moment of the message keep it out of the digest
+//!   too, as `API.md` §13 lists them for both: a message seen live was not missed, and
+//!   do-not-disturb means nothing from that time reaches the user later either, by push or
+//!   by email (a digest that delivered the DND hours' messages afterwards would be a
+//!   delayed notification, which §13 rules out for pushes). `email_digest_s` 0 means no
+//!   email at all.
+//! - **Digest windows.** A message that notifies a user by email joins their open window,
+//!   or opens one that closes `email_digest_s` later (that user's setting when it opens).
+//!   Each such message is an email item keyed by `(user, window)`; the email sender sends
+//!   one digest per window once it closes. Since a window opens only after the previous one
+//!   closed, two digests to a user are at least `email_digest_s` apart. The open windows
+//!   come back after a restart from the outbox's pending email items.
 //! - **Durability.** The items of everything read in one round and the cursors after it
 //!   are appended to the outbox in one write and one fsync ([`crate::outbox`]).
 
-use crate::outbox::{Cursors, Item, Outbox};
+use crate::outbox::{Cursors, EmailItem, Item, Outbox, Window};
 use chorus_engine::consumer::{CommittedKind, CommittedPage, LogId};
 use chorus_engine::domain::event::{Body, ChannelEvent, ChannelKind, ChannelRecord, MetaEvent};
 use chorus_engine::domain::notify::rules::{self, Message, Recipient};
@@ -64,6 +78,34 @@ pub struct Decider {
     notify: NotifyState,
     /// Items decided in this round.
     items: Vec<Item>,
+    /// Which kinds of notification are sent.
+    modes: Modes,
+    /// Each user's latest digest window (it may have closed since).
+    windows: HashMap<UserId, Window>,
+    /// Email items decided in this round.
+    emails: Vec<EmailItem>,
+}
+
+/// Which kinds of notification this server sends.
+#[derive(Clone, Copy, Debug)]
+pub struct Modes {
+    /// Pushes (a push gateway is configured).
+    pub push: bool,
+    /// Email digests (an SMTP server is configured).
+    pub email: bool,
+}
+
+/// The digest window a message decided at `now_ms` joins: the user's latest one while it
+/// is open, else a new one that closes `digest_s` later. A window closes at `closes`
+/// exactly, the instant the email sender may send it.
+pub fn window_at(latest: Option<Window>, now_ms: u64, digest_s: u32) -> Window {
+    match latest {
+        Some(w) if now_ms < w.closes => w,
+        _ => Window {
+            opened: now_ms,
+            closes: now_ms + u64::from(digest_s) * 1000,
+        },
+    }
 }
 
 /// Starts the decider on a thread of its own. It stops when `stop` fires (or its sender is
@@ -73,6 +115,8 @@ pub fn spawn(
     consumer: &str,
     outbox: Arc<Outbox>,
     stored: Option<Cursors>,
+    modes: Modes,
+    windows: HashMap<u64, Window>,
     stop: oneshot::Receiver<()>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let consumer = engine
@@ -87,7 +131,7 @@ pub fn spawn(
                 meta: 0,
             };
             // Stored at once, so that a restart before the first message keeps them.
-            outbox.append(Vec::new(), &first)?;
+            outbox.append(Vec::new(), Vec::new(), &first)?;
             first
         }
     };
@@ -101,6 +145,9 @@ pub fn spawn(
         names: HashMap::new(),
         notify: NotifyState::default(),
         items: Vec::new(),
+        modes,
+        windows: windows.into_iter().map(|(u, w)| (UserId(u), w)).collect(),
+        emails: Vec::new(),
     };
     std::thread::Builder::new()
         .name("notify-decider".into())
@@ -165,7 +212,8 @@ impl Decider {
             return Ok(());
         }
         let items = std::mem::take(&mut self.items);
-        self.outbox.append(items, &self.decided)
+        let emails = std::mem::take(&mut self.emails);
+        self.outbox.append(items, emails, &self.decided)
     }
 
     /// Applies one page and asks for the next.
@@ -244,8 +292,9 @@ impl Decider {
         }
     }
 
-    /// The members who could be notified of this message by their level alone, with a
-    /// device: the candidates, before presence and the rules' last word.
+    /// The members who could be notified of this message by their levels alone, pushed
+    /// (with a device) or emailed (with a digest interval): the candidates, before presence
+    /// and the rules' last word.
     fn candidates(&self, r: &ChannelRecord, m: &Message<'_>) -> Vec<UserId> {
         let Some(channel) = self.channels.get(&r.channel) else {
             return Vec::new();
@@ -254,25 +303,49 @@ impl Decider {
             .members
             .iter()
             .copied()
-            .filter(|u| *u != m.author)
-            .filter(|u| {
-                let prefs = self.notify.prefs(*u);
-                let cp = self.notify.channel(*u, r.channel);
-                if cp.muted {
-                    return false;
-                }
-                match rules::level(cp, prefs.push) {
-                    Level::All => true,
-                    Level::None => false,
-                    Level::Mentions => {
-                        m.direct
-                            || rules::mentioned(*u, m.mentions, true)
-                            || rules::keyword_in(&prefs.keywords, m.text)
-                    }
-                }
-            })
-            .filter(|u| !self.notify.devices(*u).is_empty())
+            .filter(|u| *u != m.author && !self.notify.channel(*u, r.channel).muted)
+            .filter(|u| self.may_push(*u, r.channel, m) || self.may_email(*u, r.channel, m))
             .collect()
+    }
+
+    /// Whether a push could go to this user by their push level, with a device.
+    fn may_push(&self, user: UserId, channel: ChannelId, m: &Message<'_>) -> bool {
+        let level = rules::level(
+            self.notify.channel(user, channel),
+            self.notify.prefs(user).push,
+        );
+        self.modes.push
+            && self.lets_through(level, user, m)
+            && !self.notify.devices(user).is_empty()
+    }
+
+    /// Whether this message could go into a digest by the user's email level.
+    fn may_email(&self, user: UserId, channel: ChannelId, m: &Message<'_>) -> bool {
+        let prefs = self.notify.prefs(user);
+        let level = rules::level(self.notify.channel(user, channel), prefs.email);
+        self.modes.email && prefs.email_digest_s > 0 && self.lets_through(level, user, m)
+    }
+
+    /// Whether a level lets the message through, counting `@here` as if the user were
+    /// online (presence is asked later, and only of the candidates).
+    fn lets_through(&self, level: Level, user: UserId, m: &Message<'_>) -> bool {
+        match level {
+            Level::All => true,
+            Level::None => false,
+            Level::Mentions => {
+                m.direct
+                    || rules::mentioned(user, m.mentions, true)
+                    || rules::keyword_in(&self.notify.prefs(user).keywords, m.text)
+            }
+        }
+    }
+
+    /// The user's digest window for a message decided at `now_ms` (see [`window_at`]).
+    fn window(&mut self, user: UserId, now_ms: u64, digest_s: u32) -> Window {
+        let latest = self.windows.get(&user).copied();
+        let window = window_at(latest, now_ms, digest_s);
+        self.windows.insert(user, window);
+        window
     }
 
     fn decide(&mut self, r: &ChannelRecord) {
@@ -301,6 +374,7 @@ impl Decider {
         }
         let reach = self.reach(&candidates);
         let now = jiff::Timestamp::now();
+        let now_ms = now.as_millisecond().max(0) as u64;
         let room_name = channel.map(|c| c.name.clone()).unwrap_or_default();
         let author_name = self.names.get(&posted.user).cloned().unwrap_or_default();
         for user in candidates {
@@ -317,10 +391,25 @@ impl Decider {
                 online: reach.online,
                 dnd_mode: reach.dnd,
             };
-            if !rules::decide(&recipient, &m, now).push {
+            let decision = rules::decide(&recipient, &m, now);
+            let high = rules::concerns(&recipient, &m);
+            let digest_s = prefs.email_digest_s;
+            if decision.email && self.modes.email && digest_s > 0 {
+                let window = self.window(user, now_ms, digest_s);
+                self.emails.push(EmailItem {
+                    user: user.0,
+                    window: window.opened,
+                    closes: window.closes,
+                    channel: r.channel.0,
+                    seq: r.seq,
+                    workspace: r.workspace.0,
+                    author_name: author_name.clone(),
+                    room_name: room_name.clone(),
+                });
+            }
+            if !(decision.push && self.modes.push) {
                 continue;
             }
-            let high = rules::concerns(&recipient, &m);
             for d in self.notify.devices(user) {
                 self.items.push(Item {
                     channel: r.channel.0,
@@ -350,5 +439,33 @@ impl Decider {
             }
         }
         found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A window takes every message until it closes; the first message at or after its
+    // close opens the next, with the interval the user has then.
+    #[test]
+    fn windows_open_at_a_message_and_close_digest_s_later() {
+        let first = window_at(None, 10_000, 2);
+        assert_eq!(
+            first,
+            Window {
+                opened: 10_000,
+                closes: 12_000
+            }
+        );
+        assert_eq!(window_at(Some(first), 11_999, 900), first);
+        let next = window_at(Some(first), 12_000, 5);
+        assert_eq!(
+            next,
+            Window {
+                opened: 12_000,
+                closes: 17_000
+            }
+        );
     }
 }

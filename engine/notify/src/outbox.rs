@@ -1,5 +1,6 @@
 //! The outbox: a log of its own, `<data>/notify/outbox.log`, of push items keyed
-//! `(message, user, device)`, and of the decider's cursors.
+//! `(message, user, device)`, of email items keyed `(user, digest window)` (one record per
+//! message of the window), and of the decider's cursors.
 //!
 //! - **Framing.** Each record is `len: u32 LE`, `crc32: u32 LE` of the payload, then the
 //!   payload (JSON, [`Record`]). A record is appended whole by one write.
@@ -14,9 +15,14 @@
 //!   (out of order), in `<data>/notify/sent`, written through a temporary file, fsync,
 //!   rename and directory fsync. The other items at and after it are pending: they are
 //!   kept in memory and sent (again, after a crash: a repeat carries the same `event_id`).
+//! - **The email sender's cursor** is kept the same way in `<data>/notify/emailed`, apart
+//!   from the push sender's: email items wait for their window to close (up to
+//!   `email_digest_s`), and pushes must not wait behind them. The email items at and after
+//!   it are pending, and they tell the decider which digest windows are open
+//!   ([`Opened::windows`]), so a window outlives a crash.
 
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -59,12 +65,44 @@ impl Item {
     }
 }
 
+/// One message for one user's email digest: the window is the key the sender groups by.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EmailItem {
+    /// The recipient.
+    pub user: u64,
+    /// When the digest window opened (Unix ms): with `user`, the digest's key.
+    pub window: u64,
+    /// When the window closes and the digest is due (Unix ms).
+    pub closes: u64,
+    /// The message's channel.
+    pub channel: u64,
+    /// The message's seq.
+    pub seq: u64,
+    /// The channel's workspace.
+    pub workspace: u64,
+    /// The author's display name.
+    pub author_name: String,
+    /// The channel's name (empty for DMs).
+    pub room_name: String,
+}
+
+/// A digest window the decider adds messages to until it closes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    /// When it opened (Unix ms).
+    pub opened: u64,
+    /// When it closes (Unix ms).
+    pub closes: u64,
+}
+
 /// A record of the outbox log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
 pub enum Record {
     /// A push to send.
     Item(Item),
+    /// A message for an email digest.
+    Email(EmailItem),
     /// The decider's cursors after the items before this record: (partition, offset)
     /// pairs (a list: an internally tagged enum cannot read back integer map keys), and
     /// the metadata log's.
@@ -78,13 +116,13 @@ pub enum Record {
 
 /// An item with its place in the log.
 #[derive(Clone, Debug)]
-pub struct Pending {
+pub struct Pending<T = Item> {
     /// The offset of its record.
     pub at: u64,
     /// The offset after it.
     pub end: u64,
     /// The item.
-    pub item: Item,
+    pub item: T,
 }
 
 /// The decider's cursors, as last stored.
@@ -100,8 +138,10 @@ pub struct Cursors {
 pub struct Outbox {
     dir: PathBuf,
     inner: Mutex<Inner>,
-    /// Wakes the sender when items were appended.
+    /// Wakes the push sender when items were appended.
     pub appended: tokio::sync::Notify,
+    /// Wakes the email sender when email items were appended.
+    pub emails_appended: tokio::sync::Notify,
 }
 
 struct Inner {
@@ -109,6 +149,8 @@ struct Inner {
     len: u64,
     /// Items appended and not yet taken by the sender.
     queue: VecDeque<Pending>,
+    /// Email items appended and not yet taken by the email sender.
+    emails: VecDeque<Pending<EmailItem>>,
 }
 
 /// What [`Outbox::open`] found.
@@ -119,6 +161,11 @@ pub struct Opened {
     pub cursors: Option<Cursors>,
     /// The sender's stored cursor.
     pub sent: u64,
+    /// The email sender's stored cursor.
+    pub emailed: u64,
+    /// Each user's latest digest window among the pending email items: the windows that
+    /// may still be open.
+    pub windows: HashMap<u64, Window>,
 }
 
 fn frame(record: &Record, out: &mut Vec<u8>) {
@@ -179,23 +226,16 @@ impl Outbox {
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)?;
         let (records, _) = scan(&bytes);
-        // The cursor, then the offsets of items after it that were answered too.
-        let text = match std::fs::read_to_string(dir.join("sent")) {
-            Ok(s) => s,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(e),
-        };
-        let mut numbers = text
-            .split_whitespace()
-            .filter_map(|n| n.parse::<u64>().ok());
-        let sent = numbers.next().unwrap_or(0);
-        let answered: BTreeSet<u64> = numbers.collect();
+        let (sent, answered) = read_cursor(&dir.join("sent"))?;
+        let (emailed, emails_answered) = read_cursor(&dir.join("emailed"))?;
         let mut cursors = None;
         let mut kept = 0;
         let mut items = Vec::new();
+        let mut emails = Vec::new();
         for (at, end, record) in records {
             match record {
                 Record::Item(item) => items.push(Pending { at, end, item }),
+                Record::Email(item) => emails.push(Pending { at, end, item }),
                 Record::Cursors { partitions, meta } => {
                     let partitions = partitions.into_iter().collect();
                     cursors = Some(Cursors { partitions, meta });
@@ -204,6 +244,8 @@ impl Outbox {
             }
         }
         items.retain(|p| p.end <= kept && p.at >= sent && !answered.contains(&p.at));
+        emails.retain(|p| p.end <= kept && p.at >= emailed && !emails_answered.contains(&p.at));
+        let windows = open_windows(&emails);
         if (bytes.len() as u64) > kept {
             tracing::warn!(
                 cut = bytes.len() as u64 - kept,
@@ -219,36 +261,33 @@ impl Outbox {
                 file,
                 len: kept,
                 queue: items.into(),
+                emails: emails.into(),
             }),
             appended: tokio::sync::Notify::new(),
+            emails_appended: tokio::sync::Notify::new(),
         });
         Ok(Opened {
             outbox,
             cursors,
             sent,
+            emailed,
+            windows,
         })
     }
 
-    /// Appends items and then the cursors after them, in one write, and fsyncs; then
-    /// queues the items for the sender and wakes it.
-    pub fn append(&self, items: Vec<Item>, cursors: &Cursors) -> std::io::Result<()> {
+    /// Appends push items, email items and then the cursors after them, in one write, and
+    /// fsyncs; then queues the items for their senders and wakes them.
+    pub fn append(
+        &self,
+        items: Vec<Item>,
+        emails: Vec<EmailItem>,
+        cursors: &Cursors,
+    ) -> std::io::Result<()> {
         let mut bytes = Vec::new();
         let mut inner = self.inner.lock().expect("outbox lock");
         let base = inner.len;
-        let mut placed = Vec::with_capacity(items.len());
-        for item in items {
-            let at = base + bytes.len() as u64;
-            let record = Record::Item(item);
-            frame(&record, &mut bytes);
-            let Record::Item(item) = record else {
-                unreachable!()
-            };
-            placed.push(Pending {
-                at,
-                end: base + bytes.len() as u64,
-                item,
-            });
-        }
+        let placed = place(items, Record::Item, base, &mut bytes);
+        let emails = place(emails, Record::Email, base, &mut bytes);
         frame(
             &Record::Cursors {
                 partitions: cursors.partitions.iter().map(|(p, o)| (*p, *o)).collect(),
@@ -259,13 +298,35 @@ impl Outbox {
         inner.file.write_all(&bytes)?;
         inner.file.sync_data()?;
         inner.len += bytes.len() as u64;
-        let any = !placed.is_empty();
+        let (any, any_email) = (!placed.is_empty(), !emails.is_empty());
         inner.queue.extend(placed);
+        inner.emails.extend(emails);
         drop(inner);
         if any {
             self.appended.notify_one();
         }
+        if any_email {
+            self.emails_appended.notify_one();
+        }
         Ok(())
+    }
+
+    /// Takes the email items queued since the last call, in log order.
+    pub fn take_emails(&self) -> Vec<Pending<EmailItem>> {
+        self.inner
+            .lock()
+            .expect("outbox lock")
+            .emails
+            .drain(..)
+            .collect()
+    }
+
+    /// Stores the email sender's cursor durably, like [`Outbox::store_sent`].
+    pub fn store_emailed(&self, emailed: u64, answered: &BTreeSet<u64>) -> std::io::Result<()> {
+        store_file(
+            &self.dir.join("emailed"),
+            cursor_text(emailed, answered).as_bytes(),
+        )
     }
 
     /// Takes the items queued since the last call, in log order.
@@ -292,13 +353,68 @@ impl Outbox {
     /// were answered too (at most the requests in flight), so that a restart resends only
     /// what was answered after this store.
     pub fn store_sent(&self, sent: u64, answered: &BTreeSet<u64>) -> std::io::Result<()> {
-        let mut text = sent.to_string();
-        for at in answered.range(sent..) {
-            text.push(' ');
-            text.push_str(&at.to_string());
-        }
-        store_file(&self.dir.join("sent"), text.as_bytes())
+        store_file(
+            &self.dir.join("sent"),
+            cursor_text(sent, answered).as_bytes(),
+        )
     }
+}
+
+/// Frames records for `items` after `base + bytes.len()`, answering them with their places.
+fn place<T: Clone>(
+    items: Vec<T>,
+    record: fn(T) -> Record,
+    base: u64,
+    bytes: &mut Vec<u8>,
+) -> Vec<Pending<T>> {
+    let mut placed = Vec::with_capacity(items.len());
+    for item in items {
+        let at = base + bytes.len() as u64;
+        frame(&record(item.clone()), bytes);
+        let end = base + bytes.len() as u64;
+        placed.push(Pending { at, end, item });
+    }
+    placed
+}
+
+/// A sender's cursor file: the cursor, then the offsets after it that were answered too.
+fn cursor_text(cursor: u64, answered: &BTreeSet<u64>) -> String {
+    let mut text = cursor.to_string();
+    for at in answered.range(cursor..) {
+        text.push(' ');
+        text.push_str(&at.to_string());
+    }
+    text
+}
+
+/// Reads a sender's cursor file (absent: nothing answered yet).
+fn read_cursor(path: &Path) -> std::io::Result<(u64, BTreeSet<u64>)> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e),
+    };
+    let mut numbers = text
+        .split_whitespace()
+        .filter_map(|n| n.parse::<u64>().ok());
+    let cursor = numbers.next().unwrap_or(0);
+    Ok((cursor, numbers.collect()))
+}
+
+/// Each user's latest window among pending email items.
+fn open_windows(emails: &[Pending<EmailItem>]) -> HashMap<u64, Window> {
+    let mut windows: HashMap<u64, Window> = HashMap::new();
+    for p in emails {
+        let w = Window {
+            opened: p.item.window,
+            closes: p.item.closes,
+        };
+        let latest = windows.entry(p.item.user).or_insert(w);
+        if w.opened > latest.opened {
+            *latest = w;
+        }
+    }
+    windows
 }
 
 #[cfg(test)]
@@ -321,6 +437,19 @@ mod tests {
         }
     }
 
+    fn email(user: u64, window: u64, seq: u64) -> EmailItem {
+        EmailItem {
+            user,
+            window,
+            closes: window + 900_000,
+            channel: 1,
+            seq,
+            workspace: 2,
+            author_name: "ann".into(),
+            room_name: "general".into(),
+        }
+    }
+
     fn cursors(p0: u64) -> Cursors {
         Cursors {
             partitions: [(0, p0)].into(),
@@ -336,10 +465,12 @@ mod tests {
         let opened = Outbox::open(dir.path()).unwrap();
         assert!(opened.cursors.is_none());
         let outbox = opened.outbox;
-        outbox.append(vec![item(1), item(2)], &cursors(10)).unwrap();
+        outbox
+            .append(vec![item(1), item(2)], vec![], &cursors(10))
+            .unwrap();
         let taken = outbox.take();
         assert_eq!(taken.len(), 2);
-        outbox.append(vec![item(3)], &cursors(20)).unwrap();
+        outbox.append(vec![item(3)], vec![], &cursors(20)).unwrap();
         outbox.store_sent(taken[1].end, &BTreeSet::new()).unwrap();
         let whole = outbox.len();
         drop(outbox);
@@ -378,5 +509,41 @@ mod tests {
         let again = Outbox::open(dir.path()).unwrap().outbox.take();
         let seqs: Vec<u64> = again.iter().map(|p| p.item.seq).collect();
         assert_eq!(seqs, vec![1, 3]);
+    }
+
+    // Email items survive a reopen apart from push items: the email cursor hides the
+    // digests answered, the push cursor does not touch them, and the pending ones name each
+    // user's latest window.
+    #[test]
+    fn email_items_have_their_own_cursor_and_windows() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path()).unwrap().outbox;
+        let first = vec![email(3, 1_000, 1), email(4, 2_000, 2)];
+        outbox.append(vec![item(1)], first, &cursors(10)).unwrap();
+        outbox
+            .append(vec![], vec![email(3, 5_000, 3)], &cursors(20))
+            .unwrap();
+        assert_eq!(outbox.take().len(), 1);
+        let taken = outbox.take_emails();
+        assert_eq!(taken.len(), 3);
+        // Every push answered; of the emails, only user 4's window.
+        outbox.store_sent(outbox.len(), &BTreeSet::new()).unwrap();
+        outbox
+            .store_emailed(taken[0].at, &[taken[1].at].into())
+            .unwrap();
+        drop(outbox);
+        let opened = Outbox::open(dir.path()).unwrap();
+        assert!(opened.outbox.take().is_empty());
+        let pending = opened.outbox.take_emails();
+        let seqs: Vec<u64> = pending.iter().map(|p| p.item.seq).collect();
+        assert_eq!(seqs, vec![1, 3]);
+        assert_eq!(opened.windows.len(), 1);
+        assert_eq!(
+            opened.windows[&3],
+            Window {
+                opened: 5_000,
+                closes: 905_000
+            }
+        );
     }
 }

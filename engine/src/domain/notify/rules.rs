@@ -11,7 +11,8 @@
 //! What these functions do not decide, because it is not in their inputs: whether the user
 //! has a connection in the `active` state, and whether they have read the message by the
 //! time it would go out. The decider (`chorus-notify`) calls these functions off the send
-//! path and asks presence for the first; its push sender asks read state for the second.
+//! path and asks presence for the first; its push and email senders ask read state for the
+//! second.
 
 use super::{ChannelLevel, ChannelPrefs, DndSchedule, Level, NotifyPrefs};
 use crate::domain::event::Mentions;
