@@ -339,7 +339,8 @@ async fn upload(
         workspace: None,
         pending: None,
         writing: None,
-        buf: Vec::new(),
+        piece: Vec::new(),
+        piece_bytes: 0,
     };
     let form = upload::read_form(stream, &boundary, max, &mut sink).await?;
     let workspace = sink.workspace.expect("the form named its workspace first");
@@ -375,53 +376,59 @@ async fn upload(
 /// Receives the file's bytes: checks the workspace first, then writes to a temporary file
 /// in pieces of [`UPLOAD_FLUSH_BYTES`] on the blocking pool, hashing there too. One piece
 /// is written while the next is read from the socket: the two stages overlap, so an
-/// upload takes about as long as the slower of them, not their sum.
+/// upload takes about as long as the slower of them, not their sum. A piece is the
+/// body's own chunks (`Bytes` that share the HTTP read buffers), never copied on the
+/// shard: the blocking pool hashes and writes each where it is.
 struct StoreSink<'a> {
     ctx: &'a ShardCtx,
     user: UserId,
     workspace: Option<WorkspaceId>,
     /// The upload, when no piece is being written.
     pending: Option<Pending>,
-    /// The piece being written, which gives the upload and its buffer back.
+    /// The piece being written, which gives the upload and its chunk list back.
     writing: Option<glommio::task::JoinHandle<Written>>,
-    buf: Vec<u8>,
+    /// The next piece's chunks, and their bytes.
+    piece: Vec<Bytes>,
+    piece_bytes: usize,
 }
 
-/// What writing a piece gives back: the upload, and the buffer for another piece.
-type Written = io::Result<(Pending, Vec<u8>)>;
+/// What writing a piece gives back: the upload, and an empty chunk list for another piece.
+type Written = io::Result<(Pending, Vec<Bytes>)>;
 
 impl StoreSink<'_> {
     /// Waits for the piece being written, if any; the upload is then in `pending`.
     async fn written(&mut self) -> Result<(), ApiError> {
         if let Some(writing) = self.writing.take() {
-            let (pending, mut spare) = writing
+            let (pending, spare) = writing
                 .await
                 .ok_or_else(|| internal(io::Error::other("the write task was cancelled")))?
                 .map_err(internal)?;
-            spare.clear();
             self.pending = Some(pending);
-            if self.buf.capacity() == 0 {
-                self.buf = spare;
+            if self.piece.capacity() == 0 {
+                self.piece = spare;
             }
         }
         Ok(())
     }
 
-    /// Hands the buffer to the blocking pool once the previous piece is written, and goes
-    /// on reading into the other buffer meanwhile.
+    /// Hands the piece to the blocking pool once the previous piece is written, and goes
+    /// on reading into another chunk list meanwhile.
     async fn flush(&mut self) -> Result<(), ApiError> {
-        let buf = std::mem::take(&mut self.buf);
+        let mut piece = std::mem::take(&mut self.piece);
+        self.piece_bytes = 0;
         self.written().await?;
         let mut pending = self.pending.take().expect("the upload has begun");
         let task = glommio::spawn_local(off_shard(move || {
-            pending.append(&buf).map(|()| (pending, buf))
+            pending.append_chunks(&piece)?;
+            piece.clear();
+            Ok((pending, piece))
         }));
         self.writing = Some(task.detach());
         Ok(())
     }
 
     async fn finish(mut self) -> Result<store::Finished, ApiError> {
-        if !self.buf.is_empty() {
+        if !self.piece.is_empty() {
             self.flush().await?;
         }
         self.written().await?;
@@ -446,11 +453,9 @@ impl upload::Sink for StoreSink<'_> {
     }
 
     async fn write(&mut self, chunk: Bytes) -> Result<(), ApiError> {
-        if self.buf.capacity() == 0 {
-            self.buf.reserve_exact(UPLOAD_FLUSH_BYTES);
-        }
-        self.buf.extend_from_slice(&chunk);
-        if self.buf.len() >= UPLOAD_FLUSH_BYTES {
+        self.piece_bytes += chunk.len();
+        self.piece.push(chunk);
+        if self.piece_bytes >= UPLOAD_FLUSH_BYTES {
             self.flush().await?;
         }
         Ok(())

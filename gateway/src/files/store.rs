@@ -499,6 +499,19 @@ impl Pending {
         Ok(())
     }
 
+    /// Appends each chunk in turn, as [`Pending::append`] would their concatenation, with
+    /// one write-back request for them all.
+    pub fn append_chunks(&mut self, chunks: &[bytes::Bytes]) -> io::Result<()> {
+        let start = self.len;
+        for chunk in chunks {
+            self.sha.update(chunk);
+            self.file.write_all(chunk)?;
+            self.len += chunk.len() as u64;
+        }
+        start_writeback(&self.file, start, self.len - start);
+        Ok(())
+    }
+
     /// Bytes written so far.
     pub fn len(&self) -> u64 {
         self.len
