@@ -1,7 +1,7 @@
 //! End-to-end tests of pushes (`API.md` §13, issue 16 steps 2–4) against the real `chorus`
 //! binary: the decider, the outbox and the push sender, with a push gateway sink on
 //! loopback written here (a tiny HTTP/1.1 server that records each JSON body and answers
-//! 200, 500, `{"rejected":[...]}`, or closes the connection).
+//! 200, 500, 400, `{"rejected":[...]}`, or closes the connection).
 //!
 //! "Nothing arrives" is checked after a barrier: a later message that must push, once it
 //! arrived, plus a short grace, since the sender may answer items out of order.
@@ -28,6 +28,8 @@ const SETTLE: Duration = Duration::from_millis(500);
 enum Answer {
     Ok,
     Fail,
+    /// 400: a push the gateway will never take.
+    Refuse,
     /// Close the connection without an answer.
     Close,
     Reject(Vec<String>),
@@ -165,6 +167,7 @@ fn serve(conn: TcpStream, state: Arc<Mutex<SinkState>>) {
             Answer::Ok => ("200 OK", json!({"rejected": []}).to_string()),
             Answer::Reject(keys) => ("200 OK", json!({ "rejected": keys }).to_string()),
             Answer::Fail => ("500 Internal Server Error", "{}".to_string()),
+            Answer::Refuse => ("400 Bad Request", "{}".to_string()),
             Answer::Close => return,
         };
         let head = format!(
@@ -474,6 +477,94 @@ fn sigkill_loses_no_push() {
         per_id.keys().all(|id| sent.contains(id)),
         "only messages sent: every repeat has a sent event_id"
     );
+}
+
+/// Waits until the `/metrics` sample `name` (without the `chorus_` prefix) is `value`:
+/// the sender counts an answer just after the sink recorded it.
+#[track_caller]
+fn wait_metric(s: &Server, name: &str, value: f64) {
+    let name = format!("chorus_{name}");
+    let deadline = Instant::now() + ARRIVE_WAIT;
+    loop {
+        let now = s.metric(&name);
+        if now == value {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} is {now}, not {value}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// The notify metrics count what the sender did, exactly: pushes sent (with one latency
+// observation each, within the test's time), retried (one per 500 answer), dropped (read
+// while the gateway failed), failed (a 400), rejected (the push key listed), and the
+// outbox depth back at 0 once everything is answered.
+#[test]
+fn notify_metrics_count_each_push_outcome() {
+    let started = Instant::now();
+    let sink = Sink::start();
+    let (s, alice, bob, cid) = pair(&sink);
+    device(&s, &bob, "key-bob");
+    let mention = |text: &str| post(&s, &alice, &cid, &format!("<@{}> {text}", bob.id));
+
+    for i in 0..5 {
+        let m = mention(&format!("hello {i}"));
+        sink.wait_for(&m, "key-bob");
+    }
+    wait_metric(&s, "notify_pushes_sent_total", 5.0);
+    wait_metric(&s, "notify_outbox_depth", 0.0);
+    assert_eq!(s.metric("chorus_notify_push_latency_seconds_count"), 5.0);
+    let sum = s.metric("chorus_notify_push_latency_seconds_sum");
+    let max = s.metric("chorus_notify_push_latency_seconds_max");
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!(
+        max > 0.0 && max <= sum && sum <= 5.0 * elapsed,
+        "{max} {sum}"
+    );
+    assert_eq!(s.metric("chorus_notify_pushes_retried_total"), 0.0);
+
+    // The gateway fails: one mention is read meanwhile (dropped), the other waits.
+    sink.answer(Answer::Fail);
+    let read = mention("read soon");
+    sink.wait_attempts(7);
+    let seq = s.last_seq(&bob, &cid);
+    let mark = format!("/api/v1/channels/{cid}/read");
+    s.ok("POST", &mark, &bob, Some(json!({"seq": seq})), 200);
+    let waits = mention("waits");
+    sink.wait_attempts(sink.attempts() + 1);
+    // The outbox holds what is not answered: the waiting mention (and the read one, until
+    // its next attempt checks it again).
+    assert!(s.metric("chorus_notify_outbox_depth") >= 1.0);
+    sink.answer(Answer::Ok);
+    sink.wait_for(&waits, "key-bob");
+    wait_metric(&s, "notify_pushes_sent_total", 6.0);
+    wait_metric(&s, "notify_pushes_dropped_total", 1.0);
+    wait_metric(&s, "notify_outbox_depth", 0.0);
+    assert_eq!(sink.count(&read), 0);
+    let failed_answers = sink.attempts() - sink.accepted().len();
+    assert!(failed_answers >= 2, "{failed_answers}");
+    assert_eq!(
+        s.metric("chorus_notify_pushes_retried_total"),
+        failed_answers as f64,
+        "one retry per 500"
+    );
+    assert_eq!(s.metric("chorus_notify_push_latency_seconds_count"), 6.0);
+
+    // A 400 is given up; a rejected push key is counted, and neither is sent.
+    sink.answer(Answer::Refuse);
+    let before = sink.attempts();
+    mention("refused");
+    sink.wait_attempts(before + 1);
+    wait_metric(&s, "notify_pushes_failed_total", 1.0);
+    sink.answer(Answer::Reject(vec!["key-bob".into()]));
+    let rejected = mention("rejected");
+    sink.wait_for(&rejected, "key-bob");
+    wait_metric(&s, "notify_pushes_rejected_total", 1.0);
+    wait_metric(&s, "notify_outbox_depth", 0.0);
+    assert_eq!(s.metric("chorus_notify_pushes_sent_total"), 6.0);
+    assert_eq!(s.metric("chorus_notify_push_latency_seconds_count"), 6.0);
+    assert_eq!(s.metric("chorus_notify_pushes_dropped_total"), 1.0);
+    assert_eq!(s.metric("chorus_notify_pushes_failed_total"), 1.0);
 }
 
 fn count_distinct(bodies: &[Value]) -> usize {
