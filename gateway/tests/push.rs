@@ -567,6 +567,108 @@ fn notify_metrics_count_each_push_outcome() {
     assert_eq!(s.metric("chorus_notify_pushes_failed_total"), 1.0);
 }
 
+// SIGKILL 20 times, at random moments, while a client posts a stream of mentions to an
+// offline member with a push device: every acknowledged message is pushed, and a push
+// repeats only across a kill, with the same event_id, at most the sender's in-flight
+// bound per kill. The repeats per kill are printed for the design notes.
+#[test]
+fn sigkill_20_times_during_a_stream_every_push_arrives() {
+    use rand::Rng;
+    const KILLS: usize = 20;
+    let sink = Sink::start();
+    let (mut s, alice, bob, cid) = pair(&sink);
+    device(&s, &bob, "key-bob");
+    let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poster = {
+        let (acked, stop) = (acked.clone(), stop.clone());
+        let url = format!("{}/api/v1/channels/{cid}/messages", s.base_url());
+        let auth = format!("Bearer {}", alice.token);
+        let bob_id = bob.id.clone();
+        std::thread::spawn(move || {
+            let agent = ureq::AgentBuilder::new()
+                .timeout(Duration::from_secs(5))
+                .max_idle_connections(0)
+                .build();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                let body = json!({"text": format!("<@{bob_id}> {i}")});
+                // A post cut off by a kill has no answer: it may or may not be committed,
+                // so only acknowledged ones must be pushed.
+                let request = agent
+                    .post(&url)
+                    .set("authorization", &auth)
+                    .set("content-type", "application/json");
+                match request.send_string(&body.to_string()) {
+                    Ok(r) if r.status() == 201 => {
+                        let text = r.into_string().expect("a body");
+                        let v: Value = serde_json::from_str(&text).expect("json");
+                        acked.lock().unwrap().push(str_of(&v["message"]["id"]));
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        })
+    };
+    let mut rng = rand::thread_rng();
+    // How many pushes the sink had taken at each kill, to charge each repeat to a kill.
+    let mut marks = Vec::new();
+    for _ in 0..KILLS {
+        std::thread::sleep(Duration::from_millis(rng.gen_range(50..400)));
+        s.kill();
+        marks.push(sink.accepted().len());
+        s.restart();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    poster.join().expect("poster");
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > KILLS, "a stream: {} acked", acked.len());
+    for id in &acked {
+        sink.wait_for(id, "key-bob");
+    }
+    let barrier = post(&s, &alice, &cid, &format!("<@{}> barrier", bob.id));
+    sink.wait_for(&barrier, "key-bob");
+    std::thread::sleep(SETTLE);
+    let mut per_id: BTreeMap<String, usize> = BTreeMap::new();
+    // A repeat at position j of a push last taken at i is charged to the last kill
+    // between them (the one whose restart resent it); `age` is how many pushes before
+    // that kill the sink had taken it.
+    let mut last_at: BTreeMap<String, usize> = BTreeMap::new();
+    let mut per_kill = vec![0usize; KILLS];
+    let mut ages = Vec::new();
+    for (j, b) in sink.accepted().iter().enumerate() {
+        let n = &b["notification"];
+        assert_eq!(n["devices"][0]["pushkey"], "key-bob");
+        let id = str_of(&n["event_id"]);
+        *per_id.entry(id.clone()).or_default() += 1;
+        if let Some(i) = last_at.insert(id, j) {
+            let kill = marks.iter().rposition(|&m| m > i && m <= j);
+            let kill = kill.expect("a repeat only across a kill");
+            per_kill[kill] += 1;
+            ages.push(marks[kill] - i);
+        }
+    }
+    eprintln!("repeats per kill: {per_kill:?}; taken this many pushes before the kill: {ages:?}");
+    assert!(per_kill.iter().all(|&n| n <= IN_FLIGHT), "{per_kill:?}");
+    assert!(acked.iter().all(|id| per_id.contains_key(id)));
+    // Every repeat is counted by event_id: a repeated push carries its message's ID.
+    let repeats: usize = per_id.values().map(|n| n - 1).sum();
+    let most = per_id.values().max().copied().unwrap_or(0);
+    eprintln!(
+        "{} messages acked, {} pushed, {repeats} repeats over {KILLS} kills: {:.2} per kill (one message at most {most} times)",
+        acked.len(),
+        per_id.len(),
+        repeats as f64 / KILLS as f64
+    );
+    assert!(
+        repeats <= IN_FLIGHT * KILLS,
+        "{repeats} repeats over {KILLS} kills"
+    );
+    assert!(most <= KILLS + 1, "a push repeats at most once per kill");
+}
+
 fn count_distinct(bodies: &[Value]) -> usize {
     let ids: std::collections::BTreeSet<String> = bodies
         .iter()
