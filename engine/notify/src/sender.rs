@@ -18,6 +18,9 @@
 //!   is stored, with the items answered after it ([`Outbox::store_sent`]). A crash resends
 //!   the items answered since the last store, with the same `event_id` (the message ID):
 //!   the only way a push repeats.
+//! - **Counts.** Each attempt to deliver an item ends as sent, rejected, failed (given up)
+//!   or dropped in [`Stats`], and each retry is counted, for the gateway's metrics; a sent
+//!   push adds its ack-to-push latency, from the message's `created_at` to the 2xx.
 
 use crate::outbox::{Item, Outbox, Pending};
 use crate::Stats;
