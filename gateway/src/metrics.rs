@@ -645,6 +645,15 @@ mod tests {
             ("quic_packets_lost_total", "counter"),
             ("quic_congestion_events_total", "counter"),
             ("preview_worker_crashes_total", "counter"),
+            ("notify_emails_sent_total", "counter"),
+            ("notify_outbox_depth", "gauge"),
+            ("notify_pushes_sent_total", "counter"),
+            ("notify_pushes_failed_total", "counter"),
+            ("notify_pushes_retried_total", "counter"),
+            ("notify_pushes_rejected_total", "counter"),
+            ("notify_pushes_dropped_total", "counter"),
+            ("notify_push_latency_seconds", "summary"),
+            ("notify_push_latency_seconds_max", "gauge"),
         ] {
             let type_line = format!("# TYPE chorus_{name} {kind}\n");
             assert_eq!(text.matches(&type_line).count(), 1, "{type_line}");
@@ -653,6 +662,30 @@ mod tests {
         }
         assert!(text.ends_with('\n'));
         parse(&text);
+    }
+
+    #[test]
+    fn notify_stats_render_in_seconds() {
+        // Proves the notifier's counters land in their own samples and the latency,
+        // kept in microseconds, renders in seconds.
+        use std::sync::atomic::Ordering::Relaxed;
+        let m = Metrics::new();
+        m.notify.outbox_depth.store(3, Relaxed);
+        m.notify.pushes_sent.store(2, Relaxed);
+        m.notify.pushes_retried.store(5, Relaxed);
+        m.notify.pushes_rejected.store(1, Relaxed);
+        m.notify.observe_push_latency(250_000);
+        m.notify.observe_push_latency(1_250_000);
+        let s = parse(&m.render());
+        assert_eq!(s["chorus_notify_outbox_depth"], 3.0);
+        assert_eq!(s["chorus_notify_pushes_sent_total"], 2.0);
+        assert_eq!(s["chorus_notify_pushes_retried_total"], 5.0);
+        assert_eq!(s["chorus_notify_pushes_rejected_total"], 1.0);
+        assert_eq!(s["chorus_notify_pushes_failed_total"], 0.0);
+        assert_eq!(s["chorus_notify_pushes_dropped_total"], 0.0);
+        assert_eq!(s["chorus_notify_push_latency_seconds_sum"], 1.5);
+        assert_eq!(s["chorus_notify_push_latency_seconds_count"], 2.0);
+        assert_eq!(s["chorus_notify_push_latency_seconds_max"], 1.25);
     }
 
     #[test]
