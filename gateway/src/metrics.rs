@@ -209,6 +209,8 @@ pub struct Metrics {
     workspace_messages: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
     /// Email digests handed to the SMTP server; shared with the notifier's email sender.
     pub notify_emails_sent: std::sync::Arc<AtomicU64>,
+    /// The notifier's outbox depth and push counters; shared with its outbox and sender.
+    pub notify: std::sync::Arc<chorus_notify::Stats>,
     /// The search index, once it is open.
     search: std::sync::OnceLock<std::sync::Arc<chorus_search::Search>>,
 }
@@ -242,6 +244,7 @@ impl Metrics {
             preview_worker_crashes: Counter::default(),
             workspace_messages: Default::default(),
             notify_emails_sent: Default::default(),
+            notify: Default::default(),
             search: Default::default(),
         }
     }
@@ -411,6 +414,7 @@ impl Metrics {
         );
         let emails = self.notify_emails_sent.load(Ordering::Relaxed);
         sample(&mut out, name, "", emails);
+        render_notify(&mut out, &self.notify);
         let name = "workspace_messages_total";
         header(
             &mut out,
@@ -436,6 +440,60 @@ impl Metrics {
     pub fn set_search(&self, search: std::sync::Arc<chorus_search::Search>) {
         let _ = self.search.set(search);
     }
+}
+
+/// The notifier's outbox depth, push outcomes and ack-to-push latency. The latency is a
+/// summary without quantiles (`_sum`, `_count`) and a `_max` gauge, like the search index
+/// commit time: the sender keeps plain atomics, not a [`Histogram`], since the notify crate
+/// does not depend on the gateway.
+fn render_notify(out: &mut String, stats: &chorus_notify::Stats) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let name = "notify_outbox_depth";
+    let help = "Outbox items not answered yet: push items decided and not yet sent, dropped or given up, plus email items whose digest is not answered yet.";
+    header(out, name, help, "gauge");
+    sample(out, name, "", stats.outbox_depth.load(Relaxed));
+    for (name, help, value) in [
+        (
+            "notify_pushes_sent_total",
+            "Pushes the push gateway answered with a 2xx without rejecting their push key.",
+            &stats.pushes_sent,
+        ),
+        (
+            "notify_pushes_failed_total",
+            "Pushes given up because the push gateway answered a 4xx other than 429 (other errors are retried until answered).",
+            &stats.pushes_failed,
+        ),
+        (
+            "notify_pushes_retried_total",
+            "Push attempts repeated after a connection error, a 5xx, a 429 or a failed check.",
+            &stats.pushes_retried,
+        ),
+        (
+            "notify_pushes_rejected_total",
+            "Pushes whose push key the push gateway rejected (the device is removed).",
+            &stats.pushes_rejected,
+        ),
+        (
+            "notify_pushes_dropped_total",
+            "Pushes not sent because the message was read, deleted or no longer readable by the recipient before its turn.",
+            &stats.pushes_dropped,
+        ),
+    ] {
+        header(out, name, help, "counter");
+        sample(out, name, "", value.load(Relaxed));
+    }
+    let name = "notify_push_latency_seconds";
+    let help = "Time from a message's commit to the push gateway's 2xx for its push.";
+    header(out, name, help, "summary");
+    let total_s = stats.push_latency_us_total.load(Relaxed) as f64 / 1e6;
+    sample(out, &format!("{name}_sum"), "", total_s);
+    let count = stats.push_latency_count.load(Relaxed);
+    sample(out, &format!("{name}_count"), "", count);
+    let name = "notify_push_latency_seconds_max";
+    let help = "The longest time from a message's commit to the push gateway's 2xx since start.";
+    header(out, name, help, "gauge");
+    let max_s = stats.push_latency_us_max.load(Relaxed) as f64 / 1e6;
+    sample(out, name, "", max_s);
 }
 
 /// The search index: one `search_index_state` sample per state (1 for the current one),
@@ -587,6 +645,15 @@ mod tests {
             ("quic_packets_lost_total", "counter"),
             ("quic_congestion_events_total", "counter"),
             ("preview_worker_crashes_total", "counter"),
+            ("notify_emails_sent_total", "counter"),
+            ("notify_outbox_depth", "gauge"),
+            ("notify_pushes_sent_total", "counter"),
+            ("notify_pushes_failed_total", "counter"),
+            ("notify_pushes_retried_total", "counter"),
+            ("notify_pushes_rejected_total", "counter"),
+            ("notify_pushes_dropped_total", "counter"),
+            ("notify_push_latency_seconds", "summary"),
+            ("notify_push_latency_seconds_max", "gauge"),
         ] {
             let type_line = format!("# TYPE chorus_{name} {kind}\n");
             assert_eq!(text.matches(&type_line).count(), 1, "{type_line}");
@@ -595,6 +662,30 @@ mod tests {
         }
         assert!(text.ends_with('\n'));
         parse(&text);
+    }
+
+    #[test]
+    fn notify_stats_render_in_seconds() {
+        // Proves the notifier's counters land in their own samples and the latency,
+        // kept in microseconds, renders in seconds.
+        use std::sync::atomic::Ordering::Relaxed;
+        let m = Metrics::new();
+        m.notify.outbox_depth.store(3, Relaxed);
+        m.notify.pushes_sent.store(2, Relaxed);
+        m.notify.pushes_retried.store(5, Relaxed);
+        m.notify.pushes_rejected.store(1, Relaxed);
+        m.notify.observe_push_latency(250_000);
+        m.notify.observe_push_latency(1_250_000);
+        let s = parse(&m.render());
+        assert_eq!(s["chorus_notify_outbox_depth"], 3.0);
+        assert_eq!(s["chorus_notify_pushes_sent_total"], 2.0);
+        assert_eq!(s["chorus_notify_pushes_retried_total"], 5.0);
+        assert_eq!(s["chorus_notify_pushes_rejected_total"], 1.0);
+        assert_eq!(s["chorus_notify_pushes_failed_total"], 0.0);
+        assert_eq!(s["chorus_notify_pushes_dropped_total"], 0.0);
+        assert_eq!(s["chorus_notify_push_latency_seconds_sum"], 1.5);
+        assert_eq!(s["chorus_notify_push_latency_seconds_count"], 2.0);
+        assert_eq!(s["chorus_notify_push_latency_seconds_max"], 1.25);
     }
 
     #[test]

@@ -423,6 +423,7 @@ fn notify_settings(config: &Config, metrics: &Metrics) -> chorus_notify::Setting
             public_url: config.public_url.clone(),
         }),
         emails_sent: metrics.notify_emails_sent.clone(),
+        stats: metrics.notify.clone(),
     }
 }
 

@@ -350,6 +350,9 @@ fn a_refused_digest_is_retried() {
     let cid = s.channel(&wid, &alice, "general", &[&bob]);
     prefs(&s, &bob, json!({"email": "all", "email_digest_s": 1}));
     let m = post(&s, &alice, &cid, "worth the wait");
+    // The outbox depth counts the email item while its window is open, and not once the
+    // digest is answered.
+    wait_depth(&s, 1.0);
     let (digest, _) = smtp.wait_for(&bob.email, 1);
     assert!(digest["text"].as_str().unwrap().contains(&link(&cid, &m)));
     let refused = |v: &Value| v["refused"] == true;
@@ -365,6 +368,22 @@ fn a_refused_digest_is_retried() {
     std::thread::sleep(SETTLE);
     assert_eq!(smtp.to(&bob.email).len(), 1);
     assert_eq!(s.metric("chorus_notify_emails_sent_total"), 1.0);
+    wait_depth(&s, 0.0);
+}
+
+/// Waits until `chorus_notify_outbox_depth` is `depth` (the sender counts an answer just
+/// after the SMTP server took it).
+#[track_caller]
+fn wait_depth(s: &Server, depth: f64) {
+    let deadline = Instant::now() + ARRIVE_WAIT;
+    loop {
+        let now = s.metric("chorus_notify_outbox_depth");
+        if now == depth {
+            return;
+        }
+        assert!(Instant::now() < deadline, "outbox depth {now}, not {depth}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// The outbox log's text (its records are JSON), empty before it exists.

@@ -1,7 +1,7 @@
 //! End-to-end tests of pushes (`API.md` §13, issue 16 steps 2–4) against the real `chorus`
 //! binary: the decider, the outbox and the push sender, with a push gateway sink on
 //! loopback written here (a tiny HTTP/1.1 server that records each JSON body and answers
-//! 200, 500, `{"rejected":[...]}`, or closes the connection).
+//! 200, 500, 400, `{"rejected":[...]}`, or closes the connection).
 //!
 //! "Nothing arrives" is checked after a barrier: a later message that must push, once it
 //! arrived, plus a short grace, since the sender may answer items out of order.
@@ -28,6 +28,8 @@ const SETTLE: Duration = Duration::from_millis(500);
 enum Answer {
     Ok,
     Fail,
+    /// 400: a push the gateway will never take.
+    Refuse,
     /// Close the connection without an answer.
     Close,
     Reject(Vec<String>),
@@ -165,13 +167,16 @@ fn serve(conn: TcpStream, state: Arc<Mutex<SinkState>>) {
             Answer::Ok => ("200 OK", json!({"rejected": []}).to_string()),
             Answer::Reject(keys) => ("200 OK", json!({ "rejected": keys }).to_string()),
             Answer::Fail => ("500 Internal Server Error", "{}".to_string()),
+            Answer::Refuse => ("400 Bad Request", "{}".to_string()),
             Answer::Close => return,
         };
         let head = format!(
             "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
             text.len()
         );
-        if conn.write_all(head.as_bytes()).is_err() || conn.write_all(text.as_bytes()).is_err() {
+        // One write: a head and a body written apart wait for the client's delayed ACK
+        // (Nagle), which holds every answer some 40 ms.
+        if conn.write_all(format!("{head}{text}").as_bytes()).is_err() {
             return;
         }
     }
@@ -474,6 +479,196 @@ fn sigkill_loses_no_push() {
         per_id.keys().all(|id| sent.contains(id)),
         "only messages sent: every repeat has a sent event_id"
     );
+}
+
+/// Waits until the `/metrics` sample `name` (without the `chorus_` prefix) is `value`:
+/// the sender counts an answer just after the sink recorded it.
+#[track_caller]
+fn wait_metric(s: &Server, name: &str, value: f64) {
+    let name = format!("chorus_{name}");
+    let deadline = Instant::now() + ARRIVE_WAIT;
+    loop {
+        let now = s.metric(&name);
+        if now == value {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} is {now}, not {value}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// The notify metrics count what the sender did, exactly: pushes sent (with one latency
+// observation each, within the test's time), retried (one per 500 answer), dropped (read
+// while the gateway failed), failed (a 400), rejected (the push key listed), and the
+// outbox depth back at 0 once everything is answered.
+#[test]
+fn notify_metrics_count_each_push_outcome() {
+    let started = Instant::now();
+    let sink = Sink::start();
+    let (s, alice, bob, cid) = pair(&sink);
+    device(&s, &bob, "key-bob");
+    let mention = |text: &str| post(&s, &alice, &cid, &format!("<@{}> {text}", bob.id));
+
+    for i in 0..5 {
+        let m = mention(&format!("hello {i}"));
+        sink.wait_for(&m, "key-bob");
+    }
+    wait_metric(&s, "notify_pushes_sent_total", 5.0);
+    wait_metric(&s, "notify_outbox_depth", 0.0);
+    assert_eq!(s.metric("chorus_notify_push_latency_seconds_count"), 5.0);
+    let sum = s.metric("chorus_notify_push_latency_seconds_sum");
+    let max = s.metric("chorus_notify_push_latency_seconds_max");
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!(
+        max > 0.0 && max <= sum && sum <= 5.0 * elapsed,
+        "{max} {sum}"
+    );
+    assert_eq!(s.metric("chorus_notify_pushes_retried_total"), 0.0);
+
+    // The gateway fails: one mention is read meanwhile (dropped), the other waits.
+    sink.answer(Answer::Fail);
+    let read = mention("read soon");
+    sink.wait_attempts(7);
+    let seq = s.last_seq(&bob, &cid);
+    let mark = format!("/api/v1/channels/{cid}/read");
+    s.ok("POST", &mark, &bob, Some(json!({"seq": seq})), 200);
+    let waits = mention("waits");
+    sink.wait_attempts(sink.attempts() + 1);
+    // The outbox holds what is not answered: the waiting mention (and the read one, until
+    // its next attempt checks it again).
+    assert!(s.metric("chorus_notify_outbox_depth") >= 1.0);
+    sink.answer(Answer::Ok);
+    sink.wait_for(&waits, "key-bob");
+    wait_metric(&s, "notify_pushes_sent_total", 6.0);
+    wait_metric(&s, "notify_pushes_dropped_total", 1.0);
+    wait_metric(&s, "notify_outbox_depth", 0.0);
+    assert_eq!(sink.count(&read), 0);
+    let failed_answers = sink.attempts() - sink.accepted().len();
+    assert!(failed_answers >= 2, "{failed_answers}");
+    assert_eq!(
+        s.metric("chorus_notify_pushes_retried_total"),
+        failed_answers as f64,
+        "one retry per 500"
+    );
+    assert_eq!(s.metric("chorus_notify_push_latency_seconds_count"), 6.0);
+
+    // A 400 is given up; a rejected push key is counted, and neither is sent.
+    sink.answer(Answer::Refuse);
+    let before = sink.attempts();
+    mention("refused");
+    sink.wait_attempts(before + 1);
+    wait_metric(&s, "notify_pushes_failed_total", 1.0);
+    sink.answer(Answer::Reject(vec!["key-bob".into()]));
+    let rejected = mention("rejected");
+    sink.wait_for(&rejected, "key-bob");
+    wait_metric(&s, "notify_pushes_rejected_total", 1.0);
+    wait_metric(&s, "notify_outbox_depth", 0.0);
+    assert_eq!(s.metric("chorus_notify_pushes_sent_total"), 6.0);
+    assert_eq!(s.metric("chorus_notify_push_latency_seconds_count"), 6.0);
+    assert_eq!(s.metric("chorus_notify_pushes_dropped_total"), 1.0);
+    assert_eq!(s.metric("chorus_notify_pushes_failed_total"), 1.0);
+}
+
+// SIGKILL 20 times, at random moments, while a client posts a stream of mentions to an
+// offline member with a push device: every acknowledged message is pushed, and a push
+// repeats only across a kill, with the same event_id, at most the sender's in-flight
+// bound per kill. The repeats per kill are printed for the design notes.
+#[test]
+fn sigkill_20_times_during_a_stream_every_push_arrives() {
+    use rand::Rng;
+    const KILLS: usize = 20;
+    let sink = Sink::start();
+    let (mut s, alice, bob, cid) = pair(&sink);
+    device(&s, &bob, "key-bob");
+    let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poster = {
+        let (acked, stop) = (acked.clone(), stop.clone());
+        let url = format!("{}/api/v1/channels/{cid}/messages", s.base_url());
+        let auth = format!("Bearer {}", alice.token);
+        let bob_id = bob.id.clone();
+        std::thread::spawn(move || {
+            let agent = ureq::AgentBuilder::new()
+                .timeout(Duration::from_secs(5))
+                .max_idle_connections(0)
+                .build();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                let body = json!({"text": format!("<@{bob_id}> {i}")});
+                // A post cut off by a kill has no answer: it may or may not be committed,
+                // so only acknowledged ones must be pushed.
+                let request = agent
+                    .post(&url)
+                    .set("authorization", &auth)
+                    .set("content-type", "application/json");
+                match request.send_string(&body.to_string()) {
+                    Ok(r) if r.status() == 201 => {
+                        let text = r.into_string().expect("a body");
+                        let v: Value = serde_json::from_str(&text).expect("json");
+                        acked.lock().unwrap().push(str_of(&v["message"]["id"]));
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        })
+    };
+    let mut rng = rand::thread_rng();
+    // How many pushes the sink had taken at each kill, to charge each repeat to a kill.
+    let mut marks = Vec::new();
+    for _ in 0..KILLS {
+        std::thread::sleep(Duration::from_millis(rng.gen_range(50..400)));
+        s.kill();
+        marks.push(sink.accepted().len());
+        s.restart();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    poster.join().expect("poster");
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > KILLS, "a stream: {} acked", acked.len());
+    for id in &acked {
+        sink.wait_for(id, "key-bob");
+    }
+    let barrier = post(&s, &alice, &cid, &format!("<@{}> barrier", bob.id));
+    sink.wait_for(&barrier, "key-bob");
+    std::thread::sleep(SETTLE);
+    let mut per_id: BTreeMap<String, usize> = BTreeMap::new();
+    // A repeat at position j of a push last taken at i is charged to the last kill
+    // between them (the one whose restart resent it); `age` is how many pushes before
+    // that kill the sink had taken it.
+    let mut last_at: BTreeMap<String, usize> = BTreeMap::new();
+    let mut per_kill = vec![0usize; KILLS];
+    let mut ages = Vec::new();
+    for (j, b) in sink.accepted().iter().enumerate() {
+        let n = &b["notification"];
+        assert_eq!(n["devices"][0]["pushkey"], "key-bob");
+        let id = str_of(&n["event_id"]);
+        *per_id.entry(id.clone()).or_default() += 1;
+        if let Some(i) = last_at.insert(id, j) {
+            let kill = marks.iter().rposition(|&m| m > i && m <= j);
+            let kill = kill.expect("a repeat only across a kill");
+            per_kill[kill] += 1;
+            ages.push(marks[kill] - i);
+        }
+    }
+    eprintln!("repeats per kill: {per_kill:?}; taken this many pushes before the kill: {ages:?}");
+    assert!(per_kill.iter().all(|&n| n <= IN_FLIGHT), "{per_kill:?}");
+    assert!(acked.iter().all(|id| per_id.contains_key(id)));
+    // Every repeat is counted by event_id: a repeated push carries its message's ID.
+    let repeats: usize = per_id.values().map(|n| n - 1).sum();
+    let most = per_id.values().max().copied().unwrap_or(0);
+    eprintln!(
+        "{} messages acked, {} pushed, {repeats} repeats over {KILLS} kills: {:.2} per kill (one message at most {most} times)",
+        acked.len(),
+        per_id.len(),
+        repeats as f64 / KILLS as f64
+    );
+    assert!(
+        repeats <= IN_FLIGHT * KILLS,
+        "{repeats} repeats over {KILLS} kills"
+    );
+    assert!(most <= KILLS + 1, "a push repeats at most once per kill");
 }
 
 fn count_distinct(bodies: &[Value]) -> usize {

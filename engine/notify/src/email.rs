@@ -241,6 +241,7 @@ impl Sender {
                         for at in answer(&mut windows, key, sent) {
                             open.remove(&at);
                             answered.insert(at);
+                            outbox.answered(1);
                         }
                     }
                     let cursor = open.first().copied().unwrap_or(taken_end);

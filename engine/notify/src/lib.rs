@@ -24,6 +24,56 @@ pub struct Settings {
     pub email: Option<email::EmailConfig>,
     /// Digests handed to the SMTP server, for the gateway's metrics.
     pub emails_sent: Arc<AtomicU64>,
+    /// The outbox's and the push sender's counters, for the gateway's metrics.
+    pub stats: Arc<Stats>,
+}
+
+/// What the outbox and the push sender count, for the gateway's metrics. Plain relaxed
+/// atomics: each is an independent number that a scrape reads on its own.
+///
+/// Every push item the decider stores ends in exactly one of `pushes_sent`,
+/// `pushes_rejected`, `pushes_failed` or `pushes_dropped` (once per attempt to deliver
+/// it: an item resent after a crash counts again), so that their sum against the items
+/// decided shows where pushes go.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Items in the outbox not answered yet: push items decided and not yet answered by
+    /// the push gateway (or dropped, or given up), plus email items whose digest is not
+    /// answered yet. Set from the log at open, so it survives a restart.
+    pub outbox_depth: AtomicU64,
+    /// Pushes the push gateway answered with a 2xx without rejecting their push key.
+    pub pushes_sent: AtomicU64,
+    /// Pushes given up: the push gateway answered a 4xx other than 429, which no retry
+    /// would change. (Connection errors, 5xx and 429 are retried for as long as it takes,
+    /// so they never end here.)
+    pub pushes_failed: AtomicU64,
+    /// Attempts repeated after a connection error, a 5xx, a 429, or checks that could not
+    /// read the engine: one per retry, not per item.
+    pub pushes_retried: AtomicU64,
+    /// Pushes whose push key the push gateway rejected (a 2xx listing it in `rejected`):
+    /// the device is removed.
+    pub pushes_rejected: AtomicU64,
+    /// Pushes not sent because, when their turn came, the message was read, deleted, or
+    /// no longer the recipient's to read.
+    pub pushes_dropped: AtomicU64,
+    /// Ack-to-push latency, from the message's commit (its `created_at`) to the push
+    /// gateway's 2xx answer, of the pushes counted in `pushes_sent`: total and largest
+    /// in microseconds, and how many were observed.
+    pub push_latency_us_total: AtomicU64,
+    /// See [`Stats::push_latency_us_total`].
+    pub push_latency_us_max: AtomicU64,
+    /// See [`Stats::push_latency_us_total`].
+    pub push_latency_count: AtomicU64,
+}
+
+impl Stats {
+    /// Records one push's ack-to-push latency.
+    pub fn observe_push_latency(&self, us: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.push_latency_us_total.fetch_add(us, Relaxed);
+        self.push_latency_us_max.fetch_max(us, Relaxed);
+        self.push_latency_count.fetch_add(1, Relaxed);
+    }
 }
 
 /// The running decider and senders.
@@ -40,7 +90,7 @@ pub fn start(
     dir: &Path,
     settings: Settings,
 ) -> std::io::Result<Notifier> {
-    let opened = outbox::Outbox::open(dir)?;
+    let opened = outbox::Outbox::open(dir, settings.stats.clone())?;
     let modes = decider::Modes {
         push: settings.push_gateway_url.is_some(),
         email: settings.email.is_some(),

@@ -18,13 +18,18 @@
 //!   is stored, with the items answered after it ([`Outbox::store_sent`]). A crash resends
 //!   the items answered since the last store, with the same `event_id` (the message ID):
 //!   the only way a push repeats.
+//! - **Counts.** Each attempt to deliver an item ends as sent, rejected, failed (given up)
+//!   or dropped in [`Stats`], and each retry is counted, for the gateway's metrics; a sent
+//!   push adds its ack-to-push latency, from the message's `created_at` to the 2xx.
 
 use crate::outbox::{Item, Outbox, Pending};
+use crate::Stats;
 use chorus_engine::ids::{ChannelId, DeviceId, MessageId, UserId, WorkspaceId};
 use chorus_engine::{Engine, EngineError};
 use futures::channel::oneshot;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -88,10 +93,20 @@ struct Sender {
     client: reqwest::Client,
 }
 
+/// How the push gateway answered a push.
+enum Answer {
+    /// A 2xx, the push key not rejected.
+    Sent,
+    /// A 2xx listing the push key in `rejected`.
+    Rejected,
+    /// A 4xx other than 429: given up.
+    Refused,
+}
+
 /// What the checks before an attempt found.
 enum Check {
-    /// Send this body.
-    Send(Value),
+    /// Send this body, of a message committed at this time (µs since the epoch).
+    Send(Value, u64),
     /// Read, deleted, or no longer the recipient's: nothing to send.
     Drop(&'static str),
 }
@@ -114,8 +129,9 @@ impl Sender {
             while tasks.len() < IN_FLIGHT {
                 let Some(p) = waiting.pop_front() else { break };
                 let sender = self.clone();
+                let stats = outbox.stats.clone();
                 tasks.spawn_local(async move {
-                    sender.send(&p.item).await;
+                    sender.send(&p.item, &stats).await;
                     p.at
                 });
             }
@@ -126,6 +142,7 @@ impl Sender {
                     while let Some(Ok(at)) = tasks.try_join_next() {
                         finished.push(at);
                     }
+                    outbox.answered(finished.len() as u64);
                     for at in finished {
                         open.remove(&at);
                         answered.insert(at);
@@ -141,28 +158,43 @@ impl Sender {
         }
     }
 
-    /// Sends one item until the gateway answers it or the checks drop it.
-    async fn send(&self, item: &Item) {
+    /// Sends one item until the gateway answers it or the checks drop it, and counts how
+    /// it ended in `stats`.
+    async fn send(&self, item: &Item, stats: &Stats) {
         let mut failures = 0;
         loop {
             match self.check(item).await {
                 Ok(Check::Drop(why)) => {
                     tracing::debug!(why, seq = item.seq, "notify sender: push dropped");
+                    stats.pushes_dropped.fetch_add(1, Relaxed);
                     return;
                 }
-                Ok(Check::Send(body)) => match self.post(item, &body).await {
-                    Ok(()) => return,
+                Ok(Check::Send(body, created_us)) => match self.post(item, &body).await {
+                    Ok(answer) => {
+                        let counter = match answer {
+                            Answer::Sent => {
+                                let now_us = jiff::Timestamp::now().as_microsecond().max(0) as u64;
+                                stats.observe_push_latency(now_us.saturating_sub(created_us));
+                                &stats.pushes_sent
+                            }
+                            Answer::Rejected => &stats.pushes_rejected,
+                            Answer::Refused => &stats.pushes_failed,
+                        };
+                        counter.fetch_add(1, Relaxed);
+                        return;
+                    }
                     Err(e) => tracing::warn!(error = %e, failures, "notify sender: push failed"),
                 },
                 Err(e) => tracing::warn!(error = %e, "notify sender: checks failed"),
             }
             tokio::time::sleep(backoff(failures)).await;
             failures += 1;
+            stats.pushes_retried.fetch_add(1, Relaxed);
         }
     }
 
     /// Posts a body: `Ok` once answered (2xx, or a 4xx that no retry would change).
-    async fn post(&self, item: &Item, body: &Value) -> Result<(), String> {
+    async fn post(&self, item: &Item, body: &Value) -> Result<Answer, String> {
         let resp = self
             .client
             .post(&self.url)
@@ -177,7 +209,7 @@ impl Sender {
         }
         if !status.is_success() {
             tracing::warn!(%status, seq = item.seq, "notify sender: the push gateway refused a push; given up");
-            return Ok(());
+            return Ok(Answer::Refused);
         }
         let answer: Value = match resp.bytes().await {
             Ok(b) => serde_json::from_slice(&b).unwrap_or(Value::Null),
@@ -192,8 +224,9 @@ impl Sender {
                 Ok(()) | Err(EngineError::Domain(_)) => {}
                 Err(e) => tracing::warn!(error = %e, "notify sender: rejected device not removed"),
             }
+            return Ok(Answer::Rejected);
         }
-        Ok(())
+        Ok(Answer::Sent)
     }
 
     /// Checks an item against the message and the recipient's read state as they are now.
@@ -241,17 +274,21 @@ impl Sender {
                 }
             }
         }
-        Ok(Check::Send(json!({"notification": {
-            "event_id": id.to_string(),
-            "room_id": id.channel.to_string(),
-            "type": "m.room.message",
-            "sender": UserId(item.author).to_string(),
-            "sender_display_name": item.author_name,
-            "room_name": item.room_name,
-            "prio": if item.high { "high" } else { "low" },
-            "content": {"body": message.text},
-            "counts": {"unread": unread},
-            "devices": [{"app_id": item.app_id, "pushkey": item.pushkey}],
-        }})))
+        let created_us = message.created_at;
+        Ok(Check::Send(
+            json!({"notification": {
+                "event_id": id.to_string(),
+                "room_id": id.channel.to_string(),
+                "type": "m.room.message",
+                "sender": UserId(item.author).to_string(),
+                "sender_display_name": item.author_name,
+                "room_name": item.room_name,
+                "prio": if item.high { "high" } else { "low" },
+                "content": {"body": message.text},
+                "counts": {"unread": unread},
+                "devices": [{"app_id": item.app_id, "pushkey": item.pushkey}],
+            }}),
+            created_us,
+        ))
     }
 }
