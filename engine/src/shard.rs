@@ -11,18 +11,11 @@
 //! variable [`NO_PIN_ENV`] is `1`, the shard runs unpinned instead: a slower shard beats
 //! no shard.
 //!
-//! Blocking work (`spawn_blocking`: file hashing and writes, password hashing, blob reads,
-//! search queries) runs on [`BLOCKING_THREADS`] threads per shard that are **not** pinned.
-//! glommio's default pins a pinned shard's one blocking thread to the shard's own CPU, so
-//! a 20 MiB upload's SHA-256 and the same shard's socket reads took turns on one core
-//! while the other idled (wall time about equal to the CPU time), and a login's argon2
-//! queued behind it. Unpinned, the kernel runs them on whichever CPU is free.
-//!
 //! Architecture invariant: `start` either starts every shard or none. Each thread first
 //! builds its executor and reports back; only when all have succeeded does any of them run
 //! the caller's future, so a failed start leaves no half-started set of shards behind.
 
-use glommio::{CpuSet, LocalExecutor, LocalExecutorBuilder, Placement, PoolPlacement};
+use glommio::{CpuSet, LocalExecutor, LocalExecutorBuilder, Placement};
 use std::any::Any;
 use std::future::Future;
 use std::io;
@@ -33,10 +26,6 @@ use std::thread::{self, JoinHandle};
 /// The most shards one process may start. A bound on threads and per-shard memory, set
 /// far above any core count we expect.
 pub const SHARD_COUNT_MAX: usize = 1024;
-
-/// Threads of each shard's blocking pool, unpinned: two, so that one long task (an
-/// upload's hashing) does not hold up another (a login's password hash).
-pub const BLOCKING_THREADS: usize = 2;
 
 /// Setting this environment variable to `1` starts every shard unpinned.
 pub const NO_PIN_ENV: &str = "CHORUS_NO_PIN";
@@ -230,15 +219,9 @@ where
 /// Builds an executor on the current thread at `placement`, or unpinned if that fails.
 fn build_executor(placement: Placement) -> Result<LocalExecutor, String> {
     let pinned = matches!(placement, Placement::Fixed(_));
-    // The pool's threads are created before the executor pins this thread, so `Unbound`
-    // leaves them on every CPU the process may use.
-    let builder = |placement| {
-        LocalExecutorBuilder::new(placement)
-            .blocking_thread_pool_placement(PoolPlacement::Unbound(BLOCKING_THREADS))
-    };
-    match builder(placement).make() {
+    match LocalExecutorBuilder::new(placement).make() {
         Ok(executor) => Ok(executor),
-        Err(_) if pinned => builder(Placement::Unbound)
+        Err(_) if pinned => LocalExecutorBuilder::new(Placement::Unbound)
             .make()
             .map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
@@ -344,39 +327,6 @@ mod tests {
             .map(|id| (id, 3, Some(format!("chorus-shard-{id}"))))
             .collect();
         assert_eq!(seen, expected);
-    }
-
-    /// The CPUs the calling thread may run on.
-    fn allowed_cpus() -> Vec<usize> {
-        // SAFETY: `set` is a plain bitmask the call fills; 0 names the calling thread.
-        unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            assert_eq!(
-                libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set),
-                0
-            );
-            (0..libc::CPU_SETSIZE as usize)
-                .filter(|&cpu| libc::CPU_ISSET(cpu, &set))
-                .collect()
-        }
-    }
-
-    #[test]
-    fn blocking_work_runs_on_every_cpu_not_the_shards_own() {
-        // A pinned shard runs on one CPU, and its blocking pool on every CPU the process
-        // may use (glommio's default pinned it beside the shard, so the two took turns).
-        let process = allowed_cpus();
-        let shards = ShardSet::start(1, true, |_: ShardContext| async {
-            let shard = allowed_cpus();
-            let pool = glommio::executor().spawn_blocking(allowed_cpus).await;
-            (shard, pool)
-        })
-        .unwrap();
-        let (shard, pool) = shards.join().unwrap().remove(0);
-        assert_eq!(pool, process, "the blocking pool is not pinned");
-        if std::env::var(NO_PIN_ENV).as_deref() != Ok("1") && process.len() > 1 {
-            assert_eq!(shard.len(), 1, "the shard itself is pinned");
-        }
     }
 
     #[test]
