@@ -363,3 +363,28 @@ fn search_smoke() {
         );
     }
 }
+
+// `notify` at its smoke size: the sink recorded every POST of its own measurement, every
+// mention pushed once and nothing else, every member but the sender got the `@channel`
+// push, and the figures are real.
+#[test]
+fn notify_smoke() {
+    let chorus = chorus_binary();
+    let results = tempfile::tempdir().unwrap();
+    let out = bench(&["notify", "--smoke"], results.path(), &chorus);
+    assert!(
+        out.contains("pushes: 20/20 for the mentions; 999/999 for `@channel`"),
+        "{out}"
+    );
+    let cells = |prefix: &str| row_cells(&out, prefix);
+    let sink = cells("| gateway sink alone");
+    assert_eq!(sink[3], "2000/2000 recorded", "{out}");
+    let push = cells("| ack → push POST at the gateway");
+    assert!(push[2].starts_with("p50 "), "{out}");
+    assert!(push[3].ends_with("; 0 unexpected pushes"), "{out}");
+    let fanout = cells("| `@channel` in a 1000-member channel");
+    assert!(fanout[2].contains("999/999 pushes, 999 devices"), "{out}");
+    let probes = cells("| the sender's send → ack");
+    assert!(probes[2].starts_with("with notifications: p50 "), "{out}");
+    assert!(probes[3].starts_with("without: p50 "), "{out}");
+}

@@ -7,6 +7,7 @@ use anyhow::Context;
 use chorus_bench::load::chorus::{say, ChorusRunner};
 use chorus_bench::load::client::Transport;
 use chorus_bench::load::files::{self, FilesShape};
+use chorus_bench::load::notify::{self, NotifyShape};
 use chorus_bench::load::presence::PresenceShape;
 use chorus_bench::load::report::{self, Results, Run, RunInfo, Scenario};
 use chorus_bench::load::search::{self, SearchOutcome, SearchShape};
@@ -78,6 +79,10 @@ enum Cmd {
     /// latency with concurrent searchers, ack → searchable at a sustained rate, indexing
     /// CPU and index bytes per message
     Search(SearchArgs),
+    /// Notifications: a push gateway sink measured alone, ack → push at 1,000 msgs/s with
+    /// 10% mentions, an `@channel` fan-out to 100,000 offline members, and the sender's
+    /// send latency during it with and without notifications (Chorus only)
+    Notify(NotifyArgs),
     /// Every scenario at the standard (or smoke) size, with peers, report, plots, README
     Suite(SuiteArgs),
     /// Internal: a worker process holding connections for its parent
@@ -139,6 +144,46 @@ struct FilesArgs {
     /// Fail when vipsthumbnail is missing [default: when CHORUS_REQUIRE_PEERS is set]
     #[arg(long)]
     require_vips: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+struct NotifyArgs {
+    /// A tiny size (100 recipients at 100 msgs/s for 2 s, a 1,000-member `@channel`)
+    #[arg(long)]
+    smoke: bool,
+    /// Offline recipients of the ack → push figure [default: 1,000]
+    #[arg(long)]
+    recipients: Option<usize>,
+    /// Messages per second of the ack → push figure [default: 1,000]
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Seconds of messages of the ack → push figure [default: 20]
+    #[arg(long)]
+    secs: Option<f64>,
+    /// Members of the `@channel` channel, its sender included [default: 100,000]
+    #[arg(long)]
+    fanout_members: Option<usize>,
+    /// POSTs of the sink-alone measurement [default: 200,000]
+    #[arg(long)]
+    sink_requests: Option<usize>,
+}
+
+impl NotifyArgs {
+    fn shape(&self) -> NotifyShape {
+        let base = if self.smoke {
+            NotifyShape::smoke()
+        } else {
+            NotifyShape::standard()
+        };
+        NotifyShape {
+            recipients: self.recipients.unwrap_or(base.recipients),
+            rate: self.rate.unwrap_or(base.rate),
+            secs: self.secs.unwrap_or(base.secs),
+            fanout_members: self.fanout_members.unwrap_or(base.fanout_members),
+            sink_requests: self.sink_requests.unwrap_or(base.sink_requests),
+            ..base
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -476,6 +521,9 @@ fn main() -> anyhow::Result<()> {
     if let Cmd::Files(a) = &cli.command {
         return files(&runner, a, &load_before);
     }
+    if let Cmd::Notify(a) = &cli.command {
+        return notify(&runner, a, &load_before);
+    }
     if let Cmd::Search(a) = &cli.command {
         return search(&runner, a, !cli.common.no_peers, &load_before);
     }
@@ -535,7 +583,9 @@ fn main() -> anyhow::Result<()> {
             results.search = Some((shapes.search, searched.map_err(|e| format!("{e:#}"))));
             ("suite", !a.no_readme)
         }
-        Cmd::Worker | Cmd::Files(_) | Cmd::Search(_) => unreachable!("handled above"),
+        Cmd::Worker | Cmd::Files(_) | Cmd::Search(_) | Cmd::Notify(_) => {
+            unreachable!("handled above")
+        }
     };
     progress.finish_and_clear();
     let info = RunInfo {
@@ -987,6 +1037,37 @@ fn files(runner: &ChorusRunner, a: &FilesArgs, load_before: &str) -> anyhow::Res
     println!(
         "\nuploads created: {}/{}; thumbs ready: {}/{}",
         outcome.uploads_created, shape.upload_files, outcome.previews_ready, outcome.preview_sent
+    );
+    Ok(())
+}
+
+/// `notify`: runs alone and prints its table (no peers, no plots).
+fn notify(runner: &ChorusRunner, a: &NotifyArgs, load_before: &str) -> anyhow::Result<()> {
+    let shape = a.shape();
+    let started = Instant::now();
+    let outcome = notify::run(&runner.binary, &runner.work_root, &shape, &runner.progress)?;
+    runner.progress.finish_and_clear();
+    println!(
+        "notify: {}; load average (1, 5, 15 min) {load_before} at the start, {} at the end\n",
+        machine(),
+        loadavg()
+    );
+    print!("{}", outcome.table(&shape));
+    println!(
+        "\nseeding through the engine (users, memberships, one push device each): {:.1} s for \
+         {} recipients, {:.1} s for the {}-member channel; the whole run {:.0} s",
+        outcome.seed_small.as_secs_f64(),
+        shape.recipients,
+        outcome.seed_big.as_secs_f64(),
+        shape.fanout_members,
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "pushes: {}/{} for the mentions; {}/{} for `@channel`",
+        outcome.pushes_received,
+        outcome.pushes_expected,
+        outcome.fanout_received,
+        outcome.fanout_expected
     );
     Ok(())
 }

@@ -12,6 +12,7 @@ pub mod client;
 pub mod corpus;
 pub mod files;
 pub mod history;
+pub mod notify;
 pub mod plot;
 pub mod presence;
 pub mod procstat;

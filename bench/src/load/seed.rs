@@ -173,6 +173,39 @@ pub fn post_history(
     Ok(())
 }
 
+/// One `fcm` push device for each of `users` (app `chorus.bench`, push key
+/// `bench-key-INDEX`), registered through the engine as `POST /me/push-devices` would.
+pub fn push_devices(
+    engine: &Engine,
+    users: &[UserId],
+    progress: &ProgressBar,
+) -> anyhow::Result<()> {
+    fan(progress, "push devices", users.len(), |i| async move {
+        let device = chorus_engine::domain::notify::DeviceInput {
+            app_id: "chorus.bench".into(),
+            pushkey: format!("bench-key-{i}"),
+            platform: "fcm".into(),
+        };
+        engine.add_push_device(users[i], device).await.map(drop)
+    })?;
+    Ok(())
+}
+
+/// A public channel `name` created by `owner` in `workspace`, which `others` join.
+pub fn small_channel(
+    engine: &Engine,
+    owner: UserId,
+    workspace: WorkspaceId,
+    name: &str,
+    others: &[UserId],
+) -> anyhow::Result<ChannelId> {
+    let channel = block_on(engine.create_channel(owner, workspace, name, ChannelKind::Public))?;
+    for user in others {
+        block_on(engine.join(*user, channel.id))?;
+    }
+    Ok(channel.id)
+}
+
 /// Mints a token for each of `users` with the server's key in `data_dir`, creating the key
 /// as the server would on its first start.
 pub fn mint_tokens(data_dir: &Path, users: &[UserId]) -> anyhow::Result<Vec<String>> {

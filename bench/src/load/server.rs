@@ -31,6 +31,8 @@ pub struct ServerSettings {
     /// Requests and frames per user per second. The load generator's users act far faster
     /// than people, so the per-user limiter is set out of the way.
     pub rate_per_s: f64,
+    /// The push gateway's endpoint (`push_gateway_url`); `None`: no pushes, no decider.
+    pub push_gateway_url: Option<String>,
 }
 
 impl Default for ServerSettings {
@@ -40,6 +42,7 @@ impl Default for ServerSettings {
             partitions: chorus_gateway::config::PARTITIONS_DEFAULT,
             connections_max: 19_800,
             rate_per_s: 1_000_000.0,
+            push_gateway_url: None,
         }
     }
 }
@@ -49,7 +52,7 @@ impl ServerSettings {
     pub fn toml(&self) -> String {
         // Each worker process connects from a loopback address of its own with up to
         // 9,500 connections, far above the per-address default meant for the internet.
-        format!(
+        let mut text = format!(
             "partitions = {}\nconnections_max = {}\nconnections_per_ip_max = {}\n\
              rate_per_s = {:.1}\nrate_burst = {:.1}\n",
             self.partitions,
@@ -57,7 +60,12 @@ impl ServerSettings {
             self.connections_max,
             self.rate_per_s,
             self.rate_per_s
-        )
+        );
+        if let Some(url) = &self.push_gateway_url {
+            // A URL of the harness's own making: no quote or backslash to escape.
+            text.push_str(&format!("push_gateway_url = \"{url}\"\n"));
+        }
+        text
     }
 }
 
@@ -260,5 +268,16 @@ mod tests {
         let config = chorus_gateway::config::load_file(&path).unwrap();
         config.validate().unwrap();
         assert_eq!(config.connections_max, 19_800);
+        let with_push = ServerSettings {
+            push_gateway_url: Some("http://127.0.0.1:9/_matrix/push/v1/notify".into()),
+            ..ServerSettings::default()
+        };
+        std::fs::write(&path, with_push.toml()).unwrap();
+        let config = chorus_gateway::config::load_file(&path).unwrap();
+        config.validate().unwrap();
+        assert_eq!(
+            config.push_gateway_url,
+            "http://127.0.0.1:9/_matrix/push/v1/notify"
+        );
     }
 }
