@@ -1069,6 +1069,16 @@ fn notify(runner: &ChorusRunner, a: &NotifyArgs, load_before: &str) -> anyhow::R
         outcome.fanout_received,
         outcome.fanout_expected
     );
+    println!(
+        "sink errors in the server runs: {}; the server's notify metrics after the fan-out:\n{}",
+        outcome.sink_errors, outcome.fanout_metrics
+    );
+    if let Some(log) = &outcome.kept_log {
+        println!(
+            "pushes were missing; the fan-out server's log: {}",
+            log.display()
+        );
+    }
     Ok(())
 }
 

@@ -171,6 +171,12 @@ pub struct NotifyOutcome {
     pub seed_small: Duration,
     /// See `seed_small`.
     pub seed_big: Duration,
+    /// The server's `chorus_notify_*` metrics after the fan-out.
+    pub fanout_metrics: String,
+    /// Where the fan-out server's log was kept, when pushes were missing.
+    pub kept_log: Option<std::path::PathBuf>,
+    /// Requests the sink could not parse in the server runs.
+    pub sink_errors: u64,
 }
 
 impl NotifyOutcome {
@@ -535,6 +541,23 @@ impl Api {
         })
     }
 
+    /// The `chorus_notify_*` lines of `GET /metrics`.
+    async fn notify_metrics(&self) -> anyhow::Result<String> {
+        let root = self.base.trim_end_matches("/api/v1");
+        let text = self
+            .client
+            .get(format!("{root}/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        Ok(text
+            .lines()
+            .filter(|l| l.starts_with("chorus_notify_"))
+            .collect::<Vec<_>>()
+            .join("\n"))
+    }
+
     /// Posts `text` as the holder of `token`; the message ID and the wall-clock time its
     /// 201 was read.
     async fn post(&self, token: &str, channel: &str, text: &str) -> anyhow::Result<(String, u64)> {
@@ -737,14 +760,28 @@ pub fn run(
     rt.block_on(warm_up(&api, &sink, &owner, &big, &first_user))?;
     progress.set_message("notify: @channel fan-out");
     let want = (shape.fanout_members - 1) as u64;
-    let (fan, probes_notify) = rt.block_on(async {
+    let fan = rt.block_on(async {
         let (fan, probes) = fanout_and_probes(&api, &owner, &big, &side, shape).await?;
         let (id, acked, _) = &fan;
         let seen = await_pushes(&sink, id, want, WARMUP_GIVE_UP).await;
-        anyhow::Ok(((seen, *acked, fan.2), probes.await??))
+        let probes = probes.await??;
+        let metrics = api
+            .notify_metrics()
+            .await
+            .unwrap_or_else(|e| format!("{e:#}"));
+        anyhow::Ok(((seen, *acked, fan.2), probes, metrics))
     })?;
-    server.stop()?;
+    let (fan, probes_notify, fanout_metrics) = fan;
     let (seen, acked, fanout_ack) = fan;
+    let kept_log = if seen.posts < want {
+        // The log goes with the run's directory: keep it for a look at what went missing.
+        let to = work_root.join("notify-fanout-server.log");
+        std::fs::copy(&server.log, &to)?;
+        Some(to)
+    } else {
+        None
+    };
+    server.stop()?;
 
     progress.set_message("notify: the same posts without notifications");
     let plain = ServerSettings {
@@ -782,6 +819,9 @@ pub fn run(
         plain_fanout_ack,
         seed_small,
         seed_big,
+        fanout_metrics,
+        kept_log,
+        sink_errors: sink.errors(),
     })
 }
 
