@@ -133,6 +133,11 @@ impl<R> Outbox<R> {
             .collect()
     }
 
+    /// Whether every request has its answer.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     /// Requests without an answer.
     #[cfg(test)]
     pub fn len(&self) -> usize {

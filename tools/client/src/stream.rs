@@ -27,7 +27,9 @@
 //! - Delivered events wait in a bounded queue for the application. If it fills up, the
 //!   task stops delivering (nothing is recorded as delivered), keeps serving answers, and
 //!   once the application has read half the queue it reconnects and resumes from what was
-//!   delivered: a slow reader costs a reconnection, never memory or events.
+//!   delivered: a slow reader costs a reconnection, never memory or events. Sending never
+//!   waits for the application to read: a connection lost while the queue is full is
+//!   opened again at once when requests are waiting, and otherwise once there is room.
 //!
 //! A channel is tracked from [`ConnectOptions::since`], or (by default) from the
 //! `last_seq` that REST reports for every channel the user can see when the stream opens,
@@ -899,13 +901,15 @@ impl Task {
     }
 
     /// Waits `delay` between connections, taking requests meanwhile (they are written once
-    /// connected); when the application's queue overflowed, also until half of it is free.
-    /// Returns false when the stream should end.
+    /// connected); when the application's queue overflowed, also until half of it is free
+    /// or a request is waiting. (A reconnection would only replay events the full queue
+    /// drops, unless it carries requests; an application that sends without reading must
+    /// still get its answers.) Returns false when the stream should end.
     async fn idle(&mut self, delay: Duration) -> bool {
         let deadline = Instant::now() + delay;
         let room = self.queue_max / 2;
         let mut waited = false;
-        while !waited || self.overflowed {
+        while !waited || (self.overflowed && self.outbox.is_empty()) {
             tokio::select! {
                 _ = sleep_until(deadline), if !waited => waited = true,
                 r = self.events.reserve_many(room), if self.overflowed => match r {
