@@ -64,7 +64,8 @@ pub enum CommittedKind {
 /// A page of a log's committed events.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommittedPage {
-    /// The events, in log order; at least one.
+    /// The events, in log order; at least one (none only from
+    /// [`crate::Consumer::read_now`] at the log's end).
     pub events: Vec<CommittedEvent>,
     /// The offset to read from next: the cursor once these are processed.
     pub next: u64,
@@ -171,10 +172,19 @@ pub(crate) async fn answer(log: &impl crate::durability::Durability, waiter: Wai
     let _ = waiter.reply.send(page);
 }
 
-/// A consumer's read that waits for the next commit of its log.
+/// A consumer's read; at the log's end it waits for the next commit, unless `wait` is
+/// false: then it is answered at once with no events.
 pub(crate) struct Waiter {
     pub from: u64,
+    pub wait: bool,
     pub reply: Reply<CommittedPage>,
+}
+
+impl Waiter {
+    /// Whether the read waits for a commit of a log whose next offset is `end`.
+    pub(crate) fn parks_at(&self, end: u64) -> bool {
+        self.wait && self.from >= end
+    }
 }
 
 /// The reads waiting for a log's next commit, held by the log's owner.
@@ -236,9 +246,17 @@ mod tests {
     fn waiters_wake_on_commit() {
         let mut w = Waiters::default();
         let (tx, _rx1) = futures::channel::oneshot::channel();
-        w.park(Waiter { from: 5, reply: tx });
+        w.park(Waiter {
+            from: 5,
+            wait: true,
+            reply: tx,
+        });
         let (tx, _rx2) = futures::channel::oneshot::channel();
-        w.park(Waiter { from: 9, reply: tx });
+        w.park(Waiter {
+            from: 9,
+            wait: true,
+            reply: tx,
+        });
         assert!(w.ready(5).is_empty());
         assert_eq!(w.ready(6).len(), 1);
         assert_eq!(w.ready(10).len(), 1);
@@ -247,6 +265,7 @@ mod tests {
             let (tx, rx) = futures::channel::oneshot::channel();
             w.park(Waiter {
                 from: 100,
+                wait: true,
                 reply: tx,
             });
             receivers.push(rx);

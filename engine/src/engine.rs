@@ -18,13 +18,15 @@ use crate::domain::{ChannelKind, DomainError, PAGE_LIMIT_MAX};
 use crate::env::{Env, GlommioEnv};
 use crate::error::{EngineError, IoError, Unavailable};
 use crate::ids::{ChannelId, FileId, MessageId, UserId, WorkspaceId};
-use crate::outcome::{ChannelOutcome, MessagePage, MetaOutcome, ReadOutcome, Recovery};
+use crate::outcome::{
+    ChannelOutcome, MessagePage, MetaOutcome, PushChecks, PushRecipient, ReadOutcome, Recovery,
+};
 use crate::queue::{FrameReceiver, Inbox};
 use crate::runtime::dispatch::SubscriptionInfo;
 use crate::runtime::meta::{MetaRead, MetaRequest};
 use crate::runtime::{
     ChannelRead, Gather, OfChannel, PartitionMsg, Reply, Routes, ShardInboxes, ShardMsg,
-    ShardSenders, ShardSetup, Started, CURRENT_SHARD,
+    ShardSenders, ShardSetup, Started, SumGather, CURRENT_SHARD,
 };
 use crate::view::{
     ChannelView, FileView, MemberView, MessageView, ReadView, UserView, WorkspaceView,
@@ -155,7 +157,13 @@ impl Consumer {
     /// [`crate::consumer::CONSUMER_READ_BYTES_MAX`] of them; waits for the next commit when
     /// there are none. A `from` below the log's first offset reads from its first offset.
     pub async fn read(&self, log: LogId, from: u64) -> Result<CommittedPage, EngineError> {
-        self.engine.read_committed(log, from).await
+        self.engine.read_committed(log, from, true).await
+    }
+
+    /// Reads like [`Self::read`], but at the log's end answers at once, with no events and
+    /// the log's end: how a consumer learns, without waiting, that it has caught up.
+    pub async fn read_now(&self, log: LogId, from: u64) -> Result<CommittedPage, EngineError> {
+        self.engine.read_committed(log, from, false).await
     }
 
     /// Says the consumer has durably processed every event of `log` before offset
@@ -488,9 +496,14 @@ impl Engine {
         &self,
         log: LogId,
         from: u64,
+        wait: bool,
     ) -> Result<CommittedPage, EngineError> {
         let (tx, rx) = oneshot::channel();
-        let waiter = Waiter { from, reply: tx };
+        let waiter = Waiter {
+            from,
+            wait,
+            reply: tx,
+        };
         let routes = &self.inner.routes;
         let (shard, msg) = match log {
             LogId::Meta => (0, ShardMsg::MetaCommitted(waiter)),
@@ -1132,6 +1145,66 @@ impl Engine {
             reads.last().map(|r| r.channel_id)
         });
         Ok((reads, next.flatten()))
+    }
+
+    /// What the push sender checks before pushing message `id` to `users`, for all of them
+    /// in one round: the message as it is now, and for each user (in order) whether they
+    /// are still a member of its channel, their read marker there, and their unread
+    /// messages over all their channels. Costs one request to the channel's partition and
+    /// one to every partition for the totals, however many users; no access check (for
+    /// the engine's own consumers).
+    pub async fn push_checks(
+        &self,
+        id: MessageId,
+        users: Vec<UserId>,
+    ) -> Result<PushChecks, EngineError> {
+        let (partition, shard) = self.partition_shard(id.channel)?;
+        let shared = Arc::new(users.clone());
+        let here = ask(
+            |reply| ShardMsg::Partition {
+                partition,
+                msg: PartitionMsg::PushChecks {
+                    channel: id.channel,
+                    seq: id.seq,
+                    users,
+                    reply,
+                },
+            },
+            &self.inner.routes,
+            shard,
+        );
+        let ((message, members), totals) =
+            futures::future::try_join(here, self.unread_totals(shared)).await?;
+        let recipients = members
+            .into_iter()
+            .zip(totals)
+            .map(|((member, read_seq), unread)| PushRecipient {
+                member,
+                read_seq,
+                unread,
+            })
+            .collect();
+        Ok(PushChecks {
+            message,
+            recipients,
+        })
+    }
+
+    /// Each user's unread messages over all their channels, in the order of `users`.
+    async fn unread_totals(&self, users: Arc<Vec<UserId>>) -> Result<Vec<u64>, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        let partitions = self.inner.config.partitions as usize;
+        let out = SumGather::new(partitions, users.len(), tx);
+        for s in 0..self.inner.routes.shard_count() {
+            let (out, users) = (out.clone(), users.clone());
+            let ask = move || PartitionMsg::UnreadTotals {
+                users: users.clone(),
+                out: out.clone(),
+            };
+            let msg = ShardMsg::AllPartitions(Box::new(ask));
+            self.inner.routes.send(s, msg).await?;
+        }
+        rx.await.map_err(|_| Unavailable::ShardStopped)?
     }
 
     /// Joins a public channel.

@@ -43,7 +43,7 @@ pub use consumer::{CommittedEvent, CommittedKind, CommittedPage, LogId};
 pub use engine::{Consumer, Engine, Subscription, SubscriptionControl};
 pub use error::{Corrupt, EngineError, IoError, Unavailable};
 pub use outcome::{
-    ChannelOutcome, MessagePage, MetaOutcome, NewFile, NotifyOutcome, ReadOutcome, Recovery,
-    SubscriberCount,
+    ChannelOutcome, MessagePage, MetaOutcome, NewFile, NotifyOutcome, PushChecks, PushRecipient,
+    ReadOutcome, Recovery, SubscriberCount,
 };
 pub use runtime::dispatch::SubscriptionInfo;

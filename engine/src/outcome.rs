@@ -75,6 +75,27 @@ pub enum ReadOutcome {
     Channel(ChannelView),
 }
 
+/// What the push sender checks, in one round for many recipients of one message, before
+/// pushing it ([`crate::Engine::push_checks`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushChecks {
+    /// The message as it is now; `None` if the channel has no message at that seq.
+    pub message: Option<MessageView>,
+    /// Each recipient, in the order asked.
+    pub recipients: Vec<PushRecipient>,
+}
+
+/// One recipient's side of [`PushChecks`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PushRecipient {
+    /// Still a member of the message's channel (a former member may no longer read it).
+    pub member: bool,
+    /// Their read marker in the message's channel.
+    pub read_seq: u64,
+    /// Their unread messages over all their channels: the badge.
+    pub unread: u64,
+}
+
 /// A page of messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessagePage {

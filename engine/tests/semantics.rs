@@ -1411,3 +1411,58 @@ fn reaction_emoji_are_shortcodes_or_unicode_emoji() {
     assert!(w.message(w.carol, m.id).reactions.is_empty());
     w.shutdown();
 }
+
+// The push sender's checks, for many recipients of one message in one round: the message
+// as it is now (edited text, then deleted), and per recipient whether they are still a
+// member, their read marker, and their unread messages over all their channels.
+#[test]
+fn push_checks_answer_each_recipient_in_one_round() {
+    let w = World::new(1);
+    let e = &w.engine;
+    let user0 = w.extra[0];
+    let random = block_on(e.create_channel(w.alice, w.ws, "random", ChannelKind::Public))
+        .expect("channel")
+        .id;
+    block_on(e.join(w.bob, random)).expect("join");
+    w.post(w.alice, random, "elsewhere");
+    let m = w.post(w.alice, w.general, "first draft");
+    block_on(e.edit(w.alice, m.id, "final text")).expect("edit");
+    block_on(e.mark_read(w.carol, w.general, m.seq)).expect("read");
+    block_on(e.remove_channel_member(w.alice, w.general, w.dave)).expect("remove");
+
+    let users = vec![w.bob, w.carol, w.dave, user0, w.bob];
+    let found = block_on(e.push_checks(m.id, users)).expect("checks");
+    let message = found.message.expect("the message");
+    assert_eq!(message.text, "final text");
+    assert!(!message.deleted);
+    let r = &found.recipients;
+    assert_eq!(r.len(), 5);
+    assert!(r[0].member && r[0].read_seq < m.seq);
+    assert_eq!(r[0].unread, 2, "the message and the post in random");
+    assert!(r[1].member && r[1].read_seq >= m.seq);
+    assert_eq!(r[1].unread, 0);
+    assert!(!r[2].member, "dave was removed");
+    assert!(r[3].member && r[3].read_seq < m.seq);
+    assert_eq!(r[3].unread, 1);
+    assert_eq!(r[4], r[0], "a user asked twice is answered twice");
+
+    block_on(e.delete(w.alice, m.id)).expect("delete");
+    let found = block_on(e.push_checks(m.id, vec![w.bob])).expect("checks");
+    assert!(found.message.expect("kept in place").deleted);
+    assert_eq!(found.recipients[0].unread, 1, "a deletion lowers the count");
+    let beyond = MessageId {
+        channel: w.general,
+        seq: m.seq + 1_000,
+    };
+    let found = block_on(e.push_checks(beyond, vec![w.bob])).expect("checks");
+    assert!(found.message.is_none());
+    let nowhere = MessageId {
+        channel: ChannelId(u64::MAX),
+        seq: 1,
+    };
+    assert!(matches!(
+        block_on(e.push_checks(nowhere, vec![w.bob])),
+        Err(EngineError::Domain(_))
+    ));
+    w.shutdown();
+}

@@ -6,6 +6,10 @@
 //!   (member joined/left), kind and name; users' display names; and everyone's
 //!   notification preferences and push devices (`MetaEvent::Notify`, applied to a
 //!   [`NotifyState`] of its own). So a message costs the shard that committed it nothing.
+//! - **Order across logs.** The metadata log and the partitions are read concurrently, so
+//!   before a page with messages to decide, the metadata log is read to its end as of then
+//!   ([`Consumer::read_now`]): a message is decided with every preference and device
+//!   committed before it.
 //! - **Restart.** That state is not stored: at start the decider reads every log from its
 //!   beginning, and events before its stored cursors only rebuild state; events at and
 //!   after them are decided. On a first start (no outbox) the cursors are the logs' ends
@@ -219,8 +223,38 @@ impl Decider {
     /// Applies one page and asks for the next.
     fn take(&mut self, read: Read, reads: &mut FuturesUnordered<LocalBoxFuture<'static, Read>>) {
         let log = read.0;
+        if let (LogId::Partition(p), Ok(page)) = (log, &read.1) {
+            let from = self.decided.partitions.get(&p).copied().unwrap_or(0);
+            if page.events.last().is_some_and(|e| e.offset >= from) {
+                self.catch_up_meta();
+            }
+        }
         self.apply_page(read);
         reads.push(self.read(log));
+    }
+
+    /// Applies the metadata log up to its end as of now, before a page with messages to
+    /// decide: every preference and device committed before a message is known when it is
+    /// decided. (The metadata log and the partitions are read concurrently, so without
+    /// this a partition's page could come first: a device added just before a message, or
+    /// after a restart every device not yet read, would miss its push.)
+    fn catch_up_meta(&mut self) {
+        loop {
+            let read = self.consumer.read_now(LogId::Meta, self.reading.meta);
+            match futures::executor::block_on(read) {
+                Ok(page) => {
+                    let caught_up = page.next >= page.end;
+                    self.apply_page((LogId::Meta, Ok(page)));
+                    if caught_up {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "notify decider: metadata not caught up");
+                    return;
+                }
+            }
+        }
     }
 
     fn apply_page(&mut self, (log, page): Read) {
@@ -233,12 +267,14 @@ impl Decider {
                 for e in &page.events {
                     match &e.event {
                         CommittedKind::Channel(r) => self.apply(r, e.offset >= from),
+                        // A waiting read may bring back what a catch-up applied already.
+                        CommittedKind::Meta(_) if e.offset < self.reading.meta => {}
                         CommittedKind::Meta(r) => self.apply_meta(&r.event),
                         CommittedKind::Read(_) => {}
                     }
                 }
                 match log {
-                    LogId::Meta => self.reading.meta = page.next,
+                    LogId::Meta => self.reading.meta = self.reading.meta.max(page.next),
                     LogId::Partition(p) => {
                         self.reading.partitions.insert(p, page.next);
                     }

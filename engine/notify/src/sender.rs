@@ -4,10 +4,15 @@
 //!
 //! - **Client.** One `reqwest` client: keep-alive connections, at most [`IN_FLIGHT`]
 //!   requests at once (items wait in memory, in log order, for a place).
-//! - **Checked again before each attempt.** The message is read as the recipient sees it:
-//!   deleted, or no longer theirs to read (they left) → dropped; edited → the current
-//!   text. Their read marker at or past it → dropped. So nothing read is pushed, whatever
-//!   the delay.
+//! - **Checked again before each attempt.** The message is read as it is now: deleted, or
+//!   no longer the recipient's to read (they left) → dropped; edited → the current text.
+//!   Their read marker at or past it → dropped. So nothing read is pushed, whatever the
+//!   delay. The badge is their unread messages over all their channels.
+//! - **Checked in batches.** Consecutive items of one message (a fan-out lays them out
+//!   together) are checked together, up to [`CHECK_BATCH_MAX`] at a time, in one
+//!   [`Engine::push_checks`] round: one request to the channel's partition and one to each
+//!   partition for the badges, however many recipients. At most [`BATCHES_IN_FLIGHT`]
+//!   batches are open at once; their POSTs share the [`IN_FLIGHT`] places.
 //! - **Retry.** A 5xx, a 429 or a connection error is retried after an exponential
 //!   backoff with jitter ([`backoff`]), for as long as it takes: an item is answered only
 //!   by the gateway, or dropped by the checks. Another 4xx gives the item up (the gateway
@@ -24,7 +29,7 @@
 
 use crate::outbox::{Item, Outbox, Pending};
 use crate::Stats;
-use chorus_engine::ids::{ChannelId, DeviceId, MessageId, UserId, WorkspaceId};
+use chorus_engine::ids::{ChannelId, DeviceId, MessageId, UserId};
 use chorus_engine::{Engine, EngineError};
 use futures::channel::oneshot;
 use serde_json::{json, Value};
@@ -35,14 +40,17 @@ use std::time::Duration;
 
 /// Most push requests in flight at once.
 pub const IN_FLIGHT: usize = 32;
+/// Most items of one message checked in one round.
+pub const CHECK_BATCH_MAX: usize = 256;
+/// Most batches being checked or posted at once (a batch whose item waits to be retried
+/// keeps its place, as a single item did before batching).
+pub const BATCHES_IN_FLIGHT: usize = 32;
 /// The first retry's delay.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// The longest delay between two attempts.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long one request may take before it counts as a connection error.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Read state is asked in pages of this many channels.
-const UNREADS_PAGE: usize = 500;
 
 /// The delay before attempt `n + 1` (after `n` failures): doubling from [`BACKOFF_MIN`] up
 /// to [`BACKOFF_MAX`], then a random point in its upper half, so that many items failing
@@ -81,6 +89,7 @@ pub fn spawn(
                 engine,
                 url,
                 client,
+                posts: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT)),
             };
             local.block_on(&runtime, sender.run(outbox, sent, stop));
         })
@@ -91,6 +100,8 @@ struct Sender {
     engine: Engine,
     url: String,
     client: reqwest::Client,
+    /// The places for requests in flight.
+    posts: Arc<tokio::sync::Semaphore>,
 }
 
 /// How the push gateway answered a push.
@@ -101,6 +112,22 @@ enum Answer {
     Rejected,
     /// A 4xx other than 429: given up.
     Refused,
+}
+
+/// The next batch: the first waiting item and those after it of the same message, up to
+/// [`CHECK_BATCH_MAX`].
+fn next_batch(waiting: &mut VecDeque<Pending>) -> Vec<Pending> {
+    let mut batch: Vec<Pending> = Vec::new();
+    while let Some(p) = waiting.front() {
+        let same = batch
+            .first()
+            .is_none_or(|f| (f.item.channel, f.item.seq) == (p.item.channel, p.item.seq));
+        if !same || batch.len() >= CHECK_BATCH_MAX {
+            break;
+        }
+        batch.extend(waiting.pop_front());
+    }
+    batch
 }
 
 /// What the checks before an attempt found.
@@ -126,21 +153,24 @@ impl Sender {
                 taken_end = taken_end.max(p.end);
                 waiting.push_back(p);
             }
-            while tasks.len() < IN_FLIGHT {
-                let Some(p) = waiting.pop_front() else { break };
+            while tasks.len() < BATCHES_IN_FLIGHT {
+                let batch = next_batch(&mut waiting);
+                if batch.is_empty() {
+                    break;
+                }
                 let sender = self.clone();
                 let stats = outbox.stats.clone();
                 tasks.spawn_local(async move {
-                    sender.send(&p.item, &stats).await;
-                    p.at
+                    sender.send_batch(&batch, &stats).await;
+                    batch.iter().map(|p| p.at).collect::<Vec<u64>>()
                 });
             }
             tokio::select! {
                 _ = outbox.appended.notified() => {}
                 Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                    let mut finished: Vec<u64> = done.into_iter().collect();
-                    while let Some(Ok(at)) = tasks.try_join_next() {
-                        finished.push(at);
+                    let mut finished: Vec<u64> = done.into_iter().flatten().collect();
+                    while let Some(Ok(ats)) = tasks.try_join_next() {
+                        finished.extend(ats);
                     }
                     outbox.answered(finished.len() as u64);
                     for at in finished {
@@ -158,39 +188,89 @@ impl Sender {
         }
     }
 
-    /// Sends one item until the gateway answers it or the checks drop it, and counts how
-    /// it ended in `stats`.
-    async fn send(&self, item: &Item, stats: &Stats) {
-        let mut failures = 0;
-        loop {
-            match self.check(item).await {
-                Ok(Check::Drop(why)) => {
-                    tracing::debug!(why, seq = item.seq, "notify sender: push dropped");
-                    stats.pushes_dropped.fetch_add(1, Relaxed);
-                    return;
+    /// Sends a batch of items of one message: one round of checks for all of them, then
+    /// their POSTs, concurrently within the [`IN_FLIGHT`] places. An item whose first
+    /// attempt fails (or whose checks could not be made) goes on alone with retries
+    /// ([`Self::send`]).
+    async fn send_batch(&self, batch: &[Pending], stats: &Stats) {
+        let items: Vec<&Item> = batch.iter().map(|p| &p.item).collect();
+        let checks = match self.checks(&items).await {
+            Ok(checks) => checks,
+            Err(e) => {
+                tracing::warn!(error = %e, "notify sender: checks failed");
+                stats.pushes_retried.fetch_add(items.len() as u64, Relaxed);
+                tokio::time::sleep(backoff(0)).await;
+                let each = items.iter().map(|item| self.send(item, stats, 1));
+                futures::future::join_all(each).await;
+                return;
+            }
+        };
+        let each = items
+            .into_iter()
+            .zip(checks)
+            .map(|(item, check)| async move {
+                if !self.attempt(item, check, stats, 0).await {
+                    stats.pushes_retried.fetch_add(1, Relaxed);
+                    tokio::time::sleep(backoff(0)).await;
+                    self.send(item, stats, 1).await;
                 }
-                Ok(Check::Send(body, created_us)) => match self.post(item, &body).await {
-                    Ok(answer) => {
-                        let counter = match answer {
-                            Answer::Sent => {
-                                let now_us = jiff::Timestamp::now().as_microsecond().max(0) as u64;
-                                stats.observe_push_latency(now_us.saturating_sub(created_us));
-                                &stats.pushes_sent
-                            }
-                            Answer::Rejected => &stats.pushes_rejected,
-                            Answer::Refused => &stats.pushes_failed,
-                        };
-                        counter.fetch_add(1, Relaxed);
+            });
+        futures::future::join_all(each).await;
+    }
+
+    /// Sends one item until the gateway answers it or the checks drop it, and counts how
+    /// it ended in `stats`; `failures` attempts failed before.
+    async fn send(&self, item: &Item, stats: &Stats, mut failures: u32) {
+        loop {
+            match self.checks(&[item]).await {
+                Ok(mut checks) => {
+                    let check = checks.pop().expect("one check per item");
+                    if self.attempt(item, check, stats, failures).await {
                         return;
                     }
-                    Err(e) => tracing::warn!(error = %e, failures, "notify sender: push failed"),
-                },
+                }
                 Err(e) => tracing::warn!(error = %e, "notify sender: checks failed"),
             }
             tokio::time::sleep(backoff(failures)).await;
             failures += 1;
             stats.pushes_retried.fetch_add(1, Relaxed);
         }
+    }
+
+    /// One attempt at a checked item: whether it is over (dropped, or answered by the
+    /// gateway), counted in `stats`; `false` if it is to be tried again.
+    async fn attempt(&self, item: &Item, check: Check, stats: &Stats, failures: u32) -> bool {
+        let (body, created_us) = match check {
+            Check::Drop(why) => {
+                tracing::debug!(why, seq = item.seq, "notify sender: push dropped");
+                stats.pushes_dropped.fetch_add(1, Relaxed);
+                return true;
+            }
+            Check::Send(body, created_us) => (body, created_us),
+        };
+        let answer = {
+            let _place = self
+                .posts
+                .acquire()
+                .await
+                .expect("the places are never closed");
+            self.post(item, &body).await
+        };
+        let counter = match answer {
+            Ok(Answer::Sent) => {
+                let now_us = jiff::Timestamp::now().as_microsecond().max(0) as u64;
+                stats.observe_push_latency(now_us.saturating_sub(created_us));
+                &stats.pushes_sent
+            }
+            Ok(Answer::Rejected) => &stats.pushes_rejected,
+            Ok(Answer::Refused) => &stats.pushes_failed,
+            Err(e) => {
+                tracing::warn!(error = %e, failures, "notify sender: push failed");
+                return false;
+            }
+        };
+        counter.fetch_add(1, Relaxed);
+        true
     }
 
     /// Posts a body: `Ok` once answered (2xx, or a 4xx that no retry would change).
@@ -229,54 +309,38 @@ impl Sender {
         Ok(Answer::Sent)
     }
 
-    /// Checks an item against the message and the recipient's read state as they are now.
-    async fn check(&self, item: &Item) -> Result<Check, EngineError> {
-        let user = UserId(item.user);
-        let id = MessageId {
-            channel: ChannelId(item.channel),
-            seq: item.seq,
+    /// Checks items of one message (the first one's) against the message and each
+    /// recipient's read state as they are now, in one round; one check per item, in order.
+    async fn checks(&self, items: &[&Item]) -> Result<Vec<Check>, EngineError> {
+        let Some(first) = items.first() else {
+            return Ok(Vec::new());
         };
-        let message = match self.engine.message(user, id).await {
-            Ok(m) => m,
-            Err(EngineError::Domain(_)) => return Ok(Check::Drop("not readable")),
+        let id = MessageId {
+            channel: ChannelId(first.channel),
+            seq: first.seq,
+        };
+        let users = items.iter().map(|i| UserId(i.user)).collect();
+        let found = match self.engine.push_checks(id, users).await {
+            Ok(found) => found,
+            Err(EngineError::Domain(_)) => {
+                return Ok(items.iter().map(|_| Check::Drop("not readable")).collect())
+            }
             Err(e) => return Err(e),
+        };
+        let Some(message) = found.message else {
+            return Ok(items.iter().map(|_| Check::Drop("not readable")).collect());
         };
         if message.deleted {
-            return Ok(Check::Drop("deleted"));
+            return Ok(items.iter().map(|_| Check::Drop("deleted")).collect());
         }
-        let mut unread = 0;
-        let (_, workspaces) = match self.engine.me(user).await {
-            Ok(me) => me,
-            Err(EngineError::Domain(_)) => return Ok(Check::Drop("no such user")),
-            Err(e) => return Err(e),
-        };
-        for w in workspaces {
-            let mut after = None;
-            loop {
-                let (reads, next) = match self.engine.unreads(user, w.id, after, UNREADS_PAGE).await
-                {
-                    Ok(r) => r,
-                    Err(EngineError::Domain(_)) => break,
-                    Err(e) => return Err(e),
-                };
-                for r in &reads {
-                    if w.id == WorkspaceId(item.workspace)
-                        && r.channel_id == id.channel
-                        && r.read_seq >= item.seq
-                    {
-                        return Ok(Check::Drop("read"));
-                    }
-                    unread += r.unread_count;
-                }
-                match next {
-                    Some(n) => after = Some(n),
-                    None => break,
-                }
+        let checks = items.iter().zip(found.recipients).map(|(item, r)| {
+            if !r.member {
+                return Check::Drop("not readable");
             }
-        }
-        let created_us = message.created_at;
-        Ok(Check::Send(
-            json!({"notification": {
+            if r.read_seq >= item.seq {
+                return Check::Drop("read");
+            }
+            let body = json!({"notification": {
                 "event_id": id.to_string(),
                 "room_id": id.channel.to_string(),
                 "type": "m.room.message",
@@ -285,10 +349,11 @@ impl Sender {
                 "room_name": item.room_name,
                 "prio": if item.high { "high" } else { "low" },
                 "content": {"body": message.text},
-                "counts": {"unread": unread},
+                "counts": {"unread": r.unread},
                 "devices": [{"app_id": item.app_id, "pushkey": item.pushkey}],
-            }}),
-            created_us,
-        ))
+            }});
+            Check::Send(body, message.created_at)
+        });
+        Ok(checks.collect())
     }
 }

@@ -456,7 +456,7 @@ impl<E: Env> MetaOwner<E> {
             let end = self.log.next_offset();
             reads.extend(consumers.ready(end));
             for waiter in reads.drain(..) {
-                if waiter.from >= end {
+                if waiter.parks_at(end) {
                     consumers.park(waiter);
                 } else {
                     crate::consumer::answer(&self.log, waiter, META_LOG).await;

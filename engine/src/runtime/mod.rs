@@ -106,6 +106,20 @@ pub(crate) enum PartitionMsg {
         limit: usize,
         out: Arc<Gather<ReadView>>,
     },
+    /// What the push sender checks before pushing message `seq` of `channel` to these
+    /// users. No access check: the engine's own consumers ask it.
+    PushChecks {
+        channel: ChannelId,
+        seq: u64,
+        users: Vec<UserId>,
+        reply: Reply<Recipients>,
+    },
+    /// Each user's unread messages over all their channels of this partition, in the
+    /// order of `users`, added into `out`.
+    UnreadTotals {
+        users: Arc<Vec<UserId>>,
+        out: Arc<SumGather>,
+    },
     /// A channel was created in the directory: give it its first members.
     Init {
         channel: ChannelId,
@@ -249,6 +263,45 @@ impl PresenceGather {
             items.sort_unstable_by_key(|(u, _, _)| *u);
             if let Some(reply) = self.reply.lock().expect("gather").take() {
                 let _ = reply.send(Ok(items));
+            }
+        }
+    }
+}
+
+/// The message at a seq as it is now (`None` if there is none), and for each asked user,
+/// in order, whether they are a member of its channel and their read marker there.
+pub(crate) type Recipients = (Option<crate::view::MessageView>, Vec<(bool, u64)>);
+
+/// Adds up, element by element, what every partition counts for one list (the users of
+/// [`PartitionMsg::UnreadTotals`]), and answers once all have.
+pub(crate) struct SumGather {
+    left: AtomicUsize,
+    sums: Mutex<Vec<u64>>,
+    reply: Mutex<Option<Reply<Vec<u64>>>>,
+}
+
+impl SumGather {
+    /// Answers `reply` with `len` sums once `count` partitions have added theirs.
+    pub(crate) fn new(count: usize, len: usize, reply: Reply<Vec<u64>>) -> Arc<SumGather> {
+        Arc::new(SumGather {
+            left: AtomicUsize::new(count),
+            sums: Mutex::new(vec![0; len]),
+            reply: Mutex::new(Some(reply)),
+        })
+    }
+
+    /// Adds one partition's counts (fewer than the list's length count as zeros).
+    pub(crate) fn add(&self, counts: &[u64]) {
+        {
+            let mut sums = self.sums.lock().expect("gather");
+            for (sum, n) in sums.iter_mut().zip(counts) {
+                *sum += n;
+            }
+        }
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let sums = std::mem::take(&mut *self.sums.lock().expect("gather"));
+            if let Some(reply) = self.reply.lock().expect("gather").take() {
+                let _ = reply.send(Ok(sums));
             }
         }
     }

@@ -1180,6 +1180,15 @@ impl<E: Env> Partition<E> {
             } => {
                 let _ = reply.send(self.answer(user, channel, read).await);
             }
+            PartitionMsg::UnreadTotals { users, out } => out.add(&self.unread_totals(&users)),
+            PartitionMsg::PushChecks {
+                channel,
+                seq,
+                users,
+                reply,
+            } => {
+                let _ = reply.send(self.push_checks(channel, seq, &users).await);
+            }
             PartitionMsg::CatchUp {
                 user,
                 channel,
@@ -1235,7 +1244,7 @@ impl<E: Env> Partition<E> {
                     .collect();
                 out.add(counts);
             }
-            PartitionMsg::Committed(waiter) if waiter.from >= self.log.next_offset() => {
+            PartitionMsg::Committed(waiter) if waiter.parks_at(self.log.next_offset()) => {
                 self.consumers.park(waiter)
             }
             PartitionMsg::Committed(waiter) => {
@@ -1438,6 +1447,52 @@ impl<E: Env> Partition<E> {
     /// The user's read state in each of their channels here of `workspace` after
     /// `after`, in channel order: at most `limit + 1`, so that the gatherer knows whether
     /// a next page exists. Each costs a few binary searches (see `domain::unread`).
+    /// The message at `seq` as it is now, and each user's membership and read marker in
+    /// the channel ([`PartitionMsg::PushChecks`]).
+    async fn push_checks(
+        &self,
+        channel: ChannelId,
+        seq: u64,
+        users: &[UserId],
+    ) -> Result<super::Recipients, EngineError> {
+        let rt = self
+            .channels
+            .get(&channel)
+            .ok_or(DomainError::NotFound("channel"))?;
+        let s = &rt.state;
+        let message = match s.message_at(seq) {
+            Some(m) => {
+                let mut texts = BlobTexts::default();
+                texts.fetch(self.env.blobs(), m.body()).await;
+                Some(view(channel, m, &texts, &self.meta.borrow()))
+            }
+            None => None,
+        };
+        let recipients = users
+            .iter()
+            .map(|u| {
+                let read_seq = s.read_counts(*u).map_or(0, |c| c.read_seq);
+                (s.is_member(*u), read_seq)
+            })
+            .collect();
+        Ok((message, recipients))
+    }
+
+    /// Each user's unread messages over their channels of this partition.
+    fn unread_totals(&self, users: &[UserId]) -> Vec<u64> {
+        users
+            .iter()
+            .map(|u| {
+                self.user_channels.get(u).map_or(0, |mine| {
+                    mine.iter()
+                        .filter_map(|c| self.channels.get(c)?.state.read_counts(*u))
+                        .map(|c| c.unread_count)
+                        .sum()
+                })
+            })
+            .collect()
+    }
+
     fn unreads(
         &self,
         user: UserId,
@@ -1495,6 +1550,10 @@ pub(crate) fn fail(msg: PartitionMsg, why: &Unavailable) {
         PartitionMsg::Visible { out, .. } => out.add(Vec::new()),
         PartitionMsg::FileReaders { out, .. } => out.add(Vec::new()),
         PartitionMsg::Unreads { out, .. } => out.add(Vec::new()),
+        PartitionMsg::UnreadTotals { out, .. } => out.add(&[]),
+        PartitionMsg::PushChecks { reply, .. } => {
+            let _ = reply.send(Err(err()));
+        }
         PartitionMsg::MarkRead { reply, .. } => {
             let _ = reply.send(Err(err()));
         }

@@ -1,0 +1,118 @@
+//! The decider against a real engine on a temporary directory: what it decides, counted in
+//! the outbox (a push gateway that refuses connections answers nothing, so every decided
+//! push stays in the outbox).
+
+use chorus_engine::domain::notify::DeviceInput;
+use chorus_engine::domain::ChannelKind;
+use chorus_engine::ids::UserId;
+use chorus_engine::{Engine, EngineConfig};
+use futures::executor::block_on;
+use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Members of the channel besides its owner: enough that the metadata log (users,
+/// workspace members, devices) takes several pages to read.
+const MEMBERS: usize = 3_000;
+/// Engine requests in flight while seeding.
+const SEED_BATCH: usize = 256;
+/// How long the decider may take to decide every push (a guard, not a measurement).
+const DECIDE_WAIT: Duration = Duration::from_secs(60);
+/// How long the count must stay put after reaching its target.
+const SETTLE: Duration = Duration::from_millis(500);
+
+fn open(dir: &Path) -> Engine {
+    let mut config = EngineConfig::new(dir);
+    config.shards = 2;
+    config.partitions = 8;
+    config.pin = false;
+    config.consumers = vec!["notify".into()];
+    Engine::open(config).expect("open engine")
+}
+
+/// Runs `f` for each of `0..n`, [`SEED_BATCH`] at a time.
+fn fan<F, Fut, T>(n: usize, f: F) -> Vec<T>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let mut out = Vec::with_capacity(n);
+    for start in (0..n).step_by(SEED_BATCH) {
+        let batch = (start..n.min(start + SEED_BATCH)).map(&f);
+        out.extend(block_on(futures::future::join_all(batch)));
+    }
+    out
+}
+
+// A first start on a directory seeded before it: the decider reads the metadata log and
+// the partitions at once, and the partition's page (the members and an `@channel` posted
+// before the decider started) can come before every device is read. Each member's device
+// was committed before the message, so each gets its push.
+#[test]
+fn a_message_is_decided_with_every_device_committed_before_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = open(dir.path());
+    let owner = block_on(engine.create_user("owner@example.com", "owner", "h"))
+        .expect("owner")
+        .id;
+    let workspace = block_on(engine.create_workspace(owner, "acme"))
+        .expect("workspace")
+        .id;
+    let channel = block_on(engine.create_channel(owner, workspace, "all", ChannelKind::Public))
+        .expect("channel")
+        .id;
+    let users: Vec<UserId> = fan(MEMBERS, |i| {
+        let engine = &engine;
+        async move {
+            let email = format!("u{i}@example.com");
+            let user = engine
+                .create_user(&email, &format!("u{i}"), "h")
+                .await
+                .expect("user")
+                .id;
+            engine
+                .add_member(owner, workspace, &email)
+                .await
+                .expect("workspace member");
+            user
+        }
+    });
+    fan(MEMBERS, |i| {
+        let (engine, user) = (&engine, users[i]);
+        async move {
+            engine.join(user, channel).await.expect("join");
+            let device = DeviceInput {
+                app_id: "chat.test".into(),
+                pushkey: format!("key-{i}"),
+                platform: "fcm".into(),
+            };
+            engine.add_push_device(user, device).await.expect("device");
+        }
+    });
+    engine.shutdown();
+
+    let engine = open(dir.path());
+    block_on(engine.post(owner, channel, "@channel hello", None, None)).expect("post");
+    let settings = chorus_notify::Settings {
+        // A port nothing listens on: every push waits in the outbox, retried.
+        push_gateway_url: Some("http://127.0.0.1:9/_matrix/push/v1/notify".into()),
+        ..chorus_notify::Settings::default()
+    };
+    let stats = Arc::clone(&settings.stats);
+    let notifier = chorus_notify::start(&engine, "notify", &dir.path().join("notify"), settings)
+        .expect("notifier");
+    let started = Instant::now();
+    let depth = || stats.outbox_depth.load(Relaxed);
+    while depth() < MEMBERS as u64 && started.elapsed() < DECIDE_WAIT {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(SETTLE);
+    assert_eq!(
+        depth(),
+        MEMBERS as u64,
+        "one push per member's device, the author excluded"
+    );
+    notifier.stop();
+    engine.shutdown();
+}
