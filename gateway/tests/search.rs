@@ -564,6 +564,10 @@ fn restart_and_rebuild() {
     assert_eq!(server.metric("chorus_search_index_rebuilds_total"), 1.0);
     wait_total(&server, &alice, &wid, "kiwi", 41);
     wait_ready(&server);
+    // Ready means the metadata log is indexed too: people search finds its users.
+    let path = format!("/api/v1/workspaces/{wid}/search/users?q=alice");
+    let users = server.ok("GET", &path, &alice, None, 200)["users"].clone();
+    assert_eq!(users.as_array().map(Vec::len), Some(1), "{users}");
 
     // Damaged while stopped: moved aside and rebuilt.
     server.kill();

@@ -28,7 +28,9 @@
 //!    `push_gateway_url` (no decider, no sender) and the same posts are made: both are
 //!    reported.
 //!
-//! Before each measured part, one message mentioning a recipient is posted and its push
+//! Before each measured part, the server's search index is awaited (`ready` in its
+//! `/metrics`: on the seeded directory it indexes every user first, which would take the
+//! cores from the figures), and one message mentioning a recipient is posted and its push
 //! awaited: the decider reads every log from its beginning at start, and this shows it has
 //! caught up, so the figures do not include its start.
 
@@ -58,6 +60,8 @@ const WARMUP_GIVE_UP: Duration = Duration::from_secs(300);
 const STALL_GIVE_UP: Duration = Duration::from_secs(20);
 /// How often a waiting run looks at the sink's counts.
 const POLL_EVERY: Duration = Duration::from_millis(5);
+/// How often the search index's state is asked while waiting for it.
+const SEARCH_POLL_EVERY: Duration = Duration::from_millis(100);
 
 /// The sizes of a `notify` run.
 #[derive(Clone, Debug)]
@@ -558,6 +562,32 @@ impl Api {
             .join("\n"))
     }
 
+    /// Waits until the server's search index is `ready` (caught up with the logs).
+    async fn search_ready(&self, give_up: Duration) -> anyhow::Result<()> {
+        let root = self.base.trim_end_matches("/api/v1");
+        let started = Instant::now();
+        loop {
+            let text = self
+                .client
+                .get(format!("{root}/metrics"))
+                .send()
+                .await?
+                .text()
+                .await?;
+            if text
+                .lines()
+                .any(|l| l == "chorus_search_index_state{state=\"ready\"} 1")
+            {
+                return Ok(());
+            }
+            ensure!(
+                started.elapsed() < give_up,
+                "the search index was not ready within {give_up:?}"
+            );
+            tokio::time::sleep(SEARCH_POLL_EVERY).await;
+        }
+    }
+
     /// Posts `text` as the holder of `token`; the message ID and the wall-clock time its
     /// 201 was read.
     async fn post(&self, token: &str, channel: &str, text: &str) -> anyhow::Result<(String, u64)> {
@@ -668,6 +698,7 @@ pub fn run(
     let channels: Vec<String> = pop.channels.iter().map(|c| c.to_string()).collect();
     let users: Vec<String> = pop.users.iter().map(|u| u.to_string()).collect();
     progress.set_message("notify: ack → push (waiting for the decider)");
+    rt.block_on(api.search_ready(WARMUP_GIVE_UP))?;
     rt.block_on(warm_up(&api, &sink, &tokens[0], &channels[0], &users[1]))?;
     progress.set_message("notify: ack → push");
     let count = (shape.rate * shape.secs).round().max(1.0) as usize;
@@ -757,6 +788,7 @@ pub fn run(
     progress.set_message("notify: @channel fan-out (waiting for the decider)");
     let server = ChorusServer::start(binary, dir.path(), &settings)?;
     let api = Api::new(&server)?;
+    rt.block_on(api.search_ready(WARMUP_GIVE_UP))?;
     rt.block_on(warm_up(&api, &sink, &owner, &big, &first_user))?;
     progress.set_message("notify: @channel fan-out");
     let want = (shape.fanout_members - 1) as u64;
@@ -791,6 +823,7 @@ pub fn run(
     let server = ChorusServer::start(binary, dir.path(), &plain)?;
     let api = Api::new(&server)?;
     let (plain_fanout_ack, probes_plain) = rt.block_on(async {
+        api.search_ready(WARMUP_GIVE_UP).await?;
         // The same first post as the notifying run's warm-up, for the same caches.
         api.post(&owner, &big, &format!("warm-up <@{first_user}>"))
             .await?;

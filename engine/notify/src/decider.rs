@@ -466,10 +466,14 @@ impl Decider {
 
     /// What reaches each candidate, asked of their presence owners. When it cannot be
     /// asked, everyone counts as away and reachable: a push too many rather than one lost.
+    /// The chunks are asked all at once (a fan-out to 100,000 is 200 of them).
     fn reach(&self, users: &[UserId]) -> HashMap<UserId, Reach> {
+        let asks = users
+            .chunks(chorus_engine::presence::PRESENCE_QUERY_MAX)
+            .map(|chunk| self.engine.reach(chunk));
         let mut found = HashMap::new();
-        for chunk in users.chunks(chorus_engine::presence::PRESENCE_QUERY_MAX) {
-            match futures::executor::block_on(self.engine.reach(chunk)) {
+        for answer in futures::executor::block_on(futures::future::join_all(asks)) {
+            match answer {
                 Ok(list) => found.extend(list),
                 Err(e) => tracing::warn!(error = %e, "notify decider: presence not known"),
             }

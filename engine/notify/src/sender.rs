@@ -32,7 +32,7 @@ use crate::Stats;
 use chorus_engine::ids::{ChannelId, DeviceId, MessageId, UserId};
 use chorus_engine::{Engine, EngineError};
 use futures::channel::oneshot;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -72,6 +72,8 @@ pub fn spawn(
     sent: u64,
     stop: oneshot::Receiver<()>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let url = reqwest::Url::parse(&url)
+        .map_err(|e| std::io::Error::other(format!("push_gateway_url {url:?}: {e}")))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -98,7 +100,8 @@ pub fn spawn(
 #[derive(Clone)]
 struct Sender {
     engine: Engine,
-    url: String,
+    /// Parsed once: a URL given as a string is parsed again for every request.
+    url: reqwest::Url,
     client: reqwest::Client,
     /// The places for requests in flight.
     posts: Arc<tokio::sync::Semaphore>,
@@ -130,10 +133,54 @@ fn next_batch(waiting: &mut VecDeque<Pending>) -> Vec<Pending> {
     batch
 }
 
+/// A push in the Matrix push gateway format (`API.md` §13).
+#[derive(Serialize)]
+struct Body<'a> {
+    notification: Notification<'a>,
+}
+
+#[derive(Serialize)]
+struct Notification<'a> {
+    event_id: &'a str,
+    room_id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    sender: &'a str,
+    sender_display_name: &'a str,
+    room_name: &'a str,
+    prio: &'static str,
+    content: Content<'a>,
+    counts: Counts,
+    devices: [Device<'a>; 1],
+}
+
+#[derive(Serialize)]
+struct Content<'a> {
+    body: &'a str,
+}
+
+#[derive(Serialize)]
+struct Counts {
+    unread: u64,
+}
+
+#[derive(Serialize)]
+struct Device<'a> {
+    app_id: &'a str,
+    pushkey: &'a str,
+}
+
+/// What a push gateway answers: the push keys it rejected (anything else is ignored).
+#[derive(Default, Deserialize)]
+struct GatewayAnswer {
+    #[serde(default)]
+    rejected: Vec<String>,
+}
+
 /// What the checks before an attempt found.
 enum Check {
-    /// Send this body, of a message committed at this time (µs since the epoch).
-    Send(Value, u64),
+    /// Send this body (JSON), of a message committed at this time (µs since the epoch).
+    Send(Vec<u8>, u64),
     /// Read, deleted, or no longer the recipient's: nothing to send.
     Drop(&'static str),
 }
@@ -254,7 +301,7 @@ impl Sender {
                 .acquire()
                 .await
                 .expect("the places are never closed");
-            self.post(item, &body).await
+            self.post(item, body).await
         };
         let counter = match answer {
             Ok(Answer::Sent) => {
@@ -274,12 +321,12 @@ impl Sender {
     }
 
     /// Posts a body: `Ok` once answered (2xx, or a 4xx that no retry would change).
-    async fn post(&self, item: &Item, body: &Value) -> Result<Answer, String> {
+    async fn post(&self, item: &Item, body: Vec<u8>) -> Result<Answer, String> {
         let resp = self
             .client
-            .post(&self.url)
+            .post(self.url.clone())
             .header("content-type", "application/json")
-            .body(body.to_string())
+            .body(body)
             .send()
             .await
             .map_err(|e| e.to_string())?;
@@ -291,13 +338,11 @@ impl Sender {
             tracing::warn!(%status, seq = item.seq, "notify sender: the push gateway refused a push; given up");
             return Ok(Answer::Refused);
         }
-        let answer: Value = match resp.bytes().await {
-            Ok(b) => serde_json::from_slice(&b).unwrap_or(Value::Null),
-            Err(_) => Value::Null,
+        let answer: GatewayAnswer = match resp.bytes().await {
+            Ok(b) => serde_json::from_slice(&b).unwrap_or_default(),
+            Err(_) => GatewayAnswer::default(),
         };
-        let rejected = answer["rejected"]
-            .as_array()
-            .is_some_and(|keys| keys.iter().any(|k| k.as_str() == Some(&item.pushkey)));
+        let rejected = answer.rejected.contains(&item.pushkey);
         if rejected {
             let (user, device) = (UserId(item.user), DeviceId(item.device));
             match self.engine.remove_push_device(user, device).await {
@@ -333,6 +378,7 @@ impl Sender {
         if message.deleted {
             return Ok(items.iter().map(|_| Check::Drop("deleted")).collect());
         }
+        let (event_id, room_id) = (id.to_string(), id.channel.to_string());
         let checks = items.iter().zip(found.recipients).map(|(item, r)| {
             if !r.member {
                 return Check::Drop("not readable");
@@ -340,19 +386,27 @@ impl Sender {
             if r.read_seq >= item.seq {
                 return Check::Drop("read");
             }
-            let body = json!({"notification": {
-                "event_id": id.to_string(),
-                "room_id": id.channel.to_string(),
-                "type": "m.room.message",
-                "sender": UserId(item.author).to_string(),
-                "sender_display_name": item.author_name,
-                "room_name": item.room_name,
-                "prio": if item.high { "high" } else { "low" },
-                "content": {"body": message.text},
-                "counts": {"unread": r.unread},
-                "devices": [{"app_id": item.app_id, "pushkey": item.pushkey}],
-            }});
-            Check::Send(body, message.created_at)
+            let body = Body {
+                notification: Notification {
+                    event_id: &event_id,
+                    room_id: &room_id,
+                    kind: "m.room.message",
+                    sender: &UserId(item.author).to_string(),
+                    sender_display_name: &item.author_name,
+                    room_name: &item.room_name,
+                    prio: if item.high { "high" } else { "low" },
+                    content: Content {
+                        body: &message.text,
+                    },
+                    counts: Counts { unread: r.unread },
+                    devices: [Device {
+                        app_id: &item.app_id,
+                        pushkey: &item.pushkey,
+                    }],
+                },
+            };
+            let json = serde_json::to_vec(&body).expect("a push body always serializes");
+            Check::Send(json, message.created_at)
         });
         Ok(checks.collect())
     }

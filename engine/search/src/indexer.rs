@@ -155,6 +155,9 @@ struct Indexer<'a> {
     ends: BTreeMap<u32, u64>,
     /// Partitions whose cursor has not reached that end yet.
     behind: BTreeSet<u32>,
+    /// The metadata log's end when indexing started (users for people search): the index
+    /// is not ready before its cursor reached it either.
+    meta_end: u64,
     /// Documents written since the last commit (`None`: deleted), which the reader does
     /// not see yet.
     pending: HashMap<MessageId, Option<MessageDoc>>,
@@ -178,12 +181,20 @@ impl<'a> Indexer<'a> {
             .writer_with_num_threads(1, WRITER_BYTES)
             .map_err(|e| e.to_string())?;
         let (cursors, meta) = search.cursors();
+        // The metadata log's end now, from a read that does not wait (its events are read
+        // again by the indexing loop).
+        let meta_end = futures::executor::block_on(consumer.read_now(LogId::Meta, meta))
+            .map(|page| page.end)
+            .map_err(|e| e.to_string())?;
         let behind: BTreeSet<u32> = ends
             .iter()
             .filter(|(p, end)| cursors.get(p).copied().unwrap_or(0) < **end)
             .map(|(p, _)| *p)
             .collect();
-        let state = match (behind.is_empty(), search.status.rebuilding()) {
+        let state = match (
+            behind.is_empty() && meta >= meta_end,
+            search.status.rebuilding(),
+        ) {
             (true, _) => State::Ready,
             (false, true) => State::Rebuilding,
             (false, false) => State::CatchingUp,
@@ -200,6 +211,7 @@ impl<'a> Indexer<'a> {
             meta,
             ends: ends.clone(),
             behind,
+            meta_end,
             pending: HashMap::new(),
             pending_files: HashMap::new(),
             extracted: 0,
@@ -576,7 +588,7 @@ impl<'a> Indexer<'a> {
         let (cursors, ends) = (&self.cursors, &self.ends);
         self.behind
             .retain(|p| cursors.get(p).copied().unwrap_or(0) < ends.get(p).copied().unwrap_or(0));
-        if self.behind.is_empty() {
+        if self.behind.is_empty() && self.meta >= self.meta_end {
             status.set_state(State::Ready);
         }
         Ok(())
