@@ -545,17 +545,18 @@ impl Api {
         })
     }
 
+    /// The text of `GET /metrics`.
+    async fn metrics(&self) -> anyhow::Result<String> {
+        let root = self.base.trim_end_matches("/api/v1");
+        let resp = self.client.get(format!("{root}/metrics")).send().await?;
+        Ok(resp.text().await?)
+    }
+
     /// The `chorus_notify_*` lines of `GET /metrics`.
     async fn notify_metrics(&self) -> anyhow::Result<String> {
-        let root = self.base.trim_end_matches("/api/v1");
-        let text = self
-            .client
-            .get(format!("{root}/metrics"))
-            .send()
+        Ok(self
+            .metrics()
             .await?
-            .text()
-            .await?;
-        Ok(text
             .lines()
             .filter(|l| l.starts_with("chorus_notify_"))
             .collect::<Vec<_>>()
@@ -564,16 +565,9 @@ impl Api {
 
     /// Waits until the server's search index is `ready` (caught up with the logs).
     async fn search_ready(&self, give_up: Duration) -> anyhow::Result<()> {
-        let root = self.base.trim_end_matches("/api/v1");
         let started = Instant::now();
         loop {
-            let text = self
-                .client
-                .get(format!("{root}/metrics"))
-                .send()
-                .await?
-                .text()
-                .await?;
+            let text = self.metrics().await?;
             if text
                 .lines()
                 .any(|l| l == "chorus_search_index_state{state=\"ready\"} 1")

@@ -2,8 +2,9 @@
 //! that breaks the WebSocket protocol fails the connection with the RFC's close code, as
 //! the Chorus server does towards clients, and nothing of it reaches the application.
 
-use chorus_client::types::User;
-use chorus_client::{Client, ConnectOptions};
+mod common;
+
+use chorus_client::ConnectOptions;
 use futures_util::{SinkExt, StreamExt};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -43,13 +44,7 @@ async fn close_code_for(frame: Frame) -> Option<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let server = tokio::spawn(serve_once(listener, frame));
-    let client = Client::new(&format!("http://{addr}")).expect("client");
-    let user = User {
-        id: "U1".into(),
-        email: "a@example.com".into(),
-        name: "A".into(),
-    };
-    let session = client.session("token".into(), user);
+    let session = common::session_at(addr);
     let options = ConnectOptions {
         since: Some(HashMap::new()),
         ..ConnectOptions::default()

@@ -3,8 +3,9 @@
 //! meanwhile is written on a new connection and answered. Sending never waits for the
 //! application to read.
 
-use chorus_client::types::User;
-use chorus_client::{Client, ConnectOptions};
+mod common;
+
+use chorus_client::ConnectOptions;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -104,13 +105,7 @@ async fn a_reader_that_reads_nothing_can_still_send() {
     let addr = listener.local_addr().expect("addr");
     let (cut_tx, cut_rx) = oneshot::channel();
     let server = tokio::spawn(script(listener, cut_tx));
-    let client = Client::new(&format!("http://{addr}")).expect("client");
-    let user = User {
-        id: "U1".into(),
-        email: "a@example.com".into(),
-        name: "A".into(),
-    };
-    let session = client.session("token".into(), user);
+    let session = common::session_at(addr);
     let options = ConnectOptions {
         since: Some(HashMap::from([(CHANNEL.to_owned(), 0)])),
         event_queue_max: QUEUE,
