@@ -1159,14 +1159,15 @@ impl Engine {
         users: Vec<UserId>,
     ) -> Result<PushChecks, EngineError> {
         let (partition, shard) = self.partition_shard(id.channel)?;
-        let shared = Arc::new(users.clone());
+        let users = Arc::new(users);
+        let asked = users.clone();
         let here = ask(
             |reply| ShardMsg::Partition {
                 partition,
                 msg: PartitionMsg::PushChecks {
                     channel: id.channel,
                     seq: id.seq,
-                    users,
+                    users: asked,
                     reply,
                 },
             },
@@ -1174,7 +1175,7 @@ impl Engine {
             shard,
         );
         let ((message, members), totals) =
-            futures::future::try_join(here, self.unread_totals(shared)).await?;
+            futures::future::try_join(here, self.unread_totals(users)).await?;
         let recipients = members
             .into_iter()
             .zip(totals)

@@ -241,22 +241,23 @@ impl Sender {
     /// ([`Self::send`]).
     async fn send_batch(&self, batch: &[Pending], stats: &Stats) {
         let items: Vec<&Item> = batch.iter().map(|p| &p.item).collect();
-        let checks = match self.checks(&items).await {
-            Ok(checks) => checks,
+        // `None`: the checks could not be made, which counts as a failed first attempt.
+        let checks: Vec<Option<Check>> = match self.checks(&items).await {
+            Ok(checks) => checks.into_iter().map(Some).collect(),
             Err(e) => {
                 tracing::warn!(error = %e, "notify sender: checks failed");
-                stats.pushes_retried.fetch_add(items.len() as u64, Relaxed);
-                tokio::time::sleep(backoff(0)).await;
-                let each = items.iter().map(|item| self.send(item, stats, 1));
-                futures::future::join_all(each).await;
-                return;
+                items.iter().map(|_| None).collect()
             }
         };
         let each = items
             .into_iter()
             .zip(checks)
             .map(|(item, check)| async move {
-                if !self.attempt(item, check, stats, 0).await {
+                let over = match check {
+                    Some(check) => self.attempt(item, check, stats, 0).await,
+                    None => false,
+                };
+                if !over {
                     stats.pushes_retried.fetch_add(1, Relaxed);
                     tokio::time::sleep(backoff(0)).await;
                     self.send(item, stats, 1).await;
@@ -378,6 +379,8 @@ impl Sender {
         if message.deleted {
             return Ok(items.iter().map(|_| Check::Drop("deleted")).collect());
         }
+        // The items are of one message: one author.
+        let sender = UserId(first.author).to_string();
         let (event_id, room_id) = (id.to_string(), id.channel.to_string());
         let checks = items.iter().zip(found.recipients).map(|(item, r)| {
             if !r.member {
@@ -391,7 +394,7 @@ impl Sender {
                     event_id: &event_id,
                     room_id: &room_id,
                     kind: "m.room.message",
-                    sender: &UserId(item.author).to_string(),
+                    sender: &sender,
                     sender_display_name: &item.author_name,
                     room_name: &item.room_name,
                     prio: if item.high { "high" } else { "low" },

@@ -111,7 +111,7 @@ pub(crate) enum PartitionMsg {
     PushChecks {
         channel: ChannelId,
         seq: u64,
-        users: Vec<UserId>,
+        users: Arc<Vec<UserId>>,
         reply: Reply<Recipients>,
     },
     /// Each user's unread messages over all their channels of this partition, in the
