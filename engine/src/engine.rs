@@ -7,6 +7,7 @@
 //! An `Engine` is `Send + Sync` and cheap to clone; it can be called from any thread,
 //! including the shards' own.
 
+mod e2ee;
 mod notify;
 
 use crate::blob::{BlobStore, DiskBlobStore};
@@ -641,8 +642,24 @@ impl Engine {
     /// Whether an account exists, answered by the caller's own shard's replica; an
     /// embedder checks it when a credential names a user.
     pub async fn user_exists(&self, user: UserId) -> Result<bool, EngineError> {
-        self.meta_read(user.0, |reply| MetaRead::UserExists { user, reply })
-            .await
+        self.credential_live(user, None).await
+    }
+
+    /// Whether an account exists and, when a credential is bound to one of its devices
+    /// (`API.md` §14), that device is registered and not removed; answered by the caller's
+    /// own shard's replica.
+    pub async fn credential_live(
+        &self,
+        user: UserId,
+        device: Option<&str>,
+    ) -> Result<bool, EngineError> {
+        let device = device.map(str::to_owned);
+        self.meta_read(user.0, |reply| MetaRead::UserExists {
+            user,
+            device,
+            reply,
+        })
+        .await
     }
 
     /// An account by login email, with its password hash, for the embedder's login.

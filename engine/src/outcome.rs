@@ -22,6 +22,8 @@ pub enum MetaOutcome {
     File(FileView),
     /// Notification preferences or a push device, as they stand after the change.
     Notify(NotifyOutcome),
+    /// What a key directory command answers.
+    E2ee(crate::domain::e2ee::E2eeOutcome),
 }
 
 /// What a notification preferences command answers.

@@ -5,6 +5,7 @@
 //! and the same bytes go to every recipient.
 
 use crate::domain::channel::{ChannelState, Message};
+use crate::domain::e2ee::{ClaimedKey, DeviceKeys, E2eeDevice};
 use crate::domain::event::{ChannelEvent, ChannelKind, Role};
 use crate::domain::meta::{FileEntry, User, Workspace};
 use crate::domain::notify::{self, ChannelPrefs, DndSchedule, NotifyPrefs, PushDevice};
@@ -609,6 +610,107 @@ impl Serialize for PushDevice {
         map.serialize_entry("pushkey", &self.pushkey)?;
         map.serialize_entry("platform", self.platform.as_str())?;
         map.serialize_entry("created_at", &rfc3339(self.at_us))?;
+        map.end()
+    }
+}
+
+/// A listed device's keys: `{"curve25519","ed25519","signature","created_at"}` (its ID is
+/// the key it is listed under).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceKeysView {
+    /// The device ID.
+    pub device: String,
+    /// Its keys.
+    pub keys: DeviceKeys,
+    /// When it was registered, in microseconds since the Unix epoch.
+    pub created_at_us: u64,
+}
+
+impl DeviceKeysView {
+    /// The view of a listed device.
+    pub fn new(device: &str, d: &E2eeDevice) -> DeviceKeysView {
+        DeviceKeysView {
+            device: device.to_owned(),
+            keys: d.keys.clone().expect("a listed device has keys"),
+            created_at_us: d.created_at_us,
+        }
+    }
+}
+
+impl Serialize for DeviceKeysView {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(4))?;
+        map.serialize_entry("curve25519", &self.keys.curve25519)?;
+        map.serialize_entry("ed25519", &self.keys.ed25519)?;
+        map.serialize_entry("signature", &self.keys.signature)?;
+        map.serialize_entry("created_at", &rfc3339(self.created_at_us))?;
+        map.end()
+    }
+}
+
+/// A user's listed devices, as a keys query answers them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserDevices {
+    /// The user.
+    pub user: UserId,
+    /// Their listed devices, in device ID order.
+    pub devices: Vec<DeviceKeysView>,
+}
+
+/// A keys query's answer: `{"devices":{user_id:{device_id:{…}}}}`.
+pub struct KeysQueryView<'a>(pub &'a [UserDevices]);
+
+impl Serialize for KeysQueryView<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        struct Devices<'a>(&'a [DeviceKeysView]);
+        impl Serialize for Devices<'_> {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_map(self.0.iter().map(|d| (&d.device, d)))
+            }
+        }
+        struct Users<'a>(&'a [UserDevices]);
+        impl Serialize for Users<'_> {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_map(self.0.iter().map(|u| (u.user, Devices(&u.devices))))
+            }
+        }
+        let mut map = s.serialize_map(Some(1))?;
+        map.serialize_entry("devices", &Users(self.0))?;
+        map.end()
+    }
+}
+
+/// A claim's answer: `{"one_time_keys":{user_id:{device_id:{"key_id","key","fallback"}}}}`,
+/// from keys sorted by user.
+pub struct ClaimedKeysView<'a>(pub &'a [ClaimedKey]);
+
+impl Serialize for ClaimedKeysView<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        struct Key<'a>(&'a ClaimedKey);
+        impl Serialize for Key<'_> {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut map = s.serialize_map(Some(3))?;
+                map.serialize_entry("key_id", &self.0.key.id)?;
+                map.serialize_entry("key", &self.0.key.key)?;
+                map.serialize_entry("fallback", &self.0.fallback)?;
+                map.end()
+            }
+        }
+        struct Devices<'a>(&'a [ClaimedKey]);
+        impl Serialize for Devices<'_> {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_map(self.0.iter().map(|k| (&k.device, Key(k))))
+            }
+        }
+        struct Users<'a>(&'a [ClaimedKey]);
+        impl Serialize for Users<'_> {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let by_user = self.0.chunk_by(|a, b| a.user == b.user);
+                s.collect_map(by_user.map(|keys| (keys[0].user, Devices(keys))))
+            }
+        }
+        let mut map = s.serialize_map(Some(1))?;
+        map.serialize_entry("one_time_keys", &Users(self.0))?;
         map.end()
     }
 }

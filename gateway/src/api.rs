@@ -14,11 +14,12 @@
 //! clients can talk to older servers; a field of the wrong type is refused with serde's
 //! message.
 
+mod e2ee;
 mod notify;
 mod search;
 
 use crate::body::ReqBody;
-use crate::ctx::{authenticate, token_now, ShardCtx};
+use crate::ctx::{authenticate, token_now, Caller, ShardCtx};
 use crate::error::ApiError;
 use crate::protocol::{message_in, parse_id};
 use bytes::Bytes;
@@ -175,6 +176,14 @@ pub enum Op {
     AddPushDevice,
     /// `DELETE /me/push-devices/{did}`.
     RemovePushDevice,
+    /// `POST /e2ee/keys/upload`.
+    UploadKeys,
+    /// `POST /e2ee/keys/query`.
+    QueryKeys,
+    /// `POST /e2ee/keys/claim`.
+    ClaimKeys,
+    /// `DELETE /e2ee/devices/{device_id}`.
+    RemoveDevice,
 }
 
 /// The JSON type of a body field or query parameter.
@@ -324,12 +333,14 @@ pub static ROUTES: &[Route] = &[
             req("email", Ty::String, "login email"),
             req("password", Ty::String, "the password"),
             req("name", Ty::String, "display name"),
+            opt("device_id", Ty::String, "1 to 64 of A-Z a-z 0-9 - _ .: registers the device and binds the token to it (end-to-end encryption)"),
         ]),
     route(Verb::Post, "/api/v1/auth/login", Op::Login, 200, "Log in and get a token")
         .public()
         .body(&[
             req("email", Ty::String, "login email"),
             req("password", Ty::String, "the password"),
+            opt("device_id", Ty::String, "registers the device if new and binds the token to it; a removed device's ID is 409"),
         ]),
     route(Verb::Get, "/api/v1/openapi.json", Op::OpenApi, 200, "This document").public(),
     route(Verb::Get, "/api/v1/me", Op::Me, 200, "The caller and their workspaces"),
@@ -419,6 +430,17 @@ pub static ROUTES: &[Route] = &[
             req("platform", Ty::String, "apns, fcm or webpush"),
         ]),
     route(Verb::Delete, "/api/v1/me/push-devices/{did}", Op::RemovePushDevice, 204, "Remove one of the caller's push devices"),
+    route(Verb::Post, "/api/v1/e2ee/keys/upload", Op::UploadKeys, 200, "Upload the caller's device's identity, one-time and fallback keys (the token must be bound to a device)")
+        .body(&[
+            opt("device_keys", Ty::Object, "{\"curve25519\",\"ed25519\",\"signature\"}: unpadded base64; the signature by the ed25519 key over the canonical JSON of {curve25519, device_id, ed25519, user_id}; set once"),
+            opt("one_time_keys", Ty::Object, "{KEY_ID: KEY}: curve25519 keys, at most 100 per call and 200 unclaimed per device"),
+            opt("fallback_key", Ty::Object, "{KEY_ID: KEY}: one key, handed out when the one-time keys run out; replaces the one before"),
+        ]),
+    route(Verb::Post, "/api/v1/e2ee/keys/query", Op::QueryKeys, 200, "The devices and identity keys of users who share a workspace with the caller")
+        .body(&[req("user_ids", Ty::Strings, "at most 1,000 user IDs; the others are left out")]),
+    route(Verb::Post, "/api/v1/e2ee/keys/claim", Op::ClaimKeys, 200, "Claim one key of each device: a one-time key handed out once, ever, or the fallback key")
+        .body(&[req("devices", Ty::Object, "{user_id: [device_id, …]}: at most 1,000 devices")]),
+    route(Verb::Delete, "/api/v1/e2ee/devices/{device_id}", Op::RemoveDevice, 204, "Remove one of the caller's devices: its tokens stop working and its ID is never used again"),
 ];
 
 const SEARCH_CURSOR: Field = opt("cursor", Ty::String, "the next_cursor of the previous page");
@@ -519,10 +541,10 @@ async fn serve(
     req: Request<ReqBody>,
     peer: Option<IpAddr>,
 ) -> Result<Reply, ApiError> {
-    let user = if route.auth {
-        let user = authenticate(ctx, req.headers(), req.uri()).await?;
-        ctx.take_rate(user.0)?;
-        Some(user)
+    let caller = if route.auth {
+        let caller = authenticate(ctx, req.headers(), req.uri()).await?;
+        ctx.take_rate(caller.user.0)?;
+        Some(caller)
     } else {
         None
     };
@@ -536,7 +558,7 @@ async fn serve(
     };
     let call = Call {
         ctx,
-        user,
+        caller,
         peer: peer.unwrap_or(IpAddr::from([0, 0, 0, 0])),
         params,
         query,
@@ -604,7 +626,7 @@ pub fn too_deep() -> ApiError {
 /// A parsed request, as handlers see it.
 struct Call<'a> {
     ctx: &'a ShardCtx,
-    user: Option<UserId>,
+    caller: Option<Caller>,
     /// The client's address, for the sign-up and login limits.
     peer: IpAddr,
     params: Vec<(&'static str, String)>,
@@ -619,7 +641,17 @@ impl Call<'_> {
 
     /// The authenticated caller; only routes with `auth` reach handlers that ask.
     fn user(&self) -> UserId {
-        self.user.expect("authenticated route")
+        self.caller.as_ref().expect("authenticated route").user
+    }
+
+    /// The device the caller's token is bound to; 400 for a token bound to none.
+    fn device(&self) -> Result<&str, ApiError> {
+        let caller = self.caller.as_ref().expect("authenticated route");
+        caller.device.as_deref().ok_or_else(|| {
+            ApiError::invalid(
+                "this token is bound to no device: sign up or log in with a device_id",
+            )
+        })
     }
 
     fn param(&self, name: &str) -> &str {
@@ -772,6 +804,8 @@ impl<T: Serialize> Serialize for List<'_, T> {
 struct Session<'a> {
     user: &'a UserView,
     token: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device_id: Option<&'a str>,
 }
 
 /// One entry of a message's history.
@@ -790,12 +824,16 @@ struct SignupReq {
     email: String,
     password: String,
     name: String,
+    #[serde(default)]
+    device_id: Option<String>,
 }
 
 #[derive(Deserialize)]
 struct LoginReq {
     email: String,
     password: String,
+    #[serde(default)]
+    device_id: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -870,6 +908,7 @@ pub(crate) fn parse_as_every_request(body: &[u8]) -> usize {
     .filter(|ok| *ok)
     .count()
         + notify::parse_as_every_request(body)
+        + e2ee::parse_as_every_request(body)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -919,6 +958,10 @@ async fn run(op: Op, call: &Call<'_>) -> Result<Reply, ApiError> {
         Op::ListPushDevices => notify::list_devices(call).await,
         Op::AddPushDevice => notify::add_device(call).await,
         Op::RemovePushDevice => notify::remove_device(call).await,
+        Op::UploadKeys => e2ee::upload(call).await,
+        Op::QueryKeys => e2ee::query(call).await,
+        Op::ClaimKeys => e2ee::claim(call).await,
+        Op::RemoveDevice => e2ee::remove_device(call).await,
     }
 }
 
@@ -935,24 +978,38 @@ fn decoy_hash() -> &'static str {
     DECOY.get_or_init(|| crate::auth::hash_password("chorus-decoy-password"))
 }
 
-fn session(call: &Call<'_>, user: &UserView, status: u16) -> Reply {
-    let token = call
-        .ctx
-        .shared
-        .tokens
-        .issue(&user.id.to_string(), token_now());
-    Reply::json(
+/// A signed-in session: its token, bound to the device if one is named, which is then
+/// registered for the user first (`API.md` §14).
+async fn session(
+    call: &Call<'_>,
+    user: &UserView,
+    device: Option<&str>,
+    status: u16,
+) -> Result<Reply, ApiError> {
+    if let Some(device) = device {
+        call.engine().register_device(user.id, device).await?;
+    }
+    let tokens = &call.ctx.shared.tokens;
+    let token = tokens.issue(&user.id.to_string(), device, token_now());
+    Ok(Reply::json(
         status,
         &Session {
             user,
             token: &token,
+            device_id: device,
         },
-    )
+    ))
+}
+
+/// Checks a sign-in's `device_id` before any password is hashed; the engine checks it again.
+fn check_device_id(device: Option<&str>) -> Result<(), ApiError> {
+    Ok(device.map_or(Ok(()), chorus_engine::domain::e2ee::check_device_id)?)
 }
 
 async fn signup(call: &Call<'_>) -> Result<Reply, ApiError> {
     let r: SignupReq = call.json()?;
     crate::auth::check_password(&r.password).map_err(ApiError::invalid)?;
+    check_device_id(r.device_id.as_deref())?;
     // A malformed address is refused before hashing too; the engine checks it again.
     chorus_engine::domain::input::check_email(r.email.trim())?;
     call.ctx.shared.guard.signup(call.peer)?;
@@ -968,11 +1025,12 @@ async fn signup(call: &Call<'_>) -> Result<Reply, ApiError> {
     let password = r.password;
     let hash = off_shard(move || crate::auth::hash_password(&password)).await;
     let user = call.engine().create_user(&r.email, &r.name, &hash).await?;
-    Ok(session(call, &user, 201))
+    session(call, &user, r.device_id.as_deref(), 201).await
 }
 
 async fn login(call: &Call<'_>) -> Result<Reply, ApiError> {
     let r: LoginReq = call.json()?;
+    check_device_id(r.device_id.as_deref())?;
     let guard = &call.ctx.shared.guard;
     let attempt = guard.login(&r.email, call.peer)?;
     let found = call.engine().user_by_email(&r.email).await?;
@@ -989,7 +1047,8 @@ async fn login(call: &Call<'_>) -> Result<Reply, ApiError> {
     match found {
         Some(user) if ok => {
             guard.login_succeeded(attempt);
-            Ok(session(call, &UserView::from(&user), 200))
+            let device = r.device_id.as_deref();
+            session(call, &UserView::from(&user), device, 200).await
         }
         _ => Err(ApiError::unauthorized("wrong email or password")),
     }
@@ -1307,6 +1366,10 @@ fn param_about(name: &str) -> &'static str {
         "fid" => "a file ID",
         "kind" => "a preview kind: thumb, page1 or code",
         "did" => "a push device ID (of the caller)",
+        "device_id" => "an end-to-end encryption device ID (of the caller), as given at sign-in",
+        "txn_id" => {
+            "the sender device's transaction ID: the same one again within 24 h does nothing"
+        }
         _ => "",
     }
 }

@@ -109,6 +109,18 @@ struct Claims {
     exp: u64,
     /// Always [`TOKEN_ISSUER`].
     iss: String,
+    /// The device the token is bound to (`API.md` §14), if it was issued for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    dev: Option<String>,
+}
+
+/// Whom a valid token names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subject {
+    /// The user ID string.
+    pub user: String,
+    /// The device the token is bound to, if any.
+    pub device: Option<String>,
 }
 
 /// Issues and verifies the server's tokens with one secret.
@@ -170,21 +182,23 @@ impl Tokens {
         }
     }
 
-    /// A token naming `user` (the user ID string), valid from `now_s` for the TTL.
-    pub fn issue(&self, user: &str, now_s: u64) -> String {
+    /// A token naming `user` (the user ID string), bound to `device` if one is given,
+    /// valid from `now_s` for the TTL.
+    pub fn issue(&self, user: &str, device: Option<&str>, now_s: u64) -> String {
         let claims = Claims {
             sub: user.to_owned(),
             iat: now_s,
             exp: now_s.saturating_add(self.ttl_s),
             iss: TOKEN_ISSUER.to_owned(),
+            dev: device.map(str::to_owned),
         };
         let header = Header::new(jsonwebtoken::Algorithm::HS256);
         jsonwebtoken::encode(&header, &claims, &self.encoding)
             .expect("HMAC signing of plain string and integer claims cannot fail")
     }
 
-    /// The user ID a token names, if it is ours, intact, and not expired at `now_s`.
-    pub fn verify(&self, token: &str, now_s: u64) -> Result<String, TokenError> {
+    /// Whom a token names, if it is ours, intact, and not expired at `now_s`.
+    pub fn verify(&self, token: &str, now_s: u64) -> Result<Subject, TokenError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|e| match e.kind() {
                 ErrorKind::InvalidSignature => TokenError::BadSignature,
@@ -195,7 +209,10 @@ impl Tokens {
         if now_s >= data.claims.exp {
             return Err(TokenError::Expired);
         }
-        Ok(data.claims.sub)
+        Ok(Subject {
+            user: data.claims.sub,
+            device: data.claims.dev,
+        })
     }
 }
 
@@ -253,16 +270,28 @@ mod tests {
     fn token_round_trips_to_its_user() {
         // Proves a freshly issued token verifies and names the user it was issued to.
         let t = tokens(1);
-        let token = t.issue("u42", NOW_S);
-        assert_eq!(t.verify(&token, NOW_S).unwrap(), "u42");
-        assert_eq!(t.verify(&token, NOW_S + TTL_S - 1).unwrap(), "u42");
+        let token = t.issue("u42", None, NOW_S);
+        assert_eq!(t.verify(&token, NOW_S).unwrap().user, "u42");
+        assert_eq!(t.verify(&token, NOW_S + TTL_S - 1).unwrap().user, "u42");
+    }
+
+    #[test]
+    fn token_carries_its_device() {
+        // Proves a token issued for a device names it, and one issued without names none.
+        let t = tokens(1);
+        let bound = t.issue("u42", Some("phone-1"), NOW_S);
+        let subject = t.verify(&bound, NOW_S).unwrap();
+        assert_eq!(subject.device.as_deref(), Some("phone-1"));
+        assert_eq!(subject.user, "u42");
+        let unbound = t.issue("u42", None, NOW_S);
+        assert_eq!(t.verify(&unbound, NOW_S).unwrap().device, None);
     }
 
     #[test]
     fn token_expires_at_exp_with_no_leeway() {
         // Proves expiry follows the passed clock exactly: valid until exp, refused from it.
         let t = tokens(1);
-        let token = t.issue("u42", NOW_S);
+        let token = t.issue("u42", None, NOW_S);
         assert_eq!(t.verify(&token, NOW_S + TTL_S), Err(TokenError::Expired));
         assert_eq!(t.verify(&token, u64::MAX), Err(TokenError::Expired));
     }
@@ -271,8 +300,8 @@ mod tests {
     fn tampered_token_is_refused() {
         // Proves changing the claims (here, the user) breaks the signature.
         let t = tokens(1);
-        let token = t.issue("u42", NOW_S);
-        let forged = t.issue("u43", NOW_S);
+        let token = t.issue("u42", None, NOW_S);
+        let forged = t.issue("u43", None, NOW_S);
         let mut parts: Vec<&str> = token.split('.').collect();
         parts[1] = forged.split('.').nth(1).unwrap();
         assert_eq!(
@@ -284,7 +313,7 @@ mod tests {
     #[test]
     fn token_from_another_secret_is_refused() {
         // Proves a token signed with a different secret does not verify.
-        let token = tokens(1).issue("u42", NOW_S);
+        let token = tokens(1).issue("u42", None, NOW_S);
         assert_eq!(
             tokens(2).verify(&token, NOW_S),
             Err(TokenError::BadSignature)
@@ -318,10 +347,10 @@ mod tests {
         assert_eq!(secret.len(), SECRET_BYTES);
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, SECRET_FILE_MODE);
-        let token = first.issue("u7", NOW_S);
+        let token = first.issue("u7", None, NOW_S);
         let second = Tokens::load_or_create(&path, TTL_S).unwrap();
         assert_eq!(fs::read(&path).unwrap(), secret);
-        assert_eq!(second.verify(&token, NOW_S).unwrap(), "u7");
+        assert_eq!(second.verify(&token, NOW_S).unwrap().user, "u7");
         let names: Vec<_> = fs::read_dir(path.parent().unwrap()).unwrap().collect();
         assert_eq!(names.len(), 1, "no temporary file is left behind");
     }

@@ -172,34 +172,56 @@ impl ConnectionsPerIp {
     }
 }
 
-/// The user a request's token names: `Authorization: Bearer …` (the scheme in any case,
-/// RFC 9110 §11.1) or `?token=…`. The account must exist now; see the module documentation.
+/// An authenticated caller: the user, and the device its token is bound to, if any
+/// (`API.md` §14).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The user.
+    pub user: UserId,
+    /// The device.
+    pub device: Option<String>,
+}
+
+/// The caller a request's token names: `Authorization: Bearer …` (the scheme in any case,
+/// RFC 9110 §11.1) or `?token=…`. The account, and the device the token is bound to, must
+/// exist now; see the module documentation.
 pub async fn authenticate(
     ctx: &ShardCtx,
     headers: &hyper::http::HeaderMap,
     uri: &hyper::http::Uri,
-) -> Result<UserId, ApiError> {
+) -> Result<Caller, ApiError> {
     let token = bearer(headers)
         .or_else(|| query_token(uri))
         .ok_or_else(|| ApiError::unauthorized("a bearer token is required"))?;
     authenticate_token(ctx, token).await
 }
 
-/// The user a token names, if it is ours, intact, unexpired, and names an account that
-/// exists now. Transports that carry the token in a frame (QUIC's `auth`) call this.
-pub async fn authenticate_token(ctx: &ShardCtx, token: &str) -> Result<UserId, ApiError> {
+/// The caller a token names, if it is ours, intact, unexpired, and names an account (and a
+/// device) that exists now. Transports that carry the token in a frame (QUIC's `auth`) call
+/// this.
+pub async fn authenticate_token(ctx: &ShardCtx, token: &str) -> Result<Caller, ApiError> {
     let sub = ctx
         .shared
         .tokens
         .verify(token, token_now())
         .map_err(|e| ApiError::unauthorized(format!("bad token: {e}")))?;
-    let user: UserId = sub
+    let user: UserId = (sub.user)
         .parse()
         .map_err(|_| ApiError::unauthorized("bad token: unknown subject"))?;
-    if !ctx.shared.engine.user_exists(user).await? {
-        return Err(ApiError::unauthorized("bad token: no such account"));
+    let engine = &ctx.shared.engine;
+    if !engine.credential_live(user, sub.device.as_deref()).await? {
+        let why = match sub.device {
+            Some(_) => {
+                "bad token: no such account or device (a removed device's tokens stop working)"
+            }
+            None => "bad token: no such account",
+        };
+        return Err(ApiError::unauthorized(why));
     }
-    Ok(user)
+    Ok(Caller {
+        user,
+        device: sub.device,
+    })
 }
 
 /// The credentials of an `Authorization: Bearer <token>` header, whatever the case of the

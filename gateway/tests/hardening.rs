@@ -47,7 +47,7 @@ fn signups_do_not_leak_memory() {
 fn forged_token(server: &Server, user: &str) -> String {
     let key = server.dir().join("data").join("jwt.key");
     let tokens = chorus_gateway::auth::Tokens::load_or_create(&key, 3600).expect("jwt.key");
-    tokens.issue(user, chorus_gateway::ctx::token_now())
+    tokens.issue(user, None, chorus_gateway::ctx::token_now())
 }
 
 // A correctly signed token naming no account is refused like any bad token: 401 on REST,

@@ -858,6 +858,10 @@ const API_MD_CALLS: &[(&str, &str)] = &[
     ("put", "/api/v1/channels/{cid}/notification-prefs"),
     ("post", "/api/v1/me/push-devices"),
     ("delete", "/api/v1/me/push-devices/{did}"),
+    ("post", "/api/v1/e2ee/keys/upload"),
+    ("post", "/api/v1/e2ee/keys/query"),
+    ("post", "/api/v1/e2ee/keys/claim"),
+    ("delete", "/api/v1/e2ee/devices/{device_id}"),
 ];
 
 /// A request body for an operation, from its schema's required fields.
@@ -879,6 +883,7 @@ fn sample_body(op: &Value, n: usize, carol: &User, bob: &User) -> Option<Vec<u8>
             "app_id" => json!("io.chorus.test"),
             "pushkey" => json!(format!("key{n}")),
             "platform" => json!("fcm"),
+            "devices" => json!({ bob.id.clone(): ["d1"] }),
             other => panic!("no sample for required field {other}"),
         };
         body.insert(name.to_owned(), value);
@@ -929,7 +934,14 @@ fn rest_openapi_routes_answer() {
             } else {
                 String::new()
             };
+            // An end-to-end encryption device of alice's, registered by signing in on it.
+            let device_id = format!("dev{n}");
+            if path.contains("{device_id}") {
+                let body = json!({"email": "alice@example.com", "password": PASSWORD, "device_id": device_id});
+                ok(s.call("POST", "/api/v1/auth/login", None, Some(body)), 200);
+            }
             let url = path
+                .replace("{device_id}", &device_id)
                 .replace("{did}", &did)
                 .replace("{fid}", &fid)
                 .replace("{kind}", "code")

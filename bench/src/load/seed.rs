@@ -218,7 +218,7 @@ pub fn mint_tokens(data_dir: &Path, users: &[UserId]) -> anyhow::Result<Vec<Stri
     let now_s = super::schedule::wall_ns() / 1_000_000_000;
     Ok(users
         .iter()
-        .map(|u| tokens.issue(&u.to_string(), now_s))
+        .map(|u| tokens.issue(&u.to_string(), None, now_s))
         .collect())
 }
 

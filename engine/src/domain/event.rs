@@ -186,6 +186,9 @@ pub enum MetaEvent {
     /// (`API.md` §13); the change carries the full resulting value. Boxed like
     /// `FileStored`.
     Notify(Box<super::notify::NotifyChange>),
+    /// A device or its end-to-end encryption keys changed, or keys were claimed (`API.md`
+    /// §14). Boxed like `FileStored`.
+    E2ee(Box<super::e2ee::E2eeChange>),
 }
 
 /// The outcome of making one preview of a file.

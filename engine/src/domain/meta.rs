@@ -4,6 +4,7 @@
 //! replica of this state, applied from the committed events, so membership checks and
 //! channel routing never leave the shard that needs them.
 
+use super::e2ee::{E2eeCommand, E2eeDecision, E2eeOutcome, E2eeState};
 use super::event::{ChannelKind, MetaEvent, PreviewRecord, Role, StoredFile};
 use super::input::{channel_name, channel_name_key, check_email, email_key};
 use super::notify::{NotifyCommand, NotifyState};
@@ -146,6 +147,8 @@ pub enum MetaCommand {
     },
     /// A user changes their notification preferences or push devices.
     Notify(NotifyCommand),
+    /// A user registers or removes a device, uploads its keys, or claims others' keys.
+    E2ee(E2eeCommand),
 }
 
 /// What deciding a metadata command yields.
@@ -156,6 +159,8 @@ pub enum MetaDecision {
     /// The command names something that already exists (the DM of this set): answer with it
     /// and commit nothing.
     Existing(ChannelId),
+    /// A key directory command that changes nothing: its answer.
+    E2ee(E2eeOutcome),
 }
 
 /// Bits of a channel ID that hold its partition.
@@ -193,6 +198,8 @@ pub struct MetaState {
     file_shas: HashMap<[u8; 32], u32>,
     /// Notification preferences and push devices.
     notify: NotifyState,
+    /// End-to-end encryption devices and keys.
+    e2ee: E2eeState,
 }
 
 impl MetaState {
@@ -406,6 +413,21 @@ impl MetaState {
                 }
                 self.notify.decide(cmd, id)?.into()
             }
+            MetaCommand::E2ee(cmd) => {
+                let user = match &cmd {
+                    E2eeCommand::Register { user, .. }
+                    | E2eeCommand::Upload { user, .. }
+                    | E2eeCommand::Claim { user, .. }
+                    | E2eeCommand::Remove { user, .. } => *user,
+                };
+                if self.user(user).is_none() {
+                    return Err(DomainError::NotFound("user"));
+                }
+                match self.e2ee.decide(cmd, |a, b| self.share_workspace(a, b))? {
+                    E2eeDecision::Change(c) => MetaEvent::E2ee(Box::new(c)),
+                    E2eeDecision::Answer(a) => return Ok(MetaDecision::E2ee(a)),
+                }
+            }
         };
         Ok(MetaDecision::New(event))
     }
@@ -413,6 +435,7 @@ impl MetaState {
     /// Applies a committed (or, on the owner, a just-decided) event.
     pub fn apply(&mut self, event: &MetaEvent) {
         match event {
+            MetaEvent::E2ee(change) => self.e2ee.apply(change),
             MetaEvent::Notify(change) => {
                 if let super::notify::NotifyChange::DeviceAdded(d) = &**change {
                     self.bump(d.id.0);
@@ -551,6 +574,11 @@ impl MetaState {
         &self.notify
     }
 
+    /// End-to-end encryption devices and keys.
+    pub fn e2ee(&self) -> &E2eeState {
+        &self.e2ee
+    }
+
     /// A file of `workspace`, deleted or not; `None` for a file of another workspace.
     pub fn file(&self, workspace: WorkspaceId, file: FileId) -> Option<&FileEntry> {
         self.files
@@ -686,6 +714,7 @@ mod tests {
                 Ok(e)
             }
             MetaDecision::Existing(c) => panic!("unexpected existing {c}"),
+            MetaDecision::E2ee(a) => panic!("unexpected answer {a:?}"),
         }
     }
 

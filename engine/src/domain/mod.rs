@@ -9,6 +9,9 @@
 //! [`DomainError::NotFound`], exactly as for things that do not exist.
 
 pub mod channel;
+// Like `event`: rkyv's resolver types have no docs; every hand-written item has.
+#[allow(missing_docs)]
+pub mod e2ee;
 // rkyv's derives generate resolver types without docs; every hand-written item in `event`
 // is documented.
 #[allow(missing_docs)]
@@ -105,6 +108,12 @@ pub enum DomainError {
     /// 400 `too_many`: a request names more items than a limit allows.
     #[error("{0}")]
     TooMany(String),
+    /// 400 `bad_signature`: a device's keys are not signed by its own key.
+    #[error("{0}")]
+    BadSignature(String),
+    /// 409 `key_conflict`: a key ID already names another key.
+    #[error("{0}")]
+    KeyConflict(String),
 }
 
 impl DomainError {
@@ -117,6 +126,8 @@ impl DomainError {
             DomainError::Conflict(_) => "conflict",
             DomainError::TooLarge(_) => "too_large",
             DomainError::TooMany(_) => "too_many",
+            DomainError::BadSignature(_) => "bad_signature",
+            DomainError::KeyConflict(_) => "key_conflict",
         }
     }
 
@@ -129,6 +140,8 @@ impl DomainError {
             DomainError::Conflict(_) => 409,
             DomainError::TooLarge(_) => 413,
             DomainError::TooMany(_) => 400,
+            DomainError::BadSignature(_) => 400,
+            DomainError::KeyConflict(_) => 409,
         }
     }
 }

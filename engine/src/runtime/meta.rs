@@ -10,6 +10,7 @@
 //! decided from: a DM answered "exists already" is a DM whose members are committed.
 
 use super::{Ack, PartitionMsg, Reply, Routes, ShardMsg};
+use crate::domain::e2ee::{E2eeChange, E2eeCommand, E2eeOutcome};
 use crate::domain::event::{self, Decoded, MetaEvent, MetaRecord};
 use crate::domain::meta::{partition_of, MetaCommand, MetaDecision, MetaState, User};
 use crate::domain::notify::{NotifyChange, NotifyCommand, NotifyPrefs, PushDevice};
@@ -19,7 +20,10 @@ use crate::env::{DirOf, Env};
 use crate::error::{Corrupt, EngineError, Unavailable};
 use crate::ids::{ChannelId, FileId, UserId, WorkspaceId};
 use crate::outcome::{MetaOutcome, NotifyOutcome};
-use crate::view::{ChannelPrefsView, ChannelView, FileView, MemberView, UserView, WorkspaceView};
+use crate::view::{
+    ChannelPrefsView, ChannelView, DeviceKeysView, FileView, MemberView, UserDevices, UserView,
+    WorkspaceView,
+};
 use chorus_log::Entry;
 use futures::channel::mpsc;
 use futures::StreamExt;
@@ -80,6 +84,10 @@ pub(crate) enum MetaRequest {
         cmd: Box<NotifyCommand>,
         reply: Reply<MetaOutcome>,
     },
+    E2ee {
+        cmd: Box<E2eeCommand>,
+        reply: Reply<MetaOutcome>,
+    },
 }
 
 /// What the metadata owner's task receives.
@@ -92,9 +100,24 @@ pub(crate) enum MetaMsg {
 
 /// A read of the metadata replica, answered by whichever shard gets it.
 pub(crate) enum MetaRead {
+    /// Whether the account exists and, when a device is named, the device is registered
+    /// and not removed.
     UserExists {
         user: UserId,
+        device: Option<String>,
         reply: Reply<bool>,
+    },
+    /// The listed devices of the users who share a workspace with the caller.
+    DeviceKeys {
+        user: UserId,
+        users: Vec<UserId>,
+        reply: Reply<Vec<UserDevices>>,
+    },
+    /// How many one-time keys of a device are unclaimed.
+    OneTimeKeyCount {
+        user: UserId,
+        device: String,
+        reply: Reply<u32>,
     },
     UserByEmail {
         email: String,
@@ -127,9 +150,7 @@ pub(crate) enum MetaRead {
         reply: Reply<FileView>,
     },
     /// Live files with no preview decided yet.
-    FilesWithoutPreviews {
-        reply: Reply<Vec<FileView>>,
-    },
+    FilesWithoutPreviews { reply: Reply<Vec<FileView>> },
     /// Whether a live file still has these bytes.
     FileBytesInUse {
         sha256: [u8; 32],
@@ -156,8 +177,35 @@ pub(crate) enum MetaRead {
 /// Answers a read from a shard's replica.
 pub(crate) fn answer(meta: &MetaState, read: MetaRead) {
     match read {
-        MetaRead::UserExists { user, reply } => {
-            let _ = reply.send(Ok(meta.user(user).is_some()));
+        MetaRead::UserExists {
+            user,
+            device,
+            reply,
+        } => {
+            let live = meta.user(user).is_some()
+                && device.is_none_or(|d| meta.e2ee().device(user, &d).is_some());
+            let _ = reply.send(Ok(live));
+        }
+        MetaRead::DeviceKeys { user, users, reply } => {
+            let mut seen = BTreeSet::new();
+            let found = users
+                .into_iter()
+                .filter(|u| seen.insert(*u) && meta.share_workspace(user, *u))
+                .map(|u| UserDevices {
+                    user: u,
+                    devices: (meta.e2ee().listed(u))
+                        .map(|(id, d)| DeviceKeysView::new(id, d))
+                        .collect(),
+                })
+                .collect();
+            let _ = reply.send(Ok(found));
+        }
+        MetaRead::OneTimeKeyCount {
+            user,
+            device,
+            reply,
+        } => {
+            let _ = reply.send(Ok(meta.e2ee().unclaimed(user, &device)));
         }
         MetaRead::UserByEmail { email, reply } => {
             let _ = reply.send(Ok(meta.user_by_email(&email).cloned()));
@@ -585,6 +633,12 @@ impl<E: Env> MetaOwner<E> {
                 }
                 (Ok(MetaCommand::Notify(*cmd)), reply)
             }
+            MetaRequest::E2ee { mut cmd, reply } => {
+                if let E2eeCommand::Register { at_us, .. } = &mut *cmd {
+                    *at_us = self.env.unix_us();
+                }
+                (Ok(MetaCommand::E2ee(*cmd)), reply)
+            }
             MetaRequest::DeleteFile { user, file, reply } => {
                 // A file of a workspace the user is not in is unknown to them.
                 let workspace = meta.file_any(file).map(|e| e.stored.workspace);
@@ -603,6 +657,9 @@ impl<E: Env> MetaOwner<E> {
                     .map(|c| ChannelView::new(c.id, c.workspace, &c.name, c.kind, 0))
                     .expect("existing channel");
                 return Decision::Answer(reply, Ok(MetaOutcome::Channel(view, false)));
+            }
+            Ok(MetaDecision::E2ee(answer)) => {
+                return Decision::Answer(reply, Ok(MetaOutcome::E2ee(answer)));
             }
             Ok(MetaDecision::New(e)) => e,
         };
@@ -698,7 +755,8 @@ impl MetaRequest {
             | MetaRequest::StoreFile { reply, .. }
             | MetaRequest::DeleteFile { reply, .. }
             | MetaRequest::RecordPreview { reply, .. }
-            | MetaRequest::Notify { reply, .. } => reply,
+            | MetaRequest::Notify { reply, .. }
+            | MetaRequest::E2ee { reply, .. } => reply,
         }
     }
 }
@@ -755,6 +813,14 @@ fn outcome_of(meta: &MetaState, e: &MetaEvent) -> MetaOutcome {
             }
             NotifyChange::DeviceAdded(d) => NotifyOutcome::Device(d.clone()),
             NotifyChange::DeviceRemoved { .. } => NotifyOutcome::DeviceRemoved,
+        }),
+        MetaEvent::E2ee(change) => MetaOutcome::E2ee(match &**change {
+            E2eeChange::DeviceRegistered { .. } => E2eeOutcome::Registered,
+            E2eeChange::KeysUploaded { user, device, .. } => {
+                E2eeOutcome::KeyCount(meta.e2ee().unclaimed(*user, device))
+            }
+            E2eeChange::KeysClaimed { keys, .. } => E2eeOutcome::Claimed(keys.clone()),
+            E2eeChange::DeviceRemoved { .. } => E2eeOutcome::Removed,
         }),
     }
 }

@@ -248,7 +248,7 @@ async fn serve(
             return signed_content(ctx, fid, &expires, &sig, &req).await;
         }
     }
-    let user = authenticate(ctx, req.headers(), req.uri()).await?;
+    let user = authenticate(ctx, req.headers(), req.uri()).await?.user;
     ctx.take_rate(user.0)?;
     match (op, fid) {
         (FileOp::Upload, _) => upload(ctx, user, req).await,

@@ -253,7 +253,7 @@ impl Driver {
         };
         let ctx = self.ctx.clone();
         self.phase = Phase::Opening(Box::pin(async move {
-            let user = crate::ctx::authenticate_token(&ctx, &token).await?;
+            let user = crate::ctx::authenticate_token(&ctx, &token).await?.user;
             let sub = ctx.shared.engine.subscribe_held(user).await?;
             Ok((user, sub))
         }));

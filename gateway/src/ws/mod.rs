@@ -220,7 +220,8 @@ async fn accept(
     }
     let user = crate::ctx::authenticate(ctx, request.headers(), request.uri())
         .await
-        .map_err(|e| (e, None))?;
+        .map_err(|e| (e, None))?
+        .user;
     if ctx.shared.draining.load(Ordering::SeqCst) {
         let e = ApiError::unavailable("the server is shutting down");
         return Err((e, None));

@@ -1,0 +1,430 @@
+//! End-to-end tests of the end-to-end encryption key directory (`API.md` §14) against the
+//! real `chorus` binary: devices bound to tokens, signed identity keys, one-time and
+//! fallback keys claimed exactly once under concurrency and across SIGKILL, removal, and
+//! isolation between workspaces.
+//!
+//! The keys are made here with ed25519-dalek, as a client's Olm account would make them:
+//! the server checks the signature over the canonical JSON and nothing else of the keys.
+
+mod common;
+
+use base64::engine::general_purpose::STANDARD_NO_PAD;
+use base64::Engine as _;
+use common::{str_of, Server, User, UNLIMITED};
+use ed25519_dalek::{Signer, SigningKey};
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+
+const UPLOAD: &str = "/api/v1/e2ee/keys/upload";
+const QUERY: &str = "/api/v1/e2ee/keys/query";
+const CLAIM: &str = "/api/v1/e2ee/keys/claim";
+
+fn b64(bytes: &[u8]) -> String {
+    STANDARD_NO_PAD.encode(bytes)
+}
+
+/// Signs up `name` on device `device`.
+#[track_caller]
+fn signup_on(s: &Server, name: &str, device: &str) -> User {
+    let email = format!("{name}@example.com");
+    let body =
+        json!({"email": email, "password": common::PASSWORD, "name": name, "device_id": device});
+    let r = s.call("POST", "/api/v1/auth/signup", None, Some(body));
+    assert_eq!(r.status, 201, "signup {name}: {}", r.text);
+    assert_eq!(r.body["device_id"], device);
+    User {
+        id: str_of(&r.body["user"]["id"]),
+        email,
+        token: str_of(&r.body["token"]),
+    }
+}
+
+/// Logs `user` in on `device`: the answer, for tests of refusals.
+fn login_on(s: &Server, user: &User, device: &str) -> common::Resp {
+    let body = json!({"email": user.email, "password": common::PASSWORD, "device_id": device});
+    s.call("POST", "/api/v1/auth/login", None, Some(body))
+}
+
+/// `user` logged in on another device: the same user with that device's token.
+#[track_caller]
+fn on_device(s: &Server, user: &User, device: &str) -> User {
+    let r = login_on(s, user, device);
+    assert_eq!(r.status, 200, "login on {device}: {}", r.text);
+    User {
+        token: str_of(&r.body["token"]),
+        ..user.clone()
+    }
+}
+
+/// A device's `device_keys`, signed by the ed25519 key made from `seed` as §14 says.
+fn device_keys(user: &User, device: &str, seed: u8) -> Value {
+    let signing = SigningKey::from_bytes(&[seed; 32]);
+    let curve = b64(&[seed ^ 0x5a; 32]);
+    let ed = b64(signing.verifying_key().as_bytes());
+    let canonical = format!(
+        r#"{{"curve25519":"{curve}","device_id":"{device}","ed25519":"{ed}","user_id":"{}"}}"#,
+        user.id
+    );
+    let signature = b64(&signing.sign(canonical.as_bytes()).to_bytes());
+    json!({"curve25519": curve, "ed25519": ed, "signature": signature})
+}
+
+/// `n` one-time keys with IDs `k{from}`…, each key distinct.
+fn one_time_keys(from: u32, n: u32) -> Value {
+    let keys: serde_json::Map<String, Value> = (from..from + n)
+        .map(|i| {
+            let mut key = [0u8; 32];
+            key[..4].copy_from_slice(&i.to_le_bytes());
+            (format!("k{i:05}"), json!(b64(&key)))
+        })
+        .collect();
+    Value::Object(keys)
+}
+
+/// An upload that must succeed; its `one_time_key_count`.
+#[track_caller]
+fn upload(s: &Server, user: &User, body: Value) -> u64 {
+    let v = s.ok("POST", UPLOAD, user, Some(body), 200);
+    v["one_time_key_count"]
+        .as_u64()
+        .expect("one_time_key_count")
+}
+
+/// A claim of one key of each of `devices`, which must succeed; the answer's keys.
+#[track_caller]
+fn claim(s: &Server, by: &User, devices: Value) -> Value {
+    s.ok("POST", CLAIM, by, Some(json!({"devices": devices})), 200)["one_time_keys"].clone()
+}
+
+// A device is listed from its first identity key upload, with the keys it signed and its
+// creation time; the server refuses keys not signed by the device, a key ID reused for
+// another key, and changed identity keys, and takes the same upload again as a no-op.
+// Users who share no workspace with the caller are left out of queries and claims.
+#[test]
+fn keys_are_signed_listed_and_only_within_shared_workspaces() {
+    let s = Server::start(UNLIMITED);
+    let alice = signup_on(&s, "alice", "alice-phone");
+    let bob = signup_on(&s, "bob", "bob-laptop");
+    let carol = signup_on(&s, "carol", "carol-1");
+    s.workspace(&alice, &[&bob]);
+    s.workspace(&carol, &[]);
+    let query = |by: &User, ids: &[&str]| {
+        s.ok("POST", QUERY, by, Some(json!({"user_ids": ids})), 200)["devices"].clone()
+    };
+
+    // Registered at sign-up, but listed only from the first key upload.
+    assert_eq!(query(&bob, &[&alice.id]), json!({ alice.id.clone(): {} }));
+    let keys = device_keys(&alice, "alice-phone", 1);
+    assert_eq!(upload(&s, &alice, json!({"device_keys": keys})), 0);
+    let listed = query(&bob, &[&alice.id, &bob.id, "not-an-id"]);
+    let phone = &listed[&alice.id]["alice-phone"];
+    assert_eq!(phone["curve25519"], keys["curve25519"]);
+    assert_eq!(phone["ed25519"], keys["ed25519"]);
+    assert_eq!(phone["signature"], keys["signature"]);
+    assert!(str_of(&phone["created_at"]).ends_with('Z'));
+    assert_eq!(listed[&bob.id], json!({}), "bob's device has no keys yet");
+    assert_eq!(
+        listed.as_object().unwrap().len(),
+        2,
+        "an unparsable ID names nobody"
+    );
+    // The same keys again change nothing; other keys for the device are refused.
+    assert_eq!(upload(&s, &alice, json!({"device_keys": keys})), 0);
+    let other = device_keys(&alice, "alice-phone", 2);
+    let r = s.call(
+        "POST",
+        UPLOAD,
+        Some(&alice.token),
+        Some(json!({"device_keys": other})),
+    );
+    r.assert_error(409, "key_conflict");
+    // Keys signed for another device, or by another key, are not the device's.
+    let bobs_claimed = device_keys(&alice, "bob-laptop", 3);
+    let r = s.call(
+        "POST",
+        UPLOAD,
+        Some(&bob.token),
+        Some(json!({"device_keys": bobs_claimed})),
+    );
+    r.assert_error(400, "bad_signature");
+    let mut forged = device_keys(&bob, "bob-laptop", 4);
+    forged["curve25519"] = json!(b64(&[9; 32]));
+    let r = s.call(
+        "POST",
+        UPLOAD,
+        Some(&bob.token),
+        Some(json!({"device_keys": forged})),
+    );
+    r.assert_error(400, "bad_signature");
+
+    // One-time keys: counted, the same again is a no-op, a reused ID is a conflict.
+    assert_eq!(
+        upload(&s, &alice, json!({"one_time_keys": one_time_keys(0, 30)})),
+        30
+    );
+    assert_eq!(
+        upload(&s, &alice, json!({"one_time_keys": one_time_keys(20, 20)})),
+        40
+    );
+    let mut clash = one_time_keys(0, 1);
+    clash["k00000"] = json!(b64(&[200; 32]));
+    let r = s.call(
+        "POST",
+        UPLOAD,
+        Some(&alice.token),
+        Some(json!({"one_time_keys": clash})),
+    );
+    r.assert_error(409, "key_conflict");
+    let fallback_clash = json!({"fallback_key": {"k00003": b64(&[201; 32])}});
+    let r = s.call("POST", UPLOAD, Some(&alice.token), Some(fallback_clash));
+    r.assert_error(409, "key_conflict");
+
+    // Carol shares no workspace with alice: she sees no device and claims no key, and
+    // alice's query leaves her out.
+    assert_eq!(query(&carol, &[&alice.id]), json!({}));
+    assert_eq!(
+        claim(&s, &carol, json!({ alice.id.clone(): ["alice-phone"] })),
+        json!({})
+    );
+    assert_eq!(
+        query(&alice, &[&carol.id, &bob.id])
+            .as_object()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        upload(&s, &alice, json!({})),
+        40,
+        "carol's claim took nothing"
+    );
+    let claimed = claim(
+        &s,
+        &bob,
+        json!({ alice.id.clone(): ["alice-phone", "no-such-device"] }),
+    );
+    assert_eq!(claimed[&alice.id]["alice-phone"]["key_id"], "k00000");
+    assert_eq!(claimed[&alice.id]["alice-phone"]["fallback"], false);
+    assert_eq!(claimed[&alice.id].as_object().unwrap().len(), 1);
+    assert_eq!(upload(&s, &alice, json!({})), 39);
+}
+
+// Fifty concurrent claims of one device holding twenty one-time keys: each key is handed
+// out once, the thirty others get the fallback key, which is kept; a SIGKILL and restart
+// hand out no claimed key again.
+#[test]
+fn concurrent_claims_hand_out_each_key_once_even_across_a_kill() {
+    let mut s = Server::start(UNLIMITED);
+    let alice = signup_on(&s, "alice", "phone");
+    let claimers: Vec<User> = (0..50)
+        .map(|i| signup_on(&s, &format!("claimer{i}"), "d"))
+        .collect();
+    let refs: Vec<&User> = claimers.iter().collect();
+    s.workspace(&alice, &refs);
+    let fallback = b64(&[77; 32]);
+    let body = json!({"one_time_keys": one_time_keys(0, 20), "fallback_key": {"fb": fallback}});
+    assert_eq!(upload(&s, &alice, body), 20);
+
+    let want = json!({ alice.id.clone(): ["phone"] });
+    let answers: Vec<Value> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (claimers.iter())
+            .map(|c| scope.spawn(|| claim(&s, c, want.clone())))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let keys: Vec<&Value> = answers.iter().map(|a| &a[&alice.id]["phone"]).collect();
+    let one_time: Vec<String> = (keys.iter())
+        .filter(|k| k["fallback"] == false)
+        .map(|k| str_of(&k["key_id"]))
+        .collect();
+    let distinct: BTreeSet<&String> = one_time.iter().collect();
+    assert_eq!(one_time.len(), 20, "every one-time key handed out");
+    assert_eq!(distinct.len(), 20, "none twice: {one_time:?}");
+    let fallbacks = keys.iter().filter(|k| k["fallback"] == true);
+    assert!(fallbacks
+        .clone()
+        .all(|k| k["key_id"] == "fb" && k["key"] == json!(fallback)));
+    assert_eq!(fallbacks.count(), 30);
+    assert_eq!(upload(&s, &alice, json!({})), 0);
+
+    // After a SIGKILL the claims are still made: only the fallback key is left.
+    s.kill();
+    s.restart();
+    assert_eq!(upload(&s, &alice, json!({})), 0);
+    let after = claim(&s, &claimers[0], want.clone());
+    assert_eq!(after[&alice.id]["phone"]["fallback"], true);
+    // A claimed key's ID stays taken, with its key or another.
+    let again = json!({"one_time_keys": {"k00005": b64(&[1; 32])}});
+    let r = s.call("POST", UPLOAD, Some(&alice.token), Some(again));
+    r.assert_error(409, "key_conflict");
+}
+
+// Removing a device: its tokens stop working at once and after a restart, it leaves the
+// listing, its ID can never sign in again, and only its user can remove it. At most 20
+// devices per user.
+#[test]
+fn a_removed_device_is_gone_for_good() {
+    let mut s = Server::start(UNLIMITED);
+    let alice = signup_on(&s, "alice", "phone");
+    let bob = signup_on(&s, "bob", "bob-1");
+    s.workspace(&alice, &[&bob]);
+    let laptop = on_device(&s, &alice, "laptop");
+    upload(
+        &s,
+        &laptop,
+        json!({"device_keys": device_keys(&alice, "laptop", 5)}),
+    );
+    let listed = |by: &User| {
+        let v = s.ok(
+            "POST",
+            QUERY,
+            by,
+            Some(json!({"user_ids": [alice.id]})),
+            200,
+        );
+        let devices = v["devices"][&alice.id]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        devices.keys().cloned().collect::<Vec<_>>()
+    };
+    assert_eq!(listed(&bob), ["laptop"]);
+
+    // Bob cannot remove it: it is not his (404, as for a device that does not exist).
+    let path = "/api/v1/e2ee/devices/laptop";
+    s.call("DELETE", path, Some(&bob.token), None)
+        .assert_error(404, "not_found");
+    assert_eq!(s.call("DELETE", path, Some(&alice.token), None).status, 204);
+    let r = s.call("GET", "/api/v1/me", Some(&laptop.token), None);
+    r.assert_error(401, "unauthorized");
+    assert_eq!(listed(&bob), Vec::<String>::new());
+    s.call("DELETE", path, Some(&alice.token), None)
+        .assert_error(404, "not_found");
+    login_on(&s, &alice, "laptop").assert_error(409, "conflict");
+    // The other device is untouched.
+    assert_eq!(
+        s.call("GET", "/api/v1/me", Some(&alice.token), None).status,
+        200
+    );
+
+    s.kill();
+    s.restart();
+    let r = s.call("GET", "/api/v1/me", Some(&laptop.token), None);
+    r.assert_error(401, "unauthorized");
+    login_on(&s, &alice, "laptop").assert_error(409, "conflict");
+
+    // The device limit counts live devices: alice has one (phone), so 19 more fit.
+    for i in 0..19 {
+        on_device(&s, &alice, &format!("d{i}"));
+    }
+    login_on(&s, &alice, "one-too-many").assert_error(400, "too_many");
+    // Signing in again on a known device is not a new device.
+    on_device(&s, &alice, "d3");
+}
+
+// Bad input: every refusal has §2's error body and changes nothing.
+#[test]
+fn bad_key_input_is_refused() {
+    let s = Server::start(UNLIMITED);
+    let alice = signup_on(&s, "alice", "phone");
+    let plain = s.signup("plain");
+    let bad_device = json!({"email": "x@example.com", "password": common::PASSWORD, "name": "x", "device_id": "has space"});
+    let r = s.call("POST", "/api/v1/auth/signup", None, Some(bad_device));
+    r.assert_error(400, "invalid_request");
+    assert_eq!(
+        s.call(
+            "POST",
+            "/api/v1/auth/login",
+            None,
+            Some(json!({"email": "x@example.com", "password": common::PASSWORD}))
+        )
+        .status,
+        401,
+        "the refused sign-up made no account"
+    );
+    // Uploading needs a token bound to a device.
+    let r = s.call(
+        "POST",
+        UPLOAD,
+        Some(&plain.token),
+        Some(json!({"one_time_keys": one_time_keys(0, 1)})),
+    );
+    r.assert_error(400, "invalid_request");
+    let refused = [
+        (
+            json!({"one_time_keys": one_time_keys(0, 101)}),
+            400,
+            "too_many",
+        ),
+        (
+            json!({"one_time_keys": {"k1": "not base64!"}}),
+            400,
+            "invalid_request",
+        ),
+        (
+            json!({"one_time_keys": {"k1": b64(&[1; 16])}}),
+            400,
+            "invalid_request",
+        ),
+        (
+            json!({"one_time_keys": {"bad id": b64(&[1; 32])}}),
+            400,
+            "invalid_request",
+        ),
+        (
+            json!({"fallback_key": {"a": b64(&[1; 32]), "b": b64(&[2; 32])}}),
+            400,
+            "invalid_request",
+        ),
+        (
+            json!({"device_keys": {"curve25519": "x"}}),
+            400,
+            "invalid_json",
+        ),
+        (json!({"one_time_keys": [1, 2]}), 400, "invalid_json"),
+    ];
+    for (body, status, code) in refused {
+        let r = s.call("POST", UPLOAD, Some(&alice.token), Some(body.clone()));
+        assert_eq!(r.status, status, "{body}: {}", r.text);
+        r.assert_error(status, code);
+    }
+    assert_eq!(upload(&s, &alice, json!({})), 0, "nothing was stored");
+    // A device holds at most 200 unclaimed one-time keys.
+    assert_eq!(
+        upload(&s, &alice, json!({"one_time_keys": one_time_keys(0, 100)})),
+        100
+    );
+    assert_eq!(
+        upload(
+            &s,
+            &alice,
+            json!({"one_time_keys": one_time_keys(100, 100)})
+        ),
+        200
+    );
+    let r = s.call(
+        "POST",
+        UPLOAD,
+        Some(&alice.token),
+        Some(json!({"one_time_keys": one_time_keys(200, 1)})),
+    );
+    r.assert_error(400, "too_many");
+    // Queries and claims name at most 1,000.
+    let ids: Vec<String> = (0..1001).map(|i| format!("U{i}")).collect();
+    let r = s.call(
+        "POST",
+        QUERY,
+        Some(&alice.token),
+        Some(json!({"user_ids": ids})),
+    );
+    r.assert_error(400, "too_many");
+    let devices: Vec<String> = (0..1001).map(|i| format!("d{i}")).collect();
+    let r = s.call(
+        "POST",
+        CLAIM,
+        Some(&alice.token),
+        Some(json!({"devices": {alice.id.clone(): devices}})),
+    );
+    r.assert_error(400, "too_many");
+    assert_eq!(upload(&s, &alice, json!({})), 200);
+}
