@@ -8,6 +8,8 @@
 //!   ([`E2eeManager::encrypt_to_device`]), Megolm channel messages
 //!   ([`E2eeManager::encrypt_channel_message`]), key sharing and rotation, and the count of
 //!   messages it could not decrypt.
+//! - [`E2eeManager::save`] and [`E2eeManager::load`] keep it in a file encrypted with a
+//!   passphrase.
 //!
 //! API boundary: this module makes no network calls and knows no REST shapes beyond the
 //! JSON of §14's bodies; the caller uploads, claims, sends and delivers. Deliberately
@@ -38,6 +40,7 @@ mod keys;
 mod manager;
 mod megolm;
 mod olm;
+mod store;
 
 pub use account::{DeviceAccount, ONE_TIME_KEYS_PUBLISHED_MAX};
 pub use keys::{canonical_device_json, verify_device_keys, DeviceKeys, KeyCheckError, PeerDevice};
@@ -47,3 +50,7 @@ pub use megolm::{
     GROUP_SESSION_MESSAGES_MAX, ROOM_KEY_TYPE,
 };
 pub use olm::{OlmError, ALGORITHM_OLM, SESSIONS_PER_DEVICE_MAX};
+pub use store::{
+    LoadError, SaveError, KDF_LANES, KDF_LANES_MAX, KDF_MEMORY_KIB, KDF_MEMORY_KIB_MAX, KDF_PASSES,
+    KDF_PASSES_MAX, KEY_FILE_MAGIC, KEY_FILE_VERSION,
+};
