@@ -85,10 +85,12 @@ impl DeviceAccount {
         }
     }
 
-    /// Makes `count` new one-time keys (at most [`ONE_TIME_KEYS_PUBLISHED_MAX`] unpublished
-    /// ones are kept, the oldest dropped first) and answers every unpublished one as
-    /// `{"KEY_ID":"KEY"}`. They stay unpublished, and are answered again, until
-    /// [`DeviceAccount::mark_keys_as_published`] is called after a successful upload.
+    /// Makes up to `count` new one-time keys, never more than [`ONE_TIME_KEYS_PUBLISHED_MAX`]
+    /// unpublished ones in all, and answers every unpublished one as `{"KEY_ID":"KEY"}`.
+    /// They stay unpublished, and are answered again, until
+    /// [`DeviceAccount::mark_keys_as_published`] is called after a successful upload. Ask
+    /// for [`ONE_TIME_KEYS_PUBLISHED_MAX`] less the upload answer's `one_time_key_count`:
+    /// the account keeps a bounded number of private keys and forgets the oldest first.
     pub fn generate_one_time_keys(&mut self, count: usize) -> BTreeMap<String, String> {
         let room = ONE_TIME_KEYS_PUBLISHED_MAX.saturating_sub(self.account.one_time_keys().len());
         self.account.generate_one_time_keys(count.min(room));

@@ -156,6 +156,13 @@ impl E2eeManager {
             .iter()
             .filter(|d| !group.shared_with.contains(&device_ref(d)))
             .collect();
+        // Every session is checked before any is used, so that a refusal marks no device.
+        if let Some(device) = fresh.iter().find(|d| !self.has_olm_session(d)) {
+            return Err(OlmError::NoSession {
+                user_id: device.user_id.clone(),
+                device_id: device.device_id.clone(),
+            });
+        }
         let mut batch = ToDeviceBatch::new();
         for device in &fresh {
             let content = self.encrypt_to_device(device, &payload)?;
