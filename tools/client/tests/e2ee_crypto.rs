@@ -6,7 +6,7 @@
 
 use chorus_client::e2ee::{
     verify_device_keys, DeviceAccount, DeviceKeys, E2eeManager, KeyCheckError, LoadError,
-    MegolmError, OlmError, PeerDevice, Received,
+    MegolmError, OlmError, PeerDevice, Received, CIPHERTEXT_BYTES_MAX, TO_DEVICE_CONTENT_BYTES_MAX,
 };
 use serde_json::{json, Value};
 
@@ -68,13 +68,25 @@ fn relayed(content: &Value) -> Value {
     serde_json::from_str(&serde_json::to_string(content).unwrap()).unwrap()
 }
 
+/// The channel's devices as its `device:added` events list them, the sender's own included.
+fn channel_devices(d: &Devices) -> [PeerDevice; 3] {
+    [
+        peer(&d.ada_laptop),
+        peer(&d.ada_phone),
+        peer(&d.bob_desktop),
+    ]
+}
+
 /// Ada's laptop shares the channel key with her phone and Bob's desktop, which take it.
 fn share_with_both(d: &mut Devices) {
     connect(&mut d.ada_laptop, &mut d.ada_phone);
     connect(&mut d.ada_laptop, &mut d.bob_desktop);
-    let recipients = [peer(&d.ada_phone), peer(&d.bob_desktop)];
-    let batch = d.ada_laptop.share_group_key(CHANNEL, &recipients).unwrap();
+    let batch = d
+        .ada_laptop
+        .share_group_key(CHANNEL, &channel_devices(d))
+        .unwrap();
     assert_eq!(batch.len(), 2, "one entry per user");
+    assert_eq!(batch[ADA].len(), 1, "the sender's own device is skipped");
     for (recipient, user, device) in [
         (&mut d.ada_phone, ADA, "PHONE"),
         (&mut d.bob_desktop, BOB, "DESKTOP"),
@@ -283,10 +295,9 @@ fn olm_messages_are_for_one_device() {
 fn megolm_thousand_messages_to_two_devices() {
     let mut d = devices();
     share_with_both(&mut d);
-    let recipients = [peer(&d.ada_phone), peer(&d.bob_desktop)];
     assert!(d
         .ada_laptop
-        .share_group_key(CHANNEL, &recipients)
+        .share_group_key(CHANNEL, &channel_devices(&d))
         .unwrap()
         .is_empty());
     for i in 0..1000u32 {
@@ -606,6 +617,63 @@ fn undecryptable_messages_are_counted() {
         "fine"
     );
     assert_eq!(d.bob_desktop.undecryptable(), bad.len() as u64 + 1);
+}
+
+// Ciphertexts and to-device messages stay within the server's 64 KiB limits: what would
+// be larger is refused before it is sent, and the sessions go on working.
+#[test]
+fn sizes_stay_within_the_api_limits() {
+    let mut d = devices();
+    share_with_both(&mut d);
+    let fits = "x".repeat(40 * 1024);
+    let ciphertext = d
+        .ada_laptop
+        .encrypt_channel_message(CHANNEL, &fits)
+        .unwrap();
+    assert!(ciphertext.len() <= CIPHERTEXT_BYTES_MAX);
+    let too_big = d
+        .ada_laptop
+        .encrypt_channel_message(CHANNEL, &"x".repeat(60 * 1024));
+    assert!(
+        matches!(too_big, Err(MegolmError::TooLarge { .. })),
+        "{too_big:?}"
+    );
+    let next = d
+        .ada_laptop
+        .encrypt_channel_message(CHANNEL, "next")
+        .unwrap();
+    assert_eq!(
+        d.bob_desktop
+            .decrypt_channel_message(CHANNEL, &ciphertext)
+            .unwrap()
+            .text,
+        fits
+    );
+    assert_eq!(
+        d.bob_desktop
+            .decrypt_channel_message(CHANNEL, &next)
+            .unwrap()
+            .text,
+        "next"
+    );
+
+    let bob = peer(&d.bob_desktop);
+    let payload = json!({ "blob": "y".repeat(30 * 1024) });
+    let content = d.ada_laptop.encrypt_to_device(&bob, &payload).unwrap();
+    assert!(content.to_string().len() <= TO_DEVICE_CONTENT_BYTES_MAX);
+    let too_big = d
+        .ada_laptop
+        .encrypt_to_device(&bob, &json!({ "blob": "y".repeat(60 * 1024) }));
+    assert!(
+        matches!(too_big, Err(OlmError::TooLarge { .. })),
+        "{too_big:?}"
+    );
+    assert_eq!(
+        d.bob_desktop
+            .decrypt_to_device(ADA, "LAPTOP", &content)
+            .unwrap(),
+        payload
+    );
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {

@@ -26,6 +26,9 @@ pub const ROOM_KEY_TYPE: &str = "chorus.room_key";
 /// that a key leaked from one device exposes a bounded stretch of a channel.
 pub const GROUP_SESSION_MESSAGES_MAX: u32 = 10_000;
 
+/// The largest `ciphertext` the server takes (`API.md` §14).
+pub const CIPHERTEXT_BYTES_MAX: usize = 64 * 1024;
+
 /// The to-device messages to send, as the `messages` object of
 /// `PUT /api/v1/e2ee/to-device/{txn_id}`: `{user_id: {device_id: CONTENT}}`.
 pub type ToDeviceBatch = BTreeMap<String, BTreeMap<String, Value>>;
@@ -36,6 +39,12 @@ pub enum MegolmError {
     /// The channel has no outbound session: call [`E2eeManager::share_group_key`] first.
     #[error("channel {0} has no shared Megolm session; share the key first")]
     NotShared(String),
+    /// The text's ciphertext would be larger than the server takes.
+    #[error("the ciphertext would be {bytes} bytes, over {CIPHERTEXT_BYTES_MAX}")]
+    TooLarge {
+        /// The ciphertext's size.
+        bytes: usize,
+    },
     /// The ciphertext is not a `megolm.v1` envelope, or its plaintext is not a message.
     #[error("malformed ciphertext: {0}")]
     Malformed(String),
@@ -130,7 +139,8 @@ struct RoomKey {
 
 impl E2eeManager {
     /// Makes sure `channel_id` has an outbound session and that every one of `devices`
-    /// (the member devices other than this one) has its key, and answers the Olm-encrypted
+    /// (the channel's member devices; this one is skipped) has its key, and answers the
+    /// Olm-encrypted
     /// to-device messages that carry it to those that did not. The answer is empty once
     /// all have it. Devices count as having the key once it is answered here, so send the
     /// batch (repeating it under the same `txn_id` after a failure) before sending a
@@ -144,6 +154,10 @@ impl E2eeManager {
         for device in devices {
             self.add_device(device.clone())?;
         }
+        let me = (
+            self.account.user_id().to_owned(),
+            self.account.device_id().to_owned(),
+        );
         let group = self.outbound_session(channel_id);
         let payload = json!({
             "type": ROOM_KEY_TYPE,
@@ -154,7 +168,7 @@ impl E2eeManager {
         });
         let fresh: Vec<&PeerDevice> = devices
             .iter()
-            .filter(|d| !group.shared_with.contains(&device_ref(d)))
+            .filter(|d| device_ref(d) != me && !group.shared_with.contains(&device_ref(d)))
             .collect();
         // Every session is checked before any is used, so that a refusal marks no device.
         if let Some(device) = fresh.iter().find(|d| !self.has_olm_session(d)) {
@@ -177,7 +191,8 @@ impl E2eeManager {
     }
 
     /// Encrypts `text` for `channel_id` with its shared outbound session, answering the
-    /// message's `ciphertext`.
+    /// message's `ciphertext`. A text whose ciphertext would be over
+    /// [`CIPHERTEXT_BYTES_MAX`] is refused (the session skips one index for it).
     pub fn encrypt_channel_message(
         &mut self,
         channel_id: &str,
@@ -200,7 +215,13 @@ impl E2eeManager {
             session_id: group.session.session_id(),
             body: group.session.encrypt(&bytes).to_base64(),
         };
-        Ok(serde_json::to_string(&envelope).expect("an envelope always serializes"))
+        let ciphertext = serde_json::to_string(&envelope).expect("an envelope always serializes");
+        if ciphertext.len() > CIPHERTEXT_BYTES_MAX {
+            return Err(MegolmError::TooLarge {
+                bytes: ciphertext.len(),
+            });
+        }
+        Ok(ciphertext)
     }
 
     /// Decrypts a message's `ciphertext` read in `channel_id`. Every failure (an unknown

@@ -46,10 +46,10 @@ pub use account::{DeviceAccount, ONE_TIME_KEYS_PUBLISHED_MAX};
 pub use keys::{canonical_device_json, verify_device_keys, DeviceKeys, KeyCheckError, PeerDevice};
 pub use manager::E2eeManager;
 pub use megolm::{
-    ChannelPlaintext, MegolmError, Received, ToDeviceBatch, ALGORITHM_MEGOLM,
+    ChannelPlaintext, MegolmError, Received, ToDeviceBatch, ALGORITHM_MEGOLM, CIPHERTEXT_BYTES_MAX,
     GROUP_SESSION_MESSAGES_MAX, ROOM_KEY_TYPE,
 };
-pub use olm::{OlmError, ALGORITHM_OLM, SESSIONS_PER_DEVICE_MAX};
+pub use olm::{OlmError, ALGORITHM_OLM, SESSIONS_PER_DEVICE_MAX, TO_DEVICE_CONTENT_BYTES_MAX};
 pub use store::{
     LoadError, SaveError, KDF_LANES, KDF_LANES_MAX, KDF_MEMORY_KIB, KDF_MEMORY_KIB_MAX, KDF_PASSES,
     KDF_PASSES_MAX, KEY_FILE_MAGIC, KEY_FILE_VERSION,

@@ -18,6 +18,8 @@ use vodozemac::Curve25519PublicKey;
 pub const ALGORITHM_OLM: &str = "olm.v1";
 /// The most Olm sessions kept with one device; the least recently used one goes first.
 pub const SESSIONS_PER_DEVICE_MAX: usize = 8;
+/// The largest to-device `CONTENT` the server takes (`API.md` §14), serialized.
+pub const TO_DEVICE_CONTENT_BYTES_MAX: usize = 64 * 1024;
 
 /// Why an Olm session could not be made, or a to-device message encrypted or decrypted.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +59,12 @@ pub enum OlmError {
     /// vodozemac refused to make the session.
     #[error("the Olm session could not be made: {0}")]
     SessionCreation(#[from] vodozemac::olm::SessionCreationError),
+    /// The encrypted payload would be larger than the server takes.
+    #[error("the to-device message would be {bytes} bytes, over {TO_DEVICE_CONTENT_BYTES_MAX}")]
+    TooLarge {
+        /// The envelope's serialized size.
+        bytes: usize,
+    },
     /// vodozemac refused to encrypt.
     #[error("Olm encryption failed: {0}")]
     Encryption(#[from] vodozemac::olm::EncryptionError),
@@ -152,6 +160,10 @@ impl E2eeManager {
             message_type,
             body: vodozemac::base64_encode(body),
         };
+        let bytes = serde_json::to_vec(&envelope).expect("an envelope always serializes");
+        if bytes.len() > TO_DEVICE_CONTENT_BYTES_MAX {
+            return Err(OlmError::TooLarge { bytes: bytes.len() });
+        }
         Ok(serde_json::to_value(envelope).expect("an envelope always serializes"))
     }
 
