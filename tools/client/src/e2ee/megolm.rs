@@ -140,9 +140,8 @@ struct RoomKey {
 impl E2eeManager {
     /// Makes sure `channel_id` has an outbound session and that every one of `devices`
     /// (the channel's member devices; this one is skipped) has its key, and answers the
-    /// Olm-encrypted
-    /// to-device messages that carry it to those that did not. The answer is empty once
-    /// all have it. Devices count as having the key once it is answered here, so send the
+    /// Olm-encrypted to-device messages that carry it to those that did not. The answer is
+    /// empty once all have it. Devices count as having the key once it is answered here, so send the
     /// batch (repeating it under the same `txn_id` after a failure) before sending a
     /// message. A device without an Olm session fails the whole batch with
     /// [`OlmError::NoSession`]: claim a key for it and call this again.
