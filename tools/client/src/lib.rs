@@ -34,6 +34,7 @@
 #![warn(missing_docs)]
 
 mod backoff;
+pub mod e2ee;
 mod error;
 mod frames;
 mod outbox;
