@@ -5,7 +5,7 @@
 //! and the same bytes go to every recipient.
 
 use crate::domain::channel::{ChannelState, Message};
-use crate::domain::e2ee::{ClaimedKey, DeviceKeys, E2eeDevice};
+use crate::domain::e2ee::{ClaimedKey, DeviceKeys, E2eeDevice, ToDevice};
 use crate::domain::event::{ChannelEvent, ChannelKind, Role};
 use crate::domain::meta::{FileEntry, User, Workspace};
 use crate::domain::notify::{self, ChannelPrefs, DndSchedule, NotifyPrefs, PushDevice};
@@ -711,6 +711,21 @@ impl Serialize for ClaimedKeysView<'_> {
         }
         let mut map = s.serialize_map(Some(1))?;
         map.serialize_entry("one_time_keys", &Users(self.0))?;
+        map.end()
+    }
+}
+
+/// A to-device message: `{"id","sender_id","sender_device_id","content"}`, the content as
+/// it was sent.
+impl Serialize for ToDevice {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let content: &serde_json::value::RawValue =
+            serde_json::from_str(&self.content).map_err(serde::ser::Error::custom)?;
+        let mut map = s.serialize_map(Some(4))?;
+        map.serialize_entry("id", &self.id.to_string())?;
+        map.serialize_entry("sender_id", &self.sender)?;
+        map.serialize_entry("sender_device_id", &self.sender_device)?;
+        map.serialize_entry("content", content)?;
         map.end()
     }
 }

@@ -184,6 +184,10 @@ pub enum Op {
     ClaimKeys,
     /// `DELETE /e2ee/devices/{device_id}`.
     RemoveDevice,
+    /// `PUT /e2ee/to-device/{txn_id}`.
+    SendToDevice,
+    /// `GET /e2ee/to-device`.
+    ListToDevice,
 }
 
 /// The JSON type of a body field or query parameter.
@@ -440,6 +444,13 @@ pub static ROUTES: &[Route] = &[
         .body(&[req("user_ids", Ty::Strings, "at most 1,000 user IDs; the others are left out")]),
     route(Verb::Post, "/api/v1/e2ee/keys/claim", Op::ClaimKeys, 200, "Claim one key of each device: a one-time key handed out once, ever, or the fallback key")
         .body(&[req("devices", Ty::Object, "{user_id: [device_id, …]}: at most 1,000 devices")]),
+    route(Verb::Put, "/api/v1/e2ee/to-device/{txn_id}", Op::SendToDevice, 200, "Send to-device messages from the caller's device; kept for each device until it acknowledges them (429 queue_full if one holds 10,000)")
+        .body(&[req("messages", Ty::Object, "{user_id: {device_id: CONTENT}}: each CONTENT a JSON object of at most 64 KiB; devices of users who share no workspace with the caller get nothing")]),
+    route(Verb::Get, "/api/v1/e2ee/to-device", Op::ListToDevice, 200, "The caller's device's to-device messages; reading after an ID acknowledges everything up to it")
+        .query(&[
+            opt("after", Ty::String, "a message ID: acknowledges it and those before it, and lists those after it"),
+            opt("limit", Ty::Integer, "page size, 1 to 200, default 100"),
+        ]),
     route(Verb::Delete, "/api/v1/e2ee/devices/{device_id}", Op::RemoveDevice, 204, "Remove one of the caller's devices: its tokens stop working and its ID is never used again"),
 ];
 
@@ -962,6 +973,8 @@ async fn run(op: Op, call: &Call<'_>) -> Result<Reply, ApiError> {
         Op::QueryKeys => e2ee::query(call).await,
         Op::ClaimKeys => e2ee::claim(call).await,
         Op::RemoveDevice => e2ee::remove_device(call).await,
+        Op::SendToDevice => e2ee::send_to_device(call).await,
+        Op::ListToDevice => e2ee::list_to_device(call).await,
     }
 }
 

@@ -97,9 +97,16 @@ impl ApiError {
     }
 }
 
+/// How long a sender refused by a full to-device queue is told to wait.
+const QUEUE_FULL_RETRY: Duration = Duration::from_secs(5);
+
 impl From<DomainError> for ApiError {
     fn from(e: DomainError) -> ApiError {
-        ApiError::new(e.status(), e.code(), e.to_string())
+        let retry_after = matches!(e, DomainError::QueueFull(_)).then_some(QUEUE_FULL_RETRY);
+        ApiError {
+            retry_after,
+            ..ApiError::new(e.status(), e.code(), e.to_string())
+        }
     }
 }
 

@@ -428,3 +428,218 @@ fn bad_key_input_is_refused() {
     r.assert_error(400, "too_many");
     assert_eq!(upload(&s, &alice, json!({})), 200);
 }
+
+const TO_DEVICE: &str = "/api/v1/e2ee/to-device";
+
+/// Sends to-device messages from `from`'s device under `txn`; the answer.
+fn send_to_device(s: &Server, from: &User, txn: &str, messages: Value) -> common::Resp {
+    let path = format!("{TO_DEVICE}/{txn}");
+    s.call(
+        "PUT",
+        &path,
+        Some(&from.token),
+        Some(json!({ "messages": messages })),
+    )
+}
+
+/// A device's to-device messages after `after` (which acknowledges up to it).
+#[track_caller]
+fn read_to_device(s: &Server, device: &User, after: Option<u64>) -> Vec<Value> {
+    let path = match after {
+        Some(a) => format!("{TO_DEVICE}?after={a}"),
+        None => TO_DEVICE.to_owned(),
+    };
+    let v = s.ok("GET", &path, device, None, 200);
+    let messages = v["messages"].as_array().cloned().expect("messages");
+    let last = messages
+        .last()
+        .map(|m| m["id"].clone())
+        .unwrap_or(Value::Null);
+    assert_eq!(v["next_cursor"], last);
+    messages
+}
+
+// To-device messages over REST: each device gets its own, in ID order, with the sender's
+// user and device; a transaction ID again does nothing; messages stay until read past,
+// also across a SIGKILL; users of other workspaces get nothing; and a removed device's
+// queue goes with it.
+#[test]
+fn to_device_messages_are_kept_until_acknowledged() {
+    let mut s = Server::start(UNLIMITED);
+    let alice = signup_on(&s, "alice", "phone");
+    let laptop = signup_on(&s, "bob", "laptop");
+    let tablet = on_device(&s, &laptop, "tablet");
+    let carol = signup_on(&s, "carol", "carol-1");
+    s.workspace(&alice, &[&laptop]);
+    s.workspace(&carol, &[]);
+
+    let to_all = |n: u32| {
+        json!({
+            laptop.id.clone(): {"laptop": {"n": n, "for": "laptop"}, "tablet": {"n": n}, "nope": {"n": n}},
+            carol.id.clone(): {"carol-1": {"n": n}},
+        })
+    };
+    assert_eq!(send_to_device(&s, &alice, "t1", to_all(1)).status, 200);
+    assert_eq!(
+        send_to_device(&s, &alice, "t1", to_all(99)).status,
+        200,
+        "replayed"
+    );
+    assert_eq!(send_to_device(&s, &alice, "t2", to_all(2)).status, 200);
+    let got = read_to_device(&s, &laptop, None);
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(
+        got[0],
+        json!({"id": "1", "sender_id": alice.id, "sender_device_id": "phone", "content": {"n": 1, "for": "laptop"}})
+    );
+    assert_eq!(got[1]["id"], "2");
+    assert_eq!(got[1]["content"]["n"], 2);
+    assert!(
+        read_to_device(&s, &carol, None).is_empty(),
+        "carol shares no workspace with alice"
+    );
+    // Reading without `after` acknowledges nothing; reading after 1 drops 1.
+    assert_eq!(read_to_device(&s, &laptop, None).len(), 2);
+    let rest = read_to_device(&s, &laptop, Some(1));
+    assert_eq!(
+        rest.iter().map(|m| str_of(&m["id"])).collect::<Vec<_>>(),
+        ["2"]
+    );
+
+    s.kill();
+    s.restart();
+    assert_eq!(
+        read_to_device(&s, &laptop, None).len(),
+        1,
+        "the acknowledgement was durable"
+    );
+    assert_eq!(
+        read_to_device(&s, &tablet, None).len(),
+        2,
+        "the tablet acknowledged nothing"
+    );
+    assert_eq!(send_to_device(&s, &alice, "t2", to_all(98)).status, 200);
+    assert_eq!(
+        read_to_device(&s, &tablet, None).len(),
+        2,
+        "a transaction is remembered across restarts"
+    );
+    assert!(read_to_device(&s, &laptop, Some(2)).is_empty());
+    // A page at a time.
+    for n in 3..8 {
+        assert_eq!(
+            send_to_device(&s, &alice, &format!("t{n}"), to_all(n)).status,
+            200
+        );
+    }
+    let v = s.ok("GET", &format!("{TO_DEVICE}?limit=2"), &laptop, None, 200);
+    assert_eq!(v["messages"].as_array().unwrap().len(), 2);
+    assert_eq!(v["next_cursor"], "4");
+
+    // A removed device's queue is dropped with it.
+    assert_eq!(
+        s.call(
+            "DELETE",
+            "/api/v1/e2ee/devices/tablet",
+            Some(&laptop.token),
+            None
+        )
+        .status,
+        204
+    );
+    s.call("GET", TO_DEVICE, Some(&tablet.token), None)
+        .assert_error(401, "unauthorized");
+}
+
+// Bad to-device input: every refusal with §2's error body, nothing queued.
+#[test]
+fn bad_to_device_input_is_refused() {
+    let s = Server::start(UNLIMITED);
+    let alice = signup_on(&s, "alice", "phone");
+    let bob = signup_on(&s, "bob", "laptop");
+    let plain = s.signup("plain");
+    s.workspace(&alice, &[&bob, &plain]);
+    let to_bob = |content: Value| json!({ bob.id.clone(): {"laptop": content} });
+    send_to_device(&s, &plain, "t", to_bob(json!({}))).assert_error(400, "invalid_request");
+    send_to_device(&s, &alice, "t", to_bob(json!("not an object")))
+        .assert_error(400, "invalid_request");
+    let big = json!({"pad": "x".repeat(64 * 1024)});
+    send_to_device(&s, &alice, "t", to_bob(big)).assert_error(413, "too_large");
+    let r = s.call(
+        "PUT",
+        &format!("{TO_DEVICE}/t"),
+        Some(&alice.token),
+        Some(json!({"messages": [1]})),
+    );
+    r.assert_error(400, "invalid_json");
+    let many: serde_json::Map<String, Value> =
+        (0..1001).map(|i| (format!("d{i}"), json!({}))).collect();
+    send_to_device(&s, &alice, "t", json!({ bob.id.clone(): many })).assert_error(400, "too_many");
+    for q in ["?after=x", "?limit=0", "?limit=201"] {
+        let r = s.call("GET", &format!("{TO_DEVICE}{q}"), Some(&bob.token), None);
+        r.assert_error(400, "invalid_request");
+    }
+    s.call("GET", TO_DEVICE, Some(&plain.token), None)
+        .assert_error(400, "invalid_request");
+    assert!(
+        read_to_device(&s, &bob, None).is_empty(),
+        "nothing was queued"
+    );
+}
+
+// A device's queue holds 10,000 messages: the next send is refused with 429 and a
+// Retry-After, nothing of it is taken (not even for another device), and once the device
+// reads past some, sends go through again.
+#[test]
+fn a_full_to_device_queue_refuses_and_never_drops() {
+    let s = Server::start(UNLIMITED);
+    let alice = signup_on(&s, "alice", "phone");
+    let bob = signup_on(&s, "bob", "laptop");
+    let tablet = on_device(&s, &bob, "tablet");
+    s.workspace(&alice, &[&bob]);
+    const QUEUE: u32 = 10_000;
+    const SENDERS: u32 = 8;
+    std::thread::scope(|scope| {
+        for t in 0..SENDERS {
+            let (s, alice, bob) = (&s, &alice, &bob);
+            scope.spawn(move || {
+                for i in (t..QUEUE).step_by(SENDERS as usize) {
+                    let r = send_to_device(
+                        s,
+                        alice,
+                        &format!("f{i}"),
+                        json!({ bob.id.clone(): {"laptop": {"i": i}} }),
+                    );
+                    assert_eq!(r.status, 200, "{}", r.text);
+                }
+            });
+        }
+    });
+    let both = json!({ bob.id.clone(): {"laptop": {"i": "over"}, "tablet": {"i": "over"}} });
+    let r = send_to_device(&s, &alice, "over", both.clone());
+    r.assert_error(429, "queue_full");
+    assert!(r.retry_after.is_some(), "429 comes with Retry-After");
+    assert!(
+        read_to_device(&s, &tablet, None).is_empty(),
+        "nothing of the refused call was taken"
+    );
+    // Every one of the 10,000 is there once, in ID order: read page by page, each read
+    // acknowledging the page before it.
+    let mut seen = BTreeSet::new();
+    let mut after = 0;
+    loop {
+        let page = read_to_device(&s, &bob, Some(after));
+        let Some(last) = page.last() else { break };
+        for m in &page {
+            after += 1;
+            assert_eq!(str_of(&m["id"]), after.to_string());
+            assert!(seen.insert(m["content"]["i"].as_u64().unwrap()), "{m}");
+        }
+        assert_eq!(str_of(&last["id"]), after.to_string());
+    }
+    assert_eq!(seen, (0..u64::from(QUEUE)).collect::<BTreeSet<_>>());
+    // Read past, the queue has room again.
+    assert_eq!(send_to_device(&s, &alice, "over", both).status, 200);
+    assert_eq!(read_to_device(&s, &tablet, None).len(), 1);
+    assert_eq!(read_to_device(&s, &bob, None).len(), 1);
+}

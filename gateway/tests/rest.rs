@@ -862,6 +862,8 @@ const API_MD_CALLS: &[(&str, &str)] = &[
     ("post", "/api/v1/e2ee/keys/query"),
     ("post", "/api/v1/e2ee/keys/claim"),
     ("delete", "/api/v1/e2ee/devices/{device_id}"),
+    ("put", "/api/v1/e2ee/to-device/{txn_id}"),
+    ("get", "/api/v1/e2ee/to-device"),
 ];
 
 /// A request body for an operation, from its schema's required fields.
@@ -884,6 +886,7 @@ fn sample_body(op: &Value, n: usize, carol: &User, bob: &User) -> Option<Vec<u8>
             "pushkey" => json!(format!("key{n}")),
             "platform" => json!("fcm"),
             "devices" => json!({ bob.id.clone(): ["d1"] }),
+            "messages" => json!({ bob.id.clone(): {"d1": {"n": n}} }),
             other => panic!("no sample for required field {other}"),
         };
         body.insert(name.to_owned(), value);
@@ -942,6 +945,7 @@ fn rest_openapi_routes_answer() {
             }
             let url = path
                 .replace("{device_id}", &device_id)
+                .replace("{txn_id}", &format!("txn{n}"))
                 .replace("{did}", &did)
                 .replace("{fid}", &fid)
                 .replace("{kind}", "code")

@@ -19,7 +19,7 @@ use super::DomainError;
 use crate::ids::UserId;
 use base64::engine::general_purpose::STANDARD_NO_PAD;
 use base64::Engine as _;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 /// Most devices one user may have.
 pub const DEVICES_PER_USER_MAX: usize = 20;
@@ -35,6 +35,15 @@ pub const ONE_TIME_KEYS_LOW: u32 = 10;
 pub const DEVICE_ID_BYTES_MAX: usize = 64;
 /// Longest key ID, in bytes.
 pub const KEY_ID_BYTES_MAX: usize = 64;
+/// Most to-device messages waiting for one device: a full queue refuses more, never drops.
+pub const TO_DEVICE_QUEUE_MAX: usize = 10_000;
+/// Largest to-device content, in bytes of JSON.
+pub const TO_DEVICE_CONTENT_BYTES_MAX: usize = 64 * 1024;
+/// Longest to-device transaction ID, in bytes.
+pub const TXN_ID_BYTES_MAX: usize = 128;
+/// How long a to-device transaction ID is remembered: the same one again within this time
+/// does nothing.
+pub const TXN_KEPT_US: u64 = 24 * 3600 * 1_000_000;
 
 /// A device's identity keys, as uploaded: unpadded base64, the signature by the ed25519 key
 /// over [`canonical_device_json`].
@@ -72,6 +81,32 @@ pub struct ClaimedKey {
     /// Whether it is the device's fallback key (handed out and kept) rather than a
     /// one-time key (handed out once, ever).
     pub fallback: bool,
+}
+
+/// A to-device message, as its device's queue keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(attr(allow(missing_docs)))]
+pub struct ToDevice {
+    /// Its ID: increasing per device, from 1.
+    pub id: u64,
+    /// The sender.
+    pub sender: UserId,
+    /// The sender's device.
+    pub sender_device: String,
+    /// The content: a JSON object, as sent.
+    pub content: String,
+}
+
+/// A to-device message for one device.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(attr(allow(missing_docs)))]
+pub struct ToDeviceFor {
+    /// The device's user.
+    pub user: UserId,
+    /// The device.
+    pub device: String,
+    /// The message.
+    pub message: ToDevice,
 }
 
 /// A change of the key directory, as the metadata log stores it.
@@ -113,6 +148,30 @@ pub enum E2eeChange {
         user: UserId,
         /// The device.
         device: String,
+    },
+    /// A device sent to-device messages under a transaction ID; only the messages to
+    /// devices that exist and share a workspace with the sender are here.
+    ToDeviceSent {
+        /// The sender.
+        sender: UserId,
+        /// The sender's device.
+        sender_device: String,
+        /// The transaction ID.
+        txn_id: String,
+        /// When, in microseconds since the Unix epoch: the transaction is remembered for
+        /// [`TXN_KEPT_US`] from then.
+        at_us: u64,
+        /// The messages, each with its ID in its device's queue.
+        messages: Vec<ToDeviceFor>,
+    },
+    /// A device acknowledged its to-device messages up to an ID.
+    ToDeviceAcked {
+        /// The user.
+        user: UserId,
+        /// The device.
+        device: String,
+        /// The last ID acknowledged.
+        upto: u64,
     },
 }
 
@@ -163,6 +222,42 @@ pub enum E2eeCommand {
         /// The device.
         device: String,
     },
+    /// A device sends to-device messages: `(user, device, content)` each.
+    SendToDevice {
+        /// The sender.
+        user: UserId,
+        /// The sender's device.
+        device: String,
+        /// The transaction ID.
+        txn_id: String,
+        /// The messages.
+        messages: Vec<(UserId, String, String)>,
+        /// The time, set by the metadata owner.
+        at_us: u64,
+    },
+    /// A device acknowledges its to-device messages up to an ID.
+    AckToDevice {
+        /// The user.
+        user: UserId,
+        /// The device.
+        device: String,
+        /// The last ID acknowledged.
+        upto: u64,
+    },
+}
+
+impl E2eeCommand {
+    /// The user who acts.
+    pub fn user(&self) -> UserId {
+        match self {
+            E2eeCommand::Register { user, .. }
+            | E2eeCommand::Upload { user, .. }
+            | E2eeCommand::Claim { user, .. }
+            | E2eeCommand::Remove { user, .. }
+            | E2eeCommand::SendToDevice { user, .. }
+            | E2eeCommand::AckToDevice { user, .. } => *user,
+        }
+    }
 }
 
 /// What a key directory command answers.
@@ -176,6 +271,10 @@ pub enum E2eeOutcome {
     Claimed(Vec<ClaimedKey>),
     /// The device was removed.
     Removed,
+    /// The to-device messages were accepted (or the transaction was seen before).
+    ToDeviceSent,
+    /// The to-device messages were acknowledged.
+    ToDeviceAcked,
 }
 
 /// What deciding a key directory command yields.
@@ -200,13 +299,24 @@ pub struct E2eeDevice {
     unclaimed: BTreeSet<String>,
     /// The ID of its fallback key.
     fallback: Option<String>,
+    /// Its to-device messages not yet acknowledged, in ID order.
+    inbox: VecDeque<ToDevice>,
+    /// The ID its next to-device message gets.
+    next_message: u64,
 }
+
+/// A sender device's transaction.
+type Txn = (UserId, String, String);
 
 /// Every user's devices and keys.
 #[derive(Clone, Debug, Default)]
 pub struct E2eeState {
     devices: HashMap<UserId, BTreeMap<String, E2eeDevice>>,
     removed: HashSet<(UserId, String)>,
+    /// To-device transactions of the last [`TXN_KEPT_US`], with their times.
+    txns: HashMap<Txn, u64>,
+    /// The same, oldest first, to forget them.
+    txn_order: VecDeque<(u64, Txn)>,
 }
 
 impl E2eeState {
@@ -223,6 +333,24 @@ impl E2eeState {
             .flatten()
             .filter(|(_, d)| d.keys.is_some())
             .map(|(id, d)| (id.as_str(), d))
+    }
+
+    /// A device's to-device messages after `after`, at most `limit`, and whether more
+    /// follow.
+    pub fn to_device(
+        &self,
+        user: UserId,
+        device: &str,
+        after: u64,
+        limit: usize,
+    ) -> (Vec<ToDevice>, bool) {
+        let Some(d) = self.device(user, device) else {
+            return (Vec::new(), false);
+        };
+        let start = d.inbox.partition_point(|m| m.id <= after);
+        let page: Vec<ToDevice> = d.inbox.iter().skip(start).take(limit).cloned().collect();
+        let more = d.inbox.len() > start + page.len();
+        (page, more)
     }
 
     /// How many one-time keys of a device are unclaimed.
@@ -312,7 +440,97 @@ impl E2eeState {
                 }
                 E2eeDecision::Change(E2eeChange::DeviceRemoved { user, device })
             }
+            E2eeCommand::SendToDevice {
+                user,
+                device,
+                txn_id,
+                messages,
+                at_us,
+            } => self.decide_send(user, device, txn_id, messages, at_us, shares)?,
+            E2eeCommand::AckToDevice { user, device, upto } => {
+                let d = self
+                    .device(user, &device)
+                    .ok_or(DomainError::NotFound("device"))?;
+                if d.inbox.front().is_none_or(|m| m.id > upto) {
+                    E2eeDecision::Answer(E2eeOutcome::ToDeviceAcked)
+                } else {
+                    E2eeDecision::Change(E2eeChange::ToDeviceAcked { user, device, upto })
+                }
+            }
         })
+    }
+
+    fn decide_send(
+        &self,
+        user: UserId,
+        device: String,
+        txn_id: String,
+        messages: Vec<(UserId, String, String)>,
+        at_us: u64,
+        shares: impl Fn(UserId, UserId) -> bool,
+    ) -> Result<E2eeDecision, DomainError> {
+        if self.device(user, &device).is_none() {
+            return Err(DomainError::NotFound("device"));
+        }
+        let printable = txn_id.bytes().all(|b| b.is_ascii_graphic());
+        if txn_id.is_empty() || txn_id.len() > TXN_ID_BYTES_MAX || !printable {
+            return Err(DomainError::Invalid(format!(
+                "txn_id is 1 to {TXN_ID_BYTES_MAX} printable ASCII characters"
+            )));
+        }
+        let txn = (user, device, txn_id);
+        if self
+            .txns
+            .get(&txn)
+            .is_some_and(|at| at_us < at.saturating_add(TXN_KEPT_US))
+        {
+            return Ok(E2eeDecision::Answer(E2eeOutcome::ToDeviceSent));
+        }
+        if messages.len() > NAMES_PER_CALL_MAX {
+            return Err(DomainError::TooMany(format!(
+                "at most {NAMES_PER_CALL_MAX} to-device messages per call"
+            )));
+        }
+        let mut taken: HashMap<(UserId, &str), u64> = HashMap::new();
+        let mut out = Vec::new();
+        for (to, name, content) in &messages {
+            if content.len() > TO_DEVICE_CONTENT_BYTES_MAX {
+                return Err(DomainError::TooLarge(format!(
+                    "a to-device content is at most {TO_DEVICE_CONTENT_BYTES_MAX} bytes"
+                )));
+            }
+            // Devices of users who share no workspace with the sender, and devices that do
+            // not exist, get nothing, and the sender is not told which.
+            let Some(d) = self.device(*to, name).filter(|_| shares(user, *to)) else {
+                continue;
+            };
+            let n = taken.entry((*to, name.as_str())).or_default();
+            if d.inbox.len() + *n as usize >= TO_DEVICE_QUEUE_MAX {
+                return Err(DomainError::QueueFull(format!(
+                    "device {name} of {to} holds {TO_DEVICE_QUEUE_MAX} unacknowledged to-device messages; nothing was sent"
+                )));
+            }
+            let id = d.next_message.max(1) + *n;
+            *n += 1;
+            out.push(ToDeviceFor {
+                user: *to,
+                device: name.clone(),
+                message: ToDevice {
+                    id,
+                    sender: user,
+                    sender_device: txn.1.clone(),
+                    content: content.clone(),
+                },
+            });
+        }
+        let (sender, sender_device, txn_id) = txn;
+        Ok(E2eeDecision::Change(E2eeChange::ToDeviceSent {
+            sender,
+            sender_device,
+            txn_id,
+            at_us,
+            messages: out,
+        }))
     }
 
     fn decide_upload(
@@ -420,6 +638,8 @@ impl E2eeState {
                         key_ids: HashMap::new(),
                         unclaimed: BTreeSet::new(),
                         fallback: None,
+                        inbox: VecDeque::new(),
+                        next_message: 1,
                     },
                 );
             }
@@ -464,6 +684,44 @@ impl E2eeState {
                     }
                 }
                 self.removed.insert((*user, device.clone()));
+            }
+            E2eeChange::ToDeviceSent {
+                sender,
+                sender_device,
+                txn_id,
+                at_us,
+                messages,
+            } => {
+                while let Some((at, _)) = self.txn_order.front() {
+                    if at.saturating_add(TXN_KEPT_US) > *at_us {
+                        break;
+                    }
+                    let (at, old) = self.txn_order.pop_front().expect("front");
+                    if self.txns.get(&old) == Some(&at) {
+                        self.txns.remove(&old);
+                    }
+                }
+                let txn = (*sender, sender_device.clone(), txn_id.clone());
+                self.txns.insert(txn.clone(), *at_us);
+                self.txn_order.push_back((*at_us, txn));
+                for m in messages {
+                    let d = self
+                        .devices
+                        .get_mut(&m.user)
+                        .and_then(|ds| ds.get_mut(&m.device));
+                    if let Some(d) = d {
+                        d.next_message = m.message.id + 1;
+                        d.inbox.push_back(m.message.clone());
+                    }
+                }
+            }
+            E2eeChange::ToDeviceAcked { user, device, upto } => {
+                let d = self.devices.get_mut(user).and_then(|ds| ds.get_mut(device));
+                if let Some(d) = d {
+                    while d.inbox.front().is_some_and(|m| m.id <= *upto) {
+                        d.inbox.pop_front();
+                    }
+                }
             }
         }
     }

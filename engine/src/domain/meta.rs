@@ -414,13 +414,7 @@ impl MetaState {
                 self.notify.decide(cmd, id)?.into()
             }
             MetaCommand::E2ee(cmd) => {
-                let user = match &cmd {
-                    E2eeCommand::Register { user, .. }
-                    | E2eeCommand::Upload { user, .. }
-                    | E2eeCommand::Claim { user, .. }
-                    | E2eeCommand::Remove { user, .. } => *user,
-                };
-                if self.user(user).is_none() {
+                if self.user(cmd.user()).is_none() {
                     return Err(DomainError::NotFound("user"));
                 }
                 match self.e2ee.decide(cmd, |a, b| self.share_workspace(a, b))? {

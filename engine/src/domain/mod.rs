@@ -114,6 +114,9 @@ pub enum DomainError {
     /// 409 `key_conflict`: a key ID already names another key.
     #[error("{0}")]
     KeyConflict(String),
+    /// 429 `queue_full`: a recipient's queue is full; nothing was taken.
+    #[error("{0}")]
+    QueueFull(String),
 }
 
 impl DomainError {
@@ -128,6 +131,7 @@ impl DomainError {
             DomainError::TooMany(_) => "too_many",
             DomainError::BadSignature(_) => "bad_signature",
             DomainError::KeyConflict(_) => "key_conflict",
+            DomainError::QueueFull(_) => "queue_full",
         }
     }
 
@@ -142,6 +146,7 @@ impl DomainError {
             DomainError::TooMany(_) => 400,
             DomainError::BadSignature(_) => 400,
             DomainError::KeyConflict(_) => 409,
+            DomainError::QueueFull(_) => 429,
         }
     }
 }

@@ -7,7 +7,7 @@
 //! caller's shard's replica, which the answer of every change waited for.
 
 use super::Engine;
-use crate::domain::e2ee::{ClaimedKey, E2eeCommand, E2eeOutcome, KeysUpload};
+use crate::domain::e2ee::{ClaimedKey, E2eeCommand, E2eeOutcome, KeysUpload, ToDevice};
 use crate::error::EngineError;
 use crate::ids::UserId;
 use crate::outcome::MetaOutcome;
@@ -106,5 +106,68 @@ impl Engine {
             E2eeOutcome::Removed => Ok(()),
             other => unreachable!("remove_device answered {other:?}"),
         }
+    }
+
+    /// Queues to-device messages from the user's device, each `(user, device, content)`
+    /// with `content` a JSON object's text. Messages to devices that do not exist or whose
+    /// users share no workspace with the sender are dropped without a word; the same
+    /// `txn_id` from the same device within 24 hours does nothing. `QueueFull` takes
+    /// nothing when any recipient's queue is full.
+    pub async fn send_to_device(
+        &self,
+        user: UserId,
+        device: &str,
+        txn_id: &str,
+        messages: Vec<(UserId, String, String)>,
+    ) -> Result<(), EngineError> {
+        let cmd = E2eeCommand::SendToDevice {
+            user,
+            device: device.to_owned(),
+            txn_id: txn_id.to_owned(),
+            messages,
+            at_us: 0,
+        };
+        match self.e2ee(cmd).await? {
+            E2eeOutcome::ToDeviceSent => Ok(()),
+            other => unreachable!("send_to_device answered {other:?}"),
+        }
+    }
+
+    /// Acknowledges the device's to-device messages up to `upto`: they are dropped.
+    pub async fn ack_to_device(
+        &self,
+        user: UserId,
+        device: &str,
+        upto: u64,
+    ) -> Result<(), EngineError> {
+        let cmd = E2eeCommand::AckToDevice {
+            user,
+            device: device.to_owned(),
+            upto,
+        };
+        match self.e2ee(cmd).await? {
+            E2eeOutcome::ToDeviceAcked => Ok(()),
+            other => unreachable!("ack_to_device answered {other:?}"),
+        }
+    }
+
+    /// The device's unacknowledged to-device messages after `after`, at most `limit`, and
+    /// whether more follow.
+    pub async fn to_device(
+        &self,
+        user: UserId,
+        device: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<ToDevice>, bool), EngineError> {
+        let device = device.to_owned();
+        self.meta_read(user.0, |reply| MetaRead::ToDevice {
+            user,
+            device,
+            after,
+            limit,
+            reply,
+        })
+        .await
     }
 }

@@ -10,7 +10,7 @@
 //! decided from: a DM answered "exists already" is a DM whose members are committed.
 
 use super::{Ack, PartitionMsg, Reply, Routes, ShardMsg};
-use crate::domain::e2ee::{E2eeChange, E2eeCommand, E2eeOutcome};
+use crate::domain::e2ee::{E2eeChange, E2eeCommand, E2eeOutcome, ToDevice};
 use crate::domain::event::{self, Decoded, MetaEvent, MetaRecord};
 use crate::domain::meta::{partition_of, MetaCommand, MetaDecision, MetaState, User};
 use crate::domain::notify::{NotifyChange, NotifyCommand, NotifyPrefs, PushDevice};
@@ -113,6 +113,15 @@ pub(crate) enum MetaRead {
         users: Vec<UserId>,
         reply: Reply<Vec<UserDevices>>,
     },
+    /// A device's to-device messages after an ID, at most a limit, and whether more
+    /// follow.
+    ToDevice {
+        user: UserId,
+        device: String,
+        after: u64,
+        limit: usize,
+        reply: Reply<(Vec<ToDevice>, bool)>,
+    },
     /// How many one-time keys of a device are unclaimed.
     OneTimeKeyCount {
         user: UserId,
@@ -199,6 +208,15 @@ pub(crate) fn answer(meta: &MetaState, read: MetaRead) {
                 })
                 .collect();
             let _ = reply.send(Ok(found));
+        }
+        MetaRead::ToDevice {
+            user,
+            device,
+            after,
+            limit,
+            reply,
+        } => {
+            let _ = reply.send(Ok(meta.e2ee().to_device(user, &device, after, limit)));
         }
         MetaRead::OneTimeKeyCount {
             user,
@@ -634,7 +652,9 @@ impl<E: Env> MetaOwner<E> {
                 (Ok(MetaCommand::Notify(*cmd)), reply)
             }
             MetaRequest::E2ee { mut cmd, reply } => {
-                if let E2eeCommand::Register { at_us, .. } = &mut *cmd {
+                if let E2eeCommand::Register { at_us, .. }
+                | E2eeCommand::SendToDevice { at_us, .. } = &mut *cmd
+                {
                     *at_us = self.env.unix_us();
                 }
                 (Ok(MetaCommand::E2ee(*cmd)), reply)
@@ -821,6 +841,8 @@ fn outcome_of(meta: &MetaState, e: &MetaEvent) -> MetaOutcome {
             }
             E2eeChange::KeysClaimed { keys, .. } => E2eeOutcome::Claimed(keys.clone()),
             E2eeChange::DeviceRemoved { .. } => E2eeOutcome::Removed,
+            E2eeChange::ToDeviceSent { .. } => E2eeOutcome::ToDeviceSent,
+            E2eeChange::ToDeviceAcked { .. } => E2eeOutcome::ToDeviceAcked,
         }),
     }
 }

@@ -8,7 +8,10 @@
 
 use super::{Call, Reply};
 use crate::error::ApiError;
-use chorus_engine::domain::e2ee::{DeviceKey, DeviceKeys, KeysUpload, NAMES_PER_CALL_MAX};
+use chorus_engine::domain::e2ee::{
+    DeviceKey, DeviceKeys, KeysUpload, NAMES_PER_CALL_MAX, TO_DEVICE_CONTENT_BYTES_MAX,
+};
+use chorus_engine::domain::PAGE_LIMIT_MAX;
 use chorus_engine::ids::UserId;
 use chorus_engine::view::{ClaimedKeysView, KeysQueryView};
 use serde::Deserialize;
@@ -40,6 +43,14 @@ struct QueryReq {
 struct ClaimReq {
     devices: BTreeMap<String, Vec<String>>,
 }
+
+#[derive(Deserialize)]
+struct ToDeviceReq {
+    messages: BTreeMap<String, BTreeMap<String, serde_json::Value>>,
+}
+
+/// To-device messages in a page when the request names no `limit`.
+const TO_DEVICE_PAGE_DEFAULT: usize = 100;
 
 fn keys(map: BTreeMap<String, String>) -> Vec<DeviceKey> {
     map.into_iter()
@@ -107,6 +118,75 @@ pub(super) async fn remove_device(call: &Call<'_>) -> Result<Reply, ApiError> {
     Ok(Reply::empty())
 }
 
+/// `PUT /e2ee/to-device/{txn_id}`.
+pub(super) async fn send_to_device(call: &Call<'_>) -> Result<Reply, ApiError> {
+    let device = call.device()?;
+    let txn_id = call.param("txn_id");
+    let r: ToDeviceReq = call.json()?;
+    if r.messages.values().map(BTreeMap::len).sum::<usize>() > NAMES_PER_CALL_MAX {
+        return Err(too_many("messages"));
+    }
+    let mut messages = Vec::new();
+    for (user, devices) in r.messages {
+        // A user ID that does not parse names nobody: its messages go nowhere, as for
+        // a user who does not exist.
+        let Ok(user) = user.parse::<UserId>() else {
+            continue;
+        };
+        for (to, content) in devices {
+            if !content.is_object() {
+                return Err(ApiError::invalid("each to-device content is a JSON object"));
+            }
+            let text = content.to_string();
+            if text.len() > TO_DEVICE_CONTENT_BYTES_MAX {
+                return Err(ApiError::too_large(format!(
+                    "a to-device content is at most {TO_DEVICE_CONTENT_BYTES_MAX} bytes"
+                )));
+            }
+            messages.push((user, to, text));
+        }
+    }
+    let engine = call.engine();
+    engine
+        .send_to_device(call.user(), device, txn_id, messages)
+        .await?;
+    Ok(Reply::json(200, &serde_json::json!({})))
+}
+
+/// `GET /e2ee/to-device`: reading after an ID acknowledges everything up to it.
+pub(super) async fn list_to_device(call: &Call<'_>) -> Result<Reply, ApiError> {
+    let device = call.device()?;
+    let after = match call.query("after")? {
+        None => 0,
+        Some(v) => v
+            .parse::<u64>()
+            .map_err(|_| ApiError::invalid("after is a to-device message ID"))?,
+    };
+    let limit = match call.query("limit")? {
+        None => TO_DEVICE_PAGE_DEFAULT,
+        Some(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=PAGE_LIMIT_MAX).contains(n))
+            .ok_or_else(|| {
+                ApiError::invalid(format!(
+                    "limit must be an integer from 1 to {PAGE_LIMIT_MAX}"
+                ))
+            })?,
+    };
+    let (user, engine) = (call.user(), call.engine());
+    if after > 0 {
+        engine.ack_to_device(user, device, after).await?;
+    }
+    let (messages, _) = engine.to_device(user, device, after, limit).await?;
+    // The next read names the last ID of this page, which acknowledges it.
+    let next = messages.last().map(|m| m.id.to_string());
+    Ok(Reply::json(
+        200,
+        &serde_json::json!({ "messages": messages, "next_cursor": next }),
+    ))
+}
+
 fn too_many(field: &str) -> ApiError {
     ApiError::new(
         400,
@@ -121,6 +201,7 @@ pub(super) fn parse_as_every_request(body: &[u8]) -> usize {
         super::parse_json::<UploadReq>(body).is_ok(),
         super::parse_json::<QueryReq>(body).is_ok(),
         super::parse_json::<ClaimReq>(body).is_ok(),
+        super::parse_json::<ToDeviceReq>(body).is_ok(),
     ]
     .into_iter()
     .filter(|ok| *ok)

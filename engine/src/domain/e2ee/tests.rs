@@ -47,6 +47,8 @@ fn run(state: &mut E2eeState, cmd: E2eeCommand) -> Result<E2eeOutcome, DomainErr
                 }
                 E2eeChange::KeysClaimed { keys, .. } => E2eeOutcome::Claimed(keys),
                 E2eeChange::DeviceRemoved { .. } => E2eeOutcome::Removed,
+                E2eeChange::ToDeviceSent { .. } => E2eeOutcome::ToDeviceSent,
+                E2eeChange::ToDeviceAcked { .. } => E2eeOutcome::ToDeviceAcked,
             }
         }
     })
@@ -366,4 +368,143 @@ fn claims_reach_only_users_who_share_a_workspace() {
     )
     .unwrap();
     assert!(claim(&mut s, BOB, &[(ALICE, "phone")]).is_empty());
+}
+
+fn send(
+    s: &mut E2eeState,
+    txn: &str,
+    at_us: u64,
+    to: &[(UserId, &str)],
+) -> Result<E2eeOutcome, DomainError> {
+    let messages = to
+        .iter()
+        .map(|(u, d)| (*u, d.to_string(), format!("{{\"txn\":\"{txn}\"}}")))
+        .collect();
+    let cmd = E2eeCommand::SendToDevice {
+        user: ALICE,
+        device: "phone".into(),
+        txn_id: txn.into(),
+        messages,
+        at_us,
+    };
+    run(s, cmd)
+}
+
+fn ids(s: &E2eeState, user: UserId, device: &str) -> Vec<u64> {
+    s.to_device(user, device, 0, usize::MAX)
+        .0
+        .iter()
+        .map(|m| m.id)
+        .collect()
+}
+
+#[test]
+fn to_device_queues_are_idempotent_bounded_and_acknowledged() {
+    let mut s = E2eeState::default();
+    for (user, device) in [(ALICE, "phone"), (BOB, "laptop"), (STRANGER, "phone")] {
+        register(&mut s, user, device).unwrap();
+    }
+    let hour = 3_600_000_000;
+    let to_bob = [(BOB, "laptop"), (BOB, "gone"), (STRANGER, "phone")];
+    assert_eq!(
+        send(&mut s, "t1", hour, &to_bob),
+        Ok(E2eeOutcome::ToDeviceSent)
+    );
+    // Only Bob's real device got it: the stranger shares no workspace with Alice.
+    assert_eq!(ids(&s, BOB, "laptop"), [1]);
+    assert!(ids(&s, STRANGER, "phone").is_empty());
+    // The same transaction again within a day does nothing; after a day it is new.
+    send(&mut s, "t1", 2 * hour, &to_bob).unwrap();
+    assert_eq!(ids(&s, BOB, "laptop"), [1]);
+    send(&mut s, "t2", 3 * hour, &to_bob).unwrap();
+    send(&mut s, "t1", hour + TXN_KEPT_US, &to_bob).unwrap();
+    assert_eq!(ids(&s, BOB, "laptop"), [1, 2, 3]);
+    let (page, more) = s.to_device(BOB, "laptop", 1, 1);
+    assert_eq!((page[0].id, more), (2, true));
+    assert_eq!(
+        (page[0].sender, page[0].sender_device.as_str()),
+        (ALICE, "phone")
+    );
+    // Acknowledged messages are dropped; their IDs are never given again.
+    let ack = |s: &mut E2eeState, upto| {
+        run(
+            s,
+            E2eeCommand::AckToDevice {
+                user: BOB,
+                device: "laptop".into(),
+                upto,
+            },
+        )
+    };
+    assert_eq!(ack(&mut s, 2), Ok(E2eeOutcome::ToDeviceAcked));
+    assert_eq!(ids(&s, BOB, "laptop"), [3]);
+    assert_eq!(
+        ack(&mut s, 2),
+        Ok(E2eeOutcome::ToDeviceAcked),
+        "nothing left to acknowledge"
+    );
+    ack(&mut s, 3).unwrap();
+    send(&mut s, "t3", 4 * hour, &to_bob).unwrap();
+    assert_eq!(ids(&s, BOB, "laptop"), [4]);
+    // A full queue refuses the whole call, never drops.
+    for i in 0..TO_DEVICE_QUEUE_MAX - 1 {
+        send(&mut s, &format!("f{i}"), 5 * hour, &[(BOB, "laptop")]).unwrap();
+    }
+    assert_eq!(ids(&s, BOB, "laptop").len(), TO_DEVICE_QUEUE_MAX);
+    register(&mut s, BOB, "tablet").unwrap();
+    let both = [(BOB, "tablet"), (BOB, "laptop")];
+    assert!(matches!(
+        send(&mut s, "full", 6 * hour, &both),
+        Err(DomainError::QueueFull(_))
+    ));
+    assert!(ids(&s, BOB, "tablet").is_empty(), "nothing taken");
+    // Removing a device drops its queue.
+    run(
+        &mut s,
+        E2eeCommand::Remove {
+            user: BOB,
+            device: "laptop".into(),
+        },
+    )
+    .unwrap();
+    assert!(ids(&s, BOB, "laptop").is_empty());
+}
+
+#[test]
+fn to_device_input_is_checked() {
+    let mut s = E2eeState::default();
+    register(&mut s, ALICE, "phone").unwrap();
+    register(&mut s, BOB, "laptop").unwrap();
+    assert!(matches!(
+        send(&mut s, "", 1, &[(BOB, "laptop")]),
+        Err(DomainError::Invalid(_))
+    ));
+    assert!(matches!(
+        send(&mut s, "a b", 1, &[(BOB, "laptop")]),
+        Err(DomainError::Invalid(_))
+    ));
+    let big = E2eeCommand::SendToDevice {
+        user: ALICE,
+        device: "phone".into(),
+        txn_id: "big".into(),
+        messages: vec![(
+            BOB,
+            "laptop".into(),
+            "x".repeat(TO_DEVICE_CONTENT_BYTES_MAX + 1),
+        )],
+        at_us: 1,
+    };
+    assert!(matches!(run(&mut s, big), Err(DomainError::TooLarge(_))));
+    let from_nowhere = E2eeCommand::SendToDevice {
+        user: ALICE,
+        device: "tablet".into(),
+        txn_id: "t".into(),
+        messages: vec![],
+        at_us: 1,
+    };
+    assert_eq!(
+        run(&mut s, from_nowhere),
+        Err(DomainError::NotFound("device"))
+    );
+    assert!(ids(&s, BOB, "laptop").is_empty());
 }
