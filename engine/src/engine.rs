@@ -1466,7 +1466,7 @@ impl Engine {
     /// Subscribes to the events of every channel the user is in, live from now. From a
     /// shard thread the subscriber lives on that shard; otherwise on the user's home shard.
     pub async fn subscribe(&self, user: UserId) -> Result<Subscription, EngineError> {
-        self.subscribe_with(user, false).await
+        self.subscribe_with(user, None, false).await
     }
 
     /// Subscribes without delivering anything until [`Subscription::start`], which says
@@ -1475,16 +1475,35 @@ impl Engine {
     /// channel, at most [`HELD_EPHEMERAL_FRAMES_MAX`]) and follows each channel's catch-up. A server uses this when a client may send `resume` as
     /// its first frame.
     pub async fn subscribe_held(&self, user: UserId) -> Result<Subscription, EngineError> {
-        self.subscribe_with(user, true).await
+        self.subscribe_with(user, None, true).await
     }
 
-    async fn subscribe_with(&self, user: UserId, held: bool) -> Result<Subscription, EngineError> {
+    /// [`Engine::subscribe_held`] for a credential bound to an end-to-end encryption
+    /// device (`API.md` §14): the subscription also gets the device's to-device messages,
+    /// the unacknowledged ones first (a window of [`crate::domain::e2ee::TO_DEVICE_WINDOW`]
+    /// at a time, refilled as they are acknowledged), its `e2ee:keys_low` signals, and is
+    /// cut off with [`crate::queue::Cutoff::Revoked`] when the device is removed.
+    pub async fn subscribe_held_device(
+        &self,
+        user: UserId,
+        device: Option<&str>,
+    ) -> Result<Subscription, EngineError> {
+        self.subscribe_with(user, device.map(Arc::from), true).await
+    }
+
+    async fn subscribe_with(
+        &self,
+        user: UserId,
+        device: Option<Arc<str>>,
+        held: bool,
+    ) -> Result<Subscription, EngineError> {
         let shard = self.local_shard(user.0);
         let (queue, frames) =
             crate::queue::subscriber_queue(self.inner.config.subscriber_queue_frames);
         let info = ask(
             |reply| ShardMsg::Subscribe {
                 user,
+                device,
                 queue,
                 held,
                 reply,

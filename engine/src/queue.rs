@@ -413,6 +413,10 @@ pub enum Cutoff {
     /// The sending side closed the queue (unsubscribe, shutdown), or was dropped.
     #[error("the subscription was closed")]
     Closed,
+    /// The subscription's device was removed (`API.md` §14): its credentials no longer
+    /// work, and it must not reconnect with them.
+    #[error("the subscription's device was removed")]
+    Revoked,
 }
 
 /// What happened to a frame given to [`FrameSender::push`].
@@ -435,6 +439,8 @@ const STATE_OPEN: u8 = 0;
 const STATE_OVERFLOW: u8 = 1;
 /// `FrameShared::state` after `close` or the sender's drop.
 const STATE_CLOSED: u8 = 2;
+/// Closed because the subscription's device was removed.
+const STATE_REVOKED: u8 = 3;
 
 /// A bounded FIFO of frames that holds memory only for the frames in it.
 ///
@@ -536,6 +542,7 @@ impl FrameShared {
         match self.state.load(Ordering::Acquire) {
             STATE_OPEN => None,
             STATE_OVERFLOW => Some(Cutoff::Overflow),
+            STATE_REVOKED => Some(Cutoff::Revoked),
             _ => Some(Cutoff::Closed),
         }
     }
@@ -546,6 +553,7 @@ impl FrameShared {
         let state = match reason {
             Cutoff::Overflow => STATE_OVERFLOW,
             Cutoff::Closed => STATE_CLOSED,
+            Cutoff::Revoked => STATE_REVOKED,
         };
         // Release: every frame pushed before the cut is visible to a receiver that sees it.
         let made = self

@@ -729,3 +729,32 @@ impl Serialize for ToDevice {
         map.end()
     }
 }
+
+/// The `to_device` frame of a to-device message (`API.md` §14).
+pub fn to_device_frame(m: &ToDevice) -> bytes::Bytes {
+    struct Frame<'a>(&'a ToDevice);
+    impl Serialize for Frame<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let content: &serde_json::value::RawValue =
+                serde_json::from_str(&self.0.content).map_err(serde::ser::Error::custom)?;
+            let mut map = s.serialize_map(Some(5))?;
+            map.serialize_entry("type", "to_device")?;
+            map.serialize_entry("id", &self.0.id.to_string())?;
+            map.serialize_entry("sender_id", &self.0.sender)?;
+            map.serialize_entry("sender_device_id", &self.0.sender_device)?;
+            map.serialize_entry("content", content)?;
+            map.end()
+        }
+    }
+    serde_json::to_vec(&Frame(m))
+        .expect("a to-device message holds the JSON object it was checked to be")
+        .into()
+}
+
+/// The `e2ee:keys_low` frame: a device has fewer than
+/// [`crate::domain::e2ee::ONE_TIME_KEYS_LOW`] unclaimed one-time keys.
+pub fn keys_low_frame(count: u32) -> bytes::Bytes {
+    format!("{{\"type\":\"e2ee:keys_low\",\"one_time_key_count\":{count}}}")
+        .into_bytes()
+        .into()
+}

@@ -94,6 +94,10 @@ fn answer_to(call: Call) -> Answer {
                 .collect()),
         },
         Call::Activity { .. } => Answer::Activity,
+        Call::AckToDevice { reference, .. } => Answer::AckedToDevice {
+            reference,
+            result: Ok(()),
+        },
         Call::MarkRead {
             reference,
             channel,

@@ -57,6 +57,12 @@ pub enum ClientFrame {
     },
     /// `activity`: the person became active (`true`) or idle.
     Activity(bool),
+    /// `to_device:ack`: the connection's device acknowledges its to-device messages up to
+    /// an ID (`API.md` §14).
+    ToDeviceAck {
+        /// The last ID acknowledged.
+        upto: u64,
+    },
 }
 
 /// A request that changes a channel: rate limited, answered with an `ack`.
@@ -140,6 +146,11 @@ struct MarkReadFields {
 }
 
 #[derive(Deserialize)]
+struct ToDeviceAckFields {
+    upto_id: String,
+}
+
+#[derive(Deserialize)]
 struct ResumeFields {
     since: HashMap<String, u64>,
 }
@@ -193,6 +204,12 @@ fn frame_of(kind: &str, object: Map<String, Value>) -> Result<ClientFrame, ApiEr
         "typing:start" => {
             let f: TypingFields = fields(object)?;
             ClientFrame::Typing(parse_id(&f.channel_id, "channel")?)
+        }
+        "to_device:ack" => {
+            let f: ToDeviceAckFields = fields(object)?;
+            let upto = (f.upto_id.parse())
+                .map_err(|_| ApiError::invalid("upto_id is a to-device message ID"))?;
+            ClientFrame::ToDeviceAck { upto }
         }
         "read:mark" => {
             let f: MarkReadFields = fields(object)?;

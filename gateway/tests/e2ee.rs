@@ -643,3 +643,150 @@ fn a_full_to_device_queue_refuses_and_never_drops() {
     assert_eq!(read_to_device(&s, &tablet, None).len(), 1);
     assert_eq!(read_to_device(&s, &bob, None).len(), 1);
 }
+
+/// The frames of `ws` up to and including the `event` frame of message `text`.
+#[track_caller]
+fn frames_until_message(ws: &mut common::Ws, text: &str) -> Vec<Value> {
+    let mut seen = Vec::new();
+    loop {
+        let v = ws.recv();
+        let done = v["type"] == "event" && v["event"]["message"]["text"] == text;
+        seen.push(v);
+        if done {
+            return seen;
+        }
+        assert!(seen.len() < 10_000, "no event for {text}");
+    }
+}
+
+/// The to-device IDs among `frames`, in order.
+fn to_device_ids(frames: &[Value]) -> Vec<String> {
+    (frames.iter())
+        .filter(|f| f["type"] == "to_device")
+        .map(|f| str_of(&f["id"]))
+        .collect()
+}
+
+// Over the WebSocket: a device's connections get its to-device messages live, ahead of a
+// channel event accepted after them, and no other device's; unacknowledged messages come
+// again on every new connection of the device, first; `to_device:ack` drops them; a
+// connection is sent at most 100 beyond what was acknowledged, and each acknowledgement
+// refills the window.
+#[test]
+fn to_device_frames_reach_their_device_in_order_until_acknowledged() {
+    let s = Server::start(UNLIMITED);
+    let alice = signup_on(&s, "alice", "phone");
+    let laptop = signup_on(&s, "bob", "laptop");
+    let tablet = on_device(&s, &laptop, "tablet");
+    let plain = User {
+        token: str_of(&login_on(&s, &laptop, "laptop").body["token"]),
+        ..laptop.clone()
+    };
+    let wid = s.workspace(&alice, &[&laptop]);
+    let cid = s.channel(&wid, &alice, "general", &[&laptop]);
+    let (mut ws_laptop, _) = s.connect(&laptop);
+    let (mut ws_tablet, _) = s.connect(&tablet);
+    // A plain token (no device) of bob's gets nothing of any device.
+    let plain_token = {
+        let body = json!({"email": laptop.email, "password": common::PASSWORD});
+        str_of(&s.call("POST", "/api/v1/auth/login", None, Some(body)).body["token"])
+    };
+    let mut ws_plain = s.connect_raw(&plain_token).expect("upgrade");
+    assert_eq!(ws_plain.recv()["type"], "hello");
+    drop(plain);
+
+    let to_laptop = |n: u32| json!({ laptop.id.clone(): {"laptop": {"n": n}} });
+    assert_eq!(send_to_device(&s, &alice, "t1", to_laptop(1)).status, 200);
+    s.post(&alice, &cid, "after one");
+    let frames = frames_until_message(&mut ws_laptop, "after one");
+    assert_eq!(to_device_ids(&frames), ["1"]);
+    let first = frames.iter().find(|f| f["type"] == "to_device").unwrap();
+    assert_eq!(first["sender_id"], alice.id);
+    assert_eq!(first["sender_device_id"], "phone");
+    assert_eq!(first["content"], json!({"n": 1}));
+    for ws in [&mut ws_tablet, &mut ws_plain] {
+        let frames = frames_until_message(ws, "after one");
+        assert!(to_device_ids(&frames).is_empty(), "{frames:?}");
+    }
+
+    // Not acknowledged: a new connection of the laptop gets it again, before anything.
+    drop(ws_laptop);
+    let (mut again, _) = s.connect(&laptop);
+    let frame = again.recv();
+    assert_eq!(
+        (frame["type"].clone(), frame["id"].clone()),
+        (json!("to_device"), json!("1"))
+    );
+    again.send(json!({"type": "to_device:ack", "upto_id": "1", "ref": "a1"}));
+    assert_eq!(again.recv_type("ack")["ref"], "a1");
+    drop(again);
+    let (mut third, _) = s.connect(&laptop);
+    s.post(&alice, &cid, "after ack");
+    assert!(to_device_ids(&frames_until_message(&mut third, "after ack")).is_empty());
+
+    // A window of 100: of 150 sent, 100 come; acknowledging 50 brings the other 50.
+    for n in 0..150 {
+        assert_eq!(
+            send_to_device(&s, &alice, &format!("w{n}"), to_laptop(n)).status,
+            200
+        );
+    }
+    s.post(&alice, &cid, "after 150");
+    let frames = frames_until_message(&mut third, "after 150");
+    let ids = to_device_ids(&frames);
+    assert_eq!(ids.len(), 100);
+    assert_eq!((ids[0].as_str(), ids[99].as_str()), ("2", "101"));
+    third.send(json!({"type": "to_device:ack", "upto_id": "51", "ref": "a51"}));
+    assert_eq!(third.recv_type("ack")["ref"], "a51");
+    s.post(&alice, &cid, "after ack 51");
+    let ids = to_device_ids(&frames_until_message(&mut third, "after ack 51"));
+    let want: Vec<String> = (102..=151).map(|i| i.to_string()).collect();
+    assert_eq!(ids, want);
+    // A bad acknowledgement is an error; one from a connection with no device too.
+    third.send(json!({"type": "to_device:ack", "upto_id": "x", "ref": "bad"}));
+    assert_eq!(third.recv_type("error")["ref"], "bad");
+    ws_plain.send(json!({"type": "to_device:ack", "upto_id": "1", "ref": "nodev"}));
+    let e = ws_plain.recv_type("error");
+    assert_eq!(
+        (e["ref"].clone(), e["code"].clone()),
+        (json!("nodev"), json!("invalid_request"))
+    );
+}
+
+// The device's connections hear when its one-time keys run low (fewer than 10), and a
+// removed device's connections are closed with 4001 while the user's others stay.
+#[test]
+fn keys_low_signal_and_removed_device_connections_close() {
+    let s = Server::start(UNLIMITED);
+    let alice = signup_on(&s, "alice", "phone");
+    let laptop = signup_on(&s, "bob", "laptop");
+    let tablet = on_device(&s, &laptop, "tablet");
+    s.workspace(&alice, &[&laptop]);
+    assert_eq!(
+        upload(&s, &laptop, json!({"one_time_keys": one_time_keys(0, 11)})),
+        11
+    );
+    let (mut ws_laptop, _) = s.connect(&laptop);
+    let (mut ws_tablet, _) = s.connect(&tablet);
+    // 11 → 10: not low yet; 10 → 9: low.
+    claim(&s, &alice, json!({ laptop.id.clone(): ["laptop"] }));
+    claim(&s, &alice, json!({ laptop.id.clone(): ["laptop"] }));
+    let low = ws_laptop.recv_type("e2ee:keys_low");
+    assert_eq!(low["one_time_key_count"], 9);
+    ws_laptop.ping("p");
+    assert!(
+        !ws_laptop.stash_holds("e2ee:keys_low"),
+        "one signal for the claim that crossed the line, none before"
+    );
+
+    let r = s.call(
+        "DELETE",
+        "/api/v1/e2ee/devices/tablet",
+        Some(&laptop.token),
+        None,
+    );
+    assert_eq!(r.status, 204);
+    let (code, reason, _) = ws_tablet.recv_close();
+    assert_eq!((code, reason.as_str()), (4001, "device removed"));
+    ws_laptop.ping("still here");
+}

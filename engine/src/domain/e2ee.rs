@@ -39,6 +39,9 @@ pub const KEY_ID_BYTES_MAX: usize = 64;
 pub const TO_DEVICE_QUEUE_MAX: usize = 10_000;
 /// Largest to-device content, in bytes of JSON.
 pub const TO_DEVICE_CONTENT_BYTES_MAX: usize = 64 * 1024;
+/// To-device messages a connection is sent ahead of its acknowledgements: more wait until
+/// it acknowledges some (or are read over REST).
+pub const TO_DEVICE_WINDOW: usize = 100;
 /// Longest to-device transaction ID, in bytes.
 pub const TXN_ID_BYTES_MAX: usize = 128;
 /// How long a to-device transaction ID is remembered: the same one again within this time
@@ -351,6 +354,12 @@ impl E2eeState {
         let page: Vec<ToDevice> = d.inbox.iter().skip(start).take(limit).cloned().collect();
         let more = d.inbox.len() > start + page.len();
         (page, more)
+    }
+
+    /// How many of a device's unacknowledged to-device messages have IDs up to `upto`.
+    pub fn to_device_upto(&self, user: UserId, device: &str, upto: u64) -> usize {
+        self.device(user, device)
+            .map_or(0, |d| d.inbox.partition_point(|m| m.id <= upto))
     }
 
     /// How many one-time keys of a device are unclaimed.

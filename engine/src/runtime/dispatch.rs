@@ -32,6 +32,7 @@ use bytes::Bytes;
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::rc::Rc;
+use std::sync::Arc;
 
 /// What a new subscription starts with.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -105,6 +106,10 @@ struct Member {
 
 struct Sub {
     user: UserId,
+    /// The end-to-end encryption device of its credential, if any.
+    device: Option<Arc<str>>,
+    /// The ID of the last to-device message it was sent (0 for none).
+    to_device_sent: u64,
     /// Live frames are held back (skipped, then fetched from the log) until `start`.
     held: bool,
     outlet: Rc<Outlet>,
@@ -184,6 +189,8 @@ pub(crate) struct Dispatcher {
     /// runs inside that loop, so it must never wait on an inbox: waiting on its own full
     /// inbox would wait forever.
     pub(crate) outbox: Vec<(u32, ShardMsg)>,
+    /// Subscribers to cut off at the next turn: found where the loop cannot wait.
+    pending_cuts: Vec<(u64, Cutoff)>,
 }
 
 /// A catch-up page is asked for only when the subscriber's queue has at least this much
@@ -207,6 +214,7 @@ impl Dispatcher {
             stalled: Vec::new(),
             observer,
             outbox: Vec::new(),
+            pending_cuts: Vec::new(),
         }
     }
 
@@ -215,6 +223,7 @@ impl Dispatcher {
     pub(crate) async fn subscribe(
         &mut self,
         user: UserId,
+        device: Option<Arc<str>>,
         queue: FrameSender,
         held: bool,
         reply: super::Reply<SubscriptionInfo>,
@@ -225,6 +234,8 @@ impl Dispatcher {
             id,
             Sub {
                 user,
+                device,
+                to_device_sent: 0,
                 held,
                 outlet: Rc::new(Outlet {
                     queue,
@@ -466,6 +477,54 @@ impl Dispatcher {
             }
         }
         pushed
+    }
+
+    /// The local subscribers of an end-to-end encryption device, each with the ID of the
+    /// last to-device message it was sent.
+    pub(crate) fn device_subs(&self, user: UserId, device: &str) -> Vec<(u64, u64)> {
+        let ids = self.by_user.get(&user).map(Vec::as_slice).unwrap_or(&[]);
+        ids.iter()
+            .filter_map(|id| Some((*id, self.subs.get(id)?)))
+            .filter(|(_, s)| s.device.as_deref() == Some(device) && !s.outlet.gone.get())
+            .map(|(id, s)| (id, s.to_device_sent))
+            .collect()
+    }
+
+    /// Pushes frames for a device to one of its subscribers: to-device messages up to
+    /// `sent` (which becomes its last sent), or a signal (`sent` unchanged). A subscriber
+    /// whose queue is full is cut off at the next turn.
+    pub(crate) fn push_device_frames(&mut self, sub: u64, frames: Vec<Bytes>, sent: Option<u64>) {
+        let Some(s) = self.subs.get_mut(&sub) else {
+            return;
+        };
+        if let Some(sent) = sent {
+            s.to_device_sent = sent;
+        }
+        for frame in frames {
+            if !s.outlet.send(frame, false) {
+                self.pending_cuts.push((sub, Cutoff::Overflow));
+                return;
+            }
+        }
+    }
+
+    /// Ends the subscriptions of a removed device, at the next turn.
+    pub(crate) fn revoke_device(&mut self, user: UserId, device: &str) {
+        for (sub, _) in self.device_subs(user, device) {
+            self.pending_cuts.push((sub, Cutoff::Revoked));
+        }
+    }
+
+    /// Cuts off the subscribers found since the last turn.
+    pub(crate) async fn cut_pending(&mut self) {
+        for (sub, why) in std::mem::take(&mut self.pending_cuts) {
+            self.cut_off(sub, why).await;
+        }
+    }
+
+    /// Whether subscribers wait to be cut off.
+    pub(crate) fn has_pending_cuts(&self) -> bool {
+        !self.pending_cuts.is_empty()
     }
 
     /// Starts a held subscriber: every channel catches up from the log, the named ones

@@ -709,7 +709,10 @@ impl<E: Env> MetaOwner<E> {
             MetaEvent::ChannelCreated { channel, .. } => Some(*channel),
             _ => None,
         };
-        let count = others + new_channel.is_some() as usize;
+        // The owner's own shard applied the event when it was decided; its subscribers still
+        // take the event's effects (to-device frames) before the event is published.
+        let effects = super::to_device::has_effects(&d.record.event);
+        let count = others + new_channel.is_some() as usize + effects as usize;
         if count == 0 {
             self.publication.published(d.number);
             return;
@@ -720,6 +723,15 @@ impl<E: Env> MetaOwner<E> {
             publication: self.publication.clone(),
         });
         let record = Arc::new(d.record);
+        if effects {
+            let msg = ShardMsg::MetaEffects {
+                record: record.clone(),
+                ack: ack.clone(),
+            };
+            if self.routes.send(0, msg).await.is_err() {
+                ack.done();
+            }
+        }
         for s in 1..self.routes.shard_count() {
             let msg = ShardMsg::MetaApplied {
                 record: record.clone(),

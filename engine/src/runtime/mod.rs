@@ -20,6 +20,7 @@ pub(crate) mod layout;
 pub(crate) mod meta;
 pub(crate) mod partition;
 pub(crate) mod shard;
+pub(crate) mod to_device;
 
 pub(crate) use shard::{run_shard, ShardInboxes, ShardSetup, Started};
 
@@ -363,6 +364,12 @@ pub(crate) enum ShardMsg {
         record: Arc<MetaRecord>,
         ack: Arc<dyn Ack>,
     },
+    /// A committed metadata event the metadata owner's shard applied when it decided it:
+    /// only its effects on this shard's subscribers are left (to-device frames).
+    MetaEffects {
+        record: Arc<MetaRecord>,
+        ack: Arc<dyn Ack>,
+    },
     /// A read of the metadata replica.
     MetaRead(meta::MetaRead),
     /// A consumer's read of the metadata log (metadata owner only).
@@ -376,6 +383,8 @@ pub(crate) enum ShardMsg {
     /// A new subscriber on this shard; a held one gets no live frames until `Start`.
     Subscribe {
         user: UserId,
+        /// The end-to-end encryption device of the credential, if any.
+        device: Option<Arc<str>>,
         queue: FrameSender,
         held: bool,
         reply: Reply<dispatch::SubscriptionInfo>,
@@ -501,6 +510,7 @@ impl ShardMsg {
         match self {
             ShardMsg::Meta(_) => "Meta",
             ShardMsg::MetaApplied { .. } => "MetaApplied",
+            ShardMsg::MetaEffects { .. } => "MetaEffects",
             ShardMsg::MetaRead(_) => "MetaRead",
             ShardMsg::MetaCommitted(_) => "MetaCommitted",
             ShardMsg::Partition { .. } => "Partition",

@@ -328,6 +328,10 @@ impl<E: Env> Shard<E> {
         let mut retry_at = None;
         let mut presence_at = None;
         'turns: loop {
+            // Subscribers found to be cut off where the loop could not wait.
+            if self.dispatcher.has_pending_cuts() {
+                self.dispatcher.cut_pending().await;
+            }
             // Events first: the dispatcher never waits, so whatever the requests wait for,
             // the partitions that deliver to this shard always get their messages in.
             batch.extend(self.own_events.drain(..));
@@ -362,6 +366,7 @@ impl<E: Env> Shard<E> {
             }
             let idle = inboxes.events.is_empty()
                 && self.own_events.is_empty()
+                && !self.dispatcher.has_pending_cuts()
                 && (!self.held.is_empty() || (self.own.is_empty() && inboxes.requests.is_empty()));
             if !idle {
                 continue;
@@ -557,8 +562,13 @@ impl<E: Env> Shard<E> {
                     let _ = waiter.reply.send(Err(Unavailable::ShuttingDown.into()));
                 }
             }
+            ShardMsg::MetaEffects { record, ack } => {
+                super::to_device::effects(&self.meta.borrow(), &mut self.dispatcher, &record.event);
+                ack.done();
+            }
             ShardMsg::MetaApplied { record, ack } => {
                 self.meta.borrow_mut().apply(&record.event);
+                super::to_device::effects(&self.meta.borrow(), &mut self.dispatcher, &record.event);
                 if let crate::domain::event::MetaEvent::ChannelCreated { channel, .. } =
                     &record.event
                 {
@@ -665,10 +675,19 @@ impl<E: Env> Shard<E> {
             ShardMsg::Deliver(batch) => self.dispatcher.deliver(batch).await,
             ShardMsg::Subscribe {
                 user,
+                device,
                 queue,
                 held,
                 reply,
-            } => self.dispatcher.subscribe(user, queue, held, reply).await,
+            } => {
+                let d = device.clone();
+                self.dispatcher
+                    .subscribe(user, device, queue, held, reply)
+                    .await;
+                if let Some(d) = d {
+                    super::to_device::refill(&self.meta.borrow(), &mut self.dispatcher, user, &d);
+                }
+            }
             ShardMsg::Start {
                 sub,
                 since,

@@ -11,7 +11,7 @@
 //! bounded subscriber queue holds back, and at worst cuts off, a client that does not read.
 
 use super::{app_error_code, Mailbox, ShardQuic, CLOSE_UNAUTHORIZED};
-use crate::ctx::ShardCtx;
+use crate::ctx::{Caller, ShardCtx};
 use crate::error::ApiError;
 use crate::protocol::{self, FrameError};
 use crate::session::{
@@ -19,7 +19,6 @@ use crate::session::{
     Violation, BATCH_FRAMES_MAX,
 };
 use bytes::{Bytes, BytesMut};
-use chorus_engine::ids::UserId;
 use chorus_engine::Subscription;
 use futures::channel::oneshot;
 use futures::future::{poll_fn, LocalBoxFuture};
@@ -42,7 +41,7 @@ enum Phase {
     /// Waiting for the `auth` frame, until the deadline.
     Auth { until: Instant },
     /// Checking the token and subscribing.
-    Opening(LocalBoxFuture<'static, Result<(UserId, Subscription), ApiError>>),
+    Opening(LocalBoxFuture<'static, Result<(Caller, Subscription), ApiError>>),
     /// The session runs.
     Live(Box<Live>),
     /// The session ended: its last frames are being delivered (the send stream is
@@ -253,9 +252,10 @@ impl Driver {
         };
         let ctx = self.ctx.clone();
         self.phase = Phase::Opening(Box::pin(async move {
-            let user = crate::ctx::authenticate_token(&ctx, &token).await?.user;
-            let sub = ctx.shared.engine.subscribe_held(user).await?;
-            Ok((user, sub))
+            let caller = crate::ctx::authenticate_token(&ctx, &token).await?;
+            let engine = &ctx.shared.engine;
+            let sub = (engine.subscribe_held_device(caller.user, caller.device.as_deref())).await?;
+            Ok((caller, sub))
         }));
     }
 
@@ -267,10 +267,10 @@ impl Driver {
         self.close_code(CLOSE_UNAUTHORIZED, why);
     }
 
-    fn start_session(&mut self, user: UserId, sub: Subscription, now: Instant) {
+    fn start_session(&mut self, caller: Caller, sub: Subscription, now: Instant) {
         let config = &self.ctx.shared.config;
         let core = SessionCore::new(
-            user,
+            caller.user,
             rand::random(),
             SessionConfig {
                 heartbeat_interval_s: config.heartbeat_interval_s,
@@ -278,7 +278,8 @@ impl Driver {
                 presence_flush: std::time::Duration::from_millis(config.presence_flush_ms),
             },
             now,
-        );
+        )
+        .with_device(caller.device);
         self.phase = Phase::Live(Box::new(Live {
             core,
             control: sub.control(),
@@ -530,8 +531,8 @@ impl Driver {
     fn poll_session(&mut self, cx: &mut Context<'_>, now: Instant) -> Option<Poll<()>> {
         if let Phase::Opening(opening) = &mut self.phase {
             return match opening.as_mut().poll(cx) {
-                Poll::Ready(Ok((user, sub))) => {
-                    self.start_session(user, sub, now);
+                Poll::Ready(Ok((caller, sub))) => {
+                    self.start_session(caller, sub, now);
                     Some(Poll::Ready(()))
                 }
                 Poll::Ready(Err(e)) => {

@@ -82,6 +82,7 @@ pub fn app_error_code(reason: CloseReason) -> u32 {
         CloseReason::Violation(Violation::TooLarge) => 1009,
         CloseReason::Unavailable => 1011,
         CloseReason::ResumeRequired => 4000,
+        CloseReason::Revoked => CLOSE_UNAUTHORIZED,
         CloseReason::HeartbeatTimeout => 4002,
     }
 }

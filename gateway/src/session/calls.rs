@@ -54,6 +54,17 @@ pub async fn run_call(
             }
             Answer::Activity
         }
+        Call::AckToDevice {
+            reference,
+            device,
+            upto,
+        } => Answer::AckedToDevice {
+            reference,
+            result: engine
+                .ack_to_device(user, &device, upto)
+                .await
+                .map_err(ApiError::from),
+        },
         Call::MarkRead {
             reference,
             channel,

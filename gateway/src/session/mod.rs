@@ -81,6 +81,8 @@ pub enum CloseReason {
     HeartbeatTimeout,
     /// The engine could not start the session.
     Unavailable,
+    /// The session's device was removed: its credentials no longer work.
+    Revoked,
     /// The client broke the transport's protocol.
     Violation(Violation),
 }
@@ -148,6 +150,15 @@ pub enum Call {
         /// Which.
         active: bool,
     },
+    /// Acknowledge the device's to-device messages up to an ID.
+    AckToDevice {
+        /// The frame's `ref` (`Null` when it had none: then only an error is answered).
+        reference: Value,
+        /// The connection's device.
+        device: String,
+        /// The last ID acknowledged.
+        upto: u64,
+    },
     /// Move the read marker of a channel forward.
     MarkRead {
         /// The frame's `ref`.
@@ -194,6 +205,13 @@ pub enum Answer {
     },
     /// The activity was reported (or the session is ending anyway).
     Activity,
+    /// To-device messages were acknowledged, or not.
+    AckedToDevice {
+        /// The frame's `ref`.
+        reference: Value,
+        /// What the engine said.
+        result: Result<(), ApiError>,
+    },
     /// A read marker was marked (with the caller's read state), or the mark failed.
     Read {
         /// The frame's `ref`.
@@ -221,6 +239,8 @@ type Parsed = (Value, Result<ClientFrame, ApiError>);
 #[derive(Debug)]
 pub struct SessionCore {
     user: UserId,
+    /// The end-to-end encryption device of the session's credential, if any.
+    device: Option<String>,
     config: SessionConfig,
     phase: Phase,
     last_heard: Instant,
@@ -259,6 +279,7 @@ impl SessionCore {
         replies.push_back(protocol::hello(conn_id, user, config.heartbeat_interval_s));
         SessionCore {
             user,
+            device: None,
             config,
             phase: Phase::Grace {
                 until: now + RESUME_GRACE,
@@ -276,6 +297,13 @@ impl SessionCore {
             watching: watched::Watched::default(),
             active: true,
         }
+    }
+
+    /// The session of a credential bound to an end-to-end encryption device: it may
+    /// acknowledge the device's to-device messages.
+    pub fn with_device(mut self, device: Option<String>) -> SessionCore {
+        self.device = device;
+        self
     }
 
     /// The user the session belongs to.
@@ -430,6 +458,11 @@ impl SessionCore {
                 Err(e) => self.reply_error(&reference, &e),
             },
             Answer::Activity => {}
+            Answer::AckedToDevice { reference, result } => match result {
+                Ok(()) if reference.is_null() => {}
+                Ok(()) => self.replies.push_back(protocol::ack(&reference, None)),
+                Err(e) => self.reply_error(&reference, &e),
+            },
             Answer::Read { reference, result } => {
                 let frame = match result {
                     Ok(read) => protocol::ack_read(&reference, &read),
@@ -503,6 +536,7 @@ impl SessionCore {
             Some(cut) if self.replies.is_empty() && self.events.is_empty() => Some(match cut {
                 Cutoff::Overflow => CloseReason::ResumeRequired,
                 Cutoff::Closed => CloseReason::GoingAway,
+                Cutoff::Revoked => CloseReason::Revoked,
             }),
             _ => None,
         }
@@ -610,6 +644,25 @@ impl SessionCore {
                 Ok(()) => self.presence_sub(reference, op, users),
                 Err(e) => self.reply_error(&reference, &e),
             },
+            ClientFrame::ToDeviceAck { upto } => {
+                match (&self.device, limits.take_rate(self.user)) {
+                    (None, _) => {
+                        let e = ApiError::invalid(
+                        "this connection's token is bound to no device: sign in with a device_id",
+                    );
+                        self.reply_error(&reference, &e);
+                    }
+                    (Some(device), Ok(())) => {
+                        let device = device.clone();
+                        self.call = Some(Call::AckToDevice {
+                            reference,
+                            device,
+                            upto,
+                        });
+                    }
+                    (Some(_), Err(e)) => self.reply_error(&reference, &e),
+                }
+            }
             ClientFrame::Activity(active) => {
                 // Only a change reaches the owner: clients may report on every keystroke.
                 if active != self.active {

@@ -47,14 +47,13 @@
 mod out;
 
 use crate::conn::Socket;
-use crate::ctx::ShardCtx;
+use crate::ctx::{Caller, ShardCtx};
 use crate::error::ApiError;
 use crate::session::{
     run_call, take_events, Answer, CloseReason, SessionConfig, SessionCore, SubscriptionControl,
     Violation, BATCH_FRAMES_MAX,
 };
 use bytes::Bytes;
-use chorus_engine::ids::UserId;
 use chorus_engine::Subscription;
 use futures::channel::oneshot;
 use futures::future::{poll_fn, LocalBoxFuture};
@@ -116,10 +115,12 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: Socket, deadline: Instant) {
     // The handshake's and the subscription's futures are boxed: they are done before the
     // session starts, and inline they would enlarge every idle connection's task.
     let handshake = Box::pin(handshake(&ctx, stream));
-    let Some((user, mut ws)) = crate::conn::until(deadline, handshake).await.flatten() else {
+    let Some((caller, mut ws)) = crate::conn::until(deadline, handshake).await.flatten() else {
         return;
     };
-    let sub = match Box::pin(ctx.shared.engine.subscribe_held(user)).await {
+    let engine = &ctx.shared.engine;
+    let device = caller.device.as_deref();
+    let sub = match Box::pin(engine.subscribe_held_device(caller.user, device)).await {
         Ok(sub) => sub,
         Err(e) => {
             tracing::warn!(error = %e, "subscribe failed");
@@ -128,7 +129,7 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: Socket, deadline: Instant) {
         }
     };
     // Owned here and borrowed by `run`: an async fn taking it by value would hold it twice.
-    let mut session = Session::new(ctx, user, ws, sub);
+    let mut session = Session::new(ctx, caller, ws, sub);
     session.run().await;
 }
 
@@ -136,7 +137,7 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: Socket, deadline: Instant) {
 /// Returns the user and the WebSocket when it was accepted. Everything it holds (the
 /// request, its headers, the handshake's buffers) is gone once it returns, so an idle
 /// session does not keep it.
-async fn handshake(ctx: &ShardCtx, stream: Socket) -> Option<(UserId, WebSocket<SyncIo<Socket>>)> {
+async fn handshake(ctx: &ShardCtx, stream: Socket) -> Option<(Caller, WebSocket<SyncIo<Socket>>)> {
     let machine = HandshakeMachine::start_read(SyncIo::new(stream));
     let Some(StageResult::DoneReading {
         result: request,
@@ -214,14 +215,13 @@ type ExtraHeader = Option<(HeaderName, &'static str)>;
 async fn accept(
     ctx: &ShardCtx,
     request: &HandshakeRequest,
-) -> Result<(UserId, HandshakeResponse), (ApiError, ExtraHeader)> {
+) -> Result<(Caller, HandshakeResponse), (ApiError, ExtraHeader)> {
     if request.uri().path() != WS_PATH {
         return Err((ApiError::new(404, "not_found", "no such endpoint"), None));
     }
     let user = crate::ctx::authenticate(ctx, request.headers(), request.uri())
         .await
-        .map_err(|e| (e, None))?
-        .user;
+        .map_err(|e| (e, None))?;
     if ctx.shared.draining.load(Ordering::SeqCst) {
         let e = ApiError::unavailable("the server is shutting down");
         return Err((e, None));
@@ -370,6 +370,7 @@ fn close_code(reason: CloseReason) -> Exit {
         CloseReason::GoingAway => Exit::Close(1001, "going away"),
         CloseReason::ResumeRequired => Exit::Close(CLOSE_RESUME_REQUIRED, "resume required"),
         CloseReason::HeartbeatTimeout => Exit::Close(CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout"),
+        CloseReason::Revoked => Exit::Close(CLOSE_UNAUTHORIZED, "device removed"),
         CloseReason::Unavailable => Exit::Close(1011, "unavailable"),
         CloseReason::Violation(Violation::InvalidUtf8) => Exit::Fail(1007, "invalid UTF-8"),
         CloseReason::Violation(Violation::TooLarge) => Exit::Fail(1009, "message too large"),
@@ -401,14 +402,14 @@ struct Session {
 impl Session {
     fn new(
         ctx: Rc<ShardCtx>,
-        user: UserId,
+        caller: Caller,
         ws: WebSocket<SyncIo<Socket>>,
         sub: Subscription,
     ) -> Session {
         let config = &ctx.shared.config;
         let now = Instant::now();
         let core = SessionCore::new(
-            user,
+            caller.user,
             rand::random(),
             SessionConfig {
                 heartbeat_interval_s: config.heartbeat_interval_s,
@@ -416,7 +417,8 @@ impl Session {
                 presence_flush: std::time::Duration::from_millis(config.presence_flush_ms),
             },
             now,
-        );
+        )
+        .with_device(caller.device);
         let armed_for = core.poll_timeout();
         let drain = ctx.on_drain();
         Session {

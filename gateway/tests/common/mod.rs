@@ -551,6 +551,11 @@ impl Ws {
         }
     }
 
+    /// Whether a frame of this type was read and kept for later.
+    pub fn stash_holds(&self, kind: &str) -> bool {
+        self.stash.iter().any(|v| v["type"] == kind)
+    }
+
     /// Sends a ping with a ref and waits for its pong, skipping other frames: the
     /// connection is alive and has handled everything sent before.
     #[track_caller]
