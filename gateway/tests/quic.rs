@@ -510,3 +510,56 @@ async fn quic_sessions_are_counted_while_open() {
     }
     assert_eq!(server.metric("chorus_quic_packets_lost_total"), 0.0);
 }
+
+/// `name` signed up on `device`: its token is bound to the device (`API.md` §14).
+fn signup_on_device(server: &Server, name: &str, device: &str) -> User {
+    let email = format!("{name}@example.com");
+    let body =
+        json!({"email": email, "password": common::PASSWORD, "name": name, "device_id": device});
+    let r = server.call("POST", "/api/v1/auth/signup", None, Some(body));
+    assert_eq!(r.status, 201, "{}", r.text);
+    User {
+        id: common::str_of(&r.body["user"]["id"]),
+        email,
+        token: common::str_of(&r.body["token"]),
+    }
+}
+
+// A QUIC session opened with a device's token gets the device's to-device messages,
+// acknowledges them with `to_device:ack`, and is closed with 4001 when the device is
+// removed: the same session core as the WebSocket's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn to_device_over_quic() {
+    let server = Server::start(UNLIMITED);
+    let alice = signup_on_device(&server, "alice", "phone");
+    let bob = signup_on_device(&server, "bob", "laptop");
+    server.workspace(&alice, &[&bob]);
+    let mut quic = Raw::session(&server, &bob).await;
+    let messages = json!({"messages": {bob.id.clone(): {"laptop": {"hello": "quic"}}}});
+    let r = server.call(
+        "PUT",
+        "/api/v1/e2ee/to-device/t1",
+        Some(&alice.token),
+        Some(messages),
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
+    let frame = quic.recv_type("to_device").await;
+    assert_eq!(
+        (frame["id"].clone(), frame["content"].clone()),
+        (json!("1"), json!({"hello": "quic"}))
+    );
+    quic.send(&json!({"type": "to_device:ack", "upto_id": "1", "ref": "a"}))
+        .await;
+    assert_eq!(quic.recv_type("ack").await["ref"], "a");
+    let left = server.call("GET", "/api/v1/e2ee/to-device", Some(&bob.token), None);
+    assert_eq!(left.body["messages"], json!([]), "acknowledged over QUIC");
+    let r = server.call(
+        "DELETE",
+        "/api/v1/e2ee/devices/laptop",
+        Some(&bob.token),
+        None,
+    );
+    assert_eq!(r.status, 204);
+    let (end, _) = quic.until_closed().await;
+    assert!(matches!(end, Ended::Closed(4001)), "{end:?}");
+}
