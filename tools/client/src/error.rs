@@ -49,6 +49,19 @@ pub enum Error {
         "the connection dropped before the server answered; the request may have taken effect"
     )]
     Interrupted,
+    /// An end-to-end encryption call was made with a session that is not signed in on the
+    /// device it is about (keys are published only by their own device).
+    #[error("this call needs a session on device {wanted}; the session's device is {have:?}")]
+    WrongDevice {
+        /// The device the call is about.
+        wanted: String,
+        /// The device the session's token is bound to, if any.
+        have: Option<String>,
+    },
+    /// An Olm session could not be made, or a to-device message encrypted, for a call that
+    /// joins the network to the device's cryptography (`crate::e2ee`).
+    #[error(transparent)]
+    Olm(#[from] crate::e2ee::OlmError),
     /// The stream was closed, by [`crate::Stream::close`] or because it ended with an
     /// error that was already returned.
     #[error("the stream is closed")]

@@ -4,8 +4,10 @@
 //! It speaks the public API of `API.md` over plain `http://` and `ws://` (no TLS), on
 //! tokio:
 //!
-//! - [`Client`] signs up and logs in; [`Session`] holds the token and makes every REST call,
-//!   answering with the typed shapes of [`types`].
+//! - [`Client`] signs up and logs in, on an end-to-end encryption device or not;
+//!   [`Session`] holds the token and makes every REST call, answering with the typed shapes
+//!   of [`types`]; [`e2ee`] holds a device's cryptography, and the §14 calls that publish
+//!   its keys and carry its to-device messages.
 //! - [`Session::connect`] opens the event [`Stream`]: every event of every channel the user
 //!   is in, exactly once and in `seq` order per channel, however often the connection
 //!   drops. It reconnects with jittered exponential backoff, resumes from the last seq it
@@ -50,11 +52,11 @@ pub use outbox::REQUESTS_ON_WIRE_MAX;
 pub use quic::{client_config as quic_client_config, fingerprint, QuicTarget};
 pub use rest::{Client, Session, PAGE_LIMIT_MAX, REQUEST_TIMEOUT};
 pub use stream::{
-    new_client_msg_id, ConnectOptions, Event, Stats, Stream, StreamHandle, Transport, Typing,
-    CLOSE_TIMEOUT, CLOSE_UNAUTHORIZED, COMMAND_QUEUE_MAX, CONNECT_TIMEOUT, EVENT_QUEUE_MAX,
+    new_client_msg_id, ConnectOptions, Event, Stats, Stream, StreamHandle, Transport, Typing, CLOSE_TIMEOUT, CLOSE_UNAUTHORIZED, COMMAND_QUEUE_MAX, CONNECT_TIMEOUT, EVENT_QUEUE_MAX,
     HEARTBEAT_INTERVAL_MIN, RATE_LIMIT_RETRY_DEFAULT, TYPING_QUEUE_MAX, WRITE_QUEUE_MAX,
 };
 pub use tracker::{Membership, SeqTracker, Verdict};
 pub use types::{
-    Channel, ChannelKind, Me, Member, Message, MessagePage, Posted, User, Version, Workspace,
+    Channel, ChannelKind, Me, Member, Message, MessagePage, Posted, ToDeviceMessage, ToDevicePage,
+    User, Version, Workspace,
 };

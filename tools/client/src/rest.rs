@@ -1,5 +1,6 @@
-//! The REST calls of `API.md`: [`Client`] signs up and logs in, [`Session`] makes every
-//! authenticated call with its token and opens the event stream.
+//! The REST calls of `API.md`: [`Client`] signs up and logs in (on an end-to-end
+//! encryption device or not), [`Session`] makes every authenticated call with its token and
+//! opens the event stream. The calls of `API.md` §14 are in `e2ee/net.rs`.
 //!
 //! Each call answers with the typed shape of `API.md`, or [`Error::Api`] with the status and
 //! the server's error `code`. Calls are not retried: a 429 comes back with its
@@ -37,12 +38,17 @@ pub struct Session {
     pub token: String,
     /// The user the token names.
     pub user: User,
+    /// The end-to-end encryption device the token is bound to (`API.md` §14), when it was
+    /// signed in on one.
+    pub device_id: Option<String>,
 }
 
 #[derive(Deserialize)]
 struct AuthAnswer {
     user: User,
     token: String,
+    #[serde(default)]
+    device_id: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -87,7 +93,7 @@ impl Client {
     }
 
     /// `base/api/v1/<segments>`, each segment percent-encoded.
-    fn api(&self, segments: &[&str]) -> Url {
+    pub(crate) fn api(&self, segments: &[&str]) -> Url {
         let mut all = vec!["api", "v1"];
         all.extend_from_slice(segments);
         self.url(&all)
@@ -105,25 +111,67 @@ impl Client {
     /// `POST /api/v1/auth/signup`: creates an account and logs it in.
     pub async fn signup(&self, email: &str, password: &str, name: &str) -> Result<Session, Error> {
         let body = json!({"email": email, "password": password, "name": name});
-        let request = self.http.post(self.api(&["auth", "signup"])).json(&body);
-        let (_, a): (_, AuthAnswer) = call(request).await?;
-        Ok(self.session(a.token, a.user))
+        self.auth("signup", body).await
+    }
+
+    /// `POST /api/v1/auth/signup` with a `device_id`: creates an account and logs it in on
+    /// that end-to-end encryption device (registered, and bound to the token).
+    pub async fn signup_on_device(
+        &self,
+        email: &str,
+        password: &str,
+        name: &str,
+        device_id: &str,
+    ) -> Result<Session, Error> {
+        let body =
+            json!({"email": email, "password": password, "name": name, "device_id": device_id});
+        self.auth("signup", body).await
     }
 
     /// `POST /api/v1/auth/login`.
     pub async fn login(&self, email: &str, password: &str) -> Result<Session, Error> {
         let body = json!({"email": email, "password": password});
-        let request = self.http.post(self.api(&["auth", "login"])).json(&body);
-        let (_, a): (_, AuthAnswer) = call(request).await?;
-        Ok(self.session(a.token, a.user))
+        self.auth("login", body).await
     }
 
-    /// A session from a token kept from an earlier login.
+    /// `POST /api/v1/auth/login` with a `device_id`: logs in on that end-to-end encryption
+    /// device, registering it if it is new. A removed device's ID is refused (409).
+    pub async fn login_on_device(
+        &self,
+        email: &str,
+        password: &str,
+        device_id: &str,
+    ) -> Result<Session, Error> {
+        let body = json!({"email": email, "password": password, "device_id": device_id});
+        self.auth("login", body).await
+    }
+
+    async fn auth(&self, which: &str, body: Value) -> Result<Session, Error> {
+        let request = self.http.post(self.api(&["auth", which])).json(&body);
+        let (_, a): (_, AuthAnswer) = call(request).await?;
+        // The device is the one the server says it bound the token to, not the one asked
+        // for: a server that ignored the ID bound the token to none.
+        Ok(Session {
+            device_id: a.device_id,
+            ..self.session(a.token, a.user)
+        })
+    }
+
+    /// A session from a token kept from an earlier login without a device.
     pub fn session(&self, token: String, user: User) -> Session {
         Session {
             client: self.clone(),
             token,
             user,
+            device_id: None,
+        }
+    }
+
+    /// A session from a token kept from an earlier login on `device_id`.
+    pub fn device_session(&self, token: String, user: User, device_id: &str) -> Session {
+        Session {
+            device_id: Some(device_id.to_owned()),
+            ..self.session(token, user)
         }
     }
 
@@ -135,7 +183,9 @@ impl Client {
 }
 
 /// Sends a request; returns the status and the JSON answer, or the server's error.
-async fn call<T: DeserializeOwned>(request: RequestBuilder) -> Result<(StatusCode, T), Error> {
+pub(crate) async fn call<T: DeserializeOwned>(
+    request: RequestBuilder,
+) -> Result<(StatusCode, T), Error> {
     let (status, bytes) = exchange(request).await?;
     let value = serde_json::from_slice(&bytes)
         .map_err(|e| Error::Decode(format!("{e} in {}", String::from_utf8_lossy(&bytes))))?;
@@ -143,7 +193,7 @@ async fn call<T: DeserializeOwned>(request: RequestBuilder) -> Result<(StatusCod
 }
 
 /// Sends a request whose answer has no body worth reading.
-async fn call_empty(request: RequestBuilder) -> Result<(), Error> {
+pub(crate) async fn call_empty(request: RequestBuilder) -> Result<(), Error> {
     exchange(request).await.map(|_| ())
 }
 
@@ -176,7 +226,7 @@ async fn exchange(request: RequestBuilder) -> Result<(StatusCode, bytes::Bytes),
 }
 
 /// Takes `{key: T}` out of an answer.
-fn field<T: DeserializeOwned>(mut value: Value, key: &str) -> Result<T, Error> {
+pub(crate) fn field<T: DeserializeOwned>(mut value: Value, key: &str) -> Result<T, Error> {
     let inner = value
         .get_mut(key)
         .map(Value::take)
@@ -190,14 +240,14 @@ impl Session {
         &self.client
     }
 
-    fn request(&self, method: Method, segments: &[&str]) -> RequestBuilder {
+    pub(crate) fn request(&self, method: Method, segments: &[&str]) -> RequestBuilder {
         self.client
             .http
             .request(method, self.client.api(segments))
             .bearer_auth(&self.token)
     }
 
-    fn request_url(&self, method: Method, url: Url) -> RequestBuilder {
+    pub(crate) fn request_url(&self, method: Method, url: Url) -> RequestBuilder {
         self.client
             .http
             .request(method, url)
@@ -467,7 +517,7 @@ impl Session {
     }
 }
 
-fn paging(url: &mut Url, key: &str, cursor: Option<&str>, limit: usize) {
+pub(crate) fn paging(url: &mut Url, key: &str, cursor: Option<&str>, limit: usize) {
     let mut q = url.query_pairs_mut();
     if let Some(c) = cursor {
         q.append_pair(key, c);

@@ -147,6 +147,39 @@ pub struct Posted {
     pub created: bool,
 }
 
+/// A to-device message (`API.md` §14), as `GET /e2ee/to-device` lists it and a `to_device`
+/// frame carries it: opaque JSON from one device to another, here usually an Olm envelope
+/// for [`crate::e2ee::E2eeManager::receive_to_device`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ToDeviceMessage {
+    /// Its ID in the recipient device's queue: an increasing integer, as a string.
+    /// Acknowledging an ID acknowledges every message up to it.
+    pub id: String,
+    /// The user whose device sent it.
+    pub sender_id: String,
+    /// The device that sent it.
+    pub sender_device_id: String,
+    /// What was sent: a JSON object.
+    pub content: serde_json::Value,
+}
+
+impl ToDeviceMessage {
+    /// The ID as a number; `None` if the server sent something else.
+    pub fn seq(&self) -> Option<u64> {
+        self.id.parse().ok()
+    }
+}
+
+/// One page of a device's to-device messages, oldest first; `next_cursor` is the last ID of
+/// the page (`None` when it is empty), and reading after it acknowledges the page.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ToDevicePage {
+    /// The messages, in ID order.
+    pub messages: Vec<ToDeviceMessage>,
+    /// Pass this as `after` to read on (and acknowledge this page).
+    pub next_cursor: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

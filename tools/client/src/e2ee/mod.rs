@@ -11,10 +11,15 @@
 //! - [`E2eeManager::save`] and [`E2eeManager::load`] keep it in a file encrypted with a
 //!   passphrase.
 //!
-//! API boundary: this module makes no network calls and knows no REST shapes beyond the
-//! JSON of §14's bodies; the caller uploads, claims, sends and delivers. Deliberately
-//! absent so far: cross-signing and user verification (a device is trusted when its own
-//! signature verifies), key backup, and replay detection of a Megolm message index.
+//! - `net` is the network edge: the §14 calls as [`crate::Session`] methods
+//!   ([`crate::Session::publish_keys`], [`crate::Session::query_keys`],
+//!   [`crate::Session::claim_keys`], [`crate::Session::send_to_device`], ...) and the steps
+//!   that join them to a manager ([`crate::Session::share_group_key`]).
+//!
+//! API boundary: everything but `net` makes no network calls and knows no REST shapes
+//! beyond the JSON of §14's bodies; `net` keeps no state. Deliberately absent so far:
+//! cross-signing and user verification (a device is trusted when its own signature
+//! verifies), key backup, and replay detection of a Megolm message index.
 //!
 //! ```
 //! use chorus_client::e2ee::{DeviceAccount, E2eeManager, PeerDevice, Received};
@@ -39,6 +44,7 @@ mod account;
 mod keys;
 mod manager;
 mod megolm;
+mod net;
 mod olm;
 mod store;
 
@@ -48,6 +54,9 @@ pub use manager::E2eeManager;
 pub use megolm::{
     ChannelPlaintext, MegolmError, Received, ToDeviceBatch, ALGORITHM_MEGOLM, CIPHERTEXT_BYTES_MAX,
     GROUP_SESSION_MESSAGES_MAX, ROOM_KEY_TYPE,
+};
+pub use net::{
+    new_txn_id, ClaimedKey, QueriedDevices, RejectedDevice, TO_DEVICE_SEND_ATTEMPTS_MAX,
 };
 pub use olm::{OlmError, ALGORITHM_OLM, SESSIONS_PER_DEVICE_MAX, TO_DEVICE_CONTENT_BYTES_MAX};
 pub use store::{
