@@ -4,6 +4,7 @@
 //! Frame types this SDK does not know are read as [`ServerFrame::Unknown`] and ignored, so a
 //! newer server can add some.
 
+use crate::types::ToDeviceMessage;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -49,6 +50,10 @@ pub(crate) enum ServerFrame {
         #[serde(default)]
         channels: HashMap<String, u64>,
     },
+    #[serde(rename = "to_device")]
+    ToDevice(ToDeviceMessage),
+    #[serde(rename = "e2ee:keys_low")]
+    KeysLow { one_time_key_count: u64 },
     #[serde(other)]
     Unknown,
 }
@@ -116,6 +121,10 @@ pub(crate) enum Request {
         add: bool,
     },
     Ping,
+    /// `to_device:ack`: the connection's device acknowledges its to-device messages.
+    AckToDevice {
+        upto_id: String,
+    },
 }
 
 impl Request {
@@ -161,15 +170,22 @@ impl Request {
                        "message_id": message_id, "emoji": emoji})
             }
             Request::Ping => return ping(Some(reference)),
+            Request::AckToDevice { upto_id } => {
+                json!({"type": "to_device:ack", "ref": reference, "upto_id": upto_id})
+            }
         };
         v.to_string()
     }
 
     /// Whether sending it twice has the effect of sending it once, so that it may be sent
     /// again after a reconnection when its answer never came. A send is, through its
-    /// `client_msg_id`; a ping has no effect.
+    /// `client_msg_id`; a ping has no effect; acknowledging up to an ID again changes
+    /// nothing.
     pub fn repeatable(&self) -> bool {
-        matches!(self, Request::Send { .. } | Request::Ping)
+        matches!(
+            self,
+            Request::Send { .. } | Request::Ping | Request::AckToDevice { .. }
+        )
     }
 }
 
@@ -216,12 +232,26 @@ mod tests {
                 channels: HashMap::from([("C1".into(), 9)])
             }
         );
+        let f = ServerFrame::parse(
+            r#"{"type":"to_device","id":"3","sender_id":"U1","sender_device_id":"D1",
+                "content":{"algorithm":"olm.v1"}}"#,
+        )
+        .unwrap();
+        assert!(matches!(f, ServerFrame::ToDevice(ToDeviceMessage { ref id, .. }) if id == "3"));
+        let f = ServerFrame::parse(r#"{"type":"e2ee:keys_low","one_time_key_count":9}"#).unwrap();
+        assert_eq!(
+            f,
+            ServerFrame::KeysLow {
+                one_time_key_count: 9
+            }
+        );
         let f = ServerFrame::parse(r#"{"type":"presence","x":1}"#).unwrap();
         assert_eq!(f, ServerFrame::Unknown);
         assert!(ServerFrame::parse("{").is_err());
     }
 
-    // A send carries every field API.md names, and only sends and pings may be repeated.
+    // A send and a to-device acknowledgement carry every field API.md names, and only
+    // sends, pings and acknowledgements may be repeated.
     #[test]
     fn client_frames() {
         let send = Request::Send {
@@ -241,6 +271,12 @@ mod tests {
             message_id: "M1-1".into(),
         };
         assert!(!delete.repeatable());
+        let ack = Request::AckToDevice {
+            upto_id: "42".into(),
+        };
+        let v: Value = serde_json::from_str(&ack.frame(4)).unwrap();
+        assert_eq!(v, json!({"type":"to_device:ack","ref":4,"upto_id":"42"}));
+        assert!(ack.repeatable());
         let v: Value = serde_json::from_str(&resume(&HashMap::from([("C1".into(), 5)]))).unwrap();
         assert_eq!(v, json!({"type":"resume","since":{"C1":5}}));
     }

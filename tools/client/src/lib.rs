@@ -52,7 +52,8 @@ pub use outbox::REQUESTS_ON_WIRE_MAX;
 pub use quic::{client_config as quic_client_config, fingerprint, QuicTarget};
 pub use rest::{Client, Session, PAGE_LIMIT_MAX, REQUEST_TIMEOUT};
 pub use stream::{
-    new_client_msg_id, ConnectOptions, Event, Stats, Stream, StreamHandle, Transport, Typing, CLOSE_TIMEOUT, CLOSE_UNAUTHORIZED, COMMAND_QUEUE_MAX, CONNECT_TIMEOUT, EVENT_QUEUE_MAX,
+    new_client_msg_id, ConnectOptions, Event, Stats, Stream, StreamHandle, StreamItem, Transport,
+    Typing, CLOSE_TIMEOUT, CLOSE_UNAUTHORIZED, COMMAND_QUEUE_MAX, CONNECT_TIMEOUT, EVENT_QUEUE_MAX,
     HEARTBEAT_INTERVAL_MIN, RATE_LIMIT_RETRY_DEFAULT, TYPING_QUEUE_MAX, WRITE_QUEUE_MAX,
 };
 pub use tracker::{Membership, SeqTracker, Verdict};

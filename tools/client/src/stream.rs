@@ -31,6 +31,14 @@
 //!   waits for the application to read: a connection lost while the queue is full is
 //!   opened again at once when requests are waiting, and otherwise once there is room.
 //!
+//! A session signed in on an end-to-end encryption device also gets its to-device messages
+//! and `e2ee:keys_low` signals ([`Stream::next_item`]), in the order the server sent them
+//! among the events (a room key before the message it opens). The server sends a to-device
+//! message again on every connection until it is acknowledged
+//! ([`StreamHandle::ack_to_device`]); the stream hands each ID out once, dropping any at or
+//! below the last it delivered. While the application's queue is full they are dropped
+//! like events, unacknowledged, and come again on the reconnection that follows.
+//!
 //! A channel is tracked from [`ConnectOptions::since`], or (by default) from the
 //! `last_seq` that REST reports for every channel the user can see when the stream opens,
 //! and otherwise from its first delivered event. A channel the user joins while the stream
@@ -43,7 +51,7 @@ use crate::frames::{self, EventFrame, Request, ServerFrame};
 use crate::outbox::{Outbox, REQUESTS_ON_WIRE_MAX};
 use crate::rest::{Client, Session};
 use crate::tracker::{Membership, SeqTracker, Verdict};
-use crate::types::Message;
+use crate::types::{Message, ToDeviceMessage};
 use futures_util::stream::SplitSink;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use rand::rngs::StdRng;
@@ -155,6 +163,22 @@ impl Event {
     }
 }
 
+/// What a stream hands the application, in the order the server sent it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StreamItem {
+    /// An event of a channel.
+    Event(Event),
+    /// A to-device message for this session's device (`API.md` §14); acknowledge it once
+    /// handled, or it comes again on the next connection.
+    ToDevice(ToDeviceMessage),
+    /// The device has fewer than 10 unclaimed one-time keys left: publish more
+    /// ([`Session::top_up_one_time_keys`]). Dropped, not repeated, when the queue is full.
+    KeysLow {
+        /// The device's unclaimed one-time keys.
+        one_time_key_count: u64,
+    },
+}
+
 /// A `typing` notice: someone is typing in a channel. Ephemeral: never replayed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Typing {
@@ -236,7 +260,7 @@ pub fn new_client_msg_id() -> String {
 /// The event stream of one user. Read it with [`Stream::next_event`]; send through it, or
 /// through [`StreamHandle`]s from other tasks. Dropping it ends the connection.
 pub struct Stream {
-    events: mpsc::Receiver<Event>,
+    events: mpsc::Receiver<StreamItem>,
     typing: mpsc::Receiver<Typing>,
     handle: StreamHandle,
     end: Arc<Mutex<Option<Error>>>,
@@ -294,6 +318,7 @@ impl Session {
             end: end.clone(),
             rng: StdRng::from_entropy(),
             overflowed: false,
+            to_device_last: 0,
         };
         let task = tokio::spawn(task.run(conn));
         Ok(Stream {
@@ -314,11 +339,26 @@ impl Stream {
     /// The next event: in `seq` order per channel, never twice, never with a gap. Waits
     /// until one comes. Fails once the stream has ended: with the reason the first time
     /// (the token was refused, or reconnecting failed), with [`Error::Closed`] after.
+    /// To-device messages and key signals met on the way are skipped (unacknowledged, so
+    /// the server keeps them); a device's application reads [`Stream::next_item`] instead.
     pub async fn next_event(&mut self) -> Result<Event, Error> {
+        loop {
+            if let StreamItem::Event(event) = self.next_item().await? {
+                return Ok(event);
+            }
+        }
+    }
+
+    /// The next item: an event (as [`Stream::next_event`] hands them out), a to-device
+    /// message, or a key signal, in the order the server sent them. Fails as
+    /// [`Stream::next_event`] does.
+    pub async fn next_item(&mut self) -> Result<StreamItem, Error> {
         match self.events.recv().await {
-            Some(event) => {
-                self.last.insert(event.channel_id.clone(), event.seq);
-                Ok(event)
+            Some(item) => {
+                if let StreamItem::Event(event) = &item {
+                    self.last.insert(event.channel_id.clone(), event.seq);
+                }
+                Ok(item)
             }
             None => Err(self.ended()),
         }
@@ -358,6 +398,11 @@ impl Stream {
     /// Tells the channel that the user is typing; see [`StreamHandle::typing`].
     pub async fn typing(&self, channel_id: &str) -> Result<(), Error> {
         self.handle.typing(channel_id).await
+    }
+
+    /// Acknowledges to-device messages; see [`StreamHandle::ack_to_device`].
+    pub async fn ack_to_device(&self, upto_id: &str) -> Result<(), Error> {
+        self.handle.ack_to_device(upto_id).await
     }
 
     /// Measures a round trip; see [`StreamHandle::ping`].
@@ -495,6 +540,18 @@ impl StreamHandle {
             message_id: message.to_owned(),
             emoji: emoji.to_owned(),
             add,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// `to_device:ack`: acknowledges this device's to-device messages up to `upto_id`, so
+    /// the server forgets them and stops sending them on new connections; returns once the
+    /// server has done so. Repeated on the next connection if the answer was lost (which
+    /// is harmless).
+    pub async fn ack_to_device(&self, upto_id: &str) -> Result<(), Error> {
+        self.request(Request::AckToDevice {
+            upto_id: upto_id.to_owned(),
         })
         .await
         .map(|_| ())
@@ -829,7 +886,7 @@ struct Task {
     tracker: SeqTracker,
     outbox: Outbox<Reply>,
     commands: mpsc::Receiver<Command>,
-    events: mpsc::Sender<Event>,
+    events: mpsc::Sender<StreamItem>,
     typing: mpsc::Sender<Typing>,
     counters: Arc<Counters>,
     end: Arc<Mutex<Option<Error>>>,
@@ -837,6 +894,8 @@ struct Task {
     /// The application's queue was full: events are being dropped until it has room and
     /// the stream has reconnected.
     overflowed: bool,
+    /// The ID of the last to-device message delivered (0: none yet).
+    to_device_last: u64,
 }
 
 impl Task {
@@ -1056,7 +1115,11 @@ impl Task {
                 });
             }
             ServerFrame::Resumed { channels } => return self.on_resumed(&channels),
-            ServerFrame::Hello { .. } | ServerFrame::Unknown => {}
+            ServerFrame::ToDevice(m) => return self.on_to_device(m),
+            ServerFrame::KeysLow { one_time_key_count } if !self.overflowed => {
+                return self.push(StreamItem::KeysLow { one_time_key_count })
+            }
+            ServerFrame::Hello { .. } | ServerFrame::KeysLow { .. } | ServerFrame::Unknown => {}
         }
         None
     }
@@ -1126,17 +1189,39 @@ impl Task {
             seq: f.seq,
             event: f.event,
         };
-        match self.events.try_send(event) {
-            Ok(()) => {
-                self.tracker.delivered(&channel, seq, membership);
-                bump(&self.counters.events_delivered);
-                None
-            }
+        let end = self.push(StreamItem::Event(event));
+        if self.overflowed {
+            self.tracker.hold(&channel, seq);
+        } else if end.is_none() {
+            self.tracker.delivered(&channel, seq, membership);
+            bump(&self.counters.events_delivered);
+        }
+        end
+    }
+
+    /// A to-device message goes to the application once: one at or below the last
+    /// delivered ID is a repeat the server sends on every connection until acknowledged.
+    fn on_to_device(&mut self, m: ToDeviceMessage) -> Option<End> {
+        let id = m.seq();
+        if self.overflowed || id.is_some_and(|id| id <= self.to_device_last) {
+            return None;
+        }
+        let end = self.push(StreamItem::ToDevice(m));
+        if end.is_none() && !self.overflowed {
+            self.to_device_last = id.unwrap_or(self.to_device_last);
+        }
+        end
+    }
+
+    /// Puts an item in the application's queue; when it is full, marks the stream
+    /// overflowed (the item is dropped, and the reconnection once there is room resumes).
+    fn push(&mut self, item: StreamItem) -> Option<End> {
+        match self.events.try_send(item) {
+            Ok(()) => None,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 bump(&self.counters.queue_overflows);
                 tracing::debug!(user = %self.user_id, "event queue full; will resume");
                 self.overflowed = true;
-                self.tracker.hold(&channel, seq);
                 None
             }
             Err(mpsc::error::TrySendError::Closed(_)) => Some(End::Closed),
@@ -1190,7 +1275,7 @@ mod tests {
         .to_string()
     }
 
-    fn task(queue_max: usize) -> (Task, mpsc::Receiver<Event>) {
+    fn task(queue_max: usize) -> (Task, mpsc::Receiver<StreamItem>) {
         let (events, rx) = mpsc::channel(queue_max);
         let (typing, _) = mpsc::channel(1);
         let (_, commands) = mpsc::channel(1);
@@ -1210,8 +1295,80 @@ mod tests {
             end: Arc::new(Mutex::new(None)),
             rng: StdRng::seed_from_u64(1),
             overflowed: false,
+            to_device_last: 0,
         };
         (task, rx)
+    }
+
+    /// The seq of the next queued item, which must be an event.
+    fn next_seq(rx: &mut mpsc::Receiver<StreamItem>) -> u64 {
+        match rx.try_recv() {
+            Ok(StreamItem::Event(e)) => e.seq,
+            other => panic!("expected an event, got {other:?}"),
+        }
+    }
+
+    fn to_device_frame(id: u64) -> WsMessage {
+        WsMessage::text(
+            serde_json::json!({
+                "type": "to_device", "id": id.to_string(), "sender_id": "U2",
+                "sender_device_id": "D2", "content": {"n": id},
+            })
+            .to_string(),
+        )
+    }
+
+    /// What is queued, as short labels: `e<seq>`, `t<id>`, `low<count>`.
+    fn queued(rx: &mut mpsc::Receiver<StreamItem>) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(item) = rx.try_recv() {
+            out.push(match item {
+                StreamItem::Event(e) => format!("e{}", e.seq),
+                StreamItem::ToDevice(m) => format!("t{}", m.id),
+                StreamItem::KeysLow { one_time_key_count } => format!("low{one_time_key_count}"),
+            });
+        }
+        out
+    }
+
+    // To-device messages and key signals reach the application among the events, in the
+    // order the server sent them; a to-device message the server sends again (as on every
+    // new connection until it is acknowledged) is handed out once.
+    #[test]
+    fn to_device_messages_are_delivered_once_in_order() {
+        let (mut t, mut rx) = task(16);
+        let low = serde_json::json!({"type": "e2ee:keys_low", "one_time_key_count": 9});
+        let script = [
+            to_device_frame(1),
+            WsMessage::text(event_frame("C1", 1, "message:new", "U2")),
+            to_device_frame(2),
+            // A new connection: everything unacknowledged again, then more.
+            to_device_frame(1),
+            to_device_frame(2),
+            WsMessage::text(low.to_string()),
+            to_device_frame(3),
+        ];
+        for frame in script {
+            assert!(t.on_message(frame).is_none());
+        }
+        assert_eq!(queued(&mut rx), ["t1", "e1", "t2", "low9", "t3"]);
+    }
+
+    // A to-device message that finds the queue full is not recorded as delivered, so the
+    // resend on the reconnection that follows delivers it, once.
+    #[test]
+    fn a_full_queue_drops_to_device_messages_for_the_resend() {
+        let (mut t, mut rx) = task(2);
+        for id in 1..=3 {
+            assert!(t.on_message(to_device_frame(id)).is_none());
+        }
+        assert!(t.overflowed);
+        assert_eq!(queued(&mut rx), ["t1", "t2"]);
+        t.overflowed = false;
+        for id in 1..=3 {
+            assert!(t.on_message(to_device_frame(id)).is_none());
+        }
+        assert_eq!(queued(&mut rx), ["t3"]);
     }
 
     // A fake frame sequence with a repeat, a gap and a short `resumed`: the application
@@ -1240,7 +1397,7 @@ mod tests {
         for (frame, reconnect) in &script {
             let end = t.on_message(WsMessage::text(frame.clone()));
             assert_eq!(end.is_some(), *reconnect, "{frame}");
-            while let Ok(e) = rx.try_recv() {
+            while let Ok(StreamItem::Event(e)) = rx.try_recv() {
                 delivered.push((e.channel_id, e.seq));
             }
         }
@@ -1267,15 +1424,15 @@ mod tests {
         }
         assert!(t.overflowed);
         assert_eq!(t.tracker.since(), HashMap::from([("C1".to_owned(), 2)]));
-        assert_eq!(rx.try_recv().unwrap().seq, 1);
-        assert_eq!(rx.try_recv().unwrap().seq, 2);
+        assert_eq!(next_seq(&mut rx), 1);
+        assert_eq!(next_seq(&mut rx), 2);
         // The reconnection clears the overflow; the resume starts after seq 2.
         t.overflowed = false;
         for seq in 3..=4 {
             t.on_message(WsMessage::text(event_frame("C1", seq, "message:new", "U2")));
         }
-        assert_eq!(rx.try_recv().unwrap().seq, 3);
-        assert_eq!(rx.try_recv().unwrap().seq, 4);
+        assert_eq!(next_seq(&mut rx), 3);
+        assert_eq!(next_seq(&mut rx), 4);
         assert_eq!(t.counters.snapshot().queue_overflows, 1);
     }
 

@@ -14,7 +14,8 @@
 //! - `net` is the network edge: the §14 calls as [`crate::Session`] methods
 //!   ([`crate::Session::publish_keys`], [`crate::Session::query_keys`],
 //!   [`crate::Session::claim_keys`], [`crate::Session::send_to_device`], ...) and the steps
-//!   that join them to a manager ([`crate::Session::share_group_key`]).
+//!   that join them to a manager ([`crate::Session::share_group_key`]). The stream hands
+//!   out `to_device` and `e2ee:keys_low` frames as [`crate::StreamItem`]s.
 //!
 //! API boundary: everything but `net` makes no network calls and knows no REST shapes
 //! beyond the JSON of §14's bodies; `net` keeps no state. Deliberately absent so far:
