@@ -11,7 +11,7 @@
 
 mod common;
 
-use chorus_client::e2ee::{DeviceAccount, E2eeManager, PeerDevice, Received};
+use chorus_client::e2ee::{DeviceAccount, E2eeManager, PeerDevice, Received, ToDeviceBatch};
 use chorus_client::{Client, ConnectOptions, Error, Session, Stream, StreamItem};
 use common::{Server, PASSWORD, UNLIMITED};
 use serde_json::json;
@@ -109,8 +109,8 @@ async fn next_e2ee_item(stream: &mut Stream) -> Result<StreamItem, Error> {
 
 // Alice's device finds Bob's two devices through a key query (each signature verified by
 // the SDK), claims a one-time key of each, starts Olm sessions and shares a Megolm key
-// through the server; the laptop takes it from its stream and acknowledges it there, the
-// phone reads it over REST (and sees it on its stream too) and acknowledges it there; then
+// through the server; the laptop takes it from its stream (and, after a reconnection,
+// is not handed it twice) and acknowledges it there, the phone reads it over REST (and sees it on its stream too) and acknowledges it there; then
 // both decrypt all of 1,000 Megolm messages, none undecryptable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_share_a_megolm_key_through_the_server_and_read_1000_messages() {
@@ -174,7 +174,30 @@ async fn devices_share_a_megolm_key_through_the_server_and_read_1000_messages() 
         .e2ee
         .receive_to_device(&m.sender_id, &m.sender_device_id, &m.content);
     assert_eq!(got.unwrap(), room_key);
-    laptop_stream.ack_to_device(&m.id).await.unwrap();
+    // Not acknowledged yet: a new connection gets it again first, and the stream drops
+    // the repeat, so the next to-device item is the next message.
+    laptop_stream.force_disconnect().await;
+    laptop_stream.ping().await.unwrap();
+    assert_eq!(laptop_stream.stats().connections, 2);
+    let laptop_peer = (members.iter())
+        .find(|d| d.device_id == "bob-laptop")
+        .unwrap()
+        .clone();
+    let note = json!({"type": "chorus.test", "n": 2});
+    let content = alice.e2ee.encrypt_to_device(&laptop_peer, &note).unwrap();
+    let mut batch = ToDeviceBatch::new();
+    batch
+        .entry(bob_id.clone())
+        .or_default()
+        .insert("bob-laptop".into(), content);
+    alice.session.send_to_device(&batch).await.unwrap();
+    let StreamItem::ToDevice(second) = next_e2ee_item(&mut laptop_stream).await.unwrap() else {
+        panic!("expected a to-device message");
+    };
+    assert_eq!(second.id, "2", "the resent first message was dropped");
+    let got = (laptop.e2ee).receive_to_device(&second.sender_id, "alice-laptop", &second.content);
+    assert_eq!(got.unwrap(), Received::Other(note));
+    laptop_stream.ack_to_device(&second.id).await.unwrap();
     let left = laptop.session.to_device_messages(None, 100).await.unwrap();
     assert!(
         left.messages.is_empty(),
@@ -354,7 +377,7 @@ async fn a_to_device_send_with_a_lost_answer_is_retried_and_delivered_once() {
         alice.session.user.clone(),
         "alice-laptop",
     );
-    let mut batch = chorus_client::e2ee::ToDeviceBatch::new();
+    let mut batch = ToDeviceBatch::new();
     batch
         .entry(laptop.user_id().to_owned())
         .or_default()
