@@ -19,7 +19,7 @@ mod notify;
 mod search;
 
 use crate::body::ReqBody;
-use crate::ctx::{authenticate, token_now, Caller, ShardCtx};
+use crate::ctx::{authenticate, off_shard, token_now, Caller, ShardCtx};
 use crate::error::ApiError;
 use crate::protocol::{message_in, parse_id};
 use bytes::Bytes;
@@ -976,12 +976,6 @@ async fn run(op: Op, call: &Call<'_>) -> Result<Reply, ApiError> {
         Op::SendToDevice => e2ee::send_to_device(call).await,
         Op::ListToDevice => e2ee::list_to_device(call).await,
     }
-}
-
-/// Runs password hashing off the shard's event loop: it takes tens of milliseconds of CPU
-/// by design, and the shard must keep serving its other connections meanwhile.
-async fn off_shard<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
-    glommio::executor().spawn_blocking(f).await
 }
 
 /// A hash to verify against when the email is unknown, so that a login for an unknown

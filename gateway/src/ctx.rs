@@ -241,6 +241,12 @@ fn query_token(uri: &hyper::http::Uri) -> Option<&str> {
         .find_map(|kv| kv.strip_prefix("token="))
 }
 
+/// Runs blocking work (password hashing, file I/O) off the shard's event loop, on glommio's
+/// blocking pool: the shard keeps serving its other connections meanwhile.
+pub(crate) async fn off_shard<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+    glommio::executor().spawn_blocking(f).await
+}
+
 /// The current time in seconds, for tokens.
 pub fn token_now() -> u64 {
     std::time::SystemTime::now()

@@ -32,7 +32,7 @@ pub mod upload;
 
 use crate::api::{Route, Verb};
 use crate::body::ReqBody;
-use crate::ctx::{authenticate, token_now, ShardCtx};
+use crate::ctx::{authenticate, off_shard, token_now, ShardCtx};
 use crate::error::ApiError;
 use bytes::Bytes;
 use chorus_engine::ids::{FileId, UserId, WorkspaceId};
@@ -500,10 +500,6 @@ async fn reclaim(ctx: &ShardCtx, sha: store::Sha256) {
         }
     }
     store.pins.unmark_removing(&sha);
-}
-
-async fn off_shard<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
-    glommio::executor().spawn_blocking(f).await
 }
 
 fn internal(e: io::Error) -> ApiError {
