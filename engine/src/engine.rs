@@ -27,7 +27,7 @@ use crate::runtime::dispatch::SubscriptionInfo;
 use crate::runtime::meta::{MetaRead, MetaRequest};
 use crate::runtime::{
     ChannelRead, Gather, OfChannel, PartitionMsg, Reply, Routes, ShardInboxes, ShardMsg,
-    ShardSenders, ShardSetup, Started, SumGather, CURRENT_SHARD,
+    ShardSenders, ShardSetup, Started, CURRENT_SHARD,
 };
 use crate::view::{
     ChannelView, FileView, MemberView, MessageView, ReadView, UserView, WorkspaceView,
@@ -556,7 +556,7 @@ impl Engine {
     #[doc(hidden)]
     pub async fn subscriber_index(&self) -> Result<Vec<crate::SubscriberCount>, EngineError> {
         let (tx, rx) = oneshot::channel();
-        let audit = crate::runtime::Audit::new(self.inner.config.partitions as usize, tx);
+        let audit = crate::runtime::audit(self.inner.config.partitions as usize, tx);
         for s in 0..self.inner.routes.shard_count() {
             let a = audit.clone();
             let msg =
@@ -879,7 +879,7 @@ impl Engine {
         ask: impl Fn(Arc<Gather<T>>) -> PartitionMsg + Clone + Send + 'static,
     ) -> Result<Vec<T>, EngineError> {
         let (tx, rx) = oneshot::channel();
-        let gather = Gather::new(self.inner.config.partitions as usize, tx);
+        let gather = crate::runtime::gather(self.inner.config.partitions as usize, tx);
         for s in 0..self.inner.routes.shard_count() {
             let (g, ask) = (gather.clone(), ask.clone());
             let msg = ShardMsg::AllPartitions(Box::new(move || ask(g.clone())));
@@ -1212,7 +1212,7 @@ impl Engine {
     async fn unread_totals(&self, users: Arc<Vec<UserId>>) -> Result<Vec<u64>, EngineError> {
         let (tx, rx) = oneshot::channel();
         let partitions = self.inner.config.partitions as usize;
-        let out = SumGather::new(partitions, users.len(), tx);
+        let out = crate::runtime::sum_gather(partitions, users.len(), tx);
         for s in 0..self.inner.routes.shard_count() {
             let (out, users) = (out.clone(), users.clone());
             let ask = move || PartitionMsg::UnreadTotals {
@@ -1454,7 +1454,7 @@ impl Engine {
             by_shard.entry(home).or_default().push(*u);
         }
         let (tx, rx) = oneshot::channel();
-        let gather = crate::runtime::PresenceGather::new(by_shard.len(), Vec::new(), tx);
+        let gather = crate::runtime::presence_gather(by_shard.len(), Vec::new(), tx);
         for (shard, users) in by_shard {
             let out = gather.clone();
             let msg = ShardMsg::PresenceQuery { asker, users, out };

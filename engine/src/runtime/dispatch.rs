@@ -949,7 +949,7 @@ impl Dispatcher {
             by_shard.entry(self.home(u)).or_default().1.push(u);
         }
         let asked = by_shard.values().filter(|(a, _)| !a.is_empty()).count();
-        let gather = reply.map(|r| super::PresenceGather::new(asked, Vec::new(), r));
+        let gather = reply.map(|r| super::presence_gather(asked, Vec::new(), r));
         for (shard, (add, remove)) in by_shard {
             let out = gather.clone().filter(|_| !add.is_empty());
             let msg = ShardMsg::PresenceWatch {

@@ -192,30 +192,51 @@ impl OfChannel for ReadView {
     }
 }
 
-/// Gathers the answers of every partition to a scatter query.
-pub(crate) struct Gather<T> {
+/// Answers one reply once `count` parts (partitions or shards) have each added their part,
+/// merged into one value: the gather of a scatter query. Each kind of query is an alias
+/// with its own constructor below.
+pub(crate) struct Fold<A, P> {
     left: AtomicUsize,
-    items: Mutex<Vec<T>>,
-    reply: Mutex<Option<Reply<Vec<T>>>>,
+    acc: Mutex<A>,
+    merge: fn(&mut A, P),
+    finish: fn(&mut A),
+    reply: Mutex<Option<Reply<A>>>,
 }
 
-impl<T: OfChannel> Gather<T> {
-    pub(crate) fn new(count: usize, reply: Reply<Vec<T>>) -> Arc<Gather<T>> {
-        Arc::new(Gather {
+impl<A: Default, P> Fold<A, P> {
+    fn new(
+        count: usize,
+        acc: A,
+        merge: fn(&mut A, P),
+        finish: fn(&mut A),
+        reply: Reply<A>,
+    ) -> Arc<Fold<A, P>> {
+        let fold = Arc::new(Fold {
             left: AtomicUsize::new(count),
-            items: Mutex::new(Vec::new()),
+            acc: Mutex::new(acc),
+            merge,
+            finish,
             reply: Mutex::new(Some(reply)),
-        })
+        });
+        if count == 0 {
+            fold.answer();
+        }
+        fold
     }
 
-    pub(crate) fn add(&self, mut views: Vec<T>) {
-        self.items.lock().expect("gather").append(&mut views);
+    /// Adds one part; the last part answers.
+    pub(crate) fn add(&self, part: P) {
+        (self.merge)(&mut self.acc.lock().expect("fold"), part);
         if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let mut items = std::mem::take(&mut *self.items.lock().expect("gather"));
-            items.sort_by_key(|c| c.channel());
-            if let Some(reply) = self.reply.lock().expect("gather").take() {
-                let _ = reply.send(Ok(items));
-            }
+            self.answer();
+        }
+    }
+
+    fn answer(&self) {
+        let mut acc = self.acc.lock().expect("fold");
+        (self.finish)(&mut acc);
+        if let Some(reply) = self.reply.lock().expect("fold").take() {
+            let _ = reply.send(Ok(std::mem::take(&mut *acc)));
         }
     }
 }
@@ -234,39 +255,22 @@ pub(crate) enum ConnReport {
 /// What users show, each with their ID and the owner's change number it includes.
 pub(crate) type Presences = Vec<(UserId, Presence, u64)>;
 
-/// Gathers the presence owners' answers about the users each owns.
-pub(crate) struct PresenceGather {
-    left: AtomicUsize,
-    items: Mutex<Presences>,
-    reply: Mutex<Option<Reply<Presences>>>,
-}
+/// Gathers the presence owners' answers about the users each owns, sorted by user.
+pub(crate) type PresenceGather = Fold<Presences, Presences>;
 
-impl PresenceGather {
-    /// Answers `reply` once `count` owners have added theirs (at once when `count` is 0).
-    pub(crate) fn new(
-        count: usize,
-        items: Presences,
-        reply: Reply<Presences>,
-    ) -> Arc<PresenceGather> {
-        let gather = Arc::new(PresenceGather {
-            left: AtomicUsize::new(count + 1),
-            items: Mutex::new(items),
-            reply: Mutex::new(Some(reply)),
-        });
-        gather.add(Vec::new());
-        gather
-    }
-
-    pub(crate) fn add(&self, mut found: Presences) {
-        self.items.lock().expect("gather").append(&mut found);
-        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let mut items = std::mem::take(&mut *self.items.lock().expect("gather"));
-            items.sort_unstable_by_key(|(u, _, _)| *u);
-            if let Some(reply) = self.reply.lock().expect("gather").take() {
-                let _ = reply.send(Ok(items));
-            }
-        }
-    }
+/// Answers `reply` with `items` and what `count` owners add (at once when `count` is 0).
+pub(crate) fn presence_gather(
+    count: usize,
+    items: Presences,
+    reply: Reply<Presences>,
+) -> Arc<PresenceGather> {
+    Fold::new(
+        count,
+        items,
+        append,
+        |items| items.sort_unstable_by_key(|(u, _, _)| *u),
+        reply,
+    )
 }
 
 /// The message at a seq as it is now (`None` if there is none), and for each asked user,
@@ -274,69 +278,53 @@ impl PresenceGather {
 pub(crate) type Recipients = (Option<crate::view::MessageView>, Vec<(bool, u64)>);
 
 /// Adds up, element by element, what every partition counts for one list (the users of
-/// [`PartitionMsg::UnreadTotals`]), and answers once all have.
-pub(crate) struct SumGather {
-    left: AtomicUsize,
-    sums: Mutex<Vec<u64>>,
-    reply: Mutex<Option<Reply<Vec<u64>>>>,
+/// [`PartitionMsg::UnreadTotals`]); fewer counts than the list's length count as zeros.
+pub(crate) type SumGather = Fold<Vec<u64>, Vec<u64>>;
+
+/// Answers `reply` with `len` sums once `count` partitions have added theirs.
+pub(crate) fn sum_gather(count: usize, len: usize, reply: Reply<Vec<u64>>) -> Arc<SumGather> {
+    let add_up = |sums: &mut Vec<u64>, counts: Vec<u64>| {
+        for (sum, n) in sums.iter_mut().zip(counts) {
+            *sum += n;
+        }
+    };
+    Fold::new(count, vec![0; len], add_up, |_| {}, reply)
 }
 
-impl SumGather {
-    /// Answers `reply` with `len` sums once `count` partitions have added theirs.
-    pub(crate) fn new(count: usize, len: usize, reply: Reply<Vec<u64>>) -> Arc<SumGather> {
-        Arc::new(SumGather {
-            left: AtomicUsize::new(count),
-            sums: Mutex::new(vec![0; len]),
-            reply: Mutex::new(Some(reply)),
-        })
-    }
+/// Gathers every partition's subscriber index, sorted.
+pub(crate) type Audit =
+    Fold<Vec<crate::outcome::SubscriberCount>, Vec<crate::outcome::SubscriberCount>>;
 
-    /// Adds one partition's counts (fewer than the list's length count as zeros).
-    pub(crate) fn add(&self, counts: &[u64]) {
-        {
-            let mut sums = self.sums.lock().expect("gather");
-            for (sum, n) in sums.iter_mut().zip(counts) {
-                *sum += n;
-            }
-        }
-        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let sums = std::mem::take(&mut *self.sums.lock().expect("gather"));
-            if let Some(reply) = self.reply.lock().expect("gather").take() {
-                let _ = reply.send(Ok(sums));
-            }
-        }
-    }
+/// Answers `reply` once `count` partitions have added their subscriber counts.
+pub(crate) fn audit(
+    count: usize,
+    reply: Reply<Vec<crate::outcome::SubscriberCount>>,
+) -> Arc<Audit> {
+    Fold::new(
+        count,
+        Vec::new(),
+        append,
+        |items| items.sort_unstable(),
+        reply,
+    )
 }
 
-/// Gathers every partition's subscriber index.
-pub(crate) struct Audit {
-    left: AtomicUsize,
-    items: Mutex<Vec<crate::outcome::SubscriberCount>>,
-    reply: Mutex<Option<Reply<Vec<crate::outcome::SubscriberCount>>>>,
+/// The answers of every partition to a scatter query, sorted by channel.
+pub(crate) type Gather<T> = Fold<Vec<T>, Vec<T>>;
+
+/// Answers `reply` once `count` partitions have added their items.
+pub(crate) fn gather<T: OfChannel>(count: usize, reply: Reply<Vec<T>>) -> Arc<Gather<T>> {
+    Fold::new(
+        count,
+        Vec::new(),
+        append,
+        |items| items.sort_by_key(|c| c.channel()),
+        reply,
+    )
 }
 
-impl Audit {
-    pub(crate) fn new(
-        count: usize,
-        reply: Reply<Vec<crate::outcome::SubscriberCount>>,
-    ) -> Arc<Audit> {
-        Arc::new(Audit {
-            left: AtomicUsize::new(count),
-            items: Mutex::new(Vec::new()),
-            reply: Mutex::new(Some(reply)),
-        })
-    }
-
-    pub(crate) fn add(&self, mut counts: Vec<crate::outcome::SubscriberCount>) {
-        self.items.lock().expect("audit").append(&mut counts);
-        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let mut items = std::mem::take(&mut *self.items.lock().expect("audit"));
-            items.sort_unstable();
-            if let Some(reply) = self.reply.lock().expect("audit").take() {
-                let _ = reply.send(Ok(items));
-            }
-        }
-    }
+fn append<T>(items: &mut Vec<T>, mut part: Vec<T>) {
+    items.append(&mut part);
 }
 
 /// One committed event for the subscribers of one shard.

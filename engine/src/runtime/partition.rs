@@ -1180,7 +1180,7 @@ impl<E: Env> Partition<E> {
             } => {
                 let _ = reply.send(self.answer(user, channel, read).await);
             }
-            PartitionMsg::UnreadTotals { users, out } => out.add(&self.unread_totals(&users)),
+            PartitionMsg::UnreadTotals { users, out } => out.add(self.unread_totals(&users)),
             PartitionMsg::PushChecks {
                 channel,
                 seq,
@@ -1550,7 +1550,7 @@ pub(crate) fn fail(msg: PartitionMsg, why: &Unavailable) {
         PartitionMsg::Visible { out, .. } => out.add(Vec::new()),
         PartitionMsg::FileReaders { out, .. } => out.add(Vec::new()),
         PartitionMsg::Unreads { out, .. } => out.add(Vec::new()),
-        PartitionMsg::UnreadTotals { out, .. } => out.add(&[]),
+        PartitionMsg::UnreadTotals { out, .. } => out.add(Vec::new()),
         PartitionMsg::PushChecks { reply, .. } => {
             let _ = reply.send(Err(err()));
         }
