@@ -220,6 +220,19 @@ async fn devices_share_a_megolm_key_through_the_server_and_read_1000_messages() 
     let left = phone.session.to_device_messages(None, 100).await.unwrap();
     assert!(left.messages.is_empty(), "acknowledged over REST: {left:?}");
 
+    // The server never held a plaintext: the room key's and the note's payload types are
+    // only inside the Olm encryption, and neither any file of the data directory (logs,
+    // snapshots, everything) nor the REST answer holds them.
+    // The scan does read where the messages are kept: their envelopes' algorithm is there.
+    assert!(!files_holding(server.dir(), b"olm.v1").is_empty());
+    for marker in ["chorus.room_key", "chorus.test"] {
+        let found = files_holding(server.dir(), marker.as_bytes());
+        assert!(found.is_empty(), "{marker} in {found:?}");
+        assert!(!serde_json::to_string(&page.messages)
+            .unwrap()
+            .contains(marker));
+    }
+
     // 1,000 messages, handed over in memory (no encrypted channels on the server yet).
     let mut decrypted = [0usize; 2];
     for i in 0..MESSAGES {
@@ -393,4 +406,23 @@ async fn a_to_device_send_with_a_lost_answer_is_retried_and_delivered_once() {
     let page = laptop.session.to_device_messages(None, 100).await.unwrap();
     assert_eq!(page.messages.len(), 1, "{page:?}");
     assert_eq!(page.messages[0].content, json!({"hello": "once"}));
+}
+
+/// The files under `dir` (recursively) whose bytes hold `needle`.
+fn files_holding(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut dirs = vec![dir.to_owned()];
+    while let Some(d) = dirs.pop() {
+        for entry in std::fs::read_dir(&d).expect("read the data directory") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if let Ok(bytes) = std::fs::read(&path) {
+                if bytes.windows(needle.len()).any(|w| w == needle) {
+                    found.push(path);
+                }
+            }
+        }
+    }
+    found
 }
