@@ -711,16 +711,19 @@ impl Call<'_> {
     }
 
     fn limit(&self) -> Result<usize, ApiError> {
+        self.limit_within(PAGE_LIMIT_DEFAULT, PAGE_LIMIT_MAX)
+    }
+
+    /// The `limit` query parameter: 1 to `max`, `default` when absent.
+    fn limit_within(&self, default: usize, max: usize) -> Result<usize, ApiError> {
         match self.query("limit")? {
-            None => Ok(PAGE_LIMIT_DEFAULT),
+            None => Ok(default),
             Some(v) => v
                 .parse::<usize>()
                 .ok()
-                .filter(|n| (1..=PAGE_LIMIT_MAX).contains(n))
+                .filter(|n| (1..=max).contains(n))
                 .ok_or_else(|| {
-                    ApiError::invalid(format!(
-                        "limit must be an integer from 1 to {PAGE_LIMIT_MAX}"
-                    ))
+                    ApiError::invalid(format!("limit must be an integer from 1 to {max}"))
                 }),
         }
     }
@@ -1265,18 +1268,7 @@ async fn mark_read(call: &Call<'_>) -> Result<Reply, ApiError> {
 async fn unreads(call: &Call<'_>) -> Result<Reply, ApiError> {
     let wid = call.workspace()?;
     let after = call.cursor("cursor")?.map(ChannelId);
-    let limit = match call.query("limit")? {
-        None => UNREADS_PAGE_MAX,
-        Some(v) => v
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=UNREADS_PAGE_MAX).contains(n))
-            .ok_or_else(|| {
-                ApiError::invalid(format!(
-                    "limit must be an integer from 1 to {UNREADS_PAGE_MAX}"
-                ))
-            })?,
-    };
+    let limit = call.limit_within(UNREADS_PAGE_MAX, UNREADS_PAGE_MAX)?;
     let (reads, next) = call
         .engine()
         .unreads(call.user(), wid, after, limit)

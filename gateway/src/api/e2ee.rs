@@ -162,18 +162,7 @@ pub(super) async fn list_to_device(call: &Call<'_>) -> Result<Reply, ApiError> {
             .parse::<u64>()
             .map_err(|_| ApiError::invalid("after is a to-device message ID"))?,
     };
-    let limit = match call.query("limit")? {
-        None => TO_DEVICE_PAGE_DEFAULT,
-        Some(v) => v
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=PAGE_LIMIT_MAX).contains(n))
-            .ok_or_else(|| {
-                ApiError::invalid(format!(
-                    "limit must be an integer from 1 to {PAGE_LIMIT_MAX}"
-                ))
-            })?,
-    };
+    let limit = call.limit_within(TO_DEVICE_PAGE_DEFAULT, PAGE_LIMIT_MAX)?;
     let (user, engine) = (call.user(), call.engine());
     if after > 0 {
         engine.ack_to_device(user, device, after).await?;

@@ -63,16 +63,7 @@ struct People<'a> {
 
 /// `limit` (1 to 100, default 20) and the offset the cursor names.
 fn page(call: &Call<'_>) -> Result<(usize, usize), ApiError> {
-    let limit = match call.query("limit")? {
-        None => LIMIT_DEFAULT,
-        Some(v) => v
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=LIMIT_MAX).contains(n))
-            .ok_or_else(|| {
-                ApiError::invalid(format!("limit must be an integer from 1 to {LIMIT_MAX}"))
-            })?,
-    };
+    let limit = call.limit_within(LIMIT_DEFAULT, LIMIT_MAX)?;
     let offset = call.cursor("cursor")?.unwrap_or(0);
     if offset > OFFSET_MAX as u64 {
         return Err(ApiError::invalid(format!(
