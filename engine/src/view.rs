@@ -719,15 +719,27 @@ impl Serialize for ClaimedKeysView<'_> {
 /// it was sent.
 impl Serialize for ToDevice {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let content: &serde_json::value::RawValue =
-            serde_json::from_str(&self.content).map_err(serde::ser::Error::custom)?;
-        let mut map = s.serialize_map(Some(4))?;
-        map.serialize_entry("id", &self.id.to_string())?;
-        map.serialize_entry("sender_id", &self.sender)?;
-        map.serialize_entry("sender_device_id", &self.sender_device)?;
-        map.serialize_entry("content", content)?;
-        map.end()
+        serialize_to_device(self, None, s)
     }
+}
+
+/// A to-device message's fields, after `"type"` when `kind` is given (the frame).
+fn serialize_to_device<S: Serializer>(
+    m: &ToDevice,
+    kind: Option<&str>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    let content: &serde_json::value::RawValue =
+        serde_json::from_str(&m.content).map_err(serde::ser::Error::custom)?;
+    let mut map = s.serialize_map(Some(4 + kind.is_some() as usize))?;
+    if let Some(kind) = kind {
+        map.serialize_entry("type", kind)?;
+    }
+    map.serialize_entry("id", &m.id.to_string())?;
+    map.serialize_entry("sender_id", &m.sender)?;
+    map.serialize_entry("sender_device_id", &m.sender_device)?;
+    map.serialize_entry("content", content)?;
+    map.end()
 }
 
 /// The `to_device` frame of a to-device message (`API.md` §14).
@@ -735,15 +747,7 @@ pub fn to_device_frame(m: &ToDevice) -> bytes::Bytes {
     struct Frame<'a>(&'a ToDevice);
     impl Serialize for Frame<'_> {
         fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-            let content: &serde_json::value::RawValue =
-                serde_json::from_str(&self.0.content).map_err(serde::ser::Error::custom)?;
-            let mut map = s.serialize_map(Some(5))?;
-            map.serialize_entry("type", "to_device")?;
-            map.serialize_entry("id", &self.0.id.to_string())?;
-            map.serialize_entry("sender_id", &self.0.sender)?;
-            map.serialize_entry("sender_device_id", &self.0.sender_device)?;
-            map.serialize_entry("content", content)?;
-            map.end()
+            serialize_to_device(self.0, Some("to_device"), s)
         }
     }
     serde_json::to_vec(&Frame(m))

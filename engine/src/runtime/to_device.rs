@@ -18,6 +18,7 @@ use crate::domain::event::MetaEvent;
 use crate::domain::meta::MetaState;
 use crate::ids::UserId;
 use crate::view::{keys_low_frame, to_device_frame};
+use std::collections::BTreeSet;
 
 /// Whether an event touches subscribers of the devices it names.
 pub(crate) fn has_effects(event: &MetaEvent) -> bool {
@@ -32,27 +33,25 @@ pub(crate) fn effects(meta: &MetaState, dispatcher: &mut Dispatcher, event: &Met
     };
     match &**change {
         E2eeChange::ToDeviceSent { messages, .. } => {
-            let mut done: Vec<(UserId, &str)> = Vec::new();
-            for m in messages {
-                let device = (m.user, m.device.as_str());
-                if !done.contains(&device) {
-                    done.push(device);
-                    refill(meta, dispatcher, m.user, &m.device);
-                }
+            // A send names each device once (a JSON object per user), up to 1,000.
+            let devices: BTreeSet<(UserId, &str)> = messages
+                .iter()
+                .map(|m| (m.user, m.device.as_str()))
+                .collect();
+            for (user, device) in devices {
+                refill(meta, dispatcher, user, device);
             }
         }
         E2eeChange::ToDeviceAcked { user, device, .. } => refill(meta, dispatcher, *user, device),
         E2eeChange::KeysClaimed { keys, .. } => {
-            let mut done: Vec<(UserId, &str)> = Vec::new();
-            for k in keys.iter().filter(|k| !k.fallback) {
-                let device = (k.user, k.device.as_str());
-                if done.contains(&device) {
-                    continue;
-                }
-                done.push(device);
-                let left = meta.e2ee().unclaimed(k.user, &k.device);
+            let claimed: BTreeSet<(UserId, &str)> = (keys.iter())
+                .filter(|k| !k.fallback)
+                .map(|k| (k.user, k.device.as_str()))
+                .collect();
+            for (user, device) in claimed {
+                let left = meta.e2ee().unclaimed(user, device);
                 if left < ONE_TIME_KEYS_LOW {
-                    for (sub, _) in dispatcher.device_subs(k.user, &k.device) {
+                    for (sub, _) in dispatcher.device_subs(user, device) {
                         dispatcher.push_device_frames(sub, vec![keys_low_frame(left)], None);
                     }
                 }
