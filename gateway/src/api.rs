@@ -902,9 +902,9 @@ struct PresenceReq {
 
 #[derive(Deserialize)]
 struct PostReq {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::json::given_string")]
     text: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::json::given_string")]
     ciphertext: Option<String>,
     #[serde(default)]
     devices_seq: Option<u64>,
@@ -916,9 +916,9 @@ struct PostReq {
 
 #[derive(Deserialize)]
 struct EditReq {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::json::given_string")]
     text: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::json::given_string")]
     ciphertext: Option<String>,
     #[serde(default)]
     devices_seq: Option<u64>,

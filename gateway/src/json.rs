@@ -55,3 +55,9 @@ mod tests {
         assert!(depth_within(ok.as_bytes(), JSON_DEPTH_MAX));
     }
 }
+
+/// A body field that may be left out (with `#[serde(default)]`) but, when given, must be a
+/// string: `null` is refused as a wrong type, as it was when the field was required.
+pub fn given_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    <String as serde::Deserialize>::deserialize(d).map(Some)
+}

@@ -94,9 +94,9 @@ pub enum Command {
 #[derive(Deserialize)]
 struct SendFields {
     channel_id: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::json::given_string")]
     text: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::json::given_string")]
     ciphertext: Option<String>,
     #[serde(default)]
     devices_seq: Option<u64>,
@@ -112,9 +112,9 @@ struct SendFields {
 struct EditFields {
     channel_id: String,
     message_id: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::json::given_string")]
     text: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::json::given_string")]
     ciphertext: Option<String>,
     #[serde(default)]
     devices_seq: Option<u64>,
