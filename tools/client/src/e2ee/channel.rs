@@ -438,6 +438,22 @@ mod tests {
         assert_eq!((channel.devices_seq(), channel.last_seq()), (8, 8));
     }
 
+    // A tracker fed from the channel's first event knows that a device not listed yet was
+    // not meant to read; one that started later cannot tell, and lets every message be
+    // tried.
+    #[test]
+    fn what_a_device_was_meant_to_read() {
+        let mut from_start = ChannelDevices::new(CHANNEL, "U2", "C");
+        apply_all(&mut from_start, &opening()[..4]);
+        assert!(!from_start.meant_for_this_device(4));
+        from_start.apply(5, &added("U2", "C"));
+        assert!(!from_start.meant_for_this_device(5));
+        assert!(from_start.meant_for_this_device(6));
+        let mut late = ChannelDevices::new(CHANNEL, "U2", "C");
+        late.apply(9, &message("message:new", 9, "U1", "x"));
+        assert!(late.meant_for_this_device(9));
+    }
+
     // A member who leaves takes their devices out of the list, and that rotates the key;
     // a member's joining does not.
     #[test]

@@ -131,11 +131,10 @@ impl Session {
     /// (whose `manager` it is), over REST or the stream's connection. Shares the key first
     /// ([`Session::share_channel_key`]), encrypts, and posts with the tracker's
     /// `devices_seq`; on `stale_devices` it catches up as [`Session::sync_channel`] does
-    /// (reading `stream`, this session's stream fed from the channel's events), and tries
-    /// again with
-    /// the same `client_msg_id` (at most [`STALE_DEVICES_ATTEMPTS_MAX`] times, else
-    /// [`Error::StaleDevices`]). The items it read on the way are in
-    /// [`EncryptedPost::received`].
+    /// (reading `stream`, this session's stream fed from the channel's events), encrypts
+    /// again and resends with the same `client_msg_id` (at most
+    /// [`STALE_DEVICES_ATTEMPTS_MAX`] refusals, else [`Error::StaleDevices`]). The items
+    /// it read on the way are in [`EncryptedPost::received`].
     pub async fn send_encrypted_via(
         &self,
         manager: &mut E2eeManager,
