@@ -13,7 +13,7 @@ mod notify;
 use crate::blob::{BlobStore, DiskBlobStore};
 use crate::config::EngineConfig;
 use crate::consumer::{CommittedPage, LogId, Waiter, Watermarks};
-use crate::domain::channel::ChannelCommand;
+use crate::domain::channel::{ChannelCommand, Content};
 use crate::domain::meta::{partition_of, User};
 use crate::domain::{ChannelKind, DomainError, PAGE_LIMIT_MAX};
 use crate::env::{Env, GlommioEnv};
@@ -760,11 +760,35 @@ impl Engine {
         workspace: WorkspaceId,
         users: Vec<UserId>,
     ) -> Result<(ChannelView, bool), EngineError> {
+        self.open_dm_of(user, workspace, users, false).await
+    }
+
+    /// The end-to-end encrypted DM or group DM of exactly the caller and `users`
+    /// (`API.md` §14), a different channel from the plain one; otherwise as
+    /// [`Engine::open_dm`]. It starts with a `device:added` event for every device its
+    /// members have listed.
+    pub async fn open_encrypted_dm(
+        &self,
+        user: UserId,
+        workspace: WorkspaceId,
+        users: Vec<UserId>,
+    ) -> Result<(ChannelView, bool), EngineError> {
+        self.open_dm_of(user, workspace, users, true).await
+    }
+
+    async fn open_dm_of(
+        &self,
+        user: UserId,
+        workspace: WorkspaceId,
+        users: Vec<UserId>,
+        encrypted: bool,
+    ) -> Result<(ChannelView, bool), EngineError> {
         match self
             .meta(|reply| MetaRequest::OpenDm {
                 user,
                 workspace,
                 users,
+                encrypted,
                 reply,
             })
             .await?
@@ -1015,12 +1039,28 @@ impl Engine {
         thread: Option<MessageId>,
         files: Vec<FileId>,
     ) -> Result<(MessageView, bool), EngineError> {
+        let content = Content::Text(text.to_owned());
+        self.post_content(user, channel, content, client_msg_id, thread, files)
+            .await
+    }
+
+    /// Posts text or, in an encrypted channel, ciphertext (`API.md` §14); otherwise as
+    /// [`Engine::post_with_files`].
+    pub async fn post_content(
+        &self,
+        user: UserId,
+        channel: ChannelId,
+        content: Content,
+        client_msg_id: Option<&str>,
+        thread: Option<MessageId>,
+        files: Vec<FileId>,
+    ) -> Result<(MessageView, bool), EngineError> {
         let out = self
             .command(
                 user,
                 channel,
                 ChannelCommand::Post {
-                    text: text.to_owned(),
+                    content,
                     client_msg_id: client_msg_id.map(str::to_owned),
                     thread,
                     files: (!files.is_empty()).then(|| Box::new(files)),
@@ -1040,14 +1080,22 @@ impl Engine {
         message: MessageId,
         text: &str,
     ) -> Result<MessageView, EngineError> {
+        self.edit_content(user, message, Content::Text(text.to_owned()))
+            .await
+    }
+
+    /// Replaces a message's text or, in an encrypted channel, its ciphertext (author only).
+    pub async fn edit_content(
+        &self,
+        user: UserId,
+        message: MessageId,
+        content: Content,
+    ) -> Result<MessageView, EngineError> {
         let out = self
             .command(
                 user,
                 message.channel,
-                ChannelCommand::Edit {
-                    message,
-                    text: text.to_owned(),
-                },
+                ChannelCommand::Edit { message, content },
             )
             .await?;
         Ok(out.message.expect("an edit answers its message"))

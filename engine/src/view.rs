@@ -4,7 +4,7 @@
 //! A committed event is rendered into its frame once, by the partition that committed it,
 //! and the same bytes go to every recipient.
 
-use crate::domain::channel::{ChannelState, Message};
+use crate::domain::channel::{ChannelState, Message, StoredBody};
 use crate::domain::e2ee::{ClaimedKey, DeviceKeys, E2eeDevice, ToDevice};
 use crate::domain::event::{ChannelEvent, ChannelKind, Role};
 use crate::domain::meta::{FileEntry, User, Workspace};
@@ -187,6 +187,8 @@ pub struct ChannelView {
     pub name: String,
     /// `public`, `private`, `dm` or `group_dm`.
     pub kind: &'static str,
+    /// Whether its messages are end-to-end encrypted (`API.md` §14).
+    pub encrypted: bool,
     /// The seq of its last event.
     pub last_seq: u64,
     /// The caller's read state, in a list of the caller's channels (`API.md` §9): absent
@@ -276,6 +278,7 @@ impl ChannelView {
             workspace_id: workspace,
             name: name.to_owned(),
             kind: kind.as_str(),
+            encrypted: kind.is_encrypted(),
             last_seq,
             read: None,
         }
@@ -294,8 +297,10 @@ pub struct MessageView {
     pub seq: u64,
     /// The author.
     pub user_id: UserId,
-    /// The current text.
+    /// The current text (empty in an encrypted channel).
     pub text: String,
+    /// The current ciphertext, in an encrypted channel (`API.md` §14).
+    pub ciphertext: Option<String>,
     /// The thread root, for a reply.
     pub thread_id: Option<MessageId>,
     /// Replies, for a root.
@@ -330,6 +335,10 @@ impl MessageView {
             } else {
                 text.to_owned()
             },
+            ciphertext: match m.body() {
+                StoredBody::Ciphertext(c) if !m.deleted => Some(c.as_str().to_owned()),
+                _ => None,
+            },
             thread_id: m.thread.map(|seq| MessageId { channel, seq }),
             reply_count: m.reply_count,
             reactions: m.reactions.clone(),
@@ -356,12 +365,16 @@ impl Serialize for Reactions<'_> {
 
 impl Serialize for MessageView {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut map = s.serialize_map(Some(13))?;
+        let fields = 13 + usize::from(self.ciphertext.is_some());
+        let mut map = s.serialize_map(Some(fields))?;
         map.serialize_entry("id", &self.id)?;
         map.serialize_entry("channel_id", &self.channel_id)?;
         map.serialize_entry("seq", &self.seq)?;
         map.serialize_entry("user_id", &self.user_id)?;
         map.serialize_entry("text", &self.text)?;
+        if let Some(c) = &self.ciphertext {
+            map.serialize_entry("ciphertext", c)?;
+        }
         map.serialize_entry("thread_id", &self.thread_id)?;
         map.serialize_entry("reply_count", &self.reply_count)?;
         map.serialize_entry("reactions", &Reactions(&self.reactions))?;
@@ -405,6 +418,10 @@ enum EventBody<'a> {
     MemberJoined { user_id: UserId, by: UserId },
     #[serde(rename = "member:left")]
     MemberLeft { user_id: UserId, by: UserId },
+    #[serde(rename = "device:added")]
+    DeviceAdded { user_id: UserId, device_id: &'a str },
+    #[serde(rename = "device:removed")]
+    DeviceRemoved { user_id: UserId, device_id: &'a str },
 }
 
 #[derive(Serialize)]
@@ -441,6 +458,14 @@ pub fn event_frame(
         ChannelEvent::MemberLeft { user, by } => EventBody::MemberLeft {
             user_id: *user,
             by: *by,
+        },
+        ChannelEvent::DeviceAdded { user, device } => EventBody::DeviceAdded {
+            user_id: *user,
+            device_id: device,
+        },
+        ChannelEvent::DeviceRemoved { user, device } => EventBody::DeviceRemoved {
+            user_id: *user,
+            device_id: device,
         },
         ChannelEvent::MessagePosted { .. } | ChannelEvent::MessagePostedWithFiles(_) => {
             message = view_of(seq);

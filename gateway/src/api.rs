@@ -325,7 +325,17 @@ impl Route {
 }
 
 const LIMIT: Field = opt("limit", Ty::Integer, "page size, 1 to 200, default 50");
-const TEXT: Field = req("text", Ty::String, "the message text, up to 1 MiB");
+const TEXT: Field = opt(
+    "text",
+    Ty::String,
+    "the message text, up to 1 MiB; required but in an encrypted channel, which takes none",
+);
+const CIPHERTEXT: Field = opt(
+    "ciphertext",
+    Ty::String,
+    "an encrypted channel's message instead of text, opaque, up to 64 KiB (API.md §14)",
+);
+const DEVICES_SEQ: Field = opt("devices_seq", Ty::Integer, "with ciphertext: the seq of the newest device event the sender has seen; an older one is 409 stale_devices");
 
 /// Every REST call. `/healthz`, `/metrics` and the WebSocket endpoint are served by
 /// [`crate::server`] and are not part of this table.
@@ -369,7 +379,10 @@ pub static ROUTES: &[Route] = &[
         ]),
     route(Verb::Post, "/api/v1/workspaces/{wid}/dms", Op::OpenDm, 201, "The DM or group DM of exactly the caller and these users")
         .or_existing()
-        .body(&[req("user_ids", Ty::Strings, "the other users")]),
+        .body(&[
+            req("user_ids", Ty::Strings, "the other users"),
+            opt("encrypted", Ty::Boolean, "an end-to-end encrypted DM (API.md §14): a different channel from the plain one of the same set"),
+        ]),
     route(Verb::Get, "/api/v1/channels/{cid}", Op::GetChannel, 200, "A channel with its last seq"),
     route(Verb::Post, "/api/v1/channels/{cid}/join", Op::Join, 200, "Join a public channel"),
     route(Verb::Post, "/api/v1/channels/{cid}/members", Op::AddChannelMember, 201, "Add a workspace member to the channel")
@@ -379,6 +392,8 @@ pub static ROUTES: &[Route] = &[
         .or_existing()
         .body(&[
             TEXT,
+            CIPHERTEXT,
+            DEVICES_SEQ,
             opt("client_msg_id", Ty::String, "idempotency key: a repeat answers 200 with the first message"),
             opt("thread_id", Ty::String, "the thread root, for a reply"),
             opt("file_ids", Ty::Strings, "files the caller uploaded to this workspace, at most 10; text may then be empty"),
@@ -387,7 +402,7 @@ pub static ROUTES: &[Route] = &[
         .query(&[opt("before", Ty::String, "the next_cursor of the previous page"), LIMIT]),
     route(Verb::Get, "/api/v1/channels/{cid}/messages/{mid}", Op::GetMessage, 200, "One message as it stands"),
     route(Verb::Patch, "/api/v1/channels/{cid}/messages/{mid}", Op::EditMessage, 200, "Edit a message (author only)")
-        .body(&[TEXT]),
+        .body(&[TEXT, CIPHERTEXT, DEVICES_SEQ]),
     route(Verb::Delete, "/api/v1/channels/{cid}/messages/{mid}", Op::DeleteMessage, 204, "Delete a message (author, or channel or workspace admin)"),
     route(Verb::Get, "/api/v1/channels/{cid}/messages/{mid}/replies", Op::ListReplies, 200, "A thread's replies, oldest first")
         .query(&[opt("after", Ty::String, "the next_cursor of the previous page"), LIMIT]),
@@ -869,6 +884,8 @@ struct ChannelReq {
 #[derive(Deserialize)]
 struct DmReq {
     user_ids: Vec<String>,
+    #[serde(default)]
+    encrypted: bool,
 }
 
 #[derive(Deserialize)]
@@ -885,7 +902,12 @@ struct PresenceReq {
 
 #[derive(Deserialize)]
 struct PostReq {
-    text: String,
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    ciphertext: Option<String>,
+    #[serde(default)]
+    devices_seq: Option<u64>,
     client_msg_id: Option<String>,
     thread_id: Option<String>,
     #[serde(default)]
@@ -893,8 +915,13 @@ struct PostReq {
 }
 
 #[derive(Deserialize)]
-struct TextReq {
-    text: String,
+struct EditReq {
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    ciphertext: Option<String>,
+    #[serde(default)]
+    devices_seq: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -914,7 +941,7 @@ pub(crate) fn parse_as_every_request(body: &[u8]) -> usize {
         parse_json::<DmReq>(body).is_ok(),
         parse_json::<UserIdReq>(body).is_ok(),
         parse_json::<PostReq>(body).is_ok(),
-        parse_json::<TextReq>(body).is_ok(),
+        parse_json::<EditReq>(body).is_ok(),
         parse_json::<PresenceReq>(body).is_ok(),
         parse_json::<SeqReq>(body).is_ok(),
     ]
@@ -1189,7 +1216,12 @@ async fn open_dm(call: &Call<'_>) -> Result<Reply, ApiError> {
         .iter()
         .map(|u| parse_id(u, "user"))
         .collect::<Result<Vec<UserId>, _>>()?;
-    let (c, created) = call.engine().open_dm(call.user(), wid, users).await?;
+    let engine = call.engine();
+    let (c, created) = if r.encrypted {
+        engine.open_encrypted_dm(call.user(), wid, users).await?
+    } else {
+        engine.open_dm(call.user(), wid, users).await?
+    };
     Ok(Reply::json(
         if created { 201 } else { 200 },
         &One("channel", &c),
@@ -1241,12 +1273,13 @@ async fn post_message(call: &Call<'_>) -> Result<Reply, ApiError> {
         .map(|t| message_in(t, cid))
         .transpose()?;
     let files = crate::protocol::file_ids(&r.file_ids)?;
+    let content = crate::protocol::content(r.text, r.ciphertext, r.devices_seq)?;
     let (m, created) = call
         .engine()
-        .post_with_files(
+        .post_content(
             call.user(),
             cid,
-            &r.text,
+            content,
             r.client_msg_id.as_deref(),
             thread,
             files,
@@ -1299,8 +1332,12 @@ async fn get_message(call: &Call<'_>) -> Result<Reply, ApiError> {
 
 async fn edit_message(call: &Call<'_>) -> Result<Reply, ApiError> {
     let mid = call.message()?;
-    let r: TextReq = call.json()?;
-    let m = call.engine().edit(call.user(), mid, &r.text).await?;
+    let r: EditReq = call.json()?;
+    let content = crate::protocol::content(r.text, r.ciphertext, r.devices_seq)?;
+    let m = call
+        .engine()
+        .edit_content(call.user(), mid, content)
+        .await?;
     Ok(Reply::json(200, &One("message", &m)))
 }
 
@@ -1570,6 +1607,11 @@ mod tests {
         ] {
             assert_eq!(decode_cursor(bad).unwrap_err().status, 400, "{bad}");
         }
+    }
+
+    #[derive(Deserialize)]
+    struct TextReq {
+        text: String,
     }
 
     // Bodies must be UTF-8 JSON objects of the right field types; unknown fields pass.

@@ -7,6 +7,7 @@
 
 use crate::error::ApiError;
 use bytes::Bytes;
+use chorus_engine::domain::channel::{Content, Sealed};
 use chorus_engine::ids::{ChannelId, MessageId, UserId};
 use chorus_engine::presence::{OwnPresence, Presence, WatchOp, PRESENCE_WATCH_MAX};
 use chorus_engine::view::rfc3339;
@@ -71,14 +72,14 @@ pub enum ClientFrame {
 pub enum Command {
     Send {
         channel: ChannelId,
-        text: String,
+        content: Content,
         client_msg_id: Option<String>,
         thread: Option<MessageId>,
         files: Vec<chorus_engine::ids::FileId>,
     },
     Edit {
         message: MessageId,
-        text: String,
+        content: Content,
     },
     Delete {
         message: MessageId,
@@ -93,7 +94,12 @@ pub enum Command {
 #[derive(Deserialize)]
 struct SendFields {
     channel_id: String,
-    text: String,
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    ciphertext: Option<String>,
+    #[serde(default)]
+    devices_seq: Option<u64>,
     #[serde(default)]
     client_msg_id: Option<String>,
     #[serde(default)]
@@ -106,7 +112,12 @@ struct SendFields {
 struct EditFields {
     channel_id: String,
     message_id: String,
-    text: String,
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    ciphertext: Option<String>,
+    #[serde(default)]
+    devices_seq: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -224,7 +235,7 @@ fn frame_of(kind: &str, object: Map<String, Value>) -> Result<ClientFrame, ApiEr
             let thread = f.thread_id.map(|t| message_in(&t, channel)).transpose()?;
             ClientFrame::Command(Command::Send {
                 channel,
-                text: f.text,
+                content: content(f.text, f.ciphertext, f.devices_seq)?,
                 client_msg_id: f.client_msg_id,
                 thread,
                 files: file_ids(&f.file_ids)?,
@@ -235,7 +246,7 @@ fn frame_of(kind: &str, object: Map<String, Value>) -> Result<ClientFrame, ApiEr
             let message = target(&f.channel_id, &f.message_id)?;
             ClientFrame::Command(Command::Edit {
                 message,
-                text: f.text,
+                content: content(f.text, f.ciphertext, f.devices_seq)?,
             })
         }
         "message:delete" => {
@@ -325,6 +336,29 @@ pub(crate) fn file_ids(ids: &[String]) -> Result<Vec<chorus_engine::ids::FileId>
         .into());
     }
     ids.iter().map(|f| parse_id(f, "file")).collect()
+}
+
+/// A post's or an edit's content, REST or WebSocket alike: `text`, or `ciphertext` with the
+/// `devices_seq` it was encrypted for (`API.md` §14). Which one the channel takes is its
+/// decision; both at once fit no channel (400 `encryption_mismatch`).
+pub(crate) fn content(
+    text: Option<String>,
+    ciphertext: Option<String>,
+    devices_seq: Option<u64>,
+) -> Result<Content, ApiError> {
+    match ciphertext {
+        None => Ok(Content::Text(text.unwrap_or_default())),
+        Some(_) if text.as_deref().is_some_and(|t| !t.is_empty()) => {
+            Err(chorus_engine::domain::DomainError::EncryptionMismatch(
+                "a message carries \"text\" or \"ciphertext\", never both".into(),
+            )
+            .into())
+        }
+        Some(ciphertext) => Ok(Content::Sealed(Box::new(Sealed {
+            ciphertext,
+            devices_seq,
+        }))),
+    }
 }
 
 /// A message ID that must name a message of `channel`: the engine routes a message call by

@@ -790,3 +790,263 @@ fn keys_low_signal_and_removed_device_connections_close() {
     assert_eq!((code, reason.as_str()), (4001, "device removed"));
     ws_laptop.ping("still here");
 }
+
+/// The events of `channel` after `since`, in order, as a new connection of `user` that
+/// resumes from there reads them.
+fn events_since(s: &Server, user: &User, channel: &str, since: u64) -> Vec<Value> {
+    let (mut ws, _) = s.connect(user);
+    ws.send(json!({"type": "resume", "since": {channel: since}}));
+    let mut events = Vec::new();
+    loop {
+        let f = ws.recv();
+        match f["type"].as_str() {
+            Some("resumed") => return events,
+            Some("event") if f["channel_id"] == channel => events.push(f),
+            _ => {}
+        }
+    }
+}
+
+/// `(type, user_id, device_id)` of device events.
+fn device_events(events: &[Value]) -> Vec<(String, String, String)> {
+    events
+        .iter()
+        .map(|f| &f["event"])
+        .filter(|e| str_of(&e["type"]).starts_with("device:"))
+        .map(|e| {
+            (
+                str_of(&e["type"]),
+                str_of(&e["user_id"]),
+                str_of(&e["device_id"]),
+            )
+        })
+        .collect()
+}
+
+// An encrypted DM is its own channel; it starts with its members' listed devices and
+// follows their additions and removals with events, committed before the key upload or
+// removal is answered. It takes ciphertext only, encrypted for its newest device list: a
+// stale send or edit is refused (REST and WebSocket alike) and stores nothing, the resend
+// is taken, and the message carries the ciphertext with an empty text. Every §14 error of
+// a send has its code, and search never finds an encrypted message.
+#[test]
+fn encrypted_dms_take_ciphertext_for_their_current_devices_only() {
+    let s = Server::start(UNLIMITED);
+    let alice = signup_on(&s, "alice", "alice-phone");
+    let bob = signup_on(&s, "bob", "bob-laptop");
+    let wid = s.workspace(&alice, &[&bob]);
+    upload(
+        &s,
+        &alice,
+        json!({"device_keys": device_keys(&alice, "alice-phone", 1)}),
+    );
+    upload(
+        &s,
+        &bob,
+        json!({"device_keys": device_keys(&bob, "bob-laptop", 2)}),
+    );
+    let dms = format!("/api/v1/workspaces/{wid}/dms");
+    let open = |by: &User, to: &User, encrypted: bool| {
+        let body = json!({"user_ids": [to.id], "encrypted": encrypted});
+        s.call("POST", &dms, Some(&by.token), Some(body))
+    };
+    let plain = open(&alice, &bob, false);
+    assert_eq!(
+        (plain.status, &plain.body["channel"]["encrypted"]),
+        (201, &json!(false))
+    );
+    let sealed = open(&alice, &bob, true);
+    assert_eq!(sealed.status, 201, "{}", sealed.text);
+    let channel = &sealed.body["channel"];
+    assert_eq!(
+        (&channel["encrypted"], &channel["kind"]),
+        (&json!(true), &json!("dm"))
+    );
+    assert_ne!(channel["id"], plain.body["channel"]["id"]);
+    let again = open(&bob, &alice, true);
+    assert_eq!(
+        (again.status, &again.body["channel"]["id"]),
+        (200, &channel["id"])
+    );
+    let cid = str_of(&channel["id"]);
+    let plain_id = str_of(&plain.body["channel"]["id"]);
+
+    // Two joins, then one device:added per listed device, in (user, device) order.
+    let start = events_since(&s, &bob, &cid, 0);
+    let types: Vec<String> = start.iter().map(|f| str_of(&f["event"]["type"])).collect();
+    assert_eq!(
+        types,
+        [
+            "member:joined",
+            "member:joined",
+            "device:added",
+            "device:added"
+        ]
+    );
+    let mut expected = vec![
+        (
+            "device:added".to_owned(),
+            alice.id.clone(),
+            "alice-phone".to_owned(),
+        ),
+        (
+            "device:added".to_owned(),
+            bob.id.clone(),
+            "bob-laptop".to_owned(),
+        ),
+    ];
+    expected.sort();
+    assert_eq!(device_events(&start), expected);
+    assert_eq!(s.last_seq(&alice, &cid), 4);
+
+    // Bad sends, each with its code; none stores anything.
+    let post = |by: &User, channel: &str, body: Value| {
+        let path = format!("/api/v1/channels/{channel}/messages");
+        s.call("POST", &path, Some(&by.token), Some(body))
+    };
+    post(&alice, &cid, json!({"text": "hello"})).assert_error(400, "encryption_mismatch");
+    post(
+        &alice,
+        &plain_id,
+        json!({"ciphertext": "CT", "devices_seq": 1}),
+    )
+    .assert_error(400, "encryption_mismatch");
+    post(
+        &alice,
+        &cid,
+        json!({"text": "hi", "ciphertext": "CT", "devices_seq": 4}),
+    )
+    .assert_error(400, "encryption_mismatch");
+    post(&alice, &cid, json!({"ciphertext": "CT"})).assert_error(400, "invalid_request");
+    post(&alice, &cid, json!({"ciphertext": "", "devices_seq": 4}))
+        .assert_error(400, "invalid_request");
+    post(&alice, &cid, json!({"ciphertext": "CT", "devices_seq": 99}))
+        .assert_error(400, "invalid_request");
+    let big = "A".repeat(64 * 1024 + 1);
+    post(&alice, &cid, json!({"ciphertext": big, "devices_seq": 4})).assert_error(413, "too_large");
+    assert_eq!(s.last_seq(&alice, &cid), 4);
+
+    // A send for the current list is stored as sent, with an empty text.
+    let r = post(
+        &alice,
+        &cid,
+        json!({"ciphertext": "CT-zebrafish-1", "devices_seq": 4, "client_msg_id": "m1"}),
+    );
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(r.body["message"]["text"], "");
+    assert_eq!(r.body["message"]["ciphertext"], "CT-zebrafish-1");
+    let first = str_of(&r.body["message"]["id"]);
+
+    // Bob's phone uploads its keys: by the answer, the channel has its event.
+    let phone = on_device(&s, &bob, "bob-phone");
+    upload(
+        &s,
+        &phone,
+        json!({"device_keys": device_keys(&bob, "bob-phone", 3)}),
+    );
+    assert_eq!(s.last_seq(&alice, &cid), 6);
+    let added = events_since(&s, &bob, &cid, 5);
+    assert_eq!(
+        device_events(&added),
+        [(
+            "device:added".to_owned(),
+            bob.id.clone(),
+            "bob-phone".to_owned()
+        )]
+    );
+    assert_eq!(added[0]["seq"], 6);
+
+    // Encrypted for the list before it: refused over REST and over the WebSocket, and
+    // nothing stored; the resend for the new list is taken.
+    post(
+        &alice,
+        &cid,
+        json!({"ciphertext": "CT-2", "devices_seq": 4, "client_msg_id": "m2"}),
+    )
+    .assert_error(409, "stale_devices");
+    let (mut alice_ws, _) = s.connect(&alice);
+    alice_ws.send(
+        json!({"type": "message:send", "ref": "w1", "channel_id": cid,
+        "ciphertext": "CT-2", "devices_seq": 5, "client_msg_id": "m2"}),
+    );
+    let refused = alice_ws.recv_type("error");
+    assert_eq!(
+        (&refused["ref"], &refused["code"]),
+        (&json!("w1"), &json!("stale_devices"))
+    );
+    alice_ws.send(
+        json!({"type": "message:send", "ref": "w2", "channel_id": cid,
+        "text": "plain words"}),
+    );
+    let refused = alice_ws.recv_type("error");
+    assert_eq!(refused["code"], "encryption_mismatch");
+    assert_eq!(s.last_seq(&alice, &cid), 6);
+    alice_ws.send(
+        json!({"type": "message:send", "ref": "w3", "channel_id": cid,
+        "ciphertext": "CT-2", "devices_seq": 6, "client_msg_id": "m2"}),
+    );
+    let ack = alice_ws.recv_type("ack");
+    assert_eq!(
+        (&ack["ref"], &ack["message"]["ciphertext"]),
+        (&json!("w3"), &json!("CT-2"))
+    );
+    assert_eq!(ack["message"]["seq"], 7);
+
+    // Edits carry new ciphertext, for the current list.
+    let edit_path = format!("/api/v1/channels/{cid}/messages/{first}");
+    let edit = |body: Value| s.call("PATCH", &edit_path, Some(&alice.token), Some(body));
+    edit(json!({"text": "plain"})).assert_error(400, "encryption_mismatch");
+    edit(json!({"ciphertext": "CT-1b", "devices_seq": 4})).assert_error(409, "stale_devices");
+    let r = edit(json!({"ciphertext": "CT-1b", "devices_seq": 7}));
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(
+        (&r.body["message"]["text"], &r.body["message"]["ciphertext"]),
+        (&json!(""), &json!("CT-1b"))
+    );
+
+    // Removing the phone is an event of the channel too, before the removal is answered.
+    let r = s.call(
+        "DELETE",
+        "/api/v1/e2ee/devices/bob-phone",
+        Some(&phone.token),
+        None,
+    );
+    assert_eq!(r.status, 204, "{}", r.text);
+    let removed = events_since(&s, &bob, &cid, 8);
+    assert_eq!(
+        device_events(&removed),
+        [(
+            "device:removed".to_owned(),
+            bob.id.clone(),
+            "bob-phone".to_owned()
+        )]
+    );
+    post(
+        &alice,
+        &cid,
+        json!({"ciphertext": "CT-3", "devices_seq": 7}),
+    )
+    .assert_error(409, "stale_devices");
+
+    // Search finds the plain DM's word, never the ciphertext that holds it too.
+    post(
+        &alice,
+        &plain_id,
+        json!({"text": "zebrafish in the plain DM"}),
+    );
+    let path = format!("/api/v1/workspaces/{wid}/search/messages?q=zebrafish");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let results = loop {
+        let r = s.ok("GET", &path, &alice, None, 200);
+        if r["total"].as_u64() > Some(0) || std::time::Instant::now() > deadline {
+            break r["results"].clone();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let channels: Vec<String> = (results.as_array().unwrap().iter())
+        .map(|r| str_of(&r["message"]["channel_id"]))
+        .collect();
+    assert_eq!(channels, [plain_id], "{results}");
+    let search = format!("/api/v1/workspaces/{wid}/search/messages?q=CT");
+    assert_eq!(s.ok("GET", &search, &alice, None, 200)["total"], 0);
+}

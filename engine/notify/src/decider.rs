@@ -393,10 +393,11 @@ impl Decider {
             .and_then(|c| c.kind)
             .is_some_and(ChannelKind::is_direct);
         // A body kept in the blob store (over 64 KiB) is not read here: no keyword
-        // matches it; mentions and levels still apply.
+        // matches it; mentions and levels still apply. Ciphertext is never read: an
+        // encrypted DM notifies by the DM rule alone (`API.md` §14).
         let text = match posted.body {
             Body::Text(t) => t.as_str(),
-            Body::Blob { .. } => "",
+            Body::Blob { .. } | Body::Ciphertext(_) => "",
         };
         let m = Message {
             author: posted.user,

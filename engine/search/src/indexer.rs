@@ -414,6 +414,11 @@ impl<'a> Indexer<'a> {
                 let Some(posted) = r.event.posted() else {
                     return Ok(());
                 };
+                // An encrypted message is never searched: it gets no document, so its
+                // edits and reactions find none either (`API.md` §14).
+                if matches!(posted.body, Body::Ciphertext(_)) {
+                    return Ok(());
+                }
                 let doc = MessageDoc {
                     workspace: r.workspace,
                     id: id(r.seq),
@@ -445,7 +450,10 @@ impl<'a> Indexer<'a> {
                 self.pending.insert(id(*target), None);
                 Ok(())
             }
-            ChannelEvent::MemberJoined { .. } | ChannelEvent::MemberLeft { .. } => Ok(()),
+            ChannelEvent::MemberJoined { .. }
+            | ChannelEvent::MemberLeft { .. }
+            | ChannelEvent::DeviceAdded { .. }
+            | ChannelEvent::DeviceRemoved { .. } => Ok(()),
         }
     }
 
@@ -534,6 +542,7 @@ impl<'a> Indexer<'a> {
     fn body_text(&self, body: &Body) -> String {
         match body {
             Body::Text(t) => t.clone(),
+            Body::Ciphertext(_) => String::new(),
             Body::Blob { hash, len } => {
                 let blob = chorus_engine::blob::BlobRef {
                     hash: *hash,

@@ -12,7 +12,8 @@ use super::mention;
 use super::unread::{ReadCounts, ReadIndex};
 use super::{DomainError, Principal};
 use super::{
-    CLIENT_MSG_ID_BYTES_MAX, FILES_PER_MESSAGE_MAX, IDEMPOTENCY_WINDOW_US, TEXT_BYTES_MAX,
+    CIPHERTEXT_BYTES_MAX, CLIENT_MSG_ID_BYTES_MAX, FILES_PER_MESSAGE_MAX, IDEMPOTENCY_WINDOW_US,
+    TEXT_BYTES_MAX,
 };
 use crate::ids::{ChannelId, FileId, MessageId, UserId, WorkspaceId};
 use crate::snapshot::{Reader, SnapshotError, Writer};
@@ -70,6 +71,8 @@ pub enum StoredBody {
         /// Its length in bytes.
         len: u64,
     },
+    /// The ciphertext of an encrypted channel's message, opaque to the server.
+    Ciphertext(Text),
 }
 
 impl From<&Body> for StoredBody {
@@ -80,7 +83,34 @@ impl From<&Body> for StoredBody {
                 hash: Box::new(*hash),
                 len: *len,
             },
+            Body::Ciphertext(c) => StoredBody::Ciphertext(Text::from(c.as_str())),
         }
+    }
+}
+
+/// What a post or an edit carries, as the client sent it: text for a plain channel, or
+/// ciphertext for an encrypted one (`API.md` §14). Which one a channel takes is its
+/// decision, so a mismatch is refused with `encryption_mismatch`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Content {
+    /// Text (possibly empty, for a post with files).
+    Text(String),
+    /// Ciphertext and the device list it was encrypted for.
+    Sealed(Box<Sealed>),
+}
+
+/// An encrypted message as the client sent it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sealed {
+    /// The ciphertext, opaque to the server.
+    pub ciphertext: String,
+    /// The seq of the newest device event the sender had seen, if it said.
+    pub devices_seq: Option<u64>,
+}
+
+impl From<String> for Content {
+    fn from(text: String) -> Content {
+        Content::Text(text)
     }
 }
 
@@ -127,8 +157,8 @@ impl Message {
 pub enum ChannelCommand {
     /// Post a message, or a reply when `thread` is set.
     Post {
-        /// The text.
-        text: String,
+        /// The text or ciphertext.
+        content: Content,
         /// The client's idempotency key.
         client_msg_id: Option<String>,
         /// The thread root.
@@ -142,8 +172,8 @@ pub enum ChannelCommand {
     Edit {
         /// The message.
         message: MessageId,
-        /// The new text.
-        text: String,
+        /// The new text or ciphertext.
+        content: Content,
     },
     /// Delete a message (author, channel creator, or workspace admin).
     Delete {
@@ -219,6 +249,11 @@ pub struct ChannelState {
     reads: ReadIndex,
     /// The messages that carry each file, by seq: who may read a file (`API.md` §11).
     file_refs: HashMap<FileId, Vec<u64>>,
+    /// An encrypted channel's device list: the members' devices its events added and did
+    /// not remove (`API.md` §14).
+    devices: BTreeSet<(UserId, String)>,
+    /// The seq of its newest device event (0: none).
+    devices_seq: u64,
 }
 
 /// A post's text: within the limit, and not empty unless the post carries files; at most
@@ -289,6 +324,8 @@ impl ChannelState {
             departed: HashMap::new(),
             reads: ReadIndex::default(),
             file_refs: HashMap::new(),
+            devices: BTreeSet::new(),
+            devices_seq: 0,
         }
     }
 
@@ -327,6 +364,109 @@ impl ChannelState {
                 by: self.created_by,
             })
             .collect()
+    }
+
+    /// The device events that bring an encrypted channel's device list to `listed`, the
+    /// devices the directory lists for its members now: removals first, then additions,
+    /// each in (user, device) order. Empty for a plain channel, and when nothing changed.
+    pub fn device_events(&self, listed: &BTreeSet<(UserId, String)>) -> Vec<ChannelEvent> {
+        if !self.kind.is_encrypted() {
+            return Vec::new();
+        }
+        let removed =
+            (self.devices.difference(listed)).map(|(user, device)| ChannelEvent::DeviceRemoved {
+                user: *user,
+                device: device.clone(),
+            });
+        let added =
+            (listed.difference(&self.devices)).map(|(user, device)| ChannelEvent::DeviceAdded {
+                user: *user,
+                device: device.clone(),
+            });
+        removed.chain(added).collect()
+    }
+
+    /// An encrypted channel's device list, and the seq of its newest device event.
+    pub fn devices(&self) -> (&BTreeSet<(UserId, String)>, u64) {
+        (&self.devices, self.devices_seq)
+    }
+
+    /// The body of a post or an edit, if the channel takes its content: text in a plain
+    /// channel (checked as [`check_post_text`] does), ciphertext in an encrypted one, with
+    /// the device event it was encrypted after (for [`ChannelState::check_devices`]). Files
+    /// cannot go with ciphertext: their bytes would be readable by the server.
+    fn body_of(
+        &self,
+        content: Content,
+        files: &[FileId],
+    ) -> Result<(Body, Option<u64>), DomainError> {
+        let sealed = match (self.kind.is_encrypted(), content) {
+            (false, Content::Text(text)) => {
+                check_post_text(&text, files)?;
+                return Ok((Body::Text(text), None));
+            }
+            (false, Content::Sealed(_)) => {
+                return Err(DomainError::EncryptionMismatch(
+                    "ciphertext is for encrypted channels; this one takes \"text\"".into(),
+                ))
+            }
+            (true, Content::Text(text)) if !text.is_empty() => {
+                return Err(DomainError::EncryptionMismatch(
+                    "an encrypted channel takes \"ciphertext\", never \"text\"".into(),
+                ))
+            }
+            (true, Content::Text(_)) => {
+                return Err(DomainError::Invalid(
+                    "a message of an encrypted channel carries \"ciphertext\"".into(),
+                ))
+            }
+            (true, Content::Sealed(sealed)) => *sealed,
+        };
+        if !files.is_empty() {
+            return Err(DomainError::Invalid(
+                "files cannot be attached in an encrypted channel".into(),
+            ));
+        }
+        if sealed.ciphertext.is_empty() {
+            return Err(DomainError::Invalid("ciphertext must not be empty".into()));
+        }
+        if sealed.ciphertext.len() > CIPHERTEXT_BYTES_MAX {
+            return Err(DomainError::TooLarge(format!(
+                "ciphertext is longer than {CIPHERTEXT_BYTES_MAX} bytes"
+            )));
+        }
+        let Some(seen) = sealed.devices_seq else {
+            return Err(DomainError::Invalid(
+                "devices_seq is required in an encrypted channel".into(),
+            ));
+        };
+        if seen > self.last_seq {
+            return Err(DomainError::Invalid(format!(
+                "devices_seq {seen} is above the channel's last_seq {}",
+                self.last_seq
+            )));
+        }
+        Ok((Body::Ciphertext(sealed.ciphertext), Some(seen)))
+    }
+
+    /// Refuses ciphertext encrypted before the channel's newest device event: a device it
+    /// was not encrypted for could not read it (409 `stale_devices`).
+    fn check_devices(&self, seen: Option<u64>) -> Result<(), DomainError> {
+        match seen {
+            Some(seen) if seen < self.devices_seq => Err(DomainError::StaleDevices(format!(
+                "the channel's devices changed at seq {}, after devices_seq {seen}",
+                self.devices_seq
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Mentions of a body: parsed from text, never from ciphertext.
+    fn mentions_of(&self, body: &Body) -> Mentions {
+        match body {
+            Body::Text(text) => self.mentions(text),
+            Body::Blob { .. } | Body::Ciphertext(_) => Mentions::default(),
+        }
     }
 
     /// Whether `user` can read a message of this channel that carries `file` and is not
@@ -384,23 +524,26 @@ impl ChannelState {
         self.check_reach(by)?;
         let event = match cmd {
             ChannelCommand::Post {
-                text,
+                content,
                 client_msg_id,
                 thread,
                 files,
             } => {
                 let files = files.map(|f| *f).unwrap_or_default();
-                check_post_text(&text, &files)?;
+                let (body, seen) = self.body_of(content, &files)?;
                 if let Some(key) = &client_msg_id {
                     if key.is_empty() || key.len() > CLIENT_MSG_ID_BYTES_MAX {
                         return Err(DomainError::Invalid(format!(
                             "client_msg_id must be 1 to {CLIENT_MSG_ID_BYTES_MAX} bytes"
                         )));
                     }
+                    // A resend of a message that got through answers it, whatever the
+                    // devices did since.
                     if let Some(seq) = self.remembered(by.user(), key, now_us) {
                         return Ok(ChannelDecision::Duplicate(seq));
                     }
                 }
+                self.check_devices(seen)?;
                 let thread = match thread {
                     None => None,
                     Some(root) => {
@@ -413,27 +556,29 @@ impl ChannelState {
                         Some(root.seq)
                     }
                 };
+                let mentions = self.mentions_of(&body);
                 if files.is_empty() {
                     ChannelEvent::MessagePosted {
                         user: by.user(),
-                        mentions: self.mentions(&text),
-                        body: Body::Text(text),
+                        mentions,
+                        body,
                         thread,
                         client_msg_id,
                     }
                 } else {
                     ChannelEvent::MessagePostedWithFiles(Box::new(PostedWithFiles {
                         user: by.user(),
-                        mentions: self.mentions(&text),
-                        body: Body::Text(text),
+                        mentions,
+                        body,
                         thread,
                         client_msg_id,
                         files,
                     }))
                 }
             }
-            ChannelCommand::Edit { message, text } => {
-                check_text(&text)?;
+            ChannelCommand::Edit { message, content } => {
+                let (body, seen) = self.body_of(content, &[])?;
+                self.check_devices(seen)?;
                 let m = self.live_message(message)?;
                 if m.user != by.user() {
                     return Err(DomainError::Forbidden(
@@ -442,8 +587,8 @@ impl ChannelState {
                 }
                 ChannelEvent::MessageEdited {
                     target: message.seq,
-                    mentions: self.mentions(&text),
-                    body: Body::Text(text),
+                    mentions: self.mentions_of(&body),
+                    body,
                 }
             }
             ChannelCommand::Delete { message } => {
@@ -661,6 +806,14 @@ impl ChannelState {
                     m.reactions.retain(|(_, users)| !users.is_empty());
                 }
             }
+            ChannelEvent::DeviceAdded { user, device } => {
+                self.devices.insert((*user, device.clone()));
+                self.devices_seq = seq;
+            }
+            ChannelEvent::DeviceRemoved { user, device } => {
+                self.devices.remove(&(*user, device.clone()));
+                self.devices_seq = seq;
+            }
         }
     }
 
@@ -797,6 +950,8 @@ fn kind_code(kind: ChannelKind) -> u8 {
         ChannelKind::Private => 1,
         ChannelKind::Dm => 2,
         ChannelKind::GroupDm => 3,
+        ChannelKind::EncryptedDm => 4,
+        ChannelKind::EncryptedGroupDm => 5,
     }
 }
 
@@ -806,6 +961,8 @@ fn kind_of(code: u8) -> Result<ChannelKind, SnapshotError> {
         1 => ChannelKind::Private,
         2 => ChannelKind::Dm,
         3 => ChannelKind::GroupDm,
+        4 => ChannelKind::EncryptedDm,
+        5 => ChannelKind::EncryptedGroupDm,
         other => return Err(SnapshotError(format!("unknown channel kind {other}"))),
     })
 }
@@ -817,6 +974,8 @@ const MSG_KEYED: u8 = 4;
 const MSG_FILES: u8 = 8;
 const BODY_TEXT: u8 = 0;
 const BODY_BLOB: u8 = 1;
+/// Snapshot version 4: an encrypted channel's ciphertext.
+const BODY_CIPHERTEXT: u8 = 2;
 
 fn write_body(w: &mut Writer, body: &StoredBody) {
     match body {
@@ -829,17 +988,22 @@ fn write_body(w: &mut Writer, body: &StoredBody) {
             w.bytes(&hash[..]);
             w.u64(*len);
         }
+        StoredBody::Ciphertext(c) => {
+            w.u8(BODY_CIPHERTEXT);
+            w.str(c.as_str());
+        }
     }
 }
 
 fn read_body(r: &mut Reader<'_>) -> Result<StoredBody, SnapshotError> {
+    let text = |r: &mut Reader<'_>| {
+        let bytes = r.shared_bytes()?;
+        Text::from_shared(bytes)
+            .map_err(|_| SnapshotError(format!("invalid UTF-8 before byte {}", r.position())))
+    };
     match r.u8()? {
-        BODY_TEXT => {
-            let bytes = r.shared_bytes()?;
-            Text::from_shared(bytes)
-                .map(StoredBody::Text)
-                .map_err(|_| SnapshotError(format!("invalid UTF-8 before byte {}", r.position())))
-        }
+        BODY_TEXT => text(r).map(StoredBody::Text),
+        BODY_CIPHERTEXT => text(r).map(StoredBody::Ciphertext),
         BODY_BLOB => {
             let hash: [u8; 32] = r
                 .bytes()?
@@ -942,6 +1106,15 @@ impl ChannelState {
             w.len(m.users.len());
             for u in &m.users {
                 w.u64(u.0);
+            }
+        }
+        // Version 4: an encrypted channel's device list (no older version has one).
+        if self.kind.is_encrypted() {
+            w.u64(self.devices_seq);
+            w.len(self.devices.len());
+            for (u, device) in &self.devices {
+                w.u64(u.0);
+                w.str(device);
             }
         }
     }
@@ -1059,6 +1232,16 @@ impl ChannelState {
             s.idempotency_order.push_back((at, user, r.string()?));
         }
         s.restore_reads(r)?;
+        if s.kind.is_encrypted() {
+            s.devices_seq = r.u64()?;
+            if s.devices_seq > s.last_seq {
+                return Err(fail(format!("channel {}: devices_seq ahead", s.id)));
+            }
+            for _ in 0..r.count(9)? {
+                let user = UserId(r.u64()?);
+                s.devices.insert((user, r.string()?));
+            }
+        }
         Ok(s)
     }
 
@@ -1147,7 +1330,7 @@ mod tests {
 
     fn post(text: &str, key: Option<&str>, thread: Option<u64>) -> ChannelCommand {
         ChannelCommand::Post {
-            text: text.into(),
+            content: Content::Text(text.into()),
             client_msg_id: key.map(Into::into),
             thread: thread.map(|seq| MessageId { channel: C, seq }),
             files: None,
@@ -1202,7 +1385,7 @@ mod tests {
                 &b,
                 ChannelCommand::Edit {
                     message: mid(3),
-                    text: "x".into(),
+                    content: Content::Text("x".into()),
                 }
             ),
             Err(DomainError::Forbidden(_))
@@ -1212,7 +1395,7 @@ mod tests {
             &a,
             ChannelCommand::Edit {
                 message: mid(3),
-                text: "root v2".into(),
+                content: Content::Text("root v2".into()),
             },
         )
         .unwrap();
@@ -1260,7 +1443,7 @@ mod tests {
                 &a,
                 ChannelCommand::Edit {
                     message: mid(3),
-                    text: "y".into(),
+                    content: Content::Text("y".into()),
                 }
             ),
             Err(DomainError::Conflict(_))
@@ -1335,7 +1518,7 @@ mod tests {
         step(&mut s, &a, post("other", None, None)).unwrap(); // 5
         let edit = ChannelCommand::Edit {
             message: mid(3),
-            text: "root v2".into(),
+            content: Content::Text("root v2".into()),
         };
         step(&mut s, &a, edit).unwrap();
         let react = |emoji: &str| ChannelCommand::React {
@@ -1361,7 +1544,7 @@ mod tests {
         };
         s.apply(seq, 9_999, &big);
         let with_files = ChannelCommand::Post {
-            text: String::new(),
+            content: Content::Text(String::new()),
             client_msg_id: None,
             thread: None,
             files: Some(Box::new(vec![FileId(40), FileId(41)])),
@@ -1447,5 +1630,179 @@ mod tests {
             Ok(ChannelDecision::Event(ChannelEvent::ReactionRemoved { .. }))
         ));
         assert!(s.message_at(3).unwrap().reactions.is_empty());
+    }
+
+    fn sealed(ciphertext: &str, devices_seq: Option<u64>, key: Option<&str>) -> ChannelCommand {
+        ChannelCommand::Post {
+            content: Content::Sealed(Box::new(Sealed {
+                ciphertext: ciphertext.into(),
+                devices_seq,
+            })),
+            client_msg_id: key.map(Into::into),
+            thread: None,
+            files: None,
+        }
+    }
+
+    fn devices(list: &[(u64, &str)]) -> BTreeSet<(UserId, String)> {
+        list.iter()
+            .map(|(u, d)| (UserId(*u), (*d).to_owned()))
+            .collect()
+    }
+
+    fn apply_all(s: &mut ChannelState, events: Vec<ChannelEvent>) {
+        for e in events {
+            let seq = s.last_seq() + 1;
+            s.apply(seq, 1_000 + seq, &e);
+        }
+    }
+
+    // An encrypted channel follows its members' devices with events, takes ciphertext
+    // only, refuses a send encrypted for an older device list and stores nothing for it,
+    // and never parses its ciphertext; a plain channel refuses ciphertext. The device list
+    // and the ciphertexts survive a snapshot.
+    #[test]
+    fn encrypted_channels() {
+        let mut s = ChannelState::new(C, W, ChannelKind::EncryptedDm, UserId(1));
+        let members = s.initial_events(&[UserId(1), UserId(2)]);
+        apply_all(&mut s, members);
+        let listed = devices(&[(1, "A1"), (2, "B1")]);
+        let first = s.device_events(&listed);
+        assert_eq!(first.len(), 2);
+        apply_all(&mut s, first);
+        assert_eq!(s.devices(), (&listed, 4));
+        assert!(
+            s.device_events(&listed).is_empty(),
+            "in step: nothing to add"
+        );
+        let (a, b) = (p(1, Role::Member), p(2, Role::Member));
+
+        assert!(matches!(
+            step(&mut s, &a, post("hello", None, None)),
+            Err(DomainError::EncryptionMismatch(_))
+        ));
+        assert!(matches!(
+            step(&mut s, &a, post("", None, None)),
+            Err(DomainError::Invalid(_))
+        ));
+        assert!(matches!(
+            step(&mut s, &a, sealed("c", None, None)),
+            Err(DomainError::Invalid(_))
+        ));
+        assert!(matches!(
+            step(&mut s, &a, sealed("c", Some(99), None)),
+            Err(DomainError::Invalid(_))
+        ));
+        assert!(matches!(
+            step(&mut s, &a, sealed("", Some(4), None)),
+            Err(DomainError::Invalid(_))
+        ));
+        let big = "x".repeat(CIPHERTEXT_BYTES_MAX + 1);
+        assert!(matches!(
+            step(&mut s, &a, sealed(&big, Some(4), None)),
+            Err(DomainError::TooLarge(_))
+        ));
+        let mut with_files = sealed("c", Some(4), None);
+        if let ChannelCommand::Post { files, .. } = &mut with_files {
+            *files = Some(Box::new(vec![FileId(1)]));
+        }
+        assert!(matches!(
+            step(&mut s, &a, with_files),
+            Err(DomainError::Invalid(_))
+        ));
+        assert_eq!(s.last_seq(), 4, "nothing refused is stored");
+
+        let mention = format!("<@{}> @channel", UserId(2));
+        let post = step(&mut s, &a, sealed(&mention, Some(4), Some("k1"))); // 5
+        let Ok(ChannelDecision::Event(ChannelEvent::MessagePosted { mentions, .. })) = post else {
+            panic!("{post:?}");
+        };
+        assert_eq!(mentions, Mentions::default(), "ciphertext is never parsed");
+        let m = s.message_at(5).unwrap();
+        assert_eq!(
+            m.body(),
+            &StoredBody::Ciphertext(Text::from(mention.as_str()))
+        );
+
+        // Bob's second device is listed: the channel gets its event, and a send encrypted
+        // for the list before it is refused, then taken once resent for the new list.
+        let more = devices(&[(1, "A1"), (2, "B1"), (2, "B2")]);
+        let added = s.device_events(&more);
+        assert_eq!(
+            added,
+            vec![ChannelEvent::DeviceAdded {
+                user: UserId(2),
+                device: "B2".into()
+            }]
+        );
+        apply_all(&mut s, added); // 6
+        assert!(matches!(
+            step(&mut s, &b, sealed("c2", Some(5), Some("k2"))),
+            Err(DomainError::StaleDevices(_))
+        ));
+        assert_eq!(s.last_seq(), 6);
+        step(&mut s, &b, sealed("c2", Some(6), Some("k2"))).unwrap(); // 7
+                                                                      // The first send got through: its resend answers it, stale or not.
+        assert_eq!(
+            step(&mut s, &a, sealed("c", Some(4), Some("k1"))),
+            Ok(ChannelDecision::Duplicate(5))
+        );
+
+        // Edits carry new ciphertext, for the current list too.
+        let edit = |content| ChannelCommand::Edit {
+            message: mid(5),
+            content,
+        };
+        assert!(matches!(
+            step(&mut s, &a, edit(Content::Text("plain".into()))),
+            Err(DomainError::EncryptionMismatch(_))
+        ));
+        let stale = Content::Sealed(Box::new(Sealed {
+            ciphertext: "c1'".into(),
+            devices_seq: Some(5),
+        }));
+        assert!(matches!(
+            step(&mut s, &a, edit(stale)),
+            Err(DomainError::StaleDevices(_))
+        ));
+        let fresh = Content::Sealed(Box::new(Sealed {
+            ciphertext: "c1'".into(),
+            devices_seq: Some(7),
+        }));
+        step(&mut s, &a, edit(fresh)).unwrap(); // 8
+        assert_eq!(
+            s.message_at(5).unwrap().body(),
+            &StoredBody::Ciphertext(Text::from("c1'"))
+        );
+
+        // A removal is an event too; the list and the ciphertexts survive a snapshot.
+        let fewer = devices(&[(1, "A1"), (2, "B2")]);
+        let removed = s.device_events(&fewer);
+        assert_eq!(
+            removed,
+            vec![ChannelEvent::DeviceRemoved {
+                user: UserId(2),
+                device: "B1".into()
+            }]
+        );
+        apply_all(&mut s, removed); // 9
+        assert_eq!(s.devices(), (&fewer, 9));
+        let mut w = Writer::default();
+        s.snapshot(&mut w);
+        let loaded = crate::snapshot::parse(w.finish(0, 1), 0).unwrap();
+        let mut r = loaded.body();
+        let back = ChannelState::restore(&mut r).unwrap();
+        r.finish().unwrap();
+        assert_eq!(back, s);
+
+        // A plain channel takes no ciphertext and emits no device events.
+        let mut plain = ChannelState::new(C, W, ChannelKind::Dm, UserId(1));
+        let members = plain.initial_events(&[UserId(1), UserId(2)]);
+        apply_all(&mut plain, members);
+        assert!(plain.device_events(&listed).is_empty());
+        assert!(matches!(
+            step(&mut plain, &a, sealed("c", Some(2), None)),
+            Err(DomainError::EncryptionMismatch(_))
+        ));
     }
 }

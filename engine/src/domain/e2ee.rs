@@ -178,6 +178,23 @@ pub enum E2eeChange {
     },
 }
 
+impl E2eeChange {
+    /// The user whose listed devices this change adds to or removes from: a device is
+    /// listed from its first identity keys until it is removed. Encrypted channels follow
+    /// these changes with their device events.
+    pub fn lists_devices_of(&self) -> Option<UserId> {
+        match self {
+            E2eeChange::KeysUploaded {
+                user,
+                device_keys: Some(_),
+                ..
+            }
+            | E2eeChange::DeviceRemoved { user, .. } => Some(*user),
+            _ => None,
+        }
+    }
+}
+
 /// A keys upload, as the client sent it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KeysUpload {

@@ -68,6 +68,11 @@ pub enum ChannelKind {
     Dm,
     /// A direct conversation of three to nine users.
     GroupDm,
+    /// A DM whose messages are end-to-end encrypted (`API.md` §14): the server holds only
+    /// their ciphertext. (New kinds go at the end: a kind is archived as its index.)
+    EncryptedDm,
+    /// A group DM whose messages are end-to-end encrypted.
+    EncryptedGroupDm,
 }
 
 impl ChannelKind {
@@ -76,14 +81,29 @@ impl ChannelKind {
         match self {
             ChannelKind::Public => "public",
             ChannelKind::Private => "private",
-            ChannelKind::Dm => "dm",
-            ChannelKind::GroupDm => "group_dm",
+            ChannelKind::Dm | ChannelKind::EncryptedDm => "dm",
+            ChannelKind::GroupDm | ChannelKind::EncryptedGroupDm => "group_dm",
         }
     }
 
     /// Whether membership is fixed at creation (DMs).
     pub fn is_direct(self) -> bool {
-        matches!(self, ChannelKind::Dm | ChannelKind::GroupDm)
+        matches!(
+            self,
+            ChannelKind::Dm
+                | ChannelKind::GroupDm
+                | ChannelKind::EncryptedDm
+                | ChannelKind::EncryptedGroupDm
+        )
+    }
+
+    /// Whether messages are end-to-end encrypted: the channel holds ciphertext only, and
+    /// its members' devices are part of its order.
+    pub fn is_encrypted(self) -> bool {
+        matches!(
+            self,
+            ChannelKind::EncryptedDm | ChannelKind::EncryptedGroupDm
+        )
     }
 }
 
@@ -100,6 +120,9 @@ pub enum Body {
         /// Its length in bytes.
         len: u64,
     },
+    /// The ciphertext of a message of an encrypted channel, opaque to the server: never
+    /// parsed, indexed or previewed. At most 64 KiB, so always inline.
+    Ciphertext(String),
 }
 
 /// Mentions parsed from a message's text, for notifications.
@@ -319,6 +342,21 @@ pub enum ChannelEvent {
         emoji: String,
         /// Who withdrew it.
         user: UserId,
+    },
+    /// A member's device joined an encrypted channel's device list: messages after this
+    /// event must be readable by it (`API.md` §14).
+    DeviceAdded {
+        /// The member.
+        user: UserId,
+        /// The device.
+        device: String,
+    },
+    /// A member's device left an encrypted channel's device list.
+    DeviceRemoved {
+        /// The member.
+        user: UserId,
+        /// The device.
+        device: String,
     },
 }
 
@@ -637,5 +675,40 @@ mod tests {
         let posted = rec.event.posted().unwrap();
         assert_eq!(posted.files, [FileId(5), FileId(6)]);
         assert_eq!(posted.client_msg_id.map(String::as_str), Some("k"));
+    }
+
+    // Device events and ciphertext bodies (API.md §14) round-trip through the log encoding.
+    #[test]
+    fn encrypted_channel_events() {
+        for (seq, event) in [
+            ChannelEvent::DeviceAdded {
+                user: UserId(2),
+                device: "PHONE".into(),
+            },
+            ChannelEvent::DeviceRemoved {
+                user: UserId(2),
+                device: "PHONE".into(),
+            },
+            ChannelEvent::MessagePosted {
+                user: UserId(2),
+                body: Body::Ciphertext("{\"session_id\":\"s\"}".into()),
+                thread: None,
+                client_msg_id: Some("k".into()),
+                mentions: Mentions::default(),
+            },
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let rec = ChannelRecord {
+                channel: ChannelId(3),
+                workspace: WorkspaceId(1),
+                seq: seq as u64 + 1,
+                at_us: 9,
+                event,
+            };
+            let bytes = encode_channel(&rec, b"{}");
+            assert_eq!(decode(&bytes), Ok(Decoded::Channel(rec)));
+        }
     }
 }

@@ -117,6 +117,9 @@ pub enum MetaCommand {
         by: Principal,
         /// The other users.
         users: Vec<UserId>,
+        /// An end-to-end encrypted DM (`API.md` §14): a different channel from the
+        /// plain DM of the same set.
+        encrypted: bool,
     },
     /// A member records a file whose bytes are already in the file store.
     StoreFile {
@@ -192,7 +195,8 @@ pub struct MetaState {
     workspaces: HashMap<WorkspaceId, Workspace>,
     user_workspaces: HashMap<UserId, BTreeSet<WorkspaceId>>,
     channels: HashMap<ChannelId, ChannelMeta>,
-    dms: HashMap<(WorkspaceId, Vec<UserId>), ChannelId>,
+    /// DMs by workspace, whether encrypted, and members.
+    dms: HashMap<(WorkspaceId, bool, Vec<UserId>), ChannelId>,
     files: HashMap<FileId, FileEntry>,
     /// How many live files have each SHA-256: the file store may drop bytes at zero.
     file_shas: HashMap<[u8; 32], u32>,
@@ -330,7 +334,11 @@ impl MetaState {
                     members: vec![by.user()],
                 }
             }
-            MetaCommand::OpenDm { by, users } => {
+            MetaCommand::OpenDm {
+                by,
+                users,
+                encrypted,
+            } => {
                 let mut set: Vec<UserId> = users;
                 set.push(by.user());
                 set.sort_unstable();
@@ -346,17 +354,18 @@ impl MetaState {
                 {
                     return Err(DomainError::NotFound("user"));
                 }
-                if let Some(c) = self.dms.get(&(by.workspace(), set.clone())) {
+                if let Some(c) = self.dms.get(&(by.workspace(), encrypted, set.clone())) {
                     return Ok(MetaDecision::Existing(*c));
                 }
                 MetaEvent::ChannelCreated {
                     channel: channel_id(by.workspace(), id, self.partitions),
                     workspace: by.workspace(),
                     name: String::new(),
-                    kind: if set.len() <= 2 {
-                        ChannelKind::Dm
-                    } else {
-                        ChannelKind::GroupDm
+                    kind: match (set.len() <= 2, encrypted) {
+                        (true, false) => ChannelKind::Dm,
+                        (false, false) => ChannelKind::GroupDm,
+                        (true, true) => ChannelKind::EncryptedDm,
+                        (false, true) => ChannelKind::EncryptedGroupDm,
                     },
                     created_by: by.user(),
                     members: set,
@@ -546,7 +555,8 @@ impl MetaState {
                     }
                 }
                 if kind.is_direct() {
-                    self.dms.insert((*workspace, members.clone()), *channel);
+                    let key = (*workspace, kind.is_encrypted(), members.clone());
+                    self.dms.insert(key, *channel);
                 }
                 self.channels.insert(
                     *channel,
@@ -867,7 +877,8 @@ mod tests {
         assert!(matches!(
             s.decide(MetaCommand::OpenDm {
                 by: pa,
-                users: vec![c]
+                users: vec![c],
+                encrypted: false,
             }),
             Err(DomainError::NotFound("user"))
         ));
@@ -878,6 +889,7 @@ mod tests {
             MetaCommand::OpenDm {
                 by: pa,
                 users: vec![b],
+                encrypted: false,
             },
         )
         .unwrap()
@@ -888,9 +900,37 @@ mod tests {
         assert_eq!(
             s.decide(MetaCommand::OpenDm {
                 by: pb,
-                users: vec![a, a]
+                users: vec![a, a],
+                encrypted: false,
             }),
             Ok(MetaDecision::Existing(dm))
+        );
+        // The encrypted DM of the same set is another channel, found again as itself.
+        let MetaEvent::ChannelCreated {
+            channel: sealed,
+            kind,
+            ..
+        } = run(
+            &mut s,
+            MetaCommand::OpenDm {
+                by: pb,
+                users: vec![a],
+                encrypted: true,
+            },
+        )
+        .unwrap()
+        else {
+            unreachable!()
+        };
+        assert_eq!((kind, kind.as_str()), (ChannelKind::EncryptedDm, "dm"));
+        assert_ne!(sealed, dm);
+        assert_eq!(
+            s.decide(MetaCommand::OpenDm {
+                by: pa,
+                users: vec![b],
+                encrypted: true,
+            }),
+            Ok(MetaDecision::Existing(sealed))
         );
         let MetaEvent::ChannelCreated {
             channel: general, ..

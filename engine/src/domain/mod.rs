@@ -44,6 +44,8 @@ pub const EMOJI_BYTES_MAX: usize = 64;
 pub const CLIENT_MSG_ID_BYTES_MAX: usize = 128;
 /// Most files one message may carry (`API.md` §11).
 pub const FILES_PER_MESSAGE_MAX: usize = 10;
+/// Most bytes of an encrypted message's ciphertext (`API.md` §14).
+pub const CIPHERTEXT_BYTES_MAX: usize = 64 * 1024;
 /// Most users in a group DM, the caller included.
 pub const GROUP_DM_USERS_MAX: usize = 9;
 /// How long a `client_msg_id` is remembered: a repeat within this window never stores a
@@ -117,6 +119,14 @@ pub enum DomainError {
     /// 429 `queue_full`: a recipient's queue is full; nothing was taken.
     #[error("{0}")]
     QueueFull(String),
+    /// 400 `encryption_mismatch`: text for an encrypted channel, or ciphertext for a plain
+    /// one.
+    #[error("{0}")]
+    EncryptionMismatch(String),
+    /// 409 `stale_devices`: the send was encrypted for a device list the channel has moved
+    /// past; nothing was stored.
+    #[error("{0}")]
+    StaleDevices(String),
 }
 
 impl DomainError {
@@ -132,6 +142,8 @@ impl DomainError {
             DomainError::BadSignature(_) => "bad_signature",
             DomainError::KeyConflict(_) => "key_conflict",
             DomainError::QueueFull(_) => "queue_full",
+            DomainError::EncryptionMismatch(_) => "encryption_mismatch",
+            DomainError::StaleDevices(_) => "stale_devices",
         }
     }
 
@@ -147,6 +159,8 @@ impl DomainError {
             DomainError::BadSignature(_) => 400,
             DomainError::KeyConflict(_) => 409,
             DomainError::QueueFull(_) => 429,
+            DomainError::EncryptionMismatch(_) => 400,
+            DomainError::StaleDevices(_) => 409,
         }
     }
 }

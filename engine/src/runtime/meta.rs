@@ -63,6 +63,7 @@ pub(crate) enum MetaRequest {
         user: UserId,
         workspace: WorkspaceId,
         users: Vec<UserId>,
+        encrypted: bool,
         reply: Reply<MetaOutcome>,
     },
     StoreFile {
@@ -618,10 +619,15 @@ impl<E: Env> MetaOwner<E> {
                 user,
                 workspace,
                 users,
+                encrypted,
                 reply,
             } => (
                 meta.principal(user, workspace)
-                    .map(|by| MetaCommand::OpenDm { by, users }),
+                    .map(|by| MetaCommand::OpenDm {
+                        by,
+                        users,
+                        encrypted,
+                    }),
                 reply,
             ),
             MetaRequest::StoreFile {

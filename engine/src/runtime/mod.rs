@@ -53,6 +53,30 @@ pub(crate) trait Ack: Send + Sync {
     fn done(&self);
 }
 
+/// An acknowledgement given once `n` others are: each of them calls `done` once, and the
+/// last gives the one it wraps.
+pub(crate) struct Joined {
+    left: std::sync::atomic::AtomicUsize,
+    then: Arc<dyn Ack>,
+}
+
+impl Joined {
+    pub(crate) fn new(n: usize, then: Arc<dyn Ack>) -> Joined {
+        Joined {
+            left: std::sync::atomic::AtomicUsize::new(n),
+            then,
+        }
+    }
+}
+
+impl Ack for Joined {
+    fn done(&self) {
+        if self.left.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+            self.then.done();
+        }
+    }
+}
+
 /// A read of channel data.
 #[derive(Clone, Debug)]
 pub(crate) enum ChannelRead {
@@ -126,6 +150,10 @@ pub(crate) enum PartitionMsg {
         channel: ChannelId,
         ack: Option<Arc<dyn Ack>>,
     },
+    /// The user's listed devices changed in this shard's metadata replica: bring the
+    /// device lists of the user's encrypted channels here up to it (`API.md` §14), and
+    /// acknowledge once that is committed.
+    DevicesChanged { user: UserId, ack: Arc<dyn Ack> },
     /// A user's connections on a shard changed (+1 or -1).
     Online {
         user: UserId,

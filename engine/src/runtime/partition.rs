@@ -205,6 +205,8 @@ impl BlobTexts {
     fn text(&self, body: &StoredBody) -> String {
         match body {
             StoredBody::Text(t) => t.as_str().to_owned(),
+            // An encrypted message has no text: its ciphertext is shown beside it.
+            StoredBody::Ciphertext(_) => String::new(),
             StoredBody::Blob { hash, len } => {
                 let wanted = BlobRef {
                     hash: **hash,
@@ -633,6 +635,13 @@ impl<E: Env> Partition<E> {
                         pending.push(Pending::Ack(ack));
                     }
                 }
+                PartitionMsg::DevicesChanged { user, ack } => {
+                    let mine = self.user_channels.get(&user).cloned().unwrap_or_default();
+                    for channel in mine {
+                        self.sync_devices(channel, &mut decided).await;
+                    }
+                    pending.push(Pending::Ack(ack));
+                }
                 PartitionMsg::Online {
                     user,
                     shard,
@@ -762,6 +771,7 @@ impl<E: Env> Partition<E> {
         decided: &mut Vec<Decided>,
     ) -> Result<ChannelOutcome, EngineError> {
         let principal = self.principal(user, channel)?;
+        self.sync_devices(channel, decided).await;
         let now = self.env.unix_us();
         let rt = self
             .channel_rt(channel)
@@ -970,6 +980,41 @@ impl<E: Env> Partition<E> {
         }
         let mut texts = BlobTexts::default();
         for e in rt.state.initial_events(&members) {
+            self.decide_event(channel, e, now, decided, &mut texts)
+                .await;
+        }
+        self.sync_devices(channel, decided).await;
+    }
+
+    /// Brings an encrypted channel's device list up to the devices this shard's metadata
+    /// replica lists for its members, deciding the device events it lacks ahead of
+    /// anything else on the channel. Every command on the channel comes after this, so none
+    /// is decided against a device list older than the directory's; and since the
+    /// directory is the truth, a crash between a device change and its channel events
+    /// loses nothing: the next command, or the next change, makes them. Nothing happens for
+    /// a plain channel or an unknown one.
+    async fn sync_devices(&mut self, channel: ChannelId, decided: &mut Vec<Decided>) {
+        let Some(rt) = self.channel_rt(channel) else {
+            return;
+        };
+        if !rt.state.kind.is_encrypted() {
+            return;
+        }
+        let state = &self.channels[&channel].state;
+        let listed: BTreeSet<(UserId, String)> = {
+            let meta = self.meta.borrow();
+            let keys = meta.e2ee();
+            state
+                .members()
+                .flat_map(|u| keys.listed(u).map(move |(d, _)| (u, d.to_owned())))
+                .collect()
+        };
+        let events = state.device_events(&listed);
+        if events.is_empty() {
+            return;
+        }
+        let (now, mut texts) = (self.env.unix_us(), BlobTexts::default());
+        for e in events {
             self.decide_event(channel, e, now, decided, &mut texts)
                 .await;
         }
@@ -1259,6 +1304,7 @@ impl<E: Env> Partition<E> {
             PartitionMsg::Command { .. }
             | PartitionMsg::MarkRead { .. }
             | PartitionMsg::Init { .. }
+            | PartitionMsg::DevicesChanged { .. }
             | PartitionMsg::Online { .. }
             | PartitionMsg::Typing { .. } => unreachable!("a tick handles these itself"),
         }
@@ -1547,6 +1593,7 @@ pub(crate) fn fail(msg: PartitionMsg, why: &Unavailable) {
                 a.done()
             }
         }
+        PartitionMsg::DevicesChanged { ack, .. } => ack.done(),
         PartitionMsg::Visible { out, .. } => out.add(Vec::new()),
         PartitionMsg::FileReaders { out, .. } => out.add(Vec::new()),
         PartitionMsg::Unreads { out, .. } => out.add(Vec::new()),
@@ -1636,7 +1683,10 @@ fn target_of(e: &ChannelEvent, seq: u64) -> Option<u64> {
         | ChannelEvent::MessageDeleted { target, .. }
         | ChannelEvent::ReactionAdded { target, .. }
         | ChannelEvent::ReactionRemoved { target, .. } => Some(*target),
-        ChannelEvent::MemberJoined { .. } | ChannelEvent::MemberLeft { .. } => None,
+        ChannelEvent::MemberJoined { .. }
+        | ChannelEvent::MemberLeft { .. }
+        | ChannelEvent::DeviceAdded { .. }
+        | ChannelEvent::DeviceRemoved { .. } => None,
     }
 }
 

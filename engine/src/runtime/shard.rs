@@ -20,7 +20,8 @@
 //! partition queue while the partition awaited room in that very loop's inbox (found by
 //! the simulation on its third seed, with one shard).
 
-use super::{dispatch, layout, meta, partition, PartitionMsg, Routes, ShardMsg};
+use super::{dispatch, layout, meta, partition, Ack, PartitionMsg, Routes, ShardMsg};
+use crate::domain::event::MetaEvent;
 use crate::env::{DirOf, Env};
 use crate::error::{Corrupt, EngineError, IoError, Unavailable};
 use crate::queue::InboxReceiver;
@@ -526,6 +527,29 @@ impl<E: Env> Shard<E> {
 
     /// Queues a request for a partition or the metadata owner: sent now if it has room and
     /// nothing is held before it, held otherwise.
+    /// After a change of a user's listed devices, has every partition here bring the
+    /// user's encrypted channels up to it; answers the acknowledgement to give when this
+    /// shard is done, which (for such a change) waits for those partitions' commits too, so
+    /// the change is published only once its channel events are.
+    fn sync_devices(&mut self, event: &MetaEvent, ack: Arc<dyn Ack>) -> Arc<dyn Ack> {
+        let MetaEvent::E2ee(change) = event else {
+            return ack;
+        };
+        let Some(user) = change.lists_devices_of() else {
+            return ack;
+        };
+        let ids: Vec<u32> = self.partitions.borrow().keys().copied().collect();
+        let joined: Arc<dyn Ack> = Arc::new(super::Joined::new(ids.len() + 1, ack));
+        for p in ids {
+            let ack = joined.clone();
+            self.forward(Held::Partition(
+                p,
+                PartitionMsg::DevicesChanged { user, ack },
+            ));
+        }
+        joined
+    }
+
     fn forward(&mut self, held: Held) {
         if !self.held.is_empty() {
             self.held.push_back(held);
@@ -564,11 +588,13 @@ impl<E: Env> Shard<E> {
             }
             ShardMsg::MetaEffects { record, ack } => {
                 super::to_device::effects(&self.meta.borrow(), &mut self.dispatcher, &record.event);
+                let ack = self.sync_devices(&record.event, ack);
                 ack.done();
             }
             ShardMsg::MetaApplied { record, ack } => {
                 self.meta.borrow_mut().apply(&record.event);
                 super::to_device::effects(&self.meta.borrow(), &mut self.dispatcher, &record.event);
+                let ack = self.sync_devices(&record.event, ack);
                 if let crate::domain::event::MetaEvent::ChannelCreated { channel, .. } =
                     &record.event
                 {

@@ -91,22 +91,24 @@ async fn command_result(
     let result = match command {
         Command::Send {
             channel,
-            text,
+            content,
             client_msg_id,
             thread,
             files,
         } => engine
-            .post_with_files(
+            .post_content(
                 user,
                 channel,
-                &text,
+                content,
                 client_msg_id.as_deref(),
                 thread,
                 files,
             )
             .await
             .map(|(m, _)| Some(m)),
-        Command::Edit { message, text } => engine.edit(user, message, &text).await.map(Some),
+        Command::Edit { message, content } => (engine.edit_content(user, message, content))
+            .await
+            .map(Some),
         Command::Delete { message } => engine.delete(user, message).await.map(|()| None),
         Command::React {
             message,

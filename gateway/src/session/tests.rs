@@ -2,6 +2,7 @@
 //! drive it, with no socket, timer or engine.
 
 use super::*;
+use chorus_engine::domain::channel::Content;
 use chorus_engine::ids::MessageId;
 use chorus_engine::presence::Status;
 use std::cell::{Cell, RefCell};
@@ -191,12 +192,15 @@ fn commands_are_serialised_and_acked() {
     let call = h.core.poll_call().expect("a call");
     let Call::Command {
         reference,
-        command: Command::Send { text, .. },
+        command: Command::Send { content, .. },
     } = call
     else {
         panic!("{call:?}");
     };
-    assert_eq!((reference.clone(), text.as_str()), (json!("a"), "hi"));
+    assert_eq!(
+        (reference.clone(), content),
+        (json!("a"), Content::Text("hi".into()))
+    );
     assert!(!h.core.wants_client_frames(), "a call is in flight");
     assert_eq!(h.core.poll_call(), None, "one call at a time");
     h.answer(Answer::Command {

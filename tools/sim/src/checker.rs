@@ -182,7 +182,7 @@ fn matching(logs: &Logs, channel: ChannelId, mut f: impl FnMut(&ChannelEvent) ->
 fn text_of(body: &Body) -> Option<&str> {
     match body {
         Body::Text(t) => Some(t),
-        Body::Blob { .. } => None,
+        Body::Blob { .. } | Body::Ciphertext(_) => None,
     }
 }
 
@@ -308,8 +308,11 @@ fn check_origins(world: &World, logs: &Logs, bad: &mut Vec<String>) {
                     matches!(k, OpKind::Post { channel: c, key, .. }
                         if u == *user && c == channel && Some(key) == client_msg_id.as_ref())
                 }),
-                // The simulation uploads no files, so a post with files was never issued.
-                ChannelEvent::MessagePostedWithFiles(_) => false,
+                // The simulation uploads no files and opens no encrypted channels, so a
+                // post with files, or a device event, was never issued.
+                ChannelEvent::MessagePostedWithFiles(_)
+                | ChannelEvent::DeviceAdded { .. }
+                | ChannelEvent::DeviceRemoved { .. } => false,
                 ChannelEvent::MessageEdited { target, body, .. } => issued(&|k, _| {
                     matches!(k, OpKind::Edit { message, text }
                         if message.channel == *channel && message.seq == *target
