@@ -122,8 +122,7 @@ async fn a_device_added_midway_gets_the_key_through_the_refused_send() {
     let own = tablet.send("from the tablet").await;
     assert!(own.unreachable.is_empty(), "{:?}", own.unreachable);
     for member in [&mut alice, &mut laptop, &mut phone] {
-        let seen = member.decrypted;
-        member.read_decrypted(seen + 1).await;
+        member.read_message(&own.message.id).await;
         assert_eq!(member.read[&own.message.id], "from the tablet");
         assert_eq!(member.device.e2ee.undecryptable(), 0);
         assert!(member.failures.is_empty(), "{:?}", member.failures);

@@ -225,6 +225,12 @@ impl Member {
             .await;
     }
 
+    /// Reads until the message `id` was decrypted (or something failed to decrypt).
+    pub async fn read_message(&mut self, id: &str) {
+        self.read_until(|m| m.read.contains_key(id) || !m.failures.is_empty())
+            .await;
+    }
+
     fn name(&self) -> String {
         let a = self.device.e2ee.account();
         format!("{}/{}", a.user_id(), a.device_id())
