@@ -30,11 +30,14 @@ use super::manager::{DeviceRef, E2eeManager};
 use super::{ChannelPlaintext, MegolmError, OlmError, Received};
 use crate::stream::{Event, StreamItem};
 use crate::types::Message;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeSet;
 
-/// The members and devices of one encrypted channel, from its events.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The members and devices of one encrypted channel, from its events. It serializes, so an
+/// application can keep it with its other state and, after a restart, resume the channel's
+/// stream from [`ChannelDevices::last_seq`] instead of from the first event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChannelDevices {
     channel_id: String,
     /// This device, `(user_id, device_id)`.
@@ -436,6 +439,9 @@ mod tests {
         let change = channel.apply(8, &added("U2", "D"));
         assert!(matches!(change, Applied::Changed(ref c) if !c.rotates()));
         assert_eq!((channel.devices_seq(), channel.last_seq()), (8, 8));
+        let kept: ChannelDevices =
+            serde_json::from_str(&serde_json::to_string(&channel).unwrap()).unwrap();
+        assert_eq!(kept, channel, "kept across a restart");
     }
 
     // A tracker fed from the channel's first event knows that a device not listed yet was
