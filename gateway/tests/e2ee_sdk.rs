@@ -2,98 +2,32 @@
 //! binary (`API.md` §14): devices sign in with their IDs, publish keys that vodozemac made
 //! (so the server accepts real Olm signatures), query and verify each other, claim one-time
 //! keys, start Olm sessions and share a Megolm key over to-device messages, which reach
-//! their devices over REST and over the SDK's event stream.
-//!
-//! The Megolm ciphertexts themselves go from Alice's device to Bob's two devices in memory:
-//! encrypted channels (`ciphertext` messages, `devices_seq`) are not built on the server
-//! yet, so only the keys travel through it. The channel is named by an ID string made up
-//! here.
+//! their devices over REST and over the SDK's event stream; then 1,000 messages go through
+//! an encrypted DM on the server, and every device reads every one while the server holds
+//! only ciphertext. (`e2ee_channels.rs` has devices that come and go in the channel.)
 
 mod common;
+mod sdk_devices;
 
-use chorus_client::e2ee::{DeviceAccount, E2eeManager, PeerDevice, Received, ToDeviceBatch};
-use chorus_client::{Client, ConnectOptions, Error, Session, Stream, StreamItem};
+use chorus_client::e2ee::{Received, ToDeviceBatch, Via};
+use chorus_client::{ChannelKind, Client, ConnectOptions, Error, Stream, StreamItem};
 use common::{Server, PASSWORD, UNLIMITED};
+use sdk_devices::{
+    files_holding, session_of, three_devices, Member, ThreeDevices, FIRST_KEYS, WAIT,
+};
 use serde_json::json;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
-/// The channel the Megolm session is for.
+/// The channel the Megolm session of the to-device test is for (made up: that test is
+/// about to-device messages).
 const CHANNEL: &str = "C-e2ee-sdk";
-/// Channel messages Alice encrypts and each of Bob's devices decrypts.
+/// Messages sent through the encrypted DM, which every device decrypts.
 const MESSAGES: usize = 1_000;
-/// One-time keys each device publishes at first.
-const FIRST_KEYS: usize = 20;
-/// How long a test waits for something from its stream.
-const WAIT: Duration = Duration::from_secs(10);
-
-/// One signed-in device: its session (token bound to the device) and its cryptography.
-struct Device {
-    session: Session,
-    e2ee: E2eeManager,
-}
-
-impl Device {
-    /// A device of the session's user with fresh keys, [`FIRST_KEYS`] one-time keys and a
-    /// fallback key published through the SDK.
-    async fn publish(session: Session) -> Device {
-        let device_id = session.device_id.clone().expect("signed in on a device");
-        let mut e2ee = E2eeManager::new(DeviceAccount::new(&session.user.id, &device_id));
-        let account = e2ee.account_mut();
-        account.generate_one_time_keys(FIRST_KEYS);
-        account.generate_fallback_key();
-        let count = session.publish_keys(account, true).await.expect("upload");
-        assert_eq!(count, FIRST_KEYS as u64);
-        assert!(
-            e2ee.account().one_time_keys().is_empty(),
-            "marked published after the 200"
-        );
-        Device { session, e2ee }
-    }
-
-    fn user_id(&self) -> &str {
-        &self.session.user.id
-    }
-
-    /// Queries and verifies the devices of `users`, and remembers them.
-    async fn learn(&mut self, users: &[&str]) -> Vec<PeerDevice> {
-        let found = self.session.query_keys(users).await.expect("query");
-        assert!(found.rejected.is_empty(), "{:?}", found.rejected);
-        for d in &found.devices {
-            self.e2ee.add_device(d.clone()).expect("known keys");
-        }
-        found.devices
-    }
-}
-
-/// Alice (one device, `alice-laptop`) and Bob (`bob-laptop` and `bob-phone`) in one
-/// workspace, each device with its keys published.
-async fn three_devices(server: &Server) -> (Device, Device, Device) {
-    let client = Client::new(&server.base_url()).unwrap();
-    let alice = (client.signup_on_device("alice@example.com", PASSWORD, "alice", "alice-laptop"))
-        .await
-        .unwrap();
-    let bob_laptop = (client.signup_on_device("bob@example.com", PASSWORD, "bob", "bob-laptop"))
-        .await
-        .unwrap();
-    let bob_phone = (client.login_on_device("bob@example.com", PASSWORD, "bob-phone"))
-        .await
-        .unwrap();
-    assert_eq!(bob_phone.device_id.as_deref(), Some("bob-phone"));
-    let acme = alice.create_workspace("acme").await.unwrap();
-    alice
-        .add_workspace_member(&acme.id, "bob@example.com")
-        .await
-        .unwrap();
-    (
-        Device::publish(alice).await,
-        Device::publish(bob_laptop).await,
-        Device::publish(bob_phone).await,
-    )
-}
+/// Every plaintext starts with this, so that one scan finds any of them.
+const SECRET: &str = "secret message";
 
 /// The next item of `stream` that is not a channel event, within [`WAIT`].
 async fn next_e2ee_item(stream: &mut Stream) -> Result<StreamItem, Error> {
@@ -110,12 +44,17 @@ async fn next_e2ee_item(stream: &mut Stream) -> Result<StreamItem, Error> {
 // Alice's device finds Bob's two devices through a key query (each signature verified by
 // the SDK), claims a one-time key of each, starts Olm sessions and shares a Megolm key
 // through the server; the laptop takes it from its stream (and, after a reconnection,
-// is not handed it twice) and acknowledges it there, the phone reads it over REST (and sees it on its stream too) and acknowledges it there; then
-// both decrypt all of 1,000 Megolm messages, none undecryptable.
+// is not handed it twice) and acknowledges it there, the phone reads it over REST (and sees
+// it on its stream too) and acknowledges it there; no file of the server holds a payload.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn devices_share_a_megolm_key_through_the_server_and_read_1000_messages() {
+async fn devices_share_a_megolm_key_through_the_server() {
     let server = Server::start(UNLIMITED);
-    let (mut alice, mut laptop, mut phone) = three_devices(&server).await;
+    let ThreeDevices {
+        mut alice,
+        mut laptop,
+        mut phone,
+        ..
+    } = three_devices(&server).await;
     let bob_id = laptop.user_id().to_owned();
     let alice_id = alice.user_id().to_owned();
     let mut laptop_stream = laptop
@@ -233,29 +172,6 @@ async fn devices_share_a_megolm_key_through_the_server_and_read_1000_messages() 
             .contains(marker));
     }
 
-    // 1,000 messages, handed over in memory (no encrypted channels on the server yet).
-    let mut decrypted = [0usize; 2];
-    for i in 0..MESSAGES {
-        let text = format!("message {i}");
-        let ciphertext = alice.e2ee.encrypt_channel_message(CHANNEL, &text).unwrap();
-        for (n, bob) in [&mut laptop, &mut phone].into_iter().enumerate() {
-            let plain = bob
-                .e2ee
-                .decrypt_channel_message(CHANNEL, &ciphertext)
-                .unwrap();
-            assert_eq!(plain.text, text);
-            assert_eq!(
-                (plain.sender_id.as_str(), plain.message_index),
-                (alice_id.as_str(), i as u32)
-            );
-            decrypted[n] += 1;
-        }
-    }
-    assert_eq!(decrypted, [MESSAGES, MESSAGES]);
-    assert_eq!(
-        (laptop.e2ee.undecryptable(), phone.e2ee.undecryptable()),
-        (0, 0)
-    );
     laptop_stream.close().await;
     phone_stream.close().await;
 }
@@ -267,7 +183,12 @@ async fn devices_share_a_megolm_key_through_the_server_and_read_1000_messages() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_low_reaches_the_stream_and_a_removed_device_is_cut_off() {
     let server = Server::start(UNLIMITED);
-    let (alice, mut laptop, phone) = three_devices(&server).await;
+    let ThreeDevices {
+        alice,
+        mut laptop,
+        phone,
+        ..
+    } = three_devices(&server).await;
     let bob_id = laptop.user_id().to_owned();
     let mut laptop_stream = laptop
         .session
@@ -382,7 +303,7 @@ fn pipe(mut from: TcpStream, mut to: TcpStream) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_to_device_send_with_a_lost_answer_is_retried_and_delivered_once() {
     let server = Server::start(UNLIMITED);
-    let (alice, laptop, _phone) = three_devices(&server).await;
+    let ThreeDevices { alice, laptop, .. } = three_devices(&server).await;
     let (proxy, connections) = lossy_proxy(server.addr.clone());
     let through_proxy = Client::new(&format!("http://{proxy}")).unwrap();
     let alice_lossy = through_proxy.device_session(
@@ -408,21 +329,90 @@ async fn a_to_device_send_with_a_lost_answer_is_retried_and_delivered_once() {
     assert_eq!(page.messages[0].content, json!({"hello": "once"}));
 }
 
-/// The files under `dir` (recursively) whose bytes hold `needle`.
-fn files_holding(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
-    let mut found = Vec::new();
-    let mut dirs = vec![dir.to_owned()];
-    while let Some(d) = dirs.pop() {
-        for entry in std::fs::read_dir(&d).expect("read the data directory") {
-            let path = entry.expect("entry").path();
-            if path.is_dir() {
-                dirs.push(path);
-            } else if let Ok(bytes) = std::fs::read(&path) {
-                if bytes.windows(needle.len()).any(|w| w == needle) {
-                    found.push(path);
-                }
-            }
+// Alice opens an encrypted DM with Bob (a different channel from their plain DM), and all
+// three devices follow it from its first event. Alice sends 1,000 messages through the
+// server, over REST and over her stream, with one Megolm session shared once with Bob's
+// two devices; every device (Alice's own included) decrypts every message, and an edit,
+// with none undecryptable. The server never held a plaintext: no file of its data
+// directory and no REST answer (history pages, a message's edit history) holds one, while
+// the scan does find the ciphertexts where messages are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_messages_through_an_encrypted_dm_reach_every_device() {
+    let server = Server::start(UNLIMITED);
+    let devices = three_devices(&server).await;
+    let bob_id = devices.laptop.user_id().to_owned();
+    let (wid, session) = (&devices.workspace_id, devices.alice.session.clone());
+    let dm = session.open_encrypted_dm(wid, &[&bob_id]).await.unwrap();
+    assert!(dm.encrypted);
+    assert_eq!(dm.kind, ChannelKind::Dm);
+    let plain = session.open_dm(wid, &[&bob_id]).await.unwrap();
+    assert!(!plain.encrypted);
+    assert_ne!(plain.id, dm.id, "an encrypted DM is another channel");
+    let again = session.open_encrypted_dm(wid, &[&bob_id]).await.unwrap();
+    assert_eq!(again.id, dm.id, "same set, same channel");
+
+    let mut alice = Member::join(devices.alice, &dm.id).await;
+    let mut laptop = Member::join(devices.laptop, &dm.id).await;
+    let mut phone = Member::join(devices.phone, &dm.id).await;
+    alice.sync().await;
+    let alice_id = alice.device.user_id().to_owned();
+    let listed = [
+        format!("{alice_id}/alice-laptop"),
+        format!("{bob_id}/bob-laptop"),
+        format!("{bob_id}/bob-phone"),
+    ];
+    assert_eq!(alice.devices(), listed);
+
+    let mut sent = Vec::new();
+    for i in 0..MESSAGES {
+        let via = if i % 4 == 3 { Via::Stream } else { Via::Rest };
+        let text = format!("{SECRET} {i}");
+        let post = alice.send_via(&text, via).await;
+        assert_eq!(post.refusals, 0, "the tracker was current");
+        assert!(post.unreachable.is_empty(), "{:?}", post.unreachable);
+        assert_eq!(post.message.text, "");
+        sent.push((post.message, text));
+    }
+    let sessions: std::collections::BTreeSet<String> = (sent.iter())
+        .map(|(m, _)| session_of(m.ciphertext.as_deref().unwrap()))
+        .collect();
+    assert_eq!(sessions.len(), 1, "one Megolm session for all");
+    let (first, _) = &sent[0];
+    let edited = format!("{SECRET} 0, edited");
+    alice.edit(&first.id, &edited).await;
+
+    for member in [&mut alice, &mut laptop, &mut phone] {
+        member.read_decrypted(MESSAGES + 1).await;
+        assert!(member.failures.is_empty(), "{:?}", member.failures);
+        assert_eq!(member.decrypted, MESSAGES + 1);
+        assert_eq!(member.device.e2ee.undecryptable(), 0);
+        assert_eq!(member.before, 0);
+        assert_eq!(member.devices(), listed);
+        assert_eq!(member.read[&first.id], edited);
+        for (message, text) in &sent[1..] {
+            assert_eq!(&member.read[&message.id], text);
         }
     }
-    found
+    assert_eq!(laptop.room_keys.len(), 1, "the key went once");
+
+    // Nothing of a plaintext on the server's disk or in its answers.
+    let history = session.all_messages(&dm.id).await.unwrap();
+    assert_eq!(history.len(), MESSAGES);
+    assert!(history
+        .iter()
+        .all(|m| m.text.is_empty() && m.ciphertext.is_some()));
+    let versions = session.message_history(&dm.id, &first.id).await.unwrap();
+    for answer in [
+        serde_json::to_string(&history).unwrap(),
+        serde_json::to_string(&versions).unwrap(),
+    ] {
+        assert!(!answer.contains(SECRET), "a plaintext in a REST answer");
+    }
+    let stored = session_of(history[MESSAGES - 1].ciphertext.as_deref().unwrap());
+    assert!(!files_holding(server.dir(), stored.as_bytes()).is_empty());
+    let found = files_holding(server.dir(), SECRET.as_bytes());
+    assert!(found.is_empty(), "a plaintext in {found:?}");
+    for member in [alice, laptop, phone] {
+        member.close().await;
+    }
 }

@@ -62,6 +62,28 @@ pub enum Error {
     /// joins the network to the device's cryptography (`crate::e2ee`).
     #[error(transparent)]
     Olm(#[from] crate::e2ee::OlmError),
+    /// A channel message could not be encrypted (`crate::e2ee`).
+    #[error(transparent)]
+    Megolm(#[from] crate::e2ee::MegolmError),
+    /// An encrypted send or edit was refused with `stale_devices` this many times in a
+    /// row, catching up with the channel's devices each time
+    /// ([`crate::e2ee::STALE_DEVICES_ATTEMPTS_MAX`]); nothing was stored.
+    #[error("the channel's devices kept changing: refused {attempts} times as stale_devices")]
+    StaleDevices {
+        /// Refusals in a row.
+        attempts: u32,
+    },
+    /// Catching up with an encrypted channel's events (after a `stale_devices` refusal,
+    /// or in [`crate::Session::sync_channel`]), the stream did not hand out the events up
+    /// to the channel's `last_seq` within [`crate::e2ee::DEVICE_CATCH_UP_TIMEOUT`] (it is
+    /// not fed from the channel's events, or it is far behind).
+    #[error(
+        "the channel's events did not come from the stream in time (devices_seq {devices_seq})"
+    )]
+    DevicesNotSeen {
+        /// The tracker's `devices_seq` when it gave up.
+        devices_seq: u64,
+    },
     /// The stream was closed, by [`crate::Stream::close`] or because it ended with an
     /// error that was already returned.
     #[error("the stream is closed")]

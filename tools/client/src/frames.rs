@@ -96,19 +96,55 @@ pub(crate) fn typing(channel_id: &str) -> String {
     json!({"type": "typing:start", "channel_id": channel_id}).to_string()
 }
 
+/// What a message says: a `text` in a plain channel, or a `ciphertext` with the
+/// `devices_seq` it was encrypted for in an encrypted one (`API.md` §14). One serializer for
+/// a REST body and a WebSocket frame alike.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Content {
+    Text(String),
+    Encrypted {
+        ciphertext: String,
+        devices_seq: u64,
+    },
+}
+
+impl Content {
+    /// The content of a message of an encrypted channel.
+    pub fn encrypted(ciphertext: &str, devices_seq: u64) -> Content {
+        Content::Encrypted {
+            ciphertext: ciphertext.to_owned(),
+            devices_seq,
+        }
+    }
+
+    /// Writes the content's fields into a request body or frame.
+    pub fn write_into(&self, body: &mut Value) {
+        match self {
+            Content::Text(text) => body["text"] = json!(text),
+            Content::Encrypted {
+                ciphertext,
+                devices_seq,
+            } => {
+                body["ciphertext"] = json!(ciphertext);
+                body["devices_seq"] = json!(devices_seq);
+            }
+        }
+    }
+}
+
 /// A request the client sends and the server answers with `ack` or `error`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Request {
     Send {
         channel_id: String,
-        text: String,
+        content: Content,
         client_msg_id: String,
         thread_id: Option<String>,
     },
     Edit {
         channel_id: String,
         message_id: String,
-        text: String,
+        content: Content,
     },
     Delete {
         channel_id: String,
@@ -133,12 +169,13 @@ impl Request {
         let v = match self {
             Request::Send {
                 channel_id,
-                text,
+                content,
                 client_msg_id,
                 thread_id,
             } => {
                 let mut v = json!({"type": "message:send", "ref": reference,
-                    "channel_id": channel_id, "text": text, "client_msg_id": client_msg_id});
+                    "channel_id": channel_id, "client_msg_id": client_msg_id});
+                content.write_into(&mut v);
                 if let Some(t) = thread_id {
                     v["thread_id"] = json!(t);
                 }
@@ -147,9 +184,13 @@ impl Request {
             Request::Edit {
                 channel_id,
                 message_id,
-                text,
-            } => json!({"type": "message:edit", "ref": reference, "channel_id": channel_id,
-                        "message_id": message_id, "text": text}),
+                content,
+            } => {
+                let mut v = json!({"type": "message:edit", "ref": reference,
+                    "channel_id": channel_id, "message_id": message_id});
+                content.write_into(&mut v);
+                v
+            }
             Request::Delete {
                 channel_id,
                 message_id,
@@ -256,7 +297,7 @@ mod tests {
     fn client_frames() {
         let send = Request::Send {
             channel_id: "C1".into(),
-            text: "hi".into(),
+            content: Content::Text("hi".into()),
             client_msg_id: "k".into(),
             thread_id: None,
         };
@@ -266,6 +307,35 @@ mod tests {
             json!({"type":"message:send","ref":3,"channel_id":"C1","text":"hi","client_msg_id":"k"})
         );
         assert!(send.repeatable());
+        let sealed = Request::Send {
+            channel_id: "C2".into(),
+            content: Content::Encrypted {
+                ciphertext: "{...}".into(),
+                devices_seq: 7,
+            },
+            client_msg_id: "k".into(),
+            thread_id: None,
+        };
+        let v: Value = serde_json::from_str(&sealed.frame(5)).unwrap();
+        assert_eq!(
+            v,
+            json!({"type":"message:send","ref":5,"channel_id":"C2","ciphertext":"{...}",
+                   "devices_seq":7,"client_msg_id":"k"})
+        );
+        let edit = Request::Edit {
+            channel_id: "C2".into(),
+            message_id: "M2-9".into(),
+            content: Content::Encrypted {
+                ciphertext: "{..}".into(),
+                devices_seq: 8,
+            },
+        };
+        let v: Value = serde_json::from_str(&edit.frame(6)).unwrap();
+        assert_eq!(
+            v,
+            json!({"type":"message:edit","ref":6,"channel_id":"C2","message_id":"M2-9",
+                   "ciphertext":"{..}","devices_seq":8})
+        );
         let delete = Request::Delete {
             channel_id: "C1".into(),
             message_id: "M1-1".into(),

@@ -148,12 +148,13 @@ impl<R> Outbox<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::frames::Content;
     use std::time::Duration;
 
     fn send(id: &str) -> Request {
         Request::Send {
             channel_id: "C1".into(),
-            text: id.into(),
+            content: Content::Text(id.into()),
             client_msg_id: id.into(),
             thread_id: None,
         }
@@ -163,7 +164,7 @@ mod tests {
         Request::Edit {
             channel_id: "C1".into(),
             message_id: "M1-1".into(),
-            text: "x".into(),
+            content: Content::Text("x".into()),
         }
     }
 

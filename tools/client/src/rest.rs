@@ -8,6 +8,7 @@
 //! path segments.
 
 use crate::error::Error;
+use crate::frames::Content;
 use crate::types::{Channel, ChannelKind, Me, Member, Message, MessagePage, Posted, User};
 use crate::types::{Version, Workspace};
 use reqwest::{Method, RequestBuilder, StatusCode, Url};
@@ -319,7 +320,31 @@ impl Session {
     /// `POST /api/v1/workspaces/{wid}/dms`: the DM or group DM of exactly the caller and
     /// these users, created if it did not exist.
     pub async fn open_dm(&self, workspace_id: &str, user_ids: &[&str]) -> Result<Channel, Error> {
-        let body = json!({"user_ids": user_ids});
+        self.dm(workspace_id, user_ids, false).await
+    }
+
+    /// `POST /api/v1/workspaces/{wid}/dms` with `"encrypted": true` (`API.md` §14): the
+    /// end-to-end encrypted DM or group DM of exactly the caller and these users, a
+    /// different channel from the plain one of the same set, created if it did not exist.
+    /// Its messages go through [`Session::send_encrypted`].
+    pub async fn open_encrypted_dm(
+        &self,
+        workspace_id: &str,
+        user_ids: &[&str],
+    ) -> Result<Channel, Error> {
+        self.dm(workspace_id, user_ids, true).await
+    }
+
+    async fn dm(
+        &self,
+        workspace_id: &str,
+        user_ids: &[&str],
+        encrypted: bool,
+    ) -> Result<Channel, Error> {
+        let mut body = json!({"user_ids": user_ids});
+        if encrypted {
+            body["encrypted"] = json!(true);
+        }
         self.post(&["workspaces", workspace_id, "dms"], body, "channel")
             .await
     }
@@ -363,7 +388,38 @@ impl Session {
         client_msg_id: Option<&str>,
         thread_id: Option<&str>,
     ) -> Result<Posted, Error> {
-        let mut body = json!({"text": text});
+        let content = Content::Text(text.to_owned());
+        self.post_content(channel_id, &content, client_msg_id, thread_id)
+            .await
+    }
+
+    /// `POST /api/v1/channels/{cid}/messages` in an encrypted channel (`API.md` §14): posts
+    /// a `ciphertext` made for the device list up to `devices_seq`, idempotent on
+    /// `client_msg_id` as [`Session::post_message`] is. A device list that is behind is
+    /// refused with 409 `stale_devices`; [`Session::send_encrypted`] does the whole
+    /// exchange, keys included.
+    pub async fn post_ciphertext(
+        &self,
+        channel_id: &str,
+        ciphertext: &str,
+        devices_seq: u64,
+        client_msg_id: Option<&str>,
+        thread_id: Option<&str>,
+    ) -> Result<Posted, Error> {
+        let content = Content::encrypted(ciphertext, devices_seq);
+        self.post_content(channel_id, &content, client_msg_id, thread_id)
+            .await
+    }
+
+    async fn post_content(
+        &self,
+        channel_id: &str,
+        content: &Content,
+        client_msg_id: Option<&str>,
+        thread_id: Option<&str>,
+    ) -> Result<Posted, Error> {
+        let mut body = json!({});
+        content.write_into(&mut body);
         if let Some(k) = client_msg_id {
             body["client_msg_id"] = json!(k);
         }
@@ -442,11 +498,34 @@ impl Session {
         message_id: &str,
         text: &str,
     ) -> Result<Message, Error> {
+        let content = Content::Text(text.to_owned());
+        self.edit_content(channel_id, message_id, &content).await
+    }
+
+    /// `PATCH /api/v1/channels/{cid}/messages/{mid}` in an encrypted channel: a new
+    /// `ciphertext` for the device list up to `devices_seq`, checked like a post's
+    /// (409 `stale_devices`). [`Session::edit_encrypted`] does the whole exchange.
+    pub async fn edit_ciphertext(
+        &self,
+        channel_id: &str,
+        message_id: &str,
+        ciphertext: &str,
+        devices_seq: u64,
+    ) -> Result<Message, Error> {
+        let content = Content::encrypted(ciphertext, devices_seq);
+        self.edit_content(channel_id, message_id, &content).await
+    }
+
+    async fn edit_content(
+        &self,
+        channel_id: &str,
+        message_id: &str,
+        content: &Content,
+    ) -> Result<Message, Error> {
         let path = ["channels", channel_id, "messages", message_id];
-        let request = self
-            .request(Method::PATCH, &path)
-            .json(&json!({"text": text}));
-        let (_, v) = call(request).await?;
+        let mut body = json!({});
+        content.write_into(&mut body);
+        let (_, v) = call(self.request(Method::PATCH, &path).json(&body)).await?;
         field(v, "message")
     }
 

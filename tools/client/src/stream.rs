@@ -47,7 +47,7 @@
 
 use crate::backoff::Backoff;
 use crate::error::Error;
-use crate::frames::{self, EventFrame, Request, ServerFrame};
+use crate::frames::{self, Content, EventFrame, Request, ServerFrame};
 use crate::outbox::{Outbox, REQUESTS_ON_WIRE_MAX};
 use crate::rest::{Client, Session};
 use crate::tracker::{Membership, SeqTracker, Verdict};
@@ -458,7 +458,27 @@ impl StreamHandle {
     ) -> Result<Message, Error> {
         self.message(Request::Send {
             channel_id: channel_id.to_owned(),
-            text: text.to_owned(),
+            content: Content::Text(text.to_owned()),
+            client_msg_id: client_msg_id.to_owned(),
+            thread_id: None,
+        })
+        .await
+    }
+
+    /// `message:send` in an encrypted channel (`API.md` §14): posts a `ciphertext` made for
+    /// the device list up to `devices_seq`, with the guarantees of [`StreamHandle::send`].
+    /// A device list that is behind fails with the `stale_devices` code (status 0); the
+    /// whole exchange, keys included, is [`Session::send_encrypted`]'s.
+    pub async fn send_ciphertext(
+        &self,
+        channel_id: &str,
+        ciphertext: &str,
+        devices_seq: u64,
+        client_msg_id: &str,
+    ) -> Result<Message, Error> {
+        self.message(Request::Send {
+            channel_id: channel_id.to_owned(),
+            content: Content::encrypted(ciphertext, devices_seq),
             client_msg_id: client_msg_id.to_owned(),
             thread_id: None,
         })
@@ -475,7 +495,7 @@ impl StreamHandle {
     ) -> Result<Message, Error> {
         self.message(Request::Send {
             channel_id: channel_id.to_owned(),
-            text: text.to_owned(),
+            content: Content::Text(text.to_owned()),
             client_msg_id: client_msg_id.to_owned(),
             thread_id: Some(thread_id.to_owned()),
         })
@@ -493,7 +513,24 @@ impl StreamHandle {
         self.message(Request::Edit {
             channel_id: channel_id.to_owned(),
             message_id: message_id.to_owned(),
-            text: text.to_owned(),
+            content: Content::Text(text.to_owned()),
+        })
+        .await
+    }
+
+    /// `message:edit` in an encrypted channel: a new `ciphertext` for the device list up to
+    /// `devices_seq`, checked like a send's. Not repeated after a lost connection.
+    pub async fn edit_ciphertext(
+        &self,
+        channel_id: &str,
+        message_id: &str,
+        ciphertext: &str,
+        devices_seq: u64,
+    ) -> Result<Message, Error> {
+        self.message(Request::Edit {
+            channel_id: channel_id.to_owned(),
+            message_id: message_id.to_owned(),
+            content: Content::encrypted(ciphertext, devices_seq),
         })
         .await
     }
@@ -1443,7 +1480,7 @@ mod tests {
         let (mut t, _rx) = task(4);
         let send = |id: &str| Request::Send {
             channel_id: "C1".into(),
-            text: id.into(),
+            content: Content::Text(id.into()),
             client_msg_id: id.into(),
             thread_id: None,
         };

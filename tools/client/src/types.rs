@@ -72,6 +72,11 @@ pub struct Channel {
     pub kind: ChannelKind,
     /// The seq of its last event when the server answered.
     pub last_seq: u64,
+    /// Whether it is an end-to-end encrypted DM or group DM (`API.md` §14), whose messages
+    /// carry a `ciphertext` instead of a `text`. `false` when the server does not say (an
+    /// older server has no encrypted channels).
+    #[serde(default)]
+    pub encrypted: bool,
 }
 
 /// `message`, as it stands after the latest event that touched it.
@@ -108,6 +113,10 @@ pub struct Message {
     /// The author's idempotency key, when the post carried one.
     #[serde(default)]
     pub client_msg_id: Option<String>,
+    /// The Megolm ciphertext, in an encrypted channel (where `text` is empty); decrypt it
+    /// with [`crate::e2ee::E2eeManager::decrypt_message`]. Absent elsewhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ciphertext: Option<String>,
 }
 
 /// One page of messages, with the cursor of the next page (`None` on the last page).
@@ -203,6 +212,20 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.kind, ChannelKind::GroupDm);
+        assert!(!c.encrypted, "absent means a plain channel");
+        assert_eq!(m.ciphertext, None);
+        let c: Channel = serde_json::from_str(
+            r#"{"id":"C2","workspace_id":"W1","name":"","kind":"dm","last_seq":3,"encrypted":true}"#,
+        )
+        .unwrap();
+        assert!(c.encrypted);
+        let m: Message = serde_json::from_str(
+            r#"{"id":"M2-4","channel_id":"C2","seq":4,"user_id":"U1","text":"","thread_id":null,
+                "reply_count":0,"reactions":{},"edited_at":null,"deleted":false,
+                "created_at":"2026-01-01T00:00:00Z","client_msg_id":"k2","ciphertext":"{}"}"#,
+        )
+        .unwrap();
+        assert_eq!(m.ciphertext.as_deref(), Some("{}"));
         let c: Channel = serde_json::from_str(
             r#"{"id":"C1","workspace_id":"W1","name":"x","kind":"broadcast","last_seq":0}"#,
         )

@@ -84,6 +84,12 @@ impl E2eeManager {
         }
     }
 
+    /// The verified device `device_id` of `user_id`, if it is known here.
+    pub fn device(&self, user_id: &str, device_id: &str) -> Option<&PeerDevice> {
+        self.devices
+            .get(&(user_id.to_owned(), device_id.to_owned()))
+    }
+
     /// Forgets a device (after `device:removed`, or a member's leaving) and discards every
     /// outbound Megolm session it was given, so that nothing sent from now on can be read
     /// with a key it holds. Answers the channels whose session was discarded.

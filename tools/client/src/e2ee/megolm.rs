@@ -65,6 +65,15 @@ pub enum MegolmError {
         /// The channel it names.
         found: String,
     },
+    /// The message's author is not the user whose device shared the session that
+    /// encrypted it.
+    #[error("the message's author is {author}, but its session is {sender_id}'s")]
+    WrongSender {
+        /// The message's `user_id`.
+        author: String,
+        /// The user whose device shared the session.
+        sender_id: String,
+    },
     /// vodozemac refused to decrypt (a bad MAC or signature, or an index before the
     /// session's first known one).
     #[error("Megolm decryption failed: {0}")]

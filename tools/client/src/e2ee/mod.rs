@@ -10,17 +10,33 @@
 //!   messages it could not decrypt.
 //! - [`E2eeManager::save`] and [`E2eeManager::load`] keep it in a file encrypted with a
 //!   passphrase.
+//! - [`ChannelDevices`] follows one encrypted channel's members and devices from its
+//!   `device:added` / `device:removed` / `member:*` events, and its `devices_seq`;
+//!   [`E2eeManager::receive`] takes one stream item for a channel: it keeps room keys from
+//!   to-device messages, applies device events (discarding the outbound session when a
+//!   device is removed or a member leaves, so the next send rotates the key) and decrypts
+//!   `message:new` / `message:edited` ([`Incoming`]).
 //!
 //! - `net` is the network edge: the §14 calls as [`crate::Session`] methods
 //!   ([`crate::Session::publish_keys`], [`crate::Session::query_keys`],
 //!   [`crate::Session::claim_keys`], [`crate::Session::send_to_device`], ...) and the steps
 //!   that join them to a manager ([`crate::Session::share_group_key`]). The stream hands
 //!   out `to_device` and `e2ee:keys_low` frames as [`crate::StreamItem`]s.
+//! - `channel_net` is the edge of encrypted channels: [`crate::Session::open_encrypted_dm`]
+//!   opens one; [`crate::Session::send_encrypted`] (and [`crate::Session::edit_encrypted`])
+//!   shares the key with every listed device that lacks it, encrypts, posts with the
+//!   tracker's `devices_seq`, and on `stale_devices` catches the tracker up from the stream
+//!   and resends under the same `client_msg_id`; [`crate::Session::receive_item`] is
+//!   [`E2eeManager::receive`] after querying an unknown sender's keys.
 //!
-//! API boundary: everything but `net` makes no network calls and knows no REST shapes
-//! beyond the JSON of §14's bodies; `net` keeps no state. Deliberately absent so far:
-//! cross-signing and user verification (a device is trusted when its own signature
-//! verifies), key backup, and replay detection of a Megolm message index.
+//! API boundary: everything but `net` and `channel_net` makes no network calls and knows
+//! no REST shapes beyond the JSON of §14's bodies and messages; `net` and `channel_net`
+//! keep no state (the caller owns the manager, the tracker and the stream). Deliberately
+//! absent so far: cross-signing and user verification (a device is trusted when its own
+//! signature verifies), key backup (a device reads nothing sent before it was listed in a
+//! channel), and replay detection of a Megolm message index.
+//!
+//! In memory, without a server:
 //!
 //! ```
 //! use chorus_client::e2ee::{DeviceAccount, E2eeManager, PeerDevice, Received};
@@ -40,8 +56,36 @@
 //! let ciphertext = ada.encrypt_channel_message("C7", "hello").unwrap();
 //! assert_eq!(bob.decrypt_channel_message("C7", &ciphertext).unwrap().text, "hello");
 //! ```
+//!
+//! Through a server, in an encrypted DM (the stream is fed from the channel's first
+//! event, so the tracker sees every device the channel lists):
+//!
+//! ```no_run
+//! # async fn demo(ada: chorus_client::Session, mut device: chorus_client::e2ee::E2eeManager,
+//! #     workspace_id: &str, bob_id: &str) -> Result<(), chorus_client::Error> {
+//! use chorus_client::e2ee::{ChannelDevices, Incoming};
+//! use chorus_client::{new_client_msg_id, ConnectOptions};
+//! let dm = ada.open_encrypted_dm(workspace_id, &[bob_id]).await?;
+//! let since = Some([(dm.id.clone(), 0)].into());
+//! let mut stream = ada.connect(ConnectOptions { since, ..ConnectOptions::default() }).await?;
+//! let account = device.account();
+//! let mut channel = ChannelDevices::new(&dm.id, account.user_id(), account.device_id());
+//! ada.send_encrypted(&mut device, &mut channel, &mut stream, "hi Bob", &new_client_msg_id())
+//!     .await?;
+//! loop {
+//!     let item = stream.next_item().await?;
+//!     if let Incoming::Message { plaintext: Ok(p), .. } =
+//!         ada.receive_item(&mut device, &mut channel, item).await?
+//!     {
+//!         println!("{}: {}", p.sender_id, p.text);
+//!     }
+//! }
+//! # }
+//! ```
 
 mod account;
+mod channel;
+mod channel_net;
 mod keys;
 mod manager;
 mod megolm;
@@ -50,6 +94,10 @@ mod olm;
 mod store;
 
 pub use account::{DeviceAccount, ONE_TIME_KEYS_PUBLISHED_MAX};
+pub use channel::{Applied, ChannelDevices, DeviceChange, Incoming};
+pub use channel_net::{
+    EncryptedPost, Via, DEVICE_CATCH_UP_TIMEOUT, STALE_DEVICES, STALE_DEVICES_ATTEMPTS_MAX,
+};
 pub use keys::{canonical_device_json, verify_device_keys, DeviceKeys, KeyCheckError, PeerDevice};
 pub use manager::E2eeManager;
 pub use megolm::{
