@@ -5,13 +5,14 @@
 //! missing, of another version, damaged, or ahead of its log is ignored (with a line on
 //! stderr) and the partition replays its whole log, as it did before snapshots existed.
 //!
-//! File format, version 3 (version 1 had no read markers, version 2 no files on messages),
+//! File format, version 4 (version 1 had no read markers, version 2 no files on messages,
+//! version 3 no encrypted channels),
 //! all integers little-endian:
 //!
 //! | bytes | field |
 //! |---|---|
 //! | 8 | magic `CHORSNAP` |
-//! | 4 | format version (2) |
+//! | 4 | format version (4) |
 //! | 4 | partition id |
 //! | 8 | `next_offset`: the log offset after the last event the snapshot covers |
 //! | 8 | body length `n` |
@@ -28,8 +29,10 @@ use std::io;
 
 const MAGIC: &[u8; 8] = b"CHORSNAP";
 /// The snapshot format version written by this code. Version 3 added a message's files
-/// (behind a flag bit that version 2 never sets), so version 2 files are read as they are.
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 3;
+/// (behind a flag bit that version 2 never sets), and version 4 encrypted channels (their
+/// device lists and ciphertext bodies, in a channel kind older versions never write), so
+/// version 2 and 3 files are read as they are.
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 4;
 /// The oldest snapshot format version this code reads.
 const SNAPSHOT_FORMAT_VERSION_MIN: u32 = 2;
 const HEADER_BYTES: usize = 8 + 4 + 4 + 8 + 8;

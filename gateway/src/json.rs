@@ -38,6 +38,12 @@ pub fn depth_within(bytes: &[u8], max: usize) -> bool {
     true
 }
 
+/// A body field that may be left out (with `#[serde(default)]`) but, when given, must be a
+/// string: `null` is refused as a wrong type, as it was when the field was required.
+pub fn given_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    <String as serde::Deserialize>::deserialize(d).map(Some)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,10 +60,4 @@ mod tests {
         let ok = "[".repeat(64) + &"]".repeat(64);
         assert!(depth_within(ok.as_bytes(), JSON_DEPTH_MAX));
     }
-}
-
-/// A body field that may be left out (with `#[serde(default)]`) but, when given, must be a
-/// string: `null` is refused as a wrong type, as it was when the field was required.
-pub fn given_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    <String as serde::Deserialize>::deserialize(d).map(Some)
 }

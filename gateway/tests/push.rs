@@ -321,6 +321,41 @@ fn push_goes_to_whom_the_rules_name() {
     assert_eq!(sink.count(&later), 1);
 }
 
+// An encrypted DM pushes any message as a DM does, and the push carries none of it: the
+// server never reads ciphertext (API.md §14), so the body is empty and the ciphertext is
+// nowhere in what the push gateway receives, whatever keyword it holds.
+#[test]
+fn an_encrypted_dm_pushes_without_its_ciphertext() {
+    let sink = Sink::start();
+    let (s, alice, bob, _) = pair(&sink);
+    device(&s, &bob, "key-bob");
+    s.ok(
+        "PATCH",
+        "/api/v1/me/notification-prefs",
+        &bob,
+        Some(json!({"keywords": ["zebrafish"]})),
+        200,
+    );
+    let wid = str_of(&s.ok("GET", "/api/v1/me", &alice, None, 200)["workspaces"][0]["id"]);
+    let dm = s.ok(
+        "POST",
+        &format!("/api/v1/workspaces/{wid}/dms"),
+        &alice,
+        Some(json!({"user_ids": [bob.id], "encrypted": true})),
+        201,
+    );
+    let dm = str_of(&dm["channel"]["id"]);
+    // Neither member has devices with keys: the channel's events are its two joins.
+    let body = json!({"ciphertext": "CT-zebrafish-secret", "devices_seq": 2});
+    let path = format!("/api/v1/channels/{dm}/messages");
+    let m = s.ok("POST", &path, &alice, Some(body), 201);
+    let m = str_of(&m["message"]["id"]);
+    let n = sink.wait_for(&m, "key-bob");
+    assert_eq!(n["content"]["body"], "");
+    let everything = serde_json::to_string(&sink.accepted()).unwrap();
+    assert!(!everything.contains("zebrafish"), "{everything}");
+}
+
 // The gateway failing (500s, then connections closed) delays pushes but loses none;
 // what was read, or deleted, before the push could go out is dropped; an edit before it
 // pushes the current text.
