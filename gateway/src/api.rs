@@ -902,12 +902,8 @@ struct PresenceReq {
 
 #[derive(Deserialize)]
 struct PostReq {
-    #[serde(default, deserialize_with = "crate::json::given_string")]
-    text: Option<String>,
-    #[serde(default, deserialize_with = "crate::json::given_string")]
-    ciphertext: Option<String>,
-    #[serde(default)]
-    devices_seq: Option<u64>,
+    #[serde(flatten)]
+    content: crate::protocol::ContentFields,
     client_msg_id: Option<String>,
     thread_id: Option<String>,
     #[serde(default)]
@@ -916,12 +912,8 @@ struct PostReq {
 
 #[derive(Deserialize)]
 struct EditReq {
-    #[serde(default, deserialize_with = "crate::json::given_string")]
-    text: Option<String>,
-    #[serde(default, deserialize_with = "crate::json::given_string")]
-    ciphertext: Option<String>,
-    #[serde(default)]
-    devices_seq: Option<u64>,
+    #[serde(flatten)]
+    content: crate::protocol::ContentFields,
 }
 
 #[derive(Deserialize)]
@@ -1273,7 +1265,7 @@ async fn post_message(call: &Call<'_>) -> Result<Reply, ApiError> {
         .map(|t| message_in(t, cid))
         .transpose()?;
     let files = crate::protocol::file_ids(&r.file_ids)?;
-    let content = crate::protocol::content(r.text, r.ciphertext, r.devices_seq)?;
+    let content = r.content.content()?;
     let (m, created) = call
         .engine()
         .post_content(
@@ -1333,7 +1325,7 @@ async fn get_message(call: &Call<'_>) -> Result<Reply, ApiError> {
 async fn edit_message(call: &Call<'_>) -> Result<Reply, ApiError> {
     let mid = call.message()?;
     let r: EditReq = call.json()?;
-    let content = crate::protocol::content(r.text, r.ciphertext, r.devices_seq)?;
+    let content = r.content.content()?;
     let m = call
         .engine()
         .edit_content(call.user(), mid, content)

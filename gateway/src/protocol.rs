@@ -94,12 +94,8 @@ pub enum Command {
 #[derive(Deserialize)]
 struct SendFields {
     channel_id: String,
-    #[serde(default, deserialize_with = "crate::json::given_string")]
-    text: Option<String>,
-    #[serde(default, deserialize_with = "crate::json::given_string")]
-    ciphertext: Option<String>,
-    #[serde(default)]
-    devices_seq: Option<u64>,
+    #[serde(flatten)]
+    content: crate::protocol::ContentFields,
     #[serde(default)]
     client_msg_id: Option<String>,
     #[serde(default)]
@@ -112,12 +108,8 @@ struct SendFields {
 struct EditFields {
     channel_id: String,
     message_id: String,
-    #[serde(default, deserialize_with = "crate::json::given_string")]
-    text: Option<String>,
-    #[serde(default, deserialize_with = "crate::json::given_string")]
-    ciphertext: Option<String>,
-    #[serde(default)]
-    devices_seq: Option<u64>,
+    #[serde(flatten)]
+    content: crate::protocol::ContentFields,
 }
 
 #[derive(Deserialize)]
@@ -235,7 +227,7 @@ fn frame_of(kind: &str, object: Map<String, Value>) -> Result<ClientFrame, ApiEr
             let thread = f.thread_id.map(|t| message_in(&t, channel)).transpose()?;
             ClientFrame::Command(Command::Send {
                 channel,
-                content: content(f.text, f.ciphertext, f.devices_seq)?,
+                content: f.content.content()?,
                 client_msg_id: f.client_msg_id,
                 thread,
                 files: file_ids(&f.file_ids)?,
@@ -246,7 +238,7 @@ fn frame_of(kind: &str, object: Map<String, Value>) -> Result<ClientFrame, ApiEr
             let message = target(&f.channel_id, &f.message_id)?;
             ClientFrame::Command(Command::Edit {
                 message,
-                content: content(f.text, f.ciphertext, f.devices_seq)?,
+                content: f.content.content()?,
             })
         }
         "message:delete" => {
@@ -341,23 +333,32 @@ pub(crate) fn file_ids(ids: &[String]) -> Result<Vec<chorus_engine::ids::FileId>
 /// A post's or an edit's content, REST or WebSocket alike: `text`, or `ciphertext` with the
 /// `devices_seq` it was encrypted for (`API.md` §14). Which one the channel takes is its
 /// decision; both at once fit no channel (400 `encryption_mismatch`).
-pub(crate) fn content(
+#[derive(Deserialize)]
+pub(crate) struct ContentFields {
+    #[serde(default, deserialize_with = "crate::json::given_string")]
     text: Option<String>,
+    #[serde(default, deserialize_with = "crate::json::given_string")]
     ciphertext: Option<String>,
+    #[serde(default)]
     devices_seq: Option<u64>,
-) -> Result<Content, ApiError> {
-    match ciphertext {
-        None => Ok(Content::Text(text.unwrap_or_default())),
-        Some(_) if text.as_deref().is_some_and(|t| !t.is_empty()) => {
-            Err(chorus_engine::domain::DomainError::EncryptionMismatch(
-                "a message carries \"text\" or \"ciphertext\", never both".into(),
-            )
-            .into())
+}
+
+impl ContentFields {
+    /// The content the fields give.
+    pub(crate) fn content(self) -> Result<Content, ApiError> {
+        match self.ciphertext {
+            None => Ok(Content::Text(self.text.unwrap_or_default())),
+            Some(_) if self.text.as_deref().is_some_and(|t| !t.is_empty()) => {
+                Err(chorus_engine::domain::DomainError::EncryptionMismatch(
+                    "a message carries \"text\" or \"ciphertext\", never both".into(),
+                )
+                .into())
+            }
+            Some(ciphertext) => Ok(Content::Sealed(Box::new(Sealed {
+                ciphertext,
+                devices_seq: self.devices_seq,
+            }))),
         }
-        Some(ciphertext) => Ok(Content::Sealed(Box::new(Sealed {
-            ciphertext,
-            devices_seq,
-        }))),
     }
 }
 
