@@ -2,10 +2,12 @@
 //! turns each new message into the push items and email items of the outbox.
 //!
 //! - **Its own state.** It reads every channel partition (one read in flight each) and the
-//!   metadata log (one read), and keeps what it needs from them: each channel's members
-//!   (member joined/left), kind and name; users' display names; and everyone's
-//!   notification preferences and push devices (`MetaEvent::Notify`, applied to a
-//!   [`NotifyState`] of its own). So a message costs the shard that committed it nothing.
+//!   metadata log (one read), and keeps what it needs from them: each channel's kind and
+//!   name; users' display names; everyone's notification preferences and push devices
+//!   (`MetaEvent::Notify`, applied to a [`NotifyState`] of its own); and, per channel, its
+//!   members who could ever be notified ([`crate::candidates`]), updated at each join,
+//!   departure, preference or device change. So a message costs the shard that committed
+//!   it nothing, and the decider a walk of its candidates, not of the channel's members.
 //! - **Order across logs.** The metadata log and the partitions are read concurrently, so
 //!   before a page with messages to decide, the metadata log is read to its end as of then
 //!   ([`Consumer::read_now`]): a message is decided with every preference and device
@@ -19,7 +21,8 @@
 //! - **Deciding.** For a new message: the candidates are the members but the author whose
 //!   level (the channel's, else `prefs.push`, or `prefs.email`) lets it through (`all`;
 //!   `mentions` only on a mention, `@channel`/`@here`, a keyword, or a DM), not muted, and
-//!   with a device (for a push) or a digest interval (for email). Only
+//!   with a device (for a push) or a digest interval (for email), found from the kept
+//!   sets: the members at `all`, plus those who want mentions that the message concerns. Only
 //!   for those is presence asked (`Engine::reach`, one message to each of their presence
 //!   owners, off the send path): an open connection in the `active` state, or mode `dnd`,
 //!   means no push (a closed connection in its offline grace does not count). Then
@@ -41,6 +44,7 @@
 //! - **Durability.** The items of everything read in one round and the cursors after it
 //!   are appended to the outbox in one write and one fsync ([`crate::outbox`]).
 
+use crate::candidates::{Candidates, Posted, Standing};
 use crate::outbox::{Cursors, EmailItem, Item, Outbox, Window};
 use chorus_engine::consumer::{CommittedKind, CommittedPage, LogId};
 use chorus_engine::domain::event::{Body, ChannelEvent, ChannelKind, ChannelRecord, MetaEvent};
@@ -52,7 +56,7 @@ use chorus_engine::{Consumer, Engine, EngineError};
 use futures::channel::oneshot;
 use futures::future::{select, Either, FutureExt, LocalBoxFuture};
 use futures::stream::{FuturesUnordered, StreamExt};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,7 +69,6 @@ type Read = (LogId, Result<CommittedPage, EngineError>);
 struct Channel {
     kind: Option<ChannelKind>,
     name: String,
-    members: BTreeSet<UserId>,
 }
 
 /// The decider's state, built from the events it reads.
@@ -78,6 +81,9 @@ pub struct Decider {
     /// The offsets to read next.
     reading: Cursors,
     channels: HashMap<ChannelId, Channel>,
+    /// Each channel's members who could be notified, kept as memberships, preferences and
+    /// devices change.
+    candidates: Candidates,
     names: HashMap<UserId, String>,
     notify: NotifyState,
     /// Items decided in this round.
@@ -146,6 +152,7 @@ pub fn spawn(
         decided,
         reading: Cursors::default(),
         channels: HashMap::new(),
+        candidates: Candidates::default(),
         names: HashMap::new(),
         notify: NotifyState::default(),
         items: Vec::new(),
@@ -302,7 +309,18 @@ impl Decider {
                 c.kind = Some(*kind);
                 c.name = name.clone();
             }
-            MetaEvent::Notify(change) => self.notify.apply(change),
+            MetaEvent::Notify(change) => {
+                let touched = self.notify.touched_by(change);
+                self.notify.apply(change);
+                for (user, only) in touched {
+                    for channel in self.candidates.channels_of(user) {
+                        if only.is_none_or(|c| c == channel) {
+                            let (standing, keywords) = self.standing(user, channel);
+                            self.candidates.set(channel, user, standing, keywords);
+                        }
+                    }
+                }
+            }
             _ => {}
         }
     }
@@ -310,19 +328,10 @@ impl Decider {
     fn apply(&mut self, r: &ChannelRecord, new: bool) {
         match &r.event {
             ChannelEvent::MemberJoined { user, .. } => {
-                self.channels
-                    .entry(r.channel)
-                    .or_default()
-                    .members
-                    .insert(*user);
+                let (standing, keywords) = self.standing(*user, r.channel);
+                (self.candidates).joined(r.channel, *user, standing, keywords);
             }
-            ChannelEvent::MemberLeft { user, .. } => {
-                self.channels
-                    .entry(r.channel)
-                    .or_default()
-                    .members
-                    .remove(user);
-            }
+            ChannelEvent::MemberLeft { user, .. } => self.candidates.left(r.channel, *user),
             _ if new => self.decide(r),
             _ => {}
         }
@@ -330,50 +339,43 @@ impl Decider {
 
     /// The members who could be notified of this message by their levels alone, pushed
     /// (with a device) or emailed (with a digest interval): the candidates, before presence
-    /// and the rules' last word.
+    /// and the rules' last word. `@here` counts as if everyone were online (presence is
+    /// asked later, and only of the candidates).
     fn candidates(&self, r: &ChannelRecord, m: &Message<'_>) -> Vec<UserId> {
-        let Some(channel) = self.channels.get(&r.channel) else {
-            return Vec::new();
+        let posted = Posted {
+            author: m.author,
+            mentions: m.mentions,
+            direct: m.direct,
         };
-        channel
-            .members
-            .iter()
-            .copied()
-            .filter(|u| *u != m.author && !self.notify.channel(*u, r.channel).muted)
-            .filter(|u| self.may_push(*u, r.channel, m) || self.may_email(*u, r.channel, m))
-            .collect()
+        let has_keyword = |u| rules::keyword_in(&self.notify.prefs(u).keywords, m.text);
+        self.candidates.of(r.channel, &posted, has_keyword)
     }
 
-    /// Whether a push could go to this user by their push level, with a device.
-    fn may_push(&self, user: UserId, channel: ChannelId, m: &Message<'_>) -> bool {
-        let level = rules::level(
-            self.notify.channel(user, channel),
-            self.notify.prefs(user).push,
-        );
-        self.modes.push
-            && self.lets_through(level, user, m)
-            && !self.notify.devices(user).is_empty()
-    }
-
-    /// Whether this message could go into a digest by the user's email level.
-    fn may_email(&self, user: UserId, channel: ChannelId, m: &Message<'_>) -> bool {
+    /// What a member's levels allow at most in a channel, over the ways they can be
+    /// reached (a push needs a device, an email a digest interval), and whether they have
+    /// keywords.
+    fn standing(&self, user: UserId, channel: ChannelId) -> (Standing, bool) {
+        let in_channel = self.notify.channel(user, channel);
         let prefs = self.notify.prefs(user);
-        let level = rules::level(self.notify.channel(user, channel), prefs.email);
-        self.modes.email && prefs.email_digest_s > 0 && self.lets_through(level, user, m)
-    }
-
-    /// Whether a level lets the message through, counting `@here` as if the user were
-    /// online (presence is asked later, and only of the candidates).
-    fn lets_through(&self, level: Level, user: UserId, m: &Message<'_>) -> bool {
-        match level {
-            Level::All => true,
-            Level::None => false,
-            Level::Mentions => {
-                m.direct
-                    || rules::mentioned(user, m.mentions, true)
-                    || rules::keyword_in(&self.notify.prefs(user).keywords, m.text)
-            }
+        if in_channel.muted {
+            return (Standing::Never, false);
         }
+        let of = |level| match rules::level(in_channel, level) {
+            Level::All => Standing::All,
+            Level::Mentions => Standing::Mentions,
+            Level::None => Standing::Never,
+        };
+        let push = if self.modes.push && self.notify.has_devices(user) {
+            of(prefs.push)
+        } else {
+            Standing::Never
+        };
+        let email = if self.modes.email && prefs.email_digest_s > 0 {
+            of(prefs.email)
+        } else {
+            Standing::Never
+        };
+        (push.max(email), !prefs.keywords.is_empty())
     }
 
     /// The user's digest window for a message decided at `now_ms` (see [`window_at`]).

@@ -4,6 +4,7 @@
 //! which delivers pushes to a push gateway; and the email sender, which sends one digest
 //! per closed window through SMTP. Each runs on a thread of its own, never a shard's.
 
+pub mod candidates;
 pub mod decider;
 pub mod email;
 pub mod outbox;

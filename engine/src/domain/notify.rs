@@ -556,6 +556,34 @@ impl NotifyState {
             .unwrap_or_default()
     }
 
+    /// Whether a user has a push device.
+    pub fn has_devices(&self, user: UserId) -> bool {
+        self.by_user.contains_key(&user)
+    }
+
+    /// The users whose preferences or devices a change alters, each with the one channel
+    /// it concerns (`None`: all of theirs), as the state stands before it is applied. A
+    /// device takes its push key from any other user who had it.
+    pub fn touched_by(&self, change: &NotifyChange) -> Vec<(UserId, Option<ChannelId>)> {
+        match change {
+            NotifyChange::Prefs { user, .. } | NotifyChange::DeviceRemoved { user, .. } => {
+                vec![(*user, None)]
+            }
+            NotifyChange::Channel { user, channel, .. } => vec![(*user, Some(*channel))],
+            NotifyChange::DeviceAdded(d) => {
+                let key = (d.app_id.clone(), d.pushkey.clone());
+                let before = (self.by_key.get(&key))
+                    .and_then(|id| self.devices.get(id))
+                    .map(|old| old.user)
+                    .filter(|u| *u != d.user);
+                std::iter::once(d.user)
+                    .chain(before)
+                    .map(|u| (u, None))
+                    .collect()
+            }
+        }
+    }
+
     /// A user's push devices, in ID order.
     pub fn devices(&self, user: UserId) -> Vec<&PushDevice> {
         self.by_user
@@ -824,9 +852,18 @@ mod tests {
         };
         let d1 = add(&mut s, a, "k1", 10).unwrap();
         assert_eq!(add(&mut s, a, "k1", 11).unwrap(), d1);
+        assert!(s.has_devices(a) && !s.has_devices(b));
+        // Taking another user's key touches both users.
+        let cmd = NotifyCommand::AddDevice {
+            user: b,
+            device: input("k1"),
+            at_us: 1,
+        };
+        let change = s.decide(cmd, 12).unwrap();
+        assert_eq!(s.touched_by(&change), vec![(b, None), (a, None)]);
         let d2 = add(&mut s, b, "k1", 12).unwrap();
         assert_eq!(d2, DeviceId(12));
-        assert!(s.devices(a).is_empty());
+        assert!(s.devices(a).is_empty() && !s.has_devices(a));
         assert_eq!(s.devices(b).len(), 1);
         let remove = |user, device| NotifyCommand::RemoveDevice { user, device };
         assert_eq!(
