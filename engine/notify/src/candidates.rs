@@ -95,6 +95,13 @@ impl Candidates {
         }
     }
 
+    /// Every membership, as `(channel, user)` IDs in user order.
+    pub fn memberships(&self) -> Vec<(u64, u64)> {
+        (self.of_user.iter())
+            .flat_map(|(u, cs)| cs.iter().map(move |c| (c.0, u.0)))
+            .collect()
+    }
+
     /// The channels a user is a member of.
     pub fn channels_of(&self, user: UserId) -> Vec<ChannelId> {
         (self.of_user.get(&user).into_iter().flatten().copied()).collect()

@@ -12,12 +12,14 @@
 //!   before a page with messages to decide, the metadata log is read to its end as of then
 //!   ([`Consumer::read_now`]): a message is decided with every preference and device
 //!   committed before it.
-//! - **Restart.** That state is not stored: at start the decider reads every log from its
-//!   beginning, and events before its stored cursors only rebuild state; events at and
-//!   after them are decided. On a first start (no outbox) the cursors are the logs' ends
-//!   when the engine opened: nothing posted before notifications were switched on is
-//!   pushed. Because it reads the logs from the start, it acknowledges no cursor: it pins
-//!   its logs for the retention watermark until it stores a snapshot of its state.
+//! - **Restart.** The state is stored as a snapshot ([`crate::snapshot`]) every
+//!   [`SNAPSHOT_EVENTS`] events read and at stop, with the offsets it covers, which the
+//!   decider then acknowledges to the engine (so retention may delete the logs before
+//!   them). At start it loads the snapshot, if there is a usable one, and reads every log
+//!   from its offsets (else from the logs' beginning); events before its stored cursors
+//!   only rebuild state, events at and after them are decided. On a first start (no
+//!   outbox) the cursors are the logs' ends when the engine opened: nothing posted before
+//!   notifications were switched on is pushed.
 //! - **Deciding.** For a new message: the candidates are the members but the author whose
 //!   level (the channel's, else `prefs.push`, or `prefs.email`) lets it through (`all`;
 //!   `mentions` only on a mention, `@channel`/`@here`, a keyword, or a DM), not muted, and
@@ -47,7 +49,7 @@
 use crate::candidates::{Candidates, Posted, Standing};
 use crate::outbox::{Cursors, EmailItem, Item, Outbox, Window};
 use chorus_engine::consumer::{CommittedKind, CommittedPage, LogId};
-use chorus_engine::domain::event::{Body, ChannelEvent, ChannelKind, ChannelRecord, MetaEvent};
+use chorus_engine::domain::event::{Body, ChannelEvent, ChannelRecord, MetaEvent};
 use chorus_engine::domain::notify::rules::{self, Message, Recipient};
 use chorus_engine::domain::notify::{Level, NotifyState};
 use chorus_engine::ids::{ChannelId, UserId};
@@ -62,12 +64,17 @@ use std::time::Duration;
 
 /// How long the decider waits before reading a log again after a read failed.
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+/// Events read between two snapshots of the decider's state (one is also taken at stop):
+/// a restart reads at most about this many again, and the logs before the last snapshot
+/// may be deleted by retention.
+pub const SNAPSHOT_EVENTS: u64 = 100_000;
 
 type Read = (LogId, Result<CommittedPage, EngineError>);
 
 #[derive(Default)]
 struct Channel {
-    kind: Option<ChannelKind>,
+    /// A DM or group DM: every message concerns every member.
+    direct: bool,
     name: String,
 }
 
@@ -94,6 +101,8 @@ pub struct Decider {
     windows: HashMap<UserId, Window>,
     /// Email items decided in this round.
     emails: Vec<EmailItem>,
+    /// Events read since the last snapshot.
+    since_snapshot: u64,
 }
 
 /// Which kinds of notification this server sends.
@@ -145,7 +154,11 @@ pub fn spawn(
             first
         }
     };
-    let decider = Decider {
+    // A snapshot taken after cursors were stored lies within them; one ahead of them is of
+    // another outbox.
+    let snapshot = crate::snapshot::load(outbox.dir())
+        .filter(|s| crate::snapshot::within(&s.header.cursors, &decided));
+    let mut decider = Decider {
         engine,
         consumer,
         outbox,
@@ -159,7 +172,11 @@ pub fn spawn(
         modes,
         windows: windows.into_iter().map(|(u, w)| (UserId(u), w)).collect(),
         emails: Vec::new(),
+        since_snapshot: 0,
     };
+    if let Some(s) = snapshot {
+        decider.restore(s);
+    }
     std::thread::Builder::new()
         .name("notify-decider".into())
         .spawn(move || decider.run(stop))
@@ -193,7 +210,7 @@ impl Decider {
         loop {
             let read = match futures::executor::block_on(select(reads.next(), &mut stop)) {
                 Either::Left((Some(read), _)) => read,
-                _ => return,
+                _ => return self.snapshot(),
             };
             self.take(read, &mut reads);
             while let Some(Some(read)) = reads.next().now_or_never() {
@@ -205,7 +222,66 @@ impl Decider {
                 tracing::error!(error = %e, "notify decider: the outbox failed; stopping");
                 return;
             }
+            if self.since_snapshot >= SNAPSHOT_EVENTS {
+                self.snapshot();
+            }
         }
+    }
+
+    /// Takes the state a snapshot holds, and reads the logs from its cursors on; they are
+    /// acknowledged at once (the engine's watermarks start afresh at each open).
+    fn restore(&mut self, s: crate::snapshot::Snapshot) {
+        self.notify = s.notify;
+        self.names = (s.header.names.into_iter())
+            .map(|(u, n)| (UserId(u), n))
+            .collect();
+        self.channels = (s.header.channels.into_iter())
+            .map(|(c, direct, name)| (ChannelId(c), Channel { direct, name }))
+            .collect();
+        for (channel, user) in s.header.members {
+            let (channel, user) = (ChannelId(channel), UserId(user));
+            let (standing, keywords) = self.standing(user, channel);
+            self.candidates.joined(channel, user, standing, keywords);
+        }
+        self.reading = s.header.cursors;
+        self.acknowledge();
+    }
+
+    /// Stores a snapshot of the state, which covers every event before the reading
+    /// cursors, and acknowledges them: a restart reads from there. Called between rounds,
+    /// when those cursors are stored too. A snapshot that cannot be written is only a
+    /// warning: the last one (or the logs from their start) still serves a restart.
+    fn snapshot(&mut self) {
+        use crate::snapshot::{encode, path, sorted, Header};
+        let header = Header {
+            cursors: self.reading.clone(),
+            names: sorted(self.names.iter().map(|(u, n)| (u.0, n.clone()))),
+            channels: sorted(
+                self.channels
+                    .iter()
+                    .map(|(c, ch)| (c.0, (ch.direct, ch.name.clone()))),
+            )
+            .into_iter()
+            .map(|(c, (direct, name))| (c, direct, name))
+            .collect(),
+            members: self.candidates.memberships(),
+        };
+        let bytes = encode(&header, &self.notify);
+        match crate::outbox::store_file(&path(self.outbox.dir()), &bytes) {
+            Ok(()) => {
+                self.since_snapshot = 0;
+                self.acknowledge();
+            }
+            Err(e) => tracing::warn!(error = %e, "notify decider: snapshot not stored"),
+        }
+    }
+
+    /// Tells the engine the reading cursors: the logs before them are not needed again.
+    fn acknowledge(&self) {
+        for (p, at) in &self.reading.partitions {
+            self.consumer.acknowledge(LogId::Partition(*p), *at);
+        }
+        self.consumer.acknowledge(LogId::Meta, self.reading.meta);
     }
 
     /// Stores the round's items with the cursors after them, if anything was decided.
@@ -271,6 +347,7 @@ impl Decider {
                     LogId::Meta => self.decided.meta,
                     LogId::Partition(p) => self.decided.partitions.get(&p).copied().unwrap_or(0),
                 };
+                self.since_snapshot += page.events.len() as u64;
                 for e in &page.events {
                     match &e.event {
                         CommittedKind::Channel(r) => self.apply(r, e.offset >= from),
@@ -306,7 +383,7 @@ impl Decider {
                 ..
             } => {
                 let c = self.channels.entry(*channel).or_default();
-                c.kind = Some(*kind);
+                c.direct = kind.is_direct();
                 c.name = name.clone();
             }
             MetaEvent::Notify(change) => {
@@ -391,9 +468,7 @@ impl Decider {
             return;
         };
         let channel = self.channels.get(&r.channel);
-        let direct = channel
-            .and_then(|c| c.kind)
-            .is_some_and(ChannelKind::is_direct);
+        let direct = channel.is_some_and(|c| c.direct);
         // A body kept in the blob store (over 64 KiB) is not read here: no keyword
         // matches it; mentions and levels still apply. Ciphertext is never read: an
         // encrypted DM notifies by the DM rule alone (`API.md` §14).

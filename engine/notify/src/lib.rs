@@ -9,6 +9,7 @@ pub mod decider;
 pub mod email;
 pub mod outbox;
 pub mod sender;
+pub mod snapshot;
 
 use chorus_engine::Engine;
 use futures::channel::oneshot;

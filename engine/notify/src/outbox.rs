@@ -127,7 +127,7 @@ pub struct Pending<T = Item> {
 }
 
 /// The decider's cursors, as last stored.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cursors {
     /// Each partition's offset to read next.
     pub partitions: BTreeMap<u32, u64>,
@@ -216,6 +216,11 @@ pub fn store_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 impl Outbox {
+    /// The notifications directory the outbox lives in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Opens (or creates) the outbox in `dir`. Cuts off whatever follows the last whole
     /// cursors record, and queues the items at and after the sender's cursor; sets
     /// `stats.outbox_depth` to the items queued.

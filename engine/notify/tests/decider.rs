@@ -116,3 +116,104 @@ fn a_message_is_decided_with_every_device_committed_before_it() {
     notifier.stop();
     engine.shutdown();
 }
+
+/// Members of the channel in the snapshot test.
+const SNAPSHOT_MEMBERS: usize = 50;
+
+/// Starts the notifier on `engine` with pushes that wait in the outbox; its stats.
+fn notifier(engine: &Engine, dir: &Path) -> (chorus_notify::Notifier, Arc<chorus_notify::Stats>) {
+    let settings = chorus_notify::Settings {
+        push_gateway_url: Some("http://127.0.0.1:9/_matrix/push/v1/notify".into()),
+        ..chorus_notify::Settings::default()
+    };
+    let stats = Arc::clone(&settings.stats);
+    let n =
+        chorus_notify::start(engine, "notify", &dir.join("notify"), settings).expect("notifier");
+    (n, stats)
+}
+
+/// Waits until the outbox holds `n` items, and checks it stays there.
+#[track_caller]
+fn wait_depth(stats: &chorus_notify::Stats, n: u64) {
+    let started = Instant::now();
+    while stats.outbox_depth.load(Relaxed) < n && started.elapsed() < DECIDE_WAIT {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(SETTLE);
+    assert_eq!(stats.outbox_depth.load(Relaxed), n);
+}
+
+// The decider stores a snapshot of its state when it stops; a restart loads it, reads the
+// logs from where it ends, and acknowledges that to the engine, so retention may delete
+// what lies before. Messages after the restart are decided from the loaded state exactly
+// as before (every member's device, committed before the snapshot, gets its push), and a
+// damaged snapshot is ignored for the logs read whole, deciding the same.
+#[test]
+fn a_restart_loads_the_snapshot_and_acknowledges_where_it_ends() {
+    use chorus_engine::LogId;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = open(dir.path());
+    let owner = block_on(engine.create_user("owner@example.com", "owner", "h"))
+        .expect("owner")
+        .id;
+    let workspace = block_on(engine.create_workspace(owner, "acme"))
+        .expect("workspace")
+        .id;
+    let channel = block_on(engine.create_channel(owner, workspace, "all", ChannelKind::Public))
+        .expect("channel")
+        .id;
+    fan(SNAPSHOT_MEMBERS, |i| {
+        let engine = &engine;
+        async move {
+            let email = format!("s{i}@example.com");
+            let user = engine.create_user(&email, "s", "h").await.expect("user").id;
+            engine
+                .add_member(owner, workspace, &email)
+                .await
+                .expect("member");
+            engine.join(user, channel).await.expect("join");
+            let device = DeviceInput {
+                app_id: "chat.test".into(),
+                pushkey: format!("key-{i}"),
+                platform: "fcm".into(),
+            };
+            engine.add_push_device(user, device).await.expect("device");
+        }
+    });
+    let (n, stats) = notifier(&engine, dir.path());
+    block_on(engine.post(owner, channel, "@channel one", None, None)).expect("post");
+    wait_depth(&stats, SNAPSHOT_MEMBERS as u64);
+    n.stop();
+    let snap = dir.path().join("notify").join("decider.snap");
+    assert!(snap.exists(), "a snapshot at stop");
+    engine.shutdown();
+
+    let engine = open(dir.path());
+    assert_eq!(
+        engine.retention_watermark(LogId::Meta),
+        0,
+        "nothing acknowledged yet"
+    );
+    let (n, stats) = notifier(&engine, dir.path());
+    assert!(
+        engine.retention_watermark(LogId::Meta) > 0,
+        "acknowledged at load"
+    );
+    let partition = chorus_engine::domain::meta::partition_of(channel);
+    assert!(engine.retention_watermark(LogId::Partition(partition)) > 0);
+    block_on(engine.post(owner, channel, "@channel two", None, None)).expect("post");
+    wait_depth(&stats, 2 * SNAPSHOT_MEMBERS as u64);
+    n.stop();
+    engine.shutdown();
+
+    let mut bytes = std::fs::read(&snap).expect("snapshot");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&snap, bytes).expect("damage");
+    let engine = open(dir.path());
+    let (n, stats) = notifier(&engine, dir.path());
+    block_on(engine.post(owner, channel, "@channel three", None, None)).expect("post");
+    wait_depth(&stats, 3 * SNAPSHOT_MEMBERS as u64);
+    n.stop();
+    engine.shutdown();
+}

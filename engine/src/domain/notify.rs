@@ -533,7 +533,7 @@ impl NotifyCommand {
 }
 
 /// Every user's notification preferences and push devices.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NotifyState {
     prefs: HashMap<UserId, NotifyPrefs>,
     channels: HashMap<(UserId, ChannelId), ChannelPrefs>,
@@ -554,6 +554,33 @@ impl NotifyState {
             .get(&(user, channel))
             .copied()
             .unwrap_or_default()
+    }
+
+    /// The changes that rebuild this state from empty, applied in order: every user's
+    /// preferences, every channel preference, every device in ID order (so each push key
+    /// names one device at every step). For a consumer's snapshot of its own copy.
+    pub fn changes(&self) -> Vec<NotifyChange> {
+        let mut prefs: Vec<_> = self.prefs.iter().collect();
+        prefs.sort_unstable_by_key(|(u, _)| **u);
+        let mut channels: Vec<_> = self.channels.iter().collect();
+        channels.sort_unstable_by_key(|(k, _)| **k);
+        let mut devices: Vec<_> = self.devices.values().collect();
+        devices.sort_unstable_by_key(|d| d.id);
+        let prefs = prefs.into_iter().map(|(u, p)| NotifyChange::Prefs {
+            user: *u,
+            prefs: p.clone(),
+        });
+        let channels = channels
+            .into_iter()
+            .map(|((user, channel), p)| NotifyChange::Channel {
+                user: *user,
+                channel: *channel,
+                prefs: *p,
+            });
+        let devices = devices
+            .into_iter()
+            .map(|d| NotifyChange::DeviceAdded(d.clone()));
+        prefs.chain(channels).chain(devices).collect()
     }
 
     /// Whether a user has a push device.
@@ -863,6 +890,27 @@ mod tests {
         assert_eq!(s.touched_by(&change), vec![(b, None), (a, None)]);
         let d2 = add(&mut s, b, "k1", 12).unwrap();
         assert_eq!(d2, DeviceId(12));
+        // The changes it lists rebuild the state.
+        s.apply(&NotifyChange::Prefs {
+            user: a,
+            prefs: NotifyPrefs {
+                keywords: vec!["deploy".into()],
+                ..Default::default()
+            },
+        });
+        s.apply(&NotifyChange::Channel {
+            user: b,
+            channel: ChannelId(9),
+            prefs: ChannelPrefs {
+                muted: true,
+                ..Default::default()
+            },
+        });
+        let mut rebuilt = NotifyState::default();
+        for c in s.changes() {
+            rebuilt.apply(&c);
+        }
+        assert_eq!(rebuilt, s);
         assert!(s.devices(a).is_empty() && !s.has_devices(a));
         assert_eq!(s.devices(b).len(), 1);
         let remove = |user, device| NotifyCommand::RemoveDevice { user, device };
