@@ -31,6 +31,9 @@ use std::sync::{Arc, Mutex};
 
 /// Largest record accepted when reading back (a longer length is a torn or foreign tail).
 const RECORD_BYTES_MAX: u32 = 1 << 20;
+/// Answered bytes at the head of the outbox above which opening it compacts it (and only
+/// when they are at least half of it).
+pub const COMPACT_BYTES: u64 = 16 << 20;
 
 /// One push to one device of one user, for one message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,6 +115,13 @@ pub enum Record {
         partitions: Vec<(u32, u64)>,
         /// The metadata log's offset to read next.
         meta: u64,
+    },
+    /// First in a compacted file: its byte 0 is at offset `base` of the outbox, so every
+    /// record keeps the offset it had before the compaction (the senders' cursors name
+    /// records by offset).
+    Base {
+        /// The offset of the file's first byte.
+        base: u64,
     },
 }
 
@@ -225,6 +235,16 @@ impl Outbox {
     /// cursors record, and queues the items at and after the sender's cursor; sets
     /// `stats.outbox_depth` to the items queued.
     pub fn open(dir: &Path, stats: Arc<crate::Stats>) -> std::io::Result<Opened> {
+        Outbox::open_compacting(dir, stats, COMPACT_BYTES)
+    }
+
+    /// [`Outbox::open`], compacting when at least `compact_bytes` (and half the file) are
+    /// answered.
+    fn open_compacting(
+        dir: &Path,
+        stats: Arc<crate::Stats>,
+        compact_bytes: u64,
+    ) -> std::io::Result<Opened> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join("outbox.log");
         let mut file = OpenOptions::new()
@@ -238,10 +258,12 @@ impl Outbox {
         let (sent, answered) = read_cursor(&dir.join("sent"))?;
         let (emailed, emails_answered) = read_cursor(&dir.join("emailed"))?;
         let mut cursors = None;
+        let mut base = 0;
         let mut kept = 0;
         let mut items = Vec::new();
         let mut emails = Vec::new();
         for (at, end, record) in records {
+            let (at, end) = (at + base, end + base);
             match record {
                 Record::Item(item) => items.push(Pending { at, end, item }),
                 Record::Email(item) => emails.push(Pending { at, end, item }),
@@ -250,18 +272,36 @@ impl Outbox {
                     cursors = Some(Cursors { partitions, meta });
                     kept = end;
                 }
+                Record::Base { base: b } if at == 0 => {
+                    base = b;
+                    kept = b + end;
+                }
+                Record::Base { .. } => {}
             }
         }
         items.retain(|p| p.end <= kept && p.at >= sent && !answered.contains(&p.at));
         emails.retain(|p| p.end <= kept && p.at >= emailed && !emails_answered.contains(&p.at));
         let windows = open_windows(&emails);
-        if (bytes.len() as u64) > kept {
+        if (bytes.len() as u64) + base > kept {
             tracing::warn!(
-                cut = bytes.len() as u64 - kept,
+                cut = bytes.len() as u64 + base - kept,
                 "notify outbox: cutting off records after the last stored cursors"
             );
-            file.set_len(kept)?;
+            file.set_len(kept - base)?;
             file.sync_all()?;
+        }
+        // Everything before the first pending item is answered: past a threshold, the
+        // file starts again there.
+        let pending = (items.first().map(|p| p.at).into_iter())
+            .chain(emails.first().map(|p| p.at))
+            .min()
+            .unwrap_or(kept);
+        let answered_bytes = pending - base;
+        if answered_bytes >= compact_bytes && answered_bytes * 2 >= kept - base {
+            let tail = &bytes[(pending - base) as usize..(kept - base) as usize];
+            if let Some(compacted) = compact(&path, pending, cursors.as_ref(), tail)? {
+                file = compacted;
+            }
         }
         file.seek(SeekFrom::End(0))?;
         let depth = (items.len() + emails.len()) as u64;
@@ -387,6 +427,57 @@ impl Outbox {
         file.sync_data()?;
         std::fs::rename(&tmp, &path)
     }
+}
+
+/// Rewrites the outbox at `path` to start at offset `from`: a [`Record::Base`] that keeps
+/// every later record at its offset, the decider's last cursors (records before `from` are
+/// all answered, but the cursors must stay), then `tail`, the records from `from` on. The
+/// new file replaces the old one whole (temporary file, fsync, rename, directory fsync), so
+/// a crash leaves one or the other, and either reads the same. Answers the new file, open
+/// for appending (`None`, leaving the file as it is, when `from` is too near the start
+/// for the head to fit before it).
+fn compact(
+    path: &Path,
+    from: u64,
+    cursors: Option<&Cursors>,
+    tail: &[u8],
+) -> std::io::Result<Option<File>> {
+    let head = |base: u64| {
+        let mut out = Vec::new();
+        frame(&Record::Base { base }, &mut out);
+        if let Some(c) = cursors {
+            let partitions = c.partitions.iter().map(|(p, o)| (*p, *o)).collect();
+            frame(
+                &Record::Cursors {
+                    partitions,
+                    meta: c.meta,
+                },
+                &mut out,
+            );
+        }
+        out
+    };
+    // The head's length depends on the digits of `base`: settle it (a round or two).
+    let mut base = from;
+    for _ in 0..4 {
+        base = from.saturating_sub(head(base).len() as u64);
+    }
+    if base + head(base).len() as u64 != from {
+        return Ok(None);
+    }
+    let mut bytes = head(base);
+    bytes.extend_from_slice(tail);
+    tracing::info!(
+        from,
+        kept = bytes.len(),
+        "notify outbox: compacted the answered records away"
+    );
+    store_file(path, &bytes)?;
+    OpenOptions::new()
+        .read(true)
+        .append(true)
+        .open(path)
+        .map(Some)
 }
 
 /// Frames records for `items` after `base + bytes.len()`, answering them with their places.
@@ -577,5 +668,71 @@ mod tests {
                 closes: 905_000
             }
         );
+    }
+
+    // Opening an outbox whose head is answered rewrites it from its first pending item,
+    // keeping every record's offset: the pending items and the decider's cursors come
+    // back the same, an item answered after the sender's cursor stays answered, and what
+    // is appended afterwards follows at the offsets it would have had. A second open
+    // finds nothing more to cut, and a crash at any point of the rewrite leaves one whole
+    // file or the other.
+    #[test]
+    fn an_answered_head_is_compacted_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path(), Default::default()).unwrap().outbox;
+        for batch in 0..20 {
+            let items = (0..10).map(|i| item(batch * 10 + i)).collect();
+            outbox.append(items, vec![], &cursors(batch + 1)).unwrap();
+        }
+        let taken = outbox.take();
+        // Answered: the first 150 in order, and one more further on.
+        let cursor = taken[150].at;
+        let late = taken[160].at;
+        outbox.store_sent(cursor, &[late].into()).unwrap();
+        let (whole, before) = (
+            outbox.len(),
+            std::fs::metadata(dir.path().join("outbox.log"))
+                .unwrap()
+                .len(),
+        );
+        drop(outbox);
+
+        let opened = Outbox::open_compacting(dir.path(), Default::default(), 1).unwrap();
+        let size = std::fs::metadata(dir.path().join("outbox.log"))
+            .unwrap()
+            .len();
+        assert!(size < before / 3, "{size} of {before} bytes kept");
+        assert_eq!(opened.cursors.as_ref().unwrap().partitions[&0], 20);
+        assert_eq!(opened.outbox.len(), whole);
+        let pending = opened.outbox.take();
+        let expected: Vec<(u64, u64)> = (taken[150..].iter())
+            .filter(|p| p.at != late)
+            .map(|p| (p.at, p.item.seq))
+            .collect();
+        let got: Vec<(u64, u64)> = pending.iter().map(|p| (p.at, p.item.seq)).collect();
+        assert_eq!(got, expected);
+        opened
+            .outbox
+            .append(vec![item(500)], vec![], &cursors(21))
+            .unwrap();
+        let appended = opened.outbox.take();
+        assert_eq!(
+            appended[0].at, whole,
+            "appended at the offset it would have had"
+        );
+        drop(opened);
+
+        let again = Outbox::open_compacting(dir.path(), Default::default(), 1).unwrap();
+        assert_eq!(again.cursors.as_ref().unwrap().partitions[&0], 21);
+        let seqs: Vec<u64> = again.outbox.take().iter().map(|p| p.item.seq).collect();
+        let mut want: Vec<u64> = expected.iter().map(|(_, s)| *s).collect();
+        want.push(500);
+        assert_eq!(seqs, want);
+        drop(again);
+        // The rewrite is a whole file or nothing: a leftover temporary file changes
+        // nothing.
+        std::fs::write(dir.path().join("outbox.tmp"), b"torn").unwrap();
+        let last = Outbox::open(dir.path(), Default::default()).unwrap();
+        assert_eq!(last.outbox.take().len(), want.len());
     }
 }
