@@ -97,6 +97,11 @@ pub fn start(
         push: settings.push_gateway_url.is_some(),
         email: settings.email.is_some(),
     };
+    // Items of a kind with no sender now (its setting was removed) stay in the outbox for
+    // a later start that has one, but nothing here waits on them: the depth leaves them out.
+    let (pushes, emails) = opened.outbox.waiting();
+    let depth = u64::from(modes.push) * pushes + u64::from(modes.email) * emails;
+    (settings.stats.outbox_depth).store(depth, std::sync::atomic::Ordering::Relaxed);
     // The senders first: a sender that cannot start (an `email_from` that does not parse)
     // stops the server before anything is decided.
     let mut senders = Vec::new();

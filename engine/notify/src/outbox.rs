@@ -365,6 +365,12 @@ impl Outbox {
         Ok(())
     }
 
+    /// The push items and the email items waiting for their senders.
+    pub fn waiting(&self) -> (u64, u64) {
+        let inner = self.inner.lock().expect("outbox lock");
+        (inner.queue.len() as u64, inner.emails.len() as u64)
+    }
+
     /// Counts `n` items answered by their sender (sent, dropped or given up), out of
     /// `stats.outbox_depth`.
     pub fn answered(&self, n: u64) {

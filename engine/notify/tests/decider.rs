@@ -217,3 +217,52 @@ fn a_restart_loads_the_snapshot_and_acknowledges_where_it_ends() {
     n.stop();
     engine.shutdown();
 }
+
+// Pushes decided while a push gateway was configured wait in the outbox; a start without
+// one sends none of them, and its outbox depth leaves them out rather than counting items
+// nothing will ever answer. They are still there for a start that has a gateway again.
+#[test]
+fn the_depth_counts_only_kinds_that_have_a_sender() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = open(dir.path());
+    let owner = block_on(engine.create_user("owner@example.com", "owner", "h"))
+        .expect("owner")
+        .id;
+    let workspace = block_on(engine.create_workspace(owner, "acme"))
+        .expect("workspace")
+        .id;
+    let channel = block_on(engine.create_channel(owner, workspace, "all", ChannelKind::Public))
+        .expect("channel")
+        .id;
+    let user = block_on(engine.create_user("m@example.com", "m", "h"))
+        .expect("user")
+        .id;
+    block_on(engine.add_member(owner, workspace, "m@example.com")).expect("member");
+    block_on(engine.join(user, channel)).expect("join");
+    let device = DeviceInput {
+        app_id: "chat.test".into(),
+        pushkey: "key-m".into(),
+        platform: "fcm".into(),
+    };
+    block_on(engine.add_push_device(user, device)).expect("device");
+    let (n, stats) = notifier(&engine, dir.path());
+    block_on(engine.post(owner, channel, "@channel hello", None, None)).expect("post");
+    wait_depth(&stats, 1);
+    n.stop();
+
+    let settings = chorus_notify::Settings::default();
+    let stats = Arc::clone(&settings.stats);
+    let n = chorus_notify::start(&engine, "notify", &dir.path().join("notify"), settings)
+        .expect("notifier without a gateway");
+    assert_eq!(stats.outbox_depth.load(Relaxed), 0);
+    n.stop();
+
+    let (n, stats) = notifier(&engine, dir.path());
+    assert_eq!(
+        stats.outbox_depth.load(Relaxed),
+        1,
+        "still waiting for a gateway"
+    );
+    n.stop();
+    engine.shutdown();
+}
