@@ -110,6 +110,9 @@ fn write_seed_corpora() {
         json!({"type": "reaction:add", "ref": "d", "channel_id": c, "message_id": m, "emoji": "tada"}),
         json!({"type": "reaction:remove", "ref": "e", "channel_id": c, "message_id": m, "emoji": "👍🏽"}),
         json!({"type": "nope"}),
+        json!({"type": "message:send", "ref": "f", "channel_id": c, "ciphertext": "CT", "devices_seq": 4, "client_msg_id": "k2"}),
+        json!({"type": "message:send", "ref": "g", "channel_id": c, "text": "hi", "ciphertext": null, "devices_seq": -1}),
+        json!({"type": "message:edit", "ref": "h", "channel_id": c, "message_id": m, "ciphertext": "CT2", "devices_seq": 5}),
     ];
     for (i, f) in frames.iter().enumerate() {
         write(
