@@ -124,23 +124,17 @@ pub fn spawn(
         .map_err(|e| invalid("smtp_url", &e))?
         .timeout(Some(SMTP_TIMEOUT))
         .build();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     let public_url = config.public_url.trim_end_matches('/').to_owned();
-    std::thread::Builder::new()
-        .name("notify-email".into())
-        .spawn(move || {
-            let local = tokio::task::LocalSet::new();
-            let sender = Sender {
-                engine,
-                transport,
-                from,
-                public_url,
-                sent_total,
-            };
-            local.block_on(&runtime, sender.run(outbox, emailed, stop));
-        })
+    crate::on_own_thread("notify-email", move || {
+        let sender = Sender {
+            engine,
+            transport,
+            from,
+            public_url,
+            sent_total,
+        };
+        sender.run(outbox, emailed, stop)
+    })
 }
 
 #[derive(Clone)]

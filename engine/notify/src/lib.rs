@@ -78,6 +78,25 @@ impl Stats {
     }
 }
 
+/// Starts a sender on a thread of its own named `name`, with a current-thread tokio runtime
+/// (built first, so that a failure shows before the thread starts) and a local task set,
+/// on which a sender spawns its requests (`spawn_local`).
+fn on_own_thread<F, Fut>(name: &str, task: F) -> std::io::Result<std::thread::JoinHandle<()>>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&runtime, task());
+        })
+}
+
 /// The running decider and senders.
 pub struct Notifier {
     stops: Vec<oneshot::Sender<()>>,

@@ -74,27 +74,21 @@ pub fn spawn(
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let url = reqwest::Url::parse(&url)
         .map_err(|e| std::io::Error::other(format!("push_gateway_url {url:?}: {e}")))?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(IN_FLIGHT)
         .pool_idle_timeout(Duration::from_secs(90))
         .timeout(REQUEST_TIMEOUT)
         .build()
         .map_err(std::io::Error::other)?;
-    std::thread::Builder::new()
-        .name("notify-push".into())
-        .spawn(move || {
-            let local = tokio::task::LocalSet::new();
-            let sender = Sender {
-                engine,
-                url,
-                client,
-                posts: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT)),
-            };
-            local.block_on(&runtime, sender.run(outbox, sent, stop));
-        })
+    crate::on_own_thread("notify-push", move || {
+        let sender = Sender {
+            engine,
+            url,
+            client,
+            posts: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT)),
+        };
+        sender.run(outbox, sent, stop)
+    })
 }
 
 #[derive(Clone)]
