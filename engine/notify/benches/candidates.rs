@@ -45,7 +45,7 @@ fn setup() -> Setup {
                 push: Level::All,
                 ..Default::default()
             }),
-            n if n % 10 == 1 => Some(NotifyPrefs {
+            n if n % 100 == 1 => Some(NotifyPrefs {
                 keywords: vec!["deploy".into()],
                 ..Default::default()
             }),
@@ -114,7 +114,8 @@ fn walk(s: &Setup, m: &Posted<'_>, text: &str) -> Vec<UserId> {
 }
 
 fn kept(s: &Setup, m: &Posted<'_>, text: &str) -> Vec<UserId> {
-    let has_keyword = |u| rules::keyword_in(&s.notify.prefs(u).keywords, text);
+    let text = text.to_lowercase();
+    let has_keyword = |u| rules::keyword_in_lowercase(&s.notify.prefs(u).keywords, &text);
     s.kept.of(CHANNEL, m, has_keyword)
 }
 

@@ -119,16 +119,33 @@ impl Candidates {
         let Some(c) = self.channels.get(&channel) else {
             return Vec::new();
         };
-        let mut out: BTreeSet<UserId> = c.all.clone();
-        if m.direct || m.mentions.channel || m.mentions.here {
-            out.extend(&c.mentions);
+        let mut out = if m.direct || m.mentions.channel || m.mentions.here {
+            merged(&c.all, &c.mentions)
         } else {
             let named = m.mentions.users.iter().filter(|u| c.mentions.contains(u));
-            out.extend(named);
-            out.extend(c.keyworded.iter().filter(|u| has_keyword(**u)));
-        }
-        out.remove(&m.author);
-        out.into_iter().collect()
+            let keyword = c.keyworded.iter().filter(|u| has_keyword(**u));
+            let mut some: Vec<UserId> = c.all.iter().chain(named).chain(keyword).copied().collect();
+            some.sort_unstable();
+            some.dedup();
+            some
+        };
+        out.retain(|u| *u != m.author);
+        out
+    }
+}
+
+/// The union of two disjoint sets, in order, in one pass.
+fn merged(a: &BTreeSet<UserId>, b: &BTreeSet<UserId>) -> Vec<UserId> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut a, mut b) = (a.iter().peekable(), b.iter().peekable());
+    loop {
+        let next = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) if x < y => a.next(),
+            (Some(_), Some(_)) | (None, Some(_)) => b.next(),
+            (Some(_), None) => a.next(),
+            (None, None) => return out,
+        };
+        out.extend(next);
     }
 }
 

@@ -424,7 +424,8 @@ impl Decider {
             mentions: m.mentions,
             direct: m.direct,
         };
-        let has_keyword = |u| rules::keyword_in(&self.notify.prefs(u).keywords, m.text);
+        let text = m.text.to_lowercase();
+        let has_keyword = |u| rules::keyword_in_lowercase(&self.notify.prefs(u).keywords, &text);
         self.candidates.of(r.channel, &posted, has_keyword)
     }
 

@@ -4,7 +4,7 @@
 
 use chorus_engine::domain::notify::DeviceInput;
 use chorus_engine::domain::ChannelKind;
-use chorus_engine::ids::UserId;
+use chorus_engine::ids::{ChannelId, UserId, WorkspaceId};
 use chorus_engine::{Engine, EngineConfig};
 use futures::executor::block_on;
 use std::path::Path;
@@ -31,6 +31,20 @@ fn open(dir: &Path) -> Engine {
     Engine::open(config).expect("open engine")
 }
 
+/// The owner of a new workspace `acme` and of its public channel `all`: their IDs.
+fn acme(engine: &Engine) -> (UserId, WorkspaceId, ChannelId) {
+    let owner = block_on(engine.create_user("owner@example.com", "owner", "h"))
+        .expect("owner")
+        .id;
+    let workspace = block_on(engine.create_workspace(owner, "acme"))
+        .expect("workspace")
+        .id;
+    let channel = block_on(engine.create_channel(owner, workspace, "all", ChannelKind::Public))
+        .expect("channel")
+        .id;
+    (owner, workspace, channel)
+}
+
 /// Runs `f` for each of `0..n`, [`SEED_BATCH`] at a time.
 fn fan<F, Fut, T>(n: usize, f: F) -> Vec<T>
 where
@@ -53,15 +67,7 @@ where
 fn a_message_is_decided_with_every_device_committed_before_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let engine = open(dir.path());
-    let owner = block_on(engine.create_user("owner@example.com", "owner", "h"))
-        .expect("owner")
-        .id;
-    let workspace = block_on(engine.create_workspace(owner, "acme"))
-        .expect("workspace")
-        .id;
-    let channel = block_on(engine.create_channel(owner, workspace, "all", ChannelKind::Public))
-        .expect("channel")
-        .id;
+    let (owner, workspace, channel) = acme(&engine);
     let users: Vec<UserId> = fan(MEMBERS, |i| {
         let engine = &engine;
         async move {
@@ -153,15 +159,7 @@ fn a_restart_loads_the_snapshot_and_acknowledges_where_it_ends() {
     use chorus_engine::LogId;
     let dir = tempfile::tempdir().expect("tempdir");
     let engine = open(dir.path());
-    let owner = block_on(engine.create_user("owner@example.com", "owner", "h"))
-        .expect("owner")
-        .id;
-    let workspace = block_on(engine.create_workspace(owner, "acme"))
-        .expect("workspace")
-        .id;
-    let channel = block_on(engine.create_channel(owner, workspace, "all", ChannelKind::Public))
-        .expect("channel")
-        .id;
+    let (owner, workspace, channel) = acme(&engine);
     fan(SNAPSHOT_MEMBERS, |i| {
         let engine = &engine;
         async move {
@@ -225,15 +223,7 @@ fn a_restart_loads_the_snapshot_and_acknowledges_where_it_ends() {
 fn the_depth_counts_only_kinds_that_have_a_sender() {
     let dir = tempfile::tempdir().expect("tempdir");
     let engine = open(dir.path());
-    let owner = block_on(engine.create_user("owner@example.com", "owner", "h"))
-        .expect("owner")
-        .id;
-    let workspace = block_on(engine.create_workspace(owner, "acme"))
-        .expect("workspace")
-        .id;
-    let channel = block_on(engine.create_channel(owner, workspace, "all", ChannelKind::Public))
-        .expect("channel")
-        .id;
+    let (owner, workspace, channel) = acme(&engine);
     let user = block_on(engine.create_user("m@example.com", "m", "h"))
         .expect("user")
         .id;

@@ -1632,12 +1632,16 @@ mod tests {
         assert!(s.message_at(3).unwrap().reactions.is_empty());
     }
 
+    fn sealed_content(ciphertext: &str, devices_seq: Option<u64>) -> Content {
+        Content::Sealed(Box::new(Sealed {
+            ciphertext: ciphertext.into(),
+            devices_seq,
+        }))
+    }
+
     fn sealed(ciphertext: &str, devices_seq: Option<u64>, key: Option<&str>) -> ChannelCommand {
         ChannelCommand::Post {
-            content: Content::Sealed(Box::new(Sealed {
-                ciphertext: ciphertext.into(),
-                devices_seq,
-            })),
+            content: sealed_content(ciphertext, devices_seq),
             client_msg_id: key.map(Into::into),
             thread: None,
             files: None,
@@ -1742,7 +1746,8 @@ mod tests {
         ));
         assert_eq!(s.last_seq(), 6);
         step(&mut s, &b, sealed("c2", Some(6), Some("k2"))).unwrap(); // 7
-                                                                      // The first send got through: its resend answers it, stale or not.
+
+        // The first send got through: its resend answers it, stale or not.
         assert_eq!(
             step(&mut s, &a, sealed("c", Some(4), Some("k1"))),
             Ok(ChannelDecision::Duplicate(5))
@@ -1757,19 +1762,11 @@ mod tests {
             step(&mut s, &a, edit(Content::Text("plain".into()))),
             Err(DomainError::EncryptionMismatch(_))
         ));
-        let stale = Content::Sealed(Box::new(Sealed {
-            ciphertext: "c1'".into(),
-            devices_seq: Some(5),
-        }));
         assert!(matches!(
-            step(&mut s, &a, edit(stale)),
+            step(&mut s, &a, edit(sealed_content("c1'", Some(5)))),
             Err(DomainError::StaleDevices(_))
         ));
-        let fresh = Content::Sealed(Box::new(Sealed {
-            ciphertext: "c1'".into(),
-            devices_seq: Some(7),
-        }));
-        step(&mut s, &a, edit(fresh)).unwrap(); // 8
+        step(&mut s, &a, edit(sealed_content("c1'", Some(7)))).unwrap(); // 8
         assert_eq!(
             s.message_at(5).unwrap().body(),
             &StoredBody::Ciphertext(Text::from("c1'"))

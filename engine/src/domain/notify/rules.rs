@@ -99,13 +99,16 @@ pub fn mentioned(user: UserId, mentions: &Mentions, online: bool) -> bool {
 
 /// Whether any keyword is in the text as a whole word, ignoring case.
 pub fn keyword_in(keywords: &[String], text: &str) -> bool {
-    if keywords.is_empty() || text.is_empty() {
-        return false;
-    }
-    let text = text.to_lowercase();
-    keywords
-        .iter()
-        .any(|k| whole_word_in(&text, &k.to_lowercase()))
+    !keywords.is_empty() && keyword_in_lowercase(keywords, &text.to_lowercase())
+}
+
+/// [`keyword_in`] for a text already in lowercase: a message's text is lowered once for
+/// all the members whose keywords are tried on it.
+pub fn keyword_in_lowercase(keywords: &[String], text: &str) -> bool {
+    !text.is_empty()
+        && keywords
+            .iter()
+            .any(|k| whole_word_in(text, &k.to_lowercase()))
 }
 
 fn is_word_char(c: char) -> bool {
