@@ -1380,12 +1380,13 @@ impl Engine {
         }
     }
 
-    /// Every text a message had, oldest first, with its time.
+    /// Every body a message had, oldest first, with its time (in an encrypted channel, each
+    /// with its ciphertext).
     pub async fn versions(
         &self,
         user: UserId,
         id: MessageId,
-    ) -> Result<Vec<(String, String)>, EngineError> {
+    ) -> Result<Vec<crate::view::VersionView>, EngineError> {
         match self
             .read(user, id.channel, ChannelRead::Versions { id })
             .await?

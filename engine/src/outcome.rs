@@ -71,8 +71,8 @@ pub enum ReadOutcome {
     Page(Vec<MessageView>, Option<u64>),
     /// One message.
     Message(MessageView),
-    /// A message's texts, oldest first, with RFC 3339 times.
-    Versions(Vec<(String, String)>),
+    /// A message's bodies, oldest first, with RFC 3339 times.
+    Versions(Vec<crate::view::VersionView>),
     /// A channel with its last committed seq.
     Channel(ChannelView),
 }

@@ -351,6 +351,19 @@ impl MessageView {
     }
 }
 
+/// One body a message had, in its edit history: `{"text","ciphertext"?,"at"}`. In an
+/// encrypted channel the text is empty and the ciphertext is the one it had then.
+#[derive(Serialize, Debug, Clone, PartialEq, Eq)]
+pub struct VersionView {
+    /// The text.
+    pub text: String,
+    /// The ciphertext, in an encrypted channel (`API.md` §14).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ciphertext: Option<String>,
+    /// When it was set, RFC 3339.
+    pub at: String,
+}
+
 struct Reactions<'a>(&'a [(String, Vec<UserId>)]);
 
 impl Serialize for Reactions<'_> {

@@ -1412,7 +1412,7 @@ impl Sim {
         let got = classify(block_on(self.engine.versions(self.uid(u), id)));
         if self.same(&want, &got, &ctx) {
             let c = want.expect("ok");
-            let texts: Vec<String> = got.expect("ok").into_iter().map(|(t, _)| t).collect();
+            let texts: Vec<String> = got.expect("ok").into_iter().map(|v| v.text).collect();
             assert_eq!(
                 texts,
                 self.model.channels[c].msgs[&id.seq].versions(),
@@ -1511,7 +1511,7 @@ impl Sim {
                 let texts: Vec<String> = block_on(self.engine.versions(uid, id))
                     .expect("versions")
                     .into_iter()
-                    .map(|(t, _)| t)
+                    .map(|v| v.text)
                     .collect();
                 assert_eq!(
                     texts,

@@ -267,7 +267,7 @@ struct Snapshot {
 struct ChannelContent {
     history: Vec<MessageView>,
     replies: BTreeMap<u64, Vec<MessageView>>,
-    versions: BTreeMap<u64, Vec<(String, String)>>,
+    versions: BTreeMap<u64, Vec<chorus_engine::view::VersionView>>,
 }
 
 fn snapshot(

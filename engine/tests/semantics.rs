@@ -104,7 +104,7 @@ impl World {
         block_on(self.engine.versions(user, id))
             .expect("versions")
             .into_iter()
-            .map(|(t, _)| t)
+            .map(|v| v.text)
             .collect()
     }
 
@@ -286,9 +286,9 @@ fn edits_keep_every_version_and_only_the_author_edits() {
     assert_eq!(edited.text, "v3");
     assert!(edited.edited_at.is_some());
     let versions = block_on(e.versions(w.bob, m.id)).expect("versions");
-    let texts: Vec<&str> = versions.iter().map(|(t, _)| t.as_str()).collect();
+    let texts: Vec<&str> = versions.iter().map(|v| v.text.as_str()).collect();
     assert_eq!(texts, ["v1", "v2", "v3"]);
-    let times: Vec<&str> = versions.iter().map(|(_, at)| at.as_str()).collect();
+    let times: Vec<&str> = versions.iter().map(|v| v.at.as_str()).collect();
     assert!(
         times.windows(2).all(|p| p[0] <= p[1]),
         "oldest first: {times:?}"
@@ -801,7 +801,7 @@ fn large_bodies_round_trip_through_the_blob_store() {
     let versions: Vec<String> = block_on(engine.versions(alice, m.id))
         .expect("versions")
         .into_iter()
-        .map(|(t, _)| t)
+        .map(|v| v.text)
         .collect();
     assert_eq!(versions, [t1.clone(), t2.clone()]);
     let sub = block_on(engine.subscribe(bob)).expect("subscribe");

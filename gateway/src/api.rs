@@ -837,13 +837,6 @@ struct Session<'a> {
     device_id: Option<&'a str>,
 }
 
-/// One entry of a message's history.
-#[derive(Serialize)]
-struct Version<'a> {
-    text: &'a str,
-    at: &'a str,
-}
-
 // ---------------------------------------------------------------------------------------
 // Requests
 // ---------------------------------------------------------------------------------------
@@ -1353,10 +1346,6 @@ async fn list_replies(call: &Call<'_>) -> Result<Reply, ApiError> {
 
 async fn history(call: &Call<'_>) -> Result<Reply, ApiError> {
     let versions = call.engine().versions(call.user(), call.message()?).await?;
-    let versions: Vec<Version<'_>> = versions
-        .iter()
-        .map(|(text, at)| Version { text, at })
-        .collect();
     Ok(Reply::json(200, &List("versions", &versions, None)))
 }
 

@@ -402,6 +402,14 @@ async fn a_thousand_messages_through_an_encrypted_dm_reach_every_device() {
         .iter()
         .all(|m| m.text.is_empty() && m.ciphertext.is_some()));
     let versions = session.message_history(&dm.id, &first.id).await.unwrap();
+    // The edit history holds each ciphertext the message had: the first as sent, then the
+    // edit's, which a member device decrypts.
+    assert_eq!(versions.len(), 2);
+    assert!(versions.iter().all(|v| v.text.is_empty()));
+    assert_eq!(versions[0].ciphertext, first.ciphertext);
+    let last = versions[1].ciphertext.as_deref().expect("a ciphertext");
+    let opened = laptop.device.e2ee.decrypt_channel_message(&dm.id, last);
+    assert_eq!(opened.expect("decrypts").text, edited);
     for answer in [
         serde_json::to_string(&history).unwrap(),
         serde_json::to_string(&versions).unwrap(),

@@ -1385,7 +1385,14 @@ impl<E: Env> Partition<E> {
                 ReadOutcome::Versions(
                     m.versions
                         .iter()
-                        .map(|(b, at)| (texts.text(b), rfc3339(*at)))
+                        .map(|(b, at)| crate::view::VersionView {
+                            text: texts.text(b),
+                            ciphertext: match b {
+                                StoredBody::Ciphertext(c) => Some(c.as_str().to_owned()),
+                                _ => None,
+                            },
+                            at: rfc3339(*at),
+                        })
                         .collect(),
                 )
             }

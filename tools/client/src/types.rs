@@ -128,11 +128,14 @@ pub struct MessagePage {
     pub next_cursor: Option<String>,
 }
 
-/// One text a message had, in its edit history.
+/// One body a message had, in its edit history.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Version {
-    /// The text.
+    /// The text (empty in an encrypted channel).
     pub text: String,
+    /// The ciphertext it had then, in an encrypted channel.
+    #[serde(default)]
+    pub ciphertext: Option<String>,
     /// When it was set.
     pub at: String,
 }
