@@ -16,7 +16,8 @@ use chorus_engine::domain::notify::{
     ChannelPrefs, Level, NotifyChange, NotifyPrefs, NotifyState, Platform, PushDevice,
 };
 use chorus_engine::ids::{ChannelId, DeviceId, UserId};
-use chorus_notify::candidates::{Candidates, Posted, Standing};
+use chorus_notify::candidates::{self, Candidates, Posted};
+use chorus_notify::decider::Modes;
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 
 const MEMBERS: u64 = 100_000;
@@ -66,8 +67,12 @@ fn setup() -> Setup {
         }
     }
     let mut kept = Candidates::default();
+    let pushes = Modes {
+        push: true,
+        email: false,
+    };
     for u in &members {
-        let (standing, keywords) = standing(&notify, *u);
+        let (standing, keywords) = candidates::standing(&notify, pushes, *u, CHANNEL);
         kept.joined(CHANNEL, *u, standing, keywords);
     }
     Setup {
@@ -75,21 +80,6 @@ fn setup() -> Setup {
         members,
         kept,
     }
-}
-
-/// A member's standing, as the decider computes it (pushes only).
-fn standing(notify: &NotifyState, user: UserId) -> (Standing, bool) {
-    let in_channel = notify.channel(user, CHANNEL);
-    let prefs = notify.prefs(user);
-    if in_channel.muted || !notify.has_devices(user) {
-        return (Standing::Never, false);
-    }
-    let standing = match rules::level(in_channel, prefs.push) {
-        Level::All => Standing::All,
-        Level::Mentions => Standing::Mentions,
-        Level::None => Standing::Never,
-    };
-    (standing, !prefs.keywords.is_empty())
 }
 
 /// The candidates as the decider found them before: every member walked, with its

@@ -12,11 +12,13 @@
 //! members at `all`, a lookup per user it names, and a keyword test per member with
 //! keywords; only `@channel`, `@here` and DMs cost one step per member who wants mentions.
 //!
-//! API boundary: this module only holds sets; the decider computes standings (from its
-//! preferences and devices) and tells it of every change, and the rules still have the
-//! last word on each candidate.
+//! API boundary: this module holds sets, and computes a standing from preferences and
+//! devices ([`standing`]); the decider tells it of every change, and the rules still have
+//! the last word on each candidate.
 
+use crate::decider::Modes;
 use chorus_engine::domain::event::Mentions;
+use chorus_engine::domain::notify::{rules, Level, NotifyState};
 use chorus_engine::ids::{ChannelId, UserId};
 use std::collections::{BTreeSet, HashMap};
 
@@ -29,6 +31,37 @@ pub enum Standing {
     Mentions,
     /// Every message.
     All,
+}
+
+/// What a member's levels allow at most in a channel, over the ways `modes` can reach them
+/// (a push needs a device, an email a digest interval), and whether they have keywords.
+pub fn standing(
+    notify: &NotifyState,
+    modes: Modes,
+    user: UserId,
+    channel: ChannelId,
+) -> (Standing, bool) {
+    let in_channel = notify.channel(user, channel);
+    let prefs = notify.prefs(user);
+    if in_channel.muted {
+        return (Standing::Never, false);
+    }
+    let of = |level| match rules::level(in_channel, level) {
+        Level::All => Standing::All,
+        Level::Mentions => Standing::Mentions,
+        Level::None => Standing::Never,
+    };
+    let push = if modes.push && notify.has_devices(user) {
+        of(prefs.push)
+    } else {
+        Standing::Never
+    };
+    let email = if modes.email && prefs.email_digest_s > 0 {
+        of(prefs.email)
+    } else {
+        Standing::Never
+    };
+    (push.max(email), !prefs.keywords.is_empty())
 }
 
 /// One channel's members who could be notified.

@@ -51,7 +51,7 @@ use crate::outbox::{Cursors, EmailItem, Item, Outbox, Window};
 use chorus_engine::consumer::{CommittedKind, CommittedPage, LogId};
 use chorus_engine::domain::event::{Body, ChannelEvent, ChannelRecord, MetaEvent};
 use chorus_engine::domain::notify::rules::{self, Message, Recipient};
-use chorus_engine::domain::notify::{Level, NotifyState};
+use chorus_engine::domain::notify::NotifyState;
 use chorus_engine::ids::{ChannelId, UserId};
 use chorus_engine::presence::Reach;
 use chorus_engine::{Consumer, Engine, EngineError};
@@ -433,27 +433,7 @@ impl Decider {
     /// reached (a push needs a device, an email a digest interval), and whether they have
     /// keywords.
     fn standing(&self, user: UserId, channel: ChannelId) -> (Standing, bool) {
-        let in_channel = self.notify.channel(user, channel);
-        let prefs = self.notify.prefs(user);
-        if in_channel.muted {
-            return (Standing::Never, false);
-        }
-        let of = |level| match rules::level(in_channel, level) {
-            Level::All => Standing::All,
-            Level::Mentions => Standing::Mentions,
-            Level::None => Standing::Never,
-        };
-        let push = if self.modes.push && self.notify.has_devices(user) {
-            of(prefs.push)
-        } else {
-            Standing::Never
-        };
-        let email = if self.modes.email && prefs.email_digest_s > 0 {
-            of(prefs.email)
-        } else {
-            Standing::Never
-        };
-        (push.max(email), !prefs.keywords.is_empty())
+        crate::candidates::standing(&self.notify, self.modes, user, channel)
     }
 
     /// The user's digest window for a message decided at `now_ms` (see [`window_at`]).

@@ -45,6 +45,15 @@ fn acme(engine: &Engine) -> (UserId, WorkspaceId, ChannelId) {
     (owner, workspace, channel)
 }
 
+/// A push device with this push key.
+fn push_device(pushkey: &str) -> DeviceInput {
+    DeviceInput {
+        app_id: "chat.test".into(),
+        pushkey: pushkey.into(),
+        platform: "fcm".into(),
+    }
+}
+
 /// Runs `f` for each of `0..n`, [`SEED_BATCH`] at a time.
 fn fan<F, Fut, T>(n: usize, f: F) -> Vec<T>
 where
@@ -88,11 +97,7 @@ fn a_message_is_decided_with_every_device_committed_before_it() {
         let (engine, user) = (&engine, users[i]);
         async move {
             engine.join(user, channel).await.expect("join");
-            let device = DeviceInput {
-                app_id: "chat.test".into(),
-                pushkey: format!("key-{i}"),
-                platform: "fcm".into(),
-            };
+            let device = push_device(&format!("key-{i}"));
             engine.add_push_device(user, device).await.expect("device");
         }
     });
@@ -170,11 +175,7 @@ fn a_restart_loads_the_snapshot_and_acknowledges_where_it_ends() {
                 .await
                 .expect("member");
             engine.join(user, channel).await.expect("join");
-            let device = DeviceInput {
-                app_id: "chat.test".into(),
-                pushkey: format!("key-{i}"),
-                platform: "fcm".into(),
-            };
+            let device = push_device(&format!("key-{i}"));
             engine.add_push_device(user, device).await.expect("device");
         }
     });
@@ -229,12 +230,7 @@ fn the_depth_counts_only_kinds_that_have_a_sender() {
         .id;
     block_on(engine.add_member(owner, workspace, "m@example.com")).expect("member");
     block_on(engine.join(user, channel)).expect("join");
-    let device = DeviceInput {
-        app_id: "chat.test".into(),
-        pushkey: "key-m".into(),
-        platform: "fcm".into(),
-    };
-    block_on(engine.add_push_device(user, device)).expect("device");
+    block_on(engine.add_push_device(user, push_device("key-m"))).expect("device");
     let (n, stats) = notifier(&engine, dir.path());
     block_on(engine.post(owner, channel, "@channel hello", None, None)).expect("post");
     wait_depth(&stats, 1);
