@@ -606,8 +606,10 @@ fn notify_metrics_count_each_push_outcome() {
 
 // SIGKILL 20 times, at random moments, while a client posts a stream of mentions to an
 // offline member with a push device: every acknowledged message is pushed, and a push
-// repeats only across a kill, with the same event_id, at most the sender's in-flight
-// bound per kill. The repeats per kill are printed for the design notes.
+// repeats only across a kill, with the same event_id, never more than the sender's
+// in-flight bound at one kill and at most one per kill over the run (the sender's cursor
+// is stored without waiting for the disk, so a kill repeats what was in flight). The
+// repeats per kill are printed for the design notes.
 #[test]
 fn sigkill_20_times_during_a_stream_every_push_arrives() {
     use rand::Rng;
@@ -699,10 +701,7 @@ fn sigkill_20_times_during_a_stream_every_push_arrives() {
         per_id.len(),
         repeats as f64 / KILLS as f64
     );
-    assert!(
-        repeats <= IN_FLIGHT * KILLS,
-        "{repeats} repeats over {KILLS} kills"
-    );
+    assert!(repeats <= KILLS, "{repeats} repeats over {KILLS} kills");
     assert!(most <= KILLS + 1, "a push repeats at most once per kill");
 }
 

@@ -12,9 +12,11 @@
 //!   decision is ever stored twice.
 //! - **The sender's cursor** is the byte offset before which every item was answered
 //!   (pushed, dropped, or given up), with the offsets of the items after it answered too
-//!   (out of order), in `<data>/notify/sent`, written through a temporary file, fsync and
-//!   rename (no directory fsync: see [`Outbox::store_sent`]). The other items at and after it are pending: they are
-//!   kept in memory and sent (again, after a crash: a repeat carries the same `event_id`).
+//!   (out of order). Each store overwrites `<data>/notify/sent.now` in place, framed like a
+//!   record and without an fsync; at most every [`SENT_DURABLE_EVERY`] it is also written
+//!   to `<data>/notify/sent` through a temporary file, fsync and rename (see
+//!   [`Outbox::store_sent`]). The other items at and after it are pending: they are kept
+//!   in memory and sent (again, after a crash: a repeat carries the same `event_id`).
 //! - **The email sender's cursor** is kept the same way in `<data>/notify/emailed`, apart
 //!   from the push sender's: email items wait for their window to close (up to
 //!   `email_digest_s`), and pushes must not wait behind them. The email items at and after
@@ -34,6 +36,8 @@ const RECORD_BYTES_MAX: u32 = 1 << 20;
 /// Answered bytes at the head of the outbox above which opening it compacts it (and only
 /// when they are at least half of it).
 pub const COMPACT_BYTES: u64 = 16 << 20;
+/// Longest time between two fsynced stores of the push sender's cursor.
+pub const SENT_DURABLE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One push to one device of one user, for one message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,6 +159,15 @@ pub struct Outbox {
     pub emails_appended: tokio::sync::Notify,
     /// Counters: the outbox keeps `outbox_depth`; the senders count what they answer.
     pub stats: Arc<crate::Stats>,
+    /// The push sender's cursor files.
+    sent: Mutex<SentFiles>,
+}
+
+/// Where the push sender's cursor is stored: `sent.now`, overwritten at every store, and
+/// when `sent` was last written durably.
+struct SentFiles {
+    now: File,
+    durable_at: std::time::Instant,
 }
 
 struct Inner {
@@ -255,7 +268,7 @@ impl Outbox {
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)?;
         let (records, _) = scan(&bytes);
-        let (sent, answered) = read_cursor(&dir.join("sent"))?;
+        let (sent, answered) = read_sent(dir)?;
         let (emailed, emails_answered) = read_cursor(&dir.join("emailed"))?;
         let mut cursors = None;
         let mut base = 0;
@@ -306,6 +319,18 @@ impl Outbox {
         file.seek(SeekFrom::End(0))?;
         let depth = (items.len() + emails.len()) as u64;
         stats.outbox_depth.store(depth, Ordering::Relaxed);
+        // What was read becomes the durable cursor, so that a power cut never goes back
+        // past a compaction.
+        store_file(&dir.join("sent"), cursor_text(sent, &answered).as_bytes())?;
+        let now = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join("sent.now"))?;
+        let sent_files = SentFiles {
+            now,
+            durable_at: std::time::Instant::now(),
+        };
         let outbox = Arc::new(Outbox {
             dir: dir.to_owned(),
             inner: Mutex::new(Inner {
@@ -317,6 +342,7 @@ impl Outbox {
             appended: tokio::sync::Notify::new(),
             emails_appended: tokio::sync::Notify::new(),
             stats,
+            sent: Mutex::new(sent_files),
         });
         Ok(Opened {
             outbox,
@@ -415,23 +441,31 @@ impl Outbox {
         self.len() == 0
     }
 
-    /// Stores the sender's cursor durably, with the offsets of the items after it that
-    /// were answered too (at most the requests in flight), so that a restart resends only
-    /// what was answered after this store.
+    /// Stores the sender's cursor, with the offsets of the items after it that were
+    /// answered too (at most the requests in flight), so that a restart resends only what
+    /// was answered after this store.
     ///
-    /// Without the directory fsync of [`store_file`]: the cursor only ever passes answered
-    /// items, so a rename lost to a power cut leaves the previous cursor, which resends
-    /// more (with the same `event_id`s) and loses nothing; the file's own fsync before the
-    /// rename still keeps a torn or empty cursor from ever being read. The fsync saved
-    /// shortens the time an answered push waits to be stored, which is what a crash
-    /// repeats.
+    /// The store overwrites `sent.now` in place, framed with its length and checksum, and
+    /// does not wait for the disk: a killed process leaves it in the page cache, so a
+    /// SIGKILL repeats only the pushes answered since the last store (the time of one
+    /// `pwrite`, not of an fsync). A power cut can leave it stale or torn: a torn one is
+    /// not read (checksum), and `sent`, written durably at the first store
+    /// [`SENT_DURABLE_EVERY`] after its previous write (and at open), is read with it. Either cursor only passes answered items, so the older one
+    /// resends more (with the same `event_id`s) and loses nothing.
     pub fn store_sent(&self, sent: u64, answered: &BTreeSet<u64>) -> std::io::Result<()> {
-        let path = self.dir.join("sent");
-        let tmp = path.with_extension("tmp");
-        let mut file = File::create(&tmp)?;
-        file.write_all(cursor_text(sent, answered).as_bytes())?;
-        file.sync_data()?;
-        std::fs::rename(&tmp, &path)
+        use std::os::unix::fs::FileExt;
+        let text = cursor_text(sent, answered);
+        let mut framed = Vec::with_capacity(text.len() + 8);
+        framed.extend_from_slice(&(text.len() as u32).to_le_bytes());
+        framed.extend_from_slice(&crc32fast::hash(text.as_bytes()).to_le_bytes());
+        framed.extend_from_slice(text.as_bytes());
+        let mut files = self.sent.lock().expect("sent cursor lock");
+        files.now.write_all_at(&framed, 0)?;
+        if files.durable_at.elapsed() >= SENT_DURABLE_EVERY {
+            files.durable_at = std::time::Instant::now();
+            store_file(&self.dir.join("sent"), text.as_bytes())?;
+        }
+        Ok(())
     }
 }
 
@@ -513,6 +547,46 @@ fn cursor_text(cursor: u64, answered: &BTreeSet<u64>) -> String {
     text
 }
 
+/// Reads the push sender's cursor: `sent`, and `sent.now` when it is whole (its frame's
+/// length and checksum hold). Both only ever pass answered items, so what either says is
+/// true, and they are merged: the further cursor, with the answered offsets of both after
+/// it.
+fn read_sent(dir: &Path) -> std::io::Result<(u64, BTreeSet<u64>)> {
+    let (mut sent, mut answered) = read_cursor(&dir.join("sent"))?;
+    let bytes = match std::fs::read(dir.join("sent.now")) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    if let Some((now, now_answered)) = unframe_cursor(&bytes) {
+        sent = sent.max(now);
+        answered.extend(now_answered);
+        answered = answered.split_off(&sent);
+    }
+    Ok((sent, answered))
+}
+
+/// The cursor in a `sent.now` frame: `None` when it is empty, torn or not a cursor.
+fn unframe_cursor(bytes: &[u8]) -> Option<(u64, BTreeSet<u64>)> {
+    let len = u32::from_le_bytes(bytes.get(0..4)?.try_into().ok()?) as usize;
+    let crc = u32::from_le_bytes(bytes.get(4..8)?.try_into().ok()?);
+    let text = bytes.get(8..8 + len)?;
+    if len == 0 || crc32fast::hash(text) != crc {
+        return None;
+    }
+    let text = std::str::from_utf8(text).ok()?;
+    Some(parse_cursor(text))
+}
+
+/// Parses a cursor's text: the cursor, then the answered offsets after it.
+fn parse_cursor(text: &str) -> (u64, BTreeSet<u64>) {
+    let mut numbers = text
+        .split_whitespace()
+        .filter_map(|n| n.parse::<u64>().ok());
+    let cursor = numbers.next().unwrap_or(0);
+    (cursor, numbers.collect())
+}
+
 /// Reads a sender's cursor file (absent: nothing answered yet).
 fn read_cursor(path: &Path) -> std::io::Result<(u64, BTreeSet<u64>)> {
     let text = match std::fs::read_to_string(path) {
@@ -520,11 +594,7 @@ fn read_cursor(path: &Path) -> std::io::Result<(u64, BTreeSet<u64>)> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(e),
     };
-    let mut numbers = text
-        .split_whitespace()
-        .filter_map(|n| n.parse::<u64>().ok());
-    let cursor = numbers.next().unwrap_or(0);
-    Ok((cursor, numbers.collect()))
+    Ok(parse_cursor(&text))
 }
 
 /// Each user's latest window among pending email items.
@@ -626,10 +696,14 @@ mod tests {
             vec![3]
         );
         // An item answered after the cursor is not sent again.
-        let cursor = taken[0].at;
         opened
             .outbox
-            .store_sent(cursor, &[taken[1].at].into())
+            .append(vec![item(5), item(6)], vec![], &cursors(40))
+            .unwrap();
+        let later = opened.outbox.take();
+        opened
+            .outbox
+            .store_sent(pending[0].at, &[later[0].at].into())
             .unwrap();
         drop(opened);
         let again = Outbox::open(dir.path(), Default::default())
@@ -637,7 +711,47 @@ mod tests {
             .outbox
             .take();
         let seqs: Vec<u64> = again.iter().map(|p| p.item.seq).collect();
-        assert_eq!(seqs, vec![1, 3]);
+        assert_eq!(seqs, vec![3, 6]);
+    }
+
+    // The push sender's cursor is stored without an fsync in `sent.now`, and durably in
+    // `sent` at open (and at most every second): a reopen reads the newer of the two, a
+    // torn `sent.now` falls back to `sent` (resending more, losing nothing), and a stale
+    // one never takes the cursor back.
+    #[test]
+    fn the_sent_cursor_survives_a_torn_or_stale_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let pending_seqs = || -> Vec<u64> {
+            let opened = Outbox::open(dir.path(), Default::default()).unwrap();
+            opened.outbox.take().iter().map(|p| p.item.seq).collect()
+        };
+        let outbox = Outbox::open(dir.path(), Default::default()).unwrap().outbox;
+        let items = (1..=5).map(item).collect();
+        outbox.append(items, vec![], &cursors(10)).unwrap();
+        let taken = outbox.take();
+        outbox.store_sent(taken[1].end, &BTreeSet::new()).unwrap();
+        let stale = std::fs::read(dir.path().join("sent.now")).unwrap();
+        drop(outbox);
+        // The quick store alone is read back (and becomes the durable one at this open).
+        assert_eq!(pending_seqs(), vec![3, 4, 5]);
+
+        let outbox = Outbox::open(dir.path(), Default::default()).unwrap().outbox;
+        outbox.take();
+        outbox
+            .store_sent(taken[3].end, &[taken[4].at].into())
+            .unwrap();
+        drop(outbox);
+        // Torn: `sent` has the cursor of the last open.
+        let now = dir.path().join("sent.now");
+        let whole = std::fs::read(&now).unwrap();
+        std::fs::write(&now, &whole[..whole.len() - 2]).unwrap();
+        assert_eq!(pending_seqs(), vec![3, 4, 5]);
+
+        // Whole again, and stored durably at that open; then a stale `sent.now`.
+        std::fs::write(&now, &whole).unwrap();
+        assert!(pending_seqs().is_empty());
+        std::fs::write(&now, &stale).unwrap();
+        assert!(pending_seqs().is_empty(), "a stale store never goes back");
     }
 
     // Email items survive a reopen apart from push items: the email cursor hides the
