@@ -712,3 +712,46 @@ fn count_distinct(bodies: &[Value]) -> usize {
         .collect();
     ids.len()
 }
+
+// The decider and the push sender run nicer than the rest of the server (the shards
+// among it), so a fan-out they work through for seconds yields the CPU to sends.
+#[test]
+fn notification_threads_run_nicer_than_the_shards() {
+    let sink = Sink::start();
+    let s = server(&sink);
+    // Each thread's name and niceness: `stat` is "tid (name) state …", the niceness
+    // the 17th field after the name.
+    let read_threads = || -> Vec<(String, i32)> {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", s.pid())).expect("threads");
+        tasks
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("stat")).ok())
+            .map(|stat| {
+                let open = stat.find('(').unwrap();
+                let close = stat.rfind(')').unwrap();
+                let rest: Vec<&str> = stat[close + 2..].split(' ').collect();
+                (stat[open + 1..close].to_string(), rest[16].parse().unwrap())
+            })
+            .collect()
+    };
+    // The decider starts once the engine is up.
+    let deadline = Instant::now() + ARRIVE_WAIT;
+    let mut threads = read_threads();
+    while !threads.iter().any(|(n, _)| n == "notify-decider") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        threads = read_threads();
+    }
+    let nice_of = |named: &dyn Fn(&str) -> bool| -> Vec<i32> {
+        (threads.iter())
+            .filter(|(n, _)| named(n))
+            .map(|(_, nice)| *nice)
+            .collect()
+    };
+    let process = nice_of(&|n| n == "chorus")[0];
+    let want = (process + chorus_notify::THREAD_NICE).min(19);
+    let decider = nice_of(&|n| n == "notify-decider");
+    assert_eq!(decider, vec![want], "{threads:?}");
+    assert_eq!(nice_of(&|n| n == "notify-push"), vec![want], "{threads:?}");
+    let shards = nice_of(&|n| n.starts_with("chorus-shard-"));
+    assert!(!shards.is_empty(), "{threads:?}");
+    assert!(shards.iter().all(|&n| n == process), "{threads:?}");
+}

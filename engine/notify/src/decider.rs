@@ -179,7 +179,10 @@ pub fn spawn(
     }
     std::thread::Builder::new()
         .name("notify-decider".into())
-        .spawn(move || decider.run(stop))
+        .spawn(move || {
+            crate::lower_priority();
+            decider.run(stop)
+        })
 }
 
 impl Decider {
