@@ -49,6 +49,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// How much nicer than the harness the sink's thread runs (see [`Sink::start`]).
+const SINK_NICE: i32 = 10;
 /// The sink's one answer: head and body in one write.
 const ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
 content-length: 15\r\n\r\n{\"rejected\":[]}";
@@ -281,7 +283,8 @@ pub struct Sink {
 }
 
 impl Sink {
-    /// Binds a free loopback port and starts serving.
+    /// Binds a free loopback port and starts serving, on a thread [`SINK_NICE`] steps
+    /// nicer than the harness.
     pub fn start() -> anyhow::Result<Sink> {
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         listener.set_nonblocking(true)?;
@@ -295,6 +298,12 @@ impl Sink {
         let thread = std::thread::Builder::new()
             .name("push-sink".into())
             .spawn(move || {
+                // A push gateway runs on machines of its own: here it shares the
+                // server's two cores, so it takes only what the server leaves.
+                // SAFETY: `nice` changes only this thread's niceness.
+                if unsafe { libc::nice(SINK_NICE) } == -1 {
+                    eprintln!("the push sink's priority could not be lowered");
+                }
                 runtime.block_on(async move {
                     let listener =
                         tokio::net::TcpListener::from_std(listener).expect("a tokio listener");
