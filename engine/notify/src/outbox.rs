@@ -17,6 +17,10 @@
 //!   to `<data>/notify/sent` through a temporary file, fsync and rename (see
 //!   [`Outbox::store_sent`]). The other items at and after it are pending: they are kept
 //!   in memory and sent (again, after a crash: a repeat carries the same `event_id`).
+//! - **Compaction.** When the answered head is at least [`COMPACT_BYTES`] and half the
+//!   log, the log is rewritten from its first pending item, every record at its offset
+//!   (a [`Record::Base`] first): at open, and while running when a sender's cursor is
+//!   stored durably (`compact`).
 //! - **The email sender's cursor** is kept the same way in `<data>/notify/emailed`, apart
 //!   from the push sender's: email items wait for their window to close (up to
 //!   `email_digest_s`), and pushes must not wait behind them. The email items at and after
@@ -33,10 +37,11 @@ use std::sync::{Arc, Mutex};
 
 /// Largest record accepted when reading back (a longer length is a torn or foreign tail).
 const RECORD_BYTES_MAX: u32 = 1 << 20;
-/// Answered bytes at the head of the outbox above which opening it compacts it (and only
-/// when they are at least half of it).
+/// Answered bytes at the head of the outbox above which it is compacted (and only when
+/// they are at least half of it).
 pub const COMPACT_BYTES: u64 = 16 << 20;
-/// Longest time between two fsynced stores of the push sender's cursor.
+/// The least time between two fsynced stores of the push sender's cursor (each also asks
+/// whether to compact).
 pub const SENT_DURABLE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One push to one device of one user, for one message.
@@ -172,7 +177,21 @@ struct SentFiles {
 
 struct Inner {
     file: File,
+    /// The log's length (the offset after its last record).
     len: u64,
+    /// The offset of the file's first byte (after a compaction, a [`Record::Base`]).
+    base: u64,
+    /// The last cursors appended: a compaction keeps them.
+    cursors: Option<Cursors>,
+    /// The push sender's cursor as last stored: every push item before it is answered.
+    push_from: u64,
+    /// The end of the last push item taken by the sender.
+    taken_end: u64,
+    /// The offsets of the email items not answered yet.
+    emails_pending: BTreeSet<u64>,
+    /// Answered bytes at the head above which a store compacts the log (and only when they
+    /// are at least half of it).
+    compact_bytes: u64,
     /// Items appended and not yet taken by the sender.
     queue: VecDeque<Pending>,
     /// Email items appended and not yet taken by the email sender.
@@ -309,11 +328,11 @@ impl Outbox {
             .chain(emails.first().map(|p| p.at))
             .min()
             .unwrap_or(kept);
-        let answered_bytes = pending - base;
-        if answered_bytes >= compact_bytes && answered_bytes * 2 >= kept - base {
+        if worth_compacting(pending, base, kept, compact_bytes) {
             let tail = &bytes[(pending - base) as usize..(kept - base) as usize];
-            if let Some(compacted) = compact(&path, pending, cursors.as_ref(), tail)? {
+            if let Some((compacted, b)) = compact(&path, pending, cursors.as_ref(), tail)? {
                 file = compacted;
+                base = b;
             }
         }
         file.seek(SeekFrom::End(0))?;
@@ -336,6 +355,12 @@ impl Outbox {
             inner: Mutex::new(Inner {
                 file,
                 len: kept,
+                base,
+                cursors: cursors.clone(),
+                push_from: 0,
+                taken_end: 0,
+                emails_pending: emails.iter().map(|p| p.at).collect(),
+                compact_bytes,
                 queue: items.into(),
                 emails: emails.into(),
             }),
@@ -376,6 +401,8 @@ impl Outbox {
         inner.file.write_all(&bytes)?;
         inner.file.sync_data()?;
         inner.len += bytes.len() as u64;
+        inner.cursors = Some(cursors.clone());
+        inner.emails_pending.extend(emails.iter().map(|p| p.at));
         let added = (placed.len() + emails.len()) as u64;
         self.stats.outbox_depth.fetch_add(added, Ordering::Relaxed);
         let (any, any_email) = (!placed.is_empty(), !emails.is_empty());
@@ -413,22 +440,58 @@ impl Outbox {
             .collect()
     }
 
-    /// Stores the email sender's cursor durably, like [`Outbox::store_sent`].
+    /// Stores the email sender's cursor durably (temporary file, fsync, rename, directory
+    /// fsync), then compacts the log if its answered head has grown enough
+    /// (`Outbox::compact_if_due`).
     pub fn store_emailed(&self, emailed: u64, answered: &BTreeSet<u64>) -> std::io::Result<()> {
         store_file(
             &self.dir.join("emailed"),
             cursor_text(emailed, answered).as_bytes(),
-        )
+        )?;
+        let mut inner = self.inner.lock().expect("outbox lock");
+        inner.emails_pending = inner.emails_pending.split_off(&emailed);
+        inner.emails_pending.retain(|at| !answered.contains(at));
+        self.compact_if_due(&mut inner)
+    }
+
+    /// Rewrites the log from its first pending item, of either kind, when the answered
+    /// records before it are at least `compact_bytes` and half the log, as opening does
+    /// ([`compact`]): appends wait for it (it holds the lock), and every record keeps its
+    /// offset, so the senders' cursors and the queued items stay valid. The cursors it
+    /// goes by are already stored, so whichever file a crash leaves, what it holds
+    /// past them reads the same.
+    fn compact_if_due(&self, inner: &mut Inner) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        // The first push item not answered: the cursor, unless every item taken is
+        // answered, when it is the first not taken yet.
+        let first_push = if inner.push_from >= inner.taken_end {
+            inner.queue.front().map_or(inner.len, |p| p.at)
+        } else {
+            inner.push_from
+        };
+        let first_email = inner.emails_pending.first().copied();
+        let from = first_email.map_or(first_push, |e| e.min(first_push));
+        if !worth_compacting(from, inner.base, inner.len, inner.compact_bytes) {
+            return Ok(());
+        }
+        let mut tail = vec![0; (inner.len - from) as usize];
+        inner.file.read_exact_at(&mut tail, from - inner.base)?;
+        let path = self.dir.join("outbox.log");
+        if let Some((file, base)) = compact(&path, from, inner.cursors.as_ref(), &tail)? {
+            inner.file = file;
+            inner.base = base;
+        }
+        Ok(())
     }
 
     /// Takes the items queued since the last call, in log order.
     pub fn take(&self) -> Vec<Pending> {
-        self.inner
-            .lock()
-            .expect("outbox lock")
-            .queue
-            .drain(..)
-            .collect()
+        let mut inner = self.inner.lock().expect("outbox lock");
+        let taken: Vec<Pending> = inner.queue.drain(..).collect();
+        if let Some(last) = taken.last() {
+            inner.taken_end = last.end;
+        }
+        taken
     }
 
     /// The log's length: the sender's cursor when nothing is pending.
@@ -461,11 +524,17 @@ impl Outbox {
         framed.extend_from_slice(text.as_bytes());
         let mut files = self.sent.lock().expect("sent cursor lock");
         files.now.write_all_at(&framed, 0)?;
-        if files.durable_at.elapsed() >= SENT_DURABLE_EVERY {
-            files.durable_at = std::time::Instant::now();
-            store_file(&self.dir.join("sent"), text.as_bytes())?;
+        if files.durable_at.elapsed() < SENT_DURABLE_EVERY {
+            return Ok(());
         }
-        Ok(())
+        files.durable_at = std::time::Instant::now();
+        store_file(&self.dir.join("sent"), text.as_bytes())?;
+        drop(files);
+        // Whether to compact is asked here, at most once a second, and by a cursor
+        // stored durably.
+        let mut inner = self.inner.lock().expect("outbox lock");
+        inner.push_from = sent;
+        self.compact_if_due(&mut inner)
     }
 }
 
@@ -474,14 +543,14 @@ impl Outbox {
 /// all answered, but the cursors must stay), then `tail`, the records from `from` on. The
 /// new file replaces the old one whole (temporary file, fsync, rename, directory fsync), so
 /// a crash leaves one or the other, and either reads the same. Answers the new file, open
-/// for appending (`None`, leaving the file as it is, when `from` is too near the start
+/// for appending, and its base (`None`, leaving the file as it is, when `from` is too near the start
 /// for the head to fit before it).
 fn compact(
     path: &Path,
     from: u64,
     cursors: Option<&Cursors>,
     tail: &[u8],
-) -> std::io::Result<Option<File>> {
+) -> std::io::Result<Option<(File, u64)>> {
     let head = |base: u64| {
         let mut out = Vec::new();
         frame(&Record::Base { base }, &mut out);
@@ -513,11 +582,15 @@ fn compact(
         "notify outbox: compacted the answered records away"
     );
     store_file(path, &bytes)?;
-    OpenOptions::new()
-        .read(true)
-        .append(true)
-        .open(path)
-        .map(Some)
+    let file = OpenOptions::new().read(true).append(true).open(path)?;
+    Ok(Some((file, base)))
+}
+
+/// Whether a log of records from `base` to `len` whose first pending one is at `from` is
+/// worth rewriting from there: at least `compact_bytes` answered, and half of it.
+fn worth_compacting(from: u64, base: u64, len: u64, compact_bytes: u64) -> bool {
+    let answered = from.saturating_sub(base);
+    answered >= compact_bytes && answered * 2 >= len - base
 }
 
 /// Frames records for `items` after `base + bytes.len()`, answering them with their places.
@@ -854,5 +927,83 @@ mod tests {
         std::fs::write(dir.path().join("outbox.tmp"), b"torn").unwrap();
         let last = Outbox::open(dir.path(), Default::default()).unwrap();
         assert_eq!(last.outbox.take().len(), want.len());
+    }
+
+    // A running outbox compacts itself too: once the push sender's cursor is stored
+    // durably past an answered head (or the email sender's is), the log is rewritten
+    // from its first pending item while the senders and the decider go on, every record
+    // at its offset; a reopen reads the same.
+    #[test]
+    fn a_running_outbox_compacts_its_answered_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("outbox.log");
+        let size = || std::fs::metadata(&log).unwrap().len();
+        let opened = Outbox::open_compacting(dir.path(), Default::default(), 1).unwrap();
+        let outbox = opened.outbox;
+        for batch in 0..20 {
+            let items = (0..10).map(|i| item(batch * 10 + i)).collect();
+            let emails = vec![email(3, 1_000, batch)];
+            outbox.append(items, emails, &cursors(batch + 1)).unwrap();
+        }
+        let taken = outbox.take();
+        let emails = outbox.take_emails();
+        let before = size();
+        // The email sender answers every digest: the pushes still hold the head.
+        outbox
+            .store_emailed(emails.last().unwrap().end, &BTreeSet::new())
+            .unwrap();
+        assert_eq!(size(), before);
+        // The push sender's cursor, not yet stored durably: nothing moves.
+        let cursor = taken[150].at;
+        outbox.store_sent(cursor, &BTreeSet::new()).unwrap();
+        assert_eq!(size(), before);
+        std::thread::sleep(SENT_DURABLE_EVERY + std::time::Duration::from_millis(50));
+        outbox.store_sent(cursor, &BTreeSet::new()).unwrap();
+        assert!(size() < before / 3, "{} of {before} bytes kept", size());
+        // Appends go on at the offsets they would have had.
+        let whole = outbox.len();
+        outbox
+            .append(vec![item(500)], vec![], &cursors(21))
+            .unwrap();
+        assert_eq!(outbox.take()[0].at, whole);
+        drop(outbox);
+        let again = Outbox::open(dir.path(), Default::default()).unwrap();
+        assert_eq!(again.cursors.as_ref().unwrap().partitions[&0], 21);
+        let seqs: Vec<u64> = again.outbox.take().iter().map(|p| p.item.seq).collect();
+        assert_eq!(seqs, (150..200).chain([500]).collect::<Vec<u64>>());
+        assert!(again.outbox.take_emails().is_empty());
+    }
+
+    // With no push items, answering the digests alone compacts the log.
+    #[test]
+    fn answered_digests_alone_compact_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open_compacting(dir.path(), Default::default(), 1)
+            .unwrap()
+            .outbox;
+        for batch in 0..20 {
+            let emails = (0..10).map(|i| email(3, 1_000, batch * 10 + i)).collect();
+            outbox.append(vec![], emails, &cursors(batch + 1)).unwrap();
+        }
+        let emails = outbox.take_emails();
+        let before = std::fs::metadata(dir.path().join("outbox.log"))
+            .unwrap()
+            .len();
+        outbox
+            .store_emailed(emails[190].at, &BTreeSet::new())
+            .unwrap();
+        let after = std::fs::metadata(dir.path().join("outbox.log"))
+            .unwrap()
+            .len();
+        assert!(after < before / 5, "{after} of {before} bytes kept");
+        drop(outbox);
+        let again = Outbox::open(dir.path(), Default::default()).unwrap();
+        let seqs: Vec<u64> = again
+            .outbox
+            .take_emails()
+            .iter()
+            .map(|p| p.item.seq)
+            .collect();
+        assert_eq!(seqs, (190..200).collect::<Vec<u64>>());
     }
 }
