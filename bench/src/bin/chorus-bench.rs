@@ -1029,7 +1029,7 @@ fn files(runner: &ChorusRunner, a: &FilesArgs, load_before: &str) -> anyhow::Res
         FilesShape::standard()
     };
     shape.require_vips = a.require_vips || std::env::var_os("CHORUS_REQUIRE_PEERS").is_some();
-    let header = |load_before: &str| {
+    let header = || {
         println!(
             "files: {}; load average (1, 5, 15 min) {load_before} at the start, {} at the end\n",
             machine(),
@@ -1040,7 +1040,7 @@ fn files(runner: &ChorusRunner, a: &FilesArgs, load_before: &str) -> anyhow::Res
         let uploads =
             files::run_uploads(&runner.binary, &runner.work_root, &shape, &runner.progress)?;
         runner.progress.finish_and_clear();
-        header(load_before);
+        header();
         print!("{}", uploads.table(&shape));
         println!(
             "\nuploads created: {}/{}",
@@ -1050,7 +1050,7 @@ fn files(runner: &ChorusRunner, a: &FilesArgs, load_before: &str) -> anyhow::Res
     }
     let outcome = files::run(&runner.binary, &runner.work_root, &shape, &runner.progress)?;
     runner.progress.finish_and_clear();
-    header(load_before);
+    header();
     print!("{}", outcome.table(&shape));
     println!(
         "\nuploads created: {}/{}; thumbs ready: {}/{}",
