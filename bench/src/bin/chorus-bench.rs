@@ -144,6 +144,9 @@ struct FilesArgs {
     /// Fail when vipsthumbnail is missing [default: when CHORUS_REQUIRE_PEERS is set]
     #[arg(long)]
     require_vips: bool,
+    /// Run only the upload-throughput part (uploads against raw writes)
+    #[arg(long)]
+    uploads_only: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -1026,17 +1029,35 @@ fn files(runner: &ChorusRunner, a: &FilesArgs, load_before: &str) -> anyhow::Res
         FilesShape::standard()
     };
     shape.require_vips = a.require_vips || std::env::var_os("CHORUS_REQUIRE_PEERS").is_some();
+    let header = || {
+        println!(
+            "files: {}; load average (1, 5, 15 min) {load_before} at the start, {} at the end\n",
+            machine(),
+            loadavg()
+        );
+    };
+    if a.uploads_only {
+        let uploads =
+            files::run_uploads(&runner.binary, &runner.work_root, &shape, &runner.progress)?;
+        runner.progress.finish_and_clear();
+        header();
+        print!("{}", uploads.table(&shape));
+        println!(
+            "\nuploads created: {}/{}",
+            uploads.uploads_created, shape.upload_files
+        );
+        return Ok(());
+    }
     let outcome = files::run(&runner.binary, &runner.work_root, &shape, &runner.progress)?;
     runner.progress.finish_and_clear();
-    println!(
-        "files: {}; load average (1, 5, 15 min) {load_before} at the start, {} at the end\n",
-        machine(),
-        loadavg()
-    );
+    header();
     print!("{}", outcome.table(&shape));
     println!(
         "\nuploads created: {}/{}; thumbs ready: {}/{}",
-        outcome.uploads_created, shape.upload_files, outcome.previews_ready, outcome.preview_sent
+        outcome.uploads.uploads_created,
+        shape.upload_files,
+        outcome.previews_ready,
+        outcome.preview_sent
     );
     Ok(())
 }

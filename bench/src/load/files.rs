@@ -98,15 +98,46 @@ impl FilesShape {
     }
 }
 
-/// What a `files` run measured.
-#[derive(Debug)]
-pub struct FilesOutcome {
+/// What the upload-throughput part measured.
+#[derive(Debug, Clone, Copy)]
+pub struct UploadFigures {
     /// Raw `write` + `fsync` bandwidth, bytes per second.
     pub raw_bytes_per_s: f64,
     /// Upload throughput (request sent → 201 read), bytes per second.
     pub upload_bytes_per_s: f64,
     /// Uploads answered 201, of `upload_files`.
     pub uploads_created: usize,
+}
+
+impl UploadFigures {
+    /// Upload throughput as a fraction of the raw write bandwidth.
+    pub fn ratio(&self) -> f64 {
+        self.upload_bytes_per_s / self.raw_bytes_per_s
+    }
+
+    /// The table's header and its upload row.
+    pub fn table(&self, shape: &FilesShape) -> String {
+        let mib = |b: f64| b / f64::from(1u32 << 20);
+        let mut t = String::new();
+        t.push_str("| measure | Chorus | limit / peer | ratio | target |\n");
+        t.push_str("|---|---|---|---|---|\n");
+        t.push_str(&format!(
+            "| upload {} × {:.0} MiB (MiB/s) | {:.1} | raw write+fsync {:.1} | {:.2} | ≥ 0.50 |\n",
+            shape.upload_files,
+            mib(shape.upload_bytes as f64),
+            mib(self.upload_bytes_per_s),
+            mib(self.raw_bytes_per_s),
+            self.ratio()
+        ));
+        t
+    }
+}
+
+/// What a `files` run measured.
+#[derive(Debug)]
+pub struct FilesOutcome {
+    /// Upload throughput against raw writes.
+    pub uploads: UploadFigures,
     /// The thumb's size as the worker reported it.
     pub thumb_size: (u32, u32),
     /// Median wall time of a `chorus preview-worker --kind thumb` process.
@@ -127,11 +158,6 @@ pub struct FilesOutcome {
 }
 
 impl FilesOutcome {
-    /// Upload throughput as a fraction of the raw write bandwidth.
-    pub fn upload_ratio(&self) -> f64 {
-        self.upload_bytes_per_s / self.raw_bytes_per_s
-    }
-
     /// The worker's thumb time over vips's, when vips ran.
     pub fn thumb_ratio(&self) -> Option<f64> {
         self.vips
@@ -140,20 +166,9 @@ impl FilesOutcome {
 
     /// The printed table.
     pub fn table(&self, shape: &FilesShape) -> String {
-        let mib = |b: f64| b / f64::from(1u32 << 20);
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let q = |h: &Histogram<u64>, p: f64| h.value_at_quantile(p) as f64 / 1e3;
-        let mut t = String::new();
-        t.push_str("| measure | Chorus | limit / peer | ratio | target |\n");
-        t.push_str("|---|---|---|---|---|\n");
-        t.push_str(&format!(
-            "| upload {} × {:.0} MiB (MiB/s) | {:.1} | raw write+fsync {:.1} | {:.2} | ≥ 0.50 |\n",
-            shape.upload_files,
-            mib(shape.upload_bytes as f64),
-            mib(self.upload_bytes_per_s),
-            mib(self.raw_bytes_per_s),
-            self.upload_ratio()
-        ));
+        let mut t = self.uploads.table(shape);
         let (vips_cell, ratio_cell) = match (self.vips, self.thumb_ratio()) {
             (Some((v, (w, h))), Some(r)) => (
                 format!("vipsthumbnail {:.1} ms ({w}×{h})", ms(v)),
@@ -189,47 +204,62 @@ impl FilesOutcome {
     }
 }
 
-/// Runs the `files` benchmark against `binary`, in a fresh directory under `work_root`.
-pub fn run(
-    binary: &Path,
-    work_root: &Path,
+/// A server on freshly seeded data in a directory of its own, and a client of it.
+struct Bench {
+    dir: tempfile::TempDir,
+    server: ChorusServer,
+    rt: tokio::runtime::Runtime,
+    up: Uploader,
+}
+
+impl Bench {
+    /// Seeds a workspace and its owner, and starts `binary` on it.
+    fn start(binary: &Path, work_root: &Path, progress: &ProgressBar) -> anyhow::Result<Bench> {
+        std::fs::create_dir_all(work_root)?;
+        let dir = tempfile::Builder::new()
+            .prefix("chorus-bench-files-")
+            .tempdir_in(work_root)?;
+        let settings = ServerSettings::default();
+        let data = server::data_dir(dir.path());
+        progress.set_message("files: seeding");
+        let engine = seed::open_engine(&data, &settings)?;
+        let pop = seed::users_in_channels(&engine, 0, 0, progress);
+        engine.shutdown();
+        let pop = pop?;
+        let token = seed::mint_tokens(&data, &[pop.owner])?.remove(0);
+        let server = ChorusServer::start(binary, dir.path(), &settings)?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let up = Uploader {
+            client: reqwest::Client::new(),
+            base: format!("http://{}/api/v1", server.addr),
+            token,
+            workspace: pop.workspace.to_string(),
+        };
+        Ok(Bench {
+            dir,
+            server,
+            rt,
+            up,
+        })
+    }
+
+    fn stop(self) -> anyhow::Result<()> {
+        drop(self.rt);
+        self.server.stop()
+    }
+}
+
+/// 1. Upload throughput against raw write + fsync on the same filesystem.
+fn upload_throughput(
+    bench: &Bench,
     shape: &FilesShape,
     progress: &ProgressBar,
-) -> anyhow::Result<FilesOutcome> {
-    ensure!(
-        shape.upload_files > 0 && shape.thumb_runs > 0,
-        "nothing to measure"
-    );
-    std::fs::create_dir_all(work_root)?;
-    let dir = tempfile::Builder::new()
-        .prefix("chorus-bench-files-")
-        .tempdir_in(work_root)?;
-    let settings = ServerSettings::default();
-    let data = server::data_dir(dir.path());
-    progress.set_message("files: seeding");
-    let engine = seed::open_engine(&data, &settings)?;
-    let pop = seed::users_in_channels(&engine, 0, 0, progress);
-    engine.shutdown();
-    let pop = pop?;
-    let token = seed::mint_tokens(&data, &[pop.owner])?.remove(0);
-    let workspace = pop.workspace.to_string();
-    let server = ChorusServer::start(binary, dir.path(), &settings)?;
-    let base = format!("http://{}/api/v1", server.addr);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let client = reqwest::Client::new();
-    let up = Uploader {
-        client: client.clone(),
-        base: base.clone(),
-        token: token.clone(),
-        workspace,
-    };
-
-    // 1. Upload throughput against raw write + fsync on the same filesystem.
+) -> anyhow::Result<UploadFigures> {
     progress.set_message("files: uploads against raw writes");
-    let raw_dir = data.join("bench-raw-writes");
+    let raw_dir = server::data_dir(bench.dir.path()).join("bench-raw-writes");
     std::fs::create_dir_all(&raw_dir)?;
     let (mut raw_times, mut upload_times, mut created) = (Vec::new(), Vec::new(), 0);
     let raw_write = |path: &Path, bytes: &[u8]| -> anyhow::Result<Duration> {
@@ -242,31 +272,65 @@ pub fn run(
         std::fs::remove_file(path)?;
         Ok(took)
     };
+    let up = &bench.up;
     for i in 0..shape.upload_files {
         let bytes = noise_file(i as u64, shape.upload_bytes);
         let path = raw_dir.join(format!("raw-{i}"));
         raw_times.push(raw_write(&path, &bytes)?);
         let body = up.form(&format!("blob-{i}.bin"), "application/octet-stream", &bytes);
         let started = Instant::now();
-        let (status, _) = rt.block_on(up.post(body))?;
+        let (status, _) = bench.rt.block_on(up.post(body))?;
         upload_times.push(started.elapsed());
         created += usize::from(status == 201);
         raw_times.push(raw_write(&path, &bytes)?);
     }
     std::fs::remove_dir(&raw_dir)?;
     let file = shape.upload_bytes as f64;
-    let raw_bytes_per_s = file / median(raw_times).as_secs_f64();
-    let upload_bytes_per_s = file / median(upload_times).as_secs_f64();
+    Ok(UploadFigures {
+        raw_bytes_per_s: file / median(raw_times).as_secs_f64(),
+        upload_bytes_per_s: file / median(upload_times).as_secs_f64(),
+        uploads_created: created,
+    })
+}
+
+/// Runs only the upload-throughput part of the `files` benchmark.
+pub fn run_uploads(
+    binary: &Path,
+    work_root: &Path,
+    shape: &FilesShape,
+    progress: &ProgressBar,
+) -> anyhow::Result<UploadFigures> {
+    ensure!(shape.upload_files > 0, "nothing to measure");
+    let bench = Bench::start(binary, work_root, progress)?;
+    let uploads = upload_throughput(&bench, shape, progress)?;
+    bench.stop()?;
+    Ok(uploads)
+}
+
+/// Runs the `files` benchmark against `binary`, in a fresh directory under `work_root`.
+pub fn run(
+    binary: &Path,
+    work_root: &Path,
+    shape: &FilesShape,
+    progress: &ProgressBar,
+) -> anyhow::Result<FilesOutcome> {
+    ensure!(
+        shape.upload_files > 0 && shape.thumb_runs > 0,
+        "nothing to measure"
+    );
+    let bench = Bench::start(binary, work_root, progress)?;
+    let uploads = upload_throughput(&bench, shape, progress)?;
+    let dir = bench.dir.path();
 
     // 2. The thumb of a big JPEG: the worker process, in-process, and vips.
     progress.set_message("files: thumbnails");
     let jpeg = photo_jpeg(shape.thumb_w, shape.thumb_h, 1)?;
-    let input = dir.path().join("photo.jpg");
+    let input = dir.join("photo.jpg");
     std::fs::write(&input, &jpeg)?;
     let mut worker_times = Vec::new();
     let mut thumb_size = (0, 0);
     for r in 0..shape.thumb_runs {
-        let out = dir.path().join(format!("worker-thumb-{r}.png"));
+        let out = dir.join(format!("worker-thumb-{r}.png"));
         let started = Instant::now();
         let output = Command::new(binary)
             .args(["preview-worker", "--kind", "thumb", "--input"])
@@ -307,7 +371,7 @@ pub fn run(
         let mut times = Vec::new();
         let mut size = (0, 0);
         for r in 0..shape.thumb_runs {
-            let out = dir.path().join(format!("vips-thumb-{r}.png"));
+            let out = dir.join(format!("vips-thumb-{r}.png"));
             let started = Instant::now();
             let output = Command::new("vipsthumbnail")
                 .arg(&input)
@@ -335,14 +399,15 @@ pub fn run(
     progress.set_message("files: preview latency");
     let small = photo_jpeg(shape.preview_w, shape.preview_h, 2)?;
     let count = (shape.preview_rate * shape.preview_secs).round().max(1.0) as usize;
-    let (preview, preview_upload, ready) =
-        rt.block_on(preview_latency(&up, &small, count, shape.preview_rate))?;
-    drop(rt);
-    server.stop()?;
+    let (preview, preview_upload, ready) = bench.rt.block_on(preview_latency(
+        &bench.up,
+        &small,
+        count,
+        shape.preview_rate,
+    ))?;
+    bench.stop()?;
     Ok(FilesOutcome {
-        raw_bytes_per_s,
-        upload_bytes_per_s,
-        uploads_created: created,
+        uploads,
         thumb_size,
         thumb_worker: median(worker_times),
         thumb_in_process: median(in_process),
