@@ -18,6 +18,11 @@
 //! [`crate::EngineConfig::consumers`], before the engine opens, precisely so that the
 //! watermark holds from the first moment: one that acknowledged nothing yet pins its logs
 //! whole.
+//!
+//! **Priority.** A consumer's work is never on a send's path, and a burst (a fan-out to
+//! 100,000 members, a re-index) can keep it busy for seconds, so a consumer's threads run
+//! [`CONSUMER_NICE`] steps nicer than the process ([`lower_priority`], called first on
+//! each of its threads; threads they start inherit it): they take what the shards leave.
 
 use crate::domain::event::{self, ChannelRecord, Decoded, MetaRecord, ReadRecord};
 use crate::error::{Corrupt, EngineError, Unavailable};
@@ -31,6 +36,27 @@ pub const CONSUMER_READ_BYTES_MAX: usize = 256 * 1024;
 /// Reads waiting for the next commit of one log. A consumer keeps at most one read in
 /// flight per log, so this bounds the number of consumers, not their speed.
 pub const CONSUMER_WAITERS_MAX: usize = 64;
+
+/// How much nicer than the process a consumer's threads run.
+pub const CONSUMER_NICE: i32 = 10;
+
+/// Makes the calling thread [`CONSUMER_NICE`] steps nicer (at most 19); on Linux the
+/// niceness is per thread, and threads it starts afterwards inherit it. Making a thread
+/// nicer is always allowed, so an error is not expected; the thread works the same either
+/// way.
+pub fn lower_priority() -> std::io::Result<()> {
+    // SAFETY: `nice` takes and returns an integer and changes only the calling thread's
+    // niceness; `__errno_location` is this thread's errno, cleared first because -1 is
+    // also a valid answer of `nice`.
+    let failed = unsafe {
+        *libc::__errno_location() = 0;
+        libc::nice(CONSUMER_NICE) == -1 && *libc::__errno_location() != 0
+    };
+    if failed {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
 
 /// A log consumers read: a channel partition, or the metadata log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

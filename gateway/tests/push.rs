@@ -713,30 +713,46 @@ fn count_distinct(bodies: &[Value]) -> usize {
     ids.len()
 }
 
-// The decider and the push sender run nicer than the rest of the server (the shards
-// among it), so a fan-out they work through for seconds yields the CPU to sends.
+// The committed-event consumers' threads (the notification decider, the search indexer,
+// its extractor and the index writer's threads) run nicer than the rest of the server
+// (the shards among it), so a fan-out or an indexing burst they work through for seconds
+// yields the CPU to sends. The push sender keeps the process's priority: its delay is
+// what a crash repeats.
 #[test]
-fn notification_threads_run_nicer_than_the_shards() {
+fn consumer_threads_run_nicer_than_the_shards() {
     let sink = Sink::start();
     let s = server(&sink);
-    // Each thread's name and niceness: `stat` is "tid (name) state …", the niceness
-    // the 17th field after the name.
+    // A name and niceness from a `stat`: "tid (name) state …", the niceness the 17th
+    // field after the name.
+    let parse = |stat: &str| -> (String, i32) {
+        let open = stat.find('(').unwrap();
+        let close = stat.rfind(')').unwrap();
+        let rest: Vec<&str> = stat[close + 2..].split(' ').collect();
+        (stat[open + 1..close].to_string(), rest[16].parse().unwrap())
+    };
     let read_threads = || -> Vec<(String, i32)> {
         let tasks = std::fs::read_dir(format!("/proc/{}/task", s.pid())).expect("threads");
         tasks
             .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("stat")).ok())
-            .map(|stat| {
-                let open = stat.find('(').unwrap();
-                let close = stat.rfind(')').unwrap();
-                let rest: Vec<&str> = stat[close + 2..].split(' ').collect();
-                (stat[open + 1..close].to_string(), rest[16].parse().unwrap())
-            })
+            .map(|stat| parse(&stat))
             .collect()
     };
-    // The decider starts once the engine is up.
+    let main_stat = std::fs::read_to_string(format!("/proc/{}/stat", s.pid())).unwrap();
+    let process = parse(&main_stat).1;
+    let want = (process + chorus_engine::consumer::CONSUMER_NICE).min(19);
+    let consumers = [
+        "notify-decider",
+        "search-indexer",
+        "search-extract",
+        "thrd-tantivy-in",
+    ];
+    // The consumers start once the engine is up.
     let deadline = Instant::now() + ARRIVE_WAIT;
     let mut threads = read_threads();
-    while !threads.iter().any(|(n, _)| n == "notify-decider") && Instant::now() < deadline {
+    let started = |threads: &[(String, i32)]| {
+        (consumers.iter().chain(&["notify-push"])).all(|c| threads.iter().any(|(n, _)| n == c))
+    };
+    while !started(&threads) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
         threads = read_threads();
     }
@@ -746,11 +762,13 @@ fn notification_threads_run_nicer_than_the_shards() {
             .map(|(_, nice)| *nice)
             .collect()
     };
-    let process = nice_of(&|n| n == "chorus")[0];
-    let want = (process + chorus_notify::THREAD_NICE).min(19);
-    let decider = nice_of(&|n| n == "notify-decider");
-    assert_eq!(decider, vec![want], "{threads:?}");
-    assert_eq!(nice_of(&|n| n == "notify-push"), vec![want], "{threads:?}");
+    for name in consumers {
+        let nice = nice_of(&|n| n == name);
+        assert!(!nice.is_empty(), "{name}: {threads:?}");
+        assert!(nice.iter().all(|&n| n == want), "{name}: {threads:?}");
+    }
+    let push = nice_of(&|n| n == "notify-push");
+    assert_eq!(push, vec![process], "{threads:?}");
     let shards = nice_of(&|n| n.starts_with("chorus-shard-"));
     assert!(!shards.is_empty(), "{threads:?}");
     assert!(shards.iter().all(|&n| n == process), "{threads:?}");

@@ -180,7 +180,9 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("notify-decider".into())
         .spawn(move || {
-            crate::lower_priority();
+            chorus_engine::consumer::lower_priority().unwrap_or_else(
+                |e| tracing::warn!(error = %e, "notify decider: priority not lowered"),
+            );
             decider.run(stop)
         })
 }

@@ -224,6 +224,9 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("search-extract".into())
         .spawn(move || {
+            chorus_engine::consumer::lower_priority().unwrap_or_else(
+                |e| tracing::warn!(error = %e, "search extractor: priority not lowered"),
+            );
             Extractor {
                 search,
                 sources,

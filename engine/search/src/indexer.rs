@@ -98,6 +98,10 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("search-indexer".into())
         .spawn(move || {
+            // Before the index writer starts its threads, which inherit it.
+            chorus_engine::consumer::lower_priority().unwrap_or_else(
+                |e| tracing::warn!(error = %e, "search indexer: priority not lowered"),
+            );
             run(search, config, stop, rx);
             stop_extracting.store(true, Ordering::Release);
         })
