@@ -1084,6 +1084,12 @@ fn notify(runner: &ChorusRunner, a: &NotifyArgs, load_before: &str) -> anyhow::R
         started.elapsed().as_secs_f64()
     );
     println!(
+        "the sender's slowest sends (ms after the `@channel` post it was due: send → ack ms): \
+         with notifications {}; without {}",
+        outcome.probes_notify.slowest_text(),
+        outcome.probes_plain.slowest_text()
+    );
+    println!(
         "pushes: {}/{} for the mentions; {}/{} for `@channel`",
         outcome.pushes_received,
         outcome.pushes_expected,

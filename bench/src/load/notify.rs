@@ -168,9 +168,9 @@ pub struct NotifyOutcome {
     pub fanout_ack: Duration,
     /// Figure 3: the sender's intended send → ack during the fan-out, and with no
     /// notifications.
-    pub probes_notify: Histogram<u64>,
+    pub probes_notify: ProbeRun,
     /// See `probes_notify`.
-    pub probes_plain: Histogram<u64>,
+    pub probes_plain: ProbeRun,
     /// Figure 3, the run without notifications: the `@channel` post's intended send → ack.
     pub plain_fanout_ack: Duration,
     /// Seeding times: figure 1's data, figure 2's (users, memberships, devices).
@@ -246,8 +246,8 @@ impl NotifyOutcome {
             "| the sender's send → ack, {}/s for {} s from the `@channel` post, another channel (ms) | with notifications: {} | without: {} (`@channel` send → ack {:.1}) | unchanged |\n",
             shape.probe_rate,
             shape.probe_secs,
-            pct(&self.probes_notify),
-            pct(&self.probes_plain),
+            pct(&self.probes_notify.latency),
+            pct(&self.probes_plain.latency),
             d(self.plain_fanout_ack),
         ));
         t
@@ -861,7 +861,35 @@ pub fn run(
     })
 }
 
-type Probes = tokio::task::JoinHandle<anyhow::Result<Histogram<u64>>>;
+/// How many of a run's slowest sends [`ProbeRun::slowest`] keeps.
+const SLOWEST_KEPT: usize = 8;
+
+/// The sender's sends of one run: intended send → ack, and the slowest of them.
+#[derive(Debug)]
+pub struct ProbeRun {
+    /// Every send.
+    pub latency: Histogram<u64>,
+    /// The [`SLOWEST_KEPT`] slowest: when each was due, after the `@channel` post, and its
+    /// latency, slowest first. Sends that fell in one stall were due together and answered
+    /// together.
+    pub slowest: Vec<(Duration, Duration)>,
+}
+
+impl ProbeRun {
+    /// The slowest sends as `+due: latency` in milliseconds.
+    pub fn slowest_text(&self) -> String {
+        let each = self.slowest.iter().map(|(due, took)| {
+            format!(
+                "+{:.0}: {:.1}",
+                due.as_secs_f64() * 1e3,
+                took.as_secs_f64() * 1e3
+            )
+        });
+        each.collect::<Vec<_>>().join(", ")
+    }
+}
+
+type Probes = tokio::task::JoinHandle<anyhow::Result<ProbeRun>>;
 
 /// Posts `@channel` into `big` and, from then on, the sender's plain messages into `side`
 /// at `probe_rate` for `probe_secs`, open loop. Returns the `@channel` post's ID, ack time
@@ -883,16 +911,24 @@ async fn fanout_and_probes(
                 tokio::time::sleep_until(at).await;
                 api.post(&token, &side, &format!("probe {k} while the fan-out runs"))
                     .await?;
-                anyhow::Ok(at.elapsed())
+                anyhow::Ok((at - start, at.elapsed()))
             })
         })
         .collect();
     let probes = tokio::spawn(async move {
-        let mut h = crate::latency::histogram_us();
+        let mut latency = crate::latency::histogram_us();
+        let mut all = Vec::with_capacity(probes.len());
         for p in probes {
-            crate::latency::record(&mut h, p.await.context("a probe panicked")??);
+            let (due, took) = p.await.context("a probe panicked")??;
+            crate::latency::record(&mut latency, took);
+            all.push((due, took));
         }
-        anyhow::Ok(h)
+        all.sort_by_key(|&(_, took)| std::cmp::Reverse(took));
+        all.truncate(SLOWEST_KEPT);
+        anyhow::Ok(ProbeRun {
+            latency,
+            slowest: all,
+        })
     });
     tokio::time::sleep_until(start).await;
     let (id, acked) = api
