@@ -388,7 +388,9 @@ fn notify_smoke() {
     assert!(probes[2].starts_with("with notifications: p50 "), "{out}");
     assert!(probes[3].starts_with("without: p50 "), "{out}");
     // The slowest sends of each run, with when they were due.
-    let slowest = out.lines().find(|l| l.starts_with("the sender's slowest sends"));
+    let slowest = out
+        .lines()
+        .find(|l| l.starts_with("the sender's slowest sends"));
     let slowest = slowest.unwrap_or_else(|| panic!("{out}"));
     assert!(slowest.contains("with notifications +"), "{slowest}");
     assert!(slowest.contains("; without +"), "{slowest}");
