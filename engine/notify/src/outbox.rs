@@ -215,9 +215,26 @@ pub struct Opened {
 
 fn frame(record: &Record, out: &mut Vec<u8>) {
     let payload = serde_json::to_vec(record).expect("a record serializes");
+    frame_payload(&payload, out);
+}
+
+/// Appends `payload` framed: its length, its CRC32, then itself.
+fn frame_payload(payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-    out.extend_from_slice(&payload);
+    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// The payload of the whole frame at the start of `bytes`: `None` when it is torn, too
+/// long or fails its checksum.
+fn unframe(bytes: &[u8]) -> Option<&[u8]> {
+    let len = u32::from_le_bytes(bytes.get(0..4)?.try_into().ok()?);
+    let crc = u32::from_le_bytes(bytes.get(4..8)?.try_into().ok()?);
+    if len > RECORD_BYTES_MAX {
+        return None;
+    }
+    let payload = bytes.get(8..8 + len as usize)?;
+    (crc32fast::hash(payload) == crc).then_some(payload)
 }
 
 /// Reads whole records from the start; answers them with their offsets and the offset
@@ -225,21 +242,11 @@ fn frame(record: &Record, out: &mut Vec<u8>) {
 fn scan(bytes: &[u8]) -> (Vec<(u64, u64, Record)>, u64) {
     let mut records = Vec::new();
     let mut at = 0usize;
-    while bytes.len() - at >= 8 {
-        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
-        let crc = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().expect("4 bytes"));
-        let start = at + 8;
-        if len > RECORD_BYTES_MAX || bytes.len() - start < len as usize {
-            break;
-        }
-        let payload = &bytes[start..start + len as usize];
-        if crc32fast::hash(payload) != crc {
-            break;
-        }
+    while let Some(payload) = unframe(&bytes[at..]) {
         let Ok(record) = serde_json::from_slice::<Record>(payload) else {
             break;
         };
-        let end = start + len as usize;
+        let end = at + 8 + payload.len();
         records.push((at as u64, end as u64, record));
         at = end;
     }
@@ -322,19 +329,6 @@ impl Outbox {
             file.set_len(kept - base)?;
             file.sync_all()?;
         }
-        // Everything before the first pending item is answered: past a threshold, the
-        // file starts again there.
-        let pending = (items.first().map(|p| p.at).into_iter())
-            .chain(emails.first().map(|p| p.at))
-            .min()
-            .unwrap_or(kept);
-        if worth_compacting(pending, base, kept, compact_bytes) {
-            let tail = &bytes[(pending - base) as usize..(kept - base) as usize];
-            if let Some((compacted, b)) = compact(&path, pending, cursors.as_ref(), tail)? {
-                file = compacted;
-                base = b;
-            }
-        }
         file.seek(SeekFrom::End(0))?;
         let depth = (items.len() + emails.len()) as u64;
         stats.outbox_depth.store(depth, Ordering::Relaxed);
@@ -369,6 +363,9 @@ impl Outbox {
             stats,
             sent: Mutex::new(sent_files),
         });
+        // Everything before the first pending item is answered: past a threshold, the
+        // file starts again there.
+        outbox.compact_if_due(&mut outbox.inner.lock().expect("outbox lock"))?;
         Ok(Opened {
             outbox,
             cursors,
@@ -513,15 +510,14 @@ impl Outbox {
     /// SIGKILL repeats only the pushes answered since the last store (the time of one
     /// `pwrite`, not of an fsync). A power cut can leave it stale or torn: a torn one is
     /// not read (checksum), and `sent`, written durably at the first store
-    /// [`SENT_DURABLE_EVERY`] after its previous write (and at open), is read with it. Either cursor only passes answered items, so the older one
-    /// resends more (with the same `event_id`s) and loses nothing.
+    /// [`SENT_DURABLE_EVERY`] after its previous write (and at open), is read with it.
+    /// Either cursor only passes answered items, so the older one resends more (with the
+    /// same `event_id`s) and loses nothing.
     pub fn store_sent(&self, sent: u64, answered: &BTreeSet<u64>) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
         let text = cursor_text(sent, answered);
         let mut framed = Vec::with_capacity(text.len() + 8);
-        framed.extend_from_slice(&(text.len() as u32).to_le_bytes());
-        framed.extend_from_slice(&crc32fast::hash(text.as_bytes()).to_le_bytes());
-        framed.extend_from_slice(text.as_bytes());
+        frame_payload(text.as_bytes(), &mut framed);
         let mut files = self.sent.lock().expect("sent cursor lock");
         files.now.write_all_at(&framed, 0)?;
         if files.durable_at.elapsed() < SENT_DURABLE_EVERY {
@@ -543,8 +539,8 @@ impl Outbox {
 /// all answered, but the cursors must stay), then `tail`, the records from `from` on. The
 /// new file replaces the old one whole (temporary file, fsync, rename, directory fsync), so
 /// a crash leaves one or the other, and either reads the same. Answers the new file, open
-/// for appending, and its base (`None`, leaving the file as it is, when `from` is too near the start
-/// for the head to fit before it).
+/// for appending, and its base (`None`, leaving the file as it is, when `from` is too near
+/// the start for the head to fit before it).
 fn compact(
     path: &Path,
     from: u64,
@@ -641,14 +637,8 @@ fn read_sent(dir: &Path) -> std::io::Result<(u64, BTreeSet<u64>)> {
 
 /// The cursor in a `sent.now` frame: `None` when it is empty, torn or not a cursor.
 fn unframe_cursor(bytes: &[u8]) -> Option<(u64, BTreeSet<u64>)> {
-    let len = u32::from_le_bytes(bytes.get(0..4)?.try_into().ok()?) as usize;
-    let crc = u32::from_le_bytes(bytes.get(4..8)?.try_into().ok()?);
-    let text = bytes.get(8..8 + len)?;
-    if len == 0 || crc32fast::hash(text) != crc {
-        return None;
-    }
-    let text = std::str::from_utf8(text).ok()?;
-    Some(parse_cursor(text))
+    let text = std::str::from_utf8(unframe(bytes)?).ok()?;
+    (!text.is_empty()).then(|| parse_cursor(text))
 }
 
 /// Parses a cursor's text: the cursor, then the answered offsets after it.
