@@ -44,7 +44,8 @@
 //!   closed, two digests to a user are at least `email_digest_s` apart. The open windows
 //!   come back after a restart from the outbox's pending email items.
 //! - **Durability.** The items of everything read in one round and the cursors after it
-//!   are appended to the outbox in one write and one fsync ([`crate::outbox`]).
+//!   are appended to the outbox as one batch, made durable before the senders see it
+//!   ([`crate::outbox`]).
 
 use crate::candidates::{Candidates, Posted, Standing};
 use crate::outbox::{Cursors, EmailItem, Item, Outbox, Window};
