@@ -11,11 +11,16 @@
 //! variable [`NO_PIN_ENV`] is `1`, the shard runs unpinned instead: a slower shard beats
 //! no shard.
 //!
+//! Each shard's blocking pool (`spawn_blocking`: file I/O, hashing, password hashing) is
+//! [`BLOCKING_THREADS`] threads, unpinned: work handed off the shard should not compete
+//! with the shard for its own CPU when another core is idle. An upload hashes one piece
+//! while writing it on these two threads.
+//!
 //! Architecture invariant: `start` either starts every shard or none. Each thread first
 //! builds its executor and reports back; only when all have succeeded does any of them run
 //! the caller's future, so a failed start leaves no half-started set of shards behind.
 
-use glommio::{CpuSet, LocalExecutor, LocalExecutorBuilder, Placement};
+use glommio::{CpuSet, LocalExecutor, LocalExecutorBuilder, Placement, PoolPlacement};
 use std::any::Any;
 use std::future::Future;
 use std::io;
@@ -29,6 +34,9 @@ pub const SHARD_COUNT_MAX: usize = 1024;
 
 /// Setting this environment variable to `1` starts every shard unpinned.
 pub const NO_PIN_ENV: &str = "CHORUS_NO_PIN";
+
+/// Threads of each shard's blocking pool, placed by the kernel (not pinned).
+pub const BLOCKING_THREADS: usize = 2;
 
 /// The prefix of every shard thread's name; shard `i`'s thread is `chorus-shard-{i}`.
 const THREAD_NAME_PREFIX: &str = "chorus-shard-";
@@ -219,7 +227,10 @@ where
 /// Builds an executor on the current thread at `placement`, or unpinned if that fails.
 fn build_executor(placement: Placement) -> Result<LocalExecutor, String> {
     let pinned = matches!(placement, Placement::Fixed(_));
-    match LocalExecutorBuilder::new(placement).make() {
+    match LocalExecutorBuilder::new(placement)
+        .blocking_thread_pool_placement(PoolPlacement::Unbound(BLOCKING_THREADS))
+        .make()
+    {
         Ok(executor) => Ok(executor),
         Err(_) if pinned => LocalExecutorBuilder::new(Placement::Unbound)
             .make()

@@ -360,10 +360,15 @@ impl FileStore {
             .create_new(true)
             .open(&path)?;
         Ok(Pending {
-            path: Some(path),
-            file,
-            sha: ring::digest::Context::new(&ring::digest::SHA256),
-            len: 0,
+            bytes: PendingBytes {
+                path: Some(path),
+                file,
+                len: 0,
+            },
+            hash: PendingHash {
+                sha: ring::digest::Context::new(&ring::digest::SHA256),
+                len: 0,
+            },
         })
     }
 
@@ -480,59 +485,105 @@ impl FileStore {
 /// An upload in progress: its temporary file and the SHA-256 of what was written so far.
 /// Dropped unfinished, it removes its temporary file, so an upload refused or cut off
 /// leaves nothing behind.
+///
+/// Writing a piece and hashing it are independent, so an upload can do both side by
+/// side on two threads: [`Pending::split`] gives the two halves, [`Pending::join`] puts
+/// them back together once each has taken the same bytes.
 pub struct Pending {
+    bytes: PendingBytes,
+    hash: PendingHash,
+}
+
+/// The temporary file of an upload, and how many bytes were written to it. Dropped
+/// unfinished, it removes the file.
+pub struct PendingBytes {
     path: Option<PathBuf>,
     file: File,
+    len: u64,
+}
+
+/// The SHA-256 of an upload's bytes so far, and how many there were.
+pub struct PendingHash {
     sha: ring::digest::Context,
     len: u64,
 }
 
 impl Pending {
-    /// Appends bytes, and starts writing them to the disk without waiting, so that the
-    /// fsync at the end has little left to do: the disk works while the rest of the
-    /// upload arrives.
+    /// Appends bytes: hashes them, writes them, and starts writing them to the disk.
     pub fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.sha.update(bytes);
-        self.file.write_all(bytes)?;
-        start_writeback(&self.file, self.len, bytes.len() as u64);
-        self.len += bytes.len() as u64;
-        Ok(())
+        self.hash.update(bytes);
+        self.bytes.write_chunks(&[bytes])
     }
 
-    /// Appends each chunk in turn, as [`Pending::append`] would their concatenation, with
-    /// one write-back request for them all.
-    pub fn append_chunks(&mut self, chunks: &[bytes::Bytes]) -> io::Result<()> {
-        let start = self.len;
-        for chunk in chunks {
-            self.sha.update(chunk);
-            self.file.write_all(chunk)?;
-            self.len += chunk.len() as u64;
+    /// The two halves, to be given the same bytes in the same order.
+    pub fn split(self) -> (PendingBytes, PendingHash) {
+        (self.bytes, self.hash)
+    }
+
+    /// The halves of [`Pending::split`] together again. They must have taken the same
+    /// bytes: halves of different lengths are refused (and the file removed).
+    pub fn join(bytes: PendingBytes, hash: PendingHash) -> io::Result<Pending> {
+        if bytes.len != hash.len {
+            return Err(io::Error::other(format!(
+                "an upload's halves differ: {} bytes written, {} hashed",
+                bytes.len, hash.len
+            )));
         }
-        start_writeback(&self.file, start, self.len - start);
-        Ok(())
+        Ok(Pending { bytes, hash })
     }
 
     /// Bytes written so far.
     pub fn len(&self) -> u64 {
-        self.len
+        self.bytes.len
     }
 
     /// Whether nothing was written.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.bytes.len == 0
     }
 
     /// Fsyncs the bytes and computes their SHA-256.
-    pub fn finish(mut self) -> io::Result<Finished> {
-        self.file.sync_all()?;
-        let digest = self.sha.clone().finish();
+    pub fn finish(self) -> io::Result<Finished> {
+        let Pending { mut bytes, hash } = self;
+        bytes.file.sync_all()?;
+        let digest = hash.sha.finish();
         let mut sha = [0u8; 32];
         sha.copy_from_slice(digest.as_ref());
         Ok(Finished {
-            path: self.path.take(),
+            path: bytes.path.take(),
             sha,
-            len: self.len,
+            len: bytes.len,
         })
+    }
+}
+
+impl PendingBytes {
+    /// Writes each chunk in turn, then starts writing them to the disk without waiting
+    /// (one write-back request for them all), so that the fsync at the end has little
+    /// left to do: the disk works while the rest of the upload arrives.
+    pub fn write_chunks(&mut self, chunks: &[impl AsRef<[u8]>]) -> io::Result<()> {
+        let start = self.len;
+        for chunk in chunks {
+            self.file.write_all(chunk.as_ref())?;
+            self.len += chunk.as_ref().len() as u64;
+        }
+        start_writeback(&self.file, start, self.len - start);
+        Ok(())
+    }
+}
+
+impl PendingHash {
+    /// Hashes bytes.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.sha.update(bytes);
+        self.len += bytes.len() as u64;
+    }
+
+    /// Hashes each chunk in turn.
+    pub fn update_chunks(&mut self, chunks: &[impl AsRef<[u8]>]) {
+        for chunk in chunks {
+            self.update(chunk.as_ref());
+        }
     }
 }
 
@@ -553,7 +604,7 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
     }
 }
 
-impl Drop for Pending {
+impl Drop for PendingBytes {
     fn drop(&mut self) {
         if let Some(path) = self.path.take() {
             let _ = fs::remove_file(path);
@@ -693,6 +744,49 @@ mod tests {
         assert!(store.open_bytes(&sha, 12).is_err());
         store.remove(&sha).unwrap();
         assert!(!store.path_of(&sha).exists());
+    }
+
+    // An upload's halves, written and hashed on two threads piece by piece, finish as the
+    // same upload appended whole; halves that took different bytes are refused, and
+    // nothing stays in tmp/.
+    #[test]
+    fn halves_on_two_threads_make_the_same_upload() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut whole = store.begin().unwrap();
+        whole.append(&bytes).unwrap();
+        let whole = whole.finish().unwrap();
+
+        let mut pending = store.begin().unwrap();
+        for piece in bytes.chunks(1 << 20) {
+            let chunks: Vec<bytes::Bytes> = piece
+                .chunks(70_000)
+                .map(bytes::Bytes::copy_from_slice)
+                .collect();
+            let (mut file, mut hash) = pending.split();
+            let to_hash = chunks.clone();
+            let hashing = std::thread::spawn(move || {
+                hash.update_chunks(&to_hash);
+                hash
+            });
+            file.write_chunks(&chunks).unwrap();
+            pending = Pending::join(file, hashing.join().unwrap()).unwrap();
+        }
+        assert_eq!(pending.len(), bytes.len() as u64);
+        let split = pending.finish().unwrap();
+        assert_eq!((split.sha, split.len), (whole.sha, whole.len));
+        store.publish(split).unwrap();
+        assert_eq!(fs::read(store.path_of(&whole.sha)).unwrap(), bytes);
+
+        let (mut file, hash) = store.begin().unwrap().split();
+        file.write_chunks(&[b"only written"]).unwrap();
+        assert!(Pending::join(file, hash).is_err());
+        drop(whole);
+        assert_eq!(
+            fs::read_dir(dir.path().join("files/tmp")).unwrap().count(),
+            0
+        );
     }
 
     // An upload dropped before it is published leaves nothing behind, and open clears what
