@@ -147,6 +147,9 @@ struct FilesArgs {
     /// Run only the upload-throughput part (uploads against raw writes)
     #[arg(long)]
     uploads_only: bool,
+    /// How many 20 MiB uploads the throughput figure is the median of [default: 10]
+    #[arg(long)]
+    uploads: Option<usize>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -1029,6 +1032,10 @@ fn files(runner: &ChorusRunner, a: &FilesArgs, load_before: &str) -> anyhow::Res
         FilesShape::standard()
     };
     shape.require_vips = a.require_vips || std::env::var_os("CHORUS_REQUIRE_PEERS").is_some();
+    if let Some(n) = a.uploads {
+        anyhow::ensure!(n > 0, "--uploads must be at least 1");
+        shape.upload_files = n;
+    }
     let header = || {
         println!(
             "files: {}; load average (1, 5, 15 min) {load_before} at the start, {} at the end\n",
