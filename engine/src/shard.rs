@@ -224,17 +224,18 @@ where
     })
 }
 
-/// Builds an executor on the current thread at `placement`, or unpinned if that fails.
+/// Builds an executor on the current thread at `placement`, or unpinned if that fails;
+/// either way with a blocking pool of [`BLOCKING_THREADS`] unpinned threads.
 fn build_executor(placement: Placement) -> Result<LocalExecutor, String> {
     let pinned = matches!(placement, Placement::Fixed(_));
-    match LocalExecutorBuilder::new(placement)
-        .blocking_thread_pool_placement(PoolPlacement::Unbound(BLOCKING_THREADS))
-        .make()
-    {
-        Ok(executor) => Ok(executor),
-        Err(_) if pinned => LocalExecutorBuilder::new(Placement::Unbound)
+    let make = |placement| {
+        LocalExecutorBuilder::new(placement)
+            .blocking_thread_pool_placement(PoolPlacement::Unbound(BLOCKING_THREADS))
             .make()
-            .map_err(|e| e.to_string()),
+    };
+    match make(placement) {
+        Ok(executor) => Ok(executor),
+        Err(_) if pinned => make(Placement::Unbound).map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     }
 }

@@ -7,9 +7,9 @@
 //! - **Atomic decisions.** The decider appends the items of a batch and then one
 //!   [`Record::Cursors`] record with the offsets to read next in every log, written and
 //!   synced in pieces of at most [`SYNC_PIECE_BYTES`] ([`write_synced`]); the batch counts
-//!   only once the last piece is synced. At open, everything after the last whole cursors record is cut off (a torn
-//!   write, or items whose cursors never became durable): those events are read and decided
-//!   again. So items and the cursors that produced them become durable together, and no
+//!   only once the last piece is synced. At open, everything after the last whole cursors
+//!   record is cut off (a torn write, or items whose cursors never became durable): those
+//!   events are read and decided again. So items and the cursors that produced them become durable together, and no
 //!   decision is ever stored twice.
 //! - **The sender's cursor** is the byte offset before which every item was answered
 //!   (pushed, dropped, or given up), with the offsets of the items after it answered too
