@@ -837,6 +837,61 @@ impl<S: Storage> Log<S> {
         Ok(st.first_offset)
     }
 
+    /// Empties the log and makes `next` the offset of the next record, durably: what a
+    /// Raft follower does when it installs a snapshot that replaces its whole log. Pending
+    /// appends are flushed first (and then removed with the rest).
+    ///
+    /// Crash safety: the old segments are removed newest first, then a new segment is
+    /// created at `next`. A crash part-way leaves a prefix of the old log, or an empty log,
+    /// or the new one: never a log with a hole, and never old records at the new offsets.
+    /// The caller, which knows where the log should start, calls this again on reopening.
+    pub async fn restart_at(&self, next: u64) -> Result<(), TruncateError> {
+        let _busy = self.busy().await;
+        self.flush_locked().await;
+        if let Some(why) = &self.state.borrow().poisoned {
+            return Err(TruncateError::Poisoned(why.clone()));
+        }
+        self.state.borrow_mut().truncating = true;
+        let result = self.restart_locked(next).await;
+        self.state.borrow_mut().truncating = false;
+        if let Err(e) = &result {
+            self.poison("restart", e);
+        }
+        result.map_err(TruncateError::Io)
+    }
+
+    async fn restart_locked(&self, next: u64) -> io::Result<()> {
+        let bases: Vec<u64> = self
+            .state
+            .borrow()
+            .segments
+            .iter()
+            .map(|s| s.base)
+            .collect();
+        for b in bases.iter().rev() {
+            self.storage.remove(&segment_name(*b)).await?;
+            not_found_ok(self.storage.remove(&index_name(*b)).await)?;
+        }
+        self.storage.sync_dir().await?;
+        let file = create_segment(&self.storage, next).await?;
+        let mut st = self.state.borrow_mut();
+        st.segments.clear();
+        st.segments.push(Segment {
+            base: next,
+            next,
+            len: SEGMENT_HEADER_BYTES as u64,
+            index: SparseIndex::new(self.config.index_interval_bytes),
+            file: Some(Rc::new(file)),
+            map: None,
+        });
+        st.first_offset = next;
+        st.durable_next = next;
+        st.assigned_next = next;
+        st.allocated = SEGMENT_HEADER_BYTES as u64;
+        st.epoch += 1;
+        Ok(())
+    }
+
     async fn delete_segments(&self, bases: &[u64]) -> io::Result<()> {
         // Oldest first: a crash part-way leaves a log that starts later, never one with a
         // hole in the middle.

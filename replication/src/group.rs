@@ -1,0 +1,140 @@
+//! One Raft group on one node: raft-rs's `RawNode` over a [`RaftLog`], the state machine
+//! it feeds, and the `Ready` loop between them.
+//!
+//! The owner (a shard, or the simulation) ticks the group, steps it with the messages that
+//! arrive, proposes, and then calls [`Group::on_ready`], which does what raft-rs asks in
+//! the order it asks:
+//! 1. send the messages a leader may send before persisting;
+//! 2. install a snapshot, if one came;
+//! 3. apply the entries known committed;
+//! 4. persist the new entries, then the hard state (entries before state);
+//! 5. send the messages that needed the persisting (votes, append acknowledgements);
+//! 6. advance, then apply and send what that released;
+//! 7. compact behind a snapshot once enough was applied since the last one.
+//!
+//! Invariant: a message that promises something durable (a vote, an acknowledgement of
+//! entries) is sent only after what it promises is on disk. After any storage error the
+//! group must not go on: the caller drops it and reopens from disk.
+
+use crate::raft_log::{RaftLog, RaftLogError};
+use chorus_log::{LogConfig, Storage};
+use raft::eraftpb::{ConfState, Entry, Message};
+use raft::{Config, RawNode};
+
+/// What a group's committed entries are applied to.
+pub trait StateMachine {
+    /// Applies one committed entry (index order, no gaps; the leader's empty entries too).
+    fn apply(&mut self, entry: &Entry);
+    /// The state after every entry applied so far, as snapshot data.
+    fn snapshot(&self) -> Vec<u8>;
+    /// Replaces the state with a snapshot's, taken at `index`.
+    fn restore(&mut self, index: u64, data: &[u8]);
+}
+
+/// One group's consensus, storage and state machine.
+pub struct Group<S: Storage, M: StateMachine> {
+    raw: RawNode<RaftLog<S>>,
+    machine: M,
+    applied: u64,
+    /// Compact once this many entries were applied past the snapshot (0: never).
+    compact_every: u64,
+}
+
+impl<S: Storage, M: StateMachine> Group<S, M> {
+    /// Opens the group's storage (state in `dir`, entries in `log_dir`), restores the
+    /// state machine from the latest snapshot, and starts raft-rs on it. `config.applied`
+    /// is set here.
+    pub async fn open(
+        dir: S,
+        log_dir: S,
+        log_config: LogConfig,
+        bootstrap: &ConfState,
+        mut config: Config,
+        mut machine: M,
+        compact_every: u64,
+    ) -> Result<Group<S, M>, RaftLogError> {
+        let store = RaftLog::open(dir, log_dir, log_config, bootstrap).await?;
+        let applied = store.state().snapshot_index;
+        machine.restore(applied, store.snapshot_data());
+        config.applied = applied;
+        let raw = RawNode::new(&config, store, &crate::quiet_logger())
+            .map_err(|e| RaftLogError::Corrupt(format!("raft-rs refused the group: {e}")))?;
+        Ok(Group {
+            raw,
+            machine,
+            applied,
+            compact_every,
+        })
+    }
+
+    /// raft-rs's node: tick, step, propose, and its state.
+    pub fn raw(&mut self) -> &mut RawNode<RaftLog<S>> {
+        &mut self.raw
+    }
+
+    /// raft-rs's node, to look at.
+    pub fn raw_ref(&self) -> &RawNode<RaftLog<S>> {
+        &self.raw
+    }
+
+    /// The state machine.
+    pub fn machine(&self) -> &M {
+        &self.machine
+    }
+
+    /// The state machine, to change.
+    pub fn machine_mut(&mut self) -> &mut M {
+        &mut self.machine
+    }
+
+    /// The index of the last entry applied.
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    /// Handles one `Ready`, if there is one; `send` gets each batch of messages when it may
+    /// go. Returns whether there was one.
+    pub async fn on_ready(
+        &mut self,
+        send: &mut impl FnMut(Vec<Message>),
+    ) -> Result<bool, RaftLogError> {
+        if !self.raw.has_ready() {
+            return Ok(false);
+        }
+        let mut rd = self.raw.ready();
+        send(rd.take_messages());
+        if !rd.snapshot().is_empty() {
+            let snapshot = rd.snapshot().clone();
+            self.raw.mut_store().apply_snapshot(&snapshot).await?;
+            let index = snapshot.get_metadata().index;
+            self.machine.restore(index, &snapshot.data);
+            self.applied = index;
+        }
+        self.apply(rd.take_committed_entries());
+        self.raw.mut_store().append(rd.entries()).await?;
+        if let Some(hs) = rd.hs() {
+            self.raw.mut_store().set_hard_state(hs).await?;
+        }
+        send(rd.take_persisted_messages());
+        let mut light = self.raw.advance(rd);
+        if let Some(commit) = light.commit_index() {
+            self.raw.mut_store().set_commit(commit);
+        }
+        send(light.take_messages());
+        self.apply(light.take_committed_entries());
+        self.raw.advance_apply();
+        let snapshot_index = self.raw.store().state().snapshot_index;
+        if self.compact_every > 0 && self.applied >= snapshot_index + self.compact_every {
+            let data = self.machine.snapshot();
+            self.raw.mut_store().compact(self.applied, data).await?;
+        }
+        Ok(true)
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) {
+        for e in &entries {
+            self.machine.apply(e);
+            self.applied = e.index;
+        }
+    }
+}

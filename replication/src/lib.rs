@@ -1,0 +1,30 @@
+//! `chorus-replication`: Chorus partitions as Raft groups on raft-rs (TiKV's `raft`).
+//!
+//! Consensus is raft-rs's: its `RawNode` decides, sans I/O. This crate owns what raft-rs
+//! leaves to its user. So far that is the durable side of one group:
+//! - [`RaftLog`]: the group's entries in a `chorus-log` log (entry `i` at offset `i`, a
+//!   replaced tail cut with `truncate_after`, a snapshot install restarting the log with
+//!   `restart_at`), its state in a two-slot [`state::StateFile`], and its latest snapshot;
+//!   it is the `raft::Storage` the `RawNode` reads;
+//! - [`Group`]: one group on one node, its `Ready` loop in the order raft-rs asks for
+//!   (entries before hard state, votes and acknowledgements only after both), applying
+//!   committed entries to a [`StateMachine`] and compacting behind its snapshots;
+//! - [`quiet_logger`]: raft-rs logs through `slog`, which Chorus does not use.
+//!
+//! Its deterministic simulation (`tests/raft_sim.rs`) runs groups of 3 and 5 nodes over
+//! the simulated disk and a simulated network that drops, delays, reorders, duplicates and
+//! partitions, with crashes, and checks that every acknowledged entry is kept, identically
+//! and in the same order, on every node.
+
+pub mod group;
+pub mod raft_log;
+pub mod state;
+
+pub use group::{Group, StateMachine};
+pub use raft_log::{RaftLog, RaftLogError};
+pub use state::{GroupState, StateFile};
+
+/// A logger for raft-rs that drops everything.
+pub fn quiet_logger() -> slog::Logger {
+    slog::Logger::root(slog::Discard, slog::o!())
+}

@@ -1,0 +1,459 @@
+//! The durable Raft log of one group: entries in a `chorus-log` log, the rest of its state
+//! in a [`StateFile`], and the latest snapshot's data in a file of its own. It is the
+//! `Storage` a raft-rs `RawNode` reads, and what its `Ready` loop persists into.
+//!
+//! Layout. The entry at Raft index `i` is the log record at offset `i`; its payload is the
+//! encoded `Entry`, which names its own index and term, and opening checks both. The state
+//! directory holds `raft.state` and `snap-<index>` (the latest snapshot's data).
+//!
+//! Invariants:
+//! - **Entries before state.** A `Ready`'s entries are durable before its hard state is
+//!   written, so a commit index on disk never points past the log on disk.
+//! - **Snapshot before its mention.** A snapshot's data file is durable (written, synced,
+//!   renamed, directory synced) before the state names its index, and the log is emptied
+//!   or compacted only after that.
+//! - **The term covers the log.** On open, a term below the last entry's (a crash came
+//!   between a `Ready`'s entries and its hard state) is raised to it, with no vote.
+//! - **The log continues the snapshot.** On open, a log that does not continue the
+//!   snapshot (it ends at or before it, starts after it, or disagrees about the term at
+//!   its index: the traces of a crash during an install) is restarted after it.
+//!
+//! raft-rs reads its storage synchronously, so the entries after the snapshot are also
+//! kept in memory; compacting behind a snapshot bounds them.
+
+use crate::state::{GroupState, StateFile};
+use chorus_log::{Entry as Record, Log, LogConfig, Storage, StorageFile};
+use protobuf::Message as _;
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
+use raft::{GetEntriesContext, RaftState, StorageError};
+use std::io;
+
+/// What can go wrong persisting or recovering a group.
+#[derive(Debug, thiserror::Error)]
+pub enum RaftLogError {
+    /// The file system failed; the group must stop and be reopened.
+    #[error("raft storage i/o: {0}")]
+    Io(#[from] io::Error),
+    /// The entry log failed.
+    #[error("raft entry log: {0}")]
+    Log(#[from] chorus_log::Error),
+    /// What is on disk breaks an invariant.
+    #[error("raft storage is inconsistent: {0}")]
+    Corrupt(String),
+}
+
+impl From<chorus_log::OpenError> for RaftLogError {
+    fn from(e: chorus_log::OpenError) -> Self {
+        RaftLogError::Log(e.into())
+    }
+}
+impl From<chorus_log::AppendError> for RaftLogError {
+    fn from(e: chorus_log::AppendError) -> Self {
+        RaftLogError::Log(e.into())
+    }
+}
+impl From<chorus_log::ReadError> for RaftLogError {
+    fn from(e: chorus_log::ReadError) -> Self {
+        RaftLogError::Log(e.into())
+    }
+}
+impl From<chorus_log::TruncateError> for RaftLogError {
+    fn from(e: chorus_log::TruncateError) -> Self {
+        RaftLogError::Log(e.into())
+    }
+}
+
+/// Bytes read from the entry log at a time when opening.
+const OPEN_READ_BYTES: usize = 1 << 20;
+
+fn snapshot_name(index: u64) -> String {
+    format!("snap-{index:020}")
+}
+
+/// The durable log and state of one Raft group.
+pub struct RaftLog<S: Storage> {
+    dir: S,
+    log: Log<S>,
+    state_file: StateFile<S::File>,
+    state: GroupState,
+    /// The entries after the snapshot, `snapshot_index + 1 ..= last`.
+    entries: Vec<Entry>,
+    /// The latest snapshot's data.
+    snapshot_data: Vec<u8>,
+}
+
+impl<S: Storage> RaftLog<S> {
+    /// Opens a group's storage: the state in `dir`, the entry log in `log_dir`. A new
+    /// group starts with the membership `bootstrap` and nothing else.
+    pub async fn open(
+        dir: S,
+        log_dir: S,
+        config: LogConfig,
+        bootstrap: &ConfState,
+    ) -> Result<RaftLog<S>, RaftLogError> {
+        let initial = GroupState {
+            conf: bootstrap.clone(),
+            snapshot_conf: bootstrap.clone(),
+            ..GroupState::default()
+        };
+        let (state_file, state) = StateFile::open(&dir, &initial).await?;
+        let snap = state.snapshot_index;
+        // Snapshot files other than the current one are leftovers of a compaction or an
+        // install that a crash interrupted.
+        for name in dir.list().await? {
+            let stale = name.starts_with("snap-") && name != snapshot_name(snap);
+            if stale || name.ends_with(".tmp") {
+                dir.remove(&name).await?;
+            }
+        }
+        dir.sync_dir().await?;
+        let snapshot_data = if snap == 0 {
+            Vec::new()
+        } else {
+            read_whole(&dir, &snapshot_name(snap)).await.map_err(|e| {
+                RaftLogError::Corrupt(format!("the state names snapshot {snap}: {e}"))
+            })?
+        };
+        let (log, _report) = Log::open(log_dir, config).await?;
+        let mut this = RaftLog {
+            dir,
+            log,
+            state_file,
+            state,
+            entries: Vec::new(),
+            snapshot_data,
+        };
+        if !this.log_continues_snapshot().await? {
+            this.log.restart_at(snap + 1).await?;
+        }
+        this.load_entries().await?;
+        // A crash between a `Ready`'s entries and its hard state leaves entries of a term
+        // the hard state never reached. The node's term must be at least its log's last
+        // term; the vote it holds is of an older term, so it has none in this one (and
+        // sent none: votes go out only once the hard state is durable).
+        let last_term = this
+            .entries
+            .last()
+            .map_or(this.state.snapshot_term, |e| e.term);
+        if this.state.hard.term < last_term {
+            this.state.hard.term = last_term;
+            this.state.hard.vote = 0;
+            this.write_state().await?;
+        }
+        let last = this.last();
+        if this.state.hard.commit > last {
+            return Err(RaftLogError::Corrupt(format!(
+                "commit index {} is past the last entry {last}",
+                this.state.hard.commit
+            )));
+        }
+        Ok(this)
+    }
+
+    /// Whether the entry log picks up right after the snapshot.
+    async fn log_continues_snapshot(&self) -> Result<bool, RaftLogError> {
+        let (snap, first, next) = (
+            self.state.snapshot_index,
+            self.log.first_offset(),
+            self.log.next_offset(),
+        );
+        if first == snap + 1 {
+            return Ok(true);
+        }
+        if first > snap + 1 || next <= snap + 1 {
+            return Ok(false);
+        }
+        // The log starts before the snapshot and goes past it: it continues it only if it
+        // agrees about the term at the snapshot's index.
+        let records = self.log.read(snap, 1).await?;
+        let Some(record) = records.first().filter(|r| r.offset == snap) else {
+            return Ok(false);
+        };
+        let entry = decode(record.offset, &record.payload)?;
+        Ok(entry.term == self.state.snapshot_term)
+    }
+
+    async fn load_entries(&mut self) -> Result<(), RaftLogError> {
+        let mut at = self.state.snapshot_index + 1;
+        let next = self.log.next_offset();
+        while at < next {
+            let records = self.log.read(at, OPEN_READ_BYTES).await?;
+            if records.is_empty() {
+                return Err(RaftLogError::Corrupt(format!(
+                    "the entry log ends at {at}, before {next}"
+                )));
+            }
+            for r in records {
+                self.entries.push(decode(r.offset, &r.payload)?);
+                at = r.offset + 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn first(&self) -> u64 {
+        self.state.snapshot_index + 1
+    }
+
+    fn last(&self) -> u64 {
+        self.state.snapshot_index + self.entries.len() as u64
+    }
+
+    /// The group's state as last persisted.
+    pub fn state(&self) -> &GroupState {
+        &self.state
+    }
+
+    /// The latest snapshot's data (empty before the first).
+    pub fn snapshot_data(&self) -> &[u8] {
+        &self.snapshot_data
+    }
+
+    /// Persists a `Ready`'s entries. Entries at indexes the log already has replace them
+    /// and everything after them (a new leader's log wins over an uncommitted tail).
+    pub async fn append(&mut self, entries: &[Entry]) -> Result<(), RaftLogError> {
+        let Some(head) = entries.first() else {
+            return Ok(());
+        };
+        let (first, last) = (self.first(), self.last());
+        if head.index < first || head.index > last + 1 {
+            return Err(RaftLogError::Corrupt(format!(
+                "entries from {} do not fit a log of {first}..={last}",
+                head.index
+            )));
+        }
+        if head.index <= last {
+            self.log.truncate_after(head.index - 1).await?;
+            self.entries.truncate((head.index - first) as usize);
+        }
+        let payloads: Vec<Vec<u8>> = entries
+            .iter()
+            .map(|e| e.write_to_bytes().map_err(io::Error::other))
+            .collect::<Result<_, _>>()?;
+        let records: Vec<Record<'_>> = payloads
+            .iter()
+            .map(|p| Record {
+                timestamp_us: 0,
+                payload: p,
+            })
+            .collect();
+        let offsets = self.log.append(&records).await?;
+        if offsets.start != head.index {
+            return Err(RaftLogError::Corrupt(format!(
+                "entry {} went to log offset {}",
+                head.index, offsets.start
+            )));
+        }
+        self.entries.extend_from_slice(entries);
+        Ok(())
+    }
+
+    /// Persists a hard state (after the entries of the same `Ready`).
+    pub async fn set_hard_state(&mut self, hard: &HardState) -> Result<(), RaftLogError> {
+        self.state.hard = hard.clone();
+        self.write_state().await
+    }
+
+    /// Notes a newer commit index. It is written with the next state write: a restarted
+    /// node learns anything newer from its leader again.
+    pub fn set_commit(&mut self, commit: u64) {
+        self.state.hard.commit = self.state.hard.commit.max(commit);
+    }
+
+    /// Persists the membership after a configuration change was applied.
+    pub async fn set_conf_state(&mut self, conf: &ConfState) -> Result<(), RaftLogError> {
+        self.state.conf = conf.clone();
+        self.write_state().await
+    }
+
+    async fn write_state(&mut self) -> Result<(), RaftLogError> {
+        Ok(self.state_file.write(&self.state).await?)
+    }
+
+    /// Installs a snapshot received from the leader: it replaces the whole log.
+    pub async fn apply_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), RaftLogError> {
+        let meta = snapshot.get_metadata();
+        if meta.index <= self.state.snapshot_index {
+            return Ok(());
+        }
+        self.write_snapshot_file(meta.index, &snapshot.data).await?;
+        let old = self.state.snapshot_index;
+        self.state.snapshot_index = meta.index;
+        self.state.snapshot_term = meta.term;
+        self.state.snapshot_conf = meta.get_conf_state().clone();
+        self.state.conf = meta.get_conf_state().clone();
+        self.state.hard.commit = self.state.hard.commit.max(meta.index);
+        self.state.hard.term = self.state.hard.term.max(meta.term);
+        self.write_state().await?;
+        self.log.restart_at(meta.index + 1).await?;
+        self.entries.clear();
+        self.snapshot_data = snapshot.data.to_vec();
+        self.remove_snapshot_file(old).await
+    }
+
+    /// Takes a snapshot of the state machine at `index` (applied, so committed) with its
+    /// `data`, and lets the log go behind it: the entries before it are no longer served,
+    /// and the log's whole segments before it are removed.
+    pub async fn compact(&mut self, index: u64, data: Vec<u8>) -> Result<(), RaftLogError> {
+        let (first, last) = (self.first(), self.last());
+        if index < first {
+            return Ok(());
+        }
+        if index > last || index > self.state.hard.commit {
+            return Err(RaftLogError::Corrupt(format!(
+                "cannot compact to {index}: the log ends at {last}, commit is {}",
+                self.state.hard.commit
+            )));
+        }
+        let term = self.entries[(index - first) as usize].term;
+        self.write_snapshot_file(index, &data).await?;
+        let old = self.state.snapshot_index;
+        self.state.snapshot_index = index;
+        self.state.snapshot_term = term;
+        self.state.snapshot_conf = self.state.conf.clone();
+        self.write_state().await?;
+        self.entries.drain(..(index + 1 - first) as usize);
+        self.snapshot_data = data;
+        self.remove_snapshot_file(old).await?;
+        self.log.delete_before(index + 1).await?;
+        Ok(())
+    }
+
+    async fn write_snapshot_file(&self, index: u64, data: &[u8]) -> io::Result<()> {
+        let name = snapshot_name(index);
+        let tmp = format!("{name}.tmp");
+        if self.dir.list().await?.contains(&tmp) {
+            self.dir.remove(&tmp).await?;
+        }
+        let f = self.dir.create(&tmp).await?;
+        f.write_at(0, &(data.len() as u64).to_le_bytes()).await?;
+        f.write_at(8, data).await?;
+        f.write_at(
+            8 + data.len() as u64,
+            &xxhash_rust::xxh3::xxh3_64(data).to_le_bytes(),
+        )
+        .await?;
+        f.sync_data().await?;
+        f.close().await?;
+        self.dir.rename(&tmp, &name).await?;
+        self.dir.sync_dir().await
+    }
+
+    async fn remove_snapshot_file(&self, index: u64) -> Result<(), RaftLogError> {
+        if index != 0 {
+            self.dir.remove(&snapshot_name(index)).await?;
+            self.dir.sync_dir().await?;
+        }
+        Ok(())
+    }
+
+    /// Closes the entry log.
+    pub async fn close(self) -> io::Result<()> {
+        self.log.close().await
+    }
+}
+
+/// Reads a snapshot file: its length, its bytes, their checksum.
+async fn read_whole<S: Storage>(dir: &S, name: &str) -> io::Result<Vec<u8>> {
+    let f = dir.open(name).await?;
+    let head = f.read_at(0, 8).await?;
+    let len = u64::from_le_bytes(head.as_slice().try_into().map_err(|_| short(name))?);
+    let body = f.read_at(8, len as usize + 8).await?;
+    if body.len() != len as usize + 8 {
+        return Err(short(name));
+    }
+    let (data, sum) = body.split_at(len as usize);
+    if xxhash_rust::xxh3::xxh3_64(data).to_le_bytes() != sum {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{name}: checksum mismatch"),
+        ));
+    }
+    Ok(data.to_vec())
+}
+
+fn short(name: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::UnexpectedEof, format!("{name} is cut short"))
+}
+
+fn decode(offset: u64, payload: &[u8]) -> Result<Entry, RaftLogError> {
+    let entry = Entry::parse_from_bytes(payload)
+        .map_err(|e| RaftLogError::Corrupt(format!("entry at log offset {offset}: {e}")))?;
+    if entry.index != offset {
+        return Err(RaftLogError::Corrupt(format!(
+            "log offset {offset} holds entry {}",
+            entry.index
+        )));
+    }
+    Ok(entry)
+}
+
+impl<S: Storage> raft::Storage for RaftLog<S> {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        Ok(RaftState {
+            hard_state: self.state.hard.clone(),
+            conf_state: self.state.conf.clone(),
+        })
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        if low < self.first() {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if high > self.last() + 1 || low > high {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let base = self.first();
+        let mut out = self.entries[(low - base) as usize..(high - base) as usize].to_vec();
+        raft::util::limit_size(&mut out, max_size.into());
+        Ok(out)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        let snap = self.state.snapshot_index;
+        if idx == snap {
+            return Ok(self.state.snapshot_term);
+        }
+        if idx < snap {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if idx > self.last() {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        Ok(self.entries[(idx - snap - 1) as usize].term)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.first())
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.last())
+    }
+
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        if request_index > self.state.snapshot_index {
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        let mut meta = SnapshotMetadata {
+            index: self.state.snapshot_index,
+            term: self.state.snapshot_term,
+            ..SnapshotMetadata::default()
+        };
+        meta.set_conf_state(self.state.snapshot_conf.clone());
+        let mut snapshot = Snapshot {
+            data: self.snapshot_data.clone().into(),
+            ..Snapshot::default()
+        };
+        snapshot.set_metadata(meta);
+        Ok(snapshot)
+    }
+}
