@@ -9,6 +9,8 @@
 //! - [`Group`]: one group on one node, its `Ready` loop in the order raft-rs asks for
 //!   (entries before hard state, votes and acknowledgements only after both), applying
 //!   committed entries to a [`StateMachine`] and compacting behind its snapshots;
+//! - [`wire`]: the node-to-node frames (versioned, length-prefixed, checksummed, a batch of
+//!   Raft messages per frame), and their decoder;
 //! - [`quiet_logger`]: raft-rs logs through `slog`, which Chorus does not use.
 //!
 //! Its deterministic simulation (`tests/raft_sim.rs`) runs groups of 3 and 5 nodes over
@@ -19,6 +21,7 @@
 pub mod group;
 pub mod raft_log;
 pub mod state;
+pub mod wire;
 
 pub use group::{Group, StateMachine};
 pub use raft_log::{RaftLog, RaftLogError};
