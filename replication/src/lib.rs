@@ -11,6 +11,8 @@
 //!   committed entries to a [`StateMachine`] and compacting behind its snapshots;
 //! - [`wire`]: the node-to-node frames (versioned, length-prefixed, checksummed, a batch of
 //!   Raft messages per frame), and their decoder;
+//! - [`transport`]: Raft messages between nodes over TCP on glommio, one connection per
+//!   peer, a frame per batch;
 //! - [`quiet_logger`]: raft-rs logs through `slog`, which Chorus does not use.
 //!
 //! Its deterministic simulation (`tests/raft_sim.rs`) runs groups of 3 and 5 nodes over
@@ -21,6 +23,7 @@
 pub mod group;
 pub mod raft_log;
 pub mod state;
+pub mod transport;
 pub mod wire;
 
 pub use group::{Group, StateMachine};

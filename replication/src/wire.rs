@@ -94,30 +94,48 @@ pub fn cluster_fingerprint(nodes: &[(u64, String)]) -> u64 {
 
 /// Appends `frame` to `out`.
 pub fn encode(frame: &Frame, out: &mut Vec<u8>) -> Result<(), WireError> {
-    let start = out.len();
-    out.extend_from_slice(&[0u8; HEADER_BYTES]);
-    let kind = match frame {
+    match frame {
         Frame::Hello { node, cluster } => {
+            let start = begin(out);
             out.extend_from_slice(&node.to_le_bytes());
             out.extend_from_slice(&cluster.to_le_bytes());
-            KIND_HELLO
+            seal(out, start, KIND_HELLO)
         }
-        Frame::Raft(msgs) => {
-            out.extend_from_slice(&(msgs.len() as u32).to_le_bytes());
-            for (group, msg) in msgs {
-                out.extend_from_slice(&group.to_le_bytes());
-                let len_at = out.len();
-                out.extend_from_slice(&[0u8; 4]);
-                msg.write_to_vec(out).map_err(|e| WireError::Malformed {
-                    kind: "raft",
-                    why: e.to_string(),
-                })?;
-                let len = (out.len() - len_at - 4) as u32;
-                out[len_at..len_at + 4].copy_from_slice(&len.to_le_bytes());
-            }
-            KIND_RAFT
+        Frame::Raft(msgs) => encode_raft(msgs, out),
+    }
+}
+
+/// Appends a `RAFT` frame of `msgs` to `out` (what [`encode`] does for [`Frame::Raft`],
+/// without owning the messages).
+pub fn encode_raft(msgs: &[(u64, Message)], out: &mut Vec<u8>) -> Result<(), WireError> {
+    let start = begin(out);
+    out.extend_from_slice(&(msgs.len() as u32).to_le_bytes());
+    for (group, msg) in msgs {
+        out.extend_from_slice(&group.to_le_bytes());
+        let len_at = out.len();
+        out.extend_from_slice(&[0u8; 4]);
+        if let Err(e) = msg.write_to_vec(out) {
+            out.truncate(start);
+            return Err(WireError::Malformed {
+                kind: "raft",
+                why: e.to_string(),
+            });
         }
-    };
+        let len = (out.len() - len_at - 4) as u32;
+        out[len_at..len_at + 4].copy_from_slice(&len.to_le_bytes());
+    }
+    seal(out, start, KIND_RAFT)
+}
+
+/// Reserves a header; returns where the frame starts.
+fn begin(out: &mut Vec<u8>) -> usize {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; HEADER_BYTES]);
+    start
+}
+
+/// Fills in the header of the frame at `start`, whose body is the rest of `out`.
+fn seal(out: &mut Vec<u8>, start: usize, kind: u8) -> Result<(), WireError> {
     let body_len = out.len() - start - HEADER_BYTES;
     if body_len > FRAME_BYTES_MAX {
         out.truncate(start);

@@ -1,0 +1,432 @@
+//! The node transport: Raft messages between the nodes of a cluster over TCP, on glommio.
+//!
+//! TCP, not QUIC, between nodes: the nodes of a cluster sit on one network, a connection
+//! per pair of nodes is long-lived, and head-of-line blocking across groups is what a batch
+//! per peer costs anyway; TCP needs no certificates between nodes and is what every
+//! operator's firewall and load balancer understands.
+//!
+//! Each node keeps one outbound connection to every peer, opened by a task of its own that
+//! reconnects with backoff (50 ms doubling to 1 s) and says `HELLO` first. [`Transport::send`]
+//! queues a message for its peer; the peer's task takes everything queued whenever it is
+//! free to write and sends it as one `RAFT` frame (a batch per peer, not a write per
+//! message). A queue past [`QUEUE_MESSAGES_MAX`] drops new messages, which Raft
+//! tolerates (it retries), so a dead peer costs bounded memory. Messages that could not be
+//! written, the queue's drops included, are handed back through `on_lost`, so that the
+//! owner can tell raft-rs the peer is unreachable and a snapshot was not delivered.
+//!
+//! Inbound connections are accepted on the node's cluster address. The first frame must be
+//! a `HELLO` from a node of the membership with the same fingerprint; anything else closes
+//! the connection. After it, every message of every `RAFT` frame goes to `deliver`, with
+//! the sending node. Every decoding error closes the connection too; the peer reconnects.
+
+use crate::wire::{self, Decoder, Frame};
+use futures::io::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::{TcpListener, TcpStream};
+use raft::eraftpb::Message;
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::task::Waker;
+use std::time::Duration;
+
+/// Messages queued for one peer beyond which new ones are dropped.
+pub const QUEUE_MESSAGES_MAX: usize = 65_536;
+/// Bytes read from a connection at a time.
+const READ_BYTES: usize = 64 * 1024;
+/// The first and the longest wait between connection attempts.
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// How long a connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Who is in the cluster.
+#[derive(Clone, Debug)]
+pub struct Membership {
+    /// This node.
+    pub me: u64,
+    /// Every node, this one included, and its cluster address.
+    pub nodes: BTreeMap<u64, SocketAddr>,
+}
+
+impl Membership {
+    /// The fingerprint both ends of a connection must share.
+    pub fn fingerprint(&self) -> u64 {
+        let pairs: Vec<(u64, String)> = self
+            .nodes
+            .iter()
+            .map(|(id, addr)| (*id, addr.to_string()))
+            .collect();
+        wire::cluster_fingerprint(&pairs)
+    }
+}
+
+/// Set once the transport stops; tasks waiting on it wake.
+#[derive(Default)]
+struct Stop {
+    set: Cell<bool>,
+    waiters: RefCell<Vec<Waker>>,
+}
+
+impl Stop {
+    fn get(&self) -> bool {
+        self.set.get()
+    }
+
+    fn set(&self) {
+        self.set.set(true);
+        for w in self.waiters.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+
+    /// Resolves once the transport stops.
+    async fn wait(&self) {
+        std::future::poll_fn(|cx| {
+            if self.set.get() {
+                std::task::Poll::Ready(())
+            } else {
+                self.waiters.borrow_mut().push(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// Runs `f` until it finishes or the transport stops; `None` if it stopped.
+async fn or_stop<T>(stop: &Stop, f: impl std::future::Future<Output = T>) -> Option<T> {
+    use futures::future::{select, Either};
+    let f = std::pin::pin!(f);
+    let s = std::pin::pin!(stop.wait());
+    match select(f, s).await {
+        Either::Left((out, _)) => Some(out),
+        Either::Right(_) => None,
+    }
+}
+
+/// Messages for one peer, and the task that sends them.
+struct Outbox {
+    queue: RefCell<Batch>,
+    waker: RefCell<Option<Waker>>,
+    /// Whether the last attempt to reach the peer worked.
+    up: Cell<bool>,
+}
+
+/// Messages of groups: (group id, message).
+pub type Batch = Vec<(u64, Message)>;
+
+/// What the owner of the transport is told.
+pub struct Handlers {
+    /// A message arrived: (from node, group, message).
+    pub deliver: Box<dyn Fn(u64, u64, Message)>,
+    /// Messages for a peer that will not arrive: (peer, [(group, message)]).
+    pub on_lost: Box<dyn Fn(u64, Batch)>,
+}
+
+/// The transport of one node.
+pub struct Transport {
+    membership: Membership,
+    fingerprint: u64,
+    outboxes: BTreeMap<u64, Rc<Outbox>>,
+    handlers: Rc<Handlers>,
+    stopped: Rc<Stop>,
+}
+
+impl Transport {
+    /// Starts accepting on `listener` and connecting to every peer, on the current glommio
+    /// executor.
+    pub fn start(
+        membership: Membership,
+        listener: TcpListener,
+        handlers: Handlers,
+    ) -> Rc<Transport> {
+        let fingerprint = membership.fingerprint();
+        let outboxes = membership
+            .nodes
+            .keys()
+            .filter(|&&id| id != membership.me)
+            .map(|&id| {
+                let outbox = Outbox {
+                    queue: RefCell::new(Vec::new()),
+                    waker: RefCell::new(None),
+                    up: Cell::new(true),
+                };
+                (id, Rc::new(outbox))
+            })
+            .collect();
+        let t = Rc::new(Transport {
+            membership,
+            fingerprint,
+            outboxes,
+            handlers: Rc::new(handlers),
+            stopped: Rc::default(),
+        });
+        for (&peer, outbox) in &t.outboxes {
+            let addr = t.membership.nodes[&peer];
+            glommio::spawn_local(send_loop(
+                t.membership.me,
+                fingerprint,
+                peer,
+                addr,
+                outbox.clone(),
+                t.handlers.clone(),
+                t.stopped.clone(),
+            ))
+            .detach();
+        }
+        glommio::spawn_local(accept_loop(
+            listener,
+            t.membership.clone(),
+            fingerprint,
+            t.handlers.clone(),
+            t.stopped.clone(),
+        ))
+        .detach();
+        t
+    }
+
+    /// This node's id.
+    pub fn me(&self) -> u64 {
+        self.membership.me
+    }
+
+    /// The membership fingerprint.
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+
+    /// Whether the last attempt to reach `peer` worked.
+    pub fn is_up(&self, peer: u64) -> bool {
+        self.outboxes.get(&peer).is_some_and(|o| o.up.get())
+    }
+
+    /// Queues a message of `group` for its `to` node. A message for an unknown node, or
+    /// past a full queue, is lost (and reported so).
+    pub fn send(&self, group: u64, msg: Message) {
+        let Some(outbox) = self.outboxes.get(&msg.to) else {
+            (self.handlers.on_lost)(msg.to, vec![(group, msg)]);
+            return;
+        };
+        let mut queue = outbox.queue.borrow_mut();
+        if queue.len() >= QUEUE_MESSAGES_MAX {
+            drop(queue);
+            (self.handlers.on_lost)(msg.to, vec![(group, msg)]);
+            return;
+        }
+        queue.push((group, msg));
+        drop(queue);
+        if let Some(w) = outbox.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// Stops connecting and accepting, closes the listener and every connection.
+    pub fn stop(&self) {
+        self.stopped.set();
+        for outbox in self.outboxes.values() {
+            if let Some(w) = outbox.waker.borrow_mut().take() {
+                w.wake();
+            }
+        }
+    }
+}
+
+/// Waits until the outbox has messages (or the transport stops).
+async fn queued(outbox: &Outbox, stopped: &Stop) {
+    std::future::poll_fn(|cx| {
+        if stopped.get() || !outbox.queue.borrow().is_empty() {
+            std::task::Poll::Ready(())
+        } else {
+            *outbox.waker.borrow_mut() = Some(cx.waker().clone());
+            std::task::Poll::Pending
+        }
+    })
+    .await
+}
+
+async fn send_loop(
+    me: u64,
+    fingerprint: u64,
+    peer: u64,
+    addr: SocketAddr,
+    outbox: Rc<Outbox>,
+    handlers: Rc<Handlers>,
+    stopped: Rc<Stop>,
+) {
+    let mut backoff = BACKOFF_MIN;
+    let mut conn: Option<TcpStream> = None;
+    let mut buf = Vec::new();
+    while !stopped.get() {
+        queued(&outbox, &stopped).await;
+        if stopped.get() {
+            break;
+        }
+        if conn.is_none() {
+            match connect(addr, me, fingerprint).await {
+                Ok(c) => {
+                    conn = Some(c);
+                    outbox.up.set(true);
+                    backoff = BACKOFF_MIN;
+                }
+                Err(_) => {
+                    outbox.up.set(false);
+                    // What waited for a peer that cannot be reached is lost; Raft resends.
+                    let lost = std::mem::take(&mut *outbox.queue.borrow_mut());
+                    (handlers.on_lost)(peer, lost);
+                    glommio::timer::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+            }
+        }
+        let batch = std::mem::take(&mut *outbox.queue.borrow_mut());
+        buf.clear();
+        let mut written = Ok(());
+        for part in split_batch(batch) {
+            if wire::encode_raft(&part, &mut buf).is_err() {
+                // One message over the frame limit: it can never be sent.
+                (handlers.on_lost)(peer, part);
+                continue;
+            }
+            let c = conn.as_mut().expect("connected");
+            written = c.write_all(&buf).await;
+            buf.clear();
+            if written.is_err() {
+                (handlers.on_lost)(peer, part);
+                break;
+            }
+        }
+        if written.is_err() {
+            conn = None;
+            outbox.up.set(false);
+        }
+    }
+    if let Some(mut c) = conn {
+        let _ = c.close().await;
+    }
+}
+
+/// Splits a batch so that each frame stays well under the frame limit.
+fn split_batch(batch: Batch) -> Vec<Batch> {
+    use protobuf::Message as _;
+    let budget = wire::FRAME_BYTES_MAX / 2;
+    let mut parts = Vec::new();
+    let mut part = Vec::new();
+    let mut bytes = 0;
+    for (group, msg) in batch {
+        let size = msg.compute_size() as usize + 12;
+        if !part.is_empty() && bytes + size > budget {
+            parts.push(std::mem::take(&mut part));
+            bytes = 0;
+        }
+        bytes += size;
+        part.push((group, msg));
+    }
+    if !part.is_empty() {
+        parts.push(part);
+    }
+    parts
+}
+
+async fn connect(addr: SocketAddr, me: u64, fingerprint: u64) -> std::io::Result<TcpStream> {
+    let mut c = TcpStream::connect_timeout(addr, CONNECT_TIMEOUT)
+        .await
+        .map_err(std::io::Error::from)?;
+    c.set_nodelay(true).map_err(std::io::Error::from)?;
+    let mut hello = Vec::new();
+    wire::encode(
+        &Frame::Hello {
+            node: me,
+            cluster: fingerprint,
+        },
+        &mut hello,
+    )
+    .map_err(std::io::Error::other)?;
+    c.write_all(&hello).await?;
+    Ok(c)
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    membership: Membership,
+    fingerprint: u64,
+    handlers: Rc<Handlers>,
+    stopped: Rc<Stop>,
+) {
+    // The listener is dropped, and so closed, when the transport stops: a node restarted
+    // in the same process must not share its port with a listener nobody accepts on.
+    while let Some(accepted) = or_stop(&stopped, listener.accept()).await {
+        let Ok(stream) = accepted else {
+            glommio::timer::sleep(BACKOFF_MIN).await;
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        glommio::spawn_local(read_loop(
+            stream,
+            membership.clone(),
+            fingerprint,
+            handlers.clone(),
+            stopped.clone(),
+        ))
+        .detach();
+    }
+}
+
+/// Reads one inbound connection until it ends, errs, or says something it should not.
+async fn read_loop(
+    mut stream: TcpStream,
+    membership: Membership,
+    fingerprint: u64,
+    handlers: Rc<Handlers>,
+    stopped: Rc<Stop>,
+) {
+    let mut decoder = Decoder::new();
+    let mut buf = vec![0u8; READ_BYTES];
+    let mut from = None;
+    while let Some(read) = or_stop(&stopped, stream.read(&mut buf)).await {
+        let n = match read {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        decoder.extend(&buf[..n]);
+        loop {
+            let frame = match decoder.next_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "a cluster connection sent a bad frame; closing it");
+                    let _ = stream.close().await;
+                    return;
+                }
+            };
+            match (frame, from) {
+                (Frame::Hello { node, cluster }, None) => {
+                    let known = node != membership.me && membership.nodes.contains_key(&node);
+                    if !known || cluster != fingerprint {
+                        tracing::warn!(
+                            node,
+                            "a node of another cluster or membership connected; closing it"
+                        );
+                        let _ = stream.close().await;
+                        return;
+                    }
+                    from = Some(node);
+                }
+                (Frame::Raft(msgs), Some(node)) => {
+                    for (group, msg) in msgs {
+                        // A message must come from the node the connection said it is.
+                        if msg.from == node && msg.to == membership.me {
+                            (handlers.deliver)(node, group, msg);
+                        }
+                    }
+                }
+                _ => {
+                    tracing::warn!("a cluster connection broke the HELLO-first rule; closing it");
+                    let _ = stream.close().await;
+                    return;
+                }
+            }
+        }
+    }
+}
