@@ -6,11 +6,12 @@
 //! the order it asks:
 //! 1. send the messages a leader may send before persisting;
 //! 2. install a snapshot, if one came;
-//! 3. apply the entries known committed;
-//! 4. persist the new entries, then the hard state (entries before state);
-//! 5. send the messages that needed the persisting (votes, append acknowledgements);
-//! 6. advance, then apply and send what that released;
-//! 7. compact behind a snapshot once enough was applied since the last one.
+//! 3. persist the new entries, then the hard state (entries before state);
+//! 4. send the messages that needed the persisting (votes, append acknowledgements);
+//! 5. advance, send what that released, and apply the committed entries (the Ready's
+//!    and what advancing released), a leader that applied its own removal stepping down;
+//! 7. compact behind a snapshot once enough was applied since the last one, and after
+//!    every membership change (so the snapshot a new member is sent names it).
 //!
 //! Invariant: a message that promises something durable (a vote, an acknowledgement of
 //! entries) is sent only after what it promises is on disk. After any storage error the
@@ -18,12 +19,14 @@
 
 use crate::raft_log::{RaftLog, RaftLogError};
 use chorus_log::{LogConfig, Storage};
-use raft::eraftpb::{ConfState, Entry, Message};
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Message};
 use raft::{Config, RawNode};
 
 /// What a group's committed entries are applied to.
 pub trait StateMachine {
-    /// Applies one committed entry (index order, no gaps; the leader's empty entries too).
+    /// Applies one committed entry (index order, no gaps; the leader's empty entries and
+    /// configuration changes too, after the group applied the change to its membership).
     fn apply(&mut self, entry: &Entry);
     /// The state after every entry applied so far, as snapshot data.
     fn snapshot(&self) -> Vec<u8>;
@@ -38,6 +41,8 @@ pub struct Group<S: Storage, M: StateMachine> {
     applied: u64,
     /// Compact once this many entries were applied past the snapshot (0: never).
     compact_every: u64,
+    /// A membership change was applied since the last compaction.
+    conf_changed: bool,
 }
 
 impl<S: Storage, M: StateMachine> Group<S, M> {
@@ -64,6 +69,7 @@ impl<S: Storage, M: StateMachine> Group<S, M> {
             machine,
             applied,
             compact_every,
+            conf_changed: false,
         })
     }
 
@@ -110,7 +116,10 @@ impl<S: Storage, M: StateMachine> Group<S, M> {
             self.machine.restore(index, &snapshot.data);
             self.applied = index;
         }
-        self.apply(rd.take_committed_entries());
+        // Committed entries are applied after this Ready is persisted and advanced, not
+        // before: a membership change can remove the leader itself, which must then step
+        // down, and raft-rs allows no change of term between `ready` and `advance`.
+        let committed = rd.take_committed_entries();
         self.raw.mut_store().append(rd.entries()).await?;
         if let Some(hs) = rd.hs() {
             self.raw.mut_store().set_hard_state(hs).await?;
@@ -121,20 +130,65 @@ impl<S: Storage, M: StateMachine> Group<S, M> {
             self.raw.mut_store().set_commit(commit);
         }
         send(light.take_messages());
-        self.apply(light.take_committed_entries());
+        self.apply(committed)?;
+        self.apply(light.take_committed_entries())?;
         self.raw.advance_apply();
         let snapshot_index = self.raw.store().state().snapshot_index;
-        if self.compact_every > 0 && self.applied >= snapshot_index + self.compact_every {
+        // After a membership change the snapshot must carry it at once: a node added back
+        // behind the last snapshot refuses one that does not name it, and the entries it
+        // would need instead are compacted.
+        let due = self.compact_every > 0 && self.applied >= snapshot_index + self.compact_every;
+        if (due || std::mem::take(&mut self.conf_changed)) && self.applied > snapshot_index {
             let data = self.machine.snapshot();
             self.raw.mut_store().compact(self.applied, data).await?;
         }
         Ok(true)
     }
 
-    fn apply(&mut self, entries: Vec<Entry>) {
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), RaftLogError> {
         for e in &entries {
+            let conf = match e.get_entry_type() {
+                EntryType::EntryNormal => None,
+                EntryType::EntryConfChange => {
+                    let cc = ConfChange::parse_from_bytes(&e.data).map_err(|err| bad(e, err))?;
+                    Some(self.raw.apply_conf_change(&cc))
+                }
+                EntryType::EntryConfChangeV2 => {
+                    let cc = ConfChangeV2::parse_from_bytes(&e.data).map_err(|err| bad(e, err))?;
+                    Some(self.raw.apply_conf_change(&cc))
+                }
+            };
+            // raft-rs refuses a change that cannot apply (removing the last voter); the
+            // membership then stays as it was, on every node alike.
+            if let Some(Ok(conf)) = conf {
+                self.raw.mut_store().applied_conf_state(&conf);
+                self.step_down_if_removed(&conf);
+                self.conf_changed = true;
+            }
             self.machine.apply(e);
             self.applied = e.index;
         }
+        Ok(())
     }
+}
+
+impl<S: Storage, M: StateMachine> Group<S, M> {
+    /// A leader that applied its own removal steps down into the next term. raft-rs leaves
+    /// it leading (an untested branch there), and its next commit then panics looking for
+    /// its own progress. Leaders are to be moved off a node before it is removed; this is
+    /// for a removal decided by an earlier leader and applied by a later one.
+    fn step_down_if_removed(&mut self, conf: &ConfState) {
+        let r = &mut self.raw.raft;
+        if r.state == raft::StateRole::Leader && !conf.voters.contains(&r.id) {
+            let term = r.term + 1;
+            r.become_follower(term, raft::INVALID_ID);
+        }
+    }
+}
+
+fn bad(e: &Entry, err: impl std::fmt::Display) -> RaftLogError {
+    RaftLogError::Corrupt(format!(
+        "the configuration change at {} does not parse: {err}",
+        e.index
+    ))
 }

@@ -96,7 +96,10 @@ impl<S: Storage> RaftLog<S> {
             snapshot_conf: bootstrap.clone(),
             ..GroupState::default()
         };
-        let (state_file, state) = StateFile::open(&dir, &initial).await?;
+        let (state_file, mut state) = StateFile::open(&dir, &initial).await?;
+        // Applying starts again at the snapshot, so the membership does too; the changes
+        // after it are applied again from the log.
+        state.conf = state.snapshot_conf.clone();
         let snap = state.snapshot_index;
         // Snapshot files other than the current one are leftovers of a compaction or an
         // install that a crash interrupted.
@@ -260,10 +263,12 @@ impl<S: Storage> RaftLog<S> {
         self.state.hard.commit = self.state.hard.commit.max(commit);
     }
 
-    /// Persists the membership after a configuration change was applied.
-    pub async fn set_conf_state(&mut self, conf: &ConfState) -> Result<(), RaftLogError> {
+    /// Notes the membership after a configuration change was applied. It need not be
+    /// durable: a restarted group applies again from its snapshot, whose membership it
+    /// starts from, and the change is in the log after it. A compaction takes it as the
+    /// snapshot's membership.
+    pub fn applied_conf_state(&mut self, conf: &ConfState) {
         self.state.conf = conf.clone();
-        self.write_state().await
     }
 
     async fn write_state(&mut self) -> Result<(), RaftLogError> {

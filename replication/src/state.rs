@@ -28,7 +28,8 @@ const CHECKSUM_BYTES: usize = 8;
 pub struct GroupState {
     /// Term, vote and commit index.
     pub hard: HardState,
-    /// The membership as of the latest applied change.
+    /// The membership as of the last entry applied. Written with the state, but a group
+    /// that opens starts from `snapshot_conf`, since it applies again from the snapshot.
     pub conf: ConfState,
     /// The index the latest snapshot covers (0: none). The log holds entries after it.
     pub snapshot_index: u64,

@@ -19,7 +19,10 @@ use chorus_log::storage::sim::SimRng;
 use chorus_log::{LogConfig, SimConfig, SimRoot, SimStorage};
 use chorus_replication::{Group, StateMachine};
 use futures::executor::block_on;
-use raft::eraftpb::{ConfState, Entry, Message, MessageType};
+use raft::eraftpb::{
+    ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType,
+    Message, MessageType,
+};
 use raft::{Config, SnapshotStatus, StateRole};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -45,6 +48,9 @@ struct Faults {
     partition_permille: u32,
     heal_permille: u32,
     propose_permille: u32,
+    /// Chance that the leader proposes a membership change: removing a node, or adding
+    /// back the one removed.
+    conf_change_permille: u32,
 }
 
 const FAULTS: Faults = Faults {
@@ -56,6 +62,7 @@ const FAULTS: Faults = Faults {
     partition_permille: 6,
     heal_permille: 10,
     propose_permille: 300,
+    conf_change_permille: 6,
 };
 
 const CALM: Faults = Faults {
@@ -67,6 +74,7 @@ const CALM: Faults = Faults {
     partition_permille: 0,
     heal_permille: 0,
     propose_permille: 0,
+    conf_change_permille: 0,
 };
 
 type Node = Group<SimStorage, Values>;
@@ -92,8 +100,12 @@ impl StateMachine for Values {
             e.index,
             self.applied
         );
-        let value = (!e.data.is_empty())
+        let normal = e.get_entry_type() == EntryType::EntryNormal;
+        let value = (normal && !e.data.is_empty())
             .then(|| u64::from_le_bytes(e.data[..].try_into().expect("an 8-byte value")));
+        if !normal {
+            self.truth.borrow_mut().conf_changes_applied += 1;
+        }
         let mut truth = self.truth.borrow_mut();
         let first = *truth.committed.entry(e.index).or_insert((e.term, value));
         assert_eq!(
@@ -158,6 +170,7 @@ struct Truth {
     installs: usize,
     compactions: usize,
     partitions: usize,
+    conf_changes_applied: usize,
 }
 
 impl Truth {
@@ -450,7 +463,57 @@ impl Sim {
                 }
             }
         }
+        if self.rng.chance(f.conf_change_permille) {
+            self.change_membership();
+        }
         self.ready_all();
+    }
+
+    /// The leader's membership as it applied it, if there is a leader.
+    fn leader_voters(&self) -> Option<(u64, BTreeSet<u64>)> {
+        self.nodes.iter().flatten().find_map(|n| {
+            let r = &n.raw_ref().raft;
+            (r.state == StateRole::Leader)
+                .then(|| (r.id, r.prs().conf().voters().ids().iter().collect()))
+        })
+    }
+
+    /// Has the leader propose removing another node when all are voters, or adding back
+    /// the one that is not. raft-rs takes one change at a time. (A leader is moved off a
+    /// node before that node is removed; a removal a later leader applies to itself makes
+    /// it step down, which `Group` does.)
+    fn change_membership(&mut self) {
+        let Some((leader, voters)) = self.leader_voters() else {
+            return;
+        };
+        let missing: Vec<u64> = (1..=self.n).filter(|id| !voters.contains(id)).collect();
+        let node = self.nodes[(leader - 1) as usize]
+            .as_mut()
+            .expect("live leader");
+        let _ = match missing.first() {
+            None => {
+                let others: Vec<u64> = (1..=self.n).filter(|&id| id != leader).collect();
+                let id = others[self.rng.below(others.len() as u64) as usize];
+                let cc = ConfChange {
+                    change_type: ConfChangeType::RemoveNode,
+                    node_id: id,
+                    ..ConfChange::default()
+                };
+                node.raw().propose_conf_change(Vec::new(), cc)
+            }
+            Some(&id) => {
+                let cc = ConfChangeV2 {
+                    changes: vec![ConfChangeSingle {
+                        change_type: ConfChangeType::AddNode,
+                        node_id: id,
+                        ..ConfChangeSingle::default()
+                    }]
+                    .into(),
+                    ..ConfChangeV2::default()
+                };
+                node.raw().propose_conf_change(Vec::new(), cc)
+            }
+        };
     }
 
     fn partition(&mut self) {
@@ -507,9 +570,21 @@ impl Sim {
         if log.committed != log.last_index() {
             return false;
         }
-        self.nodes
+        // Every voter has applied everything; a node removed from the group need not.
+        let voters: Vec<u64> = leader
+            .raw_ref()
+            .raft
+            .prs()
+            .conf()
+            .voters()
+            .ids()
             .iter()
-            .all(|n| n.as_ref().is_some_and(|n| n.applied() == log.committed))
+            .collect();
+        voters.iter().all(|id| {
+            self.nodes[(id - 1) as usize]
+                .as_ref()
+                .is_some_and(|n| n.applied() == log.committed)
+        })
     }
 
     /// Each node's role, term, applied and committed index, and log bounds.
@@ -521,15 +596,23 @@ impl Sim {
                 continue;
             };
             let (r, l) = (&n.raw_ref().raft, &n.raw_ref().raft.raft_log);
+            let peers: Vec<String> = r
+                .prs()
+                .iter()
+                .map(|(id, p)| format!("{id}:{:?}/{}/{}", p.state, p.matched, p.next_idx))
+                .collect();
             out += &format!(
-                "node {}: {:?} of term {}, applied {}, committed {}, log {}..={}\n",
+                "node {}: {:?} of term {}, applied {}, committed {}, log {}..={}, voters {:?}, \
+                 progress {}\n",
                 k + 1,
                 r.state,
                 r.term,
                 n.applied(),
                 l.committed,
                 l.first_index(),
-                l.last_index()
+                l.last_index(),
+                r.prs().conf().voters().ids().iter().collect::<Vec<_>>(),
+                peers.join(" ")
             );
         }
         out
@@ -562,14 +645,24 @@ impl Sim {
 
     fn check(&self) -> Report {
         let seed = self.seed;
-        let nodes: Vec<&Node> = self.nodes.iter().flatten().collect();
+        let (_, voters) = self
+            .leader_voters()
+            .expect("a converged group has a leader");
+        let nodes: Vec<&Node> = voters
+            .iter()
+            .map(|id| {
+                self.nodes[(id - 1) as usize]
+                    .as_ref()
+                    .expect("voters are live")
+            })
+            .collect();
         let truth = self.truth.borrow();
         let values = &nodes[0].machine().values;
         for (k, n) in nodes.iter().enumerate() {
             assert_eq!(
                 &n.machine().values,
                 values,
-                "seed {seed}: node {} holds other values than node 1",
+                "seed {seed}: voter {} holds other values than the first",
                 k + 1
             );
         }
@@ -601,6 +694,7 @@ impl Sim {
                 t.partitions,
                 t.installs,
                 t.compactions,
+                t.conf_changes_applied,
             ],
         }
     }
@@ -612,8 +706,8 @@ struct Report {
     acked: usize,
     kept: usize,
     /// Crashes, disk faults part-way through a `Ready` (each also a crash), partitions,
-    /// snapshots installed, compactions.
-    faults: [usize; 5],
+    /// snapshots installed, compactions, membership changes applied (on any node).
+    faults: [usize; 6],
 }
 
 impl Report {
@@ -627,11 +721,11 @@ impl Report {
     }
 
     fn line(&self) -> String {
-        let [crashes, disk, partitions, installs, compactions] = self.faults;
+        let [crashes, disk, partitions, installs, compactions, changes] = self.faults;
         format!(
             "{} proposed, {} acknowledged, {} kept; {crashes} crashes ({disk} of them disk \
              faults part-way through a Ready), {partitions} partitions, {installs} snapshots \
-             installed, {compactions} compactions",
+             installed, {compactions} compactions, {changes} membership changes applied",
             self.proposed, self.acked, self.kept
         )
     }
