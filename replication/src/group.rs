@@ -93,6 +93,32 @@ impl<S: Storage, M: StateMachine> Group<S, M> {
         &mut self.machine
     }
 
+    /// Whether this node leads the group.
+    pub fn is_leader(&self) -> bool {
+        self.raw.raft.state == raft::StateRole::Leader
+    }
+
+    /// Asks raft-rs to hand leadership to the voter whose log is furthest along (it sends
+    /// that node what it lacks, then tells it to campaign at once). Returns the node asked,
+    /// or `None` when this node does not lead or has no other voter. What a node does
+    /// before it stops, so that writes wait for one election at most, not for a timeout.
+    pub fn hand_off_leadership(&mut self) -> Option<u64> {
+        if !self.is_leader() {
+            return None;
+        }
+        let me = self.raw.raft.id;
+        let prs = self.raw.raft.prs();
+        let voters = prs.conf().voters().ids();
+        let target = voters
+            .iter()
+            .filter(|&id| id != me)
+            .filter_map(|id| prs.get(id).map(|p| (p.matched, id)))
+            .max()
+            .map(|(_, id)| id)?;
+        self.raw.transfer_leader(target);
+        Some(target)
+    }
+
     /// The index of the last entry applied.
     pub fn applied(&self) -> u64 {
         self.applied
