@@ -18,6 +18,10 @@
 //! a `HELLO` from a node of the membership with the same fingerprint; anything else closes
 //! the connection. After it, every message of every `RAFT` frame goes to `deliver`, with
 //! the sending node. Every decoding error closes the connection too; the peer reconnects.
+//!
+//! The fault layer: [`Transport::set_cut`] cuts this node off from a peer, both ways (what
+//! it would send is lost, what arrives from it is dropped), so that fault tests can
+//! partition a cluster of real processes without touching the host's network.
 
 use crate::wire::{self, Decoder, Frame};
 use futures::io::{AsyncReadExt, AsyncWriteExt};
@@ -131,6 +135,8 @@ pub struct Transport {
     outboxes: BTreeMap<u64, Rc<Outbox>>,
     handlers: Rc<Handlers>,
     stopped: Rc<Stop>,
+    /// Peers this node is cut off from (the fault layer).
+    cut: Rc<RefCell<std::collections::BTreeSet<u64>>>,
 }
 
 impl Transport {
@@ -161,6 +167,7 @@ impl Transport {
             outboxes,
             handlers: Rc::new(handlers),
             stopped: Rc::default(),
+            cut: Rc::default(),
         });
         for (&peer, outbox) in &t.outboxes {
             let addr = t.membership.nodes[&peer];
@@ -181,9 +188,20 @@ impl Transport {
             fingerprint,
             t.handlers.clone(),
             t.stopped.clone(),
+            t.cut.clone(),
         ))
         .detach();
         t
+    }
+
+    /// The fault layer: cuts this node off from `peer` both ways, or mends the link.
+    pub fn set_cut(&self, peer: u64, cut: bool) {
+        let mut set = self.cut.borrow_mut();
+        if cut {
+            set.insert(peer);
+        } else {
+            set.remove(&peer);
+        }
     }
 
     /// This node's id.
@@ -204,7 +222,8 @@ impl Transport {
     /// Queues a message of `group` for its `to` node. A message for an unknown node, or
     /// past a full queue, is lost (and reported so).
     pub fn send(&self, group: u64, msg: Message) {
-        let Some(outbox) = self.outboxes.get(&msg.to) else {
+        let outbox = self.outboxes.get(&msg.to);
+        let Some(outbox) = outbox.filter(|_| !self.cut.borrow().contains(&msg.to)) else {
             (self.handlers.on_lost)(msg.to, vec![(group, msg)]);
             return;
         };
@@ -353,6 +372,7 @@ async fn accept_loop(
     fingerprint: u64,
     handlers: Rc<Handlers>,
     stopped: Rc<Stop>,
+    cut: Rc<RefCell<std::collections::BTreeSet<u64>>>,
 ) {
     // The listener is dropped, and so closed, when the transport stops: a node restarted
     // in the same process must not share its port with a listener nobody accepts on.
@@ -368,6 +388,7 @@ async fn accept_loop(
             fingerprint,
             handlers.clone(),
             stopped.clone(),
+            cut.clone(),
         ))
         .detach();
     }
@@ -380,6 +401,7 @@ async fn read_loop(
     fingerprint: u64,
     handlers: Rc<Handlers>,
     stopped: Rc<Stop>,
+    cut: Rc<RefCell<std::collections::BTreeSet<u64>>>,
 ) {
     let mut decoder = Decoder::new();
     let mut buf = vec![0u8; READ_BYTES];
@@ -413,6 +435,7 @@ async fn read_loop(
                     }
                     from = Some(node);
                 }
+                (Frame::Raft(_), Some(node)) if cut.borrow().contains(&node) => {}
                 (Frame::Raft(msgs), Some(node)) => {
                     for (group, msg) in msgs {
                         // A message must come from the node the connection said it is.

@@ -5,7 +5,8 @@
 //! catches up. Every acknowledged value ends on every node, once, in the same order.
 //! A client that is not a node of the cluster, or speaks garbage, is cut off, and the
 //! group does not notice. A leader that stops handing its leadership off first stalls
-//! writes for well under a second.
+//! writes for well under a second. A leader cut off from the others by the transports'
+//! fault layer is replaced, and what it could not commit is never acknowledged.
 
 use chorus_log::{DiskStorage, LogConfig};
 use chorus_replication::transport::{Handlers, Membership, Transport};
@@ -38,6 +39,8 @@ struct Shared {
     uncertain: BTreeSet<u64>,
     /// Each node's role and applied values.
     status: BTreeMap<u64, (StateRole, Vec<u64>)>,
+    /// Links cut by the transports' fault layer: (node, peer), each node cutting its side.
+    cut: BTreeSet<(u64, u64)>,
 }
 
 struct Values {
@@ -178,6 +181,7 @@ async fn node_main(
     .expect("open the group");
     let mut last_tick = Instant::now();
     let mut handing_off: Option<Instant> = None;
+    let mut was_leader = false;
     loop {
         match stop.load(Ordering::SeqCst) {
             RUN => {}
@@ -193,6 +197,17 @@ async fn node_main(
             _ => break,
         }
         glommio::timer::sleep(Duration::from_millis(2)).await;
+        let cut: Vec<(u64, bool)> = {
+            let s = shared.lock().unwrap();
+            nodes
+                .keys()
+                .filter(|&&p| p != id)
+                .map(|&p| (p, s.cut.contains(&(id, p))))
+                .collect()
+        };
+        for (peer, is_cut) in cut {
+            transport.set_cut(peer, is_cut);
+        }
         for m in inbox.borrow_mut().drain(..) {
             let _ = group.raw().step(m);
         }
@@ -235,6 +250,16 @@ async fn node_main(
             .await
             .expect("storage")
         {}
+        let leading = group.is_leader();
+        if was_leader && !leading {
+            // A leader that lost its leadership answers its waiting clients with an error:
+            // what it proposed may or may not be committed.
+            let lost: Vec<u64> = std::mem::take(&mut *mine.borrow_mut())
+                .into_iter()
+                .collect();
+            shared.lock().unwrap().uncertain.extend(lost);
+        }
+        was_leader = leading;
         let values = group.machine().values.clone();
         shared
             .lock()
@@ -450,6 +475,76 @@ fn a_leader_that_hands_off_before_stopping_stalls_writes_briefly() {
         all_alike(&shared)
     });
     check_values(&shared);
+    for h in handles.into_values() {
+        h.stop(STOP);
+    }
+}
+
+/// Cuts `node` off from every other node, both ways, through the transports' fault layer.
+fn isolate(shared: &Mutex<Shared>, node: u64, others: impl Iterator<Item = u64>, cut: bool) {
+    let mut s = shared.lock().unwrap();
+    for other in others.filter(|&o| o != node) {
+        for pair in [(node, other), (other, node)] {
+            if cut {
+                s.cut.insert(pair);
+            } else {
+                s.cut.remove(&pair);
+            }
+        }
+    }
+}
+
+#[test]
+fn an_isolated_leader_is_replaced_and_its_uncommitted_writes_dropped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let addrs = free_addrs(3);
+    let nodes: BTreeMap<u64, SocketAddr> = (1..=3).zip(addrs).collect();
+    let shared = Arc::new(Mutex::new(Shared::default()));
+    let mut handles: BTreeMap<u64, NodeHandle> = BTreeMap::new();
+    for id in 1..=3 {
+        let dir = tmp.path().join(format!("node-{id}"));
+        handles.insert(id, start_node(id, nodes.clone(), dir, shared.clone()));
+    }
+    let minute = Duration::from_secs(60);
+    wait_for("a leader", minute, || leader(&shared).is_some());
+    let done = Arc::new(AtomicU8::new(RUN));
+    let writer = steady_writer(shared.clone(), done.clone());
+    wait_for("writes flowing", minute, || {
+        shared.lock().unwrap().acked.len() > 200
+    });
+
+    // The leader is cut off from both followers. They elect one of themselves, and writes
+    // go on through it; the old leader can commit nothing alone.
+    let old = leader(&shared).expect("a leader");
+    let cut_at = Instant::now();
+    isolate(&shared, old, 1..=3, true);
+    wait_for("a leader on the majority side", minute, || {
+        let s = shared.lock().unwrap();
+        s.status
+            .iter()
+            .any(|(id, (r, _))| *id != old && *r == StateRole::Leader)
+    });
+    let acked_then = shared.lock().unwrap().acked.len();
+    wait_for("writes through the new leader", minute, || {
+        shared.lock().unwrap().acked.len() > acked_then + 200
+    });
+    let stall = longest_stall(&shared, cut_at);
+
+    // The link mends: the old leader steps down, its uncommitted tail is replaced, and it
+    // catches up.
+    isolate(&shared, old, 1..=3, false);
+    std::thread::sleep(Duration::from_millis(500));
+    done.store(STOP, Ordering::SeqCst);
+    let proposed = writer.join().unwrap() as usize;
+    wait_for("every write settled", minute, || settled(&shared, proposed));
+    wait_for("every node to hold the same values", minute, || {
+        all_alike(&shared)
+    });
+    check_values(&shared);
+    eprintln!(
+        "isolating the leader stalled acknowledgements for at most {stall:?} \
+         ({proposed} values proposed)"
+    );
     for h in handles.into_values() {
         h.stop(STOP);
     }
