@@ -274,6 +274,51 @@ async fn node_main(
     s.status.remove(&id);
 }
 
+/// How long any one wait of these tests may take.
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// Three nodes of one group, each on a thread of its own, with a leader.
+struct Cluster {
+    tmp: tempfile::TempDir,
+    nodes: BTreeMap<u64, SocketAddr>,
+    shared: Arc<Mutex<Shared>>,
+    handles: BTreeMap<u64, NodeHandle>,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let addrs = free_addrs(3);
+        let mut c = Cluster {
+            tmp: tempfile::tempdir().unwrap(),
+            nodes: (1..=3).zip(addrs).collect(),
+            shared: Arc::default(),
+            handles: BTreeMap::new(),
+        };
+        for id in 1..=3 {
+            c.restart(id);
+        }
+        wait_for("a leader", MINUTE, || leader(&c.shared).is_some());
+        c
+    }
+
+    /// Starts node `id` on its directories.
+    fn restart(&mut self, id: u64) {
+        let dir = self.tmp.path().join(format!("node-{id}"));
+        let node = start_node(id, self.nodes.clone(), dir, self.shared.clone());
+        self.handles.insert(id, node);
+    }
+
+    fn stop(&mut self, id: u64, how: u8) {
+        self.handles.remove(&id).expect("a running node").stop(how);
+    }
+
+    fn stop_all(self) {
+        for h in self.handles.into_values() {
+            h.stop(STOP);
+        }
+    }
+}
+
 fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
     let start = Instant::now();
     while !ok() {
@@ -298,17 +343,8 @@ fn propose(shared: &Mutex<Shared>, values: std::ops::Range<u64>) {
 
 #[test]
 fn a_three_node_group_over_tcp_keeps_every_acknowledged_value() {
-    let tmp = tempfile::tempdir().unwrap();
-    let addrs = free_addrs(3);
-    let nodes: BTreeMap<u64, SocketAddr> = (1..=3).zip(addrs).collect();
-    let shared = Arc::new(Mutex::new(Shared::default()));
-    let mut handles: BTreeMap<u64, NodeHandle> = BTreeMap::new();
-    for id in 1..=3 {
-        let dir = tmp.path().join(format!("node-{id}"));
-        handles.insert(id, start_node(id, nodes.clone(), dir, shared.clone()));
-    }
-    let minute = Duration::from_secs(60);
-    wait_for("a leader", minute, || leader(&shared).is_some());
+    let mut c = Cluster::start();
+    let (shared, nodes, minute) = (c.shared.clone(), c.nodes.clone(), MINUTE);
 
     propose(&shared, 0..500);
     wait_for("500 acknowledgements", minute, || settled(&shared, 500));
@@ -331,7 +367,7 @@ fn a_three_node_group_over_tcp_keeps_every_acknowledged_value() {
 
     // The leader stops; the other two go on.
     let old = leader(&shared).expect("a leader");
-    handles.remove(&old).unwrap().stop(STOP);
+    c.stop(old, STOP);
     propose(&shared, 500..1_000);
     wait_for(
         "1,000 acknowledgements without the old leader",
@@ -342,15 +378,12 @@ fn a_three_node_group_over_tcp_keeps_every_acknowledged_value() {
     assert_ne!(new, old);
 
     // The old leader comes back on its directories and catches up.
-    let dir = tmp.path().join(format!("node-{old}"));
-    handles.insert(old, start_node(old, nodes.clone(), dir, shared.clone()));
+    c.restart(old);
     wait_for("every node to hold the same values", minute, || {
         all_alike(&shared)
     });
     check_values(&shared);
-    for h in handles.into_values() {
-        h.stop(STOP);
-    }
+    c.stop_all();
 }
 
 /// Whether three nodes run and hold the same number of values, every acknowledged one at
@@ -418,17 +451,8 @@ fn steady_writer(shared: Arc<Mutex<Shared>>, done: Arc<AtomicU8>) -> std::thread
 
 #[test]
 fn a_leader_that_hands_off_before_stopping_stalls_writes_briefly() {
-    let tmp = tempfile::tempdir().unwrap();
-    let addrs = free_addrs(3);
-    let nodes: BTreeMap<u64, SocketAddr> = (1..=3).zip(addrs).collect();
-    let shared = Arc::new(Mutex::new(Shared::default()));
-    let mut handles: BTreeMap<u64, NodeHandle> = BTreeMap::new();
-    for id in 1..=3 {
-        let dir = tmp.path().join(format!("node-{id}"));
-        handles.insert(id, start_node(id, nodes.clone(), dir, shared.clone()));
-    }
-    let minute = Duration::from_secs(60);
-    wait_for("a leader", minute, || leader(&shared).is_some());
+    let mut c = Cluster::start();
+    let (shared, minute) = (c.shared.clone(), MINUTE);
     let done = Arc::new(AtomicU8::new(RUN));
     let writer = steady_writer(shared.clone(), done.clone());
     wait_for("writes flowing", minute, || {
@@ -439,22 +463,21 @@ fn a_leader_that_hands_off_before_stopping_stalls_writes_briefly() {
     // leader stops at once, with no hand-off, and the rest wait out an election timeout.
     let handed = Instant::now();
     let old = leader(&shared).expect("a leader");
-    handles.remove(&old).unwrap().stop(HAND_OFF);
+    c.stop(old, HAND_OFF);
     std::thread::sleep(Duration::from_millis(1_500));
     let stall_hand_off = longest_stall(&shared, handed);
     let second = leader(&shared).expect("a new leader");
     assert_ne!(second, old);
 
     // The old leader comes back; then the new leader is stopped abruptly.
-    let dir = tmp.path().join(format!("node-{old}"));
-    handles.insert(old, start_node(old, nodes.clone(), dir, shared.clone()));
+    c.restart(old);
     wait_for("three nodes", minute, || {
         shared.lock().unwrap().status.len() == 3
     });
     std::thread::sleep(Duration::from_millis(300));
     let abrupt = Instant::now();
     let third = leader(&shared).expect("a leader");
-    handles.remove(&third).unwrap().stop(STOP);
+    c.stop(third, STOP);
     std::thread::sleep(Duration::from_millis(1_500));
     let stall_abrupt = longest_stall(&shared, abrupt);
 
@@ -469,15 +492,12 @@ fn a_leader_that_hands_off_before_stopping_stalls_writes_briefly() {
         stall_hand_off < Duration::from_secs(1),
         "a hand-off stalled writes for {stall_hand_off:?}"
     );
-    let dir = tmp.path().join(format!("node-{third}"));
-    handles.insert(third, start_node(third, nodes.clone(), dir, shared.clone()));
+    c.restart(third);
     wait_for("every node to hold the same values", minute, || {
         all_alike(&shared)
     });
     check_values(&shared);
-    for h in handles.into_values() {
-        h.stop(STOP);
-    }
+    c.stop_all();
 }
 
 /// Cuts `node` off from every other node, both ways, through the transports' fault layer.
@@ -496,17 +516,8 @@ fn isolate(shared: &Mutex<Shared>, node: u64, others: impl Iterator<Item = u64>,
 
 #[test]
 fn an_isolated_leader_is_replaced_and_its_uncommitted_writes_dropped() {
-    let tmp = tempfile::tempdir().unwrap();
-    let addrs = free_addrs(3);
-    let nodes: BTreeMap<u64, SocketAddr> = (1..=3).zip(addrs).collect();
-    let shared = Arc::new(Mutex::new(Shared::default()));
-    let mut handles: BTreeMap<u64, NodeHandle> = BTreeMap::new();
-    for id in 1..=3 {
-        let dir = tmp.path().join(format!("node-{id}"));
-        handles.insert(id, start_node(id, nodes.clone(), dir, shared.clone()));
-    }
-    let minute = Duration::from_secs(60);
-    wait_for("a leader", minute, || leader(&shared).is_some());
+    let c = Cluster::start();
+    let (shared, minute) = (c.shared.clone(), MINUTE);
     let done = Arc::new(AtomicU8::new(RUN));
     let writer = steady_writer(shared.clone(), done.clone());
     wait_for("writes flowing", minute, || {
@@ -545,9 +556,7 @@ fn an_isolated_leader_is_replaced_and_its_uncommitted_writes_dropped() {
         "isolating the leader stalled acknowledgements for at most {stall:?} \
          ({proposed} values proposed)"
     );
-    for h in handles.into_values() {
-        h.stop(STOP);
-    }
+    c.stop_all();
 }
 
 fn hello_of_another_cluster() -> Vec<u8> {
