@@ -141,6 +141,20 @@ struct Segment<F> {
     map: Option<Bytes>,
 }
 
+impl<F> Segment<F> {
+    /// A new segment at `base` holding only its header: the active one.
+    fn empty(base: u64, file: F, config: &LogConfig) -> Segment<F> {
+        Segment {
+            base,
+            next: base,
+            len: SEGMENT_HEADER_BYTES as u64,
+            index: SparseIndex::new(config.index_interval_bytes),
+            file: Some(Rc::new(file)),
+            map: None,
+        }
+    }
+}
+
 struct State<F> {
     segments: Vec<Segment<F>>,
     /// Where the zeros written ahead of the active segment's records end (at least its
@@ -555,14 +569,8 @@ impl<S: Storage> Log<S> {
         sealed.map = Some(map);
         sealed.file = None;
         st.allocated = SEGMENT_HEADER_BYTES as u64;
-        st.segments.push(Segment {
-            base: next,
-            next,
-            len: SEGMENT_HEADER_BYTES as u64,
-            index: SparseIndex::new(self.config.index_interval_bytes),
-            file: Some(Rc::new(new_file)),
-            map: None,
-        });
+        st.segments
+            .push(Segment::empty(next, new_file, &self.config));
         Ok(())
     }
 
@@ -876,14 +884,7 @@ impl<S: Storage> Log<S> {
         let file = create_segment(&self.storage, next).await?;
         let mut st = self.state.borrow_mut();
         st.segments.clear();
-        st.segments.push(Segment {
-            base: next,
-            next,
-            len: SEGMENT_HEADER_BYTES as u64,
-            index: SparseIndex::new(self.config.index_interval_bytes),
-            file: Some(Rc::new(file)),
-            map: None,
-        });
+        st.segments.push(Segment::empty(next, file, &self.config));
         st.first_offset = next;
         st.durable_next = next;
         st.assigned_next = next;
@@ -1059,14 +1060,7 @@ impl<S: Storage> Recovery<'_, S> {
     }
 
     fn empty_segment(&self, base: u64, file: S::File) -> Segment<S::File> {
-        Segment {
-            base,
-            next: base,
-            len: SEGMENT_HEADER_BYTES as u64,
-            index: SparseIndex::new(self.config.index_interval_bytes),
-            file: Some(Rc::new(file)),
-            map: None,
-        }
+        Segment::empty(base, file, self.config)
     }
 
     /// Loads a segment's header and, for a sealed one, its index (or a scan). `None` if it

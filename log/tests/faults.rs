@@ -1,5 +1,6 @@
 //! Targeted fault tests on the simulated disk: flipped bits, failed writes and fsyncs, torn
-//! tails, damaged indexes, and the basic contracts of read, truncate and retention.
+//! tails, damaged indexes, and the basic contracts of read, truncate, retention and
+//! restart (a log emptied and continued at a later offset, crashed at every step).
 
 use chorus_log::{
     AppendError, CorruptReason, Entry, Log, LogConfig, ReadError, SimConfig, SimStorage, Storage,
@@ -381,4 +382,94 @@ fn preallocated_zeros_are_cut_quietly() {
     drop(log);
     let (log, _) = open(&s);
     assert_eq!(read_all(&log, 1).unwrap(), (1..=8).collect::<Vec<_>>());
+}
+
+// `Log::restart_at`: the log a Raft follower empties and restarts at a later offset when
+// it installs a snapshot. Checked whole, and with the simulated disk crashing at every
+// step of it: reopening finds the old records (a prefix of them, from the first), an empty
+// log, or the restarted one, and never old records at the new offsets or a hole.
+
+/// Appends one record, which must land at `offset`.
+fn append_at(log: &Log<SimStorage>, offset: u64) {
+    let p = body(offset);
+    let r = block_on(log.append(&[Entry {
+        timestamp_us: offset,
+        payload: &p,
+    }]))
+    .expect("append");
+    assert_eq!(r, offset..offset + 1);
+}
+
+#[test]
+fn restart_moves_the_next_offset_and_keeps_nothing_old() {
+    let s = storage();
+    let (log, _) = open(&s);
+    fill(&log, 200);
+    assert!(log.segment_count() > 3, "the test needs several segments");
+    block_on(log.restart_at(1_000)).expect("restart");
+    assert_eq!((log.first_offset(), log.next_offset()), (1_000, 1_000));
+    assert!(read_all(&log, 1_000).unwrap().is_empty());
+    append_at(&log, 1_000);
+    append_at(&log, 1_001);
+    block_on(log.close()).expect("close");
+
+    s.crash();
+    let (log, _) = open(&s);
+    assert_eq!((log.first_offset(), log.next_offset()), (1_000, 1_002));
+    assert_eq!(read_all(&log, 1_000).unwrap(), vec![1_000, 1_001]);
+    // Restarting at an earlier offset is allowed too: the log is simply emptied there.
+    block_on(log.restart_at(7)).expect("restart lower");
+    append_at(&log, 7);
+    assert_eq!((log.first_offset(), log.next_offset()), (7, 8));
+}
+
+#[test]
+fn a_crash_at_any_step_of_a_restart_leaves_a_whole_log() {
+    use futures::FutureExt;
+    use std::task::{Context, Poll};
+    let noop = futures::task::noop_waker();
+    let mut outcomes = [0usize; 3];
+    for seed in 0..40u64 {
+        for polls in 0..30usize {
+            let s = SimStorage::new(SimConfig {
+                seed: seed * 1_000 + polls as u64,
+                yield_permille: 700,
+            });
+            let (log, _) = open(&s);
+            fill(&log, 120);
+            {
+                let mut restart = Box::pin(log.restart_at(500));
+                let mut cx = Context::from_waker(&noop);
+                for _ in 0..polls {
+                    if let Poll::Ready(r) = restart.poll_unpin(&mut cx) {
+                        r.expect("restart");
+                        break;
+                    }
+                }
+            }
+            drop(log);
+            s.crash();
+            let (log, _) = open(&s);
+            let (first, next) = (log.first_offset(), log.next_offset());
+            assert_eq!(
+                read_all(&log, first).unwrap(),
+                (first..next).collect::<Vec<_>>(),
+                "seed {seed}, {polls} polls"
+            );
+            if first == 500 {
+                assert_eq!(next, 500, "the restarted log holds nothing");
+                outcomes[2] += 1;
+            } else {
+                assert_eq!(first, 1, "a prefix of the old log starts at its start");
+                assert!(next <= 121);
+                outcomes[usize::from(next == 1)] += 1;
+            }
+            // Whatever it found, the restart can be done again, and then holds.
+            block_on(log.restart_at(500)).expect("restart again");
+            append_at(&log, 500);
+            assert_eq!((log.first_offset(), log.next_offset()), (500, 501));
+        }
+    }
+    // Every kind of leftover was seen: part of the old log, nothing, the new log.
+    assert!(outcomes.iter().all(|&n| n > 0), "outcomes {outcomes:?}");
 }
