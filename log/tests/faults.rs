@@ -41,13 +41,7 @@ fn open_unallocated(s: &SimStorage) -> (Log<SimStorage>, chorus_log::RecoveryRep
 /// Appends records 1..=n one at a time.
 fn fill(log: &Log<SimStorage>, n: u64) {
     for i in 1..=n {
-        let p = body(i);
-        let r = block_on(log.append(&[Entry {
-            timestamp_us: i,
-            payload: &p,
-        }]))
-        .expect("append");
-        assert_eq!(r, i..i + 1);
+        append_at(log, i);
     }
 }
 
