@@ -17,15 +17,18 @@
 //! Inbound connections are accepted on the node's cluster address. The first frame must be
 //! a `HELLO` from a node of the membership with the same fingerprint; anything else closes
 //! the connection. After it, every message of every `RAFT` frame goes to `deliver`, with
-//! the sending node. Every decoding error closes the connection too; the peer reconnects.
+//! the sending node. A message larger than a piece (a snapshot) travels alone, in `PART`
+//! frames that the reader joins. Every decoding error closes the connection too; the peer
+//! reconnects.
 //!
 //! The fault layer: [`Transport::set_cut`] cuts this node off from a peer, both ways (what
 //! it would send is lost, what arrives from it is dropped), so that fault tests can
 //! partition a cluster of real processes without touching the host's network.
 
-use crate::wire::{self, Decoder, Frame};
+use crate::wire::{self, Decoder, Frame, Joiner};
 use futures::io::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
+use protobuf::Message as _;
 use raft::eraftpb::Message;
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -303,8 +306,18 @@ async fn send_loop(
         buf.clear();
         let mut written = Ok(());
         for part in split_batch(batch) {
-            if wire::encode_raft(&part, &mut buf).is_err() {
-                // One message over the frame limit: it can never be sent.
+            let encoded = match &part[..] {
+                // A message too large for a frame (a snapshot) goes in pieces.
+                [(group, msg)] if msg.compute_size() as usize > wire::PART_BYTES => msg
+                    .write_to_bytes()
+                    .map_err(|_| wire::WireError::TooLarge(0))
+                    .and_then(|bytes| wire::encode_parts(*group, &bytes, &mut buf)),
+                _ => wire::encode_raft(&part, &mut buf),
+            };
+            if encoded.is_err() {
+                // Over what a frame, or the pieces of one message, may carry: it can never
+                // be sent.
+                buf.clear();
                 (handlers.on_lost)(peer, part);
                 continue;
             }
@@ -326,21 +339,27 @@ async fn send_loop(
     }
 }
 
-/// Splits a batch so that each frame stays well under the frame limit.
+/// Splits a batch so that each frame stays well under the frame limit, and each message
+/// over a piece's size is alone.
 fn split_batch(batch: Batch) -> Vec<Batch> {
-    use protobuf::Message as _;
     let budget = wire::FRAME_BYTES_MAX / 2;
     let mut parts = Vec::new();
     let mut part = Vec::new();
     let mut bytes = 0;
     for (group, msg) in batch {
         let size = msg.compute_size() as usize + 12;
-        if !part.is_empty() && bytes + size > budget {
+        // A message over a piece's size travels alone, in pieces.
+        let alone = size > wire::PART_BYTES;
+        if !part.is_empty() && (alone || bytes + size > budget) {
             parts.push(std::mem::take(&mut part));
             bytes = 0;
         }
         bytes += size;
         part.push((group, msg));
+        if alone {
+            parts.push(std::mem::take(&mut part));
+            bytes = 0;
+        }
     }
     if !part.is_empty() {
         parts.push(part);
@@ -404,6 +423,7 @@ async fn read_loop(
     cut: Rc<RefCell<std::collections::BTreeSet<u64>>>,
 ) {
     let mut decoder = Decoder::new();
+    let mut joiner = Joiner::default();
     let mut buf = vec![0u8; READ_BYTES];
     let mut from = None;
     while let Some(read) = or_stop(&stopped, stream.read(&mut buf)).await {
@@ -444,6 +464,28 @@ async fn read_loop(
                         }
                     }
                 }
+                (
+                    Frame::Part {
+                        group,
+                        part,
+                        parts,
+                        bytes,
+                    },
+                    Some(node),
+                ) => match joiner.push(group, part, parts, &bytes) {
+                    Ok(Some((group, msg))) => {
+                        let cut_off = cut.borrow().contains(&node);
+                        if !cut_off && msg.from == node && msg.to == membership.me {
+                            (handlers.deliver)(node, group, msg);
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "a cluster connection sent bad pieces; closing it");
+                        let _ = stream.close().await;
+                        return;
+                    }
+                },
                 _ => {
                     tracing::warn!("a cluster connection broke the HELLO-first rule; closing it");
                     let _ = stream.close().await;

@@ -14,6 +14,10 @@
 //! - `RAFT` (2): a batch of Raft messages, all the sender had for this peer when it wrote:
 //!   a count (u32), then for each the group id (u64), the encoded message's length (u32)
 //!   and the raft-rs `Message` (protobuf).
+//! - `PART` (3): one piece of a message too large for one frame (a snapshot): the group id
+//!   (u64), the piece's number and the number of pieces (u32 each), then the piece's bytes
+//!   of the encoded message. The pieces of a message follow each other on a connection;
+//!   the reader joins them and parses the message once the last has come.
 //!
 //! A reader checks the length against [`FRAME_BYTES_MAX`] before it waits for the body, and
 //! the magic, version, kind, checksum and every inner length before it trusts any of it.
@@ -31,11 +35,17 @@ pub const MAGIC: [u8; 2] = *b"CR";
 pub const VERSION: u8 = 1;
 /// Magic, version, kind, body length, checksum.
 pub const HEADER_BYTES: usize = 2 + 1 + 1 + 4 + 8;
-/// The largest body a node accepts (Raft messages carry entries; snapshots are sent in
-/// pieces below this).
+/// The largest body a node accepts. Raft messages carry entries (raft-rs bounds an append
+/// by `max_size_per_msg`); a message larger than [`PART_BYTES`] (a snapshot) goes in
+/// `PART` frames.
 pub const FRAME_BYTES_MAX: usize = 16 << 20;
+/// Bytes of an encoded message per `PART` frame.
+pub const PART_BYTES: usize = 4 << 20;
+/// The most pieces of one message: 1 GiB of snapshot at most.
+pub const PARTS_MAX: u32 = 256;
 const KIND_HELLO: u8 = 1;
 const KIND_RAFT: u8 = 2;
+const KIND_PART: u8 = 3;
 
 /// One frame.
 #[derive(Clone, Debug, PartialEq)]
@@ -49,6 +59,17 @@ pub enum Frame {
     },
     /// Raft messages, each for a group.
     Raft(Vec<(u64, Message)>),
+    /// A piece of one encoded message of a group.
+    Part {
+        /// The message's group.
+        group: u64,
+        /// This piece's number, from 0.
+        part: u32,
+        /// How many pieces the message has.
+        parts: u32,
+        /// The piece's bytes.
+        bytes: Vec<u8>,
+    },
 }
 
 /// Why a byte stream is not a stream of frames.
@@ -102,6 +123,92 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) -> Result<(), WireError> {
             seal(out, start, KIND_HELLO)
         }
         Frame::Raft(msgs) => encode_raft(msgs, out),
+        Frame::Part {
+            group,
+            part,
+            parts,
+            bytes,
+        } => encode_part(*group, *part, *parts, bytes, out),
+    }
+}
+
+/// Appends a `PART` frame to `out`.
+pub fn encode_part(
+    group: u64,
+    part: u32,
+    parts: u32,
+    bytes: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), WireError> {
+    if part >= parts || parts > PARTS_MAX {
+        return Err(WireError::Malformed {
+            kind: "part",
+            why: format!("piece {part} of {parts} (at most {PARTS_MAX})"),
+        });
+    }
+    let start = begin(out);
+    out.extend_from_slice(&group.to_le_bytes());
+    out.extend_from_slice(&part.to_le_bytes());
+    out.extend_from_slice(&parts.to_le_bytes());
+    out.extend_from_slice(bytes);
+    seal(out, start, KIND_PART)
+}
+
+/// Splits one encoded message into `PART` frames appended to `out`.
+pub fn encode_parts(group: u64, encoded: &[u8], out: &mut Vec<u8>) -> Result<(), WireError> {
+    let parts = encoded.len().div_ceil(PART_BYTES).max(1);
+    let parts = u32::try_from(parts)
+        .ok()
+        .filter(|&n| n <= PARTS_MAX)
+        .ok_or(WireError::TooLarge(encoded.len()))?;
+    for (i, piece) in encoded.chunks(PART_BYTES).enumerate() {
+        encode_part(group, i as u32, parts, piece, out)?;
+    }
+    Ok(())
+}
+
+/// Joins the pieces of one message as they arrive on a connection.
+#[derive(Default)]
+pub struct Joiner {
+    /// The group, the number of pieces, the next piece expected, the bytes so far.
+    open: Option<(u64, u32, u32, Vec<u8>)>,
+}
+
+impl Joiner {
+    /// Takes a piece; the whole message once its last piece came. A piece out of order, of
+    /// another group, or a message that does not parse is an error (the connection ends).
+    pub fn push(
+        &mut self,
+        group: u64,
+        part: u32,
+        parts: u32,
+        bytes: &[u8],
+    ) -> Result<Option<(u64, Message)>, WireError> {
+        let bad = |why: &str| WireError::Malformed {
+            kind: "part",
+            why: why.to_owned(),
+        };
+        if part == 0 {
+            if self.open.is_some() {
+                return Err(bad("a message begun before the last one ended"));
+            }
+            self.open = Some((group, parts, 0, Vec::new()));
+        }
+        let Some((g, n, next, buf)) = self.open.as_mut() else {
+            return Err(bad("a piece of a message never begun"));
+        };
+        if (*g, *n, *next) != (group, parts, part) {
+            return Err(bad("a piece out of order"));
+        }
+        buf.extend_from_slice(bytes);
+        *next += 1;
+        if *next < *n {
+            return Ok(None);
+        }
+        let (g, _, _, buf) = self.open.take().expect("open");
+        let msg = Message::parse_from_bytes(&buf)
+            .map_err(|e| bad(&format!("a message that does not parse: {e}")))?;
+        Ok(Some((g, msg)))
     }
 }
 
@@ -214,7 +321,7 @@ fn check_partial_header(h: &[u8]) -> Result<(), WireError> {
         }
     }
     if let Some(&k) = h.get(3) {
-        if k != KIND_HELLO && k != KIND_RAFT {
+        if !(KIND_HELLO..=KIND_PART).contains(&k) {
             return Err(WireError::Kind(k));
         }
     }
@@ -222,7 +329,11 @@ fn check_partial_header(h: &[u8]) -> Result<(), WireError> {
 }
 
 fn decode_body(kind: u8, body: &[u8]) -> Result<Frame, WireError> {
-    let name = if kind == KIND_HELLO { "hello" } else { "raft" };
+    let name = match kind {
+        KIND_HELLO => "hello",
+        KIND_RAFT => "raft",
+        _ => "part",
+    };
     let bad = |why: &str| WireError::Malformed {
         kind: name,
         why: why.to_owned(),
@@ -233,6 +344,24 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Frame, WireError> {
             let node = take_u64(&mut r).ok_or_else(|| bad("short"))?;
             let cluster = take_u64(&mut r).ok_or_else(|| bad("short"))?;
             Frame::Hello { node, cluster }
+        }
+        KIND_PART => {
+            let group = take_u64(&mut r).ok_or_else(|| bad("short"))?;
+            let part = take_u32(&mut r).ok_or_else(|| bad("short"))?;
+            let parts = take_u32(&mut r).ok_or_else(|| bad("short"))?;
+            if part >= parts || parts > PARTS_MAX {
+                return Err(bad("a piece number past the pieces, or too many pieces"));
+            }
+            if r.len() > PART_BYTES {
+                return Err(bad("a piece larger than a piece may be"));
+            }
+            let bytes = std::mem::take(&mut r).to_vec();
+            Frame::Part {
+                group,
+                part,
+                parts,
+                bytes,
+            }
         }
         _ => {
             let count = take_u32(&mut r).ok_or_else(|| bad("no count"))? as usize;
@@ -325,6 +454,12 @@ pub fn fuzz_decode(data: &[u8]) {
 fn raft_fields(frame: &Frame) -> String {
     match frame {
         Frame::Hello { node, cluster } => format!("hello {node} {cluster}"),
+        Frame::Part {
+            group,
+            part,
+            parts,
+            bytes,
+        } => format!("part {group} {part}/{parts} {bytes:?}"),
         Frame::Raft(msgs) => {
             let mut out = String::from("raft");
             for (group, m) in msgs {
@@ -460,6 +595,58 @@ mod tests {
         let mut d = Decoder::new();
         d.extend(&good[..good.len() - 1]);
         assert_eq!(d.next_frame(), Ok(None));
+    }
+
+    #[test]
+    fn a_large_message_goes_in_pieces_and_comes_back_whole() {
+        let mut snap = Message {
+            msg_type: MessageType::MsgSnapshot,
+            to: 2,
+            from: 1,
+            term: 5,
+            ..Message::default()
+        };
+        snap.mut_snapshot().data = (0..10_000_000u32)
+            .map(|i| i as u8)
+            .collect::<Vec<u8>>()
+            .into();
+        snap.mut_snapshot().mut_metadata().index = 77;
+        let encoded = snap.write_to_bytes().unwrap();
+        let mut stream = Vec::new();
+        encode_parts(9, &encoded, &mut stream).unwrap();
+        let mut d = Decoder::new();
+        d.extend(&stream);
+        let mut joiner = Joiner::default();
+        let mut whole = None;
+        let mut pieces = 0;
+        while let Some(f) = d.next_frame().unwrap() {
+            let Frame::Part {
+                group,
+                part,
+                parts,
+                bytes,
+            } = f
+            else {
+                panic!("a part frame");
+            };
+            assert!(bytes.len() <= PART_BYTES);
+            pieces += 1;
+            if let Some(m) = joiner.push(group, part, parts, &bytes).unwrap() {
+                whole = Some(m);
+            }
+        }
+        assert_eq!(pieces, 3);
+        assert_eq!(whole, Some((9, snap)));
+        // Out of order, or a piece of nothing begun, ends the connection.
+        let mut j = Joiner::default();
+        assert!(j.push(1, 1, 3, b"x").is_err());
+        let mut j = Joiner::default();
+        j.push(1, 0, 3, b"x").unwrap();
+        assert!(j.push(1, 2, 3, b"x").is_err());
+        let mut j = Joiner::default();
+        j.push(1, 0, 2, b"x").unwrap();
+        assert!(j.push(2, 1, 2, b"x").is_err());
+        assert!(encode_part(1, 3, 3, b"", &mut Vec::new()).is_err());
     }
 
     #[test]

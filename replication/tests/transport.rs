@@ -1,0 +1,116 @@
+//! The node transport between two nodes on real loopback TCP: a snapshot larger than a
+//! frame travels in pieces and arrives whole, in order with the messages around it; a
+//! message to a node that is down is reported lost.
+
+use chorus_replication::transport::{Handlers, Membership, Transport};
+use raft::eraftpb::{Message, MessageType};
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+fn free_addrs(n: usize) -> Vec<SocketAddr> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners.iter().map(|l| l.local_addr().unwrap()).collect()
+}
+
+type Got = Rc<RefCell<Vec<(u64, u64, Message)>>>;
+
+fn node(me: u64, nodes: &BTreeMap<u64, SocketAddr>, got: Got, lost: Got) -> Rc<Transport> {
+    let listener = glommio::net::TcpListener::bind(nodes[&me]).unwrap();
+    Transport::start(
+        Membership {
+            me,
+            nodes: nodes.clone(),
+        },
+        listener,
+        Handlers {
+            deliver: Box::new(move |from, group, m| got.borrow_mut().push((from, group, m))),
+            on_lost: Box::new(move |peer, msgs| {
+                lost.borrow_mut()
+                    .extend(msgs.into_iter().map(|(g, m)| (peer, g, m)))
+            }),
+        },
+    )
+}
+
+fn heartbeat(from: u64, to: u64, commit: u64) -> Message {
+    Message {
+        msg_type: MessageType::MsgHeartbeat,
+        from,
+        to,
+        term: 3,
+        commit,
+        ..Message::default()
+    }
+}
+
+async fn until(what: &str, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "timed out: {what}"
+        );
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[test]
+fn a_snapshot_larger_than_a_frame_arrives_whole_and_in_order() {
+    glommio::LocalExecutorBuilder::default()
+        .make()
+        .unwrap()
+        .run(async {
+            let addrs = free_addrs(3);
+            let nodes: BTreeMap<u64, SocketAddr> = (1..=3).zip(addrs).collect();
+            let (got1, lost1): (Got, Got) = Default::default();
+            let (got2, lost2): (Got, Got) = Default::default();
+            let one = node(1, &nodes, got1, lost1.clone());
+            let two = node(2, &nodes, got2.clone(), lost2);
+            // 40 MB of snapshot: more than two frames' worth, ten pieces.
+            let mut snap = Message {
+                msg_type: MessageType::MsgSnapshot,
+                from: 1,
+                to: 2,
+                term: 3,
+                ..Message::default()
+            };
+            let data: Vec<u8> = (0..40_000_000u32).map(|i| (i % 251) as u8).collect();
+            snap.mut_snapshot().data = data.clone().into();
+            snap.mut_snapshot().mut_metadata().index = 1_000;
+            one.send(5, heartbeat(1, 2, 1));
+            one.send(5, snap);
+            one.send(5, heartbeat(1, 2, 2));
+            until("three messages at node 2", || got2.borrow().len() == 3).await;
+            let got = got2.borrow().clone();
+            let kinds: Vec<MessageType> = got.iter().map(|(_, _, m)| m.get_msg_type()).collect();
+            assert_eq!(
+                kinds,
+                [
+                    MessageType::MsgHeartbeat,
+                    MessageType::MsgSnapshot,
+                    MessageType::MsgHeartbeat
+                ]
+            );
+            assert!(got.iter().all(|(from, group, _)| (*from, *group) == (1, 5)));
+            let s = got[1].2.get_snapshot();
+            assert_eq!(s.get_metadata().index, 1_000);
+            assert!(s.data[..] == data[..], "the snapshot's bytes arrive intact");
+            assert_eq!((got[0].2.commit, got[2].2.commit), (1, 2));
+            // Node 3 never started: what is sent to it is reported lost.
+            one.send(5, heartbeat(1, 3, 9));
+            until("the message to node 3 reported lost", || {
+                lost1
+                    .borrow()
+                    .iter()
+                    .any(|(peer, _, m)| *peer == 3 && m.commit == 9)
+            })
+            .await;
+            one.stop();
+            two.stop();
+        });
+}
