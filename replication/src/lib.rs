@@ -9,6 +9,8 @@
 //! - [`Group`]: one group on one node, its `Ready` loop in the order raft-rs asks for
 //!   (entries before hard state, votes and acknowledgements only after both), applying
 //!   committed entries to a [`StateMachine`] and compacting behind its snapshots;
+//! - [`placement`]: which nodes hold each partition (3, or all if fewer) and which should
+//!   lead it, spread evenly, computed alike by every node;
 //! - [`wire`]: the node-to-node frames (versioned, length-prefixed, checksummed, a batch of
 //!   Raft messages per frame), and their decoder;
 //! - [`transport`]: Raft messages between nodes over TCP on glommio, one connection per
@@ -21,6 +23,7 @@
 //! and in the same order, on every node.
 
 pub mod group;
+pub mod placement;
 pub mod raft_log;
 pub mod state;
 pub mod transport;

@@ -1,0 +1,99 @@
+//! Where a cluster's groups live: which nodes hold each partition, and which of them should
+//! lead it.
+//!
+//! Every partition (and the metadata partition) is a group of [`replication_factor`]
+//! replicas: 3, or every node when there are fewer. Partition `p` of a cluster of nodes
+//! `n_0 < n_1 < … < n_{N-1}` lives on the `RF` nodes that follow `n_{p mod N}` around the
+//! ring, that node first; the first replica is the preferred leader (raft-rs elects a node
+//! of higher priority first), so leaderships spread evenly over the nodes, and each node
+//! holds `P × RF / N` replicas. The placement is a pure function of the membership and
+//! the partition, so every node computes the same one without asking.
+
+/// Replicas per group: 3, or the number of nodes if fewer.
+pub fn replication_factor(nodes: usize) -> usize {
+    nodes.min(3)
+}
+
+/// The nodes that hold partition `partition`, its preferred leader first. `nodes` is the
+/// cluster's node ids in any order; empty in, empty out.
+pub fn replicas(partition: u32, nodes: &[u64]) -> Vec<u64> {
+    let mut sorted = nodes.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let n = sorted.len();
+    if n == 0 {
+        return Vec::new();
+    }
+    let first = partition as usize % n;
+    (0..replication_factor(n))
+        .map(|k| sorted[(first + k) % n])
+        .collect()
+}
+
+/// The raft-rs election priority of `node` in partition `partition`: higher for earlier
+/// replicas, 0 for a node that holds no replica.
+pub fn priority(partition: u32, nodes: &[u64], node: u64) -> i64 {
+    let r = replicas(partition, nodes);
+    r.iter()
+        .position(|&n| n == node)
+        .map_or(0, |i| (r.len() - i) as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn three_replicas_or_all_nodes() {
+        assert_eq!(replicas(0, &[]), Vec::<u64>::new());
+        assert_eq!(replicas(5, &[7]), vec![7]);
+        assert_eq!(replicas(1, &[2, 1]), vec![2, 1]);
+        assert_eq!(replicas(0, &[3, 1, 2]), vec![1, 2, 3]);
+        assert_eq!(replicas(4, &[1, 2, 3, 4, 5]), vec![5, 1, 2]);
+        // The order nodes are listed in does not matter, nor repeats.
+        assert_eq!(replicas(4, &[5, 4, 3, 2, 1, 1]), vec![5, 1, 2]);
+    }
+
+    // Over 16 partitions and the metadata partition, every node leads and holds its share,
+    // within one, for every cluster size up to 7.
+    #[test]
+    fn leaders_and_replicas_spread_evenly() {
+        for n in 1..=7u64 {
+            let nodes: Vec<u64> = (1..=n).collect();
+            let partitions = 17u32;
+            let mut leads: BTreeMap<u64, u32> = BTreeMap::new();
+            let mut holds: BTreeMap<u64, u32> = BTreeMap::new();
+            for p in 0..partitions {
+                let r = replicas(p, &nodes);
+                assert_eq!(r.len(), replication_factor(n as usize));
+                let distinct: std::collections::BTreeSet<u64> = r.iter().copied().collect();
+                assert_eq!(distinct.len(), r.len(), "replicas are distinct nodes");
+                *leads.entry(r[0]).or_default() += 1;
+                for node in &r {
+                    *holds.entry(*node).or_default() += 1;
+                }
+                assert!(
+                    priority(p, &nodes, r[0]) > priority(p, &nodes, *r.last().unwrap())
+                        || r.len() == 1
+                );
+            }
+            let spread = |m: &BTreeMap<u64, u32>| {
+                let (lo, hi) = (m.values().min().unwrap(), m.values().max().unwrap());
+                assert_eq!(m.len() as u64, n, "every node takes part");
+                hi - lo
+            };
+            assert!(spread(&leads) <= 1, "{n} nodes: leaders {leads:?}");
+            assert!(spread(&holds) <= 3, "{n} nodes: replicas {holds:?}");
+        }
+    }
+
+    #[test]
+    fn a_node_without_a_replica_has_no_priority() {
+        let nodes = [1, 2, 3, 4];
+        let r = replicas(0, &nodes);
+        let outside = *nodes.iter().find(|n| !r.contains(n)).unwrap();
+        assert_eq!(priority(0, &nodes, outside), 0);
+        assert_eq!(priority(0, &nodes, r[0]), 3);
+    }
+}
