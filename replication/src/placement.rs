@@ -4,10 +4,17 @@
 //! Every partition (and the metadata partition) is a group of [`replication_factor`]
 //! replicas: 3, or every node when there are fewer. Partition `p` of a cluster of nodes
 //! `n_0 < n_1 < … < n_{N-1}` lives on the `RF` nodes that follow `n_{p mod N}` around the
-//! ring, that node first; the first replica is the preferred leader (raft-rs elects a node
-//! of higher priority first), so leaderships spread evenly over the nodes, and each node
-//! holds `P × RF / N` replicas. The placement is a pure function of the membership and
-//! the partition, so every node computes the same one without asking.
+//! ring, that node first; the first replica is the preferred leader, so leaderships
+//! spread evenly over the nodes, and each node holds `P × RF / N` replicas. The placement
+//! is a pure function of the membership and the partition, so every node computes the
+//! same one without asking.
+//!
+//! The preferred leader is to be reached by a leadership transfer once the group has a
+//! leader, not by raft-rs's election priority: with priorities, a voter of higher
+//! priority refuses a candidate whose log is as long as its own but newer, and that
+//! candidate refuses it back, so the group can stay leaderless (the simulation found a
+//! group of two voters stuck so). raft-rs 0.7 also stops when a node at term 0 refuses a
+//! pre-vote, which priorities make possible.
 
 /// Replicas per group: 3, or the number of nodes if fewer.
 pub fn replication_factor(nodes: usize) -> usize {
@@ -30,13 +37,9 @@ pub fn replicas(partition: u32, nodes: &[u64]) -> Vec<u64> {
         .collect()
 }
 
-/// The raft-rs election priority of `node` in partition `partition`: higher for earlier
-/// replicas, 0 for a node that holds no replica.
-pub fn priority(partition: u32, nodes: &[u64], node: u64) -> i64 {
-    let r = replicas(partition, nodes);
-    r.iter()
-        .position(|&n| n == node)
-        .map_or(0, |i| (r.len() - i) as i64)
+/// Whether `node` is the preferred leader of partition `partition`.
+pub fn prefers(partition: u32, nodes: &[u64], node: u64) -> bool {
+    replicas(partition, nodes).first() == Some(&node)
 }
 
 #[cfg(test)]
@@ -73,10 +76,8 @@ mod tests {
                 for node in &r {
                     *holds.entry(*node).or_default() += 1;
                 }
-                assert!(
-                    priority(p, &nodes, r[0]) > priority(p, &nodes, *r.last().unwrap())
-                        || r.len() == 1
-                );
+                assert!(prefers(p, &nodes, r[0]));
+                assert!(r[1..].iter().all(|&other| !prefers(p, &nodes, other)));
             }
             let spread = |m: &BTreeMap<u64, u32>| {
                 let (lo, hi) = (m.values().min().unwrap(), m.values().max().unwrap());
@@ -89,11 +90,10 @@ mod tests {
     }
 
     #[test]
-    fn a_node_without_a_replica_has_no_priority() {
+    fn a_node_without_a_replica_is_never_preferred() {
         let nodes = [1, 2, 3, 4];
         let r = replicas(0, &nodes);
         let outside = *nodes.iter().find(|n| !r.contains(n)).unwrap();
-        assert_eq!(priority(0, &nodes, outside), 0);
-        assert_eq!(priority(0, &nodes, r[0]), 3);
+        assert!(!prefers(0, &nodes, outside));
     }
 }
