@@ -51,6 +51,8 @@ struct Faults {
     /// Chance that the leader proposes a membership change: removing a node, or adding
     /// back the one removed.
     conf_change_permille: u32,
+    /// Chance that the leader hands its leadership off, as before a planned stop.
+    hand_off_permille: u32,
 }
 
 const FAULTS: Faults = Faults {
@@ -63,6 +65,7 @@ const FAULTS: Faults = Faults {
     heal_permille: 10,
     propose_permille: 300,
     conf_change_permille: 6,
+    hand_off_permille: 4,
 };
 
 const CALM: Faults = Faults {
@@ -75,6 +78,7 @@ const CALM: Faults = Faults {
     heal_permille: 0,
     propose_permille: 0,
     conf_change_permille: 0,
+    hand_off_permille: 0,
 };
 
 type Node = Group<SimStorage, Values>;
@@ -171,6 +175,7 @@ struct Truth {
     compactions: usize,
     partitions: usize,
     conf_changes_applied: usize,
+    hand_offs: usize,
 }
 
 impl Truth {
@@ -466,6 +471,16 @@ impl Sim {
         if self.rng.chance(f.conf_change_permille) {
             self.change_membership();
         }
+        if self.rng.chance(f.hand_off_permille) {
+            if let Some((leader, _)) = self.leader_voters() {
+                let node = self.nodes[(leader - 1) as usize]
+                    .as_mut()
+                    .expect("live leader");
+                if node.hand_off_leadership().is_some() {
+                    self.truth.borrow_mut().hand_offs += 1;
+                }
+            }
+        }
         self.ready_all();
     }
 
@@ -695,6 +710,7 @@ impl Sim {
                 t.installs,
                 t.compactions,
                 t.conf_changes_applied,
+                t.hand_offs,
             ],
         }
     }
@@ -706,8 +722,9 @@ struct Report {
     acked: usize,
     kept: usize,
     /// Crashes, disk faults part-way through a `Ready` (each also a crash), partitions,
-    /// snapshots installed, compactions, membership changes applied (on any node).
-    faults: [usize; 6],
+    /// snapshots installed, compactions, membership changes applied (on any node),
+    /// leadership hand-offs asked for.
+    faults: [usize; 7],
 }
 
 impl Report {
@@ -721,11 +738,12 @@ impl Report {
     }
 
     fn line(&self) -> String {
-        let [crashes, disk, partitions, installs, compactions, changes] = self.faults;
+        let [crashes, disk, partitions, installs, compactions, changes, hand_offs] = self.faults;
         format!(
             "{} proposed, {} acknowledged, {} kept; {crashes} crashes ({disk} of them disk \
              faults part-way through a Ready), {partitions} partitions, {installs} snapshots \
-             installed, {compactions} compactions, {changes} membership changes applied",
+             installed, {compactions} compactions, {changes} membership changes applied, \
+             {hand_offs} leadership hand-offs",
             self.proposed, self.acked, self.kept
         )
     }
