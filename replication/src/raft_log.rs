@@ -327,8 +327,11 @@ impl<S: Storage> RaftLog<S> {
     async fn write_snapshot_file(&self, index: u64, data: &[u8]) -> io::Result<()> {
         let name = snapshot_name(index);
         let tmp = format!("{name}.tmp");
-        if self.dir.list().await?.contains(&tmp) {
-            self.dir.remove(&tmp).await?;
+        // A leftover of a crash: opening removes them, but a compaction may follow a
+        // failed one in the same life.
+        match self.dir.remove(&tmp).await {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
         }
         let f = self.dir.create(&tmp).await?;
         f.write_at(0, &(data.len() as u64).to_le_bytes()).await?;

@@ -116,8 +116,6 @@ async fn or_stop<T>(stop: &Stop, f: impl std::future::Future<Output = T>) -> Opt
 struct Outbox {
     queue: RefCell<Batch>,
     waker: RefCell<Option<Waker>>,
-    /// Whether the last attempt to reach the peer worked.
-    up: Cell<bool>,
 }
 
 /// Messages of groups: (group id, message).
@@ -134,7 +132,6 @@ pub struct Handlers {
 /// The transport of one node.
 pub struct Transport {
     membership: Membership,
-    fingerprint: u64,
     outboxes: BTreeMap<u64, Rc<Outbox>>,
     handlers: Rc<Handlers>,
     stopped: Rc<Stop>,
@@ -159,14 +156,12 @@ impl Transport {
                 let outbox = Outbox {
                     queue: RefCell::new(Vec::new()),
                     waker: RefCell::new(None),
-                    up: Cell::new(true),
                 };
                 (id, Rc::new(outbox))
             })
             .collect();
         let t = Rc::new(Transport {
             membership,
-            fingerprint,
             outboxes,
             handlers: Rc::new(handlers),
             stopped: Rc::default(),
@@ -205,21 +200,6 @@ impl Transport {
         } else {
             set.remove(&peer);
         }
-    }
-
-    /// This node's id.
-    pub fn me(&self) -> u64 {
-        self.membership.me
-    }
-
-    /// The membership fingerprint.
-    pub fn fingerprint(&self) -> u64 {
-        self.fingerprint
-    }
-
-    /// Whether the last attempt to reach `peer` worked.
-    pub fn is_up(&self, peer: u64) -> bool {
-        self.outboxes.get(&peer).is_some_and(|o| o.up.get())
     }
 
     /// Queues a message of `group` for its `to` node. A message for an unknown node, or
@@ -288,11 +268,9 @@ async fn send_loop(
             match connect(addr, me, fingerprint).await {
                 Ok(c) => {
                     conn = Some(c);
-                    outbox.up.set(true);
                     backoff = BACKOFF_MIN;
                 }
                 Err(_) => {
-                    outbox.up.set(false);
                     // What waited for a peer that cannot be reached is lost; Raft resends.
                     let lost = std::mem::take(&mut *outbox.queue.borrow_mut());
                     (handlers.on_lost)(peer, lost);
@@ -308,10 +286,9 @@ async fn send_loop(
         for part in split_batch(batch) {
             let encoded = match &part[..] {
                 // A message too large for a frame (a snapshot) goes in pieces.
-                [(group, msg)] if msg.compute_size() as usize > wire::PART_BYTES => msg
-                    .write_to_bytes()
-                    .map_err(|_| wire::WireError::TooLarge(0))
-                    .and_then(|bytes| wire::encode_parts(*group, &bytes, &mut buf)),
+                [(group, msg)] if msg.compute_size() as usize > wire::PART_BYTES => {
+                    wire::encode_parts(*group, msg, &mut buf)
+                }
                 _ => wire::encode_raft(&part, &mut buf),
             };
             if encoded.is_err() {
@@ -331,7 +308,6 @@ async fn send_loop(
         }
         if written.is_err() {
             conn = None;
-            outbox.up.set(false);
         }
     }
     if let Some(mut c) = conn {

@@ -154,8 +154,12 @@ pub fn encode_part(
     seal(out, start, KIND_PART)
 }
 
-/// Splits one encoded message into `PART` frames appended to `out`.
-pub fn encode_parts(group: u64, encoded: &[u8], out: &mut Vec<u8>) -> Result<(), WireError> {
+/// Encodes one message as `PART` frames appended to `out`.
+pub fn encode_parts(group: u64, msg: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
+    let encoded = msg.write_to_bytes().map_err(|e| WireError::Malformed {
+        kind: "part",
+        why: e.to_string(),
+    })?;
     let parts = encoded.len().div_ceil(PART_BYTES).max(1);
     let parts = u32::try_from(parts)
         .ok()
@@ -611,9 +615,8 @@ mod tests {
             .collect::<Vec<u8>>()
             .into();
         snap.mut_snapshot().mut_metadata().index = 77;
-        let encoded = snap.write_to_bytes().unwrap();
         let mut stream = Vec::new();
-        encode_parts(9, &encoded, &mut stream).unwrap();
+        encode_parts(9, &snap, &mut stream).unwrap();
         let mut d = Decoder::new();
         d.extend(&stream);
         let mut joiner = Joiner::default();
