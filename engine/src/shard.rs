@@ -38,6 +38,18 @@ pub const NO_PIN_ENV: &str = "CHORUS_NO_PIN";
 /// Threads of each shard's blocking pool, placed by the kernel (not pinned).
 pub const BLOCKING_THREADS: usize = 2;
 
+/// Submission entries of each of a shard's io_uring rings (glommio's default is 128). The
+/// kernel sizes a ring's table of pending polls from it: `log2(completion entries) - 5`
+/// bits, at most 8. At 128 that is 8 buckets, so with thousands of sockets waiting to be
+/// readable every cancellation (glommio cancels and re-arms its preemption timers on each
+/// turn of the reactor, and the kernel looks for a cancelled request among the polls
+/// first) walked chains of a thousand polls: 8 % of the server's CPU in the `presence`
+/// benchmark. At 4,096 the table has its 256 buckets, for about 1 MiB of rings per shard.
+pub const RING_DEPTH: usize = 4096;
+
+/// The depth tried when [`RING_DEPTH`] cannot be had: glommio's default.
+const RING_DEPTH_FALLBACK: usize = 128;
+
 /// The prefix of every shard thread's name; shard `i`'s thread is `chorus-shard-{i}`.
 const THREAD_NAME_PREFIX: &str = "chorus-shard-";
 
@@ -228,10 +240,16 @@ where
 /// either way with a blocking pool of [`BLOCKING_THREADS`] unpinned threads.
 fn build_executor(placement: Placement) -> Result<LocalExecutor, String> {
     let pinned = matches!(placement, Placement::Fixed(_));
-    let make = |placement| {
-        LocalExecutorBuilder::new(placement)
-            .blocking_thread_pool_placement(PoolPlacement::Unbound(BLOCKING_THREADS))
-            .make()
+    let make = |placement: Placement| {
+        let build = |depth| {
+            LocalExecutorBuilder::new(placement.clone())
+                .ring_depth(depth)
+                .blocking_thread_pool_placement(PoolPlacement::Unbound(BLOCKING_THREADS))
+                .make()
+        };
+        // A kernel that cannot give rings this deep still runs the shard, with
+        // glommio's own depth.
+        build(RING_DEPTH).or_else(|_| build(RING_DEPTH_FALLBACK))
     };
     match make(placement) {
         Ok(executor) => Ok(executor),
