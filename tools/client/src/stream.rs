@@ -92,6 +92,16 @@ pub const HEARTBEAT_INTERVAL_MIN: Duration = Duration::from_millis(200);
 /// The WebSocket close code that says the token was refused.
 pub const CLOSE_UNAUTHORIZED: u16 = 4001;
 
+/// tungstenite's read buffer. Its default, 128 KiB, is zeroed before every read attempt,
+/// including each one that finds the socket empty; server frames are small, and a larger
+/// one takes more reads.
+const WS_READ_BUFFER_BYTES: usize = 16 * 1024;
+
+fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(WS_READ_BUFFER_BYTES)
+}
+
 /// How a stream starts and behaves.
 #[derive(Clone, Debug)]
 pub struct ConnectOptions {
@@ -739,7 +749,7 @@ impl Conn {
         let bearer = HeaderValue::from_str(&format!("Bearer {token}"))
             .map_err(|_| ConnectError::Fatal(Error::Unauthorized))?;
         request.headers_mut().insert(header::AUTHORIZATION, bearer);
-        let (ws, _) = tokio_tungstenite::client_async(request, tcp)
+        let (ws, _) = tokio_tungstenite::client_async_with_config(request, tcp, Some(ws_config()))
             .await
             .map_err(upgrade_error)?;
         let (mut sink, read) = ws.split();
