@@ -66,6 +66,10 @@ pub struct EngineConfig {
     /// How long a user's presence stays as it was after their last connection went, before
     /// it becomes `offline` (`presence_offline_grace_s`, `API.md` §10).
     pub presence_offline_grace: std::time::Duration,
+    /// How long a subscriber's presence window lasts (`presence_flush_ms`, `API.md` §10):
+    /// the records of a window reach its reader together, with the window's end mark
+    /// ([`crate::presence::window_end`]), this long after its first.
+    pub presence_flush: std::time::Duration,
 }
 
 impl EngineConfig {
@@ -85,6 +89,7 @@ impl EngineConfig {
             snapshot_every_events: 100_000,
             consumers: Vec::new(),
             presence_offline_grace: std::time::Duration::from_secs(30),
+            presence_flush: std::time::Duration::from_millis(250),
         }
     }
 }

@@ -540,6 +540,23 @@ pub const UPDATE_TAG: u8 = 0;
 /// The length of an update record.
 pub const UPDATE_BYTES: usize = 44;
 
+/// The one byte of a window's end mark (see [`window_end`]).
+pub const WINDOW_END_TAG: u8 = 1;
+
+/// The mark that ends a subscriber's presence window. The shard that holds the subscriber
+/// queues update records without waking its reader, and this mark, with a wake-up,
+/// `presence_flush_ms` after the window's first record: the reader then sends one
+/// `presence` frame for all of the window's records. A window opens only with a record
+/// after the previous mark, so marks are at least a window apart.
+pub fn window_end() -> Bytes {
+    Bytes::from_static(&[WINDOW_END_TAG])
+}
+
+/// Whether a frame in a subscriber's queue is the end of a presence window.
+pub fn is_window_end(frame: &[u8]) -> bool {
+    frame == [WINDOW_END_TAG]
+}
+
 /// A change of one watched user, as a watcher's connection receives it: encoded once by
 /// the owner, shared by every watcher, and never sent to a client as is (the session turns
 /// the latest of each user into a `presence` frame).

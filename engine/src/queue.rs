@@ -601,19 +601,28 @@ pub struct FrameSender {
 impl FrameSender {
     /// Queues `frame` for the subscriber, or cuts the subscriber off if its queue is full.
     pub fn push(&self, frame: Bytes) -> PushOutcome {
+        let outcome = self.push_quiet(frame);
+        if outcome == PushOutcome::Queued {
+            self.shared.receiver_waker.wake();
+        }
+        outcome
+    }
+
+    /// Queues `frame` as [`FrameSender::push`] does, without waking the receiver: it finds
+    /// the frame when something else wakes it (a later push, a timer of its own).
+    pub fn push_quiet(&self, frame: Bytes) -> PushOutcome {
         if self.is_closed() {
             return PushOutcome::Disconnected;
         }
         if self.shared.frames.push(frame).is_err() {
             // Only the cut that this push made reports `Overflowed`, so the shard logs and
-            // counts each cutoff once.
+            // counts each cutoff once. The cut wakes the receiver.
             return if self.shared.cut(Cutoff::Overflow) {
                 PushOutcome::Overflowed
             } else {
                 PushOutcome::Disconnected
             };
         }
-        self.shared.receiver_waker.wake();
         PushOutcome::Queued
     }
 

@@ -57,6 +57,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     engine_config.subscriber_queue_frames = config.ws_outbound_frames_max;
     engine_config.presence_offline_grace =
         std::time::Duration::from_secs(config.presence_offline_grace_s);
+    engine_config.presence_flush = std::time::Duration::from_millis(config.presence_flush_ms);
     engine_config.consumers = vec![
         crate::workspace_metrics::CONSUMER_NAME.to_owned(),
         SEARCH_CONSUMER.to_owned(),

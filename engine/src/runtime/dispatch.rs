@@ -30,9 +30,10 @@ use crate::presence::{ConnKey, WatchOp, PRESENCE_WATCH_MAX};
 use crate::queue::{Cutoff, FrameSender, PushOutcome};
 use bytes::Bytes;
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// What a new subscription starts with.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -132,6 +133,8 @@ struct Sub {
     /// The users whose presence this subscriber watches (registered with each one's home
     /// shard), at most [`crate::presence::PRESENCE_WATCH_MAX`].
     watching: HashSet<UserId>,
+    /// A presence window is open: records were queued (quietly) and its end mark is due.
+    presence_window: bool,
 }
 
 /// An ephemeral frame kept for a channel that is not live yet.
@@ -191,6 +194,11 @@ pub(crate) struct Dispatcher {
     pub(crate) outbox: Vec<(u32, ShardMsg)>,
     /// Subscribers to cut off at the next turn: found where the loop cannot wait.
     pending_cuts: Vec<(u64, Cutoff)>,
+    /// How long a presence window lasts (`presence_flush_ms`).
+    presence_flush: Duration,
+    /// Open presence windows, by when each ends: opened in time order with the same
+    /// length, so a queue is already sorted.
+    presence_windows: VecDeque<(Instant, u64)>,
 }
 
 /// A catch-up page is asked for only when the subscriber's queue has at least this much
@@ -202,6 +210,7 @@ impl Dispatcher {
         shard: u32,
         routes: Routes,
         observer: crate::config::ObserverSlot,
+        presence_flush: Duration,
     ) -> Dispatcher {
         Dispatcher {
             shard,
@@ -215,6 +224,8 @@ impl Dispatcher {
             observer,
             outbox: Vec::new(),
             pending_cuts: Vec::new(),
+            presence_flush,
+            presence_windows: VecDeque::new(),
         }
     }
 
@@ -252,6 +263,7 @@ impl Dispatcher {
                 held_ephemeral: Vec::new(),
                 departed: HashMap::new(),
                 watching: HashSet::new(),
+                presence_window: false,
             },
         );
         self.by_user.entry(user).or_default().push(id);
@@ -978,20 +990,56 @@ impl Dispatcher {
     /// Pushes a presence record to the local subscribers that still watch its user (one
     /// may have stopped since the owner sent it). A full queue cuts the subscriber off,
     /// as for any frame.
-    pub(crate) async fn presence_deliver(&mut self, user: UserId, record: Bytes, subs: Vec<u64>) {
+    pub(crate) async fn presence_deliver(
+        &mut self,
+        now: Instant,
+        user: UserId,
+        record: Bytes,
+        subs: Vec<u64>,
+    ) {
         let mut cut = Vec::new();
         for sub in subs {
-            let Some(s) = self.subs.get(&sub) else {
+            let Some(s) = self.subs.get_mut(&sub) else {
                 continue;
             };
-            if s.watching.contains(&user)
-                && s.outlet.queue.push(record.clone()) != PushOutcome::Queued
-            {
+            if !s.watching.contains(&user) {
+                continue;
+            }
+            // Quietly: the reader is woken once, by the window's end mark.
+            if s.outlet.queue.push_quiet(record.clone()) != PushOutcome::Queued {
                 cut.push(sub);
+            } else if !s.presence_window {
+                s.presence_window = true;
+                self.presence_windows
+                    .push_back((now + self.presence_flush, sub));
             }
         }
         for sub in cut {
             self.cut_off(sub, Cutoff::Overflow).await;
+        }
+    }
+
+    /// When the earliest open presence window ends.
+    pub(crate) fn next_presence_window_end(&self) -> Option<Instant> {
+        self.presence_windows.front().map(|(at, _)| *at)
+    }
+
+    /// Ends every presence window due by `now`: its subscriber gets the end mark, and a
+    /// wake-up. A subscriber whose queue is full is cut off at the next turn.
+    pub(crate) fn end_presence_windows(&mut self, now: Instant) {
+        while let Some(&(at, sub)) = self.presence_windows.front() {
+            if at > now {
+                break;
+            }
+            self.presence_windows.pop_front();
+            let Some(s) = self.subs.get_mut(&sub) else {
+                continue;
+            };
+            s.presence_window = false;
+            let mark = crate::presence::window_end();
+            if s.outlet.queue.push(mark) == PushOutcome::Overflowed {
+                self.pending_cuts.push((sub, Cutoff::Overflow));
+            }
         }
     }
 

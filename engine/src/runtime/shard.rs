@@ -302,7 +302,12 @@ impl<E: Env> Shard<E> {
             partitions.borrow_mut().insert(p, tx);
             tasks.push(env.spawn(part.run(rx)));
         }
-        let dispatcher = dispatch::Dispatcher::new(id, routes.clone(), config.observer.clone());
+        let dispatcher = dispatch::Dispatcher::new(
+            id,
+            routes.clone(),
+            config.observer.clone(),
+            config.presence_flush,
+        );
         let shard = Shard {
             id,
             env,
@@ -376,9 +381,16 @@ impl<E: Env> Shard<E> {
             if waiting && retry_at.is_none() {
                 retry_at = Some(Box::pin(self.env.sleep(RETRY_INTERVAL)));
             }
-            // A presence deadline (an offline grace, the end of a `dnd`) is a timer of its
-            // own, armed for the earliest: the table is never swept.
-            let next = self.presence.next_deadline();
+            // A presence deadline (an offline grace, the end of a `dnd`, a subscriber's
+            // presence window) is a timer of its own, armed for the earliest: the table is
+            // never swept.
+            let next = match (
+                self.presence.next_deadline(),
+                self.dispatcher.next_presence_window_end(),
+            ) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             if next != presence_at.as_ref().map(|(at, _)| *at) {
                 presence_at = next.map(|at| {
                     let wait = at.saturating_duration_since(self.env.now());
@@ -739,7 +751,10 @@ impl<E: Env> Shard<E> {
                     .await
             }
             ShardMsg::PresenceDeliver { user, record, subs } => {
-                self.dispatcher.presence_deliver(user, record, subs).await
+                let now = self.env.now();
+                self.dispatcher
+                    .presence_deliver(now, user, record, subs)
+                    .await
             }
             ShardMsg::PresenceSub {
                 sub,
@@ -754,9 +769,11 @@ impl<E: Env> Shard<E> {
         }
     }
 
-    /// Ends every presence deadline that has passed, and sends what changed.
+    /// Ends every presence deadline that has passed, and sends what changed; then every
+    /// presence window of this shard's subscribers that is due.
     fn expire_presence(&mut self) {
         let now = self.env.now();
+        self.dispatcher.end_presence_windows(now);
         if self.presence.next_deadline().is_some_and(|at| at <= now) {
             for change in self.presence.expire(now) {
                 self.announce(Some(change));

@@ -37,7 +37,7 @@ use crate::error::ApiError;
 use crate::protocol::{self, ClientFrame, Command};
 use bytes::Bytes;
 use chorus_engine::ids::{ChannelId, UserId};
-use chorus_engine::presence::{Presence, Update, WatchOp, PRESENCE_WATCH_MAX};
+use chorus_engine::presence::{self, Presence, Update, WatchOp, PRESENCE_WATCH_MAX};
 use chorus_engine::queue::Cutoff;
 use chorus_engine::view::{MessageView, ReadView};
 use serde_json::{json, Value};
@@ -63,7 +63,9 @@ pub struct SessionConfig {
     /// a `too_large` error.
     pub frame_bytes_max: usize,
     /// The presence window (`presence_flush_ms`): at most one `presence` frame per window,
-    /// holding each changed user's latest status.
+    /// holding each changed user's latest status. The engine ends the windows (see
+    /// [`SessionCore::push_event`]); the core holds a frame back only when a backlog brings
+    /// two ends closer than this.
     pub presence_flush: Duration,
 }
 
@@ -260,8 +262,12 @@ pub struct SessionCore {
     close: Option<CloseReason>,
     /// Presence changes of this window, per user: what the client was last told (or would
     /// have been), the latest, and its change number. See [`SessionCore::flush_presence`].
+    /// The engine times the windows: it queues a window's records, then its end mark.
     presence: HashMap<UserId, (Presence, Presence, u64)>,
-    /// When the window's `presence` frame goes out; set by the window's first change.
+    /// When the last `presence` frame went out.
+    presence_sent_at: Option<Instant>,
+    /// A window ended sooner than `presence_flush` after that frame (the reader was behind):
+    /// its frame goes out then.
     presence_flush_at: Option<Instant>,
     /// The users the client watches, as of the last `presence:sub` handled, each with the
     /// owner's change number its ack included (0 until the ack): a record of anyone else
@@ -293,6 +299,7 @@ impl SessionCore {
             cut: None,
             close: None,
             presence: HashMap::new(),
+            presence_sent_at: None,
             presence_flush_at: None,
             watching: watched::Watched::default(),
             active: true,
@@ -372,8 +379,19 @@ impl SessionCore {
     }
 
     /// An engine frame for the client; the driver passes at most [`Self::event_room`]. A
-    /// presence [`Update`] record is not sent as is: it joins the window's changes.
+    /// presence [`Update`] record is not sent as is: it joins the window's changes, which
+    /// the window's end mark turns into one `presence` frame.
     pub fn push_event(&mut self, now: Instant, frame: Bytes) {
+        if presence::is_window_end(&frame) {
+            match self.presence_sent_at {
+                Some(sent) if now < sent + self.config.presence_flush => {
+                    self.presence_flush_at
+                        .get_or_insert(sent + self.config.presence_flush);
+                }
+                _ => self.flush_presence(now),
+            }
+            return;
+        }
         if !Update::is_update(&frame) {
             self.events.push_back(frame);
             return;
@@ -393,8 +411,6 @@ impl SessionCore {
             .entry(update.user)
             .and_modify(|(_, latest, seq)| (*latest, *seq) = (update.new, update.seq))
             .or_insert((update.old, update.new, update.seq));
-        self.presence_flush_at
-            .get_or_insert(now + self.config.presence_flush);
     }
 
     /// The engine cut the subscription off.
@@ -476,7 +492,7 @@ impl SessionCore {
     /// Time passed: the resume grace may be over, the client may be silent too long.
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.presence_flush_at.is_some_and(|at| now >= at) {
-            self.flush_presence();
+            self.flush_presence(now);
         }
         if let Phase::Grace { until } = self.phase {
             if now >= until {
@@ -565,9 +581,10 @@ impl SessionCore {
 
     /// Ends the presence window: one `presence` frame with the latest status of every user
     /// whose status differs from what the client was last told; nothing for a change undone
-    /// within the window. The next change opens the next window, so frames are at least a
-    /// window apart.
-    fn flush_presence(&mut self) {
+    /// within the window. The engine's end marks are at least a window apart, and a mark
+    /// that a backlog delivered sooner than that after the last frame is held back
+    /// ([`Self::push_event`]), so frames are too.
+    fn flush_presence(&mut self, now: Instant) {
         self.presence_flush_at = None;
         let mut changed: Vec<(UserId, Presence)> = self
             .presence
@@ -584,6 +601,7 @@ impl SessionCore {
         changed.sort_unstable_by_key(|(u, _)| *u);
         let frame = protocol::presence_frame(changed.iter().map(|(u, p)| (u, p)));
         self.events.push_back(frame);
+        self.presence_sent_at = Some(now);
     }
 
     fn close_with(&mut self, reason: CloseReason) {

@@ -4,7 +4,7 @@
 use super::*;
 use chorus_engine::domain::channel::Content;
 use chorus_engine::ids::MessageId;
-use chorus_engine::presence::Status;
+use chorus_engine::presence::{window_end, Status};
 use std::cell::{Cell, RefCell};
 
 /// Budgets the tests control: how many commands pass, and whether typing does.
@@ -447,9 +447,10 @@ fn update(user: u64, old: Status, new: Status) -> Bytes {
     update_at(seq, user, old, new)
 }
 
-// A burst of presence changes becomes one frame at the end of the window, with only each
-// user's latest status; a change undone within the window sends nothing; the next window
-// opens with the next change, so frames are at least a window apart.
+// A burst of presence changes becomes one frame at the window's end mark (the engine times
+// the windows), with only each user's latest status; a change undone within the window
+// sends nothing; a mark a backlog brought sooner than a window after the last frame is held
+// back until a window has passed.
 #[test]
 fn presence_is_coalesced_per_window() {
     use chorus_engine::presence::Status::{Away, Offline, Online};
@@ -462,9 +463,9 @@ fn presence_is_coalesced_per_window() {
     }
     h.core.push_event(h.now, update(2, Online, Away));
     h.core.push_event(h.now, update(2, Away, Online));
-    h.advance(Duration::from_millis(200));
-    assert!(h.sent().is_empty(), "nothing before the window ends");
-    h.advance(Duration::from_millis(40));
+    h.advance(Duration::from_millis(400));
+    assert!(h.sent().is_empty(), "nothing before the window's end mark");
+    h.core.push_event(h.now, window_end());
     let sent = h.sent();
     assert_eq!(sent.len(), 1);
     assert_eq!(sent[0]["type"], "presence");
@@ -474,12 +475,28 @@ fn presence_is_coalesced_per_window() {
     // Undone within the next window: no frame at all.
     h.core.push_event(h.now, update(1, Away, Online));
     h.core.push_event(h.now, update(1, Online, Away));
-    h.advance(Duration::from_millis(250));
+    h.advance(Duration::from_millis(300));
+    h.core.push_event(h.now, window_end());
     assert!(h.sent().is_empty());
     assert!(
         h.core.poll_timeout() > h.now + Duration::from_secs(1),
-        "no window open"
+        "no timer for presence"
     );
+    // Two windows' records and marks at once (the reader was behind): the second frame
+    // waits until a window after the first.
+    h.core.push_event(h.now, update(1, Away, Online));
+    h.core.push_event(h.now, window_end());
+    assert_eq!(h.sent().len(), 1);
+    h.core.push_event(h.now, update(2, Online, Away));
+    h.core.push_event(h.now, window_end());
+    assert!(h.sent().is_empty(), "held back");
+    assert_eq!(h.core.poll_timeout(), h.now + Duration::from_millis(250));
+    h.advance(Duration::from_millis(249));
+    assert!(h.sent().is_empty(), "held back");
+    h.advance(Duration::from_millis(1));
+    let sent = h.sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0]["users"][UserId(2).to_string()]["status"], "away");
 }
 
 // `presence:sub` becomes one engine call whose answer is the ack with every user added;
@@ -510,10 +527,10 @@ fn presence_sub_is_acked_with_the_users() {
     // A change the ack included, arriving late (it crossed a re-watch), is dropped too; a
     // later one is not.
     h.core.push_event(h.now, update_at(6, 1, Offline, Online));
-    h.advance(Duration::from_millis(250));
+    h.core.push_event(h.now, window_end());
     assert!(h.sent().is_empty(), "the ack already said away");
     h.core.push_event(h.now, update_at(8, 1, Away, Online));
-    h.advance(Duration::from_millis(250));
+    h.core.push_event(h.now, window_end());
     assert_eq!(
         h.sent()[0]["users"][UserId(1).to_string()]["status"],
         "online"
