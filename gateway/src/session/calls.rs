@@ -136,17 +136,20 @@ pub fn take_events(
     if room == 0 {
         return false;
     }
-    let taken = match sub.try_recv_batch(batch, room) {
-        Ok(0) => match sub.receiver().poll_recv(cx) {
-            Poll::Ready(Ok(frame)) => {
-                batch.push(frame);
-                Ok(())
-            }
-            Poll::Ready(Err(cutoff)) => Err(cutoff),
-            Poll::Pending => Ok(()),
-        },
-        Ok(_) => Ok(()),
-        Err(cutoff) => Err(cutoff),
+    // Until the queue is found empty, which registers for its next wake-up: a take that
+    // found frames but left room must register too, or a frame pushed later without waking
+    // anyone (a presence window's end mark follows records pushed quietly) could wait for
+    // an unrelated wake-up.
+    let taken = loop {
+        match sub.try_recv_batch(batch, room - batch.len()) {
+            Ok(_) if batch.len() == room => break Ok(()),
+            Ok(_) => match sub.receiver().poll_recv(cx) {
+                Poll::Ready(Ok(frame)) => batch.push(frame),
+                Poll::Ready(Err(cutoff)) => break Err(cutoff),
+                Poll::Pending => break Ok(()),
+            },
+            Err(cutoff) => break Err(cutoff),
+        }
     };
     let mut progressed = !batch.is_empty();
     for frame in batch.drain(..) {

@@ -533,10 +533,7 @@ impl Session {
             Err(e) => return Err(self.write_failed(e)),
         }
         let sub = self.sub.as_mut().expect("subscribed while serving");
-        // Frames taken that make nothing to send (presence records before their window's
-        // end) still count as work: the next turn takes again, and so registers for the
-        // queue's next wake-up, which a take that found frames did not.
-        let took = take_events(Instant::now(), &mut self.core, sub, &mut self.batch, cx);
+        take_events(Instant::now(), &mut self.core, sub, &mut self.batch, cx);
         let mut frames = 0;
         while frames < BATCH_FRAMES_MAX {
             let Some(frame) = self.core.poll_transmit() else {
@@ -547,10 +544,7 @@ impl Session {
         }
         // Deliveries and cutoffs are counted by the engine, which sees every subscriber.
         self.ctx.shared.metrics.ws_frames_out.add(frames as u64);
-        if frames == 0 {
-            return Ok(took);
-        }
-        self.write_out(cx)
+        Ok(frames > 0 && self.write_out(cx)?)
     }
 
     /// Writes the frames waiting for the socket; whether all went. When the socket is

@@ -175,9 +175,7 @@ impl Driver {
         if outbound.poll_room(cx).is_pending() {
             return false;
         }
-        // Frames taken that make nothing to send still count: the next turn takes again,
-        // and so registers for the queue's next wake-up.
-        let took = self.fill_events(cx);
+        self.fill_events(cx);
         let mut frames = 0;
         while frames < BATCH_FRAMES_MAX && outbound.has_room() {
             let Some(frame) = self.core.poll_transmit() else {
@@ -190,21 +188,19 @@ impl Driver {
             // Registers for room, so that a full connection wakes the driver when read.
             let _ = outbound.poll_room(cx);
         }
-        took || frames > 0
+        frames > 0
     }
 
-    /// Whether frames were taken (or a cutoff).
-    fn fill_events(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(sub) = self.sub.as_mut() else {
-            return false;
-        };
-        take_events(
-            self.executor.now(),
-            &mut self.core,
-            sub,
-            &mut self.batch,
-            cx,
-        )
+    fn fill_events(&mut self, cx: &mut Context<'_>) {
+        if let Some(sub) = self.sub.as_mut() {
+            take_events(
+                self.executor.now(),
+                &mut self.core,
+                sub,
+                &mut self.batch,
+                cx,
+            );
+        }
     }
 
     /// Reads client frames while the core wants them: whether one was read, or `None`
