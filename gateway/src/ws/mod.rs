@@ -63,7 +63,8 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 use tungstenite::error::{CapacityError, Error as WsError};
@@ -286,14 +287,46 @@ struct SyncIo<S> {
     inner: S,
     waker: Waker,
     gate: bool,
+    /// Reads register this waker instead of the task's, so that a session reads only when
+    /// the socket may hold bytes: tungstenite zeroes its whole read buffer before every
+    /// read attempt, including those that find nothing.
+    reads: Arc<ReadWake>,
+    read_waker: Waker,
+}
+
+/// The waker of a socket's reads: notes that the socket may be readable, then wakes the
+/// task.
+struct ReadWake {
+    ready: AtomicBool,
+    task: std::sync::Mutex<Waker>,
+}
+
+impl std::task::Wake for ReadWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.ready.store(true, Ordering::Release);
+        self.task
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .wake_by_ref();
+    }
 }
 
 impl<S> SyncIo<S> {
     fn new(inner: S) -> SyncIo<S> {
+        let reads = Arc::new(ReadWake {
+            ready: AtomicBool::new(true),
+            task: std::sync::Mutex::new(futures::task::noop_waker()),
+        });
         SyncIo {
             inner,
             waker: futures::task::noop_waker(),
             gate: false,
+            read_waker: Waker::from(reads.clone()),
+            reads,
         }
     }
 
@@ -301,7 +334,14 @@ impl<S> SyncIo<S> {
     fn set_waker(&mut self, waker: &Waker) {
         if !self.waker.will_wake(waker) {
             self.waker = waker.clone();
+            *self.reads.task.lock().unwrap_or_else(|e| e.into_inner()) = waker.clone();
         }
+    }
+
+    /// Whether a read may find bytes: none has found the socket empty since it last
+    /// reported readable.
+    fn may_read(&self) -> bool {
+        self.reads.ready.load(Ordering::Acquire)
     }
 
     fn poll_io<T>(
@@ -321,7 +361,16 @@ impl<S> SyncIo<S> {
 
 impl<S: AsyncRead + Unpin> Read for SyncIo<S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.poll_io(|s, cx| s.poll_read(cx, buf))
+        // Cleared before the attempt: a wake-up after it finds nothing sets it again.
+        self.reads.ready.store(false, Ordering::Release);
+        let mut cx = Context::from_waker(&self.read_waker);
+        match Pin::new(&mut self.inner).poll_read(&mut cx, buf) {
+            Poll::Ready(r) => {
+                self.reads.ready.store(true, Ordering::Release);
+                r
+            }
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
     }
 }
 
@@ -391,6 +440,10 @@ struct Session {
     /// deadline moves earlier, so frames cost no timer work.
     timer: glommio::timer::Timer,
     armed_for: Instant,
+    /// Whether the timer holds the task's waker: a glommio timer re-inserts itself into the
+    /// reactor's timer tree on every poll that finds it pending, so it is polled only when
+    /// armed anew or due, not on every turn of the session.
+    charged: bool,
     /// The engine call in flight.
     call: Option<LocalBoxFuture<'static, Answer>>,
     /// Frames taken from the subscription in one go.
@@ -426,6 +479,7 @@ impl Session {
             sub: Some(sub),
             timer: glommio::timer::Timer::new(armed_for.saturating_duration_since(now)),
             armed_for,
+            charged: false,
             ctx,
             ws,
             core,
@@ -576,7 +630,7 @@ impl Session {
     /// Reads client frames while the core wants them; returns whether one was read.
     fn poll_inbound(&mut self) -> Result<bool, Exit> {
         let mut read = false;
-        while self.core.wants_client_frames() {
+        while self.core.wants_client_frames() && self.ws.get_ref().may_read() {
             match self.ws.read() {
                 Ok(message) => {
                     read = true;
@@ -615,12 +669,17 @@ impl Session {
         loop {
             let due = self.core.poll_timeout();
             if due < self.armed_for {
-                // The deadline moved earlier: re-arm now (rare; the grace only).
+                // The deadline moved earlier: re-arm now (rare: a grace, a held presence frame).
                 self.arm(due);
             }
-            if Pin::new(&mut self.timer).poll(cx).is_pending() {
+            if self.charged && Instant::now() < self.armed_for {
                 return fired;
             }
+            if Pin::new(&mut self.timer).poll(cx).is_pending() {
+                self.charged = true;
+                return fired;
+            }
+            self.charged = false;
             fired = true;
             self.core.handle_timeout(Instant::now());
             if self.core.poll_close().is_some() {
@@ -633,6 +692,8 @@ impl Session {
 
     fn arm(&mut self, at: Instant) {
         self.armed_for = at;
+        // A reset keeps the waker only of a timer still in the reactor: poll it again.
+        self.charged = false;
         self.timer
             .reset(at.saturating_duration_since(Instant::now()));
     }
