@@ -67,8 +67,8 @@ pub struct EngineConfig {
     /// it becomes `offline` (`presence_offline_grace_s`, `API.md` §10).
     pub presence_offline_grace: std::time::Duration,
     /// How long a subscriber's presence window lasts (`presence_flush_ms`, `API.md` §10):
-    /// the records of a window reach its reader together, with the window's end mark
-    /// ([`crate::presence::window_end`]), this long after its first.
+    /// the records of a window reach its reader together, in one queued frame
+    /// ([`crate::presence::window_start`]), this long after its first.
     pub presence_flush: std::time::Duration,
 }
 

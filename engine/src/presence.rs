@@ -540,21 +540,38 @@ pub const UPDATE_TAG: u8 = 0;
 /// The length of an update record.
 pub const UPDATE_BYTES: usize = 44;
 
-/// The one byte of a window's end mark (see [`window_end`]).
-pub const WINDOW_END_TAG: u8 = 1;
+/// The first byte of a window ([`window_start`]).
+pub const WINDOW_TAG: u8 = 1;
 
-/// The mark that ends a subscriber's presence window. The shard that holds the subscriber
-/// queues update records without waking its reader, and this mark, with a wake-up,
-/// `presence_flush_ms` after the window's first record: the reader then sends one
-/// `presence` frame for all of the window's records. A window opens only with a record
-/// after the previous mark, so marks are at least a window apart.
-pub fn window_end() -> Bytes {
-    Bytes::from_static(&[WINDOW_END_TAG])
+/// Starts a subscriber's presence window, as its reader will receive it: this tag byte,
+/// then the window's update records ([`Update::encode`]) in the order the shard took them.
+/// The shard that holds the subscriber gathers a window's records (the first one opens it)
+/// and queues the whole window, with a wake-up, `presence_flush_ms` after it opened; the
+/// reader then sends one `presence` frame for it. A window opens only with a record after
+/// the previous window was queued, so windows are at least `presence_flush_ms` apart, and
+/// a window costs the reader one queue slot and one wake-up, whatever it holds.
+pub fn window_start(records: usize) -> Vec<u8> {
+    let mut window = Vec::with_capacity(1 + records * UPDATE_BYTES);
+    window.push(WINDOW_TAG);
+    window
 }
 
-/// Whether a frame in a subscriber's queue is the end of a presence window.
-pub fn is_window_end(frame: &[u8]) -> bool {
-    frame == [WINDOW_END_TAG]
+/// A window that holds no record.
+pub fn empty_window() -> Bytes {
+    Bytes::from_static(&[WINDOW_TAG])
+}
+
+/// Whether a frame in a subscriber's queue is a presence window.
+pub fn is_window(frame: &[u8]) -> bool {
+    frame.first() == Some(&WINDOW_TAG)
+}
+
+/// A window's update records (each to be read with [`Update::decode`]).
+pub fn window_records(window: &[u8]) -> impl Iterator<Item = &[u8]> {
+    window
+        .get(1..)
+        .unwrap_or_default()
+        .chunks_exact(UPDATE_BYTES)
 }
 
 /// A change of one watched user, as a watcher's connection receives it: encoded once by

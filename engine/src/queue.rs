@@ -601,16 +601,6 @@ pub struct FrameSender {
 impl FrameSender {
     /// Queues `frame` for the subscriber, or cuts the subscriber off if its queue is full.
     pub fn push(&self, frame: Bytes) -> PushOutcome {
-        let outcome = self.push_quiet(frame);
-        if outcome == PushOutcome::Queued {
-            self.shared.receiver_waker.wake();
-        }
-        outcome
-    }
-
-    /// Queues `frame` as [`FrameSender::push`] does, without waking the receiver: it finds
-    /// the frame when something else wakes it (a later push, a timer of its own).
-    pub fn push_quiet(&self, frame: Bytes) -> PushOutcome {
         if self.is_closed() {
             return PushOutcome::Disconnected;
         }
@@ -623,6 +613,7 @@ impl FrameSender {
                 PushOutcome::Disconnected
             };
         }
+        self.shared.receiver_waker.wake();
         PushOutcome::Queued
     }
 

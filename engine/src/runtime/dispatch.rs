@@ -133,8 +133,9 @@ struct Sub {
     /// The users whose presence this subscriber watches (registered with each one's home
     /// shard), at most [`crate::presence::PRESENCE_WATCH_MAX`].
     watching: HashSet<UserId>,
-    /// A presence window is open: records were queued (quietly) and its end mark is due.
-    presence_window: bool,
+    /// The open presence window ([`crate::presence::window_start`]): its records so far;
+    /// it is queued when it ends.
+    presence_window: Option<Vec<u8>>,
 }
 
 /// An ephemeral frame kept for a channel that is not live yet.
@@ -197,8 +198,29 @@ pub(crate) struct Dispatcher {
     /// How long a presence window lasts (`presence_flush_ms`).
     presence_flush: Duration,
     /// Open presence windows, by when each ends: opened in time order with the same
-    /// length, so a queue is already sorted.
+    /// length (rounded up to the same ticks), so a queue is already sorted.
     presence_windows: VecDeque<(Instant, u64)>,
+    /// Where the shard's presence ticks count from: the first window's opening.
+    presence_epoch: Option<Instant>,
+}
+
+/// Presence windows end on ticks of a `PRESENCE_TICKS`th of a window, shared by all of a
+/// shard's subscribers: the shard then ends a few hundred windows per timer instead of
+/// one, and their sessions write their frames in one run, so a window costs no timer or
+/// wake-up of its own. A window is at most one tick longer than `presence_flush`.
+const PRESENCE_TICKS: u32 = 25;
+
+/// Records a new presence window has room for before it grows: most hold one or two.
+const PRESENCE_WINDOW_RECORDS_FIRST: usize = 2;
+/// The most records one presence window holds: four changes of every user a subscriber
+/// may watch within one window (172 KiB) is a flood, not a burst.
+const PRESENCE_WINDOW_RECORDS_MAX: usize = 4 * crate::presence::PRESENCE_WATCH_MAX;
+
+/// `at` rounded up to the next presence tick counted from `epoch` (at or after it).
+fn window_end_tick(epoch: Instant, at: Instant, window: Duration) -> Instant {
+    let tick = (window / PRESENCE_TICKS).as_nanos().max(1);
+    let ticks = at.duration_since(epoch).as_nanos().div_ceil(tick);
+    epoch + Duration::from_nanos(u64::try_from(ticks * tick).unwrap_or(u64::MAX))
 }
 
 /// A catch-up page is asked for only when the subscriber's queue has at least this much
@@ -226,6 +248,7 @@ impl Dispatcher {
             pending_cuts: Vec::new(),
             presence_flush,
             presence_windows: VecDeque::new(),
+            presence_epoch: None,
         }
     }
 
@@ -263,7 +286,7 @@ impl Dispatcher {
                 held_ephemeral: Vec::new(),
                 departed: HashMap::new(),
                 watching: HashSet::new(),
-                presence_window: false,
+                presence_window: None,
             },
         );
         self.by_user.entry(user).or_default().push(id);
@@ -987,9 +1010,11 @@ impl Dispatcher {
             .push((home, ShardMsg::PresenceConn { user, conn, report }));
     }
 
-    /// Pushes a presence record to the local subscribers that still watch its user (one
-    /// may have stopped since the owner sent it). A full queue cuts the subscriber off,
-    /// as for any frame.
+    /// Adds a presence record to the open window of each local subscriber that still
+    /// watches its user (one may have stopped since the owner sent it), opening one if
+    /// none is. A window holds at most [`PRESENCE_WINDOW_RECORDS_MAX`] records: one that
+    /// would hold more cuts the subscriber off, as a full queue does. (A subscriber whose
+    /// queue closed is found when its window is pushed, and by the sweep.)
     pub(crate) async fn presence_deliver(
         &mut self,
         now: Instant,
@@ -1005,14 +1030,17 @@ impl Dispatcher {
             if !s.watching.contains(&user) {
                 continue;
             }
-            // Quietly: the reader is woken once, by the window's end mark.
-            if s.outlet.queue.push_quiet(record.clone()) != PushOutcome::Queued {
+            let window = s.presence_window.get_or_insert_with(|| {
+                let epoch = *self.presence_epoch.get_or_insert(now);
+                let end = window_end_tick(epoch, now + self.presence_flush, self.presence_flush);
+                self.presence_windows.push_back((end, sub));
+                crate::presence::window_start(PRESENCE_WINDOW_RECORDS_FIRST)
+            });
+            if window.len() / crate::presence::UPDATE_BYTES >= PRESENCE_WINDOW_RECORDS_MAX {
                 cut.push(sub);
-            } else if !s.presence_window {
-                s.presence_window = true;
-                self.presence_windows
-                    .push_back((now + self.presence_flush, sub));
+                continue;
             }
+            window.extend_from_slice(&record);
         }
         for sub in cut {
             self.cut_off(sub, Cutoff::Overflow).await;
@@ -1035,9 +1063,10 @@ impl Dispatcher {
             let Some(s) = self.subs.get_mut(&sub) else {
                 continue;
             };
-            s.presence_window = false;
-            let mark = crate::presence::window_end();
-            if s.outlet.queue.push(mark) == PushOutcome::Overflowed {
+            let Some(window) = s.presence_window.take() else {
+                continue;
+            };
+            if s.outlet.queue.push(Bytes::from(window)) == PushOutcome::Overflowed {
                 self.pending_cuts.push((sub, Cutoff::Overflow));
             }
         }

@@ -63,9 +63,9 @@ pub struct SessionConfig {
     /// a `too_large` error.
     pub frame_bytes_max: usize,
     /// The presence window (`presence_flush_ms`): at most one `presence` frame per window,
-    /// holding each changed user's latest status. The engine ends the windows (see
+    /// holding each changed user's latest status. The engine times the windows (see
     /// [`SessionCore::push_event`]); the core holds a frame back only when a backlog brings
-    /// two ends closer than this.
+    /// two windows closer than this.
     pub presence_flush: Duration,
 }
 
@@ -262,7 +262,7 @@ pub struct SessionCore {
     close: Option<CloseReason>,
     /// Presence changes of this window, per user: what the client was last told (or would
     /// have been), the latest, and its change number. See [`SessionCore::flush_presence`].
-    /// The engine times the windows: it queues a window's records, then its end mark.
+    /// The engine times the windows: it queues each window whole when it ends.
     presence: HashMap<UserId, (Presence, Presence, u64)>,
     /// When the last `presence` frame went out.
     presence_sent_at: Option<Instant>,
@@ -379,27 +379,31 @@ impl SessionCore {
     }
 
     /// An engine frame for the client; the driver passes at most [`Self::event_room`]. A
-    /// presence [`Update`] record is not sent as is: it joins the window's changes, which
-    /// the window's end mark turns into one `presence` frame.
+    /// presence window ([`presence::window_start`]) is not sent as is: its latest change of
+    /// each user becomes one `presence` frame.
     pub fn push_event(&mut self, now: Instant, frame: Bytes) {
-        if presence::is_window_end(&frame) {
-            match self.presence_sent_at {
-                Some(sent) if now < sent + self.config.presence_flush => {
-                    self.presence_flush_at
-                        .get_or_insert(sent + self.config.presence_flush);
-                }
-                _ => self.flush_presence(now),
-            }
-            return;
-        }
-        if !Update::is_update(&frame) {
+        if !presence::is_window(&frame) {
             self.events.push_back(frame);
             return;
         }
-        let Some(update) = Update::decode(&frame) else {
-            tracing::error!("a presence record that does not decode");
-            return;
-        };
+        for record in presence::window_records(&frame) {
+            match Update::decode(record) {
+                Some(update) => self.take_update(update),
+                None => tracing::error!("a presence record that does not decode"),
+            }
+        }
+        match self.presence_sent_at {
+            Some(sent) if now < sent + self.config.presence_flush => {
+                self.presence_flush_at
+                    .get_or_insert(sent + self.config.presence_flush);
+            }
+            _ => self.flush_presence(now),
+        }
+    }
+
+    /// Keeps the latest change of a watched user for the next `presence` frame; a change
+    /// the subscription already showed (its ack was as new) is dropped.
+    fn take_update(&mut self, update: Update) {
         if self
             .watching
             .get(&update.user)
@@ -581,8 +585,8 @@ impl SessionCore {
 
     /// Ends the presence window: one `presence` frame with the latest status of every user
     /// whose status differs from what the client was last told; nothing for a change undone
-    /// within the window. The engine's end marks are at least a window apart, and a mark
-    /// that a backlog delivered sooner than that after the last frame is held back
+    /// within the window. The engine's windows are at least a window apart, and one that a
+    /// backlog delivered sooner than that after the last frame is held back
     /// ([`Self::push_event`]), so frames are too.
     fn flush_presence(&mut self, now: Instant) {
         self.presence_flush_at = None;

@@ -4,7 +4,7 @@
 use super::*;
 use chorus_engine::domain::channel::Content;
 use chorus_engine::ids::MessageId;
-use chorus_engine::presence::{window_end, Status};
+use chorus_engine::presence::{window_start, Status};
 use std::cell::{Cell, RefCell};
 
 /// Budgets the tests control: how many commands pass, and whether typing does.
@@ -438,6 +438,15 @@ fn update_at(seq: u64, user: u64, old: Status, new: Status) -> Bytes {
     .encode()
 }
 
+/// A presence window as the engine queues it, holding `records`.
+fn window(records: &[Bytes]) -> Bytes {
+    let mut w = window_start(records.len());
+    for r in records {
+        w.extend_from_slice(r);
+    }
+    Bytes::from(w)
+}
+
 fn update(user: u64, old: Status, new: Status) -> Bytes {
     thread_local!(static SEQ: Cell<u64> = const { Cell::new(100) });
     let seq = SEQ.with(|s| {
@@ -447,25 +456,22 @@ fn update(user: u64, old: Status, new: Status) -> Bytes {
     update_at(seq, user, old, new)
 }
 
-// A burst of presence changes becomes one frame at the window's end mark (the engine times
-// the windows), with only each user's latest status; a change undone within the window
-// sends nothing; a mark a backlog brought sooner than a window after the last frame is held
-// back until a window has passed.
+// A burst of presence changes, queued by the engine as one window, becomes one frame with
+// only each user's latest status; a change undone within the window sends nothing; a
+// window a backlog brought sooner than a window after the last frame is held back until a
+// window has passed.
 #[test]
 fn presence_is_coalesced_per_window() {
     use chorus_engine::presence::Status::{Away, Offline, Online};
     let mut h = Harness::live();
     watch(&mut h, &[1, 2]);
-    h.core.push_event(h.now, update(1, Offline, Online));
-    h.advance(Duration::from_millis(10));
+    let mut burst = vec![update(1, Offline, Online)];
     for (old, new) in [(Online, Away), (Away, Online), (Online, Away)] {
-        h.core.push_event(h.now, update(1, old, new));
+        burst.push(update(1, old, new));
     }
-    h.core.push_event(h.now, update(2, Online, Away));
-    h.core.push_event(h.now, update(2, Away, Online));
-    h.advance(Duration::from_millis(400));
-    assert!(h.sent().is_empty(), "nothing before the window's end mark");
-    h.core.push_event(h.now, window_end());
+    burst.push(update(2, Online, Away));
+    burst.push(update(2, Away, Online));
+    h.core.push_event(h.now, window(&burst));
     let sent = h.sent();
     assert_eq!(sent.len(), 1);
     assert_eq!(sent[0]["type"], "presence");
@@ -473,22 +479,21 @@ fn presence_is_coalesced_per_window() {
     assert_eq!(users.len(), 1, "user 2 changed and changed back: {sent:?}");
     assert_eq!(users[&UserId(1).to_string()]["status"], "away");
     // Undone within the next window: no frame at all.
-    h.core.push_event(h.now, update(1, Away, Online));
-    h.core.push_event(h.now, update(1, Online, Away));
     h.advance(Duration::from_millis(300));
-    h.core.push_event(h.now, window_end());
+    h.core.push_event(
+        h.now,
+        window(&[update(1, Away, Online), update(1, Online, Away)]),
+    );
     assert!(h.sent().is_empty());
     assert!(
         h.core.poll_timeout() > h.now + Duration::from_secs(1),
         "no timer for presence"
     );
-    // Two windows' records and marks at once (the reader was behind): the second frame
-    // waits until a window after the first.
-    h.core.push_event(h.now, update(1, Away, Online));
-    h.core.push_event(h.now, window_end());
+    // Two windows at once (the reader was behind): the second frame waits until a window
+    // after the first.
+    h.core.push_event(h.now, window(&[update(1, Away, Online)]));
     assert_eq!(h.sent().len(), 1);
-    h.core.push_event(h.now, update(2, Online, Away));
-    h.core.push_event(h.now, window_end());
+    h.core.push_event(h.now, window(&[update(2, Online, Away)]));
     assert!(h.sent().is_empty(), "held back");
     assert_eq!(h.core.poll_timeout(), h.now + Duration::from_millis(250));
     h.advance(Duration::from_millis(249));
@@ -510,8 +515,6 @@ fn presence_sub_is_acked_with_the_users() {
         panic!("a presence call");
     };
     assert_eq!((op, users.clone()), (WatchOp::Set, vec![UserId(1)]));
-    // Change 5 arrives before the ack, which includes up to change 7: dropped.
-    h.core.push_event(h.now, update_at(5, 1, Online, Away));
     let shown = Presence {
         status: Away,
         dnd_until_us: None,
@@ -524,13 +527,18 @@ fn presence_sub_is_acked_with_the_users() {
     let sent = h.sent();
     assert_eq!(sent[0]["type"], "ack");
     assert_eq!(sent[0]["users"][UserId(1).to_string()]["status"], "away");
-    // A change the ack included, arriving late (it crossed a re-watch), is dropped too; a
-    // later one is not.
-    h.core.push_event(h.now, update_at(6, 1, Offline, Online));
-    h.core.push_event(h.now, window_end());
+    // Changes the ack included (up to 7), arriving late (they crossed a re-watch), are
+    // dropped; a later one is not.
+    h.core.push_event(
+        h.now,
+        window(&[
+            update_at(5, 1, Online, Away),
+            update_at(6, 1, Offline, Online),
+        ]),
+    );
     assert!(h.sent().is_empty(), "the ack already said away");
-    h.core.push_event(h.now, update_at(8, 1, Away, Online));
-    h.core.push_event(h.now, window_end());
+    h.core
+        .push_event(h.now, window(&[update_at(8, 1, Away, Online)]));
     assert_eq!(
         h.sent()[0]["users"][UserId(1).to_string()]["status"],
         "online"
