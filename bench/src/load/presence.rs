@@ -80,6 +80,10 @@ pub struct PresenceOutcome {
     /// Due time of a change → its `presence` frame at a subscriber, one record per update
     /// delivered in the measured window.
     pub frame: Histogram<u64>,
+    /// Due time of a change → its `activity` written to the socket by the generator, one
+    /// record per change in the window: the generator's own lateness, which `frame`
+    /// includes.
+    pub sent: Histogram<u64>,
     /// Changes made in the measured window.
     pub changes: u64,
     /// Updates those changes should cause: one per subscriber of the changed user.
@@ -226,6 +230,8 @@ pub struct PresenceJob {
 pub struct PresenceTotals {
     /// Change → frame latencies, as `(µs, count)` pairs.
     pub frame: Vec<(u64, u64)>,
+    /// Change → `activity` written latencies, as `(µs, count)` pairs.
+    pub sent: Vec<(u64, u64)>,
     /// Changes this worker's users made in the window.
     pub changes: u64,
     /// Updates this worker's connections should receive for the window's changes.
@@ -236,6 +242,12 @@ pub struct PresenceTotals {
     pub unexpected: u64,
     /// Connections the server closed.
     pub closed: u64,
+}
+
+/// A frame for a connection to send; a change carries its due time.
+struct Outgoing {
+    text: String,
+    due_ns: Option<u64>,
 }
 
 /// The parts of a server frame a presence worker reads.
@@ -266,6 +278,7 @@ struct Watching {
     schedule: Option<Schedule>,
     window: (u64, u64),
     frame: Histogram<u64>,
+    sent: Histogram<u64>,
     totals: PresenceTotals,
     /// `presence:sub` acks received, and the users they added.
     acked: usize,
@@ -346,12 +359,13 @@ pub async fn work(job: PresenceJob, mut stdin: Stdin) -> anyhow::Result<()> {
         schedule: None,
         window: (0, 0),
         frame: crate::latency::histogram_us(),
+        sent: crate::latency::histogram_us(),
         totals: PresenceTotals::default(),
         acked: 0,
         subscribed: 0,
     }));
     // User index → that user's outgoing frames, for the connections that opened.
-    let mut senders: HashMap<usize, mpsc::UnboundedSender<String>> = HashMap::new();
+    let mut senders: HashMap<usize, mpsc::UnboundedSender<Outgoing>> = HashMap::new();
     let mut running = Vec::new();
     let ready = connect_all(&dialer, &tokens, |i, conn| {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -372,6 +386,7 @@ pub async fn work(job: PresenceJob, mut stdin: Stdin) -> anyhow::Result<()> {
                     let s = state.borrow();
                     PresenceTotals {
                         frame: worker::histogram_pairs(&s.frame),
+                        sent: worker::histogram_pairs(&s.sent),
                         ..s.totals.clone()
                     }
                 };
@@ -391,7 +406,7 @@ pub async fn work(job: PresenceJob, mut stdin: Stdin) -> anyhow::Result<()> {
 /// reports [`Report::Subscribed`] once all are acked (or at [`SUBSCRIBE_TIMEOUT`]).
 async fn subscribe(
     job: &PresenceJob,
-    senders: &HashMap<usize, mpsc::UnboundedSender<String>>,
+    senders: &HashMap<usize, mpsc::UnboundedSender<Outgoing>>,
     state: &Rc<RefCell<Watching>>,
 ) {
     let started = std::time::Instant::now();
@@ -409,7 +424,10 @@ async fn subscribe(
                 let frame = serde_json::json!({
                     "type": "presence:sub", "ref": SUB_REF, "user_ids": ids(*c),
                 });
-                let _ = tx.send(frame.to_string());
+                let _ = tx.send(Outgoing {
+                    text: frame.to_string(),
+                    due_ns: None,
+                });
             }
         }
         tokio::time::sleep(worker::CONTROL_PAUSE).await;
@@ -432,7 +450,7 @@ async fn subscribe(
 async fn make_changes(
     job: &PresenceJob,
     start_ns: u64,
-    senders: &HashMap<usize, mpsc::UnboundedSender<String>>,
+    senders: &HashMap<usize, mpsc::UnboundedSender<Outgoing>>,
     state: &Rc<RefCell<Watching>>,
 ) {
     let plan = &job.plan;
@@ -467,7 +485,7 @@ async fn make_changes(
             }
         }
     }
-    let mine: Vec<(u64, mpsc::UnboundedSender<String>)> = (0..total)
+    let mine: Vec<(u64, mpsc::UnboundedSender<Outgoing>)> = (0..total)
         .filter_map(|k| Some((k, senders.get(&plan.user_of(k))?.clone())))
         .collect();
     let plan = plan.clone();
@@ -483,7 +501,11 @@ async fn make_changes(
                 } else {
                     "active"
                 };
-                let _ = tx.send(format!(r#"{{"type":"activity","state":"{state}"}}"#));
+                let due_ns = schedule.due_ns(k);
+                let _ = tx.send(Outgoing {
+                    text: format!(r#"{{"type":"activity","state":"{state}"}}"#),
+                    due_ns: Some(due_ns),
+                });
             }
             let _ = done_tx.send(());
         })
@@ -504,14 +526,14 @@ async fn make_changes(
 
 async fn presence_connection(
     mut conn: Conn,
-    mut outgoing: mpsc::UnboundedReceiver<String>,
+    mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
     state: Rc<RefCell<Watching>>,
     mut control: mpsc::UnboundedReceiver<Control>,
 ) {
     let mut heartbeat = tokio::time::interval(worker::PING_INTERVAL);
     heartbeat.tick().await;
     loop {
-        let text = tokio::select! {
+        let Outgoing { text, due_ns } = tokio::select! {
             c = control.recv() => match c {
                 Some(Control::Stop) | None => return conn.close().await,
                 Some(_) => continue,
@@ -530,11 +552,17 @@ async fn presence_connection(
                 Some(text) => text,
                 None => return conn.close().await,
             },
-            _ = heartbeat.tick() => r#"{"type":"ping"}"#.to_owned(),
+            _ = heartbeat.tick() => Outgoing { text: r#"{"type":"ping"}"#.to_owned(), due_ns: None },
         };
         if conn.send_text(&text).await.is_err() {
             state.borrow_mut().totals.closed += 1;
             return;
+        }
+        if let Some(due) = due_ns {
+            let mut s = state.borrow_mut();
+            if (s.window.0..s.window.1).contains(&due) {
+                crate::latency::record(&mut s.sent, schedule::since(due, wall_ns()));
+            }
         }
     }
 }
@@ -637,6 +665,7 @@ impl ChorusRunner {
             self.progress.set_message("presence: draining");
             let mut outcome = PresenceOutcome {
                 frame: crate::latency::histogram_us(),
+                sent: crate::latency::histogram_us(),
                 changes: 0,
                 expected: 0,
                 delivered: 0,
@@ -654,6 +683,7 @@ impl ChorusRunner {
                 match w.report().await? {
                     Report::PresenceDone(t) => {
                         worker::add_pairs(&mut outcome.frame, &t.frame);
+                        worker::add_pairs(&mut outcome.sent, &t.sent);
                         outcome.changes += t.changes;
                         outcome.expected += t.expected;
                         outcome.delivered += t.delivered;
@@ -759,6 +789,7 @@ pub fn details(shape: &PresenceShape, outcome: Result<&PresenceOutcome, String>)
     out += &format!(
         "| figure | value |\n|---|---|\n\
          | change → frame p50 / p99 / max | {:.1} / {:.1} / {:.1} ms |\n\
+         | change → `activity` written by the generator p50 / p99 / max | {:.1} / {:.1} / {:.1} ms |\n\
          | updates delivered / expected | {} / {} ({} unexpected, {} connections closed) |\n\
          | changes in the window | {} |\n\
          | subscriptions | {} (acked within {:.1} s) |\n\
@@ -768,6 +799,9 @@ pub fn details(shape: &PresenceShape, outcome: Result<&PresenceOutcome, String>)
         q(0.5),
         q(0.99),
         o.frame.max() as f64 / 1000.0,
+        o.sent.value_at_quantile(0.5) as f64 / 1000.0,
+        o.sent.value_at_quantile(0.99) as f64 / 1000.0,
+        o.sent.max() as f64 / 1000.0,
         o.delivered,
         o.expected,
         o.unexpected,
@@ -850,6 +884,7 @@ mod tests {
             schedule: Some(schedule),
             window: (0, u64::MAX),
             frame: crate::latency::histogram_us(),
+            sent: crate::latency::histogram_us(),
             totals: PresenceTotals::default(),
             acked: 0,
             subscribed: 0,
