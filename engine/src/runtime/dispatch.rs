@@ -1010,26 +1010,19 @@ impl Dispatcher {
             .push((home, ShardMsg::PresenceConn { user, conn, report }));
     }
 
-    /// Adds a presence record to the open window of each local subscriber that still
-    /// watches its user (one may have stopped since the owner sent it), opening one if
-    /// none is. A window holds at most [`PRESENCE_WINDOW_RECORDS_MAX`] records: one that
-    /// would hold more cuts the subscriber off, as a full queue does. (A subscriber whose
-    /// queue closed is found when its window is pushed, and by the sweep.)
-    pub(crate) async fn presence_deliver(
-        &mut self,
-        now: Instant,
-        user: UserId,
-        record: Bytes,
-        subs: Vec<u64>,
-    ) {
+    /// Adds a presence record to the open window of each local subscriber it names,
+    /// opening one if none is. A window holds at most [`PRESENCE_WINDOW_RECORDS_MAX`]
+    /// records: one that would hold more cuts the subscriber off, as a full queue does. (A
+    /// subscriber whose queue closed is found when its window is pushed, and by the sweep.)
+    /// One that stopped watching the user since the owner sent the record still gets it:
+    /// the session drops records of users it does not watch (it knows first), and looking
+    /// the user up here too cost two cache misses per record.
+    pub(crate) async fn presence_deliver(&mut self, now: Instant, record: Bytes, subs: Vec<u64>) {
         let mut cut = Vec::new();
         for sub in subs {
             let Some(s) = self.subs.get_mut(&sub) else {
                 continue;
             };
-            if !s.watching.contains(&user) {
-                continue;
-            }
             let window = s.presence_window.get_or_insert_with(|| {
                 let epoch = *self.presence_epoch.get_or_insert(now);
                 let end = window_end_tick(epoch, now + self.presence_flush, self.presence_flush);

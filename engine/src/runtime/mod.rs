@@ -465,13 +465,9 @@ pub(crate) enum ShardMsg {
         users: Vec<UserId>,
         out: Arc<PresenceGather>,
     },
-    /// A presence change for this shard's subscribers `subs` that watch `user`: an
+    /// A presence change for this shard's subscribers `subs` that watch its user: an
     /// [`crate::presence::Update`] record, encoded once by the owner.
-    PresenceDeliver {
-        user: UserId,
-        record: Bytes,
-        subs: Vec<u64>,
-    },
+    PresenceDeliver { record: Bytes, subs: Vec<u64> },
     /// A subscriber changes the set of users it watches.
     PresenceSub {
         sub: u64,

@@ -750,11 +750,9 @@ impl<E: Env> Shard<E> {
                     .catch_up_page(sub, channel, frames, last, done)
                     .await
             }
-            ShardMsg::PresenceDeliver { user, record, subs } => {
+            ShardMsg::PresenceDeliver { record, subs } => {
                 let now = self.env.now();
-                self.dispatcher
-                    .presence_deliver(now, user, record, subs)
-                    .await
+                self.dispatcher.presence_deliver(now, record, subs).await
             }
             ShardMsg::PresenceSub {
                 sub,
@@ -797,7 +795,6 @@ impl<E: Env> Shard<E> {
         let routes = &self.routes;
         for (shard, subs) in by_shard {
             let msg = ShardMsg::PresenceDeliver {
-                user: change.user,
                 record: record.clone(),
                 subs,
             };

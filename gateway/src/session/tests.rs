@@ -504,6 +504,28 @@ fn presence_is_coalesced_per_window() {
     assert_eq!(sent[0]["users"][UserId(2).to_string()]["status"], "away");
 }
 
+// The session drops a record of a user it no longer watches (a removal crossed it on its
+// way; the engine leaves this filter to the session, which changes its set first), and
+// keeps the rest of the window.
+#[test]
+fn presence_records_of_unwatched_users_are_dropped() {
+    use chorus_engine::presence::Status::{Away, Offline, Online};
+    let mut h = Harness::live();
+    watch(&mut h, &[1, 2]);
+    let removed = [UserId(2).to_string()];
+    h.text(json!({"type": "presence:sub", "ref": "r", "op": "remove", "user_ids": removed}));
+    assert!(matches!(h.core.poll_call(), Some(Call::PresenceSub { .. })));
+    h.core.push_event(
+        h.now,
+        window(&[update(1, Offline, Online), update(2, Offline, Away)]),
+    );
+    let sent = h.sent();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    let users = sent[0]["users"].as_object().expect("users");
+    assert_eq!(users.len(), 1, "user 2 is no longer watched: {sent:?}");
+    assert_eq!(users[&UserId(1).to_string()]["status"], "online");
+}
+
 // `presence:sub` becomes one engine call whose answer is the ack with every user added;
 // a change already in the window is measured from what the ack said.
 #[test]
