@@ -556,6 +556,20 @@ pub fn window_start(records: usize) -> Vec<u8> {
     window
 }
 
+/// The most records one presence window holds: four changes of every user a subscriber
+/// may watch, within one window (172 KiB), is a flood, not a burst.
+pub const WINDOW_RECORDS_MAX: usize = 4 * PRESENCE_WATCH_MAX;
+
+/// Appends an update record to a window made by [`window_start`]; false, leaving the
+/// window as it was, when it already holds [`WINDOW_RECORDS_MAX`] records.
+pub fn window_push(window: &mut Vec<u8>, record: &[u8]) -> bool {
+    if window.len() / UPDATE_BYTES >= WINDOW_RECORDS_MAX {
+        return false;
+    }
+    window.extend_from_slice(record);
+    true
+}
+
 /// A window that holds no record.
 pub fn empty_window() -> Bytes {
     Bytes::from_static(&[WINDOW_TAG])

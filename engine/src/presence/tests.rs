@@ -305,6 +305,41 @@ fn update_records_round_trip() {
     assert_eq!(Update::decode(br#"{"type":"event"}"#), None);
 }
 
+// A window carries its records in order, each as encoded; it holds at most
+// WINDOW_RECORDS_MAX of them; and neither a record nor a JSON frame reads as a window.
+#[test]
+fn windows_carry_records_up_to_their_bound() {
+    let record = |seq: u64| {
+        Update {
+            user: UserId(seq % 7 + 1),
+            old: Presence::OFFLINE,
+            new: Presence {
+                status: Status::Online,
+                dnd_until_us: None,
+                last_active_us: Some(EPOCH_US),
+            },
+            seq,
+        }
+        .encode()
+    };
+    let mut window = window_start(2);
+    for seq in 1..=WINDOW_RECORDS_MAX as u64 {
+        assert!(window_push(&mut window, &record(seq)), "record {seq} fits");
+    }
+    let full = window.clone();
+    assert!(!window_push(&mut window, &record(0)), "one over the bound");
+    assert_eq!(window, full, "a refused record leaves the window as it was");
+    assert!(is_window(&window));
+    let seqs: Vec<u64> = window_records(&window)
+        .map(|r| Update::decode(r).expect("decodes").seq)
+        .collect();
+    assert_eq!(seqs, (1..=WINDOW_RECORDS_MAX as u64).collect::<Vec<_>>());
+    assert_eq!(window_records(&empty_window()).count(), 0);
+    assert!(is_window(&empty_window()));
+    assert!(!is_window(&record(1)));
+    assert!(!is_window(br#"{"type":"event"}"#));
+}
+
 // What reaches a user for pushes: an active open connection, not the grace after it; mode
 // `dnd` with or without a connection; and its bits round-trip.
 #[test]

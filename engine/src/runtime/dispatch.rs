@@ -212,9 +212,6 @@ const PRESENCE_TICKS: u32 = 25;
 
 /// Records a new presence window has room for before it grows: most hold one or two.
 const PRESENCE_WINDOW_RECORDS_FIRST: usize = 2;
-/// The most records one presence window holds: four changes of every user a subscriber
-/// may watch within one window (172 KiB) is a flood, not a burst.
-const PRESENCE_WINDOW_RECORDS_MAX: usize = 4 * crate::presence::PRESENCE_WATCH_MAX;
 
 /// `at` rounded up to the next presence tick counted from `epoch` (at or after it).
 fn window_end_tick(epoch: Instant, at: Instant, window: Duration) -> Instant {
@@ -1011,8 +1008,9 @@ impl Dispatcher {
     }
 
     /// Adds a presence record to the open window of each local subscriber it names,
-    /// opening one if none is. A window holds at most [`PRESENCE_WINDOW_RECORDS_MAX`]
-    /// records: one that would hold more cuts the subscriber off, as a full queue does. (A
+    /// opening one if none is. A window holds at most
+    /// [`crate::presence::WINDOW_RECORDS_MAX`] records: one that would hold more cuts the
+    /// subscriber off, as a full queue does. (A
     /// subscriber whose queue closed is found when its window is pushed, and by the sweep.)
     /// One that stopped watching the user since the owner sent the record still gets it:
     /// the session drops records of users it does not watch (it knows first), and looking
@@ -1029,11 +1027,9 @@ impl Dispatcher {
                 self.presence_windows.push_back((end, sub));
                 crate::presence::window_start(PRESENCE_WINDOW_RECORDS_FIRST)
             });
-            if window.len() / crate::presence::UPDATE_BYTES >= PRESENCE_WINDOW_RECORDS_MAX {
+            if !crate::presence::window_push(window, &record) {
                 cut.push(sub);
-                continue;
             }
-            window.extend_from_slice(&record);
         }
         for sub in cut {
             self.cut_off(sub, Cutoff::Overflow).await;
