@@ -570,11 +570,6 @@ pub fn window_push(window: &mut Vec<u8>, record: &[u8]) -> bool {
     true
 }
 
-/// A window that holds no record.
-pub fn empty_window() -> Bytes {
-    Bytes::from_static(&[WINDOW_TAG])
-}
-
 /// Whether a frame in a subscriber's queue is a presence window.
 pub fn is_window(frame: &[u8]) -> bool {
     frame.first() == Some(&WINDOW_TAG)
@@ -648,11 +643,6 @@ impl Update {
             },
             seq: word(36),
         })
-    }
-
-    /// Whether a frame in a subscriber's queue is an update record.
-    pub fn is_update(frame: &[u8]) -> bool {
-        frame.first() == Some(&UPDATE_TAG)
     }
 }
 

@@ -1010,9 +1010,8 @@ impl Dispatcher {
     /// Adds a presence record to the open window of each local subscriber it names,
     /// opening one if none is. A window holds at most
     /// [`crate::presence::WINDOW_RECORDS_MAX`] records: one that would hold more cuts the
-    /// subscriber off, as a full queue does. (A
-    /// subscriber whose queue closed is found when its window is pushed, and by the sweep.)
-    /// One that stopped watching the user since the owner sent the record still gets it:
+    /// subscriber off, as a full queue does. (A subscriber whose queue closed is found when
+    /// its window is pushed, and by the sweep.) One that stopped watching the user since the owner sent the record still gets it:
     /// the session drops records of users it does not watch (it knows first), and looking
     /// the user up here too cost two cache misses per record.
     pub(crate) async fn presence_deliver(&mut self, now: Instant, record: Bytes, subs: Vec<u64>) {

@@ -465,7 +465,7 @@ pub(crate) enum ShardMsg {
         users: Vec<UserId>,
         out: Arc<PresenceGather>,
     },
-    /// A presence change for this shard's subscribers `subs` that watch its user: an
+    /// A presence change for this shard's subscribers `subs`, the user's watchers: an
     /// [`crate::presence::Update`] record, encoded once by the owner.
     PresenceDeliver { record: Bytes, subs: Vec<u64> },
     /// A subscriber changes the set of users it watches.
