@@ -157,7 +157,7 @@ fn session_bytes_per_watch(sessions: usize, watch: usize, users: &[UserId]) -> f
     for core in &mut cores {
         core.handle_timeout(now + Duration::from_secs(1));
         let _ = core.poll_call();
-        core.handle_answer(Answer::Started(true), &NoLimits);
+        core.handle_answer(now, Answer::Started(true), &NoLimits);
         while core.poll_transmit().is_some() {}
     }
     let frames: Vec<String> = (0..sessions)
@@ -179,6 +179,7 @@ fn session_bytes_per_watch(sessions: usize, watch: usize, users: &[UserId]) -> f
             .map(|u| (u, chorus_engine::presence::Presence::OFFLINE, 0))
             .collect();
         core.handle_answer(
+            now,
             Answer::PresenceSub {
                 reference: serde_json::json!(1),
                 result: Ok(found),

@@ -57,7 +57,7 @@ pub fn client_frame(data: &[u8]) -> bool {
         }
         // Every call the core asks for is answered, as a driver would.
         while let Some(call) = core.poll_call() {
-            core.handle_answer(answer_to(call), &Open);
+            core.handle_answer(now, answer_to(call), &Open);
         }
         let mut sent = 0;
         while core.poll_transmit().is_some() {

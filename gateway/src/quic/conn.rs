@@ -552,7 +552,7 @@ impl Driver {
                     break;
                 };
                 live.call = None;
-                live.core.handle_answer(answer, &*self.ctx);
+                live.core.handle_answer(Instant::now(), answer, &*self.ctx);
                 progressed = true;
             }
             let Some(call) = live.core.poll_call() else {

@@ -423,7 +423,7 @@ impl SessionCore {
     }
 
     /// The answer of the call last taken with [`Self::poll_call`].
-    pub fn handle_answer(&mut self, answer: Answer, limits: &impl Limits) {
+    pub fn handle_answer(&mut self, now: Instant, answer: Answer, limits: &impl Limits) {
         assert!(self.in_flight, "an answer without a call");
         self.in_flight = false;
         match answer {
@@ -459,9 +459,7 @@ impl SessionCore {
                     // The ack tells the client where each added user stands: a change in
                     // this window is measured from there.
                     for (user, shown, seq) in &users {
-                        if let Some(after) = self.watching.get_mut(user) {
-                            *after = *seq;
-                        }
+                        self.watching.acked(user, *seq);
                         match self.presence.get_mut(user) {
                             // The ack includes that change already.
                             Some((_, _, latest)) if *latest <= *seq => {
@@ -474,8 +472,13 @@ impl SessionCore {
                     let shown = users.iter().map(|(u, p, _)| (u, p));
                     self.replies
                         .push_back(protocol::presence_ack(&reference, shown));
+                    self.flush_held(now);
                 }
-                Err(e) => self.reply_error(&reference, &e),
+                Err(e) => {
+                    self.watching.settle();
+                    self.reply_error(&reference, &e);
+                    self.flush_held(now);
+                }
             },
             Answer::Activity => {}
             Answer::AckedToDevice { reference, result } => match result {
@@ -588,14 +591,22 @@ impl SessionCore {
     /// within the window. The engine's windows are at least a window apart, and one that a
     /// backlog delivered sooner than that after the last frame is held back
     /// ([`Self::push_event`]), so frames are too.
+    ///
+    /// Changes of a user whose ack has not come yet are held for the frame after the ack:
+    /// sent before it, they would be undone by the older status the ack shows.
     fn flush_presence(&mut self, now: Instant) {
         self.presence_flush_at = None;
-        let mut changed: Vec<(UserId, Presence)> = self
-            .presence
-            .drain()
-            .filter(|(_, (told, latest, _))| !told.same_state(latest))
-            .map(|(user, (_, latest, _))| (user, latest))
-            .collect();
+        let watching = &self.watching;
+        let mut changed: Vec<(UserId, Presence)> = Vec::new();
+        self.presence.retain(|user, (told, latest, _)| {
+            if watching.pending(user) {
+                return true;
+            }
+            if !told.same_state(latest) {
+                changed.push((*user, *latest));
+            }
+            false
+        });
         if self.presence.capacity() > IDLE_SLOTS_MAX {
             self.presence.shrink_to(IDLE_SLOTS_MAX);
         }
@@ -606,6 +617,18 @@ impl SessionCore {
         let frame = protocol::presence_frame(changed.iter().map(|(u, p)| (u, p)));
         self.events.push_back(frame);
         self.presence_sent_at = Some(now);
+    }
+
+    /// After an ack: changes held for it go out in the next frame, a window after the last
+    /// one (at once if that was longer ago).
+    fn flush_held(&mut self, now: Instant) {
+        if self.presence.is_empty() || self.presence_flush_at.is_some() {
+            return;
+        }
+        let at = self
+            .presence_sent_at
+            .map_or(now, |sent| (sent + self.config.presence_flush).max(now));
+        self.presence_flush_at = Some(at);
     }
 
     fn close_with(&mut self, reason: CloseReason) {

@@ -96,7 +96,7 @@ impl Harness {
     }
 
     fn answer(&mut self, answer: Answer) {
-        self.core.handle_answer(answer, &self.limits);
+        self.core.handle_answer(self.now, answer, &self.limits);
     }
 
     /// Every frame the core has to send now, as JSON.
@@ -565,6 +565,63 @@ fn presence_sub_is_acked_with_the_users() {
         h.sent()[0]["users"][UserId(1).to_string()]["status"],
         "online"
     );
+}
+
+// A change that reaches the connection before the ack of the `presence:sub` that added
+// its user waits for the ack: sent first, it would be undone by the older status the ack
+// shows. It goes in the next frame after the ack, a window after the last frame; one the
+// ack included is dropped.
+#[test]
+fn changes_before_their_ack_wait_for_it() {
+    use chorus_engine::presence::Status::{Away, Online};
+    let away = Presence {
+        status: Away,
+        dnd_until_us: None,
+        last_active_us: None,
+    };
+    let mut h = Harness::live();
+    watch(&mut h, &[2]);
+    let (one, two, three) = (UserId(1), UserId(2), UserId(3));
+    h.text(json!({"type": "presence:sub", "ref": "a", "op": "add", "user_ids": [one.to_string(), three.to_string()]}));
+    let Some(Call::PresenceSub { .. }) = h.core.poll_call() else {
+        panic!("a presence call");
+    };
+    // User 1 came online (change 5) and user 3 too (change 8) after the owner answered
+    // (changes 4 and 9); user 2's change goes out at once.
+    h.core.push_event(
+        h.now,
+        window(&[
+            update_at(5, 1, Away, Online),
+            update_at(8, 3, Away, Online),
+            update_at(3, 2, Away, Online),
+        ]),
+    );
+    let sent = h.sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0]["users"].as_object().unwrap().len(), 1);
+    assert_eq!(sent[0]["users"][two.to_string()]["status"], "online");
+    h.advance(Duration::from_millis(10));
+    h.answer(Answer::PresenceSub {
+        reference: json!("a"),
+        result: Ok(vec![(one, away, 4), (three, away, 9)]),
+    });
+    let sent = h.sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0]["type"], "ack");
+    assert_eq!(sent[0]["users"][one.to_string()]["status"], "away");
+    h.advance(Duration::from_millis(239));
+    assert!(h.sent().is_empty(), "a window after the last frame");
+    h.advance(Duration::from_millis(1));
+    let sent = h.sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0]["type"], "presence");
+    let users = sent[0]["users"].as_object().unwrap();
+    assert_eq!(
+        users.len(),
+        1,
+        "the ack included user 3's change: {users:?}"
+    );
+    assert_eq!(users[&one.to_string()]["status"], "online");
 }
 
 // Over 1,000 users is refused with `too_many` before the engine is asked; activity reaches

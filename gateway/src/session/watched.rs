@@ -13,19 +13,38 @@ pub(super) struct Watched {
     users: Vec<(UserId, u64)>,
 }
 
+/// Set in a user's change number from the `presence:sub` that added the user until its
+/// ack: the owner's answer is on its way, and the user's changes wait for it.
+const PENDING: u64 = 1 << 63;
+
 impl Watched {
     fn find(&self, user: &UserId) -> Result<usize, usize> {
         self.users.binary_search_by(|(u, _)| u.cmp(user))
     }
 
-    /// The change number of a watched user.
+    /// The change number of a watched user: the ack included every change up to it.
     pub(super) fn get(&self, user: &UserId) -> Option<u64> {
-        self.find(user).ok().map(|i| self.users[i].1)
+        self.find(user).ok().map(|i| self.users[i].1 & !PENDING)
     }
 
-    /// The change number of a watched user, to update.
-    pub(super) fn get_mut(&mut self, user: &UserId) -> Option<&mut u64> {
-        self.find(user).ok().map(|i| &mut self.users[i].1)
+    /// Whether the user was added and its ack has not come yet.
+    pub(super) fn pending(&self, user: &UserId) -> bool {
+        self.find(user)
+            .is_ok_and(|i| self.users[i].1 & PENDING != 0)
+    }
+
+    /// The ack included every change of `user` up to `seq`.
+    pub(super) fn acked(&mut self, user: &UserId, seq: u64) {
+        if let Ok(i) = self.find(user) {
+            self.users[i].1 = seq & !PENDING;
+        }
+    }
+
+    /// No ack is coming (the engine refused the change): nothing waits for one.
+    pub(super) fn settle(&mut self) {
+        for (_, seq) in &mut self.users {
+            *seq &= !PENDING;
+        }
     }
 
     pub(super) fn contains(&self, user: &UserId) -> bool {
@@ -36,11 +55,12 @@ impl Watched {
         self.users.len()
     }
 
-    /// Replaces the set with `users`, keeping the change number of those already watched.
+    /// Replaces the set with `users`, keeping the change number of those already watched;
+    /// the others wait for their ack.
     pub(super) fn set(&mut self, users: &[UserId]) {
         let mut next: Vec<(UserId, u64)> = users
             .iter()
-            .map(|u| (*u, self.get(u).unwrap_or(0)))
+            .map(|u| (*u, self.find(u).map_or(PENDING, |i| self.users[i].1)))
             .collect();
         next.sort_unstable_by_key(|(u, _)| *u);
         next.dedup_by_key(|(u, _)| *u);
@@ -48,11 +68,11 @@ impl Watched {
         self.users = next;
     }
 
-    /// Adds `users` not yet watched, with change number 0.
+    /// Adds `users` not yet watched, with change number 0, waiting for their ack.
     pub(super) fn add(&mut self, users: &[UserId]) {
         for u in users {
             if let Err(at) = self.find(u) {
-                self.users.insert(at, (*u, 0));
+                self.users.insert(at, (*u, PENDING));
             }
         }
         self.users.shrink_to_fit();
@@ -70,20 +90,27 @@ impl Watched {
 mod tests {
     use super::*;
 
-    // Set, add and remove keep the set sorted and free of duplicates, and a user's change
-    // number survives a `set` that keeps the user.
+    // Set, add and remove keep the set sorted and free of duplicates; a user's change
+    // number survives a `set` that keeps the user; users added wait for their ack.
     #[test]
     fn set_add_remove() {
         let mut w = Watched::default();
         w.set(&[UserId(5), UserId(1), UserId(5), UserId(3)]);
         assert_eq!(w.len(), 3);
-        *w.get_mut(&UserId(3)).unwrap() = 9;
+        assert!(w.pending(&UserId(3)));
+        w.acked(&UserId(3), 9);
+        assert!(!w.pending(&UserId(3)));
         w.set(&[UserId(3), UserId(7)]);
         assert_eq!((w.get(&UserId(3)), w.get(&UserId(7))), (Some(9), Some(0)));
-        assert!(!w.contains(&UserId(1)));
+        assert!(!w.pending(&UserId(3)) && w.pending(&UserId(7)));
+        assert!(!w.contains(&UserId(1)) && !w.pending(&UserId(1)));
         w.add(&[UserId(2), UserId(7), UserId(9)]);
         assert_eq!(w.len(), 4);
         assert_eq!(w.get(&UserId(3)), Some(9));
+        assert!(w.pending(&UserId(2)));
+        w.settle();
+        assert!(!w.pending(&UserId(2)) && !w.pending(&UserId(7)));
+        assert_eq!(w.get(&UserId(2)), Some(0));
         w.remove(&[UserId(3), UserId(4)]);
         assert_eq!(w.len(), 3);
         assert!(w.contains(&UserId(2)) && w.contains(&UserId(9)) && !w.contains(&UserId(3)));

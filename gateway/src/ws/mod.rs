@@ -560,7 +560,7 @@ impl Session {
                     return progressed;
                 };
                 self.call = None;
-                self.core.handle_answer(answer, &*self.ctx);
+                self.core.handle_answer(Instant::now(), answer, &*self.ctx);
                 progressed = true;
             }
             let Some(call) = self.core.poll_call() else {

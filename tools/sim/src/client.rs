@@ -508,8 +508,9 @@ impl Client {
     }
 
     /// Checks a `presence` frame: only users this connection watches, none it may not
-    /// see, and never a user's state as the last frame already showed it (a change undone
-    /// within the window sends nothing).
+    /// see, none added by a `presence:sub` not yet acked (the older status in the ack
+    /// would undo it), and never a user's state as the last frame already showed it (a
+    /// change undone within the window sends nothing).
     fn on_presence(&mut self, v: &Value) {
         self.world.borrow_mut().counters.presence += 1;
         let users = v["users"].as_object().cloned().unwrap_or_default();
@@ -534,10 +535,16 @@ impl Client {
             };
             let allowed = conn.transition.as_ref().unwrap_or(&conn.watching);
             let watched = allowed.contains(&u);
+            let before_ack = watched && !conn.watching.contains(&u);
             let repeat = conn.told.get(&u) == Some(&(key.clone(), true));
             conn.told.insert(u, (key, true));
             if !watched {
                 self.violation(format!("the presence of {u}, not watched: {v}"));
+            }
+            if before_ack {
+                self.violation(format!(
+                    "a change of {u} before the ack of the presence:sub that added it: {v}"
+                ));
             }
             if repeat {
                 self.violation(format!(

@@ -157,7 +157,8 @@ impl Driver {
                     return progressed;
                 };
                 self.call = None;
-                self.core.handle_answer(answer, &Unlimited);
+                self.core
+                    .handle_answer(self.executor.now(), answer, &Unlimited);
                 progressed = true;
             }
             let Some(call) = self.core.poll_call() else {
