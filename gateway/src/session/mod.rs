@@ -458,8 +458,9 @@ impl SessionCore {
                 Ok(users) => {
                     // The ack tells the client where each added user stands: a change in
                     // this window is measured from there.
+                    self.watching
+                        .acked(users.iter().map(|(user, _, seq)| (user, *seq)));
                     for (user, shown, seq) in &users {
-                        self.watching.acked(user, *seq);
                         match self.presence.get_mut(user) {
                             // The ack includes that change already.
                             Some((_, _, latest)) if *latest <= *seq => {

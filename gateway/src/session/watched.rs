@@ -11,6 +11,8 @@ use chorus_engine::ids::UserId;
 #[derive(Debug, Default)]
 pub(super) struct Watched {
     users: Vec<(UserId, u64)>,
+    /// Some user may be waiting for its ack (false only when none is).
+    any_pending: bool,
 }
 
 /// Set in a user's change number from the `presence:sub` that added the user until its
@@ -29,15 +31,20 @@ impl Watched {
 
     /// Whether the user was added and its ack has not come yet.
     pub(super) fn pending(&self, user: &UserId) -> bool {
-        self.find(user)
-            .is_ok_and(|i| self.users[i].1 & PENDING != 0)
+        self.any_pending
+            && self
+                .find(user)
+                .is_ok_and(|i| self.users[i].1 & PENDING != 0)
     }
 
-    /// The ack included every change of `user` up to `seq`.
-    pub(super) fn acked(&mut self, user: &UserId, seq: u64) {
-        if let Ok(i) = self.find(user) {
-            self.users[i].1 = seq & !PENDING;
+    /// The ack included every change of each user up to its number.
+    pub(super) fn acked<'a>(&mut self, acks: impl IntoIterator<Item = (&'a UserId, u64)>) {
+        for (user, seq) in acks {
+            if let Ok(i) = self.find(user) {
+                self.users[i].1 = seq & !PENDING;
+            }
         }
+        self.any_pending = self.users.iter().any(|(_, seq)| seq & PENDING != 0);
     }
 
     /// No ack is coming (the engine refused the change): nothing waits for one.
@@ -45,6 +52,7 @@ impl Watched {
         for (_, seq) in &mut self.users {
             *seq &= !PENDING;
         }
+        self.any_pending = false;
     }
 
     pub(super) fn contains(&self, user: &UserId) -> bool {
@@ -65,6 +73,7 @@ impl Watched {
         next.sort_unstable_by_key(|(u, _)| *u);
         next.dedup_by_key(|(u, _)| *u);
         next.shrink_to_fit();
+        self.any_pending = next.iter().any(|(_, seq)| seq & PENDING != 0);
         self.users = next;
     }
 
@@ -73,6 +82,7 @@ impl Watched {
         for u in users {
             if let Err(at) = self.find(u) {
                 self.users.insert(at, (*u, PENDING));
+                self.any_pending = true;
             }
         }
         self.users.shrink_to_fit();
@@ -98,7 +108,7 @@ mod tests {
         w.set(&[UserId(5), UserId(1), UserId(5), UserId(3)]);
         assert_eq!(w.len(), 3);
         assert!(w.pending(&UserId(3)));
-        w.acked(&UserId(3), 9);
+        w.acked([(&UserId(3), 9)]);
         assert!(!w.pending(&UserId(3)));
         w.set(&[UserId(3), UserId(7)]);
         assert_eq!((w.get(&UserId(3)), w.get(&UserId(7))), (Some(9), Some(0)));
@@ -109,7 +119,12 @@ mod tests {
         assert_eq!(w.get(&UserId(3)), Some(9));
         assert!(w.pending(&UserId(2)));
         w.settle();
+        assert!(!w.any_pending);
         assert!(!w.pending(&UserId(2)) && !w.pending(&UserId(7)));
+        w.add(&[UserId(4)]);
+        assert!(w.pending(&UserId(4)));
+        w.acked([(&UserId(4), 1)]);
+        assert!(!w.any_pending && w.get(&UserId(4)) == Some(1));
         assert_eq!(w.get(&UserId(2)), Some(0));
         w.remove(&[UserId(3), UserId(4)]);
         assert_eq!(w.len(), 3);
