@@ -198,7 +198,7 @@ pub(crate) struct Dispatcher {
     /// How long a presence window lasts (`presence_flush_ms`).
     presence_flush: Duration,
     /// Open presence windows, by when each ends: opened in time order with the same
-    /// length (rounded up to the same ticks), so a queue is already sorted.
+    /// length (rounded down to the same ticks), so a queue is already sorted.
     presence_windows: VecDeque<(Instant, u64)>,
     /// Where the shard's presence ticks count from: the first window's opening.
     presence_epoch: Option<Instant>,
@@ -207,16 +207,22 @@ pub(crate) struct Dispatcher {
 /// Presence windows end on ticks of a `PRESENCE_TICKS`th of a window, shared by all of a
 /// shard's subscribers: the shard then ends a few hundred windows per timer instead of
 /// one, and their sessions write their frames in one run, so a window costs no timer or
-/// wake-up of its own. A window is at most one tick longer than `presence_flush`.
+/// wake-up of its own. A window ends on the last tick before `presence_flush` is over, so
+/// it is at most one tick shorter; its frame still comes a whole `presence_flush` after
+/// the last one, since a window opens only after the last one was pushed, at a tick or
+/// later, and ticks are a whole fraction of the window (a window pushed late by a busy
+/// shard can make the next one early by as much: the session then holds that frame back
+/// until `presence_flush` after its last). Rounded up instead, every change that opens a
+/// window waited half a tick more on average, and up to a whole one.
 const PRESENCE_TICKS: u32 = 25;
 
 /// Records a new presence window has room for before it grows: most hold one or two.
 const PRESENCE_WINDOW_RECORDS_FIRST: usize = 2;
 
-/// `at` rounded up to the next presence tick counted from `epoch` (at or after it).
+/// `at` rounded down to the presence tick counted from `epoch` at or before it.
 fn window_end_tick(epoch: Instant, at: Instant, window: Duration) -> Instant {
     let tick = (window / PRESENCE_TICKS).as_nanos().max(1);
-    let ticks = at.duration_since(epoch).as_nanos().div_ceil(tick);
+    let ticks = at.duration_since(epoch).as_nanos() / tick;
     epoch + Duration::from_nanos(u64::try_from(ticks * tick).unwrap_or(u64::MAX))
 }
 
@@ -1011,9 +1017,10 @@ impl Dispatcher {
     /// opening one if none is. A window holds at most
     /// [`crate::presence::WINDOW_RECORDS_MAX`] records: one that would hold more cuts the
     /// subscriber off, as a full queue does. (A subscriber whose queue closed is found when
-    /// its window is pushed, and by the sweep.) One that stopped watching the user since the owner sent the record still gets it:
-    /// the session drops records of users it does not watch (it knows first), and looking
-    /// the user up here too cost two cache misses per record.
+    /// its window is pushed, and by the sweep.) One that stopped watching the user since
+    /// the owner sent the record still gets it: the session drops records of users it does
+    /// not watch (it knows first), and looking the user up here too cost two cache misses
+    /// per record.
     pub(crate) async fn presence_deliver(&mut self, now: Instant, record: Bytes, subs: Vec<u64>) {
         let mut cut = Vec::new();
         for sub in subs {
@@ -1072,6 +1079,33 @@ impl Dispatcher {
         gone.sort_unstable();
         for id in gone {
             self.unsubscribe(id).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A window ends on the tick at or before `presence_flush` after it opened, and a window
+    // that opens at or after the end of the last one ends a whole window after it.
+    #[test]
+    fn presence_windows_end_on_ticks_a_window_apart() {
+        let (epoch, window) = (Instant::now(), Duration::from_millis(250));
+        let tick = window / PRESENCE_TICKS;
+        let ms = Duration::from_millis;
+        let end = |opened: Duration| window_end_tick(epoch, epoch + opened + window, window);
+        assert_eq!(end(ms(0)), epoch + window);
+        assert_eq!(end(ms(3)), epoch + window);
+        assert_eq!(end(tick), epoch + window + tick);
+        assert_eq!(end(ms(19)), epoch + window + tick);
+        let mut last = end(ms(7));
+        for pushed_late_by in [0, 1, 9, 10, 11, 23, 250, 251] {
+            let opened = last - epoch + ms(pushed_late_by);
+            let next = end(opened);
+            assert!(next >= last + window, "{pushed_late_by} ms late");
+            assert!(next <= epoch + opened + window && next + tick > epoch + opened + window);
+            last = next;
         }
     }
 }
