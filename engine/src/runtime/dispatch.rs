@@ -212,8 +212,8 @@ pub(crate) struct Dispatcher {
 /// the last one, since a window opens only after the last one was pushed, at a tick or
 /// later, and ticks are a whole fraction of the window (a window pushed late by a busy
 /// shard can make the next one early by as much: the session then holds that frame back
-/// until `presence_flush` after its last). Rounded up instead, every change that opens a
-/// window waited half a tick more on average, and up to a whole one.
+/// until `presence_flush` after its last). Rounded up instead, as they were, every window
+/// ended one tick later, and every change waited that much longer.
 const PRESENCE_TICKS: u32 = 25;
 
 /// Records a new presence window has room for before it grows: most hold one or two.
