@@ -273,7 +273,7 @@ fn digest_lists_unread_messages_by_channel() {
     );
     assert!(html.contains(&format!("href=\"{}\"", link(&general, &edited))));
     assert!(html.contains(&format!("href=\"{}\"", link(&random, &kept))));
-    assert_eq!(s.metric("chorus_notify_emails_sent_total"), 1.0);
+    wait_metric(&s, "chorus_notify_emails_sent_total", 1.0);
 
     // The next message opens the next window: its digest comes a window later.
     let next = post(&s, &alice, &general, "next window");
@@ -375,13 +375,19 @@ fn a_refused_digest_is_retried() {
 /// after the SMTP server took it).
 #[track_caller]
 fn wait_depth(s: &Server, depth: f64) {
+    wait_metric(s, "chorus_notify_outbox_depth", depth);
+}
+
+/// Waits for a metric to read `value`: the sender counts an email once its SMTP session
+/// returns, a moment after the SMTP server has the message.
+fn wait_metric(s: &Server, name: &str, value: f64) {
     let deadline = Instant::now() + ARRIVE_WAIT;
     loop {
-        let now = s.metric("chorus_notify_outbox_depth");
-        if now == depth {
+        let now = s.metric(name);
+        if now == value {
             return;
         }
-        assert!(Instant::now() < deadline, "outbox depth {now}, not {depth}");
+        assert!(Instant::now() < deadline, "{name} {now}, not {value}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
