@@ -392,6 +392,11 @@ impl SessionCore {
                 None => tracing::error!("a presence record that does not decode"),
             }
         }
+        self.flush_when_due(now);
+    }
+
+    /// Sends the window's changes now, or a window after the last frame if that is later.
+    fn flush_when_due(&mut self, now: Instant) {
         match self.presence_sent_at {
             Some(sent) if now < sent + self.config.presence_flush => {
                 self.presence_flush_at
@@ -620,16 +625,11 @@ impl SessionCore {
         self.presence_sent_at = Some(now);
     }
 
-    /// After an ack: changes held for it go out in the next frame, a window after the last
-    /// one (at once if that was longer ago).
+    /// After an ack: changes held for it go out in the next frame.
     fn flush_held(&mut self, now: Instant) {
-        if self.presence.is_empty() || self.presence_flush_at.is_some() {
-            return;
+        if !self.presence.is_empty() {
+            self.flush_when_due(now);
         }
-        let at = self
-            .presence_sent_at
-            .map_or(now, |sent| (sent + self.config.presence_flush).max(now));
-        self.presence_flush_at = Some(at);
     }
 
     fn close_with(&mut self, reason: CloseReason) {

@@ -19,6 +19,10 @@ pub(super) struct Watched {
 /// ack: the owner's answer is on its way, and the user's changes wait for it.
 const PENDING: u64 = 1 << 63;
 
+fn is_pending(seq: u64) -> bool {
+    seq & PENDING != 0
+}
+
 impl Watched {
     fn find(&self, user: &UserId) -> Result<usize, usize> {
         self.users.binary_search_by(|(u, _)| u.cmp(user))
@@ -31,10 +35,7 @@ impl Watched {
 
     /// Whether the user was added and its ack has not come yet.
     pub(super) fn pending(&self, user: &UserId) -> bool {
-        self.any_pending
-            && self
-                .find(user)
-                .is_ok_and(|i| self.users[i].1 & PENDING != 0)
+        self.any_pending && self.find(user).is_ok_and(|i| is_pending(self.users[i].1))
     }
 
     /// The ack included every change of each user up to its number.
@@ -44,7 +45,7 @@ impl Watched {
                 self.users[i].1 = seq & !PENDING;
             }
         }
-        self.any_pending = self.users.iter().any(|(_, seq)| seq & PENDING != 0);
+        self.any_pending = self.users.iter().any(|(_, seq)| is_pending(*seq));
     }
 
     /// No ack is coming (the engine refused the change): nothing waits for one.
@@ -73,7 +74,7 @@ impl Watched {
         next.sort_unstable_by_key(|(u, _)| *u);
         next.dedup_by_key(|(u, _)| *u);
         next.shrink_to_fit();
-        self.any_pending = next.iter().any(|(_, seq)| seq & PENDING != 0);
+        self.any_pending = next.iter().any(|(_, seq)| is_pending(*seq));
         self.users = next;
     }
 
