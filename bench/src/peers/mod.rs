@@ -76,6 +76,28 @@ pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
+/// The inodes of the TCP sockets (IPv4 and IPv6) listening on `port`, from
+/// `/proc/net/tcp{,6}`: a line's second field is `address:PORT` in hex, its fourth the
+/// state (`0A` is `LISTEN`), its tenth the inode.
+fn listening_inodes(port: u16) -> Vec<u64> {
+    let suffix = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(table).ok())
+        .flat_map(|text| {
+            text.lines()
+                .skip(1)
+                .filter_map(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    let listening = fields.get(3) == Some(&"0A");
+                    let on_port = fields.get(1).is_some_and(|a| a.ends_with(&suffix));
+                    (listening && on_port).then(|| fields.get(9)?.parse().ok())?
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 /// The loopback address of `port`.
 pub(crate) fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
@@ -200,7 +222,7 @@ impl PeerProcess {
                     self.log_tail()
                 );
             }
-            if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            if self.listens_on(addr.port()) {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -211,6 +233,34 @@ impl PeerProcess {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Whether the server process itself holds a socket listening on TCP `port`. A
+    /// connection that succeeds is not proof: the port was free when the harness chose
+    /// it, and until the server binds it another process may listen there (tests run in
+    /// parallel, each choosing free ports), which once let a harness take a server as
+    /// ready that refused the next connection.
+    fn listens_on(&self, port: u16) -> bool {
+        let Some(child) = self.child.as_ref() else {
+            return false;
+        };
+        let listening = listening_inodes(port);
+        if listening.is_empty() {
+            return false;
+        }
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{}/fd", child.id())) else {
+            return false;
+        };
+        fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|target| {
+                let target = target.to_string_lossy();
+                target
+                    .strip_prefix("socket:[")
+                    .and_then(|rest| rest.strip_suffix(']'))
+                    .and_then(|inode| inode.parse::<u64>().ok())
+                    .is_some_and(|inode| listening.contains(&inode))
+            })
+        })
     }
 
     /// The last lines of the server's log, for error messages.
@@ -721,6 +771,45 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A listener of another process on the port is not the server listening; the
+    /// server's own is.
+    #[test]
+    fn only_the_servers_own_listener_counts() {
+        let foreign = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = foreign.local_addr().unwrap().port();
+        let dir = std::env::temp_dir().join(format!("chorus-listens-on-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut command = Command::new("python3");
+        command.args([
+            "-c",
+            "import socket,sys,time\n\
+             s=socket.socket(); s.bind(('127.0.0.1',0)); s.listen()\n\
+             print(s.getsockname()[1], flush=True); time.sleep(30)",
+        ]);
+        let log = dir.join("server.log");
+        let server = PeerProcess::spawn("python3", command, log.clone(), libc::SIGTERM).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let own = loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Ok(port) = text.trim().parse::<u16>() {
+                break port;
+            }
+            assert!(Instant::now() < deadline, "the server never said its port");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            !server.listens_on(port),
+            "another process's listener counted"
+        );
+        assert!(
+            server.listens_on(own),
+            "the server's own listener was not found"
+        );
+        drop(foreign);
+        server.stop().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     fn shape(connections: usize, members: usize) -> ChatShape {
         ChatShape {
