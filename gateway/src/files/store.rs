@@ -281,6 +281,8 @@ pub struct FileStore {
     root: PathBuf,
     tmp_counter: AtomicU64,
     backend: Backend,
+    /// Whether uploads try `O_DIRECT` (always, but in tests of the other path).
+    direct_io: bool,
     /// The pin table: which SHA-256s an upload or a removal holds.
     pub pins: Pins,
 }
@@ -326,6 +328,7 @@ impl FileStore {
             root,
             tmp_counter: AtomicU64::new(0),
             backend,
+            direct_io: true,
             pins: Pins::default(),
         })
     }
@@ -352,18 +355,45 @@ impl FileStore {
             .join(format!("{}.{n}", std::process::id()))
     }
 
-    /// Starts an upload: a new temporary file.
+    /// Starts an upload: a new temporary file, written around the page cache
+    /// (`O_DIRECT`) where the filesystem allows it (see [`PendingBytes`]).
     pub fn begin(&self) -> io::Result<Pending> {
+        use std::os::unix::fs::OpenOptionsExt;
         let path = self.tmp_path();
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
+        let open = |flags| {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .custom_flags(flags)
+                .open(&path)
+        };
+        let refused = || Err(io::Error::from_raw_os_error(libc::EINVAL));
+        let tried = if self.direct_io {
+            open(libc::O_DIRECT)
+        } else {
+            refused()
+        };
+        let (file, staging) = match tried {
+            Ok(file) => (file, Some(Staging::new())),
+            // tmpfs and a few others refuse O_DIRECT, after creating the file: it is
+            // ours (the name is unique), so it is opened again as it is, and written
+            // through the page cache.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                let file = OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&path)?;
+                (file, None)
+            }
+            Err(e) => return Err(e),
+        };
         Ok(Pending {
             bytes: PendingBytes {
                 path: Some(path),
                 file,
                 len: 0,
+                staging,
             },
             hash: PendingHash {
                 sha: ring::digest::Context::new(&ring::digest::SHA256),
@@ -494,12 +524,76 @@ pub struct Pending {
     hash: PendingHash,
 }
 
-/// The temporary file of an upload, and how many bytes were written to it. Dropped
-/// unfinished, it removes the file.
+/// The temporary file of an upload, and how many bytes it has taken. Dropped unfinished,
+/// it removes the file.
+///
+/// The file is open with `O_DIRECT` where the filesystem allows it: the bytes go from an
+/// aligned staging buffer straight to the disk, not into page-cache pages. An upload is
+/// written once and read rarely (its previews, a later download), and a page-cache page
+/// per byte costs more than the disk write itself: on this project's virtual machines,
+/// writing 20 MiB files that stay in the page cache ran at a fifth of the rate of files
+/// deleted right after (whose pages are recycled), while `O_DIRECT` ran as fast as the
+/// latter. Whole staging buffers are written at block-aligned offsets; what is left at
+/// the end (less than a buffer) is written through the page cache, `O_DIRECT` switched
+/// off, before the fsync.
 pub struct PendingBytes {
     path: Option<PathBuf>,
     file: File,
+    /// Bytes taken: written, and staged.
     len: u64,
+    /// The staging buffer, when the file is open with `O_DIRECT`.
+    staging: Option<Staging>,
+}
+
+/// The block-aligned buffer of an `O_DIRECT` upload: bytes wait here until a whole
+/// buffer can be written.
+struct Staging {
+    /// [`DIRECT_WRITE_BYTES`] plus room to align the start; the buffer is never grown,
+    /// so its address does not move.
+    buf: Vec<u8>,
+    /// Where the aligned part of `buf` starts.
+    start: usize,
+    /// Bytes staged.
+    filled: usize,
+}
+
+/// Bytes per `O_DIRECT` write, and the size of an upload's staging buffer: the size of
+/// the pieces the server hands over (`UPLOAD_FLUSH_BYTES`), so that a piece is one write.
+/// On the project's virtual disk, 20 MiB written in `O_DIRECT` writes of 256 KiB ran at
+/// about 1.1 GB/s, of 1 MiB at 1.5–1.7, of 2 and 4 MiB at 1.7–1.8.
+const DIRECT_WRITE_BYTES: usize = 2 << 20;
+/// The alignment `O_DIRECT` asks of memory, file offsets and lengths: the largest
+/// logical block size in use (4 KiB), which covers 512-byte disks too.
+const DIRECT_ALIGN: usize = 4096;
+
+impl Staging {
+    fn new() -> Staging {
+        let buf = vec![0u8; DIRECT_WRITE_BYTES + DIRECT_ALIGN];
+        let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
+        Staging {
+            buf,
+            start,
+            filled: 0,
+        }
+    }
+
+    /// Takes as much of `bytes` as fits; returns how much.
+    fn take(&mut self, bytes: &[u8]) -> usize {
+        let n = bytes.len().min(DIRECT_WRITE_BYTES - self.filled);
+        let at = self.start + self.filled;
+        self.buf[at..at + n].copy_from_slice(&bytes[..n]);
+        self.filled += n;
+        n
+    }
+
+    fn is_full(&self) -> bool {
+        self.filled == DIRECT_WRITE_BYTES
+    }
+
+    /// The staged bytes.
+    fn staged(&self) -> &[u8] {
+        &self.buf[self.start..self.start + self.filled]
+    }
 }
 
 /// The SHA-256 of an upload's bytes so far, and how many there were.
@@ -542,9 +636,10 @@ impl Pending {
         self.bytes.len == 0
     }
 
-    /// Fsyncs the bytes and computes their SHA-256.
+    /// Writes what is staged, fsyncs the bytes and computes their SHA-256.
     pub fn finish(self) -> io::Result<Finished> {
         let Pending { mut bytes, hash } = self;
+        bytes.write_tail()?;
         bytes.file.sync_all()?;
         let digest = hash.sha.finish();
         let mut sha = [0u8; 32];
@@ -561,14 +656,52 @@ impl PendingBytes {
     /// Writes each chunk in turn, then starts writing them to the disk without waiting
     /// (one write-back request for them all), so that the fsync at the end has little
     /// left to do: the disk works while the rest of the upload arrives.
+    /// With `O_DIRECT`, the chunks are staged and each full staging buffer is written.
     pub fn write_chunks(&mut self, chunks: &[impl AsRef<[u8]>]) -> io::Result<()> {
         let start = self.len;
+        let Some(staging) = self.staging.as_mut() else {
+            for chunk in chunks {
+                self.file.write_all(chunk.as_ref())?;
+                self.len += chunk.as_ref().len() as u64;
+            }
+            start_writeback(&self.file, start, self.len - start);
+            return Ok(());
+        };
         for chunk in chunks {
-            self.file.write_all(chunk.as_ref())?;
+            let mut rest = chunk.as_ref();
+            while !rest.is_empty() {
+                let n = staging.take(rest);
+                rest = &rest[n..];
+                if staging.is_full() {
+                    // Every earlier direct write was a whole buffer, so this one starts
+                    // at an aligned offset, from aligned memory, for an aligned length.
+                    self.file.write_all(staging.staged())?;
+                    staging.filled = 0;
+                }
+            }
             self.len += chunk.as_ref().len() as u64;
         }
-        start_writeback(&self.file, start, self.len - start);
         Ok(())
+    }
+
+    /// Writes the staged bytes (less than a staging buffer) through the page cache, with
+    /// `O_DIRECT` switched off: their length need not be aligned.
+    fn write_tail(&mut self) -> io::Result<()> {
+        let Some(staging) = self.staging.take() else {
+            return Ok(());
+        };
+        if staging.filled == 0 {
+            return Ok(());
+        }
+        use std::os::fd::AsRawFd;
+        let fd = self.file.as_raw_fd();
+        // SAFETY: fcntl on a descriptor `self.file` keeps open; no memory is passed.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        // SAFETY: as above.
+        if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.file.write_all(staging.staged())
     }
 }
 
@@ -787,6 +920,55 @@ mod tests {
             fs::read_dir(dir.path().join("files/tmp")).unwrap().count(),
             0
         );
+    }
+
+    // Uploads of every length around the staging buffer's come back byte for byte: none,
+    // less than a buffer (all of it the tail), exactly one, one and a byte, and several
+    // with an unaligned tail, fed in chunks that straddle the buffer's end. Where the
+    // filesystem takes O_DIRECT, the uploads use it.
+    #[test]
+    fn direct_uploads_of_every_length_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        round_trips(dir.path(), true);
+    }
+
+    // Where the filesystem refuses O_DIRECT (the store then writes through the page
+    // cache), uploads come back just as whole.
+    #[test]
+    fn uploads_without_o_direct_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        round_trips(dir.path(), false);
+    }
+
+    fn round_trips(data_dir: &Path, direct_io: bool) {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut store = FileStore::open(data_dir).unwrap();
+        store.direct_io = direct_io;
+        let probe = data_dir.join("probe");
+        let direct = direct_io
+            && OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(&probe)
+                .is_ok();
+        let b = DIRECT_WRITE_BYTES;
+        for (n, len) in [0, 1, b - 1, b, b + 1, 3 * b + 4095]
+            .into_iter()
+            .enumerate()
+        {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 31 + n) as u8).collect();
+            let mut up = store.begin().unwrap();
+            assert_eq!(up.bytes.staging.is_some(), direct);
+            for chunk in bytes.chunks(300_007) {
+                up.append(chunk).unwrap();
+            }
+            let done = up.finish().unwrap();
+            assert_eq!(done.len, len as u64);
+            let sha = done.sha;
+            store.publish(done).unwrap();
+            assert_eq!(fs::read(store.path_of(&sha)).unwrap(), bytes, "{len} bytes");
+        }
     }
 
     // An upload dropped before it is published leaves nothing behind, and open clears what
