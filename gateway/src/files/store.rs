@@ -360,24 +360,20 @@ impl FileStore {
     pub fn begin(&self) -> io::Result<Pending> {
         use std::os::unix::fs::OpenOptionsExt;
         let path = self.tmp_path();
-        let open = |flags| {
+        let direct = if self.direct_io {
             OpenOptions::new()
                 .write(true)
                 .create_new(true)
-                .custom_flags(flags)
+                .custom_flags(libc::O_DIRECT)
                 .open(&path)
-        };
-        let refused = || Err(io::Error::from_raw_os_error(libc::EINVAL));
-        let tried = if self.direct_io {
-            open(libc::O_DIRECT)
         } else {
-            refused()
+            Err(io::Error::from_raw_os_error(libc::EINVAL))
         };
-        let (file, staging) = match tried {
+        let (file, staging) = match direct {
             Ok(file) => (file, Some(Staging::new())),
-            // tmpfs and a few others refuse O_DIRECT, after creating the file: it is
-            // ours (the name is unique), so it is opened again as it is, and written
-            // through the page cache.
+            // A filesystem that does not take O_DIRECT refuses it after creating the
+            // file: the file is ours (the name is unique), so it is opened again as it
+            // is, and written through the page cache.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 let file = OpenOptions::new()
                     .write(true)
