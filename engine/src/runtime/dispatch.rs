@@ -179,7 +179,9 @@ impl Sub {
 pub(crate) struct Dispatcher {
     shard: u32,
     routes: Routes,
-    subs: HashMap<u64, Sub>,
+    /// Boxed: a subscriber is a few hundred bytes, and the map's free slots (up to
+    /// half of them after it grows) would each take that much inline.
+    subs: HashMap<u64, Box<Sub>>,
     next_sub: u64,
     by_user: HashMap<UserId, Vec<u64>>,
     /// The local subscribers of each channel, in subscription order.
@@ -269,7 +271,7 @@ impl Dispatcher {
         self.next_sub += 1;
         self.subs.insert(
             id,
-            Sub {
+            Box::new(Sub {
                 user,
                 device,
                 to_device_sent: 0,
@@ -290,7 +292,7 @@ impl Dispatcher {
                 departed: HashMap::new(),
                 watching: HashSet::new(),
                 presence_window: None,
-            },
+            }),
         );
         self.by_user.entry(user).or_default().push(id);
         // Every subscription is a connection of its user, for presence.
@@ -896,7 +898,7 @@ impl Dispatcher {
                 }
             }
         }
-        Some(s)
+        Some(*s)
     }
 
     /// The home shard of a user: their presence owner.

@@ -18,6 +18,7 @@
 pub(crate) mod dispatch;
 pub(crate) mod layout;
 pub(crate) mod meta;
+pub(crate) mod online;
 pub(crate) mod partition;
 pub(crate) mod shard;
 pub(crate) mod to_device;

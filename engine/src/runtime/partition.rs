@@ -22,6 +22,7 @@ use crate::env::{DirOf, Env};
 use crate::error::{Corrupt, EngineError, IoError, Unavailable};
 use crate::ids::{ChannelId, UserId};
 use crate::outcome::{ChannelOutcome, ReadOutcome};
+use crate::runtime::online::OnlineUsers;
 use crate::view::{rfc3339, ChannelReadFields, ChannelView, MessageView, ReadView};
 use bytes::Bytes;
 use chorus_log::{AppendError, Entry, ReadError, Storage};
@@ -52,7 +53,7 @@ pub(crate) struct Partition<E: Env> {
     /// Committed channel membership, by user.
     user_channels: HashMap<UserId, BTreeSet<ChannelId>>,
     /// Connections per shard, by user.
-    online: HashMap<UserId, Vec<u32>>,
+    online: OnlineUsers,
     /// Connections of members per shard, by channel: where its events go.
     channel_shards: HashMap<ChannelId, Vec<u32>>,
     /// Public channels here, by workspace.
@@ -275,7 +276,7 @@ impl<E: Env> Partition<E> {
             log,
             channels: HashMap::new(),
             user_channels: HashMap::new(),
-            online: HashMap::new(),
+            online: OnlineUsers::new(routes.shard_count()),
             channel_shards: HashMap::new(),
             public: HashMap::new(),
             routes,
@@ -705,7 +706,7 @@ impl<E: Env> Partition<E> {
 
     /// The `read` frame of a user's marker in a channel, if the user has connections.
     fn read_frame(&self, user: UserId, channel: ChannelId) -> Option<Bytes> {
-        if !self.online.contains_key(&user) {
+        if !self.online.is_online(user) {
             return None;
         }
         let view = self.read_view(user, channel)?;
@@ -1089,20 +1090,18 @@ impl<E: Env> Partition<E> {
         // Each marker change goes to every shard with a connection of its user, after the
         // tick's events (so a post's own frame comes before the read frame it causes).
         for m in moved {
-            let (Some(frame), Some(per_shard)) = (&m.frame, self.online.get(&m.user)) else {
+            let Some(frame) = &m.frame else {
                 continue;
             };
-            for (shard, n) in per_shard.iter().enumerate() {
-                if *n > 0 {
-                    out[shard].push(Delivery {
-                        channel: ChannelId(0),
-                        seq: 0,
-                        frame: frame.clone(),
-                        membership: None,
-                        ephemeral_from: None,
-                        to_user: Some(m.user),
-                    });
-                }
+            for (shard, _) in self.online.shards_of(m.user) {
+                out[shard as usize].push(Delivery {
+                    channel: ChannelId(0),
+                    seq: 0,
+                    frame: frame.clone(),
+                    membership: None,
+                    ephemeral_from: None,
+                    to_user: Some(m.user),
+                });
             }
         }
         for (shard, batch) in out.into_iter().enumerate() {
@@ -1161,16 +1160,17 @@ impl<E: Env> Partition<E> {
 
     /// Adds (or removes) a user's connections to the shards a channel's events go to.
     fn adjust_channel_shards(&mut self, channel: ChannelId, user: UserId, sign: i32) {
-        let Some(per_shard) = self.online.get(&user) else {
+        if !self.online.is_online(user) {
             return;
-        };
+        }
         let shards = self.routes.shard_count() as usize;
         let counts = self
             .channel_shards
             .entry(channel)
             .or_insert_with(|| vec![0; shards]);
-        for (i, n) in per_shard.iter().enumerate() {
-            counts[i] = (counts[i] as i64 + sign as i64 * *n as i64).max(0) as u32;
+        for (i, n) in self.online.shards_of(user) {
+            let c = &mut counts[i as usize];
+            *c = (*c as i64 + sign as i64 * n as i64).max(0) as u32;
         }
     }
 
@@ -1179,11 +1179,7 @@ impl<E: Env> Partition<E> {
     /// before any later delivery.
     async fn online(&mut self, user: UserId, shard: u32, delta: i32, sub: Option<u64>) {
         let shards = self.routes.shard_count() as usize;
-        let entry = self.online.entry(user).or_insert_with(|| vec![0; shards]);
-        entry[shard as usize] = (entry[shard as usize] as i64 + delta as i64).max(0) as u32;
-        if entry.iter().all(|n| *n == 0) {
-            self.online.remove(&user);
-        }
+        self.online.add(user, shard, delta);
         let channels: Vec<ChannelId> = self
             .user_channels
             .get(&user)
@@ -1274,17 +1270,11 @@ impl<E: Env> Partition<E> {
                 let counts = self
                     .online
                     .iter()
-                    .flat_map(|(user, shards)| {
-                        shards
-                            .iter()
-                            .enumerate()
-                            .filter(|(_, n)| **n > 0)
-                            .map(|(s, n)| crate::outcome::SubscriberCount {
-                                partition: self.id,
-                                user: *user,
-                                shard: s as u32,
-                                subscriptions: *n,
-                            })
+                    .map(|(user, shard, n)| crate::outcome::SubscriberCount {
+                        partition: self.id,
+                        user,
+                        shard,
+                        subscriptions: n,
                     })
                     .collect();
                 out.add(counts);
