@@ -51,20 +51,25 @@ pub type Socket = glommio::net::TcpStream;
 /// peeked (not consumed), and a connection whose first request is `GET /ws/v1/connect`
 /// goes whole to [`crate::ws::serve`], which does the handshake with tungstenite and runs
 /// the session. Everything else goes to hyper.
-pub async fn serve(ctx: Rc<ShardCtx>, stream: Socket) {
-    let config = &ctx.shared.config;
-    let header_timeout = Duration::from_secs(config.http_header_timeout_s);
+///
+/// Every phase is boxed, so that a connection's task holds a pointer and not the largest
+/// phase inline: the peek (and the socket while it waits) is boxed before the returned
+/// future exists, and is gone once decided; an idle WebSocket does not carry hyper's
+/// connection state, and the reverse.
+pub fn serve(ctx: Rc<ShardCtx>, stream: Socket) -> impl std::future::Future<Output = ()> {
+    let header_timeout = Duration::from_secs(ctx.shared.config.http_header_timeout_s);
     let deadline = Instant::now() + header_timeout;
-    let websocket = match until(deadline, is_websocket(&stream)).await {
-        Some(websocket) => websocket,
-        None => return,
-    };
-    // Each branch is boxed, so a connection's task holds only the state of the protocol it
-    // speaks: an idle WebSocket does not carry hyper's connection state, and the reverse.
-    if websocket {
-        Box::pin(crate::ws::serve(ctx, stream, deadline)).await;
-    } else {
-        Box::pin(serve_http(ctx, stream, deadline)).await;
+    let peek = Box::pin(async move {
+        let websocket = until(deadline, is_websocket(&stream)).await;
+        (stream, websocket)
+    });
+    async move {
+        let (stream, websocket) = peek.await;
+        match websocket {
+            Some(true) => Box::pin(crate::ws::serve(ctx, stream, deadline)).await,
+            Some(false) => Box::pin(serve_http(ctx, stream, deadline)).await,
+            None => {}
+        }
     }
 }
 

@@ -374,8 +374,11 @@ async fn accept_loop(
         ctx.shared.metrics.connection_opened();
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
+        // Made before the task, so that the task holds the connection's future and not
+        // the socket besides.
+        let serving = crate::conn::serve(ctx.clone(), stream);
         glommio::spawn_local(async move {
-            crate::conn::serve(ctx.clone(), stream).await;
+            serving.await;
             release(&ctx.shared, ip);
             ctx.shared.metrics.connection_closed();
         })

@@ -251,11 +251,12 @@ pub struct SessionCore {
     /// Engine frames to send, in order.
     events: VecDeque<Bytes>,
     /// The call to hand to the driver next.
-    call: Option<Call>,
+    call: Option<Box<Call>>,
     /// Whether the driver is running a call.
     in_flight: bool,
     /// The first frame, when it was not `resume`: handled once the subscription started.
-    after_start: Option<Parsed>,
+    /// Boxed, like `call`: it is there only while a session starts.
+    after_start: Option<Box<Parsed>>,
     /// The engine cut the subscription off; the session closes once what was queued
     /// before the cut is sent.
     cut: Option<Cutoff>,
@@ -342,7 +343,7 @@ impl SessionCore {
                 // Drivers take no frames while the start is in flight; keep the frame
                 // rather than lose it if one does.
                 assert!(self.after_start.is_none(), "a frame arrived while starting");
-                self.after_start = Some(parsed);
+                self.after_start = Some(Box::new(parsed));
             }
             Phase::Live => self.on_frame(parsed, limits),
         }
@@ -436,7 +437,7 @@ impl SessionCore {
             Answer::Started(true) => {
                 self.phase = Phase::Live;
                 if let Some(parsed) = self.after_start.take() {
-                    self.on_frame(parsed, limits);
+                    self.on_frame(*parsed, limits);
                 }
             }
             Answer::Resumed { reference, result } => match result {
@@ -521,6 +522,12 @@ impl SessionCore {
     // Outputs
     // -----------------------------------------------------------------------------------
 
+    /// The call to hand to the driver next. Boxed: an idle session holds no call, and
+    /// inline it would take a call's size in every session.
+    fn set_call(&mut self, call: Call) {
+        self.call = Some(Box::new(call));
+    }
+
     /// The engine call to make now, if any; its [`Answer`] must come back before the next.
     pub fn poll_call(&mut self) -> Option<Call> {
         if self.in_flight || self.close.is_some() {
@@ -528,7 +535,7 @@ impl SessionCore {
         }
         let call = self.call.take()?;
         self.in_flight = true;
-        Some(call)
+        Some(*call)
     }
 
     /// The next frame to send: answers first, then events.
@@ -538,8 +545,11 @@ impl SessionCore {
         }
         let frame = self.events.pop_front();
         if frame.is_none() {
-            // An idle session does not keep what a burst took.
-            shrink(&mut self.replies);
+            // An idle session does not keep what a burst took. Answers are few (the
+            // `hello`, then one per client frame), so their queue is not kept at all.
+            if self.replies.capacity() > 0 {
+                self.replies = VecDeque::new();
+            }
             shrink(&mut self.events);
         }
         frame
@@ -646,12 +656,12 @@ impl SessionCore {
                 Some(since)
             }
             other => {
-                self.after_start = other;
+                self.after_start = other.map(Box::new);
                 None
             }
         };
         self.phase = Phase::Starting;
-        self.call = Some(Call::Start { since });
+        self.set_call(Call::Start { since });
     }
 
     fn on_frame(&mut self, (reference, parsed): Parsed, limits: &impl Limits) {
@@ -663,27 +673,25 @@ impl SessionCore {
             ClientFrame::Ping => self.replies.push_back(protocol::pong(&reference)),
             ClientFrame::Resume { since, unknown } => {
                 self.report_unknown(&reference, &unknown);
-                self.call = Some(Call::Resume { reference, since });
+                self.set_call(Call::Resume { reference, since });
             }
             ClientFrame::Typing(channel) => {
                 // Extra notices are dropped quietly: typing is best effort, and clients
                 // send it on every keystroke.
                 if limits.typing_allowed(self.user, channel) {
-                    self.call = Some(Call::Typing { reference, channel });
+                    self.set_call(Call::Typing { reference, channel });
                 }
             }
             ClientFrame::MarkRead { channel, seq } => match limits.take_rate(self.user) {
-                Ok(()) => {
-                    self.call = Some(Call::MarkRead {
-                        reference,
-                        channel,
-                        seq,
-                    })
-                }
+                Ok(()) => self.set_call(Call::MarkRead {
+                    reference,
+                    channel,
+                    seq,
+                }),
                 Err(e) => self.reply_error(&reference, &e),
             },
             ClientFrame::Command(command) => match limits.take_rate(self.user) {
-                Ok(()) => self.call = Some(Call::Command { reference, command }),
+                Ok(()) => self.set_call(Call::Command { reference, command }),
                 Err(e) => self.reply_error(&reference, &e),
             },
             ClientFrame::PresenceSub { op, users } => match limits.take_rate(self.user) {
@@ -700,7 +708,7 @@ impl SessionCore {
                     }
                     (Some(device), Ok(())) => {
                         let device = device.clone();
-                        self.call = Some(Call::AckToDevice {
+                        self.set_call(Call::AckToDevice {
                             reference,
                             device,
                             upto,
@@ -713,7 +721,7 @@ impl SessionCore {
                 // Only a change reaches the owner: clients may report on every keystroke.
                 if active != self.active {
                     self.active = active;
-                    self.call = Some(Call::Activity { active });
+                    self.set_call(Call::Activity { active });
                 }
             }
         }
@@ -744,7 +752,7 @@ impl SessionCore {
         }
         let watching = &self.watching;
         self.presence.retain(|u, _| watching.contains(u));
-        self.call = Some(Call::PresenceSub {
+        self.set_call(Call::PresenceSub {
             reference,
             op,
             users,

@@ -88,9 +88,11 @@ pub const CLOSE_UNAUTHORIZED: u16 = 4001;
 /// Close code: the client sent nothing, not even a ping, for two heartbeat intervals.
 pub const CLOSE_HEARTBEAT_TIMEOUT: u16 = 4002;
 
-/// tungstenite's read buffer, allocated for the life of the connection. Client frames are
-/// small; a larger one is read in several calls. This is most of an idle connection's cost.
-pub const READ_BUFFER_BYTES: usize = 2 * 1024;
+/// tungstenite's read buffer, allocated for the life of the connection, and the most it
+/// reads in one call. Client frames are small (a post of a few hundred characters is one
+/// read); a larger one is read in several calls, into a buffer grown to its length. Every
+/// idle connection holds it, so it is the smallest that takes a typical frame whole.
+pub const READ_BUFFER_BYTES: usize = 512;
 /// Bytes tungstenite gathers before it writes to the socket. It writes only its own small
 /// frames (answers to pings and closes); the session's go through [`out`].
 pub const WRITE_BUFFER_BYTES: usize = 16 * 1024;
@@ -112,13 +114,31 @@ pub const FRAME_SLACK_BYTES: usize = 64 * 1024;
 /// endpoint 404, a request that is not a WebSocket upgrade 400 (426 with
 /// `Sec-WebSocket-Version: 13` for another version), and a draining server 503; then the
 /// connection is closed.
-pub async fn serve(ctx: Rc<ShardCtx>, stream: Socket, deadline: Instant) {
-    // The handshake's and the subscription's futures are boxed: they are done before the
-    // session starts, and inline they would enlarge every idle connection's task.
+///
+/// The future it returns is what an idle connection keeps, so it is small: the opening
+/// (handshake and subscription) is boxed at once, taking the socket with it, and is gone
+/// once the session runs; what remains is the session and its `run`.
+pub fn serve(
+    ctx: Rc<ShardCtx>,
+    stream: Socket,
+    deadline: Instant,
+) -> impl std::future::Future<Output = ()> {
+    let opening = Box::pin(open(ctx, stream, deadline));
+    async move {
+        // `let … else`, not `if let`: the latter keeps the `Option` beside the session for
+        // the life of the connection.
+        let Some(mut session) = opening.await else {
+            return;
+        };
+        session.run().await;
+    }
+}
+
+/// The handshake and the subscription: the session, if both succeeded. The handshake's and
+/// the subscription's futures are boxed, as each is done before the next starts.
+async fn open(ctx: Rc<ShardCtx>, stream: Socket, deadline: Instant) -> Option<Session> {
     let handshake = Box::pin(handshake(&ctx, stream));
-    let Some((caller, mut ws)) = crate::conn::until(deadline, handshake).await.flatten() else {
-        return;
-    };
+    let (caller, mut ws) = crate::conn::until(deadline, handshake).await.flatten()?;
     let engine = &ctx.shared.engine;
     let device = caller.device.as_deref();
     let sub = match Box::pin(engine.subscribe_held_device(caller.user, device)).await {
@@ -126,12 +146,10 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: Socket, deadline: Instant) {
         Err(e) => {
             tracing::warn!(error = %e, "subscribe failed");
             Box::pin(close(&mut ws, Exit::Close(1011, "unavailable"))).await;
-            return;
+            return None;
         }
     };
-    // Owned here and borrowed by `run`: an async fn taking it by value would hold it twice.
-    let mut session = Session::new(ctx, caller, ws, sub);
-    session.run().await;
+    Some(Session::new(ctx, caller, ws, sub))
 }
 
 /// Reads the upgrade request and answers it, within the connection's header deadline.

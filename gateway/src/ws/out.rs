@@ -20,8 +20,6 @@ use std::os::fd::RawFd;
 
 /// Frames gathered into one `sendmsg`: two slices each, far under the kernel's 1,024.
 const FRAMES_PER_SEND: usize = 128;
-/// Slots an empty queue keeps after a burst.
-const IDLE_SLOTS_MAX: usize = 8;
 
 /// A server text frame's header.
 #[derive(Clone, Copy, Debug)]
@@ -154,8 +152,9 @@ impl Outbound {
             self.written = 0;
             self.frames.pop_front();
         }
-        if self.frames.is_empty() && self.frames.capacity() > IDLE_SLOTS_MAX {
-            self.frames.shrink_to(IDLE_SLOTS_MAX);
+        if self.frames.is_empty() && self.frames.capacity() > 0 {
+            // Every idle connection would keep it: it is allocated again per burst.
+            self.frames = VecDeque::new();
         }
     }
 }
