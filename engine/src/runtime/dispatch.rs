@@ -351,6 +351,8 @@ impl Dispatcher {
             if let Some(reply) = s.ready.take() {
                 let mut channels = std::mem::take(&mut s.started);
                 channels.sort_unstable();
+                // The subscription keeps it for its life: no spare slots.
+                channels.shrink_to_fit();
                 let _ = reply.send(Ok(SubscriptionInfo {
                     id: sub,
                     shard: self.shard,
