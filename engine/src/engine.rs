@@ -550,7 +550,8 @@ impl Engine {
     }
 
     /// Every partition's subscriber index: how many live subscriptions of each user each
-    /// shard has, as the partitions count them. Once every subscription is gone, and the
+    /// shard has, as the partitions count them (each shard's table of connected users is
+    /// reported by its first partition). Once every subscription is gone, and the
     /// shards have swept, it is empty. For tests and the simulation, which check that the
     /// index never keeps a subscription that is gone.
     #[doc(hidden)]

@@ -975,6 +975,56 @@ fn subscription_frames_carry_every_event_type() {
     w.shutdown();
 }
 
+// A connected user who joins a channel in a partition where they were in no channel gets
+// its events live: the partition takes the user's connections from its shard's table of
+// connected users at the join, and counts them from then on (a reconnect included).
+#[test]
+fn a_connected_user_joining_a_new_partition_gets_its_events() {
+    let w = World::new(0);
+    let e = &w.engine;
+    let general = chorus_engine::domain::meta::partition_of(w.general);
+    let side = (0..32)
+        .map(|i| {
+            block_on(e.create_channel(w.alice, w.ws, &format!("side{i}"), ChannelKind::Public))
+                .expect("channel")
+                .id
+        })
+        .find(|c| chorus_engine::domain::meta::partition_of(*c) != general)
+        .expect("a channel in another partition than general's");
+    // Bob is the only subscriber, so nothing else routes the channel to his shard.
+    let mut bob = block_on(e.subscribe(w.bob)).expect("subscribe");
+    block_on(e.join(w.bob, side)).expect("join");
+    let f = next_event(&mut bob, "the join");
+    assert_eq!(
+        (f["seq"].as_u64(), &f["event"]["type"]),
+        (Some(2), &"member:joined".into())
+    );
+    assert_eq!(f["event"]["user_id"], w.bob.to_string());
+    w.post(w.alice, side, "first");
+    let f = next_event(&mut bob, "the first post");
+    assert_eq!(f["event"]["message"]["text"], "first", "{f}");
+
+    // Gone and back: the partition counted the disconnect and counts the new connection.
+    drop(bob);
+    let mut bob = block_on(e.subscribe(w.bob)).expect("subscribe again");
+    w.post(w.alice, side, "second");
+    let f = next_event(&mut bob, "the second post");
+    assert_eq!(f["event"]["message"]["text"], "second", "{f}");
+    assert_eq!(f["channel_id"], side.to_string());
+    drop(bob);
+    w.shutdown();
+}
+
+/// The next `event` frame of a subscription (other frames, such as `read`, skipped).
+fn next_event(sub: &mut Subscription, ctx: &str) -> serde_json::Value {
+    loop {
+        let f = recv_within(sub, ctx);
+        if f["type"] == "event" {
+            return f;
+        }
+    }
+}
+
 // A member removed mid-resume gets every event through its member:left, then `resumed`.
 #[test]
 fn removal_during_a_resume_still_ends_the_resume() {

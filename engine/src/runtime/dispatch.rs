@@ -307,12 +307,12 @@ impl Dispatcher {
     async fn broadcast_online(&mut self, user: UserId, delta: i32, sub: Option<u64>) {
         let shard = self.shard;
         for s in 0..self.routes.shard_count() {
-            let msg = ShardMsg::AllPartitions(Box::new(move || PartitionMsg::Online {
+            let msg = ShardMsg::Online {
                 user,
                 shard,
                 delta,
                 sub,
-            }));
+            };
             self.outbox.push((s, msg));
         }
     }

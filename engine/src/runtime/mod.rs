@@ -155,12 +155,14 @@ pub(crate) enum PartitionMsg {
     /// device lists of the user's encrypted channels here up to it (`API.md` §14), and
     /// acknowledge once that is committed.
     DevicesChanged { user: UserId, ack: Arc<dyn Ack> },
-    /// A user's connections on a shard changed (+1 or -1).
+    /// A user's connections on a shard changed (+1 or -1): the change's `version` in the
+    /// partition's shard's table of connected users ([`online::ShardOnline`]).
     Online {
         user: UserId,
         shard: u32,
         delta: i32,
         sub: Option<u64>,
+        version: u64,
     },
     /// Events of a channel after a seq, for a resuming subscriber: at most `max`.
     CatchUp {
@@ -395,6 +397,15 @@ pub(crate) enum ShardMsg {
     Partition { partition: u32, msg: PartitionMsg },
     /// The same request for every partition this shard owns (scatter).
     AllPartitions(Box<dyn Fn() -> PartitionMsg + Send>),
+    /// A user's connections on `shard` changed (+1 or -1): applied to this shard's table of
+    /// connected users, then told to every partition it owns; with `sub`, each partition
+    /// answers that subscriber with the user's channels there.
+    Online {
+        user: UserId,
+        shard: u32,
+        delta: i32,
+        sub: Option<u64>,
+    },
     /// Committed events for this shard's subscribers.
     Deliver(Vec<Delivery>),
     /// A new subscriber on this shard; a held one gets no live frames until `Start`.
@@ -528,6 +539,7 @@ impl ShardMsg {
             ShardMsg::MetaCommitted(_) => "MetaCommitted",
             ShardMsg::Partition { .. } => "Partition",
             ShardMsg::AllPartitions(_) => "AllPartitions",
+            ShardMsg::Online { .. } => "Online",
             ShardMsg::Deliver(_) => "Deliver",
             ShardMsg::Subscribe { .. } => "Subscribe",
             ShardMsg::Start { .. } => "Start",

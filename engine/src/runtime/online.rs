@@ -1,11 +1,19 @@
-//! Who has connections on which shard, as one partition knows it.
+//! Who has connections on which shard.
 //!
-//! Every partition hears of every connection (a user may join one of its channels later,
-//! and its events must then reach the user's shards), so each partition holds an entry
-//! per connected user: with 16 partitions, sixteen per connection. The entry is kept
-//! small: most users are connected on one shard, and such a user is one 16-byte slot (the
-//! user, then the shard and the count packed in a word), with no allocation of its own. A
-//! user connected on several shards has a count per shard in a second map instead.
+//! Each shard keeps one table of every connected user ([`ShardOnline`]): every change of
+//! a user's connections (on any shard) reaches every shard, which applies it there and
+//! stamps it with the table's new version before handing it to its partitions. A
+//! partition keeps counts only for its members (users in one of its channels), which is
+//! what routing its events needs. When a user who was not a member joins, the partition
+//! takes the user's counts from its shard's table, with the version they are as of, and
+//! skips the changes it still has queued up to that version: they are in the counts
+//! already. So with 16 partitions, a connection costs one entry per shard and one per
+//! partition it is a member in, not sixteen.
+//!
+//! An entry is kept small: most users are connected on one shard, and such a user is one
+//! 16-byte slot (the user, then the shard and the count packed in a word), with no
+//! allocation of its own. A user connected on several shards has a count per shard in a
+//! second map instead.
 
 use std::collections::HashMap;
 
@@ -20,6 +28,29 @@ pub(crate) struct OnlineUsers {
     /// Users connected on more than one shard: a count per shard.
     many: HashMap<(UserId, u32), u32>,
     shards: u32,
+}
+
+/// A shard's table of every connected user, and how many changes it has applied.
+#[derive(Default)]
+pub(crate) struct ShardOnline {
+    pub(crate) users: OnlineUsers,
+    pub(crate) version: u64,
+}
+
+impl ShardOnline {
+    pub(crate) fn new(shards: u32) -> ShardOnline {
+        ShardOnline {
+            users: OnlineUsers::new(shards),
+            version: 0,
+        }
+    }
+
+    /// Applies a change of `user`'s connections on `shard`; its version.
+    pub(crate) fn apply(&mut self, user: UserId, shard: u32, delta: i32) -> u64 {
+        self.users.add(user, shard, delta);
+        self.version += 1;
+        self.version
+    }
 }
 
 fn pack(shard: u32, n: u32) -> u64 {
@@ -86,6 +117,15 @@ impl OnlineUsers {
 
     fn shards_in_many(&self, user: UserId) -> impl Iterator<Item = (u32, u32)> + '_ {
         (0..self.shards).filter_map(move |s| self.many.get(&(user, s)).map(|n| (s, *n)))
+    }
+
+    /// Drops everything held of `user`.
+    pub(crate) fn forget(&mut self, user: UserId) {
+        if self.one.remove(&user).is_none() {
+            for s in 0..self.shards {
+                self.many.remove(&(user, s));
+            }
+        }
     }
 
     /// Whether `user` has a connection on any shard.

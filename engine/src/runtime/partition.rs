@@ -22,7 +22,7 @@ use crate::env::{DirOf, Env};
 use crate::error::{Corrupt, EngineError, IoError, Unavailable};
 use crate::ids::{ChannelId, UserId};
 use crate::outcome::{ChannelOutcome, ReadOutcome};
-use crate::runtime::online::OnlineUsers;
+use crate::runtime::online::{OnlineUsers, ShardOnline};
 use crate::view::{rfc3339, ChannelReadFields, ChannelView, MessageView, ReadView};
 use bytes::Bytes;
 use chorus_log::{AppendError, Entry, ReadError, Storage};
@@ -52,8 +52,14 @@ pub(crate) struct Partition<E: Env> {
     channels: HashMap<ChannelId, ChannelRt>,
     /// Committed channel membership, by user.
     user_channels: HashMap<UserId, BTreeSet<ChannelId>>,
-    /// Connections per shard, by user.
+    /// Connections per shard of this partition's members (see [`crate::runtime::online`]).
     online: OnlineUsers,
+    /// This shard's table of every connected user: a user who joins here without being a
+    /// member before takes their counts from it.
+    connected: Rc<RefCell<ShardOnline>>,
+    /// Members whose counts were taken from `connected`, with the version taken: a queued
+    /// change up to it is in the counts already. Cleared as the changes come through.
+    synced: HashMap<UserId, u64>,
     /// Connections of members per shard, by channel: where its events go.
     channel_shards: HashMap<ChannelId, Vec<u32>>,
     /// Public channels here, by workspace.
@@ -258,6 +264,14 @@ impl BlobTexts {
     }
 }
 
+/// What a partition shares with the other partitions of its shard.
+pub(crate) struct ShardShared {
+    /// The shard's replica of the metadata.
+    pub(crate) meta: Rc<RefCell<MetaState>>,
+    /// The shard's table of every connected user.
+    pub(crate) connected: Rc<RefCell<ShardOnline>>,
+}
+
 impl<E: Env> Partition<E> {
     /// Opens a partition: replays its log into state and finds channels of the directory
     /// that still need their first members.
@@ -266,7 +280,7 @@ impl<E: Env> Partition<E> {
         env: E,
         log: LocalDurability<DirOf<E>>,
         routes: Routes,
-        meta: Rc<RefCell<MetaState>>,
+        shared: ShardShared,
         config: &crate::config::EngineConfig,
         snapshots: Snapshots<DirOf<E>>,
     ) -> Result<(Partition<E>, Vec<ChannelId>, (Option<u64>, u64)), EngineError> {
@@ -277,10 +291,12 @@ impl<E: Env> Partition<E> {
             channels: HashMap::new(),
             user_channels: HashMap::new(),
             online: OnlineUsers::new(routes.shard_count()),
+            connected: shared.connected,
+            synced: HashMap::new(),
             channel_shards: HashMap::new(),
             public: HashMap::new(),
             routes,
-            meta,
+            meta: shared.meta,
             failed: None,
             observer: config.observer.clone(),
             snapshots,
@@ -648,7 +664,8 @@ impl<E: Env> Partition<E> {
                     shard,
                     delta,
                     sub,
-                } => self.online(user, shard, delta, sub).await,
+                    version,
+                } => self.online(user, shard, delta, sub, version).await,
                 PartitionMsg::Typing {
                     user,
                     channel,
@@ -1049,6 +1066,9 @@ impl<E: Env> Partition<E> {
             rt.offsets.push(offset);
             rt.committed = d.seq;
             if let Some((user, joined)) = d.membership {
+                if joined {
+                    self.track(user);
+                }
                 let set = self.user_channels.entry(user).or_default();
                 if joined {
                     set.insert(d.channel);
@@ -1085,6 +1105,10 @@ impl<E: Env> Partition<E> {
             }
             if let Some((user, false)) = d.membership {
                 self.adjust_channel_shards(d.channel, user, -1);
+                if !self.is_member(user) {
+                    self.online.forget(user);
+                    self.synced.remove(&user);
+                }
             }
         }
         // Each marker change goes to every shard with a connection of its user, after the
@@ -1158,6 +1182,26 @@ impl<E: Env> Partition<E> {
         Ok(())
     }
 
+    /// Whether `user` is in one of this partition's channels (as committed).
+    fn is_member(&self, user: UserId) -> bool {
+        self.user_channels.get(&user).is_some_and(|s| !s.is_empty())
+    }
+
+    /// A user is about to join a channel here. One with no counts here (not a member, or a
+    /// member with no connections as far as this partition has heard) takes them from the
+    /// shard's table, with the version they are as of: the changes still queued up to it
+    /// are then skipped, and the later ones counted.
+    fn track(&mut self, user: UserId) {
+        if self.online.is_online(user) {
+            return;
+        }
+        let connected = self.connected.borrow();
+        for (shard, n) in connected.users.shards_of(user) {
+            self.online.add(user, shard, n as i32);
+        }
+        self.synced.insert(user, connected.version);
+    }
+
     /// Adds (or removes) a user's connections to the shards a channel's events go to.
     fn adjust_channel_shards(&mut self, channel: ChannelId, user: UserId, sign: i32) {
         if !self.online.is_online(user) {
@@ -1177,21 +1221,39 @@ impl<E: Env> Partition<E> {
     /// A user's connection count on a shard changed. With `sub`, the subscriber's shard
     /// gets this partition's channels of the user and their committed seqs, in order
     /// before any later delivery.
-    async fn online(&mut self, user: UserId, shard: u32, delta: i32, sub: Option<u64>) {
+    async fn online(
+        &mut self,
+        user: UserId,
+        shard: u32,
+        delta: i32,
+        sub: Option<u64>,
+        version: u64,
+    ) {
         let shards = self.routes.shard_count() as usize;
-        self.online.add(user, shard, delta);
+        // Counted: this member's counts were taken from the shard's table at or after this
+        // change, so they hold it already.
+        let counted = self.synced.get(&user).is_some_and(|v| version <= *v);
+        if !self.synced.is_empty() {
+            // Every change up to this one has come through.
+            self.synced.retain(|_, v| *v > version);
+        }
         let channels: Vec<ChannelId> = self
             .user_channels
             .get(&user)
             .map(|s| s.iter().copied().collect())
             .unwrap_or_default();
-        for c in &channels {
-            let counts = self
-                .channel_shards
-                .entry(*c)
-                .or_insert_with(|| vec![0; shards]);
-            let n = &mut counts[shard as usize];
-            *n = (*n as i64 + delta as i64).max(0) as u32;
+        // Not a member (no channels here): nothing here routes to the user; a join takes
+        // the user's counts from the shard's table.
+        if !channels.is_empty() && !counted {
+            self.online.add(user, shard, delta);
+            for c in &channels {
+                let counts = self
+                    .channel_shards
+                    .entry(*c)
+                    .or_insert_with(|| vec![0; shards]);
+                let n = &mut counts[shard as usize];
+                *n = (*n as i64 + delta as i64).max(0) as u32;
+            }
         }
         if let Some(sub) = sub {
             let seqs = channels
@@ -1267,9 +1329,15 @@ impl<E: Env> Partition<E> {
                 out,
             } => out.add(self.unreads(user, workspace, after, limit)),
             PartitionMsg::Audit { out } => {
+                // The first partition of its shard also reports the shard's table.
+                let owner = self.routes.owner(self.id);
+                let first = (0..self.id).all(|p| self.routes.owner(p) != owner);
+                let connected = self.connected.borrow();
+                let shard_wide = connected.users.iter().filter(|_| first);
                 let counts = self
                     .online
                     .iter()
+                    .chain(shard_wide)
                     .map(|(user, shard, n)| crate::outcome::SubscriberCount {
                         partition: self.id,
                         user,

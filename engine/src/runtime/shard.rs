@@ -123,6 +123,8 @@ struct Shard<E: Env> {
     waiting: Waiting<ShardMsg>,
     /// The presence of the users whose home shard this is (`crate::presence`).
     presence: crate::presence::PresenceTable,
+    /// Every connected user, shared with this shard's partitions (see [`super::online`]).
+    online: Rc<RefCell<super::online::ShardOnline>>,
     /// Presence deliveries for this shard's own dispatcher, handled as the next events.
     own_events: VecDeque<ShardMsg>,
 }
@@ -265,6 +267,9 @@ impl<E: Env> Shard<E> {
             .map_err(|e| IoError::new(SNAPSHOT_DIR, e))?;
         let mut recovered = Vec::new();
         let mut held = VecDeque::new();
+        let online = Rc::new(RefCell::new(super::online::ShardOnline::new(
+            routes.shard_count(),
+        )));
         for p in (0..config.partitions).filter(|p| routes.owner(*p) == id) {
             let started = env.now();
             let log = open_log(&env, &partition::log_name(p), &config).await?;
@@ -274,7 +279,10 @@ impl<E: Env> Shard<E> {
                     env.clone(),
                     log,
                     routes.clone(),
-                    meta.clone(),
+                    partition::ShardShared {
+                        meta: meta.clone(),
+                        connected: online.clone(),
+                    },
                     &config,
                     partition::Snapshots::new(
                         snapshots.clone(),
@@ -323,6 +331,7 @@ impl<E: Env> Shard<E> {
             own: VecDeque::new(),
             waiting: Waiting::new(),
             presence: crate::presence::PresenceTable::new(config.presence_offline_grace),
+            online,
             own_events: VecDeque::new(),
         };
         Ok((shard, inboxes, recovered))
@@ -633,6 +642,25 @@ impl<E: Env> Shard<E> {
                 let ids: Vec<u32> = self.partitions.borrow().keys().copied().collect();
                 for p in ids {
                     self.forward(Held::Partition(p, make()));
+                }
+            }
+            ShardMsg::Online {
+                user,
+                shard,
+                delta,
+                sub,
+            } => {
+                let version = self.online.borrow_mut().apply(user, shard, delta);
+                let ids: Vec<u32> = self.partitions.borrow().keys().copied().collect();
+                for p in ids {
+                    let msg = PartitionMsg::Online {
+                        user,
+                        shard,
+                        delta,
+                        sub,
+                        version,
+                    };
+                    self.forward(Held::Partition(p, msg));
                 }
             }
             ShardMsg::PresenceConn { user, conn, report } => {
