@@ -30,7 +30,7 @@ use crate::presence::{ConnKey, WatchOp, PRESENCE_WATCH_MAX};
 use crate::queue::{Cutoff, FrameSender, PushOutcome};
 use bytes::Bytes;
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -132,7 +132,8 @@ struct Sub {
     departed: HashMap<ChannelId, u64>,
     /// The users whose presence this subscriber watches (registered with each one's home
     /// shard), at most [`crate::presence::PRESENCE_WATCH_MAX`].
-    watching: HashSet<UserId>,
+    /// Sorted, without repeats: a set of at most a thousand IDs, 8 bytes each.
+    watching: Vec<UserId>,
     /// The open presence window ([`crate::presence::window_start`]): its records so far;
     /// it is queued when it ends.
     presence_window: Option<Vec<u8>>,
@@ -290,7 +291,7 @@ impl Dispatcher {
                 announce: false,
                 held_ephemeral: Vec::new(),
                 departed: HashMap::new(),
-                watching: HashSet::new(),
+                watching: Vec::new(),
                 presence_window: None,
             }),
         );
@@ -869,9 +870,8 @@ impl Dispatcher {
         s.outlet.gone.set(true);
         // The connection is gone for presence, and watches no one any more.
         let conn = ConnKey::new(self.shard, sub);
-        let mut watched: Vec<UserId> = s.watching.drain().collect();
-        // In user order, not the hash set's, so that a simulated run replays exactly.
-        watched.sort_unstable();
+        // In user order, so that a simulated run replays exactly.
+        let watched = std::mem::take(&mut s.watching);
         self.send_watch(s.user, conn, Vec::new(), watched, None);
         let report = ConnReport::Gone;
         let (user, home) = (s.user, self.home(s.user));
@@ -927,7 +927,10 @@ impl Dispatcher {
         let count = match op {
             WatchOp::Set => users.len(),
             WatchOp::Add => {
-                s.watching.len() + users.iter().filter(|u| !s.watching.contains(u)).count()
+                let new = users
+                    .iter()
+                    .filter(|u| s.watching.binary_search(u).is_err());
+                s.watching.len() + new.count()
             }
             WatchOp::Remove => 0,
         };
@@ -940,23 +943,30 @@ impl Dispatcher {
         }
         let (add, remove) = match op {
             WatchOp::Set => {
-                let keep: HashSet<UserId> = users.iter().copied().collect();
-                let mut gone: Vec<UserId> = s
+                let gone: Vec<UserId> = s
                     .watching
                     .iter()
-                    .filter(|u| !keep.contains(u))
+                    .filter(|u| users.binary_search(u).is_err())
                     .copied()
                     .collect();
-                gone.sort_unstable();
-                s.watching = keep;
+                s.watching = users.clone();
+                s.watching.shrink_to_fit();
                 (users, gone)
             }
             WatchOp::Add => {
                 s.watching.extend(users.iter().copied());
+                s.watching.sort_unstable();
+                s.watching.dedup();
                 (users, Vec::new())
             }
             WatchOp::Remove => {
-                users.retain(|u| s.watching.remove(u));
+                users.retain(|u| match s.watching.binary_search(u) {
+                    Ok(at) => {
+                        s.watching.remove(at);
+                        true
+                    }
+                    Err(_) => false,
+                });
                 if s.watching.capacity() > 2 * s.watching.len() + 16 {
                     s.watching.shrink_to_fit();
                 }
