@@ -723,7 +723,9 @@ impl<E: Env> Partition<E> {
 
     /// The `read` frame of a user's marker in a channel, if the user has connections.
     fn read_frame(&self, user: UserId, channel: ChannelId) -> Option<Bytes> {
-        if !self.online.is_online(user) {
+        // The shard's table too: a user who joins and posts in one tick is not counted
+        // here until the join commits, and the post's frame is made before that.
+        if !self.online.is_online(user) && !self.connected.borrow().users.is_online(user) {
             return None;
         }
         let view = self.read_view(user, channel)?;
