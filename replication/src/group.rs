@@ -43,6 +43,9 @@ pub struct Group<S: Storage, M: StateMachine> {
     compact_every: u64,
     /// A membership change was applied since the last compaction.
     conf_changed: bool,
+    /// The index and term of each entry applied since the last [`Group::take_applied`],
+    /// when tracked.
+    applied_terms: Option<Vec<(u64, u64)>>,
 }
 
 impl<S: Storage, M: StateMachine> Group<S, M> {
@@ -70,6 +73,7 @@ impl<S: Storage, M: StateMachine> Group<S, M> {
             applied,
             compact_every,
             conf_changed: false,
+            applied_terms: None,
         })
     }
 
@@ -122,6 +126,22 @@ impl<S: Storage, M: StateMachine> Group<S, M> {
     /// The index of the last entry applied.
     pub fn applied(&self) -> u64 {
         self.applied
+    }
+
+    /// Starts (or stops) noting the index and term of every entry applied, for
+    /// [`Group::take_applied`]: how a proposer learns whether the entry applied at its
+    /// proposal's index is its own.
+    pub fn track_applied(&mut self, on: bool) {
+        self.applied_terms = on.then(Vec::new);
+    }
+
+    /// The index and term of each entry applied since the last call, in order (empty when
+    /// not tracked).
+    pub fn take_applied(&mut self) -> Vec<(u64, u64)> {
+        self.applied_terms
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// Handles one `Ready`, if there is one; `send` gets each batch of messages when it may
@@ -193,6 +213,9 @@ impl<S: Storage, M: StateMachine> Group<S, M> {
             }
             self.machine.apply(e);
             self.applied = e.index;
+            if let Some(t) = &mut self.applied_terms {
+                t.push((e.index, e.term));
+            }
         }
         Ok(())
     }

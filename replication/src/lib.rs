@@ -9,6 +9,9 @@
 //! - [`Group`]: one group on one node, its `Ready` loop in the order raft-rs asks for
 //!   (entries before hard state, votes and acknowledgements only after both), applying
 //!   committed entries to a [`StateMachine`] and compacting behind its snapshots;
+//! - [`Replica`]: a group as a task on the shard that owns it: raft-rs ticked on a timer,
+//!   messages stepped as they come, the `Ready` loop run, and each proposal answered once
+//!   its entry is applied (or it no longer can be);
 //! - [`placement`]: which nodes hold each partition (3, or all if fewer) and which should
 //!   lead it, spread evenly, computed alike by every node;
 //! - [`wire`]: the node-to-node frames (versioned, length-prefixed, checksummed, a batch of
@@ -25,12 +28,14 @@
 pub mod group;
 pub mod placement;
 pub mod raft_log;
+pub mod replica;
 pub mod state;
 pub mod transport;
 pub mod wire;
 
 pub use group::{Group, StateMachine};
 pub use raft_log::{RaftLog, RaftLogError};
+pub use replica::{ProposeError, Replica};
 pub use state::{GroupState, StateFile};
 
 /// A logger for raft-rs that drops everything.

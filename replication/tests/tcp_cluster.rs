@@ -10,15 +10,13 @@
 
 use chorus_log::{DiskStorage, LogConfig};
 use chorus_replication::transport::{Handlers, Membership, Transport};
-use chorus_replication::{Group, StateMachine};
-use raft::eraftpb::{ConfState, Entry, Message, MessageType};
-use raft::{Config, SnapshotStatus, StateRole};
-use std::cell::RefCell;
+use chorus_replication::{Group, ProposeError, Replica, StateMachine};
+use raft::eraftpb::{ConfState, Entry};
+use raft::{Config, StateRole};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::rc::Rc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -43,10 +41,18 @@ struct Shared {
     cut: BTreeSet<(u64, u64)>,
 }
 
+/// A node's applied values, kept in the shared status so the test thread sees them.
 struct Values {
-    values: Vec<u64>,
-    mine: Rc<RefCell<BTreeSet<u64>>>,
+    id: u64,
     shared: Arc<Mutex<Shared>>,
+}
+
+impl Values {
+    fn with<T>(&self, f: impl FnOnce(&mut Vec<u64>) -> T) -> T {
+        let mut s = self.shared.lock().unwrap();
+        let entry = s.status.entry(self.id);
+        f(&mut entry.or_insert((StateRole::Follower, Vec::new())).1)
+    }
 }
 
 impl StateMachine for Values {
@@ -55,21 +61,17 @@ impl StateMachine for Values {
             return;
         }
         let v = u64::from_le_bytes(e.data[..].try_into().expect("8 bytes"));
-        self.values.push(v);
-        if self.mine.borrow_mut().remove(&v) {
-            let mut s = self.shared.lock().unwrap();
-            s.acked.insert(v);
-            s.acked_at.push(Instant::now());
-        }
+        self.with(|values| values.push(v));
     }
     fn snapshot(&self) -> Vec<u8> {
-        self.values.iter().flat_map(|v| v.to_le_bytes()).collect()
+        self.with(|values| values.iter().flat_map(|v| v.to_le_bytes()).collect())
     }
     fn restore(&mut self, _index: u64, data: &[u8]) {
-        self.values = data
+        let restored = data
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
             .collect();
+        self.with(|values| *values = restored);
     }
 }
 
@@ -128,9 +130,8 @@ async fn node_main(
             Err(_) => glommio::timer::sleep(Duration::from_millis(20)).await,
         }
     };
-    let inbox: Rc<RefCell<Vec<Message>>> = Rc::default();
-    let lost: Rc<RefCell<Vec<(u64, Message)>>> = Rc::default();
-    let (i2, l2) = (inbox.clone(), lost.clone());
+    let replica = Replica::new(GROUP);
+    let (r1, r2) = (replica.clone(), replica.clone());
     let transport = Transport::start(
         Membership {
             me: id,
@@ -140,20 +141,15 @@ async fn node_main(
         Handlers {
             deliver: Box::new(move |_, group, m| {
                 assert_eq!(group, GROUP);
-                i2.borrow_mut().push(m);
+                r1.step(m);
             }),
             on_lost: Box::new(move |peer, msgs| {
-                l2.borrow_mut()
-                    .extend(msgs.into_iter().map(|(_, m)| (peer, m)))
+                for (_, m) in msgs {
+                    r2.lost(peer, m);
+                }
             }),
         },
     );
-    let mine: Rc<RefCell<BTreeSet<u64>>> = Rc::default();
-    let machine = Values {
-        values: Vec::new(),
-        mine: mine.clone(),
-        shared: shared.clone(),
-    };
     let config = Config {
         id,
         election_tick: 10,
@@ -168,7 +164,11 @@ async fn node_main(
         voters: nodes.keys().copied().collect(),
         ..ConfState::default()
     };
-    let mut group = Group::open(
+    let machine = Values {
+        id,
+        shared: shared.clone(),
+    };
+    let group = Group::open(
         DiskStorage::open_dir(dir.join("state")).unwrap(),
         DiskStorage::open_dir(dir.join("log")).unwrap(),
         LogConfig::default(),
@@ -179,99 +179,72 @@ async fn node_main(
     )
     .await
     .expect("open the group");
-    let mut last_tick = Instant::now();
-    let mut handing_off: Option<Instant> = None;
-    let mut was_leader = false;
+    let t = transport.clone();
+    let running = glommio::spawn_local(replica.clone().run(
+        group,
+        Duration::from_millis(20),
+        move |m| t.send(GROUP, m),
+    ));
+    // The clients of this node: each value the test asks for is proposed by a task of its
+    // own, which waits for the answer as a client would.
     loop {
         match stop.load(Ordering::SeqCst) {
             RUN => {}
-            HAND_OFF if group.is_leader() => match handing_off {
-                None => {
-                    group.hand_off_leadership();
-                    handing_off = Some(Instant::now());
-                }
-                // raft-rs gives up a transfer after an election timeout; so does this.
-                Some(at) if at.elapsed() > Duration::from_secs(2) => break,
-                Some(_) => {}
-            },
-            _ => break,
+            HAND_OFF => {
+                replica.stop_after_hand_off();
+                break;
+            }
+            _ => {
+                replica.stop();
+                break;
+            }
         }
         glommio::timer::sleep(Duration::from_millis(2)).await;
-        let cut: Vec<(u64, bool)> = {
-            let s = shared.lock().unwrap();
-            nodes
-                .keys()
-                .filter(|&&p| p != id)
-                .map(|&p| (p, s.cut.contains(&(id, p))))
-                .collect()
-        };
-        for (peer, is_cut) in cut {
-            transport.set_cut(peer, is_cut);
-        }
-        for m in inbox.borrow_mut().drain(..) {
-            let _ = group.raw().step(m);
-        }
-        for (peer, m) in lost.borrow_mut().drain(..) {
-            group.raw().report_unreachable(peer);
-            if m.get_msg_type() == MessageType::MsgSnapshot {
-                group.raw().report_snapshot(peer, SnapshotStatus::Failure);
+        let status = replica.status();
+        let batch: Vec<u64> = {
+            let mut s = shared.lock().unwrap();
+            for &p in nodes.keys().filter(|&&p| p != id) {
+                transport.set_cut(p, s.cut.contains(&(id, p)));
             }
-        }
-        if last_tick.elapsed() >= Duration::from_millis(20) {
-            last_tick = Instant::now();
-            group.raw().tick();
-        }
-        let role = group.raw_ref().raft.state;
-        if role == StateRole::Leader && handing_off.is_none() {
-            let batch: Vec<u64> = {
-                let mut s = shared.lock().unwrap();
-                let n = s.proposals.len().min(100);
-                s.proposals.drain(..n).collect()
+            s.status
+                .entry(id)
+                .or_insert((StateRole::Follower, Vec::new()))
+                .0 = status.role;
+            let n = if status.role == StateRole::Leader {
+                s.proposals.len().min(100)
+            } else {
+                0
             };
-            for v in batch {
-                mine.borrow_mut().insert(v);
-                if group
-                    .raw()
-                    .propose(Vec::new(), v.to_le_bytes().to_vec())
-                    .is_err()
-                {
-                    mine.borrow_mut().remove(&v);
-                    shared.lock().unwrap().proposals.push_back(v);
-                }
-            }
-        }
-        let t = transport.clone();
-        while group
-            .on_ready(&mut |msgs| {
-                for m in msgs {
-                    t.send(GROUP, m);
+            s.proposals.drain(..n).collect()
+        };
+        for v in batch {
+            let (r, shared) = (replica.clone(), shared.clone());
+            glommio::spawn_local(async move {
+                let answer = r.propose(v.to_le_bytes().to_vec()).await;
+                let mut s = shared.lock().unwrap();
+                match answer {
+                    Ok(_) => {
+                        s.acked.insert(v);
+                        s.acked_at.push(Instant::now());
+                    }
+                    // Certainly not in the log: to be proposed again.
+                    Err(ProposeError::NotLeader { .. } | ProposeError::Dropped) => {
+                        s.proposals.push_back(v)
+                    }
+                    // Like a client's timed-out request: nobody knows.
+                    Err(ProposeError::Uncertain) => {
+                        s.uncertain.insert(v);
+                    }
                 }
             })
-            .await
-            .expect("storage")
-        {}
-        let leading = group.is_leader();
-        if was_leader && !leading {
-            // A leader that lost its leadership answers its waiting clients with an error:
-            // what it proposed may or may not be committed.
-            let lost: Vec<u64> = std::mem::take(&mut *mine.borrow_mut())
-                .into_iter()
-                .collect();
-            shared.lock().unwrap().uncertain.extend(lost);
+            .detach();
         }
-        was_leader = leading;
-        let values = group.machine().values.clone();
-        shared
-            .lock()
-            .unwrap()
-            .status
-            .insert(id, (group.raw_ref().raft.state, values));
     }
+    running.await.expect("the group's storage");
     transport.stop();
-    // Proposals this node took and did not see applied may or may not be committed.
-    let mut s = shared.lock().unwrap();
-    s.uncertain.extend(mine.borrow().iter().copied());
-    s.status.remove(&id);
+    // Let the proposing tasks take their answers before the node is gone.
+    glommio::timer::sleep(Duration::from_millis(20)).await;
+    shared.lock().unwrap().status.remove(&id);
 }
 
 /// How long any one wait of these tests may take.
@@ -552,9 +525,14 @@ fn an_isolated_leader_is_replaced_and_its_uncommitted_writes_dropped() {
         all_alike(&shared)
     });
     check_values(&shared);
+    let uncertain = shared.lock().unwrap().uncertain.len();
+    assert!(
+        uncertain > 0,
+        "the isolated leader answered what it took, while it still led, as uncertain"
+    );
     eprintln!(
         "isolating the leader stalled acknowledgements for at most {stall:?} \
-         ({proposed} values proposed)"
+         ({proposed} values proposed, {uncertain} answered uncertain)"
     );
     c.stop_all();
 }

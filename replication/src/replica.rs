@@ -1,0 +1,331 @@
+//! One group on this node as a running task: what its owner (a shard) talks to.
+//!
+//! The owner hands in what the transport delivers ([`Replica::step`], [`Replica::lost`])
+//! and proposes ([`Replica::propose`]), and a task of its own on the same executor
+//! ([`Replica::run`]) does the rest: it ticks raft-rs on a timer, steps it, runs the
+//! [`Group`]'s `Ready` loop, and answers each proposal once its entry is applied or can
+//! no longer be. The task sleeps until there is input or the next tick is due; it never
+//! polls.
+//!
+//! What a proposal's answer means:
+//! - `Ok(index)`: the entry is committed (durable on a majority) and applied here, at
+//!   `index`;
+//! - [`ProposeError::NotLeader`]: nothing was proposed; try the leader it names;
+//! - [`ProposeError::Dropped`]: the entry is certainly not committed (raft-rs refused it,
+//!   or a new leader's entry took its index), so sending it again is safe;
+//! - [`ProposeError::Uncertain`]: this node stopped leading, or stopped, before the entry
+//!   was applied; it may or may not be committed, like a client's timed-out request. Only
+//!   an idempotent retry is safe.
+//!
+//! Invariant: a proposal is answered `Ok` only after the state machine applied its entry,
+//! and only if the entry applied at its index is the one proposed (same index and term).
+
+use crate::group::{Group, StateMachine};
+use crate::raft_log::RaftLogError;
+use chorus_log::Storage;
+use futures::channel::oneshot;
+use raft::eraftpb::{Message, MessageType};
+use raft::{SnapshotStatus, StateRole};
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+/// Why a proposal was not answered with its index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ProposeError {
+    /// This node does not lead the group; nothing was proposed.
+    #[error("this node does not lead the group (leader: {leader:?})")]
+    NotLeader {
+        /// The leader this node knows of, if any.
+        leader: Option<u64>,
+    },
+    /// The entry is certainly not committed.
+    #[error("the proposal was dropped: it is not committed")]
+    Dropped,
+    /// The entry may or may not be committed.
+    #[error("leadership was lost before the proposal was applied: it may or may not be committed")]
+    Uncertain,
+}
+
+/// What the owner sees of the group, updated after every turn of the task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Status {
+    /// This node's role.
+    pub role: StateRole,
+    /// The leader this node knows of (0: none).
+    pub leader: u64,
+    /// The current term.
+    pub term: u64,
+    /// The last index applied here.
+    pub applied: u64,
+    /// The task has ended (stopped, or a storage error: the group must be reopened).
+    pub ended: bool,
+}
+
+/// How the task stops (the more urgent first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Stop {
+    /// At once.
+    Now,
+    /// Once leadership is handed to another voter (or this node does not lead, or a
+    /// transfer did not finish within [`HAND_OFF_TIMEOUT`]).
+    AfterHandOff,
+}
+
+/// How long a stopping leader waits for its leadership to move before stopping anyway
+/// (raft-rs gives up a transfer after an election timeout).
+pub const HAND_OFF_TIMEOUT: Duration = Duration::from_secs(2);
+
+type Answer = oneshot::Sender<Result<u64, ProposeError>>;
+
+#[derive(Default)]
+struct Inputs {
+    messages: Vec<Message>,
+    lost: Vec<(u64, Message)>,
+    proposals: Vec<(Vec<u8>, Answer)>,
+    stop: Option<Stop>,
+}
+
+impl Inputs {
+    fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+            && self.lost.is_empty()
+            && self.proposals.is_empty()
+            && self.stop.is_none()
+    }
+}
+
+/// The owner's side of a running group.
+pub struct Replica {
+    group_id: u64,
+    inputs: RefCell<Inputs>,
+    waker: RefCell<Option<Waker>>,
+    status: Cell<Status>,
+}
+
+impl Replica {
+    /// A replica of group `group_id`, not running yet: the transport can be given it
+    /// before [`Replica::run`] starts.
+    pub fn new(group_id: u64) -> Rc<Replica> {
+        Rc::new(Replica {
+            group_id,
+            inputs: RefCell::default(),
+            waker: RefCell::new(None),
+            status: Cell::new(Status {
+                role: StateRole::Follower,
+                leader: 0,
+                term: 0,
+                applied: 0,
+                ended: false,
+            }),
+        })
+    }
+
+    /// The group's id.
+    pub fn group_id(&self) -> u64 {
+        self.group_id
+    }
+
+    /// The group as of the task's last turn.
+    pub fn status(&self) -> Status {
+        self.status.get()
+    }
+
+    /// A message from a peer, for this group.
+    pub fn step(&self, msg: Message) {
+        self.input(|i| i.messages.push(msg));
+    }
+
+    /// A message this node sent that will not arrive.
+    pub fn lost(&self, peer: u64, msg: Message) {
+        self.input(|i| i.lost.push((peer, msg)));
+    }
+
+    /// Proposes `data` as the next entry and waits until it is applied here (or can no
+    /// longer be; see the module's documentation). Answers `NotLeader` at once on a node
+    /// that did not lead at the task's last turn.
+    pub async fn propose(&self, data: Vec<u8>) -> Result<u64, ProposeError> {
+        let status = self.status.get();
+        if status.role != StateRole::Leader || status.ended {
+            return Err(ProposeError::NotLeader {
+                leader: (status.leader != 0).then_some(status.leader),
+            });
+        }
+        let (tx, rx) = oneshot::channel();
+        self.input(|i| i.proposals.push((data, tx)));
+        // The task answers every proposal it takes, and those left when it ends are
+        // dropped with it: whether they were taken is unknown.
+        rx.await.unwrap_or(Err(ProposeError::Uncertain))
+    }
+
+    /// Stops the task at once. Pending proposals are answered `Uncertain`.
+    pub fn stop(&self) {
+        self.input(|i| i.stop = Some(Stop::Now));
+    }
+
+    /// Stops the task once this node's leadership has moved to another voter, so that
+    /// writes wait for one election at most, not for an election timeout.
+    pub fn stop_after_hand_off(&self) {
+        self.input(|i| {
+            i.stop.get_or_insert(Stop::AfterHandOff);
+        });
+    }
+
+    fn input(&self, f: impl FnOnce(&mut Inputs)) {
+        f(&mut self.inputs.borrow_mut());
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// Waits until there is input, or `until`.
+    async fn wait(&self, until: Instant) {
+        let input = std::future::poll_fn(|cx| {
+            if self.inputs.borrow().is_empty() {
+                *self.waker.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        });
+        let timer = glommio::timer::Timer::new(until.saturating_duration_since(Instant::now()));
+        futures::future::select(std::pin::pin!(input), timer).await;
+    }
+
+    /// Runs the group until [`Replica::stop`] (or a storage error), ticking raft-rs every
+    /// `tick`; `send` gets each message for a peer. Returns the group, to be closed or
+    /// looked at.
+    pub async fn run<S: Storage, M: StateMachine>(
+        self: Rc<Self>,
+        mut group: Group<S, M>,
+        tick: Duration,
+        mut send: impl FnMut(Message),
+    ) -> Result<Group<S, M>, RaftLogError> {
+        group.track_applied(true);
+        let mut pending: BTreeMap<u64, (u64, Answer)> = BTreeMap::new();
+        let mut next_tick = Instant::now() + tick;
+        let mut handing_off: Option<Instant> = None;
+        let mut stopping: Option<Stop> = None;
+        let result = loop {
+            self.wait(next_tick).await;
+            let inputs = std::mem::take(&mut *self.inputs.borrow_mut());
+            if let Some(how) = inputs.stop {
+                stopping = Some(stopping.map_or(how, |was| was.min(how)));
+            }
+            let stop_now = match stopping {
+                None => false,
+                Some(Stop::Now) => true,
+                Some(Stop::AfterHandOff) if !group.is_leader() => true,
+                Some(Stop::AfterHandOff) => match handing_off {
+                    None => {
+                        group.hand_off_leadership();
+                        handing_off = Some(Instant::now());
+                        false
+                    }
+                    Some(at) => at.elapsed() > HAND_OFF_TIMEOUT,
+                },
+            };
+            if stop_now {
+                // Answered below, with those that came after this turn.
+                self.inputs.borrow_mut().proposals.extend(inputs.proposals);
+                break Ok(());
+            }
+            for m in inputs.messages {
+                // A message raft-rs refuses (of another group's term, or garbled in a way
+                // the frame checksum missed) changes nothing; Raft tolerates its loss.
+                let _ = group.raw().step(m);
+            }
+            for (peer, m) in inputs.lost {
+                group.raw().report_unreachable(peer);
+                if m.get_msg_type() == MessageType::MsgSnapshot {
+                    group.raw().report_snapshot(peer, SnapshotStatus::Failure);
+                }
+            }
+            for (data, answer) in inputs.proposals {
+                if !group.is_leader() || handing_off.is_some() {
+                    let leader = group.raw_ref().raft.leader_id;
+                    let leader = (leader != 0 && !group.is_leader()).then_some(leader);
+                    let _ = answer.send(Err(ProposeError::NotLeader { leader }));
+                    continue;
+                }
+                match group.raw().propose(Vec::new(), data) {
+                    Ok(()) => {
+                        let raft = &group.raw_ref().raft;
+                        let index = raft.raft_log.last_index();
+                        pending.insert(index, (raft.term, answer));
+                    }
+                    Err(_) => {
+                        let _ = answer.send(Err(ProposeError::Dropped));
+                    }
+                }
+            }
+            if Instant::now() >= next_tick {
+                group.raw().tick();
+                next_tick = Instant::now() + tick;
+            }
+            let mut failed = None;
+            loop {
+                match group
+                    .on_ready(&mut |msgs| msgs.into_iter().for_each(&mut send))
+                    .await
+                {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            for (index, term) in group.take_applied() {
+                // Entries below the oldest pending proposal are others' (or a previous
+                // term's of this node, answered already).
+                while let Some(entry) = pending.first_entry() {
+                    if *entry.key() > index {
+                        break;
+                    }
+                    let (at, (proposed_term, answer)) = entry.remove_entry();
+                    let _ = answer.send(if at == index && proposed_term == term {
+                        Ok(index)
+                    } else if at == index {
+                        Err(ProposeError::Dropped)
+                    } else {
+                        // Passed over: an entry at `at` was applied unseen (a snapshot).
+                        Err(ProposeError::Uncertain)
+                    });
+                }
+            }
+            if let Some(e) = failed {
+                break Err(e);
+            }
+            if !group.is_leader() {
+                for (_, (_, answer)) in std::mem::take(&mut pending) {
+                    let _ = answer.send(Err(ProposeError::Uncertain));
+                }
+            }
+            self.publish(&group, false);
+        };
+        for (_, (_, answer)) in pending {
+            let _ = answer.send(Err(ProposeError::Uncertain));
+        }
+        // Proposals that came after the last turn were never proposed.
+        for (_, answer) in std::mem::take(&mut self.inputs.borrow_mut().proposals) {
+            let _ = answer.send(Err(ProposeError::Dropped));
+        }
+        self.publish(&group, true);
+        result.map(|()| group)
+    }
+
+    fn publish<S: Storage, M: StateMachine>(&self, group: &Group<S, M>, ended: bool) {
+        let raft = &group.raw_ref().raft;
+        self.status.set(Status {
+            role: raft.state,
+            leader: raft.leader_id,
+            term: raft.term,
+            applied: group.applied(),
+            ended,
+        });
+    }
+}
