@@ -12,6 +12,9 @@
 //! - [`Replica`]: a group as a task on the shard that owns it: raft-rs ticked on a timer,
 //!   messages stepped as they come, the `Ready` loop run, and each proposal answered once
 //!   its entry is applied (or it no longer can be);
+//! - [`Node`]: the groups one node holds (multi-Raft): a replica of each group placement
+//!   puts there, one transport shared by all, messages routed by group, leaderships
+//!   moved to each group's preferred node;
 //! - [`placement`]: which nodes hold each partition (3, or all if fewer) and which should
 //!   lead it, spread evenly, computed alike by every node;
 //! - [`wire`]: the node-to-node frames (versioned, length-prefixed, checksummed, a batch of
@@ -26,6 +29,7 @@
 //! and in the same order, on every node.
 
 pub mod group;
+pub mod node;
 pub mod placement;
 pub mod raft_log;
 pub mod replica;
@@ -34,6 +38,7 @@ pub mod transport;
 pub mod wire;
 
 pub use group::{Group, StateMachine};
+pub use node::{Node, NodeConfig};
 pub use raft_log::{RaftLog, RaftLogError};
 pub use replica::{ProposeError, Replica};
 pub use state::{GroupState, StateFile};

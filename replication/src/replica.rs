@@ -103,7 +103,13 @@ pub struct Replica {
     inputs: RefCell<Inputs>,
     waker: RefCell<Option<Waker>>,
     status: Cell<Status>,
+    /// The node that should lead, if not whichever won the election.
+    preferred: Cell<Option<u64>>,
 }
+
+/// How long a leader waits before it tries again to hand its leadership to the preferred
+/// node, after a try that did not take.
+pub const PREFER_RETRY: Duration = Duration::from_secs(2);
 
 impl Replica {
     /// A replica of group `group_id`, not running yet: the transport can be given it
@@ -120,7 +126,16 @@ impl Replica {
                 applied: 0,
                 ended: false,
             }),
+            preferred: Cell::new(None),
         })
+    }
+
+    /// Names the node that should lead the group. A leader that is not that node hands its
+    /// leadership over once that node holds every entry the leader has (so the hand-over
+    /// costs no catch-up), and tries again [`PREFER_RETRY`] after a try that did not take;
+    /// it looks at each tick. How leaderships are spread over the nodes (see [`crate::placement`]).
+    pub fn prefer(&self, node: Option<u64>) {
+        self.preferred.set(node);
     }
 
     /// The group's id.
@@ -208,6 +223,7 @@ impl Replica {
         let mut next_tick = Instant::now() + tick;
         let mut handing_off: Option<Instant> = None;
         let mut stopping: Option<Stop> = None;
+        let mut preferred_tried: Option<Instant> = None;
         let result = loop {
             self.wait(next_tick).await;
             let inputs = std::mem::take(&mut *self.inputs.borrow_mut());
@@ -265,6 +281,9 @@ impl Replica {
                 group.raw().tick();
                 next_tick = Instant::now() + tick;
             }
+            if stopping.is_none() {
+                self.move_to_preferred(&mut group, &mut preferred_tried);
+            }
             let mut failed = None;
             loop {
                 match group
@@ -316,6 +335,30 @@ impl Replica {
         }
         self.publish(&group, true);
         result.map(|()| group)
+    }
+
+    /// Hands the leadership to the preferred node, when this node leads, is not it, and
+    /// that node holds every entry this one has.
+    fn move_to_preferred<S: Storage, M: StateMachine>(
+        &self,
+        group: &mut Group<S, M>,
+        tried: &mut Option<Instant>,
+    ) {
+        let Some(to) = self.preferred.get() else {
+            return;
+        };
+        let raft = &group.raw_ref().raft;
+        if !group.is_leader() || to == raft.id || raft.lead_transferee.is_some() {
+            return;
+        }
+        if tried.is_some_and(|at| at.elapsed() < PREFER_RETRY) {
+            return;
+        }
+        let last = raft.raft_log.last_index();
+        if raft.prs().get(to).is_some_and(|p| p.matched == last) {
+            *tried = Some(Instant::now());
+            group.raw().transfer_leader(to);
+        }
     }
 
     fn publish<S: Storage, M: StateMachine>(&self, group: &Group<S, M>, ended: bool) {

@@ -8,9 +8,12 @@
 //! writes for well under a second. A leader cut off from the others by the transports'
 //! fault layer is replaced, and what it could not commit is never acknowledged.
 
+mod common;
+
 use chorus_log::{DiskStorage, LogConfig};
 use chorus_replication::transport::{Handlers, Membership, Transport};
 use chorus_replication::{Group, ProposeError, Replica, StateMachine};
+use common::{free_addrs, wait_for, MINUTE};
 use raft::eraftpb::{ConfState, Entry};
 use raft::{Config, StateRole};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -92,13 +95,6 @@ impl NodeHandle {
     }
 }
 
-fn free_addrs(n: usize) -> Vec<SocketAddr> {
-    let listeners: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    listeners.iter().map(|l| l.local_addr().unwrap()).collect()
-}
-
 fn start_node(
     id: u64,
     nodes: BTreeMap<u64, SocketAddr>,
@@ -123,13 +119,7 @@ async fn node_main(
     shared: Arc<Mutex<Shared>>,
     stop: Arc<AtomicU8>,
 ) {
-    let listener = loop {
-        // A restarted node may find its port still held for a moment.
-        match glommio::net::TcpListener::bind(nodes[&id]) {
-            Ok(l) => break l,
-            Err(_) => glommio::timer::sleep(Duration::from_millis(20)).await,
-        }
-    };
+    let listener = common::bind(nodes[&id]).await;
     let replica = Replica::new(GROUP);
     let (r1, r2) = (replica.clone(), replica.clone());
     let transport = Transport::start(
@@ -247,9 +237,6 @@ async fn node_main(
     shared.lock().unwrap().status.remove(&id);
 }
 
-/// How long any one wait of these tests may take.
-const MINUTE: Duration = Duration::from_secs(60);
-
 /// Three nodes of one group, each on a thread of its own, with a leader.
 struct Cluster {
     tmp: tempfile::TempDir,
@@ -289,14 +276,6 @@ impl Cluster {
         for h in self.handles.into_values() {
             h.stop(STOP);
         }
-    }
-}
-
-fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
