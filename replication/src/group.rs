@@ -24,10 +24,14 @@ use raft::eraftpb::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Messa
 use raft::{Config, RawNode};
 
 /// What a group's committed entries are applied to.
+#[allow(async_fn_in_trait)]
 pub trait StateMachine {
-    /// Applies one committed entry (index order, no gaps; the leader's empty entries and
-    /// configuration changes too, after the group applied the change to its membership).
-    fn apply(&mut self, entry: &Entry);
+    /// Applies committed entries (index order, no gaps, across calls too; the leader's
+    /// empty entries and configuration changes as well, after the group applied each change
+    /// to its membership). Whatever the machine keeps durable must be durable when this
+    /// returns: the group then counts the entries applied, answers their proposers, and
+    /// may compact its log behind them. An error stops the group, as a storage error does.
+    async fn apply(&mut self, entries: &[Entry]) -> Result<(), RaftLogError>;
     /// The state after every entry applied so far, as snapshot data.
     fn snapshot(&self) -> Vec<u8>;
     /// Replaces the state with a snapshot's, taken at `index`.
@@ -176,8 +180,8 @@ impl<S: Storage, M: StateMachine> Group<S, M> {
             self.raw.mut_store().set_commit(commit);
         }
         send(light.take_messages());
-        self.apply(committed)?;
-        self.apply(light.take_committed_entries())?;
+        self.apply(committed).await?;
+        self.apply(light.take_committed_entries()).await?;
         self.raw.advance_apply();
         let snapshot_index = self.raw.store().state().snapshot_index;
         // After a membership change the snapshot must carry it at once: a node added back
@@ -191,7 +195,10 @@ impl<S: Storage, M: StateMachine> Group<S, M> {
         Ok(true)
     }
 
-    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), RaftLogError> {
+    async fn apply(&mut self, entries: Vec<Entry>) -> Result<(), RaftLogError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
         for e in &entries {
             let conf = match e.get_entry_type() {
                 EntryType::EntryNormal => None,
@@ -211,11 +218,12 @@ impl<S: Storage, M: StateMachine> Group<S, M> {
                 self.step_down_if_removed(&conf);
                 self.conf_changed = true;
             }
-            self.machine.apply(e);
-            self.applied = e.index;
-            if let Some(t) = &mut self.applied_terms {
-                t.push((e.index, e.term));
-            }
+        }
+        self.machine.apply(&entries).await?;
+        let last = entries.last().expect("not empty");
+        self.applied = last.index;
+        if let Some(t) = &mut self.applied_terms {
+            t.extend(entries.iter().map(|e| (e.index, e.term)));
         }
         Ok(())
     }

@@ -11,7 +11,7 @@ use chorus_log::DiskRoot;
 use chorus_replication::placement;
 use chorus_replication::replica::Status;
 use chorus_replication::transport::Membership;
-use chorus_replication::{Node, NodeConfig, ProposeError, StateMachine};
+use chorus_replication::{Node, NodeConfig, ProposeError, RaftLogError, StateMachine};
 use common::{free_addrs, wait_for, MINUTE};
 use raft::eraftpb::Entry;
 use raft::StateRole;
@@ -52,12 +52,13 @@ impl Values {
 }
 
 impl StateMachine for Values {
-    fn apply(&mut self, e: &Entry) {
-        if e.data.is_empty() {
-            return;
-        }
-        let v = u64::from_le_bytes(e.data[..].try_into().expect("8 bytes"));
-        self.with(|values| values.push(v));
+    async fn apply(&mut self, entries: &[Entry]) -> Result<(), RaftLogError> {
+        let applied = entries
+            .iter()
+            .filter(|e| !e.data.is_empty())
+            .map(|e| u64::from_le_bytes(e.data[..].try_into().expect("8 bytes")));
+        self.with(|values| values.extend(applied));
+        Ok(())
     }
     fn snapshot(&self) -> Vec<u8> {
         self.with(|values| values.iter().flat_map(|v| v.to_le_bytes()).collect())

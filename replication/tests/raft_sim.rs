@@ -17,7 +17,7 @@
 
 use chorus_log::storage::sim::SimRng;
 use chorus_log::{LogConfig, SimConfig, SimRoot, SimStorage};
-use chorus_replication::{Group, StateMachine};
+use chorus_replication::{Group, RaftLogError, StateMachine};
 use futures::executor::block_on;
 use raft::eraftpb::{
     ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType,
@@ -95,7 +95,37 @@ struct Values {
 }
 
 impl StateMachine for Values {
-    fn apply(&mut self, e: &Entry) {
+    async fn apply(&mut self, entries: &[Entry]) -> Result<(), RaftLogError> {
+        for e in entries {
+            self.apply_one(e);
+        }
+        Ok(())
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        self.truth.borrow_mut().compactions += 1;
+        encode_values(&self.values)
+    }
+
+    fn restore(&mut self, index: u64, data: &[u8]) {
+        self.values = decode_values(data);
+        self.applied = index;
+        let mut truth = self.truth.borrow_mut();
+        if self.running {
+            truth.installs += 1;
+        }
+        assert_eq!(
+            self.values,
+            truth.committed_values(index),
+            "seed {}: node {} restored a snapshot at {index} that differs",
+            self.seed,
+            self.id
+        );
+    }
+}
+
+impl Values {
+    fn apply_one(&mut self, e: &Entry) {
         let (seed, id) = (self.seed, self.id);
         assert_eq!(
             e.index,
@@ -130,27 +160,6 @@ impl StateMachine for Values {
             self.values.push(v);
         }
         self.applied = e.index;
-    }
-
-    fn snapshot(&self) -> Vec<u8> {
-        self.truth.borrow_mut().compactions += 1;
-        encode_values(&self.values)
-    }
-
-    fn restore(&mut self, index: u64, data: &[u8]) {
-        self.values = decode_values(data);
-        self.applied = index;
-        let mut truth = self.truth.borrow_mut();
-        if self.running {
-            truth.installs += 1;
-        }
-        assert_eq!(
-            self.values,
-            truth.committed_values(index),
-            "seed {}: node {} restored a snapshot at {index} that differs",
-            self.seed,
-            self.id
-        );
     }
 }
 

@@ -12,7 +12,7 @@ mod common;
 
 use chorus_log::{DiskStorage, LogConfig};
 use chorus_replication::transport::{Handlers, Membership, Transport};
-use chorus_replication::{Group, ProposeError, Replica, StateMachine};
+use chorus_replication::{Group, ProposeError, RaftLogError, Replica, StateMachine};
 use common::{free_addrs, wait_for, MINUTE};
 use raft::eraftpb::{ConfState, Entry};
 use raft::{Config, StateRole};
@@ -59,12 +59,13 @@ impl Values {
 }
 
 impl StateMachine for Values {
-    fn apply(&mut self, e: &Entry) {
-        if e.data.is_empty() {
-            return;
-        }
-        let v = u64::from_le_bytes(e.data[..].try_into().expect("8 bytes"));
-        self.with(|values| values.push(v));
+    async fn apply(&mut self, entries: &[Entry]) -> Result<(), RaftLogError> {
+        let applied = entries
+            .iter()
+            .filter(|e| !e.data.is_empty())
+            .map(|e| u64::from_le_bytes(e.data[..].try_into().expect("8 bytes")));
+        self.with(|values| values.extend(applied));
+        Ok(())
     }
     fn snapshot(&self) -> Vec<u8> {
         self.with(|values| values.iter().flat_map(|v| v.to_le_bytes()).collect())
