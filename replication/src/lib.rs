@@ -12,6 +12,9 @@
 //! - [`Replica`]: a group as a task on the shard that owns it: raft-rs ticked on a timer,
 //!   messages stepped as they come, the `Ready` loop run, and each proposal answered once
 //!   its entry is applied (or it no longer can be);
+//! - [`ReplicatedLog`]: a partition's event log as its group's state machine: a commit
+//!   is one entry, and every replica appends its events at the same offsets once it is
+//!   committed;
 //! - [`Node`]: the groups one node holds (multi-Raft): a replica of each group placement
 //!   puts there, one transport shared by all, messages routed by group, leaderships
 //!   moved to each group's preferred node;
@@ -28,6 +31,7 @@
 //! partitions, with crashes, and checks that every acknowledged entry is kept, identically
 //! and in the same order, on every node.
 
+pub mod event_log;
 pub mod group;
 pub mod node;
 pub mod placement;
@@ -37,6 +41,7 @@ pub mod state;
 pub mod transport;
 pub mod wire;
 
+pub use event_log::{CommitError, EventLogMachine, ReplicatedLog};
 pub use group::{Group, StateMachine};
 pub use node::{Node, NodeConfig};
 pub use raft_log::{RaftLog, RaftLogError};

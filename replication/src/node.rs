@@ -72,13 +72,13 @@ pub struct Node {
 
 impl Node {
     /// Opens every group placement gives this node (each on its directories under `root`,
-    /// its state machine from `machine(group)`), starts the transport on `listener`, and
+    /// its state machine from `machine(group, its replica)`), starts the transport on `listener`, and
     /// runs each group as a task of the current executor.
     pub async fn start<R: StorageRoot + 'static, M: StateMachine + 'static>(
         config: NodeConfig,
         root: R,
         listener: TcpListener,
-        mut machine: impl FnMut(u64) -> M,
+        mut machine: impl FnMut(u64, &Rc<Replica>) -> M,
     ) -> Result<Node, RaftLogError>
     where
         R::Dir: 'static,
@@ -109,18 +109,18 @@ impl Node {
                 voters: voters.clone(),
                 ..ConfState::default()
             };
+            let replica = Replica::new(id);
+            replica.prefer(voters.first().copied());
             let group = Group::open(
                 state,
                 log,
                 config.log.clone(),
                 &bootstrap,
                 raft,
-                machine(id),
+                machine(id, &replica),
                 config.compact_every,
             )
             .await?;
-            let replica = Replica::new(id);
-            replica.prefer(voters.first().copied());
             replicas.insert(id, replica.clone());
             opened.push((replica, group));
         }

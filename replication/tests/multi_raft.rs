@@ -93,10 +93,12 @@ async fn node_main(
     let mut config = NodeConfig::new(Membership { me: id, nodes }, groups);
     config.compact_every = 50;
     let s2 = shared.clone();
-    let node = Node::start(config, DiskRoot::new(dir), listener, move |group| Values {
-        node: id,
-        group,
-        shared: s2.clone(),
+    let node = Node::start(config, DiskRoot::new(dir), listener, move |group, _| {
+        Values {
+            node: id,
+            group,
+            shared: s2.clone(),
+        }
     })
     .await
     .expect("the node starts");

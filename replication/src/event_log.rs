@@ -1,0 +1,359 @@
+//! A partition's event log as the state machine of its group: what the engine's commit
+//! path is to become in a cluster.
+//!
+//! A commit proposes its batch of events as one Raft entry ([`encode_batch`]); once the
+//! entry is committed, every replica's [`EventLogMachine`] appends the batch's events to
+//! its own `chorus-log` log (one append, one fsync for all the entries of a `Ready`), so
+//! every replica holds the same events at the same offsets, and only committed ones. The
+//! proposer learns where its batch went ([`ReplicatedLog::commit`]); every appended batch
+//! is also told to an optional feed, which is how a follower's partition will learn of
+//! events it did not decide.
+//!
+//! **Where the log stands in Raft's terms.** The machine keeps a cursor: the last Raft
+//! index applied and the event-log offset after it. Its snapshot data is that cursor, so a
+//! group that opens restores it, and raft-rs then applies again the entries after it,
+//! which may already be in the event log (applied before a crash, after the last
+//! snapshot): a batch is in the log when the log reaches past its offsets, and is skipped;
+//! a batch only partly there (a torn append) is cut off and appended again; a batch past
+//! the log's end (a gap) cannot be, and stops the group.
+//!
+//! Not built yet: a snapshot sent by a leader to a follower too far behind carries only the
+//! cursor, not the events, so such a follower stops with an error instead of diverging.
+//! Groups must keep enough entries for their followers (`compact_every`) until the events
+//! travel with the snapshot.
+//!
+//! Invariant: **an event is in the log only once its entry is committed**, and at the same
+//! offset on every replica.
+
+use crate::group::StateMachine;
+use crate::raft_log::RaftLogError;
+use crate::replica::{ProposeError, Replica};
+use chorus_log::{Entry as Event, Log, Storage};
+use futures::channel::mpsc;
+use raft::eraftpb::{Entry, EntryType};
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::rc::Rc;
+
+/// Ranges kept for proposers to pick up, at most (the oldest go first).
+const RANGES_KEPT: usize = 4_096;
+
+/// Encodes a batch of events as a Raft entry's data: a count, then per event its
+/// timestamp, its length and its bytes (little-endian).
+pub fn encode_batch(events: &[Event<'_>]) -> Vec<u8> {
+    let bytes: usize = events.iter().map(|e| 12 + e.payload.len()).sum();
+    let mut out = Vec::with_capacity(4 + bytes);
+    out.extend_from_slice(&(events.len() as u32).to_le_bytes());
+    for e in events {
+        out.extend_from_slice(&e.timestamp_us.to_le_bytes());
+        out.extend_from_slice(&(e.payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(e.payload);
+    }
+    out
+}
+
+/// The events of a batch's encoding; `None` if it is not one.
+pub fn decode_batch(mut data: &[u8]) -> Option<Vec<Event<'_>>> {
+    fn take<'a>(data: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = data.split_at_checked(n)?;
+        *data = rest;
+        Some(head)
+    }
+    let count = u32::from_le_bytes(take(&mut data, 4)?.try_into().ok()?);
+    let mut events = Vec::with_capacity((count as usize).min(data.len() / 12));
+    for _ in 0..count {
+        let timestamp_us = u64::from_le_bytes(take(&mut data, 8)?.try_into().ok()?);
+        let len = u32::from_le_bytes(take(&mut data, 4)?.try_into().ok()?);
+        let payload = take(&mut data, len as usize)?;
+        events.push(Event {
+            timestamp_us,
+            payload,
+        });
+    }
+    data.is_empty().then_some(events)
+}
+
+/// Where the machine stands: the last index applied, and the log offset after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Cursor {
+    index: u64,
+    offset: u64,
+}
+
+impl Cursor {
+    fn encode(&self) -> Vec<u8> {
+        [self.index.to_le_bytes(), self.offset.to_le_bytes()].concat()
+    }
+
+    /// The cursor in snapshot data; `start` when there is no snapshot yet (nothing
+    /// applied, the log's first offset).
+    fn decode(data: &[u8], start: Cursor) -> Option<Cursor> {
+        if data.is_empty() {
+            return Some(start);
+        }
+        let data: &[u8; 16] = data.try_into().ok()?;
+        Some(Cursor {
+            index: u64::from_le_bytes(data[..8].try_into().ok()?),
+            offset: u64::from_le_bytes(data[8..].try_into().ok()?),
+        })
+    }
+}
+
+/// What the machine and the proposers on its node share.
+struct Shared {
+    /// Where each recently applied batch went, by Raft index.
+    ranges: RefCell<BTreeMap<u64, Range<u64>>>,
+    /// The offset after the last event applied.
+    end: Cell<u64>,
+}
+
+/// The state machine: applies committed batches to the event log.
+pub struct EventLogMachine<S: Storage> {
+    log: Rc<Log<S>>,
+    cursor: Cursor,
+    /// A snapshot was installed whose offset the log does not reach.
+    gap: Option<String>,
+    shared: Rc<Shared>,
+    feed: Option<mpsc::UnboundedSender<(u64, Range<u64>)>>,
+}
+
+impl<S: Storage> StateMachine for EventLogMachine<S> {
+    async fn apply(&mut self, entries: &[Entry]) -> Result<(), RaftLogError> {
+        if let Some(why) = &self.gap {
+            return Err(RaftLogError::Corrupt(why.clone()));
+        }
+        let mut events: Vec<Event<'_>> = Vec::new();
+        let mut placed: Vec<(u64, Range<u64>)> = Vec::new();
+        let mut cursor = self.cursor;
+        for e in entries {
+            if e.index <= cursor.index {
+                continue;
+            }
+            let batch = match e.get_entry_type() {
+                EntryType::EntryNormal if !e.data.is_empty() => {
+                    decode_batch(&e.data).ok_or_else(|| {
+                        RaftLogError::Corrupt(format!("entry {} is not a batch of events", e.index))
+                    })?
+                }
+                _ => Vec::new(),
+            };
+            let range = cursor.offset..cursor.offset + batch.len() as u64;
+            if events.is_empty() {
+                let next = self.log.next_offset();
+                if range.end <= next {
+                    // Appended before a crash, after the last snapshot: there already.
+                    placed.push((e.index, range.clone()));
+                    cursor = Cursor {
+                        index: e.index,
+                        offset: range.end,
+                    };
+                    continue;
+                }
+                if range.start > next {
+                    return Err(RaftLogError::Corrupt(format!(
+                        "entry {} belongs at offset {} but the event log ends at {next}",
+                        e.index, range.start
+                    )));
+                }
+                if range.start < next {
+                    // A torn append: its head survived a crash, its tail did not.
+                    self.cut_after(range.start).await?;
+                }
+            }
+            events.extend(batch);
+            placed.push((e.index, range.clone()));
+            cursor = Cursor {
+                index: e.index,
+                offset: range.end,
+            };
+        }
+        if !events.is_empty() {
+            let appended = self.log.append(&events).await?;
+            if appended.end != cursor.offset {
+                return Err(RaftLogError::Corrupt(format!(
+                    "the event log took the batches at {appended:?}, not ending at {}",
+                    cursor.offset
+                )));
+            }
+        }
+        self.cursor = cursor;
+        self.shared.end.set(cursor.offset);
+        let mut ranges = self.shared.ranges.borrow_mut();
+        for (index, range) in placed {
+            if let Some(feed) = &self.feed {
+                let _ = feed.unbounded_send((index, range.clone()));
+            }
+            ranges.insert(index, range);
+        }
+        while ranges.len() > RANGES_KEPT {
+            ranges.pop_first();
+        }
+        Ok(())
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        self.cursor.encode()
+    }
+
+    fn restore(&mut self, index: u64, data: &[u8]) {
+        let start = Cursor {
+            index: 0,
+            offset: self.log.first_offset(),
+        };
+        match Cursor::decode(data, start) {
+            Some(c) if c.offset <= self.log.next_offset() && c.index == index => {
+                self.cursor = c;
+                self.shared.end.set(c.offset);
+            }
+            Some(c) if c.index == index => {
+                self.gap = Some(format!(
+                    "a snapshot at index {index} puts the event log at offset {}, but it \
+                     ends at {}: the events would have to come from a peer",
+                    c.offset,
+                    self.log.next_offset()
+                ));
+            }
+            _ => {
+                self.gap = Some(format!("the snapshot at index {index} is not a cursor"));
+            }
+        }
+    }
+}
+
+impl<S: Storage> EventLogMachine<S> {
+    /// Removes every event from `offset` on.
+    async fn cut_after(&self, offset: u64) -> Result<(), RaftLogError> {
+        if offset <= self.log.first_offset() {
+            self.log.restart_at(offset).await?;
+        } else {
+            self.log.truncate_after(offset - 1).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a commit was not made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CommitError {
+    /// The group did not take it (see [`ProposeError`]).
+    #[error(transparent)]
+    Propose(#[from] ProposeError),
+    /// Committed, but where its events went is no longer known here (too many commits
+    /// since): the group's log has it.
+    #[error("the batch at index {0} was committed, but its offsets were forgotten")]
+    Forgotten(u64),
+}
+
+/// The proposer's side: commits batches through the group and reads the event log.
+pub struct ReplicatedLog<S: Storage> {
+    replica: Rc<Replica>,
+    log: Rc<Log<S>>,
+    shared: Rc<Shared>,
+}
+
+impl<S: Storage> ReplicatedLog<S> {
+    /// The two ends for `log`, proposing through `replica`: the proposer's, and the
+    /// machine to run the group with. `feed`, if given, is told every batch applied (its
+    /// Raft index and offsets), in order.
+    pub fn new(
+        replica: Rc<Replica>,
+        log: Log<S>,
+        feed: Option<mpsc::UnboundedSender<(u64, Range<u64>)>>,
+    ) -> (ReplicatedLog<S>, EventLogMachine<S>) {
+        let log = Rc::new(log);
+        let shared = Rc::new(Shared {
+            ranges: RefCell::default(),
+            end: Cell::new(log.next_offset()),
+        });
+        let machine = EventLogMachine {
+            log: log.clone(),
+            cursor: Cursor {
+                index: 0,
+                offset: log.first_offset(),
+            },
+            gap: None,
+            shared: shared.clone(),
+            feed,
+        };
+        (
+            ReplicatedLog {
+                replica,
+                log,
+                shared,
+            },
+            machine,
+        )
+    }
+
+    /// Commits `events` as one batch: once a majority of the group holds it and this
+    /// node's log has it, returns its offsets there (the same on every replica).
+    pub async fn commit(&self, events: &[Event<'_>]) -> Result<Range<u64>, CommitError> {
+        let index = self.replica.propose(encode_batch(events)).await?;
+        self.shared
+            .ranges
+            .borrow_mut()
+            .remove(&index)
+            .ok_or(CommitError::Forgotten(index))
+    }
+
+    /// The event log (committed events only).
+    pub fn log(&self) -> &Log<S> {
+        &self.log
+    }
+
+    /// The offset after the last event applied here.
+    pub fn end(&self) -> u64 {
+        self.shared.end.get()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A batch comes back as it went in; anything cut short, or with bytes after its last
+    // event, is refused rather than misread.
+    #[test]
+    fn batches_round_trip_and_refuse_what_is_not_one() {
+        let payloads: [&[u8]; 3] = [b"", b"one", &[7u8; 300]];
+        let events: Vec<Event<'_>> = payloads
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Event {
+                timestamp_us: i as u64 * 1_000,
+                payload: p,
+            })
+            .collect();
+        let data = encode_batch(&events);
+        let back = decode_batch(&data).expect("a batch");
+        assert_eq!(back.len(), 3);
+        for (a, b) in back.iter().zip(&events) {
+            assert_eq!((a.timestamp_us, a.payload), (b.timestamp_us, b.payload));
+        }
+        assert_eq!(decode_batch(&encode_batch(&[])).map(|b| b.len()), Some(0));
+        for cut in 0..data.len() {
+            assert!(decode_batch(&data[..cut]).is_none(), "cut at {cut}");
+        }
+        let mut longer = data.clone();
+        longer.push(0);
+        assert!(decode_batch(&longer).is_none());
+        // A count far beyond the bytes is refused without reserving for it.
+        assert!(decode_batch(&u32::MAX.to_le_bytes()).is_none());
+    }
+
+    #[test]
+    fn a_cursor_round_trips_and_no_snapshot_is_the_start() {
+        let start = Cursor {
+            index: 0,
+            offset: 1,
+        };
+        let c = Cursor {
+            index: 42,
+            offset: 977,
+        };
+        assert_eq!(Cursor::decode(&c.encode(), start), Some(c));
+        assert_eq!(Cursor::decode(&[], start), Some(start));
+        assert_eq!(Cursor::decode(&[1, 2, 3], start), None);
+    }
+}

@@ -1,0 +1,261 @@
+//! A partition's event log replicated by its group, on three nodes over real loopback TCP
+//! with real directories: batches of events committed through the leader land at the same
+//! offsets in every node's event log, once each, and only committed ones. A node that
+//! restarts on its directories applies again what came after its last snapshot, and skips
+//! what its event log already holds; a leader that stops is replaced and catches up after.
+
+mod common;
+
+use chorus_log::{DiskRoot, DiskStorage, Entry as Event, Log, LogConfig};
+use chorus_replication::transport::Membership;
+use chorus_replication::{CommitError, Node, NodeConfig, ProposeError, ReplicatedLog};
+use common::{free_addrs, wait_for, MINUTE};
+use raft::StateRole;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Default)]
+struct Shared {
+    /// Batches waiting to be committed by whichever node leads.
+    proposals: VecDeque<u64>,
+    /// Committed batches and where the proposer's log put them.
+    acked: BTreeMap<u64, Range<u64>>,
+    /// Batches whose proposer lost its leadership first.
+    uncertain: BTreeSet<u64>,
+    /// Each running node's role and event-log end.
+    status: BTreeMap<u64, (StateRole, u64)>,
+    /// Each stopped node's event log: (offset, payload) of every record.
+    logs: BTreeMap<u64, Vec<(u64, Vec<u8>)>>,
+}
+
+/// The events of batch `k`: one to four, each naming the batch and its place.
+fn batch(k: u64) -> Vec<Vec<u8>> {
+    (0..k % 4 + 1)
+        .map(|j| format!("{k}.{j}").into_bytes())
+        .collect()
+}
+
+async fn node_main(
+    id: u64,
+    nodes: BTreeMap<u64, SocketAddr>,
+    dir: PathBuf,
+    shared: Arc<Mutex<Shared>>,
+    stop: Arc<AtomicBool>,
+) {
+    let listener = common::bind(nodes[&id]).await;
+    let mut config = NodeConfig::new(Membership { me: id, nodes }, 1);
+    config.compact_every = 60;
+    let (events, _) = Log::open(
+        DiskStorage::open_dir(dir.join("events")).unwrap(),
+        LogConfig::default(),
+    )
+    .await
+    .expect("the event log");
+    let events = RefCell::new(Some(events));
+    let rlog: Rc<RefCell<Option<ReplicatedLog<DiskStorage>>>> = Rc::default();
+    let r2 = rlog.clone();
+    let node = Node::start(config, DiskRoot::new(dir), listener, move |_, replica| {
+        let log = events.borrow_mut().take().expect("one group");
+        let (proposer, machine) = ReplicatedLog::new(replica.clone(), log, None);
+        *r2.borrow_mut() = Some(proposer);
+        machine
+    })
+    .await
+    .expect("the node starts");
+    let rlog = Rc::new(
+        rlog.borrow_mut()
+            .take()
+            .expect("the group is on every node"),
+    );
+    while !stop.load(Ordering::SeqCst) {
+        glommio::timer::sleep(Duration::from_millis(2)).await;
+        let role = node.status()[&0].role;
+        let mine: Vec<u64> = {
+            let mut s = shared.lock().unwrap();
+            s.status.insert(id, (role, rlog.end()));
+            let n = if role == StateRole::Leader {
+                s.proposals.len().min(50)
+            } else {
+                0
+            };
+            s.proposals.drain(..n).collect()
+        };
+        for k in mine {
+            let (rlog, shared) = (rlog.clone(), shared.clone());
+            glommio::spawn_local(async move {
+                let payloads = batch(k);
+                let events: Vec<Event<'_>> = payloads
+                    .iter()
+                    .map(|p| Event {
+                        timestamp_us: k,
+                        payload: p,
+                    })
+                    .collect();
+                let answer = rlog.commit(&events).await;
+                let mut s = shared.lock().unwrap();
+                match answer {
+                    Ok(range) => {
+                        s.acked.insert(k, range);
+                    }
+                    Err(CommitError::Propose(
+                        ProposeError::NotLeader { .. } | ProposeError::Dropped,
+                    )) => s.proposals.push_back(k),
+                    Err(_) => {
+                        s.uncertain.insert(k);
+                    }
+                }
+            })
+            .detach();
+        }
+    }
+    node.stop(false).await.expect("the group's storage");
+    glommio::timer::sleep(Duration::from_millis(20)).await;
+    let log = rlog.log();
+    let mut records = Vec::new();
+    let mut at = log.first_offset();
+    while at < log.next_offset() {
+        for r in log.read(at, 1 << 20).await.expect("read the event log") {
+            at = r.offset + 1;
+            records.push((r.offset, r.payload.to_vec()));
+        }
+    }
+    let mut s = shared.lock().unwrap();
+    s.status.remove(&id);
+    s.logs.insert(id, records);
+}
+
+struct Cluster {
+    tmp: tempfile::TempDir,
+    nodes: BTreeMap<u64, SocketAddr>,
+    shared: Arc<Mutex<Shared>>,
+    running: BTreeMap<u64, (Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
+}
+
+impl Cluster {
+    fn restart(&mut self, id: u64) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (nodes, shared, stop2) = (self.nodes.clone(), self.shared.clone(), stop.clone());
+        let dir = self.tmp.path().join(format!("node-{id}"));
+        let thread = std::thread::spawn(move || {
+            glommio::LocalExecutorBuilder::default()
+                .make()
+                .expect("executor")
+                .run(node_main(id, nodes, dir, shared, stop2));
+        });
+        self.running.insert(id, (stop, thread));
+    }
+
+    fn stop(&mut self, id: u64) {
+        let (stop, thread) = self.running.remove(&id).expect("running");
+        stop.store(true, Ordering::SeqCst);
+        thread.join().unwrap();
+    }
+
+    fn leader(&self) -> Option<u64> {
+        let s = self.shared.lock().unwrap();
+        s.status
+            .iter()
+            .find(|(_, (role, _))| *role == StateRole::Leader)
+            .map(|(id, _)| *id)
+    }
+
+    fn propose(&self, ks: Range<u64>) {
+        self.shared.lock().unwrap().proposals.extend(ks);
+    }
+
+    fn settled(&self, n: usize) -> bool {
+        let s = self.shared.lock().unwrap();
+        s.proposals.is_empty() && s.acked.len() + s.uncertain.len() == n
+    }
+
+    /// Whether the three running nodes' event logs end at the same offset.
+    fn converged(&self) -> bool {
+        let s = self.shared.lock().unwrap();
+        let ends: BTreeSet<u64> = s.status.values().map(|(_, end)| *end).collect();
+        s.status.len() == 3 && ends.len() == 1
+    }
+}
+
+#[test]
+fn every_replica_holds_the_committed_batches_at_the_same_offsets() {
+    let mut c = Cluster {
+        tmp: tempfile::tempdir().unwrap(),
+        nodes: (1..).zip(free_addrs(3)).collect(),
+        shared: Arc::default(),
+        running: BTreeMap::new(),
+    };
+    for id in 1..=3 {
+        c.restart(id);
+    }
+    wait_for("a leader", MINUTE, || c.leader().is_some());
+    c.propose(0..100);
+    wait_for("100 batches answered", MINUTE, || c.settled(100));
+    // Fewer than a compaction's worth, so that the next restart applies them again.
+    c.propose(100..130);
+    wait_for("130 batches answered", MINUTE, || c.settled(130));
+
+    // A follower restarts with nothing written meanwhile: it opens from its snapshot and
+    // finds in its event log the batches raft-rs applies again.
+    let follower = (1..=3).find(|&id| Some(id) != c.leader()).unwrap();
+    c.stop(follower);
+    c.restart(follower);
+    wait_for("three nodes alike", MINUTE, || c.converged());
+
+    // The leader stops abruptly; the others go on, and it catches up when it returns.
+    let old = c.leader().expect("a leader");
+    c.stop(old);
+    wait_for("a new leader", MINUTE, || {
+        c.leader().is_some_and(|l| l != old)
+    });
+    c.propose(130..140);
+    wait_for("140 batches answered", MINUTE, || c.settled(140));
+    c.restart(old);
+    wait_for("three nodes alike", MINUTE, || c.converged());
+    c.propose(140..240);
+    wait_for("240 batches answered", MINUTE, || c.settled(240));
+    wait_for("three nodes alike", MINUTE, || c.converged());
+    for id in 1..=3 {
+        c.stop(id);
+    }
+
+    let s = c.shared.lock().unwrap();
+    let first = &s.logs[&1];
+    for id in 2..=3 {
+        assert_eq!(&s.logs[&id], first, "node {id}'s event log is node 1's");
+    }
+    // Each batch's events sit together, in order, once; acknowledged ones where the
+    // proposer was told; nothing that was not proposed.
+    let by_offset: BTreeMap<u64, &Vec<u8>> = first.iter().map(|(o, p)| (*o, p)).collect();
+    let mut seen: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for (offset, payload) in first {
+        let text = String::from_utf8(payload.clone()).unwrap();
+        let (k, _) = text.split_once('.').unwrap();
+        seen.entry(k.parse().unwrap()).or_default().push(*offset);
+    }
+    for (k, offsets) in &seen {
+        let expected = batch(*k);
+        assert_eq!(offsets.len(), expected.len(), "batch {k} once, whole");
+        assert!(
+            s.acked.contains_key(k) || s.uncertain.contains(k),
+            "batch {k} was proposed"
+        );
+        for (i, o) in offsets.iter().enumerate() {
+            assert_eq!(by_offset[o], &expected[i], "batch {k} in order");
+        }
+    }
+    for (k, range) in &s.acked {
+        assert_eq!(
+            seen.get(k),
+            Some(&range.clone().collect()),
+            "batch {k} where told"
+        );
+    }
+    assert!(s.acked.len() >= 230, "{} acknowledged", s.acked.len());
+}
