@@ -11,9 +11,8 @@ use chorus_log::DiskRoot;
 use chorus_replication::placement;
 use chorus_replication::replica::Status;
 use chorus_replication::transport::Membership;
-use chorus_replication::{Node, NodeConfig, ProposeError, RaftLogError, StateMachine};
-use common::{free_addrs, wait_for, MINUTE};
-use raft::eraftpb::Entry;
+use chorus_replication::{Node, NodeConfig, ProposeError};
+use common::{free_addrs, wait_for, NodeHandle, Values, HAND_OFF, MINUTE, RUN, STOP};
 use raft::StateRole;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
@@ -37,50 +36,6 @@ struct Shared {
     values: BTreeMap<(u64, u64), Vec<u64>>,
 }
 
-/// A group's applied values on one node, kept in the shared map.
-struct Values {
-    node: u64,
-    group: u64,
-    shared: Arc<Mutex<Shared>>,
-}
-
-impl Values {
-    fn with<T>(&self, f: impl FnOnce(&mut Vec<u64>) -> T) -> T {
-        let mut s = self.shared.lock().unwrap();
-        f(s.values.entry((self.node, self.group)).or_default())
-    }
-}
-
-impl StateMachine for Values {
-    async fn apply(&mut self, entries: &[Entry]) -> Result<(), RaftLogError> {
-        let applied = entries
-            .iter()
-            .filter(|e| !e.data.is_empty())
-            .map(|e| u64::from_le_bytes(e.data[..].try_into().expect("8 bytes")));
-        self.with(|values| values.extend(applied));
-        Ok(())
-    }
-    fn snapshot(&self) -> Vec<u8> {
-        self.with(|values| values.iter().flat_map(|v| v.to_le_bytes()).collect())
-    }
-    fn restore(&mut self, _index: u64, data: &[u8]) {
-        let restored = data
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-            .collect();
-        self.with(|values| *values = restored);
-    }
-}
-
-const RUN: u8 = 0;
-const STOP: u8 = 1;
-const HAND_OFF: u8 = 2;
-
-struct NodeHandle {
-    stop: Arc<AtomicU8>,
-    thread: std::thread::JoinHandle<()>,
-}
-
 async fn node_main(
     id: u64,
     nodes: BTreeMap<u64, SocketAddr>,
@@ -94,11 +49,9 @@ async fn node_main(
     config.compact_every = 50;
     let s2 = shared.clone();
     let node = Node::start(config, DiskRoot::new(dir), listener, move |group, _| {
-        Values {
-            node: id,
-            group,
-            shared: s2.clone(),
-        }
+        Values::new(s2.clone(), move |s: &mut Shared| {
+            s.values.entry((id, group)).or_default()
+        })
     })
     .await
     .expect("the node starts");
@@ -159,15 +112,7 @@ fn start_node(
     dir: PathBuf,
     shared: Arc<Mutex<Shared>>,
 ) -> NodeHandle {
-    let stop = Arc::new(AtomicU8::new(RUN));
-    let stop2 = stop.clone();
-    let thread = std::thread::spawn(move || {
-        glommio::LocalExecutorBuilder::default()
-            .make()
-            .expect("executor")
-            .run(node_main(id, nodes, groups, dir, shared, stop2));
-    });
-    NodeHandle { stop, thread }
+    NodeHandle::spawn(move |stop| node_main(id, nodes, groups, dir, shared, stop))
 }
 
 /// A cluster of nodes on threads of their own.
@@ -212,9 +157,7 @@ impl Cluster {
     }
 
     fn stop(&mut self, id: u64, how: u8) {
-        let h = self.handles.remove(&id).expect("a running node");
-        h.stop.store(how, Ordering::SeqCst);
-        h.thread.join().unwrap();
+        self.handles.remove(&id).expect("a running node").stop(how);
     }
 
     fn stop_all(mut self) {

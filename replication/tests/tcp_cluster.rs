@@ -12,9 +12,9 @@ mod common;
 
 use chorus_log::{DiskStorage, LogConfig};
 use chorus_replication::transport::{Handlers, Membership, Transport};
-use chorus_replication::{Group, ProposeError, RaftLogError, Replica, StateMachine};
-use common::{free_addrs, wait_for, MINUTE};
-use raft::eraftpb::{ConfState, Entry};
+use chorus_replication::{Group, ProposeError, Replica};
+use common::{free_addrs, wait_for, NodeHandle, Values, HAND_OFF, MINUTE, RUN, STOP};
+use raft::eraftpb::ConfState;
 use raft::{Config, StateRole};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::{Read, Write};
@@ -44,73 +44,13 @@ struct Shared {
     cut: BTreeSet<(u64, u64)>,
 }
 
-/// A node's applied values, kept in the shared status so the test thread sees them.
-struct Values {
-    id: u64,
-    shared: Arc<Mutex<Shared>>,
-}
-
-impl Values {
-    fn with<T>(&self, f: impl FnOnce(&mut Vec<u64>) -> T) -> T {
-        let mut s = self.shared.lock().unwrap();
-        let entry = s.status.entry(self.id);
-        f(&mut entry.or_insert((StateRole::Follower, Vec::new())).1)
-    }
-}
-
-impl StateMachine for Values {
-    async fn apply(&mut self, entries: &[Entry]) -> Result<(), RaftLogError> {
-        let applied = entries
-            .iter()
-            .filter(|e| !e.data.is_empty())
-            .map(|e| u64::from_le_bytes(e.data[..].try_into().expect("8 bytes")));
-        self.with(|values| values.extend(applied));
-        Ok(())
-    }
-    fn snapshot(&self) -> Vec<u8> {
-        self.with(|values| values.iter().flat_map(|v| v.to_le_bytes()).collect())
-    }
-    fn restore(&mut self, _index: u64, data: &[u8]) {
-        let restored = data
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-            .collect();
-        self.with(|values| *values = restored);
-    }
-}
-
-/// How a node runs: on, stopping at once, or stopping once it handed off leadership.
-const RUN: u8 = 0;
-const STOP: u8 = 1;
-const HAND_OFF: u8 = 2;
-
-struct NodeHandle {
-    stop: Arc<AtomicU8>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl NodeHandle {
-    fn stop(self, how: u8) {
-        self.stop.store(how, Ordering::SeqCst);
-        self.thread.join().unwrap();
-    }
-}
-
 fn start_node(
     id: u64,
     nodes: BTreeMap<u64, SocketAddr>,
     dir: PathBuf,
     shared: Arc<Mutex<Shared>>,
 ) -> NodeHandle {
-    let stop = Arc::new(AtomicU8::new(RUN));
-    let stop2 = stop.clone();
-    let thread = std::thread::spawn(move || {
-        glommio::LocalExecutorBuilder::default()
-            .make()
-            .expect("executor")
-            .run(node_main(id, nodes, dir, shared, stop2));
-    });
-    NodeHandle { stop, thread }
+    NodeHandle::spawn(move |stop| node_main(id, nodes, dir, shared, stop))
 }
 
 async fn node_main(
@@ -155,10 +95,13 @@ async fn node_main(
         voters: nodes.keys().copied().collect(),
         ..ConfState::default()
     };
-    let machine = Values {
-        id,
-        shared: shared.clone(),
-    };
+    let machine = Values::new(shared.clone(), move |s: &mut Shared| {
+        &mut s
+            .status
+            .entry(id)
+            .or_insert((StateRole::Follower, Vec::new()))
+            .1
+    });
     let group = Group::open(
         DiskStorage::open_dir(dir.join("state")).unwrap(),
         DiskStorage::open_dir(dir.join("log")).unwrap(),

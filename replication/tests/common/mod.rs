@@ -1,4 +1,5 @@
 //! What the tests that run nodes on real sockets share.
+#![allow(dead_code)] // each test crate uses part of it
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -30,5 +31,83 @@ pub async fn bind(addr: SocketAddr) -> glommio::net::TcpListener {
             Ok(l) => break l,
             Err(_) => glommio::timer::sleep(Duration::from_millis(20)).await,
         }
+    }
+}
+
+/// A state machine of 8-byte values, kept where the test thread sees them: `place` finds
+/// this node's list (of this group) in the shared state.
+pub struct Values<S, F> {
+    shared: std::sync::Arc<std::sync::Mutex<S>>,
+    place: F,
+}
+
+impl<S, F: Fn(&mut S) -> &mut Vec<u64>> Values<S, F> {
+    pub fn new(shared: std::sync::Arc<std::sync::Mutex<S>>, place: F) -> Values<S, F> {
+        Values { shared, place }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Vec<u64>) -> T) -> T {
+        let mut s = self.shared.lock().unwrap();
+        f((self.place)(&mut s))
+    }
+}
+
+impl<S, F: Fn(&mut S) -> &mut Vec<u64>> chorus_replication::StateMachine for Values<S, F> {
+    async fn apply(
+        &mut self,
+        entries: &[raft::eraftpb::Entry],
+    ) -> Result<(), chorus_replication::RaftLogError> {
+        let applied = entries
+            .iter()
+            .filter(|e| !e.data.is_empty())
+            .map(|e| u64::from_le_bytes(e.data[..].try_into().expect("8 bytes")));
+        self.with(|values| values.extend(applied));
+        Ok(())
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        self.with(|values| values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+
+    fn restore(&mut self, _index: u64, data: &[u8]) {
+        let restored = data
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        self.with(|values| *values = restored);
+    }
+}
+
+/// How a node runs: on, stopping at once, or stopping once it handed off leadership.
+pub const RUN: u8 = 0;
+pub const STOP: u8 = 1;
+pub const HAND_OFF: u8 = 2;
+
+/// A node running on a thread of its own, on a glommio executor.
+pub struct NodeHandle {
+    stop: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl NodeHandle {
+    /// Runs the future `node(stop)` makes, where `stop` says how it is to end.
+    pub fn spawn<F: std::future::Future<Output = ()> + 'static>(
+        node: impl FnOnce(std::sync::Arc<std::sync::atomic::AtomicU8>) -> F + Send + 'static,
+    ) -> NodeHandle {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicU8::new(RUN));
+        let stop2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            glommio::LocalExecutorBuilder::default()
+                .make()
+                .expect("executor")
+                .run(node(stop2));
+        });
+        NodeHandle { stop, thread }
+    }
+
+    /// Tells the node to stop (`STOP` or `HAND_OFF`) and waits until it has.
+    pub fn stop(self, how: u8) {
+        self.stop.store(how, std::sync::atomic::Ordering::SeqCst);
+        self.thread.join().unwrap();
     }
 }
