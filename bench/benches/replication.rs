@@ -7,9 +7,9 @@
 //! proposed on its group's leader.
 //!
 //! Measured, for each of RF=3 and RF=1:
-//! - **Throughput**: `CHORUS_BENCH_WRITERS` (64) writers per group, each committing one
-//!   256-byte event and then the next (closed loop), for `CHORUS_BENCH_SECS` (5) seconds:
-//!   events committed per second.
+//! - **Throughput**: `CHORUS_BENCH_WRITERS` (64) writers per group, each committing
+//!   `CHORUS_BENCH_BATCH` (1) 256-byte events as one entry and then the next (closed
+//!   loop), for `CHORUS_BENCH_SECS` (5) seconds: events committed per second.
 //! - **Latency at a fixed rate**: `CHORUS_BENCH_RATE` (50,000) events per second spread
 //!   over the groups, each sent at its due time whatever came back (open loop), for the
 //!   same time: due time → commit answered, p50 / p99 / max.
@@ -45,6 +45,8 @@ fn env(name: &str, default: u64) -> u64 {
 #[derive(Clone, Copy)]
 struct Shape {
     groups: u32,
+    /// Events per commit (one Raft entry).
+    batch: u64,
     writers: u64,
     rate: u64,
     secs: f64,
@@ -147,15 +149,20 @@ async fn node_main(
         for _ in 0..shape.writers {
             let (log, payload, m) = (log.clone(), payload.clone(), measured.clone());
             tasks.push(glommio::spawn_local(async move {
-                while Instant::now() < end {
-                    let e = [Event {
+                let e = vec![
+                    Event {
                         timestamp_us: 0,
                         payload: &payload,
-                    }];
+                    };
+                    shape.batch as usize
+                ];
+                while Instant::now() < end {
                     match log.commit(&e).await {
-                        Ok(_) if Instant::now() <= end => m.borrow_mut().closed_commits += 1,
+                        Ok(_) if Instant::now() <= end => {
+                            m.borrow_mut().closed_commits += shape.batch
+                        }
                         Ok(_) => {}
-                        Err(_) => m.borrow_mut().closed_failed += 1,
+                        Err(_) => m.borrow_mut().closed_failed += shape.batch,
                     }
                 }
             }));
@@ -168,7 +175,8 @@ async fn node_main(
 
     // Open loop: each group's share of the rate, every event at its due time.
     let start = Instant::now() + Duration::from_millis(50);
-    let per_group = shape.rate as f64 / f64::from(shape.groups);
+    // Commits per second per group: the rate is in events.
+    let per_group = shape.rate as f64 / f64::from(shape.groups) / shape.batch as f64;
     let total = (per_group * shape.secs) as u64;
     let mut tasks = Vec::new();
     for log in &mine {
@@ -182,18 +190,21 @@ async fn node_main(
                 }
                 let (log, payload, m) = (log.clone(), payload.clone(), m.clone());
                 sends.push(glommio::spawn_local(async move {
-                    let e = [Event {
-                        timestamp_us: 0,
-                        payload: &payload,
-                    }];
+                    let e = vec![
+                        Event {
+                            timestamp_us: 0,
+                            payload: &payload,
+                        };
+                        shape.batch as usize
+                    ];
                     let ok = log.commit(&e).await.is_ok();
                     let us = due.elapsed().as_micros() as u64;
                     let mut m = m.borrow_mut();
-                    m.open_sent += 1;
+                    m.open_sent += shape.batch;
                     if ok {
                         m.latency.as_mut().unwrap().saturating_record(us.max(1));
                     } else {
-                        m.open_failed += 1;
+                        m.open_failed += shape.batch;
                     }
                 }));
             }
@@ -262,6 +273,7 @@ fn main() {
     let shape = if full {
         Shape {
             groups: env("CHORUS_BENCH_GROUPS", 16) as u32,
+            batch: env("CHORUS_BENCH_BATCH", 1),
             writers: env("CHORUS_BENCH_WRITERS", 64),
             rate: env("CHORUS_BENCH_RATE", 50_000),
             secs: env("CHORUS_BENCH_SECS", 5) as f64,
@@ -269,14 +281,15 @@ fn main() {
     } else {
         Shape {
             groups: 4,
+            batch: 2,
             writers: 4,
             rate: 1_000,
             secs: 0.5,
         }
     };
     println!(
-        "replicated commits: {} groups, {} writers per group (closed loop), {} events/s (open loop), {} s each, {EVENT_BYTES}-byte events",
-        shape.groups, shape.writers, shape.rate, shape.secs
+        "replicated commits: {} groups, {} writers per group (closed loop), {} events/s (open loop), {} s each, {EVENT_BYTES}-byte events, {} per commit",
+        shape.groups, shape.writers, shape.rate, shape.secs, shape.batch
     );
     println!("| cluster | committed/s (closed loop) | open loop: p50 / p99 / max | failed |");
     println!("|---|---|---|---|");
