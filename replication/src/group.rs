@@ -190,7 +190,13 @@ impl<S: Storage, M: StateMachine> Group<S, M> {
         let due = self.compact_every > 0 && self.applied >= snapshot_index + self.compact_every;
         if (due || std::mem::take(&mut self.conf_changed)) && self.applied > snapshot_index {
             let data = self.machine.snapshot();
-            self.raw.mut_store().compact(self.applied, data).await?;
+            // The entries up to the snapshot stay as long as between two snapshots: a
+            // follower that far behind is caught up from the log, not by snapshot.
+            let keep = self.compact_every;
+            self.raw
+                .mut_store()
+                .compact(self.applied, data, keep)
+                .await?;
         }
         Ok(true)
     }

@@ -76,7 +76,12 @@ pub struct RaftLog<S: Storage> {
     log: Log<S>,
     state_file: StateFile<S::File>,
     state: GroupState,
-    /// The entries after the snapshot, `snapshot_index + 1 ..= last`.
+    /// The index of `entries[0]`: the first entry served. At most `snapshot_index + 1`: a
+    /// compaction keeps a tail of entries behind its snapshot, so that a follower a little
+    /// behind it is caught up from the log rather than sent the snapshot (after a restart
+    /// the entries start after the snapshot again).
+    base: u64,
+    /// The entries `base ..= last`.
     entries: Vec<Entry>,
     /// The latest snapshot's data.
     snapshot_data: Vec<u8>,
@@ -123,12 +128,15 @@ impl<S: Storage> RaftLog<S> {
             log,
             state_file,
             state,
+            base: snap + 1,
             entries: Vec::new(),
             snapshot_data,
         };
         if !this.log_continues_snapshot().await? {
             this.log.restart_at(snap + 1).await?;
         }
+        // A tail kept behind the snapshot is served for the node's life, not after a
+        // restart: its length is not recorded, and the log keeps whole segments anyway.
         this.load_entries().await?;
         // A crash between a `Ready`'s entries and its hard state leaves entries of a term
         // the hard state never reached. The node's term must be at least its log's last
@@ -163,10 +171,10 @@ impl<S: Storage> RaftLog<S> {
         if first == snap + 1 {
             return Ok(true);
         }
-        if first > snap + 1 || next <= snap + 1 {
+        if first > snap + 1 || next < snap + 1 {
             return Ok(false);
         }
-        // The log starts before the snapshot and goes past it: it continues it only if it
+        // The log starts before the snapshot and reaches it: it continues it only if it
         // agrees about the term at the snapshot's index.
         let records = self.log.read(snap, 1).await?;
         let Some(record) = records.first().filter(|r| r.offset == snap) else {
@@ -177,7 +185,7 @@ impl<S: Storage> RaftLog<S> {
     }
 
     async fn load_entries(&mut self) -> Result<(), RaftLogError> {
-        let mut at = self.state.snapshot_index + 1;
+        let mut at = self.base;
         let next = self.log.next_offset();
         while at < next {
             let records = self.log.read(at, OPEN_READ_BYTES).await?;
@@ -195,11 +203,11 @@ impl<S: Storage> RaftLog<S> {
     }
 
     fn first(&self) -> u64 {
-        self.state.snapshot_index + 1
+        self.base
     }
 
     fn last(&self) -> u64 {
-        self.state.snapshot_index + self.entries.len() as u64
+        self.base + self.entries.len() as u64 - 1
     }
 
     /// The group's state as last persisted.
@@ -292,16 +300,23 @@ impl<S: Storage> RaftLog<S> {
         self.write_state().await?;
         self.log.restart_at(meta.index + 1).await?;
         self.entries.clear();
+        self.base = meta.index + 1;
         self.snapshot_data = snapshot.data.to_vec();
         self.remove_snapshot_file(old).await
     }
 
     /// Takes a snapshot of the state machine at `index` (applied, so committed) with its
-    /// `data`, and lets the log go behind it: the entries before it are no longer served,
-    /// and the log's whole segments before it are removed.
-    pub async fn compact(&mut self, index: u64, data: Vec<u8>) -> Result<(), RaftLogError> {
+    /// `data`, and lets the log go behind it but for the last `keep` entries up to it:
+    /// those before are no longer served, and the log's whole segments before them are
+    /// removed.
+    pub async fn compact(
+        &mut self,
+        index: u64,
+        data: Vec<u8>,
+        keep: u64,
+    ) -> Result<(), RaftLogError> {
         let (first, last) = (self.first(), self.last());
-        if index < first {
+        if index <= self.state.snapshot_index {
             return Ok(());
         }
         if index > last || index > self.state.hard.commit {
@@ -317,10 +332,12 @@ impl<S: Storage> RaftLog<S> {
         self.state.snapshot_term = term;
         self.state.snapshot_conf = self.state.conf.clone();
         self.write_state().await?;
-        self.entries.drain(..(index + 1 - first) as usize);
+        let base = (index + 1).saturating_sub(keep).max(first);
+        self.entries.drain(..(base - first) as usize);
+        self.base = base;
         self.snapshot_data = data;
         self.remove_snapshot_file(old).await?;
-        self.log.delete_before(index + 1).await?;
+        self.log.delete_before(base).await?;
         Ok(())
     }
 
@@ -424,17 +441,18 @@ impl<S: Storage> raft::Storage for RaftLog<S> {
     }
 
     fn term(&self, idx: u64) -> raft::Result<u64> {
-        let snap = self.state.snapshot_index;
-        if idx == snap {
+        if idx == self.state.snapshot_index {
             return Ok(self.state.snapshot_term);
         }
-        if idx < snap {
+        if idx < self.base {
+            // The entry before the first one served is known too (`base - 1` is the
+            // snapshot's index when no tail is kept).
             return Err(raft::Error::Store(StorageError::Compacted));
         }
         if idx > self.last() {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
-        Ok(self.entries[(idx - snap - 1) as usize].term)
+        Ok(self.entries[(idx - self.base) as usize].term)
     }
 
     fn first_index(&self) -> raft::Result<u64> {

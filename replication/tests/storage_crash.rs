@@ -142,9 +142,22 @@ fn entries_hard_state_and_compaction_survive_reopening() {
         ..HardState::default()
     };
     block_on(log.set_hard_state(&hs)).unwrap();
-    block_on(log.compact(30, b"state at 30".to_vec())).unwrap();
-    assert_eq!(log.first_index().unwrap(), 31);
+    // The compaction keeps the 10 entries up to its snapshot for followers a little behind.
+    block_on(log.compact(30, b"state at 30".to_vec(), 10)).unwrap();
+    assert_eq!(log.first_index().unwrap(), 21);
     assert_eq!(log.term(30).unwrap(), 1);
+    assert_eq!(log.term(25).unwrap(), 1);
+    assert!(log.term(19).is_err());
+    let tail = log
+        .entries(21, 31, None, raft::GetEntriesContext::empty(false))
+        .unwrap();
+    assert_eq!(
+        tail.iter().map(|e| e.index).collect::<Vec<_>>(),
+        (21..31).collect::<Vec<_>>()
+    );
+    assert!(log
+        .entries(20, 31, None, raft::GetEntriesContext::empty(false))
+        .is_err());
     drop(log);
     root.crash();
 
