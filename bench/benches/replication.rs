@@ -62,6 +62,15 @@ struct Measured {
     latency: Option<Histogram<u64>>,
 }
 
+/// One commit's events: `n` times the payload.
+fn events(payload: &[u8], n: u64) -> Vec<Event<'_>> {
+    let e = Event {
+        timestamp_us: 0,
+        payload,
+    };
+    vec![e; n as usize]
+}
+
 fn free_addrs(n: usize) -> Vec<SocketAddr> {
     let listeners: Vec<std::net::TcpListener> = (0..n)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
@@ -149,13 +158,7 @@ async fn node_main(
         for _ in 0..shape.writers {
             let (log, payload, m) = (log.clone(), payload.clone(), measured.clone());
             tasks.push(glommio::spawn_local(async move {
-                let e = vec![
-                    Event {
-                        timestamp_us: 0,
-                        payload: &payload,
-                    };
-                    shape.batch as usize
-                ];
+                let e = events(&payload, shape.batch);
                 while Instant::now() < end {
                     match log.commit(&e).await {
                         Ok(_) if Instant::now() <= end => {
@@ -190,13 +193,7 @@ async fn node_main(
                 }
                 let (log, payload, m) = (log.clone(), payload.clone(), m.clone());
                 sends.push(glommio::spawn_local(async move {
-                    let e = vec![
-                        Event {
-                            timestamp_us: 0,
-                            payload: &payload,
-                        };
-                        shape.batch as usize
-                    ];
+                    let e = events(&payload, shape.batch);
                     let ok = log.commit(&e).await.is_ok();
                     let us = due.elapsed().as_micros() as u64;
                     let mut m = m.borrow_mut();

@@ -9,7 +9,7 @@ mod common;
 use chorus_log::{DiskRoot, DiskStorage, Entry as Event, Log, LogConfig};
 use chorus_replication::transport::Membership;
 use chorus_replication::{CommitError, Node, NodeConfig, ProposeError, ReplicatedLog};
-use common::{free_addrs, wait_for, MINUTE};
+use common::{free_addrs, wait_for, NodeHandle, MINUTE, RUN, STOP};
 use raft::StateRole;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -47,7 +47,7 @@ async fn node_main(
     nodes: BTreeMap<u64, SocketAddr>,
     dir: PathBuf,
     shared: Arc<Mutex<Shared>>,
-    stop: Arc<AtomicBool>,
+    stop: Arc<AtomicU8>,
 ) {
     let listener = common::bind(nodes[&id]).await;
     let mut config = NodeConfig::new(Membership { me: id, nodes }, 1);
@@ -74,18 +74,13 @@ async fn node_main(
             .take()
             .expect("the group is on every node"),
     );
-    while !stop.load(Ordering::SeqCst) {
+    while stop.load(Ordering::SeqCst) == RUN {
         glommio::timer::sleep(Duration::from_millis(2)).await;
         let role = node.status()[&0].role;
         let mine: Vec<u64> = {
             let mut s = shared.lock().unwrap();
             s.status.insert(id, (role, rlog.end()));
-            let n = if role == StateRole::Leader {
-                s.proposals.len().min(50)
-            } else {
-                0
-            };
-            s.proposals.drain(..n).collect()
+            common::take_if_leading(&mut s.proposals, role, 50)
         };
         for k in mine {
             let (rlog, shared) = (rlog.clone(), shared.clone());
@@ -135,27 +130,19 @@ struct Cluster {
     tmp: tempfile::TempDir,
     nodes: BTreeMap<u64, SocketAddr>,
     shared: Arc<Mutex<Shared>>,
-    running: BTreeMap<u64, (Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
+    running: BTreeMap<u64, NodeHandle>,
 }
 
 impl Cluster {
     fn restart(&mut self, id: u64) {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (nodes, shared, stop2) = (self.nodes.clone(), self.shared.clone(), stop.clone());
+        let (nodes, shared) = (self.nodes.clone(), self.shared.clone());
         let dir = self.tmp.path().join(format!("node-{id}"));
-        let thread = std::thread::spawn(move || {
-            glommio::LocalExecutorBuilder::default()
-                .make()
-                .expect("executor")
-                .run(node_main(id, nodes, dir, shared, stop2));
-        });
-        self.running.insert(id, (stop, thread));
+        let node = NodeHandle::spawn(move |stop| node_main(id, nodes, dir, shared, stop));
+        self.running.insert(id, node);
     }
 
     fn stop(&mut self, id: u64) {
-        let (stop, thread) = self.running.remove(&id).expect("running");
-        stop.store(true, Ordering::SeqCst);
-        thread.join().unwrap();
+        self.running.remove(&id).expect("running").stop(STOP);
     }
 
     fn leader(&self) -> Option<u64> {

@@ -144,12 +144,7 @@ async fn node_main(
                 .entry(id)
                 .or_insert((StateRole::Follower, Vec::new()))
                 .0 = status.role;
-            let n = if status.role == StateRole::Leader {
-                s.proposals.len().min(100)
-            } else {
-                0
-            };
-            s.proposals.drain(..n).collect()
+            common::take_if_leading(&mut s.proposals, status.role, 100)
         };
         for v in batch {
             let (r, shared) = (replica.clone(), shared.clone());

@@ -111,3 +111,17 @@ impl NodeHandle {
         self.thread.join().unwrap();
     }
 }
+
+/// The proposals a node takes on this turn: up to `max` from the front, if it leads.
+pub fn take_if_leading<T>(
+    queue: &mut std::collections::VecDeque<T>,
+    role: raft::StateRole,
+    max: usize,
+) -> Vec<T> {
+    let n = if role == raft::StateRole::Leader {
+        queue.len().min(max)
+    } else {
+        0
+    };
+    queue.drain(..n).collect()
+}
