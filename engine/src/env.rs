@@ -2,8 +2,9 @@
 //!
 //! The engine's shards, partitions, metadata owner and dispatcher are plain Rust over the
 //! [`Env`] trait: the clock, timers, spawning tasks, a pool for blocking work, the tree of
-//! directories its logs, snapshots and layout file live in ([`StorageRoot`]), and the blob
-//! store ([`BlobStore`]). [`GlommioEnv`] is the real one: glommio's executor, timers and
+//! directories its logs, snapshots and layout file live in ([`StorageRoot`]), the blob
+//! store ([`BlobStore`]), and how a partition's log commits ([`Durability`]: locally, or
+//! through the partition's replication group in a cluster). [`GlommioEnv`] is the real one: glommio's executor, timers and
 //! blocking pool, the system clock, and the local disk. The whole-node simulation
 //! (`tools/sim`) implements it with a seeded single-thread scheduler, simulated time and
 //! the simulated disk, and runs every shard of a node on one thread.
@@ -17,7 +18,9 @@
 //! `Send`. Futures it returns are polled only on that shard.
 
 use crate::blob::BlobStore;
-use chorus_log::StorageRoot;
+use crate::durability::{Durability, LocalDurability};
+use crate::error::EngineError;
+use chorus_log::{Log, StorageRoot};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -32,6 +35,8 @@ pub trait Env: Clone + 'static {
     /// A spawned task, which completes when the task does. Dropping it does not cancel
     /// the task.
     type Task: Future<Output = ()> + 'static;
+    /// How a channel partition's log commits.
+    type Durability: Durability + 'static;
 
     /// The directories.
     fn root(&self) -> &Self::Root;
@@ -60,6 +65,13 @@ pub trait Env: Clone + 'static {
 
     /// Gives the shard's other tasks a turn if this one has run long enough.
     fn yield_if_needed(&self) -> impl Future<Output = ()> + 'static;
+
+    /// The commit path of channel partition `partition`, over its open local log.
+    fn durability(
+        &self,
+        partition: u32,
+        log: Log<DirOf<Self>>,
+    ) -> impl Future<Output = Result<Self::Durability, EngineError>>;
 }
 
 /// The real environment: a glommio executor on a shard thread, the system clock, a
@@ -97,6 +109,7 @@ where
     type Root = R;
     type Blobs = B;
     type Task = GlommioTask;
+    type Durability = LocalDurability<R::Dir>;
 
     fn root(&self) -> &R {
         &self.root
@@ -136,7 +149,15 @@ where
     fn yield_if_needed(&self) -> impl Future<Output = ()> + 'static {
         glommio::yield_if_needed()
     }
+
+    async fn durability(
+        &self,
+        _partition: u32,
+        log: Log<R::Dir>,
+    ) -> Result<LocalDurability<R::Dir>, EngineError> {
+        Ok(LocalDurability::new(log))
+    }
 }
 
 /// The directory type of an environment's storage.
-pub(crate) type DirOf<E> = <<E as Env>::Root as StorageRoot>::Dir;
+pub type DirOf<E> = <<E as Env>::Root as StorageRoot>::Dir;

@@ -2,14 +2,14 @@
 //! inside it.
 //!
 //! An error that wraps another keeps it as its source (`std::error::Error::source`), not as
-//! text: a log's [`AppendError`] that stopped a partition, an [`OpenError`] or [`ReadError`]
+//! text: a commit's [`crate::durability::CommitError`] that stopped a partition, an [`OpenError`] or [`ReadError`]
 //! met while recovering, an `io::Error` of the storage. Sources that are not `Clone` are
 //! shared through an `Arc`, because one failure is the answer to many callers: every
 //! request a stopped partition refuses carries the same [`Unavailable::PartitionStopped`].
 
 use crate::domain::event::DecodeError;
 use crate::domain::DomainError;
-use chorus_log::{AppendError, OpenError, ReadError, TruncateError};
+use chorus_log::{OpenError, ReadError, TruncateError};
 use std::io;
 use std::sync::Arc;
 
@@ -61,18 +61,30 @@ pub enum Unavailable {
     /// The shard that had the request stopped before it answered.
     #[error("the shard stopped")]
     ShardStopped,
-    /// A partition's commit failed, so its state is ahead of its log: it answers nothing
-    /// until the engine is reopened and replays the log.
-    #[error("partition {partition} stopped: commit failed: {source}")]
+    /// A partition's commit failed, so its state is ahead of its log (or, in a cluster, a
+    /// committed event it applies does not fit its state): it answers nothing until the
+    /// engine is reopened and replays the log.
+    #[error("partition {partition} stopped: {source}")]
     PartitionStopped {
         /// The partition.
         partition: u32,
         /// Why its commit failed.
-        source: Arc<AppendError>,
+        source: crate::durability::CommitError,
+    },
+    /// In a cluster: this node does not decide the partition's events now (another node
+    /// leads it, none does yet, or this node lost the leadership before the request's
+    /// events committed: they were not acknowledged, and a retry with the same
+    /// `client_msg_id` is safe).
+    #[error("partition {partition} is not led here (leader: {leader:?})")]
+    NotLeader {
+        /// The partition.
+        partition: u32,
+        /// The node that leads it, if known.
+        leader: Option<u64>,
     },
     /// The metadata owner's commit failed; it stops as a partition does.
     #[error("metadata commit failed: {0}")]
-    MetaStopped(#[source] Arc<AppendError>),
+    MetaStopped(#[source] crate::durability::CommitError),
     /// The shard threads could not be started.
     #[error("starting shards: {0}")]
     Start(#[source] Arc<crate::shard::StartError>),

@@ -1,13 +1,14 @@
-//! A partition's event log as the state machine of its group: what the engine's commit
-//! path is to become in a cluster.
+//! A partition's event log as the state machine of its group: the engine's commit path
+//! in a cluster (through [`crate::ReplicatedDurability`]).
 //!
 //! A commit proposes its batch of events as one Raft entry ([`encode_batch`]); once the
 //! entry is committed, every replica's [`EventLogMachine`] appends the batch's events to
 //! its own `chorus-log` log (one append, one fsync for all the entries of a `Ready`), so
 //! every replica holds the same events at the same offsets, and only committed ones. The
-//! proposer learns where its batch went ([`ReplicatedLog::commit`]); every appended batch
-//! is also told to an optional feed, which is how a follower's partition will learn of
-//! events it did not decide.
+//! proposer learns where its batch went ([`ReplicatedLog::commit`]); whoever waits for the
+//! log to grow is woken ([`ReplicatedLog::grown`]: a follower's partition, which then
+//! applies what it did not decide), and every appended batch is also told to an optional
+//! feed.
 //!
 //! **Where the log stands in Raft's terms.** The machine keeps a cursor: the last Raft
 //! index applied and the event-log offset after it. Its snapshot data is that cursor, so a
@@ -104,8 +105,20 @@ impl Cursor {
 struct Shared {
     /// Where each recently applied batch went, by Raft index.
     ranges: RefCell<BTreeMap<u64, Range<u64>>>,
-    /// The offset after the last event applied.
+    /// The offset after the last event applied: the log's end once an apply is done (the
+    /// log only ever holds committed events, so on a restart, all it holds).
     end: Cell<u64>,
+    /// Who waits for `end` to grow ([`ReplicatedLog::grown`]).
+    waiting: RefCell<Option<std::task::Waker>>,
+}
+
+impl Shared {
+    fn set_end(&self, end: u64) {
+        self.end.set(end);
+        if let Some(w) = self.waiting.borrow_mut().take() {
+            w.wake();
+        }
+    }
 }
 
 /// The state machine: applies committed batches to the event log.
@@ -178,7 +191,9 @@ impl<S: Storage> StateMachine for EventLogMachine<S> {
             }
         }
         self.cursor = cursor;
-        self.shared.end.set(cursor.offset);
+        // Everything the log holds is committed: batches applied again after a restart
+        // (skipped above) were there all along.
+        self.shared.set_end(self.log.next_offset());
         let mut ranges = self.shared.ranges.borrow_mut();
         for (index, range) in placed {
             if let Some(feed) = &self.feed {
@@ -203,8 +218,9 @@ impl<S: Storage> StateMachine for EventLogMachine<S> {
         };
         match Cursor::decode(data, start) {
             Some(c) if c.offset <= self.log.next_offset() && c.index == index => {
+                // The log may hold more than the snapshot covers (applied since): all of
+                // it committed, so its end stands.
                 self.cursor = c;
-                self.shared.end.set(c.offset);
             }
             Some(c) if c.index == index => {
                 self.gap = Some(format!(
@@ -265,6 +281,7 @@ impl<S: Storage> ReplicatedLog<S> {
         let shared = Rc::new(Shared {
             ranges: RefCell::default(),
             end: Cell::new(log.next_offset()),
+            waiting: RefCell::new(None),
         });
         let machine = EventLogMachine {
             log: log.clone(),
@@ -305,6 +322,25 @@ impl<S: Storage> ReplicatedLog<S> {
     /// The offset after the last event applied here.
     pub fn end(&self) -> u64 {
         self.shared.end.get()
+    }
+
+    /// Completes once the events applied here reach past `end` (one waiter at a time:
+    /// the partition that owns the log).
+    pub async fn grown(&self, end: u64) {
+        std::future::poll_fn(|cx| {
+            if self.shared.end.get() > end {
+                std::task::Poll::Ready(())
+            } else {
+                *self.shared.waiting.borrow_mut() = Some(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// The group's replica this log commits through.
+    pub fn replica(&self) -> &Rc<Replica> {
+        &self.replica
     }
 }
 

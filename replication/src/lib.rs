@@ -15,6 +15,8 @@
 //! - [`ReplicatedLog`]: a partition's event log as its group's state machine: a commit
 //!   is one entry, and every replica appends its events at the same offsets once it is
 //!   committed;
+//! - [`ClusterEnv`]: the engine's environment on a cluster node, whose channel
+//!   partitions commit through their groups ([`ReplicatedDurability`]);
 //! - [`Node`]: the groups one node holds (multi-Raft): a replica of each group placement
 //!   puts there, one transport shared by all, messages routed by group, leaderships
 //!   moved to each group's preferred node;
@@ -31,6 +33,7 @@
 //! partitions, with crashes, and checks that every acknowledged entry is kept, identically
 //! and in the same order, on every node.
 
+pub mod engine_env;
 pub mod event_log;
 pub mod group;
 pub mod node;
@@ -41,6 +44,7 @@ pub mod state;
 pub mod transport;
 pub mod wire;
 
+pub use engine_env::{ClusterEnv, ReplicatedDurability};
 pub use event_log::{CommitError, EventLogMachine, ReplicatedLog};
 pub use group::{Group, StateMachine};
 pub use node::{Node, NodeConfig};

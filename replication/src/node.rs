@@ -15,11 +15,12 @@ use crate::group::{Group, StateMachine};
 use crate::placement;
 use crate::raft_log::RaftLogError;
 use crate::replica::{ProposeError, Replica, Status};
-use crate::transport::{Handlers, Membership, Transport};
+use crate::transport::{Cuts, Handlers, Membership, Transport};
 use chorus_log::{LogConfig, StorageRoot};
 use glommio::net::TcpListener;
 use glommio::task::JoinHandle;
 use raft::eraftpb::ConfState;
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::Duration;
@@ -41,6 +42,8 @@ pub struct NodeConfig {
     pub compact_every: u64,
     /// Each group's entry log.
     pub log: LogConfig,
+    /// The transport's fault layer (none cut, unless a test cuts some).
+    pub cuts: Cuts,
 }
 
 impl NodeConfig {
@@ -55,6 +58,7 @@ impl NodeConfig {
             heartbeat_ticks: 2,
             compact_every: 1_000,
             log: LogConfig::default(),
+            cuts: Cuts::default(),
         }
     }
 }
@@ -65,9 +69,11 @@ type GroupTask = JoinHandle<Result<(), RaftLogError>>;
 /// One node's groups, running on the current glommio executor.
 pub struct Node {
     me: u64,
+    config: NodeConfig,
     transport: Rc<Transport>,
-    replicas: BTreeMap<u64, Rc<Replica>>,
-    tasks: std::cell::RefCell<Vec<(u64, GroupTask)>>,
+    /// The groups opened here, by id: where the transport delivers their messages.
+    replicas: Rc<RefCell<BTreeMap<u64, Rc<Replica>>>>,
+    tasks: RefCell<Vec<(u64, GroupTask)>>,
 }
 
 impl Node {
@@ -83,83 +89,120 @@ impl Node {
     where
         R::Dir: 'static,
     {
-        let me = config.membership.me;
-        let nodes: Vec<u64> = config.membership.nodes.keys().copied().collect();
-        let mut opened = Vec::new();
-        let mut replicas = BTreeMap::new();
-        for g in 0..config.groups {
-            let voters = placement::replicas(g, &nodes);
-            if !voters.contains(&me) {
-                continue;
-            }
+        let node = Node::listen(config, listener);
+        for g in 0..node.config.groups {
             let id = u64::from(g);
-            let state = root.dir(&format!("g{id}/state")).await?;
-            let log = root.dir(&format!("g{id}/log")).await?;
-            let raft = raft::Config {
-                id: me,
-                election_tick: config.election_ticks,
-                heartbeat_tick: config.heartbeat_ticks,
-                check_quorum: true,
-                pre_vote: true,
-                max_inflight_msgs: 64,
-                max_size_per_msg: 1 << 20,
-                ..raft::Config::default()
-            };
-            let bootstrap = ConfState {
-                voters: voters.clone(),
-                ..ConfState::default()
-            };
-            let replica = Replica::new(id);
-            replica.prefer(voters.first().copied());
-            let group = Group::open(
-                state,
-                log,
-                config.log.clone(),
-                &bootstrap,
-                raft,
-                machine(id, &replica),
-                config.compact_every,
-            )
-            .await?;
-            replicas.insert(id, replica.clone());
-            opened.push((replica, group));
+            if node.voters(id).contains(&node.me) {
+                node.open_group(&root, id, |r| machine(id, r)).await?;
+            }
         }
-        let routes = Rc::new(replicas.clone());
-        let lost_routes = routes.clone();
-        let transport = Transport::start(
+        Ok(node)
+    }
+
+    /// A node with no group open yet: the transport runs on `listener`, and messages for
+    /// groups not (yet) opened here are dropped (Raft sends again).
+    pub fn listen(config: NodeConfig, listener: TcpListener) -> Node {
+        let replicas: Rc<RefCell<BTreeMap<u64, Rc<Replica>>>> = Rc::default();
+        let (routes, lost_routes) = (replicas.clone(), replicas.clone());
+        let transport = Transport::start_with_cuts(
             config.membership.clone(),
             listener,
             Handlers {
                 deliver: Box::new(move |_, group, m| {
-                    if let Some(r) = routes.get(&group) {
+                    if let Some(r) = routes.borrow().get(&group) {
                         r.step(m);
                     }
                 }),
                 on_lost: Box::new(move |peer, msgs| {
+                    let routes = lost_routes.borrow();
                     for (group, m) in msgs {
-                        if let Some(r) = lost_routes.get(&group) {
+                        if let Some(r) = routes.get(&group) {
                             r.lost(peer, m);
                         }
                     }
                 }),
             },
+            config.cuts.clone(),
         );
-        let tasks = opened
-            .into_iter()
-            .map(|(replica, group)| {
-                let id = replica.group_id();
-                let t = transport.clone();
-                let run = replica.run(group, config.tick, move |m| t.send(id, m));
-                let task = glommio::spawn_local(async move { run.await.map(drop) }).detach();
-                (id, task)
-            })
-            .collect();
-        Ok(Node {
-            me,
+        Node {
+            me: config.membership.me,
+            config,
             transport,
             replicas,
-            tasks: std::cell::RefCell::new(tasks),
+            tasks: RefCell::default(),
+        }
+    }
+
+    /// The voters group `group` starts with ([`placement::replicas`]).
+    pub fn voters(&self, group: u64) -> Vec<u64> {
+        let nodes: Vec<u64> = self.config.membership.nodes.keys().copied().collect();
+        placement::replicas(group as u32, &nodes)
+    }
+
+    /// Opens group `group` on its directories under `root` (`g<id>/state`, `g<id>/log`),
+    /// with the state machine `machine` makes for its replica, and runs it as a task of
+    /// the current executor. Its first voter is its preferred leader.
+    pub async fn open_group<R: StorageRoot, M: StateMachine + 'static>(
+        &self,
+        root: &R,
+        group: u64,
+        machine: impl FnOnce(&Rc<Replica>) -> M,
+    ) -> Result<Rc<Replica>, RaftLogError>
+    where
+        R::Dir: 'static,
+    {
+        let config = &self.config;
+        let voters = self.voters(group);
+        if !voters.contains(&self.me) || self.replicas.borrow().contains_key(&group) {
+            return Err(RaftLogError::Corrupt(format!(
+                "group {group} cannot be opened on node {}: it is not placed here, or is \
+                 open already",
+                self.me
+            )));
+        }
+        let state = root.dir(&format!("g{group}/state")).await?;
+        let log = root.dir(&format!("g{group}/log")).await?;
+        let raft = raft::Config {
+            id: self.me,
+            election_tick: config.election_ticks,
+            heartbeat_tick: config.heartbeat_ticks,
+            check_quorum: true,
+            pre_vote: true,
+            max_inflight_msgs: 64,
+            max_size_per_msg: 1 << 20,
+            ..raft::Config::default()
+        };
+        let bootstrap = ConfState {
+            voters: voters.clone(),
+            ..ConfState::default()
+        };
+        let replica = Replica::new(group);
+        replica.prefer(voters.first().copied());
+        let opened = Group::open(
+            state,
+            log,
+            config.log.clone(),
+            &bootstrap,
+            raft,
+            machine(&replica),
+            config.compact_every,
+        )
+        .await?;
+        self.replicas.borrow_mut().insert(group, replica.clone());
+        let t = self.transport.clone();
+        let run = replica
+            .clone()
+            .run(opened, config.tick, move |m| t.send(group, m));
+        let task = glommio::spawn_local(async move {
+            let ended = run.await.map(drop);
+            if let Err(e) = &ended {
+                tracing::error!(group, error = %e, "a group ended on a storage error");
+            }
+            ended
         })
+        .detach();
+        self.tasks.borrow_mut().push((group, task));
+        Ok(replica)
     }
 
     /// This node's id.
@@ -168,13 +211,14 @@ impl Node {
     }
 
     /// This node's replica of `group`, if it holds one.
-    pub fn replica(&self, group: u64) -> Option<&Rc<Replica>> {
-        self.replicas.get(&group)
+    pub fn replica(&self, group: u64) -> Option<Rc<Replica>> {
+        self.replicas.borrow().get(&group).cloned()
     }
 
     /// The groups this node holds, with their status.
     pub fn status(&self) -> BTreeMap<u64, Status> {
         self.replicas
+            .borrow()
             .iter()
             .map(|(&g, r)| (g, r.status()))
             .collect()
@@ -183,10 +227,42 @@ impl Node {
     /// Proposes `data` to `group` through this node (see [`Replica::propose`]); a group
     /// this node does not hold answers `NotLeader` with no leader known.
     pub async fn propose(&self, group: u64, data: Vec<u8>) -> Result<u64, ProposeError> {
-        match self.replicas.get(&group) {
+        let replica = self.replica(group);
+        match replica {
             Some(r) => r.propose(data).await,
             None => Err(ProposeError::NotLeader { leader: None }),
         }
+    }
+
+    /// Stops group `group` (once its leadership, if this node holds it, moved to another
+    /// voter, with `hand_off`) and waits for its task to end; once no group is left open,
+    /// stops the transport and closes its listener. Returns the storage error the group
+    /// ended with, if any.
+    pub async fn close_group(&self, group: u64, hand_off: bool) -> Result<(), RaftLogError> {
+        let replica = self.replicas.borrow().get(&group).cloned();
+        let Some(replica) = replica else {
+            return Ok(());
+        };
+        if hand_off {
+            replica.stop_after_hand_off();
+        } else {
+            replica.stop();
+        }
+        let task = {
+            let mut tasks = self.tasks.borrow_mut();
+            let at = tasks.iter().position(|(g, _)| *g == group);
+            at.map(|i| tasks.swap_remove(i).1)
+        };
+        let ended = match task {
+            Some(task) => task.await.unwrap_or(Ok(())),
+            None => Ok(()),
+        };
+        // Routed to until it stopped: a hand-off needs the peers' answers.
+        self.replicas.borrow_mut().remove(&group);
+        if self.replicas.borrow().is_empty() {
+            self.transport.stop_and_close().await;
+        }
+        ended
     }
 
     /// The transport's fault layer: cuts this node off from `peer` both ways, or mends it.
@@ -199,7 +275,7 @@ impl Node {
     /// Returns the first storage error a group ended with, if any. Proposals still waiting
     /// are answered as their groups stop.
     pub async fn stop(&self, hand_off: bool) -> Result<(), RaftLogError> {
-        for r in self.replicas.values() {
+        for r in self.replicas.borrow().values() {
             if hand_off {
                 r.stop_after_hand_off();
             } else {

@@ -60,6 +60,10 @@ pub struct Status {
     pub term: u64,
     /// The last index applied here.
     pub applied: u64,
+    /// This node leads, and has applied the first entry of its term: every entry of an
+    /// earlier term that will ever be committed is applied here, so what it decides now
+    /// is decided against all of them.
+    pub current: bool,
     /// The task has ended (stopped, or a storage error: the group must be reopened).
     pub ended: bool,
 }
@@ -124,6 +128,7 @@ impl Replica {
                 leader: 0,
                 term: 0,
                 applied: 0,
+                current: false,
                 ended: false,
             }),
             preferred: Cell::new(None),
@@ -363,11 +368,15 @@ impl Replica {
 
     fn publish<S: Storage, M: StateMachine>(&self, group: &Group<S, M>, ended: bool) {
         let raft = &group.raw_ref().raft;
+        let applied = group.applied();
         self.status.set(Status {
             role: raft.state,
             leader: raft.leader_id,
             term: raft.term,
-            applied: group.applied(),
+            applied,
+            current: raft.state == StateRole::Leader
+                && !ended
+                && raft.raft_log.term(applied).is_ok_and(|t| t == raft.term),
             ended,
         });
     }

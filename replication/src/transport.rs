@@ -68,6 +68,36 @@ impl Membership {
     }
 }
 
+/// The fault layer's switch: the peers a node is cut off from, both ways (what it would
+/// send them is lost, what they send is dropped). `Send` and `Sync`, so that every shard's
+/// transport of a node can share one, and a test on another thread can throw it.
+#[derive(Clone, Debug, Default)]
+pub struct Cuts {
+    peers: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<u64>>>,
+    /// Whether any peer is cut: the path of every message looks at this alone.
+    any: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Cuts {
+    /// Cuts this node off from `peer`, or mends the link.
+    pub fn set(&self, peer: u64, cut: bool) {
+        let mut peers = self.peers.lock().expect("cuts");
+        if cut {
+            peers.insert(peer);
+        } else {
+            peers.remove(&peer);
+        }
+        self.any
+            .store(!peers.is_empty(), std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether this node is cut off from `peer`.
+    pub fn contains(&self, peer: u64) -> bool {
+        self.any.load(std::sync::atomic::Ordering::Acquire)
+            && self.peers.lock().expect("cuts").contains(&peer)
+    }
+}
+
 /// Set once the transport stops; tasks waiting on it wake.
 #[derive(Default)]
 struct Stop {
@@ -136,7 +166,9 @@ pub struct Transport {
     handlers: Rc<Handlers>,
     stopped: Rc<Stop>,
     /// Peers this node is cut off from (the fault layer).
-    cut: Rc<RefCell<std::collections::BTreeSet<u64>>>,
+    cut: Cuts,
+    /// The task that accepts, which owns the listener.
+    accepting: RefCell<Option<glommio::task::JoinHandle<()>>>,
 }
 
 impl Transport {
@@ -146,6 +178,17 @@ impl Transport {
         membership: Membership,
         listener: TcpListener,
         handlers: Handlers,
+    ) -> Rc<Transport> {
+        Transport::start_with_cuts(membership, listener, handlers, Cuts::default())
+    }
+
+    /// [`Transport::start`], with the fault layer's switch `cuts` (which may be shared
+    /// with other transports of the node, and with a test on another thread).
+    pub fn start_with_cuts(
+        membership: Membership,
+        listener: TcpListener,
+        handlers: Handlers,
+        cuts: Cuts,
     ) -> Rc<Transport> {
         let fingerprint = membership.fingerprint();
         let outboxes = membership
@@ -165,7 +208,8 @@ impl Transport {
             outboxes,
             handlers: Rc::new(handlers),
             stopped: Rc::default(),
-            cut: Rc::default(),
+            cut: cuts,
+            accepting: RefCell::new(None),
         });
         for (&peer, outbox) in &t.outboxes {
             let addr = t.membership.nodes[&peer];
@@ -180,7 +224,7 @@ impl Transport {
             ))
             .detach();
         }
-        glommio::spawn_local(accept_loop(
+        let accepting = glommio::spawn_local(accept_loop(
             listener,
             t.membership.clone(),
             fingerprint,
@@ -189,24 +233,30 @@ impl Transport {
             t.cut.clone(),
         ))
         .detach();
+        *t.accepting.borrow_mut() = Some(accepting);
         t
+    }
+
+    /// Stops the transport ([`Transport::stop`]) and returns once its listener is
+    /// closed, so that the port is free for a node started after it.
+    pub async fn stop_and_close(&self) {
+        self.stop();
+        let accepting = self.accepting.borrow_mut().take();
+        if let Some(task) = accepting {
+            task.await;
+        }
     }
 
     /// The fault layer: cuts this node off from `peer` both ways, or mends the link.
     pub fn set_cut(&self, peer: u64, cut: bool) {
-        let mut set = self.cut.borrow_mut();
-        if cut {
-            set.insert(peer);
-        } else {
-            set.remove(&peer);
-        }
+        self.cut.set(peer, cut);
     }
 
     /// Queues a message of `group` for its `to` node. A message for an unknown node, or
     /// past a full queue, is lost (and reported so).
     pub fn send(&self, group: u64, msg: Message) {
         let outbox = self.outboxes.get(&msg.to);
-        let Some(outbox) = outbox.filter(|_| !self.cut.borrow().contains(&msg.to)) else {
+        let Some(outbox) = outbox.filter(|_| !self.cut.contains(msg.to)) else {
             (self.handlers.on_lost)(msg.to, vec![(group, msg)]);
             return;
         };
@@ -367,7 +417,7 @@ async fn accept_loop(
     fingerprint: u64,
     handlers: Rc<Handlers>,
     stopped: Rc<Stop>,
-    cut: Rc<RefCell<std::collections::BTreeSet<u64>>>,
+    cut: Cuts,
 ) {
     // The listener is dropped, and so closed, when the transport stops: a node restarted
     // in the same process must not share its port with a listener nobody accepts on.
@@ -396,7 +446,7 @@ async fn read_loop(
     fingerprint: u64,
     handlers: Rc<Handlers>,
     stopped: Rc<Stop>,
-    cut: Rc<RefCell<std::collections::BTreeSet<u64>>>,
+    cut: Cuts,
 ) {
     let mut decoder = Decoder::new();
     let mut joiner = Joiner::default();
@@ -431,7 +481,7 @@ async fn read_loop(
                     }
                     from = Some(node);
                 }
-                (Frame::Raft(_), Some(node)) if cut.borrow().contains(&node) => {}
+                (Frame::Raft(_), Some(node)) if cut.contains(node) => {}
                 (Frame::Raft(msgs), Some(node)) => {
                     for (group, msg) in msgs {
                         // A message must come from the node the connection said it is.
@@ -450,7 +500,7 @@ async fn read_loop(
                     Some(node),
                 ) => match joiner.push(group, part, parts, &bytes) {
                     Ok(Some((group, msg))) => {
-                        let cut_off = cut.borrow().contains(&node);
+                        let cut_off = cut.contains(node);
                         if !cut_off && msg.from == node && msg.to == membership.me {
                             (handlers.deliver)(node, group, msg);
                         }

@@ -562,7 +562,7 @@ impl<E: Env> MetaOwner<E> {
         if let Err(e) = self.log.commit(&entries).await {
             // The state holds events the log does not: stop, as a partition does, until the
             // engine is reopened and replays the log.
-            let why = Unavailable::MetaStopped(Arc::new(e));
+            let why = Unavailable::MetaStopped(e);
             self.publication.fail(first, &why);
             *self.failed.borrow_mut() = Some(why);
             return;

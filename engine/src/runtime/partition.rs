@@ -17,7 +17,7 @@ use crate::domain::channel::{ChannelDecision, ChannelState, Message, StoredBody}
 use crate::domain::event::{self, Body, ChannelEvent, ChannelRecord, Decoded, ReadRecord};
 use crate::domain::meta::MetaState;
 use crate::domain::{DomainError, Principal, INLINE_BODY_BYTES_MAX};
-use crate::durability::{Durability, LocalDurability};
+use crate::durability::{CommitError, Durability, Leading};
 use crate::env::{DirOf, Env};
 use crate::error::{Corrupt, EngineError, IoError, Unavailable};
 use crate::ids::{ChannelId, UserId};
@@ -25,7 +25,7 @@ use crate::outcome::{ChannelOutcome, ReadOutcome};
 use crate::runtime::online::{OnlineUsers, ShardOnline};
 use crate::view::{rfc3339, ChannelReadFields, ChannelView, MessageView, ReadView};
 use bytes::Bytes;
-use chorus_log::{AppendError, Entry, ReadError, Storage};
+use chorus_log::{Entry, ReadError, Storage};
 use futures::channel::mpsc;
 use futures::StreamExt;
 use std::cell::RefCell;
@@ -48,7 +48,11 @@ struct ChannelRt {
 pub(crate) struct Partition<E: Env> {
     pub id: u32,
     env: E,
-    log: LocalDurability<DirOf<E>>,
+    log: E::Durability,
+    /// The log offset after the last record the state holds. It trails the log's end
+    /// only in a cluster, while batches another node's leader committed wait to be
+    /// applied ([`Partition::follow`]).
+    applied: u64,
     channels: HashMap<ChannelId, ChannelRt>,
     /// Committed channel membership, by user.
     user_channels: HashMap<UserId, BTreeSet<ChannelId>>,
@@ -73,7 +77,18 @@ pub(crate) struct Partition<E: Env> {
     consumers: crate::consumer::Waiters,
     /// Most events in one catch-up page ([`crate::EngineConfig::catch_up_events`]).
     catch_up_events: usize,
+    /// Channels to give their first members once this node leads the partition: in a
+    /// cluster every node's directory asks its own replica of the partition, and the one
+    /// that leads (now or later) decides them.
+    deferred_inits: BTreeSet<ChannelId>,
+    /// Applying the log waits for this node's directory to learn of a channel whose
+    /// events the log holds (the directory and the partition commit in different groups).
+    awaiting_directory: bool,
 }
+
+/// How often a partition looks again whether it leads (to decide deferred first members),
+/// or whether its directory knows a channel the log's next event is of.
+const FOLLOW_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Where a partition's snapshot goes, and when the next one is due.
 pub(crate) struct Snapshots<D> {
@@ -278,7 +293,7 @@ impl<E: Env> Partition<E> {
     pub(crate) async fn open(
         id: u32,
         env: E,
-        log: LocalDurability<DirOf<E>>,
+        log: E::Durability,
         routes: Routes,
         shared: ShardShared,
         config: &crate::config::EngineConfig,
@@ -287,6 +302,7 @@ impl<E: Env> Partition<E> {
         let mut p = Partition {
             id,
             env,
+            applied: log.first_offset(),
             log,
             channels: HashMap::new(),
             user_channels: HashMap::new(),
@@ -302,6 +318,8 @@ impl<E: Env> Partition<E> {
             snapshots,
             consumers: Default::default(),
             catch_up_events: config.catch_up_events,
+            deferred_inits: BTreeSet::new(),
+            awaiting_directory: false,
         };
         let snapshot_offset = p.restore_snapshot().await;
         let from = snapshot_offset.unwrap_or(p.log.first_offset());
@@ -418,7 +436,7 @@ impl<E: Env> Partition<E> {
                 (&rt.state, &rt.offsets[..])
             }),
         );
-        w.finish(self.id, self.log.next_offset())
+        w.finish(self.id, self.applied)
     }
 
     /// Writes a snapshot in the background if one is due. The state is encoded here, on
@@ -436,10 +454,7 @@ impl<E: Env> Partition<E> {
         let writing = self.snapshots.writing.clone();
         writing.set(true);
         let (dir, name) = (self.snapshots.dir.clone(), self.snapshots.name.clone());
-        let (offset, durable) = (
-            self.log.next_offset(),
-            self.snapshots.durable_offset.clone(),
-        );
+        let (offset, durable) = (self.applied, self.snapshots.durable_offset.clone());
         drop(self.env.spawn(async move {
             store_snapshot(dir, name, file, offset, durable).await;
             writing.set(false);
@@ -456,10 +471,7 @@ impl<E: Env> Partition<E> {
             return;
         }
         let (dir, name) = (self.snapshots.dir.clone(), self.snapshots.name.clone());
-        let (offset, durable) = (
-            self.log.next_offset(),
-            self.snapshots.durable_offset.clone(),
-        );
+        let (offset, durable) = (self.applied, self.snapshots.durable_offset.clone());
         store_snapshot(dir, name, self.snapshot_file(), offset, durable).await;
     }
 
@@ -506,6 +518,7 @@ impl<E: Env> Partition<E> {
                 replayed += 1;
             }
         }
+        self.applied = at;
         Ok(replayed)
     }
 
@@ -596,10 +609,27 @@ impl<E: Env> Partition<E> {
         self.channels.get_mut(&channel)
     }
 
-    /// The partition's task: ticks until its queue closes, then closes its log.
+    /// The partition's task: ticks until its queue closes, then closes its log. Between
+    /// ticks it applies what other nodes' leaders committed to its log as it comes.
     pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<PartitionMsg>) {
         let mut tick = Vec::with_capacity(TICK_REQUESTS_MAX);
-        while let Some(first) = rx.next().await {
+        loop {
+            let first = {
+                let next = rx.next();
+                let wake = std::pin::pin!(self.wake());
+                match futures::future::select(next, wake).await {
+                    futures::future::Either::Left((msg, _)) => Some(msg),
+                    futures::future::Either::Right(_) => None,
+                }
+            };
+            let Some(first) = first else {
+                // The log grew, or deferred first members may be due: an empty tick
+                // follows the log and decides what is due.
+                let events = self.tick(Vec::new()).await;
+                self.maybe_snapshot(events);
+                continue;
+            };
+            let Some(first) = first else { break };
             tick.push(first);
             while tick.len() < TICK_REQUESTS_MAX {
                 match rx.try_recv() {
@@ -614,15 +644,72 @@ impl<E: Env> Partition<E> {
         let _ = self.log.close().await;
     }
 
-    /// Runs one tick, returning the events it committed.
+    /// Completes when there is work besides requests: the log grew past the state, or it
+    /// is time to look again at what waits (deferred first members, a channel the
+    /// directory does not know yet). Never, for a stopped partition.
+    async fn wake(&self) {
+        if self.failed.is_some() {
+            return std::future::pending().await;
+        }
+        if self.awaiting_directory {
+            return self.env.sleep(FOLLOW_RETRY).await;
+        }
+        let grown = std::pin::pin!(self.log.grown(self.applied));
+        let retry = std::pin::pin!(async {
+            if self.deferred_inits.is_empty() {
+                std::future::pending::<()>().await
+            }
+            self.env.sleep(FOLLOW_RETRY).await
+        });
+        futures::future::select(grown, retry).await;
+    }
+
+    /// Runs one tick, returning the events it committed (or applied from the log).
     async fn tick(&mut self, msgs: Vec<PartitionMsg>) -> u64 {
+        // What the log holds beyond the state first: a leader decides only against every
+        // event committed before it, and a follower's reads see what its log has.
+        let followed = self.follow().await;
+        let leading = match self.log.leading() {
+            Leading::Yes if self.applied == self.log.next_offset() => Leading::Yes,
+            Leading::Yes => Leading::No { leader: None },
+            other => other,
+        };
+        let not_leader = Unavailable::NotLeader {
+            partition: self.id,
+            leader: match leading {
+                Leading::No { leader } => leader,
+                Leading::Yes => None,
+            },
+        };
         let mut decided: Vec<Decided> = Vec::new();
         let mut moved: Vec<Moved> = Vec::new();
         let mut pending: Vec<Pending> = Vec::new();
         let mut reads: Vec<PartitionMsg> = Vec::new();
+        if leading == Leading::Yes && self.failed.is_none() {
+            for channel in std::mem::take(&mut self.deferred_inits) {
+                self.init(channel, &mut decided).await;
+            }
+        }
         for msg in msgs {
             if let Some(why) = &self.failed {
                 fail(msg, why);
+                continue;
+            }
+            let decides = matches!(
+                msg,
+                PartitionMsg::Command { .. }
+                    | PartitionMsg::MarkRead { .. }
+                    | PartitionMsg::Init { .. }
+                    | PartitionMsg::DevicesChanged { .. }
+            );
+            if decides && leading != Leading::Yes {
+                // Only the leader decides; a channel's first members and its device events
+                // come from the leader's log like any other event. First members are
+                // decided here if this node comes to lead.
+                if let PartitionMsg::Init { channel, .. } = &msg {
+                    self.deferred_inits.insert(*channel);
+                }
+                fail(msg, &not_leader);
                 continue;
             }
             match msg {
@@ -680,31 +767,204 @@ impl<E: Env> Partition<E> {
         let marks = moved.iter().filter(|m| m.payload.is_some()).count();
         if !decided.is_empty() || marks > 0 {
             if let Err(source) = self.commit(&decided, &moved).await {
-                let why = Unavailable::PartitionStopped {
-                    partition: self.id,
-                    source: Arc::new(source),
+                let why = match source {
+                    CommitError::Failed(_) => {
+                        let why = Unavailable::PartitionStopped {
+                            partition: self.id,
+                            source,
+                        };
+                        self.failed = Some(why.clone());
+                        why
+                    }
+                    // The leadership went before the batch committed (or was never here):
+                    // the state holds events the log does not, so it is rebuilt from the
+                    // log, and nobody is told the events happened.
+                    CommitError::NotLeader { leader } => {
+                        self.rebuild().await;
+                        Unavailable::NotLeader {
+                            partition: self.id,
+                            leader,
+                        }
+                    }
+                    CommitError::Lost { .. } => {
+                        self.rebuild().await;
+                        Unavailable::NotLeader {
+                            partition: self.id,
+                            leader: None,
+                        }
+                    }
                 };
-                self.failed = Some(why.clone());
+                let why = self.failed.clone().unwrap_or(why);
                 for p in pending {
                     p.fail(&why);
                 }
                 for r in reads {
-                    fail(r, &why);
+                    self.read_or_fail(r).await;
                 }
-                return 0;
+                return followed;
             }
             self.deliver(&decided, &moved).await;
         }
-        for waiter in self.consumers.ready(self.log.next_offset()) {
-            crate::consumer::answer(&self.log, waiter, &log_name(self.id)).await;
-        }
+        self.answer_consumers().await;
         for p in pending {
             p.answer();
         }
         for r in reads {
             self.read(r).await;
         }
-        (decided.len() + marks) as u64
+        followed + (decided.len() + marks) as u64
+    }
+
+    /// Answers a read, unless the partition has stopped.
+    async fn read_or_fail(&mut self, r: PartitionMsg) {
+        match &self.failed {
+            Some(why) => fail(r, why),
+            None => self.read(r).await,
+        }
+    }
+
+    /// Consumers' reads that waited for the log to grow.
+    async fn answer_consumers(&mut self) {
+        for waiter in self.consumers.ready(self.log.next_offset()) {
+            crate::consumer::answer(&self.log, waiter, &log_name(self.id)).await;
+        }
+    }
+
+    /// Applies what the log holds beyond the state (batches another node's leader
+    /// committed), delivers it to this node's subscribers as the leader's own commits are
+    /// delivered, and returns the events applied. A record that does not fit the state
+    /// stops the partition: the logs of a group's replicas are alike, so it cannot be
+    /// skipped.
+    async fn follow(&mut self) -> u64 {
+        self.awaiting_directory = false;
+        if self.failed.is_some() || self.applied >= self.log.next_offset() {
+            return 0;
+        }
+        match self.apply_followed().await {
+            Ok(n) => n,
+            Err(e) => {
+                eprintln!("chorus: partition {} stopped: {e}", self.id);
+                self.failed = Some(Unavailable::PartitionStopped {
+                    partition: self.id,
+                    source: CommitError::Failed(Arc::new(e)),
+                });
+                0
+            }
+        }
+    }
+
+    async fn apply_followed(&mut self) -> Result<u64, EngineError> {
+        let end = self.log.next_offset();
+        let (mut decided, mut moved) = (Vec::new(), Vec::new());
+        let mut applied = 0;
+        'read: while self.applied < end {
+            let records = self
+                .log
+                .read(self.applied, 4 << 20)
+                .await
+                .map_err(|e| read_failed(self.id, e))?;
+            if records.is_empty() {
+                return Err(Corrupt::Replay {
+                    log: log_name(self.id),
+                    what: format!("no record at {} before the end {end}", self.applied),
+                }
+                .into());
+            }
+            for r in records {
+                match event::decode(&r.payload) {
+                    Ok(Decoded::Channel(rec)) if self.channel_rt(rec.channel).is_none() => {
+                        // Committed in the partition's group before this node's directory
+                        // applied the channel's creation: wait for it.
+                        self.awaiting_directory = true;
+                        break 'read;
+                    }
+                    Ok(Decoded::Channel(rec)) => {
+                        let stored = event::stored_frame(&r.payload);
+                        let frame = match stored.first() {
+                            Some(0) => self.referenced_frame(stored).await.unwrap_or_default(),
+                            _ => r.payload.slice(r.payload.len() - stored.len()..),
+                        };
+                        let d = Decided {
+                            channel: rec.channel,
+                            seq: rec.seq,
+                            payload: Vec::new(),
+                            frame,
+                            membership: membership_of(&rec.event),
+                            posted_by: rec.event.posted().map(|p| p.user),
+                            at_us: rec.at_us,
+                        };
+                        self.replay_one(rec, r.offset)?;
+                        if let Some((user, true)) = d.membership {
+                            self.track(user);
+                        }
+                        let at = decided.len();
+                        decided.push(d);
+                        self.moved_by_post(&decided[at..], &mut moved);
+                    }
+                    Ok(Decoded::Read(rec)) => {
+                        let (user, channel, at_us) = (rec.user, rec.channel, r.timestamp_us);
+                        self.replay_mark(rec, r.offset)?;
+                        moved.push(Moved {
+                            user,
+                            payload: None,
+                            frame: self.read_frame(user, channel),
+                            at_us,
+                        });
+                    }
+                    Ok(Decoded::Meta(_)) => {
+                        return Err(Corrupt::Replay {
+                            log: log_name(self.id),
+                            what: format!("metadata event at offset {}", r.offset),
+                        }
+                        .into())
+                    }
+                    Err(source) => {
+                        return Err(Corrupt::Event {
+                            log: log_name(self.id),
+                            offset: r.offset,
+                            source,
+                        }
+                        .into())
+                    }
+                }
+                applied += 1;
+                self.applied = r.offset + 1;
+            }
+        }
+        self.deliver(&decided, &moved).await;
+        self.answer_consumers().await;
+        Ok(applied)
+    }
+
+    /// Drops the state and builds it again from the snapshot and the log: after a lost
+    /// leadership it held events decided here that the log (committed events only) does
+    /// not. What subscribers' shards are told stays as it was, since only committed
+    /// events reach it.
+    async fn rebuild(&mut self) {
+        self.channels.clear();
+        self.user_channels.clear();
+        self.public.clear();
+        let snapshot_offset = self.restore_snapshot().await;
+        let from = snapshot_offset.unwrap_or(self.log.first_offset());
+        self.snapshots.since = 0;
+        if let Err(e) = self.replay(from).await {
+            eprintln!("chorus: partition {} stopped: {e}", self.id);
+            self.failed = Some(Unavailable::PartitionStopped {
+                partition: self.id,
+                source: CommitError::Failed(Arc::new(e)),
+            });
+            return;
+        }
+        // Where events go follows committed membership and the connections counted.
+        self.channel_shards.clear();
+        let members: Vec<(UserId, ChannelId)> = self
+            .user_channels
+            .iter()
+            .flat_map(|(u, cs)| cs.iter().map(move |c| (*u, *c)))
+            .collect();
+        for (user, channel) in members {
+            self.adjust_channel_shards(channel, user, 1);
+        }
     }
 
     /// Posts just decided moved their authors' markers: their connections get a `read`
@@ -1044,7 +1304,7 @@ impl<E: Env> Partition<E> {
     /// events: replayed in that order, a mark never names a seq the channel lacks, and the
     /// markers come out as they were decided, because a marker only moves forward and a
     /// join (which resets it) always lies above any mark decided before it.
-    async fn commit(&mut self, decided: &[Decided], moved: &[Moved]) -> Result<(), AppendError> {
+    async fn commit(&mut self, decided: &[Decided], moved: &[Moved]) -> Result<(), CommitError> {
         let marks = moved
             .iter()
             .filter_map(|m| Some((m.at_us, m.payload.as_deref()?)));
@@ -1063,6 +1323,12 @@ impl<E: Env> Partition<E> {
             o.committed(entries.len(), self.env.now().duration_since(started));
         }
         let range = committed?;
+        if range.start != self.applied {
+            // Something else reached the log between the state and this batch: what was
+            // decided here was decided against a state that was not the log's.
+            return Err(CommitError::Lost { may_commit: true });
+        }
+        self.applied = range.end;
         for (d, offset) in decided.iter().zip(range) {
             let rt = self.channels.get_mut(&d.channel).expect("channel state");
             rt.offsets.push(offset);

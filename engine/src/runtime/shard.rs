@@ -183,7 +183,7 @@ async fn open_log<E: Env>(
     env: &E,
     name: &str,
     config: &crate::config::EngineConfig,
-) -> Result<crate::durability::LocalDurability<DirOf<E>>, EngineError> {
+) -> Result<chorus_log::Log<DirOf<E>>, EngineError> {
     let log_config = chorus_log::LogConfig {
         segment_bytes_max: config.segment_bytes_max,
         ..chorus_log::LogConfig::default()
@@ -202,7 +202,7 @@ async fn open_log<E: Env>(
     if report.torn_tail.is_some() || !report.removed_segments.is_empty() {
         eprintln!("chorus: recovered {name}: {report:?}");
     }
-    Ok(crate::durability::LocalDurability::new(log))
+    Ok(log)
 }
 
 /// What woke an idle loop.
@@ -235,7 +235,9 @@ impl<E: Env> Shard<E> {
                 // Shard 0 checks the layout before anything is opened, and the others open
                 // nothing until it sends them the metadata replica.
                 layout::check(&env, config.partitions).await?;
-                let log = open_log(&env, meta::META_LOG, &config).await?;
+                let log = crate::durability::LocalDurability::new(
+                    open_log(&env, meta::META_LOG, &config).await?,
+                );
                 let state = meta::replay(&log, config.partitions).await?;
                 for tx in meta_out {
                     let _ = tx.send(Arc::new(state.clone()));
@@ -273,6 +275,7 @@ impl<E: Env> Shard<E> {
         for p in (0..config.partitions).filter(|p| routes.owner(*p) == id) {
             let started = env.now();
             let log = open_log(&env, &partition::log_name(p), &config).await?;
+            let log = env.durability(p, log).await?;
             let (part, uninitialised, (snapshot_offset, replayed_events)) =
                 partition::Partition::open(
                     p,

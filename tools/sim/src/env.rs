@@ -4,8 +4,10 @@
 use crate::executor::{Executor, JoinHandle};
 use crate::storage::SlowRoot;
 use chorus_engine::blob::StorageBlobStore;
+use chorus_engine::durability::LocalDurability;
 use chorus_engine::env::Env;
-use chorus_log::SimRoot;
+use chorus_engine::EngineError;
+use chorus_log::{Log, SimRoot, StorageRoot};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
@@ -41,6 +43,7 @@ impl Env for SimEnv {
     type Root = SlowRoot;
     type Blobs = StorageBlobStore<SlowRoot>;
     type Task = JoinHandle;
+    type Durability = LocalDurability<<SlowRoot as StorageRoot>::Dir>;
 
     fn root(&self) -> &SlowRoot {
         &self.root
@@ -88,5 +91,13 @@ impl Env for SimEnv {
                 yielded.await;
             }
         }
+    }
+
+    async fn durability(
+        &self,
+        _partition: u32,
+        log: Log<<SlowRoot as StorageRoot>::Dir>,
+    ) -> Result<Self::Durability, EngineError> {
+        Ok(LocalDurability::new(log))
     }
 }

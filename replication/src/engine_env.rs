@@ -1,0 +1,242 @@
+//! The engine in a cluster: an [`Env`] whose channel partitions commit through their
+//! Raft groups ([`ReplicatedDurability`]) instead of the local log alone.
+//!
+//! Each engine shard runs a [`Node`] of its own: the groups of the partitions that shard
+//! owns (group id = partition id), one transport for them. Shard `s` of a node listens on
+//! its cluster address's port plus `s`, and talks to the same shard of every other node
+//! (every node runs the same number of shards and partitions, so a partition lives on the
+//! same shard everywhere). A partition's group is opened when the engine opens the
+//! partition, over the partition's own log as its [`crate::EventLogMachine`]: every
+//! replica's partition log holds the same committed events at the same offsets, the
+//! leader's partition decides them, and every other replica's partition applies them as
+//! its log grows (`chorus_engine::durability`).
+//!
+//! Not yet replicated: the metadata partition (each node keeps its own), so the directory
+//! (users, workspaces, channels) must be made alike on every node by other means.
+
+use crate::event_log::{CommitError as LogCommitError, ReplicatedLog};
+use crate::node::{Node, NodeConfig};
+use crate::replica::ProposeError;
+use crate::transport::Membership;
+use chorus_engine::blob::BlobStore;
+use chorus_engine::durability::{CommitError, Durability, Leading};
+use chorus_engine::env::{DirOf, Env, GlommioEnv};
+use chorus_engine::{EngineError, IoError};
+use chorus_log::{Entry, Log, ReadError, Record, Storage, StorageRoot, TruncateError};
+use raft::StateRole;
+use std::cell::OnceCell;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// The cluster address shard `shard` of a node listens on: the node's address with the
+/// shard added to its port.
+pub fn shard_addr(node: SocketAddr, shard: u32) -> SocketAddr {
+    SocketAddr::new(node.ip(), node.port() + shard as u16)
+}
+
+/// A shard's environment in a cluster: the real one ([`GlommioEnv`]), with the shard's
+/// [`Node`] for its partitions' groups.
+#[derive(Clone)]
+pub struct ClusterEnv<R: StorageRoot, B> {
+    inner: GlommioEnv<R, B>,
+    /// The shard's node config (its addresses the shard's).
+    config: Rc<NodeConfig>,
+    /// Started with the first group, on the shard's executor.
+    node: Rc<OnceCell<Rc<Node>>>,
+}
+
+impl<R: StorageRoot + 'static, B> ClusterEnv<R, B> {
+    /// Shard `shard`'s environment in a cluster of `config.membership` (whose addresses
+    /// are the nodes', not the shards'). The shard binds its cluster address and starts
+    /// its transport when the engine opens its first partition.
+    pub fn new(inner: GlommioEnv<R, B>, config: &NodeConfig, shard: u32) -> ClusterEnv<R, B> {
+        let mut config = config.clone();
+        config.membership = Membership {
+            me: config.membership.me,
+            nodes: config
+                .membership
+                .nodes
+                .iter()
+                .map(|(id, addr)| (*id, shard_addr(*addr, shard)))
+                .collect(),
+        };
+        ClusterEnv {
+            inner,
+            config: Rc::new(config),
+            node: Rc::default(),
+        }
+    }
+
+    /// The shard's groups, once its first partition opened.
+    pub fn node(&self) -> Option<&Rc<Node>> {
+        self.node.get()
+    }
+
+    /// The shard's node, started on first use.
+    fn started(&self) -> std::io::Result<&Rc<Node>> {
+        if let Some(node) = self.node.get() {
+            return Ok(node);
+        }
+        let me = self.config.membership.me;
+        let addr = *self.config.membership.nodes.get(&me).ok_or_else(|| {
+            std::io::Error::other(format!("node {me} is not one of the cluster's nodes"))
+        })?;
+        let listener = glommio::net::TcpListener::bind(addr)?;
+        Ok(self
+            .node
+            .get_or_init(|| Rc::new(Node::listen((*self.config).clone(), listener))))
+    }
+}
+
+impl<R, B> Env for ClusterEnv<R, B>
+where
+    R: StorageRoot + 'static,
+    B: BlobStore + Clone + 'static,
+{
+    type Root = R;
+    type Blobs = B;
+    type Task = <GlommioEnv<R, B> as Env>::Task;
+    type Durability = ReplicatedDurability<R::Dir>;
+
+    fn root(&self) -> &R {
+        self.inner.root()
+    }
+
+    fn blobs(&self) -> &B {
+        self.inner.blobs()
+    }
+
+    fn now(&self) -> Instant {
+        self.inner.now()
+    }
+
+    fn unix_us(&self) -> u64 {
+        self.inner.unix_us()
+    }
+
+    fn sleep(&self, duration: Duration) -> impl Future<Output = ()> + 'static {
+        self.inner.sleep(duration)
+    }
+
+    fn spawn(&self, task: impl Future<Output = ()> + 'static) -> Self::Task {
+        self.inner.spawn(task)
+    }
+
+    fn spawn_blocking<T, F>(&self, work: F) -> impl Future<Output = T> + 'static
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        self.inner.spawn_blocking(work)
+    }
+
+    fn yield_if_needed(&self) -> impl Future<Output = ()> + 'static {
+        self.inner.yield_if_needed()
+    }
+
+    async fn durability(
+        &self,
+        partition: u32,
+        log: Log<DirOf<Self>>,
+    ) -> Result<ReplicatedDurability<R::Dir>, EngineError> {
+        let node = self.started().map_err(|e| {
+            EngineError::Io(IoError::new(
+                format!("partition {partition}'s cluster address"),
+                e,
+            ))
+        })?;
+        let mut made = None;
+        node.open_group(self.root(), u64::from(partition), |replica| {
+            let (log, machine) = ReplicatedLog::new(replica.clone(), log, None);
+            made = Some(log);
+            machine
+        })
+        .await
+        .map_err(|e| {
+            EngineError::Io(IoError::new(
+                format!("partition {partition}'s group"),
+                std::io::Error::other(e.to_string()),
+            ))
+        })?;
+        Ok(ReplicatedDurability {
+            log: made.expect("the group made its machine"),
+            node: node.clone(),
+        })
+    }
+}
+
+/// A partition's commit path in a cluster: a batch is committed once a majority of the
+/// partition's group holds it, and the partition's log holds committed events only.
+pub struct ReplicatedDurability<S: Storage> {
+    log: ReplicatedLog<S>,
+    node: Rc<Node>,
+}
+
+impl<S: Storage> Durability for ReplicatedDurability<S> {
+    async fn commit(&self, batch: &[Entry<'_>]) -> Result<Range<u64>, CommitError> {
+        self.log.commit(batch).await.map_err(|e| match e {
+            LogCommitError::Propose(ProposeError::NotLeader { leader }) => {
+                CommitError::NotLeader { leader }
+            }
+            LogCommitError::Propose(ProposeError::Dropped) => {
+                CommitError::Lost { may_commit: false }
+            }
+            LogCommitError::Propose(ProposeError::Uncertain) | LogCommitError::Forgotten(_) => {
+                CommitError::Lost { may_commit: true }
+            }
+        })
+    }
+
+    async fn grown(&self, end: u64) {
+        self.log.grown(end).await
+    }
+
+    fn leading(&self) -> Leading {
+        let status = self.log.replica().status();
+        if status.current {
+            Leading::Yes
+        } else {
+            Leading::No {
+                leader: (status.leader != 0 && status.role != StateRole::Leader)
+                    .then_some(status.leader),
+            }
+        }
+    }
+
+    async fn read(&self, from: u64, max_bytes: usize) -> Result<Vec<Record>, ReadError> {
+        let end = self.log.end();
+        let mut records = self.log.log().read(from, max_bytes).await?;
+        // Only what the group applied: the log may be part-way through an append.
+        records.retain(|r| r.offset < end);
+        Ok(records)
+    }
+
+    fn next_offset(&self) -> u64 {
+        self.log.end()
+    }
+
+    fn first_offset(&self) -> u64 {
+        self.log.log().first_offset()
+    }
+
+    async fn delete_before(&self, offset: u64) -> Result<u64, TruncateError> {
+        self.log
+            .log()
+            .delete_before(offset.min(self.log.end()))
+            .await
+    }
+
+    async fn close(self) -> std::io::Result<()> {
+        // The log is the group's too: it closes with the group (and the shard's
+        // transport with its last group). The engine closes on a clean stop: the
+        // leadership moves first, so writes wait for a hand-off, not an election.
+        let group = self.log.replica().group_id();
+        self.node
+            .close_group(group, true)
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+}
