@@ -82,6 +82,13 @@ pub enum Unavailable {
         /// The node that leads it, if known.
         leader: Option<u64>,
     },
+    /// In a cluster: this node does not decide metadata events now (users, workspaces,
+    /// channels, files, devices); as [`Unavailable::NotLeader`] for a partition.
+    #[error("the directory is not led here (leader: {leader:?})")]
+    MetaNotLeader {
+        /// The node that leads it, if known.
+        leader: Option<u64>,
+    },
     /// The metadata owner's commit failed; it stops as a partition does.
     #[error("metadata commit failed: {0}")]
     MetaStopped(#[source] crate::durability::CommitError),

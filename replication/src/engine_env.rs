@@ -11,8 +11,8 @@
 //! leader's partition decides them, and every other replica's partition applies them as
 //! its log grows (`chorus_engine::durability`).
 //!
-//! Not yet replicated: the metadata partition (each node keeps its own), so the directory
-//! (users, workspaces, channels) must be made alike on every node by other means.
+//! The directory (the metadata partition, on shard 0) is group number `partitions`, and
+//! commits the same way.
 
 use crate::event_log::{CommitError as LogCommitError, ReplicatedLog};
 use crate::node::{Node, NodeConfig};

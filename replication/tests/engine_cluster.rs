@@ -4,14 +4,13 @@
 //! that does not lead is refused (never acknowledged), the leader's stop hands writes to
 //! another node, and a node that comes back catches up.
 //!
-//! The metadata partition is not replicated yet: the test makes the directory alike on
-//! every node by making the same users, workspace and channel on each, in the same order
-//! (ids are counters, so they come out the same).
+//! The directory (users, workspace, channel) is made once, through whichever node leads the
+//! metadata partition's group, and every node learns it from there.
 
 mod common;
 
 use chorus_engine::blob::DiskBlobStore;
-use chorus_engine::domain::ChannelKind;
+use chorus_engine::domain::{ChannelKind, DomainError};
 use chorus_engine::env::GlommioEnv;
 use chorus_engine::ids::{ChannelId, UserId};
 use chorus_engine::{Engine, EngineConfig, EngineError, Subscription, Unavailable};
@@ -56,35 +55,78 @@ fn open_with_cuts(id: u64, dir: &Path, addrs: &[SocketAddr], cuts: Cuts) -> Engi
     .expect("open engine")
 }
 
-/// The same directory on every node: two users, a workspace, a public channel.
-fn directory(engine: &Engine) -> (UserId, UserId, ChannelId) {
-    let alice = block_on(engine.create_user("a@example.com", "A", "hash")).unwrap();
-    let bob = block_on(engine.create_user("b@example.com", "B", "hash")).unwrap();
-    let ws = block_on(engine.create_workspace(alice.id, "acme")).unwrap();
-    block_on(engine.add_member(alice.id, ws.id, &bob.email)).unwrap();
-    let c =
-        block_on(engine.create_channel(alice.id, ws.id, "general", ChannelKind::Public)).unwrap();
+/// The directory, made once through whichever node leads it: two users, a workspace, a
+/// public channel. Every node then learns it from the directory's group.
+fn directory(engines: &[Option<Engine>]) -> (UserId, UserId, ChannelId) {
+    let (_, alice) = anywhere(engines, "alice", |e| {
+        block_on(e.create_user("a@example.com", "A", "hash"))
+    });
+    let (_, bob) = anywhere(engines, "bob", |e| {
+        block_on(e.create_user("b@example.com", "B", "hash"))
+    });
+    let (_, ws) = anywhere(engines, "the workspace", |e| {
+        block_on(e.create_workspace(alice.id, "acme"))
+    });
+    anywhere(engines, "bob's membership", |e| {
+        block_on(e.add_member(alice.id, ws.id, &bob.email))
+    });
+    let (_, c) = anywhere(engines, "the channel", |e| {
+        block_on(e.create_channel(alice.id, ws.id, "general", ChannelKind::Public))
+    });
     (alice.id, bob.id, c.id)
 }
 
+fn dirs() -> Vec<tempfile::TempDir> {
+    (0..3).map(|_| tempfile::tempdir().unwrap()).collect()
+}
+
+/// Three nodes, each with its fault switch, and a directory.
+fn start(
+    dirs: &[tempfile::TempDir],
+    addrs: &[SocketAddr],
+    cuts: &[Cuts],
+) -> (Vec<Option<Engine>>, (UserId, UserId, ChannelId)) {
+    let engines: Vec<Option<Engine>> = (0..3)
+        .map(|i| {
+            Some(open_with_cuts(
+                i as u64 + 1,
+                dirs[i].path(),
+                addrs,
+                cuts[i].clone(),
+            ))
+        })
+        .collect();
+    let ids = directory(&engines);
+    (engines, ids)
+}
+
+/// Refused because the node does not lead (the partition, or the directory), or because
+/// its directory has not learnt the channel yet (it lags the node that made it).
 fn not_leader(e: &EngineError) -> bool {
-    matches!(e, EngineError::Unavailable(Unavailable::NotLeader { .. }))
+    matches!(
+        e,
+        EngineError::Unavailable(Unavailable::NotLeader { .. } | Unavailable::MetaNotLeader { .. })
+    )
+}
+
+fn retryable(e: &EngineError) -> bool {
+    not_leader(e) || matches!(e, EngineError::Domain(DomainError::NotFound("channel")))
 }
 
 /// Runs a write on whichever node leads, trying the nodes in turn until one takes it;
-/// returns that node's index.
+/// returns that node's index and its answer.
 fn anywhere<T>(
     engines: &[Option<Engine>],
     what: &str,
     write: impl Fn(&Engine) -> Result<T, EngineError>,
-) -> usize {
+) -> (usize, T) {
     let deadline = Instant::now() + WAIT;
     loop {
         for (i, e) in engines.iter().enumerate() {
             let Some(e) = e else { continue };
             match write(e) {
-                Ok(_) => return i,
-                Err(err) if not_leader(&err) => {}
+                Ok(t) => return (i, t),
+                Err(err) if retryable(&err) => {}
                 Err(err) => panic!("{what} on node {}: {err}", i + 1),
             }
         }
@@ -101,6 +143,7 @@ fn post_anywhere(engines: &[Option<Engine>], user: UserId, c: ChannelId, text: &
     anywhere(engines, text, |e| {
         block_on(e.post(user, c, text, Some(text), None))
     })
+    .0
 }
 
 /// Every top-level message's (seq, text), oldest first; none while the node has not
@@ -131,17 +174,9 @@ fn drain(sub: &mut Subscription, out: &mut Vec<String>) {
 
 #[test]
 fn partitions_follow_their_leader_and_survive_its_stop() {
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let addrs = free_addrs(3);
-    let mut engines: Vec<Option<Engine>> = (0..3)
-        .map(|i| Some(open(i as u64 + 1, dirs[i].path(), &addrs)))
-        .collect();
-    let ids: Vec<_> = engines.iter().flatten().map(directory).collect();
-    assert!(
-        ids.windows(2).all(|w| w[0] == w[1]),
-        "directories differ: {ids:?}"
-    );
-    let (alice, bob, c) = ids[0];
+    let (dirs, addrs) = (dirs(), free_addrs(3));
+    let cuts: Vec<Cuts> = (0..3).map(|_| Cuts::default()).collect();
+    let (mut engines, (alice, bob, c)) = start(&dirs, &addrs, &cuts);
 
     // Writes go to whichever node leads (the leadership may move to the partition's
     // preferred node meanwhile); a subscriber on node 1 gets each from its own node.
@@ -223,7 +258,17 @@ fn partitions_follow_their_leader_and_survive_its_stop() {
         "what the old leader had changed"
     );
 
-    // The stopped node comes back with its data and catches up.
+    // The directory takes writes without the stopped node too: a new channel, and a post
+    // in it.
+    let (_, ws) = anywhere(&engines, "a second workspace", |e| {
+        block_on(e.create_workspace(alice, "later"))
+    });
+    let (_, later) = anywhere(&engines, "a channel made while a node is down", |e| {
+        block_on(e.create_channel(alice, ws.id, "later", ChannelKind::Public))
+    });
+    post_anywhere(&engines, alice, later.id, "in the later channel");
+
+    // The stopped node comes back with its data and catches up, the directory as well.
     engines[leader] = Some(open(leader as u64 + 1, dirs[leader].path(), &addrs));
     let back = engines[leader].as_ref().unwrap();
     let deadline = Instant::now() + WAIT;
@@ -235,6 +280,17 @@ fn partitions_follow_their_leader_and_survive_its_stop() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+    let back = engines[leader].as_ref().unwrap();
+    wait_for(
+        "the restarted node to learn the later channel",
+        WAIT,
+        || {
+            let h = history(back, alice, later.id);
+            h.into_iter()
+                .map(|(_, t)| t)
+                .eq(["in the later channel".to_string()])
+        },
+    );
     eprintln!("clean stop of the leader: {stopped:?}; first write {failover:?} after it began");
     for e in engines.into_iter().flatten() {
         e.shutdown();
@@ -249,25 +305,9 @@ fn partitions_follow_their_leader_and_survive_its_stop() {
 // refused writes.
 #[test]
 fn an_isolated_leader_acknowledges_nothing_and_rebuilds() {
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let addrs = free_addrs(3);
+    let (dirs, addrs) = (dirs(), free_addrs(3));
     let cuts: Vec<Cuts> = (0..3).map(|_| Cuts::default()).collect();
-    let engines: Vec<Option<Engine>> = (0..3)
-        .map(|i| {
-            Some(open_with_cuts(
-                i as u64 + 1,
-                dirs[i].path(),
-                &addrs,
-                cuts[i].clone(),
-            ))
-        })
-        .collect();
-    let ids: Vec<_> = engines.iter().flatten().map(directory).collect();
-    assert!(
-        ids.windows(2).all(|w| w[0] == w[1]),
-        "directories differ: {ids:?}"
-    );
-    let (alice, _, c) = ids[0];
+    let (engines, (alice, _, c)) = start(&dirs, &addrs, &cuts);
     let mut expected = Vec::new();
     for n in 0..5 {
         post_anywhere(&engines, alice, c, &format!("m{n:02}"));
@@ -325,6 +365,66 @@ fn an_isolated_leader_acknowledges_nothing_and_rebuilds() {
         texts(history(old, alice, c)) == expected
     });
     assert_eq!(refused, 5);
+    for e in engines.into_iter().flatten() {
+        e.shutdown();
+    }
+}
+
+/// The names of a user's workspaces, as a node's directory has them.
+fn workspaces(engine: &Engine, user: UserId) -> Vec<String> {
+    let (_, list) = block_on(engine.me(user)).expect("me");
+    let mut names: Vec<String> = list.into_iter().map(|w| w.name).collect();
+    names.sort();
+    names
+}
+
+// The same for the directory: its leader, cut off, acknowledges no directory write (its
+// state, which applied the refused one, is rebuilt from its log), the other two take
+// theirs, and after the cut heals every node's directory is alike, without the refused
+// user.
+#[test]
+fn an_isolated_directory_leader_acknowledges_nothing_and_rebuilds() {
+    let (dirs, addrs) = (dirs(), free_addrs(3));
+    let cuts: Vec<Cuts> = (0..3).map(|_| Cuts::default()).collect();
+    let (engines, (alice, _, _)) = start(&dirs, &addrs, &cuts);
+    // Past the move to the preferred leader, if there is one.
+    std::thread::sleep(Duration::from_millis(1_500));
+    let (leader, _) = anywhere(&engines, "a workspace", |e| {
+        block_on(e.create_workspace(alice, "before"))
+    });
+    for peer in (0..3).filter(|p| *p != leader) {
+        cuts[leader].set(peer as u64 + 1, true);
+    }
+    let isolated = engines[leader].as_ref().unwrap();
+    let refused = block_on(isolated.create_user("refused@example.com", "R", "hash"));
+    let refused = refused.unwrap_err();
+    assert!(not_leader(&refused), "{refused}");
+    let majority: Vec<Option<Engine>> = engines
+        .iter()
+        .enumerate()
+        .map(|(i, e)| e.as_ref().filter(|_| i != leader).cloned())
+        .collect();
+    let (took, _) = anywhere(&majority, "a workspace of the majority", |e| {
+        block_on(e.create_workspace(alice, "during"))
+    });
+    assert_ne!(took, leader);
+    for peer in 0..3 {
+        cuts[leader].set(peer as u64 + 1, false);
+    }
+    anywhere(&engines, "a workspace after the cut", |e| {
+        block_on(e.create_workspace(alice, "after"))
+    });
+    let expected = ["acme", "after", "before", "during"]
+        .map(String::from)
+        .to_vec();
+    for (i, e) in engines.iter().enumerate() {
+        let e = e.as_ref().unwrap();
+        wait_for(&format!("node {}'s directory", i + 1), WAIT, || {
+            workspaces(e, alice) == expected
+        });
+        let user = block_on(e.user_by_email("refused@example.com")).expect("user_by_email");
+        assert!(user.is_none(), "node {} has the refused user", i + 1);
+    }
     for e in engines.into_iter().flatten() {
         e.shutdown();
     }

@@ -8,6 +8,11 @@
 //! it made an event or not, goes out only once every event decided before it is published
 //! ([`Publication`]), so any shard the caller talks to next knows everything the answer was
 //! decided from: a DM answered "exists already" is a DM whose members are committed.
+//!
+//! In a cluster the log commits through the directory's group: only the node that leads it
+//! decides; every other node's owner applies what its log grows by and publishes it the
+//! same way, and a leader that loses its leadership before its events commit rebuilds its
+//! replica from the log ([`MetaOwner::follow`], [`MetaOwner::rebuild`]).
 
 use super::{Ack, PartitionMsg, Reply, Routes, ShardMsg};
 use crate::domain::e2ee::{E2eeChange, E2eeCommand, E2eeOutcome, ToDevice};
@@ -15,8 +20,8 @@ use crate::domain::event::{self, Decoded, MetaEvent, MetaRecord};
 use crate::domain::meta::{partition_of, MetaCommand, MetaDecision, MetaState, User};
 use crate::domain::notify::{NotifyChange, NotifyCommand, NotifyPrefs, PushDevice};
 use crate::domain::{ChannelKind, DomainError};
-use crate::durability::{Durability, LocalDurability};
-use crate::env::{DirOf, Env};
+use crate::durability::{CommitError, Durability, Leading};
+use crate::env::Env;
 use crate::error::{Corrupt, EngineError, Unavailable};
 use crate::ids::{ChannelId, FileId, UserId, WorkspaceId};
 use crate::outcome::{MetaOutcome, NotifyOutcome};
@@ -360,7 +365,11 @@ pub(crate) async fn replay(
 /// The metadata owner's task.
 pub(crate) struct MetaOwner<E: Env> {
     pub env: E,
-    pub log: LocalDurability<DirOf<E>>,
+    pub log: E::Durability,
+    /// The log offset after the last record the state holds (see the partition's).
+    pub applied: Cell<u64>,
+    /// The engine's channel partitions (a rebuilt state needs it).
+    pub partitions: u32,
     pub meta: Rc<RefCell<MetaState>>,
     pub routes: Routes,
     /// The shard's own partition queues, for the first members of channels it owns.
@@ -439,6 +448,21 @@ impl Publication {
         let _ = reply.send(value);
     }
 
+    /// Events from `from` on were decided but will not be committed here (the leadership
+    /// went): the answers that wait for them are answered `why`, and the numbers are
+    /// free for the events this node applies instead.
+    fn drop_from(&self, from: u64, why: &Unavailable) {
+        let lost = {
+            let mut f = self.flight.lock().expect("publication");
+            f.unpublished.retain(|n| *n < from);
+            let keep = f.waiting.iter().take_while(|w| w.0 < from).count();
+            f.waiting.split_off(keep)
+        };
+        for (_, reply, _) in lost {
+            let _ = reply.send(Err(why.clone().into()));
+        }
+    }
+
     /// Event `n` is published: answers whatever waited for it (and nothing earlier).
     pub(crate) fn published(&self, n: u64) {
         let ready = {
@@ -507,7 +531,30 @@ impl<E: Env> MetaOwner<E> {
         let mut tick = Vec::new();
         let mut reads = Vec::new();
         let mut consumers = crate::consumer::Waiters::default();
-        while let Some(first) = rx.next().await {
+        loop {
+            let first = {
+                let next = rx.next();
+                let grown = std::pin::pin!(async {
+                    if self.failed.borrow().is_some() {
+                        std::future::pending::<()>().await
+                    }
+                    self.log.grown(self.applied.get()).await
+                });
+                match futures::future::select(next, grown).await {
+                    futures::future::Either::Left((msg, _)) => msg,
+                    futures::future::Either::Right(_) => {
+                        // Another node's leader committed events: apply and publish them,
+                        // and answer the consumers waiting for them.
+                        self.follow().await;
+                        let end = self.log.next_offset();
+                        for waiter in consumers.ready(end) {
+                            crate::consumer::answer(&self.log, waiter, META_LOG).await;
+                        }
+                        continue;
+                    }
+                }
+            };
+            let Some(first) = first else { break };
             let mut next = Some(first);
             while let Some(msg) = next.take() {
                 match msg {
@@ -534,7 +581,22 @@ impl<E: Env> MetaOwner<E> {
     }
 
     async fn tick(&self, requests: Vec<MetaRequest>) {
+        // What the log holds beyond the state first: the leader decides against every
+        // committed event, and a follower refuses with its directory as current as it can.
+        self.follow().await;
         if let Some(why) = self.failed.borrow().clone() {
+            for req in requests {
+                let _ = req.into_reply().send(Err(why.clone().into()));
+            }
+            return;
+        }
+        let leading = match self.log.leading() {
+            Leading::Yes if self.applied.get() == self.log.next_offset() => Leading::Yes,
+            Leading::Yes => Leading::No { leader: None },
+            other => other,
+        };
+        if let Leading::No { leader } = leading {
+            let why = Unavailable::MetaNotLeader { leader };
             for req in requests {
                 let _ = req.into_reply().send(Err(why.clone().into()));
             }
@@ -559,17 +621,103 @@ impl<E: Env> MetaOwner<E> {
                 payload: &d.payload,
             })
             .collect();
-        if let Err(e) = self.log.commit(&entries).await {
-            // The state holds events the log does not: stop, as a partition does, until the
-            // engine is reopened and replays the log.
-            let why = Unavailable::MetaStopped(e);
-            self.publication.fail(first, &why);
-            *self.failed.borrow_mut() = Some(why);
-            return;
+        let committed = self.log.commit(&entries).await;
+        let committed = match committed {
+            Ok(range) if range.start == self.applied.get() => Ok(range),
+            // Something else reached the log first: decided against another state.
+            Ok(_) => Err(CommitError::Lost { may_commit: true }),
+            Err(e) => Err(e),
+        };
+        match committed {
+            Ok(range) => self.applied.set(range.end),
+            Err(e @ CommitError::Failed(_)) => {
+                // The state holds events the log does not: stop, as a partition does,
+                // until the engine is reopened and replays the log.
+                let why = Unavailable::MetaStopped(e);
+                self.publication.fail(first, &why);
+                *self.failed.borrow_mut() = Some(why);
+                return;
+            }
+            Err(CommitError::NotLeader { leader }) => {
+                return self.rebuild(first, leader).await;
+            }
+            Err(CommitError::Lost { .. }) => return self.rebuild(first, None).await,
         }
         for d in decided {
             self.publish(d).await;
         }
+    }
+
+    /// The leadership went before the tick's events (numbered from `first`) committed:
+    /// the owner's state holds them and the log does not. The state is rebuilt from the
+    /// log (the other shards only ever got committed events), and their answers are
+    /// `MetaNotLeader`; an event that still commits comes back through the log.
+    async fn rebuild(&self, first: u64, leader: Option<u64>) {
+        let why = Unavailable::MetaNotLeader { leader };
+        self.publication.drop_from(first, &why);
+        self.last_event.set(first - 1);
+        match replay(&self.log, self.partitions).await {
+            Ok(state) => {
+                *self.meta.borrow_mut() = state;
+                self.applied.set(self.log.next_offset());
+            }
+            Err(e) => {
+                eprintln!("chorus: the metadata owner stopped: {e}");
+                let why = Unavailable::MetaStopped(CommitError::Failed(Arc::new(e)));
+                self.publication.fail(first, &why);
+                *self.failed.borrow_mut() = Some(why);
+            }
+        }
+    }
+
+    /// Applies what the log holds beyond the state (events another node's leader
+    /// committed) and publishes each to the other shards, as the leader's own commits are.
+    /// A record that is not a metadata event stops the owner.
+    async fn follow(&self) {
+        while self.failed.borrow().is_none() && self.applied.get() < self.log.next_offset() {
+            let records = match self.log.read(self.applied.get(), 4 << 20).await {
+                Ok(records) if !records.is_empty() => records,
+                Ok(_) => {
+                    return self.stop_following(format!(
+                        "no record at {} before the end {}",
+                        self.applied.get(),
+                        self.log.next_offset()
+                    ))
+                }
+                Err(e) => return self.stop_following(e.to_string()),
+            };
+            for r in records {
+                let record = match event::decode(&r.payload) {
+                    Ok(Decoded::Meta(rec)) => rec,
+                    _ => {
+                        return self
+                            .stop_following(format!("offset {} is not a metadata event", r.offset))
+                    }
+                };
+                self.meta.borrow_mut().apply(&record.event);
+                let number = self.last_event.get() + 1;
+                self.last_event.set(number);
+                self.publication.begin(number);
+                self.applied.set(r.offset + 1);
+                self.publish(Decided {
+                    record,
+                    payload: Vec::new(),
+                    number,
+                })
+                .await;
+            }
+        }
+    }
+
+    fn stop_following(&self, what: String) {
+        let e = EngineError::from(Corrupt::Replay {
+            log: META_LOG.into(),
+            what,
+        });
+        eprintln!("chorus: the metadata owner stopped: {e}");
+        let why = Unavailable::MetaStopped(CommitError::Failed(Arc::new(e)));
+        self.publication.fail(self.last_event.get() + 1, &why);
+        *self.failed.borrow_mut() = Some(why);
     }
 
     /// Decides and applies one command. An event's answer is queued at once, to go out

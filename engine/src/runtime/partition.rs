@@ -489,28 +489,13 @@ impl<E: Env> Partition<E> {
             let Some(last) = records.last() else { break };
             at = last.offset + 1;
             for r in records {
-                let rec = match event::decode(&r.payload) {
-                    Ok(Decoded::Channel(rec)) => rec,
-                    Ok(Decoded::Read(rec)) => {
+                let rec = match partition_record(self.id, &r)? {
+                    PartitionRecord::Channel(rec) => rec,
+                    PartitionRecord::Read(rec) => {
                         self.replay_mark(rec, r.offset)?;
                         self.snapshots.since += 1;
                         replayed += 1;
                         continue;
-                    }
-                    Ok(Decoded::Meta(_)) => {
-                        return Err(Corrupt::Replay {
-                            log: log_name(self.id),
-                            what: format!("metadata event at offset {}", r.offset),
-                        }
-                        .into())
-                    }
-                    Err(source) => {
-                        return Err(Corrupt::Event {
-                            log: log_name(self.id),
-                            offset: r.offset,
-                            source,
-                        }
-                        .into())
                     }
                 };
                 self.replay_one(rec, r.offset)?;
@@ -871,14 +856,14 @@ impl<E: Env> Partition<E> {
                 .into());
             }
             for r in records {
-                match event::decode(&r.payload) {
-                    Ok(Decoded::Channel(rec)) if self.channel_rt(rec.channel).is_none() => {
+                match partition_record(self.id, &r)? {
+                    PartitionRecord::Channel(rec) if self.channel_rt(rec.channel).is_none() => {
                         // Committed in the partition's group before this node's directory
                         // applied the channel's creation: wait for it.
                         self.awaiting_directory = true;
                         break 'read;
                     }
-                    Ok(Decoded::Channel(rec)) => {
+                    PartitionRecord::Channel(rec) => {
                         let stored = event::stored_frame(&r.payload);
                         let frame = match stored.first() {
                             Some(0) => self.referenced_frame(stored).await.unwrap_or_default(),
@@ -901,7 +886,7 @@ impl<E: Env> Partition<E> {
                         decided.push(d);
                         self.moved_by_post(&decided[at..], &mut moved);
                     }
-                    Ok(Decoded::Read(rec)) => {
+                    PartitionRecord::Read(rec) => {
                         let (user, channel, at_us) = (rec.user, rec.channel, r.timestamp_us);
                         self.replay_mark(rec, r.offset)?;
                         moved.push(Moved {
@@ -910,21 +895,6 @@ impl<E: Env> Partition<E> {
                             frame: self.read_frame(user, channel),
                             at_us,
                         });
-                    }
-                    Ok(Decoded::Meta(_)) => {
-                        return Err(Corrupt::Replay {
-                            log: log_name(self.id),
-                            what: format!("metadata event at offset {}", r.offset),
-                        }
-                        .into())
-                    }
-                    Err(source) => {
-                        return Err(Corrupt::Event {
-                            log: log_name(self.id),
-                            offset: r.offset,
-                            source,
-                        }
-                        .into())
                     }
                 }
                 applied += 1;
@@ -1899,6 +1869,35 @@ impl<E: Env> Partition<E> {
 }
 
 /// The name of a partition's log directory, under the data directory.
+/// A record of a channel partition's log.
+enum PartitionRecord {
+    Channel(ChannelRecord),
+    Read(ReadRecord),
+}
+
+/// Decodes a record of partition `partition`'s log: a channel event or a read marker;
+/// anything else is corrupt.
+fn partition_record(
+    partition: u32,
+    r: &chorus_log::Record,
+) -> Result<PartitionRecord, EngineError> {
+    match event::decode(&r.payload) {
+        Ok(Decoded::Channel(rec)) => Ok(PartitionRecord::Channel(rec)),
+        Ok(Decoded::Read(rec)) => Ok(PartitionRecord::Read(rec)),
+        Ok(Decoded::Meta(_)) => Err(Corrupt::Replay {
+            log: log_name(partition),
+            what: format!("metadata event at offset {}", r.offset),
+        }
+        .into()),
+        Err(source) => Err(Corrupt::Event {
+            log: log_name(partition),
+            offset: r.offset,
+            source,
+        }
+        .into()),
+    }
+}
+
 pub(crate) fn log_name(partition: u32) -> String {
     format!("p{partition:05}")
 }

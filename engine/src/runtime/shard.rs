@@ -22,6 +22,7 @@
 
 use super::{dispatch, layout, meta, partition, Ack, PartitionMsg, Routes, ShardMsg};
 use crate::domain::event::MetaEvent;
+use crate::durability::Durability;
 use crate::env::{DirOf, Env};
 use crate::error::{Corrupt, EngineError, IoError, Unavailable};
 use crate::queue::InboxReceiver;
@@ -235,9 +236,9 @@ impl<E: Env> Shard<E> {
                 // Shard 0 checks the layout before anything is opened, and the others open
                 // nothing until it sends them the metadata replica.
                 layout::check(&env, config.partitions).await?;
-                let log = crate::durability::LocalDurability::new(
-                    open_log(&env, meta::META_LOG, &config).await?,
-                );
+                // The directory's group (in a cluster) is numbered after the partitions'.
+                let log = open_log(&env, meta::META_LOG, &config).await?;
+                let log = env.durability(config.partitions, log).await?;
                 let state = meta::replay(&log, config.partitions).await?;
                 for tx in meta_out {
                     let _ = tx.send(Arc::new(state.clone()));
@@ -246,6 +247,8 @@ impl<E: Env> Shard<E> {
                 let (tx, rx) = futures::channel::mpsc::channel(config.partition_queue_requests);
                 let owner = meta::MetaOwner {
                     env: env.clone(),
+                    applied: std::cell::Cell::new(log.next_offset()),
+                    partitions: config.partitions,
                     log,
                     meta: meta.clone(),
                     routes: routes.clone(),
