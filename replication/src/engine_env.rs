@@ -84,6 +84,10 @@ impl<R: StorageRoot + 'static, B> ClusterEnv<R, B> {
         let addr = *self.config.membership.nodes.get(&me).ok_or_else(|| {
             std::io::Error::other(format!("node {me} is not one of the cluster's nodes"))
         })?;
+        // glommio binds with SO_REUSEPORT, which would let this shard share a port that
+        // something else already listens on (another node's shard, say): a plain bind
+        // first refuses an address in use.
+        drop(std::net::TcpListener::bind(addr)?);
         let listener = glommio::net::TcpListener::bind(addr)?;
         Ok(self
             .node

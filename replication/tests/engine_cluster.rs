@@ -1,8 +1,8 @@
-//! The engine on three nodes, its channel partitions replicated through their Raft
-//! groups (`ClusterEnv`): only the partition's leader decides, every replica's partition
-//! applies the same events and delivers them to its own subscribers, a write to a node
-//! that does not lead is refused (never acknowledged), the leader's stop hands writes to
-//! another node, and a node that comes back catches up.
+//! The engine on three nodes of two shards each, its channel partitions and directory
+//! replicated through their Raft groups (`ClusterEnv`): only the partition's leader
+//! decides, every replica's partition applies the same events and delivers them to its own
+//! subscribers, a write to a node that does not lead is refused (never acknowledged), the
+//! leader's stop hands writes to another node, and a node that comes back catches up.
 //!
 //! The directory (users, workspace, channel) is made once, through whichever node leads the
 //! metadata partition's group, and every node learns it from there.
@@ -17,7 +17,7 @@ use chorus_engine::{Engine, EngineConfig, EngineError, Subscription, Unavailable
 use chorus_log::DiskRoot;
 use chorus_replication::transport::{Cuts, Membership};
 use chorus_replication::{ClusterEnv, NodeConfig};
-use common::{free_addrs, wait_for};
+use common::wait_for;
 use futures::executor::block_on;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -25,6 +25,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 const PARTITIONS: u32 = 4;
+/// Shards per node: shard `s` of a node listens on its cluster port plus `s`.
+const SHARDS: usize = 2;
 const WAIT: Duration = Duration::from_secs(20);
 
 fn open(id: u64, dir: &Path, addrs: &[SocketAddr]) -> Engine {
@@ -43,7 +45,7 @@ fn open_with_cuts(id: u64, dir: &Path, addrs: &[SocketAddr], cuts: Cuts) -> Engi
     let mut node = NodeConfig::new(membership, PARTITIONS);
     node.cuts = cuts;
     let mut config = EngineConfig::new(dir);
-    config.shards = 1;
+    config.shards = SHARDS;
     config.partitions = PARTITIONS;
     config.pin = false;
     let root = DiskRoot::new(dir);
@@ -74,6 +76,27 @@ fn directory(engines: &[Option<Engine>]) -> (UserId, UserId, ChannelId) {
         block_on(e.create_channel(alice.id, ws.id, "general", ChannelKind::Public))
     });
     (alice.id, bob.id, c.id)
+}
+
+/// Free cluster addresses whose next `SHARDS - 1` ports are free too.
+fn cluster_addrs(n: usize) -> Vec<SocketAddr> {
+    let (mut out, mut held) = (Vec::new(), Vec::new());
+    while out.len() < n {
+        let first = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = first.local_addr().unwrap();
+        let rest: Option<Vec<std::net::TcpListener>> = (1..SHARDS as u16)
+            .map(|s| {
+                let port = addr.port().checked_add(s)?;
+                std::net::TcpListener::bind(SocketAddr::new(addr.ip(), port)).ok()
+            })
+            .collect();
+        if let Some(rest) = rest {
+            out.push(addr);
+            held.push(first);
+            held.extend(rest);
+        }
+    }
+    out
 }
 
 fn dirs() -> Vec<tempfile::TempDir> {
@@ -174,7 +197,7 @@ fn drain(sub: &mut Subscription, out: &mut Vec<String>) {
 
 #[test]
 fn partitions_follow_their_leader_and_survive_its_stop() {
-    let (dirs, addrs) = (dirs(), free_addrs(3));
+    let (dirs, addrs) = (dirs(), cluster_addrs(3));
     let cuts: Vec<Cuts> = (0..3).map(|_| Cuts::default()).collect();
     let (mut engines, (alice, bob, c)) = start(&dirs, &addrs, &cuts);
 
@@ -305,7 +328,7 @@ fn partitions_follow_their_leader_and_survive_its_stop() {
 // refused writes.
 #[test]
 fn an_isolated_leader_acknowledges_nothing_and_rebuilds() {
-    let (dirs, addrs) = (dirs(), free_addrs(3));
+    let (dirs, addrs) = (dirs(), cluster_addrs(3));
     let cuts: Vec<Cuts> = (0..3).map(|_| Cuts::default()).collect();
     let (engines, (alice, _, c)) = start(&dirs, &addrs, &cuts);
     let mut expected = Vec::new();
@@ -384,7 +407,7 @@ fn workspaces(engine: &Engine, user: UserId) -> Vec<String> {
 // user.
 #[test]
 fn an_isolated_directory_leader_acknowledges_nothing_and_rebuilds() {
-    let (dirs, addrs) = (dirs(), free_addrs(3));
+    let (dirs, addrs) = (dirs(), cluster_addrs(3));
     let cuts: Vec<Cuts> = (0..3).map(|_| Cuts::default()).collect();
     let (engines, (alice, _, _)) = start(&dirs, &addrs, &cuts);
     // Past the move to the preferred leader, if there is one.
