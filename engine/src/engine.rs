@@ -289,15 +289,9 @@ impl Engine {
         validate(&config)?;
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| IoError::new(config.data_dir.display().to_string(), e))?;
-        let lock = lock_data_dir(&config.data_dir)?;
         let blobs = DiskBlobStore::open(&config.data_dir.join("blobs"))
             .map_err(|e| IoError::new("blob store", e))?;
-        let root = DiskRoot::new(&config.data_dir);
-        let engine = Engine::open_with(config, move |_| {
-            GlommioEnv::new(root.clone(), blobs.clone())
-        })?;
-        *engine.inner.data_dir_lock.lock().expect("lock") = Some(lock);
-        Ok(engine)
+        Engine::open_in(config, blobs, |_, env| env)
     }
 
     /// Opens the engine as [`Engine::open`] does, with message bodies over the inline limit
@@ -306,13 +300,25 @@ impl Engine {
     where
         B: BlobStore + Clone + Send + Sync + 'static,
     {
+        Engine::open_in(config, blobs, |_, env| env)
+    }
+
+    /// Opens the engine as [`Engine::open_with_blobs`] does, each shard in the environment
+    /// `wrap` makes of the real one on the shard's thread: how a cluster node puts its
+    /// partitions on their replication groups.
+    pub fn open_in<B, E, W>(config: EngineConfig, blobs: B, wrap: W) -> Result<Engine, EngineError>
+    where
+        B: BlobStore + Clone + Send + Sync + 'static,
+        E: Env,
+        W: Fn(crate::shard::ShardContext, GlommioEnv<DiskRoot, B>) -> E + Send + Sync + 'static,
+    {
         validate(&config)?;
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| IoError::new(config.data_dir.display().to_string(), e))?;
         let lock = lock_data_dir(&config.data_dir)?;
         let root = DiskRoot::new(&config.data_dir);
-        let engine = Engine::open_with(config, move |_| {
-            GlommioEnv::new(root.clone(), blobs.clone())
+        let engine = Engine::open_with(config, move |ctx| {
+            wrap(ctx, GlommioEnv::new(root.clone(), blobs.clone()))
         })?;
         *engine.inner.data_dir_lock.lock().expect("lock") = Some(lock);
         Ok(engine)

@@ -196,6 +196,12 @@ pub struct Config {
     /// The server's public base URL, under which digests link to each message; required
     /// with `smtp_url`.
     pub public_url: String,
+    /// This node's id in `cluster` (`API.md` §15); 0 without a cluster.
+    pub node_id: u64,
+    /// Every node of the cluster and its address between nodes,
+    /// `1=HOST:PORT,2=HOST:PORT,…` (shard `s` of a node listens on that port plus `s`);
+    /// empty: a single node.
+    pub cluster: String,
 }
 
 impl Default for Config {
@@ -247,6 +253,8 @@ impl Default for Config {
             smtp_url: String::new(),
             email_from: String::new(),
             public_url: String::new(),
+            node_id: 0,
+            cluster: String::new(),
         }
     }
 }
@@ -272,6 +280,36 @@ impl Config {
             secret_access_key: set(&self.s3_secret_access_key),
             allow_http: self.s3_allow_http,
         })
+    }
+
+    /// The cluster's nodes by id, with their addresses between nodes; `None` for a single
+    /// node. An unusable list is an error naming what is wrong.
+    pub fn cluster_nodes(
+        &self,
+    ) -> Result<Option<std::collections::BTreeMap<u64, SocketAddr>>, String> {
+        if self.cluster.trim().is_empty() {
+            return Ok(None);
+        }
+        let mut nodes = std::collections::BTreeMap::new();
+        for item in self.cluster.split(',').map(str::trim) {
+            let (id, addr) = item
+                .split_once('=')
+                .ok_or_else(|| format!("{item:?} is not ID=HOST:PORT"))?;
+            let id: u64 = id
+                .trim()
+                .parse()
+                .ok()
+                .filter(|id| *id > 0)
+                .ok_or_else(|| format!("{id:?} is not a node id (a positive integer)"))?;
+            let addr = std::net::ToSocketAddrs::to_socket_addrs(addr.trim())
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| format!("{addr:?} is not HOST:PORT"))?;
+            if nodes.insert(id, addr).is_some() {
+                return Err(format!("node {id} is listed twice"));
+            }
+        }
+        Ok(Some(nodes))
     }
 
     /// The number of shards to run: `shards`, or one per core when it is 0.
@@ -305,6 +343,7 @@ impl Config {
             ));
         }
         self.validate_email()?;
+        self.validate_cluster()?;
         if self.partitions == 0 || self.partitions > PARTITIONS_MAX {
             return Err(invalid("partitions", format!("1 to {PARTITIONS_MAX}")));
         }
@@ -380,6 +419,34 @@ impl Config {
 
 impl Config {
     /// Checks the email keys: none, or an SMTP URL with a sender and a public URL.
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let nodes = self.cluster_nodes().map_err(|m| invalid("cluster", m))?;
+        match nodes {
+            None if self.node_id != 0 => Err(invalid("node_id", "only with cluster".into())),
+            None => Ok(()),
+            Some(nodes) if !nodes.contains_key(&self.node_id) => Err(invalid(
+                "node_id",
+                format!(
+                    "one of the cluster's nodes ({:?})",
+                    nodes.keys().collect::<Vec<_>>()
+                ),
+            )),
+            // Every group is on every node: a larger cluster needs learners, not built yet.
+            Some(nodes) if nodes.len() > CLUSTER_NODES_MAX => Err(invalid(
+                "cluster",
+                format!("at most {CLUSTER_NODES_MAX} nodes for now"),
+            )),
+            // Each node would send every push and email: not yet.
+            Some(_) if !self.push_gateway_url.is_empty() || !self.smtp_url.is_empty() => {
+                Err(invalid(
+                    "cluster",
+                    "not yet with push_gateway_url or smtp_url".into(),
+                ))
+            }
+            Some(_) => Ok(()),
+        }
+    }
+
     fn validate_email(&self) -> Result<(), ConfigError> {
         if self.smtp_url.is_empty() {
             return Ok(());
@@ -500,6 +567,12 @@ pub struct ServeArgs {
     /// TOML file holding any of the settings, with the same keys
     #[arg(long, env = "CHORUS_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// This node's id in --cluster
+    #[arg(long, env = "CHORUS_NODE_ID", value_name = "N")]
+    pub node_id: Option<u64>,
+    /// The cluster's nodes: 1=HOST:PORT,2=HOST:PORT,… [default: none, a single node]
+    #[arg(long, env = "CHORUS_CLUSTER", value_name = "NODES")]
+    pub cluster: Option<String>,
 }
 
 impl ServeArgs {
@@ -522,6 +595,12 @@ impl ServeArgs {
         if let Some(shards) = self.shards {
             config.shards = shards;
         }
+        if let Some(node_id) = self.node_id {
+            config.node_id = node_id;
+        }
+        if let Some(cluster) = self.cluster {
+            config.cluster = cluster;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -538,6 +617,9 @@ pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
         message,
     })
 }
+
+/// Most nodes of a cluster: every partition is a group of all of them (three replicas).
+const CLUSTER_NODES_MAX: usize = 3;
 
 fn parse_toml(text: &str) -> Result<Config, String> {
     toml::from_str(text).map_err(|e: toml::de::Error| e.to_string().trim_end().to_owned())
@@ -627,6 +709,8 @@ mod tests {
         assert_eq!(env_of("quic").as_deref(), Some("CHORUS_QUIC"));
         assert_eq!(env_of("shards").as_deref(), Some("CHORUS_SHARDS"));
         assert_eq!(env_of("config").as_deref(), Some("CHORUS_CONFIG"));
+        assert_eq!(env_of("node_id").as_deref(), Some("CHORUS_NODE_ID"));
+        assert_eq!(env_of("cluster").as_deref(), Some("CHORUS_CLUSTER"));
         cli.debug_assert();
     }
 
@@ -697,6 +781,23 @@ mod tests {
                 "smtp_url = \"smtp://h\"\nemail_from = \"a@b.c\"\npublic_url = \"x\"",
                 "public_url",
             ),
+            ("node_id = 2", "node_id"),
+            ("cluster = \"1=127.0.0.1:7001\"", "node_id"),
+            (
+                "node_id = 3\ncluster = \"1=127.0.0.1:7001,2=127.0.0.1:7002\"",
+                "node_id",
+            ),
+            (
+                "node_id = 1\ncluster = \"1=127.0.0.1:7001,1=127.0.0.1:7002\"",
+                "cluster",
+            ),
+            ("node_id = 1\ncluster = \"1=nowhere\"", "cluster"),
+            ("node_id = 1\ncluster = \"0=127.0.0.1:7001\"", "cluster"),
+            ("node_id = 1\ncluster = \"127.0.0.1:7001\"", "cluster"),
+            (
+                "node_id = 1\ncluster = \"1=127.0.0.1:1,2=127.0.0.1:2,3=127.0.0.1:3,4=127.0.0.1:4\"",
+                "cluster",
+            ),
         ];
         for (text, want) in cases {
             let err = parse_toml(text).unwrap().validate().unwrap_err();
@@ -710,6 +811,11 @@ mod tests {
                       email_from = \"Chorus <c@example.com>\"\n\
                       public_url = \"https://chat.example.com\"";
         parse_toml(usable).unwrap().validate().unwrap();
+        let cluster =
+            parse_toml("node_id = 2\ncluster = \"1=127.0.0.1:7001, 2=127.0.0.1:7003\"").unwrap();
+        cluster.validate().unwrap();
+        let nodes = cluster.cluster_nodes().unwrap().unwrap();
+        assert_eq!(nodes[&2].to_string(), "127.0.0.1:7003");
         let err = serve_args(&["--shards", "5000"]).resolve().unwrap_err();
         assert!(matches!(err, ConfigError::Invalid { key: "shards", .. }));
         assert!(Cli::try_parse_from(["chorus", "serve", "--http", "nowhere"]).is_err());

@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use chorus_engine::domain::DomainError;
-use chorus_engine::EngineError;
+use chorus_engine::{EngineError, Unavailable};
 use http_body_util::Full;
 use hyper::{Response, StatusCode};
 use std::time::Duration;
@@ -97,6 +97,10 @@ impl ApiError {
     }
 }
 
+/// How long a write refused for want of a leader here is told to wait: an election takes
+/// a few hundred milliseconds, a hand-off a few.
+const NOT_LEADER_RETRY: Duration = Duration::from_secs(1);
+
 /// How long a sender refused by a full to-device queue is told to wait.
 const QUEUE_FULL_RETRY: Duration = Duration::from_secs(5);
 
@@ -114,11 +118,44 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> ApiError {
         match e {
             EngineError::Domain(d) => d.into(),
+            // In a cluster, a partition (or the directory) without a leader here: the
+            // client tries again shortly (API.md §15).
+            EngineError::Unavailable(
+                m @ (Unavailable::NotLeader { .. } | Unavailable::MetaNotLeader { .. }),
+            ) => ApiError {
+                retry_after: Some(NOT_LEADER_RETRY),
+                ..ApiError::unavailable(m.to_string())
+            },
             EngineError::Unavailable(m) => ApiError::unavailable(m.to_string()),
             other => {
                 tracing::error!(error = %other, "engine error");
                 ApiError::new(500, "internal", "internal error")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A write refused because this node does not lead its partition, or the directory, is
+    // a 503 `unavailable` with `Retry-After` (API.md §15); other unavailability has none.
+    #[test]
+    fn not_leader_is_503_with_retry_after() {
+        for e in [
+            Unavailable::NotLeader {
+                partition: 3,
+                leader: Some(2),
+            },
+            Unavailable::MetaNotLeader { leader: None },
+        ] {
+            let r = ApiError::from(EngineError::Unavailable(e)).response();
+            assert_eq!(r.status(), 503);
+            assert_eq!(r.headers()[hyper::header::RETRY_AFTER], "1");
+        }
+        let r = ApiError::from(EngineError::Unavailable(Unavailable::ShuttingDown)).response();
+        assert_eq!(r.status(), 503);
+        assert!(r.headers().get(hyper::header::RETRY_AFTER).is_none());
     }
 }

@@ -41,6 +41,59 @@ const SEARCH_CONSUMER: &str = "search-index";
 /// The notification decider's consumer name.
 const NOTIFY_CONSUMER: &str = "notify-decider";
 
+/// Opens the engine: a single node's, or in a cluster (`API.md` §15) one whose partitions
+/// and directory commit through their replication groups (`chorus_replication::ClusterEnv`),
+/// with the directory's group numbered after the partitions'.
+fn open_engine(
+    config: &Config,
+    engine_config: EngineConfig,
+    s3: Option<&Arc<crate::files::store::S3>>,
+) -> Result<Engine, ServeError> {
+    let nodes = config.cluster_nodes().map_err(std::io::Error::other)?;
+    let Some(nodes) = nodes else {
+        return Ok(match s3 {
+            Some(s3) => Engine::open_with_blobs(
+                engine_config,
+                crate::files::store::S3BlobStore(s3.clone()),
+            )?,
+            None => Engine::open(engine_config)?,
+        });
+    };
+    let membership = chorus_replication::transport::Membership {
+        me: config.node_id,
+        nodes,
+    };
+    let node = chorus_replication::NodeConfig::new(membership, config.partitions + 1);
+    Ok(match s3 {
+        Some(s3) => Engine::open_in(
+            engine_config,
+            crate::files::store::S3BlobStore(s3.clone()),
+            in_cluster(node),
+        )?,
+        None => {
+            std::fs::create_dir_all(&config.data_dir)?;
+            let blobs = chorus_engine::blob::DiskBlobStore::open(&config.data_dir.join("blobs"))?;
+            Engine::open_in(engine_config, blobs, in_cluster(node))?
+        }
+    })
+}
+
+/// Each shard's environment on a cluster node: the real one with the shard's groups.
+fn in_cluster<B>(
+    node: chorus_replication::NodeConfig,
+) -> impl Fn(
+    chorus_engine::shard::ShardContext,
+    chorus_engine::env::GlommioEnv<chorus_log::DiskRoot, B>,
+) -> chorus_replication::ClusterEnv<chorus_log::DiskRoot, B>
+       + Send
+       + Sync
+       + 'static
+where
+    B: Clone + 'static,
+{
+    move |ctx, env| chorus_replication::ClusterEnv::new(env, &node, ctx.id as u32)
+}
+
 /// Runs the server until SIGTERM or SIGINT, then drains and returns.
 pub fn serve(config: Config) -> Result<(), ServeError> {
     let shards = config.shard_count();
@@ -77,12 +130,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         Some(c) => Some(Arc::new(crate::files::store::S3::connect(&c)?)),
         None => None,
     };
-    let engine = match &s3 {
-        Some(s3) => {
-            Engine::open_with_blobs(engine_config, crate::files::store::S3BlobStore(s3.clone()))?
-        }
-        None => Engine::open(engine_config)?,
-    };
+    let engine = open_engine(&config, engine_config, s3.as_ref())?;
     let search = chorus_search::Search::open(&config.data_dir.join("search"))
         .map_err(std::io::Error::other)?;
     metrics.set_search(search.clone());

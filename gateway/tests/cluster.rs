@@ -1,0 +1,312 @@
+//! Three `chorus serve` processes as one cluster (`API.md` §15) on loopback: the directory
+//! and the channels are written through whichever node leads them, a node that does not
+//! lead answers 503 `unavailable` with `Retry-After` (never a false 201), every node serves
+//! the same history, the leader of the channel's partition SIGKILLed leaves the others
+//! taking writes, and it comes back on its data and catches up.
+
+mod common;
+
+use common::{Resp, Server, AUTH_UNLIMITED, PASSWORD};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// Shards per server (the harness starts two): shard `s` listens on its cluster port
+/// plus `s`.
+const SHARDS: u16 = 2;
+/// How long a write may look for a node that takes it.
+const WRITE_WAIT: Duration = Duration::from_secs(20);
+
+/// Free cluster addresses whose next `SHARDS - 1` ports are free too.
+fn cluster_addrs(n: usize) -> Vec<SocketAddr> {
+    let (mut out, mut held) = (Vec::new(), Vec::new());
+    while out.len() < n {
+        let first = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = first.local_addr().unwrap();
+        let rest: Option<Vec<std::net::TcpListener>> = (1..SHARDS)
+            .map(|s| {
+                let port = addr.port().checked_add(s)?;
+                std::net::TcpListener::bind(SocketAddr::new(addr.ip(), port)).ok()
+            })
+            .collect();
+        if let Some(rest) = rest {
+            out.push(addr);
+            held.push(first);
+            held.extend(rest);
+        }
+    }
+    out
+}
+
+/// Sends a call to the nodes in turn until one takes it (anything but 503, or 401/404
+/// from a node whose directory has not yet learnt what another node just committed);
+/// every 503 must carry `Retry-After`. Returns the node's index and its answer.
+fn anywhere(nodes: &[Option<Server>], what: &str, call: impl Fn(&Server) -> Resp) -> (usize, Resp) {
+    let deadline = Instant::now() + WRITE_WAIT;
+    loop {
+        for (i, s) in nodes.iter().enumerate() {
+            let Some(s) = s else { continue };
+            let r = call(s);
+            match r.status {
+                503 => {
+                    r.assert_error(503, "unavailable");
+                    assert!(
+                        r.retry_after.is_some(),
+                        "503 without Retry-After: {}",
+                        r.text
+                    );
+                }
+                401 | 404 => {}
+                _ => return (i, r),
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no node took {what} within {WRITE_WAIT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn post(s: &Server, token: &str, cid: &str, text: &str) -> Resp {
+    let body = json!({"text": text, "client_msg_id": text});
+    s.call(
+        "POST",
+        &format!("/api/v1/channels/{cid}/messages"),
+        Some(token),
+        Some(body),
+    )
+}
+
+/// The channel's message texts on one node, oldest first (empty while it does not know
+/// the channel yet).
+fn texts(s: &Server, token: &str, cid: &str) -> Vec<String> {
+    let path = format!("/api/v1/channels/{cid}/messages?limit=200");
+    let r = s.call("GET", &path, Some(token), None);
+    if r.status != 200 {
+        return Vec::new();
+    }
+    let mut out: Vec<String> = r.body["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| m["text"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    out.reverse();
+    out
+}
+
+fn wait_for_texts(s: &Server, token: &str, cid: &str, want: &[String], who: &str) {
+    let deadline = Instant::now() + WRITE_WAIT;
+    loop {
+        let got = texts(s, token, cid);
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{who} has {got:?}, not {want:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn str_of(v: &Value) -> String {
+    v.as_str().expect("a string").to_owned()
+}
+
+#[test]
+fn three_processes_serve_one_cluster_and_survive_a_sigkill() {
+    let addrs = cluster_addrs(3);
+    let cluster: Vec<String> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("{}={a}", i + 1))
+        .collect();
+    let secret = tempfile::tempdir().unwrap();
+    let jwt = secret.path().join("jwt.key");
+    let mut nodes: Vec<Option<Server>> = (1..=3)
+        .map(|id| {
+            Some(Server::start(&format!(
+                "node_id = {id}\ncluster = \"{}\"\njwt_secret_file = \"{}\"\n{AUTH_UNLIMITED}",
+                cluster.join(","),
+                jwt.display()
+            )))
+        })
+        .collect();
+
+    let signup = json!({"email": "alice@example.com", "password": PASSWORD, "name": "alice"});
+    let (_, r) = anywhere(&nodes, "the sign-up", |s| {
+        s.call("POST", "/api/v1/auth/signup", None, Some(signup.clone()))
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+    let token = str_of(&r.body["token"]);
+    let (_, r) = anywhere(&nodes, "the workspace", |s| {
+        s.call(
+            "POST",
+            "/api/v1/workspaces",
+            Some(&token),
+            Some(json!({"name": "acme"})),
+        )
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+    let wid = str_of(&r.body["workspace"]["id"]);
+    let (_, r) = anywhere(&nodes, "the channel", |s| {
+        let body = json!({"name": "general", "kind": "public"});
+        s.call(
+            "POST",
+            &format!("/api/v1/workspaces/{wid}/channels"),
+            Some(&token),
+            Some(body),
+        )
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+    let cid = str_of(&r.body["channel"]["id"]);
+
+    let mut want = Vec::new();
+    for n in 0..10 {
+        let text = format!("m{n:02}");
+        let (_, r) = anywhere(&nodes, &text, |s| post(s, &token, &cid, &text));
+        assert_eq!(r.status, 201, "{}", r.text);
+        want.push(text);
+    }
+    // The same post sent to every node: the two that do not lead refuse it with 503 and
+    // Retry-After, and it is in the channel once.
+    let answers: Vec<Resp> = nodes
+        .iter()
+        .flatten()
+        .map(|s| post(s, &token, &cid, "probe"))
+        .collect();
+    let refused: Vec<&Resp> = answers.iter().filter(|r| r.status == 503).collect();
+    assert!(refused.len() >= 2, "{answers:?}");
+    for r in &refused {
+        r.assert_error(503, "unavailable");
+        assert_eq!(r.retry_after.as_deref(), Some("1"));
+    }
+    let (leader, r) = anywhere(&nodes, "the probe", |s| post(s, &token, &cid, "probe"));
+    assert!(r.status == 200 || r.status == 201, "{}", r.text);
+    want.push("probe".into());
+    for (i, s) in nodes.iter().enumerate() {
+        wait_for_texts(
+            s.as_ref().unwrap(),
+            &token,
+            &cid,
+            &want,
+            &format!("node {}", i + 1),
+        );
+    }
+
+    // SIGKILL the channel's leader: the other two take the writes.
+    nodes[leader].as_mut().unwrap().kill();
+    let mut killed = nodes[leader].take().unwrap();
+    let killed_at = Instant::now();
+    let (took, r) = anywhere(&nodes, "a post after the kill", |s| {
+        post(s, &token, &cid, "after")
+    });
+    let failover = killed_at.elapsed();
+    assert_ne!(took, leader);
+    assert_eq!(r.status, 201, "{}", r.text);
+    want.push("after".into());
+    for (i, s) in nodes.iter().enumerate() {
+        if let Some(s) = s {
+            wait_for_texts(s, &token, &cid, &want, &format!("node {}", i + 1));
+        }
+    }
+
+    // It comes back on its data and catches up.
+    killed.restart();
+    wait_for_texts(&killed, &token, &cid, &want, "the restarted node");
+    eprintln!("leader SIGKILL -> first acknowledged write elsewhere: {failover:?}");
+}
+
+/// A base port for `tools/cluster` under which every port it uses for three nodes of two
+/// shards is free: HTTP and QUIC on base + 10i, the cluster on base + 10i + 1 and + 2.
+fn free_base_port() -> u16 {
+    let start = 20_000 + (std::process::id() % 200) as u16 * 100;
+    (0..100u16)
+        .map(|k| 20_000 + (start - 20_000 + k * 100) % 20_000)
+        .find(|base| {
+            (1..=3u16).all(|i| {
+                let port = base + 10 * i;
+                let tcp = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+                tcp(port)
+                    && tcp(port + 1)
+                    && tcp(port + 2)
+                    && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+            })
+        })
+        .expect("a free port range")
+}
+
+// `tools/cluster up 3` starts three nodes that form one cluster (a sign-up is taken by the
+// directory's leader, and the others learn the account), and `down` stops them all.
+#[test]
+fn the_cluster_tool_starts_and_stops_three_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_base_port();
+    let tool = concat!(env!("CARGO_MANIFEST_DIR"), "/../tools/cluster");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(tool)
+            .args(args)
+            .args(["--dir", dir.path().to_str().unwrap()])
+            .env("CHORUS_BIN", env!("CARGO_BIN_EXE_chorus"))
+            .output()
+            .expect("run tools/cluster");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "tools/cluster {args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let up = run(&["up", "3", "--base-port", &base.to_string()]);
+    let urls: Vec<String> = up
+        .lines()
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("http://")))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(urls.len(), 3, "{up}");
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(10))
+        .build();
+    let signup = json!({"email": "bob@example.com", "password": PASSWORD, "name": "bob"});
+    let deadline = Instant::now() + WRITE_WAIT;
+    let token = 'found: loop {
+        for url in &urls {
+            let r = agent
+                .post(&format!("{url}/api/v1/auth/signup"))
+                .set("Content-Type", "application/json")
+                .send_string(&signup.to_string());
+            match r {
+                Ok(r) if r.status() == 201 => {
+                    let v: Value = serde_json::from_str(&r.into_string().unwrap()).unwrap();
+                    break 'found str_of(&v["token"]);
+                }
+                Err(ureq::Error::Status(503, _)) => {}
+                Err(e) => panic!("sign-up at {url}: {e}"),
+                Ok(r) => panic!("sign-up at {url}: {}", r.status()),
+            }
+        }
+        assert!(Instant::now() < deadline, "no node took the sign-up");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Every node knows the account (the token works everywhere).
+    for url in &urls {
+        let deadline = Instant::now() + WRITE_WAIT;
+        loop {
+            let r = agent
+                .get(&format!("{url}/api/v1/me"))
+                .set("Authorization", &format!("Bearer {token}"))
+                .call();
+            if r.is_ok() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{url} never knew bob: {r:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    run(&["down"]);
+    for i in 1..=3 {
+        assert!(!dir.path().join(format!("n{i}/pid")).exists());
+        let log = std::fs::read_to_string(dir.path().join(format!("n{i}/log"))).unwrap();
+        assert!(log.contains("stopped"), "node {i} did not drain: {log}");
+    }
+}
