@@ -104,6 +104,8 @@ pub enum Op {
     Login,
     /// `GET /me`.
     Me,
+    /// `GET /cluster`.
+    Cluster,
     /// `GET /workspaces`.
     ListWorkspaces,
     /// `POST /workspaces`.
@@ -358,6 +360,13 @@ pub static ROUTES: &[Route] = &[
         ]),
     route(Verb::Get, "/api/v1/openapi.json", Op::OpenApi, 200, "This document").public(),
     route(Verb::Get, "/api/v1/me", Op::Me, 200, "The caller and their workspaces"),
+    route(
+        Verb::Get,
+        "/api/v1/cluster",
+        Op::Cluster,
+        200,
+        "This node, the cluster's nodes, and each partition's leader and replicas",
+    ),
     route(Verb::Put, "/api/v1/me/presence", Op::SetPresence, 200, "Set the caller's presence mode")
         .body(&[
             req("mode", Ty::String, "auto, away, dnd or invisible"),
@@ -947,6 +956,7 @@ async fn run(op: Op, call: &Call<'_>) -> Result<Reply, ApiError> {
         Op::Login => login(call).await,
         Op::OpenApi => Ok(openapi_reply()),
         Op::Me => me(call).await,
+        Op::Cluster => Ok(Reply::json(200, &cluster_view(&call.ctx.shared))),
         Op::ListWorkspaces => list_workspaces(call).await,
         Op::CreateWorkspace => create_workspace(call).await,
         Op::AddMember => add_member(call).await,
@@ -1082,6 +1092,46 @@ async fn me(call: &Call<'_>) -> Result<Reply, ApiError> {
         200,
         &serde_json::json!({"user": user, "workspaces": workspaces}),
     ))
+}
+
+/// `GET /api/v1/cluster` (`API.md` §15): no workspace data. A single node is node 1,
+/// leading every partition, with no cluster address.
+fn cluster_view(shared: &crate::ctx::Shared) -> serde_json::Value {
+    let partitions = shared.config.partitions;
+    let Some(c) = &shared.cluster else {
+        let parts: Vec<_> = (0..partitions)
+            .map(|p| serde_json::json!({"id": p, "leader": 1, "replicas": [1]}))
+            .collect();
+        return serde_json::json!({
+            "node_id": 1,
+            "nodes": [{"id": 1, "addr": null, "up": true}],
+            "partitions": parts,
+        });
+    };
+    let now = std::time::Instant::now();
+    let nodes: Vec<_> = c
+        .nodes
+        .iter()
+        .map(|(id, addr)| {
+            let up = *id == c.me
+                || c.board
+                    .last_heard(*id)
+                    .is_some_and(|t| now.duration_since(t) < crate::ctx::PEER_UP_WITHIN);
+            serde_json::json!({"id": id, "addr": addr.to_string(), "up": up})
+        })
+        .collect();
+    let groups = c.board.groups();
+    let parts: Vec<_> = (0..partitions)
+        .map(|p| {
+            let g = groups.get(&u64::from(p));
+            serde_json::json!({
+                "id": p,
+                "leader": g.and_then(|g| g.leader),
+                "replicas": g.map(|g| g.voters.clone()).unwrap_or_default(),
+            })
+        })
+        .collect();
+    serde_json::json!({"node_id": c.me, "nodes": nodes, "partitions": parts})
 }
 
 async fn list_workspaces(call: &Call<'_>) -> Result<Reply, ApiError> {

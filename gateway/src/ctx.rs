@@ -56,7 +56,23 @@ pub struct Shared {
     pub files: crate::files::Files,
     /// The message search index.
     pub search: Arc<chorus_search::Search>,
+    /// The cluster this node is part of; `None` for a single node.
+    pub cluster: Option<ClusterView>,
 }
+
+/// What `GET /api/v1/cluster` shows of a cluster node.
+pub struct ClusterView {
+    /// This node's id.
+    pub me: u64,
+    /// Every node and its address between nodes.
+    pub nodes: std::collections::BTreeMap<u64, std::net::SocketAddr>,
+    /// What the node's shards know of groups and peers.
+    pub board: chorus_replication::Board,
+}
+
+/// A peer counts as up when this node heard from it this recently (heartbeats come every
+/// 40 ms; `API.md` §15 asks that a dead node show within 5 s).
+pub const PEER_UP_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What one shard's connections share.
 pub struct ShardCtx {

@@ -48,23 +48,29 @@ fn open_engine(
     config: &Config,
     engine_config: EngineConfig,
     s3: Option<&Arc<crate::files::store::S3>>,
-) -> Result<Engine, ServeError> {
+) -> Result<(Engine, Option<crate::ctx::ClusterView>), ServeError> {
     let nodes = config.cluster_nodes().map_err(std::io::Error::other)?;
     let Some(nodes) = nodes else {
-        return Ok(match s3 {
+        let engine = match s3 {
             Some(s3) => Engine::open_with_blobs(
                 engine_config,
                 crate::files::store::S3BlobStore(s3.clone()),
             )?,
             None => Engine::open(engine_config)?,
-        });
+        };
+        return Ok((engine, None));
     };
     let membership = chorus_replication::transport::Membership {
         me: config.node_id,
-        nodes,
+        nodes: nodes.clone(),
     };
     let node = chorus_replication::NodeConfig::new(membership, config.partitions + 1);
-    Ok(match s3 {
+    let view = crate::ctx::ClusterView {
+        me: config.node_id,
+        nodes,
+        board: node.board.clone(),
+    };
+    let engine = match s3 {
         Some(s3) => Engine::open_in(
             engine_config,
             crate::files::store::S3BlobStore(s3.clone()),
@@ -75,7 +81,8 @@ fn open_engine(
             let blobs = chorus_engine::blob::DiskBlobStore::open(&config.data_dir.join("blobs"))?;
             Engine::open_in(engine_config, blobs, in_cluster(node))?
         }
-    })
+    };
+    Ok((engine, Some(view)))
 }
 
 /// Each shard's environment on a cluster node: the real one with the shard's groups.
@@ -130,7 +137,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         Some(c) => Some(Arc::new(crate::files::store::S3::connect(&c)?)),
         None => None,
     };
-    let engine = open_engine(&config, engine_config, s3.as_ref())?;
+    let (engine, cluster) = open_engine(&config, engine_config, s3.as_ref())?;
     let search = chorus_search::Search::open(&config.data_dir.join("search"))
         .map_err(std::io::Error::other)?;
     metrics.set_search(search.clone());
@@ -160,6 +167,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         guard: AuthGuard::new(&config),
         files,
         search: search.clone(),
+        cluster,
     });
     let stop_housekeeping = Arc::new(AtomicBool::new(false));
     let housekeeper = {

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Resp, Server, AUTH_UNLIMITED, PASSWORD};
+use common::{Resp, Server, User, AUTH_UNLIMITED, PASSWORD};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -108,6 +108,23 @@ fn wait_for_texts(s: &Server, token: &str, cid: &str, want: &[String], who: &str
     }
 }
 
+/// A caller with only a token, for the harness's calls.
+fn user(token: &str) -> User {
+    User {
+        id: String::new(),
+        email: String::new(),
+        token: token.to_owned(),
+    }
+}
+
+fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WRITE_WAIT;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn str_of(v: &Value) -> String {
     v.as_str().expect("a string").to_owned()
 }
@@ -193,6 +210,36 @@ fn three_processes_serve_one_cluster_and_survive_a_sigkill() {
         );
     }
 
+    // Every node shows the cluster: itself, the three nodes up, and each partition's
+    // leader among its three replicas.
+    for (i, s) in nodes.iter().enumerate() {
+        let v = s
+            .as_ref()
+            .unwrap()
+            .ok("GET", "/api/v1/cluster", &user(&token), None, 200);
+        assert_eq!(v["node_id"], i as u64 + 1, "{v}");
+        let nodes_v = v["nodes"].as_array().unwrap();
+        assert_eq!(nodes_v.len(), 3, "{v}");
+        for (k, n) in nodes_v.iter().enumerate() {
+            assert_eq!(n["id"], k as u64 + 1);
+            assert_eq!(n["addr"], addrs[k].to_string());
+        }
+        wait_until(&format!("node {} to see every node up", i + 1), || {
+            let v = s
+                .as_ref()
+                .unwrap()
+                .ok("GET", "/api/v1/cluster", &user(&token), None, 200);
+            v["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|n| n["up"] == true)
+        });
+        for p in v["partitions"].as_array().unwrap() {
+            assert_eq!(p["replicas"], json!([1, 2, 3]), "{v}");
+        }
+    }
+
     // SIGKILL the channel's leader: the other two take the writes.
     nodes[leader].as_mut().unwrap().kill();
     let mut killed = nodes[leader].take().unwrap();
@@ -207,6 +254,21 @@ fn three_processes_serve_one_cluster_and_survive_a_sigkill() {
     for (i, s) in nodes.iter().enumerate() {
         if let Some(s) = s {
             wait_for_texts(s, &token, &cid, &want, &format!("node {}", i + 1));
+        }
+    }
+
+    // The others show it down within 5 s of the kill.
+    for s in nodes.iter().flatten() {
+        loop {
+            let v = s.ok("GET", "/api/v1/cluster", &user(&token), None, 200);
+            if v["nodes"][leader]["up"] == false {
+                break;
+            }
+            assert!(
+                killed_at.elapsed() < Duration::from_secs(5),
+                "still up: {v}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -309,4 +371,22 @@ fn the_cluster_tool_starts_and_stops_three_nodes() {
         let log = std::fs::read_to_string(dir.path().join(format!("n{i}/log"))).unwrap();
         assert!(log.contains("stopped"), "node {i} did not drain: {log}");
     }
+}
+
+// Without --cluster the server is a cluster of one: node 1, with no cluster address,
+// leading every partition.
+#[test]
+fn a_single_node_shows_itself_as_the_whole_cluster() {
+    let s = Server::start(AUTH_UNLIMITED);
+    let alice = s.signup("alice");
+    let v = s.ok("GET", "/api/v1/cluster", &alice, None, 200);
+    assert_eq!(v["node_id"], 1);
+    assert_eq!(v["nodes"], json!([{"id": 1, "addr": null, "up": true}]));
+    let parts = v["partitions"].as_array().unwrap();
+    assert!(!parts.is_empty());
+    for (i, p) in parts.iter().enumerate() {
+        assert_eq!(*p, json!({"id": i, "leader": 1, "replicas": [1]}));
+    }
+    s.call("GET", "/api/v1/cluster", None, None)
+        .assert_error(401, "unauthorized");
 }

@@ -826,6 +826,7 @@ const API_MD_CALLS: &[(&str, &str)] = &[
     ("post", "/api/v1/auth/signup"),
     ("post", "/api/v1/auth/login"),
     ("get", "/api/v1/me"),
+    ("get", "/api/v1/cluster"),
     ("post", "/api/v1/workspaces"),
     ("post", "/api/v1/workspaces/{wid}/members"),
     ("get", "/api/v1/workspaces/{wid}/members"),

@@ -20,6 +20,8 @@
 //! - [`Node`]: the groups one node holds (multi-Raft): a replica of each group placement
 //!   puts there, one transport shared by all, messages routed by group, leaderships
 //!   moved to each group's preferred node;
+//! - [`Board`]: what a node's shards know of the cluster (leaders, voters, peers last heard
+//!   from), for the gateway to show;
 //! - [`placement`]: which nodes hold each partition (3, or all if fewer) and which should
 //!   lead it, spread evenly, computed alike by every node;
 //! - [`wire`]: the node-to-node frames (versioned, length-prefixed, checksummed, a batch of
@@ -33,6 +35,7 @@
 //! partitions, with crashes, and checks that every acknowledged entry is kept, identically
 //! and in the same order, on every node.
 
+pub mod board;
 pub mod engine_env;
 pub mod event_log;
 pub mod group;
@@ -44,6 +47,7 @@ pub mod state;
 pub mod transport;
 pub mod wire;
 
+pub use board::{Board, GroupView};
 pub use engine_env::{ClusterEnv, ReplicatedDurability};
 pub use event_log::{CommitError, EventLogMachine, ReplicatedLog};
 pub use group::{Group, StateMachine};

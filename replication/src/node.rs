@@ -11,6 +11,7 @@
 //! A message for a group this node does not hold (a peer with another placement: it cannot
 //! be one of the same cluster, whose fingerprint the transport checks) is dropped.
 
+use crate::board::{self, Board, GroupView};
 use crate::group::{Group, StateMachine};
 use crate::placement;
 use crate::raft_log::RaftLogError;
@@ -23,7 +24,7 @@ use raft::eraftpb::ConfState;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How a node runs its groups.
 #[derive(Clone, Debug)]
@@ -44,6 +45,8 @@ pub struct NodeConfig {
     pub log: LogConfig,
     /// The transport's fault layer (none cut, unless a test cuts some).
     pub cuts: Cuts,
+    /// Where the node's groups and peers are shown (see [`Board`]).
+    pub board: Board,
 }
 
 impl NodeConfig {
@@ -59,6 +62,7 @@ impl NodeConfig {
             compact_every: 1_000,
             log: LogConfig::default(),
             cuts: Cuts::default(),
+            board: Board::default(),
         }
     }
 }
@@ -104,11 +108,14 @@ impl Node {
     pub fn listen(config: NodeConfig, listener: TcpListener) -> Node {
         let replicas: Rc<RefCell<BTreeMap<u64, Rc<Replica>>>> = Rc::default();
         let (routes, lost_routes) = (replicas.clone(), replicas.clone());
+        let heard: Rc<RefCell<BTreeMap<u64, Instant>>> = Rc::default();
+        let hearing = heard.clone();
         let transport = Transport::start_with_cuts(
             config.membership.clone(),
             listener,
             Handlers {
-                deliver: Box::new(move |_, group, m| {
+                deliver: Box::new(move |from, group, m| {
+                    hearing.borrow_mut().insert(from, Instant::now());
                     if let Some(r) = routes.borrow().get(&group) {
                         r.step(m);
                     }
@@ -124,6 +131,13 @@ impl Node {
             },
             config.cuts.clone(),
         );
+        glommio::spawn_local(publish(
+            transport.clone(),
+            replicas.clone(),
+            heard,
+            config.board.clone(),
+        ))
+        .detach();
         Node {
             me: config.membership.me,
             config,
@@ -298,5 +312,30 @@ impl Node {
         }
         self.transport.stop();
         first_error
+    }
+}
+
+/// Copies what this shard's groups and transport know onto the board every
+/// [`board::PUBLISH_EVERY`], until the transport stops.
+async fn publish(
+    transport: Rc<Transport>,
+    replicas: Rc<RefCell<BTreeMap<u64, Rc<Replica>>>>,
+    heard: Rc<RefCell<BTreeMap<u64, Instant>>>,
+    board: Board,
+) {
+    while !transport.is_stopped() {
+        for (peer, at) in std::mem::take(&mut *heard.borrow_mut()) {
+            board.heard(peer, at);
+        }
+        let groups: Vec<(u64, Status, Vec<u64>)> = replicas
+            .borrow()
+            .iter()
+            .map(|(g, r)| (*g, r.status(), r.voters()))
+            .collect();
+        for (group, status, voters) in groups {
+            let leader = (status.leader != 0).then_some(status.leader);
+            board.set_group(group, GroupView { leader, voters });
+        }
+        glommio::timer::sleep(board::PUBLISH_EVERY).await;
     }
 }

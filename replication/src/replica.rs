@@ -109,6 +109,8 @@ pub struct Replica {
     status: Cell<Status>,
     /// The node that should lead, if not whichever won the election.
     preferred: Cell<Option<u64>>,
+    /// The group's voters as of the task's last turn.
+    voters: RefCell<Vec<u64>>,
 }
 
 /// How long a leader waits before it tries again to hand its leadership to the preferred
@@ -132,6 +134,7 @@ impl Replica {
                 ended: false,
             }),
             preferred: Cell::new(None),
+            voters: RefCell::default(),
         })
     }
 
@@ -151,6 +154,11 @@ impl Replica {
     /// The group as of the task's last turn.
     pub fn status(&self) -> Status {
         self.status.get()
+    }
+
+    /// The group's voters as of the task's last turn.
+    pub fn voters(&self) -> Vec<u64> {
+        self.voters.borrow().clone()
     }
 
     /// A message from a peer, for this group.
@@ -369,6 +377,11 @@ impl Replica {
     fn publish<S: Storage, M: StateMachine>(&self, group: &Group<S, M>, ended: bool) {
         let raft = &group.raw_ref().raft;
         let applied = group.applied();
+        let mut voters: Vec<u64> = raft.prs().conf().voters().ids().iter().collect();
+        voters.sort_unstable();
+        if *self.voters.borrow() != voters {
+            *self.voters.borrow_mut() = voters;
+        }
         self.status.set(Status {
             role: raft.state,
             leader: raft.leader_id,

@@ -237,6 +237,11 @@ impl Transport {
         t
     }
 
+    /// Whether the transport was stopped.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.get()
+    }
+
     /// Stops the transport ([`Transport::stop`]) and returns once its listener is
     /// closed, so that the port is free for a node started after it.
     pub async fn stop_and_close(&self) {
