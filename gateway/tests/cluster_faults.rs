@@ -1,0 +1,300 @@
+//! A first fault test of a cluster against real processes (issue 18's nemeses, short pass):
+//! three `chorus serve` nodes take posts to four channels through whichever node leads
+//! each, while a nemesis SIGKILLs and restarts nodes and SIGSTOPs and resumes them. After
+//! the faults heal, the checker asks every node for every channel: each acknowledged post
+//! is there exactly once, every node has the same posts at the same seqs, and nothing that
+//! was never sent appears. It prints the longest time no post was acknowledged.
+
+mod common;
+
+use common::{Server, AUTH_UNLIMITED, PASSWORD};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+const SHARDS: u16 = 2;
+const CHANNELS: usize = 4;
+/// How long the nemesis runs.
+const FAULTS_FOR: Duration = Duration::from_secs(16);
+/// How long the cluster may take to settle after the faults.
+const SETTLE: Duration = Duration::from_secs(30);
+
+fn cluster_addrs(n: usize) -> Vec<SocketAddr> {
+    let (mut out, mut held) = (Vec::new(), Vec::new());
+    while out.len() < n {
+        let first = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = first.local_addr().unwrap();
+        let rest: Option<Vec<std::net::TcpListener>> = (1..SHARDS)
+            .map(|s| {
+                let port = addr.port().checked_add(s)?;
+                std::net::TcpListener::bind(SocketAddr::new(addr.ip(), port)).ok()
+            })
+            .collect();
+        if let Some(rest) = rest {
+            out.push(addr);
+            held.push(first);
+            held.extend(rest);
+        }
+    }
+    out
+}
+
+/// A call that may meet a dead or stopped node: `None` for no answer within a second.
+fn call(
+    agent: &ureq::Agent,
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+) -> Option<(u16, Value)> {
+    let mut req = agent.request(method, &format!("http://{addr}{path}"));
+    if let Some(t) = token {
+        req = req.set("Authorization", &format!("Bearer {t}"));
+    }
+    let r = match body {
+        Some(b) => req
+            .set("Content-Type", "application/json")
+            .send_string(&b.to_string()),
+        None => req.call(),
+    };
+    let r = match r {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(_) => return None,
+    };
+    let status = r.status();
+    let text = r.into_string().ok()?;
+    Some((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
+}
+
+/// Sends a write to the nodes in turn until one acknowledges it, or `deadline` passes.
+fn write(
+    agent: &ureq::Agent,
+    addrs: &[String],
+    path: &str,
+    token: Option<&str>,
+    body: &Value,
+    deadline: Instant,
+) -> Option<Value> {
+    while Instant::now() < deadline {
+        for a in addrs {
+            match call(agent, a, "POST", path, token, Some(body)) {
+                Some((200 | 201, v)) => return Some(v),
+                Some((503 | 401 | 404, _)) | None => {}
+                Some((s, v)) => panic!("POST {path} at {a}: {s} {v}"),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+fn texts(agent: &ureq::Agent, addr: &str, token: &str, cid: &str) -> Option<Vec<(u64, String)>> {
+    let mut out = Vec::new();
+    let mut before: Option<String> = None;
+    loop {
+        let path = match before {
+            Some(b) => format!("/api/v1/channels/{cid}/messages?limit=200&before={b}"),
+            None => format!("/api/v1/channels/{cid}/messages?limit=200"),
+        };
+        let (status, v) = call(agent, addr, "GET", &path, Some(token), None)?;
+        if status != 200 {
+            return None;
+        }
+        let page = v["messages"].as_array()?;
+        for m in page {
+            out.push((m["seq"].as_u64()?, m["text"].as_str()?.to_owned()));
+        }
+        match v["next_cursor"].as_str() {
+            Some(c) if !page.is_empty() => before = Some(c.to_owned()),
+            _ => break,
+        }
+    }
+    out.sort();
+    Some(out)
+}
+
+#[test]
+fn acknowledged_posts_survive_kills_and_stops_on_every_node() {
+    let addrs = cluster_addrs(3);
+    let cluster: Vec<String> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("{}={a}", i + 1))
+        .collect();
+    let secret = tempfile::tempdir().unwrap();
+    let jwt = secret.path().join("jwt.key");
+    let config = |id: usize| {
+        format!(
+            "node_id = {id}\ncluster = \"{}\"\njwt_secret_file = \"{}\"\n\
+             rate_per_s = 1000000.0\nrate_burst = 1000000.0\n{AUTH_UNLIMITED}",
+            cluster.join(","),
+            jwt.display()
+        )
+    };
+    let mut nodes: Vec<Server> = (1..=3).map(|id| Server::start(&config(id))).collect();
+    let http: Vec<String> = nodes.iter().map(|s| s.addr.clone()).collect();
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(1))
+        .max_idle_connections(0)
+        .build();
+    let setup = Instant::now() + SETTLE;
+    let signup = json!({"email": "w@example.com", "password": PASSWORD, "name": "w"});
+    let v = write(&agent, &http, "/api/v1/auth/signup", None, &signup, setup).expect("sign-up");
+    let token = v["token"].as_str().unwrap().to_owned();
+    let ws = write(
+        &agent,
+        &http,
+        "/api/v1/workspaces",
+        Some(&token),
+        &json!({"name": "acme"}),
+        setup,
+    )
+    .expect("workspace");
+    let wid = ws["workspace"]["id"].as_str().unwrap().to_owned();
+    let channels: Vec<String> = (0..CHANNELS)
+        .map(|i| {
+            let body = json!({"name": format!("c{i}"), "kind": "public"});
+            let v = write(
+                &agent,
+                &http,
+                &format!("/api/v1/workspaces/{wid}/channels"),
+                Some(&token),
+                &body,
+                setup,
+            )
+            .expect("channel");
+            v["channel"]["id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+
+    // The writer: one post at a time, round-robin over the channels, each with its own
+    // client_msg_id (a retry after a lost answer is deduplicated); an answer 200 or 201 is
+    // an acknowledgement.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, http, token, channels, agent) = (
+            stop.clone(),
+            http.clone(),
+            token.clone(),
+            channels.clone(),
+            agent.clone(),
+        );
+        std::thread::spawn(move || {
+            let mut acked: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+            let mut sent = BTreeSet::new();
+            let (mut last_ack, mut longest) = (Instant::now(), Duration::ZERO);
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let cid = &channels[n as usize % CHANNELS];
+                let text = format!("p{n}");
+                sent.insert(text.clone());
+                let body = json!({"text": text, "client_msg_id": text});
+                let path = format!("/api/v1/channels/{cid}/messages");
+                let deadline = Instant::now() + Duration::from_secs(3);
+                if write(&agent, &http, &path, Some(&token), &body, deadline).is_some() {
+                    acked.entry(cid.clone()).or_default().insert(text);
+                    longest = longest.max(last_ack.elapsed());
+                    last_ack = Instant::now();
+                }
+                n += 1;
+            }
+            (acked, sent, longest)
+        })
+    };
+
+    // The nemesis: every 2 s one fault on a node chosen in turn, healed 1 s later.
+    let started = Instant::now();
+    let mut round = 0usize;
+    let mut faults = Vec::new();
+    while started.elapsed() < FAULTS_FOR {
+        let victim = round % 3;
+        if round % 2 == 0 {
+            nodes[victim].kill();
+            faults.push(format!("SIGKILL node {}", victim + 1));
+            std::thread::sleep(Duration::from_millis(1_000));
+            nodes[victim].restart();
+        } else {
+            nodes[victim].signal("-STOP");
+            faults.push(format!("SIGSTOP node {}", victim + 1));
+            std::thread::sleep(Duration::from_millis(1_000));
+            nodes[victim].signal("-CONT");
+        }
+        std::thread::sleep(Duration::from_millis(1_000));
+        round += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (acked, sent, longest) = writer.join().expect("writer");
+    let total: usize = acked.values().map(BTreeSet::len).sum();
+    assert!(total > 0, "nothing was acknowledged");
+
+    // The checker, once every node has caught up.
+    let settle = Instant::now() + SETTLE;
+    for cid in &channels {
+        let want = acked.get(cid).cloned().unwrap_or_default();
+        let mut histories = Vec::new();
+        for a in &http {
+            let h = loop {
+                let h = texts(&agent, a, &token, cid);
+                let missing: Vec<&String> = match &h {
+                    Some(h) => {
+                        let have: BTreeSet<&String> = h.iter().map(|(_, t)| t).collect();
+                        want.iter().filter(|t| !have.contains(t)).collect()
+                    }
+                    None => want.iter().collect(),
+                };
+                if missing.is_empty() {
+                    break h.unwrap_or_default();
+                }
+                if Instant::now() >= settle {
+                    let logs: Vec<String> = nodes.iter().map(|n| n.log()).collect();
+                    panic!(
+                        "node {a} never held channel {cid}'s acknowledged posts: missing {} of {} \
+                         ({:?}...), it has {:?}; faults {faults:?}; logs {logs:?}",
+                        missing.len(),
+                        want.len(),
+                        &missing[..missing.len().min(5)],
+                        h.map(|h| h.len())
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            let mut seen = BTreeSet::new();
+            for (_, t) in &h {
+                assert!(seen.insert(t.clone()), "{t} twice in {cid} on {a}");
+                assert!(sent.contains(t), "{t} in {cid} on {a} was never sent");
+            }
+            histories.push(h);
+        }
+        // Nodes may still apply the last unacknowledged posts: compare the common prefix
+        // once every node has the same length.
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let lens: Vec<usize> = http
+                .iter()
+                .map(|a| texts(&agent, a, &token, cid).map_or(0, |h| h.len()))
+                .collect();
+            if lens.windows(2).all(|w| w[0] == w[1]) {
+                let all: Vec<_> = http
+                    .iter()
+                    .map(|a| texts(&agent, a, &token, cid).unwrap_or_default())
+                    .collect();
+                if all.windows(2).all(|w| w[0] == w[1]) {
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "channel {cid}: the nodes never agreed ({lens:?})"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    eprintln!(
+        "faults: {}; {} posts sent, {total} acknowledged, longest without an acknowledgement {longest:?}",
+        faults.join(", "),
+        sent.len()
+    );
+}
