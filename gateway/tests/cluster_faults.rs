@@ -211,7 +211,7 @@ fn acknowledged_posts_survive_kills_and_stops_on_every_node() {
     let mut faults = Vec::new();
     while started.elapsed() < FAULTS_FOR {
         let victim = round % 3;
-        if round % 2 == 0 {
+        if round.is_multiple_of(2) {
             nodes[victim].kill();
             faults.push(format!("SIGKILL node {}", victim + 1));
             std::thread::sleep(Duration::from_millis(1_000));
