@@ -75,6 +75,10 @@ pub trait Durability {
     /// Whether this node decides the partition's events now.
     fn leading(&self) -> Leading;
 
+    /// Whether other nodes' leaders append to this log too (a cluster), so that its
+    /// events can be ahead of what this node's directory has applied.
+    fn follows(&self) -> bool;
+
     /// Reads durable records from an offset, up to a byte budget.
     async fn read(&self, from: u64, max_bytes: usize) -> Result<Vec<Record>, ReadError>;
 
@@ -116,6 +120,10 @@ impl<S: Storage> Durability for LocalDurability<S> {
 
     fn leading(&self) -> Leading {
         Leading::Yes
+    }
+
+    fn follows(&self) -> bool {
+        false
     }
 
     async fn read(&self, from: u64, max_bytes: usize) -> Result<Vec<Record>, ReadError> {

@@ -210,6 +210,10 @@ impl<S: Storage> Durability for ReplicatedDurability<S> {
         }
     }
 
+    fn follows(&self) -> bool {
+        true
+    }
+
     async fn read(&self, from: u64, max_bytes: usize) -> Result<Vec<Record>, ReadError> {
         let end = self.log.end();
         let mut records = self.log.log().read(from, max_bytes).await?;

@@ -490,6 +490,17 @@ impl<E: Env> Partition<E> {
             at = last.offset + 1;
             for r in records {
                 let rec = match partition_record(self.id, &r)? {
+                    PartitionRecord::Channel(rec)
+                        if self.log.follows() && self.channel_rt(rec.channel).is_none() =>
+                    {
+                        // In a cluster the directory and this log commit in different
+                        // groups, and this node's directory may not have applied the
+                        // channel's creation yet (it had not when the node stopped): the
+                        // rest is applied as the log is followed, once it has.
+                        self.applied = r.offset;
+                        self.awaiting_directory = true;
+                        return Ok(replayed);
+                    }
                     PartitionRecord::Channel(rec) => rec,
                     PartitionRecord::Read(rec) => {
                         self.replay_mark(rec, r.offset)?;
