@@ -8,7 +8,6 @@ mod common;
 
 use common::{Resp, Server, User, AUTH_UNLIMITED, PASSWORD};
 use serde_json::{json, Value};
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 /// Shards per server (the harness starts two): shard `s` listens on its cluster port
@@ -16,27 +15,6 @@ use std::time::{Duration, Instant};
 const SHARDS: u16 = 2;
 /// How long a write may look for a node that takes it.
 const WRITE_WAIT: Duration = Duration::from_secs(20);
-
-/// Free cluster addresses whose next `SHARDS - 1` ports are free too.
-fn cluster_addrs(n: usize) -> Vec<SocketAddr> {
-    let (mut out, mut held) = (Vec::new(), Vec::new());
-    while out.len() < n {
-        let first = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = first.local_addr().unwrap();
-        let rest: Option<Vec<std::net::TcpListener>> = (1..SHARDS)
-            .map(|s| {
-                let port = addr.port().checked_add(s)?;
-                std::net::TcpListener::bind(SocketAddr::new(addr.ip(), port)).ok()
-            })
-            .collect();
-        if let Some(rest) = rest {
-            out.push(addr);
-            held.push(first);
-            held.extend(rest);
-        }
-    }
-    out
-}
 
 /// Sends a call to the nodes in turn until one takes it (anything but 503, or 401/404
 /// from a node whose directory has not yet learnt what another node just committed);
@@ -131,7 +109,7 @@ fn str_of(v: &Value) -> String {
 
 #[test]
 fn three_processes_serve_one_cluster_and_survive_a_sigkill() {
-    let addrs = cluster_addrs(3);
+    let addrs = chorus_replication::engine_env::free_loopback_addrs(3, SHARDS);
     let cluster: Vec<String> = addrs
         .iter()
         .enumerate()

@@ -10,7 +10,6 @@ mod common;
 use common::{Server, AUTH_UNLIMITED, PASSWORD};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 const SHARDS: u16 = 2;
@@ -19,26 +18,6 @@ const CHANNELS: usize = 4;
 const FAULTS_FOR: Duration = Duration::from_secs(16);
 /// How long the cluster may take to settle after the faults.
 const SETTLE: Duration = Duration::from_secs(30);
-
-fn cluster_addrs(n: usize) -> Vec<SocketAddr> {
-    let (mut out, mut held) = (Vec::new(), Vec::new());
-    while out.len() < n {
-        let first = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = first.local_addr().unwrap();
-        let rest: Option<Vec<std::net::TcpListener>> = (1..SHARDS)
-            .map(|s| {
-                let port = addr.port().checked_add(s)?;
-                std::net::TcpListener::bind(SocketAddr::new(addr.ip(), port)).ok()
-            })
-            .collect();
-        if let Some(rest) = rest {
-            out.push(addr);
-            held.push(first);
-            held.extend(rest);
-        }
-    }
-    out
-}
 
 /// A call that may meet a dead or stopped node: `None` for no answer within a second.
 fn call(
@@ -118,7 +97,7 @@ fn texts(agent: &ureq::Agent, addr: &str, token: &str, cid: &str) -> Option<Vec<
 
 #[test]
 fn acknowledged_posts_survive_kills_and_stops_on_every_node() {
-    let addrs = cluster_addrs(3);
+    let addrs = chorus_replication::engine_env::free_loopback_addrs(3, SHARDS);
     let cluster: Vec<String> = addrs
         .iter()
         .enumerate()

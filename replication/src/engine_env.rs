@@ -37,6 +37,33 @@ pub fn shard_addr(node: SocketAddr, shard: u32) -> SocketAddr {
     SocketAddr::new(node.ip(), node.port() + shard as u16)
 }
 
+/// Free loopback cluster addresses for `nodes` nodes of `shards` shards each: each
+/// address's next `shards - 1` ports are free too (at the moment of asking). For tests and
+/// local clusters.
+pub fn free_loopback_addrs(nodes: usize, shards: u16) -> Vec<SocketAddr> {
+    let (mut out, mut held) = (Vec::new(), Vec::new());
+    while out.len() < nodes {
+        let Ok(first) = std::net::TcpListener::bind("127.0.0.1:0") else {
+            continue;
+        };
+        let Ok(addr) = first.local_addr() else {
+            continue;
+        };
+        let rest: Option<Vec<std::net::TcpListener>> = (1..shards)
+            .map(|s| {
+                let port = addr.port().checked_add(s)?;
+                std::net::TcpListener::bind(SocketAddr::new(addr.ip(), port)).ok()
+            })
+            .collect();
+        if let Some(rest) = rest {
+            out.push(addr);
+            held.push(first);
+            held.extend(rest);
+        }
+    }
+    out
+}
+
 /// A shard's environment in a cluster: the real one ([`GlommioEnv`]), with the shard's
 /// [`Node`] for its partitions' groups.
 #[derive(Clone)]

@@ -15,6 +15,7 @@ use chorus_engine::env::GlommioEnv;
 use chorus_engine::ids::{ChannelId, UserId};
 use chorus_engine::{Engine, EngineConfig, EngineError, Subscription, Unavailable};
 use chorus_log::DiskRoot;
+use chorus_replication::engine_env::free_loopback_addrs;
 use chorus_replication::transport::{Cuts, Membership};
 use chorus_replication::{ClusterEnv, NodeConfig};
 use common::wait_for;
@@ -76,27 +77,6 @@ fn directory(engines: &[Option<Engine>]) -> (UserId, UserId, ChannelId) {
         block_on(e.create_channel(alice.id, ws.id, "general", ChannelKind::Public))
     });
     (alice.id, bob.id, c.id)
-}
-
-/// Free cluster addresses whose next `SHARDS - 1` ports are free too.
-fn cluster_addrs(n: usize) -> Vec<SocketAddr> {
-    let (mut out, mut held) = (Vec::new(), Vec::new());
-    while out.len() < n {
-        let first = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = first.local_addr().unwrap();
-        let rest: Option<Vec<std::net::TcpListener>> = (1..SHARDS as u16)
-            .map(|s| {
-                let port = addr.port().checked_add(s)?;
-                std::net::TcpListener::bind(SocketAddr::new(addr.ip(), port)).ok()
-            })
-            .collect();
-        if let Some(rest) = rest {
-            out.push(addr);
-            held.push(first);
-            held.extend(rest);
-        }
-    }
-    out
 }
 
 fn dirs() -> Vec<tempfile::TempDir> {
@@ -197,7 +177,7 @@ fn drain(sub: &mut Subscription, out: &mut Vec<String>) {
 
 #[test]
 fn partitions_follow_their_leader_and_survive_its_stop() {
-    let (dirs, addrs) = (dirs(), cluster_addrs(3));
+    let (dirs, addrs) = (dirs(), free_loopback_addrs(3, SHARDS as u16));
     let cuts: Vec<Cuts> = (0..3).map(|_| Cuts::default()).collect();
     let (mut engines, (alice, bob, c)) = start(&dirs, &addrs, &cuts);
 
@@ -328,7 +308,7 @@ fn partitions_follow_their_leader_and_survive_its_stop() {
 // refused writes.
 #[test]
 fn an_isolated_leader_acknowledges_nothing_and_rebuilds() {
-    let (dirs, addrs) = (dirs(), cluster_addrs(3));
+    let (dirs, addrs) = (dirs(), free_loopback_addrs(3, SHARDS as u16));
     let cuts: Vec<Cuts> = (0..3).map(|_| Cuts::default()).collect();
     let (engines, (alice, _, c)) = start(&dirs, &addrs, &cuts);
     let mut expected = Vec::new();
@@ -407,7 +387,7 @@ fn workspaces(engine: &Engine, user: UserId) -> Vec<String> {
 // user.
 #[test]
 fn an_isolated_directory_leader_acknowledges_nothing_and_rebuilds() {
-    let (dirs, addrs) = (dirs(), cluster_addrs(3));
+    let (dirs, addrs) = (dirs(), free_loopback_addrs(3, SHARDS as u16));
     let cuts: Vec<Cuts> = (0..3).map(|_| Cuts::default()).collect();
     let (engines, (alice, _, _)) = start(&dirs, &addrs, &cuts);
     // Past the move to the preferred leader, if there is one.
