@@ -6,13 +6,10 @@
 
 mod common;
 
-use common::{Resp, Server, User, AUTH_UNLIMITED, PASSWORD};
+use common::{ClusterConfig, Resp, Server, User, AUTH_UNLIMITED, PASSWORD};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
-/// Shards per server (the harness starts two): shard `s` listens on its cluster port
-/// plus `s`.
-const SHARDS: u16 = 2;
 /// How long a write may look for a node that takes it.
 const WRITE_WAIT: Duration = Duration::from_secs(20);
 
@@ -109,22 +106,10 @@ fn str_of(v: &Value) -> String {
 
 #[test]
 fn three_processes_serve_one_cluster_and_survive_a_sigkill() {
-    let addrs = chorus_replication::engine_env::free_loopback_addrs(3, SHARDS);
-    let cluster: Vec<String> = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| format!("{}={a}", i + 1))
-        .collect();
-    let secret = tempfile::tempdir().unwrap();
-    let jwt = secret.path().join("jwt.key");
+    let config = ClusterConfig::three();
+    let addrs = &config.addrs;
     let mut nodes: Vec<Option<Server>> = (1..=3)
-        .map(|id| {
-            Some(Server::start(&format!(
-                "node_id = {id}\ncluster = \"{}\"\njwt_secret_file = \"{}\"\n{AUTH_UNLIMITED}",
-                cluster.join(","),
-                jwt.display()
-            )))
-        })
+        .map(|id| Some(Server::start(&config.node(id, AUTH_UNLIMITED))))
         .collect();
 
     let signup = json!({"email": "alice@example.com", "password": PASSWORD, "name": "alice"});

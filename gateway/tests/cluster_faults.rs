@@ -7,12 +7,11 @@
 
 mod common;
 
-use common::{Server, AUTH_UNLIMITED, PASSWORD};
+use common::{ClusterConfig, Server, PASSWORD, UNLIMITED};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-const SHARDS: u16 = 2;
 const CHANNELS: usize = 4;
 /// How long the nemesis runs.
 const FAULTS_FOR: Duration = Duration::from_secs(16);
@@ -97,22 +96,8 @@ fn texts(agent: &ureq::Agent, addr: &str, token: &str, cid: &str) -> Option<Vec<
 
 #[test]
 fn acknowledged_posts_survive_kills_and_stops_on_every_node() {
-    let addrs = chorus_replication::engine_env::free_loopback_addrs(3, SHARDS);
-    let cluster: Vec<String> = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| format!("{}={a}", i + 1))
-        .collect();
-    let secret = tempfile::tempdir().unwrap();
-    let jwt = secret.path().join("jwt.key");
-    let config = |id: usize| {
-        format!(
-            "node_id = {id}\ncluster = \"{}\"\njwt_secret_file = \"{}\"\n\
-             rate_per_s = 1000000.0\nrate_burst = 1000000.0\n{AUTH_UNLIMITED}",
-            cluster.join(","),
-            jwt.display()
-        )
-    };
+    let cluster = ClusterConfig::three();
+    let config = |id: usize| cluster.node(id, UNLIMITED);
     let mut nodes: Vec<Server> = (1..=3).map(|id| Server::start(&config(id))).collect();
     let http: Vec<String> = nodes.iter().map(|s| s.addr.clone()).collect();
     let agent = ureq::AgentBuilder::new()

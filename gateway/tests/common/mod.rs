@@ -36,6 +36,40 @@ signup_per_ip_burst = 1000000.0\n\
 login_failures_per_ip_burst = 1000000.0\nlogin_failures_per_account_burst = 1000000.0\n\
 login_failures_per_account_ip_burst = 1000000.0\n";
 
+/// A loopback cluster's nodes' settings (`API.md` §15): free cluster addresses for three
+/// nodes of the harness's two shards, one JWT secret for all (so a token works on every
+/// node), and the settings of each.
+pub struct ClusterConfig {
+    /// The nodes' addresses between nodes, node `i + 1` at `addrs[i]`.
+    pub addrs: Vec<std::net::SocketAddr>,
+    jwt: tempfile::TempDir,
+}
+
+impl ClusterConfig {
+    /// Three nodes' worth.
+    pub fn three() -> ClusterConfig {
+        ClusterConfig {
+            addrs: chorus_replication::engine_env::free_loopback_addrs(3, 2),
+            jwt: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    /// Node `id`'s settings, with `extra` settings after them.
+    pub fn node(&self, id: usize, extra: &str) -> String {
+        let cluster: Vec<String> = self
+            .addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{}={a}", i + 1))
+            .collect();
+        format!(
+            "node_id = {id}\ncluster = \"{}\"\njwt_secret_file = \"{}\"\n{extra}",
+            cluster.join(","),
+            self.jwt.path().join("jwt.key").display()
+        )
+    }
+}
+
 /// A running `chorus serve` on a data directory that outlives restarts; killed on drop.
 pub struct Server {
     child: Option<Child>,
