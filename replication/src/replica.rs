@@ -377,9 +377,14 @@ impl Replica {
     fn publish<S: Storage, M: StateMachine>(&self, group: &Group<S, M>, ended: bool) {
         let raft = &group.raw_ref().raft;
         let applied = group.applied();
-        let mut voters: Vec<u64> = raft.prs().conf().voters().ids().iter().collect();
-        voters.sort_unstable();
-        if *self.voters.borrow() != voters {
+        // Every turn publishes: compare in place, and allocate only when the voters changed.
+        let ids = raft.prs().conf().voters().ids();
+        let known = self.voters.borrow();
+        let same = known.len() == ids.len() && known.iter().all(|v| ids.contains(*v));
+        drop(known);
+        if !same {
+            let mut voters: Vec<u64> = ids.iter().collect();
+            voters.sort_unstable();
             *self.voters.borrow_mut() = voters;
         }
         self.status.set(Status {
