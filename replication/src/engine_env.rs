@@ -40,28 +40,56 @@ pub fn shard_addr(node: SocketAddr, shard: u32) -> SocketAddr {
 /// Free loopback cluster addresses for `nodes` nodes of `shards` shards each: each
 /// address's next `shards - 1` ports are free too (at the moment of asking). For tests and
 /// local clusters.
+///
+/// The ports lie below the kernel's ephemeral range, so that while a node is down its
+/// port is not handed to another socket's outgoing connection (nor to a peer's redial,
+/// which would then connect to itself), and the node can bind it again when it restarts.
 pub fn free_loopback_addrs(nodes: usize, shards: u16) -> Vec<SocketAddr> {
+    const LOWEST: u16 = 10_000;
+    let below = ephemeral_ports_start()
+        .saturating_sub(shards)
+        .max(LOWEST + 1);
+    let span = u32::from(below - LOWEST);
+    let mut next = LOWEST as u32 + scatter() % span;
     let (mut out, mut held) = (Vec::new(), Vec::new());
-    while out.len() < nodes {
-        let Ok(first) = std::net::TcpListener::bind("127.0.0.1:0") else {
-            continue;
-        };
-        let Ok(addr) = first.local_addr() else {
-            continue;
-        };
-        let rest: Option<Vec<std::net::TcpListener>> = (1..shards)
-            .map(|s| {
-                let port = addr.port().checked_add(s)?;
-                std::net::TcpListener::bind(SocketAddr::new(addr.ip(), port)).ok()
-            })
+    let ip = std::net::Ipv4Addr::LOCALHOST;
+    for _ in 0..span {
+        if out.len() == nodes {
+            break;
+        }
+        let first = next as u16;
+        next = LOWEST as u32 + (next + u32::from(shards) - LOWEST as u32) % span;
+        let ports: Option<Vec<std::net::TcpListener>> = (0..shards)
+            .map(|s| std::net::TcpListener::bind((ip, first + s)).ok())
             .collect();
-        if let Some(rest) = rest {
-            out.push(addr);
-            held.push(first);
-            held.extend(rest);
+        if let Some(ports) = ports {
+            out.push(SocketAddr::from((ip, first)));
+            held.extend(ports);
         }
     }
+    assert_eq!(
+        out.len(),
+        nodes,
+        "no {nodes} free runs of {shards} loopback ports"
+    );
     out
+}
+
+/// Where the kernel's ephemeral (outgoing) ports begin: Linux's setting, or IANA's start.
+fn ephemeral_ports_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(49_152)
+}
+
+/// A number that differs between processes and calls, to start the port search from a
+/// different place each time (tests run side by side).
+fn scatter() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.finish() as u32
 }
 
 /// A shard's environment in a cluster: the real one ([`GlommioEnv`]), with the shard's

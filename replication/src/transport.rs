@@ -402,6 +402,14 @@ async fn connect(addr: SocketAddr, me: u64, fingerprint: u64) -> std::io::Result
     let mut c = TcpStream::connect_timeout(addr, CONNECT_TIMEOUT)
         .await
         .map_err(std::io::Error::from)?;
+    // With nobody listening at a loopback address, the kernel may pick that very port for
+    // the dial's own end, and the socket then connects to itself.
+    if c.local_addr().ok() == Some(addr) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            format!("nobody listens at {addr} (the dial connected to itself)"),
+        ));
+    }
     c.set_nodelay(true).map_err(std::io::Error::from)?;
     let mut hello = Vec::new();
     wire::encode(

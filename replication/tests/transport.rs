@@ -11,10 +11,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 fn free_addrs(n: usize) -> Vec<SocketAddr> {
-    let listeners: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    listeners.iter().map(|l| l.local_addr().unwrap()).collect()
+    chorus_replication::engine_env::free_loopback_addrs(n, 1)
 }
 
 type Got = Rc<RefCell<Vec<(u64, u64, Message)>>>;

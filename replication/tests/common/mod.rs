@@ -9,10 +9,7 @@ pub const MINUTE: Duration = Duration::from_secs(60);
 
 /// `n` loopback addresses free a moment ago.
 pub fn free_addrs(n: usize) -> Vec<SocketAddr> {
-    let listeners: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    listeners.iter().map(|l| l.local_addr().unwrap()).collect()
+    chorus_replication::engine_env::free_loopback_addrs(n, 1)
 }
 
 /// Waits until `ok`, failing the test after `timeout`.
