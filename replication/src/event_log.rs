@@ -18,10 +18,17 @@
 //! a batch only partly there (a torn append) is cut off and appended again; a batch past
 //! the log's end (a gap) cannot be, and stops the group.
 //!
-//! Not built yet: a snapshot sent by a leader to a follower too far behind carries only the
-//! cursor, not the events, so such a follower stops with an error instead of diverging.
-//! Groups must keep enough entries for their followers (`compact_every`) until the events
-//! travel with the snapshot.
+//! **Catch-up by snapshot.** A follower further behind than the leader's log keeps entries
+//! is sent a snapshot: the leader's cursor. The events up to the cursor's offset are in
+//! every replica's event log that applied them (an event log is never compacted: it is the
+//! channel's history), so the follower fetches what it lacks from a peer, the leader
+//! first, over a connection of its own ([`crate::Transport::fetch`]), about
+//! [`crate::wire::EVENTS_BYTES`] at a time, appending each piece (one fsync) before it asks
+//! for the next, and takes the cursor once its log reaches it ([`EventLogMachine::catch_up`]).
+//! Until then the group applies nothing, and a node that stops halfway fetches the rest when
+//! it opens again (the snapshot is on disk, the events fetched so far too). The engine's own
+//! partition snapshot does not travel: the follower's partition applies the fetched events
+//! as it applies any others, and takes its own snapshots.
 //!
 //! Invariant: **an event is in the log only once its entry is committed**, and at the same
 //! offset on every replica.
@@ -39,6 +46,9 @@ use std::rc::Rc;
 
 /// Ranges kept for proposers to pick up, at most (the oldest go first).
 const RANGES_KEPT: usize = 4_096;
+/// The first and the longest wait before asking peers again for events none could send.
+const CATCH_UP_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(50);
+const CATCH_UP_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Encodes a batch of events as a Raft entry's data: a count, then per event its
 /// timestamp, its length and its bytes (little-endian).
@@ -125,8 +135,13 @@ impl Shared {
 pub struct EventLogMachine<S: Storage> {
     log: Rc<Log<S>>,
     cursor: Cursor,
-    /// A snapshot was installed whose offset the log does not reach.
+    /// Data that is no snapshot of this machine was restored: the group stops.
     gap: Option<String>,
+    /// A snapshot was restored whose offset the log does not reach yet: the cursor to take
+    /// once the events before it are fetched ([`EventLogMachine::catch_up`]).
+    behind: Option<Cursor>,
+    /// The group's replica: its peers, and how to fetch events from them.
+    replica: Rc<Replica>,
     shared: Rc<Shared>,
     feed: Option<mpsc::UnboundedSender<(u64, Range<u64>)>>,
 }
@@ -135,6 +150,9 @@ impl<S: Storage> StateMachine for EventLogMachine<S> {
     async fn apply(&mut self, entries: &[Entry]) -> Result<(), RaftLogError> {
         if let Some(why) = &self.gap {
             return Err(RaftLogError::Corrupt(why.clone()));
+        }
+        if self.behind.is_some() {
+            self.catch_up().await?;
         }
         let mut events: Vec<Event<'_>> = Vec::new();
         let mut placed: Vec<(u64, Range<u64>)> = Vec::new();
@@ -211,6 +229,42 @@ impl<S: Storage> StateMachine for EventLogMachine<S> {
         self.cursor.encode()
     }
 
+    async fn catch_up(&mut self) -> Result<(), RaftLogError> {
+        let Some(target) = self.behind else {
+            return Ok(());
+        };
+        let mut backoff = CATCH_UP_BACKOFF_MIN;
+        loop {
+            let next = self.log.next_offset();
+            if next >= target.offset {
+                self.cursor = target;
+                self.behind = None;
+                self.shared.set_end(next);
+                return Ok(());
+            }
+            if self.replica.stop_asked() {
+                return Err(RaftLogError::Corrupt(format!(
+                    "stopped while catching up: the event log ends at {next}, the snapshot \
+                     at index {} names offset {} (the rest is fetched when it opens again)",
+                    target.index, target.offset
+                )));
+            }
+            if let Some(end) = self.fetch_some(next, target.offset).await? {
+                self.shared.set_end(end);
+                backoff = CATCH_UP_BACKOFF_MIN;
+                continue;
+            }
+            tracing::warn!(
+                group = self.replica.group_id(),
+                from = next,
+                to = target.offset,
+                "no peer could send the events this node lacks; asking again"
+            );
+            glommio::timer::sleep(backoff).await;
+            backoff = (backoff * 2).min(CATCH_UP_BACKOFF_MAX);
+        }
+    }
+
     fn restore(&mut self, index: u64, data: &[u8]) {
         let start = Cursor {
             index: 0,
@@ -223,12 +277,8 @@ impl<S: Storage> StateMachine for EventLogMachine<S> {
                 self.cursor = c;
             }
             Some(c) if c.index == index => {
-                self.gap = Some(format!(
-                    "a snapshot at index {index} puts the event log at offset {}, but it \
-                     ends at {}: the events would have to come from a peer",
-                    c.offset,
-                    self.log.next_offset()
-                ));
+                // Further than this log reaches: the events come from a peer.
+                self.behind = Some(c);
             }
             _ => {
                 self.gap = Some(format!("the snapshot at index {index} is not a cursor"));
@@ -238,6 +288,36 @@ impl<S: Storage> StateMachine for EventLogMachine<S> {
 }
 
 impl<S: Storage> EventLogMachine<S> {
+    /// Asks the group's peers (the leader first) for the events from `from` on, before
+    /// `to`, and appends what the first that has any sends; returns the log's new end, or
+    /// `None` if no peer sent any.
+    async fn fetch_some(&mut self, from: u64, to: u64) -> Result<Option<u64>, RaftLogError> {
+        let leader = self.replica.status().leader;
+        let mut peers = self.replica.voters();
+        peers.sort_by_key(|&p| p != leader);
+        for peer in peers {
+            let batch = match self.replica.fetch_events(peer, from, to).await {
+                Ok(batch) => batch,
+                Err(e) => {
+                    tracing::debug!(peer, error = %e, "a peer did not send events");
+                    continue;
+                }
+            };
+            let Some(mut events) = decode_batch(&batch).filter(|e| !e.is_empty()) else {
+                continue;
+            };
+            events.truncate((to - from) as usize);
+            let appended = self.log.append(&events).await?;
+            if appended.start != from {
+                return Err(RaftLogError::Corrupt(format!(
+                    "events fetched for offset {from} went to {appended:?}"
+                )));
+            }
+            return Ok(Some(appended.end));
+        }
+        Ok(None)
+    }
+
     /// Removes every event from `offset` on.
     async fn cut_after(&self, offset: u64) -> Result<(), RaftLogError> {
         if offset <= self.log.first_offset() {
@@ -247,6 +327,24 @@ impl<S: Storage> EventLogMachine<S> {
         }
         Ok(())
     }
+}
+
+/// The events `log` holds from `from` on, before `to`, as a batch: about
+/// [`crate::wire::EVENTS_BYTES`] of them at most, none if it does not hold `from`.
+async fn read_batch<S: Storage>(log: &Log<S>, from: u64, to: u64) -> Vec<u8> {
+    let records = log
+        .read(from, crate::wire::EVENTS_BYTES)
+        .await
+        .unwrap_or_default();
+    let events: Vec<Event<'_>> = records
+        .iter()
+        .take_while(|r| r.offset < to)
+        .map(|r| Event {
+            timestamp_us: r.timestamp_us,
+            payload: &r.payload[..],
+        })
+        .collect();
+    encode_batch(&events)
 }
 
 /// Why a commit was not made.
@@ -276,7 +374,10 @@ impl<S: Storage> ReplicatedLog<S> {
         replica: Rc<Replica>,
         log: Log<S>,
         feed: Option<mpsc::UnboundedSender<(u64, Range<u64>)>>,
-    ) -> (ReplicatedLog<S>, EventLogMachine<S>) {
+    ) -> (ReplicatedLog<S>, EventLogMachine<S>)
+    where
+        S: 'static,
+    {
         let log = Rc::new(log);
         let shared = Rc::new(Shared {
             ranges: RefCell::default(),
@@ -290,9 +391,16 @@ impl<S: Storage> ReplicatedLog<S> {
                 offset: log.first_offset(),
             },
             gap: None,
+            behind: None,
+            replica: replica.clone(),
             shared: shared.clone(),
             feed,
         };
+        let source = log.clone();
+        replica.set_source(Rc::new(move |from, to| {
+            let log = source.clone();
+            Box::pin(async move { read_batch(&log, from, to).await })
+        }));
         (
             ReplicatedLog {
                 replica,

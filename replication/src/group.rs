@@ -34,8 +34,15 @@ pub trait StateMachine {
     async fn apply(&mut self, entries: &[Entry]) -> Result<(), RaftLogError>;
     /// The state after every entry applied so far, as snapshot data.
     fn snapshot(&self) -> Vec<u8>;
-    /// Replaces the state with a snapshot's, taken at `index`.
+    /// Replaces the state with a snapshot's, taken at `index`. What the snapshot names but
+    /// this node lacks is fetched by [`StateMachine::catch_up`], which the group calls next.
     fn restore(&mut self, index: u64, data: &[u8]);
+    /// Fetches from peers what the last snapshot restored names but this node does not
+    /// hold yet, if anything; the group calls it after every restore (and when its task
+    /// starts, for the snapshot restored at open). Entries are applied only after it.
+    async fn catch_up(&mut self) -> Result<(), RaftLogError> {
+        Ok(())
+    }
 }
 
 /// One group's consensus, storage and state machine.
@@ -164,6 +171,7 @@ impl<S: Storage, M: StateMachine> Group<S, M> {
             self.raw.mut_store().apply_snapshot(&snapshot).await?;
             let index = snapshot.get_metadata().index;
             self.machine.restore(index, &snapshot.data);
+            self.machine.catch_up().await?;
             self.applied = index;
         }
         // Committed entries are applied after this Ready is persisted and advanced, not

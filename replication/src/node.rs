@@ -26,6 +26,10 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+/// Entries a group applies between two compactions of its Raft log, unless set otherwise
+/// ([`NodeConfig::compact_every`]).
+pub const COMPACT_EVERY: u64 = 1_000;
+
 /// How a node runs its groups.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -59,7 +63,7 @@ impl NodeConfig {
             tick: Duration::from_millis(20),
             election_ticks: 10,
             heartbeat_ticks: 2,
-            compact_every: 1_000,
+            compact_every: COMPACT_EVERY,
             log: LogConfig::default(),
             cuts: Cuts::default(),
             board: Board::default(),
@@ -107,7 +111,8 @@ impl Node {
     /// groups not (yet) opened here are dropped (Raft sends again).
     pub fn listen(config: NodeConfig, listener: TcpListener) -> Node {
         let replicas: Rc<RefCell<BTreeMap<u64, Rc<Replica>>>> = Rc::default();
-        let (routes, lost_routes) = (replicas.clone(), replicas.clone());
+        let (routes, lost_routes, serve_routes) =
+            (replicas.clone(), replicas.clone(), replicas.clone());
         let heard: Rc<RefCell<BTreeMap<u64, Instant>>> = Rc::default();
         let hearing = heard.clone();
         let transport = Transport::start_with_cuts(
@@ -128,6 +133,15 @@ impl Node {
                         }
                     }
                 }),
+                serve: Some(Box::new(move |group, from, to| {
+                    let replica = serve_routes.borrow().get(&group).cloned();
+                    Box::pin(async move {
+                        match replica {
+                            Some(r) => r.serve_events(from, to).await,
+                            None => crate::event_log::encode_batch(&[]),
+                        }
+                    })
+                })),
             },
             config.cuts.clone(),
         );
@@ -192,6 +206,18 @@ impl Node {
         };
         let replica = Replica::new(group);
         replica.prefer(voters.first().copied());
+        // Weak: the transport's handlers reach the replica, which must not keep the
+        // transport alive in turn.
+        let transport = Rc::downgrade(&self.transport);
+        replica.set_fetch(Rc::new(move |peer, from, to| {
+            let transport = transport.upgrade();
+            Box::pin(async move {
+                match transport {
+                    Some(t) => t.fetch(peer, group, from, to).await,
+                    None => Err(std::io::Error::other("the node's transport is gone")),
+                }
+            })
+        }));
         let opened = Group::open(
             state,
             log,

@@ -24,6 +24,7 @@ use crate::group::{Group, StateMachine};
 use crate::raft_log::RaftLogError;
 use chorus_log::Storage;
 use futures::channel::oneshot;
+use futures::future::LocalBoxFuture;
 use raft::eraftpb::{Message, MessageType};
 use raft::{SnapshotStatus, StateRole};
 use std::cell::{Cell, RefCell};
@@ -111,7 +112,20 @@ pub struct Replica {
     preferred: Cell<Option<u64>>,
     /// The group's voters as of the task's last turn.
     voters: RefCell<Vec<u64>>,
+    /// How this node asks a peer for the group's events (set by the node).
+    fetch: RefCell<Option<Fetch>>,
+    /// How this node reads the group's events for a peer (set by the state machine's
+    /// owner).
+    source: RefCell<Option<Source>>,
 }
+
+/// Asks a peer for a group's events: (peer, from, to) → a batch
+/// ([`crate::event_log::encode_batch`]) of what the peer holds from `from` on, before `to`.
+pub type Fetch = Rc<dyn Fn(u64, u64, u64) -> LocalBoxFuture<'static, std::io::Result<Vec<u8>>>>;
+
+/// Reads this node's events of a group for a peer: (from, to) → a batch of what it holds
+/// from `from` on, before `to` (none if it does not hold `from`).
+pub type Source = Rc<dyn Fn(u64, u64) -> LocalBoxFuture<'static, Vec<u8>>>;
 
 /// How long a leader waits before it tries again to hand its leadership to the preferred
 /// node, after a try that did not take.
@@ -135,7 +149,46 @@ impl Replica {
             }),
             preferred: Cell::new(None),
             voters: RefCell::default(),
+            fetch: RefCell::new(None),
+            source: RefCell::new(None),
         })
+    }
+
+    /// Sets how this node asks a peer for the group's events (the node's transport).
+    pub fn set_fetch(&self, fetch: Fetch) {
+        *self.fetch.borrow_mut() = Some(fetch);
+    }
+
+    /// Asks `peer` for the group's events from `from` on, before `to` (see [`Fetch`]).
+    pub async fn fetch_events(&self, peer: u64, from: u64, to: u64) -> std::io::Result<Vec<u8>> {
+        let fetch = self.fetch.borrow().clone();
+        match fetch {
+            Some(f) => f(peer, from, to).await,
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "this replica has no way to reach its peers",
+            )),
+        }
+    }
+
+    /// Sets how this node reads the group's events for a peer.
+    pub fn set_source(&self, source: Source) {
+        *self.source.borrow_mut() = Some(source);
+    }
+
+    /// This node's events of the group from `from` on, before `to`, for a peer (see
+    /// [`Source`]); none if there is no source.
+    pub async fn serve_events(&self, from: u64, to: u64) -> Vec<u8> {
+        let source = self.source.borrow().clone();
+        match source {
+            Some(s) => s(from, to).await,
+            None => crate::event_log::encode_batch(&[]),
+        }
+    }
+
+    /// Whether the task was asked to stop.
+    pub fn stop_asked(&self) -> bool {
+        self.inputs.borrow().stop.is_some()
     }
 
     /// Names the node that should lead the group. A leader that is not that node hands its
@@ -232,6 +285,10 @@ impl Replica {
         mut send: impl FnMut(Message),
     ) -> Result<Group<S, M>, RaftLogError> {
         group.track_applied(true);
+        // A snapshot installed before a restart may be ahead of the state machine (see
+        // [`StateMachine::catch_up`]); the voters are known from here on.
+        self.publish(&group, false);
+        group.machine_mut().catch_up().await?;
         let mut pending: BTreeMap<u64, (u64, Answer)> = BTreeMap::new();
         let mut next_tick = Instant::now() + tick;
         let mut handing_off: Option<Instant> = None;

@@ -21,11 +21,16 @@
 //! frames that the reader joins. Every decoding error closes the connection too; the peer
 //! reconnects.
 //!
+//! A peer catching up after a snapshot fetches events on a connection of its own
+//! ([`Transport::fetch`]): `HELLO`, then `FETCH`, answered by one `EVENTS` frame that the
+//! owner's `serve` handler fills; the asker then closes it.
+//!
 //! The fault layer: [`Transport::set_cut`] cuts this node off from a peer, both ways (what
 //! it would send is lost, what arrives from it is dropped), so that fault tests can
 //! partition a cluster of real processes without touching the host's network.
 
 use crate::wire::{self, Decoder, Frame, Joiner};
+use futures::future::LocalBoxFuture;
 use futures::io::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use protobuf::Message as _;
@@ -46,6 +51,8 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// How long a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a fetch of events may take, its connection included.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Who is in the cluster.
 #[derive(Clone, Debug)]
@@ -151,12 +158,19 @@ struct Outbox {
 /// Messages of groups: (group id, message).
 pub type Batch = Vec<(u64, Message)>;
 
+/// What answers a peer's `FETCH`: (group, from, to) → the events this node holds from
+/// `from` on, before `to`, as a batch (none if it holds none).
+pub type Serve = Box<dyn Fn(u64, u64, u64) -> LocalBoxFuture<'static, Vec<u8>>>;
+
 /// What the owner of the transport is told.
 pub struct Handlers {
     /// A message arrived: (from node, group, message).
     pub deliver: Box<dyn Fn(u64, u64, Message)>,
     /// Messages for a peer that will not arrive: (peer, [(group, message)]).
     pub on_lost: Box<dyn Fn(u64, Batch)>,
+    /// A peer fetches events (see [`Transport::fetch`]); `None` answers every fetch with
+    /// no events.
+    pub serve: Option<Serve>,
 }
 
 /// The transport of one node.
@@ -255,6 +269,73 @@ impl Transport {
     /// The fault layer: cuts this node off from `peer` both ways, or mends the link.
     pub fn set_cut(&self, peer: u64, cut: bool) {
         self.cut.set(peer, cut);
+    }
+
+    /// Asks `peer` for `group`'s committed events from offset `from` on, before `to`, on a
+    /// connection of its own (so that a catch-up's bulk does not hold up the Raft messages
+    /// of every group), and returns them as a batch: at most about
+    /// [`wire::EVENTS_BYTES`] of them, none if the peer does not hold `from`.
+    pub async fn fetch(
+        &self,
+        peer: u64,
+        group: u64,
+        from: u64,
+        to: u64,
+    ) -> std::io::Result<Vec<u8>> {
+        let addr = match self.membership.nodes.get(&peer) {
+            Some(a) if peer != self.membership.me && !self.cut.contains(peer) => *a,
+            _ => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::NotConnected,
+                    format!("node {peer} cannot be asked"),
+                ))
+            }
+        };
+        let (me, fingerprint) = (self.membership.me, self.membership.fingerprint());
+        let asked = async move {
+            let mut c = connect(addr, me, fingerprint).await?;
+            let mut out = Vec::new();
+            wire::encode(&Frame::Fetch { group, from, to }, &mut out)
+                .map_err(std::io::Error::other)?;
+            c.write_all(&out).await?;
+            let mut decoder = Decoder::new();
+            let mut buf = vec![0u8; READ_BYTES];
+            let answer = loop {
+                match decoder.next_frame().map_err(std::io::Error::other)? {
+                    Some(Frame::Events {
+                        group: g,
+                        from: f,
+                        batch,
+                    }) if g == group && f == from => {
+                        break batch;
+                    }
+                    Some(_) => {
+                        return Err(std::io::Error::other(
+                            "an answer that is not the events asked for",
+                        ));
+                    }
+                    None => {}
+                }
+                let n = c.read(&mut buf).await?;
+                if n == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                decoder.extend(&buf[..n]);
+            };
+            let _ = c.close().await;
+            Ok(answer)
+        };
+        let timeout = glommio::timer::Timer::new(FETCH_TIMEOUT);
+        match or_stop(
+            &self.stopped,
+            futures::future::select(std::pin::pin!(asked), timeout),
+        )
+        .await
+        {
+            Some(futures::future::Either::Left((answer, _))) => answer,
+            Some(futures::future::Either::Right(_)) => Err(std::io::ErrorKind::TimedOut.into()),
+            None => Err(std::io::Error::other("the transport stopped")),
+        }
     }
 
     /// Queues a message of `group` for its `to` node. A message for an unknown node, or
@@ -525,6 +606,24 @@ async fn read_loop(
                         return;
                     }
                 },
+                (Frame::Fetch { .. }, Some(node)) if cut.contains(node) => {
+                    let _ = stream.close().await;
+                    return;
+                }
+                (Frame::Fetch { group, from, to }, Some(_)) => {
+                    let batch = match &handlers.serve {
+                        Some(serve) => serve(group, from, to).await,
+                        None => crate::event_log::encode_batch(&[]),
+                    };
+                    let mut out = Vec::new();
+                    let answer = Frame::Events { group, from, batch };
+                    if wire::encode(&answer, &mut out).is_err()
+                        || stream.write_all(&out).await.is_err()
+                    {
+                        let _ = stream.close().await;
+                        return;
+                    }
+                }
                 _ => {
                     tracing::warn!("a cluster connection broke the HELLO-first rule; closing it");
                     let _ = stream.close().await;

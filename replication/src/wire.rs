@@ -18,6 +18,12 @@
 //!   (u64), the piece's number and the number of pieces (u32 each), then the piece's bytes
 //!   of the encoded message. The pieces of a message follow each other on a connection;
 //!   the reader joins them and parses the message once the last has come.
+//! - `FETCH` (4): a request for a group's committed events, on a connection of its own
+//!   (catch-up after a snapshot, see [`crate::event_log`]): the group id, the first offset
+//!   wanted and the offset after the last (u64 each).
+//! - `EVENTS` (5): the answer to a `FETCH`: the group id and the offset of the first event
+//!   (u64 each), then the events as a batch ([`crate::event_log::encode_batch`]; none when
+//!   the node does not hold the offset asked for).
 //!
 //! A reader checks the length against [`FRAME_BYTES_MAX`] before it waits for the body, and
 //! the magic, version, kind, checksum and every inner length before it trusts any of it.
@@ -46,6 +52,11 @@ pub const PARTS_MAX: u32 = 256;
 const KIND_HELLO: u8 = 1;
 const KIND_RAFT: u8 = 2;
 const KIND_PART: u8 = 3;
+const KIND_FETCH: u8 = 4;
+const KIND_EVENTS: u8 = 5;
+/// Bytes of events an `EVENTS` frame carries at most (one event may make it larger, up to
+/// the frame limit).
+pub const EVENTS_BYTES: usize = 1 << 20;
 
 /// One frame.
 #[derive(Clone, Debug, PartialEq)]
@@ -69,6 +80,24 @@ pub enum Frame {
         parts: u32,
         /// The piece's bytes.
         bytes: Vec<u8>,
+    },
+    /// A request for a group's committed events `from..to`.
+    Fetch {
+        /// The group.
+        group: u64,
+        /// The first offset wanted.
+        from: u64,
+        /// The offset after the last one wanted.
+        to: u64,
+    },
+    /// Events of a group from offset `from` on, as a batch.
+    Events {
+        /// The group.
+        group: u64,
+        /// The first event's offset.
+        from: u64,
+        /// The events ([`crate::event_log::encode_batch`]).
+        batch: Vec<u8>,
     },
 }
 
@@ -129,6 +158,20 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) -> Result<(), WireError> {
             parts,
             bytes,
         } => encode_part(*group, *part, *parts, bytes, out),
+        Frame::Fetch { group, from, to } => {
+            let start = begin(out);
+            for v in [group, from, to] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            seal(out, start, KIND_FETCH)
+        }
+        Frame::Events { group, from, batch } => {
+            let start = begin(out);
+            out.extend_from_slice(&group.to_le_bytes());
+            out.extend_from_slice(&from.to_le_bytes());
+            out.extend_from_slice(batch);
+            seal(out, start, KIND_EVENTS)
+        }
     }
 }
 
@@ -325,7 +368,7 @@ fn check_partial_header(h: &[u8]) -> Result<(), WireError> {
         }
     }
     if let Some(&k) = h.get(3) {
-        if !(KIND_HELLO..=KIND_PART).contains(&k) {
+        if !(KIND_HELLO..=KIND_EVENTS).contains(&k) {
             return Err(WireError::Kind(k));
         }
     }
@@ -336,7 +379,9 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Frame, WireError> {
     let name = match kind {
         KIND_HELLO => "hello",
         KIND_RAFT => "raft",
-        _ => "part",
+        KIND_PART => "part",
+        KIND_FETCH => "fetch",
+        _ => "events",
     };
     let bad = |why: &str| WireError::Malformed {
         kind: name,
@@ -366,6 +411,21 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Frame, WireError> {
                 parts,
                 bytes,
             }
+        }
+        KIND_FETCH => {
+            let group = take_u64(&mut r).ok_or_else(|| bad("short"))?;
+            let from = take_u64(&mut r).ok_or_else(|| bad("short"))?;
+            let to = take_u64(&mut r).ok_or_else(|| bad("short"))?;
+            Frame::Fetch { group, from, to }
+        }
+        KIND_EVENTS => {
+            let group = take_u64(&mut r).ok_or_else(|| bad("short"))?;
+            let from = take_u64(&mut r).ok_or_else(|| bad("short"))?;
+            if crate::event_log::decode_batch(r).is_none() {
+                return Err(bad("events that are not a batch"));
+            }
+            let batch = std::mem::take(&mut r).to_vec();
+            Frame::Events { group, from, batch }
         }
         _ => {
             let count = take_u32(&mut r).ok_or_else(|| bad("no count"))? as usize;
@@ -464,6 +524,8 @@ fn raft_fields(frame: &Frame) -> String {
             parts,
             bytes,
         } => format!("part {group} {part}/{parts} {bytes:?}"),
+        Frame::Fetch { group, from, to } => format!("fetch {group} {from}..{to}"),
+        Frame::Events { group, from, batch } => format!("events {group} {from} {batch:?}"),
         Frame::Raft(msgs) => {
             let mut out = String::from("raft");
             for (group, m) in msgs {
@@ -532,7 +594,48 @@ mod tests {
             },
             Frame::Raft(vec![(7, append(2, 10)), (8, append(2, 11))]),
             Frame::Raft(Vec::new()),
+            Frame::Fetch {
+                group: 3,
+                from: 1_000,
+                to: 5_000,
+            },
+            Frame::Events {
+                group: 3,
+                from: 1_000,
+                batch: crate::event_log::encode_batch(&[
+                    chorus_log::Entry {
+                        timestamp_us: 5,
+                        payload: b"one",
+                    },
+                    chorus_log::Entry {
+                        timestamp_us: 6,
+                        payload: b"",
+                    },
+                ]),
+            },
+            Frame::Events {
+                group: 3,
+                from: 9,
+                batch: crate::event_log::encode_batch(&[]),
+            },
         ]
+    }
+
+    #[test]
+    fn events_that_are_not_a_batch_are_refused() {
+        let mut out = Vec::new();
+        let frame = Frame::Events {
+            group: 1,
+            from: 0,
+            batch: vec![2, 0, 0, 0, 1],
+        };
+        encode(&frame, &mut out).unwrap();
+        let mut d = Decoder::new();
+        d.extend(&out);
+        assert!(matches!(
+            d.next_frame(),
+            Err(WireError::Malformed { kind: "events", .. })
+        ));
     }
 
     #[test]

@@ -16,6 +16,7 @@ use chorus_engine::ids::{ChannelId, UserId};
 use chorus_engine::{Engine, EngineConfig, EngineError, Subscription, Unavailable};
 use chorus_log::DiskRoot;
 use chorus_replication::engine_env::free_loopback_addrs;
+use chorus_replication::node::COMPACT_EVERY;
 use chorus_replication::transport::{Cuts, Membership};
 use chorus_replication::{ClusterEnv, NodeConfig};
 use common::wait_for;
@@ -35,6 +36,17 @@ fn open(id: u64, dir: &Path, addrs: &[SocketAddr]) -> Engine {
 }
 
 fn open_with_cuts(id: u64, dir: &Path, addrs: &[SocketAddr], cuts: Cuts) -> Engine {
+    open_compacting(id, dir, addrs, cuts, COMPACT_EVERY)
+}
+
+/// A node whose groups compact their Raft logs every `compact_every` entries applied.
+fn open_compacting(
+    id: u64,
+    dir: &Path,
+    addrs: &[SocketAddr],
+    cuts: Cuts,
+    compact_every: u64,
+) -> Engine {
     let membership = Membership {
         me: id,
         nodes: addrs
@@ -45,6 +57,7 @@ fn open_with_cuts(id: u64, dir: &Path, addrs: &[SocketAddr], cuts: Cuts) -> Engi
     };
     let mut node = NodeConfig::new(membership, PARTITIONS);
     node.cuts = cuts;
+    node.compact_every = compact_every;
     let mut config = EngineConfig::new(dir);
     config.shards = SHARDS;
     config.partitions = PARTITIONS;
@@ -428,6 +441,71 @@ fn an_isolated_directory_leader_acknowledges_nothing_and_rebuilds() {
         let user = block_on(e.user_by_email("refused@example.com")).expect("user_by_email");
         assert!(user.is_none(), "node {} has the refused user", i + 1);
     }
+    for e in engines.into_iter().flatten() {
+        e.shutdown();
+    }
+}
+
+// A node stopped while its groups' leaders compacted their Raft logs well past where it
+// stopped (every 8 entries) is caught up by snapshot when it comes back: it fetches the
+// events it lacks from a peer, and then holds every message, at the same seqs as the
+// others, and follows the writes after it.
+#[test]
+fn a_node_far_behind_catches_up_by_snapshot() {
+    let (dirs, addrs) = (dirs(), free_loopback_addrs(3, SHARDS as u16));
+    let open = |i: usize| open_compacting(i as u64 + 1, dirs[i].path(), &addrs, Cuts::default(), 8);
+    let mut engines: Vec<Option<Engine>> = (0..3).map(|i| Some(open(i))).collect();
+    let (alice, _, c) = directory(&engines);
+    for n in 0..5 {
+        post_anywhere(&engines, alice, c, &format!("before {n}"));
+    }
+    let down = 2;
+    let node3 = engines[down].as_ref().unwrap();
+    wait_for("node 3 to apply the first posts", WAIT, || {
+        history(node3, alice, c).len() == 5
+    });
+    engines[down].take().unwrap().shutdown();
+
+    // Many times the compaction interval, in the channel and in the directory.
+    let (_, ws) = anywhere(&engines, "a workspace while node 3 is down", |e| {
+        block_on(e.create_workspace(alice, "while down"))
+    });
+    let (_, later) = anywhere(&engines, "a channel while node 3 is down", |e| {
+        block_on(e.create_channel(alice, ws.id, "later", ChannelKind::Public))
+    });
+    for n in 0..60 {
+        post_anywhere(&engines, alice, c, &format!("while down {n}"));
+    }
+    post_anywhere(&engines, alice, later.id, "in the later channel");
+    let first = history(engines[0].as_ref().unwrap(), alice, c);
+    assert_eq!(first.len(), 65);
+
+    engines[down] = Some(open(down));
+    let back = engines[down].as_ref().unwrap();
+    wait_for("node 3 to catch up with the channel", WAIT, || {
+        history(back, alice, c) == first
+    });
+    wait_for("node 3 to catch up with the directory", WAIT, || {
+        history(back, alice, later.id).len() == 1
+    });
+    post_anywhere(&engines, alice, c, "after");
+    for (i, e) in engines.iter().enumerate() {
+        let e = e.as_ref().unwrap();
+        wait_for(
+            &format!("node {} to apply the last post", i + 1),
+            WAIT,
+            || history(e, alice, c).len() == 66,
+        );
+    }
+    let histories: Vec<_> = engines
+        .iter()
+        .flatten()
+        .map(|e| history(e, alice, c))
+        .collect();
+    assert!(
+        histories.windows(2).all(|w| w[0] == w[1]),
+        "the nodes differ"
+    );
     for e in engines.into_iter().flatten() {
         e.shutdown();
     }

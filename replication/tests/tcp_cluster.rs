@@ -79,6 +79,7 @@ async fn node_main(
                     r2.lost(peer, m);
                 }
             }),
+            serve: None,
         },
     );
     let config = Config {

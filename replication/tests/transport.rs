@@ -30,6 +30,7 @@ fn node(me: u64, nodes: &BTreeMap<u64, SocketAddr>, got: Got, lost: Got) -> Rc<T
                 lost.borrow_mut()
                     .extend(msgs.into_iter().map(|(g, m)| (peer, g, m)))
             }),
+            serve: None,
         },
     )
 }
