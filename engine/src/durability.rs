@@ -75,6 +75,13 @@ pub trait Durability {
     /// Whether this node decides the partition's events now.
     fn leading(&self) -> Leading;
 
+    /// Completes once every event committed anywhere before the call is in the local log
+    /// (a read barrier: what a node that does not lead awaits before it answers a read,
+    /// so that a read sees every write acknowledged before it was sent). `NotLeader` when
+    /// that cannot be known now (no leader). A log that only this node writes holds every
+    /// committed event already.
+    async fn read_barrier(&self) -> Result<(), CommitError>;
+
     /// Whether other nodes' leaders append to this log too (a cluster), so that its
     /// events can be ahead of what this node's directory has applied.
     fn follows(&self) -> bool;
@@ -120,6 +127,10 @@ impl<S: Storage> Durability for LocalDurability<S> {
 
     fn leading(&self) -> Leading {
         Leading::Yes
+    }
+
+    async fn read_barrier(&self) -> Result<(), CommitError> {
+        Ok(())
     }
 
     fn follows(&self) -> bool {

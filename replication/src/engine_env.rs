@@ -109,6 +109,7 @@ impl<R: StorageRoot + 'static, B> ClusterEnv<R, B> {
     /// its transport when the engine opens its first partition.
     pub fn new(inner: GlommioEnv<R, B>, config: &NodeConfig, shard: u32) -> ClusterEnv<R, B> {
         let mut config = config.clone();
+        config.calls = config.calls.on_shard(shard);
         config.membership = Membership {
             me: config.membership.me,
             nodes: config
@@ -139,11 +140,18 @@ impl<R: StorageRoot + 'static, B> ClusterEnv<R, B> {
         let addr = *self.config.membership.nodes.get(&me).ok_or_else(|| {
             std::io::Error::other(format!("node {me} is not one of the cluster's nodes"))
         })?;
-        // glommio binds with SO_REUSEPORT, which would let this shard share a port that
-        // something else already listens on (another node's shard, say): a plain bind
-        // first refuses an address in use.
-        drop(std::net::TcpListener::bind(addr)?);
-        let listener = glommio::net::TcpListener::bind(addr)?;
+        // Bound here, not by glommio: glommio binds with SO_REUSEPORT, which would let
+        // this shard share a port that something else already listens on (another node's
+        // shard, say). The standard library's listener has SO_REUSEADDR alone: it refuses
+        // a port another socket listens on, and takes one whose only holders are its
+        // predecessor's closed connections (TIME_WAIT after a kill or a restart).
+        let bound = std::net::TcpListener::bind(addr)?;
+        // SAFETY: the descriptor is a bound, listening TCP socket that nothing else owns
+        // (`into_raw_fd` gave up the standard library's ownership of it).
+        let listener = unsafe {
+            use std::os::fd::{FromRawFd, IntoRawFd};
+            glommio::net::TcpListener::from_raw_fd(bound.into_raw_fd())
+        };
         Ok(self
             .node
             .get_or_init(|| Rc::new(Node::listen((*self.config).clone(), listener))))
@@ -263,6 +271,22 @@ impl<S: Storage> Durability for ReplicatedDurability<S> {
                     .then_some(status.leader),
             }
         }
+    }
+
+    async fn read_barrier(&self) -> Result<(), CommitError> {
+        // The group's read index: once it is applied here, so is every event committed
+        // before the call, and the event log holds them.
+        self.log
+            .replica()
+            .read_index()
+            .await
+            .map(drop)
+            .map_err(|e| match e {
+                ProposeError::NotLeader { leader } => CommitError::NotLeader { leader },
+                ProposeError::Dropped | ProposeError::Uncertain => {
+                    CommitError::NotLeader { leader: None }
+                }
+            })
     }
 
     fn follows(&self) -> bool {

@@ -57,6 +57,8 @@ pub struct Group<S: Storage, M: StateMachine> {
     /// The index and term of each entry applied since the last [`Group::take_applied`],
     /// when tracked.
     applied_terms: Option<Vec<(u64, u64)>>,
+    /// Read indexes raft-rs confirmed since the last [`Group::take_read_states`].
+    read_states: Vec<raft::ReadState>,
 }
 
 impl<S: Storage, M: StateMachine> Group<S, M> {
@@ -85,6 +87,7 @@ impl<S: Storage, M: StateMachine> Group<S, M> {
             compact_every,
             conf_changed: false,
             applied_terms: None,
+            read_states: Vec::new(),
         })
     }
 
@@ -155,6 +158,13 @@ impl<S: Storage, M: StateMachine> Group<S, M> {
             .unwrap_or_default()
     }
 
+    /// The read indexes raft-rs confirmed since the last call (see
+    /// [`RawNode::read_index`]): each request's context, and the commit index a read made
+    /// after it must wait for.
+    pub fn take_read_states(&mut self) -> Vec<raft::ReadState> {
+        std::mem::take(&mut self.read_states)
+    }
+
     /// Handles one `Ready`, if there is one; `send` gets each batch of messages when it may
     /// go. Returns whether there was one.
     pub async fn on_ready(
@@ -165,6 +175,7 @@ impl<S: Storage, M: StateMachine> Group<S, M> {
             return Ok(false);
         }
         let mut rd = self.raw.ready();
+        self.read_states.extend(rd.take_read_states());
         send(rd.take_messages());
         if !rd.snapshot().is_empty() {
             let snapshot = rd.snapshot().clone();

@@ -36,6 +36,7 @@
 //! and in the same order, on every node.
 
 pub mod board;
+pub mod calls;
 pub mod engine_env;
 pub mod event_log;
 pub mod group;

@@ -12,6 +12,7 @@
 //! be one of the same cluster, whose fingerprint the transport checks) is dropped.
 
 use crate::board::{self, Board, GroupView};
+use crate::calls::Calls;
 use crate::group::{Group, StateMachine};
 use crate::placement;
 use crate::raft_log::RaftLogError;
@@ -51,6 +52,8 @@ pub struct NodeConfig {
     pub cuts: Cuts,
     /// Where the node's groups and peers are shown (see [`Board`]).
     pub board: Board,
+    /// Who serves peers' calls on this node (see [`crate::calls`]).
+    pub calls: Calls,
 }
 
 impl NodeConfig {
@@ -67,6 +70,7 @@ impl NodeConfig {
             log: LogConfig::default(),
             cuts: Cuts::default(),
             board: Board::default(),
+            calls: Calls::default(),
         }
     }
 }
@@ -132,6 +136,13 @@ impl Node {
                             r.lost(peer, m);
                         }
                     }
+                }),
+                call: Some({
+                    let calls = config.calls.clone();
+                    Box::new(move |from, request| {
+                        let calls = calls.clone();
+                        Box::pin(async move { calls.take(from, request).await })
+                    })
                 }),
                 serve: Some(Box::new(move |group, from, to| {
                     let replica = serve_routes.borrow().get(&group).cloned();

@@ -90,6 +90,7 @@ struct Inputs {
     messages: Vec<Message>,
     lost: Vec<(u64, Message)>,
     proposals: Vec<(Vec<u8>, Answer)>,
+    reads: Vec<Answer>,
     stop: Option<Stop>,
 }
 
@@ -98,8 +99,20 @@ impl Inputs {
         self.messages.is_empty()
             && self.lost.is_empty()
             && self.proposals.is_empty()
+            && self.reads.is_empty()
             && self.stop.is_none()
     }
+}
+
+/// How long a read index may take to be confirmed by the leader and applied here before
+/// the read is refused (`NotLeader`): the leader was unknown, lost, or had not yet
+/// committed an entry of its term.
+pub const READ_INDEX_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A read index waiting: for raft-rs to confirm it, then for the group to apply it.
+struct Reading {
+    deadline: Instant,
+    answer: Answer,
 }
 
 /// The owner's side of a running group.
@@ -241,6 +254,20 @@ impl Replica {
         rx.await.unwrap_or(Err(ProposeError::Uncertain))
     }
 
+    /// Waits until every entry committed before the call is applied here (Raft's read
+    /// index, confirmed by the leader, which answers from its lease), and returns the index
+    /// applied. `NotLeader` when no leader is known or it did not confirm within
+    /// [`READ_INDEX_TIMEOUT`].
+    pub async fn read_index(&self) -> Result<u64, ProposeError> {
+        if self.status.get().ended {
+            return Err(ProposeError::NotLeader { leader: None });
+        }
+        let (tx, rx) = oneshot::channel();
+        self.input(|i| i.reads.push(tx));
+        rx.await
+            .unwrap_or(Err(ProposeError::NotLeader { leader: None }))
+    }
+
     /// Stops the task at once. Pending proposals are answered `Uncertain`.
     pub fn stop(&self) {
         self.input(|i| i.stop = Some(Stop::Now));
@@ -294,6 +321,13 @@ impl Replica {
         let mut handing_off: Option<Instant> = None;
         let mut stopping: Option<Stop> = None;
         let mut preferred_tried: Option<Instant> = None;
+        // Read indexes asked of raft-rs, by request context; and those it confirmed, with
+        // the index to apply before answering.
+        let mut asked: BTreeMap<u64, Reading> = BTreeMap::new();
+        // Reads that came while no leader was known: asked once one is.
+        let mut unasked: Vec<Reading> = Vec::new();
+        let mut confirmed: Vec<(u64, Reading)> = Vec::new();
+        let mut next_read: u64 = 0;
         let result = loop {
             self.wait(next_tick).await;
             let inputs = std::mem::take(&mut *self.inputs.borrow_mut());
@@ -315,7 +349,9 @@ impl Replica {
             };
             if stop_now {
                 // Answered below, with those that came after this turn.
-                self.inputs.borrow_mut().proposals.extend(inputs.proposals);
+                let mut left = self.inputs.borrow_mut();
+                left.proposals.extend(inputs.proposals);
+                left.reads.extend(inputs.reads);
                 break Ok(());
             }
             for m in inputs.messages {
@@ -328,6 +364,32 @@ impl Replica {
                 if m.get_msg_type() == MessageType::MsgSnapshot {
                     group.raw().report_snapshot(peer, SnapshotStatus::Failure);
                 }
+            }
+            let deadline = Instant::now() + READ_INDEX_TIMEOUT;
+            unasked.extend(
+                inputs
+                    .reads
+                    .into_iter()
+                    .map(|answer| Reading { deadline, answer }),
+            );
+            let leader_known = group.raw_ref().raft.leader_id != 0;
+            for Reading { deadline, answer } in std::mem::take(&mut unasked) {
+                if !leader_known {
+                    if Instant::now() >= deadline {
+                        let _ = answer.send(Err(ProposeError::NotLeader { leader: None }));
+                    } else {
+                        unasked.push(Reading { deadline, answer });
+                    }
+                    continue;
+                }
+                next_read += 1;
+                // The leader keys pending reads by their context: this node's id makes
+                // it unique across the nodes that ask.
+                let me = group.raw_ref().raft.id;
+                group
+                    .raw()
+                    .read_index([me.to_le_bytes(), next_read.to_le_bytes()].concat());
+                asked.insert(next_read, Reading { deadline, answer });
             }
             for (data, answer) in inputs.proposals {
                 if !group.is_leader() || handing_off.is_some() {
@@ -386,6 +448,14 @@ impl Replica {
                     });
                 }
             }
+            for state in group.take_read_states() {
+                let ctx = state.request_ctx.get(8..).map(<[u8; 8]>::try_from);
+                let ctx = ctx.and_then(Result::ok).map(u64::from_le_bytes);
+                if let Some(reading) = ctx.and_then(|c| asked.remove(&c)) {
+                    confirmed.push((state.index, reading));
+                }
+            }
+            self.answer_reads(&group, &mut asked, &mut confirmed);
             if let Some(e) = failed {
                 break Err(e);
             }
@@ -403,8 +473,51 @@ impl Replica {
         for (_, answer) in std::mem::take(&mut self.inputs.borrow_mut().proposals) {
             let _ = answer.send(Err(ProposeError::Dropped));
         }
+        let reads = std::mem::take(&mut self.inputs.borrow_mut().reads);
+        let waiting =
+            (asked.into_values().chain(unasked)).chain(confirmed.into_iter().map(|(_, r)| r));
+        for answer in reads.into_iter().chain(waiting.map(|r| r.answer)) {
+            let _ = answer.send(Err(ProposeError::NotLeader { leader: None }));
+        }
         self.publish(&group, true);
         result.map(|()| group)
+    }
+
+    /// Answers the confirmed read indexes the group has applied, and refuses those past
+    /// their deadline.
+    fn answer_reads<S: Storage, M: StateMachine>(
+        &self,
+        group: &Group<S, M>,
+        asked: &mut BTreeMap<u64, Reading>,
+        confirmed: &mut Vec<(u64, Reading)>,
+    ) {
+        if asked.is_empty() && confirmed.is_empty() {
+            return;
+        }
+        let (now, applied) = (Instant::now(), group.applied());
+        let leader = group.raw_ref().raft.leader_id;
+        let refusal = ProposeError::NotLeader {
+            leader: (leader != 0 && !group.is_leader()).then_some(leader),
+        };
+        for (index, reading) in std::mem::take(confirmed) {
+            if index <= applied {
+                let _ = reading.answer.send(Ok(index));
+            } else if now >= reading.deadline {
+                let _ = reading.answer.send(Err(refusal));
+            } else {
+                confirmed.push((index, reading));
+            }
+        }
+        let late: Vec<u64> = asked
+            .iter()
+            .filter(|(_, r)| now >= r.deadline)
+            .map(|(c, _)| *c)
+            .collect();
+        for c in late {
+            if let Some(r) = asked.remove(&c) {
+                let _ = r.answer.send(Err(refusal));
+            }
+        }
     }
 
     /// Hands the leadership to the preferred node, when this node leads, is not it, and

@@ -23,7 +23,8 @@
 //!
 //! A peer catching up after a snapshot fetches events on a connection of its own
 //! ([`Transport::fetch`]): `HELLO`, then `FETCH`, answered by one `EVENTS` frame that the
-//! owner's `serve` handler fills; the asker then closes it.
+//! owner's `serve` handler fills; the asker then closes it. A peer's server calls this
+//! node's the same way (`CALL`, answered by one `ANSWER`; see [`crate::calls`]).
 //!
 //! The fault layer: [`Transport::set_cut`] cuts this node off from a peer, both ways (what
 //! it would send is lost, what arrives from it is dropped), so that fault tests can
@@ -171,7 +172,13 @@ pub struct Handlers {
     /// A peer fetches events (see [`Transport::fetch`]); `None` answers every fetch with
     /// no events.
     pub serve: Option<Serve>,
+    /// A peer's server calls this node's ([`crate::calls`]); `None` closes every call.
+    pub call: Option<Answer>,
 }
+
+/// What answers a peer's `CALL`: (from node, request) → the answer (`None`: nobody serves
+/// calls here).
+pub type Answer = Box<dyn Fn(u64, Vec<u8>) -> LocalBoxFuture<'static, Option<Vec<u8>>>>;
 
 /// The transport of one node.
 pub struct Transport {
@@ -479,7 +486,11 @@ fn split_batch(batch: Batch) -> Vec<Batch> {
     parts
 }
 
-async fn connect(addr: SocketAddr, me: u64, fingerprint: u64) -> std::io::Result<TcpStream> {
+pub(crate) async fn connect(
+    addr: SocketAddr,
+    me: u64,
+    fingerprint: u64,
+) -> std::io::Result<TcpStream> {
     let mut c = TcpStream::connect_timeout(addr, CONNECT_TIMEOUT)
         .await
         .map_err(std::io::Error::from)?;
@@ -606,7 +617,25 @@ async fn read_loop(
                         return;
                     }
                 },
-                (Frame::Fetch { .. }, Some(node)) if cut.contains(node) => {
+                (Frame::Call(request), Some(node)) if !cut.contains(node) => {
+                    let answer = match &handlers.call {
+                        Some(call) => call(node, request).await,
+                        None => None,
+                    };
+                    let mut out = Vec::new();
+                    let written = match answer {
+                        Some(a) => {
+                            wire::encode(&Frame::Answer(a), &mut out).is_ok()
+                                && stream.write_all(&out).await.is_ok()
+                        }
+                        None => false,
+                    };
+                    if !written {
+                        let _ = stream.close().await;
+                        return;
+                    }
+                }
+                (Frame::Fetch { .. } | Frame::Call(_), Some(node)) if cut.contains(node) => {
                     let _ = stream.close().await;
                     return;
                 }

@@ -24,6 +24,9 @@
 //! - `EVENTS` (5): the answer to a `FETCH`: the group id and the offset of the first event
 //!   (u64 each), then the events as a batch ([`crate::event_log::encode_batch`]; none when
 //!   the node does not hold the offset asked for).
+//! - `CALL` (6): a request the sender's server could not decide, for this node's server to
+//!   serve ([`crate::calls`]), on a connection of its own: opaque bytes.
+//! - `ANSWER` (7): the answer to a `CALL`: opaque bytes.
 //!
 //! A reader checks the length against [`FRAME_BYTES_MAX`] before it waits for the body, and
 //! the magic, version, kind, checksum and every inner length before it trusts any of it.
@@ -54,6 +57,8 @@ const KIND_RAFT: u8 = 2;
 const KIND_PART: u8 = 3;
 const KIND_FETCH: u8 = 4;
 const KIND_EVENTS: u8 = 5;
+const KIND_CALL: u8 = 6;
+const KIND_ANSWER: u8 = 7;
 /// Bytes of events an `EVENTS` frame carries at most (one event may make it larger, up to
 /// the frame limit).
 pub const EVENTS_BYTES: usize = 1 << 20;
@@ -99,6 +104,10 @@ pub enum Frame {
         /// The events ([`crate::event_log::encode_batch`]).
         batch: Vec<u8>,
     },
+    /// A request for the receiving node's server.
+    Call(Vec<u8>),
+    /// The answer to a `CALL`.
+    Answer(Vec<u8>),
 }
 
 /// Why a byte stream is not a stream of frames.
@@ -171,6 +180,15 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) -> Result<(), WireError> {
             out.extend_from_slice(&from.to_le_bytes());
             out.extend_from_slice(batch);
             seal(out, start, KIND_EVENTS)
+        }
+        Frame::Call(bytes) | Frame::Answer(bytes) => {
+            let start = begin(out);
+            out.extend_from_slice(bytes);
+            let kind = match frame {
+                Frame::Call(_) => KIND_CALL,
+                _ => KIND_ANSWER,
+            };
+            seal(out, start, kind)
         }
     }
 }
@@ -368,7 +386,7 @@ fn check_partial_header(h: &[u8]) -> Result<(), WireError> {
         }
     }
     if let Some(&k) = h.get(3) {
-        if !(KIND_HELLO..=KIND_EVENTS).contains(&k) {
+        if !(KIND_HELLO..=KIND_ANSWER).contains(&k) {
             return Err(WireError::Kind(k));
         }
     }
@@ -381,7 +399,9 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Frame, WireError> {
         KIND_RAFT => "raft",
         KIND_PART => "part",
         KIND_FETCH => "fetch",
-        _ => "events",
+        KIND_EVENTS => "events",
+        KIND_CALL => "call",
+        _ => "answer",
     };
     let bad = |why: &str| WireError::Malformed {
         kind: name,
@@ -427,6 +447,8 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Frame, WireError> {
             let batch = std::mem::take(&mut r).to_vec();
             Frame::Events { group, from, batch }
         }
+        KIND_CALL => Frame::Call(std::mem::take(&mut r).to_vec()),
+        KIND_ANSWER => Frame::Answer(std::mem::take(&mut r).to_vec()),
         _ => {
             let count = take_u32(&mut r).ok_or_else(|| bad("no count"))? as usize;
             // Each message takes at least 12 bytes, so a count the body cannot back is
@@ -525,6 +547,8 @@ fn raft_fields(frame: &Frame) -> String {
             bytes,
         } => format!("part {group} {part}/{parts} {bytes:?}"),
         Frame::Fetch { group, from, to } => format!("fetch {group} {from}..{to}"),
+        Frame::Call(bytes) => format!("call {bytes:?}"),
+        Frame::Answer(bytes) => format!("answer {bytes:?}"),
         Frame::Events { group, from, batch } => format!("events {group} {from} {batch:?}"),
         Frame::Raft(msgs) => {
             let mut out = String::from("raft");
@@ -618,6 +642,8 @@ mod tests {
                 from: 9,
                 batch: crate::event_log::encode_batch(&[]),
             },
+            Frame::Call(b"{\"method\":\"POST\"}".to_vec()),
+            Frame::Answer(Vec::new()),
         ]
     }
 

@@ -80,6 +80,7 @@ async fn node_main(
                 }
             }),
             serve: None,
+            call: None,
         },
     );
     let config = Config {

@@ -31,6 +31,7 @@ fn node(me: u64, nodes: &BTreeMap<u64, SocketAddr>, got: Got, lost: Got) -> Rc<T
                     .extend(msgs.into_iter().map(|(g, m)| (peer, g, m)))
             }),
             serve: None,
+            call: None,
         },
     )
 }

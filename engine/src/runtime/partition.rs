@@ -805,10 +805,60 @@ impl<E: Env> Partition<E> {
         for p in pending {
             p.answer();
         }
+        let (reads, caught_up) = self.behind_read_barrier(leading, reads).await;
         for r in reads {
             self.read(r).await;
         }
-        followed + (decided.len() + marks) as u64
+        followed + caught_up + (decided.len() + marks) as u64
+    }
+
+    /// A node that does not lead answers its clients' reads only after the read barrier
+    /// (`Durability::read_barrier`) and applying what it let in, so that a read sees every
+    /// write acknowledged before it was sent, wherever it was decided. Where the barrier
+    /// cannot be passed (no leader now), reads of channel data are refused with
+    /// `NotLeader` (a gateway passes them to the leader, or the client tries again), and
+    /// lists gathered over partitions (channels, unreads) are answered from what this node
+    /// applied. The leader's state is every committed event already. Returns the reads to
+    /// answer, and the events applied.
+    async fn behind_read_barrier(
+        &mut self,
+        leading: Leading,
+        reads: Vec<PartitionMsg>,
+    ) -> (Vec<PartitionMsg>, u64) {
+        let from_clients = |m: &PartitionMsg| {
+            matches!(
+                m,
+                PartitionMsg::Read { .. }
+                    | PartitionMsg::Unreads { .. }
+                    | PartitionMsg::Visible { .. }
+            )
+        };
+        if leading == Leading::Yes || self.failed.is_some() || !reads.iter().any(from_clients) {
+            return (reads, 0);
+        }
+        match self.log.read_barrier().await {
+            Ok(()) => {
+                let applied = self.follow().await;
+                (reads, applied)
+            }
+            Err(e) => {
+                let leader = match e {
+                    CommitError::NotLeader { leader } => leader,
+                    _ => None,
+                };
+                let why = Unavailable::NotLeader {
+                    partition: self.id,
+                    leader,
+                };
+                let (refused, kept): (Vec<_>, Vec<_>) = reads
+                    .into_iter()
+                    .partition(|m| matches!(m, PartitionMsg::Read { .. }));
+                for r in refused {
+                    fail(r, &why);
+                }
+                (kept, 0)
+            }
+        }
     }
 
     /// Answers a read, unless the partition has stopped.

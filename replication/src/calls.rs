@@ -1,0 +1,140 @@
+//! Calls between nodes: a node's server hands a request it cannot decide (this node does
+//! not lead the group the request writes to) to the server of the node that can, and
+//! relays that node's answer.
+//!
+//! The bytes are the server's own (the gateway encodes a REST call); this module only
+//! carries them. [`call`] opens a connection of its own to the peer's cluster address of
+//! the same shard, says `HELLO`, sends one `CALL` frame and reads one `ANSWER` frame, within
+//! [`CALL_TIMEOUT`]. On the receiving node the shard's transport hands the call to whatever
+//! serves calls on that shard ([`Calls::serve`], the gateway), and writes its answer back; a
+//! shard with nobody serving calls closes the connection, which the caller sees as an error.
+//!
+//! A call is made at most once: the caller does not resend it on an error (the request may
+//! have been decided), and the callee does not pass it on again.
+
+use crate::engine_env::shard_addr;
+use crate::transport::{connect, Cuts, Membership};
+use crate::wire::{self, Decoder, Frame};
+use futures::channel::{mpsc, oneshot};
+use futures::io::{AsyncReadExt, AsyncWriteExt};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How long a call may take, its connection included: a write on the leader waits for a
+/// majority, and a client is answered within `API.md` §15's 5 s either way.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// A call from a peer, for this node's server.
+pub struct Incoming {
+    /// The node that sent it.
+    pub from: u64,
+    /// The request's bytes.
+    pub request: Vec<u8>,
+    /// Where the answer goes.
+    pub answer: oneshot::Sender<Vec<u8>>,
+}
+
+/// Who serves calls on each shard of this node. `Send` and `Sync`: the server registers on
+/// each shard's thread, and each shard's transport hands its calls over.
+#[derive(Clone, Debug, Default)]
+pub struct Calls {
+    servers: Arc<Mutex<BTreeMap<u32, mpsc::UnboundedSender<Incoming>>>>,
+    /// The shard whose calls this handle takes ([`Calls::on_shard`]).
+    shard: u32,
+}
+
+impl Calls {
+    /// Serves shard `shard`'s calls: they arrive on the returned receiver (in place of any
+    /// registered before).
+    pub fn serve(&self, shard: u32) -> mpsc::UnboundedReceiver<Incoming> {
+        let (tx, rx) = mpsc::unbounded();
+        self.servers.lock().expect("calls").insert(shard, tx);
+        rx
+    }
+
+    /// This handle, for the transport of shard `shard`.
+    pub(crate) fn on_shard(&self, shard: u32) -> Calls {
+        Calls {
+            servers: self.servers.clone(),
+            shard,
+        }
+    }
+
+    /// Hands a call to this shard's server and waits for its answer; `None` if nobody
+    /// serves calls here, or the server dropped it.
+    pub(crate) async fn take(&self, from: u64, request: Vec<u8>) -> Option<Vec<u8>> {
+        let server = self
+            .servers
+            .lock()
+            .expect("calls")
+            .get(&self.shard)
+            .cloned()?;
+        let (answer, answered) = oneshot::channel();
+        server
+            .unbounded_send(Incoming {
+                from,
+                request,
+                answer,
+            })
+            .ok()?;
+        answered.await.ok()
+    }
+}
+
+/// Calls `peer`'s server on shard `shard` from node `me` of the cluster `nodes` (the nodes'
+/// cluster addresses, as `--cluster` gives them), and returns its answer. A peer the fault
+/// layer cut this node off from cannot be called.
+pub async fn call(
+    me: u64,
+    nodes: &BTreeMap<u64, SocketAddr>,
+    cuts: &Cuts,
+    peer: u64,
+    shard: u32,
+    request: &[u8],
+) -> std::io::Result<Vec<u8>> {
+    let membership = Membership {
+        me,
+        nodes: nodes
+            .iter()
+            .map(|(id, addr)| (*id, shard_addr(*addr, shard)))
+            .collect(),
+    };
+    let addr = match membership.nodes.get(&peer) {
+        Some(addr) if peer != me && !cuts.contains(peer) => *addr,
+        _ => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                format!("node {peer} cannot be called"),
+            ))
+        }
+    };
+    let (fingerprint, mut out) = (membership.fingerprint(), Vec::new());
+    wire::encode(&Frame::Call(request.to_vec()), &mut out).map_err(std::io::Error::other)?;
+    let asked = async move {
+        let mut c = connect(addr, me, fingerprint).await?;
+        c.write_all(&out).await?;
+        let mut decoder = Decoder::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let answer = loop {
+            match decoder.next_frame().map_err(std::io::Error::other)? {
+                Some(Frame::Answer(answer)) => break answer,
+                Some(_) => return Err(std::io::Error::other("an answer that is no ANSWER")),
+                None => {}
+            }
+            let n = c.read(&mut buf).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            decoder.extend(&buf[..n]);
+        };
+        let _ = c.close().await;
+        Ok(answer)
+    };
+    let timeout = glommio::timer::Timer::new(CALL_TIMEOUT);
+    match futures::future::select(std::pin::pin!(asked), timeout).await {
+        futures::future::Either::Left((answer, _)) => answer,
+        futures::future::Either::Right(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
+}
