@@ -176,7 +176,7 @@ impl From<&Workspace> for WorkspaceView {
     }
 }
 
-/// `channel`: `{"id","workspace_id","name","kind","last_seq"}`.
+/// `channel`: `{"id","workspace_id","name","kind","encrypted","last_seq","partition"}`.
 #[derive(Serialize, Debug, Clone, PartialEq, Eq)]
 pub struct ChannelView {
     /// The channel's ID.
@@ -191,6 +191,9 @@ pub struct ChannelView {
     pub encrypted: bool,
     /// The seq of its last event.
     pub last_seq: u64,
+    /// The partition that holds it (`API.md` §15; on a single node too, which leads them
+    /// all).
+    pub partition: u32,
     /// The caller's read state, in a list of the caller's channels (`API.md` §9): absent
     /// where the view is not for one caller.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
@@ -280,6 +283,7 @@ impl ChannelView {
             kind: kind.as_str(),
             encrypted: kind.is_encrypted(),
             last_seq,
+            partition: crate::domain::meta::partition_of(id),
             read: None,
         }
     }

@@ -15,8 +15,11 @@
 //! message.
 
 mod e2ee;
+mod forward;
 mod notify;
 mod search;
+
+pub use forward::serve_calls;
 
 use crate::body::ReqBody;
 use crate::ctx::{authenticate, off_shard, token_now, Caller, ShardCtx};
@@ -585,6 +588,7 @@ async fn serve(
     };
     let params = decode_params(raw)?;
     let query = req.uri().query().map(str::to_owned);
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let body = if route.body.is_empty() {
         Bytes::new()
     } else {
@@ -599,7 +603,22 @@ async fn serve(
         query,
         body,
     };
-    run(route.op, &call).await
+    match run(route.op, &call).await {
+        // Another node leads what the call writes to: it answers, if it can be reached.
+        Err(e) if e.leader.is_some() => {
+            let refused = forward::Refused {
+                method: &method,
+                path: &path,
+                query: call.query.as_deref(),
+                caller: call.caller.as_ref(),
+                peer: call.peer,
+                body: &call.body,
+            };
+            let leader = e.leader.expect("checked");
+            forward::forward(ctx, leader, refused).await.ok_or(e)
+        }
+        ran => ran,
+    }
 }
 
 fn decode_params(raw: &RawParams<'_>) -> Result<Vec<(&'static str, String)>, ApiError> {
@@ -782,6 +801,8 @@ pub fn decode_cursor(s: &str) -> Result<u64, ApiError> {
 struct Reply {
     status: u16,
     body: Option<Bytes>,
+    /// A `Retry-After` to send (an error answered by another node, when forwarded).
+    retry_after: Option<std::time::Duration>,
 }
 
 impl Reply {
@@ -790,6 +811,7 @@ impl Reply {
         Reply {
             status,
             body: Some(body.into()),
+            retry_after: None,
         }
     }
 
@@ -797,6 +819,7 @@ impl Reply {
         Reply {
             status: 204,
             body: None,
+            retry_after: None,
         }
     }
 
@@ -809,6 +832,11 @@ impl Reply {
                 hyper::header::CONTENT_TYPE,
                 hyper::header::HeaderValue::from_static("application/json"),
             );
+        }
+        if let Some(after) = self.retry_after {
+            let secs = crate::ratelimit::retry_after_header_s(after);
+            r.headers_mut()
+                .insert(hyper::header::RETRY_AFTER, secs.into());
         }
         r
     }
@@ -1420,6 +1448,7 @@ fn openapi_reply() -> Reply {
     Reply {
         status: 200,
         body: Some(body.clone()),
+        retry_after: None,
     }
 }
 

@@ -202,6 +202,10 @@ pub struct Config {
     /// `1=HOST:PORT,2=HOST:PORT,…` (shard `s` of a node listens on that port plus `s`);
     /// empty: a single node.
     pub cluster: String,
+    /// For fault tests of a cluster: a file this node reads every 100 ms, each line
+    /// `cut N` cutting it off from node N both ways (nothing it sends arrives, nothing
+    /// from N is taken), until the line is gone. Unset: none.
+    pub cluster_fault_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -255,6 +259,7 @@ impl Default for Config {
             public_url: String::new(),
             node_id: 0,
             cluster: String::new(),
+            cluster_fault_file: None,
         }
     }
 }

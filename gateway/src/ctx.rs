@@ -68,6 +68,10 @@ pub struct ClusterView {
     pub nodes: std::collections::BTreeMap<u64, std::net::SocketAddr>,
     /// What the node's shards know of groups and peers.
     pub board: chorus_replication::Board,
+    /// Where peers' calls to this node's shards arrive (see `crate::api::forward`).
+    pub calls: chorus_replication::calls::Calls,
+    /// The fault layer's switch (fault tests): the peers this node is cut off from.
+    pub cuts: chorus_replication::transport::Cuts,
 }
 
 /// A peer counts as up when this node heard from it this recently (heartbeats come every
@@ -84,17 +88,20 @@ pub struct ShardCtx {
     pub typing: RefCell<Limiter>,
     /// Senders that tell this shard's WebSocket sessions to close for a drain.
     pub closers: RefCell<Vec<oneshot::Sender<()>>>,
+    /// The engine shard this context runs on.
+    pub shard: u32,
 }
 
 impl ShardCtx {
     /// The context of a shard's connections.
-    pub fn new(shared: Arc<Shared>) -> ShardCtx {
+    pub fn new(shared: Arc<Shared>, shard: u32) -> ShardCtx {
         let config = &shared.config;
         ShardCtx {
             limiter: RefCell::new(Limiter::new(config.rate_per_s, config.rate_burst)),
             typing: RefCell::new(Limiter::new(config.typing_per_s, 1.0)),
             shared,
             closers: RefCell::new(Vec::new()),
+            shard,
         }
     }
 

@@ -19,6 +19,9 @@ pub struct ApiError {
     pub message: String,
     /// For 429: when to try again.
     pub retry_after: Option<Duration>,
+    /// For a 503 of a cluster node that does not lead what the request writes to: the node
+    /// that does, if known (the request may be forwarded there).
+    pub leader: Option<u64>,
 }
 
 impl ApiError {
@@ -29,6 +32,7 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            leader: None,
         }
     }
 
@@ -121,9 +125,10 @@ impl From<EngineError> for ApiError {
             // In a cluster, a partition (or the directory) without a leader here: the
             // client tries again shortly (API.md §15).
             EngineError::Unavailable(
-                m @ (Unavailable::NotLeader { .. } | Unavailable::MetaNotLeader { .. }),
+                m @ (Unavailable::NotLeader { leader, .. } | Unavailable::MetaNotLeader { leader }),
             ) => ApiError {
                 retry_after: Some(NOT_LEADER_RETRY),
+                leader,
                 ..ApiError::unavailable(m.to_string())
             },
             EngineError::Unavailable(m) => ApiError::unavailable(m.to_string()),

@@ -180,6 +180,9 @@ pub struct Metrics {
     pub deliveries: Counter,
     /// Requests and frames refused by the rate limiter.
     pub rate_limited: Counter,
+    /// REST calls this node passed to the node that leads what they write to, answered
+    /// there.
+    pub forwarded: Counter,
     /// Subscribers cut off because their outbound queue filled.
     pub slow_consumer_disconnects: Counter,
     /// Time from a request's arrival to its answer.
@@ -233,6 +236,7 @@ impl Metrics {
             commits: Counter::default(),
             deliveries: Counter::default(),
             rate_limited: Counter::default(),
+            forwarded: Counter::default(),
             slow_consumer_disconnects: Counter::default(),
             request_duration_seconds: Histogram::new(REQUEST_DURATION_BUCKETS_S),
             fsync_latency_seconds: Histogram::new(FSYNC_LATENCY_BUCKETS_S),
@@ -350,6 +354,12 @@ impl Metrics {
             "rate_limited_total",
             "Requests and frames refused by the rate limiter.",
             &self.rate_limited,
+        );
+        counter(
+            &mut out,
+            "forwarded_total",
+            "REST calls passed to the node that leads what they write to, answered there.",
+            &self.forwarded,
         );
         counter(
             &mut out,

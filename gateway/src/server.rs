@@ -65,10 +65,19 @@ fn open_engine(
         nodes: nodes.clone(),
     };
     let node = chorus_replication::NodeConfig::new(membership, config.partitions + 1);
+    if let Some(file) = &config.cluster_fault_file {
+        follow_fault_file(
+            file.clone(),
+            nodes.keys().copied().collect(),
+            node.cuts.clone(),
+        );
+    }
     let view = crate::ctx::ClusterView {
         me: config.node_id,
         nodes,
         board: node.board.clone(),
+        calls: node.calls.clone(),
+        cuts: node.cuts.clone(),
     };
     let engine = match s3 {
         Some(s3) => Engine::open_in(
@@ -83,6 +92,30 @@ fn open_engine(
         }
     };
     Ok((engine, Some(view)))
+}
+
+/// How often the fault file is read.
+const FAULT_FILE_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Fault tests of real processes: cuts this node off from the nodes the lines `cut N` of
+/// `file` name, as long as they are there (a missing file cuts nothing), for the process's
+/// life, on a thread of its own.
+fn follow_fault_file(
+    file: std::path::PathBuf,
+    nodes: Vec<u64>,
+    cuts: chorus_replication::transport::Cuts,
+) {
+    std::thread::spawn(move || loop {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        let cut: Vec<u64> = text
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("cut ")?.trim().parse().ok())
+            .collect();
+        for &n in &nodes {
+            cuts.set(n, cut.contains(&n));
+        }
+        std::thread::sleep(FAULT_FILE_EVERY);
+    });
 }
 
 /// Each shard's environment on a cluster node: the real one with the shard's groups.
@@ -339,7 +372,11 @@ async fn shard_main(
             return;
         }
     };
-    let ctx = Rc::new(ShardCtx::new(shared));
+    let ctx = Rc::new(ShardCtx::new(shared, shard as u32));
+    if let Some(cluster) = &ctx.shared.cluster {
+        let calls = cluster.calls.serve(shard as u32);
+        glommio::spawn_local(crate::api::serve_calls(ctx.clone(), calls)).detach();
+    }
     let (stop_quic, quic_stopped) = oneshot::channel();
     let quic = glommio::spawn_local(crate::quic::serve_shard(
         ctx.clone(),

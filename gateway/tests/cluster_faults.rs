@@ -1,6 +1,7 @@
-//! A first fault test of a cluster against real processes (issue 18's nemeses, short pass):
-//! three `chorus serve` nodes take posts to four channels through whichever node leads
-//! each, while a nemesis SIGKILLs and restarts nodes and SIGSTOPs and resumes them. After
+//! A fault test of a cluster against real processes (issue 18's nemeses, short pass):
+//! three `chorus serve` nodes take posts to four channels through any node, while a
+//! nemesis SIGKILLs and restarts nodes, SIGSTOPs and resumes them, isolates one, and cuts
+//! the other two apart through a bridge (each node's fault file). After
 //! the faults heal, the checker asks every node for every channel: each acknowledged post
 //! is there exactly once, every node has the same posts at the same seqs, and nothing that
 //! was never sent appears. It prints the longest time no post was acknowledged.
@@ -169,22 +170,64 @@ fn acknowledged_posts_survive_kills_and_stops_on_every_node() {
         })
     };
 
-    // The nemesis: every 2 s one fault on a node chosen in turn, healed 1 s later.
+    // The nemesis: every 2 s one fault on a node chosen in turn, healed 1 s later: in turn
+    // a SIGKILL (and restart), a SIGSTOP (and SIGCONT), the node isolated from both others
+    // (the network halved, 1 | 2), and the node made a bridge (the other two cannot reach
+    // each other, both reach it). The cuts go through each node's fault file.
+    let cut = |id: usize, peers: &[usize]| {
+        let lines: String = peers.iter().map(|p| format!("cut {}\n", p + 1)).collect();
+        std::fs::write(cluster.fault_file(id + 1), lines).expect("fault file");
+    };
     let started = Instant::now();
     let mut round = 0usize;
     let mut faults = Vec::new();
     while started.elapsed() < FAULTS_FOR {
         let victim = round % 3;
-        if round.is_multiple_of(2) {
-            nodes[victim].kill();
-            faults.push(format!("SIGKILL node {}", victim + 1));
-            std::thread::sleep(Duration::from_millis(1_000));
-            nodes[victim].restart();
-        } else {
-            nodes[victim].signal("-STOP");
-            faults.push(format!("SIGSTOP node {}", victim + 1));
-            std::thread::sleep(Duration::from_millis(1_000));
-            nodes[victim].signal("-CONT");
+        let others: Vec<usize> = (0..3).filter(|&n| n != victim).collect();
+        match round % 4 {
+            0 => {
+                nodes[victim].kill();
+                faults.push(format!("SIGKILL node {}", victim + 1));
+                std::thread::sleep(Duration::from_millis(1_000));
+                nodes[victim].restart();
+            }
+            1 => {
+                nodes[victim].signal("-STOP");
+                faults.push(format!("SIGSTOP node {}", victim + 1));
+                std::thread::sleep(Duration::from_millis(1_000));
+                nodes[victim].signal("-CONT");
+            }
+            2 => {
+                cut(victim, &others);
+                faults.push(format!("node {} isolated", victim + 1));
+                // Once any leadership it held has lapsed (an election timeout), the
+                // isolated node acknowledges nothing: it can neither commit nor forward.
+                std::thread::sleep(Duration::from_millis(500));
+                let path = format!("/api/v1/channels/{}/messages", channels[0]);
+                let probe = json!({"text": "isolated probe", "client_msg_id": "isolated probe"});
+                let answer = call(
+                    &agent,
+                    &http[victim],
+                    "POST",
+                    &path,
+                    Some(&token),
+                    Some(&probe),
+                );
+                if let Some((200 | 201, v)) = answer {
+                    panic!(
+                        "node {} acknowledged a post while isolated: {v}",
+                        victim + 1
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(500));
+                cut(victim, &[]);
+            }
+            _ => {
+                cut(others[0], &others[1..]);
+                faults.push(format!("node {} a bridge", victim + 1));
+                std::thread::sleep(Duration::from_millis(1_000));
+                cut(others[0], &[]);
+            }
         }
         std::thread::sleep(Duration::from_millis(1_000));
         round += 1;

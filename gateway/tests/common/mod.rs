@@ -63,10 +63,17 @@ impl ClusterConfig {
             .map(|(i, a)| format!("{}={a}", i + 1))
             .collect();
         format!(
-            "node_id = {id}\ncluster = \"{}\"\njwt_secret_file = \"{}\"\n{extra}",
+            "node_id = {id}\ncluster = \"{}\"\njwt_secret_file = \"{}\"\n\
+             cluster_fault_file = \"{}\"\n{extra}",
             cluster.join(","),
-            self.jwt.path().join("jwt.key").display()
+            self.jwt.path().join("jwt.key").display(),
+            self.fault_file(id).display()
         )
+    }
+
+    /// Node `id`'s fault file: each line `cut N` cuts it off from node N (both ways).
+    pub fn fault_file(&self, id: usize) -> std::path::PathBuf {
+        self.jwt.path().join(format!("faults-{id}"))
     }
 }
 

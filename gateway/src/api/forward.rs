@@ -1,0 +1,163 @@
+//! Forwarding (`API.md` §15: every node serves the whole API). A REST call this node's
+//! engine refused because another node leads what it writes to (a channel's partition, or
+//! the directory) is handed to that node's server over the cluster's connections
+//! (`chorus_replication::calls`), which runs it as if it had arrived there; the client
+//! gets that answer, status and body.
+//!
+//! What travels is the call as this node parsed it: method, path and query, the
+//! authenticated caller (user and device: the nodes of a cluster share the JWT secret and
+//! trust each other), the client's address and the body. The leader runs the call's
+//! handler without authenticating or rate-limiting it again (this node did both), and never
+//! forwards it further: if it no longer leads either, its 503 is the answer and the client
+//! tries again.
+//!
+//! A call is forwarded once, and only when this node's engine refused it with nothing
+//! decided (`NotLeader`); if the leader cannot be reached, the client gets this node's
+//! 503. Forwarding a write that was decided is safe only because the engine decided
+//! nothing: a handler whose first write succeeds here and whose second is refused would
+//! be decided twice, and no handler writes twice.
+
+use super::{decode_params, find, run, Call, Found, Reply};
+use crate::ctx::{Caller, ShardCtx};
+use crate::error::ApiError;
+use bytes::Bytes;
+use chorus_engine::ids::UserId;
+use chorus_replication::calls::Incoming;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use std::net::IpAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+/// A call as it travels to the leader.
+#[derive(Serialize, Deserialize)]
+struct Forwarded {
+    method: String,
+    path: String,
+    query: Option<String>,
+    /// The authenticated caller, for routes that need one.
+    user: Option<u64>,
+    device: Option<String>,
+    peer: IpAddr,
+    /// The body: JSON text, which the call's handler read as UTF-8 already.
+    body: String,
+}
+
+/// The leader's answer.
+#[derive(Serialize, Deserialize)]
+struct Answered {
+    status: u16,
+    /// JSON text; none for 204.
+    body: Option<String>,
+    retry_after_ms: Option<u64>,
+}
+
+/// What the forwarding node passes along of a call it could not decide.
+pub(super) struct Refused<'a> {
+    pub method: &'a hyper::Method,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub caller: Option<&'a Caller>,
+    pub peer: IpAddr,
+    pub body: &'a Bytes,
+}
+
+/// Hands the call to `leader`'s server and returns its answer as this node's; `None` if
+/// this node is not in a cluster, the call cannot travel, or the leader did not answer
+/// (the caller then answers with its own 503).
+pub(super) async fn forward(ctx: &ShardCtx, leader: u64, call: Refused<'_>) -> Option<Reply> {
+    let cluster = ctx.shared.cluster.as_ref()?;
+    if leader == cluster.me {
+        return None;
+    }
+    let forwarded = Forwarded {
+        method: call.method.as_str().to_owned(),
+        path: call.path.to_owned(),
+        query: call.query.map(str::to_owned),
+        user: call.caller.map(|c| c.user.0),
+        device: call.caller.and_then(|c| c.device.clone()),
+        peer: call.peer,
+        body: String::from_utf8(call.body.to_vec()).ok()?,
+    };
+    let request = serde_json::to_vec(&forwarded).ok()?;
+    let (me, nodes, cuts) = (cluster.me, &cluster.nodes, &cluster.cuts);
+    let called =
+        chorus_replication::calls::call(me, nodes, cuts, leader, ctx.shard, &request).await;
+    let answered: Answered = match called {
+        Ok(bytes) => serde_json::from_slice(&bytes).ok()?,
+        Err(e) => {
+            tracing::debug!(leader, error = %e, "a call to the leader failed");
+            return None;
+        }
+    };
+    ctx.shared.metrics.forwarded.inc();
+    Some(Reply {
+        status: answered.status,
+        body: answered.body.map(Bytes::from),
+        retry_after: answered.retry_after_ms.map(Duration::from_millis),
+    })
+}
+
+/// Serves the calls peers make to this shard, each as a task of its own, until the
+/// receiver closes.
+pub async fn serve_calls(
+    ctx: Rc<ShardCtx>,
+    mut calls: futures::channel::mpsc::UnboundedReceiver<Incoming>,
+) {
+    while let Some(incoming) = calls.next().await {
+        let ctx = ctx.clone();
+        glommio::spawn_local(async move {
+            let answer = answer(&ctx, &incoming.request).await;
+            let bytes = serde_json::to_vec(&answer).expect("answers serialize");
+            let _ = incoming.answer.send(bytes);
+        })
+        .detach();
+    }
+}
+
+/// Runs a forwarded call here, as its route's handler would, without forwarding it again.
+async fn answer(ctx: &ShardCtx, request: &[u8]) -> Answered {
+    let ran = match serde_json::from_slice::<Forwarded>(request) {
+        Ok(f) => run_forwarded(ctx, f).await,
+        Err(e) => Err(ApiError::invalid(format!(
+            "a forwarded call that does not parse: {e}"
+        ))),
+    };
+    match ran {
+        Ok(reply) => Answered {
+            status: reply.status,
+            body: reply.body.map(|b| String::from_utf8_lossy(&b).into_owned()),
+            retry_after_ms: reply.retry_after.map(|d| d.as_millis() as u64),
+        },
+        Err(e) => Answered {
+            status: e.status,
+            body: Some(e.body().to_string()),
+            retry_after_ms: e.retry_after.map(|d| d.as_millis() as u64),
+        },
+    }
+}
+
+async fn run_forwarded(ctx: &ShardCtx, f: Forwarded) -> Result<Reply, ApiError> {
+    let method = hyper::Method::from_bytes(f.method.as_bytes())
+        .map_err(|_| ApiError::invalid("a forwarded call with no method"))?;
+    let Found::Route(route, raw) = find(&method, &f.path) else {
+        return Err(ApiError::new(404, "not_found", "no such endpoint"));
+    };
+    let caller = match (route.auth, f.user) {
+        (false, _) => None,
+        (true, Some(user)) => Some(Caller {
+            user: UserId(user),
+            device: f.device,
+        }),
+        (true, None) => return Err(ApiError::unauthorized("a forwarded call with no caller")),
+    };
+    let call = Call {
+        ctx,
+        caller,
+        peer: f.peer,
+        params: decode_params(&raw)?,
+        query: f.query,
+        body: Bytes::from(f.body),
+    };
+    run(route.op, &call).await
+}
