@@ -19,7 +19,7 @@ mod forward;
 mod notify;
 mod search;
 
-pub use forward::serve_calls;
+pub use forward::{serve_calls, Relay};
 
 use crate::body::ReqBody;
 use crate::ctx::{authenticate, off_shard, token_now, Caller, ShardCtx};

@@ -430,6 +430,11 @@ pub fn ack(reference: &Value, message: Option<&chorus_engine::view::MessageView>
     encode(&json!({"type": "ack", "ref": reference, "message": message}))
 }
 
+/// `ack` with a message already in JSON (a command the leader answered).
+pub fn ack_value(reference: &Value, message: &Value) -> Bytes {
+    encode(&json!({"type": "ack", "ref": reference, "message": message}))
+}
+
 /// `presence`: `{"user_id","status","dnd_until","last_active_at"}`.
 pub fn presence_value(user: UserId, p: &Presence) -> Value {
     serde_json::to_value(PresenceOut(user, p)).expect("a presence always serializes")

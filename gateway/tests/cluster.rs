@@ -235,6 +235,67 @@ fn three_processes_serve_one_cluster_and_survive_a_sigkill() {
         .unwrap_or_else(|| panic!("partition {partition} has no leader: {v}"));
     let leader = leader as usize - 1;
 
+    // Over the WebSocket of a node that does not lead the partition: a send, an edit, a
+    // reaction and a delete, each passed to the leader and acknowledged as if decided
+    // here; a command the leader refuses comes back as its error.
+    let follower = (leader + 1) % 3;
+    let (mut ws, _) = nodes[follower].as_ref().unwrap().connect(&user(&token));
+    ws.send(
+        json!({"type": "message:send", "ref": "s", "channel_id": cid,
+        "text": "over ws", "client_msg_id": "over ws"}),
+    );
+    let ack = ws.recv_type("ack");
+    assert_eq!(
+        (&ack["ref"], &ack["message"]["text"]),
+        (&json!("s"), &json!("over ws")),
+        "{ack}"
+    );
+    let mid = str_of(&ack["message"]["id"]);
+    ws.send(
+        json!({"type": "message:edit", "ref": "e", "channel_id": cid,
+        "message_id": mid, "text": "over ws, edited"}),
+    );
+    let ack = ws.recv_type("ack");
+    assert_eq!(ack["message"]["text"], "over ws, edited", "{ack}");
+    ws.send(
+        json!({"type": "reaction:add", "ref": "r", "channel_id": cid,
+        "message_id": mid, "emoji": "+1"}),
+    );
+    let ack = ws.recv_type("ack");
+    assert_eq!(
+        (&ack["ref"], &ack["message"]),
+        (&json!("r"), &Value::Null),
+        "{ack}"
+    );
+    let m = nodes[leader].as_ref().unwrap().ok(
+        "GET",
+        &format!("/api/v1/channels/{cid}/messages/{mid}"),
+        &user(&token),
+        None,
+        200,
+    );
+    assert_eq!(
+        m["message"]["reactions"]["+1"].as_array().map(Vec::len),
+        Some(1),
+        "{m}"
+    );
+    ws.send(
+        json!({"type": "message:edit", "ref": "bad", "channel_id": cid,
+        "message_id": mid, "text": ""}),
+    );
+    let refused = ws.recv_type("error");
+    assert_eq!(
+        (&refused["ref"], &refused["code"]),
+        (&json!("bad"), &json!("invalid_request")),
+        "{refused}"
+    );
+    ws.send(json!({"type": "message:delete", "ref": "d", "channel_id": cid, "message_id": mid}));
+    let ack = ws.recv_type("ack");
+    assert_eq!(ack["ref"], "d", "{ack}");
+    drop(ws);
+    // A deleted message stays in the history, with no text.
+    want.push(String::new());
+
     // SIGKILL the channel's leader: the other two take the writes.
     nodes[leader].as_mut().unwrap().kill();
     let mut killed = nodes[leader].take().unwrap();

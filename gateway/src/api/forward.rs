@@ -18,15 +18,20 @@
 //! be decided twice, and no handler writes twice.
 
 use super::{decode_params, find, run, Call, Found, Reply};
-use crate::ctx::{Caller, ShardCtx};
+use crate::ctx::{Caller, ShardCtx, Shared};
 use crate::error::ApiError;
+use crate::protocol::Command;
 use bytes::Bytes;
-use chorus_engine::ids::UserId;
+use chorus_engine::domain::channel::Content;
+use chorus_engine::ids::{MessageId, UserId};
 use chorus_replication::calls::Incoming;
 use futures::StreamExt;
+use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 use std::net::IpAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A call as it travels to the leader.
@@ -66,10 +71,6 @@ pub(super) struct Refused<'a> {
 /// this node is not in a cluster, the call cannot travel, or the leader did not answer
 /// (the caller then answers with its own 503).
 pub(super) async fn forward(ctx: &ShardCtx, leader: u64, call: Refused<'_>) -> Option<Reply> {
-    let cluster = ctx.shared.cluster.as_ref()?;
-    if leader == cluster.me {
-        return None;
-    }
     let forwarded = Forwarded {
         method: call.method.as_str().to_owned(),
         path: call.path.to_owned(),
@@ -79,10 +80,24 @@ pub(super) async fn forward(ctx: &ShardCtx, leader: u64, call: Refused<'_>) -> O
         peer: call.peer,
         body: String::from_utf8(call.body.to_vec()).ok()?,
     };
-    let request = serde_json::to_vec(&forwarded).ok()?;
+    let answered = send(&ctx.shared, ctx.shard, leader, &forwarded).await?;
+    Some(Reply {
+        status: answered.status,
+        body: answered.body.map(Bytes::from),
+        retry_after: answered.retry_after_ms.map(Duration::from_millis),
+    })
+}
+
+/// Sends a call to `leader` from shard `shard`, and returns its answer (`None` as for
+/// [`forward`]).
+async fn send(shared: &Shared, shard: u32, leader: u64, call: &Forwarded) -> Option<Answered> {
+    let cluster = shared.cluster.as_ref()?;
+    if leader == cluster.me {
+        return None;
+    }
+    let request = serde_json::to_vec(call).ok()?;
     let (me, nodes, cuts) = (cluster.me, &cluster.nodes, &cluster.cuts);
-    let called =
-        chorus_replication::calls::call(me, nodes, cuts, leader, ctx.shard, &request).await;
+    let called = chorus_replication::calls::call(me, nodes, cuts, leader, shard, &request).await;
     let answered: Answered = match called {
         Ok(bytes) => serde_json::from_slice(&bytes).ok()?,
         Err(e) => {
@@ -90,12 +105,131 @@ pub(super) async fn forward(ctx: &ShardCtx, leader: u64, call: Refused<'_>) -> O
             return None;
         }
     };
-    ctx.shared.metrics.forwarded.inc();
-    Some(Reply {
-        status: answered.status,
-        body: answered.body.map(Bytes::from),
-        retry_after: answered.retry_after_ms.map(Duration::from_millis),
-    })
+    shared.metrics.forwarded.inc();
+    Some(answered)
+}
+
+/// A cluster node's way to pass a WebSocket or QUIC session's command, refused here with
+/// `NotLeader`, to the leader: as the REST call it is (`message:send` is `POST
+/// /channels/{cid}/messages`, and so on), whose answer becomes the `ack` or `error` frame.
+#[derive(Clone)]
+pub struct Relay {
+    shared: Arc<Shared>,
+    shard: u32,
+}
+
+/// A session command as a REST call: method, path and JSON body.
+pub struct AsRest(hyper::Method, String, Value);
+
+impl Relay {
+    /// The relay of a shard's sessions; `None` on a single node.
+    pub fn of(ctx: &ShardCtx) -> Option<Relay> {
+        ctx.shared.cluster.as_ref()?;
+        Some(Relay {
+            shared: ctx.shared.clone(),
+            shard: ctx.shard,
+        })
+    }
+
+    /// The REST call `command` is.
+    pub fn rest_of(command: &Command) -> AsRest {
+        let in_channel = |m: &MessageId| format!("/api/v1/channels/{}/messages/{m}", m.channel);
+        let content = |c: &Content| match c {
+            Content::Text(text) => json!({ "text": text }),
+            Content::Sealed(s) => json!({"ciphertext": s.ciphertext, "devices_seq": s.devices_seq}),
+        };
+        match command {
+            Command::Send {
+                channel,
+                content: c,
+                client_msg_id,
+                thread,
+                files,
+            } => {
+                let mut body = content(c);
+                body["client_msg_id"] = json!(client_msg_id);
+                body["thread_id"] = json!(thread.map(|t| t.to_string()));
+                let files: Vec<String> = files.iter().map(ToString::to_string).collect();
+                body["file_ids"] = json!(files);
+                let path = format!("/api/v1/channels/{channel}/messages");
+                AsRest(hyper::Method::POST, path, body)
+            }
+            Command::Edit {
+                message,
+                content: c,
+            } => AsRest(hyper::Method::PATCH, in_channel(message), content(c)),
+            Command::Delete { message } => {
+                AsRest(hyper::Method::DELETE, in_channel(message), Value::Null)
+            }
+            Command::React {
+                message,
+                emoji,
+                add,
+            } => {
+                let emoji = utf8_percent_encode(emoji, NON_ALPHANUMERIC);
+                let path = format!("{}/reactions/{emoji}", in_channel(message));
+                let method = if *add {
+                    hyper::Method::PUT
+                } else {
+                    hyper::Method::DELETE
+                };
+                AsRest(method, path, Value::Null)
+            }
+        }
+    }
+
+    /// Runs `call` as `user` on `leader`; its answer, or `None` if it did not answer.
+    pub async fn command(
+        &self,
+        leader: u64,
+        user: UserId,
+        call: AsRest,
+    ) -> Option<Result<Option<Value>, ApiError>> {
+        let AsRest(method, path, body) = call;
+        let forwarded = Forwarded {
+            method: method.as_str().to_owned(),
+            path,
+            query: None,
+            user: Some(user.0),
+            device: None,
+            peer: IpAddr::from([0, 0, 0, 0]),
+            body: if body.is_null() {
+                String::new()
+            } else {
+                body.to_string()
+            },
+        };
+        let answered = send(&self.shared, self.shard, leader, &forwarded).await?;
+        let body: Value = match &answered.body {
+            Some(b) => serde_json::from_str(b).ok()?,
+            None => Value::Null,
+        };
+        if (200..300).contains(&answered.status) {
+            return Some(Ok(body.get("message").cloned()));
+        }
+        let error = &body["error"];
+        Some(Err(ApiError {
+            retry_after: answered.retry_after_ms.map(Duration::from_millis),
+            ..ApiError::new(
+                answered.status,
+                intern(error["code"].as_str().unwrap_or("internal")),
+                error["message"].as_str().unwrap_or_default(),
+            )
+        }))
+    }
+}
+
+/// An error code from the leader as the `&'static str` an [`ApiError`] holds: each distinct
+/// code is kept once (the codes are the server's own, a few dozen).
+fn intern(code: &str) -> &'static str {
+    static CODES: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let mut codes = CODES.lock().expect("codes");
+    if let Some(c) = codes.iter().find(|c| **c == code) {
+        return c;
+    }
+    let kept: &'static str = Box::leak(code.to_owned().into_boxed_str());
+    codes.push(kept);
+    kept
 }
 
 /// Serves the calls peers make to this shard, each as a task of its own, until the

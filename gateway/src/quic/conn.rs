@@ -560,7 +560,9 @@ impl Driver {
             };
             let engine = self.ctx.shared.engine.clone();
             let user = live.core.user();
-            live.call = Some(Box::pin(run_call(engine, live.control.clone(), user, call)));
+            let relay = crate::api::Relay::of(&self.ctx);
+            let control = live.control.clone();
+            live.call = Some(Box::pin(run_call(engine, control, relay, user, call)));
         }
         // Events only while the stream takes writes: otherwise the engine's bounded queue
         // holds them, and cuts the client off when it is full.

@@ -2,22 +2,25 @@
 //! by every driver. Each call becomes an owned future, so a driver can poll it beside its
 //! socket and the subscription's frames.
 
-use super::{Answer, Call, SessionCore};
+use super::{Acked, Answer, Call, SessionCore};
+use crate::api::Relay;
 use crate::error::ApiError;
 use crate::protocol::Command;
 use bytes::Bytes;
 use chorus_engine::ids::UserId;
 use chorus_engine::view::MessageView;
-use chorus_engine::{Engine, Subscription};
+use chorus_engine::{Engine, EngineError, Subscription, Unavailable};
 use std::task::{Context, Poll};
 
 pub use chorus_engine::SubscriptionControl;
 
 /// Makes `call` as `user` and answers it. `control` starts and resumes the session's
-/// subscription.
+/// subscription; on a cluster node, `relay` passes a command this node does not lead to
+/// the node that does.
 pub async fn run_call(
     engine: Engine,
     control: SubscriptionControl,
+    relay: Option<Relay>,
     user: UserId,
     call: Call,
 ) -> Answer {
@@ -78,16 +81,19 @@ pub async fn run_call(
         },
         Call::Command { reference, command } => Answer::Command {
             reference,
-            result: command_result(&engine, user, command).await,
+            result: command_result(&engine, relay, user, command).await,
         },
     }
 }
 
 async fn command_result(
     engine: &Engine,
+    relay: Option<Relay>,
     user: UserId,
     command: Command,
-) -> Result<Option<MessageView>, ApiError> {
+) -> Result<Option<Acked>, ApiError> {
+    // The command as the leader would take it, made before the engine takes the command.
+    let relayed = relay.map(|r| (Relay::rest_of(&command), r));
     let result = match command {
         Command::Send {
             channel,
@@ -119,7 +125,23 @@ async fn command_result(
             .await
             .map(|()| None),
     };
-    result.map_err(ApiError::from)
+    let leader = match &result {
+        Err(EngineError::Unavailable(
+            Unavailable::NotLeader {
+                leader: Some(l), ..
+            }
+            | Unavailable::MetaNotLeader { leader: Some(l) },
+        )) => Some(*l),
+        _ => None,
+    };
+    if let (Some(leader), Some((call, relay))) = (leader, relayed) {
+        if let Some(answer) = relay.command(leader, user, call).await {
+            return answer.map(|m| m.map(Acked::Relayed));
+        }
+    }
+    result
+        .map(|m: Option<MessageView>| m.map(Acked::Here))
+        .map_err(ApiError::from)
 }
 
 /// Moves the subscription's ready frames into the core, up to its room, and registers the

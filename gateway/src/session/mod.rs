@@ -172,6 +172,16 @@ pub enum Call {
     },
 }
 
+/// The message a command changed, as the `ack` carries it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Acked {
+    /// Decided by this node's engine.
+    Here(MessageView),
+    /// Decided by the leader a cluster node passed the command to: the message as its
+    /// REST answer gave it.
+    Relayed(Value),
+}
+
 /// The result of a [`Call`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Answer {
@@ -188,8 +198,8 @@ pub enum Answer {
     Command {
         /// The frame's `ref`.
         reference: Value,
-        /// What the engine said.
-        result: Result<Option<MessageView>, ApiError>,
+        /// What the engine (or the leader, for a command passed to it) said.
+        result: Result<Option<Acked>, ApiError>,
     },
     /// A typing notice went out, or failed.
     Typing {
@@ -450,7 +460,9 @@ impl SessionCore {
             },
             Answer::Command { reference, result } => {
                 let frame = match result {
-                    Ok(message) => protocol::ack(&reference, message.as_ref()),
+                    Ok(None) => protocol::ack(&reference, None),
+                    Ok(Some(Acked::Here(message))) => protocol::ack(&reference, Some(&message)),
+                    Ok(Some(Acked::Relayed(message))) => protocol::ack_value(&reference, &message),
                     Err(e) => protocol::error_frame(&reference, &e),
                 };
                 self.replies.push_back(frame);

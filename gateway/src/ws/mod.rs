@@ -586,7 +586,9 @@ impl Session {
             };
             let engine = self.ctx.shared.engine.clone();
             let user = self.core.user();
-            self.call = Some(Box::pin(run_call(engine, self.control.clone(), user, call)));
+            let relay = crate::api::Relay::of(&self.ctx);
+            let control = self.control.clone();
+            self.call = Some(Box::pin(run_call(engine, control, relay, user, call)));
         }
     }
 

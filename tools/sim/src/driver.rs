@@ -166,7 +166,9 @@ impl Driver {
             };
             let engine = self.engine.clone();
             let user = self.core.user();
-            self.call = Some(Box::pin(run_call(engine, self.control.clone(), user, call)));
+            // A single simulated node: nothing to relay to.
+            let control = self.control.clone();
+            self.call = Some(Box::pin(run_call(engine, control, None, user, call)));
         }
     }
 
