@@ -14,7 +14,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 const CHANNELS: usize = 4;
-/// How long the nemesis runs.
+/// How long the nemesis runs, unless `CHORUS_FAULT_SECS` says otherwise (the long mode:
+/// `CHORUS_FAULT_SECS=3600 cargo test --release -p chorus-gateway --test cluster_faults --
+/// --nocapture` runs an hour of faults, one every 2 s).
 const FAULTS_FOR: Duration = Duration::from_secs(16);
 /// How long the cluster may take to settle after the faults.
 const SETTLE: Duration = Duration::from_secs(30);
@@ -149,6 +151,7 @@ fn acknowledged_posts_survive_kills_and_stops_on_every_node() {
         );
         std::thread::spawn(move || {
             let mut acked: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+            let mut ack_times = vec![Instant::now()];
             let mut sent = BTreeSet::new();
             let (mut last_ack, mut longest) = (Instant::now(), Duration::ZERO);
             let mut n = 0u64;
@@ -163,10 +166,12 @@ fn acknowledged_posts_survive_kills_and_stops_on_every_node() {
                     acked.entry(cid.clone()).or_default().insert(text);
                     longest = longest.max(last_ack.elapsed());
                     last_ack = Instant::now();
+                    ack_times.push(last_ack);
                 }
                 n += 1;
             }
-            (acked, sent, longest)
+            ack_times.push(Instant::now());
+            (acked, sent, longest, ack_times)
         })
     };
 
@@ -178,10 +183,17 @@ fn acknowledged_posts_survive_kills_and_stops_on_every_node() {
         let lines: String = peers.iter().map(|p| format!("cut {}\n", p + 1)).collect();
         std::fs::write(cluster.fault_file(id + 1), lines).expect("fault file");
     };
+    let faults_for = std::env::var("CHORUS_FAULT_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(FAULTS_FOR, Duration::from_secs);
     let started = Instant::now();
     let mut round = 0usize;
     let mut faults = Vec::new();
-    while started.elapsed() < FAULTS_FOR {
+    // When each fault began, for the report of unavailability windows.
+    let mut began: Vec<(usize, Instant)> = Vec::new();
+    while started.elapsed() < faults_for {
+        began.push((round % 4, Instant::now()));
         let victim = round % 3;
         let others: Vec<usize> = (0..3).filter(|&n| n != victim).collect();
         match round % 4 {
@@ -233,7 +245,7 @@ fn acknowledged_posts_survive_kills_and_stops_on_every_node() {
         round += 1;
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (acked, sent, longest) = writer.join().expect("writer");
+    let (acked, sent, longest, ack_times) = writer.join().expect("writer");
     let total: usize = acked.values().map(BTreeSet::len).sum();
     assert!(total > 0, "nothing was acknowledged");
 
@@ -299,9 +311,44 @@ fn acknowledged_posts_survive_kills_and_stops_on_every_node() {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+    let shown = faults.len().min(8);
     eprintln!(
-        "faults: {}; {} posts sent, {total} acknowledged, longest without an acknowledgement {longest:?}",
-        faults.join(", "),
+        "faults: {} in all ({}{}); {} posts sent, {total} acknowledged, longest without an \
+         acknowledgement {longest:?}",
+        faults.len(),
+        faults[..shown].join(", "),
+        if shown < faults.len() { ", ..." } else { "" },
         sent.len()
     );
+    report_windows(&began, &ack_times);
+}
+
+/// Prints, for each kind of fault, how long writes went unacknowledged around it: for
+/// each fault, the longest gap between two acknowledgements that overlaps the time from
+/// its start to the next fault's; then per kind the count, the median and the largest.
+fn report_windows(began: &[(usize, Instant)], acks: &[Instant]) {
+    const KINDS: [&str; 4] = ["SIGKILL", "SIGSTOP", "isolated", "bridge"];
+    let mut by_kind: Vec<Vec<Duration>> = vec![Vec::new(); KINDS.len()];
+    for (i, (kind, start)) in began.iter().enumerate() {
+        let end = began.get(i + 1).map_or(Instant::now(), |(_, s)| *s);
+        let window = acks
+            .windows(2)
+            .filter(|w| w[1] > *start && w[0] < end)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or_default();
+        by_kind[*kind].push(window);
+    }
+    for (kind, mut windows) in KINDS.iter().zip(by_kind) {
+        if windows.is_empty() {
+            continue;
+        }
+        windows.sort();
+        eprintln!(
+            "unavailability around {kind} (n = {}): median {:?}, largest {:?}",
+            windows.len(),
+            windows[windows.len() / 2],
+            windows[windows.len() - 1]
+        );
+    }
 }
