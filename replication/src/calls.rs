@@ -13,10 +13,9 @@
 //! have been decided), and the callee does not pass it on again.
 
 use crate::engine_env::shard_addr;
-use crate::transport::{connect, Cuts, Membership};
-use crate::wire::{self, Decoder, Frame};
+use crate::transport::{ask, Cuts, Membership};
+use crate::wire::Frame;
 use futures::channel::{mpsc, oneshot};
-use futures::io::{AsyncReadExt, AsyncWriteExt};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -110,31 +109,9 @@ pub async fn call(
             ))
         }
     };
-    let (fingerprint, mut out) = (membership.fingerprint(), Vec::new());
-    wire::encode(&Frame::Call(request.to_vec()), &mut out).map_err(std::io::Error::other)?;
-    let asked = async move {
-        let mut c = connect(addr, me, fingerprint).await?;
-        c.write_all(&out).await?;
-        let mut decoder = Decoder::new();
-        let mut buf = vec![0u8; 64 * 1024];
-        let answer = loop {
-            match decoder.next_frame().map_err(std::io::Error::other)? {
-                Some(Frame::Answer(answer)) => break answer,
-                Some(_) => return Err(std::io::Error::other("an answer that is no ANSWER")),
-                None => {}
-            }
-            let n = c.read(&mut buf).await?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-            decoder.extend(&buf[..n]);
-        };
-        let _ = c.close().await;
-        Ok(answer)
-    };
-    let timeout = glommio::timer::Timer::new(CALL_TIMEOUT);
-    match futures::future::select(std::pin::pin!(asked), timeout).await {
-        futures::future::Either::Left((answer, _)) => answer,
-        futures::future::Either::Right(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    let call = Frame::Call(request.to_vec());
+    match ask(addr, me, membership.fingerprint(), &call, CALL_TIMEOUT).await? {
+        Frame::Answer(answer) => Ok(answer),
+        _ => Err(std::io::Error::other("an answer that is no ANSWER")),
     }
 }

@@ -109,9 +109,16 @@ impl Inputs {
 /// committed an entry of its term.
 pub const READ_INDEX_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// How long a read index may go unconfirmed before it is asked again (with a new
+/// context): raft-rs does not resend one whose messages were lost, as they are while a
+/// link comes back after a cut.
+pub const READ_INDEX_RETRY: Duration = Duration::from_millis(150);
+
 /// A read index waiting: for raft-rs to confirm it, then for the group to apply it.
 struct Reading {
     deadline: Instant,
+    /// When it was last asked of raft-rs.
+    asked_at: Instant,
     answer: Answer,
 }
 
@@ -365,20 +372,20 @@ impl Replica {
                     group.raw().report_snapshot(peer, SnapshotStatus::Failure);
                 }
             }
-            let deadline = Instant::now() + READ_INDEX_TIMEOUT;
-            unasked.extend(
-                inputs
-                    .reads
-                    .into_iter()
-                    .map(|answer| Reading { deadline, answer }),
-            );
+            let now = Instant::now();
+            unasked.extend(inputs.reads.into_iter().map(|answer| Reading {
+                deadline: now + READ_INDEX_TIMEOUT,
+                asked_at: now,
+                answer,
+            }));
             let leader_known = group.raw_ref().raft.leader_id != 0;
-            for Reading { deadline, answer } in std::mem::take(&mut unasked) {
+            for mut reading in std::mem::take(&mut unasked) {
                 if !leader_known {
-                    if Instant::now() >= deadline {
-                        let _ = answer.send(Err(ProposeError::NotLeader { leader: None }));
+                    if now >= reading.deadline {
+                        let refusal = Err(ProposeError::NotLeader { leader: None });
+                        let _ = reading.answer.send(refusal);
                     } else {
-                        unasked.push(Reading { deadline, answer });
+                        unasked.push(reading);
                     }
                     continue;
                 }
@@ -389,7 +396,8 @@ impl Replica {
                 group
                     .raw()
                     .read_index([me.to_le_bytes(), next_read.to_le_bytes()].concat());
-                asked.insert(next_read, Reading { deadline, answer });
+                reading.asked_at = now;
+                asked.insert(next_read, reading);
             }
             for (data, answer) in inputs.proposals {
                 if !group.is_leader() || handing_off.is_some() {
@@ -455,7 +463,7 @@ impl Replica {
                     confirmed.push((state.index, reading));
                 }
             }
-            self.answer_reads(&group, &mut asked, &mut confirmed);
+            self.answer_reads(&group, &mut asked, &mut confirmed, &mut unasked);
             if let Some(e) = failed {
                 break Err(e);
             }
@@ -483,13 +491,15 @@ impl Replica {
         result.map(|()| group)
     }
 
-    /// Answers the confirmed read indexes the group has applied, and refuses those past
-    /// their deadline.
+    /// Answers the confirmed read indexes the group has applied, refuses those past their
+    /// deadline, and puts those unconfirmed for [`READ_INDEX_RETRY`] back to be asked
+    /// again.
     fn answer_reads<S: Storage, M: StateMachine>(
         &self,
         group: &Group<S, M>,
         asked: &mut BTreeMap<u64, Reading>,
         confirmed: &mut Vec<(u64, Reading)>,
+        unasked: &mut Vec<Reading>,
     ) {
         if asked.is_empty() && confirmed.is_empty() {
             return;
@@ -510,12 +520,15 @@ impl Replica {
         }
         let late: Vec<u64> = asked
             .iter()
-            .filter(|(_, r)| now >= r.deadline)
+            .filter(|(_, r)| now >= r.deadline || now >= r.asked_at + READ_INDEX_RETRY)
             .map(|(c, _)| *c)
             .collect();
         for c in late {
-            if let Some(r) = asked.remove(&c) {
+            let Some(r) = asked.remove(&c) else { continue };
+            if now >= r.deadline {
                 let _ = r.answer.send(Err(refusal));
+            } else {
+                unasked.push(r);
             }
         }
     }

@@ -299,48 +299,18 @@ impl Transport {
             }
         };
         let (me, fingerprint) = (self.membership.me, self.membership.fingerprint());
-        let asked = async move {
-            let mut c = connect(addr, me, fingerprint).await?;
-            let mut out = Vec::new();
-            wire::encode(&Frame::Fetch { group, from, to }, &mut out)
-                .map_err(std::io::Error::other)?;
-            c.write_all(&out).await?;
-            let mut decoder = Decoder::new();
-            let mut buf = vec![0u8; READ_BYTES];
-            let answer = loop {
-                match decoder.next_frame().map_err(std::io::Error::other)? {
-                    Some(Frame::Events {
-                        group: g,
-                        from: f,
-                        batch,
-                    }) if g == group && f == from => {
-                        break batch;
-                    }
-                    Some(_) => {
-                        return Err(std::io::Error::other(
-                            "an answer that is not the events asked for",
-                        ));
-                    }
-                    None => {}
-                }
-                let n = c.read(&mut buf).await?;
-                if n == 0 {
-                    return Err(std::io::ErrorKind::UnexpectedEof.into());
-                }
-                decoder.extend(&buf[..n]);
-            };
-            let _ = c.close().await;
-            Ok(answer)
-        };
-        let timeout = glommio::timer::Timer::new(FETCH_TIMEOUT);
-        match or_stop(
-            &self.stopped,
-            futures::future::select(std::pin::pin!(asked), timeout),
-        )
-        .await
-        {
-            Some(futures::future::Either::Left((answer, _))) => answer,
-            Some(futures::future::Either::Right(_)) => Err(std::io::ErrorKind::TimedOut.into()),
+        let request = Frame::Fetch { group, from, to };
+        let asked = ask(addr, me, fingerprint, &request, FETCH_TIMEOUT);
+        match or_stop(&self.stopped, asked).await {
+            Some(Ok(Frame::Events {
+                group: g,
+                from: f,
+                batch,
+            })) if g == group && f == from => Ok(batch),
+            Some(Ok(_)) => Err(std::io::Error::other(
+                "an answer that is not the events asked for",
+            )),
+            Some(Err(e)) => Err(e),
             None => Err(std::io::Error::other("the transport stopped")),
         }
     }
@@ -484,6 +454,42 @@ fn split_batch(batch: Batch) -> Vec<Batch> {
         parts.push(part);
     }
     parts
+}
+
+/// Opens a connection of its own to `addr` as node `me`, sends `request` and returns the
+/// first frame that comes back, all within `timeout`; then closes the connection.
+pub(crate) async fn ask(
+    addr: SocketAddr,
+    me: u64,
+    fingerprint: u64,
+    request: &Frame,
+    timeout: Duration,
+) -> std::io::Result<Frame> {
+    let mut out = Vec::new();
+    wire::encode(request, &mut out).map_err(std::io::Error::other)?;
+    let asked = async move {
+        let mut c = connect(addr, me, fingerprint).await?;
+        c.write_all(&out).await?;
+        let mut decoder = Decoder::new();
+        let mut buf = vec![0u8; READ_BYTES];
+        let answer = loop {
+            if let Some(frame) = decoder.next_frame().map_err(std::io::Error::other)? {
+                break frame;
+            }
+            let n = c.read(&mut buf).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            decoder.extend(&buf[..n]);
+        };
+        let _ = c.close().await;
+        Ok(answer)
+    };
+    let timer = glommio::timer::Timer::new(timeout);
+    match futures::future::select(std::pin::pin!(asked), timer).await {
+        futures::future::Either::Left((answer, _)) => answer,
+        futures::future::Either::Right(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
 }
 
 pub(crate) async fn connect(

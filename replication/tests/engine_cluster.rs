@@ -163,13 +163,15 @@ fn post_anywhere(engines: &[Option<Engine>], user: UserId, c: ChannelId, text: &
 }
 
 /// Every top-level message's (seq, text), oldest first; none while the node has not
-/// applied the channel's first members.
+/// applied the channel's first members, or cannot pass the read barrier now (it refuses
+/// the read: a client would try again).
 fn history(engine: &Engine, user: UserId, c: ChannelId) -> Vec<(u64, String)> {
     let page = match block_on(engine.history(user, c, None, 200)) {
         Ok(page) => page,
         Err(EngineError::Domain(chorus_engine::domain::DomainError::NotFound(_))) => {
             return Vec::new()
         }
+        Err(e) if not_leader(&e) => return Vec::new(),
         Err(e) => panic!("history: {e}"),
     };
     let mut out: Vec<(u64, String)> = page.messages.into_iter().map(|m| (m.seq, m.text)).collect();
