@@ -623,6 +623,18 @@ impl Engine {
         ask(|r| ShardMsg::MetaRead(f(r)), &self.inner.routes, shard).await
     }
 
+    /// Returns once this node's directory (users, workspaces, channels, files, devices)
+    /// holds every metadata event committed before the call, wherever it was decided: on
+    /// a single node, once what was decided is published to every shard; in a cluster, a
+    /// node that does not lead the directory first passes its read barrier. What a caller
+    /// does before answering "not found" in a cluster, where the directory here may lag
+    /// the node that just took a write. `MetaNotLeader` when no leader confirms in time.
+    pub async fn directory_barrier(&self) -> Result<(), EngineError> {
+        self.meta(|reply| MetaRequest::Barrier { reply })
+            .await
+            .map(drop)
+    }
+
     /// Creates an account. The password hash is stored as given.
     pub async fn create_user(
         &self,

@@ -603,7 +603,7 @@ async fn serve(
         query,
         body,
     };
-    match run(route.op, &call).await {
+    match run_current(route.op, &call).await {
         // Another node leads what the call writes to: it answers, if it can be reached.
         Err(e) if e.leader.is_some() => {
             let refused = forward::Refused {
@@ -977,6 +977,21 @@ pub(crate) fn parse_as_every_request(body: &[u8]) -> usize {
 // ---------------------------------------------------------------------------------------
 // Handlers
 // ---------------------------------------------------------------------------------------
+
+/// Runs a call; on a cluster node, a call answered 404 runs once more after the
+/// directory barrier (`Engine::directory_barrier`), since what it did not find may have
+/// been made a moment ago through another node. A genuine 404 costs a barrier.
+async fn run_current(op: Op, call: &Call<'_>) -> Result<Reply, ApiError> {
+    match run(op, call).await {
+        Err(e) if e.status == 404 && call.ctx.shared.cluster.is_some() => {
+            match call.engine().directory_barrier().await {
+                Ok(()) => run(op, call).await,
+                Err(_) => Err(e),
+            }
+        }
+        ran => ran,
+    }
+}
 
 async fn run(op: Op, call: &Call<'_>) -> Result<Reply, ApiError> {
     match op {

@@ -296,6 +296,34 @@ fn three_processes_serve_one_cluster_and_survive_a_sigkill() {
     // A deleted message stays in the history, with no text.
     want.push(String::new());
 
+    // A channel made through one node takes a post through the next at once, and the
+    // third serves it: no node answers 404 for what another just made (the directory
+    // barrier), nor misses a post acknowledged elsewhere (the read barrier).
+    for i in 0..3 {
+        let (made, next, third) = (
+            nodes[i].as_ref().unwrap(),
+            nodes[(i + 1) % 3].as_ref().unwrap(),
+            nodes[(i + 2) % 3].as_ref().unwrap(),
+        );
+        let r = made.call(
+            "POST",
+            &format!("/api/v1/workspaces/{wid}/channels"),
+            Some(&token),
+            Some(json!({"name": format!("fresh{i}"), "kind": "public"})),
+        );
+        assert_eq!(r.status, 201, "{}", r.text);
+        let fresh = str_of(&r.body["channel"]["id"]);
+        let r = post(next, &token, &fresh, "first words");
+        assert_eq!(
+            r.status,
+            201,
+            "a post through node {}: {}",
+            (i + 1) % 3 + 1,
+            r.text
+        );
+        assert_eq!(texts(third, &token, &fresh), ["first words"]);
+    }
+
     // SIGKILL the channel's leader: the other two take the writes.
     nodes[leader].as_mut().unwrap().kill();
     let mut killed = nodes[leader].take().unwrap();

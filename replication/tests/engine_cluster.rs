@@ -523,3 +523,41 @@ fn a_node_far_behind_catches_up_by_snapshot() {
         e.shutdown();
     }
 }
+
+// A node cut off from the directory's leader lags it; once the cut heals, the directory
+// barrier brings its directory up to every event committed before the call, so a read
+// right after it sees the workspace the others made meanwhile (without the barrier the
+// read misses it: checked).
+#[test]
+fn the_directory_barrier_makes_a_lagging_directory_current() {
+    let (dirs, addrs) = (dirs(), free_loopback_addrs(3, SHARDS as u16));
+    let cuts: Vec<Cuts> = (0..3).map(|_| Cuts::default()).collect();
+    let (engines, (alice, _, _)) = start(&dirs, &addrs, &cuts);
+    // Past the move to the preferred leader, if there is one.
+    std::thread::sleep(Duration::from_millis(1_500));
+    let (leader, _) = anywhere(&engines, "a workspace", |e| {
+        block_on(e.create_workspace(alice, "before"))
+    });
+    let lagging = (leader + 1) % 3;
+    cuts[lagging].set(leader as u64 + 1, true);
+    let (took, _) = anywhere(&engines, "a workspace while one node is cut off", |e| {
+        block_on(e.create_workspace(alice, "while cut"))
+    });
+    assert_eq!(took, leader);
+    cuts[lagging].set(leader as u64 + 1, false);
+    let e = engines[lagging].as_ref().unwrap();
+    let deadline = Instant::now() + WAIT;
+    while let Err(err) = block_on(e.directory_barrier()) {
+        assert!(not_leader(&err), "{err}");
+        assert!(Instant::now() < deadline, "the barrier never passed");
+    }
+    assert!(
+        workspaces(e, alice).contains(&"while cut".to_string()),
+        "node {} after the barrier: {:?}",
+        lagging + 1,
+        workspaces(e, alice)
+    );
+    for e in engines.into_iter().flatten() {
+        e.shutdown();
+    }
+}

@@ -94,6 +94,9 @@ pub(crate) enum MetaRequest {
         cmd: Box<E2eeCommand>,
         reply: Reply<MetaOutcome>,
     },
+    /// Answered `Current` once every shard's directory holds every metadata event
+    /// committed before the request (in a cluster, wherever it was decided).
+    Barrier { reply: Reply<MetaOutcome> },
 }
 
 /// What the metadata owner's task receives.
@@ -483,16 +486,8 @@ impl Publication {
     /// The commit of events from `from` on failed: they will never be published, and the
     /// answers that wait for them are answered `Unavailable`.
     fn fail(&self, from: u64, why: &Unavailable) {
-        let lost = {
-            let mut f = self.flight.lock().expect("publication");
-            f.failed_from = Some((from, why.clone()));
-            f.unpublished.retain(|n| *n < from);
-            let keep = f.waiting.iter().take_while(|w| w.0 < from).count();
-            f.waiting.split_off(keep)
-        };
-        for (_, reply, _) in lost {
-            let _ = reply.send(Err(why.clone().into()));
-        }
+        self.flight.lock().expect("publication").failed_from = Some((from, why.clone()));
+        self.drop_from(from, why);
     }
 }
 
@@ -595,6 +590,10 @@ impl<E: Env> MetaOwner<E> {
             Leading::Yes => Leading::No { leader: None },
             other => other,
         };
+        let (barriers, requests): (Vec<_>, Vec<_>) = requests
+            .into_iter()
+            .partition(|r| matches!(r, MetaRequest::Barrier { .. }));
+        self.barriers(barriers, leading).await;
         if let Leading::No { leader } = leading {
             let why = Unavailable::MetaNotLeader { leader };
             for req in requests {
@@ -645,6 +644,35 @@ impl<E: Env> MetaOwner<E> {
         }
         for d in decided {
             self.publish(d).await;
+        }
+    }
+
+    /// Answers directory barriers: a follower first passes its group's read barrier and
+    /// applies and publishes what that let in; then each is answered once every event
+    /// applied here is published to every shard (the leader's own answers wait the same
+    /// way). A follower that cannot pass the read barrier answers `MetaNotLeader`.
+    async fn barriers(&self, barriers: Vec<MetaRequest>, leading: Leading) {
+        if barriers.is_empty() {
+            return;
+        }
+        if let Leading::No { .. } = leading {
+            if let Err(e) = self.log.read_barrier().await {
+                let leader = match e {
+                    CommitError::NotLeader { leader } => leader,
+                    _ => None,
+                };
+                let why = Unavailable::MetaNotLeader { leader };
+                for b in barriers {
+                    let _ = b.into_reply().send(Err(why.clone().into()));
+                }
+                return;
+            }
+            self.follow().await;
+        }
+        for b in barriers {
+            let current = Ok(MetaOutcome::Current);
+            self.publication
+                .answer(self.last_event.get(), b.into_reply(), current);
         }
     }
 
@@ -725,6 +753,10 @@ impl<E: Env> MetaOwner<E> {
     fn decide(&self, req: MetaRequest) -> Decision {
         let mut meta = self.meta.borrow_mut();
         let (cmd, reply) = match req {
+            // Answered by the tick before anything is decided.
+            MetaRequest::Barrier { reply } => {
+                return Decision::Answer(reply, Ok(MetaOutcome::Current));
+            }
             MetaRequest::CreateUser {
                 email,
                 name,
@@ -942,7 +974,8 @@ impl MetaRequest {
             | MetaRequest::DeleteFile { reply, .. }
             | MetaRequest::RecordPreview { reply, .. }
             | MetaRequest::Notify { reply, .. }
-            | MetaRequest::E2ee { reply, .. } => reply,
+            | MetaRequest::E2ee { reply, .. }
+            | MetaRequest::Barrier { reply } => reply,
         }
     }
 }

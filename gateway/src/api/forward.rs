@@ -17,7 +17,7 @@
 //! nothing: a handler whose first write succeeds here and whose second is refused would
 //! be decided twice, and no handler writes twice.
 
-use super::{decode_params, find, run, Call, Found, Reply};
+use super::{decode_params, find, run_current, Call, Found, Reply};
 use crate::ctx::{Caller, ShardCtx, Shared};
 use crate::error::ApiError;
 use crate::protocol::Command;
@@ -293,5 +293,5 @@ async fn run_forwarded(ctx: &ShardCtx, f: Forwarded) -> Result<Reply, ApiError> 
         query: f.query,
         body: Bytes::from(f.body),
     };
-    run(route.op, &call).await
+    run_current(route.op, &call).await
 }
