@@ -242,7 +242,11 @@ impl<F> Future for Changed<'_, F> {
         if st.changes != self.seen {
             return Poll::Ready(());
         }
-        st.waiters.push(cx.waker().clone());
+        // A task polled again before the change (beside other futures) is not queued
+        // twice: each queued waker is a reference to its task.
+        if !st.waiters.iter().any(|w| w.will_wake(cx.waker())) {
+            st.waiters.push(cx.waker().clone());
+        }
         Poll::Pending
     }
 }

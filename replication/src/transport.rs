@@ -107,10 +107,15 @@ impl Cuts {
 }
 
 /// Set once the transport stops; tasks waiting on it wake.
+///
+/// Each wait holds one slot for its waker, given back when the wait is dropped: a task
+/// that waits anew for every read of a connection (through [`or_stop`]) must not pile up
+/// wakers, each a reference to the task (glommio panics past 32,767 of them).
 #[derive(Default)]
 struct Stop {
     set: Cell<bool>,
-    waiters: RefCell<Vec<Waker>>,
+    waiters: RefCell<BTreeMap<u64, Waker>>,
+    next: Cell<u64>,
 }
 
 impl Stop {
@@ -120,22 +125,61 @@ impl Stop {
 
     fn set(&self) {
         self.set.set(true);
-        for w in self.waiters.borrow_mut().drain(..) {
+        for (_, w) in std::mem::take(&mut *self.waiters.borrow_mut()) {
             w.wake();
         }
     }
 
     /// Resolves once the transport stops.
-    async fn wait(&self) {
-        std::future::poll_fn(|cx| {
-            if self.set.get() {
-                std::task::Poll::Ready(())
-            } else {
-                self.waiters.borrow_mut().push(cx.waker().clone());
-                std::task::Poll::Pending
+    fn wait(&self) -> StopWait<'_> {
+        StopWait {
+            stop: self,
+            slot: None,
+        }
+    }
+}
+
+/// A wait for [`Stop`]; its waker's slot goes when it is dropped.
+struct StopWait<'a> {
+    stop: &'a Stop,
+    slot: Option<u64>,
+}
+
+impl std::future::Future for StopWait<'_> {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.stop.set.get() {
+            return std::task::Poll::Ready(());
+        }
+        let slot = match self.slot {
+            Some(slot) => slot,
+            None => {
+                let slot = self.stop.next.get();
+                self.stop.next.set(slot + 1);
+                self.slot = Some(slot);
+                slot
             }
-        })
-        .await
+        };
+        let mut waiters = self.stop.waiters.borrow_mut();
+        match waiters.get(&slot) {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => {
+                waiters.insert(slot, cx.waker().clone());
+            }
+        }
+        std::task::Poll::Pending
+    }
+}
+
+impl Drop for StopWait<'_> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot {
+            self.stop.waiters.borrow_mut().remove(&slot);
+        }
     }
 }
 
@@ -666,5 +710,53 @@ async fn read_loop(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pending at its first poll (waking its task at once), ready at the next: the shape
+    /// of a read that waits for bytes.
+    struct OnceLater(bool);
+
+    impl std::future::Future for OnceLater {
+        type Output = ();
+        fn poll(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<()> {
+            if self.0 {
+                return std::task::Poll::Ready(());
+            }
+            self.0 = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    }
+
+    // A connection's task waits for the stop beside every read: 40,000 such waits, more
+    // than glommio lets one task hand out wakers (32,767), leave none behind. Waits that
+    // kept their wakers made the executor panic ("Waker invariant broken") on a busy
+    // node-to-node connection.
+    #[test]
+    fn waits_for_the_stop_give_their_wakers_back() {
+        glommio::LocalExecutorBuilder::default()
+            .make()
+            .unwrap()
+            .run(async {
+                let stop = Stop::default();
+                for _ in 0..40_000 {
+                    assert_eq!(or_stop(&stop, OnceLater(false)).await, Some(()));
+                }
+                assert!(stop.waiters.borrow().is_empty());
+                let waiting = or_stop(&stop, std::future::pending::<()>());
+                let mut waiting = std::pin::pin!(waiting);
+                assert!(futures::poll!(waiting.as_mut()).is_pending());
+                assert_eq!(stop.waiters.borrow().len(), 1);
+                stop.set();
+                assert_eq!(waiting.await, None);
+            });
     }
 }

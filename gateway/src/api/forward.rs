@@ -13,9 +13,10 @@
 //!
 //! A call is forwarded once, and only when this node's engine refused it with nothing
 //! decided (`NotLeader`); if the leader cannot be reached, the client gets this node's
-//! 503. Forwarding a write that was decided is safe only because the engine decided
-//! nothing: a handler whose first write succeeds here and whose second is refused would
-//! be decided twice, and no handler writes twice.
+//! 503. A handler that writes twice runs whole again on the leader when its second write
+//! is refused: only a sign-up with a device does (the account, then the device, both in
+//! the directory), and only if the directory's leadership moves between the two; the
+//! leader then finds the account made and answers 409, and the client logs in.
 
 use super::{decode_params, find, run_current, Call, Found, Reply};
 use crate::ctx::{Caller, ShardCtx, Shared};
