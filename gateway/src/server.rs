@@ -416,6 +416,7 @@ fn reserve_port(
         )
     };
     let domain = socket2::Domain::for_address(addr);
+    let mut addr = addr;
     if kind == socket2::Type::STREAM && addr.port() != 0 {
         if std::net::TcpStream::connect_timeout(&addr, PORT_PROBE_TIMEOUT).is_ok() {
             return Err(in_use(&"a server accepts connections there"));
@@ -423,6 +424,13 @@ fn reserve_port(
     } else if kind == socket2::Type::DGRAM {
         let exclusive = socket2::Socket::new(domain, kind, None)?;
         exclusive.bind(&addr.into()).map_err(|e| in_use(&e))?;
+        // For port 0, the port the exclusive bind got is the one to share between the
+        // shards: a port-0 bind with SO_REUSEPORT may be given a port that another
+        // process of the same user already shares that way (two servers on one QUIC
+        // port, each getting the other's handshakes), where a plain one is not.
+        if let Some(got) = exclusive.local_addr()?.as_socket() {
+            addr = got;
+        }
     }
     let s = socket2::Socket::new(domain, kind, None)?;
     s.set_reuse_address(true)?;
