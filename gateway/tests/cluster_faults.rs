@@ -1,10 +1,12 @@
 //! A fault test of a cluster against real processes (issue 18's nemeses, short pass):
-//! three `chorus serve` nodes take posts to four channels through any node, while a
-//! nemesis SIGKILLs and restarts nodes, SIGSTOPs and resumes them, isolates one, and cuts
-//! the other two apart through a bridge (each node's fault file). After
-//! the faults heal, the checker asks every node for every channel: each acknowledged post
-//! is there exactly once, every node has the same posts at the same seqs, and nothing that
-//! was never sent appears. It prints the longest time no post was acknowledged.
+//! three, then five, `chorus serve` nodes take posts to four channels through any node,
+//! while a nemesis SIGKILLs and restarts nodes, SIGSTOPs and resumes them, isolates one,
+//! cuts the others apart through a bridge, kills the leader of the first channel's
+//! partition, and (on five nodes) splits the network 2 | 3 (cuts go through each node's
+//! fault file). After the faults heal, the checker asks every node for every channel: each
+//! acknowledged post is there exactly once, every node has the same posts at the same seqs,
+//! and nothing that was never sent appears. It prints how long no post was acknowledged
+//! around each kind of fault.
 
 mod common;
 
@@ -97,11 +99,69 @@ fn texts(agent: &ureq::Agent, addr: &str, token: &str, cid: &str) -> Option<Vec<
     Some(out)
 }
 
+/// One cluster at a time: two at once would be ten processes on the test machine's cores.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
-fn acknowledged_posts_survive_kills_and_stops_on_every_node() {
-    let cluster = ClusterConfig::three();
+fn acknowledged_posts_survive_faults_on_three_nodes() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    run(3);
+}
+
+#[test]
+fn acknowledged_posts_survive_faults_on_five_nodes() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    run(5);
+}
+
+/// The kinds of fault, in the order the nemesis takes them (the last on five nodes only).
+const KINDS: [&str; 6] = [
+    "SIGKILL",
+    "SIGSTOP",
+    "isolated",
+    "bridge",
+    "leader SIGKILL",
+    "halves",
+];
+
+/// Partition `partition` in `GET /api/v1/cluster` of the first node that answers.
+fn partition_view(
+    agent: &ureq::Agent,
+    http: &[String],
+    token: &str,
+    partition: u64,
+) -> Option<Value> {
+    http.iter().find_map(|a| {
+        let (status, v) = call(agent, a, "GET", "/api/v1/cluster", Some(token), None)?;
+        let partitions = v["partitions"].as_array().filter(|_| status == 200)?;
+        partitions
+            .iter()
+            .find(|p| p["id"].as_u64() == Some(partition))
+            .cloned()
+    })
+}
+
+/// A node id in a cluster view as a node index (from 0).
+fn index(id: &Value) -> Option<usize> {
+    Some(id.as_u64()? as usize - 1)
+}
+
+/// The leader of `partition` as the first node that answers knows it, if any.
+fn leader_of(agent: &ureq::Agent, http: &[String], token: &str, partition: u64) -> Option<usize> {
+    index(&partition_view(agent, http, token, partition)?["leader"])
+}
+
+/// The voters of `partition`, from the first node that answers.
+fn voters_of(agent: &ureq::Agent, http: &[String], token: &str, partition: u64) -> Vec<usize> {
+    let view = partition_view(agent, http, token, partition);
+    let ids = view.as_ref().and_then(|p| p["replicas"].as_array());
+    ids.map_or_else(Vec::new, |ids| ids.iter().filter_map(index).collect())
+}
+
+fn run(n: usize) {
+    let cluster = ClusterConfig::of(n);
     let config = |id: usize| cluster.node(id, UNLIMITED);
-    let mut nodes: Vec<Server> = (1..=3).map(|id| Server::start(&config(id))).collect();
+    let mut nodes: Vec<Server> = (1..=n).map(|id| Server::start(&config(id))).collect();
     let http: Vec<String> = nodes.iter().map(|s| s.addr.clone()).collect();
     let agent = ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(1))
@@ -121,7 +181,7 @@ fn acknowledged_posts_survive_kills_and_stops_on_every_node() {
     )
     .expect("workspace");
     let wid = ws["workspace"]["id"].as_str().unwrap().to_owned();
-    let channels: Vec<String> = (0..CHANNELS)
+    let (channels, partitions): (Vec<String>, Vec<u64>) = (0..CHANNELS)
         .map(|i| {
             let body = json!({"name": format!("c{i}"), "kind": "public"});
             let v = write(
@@ -133,9 +193,13 @@ fn acknowledged_posts_survive_kills_and_stops_on_every_node() {
                 setup,
             )
             .expect("channel");
-            v["channel"]["id"].as_str().unwrap().to_owned()
+            let c = &v["channel"];
+            (
+                c["id"].as_str().unwrap().to_owned(),
+                c["partition"].as_u64().unwrap(),
+            )
         })
-        .collect();
+        .unzip();
 
     // The writer: one post at a time, round-robin over the channels, each with its own
     // client_msg_id (a retry after a lost answer is deduplicated); an answer 200 or 201 is
@@ -176,30 +240,78 @@ fn acknowledged_posts_survive_kills_and_stops_on_every_node() {
     };
 
     // The nemesis: every 2 s one fault on a node chosen in turn, healed 1 s later: in turn
-    // a SIGKILL (and restart), a SIGSTOP (and SIGCONT), the node isolated from both others
-    // (the network halved, 1 | 2), and the node made a bridge (the other two cannot reach
-    // each other, both reach it). The cuts go through each node's fault file.
+    // a SIGKILL (and restart), a SIGSTOP (and SIGCONT), the node isolated from all others,
+    // the node made a bridge (the others split in two groups that cannot reach each other,
+    // both reach it), the leader of the first channel's partition SIGKILLed (and
+    // restarted), and on five nodes the network split in halves: the node and the next
+    // one apart from the other three. The cuts go through each node's fault file.
     let cut = |id: usize, peers: &[usize]| {
         let lines: String = peers.iter().map(|p| format!("cut {}\n", p + 1)).collect();
         std::fs::write(cluster.fault_file(id + 1), lines).expect("fault file");
+    };
+    // Cuts every node of `side` off from every node not in it (an empty side mends all).
+    let split = |side: &[usize]| {
+        for id in 0..n {
+            let peers: Vec<usize> = (0..n)
+                .filter(|p| !side.is_empty() && side.contains(&id) != side.contains(p))
+                .collect();
+            cut(id, &peers);
+        }
+    };
+    // A post sent to `node` on a side that holds fewer than two voters of the channel's
+    // partition: it must not be acknowledged (it can neither commit nor forward), once any
+    // leadership the side held has lapsed (an election timeout; the caller waits 0.5 s).
+    let probes = std::cell::Cell::new(0usize);
+    let probe = |node: usize, side: &[usize], what: &str| {
+        for (cid, p) in channels.iter().zip(&partitions) {
+            let voters = voters_of(&agent, &http, &token, *p);
+            if voters.len() < 3 || voters.iter().filter(|v| side.contains(v)).count() >= 2 {
+                continue;
+            }
+            let path = format!("/api/v1/channels/{cid}/messages");
+            let text = format!("{what} probe");
+            let body = json!({"text": text, "client_msg_id": text});
+            let answer = call(
+                &agent,
+                &http[node],
+                "POST",
+                &path,
+                Some(&token),
+                Some(&body),
+            );
+            if let Some((200 | 201, v)) = answer {
+                panic!(
+                    "node {} acknowledged a post while {what} (side {side:?}, voters \
+                     {voters:?}): {v}",
+                    node + 1
+                );
+            }
+            probes.set(probes.get() + 1);
+        }
     };
     let faults_for = std::env::var("CHORUS_FAULT_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
         .map_or(FAULTS_FOR, Duration::from_secs);
+    let kinds = if n >= 5 { KINDS.len() } else { KINDS.len() - 1 };
     let started = Instant::now();
     let mut round = 0usize;
     let mut faults = Vec::new();
     // When each fault began, for the report of unavailability windows.
     let mut began: Vec<(usize, Instant)> = Vec::new();
     while started.elapsed() < faults_for {
-        began.push((round % 4, Instant::now()));
-        let victim = round % 3;
-        let others: Vec<usize> = (0..3).filter(|&n| n != victim).collect();
-        match round % 4 {
-            0 => {
+        let kind = round % kinds;
+        began.push((kind, Instant::now()));
+        let victim = round % n;
+        let others: Vec<usize> = (0..n).filter(|&x| x != victim).collect();
+        match kind {
+            0 | 4 => {
+                let victim = match kind {
+                    0 => victim,
+                    _ => leader_of(&agent, &http, &token, partitions[0]).unwrap_or(victim),
+                };
                 nodes[victim].kill();
-                faults.push(format!("SIGKILL node {}", victim + 1));
+                faults.push(format!("{} node {}", KINDS[kind], victim + 1));
                 std::thread::sleep(Duration::from_millis(1_000));
                 nodes[victim].restart();
             }
@@ -210,35 +322,37 @@ fn acknowledged_posts_survive_kills_and_stops_on_every_node() {
                 nodes[victim].signal("-CONT");
             }
             2 => {
-                cut(victim, &others);
+                split(&[victim]);
                 faults.push(format!("node {} isolated", victim + 1));
-                // Once any leadership it held has lapsed (an election timeout), the
-                // isolated node acknowledges nothing: it can neither commit nor forward.
                 std::thread::sleep(Duration::from_millis(500));
-                let path = format!("/api/v1/channels/{}/messages", channels[0]);
-                let probe = json!({"text": "isolated probe", "client_msg_id": "isolated probe"});
-                let answer = call(
-                    &agent,
-                    &http[victim],
-                    "POST",
-                    &path,
-                    Some(&token),
-                    Some(&probe),
-                );
-                if let Some((200 | 201, v)) = answer {
-                    panic!(
-                        "node {} acknowledged a post while isolated: {v}",
-                        victim + 1
-                    );
-                }
+                probe(victim, &[victim], "isolated");
                 std::thread::sleep(Duration::from_millis(500));
-                cut(victim, &[]);
+                split(&[]);
             }
-            _ => {
-                cut(others[0], &others[1..]);
+            3 => {
+                let (a, b) = others.split_at(others.len() / 2);
+                for &x in a {
+                    cut(x, b);
+                }
+                for &x in b {
+                    cut(x, a);
+                }
                 faults.push(format!("node {} a bridge", victim + 1));
                 std::thread::sleep(Duration::from_millis(1_000));
-                cut(others[0], &[]);
+                split(&[]);
+            }
+            _ => {
+                let minority = [victim, (victim + 1) % n];
+                split(&minority);
+                faults.push(format!(
+                    "nodes {} and {} apart from the rest",
+                    minority[0] + 1,
+                    minority[1] + 1
+                ));
+                std::thread::sleep(Duration::from_millis(500));
+                probe(victim, &minority, "in the minority");
+                std::thread::sleep(Duration::from_millis(500));
+                split(&[]);
             }
         }
         std::thread::sleep(Duration::from_millis(1_000));
@@ -313,12 +427,13 @@ fn acknowledged_posts_survive_kills_and_stops_on_every_node() {
     }
     let shown = faults.len().min(8);
     eprintln!(
-        "faults: {} in all ({}{}); {} posts sent, {total} acknowledged, longest without an \
-         acknowledgement {longest:?}",
+        "{n} nodes: faults: {} in all ({}{}); {} posts sent, {total} acknowledged, longest \
+         without an acknowledgement {longest:?}; {} probes of a cut-off side refused",
         faults.len(),
         faults[..shown].join(", "),
         if shown < faults.len() { ", ..." } else { "" },
-        sent.len()
+        sent.len(),
+        probes.get()
     );
     report_windows(&began, &ack_times);
 }
@@ -327,7 +442,6 @@ fn acknowledged_posts_survive_kills_and_stops_on_every_node() {
 /// each fault, the longest gap between two acknowledgements that overlaps the time from
 /// its start to the next fault's; then per kind the count, the median and the largest.
 fn report_windows(began: &[(usize, Instant)], acks: &[Instant]) {
-    const KINDS: [&str; 4] = ["SIGKILL", "SIGSTOP", "isolated", "bridge"];
     let mut by_kind: Vec<Vec<Duration>> = vec![Vec::new(); KINDS.len()];
     for (i, (kind, start)) in began.iter().enumerate() {
         let end = began.get(i + 1).map_or(Instant::now(), |(_, s)| *s);

@@ -1,15 +1,17 @@
-//! The groups one node holds (multi-Raft): a [`Replica`] of each group that
-//! [`placement`](crate::placement) puts on this node, one [`Transport`] that all of them
-//! share, and the routing between the two by group id.
+//! The groups one node holds (multi-Raft): a [`Replica`] of every group of the cluster,
+//! one [`Transport`] that all of them share, and the routing between the two by group id.
 //!
-//! Groups are numbered `0..groups`. Group `g` lives on `placement::replicas(g, nodes)` and
-//! starts with those nodes as its voters; its state is under `g<id>/state` and its entries
-//! under `g<id>/log` in the node's storage root. Each group's first replica is its
-//! preferred leader ([`Replica::prefer`]): whichever node wins an election hands the
-//! leadership over once that node has caught up, so leaderships spread over the nodes.
+//! Groups are numbered `0..groups`. Group `g` starts with `placement::replicas(g, nodes)`
+//! as its voters and every other node as a learner ([`placement::learners`]), so every node
+//! holds every group: a voter where placement puts its vote, a learner elsewhere. Its state
+//! is under `g<id>/state` and its entries under `g<id>/log` in the node's storage root.
+//! Each group's first voter is its preferred leader ([`Replica::prefer`]): whichever node
+//! wins an election hands the leadership over once that node has caught up, so leaderships
+//! spread over the nodes.
 //!
-//! A message for a group this node does not hold (a peer with another placement: it cannot
-//! be one of the same cluster, whose fingerprint the transport checks) is dropped.
+//! A message for a group this node does not hold (not opened yet, or a peer with another
+//! placement: it cannot be one of the same cluster, whose fingerprint the transport
+//! checks) is dropped.
 
 use crate::board::{self, Board, GroupView};
 use crate::calls::Calls;
@@ -89,8 +91,8 @@ pub struct Node {
 }
 
 impl Node {
-    /// Opens every group placement gives this node (each on its directories under `root`,
-    /// its state machine from `machine(group, its replica)`), starts the transport on `listener`, and
+    /// Opens every group of the cluster (each on its directories under `root`, its state
+    /// machine from `machine(group, its replica)`), starts the transport on `listener`, and
     /// runs each group as a task of the current executor.
     pub async fn start<R: StorageRoot + 'static, M: StateMachine + 'static>(
         config: NodeConfig,
@@ -104,9 +106,7 @@ impl Node {
         let node = Node::listen(config, listener);
         for g in 0..node.config.groups {
             let id = u64::from(g);
-            if node.voters(id).contains(&node.me) {
-                node.open_group(&root, id, |r| machine(id, r)).await?;
-            }
+            node.open_group(&root, id, |r| machine(id, r)).await?;
         }
         Ok(node)
     }
@@ -174,13 +174,23 @@ impl Node {
 
     /// The voters group `group` starts with ([`placement::replicas`]).
     pub fn voters(&self, group: u64) -> Vec<u64> {
-        let nodes: Vec<u64> = self.config.membership.nodes.keys().copied().collect();
-        placement::replicas(group as u32, &nodes)
+        placement::replicas(group as u32, &self.node_ids())
+    }
+
+    /// The learners group `group` starts with: every other node
+    /// ([`placement::learners`]).
+    pub fn learners(&self, group: u64) -> Vec<u64> {
+        placement::learners(group as u32, &self.node_ids())
+    }
+
+    fn node_ids(&self) -> Vec<u64> {
+        self.config.membership.nodes.keys().copied().collect()
     }
 
     /// Opens group `group` on its directories under `root` (`g<id>/state`, `g<id>/log`),
     /// with the state machine `machine` makes for its replica, and runs it as a task of
-    /// the current executor. Its first voter is its preferred leader.
+    /// the current executor: as a voter if placement gives this node a vote, as a learner
+    /// otherwise. Its first voter is its preferred leader.
     pub async fn open_group<R: StorageRoot, M: StateMachine + 'static>(
         &self,
         root: &R,
@@ -191,11 +201,13 @@ impl Node {
         R::Dir: 'static,
     {
         let config = &self.config;
-        let voters = self.voters(group);
-        if !voters.contains(&self.me) || self.replicas.borrow().contains_key(&group) {
+        let (voters, learners) = (self.voters(group), self.learners(group));
+        if !config.membership.nodes.contains_key(&self.me)
+            || self.replicas.borrow().contains_key(&group)
+        {
             return Err(RaftLogError::Corrupt(format!(
-                "group {group} cannot be opened on node {}: it is not placed here, or is \
-                 open already",
+                "group {group} cannot be opened on node {}: the node is not of the \
+                 cluster, or the group is open already",
                 self.me
             )));
         }
@@ -213,6 +225,7 @@ impl Node {
         };
         let bootstrap = ConfState {
             voters: voters.clone(),
+            learners,
             ..ConfState::default()
         };
         let replica = Replica::new(group);

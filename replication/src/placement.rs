@@ -1,13 +1,16 @@
-//! Where a cluster's groups live: which nodes hold each partition, and which of them should
-//! lead it.
+//! Where a cluster's groups live: which nodes vote in each partition's group, and which of
+//! them should lead it.
 //!
 //! Every partition (and the metadata partition) is a group of [`replication_factor`]
-//! replicas: 3, or every node when there are fewer. Partition `p` of a cluster of nodes
-//! `n_0 < n_1 < … < n_{N-1}` lives on the `RF` nodes that follow `n_{p mod N}` around the
-//! ring, that node first; the first replica is the preferred leader, so leaderships
-//! spread evenly over the nodes, and each node holds `P × RF / N` replicas. The placement
-//! is a pure function of the membership and the partition, so every node computes the
-//! same one without asking.
+//! voters: 3, or every node when there are fewer. Partition `p` of a cluster of nodes
+//! `n_0 < n_1 < … < n_{N-1}` is voted on by the `RF` nodes that follow `n_{p mod N}` around
+//! the ring, that node first; the first voter is the preferred leader, so leaderships
+//! spread evenly over the nodes, and each node votes in `P × RF / N` groups. Every other
+//! node of the cluster holds the group as a learner ([`learners`]): it receives and applies
+//! every committed entry but neither votes nor counts towards a majority, so every node
+//! holds every event once and delivers it to its own subscribers, while a commit waits
+//! for two of three voters only. The placement is a pure function of the membership and
+//! the partition, so every node computes the same one without asking.
 //!
 //! The preferred leader is to be reached by a leadership transfer once the group has a
 //! leader, not by raft-rs's election priority: with priorities, a voter of higher
@@ -35,6 +38,20 @@ pub fn replicas(partition: u32, nodes: &[u64]) -> Vec<u64> {
     (0..replication_factor(n))
         .map(|k| sorted[(first + k) % n])
         .collect()
+}
+
+/// The nodes that hold partition `partition` without a vote: every node of `nodes` that
+/// [`replicas`] leaves out, in id order.
+pub fn learners(partition: u32, nodes: &[u64]) -> Vec<u64> {
+    let voters = replicas(partition, nodes);
+    let mut rest: Vec<u64> = nodes
+        .iter()
+        .copied()
+        .filter(|n| !voters.contains(n))
+        .collect();
+    rest.sort_unstable();
+    rest.dedup();
+    rest
 }
 
 /// Whether `node` is the preferred leader of partition `partition`.
@@ -86,6 +103,21 @@ mod tests {
             };
             assert!(spread(&leads) <= 1, "{n} nodes: leaders {leads:?}");
             assert!(spread(&holds) <= 3, "{n} nodes: replicas {holds:?}");
+        }
+    }
+
+    #[test]
+    fn every_node_holds_every_partition_as_voter_or_learner() {
+        assert_eq!(learners(0, &[1, 2, 3]), Vec::<u64>::new());
+        assert_eq!(learners(4, &[5, 4, 3, 2, 1, 1]), vec![3, 4]);
+        for n in 1..=7u64 {
+            let nodes: Vec<u64> = (1..=n).collect();
+            for p in 0..17 {
+                let (v, l) = (replicas(p, &nodes), learners(p, &nodes));
+                let all: std::collections::BTreeSet<u64> = v.iter().chain(&l).copied().collect();
+                assert_eq!(all.len(), nodes.len(), "{n} nodes, partition {p}");
+                assert!(l.iter().all(|x| !v.contains(x)));
+            }
         }
     }
 

@@ -48,8 +48,13 @@ pub struct ClusterConfig {
 impl ClusterConfig {
     /// Three nodes' worth.
     pub fn three() -> ClusterConfig {
+        ClusterConfig::of(3)
+    }
+
+    /// `n` nodes' worth (of two shards each).
+    pub fn of(n: usize) -> ClusterConfig {
         ClusterConfig {
-            addrs: chorus_replication::engine_env::free_loopback_addrs(3, 2),
+            addrs: chorus_replication::engine_env::free_loopback_addrs(n, 2),
             jwt: tempfile::tempdir().expect("tempdir"),
         }
     }
