@@ -2,7 +2,7 @@
 //! three, then five, `chorus serve` nodes take posts to four channels through any node,
 //! while a nemesis SIGKILLs and restarts nodes, SIGSTOPs and resumes them, isolates one,
 //! cuts the others apart through a bridge, kills the leader of the first channel's
-//! partition, and (on five nodes) splits the network 2 | 3 (cuts go through each node's
+//! partition, stops a node cleanly (SIGTERM, as a rolling restart does), and (on five nodes) splits the network 2 | 3 (cuts go through each node's
 //! fault file). After the faults heal, the checker asks every node for every channel: each
 //! acknowledged post is there exactly once, every node has the same posts at the same seqs,
 //! and nothing that was never sent appears. It prints how long no post was acknowledged
@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 const CHANNELS: usize = 4;
 /// How long the nemesis runs, unless `CHORUS_FAULT_SECS` says otherwise (the long mode:
 /// `CHORUS_FAULT_SECS=3600 cargo test --release -p chorus-gateway --test cluster_faults --
-/// --nocapture` runs an hour of faults, one every 2 s).
-const FAULTS_FOR: Duration = Duration::from_secs(16);
+/// --nocapture` runs an hour of faults, one every 2 s or so).
+const FAULTS_FOR: Duration = Duration::from_secs(20);
 /// How long the cluster may take to settle after the faults.
 const SETTLE: Duration = Duration::from_secs(30);
 
@@ -115,12 +115,13 @@ fn acknowledged_posts_survive_faults_on_five_nodes() {
 }
 
 /// The kinds of fault, in the order the nemesis takes them (the last on five nodes only).
-const KINDS: [&str; 6] = [
+const KINDS: [&str; 7] = [
     "SIGKILL",
     "SIGSTOP",
     "isolated",
     "bridge",
     "leader SIGKILL",
+    "SIGTERM",
     "halves",
 ];
 
@@ -243,8 +244,9 @@ fn run(n: usize) {
     // a SIGKILL (and restart), a SIGSTOP (and SIGCONT), the node isolated from all others,
     // the node made a bridge (the others split in two groups that cannot reach each other,
     // both reach it), the leader of the first channel's partition SIGKILLed (and
-    // restarted), and on five nodes the network split in halves: the node and the next
-    // one apart from the other three. The cuts go through each node's fault file.
+    // restarted), a SIGTERM (a clean stop, as in a rolling restart, and a restart), and on
+    // five nodes the network split in halves: the node and the next one apart from the
+    // other three. The cuts go through each node's fault file.
     let cut = |id: usize, peers: &[usize]| {
         let lines: String = peers.iter().map(|p| format!("cut {}\n", p + 1)).collect();
         std::fs::write(cluster.fault_file(id + 1), lines).expect("fault file");
@@ -313,6 +315,15 @@ fn run(n: usize) {
                 nodes[victim].kill();
                 faults.push(format!("{} node {}", KINDS[kind], victim + 1));
                 std::thread::sleep(Duration::from_millis(1_000));
+                nodes[victim].restart();
+            }
+            5 => {
+                // A step of a rolling restart: the node hands its leaderships over,
+                // drains and exits 0, and comes back on its data.
+                let status = nodes[victim].terminate();
+                assert!(status.success(), "node {} exited {status}", victim + 1);
+                faults.push(format!("SIGTERM node {}", victim + 1));
+                std::thread::sleep(Duration::from_millis(500));
                 nodes[victim].restart();
             }
             1 => {

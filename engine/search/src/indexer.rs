@@ -256,11 +256,14 @@ impl<'a> Indexer<'a> {
                         None => futures::future::pending().await,
                     }
                 });
-                match futures::executor::block_on(select(select(reads.next(), texts), &mut *stop)) {
-                    Either::Left((Either::Left((Some(read), _)), _)) => Next::Read(read),
-                    Either::Left((Either::Right((Some(text), _)), _)) => Next::Text(text),
-                    Either::Left((Either::Right((None, _)), _)) => Next::TextsGone,
-                    Either::Left((Either::Left((None, _)), _)) | Either::Right(_) => Next::Stop,
+                // The stop first: `select` polls its left side first, and while the index
+                // catches up some read is always ready, so a stop polled second would wait
+                // for the whole backlog (a cluster node under load took 8 s to drain).
+                match futures::executor::block_on(select(&mut *stop, select(reads.next(), texts))) {
+                    Either::Right((Either::Left((Some(read), _)), _)) => Next::Read(read),
+                    Either::Right((Either::Right((Some(text), _)), _)) => Next::Text(text),
+                    Either::Right((Either::Right((None, _)), _)) => Next::TextsGone,
+                    Either::Right((Either::Left((None, _)), _)) | Either::Left(_) => Next::Stop,
                 }
             };
             let stopping = match next {
