@@ -38,6 +38,12 @@ pub const COMPACT_EVERY: u64 = 1_000;
 pub struct NodeConfig {
     /// This node and every node of the cluster, with their addresses between nodes.
     pub membership: Membership,
+    /// The nodes whose groups began the cluster: a group opened for the first time starts
+    /// with placement over them as its configuration. `None`: this node joins a running
+    /// cluster, and its groups start with no configuration, waiting for their leaders to
+    /// add it ([`Node::place_on`] on the cluster's nodes). The default: every node of
+    /// `membership`.
+    pub initial: Option<Vec<u64>>,
     /// Groups in the cluster, numbered from 0.
     pub groups: u32,
     /// raft-rs's tick.
@@ -63,6 +69,7 @@ impl NodeConfig {
     /// after 10 ticks without a leader (200 ms), heartbeats every 2.
     pub fn new(membership: Membership, groups: u32) -> NodeConfig {
         NodeConfig {
+            initial: Some(membership.nodes.keys().copied().collect()),
             membership,
             groups,
             tick: Duration::from_millis(20),
@@ -88,6 +95,9 @@ pub struct Node {
     /// The groups opened here, by id: where the transport delivers their messages.
     replicas: Rc<RefCell<BTreeMap<u64, Rc<Replica>>>>,
     tasks: RefCell<Vec<(u64, GroupTask)>>,
+    /// The nodes the groups were last asked to be placed on ([`Node::place_on`]), for
+    /// groups opened after.
+    placed_on: RefCell<Option<Vec<u64>>>,
 }
 
 impl Node {
@@ -169,22 +179,36 @@ impl Node {
             transport,
             replicas,
             tasks: RefCell::default(),
+            placed_on: RefCell::default(),
         }
     }
 
-    /// The voters group `group` starts with ([`placement::replicas`]).
+    /// The voters group `group` starts with ([`placement::replicas`] over the initial
+    /// nodes; none on a joining node).
     pub fn voters(&self, group: u64) -> Vec<u64> {
-        placement::replicas(group as u32, &self.node_ids())
+        placement::replicas(group as u32, self.initial())
     }
 
-    /// The learners group `group` starts with: every other node
+    /// The learners group `group` starts with: every other initial node
     /// ([`placement::learners`]).
     pub fn learners(&self, group: u64) -> Vec<u64> {
-        placement::learners(group as u32, &self.node_ids())
+        placement::learners(group as u32, self.initial())
     }
 
-    fn node_ids(&self) -> Vec<u64> {
-        self.config.membership.nodes.keys().copied().collect()
+    fn initial(&self) -> &[u64] {
+        self.config.initial.as_deref().unwrap_or_default()
+    }
+
+    /// Asks every group this node holds to be placed over `nodes`: where this node leads
+    /// (now or later), it walks the group there one membership change at a time
+    /// ([`crate::membership`]). How a node is added (`nodes` with it, the node started
+    /// with [`NodeConfig::initial`] `None`) or removed (`nodes` without it); every node is
+    /// asked alike, so that whichever leads a group moves it.
+    pub fn place_on(&self, nodes: &[u64]) {
+        *self.placed_on.borrow_mut() = Some(nodes.to_vec());
+        for r in self.replicas.borrow().values() {
+            r.place_on(nodes.to_vec());
+        }
     }
 
     /// Opens group `group` on its directories under `root` (`g<id>/state`, `g<id>/log`),
@@ -230,6 +254,9 @@ impl Node {
         };
         let replica = Replica::new(group);
         replica.prefer(voters.first().copied());
+        if let Some(nodes) = self.placed_on.borrow().as_ref() {
+            replica.place_on(nodes.clone());
+        }
         // Weak: the transport's handlers reach the replica, which must not keep the
         // transport alive in turn.
         let transport = Rc::downgrade(&self.transport);

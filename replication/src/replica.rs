@@ -132,6 +132,10 @@ pub struct Replica {
     preferred: Cell<Option<u64>>,
     /// The group's voters as of the task's last turn.
     voters: RefCell<Vec<u64>>,
+    /// The group's learners as of the task's last turn.
+    learners: RefCell<Vec<u64>>,
+    /// The nodes the group is to be placed on, once asked ([`Replica::place_on`]).
+    target: RefCell<Option<Vec<u64>>>,
     /// How this node asks a peer for the group's events (set by the node).
     fetch: RefCell<Option<Fetch>>,
     /// How this node reads the group's events for a peer (set by the state machine's
@@ -151,6 +155,10 @@ pub type Source = Rc<dyn Fn(u64, u64) -> LocalBoxFuture<'static, Vec<u8>>>;
 /// node, after a try that did not take.
 pub const PREFER_RETRY: Duration = Duration::from_secs(2);
 
+/// How long a leader waits before it tries a membership step again ([`Replica::place_on`]):
+/// a change raft-rs dropped, or a hand-off that did not take.
+pub const TARGET_RETRY: Duration = Duration::from_millis(500);
+
 impl Replica {
     /// A replica of group `group_id`, not running yet: the transport can be given it
     /// before [`Replica::run`] starts.
@@ -169,6 +177,8 @@ impl Replica {
             }),
             preferred: Cell::new(None),
             voters: RefCell::default(),
+            learners: RefCell::default(),
+            target: RefCell::new(None),
             fetch: RefCell::new(None),
             source: RefCell::new(None),
         })
@@ -232,6 +242,21 @@ impl Replica {
     /// The group's voters as of the task's last turn.
     pub fn voters(&self) -> Vec<u64> {
         self.voters.borrow().clone()
+    }
+
+    /// The group's learners as of the task's last turn.
+    pub fn learners(&self) -> Vec<u64> {
+        self.learners.borrow().clone()
+    }
+
+    /// Asks that the group be placed over `nodes` ([`crate::placement`]): while this node
+    /// leads, it walks the group's configuration there one change at a time
+    /// ([`crate::membership`]), looking at each tick, and the group's preferred leader
+    /// becomes placement's first voter over `nodes`.
+    pub fn place_on(&self, nodes: Vec<u64>) {
+        let voters = crate::placement::replicas(self.group_id as u32, &nodes);
+        self.preferred.set(voters.first().copied());
+        *self.target.borrow_mut() = Some(nodes);
     }
 
     /// A message from a peer, for this group.
@@ -328,6 +353,7 @@ impl Replica {
         let mut handing_off: Option<Instant> = None;
         let mut stopping: Option<Stop> = None;
         let mut preferred_tried: Option<Instant> = None;
+        let mut target_tried: Option<Instant> = None;
         // Read indexes asked of raft-rs, by request context; and those it confirmed, with
         // the index to apply before answering.
         let mut asked: BTreeMap<u64, Reading> = BTreeMap::new();
@@ -423,6 +449,7 @@ impl Replica {
             }
             if stopping.is_none() {
                 self.move_to_preferred(&mut group, &mut preferred_tried);
+                self.move_to_target(&mut group, &mut target_tried);
             }
             let mut failed = None;
             loop {
@@ -557,11 +584,72 @@ impl Replica {
         }
     }
 
+    /// Takes the next step towards the placement asked with [`Replica::place_on`], if this
+    /// node leads and no change is pending; tries again after [`TARGET_RETRY`] (a change
+    /// raft-rs dropped, a hand-off that did not take).
+    fn move_to_target<S: Storage, M: StateMachine>(
+        &self,
+        group: &mut Group<S, M>,
+        tried: &mut Option<Instant>,
+    ) {
+        use crate::membership::{next_step, GroupConf, Step};
+        use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
+        let target = self.target.borrow();
+        let Some(nodes) = target.as_ref() else {
+            return;
+        };
+        let raft = &group.raw_ref().raft;
+        if !group.is_leader() || raft.has_pending_conf() || raft.lead_transferee.is_some() {
+            return;
+        }
+        if tried.is_some_and(|at| at.elapsed() < TARGET_RETRY) {
+            return;
+        }
+        let conf = raft.prs().conf();
+        let now = GroupConf {
+            me: raft.id,
+            voters: conf.voters().ids().iter().collect(),
+            learners: conf.learners().iter().copied().collect(),
+            matched: raft.prs().iter().map(|(&id, p)| (id, p.matched)).collect(),
+            committed: raft.raft_log.committed,
+        };
+        let Some(step) = next_step(self.group_id as u32, &now, nodes) else {
+            return;
+        };
+        drop(target);
+        *tried = Some(Instant::now());
+        let (change_type, node_id) = match step {
+            Step::HandOff(to) => {
+                group.raw().transfer_leader(to);
+                return;
+            }
+            Step::AddLearner(n) | Step::Demote(n) => (ConfChangeType::AddLearnerNode, n),
+            Step::Promote(n) => (ConfChangeType::AddNode, n),
+            Step::Remove(n) => (ConfChangeType::RemoveNode, n),
+        };
+        let change = ConfChangeV2 {
+            changes: vec![ConfChangeSingle {
+                change_type,
+                node_id,
+                ..ConfChangeSingle::default()
+            }]
+            .into(),
+            ..ConfChangeV2::default()
+        };
+        if let Err(e) = group.raw().propose_conf_change(Vec::new(), change) {
+            tracing::warn!(group = self.group_id, ?step, error = %e, "a membership step was refused");
+        } else {
+            tracing::info!(group = self.group_id, ?step, "membership step proposed");
+        }
+    }
+
     fn publish<S: Storage, M: StateMachine>(&self, group: &Group<S, M>, ended: bool) {
         let raft = &group.raw_ref().raft;
         let applied = group.applied();
-        // Every turn publishes: compare in place, and allocate only when the voters changed.
-        let ids = raft.prs().conf().voters().ids();
+        // Every turn publishes: compare in place, and allocate only when the voters or
+        // learners changed.
+        let conf = raft.prs().conf();
+        let ids = conf.voters().ids();
         let known = self.voters.borrow();
         let same = known.len() == ids.len() && known.iter().all(|v| ids.contains(*v));
         drop(known);
@@ -569,6 +657,15 @@ impl Replica {
             let mut voters: Vec<u64> = ids.iter().collect();
             voters.sort_unstable();
             *self.voters.borrow_mut() = voters;
+        }
+        let learners = conf.learners();
+        let known = self.learners.borrow();
+        let same = known.len() == learners.len() && known.iter().all(|l| learners.contains(l));
+        drop(known);
+        if !same {
+            let mut sorted: Vec<u64> = learners.iter().copied().collect();
+            sorted.sort_unstable();
+            *self.learners.borrow_mut() = sorted;
         }
         self.status.set(Status {
             role: raft.state,

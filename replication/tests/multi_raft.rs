@@ -35,11 +35,17 @@ struct Shared {
     status: BTreeMap<u64, BTreeMap<u64, Status>>,
     /// The values each node applied, by (node, group).
     values: BTreeMap<(u64, u64), Vec<u64>>,
+    /// The nodes every group is to be placed on, when asked ([`Node::place_on`]), with a
+    /// number that grows with each ask.
+    place_on: Option<(u64, Vec<u64>)>,
+    /// Each running node's groups' voters and learners as it last saw them.
+    confs: BTreeMap<(u64, u64), (Vec<u64>, Vec<u64>)>,
 }
 
 async fn node_main(
     id: u64,
     nodes: BTreeMap<u64, SocketAddr>,
+    initial: Option<Vec<u64>>,
     groups: u32,
     dir: PathBuf,
     shared: Arc<Mutex<Shared>>,
@@ -47,6 +53,7 @@ async fn node_main(
 ) {
     let listener = common::bind(nodes[&id]).await;
     let mut config = NodeConfig::new(Membership { me: id, nodes }, groups);
+    config.initial = initial;
     config.compact_every = 50;
     let s2 = shared.clone();
     let node = Node::start(config, DiskRoot::new(dir), listener, move |group, _| {
@@ -57,6 +64,7 @@ async fn node_main(
     .await
     .expect("the node starts");
     let node = std::rc::Rc::new(node);
+    let mut placed = 0;
     let hand_off = loop {
         match stop.load(Ordering::SeqCst) {
             RUN => {}
@@ -66,6 +74,16 @@ async fn node_main(
         let status = node.status();
         let batch: Vec<(u64, u64)> = {
             let mut s = shared.lock().unwrap();
+            if let Some((n, nodes)) = &s.place_on {
+                if *n > placed {
+                    node.place_on(nodes);
+                    placed = *n;
+                }
+            }
+            for g in status.keys() {
+                let r = node.replica(*g).expect("a group it holds");
+                s.confs.insert((id, *g), (r.voters(), r.learners()));
+            }
             let mut mine = Vec::new();
             s.proposals.retain(|&(g, v)| {
                 let leads = status
@@ -109,17 +127,20 @@ async fn node_main(
 fn start_node(
     id: u64,
     nodes: BTreeMap<u64, SocketAddr>,
+    initial: Option<Vec<u64>>,
     groups: u32,
     dir: PathBuf,
     shared: Arc<Mutex<Shared>>,
 ) -> NodeHandle {
-    NodeHandle::spawn(move |stop| node_main(id, nodes, groups, dir, shared, stop))
+    NodeHandle::spawn(move |stop| node_main(id, nodes, initial, groups, dir, shared, stop))
 }
 
 /// A cluster of nodes on threads of their own.
 struct Cluster {
     tmp: tempfile::TempDir,
     nodes: BTreeMap<u64, SocketAddr>,
+    /// The nodes the groups are placed on (the founders, until [`Cluster::place_on`]).
+    members: Vec<u64>,
     groups: u32,
     shared: Arc<Mutex<Shared>>,
     handles: BTreeMap<u64, NodeHandle>,
@@ -127,34 +148,73 @@ struct Cluster {
 
 impl Cluster {
     fn start(nodes: usize, groups: u32) -> Cluster {
+        Cluster::start_of(nodes, nodes, groups)
+    }
+
+    /// A cluster begun by the first `founders` of `nodes` nodes (the others known by
+    /// address, not started).
+    fn start_of(nodes: usize, founders: usize, groups: u32) -> Cluster {
         let mut c = Cluster {
             tmp: tempfile::tempdir().unwrap(),
             nodes: (1..).zip(free_addrs(nodes)).collect(),
+            members: (1..=founders as u64).collect(),
             groups,
             shared: Arc::default(),
             handles: BTreeMap::new(),
         };
-        let ids: Vec<u64> = c.nodes.keys().copied().collect();
-        for id in ids {
+        for id in c.members.clone() {
             c.restart(id);
         }
         c
     }
 
     fn ids(&self) -> Vec<u64> {
-        self.nodes.keys().copied().collect()
+        self.members.clone()
     }
 
     fn restart(&mut self, id: u64) {
+        let initial = self.members.contains(&id).then(|| self.members.clone());
+        self.start_node(id, initial);
+    }
+
+    /// Starts node `id` with the groups' initial nodes `initial` (`None`: it joins).
+    fn start_node(&mut self, id: u64, initial: Option<Vec<u64>>) {
         let dir = self.tmp.path().join(format!("node-{id}"));
         let h = start_node(
             id,
             self.nodes.clone(),
+            initial,
             self.groups,
             dir,
             self.shared.clone(),
         );
         self.handles.insert(id, h);
+    }
+
+    /// Asks every running node to place every group over `nodes`.
+    fn place_on(&mut self, nodes: &[u64]) {
+        let mut s = self.shared.lock().unwrap();
+        let n = s.place_on.as_ref().map_or(1, |(n, _)| n + 1);
+        s.place_on = Some((n, nodes.to_vec()));
+        self.members = nodes.to_vec();
+    }
+
+    /// Whether every running member sees every group placed over the members: placement's
+    /// voters, every other member a learner, no one else.
+    fn placed(&self) -> bool {
+        let s = self.shared.lock().unwrap();
+        let members = &self.members;
+        (0..self.groups).all(|g| {
+            let mut voters = placement::replicas(g, members);
+            voters.sort_unstable();
+            let learners = placement::learners(g, members);
+            members
+                .iter()
+                .filter(|n| self.handles.contains_key(n))
+                .all(|n| {
+                    s.confs.get(&(*n, u64::from(g))) == Some(&(voters.clone(), learners.clone()))
+                })
+        })
     }
 
     fn stop(&mut self, id: u64, how: u8) {
@@ -342,5 +402,52 @@ fn eight_groups_on_five_nodes_vote_on_three_and_teach_the_rest() {
     wait_for("260 values answered", MINUTE, || c.settled(260));
     wait_for("every node caught up", MINUTE, || c.converged());
     c.check_values();
+    c.stop_all();
+}
+
+/// Membership under traffic. Node 4 joins a cluster of three: its groups start with no
+/// configuration, and every group's leader adds it as a learner, promotes it where
+/// placement over four nodes wants its vote, and demotes the voter it replaces. Then node 1
+/// leaves: every leader demotes and removes it (a group it leads is handed off first).
+/// Values flow throughout; every member ends with every value, once, in the same order.
+#[test]
+fn a_node_joins_and_another_leaves_while_values_flow() {
+    let mut c = Cluster::start_of(4, 3, 8);
+    wait_for("every group led by its preferred node", MINUTE, || {
+        c.leaders_preferred()
+    });
+    let round = |from: u64| (0..8u64).flat_map(move |g| (from..from + 20).map(move |v| (g, v)));
+    c.propose(round(0));
+    c.start_node(4, None);
+    c.place_on(&[1, 2, 3, 4]);
+    c.propose(round(20));
+    wait_for("every group placed over nodes 1 to 4", MINUTE, || {
+        c.placed()
+    });
+    wait_for("320 values answered", MINUTE, || c.settled(320));
+    wait_for("every member caught up", MINUTE, || c.converged());
+    c.check_values();
+    wait_for(
+        "leaders where placement over four nodes prefers",
+        MINUTE,
+        || c.leaders_preferred(),
+    );
+
+    c.place_on(&[2, 3, 4]);
+    c.propose(round(40));
+    wait_for("every group placed over nodes 2 to 4", MINUTE, || {
+        c.placed()
+    });
+    wait_for("480 values answered", MINUTE, || c.settled(480));
+    c.stop(1, STOP);
+    c.propose(round(60));
+    wait_for("640 values answered", MINUTE, || c.settled(640));
+    wait_for("every member caught up", MINUTE, || c.converged());
+    c.check_values();
+    assert_eq!(
+        c.shared.lock().unwrap().acked.len(),
+        640,
+        "every value acknowledged"
+    );
     c.stop_all();
 }

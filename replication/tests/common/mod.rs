@@ -56,6 +56,7 @@ impl<S, F: Fn(&mut S) -> &mut Vec<u64>> chorus_replication::StateMachine for Val
     ) -> Result<(), chorus_replication::RaftLogError> {
         let applied = entries
             .iter()
+            .filter(|e| e.get_entry_type() == raft::eraftpb::EntryType::EntryNormal)
             .filter(|e| !e.data.is_empty())
             .map(|e| u64::from_le_bytes(e.data[..].try_into().expect("8 bytes")));
         self.with(|values| values.extend(applied));
