@@ -89,7 +89,7 @@ async fn node_main(
 ) -> Measured {
     let listener = glommio::net::TcpListener::bind(nodes[&me]).expect("bind");
     let ids: Vec<u64> = nodes.keys().copied().collect();
-    let mut config = NodeConfig::new(Membership { me, nodes }, shape.groups);
+    let mut config = NodeConfig::new(Membership::new(me, nodes), shape.groups);
     // Compactions keep as many entries behind their snapshot, so a follower a little
     // behind the leader's compaction is caught up from the log (a snapshot would carry
     // only the event log's cursor, not its events, and stop the follower's group).

@@ -16,6 +16,7 @@
 
 mod e2ee;
 mod forward;
+pub mod members;
 mod notify;
 mod search;
 
@@ -109,6 +110,8 @@ pub enum Op {
     Me,
     /// `GET /cluster`.
     Cluster,
+    /// `PUT /cluster/members`.
+    ClusterMembers,
     /// `GET /workspaces`.
     ListWorkspaces,
     /// `POST /workspaces`.
@@ -370,6 +373,13 @@ pub static ROUTES: &[Route] = &[
         200,
         "This node, the cluster's nodes, and each partition's leader and replicas",
     ),
+    route(Verb::Put, "/api/v1/cluster/members", Op::ClusterMembers, 200, "Place the cluster on these nodes: add a node started with --join, or remove one (an operator's call)")
+        .public()
+        .body(&[
+            req("key", Ty::String, "the contents of cluster_admin_key_file"),
+            req("nodes", Ty::Object, "every node of the cluster to be, {\"ID\": \"IP:PORT\"} (the address between nodes)"),
+            opt("local", Ty::Boolean, "apply on this node only (what the node that takes the call sends the others)"),
+        ]),
     route(Verb::Put, "/api/v1/me/presence", Op::SetPresence, 200, "Set the caller's presence mode")
         .body(&[
             req("mode", Ty::String, "auto, away, dnd or invisible"),
@@ -1000,6 +1010,7 @@ async fn run(op: Op, call: &Call<'_>) -> Result<Reply, ApiError> {
         Op::OpenApi => Ok(openapi_reply()),
         Op::Me => me(call).await,
         Op::Cluster => Ok(Reply::json(200, &cluster_view(&call.ctx.shared))),
+        Op::ClusterMembers => members::put_members(call).await,
         Op::ListWorkspaces => list_workspaces(call).await,
         Op::CreateWorkspace => create_workspace(call).await,
         Op::AddMember => add_member(call).await,
@@ -1153,7 +1164,7 @@ fn cluster_view(shared: &crate::ctx::Shared) -> serde_json::Value {
     };
     let now = std::time::Instant::now();
     let nodes: Vec<_> = c
-        .nodes
+        .nodes()
         .iter()
         .map(|(id, addr)| {
             let up = *id == c.me

@@ -206,6 +206,14 @@ pub struct Config {
     /// `cut N` cutting it off from node N both ways (nothing it sends arrives, nothing
     /// from N is taken), until the line is gone. Unset: none.
     pub cluster_fault_file: Option<PathBuf>,
+    /// This node joins a running cluster: its groups start with no members and wait to be
+    /// added (`PUT /api/v1/cluster/members` on a node of the cluster). Without it, a
+    /// node's first start makes it one of the nodes that begin the cluster: every node
+    /// of `cluster`.
+    pub cluster_join: bool,
+    /// A file holding the key that `PUT /api/v1/cluster/members` must carry (every node
+    /// the same file). Unset: the cluster's members cannot be changed.
+    pub cluster_admin_key_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -260,6 +268,8 @@ impl Default for Config {
             node_id: 0,
             cluster: String::new(),
             cluster_fault_file: None,
+            cluster_join: false,
+            cluster_admin_key_file: None,
         }
     }
 }
@@ -428,6 +438,7 @@ impl Config {
         let nodes = self.cluster_nodes().map_err(|m| invalid("cluster", m))?;
         match nodes {
             None if self.node_id != 0 => Err(invalid("node_id", "only with cluster".into())),
+            None if self.cluster_join => Err(invalid("cluster_join", "only with cluster".into())),
             None => Ok(()),
             Some(nodes) if !nodes.contains_key(&self.node_id) => Err(invalid(
                 "node_id",
@@ -577,6 +588,9 @@ pub struct ServeArgs {
     /// The cluster's nodes: 1=HOST:PORT,2=HOST:PORT,… [default: none, a single node]
     #[arg(long, env = "CHORUS_CLUSTER", value_name = "NODES")]
     pub cluster: Option<String>,
+    /// Join a running cluster (its members then add this node) instead of beginning one
+    #[arg(long, env = "CHORUS_CLUSTER_JOIN")]
+    pub join: bool,
 }
 
 impl ServeArgs {
@@ -604,6 +618,9 @@ impl ServeArgs {
         }
         if let Some(cluster) = self.cluster {
             config.cluster = cluster;
+        }
+        if self.join {
+            config.cluster_join = true;
         }
         config.validate()?;
         Ok(config)

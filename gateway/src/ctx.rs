@@ -64,14 +64,45 @@ pub struct Shared {
 pub struct ClusterView {
     /// This node's id.
     pub me: u64,
-    /// Every node and its address between nodes.
-    pub nodes: std::collections::BTreeMap<u64, std::net::SocketAddr>,
+    /// The cluster's id (what node-to-node connections check).
+    pub id: u64,
+    /// Every node known and its address between nodes, and the members last asked for
+    /// (`PUT /api/v1/cluster/members`).
+    pub members: chorus_replication::members::Members,
+    /// The key `PUT /api/v1/cluster/members` must carry (`cluster_admin_key_file`); `None`:
+    /// the members cannot be changed.
+    pub admin_key: Option<Vec<u8>>,
     /// What the node's shards know of groups and peers.
     pub board: chorus_replication::Board,
     /// Where peers' calls to this node's shards arrive (see `crate::api::forward`).
     pub calls: chorus_replication::calls::Calls,
     /// The fault layer's switch (fault tests): the peers this node is cut off from.
     pub cuts: chorus_replication::transport::Cuts,
+}
+
+impl ClusterView {
+    /// This node's membership: the nodes it knows, by their addresses between nodes, and
+    /// the cluster's id.
+    pub fn membership(&self) -> chorus_replication::transport::Membership {
+        chorus_replication::transport::Membership {
+            me: self.me,
+            nodes: self.members.addresses(),
+            cluster: Some(self.id),
+        }
+    }
+
+    /// The cluster's nodes: those last asked for, or every node of `--cluster` if none
+    /// was.
+    pub fn nodes(&self) -> std::collections::BTreeMap<u64, std::net::SocketAddr> {
+        let (_, addresses, asked) = self.members.read();
+        match asked {
+            Some(ids) => addresses
+                .into_iter()
+                .filter(|(id, _)| ids.contains(id))
+                .collect(),
+            None => addresses,
+        }
+    }
 }
 
 /// A peer counts as up when this node heard from it this recently (heartbeats come every

@@ -60,11 +60,25 @@ fn open_engine(
         };
         return Ok((engine, None));
     };
+    // Every node of a cluster shares the token secret: the cluster's id is derived from it,
+    // so that nodes added later are of the same cluster and another cluster's are not.
+    Tokens::load_or_create(&config.jwt_secret_path(), config.token_ttl_s)?;
+    let secret = std::fs::read(config.jwt_secret_path())?;
+    let cluster_id = crate::api::members::cluster_id(&secret);
     let membership = chorus_replication::transport::Membership {
         me: config.node_id,
         nodes: nodes.clone(),
+        cluster: Some(cluster_id),
     };
-    let node = chorus_replication::NodeConfig::new(membership, config.partitions + 1);
+    let mut node = chorus_replication::NodeConfig::new(membership, config.partitions + 1);
+    if config.cluster_join {
+        node.initial = None;
+    }
+    node.members = chorus_replication::members::Members::new(nodes.clone());
+    // The members last asked, if any: a node that restarts goes on moving its groups there.
+    if let Some(asked) = crate::api::members::load(&config.data_dir)? {
+        node.members.set(&asked);
+    }
     if let Some(file) = &config.cluster_fault_file {
         follow_fault_file(
             file.clone(),
@@ -72,9 +86,15 @@ fn open_engine(
             node.cuts.clone(),
         );
     }
+    let admin_key = match &config.cluster_admin_key_file {
+        Some(path) => Some(std::fs::read(path)?),
+        None => None,
+    };
     let view = crate::ctx::ClusterView {
         me: config.node_id,
-        nodes,
+        id: cluster_id,
+        members: node.members.clone(),
+        admin_key,
         board: node.board.clone(),
         calls: node.calls.clone(),
         cuts: node.cuts.clone(),

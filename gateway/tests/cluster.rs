@@ -362,14 +362,14 @@ fn three_processes_serve_one_cluster_and_survive_a_sigkill() {
     eprintln!("leader SIGKILL -> first acknowledged write elsewhere: {failover:?}");
 }
 
-/// A base port for `tools/cluster` under which every port it uses for three nodes of two
+/// A base port for `tools/cluster` under which every port it uses for four nodes of two
 /// shards is free: HTTP and QUIC on base + 10i, the cluster on base + 10i + 1 and + 2.
 fn free_base_port() -> u16 {
     let start = 20_000 + (std::process::id() % 200) as u16 * 100;
     (0..100u16)
         .map(|k| 20_000 + (start - 20_000 + k * 100) % 20_000)
         .find(|base| {
-            (1..=3u16).all(|i| {
+            (1..=4u16).all(|i| {
                 let port = base + 10 * i;
                 let tcp = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
                 tcp(port)
@@ -382,9 +382,11 @@ fn free_base_port() -> u16 {
 }
 
 // `tools/cluster up 3` starts three nodes that form one cluster (a sign-up is taken by the
-// directory's leader, and the others learn the account), and `down` stops them all.
+// directory's leader, and the others learn the account); `add 4` joins a fourth, which
+// learns the account too; `remove 1` moves every partition off node 1 and stops it; `down`
+// stops the rest.
 #[test]
-fn the_cluster_tool_starts_and_stops_three_nodes() {
+fn the_cluster_tool_starts_grows_shrinks_and_stops_a_cluster() {
     let dir = tempfile::tempdir().unwrap();
     let base = free_base_port();
     let tool = concat!(env!("CARGO_MANIFEST_DIR"), "/../tools/cluster");
@@ -435,7 +437,7 @@ fn the_cluster_tool_starts_and_stops_three_nodes() {
         std::thread::sleep(Duration::from_millis(50));
     };
     // Every node knows the account (the token works everywhere).
-    for url in &urls {
+    let knows_bob = |url: &str| {
         let deadline = Instant::now() + WRITE_WAIT;
         loop {
             let r = agent
@@ -448,9 +450,17 @@ fn the_cluster_tool_starts_and_stops_three_nodes() {
             assert!(Instant::now() < deadline, "{url} never knew bob: {r:?}");
             std::thread::sleep(Duration::from_millis(50));
         }
+    };
+    for url in &urls {
+        knows_bob(url);
     }
+    let added = run(&["add", "4"]);
+    assert!(added.contains("\"4\":\"applied\""), "{added}");
+    knows_bob(&format!("http://127.0.0.1:{}", base + 40));
+    run(&["remove", "1"]);
+    assert!(!dir.path().join("n1/pid").exists());
     run(&["down"]);
-    for i in 1..=3 {
+    for i in 1..=4 {
         assert!(!dir.path().join(format!("n{i}/pid")).exists());
         let log = std::fs::read_to_string(dir.path().join(format!("n{i}/log"))).unwrap();
         assert!(log.contains("stopped"), "node {i} did not drain: {log}");

@@ -10,6 +10,7 @@
 
 mod common;
 
+use chorus_replication::placement;
 use common::{ClusterConfig, Server, PASSWORD, UNLIMITED};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
@@ -114,6 +115,110 @@ fn acknowledged_posts_survive_faults_on_five_nodes() {
     run(5);
 }
 
+/// Membership under writes (the add-and-remove nemesis): three nodes take posts; a fourth,
+/// started with `cluster_join`, is added (`PUT /api/v1/cluster/members` through node 1) and
+/// every partition moves to placement over four nodes; then node 1 is removed (through node
+/// 2), every partition moves to placement over nodes 2 to 4, and node 1 stops (SIGTERM).
+/// The writer goes through every member throughout. Every acknowledged post is then on
+/// nodes 2 to 4 exactly once, at the same seqs, and nothing unsent appears.
+#[test]
+fn acknowledged_posts_survive_a_node_joining_and_another_leaving() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let cluster = ClusterConfig::of(4);
+    let founders = [1, 2, 3];
+    let mut nodes: Vec<Server> = founders
+        .iter()
+        .map(|&id| Server::start(&cluster.node_in(id, &founders, UNLIMITED)))
+        .collect();
+    let mut http: Vec<String> = nodes.iter().map(|s| s.addr.clone()).collect();
+    let work = Workload::prepare(&http);
+    let live = std::sync::Arc::new(std::sync::Mutex::new(http.clone()));
+    let writer = Writer::start(&work, live.clone());
+    std::thread::sleep(Duration::from_secs(1));
+
+    let joining = format!("cluster_join = true\n{UNLIMITED}");
+    nodes.push(Server::start(&cluster.node_in(4, &[1, 2, 3, 4], &joining)));
+    http.push(nodes[3].addr.clone());
+    let began = Instant::now();
+    ask_members(&work, &http[0], &cluster.members_body(&[1, 2, 3, 4]), 4);
+    live.lock().unwrap().push(http[3].clone());
+    wait_placed(&work, &http[1], &[1, 2, 3, 4]);
+    let joined_in = began.elapsed();
+    std::thread::sleep(Duration::from_secs(1));
+
+    live.lock().unwrap().retain(|a| *a != http[0]);
+    let began = Instant::now();
+    ask_members(&work, &http[1], &cluster.members_body(&[2, 3, 4]), 4);
+    wait_placed(&work, &http[1], &[2, 3, 4]);
+    let left_in = began.elapsed();
+    let status = nodes[0].terminate();
+    assert!(status.success(), "node 1 exited {status}");
+    std::thread::sleep(Duration::from_secs(1));
+
+    let written = writer.finish();
+    let faults = ["node 4 added".to_owned(), "node 1 removed".to_owned()];
+    check(&work, &http[1..], &written, &faults, &|| {
+        nodes[1..].iter().map(|n| n.log()).collect()
+    });
+    let total: usize = written.acked.values().map(BTreeSet::len).sum();
+    eprintln!(
+        "membership: node 4 placed in {joined_in:?}, node 1 gone in {left_in:?}; {} posts sent, \
+         {total} acknowledged, longest without an acknowledgement {:?}",
+        written.sent.len(),
+        written.longest
+    );
+}
+
+/// Asks the cluster, through the node at `addr`, to be placed on the nodes `body` names;
+/// every one of the `n` nodes it knows must have applied it.
+fn ask_members(w: &Workload, addr: &str, body: &Value, n: usize) {
+    let path = "/api/v1/cluster/members";
+    let (status, v) = call(&w.agent, addr, "PUT", path, None, Some(body)).expect("an answer");
+    assert_eq!(status, 200, "{v}");
+    let outcomes = v["nodes"].as_object().expect("outcomes");
+    assert_eq!(outcomes.len(), n, "{v}");
+    assert!(outcomes.values().all(|o| o == "applied"), "{v}");
+}
+
+/// Waits until the node at `addr` shows every partition voted on by placement's nodes over
+/// `ids` (node ids).
+fn wait_placed(w: &Workload, addr: &str, ids: &[u64]) {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let view = call(
+            &w.agent,
+            addr,
+            "GET",
+            "/api/v1/cluster",
+            Some(&w.token),
+            None,
+        );
+        let placed = view.as_ref().is_some_and(|(status, v)| {
+            let parts = v["partitions"].as_array();
+            *status == 200
+                && parts.is_some_and(|parts| {
+                    parts.iter().all(|p| {
+                        let mut want = placement::replicas(p["id"].as_u64().unwrap() as u32, ids);
+                        want.sort_unstable();
+                        let have: Vec<u64> = p["replicas"]
+                            .as_array()
+                            .map(|r| r.iter().filter_map(Value::as_u64).collect())
+                            .unwrap_or_default();
+                        have == want
+                    })
+                })
+        });
+        if placed {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the partitions never moved to {ids:?}: {view:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The kinds of fault, in the order the nemesis takes them (the last on five nodes only).
 const KINDS: [&str; 7] = [
     "SIGKILL",
@@ -159,75 +264,105 @@ fn voters_of(agent: &ureq::Agent, http: &[String], token: &str, partition: u64) 
     ids.map_or_else(Vec::new, |ids| ids.iter().filter_map(index).collect())
 }
 
-fn run(n: usize) {
-    let cluster = ClusterConfig::of(n);
-    let config = |id: usize| cluster.node(id, UNLIMITED);
-    let mut nodes: Vec<Server> = (1..=n).map(|id| Server::start(&config(id))).collect();
-    let http: Vec<String> = nodes.iter().map(|s| s.addr.clone()).collect();
-    let agent = ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(1))
-        .max_idle_connections(0)
-        .build();
-    let setup = Instant::now() + SETTLE;
-    let signup = json!({"email": "w@example.com", "password": PASSWORD, "name": "w"});
-    let v = write(&agent, &http, "/api/v1/auth/signup", None, &signup, setup).expect("sign-up");
-    let token = v["token"].as_str().unwrap().to_owned();
-    let ws = write(
-        &agent,
-        &http,
-        "/api/v1/workspaces",
-        Some(&token),
-        &json!({"name": "acme"}),
-        setup,
-    )
-    .expect("workspace");
-    let wid = ws["workspace"]["id"].as_str().unwrap().to_owned();
-    let (channels, partitions): (Vec<String>, Vec<u64>) = (0..CHANNELS)
-        .map(|i| {
-            let body = json!({"name": format!("c{i}"), "kind": "public"});
-            let v = write(
-                &agent,
-                &http,
-                &format!("/api/v1/workspaces/{wid}/channels"),
-                Some(&token),
-                &body,
-                setup,
-            )
-            .expect("channel");
-            let c = &v["channel"];
-            (
-                c["id"].as_str().unwrap().to_owned(),
-                c["partition"].as_u64().unwrap(),
-            )
-        })
-        .unzip();
+/// A sign-up, a workspace and its channels, made through whichever node takes them.
+struct Workload {
+    agent: ureq::Agent,
+    token: String,
+    channels: Vec<String>,
+    /// Each channel's partition.
+    partitions: Vec<u64>,
+}
 
-    // The writer: one post at a time, round-robin over the channels, each with its own
-    // client_msg_id (a retry after a lost answer is deduplicated); an answer 200 or 201 is
-    // an acknowledgement.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = {
-        let (stop, http, token, channels, agent) = (
+impl Workload {
+    fn prepare(http: &[String]) -> Workload {
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(1))
+            .max_idle_connections(0)
+            .build();
+        let setup = Instant::now() + SETTLE;
+        let signup = json!({"email": "w@example.com", "password": PASSWORD, "name": "w"});
+        let v = write(&agent, http, "/api/v1/auth/signup", None, &signup, setup).expect("sign-up");
+        let token = v["token"].as_str().unwrap().to_owned();
+        let ws = write(
+            &agent,
+            http,
+            "/api/v1/workspaces",
+            Some(&token),
+            &json!({"name": "acme"}),
+            setup,
+        )
+        .expect("workspace");
+        let wid = ws["workspace"]["id"].as_str().unwrap().to_owned();
+        let (channels, partitions) = (0..CHANNELS)
+            .map(|i| {
+                let body = json!({"name": format!("c{i}"), "kind": "public"});
+                let v = write(
+                    &agent,
+                    http,
+                    &format!("/api/v1/workspaces/{wid}/channels"),
+                    Some(&token),
+                    &body,
+                    setup,
+                )
+                .expect("channel");
+                let c = &v["channel"];
+                (
+                    c["id"].as_str().unwrap().to_owned(),
+                    c["partition"].as_u64().unwrap(),
+                )
+            })
+            .unzip();
+        Workload {
+            agent,
+            token,
+            channels,
+            partitions,
+        }
+    }
+}
+
+/// What the writer sent and was acknowledged.
+struct Written {
+    /// Acknowledged posts, by channel.
+    acked: BTreeMap<String, BTreeSet<String>>,
+    sent: BTreeSet<String>,
+    /// The longest time between two acknowledgements.
+    longest: Duration,
+    ack_times: Vec<Instant>,
+}
+
+/// The writer: one post at a time, round-robin over the channels, each with its own
+/// client_msg_id (a retry after a lost answer is deduplicated), through the nodes `http`
+/// names at the time; an answer 200 or 201 is an acknowledgement.
+struct Writer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Written>,
+}
+
+impl Writer {
+    fn start(w: &Workload, http: std::sync::Arc<std::sync::Mutex<Vec<String>>>) -> Writer {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (stopping, token, channels, agent) = (
             stop.clone(),
-            http.clone(),
-            token.clone(),
-            channels.clone(),
-            agent.clone(),
+            w.token.clone(),
+            w.channels.clone(),
+            w.agent.clone(),
         );
-        std::thread::spawn(move || {
+        let thread = std::thread::spawn(move || {
             let mut acked: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
             let mut ack_times = vec![Instant::now()];
             let mut sent = BTreeSet::new();
             let (mut last_ack, mut longest) = (Instant::now(), Duration::ZERO);
             let mut n = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
                 let cid = &channels[n as usize % CHANNELS];
                 let text = format!("p{n}");
                 sent.insert(text.clone());
                 let body = json!({"text": text, "client_msg_id": text});
                 let path = format!("/api/v1/channels/{cid}/messages");
                 let deadline = Instant::now() + Duration::from_secs(3);
-                if write(&agent, &http, &path, Some(&token), &body, deadline).is_some() {
+                let nodes = http.lock().unwrap().clone();
+                if write(&agent, &nodes, &path, Some(&token), &body, deadline).is_some() {
                     acked.entry(cid.clone()).or_default().insert(text);
                     longest = longest.max(last_ack.elapsed());
                     last_ack = Instant::now();
@@ -236,9 +371,112 @@ fn run(n: usize) {
                 n += 1;
             }
             ack_times.push(Instant::now());
-            (acked, sent, longest, ack_times)
-        })
-    };
+            Written {
+                acked,
+                sent,
+                longest,
+                ack_times,
+            }
+        });
+        Writer { stop, thread }
+    }
+
+    fn finish(self) -> Written {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let written = self.thread.join().expect("writer");
+        let total: usize = written.acked.values().map(BTreeSet::len).sum();
+        assert!(total > 0, "nothing was acknowledged");
+        written
+    }
+}
+
+/// The checker, once every node of `http` has caught up: every acknowledged post is in
+/// its channel exactly once on every node, at the same seq everywhere, and nothing that was
+/// never sent appears. `logs` are shown if a node never holds what it should.
+fn check(
+    w: &Workload,
+    http: &[String],
+    written: &Written,
+    faults: &[String],
+    logs: &dyn Fn() -> Vec<String>,
+) {
+    let (agent, token) = (&w.agent, &w.token);
+    let (acked, sent) = (&written.acked, &written.sent);
+    let settle = Instant::now() + SETTLE;
+    for cid in &w.channels {
+        let want = acked.get(cid).cloned().unwrap_or_default();
+        let mut histories = Vec::new();
+        for a in http {
+            let h = loop {
+                let h = texts(agent, a, token, cid);
+                let missing: Vec<&String> = match &h {
+                    Some(h) => {
+                        let have: BTreeSet<&String> = h.iter().map(|(_, t)| t).collect();
+                        want.iter().filter(|t| !have.contains(t)).collect()
+                    }
+                    None => want.iter().collect(),
+                };
+                if missing.is_empty() {
+                    break h.unwrap_or_default();
+                }
+                if Instant::now() >= settle {
+                    let logs = logs();
+                    panic!(
+                        "node {a} never held channel {cid}'s acknowledged posts: missing {} of {} \
+                         ({:?}...), it has {:?}; faults {faults:?}; logs {logs:?}",
+                        missing.len(),
+                        want.len(),
+                        &missing[..missing.len().min(5)],
+                        h.map(|h| h.len())
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            let mut seen = BTreeSet::new();
+            for (_, t) in &h {
+                assert!(seen.insert(t.clone()), "{t} twice in {cid} on {a}");
+                assert!(sent.contains(t), "{t} in {cid} on {a} was never sent");
+            }
+            histories.push(h);
+        }
+        // Nodes may still apply the last unacknowledged posts: compare the common prefix
+        // once every node has the same length.
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let lens: Vec<usize> = http
+                .iter()
+                .map(|a| texts(agent, a, token, cid).map_or(0, |h| h.len()))
+                .collect();
+            if lens.windows(2).all(|w| w[0] == w[1]) {
+                let all: Vec<_> = http
+                    .iter()
+                    .map(|a| texts(agent, a, token, cid).unwrap_or_default())
+                    .collect();
+                if all.windows(2).all(|w| w[0] == w[1]) {
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "channel {cid}: the nodes never agreed ({lens:?})"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn run(n: usize) {
+    let cluster = ClusterConfig::of(n);
+    let config = |id: usize| cluster.node(id, UNLIMITED);
+    let mut nodes: Vec<Server> = (1..=n).map(|id| Server::start(&config(id))).collect();
+    let http: Vec<String> = nodes.iter().map(|s| s.addr.clone()).collect();
+    let work = Workload::prepare(&http);
+    let (agent, token) = (&work.agent, &work.token);
+    let (channels, partitions) = (&work.channels, &work.partitions);
+    let writer = Writer::start(
+        &work,
+        std::sync::Arc::new(std::sync::Mutex::new(http.clone())),
+    );
 
     // The nemesis: every 2 s one fault on a node chosen in turn, healed 1 s later: in turn
     // a SIGKILL (and restart), a SIGSTOP (and SIGCONT), the node isolated from all others,
@@ -265,22 +503,15 @@ fn run(n: usize) {
     // leadership the side held has lapsed (an election timeout; the caller waits 0.5 s).
     let probes = std::cell::Cell::new(0usize);
     let probe = |node: usize, side: &[usize], what: &str| {
-        for (cid, p) in channels.iter().zip(&partitions) {
-            let voters = voters_of(&agent, &http, &token, *p);
+        for (cid, p) in channels.iter().zip(partitions) {
+            let voters = voters_of(agent, &http, token, *p);
             if voters.len() < 3 || voters.iter().filter(|v| side.contains(v)).count() >= 2 {
                 continue;
             }
             let path = format!("/api/v1/channels/{cid}/messages");
             let text = format!("{what} probe");
             let body = json!({"text": text, "client_msg_id": text});
-            let answer = call(
-                &agent,
-                &http[node],
-                "POST",
-                &path,
-                Some(&token),
-                Some(&body),
-            );
+            let answer = call(agent, &http[node], "POST", &path, Some(token), Some(&body));
             if let Some((200 | 201, v)) = answer {
                 panic!(
                     "node {} acknowledged a post while {what} (side {side:?}, voters \
@@ -310,7 +541,7 @@ fn run(n: usize) {
             0 | 4 => {
                 let victim = match kind {
                     0 => victim,
-                    _ => leader_of(&agent, &http, &token, partitions[0]).unwrap_or(victim),
+                    _ => leader_of(agent, &http, token, partitions[0]).unwrap_or(victim),
                 };
                 nodes[victim].kill();
                 faults.push(format!("{} node {}", KINDS[kind], victim + 1));
@@ -369,84 +600,23 @@ fn run(n: usize) {
         std::thread::sleep(Duration::from_millis(1_000));
         round += 1;
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (acked, sent, longest, ack_times) = writer.join().expect("writer");
-    let total: usize = acked.values().map(BTreeSet::len).sum();
-    assert!(total > 0, "nothing was acknowledged");
-
-    // The checker, once every node has caught up.
-    let settle = Instant::now() + SETTLE;
-    for cid in &channels {
-        let want = acked.get(cid).cloned().unwrap_or_default();
-        let mut histories = Vec::new();
-        for a in &http {
-            let h = loop {
-                let h = texts(&agent, a, &token, cid);
-                let missing: Vec<&String> = match &h {
-                    Some(h) => {
-                        let have: BTreeSet<&String> = h.iter().map(|(_, t)| t).collect();
-                        want.iter().filter(|t| !have.contains(t)).collect()
-                    }
-                    None => want.iter().collect(),
-                };
-                if missing.is_empty() {
-                    break h.unwrap_or_default();
-                }
-                if Instant::now() >= settle {
-                    let logs: Vec<String> = nodes.iter().map(|n| n.log()).collect();
-                    panic!(
-                        "node {a} never held channel {cid}'s acknowledged posts: missing {} of {} \
-                         ({:?}...), it has {:?}; faults {faults:?}; logs {logs:?}",
-                        missing.len(),
-                        want.len(),
-                        &missing[..missing.len().min(5)],
-                        h.map(|h| h.len())
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            };
-            let mut seen = BTreeSet::new();
-            for (_, t) in &h {
-                assert!(seen.insert(t.clone()), "{t} twice in {cid} on {a}");
-                assert!(sent.contains(t), "{t} in {cid} on {a} was never sent");
-            }
-            histories.push(h);
-        }
-        // Nodes may still apply the last unacknowledged posts: compare the common prefix
-        // once every node has the same length.
-        let deadline = Instant::now() + SETTLE;
-        loop {
-            let lens: Vec<usize> = http
-                .iter()
-                .map(|a| texts(&agent, a, &token, cid).map_or(0, |h| h.len()))
-                .collect();
-            if lens.windows(2).all(|w| w[0] == w[1]) {
-                let all: Vec<_> = http
-                    .iter()
-                    .map(|a| texts(&agent, a, &token, cid).unwrap_or_default())
-                    .collect();
-                if all.windows(2).all(|w| w[0] == w[1]) {
-                    break;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "channel {cid}: the nodes never agreed ({lens:?})"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
+    let written = writer.finish();
+    check(&work, &http, &written, &faults, &|| {
+        nodes.iter().map(|n| n.log()).collect()
+    });
+    let total: usize = written.acked.values().map(BTreeSet::len).sum();
     let shown = faults.len().min(8);
     eprintln!(
         "{n} nodes: faults: {} in all ({}{}); {} posts sent, {total} acknowledged, longest \
-         without an acknowledgement {longest:?}; {} probes of a cut-off side refused",
+         without an acknowledgement {:?}; {} probes of a cut-off side refused",
         faults.len(),
         faults[..shown].join(", "),
         if shown < faults.len() { ", ..." } else { "" },
-        sent.len(),
+        written.sent.len(),
+        written.longest,
         probes.get()
     );
-    report_windows(&began, &ack_times);
+    report_windows(&began, &written.ack_times);
 }
 
 /// Prints, for each kind of fault, how long writes went unacknowledged around it: for

@@ -17,7 +17,6 @@ use crate::transport::{ask, Cuts, Membership};
 use crate::wire::Frame;
 use futures::channel::{mpsc, oneshot};
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -82,26 +81,19 @@ impl Calls {
     }
 }
 
-/// Calls `peer`'s server on shard `shard` from node `me` of the cluster `nodes` (the nodes'
-/// cluster addresses, as `--cluster` gives them), and returns its answer. A peer the fault
-/// layer cut this node off from cannot be called.
+/// Calls `peer`'s server on shard `shard` from this node of `cluster` (whose addresses are
+/// the nodes' cluster addresses, as `--cluster` gives them), and returns its answer. A peer
+/// the fault layer cut this node off from cannot be called.
 pub async fn call(
-    me: u64,
-    nodes: &BTreeMap<u64, SocketAddr>,
+    cluster: &Membership,
     cuts: &Cuts,
     peer: u64,
     shard: u32,
     request: &[u8],
 ) -> std::io::Result<Vec<u8>> {
-    let membership = Membership {
-        me,
-        nodes: nodes
-            .iter()
-            .map(|(id, addr)| (*id, shard_addr(*addr, shard)))
-            .collect(),
-    };
-    let addr = match membership.nodes.get(&peer) {
-        Some(addr) if peer != me && !cuts.contains(peer) => *addr,
+    let me = cluster.me;
+    let addr = match cluster.nodes.get(&peer) {
+        Some(addr) if peer != me && !cuts.contains(peer) => shard_addr(*addr, shard),
         _ => {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::NotConnected,
@@ -110,7 +102,7 @@ pub async fn call(
         }
     };
     let call = Frame::Call(request.to_vec());
-    match ask(addr, me, membership.fingerprint(), &call, CALL_TIMEOUT).await? {
+    match ask(addr, me, cluster.fingerprint(), &call, CALL_TIMEOUT).await? {
         Frame::Answer(answer) => Ok(answer),
         _ => Err(std::io::Error::other("an answer that is no ANSWER")),
     }

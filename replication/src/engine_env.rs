@@ -110,8 +110,10 @@ impl<R: StorageRoot + 'static, B> ClusterEnv<R, B> {
     pub fn new(inner: GlommioEnv<R, B>, config: &NodeConfig, shard: u32) -> ClusterEnv<R, B> {
         let mut config = config.clone();
         config.calls = config.calls.on_shard(shard);
+        config.shard = shard;
         config.membership = Membership {
             me: config.membership.me,
+            cluster: Some(config.membership.fingerprint()),
             nodes: config
                 .membership
                 .nodes

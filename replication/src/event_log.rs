@@ -142,6 +142,9 @@ pub struct EventLogMachine<S: Storage> {
     behind: Option<Cursor>,
     /// The group's replica: its peers, and how to fetch events from them.
     replica: Rc<Replica>,
+    /// The members the last snapshot named, asked too when catching up (the replica's
+    /// voters are those of its last turn, none yet on a node that just joined).
+    members: Vec<u64>,
     shared: Rc<Shared>,
     feed: Option<mpsc::UnboundedSender<(u64, Range<u64>)>>,
 }
@@ -265,6 +268,10 @@ impl<S: Storage> StateMachine for EventLogMachine<S> {
         }
     }
 
+    fn members(&mut self, voters: &[u64], learners: &[u64]) {
+        self.members = voters.iter().chain(learners).copied().collect();
+    }
+
     fn restore(&mut self, index: u64, data: &[u8]) {
         let start = Cursor {
             index: 0,
@@ -294,6 +301,11 @@ impl<S: Storage> EventLogMachine<S> {
     async fn fetch_some(&mut self, from: u64, to: u64) -> Result<Option<u64>, RaftLogError> {
         let leader = self.replica.status().leader;
         let mut peers = self.replica.voters();
+        for m in &self.members {
+            if !peers.contains(m) {
+                peers.push(*m);
+            }
+        }
         peers.sort_by_key(|&p| p != leader);
         for peer in peers {
             let batch = match self.replica.fetch_events(peer, from, to).await {
@@ -393,6 +405,7 @@ impl<S: Storage> ReplicatedLog<S> {
             gap: None,
             behind: None,
             replica: replica.clone(),
+            members: Vec::new(),
             shared: shared.clone(),
             feed,
         };

@@ -43,6 +43,10 @@ pub trait StateMachine {
     async fn catch_up(&mut self) -> Result<(), RaftLogError> {
         Ok(())
     }
+    /// The group's members as a snapshot about to be caught up with names them (before
+    /// [`StateMachine::catch_up`]): a node that joined learns its peers so, before its
+    /// group has published any.
+    fn members(&mut self, _voters: &[u64], _learners: &[u64]) {}
 }
 
 /// One group's consensus, storage and state machine.
@@ -182,6 +186,8 @@ impl<S: Storage, M: StateMachine> Group<S, M> {
             self.raw.mut_store().apply_snapshot(&snapshot).await?;
             let index = snapshot.get_metadata().index;
             self.machine.restore(index, &snapshot.data);
+            let conf = snapshot.get_metadata().get_conf_state();
+            self.machine.members(&conf.voters, &conf.learners);
             self.machine.catch_up().await?;
             self.applied = index;
         }

@@ -40,6 +40,7 @@ pub mod calls;
 pub mod engine_env;
 pub mod event_log;
 pub mod group;
+pub mod members;
 pub mod membership;
 pub mod node;
 pub mod placement;

@@ -16,6 +16,7 @@
 use crate::board::{self, Board, GroupView};
 use crate::calls::Calls;
 use crate::group::{Group, StateMachine};
+use crate::members::Members;
 use crate::placement;
 use crate::raft_log::RaftLogError;
 use crate::replica::{ProposeError, Replica, Status};
@@ -62,6 +63,11 @@ pub struct NodeConfig {
     pub board: Board,
     /// Who serves peers' calls on this node (see [`crate::calls`]).
     pub calls: Calls,
+    /// The nodes the cluster is asked to be placed on, shared by the node's shards (see
+    /// [`Members`]).
+    pub members: Members,
+    /// The shard this node's groups run on: its cluster port is the node's plus this.
+    pub shard: u32,
 }
 
 impl NodeConfig {
@@ -80,6 +86,8 @@ impl NodeConfig {
             cuts: Cuts::default(),
             board: Board::default(),
             calls: Calls::default(),
+            members: Members::default(),
+            shard: 0,
         }
     }
 }
@@ -97,7 +105,7 @@ pub struct Node {
     tasks: RefCell<Vec<(u64, GroupTask)>>,
     /// The nodes the groups were last asked to be placed on ([`Node::place_on`]), for
     /// groups opened after.
-    placed_on: RefCell<Option<Vec<u64>>>,
+    placed_on: Rc<RefCell<Option<Vec<u64>>>>,
 }
 
 impl Node {
@@ -166,11 +174,20 @@ impl Node {
             },
             config.cuts.clone(),
         );
+        let placed_on: Rc<RefCell<Option<Vec<u64>>>> = Rc::default();
         glommio::spawn_local(publish(
             transport.clone(),
             replicas.clone(),
             heard,
             config.board.clone(),
+        ))
+        .detach();
+        glommio::spawn_local(follow_members(
+            config.members.clone(),
+            config.shard,
+            Rc::downgrade(&transport),
+            replicas.clone(),
+            placed_on.clone(),
         ))
         .detach();
         Node {
@@ -179,7 +196,7 @@ impl Node {
             transport,
             replicas,
             tasks: RefCell::default(),
-            placed_on: RefCell::default(),
+            placed_on,
         }
     }
 
@@ -205,10 +222,7 @@ impl Node {
     /// with [`NodeConfig::initial`] `None`) or removed (`nodes` without it); every node is
     /// asked alike, so that whichever leads a group moves it.
     pub fn place_on(&self, nodes: &[u64]) {
-        *self.placed_on.borrow_mut() = Some(nodes.to_vec());
-        for r in self.replicas.borrow().values() {
-            r.place_on(nodes.to_vec());
-        }
+        place_all(&self.replicas.borrow(), &self.placed_on, nodes);
     }
 
     /// Opens group `group` on its directories under `root` (`g<id>/state`, `g<id>/log`),
@@ -389,6 +403,48 @@ impl Node {
         }
         self.transport.stop();
         first_error
+    }
+}
+
+fn place_all(
+    replicas: &BTreeMap<u64, Rc<Replica>>,
+    placed_on: &RefCell<Option<Vec<u64>>>,
+    nodes: &[u64],
+) {
+    *placed_on.borrow_mut() = Some(nodes.to_vec());
+    for r in replicas.values() {
+        r.place_on(nodes.to_vec());
+    }
+}
+
+/// Follows the node's [`Members`] every [`board::PUBLISH_EVERY`] until the transport is
+/// gone or stopped: a new version adds the addresses the transport lacks (this shard's
+/// ports) and asks every group to move to the nodes asked.
+async fn follow_members(
+    members: Members,
+    shard: u32,
+    transport: std::rc::Weak<Transport>,
+    replicas: Rc<RefCell<BTreeMap<u64, Rc<Replica>>>>,
+    placed_on: Rc<RefCell<Option<Vec<u64>>>>,
+) {
+    let mut seen = 0;
+    loop {
+        match transport.upgrade() {
+            Some(t) if !t.is_stopped() => {
+                let (version, addresses, asked) = members.read();
+                if version > seen {
+                    seen = version;
+                    for (id, addr) in addresses {
+                        t.add_peer(id, crate::engine_env::shard_addr(addr, shard));
+                    }
+                    if let Some(nodes) = asked {
+                        place_all(&replicas.borrow(), &placed_on, &nodes);
+                    }
+                }
+            }
+            _ => return,
+        }
+        glommio::timer::sleep(board::PUBLISH_EVERY).await;
     }
 }
 

@@ -56,17 +56,35 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Who is in the cluster.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Membership {
     /// This node.
     pub me: u64,
-    /// Every node, this one included, and its cluster address.
+    /// Every node, this one included, and its cluster address (more may be added while
+    /// the transport runs: [`Transport::add_peer`]).
     pub nodes: BTreeMap<u64, SocketAddr>,
+    /// The cluster's id, which both ends of a connection must share; `None`: a fingerprint
+    /// of `nodes` (a cluster whose nodes never change). A cluster that adds nodes needs an
+    /// id that does not depend on them: `chorus serve` derives it from the cluster's shared
+    /// token secret.
+    pub cluster: Option<u64>,
 }
 
 impl Membership {
-    /// The fingerprint both ends of a connection must share.
+    /// `me` among `nodes`, the cluster's id a fingerprint of `nodes`.
+    pub fn new(me: u64, nodes: BTreeMap<u64, SocketAddr>) -> Membership {
+        Membership {
+            me,
+            nodes,
+            cluster: None,
+        }
+    }
+
+    /// The fingerprint both ends of a connection must share: the cluster's id.
     pub fn fingerprint(&self) -> u64 {
+        if let Some(id) = self.cluster {
+            return id;
+        }
         let pairs: Vec<(u64, String)> = self
             .nodes
             .iter()
@@ -224,10 +242,22 @@ pub struct Handlers {
 /// calls here).
 pub type Answer = Box<dyn Fn(u64, Vec<u8>) -> LocalBoxFuture<'static, Option<Vec<u8>>>>;
 
+/// The peers a transport knows, by id, with their addresses: shared with the tasks that
+/// accept and read connections, which refuse a node not among them.
+type Peers = Rc<RefCell<BTreeMap<u64, SocketAddr>>>;
+
+/// Who this node is to the connections it accepts.
+#[derive(Clone)]
+struct Known {
+    me: u64,
+    fingerprint: u64,
+    peers: Peers,
+}
+
 /// The transport of one node.
 pub struct Transport {
-    membership: Membership,
-    outboxes: BTreeMap<u64, Rc<Outbox>>,
+    known: Known,
+    outboxes: RefCell<BTreeMap<u64, Rc<Outbox>>>,
     handlers: Rc<Handlers>,
     stopped: Rc<Stop>,
     /// Peers this node is cut off from (the fault layer).
@@ -255,44 +285,25 @@ impl Transport {
         handlers: Handlers,
         cuts: Cuts,
     ) -> Rc<Transport> {
-        let fingerprint = membership.fingerprint();
-        let outboxes = membership
-            .nodes
-            .keys()
-            .filter(|&&id| id != membership.me)
-            .map(|&id| {
-                let outbox = Outbox {
-                    queue: RefCell::new(Vec::new()),
-                    waker: RefCell::new(None),
-                };
-                (id, Rc::new(outbox))
-            })
-            .collect();
+        let known = Known {
+            me: membership.me,
+            fingerprint: membership.fingerprint(),
+            peers: Rc::new(RefCell::new(BTreeMap::new())),
+        };
         let t = Rc::new(Transport {
-            membership,
-            outboxes,
+            known,
+            outboxes: RefCell::default(),
             handlers: Rc::new(handlers),
             stopped: Rc::default(),
             cut: cuts,
             accepting: RefCell::new(None),
         });
-        for (&peer, outbox) in &t.outboxes {
-            let addr = t.membership.nodes[&peer];
-            glommio::spawn_local(send_loop(
-                t.membership.me,
-                fingerprint,
-                peer,
-                addr,
-                outbox.clone(),
-                t.handlers.clone(),
-                t.stopped.clone(),
-            ))
-            .detach();
+        for (&peer, &addr) in &membership.nodes {
+            t.add_peer(peer, addr);
         }
         let accepting = glommio::spawn_local(accept_loop(
             listener,
-            t.membership.clone(),
-            fingerprint,
+            t.known.clone(),
             t.handlers.clone(),
             t.stopped.clone(),
             t.cut.clone(),
@@ -300,6 +311,37 @@ impl Transport {
         .detach();
         *t.accepting.borrow_mut() = Some(accepting);
         t
+    }
+
+    /// Adds node `peer` at `addr`: a connection to it is kept from now on, and its
+    /// connections are accepted. A node known already keeps the address it was first given
+    /// (a node's address does not change while it is a member); this node is not its own
+    /// peer.
+    pub fn add_peer(&self, peer: u64, addr: SocketAddr) {
+        if peer == self.known.me || self.known.peers.borrow().contains_key(&peer) {
+            return;
+        }
+        self.known.peers.borrow_mut().insert(peer, addr);
+        let outbox = Rc::new(Outbox {
+            queue: RefCell::new(Vec::new()),
+            waker: RefCell::new(None),
+        });
+        self.outboxes.borrow_mut().insert(peer, outbox.clone());
+        glommio::spawn_local(send_loop(
+            self.known.me,
+            self.known.fingerprint,
+            peer,
+            addr,
+            outbox,
+            self.handlers.clone(),
+            self.stopped.clone(),
+        ))
+        .detach();
+    }
+
+    /// The peers this transport knows, with their addresses.
+    pub fn peers(&self) -> BTreeMap<u64, SocketAddr> {
+        self.known.peers.borrow().clone()
     }
 
     /// Whether the transport was stopped.
@@ -333,8 +375,9 @@ impl Transport {
         from: u64,
         to: u64,
     ) -> std::io::Result<Vec<u8>> {
-        let addr = match self.membership.nodes.get(&peer) {
-            Some(a) if peer != self.membership.me && !self.cut.contains(peer) => *a,
+        let addr = self.known.peers.borrow().get(&peer).copied();
+        let addr = match addr {
+            Some(a) if !self.cut.contains(peer) => a,
             _ => {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::NotConnected,
@@ -342,7 +385,7 @@ impl Transport {
                 ))
             }
         };
-        let (me, fingerprint) = (self.membership.me, self.membership.fingerprint());
+        let (me, fingerprint) = (self.known.me, self.known.fingerprint);
         let request = Frame::Fetch { group, from, to };
         let asked = ask(addr, me, fingerprint, &request, FETCH_TIMEOUT);
         match or_stop(&self.stopped, asked).await {
@@ -362,7 +405,7 @@ impl Transport {
     /// Queues a message of `group` for its `to` node. A message for an unknown node, or
     /// past a full queue, is lost (and reported so).
     pub fn send(&self, group: u64, msg: Message) {
-        let outbox = self.outboxes.get(&msg.to);
+        let outbox = self.outboxes.borrow().get(&msg.to).cloned();
         let Some(outbox) = outbox.filter(|_| !self.cut.contains(msg.to)) else {
             (self.handlers.on_lost)(msg.to, vec![(group, msg)]);
             return;
@@ -375,7 +418,8 @@ impl Transport {
         }
         queue.push((group, msg));
         drop(queue);
-        if let Some(w) = outbox.waker.borrow_mut().take() {
+        let waker = outbox.waker.borrow_mut().take();
+        if let Some(w) = waker {
             w.wake();
         }
     }
@@ -383,7 +427,7 @@ impl Transport {
     /// Stops connecting and accepting, closes the listener and every connection.
     pub fn stop(&self) {
         self.stopped.set();
-        for outbox in self.outboxes.values() {
+        for outbox in self.outboxes.borrow().values() {
             if let Some(w) = outbox.waker.borrow_mut().take() {
                 w.wake();
             }
@@ -568,8 +612,7 @@ pub(crate) async fn connect(
 
 async fn accept_loop(
     listener: TcpListener,
-    membership: Membership,
-    fingerprint: u64,
+    known: Known,
     handlers: Rc<Handlers>,
     stopped: Rc<Stop>,
     cut: Cuts,
@@ -584,8 +627,7 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         glommio::spawn_local(read_loop(
             stream,
-            membership.clone(),
-            fingerprint,
+            known.clone(),
             handlers.clone(),
             stopped.clone(),
             cut.clone(),
@@ -597,8 +639,7 @@ async fn accept_loop(
 /// Reads one inbound connection until it ends, errs, or says something it should not.
 async fn read_loop(
     mut stream: TcpStream,
-    membership: Membership,
-    fingerprint: u64,
+    known: Known,
     handlers: Rc<Handlers>,
     stopped: Rc<Stop>,
     cut: Cuts,
@@ -625,8 +666,8 @@ async fn read_loop(
             };
             match (frame, from) {
                 (Frame::Hello { node, cluster }, None) => {
-                    let known = node != membership.me && membership.nodes.contains_key(&node);
-                    if !known || cluster != fingerprint {
+                    let peer = known.peers.borrow().contains_key(&node);
+                    if !peer || cluster != known.fingerprint {
                         tracing::warn!(
                             node,
                             "a node of another cluster or membership connected; closing it"
@@ -640,7 +681,7 @@ async fn read_loop(
                 (Frame::Raft(msgs), Some(node)) => {
                     for (group, msg) in msgs {
                         // A message must come from the node the connection said it is.
-                        if msg.from == node && msg.to == membership.me {
+                        if msg.from == node && msg.to == known.me {
                             (handlers.deliver)(node, group, msg);
                         }
                     }
@@ -656,7 +697,7 @@ async fn read_loop(
                 ) => match joiner.push(group, part, parts, &bytes) {
                     Ok(Some((group, msg))) => {
                         let cut_off = cut.contains(node);
-                        if !cut_off && msg.from == node && msg.to == membership.me {
+                        if !cut_off && msg.from == node && msg.to == known.me {
                             (handlers.deliver)(node, group, msg);
                         }
                     }

@@ -54,6 +54,7 @@ fn open_compacting(
             .enumerate()
             .map(|(i, a)| (i as u64 + 1, *a))
             .collect(),
+        cluster: None,
     };
     let mut node = NodeConfig::new(membership, PARTITIONS);
     node.cuts = cuts;

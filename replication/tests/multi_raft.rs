@@ -52,7 +52,7 @@ async fn node_main(
     stop: Arc<AtomicU8>,
 ) {
     let listener = common::bind(nodes[&id]).await;
-    let mut config = NodeConfig::new(Membership { me: id, nodes }, groups);
+    let mut config = NodeConfig::new(Membership::new(id, nodes), groups);
     config.initial = initial;
     config.compact_every = 50;
     let s2 = shared.clone();

@@ -50,7 +50,7 @@ async fn node_main(
     stop: Arc<AtomicU8>,
 ) {
     let listener = common::bind(nodes[&id]).await;
-    let mut config = NodeConfig::new(Membership { me: id, nodes }, 1);
+    let mut config = NodeConfig::new(Membership::new(id, nodes), 1);
     config.compact_every = 60;
     let (events, _) = Log::open(
         DiskStorage::open_dir(dir.join("events")).unwrap(),

@@ -67,6 +67,7 @@ async fn node_main(
         Membership {
             me: id,
             nodes: nodes.clone(),
+            cluster: None,
         },
         listener,
         Handlers {

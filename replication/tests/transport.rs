@@ -22,6 +22,7 @@ fn node(me: u64, nodes: &BTreeMap<u64, SocketAddr>, got: Got, lost: Got) -> Rc<T
         Membership {
             me,
             nodes: nodes.clone(),
+            cluster: None,
         },
         listener,
         Handlers {

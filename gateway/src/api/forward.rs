@@ -37,25 +37,25 @@ use std::time::Duration;
 
 /// A call as it travels to the leader.
 #[derive(Serialize, Deserialize)]
-struct Forwarded {
-    method: String,
-    path: String,
-    query: Option<String>,
+pub(super) struct Forwarded {
+    pub method: String,
+    pub path: String,
+    pub query: Option<String>,
     /// The authenticated caller, for routes that need one.
-    user: Option<u64>,
-    device: Option<String>,
-    peer: IpAddr,
+    pub user: Option<u64>,
+    pub device: Option<String>,
+    pub peer: IpAddr,
     /// The body: JSON text, which the call's handler read as UTF-8 already.
-    body: String,
+    pub body: String,
 }
 
 /// The leader's answer.
 #[derive(Serialize, Deserialize)]
-struct Answered {
-    status: u16,
+pub(super) struct Answered {
+    pub status: u16,
     /// JSON text; none for 204.
-    body: Option<String>,
-    retry_after_ms: Option<u64>,
+    pub body: Option<String>,
+    pub retry_after_ms: Option<u64>,
 }
 
 /// What the forwarding node passes along of a call it could not decide.
@@ -91,14 +91,20 @@ pub(super) async fn forward(ctx: &ShardCtx, leader: u64, call: Refused<'_>) -> O
 
 /// Sends a call to `leader` from shard `shard`, and returns its answer (`None` as for
 /// [`forward`]).
-async fn send(shared: &Shared, shard: u32, leader: u64, call: &Forwarded) -> Option<Answered> {
+pub(super) async fn send(
+    shared: &Shared,
+    shard: u32,
+    leader: u64,
+    call: &Forwarded,
+) -> Option<Answered> {
     let cluster = shared.cluster.as_ref()?;
     if leader == cluster.me {
         return None;
     }
     let request = serde_json::to_vec(call).ok()?;
-    let (me, nodes, cuts) = (cluster.me, &cluster.nodes, &cluster.cuts);
-    let called = chorus_replication::calls::call(me, nodes, cuts, leader, shard, &request).await;
+    let membership = cluster.membership();
+    let called =
+        chorus_replication::calls::call(&membership, &cluster.cuts, leader, shard, &request).await;
     let answered: Answered = match called {
         Ok(bytes) => serde_json::from_slice(&bytes).ok()?,
         Err(e) => {

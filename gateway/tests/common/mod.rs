@@ -51,29 +51,54 @@ impl ClusterConfig {
         ClusterConfig::of(3)
     }
 
-    /// `n` nodes' worth (of two shards each).
+    /// `n` nodes' worth (of two shards each), with one cluster admin key.
     pub fn of(n: usize) -> ClusterConfig {
-        ClusterConfig {
+        let c = ClusterConfig {
             addrs: chorus_replication::engine_env::free_loopback_addrs(n, 2),
             jwt: tempfile::tempdir().expect("tempdir"),
-        }
+        };
+        let key: String = (0..32)
+            .map(|_| format!("{:02x}", rand::random::<u8>()))
+            .collect();
+        std::fs::write(c.admin_key_file(), key).expect("admin key");
+        c
     }
 
     /// Node `id`'s settings, with `extra` settings after them.
     pub fn node(&self, id: usize, extra: &str) -> String {
-        let cluster: Vec<String> = self
-            .addrs
+        let all: Vec<usize> = (1..=self.addrs.len()).collect();
+        self.node_in(id, &all, extra)
+    }
+
+    /// Node `id`'s settings in a cluster of the nodes `ids` (from 1), with `extra` after.
+    pub fn node_in(&self, id: usize, ids: &[usize], extra: &str) -> String {
+        let cluster: Vec<String> = ids
             .iter()
-            .enumerate()
-            .map(|(i, a)| format!("{}={a}", i + 1))
+            .map(|i| format!("{i}={}", self.addrs[i - 1]))
             .collect();
         format!(
             "node_id = {id}\ncluster = \"{}\"\njwt_secret_file = \"{}\"\n\
-             cluster_fault_file = \"{}\"\n{extra}",
+             cluster_fault_file = \"{}\"\ncluster_admin_key_file = \"{}\"\n{extra}",
             cluster.join(","),
             self.jwt.path().join("jwt.key").display(),
-            self.fault_file(id).display()
+            self.fault_file(id).display(),
+            self.admin_key_file().display()
         )
+    }
+
+    /// The cluster admin key's file.
+    pub fn admin_key_file(&self) -> std::path::PathBuf {
+        self.jwt.path().join("admin.key")
+    }
+
+    /// The body of `PUT /api/v1/cluster/members` placing the cluster on nodes `ids`.
+    pub fn members_body(&self, ids: &[usize]) -> Value {
+        let key = std::fs::read_to_string(self.admin_key_file()).expect("admin key");
+        let nodes: serde_json::Map<String, Value> = ids
+            .iter()
+            .map(|i| (i.to_string(), Value::from(self.addrs[i - 1].to_string())))
+            .collect();
+        serde_json::json!({"key": key, "nodes": nodes})
     }
 
     /// Node `id`'s fault file: each line `cut N` cuts it off from node N (both ways).

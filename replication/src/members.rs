@@ -1,0 +1,93 @@
+//! The cluster's nodes as last asked (an operator adding or removing a node), shared by
+//! every shard of a node and its server.
+//!
+//! A node starts knowing the addresses `--cluster` gives and no request. When asked to
+//! place the cluster on a set of nodes ([`Members::set`]), every shard's [`crate::Node`]
+//! sees the new version within [`crate::board::PUBLISH_EVERY`]: its transport learns the
+//! addresses it lacked ([`crate::transport::Transport::add_peer`]; an address once known
+//! is kept, a removed node's too), and its groups are asked to move there
+//! ([`crate::Node::place_on`]). `Send` and `Sync`: the server sets it from a request
+//! thread, the shards read it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+/// See the module's documentation.
+#[derive(Clone, Debug, Default)]
+pub struct Members(Arc<Mutex<State>>);
+
+#[derive(Debug, Default)]
+struct State {
+    /// Grows with each request.
+    version: u64,
+    /// Every node ever known, by id: its cluster address.
+    addresses: BTreeMap<u64, SocketAddr>,
+    /// The nodes last asked for, if any.
+    asked: Option<Vec<u64>>,
+}
+
+impl Members {
+    /// Knows `addresses` (`--cluster`'s), with nothing asked yet.
+    pub fn new(addresses: BTreeMap<u64, SocketAddr>) -> Members {
+        Members(Arc::new(Mutex::new(State {
+            version: 0,
+            addresses,
+            asked: None,
+        })))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks for the cluster to be placed on `nodes`: their addresses are learned (a known
+    /// node keeps the address it has) and every group moves there. Returns the new
+    /// version.
+    pub fn set(&self, nodes: &BTreeMap<u64, SocketAddr>) -> u64 {
+        let mut s = self.state();
+        for (id, addr) in nodes {
+            s.addresses.entry(*id).or_insert(*addr);
+        }
+        s.asked = Some(nodes.keys().copied().collect());
+        s.version += 1;
+        s.version
+    }
+
+    /// The number of requests so far.
+    pub fn version(&self) -> u64 {
+        self.state().version
+    }
+
+    /// Every node known, with its address.
+    pub fn addresses(&self) -> BTreeMap<u64, SocketAddr> {
+        self.state().addresses.clone()
+    }
+
+    /// The nodes last asked for, if any.
+    pub fn asked(&self) -> Option<Vec<u64>> {
+        self.state().asked.clone()
+    }
+
+    /// The version, the addresses and the nodes asked, read together.
+    pub fn read(&self) -> (u64, BTreeMap<u64, SocketAddr>, Option<Vec<u64>>) {
+        let s = self.state();
+        (s.version, s.addresses.clone(), s.asked.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_adds_addresses_keeps_known_ones_and_names_the_nodes() {
+        let a = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+        let m = Members::new([(1, a(1)), (2, a(2))].into());
+        assert_eq!((m.version(), m.asked()), (0, None));
+        let v = m.set(&[(2, a(9)), (3, a(3))].into());
+        assert_eq!(v, 1);
+        assert_eq!(m.addresses(), [(1, a(1)), (2, a(2)), (3, a(3))].into());
+        assert_eq!(m.asked(), Some(vec![2, 3]));
+    }
+}
