@@ -80,11 +80,7 @@ fn open_engine(
         node.members.set(&asked);
     }
     if let Some(file) = &config.cluster_fault_file {
-        follow_fault_file(
-            file.clone(),
-            nodes.keys().copied().collect(),
-            node.cuts.clone(),
-        );
+        follow_fault_file(file.clone(), node.members.clone(), node.cuts.clone());
     }
     let admin_key = match &config.cluster_admin_key_file {
         Some(path) => Some(std::fs::read(path)?),
@@ -119,10 +115,10 @@ const FAULT_FILE_EVERY: std::time::Duration = std::time::Duration::from_millis(1
 
 /// Fault tests of real processes: cuts this node off from the nodes the lines `cut N` of
 /// `file` name, as long as they are there (a missing file cuts nothing), for the process's
-/// life, on a thread of its own.
+/// life, on a thread of its own. Nodes added to the cluster later can be cut too.
 fn follow_fault_file(
     file: std::path::PathBuf,
-    nodes: Vec<u64>,
+    members: chorus_replication::members::Members,
     cuts: chorus_replication::transport::Cuts,
 ) {
     std::thread::spawn(move || loop {
@@ -131,7 +127,7 @@ fn follow_fault_file(
             .lines()
             .filter_map(|l| l.trim().strip_prefix("cut ")?.trim().parse().ok())
             .collect();
-        for &n in &nodes {
+        for n in members.addresses().into_keys() {
             cuts.set(n, cut.contains(&n));
         }
         std::thread::sleep(FAULT_FILE_EVERY);

@@ -888,6 +888,8 @@ fn sample_body(op: &Value, n: usize, carol: &User, bob: &User) -> Option<Vec<u8>
             "platform" => json!("fcm"),
             "devices" => json!({ bob.id.clone(): ["d1"] }),
             "messages" => json!({ bob.id.clone(): {"d1": {"n": n}} }),
+            "key" => json!("not the key"),
+            "nodes" => json!({"1": "127.0.0.1:1"}),
             other => panic!("no sample for required field {other}"),
         };
         body.insert(name.to_owned(), value);

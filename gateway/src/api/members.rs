@@ -110,9 +110,9 @@ pub(super) async fn put_members(call: &Call<'_>) -> Result<Reply, ApiError> {
     let shared = &call.ctx.shared;
     let Some(cluster) = &shared.cluster else {
         return Err(ApiError::new(
-            404,
-            "not_found",
-            "this node is not in a cluster",
+            409,
+            "not_a_cluster",
+            "this server is a single node: it has no members to change (start it with --cluster)",
         ));
     };
     let r: Request = call.json()?;
