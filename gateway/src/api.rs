@@ -20,7 +20,7 @@ pub mod members;
 mod notify;
 mod search;
 
-pub use forward::{serve_calls, Relay};
+pub use forward::{serve_calls, AsRest, Relay};
 
 use crate::body::ReqBody;
 use crate::ctx::{authenticate, off_shard, token_now, Caller, ShardCtx};
@@ -609,6 +609,7 @@ async fn serve(
         ctx,
         caller,
         peer: peer.unwrap_or(IpAddr::from([0, 0, 0, 0])),
+        forwarded: false,
         params,
         query,
         body,
@@ -693,6 +694,9 @@ struct Call<'a> {
     caller: Option<Caller>,
     /// The client's address, for the sign-up and login limits.
     peer: IpAddr,
+    /// Passed here by the cluster node the client called (`forward`), which applied the
+    /// sign-up and login limits already.
+    forwarded: bool,
     params: Vec<(&'static str, String)>,
     query: Option<String>,
     body: Bytes,
@@ -1098,7 +1102,9 @@ async fn signup(call: &Call<'_>) -> Result<Reply, ApiError> {
     check_device_id(r.device_id.as_deref())?;
     // A malformed address is refused before hashing too; the engine checks it again.
     chorus_engine::domain::input::check_email(r.email.trim())?;
-    call.ctx.shared.guard.signup(call.peer)?;
+    if !call.forwarded {
+        call.ctx.shared.guard.signup(call.peer)?;
+    }
     // Checked before hashing so that a taken email costs no hash; the engine checks again
     // when it creates the user, which settles a race between two sign-ups.
     if call.engine().user_by_email(&r.email).await?.is_some() {
@@ -1118,7 +1124,10 @@ async fn login(call: &Call<'_>) -> Result<Reply, ApiError> {
     let r: LoginReq = call.json()?;
     check_device_id(r.device_id.as_deref())?;
     let guard = &call.ctx.shared.guard;
-    let attempt = guard.login(&r.email, call.peer)?;
+    let attempt = match call.forwarded {
+        false => Some(guard.login(&r.email, call.peer)?),
+        true => None,
+    };
     let found = call.engine().user_by_email(&r.email).await?;
     let hash = found.as_ref().map(|u| u.password_hash.clone());
     let password = r.password;
@@ -1132,7 +1141,9 @@ async fn login(call: &Call<'_>) -> Result<Reply, ApiError> {
     .await;
     match found {
         Some(user) if ok => {
-            guard.login_succeeded(attempt);
+            if let Some(attempt) = attempt {
+                guard.login_succeeded(attempt);
+            }
             let device = r.device_id.as_deref();
             session(call, &UserView::from(&user), device, 200).await
         }

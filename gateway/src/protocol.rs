@@ -425,6 +425,11 @@ pub fn ack_read(reference: &Value, read: &chorus_engine::view::ReadView) -> Byte
     encode(&json!({"type": "ack", "ref": reference, "read": read}))
 }
 
+/// `ack` with a read marker already in JSON (a `read:mark` the leader answered).
+pub fn ack_read_value(reference: &Value, read: &Value) -> Bytes {
+    encode(&json!({"type": "ack", "ref": reference, "read": read}))
+}
+
 /// `ack`, with the message the command changed (`null` for deletions and reactions).
 pub fn ack(reference: &Value, message: Option<&chorus_engine::view::MessageView>) -> Bytes {
     encode(&json!({"type": "ack", "ref": reference, "message": message}))

@@ -251,6 +251,28 @@ fn three_processes_serve_one_cluster_and_survive_a_sigkill() {
         "{ack}"
     );
     let mid = str_of(&ack["message"]["id"]);
+    let seq = ack["message"]["seq"].as_u64().expect("a seq");
+    // A read marker moved over the follower's WebSocket is moved by the leader.
+    ws.send(json!({"type": "read:mark", "ref": "m", "channel_id": cid, "seq": seq}));
+    let ack = ws.recv_type("ack");
+    assert_eq!(
+        (&ack["ref"], &ack["read"]["read_seq"]),
+        (&json!("m"), &json!(seq)),
+        "{ack}"
+    );
+    let unreads = nodes[leader].as_ref().unwrap().ok(
+        "GET",
+        &format!("/api/v1/workspaces/{wid}/unreads"),
+        &user(&token),
+        None,
+        200,
+    );
+    let marked = unreads["unreads"].as_array().and_then(|u| {
+        u.iter()
+            .find(|r| r["channel_id"] == json!(cid))
+            .map(|r| r["read_seq"].clone())
+    });
+    assert_eq!(marked, Some(json!(seq)), "{unreads}");
     ws.send(
         json!({"type": "message:edit", "ref": "e", "channel_id": cid,
         "message_id": mid, "text": "over ws, edited"}),
@@ -483,4 +505,57 @@ fn a_single_node_shows_itself_as_the_whole_cluster() {
     }
     s.call("GET", "/api/v1/cluster", None, None)
         .assert_error(401, "unauthorized");
+}
+
+// A sign-up passed to the directory's leader counts against the address's sign-up limit
+// once, on the node the client called: with a burst of two per address, two sign-ups
+// through each of the three nodes (six from one address, most of them forwarded) are all
+// taken, and a third through any node is refused there.
+#[test]
+fn a_forwarded_sign_up_counts_once_against_the_address_limit() {
+    let config = ClusterConfig::three();
+    let limits = "signup_per_ip_burst = 2.0\nsignup_per_ip_per_hour = 1.0\n\
+                  login_failures_per_ip_burst = 1000000.0\n\
+                  login_failures_per_account_burst = 1000000.0\n\
+                  login_failures_per_account_ip_burst = 1000000.0\n";
+    let nodes: Vec<Option<Server>> = (1..=3)
+        .map(|id| Some(Server::start(&config.node(id, limits))))
+        .collect();
+    // Every sign-up attempt counts, a 503 too: wait until every node reads the directory
+    // (a login of nobody is 401, not 503) before signing up.
+    let nobody = json!({"email": "nobody@example.com", "password": PASSWORD});
+    for node in nodes.iter().map(|n| n.as_ref().unwrap()) {
+        let deadline = Instant::now() + WRITE_WAIT;
+        while node
+            .call("POST", "/api/v1/auth/login", None, Some(nobody.clone()))
+            .status
+            != 401
+        {
+            assert!(Instant::now() < deadline, "the directory never answered");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let mut n = 0;
+    for (i, node) in nodes.iter().enumerate() {
+        let node = node.as_ref().unwrap();
+        for _ in 0..2 {
+            n += 1;
+            let body =
+                json!({"email": format!("u{n}@example.com"), "password": PASSWORD, "name": "u"});
+            let r = node.call("POST", "/api/v1/auth/signup", None, Some(body));
+            assert_eq!(
+                r.status,
+                201,
+                "sign-up {n} through node {}: {}",
+                i + 1,
+                r.text
+            );
+        }
+    }
+    let body = json!({"email": "one-more@example.com", "password": PASSWORD, "name": "u"});
+    let r = nodes[0]
+        .as_ref()
+        .unwrap()
+        .call("POST", "/api/v1/auth/signup", None, Some(body));
+    assert_eq!(r.status, 429, "{}", r.text);
 }

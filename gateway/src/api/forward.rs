@@ -7,7 +7,8 @@
 //! What travels is the call as this node parsed it: method, path and query, the
 //! authenticated caller (user and device: the nodes of a cluster share the JWT secret and
 //! trust each other), the client's address and the body. The leader runs the call's
-//! handler without authenticating or rate-limiting it again (this node did both), and never
+//! handler without authenticating or rate-limiting it again (this node did both, the
+//! sign-up and login limits included: `Call::forwarded`), and never
 //! forwards it further: if it no longer leads either, its 503 is the answer and the client
 //! tries again.
 //!
@@ -126,7 +127,7 @@ pub struct Relay {
 }
 
 /// A session command as a REST call: method, path and JSON body.
-pub struct AsRest(hyper::Method, String, Value);
+pub struct AsRest(pub hyper::Method, pub String, pub Value);
 
 impl Relay {
     /// The relay of a shard's sessions; `None` on a single node.
@@ -185,13 +186,26 @@ impl Relay {
         }
     }
 
-    /// Runs `call` as `user` on `leader`; its answer, or `None` if it did not answer.
+    /// Runs `call` as `user` on `leader`; the message its answer carries, or `None` if it
+    /// did not answer.
     pub async fn command(
         &self,
         leader: u64,
         user: UserId,
         call: AsRest,
     ) -> Option<Result<Option<Value>, ApiError>> {
+        let answer = self.rest(leader, user, call).await?;
+        Some(answer.map(|body| body.get("message").cloned()))
+    }
+
+    /// Runs `call` as `user` on `leader`; its answer's body (a success) or error, or
+    /// `None` if it did not answer.
+    pub async fn rest(
+        &self,
+        leader: u64,
+        user: UserId,
+        call: AsRest,
+    ) -> Option<Result<Value, ApiError>> {
         let AsRest(method, path, body) = call;
         let forwarded = Forwarded {
             method: method.as_str().to_owned(),
@@ -212,7 +226,7 @@ impl Relay {
             None => Value::Null,
         };
         if (200..300).contains(&answered.status) {
-            return Some(Ok(body.get("message").cloned()));
+            return Some(Ok(body));
         }
         let error = &body["error"];
         Some(Err(ApiError {
@@ -296,6 +310,7 @@ async fn run_forwarded(ctx: &ShardCtx, f: Forwarded) -> Result<Reply, ApiError> 
         ctx,
         caller,
         peer: f.peer,
+        forwarded: true,
         params: decode_params(&raw)?,
         query: f.query,
         body: Bytes::from(f.body),

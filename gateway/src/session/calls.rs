@@ -2,7 +2,7 @@
 //! by every driver. Each call becomes an owned future, so a driver can poll it beside its
 //! socket and the subscription's frames.
 
-use super::{Acked, Answer, Call, SessionCore};
+use super::{Acked, Answer, Call, ReadAck, SessionCore};
 use crate::api::Relay;
 use crate::error::ApiError;
 use crate::protocol::Command;
@@ -72,13 +72,23 @@ pub async fn run_call(
             reference,
             channel,
             seq,
-        } => Answer::Read {
-            reference,
-            result: engine
-                .mark_read(user, channel, seq)
-                .await
-                .map_err(ApiError::from),
-        },
+        } => {
+            let marked = engine.mark_read(user, channel, seq).await;
+            let relayed = match (leader_of(&marked), relay) {
+                (Some(leader), Some(relay)) => {
+                    let path = format!("/api/v1/channels/{channel}/read");
+                    let body = serde_json::json!({ "seq": seq });
+                    let call = crate::api::AsRest(hyper::Method::POST, path, body);
+                    relay.rest(leader, user, call).await
+                }
+                _ => None,
+            };
+            let result = match relayed {
+                Some(answer) => answer.map(|body| ReadAck::Relayed(body["read"].clone())),
+                None => marked.map(ReadAck::Here).map_err(ApiError::from),
+            };
+            Answer::Read { reference, result }
+        }
         Call::Command { reference, command } => Answer::Command {
             reference,
             result: command_result(&engine, relay, user, command).await,
@@ -125,16 +135,7 @@ async fn command_result(
             .await
             .map(|()| None),
     };
-    let leader = match &result {
-        Err(EngineError::Unavailable(
-            Unavailable::NotLeader {
-                leader: Some(l), ..
-            }
-            | Unavailable::MetaNotLeader { leader: Some(l) },
-        )) => Some(*l),
-        _ => None,
-    };
-    if let (Some(leader), Some((call, relay))) = (leader, relayed) {
+    if let (Some(leader), Some((call, relay))) = (leader_of(&result), relayed) {
         if let Some(answer) = relay.command(leader, user, call).await {
             return answer.map(|m| m.map(Acked::Relayed));
         }
@@ -142,6 +143,19 @@ async fn command_result(
     result
         .map(|m: Option<MessageView>| m.map(Acked::Here))
         .map_err(ApiError::from)
+}
+
+/// The node that leads what `result` was refused for, if it was refused as not led here.
+fn leader_of<T>(result: &Result<T, EngineError>) -> Option<u64> {
+    match result {
+        Err(EngineError::Unavailable(
+            Unavailable::NotLeader {
+                leader: Some(l), ..
+            }
+            | Unavailable::MetaNotLeader { leader: Some(l) },
+        )) => Some(*l),
+        _ => None,
+    }
 }
 
 /// Moves the subscription's ready frames into the core, up to its room, and registers the

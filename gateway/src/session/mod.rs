@@ -182,6 +182,16 @@ pub enum Acked {
     Relayed(Value),
 }
 
+/// A read marker as a `read:mark` is acknowledged with.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReadAck {
+    /// Moved by this node's engine.
+    Here(ReadView),
+    /// Moved by the leader a cluster node passed the call to: the marker as its REST
+    /// answer gave it.
+    Relayed(Value),
+}
+
 /// The result of a [`Call`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Answer {
@@ -228,8 +238,8 @@ pub enum Answer {
     Read {
         /// The frame's `ref`.
         reference: Value,
-        /// What the engine said.
-        result: Result<ReadView, ApiError>,
+        /// What the engine (or the leader it was passed to) said.
+        result: Result<ReadAck, ApiError>,
     },
 }
 
@@ -507,7 +517,8 @@ impl SessionCore {
             },
             Answer::Read { reference, result } => {
                 let frame = match result {
-                    Ok(read) => protocol::ack_read(&reference, &read),
+                    Ok(ReadAck::Here(read)) => protocol::ack_read(&reference, &read),
+                    Ok(ReadAck::Relayed(read)) => protocol::ack_read_value(&reference, &read),
                     Err(e) => protocol::error_frame(&reference, &e),
                 };
                 self.replies.push_back(frame);
