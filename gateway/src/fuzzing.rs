@@ -104,13 +104,15 @@ fn answer_to(call: Call) -> Answer {
             seq,
         } => Answer::Read {
             reference,
-            result: Ok(crate::session::ReadAck::Here(chorus_engine::view::ReadView {
-                channel_id: channel,
-                read_seq: seq,
-                last_seq: seq,
-                unread_count: 0,
-                mention_count: 0,
-            })),
+            result: Ok(crate::session::ReadAck::Here(
+                chorus_engine::view::ReadView {
+                    channel_id: channel,
+                    read_seq: seq,
+                    last_seq: seq,
+                    unread_count: 0,
+                    mention_count: 0,
+                },
+            )),
         },
     }
 }
