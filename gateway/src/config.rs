@@ -642,7 +642,7 @@ pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
 /// Most nodes of a cluster. Every node holds every partition (three vote, the rest learn),
 /// so each committed event crosses the network once per node: past a few dozen nodes that
 /// is the cost to watch, and each shard keeps a connection to every other node.
-const CLUSTER_NODES_MAX: usize = 16;
+pub(crate) const CLUSTER_NODES_MAX: usize = 16;
 
 fn parse_toml(text: &str) -> Result<Config, String> {
     toml::from_str(text).map_err(|e: toml::de::Error| e.to_string().trim_end().to_owned())

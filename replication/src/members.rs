@@ -54,19 +54,9 @@ impl Members {
         s.version
     }
 
-    /// The number of requests so far.
-    pub fn version(&self) -> u64 {
-        self.state().version
-    }
-
     /// Every node known, with its address.
     pub fn addresses(&self) -> BTreeMap<u64, SocketAddr> {
         self.state().addresses.clone()
-    }
-
-    /// The nodes last asked for, if any.
-    pub fn asked(&self) -> Option<Vec<u64>> {
-        self.state().asked.clone()
     }
 
     /// The version, the addresses and the nodes asked, read together.
@@ -84,10 +74,12 @@ mod tests {
     fn a_request_adds_addresses_keeps_known_ones_and_names_the_nodes() {
         let a = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
         let m = Members::new([(1, a(1)), (2, a(2))].into());
-        assert_eq!((m.version(), m.asked()), (0, None));
+        assert_eq!(m.read(), (0, [(1, a(1)), (2, a(2))].into(), None));
         let v = m.set(&[(2, a(9)), (3, a(3))].into());
         assert_eq!(v, 1);
-        assert_eq!(m.addresses(), [(1, a(1)), (2, a(2)), (3, a(3))].into());
-        assert_eq!(m.asked(), Some(vec![2, 3]));
+        let (version, addresses, asked) = m.read();
+        assert_eq!(version, 1);
+        assert_eq!(addresses, [(1, a(1)), (2, a(2)), (3, a(3))].into());
+        assert_eq!(asked, Some(vec![2, 3]));
     }
 }

@@ -77,7 +77,7 @@ fn save(data_dir: &Path, nodes: &BTreeMap<String, String>) -> std::io::Result<()
 }
 
 /// At most this many nodes (as `cluster` is checked at start).
-const NODES_MAX: usize = 16;
+const NODES_MAX: usize = crate::config::CLUSTER_NODES_MAX;
 
 fn parse_nodes(nodes: &BTreeMap<String, String>) -> Result<BTreeMap<u64, SocketAddr>, ApiError> {
     if nodes.is_empty() || nodes.len() > NODES_MAX {
