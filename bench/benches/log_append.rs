@@ -17,7 +17,7 @@
 //! The log's storage is wrapped in a [`CountingStorage`], a pass-through that counts the
 //! `fdatasync`s the log issues, so the table can show how many records each one carried.
 
-use chorus_bench::counting::{Counters, CountersSnapshot, CountingStorage};
+use chorus_bench::counting::{counting, Counters, CountersSnapshot, CountingStorage};
 use chorus_bench::latency::{self, median, LatencySummary};
 use chorus_log::{DiskStorage, Entry, Log, LogConfig};
 use criterion::{Criterion, Throughput};
@@ -358,8 +358,7 @@ async fn run_cell(plan: &Plan, batch: usize, appenders: usize) -> CellRun {
 
 async fn open_log(dir: &Path) -> (BenchLog, Rc<Counters>) {
     let disk = DiskStorage::open_dir(dir.join("log")).expect("open the log directory");
-    let storage = CountingStorage::new(disk);
-    let counters = storage.counters();
+    let (storage, counters) = counting(disk);
     let config = LogConfig {
         preallocate_bytes: chorus_bench::env_u64(
             "CHORUS_BENCH_PREALLOCATE",

@@ -1,11 +1,10 @@
-//! A pass-through [`Storage`] that counts what the log asks of the disk.
+//! A pass-through [`Storage`](chorus_log::Storage) that counts what the log asks of the disk.
 //!
 //! Group commit is judged by how many records share one `fdatasync`, and the log does not
 //! expose that. Wrapping its storage tells it exactly, without a change to the log and at
 //! the cost of a few counter increments per flush.
 
-use bytes::Bytes;
-use chorus_log::{Storage, StorageFile};
+use chorus_log::{Layer, Layered};
 use std::cell::Cell;
 use std::io;
 use std::rc::Rc;
@@ -52,104 +51,34 @@ impl std::ops::Sub for CountersSnapshot {
     }
 }
 
-/// Wraps a [`Storage`] and counts the writes and syncs made through it and its files.
-#[derive(Debug)]
-pub struct CountingStorage<S> {
-    inner: S,
-    counters: Rc<Counters>,
-}
+/// The layer that counts: every clone shares the same [`Counters`].
+#[derive(Clone, Debug, Default)]
+pub struct Counting(Rc<Counters>);
 
-impl<S: Storage> CountingStorage<S> {
-    /// Wraps `inner` with fresh counters.
-    pub fn new(inner: S) -> CountingStorage<S> {
-        CountingStorage {
-            inner,
-            counters: Rc::default(),
-        }
-    }
-
-    /// The counters, shared with every file opened through this storage; keep a clone to
-    /// read them after the storage has moved into a log.
-    pub fn counters(&self) -> Rc<Counters> {
-        Rc::clone(&self.counters)
-    }
-
-    fn wrap(&self, file: S::File) -> CountingFile<S::File> {
-        CountingFile {
-            inner: file,
-            counters: Rc::clone(&self.counters),
-        }
-    }
-}
-
-impl<S: Storage> Storage for CountingStorage<S> {
-    type File = CountingFile<S::File>;
-
-    async fn create(&self, name: &str) -> io::Result<Self::File> {
-        Ok(self.wrap(self.inner.create(name).await?))
-    }
-
-    async fn open(&self, name: &str) -> io::Result<Self::File> {
-        Ok(self.wrap(self.inner.open(name).await?))
-    }
-
-    async fn remove(&self, name: &str) -> io::Result<()> {
-        self.inner.remove(name).await
-    }
-
-    async fn rename(&self, from: &str, to: &str) -> io::Result<()> {
-        self.inner.rename(from, to).await
-    }
-
-    async fn list(&self) -> io::Result<Vec<String>> {
-        self.inner.list().await
-    }
-
-    async fn sync_dir(&self) -> io::Result<()> {
-        self.inner.sync_dir().await
-    }
-}
-
-/// A file of a [`CountingStorage`].
-#[derive(Debug)]
-pub struct CountingFile<F> {
-    inner: F,
-    counters: Rc<Counters>,
-}
-
-impl<F: StorageFile> StorageFile for CountingFile<F> {
-    async fn write_at(&self, pos: u64, data: &[u8]) -> io::Result<()> {
-        let c = &self.counters;
+impl Layer for Counting {
+    fn write(&self, bytes: usize) -> io::Result<()> {
+        let c = &self.0;
         c.writes.set(c.writes.get() + 1);
-        c.bytes_written
-            .set(c.bytes_written.get() + data.len() as u64);
-        self.inner.write_at(pos, data).await
+        c.bytes_written.set(c.bytes_written.get() + bytes as u64);
+        Ok(())
     }
 
-    async fn read_at(&self, pos: u64, len: usize) -> io::Result<Vec<u8>> {
-        self.inner.read_at(pos, len).await
+    fn sync_data(&self) -> io::Result<()> {
+        self.0.syncs.set(self.0.syncs.get() + 1);
+        Ok(())
     }
+}
 
-    async fn sync_data(&self) -> io::Result<()> {
-        self.counters.syncs.set(self.counters.syncs.get() + 1);
-        self.inner.sync_data().await
-    }
+/// A [`Storage`](chorus_log::Storage) that counts the writes and syncs made through it
+/// and its files.
+pub type CountingStorage<S> = Layered<S, Counting>;
 
-    async fn truncate(&self, len: u64) -> io::Result<()> {
-        self.inner.truncate(len).await
-    }
-
-    async fn len(&self) -> io::Result<u64> {
-        self.inner.len().await
-    }
-
-    fn map(&self) -> io::Result<Bytes> {
-        self.inner.map()
-    }
-
-    async fn close(self) -> io::Result<()> {
-        self.inner.close().await
-    }
+/// `inner` with fresh counters, and the counters (shared with every file opened through
+/// it; keep them to read after the storage has moved into a log).
+pub fn counting<S>(inner: S) -> (CountingStorage<S>, Rc<Counters>) {
+    let layer = Counting::default();
+    let counters = Rc::clone(&layer.0);
+    (Layered::new(inner, layer), counters)
 }
 
 #[cfg(test)]
@@ -167,8 +96,7 @@ mod tests {
                 yield_permille: 0,
                 ..SimConfig::default()
             };
-            let storage = CountingStorage::new(SimStorage::new(sim));
-            let counters = storage.counters();
+            let (storage, counters) = counting(SimStorage::new(sim));
             let config = LogConfig {
                 preallocate_bytes: 0,
                 ..LogConfig::default()
@@ -204,8 +132,7 @@ mod tests {
                 yield_permille: 0,
                 ..SimConfig::default()
             };
-            let storage = CountingStorage::new(SimStorage::new(sim));
-            let counters = storage.counters();
+            let (storage, counters) = counting(SimStorage::new(sim));
             let (log, _) = Log::open(storage, LogConfig::default()).await.unwrap();
             let payload = [7u8; 100];
             let entry = [Entry {

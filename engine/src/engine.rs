@@ -312,11 +312,29 @@ impl Engine {
         E: Env,
         W: Fn(crate::shard::ShardContext, GlommioEnv<DiskRoot, B>) -> E + Send + Sync + 'static,
     {
+        let root = DiskRoot::new(&config.data_dir);
+        Engine::open_on(config, root, blobs, wrap)
+    }
+
+    /// Opens the engine as [`Engine::open_in`] does, its files in `root`, a tree over
+    /// `config.data_dir` (which is locked as [`Engine::open`] locks it): the disk seen
+    /// through a fault layer ([`chorus_log::FaultyRoot`]) in fault tests of real processes.
+    pub fn open_on<R, B, E, W>(
+        config: EngineConfig,
+        root: R,
+        blobs: B,
+        wrap: W,
+    ) -> Result<Engine, EngineError>
+    where
+        R: chorus_log::StorageRoot + Send + Sync + 'static,
+        B: BlobStore + Clone + Send + Sync + 'static,
+        E: Env,
+        W: Fn(crate::shard::ShardContext, GlommioEnv<R, B>) -> E + Send + Sync + 'static,
+    {
         validate(&config)?;
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| IoError::new(config.data_dir.display().to_string(), e))?;
         let lock = lock_data_dir(&config.data_dir)?;
-        let root = DiskRoot::new(&config.data_dir);
         let engine = Engine::open_with(config, move |ctx| {
             wrap(ctx, GlommioEnv::new(root.clone(), blobs.clone()))
         })?;

@@ -204,7 +204,9 @@ pub struct Config {
     pub cluster: String,
     /// For fault tests of a cluster: a file this node reads every 100 ms, each line
     /// `cut N` cutting it off from node N both ways (nothing it sends arrives, nothing
-    /// from N is taken), until the line is gone. Unset: none.
+    /// from N is taken), and a line `fsync fails` making every fsync of its data
+    /// directory fail (the node then stops, exit code 74), until the line is gone.
+    /// Unset: none.
     pub cluster_fault_file: Option<PathBuf>,
     /// This node joins a running cluster: its groups start with no members and wait to be
     /// added (`PUT /api/v1/cluster/members` on a node of the cluster). Without it, a

@@ -79,8 +79,18 @@ fn open_engine(
     if let Some(asked) = crate::api::members::load(&config.data_dir)? {
         node.members.set(&asked);
     }
+    // A failed write or fsync stops the node (see `chorus_replication::OnStorageError`); a
+    // log found inconsistent stops only its group, as a restart would find it so again.
+    node.on_storage_error = chorus_replication::OnStorageError(Some(Arc::new(|group, e| {
+        if !matches!(e, chorus_replication::RaftLogError::Corrupt(_)) {
+            eprintln!("chorus: group {group} failed on its storage ({e}); the node stops");
+            std::process::exit(STORAGE_FAILED_EXIT);
+        }
+    })));
+    let disk = chorus_log::DiskFaults::default();
     if let Some(file) = &config.cluster_fault_file {
-        follow_fault_file(file.clone(), node.members.clone(), node.cuts.clone());
+        let (members, cuts) = (node.members.clone(), node.cuts.clone());
+        follow_fault_file(file.clone(), members, cuts, disk.clone());
     }
     let admin_key = match &config.cluster_admin_key_file {
         Some(path) => Some(std::fs::read(path)?),
@@ -95,16 +105,18 @@ fn open_engine(
         calls: node.calls.clone(),
         cuts: node.cuts.clone(),
     };
+    let root = chorus_log::FaultyRoot::new(chorus_log::DiskRoot::new(&config.data_dir), disk);
     let engine = match s3 {
-        Some(s3) => Engine::open_in(
+        Some(s3) => Engine::open_on(
             engine_config,
+            root,
             crate::files::store::S3BlobStore(s3.clone()),
             in_cluster(node),
         )?,
         None => {
             std::fs::create_dir_all(&config.data_dir)?;
             let blobs = chorus_engine::blob::DiskBlobStore::open(&config.data_dir.join("blobs"))?;
-            Engine::open_in(engine_config, blobs, in_cluster(node))?
+            Engine::open_on(engine_config, root, blobs, in_cluster(node))?
         }
     };
     Ok((engine, Some(view)))
@@ -113,13 +125,19 @@ fn open_engine(
 /// How often the fault file is read.
 const FAULT_FILE_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// How a cluster node exits when a storage error stops it: `EX_IOERR` of `sysexits.h`.
+pub const STORAGE_FAILED_EXIT: i32 = 74;
+
 /// Fault tests of real processes: cuts this node off from the nodes the lines `cut N` of
-/// `file` name, as long as they are there (a missing file cuts nothing), for the process's
-/// life, on a thread of its own. Nodes added to the cluster later can be cut too.
+/// `file` name, and makes every fsync of its data directory fail while a line
+/// `fsync fails` is there, as long as they are there (a missing file cuts nothing), for
+/// the process's life, on a thread of its own. Nodes added to the cluster later can be
+/// cut too.
 fn follow_fault_file(
     file: std::path::PathBuf,
     members: chorus_replication::members::Members,
     cuts: chorus_replication::transport::Cuts,
+    disk: chorus_log::DiskFaults,
 ) {
     std::thread::spawn(move || loop {
         let text = std::fs::read_to_string(&file).unwrap_or_default();
@@ -130,17 +148,22 @@ fn follow_fault_file(
         for n in members.addresses().into_keys() {
             cuts.set(n, cut.contains(&n));
         }
+        disk.set_fsync_fails(text.lines().any(|l| l.trim() == "fsync fails"));
         std::thread::sleep(FAULT_FILE_EVERY);
     });
 }
+
+/// A cluster node's data directory: the disk, through a fault layer that fault tests can
+/// switch on (the fault file's `fsync fails`).
+type ClusterRoot = chorus_log::FaultyRoot<chorus_log::DiskRoot>;
 
 /// Each shard's environment on a cluster node: the real one with the shard's groups.
 fn in_cluster<B>(
     node: chorus_replication::NodeConfig,
 ) -> impl Fn(
     chorus_engine::shard::ShardContext,
-    chorus_engine::env::GlommioEnv<chorus_log::DiskRoot, B>,
-) -> chorus_replication::ClusterEnv<chorus_log::DiskRoot, B>
+    chorus_engine::env::GlommioEnv<ClusterRoot, B>,
+) -> chorus_replication::ClusterEnv<ClusterRoot, B>
        + Send
        + Sync
        + 'static

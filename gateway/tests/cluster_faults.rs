@@ -2,7 +2,9 @@
 //! three, then five, `chorus serve` nodes take posts to four channels through any node,
 //! while a nemesis SIGKILLs and restarts nodes, SIGSTOPs and resumes them, isolates one,
 //! cuts the others apart through a bridge, kills the leader of the first channel's
-//! partition, stops a node cleanly (SIGTERM, as a rolling restart does), and (on five nodes) splits the network 2 | 3 (cuts go through each node's
+//! partition, stops a node cleanly (SIGTERM, as a rolling restart does), makes one node's
+//! disk fail every fsync (the node must stop, and is restarted on a good disk), and (on
+//! five nodes) splits the network 2 | 3 (cuts and the failing disk go through each node's
 //! fault file). After the faults heal, the checker asks every node for every channel: each
 //! acknowledged post is there exactly once, every node has the same posts at the same seqs,
 //! and nothing that was never sent appears. It prints how long no post was acknowledged
@@ -220,15 +222,19 @@ fn wait_placed(w: &Workload, addr: &str, ids: &[u64]) {
 }
 
 /// The kinds of fault, in the order the nemesis takes them (the last on five nodes only).
-const KINDS: [&str; 7] = [
+const KINDS: [&str; 8] = [
     "SIGKILL",
     "SIGSTOP",
     "isolated",
     "bridge",
     "leader SIGKILL",
     "SIGTERM",
+    "fsync fails",
     "halves",
 ];
+
+/// How long a node whose fsyncs fail may go on before it stops.
+const DISK_FAILURE_STOPS_WITHIN: Duration = Duration::from_secs(10);
 
 /// Partition `partition` in `GET /api/v1/cluster` of the first node that answers.
 fn partition_view(
@@ -482,8 +488,8 @@ fn run(n: usize) {
     // a SIGKILL (and restart), a SIGSTOP (and SIGCONT), the node isolated from all others,
     // the node made a bridge (the others split in two groups that cannot reach each other,
     // both reach it), the leader of the first channel's partition SIGKILLed (and
-    // restarted), a SIGTERM (a clean stop, as in a rolling restart, and a restart), and on
-    // five nodes the network split in halves: the node and the next one apart from the
+    // restarted), a SIGTERM (a clean stop, as in a rolling restart, and a restart), a disk
+    // that fails every fsync (the node must stop by itself; it restarts), and on five nodes the network split in halves: the node and the next one apart from the
     // other three. The cuts go through each node's fault file.
     let cut = |id: usize, peers: &[usize]| {
         let lines: String = peers.iter().map(|p| format!("cut {}\n", p + 1)).collect();
@@ -555,6 +561,34 @@ fn run(n: usize) {
                 assert!(status.success(), "node {} exited {status}", victim + 1);
                 faults.push(format!("SIGTERM node {}", victim + 1));
                 std::thread::sleep(Duration::from_millis(500));
+                nodes[victim].restart();
+            }
+            6 => {
+                // The node's disk fails every fsync: its next write of any group fails,
+                // and the node stops (fail-stop, exit 74) rather than go on with a log it
+                // cannot trust; it restarts on a good disk and is caught up by its peers.
+                let file = cluster.fault_file(victim + 1);
+                std::fs::write(&file, "fsync fails\n").expect("fault file");
+                let failing = Instant::now();
+                let status = nodes[victim].wait_exit(DISK_FAILURE_STOPS_WITHIN);
+                let status = status.unwrap_or_else(|| {
+                    panic!(
+                        "node {} went on for {DISK_FAILURE_STOPS_WITHIN:?} with failing fsyncs",
+                        victim + 1
+                    )
+                });
+                assert_eq!(
+                    status.code(),
+                    Some(74),
+                    "node {} exited {status}",
+                    victim + 1
+                );
+                faults.push(format!(
+                    "fsync fails on node {} (stopped in {:?})",
+                    victim + 1,
+                    failing.elapsed()
+                ));
+                std::fs::write(&file, "").expect("fault file");
                 nodes[victim].restart();
             }
             1 => {

@@ -6,7 +6,7 @@
 //! from an offset with a byte budget; [`Log::truncate_after`] replaces an uncommitted tail
 //! (Raft); [`Log::delete_before`] applies retention; and [`Log::open`] recovers whatever a
 //! crash left. All I/O goes through the [`Storage`] trait, real ([`DiskStorage`]) or
-//! simulated ([`SimStorage`]). The on-disk format is in [`format`] and `DESIGN.md`.
+//! simulated ([`SimStorage`]). The on-disk format is in [`mod@format`] and `DESIGN.md`.
 
 pub mod error;
 pub mod format;
@@ -18,5 +18,6 @@ pub use error::{AppendError, CorruptReason, Error, OpenError, ReadError, Truncat
 pub use format::Record;
 pub use log::{CorruptSegment, Entry, Log, LogConfig, RecoveryReport, TornTail};
 pub use storage::{
-    DiskRoot, DiskStorage, SimConfig, SimRoot, SimStorage, Storage, StorageFile, StorageRoot,
+    DiskFaults, DiskRoot, DiskStorage, FaultyRoot, Layer, Layered, LayeredRoot, SimConfig, SimRoot,
+    SimStorage, Storage, StorageFile, StorageRoot,
 };

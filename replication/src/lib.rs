@@ -54,7 +54,7 @@ pub use board::{Board, GroupView};
 pub use engine_env::{ClusterEnv, ReplicatedDurability};
 pub use event_log::{CommitError, EventLogMachine, ReplicatedLog};
 pub use group::{Group, StateMachine};
-pub use node::{Node, NodeConfig};
+pub use node::{Node, NodeConfig, OnStorageError};
 pub use raft_log::{RaftLog, RaftLogError};
 pub use replica::{ProposeError, Replica};
 pub use state::{GroupState, StateFile};

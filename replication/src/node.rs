@@ -68,6 +68,26 @@ pub struct NodeConfig {
     pub members: Members,
     /// The shard this node's groups run on: its cluster port is the node's plus this.
     pub shard: u32,
+    /// Told when a group ends on a storage error (see [`OnStorageError`]).
+    pub on_storage_error: OnStorageError,
+}
+
+/// What a node does when one of its groups ends on a storage error (a failed write or
+/// fsync poisons the group's logs: they are never retried, see `chorus_log`). By default
+/// the error is logged and the group stays down on this node while the node goes on; a
+/// server sets a hook that stops the whole node (fail-stop), so that it restarts, recovers
+/// its logs from what its disk really holds, and is caught up by its peers, rather than
+/// staying a member that never answers.
+#[derive(Clone, Default)]
+pub struct OnStorageError(pub Option<StorageErrorHook>);
+
+/// The hook of [`OnStorageError`]: called with the group and its error.
+pub type StorageErrorHook = std::sync::Arc<dyn Fn(u64, &RaftLogError) + Send + Sync>;
+
+impl std::fmt::Debug for OnStorageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "hook" } else { "log" })
+    }
 }
 
 impl NodeConfig {
@@ -88,6 +108,7 @@ impl NodeConfig {
             calls: Calls::default(),
             members: Members::default(),
             shard: 0,
+            on_storage_error: OnStorageError::default(),
         }
     }
 }
@@ -298,10 +319,14 @@ impl Node {
         let run = replica
             .clone()
             .run(opened, config.tick, move |m| t.send(group, m));
+        let on_error = config.on_storage_error.clone();
         let task = glommio::spawn_local(async move {
             let ended = run.await.map(drop);
             if let Err(e) = &ended {
                 tracing::error!(group, error = %e, "a group ended on a storage error");
+                if let Some(hook) = &on_error.0 {
+                    hook(group, e);
+                }
             }
             ended
         })

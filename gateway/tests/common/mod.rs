@@ -211,6 +211,23 @@ impl Server {
         }
     }
 
+    /// Waits up to `wait` for the server to exit by itself; its status, or `None` if it
+    /// still runs (it is then left running).
+    pub fn wait_exit(&mut self, wait: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let child = self.child.as_mut().expect("running");
+            if let Some(status) = child.try_wait().expect("wait") {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts the server again on the same data directory and address. Binding may fail
     /// for a moment after a kill; it is retried until [`REBIND_WAIT`].
     pub fn restart(&mut self) {

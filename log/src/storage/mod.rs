@@ -15,14 +15,21 @@
 //! [`StorageRoot`] is the tree they live in: it opens a directory by its path, creating it
 //! durably if it is missing. [`DiskRoot`] is a directory of the file system; [`SimRoot`]
 //! is a tree of simulated directories that crash together.
+//!
+//! A [`Layer`] sees a storage's writes and fsyncs before they reach it ([`Layered`],
+//! [`LayeredRoot`]): the fault layer ([`FaultyRoot`]) fails fsyncs on demand.
 
 use bytes::Bytes;
 use std::io;
 
 mod disk;
+pub mod faulty;
+pub mod layer;
 pub mod sim;
 
 pub use disk::{DiskRoot, DiskStorage};
+pub use faulty::{DiskFaults, FaultyRoot};
+pub use layer::{Layer, Layered, LayeredRoot};
 pub use sim::{SimConfig, SimRoot, SimStorage};
 
 /// A tree of directories, each a [`Storage`]: where a node keeps all of its files.
