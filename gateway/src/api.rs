@@ -1160,12 +1160,13 @@ async fn me(call: &Call<'_>) -> Result<Reply, ApiError> {
 }
 
 /// `GET /api/v1/cluster` (`API.md` §15): no workspace data. A single node is node 1,
-/// leading every partition, with no cluster address.
+/// leading every partition, with no cluster address. Beside §15's fields, each partition
+/// names its `learners` (nodes that hold and apply it without a vote).
 fn cluster_view(shared: &crate::ctx::Shared) -> serde_json::Value {
     let partitions = shared.config.partitions;
     let Some(c) = &shared.cluster else {
         let parts: Vec<_> = (0..partitions)
-            .map(|p| serde_json::json!({"id": p, "leader": 1, "replicas": [1]}))
+            .map(|p| serde_json::json!({"id": p, "leader": 1, "replicas": [1], "learners": []}))
             .collect();
         return serde_json::json!({
             "node_id": 1,
@@ -1193,6 +1194,7 @@ fn cluster_view(shared: &crate::ctx::Shared) -> serde_json::Value {
                 "id": p,
                 "leader": g.and_then(|g| g.leader),
                 "replicas": g.map(|g| g.voters.clone()).unwrap_or_default(),
+                "learners": g.map(|g| g.learners.clone()).unwrap_or_default(),
             })
         })
         .collect();

@@ -210,6 +210,7 @@ fn three_processes_serve_one_cluster_and_survive_a_sigkill() {
         });
         for p in v["partitions"].as_array().unwrap() {
             assert_eq!(p["replicas"], json!([1, 2, 3]), "{v}");
+            assert_eq!(p["learners"], json!([]), "{v}");
         }
     }
 
@@ -479,6 +480,43 @@ fn the_cluster_tool_starts_grows_shrinks_and_stops_a_cluster() {
     let added = run(&["add", "4"]);
     assert!(added.contains("\"4\":\"applied\""), "{added}");
     knows_bob(&format!("http://127.0.0.1:{}", base + 40));
+    // Every partition is held by all four nodes: three voters and one learner, as the
+    // node added sees them.
+    let view_of = |url: &str| -> Value {
+        let r = agent
+            .get(&format!("{url}/api/v1/cluster"))
+            .set("Authorization", &format!("Bearer {token}"))
+            .call()
+            .expect("GET /api/v1/cluster");
+        serde_json::from_str(&r.into_string().unwrap()).unwrap()
+    };
+    let deadline = Instant::now() + WRITE_WAIT;
+    loop {
+        let v = view_of(&format!("http://127.0.0.1:{}", base + 40));
+        let held_by_all = v["partitions"].as_array().unwrap().iter().all(|p| {
+            let ids = |k: &str| p[k].as_array().unwrap().len();
+            let mut all: Vec<u64> = ["replicas", "learners"]
+                .iter()
+                .flat_map(|k| {
+                    p[*k]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|n| n.as_u64().unwrap())
+                })
+                .collect();
+            all.sort_unstable();
+            ids("replicas") == 3 && ids("learners") == 1 && all == [1, 2, 3, 4]
+        });
+        if held_by_all {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 4 never held every partition: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     run(&["remove", "1"]);
     assert!(!dir.path().join("n1/pid").exists());
     run(&["down"]);
@@ -501,7 +539,8 @@ fn a_single_node_shows_itself_as_the_whole_cluster() {
     let parts = v["partitions"].as_array().unwrap();
     assert!(!parts.is_empty());
     for (i, p) in parts.iter().enumerate() {
-        assert_eq!(*p, json!({"id": i, "leader": 1, "replicas": [1]}));
+        let want = json!({"id": i, "leader": 1, "replicas": [1], "learners": []});
+        assert_eq!(*p, want);
     }
     s.call("GET", "/api/v1/cluster", None, None)
         .assert_error(401, "unauthorized");

@@ -1,5 +1,5 @@
 //! What a node's shards know of the cluster, for whoever asks (`GET /api/v1/cluster`):
-//! each group's leader and voters as this node's replica last saw them, and when each peer
+//! each group's leader, voters and learners as this node's replica last saw them, and when each peer
 //! was last heard from. The shards write it (every [`PUBLISH_EVERY`]); anyone may read it.
 
 use std::collections::BTreeMap;
@@ -16,6 +16,9 @@ pub struct GroupView {
     pub leader: Option<u64>,
     /// Its voters.
     pub voters: Vec<u64>,
+    /// Its learners: nodes that receive and apply every committed entry without a vote
+    /// (every node of the cluster but the voters, and a node being added).
+    pub learners: Vec<u64>,
 }
 
 #[derive(Default)]

@@ -13,6 +13,9 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+/// What [`Members::read`] gives: the version, every address known, the nodes asked.
+pub type Asked = (u64, BTreeMap<u64, SocketAddr>, Option<Vec<u64>>);
+
 /// See the module's documentation.
 #[derive(Clone, Debug, Default)]
 pub struct Members(Arc<Mutex<State>>);
@@ -60,9 +63,16 @@ impl Members {
     }
 
     /// The version, the addresses and the nodes asked, read together.
-    pub fn read(&self) -> (u64, BTreeMap<u64, SocketAddr>, Option<Vec<u64>>) {
+    pub fn read(&self) -> Asked {
         let s = self.state();
         (s.version, s.addresses.clone(), s.asked.clone())
+    }
+
+    /// What [`Members::read`] gives, if the version is past `seen`; otherwise nothing,
+    /// and nothing is copied (the shards look every [`crate::board::PUBLISH_EVERY`]).
+    pub fn read_if_newer(&self, seen: u64) -> Option<Asked> {
+        let s = self.state();
+        (s.version > seen).then(|| (s.version, s.addresses.clone(), s.asked.clone()))
     }
 }
 
@@ -81,5 +91,7 @@ mod tests {
         assert_eq!(version, 1);
         assert_eq!(addresses, [(1, a(1)), (2, a(2)), (3, a(3))].into());
         assert_eq!(asked, Some(vec![2, 3]));
+        assert_eq!(m.read_if_newer(1), None);
+        assert_eq!(m.read_if_newer(0).map(|r| r.0), Some(1));
     }
 }

@@ -456,8 +456,7 @@ async fn follow_members(
     loop {
         match transport.upgrade() {
             Some(t) if !t.is_stopped() => {
-                let (version, addresses, asked) = members.read();
-                if version > seen {
+                if let Some((version, addresses, asked)) = members.read_if_newer(seen) {
                     seen = version;
                     for (id, addr) in addresses {
                         t.add_peer(id, crate::engine_env::shard_addr(addr, shard));
@@ -485,14 +484,19 @@ async fn publish(
         for (peer, at) in std::mem::take(&mut *heard.borrow_mut()) {
             board.heard(peer, at);
         }
-        let groups: Vec<(u64, Status, Vec<u64>)> = replicas
+        let groups: Vec<(u64, Status, Vec<u64>, Vec<u64>)> = replicas
             .borrow()
             .iter()
-            .map(|(g, r)| (*g, r.status(), r.voters()))
+            .map(|(g, r)| (*g, r.status(), r.voters(), r.learners()))
             .collect();
-        for (group, status, voters) in groups {
+        for (group, status, voters, learners) in groups {
             let leader = (status.leader != 0).then_some(status.leader);
-            board.set_group(group, GroupView { leader, voters });
+            let view = GroupView {
+                leader,
+                voters,
+                learners,
+            };
+            board.set_group(group, view);
         }
         glommio::timer::sleep(board::PUBLISH_EVERY).await;
     }

@@ -259,8 +259,16 @@ impl<S: Storage> RaftLog<S> {
         Ok(())
     }
 
-    /// Persists a hard state (after the entries of the same `Ready`).
+    /// Persists a hard state (after the entries of the same `Ready`). Only its term and
+    /// vote must be durable before the `Ready`'s messages go; a newer commit index alone
+    /// is noted as [`RaftLog::set_commit`] notes it, without a write or an fsync (most
+    /// `Ready`s change nothing else).
     pub async fn set_hard_state(&mut self, hard: &HardState) -> Result<(), RaftLogError> {
+        let was = &self.state.hard;
+        if hard.term == was.term && hard.vote == was.vote {
+            self.set_commit(hard.commit);
+            return Ok(());
+        }
         self.state.hard = hard.clone();
         self.write_state().await
     }

@@ -190,7 +190,10 @@ impl<F: StorageFile> StateFile<F> {
     /// Replaces the state, durably.
     pub async fn write(&mut self, state: &GroupState) -> io::Result<()> {
         let seq = self.seq + 1;
-        let slot = state.encode(seq)?;
+        let mut slot = state.encode(seq)?;
+        // A whole slot, so that the write covers whole blocks: the disk need not read a
+        // block back to keep bytes the write does not cover.
+        slot.resize(SLOT_BYTES, 0);
         let at = (seq % 2) * SLOT_BYTES as u64;
         self.file.write_at(at, &slot).await?;
         self.file.sync_data().await?;

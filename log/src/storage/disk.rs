@@ -261,15 +261,24 @@ pub struct DiskFile {
     known: RefCell<Option<Known>>,
     /// Set while a write or truncation is in flight, to catch overlapping ones.
     busy: Cell<bool>,
+    /// Blocks read back from the device to complete a write (tests look at it).
+    reads_back: Cell<u64>,
 }
 
 /// The end of a file as its handle last left it.
 #[derive(Debug)]
 struct Known {
-    /// The physical length in bytes: blocks starting at or past it hold no data yet.
-    len: u64,
+    /// Every byte at or past this position is zero: past the physical end (a read gives
+    /// zeros there), or written as zeros (the log's preallocation) and not written since.
+    /// A write whose block reaches into them fills the block with zeros instead of
+    /// reading it back from the device.
+    zeros_from: u64,
     /// The block holding the last written byte, when that byte does not end a block.
     tail: Option<Block>,
+    /// The block holding the last write's first byte, when that byte does not begin a
+    /// block and the block is not `tail`: after the log writes zeros ahead from where its
+    /// next append goes, that append starts in it.
+    head: Option<Block>,
 }
 
 /// The exact contents of one aligned block of the file.
@@ -314,8 +323,13 @@ impl DiskFile {
             file,
             path,
             alignment,
-            known: RefCell::new(Some(Known { len, tail: None })),
+            known: RefCell::new(Some(Known {
+                zeros_from: len,
+                tail: None,
+                head: None,
+            })),
             busy: Cell::new(false),
+            reads_back: Cell::new(0),
         }
     }
 
@@ -349,15 +363,17 @@ impl DiskFile {
         dst: &mut [u8],
     ) -> io::Result<()> {
         if let Some(known) = known {
-            if let Some(tail) = known.tail.as_ref().filter(|t| t.start == block_start) {
-                dst.copy_from_slice(&tail.bytes[from..from + dst.len()]);
+            let cached = [&known.tail, &known.head].into_iter().flatten();
+            if let Some(block) = cached.into_iter().find(|b| b.start == block_start) {
+                dst.copy_from_slice(&block.bytes[from..from + dst.len()]);
                 return Ok(());
             }
-            if block_start >= known.len {
+            if block_start + from as u64 >= known.zeros_from {
                 dst.fill(0);
                 return Ok(());
             }
         }
+        self.reads_back.set(self.reads_back.get() + 1);
         let read = self
             .file
             .read_at_aligned(block_start, self.alignment as usize)
@@ -411,6 +427,10 @@ impl StorageFile for DiskFile {
             start: tail_start,
             bytes: bytes[(tail_start - start) as usize..].into(),
         });
+        let head = (head_len > 0 && start != tail_start).then(|| Block {
+            start,
+            bytes: bytes[..self.alignment as usize].into(),
+        });
 
         let expected = buf.len();
         let written = self.file.write_at(buf, start).await?;
@@ -423,9 +443,22 @@ impl StorageFile for DiskFile {
                 ),
             ));
         }
-        *self.known.borrow_mut() = known.map(|known| Known {
-            len: known.len.max(end_aligned),
-            tail,
+        *self.known.borrow_mut() = known.map(|known| {
+            let zeros_from = if end < known.zeros_from {
+                // Within the data: the zeros after it are untouched.
+                known.zeros_from
+            } else if data.iter().all(|&b| b == 0) {
+                // Zeros written over the start of the zeros (or past it): still zeros.
+                known.zeros_from.min(pos)
+            } else {
+                // The block's bytes after `end` came from the zeros, and are zeros.
+                end
+            };
+            Known {
+                zeros_from,
+                tail,
+                head,
+            }
         });
         Ok(())
     }
@@ -460,7 +493,11 @@ impl StorageFile for DiskFile {
         // truncation succeeds the length is known exactly again.
         *self.known.borrow_mut() = None;
         self.file.truncate(len).await?;
-        *self.known.borrow_mut() = Some(Known { len, tail: None });
+        *self.known.borrow_mut() = Some(Known {
+            zeros_from: len,
+            tail: None,
+            head: None,
+        });
         Ok(())
     }
 
@@ -623,6 +660,50 @@ mod tests {
                 expected[pos..pos + len].copy_from_slice(&patch);
             }
             assert_eq!(file.read_at(0, 9000).await.unwrap(), expected);
+        });
+    }
+
+    // Appends into zeros written ahead (the log's preallocation) read nothing back from
+    // the device, and every byte reads back right; zeros written inside the data, and a
+    // fresh handle, change nothing of what is kept.
+    #[test]
+    fn appends_into_preallocated_zeros_read_nothing_back() {
+        run(|storage| async move {
+            let file = storage.create("a").await.unwrap();
+            let mut expected = pattern(1, 1000);
+            file.write_at(0, &expected).await.unwrap();
+            file.write_at(1000, &vec![0; 64 * 1024 - 1000])
+                .await
+                .unwrap();
+            for (i, len) in [700, 333, 1, 4096, 5000].into_iter().enumerate() {
+                let data = pattern(i as u8 + 2, len);
+                file.write_at(expected.len() as u64, &data).await.unwrap();
+                expected.extend_from_slice(&data);
+            }
+            assert_eq!(file.reads_back.get(), 0);
+            let read = file.read_at(0, 64 * 1024).await.unwrap();
+            assert_eq!(read[..expected.len()], expected[..]);
+            assert!(read[expected.len()..].iter().all(|&b| b == 0));
+
+            // Zeros inside the data: the bytes after them are data still, and are kept.
+            file.write_at(100, &[0; 50]).await.unwrap();
+            expected[100..150].fill(0);
+            let patch = pattern(9, 20);
+            file.write_at(140, &patch).await.unwrap();
+            expected[140..160].copy_from_slice(&patch);
+            let read = file.read_at(0, expected.len()).await.unwrap();
+            assert_eq!(read, expected);
+
+            // A fresh handle knows only the file's length, and reads its blocks back.
+            file.close().await.unwrap();
+            let file = storage.open("a").await.unwrap();
+            let last = pattern(11, 10);
+            file.write_at(expected.len() as u64, &last).await.unwrap();
+            expected.extend_from_slice(&last);
+            assert!(file.reads_back.get() >= 1);
+            let read = file.read_at(0, 64 * 1024).await.unwrap();
+            assert_eq!(read[..expected.len()], expected[..]);
+            assert!(read[expected.len()..].iter().all(|&b| b == 0));
         });
     }
 
