@@ -20,7 +20,7 @@ pub mod members;
 mod notify;
 mod search;
 
-pub use forward::{serve_calls, AsRest, Relay};
+pub use forward::{serve_calls, serve_notices, AsRest, Relay};
 
 use crate::body::ReqBody;
 use crate::ctx::{authenticate, off_shard, token_now, Caller, ShardCtx};

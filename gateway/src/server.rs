@@ -415,6 +415,8 @@ async fn shard_main(
     if let Some(cluster) = &ctx.shared.cluster {
         let calls = cluster.calls.serve(shard as u32);
         glommio::spawn_local(crate::api::serve_calls(ctx.clone(), calls)).detach();
+        let notices = cluster.calls.notices(shard as u32);
+        glommio::spawn_local(crate::api::serve_notices(ctx.clone(), notices)).detach();
     }
     let (stop_quic, quic_stopped) = oneshot::channel();
     let quic = glommio::spawn_local(crate::quic::serve_shard(

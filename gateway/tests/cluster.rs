@@ -527,6 +527,99 @@ fn the_cluster_tool_starts_grows_shrinks_and_stops_a_cluster() {
     }
 }
 
+// Typing is no channel event: a node tells its own subscribers and passes it to every
+// other node, which tells theirs. Alice types through node 1; Bob, connected to nodes 2
+// and 3, sees it on both.
+#[test]
+fn typing_reaches_subscribers_on_every_node() {
+    let config = ClusterConfig::three();
+    let settings = format!("{AUTH_UNLIMITED}typing_per_s = 1000.0\n");
+    let nodes: Vec<Option<Server>> = (1..=3)
+        .map(|id| Some(Server::start(&config.node(id, &settings))))
+        .collect();
+    let sign_up = |name: &str| {
+        let body =
+            json!({"email": format!("{name}@example.com"), "password": PASSWORD, "name": name});
+        let (_, r) = anywhere(&nodes, "a sign-up", |s| {
+            s.call("POST", "/api/v1/auth/signup", None, Some(body.clone()))
+        });
+        assert_eq!(r.status, 201, "{}", r.text);
+        (str_of(&r.body["token"]), str_of(&r.body["user"]["id"]))
+    };
+    let (alice, alice_id) = sign_up("alice");
+    let (bob, _) = sign_up("bob");
+    let (_, r) = anywhere(&nodes, "the workspace", |s| {
+        let body = json!({"name": "acme"});
+        s.call("POST", "/api/v1/workspaces", Some(&alice), Some(body))
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+    let wid = str_of(&r.body["workspace"]["id"]);
+    let (_, r) = anywhere(&nodes, "bob in the workspace", |s| {
+        let path = format!("/api/v1/workspaces/{wid}/members");
+        s.call(
+            "POST",
+            &path,
+            Some(&alice),
+            Some(json!({"email": "bob@example.com"})),
+        )
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+    let (_, r) = anywhere(&nodes, "the channel", |s| {
+        let body = json!({"name": "general", "kind": "public"});
+        let path = format!("/api/v1/workspaces/{wid}/channels");
+        s.call("POST", &path, Some(&alice), Some(body))
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+    let cid = str_of(&r.body["channel"]["id"]);
+    let (_, r) = anywhere(&nodes, "bob in the channel", |s| {
+        s.call(
+            "POST",
+            &format!("/api/v1/channels/{cid}/join"),
+            Some(&bob),
+            None,
+        )
+    });
+    assert_eq!(r.status, 200, "{}", r.text);
+    // Every node knows Bob is in the channel before he connects.
+    for s in nodes.iter().flatten() {
+        wait_until("bob's membership everywhere", || {
+            let r = s.call("GET", &format!("/api/v1/channels/{cid}"), Some(&bob), None);
+            r.status == 200
+        });
+    }
+    let node = |i: usize| nodes[i].as_ref().unwrap();
+    let (mut typist, _) = node(0).connect(&user(&alice));
+    let mut watchers: Vec<_> = [1, 2]
+        .iter()
+        .map(|&i| node(i).connect(&user(&bob)).0)
+        .collect();
+    for (i, w) in watchers.iter_mut().enumerate() {
+        w.ping(&format!("p{i}"));
+    }
+    let typing = json!({"type": "typing:start", "channel_id": cid});
+    for (i, w) in watchers.iter_mut().enumerate() {
+        // A subscription takes a moment to reach the channel's replica: Alice types again
+        // until Bob's connection on this node sees it.
+        let deadline = Instant::now() + WRITE_WAIT;
+        let seen = loop {
+            typist.send(typing.clone());
+            if let Some(v) = w.recv_type_within("typing", Duration::from_millis(300)) {
+                break v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "bob on node {} never saw alice typing on node 1",
+                i + 2
+            );
+        };
+        assert_eq!(
+            (&seen["channel_id"], &seen["user_id"]),
+            (&json!(cid), &json!(alice_id)),
+            "{seen}"
+        );
+    }
+}
+
 // Without --cluster the server is a cluster of one: node 1, with no cluster address,
 // leading every partition.
 #[test]

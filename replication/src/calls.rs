@@ -34,11 +34,18 @@ pub struct Incoming {
     pub answer: oneshot::Sender<Vec<u8>>,
 }
 
+/// Senders by shard.
+type Senders<T> = Arc<Mutex<BTreeMap<u32, mpsc::UnboundedSender<T>>>>;
+
 /// Who serves calls on each shard of this node. `Send` and `Sync`: the server registers on
 /// each shard's thread, and each shard's transport hands its calls over.
 #[derive(Clone, Debug, Default)]
 pub struct Calls {
     servers: Arc<Mutex<BTreeMap<u32, mpsc::UnboundedSender<Incoming>>>>,
+    /// Who takes each shard's notices from peers ([`Calls::notices`]).
+    noticed: Senders<(u64, Vec<u8>)>,
+    /// Each shard's transport, for notices to peers ([`Calls::notify_peers`]).
+    outgoing: Senders<Vec<u8>>,
     /// The shard whose calls this handle takes ([`Calls::on_shard`]).
     shard: u32,
 }
@@ -56,8 +63,42 @@ impl Calls {
     pub(crate) fn on_shard(&self, shard: u32) -> Calls {
         Calls {
             servers: self.servers.clone(),
+            noticed: self.noticed.clone(),
+            outgoing: self.outgoing.clone(),
             shard,
         }
+    }
+
+    /// Takes shard `shard`'s notices from peers' servers: (from node, bytes), in place of
+    /// whoever took them before.
+    pub fn notices(&self, shard: u32) -> mpsc::UnboundedReceiver<(u64, Vec<u8>)> {
+        let (tx, rx) = mpsc::unbounded();
+        self.noticed.lock().expect("calls").insert(shard, tx);
+        rx
+    }
+
+    /// Sends `notice` to the server of every peer this node knows, on the connections of
+    /// shard `shard` (which the same shard of each peer takes): one way, best effort
+    /// ([`crate::Transport::notify`]). Nothing is sent where no transport runs (a single
+    /// node).
+    pub fn notify_peers(&self, shard: u32, notice: Vec<u8>) {
+        if let Some(tx) = self.outgoing.lock().expect("calls").get(&shard) {
+            let _ = tx.unbounded_send(notice);
+        }
+    }
+
+    /// A peer's notice, for this shard's server (dropped if nobody takes them).
+    pub(crate) fn give_notice(&self, from: u64, notice: Vec<u8>) {
+        if let Some(tx) = self.noticed.lock().expect("calls").get(&self.shard) {
+            let _ = tx.unbounded_send((from, notice));
+        }
+    }
+
+    /// What [`Calls::notify_peers`] asks of this shard's transport.
+    pub(crate) fn outgoing(&self) -> mpsc::UnboundedReceiver<Vec<u8>> {
+        let (tx, rx) = mpsc::unbounded();
+        self.outgoing.lock().expect("calls").insert(self.shard, tx);
+        rx
     }
 
     /// Hands a call to this shard's server and waits for its answer; `None` if nobody

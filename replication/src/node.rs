@@ -183,6 +183,10 @@ impl Node {
                         Box::pin(async move { calls.take(from, request).await })
                     })
                 }),
+                notice: Some({
+                    let calls = config.calls.clone();
+                    Box::new(move |from, notice| calls.give_notice(from, notice))
+                }),
                 serve: Some(Box::new(move |group, from, to| {
                     let replica = serve_routes.borrow().get(&group).cloned();
                     Box::pin(async move {
@@ -196,6 +200,11 @@ impl Node {
             config.cuts.clone(),
         );
         let placed_on: Rc<RefCell<Option<Vec<u64>>>> = Rc::default();
+        glommio::spawn_local(send_notices(
+            config.calls.outgoing(),
+            Rc::downgrade(&transport),
+        ))
+        .detach();
         glommio::spawn_local(publish(
             transport.clone(),
             replicas.clone(),
@@ -469,6 +478,23 @@ async fn follow_members(
             _ => return,
         }
         glommio::timer::sleep(board::PUBLISH_EVERY).await;
+    }
+}
+
+/// Sends each notice the server asks to send ([`Calls::notify_peers`]) to every peer,
+/// until the transport is gone.
+async fn send_notices(
+    mut notices: futures::channel::mpsc::UnboundedReceiver<Vec<u8>>,
+    transport: std::rc::Weak<Transport>,
+) {
+    use futures::StreamExt;
+    while let Some(notice) = notices.next().await {
+        let Some(t) = transport.upgrade().filter(|t| !t.is_stopped()) else {
+            return;
+        };
+        for peer in t.peers().into_keys() {
+            t.notify(peer, notice.clone());
+        }
     }
 }
 

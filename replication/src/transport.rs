@@ -215,6 +215,8 @@ async fn or_stop<T>(stop: &Stop, f: impl std::future::Future<Output = T>) -> Opt
 /// Messages for one peer, and the task that sends them.
 struct Outbox {
     queue: RefCell<Batch>,
+    /// Notices for the peer's server ([`Transport::notify`]).
+    notices: RefCell<Vec<Vec<u8>>>,
     waker: RefCell<Option<Waker>>,
 }
 
@@ -236,7 +238,13 @@ pub struct Handlers {
     pub serve: Option<Serve>,
     /// A peer's server calls this node's ([`crate::calls`]); `None` closes every call.
     pub call: Option<Answer>,
+    /// A peer's server sent this node's a notice ([`Transport::notify`]): (from node,
+    /// bytes). `None` drops notices.
+    pub notice: Option<Notice>,
 }
+
+/// What takes a peer's `NOTICE`: (from node, bytes).
+pub type Notice = Box<dyn Fn(u64, Vec<u8>)>;
 
 /// What answers a peer's `CALL`: (from node, request) → the answer (`None`: nobody serves
 /// calls here).
@@ -324,6 +332,7 @@ impl Transport {
         self.known.peers.borrow_mut().insert(peer, addr);
         let outbox = Rc::new(Outbox {
             queue: RefCell::new(Vec::new()),
+            notices: RefCell::new(Vec::new()),
             waker: RefCell::new(None),
         });
         self.outboxes.borrow_mut().insert(peer, outbox.clone());
@@ -424,6 +433,26 @@ impl Transport {
         }
     }
 
+    /// Queues a notice for `peer`'s server, sent on the connection that carries Raft
+    /// messages to it. Best effort: a notice for an unknown or cut-off peer, past a full
+    /// queue, or queued while the peer cannot be reached, is dropped.
+    pub fn notify(&self, peer: u64, notice: Vec<u8>) {
+        let outbox = self.outboxes.borrow().get(&peer).cloned();
+        let Some(outbox) = outbox.filter(|_| !self.cut.contains(peer)) else {
+            return;
+        };
+        let mut notices = outbox.notices.borrow_mut();
+        if notices.len() >= QUEUE_MESSAGES_MAX {
+            return;
+        }
+        notices.push(notice);
+        drop(notices);
+        let waker = outbox.waker.borrow_mut().take();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
     /// Stops connecting and accepting, closes the listener and every connection.
     pub fn stop(&self) {
         self.stopped.set();
@@ -438,7 +467,8 @@ impl Transport {
 /// Waits until the outbox has messages (or the transport stops).
 async fn queued(outbox: &Outbox, stopped: &Stop) {
     std::future::poll_fn(|cx| {
-        if stopped.get() || !outbox.queue.borrow().is_empty() {
+        if stopped.get() || !outbox.queue.borrow().is_empty() || !outbox.notices.borrow().is_empty()
+        {
             std::task::Poll::Ready(())
         } else {
             *outbox.waker.borrow_mut() = Some(cx.waker().clone());
@@ -475,6 +505,7 @@ async fn send_loop(
                     // What waited for a peer that cannot be reached is lost; Raft resends.
                     let lost = std::mem::take(&mut *outbox.queue.borrow_mut());
                     (handlers.on_lost)(peer, lost);
+                    outbox.notices.borrow_mut().clear();
                     glommio::timer::sleep(backoff).await;
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                     continue;
@@ -506,6 +537,16 @@ async fn send_loop(
                 (handlers.on_lost)(peer, part);
                 break;
             }
+        }
+        let notices = std::mem::take(&mut *outbox.notices.borrow_mut());
+        if written.is_ok() && !notices.is_empty() {
+            for notice in notices {
+                // A notice too large for a frame is dropped.
+                let _ = wire::encode(&Frame::Notice(notice), &mut buf);
+            }
+            let c = conn.as_mut().expect("connected");
+            written = c.write_all(&buf).await;
+            buf.clear();
         }
         if written.is_err() {
             conn = None;
@@ -724,6 +765,12 @@ async fn read_loop(
                     if !written {
                         let _ = stream.close().await;
                         return;
+                    }
+                }
+                (Frame::Notice(notice), Some(node)) => {
+                    if let Some(deliver) = handlers.notice.as_ref().filter(|_| !cut.contains(node))
+                    {
+                        deliver(node, notice);
                     }
                 }
                 (Frame::Fetch { .. } | Frame::Call(_), Some(node)) if cut.contains(node) => {

@@ -27,6 +27,8 @@
 //! - `CALL` (6): a request the sender's server could not decide, for this node's server to
 //!   serve ([`crate::calls`]), on a connection of its own: opaque bytes.
 //! - `ANSWER` (7): the answer to a `CALL`: opaque bytes.
+//! - `NOTICE` (8): a one-way notice for this node's server ([`crate::calls::Calls`]), on the
+//!   connection that carries the sender's Raft messages: opaque bytes. Best effort.
 //!
 //! A reader checks the length against [`FRAME_BYTES_MAX`] before it waits for the body, and
 //! the magic, version, kind, checksum and every inner length before it trusts any of it.
@@ -59,6 +61,7 @@ const KIND_FETCH: u8 = 4;
 const KIND_EVENTS: u8 = 5;
 const KIND_CALL: u8 = 6;
 const KIND_ANSWER: u8 = 7;
+const KIND_NOTICE: u8 = 8;
 /// Bytes of events an `EVENTS` frame carries at most (one event may make it larger, up to
 /// the frame limit).
 pub const EVENTS_BYTES: usize = 1 << 20;
@@ -108,6 +111,10 @@ pub enum Frame {
     Call(Vec<u8>),
     /// The answer to a `CALL`.
     Answer(Vec<u8>),
+    /// A notice for the receiving node's server, on the connection that carries Raft
+    /// messages: one way, best effort (what is lost is not sent again), such as a
+    /// typing indicator for the node's own subscribers.
+    Notice(Vec<u8>),
 }
 
 /// Why a byte stream is not a stream of frames.
@@ -181,12 +188,13 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) -> Result<(), WireError> {
             out.extend_from_slice(batch);
             seal(out, start, KIND_EVENTS)
         }
-        Frame::Call(bytes) | Frame::Answer(bytes) => {
+        Frame::Call(bytes) | Frame::Answer(bytes) | Frame::Notice(bytes) => {
             let start = begin(out);
             out.extend_from_slice(bytes);
             let kind = match frame {
                 Frame::Call(_) => KIND_CALL,
-                _ => KIND_ANSWER,
+                Frame::Answer(_) => KIND_ANSWER,
+                _ => KIND_NOTICE,
             };
             seal(out, start, kind)
         }
@@ -386,7 +394,7 @@ fn check_partial_header(h: &[u8]) -> Result<(), WireError> {
         }
     }
     if let Some(&k) = h.get(3) {
-        if !(KIND_HELLO..=KIND_ANSWER).contains(&k) {
+        if !(KIND_HELLO..=KIND_NOTICE).contains(&k) {
             return Err(WireError::Kind(k));
         }
     }
@@ -401,6 +409,7 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Frame, WireError> {
         KIND_FETCH => "fetch",
         KIND_EVENTS => "events",
         KIND_CALL => "call",
+        KIND_NOTICE => "notice",
         _ => "answer",
     };
     let bad = |why: &str| WireError::Malformed {
@@ -449,6 +458,7 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Frame, WireError> {
         }
         KIND_CALL => Frame::Call(std::mem::take(&mut r).to_vec()),
         KIND_ANSWER => Frame::Answer(std::mem::take(&mut r).to_vec()),
+        KIND_NOTICE => Frame::Notice(std::mem::take(&mut r).to_vec()),
         _ => {
             let count = take_u32(&mut r).ok_or_else(|| bad("no count"))? as usize;
             // Each message takes at least 12 bytes, so a count the body cannot back is
@@ -549,6 +559,7 @@ fn raft_fields(frame: &Frame) -> String {
         Frame::Fetch { group, from, to } => format!("fetch {group} {from}..{to}"),
         Frame::Call(bytes) => format!("call {bytes:?}"),
         Frame::Answer(bytes) => format!("answer {bytes:?}"),
+        Frame::Notice(bytes) => format!("notice {bytes:?}"),
         Frame::Events { group, from, batch } => format!("events {group} {from} {batch:?}"),
         Frame::Raft(msgs) => {
             let mut out = String::from("raft");
@@ -643,6 +654,7 @@ mod tests {
                 batch: crate::event_log::encode_batch(&[]),
             },
             Frame::Call(b"{\"method\":\"POST\"}".to_vec()),
+            Frame::Notice(b"{\"typing\":1}".to_vec()),
             Frame::Answer(Vec::new()),
         ]
     }

@@ -82,6 +82,7 @@ async fn node_main(
             }),
             serve: None,
             call: None,
+            notice: None,
         },
     );
     let config = Config {

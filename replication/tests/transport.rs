@@ -1,8 +1,9 @@
 //! The node transport between two nodes on real loopback TCP: a snapshot larger than a
 //! frame travels in pieces and arrives whole, in order with the messages around it; a
-//! message to a node that is down is reported lost.
+//! message to a node that is down is reported lost; notices reach the peer's server in
+//! the order sent, and none while the peer is cut off.
 
-use chorus_replication::transport::{Handlers, Membership, Transport};
+use chorus_replication::transport::{Cuts, Handlers, Membership, Transport};
 use raft::eraftpb::{Message, MessageType};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -16,9 +17,22 @@ fn free_addrs(n: usize) -> Vec<SocketAddr> {
 
 type Got = Rc<RefCell<Vec<(u64, u64, Message)>>>;
 
+type Noticed = Rc<RefCell<Vec<(u64, Vec<u8>)>>>;
+
 fn node(me: u64, nodes: &BTreeMap<u64, SocketAddr>, got: Got, lost: Got) -> Rc<Transport> {
+    node_noticing(me, nodes, got, lost, Noticed::default(), Cuts::default())
+}
+
+fn node_noticing(
+    me: u64,
+    nodes: &BTreeMap<u64, SocketAddr>,
+    got: Got,
+    lost: Got,
+    noticed: Noticed,
+    cuts: Cuts,
+) -> Rc<Transport> {
     let listener = glommio::net::TcpListener::bind(nodes[&me]).unwrap();
-    Transport::start(
+    Transport::start_with_cuts(
         Membership {
             me,
             nodes: nodes.clone(),
@@ -33,7 +47,11 @@ fn node(me: u64, nodes: &BTreeMap<u64, SocketAddr>, got: Got, lost: Got) -> Rc<T
             }),
             serve: None,
             call: None,
+            notice: Some(Box::new(move |from, n| {
+                noticed.borrow_mut().push((from, n))
+            })),
         },
+        cuts,
     )
 }
 
@@ -110,6 +128,59 @@ fn a_snapshot_larger_than_a_frame_arrives_whole_and_in_order() {
                     .any(|(peer, _, m)| *peer == 3 && m.commit == 9)
             })
             .await;
+            one.stop();
+            two.stop();
+        });
+}
+
+#[test]
+fn notices_reach_the_peer_in_order_and_none_while_it_is_cut_off() {
+    glommio::LocalExecutorBuilder::default()
+        .make()
+        .unwrap()
+        .run(async {
+            let addrs = free_addrs(2);
+            let nodes: BTreeMap<u64, SocketAddr> = (1..=2).zip(addrs).collect();
+            let noticed = Noticed::default();
+            let cuts = Cuts::default();
+            let one = node_noticing(
+                1,
+                &nodes,
+                Got::default(),
+                Got::default(),
+                Noticed::default(),
+                cuts.clone(),
+            );
+            let two = node_noticing(
+                2,
+                &nodes,
+                Got::default(),
+                Got::default(),
+                noticed.clone(),
+                Cuts::default(),
+            );
+            for i in 0..100u32 {
+                one.notify(2, i.to_le_bytes().to_vec());
+            }
+            until("100 notices at node 2", || noticed.borrow().len() == 100).await;
+            let got: Vec<u32> = noticed
+                .borrow()
+                .iter()
+                .map(|(from, n)| {
+                    assert_eq!(*from, 1);
+                    u32::from_le_bytes(n[..].try_into().unwrap())
+                })
+                .collect();
+            assert_eq!(got, (0..100).collect::<Vec<_>>());
+            // Cut off from node 2, node 1 sends nothing; mended, it sends again.
+            cuts.set(2, true);
+            one.notify(2, b"lost".to_vec());
+            one.send(5, heartbeat(1, 2, 1));
+            glommio::timer::sleep(Duration::from_millis(200)).await;
+            cuts.set(2, false);
+            one.notify(2, b"after".to_vec());
+            until("the notice after the cut", || noticed.borrow().len() == 101).await;
+            assert_eq!(noticed.borrow()[100].1, b"after");
             one.stop();
             two.stop();
         });

@@ -126,6 +126,14 @@ pub struct Relay {
     shard: u32,
 }
 
+/// A notice a node sends every peer (one way, best effort: see
+/// `chorus_replication::calls::Calls::notify_peers`), as JSON.
+#[derive(Serialize, Deserialize)]
+enum Notice {
+    /// `user` types in `channel`: each node tells its own subscribers of the channel.
+    Typing { channel: String, user: u64 },
+}
+
 /// A session command as a REST call: method, path and JSON body.
 pub struct AsRest(pub hyper::Method, pub String, pub Value);
 
@@ -137,6 +145,21 @@ impl Relay {
             shared: ctx.shared.clone(),
             shard: ctx.shard,
         })
+    }
+
+    /// Tells every other node of the cluster that `user` types in `channel` (this node
+    /// told its own subscribers already): typing is no channel event, so it reaches other
+    /// nodes' subscribers only this way.
+    pub fn typing(&self, user: UserId, channel: chorus_engine::ids::ChannelId) {
+        let Some(cluster) = &self.shared.cluster else {
+            return;
+        };
+        let notice = Notice::Typing {
+            channel: channel.to_string(),
+            user: user.0,
+        };
+        let bytes = serde_json::to_vec(&notice).expect("notices serialize");
+        cluster.calls.notify_peers(self.shard, bytes);
     }
 
     /// The REST call `command` is.
@@ -267,6 +290,30 @@ pub async fn serve_calls(
             let _ = incoming.answer.send(bytes);
         })
         .detach();
+    }
+}
+
+/// Takes this shard's notices from peers ([`Relay::typing`]) for as long as the node runs:
+/// a typing notice goes to this node's subscribers of the channel, as a local one would
+/// (the channel's replica here checks that the user is a member), and no further.
+pub async fn serve_notices(
+    ctx: Rc<ShardCtx>,
+    mut notices: futures::channel::mpsc::UnboundedReceiver<(u64, Vec<u8>)>,
+) {
+    while let Some((from, bytes)) = notices.next().await {
+        match serde_json::from_slice::<Notice>(&bytes) {
+            Ok(Notice::Typing { channel, user }) => {
+                let Ok(channel) = channel.parse() else {
+                    continue;
+                };
+                let engine = ctx.shared.engine.clone();
+                glommio::spawn_local(async move {
+                    let _ = engine.typing(UserId(user), channel).await;
+                })
+                .detach();
+            }
+            Err(e) => tracing::debug!(from, error = %e, "a notice that does not parse"),
+        }
     }
 }
 

@@ -36,10 +36,13 @@ pub async fn run_call(
             reference,
             result: control.resume(since).await.map_err(ApiError::from),
         },
-        Call::Typing { reference, channel } => Answer::Typing {
-            reference,
-            result: engine.typing(user, channel).await.map_err(ApiError::from),
-        },
+        Call::Typing { reference, channel } => {
+            let result = engine.typing(user, channel).await.map_err(ApiError::from);
+            if let (Ok(()), Some(relay)) = (&result, &relay) {
+                relay.typing(user, channel);
+            }
+            Answer::Typing { reference, result }
+        }
         Call::PresenceSub {
             reference,
             op,

@@ -639,6 +639,43 @@ impl Ws {
         }
     }
 
+    /// The next frame of the given type if one comes within `wait` (frames before it are
+    /// kept for later reads); `None` otherwise, with the connection still usable.
+    pub fn recv_type_within(&mut self, kind: &str, wait: Duration) -> Option<Value> {
+        if let Some(i) = self.stash.iter().position(|v| v["type"] == kind) {
+            return self.stash.remove(i);
+        }
+        let deadline = Instant::now() + wait;
+        let stream = self.socket.get_ref().try_clone().expect("clone the stream");
+        let found = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break None;
+            }
+            stream.set_read_timeout(Some(left)).expect("timeout");
+            match self.socket.read() {
+                Ok(Message::Text(t)) => {
+                    let v: Value = serde_json::from_str(&t).expect("JSON frame");
+                    if v["type"] == kind {
+                        break Some(v);
+                    }
+                    self.stash.push_back(v);
+                }
+                Ok(Message::Ping(_) | Message::Pong(_)) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        };
+        stream
+            .set_read_timeout(Some(READ_TIMEOUT))
+            .expect("timeout");
+        found
+    }
+
     /// Whether a frame of this type was read and kept for later.
     pub fn stash_holds(&self, kind: &str) -> bool {
         self.stash.iter().any(|v| v["type"] == kind)
