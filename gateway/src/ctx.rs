@@ -263,7 +263,16 @@ pub async fn authenticate_token(ctx: &ShardCtx, token: &str) -> Result<Caller, A
         .parse()
         .map_err(|_| ApiError::unauthorized("bad token: unknown subject"))?;
     let engine = &ctx.shared.engine;
-    if !engine.credential_live(user, sub.device.as_deref()).await? {
+    let mut live = engine.credential_live(user, sub.device.as_deref()).await?;
+    if !live && ctx.shared.cluster.is_some() {
+        // The account (or device) may have been made a moment ago through another node:
+        // once this node's directory has caught up with its leader, ask again. A genuine
+        // refusal costs a barrier, as a 404 does.
+        if engine.directory_barrier().await.is_ok() {
+            live = engine.credential_live(user, sub.device.as_deref()).await?;
+        }
+    }
+    if !live {
         let why = match sub.device {
             Some(_) => {
                 "bad token: no such account or device (a removed device's tokens stop working)"

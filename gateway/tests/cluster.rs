@@ -620,6 +620,55 @@ fn typing_reaches_subscribers_on_every_node() {
     }
 }
 
+// A node of another shape (here 8 partitions where the cluster has 16) is refused before
+// anything changes: the call answers 409 naming it, and every node still shows the three
+// nodes it had; started again with the cluster's shape, it is added.
+#[test]
+fn a_node_of_another_shape_is_not_added() {
+    let config = ClusterConfig::of(4);
+    let founders = [1, 2, 3];
+    let nodes: Vec<Option<Server>> = founders
+        .iter()
+        .map(|&id| {
+            Some(Server::start(&config.node_in(
+                id,
+                &founders,
+                AUTH_UNLIMITED,
+            )))
+        })
+        .collect();
+    let signup = json!({"email": "ops@example.com", "password": PASSWORD, "name": "ops"});
+    let (_, r) = anywhere(&nodes, "the sign-up", |s| {
+        s.call("POST", "/api/v1/auth/signup", None, Some(signup.clone()))
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+    let token = str_of(&r.body["token"]);
+    let all = [1, 2, 3, 4];
+    let joining = |extra: &str| {
+        let settings = format!("cluster_join = true\n{extra}{AUTH_UNLIMITED}");
+        Server::start(&config.node_in(4, &all, &settings))
+    };
+    let fourth = joining("partitions = 8\n");
+    let body = config.members_body(&all);
+    let first = nodes[0].as_ref().unwrap();
+    let r = first.call("PUT", "/api/v1/cluster/members", None, Some(body.clone()));
+    assert_eq!(r.status, 409, "{}", r.text);
+    let message = r.body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("node 4") && message.contains("8 partitions"),
+        "{message}"
+    );
+    for s in nodes.iter().flatten() {
+        let v = s.ok("GET", "/api/v1/cluster", &user(&token), None, 200);
+        assert_eq!(v["nodes"].as_array().map(Vec::len), Some(3), "{v}");
+    }
+    drop(fourth);
+    let _fourth = joining("");
+    let r = first.call("PUT", "/api/v1/cluster/members", None, Some(body));
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["nodes"]["4"], "applied", "{}", r.text);
+}
+
 // Without --cluster the server is a cluster of one: node 1, with no cluster address,
 // leading every partition.
 #[test]

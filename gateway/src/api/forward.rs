@@ -98,14 +98,26 @@ pub(super) async fn send(
     leader: u64,
     call: &Forwarded,
 ) -> Option<Answered> {
+    let membership = shared.cluster.as_ref()?.membership();
+    send_via(shared, &membership, shard, leader, call).await
+}
+
+/// [`send`], with the nodes' addresses `membership` gives (which may name nodes this node
+/// has not been asked to place the cluster on yet).
+pub(super) async fn send_via(
+    shared: &Shared,
+    membership: &chorus_replication::transport::Membership,
+    shard: u32,
+    leader: u64,
+    call: &Forwarded,
+) -> Option<Answered> {
     let cluster = shared.cluster.as_ref()?;
     if leader == cluster.me {
         return None;
     }
     let request = serde_json::to_vec(call).ok()?;
-    let membership = cluster.membership();
     let called =
-        chorus_replication::calls::call(&membership, &cluster.cuts, leader, shard, &request).await;
+        chorus_replication::calls::call(membership, &cluster.cuts, leader, shard, &request).await;
     let answered: Answered = match called {
         Ok(bytes) => serde_json::from_slice(&bytes).ok()?,
         Err(e) => {

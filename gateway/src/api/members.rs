@@ -14,16 +14,23 @@
 //!    to placement over the nodes named, one configuration change at a time
 //!    ([`chorus_replication::membership`]).
 //!
+//! Every node of a cluster has the same shape (the same `partitions` and shard count: a
+//! partition is the same group, on the same shard, on every node). Before anything is
+//! kept, the node that takes the call asks every node it knows and every node named
+//! whether it has its shape (`"check": true`, nothing kept); a node that does not answers
+//! 409, and then so does the call, naming it, with nothing changed anywhere. A node that
+//! cannot be reached is not checked (it checks again when the request reaches it).
+//!
 //! The answer is 200 with each node's outcome (`"applied"` or `"unreachable"`); the call is
 //! idempotent, so an operator whose nodes were not all reached sends it again. The key must
 //! match `cluster_admin_key_file` (every node the same file); without that file the call is
 //! 403 on every node. A change of members is slow on purpose (a learner catches up before
 //! it votes); `GET /api/v1/cluster` shows where each partition is.
 
-use super::forward::{send, Forwarded};
+use super::forward::{send, send_via, Forwarded};
 use super::{Call, Reply};
 use crate::error::ApiError;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -49,6 +56,44 @@ struct Request {
     nodes: BTreeMap<String, String>,
     #[serde(default)]
     local: bool,
+    /// The shape of the node that took the call: this node refuses a request of another.
+    #[serde(default)]
+    shape: Option<Shape>,
+    /// Only check the shape; keep nothing.
+    #[serde(default)]
+    check: bool,
+}
+
+/// What every node of a cluster must share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Shape {
+    partitions: u32,
+    shards: usize,
+}
+
+impl Shape {
+    fn of(config: &crate::config::Config) -> Shape {
+        Shape {
+            partitions: config.partitions,
+            shards: config.shard_count(),
+        }
+    }
+
+    /// Refused with 409 unless `theirs` is `self`.
+    fn check(self, theirs: Shape) -> Result<(), ApiError> {
+        if self == theirs {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            409,
+            "conflict",
+            format!(
+                "this node has {} partitions and {} shards, the cluster {} and {}: start it \
+                 with the cluster's partitions and shards",
+                self.partitions, self.shards, theirs.partitions, theirs.shards
+            ),
+        ))
+    }
 }
 
 /// The members last asked for, as `data_dir` keeps them; `None` if never asked.
@@ -128,6 +173,52 @@ pub(super) async fn put_members(call: &Call<'_>) -> Result<Reply, ApiError> {
         ));
     }
     let nodes = parse_nodes(&r.nodes)?;
+    let shape = Shape::of(&shared.config);
+    if let Some(theirs) = r.shape {
+        shape.check(theirs)?;
+    }
+    if r.check {
+        return Ok(Reply::json(200, &json!({ "shape": shape })));
+    }
+    let nodes_json = serde_json::to_value(&r.nodes).expect("serializes");
+    let ask = |check: bool| Forwarded {
+        method: "PUT".to_owned(),
+        path: "/api/v1/cluster/members".to_owned(),
+        query: None,
+        user: None,
+        device: None,
+        peer: call.peer,
+        body: json!({"key": r.key, "nodes": nodes_json, "local": true, "shape": shape,
+            "check": check})
+        .to_string(),
+    };
+    if !r.local {
+        // Every node known or named, at the address known (or named, for a new one).
+        let mut membership = cluster.membership();
+        for (id, addr) in &nodes {
+            membership.nodes.entry(*id).or_insert(*addr);
+        }
+        let mut refused = Vec::new();
+        for peer in membership.nodes.keys().filter(|p| **p != cluster.me) {
+            let answered = send_via(shared, &membership, call.ctx.shard, *peer, &ask(true)).await;
+            if let Some(a) = answered.filter(|a| a.status == 409) {
+                let body: serde_json::Value =
+                    serde_json::from_str(a.body.as_deref().unwrap_or("{}")).unwrap_or_default();
+                let why = body["error"]["message"]
+                    .as_str()
+                    .unwrap_or("refused")
+                    .to_owned();
+                refused.push(format!("node {peer}: {why}"));
+            }
+        }
+        if !refused.is_empty() {
+            return Err(ApiError::new(
+                409,
+                "conflict",
+                format!("nothing was changed: {}", refused.join("; ")),
+            ));
+        }
+    }
     if !nodes.contains_key(&cluster.me) && r.local {
         // This node is being removed: it still applies the request, so that it stops
         // leading and its groups move off it.
@@ -148,20 +239,9 @@ pub(super) async fn put_members(call: &Call<'_>) -> Result<Reply, ApiError> {
     let mut outcome = BTreeMap::new();
     outcome.insert(cluster.me.to_string(), "applied");
     if !r.local {
-        let mut body = serde_json::to_value(&r.nodes).expect("serializes");
-        body = json!({"key": r.key, "nodes": body, "local": true});
         let everyone: Vec<u64> = cluster.members.addresses().into_keys().collect();
         for peer in everyone.into_iter().filter(|p| *p != cluster.me) {
-            let forwarded = Forwarded {
-                method: "PUT".to_owned(),
-                path: "/api/v1/cluster/members".to_owned(),
-                query: None,
-                user: None,
-                device: None,
-                peer: call.peer,
-                body: body.to_string(),
-            };
-            let answered = send(shared, call.ctx.shard, peer, &forwarded).await;
+            let answered = send(shared, call.ctx.shard, peer, &ask(false)).await;
             let applied = answered.is_some_and(|a| a.status == 200);
             outcome.insert(
                 peer.to_string(),
