@@ -538,6 +538,8 @@ fn run(n: usize) {
     let mut faults = Vec::new();
     // When each fault began, for the report of unavailability windows.
     let mut began: Vec<(usize, Instant)> = Vec::new();
+    // How long each node with a failing disk took to stop by itself.
+    let mut disk_stops: Vec<Duration> = Vec::new();
     while started.elapsed() < faults_for {
         let kind = round % kinds;
         began.push((kind, Instant::now()));
@@ -583,6 +585,7 @@ fn run(n: usize) {
                     "node {} exited {status}",
                     victim + 1
                 );
+                disk_stops.push(failing.elapsed());
                 faults.push(format!(
                     "fsync fails on node {} (stopped in {:?})",
                     victim + 1,
@@ -651,6 +654,15 @@ fn run(n: usize) {
         probes.get()
     );
     report_windows(&began, &written.ack_times);
+    if !disk_stops.is_empty() {
+        disk_stops.sort();
+        eprintln!(
+            "a node whose fsyncs fail stopped within (n = {}): median {:?}, largest {:?}",
+            disk_stops.len(),
+            disk_stops[disk_stops.len() / 2],
+            disk_stops[disk_stops.len() - 1]
+        );
+    }
 }
 
 /// Prints, for each kind of fault, how long writes went unacknowledged around it: for
