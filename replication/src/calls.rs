@@ -41,7 +41,7 @@ type Senders<T> = Arc<Mutex<BTreeMap<u32, mpsc::UnboundedSender<T>>>>;
 /// each shard's thread, and each shard's transport hands its calls over.
 #[derive(Clone, Debug, Default)]
 pub struct Calls {
-    servers: Arc<Mutex<BTreeMap<u32, mpsc::UnboundedSender<Incoming>>>>,
+    servers: Senders<Incoming>,
     /// Who takes each shard's notices from peers ([`Calls::notices`]).
     noticed: Senders<(u64, Vec<u8>)>,
     /// Each shard's transport, for notices to peers ([`Calls::notify_peers`]).

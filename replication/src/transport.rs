@@ -220,6 +220,16 @@ struct Outbox {
     waker: RefCell<Option<Waker>>,
 }
 
+impl Outbox {
+    /// Wakes the task that sends, if it waits.
+    fn wake(&self) {
+        let waker = self.waker.borrow_mut().take();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
 /// Messages of groups: (group id, message).
 pub type Batch = Vec<(u64, Message)>;
 
@@ -427,10 +437,7 @@ impl Transport {
         }
         queue.push((group, msg));
         drop(queue);
-        let waker = outbox.waker.borrow_mut().take();
-        if let Some(w) = waker {
-            w.wake();
-        }
+        outbox.wake();
     }
 
     /// Queues a notice for `peer`'s server, sent on the connection that carries Raft
@@ -447,19 +454,14 @@ impl Transport {
         }
         notices.push(notice);
         drop(notices);
-        let waker = outbox.waker.borrow_mut().take();
-        if let Some(w) = waker {
-            w.wake();
-        }
+        outbox.wake();
     }
 
     /// Stops connecting and accepting, closes the listener and every connection.
     pub fn stop(&self) {
         self.stopped.set();
         for outbox in self.outboxes.borrow().values() {
-            if let Some(w) = outbox.waker.borrow_mut().take() {
-                w.wake();
-            }
+            outbox.wake();
         }
     }
 }

@@ -281,6 +281,17 @@ struct Known {
     head: Option<Block>,
 }
 
+impl Known {
+    /// A file `len` bytes long, of which no block is remembered.
+    fn ending_at(len: u64) -> Known {
+        Known {
+            zeros_from: len,
+            tail: None,
+            head: None,
+        }
+    }
+}
+
 /// The exact contents of one aligned block of the file.
 struct Block {
     start: u64,
@@ -323,11 +334,7 @@ impl DiskFile {
             file,
             path,
             alignment,
-            known: RefCell::new(Some(Known {
-                zeros_from: len,
-                tail: None,
-                head: None,
-            })),
+            known: RefCell::new(Some(Known::ending_at(len))),
             busy: Cell::new(false),
             reads_back: Cell::new(0),
         }
@@ -493,11 +500,7 @@ impl StorageFile for DiskFile {
         // truncation succeeds the length is known exactly again.
         *self.known.borrow_mut() = None;
         self.file.truncate(len).await?;
-        *self.known.borrow_mut() = Some(Known {
-            zeros_from: len,
-            tail: None,
-            head: None,
-        });
+        *self.known.borrow_mut() = Some(Known::ending_at(len));
         Ok(())
     }
 

@@ -41,11 +41,6 @@ impl<R, L> LayeredRoot<R, L> {
     pub fn new(inner: R, layer: L) -> LayeredRoot<R, L> {
         LayeredRoot { inner, layer }
     }
-
-    /// The root underneath.
-    pub fn inner(&self) -> &R {
-        &self.inner
-    }
 }
 
 impl<R: StorageRoot, L: Layer> StorageRoot for LayeredRoot<R, L> {
@@ -68,11 +63,6 @@ impl<S, L: Clone> Layered<S, L> {
     /// `inner`, seen through `layer`.
     pub fn new(inner: S, layer: L) -> Layered<S, L> {
         Layered { inner, layer }
-    }
-
-    /// The layer.
-    pub fn layer(&self) -> &L {
-        &self.layer
     }
 
     fn wrap<F>(&self, inner: F) -> LayeredFile<F, L> {
