@@ -756,7 +756,15 @@ fn consumer_threads_run_nicer_than_the_shards() {
     let started = |threads: &[(String, i32)]| {
         (consumers.iter().chain(&["notify-push"])).all(|c| threads.iter().any(|(n, _)| n == c))
     };
-    while !started(&threads) && Instant::now() < deadline {
+    // A thread has its name from its spawn and lowers its priority first thing once it
+    // runs: wait for both.
+    let niced = |threads: &[(String, i32)]| {
+        consumers.iter().all(|c| {
+            let mut of = threads.iter().filter(|(n, _)| n == c).peekable();
+            of.peek().is_some() && of.all(|(_, nice)| *nice == want)
+        })
+    };
+    while !(started(&threads) && niced(&threads)) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
         threads = read_threads();
     }
