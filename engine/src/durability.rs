@@ -86,6 +86,13 @@ pub trait Durability {
     /// events can be ahead of what this node's directory has applied.
     fn follows(&self) -> bool;
 
+    /// Makes every record the local log holds durable on this node's disk: what a snapshot
+    /// that names the log's offsets awaits before it is written. `'static`, so that the
+    /// task writing the snapshot can await it. A log whose commits are fsynced as they are
+    /// acknowledged needs nothing; a replica's log, which its Raft log can rebuild, is
+    /// appended without an fsync of its own.
+    fn sync(&self) -> impl std::future::Future<Output = std::io::Result<()>> + 'static;
+
     /// Reads durable records from an offset, up to a byte budget.
     async fn read(&self, from: u64, max_bytes: usize) -> Result<Vec<Record>, ReadError>;
 
@@ -135,6 +142,11 @@ impl<S: Storage> Durability for LocalDurability<S> {
 
     fn follows(&self) -> bool {
         false
+    }
+
+    fn sync(&self) -> impl std::future::Future<Output = std::io::Result<()>> + 'static {
+        // Every commit was fsynced before it returned.
+        std::future::ready(Ok(()))
     }
 
     async fn read(&self, from: u64, max_bytes: usize) -> Result<Vec<Record>, ReadError> {

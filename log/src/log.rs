@@ -12,8 +12,11 @@
 //! flusher, taking everyone who arrived meanwhile. Waiting is a notification, not a lock
 //! queue, so every appender wakes after every flush and none can be starved.
 //!
-//! Architecture invariant: offsets are gapless. Records at offsets below `durable_next` are
-//! durable and readable; nothing at or above it is ever returned by a read.
+//! Architecture invariant: offsets are gapless. Records at offsets below `written_next` are
+//! written and readable; nothing at or above it is ever returned by a read. Records below
+//! `synced_next` are durable too: every record is, once its `append` returns; one appended
+//! with [`Log::append_unsynced`] only after a later fsync (the next synced append's, or
+//! [`Log::sync`]'s), and a crash before that may take it, with any records after it.
 //!
 //! Architecture invariant: after any write, fsync, truncate or directory error the log is
 //! poisoned. It never retries, because after a failed fsync the kernel may have dropped the
@@ -161,11 +164,15 @@ struct State<F> {
     /// `len`): see [`LogConfig::preallocate_bytes`].
     allocated: u64,
     first_offset: u64,
-    /// Offsets below this are durable.
-    durable_next: u64,
+    /// Offsets below this are written and readable.
+    written_next: u64,
+    /// Offsets below this are durable (at most `written_next`).
+    synced_next: u64,
+    /// A pending record was appended by [`Log::append`]: the next flush fsyncs.
+    sync_wanted: bool,
     /// The offset the next appended record gets.
     assigned_next: u64,
-    /// Encoded records waiting for the next flush, starting at offset `durable_next`.
+    /// Encoded records waiting for the next flush, starting at offset `written_next`.
     pending: Vec<u8>,
     /// Position of each pending record within `pending`, for the index.
     pending_positions: Vec<u32>,
@@ -180,8 +187,8 @@ struct State<F> {
     /// Tickets, not offsets, tell an appender that its flush is done: a truncation reuses
     /// offsets, tickets only grow.
     tickets_enqueued: u64,
-    /// Records flushed and synced since open.
-    tickets_durable: u64,
+    /// Records flushed since open (and synced, unless appended unsynced).
+    tickets_written: u64,
     /// A flush, truncation, retention or close is running.
     busy: bool,
     /// Bumped whenever `busy` is released; waiters wake on a change.
@@ -299,7 +306,9 @@ impl<S: Storage> Log<S> {
                 allocated: segments.last().expect("at least one segment").len,
                 segments,
                 first_offset,
-                durable_next: next,
+                written_next: next,
+                synced_next: next,
+                sync_wanted: false,
                 assigned_next: next,
                 pending: Vec::new(),
                 pending_positions: Vec::new(),
@@ -308,7 +317,7 @@ impl<S: Storage> Log<S> {
                 truncating: false,
                 epoch: 0,
                 tickets_enqueued: 0,
-                tickets_durable: 0,
+                tickets_written: 0,
                 busy: false,
                 changes: 0,
                 waiters: Vec::new(),
@@ -322,15 +331,16 @@ impl<S: Storage> Log<S> {
         self.state.borrow().first_offset
     }
 
-    /// The offset of the last durable record; `first_offset() - 1` when the log is empty
+    /// The offset of the last written record; `first_offset() - 1` when the log is empty
     /// (a new log starts at offset 1, so an empty new log answers 0).
     pub fn last_offset(&self) -> u64 {
-        self.state.borrow().durable_next - 1
+        self.state.borrow().written_next - 1
     }
 
-    /// The offset the next durable record will have.
+    /// The offset after the last written record (durable too, unless appended with
+    /// [`Log::append_unsynced`] and not synced since).
     pub fn next_offset(&self) -> u64 {
-        self.state.borrow().durable_next
+        self.state.borrow().written_next
     }
 
     /// Why the log is poisoned, if it is.
@@ -346,6 +356,66 @@ impl<S: Storage> Log<S> {
     /// Appends a batch and returns its offsets once every record in it is durable. Batches
     /// of concurrent appenders share one fsync (group commit).
     pub async fn append(&self, batch: &[Entry<'_>]) -> Result<Range<u64>, AppendError> {
+        self.append_as(batch, true).await
+    }
+
+    /// Appends a batch and returns its offsets once it is written: readable at once, but
+    /// durable only after a later fsync (the next [`Log::append`]'s, a seal's, or
+    /// [`Log::sync`]'s). A crash before that may take it, and every record after it. For a
+    /// log that can be rebuilt after a crash from a durable copy elsewhere: a replica's
+    /// event log, whose batches its Raft log holds.
+    pub async fn append_unsynced(&self, batch: &[Entry<'_>]) -> Result<Range<u64>, AppendError> {
+        self.append_as(batch, false).await
+    }
+
+    /// Makes every record written or pending durable: at most one fsync, shared with any
+    /// flush that runs meanwhile. Returns at once when nothing needs it.
+    pub async fn sync(&self) -> Result<(), AppendError> {
+        let target = self.state.borrow().assigned_next;
+        loop {
+            {
+                let mut st = self.state.borrow_mut();
+                if let Some(why) = &st.poisoned {
+                    return Err(AppendError::Poisoned(why.clone()));
+                }
+                // A truncation may have moved the end below the target: what is there.
+                if st.synced_next >= target.min(st.assigned_next) {
+                    return Ok(());
+                }
+                st.sync_wanted = true;
+            }
+            match self.try_busy() {
+                Ok(_busy) => {
+                    if self.state.borrow().pending.is_empty() {
+                        self.sync_written().await;
+                    } else {
+                        self.flush_locked().await;
+                    }
+                }
+                Err(seen) => self.changed(seen).await,
+            }
+        }
+    }
+
+    /// Fsyncs the active segment, whose records are all written. The caller holds [`Busy`].
+    async fn sync_written(&self) {
+        let (file, next) = {
+            let st = self.state.borrow();
+            let active = st.segments.last().expect("active segment");
+            (
+                active.file.clone().expect("active file is open"),
+                st.written_next,
+            )
+        };
+        if let Err(e) = file.sync_data().await {
+            return self.poison("fdatasync", &e);
+        }
+        let mut st = self.state.borrow_mut();
+        st.synced_next = st.synced_next.max(next);
+        st.sync_wanted = false;
+    }
+
+    async fn append_as(&self, batch: &[Entry<'_>], sync: bool) -> Result<Range<u64>, AppendError> {
         let max = self.config.record_bytes_max;
         if let Some(e) = batch.iter().find(|e| e.payload.len() > max) {
             return Err(AppendError::RecordTooLarge {
@@ -359,6 +429,9 @@ impl<S: Storage> Log<S> {
             .sum();
         let (range, ticket) = loop {
             if let Some(enqueued) = self.try_enqueue(batch, bytes)? {
+                if sync {
+                    self.state.borrow_mut().sync_wanted = true;
+                }
                 break enqueued;
             }
             self.flush_or_wait().await;
@@ -439,7 +512,7 @@ impl<S: Storage> Log<S> {
         ticket: u64,
     ) -> Option<Result<Range<u64>, AppendError>> {
         let st = self.state.borrow();
-        if st.tickets_durable >= ticket {
+        if st.tickets_written >= ticket {
             Some(Ok(range.clone()))
         } else {
             st.poisoned
@@ -448,8 +521,9 @@ impl<S: Storage> Log<S> {
         }
     }
 
-    /// Writes and fsyncs everything pending. The caller holds [`Busy`]. Failures poison the
-    /// log; the waiting appenders see that when they wake.
+    /// Writes everything pending, and fsyncs it if a synced append or [`Log::sync`] wants
+    /// that. The caller holds [`Busy`]. Failures poison the log; the waiting appenders see
+    /// that when they wake.
     async fn flush_locked(&self) {
         if self.state.borrow().pending.is_empty() {
             return;
@@ -457,11 +531,12 @@ impl<S: Storage> Log<S> {
         // Let the appenders that the last flush woke run first: they append again at once,
         // and this flush takes them too instead of leaving them for the next fsync.
         YieldOnce(true).await;
-        let (mut batch, positions, next, ticket, needs_roll) = {
+        let (mut batch, positions, next, ticket, needs_roll, sync) = {
             let mut st = self.state.borrow_mut();
             if st.poisoned.is_some() || st.pending.is_empty() {
                 return;
             }
+            let sync = std::mem::take(&mut st.sync_wanted);
             let spare = std::mem::take(&mut st.spare);
             let batch = std::mem::replace(&mut st.pending, spare);
             let positions = std::mem::take(&mut st.pending_positions);
@@ -474,6 +549,7 @@ impl<S: Storage> Log<S> {
                 st.assigned_next,
                 st.tickets_enqueued,
                 needs_roll,
+                sync,
             )
         };
         if needs_roll {
@@ -506,19 +582,24 @@ impl<S: Storage> Log<S> {
         if let Err(e) = file.write_at(pos, &batch).await {
             return self.poison("write", &e);
         }
-        if let Err(e) = file.sync_data().await {
-            return self.poison("fdatasync", &e);
+        if sync {
+            if let Err(e) = file.sync_data().await {
+                return self.poison("fdatasync", &e);
+            }
         }
         let mut st = self.state.borrow_mut();
-        let first = st.durable_next;
+        if sync {
+            st.synced_next = next;
+        }
+        let first = st.written_next;
         let active = st.segments.last_mut().expect("active segment");
         for (i, at) in positions.iter().enumerate() {
             active.index.observe(first + i as u64, pos + *at as u64);
         }
         active.len += batch.len() as u64;
         active.next = next;
-        st.durable_next = next;
-        st.tickets_durable = ticket;
+        st.written_next = next;
+        st.tickets_written = ticket;
         // Keep the buffer's capacity for the next batch: no allocation per flush.
         batch.clear();
         if batch.capacity() <= self.config.pending_bytes_max.saturating_mul(2) {
@@ -572,13 +653,15 @@ impl<S: Storage> Log<S> {
         let sealed = st.segments.last_mut().expect("active segment");
         sealed.map = Some(map);
         sealed.file = None;
+        // The seal fsynced every record before the new segment.
+        st.synced_next = st.synced_next.max(next);
         st.allocated = SEGMENT_HEADER_BYTES as u64;
         st.segments
             .push(Segment::empty(next, new_file, &self.config));
         Ok(())
     }
 
-    /// Reads durable records from `from`, stopping once `max_bytes` of payload are
+    /// Reads written records from `from`, stopping once `max_bytes` of payload are
     /// gathered; the first record is returned even if it alone is larger. Reading at or past
     /// the end returns nothing.
     pub async fn read(&self, from: u64, max_bytes: usize) -> Result<Vec<Record>, ReadError> {
@@ -594,7 +677,7 @@ impl<S: Storage> Log<S> {
     async fn read_once(&self, from: u64, max_bytes: usize) -> Result<Vec<Record>, ReadError> {
         let (first, end) = {
             let st = self.state.borrow();
-            (st.first_offset, st.durable_next)
+            (st.first_offset, st.written_next)
         };
         if from < first {
             return Err(ReadError::Deleted {
@@ -743,7 +826,7 @@ impl<S: Storage> Log<S> {
             if let Some(why) = &st.poisoned {
                 return Err(TruncateError::Poisoned(why.clone()));
             }
-            (st.first_offset, st.durable_next)
+            (st.first_offset, st.written_next)
         };
         if offset + 1 >= next {
             return Ok(());
@@ -812,7 +895,8 @@ impl<S: Storage> Log<S> {
         s.index.truncate_from(cut);
         s.map = None;
         s.file = Some(file);
-        st.durable_next = cut;
+        st.written_next = cut;
+        st.synced_next = cut;
         st.assigned_next = cut;
         st.allocated = position;
         st.epoch += 1;
@@ -890,7 +974,8 @@ impl<S: Storage> Log<S> {
         st.segments.clear();
         st.segments.push(Segment::empty(next, file, &self.config));
         st.first_offset = next;
-        st.durable_next = next;
+        st.written_next = next;
+        st.synced_next = next;
         st.assigned_next = next;
         st.allocated = SEGMENT_HEADER_BYTES as u64;
         st.epoch += 1;

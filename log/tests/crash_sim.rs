@@ -2,8 +2,10 @@
 //!
 //! Each seed runs phases of concurrent appends and reads, truncations and retention, with
 //! small segments so rollovers are frequent, and crashes the disk at a random poll of a
-//! random phase (a torn, partly lost state). After reopening it checks that every
-//! acknowledged record is present and byte-identical, that nothing which was never appended
+//! random phase (a torn, partly lost state). A third of the appenders do not wait for an
+//! fsync (`append_unsynced`), and some phases sync the log. After reopening it checks that
+//! every acknowledged record (and every unsynced one a finished `sync` covered) is present
+//! and byte-identical, that nothing which was never appended
 //! appears, and that offsets have no gaps. Two crash cycles per seed.
 //!
 //! `CHORUS_LOG_SEEDS=N` sets the number of seeds (default 1000); a failing seed is printed
@@ -93,6 +95,9 @@ struct Model {
     submitted: HashMap<u64, usize>,
     /// Acknowledged and not truncated: these must survive any crash.
     acked: BTreeMap<u64, u64>,
+    /// Written by `append_unsynced` and not synced since (nor truncated): a crash may take
+    /// these, and every record after them.
+    unsynced: BTreeMap<u64, u64>,
     /// Records at or above this offset must survive (retention may drop those below).
     keep_from: u64,
     /// A retention call in flight: a crash during it may drop records below this offset.
@@ -153,6 +158,8 @@ fn spawn_appender(
             .collect();
         plans.push(batch);
     }
+    // A third of the appenders do not wait for an fsync.
+    let unsynced = rng.chance(333);
     let (log, model) = (log.clone(), model.clone());
     ex.spawn(async move {
         for batch in plans {
@@ -163,14 +170,38 @@ fn spawn_appender(
                     payload: p,
                 })
                 .collect();
-            let range = log
-                .append(&entries)
-                .await
-                .expect("append on a healthy disk");
+            let range = if unsynced {
+                log.append_unsynced(&entries).await
+            } else {
+                log.append(&entries).await
+            };
+            let range = range.expect("append on a healthy disk");
             let mut m = model.borrow_mut();
             for (offset, (tag, _)) in range.zip(&batch) {
-                let old = m.acked.insert(offset, *tag);
+                let into = if unsynced {
+                    &mut m.unsynced
+                } else {
+                    &mut m.acked
+                };
+                let old = into.insert(offset, *tag);
                 assert!(old.is_none(), "offset {offset} acknowledged twice");
+            }
+        }
+    });
+}
+
+/// A task that syncs the log: once it returns, every record written before it was called
+/// must survive a crash.
+fn spawn_sync(ex: &mut Executor, log: &Rc<Log<SimStorage>>, model: &Shared<Model>) {
+    let (log, model) = (log.clone(), model.clone());
+    ex.spawn(async move {
+        let written: Vec<u64> = model.borrow().unsynced.keys().copied().collect();
+        log.sync().await.expect("sync on a healthy disk");
+        let mut m = model.borrow_mut();
+        for offset in written {
+            // Truncated meanwhile, if it is gone.
+            if let Some(tag) = m.unsynced.remove(&offset) {
+                m.acked.insert(offset, tag);
             }
         }
     });
@@ -200,7 +231,11 @@ fn spawn_reader(
             } else {
                 match check_payload(&m, &r.payload) {
                     Err(e) => Some(e),
-                    Ok(tag) if m.acked.get(&r.offset).is_some_and(|t| *t != tag) => {
+                    Ok(tag)
+                        if (m.acked.get(&r.offset))
+                            .or(m.unsynced.get(&r.offset))
+                            .is_some_and(|t| *t != tag) =>
+                    {
                         Some(format!("read of {} returned another record", r.offset))
                     }
                     Ok(_) => None,
@@ -229,7 +264,10 @@ fn run_phases(
                 let keep = first - 1 + rng.below(span.max(1));
                 // Acknowledged records past the cut stop being required as soon as the
                 // truncation starts: a crash may or may not have removed them.
-                model.borrow_mut().acked.retain(|o, _| *o <= keep);
+                let mut m = model.borrow_mut();
+                m.acked.retain(|o, _| *o <= keep);
+                m.unsynced.retain(|o, _| *o <= keep);
+                drop(m);
                 let log = log.clone();
                 ex.spawn(async move {
                     log.truncate_after(keep).await.expect("truncate");
@@ -254,6 +292,9 @@ fn run_phases(
                 }
                 for _ in 0..rng.below(3) {
                     spawn_reader(&mut ex, log, model, rng, &errors);
+                }
+                if rng.chance(300) {
+                    spawn_sync(&mut ex, log, model);
                 }
             }
         }
@@ -352,6 +393,12 @@ fn run_seed(seed: u64) -> Result<(), String> {
         let mut m = model.borrow_mut();
         m.deleting = None;
         m.keep_from = m.keep_from.max(log.first_offset());
+        // What the crash kept of them is in the log now, and stays unless truncated.
+        let kept: Vec<(u64, u64)> = std::mem::take(&mut m.unsynced)
+            .into_iter()
+            .filter(|(o, _)| *o < log.next_offset())
+            .collect();
+        m.acked.extend(kept);
     }
     Ok(())
 }

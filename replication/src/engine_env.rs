@@ -244,7 +244,7 @@ pub struct ReplicatedDurability<S: Storage> {
     node: Rc<Node>,
 }
 
-impl<S: Storage> Durability for ReplicatedDurability<S> {
+impl<S: Storage + 'static> Durability for ReplicatedDurability<S> {
     async fn commit(&self, batch: &[Entry<'_>]) -> Result<Range<u64>, CommitError> {
         self.log.commit(batch).await.map_err(|e| match e {
             LogCommitError::Propose(ProposeError::NotLeader { leader }) => {
@@ -293,6 +293,11 @@ impl<S: Storage> Durability for ReplicatedDurability<S> {
 
     fn follows(&self) -> bool {
         true
+    }
+
+    fn sync(&self) -> impl Future<Output = std::io::Result<()>> + 'static {
+        let log = self.log.log_rc();
+        async move { log.sync().await.map_err(std::io::Error::other) }
     }
 
     async fn read(&self, from: u64, max_bytes: usize) -> Result<Vec<Record>, ReadError> {

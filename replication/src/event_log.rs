@@ -203,7 +203,9 @@ impl<S: Storage> StateMachine for EventLogMachine<S> {
             };
         }
         if !events.is_empty() {
-            let appended = self.log.append(&events).await?;
+            // No fsync: the entries are durable in this node's Raft log, and applied again
+            // after a crash from the last snapshot on (see `persist`).
+            let appended = self.log.append_unsynced(&events).await?;
             if appended.end != cursor.offset {
                 return Err(RaftLogError::Corrupt(format!(
                     "the event log took the batches at {appended:?}, not ending at {}",
@@ -230,6 +232,11 @@ impl<S: Storage> StateMachine for EventLogMachine<S> {
 
     fn snapshot(&self) -> Vec<u8> {
         self.cursor.encode()
+    }
+
+    async fn persist(&mut self) -> Result<(), RaftLogError> {
+        self.log.sync().await?;
+        Ok(())
     }
 
     async fn catch_up(&mut self) -> Result<(), RaftLogError> {
@@ -438,6 +445,11 @@ impl<S: Storage> ReplicatedLog<S> {
     /// The event log (committed events only).
     pub fn log(&self) -> &Log<S> {
         &self.log
+    }
+
+    /// The event log, to keep.
+    pub fn log_rc(&self) -> Rc<Log<S>> {
+        self.log.clone()
     }
 
     /// The offset after the last event applied here.

@@ -28,12 +28,19 @@ use raft::{Config, RawNode};
 pub trait StateMachine {
     /// Applies committed entries (index order, no gaps, across calls too; the leader's
     /// empty entries and configuration changes as well, after the group applied each change
-    /// to its membership). Whatever the machine keeps durable must be durable when this
-    /// returns: the group then counts the entries applied, answers their proposers, and
-    /// may compact its log behind them. An error stops the group, as a storage error does.
+    /// to its membership). When this returns the group counts the entries applied and
+    /// answers their proposers. What was applied need not be durable yet: the entries are,
+    /// in the group's Raft log, and after a crash the group applies again every entry after
+    /// its last snapshot, which it takes only after [`StateMachine::persist`]. An error
+    /// stops the group, as a storage error does.
     async fn apply(&mut self, entries: &[Entry]) -> Result<(), RaftLogError>;
     /// The state after every entry applied so far, as snapshot data.
     fn snapshot(&self) -> Vec<u8>;
+    /// Makes everything applied so far durable: the group calls it before it takes a
+    /// snapshot and compacts its log behind it.
+    async fn persist(&mut self) -> Result<(), RaftLogError> {
+        Ok(())
+    }
     /// Replaces the state with a snapshot's, taken at `index`. What the snapshot names but
     /// this node lacks is fetched by [`StateMachine::catch_up`], which the group calls next.
     fn restore(&mut self, index: u64, data: &[u8]);
@@ -214,6 +221,7 @@ impl<S: Storage, M: StateMachine> Group<S, M> {
         // would need instead are compacted.
         let due = self.compact_every > 0 && self.applied >= snapshot_index + self.compact_every;
         if (due || std::mem::take(&mut self.conf_changed)) && self.applied > snapshot_index {
+            self.machine.persist().await?;
             let data = self.machine.snapshot();
             // The entries up to the snapshot stay as long as between two snapshots: a
             // follower that far behind is caught up from the log, not by snapshot.

@@ -139,13 +139,20 @@ impl<D: Storage + Clone + 'static> Snapshots<D> {
 /// Writes a snapshot file covering the log up to `offset`, and records the offset once it
 /// is durable. A failure is reported and otherwise ignored: the log still holds
 /// everything, and the next snapshot tries again.
+/// Writes a snapshot once `synced` (the log's [`Durability::sync`]) says every event it
+/// covers is durable: a snapshot never names an offset a crash could take from the log.
 async fn store_snapshot<D: Storage>(
     dir: D,
     name: String,
     file: Vec<u8>,
     offset: u64,
     durable: Rc<std::cell::Cell<u64>>,
+    synced: impl std::future::Future<Output = std::io::Result<()>>,
 ) {
+    if let Err(e) = synced.await {
+        eprintln!("chorus: snapshot {name} not written: the log did not sync: {e}");
+        return;
+    }
     match crate::snapshot::store(&dir, &name, &file).await {
         Ok(()) => durable.set(durable.get().max(offset)),
         Err(e) => eprintln!("chorus: snapshot {name} not written: {e}"),
@@ -455,8 +462,9 @@ impl<E: Env> Partition<E> {
         writing.set(true);
         let (dir, name) = (self.snapshots.dir.clone(), self.snapshots.name.clone());
         let (offset, durable) = (self.applied, self.snapshots.durable_offset.clone());
+        let synced = self.log.sync();
         drop(self.env.spawn(async move {
-            store_snapshot(dir, name, file, offset, durable).await;
+            store_snapshot(dir, name, file, offset, durable, synced).await;
             writing.set(false);
         }));
     }
@@ -472,7 +480,8 @@ impl<E: Env> Partition<E> {
         }
         let (dir, name) = (self.snapshots.dir.clone(), self.snapshots.name.clone());
         let (offset, durable) = (self.applied, self.snapshots.durable_offset.clone());
-        store_snapshot(dir, name, self.snapshot_file(), offset, durable).await;
+        let synced = self.log.sync();
+        store_snapshot(dir, name, self.snapshot_file(), offset, durable, synced).await;
     }
 
     /// Replays the log from `from`, returning the events replayed.
