@@ -17,11 +17,13 @@
 //! entries) is sent only after what it promises is on disk. After any storage error the
 //! group must not go on: the caller drops it and reopens from disk.
 
+use crate::journal::Journal;
 use crate::raft_log::{RaftLog, RaftLogError};
-use chorus_log::{LogConfig, Storage};
+use chorus_log::Storage;
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Message};
 use raft::{Config, RawNode};
+use std::rc::Rc;
 
 /// What a group's committed entries are applied to.
 #[allow(async_fn_in_trait)]
@@ -73,19 +75,20 @@ pub struct Group<S: Storage, M: StateMachine> {
 }
 
 impl<S: Storage, M: StateMachine> Group<S, M> {
-    /// Opens the group's storage (state in `dir`, entries in `log_dir`), restores the
-    /// state machine from the latest snapshot, and starts raft-rs on it. `config.applied`
-    /// is set here.
+    /// Opens group `group`'s storage (state in `dir`, entries in the shard's `journal`),
+    /// restores the state machine from the latest snapshot, and starts raft-rs on it.
+    /// `config.applied` is set here.
+    #[allow(clippy::too_many_arguments)]
     pub async fn open(
         dir: S,
-        log_dir: S,
-        log_config: LogConfig,
+        journal: Rc<Journal<S>>,
+        group: u64,
         bootstrap: &ConfState,
         mut config: Config,
         mut machine: M,
         compact_every: u64,
     ) -> Result<Group<S, M>, RaftLogError> {
-        let store = RaftLog::open(dir, log_dir, log_config, bootstrap).await?;
+        let store = RaftLog::open(dir, journal, group, bootstrap).await?;
         let applied = store.state().snapshot_index;
         machine.restore(applied, store.snapshot_data());
         config.applied = applied;
@@ -232,6 +235,12 @@ impl<S: Storage, M: StateMachine> Group<S, M> {
                 .await?;
         }
         Ok(true)
+    }
+
+    /// Upkeep between turns: an idle group's entries written again at the journal's end
+    /// if they pin it too far back ([`RaftLog::rewrite_if_due`]).
+    pub async fn tend(&mut self) -> Result<(), RaftLogError> {
+        self.raw.mut_store().rewrite_if_due().await
     }
 
     async fn apply(&mut self, entries: Vec<Entry>) -> Result<(), RaftLogError> {

@@ -2,10 +2,12 @@
 //!
 //! Consensus is raft-rs's: its `RawNode` decides, sans I/O. This crate owns what raft-rs
 //! leaves to its user. So far that is the durable side of one group:
-//! - [`RaftLog`]: the group's entries in a `chorus-log` log (entry `i` at offset `i`, a
-//!   replaced tail cut with `truncate_after`, a snapshot install restarting the log with
-//!   `restart_at`), its state in a two-slot [`state::StateFile`], and its latest snapshot;
-//!   it is the `raft::Storage` the `RawNode` reads;
+//! - [`Journal`]: the Raft entries of every group of a node's shard in one `chorus-log`
+//!   log, so that the groups' `Ready`s share fsyncs; replayed per group at open, its
+//!   segments deleted once no group keeps an entry in them;
+//! - [`RaftLog`]: one group's entries (in memory, durable in the journal), its state in a
+//!   two-slot [`state::StateFile`], and its latest snapshot; it is the `raft::Storage` the
+//!   `RawNode` reads;
 //! - [`Group`]: one group on one node, its `Ready` loop in the order raft-rs asks for
 //!   (entries before hard state, votes and acknowledgements only after both), applying
 //!   committed entries to a [`StateMachine`] and compacting behind its snapshots;
@@ -40,6 +42,7 @@ pub mod calls;
 pub mod engine_env;
 pub mod event_log;
 pub mod group;
+pub mod journal;
 pub mod members;
 pub mod membership;
 pub mod node;
@@ -54,6 +57,7 @@ pub use board::{Board, GroupView};
 pub use engine_env::{ClusterEnv, ReplicatedDurability};
 pub use event_log::{CommitError, EventLogMachine, ReplicatedLog};
 pub use group::{Group, StateMachine};
+pub use journal::Journal;
 pub use node::{Node, NodeConfig, OnStorageError};
 pub use raft_log::{RaftLog, RaftLogError};
 pub use replica::{ProposeError, Replica};

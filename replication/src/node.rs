@@ -16,6 +16,7 @@
 use crate::board::{self, Board, GroupView};
 use crate::calls::Calls;
 use crate::group::{Group, StateMachine};
+use crate::journal::Journal;
 use crate::members::Members;
 use crate::placement;
 use crate::raft_log::RaftLogError;
@@ -55,8 +56,11 @@ pub struct NodeConfig {
     pub heartbeat_ticks: usize,
     /// Entries applied between two compactions of a group's log (0: never).
     pub compact_every: u64,
-    /// Each group's entry log.
+    /// The shard's Raft journal (every group's entries, see [`crate::Journal`]).
     pub log: LogConfig,
+    /// A group whose oldest entry lies this many journal records behind the end writes
+    /// its entries again, so that the segments behind can go.
+    pub rewrite_after: u64,
     /// The transport's fault layer (none cut, unless a test cuts some).
     pub cuts: Cuts,
     /// Where the node's groups and peers are shown (see [`Board`]).
@@ -103,6 +107,7 @@ impl NodeConfig {
             heartbeat_ticks: 2,
             compact_every: COMPACT_EVERY,
             log: LogConfig::default(),
+            rewrite_after: crate::journal::REWRITE_AFTER,
             cuts: Cuts::default(),
             board: Board::default(),
             calls: Calls::default(),
@@ -127,6 +132,9 @@ pub struct Node {
     /// The nodes the groups were last asked to be placed on ([`Node::place_on`]), for
     /// groups opened after.
     placed_on: Rc<RefCell<Option<Vec<u64>>>>,
+    /// The shard's Raft journal, opened with the first group (a `Journal` over the
+    /// storage root's directories; `Any` as the node is not generic over the root).
+    journal: futures::lock::Mutex<Option<Rc<dyn std::any::Any>>>,
 }
 
 impl Node {
@@ -227,7 +235,27 @@ impl Node {
             replicas,
             tasks: RefCell::default(),
             placed_on,
+            journal: futures::lock::Mutex::new(None),
         }
+    }
+
+    /// The shard's Raft journal under `root` (`journal/s<shard>`), opened (and replayed)
+    /// by the first group to ask.
+    async fn journal<R: StorageRoot>(&self, root: &R) -> Result<Rc<Journal<R::Dir>>, RaftLogError>
+    where
+        R::Dir: 'static,
+    {
+        let mut held = self.journal.lock().await;
+        if let Some(any) = held.as_ref() {
+            return any.clone().downcast::<Journal<R::Dir>>().map_err(|_| {
+                RaftLogError::Corrupt("groups of one node opened over two kinds of storage".into())
+            });
+        }
+        let dir = root.dir(&format!("journal/s{}", self.config.shard)).await?;
+        let journal =
+            Rc::new(Journal::open(dir, self.config.log.clone(), self.config.rewrite_after).await?);
+        *held = Some(journal.clone());
+        Ok(journal)
     }
 
     /// The voters group `group` starts with ([`placement::replicas`] over the initial
@@ -255,7 +283,8 @@ impl Node {
         place_all(&self.replicas.borrow(), &self.placed_on, nodes);
     }
 
-    /// Opens group `group` on its directories under `root` (`g<id>/state`, `g<id>/log`),
+    /// Opens group `group` on its directory under `root` (`g<id>/state`; its entries in
+    /// the shard's journal),
     /// with the state machine `machine` makes for its replica, and runs it as a task of
     /// the current executor: as a voter if placement gives this node a vote, as a learner
     /// otherwise. Its first voter is its preferred leader.
@@ -280,7 +309,7 @@ impl Node {
             )));
         }
         let state = root.dir(&format!("g{group}/state")).await?;
-        let log = root.dir(&format!("g{group}/log")).await?;
+        let journal = self.journal(root).await?;
         let raft = raft::Config {
             id: self.me,
             election_tick: config.election_ticks,
@@ -315,8 +344,8 @@ impl Node {
         }));
         let opened = Group::open(
             state,
-            log,
-            config.log.clone(),
+            journal,
+            group,
             &bootstrap,
             raft,
             machine(&replica),

@@ -1,32 +1,36 @@
-//! The durable Raft log of one group: entries in a `chorus-log` log, the rest of its state
+//! The durable Raft log of one group: its entries in its shard's [`Journal`] (shared with
+//! the shard's other groups, for one fsync per round between them), the rest of its state
 //! in a [`StateFile`], and the latest snapshot's data in a file of its own. It is the
 //! `Storage` a raft-rs `RawNode` reads, and what its `Ready` loop persists into.
 //!
-//! Layout. The entry at Raft index `i` is the log record at offset `i`; its payload is the
-//! encoded `Entry`, which names its own index and term, and opening checks both. The state
-//! directory holds `raft.state` and `snap-<index>` (the latest snapshot's data).
+//! Layout. The state directory holds `raft.state` and `snap-<index>` (the latest
+//! snapshot's data). The entries are the group's records in the journal; opening takes the
+//! run the journal recovered for the group.
 //!
 //! Invariants:
 //! - **Entries before state.** A `Ready`'s entries are durable before its hard state is
 //!   written, so a commit index on disk never points past the log on disk.
 //! - **Snapshot before its mention.** A snapshot's data file is durable (written, synced,
-//!   renamed, directory synced) before the state names its index, and the log is emptied
-//!   or compacted only after that.
+//!   renamed, directory synced) before the state names its index, and the entries are
+//!   let go (a reset in the journal, or a pin moved past them) only after that.
 //! - **The term covers the log.** On open, a term below the last entry's (a crash came
 //!   between a `Ready`'s entries and its hard state) is raised to it, with no vote.
-//! - **The log continues the snapshot.** On open, a log that does not continue the
-//!   snapshot (it ends at or before it, starts after it, or disagrees about the term at
-//!   its index: the traces of a crash during an install) is restarted after it.
+//! - **The log continues the snapshot.** On open, entries that do not continue the
+//!   snapshot (they end at or before it, start after it, or disagree about the term at
+//!   its index: the traces of a crash during an install) are dropped, and a reset in the
+//!   journal says so durably before any entry is written after them.
 //!
-//! raft-rs reads its storage synchronously, so the entries after the snapshot are also
-//! kept in memory; compacting behind a snapshot bounds them.
+//! raft-rs reads its storage synchronously, so the entries after the snapshot are kept in
+//! memory (the journal is read only when the shard opens); compacting behind a snapshot
+//! bounds them.
 
+use crate::journal::Journal;
 use crate::state::{GroupState, StateFile};
-use chorus_log::{Entry as Record, Log, LogConfig, Storage, StorageFile};
-use protobuf::Message as _;
+use chorus_log::{Storage, StorageFile};
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, StorageError};
 use std::io;
+use std::rc::Rc;
 
 /// What can go wrong persisting or recovering a group.
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +38,7 @@ pub enum RaftLogError {
     /// The file system failed; the group must stop and be reopened.
     #[error("raft storage i/o: {0}")]
     Io(#[from] io::Error),
-    /// The entry log failed.
+    /// The journal (the entries' log) failed.
     #[error("raft entry log: {0}")]
     Log(#[from] chorus_log::Error),
     /// What is on disk breaks an invariant.
@@ -63,9 +67,6 @@ impl From<chorus_log::TruncateError> for RaftLogError {
     }
 }
 
-/// Bytes read from the entry log at a time when opening.
-const OPEN_READ_BYTES: usize = 1 << 20;
-
 fn snapshot_name(index: u64) -> String {
     format!("snap-{index:020}")
 }
@@ -73,7 +74,8 @@ fn snapshot_name(index: u64) -> String {
 /// The durable log and state of one Raft group.
 pub struct RaftLog<S: Storage> {
     dir: S,
-    log: Log<S>,
+    journal: Rc<Journal<S>>,
+    group: u64,
     state_file: StateFile<S::File>,
     state: GroupState,
     /// The index of `entries[0]`: the first entry served. At most `snapshot_index + 1`: a
@@ -83,17 +85,19 @@ pub struct RaftLog<S: Storage> {
     base: u64,
     /// The entries `base ..= last`.
     entries: Vec<Entry>,
+    /// The journal offset of each entry.
+    offsets: Vec<u64>,
     /// The latest snapshot's data.
     snapshot_data: Vec<u8>,
 }
 
 impl<S: Storage> RaftLog<S> {
-    /// Opens a group's storage: the state in `dir`, the entry log in `log_dir`. A new
+    /// Opens group `group`'s storage: the state in `dir`, the entries in `journal`. A new
     /// group starts with the membership `bootstrap` and nothing else.
     pub async fn open(
         dir: S,
-        log_dir: S,
-        config: LogConfig,
+        journal: Rc<Journal<S>>,
+        group: u64,
         bootstrap: &ConfState,
     ) -> Result<RaftLog<S>, RaftLogError> {
         let initial = GroupState {
@@ -122,22 +126,30 @@ impl<S: Storage> RaftLog<S> {
                 RaftLogError::Corrupt(format!("the state names snapshot {snap}: {e}"))
             })?
         };
-        let (log, _report) = Log::open(log_dir, config).await?;
+        let run = journal.take(group).await;
         let mut this = RaftLog {
             dir,
-            log,
+            journal,
+            group,
             state_file,
             state,
             base: snap + 1,
-            entries: Vec::new(),
+            entries: run.entries,
+            offsets: run.offsets,
             snapshot_data,
         };
-        if !this.log_continues_snapshot().await? {
-            this.log.restart_at(snap + 1).await?;
-        }
         // A tail kept behind the snapshot is served for the node's life, not after a
-        // restart: its length is not recorded, and the log keeps whole segments anyway.
-        this.load_entries().await?;
+        // restart: the entries start after the snapshot again.
+        if this.entries_continue_snapshot() {
+            let behind = this.entries.partition_point(|e| e.index <= snap);
+            this.entries.drain(..behind);
+            this.offsets.drain(..behind);
+        } else {
+            this.entries.clear();
+            this.offsets.clear();
+            this.journal.reset(group, snap + 1).await?;
+        }
+        this.pin();
         // A crash between a `Ready`'s entries and its hard state leaves entries of a term
         // the hard state never reached. The node's term must be at least its log's last
         // term; the vote it holds is of an older term, so it has none in this one (and
@@ -154,52 +166,52 @@ impl<S: Storage> RaftLog<S> {
         let last = this.last();
         if this.state.hard.commit > last {
             return Err(RaftLogError::Corrupt(format!(
-                "commit index {} is past the last entry {last}",
+                "commit index {} is past the last entry {last} (a data directory written \
+                 before the shard's Raft journal keeps its entries in g<group>/log, which \
+                 this build does not read)",
                 this.state.hard.commit
             )));
         }
         Ok(this)
     }
 
-    /// Whether the entry log picks up right after the snapshot.
-    async fn log_continues_snapshot(&self) -> Result<bool, RaftLogError> {
-        let (snap, first, next) = (
-            self.state.snapshot_index,
-            self.log.first_offset(),
-            self.log.next_offset(),
-        );
-        if first == snap + 1 {
-            return Ok(true);
-        }
-        if first > snap + 1 || next < snap + 1 {
-            return Ok(false);
-        }
-        // The log starts before the snapshot and reaches it: it continues it only if it
-        // agrees about the term at the snapshot's index.
-        let records = self.log.read(snap, 1).await?;
-        let Some(record) = records.first().filter(|r| r.offset == snap) else {
-            return Ok(false);
+    /// Whether the recovered entries pick up right after the snapshot (or there are none).
+    fn entries_continue_snapshot(&self) -> bool {
+        let (snap, term) = (self.state.snapshot_index, self.state.snapshot_term);
+        let Some(first) = self.entries.first().map(|e| e.index) else {
+            return true;
         };
-        let entry = decode(record.offset, &record.payload)?;
-        Ok(entry.term == self.state.snapshot_term)
+        if first == snap + 1 {
+            return true;
+        }
+        // Starting before the snapshot, they continue it only if they reach it and agree
+        // about the term at its index.
+        first <= snap
+            && self
+                .entries
+                .get((snap - first) as usize)
+                .is_some_and(|e| e.term == term)
     }
 
-    async fn load_entries(&mut self) -> Result<(), RaftLogError> {
-        let mut at = self.base;
-        let next = self.log.next_offset();
-        while at < next {
-            let records = self.log.read(at, OPEN_READ_BYTES).await?;
-            if records.is_empty() {
-                return Err(RaftLogError::Corrupt(format!(
-                    "the entry log ends at {at}, before {next}"
-                )));
-            }
-            for r in records {
-                self.entries.push(decode(r.offset, &r.payload)?);
-                at = r.offset + 1;
-            }
+    /// Tells the journal the oldest entry this group keeps.
+    fn pin(&self) {
+        self.journal.pin(self.group, self.offsets.first().copied());
+    }
+
+    /// Writes the entries again at the journal's end if the oldest of them pins the
+    /// journal too far back (an idle group), so that the segments behind can go.
+    pub async fn rewrite_if_due(&mut self) -> Result<(), RaftLogError> {
+        let n = self.entries.len();
+        if !self
+            .offsets
+            .first()
+            .is_some_and(|&o| self.journal.due(o, n))
+        {
+            return Ok(());
         }
-        Ok(())
+        self.offsets = self.journal.append(self.group, &self.entries).await?;
+        self.pin();
+        self.journal.collect().await
     }
 
     fn first(&self) -> u64 {
@@ -234,28 +246,15 @@ impl<S: Storage> RaftLog<S> {
             )));
         }
         if head.index <= last {
-            self.log.truncate_after(head.index - 1).await?;
-            self.entries.truncate((head.index - first) as usize);
+            // Replaced in the journal by the records below (replay keeps the last word).
+            let keep = (head.index - first) as usize;
+            self.entries.truncate(keep);
+            self.offsets.truncate(keep);
         }
-        let payloads: Vec<Vec<u8>> = entries
-            .iter()
-            .map(|e| e.write_to_bytes().map_err(io::Error::other))
-            .collect::<Result<_, _>>()?;
-        let records: Vec<Record<'_>> = payloads
-            .iter()
-            .map(|p| Record {
-                timestamp_us: 0,
-                payload: p,
-            })
-            .collect();
-        let offsets = self.log.append(&records).await?;
-        if offsets.start != head.index {
-            return Err(RaftLogError::Corrupt(format!(
-                "entry {} went to log offset {}",
-                head.index, offsets.start
-            )));
-        }
+        let offsets = self.journal.append(self.group, entries).await?;
         self.entries.extend_from_slice(entries);
+        self.offsets.extend(offsets);
+        self.pin();
         Ok(())
     }
 
@@ -306,8 +305,10 @@ impl<S: Storage> RaftLog<S> {
         self.state.hard.commit = self.state.hard.commit.max(meta.index);
         self.state.hard.term = self.state.hard.term.max(meta.term);
         self.write_state().await?;
-        self.log.restart_at(meta.index + 1).await?;
+        self.journal.reset(self.group, meta.index + 1).await?;
         self.entries.clear();
+        self.offsets.clear();
+        self.pin();
         self.base = meta.index + 1;
         self.snapshot_data = snapshot.data.to_vec();
         self.remove_snapshot_file(old).await
@@ -342,11 +343,12 @@ impl<S: Storage> RaftLog<S> {
         self.write_state().await?;
         let base = (index + 1).saturating_sub(keep).max(first);
         self.entries.drain(..(base - first) as usize);
+        self.offsets.drain(..(base - first) as usize);
+        self.pin();
         self.base = base;
         self.snapshot_data = data;
         self.remove_snapshot_file(old).await?;
-        self.log.delete_before(base).await?;
-        Ok(())
+        self.journal.collect().await
     }
 
     async fn write_snapshot_file(&self, index: u64, data: &[u8]) -> io::Result<()> {
@@ -379,11 +381,6 @@ impl<S: Storage> RaftLog<S> {
         }
         Ok(())
     }
-
-    /// Closes the entry log.
-    pub async fn close(self) -> io::Result<()> {
-        self.log.close().await
-    }
 }
 
 /// Reads a snapshot file: its length, its bytes, their checksum.
@@ -407,18 +404,6 @@ async fn read_whole<S: Storage>(dir: &S, name: &str) -> io::Result<Vec<u8>> {
 
 fn short(name: &str) -> io::Error {
     io::Error::new(io::ErrorKind::UnexpectedEof, format!("{name} is cut short"))
-}
-
-fn decode(offset: u64, payload: &[u8]) -> Result<Entry, RaftLogError> {
-    let entry = Entry::parse_from_bytes(payload)
-        .map_err(|e| RaftLogError::Corrupt(format!("entry at log offset {offset}: {e}")))?;
-    if entry.index != offset {
-        return Err(RaftLogError::Corrupt(format!(
-            "log offset {offset} holds entry {}",
-            entry.index
-        )));
-    }
-    Ok(entry)
 }
 
 impl<S: Storage> raft::Storage for RaftLog<S> {

@@ -465,6 +465,9 @@ impl Replica {
                     }
                 }
             }
+            if failed.is_none() {
+                failed = group.tend().await.err();
+            }
             for (index, term) in group.take_applied() {
                 // Entries below the oldest pending proposal are others' (or a previous
                 // term's of this node, answered already).

@@ -17,7 +17,7 @@
 
 use chorus_log::storage::sim::SimRng;
 use chorus_log::{LogConfig, SimConfig, SimRoot, SimStorage};
-use chorus_replication::{Group, RaftLogError, StateMachine};
+use chorus_replication::{Group, Journal, RaftLogError, StateMachine};
 use futures::executor::block_on;
 use raft::eraftpb::{
     ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType,
@@ -302,10 +302,13 @@ impl Sim {
             applied: 0,
             running: false,
         };
+        // A journal rewrite every few hundred records: the sim passes many.
+        let journal = block_on(Journal::open(root.dir_now("journal"), log_config(), 300))
+            .unwrap_or_else(|e| panic!("seed {}: node {id}'s journal: {e}", self.seed));
         let mut node = block_on(Group::open(
             root.dir_now("group/state"),
-            root.dir_now("group/log"),
-            log_config(),
+            Rc::new(journal),
+            0,
             &conf(self.n),
             config,
             machine,
@@ -366,7 +369,7 @@ impl Sim {
             let dir = if self.rng.chance(500) {
                 "group/state"
             } else {
-                "group/log"
+                "journal"
             };
             let disk = self.roots[i].dir_now(dir);
             if self.rng.chance(500) {
@@ -378,6 +381,8 @@ impl Sim {
         let node = self.nodes[i].as_mut().expect("live");
         let mut out = Vec::new();
         let result = block_on(node.on_ready(&mut |msgs| out.extend(msgs)));
+        // The upkeep a replica's task does between turns (journal rewrites).
+        let result = result.and_then(|had| block_on(node.tend()).map(|()| had));
         self.send(out);
         match result {
             Ok(had) => had,

@@ -1,16 +1,18 @@
 //! A group's storage across crashes of the simulated disk, stopped at every step of a
 //! write: the state file comes back as the last state written whole or the one being
 //! written, never a mixture and never an error; the Raft log comes back with every entry
-//! it acknowledged, and a replaced tail stays replaced.
+//! it acknowledged, and a replaced tail stays replaced, for one group and for several
+//! sharing their shard's journal.
 
 use chorus_log::{LogConfig, SimConfig, SimRoot, SimStorage};
 use chorus_replication::state::{GroupState, StateFile};
-use chorus_replication::RaftLog;
+use chorus_replication::{Journal, RaftLog};
 use futures::executor::block_on;
 use futures::FutureExt;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::Storage as _;
 use std::future::Future;
+use std::rc::Rc;
 use std::task::{Context, Poll};
 
 fn state(term: u64) -> GroupState {
@@ -97,14 +99,15 @@ fn small() -> LogConfig {
     }
 }
 
+/// The shard's journal on `root` (opened again after each crash).
+fn journal(root: &SimRoot) -> Rc<Journal<SimStorage>> {
+    let j = Journal::open(root.dir_now("journal"), small(), 1_000);
+    Rc::new(block_on(j).expect("open the journal"))
+}
+
 fn open(root: &SimRoot) -> RaftLog<SimStorage> {
-    block_on(RaftLog::open(
-        root.dir_now("g/state"),
-        root.dir_now("g/log"),
-        small(),
-        &conf(),
-    ))
-    .expect("open")
+    let j = journal(root);
+    block_on(RaftLog::open(root.dir_now("g/state"), j, 0, &conf())).expect("open")
 }
 
 fn terms(log: &RaftLog<SimStorage>) -> Vec<(u64, u64)> {
@@ -184,6 +187,17 @@ fn entries_hard_state_and_compaction_survive_reopening() {
 
 #[test]
 fn a_snapshot_install_survives_a_crash_at_any_step() {
+    install_survives_a_crash(200);
+}
+
+// The same with a snapshot inside the old log (of a later term): the old entries do not
+// continue it, and entries appended after it must not be taken for theirs on the next open.
+#[test]
+fn a_snapshot_install_inside_the_log_survives_a_crash_at_any_step() {
+    install_survives_a_crash(30);
+}
+
+fn install_survives_a_crash(at: u64) {
     let mut seen_old = 0;
     let mut seen_new = 0;
     for seed in 0..60u64 {
@@ -203,23 +217,31 @@ fn a_snapshot_install_survives_a_crash_at_any_step() {
             };
             block_on(log.set_hard_state(&hs)).unwrap();
             let mut snap = Snapshot::default();
-            snap.mut_metadata().index = 200;
+            snap.mut_metadata().index = at;
             snap.mut_metadata().term = 3;
             snap.mut_metadata().set_conf_state(conf());
-            snap.data = b"the leader's state at 200".to_vec().into();
+            snap.data = format!("the leader's state at {at}").into_bytes().into();
             let done = poll_at_most(log.apply_snapshot(&snap), polls)
                 .map(|r| r.expect("install"))
                 .is_some();
             drop(log);
             root.crash();
-            let log = open(&root);
+            let mut log = open(&root);
             let (first, last) = (log.first_index().unwrap(), log.last_index().unwrap());
-            if log.state().snapshot_index == 200 {
+            if log.state().snapshot_index == at {
                 // Installed: nothing of the old log is served, the snapshot is whole.
-                assert_eq!((first, last), (201, 200), "seed {seed}, {polls} polls");
+                assert_eq!((first, last), (at + 1, at), "seed {seed}, {polls} polls");
                 let s = log.snapshot(0, 2).unwrap();
-                assert_eq!(&s.data[..], b"the leader's state at 200");
-                assert_eq!(log.initial_state().unwrap().hard_state.commit, 200);
+                assert_eq!(s.data, format!("the leader's state at {at}").into_bytes());
+                assert_eq!(log.initial_state().unwrap().hard_state.commit, at);
+                // The entries after it are the group's from now on, across a crash too.
+                let next: Vec<Entry> = (at + 1..=at + 5).map(|i| entry(i, 3)).collect();
+                block_on(log.append(&next)).unwrap();
+                drop(log);
+                root.crash();
+                let log = open(&root);
+                let want: Vec<(u64, u64)> = (at + 1..=at + 5).map(|i| (i, 3)).collect();
+                assert_eq!(terms(&log), want, "seed {seed}, {polls} polls");
                 seen_new += 1;
             } else {
                 assert!(!done, "an acknowledged install was lost");
@@ -361,8 +383,8 @@ fn event_log_group(
     };
     let mut group = block_on(Group::open(
         root.dir_now("g/state"),
-        root.dir_now("g/log"),
-        small(),
+        journal(root),
+        0,
         &one,
         config,
         machine,
@@ -424,4 +446,204 @@ fn a_group_rebuilds_its_unsynced_event_log_after_a_crash() {
         assert!(group.raw_ref().store().state().snapshot_index > 0);
     }
     assert!(lost_some > 0, "some crash took part of the event log");
+}
+
+/// What a group of the shared-journal test should hold: its entries from `base` on, the
+/// snapshot it last took, and the commit index it was told.
+#[derive(Clone, Debug, Default)]
+struct Model {
+    entries: Vec<(u64, u64)>,
+    snapshot: u64,
+    commit: u64,
+    term: u64,
+}
+
+impl Model {
+    fn last(&self) -> u64 {
+        self.entries.last().map_or(self.snapshot, |e| e.0)
+    }
+    /// The entries a reopened group must serve: those after its snapshot.
+    fn after(&self, snapshot: u64) -> Vec<(u64, u64)> {
+        self.entries
+            .iter()
+            .filter(|e| e.0 > snapshot)
+            .copied()
+            .collect()
+    }
+}
+
+fn open_group(root: &SimRoot, journal: &Rc<Journal<SimStorage>>, g: u64) -> RaftLog<SimStorage> {
+    let dir = root.dir_now(&format!("g{g}/state"));
+    block_on(RaftLog::open(dir, journal.clone(), g, &conf())).expect("reopen a group")
+}
+
+/// One operation of the shared-journal test on group `g`: appends (`head` past the end, or
+/// replacing a tail after the commit index), a snapshot installed, a compaction, or a
+/// rewrite. Returns the future
+/// and what the model becomes if it completes, with the models a crash part-way may leave.
+#[allow(clippy::type_complexity)]
+fn journal_op<'a>(
+    log: &'a mut RaftLog<SimStorage>,
+    m: &Model,
+    rng: &mut chorus_log::storage::sim::SimRng,
+) -> (
+    std::pin::Pin<Box<dyn Future<Output = ()> + 'a>>,
+    Model,
+    Vec<Model>,
+) {
+    let mut done = m.clone();
+    let pick = rng.below(10);
+    if pick < 6 || m.last() == m.commit {
+        // Append, replacing the uncommitted tail from `head` on half the time.
+        let head = if m.last() > m.commit && rng.chance(500) {
+            m.commit + 1 + rng.below(m.last() - m.commit)
+        } else {
+            m.last() + 1
+        };
+        if head <= m.last() {
+            done.term += 1;
+        }
+        let n = 1 + rng.below(5);
+        let entries: Vec<Entry> = (head..head + n).map(|i| entry(i, done.term)).collect();
+        done.entries.retain(|e| e.0 < head);
+        // A crash part-way keeps a prefix of the batch (none of it, or some records).
+        let partial = (0..n)
+            .map(|k| {
+                let mut p = m.clone();
+                p.entries.retain(|e| e.0 < head || k == 0);
+                p.entries.extend((head..head + k).map(|i| (i, done.term)));
+                p
+            })
+            .collect();
+        done.entries
+            .extend((head..head + n).map(|i| (i, done.term)));
+        let fut = Box::pin(async move {
+            log.append(&entries).await.expect("append");
+        });
+        return (fut, done, partial);
+    }
+    if pick == 6 {
+        // A snapshot from a leader of a later term, at an index inside the uncommitted
+        // tail or past the end: it replaces every entry.
+        let index = m.commit + 1 + rng.below(m.last() + 5 - m.commit);
+        done.term += 1;
+        done.entries.clear();
+        done.snapshot = index;
+        done.commit = index;
+        let mut snap = Snapshot::default();
+        snap.mut_metadata().index = index;
+        snap.mut_metadata().term = done.term;
+        snap.mut_metadata().set_conf_state(conf());
+        snap.data = format!("installed at {index}").into_bytes().into();
+        let fut = Box::pin(async move {
+            log.apply_snapshot(&snap).await.expect("install");
+        });
+        return (fut, done, vec![m.clone()]);
+    }
+    if pick < 8 && m.commit > m.snapshot {
+        let index = m.snapshot + 1 + rng.below(m.commit - m.snapshot);
+        let keep = rng.below(6);
+        done.snapshot = index;
+        let fut = Box::pin(async move {
+            log.compact(index, format!("at {index}").into_bytes(), keep)
+                .await
+                .expect("compact");
+        });
+        return (fut, done, vec![m.clone()]);
+    }
+    let fut = Box::pin(async move {
+        log.rewrite_if_due().await.expect("rewrite");
+    });
+    (fut, done, vec![m.clone()])
+}
+
+// Four groups share one journal (rewrites after 40 records, small segments): entries
+// appended, tails replaced, snapshots installed, compactions and rewrites, the journal's segments deleted behind
+// every group's oldest entry; crashed at a random point of a random operation, reopened
+// every group, and checked: each group serves exactly the entries it was acknowledged after
+// its snapshot (or, for the operation cut short, what it would be left with).
+#[test]
+fn groups_sharing_a_journal_keep_their_entries_across_crashes() {
+    let mut crashed_in_flight = 0;
+    let mut deleted = 0;
+    for seed in 0..150u64 {
+        let mut rng = chorus_log::storage::sim::SimRng::new(seed);
+        let root = SimRoot::new(SimConfig {
+            seed,
+            yield_permille: 300,
+        });
+        let open_journal = |root: &SimRoot| {
+            let j = Journal::open(root.dir_now("journal"), small(), 40);
+            Rc::new(block_on(j).expect("open the journal"))
+        };
+        let mut models: Vec<Model> = vec![Model::default(); 4];
+        for cycle in 0..3 {
+            let journal = open_journal(&root);
+            let mut logs: Vec<RaftLog<SimStorage>> =
+                (0..4).map(|g| open_group(&root, &journal, g)).collect();
+            for (g, log) in logs.iter_mut().enumerate() {
+                let want = models[g].after(log.state().snapshot_index);
+                assert_eq!(terms(log), want, "seed {seed} cycle {cycle}: group {g}");
+                // A restarted node learns the commit index from its leader again.
+                log.set_commit(models[g].commit);
+            }
+            for _ in 0..rng.below(120) {
+                // Group 0 busy, the others mostly idle: their entries pin the journal,
+                // and are written again.
+                let g = if rng.chance(750) {
+                    0
+                } else {
+                    1 + rng.below(3) as usize
+                };
+                let m = models[g].clone();
+                let (fut, done, _) = journal_op(&mut logs[g], &m, &mut rng);
+                block_on(fut);
+                models[g] = done;
+                // Raft commits as it goes: the entries up to some index are committed.
+                if models[g].last() > models[g].commit && rng.chance(400) {
+                    let c = models[g].commit + 1 + rng.below(models[g].last() - models[g].commit);
+                    models[g].commit = c;
+                    logs[g].set_commit(c);
+                }
+            }
+            if journal.first_offset() > 1 {
+                deleted += 1;
+            }
+            // The last operation is cut short by the crash.
+            let g = rng.below(4) as usize;
+            let m = models[g].clone();
+            let (fut, done, partial) = journal_op(&mut logs[g], &m, &mut rng);
+            let finished = poll_at_most(fut, rng.below(10) as usize).is_some();
+            drop(logs);
+            drop(journal);
+            root.crash();
+            let journal = open_journal(&root);
+            let log = open_group(&root, &journal, g as u64);
+            let got = terms(&log);
+            let snap = log.state().snapshot_index;
+            let now = if finished {
+                done
+            } else {
+                crashed_in_flight += 1;
+                // The finished operation first: an install whose state was written is
+                // finished, though the entries it dropped may match the old model's too.
+                let all: Vec<Model> = [done].into_iter().chain(partial).collect();
+                all.into_iter()
+                    .find(|p| p.after(snap) == got)
+                    .unwrap_or_else(|| panic!("seed {seed} cycle {cycle}: group {g} holds {got:?}"))
+            };
+            assert_eq!(now.after(snap), got, "seed {seed} cycle {cycle}: group {g}");
+            models[g] = Model {
+                snapshot: snap,
+                commit: now.commit.max(snap),
+                ..now
+            };
+            drop((log, journal));
+        }
+    }
+    assert!(
+        crashed_in_flight > 100,
+        "{crashed_in_flight} crashes part-way"
+    );
+    assert!(deleted > 20, "the journal lost its head {deleted} times");
 }

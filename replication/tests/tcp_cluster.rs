@@ -12,7 +12,7 @@ mod common;
 
 use chorus_log::{DiskStorage, LogConfig};
 use chorus_replication::transport::{Handlers, Membership, Transport};
-use chorus_replication::{Group, ProposeError, Replica};
+use chorus_replication::{Group, Journal, ProposeError, Replica};
 use common::{free_addrs, wait_for, NodeHandle, Values, HAND_OFF, MINUTE, RUN, STOP};
 use raft::eraftpb::ConfState;
 use raft::{Config, StateRole};
@@ -106,10 +106,17 @@ async fn node_main(
             .or_insert((StateRole::Follower, Vec::new()))
             .1
     });
+    let journal = Journal::open(
+        DiskStorage::open_dir(dir.join("journal")).unwrap(),
+        LogConfig::default(),
+        chorus_replication::journal::REWRITE_AFTER,
+    )
+    .await
+    .expect("open the journal");
     let group = Group::open(
         DiskStorage::open_dir(dir.join("state")).unwrap(),
-        DiskStorage::open_dir(dir.join("log")).unwrap(),
-        LogConfig::default(),
+        std::rc::Rc::new(journal),
+        1,
         &conf,
         config,
         machine,
