@@ -3,8 +3,16 @@
 //! This module owns every system call the log makes on a disk. File contents go through
 //! glommio's [`DmaFile`] (O_DIRECT over io_uring), so writes bypass the page cache and
 //! `fdatasync` has only the drive's cache left to flush. Names (create, remove, rename,
-//! list) are cheap metadata calls made with `std::fs` on the shard's thread, and a sealed
-//! segment is read through a read-only memory map.
+//! list) and truncation are cheap metadata calls made with `std::fs` on the shard's
+//! thread, and a sealed segment is read through a read-only memory map.
+//!
+//! Truncation is not glommio's `DmaFile::truncate`: that one runs on glommio's blocking
+//! thread, and under load its answer reached the shard seconds late (the replication
+//! benchmark with one group: on both followers the `ftruncate` of a segment seal held the
+//! group's task 6.4 s, past every election timeout, until the load stopped, while no
+//! thread of the process waited in the kernel; with `ftruncate` here, 60–230 µs). A plain
+//! `ftruncate` on the shard's thread costs that once per sealed segment. Not reproduced
+//! outside that load, so no unit test pins it; the benchmark's failure count does.
 //!
 //! O_DIRECT only accepts I/O whose position and length are multiples of the device's
 //! logical block size ([`DmaFile::alignment`], 512 or 4096 bytes), while the log writes
@@ -499,7 +507,10 @@ impl StorageFile for DiskFile {
         // The remembered tail block may lie past the new end, so it is dropped; once the
         // truncation succeeds the length is known exactly again.
         *self.known.borrow_mut() = None;
-        self.file.truncate(len).await?;
+        // SAFETY: as in `map`: the descriptor belongs to `self.file`, which keeps it open
+        // while `self` is borrowed; it is only duplicated here.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.file.as_raw_fd()) };
+        File::from(fd.try_clone_to_owned()?).set_len(len)?;
         *self.known.borrow_mut() = Some(Known::ending_at(len));
         Ok(())
     }
