@@ -22,7 +22,7 @@
 
 use chorus_log::{DiskRoot, DiskStorage, Entry as Event, Log, LogConfig};
 use chorus_replication::transport::Membership;
-use chorus_replication::{placement, Node, NodeConfig, ReplicatedLog};
+use chorus_replication::{placement, CommitError, Node, NodeConfig, ProposeError, ReplicatedLog};
 use hdrhistogram::Histogram;
 use raft::StateRole;
 use std::cell::RefCell;
@@ -60,6 +60,17 @@ struct Measured {
     open_failed: u64,
     closed_failed: u64,
     latency: Option<Histogram<u64>>,
+    /// Failed commits by why.
+    why: BTreeMap<&'static str, u64>,
+}
+
+fn why(e: &CommitError) -> &'static str {
+    match e {
+        CommitError::Propose(ProposeError::NotLeader { .. }) => "not leader",
+        CommitError::Propose(ProposeError::Dropped) => "dropped",
+        CommitError::Propose(ProposeError::Uncertain) => "uncertain",
+        CommitError::Forgotten(_) => "offsets forgotten",
+    }
 }
 
 /// One commit's events: `n` times the payload.
@@ -107,7 +118,7 @@ async fn node_main(
     let p2 = proposers.clone();
     let node = Node::start(config, DiskRoot::new(dir), listener, move |g, replica| {
         let log = logs.borrow_mut().remove(&g).expect("its event log");
-        let (proposer, machine) = ReplicatedLog::new(replica.clone(), log, None);
+        let (proposer, machine) = ReplicatedLog::new(replica.clone(), log);
         p2.borrow_mut().insert(g, Rc::new(proposer));
         machine
     })
@@ -165,7 +176,16 @@ async fn node_main(
                             m.borrow_mut().closed_commits += shape.batch
                         }
                         Ok(_) => {}
-                        Err(_) => m.borrow_mut().closed_failed += shape.batch,
+                        Err(e) => {
+                            {
+                                let mut m = m.borrow_mut();
+                                m.closed_failed += shape.batch;
+                                *m.why.entry(why(&e)).or_default() += 1;
+                            }
+                            // As a client would, and not to spin: this writer does not
+                            // follow a leadership that moved.
+                            glommio::timer::sleep(Duration::from_millis(10)).await;
+                        }
                     }
                 }
             }));
@@ -194,14 +214,16 @@ async fn node_main(
                 let (log, payload, m) = (log.clone(), payload.clone(), m.clone());
                 sends.push(glommio::spawn_local(async move {
                     let e = events(&payload, shape.batch);
-                    let ok = log.commit(&e).await.is_ok();
+                    let answer = log.commit(&e).await;
                     let us = due.elapsed().as_micros() as u64;
                     let mut m = m.borrow_mut();
                     m.open_sent += shape.batch;
-                    if ok {
-                        m.latency.as_mut().unwrap().saturating_record(us.max(1));
-                    } else {
-                        m.open_failed += shape.batch;
+                    match answer {
+                        Ok(_) => m.latency.as_mut().unwrap().saturating_record(us.max(1)),
+                        Err(e) => {
+                            m.open_failed += shape.batch;
+                            *m.why.entry(why(&e)).or_default() += 1;
+                        }
                     }
                 }));
             }
@@ -256,6 +278,9 @@ fn run(n: usize, shape: Shape) -> Measured {
         sum.closed_failed += m.closed_failed;
         sum.open_sent += m.open_sent;
         sum.open_failed += m.open_failed;
+        for (w, n) in m.why {
+            *sum.why.entry(w).or_default() += n;
+        }
         sum.latency
             .as_mut()
             .unwrap()
@@ -297,8 +322,9 @@ fn main() {
         rates.push(rate);
         let h = m.latency.unwrap();
         let ms = |q: f64| h.value_at_quantile(q) as f64 / 1_000.0;
+        let why: Vec<String> = m.why.iter().map(|(w, n)| format!("{n} {w}")).collect();
         println!(
-            "| RF={} ({n} node{}) | {rate:.0} | {:.2} / {:.2} / {:.2} ms ({} sent) | {} closed, {} open |",
+            "| RF={} ({n} node{}) | {rate:.0} | {:.2} / {:.2} / {:.2} ms ({} sent) | {} closed, {} open{} |",
             n.min(3),
             if n == 1 { "" } else { "s" },
             ms(0.5),
@@ -306,7 +332,8 @@ fn main() {
             h.max() as f64 / 1_000.0,
             m.open_sent,
             m.closed_failed,
-            m.open_failed
+            m.open_failed,
+            if why.is_empty() { String::new() } else { format!(" ({})", why.join(", ")) }
         );
         assert!(m.closed_commits > 0, "nothing was committed");
         assert!(m.open_sent > 0, "nothing was sent at the fixed rate");

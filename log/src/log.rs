@@ -368,6 +368,55 @@ impl<S: Storage> Log<S> {
         self.append_as(batch, false).await
     }
 
+    /// Appends a batch without waiting for its write: returns its offsets once they are
+    /// assigned (waiting only while the pending buffer is full, writing it). The records are
+    /// readable once [`Log::written`] reaches past them, and durable after a later fsync,
+    /// as with [`Log::append_unsynced`]. Whoever waits with [`Log::written`] (or appends,
+    /// or syncs) writes them; nothing writes them otherwise.
+    pub async fn enqueue_unsynced(&self, batch: &[Entry<'_>]) -> Result<Range<u64>, AppendError> {
+        let max = self.config.record_bytes_max;
+        if let Some(e) = batch.iter().find(|e| e.payload.len() > max) {
+            return Err(AppendError::RecordTooLarge {
+                len: e.payload.len(),
+                max,
+            });
+        }
+        let bytes: usize = batch
+            .iter()
+            .map(|e| e.payload.len() + format::RECORD_HEADER_BYTES)
+            .sum();
+        loop {
+            if let Some((range, _)) = self.try_enqueue(batch, bytes)? {
+                return Ok(range);
+            }
+            self.flush_or_wait().await;
+        }
+    }
+
+    /// The offset after the last record appended, written or still pending: where the next
+    /// append goes ([`Log::next_offset`] is the end of what is written).
+    pub fn appended_next(&self) -> u64 {
+        self.state.borrow().assigned_next
+    }
+
+    /// Completes once every record before `end` (or before the log's end, if a truncation
+    /// moved it below) is written and readable, writing what is pending if no flush runs.
+    /// Syncs nothing of its own.
+    pub async fn written(&self, end: u64) -> Result<(), AppendError> {
+        loop {
+            {
+                let st = self.state.borrow();
+                if let Some(why) = &st.poisoned {
+                    return Err(AppendError::Poisoned(why.clone()));
+                }
+                if st.written_next >= end.min(st.assigned_next) {
+                    return Ok(());
+                }
+            }
+            self.flush_or_wait().await;
+        }
+    }
+
     /// Makes every record written or pending durable: at most one fsync, shared with any
     /// flush that runs meanwhile. Returns at once when nothing needs it.
     pub async fn sync(&self) -> Result<(), AppendError> {

@@ -3,7 +3,8 @@
 //! Each seed runs phases of concurrent appends and reads, truncations and retention, with
 //! small segments so rollovers are frequent, and crashes the disk at a random poll of a
 //! random phase (a torn, partly lost state). A third of the appenders do not wait for an
-//! fsync (`append_unsynced`), and some phases sync the log. After reopening it checks that
+//! fsync (`append_unsynced`), half of those not for the write either (`enqueue_unsynced`,
+//! then `written`), and some phases sync the log. After reopening it checks that
 //! every acknowledged record (and every unsynced one a finished `sync` covered) is present
 //! and byte-identical, that nothing which was never appended
 //! appears, and that offsets have no gaps. Two crash cycles per seed.
@@ -158,8 +159,10 @@ fn spawn_appender(
             .collect();
         plans.push(batch);
     }
-    // A third of the appenders do not wait for an fsync.
+    // A third of the appenders do not wait for an fsync; half of those do not wait for
+    // the write either (they take their offsets, then wait until they are written).
     let unsynced = rng.chance(333);
+    let enqueued = unsynced && rng.chance(500);
     let (log, model) = (log.clone(), model.clone());
     ex.spawn(async move {
         for batch in plans {
@@ -170,14 +173,16 @@ fn spawn_appender(
                     payload: p,
                 })
                 .collect();
-            let range = if unsynced {
+            let range = if enqueued {
+                log.enqueue_unsynced(&entries).await
+            } else if unsynced {
                 log.append_unsynced(&entries).await
             } else {
                 log.append(&entries).await
             };
             let range = range.expect("append on a healthy disk");
-            let mut m = model.borrow_mut();
-            for (offset, (tag, _)) in range.zip(&batch) {
+            for (offset, (tag, _)) in range.clone().zip(&batch) {
+                let mut m = model.borrow_mut();
                 let into = if unsynced {
                     &mut m.unsynced
                 } else {
@@ -185,6 +190,11 @@ fn spawn_appender(
                 };
                 let old = into.insert(offset, *tag);
                 assert!(old.is_none(), "offset {offset} acknowledged twice");
+            }
+            if enqueued {
+                log.written(range.end)
+                    .await
+                    .expect("written on a healthy disk");
             }
         }
     });

@@ -219,7 +219,7 @@ where
         })?;
         let mut made = None;
         node.open_group(self.root(), u64::from(partition), |replica| {
-            let (log, machine) = ReplicatedLog::new(replica.clone(), log, None);
+            let (log, machine) = ReplicatedLog::new(replica.clone(), log);
             made = Some(log);
             machine
         })

@@ -7,8 +7,7 @@
 //! every replica holds the same events at the same offsets, and only committed ones. The
 //! proposer learns where its batch went ([`ReplicatedLog::commit`]); whoever waits for the
 //! log to grow is woken ([`ReplicatedLog::grown`]: a follower's partition, which then
-//! applies what it did not decide), and every appended batch is also told to an optional
-//! feed.
+//! applies what it did not decide).
 //!
 //! **Where the log stands in Raft's terms.** The machine keeps a cursor: the last Raft
 //! index applied and the event-log offset after it. Its snapshot data is that cursor, so a
@@ -37,7 +36,6 @@ use crate::group::StateMachine;
 use crate::raft_log::RaftLogError;
 use crate::replica::{ProposeError, Replica};
 use chorus_log::{Entry as Event, Log, Storage};
-use futures::channel::mpsc;
 use raft::eraftpb::{Entry, EntryType};
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -146,7 +144,6 @@ pub struct EventLogMachine<S: Storage> {
     /// voters are those of its last turn, none yet on a node that just joined).
     members: Vec<u64>,
     shared: Rc<Shared>,
-    feed: Option<mpsc::UnboundedSender<(u64, Range<u64>)>>,
 }
 
 impl<S: Storage> StateMachine for EventLogMachine<S> {
@@ -219,9 +216,6 @@ impl<S: Storage> StateMachine for EventLogMachine<S> {
         self.shared.set_end(self.log.next_offset());
         let mut ranges = self.shared.ranges.borrow_mut();
         for (index, range) in placed {
-            if let Some(feed) = &self.feed {
-                let _ = feed.unbounded_send((index, range.clone()));
-            }
             ranges.insert(index, range);
         }
         while ranges.len() > RANGES_KEPT {
@@ -387,13 +381,8 @@ pub struct ReplicatedLog<S: Storage> {
 
 impl<S: Storage> ReplicatedLog<S> {
     /// The two ends for `log`, proposing through `replica`: the proposer's, and the
-    /// machine to run the group with. `feed`, if given, is told every batch applied (its
-    /// Raft index and offsets), in order.
-    pub fn new(
-        replica: Rc<Replica>,
-        log: Log<S>,
-        feed: Option<mpsc::UnboundedSender<(u64, Range<u64>)>>,
-    ) -> (ReplicatedLog<S>, EventLogMachine<S>)
+    /// machine to run the group with.
+    pub fn new(replica: Rc<Replica>, log: Log<S>) -> (ReplicatedLog<S>, EventLogMachine<S>)
     where
         S: 'static,
     {
@@ -414,7 +403,6 @@ impl<S: Storage> ReplicatedLog<S> {
             replica: replica.clone(),
             members: Vec::new(),
             shared: shared.clone(),
-            feed,
         };
         let source = log.clone();
         replica.set_source(Rc::new(move |from, to| {

@@ -63,7 +63,7 @@ async fn node_main(
     let r2 = rlog.clone();
     let node = Node::start(config, DiskRoot::new(dir), listener, move |_, replica| {
         let log = events.borrow_mut().take().expect("one group");
-        let (proposer, machine) = ReplicatedLog::new(replica.clone(), log, None);
+        let (proposer, machine) = ReplicatedLog::new(replica.clone(), log);
         *r2.borrow_mut() = Some(proposer);
         machine
     })

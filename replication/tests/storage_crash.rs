@@ -309,7 +309,7 @@ fn the_event_log_machine_applies_each_batch_once_across_a_crash() {
             let d = disk(seed * 1_000 + polls as u64);
             let (log, _) =
                 block_on(chorus_log::Log::open(d.clone(), LogConfig::default())).expect("open");
-            let (_, mut machine) = ReplicatedLog::new(Replica::new(0), log, None);
+            let (_, mut machine) = ReplicatedLog::new(Replica::new(0), log);
             block_on(machine.apply(&entries[..2])).expect("apply");
             // Applied without an fsync: durable once persisted (before a snapshot).
             block_on(machine.persist()).expect("persist");
@@ -331,7 +331,7 @@ fn the_event_log_machine_applies_each_batch_once_across_a_crash() {
             if done.is_none() && kept.len() < want.len() {
                 cut += 1;
             }
-            let (rlog, mut machine) = ReplicatedLog::new(Replica::new(0), log, None);
+            let (rlog, mut machine) = ReplicatedLog::new(Replica::new(0), log);
             machine.restore(0, &[]);
             block_on(machine.apply(&entries)).expect("apply again");
             assert_eq!(event_texts(rlog.log()), want, "seed {seed}, {polls} polls");
@@ -345,7 +345,7 @@ fn the_event_log_machine_applies_each_batch_once_across_a_crash() {
     // the log: it is cut and the batch appended whole.
     let d = disk(7);
     let (log, _) = block_on(chorus_log::Log::open(d.clone(), LogConfig::default())).unwrap();
-    let (rlog, mut machine) = ReplicatedLog::new(Replica::new(0), log, None);
+    let (rlog, mut machine) = ReplicatedLog::new(Replica::new(0), log);
     block_on(machine.apply(&entries[..3])).unwrap();
     let head = [chorus_log::Entry {
         timestamp_us: 4,
@@ -354,7 +354,7 @@ fn the_event_log_machine_applies_each_batch_once_across_a_crash() {
     block_on(rlog.log().append(&head)).unwrap();
     drop((rlog, machine));
     let (log, _) = block_on(chorus_log::Log::open(d.clone(), LogConfig::default())).unwrap();
-    let (rlog, mut machine) = ReplicatedLog::new(Replica::new(0), log, None);
+    let (rlog, mut machine) = ReplicatedLog::new(Replica::new(0), log);
     machine.restore(0, &[]);
     block_on(machine.apply(&entries)).unwrap();
     assert_eq!(event_texts(rlog.log()), want);
@@ -370,7 +370,7 @@ fn event_log_group(
 ) {
     use chorus_replication::{Group, Replica, ReplicatedLog};
     let (log, _) = block_on(chorus_log::Log::open(root.dir_now("g/events"), small())).unwrap();
-    let (rlog, machine) = ReplicatedLog::new(Replica::new(1), log, None);
+    let (rlog, machine) = ReplicatedLog::new(Replica::new(1), log);
     let config = raft::Config {
         id: 1,
         election_tick: 10,
