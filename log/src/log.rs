@@ -374,17 +374,7 @@ impl<S: Storage> Log<S> {
     /// as with [`Log::append_unsynced`]. Whoever waits with [`Log::written`] (or appends,
     /// or syncs) writes them; nothing writes them otherwise.
     pub async fn enqueue_unsynced(&self, batch: &[Entry<'_>]) -> Result<Range<u64>, AppendError> {
-        let max = self.config.record_bytes_max;
-        if let Some(e) = batch.iter().find(|e| e.payload.len() > max) {
-            return Err(AppendError::RecordTooLarge {
-                len: e.payload.len(),
-                max,
-            });
-        }
-        let bytes: usize = batch
-            .iter()
-            .map(|e| e.payload.len() + format::RECORD_HEADER_BYTES)
-            .sum();
+        let bytes = self.encoded_len(batch)?;
         loop {
             if let Some((range, _)) = self.try_enqueue(batch, bytes)? {
                 return Ok(range);
@@ -465,17 +455,7 @@ impl<S: Storage> Log<S> {
     }
 
     async fn append_as(&self, batch: &[Entry<'_>], sync: bool) -> Result<Range<u64>, AppendError> {
-        let max = self.config.record_bytes_max;
-        if let Some(e) = batch.iter().find(|e| e.payload.len() > max) {
-            return Err(AppendError::RecordTooLarge {
-                len: e.payload.len(),
-                max,
-            });
-        }
-        let bytes: usize = batch
-            .iter()
-            .map(|e| e.payload.len() + format::RECORD_HEADER_BYTES)
-            .sum();
+        let bytes = self.encoded_len(batch)?;
         let (range, ticket) = loop {
             if let Some(enqueued) = self.try_enqueue(batch, bytes)? {
                 if sync {
@@ -491,6 +471,21 @@ impl<S: Storage> Log<S> {
             }
             self.flush_or_wait().await;
         }
+    }
+
+    /// The bytes `batch` takes encoded; refused if a record is over the limit.
+    fn encoded_len(&self, batch: &[Entry<'_>]) -> Result<usize, AppendError> {
+        let max = self.config.record_bytes_max;
+        if let Some(e) = batch.iter().find(|e| e.payload.len() > max) {
+            return Err(AppendError::RecordTooLarge {
+                len: e.payload.len(),
+                max,
+            });
+        }
+        Ok(batch
+            .iter()
+            .map(|e| e.payload.len() + format::RECORD_HEADER_BYTES)
+            .sum())
     }
 
     /// Flushes what is pending if nothing else runs; otherwise waits for the running
