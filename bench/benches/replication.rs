@@ -22,7 +22,7 @@
 
 use chorus_log::{DiskRoot, DiskStorage, Entry as Event, Log, LogConfig};
 use chorus_replication::transport::Membership;
-use chorus_replication::{placement, CommitError, Node, NodeConfig, ProposeError, ReplicatedLog};
+use chorus_replication::{placement, Node, NodeConfig, ProposeError, ReplicatedLog};
 use hdrhistogram::Histogram;
 use raft::StateRole;
 use std::cell::RefCell;
@@ -64,12 +64,11 @@ struct Measured {
     why: BTreeMap<&'static str, u64>,
 }
 
-fn why(e: &CommitError) -> &'static str {
+fn why(e: &ProposeError) -> &'static str {
     match e {
-        CommitError::Propose(ProposeError::NotLeader { .. }) => "not leader",
-        CommitError::Propose(ProposeError::Dropped) => "dropped",
-        CommitError::Propose(ProposeError::Uncertain) => "uncertain",
-        CommitError::Forgotten(_) => "offsets forgotten",
+        ProposeError::NotLeader { .. } => "not leader",
+        ProposeError::Dropped => "dropped",
+        ProposeError::Uncertain => "uncertain",
     }
 }
 

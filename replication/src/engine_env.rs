@@ -14,7 +14,7 @@
 //! The directory (the metadata partition, on shard 0) is group number `partitions`, and
 //! commits the same way.
 
-use crate::event_log::{CommitError as LogCommitError, ReplicatedLog};
+use crate::event_log::ReplicatedLog;
 use crate::node::{Node, NodeConfig};
 use crate::replica::ProposeError;
 use crate::transport::Membership;
@@ -247,15 +247,9 @@ pub struct ReplicatedDurability<S: Storage> {
 impl<S: Storage + 'static> Durability for ReplicatedDurability<S> {
     async fn commit(&self, batch: &[Entry<'_>]) -> Result<Range<u64>, CommitError> {
         self.log.commit(batch).await.map_err(|e| match e {
-            LogCommitError::Propose(ProposeError::NotLeader { leader }) => {
-                CommitError::NotLeader { leader }
-            }
-            LogCommitError::Propose(ProposeError::Dropped) => {
-                CommitError::Lost { may_commit: false }
-            }
-            LogCommitError::Propose(ProposeError::Uncertain) | LogCommitError::Forgotten(_) => {
-                CommitError::Lost { may_commit: true }
-            }
+            ProposeError::NotLeader { leader } => CommitError::NotLeader { leader },
+            ProposeError::Dropped => CommitError::Lost { may_commit: false },
+            ProposeError::Uncertain => CommitError::Lost { may_commit: true },
         })
     }
 

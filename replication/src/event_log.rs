@@ -5,7 +5,8 @@
 //! entry is committed, every replica's [`EventLogMachine`] appends the batch's events to
 //! its own `chorus-log` log (one append, one fsync for all the entries of a `Ready`), so
 //! every replica holds the same events at the same offsets, and only committed ones. The
-//! proposer learns where its batch went ([`ReplicatedLog::commit`]); whoever waits for the
+//! proposer learns where its batch went ([`ReplicatedLog::commit`]) with its proposal's
+//! answer (the batch's first offset is the entry's [`StateMachine::outcome`]); whoever waits for the
 //! log to grow is woken ([`ReplicatedLog::grown`]: a follower's partition, which then
 //! applies what it did not decide).
 //!
@@ -38,12 +39,9 @@ use crate::replica::{ProposeError, Replica};
 use chorus_log::{Entry as Event, Log, Storage};
 use raft::eraftpb::{Entry, EntryType};
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
 use std::ops::Range;
 use std::rc::Rc;
 
-/// Ranges kept for proposers to pick up, at most (the oldest go first).
-const RANGES_KEPT: usize = 4_096;
 /// The first and the longest wait before asking peers again for events none could send.
 const CATCH_UP_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(50);
 const CATCH_UP_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(1);
@@ -111,8 +109,6 @@ impl Cursor {
 
 /// What the machine and the proposers on its node share.
 struct Shared {
-    /// Where each recently applied batch went, by Raft index.
-    ranges: RefCell<BTreeMap<u64, Range<u64>>>,
     /// The offset after the last event applied: the log's end once an apply is done (the
     /// log only ever holds committed events, so on a restart, all it holds).
     end: Cell<u64>,
@@ -143,6 +139,9 @@ pub struct EventLogMachine<S: Storage> {
     /// The members the last snapshot named, asked too when catching up (the replica's
     /// voters are those of its last turn, none yet on a node that just joined).
     members: Vec<u64>,
+    /// Where the last [`StateMachine::apply`] put each entry's events: its index and the
+    /// batch's first offset, in index order.
+    placed: Vec<(u64, u64)>,
     shared: Rc<Shared>,
 }
 
@@ -155,7 +154,8 @@ impl<S: Storage> StateMachine for EventLogMachine<S> {
             self.catch_up().await?;
         }
         let mut events: Vec<Event<'_>> = Vec::new();
-        let mut placed: Vec<(u64, Range<u64>)> = Vec::new();
+        let mut placed = std::mem::take(&mut self.placed);
+        placed.clear();
         let mut cursor = self.cursor;
         for e in entries {
             if e.index <= cursor.index {
@@ -174,7 +174,7 @@ impl<S: Storage> StateMachine for EventLogMachine<S> {
                 let next = self.log.next_offset();
                 if range.end <= next {
                     // Appended before a crash, after the last snapshot: there already.
-                    placed.push((e.index, range.clone()));
+                    placed.push((e.index, range.start));
                     cursor = Cursor {
                         index: e.index,
                         offset: range.end,
@@ -193,7 +193,7 @@ impl<S: Storage> StateMachine for EventLogMachine<S> {
                 }
             }
             events.extend(batch);
-            placed.push((e.index, range.clone()));
+            placed.push((e.index, range.start));
             cursor = Cursor {
                 index: e.index,
                 offset: range.end,
@@ -214,14 +214,18 @@ impl<S: Storage> StateMachine for EventLogMachine<S> {
         // Everything the log holds is committed: batches applied again after a restart
         // (skipped above) were there all along.
         self.shared.set_end(self.log.next_offset());
-        let mut ranges = self.shared.ranges.borrow_mut();
-        for (index, range) in placed {
-            ranges.insert(index, range);
-        }
-        while ranges.len() > RANGES_KEPT {
-            ranges.pop_first();
-        }
+        self.placed = placed;
         Ok(())
+    }
+
+    fn outcome(&self, index: u64) -> u64 {
+        // The group asks of the entries of the last call only. Those the cursor already
+        // covered (restored by a snapshot) were not placed by it and have no proposer
+        // waiting here: they answer the log's end.
+        match self.placed.binary_search_by_key(&index, |&(at, _)| at) {
+            Ok(i) => self.placed[i].1,
+            Err(_) => self.cursor.offset,
+        }
     }
 
     fn snapshot(&self) -> Vec<u8> {
@@ -360,18 +364,6 @@ async fn read_batch<S: Storage>(log: &Log<S>, from: u64, to: u64) -> Vec<u8> {
     encode_batch(&events)
 }
 
-/// Why a commit was not made.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum CommitError {
-    /// The group did not take it (see [`ProposeError`]).
-    #[error(transparent)]
-    Propose(#[from] ProposeError),
-    /// Committed, but where its events went is no longer known here (too many commits
-    /// since): the group's log has it.
-    #[error("the batch at index {0} was committed, but its offsets were forgotten")]
-    Forgotten(u64),
-}
-
 /// The proposer's side: commits batches through the group and reads the event log.
 pub struct ReplicatedLog<S: Storage> {
     replica: Rc<Replica>,
@@ -388,7 +380,6 @@ impl<S: Storage> ReplicatedLog<S> {
     {
         let log = Rc::new(log);
         let shared = Rc::new(Shared {
-            ranges: RefCell::default(),
             end: Cell::new(log.next_offset()),
             waiting: RefCell::new(None),
         });
@@ -402,6 +393,7 @@ impl<S: Storage> ReplicatedLog<S> {
             behind: None,
             replica: replica.clone(),
             members: Vec::new(),
+            placed: Vec::new(),
             shared: shared.clone(),
         };
         let source = log.clone();
@@ -421,13 +413,9 @@ impl<S: Storage> ReplicatedLog<S> {
 
     /// Commits `events` as one batch: once a majority of the group holds it and this
     /// node's log has it, returns its offsets there (the same on every replica).
-    pub async fn commit(&self, events: &[Event<'_>]) -> Result<Range<u64>, CommitError> {
-        let index = self.replica.propose(encode_batch(events)).await?;
-        self.shared
-            .ranges
-            .borrow_mut()
-            .remove(&index)
-            .ok_or(CommitError::Forgotten(index))
+    pub async fn commit(&self, events: &[Event<'_>]) -> Result<Range<u64>, ProposeError> {
+        let applied = self.replica.propose_applied(encode_batch(events)).await?;
+        Ok(applied.outcome..applied.outcome + events.len() as u64)
     }
 
     /// The event log (committed events only).

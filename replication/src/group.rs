@@ -56,6 +56,23 @@ pub trait StateMachine {
     /// [`StateMachine::catch_up`]): a node that joined learns its peers so, before its
     /// group has published any.
     fn members(&mut self, _voters: &[u64], _learners: &[u64]) {}
+    /// What applying the entry at `index` gave, for its proposer: asked by the group right
+    /// after the [`StateMachine::apply`] call that applied it, so the machine keeps only
+    /// its last call's (the event log: the offset where the batch's events begin).
+    fn outcome(&self, _index: u64) -> u64 {
+        0
+    }
+}
+
+/// An entry applied, as [`Group::take_applied`] tells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Applied {
+    /// Its Raft index.
+    pub index: u64,
+    /// The term it was proposed in.
+    pub term: u64,
+    /// What the state machine made of it ([`StateMachine::outcome`]).
+    pub outcome: u64,
 }
 
 /// One group's consensus, storage and state machine.
@@ -67,9 +84,9 @@ pub struct Group<S: Storage, M: StateMachine> {
     compact_every: u64,
     /// A membership change was applied since the last compaction.
     conf_changed: bool,
-    /// The index and term of each entry applied since the last [`Group::take_applied`],
+    /// The index, term and outcome of each entry applied since the last [`Group::take_applied`],
     /// when tracked.
-    applied_terms: Option<Vec<(u64, u64)>>,
+    applied_terms: Option<Vec<Applied>>,
     /// Read indexes raft-rs confirmed since the last [`Group::take_read_states`].
     read_states: Vec<raft::ReadState>,
 }
@@ -156,16 +173,15 @@ impl<S: Storage, M: StateMachine> Group<S, M> {
         self.applied
     }
 
-    /// Starts (or stops) noting the index and term of every entry applied, for
-    /// [`Group::take_applied`]: how a proposer learns whether the entry applied at its
-    /// proposal's index is its own.
+    /// Starts (or stops) noting every entry applied, for [`Group::take_applied`]: how a
+    /// proposer learns whether the entry applied at its proposal's index is its own, and
+    /// what it gave.
     pub fn track_applied(&mut self, on: bool) {
         self.applied_terms = on.then(Vec::new);
     }
 
-    /// The index and term of each entry applied since the last call, in order (empty when
-    /// not tracked).
-    pub fn take_applied(&mut self) -> Vec<(u64, u64)> {
+    /// Each entry applied since the last call, in order (empty when not tracked).
+    pub fn take_applied(&mut self) -> Vec<Applied> {
         self.applied_terms
             .as_mut()
             .map(std::mem::take)
@@ -271,7 +287,12 @@ impl<S: Storage, M: StateMachine> Group<S, M> {
         let last = entries.last().expect("not empty");
         self.applied = last.index;
         if let Some(t) = &mut self.applied_terms {
-            t.extend(entries.iter().map(|e| (e.index, e.term)));
+            let machine = &self.machine;
+            t.extend(entries.iter().map(|e| Applied {
+                index: e.index,
+                term: e.term,
+                outcome: machine.outcome(e.index),
+            }));
         }
         Ok(())
     }

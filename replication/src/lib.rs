@@ -55,8 +55,8 @@ pub mod wire;
 
 pub use board::{Board, GroupView};
 pub use engine_env::{ClusterEnv, ReplicatedDurability};
-pub use event_log::{CommitError, EventLogMachine, ReplicatedLog};
-pub use group::{Group, StateMachine};
+pub use event_log::{EventLogMachine, ReplicatedLog};
+pub use group::{Applied, Group, StateMachine};
 pub use journal::Journal;
 pub use node::{Node, NodeConfig, OnStorageError};
 pub use raft_log::{RaftLog, RaftLogError};

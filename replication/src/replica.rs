@@ -9,7 +9,8 @@
 //!
 //! What a proposal's answer means:
 //! - `Ok(index)`: the entry is committed (durable on a majority) and applied here, at
-//!   `index`;
+//!   `index` ([`Replica::propose_applied`] also gives what the state machine made of it:
+//!   [`StateMachine::outcome`]);
 //! - [`ProposeError::NotLeader`]: nothing was proposed; try the leader it names;
 //! - [`ProposeError::Dropped`]: the entry is certainly not committed (raft-rs refused it,
 //!   or a new leader's entry took its index), so sending it again is safe;
@@ -20,7 +21,7 @@
 //! Invariant: a proposal is answered `Ok` only after the state machine applied its entry,
 //! and only if the entry applied at its index is the one proposed (same index and term).
 
-use crate::group::{Group, StateMachine};
+use crate::group::{Applied, Group, StateMachine};
 use crate::raft_log::RaftLogError;
 use chorus_log::Storage;
 use futures::channel::oneshot;
@@ -84,12 +85,14 @@ enum Stop {
 pub const HAND_OFF_TIMEOUT: Duration = Duration::from_secs(2);
 
 type Answer = oneshot::Sender<Result<u64, ProposeError>>;
+/// A proposal's answer: its entry as applied.
+type Proposed = oneshot::Sender<Result<Applied, ProposeError>>;
 
 #[derive(Default)]
 struct Inputs {
     messages: Vec<Message>,
     lost: Vec<(u64, Message)>,
-    proposals: Vec<(Vec<u8>, Answer)>,
+    proposals: Vec<(Vec<u8>, Proposed)>,
     reads: Vec<Answer>,
     stop: Option<Stop>,
 }
@@ -273,6 +276,12 @@ impl Replica {
     /// longer be; see the module's documentation). Answers `NotLeader` at once on a node
     /// that did not lead at the task's last turn.
     pub async fn propose(&self, data: Vec<u8>) -> Result<u64, ProposeError> {
+        self.propose_applied(data).await.map(|a| a.index)
+    }
+
+    /// [`Replica::propose`], answering with the entry as applied: its index, term and what
+    /// the state machine made of it.
+    pub async fn propose_applied(&self, data: Vec<u8>) -> Result<Applied, ProposeError> {
         let status = self.status.get();
         if status.role != StateRole::Leader || status.ended {
             return Err(ProposeError::NotLeader {
@@ -348,7 +357,7 @@ impl Replica {
         // [`StateMachine::catch_up`]); the voters are known from here on.
         self.publish(&group, false);
         group.machine_mut().catch_up().await?;
-        let mut pending: BTreeMap<u64, (u64, Answer)> = BTreeMap::new();
+        let mut pending: BTreeMap<u64, (u64, Proposed)> = BTreeMap::new();
         let mut next_tick = Instant::now() + tick;
         let mut handing_off: Option<Instant> = None;
         let mut stopping: Option<Stop> = None;
@@ -468,7 +477,8 @@ impl Replica {
             if failed.is_none() {
                 failed = group.tend().await.err();
             }
-            for (index, term) in group.take_applied() {
+            for applied in group.take_applied() {
+                let Applied { index, term, .. } = applied;
                 // Entries below the oldest pending proposal are others' (or a previous
                 // term's of this node, answered already).
                 while let Some(entry) = pending.first_entry() {
@@ -477,7 +487,7 @@ impl Replica {
                     }
                     let (at, (proposed_term, answer)) = entry.remove_entry();
                     let _ = answer.send(if at == index && proposed_term == term {
-                        Ok(index)
+                        Ok(applied)
                     } else if at == index {
                         Err(ProposeError::Dropped)
                     } else {

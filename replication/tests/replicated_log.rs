@@ -6,17 +6,14 @@
 
 mod common;
 
-use chorus_log::{DiskRoot, DiskStorage, Entry as Event, Log, LogConfig};
 use chorus_replication::transport::Membership;
-use chorus_replication::{CommitError, Node, NodeConfig, ProposeError, ReplicatedLog};
-use common::{free_addrs, wait_for, NodeHandle, MINUTE, RUN, STOP};
+use chorus_replication::{NodeConfig, ProposeError};
+use common::{batch, free_addrs, wait_for, NodeHandle, MINUTE, RUN, STOP};
 use raft::StateRole;
-use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::PathBuf;
-use std::rc::Rc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,13 +32,6 @@ struct Shared {
     logs: BTreeMap<u64, Vec<(u64, Vec<u8>)>>,
 }
 
-/// The events of batch `k`: one to four, each naming the batch and its place.
-fn batch(k: u64) -> Vec<Vec<u8>> {
-    (0..k % 4 + 1)
-        .map(|j| format!("{k}.{j}").into_bytes())
-        .collect()
-}
-
 async fn node_main(
     id: u64,
     nodes: BTreeMap<u64, SocketAddr>,
@@ -52,28 +42,7 @@ async fn node_main(
     let listener = common::bind(nodes[&id]).await;
     let mut config = NodeConfig::new(Membership::new(id, nodes), 1);
     config.compact_every = 60;
-    let (events, _) = Log::open(
-        DiskStorage::open_dir(dir.join("events")).unwrap(),
-        LogConfig::default(),
-    )
-    .await
-    .expect("the event log");
-    let events = RefCell::new(Some(events));
-    let rlog: Rc<RefCell<Option<ReplicatedLog<DiskStorage>>>> = Rc::default();
-    let r2 = rlog.clone();
-    let node = Node::start(config, DiskRoot::new(dir), listener, move |_, replica| {
-        let log = events.borrow_mut().take().expect("one group");
-        let (proposer, machine) = ReplicatedLog::new(replica.clone(), log);
-        *r2.borrow_mut() = Some(proposer);
-        machine
-    })
-    .await
-    .expect("the node starts");
-    let rlog = Rc::new(
-        rlog.borrow_mut()
-            .take()
-            .expect("the group is on every node"),
-    );
+    let (node, rlog) = common::event_log_node(config, dir, listener).await;
     while stop.load(Ordering::SeqCst) == RUN {
         glommio::timer::sleep(Duration::from_millis(2)).await;
         let role = node.status()[&0].role;
@@ -85,23 +54,15 @@ async fn node_main(
         for k in mine {
             let (rlog, shared) = (rlog.clone(), shared.clone());
             glommio::spawn_local(async move {
-                let payloads = batch(k);
-                let events: Vec<Event<'_>> = payloads
-                    .iter()
-                    .map(|p| Event {
-                        timestamp_us: k,
-                        payload: p,
-                    })
-                    .collect();
-                let answer = rlog.commit(&events).await;
+                let answer = common::commit_batch(&rlog, k).await;
                 let mut s = shared.lock().unwrap();
                 match answer {
                     Ok(range) => {
                         s.acked.insert(k, range);
                     }
-                    Err(CommitError::Propose(
-                        ProposeError::NotLeader { .. } | ProposeError::Dropped,
-                    )) => s.proposals.push_back(k),
+                    Err(ProposeError::NotLeader { .. } | ProposeError::Dropped) => {
+                        s.proposals.push_back(k)
+                    }
                     Err(_) => {
                         s.uncertain.insert(k);
                     }
@@ -112,15 +73,7 @@ async fn node_main(
     }
     node.stop(false).await.expect("the group's storage");
     glommio::timer::sleep(Duration::from_millis(20)).await;
-    let log = rlog.log();
-    let mut records = Vec::new();
-    let mut at = log.first_offset();
-    while at < log.next_offset() {
-        for r in log.read(at, 1 << 20).await.expect("read the event log") {
-            at = r.offset + 1;
-            records.push((r.offset, r.payload.to_vec()));
-        }
-    }
+    let records = common::records(rlog.log()).await;
     let mut s = shared.lock().unwrap();
     s.status.remove(&id);
     s.logs.insert(id, records);

@@ -123,3 +123,74 @@ pub fn take_if_leading<T>(
     };
     queue.drain(..n).collect()
 }
+
+/// A node of one group whose state machine is an event log in `dir/events`: the node, and
+/// the group's proposer.
+pub async fn event_log_node(
+    config: chorus_replication::NodeConfig,
+    dir: std::path::PathBuf,
+    listener: glommio::net::TcpListener,
+) -> (
+    chorus_replication::Node,
+    std::rc::Rc<chorus_replication::ReplicatedLog<chorus_log::DiskStorage>>,
+) {
+    use chorus_log::{DiskRoot, DiskStorage, Log, LogConfig};
+    use chorus_replication::{Node, ReplicatedLog};
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    let (events, _) = Log::open(
+        DiskStorage::open_dir(dir.join("events")).unwrap(),
+        LogConfig::default(),
+    )
+    .await
+    .expect("the event log");
+    let events = RefCell::new(Some(events));
+    let rlog: Rc<RefCell<Option<ReplicatedLog<DiskStorage>>>> = Rc::default();
+    let r2 = rlog.clone();
+    let node = Node::start(config, DiskRoot::new(dir), listener, move |_, replica| {
+        let log = events.borrow_mut().take().expect("one group");
+        let (proposer, machine) = ReplicatedLog::new(replica.clone(), log);
+        *r2.borrow_mut() = Some(proposer);
+        machine
+    })
+    .await
+    .expect("the node starts");
+    let rlog = rlog.borrow_mut().take().expect("the group is on this node");
+    (node, Rc::new(rlog))
+}
+
+/// The events of batch `k`: one to four, each naming the batch and its place.
+pub fn batch(k: u64) -> Vec<Vec<u8>> {
+    (0..k % 4 + 1)
+        .map(|j| format!("{k}.{j}").into_bytes())
+        .collect()
+}
+
+/// Commits batch `k` through `rlog` (its events stamped `k`): where its events went.
+pub async fn commit_batch<S: chorus_log::Storage + 'static>(
+    rlog: &chorus_replication::ReplicatedLog<S>,
+    k: u64,
+) -> Result<std::ops::Range<u64>, chorus_replication::ProposeError> {
+    let payloads = batch(k);
+    let events: Vec<chorus_log::Entry<'_>> = payloads
+        .iter()
+        .map(|p| chorus_log::Entry {
+            timestamp_us: k,
+            payload: p,
+        })
+        .collect();
+    rlog.commit(&events).await
+}
+
+/// Every record of `log`, by offset.
+pub async fn records<S: chorus_log::Storage>(log: &chorus_log::Log<S>) -> Vec<(u64, Vec<u8>)> {
+    let mut records = Vec::new();
+    let mut at = log.first_offset();
+    while at < log.next_offset() {
+        for r in log.read(at, 1 << 20).await.expect("read the event log") {
+            at = r.offset + 1;
+            records.push((r.offset, r.payload.to_vec()));
+        }
+    }
+    records
+}
