@@ -108,7 +108,13 @@ async fn node_main(
     for g in 0..shape.groups {
         if placement::replicas(g, &ids).contains(&me) {
             let storage = DiskStorage::open_dir(dir.join(format!("events-{g}"))).unwrap();
-            let (log, _) = Log::open(storage, LogConfig::default()).await.unwrap();
+            // As a cluster node opens its partitions' logs (`NodeConfig::log` for the
+            // journal).
+            let config = LogConfig {
+                preallocate_bytes: chorus_replication::PREALLOCATE_BYTES,
+                ..LogConfig::default()
+            };
+            let (log, _) = Log::open(storage, config).await.unwrap();
             event_logs.push((u64::from(g), log));
         }
     }

@@ -51,6 +51,10 @@ pub struct EngineConfig {
     pub catch_up_events: usize,
     /// The size at which a log segment is sealed.
     pub segment_bytes_max: u64,
+    /// Zeros each partition log writes ahead of its records at a time
+    /// (`chorus_log::LogConfig::preallocate_bytes`). A cluster node sets less: its many
+    /// logs share one disk and cross their marks together (DESIGN.md, "Replication").
+    pub log_preallocate_bytes: u64,
     /// Pin each shard to a core.
     pub pin: bool,
     /// Who hears about commits, deliveries and queue depths.
@@ -84,6 +88,7 @@ impl EngineConfig {
             partition_queue_requests: 8192,
             catch_up_events: 256,
             segment_bytes_max: 64 * 1024 * 1024,
+            log_preallocate_bytes: chorus_log::LogConfig::default().preallocate_bytes,
             pin: true,
             observer: ObserverSlot::default(),
             snapshot_every_events: 100_000,

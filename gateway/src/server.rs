@@ -46,7 +46,7 @@ const NOTIFY_CONSUMER: &str = "notify-decider";
 /// with the directory's group numbered after the partitions'.
 fn open_engine(
     config: &Config,
-    engine_config: EngineConfig,
+    mut engine_config: EngineConfig,
     s3: Option<&Arc<crate::files::store::S3>>,
 ) -> Result<(Engine, Option<crate::ctx::ClusterView>), ServeError> {
     let nodes = config.cluster_nodes().map_err(std::io::Error::other)?;
@@ -106,6 +106,8 @@ fn open_engine(
         cuts: node.cuts.clone(),
     };
     let root = chorus_log::FaultyRoot::new(chorus_log::DiskRoot::new(&config.data_dir), disk);
+    // The partitions' event logs share the disk with the journals: as little zeroed ahead.
+    engine_config.log_preallocate_bytes = node.log.preallocate_bytes;
     let engine = match s3 {
         Some(s3) => Engine::open_on(
             engine_config,

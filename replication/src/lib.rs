@@ -58,7 +58,7 @@ pub use engine_env::{ClusterEnv, ReplicatedDurability};
 pub use event_log::{EventLogMachine, ReplicatedLog};
 pub use group::{Applied, Group, StateMachine};
 pub use journal::Journal;
-pub use node::{Node, NodeConfig, OnStorageError};
+pub use node::{Node, NodeConfig, OnStorageError, PREALLOCATE_BYTES};
 pub use raft_log::{RaftLog, RaftLogError};
 pub use replica::{ProposeError, Replica};
 pub use state::{GroupState, StateFile};

@@ -94,6 +94,13 @@ impl std::fmt::Debug for OnStorageError {
     }
 }
 
+/// Zeros a cluster node's logs (its Raft journals and its partitions' event logs) write
+/// ahead of their records at a time, where a single node's write 4 MiB: a node's many logs
+/// share one disk, groups under the same load cross their marks together, and every fsync
+/// on the disk waits behind the zeros. At 2,000 commits/s on 3 nodes, 4 MiB made p99 54–75
+/// ms, 512 KiB 5.3–9.7 ms (DESIGN.md, "Replication").
+pub const PREALLOCATE_BYTES: u64 = 512 * 1024;
+
 impl NodeConfig {
     /// A node of `membership` with `groups` groups, raft-rs ticking every 20 ms, elections
     /// after 10 ticks without a leader (200 ms), heartbeats every 2.
@@ -106,7 +113,10 @@ impl NodeConfig {
             election_ticks: 10,
             heartbeat_ticks: 2,
             compact_every: COMPACT_EVERY,
-            log: LogConfig::default(),
+            log: LogConfig {
+                preallocate_bytes: PREALLOCATE_BYTES,
+                ..LogConfig::default()
+            },
             rewrite_after: crate::journal::REWRITE_AFTER,
             cuts: Cuts::default(),
             board: Board::default(),

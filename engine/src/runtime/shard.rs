@@ -187,6 +187,7 @@ async fn open_log<E: Env>(
 ) -> Result<chorus_log::Log<DirOf<E>>, EngineError> {
     let log_config = chorus_log::LogConfig {
         segment_bytes_max: config.segment_bytes_max,
+        preallocate_bytes: config.log_preallocate_bytes,
         ..chorus_log::LogConfig::default()
     };
     let storage = env
