@@ -33,6 +33,9 @@ pub struct ServerSettings {
     pub rate_per_s: f64,
     /// The push gateway's endpoint (`push_gateway_url`); `None`: no pushes, no decider.
     pub push_gateway_url: Option<String>,
+    /// More TOML lines, appended as they are (a cluster node's `node_id`, `cluster` and
+    /// `jwt_secret_file`).
+    pub extra_toml: String,
 }
 
 impl Default for ServerSettings {
@@ -43,6 +46,7 @@ impl Default for ServerSettings {
             connections_max: 19_800,
             rate_per_s: 1_000_000.0,
             push_gateway_url: None,
+            extra_toml: String::new(),
         }
     }
 }
@@ -65,6 +69,7 @@ impl ServerSettings {
             // A URL of the harness's own making: no quote or backslash to escape.
             text.push_str(&format!("push_gateway_url = \"{url}\"\n"));
         }
+        text.push_str(&self.extra_toml);
         text
     }
 }
@@ -94,7 +99,12 @@ impl ChorusServer {
         let config = work_dir.join("chorus.toml");
         std::fs::write(&config, settings.toml())?;
         let log = work_dir.join("server.log");
-        let stderr = std::fs::File::create(&log)?;
+        // Appended to, so that a server restarted on the same directory keeps what its
+        // earlier life logged.
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
         let mut child = Command::new(binary)
             .arg("serve")
             .arg("--data-dir")
@@ -159,6 +169,15 @@ impl ChorusServer {
         self.child.id()
     }
 
+    /// SIGKILL: no drain; only what the server made durable survives. Waits for the exit.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        if self.child.try_wait()?.is_none() {
+            self.child.kill()?;
+            self.child.wait()?;
+        }
+        Ok(())
+    }
+
     /// Drains the server with SIGTERM and waits for it; kills it after [`STOP_TIMEOUT`].
     pub fn stop(mut self) -> anyhow::Result<()> {
         self.stop_inner()
@@ -209,9 +228,25 @@ pub fn data_dir(work_dir: &Path) -> PathBuf {
     work_dir.join("data")
 }
 
-/// The release `chorus` binary of this workspace.
+/// The release `chorus` binary: the one in the release directory this executable runs
+/// from (`target/release`, or `target/release/deps` for a benchmark), whatever target
+/// directory that is (`CARGO_TARGET_DIR`, where `build_server` builds too); else this
+/// workspace's `target/release`. A debug build of the harness still runs the release
+/// server.
 pub fn default_binary() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/chorus")
+    let exe = std::env::current_exe().ok();
+    let release = exe.as_deref().and_then(Path::parent).and_then(|dir| {
+        let dir = if dir.ends_with("deps") {
+            dir.parent()?
+        } else {
+            dir
+        };
+        dir.ends_with("release").then(|| dir.to_owned())
+    });
+    match release {
+        Some(dir) => dir.join("chorus"),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/chorus"),
+    }
 }
 
 type Stdout = BufReader<ChildStdout>;
