@@ -395,3 +395,30 @@ fn notify_smoke() {
     assert!(slowest.contains("with notifications +"), "{slowest}");
     assert!(slowest.contains("; without +"), "{slowest}");
 }
+
+// `cluster` at its smoke size: a single node and three real nodes each acknowledged every
+// open-loop send with no error, both closed loops committed, and a SIGKILLed leader's
+// partitions took a write again through another node.
+#[test]
+fn cluster_smoke() {
+    let chorus = chorus_binary();
+    let results = tempfile::tempdir().unwrap();
+    let out = bench(&["cluster", "--smoke"], results.path(), &chorus);
+    let cells = |prefix: &str| row_cells(&out, prefix);
+    let closed = cells("| closed loop, 4 channels × 2 in flight: acks/s");
+    for cell in &closed[2..4] {
+        let rate: f64 = cell.parse().unwrap_or_else(|_| panic!("{out}"));
+        assert!(rate > 0.0, "{out}");
+    }
+    let open = cells("| 100 msgs/s open loop: send → ack");
+    for cell in &open[2..4] {
+        assert!(cell.starts_with("p50 "), "{out}");
+        assert!(cell.ends_with("; 100/100 acked"), "{out}");
+    }
+    let failover = cells("| leader SIGKILL → first write in each of its partitions");
+    assert!(
+        failover[3].starts_with("median of rounds' slowest "),
+        "{out}"
+    );
+    assert!(failover[3].contains(" partitions, slowest "), "{out}");
+}

@@ -6,6 +6,7 @@
 use anyhow::Context;
 use chorus_bench::load::chorus::{say, ChorusRunner};
 use chorus_bench::load::client::Transport;
+use chorus_bench::load::cluster::ClusterShape;
 use chorus_bench::load::files::{self, FilesShape};
 use chorus_bench::load::notify::{self, NotifyShape};
 use chorus_bench::load::presence::PresenceShape;
@@ -83,6 +84,10 @@ enum Cmd {
     /// 10% mentions, an `@channel` fan-out to 100,000 offline members, and the sender's
     /// send latency during it with and without notifications (Chorus only)
     Notify(NotifyArgs),
+    /// Replicated commits: one node against a cluster of N nodes on loopback, closed-loop
+    /// acks/s and open-loop send → ack through each partition's leader, then leader
+    /// SIGKILL → first write in its partitions (Chorus only)
+    Cluster(ClusterArgs),
     /// Every scenario at the standard (or smoke) size, with peers, report, plots, README
     Suite(SuiteArgs),
     /// Internal: a worker process holding connections for its parent
@@ -172,6 +177,62 @@ struct NotifyArgs {
     /// POSTs of the sink-alone measurement [default: 200,000]
     #[arg(long)]
     sink_requests: Option<usize>,
+}
+
+#[derive(Debug, Clone, Args)]
+struct ClusterArgs {
+    /// A tiny size (4 channels, 1 s loops at 100 msgs/s, one failover)
+    #[arg(long)]
+    smoke: bool,
+    /// Nodes of the cluster [default: 3]
+    #[arg(long)]
+    nodes: Option<usize>,
+    /// Channels, each with its own user and writing connection [default: 256]
+    #[arg(long)]
+    channels: Option<usize>,
+    /// Sends in flight per connection in the closed loop (a session answers one at a time;
+    /// the rest wait in its socket) [default: 2]
+    #[arg(long)]
+    depth: Option<usize>,
+    /// Open-loop rates, messages/s in all, comma-separated [default: 1000,2000,4000]
+    #[arg(long, value_delimiter = ',')]
+    rates: Option<Vec<f64>>,
+    /// Seconds of each loop [default: 8]
+    #[arg(long)]
+    secs: Option<f64>,
+    /// Leaders SIGKILLed in turn [default: 3]
+    #[arg(long)]
+    failovers: Option<usize>,
+}
+
+impl ClusterArgs {
+    fn shape(&self) -> ClusterShape {
+        let mut s = if self.smoke {
+            ClusterShape::smoke()
+        } else {
+            ClusterShape::standard()
+        };
+        if let Some(n) = self.nodes {
+            s.nodes = n;
+        }
+        if let Some(n) = self.channels {
+            s.channels = n;
+        }
+        if let Some(n) = self.depth {
+            s.depth = n;
+        }
+        if let Some(r) = &self.rates {
+            s.rates = r.clone();
+        }
+        if let Some(secs) = self.secs {
+            s.closed_secs = secs;
+            s.open_secs = secs;
+        }
+        if let Some(n) = self.failovers {
+            s.failovers = n;
+        }
+        s
+    }
 }
 
 impl NotifyArgs {
@@ -530,6 +591,9 @@ fn main() -> anyhow::Result<()> {
     if let Cmd::Notify(a) = &cli.command {
         return notify(&runner, a, &load_before);
     }
+    if let Cmd::Cluster(a) = &cli.command {
+        return cluster(&runner, a, &load_before);
+    }
     if let Cmd::Search(a) = &cli.command {
         return search(&runner, a, !cli.common.no_peers, &load_before);
     }
@@ -589,7 +653,7 @@ fn main() -> anyhow::Result<()> {
             results.search = Some((shapes.search, searched.map_err(|e| format!("{e:#}"))));
             ("suite", !a.no_readme)
         }
-        Cmd::Worker | Cmd::Files(_) | Cmd::Search(_) | Cmd::Notify(_) => {
+        Cmd::Worker | Cmd::Files(_) | Cmd::Search(_) | Cmd::Notify(_) | Cmd::Cluster(_) => {
             unreachable!("handled above")
         }
     };
@@ -1066,6 +1130,32 @@ fn files(runner: &ChorusRunner, a: &FilesArgs, load_before: &str) -> anyhow::Res
         outcome.previews_ready,
         outcome.preview_sent
     );
+    Ok(())
+}
+
+/// `cluster`: runs alone and prints its table (no peers, no plots).
+fn cluster(runner: &ChorusRunner, a: &ClusterArgs, load_before: &str) -> anyhow::Result<()> {
+    let shape = a.shape();
+    let started = Instant::now();
+    let outcome = chorus_bench::load::cluster::run(
+        &runner.binary,
+        &runner.work_root,
+        &runner.settings,
+        &shape,
+        &runner.progress,
+    )?;
+    runner.progress.finish_and_clear();
+    println!(
+        "cluster: {}; {} shards and {} partitions per node, {}-byte messages; load average \
+         (1, 5, 15 min) {load_before} at the start, {} at the end; {:.0} s\n",
+        machine(),
+        runner.settings.shards,
+        runner.settings.partitions,
+        shape.body_bytes,
+        loadavg(),
+        started.elapsed().as_secs_f64()
+    );
+    print!("{}", outcome.table(&shape));
     Ok(())
 }
 

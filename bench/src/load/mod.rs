@@ -9,6 +9,7 @@
 
 pub mod chorus;
 pub mod client;
+pub mod cluster;
 pub mod corpus;
 pub mod files;
 pub mod history;
