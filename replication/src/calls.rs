@@ -3,9 +3,10 @@
 //! relays that node's answer.
 //!
 //! The bytes are the server's own (the gateway encodes a REST call); this module only
-//! carries them. [`call`] opens a connection of its own to the peer's cluster address of
-//! the same shard, says `HELLO`, sends one `CALL` frame and reads one `ANSWER` frame, within
-//! [`CALL_TIMEOUT`]. On the receiving node the shard's transport hands the call to whatever
+//! carries them. [`call`] takes a connection to the peer's cluster address of the same
+//! shard (one an earlier call left open, or a new one that says `HELLO`), sends one `CALL`
+//! frame and reads one `ANSWER` frame, within [`CALL_TIMEOUT`]; a connection answered
+//! whole is kept for the next call, one the peer closed meanwhile is never used. On the receiving node the shard's transport hands the call to whatever
 //! serves calls on that shard ([`Calls::serve`], the gateway), and writes its answer back; a
 //! shard with nobody serving calls closes the connection, which the caller sees as an error.
 //!
