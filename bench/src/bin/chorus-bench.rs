@@ -203,6 +203,9 @@ struct ClusterArgs {
     /// Leaders SIGKILLed in turn [default: 3]
     #[arg(long)]
     failovers: Option<usize>,
+    /// Connect to the nodes in turn, whoever leads, instead of to each partition's leader
+    #[arg(long)]
+    any_node: bool,
 }
 
 impl ClusterArgs {
@@ -231,6 +234,7 @@ impl ClusterArgs {
         if let Some(n) = self.failovers {
             s.failovers = n;
         }
+        s.any_node = self.any_node;
         s
     }
 }

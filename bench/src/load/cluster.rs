@@ -28,6 +28,10 @@
 //!
 //!    Before each loop the run waits for every node's search index to stand still, so
 //!    that indexing the last window's messages is not measured in the next.
+//!
+//!    With `any_node`, connections go to the nodes in turn instead, as behind a load
+//!    balancer: a node that does not lead a channel's partition passes each send on to
+//!    the one that does (`API.md` §15), and the figures include that.
 //! 3. **Failover** (the cluster leg only), `failovers` rounds: the node that leads the
 //!    most of the channels' partitions is SIGKILLed, and at once one prober per such
 //!    partition posts to a channel in it over REST through another node, again every
@@ -90,6 +94,9 @@ pub struct ClusterShape {
     pub open_secs: f64,
     /// Leaders SIGKILLed in turn.
     pub failovers: usize,
+    /// Connections go to the nodes in turn, whoever leads (a load balancer's spread), not
+    /// to each partition's leader: a node that does not lead passes each send on.
+    pub any_node: bool,
 }
 
 impl ClusterShape {
@@ -104,6 +111,7 @@ impl ClusterShape {
             rates: vec![1_000.0, 2_000.0, 4_000.0],
             open_secs: 8.0,
             failovers: 3,
+            any_node: false,
         }
     }
 
@@ -118,6 +126,7 @@ impl ClusterShape {
             rates: vec![100.0],
             open_secs: 1.0,
             failovers: 1,
+            any_node: false,
         }
     }
 }
@@ -183,8 +192,13 @@ impl ClusterOutcome {
     /// The report: one row per figure, the single node and the cluster side by side.
     pub fn table(&self, shape: &ClusterShape) -> String {
         let rf = self.replication_factor;
+        let via = if shape.any_node {
+            "each connection to the nodes in turn, whoever leads"
+        } else {
+            "each connection to its partition's leader"
+        };
         let mut out = format!(
-            "| figure | RF=1 (one node) | RF={rf} ({} nodes) | RF={rf} / RF=1 |\n|---|---|---|---|\n",
+            "{via}\n\n| figure | RF=1 (one node) | RF={rf} ({} nodes) | RF={rf} / RF=1 |\n|---|---|---|---|\n",
             shape.nodes
         );
         let (s, c) = (&self.single, &self.cluster);
@@ -597,9 +611,14 @@ async fn measure(
     }
     let leaders = wait_for_leaders(nodes).await?;
     let mut conns = Vec::new();
-    for (channel, partition, token) in &nodes.channels {
-        let leader = leaders[partition];
-        let addr = nodes.addr(leader).context("a leader is down")?;
+    let running = nodes.running();
+    for (i, (channel, partition, token)) in nodes.channels.iter().enumerate() {
+        let node = if shape.any_node {
+            running[i % running.len()]
+        } else {
+            leaders[partition]
+        };
+        let addr = nodes.addr(node).context("a leader is down")?;
         let dialer = Dialer::new(&Target::WebSocket(addr), IpAddr::V4(Ipv4Addr::LOCALHOST))?;
         let Conn::WebSocket(ws) = dialer.connect(token).await? else {
             bail!("a WebSocket dialer opened another kind of session");
