@@ -458,6 +458,15 @@ impl Nodes {
             .collect())
     }
 
+    /// One channel of each partition that has any: partition → the channel's index.
+    fn one_per_partition(&self) -> BTreeMap<u64, usize> {
+        let mut out = BTreeMap::new();
+        for (i, (_, partition, _)) in self.channels.iter().enumerate() {
+            out.entry(*partition).or_insert(i);
+        }
+        out
+    }
+
     /// Waits until every running node's search index has taken every event (its count of
     /// indexed events the same twice, [`QUIET`] apart), so that one window's backlog is not
     /// indexed during the next and measured there.
@@ -741,8 +750,8 @@ async fn with_leaders<T>(
     )))
 }
 
-/// Waits until every channel's partition has a leader that takes a post through it; the
-/// leaders then.
+/// Waits until every channel's partition has a leader that takes a post through it (one
+/// channel's post per partition); the leaders then.
 async fn wait_for_leaders(nodes: &Nodes) -> anyhow::Result<HashMap<u64, u64>> {
     let started = Instant::now();
     'again: loop {
@@ -757,8 +766,8 @@ async fn wait_for_leaders(nodes: &Nodes) -> anyhow::Result<HashMap<u64, u64>> {
         let Ok(leaders) = nodes.leaders(via).await else {
             continue;
         };
-        for (i, (_, partition, _)) in nodes.channels.iter().enumerate() {
-            let Some(&leader) = leaders.get(partition) else {
+        for (partition, i) in nodes.one_per_partition() {
+            let Some(&leader) = leaders.get(&partition) else {
                 continue 'again;
             };
             if nodes.addr(leader).is_none() {
@@ -942,27 +951,14 @@ async fn send(ws: &mut Ws, channel: &str, body: &str, prefix: &str, k: u64) -> a
     Ok(())
 }
 
-/// One failover round: SIGKILL the node leading the most of the channels' partitions,
-/// probe each of those partitions through another node until it takes a post, restart
-/// the node and wait until every partition has a leader that takes writes again.
+/// One failover round: once every partition has a leader that takes writes, SIGKILL the
+/// node leading the most of the channels' partitions, probe each of those partitions
+/// through another node until it takes a post, and restart the node.
 async fn failover(nodes: &mut Nodes) -> anyhow::Result<Failover> {
-    let leaders = wait_for_leaders(nodes).await?;
+    // Time for preferred leaders to move back to a node restarted by the last round.
     tokio::time::sleep(SETTLE).await;
-    let leaders = {
-        // The map again, after preferred leaders had time to move back.
-        let via = nodes.running()[0];
-        let again = nodes.leaders(via).await?;
-        if nodes.channels.iter().all(|(_, p, _)| again.contains_key(p)) {
-            again
-        } else {
-            leaders
-        }
-    };
-    // One channel per partition, and who leads it.
-    let mut per_partition: BTreeMap<u64, usize> = BTreeMap::new();
-    for (i, (_, partition, _)) in nodes.channels.iter().enumerate() {
-        per_partition.entry(*partition).or_insert(i);
-    }
+    let leaders = wait_for_leaders(nodes).await?;
+    let per_partition = nodes.one_per_partition();
     let mut led: BTreeMap<u64, usize> = BTreeMap::new();
     for p in per_partition.keys() {
         *led.entry(leaders[p]).or_default() += 1;
@@ -1010,7 +1006,6 @@ async fn failover(nodes: &mut Nodes) -> anyhow::Result<Failover> {
     let server = ChorusServer::start(&nodes.binary, work, settings)
         .with_context(|| format!("restart node {victim}"))?;
     nodes.nodes[index].2 = Some(server);
-    wait_for_leaders(nodes).await?;
     Ok(Failover {
         node: victim,
         first_write_ms,
