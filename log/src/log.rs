@@ -57,6 +57,10 @@ pub struct LogConfig {
     /// a kernel worker; the file grows once per this many bytes. Recovery reads the zeros
     /// as the end of the records and cuts them, as it cuts the padding of a last block.
     pub preallocate_bytes: u64,
+    /// Bytes of the newest written records kept in memory (up to twice this), so that the
+    /// readers that follow the tail (consumers, Raft followers, a resume) get them without
+    /// a device read: the files are written with O_DIRECT, so no page cache holds them.
+    pub recent_bytes: usize,
 }
 
 impl Default for LogConfig {
@@ -68,6 +72,7 @@ impl Default for LogConfig {
             pending_bytes_max: 16 * 1024 * 1024,
             read_chunk_bytes: 64 * 1024,
             preallocate_bytes: 4 * 1024 * 1024,
+            recent_bytes: 256 * 1024,
         }
     }
 }
@@ -178,6 +183,8 @@ struct State<F> {
     pending_positions: Vec<u32>,
     /// An emptied buffer kept for the next batch.
     spare: Vec<u8>,
+    /// The newest written bytes of one segment.
+    recent: Recent,
     poisoned: Option<String>,
     /// Set while a truncation runs: offsets are about to be reassigned, so appenders wait.
     truncating: bool,
@@ -313,6 +320,7 @@ impl<S: Storage> Log<S> {
                 pending: Vec::new(),
                 pending_positions: Vec::new(),
                 spare: Vec::new(),
+                recent: Recent::default(),
                 poisoned: None,
                 truncating: false,
                 epoch: 0,
@@ -636,6 +644,8 @@ impl<S: Storage> Log<S> {
             st.synced_next = next;
         }
         let first = st.written_next;
+        let base = st.segments.last().expect("active segment").base;
+        st.recent.wrote(base, pos, &batch, self.config.recent_bytes);
         let active = st.segments.last_mut().expect("active segment");
         for (i, at) in positions.iter().enumerate() {
             active.index.observe(first + i as u64, pos + *at as u64);
@@ -794,12 +804,12 @@ impl<S: Storage> Log<S> {
                     if pos + needed as u64 <= seg_len && buf_pos + (buf.len() as u64) < seg_len =>
                 {
                     let want = needed.max(chunk).min((seg_len - pos) as usize);
-                    buf = source.fetch(pos, want).await?;
+                    buf = self.fetch(&source, base, pos, want).await?;
                     buf_pos = pos;
                 }
                 Decoded::End if buf_pos + (buf.len() as u64) < seg_len && pos < seg_len => {
                     let want = chunk.min((seg_len - pos) as usize);
-                    buf = source.fetch(pos, want).await?;
+                    buf = self.fetch(&source, base, pos, want).await?;
                     buf_pos = pos;
                 }
                 Decoded::Invalid(e) => return Err(corrupt_err(CorruptReason::Record(e))),
@@ -807,6 +817,22 @@ impl<S: Storage> Log<S> {
             }
         }
         Ok(())
+    }
+
+    /// Bytes `[pos, pos + len)` of the segment at `base`, from memory when they are among
+    /// the newest written (then possibly fewer: up to the end of what was written), else
+    /// from `source`.
+    async fn fetch(
+        &self,
+        source: &Source<S::File>,
+        base: u64,
+        pos: u64,
+        len: usize,
+    ) -> io::Result<Bytes> {
+        if let Some(bytes) = self.state.borrow().recent.get(base, pos, len) {
+            return Ok(bytes);
+        }
+        source.fetch(pos, len).await
     }
 
     /// Where to read the segment holding `offset` from, and the index entry to start at.
@@ -932,6 +958,7 @@ impl<S: Storage> Log<S> {
         }
         self.storage.sync_dir().await?;
         let mut st = self.state.borrow_mut();
+        st.recent.cut(base, position);
         st.segments.truncate(k + 1);
         let s = &mut st.segments[k];
         s.next = cut;
@@ -1017,6 +1044,7 @@ impl<S: Storage> Log<S> {
         let mut st = self.state.borrow_mut();
         st.segments.clear();
         st.segments.push(Segment::empty(next, file, &self.config));
+        st.recent = Recent::default();
         st.first_offset = next;
         st.written_next = next;
         st.synced_next = next;
@@ -1063,6 +1091,71 @@ impl<S: Storage> Log<S> {
             }
         }
         Ok(())
+    }
+}
+
+/// The newest written bytes of one segment: `bytes` are its bytes from position `pos`, up
+/// to its end when they were last appended to. Only the active segment is appended to, so
+/// they stay right for a segment just sealed, until the new one's first write replaces
+/// them; a truncation cuts them with the segment.
+#[derive(Default)]
+struct Recent {
+    /// The base offset of the segment they belong to.
+    base: u64,
+    pos: u64,
+    bytes: Vec<u8>,
+}
+
+impl Recent {
+    fn end(&self) -> u64 {
+        self.pos + self.bytes.len() as u64
+    }
+
+    /// Takes `data`, just written at `pos` of the segment at `base`, keeping the newest
+    /// `keep` to `2 * keep` bytes: trimming only past twice the bound moves each byte at
+    /// most once.
+    fn wrote(&mut self, base: u64, pos: u64, data: &[u8], keep: usize) {
+        if self.base != base || self.end() != pos || keep == 0 {
+            self.base = base;
+            self.pos = pos;
+            self.bytes.clear();
+            if keep == 0 {
+                self.pos += data.len() as u64;
+                return;
+            }
+        }
+        self.bytes.extend_from_slice(data);
+        if self.bytes.len() > 2 * keep {
+            let cut = self.bytes.len() - keep;
+            self.bytes.drain(..cut);
+            self.pos += cut as u64;
+        }
+    }
+
+    /// The segment at `base` now ends at `len`; later segments are gone.
+    fn cut(&mut self, base: u64, len: u64) {
+        if self.base < base {
+            return;
+        }
+        if self.base > base || len <= self.pos {
+            *self = Recent {
+                base,
+                pos: len,
+                bytes: Vec::new(),
+            };
+        } else {
+            self.bytes.truncate((len - self.pos) as usize);
+        }
+    }
+
+    /// Up to `len` bytes from `pos` of the segment at `base`, if `pos` is held.
+    fn get(&self, base: u64, pos: u64, len: usize) -> Option<Bytes> {
+        if self.base != base || pos < self.pos || pos >= self.end() {
+            return None;
+        }
+        let from = (pos - self.pos) as usize;
+        let to = from.saturating_add(len).min(self.bytes.len());
+        Some(Bytes::copy_from_slice(&self.bytes[from..to]))
     }
 }
 

@@ -389,6 +389,13 @@ fn run_seed(seed: u64) -> Result<(), String> {
         read_chunk_bytes: 256 + rng.below(4096) as usize,
         // Half the seeds write zeros ahead of the records, half do not.
         preallocate_bytes: if rng.chance(500) { 0 } else { rng.below(8192) },
+        // A third of the seeds read every record from the storage; the rest keep a short
+        // run of the newest bytes in memory, often shorter than one record.
+        recent_bytes: if rng.chance(333) {
+            0
+        } else {
+            rng.below(4096) as usize
+        },
     };
     let model: Shared<Model> = Rc::default();
     for _cycle in 0..2 {

@@ -18,6 +18,12 @@ pub trait Layer: Clone {
         Ok(())
     }
 
+    /// Before a file's `read_at` of `bytes` bytes.
+    fn read(&self, bytes: usize) -> io::Result<()> {
+        let _ = bytes;
+        Ok(())
+    }
+
     /// Before a file's `sync_data`.
     fn sync_data(&self) -> io::Result<()> {
         Ok(())
@@ -116,6 +122,7 @@ impl<F: StorageFile, L: Layer> StorageFile for LayeredFile<F, L> {
     }
 
     async fn read_at(&self, pos: u64, len: usize) -> io::Result<Vec<u8>> {
+        self.layer.read(len)?;
         self.inner.read_at(pos, len).await
     }
 
