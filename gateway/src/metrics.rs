@@ -253,14 +253,22 @@ impl Metrics {
         }
     }
 
-    /// Replaces the per-workspace message counts (kept by the `workspace_metrics`
-    /// consumer, which owns them; this is the copy a scrape reads).
+    /// Sets these workspaces' message counts (kept by the `workspace_metrics` consumer,
+    /// which owns them; this is the copy a scrape reads). Workspaces not named keep theirs:
+    /// the consumer passes the counts a page moved, not every count at every page.
     pub fn set_workspace_messages(&self, counts: &std::collections::BTreeMap<String, u64>) {
         let mut shown = self
             .workspace_messages
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        shown.clone_from(counts);
+        for (workspace, &count) in counts {
+            match shown.get_mut(workspace.as_str()) {
+                Some(n) => *n = count,
+                None => {
+                    shown.insert(workspace.clone(), count);
+                }
+            }
+        }
     }
 
     /// Records an accepted connection.
@@ -672,6 +680,20 @@ mod tests {
         }
         assert!(text.ends_with('\n'));
         parse(&text);
+    }
+
+    #[test]
+    fn workspace_counts_not_named_keep_their_value() {
+        // Proves the consumer can pass only the counts a page moved: the others stay.
+        let m = Metrics::new();
+        let counts = |pairs: &[(&str, u64)]| -> std::collections::BTreeMap<String, u64> {
+            pairs.iter().map(|(w, n)| (w.to_string(), *n)).collect()
+        };
+        m.set_workspace_messages(&counts(&[("W1", 4), ("W2", 7)]));
+        m.set_workspace_messages(&counts(&[("W2", 9), ("W3", 1)]));
+        let s = parse(&m.render());
+        let sample = |w: &str| s[&format!("chorus_workspace_messages_total{{workspace=\"{w}\"}}")];
+        assert_eq!((sample("W1"), sample("W2"), sample("W3")), (4.0, 9.0, 1.0));
     }
 
     #[test]

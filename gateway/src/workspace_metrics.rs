@@ -22,6 +22,7 @@ use futures::future::{select, Either, LocalBoxFuture};
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -49,16 +50,41 @@ pub struct State {
 }
 
 impl State {
-    /// Counts the messages of a page of `partition` and moves its cursor past them.
-    pub fn apply(&mut self, partition: u32, page: &CommittedPage) {
+    /// Counts the messages of a page of `partition`, moves its cursor past them, and
+    /// returns the new count of each workspace whose count moved: the counts a page
+    /// changes, not all of them, so publishing it costs the page's workspaces however many
+    /// the server holds.
+    pub fn apply(&mut self, partition: u32, page: &CommittedPage) -> BTreeMap<String, u64> {
+        let mut moved = BTreeMap::new();
+        // The ID's text, written into one buffer: an allocation per workspace the page
+        // touches, not per message.
+        let mut key = String::new();
         for e in &page.events {
             if let CommittedKind::Channel(r) = &e.event {
                 if r.event.posted().is_some() {
-                    *self.counts.entry(r.workspace.to_string()).or_default() += 1;
+                    key.clear();
+                    write!(key, "{}", r.workspace).expect("writing to a String");
+                    let count = match self.counts.get_mut(key.as_str()) {
+                        Some(n) => {
+                            *n += 1;
+                            *n
+                        }
+                        None => {
+                            self.counts.insert(key.clone(), 1);
+                            1
+                        }
+                    };
+                    match moved.get_mut(key.as_str()) {
+                        Some(n) => *n = count,
+                        None => {
+                            moved.insert(key.clone(), count);
+                        }
+                    }
                 }
             }
         }
         self.cursors.insert(partition, page.next);
+        moved
     }
 }
 
@@ -152,8 +178,8 @@ pub async fn run(
         let next = select(reads.next(), &mut tick);
         match select(next, &mut stop).await {
             Either::Left((Either::Left((Some((p, Ok(page))), _)), _)) => {
-                state.apply(p, &page);
-                metrics.set_workspace_messages(&state.counts);
+                let moved = state.apply(p, &page);
+                metrics.set_workspace_messages(&moved);
                 dirty = true;
                 reads.push(read(&consumer, p, page.next));
             }
