@@ -10,7 +10,9 @@ use std::str::FromStr;
 
 const ALPHABET: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";
 
-fn encode(mut n: u64, out: &mut String) {
+/// Writes `n` in base32: from a buffer on the stack, so formatting an ID allocates nothing
+/// (every frame the server writes carries several).
+fn encode(mut n: u64, out: &mut impl fmt::Write) -> fmt::Result {
     let mut buf = [0u8; 13];
     let mut i = buf.len();
     loop {
@@ -21,7 +23,7 @@ fn encode(mut n: u64, out: &mut String) {
             break;
         }
     }
-    out.push_str(std::str::from_utf8(&buf[i..]).expect("ascii"));
+    out.write_str(std::str::from_utf8(&buf[i..]).expect("ascii"))
 }
 
 fn decode(s: &str) -> Option<u64> {
@@ -56,10 +58,8 @@ macro_rules! id_type {
 
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                let mut s = String::with_capacity(14);
-                s.push($prefix);
-                encode(self.0, &mut s);
-                f.write_str(&s)
+                fmt::Write::write_char(f, $prefix)?;
+                encode(self.0, f)
             }
         }
 
@@ -113,12 +113,10 @@ pub struct MessageId {
 
 impl fmt::Display for MessageId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut s = String::with_capacity(28);
-        s.push('M');
-        encode(self.channel.0, &mut s);
-        s.push('-');
-        encode(self.seq, &mut s);
-        f.write_str(&s)
+        f.write_str("M")?;
+        encode(self.channel.0, f)?;
+        f.write_str("-")?;
+        encode(self.seq, f)
     }
 }
 
@@ -150,6 +148,22 @@ impl serde::Serialize for MessageId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // The strings themselves are the API's: pinned, so a change to how they are written
+    // (from a buffer on the stack) cannot change them.
+    #[test]
+    fn strings_are_kind_and_base32() {
+        assert_eq!(UserId(0).to_string(), "U0");
+        assert_eq!(ChannelId(33).to_string(), "C11");
+        assert_eq!(WorkspaceId(u64::MAX).to_string(), "Wfzzzzzzzzzzzz");
+        let m = MessageId {
+            channel: ChannelId(31),
+            seq: 32 * 32,
+        };
+        assert_eq!(m.to_string(), "Mz-100");
+        assert_eq!(serde_json::to_string(&m).unwrap(), "\"Mz-100\"");
+        assert_eq!(serde_json::to_string(&FileId(10)).unwrap(), "\"Fa\"");
+    }
 
     // IDs round-trip through their strings, and a string of another kind is refused.
     #[test]

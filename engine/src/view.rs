@@ -17,7 +17,25 @@ use std::time::{Duration, UNIX_EPOCH};
 
 /// An RFC 3339 UTC time with microseconds, from microseconds since the epoch.
 pub fn rfc3339(at_us: u64) -> String {
-    humantime::format_rfc3339_micros(UNIX_EPOCH + Duration::from_micros(at_us)).to_string()
+    Rfc3339(at_us).to_string()
+}
+
+/// A time in microseconds since the epoch, shown (and serialized) as [`rfc3339`] gives it,
+/// with no `String` in between.
+#[derive(Clone, Copy, Debug)]
+pub struct Rfc3339(pub u64);
+
+impl std::fmt::Display for Rfc3339 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let at = UNIX_EPOCH + Duration::from_micros(self.0);
+        std::fmt::Display::fmt(&humantime::format_rfc3339_micros(at), f)
+    }
+}
+
+impl Serialize for Rfc3339 {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 /// `file`: `{"id","workspace_id","user_id","name","size","content_type","sha256",
@@ -395,9 +413,9 @@ impl Serialize for MessageView {
         map.serialize_entry("thread_id", &self.thread_id)?;
         map.serialize_entry("reply_count", &self.reply_count)?;
         map.serialize_entry("reactions", &Reactions(&self.reactions))?;
-        map.serialize_entry("edited_at", &self.edited_at.map(rfc3339))?;
+        map.serialize_entry("edited_at", &self.edited_at.map(Rfc3339))?;
         map.serialize_entry("deleted", &self.deleted)?;
-        map.serialize_entry("created_at", &rfc3339(self.created_at))?;
+        map.serialize_entry("created_at", &Rfc3339(self.created_at))?;
         map.serialize_entry("client_msg_id", &self.client_msg_id)?;
         map.serialize_entry("files", &self.files)?;
         map.end()

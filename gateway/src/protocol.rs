@@ -10,7 +10,7 @@ use bytes::Bytes;
 use chorus_engine::domain::channel::{Content, Sealed};
 use chorus_engine::ids::{ChannelId, MessageId, UserId};
 use chorus_engine::presence::{OwnPresence, Presence, WatchOp, PRESENCE_WATCH_MAX};
-use chorus_engine::view::rfc3339;
+use chorus_engine::view::{rfc3339, Rfc3339};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -432,7 +432,23 @@ pub fn ack_read_value(reference: &Value, read: &Value) -> Bytes {
 
 /// `ack`, with the message the command changed (`null` for deletions and reactions).
 pub fn ack(reference: &Value, message: Option<&chorus_engine::view::MessageView>) -> Bytes {
-    encode(&json!({"type": "ack", "ref": reference, "message": message}))
+    let frame = Ack {
+        kind: "ack",
+        reference,
+        message,
+    };
+    Bytes::from(serde_json::to_vec(&frame).expect("an ack always serializes"))
+}
+
+/// An `ack` written straight from the message's view: through a JSON value it took a map
+/// and a string for every field of the message, at every send.
+#[derive(Serialize)]
+struct Ack<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(rename = "ref")]
+    reference: &'a Value,
+    message: Option<&'a chorus_engine::view::MessageView>,
 }
 
 /// `ack` with a message already in JSON (a command the leader answered).
@@ -459,17 +475,6 @@ pub fn own_presence_value(user: UserId, own: &OwnPresence) -> Value {
 /// [`presence_value`], with no intermediate JSON value (a frame of a hundred users would
 /// otherwise allocate a map and its strings per user).
 struct PresenceOut<'a>(UserId, &'a Presence);
-
-/// An RFC 3339 time written straight into the output.
-struct Rfc3339(u64);
-
-impl Serialize for Rfc3339 {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&humantime::format_rfc3339_micros(
-            std::time::UNIX_EPOCH + std::time::Duration::from_micros(self.0),
-        ))
-    }
-}
 
 impl Serialize for PresenceOut<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -613,6 +618,36 @@ mod tests {
                 b.to_string(): expected_b}})
         );
         assert_eq!(presence_value(b, &pb)["status"], "offline");
+    }
+
+    // An ack written straight from the view is the JSON the value-built one was: every
+    // field of the message, times in RFC 3339, and a null message for a command without one.
+    #[test]
+    fn acks_are_the_json_of_their_message() {
+        use chorus_engine::domain::channel::{Message, StoredBody};
+        use chorus_engine::view::MessageView;
+        let m = Message {
+            seq: 5,
+            user: UserId(2),
+            versions: vec![(StoredBody::Text("hi \"there\"".into()), 0)].into(),
+            thread: Some(3),
+            reply_count: 1,
+            reactions: vec![("tada".into(), vec![UserId(2)])],
+            edited_at: Some(2_500_000),
+            deleted: false,
+            created_at: 1_500_000,
+            client_msg_id: Some("k".into()),
+            files: Box::default(),
+        };
+        let view = MessageView::new(ChannelId(7), &m, "hi \"there\"");
+        let reference = json!({"n": 1});
+        let frame: Value = serde_json::from_slice(&ack(&reference, Some(&view))).unwrap();
+        let expected = json!({"type": "ack", "ref": reference, "message": view});
+        assert_eq!(frame, expected);
+        assert_eq!(frame["message"]["edited_at"], "1970-01-01T00:00:02.500000Z");
+        assert_eq!(frame["message"]["id"], "M7-5");
+        let bare: Value = serde_json::from_slice(&ack(&json!("r"), None)).unwrap();
+        assert_eq!(bare, json!({"type": "ack", "ref": "r", "message": null}));
     }
 
     fn code_of(text: &str) -> &'static str {
