@@ -440,20 +440,26 @@ pub fn ack(reference: &Value, message: Option<&chorus_engine::view::MessageView>
     Bytes::from(serde_json::to_vec(&frame).expect("an ack always serializes"))
 }
 
-/// An `ack` written straight from the message's view: through a JSON value it took a map
-/// and a string for every field of the message, at every send.
+/// An `ack` written straight from its message (the engine's view, or the leader's JSON):
+/// through a JSON value it took a map and a string for every field of the message, at
+/// every send.
 #[derive(Serialize)]
-struct Ack<'a> {
+struct Ack<'a, M> {
     #[serde(rename = "type")]
     kind: &'static str,
     #[serde(rename = "ref")]
     reference: &'a Value,
-    message: Option<&'a chorus_engine::view::MessageView>,
+    message: Option<&'a M>,
 }
 
 /// `ack` with a message already in JSON (a command the leader answered).
 pub fn ack_value(reference: &Value, message: &Value) -> Bytes {
-    encode(&json!({"type": "ack", "ref": reference, "message": message}))
+    let frame = Ack {
+        kind: "ack",
+        reference,
+        message: Some(message),
+    };
+    Bytes::from(serde_json::to_vec(&frame).expect("an ack always serializes"))
 }
 
 /// `presence`: `{"user_id","status","dnd_until","last_active_at"}`.

@@ -64,24 +64,20 @@ impl State {
                 if r.event.posted().is_some() {
                     key.clear();
                     write!(key, "{}", r.workspace).expect("writing to a String");
-                    let count = match self.counts.get_mut(key.as_str()) {
-                        Some(n) => {
-                            *n += 1;
-                            *n
-                        }
+                    match self.counts.get_mut(key.as_str()) {
+                        Some(n) => *n += 1,
                         None => {
                             self.counts.insert(key.clone(), 1);
-                            1
                         }
-                    };
-                    match moved.get_mut(key.as_str()) {
-                        Some(n) => *n = count,
-                        None => {
-                            moved.insert(key.clone(), count);
-                        }
+                    }
+                    if !moved.contains_key(key.as_str()) {
+                        moved.insert(key.clone(), 0);
                     }
                 }
             }
+        }
+        for (workspace, n) in &mut moved {
+            *n = self.counts[workspace];
         }
         self.cursors.insert(partition, page.next);
         moved

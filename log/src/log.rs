@@ -1115,14 +1115,10 @@ impl Recent {
     /// `keep` to `2 * keep` bytes: trimming only past twice the bound moves each byte at
     /// most once.
     fn wrote(&mut self, base: u64, pos: u64, data: &[u8], keep: usize) {
-        if self.base != base || self.end() != pos || keep == 0 {
+        if self.base != base || self.end() != pos {
             self.base = base;
             self.pos = pos;
             self.bytes.clear();
-            if keep == 0 {
-                self.pos += data.len() as u64;
-                return;
-            }
         }
         self.bytes.extend_from_slice(data);
         if self.bytes.len() > 2 * keep {
