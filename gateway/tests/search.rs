@@ -401,6 +401,64 @@ fn freshness() {
     assert_eq!(page["total"], BURST);
 }
 
+// Messages posted close together become searchable in one index commit: a batch gathers
+// for a window after its first event instead of committing at once (a commit's cost is
+// mostly fixed, so back-to-back commits cost a node more than its deliveries did). Two
+// posts whose acks are well inside the window must share a commit; an attempt whose
+// posts came further apart (a stalled machine) proves nothing and is tried again.
+#[test]
+fn close_posts_share_one_commit() {
+    const WINDOW: Duration = chorus_search::indexer::BATCH_WINDOW;
+    let server = Server::start(UNLIMITED);
+    let alice = server.signup("alice");
+    let wid = server.workspace(&alice, &[]);
+    let general = server.channel(&wid, &alice, "general", &[]);
+    let commits = || server.metric("chorus_search_index_commits_total") as u64;
+    // The commit count once nothing is left to index: unchanged over three windows.
+    let settled = || {
+        let mut last = commits();
+        loop {
+            std::thread::sleep(WINDOW * 3);
+            let now = commits();
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+    };
+    let words = [
+        "amber", "birch", "cedar", "delta", "ember", "fjord", "grove", "heron", "inlet", "juniper",
+    ];
+    let mut shared = 0;
+    for word in words {
+        let before = settled();
+        let first = server.post(&alice, &general, &format!("{word} one"));
+        let acked = Instant::now();
+        let second = server.post(&alice, &general, &format!("{word} two"));
+        let gap = acked.elapsed();
+        wait_total(&server, &alice, &wid, word, 2);
+        let made = settled() - before;
+        assert!(made >= 1, "two posts searchable without a commit?");
+        if gap < WINDOW / 3 {
+            assert_eq!(
+                made,
+                1,
+                "{} and {} acked {gap:?} apart took {made} commits",
+                str_of(&first["id"]),
+                str_of(&second["id"]),
+            );
+            shared += 1;
+        }
+        if shared == 3 {
+            return;
+        }
+    }
+    panic!(
+        "only {shared} of 10 attempts posted twice within {:?}",
+        WINDOW / 3
+    );
+}
+
 // A member finds only what they may read, under every operator: never a private channel
 // they are not in, never another workspace, and in: naming either matches nothing.
 #[test]

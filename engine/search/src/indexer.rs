@@ -24,10 +24,12 @@
 //!   arrives. (A share indexed after the file's deletion leaves such a partial document
 //!   for good: a few bytes, never a result.) Extracted text comes back from the extractor
 //!   thread and is written into the file's document, which clears the flag.
-//! - **Batching.** After the first event of a batch, every page already answered is taken
-//!   too, for at most [`BATCH_WINDOW`]; then one commit and one explicit `reload()` of the
-//!   reader (`ReloadPolicy::Manual`), the moment from which the batch is searchable. Under
-//!   load the pages that arrive during a commit make the next batch.
+//! - **Batching.** A batch opens with its first event and takes every page and text
+//!   answered within [`BATCH_WINDOW`] after it; then one commit and one explicit
+//!   `reload()` of the reader (`ReloadPolicy::Manual`), the moment from which the batch is
+//!   searchable. A commit's cost is mostly fixed (a segment's files created and synced,
+//!   its term dictionary builders, and the merges the segments make), so commits are
+//!   spaced by the window rather than run back to back.
 //! - **Failure.** A commit that fails (the directory was removed, the disk failed) starts
 //!   the index over: it is moved aside, created empty, and rebuilt from the logs while
 //!   queries keep being answered from what it holds.
@@ -40,18 +42,22 @@ use chorus_engine::domain::event::{Body, ChannelEvent, ChannelRecord, MetaEvent,
 use chorus_engine::ids::{FileId, MessageId};
 use chorus_engine::{Consumer, Engine, EngineError};
 use futures::channel::{mpsc, oneshot};
-use futures::future::{select, Either, FutureExt, LocalBoxFuture};
+use futures::future::{select, Either, LocalBoxFuture};
 use futures::stream::{FuturesUnordered, StreamExt};
+use futures::task::ArcWake;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tantivy::collector::TopDocs;
 use tantivy::query::TermQuery;
 use tantivy::schema::IndexRecordOption;
 use tantivy::{IndexWriter, TantivyDocument};
 
-/// The longest a batch gathers events before its commit.
+/// How long a batch gathers events after its first, before its commit: an event is
+/// searchable at most this long plus a commit after it is read.
 pub const BATCH_WINDOW: Duration = Duration::from_millis(100);
 /// How long the indexer waits before reading a log again after a read failed.
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(1);
@@ -137,6 +143,63 @@ fn run(
                 }
             }
         }
+    }
+}
+
+/// The indexer's next event: the stop first, then a page or an extracted text, whichever
+/// is answered; `None` once `deadline` passes with none of them.
+fn wait(
+    stop: &mut oneshot::Receiver<()>,
+    reads: &mut FuturesUnordered<LocalBoxFuture<'static, Read>>,
+    extracted: &mut Option<mpsc::Receiver<Extracted>>,
+    deadline: Option<Instant>,
+) -> Option<Next> {
+    // Once the extractor is gone (it stopped or failed), its channel answers `None` at
+    // once, every time: stop asking it rather than spin.
+    let texts = std::pin::pin!(async {
+        match extracted.as_mut() {
+            Some(rx) => rx.next().await,
+            None => futures::future::pending().await,
+        }
+    });
+    // The stop first: `select` polls its left side first, and while the index catches up
+    // some read is always ready, so a stop polled second would wait for the whole backlog
+    // (a cluster node under load took 8 s to drain).
+    let next = select(stop, select(reads.next(), texts));
+    let next = match deadline {
+        Some(deadline) => block_until(next, deadline)?,
+        None => futures::executor::block_on(next),
+    };
+    Some(match next {
+        Either::Right((Either::Left((Some(read), _)), _)) => Next::Read(read),
+        Either::Right((Either::Right((Some(text), _)), _)) => Next::Text(text),
+        Either::Right((Either::Right((None, _)), _)) => Next::TextsGone,
+        Either::Right((Either::Left((None, _)), _)) | Either::Left(_) => Next::Stop,
+    })
+}
+
+/// Polls `future` on this thread, parked between wake-ups, until it is ready (`Some`) or
+/// `deadline` passes (`None`).
+fn block_until<F: Future>(future: F, deadline: Instant) -> Option<F::Output> {
+    struct Unpark(std::thread::Thread);
+    impl ArcWake for Unpark {
+        fn wake_by_ref(this: &Arc<Self>) {
+            this.0.unpark();
+        }
+    }
+    let waker = futures::task::waker(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+            return Some(out);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return None;
+        }
+        // A wake-up, a spurious return or the deadline: each is followed by a poll.
+        std::thread::park_timeout(deadline - now);
     }
 }
 
@@ -247,54 +310,25 @@ impl<'a> Indexer<'a> {
             .chain([self.read(LogId::Meta)])
             .collect();
         loop {
-            let next = {
-                // Once the extractor is gone (it stopped or failed), its channel answers
-                // `None` at once, every time: stop asking it rather than spin.
-                let texts = std::pin::pin!(async {
-                    match extracted.as_mut() {
-                        Some(rx) => rx.next().await,
-                        None => futures::future::pending().await,
+            // The first event of a batch, however long it takes to come; then whatever
+            // comes within the batch window after it, so one commit carries it all.
+            let mut stopping = false;
+            let mut deadline = None;
+            while !stopping {
+                let Some(next) = wait(stop, &mut reads, extracted, deadline) else {
+                    break;
+                };
+                deadline.get_or_insert_with(|| Instant::now() + BATCH_WINDOW);
+                match next {
+                    Next::Read(read) => self.take(read, &mut reads)?,
+                    Next::Text(text) => self.take_text(text)?,
+                    Next::TextsGone => {
+                        tracing::error!(
+                            "search: the text extractor stopped; files keep their names only"
+                        );
+                        *extracted = None;
                     }
-                });
-                // The stop first: `select` polls its left side first, and while the index
-                // catches up some read is always ready, so a stop polled second would wait
-                // for the whole backlog (a cluster node under load took 8 s to drain).
-                match futures::executor::block_on(select(&mut *stop, select(reads.next(), texts))) {
-                    Either::Right((Either::Left((Some(read), _)), _)) => Next::Read(read),
-                    Either::Right((Either::Right((Some(text), _)), _)) => Next::Text(text),
-                    Either::Right((Either::Right((None, _)), _)) => Next::TextsGone,
-                    Either::Right((Either::Left((None, _)), _)) | Either::Left(_) => Next::Stop,
-                }
-            };
-            let stopping = match next {
-                Next::Read(read) => {
-                    self.take(read, &mut reads)?;
-                    false
-                }
-                Next::Text(text) => {
-                    self.take_text(text)?;
-                    false
-                }
-                Next::TextsGone => {
-                    tracing::error!(
-                        "search: the text extractor stopped; files keep their names only"
-                    );
-                    *extracted = None;
-                    false
-                }
-                Next::Stop => true,
-            };
-            // Take every page and text already answered, within the batch window.
-            let opened = Instant::now();
-            while !stopping && opened.elapsed() < BATCH_WINDOW {
-                let text = extracted.as_mut().and_then(|rx| rx.next().now_or_never());
-                if let Some(Some(text)) = text {
-                    self.take_text(text)?;
-                    continue;
-                }
-                match reads.next().now_or_never() {
-                    Some(Some(read)) => self.take(read, &mut reads)?,
-                    _ => break,
+                    Next::Stop => stopping = true,
                 }
             }
             if self.dirty {
@@ -608,5 +642,33 @@ impl<'a> Indexer<'a> {
             status.set_state(State::Ready);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_until_returns_at_the_deadline_without_a_value() {
+        let start = Instant::now();
+        let out = block_until(
+            futures::future::pending::<()>(),
+            start + Duration::from_millis(30),
+        );
+        assert_eq!(out, None);
+        assert!(start.elapsed() >= Duration::from_millis(30));
+    }
+
+    #[test]
+    fn block_until_takes_a_value_sent_from_another_thread() {
+        let (tx, rx) = oneshot::channel();
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            tx.send(7).unwrap();
+        });
+        let out = block_until(rx, Instant::now() + Duration::from_secs(30));
+        assert_eq!(out, Some(Ok(7)));
+        sender.join().unwrap();
     }
 }
