@@ -629,7 +629,11 @@ fn restart_and_rebuild() {
 
     // Damaged while stopped: moved aside and rebuilt.
     server.kill();
-    std::fs::write(index.join("meta.json"), b"{ not json").unwrap();
+    let commit_point = chorus_search::directory::IndexDirectory::commit_point_files(&index);
+    assert!(!commit_point.is_empty());
+    for file in commit_point {
+        std::fs::write(file, b"{ not json").unwrap();
+    }
     server.restart();
     assert_eq!(server.metric("chorus_search_index_rebuilds_total"), 1.0);
     wait_total(&server, &alice, &wid, "kiwi", 41);

@@ -400,7 +400,7 @@ pub enum OpenError {
 /// is of another format, is moved aside to `<dir>.corrupt` (replacing an older one) and
 /// created anew. Either way `rebuilt` is set and the cursors start at 0.
 pub fn open(dir: &Path) -> Result<Opened, OpenError> {
-    if dir.join("meta.json").exists() {
+    if !crate::directory::IndexDirectory::commit_point_files(dir).is_empty() {
         match open_existing(dir) {
             Ok(opened) => return Ok(opened),
             Err(e) => {
@@ -440,7 +440,9 @@ fn create(dir: &Path) -> Result<Opened, OpenError> {
         source,
     })?;
     let (schema, fields) = Fields::schema();
-    let index = Index::create_in_dir(dir, schema)?;
+    let directory =
+        crate::directory::IndexDirectory::open(dir).map_err(tantivy::TantivyError::from)?;
+    let index = Index::create(directory, schema, tantivy::IndexSettings::default())?;
     register(&index);
     let reader = reader(&index)?;
     Ok(Opened {
@@ -482,7 +484,8 @@ fn clear_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 fn open_existing(dir: &Path) -> Result<Opened, String> {
-    let index = Index::open_in_dir(dir).map_err(|e| e.to_string())?;
+    let directory = crate::directory::IndexDirectory::open(dir).map_err(|e| e.to_string())?;
+    let index = Index::open(directory).map_err(|e| e.to_string())?;
     let (schema, fields) = Fields::schema();
     if index.schema() != schema {
         return Err("the index has another schema".into());

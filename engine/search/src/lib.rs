@@ -13,6 +13,7 @@
 //! - [`people`]: the member search (a prefix of a name word or of the email).
 //! - [`text`]: the tokenizers that index and queries share.
 
+pub mod directory;
 pub mod extract;
 pub mod forward;
 #[doc(hidden)]

@@ -165,7 +165,9 @@ fn cursors_live_in_the_commit() {
     );
     assert_eq!(opened.reader.searcher().num_docs(), 1);
     drop(opened);
-    std::fs::write(path.join("meta.json"), b"{").unwrap();
+    for file in chorus_search::directory::IndexDirectory::commit_point_files(&path) {
+        std::fs::write(file, b"{").unwrap();
+    }
     let opened = index::open(&path).unwrap();
     assert!(opened.rebuilt);
     assert!(opened.payload.cursors.is_empty());
