@@ -178,16 +178,24 @@ fn wait(
     // The stop first: `select` polls its left side first, and while the index catches up
     // some read is always ready, so a stop polled second would wait for the whole backlog
     // (a cluster node under load took 8 s to drain).
-    let next = select(stop, select(reads.next(), texts));
+    // Every log may be waiting for the batch's commit (none read): then only a text, the
+    // stop or the deadline can come.
+    let read = std::pin::pin!(async {
+        match reads.next().await {
+            Some(read) => read,
+            None => futures::future::pending().await,
+        }
+    });
+    let next = select(stop, select(read, texts));
     let next = match deadline {
         Some(deadline) => block_until(next, deadline)?,
         None => futures::executor::block_on(next),
     };
     Some(match next {
-        Either::Right((Either::Left((Some(read), _)), _)) => Next::Read(read),
+        Either::Right((Either::Left((read, _)), _)) => Next::Read(read),
         Either::Right((Either::Right((Some(text), _)), _)) => Next::Text(text),
         Either::Right((Either::Right((None, _)), _)) => Next::TextsGone,
-        Either::Right((Either::Left((None, _)), _)) | Either::Left(_) => Next::Stop,
+        Either::Left(_) => Next::Stop,
     })
 }
 
@@ -246,6 +254,9 @@ struct Indexer<'a> {
     /// The highest extraction result taken into this batch.
     extracted: u64,
     dirty: bool,
+    /// Logs answered at their end in this batch, read again only once it is committed
+    /// (see [`Indexer::take`]).
+    caught_up: Vec<LogId>,
 }
 
 impl<'a> Indexer<'a> {
@@ -297,15 +308,21 @@ impl<'a> Indexer<'a> {
             pending_files: HashMap::new(),
             extracted: 0,
             dirty: false,
+            caught_up: Vec::new(),
         })
+    }
+
+    /// The offset to read `log` from next.
+    fn cursor(&self, log: LogId) -> u64 {
+        match log {
+            LogId::Meta => self.meta,
+            LogId::Partition(p) => self.cursors.get(&p).copied().unwrap_or(0),
+        }
     }
 
     fn read(&self, log: LogId) -> LocalBoxFuture<'static, Read> {
         let consumer = self.consumer.clone();
-        let from = match log {
-            LogId::Meta => self.meta,
-            LogId::Partition(p) => self.cursors.get(&p).copied().unwrap_or(0),
-        };
+        let from = self.cursor(log);
         Box::pin(async move {
             let page = consumer.read(log, from).await;
             (log, page)
@@ -345,46 +362,89 @@ impl<'a> Indexer<'a> {
                     Next::Stop => stopping = true,
                 }
             }
+            if !stopping {
+                self.top_up()?;
+            }
             if self.dirty {
                 self.commit()?;
             }
             if stopping {
                 return Ok(());
             }
+            for log in std::mem::take(&mut self.caught_up) {
+                reads.push(self.read(log));
+            }
         }
     }
 
-    /// Applies one read and asks for the next.
+    /// Applies one read. A log with more committed events than the page is read again at
+    /// once; one read to its end is read again after the batch's commit (with a last look
+    /// at the window's end, [`Self::top_up`]): under a steady rate each commit of a
+    /// partition would otherwise answer a read and wake its shard for the next one.
     fn take(
         &mut self,
         (log, page): Read,
         reads: &mut FuturesUnordered<LocalBoxFuture<'static, Read>>,
     ) -> Result<(), String> {
-        match page {
+        let more = match page {
             Ok(page) => {
-                for e in &page.events {
-                    match &e.event {
-                        CommittedKind::Channel(r) => self.apply(r)?,
-                        CommittedKind::Meta(r) => self.apply_meta(r)?,
-                        CommittedKind::Read(_) => {}
-                    }
-                }
-                let n = page.events.len() as u64;
-                self.search.status.events.fetch_add(n, Ordering::Relaxed);
-                match log {
-                    LogId::Meta => self.meta = page.next,
-                    LogId::Partition(p) => {
-                        self.cursors.insert(p, page.next);
-                    }
-                }
-                self.dirty = true;
+                self.apply_page(log, &page)?;
+                page.next < page.end
             }
             Err(e) => {
                 tracing::warn!(error = %e, ?log, "search indexer: read failed");
                 std::thread::sleep(RETRY_INTERVAL);
+                true
+            }
+        };
+        if more {
+            reads.push(self.read(log));
+        } else {
+            self.caught_up.push(log);
+        }
+        Ok(())
+    }
+
+    /// At the end of a batch's window, takes what the logs read to their end in it have
+    /// committed since, without waiting, so that it is in this commit.
+    fn top_up(&mut self) -> Result<(), String> {
+        let reads = self.caught_up.iter().map(|&log| {
+            let consumer = self.consumer.clone();
+            let from = self.cursor(log);
+            async move { (log, consumer.read_now(log, from).await) }
+        });
+        let pages = futures::executor::block_on(futures::future::join_all(reads));
+        for (log, page) in pages {
+            match page {
+                Ok(page) => self.apply_page(log, &page)?,
+                // The read after the commit tries again.
+                Err(e) => tracing::warn!(error = %e, ?log, "search indexer: read failed"),
             }
         }
-        reads.push(self.read(log));
+        Ok(())
+    }
+
+    /// Indexes a page's events and moves its log's cursor past them.
+    fn apply_page(&mut self, log: LogId, page: &CommittedPage) -> Result<(), String> {
+        for e in &page.events {
+            match &e.event {
+                CommittedKind::Channel(r) => self.apply(r)?,
+                CommittedKind::Meta(r) => self.apply_meta(r)?,
+                CommittedKind::Read(_) => {}
+            }
+        }
+        let n = page.events.len() as u64;
+        self.search.status.events.fetch_add(n, Ordering::Relaxed);
+        if n == 0 {
+            return Ok(());
+        }
+        match log {
+            LogId::Meta => self.meta = page.next,
+            LogId::Partition(p) => {
+                self.cursors.insert(p, page.next);
+            }
+        }
+        self.dirty = true;
         Ok(())
     }
 
