@@ -38,6 +38,8 @@ pub const RSS_SETTLE: Duration = Duration::from_secs(2);
 const CLOSE_SETTLE: Duration = Duration::from_secs(15);
 /// Bytes of text of each history message.
 const HISTORY_BODY_BYTES: usize = 100;
+/// How long the history server may take to index its seeded log for search before reads.
+const HISTORY_SEARCH_READY_GIVE_UP: Duration = Duration::from_secs(600);
 
 /// Where and how Chorus runs.
 #[derive(Clone, Debug)]
@@ -467,9 +469,19 @@ impl ChorusRunner {
         self.progress
             .set_message("history: server replaying its log");
         let server = ChorusServer::start(&self.binary, dir.path(), &self.settings)?;
+        // The reads are of a settled server: one started on a seeded directory indexes all
+        // of it for search first (a million messages), on the cores the reads need.
+        self.progress
+            .set_message("history: server indexing its log for search");
+        let rt = Self::runtime()?;
+        rt.block_on(server::search_ready(
+            &reqwest::Client::new(),
+            &format!("http://{}", server.addr),
+            HISTORY_SEARCH_READY_GIVE_UP,
+        ))?;
         let usage = UsageWindow::start(server.pid());
         let channel = pop.channels[0].to_string();
-        let (page, wrong) = Self::runtime()?.block_on(super::history::read_pages(
+        let (page, wrong) = rt.block_on(super::history::read_pages(
             &format!("http://{}", server.addr),
             &token,
             &pop.owner.to_string(),

@@ -62,8 +62,6 @@ const WARMUP_GIVE_UP: Duration = Duration::from_secs(300);
 const STALL_GIVE_UP: Duration = Duration::from_secs(20);
 /// How often a waiting run looks at the sink's counts.
 const POLL_EVERY: Duration = Duration::from_millis(5);
-/// How often the search index's state is asked while waiting for it.
-const SEARCH_POLL_EVERY: Duration = Duration::from_millis(100);
 
 /// The sizes of a `notify` run.
 #[derive(Clone, Debug)]
@@ -574,21 +572,8 @@ impl Api {
 
     /// Waits until the server's search index is `ready` (caught up with the logs).
     async fn search_ready(&self, give_up: Duration) -> anyhow::Result<()> {
-        let started = Instant::now();
-        loop {
-            let text = self.metrics().await?;
-            if text
-                .lines()
-                .any(|l| l == "chorus_search_index_state{state=\"ready\"} 1")
-            {
-                return Ok(());
-            }
-            ensure!(
-                started.elapsed() < give_up,
-                "the search index was not ready within {give_up:?}"
-            );
-            tokio::time::sleep(SEARCH_POLL_EVERY).await;
-        }
+        let root = self.base.trim_end_matches("/api/v1");
+        server::search_ready(&self.client, root, give_up).await
     }
 
     /// Posts `text` as the holder of `token`; the message ID and the wall-clock time its

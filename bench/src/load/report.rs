@@ -809,7 +809,9 @@ pub fn details(results: &Results) -> String {
              last). The layers differ: a Chorus read is a whole REST call (HTTP/1.1, token \
              check, 50 messages rendered as JSON and parsed by the client), a PostgreSQL read \
              is its prepared SQL query over its binary protocol, rows decoded, with no API \
-             server in front. The engine-level Chorus figure is under the server notes.\n",
+             server in front. The Chorus server's reads begin once its search index has \
+             caught up with the seeded log. The engine-level Chorus figure is under the \
+             server notes.\n",
             sh.messages, sh.queries, sh.page, sh.concurrency
         );
         out.push_str(LATENCY_HEAD);

@@ -272,6 +272,39 @@ fn parse_listening(line: &str) -> Option<(SocketAddr, Option<SocketAddr>)> {
     Some((http, field("quic=").and_then(|a| a.parse().ok())))
 }
 
+/// How often [`search_ready`] asks.
+const SEARCH_POLL_EVERY: Duration = Duration::from_millis(100);
+
+/// Waits until the server at `root` (`http://host:port`) says in its `/metrics` that its
+/// search index is `ready`: caught up with the logs. A server started on a seeded data
+/// directory indexes all of it first, on the cores the figures are measured on.
+pub async fn search_ready(
+    client: &reqwest::Client,
+    root: &str,
+    give_up: Duration,
+) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    loop {
+        let text = client
+            .get(format!("{root}/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        if text
+            .lines()
+            .any(|l| l == "chorus_search_index_state{state=\"ready\"} 1")
+        {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            started.elapsed() < give_up,
+            "the search index was not ready within {give_up:?}"
+        );
+        tokio::time::sleep(SEARCH_POLL_EVERY).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
