@@ -62,6 +62,11 @@ pub const BATCH_WINDOW: Duration = Duration::from_millis(100);
 /// Segments smaller than this many documents are merged as if they had this many.
 pub const MERGE_MIN_LAYER_DOCS: u32 = 500;
 
+/// How long the indexer waits before reading a log again after a read failed.
+pub const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+/// The writer's memory budget (tantivy's arena, one indexing thread).
+pub const WRITER_BYTES: usize = 32 << 20;
+
 /// tantivy's log merge policy, with small segments in layers of their own. Its default
 /// puts every segment under 10,000 documents in one layer, so with a commit every window
 /// each merge of eight rewrote the one growing segment with seven small ones: each
@@ -71,11 +76,6 @@ fn merge_policy() -> tantivy::merge_policy::LogMergePolicy {
     policy.set_min_layer_size(MERGE_MIN_LAYER_DOCS);
     policy
 }
-
-/// How long the indexer waits before reading a log again after a read failed.
-pub const RETRY_INTERVAL: Duration = Duration::from_secs(1);
-/// The writer's memory budget (tantivy's arena, one indexing thread).
-pub const WRITER_BYTES: usize = 32 << 20;
 
 type Read = (LogId, Result<CommittedPage, EngineError>);
 
@@ -175,9 +175,6 @@ fn wait(
             None => futures::future::pending().await,
         }
     });
-    // The stop first: `select` polls its left side first, and while the index catches up
-    // some read is always ready, so a stop polled second would wait for the whole backlog
-    // (a cluster node under load took 8 s to drain).
     // Every log may be waiting for the batch's commit (none read): then only a text, the
     // stop or the deadline can come.
     let read = std::pin::pin!(async {
@@ -186,6 +183,9 @@ fn wait(
             None => futures::future::pending().await,
         }
     });
+    // The stop first: `select` polls its left side first, and while the index catches up
+    // some read is always ready, so a stop polled second would wait for the whole backlog
+    // (a cluster node under load took 8 s to drain).
     let next = select(stop, select(read, texts));
     let next = match deadline {
         Some(deadline) => block_until(next, deadline)?,
