@@ -132,7 +132,10 @@ pub enum Corruption {
 #[allow(async_fn_in_trait)]
 pub trait BlobStore {
     /// Stores `bytes` durably and returns their reference. Storing the same bytes again
-    /// returns the same reference without rewriting them.
+    /// returns the same reference without rewriting them. An error of kind
+    /// `NotConnected` says the store cannot reach what durability needs now (a cluster's
+    /// majority of nodes): the write that needed it is refused as unavailable, to be
+    /// sent again.
     async fn put(&self, bytes: Bytes) -> io::Result<BlobRef>;
 
     /// Reads the blob `blob` names, checking its length and hash.
@@ -220,7 +223,10 @@ impl BlobDir {
     }
 
     /// Stores `bytes` durably and returns their reference. Storing the same bytes again
-    /// returns the same reference without rewriting them.
+    /// returns the same reference without rewriting them. An error of kind
+    /// `NotConnected` says the store cannot reach what durability needs now (a cluster's
+    /// majority of nodes): the write that needed it is refused as unavailable, to be
+    /// sent again.
     fn put(&self, bytes: &[u8]) -> io::Result<BlobRef> {
         check_size(bytes)?;
         let blob = BlobRef::of(bytes);

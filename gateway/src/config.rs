@@ -435,7 +435,8 @@ impl Config {
 }
 
 impl Config {
-    /// Checks the email keys: none, or an SMTP URL with a sender and a public URL.
+    /// Checks the cluster keys: none, or this node among at most the most nodes, and no
+    /// pushes or email yet.
     fn validate_cluster(&self) -> Result<(), ConfigError> {
         let nodes = self.cluster_nodes().map_err(|m| invalid("cluster", m))?;
         match nodes {

@@ -109,12 +109,16 @@ fn open_engine(
     // The partitions' event logs share the disk with the journals: as little zeroed ahead.
     engine_config.log_preallocate_bytes = node.log.preallocate_bytes;
     let engine = match s3 {
-        Some(s3) => Engine::open_on(
-            engine_config,
-            root,
-            crate::files::store::S3BlobStore(s3.clone()),
-            in_cluster(node),
-        )?,
+        Some(s3) => {
+            // Every node reads and writes the one bucket: nothing to copy between them.
+            node.replicate_blobs = false;
+            Engine::open_on(
+                engine_config,
+                root,
+                crate::files::store::S3BlobStore(s3.clone()),
+                in_cluster(node),
+            )?
+        }
         None => {
             std::fs::create_dir_all(&config.data_dir)?;
             let blobs = chorus_engine::blob::DiskBlobStore::open(&config.data_dir.join("blobs"))?;
@@ -170,7 +174,7 @@ fn in_cluster<B>(
        + Sync
        + 'static
 where
-    B: Clone + 'static,
+    B: chorus_engine::blob::BlobStore + Clone + 'static,
 {
     move |ctx, env| chorus_replication::ClusterEnv::new(env, &node, ctx.id as u32)
 }

@@ -14,7 +14,7 @@
 //! have been decided), and the callee does not pass it on again.
 
 use crate::engine_env::shard_addr;
-use crate::transport::{ask, Cuts, Membership};
+use crate::transport::{ask, Asker, Cuts, Membership};
 use crate::wire::Frame;
 use futures::channel::{mpsc, oneshot};
 use std::collections::BTreeMap;
@@ -144,7 +144,12 @@ pub async fn call(
         }
     };
     let call = Frame::Call(request.to_vec());
-    match ask(addr, me, cluster.fingerprint(), &call, CALL_TIMEOUT).await? {
+    let asker = Asker {
+        addr,
+        me,
+        fingerprint: cluster.fingerprint(),
+    };
+    match ask(asker, &call, CALL_TIMEOUT).await? {
         Frame::Answer(answer) => Ok(answer),
         _ => Err(std::io::Error::other("an answer that is no ANSWER")),
     }

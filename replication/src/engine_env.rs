@@ -14,6 +14,7 @@
 //! The directory (the metadata partition, on shard 0) is group number `partitions`, and
 //! commits the same way.
 
+use crate::blobs::ReplicatedBlobs;
 use crate::event_log::ReplicatedLog;
 use crate::node::{Node, NodeConfig};
 use crate::replica::ProposeError;
@@ -93,17 +94,19 @@ fn scatter() -> u32 {
 }
 
 /// A shard's environment in a cluster: the real one ([`GlommioEnv`]), with the shard's
-/// [`Node`] for its partitions' groups.
+/// [`Node`] for its partitions' groups, and its blob store copied to the other nodes
+/// ([`ReplicatedBlobs`]).
 #[derive(Clone)]
 pub struct ClusterEnv<R: StorageRoot, B> {
     inner: GlommioEnv<R, B>,
+    blobs: ReplicatedBlobs<B>,
     /// The shard's node config (its addresses the shard's).
     config: Rc<NodeConfig>,
     /// Started with the first group, on the shard's executor.
     node: Rc<OnceCell<Rc<Node>>>,
 }
 
-impl<R: StorageRoot + 'static, B> ClusterEnv<R, B> {
+impl<R: StorageRoot + 'static, B: BlobStore + Clone + 'static> ClusterEnv<R, B> {
     /// Shard `shard`'s environment in a cluster of `config.membership` (whose addresses
     /// are the nodes', not the shards'). The shard binds its cluster address and starts
     /// its transport when the engine opens its first partition.
@@ -121,10 +124,14 @@ impl<R: StorageRoot + 'static, B> ClusterEnv<R, B> {
                 .map(|(id, addr)| (*id, shard_addr(*addr, shard)))
                 .collect(),
         };
+        let node = Rc::<OnceCell<Rc<Node>>>::default();
+        let blobs =
+            ReplicatedBlobs::new(inner.blobs().clone(), node.clone(), config.replicate_blobs);
         ClusterEnv {
             inner,
+            blobs,
             config: Rc::new(config),
-            node: Rc::default(),
+            node,
         }
     }
 
@@ -154,9 +161,12 @@ impl<R: StorageRoot + 'static, B> ClusterEnv<R, B> {
             use std::os::fd::{FromRawFd, IntoRawFd};
             glommio::net::TcpListener::from_raw_fd(bound.into_raw_fd())
         };
-        Ok(self
-            .node
-            .get_or_init(|| Rc::new(Node::listen((*self.config).clone(), listener))))
+        Ok(self.node.get_or_init(|| {
+            let node = Node::listen((*self.config).clone(), listener);
+            // Before any await: a peer may send a blob as soon as the node listens.
+            node.transport().serve_blobs(self.blobs.server());
+            Rc::new(node)
+        }))
     }
 }
 
@@ -166,7 +176,7 @@ where
     B: BlobStore + Clone + 'static,
 {
     type Root = R;
-    type Blobs = B;
+    type Blobs = ReplicatedBlobs<B>;
     type Task = <GlommioEnv<R, B> as Env>::Task;
     type Durability = ReplicatedDurability<R::Dir>;
 
@@ -174,8 +184,8 @@ where
         self.inner.root()
     }
 
-    fn blobs(&self) -> &B {
-        self.inner.blobs()
+    fn blobs(&self) -> &ReplicatedBlobs<B> {
+        &self.blobs
     }
 
     fn now(&self) -> Instant {

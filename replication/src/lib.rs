@@ -18,7 +18,9 @@
 //!   is one entry, and every replica appends its events at the same offsets once it is
 //!   committed;
 //! - [`ClusterEnv`]: the engine's environment on a cluster node, whose channel
-//!   partitions commit through their groups ([`ReplicatedDurability`]);
+//!   partitions commit through their groups ([`ReplicatedDurability`]) and whose blobs
+//!   (message bodies over 64 KiB) are stored on a majority of the nodes before the events
+//!   that name them, and fetched from a peer by a node that lacks one ([`blobs`]);
 //! - [`Node`]: the groups one node holds (multi-Raft): a replica of each group placement
 //!   puts there, one transport shared by all, messages routed by group, leaderships
 //!   moved to each group's preferred node;
@@ -37,6 +39,7 @@
 //! partitions, with crashes, and checks that every acknowledged entry is kept, identically
 //! and in the same order, on every node.
 
+pub mod blobs;
 pub mod board;
 pub mod calls;
 pub mod engine_env;
@@ -53,6 +56,7 @@ pub mod state;
 pub mod transport;
 pub mod wire;
 
+pub use blobs::ReplicatedBlobs;
 pub use board::{Board, GroupView};
 pub use engine_env::{ClusterEnv, ReplicatedDurability};
 pub use event_log::{EventLogMachine, ReplicatedLog};

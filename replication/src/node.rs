@@ -74,6 +74,9 @@ pub struct NodeConfig {
     pub shard: u32,
     /// Told when a group ends on a storage error (see [`OnStorageError`]).
     pub on_storage_error: OnStorageError,
+    /// Whether the engine's blobs are copied to the other nodes ([`crate::blobs`]): on,
+    /// unless every node shares one blob store (an S3 bucket).
+    pub replicate_blobs: bool,
 }
 
 /// What a node does when one of its groups ends on a storage error (a failed write or
@@ -124,6 +127,7 @@ impl NodeConfig {
             members: Members::default(),
             shard: 0,
             on_storage_error: OnStorageError::default(),
+            replicate_blobs: true,
         }
     }
 }
@@ -381,6 +385,11 @@ impl Node {
         .detach();
         self.tasks.borrow_mut().push((group, task));
         Ok(replica)
+    }
+
+    /// The transport the node's groups share.
+    pub fn transport(&self) -> &Rc<Transport> {
+        &self.transport
     }
 
     /// This node's id.

@@ -24,13 +24,17 @@
 //! A peer catching up after a snapshot fetches events on a connection of its own
 //! ([`Transport::fetch`]): `HELLO`, then `FETCH`, answered by one `EVENTS` frame that the
 //! owner's `serve` handler fills; the asker then closes it. A peer's server calls this
-//! node's the same way (`CALL`, answered by one `ANSWER`; see [`crate::calls`]).
+//! node's the same way (`CALL`, answered by one `ANSWER`; see [`crate::calls`]), and its
+//! blob store stores and reads blobs on this node's ([`crate::blobs`]): `BLOB_PIECE`s
+//! answered by `BLOB_DONE`, or `BLOB_GET` answered by the blob's pieces or a `BLOB_DONE`
+//! saying it is not held here, served by the [`BlobServer`] set with
+//! [`Transport::serve_blobs`].
 //!
 //! The fault layer: [`Transport::set_cut`] cuts this node off from a peer, both ways (what
 //! it would send is lost, what arrives from it is dropped), so that fault tests can
 //! partition a cluster of real processes without touching the host's network.
 
-use crate::wire::{self, Decoder, Frame, Joiner};
+use crate::wire::{self, BlobJoiner, BlobStatus, Decoder, Frame, Joiner};
 use futures::future::LocalBoxFuture;
 use futures::io::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
@@ -260,6 +264,28 @@ pub type Notice = Box<dyn Fn(u64, Vec<u8>)>;
 /// calls here).
 pub type Answer = Box<dyn Fn(u64, Vec<u8>) -> LocalBoxFuture<'static, Option<Vec<u8>>>>;
 
+/// What serves peers' blob exchanges on this node ([`crate::blobs`]).
+pub trait BlobServer {
+    /// Stores `bytes` as the blob whose BLAKE3 hash is `hash`, once they are checked
+    /// against it; whether they are now stored durably.
+    fn put(&self, hash: [u8; 32], bytes: Vec<u8>) -> LocalBoxFuture<'static, bool>;
+    /// The blob `hash` and `len` name, if this node's own store holds it (never asking a
+    /// peer in turn).
+    fn get(&self, hash: [u8; 32], len: u64) -> LocalBoxFuture<'static, Option<bytes::Bytes>>;
+}
+
+/// Where a transport's connections find the [`BlobServer`], once one is set.
+type BlobServers = Rc<RefCell<Option<Rc<dyn BlobServer>>>>;
+
+/// How to ask one peer on a connection of its own ([`Exchange`]): its address, this
+/// node's id and the cluster's fingerprint.
+#[derive(Clone, Copy, Debug)]
+pub struct Asker {
+    pub(crate) addr: SocketAddr,
+    pub(crate) me: u64,
+    pub(crate) fingerprint: u64,
+}
+
 /// The peers a transport knows, by id, with their addresses: shared with the tasks that
 /// accept and read connections, which refuse a node not among them.
 type Peers = Rc<RefCell<BTreeMap<u64, SocketAddr>>>;
@@ -282,6 +308,8 @@ pub struct Transport {
     cut: Cuts,
     /// The task that accepts, which owns the listener.
     accepting: RefCell<Option<glommio::task::JoinHandle<()>>>,
+    /// What serves peers' blob exchanges (none until [`Transport::serve_blobs`]).
+    blobs: BlobServers,
 }
 
 impl Transport {
@@ -315,6 +343,7 @@ impl Transport {
             stopped: Rc::default(),
             cut: cuts,
             accepting: RefCell::new(None),
+            blobs: BlobServers::default(),
         });
         for (&peer, &addr) in &membership.nodes {
             t.add_peer(peer, addr);
@@ -325,6 +354,7 @@ impl Transport {
             t.handlers.clone(),
             t.stopped.clone(),
             t.cut.clone(),
+            t.blobs.clone(),
         ))
         .detach();
         *t.accepting.borrow_mut() = Some(accepting);
@@ -383,6 +413,28 @@ impl Transport {
         self.cut.set(peer, cut);
     }
 
+    /// Serves peers' blob exchanges with `server` from now on (until then, a peer's blob
+    /// is refused and its requests find nothing).
+    pub fn serve_blobs(&self, server: Rc<dyn BlobServer>) {
+        *self.blobs.borrow_mut() = Some(server);
+    }
+
+    /// How to ask `peer` on a connection of its own; an error if the peer is unknown or
+    /// cut off.
+    pub fn asker(&self, peer: u64) -> std::io::Result<Asker> {
+        match self.known.peers.borrow().get(&peer) {
+            Some(&addr) if !self.cut.contains(peer) && !self.stopped.get() => Ok(Asker {
+                addr,
+                me: self.known.me,
+                fingerprint: self.known.fingerprint,
+            }),
+            _ => Err(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                format!("node {peer} cannot be asked"),
+            )),
+        }
+    }
+
     /// Asks `peer` for `group`'s committed events from offset `from` on, before `to`, on a
     /// connection of its own (so that a catch-up's bulk does not hold up the Raft messages
     /// of every group), and returns them as a batch: at most about
@@ -394,19 +446,9 @@ impl Transport {
         from: u64,
         to: u64,
     ) -> std::io::Result<Vec<u8>> {
-        let addr = self.known.peers.borrow().get(&peer).copied();
-        let addr = match addr {
-            Some(a) if !self.cut.contains(peer) => a,
-            _ => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::NotConnected,
-                    format!("node {peer} cannot be asked"),
-                ))
-            }
-        };
-        let (me, fingerprint) = (self.known.me, self.known.fingerprint);
+        let asker = self.asker(peer)?;
         let request = Frame::Fetch { group, from, to };
-        let asked = ask(addr, me, fingerprint, &request, FETCH_TIMEOUT);
+        let asked = ask(asker, &request, FETCH_TIMEOUT);
         match or_stop(&self.stopped, asked).await {
             Some(Ok(Frame::Events {
                 group: g,
@@ -587,47 +629,89 @@ fn split_batch(batch: Batch) -> Vec<Batch> {
     parts
 }
 
-/// Opens a connection of its own to `addr` as node `me`, sends `request` and returns the
-/// first frame that comes back, all within `timeout`; then closes the connection.
+/// Opens a connection of its own to the peer (or takes an idle one), sends `request` and
+/// returns the first frame that comes back, all within `timeout`.
 pub(crate) async fn ask(
-    addr: SocketAddr,
-    me: u64,
-    fingerprint: u64,
+    asker: Asker,
     request: &Frame,
     timeout: Duration,
 ) -> std::io::Result<Frame> {
     let mut out = Vec::new();
     wire::encode(request, &mut out).map_err(std::io::Error::other)?;
-    let asked = async move {
-        let mut c = match take_idle(addr) {
+    within(timeout, async move {
+        let mut x = Exchange::open(asker).await?;
+        x.write(&out).await?;
+        let answer = x.next().await?;
+        x.finish().await;
+        Ok(answer)
+    })
+    .await
+}
+
+/// `f`, or a `TimedOut` error once `timeout` has passed.
+pub(crate) async fn within<T>(
+    timeout: Duration,
+    f: impl std::future::Future<Output = std::io::Result<T>>,
+) -> std::io::Result<T> {
+    let timer = glommio::timer::Timer::new(timeout);
+    match futures::future::select(std::pin::pin!(f), timer).await {
+        futures::future::Either::Left((answer, _)) => answer,
+        futures::future::Either::Right(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
+}
+
+/// One request and its answer on a connection of its own to a peer: opened (or taken
+/// idle), written, read frame by frame, and kept for the next request if the answer was
+/// read whole.
+pub(crate) struct Exchange {
+    addr: SocketAddr,
+    c: TcpStream,
+    decoder: Decoder,
+    buf: Vec<u8>,
+}
+
+impl Exchange {
+    /// A connection to the peer: an idle one, or a new one that has said `HELLO`.
+    pub(crate) async fn open(asker: Asker) -> std::io::Result<Exchange> {
+        let c = match take_idle(asker.addr) {
             Some(c) => c,
-            None => connect(addr, me, fingerprint).await?,
+            None => connect(asker.addr, asker.me, asker.fingerprint).await?,
         };
-        c.write_all(&out).await?;
-        let mut decoder = Decoder::new();
-        let mut buf = vec![0u8; READ_BYTES];
-        let answer = loop {
-            if let Some(frame) = decoder.next_frame().map_err(std::io::Error::other)? {
-                break frame;
+        Ok(Exchange {
+            addr: asker.addr,
+            c,
+            decoder: Decoder::new(),
+            buf: vec![0u8; READ_BYTES],
+        })
+    }
+
+    /// Writes encoded frames.
+    pub(crate) async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.c.write_all(bytes).await
+    }
+
+    /// The next frame the peer sends.
+    pub(crate) async fn next(&mut self) -> std::io::Result<Frame> {
+        loop {
+            if let Some(frame) = self.decoder.next_frame().map_err(std::io::Error::other)? {
+                return Ok(frame);
             }
-            let n = c.read(&mut buf).await?;
+            let n = self.c.read(&mut self.buf).await?;
             if n == 0 {
                 return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
-            decoder.extend(&buf[..n]);
-        };
-        // One answer per request: anything more would be a broken peer.
-        if decoder.buffered() == 0 {
-            give_idle(addr, c);
-        } else {
-            let _ = c.close().await;
+            self.decoder.extend(&self.buf[..n]);
         }
-        Ok(answer)
-    };
-    let timer = glommio::timer::Timer::new(timeout);
-    match futures::future::select(std::pin::pin!(asked), timer).await {
-        futures::future::Either::Left((answer, _)) => answer,
-        futures::future::Either::Right(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
+
+    /// Ends the exchange: the connection is kept for the next request to the peer if
+    /// nothing more than the answer came (anything more would be a broken peer).
+    pub(crate) async fn finish(mut self) {
+        if self.decoder.buffered() == 0 {
+            give_idle(self.addr, self.c);
+        } else {
+            let _ = self.c.close().await;
+        }
     }
 }
 
@@ -720,6 +804,7 @@ async fn accept_loop(
     handlers: Rc<Handlers>,
     stopped: Rc<Stop>,
     cut: Cuts,
+    blobs: BlobServers,
 ) {
     // The listener is dropped, and so closed, when the transport stops: a node restarted
     // in the same process must not share its port with a listener nobody accepts on.
@@ -735,6 +820,7 @@ async fn accept_loop(
             handlers.clone(),
             stopped.clone(),
             cut.clone(),
+            blobs.clone(),
         ))
         .detach();
     }
@@ -747,9 +833,11 @@ async fn read_loop(
     handlers: Rc<Handlers>,
     stopped: Rc<Stop>,
     cut: Cuts,
+    blobs: BlobServers,
 ) {
     let mut decoder = Decoder::new();
     let mut joiner = Joiner::default();
+    let mut blob_in = BlobJoiner::default();
     let mut buf = vec![0u8; READ_BYTES];
     let mut from = None;
     while let Some(read) = or_stop(&stopped, stream.read(&mut buf)).await {
@@ -836,7 +924,83 @@ async fn read_loop(
                         deliver(node, notice);
                     }
                 }
-                (Frame::Fetch { .. } | Frame::Call(_), Some(node)) if cut.contains(node) => {
+                (
+                    Frame::BlobPiece {
+                        hash,
+                        len,
+                        offset,
+                        bytes,
+                    },
+                    Some(node),
+                ) if !cut.contains(node) => {
+                    let whole = match blob_in.push(hash, len, offset, &bytes) {
+                        Ok(whole) => whole,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "a cluster connection sent bad blob pieces; closing it");
+                            let _ = stream.close().await;
+                            return;
+                        }
+                    };
+                    if let Some((hash, bytes)) = whole {
+                        let server = blobs.borrow().clone();
+                        let stored = match server {
+                            Some(s) => s.put(hash, bytes).await,
+                            None => false,
+                        };
+                        let status = if stored {
+                            BlobStatus::Stored
+                        } else {
+                            BlobStatus::Failed
+                        };
+                        let mut out = Vec::new();
+                        let answer = Frame::BlobDone { hash, status };
+                        if wire::encode(&answer, &mut out).is_err()
+                            || stream.write_all(&out).await.is_err()
+                        {
+                            let _ = stream.close().await;
+                            return;
+                        }
+                    }
+                }
+                (Frame::BlobGet { hash, len }, Some(node)) if !cut.contains(node) => {
+                    let server = blobs.borrow().clone();
+                    let held = match server {
+                        Some(s) => s.get(hash, len).await,
+                        None => None,
+                    };
+                    let written = match held {
+                        Some(blob) => {
+                            let mut ok = true;
+                            for piece in wire::blob_pieces(&hash, &blob) {
+                                ok = match piece {
+                                    Ok(frame) => stream.write_all(&frame).await.is_ok(),
+                                    Err(_) => false,
+                                };
+                                if !ok {
+                                    break;
+                                }
+                            }
+                            ok
+                        }
+                        None => {
+                            let mut out = Vec::new();
+                            let status = BlobStatus::Missing;
+                            wire::encode(&Frame::BlobDone { hash, status }, &mut out).is_ok()
+                                && stream.write_all(&out).await.is_ok()
+                        }
+                    };
+                    if !written {
+                        let _ = stream.close().await;
+                        return;
+                    }
+                }
+                (
+                    Frame::Fetch { .. }
+                    | Frame::Call(_)
+                    | Frame::BlobPiece { .. }
+                    | Frame::BlobGet { .. },
+                    Some(node),
+                ) if cut.contains(node) => {
                     let _ = stream.close().await;
                     return;
                 }

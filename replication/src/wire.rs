@@ -29,6 +29,15 @@
 //! - `ANSWER` (7): the answer to a `CALL`: opaque bytes.
 //! - `NOTICE` (8): a one-way notice for this node's server ([`crate::calls::Calls`]), on the
 //!   connection that carries the sender's Raft messages: opaque bytes. Best effort.
+//! - `BLOB_PIECE` (9): a piece of a blob of the engine's blob store (a message body over
+//!   64 KiB, or the event frame that carries it; see [`crate::blobs`]), on a connection of
+//!   its own: the blob's BLAKE3 hash (32 bytes), its length and the piece's offset in it
+//!   (u64 each), then at most [`PART_BYTES`] of its bytes. The pieces of a blob follow
+//!   each other in order; a blob of no bytes is one empty piece. Sent to store a blob on
+//!   the receiving node, and as the answer to a `BLOB_GET`.
+//! - `BLOB_GET` (10): a request for a blob the receiving node holds: its hash and length.
+//! - `BLOB_DONE` (11): the end of a blob exchange: the hash and a status (u8): stored (0),
+//!   not held here (1), or not stored (2).
 //!
 //! A reader checks the length against [`FRAME_BYTES_MAX`] before it waits for the body, and
 //! the magic, version, kind, checksum and every inner length before it trusts any of it.
@@ -62,6 +71,11 @@ const KIND_EVENTS: u8 = 5;
 const KIND_CALL: u8 = 6;
 const KIND_ANSWER: u8 = 7;
 const KIND_NOTICE: u8 = 8;
+const KIND_BLOB_PIECE: u8 = 9;
+const KIND_BLOB_GET: u8 = 10;
+const KIND_BLOB_DONE: u8 = 11;
+/// The largest blob a node sends or takes, in bytes: the engine's blob store's limit.
+pub const BLOB_BYTES_MAX: u64 = chorus_engine::blob::BLOB_BYTES_MAX;
 /// Bytes of events an `EVENTS` frame carries at most (one event may make it larger, up to
 /// the frame limit).
 pub const EVENTS_BYTES: usize = 1 << 20;
@@ -115,6 +129,43 @@ pub enum Frame {
     /// messages: one way, best effort (what is lost is not sent again), such as a
     /// typing indicator for the node's own subscribers.
     Notice(Vec<u8>),
+    /// A piece of a blob (see [`BlobJoiner`]).
+    BlobPiece {
+        /// The blob's BLAKE3 hash.
+        hash: [u8; 32],
+        /// The blob's length in bytes.
+        len: u64,
+        /// Where this piece begins in the blob.
+        offset: u64,
+        /// The piece's bytes.
+        bytes: Vec<u8>,
+    },
+    /// A request for a blob.
+    BlobGet {
+        /// The blob's BLAKE3 hash.
+        hash: [u8; 32],
+        /// Its length in bytes.
+        len: u64,
+    },
+    /// The end of a blob exchange.
+    BlobDone {
+        /// The blob's BLAKE3 hash.
+        hash: [u8; 32],
+        /// What became of it.
+        status: BlobStatus,
+    },
+}
+
+/// How a blob exchange ended ([`Frame::BlobDone`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlobStatus {
+    /// The blob is stored durably on the node that answers.
+    Stored = 0,
+    /// The node does not hold the blob asked for.
+    Missing = 1,
+    /// The node did not store the blob: its bytes did not match their hash, or its disk
+    /// failed.
+    Failed = 2,
 }
 
 /// Why a byte stream is not a stream of frames.
@@ -198,6 +249,114 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) -> Result<(), WireError> {
             };
             seal(out, start, kind)
         }
+        Frame::BlobPiece {
+            hash,
+            len,
+            offset,
+            bytes,
+        } => encode_blob_piece(hash, *len, *offset, bytes, out),
+        Frame::BlobGet { hash, len } => {
+            let start = begin(out);
+            out.extend_from_slice(hash);
+            out.extend_from_slice(&len.to_le_bytes());
+            seal(out, start, KIND_BLOB_GET)
+        }
+        Frame::BlobDone { hash, status } => {
+            let start = begin(out);
+            out.extend_from_slice(hash);
+            out.push(*status as u8);
+            seal(out, start, KIND_BLOB_DONE)
+        }
+    }
+}
+
+/// Appends a `BLOB_PIECE` frame to `out`: `bytes` at `offset` of the blob `hash` of `len`
+/// bytes.
+pub fn encode_blob_piece(
+    hash: &[u8; 32],
+    len: u64,
+    offset: u64,
+    bytes: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), WireError> {
+    if bytes.len() > PART_BYTES || len > BLOB_BYTES_MAX || offset + bytes.len() as u64 > len {
+        return Err(WireError::Malformed {
+            kind: "blob piece",
+            why: format!(
+                "{} bytes at {offset} of a blob of {len} (pieces of at most {PART_BYTES}, \
+                 blobs of at most {BLOB_BYTES_MAX})",
+                bytes.len()
+            ),
+        });
+    }
+    let start = begin(out);
+    out.extend_from_slice(hash);
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&offset.to_le_bytes());
+    out.extend_from_slice(bytes);
+    seal(out, start, KIND_BLOB_PIECE)
+}
+
+/// The pieces of `blob`, whose BLAKE3 hash is `hash`, as `BLOB_PIECE` frames: one at a
+/// time, so that a large blob is never encoded whole.
+pub fn blob_pieces<'a>(
+    hash: &'a [u8; 32],
+    blob: &'a [u8],
+) -> impl Iterator<Item = Result<Vec<u8>, WireError>> + 'a {
+    let len = blob.len() as u64;
+    let pieces = blob.len().div_ceil(PART_BYTES).max(1);
+    (0..pieces).map(move |i| {
+        let from = (i * PART_BYTES).min(blob.len());
+        let to = (from + PART_BYTES).min(blob.len());
+        let mut out = Vec::with_capacity(HEADER_BYTES + 48 + (to - from));
+        encode_blob_piece(hash, len, from as u64, &blob[from..to], &mut out).map(|()| out)
+    })
+}
+
+/// A whole blob: its hash, as its sender named it, and its bytes.
+pub type Blob = ([u8; 32], Vec<u8>);
+
+/// Joins the pieces of one blob as they arrive on a connection.
+#[derive(Default)]
+pub struct BlobJoiner {
+    /// The hash, the length, and the bytes so far.
+    open: Option<([u8; 32], u64, Vec<u8>)>,
+}
+
+impl BlobJoiner {
+    /// Takes a piece; the blob's hash and bytes once its last piece came. A piece out of
+    /// order or of another blob is an error (the connection ends). The bytes are not
+    /// checked against the hash here: that is the store's check.
+    pub fn push(
+        &mut self,
+        hash: [u8; 32],
+        len: u64,
+        offset: u64,
+        bytes: &[u8],
+    ) -> Result<Option<Blob>, WireError> {
+        let bad = |why: &str| WireError::Malformed {
+            kind: "blob piece",
+            why: why.to_owned(),
+        };
+        if offset == 0 {
+            if self.open.is_some() {
+                return Err(bad("a blob begun before the last one ended"));
+            }
+            // Grown as pieces come, not reserved from a length the peer claims.
+            self.open = Some((hash, len, Vec::new()));
+        }
+        let Some((h, n, buf)) = self.open.as_mut() else {
+            return Err(bad("a piece of a blob never begun"));
+        };
+        if (*h, *n, buf.len() as u64) != (hash, len, offset) {
+            return Err(bad("a piece out of order"));
+        }
+        buf.extend_from_slice(bytes);
+        if (buf.len() as u64) < *n {
+            return Ok(None);
+        }
+        let (h, _, buf) = self.open.take().expect("open");
+        Ok(Some((h, buf)))
     }
 }
 
@@ -394,7 +553,7 @@ fn check_partial_header(h: &[u8]) -> Result<(), WireError> {
         }
     }
     if let Some(&k) = h.get(3) {
-        if !(KIND_HELLO..=KIND_NOTICE).contains(&k) {
+        if !(KIND_HELLO..=KIND_BLOB_DONE).contains(&k) {
             return Err(WireError::Kind(k));
         }
     }
@@ -410,6 +569,9 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Frame, WireError> {
         KIND_EVENTS => "events",
         KIND_CALL => "call",
         KIND_NOTICE => "notice",
+        KIND_BLOB_PIECE => "blob piece",
+        KIND_BLOB_GET => "blob get",
+        KIND_BLOB_DONE => "blob done",
         _ => "answer",
     };
     let bad = |why: &str| WireError::Malformed {
@@ -459,6 +621,41 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Frame, WireError> {
         KIND_CALL => Frame::Call(std::mem::take(&mut r).to_vec()),
         KIND_ANSWER => Frame::Answer(std::mem::take(&mut r).to_vec()),
         KIND_NOTICE => Frame::Notice(std::mem::take(&mut r).to_vec()),
+        KIND_BLOB_PIECE => {
+            let hash = take_hash(&mut r).ok_or_else(|| bad("short"))?;
+            let len = take_u64(&mut r).ok_or_else(|| bad("short"))?;
+            let offset = take_u64(&mut r).ok_or_else(|| bad("short"))?;
+            let fits = offset
+                .checked_add(r.len() as u64)
+                .is_some_and(|end| end <= len);
+            if r.len() > PART_BYTES || len > BLOB_BYTES_MAX || !fits {
+                return Err(bad("a piece past its blob, or larger than a piece may be"));
+            }
+            let bytes = std::mem::take(&mut r).to_vec();
+            Frame::BlobPiece {
+                hash,
+                len,
+                offset,
+                bytes,
+            }
+        }
+        KIND_BLOB_GET => {
+            let hash = take_hash(&mut r).ok_or_else(|| bad("short"))?;
+            let len = take_u64(&mut r).ok_or_else(|| bad("short"))?;
+            Frame::BlobGet { hash, len }
+        }
+        KIND_BLOB_DONE => {
+            let hash = take_hash(&mut r).ok_or_else(|| bad("short"))?;
+            let (&code, rest) = r.split_first().ok_or_else(|| bad("short"))?;
+            r = rest;
+            let status = match code {
+                0 => BlobStatus::Stored,
+                1 => BlobStatus::Missing,
+                2 => BlobStatus::Failed,
+                _ => return Err(bad("an unknown status")),
+            };
+            Frame::BlobDone { hash, status }
+        }
         _ => {
             let count = take_u32(&mut r).ok_or_else(|| bad("no count"))? as usize;
             // Each message takes at least 12 bytes, so a count the body cannot back is
@@ -491,6 +688,12 @@ fn take_u64(r: &mut &[u8]) -> Option<u64> {
     let (head, rest) = r.split_at_checked(8)?;
     *r = rest;
     Some(u64::from_le_bytes(head.try_into().ok()?))
+}
+
+fn take_hash(r: &mut &[u8]) -> Option<[u8; 32]> {
+    let (head, rest) = r.split_at_checked(32)?;
+    *r = rest;
+    head.try_into().ok()
 }
 
 fn take_u32(r: &mut &[u8]) -> Option<u32> {
@@ -561,6 +764,14 @@ fn raft_fields(frame: &Frame) -> String {
         Frame::Answer(bytes) => format!("answer {bytes:?}"),
         Frame::Notice(bytes) => format!("notice {bytes:?}"),
         Frame::Events { group, from, batch } => format!("events {group} {from} {batch:?}"),
+        Frame::BlobPiece {
+            hash,
+            len,
+            offset,
+            bytes,
+        } => format!("blob piece {hash:?} {len} {offset} {bytes:?}"),
+        Frame::BlobGet { hash, len } => format!("blob get {hash:?} {len}"),
+        Frame::BlobDone { hash, status } => format!("blob done {hash:?} {status:?}"),
         Frame::Raft(msgs) => {
             let mut out = String::from("raft");
             for (group, m) in msgs {
@@ -656,7 +867,88 @@ mod tests {
             Frame::Call(b"{\"method\":\"POST\"}".to_vec()),
             Frame::Notice(b"{\"typing\":1}".to_vec()),
             Frame::Answer(Vec::new()),
+            Frame::BlobPiece {
+                hash: [7; 32],
+                len: 10,
+                offset: 4,
+                bytes: b"abc".to_vec(),
+            },
+            Frame::BlobGet {
+                hash: [9; 32],
+                len: 1 << 20,
+            },
+            Frame::BlobDone {
+                hash: [9; 32],
+                status: BlobStatus::Missing,
+            },
         ]
+    }
+
+    #[test]
+    fn a_blob_goes_in_pieces_and_comes_back_whole() {
+        let blob: Vec<u8> = (0..(2 * PART_BYTES + 5) as u32).map(|i| i as u8).collect();
+        let hash = [3u8; 32];
+        let mut d = Decoder::new();
+        for piece in blob_pieces(&hash, &blob) {
+            d.extend(&piece.unwrap());
+        }
+        let mut joiner = BlobJoiner::default();
+        let (mut whole, mut pieces) = (None, 0);
+        while let Some(f) = d.next_frame().unwrap() {
+            let Frame::BlobPiece {
+                hash,
+                len,
+                offset,
+                bytes,
+            } = f
+            else {
+                panic!("a blob piece");
+            };
+            pieces += 1;
+            if let Some(b) = joiner.push(hash, len, offset, &bytes).unwrap() {
+                whole = Some(b);
+            }
+        }
+        assert_eq!(pieces, 3);
+        assert_eq!(whole, Some((hash, blob)));
+        // A blob of no bytes is one empty piece.
+        let empty: Vec<_> = blob_pieces(&hash, &[]).collect();
+        assert_eq!(empty.len(), 1);
+        let mut d = Decoder::new();
+        d.extend(empty[0].as_ref().unwrap());
+        let Some(Frame::BlobPiece {
+            len: 0,
+            offset: 0,
+            bytes,
+            ..
+        }) = d.next_frame().unwrap()
+        else {
+            panic!("an empty piece");
+        };
+        assert!(bytes.is_empty());
+        // A piece out of order, of another blob, or of none begun ends the connection.
+        let mut j = BlobJoiner::default();
+        assert!(j.push(hash, 10, 4, b"x").is_err());
+        let mut j = BlobJoiner::default();
+        j.push(hash, 10, 0, b"abc").unwrap();
+        assert!(j.push(hash, 10, 4, b"x").is_err());
+        let mut j = BlobJoiner::default();
+        j.push(hash, 10, 0, b"abc").unwrap();
+        assert!(j.push([4; 32], 10, 3, b"x").is_err());
+        let mut j = BlobJoiner::default();
+        j.push(hash, 10, 0, b"abc").unwrap();
+        assert!(j.push(hash, 10, 0, b"abc").is_err());
+        // A piece past its blob's end, or of a blob over the limit, is refused at both ends.
+        assert!(encode_blob_piece(&hash, 2, 0, b"abc", &mut Vec::new()).is_err());
+        assert!(encode_blob_piece(&hash, BLOB_BYTES_MAX + 1, 0, b"", &mut Vec::new()).is_err());
+        let mut out = Vec::new();
+        encode_blob_piece(&hash, 3, 0, b"abc", &mut out).unwrap();
+        out[HEADER_BYTES + 32] = 2; // the length, now shorter than the piece
+        let sum = xxh3_64(&out[HEADER_BYTES..]);
+        out[8..16].copy_from_slice(&sum.to_le_bytes());
+        let mut d = Decoder::new();
+        d.extend(&out);
+        assert!(d.next_frame().is_err());
     }
 
     #[test]

@@ -81,9 +81,14 @@ pub(crate) struct Partition<E: Env> {
     /// cluster every node's directory asks its own replica of the partition, and the one
     /// that leads (now or later) decides them.
     deferred_inits: BTreeSet<ChannelId>,
-    /// Applying the log waits for this node's directory to learn of a channel whose
-    /// events the log holds (the directory and the partition commit in different groups).
-    awaiting_directory: bool,
+    /// Applying the log waits, and looks again after [`FOLLOW_RETRY`]: for this node's
+    /// directory to learn of a channel whose events the log holds (the directory and the
+    /// partition commit in different groups), or for an event's frame in the blob store
+    /// that neither this node nor a peer could give yet.
+    follow_later: bool,
+    /// The offset of the event whose frame applying last waited for (so that the wait is
+    /// reported once, not at every look).
+    frame_missing_at: Option<u64>,
 }
 
 /// How often a partition looks again whether it leads (to decide deferred first members),
@@ -326,7 +331,8 @@ impl<E: Env> Partition<E> {
             consumers: Default::default(),
             catch_up_events: config.catch_up_events,
             deferred_inits: BTreeSet::new(),
-            awaiting_directory: false,
+            follow_later: false,
+            frame_missing_at: None,
         };
         let snapshot_offset = p.restore_snapshot().await;
         let from = snapshot_offset.unwrap_or(p.log.first_offset());
@@ -507,7 +513,7 @@ impl<E: Env> Partition<E> {
                         // channel's creation yet (it had not when the node stopped): the
                         // rest is applied as the log is followed, once it has.
                         self.applied = r.offset;
-                        self.awaiting_directory = true;
+                        self.follow_later = true;
                         return Ok(replayed);
                     }
                     PartitionRecord::Channel(rec) => rec,
@@ -656,7 +662,7 @@ impl<E: Env> Partition<E> {
         if self.failed.is_some() {
             return std::future::pending().await;
         }
-        if self.awaiting_directory {
+        if self.follow_later {
             return self.env.sleep(FOLLOW_RETRY).await;
         }
         let grown = std::pin::pin!(self.log.grown(self.applied));
@@ -891,7 +897,7 @@ impl<E: Env> Partition<E> {
     /// stops the partition: the logs of a group's replicas are alike, so it cannot be
     /// skipped.
     async fn follow(&mut self) -> u64 {
-        self.awaiting_directory = false;
+        self.follow_later = false;
         if self.failed.is_some() || self.applied >= self.log.next_offset() {
             return 0;
         }
@@ -930,13 +936,31 @@ impl<E: Env> Partition<E> {
                     PartitionRecord::Channel(rec) if self.channel_rt(rec.channel).is_none() => {
                         // Committed in the partition's group before this node's directory
                         // applied the channel's creation: wait for it.
-                        self.awaiting_directory = true;
+                        self.follow_later = true;
                         break 'read;
                     }
                     PartitionRecord::Channel(rec) => {
                         let stored = event::stored_frame(&r.payload);
                         let frame = match stored.first() {
-                            Some(0) => self.referenced_frame(stored).await.unwrap_or_default(),
+                            Some(0) => match self.referenced_frame(stored).await {
+                                Some(frame) => frame,
+                                None => {
+                                    // Never delivered without its frame: the store asked
+                                    // the peers too (a cluster stores it on a majority
+                                    // before the commit), so wait and ask again.
+                                    let first = self.frame_missing_at.replace(r.offset);
+                                    if first != Some(r.offset) {
+                                        eprintln!(
+                                            "chorus: partition {}: the frame of event {} of \
+                                         channel {} is not in the blob store yet; applying \
+                                         waits for it",
+                                            self.id, rec.seq, rec.channel.0
+                                        );
+                                    }
+                                    self.follow_later = true;
+                                    break 'read;
+                                }
+                            },
                             _ => r.payload.slice(r.payload.len() - stored.len()..),
                         };
                         let d = Decided {
@@ -1207,12 +1231,18 @@ impl<E: Env> Partition<E> {
         match body {
             Body::Text(t) if t.len() > INLINE_BODY_BYTES_MAX => {
                 let bytes = Bytes::from(t.into_bytes());
-                let r = self
-                    .env
-                    .blobs()
-                    .put(bytes.clone())
-                    .await
-                    .map_err(|e| IoError::new("blob store", e))?;
+                let r = self.env.blobs().put(bytes.clone()).await.map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::NotConnected {
+                        // A cluster's store could not reach a majority of the nodes: as
+                        // a leader that lost its majority, refused for a retry.
+                        EngineError::from(Unavailable::NotLeader {
+                            partition: self.id,
+                            leader: None,
+                        })
+                    } else {
+                        IoError::new("blob store", e).into()
+                    }
+                })?;
                 texts.insert(r, bytes);
                 Ok(Body::Blob {
                     hash: r.hash,
