@@ -491,6 +491,28 @@ impl ChannelState {
         Some(&self.messages[i])
     }
 
+    /// The messages at `seqs`, which rise and are all indexed, in that order. Both lists
+    /// are sorted by seq, so each is looked for from the one before it, by a search that
+    /// doubles its step (a page's messages usually sit side by side): a 50-message page
+    /// of a channel of a million messages made 50 binary searches, each about 20 cache
+    /// misses in a large array, a tenth of the server's CPU in `chorus-bench history`.
+    fn msgs_at<'a>(&'a self, seqs: &'a [u64]) -> impl Iterator<Item = &'a Message> + 'a {
+        let mut from = 0;
+        seqs.iter().map(move |&seq| {
+            let rest = &self.messages[from..];
+            let mut bound = 1;
+            while bound < rest.len() && rest[bound - 1].seq < seq {
+                bound *= 2;
+            }
+            let bound = bound.min(rest.len());
+            let i = from + rest[..bound].partition_point(|m| m.seq < seq);
+            let m = &self.messages[i];
+            assert_eq!(m.seq, seq, "indexed message exists");
+            from = i + 1;
+            m
+        })
+    }
+
     fn msg_mut(&mut self, seq: u64) -> Option<&mut Message> {
         let i = self.messages.binary_search_by_key(&seq, |m| m.seq).ok()?;
         Some(&mut self.messages[i])
@@ -902,11 +924,8 @@ impl ChannelState {
             None => self.top_level.len(),
         };
         let start = end.saturating_sub(limit);
-        let items: Vec<&Message> = self.top_level[start..end]
-            .iter()
-            .rev()
-            .map(|s| self.msg(*s).expect("indexed message exists"))
-            .collect();
+        let mut items: Vec<&Message> = self.msgs_at(&self.top_level[start..end]).collect();
+        items.reverse();
         let next_cursor = (start > 0).then(|| self.top_level[start]);
         Ok(Page { items, next_cursor })
     }
@@ -934,10 +953,7 @@ impl ChannelState {
             None => 0,
         };
         let end = (start + limit).min(all.len());
-        let items = all[start..end]
-            .iter()
-            .map(|s| self.msg(*s).expect("indexed message exists"))
-            .collect();
+        let items = self.msgs_at(&all[start..end]).collect();
         let next_cursor = (end < all.len()).then(|| all[end - 1]);
         Ok(Page { items, next_cursor })
     }
@@ -1487,6 +1503,67 @@ mod tests {
             }
         }
         assert_eq!(seen, (2..=26).rev().collect::<Vec<_>>());
+    }
+
+    // Pages of a channel whose top-level messages sit between runs of replies of every
+    // length (0 to 40), and of each thread, hold exactly the messages a lookup of each seq
+    // finds: the search from the last message found skips the replies between.
+    #[test]
+    fn pages_skip_replies_between_their_messages() {
+        let mut s = ChannelState::new(C, W, ChannelKind::Private, UserId(1));
+        s.apply(
+            1,
+            0,
+            &ChannelEvent::MemberJoined {
+                user: UserId(1),
+                by: UserId(1),
+            },
+        );
+        let a = p(1, Role::Member);
+        let mut roots = Vec::new();
+        for i in 0..41u64 {
+            step(&mut s, &a, post(&format!("root {i}"), None, None)).unwrap();
+            let root = s.last_seq();
+            roots.push(root);
+            // Replies to this root and to an older one, interleaved.
+            for r in 0..i {
+                let to = if r % 3 == 0 {
+                    roots[(r as usize) % roots.len()]
+                } else {
+                    root
+                };
+                step(&mut s, &a, post(&format!("reply {i}.{r}"), None, Some(to))).unwrap();
+            }
+        }
+        let seqs = |items: &[&Message]| -> Vec<u64> { items.iter().map(|m| m.seq).collect() };
+        for limit in [1, 7, 50] {
+            let mut cursor = None;
+            let mut seen = Vec::new();
+            loop {
+                let page = s.history(&a, cursor, limit).unwrap();
+                for m in &page.items {
+                    assert_eq!(s.msg(m.seq).map(|x| x.seq), Some(m.seq));
+                    assert!(m.thread.is_none(), "a reply in the history");
+                }
+                seen.extend(seqs(&page.items));
+                match page.next_cursor {
+                    Some(c) => cursor = Some(c),
+                    None => break,
+                }
+            }
+            let mut want = roots.clone();
+            want.reverse();
+            assert_eq!(seen, want, "history by {limit}");
+        }
+        for &root in &roots {
+            let page = s.replies(&a, mid(root), None, 100).unwrap();
+            let got = seqs(&page.items);
+            let mut want: Vec<u64> = (1..=s.last_seq())
+                .filter(|&q| s.msg(q).is_some_and(|m| m.thread == Some(root)))
+                .collect();
+            want.truncate(100);
+            assert_eq!(got, want, "replies of {root}");
+        }
     }
 
     // A snapshot of a channel with every kind of event (threads, edits, deletions,
