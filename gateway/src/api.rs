@@ -812,7 +812,7 @@ pub fn decode_cursor(s: &str) -> Result<u64, ApiError> {
 // ---------------------------------------------------------------------------------------
 
 /// A successful answer.
-struct Reply {
+pub(crate) struct Reply {
     status: u16,
     body: Option<Bytes>,
     /// A `Retry-After` to send (an error answered by another node, when forwarded).
@@ -820,7 +820,7 @@ struct Reply {
 }
 
 impl Reply {
-    fn json<T: Serialize + ?Sized>(status: u16, value: &T) -> Reply {
+    pub(crate) fn json<T: Serialize + ?Sized>(status: u16, value: &T) -> Reply {
         let body = serde_json::to_vec(value).expect("answers always serialize");
         Reply {
             status,

@@ -4,116 +4,9 @@
 
 mod common;
 
-use common::{str_of, upload_bytes as upload, Server, User, UNLIMITED};
-use std::io::Read;
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use common::moto::Moto;
+use common::{get_bytes, str_of, upload_bytes as upload, Server, User};
 use std::time::{Duration, Instant};
-
-const BUCKET: &str = "chorus-files";
-
-/// A `moto_server` on a free loopback port, killed on drop.
-struct Moto {
-    child: Child,
-    url: String,
-}
-
-impl Moto {
-    fn start() -> Option<Moto> {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let child = Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?;
-        let mut moto = Moto {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if Instant::now() > deadline || moto.child.try_wait().ok().flatten().is_some() {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Some(moto)
-    }
-
-    /// moto with the bucket made, and a server config that stores blobs there; `None`
-    /// (the test skips, saying why) when moto is not installed, which CI forbids.
-    fn with_bucket() -> Option<(Moto, String)> {
-        let Some(moto) = Moto::start() else {
-            assert!(
-                std::env::var_os("CHORUS_REQUIRE_PEERS").is_none(),
-                "moto_server is not installed and CHORUS_REQUIRE_PEERS is set"
-            );
-            eprintln!(
-                "SKIPPED: moto_server is not installed (python3 -m pip install 'moto[server]')"
-            );
-            return None;
-        };
-        let created = ureq::put(&format!("{}/{BUCKET}", moto.url)).call();
-        assert!(created.is_ok(), "create the bucket: {created:?}");
-        let config = format!(
-            "{UNLIMITED}blob_store = \"s3://{BUCKET}\"\ns3_endpoint = \"{}\"\n\
-             s3_allow_http = true\ns3_access_key_id = \"test\"\n\
-             s3_secret_access_key = \"test\"\n",
-            moto.url
-        );
-        Some((moto, config))
-    }
-
-    /// The keys of the files' objects in the bucket (the engine's blobs aside).
-    fn file_keys(&self) -> Vec<String> {
-        self.keys()
-            .into_iter()
-            .filter(|k| !k.starts_with("blobs/"))
-            .collect()
-    }
-
-    /// The keys of the objects in the bucket.
-    fn keys(&self) -> Vec<String> {
-        let body = ureq::get(&format!("{}/{BUCKET}?list-type=2", self.url))
-            .call()
-            .expect("list")
-            .into_string()
-            .expect("XML");
-        body.split("<Key>")
-            .skip(1)
-            .filter_map(|k| k.split("</Key>").next())
-            .map(str::to_owned)
-            .collect()
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn get_bytes(s: &Server, user: &User, path: &str, range: Option<&str>) -> (u16, Vec<u8>) {
-    let mut req = ureq::get(&format!("{}{path}", s.base_url()))
-        .set("Authorization", &format!("Bearer {}", user.token));
-    if let Some(r) = range {
-        req = req.set("Range", r);
-    }
-    let resp = match req.call() {
-        Ok(r) => r,
-        Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => panic!("{path}: {e}"),
-    };
-    let status = resp.status();
-    let mut body = Vec::new();
-    resp.into_reader().read_to_end(&mut body).expect("body");
-    (status, body)
-}
 
 // With blob_store = "s3://…", a file's bytes go to the bucket (a multipart upload for a
 // file over one part) and nowhere on the local disk; content and Range are read from it;
@@ -147,12 +40,17 @@ fn files_live_in_s3() {
     );
     let local = s.dir().join("data/files").join(&sha[..2]).join(&sha[2..]);
     assert!(!local.exists(), "the bytes are not kept on the local disk");
-    let (status, body) = get_bytes(&s, &alice, &format!("/api/v1/files/{fid}/content"), None);
+    let (status, body) = get_bytes(
+        &s,
+        Some(&alice),
+        &format!("/api/v1/files/{fid}/content"),
+        None,
+    );
     assert_eq!(status, 200);
     assert!(body == big, "the content round-trips");
     let (status, body) = get_bytes(
         &s,
-        &alice,
+        Some(&alice),
         &format!("/api/v1/files/{fid}/content"),
         Some("bytes=19999990-"),
     );
@@ -180,7 +78,7 @@ fn files_live_in_s3() {
     let thumb = loop {
         let (status, body) = get_bytes(
             &s,
-            &alice,
+            Some(&alice),
             &format!("/api/v1/files/{pid}/preview/thumb"),
             None,
         );

@@ -354,6 +354,9 @@ async fn answer(ctx: &ShardCtx, request: &[u8]) -> Answered {
 async fn run_forwarded(ctx: &ShardCtx, f: Forwarded) -> Result<Reply, ApiError> {
     let method = hyper::Method::from_bytes(f.method.as_bytes())
         .map_err(|_| ApiError::invalid("a forwarded call with no method"))?;
+    if f.path == crate::files::RECORD_PATH {
+        return crate::files::record_forwarded(ctx, f.user, &f.body).await;
+    }
     let Found::Route(route, raw) = find(&method, &f.path) else {
         return Err(ApiError::new(404, "not_found", "no such endpoint"));
     };

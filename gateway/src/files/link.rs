@@ -4,7 +4,9 @@
 //! A link is `/api/v1/files/{fid}/content?expires={unix seconds}&sig={hex}`, where `sig` is
 //! HMAC-SHA256 over the file ID and the expiry under a key kept in the data directory
 //! (`file_url.key`, 32 random bytes, made at first start), so links survive a restart and
-//! any change to the ID or the expiry breaks the signature. The link grants reading that
+//! any change to the ID or the expiry breaks the signature. A cluster's nodes share one
+//! key instead, derived from the JWT secret they share, so that a link one node made
+//! works on every node. The link grants reading that
 //! one file's content until it expires; a deleted file answers 404 all the same, because
 //! the content route looks the file up on every request.
 
@@ -49,6 +51,17 @@ impl Signer {
             ));
         }
         Ok(Signer::new(&bytes))
+    }
+
+    /// The signer every node of a cluster whose JWT secret is `secret` shares: its key is
+    /// HMAC-SHA256 of a fixed label under the secret, so it reveals nothing of the secret
+    /// and differs from every token's signature.
+    pub fn for_cluster(secret: &[u8]) -> Signer {
+        let derived = hmac::sign(
+            &hmac::Key::new(hmac::HMAC_SHA256, secret),
+            b"chorus file links, version 1",
+        );
+        Signer::new(derived.as_ref())
     }
 
     /// A signer with this key.

@@ -37,6 +37,7 @@ use crate::error::ApiError;
 use bytes::Bytes;
 use chorus_engine::ids::{FileId, UserId, WorkspaceId};
 use chorus_engine::view::FileView;
+use chorus_engine::{EngineError, Unavailable};
 use futures::Stream;
 use futures::StreamExt;
 use glommio::channels::local_channel::{self, LocalSender};
@@ -154,7 +155,11 @@ impl Files {
         Ok(Files {
             previews: previews::Previews::start(engine, store.clone(), metrics, limits)?,
             store,
-            signer: link::Signer::load_or_create(&config.data_dir)?,
+            signer: match config.cluster_nodes().map_err(io::Error::other)? {
+                // A link made by one node must work on every node.
+                Some(_) => link::Signer::for_cluster(&std::fs::read(config.jwt_secret_path())?),
+                None => link::Signer::load_or_create(&config.data_dir)?,
+            },
             limits,
         })
     }
@@ -286,6 +291,21 @@ async fn serve(
 /// (not deleted) that carries it. Anyone else, and everyone for a deleted, unknown or
 /// foreign file, gets the same 404.
 async fn readable(ctx: &ShardCtx, user: UserId, fid: FileId) -> Result<FileView, ApiError> {
+    match readable_now(ctx, user, fid).await {
+        // A cluster node's directory may not have applied what another node just recorded:
+        // once it has everything committed before now, look again (`API.md` §15).
+        Err(e) if e.status == 404 && ctx.shared.cluster.is_some() => {
+            match ctx.shared.engine.directory_barrier().await {
+                Ok(()) => readable_now(ctx, user, fid).await,
+                Err(_) => Err(e),
+            }
+        }
+        read => read,
+    }
+}
+
+/// [`readable`], from what this node's directory holds now.
+async fn readable_now(ctx: &ShardCtx, user: UserId, fid: FileId) -> Result<FileView, ApiError> {
     let f = ctx.shared.engine.file(user, fid).await?;
     if f.user_id == user || !ctx.shared.engine.file_channels(user, fid).await?.is_empty() {
         return Ok(f);
@@ -318,6 +338,15 @@ async fn upload(
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
+    if ctx.shared.cluster.is_some() && !ctx.shared.files.store.is_remote() {
+        // Each node's disk would hold only the uploads it took, and the others could not
+        // serve them.
+        return Err(ApiError::new(
+            501,
+            "not_implemented",
+            "files in a cluster need the S3 store (blob_store = \"s3://…\")",
+        ));
+    }
     let boundary = upload::boundary(content_type)?;
     let max = ctx.shared.config.file_bytes_max;
     let declared = req
@@ -360,19 +389,107 @@ async fn upload(
         content_type: form.content_type,
         sha256: sha,
     };
-    let stored = ctx.shared.engine.store_file(user, workspace, file).await;
-    match stored {
-        Ok(f) => {
-            ctx.shared.files.previews.submit(f.clone());
-            Ok(json(201, &serde_json::json!({ "file": f })))
+    let recorded = match record(ctx, user, workspace, file.clone()).await {
+        // In a cluster, another node leads the directory: it records the file (its bytes
+        // are in the bucket every node reads).
+        Err(EngineError::Unavailable(Unavailable::MetaNotLeader { leader: Some(l) })) => {
+            record_on(ctx, l, user, workspace, &file).await
         }
+        other => other.map_err(ApiError::from),
+    };
+    match recorded {
+        Ok(answer) => Ok(json(201, &answer)),
         Err(e) => {
             // The record was refused (a bad name, say): the bytes may now be unused.
             drop(pin);
             reclaim(ctx, sha).await;
-            Err(e.into())
+            Err(e)
         }
     }
+}
+
+/// The path of the call by which a cluster node that took an upload asks the directory's
+/// leader to record the file ([`record_forwarded`]). Only a node of the cluster can call
+/// it: it names bytes by their SHA-256 alone, which a client must never be able to do
+/// (it would read any file whose hash it knows).
+pub const RECORD_PATH: &str = "/internal/v1/files/record";
+
+/// The file's record as [`RECORD_PATH`] carries it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Record {
+    workspace_id: String,
+    name: String,
+    size: u64,
+    content_type: String,
+    sha256: String,
+}
+
+/// Commits the file's record here and queues its previews; the answer's body.
+async fn record(
+    ctx: &ShardCtx,
+    user: UserId,
+    workspace: WorkspaceId,
+    file: chorus_engine::NewFile,
+) -> Result<serde_json::Value, EngineError> {
+    let f = ctx.shared.engine.store_file(user, workspace, file).await?;
+    ctx.shared.files.previews.submit(f.clone());
+    Ok(serde_json::json!({ "file": f }))
+}
+
+/// Asks `leader`, which leads the directory, to record the file: its answer, or this
+/// node's 503 if it cannot be reached.
+async fn record_on(
+    ctx: &ShardCtx,
+    leader: u64,
+    user: UserId,
+    workspace: WorkspaceId,
+    file: &chorus_engine::NewFile,
+) -> Result<serde_json::Value, ApiError> {
+    let body = Record {
+        workspace_id: workspace.to_string(),
+        name: file.name.clone(),
+        size: file.size,
+        content_type: file.content_type.clone(),
+        sha256: store::hex(&file.sha256),
+    };
+    let body = serde_json::to_value(&body).map_err(|e| internal(io::Error::other(e)))?;
+    let call = crate::api::AsRest(hyper::Method::POST, RECORD_PATH.to_owned(), body);
+    let unreachable = || {
+        ApiError::from(EngineError::Unavailable(Unavailable::MetaNotLeader {
+            leader: None,
+        }))
+    };
+    let relay = crate::api::Relay::of(ctx).ok_or_else(unreachable)?;
+    relay
+        .rest(leader, user, call)
+        .await
+        .ok_or_else(unreachable)?
+}
+
+/// Serves [`RECORD_PATH`] for a peer that took an upload: records the file here (this
+/// node leads the directory, or answers 503 for the peer's client to try again).
+pub(crate) async fn record_forwarded(
+    ctx: &ShardCtx,
+    user: Option<u64>,
+    body: &str,
+) -> Result<crate::api::Reply, ApiError> {
+    let user = UserId(user.ok_or_else(|| ApiError::unauthorized("a record with no caller"))?);
+    let r: Record = serde_json::from_str(body)
+        .map_err(|e| ApiError::invalid(format!("a file record that does not parse: {e}")))?;
+    let workspace: WorkspaceId = r
+        .workspace_id
+        .parse()
+        .map_err(|_| ApiError::not_found("workspace"))?;
+    let sha256 = store::unhex_sha(&r.sha256)
+        .ok_or_else(|| ApiError::invalid("a file record with no SHA-256"))?;
+    let file = chorus_engine::NewFile {
+        name: r.name,
+        size: r.size,
+        content_type: r.content_type,
+        sha256,
+    };
+    let answer = record(ctx, user, workspace, file).await?;
+    Ok(crate::api::Reply::json(201, &answer))
 }
 
 /// Receives the file's bytes: checks the workspace first, then hands them on in pieces

@@ -720,6 +720,26 @@ pub fn hex(sha: &Sha256) -> String {
     sha.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The SHA-256 whose lowercase hex is `s` (64 digits), as [`hex`] writes it.
+pub fn unhex_sha(s: &str) -> Option<Sha256> {
+    let digits = s.as_bytes();
+    if digits.len() != 64 {
+        return None;
+    }
+    let mut sha = [0u8; 32];
+    for (i, pair) in digits.chunks(2).enumerate() {
+        let pair = std::str::from_utf8(pair).ok()?;
+        if !pair
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return None;
+        }
+        sha[i] = u8::from_str_radix(pair, 16).ok()?;
+    }
+    Some(sha)
+}
+
 fn parent_of(path: &Path) -> &Path {
     path.parent()
         .expect("a stored file has a fan-out directory")
@@ -740,6 +760,23 @@ fn sync_dir(path: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // A SHA-256 comes back from its hex; anything but 64 lowercase hex digits is refused.
+    #[test]
+    fn sha_hex_round_trips() {
+        let sha: Sha256 = std::array::from_fn(|i| (i * 37 + 5) as u8);
+        assert_eq!(unhex_sha(&hex(&sha)), Some(sha));
+        let upper = hex(&sha).to_uppercase();
+        for bad in [
+            &hex(&sha)[1..],
+            &upper,
+            &format!("{}g", &hex(&sha)[1..]),
+            "",
+            "+f",
+        ] {
+            assert_eq!(unhex_sha(bad), None, "{bad}");
+        }
+    }
 
     // An upload lands at the address of its SHA-256 with exactly its bytes, a second upload
     // of the same bytes is stored once, and nothing stays in tmp/.

@@ -7,6 +7,8 @@
 //! arrives or a drain that never ends fails the test instead of hanging it.
 #![allow(dead_code)]
 
+pub mod moto;
+
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpStream;
@@ -708,6 +710,32 @@ impl Ws {
     }
 }
 
+/// `GET path` on `s`, with `user`'s token if given (none for a signed link) and a
+/// `Range` if given: the status and the body's bytes.
+pub fn get_bytes(
+    s: &Server,
+    user: Option<&User>,
+    path: &str,
+    range: Option<&str>,
+) -> (u16, Vec<u8>) {
+    let mut req = ureq::get(&format!("{}{path}", s.base_url()));
+    if let Some(u) = user {
+        req = req.set("Authorization", &format!("Bearer {}", u.token));
+    }
+    if let Some(r) = range {
+        req = req.set("Range", r);
+    }
+    let resp = match req.call() {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{path}: {e}"),
+    };
+    let status = resp.status();
+    let mut body = Vec::new();
+    resp.into_reader().read_to_end(&mut body).expect("body");
+    (status, body)
+}
+
 /// Uploads a small text file as `user` with a multipart body made here; returns its ID.
 pub fn upload_file(s: &Server, user: &User, wid: &str) -> String {
     str_of(&upload_bytes(s, user, wid, "t.txt", "text/plain", b"hello")["id"])
@@ -722,6 +750,20 @@ pub fn upload_bytes(
     ctype: &str,
     bytes: &[u8],
 ) -> Value {
+    let r = upload_bytes_raw(s, user, wid, name, ctype, bytes);
+    assert_eq!(r.status, 201, "{}", r.text);
+    r.body["file"].clone()
+}
+
+/// Uploads `bytes` as `name` with a multipart body made here; returns the answer.
+pub fn upload_bytes_raw(
+    s: &Server,
+    user: &User,
+    wid: &str,
+    name: &str,
+    ctype: &str,
+    bytes: &[u8],
+) -> Resp {
     let b = "chorus-test-boundary";
     let mut body = format!(
         "--{b}\r\nContent-Disposition: form-data; name=\"workspace_id\"\r\n\r\n{wid}\r\n\
@@ -737,9 +779,7 @@ pub fn upload_bytes(
         ("Authorization", auth.as_str()),
         ("Content-Type", ct.as_str()),
     ];
-    let r = s.raw("POST", "/api/v1/files/upload", &headers, Some(&body));
-    assert_eq!(r.status, 201, "{}", r.text);
-    r.body["file"].clone()
+    s.raw("POST", "/api/v1/files/upload", &headers, Some(&body))
 }
 
 /// PDFs written byte by byte, shared with the gateway's own unit tests.

@@ -1,0 +1,182 @@
+//! Files (`API.md` §11) in a cluster of three `chorus serve` processes whose file store is
+//! one S3 bucket (`moto_server`, started here on loopback; skipped with a reason when moto
+//! is not installed, except where `CHORUS_REQUIRE_PEERS` is set). Every node serves the
+//! whole API (§15): an upload through a node that does not lead the directory is recorded
+//! by the one that does, and every node serves every file's content, previews and signed
+//! links.
+
+mod common;
+
+use common::moto::Moto;
+use common::{get_bytes, str_of, ClusterConfig, Resp, Server, User, PASSWORD};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+/// How long a call may look for a node that answers it.
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Retries `call` until it answers something other than 503 (while a leader is elected)
+/// or a 401/404 from a node whose directory lags; that answer.
+fn settled(what: &str, call: impl Fn() -> Resp) -> Resp {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = call();
+        if !matches!(r.status, 503 | 401 | 404) {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "{what}: {} {}", r.status, r.text);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn every_node_takes_uploads_and_serves_every_file() {
+    let Some((_moto, s3)) = Moto::with_bucket() else {
+        return;
+    };
+    let config = ClusterConfig::three();
+    let nodes: Vec<Server> = (1..=3)
+        .map(|id| Server::start(&config.node(id, &s3)))
+        .collect();
+    let sign_up = |name: &str| {
+        let body =
+            json!({"email": format!("{name}@example.com"), "password": PASSWORD, "name": name});
+        let r = settled("a sign-up", || {
+            nodes[0].call("POST", "/api/v1/auth/signup", None, Some(body.clone()))
+        });
+        assert_eq!(r.status, 201, "{}", r.text);
+        User {
+            id: str_of(&r.body["user"]["id"]),
+            email: format!("{name}@example.com"),
+            token: str_of(&r.body["token"]),
+        }
+    };
+    let (alice, bob) = (sign_up("alice"), sign_up("bob"));
+    let r = settled("the workspace", || {
+        let body = json!({"name": "acme"});
+        nodes[0].call("POST", "/api/v1/workspaces", Some(&alice.token), Some(body))
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+    let wid = str_of(&r.body["workspace"]["id"]);
+    let r = settled("bob in the workspace", || {
+        let path = format!("/api/v1/workspaces/{wid}/members");
+        let body = json!({"email": bob.email});
+        nodes[0].call("POST", &path, Some(&alice.token), Some(body))
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+    let r = settled("the channel", || {
+        let body = json!({"name": "general", "kind": "public"});
+        let path = format!("/api/v1/workspaces/{wid}/channels");
+        nodes[0].call("POST", &path, Some(&alice.token), Some(body))
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+    let cid = str_of(&r.body["channel"]["id"]);
+    let r = settled("bob in the channel", || {
+        let path = format!("/api/v1/channels/{cid}/join");
+        nodes[0].call("POST", &path, Some(&bob.token), None)
+    });
+    assert_eq!(r.status, 200, "{}", r.text);
+
+    // An upload through each node: at least two of them do not lead the directory, and
+    // pass the record to the one that does.
+    let forwarded_before: f64 = nodes
+        .iter()
+        .map(|s| s.metric("chorus_forwarded_total"))
+        .sum();
+    let mut files = Vec::new();
+    for (i, s) in nodes.iter().enumerate() {
+        let bytes = format!(
+            "fn node_{i}() {{\n    println!(\"uploaded through node {}\");\n}}\n",
+            i + 1
+        );
+        let r = settled("an upload", || {
+            common::upload_bytes_raw(
+                s,
+                &alice,
+                &wid,
+                &format!("n{i}.rs"),
+                "text/plain",
+                bytes.as_bytes(),
+            )
+        });
+        assert_eq!(r.status, 201, "upload through node {}: {}", i + 1, r.text);
+        let fid = str_of(&r.body["file"]["id"]);
+        // At once through the other nodes: each sees what was acknowledged before.
+        for k in 1..3 {
+            let other = &nodes[(i + k) % 3];
+            let r = other.call(
+                "GET",
+                &format!("/api/v1/files/{fid}"),
+                Some(&alice.token),
+                None,
+            );
+            assert_eq!(
+                r.status,
+                200,
+                "{fid} through node {}: {}",
+                (i + k) % 3 + 1,
+                r.text
+            );
+        }
+        files.push((fid, bytes.into_bytes()));
+    }
+    let forwarded: f64 = nodes
+        .iter()
+        .map(|s| s.metric("chorus_forwarded_total"))
+        .sum::<f64>()
+        - forwarded_before;
+    assert!(
+        forwarded >= 2.0,
+        "{forwarded} uploads recorded by another node"
+    );
+    // Shared in a message, so that Bob may read them too.
+    let ids: Vec<&str> = files.iter().map(|(id, _)| id.as_str()).collect();
+    let r = settled("the post", || {
+        let body = json!({"text": "", "file_ids": ids, "client_msg_id": "files"});
+        let path = format!("/api/v1/channels/{cid}/messages");
+        nodes[0].call("POST", &path, Some(&alice.token), Some(body))
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+
+    for (fid, bytes) in &files {
+        for (i, s) in nodes.iter().enumerate() {
+            // Content through every node, for the uploader and for a reader.
+            for who in [&alice, &bob] {
+                // Read at once: a node sees what was acknowledged before the read.
+                let path = format!("/api/v1/files/{fid}/content");
+                let (status, got) = get_bytes(s, Some(who), &path, None);
+                assert_eq!(status, 200, "{fid} through node {}", i + 1);
+                assert_eq!(&got, bytes, "{fid} through node {}", i + 1);
+            }
+            // The code preview, made once, served by every node.
+            let path = format!("/api/v1/files/{fid}/preview/code");
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let (status, html) = loop {
+                let (status, html) = get_bytes(s, Some(&bob), &path, None);
+                if !matches!(status, 202 | 404) || Instant::now() > deadline {
+                    break (status, html);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            assert_eq!(status, 200, "the preview of {fid} through node {}", i + 1);
+            let html = String::from_utf8_lossy(&html);
+            assert!(html.contains("uploaded through node"), "{html}");
+        }
+        // A signed link one node made works on every node.
+        for (i, maker) in nodes.iter().enumerate() {
+            let link: Value =
+                maker.ok("POST", &format!("/api/v1/files/{fid}/url"), &bob, None, 200);
+            let url = str_of(&link["url"]);
+            for (k, s) in nodes.iter().enumerate() {
+                let (status, got) = get_bytes(s, None, &url, None);
+                assert_eq!(
+                    (status, &got),
+                    (200, bytes),
+                    "a link from node {} on node {}",
+                    i + 1,
+                    k + 1
+                );
+            }
+        }
+    }
+}
