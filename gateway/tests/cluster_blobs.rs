@@ -131,13 +131,6 @@ fn a_large_body_outlives_the_node_that_took_it() {
     let cid = str_of(&v["channel"]["id"]);
     let partition = v["channel"]["partition"].clone();
 
-    // Uploaded files are not copied between nodes: with the local file store, a cluster
-    // refuses uploads, saying what it needs, rather than keep a file on one node's disk.
-    let alice = user(&token);
-    let r = common::upload_bytes_raw(&nodes[0], &alice, &wid, "a.txt", "text/plain", b"hi");
-    r.assert_error(501, "not_implemented");
-    assert!(r.text.contains("s3://"), "{}", r.text);
-
     let leader = leader_of(&nodes[0], &token, &partition);
     let followers = [(leader + 1) % 3, (leader + 2) % 3];
     for &f in &followers {

@@ -1,9 +1,9 @@
-//! Files (`API.md` §11) in a cluster of three `chorus serve` processes whose file store is
+//! Files (`API.md` §11) in a cluster of three `chorus serve` processes, whose file store is
 //! one S3 bucket (`moto_server`, started here on loopback; skipped with a reason when moto
-//! is not installed, except where `CHORUS_REQUIRE_PEERS` is set). Every node serves the
-//! whole API (§15): an upload through a node that does not lead the directory is recorded
-//! by the one that does, and every node serves every file's content, previews and signed
-//! links.
+//! is not installed, except where `CHORUS_REQUIRE_PEERS` is set) or each node's own disk.
+//! Every node serves the whole API (§15): an upload through a node that does not lead the
+//! directory is recorded by the one that does, and every node serves every file's
+//! content, previews and signed links.
 
 mod common;
 
@@ -30,7 +30,7 @@ fn settled(what: &str, call: impl Fn() -> Resp) -> Resp {
 }
 
 #[test]
-fn every_node_takes_uploads_and_serves_every_file() {
+fn every_node_takes_uploads_and_serves_every_file_in_s3() {
     let Some((_moto, s3)) = Moto::with_bucket() else {
         return;
     };
@@ -38,6 +38,81 @@ fn every_node_takes_uploads_and_serves_every_file() {
     let nodes: Vec<Server> = (1..=3)
         .map(|id| Server::start(&config.node(id, &s3)))
         .collect();
+    every_node_takes_uploads_and_serves_every_file(&nodes);
+}
+
+// With each node's own disk: an upload is copied to a majority before its 201; the node
+// that took and recorded it SIGKILLed at once, the others serve it; restarted with its
+// file store emptied, it fetches the bytes from a peer.
+#[test]
+fn files_on_each_nodes_disk_outlive_the_node_that_took_them() {
+    let config = ClusterConfig::three();
+    let mut nodes: Vec<Server> = (1..=3)
+        .map(|id| Server::start(&config.node(id, common::UNLIMITED)))
+        .collect();
+    let (alice, wid) = every_node_takes_uploads_and_serves_every_file(&nodes);
+    // Two pieces of a copy. Through the node that leads the directory (its own record,
+    // not passed on, so no other node fetched the bytes for it): only the copies it made
+    // before its 201 keep them.
+    let mut took = None;
+    for (i, s) in nodes.iter().enumerate() {
+        // Other bytes for each node's try: the same bytes would be one stored file.
+        let mut bytes = format!("// through node {}\n", i + 1).into_bytes();
+        bytes.extend_from_slice(&b"fn late() {}\n".repeat(500_000));
+        let before = s.metric("chorus_forwarded_total");
+        let r = settled("an upload", || {
+            let name = format!("late{i}.rs");
+            common::upload_bytes_raw(s, &alice, &wid, &name, "text/plain", &bytes)
+        });
+        assert_eq!(r.status, 201, "{}", r.text);
+        if s.metric("chorus_forwarded_total") == before {
+            took = Some((i, str_of(&r.body["file"]["id"]), bytes));
+            break;
+        }
+    }
+    let (leader, fid, bytes) = took.expect("the directory's leader records its own uploads");
+    nodes[leader].kill();
+    let path = format!("/api/v1/files/{fid}/content");
+    for (i, s) in nodes.iter().enumerate().filter(|(i, _)| *i != leader) {
+        let (status, got) = bytes_settled(s, &alice, &path);
+        assert_eq!(status, 200, "node {}", i + 1);
+        assert!(got == bytes, "node {} serves other bytes", i + 1);
+    }
+    let files = nodes[leader].dir().join("data").join("files");
+    let mut removed = 0;
+    for fanout in std::fs::read_dir(&files).expect("the file store") {
+        let fanout = fanout.expect("an entry").path();
+        if fanout.is_dir() && fanout.file_name().is_some_and(|n| n != "tmp") {
+            for f in std::fs::read_dir(&fanout).expect("a fan-out directory") {
+                std::fs::remove_file(f.expect("a file").path()).expect("removed");
+                removed += 1;
+            }
+        }
+    }
+    assert!(removed >= 1, "node {} held no file's bytes", leader + 1);
+    nodes[leader].restart();
+    let (status, got) = bytes_settled(&nodes[leader], &alice, &path);
+    assert_eq!(status, 200, "the restarted node");
+    assert!(got == bytes, "the restarted node serves other bytes");
+}
+
+/// `GET path` on `s` as `user`, again while it answers 503 or 404 (a node still electing
+/// leaders, or catching up after a restart): status and bytes.
+fn bytes_settled(s: &Server, user: &User, path: &str) -> (u16, Vec<u8>) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, got) = get_bytes(s, Some(user), path, None);
+        if !matches!(status, 503 | 404) || Instant::now() > deadline {
+            return (status, got);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Signs up two users on a cluster, makes a workspace and a channel, and checks that an
+/// upload through each node is taken and that every node serves every file: content,
+/// preview, signed links. Returns the uploader and the workspace.
+fn every_node_takes_uploads_and_serves_every_file(nodes: &[Server]) -> (User, String) {
     let sign_up = |name: &str| {
         let body =
             json!({"email": format!("{name}@example.com"), "password": PASSWORD, "name": name});
@@ -179,4 +254,5 @@ fn every_node_takes_uploads_and_serves_every_file() {
             }
         }
     }
+    (alice, wid)
 }

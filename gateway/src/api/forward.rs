@@ -297,8 +297,12 @@ pub async fn serve_calls(
     while let Some(incoming) = calls.next().await {
         let ctx = ctx.clone();
         glommio::spawn_local(async move {
-            let answer = answer(&ctx, &incoming.request).await;
-            let bytes = serde_json::to_vec(&answer).expect("answers serialize");
+            let bytes = if incoming.request.first() == Some(&crate::files::peers::MAGIC) {
+                crate::files::peers::answer(&ctx, incoming.from, &incoming.request).await
+            } else {
+                let answer = answer(&ctx, &incoming.request).await;
+                serde_json::to_vec(&answer).expect("answers serialize")
+            };
             let _ = incoming.answer.send(bytes);
         })
         .detach();

@@ -22,6 +22,7 @@
 
 pub mod link;
 pub mod pdf_text;
+pub mod peers;
 pub mod preview;
 pub mod previews;
 pub mod search_sources;
@@ -338,15 +339,6 @@ async fn upload(
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
-    if ctx.shared.cluster.is_some() && !ctx.shared.files.store.is_remote() {
-        // Each node's disk would hold only the uploads it took, and the others could not
-        // serve them.
-        return Err(ApiError::new(
-            501,
-            "not_implemented",
-            "files in a cluster need the S3 store (blob_store = \"s3://…\")",
-        ));
-    }
     let boundary = upload::boundary(content_type)?;
     let max = ctx.shared.config.file_bytes_max;
     let declared = req
@@ -383,6 +375,14 @@ async fn upload(
     off_shard(move || publish.publish(finished))
         .await
         .map_err(internal)?;
+    if peers::copies(ctx) {
+        // On a majority of the nodes before the record that names them is committed.
+        if let Err(e) = peers::copy_to_majority(ctx, sha, form.size).await {
+            drop(pin);
+            reclaim(ctx, sha).await;
+            return Err(unavailable(e.to_string()));
+        }
+    }
     let file = chorus_engine::NewFile {
         name: form.name,
         size: form.size,
@@ -482,6 +482,10 @@ pub(crate) async fn record_forwarded(
         .map_err(|_| ApiError::not_found("workspace"))?;
     let sha256 = store::unhex_sha(&r.sha256)
         .ok_or_else(|| ApiError::invalid("a file record with no SHA-256"))?;
+    // The previews are made here, from this node's copy.
+    peers::ensure_local(ctx, sha256, r.size)
+        .await
+        .map_err(|e| unavailable(format!("the file's bytes are on no node reached: {e}")))?;
     let file = chorus_engine::NewFile {
         name: r.name,
         size: r.size,
@@ -677,6 +681,16 @@ async fn reclaim(ctx: &ShardCtx, sha: store::Sha256) {
     store.pins.unmark_removing(&sha);
 }
 
+/// A 503 for the client to try again: the nodes that hold, or must hold, a file's bytes
+/// cannot be reached now.
+fn unavailable(why: String) -> ApiError {
+    tracing::warn!(why, "a file's bytes could not be copied or fetched");
+    ApiError {
+        retry_after: Some(Duration::from_secs(1)),
+        ..ApiError::unavailable(why)
+    }
+}
+
 fn internal(e: io::Error) -> ApiError {
     tracing::error!(error = %e, "file store I/O failed");
     ApiError::new(500, "internal", "internal error")
@@ -835,6 +849,12 @@ async fn serve_bytes(
         .headers()
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok());
+    if peers::copies(ctx) {
+        // A node that was away when the bytes were stored fetches them now.
+        peers::ensure_local(ctx, f.sha, f.size)
+            .await
+            .map_err(|e| unavailable(format!("the file's bytes are on no node reached: {e}")))?;
+    }
     let range = match parse_range(range, f.size) {
         Ok(r) => r,
         Err(()) => {
