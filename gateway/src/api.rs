@@ -1128,7 +1128,15 @@ async fn login(call: &Call<'_>) -> Result<Reply, ApiError> {
         false => Some(guard.login(&r.email, call.peer)?),
         true => None,
     };
-    let found = call.engine().user_by_email(&r.email).await?;
+    let mut found = call.engine().user_by_email(&r.email).await?;
+    if found.is_none() && call.ctx.shared.cluster.is_some() {
+        // A cluster node's directory may not have applied a sign-up another node just
+        // took: once it has everything committed before now, look again (`API.md` §15),
+        // rather than count a failure against a right password.
+        if call.engine().directory_barrier().await.is_ok() {
+            found = call.engine().user_by_email(&r.email).await?;
+        }
+    }
     let hash = found.as_ref().map(|u| u.password_hash.clone());
     let password = r.password;
     let ok = off_shard(move || match hash {
