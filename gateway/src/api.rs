@@ -707,6 +707,18 @@ impl Call<'_> {
         &self.ctx.shared.engine
     }
 
+    /// Before a read of what this node's directory holds (lists, `me`): on a cluster node,
+    /// waits until the directory has applied everything committed before now (`API.md`
+    /// §15: a read sees what was acknowledged before it, wherever), so a workspace or
+    /// channel another node just made is listed. If no directory leader confirms in time,
+    /// the list is answered from what this node has, as lists gathered over partitions
+    /// are.
+    async fn directory_current(&self) {
+        if self.ctx.shared.cluster.is_some() && !self.forwarded {
+            let _ = self.engine().directory_barrier().await;
+        }
+    }
+
     /// The authenticated caller; only routes with `auth` reach handlers that ask.
     fn user(&self) -> UserId {
         self.caller.as_ref().expect("authenticated route").user
@@ -1160,6 +1172,7 @@ async fn login(call: &Call<'_>) -> Result<Reply, ApiError> {
 }
 
 async fn me(call: &Call<'_>) -> Result<Reply, ApiError> {
+    call.directory_current().await;
     let (user, workspaces) = call.engine().me(call.user()).await?;
     Ok(Reply::json(
         200,
@@ -1210,6 +1223,7 @@ fn cluster_view(shared: &crate::ctx::Shared) -> serde_json::Value {
 }
 
 async fn list_workspaces(call: &Call<'_>) -> Result<Reply, ApiError> {
+    call.directory_current().await;
     let (_, workspaces) = call.engine().me(call.user()).await?;
     Ok(Reply::json(200, &List("workspaces", &workspaces, None)))
 }
@@ -1228,6 +1242,7 @@ async fn add_member(call: &Call<'_>) -> Result<Reply, ApiError> {
 }
 
 async fn list_members(call: &Call<'_>) -> Result<Reply, ApiError> {
+    call.directory_current().await;
     let wid = call.workspace()?;
     let members = call.engine().members(call.user(), wid).await?;
     Ok(Reply::json(200, &List("members", &members, None)))
@@ -1294,6 +1309,7 @@ async fn get_presence(call: &Call<'_>) -> Result<Reply, ApiError> {
 }
 
 async fn list_channels(call: &Call<'_>) -> Result<Reply, ApiError> {
+    call.directory_current().await;
     let wid = call.workspace()?;
     let channels = call.engine().channels(call.user(), wid).await?;
     Ok(Reply::json(200, &List("channels", &channels, None)))
@@ -1409,6 +1425,7 @@ async fn mark_read(call: &Call<'_>) -> Result<Reply, ApiError> {
 }
 
 async fn unreads(call: &Call<'_>) -> Result<Reply, ApiError> {
+    call.directory_current().await;
     let wid = call.workspace()?;
     let after = call.cursor("cursor")?.map(ChannelId);
     let limit = call.limit_within(UNREADS_PAGE_MAX, UNREADS_PAGE_MAX)?;

@@ -825,3 +825,97 @@ fn a_login_right_after_a_sign_up_elsewhere_succeeds() {
         );
     }
 }
+
+// Lists read right after a write through another node show it: a workspace just made,
+// its members, the unread state a read marker just moved, a post's history (API.md §15:
+// a read on any node sees what was acknowledged before it).
+#[test]
+fn lists_right_after_a_write_elsewhere_show_it() {
+    let config = ClusterConfig::three();
+    let nodes: Vec<Option<Server>> = (1..=3)
+        .map(|id| Some(Server::start(&config.node(id, AUTH_UNLIMITED))))
+        .collect();
+    let node = |i: usize| nodes[i % 3].as_ref().unwrap();
+    let mut wrong = Vec::new();
+    // Without the directory barrier before a list, each of three runs found workspace
+    // lists (one to three of the 80) without the workspace just made.
+    for i in 0..80 {
+        let (a, b) = (node(i), node(i + 1));
+        let body = json!({"email": format!("l{i}@example.com"), "password": PASSWORD, "name": "l"});
+        let (_, r) = anywhere(&nodes, "a sign-up", |s| {
+            s.call("POST", "/api/v1/auth/signup", None, Some(body.clone()))
+        });
+        assert_eq!(r.status, 201, "{}", r.text);
+        let token = str_of(&r.body["token"]);
+        let (_, r) = anywhere(&nodes[i % 3..=i % 3], "a workspace", |s| {
+            s.call(
+                "POST",
+                "/api/v1/workspaces",
+                Some(&token),
+                Some(json!({"name": "w"})),
+            )
+        });
+        assert_eq!(r.status, 201, "{}", r.text);
+        let wid = str_of(&r.body["workspace"]["id"]);
+        let r = b.call("GET", "/api/v1/workspaces", Some(&token), None);
+        if !r.text.contains(&wid) {
+            wrong.push(format!("{i}: workspaces {} {}", r.status, r.text));
+        }
+        let r = b.call("GET", "/api/v1/me", Some(&token), None);
+        if !r.text.contains(&wid) {
+            wrong.push(format!("{i}: me {} {}", r.status, r.text));
+        }
+        let r = b.call(
+            "GET",
+            &format!("/api/v1/workspaces/{wid}/members"),
+            Some(&token),
+            None,
+        );
+        if !r.text.contains(&format!("l{i}@example.com")) {
+            wrong.push(format!("{i}: members {} {}", r.status, r.text));
+        }
+        let (_, r) = anywhere(&nodes, "a channel", |s| {
+            let body = json!({"name": "c", "kind": "public"});
+            s.call(
+                "POST",
+                &format!("/api/v1/workspaces/{wid}/channels"),
+                Some(&token),
+                Some(body),
+            )
+        });
+        assert_eq!(r.status, 201, "{}", r.text);
+        let cid = str_of(&r.body["channel"]["id"]);
+        let (_, r) = anywhere(&nodes, "a post", |s| post(s, &token, &cid, "hello"));
+        assert_eq!(r.status, 201, "{}", r.text);
+        let seq = r.body["message"]["seq"].as_u64().expect("a seq");
+        let r = a.call(
+            "GET",
+            &format!("/api/v1/channels/{cid}/messages"),
+            Some(&token),
+            None,
+        );
+        if !r.text.contains("hello") {
+            wrong.push(format!("{i}: history {} {}", r.status, r.text));
+        }
+        let (_, r) = anywhere(&nodes, "a read marker", |s| {
+            let body = json!({"seq": seq});
+            s.call(
+                "POST",
+                &format!("/api/v1/channels/{cid}/read"),
+                Some(&token),
+                Some(body),
+            )
+        });
+        assert_eq!(r.status, 200, "{}", r.text);
+        let r = b.call(
+            "GET",
+            &format!("/api/v1/workspaces/{wid}/unreads"),
+            Some(&token),
+            None,
+        );
+        if !r.text.contains(&format!("\"read_seq\":{seq}")) {
+            wrong.push(format!("{i}: unreads {} {}", r.status, r.text));
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
