@@ -919,3 +919,71 @@ fn lists_right_after_a_write_elsewhere_show_it() {
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
 }
+
+// A channel made through one node is listed at once through the others, and takes a post
+// at once through each (the 201 of its creation waits for its first members, which the
+// partition's leader decides, wherever that is).
+#[test]
+fn a_new_channel_is_listed_and_takes_posts_at_once_through_every_node() {
+    let config = ClusterConfig::three();
+    let nodes: Vec<Option<Server>> = (1..=3)
+        .map(|id| Some(Server::start(&config.node(id, AUTH_UNLIMITED))))
+        .collect();
+    let node = |i: usize| nodes[i % 3].as_ref().unwrap();
+    let body = json!({"email": "alice@example.com", "password": PASSWORD, "name": "alice"});
+    let (_, r) = anywhere(&nodes, "a sign-up", |s| {
+        s.call("POST", "/api/v1/auth/signup", None, Some(body.clone()))
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+    let token = str_of(&r.body["token"]);
+    let (_, r) = anywhere(&nodes, "the workspace", |s| {
+        s.call(
+            "POST",
+            "/api/v1/workspaces",
+            Some(&token),
+            Some(json!({"name": "acme"})),
+        )
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+    let wid = str_of(&r.body["workspace"]["id"]);
+    let mut wrong = Vec::new();
+    // Without the wait for the first members, one run in three found a channel missing
+    // from a list made right after its creation.
+    for i in 0..120 {
+        let (_, r) = anywhere(&nodes[i % 3..=i % 3], "a channel", |s| {
+            let body = json!({"name": format!("c{i}"), "kind": "public"});
+            s.call(
+                "POST",
+                &format!("/api/v1/workspaces/{wid}/channels"),
+                Some(&token),
+                Some(body),
+            )
+        });
+        assert_eq!(r.status, 201, "{}", r.text);
+        let cid = str_of(&r.body["channel"]["id"]);
+        for k in 1..3 {
+            let s = node(i + k);
+            let r = s.call(
+                "GET",
+                &format!("/api/v1/workspaces/{wid}/channels"),
+                Some(&token),
+                None,
+            );
+            if !r.text.contains(&cid) {
+                wrong.push(format!(
+                    "c{i} listed through {}: {} {}",
+                    s.addr, r.status, r.text
+                ));
+            }
+            let text = format!("c{i} through {k}");
+            let r = post(s, &token, &cid, &text);
+            if r.status != 201 {
+                wrong.push(format!(
+                    "c{i} post through {}: {} {}",
+                    s.addr, r.status, r.text
+                ));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}

@@ -89,11 +89,20 @@ pub(crate) struct Partition<E: Env> {
     /// The offset of the event whose frame applying last waited for (so that the wait is
     /// reported once, not at every look).
     frame_missing_at: Option<u64>,
+    /// On a follower: the directory's acknowledgements of new channels, each held until
+    /// the channel's first members are applied here from the leader's log, or until its
+    /// deadline ([`Partition::answer_init_waits`]).
+    init_waits: Vec<(ChannelId, Arc<dyn super::Ack>, std::time::Instant)>,
 }
 
 /// How often a partition looks again whether it leads (to decide deferred first members),
 /// or whether its directory knows a channel the log's next event is of.
 const FOLLOW_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// How long a follower holds the directory's publication of a new channel for the
+/// channel's first members to come from the partition's leader: the directory's later
+/// answers wait behind it, so a partition without a leader delays them this long at most.
+const INIT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Where a partition's snapshot goes, and when the next one is due.
 pub(crate) struct Snapshots<D> {
@@ -333,6 +342,7 @@ impl<E: Env> Partition<E> {
             deferred_inits: BTreeSet::new(),
             follow_later: false,
             frame_missing_at: None,
+            init_waits: Vec::new(),
         };
         let snapshot_offset = p.restore_snapshot().await;
         let from = snapshot_offset.unwrap_or(p.log.first_offset());
@@ -651,6 +661,9 @@ impl<E: Env> Partition<E> {
             let events = self.tick(std::mem::take(&mut tick)).await;
             self.maybe_snapshot(events);
         }
+        for (_, ack, _) in self.init_waits.drain(..) {
+            ack.done();
+        }
         self.final_snapshot().await;
         let _ = self.log.close().await;
     }
@@ -675,8 +688,36 @@ impl<E: Env> Partition<E> {
         futures::future::select(grown, retry).await;
     }
 
+    /// Acknowledges the first members of the channels whose initial events this follower
+    /// has applied from the log, of those waited for past [`INIT_WAIT`], and of every
+    /// one once the partition stopped.
+    fn answer_init_waits(&mut self) {
+        if self.init_waits.is_empty() {
+            return;
+        }
+        let now = self.env.now();
+        let (failed, channels) = (self.failed.is_some(), &self.channels);
+        self.init_waits.retain(|(channel, ack, until)| {
+            let applied = channels
+                .get(channel)
+                .is_some_and(|rt| rt.state.last_seq() > 0);
+            let done = applied || failed || now >= *until;
+            if done {
+                ack.done();
+            }
+            !done
+        });
+    }
+
     /// Runs one tick, returning the events it committed (or applied from the log).
     async fn tick(&mut self, msgs: Vec<PartitionMsg>) -> u64 {
+        let events = self.tick_once(msgs).await;
+        self.answer_init_waits();
+        events
+    }
+
+    /// [`Partition::tick`]'s work.
+    async fn tick_once(&mut self, msgs: Vec<PartitionMsg>) -> u64 {
         // What the log holds beyond the state first: a leader decides only against every
         // event committed before it, and a follower's reads see what its log has.
         let followed = self.follow().await;
@@ -717,8 +758,15 @@ impl<E: Env> Partition<E> {
                 // Only the leader decides; a channel's first members and its device events
                 // come from the leader's log like any other event. First members are
                 // decided here if this node comes to lead.
-                if let PartitionMsg::Init { channel, .. } = &msg {
-                    self.deferred_inits.insert(*channel);
+                if let PartitionMsg::Init { channel, ack } = msg {
+                    self.deferred_inits.insert(channel);
+                    // The directory publishes the channel once its first members are
+                    // here, from the leader's log (or after a while without a leader).
+                    if let Some(ack) = ack {
+                        let until = self.env.now() + INIT_WAIT;
+                        self.init_waits.push((channel, ack, until));
+                    }
+                    continue;
                 }
                 fail(msg, &not_leader);
                 continue;
