@@ -99,6 +99,19 @@ pub(crate) struct Partition<E: Env> {
 /// or whether its directory knows a channel the log's next event is of.
 const FOLLOW_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
 
+/// Whether `msg` starts a subscription here, or catches one up: on a follower, such
+/// messages wait for the read barrier ([`Partition::current_for_subscribers`]).
+fn subscribes(msg: &PartitionMsg) -> bool {
+    matches!(
+        msg,
+        PartitionMsg::Online {
+            delta: 1..,
+            sub: Some(_),
+            ..
+        } | PartitionMsg::CatchUp { .. }
+    )
+}
+
 /// How long a follower holds the directory's publication of a new channel for the
 /// channel's first members to come from the partition's leader: the directory's later
 /// answers wait behind it, so a partition without a leader delays them this long at most.
@@ -720,7 +733,10 @@ impl<E: Env> Partition<E> {
     async fn tick_once(&mut self, msgs: Vec<PartitionMsg>) -> u64 {
         // What the log holds beyond the state first: a leader decides only against every
         // event committed before it, and a follower's reads see what its log has.
-        let followed = self.follow().await;
+        let mut followed = self.follow().await;
+        if msgs.iter().any(subscribes) && self.log.leading() != Leading::Yes {
+            followed += self.current_for_subscribers().await;
+        }
         let leading = match self.log.leading() {
             Leading::Yes if self.applied == self.log.next_offset() => Leading::Yes,
             Leading::Yes => Leading::No { leader: None },
@@ -873,6 +889,23 @@ impl<E: Env> Partition<E> {
             self.read(r).await;
         }
         followed + caught_up + (decided.len() + marks) as u64
+    }
+
+    /// On a node that does not lead the partition, before a subscription is registered or
+    /// a resume catches up: passes the read barrier and applies what it let in, so that the
+    /// subscription starts from every event acknowledged before it (`API.md` §15: a
+    /// client resumes on any node). Without it, a follower a few events behind answered a
+    /// resume as if the user were in none of its channels, and then sent the channel's
+    /// events from its start. Where no leader confirms the barrier, what this node applied
+    /// is used (as for lists). Returns the events applied.
+    async fn current_for_subscribers(&mut self) -> u64 {
+        if self.failed.is_some() {
+            return 0;
+        }
+        match self.log.read_barrier().await {
+            Ok(()) => self.follow().await,
+            Err(_) => 0,
+        }
     }
 
     /// A node that does not lead answers its clients' reads only after the read barrier
