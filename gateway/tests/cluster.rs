@@ -197,16 +197,25 @@ fn three_processes_serve_one_cluster_and_survive_a_sigkill() {
             assert_eq!(n["id"], k as u64 + 1);
             assert_eq!(n["addr"], addrs[k].to_string());
         }
+        // Each shard copies what it knows onto the board every 250 ms: a node under load
+        // may show its peers, and its groups' voters, a moment after the writes above.
+        let mut v = v;
         wait_until(&format!("node {} to see every node up", i + 1), || {
-            let v = s
+            v = s
                 .as_ref()
                 .unwrap()
                 .ok("GET", "/api/v1/cluster", &user(&token), None, 200);
-            v["nodes"]
+            let up = v["nodes"]
                 .as_array()
                 .unwrap()
                 .iter()
-                .all(|n| n["up"] == true)
+                .all(|n| n["up"] == true);
+            let placed = v["partitions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|p| p["replicas"] != json!([]));
+            up && placed
         });
         for p in v["partitions"].as_array().unwrap() {
             assert_eq!(p["replicas"], json!([1, 2, 3]), "{v}");
