@@ -1,0 +1,167 @@
+//! Reads through one node right after writes through another (`API.md` §15: a read on any
+//! node sees every event acknowledged before it was sent), over three `chorus serve`
+//! processes: a private channel's new member lists it, an edit and a reaction show in the
+//! message, a DM opened elsewhere is read and posted to, a removed member no longer lists
+//! the channel, and a deleted message reads as deleted.
+
+mod common;
+
+use common::{str_of, ClusterConfig, Resp, Server, AUTH_UNLIMITED, PASSWORD};
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+/// `call` until it answers something but 503 (a leader being elected): that answer.
+fn settled(call: impl Fn() -> Resp) -> Resp {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = call();
+        if r.status != 503 || Instant::now() > deadline {
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn writes_through_one_node_are_read_at_once_through_another() {
+    let config = ClusterConfig::three();
+    let nodes: Vec<Server> = (1..=3)
+        .map(|id| Server::start(&config.node(id, AUTH_UNLIMITED)))
+        .collect();
+    let mut wrong = Vec::new();
+    for i in 0..30 {
+        let (a, b) = (&nodes[i % 3], &nodes[(i + 1) % 3]);
+        let call =
+            |s: &Server, method: &str, path: &str, token: &str, body: Option<serde_json::Value>| {
+                settled(|| s.call(method, path, Some(token), body.clone()))
+            };
+        let sign_up = |name: String| {
+            let body =
+                json!({"email": format!("{name}@example.com"), "password": PASSWORD, "name": name});
+            let r = settled(|| a.call("POST", "/api/v1/auth/signup", None, Some(body.clone())));
+            assert_eq!(r.status, 201, "{}", r.text);
+            (str_of(&r.body["token"]), str_of(&r.body["user"]["id"]))
+        };
+        let ((ta, _), (tb, ub)) = (sign_up(format!("a{i}")), sign_up(format!("b{i}")));
+        let r = call(
+            a,
+            "POST",
+            "/api/v1/workspaces",
+            &ta,
+            Some(json!({"name": "w"})),
+        );
+        assert_eq!(r.status, 201, "{}", r.text);
+        let wid = str_of(&r.body["workspace"]["id"]);
+        let body = json!({"email": format!("b{i}@example.com")});
+        let r = call(
+            a,
+            "POST",
+            &format!("/api/v1/workspaces/{wid}/members"),
+            &ta,
+            Some(body),
+        );
+        assert_eq!(r.status, 201, "{}", r.text);
+        let body = json!({"name": "p", "kind": "private"});
+        let r = call(
+            a,
+            "POST",
+            &format!("/api/v1/workspaces/{wid}/channels"),
+            &ta,
+            Some(body),
+        );
+        assert_eq!(r.status, 201, "{}", r.text);
+        let cid = str_of(&r.body["channel"]["id"]);
+        let body = json!({"user_id": ub});
+        let r = call(
+            a,
+            "POST",
+            &format!("/api/v1/channels/{cid}/members"),
+            &ta,
+            Some(body),
+        );
+        assert!(r.status == 200 || r.status == 201, "{}", r.text);
+        let r = call(
+            b,
+            "GET",
+            &format!("/api/v1/workspaces/{wid}/channels"),
+            &tb,
+            None,
+        );
+        if !r.text.contains(&cid) {
+            wrong.push(format!(
+                "{i}: the new member's list {} {}",
+                r.status, r.text
+            ));
+        }
+        let body = json!({"text": "first"});
+        let r = call(
+            a,
+            "POST",
+            &format!("/api/v1/channels/{cid}/messages"),
+            &ta,
+            Some(body),
+        );
+        assert_eq!(r.status, 201, "{}", r.text);
+        let mid = str_of(&r.body["message"]["id"]);
+        let message = format!("/api/v1/channels/{cid}/messages/{mid}");
+        let r = call(a, "PATCH", &message, &ta, Some(json!({"text": "edited"})));
+        assert_eq!(r.status, 200, "{}", r.text);
+        let r = call(b, "GET", &message, &tb, None);
+        if r.body["message"]["text"] != "edited" {
+            wrong.push(format!("{i}: the edit {} {}", r.status, r.text));
+        }
+        let r = call(a, "PUT", &format!("{message}/reactions/%2B1"), &ta, None);
+        assert!(r.status < 300, "{}", r.text);
+        let r = call(b, "GET", &message, &tb, None);
+        if !r.text.contains("+1") {
+            wrong.push(format!("{i}: the reaction {} {}", r.status, r.text));
+        }
+        let body = json!({"user_ids": [ub]});
+        let r = call(a, "POST", &format!("/api/v1/workspaces/{wid}/dms"), &ta, Some(body));
+        assert!(r.status == 200 || r.status == 201, "{}", r.text);
+        let dm = str_of(&r.body["channel"]["id"]);
+        let r = call(b, "GET", &format!("/api/v1/channels/{dm}"), &tb, None);
+        if r.status != 200 {
+            wrong.push(format!("{i}: the DM {} {}", r.status, r.text));
+        }
+        let body = json!({"text": "hi"});
+        let r = call(
+            b,
+            "POST",
+            &format!("/api/v1/channels/{dm}/messages"),
+            &tb,
+            Some(body),
+        );
+        if r.status != 201 {
+            wrong.push(format!("{i}: a post to the DM {} {}", r.status, r.text));
+        }
+        let r = call(
+            a,
+            "DELETE",
+            &format!("/api/v1/channels/{cid}/members/{ub}"),
+            &ta,
+            None,
+        );
+        assert!(r.status < 300, "{}", r.text);
+        let r = call(
+            b,
+            "GET",
+            &format!("/api/v1/workspaces/{wid}/channels"),
+            &tb,
+            None,
+        );
+        if r.status != 200 || r.text.contains(&cid) {
+            wrong.push(format!(
+                "{i}: the removed member's list {} {}",
+                r.status, r.text
+            ));
+        }
+        let r = call(a, "DELETE", &message, &ta, None);
+        assert!(r.status < 300, "{}", r.text);
+        let r = call(b, "GET", &message, &ta, None);
+        if r.status != 404 && r.body["message"]["deleted"] != true {
+            wrong.push(format!("{i}: the deletion {} {}", r.status, r.text));
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
