@@ -117,7 +117,13 @@ fn writes_through_one_node_are_read_at_once_through_another() {
             wrong.push(format!("{i}: the reaction {} {}", r.status, r.text));
         }
         let body = json!({"user_ids": [ub]});
-        let r = call(a, "POST", &format!("/api/v1/workspaces/{wid}/dms"), &ta, Some(body));
+        let r = call(
+            a,
+            "POST",
+            &format!("/api/v1/workspaces/{wid}/dms"),
+            &ta,
+            Some(body),
+        );
         assert!(r.status == 200 || r.status == 201, "{}", r.text);
         let dm = str_of(&r.body["channel"]["id"]);
         let r = call(b, "GET", &format!("/api/v1/channels/{dm}"), &tb, None);
