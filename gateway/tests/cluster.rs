@@ -101,6 +101,28 @@ fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
     }
 }
 
+/// Signs Alice up and makes her workspace, through whichever nodes take them: her token
+/// and the workspace's ID.
+fn alice_and_workspace(nodes: &[Option<Server>]) -> (String, String) {
+    let body = json!({"email": "alice@example.com", "password": PASSWORD, "name": "alice"});
+    let (_, r) = anywhere(nodes, "a sign-up", |s| {
+        s.call("POST", "/api/v1/auth/signup", None, Some(body.clone()))
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+    let token = str_of(&r.body["token"]);
+    let (_, r) = anywhere(nodes, "the workspace", |s| {
+        s.call(
+            "POST",
+            "/api/v1/workspaces",
+            Some(&token),
+            Some(json!({"name": "acme"})),
+        )
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+    let wid = str_of(&r.body["workspace"]["id"]);
+    (token, wid)
+}
+
 fn str_of(v: &Value) -> String {
     v.as_str().expect("a string").to_owned()
 }
@@ -939,22 +961,7 @@ fn a_new_channel_is_listed_and_takes_posts_at_once_through_every_node() {
         .map(|id| Some(Server::start(&config.node(id, AUTH_UNLIMITED))))
         .collect();
     let node = |i: usize| nodes[i % 3].as_ref().unwrap();
-    let body = json!({"email": "alice@example.com", "password": PASSWORD, "name": "alice"});
-    let (_, r) = anywhere(&nodes, "a sign-up", |s| {
-        s.call("POST", "/api/v1/auth/signup", None, Some(body.clone()))
-    });
-    assert_eq!(r.status, 201, "{}", r.text);
-    let token = str_of(&r.body["token"]);
-    let (_, r) = anywhere(&nodes, "the workspace", |s| {
-        s.call(
-            "POST",
-            "/api/v1/workspaces",
-            Some(&token),
-            Some(json!({"name": "acme"})),
-        )
-    });
-    assert_eq!(r.status, 201, "{}", r.text);
-    let wid = str_of(&r.body["workspace"]["id"]);
+    let (token, wid) = alice_and_workspace(&nodes);
     let mut wrong = Vec::new();
     // Without the wait for the first members, one run in three found a channel missing
     // from a list made right after its creation.
@@ -1010,22 +1017,7 @@ fn a_stream_resumes_on_another_node_missing_nothing() {
         .map(|id| Some(Server::start(&config.node(id, AUTH_UNLIMITED))))
         .collect();
     let node = |i: usize| nodes[i % 3].as_ref().unwrap();
-    let body = json!({"email": "alice@example.com", "password": PASSWORD, "name": "alice"});
-    let (_, r) = anywhere(&nodes, "a sign-up", |s| {
-        s.call("POST", "/api/v1/auth/signup", None, Some(body.clone()))
-    });
-    assert_eq!(r.status, 201, "{}", r.text);
-    let token = str_of(&r.body["token"]);
-    let (_, r) = anywhere(&nodes, "the workspace", |s| {
-        s.call(
-            "POST",
-            "/api/v1/workspaces",
-            Some(&token),
-            Some(json!({"name": "acme"})),
-        )
-    });
-    assert_eq!(r.status, 201, "{}", r.text);
-    let wid = str_of(&r.body["workspace"]["id"]);
+    let (token, wid) = alice_and_workspace(&nodes);
     let (_, r) = anywhere(&nodes, "the channel", |s| {
         let body = json!({"name": "general", "kind": "public"});
         s.call(

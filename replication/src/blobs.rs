@@ -82,46 +82,20 @@ impl<B: BlobStore + Clone + 'static> BlobStore for ReplicatedBlobs<B> {
             .transport()
             .clone();
         let peers: Vec<u64> = transport.peers().into_keys().collect();
-        let nodes = peers.len() + 1;
-        let majority = nodes / 2 + 1;
-        let mut stored = 1;
-        let mut sends: FuturesUnordered<_> = peers
-            .into_iter()
-            .map(|peer| {
-                let (asker, bytes) = (transport.asker(peer), bytes.clone());
-                async move {
-                    let sent = match asker {
-                        Ok(asker) => put_to(asker, blob, &bytes).await,
-                        Err(e) => Err(e),
-                    };
-                    (peer, sent)
-                }
-            })
-            .collect();
-        let mut failures = Vec::new();
-        while stored < majority {
-            match sends.next().await {
-                Some((_, Ok(()))) => stored += 1,
-                Some((peer, Err(e))) => failures.push(format!("node {peer}: {e}")),
-                None => break,
+        let sends = peers.into_iter().map(|peer| {
+            let (asker, bytes) = (transport.asker(peer), bytes.clone());
+            async move {
+                let sent = match asker {
+                    Ok(asker) => put_to(asker, blob, &bytes).await,
+                    Err(e) => Err(e),
+                };
+                (peer, sent)
             }
-        }
-        if !sends.is_empty() {
-            // The rest go on: every node should hold every blob, but the ack waits for a
-            // majority only.
-            glommio::spawn_local(async move { while sends.next().await.is_some() {} }).detach();
-        }
-        if stored >= majority {
-            return Ok(blob);
-        }
-        Err(io::Error::new(
-            io::ErrorKind::NotConnected,
-            format!(
-                "blob {} is on {stored} of {nodes} nodes, short of a majority ({})",
-                blob.to_hex(),
-                failures.join("; ")
-            ),
-        ))
+        });
+        on_majority(sends)
+            .await
+            .map(|()| blob)
+            .map_err(|e| majority_error(format!("blob {}", blob.to_hex()), e))
     }
 
     async fn get(&self, blob: BlobRef) -> Result<Bytes, BlobError> {
@@ -154,6 +128,64 @@ impl<B: BlobStore + Clone + 'static> BlobStore for ReplicatedBlobs<B> {
         }
         Err(missing)
     }
+}
+
+/// How far copies to the peers got when they fell short of a majority.
+#[derive(Debug)]
+pub struct ShortOfMajority {
+    /// The nodes that hold the copy, this one included.
+    pub stored: usize,
+    /// The cluster's nodes.
+    pub nodes: usize,
+    /// Why each peer that failed did.
+    pub failures: Vec<String>,
+}
+
+/// Waits for copies to the peers (`(peer, outcome)` each) until a majority of the nodes,
+/// this one and the peers, hold the copy; the copies still running go on in the
+/// background (every node should hold every copy, but the caller waits for a majority
+/// only). Shared by the engine's blobs here and the gateway's files.
+pub async fn on_majority<F>(sends: impl IntoIterator<Item = F>) -> Result<(), ShortOfMajority>
+where
+    F: std::future::Future<Output = (u64, io::Result<()>)> + 'static,
+{
+    let mut sends: FuturesUnordered<F> = sends.into_iter().collect();
+    let nodes = sends.len() + 1;
+    let majority = nodes / 2 + 1;
+    let mut stored = 1;
+    let mut failures = Vec::new();
+    while stored < majority {
+        match sends.next().await {
+            Some((_, Ok(()))) => stored += 1,
+            Some((peer, Err(e))) => failures.push(format!("node {peer}: {e}")),
+            None => break,
+        }
+    }
+    if !sends.is_empty() {
+        glommio::spawn_local(async move { while sends.next().await.is_some() {} }).detach();
+    }
+    if stored >= majority {
+        return Ok(());
+    }
+    Err(ShortOfMajority {
+        stored,
+        nodes,
+        failures,
+    })
+}
+
+/// The `NotConnected` error of `what`'s copies falling short of a majority (the engine
+/// and the gateway refuse the write as unavailable, for a retry).
+pub fn majority_error(what: String, short: ShortOfMajority) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotConnected,
+        format!(
+            "{what} is on {} of {} nodes, short of a majority ({})",
+            short.stored,
+            short.nodes,
+            short.failures.join("; ")
+        ),
+    )
 }
 
 /// Sends `bytes`, the blob `blob` names, to the peer; `Ok` once the peer says it stored

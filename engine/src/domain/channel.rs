@@ -1476,9 +1476,8 @@ mod tests {
         admin
     }
 
-    // History pages newest first with a cursor that continues exactly where it stopped.
-    #[test]
-    fn history_pages() {
+    /// A private channel whose one member is user 1, and that member.
+    fn one_member() -> (ChannelState, Principal) {
         let mut s = ChannelState::new(C, W, ChannelKind::Private, UserId(1));
         s.apply(
             1,
@@ -1489,6 +1488,13 @@ mod tests {
             },
         );
         let a = p(1, Role::Member);
+        (s, a)
+    }
+
+    // History pages newest first with a cursor that continues exactly where it stopped.
+    #[test]
+    fn history_pages() {
+        let (mut s, a) = one_member();
         for i in 0..25 {
             step(&mut s, &a, post(&format!("m{i}"), None, None)).unwrap();
         }
@@ -1510,16 +1516,7 @@ mod tests {
     // finds: the search from the last message found skips the replies between.
     #[test]
     fn pages_skip_replies_between_their_messages() {
-        let mut s = ChannelState::new(C, W, ChannelKind::Private, UserId(1));
-        s.apply(
-            1,
-            0,
-            &ChannelEvent::MemberJoined {
-                user: UserId(1),
-                by: UserId(1),
-            },
-        );
-        let a = p(1, Role::Member);
+        let (mut s, a) = one_member();
         let mut roots = Vec::new();
         for i in 0..41u64 {
             step(&mut s, &a, post(&format!("root {i}"), None, None)).unwrap();

@@ -27,7 +27,6 @@
 
 use super::store::{self, FileStore, Pending, Sha256};
 use crate::ctx::{off_shard, ShardCtx};
-use futures::stream::{FuturesUnordered, StreamExt};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
@@ -61,38 +60,15 @@ pub async fn copy_to_majority(ctx: &ShardCtx, sha: Sha256, len: u64) -> io::Resu
         .into_keys()
         .filter(|&n| n != cluster.me)
         .collect();
-    let nodes = peers.len() + 1;
-    let majority = nodes / 2 + 1;
-    let mut stored = 1;
-    let mut sends: FuturesUnordered<_> = peers
-        .into_iter()
-        .map(|peer| {
-            let (shared, shard) = (ctx.shared.clone(), ctx.shard);
-            async move { (peer, put_to(&shared, shard, peer, sha, len).await) }
+    let sends = peers.into_iter().map(|peer| {
+        let (shared, shard) = (ctx.shared.clone(), ctx.shard);
+        async move { (peer, put_to(&shared, shard, peer, sha, len).await) }
+    });
+    chorus_replication::blobs::on_majority(sends)
+        .await
+        .map_err(|e| {
+            chorus_replication::blobs::majority_error(format!("file {}", store::hex(&sha)), e)
         })
-        .collect();
-    let mut failures = Vec::new();
-    while stored < majority {
-        match sends.next().await {
-            Some((_, Ok(()))) => stored += 1,
-            Some((peer, Err(e))) => failures.push(format!("node {peer}: {e}")),
-            None => break,
-        }
-    }
-    if !sends.is_empty() {
-        glommio::spawn_local(async move { while sends.next().await.is_some() {} }).detach();
-    }
-    if stored >= majority {
-        return Ok(());
-    }
-    Err(io::Error::new(
-        io::ErrorKind::NotConnected,
-        format!(
-            "file {} is on {stored} of {nodes} nodes, short of a majority ({})",
-            store::hex(&sha),
-            failures.join("; ")
-        ),
-    ))
 }
 
 /// Makes sure this node holds the bytes `sha` (`len` of them): fetched from the first peer
