@@ -419,9 +419,17 @@ fn three_processes_serve_one_cluster_and_survive_a_sigkill() {
 /// A base port for `tools/cluster` under which every port it uses for four nodes of two
 /// shards is free: HTTP and QUIC on base + 10i, the cluster on base + 10i + 1 and + 2.
 fn free_base_port() -> u16 {
-    let start = 20_000 + (std::process::id() % 200) as u16 * 100;
-    (0..100u16)
-        .map(|k| 20_000 + (start - 20_000 + k * 100) % 20_000)
+    // Below the kernel's ephemeral range: a port checked free there can be handed to
+    // another test's outgoing connection before the tool's node binds it (CI once failed
+    // so, with a base of 38800 where the range begins at 32768).
+    let ephemeral: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(49_152);
+    let bases = (ephemeral.saturating_sub(20_000 + 50) / 100).max(1);
+    let start = (std::process::id() % u32::from(bases)) as u16;
+    (0..bases)
+        .map(|k| 20_000 + (start + k) % bases * 100)
         .find(|base| {
             (1..=4u16).all(|i| {
                 let port = base + 10 * i;
