@@ -9,6 +9,7 @@
 
 mod e2ee;
 mod notify;
+mod presence_peers;
 
 use crate::blob::{BlobStore, DiskBlobStore};
 use crate::config::EngineConfig;

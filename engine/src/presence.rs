@@ -18,6 +18,11 @@
 //!
 //! Presence lives only here, in memory: it is never written to a log, so a restart starts
 //! everyone `offline` in mode `auto`.
+//!
+//! In a cluster every node keeps the whole table: a user's connections on other nodes, and
+//! modes chosen there, come in as inputs too ([`PresenceTable::remote_conns`],
+//! [`PresenceTable::mode_from`]), passed between the same shard of every node by
+//! [`peers`]. So a watcher is registered, and answered, on its own node.
 
 use crate::ids::UserId;
 use bytes::Bytes;
@@ -245,7 +250,13 @@ enum Deadline {
 struct Entry {
     /// The open connections, each active (`true`) or idle.
     conns: SmallVec<[(ConnKey, bool); 2]>,
+    /// The other nodes of a cluster where the user has a connection open, each with
+    /// whether one of them is active.
+    remote: SmallVec<[(u64, bool); 1]>,
     mode: Mode,
+    /// When the mode was chosen (microseconds since the Unix epoch; 0: never chosen): of
+    /// two choices made on different nodes, the later wins.
+    mode_at_us: u64,
     /// The end of `dnd`: the deadline on the owner's clock and the wall time shown.
     dnd: Option<(Instant, u64)>,
     /// While the offline grace runs: when it ends.
@@ -263,7 +274,9 @@ impl Entry {
     fn new() -> Entry {
         Entry {
             conns: SmallVec::new(),
+            remote: SmallVec::new(),
             mode: Mode::Auto,
+            mode_at_us: 0,
             dnd: None,
             grace_until: None,
             kept: Status::Offline,
@@ -273,11 +286,21 @@ impl Entry {
         }
     }
 
+    /// Whether a connection is open, here or on another node.
+    fn connected(&self) -> bool {
+        !self.conns.is_empty() || !self.remote.is_empty()
+    }
+
+    /// Whether an open connection, here or on another node, is active.
+    fn active(&self) -> bool {
+        self.conns.iter().any(|(_, active)| *active) || self.remote.iter().any(|(_, a)| *a)
+    }
+
     /// The `auto` status of the open connections.
     fn auto_status(&self) -> Status {
-        if self.conns.is_empty() {
+        if !self.connected() {
             self.kept
-        } else if self.conns.iter().any(|(_, active)| *active) {
+        } else if self.active() {
             Status::Online
         } else {
             Status::Away
@@ -286,7 +309,7 @@ impl Entry {
 
     /// What others see now.
     fn derive(&self) -> Presence {
-        let present = !self.conns.is_empty() || self.grace_until.is_some();
+        let present = self.connected() || self.grace_until.is_some();
         let status = match self.mode {
             _ if !present => Status::Offline,
             Mode::Invisible => Status::Offline,
@@ -310,7 +333,7 @@ impl Entry {
     /// Nothing here that a restart would not forget anyway... except `last_active_us`,
     /// which is kept for as long as the process runs.
     fn is_empty(&self) -> bool {
-        self.conns.is_empty()
+        !self.connected()
             && self.grace_until.is_none()
             && self.mode == Mode::Auto
             && self.watchers.is_empty()
@@ -325,6 +348,10 @@ pub struct PresenceTable {
     /// The number of the last change.
     seq: u64,
     users: HashMap<UserId, Entry>,
+    /// When users the table forgot (nothing of theirs was left but mode `auto`) last
+    /// chose their mode, so that an older choice from another node, coming late, is still
+    /// known to be older: 16 bytes for each user who chose a mode since the start.
+    chosen: HashMap<UserId, u64>,
     /// Every pending deadline, earliest first.
     deadlines: BTreeSet<(Instant, UserId, Deadline)>,
 }
@@ -337,6 +364,7 @@ impl PresenceTable {
             grace,
             seq: 0,
             users: HashMap::new(),
+            chosen: HashMap::new(),
             deadlines: BTreeSet::new(),
         }
     }
@@ -349,7 +377,7 @@ impl PresenceTable {
     /// What the notification decider needs of `user` (`API.md` §13), whatever others see.
     pub fn reach(&self, user: UserId) -> Reach {
         self.users.get(&user).map_or(Reach::default(), |e| Reach {
-            active: e.conns.iter().any(|(_, active)| *active),
+            active: e.active(),
             dnd: e.mode == Mode::Dnd,
             online: e.shown.status != Status::Offline,
         })
@@ -384,7 +412,7 @@ impl PresenceTable {
 
     /// A connection of `user` opened; it counts as active.
     pub fn connect(&mut self, unix_us: u64, user: UserId, conn: ConnKey) -> Option<Change> {
-        let e = self.users.entry(user).or_insert_with(Entry::new);
+        let e = Self::entry(&mut self.users, &mut self.chosen, user);
         if !e.conns.iter().any(|(c, _)| *c == conn) {
             e.conns.push((conn, true));
         }
@@ -393,6 +421,108 @@ impl PresenceTable {
             self.deadlines.remove(&(at, user, Deadline::Grace));
         }
         self.settle(user)
+    }
+
+    /// What this node's own connections of `user` show the other nodes of a cluster:
+    /// `None` when none is open, else whether one is active; with the last activity known.
+    pub fn here(&self, user: UserId) -> (Option<bool>, Option<u64>) {
+        self.users.get(&user).map_or((None, None), |e| {
+            let here = (!e.conns.is_empty()).then(|| e.conns.iter().any(|(_, a)| *a));
+            (here, e.last_active_us)
+        })
+    }
+
+    /// What `node`'s connections of `user` show (as [`Self::here`] says it there): `None`
+    /// when none is open there any more, else whether one is active. A user's last
+    /// connection anywhere going starts the grace, as [`Self::disconnect`] does.
+    pub fn remote_conns(
+        &mut self,
+        now: Instant,
+        user: UserId,
+        node: u64,
+        state: Option<bool>,
+        last_active_us: Option<u64>,
+    ) -> Option<Change> {
+        if state.is_none() && !self.users.contains_key(&user) {
+            return None;
+        }
+        let e = Self::entry(&mut self.users, &mut self.chosen, user);
+        e.last_active_us = e.last_active_us.max(last_active_us);
+        let kept = e.auto_status();
+        let i = e.remote.iter().position(|(n, _)| *n == node);
+        match (state, i) {
+            (Some(active), Some(i)) => e.remote[i].1 = active,
+            (Some(active), None) => {
+                e.remote.push((node, active));
+                if let Some(at) = e.grace_until.take() {
+                    self.deadlines.remove(&(at, user, Deadline::Grace));
+                }
+            }
+            (None, Some(i)) => {
+                e.remote.swap_remove(i);
+                self.start_grace(now, user, kept);
+            }
+            (None, None) => {}
+        }
+        self.settle(user)
+    }
+
+    /// Every connection of `node` counts as closed (it has not been heard from for too
+    /// long); the changes that makes.
+    pub fn node_gone(&mut self, now: Instant, node: u64) -> Vec<Change> {
+        let users: Vec<UserId> = self
+            .users
+            .iter()
+            .filter(|(_, e)| e.remote.iter().any(|(n, _)| *n == node))
+            .map(|(u, _)| *u)
+            .collect();
+        users
+            .into_iter()
+            .filter_map(|u| self.remote_conns(now, u, node, None, None))
+            .collect()
+    }
+
+    /// `node`'s connections are those of `open` (each user's activity and last activity)
+    /// and no others; the changes that makes.
+    pub fn node_reset(
+        &mut self,
+        now: Instant,
+        node: u64,
+        open: &[(UserId, bool, Option<u64>)],
+    ) -> Vec<Change> {
+        let mut changes: Vec<Change> = open
+            .iter()
+            .filter_map(|&(u, active, last)| self.remote_conns(now, u, node, Some(active), last))
+            .collect();
+        let listed: std::collections::HashSet<UserId> = open.iter().map(|(u, _, _)| *u).collect();
+        let stale: Vec<UserId> = self
+            .users
+            .iter()
+            .filter(|(u, e)| !listed.contains(u) && e.remote.iter().any(|(n, _)| *n == node))
+            .map(|(u, _)| *u)
+            .collect();
+        for u in stale {
+            changes.extend(self.remote_conns(now, u, node, None, None));
+        }
+        changes
+    }
+
+    /// Starts the offline grace of `user` if no connection of theirs is open anywhere now;
+    /// `kept` is the `auto` status shown before the last one went.
+    fn start_grace(&mut self, now: Instant, user: UserId, kept: Status) {
+        let Some(e) = self.users.get_mut(&user) else {
+            return;
+        };
+        if e.connected() {
+            return;
+        }
+        e.kept = kept;
+        if let Some(at) = e.grace_until.take() {
+            self.deadlines.remove(&(at, user, Deadline::Grace));
+        }
+        let at = now + self.grace;
+        e.grace_until = Some(at);
+        self.deadlines.insert((at, user, Deadline::Grace));
     }
 
     /// A connection of `user` reported the person active or idle.
@@ -429,12 +559,7 @@ impl PresenceTable {
         if active {
             e.last_active_us = Some(unix_us);
         }
-        if e.conns.is_empty() {
-            e.kept = kept;
-            let at = now + self.grace;
-            e.grace_until = Some(at);
-            self.deadlines.insert((at, user, Deadline::Grace));
-        }
+        self.start_grace(now, user, kept);
         self.settle(user)
     }
 
@@ -448,18 +573,106 @@ impl PresenceTable {
         mode: Mode,
         dnd_until_us: Option<u64>,
     ) -> (Presence, Option<Change>) {
-        let e = self.users.entry(user).or_insert_with(Entry::new);
+        let at_us = self.mode_at(user).max(unix_us.saturating_sub(1)) + 1;
+        let change = self.choose(now, unix_us, user, mode, dnd_until_us, at_us);
+        (self.get(user), change)
+    }
+
+    /// `user` chose a mode on another node at `at_us` (as [`Self::mode_at`] says it there):
+    /// taken unless a later choice was; the change it makes.
+    pub fn mode_from(
+        &mut self,
+        now: Instant,
+        unix_us: u64,
+        user: UserId,
+        mode: Mode,
+        dnd_until_us: Option<u64>,
+        at_us: u64,
+    ) -> Option<Change> {
+        if at_us <= self.mode_at(user) {
+            return None;
+        }
+        self.choose(now, unix_us, user, mode, dnd_until_us, at_us)
+    }
+
+    /// When `user`'s mode was last chosen (microseconds since the Unix epoch; 0: never).
+    pub fn mode_at(&self, user: UserId) -> u64 {
+        match self.users.get(&user) {
+            Some(e) => e.mode_at_us,
+            None => self.chosen.get(&user).copied().unwrap_or(0),
+        }
+    }
+
+    /// Drops `user`'s entry, which holds nothing a restart would not forget too, but when
+    /// they last chose a mode.
+    fn forget(&mut self, user: UserId) {
+        if let Some(e) = self.users.remove(&user) {
+            if e.mode_at_us != 0 {
+                self.chosen.insert(user, e.mode_at_us);
+            }
+        }
+    }
+
+    /// `user`'s entry in `users`, made if there is none (with when they last chose a mode,
+    /// from `chosen`).
+    fn entry<'a>(
+        users: &'a mut HashMap<UserId, Entry>,
+        chosen: &mut HashMap<UserId, u64>,
+        user: UserId,
+    ) -> &'a mut Entry {
+        users.entry(user).or_insert_with(|| {
+            let mut e = Entry::new();
+            e.mode_at_us = chosen.remove(&user).unwrap_or(0);
+            e
+        })
+    }
+
+    /// What another node of a cluster needs to know of this one, whole: every user with a
+    /// connection open here (whether one is active, and the last activity), and every mode
+    /// chosen.
+    pub fn shared(&self) -> Vec<peers::Record> {
+        let mut records = Vec::new();
+        for (&user, e) in &self.users {
+            if !e.conns.is_empty() {
+                records.push(peers::Record::Conns {
+                    user,
+                    active: Some(e.conns.iter().any(|(_, a)| *a)),
+                    last_active_us: e.last_active_us,
+                });
+            }
+            if e.mode_at_us != 0 {
+                records.push(peers::Record::Mode {
+                    user,
+                    mode: e.mode,
+                    dnd_until_us: e.dnd.map(|(_, wall)| wall),
+                    at_us: e.mode_at_us,
+                });
+            }
+        }
+        records
+    }
+
+    fn choose(
+        &mut self,
+        now: Instant,
+        unix_us: u64,
+        user: UserId,
+        mode: Mode,
+        dnd_until_us: Option<u64>,
+        at_us: u64,
+    ) -> Option<Change> {
+        let e = Self::entry(&mut self.users, &mut self.chosen, user);
         if let Some((at, _)) = e.dnd.take() {
             self.deadlines.remove(&(at, user, Deadline::Dnd));
         }
         e.mode = mode;
+        e.mode_at_us = at_us;
         if let (Mode::Dnd, Some(wall)) = (mode, dnd_until_us) {
             let at = now + Duration::from_micros(wall.saturating_sub(unix_us));
             e.dnd = Some((at, wall));
             self.deadlines.insert((at, user, Deadline::Dnd));
         }
-        let change = self.settle(user);
-        (self.get(user), change)
+        self.settle(user)
     }
 
     /// Every deadline at or before `now`, in time order: the grace ends (the user goes
@@ -489,7 +702,7 @@ impl PresenceTable {
     /// `conn` watches `user` from now on (again, if it did); answers what `user` shows and
     /// the number of the last change, which that includes.
     pub fn watch(&mut self, user: UserId, conn: ConnKey) -> (Presence, u64) {
-        let e = self.users.entry(user).or_insert_with(Entry::new);
+        let e = Self::entry(&mut self.users, &mut self.chosen, user);
         if !e.watchers.contains(&conn) {
             e.watchers.push(conn);
         }
@@ -508,7 +721,7 @@ impl PresenceTable {
             }
         }
         if e.is_empty() {
-            self.users.remove(&user);
+            self.forget(user);
         }
     }
 
@@ -519,7 +732,7 @@ impl PresenceTable {
         let old = e.shown;
         e.shown = new;
         if e.is_empty() {
-            self.users.remove(&user);
+            self.forget(user);
         }
         if old.same_state(&new) {
             return None;
@@ -657,5 +870,6 @@ impl From<Change> for Update {
     }
 }
 
+pub mod peers;
 #[cfg(test)]
 mod tests;

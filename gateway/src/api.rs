@@ -18,6 +18,7 @@ mod e2ee;
 mod forward;
 pub mod members;
 mod notify;
+mod presence_peers;
 mod search;
 
 pub use forward::{serve_calls, serve_notices, AsRest, Relay};

@@ -60,6 +60,24 @@ pub struct Shared {
     pub cluster: Option<ClusterView>,
 }
 
+impl Shared {
+    /// Calls the server of `peer` (another node of this node's cluster) on shard `shard`
+    /// with `request`, and answers its answer (`chorus_replication::calls`).
+    pub async fn call_peer(
+        &self,
+        shard: u32,
+        peer: u64,
+        request: &[u8],
+    ) -> std::io::Result<Vec<u8>> {
+        let cluster = self
+            .cluster
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("not in a cluster"))?;
+        chorus_replication::calls::call(&cluster.membership(), &cluster.cuts, peer, shard, request)
+            .await
+    }
+}
+
 /// What `GET /api/v1/cluster` shows of a cluster node.
 pub struct ClusterView {
     /// This node's id.

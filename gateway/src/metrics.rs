@@ -183,6 +183,9 @@ pub struct Metrics {
     /// REST calls this node passed to the node that leads what they write to, answered
     /// there.
     pub forwarded: Counter,
+    /// Presence snapshots taken from peers: one per peer and shard when first heard, and
+    /// one each time a peer's notices were missed or it restarted.
+    pub presence_snapshots: Counter,
     /// Subscribers cut off because their outbound queue filled.
     pub slow_consumer_disconnects: Counter,
     /// Time from a request's arrival to its answer.
@@ -237,6 +240,7 @@ impl Metrics {
             deliveries: Counter::default(),
             rate_limited: Counter::default(),
             forwarded: Counter::default(),
+            presence_snapshots: Counter::default(),
             slow_consumer_disconnects: Counter::default(),
             request_duration_seconds: Histogram::new(REQUEST_DURATION_BUCKETS_S),
             fsync_latency_seconds: Histogram::new(FSYNC_LATENCY_BUCKETS_S),
@@ -368,6 +372,12 @@ impl Metrics {
             "forwarded_total",
             "REST calls passed to the node that leads what they write to, answered there.",
             &self.forwarded,
+        );
+        counter(
+            &mut out,
+            "presence_snapshots_total",
+            "Presence snapshots taken from peers: first contact, missed notices, restarts.",
+            &self.presence_snapshots,
         );
         counter(
             &mut out,

@@ -35,6 +35,18 @@ struct ModelUser {
 }
 
 impl ModelUser {
+    /// Connection `c` closes, if open; the grace starts if it was the last.
+    fn close(&mut self, now: Instant, c: u64) {
+        let auto = if self.conns.values().any(|a| *a) {
+            Status::Online
+        } else {
+            Status::Away
+        };
+        if self.conns.remove(&c).is_some() && self.conns.is_empty() {
+            self.left = Some((now, auto));
+        }
+    }
+
     fn state(&self, t: Instant) -> (Status, Option<u64>) {
         let dnd_over = self.dnd.is_some_and(|(at, _)| t >= at);
         let mode = match self.mode.unwrap_or(Mode::Auto) {
@@ -135,39 +147,90 @@ fn run(seed: u64, steps: usize) {
         seen: vec![Presence::OFFLINE; users],
         last_seq: 0,
     };
+    // The last time a mode was chosen, per user: a choice from another node comes later.
+    let mut chosen_at = vec![0u64; users];
     for step in 0..steps {
         let u = rng.below(users as u64) as usize;
         let user = UserId(u as u64);
-        let c = rng.below(3);
+        // Connections 0 to 2 are this node's; 3 and 4 stand for all of nodes 2 and 3's.
+        let c = rng.below(5);
+        let node = (c >= 3).then(|| c - 1);
         let conn = ConnKey::new(0, (u as u64) * 8 + c);
         let (now, unix) = (r.now, r.unix());
         let open = r.model[u].conns.contains_key(&c);
-        match rng.below(10) {
+        match rng.below(12) {
             0..=1 if !open => {
-                let change = r.table.connect(unix, user, conn);
+                let change = match node {
+                    None => r.table.connect(unix, user, conn),
+                    Some(n) => r.table.remote_conns(now, user, n, Some(true), Some(unix)),
+                };
                 r.model[u].conns.insert(c, true);
                 r.model[u].left = None;
                 r.take(change, step);
             }
             0..=2 if open => {
                 let active = rng.below(2) == 0;
-                let change = r.table.activity(unix, user, conn, active);
+                let change = match node {
+                    None => r.table.activity(unix, user, conn, active),
+                    Some(n) => r.table.remote_conns(now, user, n, Some(active), Some(unix)),
+                };
                 r.model[u].conns.insert(c, active);
                 r.take(change, step);
             }
             3 if open => {
-                let m = &mut r.model[u];
-                let auto = if m.conns.values().any(|a| *a) {
-                    Status::Online
-                } else {
-                    Status::Away
+                r.model[u].close(now, c);
+                let change = match node {
+                    None => r.table.disconnect(now, unix, user, conn),
+                    Some(n) => r.table.remote_conns(now, user, n, None, None),
                 };
-                m.conns.remove(&c);
-                if m.conns.is_empty() {
-                    m.left = Some((now, auto));
-                }
-                let change = r.table.disconnect(now, unix, user, conn);
                 r.take(change, step);
+            }
+            10 => {
+                // Node 2 is gone: none of its connections counts any more.
+                for m in &mut r.model {
+                    m.close(now, 3);
+                }
+                for change in r.table.node_gone(now, 2) {
+                    r.take(Some(change), step);
+                }
+            }
+            11 => {
+                // Node 3 says, whole, which users have a connection open there.
+                let mut open = Vec::new();
+                for (u, m) in r.model.iter_mut().enumerate() {
+                    match rng.below(3) {
+                        0 => m.close(now, 4),
+                        a => {
+                            if m.conns.insert(4, a == 2).is_none() {
+                                m.left = None;
+                            }
+                            open.push((UserId(u as u64), a == 2, Some(unix)));
+                        }
+                    }
+                }
+                for change in r.table.node_reset(now, 3, &open) {
+                    r.take(Some(change), step);
+                }
+            }
+            9 => {
+                // A mode chosen on another node, later than any before.
+                let mode =
+                    [Mode::Auto, Mode::Away, Mode::Dnd, Mode::Invisible][rng.below(4) as usize];
+                let until = (mode == Mode::Dnd && rng.below(3) > 0)
+                    .then(|| unix + 1 + rng.below(5_000_000));
+                chosen_at[u] = chosen_at[u].max(unix) + 1;
+                let change = r
+                    .table
+                    .mode_from(now, unix, user, mode, until, chosen_at[u]);
+                let m = &mut r.model[u];
+                m.mode = Some(mode);
+                m.dnd = until.map(|wall| (now + Duration::from_micros(wall - unix), wall));
+                r.take(change, step);
+                // The same choice again, or an older one, changes nothing.
+                let again = r
+                    .table
+                    .mode_from(now, unix, user, Mode::Away, None, chosen_at[u]);
+                assert_eq!(again, None, "seed {seed}: a choice taken twice");
             }
             4 => {
                 let mode =
@@ -175,6 +238,7 @@ fn run(seed: u64, steps: usize) {
                 let until = (mode == Mode::Dnd && rng.below(3) > 0)
                     .then(|| unix + 1 + rng.below(5_000_000));
                 let (own, change) = r.table.set_mode(now, unix, user, mode, until);
+                chosen_at[u] = r.table.mode_at(user);
                 let m = &mut r.model[u];
                 m.mode = Some(mode);
                 m.dnd = until.map(|wall| (now + Duration::from_micros(wall - unix), wall));
@@ -195,22 +259,14 @@ fn run(seed: u64, steps: usize) {
         let conns: Vec<u64> = r.model[u].conns.keys().copied().collect();
         for c in conns {
             let (now, unix) = (r.now, r.unix());
-            let m = &mut r.model[u];
-            let auto = if m.conns.values().any(|a| *a) {
-                Status::Online
-            } else {
-                Status::Away
+            r.model[u].close(now, c);
+            let user = UserId(u as u64);
+            let change = match c {
+                0..=2 => r
+                    .table
+                    .disconnect(now, unix, user, ConnKey::new(0, u as u64 * 8 + c)),
+                _ => r.table.remote_conns(now, user, c - 1, None, None),
             };
-            m.conns.remove(&c);
-            if m.conns.is_empty() {
-                m.left = Some((now, auto));
-            }
-            let change = r.table.disconnect(
-                now,
-                unix,
-                UserId(u as u64),
-                ConnKey::new(0, u as u64 * 8 + c),
-            );
             r.take(change, steps);
         }
     }

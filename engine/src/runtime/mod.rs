@@ -489,6 +489,24 @@ pub(crate) enum ShardMsg {
     },
     /// A subscriber's person became active or idle.
     PresenceActivity { sub: u64, active: bool },
+    /// From now on this shard tells the other nodes of a cluster what changes of its
+    /// users' presence on this node: each change's records go to `out`, numbered in the
+    /// shard's sequence (`crate::presence::peers`).
+    PresenceShare {
+        out: crate::presence::peers::Sink,
+        reply: Reply<()>,
+    },
+    /// What node `from` says of the users whose presence this shard owns.
+    PresencePeer {
+        from: u64,
+        input: crate::presence::peers::Input,
+        reply: Reply<()>,
+    },
+    /// What this node says of the users whose presence this shard owns, whole, and the
+    /// number of the shard's sequence that includes.
+    PresenceSnapshot {
+        reply: Reply<(u64, Vec<crate::presence::peers::Record>)>,
+    },
     /// Run a task of the embedder on this shard (a server's accept loop, say).
     Spawn(Box<dyn FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>> + Send>),
     /// Stop: finish what is in flight, close the logs, and exit.
@@ -554,6 +572,9 @@ impl ShardMsg {
             ShardMsg::PresenceDeliver { .. } => "PresenceDeliver",
             ShardMsg::PresenceSub { .. } => "PresenceSub",
             ShardMsg::PresenceActivity { .. } => "PresenceActivity",
+            ShardMsg::PresenceShare { .. } => "PresenceShare",
+            ShardMsg::PresencePeer { .. } => "PresencePeer",
+            ShardMsg::PresenceSnapshot { .. } => "PresenceSnapshot",
             ShardMsg::Spawn(_) => "Spawn",
             ShardMsg::Shutdown => "Shutdown",
         }

@@ -128,6 +128,9 @@ struct Shard<E: Env> {
     online: Rc<RefCell<super::online::ShardOnline>>,
     /// Presence deliveries for this shard's own dispatcher, handled as the next events.
     own_events: VecDeque<ShardMsg>,
+    /// In a cluster: where this node's presence changes go for the other nodes, and the
+    /// number of the last sent (`crate::presence::peers`).
+    presence_peers: Option<(crate::presence::peers::Sink, u64)>,
 }
 
 /// Messages for full inboxes, per shard in the order they were sent.
@@ -340,6 +343,7 @@ impl<E: Env> Shard<E> {
             presence: crate::presence::PresenceTable::new(config.presence_offline_grace),
             online,
             own_events: VecDeque::new(),
+            presence_peers: None,
         };
         Ok((shard, inboxes, recovered))
     }
@@ -672,12 +676,21 @@ impl<E: Env> Shard<E> {
             }
             ShardMsg::PresenceConn { user, conn, report } => {
                 let (now, unix) = (self.env.now(), self.env.unix_us());
+                let (before, _) = self.presence.here(user);
                 let change = match report {
                     super::ConnReport::Connected => self.presence.connect(unix, user, conn),
                     super::ConnReport::Active(a) => self.presence.activity(unix, user, conn, a),
                     super::ConnReport::Gone => self.presence.disconnect(now, unix, user, conn),
                 };
                 self.announce(change);
+                let (active, last_active_us) = self.presence.here(user);
+                if active != before {
+                    self.tell_peers(crate::presence::peers::Record::Conns {
+                        user,
+                        active,
+                        last_active_us,
+                    });
+                }
             }
             ShardMsg::PresenceMode {
                 user,
@@ -689,6 +702,12 @@ impl<E: Env> Shard<E> {
                 let (shown, change) = self.presence.set_mode(now, unix, user, mode, dnd_until_us);
                 self.announce(change);
                 let (mode, until) = self.presence.mode(user);
+                self.tell_peers(crate::presence::peers::Record::Mode {
+                    user,
+                    mode,
+                    dnd_until_us: until,
+                    at_us: self.presence.mode_at(user),
+                });
                 let _ = reply.send(Ok((shown, mode, until)));
             }
             ShardMsg::PresenceWatch {
@@ -734,6 +753,20 @@ impl<E: Env> Shard<E> {
                     })
                     .collect();
                 out.add(found);
+            }
+            ShardMsg::PresenceShare { out, reply } => {
+                let seq = self.presence_peers.as_ref().map_or(0, |(_, seq)| *seq);
+                self.presence_peers = Some((out, seq));
+                let _ = reply.send(Ok(()));
+            }
+            ShardMsg::PresencePeer { from, input, reply } => {
+                self.peer_input(from, input);
+                let _ = reply.send(Ok(()));
+            }
+            ShardMsg::PresenceSnapshot { reply } => {
+                let seq = self.presence_peers.as_ref().map_or(0, |(_, seq)| *seq);
+                let records = self.presence.shared();
+                let _ = reply.send(Ok((seq, records)));
             }
             ShardMsg::Spawn(make) => drop(self.env.spawn(make())),
             ShardMsg::Shutdown => {}
@@ -811,6 +844,72 @@ impl<E: Env> Shard<E> {
             for change in self.presence.expire(now) {
                 self.announce(Some(change));
             }
+        }
+    }
+
+    /// Tells the other nodes of a cluster (when this node is one) a change of what this
+    /// node says of one of its users, numbered next in the shard's sequence.
+    fn tell_peers(&mut self, record: crate::presence::peers::Record) {
+        if let Some((out, seq)) = &mut self.presence_peers {
+            *seq += 1;
+            if out.unbounded_send((*seq, vec![record])).is_err() {
+                self.presence_peers = None;
+            }
+        }
+    }
+
+    /// What another node says of the users whose presence this shard owns, into the table;
+    /// the changes go to the watchers.
+    fn peer_input(&mut self, from: u64, input: crate::presence::peers::Input) {
+        use crate::presence::peers::{Input, Record};
+        let (now, unix) = (self.env.now(), self.env.unix_us());
+        let mut changes = Vec::new();
+        let records = match input {
+            Input::Gone => {
+                changes = self.presence.node_gone(now, from);
+                Vec::new()
+            }
+            Input::Reset(records) => {
+                let open: Vec<_> = records
+                    .iter()
+                    .filter_map(|r| match *r {
+                        Record::Conns {
+                            user,
+                            active: Some(active),
+                            last_active_us,
+                        } => Some((user, active, last_active_us)),
+                        _ => None,
+                    })
+                    .collect();
+                changes = self.presence.node_reset(now, from, &open);
+                records
+                    .into_iter()
+                    .filter(|r| matches!(r, Record::Mode { .. }))
+                    .collect()
+            }
+            Input::Apply(records) => records,
+        };
+        for r in records {
+            changes.extend(match r {
+                Record::Conns {
+                    user,
+                    active,
+                    last_active_us,
+                } => self
+                    .presence
+                    .remote_conns(now, user, from, active, last_active_us),
+                Record::Mode {
+                    user,
+                    mode,
+                    dnd_until_us,
+                    at_us,
+                } => self
+                    .presence
+                    .mode_from(now, unix, user, mode, dnd_until_us, at_us),
+            });
+        }
+        for change in changes {
+            self.announce(Some(change));
         }
     }
 

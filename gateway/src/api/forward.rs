@@ -299,6 +299,8 @@ pub async fn serve_calls(
         glommio::spawn_local(async move {
             let bytes = if incoming.request.first() == Some(&crate::files::peers::MAGIC) {
                 crate::files::peers::answer(&ctx, incoming.from, &incoming.request).await
+            } else if super::presence_peers::is_presence(&incoming.request) {
+                super::presence_peers::answer(&ctx, &incoming.request).await
             } else {
                 let answer = answer(&ctx, &incoming.request).await;
                 serde_json::to_vec(&answer).expect("answers serialize")
@@ -309,14 +311,21 @@ pub async fn serve_calls(
     }
 }
 
-/// Takes this shard's notices from peers ([`Relay::typing`]) for as long as the node runs:
-/// a typing notice goes to this node's subscribers of the channel, as a local one would
-/// (the channel's replica here checks that the user is a member), and no further.
+/// Takes this shard's notices from peers for as long as the node runs. A typing notice
+/// ([`Relay::typing`]) goes to this node's subscribers of the channel, as a local one would
+/// (the channel's replica here checks that the user is a member), and no further; a
+/// presence notice goes to this shard's side of presence between nodes
+/// (`super::presence_peers`).
 pub async fn serve_notices(
     ctx: Rc<ShardCtx>,
     mut notices: futures::channel::mpsc::UnboundedReceiver<(u64, Vec<u8>)>,
 ) {
+    let presence = super::presence_peers::start(ctx.clone());
     while let Some((from, bytes)) = notices.next().await {
+        if super::presence_peers::is_presence(&bytes) {
+            let _ = presence.unbounded_send((from, bytes));
+            continue;
+        }
         match serde_json::from_slice::<Notice>(&bytes) {
             Ok(Notice::Typing { channel, user }) => {
                 let Ok(channel) = channel.parse() else {

@@ -118,7 +118,7 @@ async fn put_to(
         request.extend_from_slice(&len.to_le_bytes());
         request.extend_from_slice(&offset.to_le_bytes());
         request.extend_from_slice(&piece);
-        match call(shared, shard, peer, &request).await?.first() {
+        match shared.call_peer(shard, peer, &request).await?.first() {
             Some(0) => {}
             _ => return Err(io::Error::other("the peer refused a piece")),
         }
@@ -141,7 +141,7 @@ async fn fetch_from(ctx: &ShardCtx, peer: u64, sha: Sha256, len: u64) -> io::Res
         request.extend_from_slice(&sha);
         request.extend_from_slice(&len.to_le_bytes());
         request.extend_from_slice(&offset.to_le_bytes());
-        let answer = call(&ctx.shared, ctx.shard, peer, &request).await?;
+        let answer = ctx.shared.call_peer(ctx.shard, peer, &request).await?;
         let piece = match answer.split_first() {
             Some((0, piece)) if !piece.is_empty() || len == 0 => piece.to_vec(),
             _ => return Err(io::Error::new(io::ErrorKind::NotFound, "the peer lacks it")),
@@ -175,20 +175,6 @@ async fn publish_checked(
         store.publish(done)
     })
     .await
-}
-
-async fn call(
-    shared: &crate::ctx::Shared,
-    shard: u32,
-    peer: u64,
-    request: &[u8],
-) -> io::Result<Vec<u8>> {
-    let cluster = shared
-        .cluster
-        .as_ref()
-        .ok_or_else(|| io::Error::other("not in a cluster"))?;
-    chorus_replication::calls::call(&cluster.membership(), &cluster.cuts, peer, shard, request)
-        .await
 }
 
 /// Uploads from peers in progress on this shard: by sender and SHA-256, the upload, the
