@@ -70,6 +70,10 @@ pub const PRESENCE_OFFLINE_GRACE_S_DEFAULT: u64 = 30;
 pub const PRESENCE_FLUSH_MS_DEFAULT: u64 = 250;
 /// Largest uploaded file in bytes (`API.md` §11).
 pub const FILE_BYTES_MAX_DEFAULT: u64 = 100 << 20;
+/// Default `file_sweep_interval_s`: an hour.
+pub const FILE_SWEEP_INTERVAL_S_DEFAULT: u64 = 3_600;
+/// Default `file_sweep_min_age_s`: an hour.
+pub const FILE_SWEEP_MIN_AGE_S_DEFAULT: u64 = 3_600;
 /// Seconds a signed file link works.
 pub const FILE_URL_TTL_S_DEFAULT: u64 = 300;
 /// Milliseconds a preview worker may run (wall clock) before it is killed.
@@ -160,6 +164,13 @@ pub struct Config {
     pub file_bytes_max: u64,
     /// Seconds a signed file link works.
     pub file_url_ttl_s: u64,
+    /// Seconds between sweeps of the file store on the local disk, which remove bytes no
+    /// live file has (a deletion taken by another node of a cluster, an upload whose
+    /// record never came).
+    pub file_sweep_interval_s: u64,
+    /// Seconds stored bytes must have been left alone before a sweep may remove them: an
+    /// upload's record is committed within that time of its bytes.
+    pub file_sweep_min_age_s: u64,
     /// Milliseconds a preview worker may run before it is killed (and the file gets no
     /// preview).
     pub preview_timeout_ms: u64,
@@ -253,6 +264,8 @@ impl Default for Config {
             quic_key_file: None,
             file_bytes_max: FILE_BYTES_MAX_DEFAULT,
             file_url_ttl_s: FILE_URL_TTL_S_DEFAULT,
+            file_sweep_interval_s: FILE_SWEEP_INTERVAL_S_DEFAULT,
+            file_sweep_min_age_s: FILE_SWEEP_MIN_AGE_S_DEFAULT,
             preview_timeout_ms: PREVIEW_TIMEOUT_MS_DEFAULT,
             preview_cpu_s: PREVIEW_CPU_S_DEFAULT,
             preview_memory_bytes_max: PREVIEW_MEMORY_BYTES_MAX_DEFAULT,
@@ -377,6 +390,8 @@ impl Config {
             ("presence_flush_ms", self.presence_flush_ms == 0),
             ("file_bytes_max", self.file_bytes_max == 0),
             ("file_url_ttl_s", self.file_url_ttl_s == 0),
+            ("file_sweep_interval_s", self.file_sweep_interval_s == 0),
+            ("file_sweep_min_age_s", self.file_sweep_min_age_s == 0),
             ("preview_timeout_ms", self.preview_timeout_ms == 0),
             ("preview_cpu_s", self.preview_cpu_s == 0),
             (

@@ -418,6 +418,9 @@ async fn shard_main(
         }
     };
     let ctx = Rc::new(ShardCtx::new(shared, shard as u32));
+    if shard == 0 {
+        glommio::spawn_local(crate::files::sweep::run(ctx.clone())).detach();
+    }
     if let Some(cluster) = &ctx.shared.cluster {
         let calls = cluster.calls.serve(shard as u32);
         glommio::spawn_local(crate::api::serve_calls(ctx.clone(), calls)).detach();

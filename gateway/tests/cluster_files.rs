@@ -256,3 +256,99 @@ fn every_node_takes_uploads_and_serves_every_file(nodes: &[Server]) -> (User, St
     }
     (alice, wid)
 }
+
+/// Whether node `s`'s file store holds the bytes whose SHA-256 is `sha`.
+fn holds(s: &Server, sha: &[u8]) -> bool {
+    let hex: String = sha.iter().map(|b| format!("{b:02x}")).collect();
+    let (fanout, name) = hex.split_at(2);
+    let path = s.dir().join("data").join("files").join(fanout).join(name);
+    path.exists()
+}
+
+fn wait_for(what: &str, ok: impl Fn() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+// A file deleted through one node leaves every node's disk (each node's sweep removes
+// bytes no live file has), while a live file's bytes stay everywhere, sweep after sweep;
+// bytes nobody recorded (an upload whose node died before its record) go too.
+#[test]
+fn a_deleted_files_bytes_leave_every_nodes_disk() {
+    let config = ClusterConfig::three();
+    let settings = format!(
+        "{}file_sweep_interval_s = 1\nfile_sweep_min_age_s = 2\n",
+        common::UNLIMITED
+    );
+    let nodes: Vec<Server> = (1..=3)
+        .map(|id| Server::start(&config.node(id, &settings)))
+        .collect();
+    let body = json!({"email": "alice@example.com", "password": PASSWORD, "name": "alice"});
+    let r = settled("the sign-up", || {
+        nodes[0].call("POST", "/api/v1/auth/signup", None, Some(body.clone()))
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+    let alice = User {
+        id: str_of(&r.body["user"]["id"]),
+        email: "alice@example.com".into(),
+        token: str_of(&r.body["token"]),
+    };
+    let r = settled("the workspace", || {
+        let body = json!({"name": "acme"});
+        nodes[0].call("POST", "/api/v1/workspaces", Some(&alice.token), Some(body))
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+    let wid = str_of(&r.body["workspace"]["id"]);
+    let mut files = Vec::new();
+    for name in ["gone.bin", "kept.bin"] {
+        let bytes = format!("the bytes of {name}\n").repeat(1_000).into_bytes();
+        let r = settled("an upload", || {
+            let ctype = "application/octet-stream";
+            common::upload_bytes_raw(&nodes[0], &alice, &wid, name, ctype, &bytes)
+        });
+        assert_eq!(r.status, 201, "{}", r.text);
+        let sha = ring::digest::digest(&ring::digest::SHA256, &bytes);
+        files.push((str_of(&r.body["file"]["id"]), sha.as_ref().to_vec()));
+    }
+    for (i, s) in nodes.iter().enumerate() {
+        for (_, sha) in &files {
+            wait_for(&format!("node {}'s copy", i + 1), || holds(s, sha));
+        }
+    }
+    // An orphan on node 3: bytes under a name no file has.
+    let orphan = [7u8; 32];
+    let orphan_path = {
+        let hex: String = orphan.iter().map(|b| format!("{b:02x}")).collect();
+        let dir = nodes[2].dir().join("data").join("files").join(&hex[..2]);
+        dir.join(&hex[2..])
+    };
+    std::fs::write(&orphan_path, b"nobody's").expect("the orphan");
+    // Past the minimum age and a few sweeps: the live files stay, the orphan goes.
+    wait_for("the orphan swept", || !orphan_path.exists());
+    std::thread::sleep(Duration::from_secs(2));
+    for (i, s) in nodes.iter().enumerate() {
+        for (fid, sha) in &files {
+            assert!(holds(s, sha), "node {} lost live file {fid}'s bytes", i + 1);
+        }
+    }
+    let (gone, kept) = (&files[0], &files[1]);
+    let r = settled("the deletion", || {
+        let path = format!("/api/v1/files/{}", gone.0);
+        nodes[1].call("DELETE", &path, Some(&alice.token), None)
+    });
+    assert_eq!(r.status, 204, "{}", r.text);
+    for (i, s) in nodes.iter().enumerate() {
+        wait_for(
+            &format!("the deleted bytes gone from node {}", i + 1),
+            || !holds(s, &gone.1),
+        );
+        assert!(
+            holds(s, &kept.1),
+            "node {} lost the kept file's bytes",
+            i + 1
+        );
+    }
+}

@@ -27,6 +27,7 @@ pub mod preview;
 pub mod previews;
 pub mod search_sources;
 pub mod store;
+pub mod sweep;
 #[cfg(test)]
 mod test_pdf;
 pub mod upload;
@@ -643,7 +644,7 @@ impl upload::Sink for StoreSink<'_> {
 
 /// An upload's pin on its bytes, released when dropped (also when the request is dropped
 /// half way).
-struct PinGuard {
+pub(crate) struct PinGuard {
     store: Arc<FileStore>,
     sha: store::Sha256,
 }
@@ -654,7 +655,7 @@ impl Drop for PinGuard {
     }
 }
 
-async fn pin_upload(store: &Arc<FileStore>, sha: store::Sha256) -> PinGuard {
+pub(crate) async fn pin_upload(store: &Arc<FileStore>, sha: store::Sha256) -> PinGuard {
     while !store.pins.pin_upload(&sha) {
         glommio::timer::sleep(PIN_RETRY).await;
     }
@@ -667,18 +668,37 @@ async fn pin_upload(store: &Arc<FileStore>, sha: store::Sha256) -> PinGuard {
 /// Removes the bytes with this SHA-256 if no live file has them and no upload holds them.
 /// Failures are logged: the bytes then stay, unused, which loses nothing.
 async fn reclaim(ctx: &ShardCtx, sha: store::Sha256) {
+    reclaim_if(ctx, sha, None).await;
+}
+
+/// [`reclaim`], and only bytes last stored before `before` when it is given; whether they
+/// were removed.
+pub(crate) async fn reclaim_if(
+    ctx: &ShardCtx,
+    sha: store::Sha256,
+    before: Option<std::time::SystemTime>,
+) -> bool {
     let store = ctx.shared.files.store.clone();
     if !store.pins.mark_removing(&sha) {
-        return;
+        return false;
     }
     let in_use = ctx.shared.engine.file_bytes_in_use(sha).await;
+    let mut removed = false;
     if let Ok(false) = in_use {
         let remover = store.clone();
-        if let Err(e) = off_shard(move || remover.remove(&sha)).await {
-            tracing::warn!(error = %e, sha = %store::hex(&sha), "could not remove a file's bytes");
+        let removal = off_shard(move || match before {
+            None => remover.remove(&sha).map(|()| true),
+            Some(before) => remover.remove_if_stored_before(&sha, before),
+        });
+        match removal.await {
+            Ok(r) => removed = r,
+            Err(e) => {
+                tracing::warn!(error = %e, sha = %store::hex(&sha), "could not remove a file's bytes")
+            }
         }
     }
     store.pins.unmark_removing(&sha);
+    removed
 }
 
 /// A 503 for the client to try again: the nodes that hold, or must hold, a file's bytes

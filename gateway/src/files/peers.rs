@@ -23,7 +23,8 @@
 //!   at most [`PIECE_BYTES`] from the offset, or `[1]` if this node does not hold them.
 //!
 //! A request that begins with [`MAGIC`] is never JSON (a forwarded REST call begins with
-//! `{`). Deleted files' bytes are reclaimed only on the node that took the deletion.
+//! `{`). Deleted files' bytes leave the other nodes' disks with their sweeps
+//! (`super::sweep`).
 
 use super::store::{self, FileStore, Pending, Sha256};
 use crate::ctx::{off_shard, ShardCtx};
@@ -164,6 +165,9 @@ async fn publish_checked(
     sha: Sha256,
     len: u64,
 ) -> io::Result<()> {
+    // Pinned, so that a sweep of the store (`super::sweep`) cannot remove the bytes
+    // between this publication and its own look at their age.
+    let _pin = super::pin_upload(&store, sha).await;
     off_shard(move || {
         let done = pending.finish()?;
         if done.sha != sha || done.len != len {

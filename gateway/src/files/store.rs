@@ -375,7 +375,8 @@ impl FileStore {
 
     /// Moves a finished upload to its address and makes the name durable. When the same
     /// bytes are stored already, the upload is dropped and the stored copy made durable
-    /// (another upload may have renamed it into place a moment ago).
+    /// (another upload may have renamed it into place a moment ago) and marked as just
+    /// stored, so that a sweep leaves it alone ([`FileStore::stored_before`]).
     pub fn publish(&self, mut done: Finished) -> io::Result<()> {
         if let Backend::S3(s3) = &self.backend {
             let sent = s3.publish(
@@ -397,7 +398,9 @@ impl FileStore {
         match fs::metadata(&path) {
             Ok(meta) if meta.len() == done.len => {
                 fs::remove_file(&tmp)?;
-                File::open(&path)?.sync_all()?;
+                let stored = OpenOptions::new().write(true).open(&path)?;
+                stored.set_modified(std::time::SystemTime::now())?;
+                stored.sync_all()?;
             }
             // A file of the wrong length is damage: the rename replaces it.
             Ok(_) => fs::rename(&tmp, &path)?,
@@ -466,6 +469,48 @@ impl FileStore {
             return Err(e);
         }
         Ok((path, true))
+    }
+
+    /// The SHA-256 of every stored file on the local disk last stored before `before`
+    /// (none on S3).
+    pub fn stored_before(&self, before: std::time::SystemTime) -> io::Result<Vec<Sha256>> {
+        let mut found = Vec::new();
+        if self.is_remote() {
+            return Ok(found);
+        }
+        for index in 0..FANOUT_DIRS {
+            let fanout = format!("{index:02x}");
+            for entry in fs::read_dir(self.root.join(&fanout))? {
+                let entry = entry?;
+                let name = entry.file_name();
+                let Some(sha) = name
+                    .to_str()
+                    .and_then(|n| unhex_sha(&format!("{fanout}{n}")))
+                else {
+                    continue;
+                };
+                if entry.metadata()?.modified()? < before {
+                    found.push(sha);
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Removes the bytes with this SHA-256 if they were last stored before `before`;
+    /// whether they were removed. The caller holds the removal's pin, as for
+    /// [`FileStore::remove`].
+    pub fn remove_if_stored_before(
+        &self,
+        sha: &Sha256,
+        before: std::time::SystemTime,
+    ) -> io::Result<bool> {
+        match fs::metadata(self.path_of(sha)) {
+            Ok(meta) if meta.modified()? < before => self.remove(sha).map(|()| true),
+            Ok(_) => Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Removes the bytes with this SHA-256 and makes the removal durable. The caller holds
@@ -776,6 +821,44 @@ mod tests {
         ] {
             assert_eq!(unhex_sha(bad), None, "{bad}");
         }
+    }
+
+    // Bytes last stored before a time are listed and removed; storing them again marks
+    // them as just stored, so they are neither listed nor removed any more.
+    #[test]
+    fn storing_again_keeps_bytes_from_a_sweep() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let put = |bytes: &[u8]| {
+            let mut up = store.begin().unwrap();
+            up.append(bytes).unwrap();
+            let done = up.finish().unwrap();
+            let sha = done.sha;
+            store.publish(done).unwrap();
+            sha
+        };
+        let (a, b) = (put(b"old bytes"), put(b"other bytes"));
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3_600);
+        for sha in [a, b] {
+            let f = OpenOptions::new()
+                .write(true)
+                .open(store.path_of(&sha))
+                .unwrap();
+            f.set_modified(hour_ago).unwrap();
+        }
+        let minute_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+        let mut listed = store.stored_before(minute_ago).unwrap();
+        listed.sort();
+        let mut both = vec![a, b];
+        both.sort();
+        assert_eq!(listed, both);
+        assert_eq!(put(b"old bytes"), a);
+        assert_eq!(store.stored_before(minute_ago).unwrap(), vec![b]);
+        assert!(!store.remove_if_stored_before(&a, minute_ago).unwrap());
+        assert!(store.path_of(&a).exists());
+        assert!(store.remove_if_stored_before(&b, minute_ago).unwrap());
+        assert!(!store.path_of(&b).exists());
+        assert!(!store.remove_if_stored_before(&b, minute_ago).unwrap());
     }
 
     // An upload lands at the address of its SHA-256 with exactly its bytes, a second upload
