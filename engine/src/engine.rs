@@ -620,6 +620,21 @@ impl Engine {
             .await
     }
 
+    /// Reads a blob (a message body over 64 KiB, say) through the engine's blob store, on
+    /// the calling thread's shard or the blob's: in a cluster, a blob this node lacks is
+    /// fetched from a peer and kept. For readers beside the engine (the search indexer).
+    pub async fn blob(&self, blob: crate::blob::BlobRef) -> Result<Bytes, crate::blob::BlobError> {
+        let (reply, answer) = oneshot::channel();
+        let shard = self.local_shard(u64::from_le_bytes(blob.hash[..8].try_into().expect("8")));
+        let stopped = || crate::blob::BlobError::Io(std::io::Error::other("the engine stopped"));
+        self.inner
+            .routes
+            .send(shard, ShardMsg::ReadBlob { blob, reply })
+            .await
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+
     fn local_shard(&self, key: u64) -> u32 {
         CURRENT_SHARD
             .with(|c| c.get())

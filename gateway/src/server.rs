@@ -221,7 +221,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     metrics.set_search(search.clone());
     let tokens = Tokens::load_or_create(&config.jwt_secret_path(), config.token_ttl_s)?;
     let files = crate::files::Files::open(&config, engine.clone(), metrics.clone(), s3.clone())?;
-    let sources = crate::files::search_sources::SearchSources {
+    let mut sources = crate::files::search_sources::SearchSources {
         blobs: match s3 {
             Some(s3) => {
                 crate::files::search_sources::Blobs::S3(crate::files::store::S3BlobStore(s3))
@@ -232,6 +232,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         exe: std::env::current_exe()?,
         limits: files.limits,
         metrics: metrics.clone(),
+        peers: None,
     };
     let shared = Arc::new(Shared {
         engine: engine.clone(),
@@ -281,6 +282,9 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     drop(reserve);
     drop(reserve_quic);
     let (stop_counting, counted) = start_workspace_metrics(&shared)?;
+    if shared.cluster.is_some() {
+        sources.peers = Some(shared.clone());
+    }
     let (stop_indexing, indexer) = {
         let (tx, rx) = oneshot::channel();
         let config = chorus_search::indexer::IndexerConfig {

@@ -507,6 +507,12 @@ pub(crate) enum ShardMsg {
     PresenceSnapshot {
         reply: Reply<(u64, Vec<crate::presence::peers::Record>)>,
     },
+    /// Read a blob through this shard's blob store (which, in a cluster, fetches it from a
+    /// peer when this node lacks it).
+    ReadBlob {
+        blob: crate::blob::BlobRef,
+        reply: futures::channel::oneshot::Sender<Result<Bytes, crate::blob::BlobError>>,
+    },
     /// Run a task of the embedder on this shard (a server's accept loop, say).
     Spawn(Box<dyn FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>> + Send>),
     /// Stop: finish what is in flight, close the logs, and exit.
@@ -575,6 +581,7 @@ impl ShardMsg {
             ShardMsg::PresenceShare { .. } => "PresenceShare",
             ShardMsg::PresencePeer { .. } => "PresencePeer",
             ShardMsg::PresenceSnapshot { .. } => "PresenceSnapshot",
+            ShardMsg::ReadBlob { .. } => "ReadBlob",
             ShardMsg::Spawn(_) => "Spawn",
             ShardMsg::Shutdown => "Shutdown",
         }

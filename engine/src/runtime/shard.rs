@@ -768,6 +768,12 @@ impl<E: Env> Shard<E> {
                 let records = self.presence.shared();
                 let _ = reply.send(Ok((seq, records)));
             }
+            ShardMsg::ReadBlob { blob, reply } => {
+                let blobs = self.env.blobs().clone();
+                drop(self.env.spawn(async move {
+                    let _ = reply.send(crate::blob::BlobStore::get(&blobs, blob).await);
+                }));
+            }
             ShardMsg::Spawn(make) => drop(self.env.spawn(make())),
             ShardMsg::Shutdown => {}
             event => unreachable!("an event in the requests inbox: {}", event.name()),

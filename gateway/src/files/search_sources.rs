@@ -13,6 +13,12 @@
 //!   deadline): a hostile PDF takes down that process only, and the file is indexed by
 //!   its name. On S3 the worker reads a local copy in the store's `tmp/`, removed after.
 //!
+//! - **In a cluster on each node's disk**, bytes this node lacks (it was down when they
+//!   were written, or its disk was replaced) are fetched from a peer and kept, as any
+//!   other reader here would: a body through the engine's blob store, a file's bytes by
+//!   `super::peers::ensure_local` on shard 0. Without it, such a node indexed those
+//!   messages and files without their text, for good.
+//!
 //! Every method blocks; the indexer and its extractor call them on their own threads.
 
 use super::previews::{run_worker, Outcome, PreviewLimits};
@@ -20,9 +26,11 @@ use super::store::{FileStore, S3BlobStore};
 use crate::metrics::Metrics;
 use chorus_engine::blob::{BlobError, BlobRef};
 use chorus_search::extract::{cap_text, plain_text, FileToRead, Sources, TextKind, TEXT_BYTES_MAX};
+use futures::executor::block_on;
 use std::io::{self, Read};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Where message bodies over 64 KiB are.
 pub enum Blobs {
@@ -44,20 +52,36 @@ pub struct SearchSources {
     pub limits: PreviewLimits,
     /// Where worker crashes are counted.
     pub metrics: Arc<Metrics>,
+    /// The server, on a cluster node: what this node lacks is fetched from a peer.
+    pub peers: Option<Arc<crate::ctx::Shared>>,
 }
+
+/// How long the indexer waits for bytes fetched from a peer.
+const FETCH_WAIT: Duration = Duration::from_secs(120);
 
 impl Sources for SearchSources {
     fn blob(&self, blob: &BlobRef) -> Result<Vec<u8>, BlobError> {
         match &self.blobs {
-            Blobs::Disk(root) => chorus_engine::blob::read_blob(root, blob),
+            Blobs::Disk(root) => match (chorus_engine::blob::read_blob(root, blob), &self.peers) {
+                (Err(BlobError::NotFound(_) | BlobError::Corrupt { .. }), Some(shared)) => {
+                    block_on(shared.engine.blob(*blob)).map(|b| b.to_vec())
+                }
+                (read, _) => read,
+            },
             Blobs::S3(s3) => s3.get_blocking(blob).map(|b| b.to_vec()),
         }
     }
 
     fn file_text(&self, file: &FileToRead, kind: TextKind) -> io::Result<Option<String>> {
-        let read = match kind {
+        let read = |file: &FileToRead| match kind {
             TextKind::Plain => self.plain(file),
             TextKind::Pdf => self.pdf(file),
+        };
+        let read = match read(file) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound && self.peers.is_some() => {
+                self.fetch(file).and_then(|()| read(file))
+            }
+            other => other,
         };
         match read {
             // The bytes are gone (the file was deleted and its bytes reclaimed) or do not
@@ -77,6 +101,24 @@ impl Sources for SearchSources {
 }
 
 impl SearchSources {
+    /// Fetches a file's bytes from a peer that holds them, on shard 0; `NotFound` when no
+    /// peer does (the file was deleted, say).
+    fn fetch(&self, file: &FileToRead) -> io::Result<()> {
+        let Some(shared) = self.peers.clone() else {
+            return Err(io::ErrorKind::NotFound.into());
+        };
+        let (sha, len) = (file.sha256, file.size);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let engine = shared.engine.clone();
+        block_on(engine.spawn_on(0, move || async move {
+            let ctx = crate::ctx::ShardCtx::new(shared, 0);
+            let _ = tx.send(super::peers::ensure_local(&ctx, sha, len).await);
+        }))
+        .map_err(io::Error::other)?;
+        rx.recv_timeout(FETCH_WAIT)
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "a peer's copy did not come"))?
+    }
+
     fn plain(&self, file: &FileToRead) -> io::Result<Option<String>> {
         let n = file.size.min(TEXT_BYTES_MAX as u64) as usize;
         if n == 0 {

@@ -1,0 +1,131 @@
+//! Search (`API.md` §12) on a node of a cluster that lacks what it must index (`API.md`
+//! §15: every node serves the whole API): each node indexes its own copy of the logs, and
+//! the text of a body over 64 KiB, or of a file, lives beside the log, in the blob and file
+//! stores. A node whose stores were emptied (a replaced disk) and whose index is rebuilt
+//! fetches what it lacks from a peer, and finds the words again.
+
+mod common;
+
+use common::{str_of, ClusterConfig, Resp, Server, User, PASSWORD, UNLIMITED};
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+/// How long anything here may take.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Retries `call` while it answers 503 (a leader being elected), or 401/404 (a node whose
+/// directory lags): its answer.
+fn settled(what: &str, call: impl Fn() -> Resp) -> Resp {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = call();
+        if !matches!(r.status, 503 | 401 | 404) {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "{what}: {} {}", r.status, r.text);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until a search of `kind` (`messages` or `files`) for `q` through `s` finds `id`.
+#[track_caller]
+fn finds(s: &Server, user: &User, wid: &str, kind: &str, q: &str, id: &str) {
+    let path = format!("/api/v1/workspaces/{wid}/search/{kind}?q={q}");
+    let field = if kind == "messages" {
+        "message"
+    } else {
+        "file"
+    };
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = settled("a search", || s.call("GET", &path, Some(&user.token), None));
+        assert_eq!(r.status, 200, "{}", r.text);
+        let results = r.body["results"].as_array().expect("results");
+        if results.iter().any(|x| x[field]["id"] == id) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{q} never found {id} through {}: {}",
+            s.base_url(),
+            r.text
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Empties directory `dir`'s files, and those of its subdirectories but `keep`.
+fn empty(dir: &std::path::Path, keep: &str) -> usize {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir).expect("a directory") {
+        let path = entry.expect("an entry").path();
+        if path.is_dir() {
+            if path.file_name().is_some_and(|n| n != keep) {
+                removed += empty(&path, keep);
+            }
+        } else {
+            std::fs::remove_file(&path).expect("removed");
+            removed += 1;
+        }
+    }
+    removed
+}
+
+#[test]
+fn a_node_that_lost_its_stores_fetches_what_it_indexes_from_a_peer() {
+    let config = ClusterConfig::three();
+    let mut nodes: Vec<Server> = (1..=3)
+        .map(|id| Server::start(&config.node(id, UNLIMITED)))
+        .collect();
+    let body = json!({"email": "alice@example.com", "password": PASSWORD, "name": "alice"});
+    let r = settled("the sign-up", || {
+        nodes[0].call("POST", "/api/v1/auth/signup", None, Some(body.clone()))
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+    let alice = User {
+        id: str_of(&r.body["user"]["id"]),
+        email: "alice@example.com".into(),
+        token: str_of(&r.body["token"]),
+    };
+    let r = settled("the workspace", || {
+        let body = json!({"name": "acme"});
+        nodes[0].call("POST", "/api/v1/workspaces", Some(&alice.token), Some(body))
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+    let wid = str_of(&r.body["workspace"]["id"]);
+    let r = settled("the channel", || {
+        let body = json!({"name": "general", "kind": "public"});
+        let path = format!("/api/v1/workspaces/{wid}/channels");
+        nodes[0].call("POST", &path, Some(&alice.token), Some(body))
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+    let cid = str_of(&r.body["channel"]["id"]);
+    // A body over 64 KiB, and a file, each with a word found nowhere else.
+    let text = format!("quokkazebra {}", "lorem ipsum dolor ".repeat(5_000));
+    let r = settled("the long post", || {
+        let body = json!({"text": text, "client_msg_id": "long"});
+        let path = format!("/api/v1/channels/{cid}/messages");
+        nodes[0].call("POST", &path, Some(&alice.token), Some(body))
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+    let mid = str_of(&r.body["message"]["id"]);
+    let notes = b"meeting notes\nthe marmotviolin plan\n".repeat(10);
+    let r = settled("the upload", || {
+        common::upload_bytes_raw(&nodes[0], &alice, &wid, "notes.txt", "text/plain", &notes)
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+    let fid = str_of(&r.body["file"]["id"]);
+    for s in &nodes {
+        finds(s, &alice, &wid, "messages", "quokkazebra", &mid);
+        finds(s, &alice, &wid, "files", "marmotviolin", &fid);
+    }
+    // Node 3 loses its blobs, its files' bytes and its index, and starts again.
+    nodes[2].kill();
+    let data = nodes[2].dir().join("data");
+    assert!(empty(&data.join("blobs"), "") > 0, "node 3 held no blob");
+    assert!(empty(&data.join("files"), "tmp") > 0, "node 3 held no file");
+    std::fs::remove_dir_all(data.join("search")).expect("the index removed");
+    nodes[2].restart();
+    finds(&nodes[2], &alice, &wid, "messages", "quokkazebra", &mid);
+    finds(&nodes[2], &alice, &wid, "files", "marmotviolin", &fid);
+}
