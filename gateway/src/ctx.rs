@@ -61,6 +61,18 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Whether this node leads the cluster's directory (the metadata partition's group,
+    /// numbered after the channel partitions), as its board last showed; false on a single
+    /// node.
+    pub fn leads_directory(&self) -> bool {
+        let Some(cluster) = &self.cluster else {
+            return false;
+        };
+        let directory = u64::from(self.config.partitions);
+        let groups = cluster.board.groups();
+        groups.get(&directory).and_then(|g| g.leader) == Some(cluster.me)
+    }
+
     /// Calls the server of `peer` (another node of this node's cluster) on shard `shard`
     /// with `request`, and answers its answer (`chorus_replication::calls`).
     pub async fn call_peer(

@@ -284,6 +284,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     let (stop_counting, counted) = start_workspace_metrics(&shared)?;
     if shared.cluster.is_some() {
         sources.peers = Some(shared.clone());
+        shared.files.previews.in_cluster(&shared);
     }
     let (stop_indexing, indexer) = {
         let (tx, rx) = oneshot::channel();

@@ -352,3 +352,96 @@ fn a_deleted_files_bytes_leave_every_nodes_disk() {
         );
     }
 }
+
+/// Uploads a small file through each live node until one records it itself (no record
+/// passed on, by the metric): that node leads the directory. Returns its index.
+fn directory_leader(nodes: &[Server], live: &[usize], alice: &User, wid: &str) -> usize {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        for &i in live {
+            let s = &nodes[i];
+            let before = s.metric("chorus_forwarded_total");
+            let bytes = format!("probe {i} {:?}", Instant::now()).into_bytes();
+            let r = settled("a probe upload", || {
+                let ctype = "application/octet-stream";
+                common::upload_bytes_raw(s, alice, wid, "probe.bin", ctype, &bytes)
+            });
+            assert_eq!(r.status, 201, "{}", r.text);
+            if s.metric("chorus_forwarded_total") == before {
+                return i;
+            }
+        }
+        assert!(Instant::now() < deadline, "no node leads the directory");
+    }
+}
+
+/// Waits until `s` serves the `code` preview of `fid`; its bytes.
+fn preview_on(s: &Server, user: &User, fid: &str, who: &str) -> Vec<u8> {
+    let path = format!("/api/v1/files/{fid}/preview/code");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let (status, got) = get_bytes(s, Some(user), &path, None);
+        if status == 200 {
+            return got;
+        }
+        assert!(
+            matches!(status, 202 | 404 | 503) && Instant::now() < deadline,
+            "the preview through {who}: {status} {}",
+            String::from_utf8_lossy(&got)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+// On the nodes' disks, a preview the directory's leader queued and died before making is
+// made by the next leader, and its bytes are on a majority before its record: the node
+// that made it SIGKILLed in turn, the others still serve it.
+#[test]
+fn a_preview_outlives_the_leader_that_queued_it_and_the_one_that_made_it() {
+    let config = ClusterConfig::three();
+    let mut nodes: Vec<Server> = (1..=3)
+        .map(|id| Server::start(&config.node(id, common::UNLIMITED)))
+        .collect();
+    let body = json!({"email": "alice@example.com", "password": PASSWORD, "name": "alice"});
+    let r = settled("the sign-up", || {
+        nodes[0].call("POST", "/api/v1/auth/signup", None, Some(body.clone()))
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+    let alice = User {
+        id: str_of(&r.body["user"]["id"]),
+        email: "alice@example.com".into(),
+        token: str_of(&r.body["token"]),
+    };
+    let r = settled("the workspace", || {
+        let body = json!({"name": "acme"});
+        nodes[0].call("POST", "/api/v1/workspaces", Some(&alice.token), Some(body))
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+    let wid = str_of(&r.body["workspace"]["id"]);
+    let first = directory_leader(&nodes, &[0, 1, 2], &alice, &wid);
+    // The upload through the leader, which is SIGKILLed as soon as it answers: its preview
+    // was queued there, and most likely not made.
+    let code = b"fn survivor() {\n    println!(\"made by another leader\");\n}\n".repeat(50);
+    let r = common::upload_bytes_raw(&nodes[first], &alice, &wid, "s.rs", "text/plain", &code);
+    assert_eq!(r.status, 201, "{}", r.text);
+    nodes[first].kill();
+    let fid = str_of(&r.body["file"]["id"]);
+    let others: Vec<usize> = (0..3).filter(|&i| i != first).collect();
+    // Read through the new leader alone: a node that serves a preview it lacks fetches
+    // it, which would make a copy of its own.
+    let maker = directory_leader(&nodes, &others, &alice, &wid);
+    let html = preview_on(&nodes[maker], &alice, &fid, &format!("node {}", maker + 1));
+    assert!(String::from_utf8_lossy(&html).contains("made by another leader"));
+    // The node that made it dies too, once the first is back: the two others serve it,
+    // one from the copy made before the record, the other fetched from that one.
+    nodes[first].restart();
+    nodes[maker].kill();
+    for i in (0..3).filter(|&i| i != maker) {
+        let html = preview_on(&nodes[i], &alice, &fid, &format!("node {}", i + 1));
+        assert!(
+            String::from_utf8_lossy(&html).contains("made by another leader"),
+            "node {} after the maker died",
+            i + 1
+        );
+    }
+}

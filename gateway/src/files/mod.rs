@@ -155,7 +155,13 @@ impl Files {
             workers: config.preview_workers,
         };
         Ok(Files {
-            previews: previews::Previews::start(engine, store.clone(), metrics, limits)?,
+            previews: previews::Previews::start(
+                engine,
+                store.clone(),
+                metrics,
+                limits,
+                config.cluster_nodes().map_err(io::Error::other)?.is_some(),
+            )?,
             store,
             signer: match config.cluster_nodes().map_err(io::Error::other)? {
                 // A link made by one node must work on every node.

@@ -72,6 +72,27 @@ pub async fn copy_to_majority(ctx: &ShardCtx, sha: Sha256, len: u64) -> io::Resu
         })
 }
 
+/// Runs `work` on shard 0 of this node for a plain thread (a preview supervisor, the search
+/// indexer), and waits for its outcome, at most `wait` (then `TimedOut`).
+pub fn on_shard_zero<F, Fut>(
+    shared: Arc<crate::ctx::Shared>,
+    wait: Duration,
+    work: F,
+) -> io::Result<()>
+where
+    F: FnOnce(ShardCtx) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = io::Result<()>> + 'static,
+{
+    let (tx, rx) = std::sync::mpsc::channel();
+    let engine = shared.engine.clone();
+    futures::executor::block_on(engine.spawn_on(0, move || async move {
+        let _ = tx.send(work(ShardCtx::new(shared, 0)).await);
+    }))
+    .map_err(io::Error::other)?;
+    rx.recv_timeout(wait)
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "a peer did not answer in time"))?
+}
+
 /// Makes sure this node holds the bytes `sha` (`len` of them): fetched from the first peer
 /// that has them when it does not. An error if none does.
 pub async fn ensure_local(ctx: &ShardCtx, sha: Sha256, len: u64) -> io::Result<()> {

@@ -17,6 +17,14 @@
 //! queued once per upload). The queue is bounded ([`PREVIEW_QUEUE_FILES_MAX`]); a file
 //! that does not fit stays undecided (its preview answers 202) until the next start, when
 //! every live file without a decided preview is queued again.
+//!
+//! In a cluster the node that leads the directory makes previews (it records the files
+//! taken by every node). A preview's bytes on the nodes' disks are copied to a majority
+//! before its record, as an upload's are (`super::peers`); a copy that fails leaves the
+//! preview undecided. Every [`RESCAN_EVERY`] a thread of the node that leads the directory
+//! makes the previews still undecided [`RESCAN_EVERY`] after their upload: those a leader
+//! that died had queued, or could not copy (a preview the queue holds too may then be
+//! made twice; the second record is refused and its bytes reclaimed).
 
 use super::preview::{kind_for, EXIT_REFUSED};
 use super::store::{FileStore, Sha256};
@@ -29,7 +37,7 @@ use std::io::{self, Read};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 /// Files waiting for their preview; more are left for the next start.
@@ -38,6 +46,11 @@ pub const PREVIEW_QUEUE_FILES_MAX: usize = 1024;
 const PREVIEW_BYTES_MAX: u64 = 16 << 20;
 /// How often the supervisor looks whether its worker ended.
 const WAIT_POLL: Duration = Duration::from_millis(5);
+/// How often, in a cluster, the directory's leader looks for previews still undecided
+/// this long after their upload.
+pub const RESCAN_EVERY: Duration = Duration::from_secs(20);
+/// How long copies of bytes to, or from, the other nodes may take.
+const PEERS_WAIT: Duration = Duration::from_secs(120);
 
 /// Limits of each worker, from the configuration.
 #[derive(Clone, Copy, Debug)]
@@ -55,34 +68,55 @@ pub struct PreviewLimits {
 /// The queue of files to preview.
 pub struct Previews {
     tx: SyncSender<FileView>,
+    cluster: Cluster,
 }
+
+/// The server, once it runs, on a cluster node (`None` on a single node, and until then).
+type Cluster = Arc<OnceLock<Weak<crate::ctx::Shared>>>;
 
 impl Previews {
     /// Starts the supervisor threads; the first one first makes the preview of every live
     /// file whose preview is undecided (work a restart interrupted).
+    /// A cluster node (`clustered`) leaves the work a restart interrupted to the rescans of
+    /// the node that leads the directory.
     pub fn start(
         engine: Engine,
         store: Arc<FileStore>,
         metrics: Arc<Metrics>,
         limits: PreviewLimits,
+        clustered: bool,
     ) -> io::Result<Previews> {
         let (tx, rx) = sync_channel(PREVIEW_QUEUE_FILES_MAX);
         let rx = Arc::new(Mutex::new(rx));
         let exe = std::env::current_exe()?;
+        let cluster = Cluster::default();
+        let maker = || Maker {
+            engine: engine.clone(),
+            store: store.clone(),
+            metrics: metrics.clone(),
+            limits,
+            exe: exe.clone(),
+            cluster: clustered.then(|| cluster.clone()),
+        };
         for n in 0..limits.workers.max(1) {
-            let maker = Maker {
-                engine: engine.clone(),
-                store: store.clone(),
-                metrics: metrics.clone(),
-                limits,
-                exe: exe.clone(),
-            };
-            let rx = rx.clone();
+            let (maker, rx) = (maker(), rx.clone());
             std::thread::Builder::new()
                 .name(format!("chorus-previews-{n}"))
                 .spawn(move || maker.run(n == 0, &rx))?;
         }
-        Ok(Previews { tx })
+        if clustered {
+            let maker = maker();
+            std::thread::Builder::new()
+                .name("chorus-previews-rescan".into())
+                .spawn(move || maker.rescans())?;
+        }
+        Ok(Previews { tx, cluster })
+    }
+
+    /// On a cluster node, once the server runs: what the supervisors need of it (whether
+    /// this node leads the directory, its peers for the copies).
+    pub fn in_cluster(&self, shared: &Arc<crate::ctx::Shared>) {
+        let _ = self.cluster.set(Arc::downgrade(shared));
     }
 
     /// Queues a file just stored, if it has a preview kind.
@@ -189,11 +223,13 @@ struct Maker {
     metrics: Arc<Metrics>,
     limits: PreviewLimits,
     exe: PathBuf,
+    /// On a cluster node.
+    cluster: Option<Cluster>,
 }
 
 impl Maker {
     fn run(self, first: bool, rx: &Mutex<Receiver<FileView>>) {
-        if first {
+        if first && self.cluster.is_none() {
             match block_on(self.engine.files_without_previews()) {
                 Ok(files) => files.iter().for_each(|f| self.make(f)),
                 Err(e) => tracing::error!(error = %e, "could not list files awaiting previews"),
@@ -209,12 +245,87 @@ impl Maker {
         }
     }
 
+    /// A cluster node's rescans, every [`RESCAN_EVERY`], until the server is gone.
+    fn rescans(self) {
+        loop {
+            std::thread::sleep(RESCAN_EVERY);
+            let gone =
+                self.cluster.as_ref().and_then(|c| c.get()).is_some() && self.shared().is_none();
+            if gone {
+                return;
+            }
+            self.rescan();
+        }
+    }
+
+    /// The server, on a cluster node that runs.
+    fn shared(&self) -> Option<Arc<crate::ctx::Shared>> {
+        self.cluster.as_ref()?.get()?.upgrade()
+    }
+
+    /// On the node that leads the directory: makes the previews still undecided
+    /// [`RESCAN_EVERY`] after their upload.
+    fn rescan(&self) {
+        let Some(shared) = self.shared() else { return };
+        if !shared.leads_directory() {
+            return;
+        }
+        let files = match block_on(self.engine.files_without_previews()) {
+            Ok(files) => files,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not list files awaiting previews");
+                return;
+            }
+        };
+        let now_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_micros() as u64;
+        let age_us = RESCAN_EVERY.as_micros() as u64;
+        for file in files {
+            if now_us.saturating_sub(file.created_at_us) >= age_us {
+                self.make(&file);
+            }
+        }
+    }
+
+    /// On a cluster node whose peers need copies: sends a preview's bytes to a majority of
+    /// the nodes, and waits for them.
+    fn copy(&self, sha: Sha256, len: u64) -> io::Result<()> {
+        let Some(shared) = self.shared() else {
+            return Ok(());
+        };
+        super::peers::on_shard_zero(shared, PEERS_WAIT, move |ctx| async move {
+            match super::peers::copies(&ctx) {
+                true => super::peers::copy_to_majority(&ctx, sha, len).await,
+                false => Ok(()),
+            }
+        })
+    }
+
+    /// On a cluster node: makes sure this node holds the file's bytes (a rescan's file may
+    /// have been taken while this node was down).
+    fn fetch(&self, file: &FileView) -> io::Result<()> {
+        let Some(shared) = self.shared() else {
+            return Ok(());
+        };
+        let (sha, len) = (file.sha256, file.size);
+        super::peers::on_shard_zero(shared, PEERS_WAIT, move |ctx| async move {
+            super::peers::ensure_local(&ctx, sha, len).await
+        })
+    }
+
     fn make(&self, file: &FileView) {
         let Some(kind) = kind_for(&file.content_type) else {
             return;
         };
         // A file deleted while it waited has nothing to preview (and maybe no bytes).
         if block_on(self.engine.linked_file(file.id)).is_err() {
+            return;
+        }
+        if let Err(e) = self.fetch(file) {
+            // Undecided: the next rescan tries again.
+            tracing::warn!(file = %file.id, error = %e, "a file's bytes to preview are on no peer reached");
             return;
         }
         let made = match self.run_worker(kind, file) {
@@ -224,6 +335,21 @@ impl Maker {
                 height,
                 content_type,
             }) => match self.keep(&output) {
+                Ok((sha256, size)) if self.cluster.is_some() => {
+                    if let Err(e) = self.copy(sha256, size) {
+                        // Undecided: the next rescan tries again.
+                        self.store.pins.unpin_upload(&sha256);
+                        tracing::warn!(file = %file.id, error = %e, "a preview's bytes could not be copied");
+                        return;
+                    }
+                    Some(PreviewMade {
+                        width,
+                        height,
+                        size,
+                        content_type,
+                        sha256,
+                    })
+                }
                 Ok((sha256, size)) => Some(PreviewMade {
                     width,
                     height,

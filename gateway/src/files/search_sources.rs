@@ -108,15 +108,9 @@ impl SearchSources {
             return Err(io::ErrorKind::NotFound.into());
         };
         let (sha, len) = (file.sha256, file.size);
-        let (tx, rx) = std::sync::mpsc::channel();
-        let engine = shared.engine.clone();
-        block_on(engine.spawn_on(0, move || async move {
-            let ctx = crate::ctx::ShardCtx::new(shared, 0);
-            let _ = tx.send(super::peers::ensure_local(&ctx, sha, len).await);
-        }))
-        .map_err(io::Error::other)?;
-        rx.recv_timeout(FETCH_WAIT)
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "a peer's copy did not come"))?
+        super::peers::on_shard_zero(shared, FETCH_WAIT, move |ctx| async move {
+            super::peers::ensure_local(&ctx, sha, len).await
+        })
     }
 
     fn plain(&self, file: &FileToRead) -> io::Result<Option<String>> {
