@@ -241,13 +241,26 @@ impl Relay {
         user: UserId,
         call: AsRest,
     ) -> Option<Result<Value, ApiError>> {
+        self.rest_on_device(leader, user, None, call, None).await
+    }
+
+    /// [`Relay::rest`] by `user`'s `device` (the device the session's token is bound to),
+    /// with a query string.
+    pub async fn rest_on_device(
+        &self,
+        leader: u64,
+        user: UserId,
+        device: Option<String>,
+        call: AsRest,
+        query: Option<String>,
+    ) -> Option<Result<Value, ApiError>> {
         let AsRest(method, path, body) = call;
         let forwarded = Forwarded {
             method: method.as_str().to_owned(),
             path,
-            query: None,
+            query,
             user: Some(user.0),
-            device: None,
+            device,
             peer: IpAddr::from([0, 0, 0, 0]),
             body: if body.is_null() {
                 String::new()

@@ -64,13 +64,28 @@ pub async fn run_call(
             reference,
             device,
             upto,
-        } => Answer::AckedToDevice {
-            reference,
-            result: engine
-                .ack_to_device(user, &device, upto)
-                .await
-                .map_err(ApiError::from),
-        },
+        } => {
+            let acked = engine.ack_to_device(user, &device, upto).await;
+            // On a cluster node that does not lead the directory, the leader takes it as
+            // the read past `upto` that acknowledges over REST.
+            let relayed = match (leader_of(&acked), relay) {
+                (Some(leader), Some(relay)) => {
+                    let path = "/api/v1/e2ee/to-device".to_owned();
+                    let call =
+                        crate::api::AsRest(hyper::Method::GET, path, serde_json::Value::Null);
+                    let query = Some(format!("after={upto}&limit=1"));
+                    relay
+                        .rest_on_device(leader, user, Some(device), call, query)
+                        .await
+                }
+                _ => None,
+            };
+            let result = match relayed {
+                Some(answer) => answer.map(|_| ()),
+                None => acked.map_err(ApiError::from),
+            };
+            Answer::AckedToDevice { reference, result }
+        }
         Call::MarkRead {
             reference,
             channel,

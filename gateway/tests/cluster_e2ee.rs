@@ -1,0 +1,114 @@
+//! To-device messages (`API.md` §14) across the nodes of a cluster (§15: every node serves
+//! the whole API): a message sent through one node reaches the recipient device's
+//! connection on another, live, and is read and acknowledged through any node (over the
+//! WebSocket of a node that does not lead the directory, the acknowledgement is taken by
+//! the one that does).
+
+mod common;
+
+use common::{str_of, ClusterConfig, Resp, Server, User, PASSWORD, UNLIMITED};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+/// How long anything here may take.
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Retries `call` while it answers 503 (a leader being elected), or 401/404 (a node whose
+/// directory lags): its answer.
+fn settled(what: &str, call: impl Fn() -> Resp) -> Resp {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = call();
+        if !matches!(r.status, 503 | 401 | 404) {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "{what}: {} {}", r.status, r.text);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn signup_on(s: &Server, name: &str, device: &str) -> User {
+    let email = format!("{name}@example.com");
+    let body = json!({"email": email, "password": PASSWORD, "name": name, "device_id": device});
+    let r = settled("a sign-up", || {
+        s.call("POST", "/api/v1/auth/signup", None, Some(body.clone()))
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+    User {
+        id: str_of(&r.body["user"]["id"]),
+        email,
+        token: str_of(&r.body["token"]),
+    }
+}
+
+/// The device's unacknowledged messages through `s`.
+fn queued(s: &Server, device: &User) -> Vec<Value> {
+    let r = settled("a read", || {
+        s.call("GET", "/api/v1/e2ee/to-device", Some(&device.token), None)
+    });
+    assert_eq!(r.status, 200, "{}", r.text);
+    r.body["messages"].as_array().cloned().expect("messages")
+}
+
+#[test]
+fn a_to_device_message_sent_through_one_node_reaches_a_device_on_another() {
+    let config = ClusterConfig::three();
+    let nodes: Vec<Server> = (1..=3)
+        .map(|id| Server::start(&config.node(id, UNLIMITED)))
+        .collect();
+    let alice = signup_on(&nodes[0], "alice", "phone");
+    let bob = signup_on(&nodes[1], "bob", "laptop");
+    let r = settled("the workspace", || {
+        let body = json!({"name": "acme"});
+        nodes[0].call("POST", "/api/v1/workspaces", Some(&alice.token), Some(body))
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+    let wid = str_of(&r.body["workspace"]["id"]);
+    let r = settled("bob in the workspace", || {
+        let path = format!("/api/v1/workspaces/{wid}/members");
+        let body = json!({"email": bob.email});
+        nodes[0].call("POST", &path, Some(&alice.token), Some(body))
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+    // Bob's laptop is connected through node 3; Alice sends through node 1.
+    let (mut laptop, _) = nodes[2].connect(&bob);
+    laptop.ping("connected");
+    for n in 1..=3 {
+        let r = settled("a send", || {
+            let path = format!("/api/v1/e2ee/to-device/t{n}");
+            let body = json!({"messages": {bob.id.clone(): {"laptop": {"n": n}}}});
+            nodes[0].call("PUT", &path, Some(&alice.token), Some(body))
+        });
+        assert_eq!(r.status, 200, "{}", r.text);
+        let frame = laptop
+            .recv_type_within("to_device", WAIT)
+            .unwrap_or_else(|| panic!("message {n} never reached the laptop on node 3"));
+        assert_eq!(frame["id"], n.to_string(), "{frame}");
+        assert_eq!(frame["content"], json!({"n": n}), "{frame}");
+        assert_eq!(frame["sender_device_id"], "phone", "{frame}");
+    }
+    // Read through node 2, then acknowledged one by one over a WebSocket of the laptop on
+    // each node (two of them do not lead the directory): each is an `ack`.
+    assert_eq!(queued(&nodes[1], &bob).len(), 3);
+    drop(laptop);
+    for (i, s) in nodes.iter().enumerate() {
+        let (mut ws, _) = s.connect(&bob);
+        let upto = (i + 1).to_string();
+        ws.send(json!({"type": "to_device:ack", "upto_id": upto, "ref": "ack"}));
+        let answer = loop {
+            let frame = ws.recv();
+            if frame["ref"] == "ack" {
+                break frame;
+            }
+        };
+        assert_eq!(answer["type"], "ack", "through node {}: {answer}", i + 1);
+    }
+    let deadline = Instant::now() + WAIT;
+    while !queued(&nodes[0], &bob).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the acknowledgement never reached node 1"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
