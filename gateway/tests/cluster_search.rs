@@ -129,3 +129,65 @@ fn a_node_that_lost_its_stores_fetches_what_it_indexes_from_a_peer() {
     finds(&nodes[2], &alice, &wid, "messages", "quokkazebra", &mid);
     finds(&nodes[2], &alice, &wid, "files", "marmotviolin", &fid);
 }
+
+// A message is found within one second of its ack (`API.md` §12) through every node, not
+// only the one that took it: each node's indexer reads its own replica of the channel.
+#[test]
+fn a_message_is_found_through_every_node_within_a_second_of_its_ack() {
+    let config = ClusterConfig::three();
+    let nodes: Vec<Server> = (1..=3)
+        .map(|id| Server::start(&config.node(id, UNLIMITED)))
+        .collect();
+    let body = json!({"email": "alice@example.com", "password": PASSWORD, "name": "alice"});
+    let r = settled("the sign-up", || {
+        nodes[0].call("POST", "/api/v1/auth/signup", None, Some(body.clone()))
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+    let token = str_of(&r.body["token"]);
+    let r = settled("the workspace", || {
+        let body = json!({"name": "acme"});
+        nodes[0].call("POST", "/api/v1/workspaces", Some(&token), Some(body))
+    });
+    let wid = str_of(&r.body["workspace"]["id"]);
+    let r = settled("the channel", || {
+        let body = json!({"name": "general", "kind": "public"});
+        let path = format!("/api/v1/workspaces/{wid}/channels");
+        nodes[0].call("POST", &path, Some(&token), Some(body))
+    });
+    let cid = str_of(&r.body["channel"]["id"]);
+    let mut slowest = Duration::ZERO;
+    for i in 0..20 {
+        let through = &nodes[i % 3];
+        let word = format!("fresh{i}word");
+        let r = settled("a post", || {
+            let body = json!({"text": format!("{word} here"), "client_msg_id": word});
+            let path = format!("/api/v1/channels/{cid}/messages");
+            through.call("POST", &path, Some(&token), Some(body))
+        });
+        assert_eq!(r.status, 201, "{}", r.text);
+        let acked = Instant::now();
+        let mid = str_of(&r.body["message"]["id"]);
+        let path = format!("/api/v1/workspaces/{wid}/search/messages?q={word}");
+        for s in &nodes {
+            loop {
+                let r = s.call("GET", &path, Some(&token), None);
+                let found = r.status == 200
+                    && r.body["results"]
+                        .as_array()
+                        .is_some_and(|a| a.iter().any(|x| x["message"]["id"] == mid));
+                if found {
+                    break;
+                }
+                assert!(
+                    acked.elapsed() < Duration::from_secs(5),
+                    "{word} not found through {} 5 s after its ack",
+                    s.base_url()
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            slowest = slowest.max(acked.elapsed());
+        }
+    }
+    eprintln!("slowest: {slowest:?}");
+    assert!(slowest < Duration::from_secs(1), "found {slowest:?} after its ack");
+}
