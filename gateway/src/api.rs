@@ -1168,7 +1168,12 @@ async fn login(call: &Call<'_>) -> Result<Reply, ApiError> {
             let device = r.device_id.as_deref();
             session(call, &UserView::from(&user), device, 200).await
         }
-        _ => Err(ApiError::unauthorized("wrong email or password")),
+        _ => {
+            if attempt.is_some() {
+                forward::login_failed(call.ctx, &r.email, call.peer);
+            }
+            Err(ApiError::unauthorized("wrong email or password"))
+        }
     }
 }
 

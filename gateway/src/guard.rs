@@ -19,6 +19,11 @@
 //!   budget, so a single-address attacker never locks them out.
 //!
 //! A refused attempt is answered 429 with `Retry-After` before any password is hashed.
+//!
+//! In a cluster each node keeps its own tables, and a node that refuses a password tells
+//! every other node (a notice: `crate::api::forward`), which counts the failure too
+//! ([`AuthGuard::failed_elsewhere`]); best effort, so a notice lost with a link costs one
+//! uncounted failure.
 
 use crate::config::Config;
 use crate::error::ApiError;
@@ -111,6 +116,22 @@ impl AuthGuard {
         Ok(attempt)
     }
 
+    /// Another node of the cluster refused a login of `email` from `ip`: the failure
+    /// counts here too (one token from each budget, as far as any is left), so that an
+    /// attacker who spreads guesses over the nodes has no more than against one.
+    pub fn failed_elsewhere(&self, email: &str, ip: IpAddr) {
+        let account = normalise_email(email);
+        let now = Instant::now();
+        for (limiter, key) in [
+            (&self.login_account_ip, self.key((&account, ip))),
+            (&self.login_ip, self.key(ip)),
+            (&self.login_account, self.key(&account)),
+        ] {
+            // An empty bucket stays empty: the failure is counted either way.
+            let _ = take(limiter, key, now);
+        }
+    }
+
     /// The attempt succeeded: it was not a failure, so its tokens go back.
     pub fn login_succeeded(&self, attempt: LoginAttempt) {
         lock(&self.login_account_ip).give_back(attempt.account_ip);
@@ -199,6 +220,27 @@ mod tests {
             g.login("a@example.com", ip(i)).unwrap();
         }
         assert_eq!(g.login("a@example.com", ip(9)).unwrap_err().status, 429);
+    }
+
+    // Failures another node reports spend the same budgets as failures here, under the
+    // same account spelling rules, and never more than a budget holds.
+    #[test]
+    fn failures_elsewhere_count_here() {
+        let g = guard(
+            "login_failures_per_account_ip_burst = 3.0
+login_failures_per_ip_burst = 9.0
+",
+        );
+        for _ in 0..5 {
+            g.failed_elsewhere("A@example.com", ip(1));
+        }
+        assert_eq!(g.login("a@example.com", ip(1)).unwrap_err().status, 429);
+        g.login("a@example.com", ip(2)).unwrap();
+        // The address's budget lost five of nine to the reports: four are left.
+        for n in 0..4 {
+            g.login(&format!("u{n}@example.com"), ip(1)).unwrap();
+        }
+        assert_eq!(g.login("z@example.com", ip(1)).unwrap_err().status, 429);
     }
 
     // Sign-ups are limited per address.

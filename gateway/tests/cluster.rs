@@ -780,6 +780,55 @@ fn a_forwarded_sign_up_counts_once_against_the_address_limit() {
     assert_eq!(r.status, 429, "{}", r.text);
 }
 
+// Failed logins count on every node: three wrong passwords for one account through node
+// 1 spend its budget of three (per account and address) everywhere, so the right password
+// through node 2 or 3 is refused 429 too. Without the nodes telling each other, each node
+// had a budget of its own, three times the guesses.
+#[test]
+fn failed_logins_through_one_node_count_on_every_node() {
+    let config = ClusterConfig::three();
+    let limits = "signup_per_ip_burst = 1000000.0
+                  login_failures_per_ip_burst = 1000000.0
+                  login_failures_per_account_burst = 1000000.0
+                  login_failures_per_account_ip_burst = 3.0
+                  login_failures_per_account_ip_per_hour = 1.0
+";
+    let nodes: Vec<Option<Server>> = (1..=3)
+        .map(|id| Some(Server::start(&config.node(id, limits))))
+        .collect();
+    let body = json!({"email": "alice@example.com", "password": PASSWORD, "name": "alice"});
+    let (_, r) = anywhere(&nodes, "the sign-up", |s| {
+        s.call("POST", "/api/v1/auth/signup", None, Some(body.clone()))
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+    let node = |i: usize| nodes[i].as_ref().unwrap();
+    let login = |i: usize, password: &str| {
+        let body = json!({"email": "alice@example.com", "password": password});
+        node(i).call("POST", "/api/v1/auth/login", None, Some(body))
+    };
+    // Every node knows her (a right password is not a failure, and gives its token back).
+    for i in 0..3 {
+        wait_until("alice known everywhere", || {
+            login(i, PASSWORD).status == 200
+        });
+    }
+    for n in 0..3 {
+        let r = login(0, "wrong horse");
+        assert_eq!(r.status, 401, "wrong password {n}: {}", r.text);
+    }
+    assert_eq!(login(0, PASSWORD).status, 429, "node 1's own budget");
+    for i in [1, 2] {
+        wait_until(
+            &format!("node {} counting node 1's failures", i + 1),
+            || {
+                let r = login(i, PASSWORD);
+                assert!(matches!(r.status, 200 | 429), "{}", r.text);
+                r.status == 429
+            },
+        );
+    }
+}
+
 // A channel made through one node is found at once through every node, the ones that do
 // not lead its partition included: its history answers 200, never 404, though that node's
 // directory may not have applied the channel yet when the read comes (the read runs again

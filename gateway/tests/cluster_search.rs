@@ -189,5 +189,8 @@ fn a_message_is_found_through_every_node_within_a_second_of_its_ack() {
         }
     }
     eprintln!("slowest: {slowest:?}");
-    assert!(slowest < Duration::from_secs(1), "found {slowest:?} after its ack");
+    assert!(
+        slowest < Duration::from_secs(1),
+        "found {slowest:?} after its ack"
+    );
 }

@@ -45,7 +45,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::task::Waker;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Messages queued for one peer beyond which new ones are dropped.
 pub const QUEUE_MESSAGES_MAX: usize = 65_536;
@@ -534,11 +534,23 @@ async fn send_loop(
     let mut backoff = BACKOFF_MIN;
     let mut conn: Option<TcpStream> = None;
     let mut buf = Vec::new();
+    let mut last_write = Instant::now();
     while !stopped.get() {
         queued(&outbox, &stopped).await;
         if stopped.get() {
             break;
         }
+        // A connection left quiet for a while may have been closed by the peer (it
+        // restarted, say): the first write into it would be lost without an error, a
+        // notice with it. The peer never writes on this connection, so a byte or the end
+        // of the stream says it is gone.
+        if conn
+            .as_ref()
+            .is_some_and(|c| last_write.elapsed() >= QUIET_CHECK_AFTER && !open_and_quiet(c))
+        {
+            conn = None;
+        }
+        last_write = Instant::now();
         if conn.is_none() {
             match connect(addr, me, fingerprint).await {
                 Ok(c) => {
@@ -721,6 +733,10 @@ impl Exchange {
 /// `HELLO`: with sends forwarded this way, reuse took the cluster's CPU per ack from 471
 /// to 381 µs (`chorus-bench cluster --any-node`, medians of three runs).
 const IDLE_PER_PEER: usize = 16;
+
+/// How long a peer's outgoing connection may stay unwritten before the next write first
+/// checks that the peer has not closed it.
+const QUIET_CHECK_AFTER: Duration = Duration::from_millis(200);
 
 thread_local! {
     static IDLE: RefCell<BTreeMap<SocketAddr, Vec<TcpStream>>> = const {

@@ -185,3 +185,36 @@ fn notices_reach_the_peer_in_order_and_none_while_it_is_cut_off() {
             two.stop();
         });
 }
+
+// A peer that restarted closed the connection its predecessor took; the first notice sent
+// after it, on a connection left quiet, reaches the new peer (written into the closed
+// connection, it would have vanished without an error).
+#[test]
+fn a_notice_after_the_peer_restarted_reaches_it() {
+    glommio::LocalExecutorBuilder::default()
+        .make()
+        .unwrap()
+        .run(async {
+            let addrs = free_addrs(2);
+            let nodes: BTreeMap<u64, SocketAddr> = (1..=2).zip(addrs).collect();
+            let start_two = |noticed: Noticed| {
+                let (got, lost) = (Got::default(), Got::default());
+                node_noticing(2, &nodes, got, lost, noticed, Cuts::default())
+            };
+            let one = node(1, &nodes, Got::default(), Got::default());
+            let before = Noticed::default();
+            let two = start_two(before.clone());
+            one.notify(2, b"first".to_vec());
+            until("the first notice", || before.borrow().len() == 1).await;
+            two.stop_and_close().await;
+            drop(two);
+            let after = Noticed::default();
+            let two = start_two(after.clone());
+            glommio::timer::sleep(Duration::from_millis(500)).await;
+            one.notify(2, b"second".to_vec());
+            until("the notice after the restart", || after.borrow().len() == 1).await;
+            assert_eq!(after.borrow()[0].1, b"second");
+            one.stop();
+            two.stop();
+        });
+}

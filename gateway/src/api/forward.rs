@@ -144,6 +144,23 @@ pub struct Relay {
 enum Notice {
     /// `user` types in `channel`: each node tells its own subscribers of the channel.
     Typing { channel: String, user: u64 },
+    /// A login of `email` from `ip` was refused for its password: each node counts the
+    /// failure against the login limits (`crate::guard`).
+    LoginFailed { email: String, ip: std::net::IpAddr },
+}
+
+/// Tells every other node of the cluster (if this node is in one) that a login of `email`
+/// from `ip` failed on its password, so that each counts it against the login limits.
+pub fn login_failed(ctx: &ShardCtx, email: &str, ip: std::net::IpAddr) {
+    let Some(cluster) = &ctx.shared.cluster else {
+        return;
+    };
+    let notice = Notice::LoginFailed {
+        email: email.to_owned(),
+        ip,
+    };
+    let bytes = serde_json::to_vec(&notice).expect("notices serialize");
+    cluster.calls.notify_peers(ctx.shard, bytes);
 }
 
 /// A session command as a REST call: method, path and JSON body.
@@ -350,6 +367,7 @@ pub async fn serve_notices(
                 })
                 .detach();
             }
+            Ok(Notice::LoginFailed { email, ip }) => ctx.shared.guard.failed_elsewhere(&email, ip),
             Err(e) => tracing::debug!(from, error = %e, "a notice that does not parse"),
         }
     }
