@@ -112,3 +112,38 @@ fn a_to_device_message_sent_through_one_node_reaches_a_device_on_another() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+// A device removed through one node is gone on every node: its token is refused through
+// each, and its connection on another node is closed as removed.
+#[test]
+fn a_device_removed_through_one_node_is_cut_off_on_another() {
+    let config = ClusterConfig::three();
+    let nodes: Vec<Server> = (1..=3)
+        .map(|id| Server::start(&config.node(id, UNLIMITED)))
+        .collect();
+    let bob = signup_on(&nodes[0], "bob", "laptop");
+    let r = settled("the tablet's login", || {
+        let body = json!({"email": bob.email, "password": PASSWORD, "device_id": "tablet"});
+        nodes[1].call("POST", "/api/v1/auth/login", None, Some(body))
+    });
+    assert_eq!(r.status, 200, "{}", r.text);
+    let tablet = User {
+        token: str_of(&r.body["token"]),
+        ..bob.clone()
+    };
+    let (mut ws, _) = nodes[2].connect(&tablet);
+    ws.ping("connected");
+    let r = settled("the removal", || {
+        let path = "/api/v1/e2ee/devices/tablet";
+        nodes[0].call("DELETE", path, Some(&bob.token), None)
+    });
+    assert_eq!(r.status, 204, "{}", r.text);
+    let (code, reason, _) = ws.recv_close();
+    assert_eq!((code, reason.as_str()), (4001, "device removed"));
+    for (i, s) in nodes.iter().enumerate() {
+        let r = s.call("GET", "/api/v1/me", Some(&tablet.token), None);
+        assert_eq!(r.status, 401, "the tablet's token through node {}: {}", i + 1, r.text);
+        let r = s.call("GET", "/api/v1/me", Some(&bob.token), None);
+        assert_eq!(r.status, 200, "the laptop's token through node {}", i + 1);
+    }
+}
