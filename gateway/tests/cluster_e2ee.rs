@@ -142,7 +142,13 @@ fn a_device_removed_through_one_node_is_cut_off_on_another() {
     assert_eq!((code, reason.as_str()), (4001, "device removed"));
     for (i, s) in nodes.iter().enumerate() {
         let r = s.call("GET", "/api/v1/me", Some(&tablet.token), None);
-        assert_eq!(r.status, 401, "the tablet's token through node {}: {}", i + 1, r.text);
+        assert_eq!(
+            r.status,
+            401,
+            "the tablet's token through node {}: {}",
+            i + 1,
+            r.text
+        );
         let r = s.call("GET", "/api/v1/me", Some(&bob.token), None);
         assert_eq!(r.status, 200, "the laptop's token through node {}", i + 1);
     }

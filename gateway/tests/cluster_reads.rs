@@ -171,3 +171,106 @@ fn writes_through_one_node_are_read_at_once_through_another() {
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
 }
+
+/// A caller with only a token.
+fn caller(token: &str) -> common::User {
+    common::User {
+        id: String::new(),
+        email: String::new(),
+        token: token.to_owned(),
+    }
+}
+
+// A member added to a channel through one node, while connected through another, gets the
+// channel's events live there from then on; removed, gets none.
+#[test]
+fn a_member_added_elsewhere_gets_the_channel_live_and_a_removed_one_stops() {
+    let config = ClusterConfig::three();
+    let nodes: Vec<Server> = (1..=3)
+        .map(|id| Server::start(&config.node(id, AUTH_UNLIMITED)))
+        .collect();
+    let sign_up = |name: &str| {
+        let body =
+            json!({"email": format!("{name}@example.com"), "password": PASSWORD, "name": name});
+        let r = settled(|| nodes[0].call("POST", "/api/v1/auth/signup", None, Some(body.clone())));
+        assert_eq!(r.status, 201, "{}", r.text);
+        (str_of(&r.body["token"]), str_of(&r.body["user"]["id"]))
+    };
+    let ((ta, _), (tb, ub)) = (sign_up("alice"), sign_up("bob"));
+    let call = |s: &Server, method: &str, path: &str, body: Option<serde_json::Value>| {
+        settled(|| s.call(method, path, Some(&ta), body.clone()))
+    };
+    let r = call(
+        &nodes[0],
+        "POST",
+        "/api/v1/workspaces",
+        Some(json!({"name": "w"})),
+    );
+    let wid = str_of(&r.body["workspace"]["id"]);
+    let body = json!({"email": "bob@example.com"});
+    let r = call(
+        &nodes[0],
+        "POST",
+        &format!("/api/v1/workspaces/{wid}/members"),
+        Some(body),
+    );
+    assert_eq!(r.status, 201, "{}", r.text);
+    let body = json!({"name": "p", "kind": "private"});
+    let r = call(
+        &nodes[0],
+        "POST",
+        &format!("/api/v1/workspaces/{wid}/channels"),
+        Some(body),
+    );
+    let cid = str_of(&r.body["channel"]["id"]);
+    // Bob is connected through node 3 before he is in the channel.
+    let (mut ws, _) = nodes[2].connect(&caller(&tb));
+    ws.ping("connected");
+    let r = call(
+        &nodes[0],
+        "POST",
+        &format!("/api/v1/channels/{cid}/members"),
+        Some(json!({"user_id": ub})),
+    );
+    assert!(r.status == 200 || r.status == 201, "{}", r.text);
+    let post = |text: &str| {
+        let body = json!({"text": text, "client_msg_id": text});
+        let r = call(
+            &nodes[0],
+            "POST",
+            &format!("/api/v1/channels/{cid}/messages"),
+            Some(body),
+        );
+        assert_eq!(r.status, 201, "{}", r.text);
+    };
+    post("welcome");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let Some(frame) = ws.recv_type_within("event", left) else {
+            panic!("bob on node 3 never got the post after he was added");
+        };
+        if frame["event"]["message"]["text"] == "welcome" {
+            break;
+        }
+    }
+    let r = call(
+        &nodes[0],
+        "DELETE",
+        &format!("/api/v1/channels/{cid}/members/{ub}"),
+        None,
+    );
+    assert!(r.status < 300, "{}", r.text);
+    post("after the removal");
+    // Ping twice over: by then the post was delivered wherever it would go.
+    std::thread::sleep(Duration::from_millis(500));
+    ws.ping("later");
+    let mut seen = Vec::new();
+    while let Some(frame) = ws.recv_type_within("event", Duration::from_millis(300)) {
+        seen.push(frame["event"]["message"]["text"].clone());
+    }
+    assert!(
+        !seen.contains(&json!("after the removal")),
+        "a removed member got a post: {seen:?}"
+    );
+}
