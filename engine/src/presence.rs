@@ -630,9 +630,23 @@ impl PresenceTable {
     /// What another node of a cluster needs to know of this one, whole: every user with a
     /// connection open here (whether one is active, and the last activity), and every mode
     /// chosen.
-    pub fn shared(&self) -> Vec<peers::Record> {
+    ///
+    /// One page of it: the users after `after` in ID order, as many as hold at most `max`
+    /// records (each user's whole, and at least one user); and whether users remain.
+    pub fn shared(&self, after: UserId, max: usize) -> (Vec<peers::Record>, bool) {
+        let mut users: Vec<(&UserId, &Entry)> = self
+            .users
+            .iter()
+            .filter(|(u, e)| **u > after && (!e.conns.is_empty() || e.mode_at_us != 0))
+            .collect();
+        users.sort_unstable_by_key(|(u, _)| **u);
         let mut records = Vec::new();
-        for (&user, e) in &self.users {
+        let mut taken = 0;
+        for (&user, e) in &users {
+            if records.len() + 2 > max.max(2) && taken > 0 {
+                break;
+            }
+            taken += 1;
             if !e.conns.is_empty() {
                 records.push(peers::Record::Conns {
                     user,
@@ -649,7 +663,7 @@ impl PresenceTable {
                 });
             }
         }
-        records
+        (records, taken < users.len())
     }
 
     fn choose(

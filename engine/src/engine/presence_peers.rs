@@ -4,6 +4,7 @@
 
 use super::{ask, Engine};
 use crate::error::EngineError;
+use crate::ids::UserId;
 use crate::presence::peers::{Changes, Input, Record};
 use crate::runtime::ShardMsg;
 
@@ -38,11 +39,17 @@ impl Engine {
         .await
     }
 
-    /// What this node says of the users whose presence shard `shard` owns, whole, and the
-    /// number of the shard's sequence that includes.
-    pub async fn presence_snapshot(&self, shard: u32) -> Result<(u64, Vec<Record>), EngineError> {
+    /// What this node says of the users whose presence shard `shard` owns: a page of the
+    /// users after `after` (in ID order) of at most about `max` records, the number of the
+    /// shard's sequence the page includes, and whether more pages follow.
+    pub async fn presence_snapshot(
+        &self,
+        shard: u32,
+        after: UserId,
+        max: usize,
+    ) -> Result<(u64, Vec<Record>, bool), EngineError> {
         ask(
-            |reply| ShardMsg::PresenceSnapshot { reply },
+            |reply| ShardMsg::PresenceSnapshot { after, max, reply },
             &self.inner.routes,
             shard,
         )

@@ -166,8 +166,12 @@ pub enum Kind {
     Changes,
     /// Nothing new: the sender's last number.
     Keepalive,
-    /// The sender's whole state, which includes its sequence up to the number.
+    /// The sender's whole state, which includes its sequence up to the number (or the
+    /// last page of it).
     Snapshot,
+    /// A page of the sender's state that more pages follow, from the user after the last
+    /// one it names ([`snapshot_request`]).
+    SnapshotPart,
 }
 
 /// What one node's shard tells the same shard of another.
@@ -195,6 +199,7 @@ impl Notice {
                 Kind::Changes => 0,
                 Kind::Keepalive => 1,
                 Kind::Snapshot => 2,
+                Kind::SnapshotPart => 4,
             },
         ]);
         out.extend_from_slice(&self.incarnation.to_le_bytes());
@@ -214,6 +219,7 @@ impl Notice {
             0 => Kind::Changes,
             1 => Kind::Keepalive,
             2 => Kind::Snapshot,
+            4 => Kind::SnapshotPart,
             _ => return None,
         };
         let word = |i: usize| -> Option<u64> {
@@ -236,14 +242,35 @@ impl Notice {
     }
 }
 
-/// The request for a snapshot.
-pub fn snapshot_request() -> Vec<u8> {
-    vec![MAGIC, VERSION, 3]
+/// The request for the page of a snapshot that begins with the user after `after` (the
+/// first page: after user 0). A snapshot too large for one answer comes in pages
+/// ([`Kind::SnapshotPart`], then a last [`Kind::Snapshot`]); the asker joins them and
+/// takes the first page's number for the whole. Records hold states, not steps, so the
+/// changes numbered after the first page, applied over the later pages, end where the
+/// sender is.
+pub fn snapshot_request(after: UserId) -> Vec<u8> {
+    let mut request = vec![MAGIC, VERSION, 3];
+    request.extend_from_slice(&after.0.to_le_bytes());
+    request
 }
 
-/// Whether `bytes` are a request made by [`snapshot_request`].
-pub fn is_snapshot_request(bytes: &[u8]) -> bool {
-    bytes == [MAGIC, VERSION, 3]
+/// The user a request made by [`snapshot_request`] asks to begin after; `None` for
+/// anything else.
+pub fn snapshot_request_after(bytes: &[u8]) -> Option<UserId> {
+    match bytes {
+        [MAGIC, VERSION, 3, after @ ..] => Some(UserId(u64::from_le_bytes(after.try_into().ok()?))),
+        _ => None,
+    }
+}
+
+/// The last user a page of a snapshot names (the next page begins after it).
+pub fn last_user(records: &[Record]) -> Option<UserId> {
+    records
+        .iter()
+        .map(|r| match *r {
+            Record::Conns { user, .. } | Record::Mode { user, .. } => user,
+        })
+        .max()
 }
 
 /// What a peer's notices change in the presence table of its users' home shard.
@@ -309,8 +336,11 @@ impl Tracker {
     /// A notice from `from` (changes or a keepalive; a snapshot goes to
     /// [`Tracker::snapshot`]).
     pub fn heard(&mut self, now: Instant, from: u64, notice: Notice) -> Vec<Action> {
-        if notice.kind == Kind::Snapshot {
-            return self.snapshot(now, from, notice);
+        match notice.kind {
+            Kind::Snapshot => return self.snapshot(now, from, notice),
+            // Pages are joined by the asker before they come here.
+            Kind::SnapshotPart => return Vec::new(),
+            Kind::Changes | Kind::Keepalive => {}
         }
         let p = self.peers.entry(from).or_insert_with(|| Peer {
             incarnation: notice.incarnation,
@@ -462,8 +492,13 @@ mod tests {
         bad[19] = 9;
         assert_eq!(Notice::decode(&bad), None);
         assert_eq!(Notice::decode(b"{\"Typing\":{}}"), None);
-        assert!(is_snapshot_request(&snapshot_request()));
-        assert!(!is_snapshot_request(&bytes));
+        let request = snapshot_request(UserId(77));
+        assert_eq!(snapshot_request_after(&request), Some(UserId(77)));
+        assert_eq!(Notice::decode(&request), None);
+        assert_eq!(snapshot_request_after(&bytes), None);
+        assert_eq!(snapshot_request_after(&request[..10]), None);
+        let part = notice(Kind::SnapshotPart, 1, 2, vec![conns(9, Some(true))]);
+        assert_eq!(Notice::decode(&part.encode()), Some(part));
     }
 
     #[test]

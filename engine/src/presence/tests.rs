@@ -420,3 +420,50 @@ fn reach_counts_open_active_connections_and_dnd() {
         assert_eq!(Reach::from_bits(r.bits()), r);
     }
 }
+
+// What a node shares of its table comes in pages by user ID, each user whole (a connection
+// and a mode in the same page), at least one user a page, and the pages together are all.
+#[test]
+fn the_shared_state_pages_by_user_whole() {
+    let t0 = Instant::now();
+    let mut table = PresenceTable::new(GRACE);
+    for u in 1..=5u64 {
+        table.connect(EPOCH_US, UserId(u * 10), ConnKey::new(0, u));
+        if u % 2 == 1 {
+            table.set_mode(t0, EPOCH_US, UserId(u * 10), Mode::Away, None);
+        }
+    }
+    // Someone only watched shares nothing.
+    table.watch(UserId(99), ConnKey::new(0, 77));
+    let user = |r: &peers::Record| match *r {
+        peers::Record::Conns { user, .. } | peers::Record::Mode { user, .. } => user.0,
+    };
+    let (all, more) = table.shared(UserId(0), usize::MAX);
+    assert!(!more);
+    assert_eq!(all.len(), 8);
+    let mut after = UserId(0);
+    let mut pages = Vec::new();
+    loop {
+        let (page, more) = table.shared(after, 3);
+        assert!(!page.is_empty());
+        assert!(page.len() <= 3 || page.iter().all(|r| user(r) == user(&page[0])));
+        after = peers::last_user(&page).expect("a user");
+        pages.push(page);
+        if !more {
+            break;
+        }
+    }
+    let joined: Vec<u64> = pages.iter().flatten().map(user).collect();
+    let mut sorted = joined.clone();
+    sorted.sort();
+    assert_eq!(joined, sorted, "pages in user order");
+    assert_eq!(joined.len(), 8);
+    for page in &pages[..pages.len() - 1] {
+        let last = user(page.last().unwrap());
+        assert!(
+            pages.iter().flatten().filter(|r| user(r) == last).count()
+                == page.iter().filter(|r| user(r) == last).count(),
+            "user {last} split over pages"
+        );
+    }
+}

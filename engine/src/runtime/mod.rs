@@ -502,10 +502,13 @@ pub(crate) enum ShardMsg {
         input: crate::presence::peers::Input,
         reply: Reply<()>,
     },
-    /// What this node says of the users whose presence this shard owns, whole, and the
-    /// number of the shard's sequence that includes.
+    /// What this node says of the users whose presence this shard owns, a page from the
+    /// user after `after` on, the number of the shard's sequence that includes, and
+    /// whether more pages follow.
     PresenceSnapshot {
-        reply: Reply<(u64, Vec<crate::presence::peers::Record>)>,
+        after: UserId,
+        max: usize,
+        reply: Reply<(u64, Vec<crate::presence::peers::Record>, bool)>,
     },
     /// Read a blob through this shard's blob store (which, in a cluster, fetches it from a
     /// peer when this node lacks it).

@@ -763,10 +763,10 @@ impl<E: Env> Shard<E> {
                 self.peer_input(from, input);
                 let _ = reply.send(Ok(()));
             }
-            ShardMsg::PresenceSnapshot { reply } => {
+            ShardMsg::PresenceSnapshot { after, max, reply } => {
                 let seq = self.presence_peers.as_ref().map_or(0, |(_, seq)| *seq);
-                let records = self.presence.shared();
-                let _ = reply.send(Ok((seq, records)));
+                let (records, more) = self.presence.shared(after, max);
+                let _ = reply.send(Ok((seq, records, more)));
             }
             ShardMsg::ReadBlob { blob, reply } => {
                 let blobs = self.env.blobs().clone();

@@ -6,8 +6,10 @@
 //! (`chorus_replication::calls::Calls::notify_peers`); snapshots are calls.
 
 use crate::ctx::ShardCtx;
+use chorus_engine::ids::UserId;
 use chorus_engine::presence::peers::{
-    is_snapshot_request, snapshot_request, Action, Kind, Notice, Tracker, KEEPALIVE, MAGIC,
+    last_user, snapshot_request, snapshot_request_after, Action, Kind, Notice, Tracker, KEEPALIVE,
+    MAGIC,
 };
 use futures::channel::mpsc;
 use futures::StreamExt;
@@ -27,15 +29,26 @@ fn incarnation() -> u64 {
     *INCARNATION.get_or_init(|| rand::random::<u64>() | 1)
 }
 
-/// Answers a peer's call for this shard's snapshot; an empty answer to anything else, or
-/// when the engine cannot answer (the peer asks again).
+/// Records in one page of a snapshot: about 2.6 MB at most, well within a frame.
+const SNAPSHOT_PAGE_RECORDS: usize = 100_000;
+
+/// Answers a peer's call for a page of this shard's snapshot; an empty answer to anything
+/// else, or when the engine cannot answer (the peer asks again).
 pub async fn answer(ctx: &ShardCtx, request: &[u8]) -> Vec<u8> {
-    if !is_snapshot_request(request) {
+    let Some(after) = snapshot_request_after(request) else {
         return Vec::new();
-    }
-    match ctx.shared.engine.presence_snapshot(ctx.shard).await {
-        Ok((seq, records)) => Notice {
-            kind: Kind::Snapshot,
+    };
+    let page = ctx
+        .shared
+        .engine
+        .presence_snapshot(ctx.shard, after, SNAPSHOT_PAGE_RECORDS);
+    match page.await {
+        Ok((seq, records, more)) => Notice {
+            kind: if more {
+                Kind::SnapshotPart
+            } else {
+                Kind::Snapshot
+            },
             incarnation: incarnation(),
             seq,
             records,
@@ -146,16 +159,49 @@ async fn run(ctx: Rc<ShardCtx>, mut notices: mpsc::UnboundedReceiver<(u64, Vec<u
                     tracing::debug!(from, shard, "asking a peer for its presence snapshot");
                     let (shared, asked) = (ctx.shared.clone(), asked.clone());
                     glommio::spawn_local(async move {
-                        let answer = shared.call_peer(shard, from, &snapshot_request()).await;
-                        let snapshot = answer
-                            .ok()
-                            .and_then(|bytes| Notice::decode(&bytes))
-                            .filter(|n| n.kind == Kind::Snapshot);
+                        let snapshot = snapshot_of(&shared, shard, from).await;
                         let _ = asked.unbounded_send((from, snapshot));
                     })
                     .detach();
                 }
             }
+        }
+    }
+}
+
+/// Asks `from` for its snapshot, page by page, and joins the pages into one, numbered as
+/// the first page; `None` if a page did not come or the peer restarted meanwhile.
+async fn snapshot_of(shared: &crate::ctx::Shared, shard: u32, from: u64) -> Option<Notice> {
+    let mut after = UserId(0);
+    let mut whole: Option<Notice> = None;
+    loop {
+        let answer = shared
+            .call_peer(shard, from, &snapshot_request(after))
+            .await
+            .ok()?;
+        let page = Notice::decode(&answer)?;
+        let last = match page.kind {
+            Kind::Snapshot => true,
+            Kind::SnapshotPart => false,
+            Kind::Changes | Kind::Keepalive => return None,
+        };
+        if !last && page.records.is_empty() {
+            // A page that names nobody would be asked for again and again.
+            return None;
+        }
+        after = last_user(&page.records).unwrap_or(after);
+        match &mut whole {
+            None => {
+                whole = Some(Notice {
+                    kind: Kind::Snapshot,
+                    ..page
+                })
+            }
+            Some(w) if w.incarnation == page.incarnation => w.records.extend(page.records),
+            Some(_) => return None,
+        }
+        if last {
+            return whole;
         }
     }
 }
