@@ -199,6 +199,30 @@ pub enum Op {
     ListToDevice,
 }
 
+impl Op {
+    /// Whether the route reads the directory (users, workspaces, channels, preferences,
+    /// devices, to-device queues). On a cluster node such a read first passes the
+    /// directory barrier, so that it sees every write acknowledged before it, whichever
+    /// node took the write (`API.md` §15); reads of a channel's partition pass its own.
+    fn reads_directory(self) -> bool {
+        matches!(
+            self,
+            Op::Me
+                | Op::ListWorkspaces
+                | Op::ListMembers
+                | Op::ListChannels
+                | Op::GetChannel
+                | Op::GetPresence
+                | Op::Unreads
+                | Op::GetNotifyPrefs
+                | Op::GetChannelNotifyPrefs
+                | Op::ListPushDevices
+                | Op::QueryKeys
+                | Op::ListToDevice
+        )
+    }
+}
+
 /// The JSON type of a body field or query parameter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ty {
@@ -1005,10 +1029,14 @@ pub(crate) fn parse_as_every_request(body: &[u8]) -> usize {
 // Handlers
 // ---------------------------------------------------------------------------------------
 
-/// Runs a call; on a cluster node, a call answered 404 runs once more after the
-/// directory barrier (`Engine::directory_barrier`), since what it did not find may have
-/// been made a moment ago through another node. A genuine 404 costs a barrier.
+/// Runs a call; on a cluster node, a call that reads the directory passes the directory
+/// barrier first ([`Op::reads_directory`]), and a call answered 404 runs once more after
+/// the barrier (`Engine::directory_barrier`), since what it did not find may have been
+/// made a moment ago through another node. A genuine 404 costs a barrier.
 async fn run_current(op: Op, call: &Call<'_>) -> Result<Reply, ApiError> {
+    if op.reads_directory() {
+        call.directory_current().await;
+    }
     match run(op, call).await {
         Err(e) if e.status == 404 && call.ctx.shared.cluster.is_some() => {
             match call.engine().directory_barrier().await {
@@ -1178,7 +1206,6 @@ async fn login(call: &Call<'_>) -> Result<Reply, ApiError> {
 }
 
 async fn me(call: &Call<'_>) -> Result<Reply, ApiError> {
-    call.directory_current().await;
     let (user, workspaces) = call.engine().me(call.user()).await?;
     Ok(Reply::json(
         200,
@@ -1229,7 +1256,6 @@ fn cluster_view(shared: &crate::ctx::Shared) -> serde_json::Value {
 }
 
 async fn list_workspaces(call: &Call<'_>) -> Result<Reply, ApiError> {
-    call.directory_current().await;
     let (_, workspaces) = call.engine().me(call.user()).await?;
     Ok(Reply::json(200, &List("workspaces", &workspaces, None)))
 }
@@ -1248,7 +1274,6 @@ async fn add_member(call: &Call<'_>) -> Result<Reply, ApiError> {
 }
 
 async fn list_members(call: &Call<'_>) -> Result<Reply, ApiError> {
-    call.directory_current().await;
     let wid = call.workspace()?;
     let members = call.engine().members(call.user(), wid).await?;
     Ok(Reply::json(200, &List("members", &members, None)))
@@ -1315,7 +1340,6 @@ async fn get_presence(call: &Call<'_>) -> Result<Reply, ApiError> {
 }
 
 async fn list_channels(call: &Call<'_>) -> Result<Reply, ApiError> {
-    call.directory_current().await;
     let wid = call.workspace()?;
     let channels = call.engine().channels(call.user(), wid).await?;
     Ok(Reply::json(200, &List("channels", &channels, None)))
@@ -1431,7 +1455,6 @@ async fn mark_read(call: &Call<'_>) -> Result<Reply, ApiError> {
 }
 
 async fn unreads(call: &Call<'_>) -> Result<Reply, ApiError> {
-    call.directory_current().await;
     let wid = call.workspace()?;
     let after = call.cursor("cursor")?.map(ChannelId);
     let limit = call.limit_within(UNREADS_PAGE_MAX, UNREADS_PAGE_MAX)?;

@@ -274,3 +274,99 @@ fn a_member_added_elsewhere_gets_the_channel_live_and_a_removed_one_stops() {
         "a removed member got a post: {seen:?}"
     );
 }
+
+// What the directory holds of a user, written through one node, is read at once through
+// another: notification preferences, a channel's preferences, push devices, to-device
+// messages (30 rounds; a node whose directory lags must catch up before it answers).
+#[test]
+fn directory_writes_through_one_node_are_read_at_once_through_another() {
+    let config = ClusterConfig::three();
+    let nodes: Vec<Server> = (1..=3)
+        .map(|id| Server::start(&config.node(id, common::UNLIMITED)))
+        .collect();
+    let sign_up = |name: &str, device: &str| {
+        let body = json!({"email": format!("{name}@example.com"), "password": PASSWORD, "name": name, "device_id": device});
+        let r = settled(|| nodes[0].call("POST", "/api/v1/auth/signup", None, Some(body.clone())));
+        assert_eq!(r.status, 201, "{}", r.text);
+        (str_of(&r.body["token"]), str_of(&r.body["user"]["id"]))
+    };
+    let ((ta, _), (tb, ub)) = (sign_up("alice", "phone"), sign_up("bob", "laptop"));
+    let r = settled(|| {
+        nodes[0].call(
+            "POST",
+            "/api/v1/workspaces",
+            Some(&ta),
+            Some(json!({"name": "w"})),
+        )
+    });
+    let wid = str_of(&r.body["workspace"]["id"]);
+    let body = json!({"email": "bob@example.com"});
+    let path = format!("/api/v1/workspaces/{wid}/members");
+    let r = settled(|| nodes[0].call("POST", &path, Some(&ta), Some(body.clone())));
+    assert_eq!(r.status, 201, "{}", r.text);
+    let body = json!({"name": "general", "kind": "public"});
+    let path = format!("/api/v1/workspaces/{wid}/channels");
+    let r = settled(|| nodes[0].call("POST", &path, Some(&ta), Some(body.clone())));
+    let cid = str_of(&r.body["channel"]["id"]);
+    let mut wrong = Vec::new();
+    for i in 0..30 {
+        let (a, b) = (&nodes[i % 3], &nodes[(i + 1) % 3]);
+        let word = format!("kw{i}");
+        let r = settled(|| {
+            let body = json!({"keywords": [word]});
+            a.call(
+                "PATCH",
+                "/api/v1/me/notification-prefs",
+                Some(&tb),
+                Some(body),
+            )
+        });
+        assert_eq!(r.status, 200, "{}", r.text);
+        let r = settled(|| b.call("GET", "/api/v1/me/notification-prefs", Some(&tb), None));
+        if r.body["prefs"]["keywords"] != json!([word]) {
+            wrong.push(format!("{i}: prefs {}", r.text));
+        }
+        let level = ["all", "mentions", "none"][i % 3];
+        let path = format!("/api/v1/channels/{cid}/notification-prefs");
+        let r = settled(|| {
+            let body = json!({"level": level, "muted": false});
+            a.call("PUT", &path, Some(&tb), Some(body))
+        });
+        assert_eq!(r.status, 200, "{}", r.text);
+        let r = settled(|| b.call("GET", &path, Some(&tb), None));
+        if r.body["channel_prefs"]["level"] != level {
+            wrong.push(format!("{i}: channel prefs {}", r.text));
+        }
+        let r = settled(|| {
+            let body = json!({"app_id": "app", "pushkey": format!("key{i}"), "platform": "fcm"});
+            a.call("POST", "/api/v1/me/push-devices", Some(&tb), Some(body))
+        });
+        assert_eq!(r.status, 201, "{}", r.text);
+        let device = str_of(&r.body["device"]["id"]);
+        let r = settled(|| b.call("GET", "/api/v1/me/push-devices", Some(&tb), None));
+        if !r.text.contains(&format!("key{i}")) {
+            wrong.push(format!("{i}: push devices {}", r.text));
+        }
+        let path = format!("/api/v1/me/push-devices/{device}");
+        let r = settled(|| a.call("DELETE", &path, Some(&tb), None));
+        assert_eq!(r.status, 204, "{}", r.text);
+        let r = settled(|| {
+            let body = json!({"messages": {ub.clone(): {"laptop": {"n": i}}}});
+            a.call(
+                "PUT",
+                &format!("/api/v1/e2ee/to-device/t{i}"),
+                Some(&ta),
+                Some(body),
+            )
+        });
+        assert_eq!(r.status, 200, "{}", r.text);
+        let r = settled(|| b.call("GET", "/api/v1/e2ee/to-device?limit=100", Some(&tb), None));
+        let last = r.body["messages"]
+            .as_array()
+            .and_then(|m| m.last().cloned());
+        if last.map(|m| m["content"]["n"].clone()) != Some(json!(i)) {
+            wrong.push(format!("{i}: to-device {}", r.text));
+        }
+    }
+    assert!(wrong.is_empty(), "{} stale reads: {wrong:#?}", wrong.len());
+}
