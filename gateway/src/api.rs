@@ -866,7 +866,7 @@ impl Reply {
         }
     }
 
-    fn empty() -> Reply {
+    pub(crate) fn empty() -> Reply {
         Reply {
             status: 204,
             body: None,

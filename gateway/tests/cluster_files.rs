@@ -445,3 +445,66 @@ fn a_preview_outlives_the_leader_that_queued_it_and_the_one_that_made_it() {
         );
     }
 }
+
+// A file deleted through one node is gone at once through another: its metadata and its
+// content answer 404 right after the deletion's 204 (30 rounds).
+#[test]
+fn a_file_deleted_through_one_node_is_gone_at_once_through_another() {
+    let config = ClusterConfig::three();
+    let nodes: Vec<Server> = (1..=3)
+        .map(|id| Server::start(&config.node(id, common::UNLIMITED)))
+        .collect();
+    let body = json!({"email": "alice@example.com", "password": PASSWORD, "name": "alice"});
+    let r = settled("the sign-up", || {
+        nodes[0].call("POST", "/api/v1/auth/signup", None, Some(body.clone()))
+    });
+    let alice = User {
+        id: str_of(&r.body["user"]["id"]),
+        email: "alice@example.com".into(),
+        token: str_of(&r.body["token"]),
+    };
+    let r = settled("the workspace", || {
+        let body = json!({"name": "acme"});
+        nodes[0].call("POST", "/api/v1/workspaces", Some(&alice.token), Some(body))
+    });
+    let wid = str_of(&r.body["workspace"]["id"]);
+    let mut wrong = Vec::new();
+    for i in 0..30 {
+        let (a, b) = (&nodes[i % 3], &nodes[(i + 1) % 3]);
+        let bytes = format!("file {i}\n").repeat(100).into_bytes();
+        let r = settled("an upload", || {
+            let ctype = "application/octet-stream";
+            common::upload_bytes_raw(a, &alice, &wid, "f.bin", ctype, &bytes)
+        });
+        assert_eq!(r.status, 201, "{}", r.text);
+        let fid = str_of(&r.body["file"]["id"]);
+        let r = settled("the deletion", || {
+            a.call(
+                "DELETE",
+                &format!("/api/v1/files/{fid}"),
+                Some(&alice.token),
+                None,
+            )
+        });
+        assert_eq!(r.status, 204, "{}", r.text);
+        let r = b.call(
+            "GET",
+            &format!("/api/v1/files/{fid}"),
+            Some(&alice.token),
+            None,
+        );
+        if r.status != 404 {
+            wrong.push(format!("{i}: metadata {} {}", r.status, r.text));
+        }
+        let (status, _) = get_bytes(
+            b,
+            Some(&alice),
+            &format!("/api/v1/files/{fid}/content"),
+            None,
+        );
+        if status != 404 {
+            wrong.push(format!("{i}: content {status}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{} stale reads: {wrong:#?}", wrong.len());
+}

@@ -401,6 +401,9 @@ async fn run_forwarded(ctx: &ShardCtx, f: Forwarded) -> Result<Reply, ApiError> 
     if f.path == crate::files::RECORD_PATH {
         return crate::files::record_forwarded(ctx, f.user, &f.body).await;
     }
+    if f.path == crate::files::DELETE_PATH {
+        return crate::files::delete_forwarded(ctx, f.user, &f.body).await;
+    }
     let Found::Route(route, raw) = find(&method, &f.path) else {
         return Err(ApiError::new(404, "not_found", "no such endpoint"));
     };

@@ -299,16 +299,17 @@ async fn serve(
 /// (not deleted) that carries it. Anyone else, and everyone for a deleted, unknown or
 /// foreign file, gets the same 404.
 async fn readable(ctx: &ShardCtx, user: UserId, fid: FileId) -> Result<FileView, ApiError> {
-    match readable_now(ctx, user, fid).await {
-        // A cluster node's directory may not have applied what another node just recorded:
-        // once it has everything committed before now, look again (`API.md` §15).
-        Err(e) if e.status == 404 && ctx.shared.cluster.is_some() => {
-            match ctx.shared.engine.directory_barrier().await {
-                Ok(()) => readable_now(ctx, user, fid).await,
-                Err(_) => Err(e),
-            }
-        }
-        read => read,
+    directory_current(ctx).await;
+    readable_now(ctx, user, fid).await
+}
+
+/// On a cluster node, waits until this node's directory holds everything committed before
+/// now (`API.md` §15: a read sees every write acknowledged before it, a file recorded or
+/// deleted through another node included); if no leader confirms in time, the read goes
+/// on with what the node has.
+async fn directory_current(ctx: &ShardCtx) {
+    if ctx.shared.cluster.is_some() {
+        let _ = ctx.shared.engine.directory_barrier().await;
     }
 }
 
@@ -756,6 +757,7 @@ async fn signed_content(
             link::LinkError::Tampered => ApiError::new(403, "invalid_link", e.to_string()),
             link::LinkError::Expired => ApiError::new(403, "link_expired", e.to_string()),
         })?;
+    directory_current(ctx).await;
     let f = ctx.shared.engine.linked_file(fid).await?;
     content(ctx, &f, req).await
 }
@@ -1005,22 +1007,74 @@ fn stream_file(store: Arc<FileStore>, file: store::Source, offset: u64, len: u64
 /// Deletes a file: from the answer on, its content and links are 404; its bytes go once no
 /// other live file has them.
 async fn delete(ctx: &ShardCtx, user: UserId, fid: FileId) -> Result<Response<Body>, ApiError> {
+    delete_file(ctx, user, fid, true).await?;
+    let mut r = Response::new(full(Full::default()));
+    *r.status_mut() = StatusCode::NO_CONTENT;
+    Ok(r)
+}
+
+/// The path of the call by which a cluster node that took a deletion asks the directory's
+/// leader to decide it ([`delete_forwarded`]): `{"file_id"}`, by the caller.
+pub const DELETE_PATH: &str = "/internal/v1/files/delete";
+
+/// Deletes the file here; on a cluster node that does not lead the directory (and
+/// `may_forward`), the leader decides it through [`DELETE_PATH`]. The bytes here go at
+/// once when this node decides, else with its next sweep (`sweep`).
+async fn delete_file(
+    ctx: &ShardCtx,
+    user: UserId,
+    fid: FileId,
+    may_forward: bool,
+) -> Result<(), ApiError> {
     let may_read = readable(ctx, user, fid).await.is_ok();
     let deleted = match ctx.shared.engine.delete_file(user, fid).await {
         Ok(f) => f,
         // A member who cannot read the file must not learn that it exists.
-        Err(chorus_engine::EngineError::Domain(chorus_engine::domain::DomainError::Forbidden(
-            _,
-        ))) if !may_read => return Err(ApiError::not_found("file")),
+        Err(EngineError::Domain(chorus_engine::domain::DomainError::Forbidden(_))) if !may_read => {
+            return Err(ApiError::not_found("file"))
+        }
+        Err(EngineError::Unavailable(Unavailable::MetaNotLeader { leader: Some(l) }))
+            if may_forward =>
+        {
+            let body = serde_json::json!({ "file_id": fid.to_string() });
+            let call = crate::api::AsRest(hyper::Method::POST, DELETE_PATH.to_owned(), body);
+            let unreachable = || {
+                ApiError::from(EngineError::Unavailable(Unavailable::MetaNotLeader {
+                    leader: None,
+                }))
+            };
+            let relay = crate::api::Relay::of(ctx).ok_or_else(unreachable)?;
+            return relay
+                .rest(l, user, call)
+                .await
+                .ok_or_else(unreachable)?
+                .map(drop);
+        }
         Err(e) => return Err(e.into()),
     };
     reclaim(ctx, deleted.sha256).await;
     for made in deleted.previews.iter().filter_map(|p| p.made.as_ref()) {
         reclaim(ctx, made.sha256).await;
     }
-    let mut r = Response::new(full(Full::default()));
-    *r.status_mut() = StatusCode::NO_CONTENT;
-    Ok(r)
+    Ok(())
+}
+
+/// Serves [`DELETE_PATH`] for a peer that took a deletion: decides it here (this node
+/// leads the directory, or answers 503 for the peer's client to try again).
+pub(crate) async fn delete_forwarded(
+    ctx: &ShardCtx,
+    user: Option<u64>,
+    body: &str,
+) -> Result<crate::api::Reply, ApiError> {
+    let user = UserId(user.ok_or_else(|| ApiError::unauthorized("a deletion with no caller"))?);
+    let v: serde_json::Value = serde_json::from_str(body)
+        .map_err(|e| ApiError::invalid(format!("a deletion that does not parse: {e}")))?;
+    let fid: FileId = v["file_id"]
+        .as_str()
+        .and_then(|f| f.parse().ok())
+        .ok_or_else(|| ApiError::invalid("a deletion without a file"))?;
+    delete_file(ctx, user, fid, false).await?;
+    Ok(crate::api::Reply::empty())
 }
 
 #[cfg(test)]
