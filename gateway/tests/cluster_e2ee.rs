@@ -6,46 +6,16 @@
 
 mod common;
 
-use common::{str_of, ClusterConfig, Resp, Server, User, PASSWORD, UNLIMITED};
+use common::{cluster_signup, settled, str_of, ClusterConfig, Server, User, PASSWORD, UNLIMITED};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
 /// How long anything here may take.
 const WAIT: Duration = Duration::from_secs(20);
 
-/// Retries `call` while it answers 503 (a leader being elected), or 401/404 (a node whose
-/// directory lags): its answer.
-fn settled(what: &str, call: impl Fn() -> Resp) -> Resp {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let r = call();
-        if !matches!(r.status, 503 | 401 | 404) {
-            return r;
-        }
-        assert!(Instant::now() < deadline, "{what}: {} {}", r.status, r.text);
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn signup_on(s: &Server, name: &str, device: &str) -> User {
-    let email = format!("{name}@example.com");
-    let body = json!({"email": email, "password": PASSWORD, "name": name, "device_id": device});
-    let r = settled("a sign-up", || {
-        s.call("POST", "/api/v1/auth/signup", None, Some(body.clone()))
-    });
-    assert_eq!(r.status, 201, "{}", r.text);
-    User {
-        id: str_of(&r.body["user"]["id"]),
-        email,
-        token: str_of(&r.body["token"]),
-    }
-}
-
 /// The device's unacknowledged messages through `s`.
 fn queued(s: &Server, device: &User) -> Vec<Value> {
-    let r = settled("a read", || {
-        s.call("GET", "/api/v1/e2ee/to-device", Some(&device.token), None)
-    });
+    let r = settled(|| s.call("GET", "/api/v1/e2ee/to-device", Some(&device.token), None));
     assert_eq!(r.status, 200, "{}", r.text);
     r.body["messages"].as_array().cloned().expect("messages")
 }
@@ -56,15 +26,15 @@ fn a_to_device_message_sent_through_one_node_reaches_a_device_on_another() {
     let nodes: Vec<Server> = (1..=3)
         .map(|id| Server::start(&config.node(id, UNLIMITED)))
         .collect();
-    let alice = signup_on(&nodes[0], "alice", "phone");
-    let bob = signup_on(&nodes[1], "bob", "laptop");
-    let r = settled("the workspace", || {
+    let alice = cluster_signup(&nodes[0], "alice", Some("phone"));
+    let bob = cluster_signup(&nodes[1], "bob", Some("laptop"));
+    let r = settled(|| {
         let body = json!({"name": "acme"});
         nodes[0].call("POST", "/api/v1/workspaces", Some(&alice.token), Some(body))
     });
     assert_eq!(r.status, 201, "{}", r.text);
     let wid = str_of(&r.body["workspace"]["id"]);
-    let r = settled("bob in the workspace", || {
+    let r = settled(|| {
         let path = format!("/api/v1/workspaces/{wid}/members");
         let body = json!({"email": bob.email});
         nodes[0].call("POST", &path, Some(&alice.token), Some(body))
@@ -74,7 +44,7 @@ fn a_to_device_message_sent_through_one_node_reaches_a_device_on_another() {
     let (mut laptop, _) = nodes[2].connect(&bob);
     laptop.ping("connected");
     for n in 1..=3 {
-        let r = settled("a send", || {
+        let r = settled(|| {
             let path = format!("/api/v1/e2ee/to-device/t{n}");
             let body = json!({"messages": {bob.id.clone(): {"laptop": {"n": n}}}});
             nodes[0].call("PUT", &path, Some(&alice.token), Some(body))
@@ -121,8 +91,8 @@ fn a_device_removed_through_one_node_is_cut_off_on_another() {
     let nodes: Vec<Server> = (1..=3)
         .map(|id| Server::start(&config.node(id, UNLIMITED)))
         .collect();
-    let bob = signup_on(&nodes[0], "bob", "laptop");
-    let r = settled("the tablet's login", || {
+    let bob = cluster_signup(&nodes[0], "bob", Some("laptop"));
+    let r = settled(|| {
         let body = json!({"email": bob.email, "password": PASSWORD, "device_id": "tablet"});
         nodes[1].call("POST", "/api/v1/auth/login", None, Some(body))
     });
@@ -133,7 +103,7 @@ fn a_device_removed_through_one_node_is_cut_off_on_another() {
     };
     let (mut ws, _) = nodes[2].connect(&tablet);
     ws.ping("connected");
-    let r = settled("the removal", || {
+    let r = settled(|| {
         let path = "/api/v1/e2ee/devices/tablet";
         nodes[0].call("DELETE", path, Some(&bob.token), None)
     });

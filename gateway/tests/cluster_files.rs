@@ -8,7 +8,10 @@
 mod common;
 
 use common::moto::Moto;
-use common::{get_bytes, str_of, ClusterConfig, Resp, Server, User, PASSWORD};
+use common::{
+    cluster_signup, cluster_workspace, get_bytes, str_of, ClusterConfig, Resp, Server, User,
+    PASSWORD,
+};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
@@ -286,22 +289,8 @@ fn a_deleted_files_bytes_leave_every_nodes_disk() {
     let nodes: Vec<Server> = (1..=3)
         .map(|id| Server::start(&config.node(id, &settings)))
         .collect();
-    let body = json!({"email": "alice@example.com", "password": PASSWORD, "name": "alice"});
-    let r = settled("the sign-up", || {
-        nodes[0].call("POST", "/api/v1/auth/signup", None, Some(body.clone()))
-    });
-    assert_eq!(r.status, 201, "{}", r.text);
-    let alice = User {
-        id: str_of(&r.body["user"]["id"]),
-        email: "alice@example.com".into(),
-        token: str_of(&r.body["token"]),
-    };
-    let r = settled("the workspace", || {
-        let body = json!({"name": "acme"});
-        nodes[0].call("POST", "/api/v1/workspaces", Some(&alice.token), Some(body))
-    });
-    assert_eq!(r.status, 201, "{}", r.text);
-    let wid = str_of(&r.body["workspace"]["id"]);
+    let alice = cluster_signup(&nodes[0], "alice", None);
+    let wid = cluster_workspace(&nodes[0], &alice);
     let mut files = Vec::new();
     for name in ["gone.bin", "kept.bin"] {
         let bytes = format!("the bytes of {name}\n").repeat(1_000).into_bytes();
@@ -402,22 +391,8 @@ fn a_preview_outlives_the_leader_that_queued_it_and_the_one_that_made_it() {
     let mut nodes: Vec<Server> = (1..=3)
         .map(|id| Server::start(&config.node(id, common::UNLIMITED)))
         .collect();
-    let body = json!({"email": "alice@example.com", "password": PASSWORD, "name": "alice"});
-    let r = settled("the sign-up", || {
-        nodes[0].call("POST", "/api/v1/auth/signup", None, Some(body.clone()))
-    });
-    assert_eq!(r.status, 201, "{}", r.text);
-    let alice = User {
-        id: str_of(&r.body["user"]["id"]),
-        email: "alice@example.com".into(),
-        token: str_of(&r.body["token"]),
-    };
-    let r = settled("the workspace", || {
-        let body = json!({"name": "acme"});
-        nodes[0].call("POST", "/api/v1/workspaces", Some(&alice.token), Some(body))
-    });
-    assert_eq!(r.status, 201, "{}", r.text);
-    let wid = str_of(&r.body["workspace"]["id"]);
+    let alice = cluster_signup(&nodes[0], "alice", None);
+    let wid = cluster_workspace(&nodes[0], &alice);
     let first = directory_leader(&nodes, &[0, 1, 2], &alice, &wid);
     // The upload through the leader, which is SIGKILLed as soon as it answers: its preview
     // was queued there, and most likely not made.
@@ -454,20 +429,8 @@ fn a_file_deleted_through_one_node_is_gone_at_once_through_another() {
     let nodes: Vec<Server> = (1..=3)
         .map(|id| Server::start(&config.node(id, common::UNLIMITED)))
         .collect();
-    let body = json!({"email": "alice@example.com", "password": PASSWORD, "name": "alice"});
-    let r = settled("the sign-up", || {
-        nodes[0].call("POST", "/api/v1/auth/signup", None, Some(body.clone()))
-    });
-    let alice = User {
-        id: str_of(&r.body["user"]["id"]),
-        email: "alice@example.com".into(),
-        token: str_of(&r.body["token"]),
-    };
-    let r = settled("the workspace", || {
-        let body = json!({"name": "acme"});
-        nodes[0].call("POST", "/api/v1/workspaces", Some(&alice.token), Some(body))
-    });
-    let wid = str_of(&r.body["workspace"]["id"]);
+    let alice = cluster_signup(&nodes[0], "alice", None);
+    let wid = cluster_workspace(&nodes[0], &alice);
     let mut wrong = Vec::new();
     for i in 0..30 {
         let (a, b) = (&nodes[i % 3], &nodes[(i + 1) % 3]);

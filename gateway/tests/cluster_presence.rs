@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{str_of, ClusterConfig, Resp, Server, User, Ws, AUTH_UNLIMITED, PASSWORD};
+use common::{cluster_signup, settled, str_of, ClusterConfig, Server, User, Ws, AUTH_UNLIMITED};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
@@ -15,31 +15,6 @@ const FAST: &str = "presence_offline_grace_s = 2\npresence_flush_ms = 50\n";
 
 /// How long anything here may take to show.
 const WAIT: Duration = Duration::from_secs(20);
-
-/// `call` until it answers something but 503 (a leader being elected), or 401/404 (a node
-/// whose directory has not learnt a write made elsewhere yet): that answer.
-fn settled(call: impl Fn() -> Resp) -> Resp {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let r = call();
-        if ![401, 404, 503].contains(&r.status) || Instant::now() > deadline {
-            return r;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn sign_up(s: &Server, name: &str) -> User {
-    let email = format!("{name}@example.com");
-    let body = json!({"email": email, "password": PASSWORD, "name": name});
-    let r = settled(|| s.call("POST", "/api/v1/auth/signup", None, Some(body.clone())));
-    assert_eq!(r.status, 201, "{}", r.text);
-    User {
-        id: str_of(&r.body["user"]["id"]),
-        email,
-        token: str_of(&r.body["token"]),
-    }
-}
 
 /// Waits for a `presence` frame that shows `user` as `status`, and returns its presence.
 #[track_caller]
@@ -93,9 +68,9 @@ fn a_watcher_sees_users_of_other_nodes_and_a_dead_node_ends_its_users_presence()
         .map(|id| Server::start(&config.node(id, &settings)))
         .collect();
     let (alice, bob, carol) = (
-        sign_up(&nodes[0], "alice"),
-        sign_up(&nodes[1], "bob"),
-        sign_up(&nodes[2], "carol"),
+        cluster_signup(&nodes[0], "alice", None),
+        cluster_signup(&nodes[1], "bob", None),
+        cluster_signup(&nodes[2], "carol", None),
     );
     let r = settled(|| {
         let body = json!({"name": "acme"});

@@ -6,26 +6,15 @@
 
 mod common;
 
-use common::{str_of, ClusterConfig, Resp, Server, User, PASSWORD, UNLIMITED};
+use common::{
+    cluster_channel, cluster_signup, cluster_workspace, settled, str_of, ClusterConfig, Server,
+    User, UNLIMITED,
+};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
 /// How long anything here may take.
 const WAIT: Duration = Duration::from_secs(30);
-
-/// Retries `call` while it answers 503 (a leader being elected), or 401/404 (a node whose
-/// directory lags): its answer.
-fn settled(what: &str, call: impl Fn() -> Resp) -> Resp {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let r = call();
-        if !matches!(r.status, 503 | 401 | 404) {
-            return r;
-        }
-        assert!(Instant::now() < deadline, "{what}: {} {}", r.status, r.text);
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// Waits until a search of `kind` (`messages` or `files`) for `q` through `s` finds `id`.
 #[track_caller]
@@ -38,7 +27,7 @@ fn finds(s: &Server, user: &User, wid: &str, kind: &str, q: &str, id: &str) {
     };
     let deadline = Instant::now() + WAIT;
     loop {
-        let r = settled("a search", || s.call("GET", &path, Some(&user.token), None));
+        let r = settled(|| s.call("GET", &path, Some(&user.token), None));
         assert_eq!(r.status, 200, "{}", r.text);
         let results = r.body["results"].as_array().expect("results");
         if results.iter().any(|x| x[field]["id"] == id) {
@@ -77,32 +66,12 @@ fn a_node_that_lost_its_stores_fetches_what_it_indexes_from_a_peer() {
     let mut nodes: Vec<Server> = (1..=3)
         .map(|id| Server::start(&config.node(id, UNLIMITED)))
         .collect();
-    let body = json!({"email": "alice@example.com", "password": PASSWORD, "name": "alice"});
-    let r = settled("the sign-up", || {
-        nodes[0].call("POST", "/api/v1/auth/signup", None, Some(body.clone()))
-    });
-    assert_eq!(r.status, 201, "{}", r.text);
-    let alice = User {
-        id: str_of(&r.body["user"]["id"]),
-        email: "alice@example.com".into(),
-        token: str_of(&r.body["token"]),
-    };
-    let r = settled("the workspace", || {
-        let body = json!({"name": "acme"});
-        nodes[0].call("POST", "/api/v1/workspaces", Some(&alice.token), Some(body))
-    });
-    assert_eq!(r.status, 201, "{}", r.text);
-    let wid = str_of(&r.body["workspace"]["id"]);
-    let r = settled("the channel", || {
-        let body = json!({"name": "general", "kind": "public"});
-        let path = format!("/api/v1/workspaces/{wid}/channels");
-        nodes[0].call("POST", &path, Some(&alice.token), Some(body))
-    });
-    assert_eq!(r.status, 201, "{}", r.text);
-    let cid = str_of(&r.body["channel"]["id"]);
+    let alice = cluster_signup(&nodes[0], "alice", None);
+    let wid = cluster_workspace(&nodes[0], &alice);
+    let cid = cluster_channel(&nodes[0], &alice, &wid, "general");
     // A body over 64 KiB, and a file, each with a word found nowhere else.
     let text = format!("quokkazebra {}", "lorem ipsum dolor ".repeat(5_000));
-    let r = settled("the long post", || {
+    let r = settled(|| {
         let body = json!({"text": text, "client_msg_id": "long"});
         let path = format!("/api/v1/channels/{cid}/messages");
         nodes[0].call("POST", &path, Some(&alice.token), Some(body))
@@ -110,7 +79,7 @@ fn a_node_that_lost_its_stores_fetches_what_it_indexes_from_a_peer() {
     assert_eq!(r.status, 201, "{}", r.text);
     let mid = str_of(&r.body["message"]["id"]);
     let notes = b"meeting notes\nthe marmotviolin plan\n".repeat(10);
-    let r = settled("the upload", || {
+    let r = settled(|| {
         common::upload_bytes_raw(&nodes[0], &alice, &wid, "notes.txt", "text/plain", &notes)
     });
     assert_eq!(r.status, 201, "{}", r.text);
@@ -138,28 +107,15 @@ fn a_message_is_found_through_every_node_within_a_second_of_its_ack() {
     let nodes: Vec<Server> = (1..=3)
         .map(|id| Server::start(&config.node(id, UNLIMITED)))
         .collect();
-    let body = json!({"email": "alice@example.com", "password": PASSWORD, "name": "alice"});
-    let r = settled("the sign-up", || {
-        nodes[0].call("POST", "/api/v1/auth/signup", None, Some(body.clone()))
-    });
-    assert_eq!(r.status, 201, "{}", r.text);
-    let token = str_of(&r.body["token"]);
-    let r = settled("the workspace", || {
-        let body = json!({"name": "acme"});
-        nodes[0].call("POST", "/api/v1/workspaces", Some(&token), Some(body))
-    });
-    let wid = str_of(&r.body["workspace"]["id"]);
-    let r = settled("the channel", || {
-        let body = json!({"name": "general", "kind": "public"});
-        let path = format!("/api/v1/workspaces/{wid}/channels");
-        nodes[0].call("POST", &path, Some(&token), Some(body))
-    });
-    let cid = str_of(&r.body["channel"]["id"]);
+    let alice = cluster_signup(&nodes[0], "alice", None);
+    let wid = cluster_workspace(&nodes[0], &alice);
+    let cid = cluster_channel(&nodes[0], &alice, &wid, "general");
+    let token = alice.token.clone();
     let mut slowest = Duration::ZERO;
     for i in 0..20 {
         let through = &nodes[i % 3];
         let word = format!("fresh{i}word");
-        let r = settled("a post", || {
+        let r = settled(|| {
             let body = json!({"text": format!("{word} here"), "client_msg_id": word});
             let path = format!("/api/v1/channels/{cid}/messages");
             through.call("POST", &path, Some(&token), Some(body))

@@ -503,6 +503,64 @@ pub fn path_in(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
 }
 
+/// How long a call to a cluster may be retried while the cluster settles.
+pub const SETTLE_WAIT: Duration = Duration::from_secs(30);
+
+/// Calls `call` again while it answers 503 (a leader being elected) or 401/404 (a node
+/// whose directory has not applied a write made through another node yet), for at most
+/// [`SETTLE_WAIT`]; its last answer, for the caller to check.
+pub fn settled(call: impl Fn() -> Resp) -> Resp {
+    let deadline = Instant::now() + SETTLE_WAIT;
+    loop {
+        let r = call();
+        if !matches!(r.status, 503 | 401 | 404) || Instant::now() > deadline {
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Signs `name` up through node `s` of a cluster, on `device` if one is named.
+#[track_caller]
+pub fn cluster_signup(s: &Server, name: &str, device: Option<&str>) -> User {
+    let email = format!("{name}@example.com");
+    let mut body = json!({"email": email, "password": PASSWORD, "name": name});
+    if let Some(d) = device {
+        body["device_id"] = json!(d);
+    }
+    let r = settled(|| s.call("POST", "/api/v1/auth/signup", None, Some(body.clone())));
+    assert_eq!(r.status, 201, "sign-up {name}: {}", r.text);
+    User {
+        id: str_of(&r.body["user"]["id"]),
+        email,
+        token: str_of(&r.body["token"]),
+    }
+}
+
+/// A workspace of `owner`'s made through node `s` of a cluster; its ID.
+#[track_caller]
+pub fn cluster_workspace(s: &Server, owner: &User) -> String {
+    let r = settled(|| {
+        let body = json!({"name": "acme"});
+        s.call("POST", "/api/v1/workspaces", Some(&owner.token), Some(body))
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+    str_of(&r.body["workspace"]["id"])
+}
+
+/// A public channel `name` of `owner`'s in workspace `wid`, made through node `s` of a
+/// cluster; its ID.
+#[track_caller]
+pub fn cluster_channel(s: &Server, owner: &User, wid: &str, name: &str) -> String {
+    let r = settled(|| {
+        let body = json!({"name": name, "kind": "public"});
+        let path = format!("/api/v1/workspaces/{wid}/channels");
+        s.call("POST", &path, Some(&owner.token), Some(body))
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+    str_of(&r.body["channel"]["id"])
+}
+
 /// An account made by sign-up.
 #[derive(Clone, Debug)]
 pub struct User {
