@@ -370,3 +370,112 @@ fn directory_writes_through_one_node_are_read_at_once_through_another() {
     }
     assert!(wrong.is_empty(), "{} stale reads: {wrong:#?}", wrong.len());
 }
+
+// A post through one node shows at once through another in the channel's `last_seq` and
+// in the other member's unread count (30 rounds).
+#[test]
+fn a_post_elsewhere_counts_at_once_in_last_seq_and_unreads() {
+    let config = ClusterConfig::three();
+    let nodes: Vec<Server> = (1..=3)
+        .map(|id| Server::start(&config.node(id, common::UNLIMITED)))
+        .collect();
+    let alice = common::cluster_signup(&nodes[0], "alice", None);
+    let bob = common::cluster_signup(&nodes[0], "bob", None);
+    let wid = common::cluster_workspace(&nodes[0], &alice);
+    let r = settled(|| {
+        let body = json!({"email": bob.email});
+        let path = format!("/api/v1/workspaces/{wid}/members");
+        nodes[0].call("POST", &path, Some(&alice.token), Some(body))
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+    let cid = common::cluster_channel(&nodes[0], &alice, &wid, "general");
+    let r = settled(|| {
+        let path = format!("/api/v1/channels/{cid}/join");
+        nodes[0].call("POST", &path, Some(&bob.token), None)
+    });
+    assert_eq!(r.status, 200, "{}", r.text);
+    let mut wrong = Vec::new();
+    for i in 0..30 {
+        let (a, b) = (&nodes[i % 3], &nodes[(i + 1) % 3]);
+        let r = settled(|| {
+            let body = json!({"text": format!("post {i}"), "client_msg_id": format!("p{i}")});
+            a.call(
+                "POST",
+                &format!("/api/v1/channels/{cid}/messages"),
+                Some(&alice.token),
+                Some(body),
+            )
+        });
+        assert_eq!(r.status, 201, "{}", r.text);
+        let seq = r.body["message"]["seq"].clone();
+        let r = b.call(
+            "GET",
+            &format!("/api/v1/channels/{cid}"),
+            Some(&bob.token),
+            None,
+        );
+        if r.body["channel"]["last_seq"] != seq {
+            wrong.push(format!("{i}: last_seq {} for {seq}", r.text));
+        }
+        let r = b.call(
+            "GET",
+            &format!("/api/v1/workspaces/{wid}/unreads"),
+            Some(&bob.token),
+            None,
+        );
+        let unread = r.body["unreads"]
+            .as_array()
+            .and_then(|u| u.iter().find(|x| x["channel_id"] == cid.as_str()).cloned());
+        if unread.as_ref().map(|u| u["unread_count"].clone()) != Some(json!(i + 1)) {
+            wrong.push(format!("{i}: unreads {}", r.text));
+        }
+    }
+    assert!(wrong.is_empty(), "{} stale reads: {wrong:#?}", wrong.len());
+}
+
+// Two members who open their DM at the same moment through different nodes get the same
+// channel (10 pairs).
+#[test]
+fn a_dm_opened_at_once_through_two_nodes_is_one_channel() {
+    let config = ClusterConfig::three();
+    let nodes: Vec<Server> = (1..=3)
+        .map(|id| Server::start(&config.node(id, common::UNLIMITED)))
+        .collect();
+    let owner = common::cluster_signup(&nodes[0], "owner", None);
+    let wid = common::cluster_workspace(&nodes[0], &owner);
+    for i in 0..10 {
+        let (a, b) = (
+            common::cluster_signup(&nodes[0], &format!("a{i}"), None),
+            common::cluster_signup(&nodes[0], &format!("b{i}"), None),
+        );
+        for u in [&a, &b] {
+            let r = settled(|| {
+                let body = json!({"email": u.email});
+                let path = format!("/api/v1/workspaces/{wid}/members");
+                nodes[0].call("POST", &path, Some(&owner.token), Some(body))
+            });
+            assert_eq!(r.status, 201, "{}", r.text);
+        }
+        let path = format!("/api/v1/workspaces/{wid}/dms");
+        let open = |s: &Server, me: &common::User, other: &common::User| {
+            let body = json!({"user_ids": [other.id]});
+            settled(|| s.call("POST", &path, Some(&me.token), Some(body.clone())))
+        };
+        let (one, two) = std::thread::scope(|scope| {
+            let one = scope.spawn(|| open(&nodes[1], &a, &b));
+            let two = scope.spawn(|| open(&nodes[2], &b, &a));
+            (one.join().unwrap(), two.join().unwrap())
+        });
+        assert!(
+            one.status < 300 && two.status < 300,
+            "{} / {}",
+            one.text,
+            two.text
+        );
+        assert_eq!(
+            one.body["channel"]["id"], two.body["channel"]["id"],
+            "pair {i}: {} / {}",
+            one.text, two.text
+        );
+    }
+}
