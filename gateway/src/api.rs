@@ -732,15 +732,11 @@ impl Call<'_> {
         &self.ctx.shared.engine
     }
 
-    /// Before a read of what this node's directory holds (lists, `me`): on a cluster node,
-    /// waits until the directory has applied everything committed before now (`API.md`
-    /// §15: a read sees what was acknowledged before it, wherever), so a workspace or
-    /// channel another node just made is listed. If no directory leader confirms in time,
-    /// the list is answered from what this node has, as lists gathered over partitions
-    /// are.
+    /// Before a read of what this node's directory holds: [`Shared::directory_current`],
+    /// unless this call was forwarded here (this node leads the directory).
     async fn directory_current(&self) {
-        if self.ctx.shared.cluster.is_some() && !self.forwarded {
-            let _ = self.engine().directory_barrier().await;
+        if !self.forwarded {
+            self.ctx.shared.directory_current().await;
         }
     }
 

@@ -61,6 +61,16 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// On a cluster node, waits until this node's directory holds everything committed
+    /// before now (`API.md` §15: a read sees every write acknowledged before it, wherever
+    /// it was taken); if no directory leader confirms in time, the read goes on with what
+    /// the node has, as reads gathered over partitions do. Nothing on a single node.
+    pub async fn directory_current(&self) {
+        if self.cluster.is_some() {
+            let _ = self.engine.directory_barrier().await;
+        }
+    }
+
     /// Whether this node leads the cluster's directory (the metadata partition's group,
     /// numbered after the channel partitions), as its board last showed; false on a single
     /// node.

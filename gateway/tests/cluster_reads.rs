@@ -172,15 +172,6 @@ fn writes_through_one_node_are_read_at_once_through_another() {
     assert!(wrong.is_empty(), "{wrong:#?}");
 }
 
-/// A caller with only a token.
-fn caller(token: &str) -> common::User {
-    common::User {
-        id: String::new(),
-        email: String::new(),
-        token: token.to_owned(),
-    }
-}
-
 // A member added to a channel through one node, while connected through another, gets the
 // channel's events live there from then on; removed, gets none.
 #[test]
@@ -189,32 +180,14 @@ fn a_member_added_elsewhere_gets_the_channel_live_and_a_removed_one_stops() {
     let nodes: Vec<Server> = (1..=3)
         .map(|id| Server::start(&config.node(id, AUTH_UNLIMITED)))
         .collect();
-    let sign_up = |name: &str| {
-        let body =
-            json!({"email": format!("{name}@example.com"), "password": PASSWORD, "name": name});
-        let r = settled(|| nodes[0].call("POST", "/api/v1/auth/signup", None, Some(body.clone())));
-        assert_eq!(r.status, 201, "{}", r.text);
-        (str_of(&r.body["token"]), str_of(&r.body["user"]["id"]))
-    };
-    let ((ta, _), (tb, ub)) = (sign_up("alice"), sign_up("bob"));
+    let alice = common::cluster_signup(&nodes[0], "alice", None);
+    let bob = common::cluster_signup(&nodes[0], "bob", None);
+    let (ta, ub) = (alice.token.clone(), bob.id.clone());
+    let wid = common::cluster_workspace(&nodes[0], &alice);
+    common::cluster_add_member(&nodes[0], &alice, &wid, &bob);
     let call = |s: &Server, method: &str, path: &str, body: Option<serde_json::Value>| {
         settled(|| s.call(method, path, Some(&ta), body.clone()))
     };
-    let r = call(
-        &nodes[0],
-        "POST",
-        "/api/v1/workspaces",
-        Some(json!({"name": "w"})),
-    );
-    let wid = str_of(&r.body["workspace"]["id"]);
-    let body = json!({"email": "bob@example.com"});
-    let r = call(
-        &nodes[0],
-        "POST",
-        &format!("/api/v1/workspaces/{wid}/members"),
-        Some(body),
-    );
-    assert_eq!(r.status, 201, "{}", r.text);
     let body = json!({"name": "p", "kind": "private"});
     let r = call(
         &nodes[0],
@@ -224,7 +197,7 @@ fn a_member_added_elsewhere_gets_the_channel_live_and_a_removed_one_stops() {
     );
     let cid = str_of(&r.body["channel"]["id"]);
     // Bob is connected through node 3 before he is in the channel.
-    let (mut ws, _) = nodes[2].connect(&caller(&tb));
+    let (mut ws, _) = nodes[2].connect(&bob);
     ws.ping("connected");
     let r = call(
         &nodes[0],
@@ -284,30 +257,12 @@ fn directory_writes_through_one_node_are_read_at_once_through_another() {
     let nodes: Vec<Server> = (1..=3)
         .map(|id| Server::start(&config.node(id, common::UNLIMITED)))
         .collect();
-    let sign_up = |name: &str, device: &str| {
-        let body = json!({"email": format!("{name}@example.com"), "password": PASSWORD, "name": name, "device_id": device});
-        let r = settled(|| nodes[0].call("POST", "/api/v1/auth/signup", None, Some(body.clone())));
-        assert_eq!(r.status, 201, "{}", r.text);
-        (str_of(&r.body["token"]), str_of(&r.body["user"]["id"]))
-    };
-    let ((ta, _), (tb, ub)) = (sign_up("alice", "phone"), sign_up("bob", "laptop"));
-    let r = settled(|| {
-        nodes[0].call(
-            "POST",
-            "/api/v1/workspaces",
-            Some(&ta),
-            Some(json!({"name": "w"})),
-        )
-    });
-    let wid = str_of(&r.body["workspace"]["id"]);
-    let body = json!({"email": "bob@example.com"});
-    let path = format!("/api/v1/workspaces/{wid}/members");
-    let r = settled(|| nodes[0].call("POST", &path, Some(&ta), Some(body.clone())));
-    assert_eq!(r.status, 201, "{}", r.text);
-    let body = json!({"name": "general", "kind": "public"});
-    let path = format!("/api/v1/workspaces/{wid}/channels");
-    let r = settled(|| nodes[0].call("POST", &path, Some(&ta), Some(body.clone())));
-    let cid = str_of(&r.body["channel"]["id"]);
+    let alice = common::cluster_signup(&nodes[0], "alice", Some("phone"));
+    let bob = common::cluster_signup(&nodes[0], "bob", Some("laptop"));
+    let (ta, tb, ub) = (alice.token.clone(), bob.token.clone(), bob.id.clone());
+    let wid = common::cluster_workspace(&nodes[0], &alice);
+    common::cluster_add_member(&nodes[0], &alice, &wid, &bob);
+    let cid = common::cluster_channel(&nodes[0], &alice, &wid, "general");
     let mut wrong = Vec::new();
     for i in 0..30 {
         let (a, b) = (&nodes[i % 3], &nodes[(i + 1) % 3]);
@@ -382,12 +337,7 @@ fn a_post_elsewhere_counts_at_once_in_last_seq_and_unreads() {
     let alice = common::cluster_signup(&nodes[0], "alice", None);
     let bob = common::cluster_signup(&nodes[0], "bob", None);
     let wid = common::cluster_workspace(&nodes[0], &alice);
-    let r = settled(|| {
-        let body = json!({"email": bob.email});
-        let path = format!("/api/v1/workspaces/{wid}/members");
-        nodes[0].call("POST", &path, Some(&alice.token), Some(body))
-    });
-    assert_eq!(r.status, 201, "{}", r.text);
+    common::cluster_add_member(&nodes[0], &alice, &wid, &bob);
     let cid = common::cluster_channel(&nodes[0], &alice, &wid, "general");
     let r = settled(|| {
         let path = format!("/api/v1/channels/{cid}/join");
@@ -449,12 +399,7 @@ fn a_dm_opened_at_once_through_two_nodes_is_one_channel() {
             common::cluster_signup(&nodes[0], &format!("b{i}"), None),
         );
         for u in [&a, &b] {
-            let r = settled(|| {
-                let body = json!({"email": u.email});
-                let path = format!("/api/v1/workspaces/{wid}/members");
-                nodes[0].call("POST", &path, Some(&owner.token), Some(body))
-            });
-            assert_eq!(r.status, 201, "{}", r.text);
+            common::cluster_add_member(&nodes[0], &owner, &wid, u);
         }
         let path = format!("/api/v1/workspaces/{wid}/dms");
         let open = |s: &Server, me: &common::User, other: &common::User| {

@@ -299,18 +299,9 @@ async fn serve(
 /// (not deleted) that carries it. Anyone else, and everyone for a deleted, unknown or
 /// foreign file, gets the same 404.
 async fn readable(ctx: &ShardCtx, user: UserId, fid: FileId) -> Result<FileView, ApiError> {
-    directory_current(ctx).await;
+    // A file recorded or deleted through another node is seen at once.
+    ctx.shared.directory_current().await;
     readable_now(ctx, user, fid).await
-}
-
-/// On a cluster node, waits until this node's directory holds everything committed before
-/// now (`API.md` §15: a read sees every write acknowledged before it, a file recorded or
-/// deleted through another node included); if no leader confirms in time, the read goes
-/// on with what the node has.
-async fn directory_current(ctx: &ShardCtx) {
-    if ctx.shared.cluster.is_some() {
-        let _ = ctx.shared.engine.directory_barrier().await;
-    }
 }
 
 /// [`readable`], from what this node's directory holds now.
@@ -757,7 +748,7 @@ async fn signed_content(
             link::LinkError::Tampered => ApiError::new(403, "invalid_link", e.to_string()),
             link::LinkError::Expired => ApiError::new(403, "link_expired", e.to_string()),
         })?;
-    directory_current(ctx).await;
+    ctx.shared.directory_current().await;
     let f = ctx.shared.engine.linked_file(fid).await?;
     content(ctx, &f, req).await
 }

@@ -93,6 +93,19 @@ where
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "a peer did not answer in time"))?
 }
 
+/// [`ensure_local`] for a plain thread (a preview supervisor, the search indexer), on
+/// shard 0, waiting at most `wait`.
+pub fn ensure_local_waiting(
+    shared: Arc<crate::ctx::Shared>,
+    sha: Sha256,
+    len: u64,
+    wait: Duration,
+) -> io::Result<()> {
+    on_shard_zero(shared, wait, move |ctx| async move {
+        ensure_local(&ctx, sha, len).await
+    })
+}
+
 /// Makes sure this node holds the bytes `sha` (`len` of them): fetched from the first peer
 /// that has them when it does not. An error if none does.
 pub async fn ensure_local(ctx: &ShardCtx, sha: Sha256, len: u64) -> io::Result<()> {

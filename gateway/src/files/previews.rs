@@ -309,10 +309,7 @@ impl Maker {
         let Some(shared) = self.shared() else {
             return Ok(());
         };
-        let (sha, len) = (file.sha256, file.size);
-        super::peers::on_shard_zero(shared, PEERS_WAIT, move |ctx| async move {
-            super::peers::ensure_local(&ctx, sha, len).await
-        })
+        super::peers::ensure_local_waiting(shared, file.sha256, file.size, PEERS_WAIT)
     }
 
     fn make(&self, file: &FileView) {

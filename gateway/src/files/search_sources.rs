@@ -107,10 +107,7 @@ impl SearchSources {
         let Some(shared) = self.peers.clone() else {
             return Err(io::ErrorKind::NotFound.into());
         };
-        let (sha, len) = (file.sha256, file.size);
-        super::peers::on_shard_zero(shared, FETCH_WAIT, move |ctx| async move {
-            super::peers::ensure_local(&ctx, sha, len).await
-        })
+        super::peers::ensure_local_waiting(shared, file.sha256, file.size, FETCH_WAIT)
     }
 
     fn plain(&self, file: &FileToRead) -> io::Result<Option<String>> {

@@ -548,6 +548,17 @@ pub fn cluster_workspace(s: &Server, owner: &User) -> String {
     str_of(&r.body["workspace"]["id"])
 }
 
+/// `member` added to workspace `wid` by its owner, through node `s` of a cluster.
+#[track_caller]
+pub fn cluster_add_member(s: &Server, owner: &User, wid: &str, member: &User) {
+    let r = settled(|| {
+        let body = json!({"email": member.email});
+        let path = format!("/api/v1/workspaces/{wid}/members");
+        s.call("POST", &path, Some(&owner.token), Some(body))
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+}
+
 /// A public channel `name` of `owner`'s in workspace `wid`, made through node `s` of a
 /// cluster; its ID.
 #[track_caller]
