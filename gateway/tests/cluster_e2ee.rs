@@ -28,18 +28,8 @@ fn a_to_device_message_sent_through_one_node_reaches_a_device_on_another() {
         .collect();
     let alice = cluster_signup(&nodes[0], "alice", Some("phone"));
     let bob = cluster_signup(&nodes[1], "bob", Some("laptop"));
-    let r = settled(|| {
-        let body = json!({"name": "acme"});
-        nodes[0].call("POST", "/api/v1/workspaces", Some(&alice.token), Some(body))
-    });
-    assert_eq!(r.status, 201, "{}", r.text);
-    let wid = str_of(&r.body["workspace"]["id"]);
-    let r = settled(|| {
-        let path = format!("/api/v1/workspaces/{wid}/members");
-        let body = json!({"email": bob.email});
-        nodes[0].call("POST", &path, Some(&alice.token), Some(body))
-    });
-    assert_eq!(r.status, 201, "{}", r.text);
+    let wid = common::cluster_workspace(&nodes[0], &alice);
+    common::cluster_add_member(&nodes[0], &alice, &wid, &bob);
     // Bob's laptop is connected through node 3; Alice sends through node 1.
     let (mut laptop, _) = nodes[2].connect(&bob);
     laptop.ping("connected");
@@ -83,8 +73,8 @@ fn a_to_device_message_sent_through_one_node_reaches_a_device_on_another() {
     }
 }
 
-// A device removed through one node is gone on every node: its token is refused through
-// each, and its connection on another node is closed as removed.
+// A device removed through one node is gone on every node: its connection on another node
+// is closed as removed, and its token is refused through each node within a second.
 #[test]
 fn a_device_removed_through_one_node_is_cut_off_on_another() {
     let config = ClusterConfig::three();
@@ -111,14 +101,24 @@ fn a_device_removed_through_one_node_is_cut_off_on_another() {
     let (code, reason, _) = ws.recv_close();
     assert_eq!((code, reason.as_str()), (4001, "device removed"));
     for (i, s) in nodes.iter().enumerate() {
-        let r = s.call("GET", "/api/v1/me", Some(&tablet.token), None);
-        assert_eq!(
-            r.status,
-            401,
-            "the tablet's token through node {}: {}",
-            i + 1,
-            r.text
-        );
+        // A token is checked against this node's directory without its barrier (one per
+        // request would cost every call a round trip), so a node a few milliseconds behind
+        // may still take the removed device's token: refused within a second.
+        let deadline = Instant::now() + Duration::from_secs(1);
+        loop {
+            let r = s.call("GET", "/api/v1/me", Some(&tablet.token), None);
+            if r.status == 401 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the tablet's token through node {}: {} {}",
+                i + 1,
+                r.status,
+                r.text
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let r = s.call("GET", "/api/v1/me", Some(&bob.token), None);
         assert_eq!(r.status, 200, "the laptop's token through node {}", i + 1);
     }
