@@ -18,6 +18,7 @@ mod e2ee;
 mod forward;
 pub mod members;
 mod notify;
+pub mod notify_peers;
 mod presence_peers;
 mod search;
 
@@ -1211,7 +1212,8 @@ async fn me(call: &Call<'_>) -> Result<Reply, ApiError> {
 
 /// `GET /api/v1/cluster` (`API.md` §15): no workspace data. A single node is node 1,
 /// leading every partition, with no cluster address. Beside §15's fields, each partition
-/// names its `learners` (nodes that hold and apply it without a vote).
+/// names its `learners` (nodes that hold and apply it without a vote), and `directory`
+/// shows the directory's group the same way.
 fn cluster_view(shared: &crate::ctx::Shared) -> serde_json::Value {
     let partitions = shared.config.partitions;
     let Some(c) = &shared.cluster else {
@@ -1222,6 +1224,7 @@ fn cluster_view(shared: &crate::ctx::Shared) -> serde_json::Value {
             "node_id": 1,
             "nodes": [{"id": 1, "addr": null, "up": true}],
             "partitions": parts,
+            "directory": {"leader": 1, "replicas": [1], "learners": []},
         });
     };
     let now = std::time::Instant::now();
@@ -1237,18 +1240,25 @@ fn cluster_view(shared: &crate::ctx::Shared) -> serde_json::Value {
         })
         .collect();
     let groups = c.board.groups();
+    let group = |id: u32| {
+        let g = groups.get(&u64::from(id));
+        serde_json::json!({
+            "leader": g.and_then(|g| g.leader),
+            "replicas": g.map(|g| g.voters.clone()).unwrap_or_default(),
+            "learners": g.map(|g| g.learners.clone()).unwrap_or_default(),
+        })
+    };
     let parts: Vec<_> = (0..partitions)
         .map(|p| {
-            let g = groups.get(&u64::from(p));
-            serde_json::json!({
-                "id": p,
-                "leader": g.and_then(|g| g.leader),
-                "replicas": g.map(|g| g.voters.clone()).unwrap_or_default(),
-                "learners": g.map(|g| g.learners.clone()).unwrap_or_default(),
-            })
+            let mut part = group(p);
+            part["id"] = p.into();
+            part
         })
         .collect();
-    serde_json::json!({"node_id": c.me, "nodes": nodes, "partitions": parts})
+    // Beyond §15: the directory's group (numbered after the partitions), whose leader
+    // decides metadata writes and sends the cluster's pushes and email.
+    let directory = group(partitions);
+    serde_json::json!({"node_id": c.me, "nodes": nodes, "partitions": parts, "directory": directory})
 }
 
 async fn list_workspaces(call: &Call<'_>) -> Result<Reply, ApiError> {

@@ -450,8 +450,7 @@ impl Config {
 }
 
 impl Config {
-    /// Checks the cluster keys: none, or this node among at most the most nodes, and no
-    /// pushes or email yet.
+    /// Checks the cluster keys: none, or this node among at most the most nodes.
     fn validate_cluster(&self) -> Result<(), ConfigError> {
         let nodes = self.cluster_nodes().map_err(|m| invalid("cluster", m))?;
         match nodes {
@@ -469,13 +468,6 @@ impl Config {
                 "cluster",
                 format!("at most {CLUSTER_NODES_MAX} nodes"),
             )),
-            // Each node would send every push and email: not yet.
-            Some(_) if !self.push_gateway_url.is_empty() || !self.smtp_url.is_empty() => {
-                Err(invalid(
-                    "cluster",
-                    "not yet with push_gateway_url or smtp_url".into(),
-                ))
-            }
             Some(_) => Ok(()),
         }
     }

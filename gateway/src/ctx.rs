@@ -58,6 +58,9 @@ pub struct Shared {
     pub search: Arc<chorus_search::Search>,
     /// The cluster this node is part of; `None` for a single node.
     pub cluster: Option<ClusterView>,
+    /// On a cluster node that notifies: whether its senders send, and what the sending
+    /// node answered (`crate::api::notify_peers`); `None` otherwise.
+    pub notify_gate: Option<Arc<chorus_notify::cluster::Gate>>,
 }
 
 impl Shared {

@@ -506,6 +506,11 @@ fn render_notify(out: &mut String, stats: &chorus_notify::Stats) {
             "Pushes not sent because the message was read, deleted or no longer readable by the recipient before its turn.",
             &stats.pushes_dropped,
         ),
+        (
+            "notify_answered_elsewhere_total",
+            "On a cluster node: push and email items answered without sending them, because the node that sends (the directory's leader) answered them.",
+            &stats.answered_elsewhere,
+        ),
     ] {
         header(out, name, help, "counter");
         sample(out, name, "", value.load(Relaxed));

@@ -246,6 +246,8 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         guard: AuthGuard::new(&config),
         files,
         search: search.clone(),
+        notify_gate: (notifying && cluster.is_some())
+            .then(|| Arc::new(chorus_notify::cluster::Gate::new())),
         cluster,
     });
     let stop_housekeeping = Arc::new(AtomicBool::new(false));
@@ -300,7 +302,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
             &engine,
             NOTIFY_CONSUMER,
             &config.data_dir.join("notify"),
-            notify_settings(&config, &shared.metrics),
+            notify_settings(&config, &shared.metrics, shared.notify_gate.clone()),
         )?),
         false => None,
     };
@@ -425,6 +427,7 @@ async fn shard_main(
     let ctx = Rc::new(ShardCtx::new(shared, shard as u32));
     if shard == 0 {
         glommio::spawn_local(crate::files::sweep::run(ctx.clone())).detach();
+        glommio::spawn_local(crate::api::notify_peers::run(ctx.clone())).detach();
     }
     if let Some(cluster) = &ctx.shared.cluster {
         let calls = cluster.calls.serve(shard as u32);
@@ -573,7 +576,11 @@ fn release(shared: &Shared, ip: std::net::IpAddr) {
 }
 
 /// What the notifier sends through, from the configuration: an empty key is off.
-fn notify_settings(config: &Config, metrics: &Metrics) -> chorus_notify::Settings {
+fn notify_settings(
+    config: &Config,
+    metrics: &Metrics,
+    gate: Option<Arc<chorus_notify::cluster::Gate>>,
+) -> chorus_notify::Settings {
     let set = |v: &str| Some(v.to_owned()).filter(|v| !v.is_empty());
     chorus_notify::Settings {
         push_gateway_url: set(&config.push_gateway_url),
@@ -584,6 +591,7 @@ fn notify_settings(config: &Config, metrics: &Metrics) -> chorus_notify::Setting
         }),
         emails_sent: metrics.notify_emails_sent.clone(),
         stats: metrics.notify.clone(),
+        gate,
     }
 }
 

@@ -354,9 +354,15 @@ impl Decider {
                     LogId::Partition(p) => self.decided.partitions.get(&p).copied().unwrap_or(0),
                 };
                 self.since_snapshot += page.events.len() as u64;
+                let partition = match log {
+                    LogId::Partition(p) => p,
+                    LogId::Meta => 0,
+                };
                 for e in &page.events {
                     match &e.event {
-                        CommittedKind::Channel(r) => self.apply(r, e.offset >= from),
+                        CommittedKind::Channel(r) => {
+                            self.apply(r, (partition, e.offset), e.offset >= from)
+                        }
                         // A waiting read may bring back what a catch-up applied already.
                         CommittedKind::Meta(_) if e.offset < self.reading.meta => {}
                         CommittedKind::Meta(r) => self.apply_meta(&r.event),
@@ -408,14 +414,15 @@ impl Decider {
         }
     }
 
-    fn apply(&mut self, r: &ChannelRecord, new: bool) {
+    /// Applies a channel event at `at` (its partition and offset); decides it if `new`.
+    fn apply(&mut self, r: &ChannelRecord, at: (u32, u64), new: bool) {
         match &r.event {
             ChannelEvent::MemberJoined { user, .. } => {
                 let (standing, keywords) = self.standing(*user, r.channel);
                 (self.candidates).joined(r.channel, *user, standing, keywords);
             }
             ChannelEvent::MemberLeft { user, .. } => self.candidates.left(r.channel, *user),
-            _ if new => self.decide(r),
+            _ if new => self.decide(r, at),
             _ => {}
         }
     }
@@ -450,7 +457,7 @@ impl Decider {
         window
     }
 
-    fn decide(&mut self, r: &ChannelRecord) {
+    fn decide(&mut self, r: &ChannelRecord, (partition, offset): (u32, u64)) {
         let Some(posted) = r.event.posted() else {
             return;
         };
@@ -503,6 +510,8 @@ impl Decider {
                     closes: window.closes,
                     channel: r.channel.0,
                     seq: r.seq,
+                    partition,
+                    offset,
                     workspace: r.workspace.0,
                     author_name: author_name.clone(),
                     room_name: room_name.clone(),
@@ -515,6 +524,8 @@ impl Decider {
                 self.items.push(Item {
                     channel: r.channel.0,
                     seq: r.seq,
+                    partition,
+                    offset,
                     workspace: r.workspace.0,
                     user: user.0,
                     device: d.id.0,

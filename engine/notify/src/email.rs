@@ -156,7 +156,7 @@ struct Waiting {
 /// Answers the first `sent` items of a window (those its digest was gathered from) and
 /// answers their offsets. Items that arrived while it was being sent stay, due at once:
 /// they go out in a digest of their own.
-fn answer(windows: &mut BTreeMap<Key, Waiting>, key: Key, sent: usize) -> Vec<u64> {
+fn answer(windows: &mut BTreeMap<Key, Waiting>, key: Key, sent: usize) -> Vec<Pending<EmailItem>> {
     let Some(mut w) = windows.remove(&key) else {
         return Vec::new();
     };
@@ -171,7 +171,57 @@ fn answer(windows: &mut BTreeMap<Key, Waiting>, key: Key, sent: usize) -> Vec<u6
             },
         );
     }
-    w.items.iter().map(|p| p.at).collect()
+    w.items
+}
+
+/// Takes out of the windows not being sent the items the sending node answered (a
+/// window left empty goes too); only the windows in `only`, if given.
+fn answered_elsewhere(
+    gate: &crate::cluster::Gate,
+    windows: &mut BTreeMap<Key, Waiting>,
+    only: Option<&BTreeSet<Key>>,
+) -> Vec<Pending<EmailItem>> {
+    let mut elsewhere = Vec::new();
+    gate.with_heard(|heard| {
+        windows.retain(|key, w| {
+            if w.sending || only.is_some_and(|o| !o.contains(key)) {
+                return true;
+            }
+            w.items.retain(|p| {
+                let covered = heard.covers_email(&p.item);
+                if covered {
+                    elsewhere.push(p.clone());
+                }
+                !covered
+            });
+            !w.items.is_empty()
+        });
+    });
+    elsewhere
+}
+
+/// Counts `items` answered, and stores the cursor after them: the offset before which
+/// every email item taken is answered, with those answered after it.
+fn settle(
+    outbox: &Outbox,
+    items: Vec<Pending<EmailItem>>,
+    open: &mut BTreeSet<u64>,
+    answered: &mut BTreeSet<u64>,
+    taken_end: u64,
+) {
+    outbox.answered(items.len() as u64);
+    if let Some(gate) = outbox.gate() {
+        gate.answered_emails(items.iter().map(|p| &p.item));
+    }
+    for p in items {
+        open.remove(&p.at);
+        answered.insert(p.at);
+    }
+    let cursor = open.first().copied().unwrap_or(taken_end);
+    *answered = answered.split_off(&cursor);
+    if let Err(e) = outbox.store_emailed(cursor, answered) {
+        tracing::error!(error = %e, "notify email: cursor not stored");
+    }
 }
 
 /// The wall clock in Unix ms, the clock the decider opens windows by.
@@ -188,11 +238,18 @@ impl Sender {
         let mut answered: BTreeSet<u64> = BTreeSet::new();
         let mut taken_end = emailed;
         let mut tasks = tokio::task::JoinSet::new();
+        let gate = outbox.gate().cloned();
+        let mut changes = gate.as_ref().map(|g| g.subscribe());
+        // Whether what the sending node answered changed since the items were looked at
+        // (at the start, what was heard before this sender ran).
+        let mut changed = true;
         loop {
+            let mut fresh = BTreeSet::new();
             for p in outbox.take_emails() {
                 open.insert(p.at);
                 taken_end = taken_end.max(p.end);
                 let key = (p.item.user, p.item.window);
+                fresh.insert(key);
                 let w = windows.entry(key).or_insert(Waiting {
                     closes: p.item.closes,
                     items: Vec::new(),
@@ -200,10 +257,25 @@ impl Sender {
                 });
                 w.items.push(p);
             }
+            // On a cluster, what the sending node answered is answered here unsent: in the
+            // windows just added to, or in all when what it answered has changed.
+            if let Some(gate) = &gate {
+                let only = (!std::mem::take(&mut changed)).then_some(&fresh);
+                let elsewhere = answered_elsewhere(gate, &mut windows, only);
+                if !elsewhere.is_empty() {
+                    let n = elsewhere.len() as u64;
+                    outbox
+                        .stats
+                        .answered_elsewhere
+                        .fetch_add(n, Ordering::Relaxed);
+                    settle(&outbox, elsewhere, &mut open, &mut answered, taken_end);
+                }
+            }
+            let sending = gate.as_ref().is_none_or(|g| g.sending());
             let grace = SEND_GRACE.as_millis() as u64;
             let now = now_ms();
             for (key, w) in windows.iter_mut() {
-                if tasks.len() >= IN_FLIGHT {
+                if !sending || tasks.len() >= IN_FLIGHT {
                     break;
                 }
                 if !w.sending && w.closes + grace <= now {
@@ -219,30 +291,25 @@ impl Sender {
             }
             let next_due = windows
                 .values()
-                .filter(|w| !w.sending)
+                .filter(|w| sending && !w.sending)
                 .map(|w| w.closes + grace)
                 .min();
             let wait = Duration::from_millis(next_due.map_or(0, |d| d.saturating_sub(now)));
+            let change = crate::cluster::next_change(&mut changes);
             tokio::select! {
                 _ = outbox.emails_appended.notified() => {}
+                _ = change => changed = true,
                 _ = tokio::time::sleep(wait), if next_due.is_some() && tasks.len() < IN_FLIGHT => {}
                 Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                     let mut finished: Vec<(Key, usize)> = done.into_iter().collect();
                     while let Some(Ok(key)) = tasks.try_join_next() {
                         finished.push(key);
                     }
+                    let mut items = Vec::new();
                     for (key, sent) in finished {
-                        for at in answer(&mut windows, key, sent) {
-                            open.remove(&at);
-                            answered.insert(at);
-                            outbox.answered(1);
-                        }
+                        items.extend(answer(&mut windows, key, sent));
                     }
-                    let cursor = open.first().copied().unwrap_or(taken_end);
-                    answered = answered.split_off(&cursor);
-                    if let Err(e) = outbox.store_emailed(cursor, &answered) {
-                        tracing::error!(error = %e, "notify email: cursor not stored");
-                    }
+                    settle(&outbox, items, &mut open, &mut answered, taken_end);
                 }
                 _ = &mut stop => return,
             }
@@ -594,6 +661,8 @@ mod tests {
             closes: 20,
             channel: 2,
             seq: 3,
+            partition: 0,
+            offset: 3,
             workspace: 4,
             author_name: "ann".into(),
             room_name: "general".into(),
@@ -612,15 +681,19 @@ mod tests {
         }
     }
 
+    fn ats(items: Vec<Pending<EmailItem>>) -> Vec<u64> {
+        items.iter().map(|p| p.at).collect()
+    }
+
     // A sent window answers the items its digest was gathered from; an item that arrived
     // while it was being sent is kept, due at once, so it is not lost.
     #[test]
     fn answering_a_window_keeps_late_items() {
         let mut windows = BTreeMap::from([((1, 10), waiting(&[5, 9]))]);
-        assert_eq!(answer(&mut windows, (1, 10), 2), vec![5, 9]);
+        assert_eq!(ats(answer(&mut windows, (1, 10), 2)), vec![5, 9]);
         assert!(windows.is_empty());
         let mut windows = BTreeMap::from([((1, 10), waiting(&[5, 9, 12]))]);
-        assert_eq!(answer(&mut windows, (1, 10), 2), vec![5, 9]);
+        assert_eq!(ats(answer(&mut windows, (1, 10), 2)), vec![5, 9]);
         let late = &windows[&(1, 10)];
         assert!(!late.sending);
         assert_eq!(

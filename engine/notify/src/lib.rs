@@ -5,6 +5,7 @@
 //! per closed window through SMTP. Each runs on a thread of its own, never a shard's.
 
 pub mod candidates;
+pub mod cluster;
 pub mod decider;
 pub mod email;
 pub mod outbox;
@@ -28,6 +29,9 @@ pub struct Settings {
     pub emails_sent: Arc<AtomicU64>,
     /// The outbox's and the push sender's counters, for the gateway's metrics.
     pub stats: Arc<Stats>,
+    /// On a cluster node: where the senders learn whether they send and what the sending
+    /// node answered ([`cluster`]); `None` on a single node, which always sends.
+    pub gate: Option<Arc<cluster::Gate>>,
 }
 
 /// What the outbox and the push sender count, for the gateway's metrics. Plain relaxed
@@ -58,6 +62,9 @@ pub struct Stats {
     /// Pushes not sent because, when their turn came, the message was read, deleted, or
     /// no longer the recipient's to read.
     pub pushes_dropped: AtomicU64,
+    /// On a cluster node: items (push or email) answered without sending them, because the
+    /// sending node answered them ([`cluster`]).
+    pub answered_elsewhere: AtomicU64,
     /// Ack-to-push latency, from the message's commit (its `created_at`) to the push
     /// gateway's 2xx answer, of the pushes counted in `pushes_sent`: total and largest
     /// in microseconds, and how many were observed.
@@ -119,6 +126,10 @@ pub fn start(
         push: settings.push_gateway_url.is_some(),
         email: settings.email.is_some(),
     };
+    if let Some(gate) = &settings.gate {
+        gate.set_modes(modes.push, modes.email);
+        opened.outbox.attach(gate.clone());
+    }
     // Items of a kind with no sender now (its setting was removed) stay in the outbox for
     // a later start that has one, but nothing here waits on them: the depth leaves them out.
     let (pushes, emails) = opened.outbox.waiting();

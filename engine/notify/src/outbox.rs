@@ -56,6 +56,13 @@ pub struct Item {
     pub channel: u64,
     /// The message's seq.
     pub seq: u64,
+    /// The message's partition and the offset of its event in that partition's log: the
+    /// same on every node of a cluster (0 in items stored before positions were kept).
+    #[serde(default)]
+    pub partition: u32,
+    /// See `partition`.
+    #[serde(default)]
+    pub offset: u64,
     /// The channel's workspace.
     pub workspace: u64,
     /// The recipient.
@@ -96,6 +103,13 @@ pub struct EmailItem {
     pub channel: u64,
     /// The message's seq.
     pub seq: u64,
+    /// The message's partition and the offset of its event in that partition's log: the
+    /// same on every node of a cluster (0 in items stored before positions were kept).
+    #[serde(default)]
+    pub partition: u32,
+    /// See `partition`.
+    #[serde(default)]
+    pub offset: u64,
     /// The channel's workspace.
     pub workspace: u64,
     /// The author's display name.
@@ -171,6 +185,9 @@ pub struct Outbox {
     pub stats: Arc<crate::Stats>,
     /// The push sender's cursor files.
     sent: Mutex<SentFiles>,
+    /// On a cluster node, where what is decided is counted by position
+    /// ([`crate::cluster`]).
+    gate: std::sync::OnceLock<Arc<crate::cluster::Gate>>,
 }
 
 /// Where the push sender's cursor is stored: `sent.now`, overwritten at every store, and
@@ -386,6 +403,7 @@ impl Outbox {
             emails_appended: tokio::sync::Notify::new(),
             stats,
             sent: Mutex::new(sent_files),
+            gate: std::sync::OnceLock::new(),
         });
         // Everything before the first pending item is answered: past a threshold, the
         // file starts again there.
@@ -425,6 +443,13 @@ impl Outbox {
         inner.emails_pending.extend(emails.iter().map(|p| p.at));
         let added = (placed.len() + emails.len()) as u64;
         self.stats.outbox_depth.fetch_add(added, Ordering::Relaxed);
+        if let Some(gate) = self.gate.get() {
+            let (items, mails) = (
+                placed.iter().map(|p| &p.item),
+                emails.iter().map(|p| &p.item),
+            );
+            gate.decided(items, mails, Some(cursors));
+        }
         let (any, any_email) = (!placed.is_empty(), !emails.is_empty());
         inner.queue.extend(placed);
         inner.emails.extend(emails);
@@ -436,6 +461,23 @@ impl Outbox {
             self.emails_appended.notify_one();
         }
         Ok(())
+    }
+
+    /// Counts what is decided by position in `gate` from now on, starting with the items
+    /// pending now (call it before any sender takes).
+    pub fn attach(&self, gate: Arc<crate::cluster::Gate>) {
+        let inner = self.inner.lock().expect("outbox lock");
+        let (items, mails) = (
+            inner.queue.iter().map(|p| &p.item),
+            inner.emails.iter().map(|p| &p.item),
+        );
+        gate.decided(items, mails, inner.cursors.as_ref());
+        let _ = self.gate.set(gate);
+    }
+
+    /// The gate of a cluster node ([`Outbox::attach`]).
+    pub fn gate(&self) -> Option<&Arc<crate::cluster::Gate>> {
+        self.gate.get()
     }
 
     /// The push items and the email items waiting for their senders.
@@ -707,6 +749,8 @@ mod tests {
         Item {
             channel: 1,
             seq,
+            partition: 0,
+            offset: seq,
             workspace: 2,
             user: 3,
             device: 4,
@@ -726,6 +770,8 @@ mod tests {
             closes: window + 900_000,
             channel: 1,
             seq,
+            partition: 0,
+            offset: seq,
             workspace: 2,
             author_name: "ann".into(),
             room_name: "general".into(),

@@ -27,6 +27,7 @@
 //!   or dropped in [`Stats`], and each retry is counted, for the gateway's metrics; a sent
 //!   push adds its ack-to-push latency, from the message's `created_at` to the 2xx.
 
+use crate::cluster::Gate;
 use crate::outbox::{Item, Outbox, Pending};
 use crate::Stats;
 use chorus_engine::ids::{ChannelId, DeviceId, MessageId, UserId};
@@ -179,6 +180,50 @@ enum Check {
     Drop(&'static str),
 }
 
+/// Takes out of `waiting`, from index `from` on, the items the sending node answered.
+fn answered_elsewhere(gate: &Gate, waiting: &mut VecDeque<Pending>, from: usize) -> Vec<Pending> {
+    let mut elsewhere = Vec::new();
+    if from >= waiting.len() {
+        return elsewhere;
+    }
+    gate.with_heard(|heard| {
+        let mut kept = waiting.split_off(from);
+        kept.retain(|p| {
+            let covered = heard.covers_push(&p.item);
+            if covered {
+                elsewhere.push(p.clone());
+            }
+            !covered
+        });
+        waiting.append(&mut kept);
+    });
+    elsewhere
+}
+
+/// Counts `finished` items answered, and stores the cursor after them: the offset before
+/// which every item taken is answered, with those answered after it.
+fn settle(
+    outbox: &Outbox,
+    finished: Vec<Pending>,
+    open: &mut BTreeMap<u64, u64>,
+    answered: &mut BTreeSet<u64>,
+    taken_end: u64,
+) {
+    outbox.answered(finished.len() as u64);
+    if let Some(gate) = outbox.gate() {
+        gate.answered_pushes(finished.iter().map(|p| &p.item));
+    }
+    for p in finished {
+        open.remove(&p.at);
+        answered.insert(p.at);
+    }
+    let cursor = open.keys().next().copied().unwrap_or(taken_end);
+    *answered = answered.split_off(&cursor);
+    if let Err(e) = outbox.store_sent(cursor, answered) {
+        tracing::error!(error = %e, "notify sender: cursor not stored");
+    }
+}
+
 impl Sender {
     async fn run(self, outbox: Arc<Outbox>, sent: u64, mut stop: oneshot::Receiver<()>) {
         let mut waiting: VecDeque<Pending> = VecDeque::new();
@@ -188,13 +233,36 @@ impl Sender {
         // Items answered after the first open one (they are answered out of order).
         let mut answered: BTreeSet<u64> = BTreeSet::new();
         let mut tasks = tokio::task::JoinSet::new();
+        let gate = outbox.gate().cloned();
+        let mut changes = gate.as_ref().map(|g| g.subscribe());
+        // Whether what the sending node answered changed since the items were looked at
+        // (at the start, what was heard before this sender ran).
+        let mut changed = true;
         loop {
-            for p in outbox.take() {
+            let taken = outbox.take();
+            let fresh = taken.len();
+            for p in taken {
                 open.insert(p.at, p.end);
                 taken_end = taken_end.max(p.end);
                 waiting.push_back(p);
             }
-            while tasks.len() < BATCHES_IN_FLIGHT {
+            // On a cluster, what the sending node answered is answered here unsent: the
+            // items just taken, or all waiting when what it answered has changed.
+            if let Some(gate) = &gate {
+                let from = if std::mem::take(&mut changed) {
+                    0
+                } else {
+                    waiting.len() - fresh
+                };
+                let elsewhere = answered_elsewhere(gate, &mut waiting, from);
+                if !elsewhere.is_empty() {
+                    let n = elsewhere.len() as u64;
+                    outbox.stats.answered_elsewhere.fetch_add(n, Relaxed);
+                    settle(&outbox, elsewhere, &mut open, &mut answered, taken_end);
+                }
+            }
+            let sending = gate.as_ref().is_none_or(|g| g.sending());
+            while sending && tasks.len() < BATCHES_IN_FLIGHT {
                 let batch = next_batch(&mut waiting);
                 if batch.is_empty() {
                     break;
@@ -203,26 +271,19 @@ impl Sender {
                 let stats = outbox.stats.clone();
                 tasks.spawn_local(async move {
                     sender.send_batch(&batch, &stats).await;
-                    batch.iter().map(|p| p.at).collect::<Vec<u64>>()
+                    batch
                 });
             }
+            let change = crate::cluster::next_change(&mut changes);
             tokio::select! {
                 _ = outbox.appended.notified() => {}
+                _ = change => changed = true,
                 Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                    let mut finished: Vec<u64> = done.into_iter().flatten().collect();
-                    while let Some(Ok(ats)) = tasks.try_join_next() {
-                        finished.extend(ats);
+                    let mut finished: Vec<Pending> = done.into_iter().flatten().collect();
+                    while let Some(Ok(batch)) = tasks.try_join_next() {
+                        finished.extend(batch);
                     }
-                    outbox.answered(finished.len() as u64);
-                    for at in finished {
-                        open.remove(&at);
-                        answered.insert(at);
-                    }
-                    let cursor = open.keys().next().copied().unwrap_or(taken_end);
-                    answered = answered.split_off(&cursor);
-                    if let Err(e) = outbox.store_sent(cursor, &answered) {
-                        tracing::error!(error = %e, "notify sender: cursor not stored");
-                    }
+                    settle(&outbox, finished, &mut open, &mut answered, taken_end);
                 }
                 _ = &mut stop => return,
             }

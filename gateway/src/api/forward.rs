@@ -331,6 +331,8 @@ pub async fn serve_calls(
                 crate::files::peers::answer(&ctx, incoming.from, &incoming.request).await
             } else if super::presence_peers::is_presence(&incoming.request) {
                 super::presence_peers::answer(&ctx, &incoming.request).await
+            } else if super::notify_peers::is_notify(&incoming.request) {
+                super::notify_peers::answer(&ctx)
             } else {
                 let answer = answer(&ctx, &incoming.request).await;
                 serde_json::to_vec(&answer).expect("answers serialize")

@@ -8,6 +8,8 @@
 #![allow(dead_code)]
 
 pub mod moto;
+pub mod push_sink;
+pub mod smtp;
 
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read};

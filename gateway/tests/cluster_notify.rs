@@ -1,0 +1,260 @@
+//! Pushes and email digests on a cluster (`API.md` §13 and §15), against three real
+//! `chorus` processes, a push gateway sink and an SMTP server on loopback: every node
+//! decides, only the directory's leader sends, and the others answer what it confirmed
+//! (`chorus_notify::cluster`). So a message is pushed once, not once per node; when the
+//! sending node dies, the next leader sends what is left and not what was sent.
+
+mod common;
+
+use common::push_sink::Sink;
+use common::smtp::Smtp;
+use common::{
+    cluster_add_member, cluster_signup, cluster_workspace, settled, str_of, ClusterConfig, Server,
+    User, UNLIMITED,
+};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// How long anything here may take.
+const WAIT: Duration = Duration::from_secs(30);
+/// After the last expected push arrived, how long a repeat may still take to show.
+const SETTLE: Duration = Duration::from_secs(2);
+
+/// A channel of `owner`'s in `wid` with `member` in it, through node `s`; its ID.
+fn channel_with(s: &Server, owner: &User, wid: &str, member: &User) -> String {
+    let cid = common::cluster_channel(s, owner, wid, "general");
+    let r = settled(|| {
+        let path = format!("/api/v1/channels/{cid}/members");
+        s.call(
+            "POST",
+            &path,
+            Some(&owner.token),
+            Some(json!({"user_id": member.id})),
+        )
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+    cid
+}
+
+/// Posts `text` through node `s`; the message's ID.
+fn post(s: &Server, user: &User, cid: &str, text: &str) -> String {
+    let r = settled(|| {
+        let path = format!("/api/v1/channels/{cid}/messages");
+        s.call(
+            "POST",
+            &path,
+            Some(&user.token),
+            Some(json!({"text": text})),
+        )
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+    str_of(&r.body["message"]["id"])
+}
+
+/// The node (1-based) that leads the directory, as node `s` sees it once one is known.
+fn directory_leader(s: &Server, user: &User) -> usize {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = s.call("GET", "/api/v1/cluster", Some(&user.token), None);
+        if let Some(leader) = r.body["directory"]["leader"].as_u64() {
+            return leader as usize;
+        }
+        assert!(Instant::now() < deadline, "no directory leader: {}", r.text);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// How many pushes the sink took per message ID.
+fn per_message(sink: &Sink) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for body in sink.accepted() {
+        *counts
+            .entry(str_of(&body["notification"]["event_id"]))
+            .or_default() += 1;
+    }
+    counts
+}
+
+/// Waits until every node in `live` has answered every item in its outbox: the sending
+/// node by sending, the others by what it confirmed.
+fn outboxes_drained(nodes: &[Server], live: &[usize]) {
+    let deadline = Instant::now() + WAIT;
+    for &i in live {
+        while nodes[i].metric("chorus_notify_outbox_depth") != 0.0 {
+            assert!(
+                Instant::now() < deadline,
+                "node {} still holds {} items",
+                i + 1,
+                nodes[i].metric("chorus_notify_outbox_depth")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The sum of a metric over the nodes still running.
+fn metric_sum(nodes: &[Server], live: &[usize], name: &str) -> f64 {
+    live.iter().map(|&i| nodes[i].metric(name)).sum()
+}
+
+// Mentions posted through every node are pushed once each; the sending node (the
+// directory's leader) is then SIGKILLed, and the next one pushes the later mentions once
+// each without repeating the earlier ones; restarted, the killed node (which decided the
+// later mentions again from its logs) repeats none of them either.
+#[test]
+fn a_cluster_pushes_each_message_once_across_the_senders_death() {
+    let sink = Sink::start();
+    let config = ClusterConfig::three();
+    let extra = format!("{UNLIMITED}push_gateway_url = \"{}\"\n", sink.url);
+    let mut nodes: Vec<Server> = (1..=3)
+        .map(|id| Server::start(&config.node(id, &extra)))
+        .collect();
+    let alice = cluster_signup(&nodes[0], "alice", None);
+    let bob = cluster_signup(&nodes[1], "bob", None);
+    let wid = cluster_workspace(&nodes[0], &alice);
+    cluster_add_member(&nodes[0], &alice, &wid, &bob);
+    let cid = channel_with(&nodes[0], &alice, &wid, &bob);
+    let r = settled(|| {
+        let body = json!({"app_id": "chat.chorus", "pushkey": "key-bob", "platform": "fcm"});
+        nodes[2].call(
+            "POST",
+            "/api/v1/me/push-devices",
+            Some(&bob.token),
+            Some(body),
+        )
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+
+    let mention =
+        |s: &Server, text: String| post(s, &alice, &cid, &format!("<@{}> {text}", bob.id));
+    let mut before = Vec::new();
+    for i in 0..12 {
+        before.push(mention(&nodes[i % 3], format!("before {i}")));
+    }
+    for id in &before {
+        sink.wait_for(id, "key-bob");
+    }
+    std::thread::sleep(SETTLE);
+    let counts = per_message(&sink);
+    for id in &before {
+        assert_eq!(counts[id], 1, "pushed once, not once per node: {counts:?}");
+    }
+    let live: Vec<usize> = (0..3).collect();
+    outboxes_drained(&nodes, &live);
+    let elsewhere = metric_sum(&nodes, &live, "chorus_notify_answered_elsewhere_total");
+    assert!(
+        elsewhere >= 24.0,
+        "the two other nodes answered their items unsent: {elsewhere}"
+    );
+
+    // The sending node dies; a survivor takes over.
+    let leader = directory_leader(&nodes[0], &alice);
+    nodes[leader - 1].kill();
+    let live: Vec<usize> = (0..3).filter(|i| *i != leader - 1).collect();
+    let mut after = Vec::new();
+    for i in 0..12 {
+        let through = &nodes[live[i % 2]];
+        after.push(mention(through, format!("after {i}")));
+    }
+    for id in &after {
+        sink.wait_for(id, "key-bob");
+    }
+    std::thread::sleep(SETTLE);
+    let counts = per_message(&sink);
+    for id in &before {
+        assert_eq!(
+            counts[id], 1,
+            "a push the dead leader sent is not sent again: {counts:?}"
+        );
+    }
+    for id in &after {
+        assert_eq!(counts[id], 1, "pushed once after the failover: {counts:?}");
+    }
+    outboxes_drained(&nodes, &live);
+
+    // The killed node comes back; whether or not it leads the directory again, it sends
+    // nothing the others sent.
+    nodes[leader - 1].restart();
+    let deadline = Instant::now() + WAIT;
+    while nodes[leader - 1]
+        .call("GET", "/api/v1/cluster", Some(&alice.token), None)
+        .status
+        != 200
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the restarted node never answered"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let last = mention(&nodes[leader - 1], "after the restart".into());
+    sink.wait_for(&last, "key-bob");
+    std::thread::sleep(SETTLE * 2);
+    let counts = per_message(&sink);
+    for id in before.iter().chain(&after).chain([&last]) {
+        assert_eq!(
+            counts[id], 1,
+            "nothing sent twice after the restart: {counts:?}"
+        );
+    }
+    assert_eq!(
+        counts.len(),
+        25,
+        "only messages sent were pushed: {counts:?}"
+    );
+    outboxes_drained(&nodes, &[0, 1, 2]);
+}
+
+// An email digest on a cluster: bob, offline, is mentioned through each of the three nodes
+// within his digest window, and gets one digest listing the three messages, not one per
+// node.
+#[test]
+fn a_cluster_sends_one_digest_per_window() {
+    let Some(smtp) = Smtp::start() else {
+        return;
+    };
+    let config = ClusterConfig::three();
+    let nodes: Vec<Server> = (1..=3)
+        .map(|id| Server::start(&config.node(id, &smtp.config())))
+        .collect();
+    let alice = cluster_signup(&nodes[0], "alice", None);
+    let bob = cluster_signup(&nodes[1], "bob", None);
+    let carol = cluster_signup(&nodes[2], "carol", None);
+    let wid = cluster_workspace(&nodes[0], &alice);
+    cluster_add_member(&nodes[0], &alice, &wid, &bob);
+    cluster_add_member(&nodes[0], &alice, &wid, &carol);
+    let cid = channel_with(&nodes[0], &alice, &wid, &bob);
+    let r = settled(|| {
+        let path = format!("/api/v1/channels/{cid}/members");
+        let body = json!({"user_id": carol.id});
+        nodes[0].call("POST", &path, Some(&alice.token), Some(body))
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+    for (i, user) in [&bob, &carol].into_iter().enumerate() {
+        let r = settled(|| {
+            let body = json!({"email_digest_s": 2});
+            let path = "/api/v1/me/notification-prefs";
+            nodes[i].call("PATCH", path, Some(&user.token), Some(body))
+        });
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    let mut ids = Vec::new();
+    for (i, s) in nodes.iter().enumerate() {
+        ids.push(post(s, &alice, &cid, &format!("<@{}> number {i}", bob.id)));
+    }
+    let (digest, _) = smtp.wait_for(&bob.email, 1);
+    let text = digest["text"].as_str().unwrap_or_default();
+    for i in 0..3 {
+        assert!(text.contains(&format!("number {i}")), "{digest}");
+    }
+    // A barrier: a later digest to carol, decided after bob's, has arrived.
+    post(&nodes[1], &alice, &cid, &format!("<@{}> barrier", carol.id));
+    smtp.wait_for(&carol.email, 1);
+    std::thread::sleep(Duration::from_millis(1500));
+    let to_bob: Vec<Value> = smtp.to(&bob.email);
+    assert_eq!(to_bob.len(), 1, "one digest, not one per node: {to_bob:?}");
+    // The nodes that did not send answered their digests' items by what the sender
+    // confirmed: none is left to be sent again by a later leader.
+    outboxes_drained(&nodes, &[0, 1, 2]);
+}
