@@ -7,13 +7,15 @@
 //! five nodes) splits the network 2 | 3 (cuts and the failing disk go through each node's
 //! fault file). After the faults heal, the checker asks every node for every channel: each
 //! acknowledged post is there exactly once, every node has the same posts at the same seqs,
-//! and nothing that was never sent appears. It prints how long no post was acknowledged
-//! around each kind of fault.
+//! and nothing that was never sent appears; every acknowledged post is pushed (to a reader
+//! in every channel, through a push gateway sink) and nothing unsent is. It prints how long
+//! no post was acknowledged around each kind of fault, and how many pushes were repeated.
 
 mod common;
 
 use chorus_replication::placement;
-use common::{ClusterConfig, Server, PASSWORD, UNLIMITED};
+use common::push_sink::Sink;
+use common::{str_of, ClusterConfig, Server, PASSWORD, UNLIMITED};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -64,12 +66,25 @@ fn write(
     body: &Value,
     deadline: Instant,
 ) -> Option<Value> {
+    send(agent, addrs, "POST", path, token, body, deadline)
+}
+
+/// [`write`] with another method.
+fn send(
+    agent: &ureq::Agent,
+    addrs: &[String],
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &Value,
+    deadline: Instant,
+) -> Option<Value> {
     while Instant::now() < deadline {
         for a in addrs {
-            match call(agent, a, "POST", path, token, Some(body)) {
+            match call(agent, a, method, path, token, Some(body)) {
                 Some((200 | 201, v)) => return Some(v),
                 Some((503 | 401 | 404, _)) | None => {}
-                Some((s, v)) => panic!("POST {path} at {a}: {s} {v}"),
+                Some((s, v)) => panic!("{method} {path} at {a}: {s} {v}"),
             }
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -299,7 +314,30 @@ impl Workload {
         )
         .expect("workspace");
         let wid = ws["workspace"]["id"].as_str().unwrap().to_owned();
-        let (channels, partitions) = (0..CHANNELS)
+        // The reader: in every channel, pushed for every message on one device, and never
+        // connected (every node decides the same pushes).
+        let reader = json!({"email": "r@example.com", "password": PASSWORD, "name": "r"});
+        let v = write(&agent, http, "/api/v1/auth/signup", None, &reader, setup).expect("r");
+        let (reader_token, reader_id) = (str_of(&v["token"]), str_of(&v["user"]["id"]));
+        let members = format!("/api/v1/workspaces/{wid}/members");
+        let body = json!({"email": "r@example.com"});
+        write(&agent, http, &members, Some(&token), &body, setup).expect("r joins");
+        let prefs = json!({"push": "all"});
+        let path = "/api/v1/me/notification-prefs";
+        send(
+            &agent,
+            http,
+            "PATCH",
+            path,
+            Some(&reader_token),
+            &prefs,
+            setup,
+        )
+        .expect("prefs");
+        let device = json!({"app_id": "chat.chorus", "pushkey": "key-r", "platform": "fcm"});
+        let path = "/api/v1/me/push-devices";
+        write(&agent, http, path, Some(&reader_token), &device, setup).expect("device");
+        let (channels, partitions): (Vec<String>, Vec<u64>) = (0..CHANNELS)
             .map(|i| {
                 let body = json!({"name": format!("c{i}"), "kind": "public"});
                 let v = write(
@@ -318,6 +356,11 @@ impl Workload {
                 )
             })
             .unzip();
+        for cid in &channels {
+            let path = format!("/api/v1/channels/{cid}/members");
+            let body = json!({"user_id": reader_id});
+            write(&agent, http, &path, Some(&token), &body, setup).expect("r in the channel");
+        }
         Workload {
             agent,
             token,
@@ -473,7 +516,9 @@ fn check(
 
 fn run(n: usize) {
     let cluster = ClusterConfig::of(n);
-    let config = |id: usize| cluster.node(id, UNLIMITED);
+    let sink = Sink::start();
+    let settings = format!("{UNLIMITED}push_gateway_url = \"{}\"\n", sink.url);
+    let config = |id: usize| cluster.node(id, &settings);
     let mut nodes: Vec<Server> = (1..=n).map(|id| Server::start(&config(id))).collect();
     let http: Vec<String> = nodes.iter().map(|s| s.addr.clone()).collect();
     let work = Workload::prepare(&http);
@@ -641,6 +686,7 @@ fn run(n: usize) {
     check(&work, &http, &written, &faults, &|| {
         nodes.iter().map(|n| n.log()).collect()
     });
+    check_pushes(&sink, &written, faults.len());
     let total: usize = written.acked.values().map(BTreeSet::len).sum();
     let shown = faults.len().min(8);
     eprintln!(
@@ -663,6 +709,48 @@ fn run(n: usize) {
             disk_stops[disk_stops.len() - 1]
         );
     }
+}
+
+/// The pushes, once the faults healed: every acknowledged post is pushed to the reader
+/// (decided on every node, sent only by the directory's leader, whoever that was when),
+/// nothing never sent is pushed, and a push is repeated only across a change of the
+/// sending node (reported; each carries the message's `event_id`, for the gateway).
+fn check_pushes(sink: &Sink, written: &Written, faults: usize) {
+    let texts = || -> Vec<String> {
+        let bodies = sink.accepted();
+        let body = |b: &Value| str_of(&b["notification"]["content"]["body"]);
+        bodies.iter().map(body).collect()
+    };
+    let acked: BTreeSet<&String> = written.acked.values().flatten().collect();
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let pushed: BTreeSet<String> = texts().into_iter().collect();
+        let missing: Vec<&&String> = acked.iter().filter(|t| !pushed.contains(**t)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} acknowledged posts never pushed ({:?}...)",
+            missing.len(),
+            &missing[..missing.len().min(5)]
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let all = texts();
+    let mut per_text: BTreeMap<&String, usize> = BTreeMap::new();
+    for t in &all {
+        assert!(written.sent.contains(t), "a push of {t}, never sent");
+        *per_text.entry(t).or_default() += 1;
+    }
+    let repeated: usize = per_text.values().map(|n| n - 1).sum();
+    eprintln!(
+        "pushes: all {} acknowledged posts pushed, {} pushes in all, {repeated} repeated \
+         over {faults} faults",
+        acked.len(),
+        all.len()
+    );
 }
 
 /// Prints, for each kind of fault, how long writes went unacknowledged around it: for
