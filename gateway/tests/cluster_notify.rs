@@ -258,3 +258,53 @@ fn a_cluster_sends_one_digest_per_window() {
     // confirmed: none is left to be sent again by a later leader.
     outboxes_drained(&nodes, &[0, 1, 2]);
 }
+
+// A digest whose window is still open when the sending node dies is sent once, by the
+// next one, with every message of the window.
+#[test]
+fn a_digest_open_when_the_sender_dies_is_sent_by_the_next() {
+    let Some(smtp) = Smtp::start() else {
+        return;
+    };
+    let config = ClusterConfig::three();
+    let mut nodes: Vec<Server> = (1..=3)
+        .map(|id| Server::start(&config.node(id, &smtp.config())))
+        .collect();
+    let alice = cluster_signup(&nodes[0], "alice", None);
+    let bob = cluster_signup(&nodes[1], "bob", None);
+    let wid = cluster_workspace(&nodes[0], &alice);
+    cluster_add_member(&nodes[0], &alice, &wid, &bob);
+    let cid = channel_with(&nodes[0], &alice, &wid, &bob);
+    let r = settled(|| {
+        let body = json!({"email_digest_s": 3});
+        let path = "/api/v1/me/notification-prefs";
+        nodes[1].call("PATCH", path, Some(&bob.token), Some(body))
+    });
+    assert_eq!(r.status, 200, "{}", r.text);
+    let leader = directory_leader(&nodes[0], &alice);
+    let others: Vec<usize> = (0..3).filter(|i| *i != leader - 1).collect();
+    for i in 0..2 {
+        post(
+            &nodes[others[i]],
+            &alice,
+            &cid,
+            &format!("<@{}> open {i}", bob.id),
+        );
+    }
+    // Every node has decided both (the leader's outbox is the one that would send).
+    let deadline = Instant::now() + WAIT;
+    while (0..3).any(|i| nodes[i].metric("chorus_notify_outbox_depth") < 2.0) {
+        assert!(Instant::now() < deadline, "not decided on every node");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    nodes[leader - 1].kill();
+    let (digest, _) = smtp.wait_for(&bob.email, 1);
+    let text = digest["text"].as_str().unwrap_or_default();
+    assert!(
+        text.contains("open 0") && text.contains("open 1"),
+        "{digest}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(smtp.to(&bob.email).len(), 1, "sent once");
+    outboxes_drained(&nodes, &others);
+}
