@@ -123,3 +123,83 @@ fn a_device_removed_through_one_node_is_cut_off_on_another() {
         assert_eq!(r.status, 200, "the laptop's token through node {}", i + 1);
     }
 }
+
+// One-time keys claimed concurrently through all three nodes are each handed out once:
+// a claim through a node that does not lead the directory is decided by the one that
+// does, never from the node's own replica.
+#[test]
+fn one_time_keys_claimed_through_every_node_are_handed_out_once() {
+    use base64::Engine as _;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD_NO_PAD.encode(bytes);
+    let config = ClusterConfig::three();
+    let nodes: Vec<Server> = (1..=3)
+        .map(|id| Server::start(&config.node(id, UNLIMITED)))
+        .collect();
+    let alice = cluster_signup(&nodes[0], "alice", Some("phone"));
+    let wid = common::cluster_workspace(&nodes[0], &alice);
+    let claimers: Vec<User> = (0..30)
+        .map(|i| {
+            let c = cluster_signup(&nodes[i % 3], &format!("claimer{i}"), Some("d"));
+            common::cluster_add_member(&nodes[0], &alice, &wid, &c);
+            c
+        })
+        .collect();
+    let keys: serde_json::Map<String, Value> = (0u32..20)
+        .map(|i| {
+            let mut key = [0u8; 32];
+            key[..4].copy_from_slice(&i.to_le_bytes());
+            (format!("k{i:05}"), json!(b64(&key)))
+        })
+        .collect();
+    let body = json!({"one_time_keys": keys, "fallback_key": {"fb": b64(&[77; 32])}});
+    let r = settled(|| {
+        nodes[1].call(
+            "POST",
+            "/api/v1/e2ee/keys/upload",
+            Some(&alice.token),
+            Some(body.clone()),
+        )
+    });
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["one_time_key_count"], 20);
+
+    let want = json!({"devices": { alice.id.clone(): ["phone"] }});
+    let answers: Vec<Value> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (claimers.iter().enumerate())
+            .map(|(i, c)| {
+                let (s, want, alice) = (&nodes[i % 3], want.clone(), &alice);
+                scope.spawn(move || {
+                    let r = settled(|| {
+                        s.call(
+                            "POST",
+                            "/api/v1/e2ee/keys/claim",
+                            Some(&c.token),
+                            Some(want.clone()),
+                        )
+                    });
+                    assert_eq!(
+                        r.status,
+                        200,
+                        "claim through node {}: {}",
+                        i % 3 + 1,
+                        r.text
+                    );
+                    r.body["one_time_keys"][&alice.id]["phone"].clone()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let one_time: Vec<String> = (answers.iter())
+        .filter(|k| k["fallback"] == false)
+        .map(|k| str_of(&k["key_id"]))
+        .collect();
+    let distinct: std::collections::BTreeSet<&String> = one_time.iter().collect();
+    assert_eq!(
+        one_time.len(),
+        20,
+        "every one-time key handed out: {answers:?}"
+    );
+    assert_eq!(distinct.len(), 20, "none twice: {one_time:?}");
+    assert_eq!(answers.iter().filter(|k| k["fallback"] == true).count(), 10);
+}
