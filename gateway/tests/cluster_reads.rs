@@ -424,3 +424,43 @@ fn a_dm_opened_at_once_through_two_nodes_is_one_channel() {
         );
     }
 }
+
+// One email signed up at once through three nodes is one account: one 201 and two 409s,
+// ten times over; and the account's password works through every node.
+#[test]
+fn one_email_signed_up_at_once_through_three_nodes_is_one_account() {
+    let config = ClusterConfig::three();
+    let nodes: Vec<Server> = (1..=3)
+        .map(|id| Server::start(&config.node(id, AUTH_UNLIMITED)))
+        .collect();
+    for i in 0..10 {
+        let email = format!("same{i}@example.com");
+        let answers: Vec<Resp> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (nodes.iter().enumerate())
+                .map(|(n, s)| {
+                    let body =
+                        json!({"email": email, "password": PASSWORD, "name": format!("n{n}")});
+                    scope.spawn(move || {
+                        settled(|| s.call("POST", "/api/v1/auth/signup", None, Some(body.clone())))
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let statuses: Vec<u16> = answers.iter().map(|r| r.status).collect();
+        let created: Vec<&Resp> = answers.iter().filter(|r| r.status == 201).collect();
+        assert_eq!(created.len(), 1, "round {i}: {statuses:?}");
+        assert_eq!(
+            statuses.iter().filter(|s| **s == 409).count(),
+            2,
+            "round {i}: {statuses:?}"
+        );
+        let id = str_of(&created[0].body["user"]["id"]);
+        for s in &nodes {
+            let body = json!({"email": email, "password": PASSWORD});
+            let r = settled(|| s.call("POST", "/api/v1/auth/login", None, Some(body.clone())));
+            assert_eq!(r.status, 200, "{}", r.text);
+            assert_eq!(str_of(&r.body["user"]["id"]), id);
+        }
+    }
+}
