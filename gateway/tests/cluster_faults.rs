@@ -439,6 +439,197 @@ impl Writer {
     }
 }
 
+/// Clients on the SDK (`chorus-client`), each knowing every node: one posts `s{n}` over
+/// its event stream (`message:send`, its own `client_msg_id` each, sent again after a
+/// lost answer or an `unavailable`), the other reads every channel's events. Each moves to
+/// another node when its connection is lost or cannot be made, and resumes there.
+struct SdkClients {
+    /// Set to stop posting; then set `done` to stop reading.
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The writer's acknowledged and sent posts, and its stream's counters, once it stops.
+    written: std::sync::mpsc::Receiver<(Written, chorus_client::Stats)>,
+    /// What the reading stream delivered: (channel, seq, text).
+    received: std::sync::Arc<std::sync::Mutex<Vec<(String, u64, String)>>>,
+    /// The reading stream's counters, when it ends.
+    thread: std::thread::JoinHandle<chorus_client::Stats>,
+}
+
+impl SdkClients {
+    fn start(w: &Workload, http: &[String]) -> SdkClients {
+        use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+        use std::sync::{Arc, Mutex};
+        let (stop, done) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let received: Arc<Mutex<Vec<(String, u64, String)>>> = Arc::default();
+        let (written_tx, written) = std::sync::mpsc::channel();
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let urls: Vec<String> = http.iter().map(|a| format!("http://{a}")).collect();
+        let channels = w.channels.clone();
+        let (stopping, finishing, got) = (stop.clone(), done.clone(), received.clone());
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            runtime.block_on(async move {
+                let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+                let connect = |skip: usize| {
+                    let client = chorus_client::Client::cluster(&urls).expect("URLs");
+                    for _ in 0..skip {
+                        client.next_node();
+                    }
+                    async move {
+                        loop {
+                            let opened = async {
+                                let session = client.login("w@example.com", PASSWORD).await?;
+                                session
+                                    .connect(chorus_client::ConnectOptions::default())
+                                    .await
+                            };
+                            match tokio::time::timeout(Duration::from_secs(3), opened).await {
+                                Ok(Ok(stream)) => return stream,
+                                _ => client.next_node(),
+                            }
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                };
+                let mut reader = connect(1).await;
+                let _ = ready_tx.send(());
+                let reading = tokio::spawn(async move {
+                    while !finishing.load(Relaxed) {
+                        let next = reader.next_event();
+                        match tokio::time::timeout(Duration::from_millis(100), next).await {
+                            Ok(Ok(e)) => {
+                                if let Some(m) = e.message() {
+                                    got.lock().unwrap().push((e.channel_id, e.seq, m.text));
+                                }
+                            }
+                            Ok(Err(e)) => panic!("the reading stream ended: {e}"),
+                            Err(_) => {}
+                        }
+                    }
+                    reader.stats()
+                });
+                let writer = connect(0).await;
+                let handle = writer.handle();
+                let mut written = Written {
+                    acked: BTreeMap::new(),
+                    sent: BTreeSet::new(),
+                    longest: Duration::ZERO,
+                    ack_times: Vec::new(),
+                };
+                let mut n = 0usize;
+                while !stopping.load(Relaxed) {
+                    let cid = &channels[n % CHANNELS];
+                    let text = format!("s{n}");
+                    written.sent.insert(text.clone());
+                    let deadline = Instant::now() + Duration::from_secs(3);
+                    while Instant::now() < deadline {
+                        let sending = handle.send(cid, &text, &text);
+                        match tokio::time::timeout(Duration::from_secs(1), sending).await {
+                            Ok(Ok(_)) => {
+                                written.acked.entry(cid.clone()).or_default().insert(text);
+                                break;
+                            }
+                            Ok(Err(chorus_client::Error::Closed)) => {
+                                panic!("the writer's stream ended")
+                            }
+                            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                        }
+                    }
+                    n += 1;
+                }
+                let _ = written_tx.send((written, writer.stats()));
+                writer.close().await;
+                reading.await.expect("the reader")
+            })
+        });
+        // Started before any post, the reader has every post to receive.
+        ready.recv_timeout(SETTLE).expect("the SDK reader connects");
+        SdkClients {
+            stop,
+            done,
+            written,
+            received,
+            thread,
+        }
+    }
+
+    /// Stops posting: what the SDK writer sent and was acknowledged, and its counters.
+    fn stop_writing(&self) -> (Written, chorus_client::Stats) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.written
+            .recv_timeout(SETTLE)
+            .expect("the SDK writer stops")
+    }
+
+    /// What the reading stream has delivered so far.
+    fn received(&self) -> Vec<(String, u64, String)> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// Stops reading; the reading stream's counters.
+    fn stop_reading(self) -> chorus_client::Stats {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("the SDK clients")
+    }
+}
+
+/// The SDK reader, once the faults healed: it received every acknowledged post (REST and
+/// SDK) in its channel, each once, in seq order per channel with no gap the stream had to
+/// repair, across every reconnection to another node.
+fn check_reader(sdk: SdkClients, w: &Workload, written: &Written) {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let got: BTreeSet<(String, String)> = (sdk.received().into_iter())
+            .map(|(c, _, t)| (c, t))
+            .collect();
+        let missing: Vec<(&String, &String)> = (written.acked.iter())
+            .flat_map(|(c, texts)| texts.iter().map(move |t| (c, t)))
+            .filter(|(c, t)| !got.contains(&((*c).clone(), (*t).clone())))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the SDK reader never received {} acknowledged posts ({:?}...)",
+            missing.len(),
+            &missing[..missing.len().min(5)]
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let received = sdk.received();
+    let stats = sdk.stop_reading();
+    for cid in &w.channels {
+        let seqs: Vec<u64> = (received.iter())
+            .filter(|(c, _, _)| c == cid)
+            .map(|(_, seq, _)| *seq)
+            .collect();
+        assert!(
+            seqs.windows(2).all(|p| p[1] == p[0] + 1),
+            "channel {cid}: the reader's seqs go {seqs:?}"
+        );
+    }
+    let texts: Vec<&String> = received.iter().map(|(_, _, t)| t).collect();
+    let distinct: BTreeSet<&&String> = texts.iter().collect();
+    assert_eq!(texts.len(), distinct.len(), "a post delivered twice");
+    assert_eq!(
+        stats.gaps_detected, 0,
+        "gaps the stream repaired: {stats:?}"
+    );
+    eprintln!(
+        "SDK reader: {} events over {} connections, {} repeats dropped",
+        received.len(),
+        stats.connections,
+        stats.repeats_dropped
+    );
+}
+
 /// The checker, once every node of `http` has caught up: every acknowledged post is in
 /// its channel exactly once on every node, at the same seq everywhere, and nothing that was
 /// never sent appears. `logs` are shown if a node never holds what it should.
@@ -524,6 +715,7 @@ fn run(n: usize) {
     let work = Workload::prepare(&http);
     let (agent, token) = (&work.agent, &work.token);
     let (channels, partitions) = (&work.channels, &work.partitions);
+    let sdk = SdkClients::start(&work, &http);
     let writer = Writer::start(
         &work,
         std::sync::Arc::new(std::sync::Mutex::new(http.clone())),
@@ -682,11 +874,24 @@ fn run(n: usize) {
         std::thread::sleep(Duration::from_millis(1_000));
         round += 1;
     }
-    let written = writer.finish();
+    let mut written = writer.finish();
+    let (by_sdk, sdk_stats) = sdk.stop_writing();
+    let sdk_acked: usize = by_sdk.acked.values().map(BTreeSet::len).sum();
+    assert!(sdk_acked > 0, "nothing the SDK sent was acknowledged");
+    eprintln!(
+        "SDK writer: {} posts sent, {sdk_acked} acknowledged, over {} connections",
+        by_sdk.sent.len(),
+        sdk_stats.connections
+    );
+    for (cid, texts) in by_sdk.acked {
+        written.acked.entry(cid).or_default().extend(texts);
+    }
+    written.sent.extend(by_sdk.sent);
     check(&work, &http, &written, &faults, &|| {
         nodes.iter().map(|n| n.log()).collect()
     });
     check_pushes(&sink, &written, faults.len());
+    check_reader(sdk, &work, &written);
     let total: usize = written.acked.values().map(BTreeSet::len).sum();
     let shown = faults.len().min(8);
     eprintln!(

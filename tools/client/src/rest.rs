@@ -23,11 +23,20 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// The largest page the server hands out; [`Session::all_messages`] reads pages of this size.
 pub const PAGE_LIMIT_MAX: usize = 200;
 
-/// A connection to one Chorus server, before logging in. Cheap to clone.
+/// A connection to a Chorus server (or to the nodes of a cluster, `API.md` §15), before
+/// logging in. Cheap to clone; clones share which node they use.
 #[derive(Clone, Debug)]
 pub struct Client {
     http: reqwest::Client,
-    base: Url,
+    nodes: std::sync::Arc<Nodes>,
+}
+
+/// The servers a client may use (every node of a cluster serves the whole API), and the
+/// one it uses now.
+#[derive(Debug)]
+struct Nodes {
+    bases: Vec<Url>,
+    current: std::sync::atomic::AtomicUsize,
 }
 
 /// A logged-in user: the token and the user it names, and every call that needs them.
@@ -68,22 +77,59 @@ impl Client {
     /// A client for the server at `base_url`, such as `http://127.0.0.1:8080`. Only plain
     /// `http://` is supported; the event stream uses `ws://` on the same host and port.
     pub fn new(base_url: &str) -> Result<Client, Error> {
-        let base = Url::parse(base_url).map_err(|e| Error::Url(format!("{base_url}: {e}")))?;
-        if base.scheme() != "http" || base.host_str().is_none() {
-            return Err(Error::Url(format!(
-                "{base_url}: an http:// URL with a host"
-            )));
+        Client::cluster(&[base_url])
+    }
+
+    /// A client for the nodes of a cluster at `base_urls` (at least one), each like
+    /// [`Client::new`]'s. It uses the first; an event stream whose connection is lost, or
+    /// cannot be made, moves to the next ([`Client::next_node`]), and the REST calls of
+    /// every clone follow.
+    pub fn cluster(base_urls: &[&str]) -> Result<Client, Error> {
+        let bases = (base_urls.iter())
+            .map(|base_url| {
+                let base =
+                    Url::parse(base_url).map_err(|e| Error::Url(format!("{base_url}: {e}")))?;
+                if base.scheme() != "http" || base.host_str().is_none() {
+                    return Err(Error::Url(format!(
+                        "{base_url}: an http:// URL with a host"
+                    )));
+                }
+                Ok(base)
+            })
+            .collect::<Result<Vec<Url>, Error>>()?;
+        if bases.is_empty() {
+            return Err(Error::Url("no server URL".into()));
         }
         let http = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
             .build()
             .map_err(Error::Http)?;
-        Ok(Client { http, base })
+        let nodes = Nodes {
+            bases,
+            current: std::sync::atomic::AtomicUsize::new(0),
+        };
+        Ok(Client {
+            http,
+            nodes: std::sync::Arc::new(nodes),
+        })
     }
 
-    /// The server's base URL.
-    pub fn base_url(&self) -> &Url {
-        &self.base
+    /// The base URL of the server this client uses now.
+    pub fn base_url(&self) -> Url {
+        let n = &self.nodes;
+        n.bases[n.current.load(std::sync::atomic::Ordering::Relaxed) % n.bases.len()].clone()
+    }
+
+    /// Moves this client and its clones to the next of its servers (nothing with one).
+    pub fn next_node(&self) {
+        self.nodes
+            .current
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How many servers this client knows.
+    pub fn nodes(&self) -> usize {
+        self.nodes.bases.len()
     }
 
     /// The URL of the WebSocket endpoint on the same host and port.
@@ -101,7 +147,7 @@ impl Client {
     }
 
     fn url(&self, segments: &[&str]) -> Url {
-        let mut url = self.base.clone();
+        let mut url = self.base_url();
         url.path_segments_mut()
             .expect("checked in new: an http URL has a path")
             .pop_if_empty()
@@ -607,6 +653,23 @@ pub(crate) fn paging(url: &mut Url, key: &str, cursor: Option<&str>, limit: usiz
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // A client of a cluster moves to the next node and back around; its clones move with
+    // it; an empty list or a URL that is not http:// is refused.
+    #[test]
+    fn a_cluster_client_moves_from_node_to_node() {
+        let c = Client::cluster(&["http://127.0.0.1:1", "http://127.0.0.1:2"]).unwrap();
+        let clone = c.clone();
+        assert_eq!(c.nodes(), 2);
+        assert_eq!(c.base_url().port(), Some(1));
+        c.next_node();
+        assert_eq!(clone.base_url().port(), Some(2));
+        assert_eq!(clone.ws_url().as_str(), "ws://127.0.0.1:2/ws/v1/connect");
+        clone.next_node();
+        assert_eq!(c.base_url().port(), Some(1));
+        assert!(Client::cluster(&[]).is_err());
+        assert!(Client::cluster(&["http://127.0.0.1:1", "ftp://x"]).is_err());
+    }
 
     // Paths are built from percent-encoded segments under the base, and the stream's URL
     // is the same host with ws://.

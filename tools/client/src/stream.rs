@@ -958,6 +958,9 @@ impl Task {
                     End::Lost(why) => {
                         tracing::debug!(user = %self.user_id, %why, "connection lost");
                         bump(&self.counters.disconnects);
+                        // On a cluster, the next try goes to another node: this one may be
+                        // down or cut off.
+                        self.client.next_node();
                         for reply in self.outbox.disconnected() {
                             let _ = reply.send(Err(Error::Interrupted));
                         }
@@ -988,6 +991,7 @@ impl Task {
                 Err(ConnectError::Fatal(e)) => return self.finish(e),
                 Err(ConnectError::Retry(why)) => {
                     tracing::debug!(user = %self.user_id, %why, attempt, "reconnect failed");
+                    self.client.next_node();
                     last_failure = why;
                 }
             }
