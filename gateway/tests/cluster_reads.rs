@@ -464,3 +464,82 @@ fn one_email_signed_up_at_once_through_three_nodes_is_one_account() {
         }
     }
 }
+
+// A file uploaded through one node is attached at once to a message posted through
+// another: the partition that decides the post knows every file recorded before it,
+// wherever the upload was taken.
+#[test]
+fn a_file_uploaded_through_one_node_is_attached_at_once_through_another() {
+    let config = ClusterConfig::three();
+    let nodes: Vec<Server> = (1..=3)
+        .map(|id| Server::start(&config.node(id, common::UNLIMITED)))
+        .collect();
+    let alice = common::cluster_signup(&nodes[0], "alice", None);
+    let wid = common::cluster_workspace(&nodes[0], &alice);
+    let cid = common::cluster_channel(&nodes[0], &alice, &wid, "general");
+    let mut refused = Vec::new();
+    for i in 0..30 {
+        let (up, post) = (&nodes[i % 3], &nodes[(i + 1) % 3]);
+        let r =
+            settled(|| common::upload_bytes_raw(up, &alice, &wid, "t.txt", "text/plain", b"hello"));
+        assert_eq!(r.status, 201, "{}", r.text);
+        let fid = str_of(&r.body["file"]["id"]);
+        let body = json!({"text": format!("file {i}"), "file_ids": [fid]});
+        let path = format!("/api/v1/channels/{cid}/messages");
+        let r = settled(|| post.call("POST", &path, Some(&alice.token), Some(body.clone())));
+        if r.status != 201 {
+            refused.push(format!("{i}: {} {}", r.status, r.text));
+            continue;
+        }
+        assert_eq!(
+            str_of(&r.body["message"]["files"][0]["id"]),
+            fid,
+            "{}",
+            r.text
+        );
+    }
+    assert!(refused.is_empty(), "refused: {refused:?}");
+}
+
+// A channel made through one node takes a post through another at once, and a member
+// added through one node posts through another at once.
+#[test]
+fn a_channel_made_through_one_node_takes_posts_at_once_through_another() {
+    let config = ClusterConfig::three();
+    let nodes: Vec<Server> = (1..=3)
+        .map(|id| Server::start(&config.node(id, common::UNLIMITED)))
+        .collect();
+    let alice = common::cluster_signup(&nodes[0], "alice", None);
+    let bob = common::cluster_signup(&nodes[1], "bob", None);
+    let wid = common::cluster_workspace(&nodes[0], &alice);
+    common::cluster_add_member(&nodes[0], &alice, &wid, &bob);
+    let mut refused = Vec::new();
+    for i in 0..30 {
+        let (make, post) = (&nodes[i % 3], &nodes[(i + 1) % 3]);
+        let r = settled(|| {
+            let body = json!({"name": format!("c{i}"), "kind": "public"});
+            let path = format!("/api/v1/workspaces/{wid}/channels");
+            make.call("POST", &path, Some(&alice.token), Some(body))
+        });
+        assert_eq!(r.status, 201, "{}", r.text);
+        let cid = str_of(&r.body["channel"]["id"]);
+        let path = format!("/api/v1/channels/{cid}/messages");
+        let body = json!({"text": format!("first {i}")});
+        let r = settled(|| post.call("POST", &path, Some(&alice.token), Some(body.clone())));
+        if r.status != 201 {
+            refused.push(format!("post {i}: {} {}", r.status, r.text));
+        }
+        let members = format!("/api/v1/channels/{cid}/members");
+        let r = settled(|| {
+            let body = json!({"user_id": bob.id});
+            make.call("POST", &members, Some(&alice.token), Some(body))
+        });
+        assert_eq!(r.status, 201, "{}", r.text);
+        let body = json!({"text": format!("bob {i}")});
+        let r = settled(|| post.call("POST", &path, Some(&bob.token), Some(body.clone())));
+        if r.status != 201 {
+            refused.push(format!("bob's post {i}: {} {}", r.status, r.text));
+        }
+    }
+    assert!(refused.is_empty(), "refused: {refused:?}");
+}
