@@ -308,3 +308,83 @@ fn a_digest_open_when_the_sender_dies_is_sent_by_the_next() {
     assert_eq!(smtp.to(&bob.email).len(), 1, "sent once");
     outboxes_drained(&nodes, &others);
 }
+
+// A node that joins a running cluster reads every log from its beginning; it decides only
+// what is posted from its start on, not the history the cluster notified long ago.
+#[test]
+fn a_joining_node_does_not_decide_the_history() {
+    let sink = Sink::start();
+    let config = ClusterConfig::of(4);
+    let extra = format!("{UNLIMITED}push_gateway_url = \"{}\"\n", sink.url);
+    let mut nodes: Vec<Server> = (1..=3)
+        .map(|id| Server::start(&config.node_in(id, &[1, 2, 3], &extra)))
+        .collect();
+    let alice = cluster_signup(&nodes[0], "alice", None);
+    let bob = cluster_signup(&nodes[1], "bob", None);
+    let wid = cluster_workspace(&nodes[0], &alice);
+    cluster_add_member(&nodes[0], &alice, &wid, &bob);
+    let cid = channel_with(&nodes[0], &alice, &wid, &bob);
+    let r = settled(|| {
+        let body = json!({"app_id": "chat.chorus", "pushkey": "key-bob", "platform": "fcm"});
+        nodes[2].call(
+            "POST",
+            "/api/v1/me/push-devices",
+            Some(&bob.token),
+            Some(body),
+        )
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+    let history: Vec<String> = (0..10)
+        .map(|i| {
+            post(
+                &nodes[i % 3],
+                &alice,
+                &cid,
+                &format!("<@{}> old {i}", bob.id),
+            )
+        })
+        .collect();
+    for id in &history {
+        sink.wait_for(id, "key-bob");
+    }
+    // History: older than the decider's grace at node 4's first start.
+    std::thread::sleep(chorus_notify::decider::FIRST_START_GRACE + Duration::from_secs(1));
+    let joining = format!("cluster_join = true\n{extra}");
+    nodes.push(Server::start(&config.node_in(4, &[1, 2, 3, 4], &joining)));
+    let r = nodes[0].call(
+        "PUT",
+        "/api/v1/cluster/members",
+        None,
+        Some(config.members_body(&[1, 2, 3, 4])),
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
+    // Node 4 holds the channel's history, then decides a new mention (posted through it)
+    // and answers it like the others.
+    let deadline = Instant::now() + WAIT;
+    let path = format!("/api/v1/channels/{cid}/messages?limit=200");
+    loop {
+        let r = nodes[3].call("GET", &path, Some(&alice.token), None);
+        if r.status == 200 && r.body["messages"].as_array().is_some_and(|m| m.len() >= 10) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 4 never held the history: {}",
+            r.text
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let new = post(&nodes[3], &alice, &cid, &format!("<@{}> new", bob.id));
+    sink.wait_for(&new, "key-bob");
+    outboxes_drained(&nodes, &[0, 1, 2, 3]);
+    let decided_on_4 = nodes[3].metric("chorus_notify_answered_elsewhere_total")
+        + nodes[3].metric("chorus_notify_pushes_sent_total");
+    assert_eq!(decided_on_4, 1.0, "node 4 decided the new mention only");
+    std::thread::sleep(SETTLE);
+    let counts = per_message(&sink);
+    assert_eq!(counts.len(), 11, "{counts:?}");
+    assert!(
+        counts.values().all(|n| *n == 1),
+        "each pushed once: {counts:?}"
+    );
+}

@@ -19,7 +19,9 @@
 //!   from its offsets (else from the logs' beginning); events before its stored cursors
 //!   only rebuild state, events at and after them are decided. On a first start (no
 //!   outbox) the cursors are the logs' ends when the engine opened: nothing posted before
-//!   notifications were switched on is pushed.
+//!   notifications were switched on is pushed. A node that joins a cluster opens on empty
+//!   logs and reads them from the beginning as they arrive, so a message committed more
+//!   than [`FIRST_START_GRACE`] before the first start is never decided either.
 //! - **Deciding.** For a new message: the candidates are the members but the author whose
 //!   level (the channel's, else `prefs.push`, or `prefs.email`) lets it through (`all`;
 //!   `mentions` only on a mention, `@channel`/`@here`, a keyword, or a DM), not muted, and
@@ -63,6 +65,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// How long before the decider's first start a message may have been committed and still
+/// be decided: messages older than that are history (a node joining a cluster reads every
+/// log from its beginning, and must not decide what the cluster notified long ago). A
+/// margin for clocks that differ between nodes, since a message's time is its leader's.
+pub const FIRST_START_GRACE: Duration = Duration::from_secs(10);
+
 /// How long the decider waits before reading a log again after a read failed.
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// Events read between two snapshots of the decider's state (one is also taken at stop):
@@ -104,6 +112,9 @@ pub struct Decider {
     emails: Vec<EmailItem>,
     /// Events read since the last snapshot.
     since_snapshot: u64,
+    /// Messages committed before this time (µs since the epoch) are not decided: the first
+    /// start's time, less [`FIRST_START_GRACE`] (`<outbox dir>/since`).
+    decide_from_us: u64,
 }
 
 /// Which kinds of notification this server sends.
@@ -142,9 +153,14 @@ pub fn spawn(
     let consumer = engine
         .consumer(consumer)
         .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let since = outbox.dir().join("since");
     let decided = match stored {
         Some(c) => c,
         None => {
+            // The first start's time first: a crash before the cursors below leaves a
+            // first start again, which writes it again.
+            let now_ms = jiff::Timestamp::now().as_millisecond().max(0);
+            crate::outbox::store_file(&since, now_ms.to_string().as_bytes())?;
             let partitions = engine.ends_at_open();
             let first = Cursors {
                 partitions,
@@ -159,6 +175,14 @@ pub fn spawn(
     // another outbox.
     let snapshot = crate::snapshot::load(outbox.dir())
         .filter(|s| crate::snapshot::within(&s.header.cursors, &decided));
+    // Outboxes made before the first start's time was kept decide every message after
+    // their cursors, as they did.
+    let first_start_ms: u64 = std::fs::read_to_string(&since)
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0);
+    let grace_ms = FIRST_START_GRACE.as_millis() as u64;
+    let decide_from_us = first_start_ms.saturating_sub(grace_ms) * 1000;
     let mut decider = Decider {
         engine,
         consumer,
@@ -174,6 +198,7 @@ pub fn spawn(
         windows: windows.into_iter().map(|(u, w)| (UserId(u), w)).collect(),
         emails: Vec::new(),
         since_snapshot: 0,
+        decide_from_us,
     };
     if let Some(s) = snapshot {
         decider.restore(s);
@@ -461,6 +486,11 @@ impl Decider {
         let Some(posted) = r.event.posted() else {
             return;
         };
+        // History from before the first start: a joining node's logs come from the
+        // beginning.
+        if r.at_us < self.decide_from_us {
+            return;
+        }
         let channel = self.channels.get(&r.channel);
         let direct = channel.is_some_and(|c| c.direct);
         // A body kept in the blob store (over 64 KiB) is not read here: no keyword
