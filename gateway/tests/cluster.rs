@@ -1142,3 +1142,102 @@ fn a_stream_resumes_on_another_node_missing_nothing() {
         last = live.0;
     }
 }
+
+// QUIC sessions on nodes that may not lead the channel (`API.md` §15: every node serves
+// the whole API, over each transport): messages sent over QUIC through a node that does
+// not lead the channel's partition reach a QUIC session on the other such node, every one,
+// in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_sessions_on_any_node_send_and_receive() {
+    let (nodes, cid, followers) = tokio::task::spawn_blocking(|| {
+        let config = ClusterConfig::three();
+        let nodes: Vec<Server> = (1..=3)
+            .map(|id| Server::start(&config.node(id, common::UNLIMITED)))
+            .collect();
+        let alice = common::cluster_signup(&nodes[0], "alice", None);
+        let bob = common::cluster_signup(&nodes[0], "bob", None);
+        let wid = common::cluster_workspace(&nodes[0], &alice);
+        common::cluster_add_member(&nodes[0], &alice, &wid, &bob);
+        let cid = common::cluster_channel(&nodes[0], &alice, &wid, "general");
+        let r = common::settled(|| {
+            let path = format!("/api/v1/channels/{cid}/members");
+            nodes[0].call(
+                "POST",
+                &path,
+                Some(&alice.token),
+                Some(json!({"user_id": bob.id})),
+            )
+        });
+        assert_eq!(r.status, 201, "{}", r.text);
+        // The two nodes that do not lead the channel's partition now.
+        let channel = nodes[0].call(
+            "GET",
+            &format!("/api/v1/channels/{cid}"),
+            Some(&alice.token),
+            None,
+        );
+        let partition = channel.body["channel"]["partition"]
+            .as_u64()
+            .expect("partition");
+        let view = nodes[0].call("GET", "/api/v1/cluster", Some(&alice.token), None);
+        let leader = view.body["partitions"][partition as usize]["leader"].as_u64();
+        let followers: Vec<usize> = (0..3).filter(|i| Some(*i as u64 + 1) != leader).collect();
+        (nodes, cid, followers)
+    })
+    .await
+    .unwrap();
+    let open = |s: &Server, who: &'static str| {
+        let client = chorus_client::Client::new(&s.base_url()).unwrap();
+        let target = chorus_client::QuicTarget {
+            addr: s.quic_addr.parse().expect("quic address"),
+            server_name: "localhost".into(),
+            pin_sha256: s.quic_pin(),
+        };
+        async move {
+            let session = client
+                .login(&format!("{who}@example.com"), PASSWORD)
+                .await
+                .unwrap();
+            let options = chorus_client::ConnectOptions {
+                transport: chorus_client::Transport::Quic(target),
+                ..Default::default()
+            };
+            session.connect(options).await.unwrap()
+        }
+    };
+    let alice = open(&nodes[followers[0]], "alice").await;
+    let mut bob = open(&nodes[followers[1]], "bob").await;
+    let handle = alice.handle();
+    for i in 0..20 {
+        let text = format!("q{i}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match handle.send(&cid, &text, &text).await {
+                Ok(m) => {
+                    assert_eq!(m.text, text);
+                    break;
+                }
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "{text}: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    let mut got = Vec::new();
+    while got.len() < 20 {
+        let next = tokio::time::timeout(Duration::from_secs(20), bob.next_event()).await;
+        let event = next
+            .expect("an event within 20 s")
+            .expect("the stream goes on");
+        if let Some(m) = event.message() {
+            got.push(m.text);
+        }
+    }
+    let want: Vec<String> = (0..20).map(|i| format!("q{i}")).collect();
+    assert_eq!(got, want);
+    assert_eq!(bob.stats().gaps_detected, 0);
+    tokio::task::spawn_blocking(move || drop(nodes))
+        .await
+        .unwrap();
+}
