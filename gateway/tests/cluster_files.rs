@@ -9,28 +9,13 @@ mod common;
 
 use common::moto::Moto;
 use common::{
-    cluster_signup, cluster_workspace, get_bytes, str_of, ClusterConfig, Resp, Server, User,
-    PASSWORD,
+    cluster_signup, cluster_workspace, get_bytes, settled, str_of, ClusterConfig, Server, User,
 };
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
 /// How long a call may look for a node that answers it.
 const WAIT: Duration = Duration::from_secs(20);
-
-/// Retries `call` until it answers something other than 503 (while a leader is elected)
-/// or a 401/404 from a node whose directory lags; that answer.
-fn settled(what: &str, call: impl Fn() -> Resp) -> Resp {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let r = call();
-        if !matches!(r.status, 503 | 401 | 404) {
-            return r;
-        }
-        assert!(Instant::now() < deadline, "{what}: {} {}", r.status, r.text);
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 #[test]
 fn every_node_takes_uploads_and_serves_every_file_in_s3() {
@@ -63,7 +48,7 @@ fn files_on_each_nodes_disk_outlive_the_node_that_took_them() {
         let mut bytes = format!("// through node {}\n", i + 1).into_bytes();
         bytes.extend_from_slice(&b"fn late() {}\n".repeat(500_000));
         let before = s.metric("chorus_forwarded_total");
-        let r = settled("an upload", || {
+        let r = settled(|| {
             let name = format!("late{i}.rs");
             common::upload_bytes_raw(s, &alice, &wid, &name, "text/plain", &bytes)
         });
@@ -116,40 +101,20 @@ fn bytes_settled(s: &Server, user: &User, path: &str) -> (u16, Vec<u8>) {
 /// upload through each node is taken and that every node serves every file: content,
 /// preview, signed links. Returns the uploader and the workspace.
 fn every_node_takes_uploads_and_serves_every_file(nodes: &[Server]) -> (User, String) {
-    let sign_up = |name: &str| {
-        let body =
-            json!({"email": format!("{name}@example.com"), "password": PASSWORD, "name": name});
-        let r = settled("a sign-up", || {
-            nodes[0].call("POST", "/api/v1/auth/signup", None, Some(body.clone()))
-        });
-        assert_eq!(r.status, 201, "{}", r.text);
-        User {
-            id: str_of(&r.body["user"]["id"]),
-            email: format!("{name}@example.com"),
-            token: str_of(&r.body["token"]),
-        }
-    };
-    let (alice, bob) = (sign_up("alice"), sign_up("bob"));
-    let r = settled("the workspace", || {
-        let body = json!({"name": "acme"});
-        nodes[0].call("POST", "/api/v1/workspaces", Some(&alice.token), Some(body))
-    });
-    assert_eq!(r.status, 201, "{}", r.text);
-    let wid = str_of(&r.body["workspace"]["id"]);
-    let r = settled("bob in the workspace", || {
-        let path = format!("/api/v1/workspaces/{wid}/members");
-        let body = json!({"email": bob.email});
-        nodes[0].call("POST", &path, Some(&alice.token), Some(body))
-    });
-    assert_eq!(r.status, 201, "{}", r.text);
-    let r = settled("the channel", || {
+    let (alice, bob) = (
+        cluster_signup(&nodes[0], "alice", None),
+        cluster_signup(&nodes[0], "bob", None),
+    );
+    let wid = cluster_workspace(&nodes[0], &alice);
+    common::cluster_add_member(&nodes[0], &alice, &wid, &bob);
+    let r = settled(|| {
         let body = json!({"name": "general", "kind": "public"});
         let path = format!("/api/v1/workspaces/{wid}/channels");
         nodes[0].call("POST", &path, Some(&alice.token), Some(body))
     });
     assert_eq!(r.status, 201, "{}", r.text);
     let cid = str_of(&r.body["channel"]["id"]);
-    let r = settled("bob in the channel", || {
+    let r = settled(|| {
         let path = format!("/api/v1/channels/{cid}/join");
         nodes[0].call("POST", &path, Some(&bob.token), None)
     });
@@ -167,7 +132,7 @@ fn every_node_takes_uploads_and_serves_every_file(nodes: &[Server]) -> (User, St
             "fn node_{i}() {{\n    println!(\"uploaded through node {}\");\n}}\n",
             i + 1
         );
-        let r = settled("an upload", || {
+        let r = settled(|| {
             common::upload_bytes_raw(
                 s,
                 &alice,
@@ -209,7 +174,7 @@ fn every_node_takes_uploads_and_serves_every_file(nodes: &[Server]) -> (User, St
     );
     // Shared in a message, so that Bob may read them too.
     let ids: Vec<&str> = files.iter().map(|(id, _)| id.as_str()).collect();
-    let r = settled("the post", || {
+    let r = settled(|| {
         let body = json!({"text": "", "file_ids": ids, "client_msg_id": "files"});
         let path = format!("/api/v1/channels/{cid}/messages");
         nodes[0].call("POST", &path, Some(&alice.token), Some(body))
@@ -294,7 +259,7 @@ fn a_deleted_files_bytes_leave_every_nodes_disk() {
     let mut files = Vec::new();
     for name in ["gone.bin", "kept.bin"] {
         let bytes = format!("the bytes of {name}\n").repeat(1_000).into_bytes();
-        let r = settled("an upload", || {
+        let r = settled(|| {
             let ctype = "application/octet-stream";
             common::upload_bytes_raw(&nodes[0], &alice, &wid, name, ctype, &bytes)
         });
@@ -324,7 +289,7 @@ fn a_deleted_files_bytes_leave_every_nodes_disk() {
         }
     }
     let (gone, kept) = (&files[0], &files[1]);
-    let r = settled("the deletion", || {
+    let r = settled(|| {
         let path = format!("/api/v1/files/{}", gone.0);
         nodes[1].call("DELETE", &path, Some(&alice.token), None)
     });
@@ -351,7 +316,7 @@ fn directory_leader(nodes: &[Server], live: &[usize], alice: &User, wid: &str) -
             let s = &nodes[i];
             let before = s.metric("chorus_forwarded_total");
             let bytes = format!("probe {i} {:?}", Instant::now()).into_bytes();
-            let r = settled("a probe upload", || {
+            let r = settled(|| {
                 let ctype = "application/octet-stream";
                 common::upload_bytes_raw(s, alice, wid, "probe.bin", ctype, &bytes)
             });
@@ -435,13 +400,13 @@ fn a_file_deleted_through_one_node_is_gone_at_once_through_another() {
     for i in 0..30 {
         let (a, b) = (&nodes[i % 3], &nodes[(i + 1) % 3]);
         let bytes = format!("file {i}\n").repeat(100).into_bytes();
-        let r = settled("an upload", || {
+        let r = settled(|| {
             let ctype = "application/octet-stream";
             common::upload_bytes_raw(a, &alice, &wid, "f.bin", ctype, &bytes)
         });
         assert_eq!(r.status, 201, "{}", r.text);
         let fid = str_of(&r.body["file"]["id"]);
-        let r = settled("the deletion", || {
+        let r = settled(|| {
             a.call(
                 "DELETE",
                 &format!("/api/v1/files/{fid}"),
