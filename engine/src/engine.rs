@@ -918,10 +918,18 @@ impl Engine {
         }
     }
 
-    /// Live files none of whose previews is decided yet, in ID order.
-    pub async fn files_without_previews(&self) -> Result<Vec<FileView>, EngineError> {
-        self.meta_read(0, |reply| MetaRead::FilesWithoutPreviews { reply })
-            .await
+    /// Live files none of whose previews is decided yet, in ID order, of the media types
+    /// `previewable` accepts (the others never get one: listing them would cost every
+    /// caller a walk of them).
+    pub async fn files_without_previews(
+        &self,
+        previewable: fn(&str) -> bool,
+    ) -> Result<Vec<FileView>, EngineError> {
+        self.meta_read(0, |reply| MetaRead::FilesWithoutPreviews {
+            previewable,
+            reply,
+        })
+        .await
     }
 
     /// `NotFound` unless the user is a member of the workspace.

@@ -602,11 +602,12 @@ impl MetaState {
 
     /// Live files none of whose previews is decided yet, in ID order: the work a preview
     /// maker resumes after a restart.
-    pub fn files_without_previews(&self) -> Vec<&FileEntry> {
+    pub fn files_without_previews(&self, previewable: fn(&str) -> bool) -> Vec<&FileEntry> {
         let mut out: Vec<&FileEntry> = self
             .files
             .values()
             .filter(|e| !e.deleted && e.previews.is_empty())
+            .filter(|e| previewable(&e.stored.content_type))
             .collect();
         out.sort_by_key(|e| e.stored.file);
         out
@@ -802,6 +803,10 @@ mod tests {
             s.decide(delete(pb, f1)),
             Err(DomainError::NotFound("file"))
         ));
+        // Files wait for a preview only if their media type can have one.
+        let waiting = |f: fn(&str) -> bool| s.files_without_previews(f).len();
+        assert_eq!(waiting(|t| t == "text/plain"), 1);
+        assert_eq!(waiting(|t| t.starts_with("image/")), 0);
         // A preview's bytes are in use while its file lives; a kind is decided once.
         let preview = |file, kind: &str| MetaCommand::RecordPreview {
             record: PreviewRecord {
@@ -826,7 +831,7 @@ mod tests {
             s.decide(preview(f1, "thumb")),
             Err(DomainError::NotFound("file"))
         ));
-        assert!(s.files_without_previews().is_empty());
+        assert!(s.files_without_previews(|_| true).is_empty());
         run(&mut s, delete(pa, f2)).unwrap();
         assert!(!s.file_bytes_in_use(&[9; 32]));
         assert!(!s.file_bytes_in_use(&[4; 32]));

@@ -167,8 +167,11 @@ pub(crate) enum MetaRead {
         file: FileId,
         reply: Reply<FileView>,
     },
-    /// Live files with no preview decided yet.
-    FilesWithoutPreviews { reply: Reply<Vec<FileView>> },
+    /// Live files with no preview decided yet, of media types `previewable` accepts.
+    FilesWithoutPreviews {
+        previewable: fn(&str) -> bool,
+        reply: Reply<Vec<FileView>>,
+    },
     /// Whether a live file still has these bytes.
     FileBytesInUse {
         sha256: [u8; 32],
@@ -290,9 +293,9 @@ pub(crate) fn answer(meta: &MetaState, read: MetaRead) {
                 .ok_or(EngineError::Domain(DomainError::NotFound("file")));
             let _ = reply.send(r);
         }
-        MetaRead::FilesWithoutPreviews { reply } => {
+        MetaRead::FilesWithoutPreviews { previewable, reply } => {
             let files = meta
-                .files_without_previews()
+                .files_without_previews(previewable)
                 .into_iter()
                 .map(FileView::from)
                 .collect();

@@ -217,6 +217,12 @@ pub(crate) fn run_worker(
     Ok(Outcome::Crashed(format!("{status}: {}", stderr.trim())))
 }
 
+/// Whether files of this media type get a preview (the others are never listed as waiting
+/// for one).
+fn previewable(content_type: &str) -> bool {
+    kind_for(content_type).is_some()
+}
+
 struct Maker {
     engine: Engine,
     store: Arc<FileStore>,
@@ -230,7 +236,7 @@ struct Maker {
 impl Maker {
     fn run(self, first: bool, rx: &Mutex<Receiver<FileView>>) {
         if first && self.cluster.is_none() {
-            match block_on(self.engine.files_without_previews()) {
+            match block_on(self.engine.files_without_previews(previewable)) {
                 Ok(files) => files.iter().for_each(|f| self.make(f)),
                 Err(e) => tracing::error!(error = %e, "could not list files awaiting previews"),
             }
@@ -270,7 +276,7 @@ impl Maker {
         if !shared.leads_directory() {
             return;
         }
-        let files = match block_on(self.engine.files_without_previews()) {
+        let files = match block_on(self.engine.files_without_previews(previewable)) {
             Ok(files) => files,
             Err(e) => {
                 tracing::debug!(error = %e, "could not list files awaiting previews");
