@@ -388,3 +388,87 @@ fn a_joining_node_does_not_decide_the_history() {
         "each pushed once: {counts:?}"
     );
 }
+
+// A user active on one node is not pushed by the sending node, which is another: presence
+// is the same on every node, and the decider asks it.
+#[test]
+fn a_user_active_on_another_node_is_not_pushed() {
+    let sink = Sink::start();
+    let config = ClusterConfig::three();
+    let extra = format!("{UNLIMITED}push_gateway_url = \"{}\"\n", sink.url);
+    let nodes: Vec<Server> = (1..=3)
+        .map(|id| Server::start(&config.node(id, &extra)))
+        .collect();
+    let alice = cluster_signup(&nodes[0], "alice", None);
+    let bob = cluster_signup(&nodes[0], "bob", None);
+    let carol = cluster_signup(&nodes[0], "carol", None);
+    let wid = cluster_workspace(&nodes[0], &alice);
+    cluster_add_member(&nodes[0], &alice, &wid, &bob);
+    cluster_add_member(&nodes[0], &alice, &wid, &carol);
+    let cid = channel_with(&nodes[0], &alice, &wid, &bob);
+    let r = settled(|| {
+        let path = format!("/api/v1/channels/{cid}/members");
+        nodes[0].call(
+            "POST",
+            &path,
+            Some(&alice.token),
+            Some(json!({"user_id": carol.id})),
+        )
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+    for (user, key) in [(&bob, "key-bob"), (&carol, "key-carol")] {
+        let r = settled(|| {
+            let body = json!({"app_id": "chat.chorus", "pushkey": key, "platform": "fcm"});
+            nodes[1].call(
+                "POST",
+                "/api/v1/me/push-devices",
+                Some(&user.token),
+                Some(body),
+            )
+        });
+        assert_eq!(r.status, 201, "{}", r.text);
+    }
+    // Bob is connected, active, through a node that does not send.
+    let sender = directory_leader(&nodes[0], &alice) - 1;
+    let (bobs, posts) = ((sender + 1) % 3, (sender + 2) % 3);
+    let (mut ws, _) = nodes[bobs].connect(&bob);
+    ws.send(json!({"type": "presence:sub", "ref": "me", "op": "add", "user_ids": [bob.id]}));
+    let ack = ws.recv_type("ack");
+    assert_eq!(ack["users"][&bob.id]["status"], "online", "{ack}");
+    // The sending node sees him online.
+    let path = format!("/api/v1/workspaces/{wid}/presence?user_ids={}", bob.id);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = nodes[sender].call("GET", &path, Some(&alice.token), None);
+        if r.body["presence"][0]["status"] == "online" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "bob never online on the sender: {}",
+            r.text
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let seen = post(&nodes[posts], &alice, &cid, &format!("<@{}> live", bob.id));
+    // A barrier: a mention of carol, offline, decided after bob's, is pushed.
+    let barrier = post(
+        &nodes[posts],
+        &alice,
+        &cid,
+        &format!("<@{}> away", carol.id),
+    );
+    sink.wait_for(&barrier, "key-carol");
+    std::thread::sleep(SETTLE);
+    assert_eq!(
+        sink.count(&seen),
+        0,
+        "bob, active, was pushed: {:?}",
+        sink.accepted()
+    );
+    // Once he is gone (past the offline grace), he is pushed.
+    drop(ws);
+    std::thread::sleep(Duration::from_secs(1));
+    let later = post(&nodes[posts], &alice, &cid, &format!("<@{}> later", bob.id));
+    sink.wait_for(&later, "key-bob");
+}
