@@ -20,8 +20,9 @@
 //!   only rebuild state, events at and after them are decided. On a first start (no
 //!   outbox) the cursors are the logs' ends when the engine opened: nothing posted before
 //!   notifications were switched on is pushed. A node that joins a cluster opens on empty
-//!   logs and reads them from the beginning as they arrive, so a message committed more
-//!   than [`FIRST_START_GRACE`] before the first start is never decided either.
+//!   logs and reads them from the beginning as they arrive, so on a cluster node a message
+//!   committed more than [`FIRST_START_GRACE`] before the first start is never decided
+//!   either.
 //! - **Deciding.** For a new message: the candidates are the members but the author whose
 //!   level (the channel's, else `prefs.push`, or `prefs.email`) lets it through (`all`;
 //!   `mentions` only on a mention, `@channel`/`@here`, a keyword, or a DM), not muted, and
@@ -175,12 +176,18 @@ pub fn spawn(
     // another outbox.
     let snapshot = crate::snapshot::load(outbox.dir())
         .filter(|s| crate::snapshot::within(&s.header.cursors, &decided));
-    // Outboxes made before the first start's time was kept decide every message after
-    // their cursors, as they did.
-    let first_start_ms: u64 = std::fs::read_to_string(&since)
-        .ok()
-        .and_then(|t| t.trim().parse().ok())
-        .unwrap_or(0);
+    // Only a cluster node can open on logs that fill from their beginning later (a single
+    // node's first cursors leave out all history already), so only there does the time
+    // count: a wall clock set back after a single node's first start cannot hide a
+    // message. Outboxes made before the first start's time was kept decide every message
+    // after their cursors, as they did.
+    let first_start_ms: u64 = match outbox.gate() {
+        Some(_) => std::fs::read_to_string(&since)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0),
+        None => 0,
+    };
     let grace_ms = FIRST_START_GRACE.as_millis() as u64;
     let decide_from_us = first_start_ms.saturating_sub(grace_ms) * 1000;
     let mut decider = Decider {
