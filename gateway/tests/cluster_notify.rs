@@ -21,19 +21,57 @@ const WAIT: Duration = Duration::from_secs(30);
 /// After the last expected push arrived, how long a repeat may still take to show.
 const SETTLE: Duration = Duration::from_secs(2);
 
-/// A channel of `owner`'s in `wid` with `member` in it, through node `s`; its ID.
-fn channel_with(s: &Server, owner: &User, wid: &str, member: &User) -> String {
-    let cid = common::cluster_channel(s, owner, wid, "general");
+/// Nodes `ids` of `config`'s cluster, pushing to `sink`.
+fn pushing_nodes(sink: &Sink, config: &ClusterConfig, ids: &[usize]) -> Vec<Server> {
+    let extra = format!("{UNLIMITED}push_gateway_url = \"{}\"\n", sink.url);
+    (ids.iter())
+        .map(|&id| Server::start(&config.node_in(id, ids, &extra)))
+        .collect()
+}
+
+/// Alice, and bob in her workspace and in her channel, through node `s`: (alice, bob,
+/// the workspace, the channel).
+fn alice_and_bob(s: &Server) -> (User, User, String, String) {
+    let alice = cluster_signup(s, "alice", None);
+    let bob = cluster_signup(s, "bob", None);
+    let wid = cluster_workspace(s, &alice);
+    cluster_add_member(s, &alice, &wid, &bob);
+    let cid = channel_with(s, &alice, &wid, &bob);
+    (alice, bob, wid, cid)
+}
+
+/// Registers a push device of `user`'s with `key`, through node `s`.
+fn push_device(s: &Server, user: &User, key: &str) {
+    let r = settled(|| {
+        let body = json!({"app_id": "chat.chorus", "pushkey": key, "platform": "fcm"});
+        s.call(
+            "POST",
+            "/api/v1/me/push-devices",
+            Some(&user.token),
+            Some(body),
+        )
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+}
+
+/// Adds `user` to channel `cid` of `owner`'s, through node `s`.
+fn add_to_channel(s: &Server, owner: &User, cid: &str, user: &User) {
     let r = settled(|| {
         let path = format!("/api/v1/channels/{cid}/members");
         s.call(
             "POST",
             &path,
             Some(&owner.token),
-            Some(json!({"user_id": member.id})),
+            Some(json!({"user_id": user.id})),
         )
     });
     assert_eq!(r.status, 201, "{}", r.text);
+}
+
+/// A channel of `owner`'s in `wid` with `member` in it, through node `s`; its ID.
+fn channel_with(s: &Server, owner: &User, wid: &str, member: &User) -> String {
+    let cid = common::cluster_channel(s, owner, wid, "general");
+    add_to_channel(s, owner, &cid, member);
     cid
 }
 
@@ -106,25 +144,9 @@ fn metric_sum(nodes: &[Server], live: &[usize], name: &str) -> f64 {
 fn a_cluster_pushes_each_message_once_across_the_senders_death() {
     let sink = Sink::start();
     let config = ClusterConfig::three();
-    let extra = format!("{UNLIMITED}push_gateway_url = \"{}\"\n", sink.url);
-    let mut nodes: Vec<Server> = (1..=3)
-        .map(|id| Server::start(&config.node(id, &extra)))
-        .collect();
-    let alice = cluster_signup(&nodes[0], "alice", None);
-    let bob = cluster_signup(&nodes[1], "bob", None);
-    let wid = cluster_workspace(&nodes[0], &alice);
-    cluster_add_member(&nodes[0], &alice, &wid, &bob);
-    let cid = channel_with(&nodes[0], &alice, &wid, &bob);
-    let r = settled(|| {
-        let body = json!({"app_id": "chat.chorus", "pushkey": "key-bob", "platform": "fcm"});
-        nodes[2].call(
-            "POST",
-            "/api/v1/me/push-devices",
-            Some(&bob.token),
-            Some(body),
-        )
-    });
-    assert_eq!(r.status, 201, "{}", r.text);
+    let mut nodes = pushing_nodes(&sink, &config, &[1, 2, 3]);
+    let (alice, bob, _, cid) = alice_and_bob(&nodes[0]);
+    push_device(&nodes[2], &bob, "key-bob");
 
     let mention =
         |s: &Server, text: String| post(s, &alice, &cid, &format!("<@{}> {text}", bob.id));
@@ -220,19 +242,10 @@ fn a_cluster_sends_one_digest_per_window() {
     let nodes: Vec<Server> = (1..=3)
         .map(|id| Server::start(&config.node(id, &smtp.config())))
         .collect();
-    let alice = cluster_signup(&nodes[0], "alice", None);
-    let bob = cluster_signup(&nodes[1], "bob", None);
+    let (alice, bob, wid, cid) = alice_and_bob(&nodes[0]);
     let carol = cluster_signup(&nodes[2], "carol", None);
-    let wid = cluster_workspace(&nodes[0], &alice);
-    cluster_add_member(&nodes[0], &alice, &wid, &bob);
     cluster_add_member(&nodes[0], &alice, &wid, &carol);
-    let cid = channel_with(&nodes[0], &alice, &wid, &bob);
-    let r = settled(|| {
-        let path = format!("/api/v1/channels/{cid}/members");
-        let body = json!({"user_id": carol.id});
-        nodes[0].call("POST", &path, Some(&alice.token), Some(body))
-    });
-    assert_eq!(r.status, 201, "{}", r.text);
+    add_to_channel(&nodes[0], &alice, &cid, &carol);
     for (i, user) in [&bob, &carol].into_iter().enumerate() {
         let r = settled(|| {
             let body = json!({"email_digest_s": 2});
@@ -272,11 +285,7 @@ fn a_digest_open_when_the_sender_dies_is_sent_by_the_next() {
     let mut nodes: Vec<Server> = (1..=3)
         .map(|id| Server::start(&config.node(id, &smtp.config())))
         .collect();
-    let alice = cluster_signup(&nodes[0], "alice", None);
-    let bob = cluster_signup(&nodes[1], "bob", None);
-    let wid = cluster_workspace(&nodes[0], &alice);
-    cluster_add_member(&nodes[0], &alice, &wid, &bob);
-    let cid = channel_with(&nodes[0], &alice, &wid, &bob);
+    let (alice, bob, _, cid) = alice_and_bob(&nodes[0]);
     let r = settled(|| {
         let body = json!({"email_digest_s": 3});
         let path = "/api/v1/me/notification-prefs";
@@ -317,25 +326,9 @@ fn a_digest_open_when_the_sender_dies_is_sent_by_the_next() {
 fn a_joining_node_does_not_decide_the_history() {
     let sink = Sink::start();
     let config = ClusterConfig::of(4);
-    let extra = format!("{UNLIMITED}push_gateway_url = \"{}\"\n", sink.url);
-    let mut nodes: Vec<Server> = (1..=3)
-        .map(|id| Server::start(&config.node_in(id, &[1, 2, 3], &extra)))
-        .collect();
-    let alice = cluster_signup(&nodes[0], "alice", None);
-    let bob = cluster_signup(&nodes[1], "bob", None);
-    let wid = cluster_workspace(&nodes[0], &alice);
-    cluster_add_member(&nodes[0], &alice, &wid, &bob);
-    let cid = channel_with(&nodes[0], &alice, &wid, &bob);
-    let r = settled(|| {
-        let body = json!({"app_id": "chat.chorus", "pushkey": "key-bob", "platform": "fcm"});
-        nodes[2].call(
-            "POST",
-            "/api/v1/me/push-devices",
-            Some(&bob.token),
-            Some(body),
-        )
-    });
-    assert_eq!(r.status, 201, "{}", r.text);
+    let mut nodes = pushing_nodes(&sink, &config, &[1, 2, 3]);
+    let (alice, bob, _, cid) = alice_and_bob(&nodes[0]);
+    push_device(&nodes[2], &bob, "key-bob");
     let history: Vec<String> = (0..10)
         .map(|i| {
             post(
@@ -351,7 +344,10 @@ fn a_joining_node_does_not_decide_the_history() {
     }
     // History: older than the decider's grace at node 4's first start.
     std::thread::sleep(chorus_notify::decider::FIRST_START_GRACE + Duration::from_secs(1));
-    let joining = format!("cluster_join = true\n{extra}");
+    let joining = format!(
+        "cluster_join = true\n{UNLIMITED}push_gateway_url = \"{}\"\n",
+        sink.url
+    );
     nodes.push(Server::start(&config.node_in(4, &[1, 2, 3, 4], &joining)));
     let r = nodes[0].call(
         "PUT",
@@ -398,39 +394,13 @@ fn a_joining_node_does_not_decide_the_history() {
 fn a_user_active_on_another_node_is_not_pushed() {
     let sink = Sink::start();
     let config = ClusterConfig::three();
-    let extra = format!("{UNLIMITED}push_gateway_url = \"{}\"\n", sink.url);
-    let nodes: Vec<Server> = (1..=3)
-        .map(|id| Server::start(&config.node(id, &extra)))
-        .collect();
-    let alice = cluster_signup(&nodes[0], "alice", None);
-    let bob = cluster_signup(&nodes[0], "bob", None);
+    let nodes = pushing_nodes(&sink, &config, &[1, 2, 3]);
+    let (alice, bob, wid, cid) = alice_and_bob(&nodes[0]);
     let carol = cluster_signup(&nodes[0], "carol", None);
-    let wid = cluster_workspace(&nodes[0], &alice);
-    cluster_add_member(&nodes[0], &alice, &wid, &bob);
     cluster_add_member(&nodes[0], &alice, &wid, &carol);
-    let cid = channel_with(&nodes[0], &alice, &wid, &bob);
-    let r = settled(|| {
-        let path = format!("/api/v1/channels/{cid}/members");
-        nodes[0].call(
-            "POST",
-            &path,
-            Some(&alice.token),
-            Some(json!({"user_id": carol.id})),
-        )
-    });
-    assert_eq!(r.status, 201, "{}", r.text);
-    for (user, key) in [(&bob, "key-bob"), (&carol, "key-carol")] {
-        let r = settled(|| {
-            let body = json!({"app_id": "chat.chorus", "pushkey": key, "platform": "fcm"});
-            nodes[1].call(
-                "POST",
-                "/api/v1/me/push-devices",
-                Some(&user.token),
-                Some(body),
-            )
-        });
-        assert_eq!(r.status, 201, "{}", r.text);
-    }
+    add_to_channel(&nodes[0], &alice, &cid, &carol);
+    push_device(&nodes[1], &bob, "key-bob");
+    push_device(&nodes[1], &carol, "key-carol");
     // Bob is connected, active, through a node that does not send.
     let sender = directory_leader(&nodes[0], &alice) - 1;
     let (bobs, posts) = ((sender + 1) % 3, (sender + 2) % 3);
