@@ -1154,21 +1154,7 @@ async fn quic_sessions_on_any_node_send_and_receive() {
         let nodes: Vec<Server> = (1..=3)
             .map(|id| Server::start(&config.node(id, common::UNLIMITED)))
             .collect();
-        let alice = common::cluster_signup(&nodes[0], "alice", None);
-        let bob = common::cluster_signup(&nodes[0], "bob", None);
-        let wid = common::cluster_workspace(&nodes[0], &alice);
-        common::cluster_add_member(&nodes[0], &alice, &wid, &bob);
-        let cid = common::cluster_channel(&nodes[0], &alice, &wid, "general");
-        let r = common::settled(|| {
-            let path = format!("/api/v1/channels/{cid}/members");
-            nodes[0].call(
-                "POST",
-                &path,
-                Some(&alice.token),
-                Some(json!({"user_id": bob.id})),
-            )
-        });
-        assert_eq!(r.status, 201, "{}", r.text);
+        let (alice, _, _, cid) = common::cluster_pair(&nodes[0]);
         // The two nodes that do not lead the channel's partition now.
         let channel = nodes[0].call(
             "GET",

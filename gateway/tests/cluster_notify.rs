@@ -9,8 +9,7 @@ mod common;
 use common::push_sink::Sink;
 use common::smtp::Smtp;
 use common::{
-    cluster_add_member, cluster_signup, cluster_workspace, settled, str_of, ClusterConfig, Server,
-    User, UNLIMITED,
+    cluster_add_member, cluster_signup, settled, str_of, ClusterConfig, Server, User, UNLIMITED,
 };
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -29,17 +28,6 @@ fn pushing_nodes(sink: &Sink, config: &ClusterConfig, ids: &[usize]) -> Vec<Serv
         .collect()
 }
 
-/// Alice, and bob in her workspace and in her channel, through node `s`: (alice, bob,
-/// the workspace, the channel).
-fn alice_and_bob(s: &Server) -> (User, User, String, String) {
-    let alice = cluster_signup(s, "alice", None);
-    let bob = cluster_signup(s, "bob", None);
-    let wid = cluster_workspace(s, &alice);
-    cluster_add_member(s, &alice, &wid, &bob);
-    let cid = channel_with(s, &alice, &wid, &bob);
-    (alice, bob, wid, cid)
-}
-
 /// Registers a push device of `user`'s with `key`, through node `s`.
 fn push_device(s: &Server, user: &User, key: &str) {
     let r = settled(|| {
@@ -52,27 +40,6 @@ fn push_device(s: &Server, user: &User, key: &str) {
         )
     });
     assert_eq!(r.status, 201, "{}", r.text);
-}
-
-/// Adds `user` to channel `cid` of `owner`'s, through node `s`.
-fn add_to_channel(s: &Server, owner: &User, cid: &str, user: &User) {
-    let r = settled(|| {
-        let path = format!("/api/v1/channels/{cid}/members");
-        s.call(
-            "POST",
-            &path,
-            Some(&owner.token),
-            Some(json!({"user_id": user.id})),
-        )
-    });
-    assert_eq!(r.status, 201, "{}", r.text);
-}
-
-/// A channel of `owner`'s in `wid` with `member` in it, through node `s`; its ID.
-fn channel_with(s: &Server, owner: &User, wid: &str, member: &User) -> String {
-    let cid = common::cluster_channel(s, owner, wid, "general");
-    add_to_channel(s, owner, &cid, member);
-    cid
 }
 
 /// Posts `text` through node `s`; the message's ID.
@@ -145,7 +112,7 @@ fn a_cluster_pushes_each_message_once_across_the_senders_death() {
     let sink = Sink::start();
     let config = ClusterConfig::three();
     let mut nodes = pushing_nodes(&sink, &config, &[1, 2, 3]);
-    let (alice, bob, _, cid) = alice_and_bob(&nodes[0]);
+    let (alice, bob, _, cid) = common::cluster_pair(&nodes[0]);
     push_device(&nodes[2], &bob, "key-bob");
 
     let mention =
@@ -242,10 +209,10 @@ fn a_cluster_sends_one_digest_per_window() {
     let nodes: Vec<Server> = (1..=3)
         .map(|id| Server::start(&config.node(id, &smtp.config())))
         .collect();
-    let (alice, bob, wid, cid) = alice_and_bob(&nodes[0]);
+    let (alice, bob, wid, cid) = common::cluster_pair(&nodes[0]);
     let carol = cluster_signup(&nodes[2], "carol", None);
     cluster_add_member(&nodes[0], &alice, &wid, &carol);
-    add_to_channel(&nodes[0], &alice, &cid, &carol);
+    common::cluster_channel_member(&nodes[0], &alice, &cid, &carol);
     for (i, user) in [&bob, &carol].into_iter().enumerate() {
         let r = settled(|| {
             let body = json!({"email_digest_s": 2});
@@ -285,7 +252,7 @@ fn a_digest_open_when_the_sender_dies_is_sent_by_the_next() {
     let mut nodes: Vec<Server> = (1..=3)
         .map(|id| Server::start(&config.node(id, &smtp.config())))
         .collect();
-    let (alice, bob, _, cid) = alice_and_bob(&nodes[0]);
+    let (alice, bob, _, cid) = common::cluster_pair(&nodes[0]);
     let r = settled(|| {
         let body = json!({"email_digest_s": 3});
         let path = "/api/v1/me/notification-prefs";
@@ -327,7 +294,7 @@ fn a_joining_node_does_not_decide_the_history() {
     let sink = Sink::start();
     let config = ClusterConfig::of(4);
     let mut nodes = pushing_nodes(&sink, &config, &[1, 2, 3]);
-    let (alice, bob, _, cid) = alice_and_bob(&nodes[0]);
+    let (alice, bob, _, cid) = common::cluster_pair(&nodes[0]);
     push_device(&nodes[2], &bob, "key-bob");
     let history: Vec<String> = (0..10)
         .map(|i| {
@@ -395,10 +362,10 @@ fn a_user_active_on_another_node_is_not_pushed() {
     let sink = Sink::start();
     let config = ClusterConfig::three();
     let nodes = pushing_nodes(&sink, &config, &[1, 2, 3]);
-    let (alice, bob, wid, cid) = alice_and_bob(&nodes[0]);
+    let (alice, bob, wid, cid) = common::cluster_pair(&nodes[0]);
     let carol = cluster_signup(&nodes[0], "carol", None);
     cluster_add_member(&nodes[0], &alice, &wid, &carol);
-    add_to_channel(&nodes[0], &alice, &cid, &carol);
+    common::cluster_channel_member(&nodes[0], &alice, &cid, &carol);
     push_device(&nodes[1], &bob, "key-bob");
     push_device(&nodes[1], &carol, "key-carol");
     // Bob is connected, active, through a node that does not send.

@@ -574,6 +574,34 @@ pub fn cluster_channel(s: &Server, owner: &User, wid: &str, name: &str) -> Strin
     str_of(&r.body["channel"]["id"])
 }
 
+/// `member` added to channel `cid` by `owner`, through node `s` of a cluster.
+#[track_caller]
+pub fn cluster_channel_member(s: &Server, owner: &User, cid: &str, member: &User) {
+    let r = settled(|| {
+        let path = format!("/api/v1/channels/{cid}/members");
+        s.call(
+            "POST",
+            &path,
+            Some(&owner.token),
+            Some(json!({"user_id": member.id})),
+        )
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+}
+
+/// Alice, and bob in her workspace and in her channel `general`, made through node `s` of
+/// a cluster: (alice, bob, the workspace's ID, the channel's ID).
+#[track_caller]
+pub fn cluster_pair(s: &Server) -> (User, User, String, String) {
+    let alice = cluster_signup(s, "alice", None);
+    let bob = cluster_signup(s, "bob", None);
+    let wid = cluster_workspace(s, &alice);
+    cluster_add_member(s, &alice, &wid, &bob);
+    let cid = cluster_channel(s, &alice, &wid, "general");
+    cluster_channel_member(s, &alice, &cid, &bob);
+    (alice, bob, wid, cid)
+}
+
 /// An account made by sign-up.
 #[derive(Clone, Debug)]
 pub struct User {
