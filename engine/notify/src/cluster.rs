@@ -90,17 +90,24 @@ impl Confirmed {
     }
 
     /// Adds what `other` says: each frontier the further of the two, the answered items
-    /// of both (those below the frontiers dropped).
-    pub fn merge(&mut self, other: Confirmed) {
+    /// of both (those below the frontiers dropped). Answers whether it learned anything.
+    pub fn merge(&mut self, other: Confirmed) -> bool {
+        let mut learned = false;
         for (frontier, theirs) in [(&mut self.push, other.push), (&mut self.email, other.email)] {
             for (p, f) in theirs {
                 let mine = frontier.entry(p).or_insert(0);
+                learned |= f > *mine;
                 *mine = (*mine).max(f);
             }
         }
-        self.pushes.extend(other.pushes);
-        self.emails.extend(other.emails);
+        for k in other.pushes {
+            learned |= self.pushes.insert(k);
+        }
+        for k in other.emails {
+            learned |= self.emails.insert(k);
+        }
         self.prune();
+        learned
     }
 
     /// Drops the answered items their frontier covers.
@@ -190,6 +197,7 @@ fn settle(pending: &mut BTreeMap<(u32, u64), u32>, at: (u32, u64)) {
 
 impl Ledger {
     fn confirmed(&mut self, push: bool, email: bool) -> Confirmed {
+        self.prune();
         let mut c = Confirmed::default();
         if push {
             c.push = frontier(&self.decided, &self.pending_push);
@@ -199,21 +207,22 @@ impl Ledger {
             c.email = frontier(&self.decided, &self.pending_email);
             c.emails = self.answered_email.clone();
         }
-        c.prune();
-        self.answered_push.clone_from(&c.pushes);
-        self.answered_email.clone_from(&c.emails);
-        self.since_prune = 0;
         c
+    }
+
+    /// Drops the answered items below their frontier.
+    fn prune(&mut self) {
+        let push = frontier(&self.decided, &self.pending_push);
+        let email = frontier(&self.decided, &self.pending_email);
+        self.answered_push.retain(|k| !below(&push, k.0, k.1));
+        self.answered_email.retain(|k| !below(&email, k.0, k.1));
+        self.since_prune = 0;
     }
 
     fn answered(&mut self) {
         self.since_prune += 1;
         if self.since_prune >= 4_096 {
-            let push = frontier(&self.decided, &self.pending_push);
-            let email = frontier(&self.decided, &self.pending_email);
-            self.answered_push.retain(|k| !below(&push, k.0, k.1));
-            self.answered_email.retain(|k| !below(&email, k.0, k.1));
-            self.since_prune = 0;
+            self.prune();
         }
     }
 }
@@ -280,22 +289,8 @@ impl Gate {
 
     /// Adds what another node confirmed.
     pub fn heard(&self, confirmed: Confirmed) {
-        let mut heard = self.heard.lock().expect("heard lock");
-        let before = (
-            heard.push.clone(),
-            heard.email.clone(),
-            heard.pushes.len(),
-            heard.emails.len(),
-        );
-        heard.merge(confirmed);
-        let after = (
-            heard.push.clone(),
-            heard.email.clone(),
-            heard.pushes.len(),
-            heard.emails.len(),
-        );
-        drop(heard);
-        if before != after {
+        let learned = self.heard.lock().expect("heard lock").merge(confirmed);
+        if learned {
             self.changed.send_modify(|v| *v += 1);
         }
     }

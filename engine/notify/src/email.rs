@@ -19,7 +19,7 @@
 //!   the items answered after it ([`Outbox::store_emailed`]). A crash after a digest went
 //!   out and before that store sends it again: the only way a digest repeats.
 
-use crate::outbox::{EmailItem, Outbox, Pending};
+use crate::outbox::{EmailItem, Outbox, Pending, Progress};
 use crate::sender::backoff;
 use chorus_engine::domain::notify::{rules, Level};
 use chorus_engine::ids::{ChannelId, MessageId, UserId, WorkspaceId};
@@ -187,38 +187,24 @@ fn answered_elsewhere(
             if w.sending || only.is_some_and(|o| !o.contains(key)) {
                 return true;
             }
-            w.items.retain(|p| {
-                let covered = heard.covers_email(&p.item);
-                if covered {
-                    elsewhere.push(p.clone());
-                }
-                !covered
-            });
+            let (covered, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut w.items)
+                .into_iter()
+                .partition(|p| heard.covers_email(&p.item));
+            elsewhere.extend(covered);
+            w.items = kept;
             !w.items.is_empty()
         });
     });
     elsewhere
 }
 
-/// Counts `items` answered, and stores the cursor after them: the offset before which
-/// every email item taken is answered, with those answered after it.
-fn settle(
-    outbox: &Outbox,
-    items: Vec<Pending<EmailItem>>,
-    open: &mut BTreeSet<u64>,
-    answered: &mut BTreeSet<u64>,
-    taken_end: u64,
-) {
+/// Counts `items` answered, and stores the cursor after them.
+fn settle(outbox: &Outbox, items: Vec<Pending<EmailItem>>, progress: &mut Progress) {
     outbox.answered(items.len() as u64);
     if let Some(gate) = outbox.gate() {
         gate.answered_emails(items.iter().map(|p| &p.item));
     }
-    for p in items {
-        open.remove(&p.at);
-        answered.insert(p.at);
-    }
-    let cursor = open.first().copied().unwrap_or(taken_end);
-    *answered = answered.split_off(&cursor);
+    let (cursor, answered) = progress.answered(items.iter().map(|p| p.at));
     if let Err(e) = outbox.store_emailed(cursor, answered) {
         tracing::error!(error = %e, "notify email: cursor not stored");
     }
@@ -232,11 +218,7 @@ fn now_ms() -> u64 {
 impl Sender {
     async fn run(self, outbox: Arc<Outbox>, emailed: u64, mut stop: oneshot::Receiver<()>) {
         let mut windows: BTreeMap<Key, Waiting> = BTreeMap::new();
-        // Offsets of items taken and not answered, and of items answered after the first
-        // of those (they are answered out of order).
-        let mut open: BTreeSet<u64> = BTreeSet::new();
-        let mut answered: BTreeSet<u64> = BTreeSet::new();
-        let mut taken_end = emailed;
+        let mut progress = Progress::new(emailed);
         let mut tasks = tokio::task::JoinSet::new();
         let gate = outbox.gate().cloned();
         let mut changes = gate.as_ref().map(|g| g.subscribe());
@@ -246,8 +228,7 @@ impl Sender {
         loop {
             let mut fresh = BTreeSet::new();
             for p in outbox.take_emails() {
-                open.insert(p.at);
-                taken_end = taken_end.max(p.end);
+                progress.took(p.at, p.end);
                 let key = (p.item.user, p.item.window);
                 fresh.insert(key);
                 let w = windows.entry(key).or_insert(Waiting {
@@ -268,7 +249,7 @@ impl Sender {
                         .stats
                         .answered_elsewhere
                         .fetch_add(n, Ordering::Relaxed);
-                    settle(&outbox, elsewhere, &mut open, &mut answered, taken_end);
+                    settle(&outbox, elsewhere, &mut progress);
                 }
             }
             let sending = gate.as_ref().is_none_or(|g| g.sending());
@@ -309,7 +290,7 @@ impl Sender {
                     for (key, sent) in finished {
                         items.extend(answer(&mut windows, key, sent));
                     }
-                    settle(&outbox, items, &mut open, &mut answered, taken_end);
+                    settle(&outbox, items, &mut progress);
                 }
                 _ = &mut stop => return,
             }

@@ -599,6 +599,44 @@ impl Outbox {
     }
 }
 
+/// A sender's way through the outbox: the items it took and has not answered, and those
+/// answered after the first of them (answers come out of order). Its cursor is the offset
+/// before which every item taken is answered.
+pub struct Progress {
+    open: BTreeSet<u64>,
+    answered: BTreeSet<u64>,
+    taken_end: u64,
+}
+
+impl Progress {
+    /// Starting at a stored cursor.
+    pub fn new(cursor: u64) -> Progress {
+        Progress {
+            open: BTreeSet::new(),
+            answered: BTreeSet::new(),
+            taken_end: cursor,
+        }
+    }
+
+    /// An item taken, at `at` up to `end`.
+    pub fn took(&mut self, at: u64, end: u64) {
+        self.open.insert(at);
+        self.taken_end = self.taken_end.max(end);
+    }
+
+    /// Items answered, by offset: the cursor to store now, and the offsets answered
+    /// after it.
+    pub fn answered(&mut self, ats: impl IntoIterator<Item = u64>) -> (u64, &BTreeSet<u64>) {
+        for at in ats {
+            self.open.remove(&at);
+            self.answered.insert(at);
+        }
+        let cursor = self.open.first().copied().unwrap_or(self.taken_end);
+        self.answered = self.answered.split_off(&cursor);
+        (cursor, &self.answered)
+    }
+}
+
 /// Rewrites the outbox at `path` to start at offset `from`: a [`Record::Base`] that keeps
 /// every later record at its offset, the decider's last cursors (records before `from` are
 /// all answered, but the cursors must stay), then `tail`, the records from `from` on. The

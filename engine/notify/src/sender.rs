@@ -28,13 +28,13 @@
 //!   push adds its ack-to-push latency, from the message's `created_at` to the 2xx.
 
 use crate::cluster::Gate;
-use crate::outbox::{Item, Outbox, Pending};
+use crate::outbox::{Item, Outbox, Pending, Progress};
 use crate::Stats;
 use chorus_engine::ids::{ChannelId, DeviceId, MessageId, UserId};
 use chorus_engine::{Engine, EngineError};
 use futures::channel::oneshot;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -186,39 +186,25 @@ fn answered_elsewhere(gate: &Gate, waiting: &mut VecDeque<Pending>, from: usize)
     if from >= waiting.len() {
         return elsewhere;
     }
+    let tail: Vec<Pending> = waiting.drain(from..).collect();
     gate.with_heard(|heard| {
-        let mut kept = waiting.split_off(from);
-        kept.retain(|p| {
-            let covered = heard.covers_push(&p.item);
-            if covered {
-                elsewhere.push(p.clone());
+        for p in tail {
+            match heard.covers_push(&p.item) {
+                true => elsewhere.push(p),
+                false => waiting.push_back(p),
             }
-            !covered
-        });
-        waiting.append(&mut kept);
+        }
     });
     elsewhere
 }
 
-/// Counts `finished` items answered, and stores the cursor after them: the offset before
-/// which every item taken is answered, with those answered after it.
-fn settle(
-    outbox: &Outbox,
-    finished: Vec<Pending>,
-    open: &mut BTreeMap<u64, u64>,
-    answered: &mut BTreeSet<u64>,
-    taken_end: u64,
-) {
+/// Counts `finished` items answered, and stores the cursor after them.
+fn settle(outbox: &Outbox, finished: Vec<Pending>, progress: &mut Progress) {
     outbox.answered(finished.len() as u64);
     if let Some(gate) = outbox.gate() {
         gate.answered_pushes(finished.iter().map(|p| &p.item));
     }
-    for p in finished {
-        open.remove(&p.at);
-        answered.insert(p.at);
-    }
-    let cursor = open.keys().next().copied().unwrap_or(taken_end);
-    *answered = answered.split_off(&cursor);
+    let (cursor, answered) = progress.answered(finished.iter().map(|p| p.at));
     if let Err(e) = outbox.store_sent(cursor, answered) {
         tracing::error!(error = %e, "notify sender: cursor not stored");
     }
@@ -227,11 +213,7 @@ fn settle(
 impl Sender {
     async fn run(self, outbox: Arc<Outbox>, sent: u64, mut stop: oneshot::Receiver<()>) {
         let mut waiting: VecDeque<Pending> = VecDeque::new();
-        // Items taken and not answered: offset → offset after.
-        let mut open: BTreeMap<u64, u64> = BTreeMap::new();
-        let mut taken_end = sent;
-        // Items answered after the first open one (they are answered out of order).
-        let mut answered: BTreeSet<u64> = BTreeSet::new();
+        let mut progress = Progress::new(sent);
         let mut tasks = tokio::task::JoinSet::new();
         let gate = outbox.gate().cloned();
         let mut changes = gate.as_ref().map(|g| g.subscribe());
@@ -242,8 +224,7 @@ impl Sender {
             let taken = outbox.take();
             let fresh = taken.len();
             for p in taken {
-                open.insert(p.at, p.end);
-                taken_end = taken_end.max(p.end);
+                progress.took(p.at, p.end);
                 waiting.push_back(p);
             }
             // On a cluster, what the sending node answered is answered here unsent: the
@@ -258,7 +239,7 @@ impl Sender {
                 if !elsewhere.is_empty() {
                     let n = elsewhere.len() as u64;
                     outbox.stats.answered_elsewhere.fetch_add(n, Relaxed);
-                    settle(&outbox, elsewhere, &mut open, &mut answered, taken_end);
+                    settle(&outbox, elsewhere, &mut progress);
                 }
             }
             let sending = gate.as_ref().is_none_or(|g| g.sending());
@@ -283,7 +264,7 @@ impl Sender {
                     while let Some(Ok(batch)) = tasks.try_join_next() {
                         finished.extend(batch);
                     }
-                    settle(&outbox, finished, &mut open, &mut answered, taken_end);
+                    settle(&outbox, finished, &mut progress);
                 }
                 _ = &mut stop => return,
             }
