@@ -78,12 +78,16 @@ impl Shared {
     /// numbered after the channel partitions), as its board last showed; false on a single
     /// node.
     pub fn leads_directory(&self) -> bool {
-        let Some(cluster) = &self.cluster else {
-            return false;
-        };
+        let me = self.cluster.as_ref().map(|c| c.me);
+        me.is_some() && self.directory_leader() == me
+    }
+
+    /// The node that leads the cluster's directory, as this node's board last showed;
+    /// `None` on a single node or while none is known.
+    pub fn directory_leader(&self) -> Option<u64> {
         let directory = u64::from(self.config.partitions);
-        let groups = cluster.board.groups();
-        groups.get(&directory).and_then(|g| g.leader) == Some(cluster.me)
+        let groups = self.cluster.as_ref()?.board.groups();
+        groups.get(&directory).and_then(|g| g.leader)
     }
 
     /// Calls the server of `peer` (another node of this node's cluster) on shard `shard`

@@ -341,10 +341,22 @@ fn a_joining_node_does_not_decide_the_history() {
     }
     let new = post(&nodes[3], &alice, &cid, &format!("<@{}> new", bob.id));
     sink.wait_for(&new, "key-bob");
+    // Node 4's decider reads its logs from the beginning: wait until it reached the new
+    // mention and answered it (sent it, or heard it was sent).
+    let decided_on_4 = || {
+        nodes[3].metric("chorus_notify_answered_elsewhere_total")
+            + nodes[3].metric("chorus_notify_pushes_sent_total")
+    };
+    let deadline = Instant::now() + WAIT;
+    while decided_on_4() < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "node 4 never answered the new mention"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     outboxes_drained(&nodes, &[0, 1, 2, 3]);
-    let decided_on_4 = nodes[3].metric("chorus_notify_answered_elsewhere_total")
-        + nodes[3].metric("chorus_notify_pushes_sent_total");
-    assert_eq!(decided_on_4, 1.0, "node 4 decided the new mention only");
+    assert_eq!(decided_on_4(), 1.0, "node 4 decided the new mention only");
     std::thread::sleep(SETTLE);
     let counts = per_message(&sink);
     assert_eq!(counts.len(), 11, "{counts:?}");

@@ -46,14 +46,9 @@ pub async fn run(ctx: Rc<ShardCtx>) {
     let (Some(cluster), Some(gate)) = (&ctx.shared.cluster, &ctx.shared.notify_gate) else {
         return;
     };
-    let directory = u64::from(ctx.shared.config.partitions);
     loop {
         glommio::timer::sleep(PULL_EVERY).await;
-        let leader = cluster
-            .board
-            .groups()
-            .get(&directory)
-            .and_then(|g| g.leader);
+        let leader = ctx.shared.directory_leader();
         if leader == Some(cluster.me) {
             if !gate.sending() {
                 take_over(&ctx, gate, cluster.me).await;
