@@ -24,6 +24,7 @@ use chorus_engine::durability::{CommitError, Durability, Leading};
 use chorus_engine::env::{DirOf, Env, GlommioEnv};
 use chorus_engine::{EngineError, IoError};
 use chorus_log::{Entry, Log, ReadError, Record, Storage, StorageRoot, TruncateError};
+use futures::future::LocalBoxFuture;
 use raft::StateRole;
 use std::cell::OnceCell;
 use std::future::Future;
@@ -240,18 +241,40 @@ where
                 std::io::Error::other(e.to_string()),
             ))
         })?;
-        Ok(ReplicatedDurability {
-            log: made.expect("the group made its machine"),
-            node: node.clone(),
-        })
+        let node = node.clone();
+        let group = u64::from(partition);
+        Ok(ReplicatedDurability::new(
+            made.expect("the group made its machine"),
+            Box::new(move || {
+                // The engine closes on a clean stop: the leadership moves first, so writes
+                // wait for a hand-off, not an election.
+                Box::pin(async move {
+                    node.close_group(group, true)
+                        .await
+                        .map_err(|e| std::io::Error::other(e.to_string()))
+                })
+            }),
+        ))
     }
 }
+
+/// Stops a partition's group when the engine closes the partition (the node's
+/// `Node::close_group` on a server).
+pub type CloseGroup = Box<dyn FnOnce() -> LocalBoxFuture<'static, std::io::Result<()>>>;
 
 /// A partition's commit path in a cluster: a batch is committed once a majority of the
 /// partition's group holds it, and the partition's log holds committed events only.
 pub struct ReplicatedDurability<S: Storage> {
     log: ReplicatedLog<S>,
-    node: Rc<Node>,
+    close: CloseGroup,
+}
+
+impl<S: Storage> ReplicatedDurability<S> {
+    /// The commit path through `log`'s group; `close` stops the group (its log closes
+    /// with it).
+    pub fn new(log: ReplicatedLog<S>, close: CloseGroup) -> ReplicatedDurability<S> {
+        ReplicatedDurability { log, close }
+    }
 }
 
 impl<S: Storage + 'static> Durability for ReplicatedDurability<S> {
@@ -329,12 +352,7 @@ impl<S: Storage + 'static> Durability for ReplicatedDurability<S> {
 
     async fn close(self) -> std::io::Result<()> {
         // The log is the group's too: it closes with the group (and the shard's
-        // transport with its last group). The engine closes on a clean stop: the
-        // leadership moves first, so writes wait for a hand-off, not an election.
-        let group = self.log.replica().group_id();
-        self.node
-            .close_group(group, true)
-            .await
-            .map_err(|e| std::io::Error::other(e.to_string()))
+        // transport with its last group).
+        (self.close)().await
     }
 }

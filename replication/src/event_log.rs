@@ -15,8 +15,9 @@
 //! group that opens restores it, and raft-rs then applies again the entries after it,
 //! which may already be in the event log (applied before a crash, after the last
 //! snapshot): a batch is in the log when the log reaches past its offsets, and is skipped;
-//! a batch only partly there (a torn append) is cut off and appended again; a batch past
-//! the log's end (a gap) cannot be, and stops the group.
+//! a batch only partly there (a torn append) gets its missing tail (its head is this very
+//! entry's, and stays readable throughout); a batch past the log's end (a gap) cannot be,
+//! and stops the group.
 //!
 //! **Catch-up by snapshot.** A follower further behind than the leader's log keeps entries
 //! is sent a snapshot: the leader's cursor. The events up to the cursor's offset are in
@@ -188,8 +189,20 @@ impl<S: Storage> StateMachine for EventLogMachine<S> {
                     )));
                 }
                 if range.start < next {
-                    // A torn append: its head survived a crash, its tail did not.
-                    self.cut_after(range.start).await?;
+                    // A torn append: its head survived a crash, its tail did not. The head
+                    // is this very entry's (committed entries never change, and each goes
+                    // at the same offsets every time), so only the tail is appended. The
+                    // head stays readable throughout: the partition may be reading it (a
+                    // cut and a new append left a window in which the log ended before the
+                    // end its readers were told).
+                    let have = (next - range.start) as usize;
+                    events.extend(batch.into_iter().skip(have));
+                    placed.push((e.index, range.start));
+                    cursor = Cursor {
+                        index: e.index,
+                        offset: range.end,
+                    };
+                    continue;
                 }
             }
             events.extend(batch);
@@ -268,7 +281,7 @@ impl<S: Storage> StateMachine for EventLogMachine<S> {
                 to = target.offset,
                 "no peer could send the events this node lacks; asking again"
             );
-            glommio::timer::sleep(backoff).await;
+            self.replica.sleep(backoff).await;
             backoff = (backoff * 2).min(CATCH_UP_BACKOFF_MAX);
         }
     }
@@ -333,16 +346,6 @@ impl<S: Storage> EventLogMachine<S> {
             return Ok(Some(appended.end));
         }
         Ok(None)
-    }
-
-    /// Removes every event from `offset` on.
-    async fn cut_after(&self, offset: u64) -> Result<(), RaftLogError> {
-        if offset <= self.log.first_offset() {
-            self.log.restart_at(offset).await?;
-        } else {
-            self.log.truncate_after(offset - 1).await?;
-        }
-        Ok(())
     }
 }
 

@@ -32,6 +32,7 @@
 //!   Raft messages per frame), and their decoder;
 //! - [`transport`]: Raft messages between nodes over TCP on glommio, one connection per
 //!   peer, a frame per batch;
+//! - [`clock`]: the time a replica runs on, the system's or a simulation's;
 //! - [`quiet_logger`]: raft-rs logs through `slog`, which Chorus does not use.
 //!
 //! Its deterministic simulation (`tests/raft_sim.rs`) runs groups of 3 and 5 nodes over
@@ -42,6 +43,7 @@
 pub mod blobs;
 pub mod board;
 pub mod calls;
+pub mod clock;
 pub mod engine_env;
 pub mod event_log;
 pub mod group;
@@ -58,6 +60,7 @@ pub mod wire;
 
 pub use blobs::ReplicatedBlobs;
 pub use board::{Board, GroupView};
+pub use clock::{Clock, SharedClock, SystemClock};
 pub use engine_env::{ClusterEnv, ReplicatedDurability};
 pub use event_log::{EventLogMachine, ReplicatedLog};
 pub use group::{Applied, Group, StateMachine};

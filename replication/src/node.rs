@@ -341,9 +341,6 @@ impl Node {
         };
         let replica = Replica::new(group);
         replica.prefer(voters.first().copied());
-        if let Some(nodes) = self.placed_on.borrow().as_ref() {
-            replica.place_on(nodes.clone());
-        }
         // Weak: the transport's handlers reach the replica, which must not keep the
         // transport alive in turn.
         let transport = Rc::downgrade(&self.transport);
@@ -366,6 +363,11 @@ impl Node {
             config.compact_every,
         )
         .await?;
+        // The placement asked last, read as the replica joins the others with no wait
+        // between: one asked while the group was opening reached only those.
+        if let Some(nodes) = self.placed_on.borrow().as_ref() {
+            replica.place_on(nodes.clone());
+        }
         self.replicas.borrow_mut().insert(group, replica.clone());
         let t = self.transport.clone();
         let run = replica

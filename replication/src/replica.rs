@@ -21,13 +21,14 @@
 //! Invariant: a proposal is answered `Ok` only after the state machine applied its entry,
 //! and only if the entry applied at its index is the one proposed (same index and term).
 
+use crate::clock::{SharedClock, SystemClock};
 use crate::group::{Applied, Group, StateMachine};
 use crate::raft_log::RaftLogError;
 use chorus_log::Storage;
 use futures::channel::oneshot;
 use futures::future::LocalBoxFuture;
 use raft::eraftpb::{Message, MessageType};
-use raft::{SnapshotStatus, StateRole};
+use raft::{ProgressState, SnapshotStatus, StateRole};
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::rc::Rc;
@@ -144,6 +145,8 @@ pub struct Replica {
     /// How this node reads the group's events for a peer (set by the state machine's
     /// owner).
     source: RefCell<Option<Source>>,
+    /// The time the task runs on.
+    clock: SharedClock,
 }
 
 /// Asks a peer for a group's events: (peer, from, to) → a batch
@@ -158,14 +161,26 @@ pub type Source = Rc<dyn Fn(u64, u64) -> LocalBoxFuture<'static, Vec<u8>>>;
 /// node, after a try that did not take.
 pub const PREFER_RETRY: Duration = Duration::from_secs(2);
 
+/// How long a leader waits for a follower it sent a snapshot to before it takes the
+/// snapshot as lost and probes the follower again. raft-rs sends a follower nothing more
+/// while its snapshot is out, and learns it arrived only from the follower's answer: if that
+/// answer is lost (a connection that broke after the snapshot was written), the follower
+/// would be left behind until the next change of leader.
+pub const SNAPSHOT_ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// How long a leader waits before it tries a membership step again ([`Replica::place_on`]):
 /// a change raft-rs dropped, or a hand-off that did not take.
 pub const TARGET_RETRY: Duration = Duration::from_millis(500);
 
 impl Replica {
     /// A replica of group `group_id`, not running yet: the transport can be given it
-    /// before [`Replica::run`] starts.
+    /// before [`Replica::run`] starts. It runs on the system's clock.
     pub fn new(group_id: u64) -> Rc<Replica> {
+        Replica::with_clock(group_id, Rc::new(SystemClock))
+    }
+
+    /// [`Replica::new`] on `clock` (a simulated one).
+    pub fn with_clock(group_id: u64, clock: SharedClock) -> Rc<Replica> {
         Rc::new(Replica {
             group_id,
             inputs: RefCell::default(),
@@ -184,7 +199,18 @@ impl Replica {
             target: RefCell::new(None),
             fetch: RefCell::new(None),
             source: RefCell::new(None),
+            clock,
         })
+    }
+
+    /// The time the replica runs on.
+    pub fn now(&self) -> Instant {
+        self.clock.now()
+    }
+
+    /// Completes once `duration` has passed on the replica's clock.
+    pub fn sleep(&self, duration: Duration) -> LocalBoxFuture<'static, ()> {
+        self.clock.sleep(duration)
     }
 
     /// Sets how this node asks a peer for the group's events (the node's transport).
@@ -283,7 +309,11 @@ impl Replica {
     /// the state machine made of it.
     pub async fn propose_applied(&self, data: Vec<u8>) -> Result<Applied, ProposeError> {
         let status = self.status.get();
-        if status.role != StateRole::Leader || status.ended {
+        if status.ended {
+            // Its last word on the leader may be itself.
+            return Err(ProposeError::NotLeader { leader: None });
+        }
+        if status.role != StateRole::Leader {
             return Err(ProposeError::NotLeader {
                 leader: (status.leader != 0).then_some(status.leader),
             });
@@ -339,7 +369,7 @@ impl Replica {
                 Poll::Ready(())
             }
         });
-        let timer = glommio::timer::Timer::new(until.saturating_duration_since(Instant::now()));
+        let timer = self.sleep(until.saturating_duration_since(self.now()));
         futures::future::select(std::pin::pin!(input), timer).await;
     }
 
@@ -358,7 +388,7 @@ impl Replica {
         self.publish(&group, false);
         group.machine_mut().catch_up().await?;
         let mut pending: BTreeMap<u64, (u64, Proposed)> = BTreeMap::new();
-        let mut next_tick = Instant::now() + tick;
+        let mut next_tick = self.now() + tick;
         let mut handing_off: Option<Instant> = None;
         let mut stopping: Option<Stop> = None;
         let mut preferred_tried: Option<Instant> = None;
@@ -370,6 +400,8 @@ impl Replica {
         let mut unasked: Vec<Reading> = Vec::new();
         let mut confirmed: Vec<(u64, Reading)> = Vec::new();
         let mut next_read: u64 = 0;
+        // Followers a snapshot was sent to, since when (see [`SNAPSHOT_ANSWER_TIMEOUT`]).
+        let mut snapshots_out: BTreeMap<u64, Instant> = BTreeMap::new();
         let result = loop {
             self.wait(next_tick).await;
             let inputs = std::mem::take(&mut *self.inputs.borrow_mut());
@@ -383,10 +415,10 @@ impl Replica {
                 Some(Stop::AfterHandOff) => match handing_off {
                     None => {
                         group.hand_off_leadership();
-                        handing_off = Some(Instant::now());
+                        handing_off = Some(self.now());
                         false
                     }
-                    Some(at) => at.elapsed() > HAND_OFF_TIMEOUT,
+                    Some(at) => self.now().saturating_duration_since(at) > HAND_OFF_TIMEOUT,
                 },
             };
             if stop_now {
@@ -407,7 +439,7 @@ impl Replica {
                     group.raw().report_snapshot(peer, SnapshotStatus::Failure);
                 }
             }
-            let now = Instant::now();
+            let now = self.now();
             unasked.extend(inputs.reads.into_iter().map(|answer| Reading {
                 deadline: now + READ_INDEX_TIMEOUT,
                 asked_at: now,
@@ -452,9 +484,9 @@ impl Replica {
                     }
                 }
             }
-            if Instant::now() >= next_tick {
+            if self.now() >= next_tick {
                 group.raw().tick();
-                next_tick = Instant::now() + tick;
+                next_tick = self.now() + tick;
             }
             if stopping.is_none() {
                 self.move_to_preferred(&mut group, &mut preferred_tried);
@@ -477,6 +509,7 @@ impl Replica {
             if failed.is_none() {
                 failed = group.tend().await.err();
             }
+            self.give_up_lost_snapshots(&mut group, &mut snapshots_out);
             for applied in group.take_applied() {
                 let Applied { index, term, .. } = applied;
                 // Entries below the oldest pending proposal are others' (or a previous
@@ -544,7 +577,7 @@ impl Replica {
         if asked.is_empty() && confirmed.is_empty() {
             return;
         }
-        let (now, applied) = (Instant::now(), group.applied());
+        let (now, applied) = (self.now(), group.applied());
         let leader = group.raw_ref().raft.leader_id;
         let refusal = ProposeError::NotLeader {
             leader: (leader != 0 && !group.is_leader()).then_some(leader),
@@ -573,6 +606,37 @@ impl Replica {
         }
     }
 
+    /// Takes as lost every snapshot a follower has not answered within
+    /// [`SNAPSHOT_ANSWER_TIMEOUT`]: raft-rs then probes that follower again (and sends
+    /// another snapshot if it still needs one).
+    fn give_up_lost_snapshots<S: Storage, M: StateMachine>(
+        &self,
+        group: &mut Group<S, M>,
+        out: &mut BTreeMap<u64, Instant>,
+    ) {
+        if !group.is_leader() {
+            out.clear();
+            return;
+        }
+        let now = self.now();
+        let waiting: Vec<u64> = group
+            .raw_ref()
+            .raft
+            .prs()
+            .iter()
+            .filter(|(_, p)| p.state == ProgressState::Snapshot)
+            .map(|(&id, _)| id)
+            .collect();
+        out.retain(|id, _| waiting.contains(id));
+        for id in waiting {
+            let since = *out.entry(id).or_insert(now);
+            if now.saturating_duration_since(since) >= SNAPSHOT_ANSWER_TIMEOUT {
+                group.raw().report_snapshot(id, SnapshotStatus::Failure);
+                out.remove(&id);
+            }
+        }
+    }
+
     /// Hands the leadership to the preferred node, when this node leads, is not it, and
     /// that node holds every entry this one has.
     fn move_to_preferred<S: Storage, M: StateMachine>(
@@ -587,12 +651,12 @@ impl Replica {
         if !group.is_leader() || to == raft.id || raft.lead_transferee.is_some() {
             return;
         }
-        if tried.is_some_and(|at| at.elapsed() < PREFER_RETRY) {
+        if tried.is_some_and(|at| self.now().saturating_duration_since(at) < PREFER_RETRY) {
             return;
         }
         let last = raft.raft_log.last_index();
         if raft.prs().get(to).is_some_and(|p| p.matched == last) {
-            *tried = Some(Instant::now());
+            *tried = Some(self.now());
             group.raw().transfer_leader(to);
         }
     }
@@ -615,7 +679,7 @@ impl Replica {
         if !group.is_leader() || raft.has_pending_conf() || raft.lead_transferee.is_some() {
             return;
         }
-        if tried.is_some_and(|at| at.elapsed() < TARGET_RETRY) {
+        if tried.is_some_and(|at| self.now().saturating_duration_since(at) < TARGET_RETRY) {
             return;
         }
         let conf = raft.prs().conf();
@@ -630,7 +694,7 @@ impl Replica {
             return;
         };
         drop(target);
-        *tried = Some(Instant::now());
+        *tried = Some(self.now());
         let (change_type, node_id) = match step {
             Step::HandOff(to) => {
                 group.raw().transfer_leader(to);
