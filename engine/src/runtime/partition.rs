@@ -1055,7 +1055,7 @@ impl<E: Env> Partition<E> {
                         };
                         self.replay_one(rec, r.offset)?;
                         if let Some((user, true)) = d.membership {
-                            self.track(user);
+                            self.track(user, d.channel);
                         }
                         let at = decided.len();
                         decided.push(d);
@@ -1486,7 +1486,7 @@ impl<E: Env> Partition<E> {
             rt.committed = d.seq;
             if let Some((user, joined)) = d.membership {
                 if joined {
-                    self.track(user);
+                    self.track(user, d.channel);
                 }
                 let set = self.user_channels.entry(user).or_default();
                 if joined {
@@ -1606,11 +1606,13 @@ impl<E: Env> Partition<E> {
         self.user_channels.get(&user).is_some_and(|s| !s.is_empty())
     }
 
-    /// A user is about to join a channel here. One with no counts here (not a member, or a
-    /// member with no connections as far as this partition has heard) takes them from the
-    /// shard's table, with the version they are as of: the changes still queued up to it
-    /// are then skipped, and the later ones counted.
-    fn track(&mut self, user: UserId) {
+    /// A user is about to join channel `joining` here. One with no counts here (not a
+    /// member, or a member with no connections as far as this partition has heard) takes
+    /// them from the shard's table, with the version they are as of: the changes still
+    /// queued up to it are then skipped, and the later ones counted. The channels the user
+    /// is in here already route to those connections from now on, as the skipped changes
+    /// would have made them (the joined one is added by its delivery).
+    fn track(&mut self, user: UserId, joining: ChannelId) {
         if self.online.is_online(user) {
             return;
         }
@@ -1619,6 +1621,15 @@ impl<E: Env> Partition<E> {
             self.online.add(user, shard, n as i32);
         }
         self.synced.insert(user, connected.version);
+        drop(connected);
+        let already: Vec<ChannelId> = self
+            .user_channels
+            .get(&user)
+            .map(|cs| cs.iter().copied().filter(|c| *c != joining).collect())
+            .unwrap_or_default();
+        for channel in already {
+            self.adjust_channel_shards(channel, user, 1);
+        }
     }
 
     /// Adds (or removes) a user's connections to the shards a channel's events go to.
