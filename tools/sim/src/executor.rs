@@ -39,6 +39,8 @@ struct Inner {
     base: Instant,
     /// Tasks by slot; `None` while a task is being polled, or after it finished.
     tasks: RefCell<Vec<Option<BoxFuture>>>,
+    /// Who owns each slot's task (see [`Executor::spawn_owned`]); 0: nobody.
+    owners: RefCell<Vec<u64>>,
     /// Slots free for reuse.
     free: RefCell<Vec<usize>>,
     ready: Arc<Mutex<Ready>>,
@@ -104,6 +106,7 @@ impl Executor {
                 now_ns: Cell::new(0),
                 base: Instant::now(),
                 tasks: RefCell::new(Vec::new()),
+                owners: RefCell::new(Vec::new()),
                 free: RefCell::new(Vec::new()),
                 ready: Arc::default(),
                 timers: RefCell::new(BTreeMap::new()),
@@ -140,6 +143,12 @@ impl Executor {
 
     /// Runs `task` on the executor; the handle completes when it does.
     pub fn spawn(&self, task: impl Future<Output = ()> + 'static) -> JoinHandle {
+        self.spawn_owned(0, task)
+    }
+
+    /// [`Executor::spawn`], for `owner` (a simulated process, not 0): the task dies with
+    /// its owner's other tasks ([`Executor::kill_owned`]).
+    pub fn spawn_owned(&self, owner: u64, task: impl Future<Output = ()> + 'static) -> JoinHandle {
         let done = Rc::new(Done::default());
         let signal = done.clone();
         let wrapped: BoxFuture = Box::pin(async move {
@@ -149,11 +158,13 @@ impl Executor {
         let id = match self.inner.free.borrow_mut().pop() {
             Some(id) => {
                 self.inner.tasks.borrow_mut()[id] = Some(wrapped);
+                self.inner.owners.borrow_mut()[id] = owner;
                 id
             }
             None => {
                 let mut tasks = self.inner.tasks.borrow_mut();
                 tasks.push(Some(wrapped));
+                self.inner.owners.borrow_mut().push(owner);
                 tasks.len() - 1
             }
         };
@@ -275,6 +286,7 @@ impl Executor {
     /// destructors run after the executor forgot them, so they may touch it safely.
     pub fn kill_all(&self) {
         let tasks: Vec<Option<BoxFuture>> = std::mem::take(&mut *self.inner.tasks.borrow_mut());
+        self.inner.owners.borrow_mut().clear();
         let timers = std::mem::take(&mut *self.inner.timers.borrow_mut());
         self.inner.free.borrow_mut().clear();
         {
@@ -286,10 +298,43 @@ impl Executor {
         drop(tasks);
         // Destructors may have spawned or woken: forget that too.
         self.inner.tasks.borrow_mut().clear();
+        self.inner.owners.borrow_mut().clear();
         self.inner.timers.borrow_mut().clear();
         let mut ready = self.inner.ready.lock().expect("ready");
         ready.queue.clear();
         ready.queued.clear();
+    }
+
+    /// Drops every task `owner` spawned ([`Executor::spawn_owned`]), but the one being
+    /// polled: what a crash does to one process of several. Their handles never complete.
+    pub fn kill_owned(&self, owner: u64) {
+        assert_ne!(owner, 0, "0 owns nothing");
+        let mut killed = Vec::new();
+        {
+            let mut tasks = self.inner.tasks.borrow_mut();
+            let owners = self.inner.owners.borrow();
+            for (id, slot) in tasks.iter_mut().enumerate() {
+                if owners[id] == owner && slot.is_some() {
+                    killed.push((id, slot.take()));
+                }
+            }
+        }
+        {
+            let mut ready = self.inner.ready.lock().expect("ready");
+            let Ready { queue, queued } = &mut *ready;
+            queue.retain(|&id| !killed.iter().any(|(k, _)| *k == id));
+            for (id, _) in &killed {
+                if let Some(q) = queued.get_mut(*id) {
+                    *q = false;
+                }
+            }
+        }
+        self.inner
+            .free
+            .borrow_mut()
+            .extend(killed.iter().map(|(id, _)| *id));
+        // Their destructors run after the executor forgot them (they may touch it).
+        drop(killed);
     }
 
     /// How many tasks are alive.
@@ -427,6 +472,39 @@ mod tests {
         };
         assert_eq!(run(1), run(1));
         assert!((0..20).any(|s| run(s) != run(1)), "every seed ran alike");
+    }
+
+    // Killing one owner's tasks leaves everyone else's running, and their slots are
+    // reused by later tasks.
+    #[test]
+    fn killing_an_owner_kills_only_its_tasks() {
+        let ex = Executor::new(7);
+        let ticks = Rc::new(RefCell::new(BTreeMap::<u64, u32>::new()));
+        for owner in [1, 1, 2] {
+            let (ex2, ticks) = (ex.clone(), ticks.clone());
+            drop(ex.spawn_owned(owner, async move {
+                loop {
+                    *ticks.borrow_mut().entry(owner).or_default() += 1;
+                    ex2.sleep(Duration::from_millis(10)).await;
+                }
+            }));
+        }
+        ex.run_until(|| ex.elapsed() >= Duration::from_millis(100), 10_000)
+            .unwrap();
+        ex.kill_owned(1);
+        assert_eq!(ex.live_tasks(), 1);
+        let before = ticks.borrow().clone();
+        let ex2 = ex.clone();
+        let done = Rc::new(Cell::new(false));
+        let d = done.clone();
+        drop(ex.spawn_owned(3, async move {
+            ex2.sleep(Duration::from_millis(50)).await;
+            d.set(true);
+        }));
+        ex.run_until(|| done.get(), 10_000).unwrap();
+        let after = ticks.borrow().clone();
+        assert_eq!(after[&1], before[&1], "a killed task ran");
+        assert!(after[&2] > before[&2], "the other owner's task stopped");
     }
 
     // A task waiting for something that never comes is reported, not waited for forever.

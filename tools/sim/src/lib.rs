@@ -14,9 +14,13 @@
 //! arrives, [`checker`] checks everything against the logs at the end, and
 //! [`run_seed`] reports the first seed that breaks a rule; `CHORUS_SIM_SEED=<seed>` replays
 //! it exactly.
+//!
+//! [`cluster`] runs a cluster of Raft groups on the same scheduler: several simulated
+//! nodes, a simulated network, and the fault test's checker.
 
 pub mod checker;
 pub mod client;
+pub mod cluster;
 pub mod driver;
 pub mod env;
 pub mod executor;
@@ -139,6 +143,17 @@ impl std::fmt::Display for Failure {
         }
         Ok(())
     }
+}
+
+/// The number in environment variable `name`, if it is set.
+///
+/// # Panics
+///
+/// If it is set to something else than a number.
+pub fn env_number(name: &str) -> Option<u64> {
+    std::env::var(name)
+        .ok()
+        .map(|v| v.parse().unwrap_or_else(|_| panic!("{name} is a number")))
 }
 
 /// Runs one seed: a node's whole life under one interleaving, then the checks.
