@@ -156,11 +156,11 @@ async fn node_main(
             barrier.wait();
         })
         .await;
-    let mine: Vec<Rc<ReplicatedLog<DiskStorage>>> = node
+    let mine: Vec<(u64, Rc<ReplicatedLog<DiskStorage>>)> = node
         .status()
         .iter()
         .filter(|(_, st)| st.role == StateRole::Leader)
-        .map(|(g, _)| proposers.borrow()[g].clone())
+        .map(|(&g, _)| (g, proposers.borrow()[&g].clone()))
         .collect();
     let payload = Rc::new(vec![b'x'; EVENT_BYTES]);
     let measured = Rc::new(RefCell::new(Measured {
@@ -171,7 +171,7 @@ async fn node_main(
     // Closed loop: writers per group, each commit after the last.
     let end = Instant::now() + Duration::from_secs_f64(shape.secs);
     let mut tasks = Vec::new();
-    for log in &mine {
+    for (_, log) in &mine {
         for _ in 0..shape.writers {
             let (log, payload, m) = (log.clone(), payload.clone(), measured.clone());
             tasks.push(glommio::spawn_local(async move {
@@ -208,12 +208,15 @@ async fn node_main(
     let per_group = shape.rate as f64 / f64::from(shape.groups) / shape.batch as f64;
     let total = (per_group * shape.secs) as u64;
     let mut tasks = Vec::new();
-    for log in &mine {
+    for (g, log) in &mine {
         let (log, payload, m) = (log.clone(), payload.clone(), measured.clone());
+        // Each group's schedule starts its share of a period later: sends spread evenly,
+        // not every group's at the same instants.
+        let phase = *g as f64 / f64::from(shape.groups);
         tasks.push(glommio::spawn_local(async move {
             let mut sends = Vec::new();
             for k in 0..total {
-                let due = start + Duration::from_secs_f64(k as f64 / per_group);
+                let due = start + Duration::from_secs_f64((k as f64 + phase) / per_group);
                 if let Some(wait) = due.checked_duration_since(Instant::now()) {
                     glommio::timer::sleep(wait).await;
                 }
