@@ -132,6 +132,9 @@ pub struct Recovery {
     pub snapshot_offset: Option<u64>,
     /// Events replayed from the log (after the snapshot, or all of them).
     pub replayed_events: u64,
+    /// Why the partition's snapshot could not be used, if there was one and it could not
+    /// (the state was then rebuilt from the whole log).
+    pub snapshot_refused: Option<String>,
     /// How long the partition took to open, snapshot and replay included.
     pub took: std::time::Duration,
 }

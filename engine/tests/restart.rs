@@ -491,13 +491,24 @@ fn snapshots_restore_the_same_state_as_the_log() {
     let seqs = last_seqs(&engine, alice.id);
     engine.shutdown();
 
-    let check = |what: &str, expect_snapshot: bool, expect_replay: bool| {
+    let check = |what: &str, expect_snapshot: bool, expect_replay: bool, expect_refused: bool| {
         let engine = open_with(dir.path(), 16);
         let recovery = engine.recovery();
         let used = recovery
             .iter()
             .filter(|r| r.snapshot_offset.is_some())
             .count();
+        // A snapshot that is there but cannot be used says why; one that is used, or
+        // absent, says nothing.
+        let refused = recovery
+            .iter()
+            .filter(|r| r.snapshot_refused.is_some())
+            .count();
+        assert_eq!(
+            refused > 0,
+            expect_refused,
+            "{what}: snapshots refused: {recovery:?}"
+        );
         let replayed: u64 = recovery.iter().map(|r| r.replayed_events).sum();
         assert_eq!(
             used > 0,
@@ -522,21 +533,21 @@ fn snapshots_restore_the_same_state_as_the_log() {
         assert_eq!(m.seq, before.channels[&channels[1]].history[118].seq);
         engine.shutdown();
     };
-    check("shutdown snapshot", true, false);
+    check("shutdown snapshot", true, false, false);
     copy_snapshots(old.path(), &dir.path().join("snapshots"));
-    check("older snapshot and the log after it", true, true);
+    check("older snapshot and the log after it", true, true, false);
     for f in snapshot_files(&dir.path().join("snapshots")) {
         let mut bytes = std::fs::read(&f).unwrap();
         let mid = bytes.len() / 2;
         bytes[mid] ^= 0x40;
         std::fs::write(&f, bytes).unwrap();
     }
-    check("damaged snapshots", false, true);
+    check("damaged snapshots", false, true, true);
     for f in snapshot_files(&dir.path().join("snapshots")) {
         std::fs::remove_file(f).unwrap();
     }
-    check("no snapshots", false, true);
-    check("snapshots written at the last shutdown", true, false);
+    check("no snapshots", false, true, false);
+    check("snapshots written at the last shutdown", true, false, false);
 }
 
 /// Checks that replayed frames are byte for byte the frames that went out live; on a

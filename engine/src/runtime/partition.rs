@@ -117,6 +117,16 @@ fn subscribes(msg: &PartitionMsg) -> bool {
 /// answers wait behind it, so a partition without a leader delays them this long at most.
 const INIT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// How a partition's state was restored at its open.
+pub(crate) struct Restored {
+    /// The log offset up to which the state came from a snapshot, if one was used.
+    pub snapshot_offset: Option<u64>,
+    /// Events replayed from the log after it (or all of them).
+    pub replayed: u64,
+    /// Why a snapshot could not be used, if there was one.
+    pub snapshot_refused: Option<String>,
+}
+
 /// Where a partition's snapshot goes, and when the next one is due.
 pub(crate) struct Snapshots<D> {
     /// The directory of snapshot files.
@@ -134,6 +144,9 @@ pub(crate) struct Snapshots<D> {
     /// The log offset the last durable snapshot covers (0: none): the log may be cut
     /// before it, never after.
     durable_offset: Rc<std::cell::Cell<u64>>,
+    /// Why the snapshot last read at an open or a rebuild could not be used, if it could
+    /// not.
+    refused: Option<String>,
 }
 
 impl<D: Storage + Clone + 'static> Snapshots<D> {
@@ -147,6 +160,7 @@ impl<D: Storage + Clone + 'static> Snapshots<D> {
             covered: 0,
             writing: Rc::new(std::cell::Cell::new(false)),
             durable_offset: Rc::new(std::cell::Cell::new(0)),
+            refused: None,
         }
     }
 
@@ -332,7 +346,7 @@ impl<E: Env> Partition<E> {
         shared: ShardShared,
         config: &crate::config::EngineConfig,
         snapshots: Snapshots<DirOf<E>>,
-    ) -> Result<(Partition<E>, Vec<ChannelId>, (Option<u64>, u64)), EngineError> {
+    ) -> Result<(Partition<E>, Vec<ChannelId>, Restored), EngineError> {
         let mut p = Partition {
             id,
             env,
@@ -373,33 +387,35 @@ impl<E: Env> Partition<E> {
             ids.sort_unstable();
             ids
         };
-        Ok((p, uninitialised, (snapshot_offset, replayed)))
+        let restored = Restored {
+            snapshot_offset,
+            replayed,
+            snapshot_refused: p.snapshots.refused.clone(),
+        };
+        Ok((p, uninitialised, restored))
     }
 
     /// Loads the partition's snapshot if there is a usable one, and returns the log offset
     /// it covers, from which the log is replayed (`None`: replay all of it). A snapshot that cannot be used is reported and ignored: the whole
     /// log is replayed instead, and the state is rebuilt from it alone.
     async fn restore_snapshot(&mut self) -> Option<u64> {
+        self.snapshots.refused = None;
         let path = format!("snapshots/{}", self.snapshots.name);
         let first = self.log.first_offset();
         let loaded =
             match crate::snapshot::load(&self.snapshots.dir, &self.snapshots.name, self.id).await {
                 Ok(Some(l)) => l,
                 Ok(None) => return None,
-                Err(e) => {
-                    eprintln!("chorus: ignoring {path}: {e}");
-                    return None;
-                }
+                Err(e) => return self.refuse_snapshot(&path, e.to_string()),
             };
         if loaded.next_offset > self.log.next_offset() || loaded.next_offset < first {
-            eprintln!(
-                "chorus: ignoring {}: it covers the log up to offset {}, but the log holds {}..{}",
-                path,
+            let why = format!(
+                "it covers the log up to offset {}, but the log holds {}..{}",
                 loaded.next_offset,
                 first,
                 self.log.next_offset()
             );
-            return None;
+            return self.refuse_snapshot(&path, why);
         }
         match self.restore_from(&loaded) {
             Ok(events) => {
@@ -408,13 +424,20 @@ impl<E: Env> Partition<E> {
                 Some(loaded.next_offset)
             }
             Err(e) => {
-                eprintln!("chorus: ignoring {path}: {e}");
                 self.channels.clear();
                 self.user_channels.clear();
                 self.public.clear();
-                None
+                self.refuse_snapshot(&path, e.to_string())
             }
         }
+    }
+
+    /// Reports a snapshot that cannot be used, and notes why (the engine's
+    /// [`crate::outcome::Recovery`] says it).
+    fn refuse_snapshot(&mut self, path: &str, why: String) -> Option<u64> {
+        eprintln!("chorus: ignoring {path}: {why}");
+        self.snapshots.refused = Some(why);
+        None
     }
 
     /// Restores the channels of a snapshot, returning the events it covered.
@@ -424,14 +447,18 @@ impl<E: Env> Partition<E> {
     ) -> Result<u64, crate::snapshot::SnapshotError> {
         let mut events = 0;
         for (state, offsets) in read_channels(loaded)? {
-            let known = {
+            let fits = {
                 let meta = self.meta.borrow();
-                meta.channel(state.id).is_some_and(|c| {
-                    c.workspace == state.workspace
-                        && crate::domain::meta::partition_of(c.id) == self.id
-                })
+                match meta.channel(state.id) {
+                    Some(c) => c.workspace == state.workspace,
+                    // In a cluster the directory commits in a group of its own, and a
+                    // restarted node's may not have applied the channel's creation yet:
+                    // the snapshot holds committed events only, so the channel was
+                    // created, and the directory learns it as it catches up.
+                    None => self.log.follows(),
+                }
             };
-            if !known {
+            if !fits || crate::domain::meta::partition_of(state.id) != self.id {
                 return Err(crate::snapshot::SnapshotError(format!(
                     "channel {} does not match the directory",
                     state.id

@@ -283,28 +283,28 @@ impl<E: Env> Shard<E> {
             let started = env.now();
             let log = open_log(&env, &partition::log_name(p), &config).await?;
             let log = env.durability(p, log).await?;
-            let (part, uninitialised, (snapshot_offset, replayed_events)) =
-                partition::Partition::open(
-                    p,
-                    env.clone(),
-                    log,
-                    routes.clone(),
-                    partition::ShardShared {
-                        meta: meta.clone(),
-                        connected: online.clone(),
-                    },
-                    &config,
-                    partition::Snapshots::new(
-                        snapshots.clone(),
-                        format!("p{p:05}.snap"),
-                        config.snapshot_every_events,
-                    ),
-                )
-                .await?;
+            let (part, uninitialised, restored) = partition::Partition::open(
+                p,
+                env.clone(),
+                log,
+                routes.clone(),
+                partition::ShardShared {
+                    meta: meta.clone(),
+                    connected: online.clone(),
+                },
+                &config,
+                partition::Snapshots::new(
+                    snapshots.clone(),
+                    format!("p{p:05}.snap"),
+                    config.snapshot_every_events,
+                ),
+            )
+            .await?;
             recovered.push(crate::outcome::Recovery {
                 partition: p,
-                snapshot_offset,
-                replayed_events,
+                snapshot_offset: restored.snapshot_offset,
+                replayed_events: restored.replayed,
+                snapshot_refused: restored.snapshot_refused,
                 took: env.now().duration_since(started),
             });
             let (tx, rx) = futures::channel::mpsc::channel(config.partition_queue_requests);

@@ -273,6 +273,16 @@ impl World {
         self.starting.borrow_mut().remove(&node);
         match opened {
             Ok(engine) => {
+                // Every snapshot here was written whole and holds committed events only:
+                // each must be usable, however far the node's directory lags.
+                for r in engine.recovery() {
+                    if let Some(why) = r.snapshot_refused {
+                        self.fail(format!(
+                            "node {node} could not use partition {}'s snapshot: {why}",
+                            r.partition
+                        ));
+                    }
+                }
                 self.lives_started.borrow_mut()[node as usize - 1] += 1;
                 self.engines.borrow_mut()[node as usize - 1] = Some((engine.clone(), failed));
                 if let Some(user) = self.watcher.get() {
