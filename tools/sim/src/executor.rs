@@ -12,7 +12,7 @@
 
 use chorus_log::storage::sim::SimRng;
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -44,6 +44,11 @@ struct Inner {
     /// Slots free for reuse.
     free: RefCell<Vec<usize>>,
     ready: Arc<Mutex<Ready>>,
+    /// Owners paused ([`Executor::pause`]): their tasks are not polled.
+    paused: RefCell<BTreeSet<u64>>,
+    /// Tasks of paused owners that were woken, polled once their owner resumes (they stay
+    /// marked queued meanwhile, so that a wake does not queue them twice).
+    parked: RefCell<Vec<usize>>,
     /// Timers by deadline, then by order of arming.
     timers: RefCell<BTreeMap<(u64, u64), Waker>>,
     timer_seq: Cell<u64>,
@@ -109,6 +114,8 @@ impl Executor {
                 owners: RefCell::new(Vec::new()),
                 free: RefCell::new(Vec::new()),
                 ready: Arc::default(),
+                paused: RefCell::default(),
+                parked: RefCell::default(),
                 timers: RefCell::new(BTreeMap::new()),
                 timer_seq: Cell::new(0),
                 steps: Cell::new(0),
@@ -196,6 +203,12 @@ impl Executor {
             }
             let at = self.inner.rng.borrow_mut().below(ready.queue.len() as u64) as usize;
             let id = ready.queue.swap_remove(at);
+            let owner = self.inner.owners.borrow().get(id).copied().unwrap_or(0);
+            if owner != 0 && self.inner.paused.borrow().contains(&owner) {
+                // Still queued: it runs when its owner resumes.
+                self.inner.parked.borrow_mut().push(id);
+                return true;
+            }
             ready.queued[id] = false;
             id
         };
@@ -296,6 +309,8 @@ impl Executor {
         }
         drop(timers);
         drop(tasks);
+        self.inner.paused.borrow_mut().clear();
+        self.inner.parked.borrow_mut().clear();
         // Destructors may have spawned or woken: forget that too.
         self.inner.tasks.borrow_mut().clear();
         self.inner.owners.borrow_mut().clear();
@@ -323,6 +338,10 @@ impl Executor {
             let mut ready = self.inner.ready.lock().expect("ready");
             let Ready { queue, queued } = &mut *ready;
             queue.retain(|&id| !killed.iter().any(|(k, _)| *k == id));
+            self.inner
+                .parked
+                .borrow_mut()
+                .retain(|&id| !killed.iter().any(|(k, _)| *k == id));
             for (id, _) in &killed {
                 if let Some(q) = queued.get_mut(*id) {
                     *q = false;
@@ -335,6 +354,36 @@ impl Executor {
             .extend(killed.iter().map(|(id, _)| *id));
         // Their destructors run after the executor forgot them (they may touch it).
         drop(killed);
+    }
+
+    /// Stops polling `owner`'s tasks until [`Executor::resume`]: what SIGSTOP does to a
+    /// process. Its timers still fire, and what wakes its tasks is kept for then.
+    pub fn pause(&self, owner: u64) {
+        assert_ne!(owner, 0, "0 owns nothing");
+        self.inner.paused.borrow_mut().insert(owner);
+    }
+
+    /// Polls `owner`'s tasks again, those woken while it was paused first among the ready.
+    pub fn resume(&self, owner: u64) {
+        if !self.inner.paused.borrow_mut().remove(&owner) {
+            return;
+        }
+        let owners = self.inner.owners.borrow();
+        let mut parked = self.inner.parked.borrow_mut();
+        let mut ready = self.inner.ready.lock().expect("ready");
+        parked.retain(|&id| {
+            if owners.get(id) == Some(&owner) {
+                ready.queue.push(id);
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    /// Whether `owner` is paused.
+    pub fn is_paused(&self, owner: u64) -> bool {
+        self.inner.paused.borrow().contains(&owner)
     }
 
     /// How many tasks are alive.
@@ -505,6 +554,53 @@ mod tests {
         let after = ticks.borrow().clone();
         assert_eq!(after[&1], before[&1], "a killed task ran");
         assert!(after[&2] > before[&2], "the other owner's task stopped");
+    }
+
+    // A paused owner's tasks do not run, though their timers fire; resumed, they go on
+    // from where they were; a paused owner can still be killed.
+    #[test]
+    fn a_paused_owner_runs_nothing_until_resumed() {
+        let ex = Executor::new(11);
+        let ticks = Rc::new(RefCell::new(BTreeMap::<u64, u32>::new()));
+        for owner in [1, 2, 3] {
+            let (ex2, ticks) = (ex.clone(), ticks.clone());
+            drop(ex.spawn_owned(owner, async move {
+                loop {
+                    *ticks.borrow_mut().entry(owner).or_default() += 1;
+                    ex2.sleep(Duration::from_millis(10)).await;
+                }
+            }));
+        }
+        let until = |ms: u64| {
+            let ex2 = ex.clone();
+            ex.run_until(|| ex2.elapsed() >= Duration::from_millis(ms), 100_000)
+                .unwrap();
+            ticks.borrow().clone()
+        };
+        until(50);
+        ex.pause(1);
+        ex.pause(3);
+        assert!(ex.is_paused(1) && !ex.is_paused(2));
+        let paused = until(100);
+        let later = until(200);
+        assert!(
+            paused[&1] <= later[&1] && later[&1] - paused[&1] <= 1,
+            "a paused task ran"
+        );
+        assert!(
+            later[&2] >= paused[&2] + 9,
+            "the other owner's task stopped"
+        );
+        ex.kill_owned(3);
+        ex.resume(1);
+        ex.resume(3);
+        let resumed = until(300);
+        assert!(
+            resumed[&1] >= later[&1] + 9,
+            "a resumed task stayed stopped"
+        );
+        assert_eq!(resumed[&3], later[&3], "a killed paused task ran");
+        assert_eq!(ex.live_tasks(), 2);
     }
 
     // A task waiting for something that never comes is reported, not waited for forever.
