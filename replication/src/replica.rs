@@ -147,6 +147,13 @@ pub struct Replica {
     source: RefCell<Option<Source>>,
     /// The time the task runs on.
     clock: SharedClock,
+    /// This node's lease as leader, (term, until): no other node can be elected before
+    /// `until` (see [`Replica::leases`]).
+    lease: Cell<Option<(u64, Instant)>>,
+    /// How long a confirmed read index makes a lease last (set when the task starts).
+    lease_length: Cell<Duration>,
+    /// When a read index was last asked only to renew the lease.
+    renew_asked: Cell<Option<Instant>>,
 }
 
 /// Asks a peer for a group's events: (peer, from, to) → a batch
@@ -156,6 +163,14 @@ pub type Fetch = Rc<dyn Fn(u64, u64, u64) -> LocalBoxFuture<'static, std::io::Re
 /// Reads this node's events of a group for a peer: (from, to) → a batch of what it holds
 /// from `from` on, before `to` (none if it does not hold `from`).
 pub type Source = Rc<dyn Fn(u64, u64) -> LocalBoxFuture<'static, Vec<u8>>>;
+
+/// Whether `m` asks for a vote (or a pre-vote) in an election, not in a hand-off.
+fn asks_vote(m: &Message) -> bool {
+    matches!(
+        m.get_msg_type(),
+        MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+    ) && m.context.as_ref() as &[u8] != raft::CAMPAIGN_TRANSFER
+}
 
 /// How long a leader waits before it tries again to hand its leadership to the preferred
 /// node, after a try that did not take.
@@ -200,6 +215,9 @@ impl Replica {
             fetch: RefCell::new(None),
             source: RefCell::new(None),
             clock,
+            lease: Cell::new(None),
+            lease_length: Cell::new(Duration::ZERO),
+            renew_asked: Cell::new(None),
         })
     }
 
@@ -333,10 +351,65 @@ impl Replica {
         if self.status.get().ended {
             return Err(ProposeError::NotLeader { leader: None });
         }
+        if self.leases() {
+            // No other leader can have been elected: every acknowledged entry was
+            // acknowledged here, and applied here first.
+            self.renew_lease_if_due();
+            return Ok(self.status.get().applied);
+        }
         let (tx, rx) = oneshot::channel();
         self.input(|i| i.reads.push(tx));
         rx.await
             .unwrap_or(Err(ProposeError::NotLeader { leader: None }))
+    }
+
+    /// Whether this node leads the group, current in its term, under a lease: a read index
+    /// it confirmed (a round of heartbeats a majority answered) was asked less than
+    /// [`Replica::lease_length`] ago. Each voter that answered ignores vote requests for an
+    /// election timeout after (raft-rs's check-quorum rule), a restarted voter grants no
+    /// vote for an election timeout after it starts, and a leader that hands its leadership
+    /// off or changes the membership drops its lease first: so no other node can lead
+    /// before the lease ends, and this node's state holds every acknowledged entry. The
+    /// time is the monotonic clock's, which runs on while a process is paused: a leader
+    /// that wakes from SIGSTOP finds its lease over.
+    ///
+    /// Architecture invariant: a leader answers reads from its own state only under its
+    /// lease; otherwise through a read index like any node.
+    pub fn leases(&self) -> bool {
+        let status = self.status.get();
+        if status.ended || !status.current {
+            return false;
+        }
+        matches!(self.lease.get(), Some((term, until)) if term == status.term && self.now() < until)
+    }
+
+    /// How long a confirmed read index keeps the lease: 9/10 of the election timeout less
+    /// a tick (a follower's first tick after it heard from the leader may come at once).
+    pub fn lease_length(&self) -> Duration {
+        self.lease_length.get()
+    }
+
+    /// Asks a read index of the leader's own, to renew its lease before it ends, once the
+    /// lease is half spent (at most one every [`READ_INDEX_RETRY`]).
+    fn renew_lease_if_due(&self) {
+        let Some((_, until)) = self.lease.get() else {
+            return;
+        };
+        let now = self.now();
+        if until.saturating_duration_since(now) > self.lease_length() / 2 {
+            return;
+        }
+        if self
+            .renew_asked
+            .get()
+            .is_some_and(|at| now.saturating_duration_since(at) < READ_INDEX_RETRY)
+        {
+            return;
+        }
+        self.renew_asked.set(Some(now));
+        // Nobody waits for the answer: the task renews the lease when raft-rs confirms.
+        let (tx, _) = oneshot::channel();
+        self.input(|i| i.reads.push(tx));
     }
 
     /// Stops the task at once. Pending proposals are answered `Uncertain`.
@@ -383,6 +456,13 @@ impl Replica {
         mut send: impl FnMut(Message),
     ) -> Result<Group<S, M>, RaftLogError> {
         group.track_applied(true);
+        let election_ticks = group.raw_ref().raft.election_timeout() as u32;
+        let election_timeout = tick * election_ticks;
+        self.lease_length
+            .set(tick * election_ticks.saturating_sub(1) * 9 / 10);
+        self.lease.set(None);
+        // Votes this node refuses until then (see [`Replica::leases`]).
+        let quiet_until = self.now() + election_timeout;
         // A snapshot installed before a restart may be ahead of the state machine (see
         // [`StateMachine::catch_up`]); the voters are known from here on.
         self.publish(&group, false);
@@ -414,6 +494,7 @@ impl Replica {
                 Some(Stop::AfterHandOff) if !group.is_leader() => true,
                 Some(Stop::AfterHandOff) => match handing_off {
                     None => {
+                        self.lease.set(None);
                         group.hand_off_leadership();
                         handing_off = Some(self.now());
                         false
@@ -428,10 +509,20 @@ impl Replica {
                 left.reads.extend(inputs.reads);
                 break Ok(());
             }
+            let quiet = self.now() < quiet_until;
             for m in inputs.messages {
+                if quiet && asks_vote(&m) {
+                    // A lease this node granted before it restarted may still run: it
+                    // votes for nobody (and so does not learn the term) for an election
+                    // timeout after it starts. A hand-off is the leader's own doing.
+                    continue;
+                }
                 // A message raft-rs refuses (of another group's term, or garbled in a way
                 // the frame checksum missed) changes nothing; Raft tolerates its loss.
                 let _ = group.raw().step(m);
+            }
+            if !group.is_leader() {
+                self.lease.set(None);
             }
             for (peer, m) in inputs.lost {
                 group.raw().report_unreachable(peer);
@@ -533,6 +624,7 @@ impl Replica {
                 let ctx = state.request_ctx.get(8..).map(<[u8; 8]>::try_from);
                 let ctx = ctx.and_then(Result::ok).map(u64::from_le_bytes);
                 if let Some(reading) = ctx.and_then(|c| asked.remove(&c)) {
+                    self.extend_lease(&group, reading.asked_at, handing_off.is_some());
                     confirmed.push((state.index, reading));
                 }
             }
@@ -562,6 +654,33 @@ impl Replica {
         }
         self.publish(&group, true);
         result.map(|()| group)
+    }
+
+    /// A read index asked at `asked_at` was confirmed: on a leader, a majority answered
+    /// heartbeats sent after that, so its lease runs to `asked_at` and
+    /// [`Replica::lease_length`] (unless it is handing its leadership off).
+    fn extend_lease<S: Storage, M: StateMachine>(
+        &self,
+        group: &Group<S, M>,
+        asked_at: Instant,
+        handing_off: bool,
+    ) {
+        let raft = &group.raw_ref().raft;
+        if !group.is_leader()
+            || handing_off
+            || raft.lead_transferee.is_some()
+            || raft.has_pending_conf()
+        {
+            return;
+        }
+        let until = asked_at + self.lease_length();
+        let longer = match self.lease.get() {
+            Some((term, was)) if term == raft.term => until > was,
+            _ => true,
+        };
+        if longer {
+            self.lease.set(Some((raft.term, until)));
+        }
     }
 
     /// Answers the confirmed read indexes the group has applied, refuses those past their
@@ -657,6 +776,7 @@ impl Replica {
         let last = raft.raft_log.last_index();
         if raft.prs().get(to).is_some_and(|p| p.matched == last) {
             *tried = Some(self.now());
+            self.lease.set(None);
             group.raw().transfer_leader(to);
         }
     }
@@ -695,6 +815,8 @@ impl Replica {
         };
         drop(target);
         *tried = Some(self.now());
+        // A new configuration's majorities are not the ones that granted the lease.
+        self.lease.set(None);
         let (change_type, node_id) = match step {
             Step::HandOff(to) => {
                 group.raw().transfer_leader(to);

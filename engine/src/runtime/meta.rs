@@ -596,7 +596,7 @@ impl<E: Env> MetaOwner<E> {
         let (barriers, requests): (Vec<_>, Vec<_>) = requests
             .into_iter()
             .partition(|r| matches!(r, MetaRequest::Barrier { .. }));
-        self.barriers(barriers, leading).await;
+        self.barriers(barriers).await;
         if let Leading::No { leader } = leading {
             let why = Unavailable::MetaNotLeader { leader };
             for req in requests {
@@ -650,28 +650,29 @@ impl<E: Env> MetaOwner<E> {
         }
     }
 
-    /// Answers directory barriers: a follower first passes its group's read barrier and
-    /// applies and publishes what that let in; then each is answered once every event
-    /// applied here is published to every shard (the leader's own answers wait the same
-    /// way). A follower that cannot pass the read barrier answers `MetaNotLeader`.
-    async fn barriers(&self, barriers: Vec<MetaRequest>, leading: Leading) {
+    /// Answers directory barriers: the owner first passes its group's read barrier (a
+    /// leader at once under its lease) and applies and publishes what that let in; then
+    /// each is answered once every event applied here is published to every shard (the
+    /// leader's own answers wait the same way). An owner that cannot pass the read barrier
+    /// answers `MetaNotLeader`.
+    async fn barriers(&self, barriers: Vec<MetaRequest>) {
         if barriers.is_empty() {
             return;
         }
-        if let Leading::No { .. } = leading {
-            if let Err(e) = self.log.read_barrier().await {
-                let leader = match e {
-                    CommitError::NotLeader { leader } => leader,
-                    _ => None,
-                };
-                let why = Unavailable::MetaNotLeader { leader };
-                for b in barriers {
-                    let _ = b.into_reply().send(Err(why.clone().into()));
-                }
-                return;
+        // A leader passes it too: under its lease at once, and otherwise by a read index,
+        // which a deposed leader cannot pass.
+        if let Err(e) = self.log.read_barrier().await {
+            let leader = match e {
+                CommitError::NotLeader { leader } => leader,
+                _ => None,
+            };
+            let why = Unavailable::MetaNotLeader { leader };
+            for b in barriers {
+                let _ = b.into_reply().send(Err(why.clone().into()));
             }
-            self.follow().await;
+            return;
         }
+        self.follow().await;
         for b in barriers {
             let current = Ok(MetaOutcome::Current);
             self.publication

@@ -761,7 +761,7 @@ impl<E: Env> Partition<E> {
         // What the log holds beyond the state first: a leader decides only against every
         // event committed before it, and a follower's reads see what its log has.
         let mut followed = self.follow().await;
-        if msgs.iter().any(subscribes) && self.log.leading() != Leading::Yes {
+        if msgs.iter().any(subscribes) {
             followed += self.current_for_subscribers().await;
         }
         let leading = match self.log.leading() {
@@ -900,10 +900,14 @@ impl<E: Env> Partition<E> {
                 for p in pending {
                     p.fail(&why);
                 }
+                // The rebuilt state is this node's log, which another leader may have
+                // moved past (a leader that woke from a pause with writes queued): reads
+                // wait for the barrier as a follower's do.
+                let (reads, caught_up) = self.behind_read_barrier(reads).await;
                 for r in reads {
                     self.read_or_fail(r).await;
                 }
-                return followed;
+                return followed + caught_up;
             }
             self.deliver(&decided, &moved).await;
         }
@@ -911,15 +915,15 @@ impl<E: Env> Partition<E> {
         for p in pending {
             p.answer();
         }
-        let (reads, caught_up) = self.behind_read_barrier(leading, reads).await;
+        let (reads, caught_up) = self.behind_read_barrier(reads).await;
         for r in reads {
             self.read(r).await;
         }
         followed + caught_up + (decided.len() + marks) as u64
     }
 
-    /// On a node that does not lead the partition, before a subscription is registered or
-    /// a resume catches up: passes the read barrier and applies what it let in, so that the
+    /// Before a subscription is registered or a resume catches up: passes the read
+    /// barrier (at once on a leader under its lease) and applies what it let in, so that the
     /// subscription starts from every event acknowledged before it (`API.md` §15: a
     /// client resumes on any node). Without it, a follower a few events behind answered a
     /// resume as if the user were in none of its channels, and then sent the channel's
@@ -935,19 +939,17 @@ impl<E: Env> Partition<E> {
         }
     }
 
-    /// A node that does not lead answers its clients' reads only after the read barrier
+    /// A node answers its clients' reads only after the read barrier
     /// (`Durability::read_barrier`) and applying what it let in, so that a read sees every
-    /// write acknowledged before it was sent, wherever it was decided. Where the barrier
-    /// cannot be passed (no leader now), reads of channel data are refused with
-    /// `NotLeader` (a gateway passes them to the leader, or the client tries again), and
-    /// lists gathered over partitions (channels, unreads) are answered from what this node
-    /// applied. The leader's state is every committed event already. Returns the reads to
+    /// write acknowledged before it was sent, wherever it was decided. The leader passes it
+    /// at once under its lease (its state is every committed event); a leader without one
+    /// (it was paused, or cut off) confirms that it still leads first, or it would answer
+    /// from a state another leader has moved past. Where the barrier cannot be passed (no
+    /// leader now), reads of channel data are refused with `NotLeader` (a gateway passes
+    /// them to the leader, or the client tries again), and lists gathered over partitions
+    /// (channels, unreads) are answered from what this node applied. Returns the reads to
     /// answer, and the events applied.
-    async fn behind_read_barrier(
-        &mut self,
-        leading: Leading,
-        reads: Vec<PartitionMsg>,
-    ) -> (Vec<PartitionMsg>, u64) {
+    async fn behind_read_barrier(&mut self, reads: Vec<PartitionMsg>) -> (Vec<PartitionMsg>, u64) {
         let from_clients = |m: &PartitionMsg| {
             matches!(
                 m,
@@ -956,32 +958,34 @@ impl<E: Env> Partition<E> {
                     | PartitionMsg::Visible { .. }
             )
         };
-        if leading == Leading::Yes || self.failed.is_some() || !reads.iter().any(from_clients) {
+        if self.failed.is_some() || !reads.iter().any(from_clients) {
             return (reads, 0);
         }
-        match self.log.read_barrier().await {
+        let (leader, applied) = match self.log.read_barrier().await {
             Ok(()) => {
                 let applied = self.follow().await;
-                (reads, applied)
-            }
-            Err(e) => {
-                let leader = match e {
-                    CommitError::NotLeader { leader } => leader,
-                    _ => None,
-                };
-                let why = Unavailable::NotLeader {
-                    partition: self.id,
-                    leader,
-                };
-                let (refused, kept): (Vec<_>, Vec<_>) = reads
-                    .into_iter()
-                    .partition(|m| matches!(m, PartitionMsg::Read { .. }));
-                for r in refused {
-                    fail(r, &why);
+                if self.applied >= self.log.next_offset() {
+                    return (reads, applied);
                 }
-                (kept, 0)
+                // The log holds events the state could not apply yet (a record of a
+                // channel this node's directory has not applied): a read now would miss
+                // them.
+                (None, applied)
             }
+            Err(CommitError::NotLeader { leader }) => (leader, 0),
+            Err(_) => (None, 0),
+        };
+        let why = Unavailable::NotLeader {
+            partition: self.id,
+            leader,
+        };
+        let (refused, kept): (Vec<_>, Vec<_>) = reads
+            .into_iter()
+            .partition(|m| matches!(m, PartitionMsg::Read { .. }));
+        for r in refused {
+            fail(r, &why);
         }
+        (kept, applied)
     }
 
     /// Answers a read, unless the partition has stopped.
