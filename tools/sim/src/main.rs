@@ -84,7 +84,7 @@ fn cluster_seed(seed: u64, engines: bool) -> Counted {
     if engines {
         run_engine_cluster_seed(seed).map(|r| {
             (
-                r.crashes + r.clean_restarts + r.partitions_cut,
+                r.crashes + r.clean_restarts + r.partitions_cut + r.pauses,
                 r.acked,
                 r.steps,
             )

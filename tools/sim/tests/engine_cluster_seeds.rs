@@ -1,8 +1,9 @@
 //! The engine on a simulated cluster in the test command: seeds of 3 nodes, each a whole
 //! engine whose partitions and directory commit through Raft groups, with posts through
-//! whichever node leads while nodes crash and the network loses and partitions; every
-//! node's history of every channel must then be the same, every acknowledged post in it
-//! once at its acknowledged seq, nothing never sent.
+//! whichever node leads while nodes crash, pause and the network loses and partitions;
+//! every history read meanwhile must hold every post acknowledged before it; every node's
+//! history of every channel must then be the same, every acknowledged post in it once at
+//! its acknowledged seq, nothing never sent.
 //!
 //! `CHORUS_ENGINE_CLUSTER_SEED=<seed>` runs that one seed; `CHORUS_ENGINE_CLUSTER_SEEDS=<n>`
 //! changes how many run.
@@ -35,12 +36,16 @@ fn engine_cluster_seeds_keep_every_rule() {
         sum.crashes += r.crashes;
         sum.clean_restarts += r.clean_restarts;
         sum.partitions_cut += r.partitions_cut;
+        sum.pauses += r.pauses;
+        sum.reads += r.reads;
+        sum.reads_refused += r.reads_refused;
         sum.messages += r.messages;
     }
     println!(
         "{seeds} engine cluster seeds: {} steps, simulated {:?}; {} posts acknowledged, {} \
-         unanswered, {} deliveries; {} crashes, {} planned restarts, {} partitions; {} \
-         messages in the histories",
+         unanswered, {} deliveries; {} crashes, {} planned restarts, {} partitions, {} \
+         pauses; {} histories read under the faults ({} refused); {} messages in the \
+         histories",
         sum.steps,
         sum.simulated,
         sum.acked,
@@ -49,6 +54,9 @@ fn engine_cluster_seeds_keep_every_rule() {
         sum.crashes,
         sum.clean_restarts,
         sum.partitions_cut,
+        sum.pauses,
+        sum.reads,
+        sum.reads_refused,
         sum.messages
     );
     // The faults happened: a run that exercised nothing proves nothing.
@@ -59,6 +67,11 @@ fn engine_cluster_seeds_keep_every_rule() {
         );
         assert!(sum.acked > seeds * 10, "too little was acknowledged");
         assert!(sum.clean_restarts > seeds / 4, "too few planned restarts");
+        assert!(sum.pauses > seeds / 2, "too few pauses");
+        assert!(
+            sum.reads - sum.reads_refused > seeds * 5,
+            "too few histories read under the faults"
+        );
     }
 }
 

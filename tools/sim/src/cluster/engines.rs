@@ -170,6 +170,11 @@ pub struct EngineClusterReport {
     /// Posts delivered to the subscribers, over every node.
     pub delivered: u64,
     pub crashes: u64,
+    /// Nodes paused (SIGSTOP) and resumed.
+    pub pauses: u64,
+    /// Histories read under the faults, and those a node refused (no leader confirmed).
+    pub reads: u64,
+    pub reads_refused: u64,
     /// Engines closed and opened again.
     pub clean_restarts: u64,
     pub partitions_cut: u64,
@@ -194,6 +199,8 @@ struct Truth {
     sent: BTreeMap<ChannelId, BTreeSet<String>>,
     /// Text → the seq its acknowledgement named.
     acked: BTreeMap<String, u64>,
+    /// The texts acknowledged in each channel, in the order the acknowledgements came.
+    acked_in: BTreeMap<ChannelId, Vec<String>>,
     unanswered: u64,
     /// Every post a subscriber was delivered: (node, channel as its frames name it, seq,
     /// text).
@@ -212,6 +219,9 @@ struct World {
     starting: RefCell<BTreeSet<u64>>,
     /// Nodes closing for a planned restart.
     closing: RefCell<BTreeSet<u64>>,
+    /// How many times each node was paused (`[node - 1]`): a resume due for an earlier
+    /// pause does not end a later one.
+    paused: RefCell<Vec<u64>>,
     /// Engines started so far on each node (`[node - 1]`: the number of its life).
     lives_started: RefCell<Vec<u64>>,
     truth: RefCell<Truth>,
@@ -219,6 +229,11 @@ struct World {
     writing: Cell<bool>,
     /// The user whose subscription on every node watches every channel, once made.
     watcher: Cell<Option<UserId>>,
+    /// The posts made around a cut-off leader ([`World::write_around`]).
+    around: RefCell<Vec<JoinHandle>>,
+    /// The user who reads histories under the faults, and the channels, once made.
+    reader: Cell<Option<UserId>>,
+    channels: RefCell<Vec<ChannelId>>,
     /// The nodes whose watcher is subscribed in their current life.
     watching: RefCell<BTreeSet<u64>>,
     report: RefCell<EngineClusterReport>,
@@ -373,7 +388,106 @@ impl World {
         drop(engine);
         self.net.detach(node);
         self.ex.kill_owned(node);
+        self.ex.resume(node);
         self.roots[node as usize - 1].crash();
+    }
+
+    /// Pauses node `node` (SIGSTOP) for `ms`, then resumes it (SIGCONT): its tasks stop,
+    /// its clock and everyone else's go on, and messages to it wait.
+    fn pause(self: &Rc<World>, node: u64, ms: u64) {
+        let pause = {
+            let mut paused = self.paused.borrow_mut();
+            paused[node as usize - 1] += 1;
+            paused[node as usize - 1]
+        };
+        self.ex.pause(node);
+        self.report.borrow_mut().pauses += 1;
+        let w = self.clone();
+        drop(self.ex.spawn(async move {
+            w.ex.sleep(Duration::from_millis(ms)).await;
+            if w.paused.borrow()[node as usize - 1] == pause {
+                w.ex.resume(node);
+                // A leader that wakes may not know yet that another was elected: read
+                // every channel there at once.
+                let reader = w.reader.get();
+                let channels = w.channels.borrow().clone();
+                if let Some(user) = reader {
+                    for c in channels {
+                        if !w.check_read(node, user, c).await {
+                            return;
+                        }
+                    }
+                }
+            }
+        }));
+    }
+
+    /// Reads a channel's whole history on a node now and then while the writers write:
+    /// a read must see every post acknowledged before it was sent, whichever node
+    /// acknowledged it (`API.md` §15), or be refused.
+    async fn read_under_faults(self: Rc<World>, user: UserId, channels: Vec<ChannelId>) {
+        while self.writing.get() && self.failure.borrow().is_none() {
+            self.ex
+                .sleep(Duration::from_micros(1_000 + self.ex.below(30_000)))
+                .await;
+            let node = 1 + self.ex.below(self.n);
+            let c = channels[self.ex.below(channels.len() as u64) as usize];
+            if !self.check_read(node, user, c).await {
+                return;
+            }
+        }
+    }
+
+    /// Posts to channel `c` through any node but `cut` (its leader, cut off), and once the
+    /// post is acknowledged, reads the channel on `cut`.
+    async fn write_around(self: Rc<World>, cut: u64, user: UserId, c: ChannelId) {
+        let k = self.report.borrow().partitions_cut;
+        let text = format!("around{k}");
+        let by = self.ex.now() + FAULT_TIME;
+        if self.post_avoiding(Some(cut), user, c, text, by).await {
+            self.check_read(cut, user, c).await;
+        }
+    }
+
+    /// Reads channel `c`'s whole history on node `node` as `user`, and checks that it
+    /// holds every post acknowledged before the read was sent; false if it did not.
+    async fn check_read(&self, node: u64, user: UserId, c: ChannelId) -> bool {
+        {
+            let Some(engine) = self.engine(node) else {
+                return true;
+            };
+            let before: Vec<String> = self
+                .truth
+                .borrow()
+                .acked_in
+                .get(&c)
+                .cloned()
+                .unwrap_or_default();
+            let read = {
+                let read = std::pin::pin!(history(&engine, user, c));
+                match select(read, self.ex.sleep(ANSWER_TIMEOUT)).await {
+                    Either::Left((read, _)) => read,
+                    Either::Right(_) => None,
+                }
+            };
+            self.report.borrow_mut().reads += 1;
+            let Some(read) = read else {
+                self.report.borrow_mut().reads_refused += 1;
+                return true;
+            };
+            let have: BTreeSet<&String> = read.iter().map(|(_, t)| t).collect();
+            if let Some(missing) = before.iter().find(|t| !have.contains(t)) {
+                let seq = self.truth.borrow().acked.get(missing).copied();
+                self.fail(format!(
+                    "a stale read: node {node}'s history of {c} ({} messages, up to seq {:?}) \
+                     lacks {missing}, acknowledged at seq {seq:?} before the read was sent",
+                    read.len(),
+                    read.last().map(|(s, _)| *s)
+                ));
+                return false;
+            }
+        }
+        true
     }
 
     /// Runs `write` on the nodes in turn, from a random one, until one takes it or
@@ -383,9 +497,24 @@ impl World {
         F: Fn(Engine) -> Fut,
         Fut: Future<Output = Result<T, EngineError>>,
     {
+        self.anywhere_but(None, deadline, write).await
+    }
+
+    /// [`World::anywhere`], never on node `avoid`.
+    async fn anywhere_but<T, F, Fut>(
+        &self,
+        avoid: Option<u64>,
+        deadline: Instant,
+        write: F,
+    ) -> Option<T>
+    where
+        F: Fn(Engine) -> Fut,
+        Fut: Future<Output = Result<T, EngineError>>,
+    {
         let mut node = 1 + self.ex.below(self.n);
         while self.ex.now() < deadline {
-            if let Some(engine) = self.engine(node) {
+            let engine = self.engine(node).filter(|_| avoid != Some(node));
+            if let Some(engine) = engine {
                 let answer = {
                     let call = std::pin::pin!(write(engine));
                     match select(call, self.ex.sleep(ANSWER_TIMEOUT)).await {
@@ -427,6 +556,19 @@ impl World {
         text: String,
         deadline: Instant,
     ) -> bool {
+        self.post_avoiding(None, user, channel, text, deadline)
+            .await
+    }
+
+    /// [`World::post`], never through node `avoid`.
+    async fn post_avoiding(
+        &self,
+        avoid: Option<u64>,
+        user: UserId,
+        channel: ChannelId,
+        text: String,
+        deadline: Instant,
+    ) -> bool {
         self.truth
             .borrow_mut()
             .sent
@@ -435,7 +577,7 @@ impl World {
             .insert(text.clone());
         let t = text.clone();
         let answer = self
-            .anywhere(deadline, |e| {
+            .anywhere_but(avoid, deadline, |e| {
                 let t = t.clone();
                 async move { e.post(user, channel, &t, Some(&t), None).await }
             })
@@ -443,6 +585,13 @@ impl World {
         let mut truth = self.truth.borrow_mut();
         match answer {
             Some((view, _)) => {
+                if !truth.acked.contains_key(&text) {
+                    truth
+                        .acked_in
+                        .entry(channel)
+                        .or_default()
+                        .push(text.clone());
+                }
                 if let Some(before) = truth.acked.insert(text.clone(), view.seq) {
                     if before != view.seq {
                         drop(truth);
@@ -503,6 +652,39 @@ impl World {
                         drop(self.ex.spawn(self.clone().clean_restart(node)));
                     }
                 }
+                // SIGSTOP, and SIGCONT up to 600 ms later (past an election timeout).
+                73..=82 => {
+                    let node = 1 + self.ex.below(self.n);
+                    if self.engine(node).is_some() && !self.ex.is_paused(node) {
+                        self.pause(node, 20 + self.ex.below(580));
+                    }
+                }
+                // A channel's leader cut off alone while a post goes through the others:
+                // it must not answer a read from before the post.
+                93..=96 => {
+                    let channels = self.channels.borrow().clone();
+                    if let (Some(user), false) = (self.reader.get(), channels.is_empty()) {
+                        let c = channels[self.ex.below(channels.len() as u64) as usize];
+                        let group = u64::from(chorus_engine::domain::meta::partition_of(c));
+                        if let Some(node) = (1..=self.n).find(|&node| self.net.leads(node, group)) {
+                            let mut sides = vec![0; self.n as usize];
+                            sides[node as usize - 1] = 1;
+                            self.net.partition(sides, None);
+                            self.report.borrow_mut().partitions_cut += 1;
+                            let task = self.ex.spawn(self.clone().write_around(node, user, c));
+                            self.around.borrow_mut().push(task);
+                        }
+                    }
+                }
+                // A partition's leader paused past an election timeout: it wakes still
+                // believing it leads.
+                83..=92 => {
+                    let group = self.ex.below(u64::from(self.partitions));
+                    let leader = (1..=self.n).find(|&node| self.net.leads(node, group));
+                    if let Some(node) = leader.filter(|&node| !self.ex.is_paused(node)) {
+                        self.pause(node, 250 + self.ex.below(350));
+                    }
+                }
                 _ => {}
             }
         }
@@ -534,11 +716,15 @@ fn run(seed: u64) -> Result<EngineClusterReport, String> {
         engines: RefCell::new((0..n).map(|_| None).collect()),
         starting: RefCell::default(),
         closing: RefCell::default(),
+        paused: RefCell::new(vec![0; n as usize]),
         lives_started: RefCell::new(vec![0; n as usize]),
         truth: RefCell::default(),
         failure: RefCell::new(None),
         writing: Cell::new(true),
         watcher: Cell::new(None),
+        reader: Cell::new(None),
+        channels: RefCell::default(),
+        around: RefCell::default(),
         watching: RefCell::default(),
         report: RefCell::new(EngineClusterReport {
             seed,
@@ -699,8 +885,16 @@ async fn scenario(w: Rc<World>) -> Result<Histories, String> {
             }));
         }
     }
+    w.reader.set(Some(owner));
+    *w.channels.borrow_mut() = channels.clone();
+    let reader =
+        w.ex.spawn(w.clone().read_under_faults(owner, channels.clone()));
     w.clone().nemesis().await;
     w.writing.set(false);
+    for node in 1..=w.n {
+        w.ex.resume(node);
+    }
+    reader.await;
     // Heal, and bring every node back.
     w.net.heal();
     w.net.set_weather(CALM);
@@ -726,6 +920,10 @@ async fn scenario(w: Rc<World>) -> Result<Histories, String> {
     // Posts still waiting for an answer get it (or give up) before anything is read.
     for writer in writers {
         writer.await;
+    }
+    let around = std::mem::take(&mut *w.around.borrow_mut());
+    for task in around {
+        task.await;
     }
     // Every node's watcher is subscribed before the last posts, which it must get.
     while w.watching.borrow().len() < w.n as usize {

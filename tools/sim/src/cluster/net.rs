@@ -129,6 +129,12 @@ impl Net {
         linked && self.replicas.borrow().keys().any(|(n, _)| *n == to)
     }
 
+    /// Whether node `node`'s replica of `group` is up and leads, as of its last turn.
+    pub fn leads(&self, node: u64, group: u64) -> bool {
+        self.replica(node, group)
+            .is_some_and(|r| r.status().role == raft::StateRole::Leader)
+    }
+
     fn replica(&self, node: u64, group: u64) -> Option<Rc<Replica>> {
         self.replicas.borrow().get(&(node, group)).cloned()
     }
@@ -191,6 +197,10 @@ impl Net {
         let unreachable = || std::io::Error::other("the peer cannot be reached");
         if !self.reaches(asker, peer) || self.ex.chance(w.drop_permille) {
             return Err(unreachable());
+        }
+        // A paused peer answers once it resumes.
+        while self.ex.is_paused(peer) {
+            self.ex.sleep(Duration::from_millis(1)).await;
         }
         let source = self.replica(peer, group).ok_or_else(unreachable)?;
         let batch = source.serve_events(from, to).await;
