@@ -91,7 +91,8 @@ fn cluster_seed(seed: u64, engines: bool) -> Counted {
         })
     } else {
         run_cluster_seed(seed).map(|r| {
-            let faults = r.crashes + r.disk_faults + r.clean_restarts + r.partitions + r.removals;
+            let faults =
+                r.crashes + r.pauses + r.disk_faults + r.clean_restarts + r.partitions + r.removals;
             (faults, r.acked, r.steps)
         })
     }

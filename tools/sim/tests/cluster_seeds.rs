@@ -1,7 +1,9 @@
 //! The cluster simulation in the test command: a thousand seeds, each 3 or 5 nodes running
-//! Raft groups under faults (crashes, failed fsyncs, planned restarts, partitions, nodes
-//! removed and added back, a lossy network), each checked for acknowledged events kept exactly once and one order on
-//! every node; and a check that a seed replays exactly.
+//! Raft groups under faults (crashes, pauses, failed fsyncs, planned restarts, partitions,
+//! nodes removed and added back, a lossy network), each checked for acknowledged events
+//! kept exactly once and one order on every node, and for read indexes (a leader's lease
+//! among them) that never miss an acknowledged event; and a check that a seed replays
+//! exactly.
 //!
 //! `CHORUS_CLUSTER_SEED=<seed>` runs that one seed (to replay a failure);
 //! `CHORUS_CLUSTER_SEEDS=<n>` changes how many seeds run.
@@ -31,6 +33,10 @@ fn cluster_seeds_keep_every_rule() {
         sum.uncertain += r.uncertain;
         sum.refused += r.refused;
         sum.crashes += r.crashes;
+        sum.pauses += r.pauses;
+        sum.reads += r.reads;
+        sum.leased_reads += r.leased_reads;
+        sum.reads_refused += r.reads_refused;
         sum.disk_faults += r.disk_faults;
         sum.clean_restarts += r.clean_restarts;
         sum.partitions += r.partitions;
@@ -42,11 +48,13 @@ fn cluster_seeds_keep_every_rule() {
     }
     println!(
         "{seeds} cluster seeds: {} steps, simulated {:?}; {} acknowledged, {} uncertain, {} refused; \
-         {} crashes, {} failed fsyncs, {} planned restarts, {} partitions, {} nodes removed; \
-         {} messages ({} lost), {} fetches of events; {} events in the logs",
+         {} crashes, {} pauses, {} failed fsyncs, {} planned restarts, {} partitions, {} nodes \
+         removed; {} reads ({} under a lease, {} refused); {} messages ({} lost), {} fetches of \
+         events; {} events in the logs",
         sum.steps, sum.simulated, sum.acked, sum.uncertain, sum.refused, sum.crashes,
-        sum.disk_faults, sum.clean_restarts, sum.partitions, sum.removals, sum.messages,
-        sum.dropped, sum.fetches, sum.events
+        sum.pauses, sum.disk_faults, sum.clean_restarts, sum.partitions, sum.removals,
+        sum.reads, sum.leased_reads, sum.reads_refused, sum.messages, sum.dropped,
+        sum.fetches, sum.events
     );
     // The faults happened: a run that exercised nothing proves nothing.
     if seeds >= 100 {
@@ -61,6 +69,11 @@ fn cluster_seeds_keep_every_rule() {
             "no replica was caught up by a snapshot and a fetch"
         );
         assert!(sum.acked > seeds * 20, "too little was acknowledged");
+        assert!(sum.pauses > seeds / 2, "too few pauses");
+        assert!(
+            sum.leased_reads > seeds && sum.reads - sum.reads_refused > seeds * 5,
+            "too few reads, or none under a lease"
+        );
     }
 }
 

@@ -97,6 +97,13 @@ pub struct ClusterReport {
     /// Proposals refused (never to appear).
     pub refused: u64,
     pub crashes: u64,
+    /// Nodes paused (SIGSTOP) and resumed.
+    pub pauses: u64,
+    /// Read indexes asked under the faults; those answered at once under a leader's
+    /// lease; those refused.
+    pub reads: u64,
+    pub leased_reads: u64,
+    pub reads_refused: u64,
     pub disk_faults: u64,
     pub clean_restarts: u64,
     pub partitions: u64,
@@ -158,6 +165,11 @@ struct Sim {
     placed: RefCell<Option<Vec<u64>>>,
     /// Planned restarts under way.
     restarting: Cell<u32>,
+    /// How many times each node was paused (`[node - 1]`): a resume due for an earlier
+    /// pause does not end a later one.
+    paused: RefCell<Vec<u64>>,
+    /// Events committed around a cut-off leader ([`Sim::write_around`]).
+    around: RefCell<Vec<JoinHandle>>,
     next_id: Cell<u64>,
     report: RefCell<ClusterReport>,
 }
@@ -396,6 +408,8 @@ impl Sim {
             writing: Cell::new(true),
             placed: RefCell::new(None),
             restarting: Cell::new(0),
+            paused: RefCell::new(vec![0; n as usize]),
+            around: RefCell::default(),
             next_id: Cell::new(1),
             report: RefCell::new(ClusterReport {
                 seed,
@@ -501,6 +515,7 @@ impl Sim {
         self.lives.borrow_mut()[node as usize - 1] = NodeState::Down;
         self.net.detach(node);
         self.ex.kill_owned(node);
+        self.ex.resume(node);
         if power_loss {
             self.roots[node as usize - 1].crash();
         }
@@ -531,6 +546,104 @@ impl Sim {
             let pause = Duration::from_micros(self.ex.below(most));
             self.ex.sleep(pause).await;
         }
+    }
+
+    /// Reads under the faults: a read index on a random node's replica of a random group
+    /// (at once where that node leads under its lease) must leave the node's event log
+    /// holding every event acknowledged before the read was asked.
+    async fn reader(self: Rc<Sim>) {
+        while self.writing.get() && !self.failed() {
+            let pause = Duration::from_micros(500 + self.ex.below(10_000));
+            self.ex.sleep(pause).await;
+            let node = 1 + self.ex.below(self.n);
+            let group = self.ex.below(self.groups);
+            if !self.check_read(node, group).await {
+                return;
+            }
+        }
+    }
+
+    /// Asks a read index of node `node`'s replica of `group`, and checks the node's event
+    /// log then holds every event acknowledged before; false if it did not.
+    async fn check_read(&self, node: u64, group: u64) -> bool {
+        {
+            let Some(life) = self.life(node) else {
+                return true;
+            };
+            let log = life.proposers[&group].clone();
+            let need = self.acked_end(group);
+            let leased = log.replica().leases();
+            let read = {
+                let read = std::pin::pin!(log.replica().read_index());
+                match select(read, self.ex.sleep(COMMIT_TIMEOUT)).await {
+                    Either::Left((read, _)) => read.ok(),
+                    Either::Right(_) => None,
+                }
+            };
+            let mut report = self.report.borrow_mut();
+            report.reads += 1;
+            report.leased_reads += u64::from(leased);
+            if read.is_none() {
+                report.reads_refused += 1;
+                return true;
+            }
+            drop(report);
+            if log.end() < need {
+                self.fail(format!(
+                    "a stale read: node {node}'s replica of group {group} passed a read index \
+                     (under its lease: {leased}) with its event log ending at {}, before {need}, \
+                     the end of what was acknowledged before the read",
+                    log.end()
+                ));
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Cuts `group`'s leader `cut` off alone, commits an event through the other nodes,
+    /// and once it is acknowledged asks a read of `cut`.
+    async fn write_around(self: Rc<Sim>, cut: u64, group: u64) {
+        let mut sides = vec![0; self.n as usize];
+        sides[cut as usize - 1] = 1;
+        self.net.partition(sides, None);
+        self.report.borrow_mut().partitions += 1;
+        let until = self.ex.now() + FAULT_TIME;
+        while self.ex.now() < until && !self.failed() {
+            let mut node = 1 + self.ex.below(self.n);
+            if node == cut {
+                continue;
+            }
+            if self.commit_one(group, &mut node).await {
+                self.check_read(cut, group).await;
+                return;
+            }
+            self.ex.sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Pauses node `node` (SIGSTOP) for `down`, then resumes it.
+    fn pause(self: &Rc<Sim>, node: u64, down: Duration) {
+        let pause = {
+            let mut paused = self.paused.borrow_mut();
+            paused[node as usize - 1] += 1;
+            paused[node as usize - 1]
+        };
+        self.ex.pause(node);
+        self.report.borrow_mut().pauses += 1;
+        let sim = self.clone();
+        drop(self.ex.spawn(async move {
+            sim.ex.sleep(down).await;
+            if sim.paused.borrow()[node as usize - 1] == pause {
+                sim.ex.resume(node);
+                // A leader that wakes may not know yet that another was elected.
+                for group in 0..sim.groups {
+                    if !sim.check_read(node, group).await {
+                        return;
+                    }
+                }
+            }
+        }));
     }
 
     /// Proposes one new event to `group` through `node`; returns whether it was
@@ -637,7 +750,31 @@ impl Sim {
                     self.net.cut_at_random(true);
                     self.report.borrow_mut().partitions += 1;
                 }
-                56..=72 => self.net.heal(),
+                56..=62 => self.net.heal(),
+                // A group's leader cut off alone while an event commits through the
+                // others: it must not pass a read without it.
+                63..=66 if self.writing.get() => {
+                    let group = self.ex.below(self.groups);
+                    if let Some(leader) = up.iter().copied().find(|&n| self.net.leads(n, group)) {
+                        self.around
+                            .borrow_mut()
+                            .push(self.ex.spawn(self.clone().write_around(leader, group)));
+                    }
+                }
+                // SIGSTOP, and SIGCONT up to 600 ms later (past an election timeout), the
+                // node leading most often among them.
+                67..=72 if !up.is_empty() => {
+                    let group = self.ex.below(self.groups);
+                    let leader = up.iter().copied().find(|&n| self.net.leads(n, group));
+                    let node = match leader {
+                        Some(n) if self.ex.chance(600) => n,
+                        _ => pick(&up),
+                    };
+                    if !self.ex.is_paused(node) {
+                        let down = Duration::from_millis(20 + self.ex.below(580));
+                        self.pause(node, down);
+                    }
+                }
                 // A node removed from the cluster (every group moves off it), or every
                 // node placed again.
                 73..=78 => {
@@ -830,10 +967,19 @@ fn run(seed: u64) -> Result<ClusterReport, String> {
                     writers.push(sim.ex.spawn(sim.clone().writer(g)));
                 }
             }
+            let reader = sim.ex.spawn(sim.clone().reader());
             sim.clone().nemesis().await;
             sim.writing.set(false);
+            for node in 1..=sim.n {
+                sim.ex.resume(node);
+            }
             for w in writers {
                 w.await;
+            }
+            reader.await;
+            let around = std::mem::take(&mut *sim.around.borrow_mut());
+            for task in around {
+                task.await;
             }
             if let Err(e) = sim.clone().converge().await {
                 sim.fail(e);
