@@ -46,6 +46,9 @@ struct Inner {
     ready: Arc<Mutex<Ready>>,
     /// Owners paused ([`Executor::pause`]): their tasks are not polled.
     paused: RefCell<BTreeSet<u64>>,
+    /// Pauses so far, by owner: a resume due for an earlier pause does not end a later
+    /// one ([`Executor::pause_for`]).
+    pauses: RefCell<BTreeMap<u64, u64>>,
     /// Tasks of paused owners that were woken, polled once their owner resumes (they stay
     /// marked queued meanwhile, so that a wake does not queue them twice).
     parked: RefCell<Vec<usize>>,
@@ -115,6 +118,7 @@ impl Executor {
                 free: RefCell::new(Vec::new()),
                 ready: Arc::default(),
                 paused: RefCell::default(),
+                pauses: RefCell::default(),
                 parked: RefCell::default(),
                 timers: RefCell::new(BTreeMap::new()),
                 timer_seq: Cell::new(0),
@@ -310,6 +314,7 @@ impl Executor {
         drop(timers);
         drop(tasks);
         self.inner.paused.borrow_mut().clear();
+        self.inner.pauses.borrow_mut().clear();
         self.inner.parked.borrow_mut().clear();
         // Destructors may have spawned or woken: forget that too.
         self.inner.tasks.borrow_mut().clear();
@@ -361,6 +366,25 @@ impl Executor {
     pub fn pause(&self, owner: u64) {
         assert_ne!(owner, 0, "0 owns nothing");
         self.inner.paused.borrow_mut().insert(owner);
+        *self.inner.pauses.borrow_mut().entry(owner).or_default() += 1;
+    }
+
+    /// Pauses `owner` now; the future resumes it after `duration`, unless it was paused
+    /// again meanwhile, and says whether it did.
+    pub fn pause_for(&self, owner: u64, duration: Duration) -> impl Future<Output = bool> {
+        self.pause(owner);
+        let this = self.inner.pauses.borrow()[&owner];
+        let ex = self.clone();
+        async move {
+            ex.sleep(duration).await;
+            let last = ex.inner.pauses.borrow().get(&owner).copied();
+            if last == Some(this) && ex.is_paused(owner) {
+                ex.resume(owner);
+                true
+            } else {
+                false
+            }
+        }
     }
 
     /// Polls `owner`'s tasks again, those woken while it was paused first among the ready.
@@ -601,6 +625,19 @@ mod tests {
         );
         assert_eq!(resumed[&3], later[&3], "a killed paused task ran");
         assert_eq!(ex.live_tasks(), 2);
+        // A timed pause ends when due, but not a later pause of the same owner.
+        let first = ex.pause_for(1, Duration::from_millis(50));
+        ex.resume(1);
+        let second = ex.pause_for(1, Duration::from_millis(200));
+        let (a, b) = (Rc::new(Cell::new(None)), Rc::new(Cell::new(None)));
+        let (a2, b2) = (a.clone(), b.clone());
+        drop(ex.spawn(async move { a2.set(Some(first.await)) }));
+        drop(ex.spawn(async move { b2.set(Some(second.await)) }));
+        until(400);
+        assert!(ex.is_paused(1), "an earlier pause's end resumed a later pause");
+        until(550);
+        assert_eq!((a.get(), b.get()), (Some(false), Some(true)));
+        assert!(!ex.is_paused(1));
     }
 
     // A task waiting for something that never comes is reported, not waited for forever.

@@ -219,9 +219,6 @@ struct World {
     starting: RefCell<BTreeSet<u64>>,
     /// Nodes closing for a planned restart.
     closing: RefCell<BTreeSet<u64>>,
-    /// How many times each node was paused (`[node - 1]`): a resume due for an earlier
-    /// pause does not end a later one.
-    paused: RefCell<Vec<u64>>,
     /// Engines started so far on each node (`[node - 1]`: the number of its life).
     lives_started: RefCell<Vec<u64>>,
     truth: RefCell<Truth>,
@@ -395,18 +392,11 @@ impl World {
     /// Pauses node `node` (SIGSTOP) for `ms`, then resumes it (SIGCONT): its tasks stop,
     /// its clock and everyone else's go on, and messages to it wait.
     fn pause(self: &Rc<World>, node: u64, ms: u64) {
-        let pause = {
-            let mut paused = self.paused.borrow_mut();
-            paused[node as usize - 1] += 1;
-            paused[node as usize - 1]
-        };
-        self.ex.pause(node);
+        let resumed = self.ex.pause_for(node, Duration::from_millis(ms));
         self.report.borrow_mut().pauses += 1;
         let w = self.clone();
         drop(self.ex.spawn(async move {
-            w.ex.sleep(Duration::from_millis(ms)).await;
-            if w.paused.borrow()[node as usize - 1] == pause {
-                w.ex.resume(node);
+            if resumed.await {
                 // A leader that wakes may not know yet that another was elected: read
                 // every channel there at once.
                 let reader = w.reader.get();
@@ -716,7 +706,6 @@ fn run(seed: u64) -> Result<EngineClusterReport, String> {
         engines: RefCell::new((0..n).map(|_| None).collect()),
         starting: RefCell::default(),
         closing: RefCell::default(),
-        paused: RefCell::new(vec![0; n as usize]),
         lives_started: RefCell::new(vec![0; n as usize]),
         truth: RefCell::default(),
         failure: RefCell::new(None),

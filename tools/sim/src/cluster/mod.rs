@@ -165,9 +165,6 @@ struct Sim {
     placed: RefCell<Option<Vec<u64>>>,
     /// Planned restarts under way.
     restarting: Cell<u32>,
-    /// How many times each node was paused (`[node - 1]`): a resume due for an earlier
-    /// pause does not end a later one.
-    paused: RefCell<Vec<u64>>,
     /// Events committed around a cut-off leader ([`Sim::write_around`]).
     around: RefCell<Vec<JoinHandle>>,
     next_id: Cell<u64>,
@@ -408,7 +405,6 @@ impl Sim {
             writing: Cell::new(true),
             placed: RefCell::new(None),
             restarting: Cell::new(0),
-            paused: RefCell::new(vec![0; n as usize]),
             around: RefCell::default(),
             next_id: Cell::new(1),
             report: RefCell::new(ClusterReport {
@@ -624,18 +620,11 @@ impl Sim {
 
     /// Pauses node `node` (SIGSTOP) for `down`, then resumes it.
     fn pause(self: &Rc<Sim>, node: u64, down: Duration) {
-        let pause = {
-            let mut paused = self.paused.borrow_mut();
-            paused[node as usize - 1] += 1;
-            paused[node as usize - 1]
-        };
-        self.ex.pause(node);
+        let resumed = self.ex.pause_for(node, down);
         self.report.borrow_mut().pauses += 1;
         let sim = self.clone();
         drop(self.ex.spawn(async move {
-            sim.ex.sleep(down).await;
-            if sim.paused.borrow()[node as usize - 1] == pause {
-                sim.ex.resume(node);
+            if resumed.await {
                 // A leader that wakes may not know yet that another was elected.
                 for group in 0..sim.groups {
                     if !sim.check_read(node, group).await {
