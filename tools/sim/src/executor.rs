@@ -634,7 +634,10 @@ mod tests {
         drop(ex.spawn(async move { a2.set(Some(first.await)) }));
         drop(ex.spawn(async move { b2.set(Some(second.await)) }));
         until(400);
-        assert!(ex.is_paused(1), "an earlier pause's end resumed a later pause");
+        assert!(
+            ex.is_paused(1),
+            "an earlier pause's end resumed a later pause"
+        );
         until(550);
         assert_eq!((a.get(), b.get()), (Some(false), Some(true)));
         assert!(!ex.is_paused(1));
