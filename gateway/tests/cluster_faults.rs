@@ -150,7 +150,9 @@ fn acknowledged_posts_survive_a_node_joining_and_another_leaving() {
     let mut http: Vec<String> = nodes.iter().map(|s| s.addr.clone()).collect();
     let work = Workload::prepare(&http);
     let live = std::sync::Arc::new(std::sync::Mutex::new(http.clone()));
-    let writer = Writer::start(&work, live.clone());
+    let last_acked = LastAcked::default();
+    let writer = Writer::start(&work, live.clone(), last_acked.clone());
+    let reader = Reader::start(&work, live.clone(), last_acked);
     std::thread::sleep(Duration::from_secs(1));
 
     let joining = format!("cluster_join = true\n{UNLIMITED}");
@@ -173,6 +175,15 @@ fn acknowledged_posts_survive_a_node_joining_and_another_leaving() {
     std::thread::sleep(Duration::from_secs(1));
 
     let written = writer.finish();
+    let reads = reader.finish();
+    assert!(
+        reads.stale.is_empty() && reads.reads > reads.refused,
+        "{} reads while the membership changed, {} refused, {} stale: {:?}",
+        reads.reads,
+        reads.refused,
+        reads.stale.len(),
+        &reads.stale[..reads.stale.len().min(5)]
+    );
     let faults = ["node 4 added".to_owned(), "node 1 removed".to_owned()];
     check(&work, &http[1..], &written, &faults, &|| {
         nodes[1..].iter().map(|n| n.log()).collect()
@@ -180,9 +191,12 @@ fn acknowledged_posts_survive_a_node_joining_and_another_leaving() {
     let total: usize = written.acked.values().map(BTreeSet::len).sum();
     eprintln!(
         "membership: node 4 placed in {joined_in:?}, node 1 gone in {left_in:?}; {} posts sent, \
-         {total} acknowledged, longest without an acknowledgement {:?}",
+         {total} acknowledged, longest without an acknowledgement {:?}; {} reads ({} refused), \
+         none stale",
         written.sent.len(),
-        written.longest
+        written.longest,
+        reads.reads,
+        reads.refused
     );
 }
 
@@ -388,8 +402,15 @@ struct Writer {
     thread: std::thread::JoinHandle<Written>,
 }
 
+/// Each channel's last acknowledged post, as the writer learns them.
+type LastAcked = std::sync::Arc<std::sync::Mutex<BTreeMap<String, String>>>;
+
 impl Writer {
-    fn start(w: &Workload, http: std::sync::Arc<std::sync::Mutex<Vec<String>>>) -> Writer {
+    fn start(
+        w: &Workload,
+        http: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+        last_acked: LastAcked,
+    ) -> Writer {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (stopping, token, channels, agent) = (
             stop.clone(),
@@ -412,6 +433,7 @@ impl Writer {
                 let deadline = Instant::now() + Duration::from_secs(3);
                 let nodes = http.lock().unwrap().clone();
                 if write(&agent, &nodes, &path, Some(&token), &body, deadline).is_some() {
+                    last_acked.lock().unwrap().insert(cid.clone(), text.clone());
                     acked.entry(cid.clone()).or_default().insert(text);
                     longest = longest.max(last_ack.elapsed());
                     last_ack = Instant::now();
@@ -436,6 +458,93 @@ impl Writer {
         let total: usize = written.acked.values().map(BTreeSet::len).sum();
         assert!(total > 0, "nothing was acknowledged");
         written
+    }
+}
+
+/// What the reader saw under the faults.
+#[derive(Default)]
+struct Reads {
+    reads: usize,
+    /// Reads a node refused (503 or no answer: no leader confirmed, or a node down).
+    refused: usize,
+    /// Reads that missed a post acknowledged before they were sent.
+    stale: Vec<String>,
+}
+
+/// A reader under the faults (`API.md` §15: a read on any node sees every write
+/// acknowledged before it was sent): every 20 ms it reads the newest 200 messages of a
+/// channel through each node in turn, and the channel's last post acknowledged before the
+/// read must be among them (or, read whole on the same node, have 200 newer ones).
+struct Reader {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Reads>,
+}
+
+impl Reader {
+    fn start(
+        w: &Workload,
+        http: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+        last_acked: LastAcked,
+    ) -> Reader {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (stopping, token, channels, agent) = (
+            stop.clone(),
+            w.token.clone(),
+            w.channels.clone(),
+            w.agent.clone(),
+        );
+        let thread = std::thread::spawn(move || {
+            let mut seen = Reads::default();
+            let mut k = 0usize;
+            while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(20));
+                let nodes = http.lock().unwrap().clone();
+                let node = &nodes[k % nodes.len()];
+                let cid = &channels[(k / nodes.len()) % CHANNELS];
+                k += 1;
+                let Some(want) = last_acked.lock().unwrap().get(cid).cloned() else {
+                    continue;
+                };
+                seen.reads += 1;
+                let path = format!("/api/v1/channels/{cid}/messages?limit=200");
+                let page: Option<Vec<String>> =
+                    match call(&agent, node, "GET", &path, Some(&token), None) {
+                        Some((200, v)) => v["messages"].as_array().map(|ms| {
+                            ms.iter()
+                                .filter_map(|m| m["text"].as_str().map(str::to_owned))
+                                .collect()
+                        }),
+                        _ => None,
+                    };
+                let Some(page) = page else {
+                    seen.refused += 1;
+                    continue;
+                };
+                if page.contains(&want) {
+                    continue;
+                }
+                // Not among the newest: fine only if 200 posts came after it since.
+                let Some(all) = texts(&agent, node, &token, cid) else {
+                    continue;
+                };
+                let newer = all.iter().rposition(|(_, t)| *t == want);
+                let newer = newer.map(|at| all.len() - 1 - at);
+                if newer.is_none_or(|n| n < page.len()) {
+                    seen.stale.push(format!(
+                        "{node}: channel {cid} read without {want}, acknowledged before the \
+                         read ({} messages in the page)",
+                        page.len()
+                    ));
+                }
+            }
+            seen
+        });
+        Reader { stop, thread }
+    }
+
+    fn finish(self) -> Reads {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("reader")
     }
 }
 
@@ -716,10 +825,10 @@ fn run(n: usize) {
     let (agent, token) = (&work.agent, &work.token);
     let (channels, partitions) = (&work.channels, &work.partitions);
     let sdk = SdkClients::start(&work, &http);
-    let writer = Writer::start(
-        &work,
-        std::sync::Arc::new(std::sync::Mutex::new(http.clone())),
-    );
+    let last_acked = LastAcked::default();
+    let addrs = std::sync::Arc::new(std::sync::Mutex::new(http.clone()));
+    let writer = Writer::start(&work, addrs.clone(), last_acked.clone());
+    let reader = Reader::start(&work, addrs, last_acked);
 
     // The nemesis: every 2 s one fault on a node chosen in turn, healed 1 s later: in turn
     // a SIGKILL (and restart), a SIGSTOP (and SIGCONT), the node isolated from all others,
@@ -875,6 +984,22 @@ fn run(n: usize) {
         round += 1;
     }
     let mut written = writer.finish();
+    let reads = reader.finish();
+    assert!(
+        reads.stale.is_empty(),
+        "{} of {} reads under the faults were stale: {:?}",
+        reads.stale.len(),
+        reads.reads,
+        &reads.stale[..reads.stale.len().min(5)]
+    );
+    assert!(
+        reads.reads > reads.refused,
+        "every read under the faults was refused"
+    );
+    eprintln!(
+        "reader: {} reads under the faults, {} refused, none stale",
+        reads.reads, reads.refused
+    );
     let (by_sdk, sdk_stats) = sdk.stop_writing();
     let sdk_acked: usize = by_sdk.acked.values().map(BTreeSet::len).sum();
     assert!(sdk_acked > 0, "nothing the SDK sent was acknowledged");
