@@ -76,10 +76,11 @@ pub trait Durability {
     fn leading(&self) -> Leading;
 
     /// Completes once every event committed anywhere before the call is in the local log
-    /// (a read barrier: what a node that does not lead awaits before it answers a read,
-    /// so that a read sees every write acknowledged before it was sent). `NotLeader` when
-    /// that cannot be known now (no leader). A log that only this node writes holds every
-    /// committed event already.
+    /// (a read barrier: what a node awaits before it answers a read, so that a read sees
+    /// every write acknowledged before it was sent; a leader passes it at once while no
+    /// other node can have been elected, its lease in a cluster). `NotLeader` when that
+    /// cannot be known now (no leader, or a leader that cannot confirm it still leads). A
+    /// log that only this node writes holds every committed event already.
     async fn read_barrier(&self) -> Result<(), CommitError>;
 
     /// Whether other nodes' leaders append to this log too (a cluster), so that its
