@@ -154,6 +154,24 @@ pub struct Replica {
     lease_length: Cell<Duration>,
     /// When a read index was last asked only to renew the lease.
     renew_asked: Cell<Option<Instant>>,
+    /// This replica's life, in its read indexes' contexts ([`incarnation`]).
+    incarnation: u64,
+}
+
+/// A number no other replica of this process, nor of an earlier process on this
+/// machine, has: the wall clock's nanoseconds when the process first asked, plus how many
+/// replicas it made before.
+fn incarnation() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static STARTED: OnceLock<u64> = OnceLock::new();
+    static MADE: AtomicU64 = AtomicU64::new(0);
+    let started = *STARTED.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
+    started.wrapping_add(MADE.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Asks a peer for a group's events: (peer, from, to) → a batch
@@ -218,6 +236,7 @@ impl Replica {
             lease: Cell::new(None),
             lease_length: Cell::new(Duration::ZERO),
             renew_asked: Cell::new(None),
+            incarnation: incarnation(),
         })
     }
 
@@ -548,12 +567,15 @@ impl Replica {
                     continue;
                 }
                 next_read += 1;
-                // The leader keys pending reads by their context: this node's id makes
-                // it unique across the nodes that ask.
+                // The leader keys pending reads by their context, and answers a request
+                // whose context is pending already with the pending one's index: this
+                // node's id makes it unique across the nodes that ask, the incarnation
+                // across this replica's lives (a restarted node's first reads were
+                // answered with the index of a request its previous life left pending,
+                // long stale: cluster seeds 15984 and 39814).
                 let me = group.raw_ref().raft.id;
-                group
-                    .raw()
-                    .read_index([me.to_le_bytes(), next_read.to_le_bytes()].concat());
+                let ctx = [me, self.incarnation, next_read].map(u64::to_le_bytes);
+                group.raw().read_index(ctx.concat());
                 reading.asked_at = now;
                 asked.insert(next_read, reading);
             }
@@ -621,8 +643,11 @@ impl Replica {
                 }
             }
             for state in group.take_read_states() {
-                let ctx = state.request_ctx.get(8..).map(<[u8; 8]>::try_from);
-                let ctx = ctx.and_then(Result::ok).map(u64::from_le_bytes);
+                let word = |at: usize| {
+                    let bytes = state.request_ctx.get(at..at + 8)?;
+                    Some(u64::from_le_bytes(bytes.try_into().ok()?))
+                };
+                let ctx = word(16).filter(|_| word(8) == Some(self.incarnation));
                 if let Some(reading) = ctx.and_then(|c| asked.remove(&c)) {
                     self.extend_lease(&group, reading.asked_at, handing_off.is_some());
                     confirmed.push((state.index, reading));
