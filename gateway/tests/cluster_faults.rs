@@ -402,6 +402,29 @@ struct Writer {
     thread: std::thread::JoinHandle<Written>,
 }
 
+/// Runs `body` on a thread of its own as the workload's user, until the flag it is given
+/// is set: returns the flag and the thread. `body` gets the flag, the user's token, the
+/// channels and an agent.
+fn client_thread<T: Send + 'static>(
+    w: &Workload,
+    body: impl FnOnce(&std::sync::atomic::AtomicBool, String, Vec<String>, ureq::Agent) -> T
+        + Send
+        + 'static,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<T>,
+) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (stopping, token, channels, agent) = (
+        stop.clone(),
+        w.token.clone(),
+        w.channels.clone(),
+        w.agent.clone(),
+    );
+    let thread = std::thread::spawn(move || body(&stopping, token, channels, agent));
+    (stop, thread)
+}
+
 /// Each channel's last acknowledged post, as the writer learns them.
 type LastAcked = std::sync::Arc<std::sync::Mutex<BTreeMap<String, String>>>;
 
@@ -411,14 +434,7 @@ impl Writer {
         http: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
         last_acked: LastAcked,
     ) -> Writer {
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (stopping, token, channels, agent) = (
-            stop.clone(),
-            w.token.clone(),
-            w.channels.clone(),
-            w.agent.clone(),
-        );
-        let thread = std::thread::spawn(move || {
+        let (stop, thread) = client_thread(w, move |stopping, token, channels, agent| {
             let mut acked: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
             let mut ack_times = vec![Instant::now()];
             let mut sent = BTreeSet::new();
@@ -486,14 +502,7 @@ impl Reader {
         http: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
         last_acked: LastAcked,
     ) -> Reader {
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (stopping, token, channels, agent) = (
-            stop.clone(),
-            w.token.clone(),
-            w.channels.clone(),
-            w.agent.clone(),
-        );
-        let thread = std::thread::spawn(move || {
+        let (stop, thread) = client_thread(w, move |stopping, token, channels, agent| {
             let mut seen = Reads::default();
             let mut k = 0usize;
             while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
