@@ -106,8 +106,9 @@ fn open_engine(
         cuts: node.cuts.clone(),
     };
     let root = chorus_log::FaultyRoot::new(chorus_log::DiskRoot::new(&config.data_dir), disk);
-    // The partitions' event logs share the disk with the journals: as little zeroed ahead.
-    engine_config.log_preallocate_bytes = node.log.preallocate_bytes;
+    // The partitions' event logs share the disk with the journals and are synced only
+    // before a snapshot: as little zeroed ahead as keeps their appends off kernel workers.
+    engine_config.log_preallocate_bytes = chorus_replication::EVENTS_PREALLOCATE_BYTES;
     let engine = match s3 {
         Some(s3) => {
             // Every node reads and writes the one bucket: nothing to copy between them.

@@ -65,7 +65,7 @@ pub use engine_env::{ClusterEnv, ReplicatedDurability};
 pub use event_log::{EventLogMachine, ReplicatedLog};
 pub use group::{Applied, Group, StateMachine};
 pub use journal::Journal;
-pub use node::{Node, NodeConfig, OnStorageError, PREALLOCATE_BYTES};
+pub use node::{Node, NodeConfig, OnStorageError, EVENTS_PREALLOCATE_BYTES, PREALLOCATE_BYTES};
 pub use raft_log::{RaftLog, RaftLogError};
 pub use replica::{ProposeError, Replica};
 pub use state::{GroupState, StateFile};
