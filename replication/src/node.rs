@@ -275,7 +275,11 @@ impl Node {
                 RaftLogError::Corrupt("groups of one node opened over two kinds of storage".into())
             });
         }
-        let dir = root.dir(&format!("journal/s{}", self.config.shard)).await?;
+        // Every append to the journal is synced: its files make each write durable as it
+        // completes, with no separate flush (`StorageRoot::dir_write_through`).
+        let dir = root
+            .dir_write_through(&format!("journal/s{}", self.config.shard))
+            .await?;
         let journal =
             Rc::new(Journal::open(dir, self.config.log.clone(), self.config.rewrite_after).await?);
         *held = Some(journal.clone());

@@ -45,6 +45,17 @@ pub trait StorageRoot: Clone {
     /// Opens the directory at `path`, creating it (and its parents) if missing. A created
     /// directory is durable when this returns: its parent is synced.
     async fn dir(&self, path: &str) -> io::Result<Self::Dir>;
+
+    /// Opens the directory at `path` as [`StorageRoot::dir`] does, for files that sync
+    /// after every write (a log whose every append is fsynced). A storage that can make a
+    /// write durable as it completes opens their files so (`O_DSYNC` on a disk), and their
+    /// [`StorageFile::sync_data`] then has nothing left to do after writes alone: one
+    /// device round trip per write instead of a write and a flush. Callers still call
+    /// `sync_data` where they need durability, so nothing depends on which storage did
+    /// this; the default is [`StorageRoot::dir`].
+    async fn dir_write_through(&self, path: &str) -> io::Result<Self::Dir> {
+        self.dir(path).await
+    }
 }
 
 /// Checks that `path` is a relative path of plain names (see [`StorageRoot`]) and returns
