@@ -72,6 +72,16 @@ pub trait Env: Clone + 'static {
         partition: u32,
         log: Log<DirOf<Self>>,
     ) -> impl Future<Output = Result<Self::Durability, EngineError>>;
+
+    /// Whether [`Env::durability`] syncs every append to the logs (a single node, whose
+    /// commit is its fsync), so that their directories are opened write-through
+    /// ([`StorageRoot::dir_write_through`]): a commit is then one write, with no
+    /// `fdatasync` after it. A cluster's logs are appended without a sync of their own (a
+    /// node's Raft journal holds their entries durably) and say no: written through, each
+    /// of their appends would wait for the device.
+    fn logs_sync_every_append(&self) -> bool {
+        true
+    }
 }
 
 /// The real environment: a glommio executor on a shard thread, the system clock, a

@@ -217,6 +217,11 @@ where
         self.inner.yield_if_needed()
     }
 
+    fn logs_sync_every_append(&self) -> bool {
+        // The event logs are appended unsynced; the shard's journal holds their entries.
+        false
+    }
+
     async fn durability(
         &self,
         partition: u32,

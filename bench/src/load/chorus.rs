@@ -717,7 +717,7 @@ async fn commit_note(addr: std::net::SocketAddr) -> anyhow::Result<String> {
     };
     Ok(format!(
         "the server made {commits:.0} group commits of {events:.0} events ({:.1} events each, \
-         over the whole run, warm-up included); one batch write + fdatasync took p50 {} \
+         over the whole run, warm-up included); one durable batch write (an O_DSYNC write, or a write and its fdatasync) took p50 {} \
          and p99 {} (bucket bounds of its /metrics)",
         events / commits.max(1.0),
         bound(0.5),

@@ -193,11 +193,12 @@ async fn open_log<E: Env>(
         preallocate_bytes: config.log_preallocate_bytes,
         ..chorus_log::LogConfig::default()
     };
-    let storage = env
-        .root()
-        .dir(name)
-        .await
-        .map_err(|e| IoError::new(name, e))?;
+    let storage = if env.logs_sync_every_append() {
+        env.root().dir_write_through(name).await
+    } else {
+        env.root().dir(name).await
+    }
+    .map_err(|e| IoError::new(name, e))?;
     let (log, report) = chorus_log::Log::open(storage, log_config)
         .await
         .map_err(|e| Corrupt::LogOpen {

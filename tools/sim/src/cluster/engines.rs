@@ -109,6 +109,11 @@ impl Env for NodeEnv {
         self.inner.yield_if_needed()
     }
 
+    fn logs_sync_every_append(&self) -> bool {
+        // As a real cluster node's: the event logs are appended unsynced.
+        false
+    }
+
     async fn durability(
         &self,
         partition: u32,
