@@ -49,6 +49,10 @@ use std::time::{Duration, Instant};
 
 /// Messages queued for one peer beyond which new ones are dropped.
 pub const QUEUE_MESSAGES_MAX: usize = 65_536;
+/// How long a notice waits for a connection to its peer before it is dropped: long enough
+/// to outlast a reconnection (backoff up to [`BACKOFF_MAX`]) and a peer's restart, short
+/// enough that a failed login counted late still falls in the window it was counted for.
+pub const NOTICE_KEEP: Duration = Duration::from_secs(5);
 /// Bytes read from a connection at a time.
 const READ_BYTES: usize = 64 * 1024;
 /// The first and the longest wait between connection attempts.
@@ -219,8 +223,8 @@ async fn or_stop<T>(stop: &Stop, f: impl std::future::Future<Output = T>) -> Opt
 /// Messages for one peer, and the task that sends them.
 struct Outbox {
     queue: RefCell<Batch>,
-    /// Notices for the peer's server ([`Transport::notify`]).
-    notices: RefCell<Vec<Vec<u8>>>,
+    /// Notices for the peer's server ([`Transport::notify`]), with when each was queued.
+    notices: RefCell<Vec<(Instant, Vec<u8>)>>,
     waker: RefCell<Option<Waker>>,
 }
 
@@ -483,8 +487,10 @@ impl Transport {
     }
 
     /// Queues a notice for `peer`'s server, sent on the connection that carries Raft
-    /// messages to it. Best effort: a notice for an unknown or cut-off peer, past a full
-    /// queue, or queued while the peer cannot be reached, is dropped.
+    /// messages to it. Best effort: a notice for an unknown or cut-off peer, or past a full
+    /// queue, is dropped; one that finds no connection waits for the next, up to
+    /// [`NOTICE_KEEP`]; one whose own write fails is dropped (part of it may have gone,
+    /// and a notice counted twice is worse than one lost).
     pub fn notify(&self, peer: u64, notice: Vec<u8>) {
         let outbox = self.outboxes.borrow().get(&peer).cloned();
         let Some(outbox) = outbox.filter(|_| !self.cut.contains(peer)) else {
@@ -494,7 +500,7 @@ impl Transport {
         if notices.len() >= QUEUE_MESSAGES_MAX {
             return;
         }
-        notices.push(notice);
+        notices.push((Instant::now(), notice));
         drop(notices);
         outbox.wake();
     }
@@ -561,7 +567,11 @@ async fn send_loop(
                     // What waited for a peer that cannot be reached is lost; Raft resends.
                     let lost = std::mem::take(&mut *outbox.queue.borrow_mut());
                     (handlers.on_lost)(peer, lost);
-                    outbox.notices.borrow_mut().clear();
+                    // Notices wait for the next connection, for a while.
+                    outbox
+                        .notices
+                        .borrow_mut()
+                        .retain(|(at, _)| at.elapsed() < NOTICE_KEEP);
                     glommio::timer::sleep(backoff).await;
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                     continue;
@@ -594,15 +604,23 @@ async fn send_loop(
                 break;
             }
         }
-        let notices = std::mem::take(&mut *outbox.notices.borrow_mut());
-        if written.is_ok() && !notices.is_empty() {
-            for notice in notices {
-                // A notice too large for a frame is dropped.
-                let _ = wire::encode(&Frame::Notice(notice), &mut buf);
+        if written.is_err() {
+            // The connection failed before the notices went: they wait for the next one.
+            outbox
+                .notices
+                .borrow_mut()
+                .retain(|(at, _)| at.elapsed() < NOTICE_KEEP);
+        } else {
+            let notices = std::mem::take(&mut *outbox.notices.borrow_mut());
+            if !notices.is_empty() {
+                for (_, notice) in notices {
+                    // A notice too large for a frame is dropped.
+                    let _ = wire::encode(&Frame::Notice(notice), &mut buf);
+                }
+                let c = conn.as_mut().expect("connected");
+                written = c.write_all(&buf).await;
+                buf.clear();
             }
-            let c = conn.as_mut().expect("connected");
-            written = c.write_all(&buf).await;
-            buf.clear();
         }
         if written.is_err() {
             conn = None;

@@ -186,6 +186,39 @@ fn notices_reach_the_peer_in_order_and_none_while_it_is_cut_off() {
         });
 }
 
+// A notice queued while its peer cannot be reached waits for the connection (a failed
+// login counted on one node must reach the others after a reconnection, not vanish with
+// the failed connect), and arrives once the peer is up, in order with the ones after it.
+#[test]
+fn a_notice_waits_for_a_peer_that_is_not_up_yet() {
+    glommio::LocalExecutorBuilder::default()
+        .make()
+        .unwrap()
+        .run(async {
+            let addrs = free_addrs(2);
+            let nodes: BTreeMap<u64, SocketAddr> = (1..=2).zip(addrs).collect();
+            let one = node(1, &nodes, Got::default(), Got::default());
+            one.notify(2, b"early".to_vec());
+            // Node 1's first connects fail meanwhile (its backoff doubles from 50 ms).
+            glommio::timer::sleep(Duration::from_millis(400)).await;
+            let noticed = Noticed::default();
+            let two = node_noticing(
+                2,
+                &nodes,
+                Got::default(),
+                Got::default(),
+                noticed.clone(),
+                Cuts::default(),
+            );
+            one.notify(2, b"later".to_vec());
+            until("both notices at node 2", || noticed.borrow().len() == 2).await;
+            let got: Vec<Vec<u8>> = noticed.borrow().iter().map(|(_, n)| n.clone()).collect();
+            assert_eq!(got, [b"early".to_vec(), b"later".to_vec()]);
+            one.stop();
+            two.stop();
+        });
+}
+
 // A peer that restarted closed the connection its predecessor took; the first notice sent
 // after it, on a connection left quiet, reaches the new peer (written into the closed
 // connection, it would have vanished without an error).
