@@ -32,7 +32,10 @@
 //!   spaced by the window rather than run back to back.
 //! - **Failure.** A commit that fails (the directory was removed, the disk failed) starts
 //!   the index over: it is moved aside, created empty, and rebuilt from the logs while
-//!   queries keep being answered from what it holds.
+//!   queries keep being answered from what it holds. The texts in the failed batch are
+//!   lost with it; the extractor is told ([`crate::Progress`]) and finds their files
+//!   flagged again in the rebuilt index. A writer opens by removing the files of a commit
+//!   a killed process left unfinished ([`open_writer`]).
 
 use crate::extract::{text_kind, Extracted, Sources};
 use crate::index::{Fields, FileDoc, FileMeta, MessageDoc, Payload, INDEX_FORMAT_VERSION};
@@ -75,6 +78,20 @@ fn merge_policy() -> tantivy::merge_policy::LogMergePolicy {
     let mut policy = tantivy::merge_policy::LogMergePolicy::default();
     policy.set_min_layer_size(MERGE_MIN_LAYER_DOCS);
     policy
+}
+
+/// The index's writer: one indexing thread, [`WRITER_BYTES`], [`merge_policy`].
+///
+/// Files a killed process left behind are removed first: a commit writes its segments'
+/// files before its commit point, and tantivy collects unreferenced files only after a
+/// commit succeeds. The first commit after a restart indexes the same events again and
+/// reaches the same operation stamps, and a delete file is named by its segment and stamp
+/// (`<segment>.<stamp>.del`): it found the dead commit's file in its way and failed.
+pub fn open_writer(index: &tantivy::Index) -> tantivy::Result<IndexWriter<TantivyDocument>> {
+    let writer = index.writer_with_num_threads(1, WRITER_BYTES)?;
+    writer.set_merge_policy(Box::new(merge_policy()));
+    writer.garbage_collect_files().wait()?;
+    Ok(writer)
 }
 
 type Read = (LogId, Result<CommittedPage, EngineError>);
@@ -150,6 +167,9 @@ fn run(
             Ok(()) => return,
             Err(e) => {
                 tracing::error!(error = %e, "search index failed; rebuilding it from the logs");
+                // The texts taken into the failed batch are lost with it; an extractor
+                // waiting for their commit would wait for good.
+                search.progress.dropped(indexer.extracted);
                 drop(indexer);
                 if let Err(e) = search.start_over() {
                     return fail(&search, &e.to_string());
@@ -267,11 +287,7 @@ impl<'a> Indexer<'a> {
         ends: &BTreeMap<u32, u64>,
     ) -> Result<Indexer<'a>, String> {
         let live = search.live();
-        let writer = live
-            .index
-            .writer_with_num_threads(1, WRITER_BYTES)
-            .map_err(|e| e.to_string())?;
-        writer.set_merge_policy(Box::new(merge_policy()));
+        let writer = open_writer(&live.index).map_err(|e| e.to_string())?;
         let (cursors, meta) = search.cursors();
         // The metadata log's end now, from a read that does not wait (its events are read
         // again by the indexing loop).

@@ -136,6 +136,16 @@ impl Progress {
         self.changed.notify_all();
     }
 
+    /// The extraction results up to `seq` will never be committed: the commit that held
+    /// them failed and the index starts over. Their files keep the flag in the rebuilt
+    /// index (it comes from their records), so the extractor, no longer waiting for them,
+    /// finds them again there.
+    pub(crate) fn dropped(&self, seq: u64) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.1 = s.1.max(seq);
+        self.changed.notify_all();
+    }
+
     /// Waits until there were more than `commits` commits, at most `timeout`.
     pub fn wait_commit(&self, commits: u64, timeout: Duration) {
         let s = self.state.lock().unwrap_or_else(|e| e.into_inner());

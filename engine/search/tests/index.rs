@@ -327,3 +327,58 @@ fn format_2_is_rebuilt() {
     assert_eq!(opened.reader.searcher().num_docs(), 0);
     assert!(dir.path().join("search.corrupt").exists());
 }
+
+/// Replaces `doc` (its ID deleted, then added again, as the indexer writes an edit) and
+/// commits with the writer the indexer uses.
+fn replace_and_commit(search: &Search, doc: &MessageDoc) -> tantivy::Result<()> {
+    let live = search.live();
+    let mut writer = chorus_search::indexer::open_writer(&live.index)?;
+    writer.delete_term(live.fields.id_term(doc.id));
+    writer.add_document(doc.to_document(&live.fields))?;
+    writer.commit()?;
+    writer.wait_merging_threads()
+}
+
+// A process killed inside a commit leaves the commit's files without its commit point. The
+// next process indexes the same events again, reaches the same operation stamps, and
+// its commit wants the same file names (the delete file of the first segment): it
+// commits all the same, and the edited document is there once.
+#[test]
+fn a_killed_commits_files_are_not_in_the_next_ones_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("search");
+    let first = doc(W1, 1, 1, 10, "kiwi");
+    let other = doc(W1, 1, 2, 20, "kiwi other");
+    drop(index_with(&path, &[first, other], &[]));
+    let commit_point: Vec<(std::path::PathBuf, Vec<u8>)> =
+        chorus_search::directory::IndexDirectory::commit_point_files(&path)
+            .into_iter()
+            .map(|f| (f.clone(), std::fs::read(&f).unwrap()))
+            .collect();
+    let edited = doc(W1, 1, 1, 10, "kiwi edited");
+    let search = Search::open(&path).unwrap();
+    replace_and_commit(&search, &edited).unwrap();
+    drop(search);
+    let files = |path: &std::path::Path| -> Vec<String> {
+        std::fs::read_dir(path)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    assert!(
+        files(&path).iter().any(|f| f.ends_with(".del")),
+        "the edit wrote no delete file: {:?}",
+        files(&path)
+    );
+    // The kill: the commit point as it was before the edit's commit.
+    for (file, bytes) in &commit_point {
+        std::fs::write(file, bytes).unwrap();
+    }
+    let search = Search::open(&path).unwrap();
+    assert_eq!(search.live().reader.searcher().num_docs(), 2);
+    replace_and_commit(&search, &edited).unwrap();
+    search.live().reader.reload().unwrap();
+    let w1 = scope(W1, &[(1, "general")]);
+    assert_eq!(seqs(&search, "edited", &w1, Sort::Relevance), (vec![1], 1));
+    assert_eq!(seqs(&search, "kiwi", &w1, Sort::Newest).1, 2);
+}
