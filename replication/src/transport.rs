@@ -236,6 +236,14 @@ impl Outbox {
             w.wake();
         }
     }
+
+    /// Keeps the notices for the next connection, except those queued [`NOTICE_KEEP`]
+    /// ago or more.
+    fn keep_notices(&self) {
+        self.notices
+            .borrow_mut()
+            .retain(|(at, _)| at.elapsed() < NOTICE_KEEP);
+    }
 }
 
 /// Messages of groups: (group id, message).
@@ -568,10 +576,7 @@ async fn send_loop(
                     let lost = std::mem::take(&mut *outbox.queue.borrow_mut());
                     (handlers.on_lost)(peer, lost);
                     // Notices wait for the next connection, for a while.
-                    outbox
-                        .notices
-                        .borrow_mut()
-                        .retain(|(at, _)| at.elapsed() < NOTICE_KEEP);
+                    outbox.keep_notices();
                     glommio::timer::sleep(backoff).await;
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                     continue;
@@ -606,10 +611,7 @@ async fn send_loop(
         }
         if written.is_err() {
             // The connection failed before the notices went: they wait for the next one.
-            outbox
-                .notices
-                .borrow_mut()
-                .retain(|(at, _)| at.elapsed() < NOTICE_KEEP);
+            outbox.keep_notices();
         } else {
             let notices = std::mem::take(&mut *outbox.notices.borrow_mut());
             if !notices.is_empty() {

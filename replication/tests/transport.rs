@@ -55,6 +55,30 @@ fn node_noticing(
     )
 }
 
+/// A node that keeps only the notices it receives.
+fn noticing(me: u64, nodes: &BTreeMap<u64, SocketAddr>, noticed: Noticed) -> Rc<Transport> {
+    node_noticing(
+        me,
+        nodes,
+        Got::default(),
+        Got::default(),
+        noticed,
+        Cuts::default(),
+    )
+}
+
+/// Runs `test` on an executor of its own, given `n` nodes' loopback addresses (IDs from 1).
+fn on_loopback<F, Fut>(n: usize, test: F)
+where
+    F: FnOnce(BTreeMap<u64, SocketAddr>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    glommio::LocalExecutorBuilder::default()
+        .make()
+        .unwrap()
+        .run(async move { test((1..).zip(free_addrs(n)).collect()).await });
+}
+
 fn heartbeat(from: u64, to: u64, commit: u64) -> Message {
     Message {
         msg_type: MessageType::MsgHeartbeat,
@@ -79,111 +103,94 @@ async fn until(what: &str, mut ok: impl FnMut() -> bool) {
 
 #[test]
 fn a_snapshot_larger_than_a_frame_arrives_whole_and_in_order() {
-    glommio::LocalExecutorBuilder::default()
-        .make()
-        .unwrap()
-        .run(async {
-            let addrs = free_addrs(3);
-            let nodes: BTreeMap<u64, SocketAddr> = (1..=3).zip(addrs).collect();
-            let (got1, lost1): (Got, Got) = Default::default();
-            let (got2, lost2): (Got, Got) = Default::default();
-            let one = node(1, &nodes, got1, lost1.clone());
-            let two = node(2, &nodes, got2.clone(), lost2);
-            // 40 MB of snapshot: more than two frames' worth, ten pieces.
-            let mut snap = Message {
-                msg_type: MessageType::MsgSnapshot,
-                from: 1,
-                to: 2,
-                term: 3,
-                ..Message::default()
-            };
-            let data: Vec<u8> = (0..40_000_000u32).map(|i| (i % 251) as u8).collect();
-            snap.mut_snapshot().data = data.clone().into();
-            snap.mut_snapshot().mut_metadata().index = 1_000;
-            one.send(5, heartbeat(1, 2, 1));
-            one.send(5, snap);
-            one.send(5, heartbeat(1, 2, 2));
-            until("three messages at node 2", || got2.borrow().len() == 3).await;
-            let got = got2.borrow().clone();
-            let kinds: Vec<MessageType> = got.iter().map(|(_, _, m)| m.get_msg_type()).collect();
-            assert_eq!(
-                kinds,
-                [
-                    MessageType::MsgHeartbeat,
-                    MessageType::MsgSnapshot,
-                    MessageType::MsgHeartbeat
-                ]
-            );
-            assert!(got.iter().all(|(from, group, _)| (*from, *group) == (1, 5)));
-            let s = got[1].2.get_snapshot();
-            assert_eq!(s.get_metadata().index, 1_000);
-            assert!(s.data[..] == data[..], "the snapshot's bytes arrive intact");
-            assert_eq!((got[0].2.commit, got[2].2.commit), (1, 2));
-            // Node 3 never started: what is sent to it is reported lost.
-            one.send(5, heartbeat(1, 3, 9));
-            until("the message to node 3 reported lost", || {
-                lost1
-                    .borrow()
-                    .iter()
-                    .any(|(peer, _, m)| *peer == 3 && m.commit == 9)
-            })
-            .await;
-            one.stop();
-            two.stop();
-        });
+    on_loopback(3, |nodes| async move {
+        let (got1, lost1): (Got, Got) = Default::default();
+        let (got2, lost2): (Got, Got) = Default::default();
+        let one = node(1, &nodes, got1, lost1.clone());
+        let two = node(2, &nodes, got2.clone(), lost2);
+        // 40 MB of snapshot: more than two frames' worth, ten pieces.
+        let mut snap = Message {
+            msg_type: MessageType::MsgSnapshot,
+            from: 1,
+            to: 2,
+            term: 3,
+            ..Message::default()
+        };
+        let data: Vec<u8> = (0..40_000_000u32).map(|i| (i % 251) as u8).collect();
+        snap.mut_snapshot().data = data.clone().into();
+        snap.mut_snapshot().mut_metadata().index = 1_000;
+        one.send(5, heartbeat(1, 2, 1));
+        one.send(5, snap);
+        one.send(5, heartbeat(1, 2, 2));
+        until("three messages at node 2", || got2.borrow().len() == 3).await;
+        let got = got2.borrow().clone();
+        let kinds: Vec<MessageType> = got.iter().map(|(_, _, m)| m.get_msg_type()).collect();
+        assert_eq!(
+            kinds,
+            [
+                MessageType::MsgHeartbeat,
+                MessageType::MsgSnapshot,
+                MessageType::MsgHeartbeat
+            ]
+        );
+        assert!(got.iter().all(|(from, group, _)| (*from, *group) == (1, 5)));
+        let s = got[1].2.get_snapshot();
+        assert_eq!(s.get_metadata().index, 1_000);
+        assert!(s.data[..] == data[..], "the snapshot's bytes arrive intact");
+        assert_eq!((got[0].2.commit, got[2].2.commit), (1, 2));
+        // Node 3 never started: what is sent to it is reported lost.
+        one.send(5, heartbeat(1, 3, 9));
+        until("the message to node 3 reported lost", || {
+            lost1
+                .borrow()
+                .iter()
+                .any(|(peer, _, m)| *peer == 3 && m.commit == 9)
+        })
+        .await;
+        one.stop();
+        two.stop();
+    });
 }
 
 #[test]
 fn notices_reach_the_peer_in_order_and_none_while_it_is_cut_off() {
-    glommio::LocalExecutorBuilder::default()
-        .make()
-        .unwrap()
-        .run(async {
-            let addrs = free_addrs(2);
-            let nodes: BTreeMap<u64, SocketAddr> = (1..=2).zip(addrs).collect();
-            let noticed = Noticed::default();
-            let cuts = Cuts::default();
-            let one = node_noticing(
-                1,
-                &nodes,
-                Got::default(),
-                Got::default(),
-                Noticed::default(),
-                cuts.clone(),
-            );
-            let two = node_noticing(
-                2,
-                &nodes,
-                Got::default(),
-                Got::default(),
-                noticed.clone(),
-                Cuts::default(),
-            );
-            for i in 0..100u32 {
-                one.notify(2, i.to_le_bytes().to_vec());
-            }
-            until("100 notices at node 2", || noticed.borrow().len() == 100).await;
-            let got: Vec<u32> = noticed
-                .borrow()
-                .iter()
-                .map(|(from, n)| {
-                    assert_eq!(*from, 1);
-                    u32::from_le_bytes(n[..].try_into().unwrap())
-                })
-                .collect();
-            assert_eq!(got, (0..100).collect::<Vec<_>>());
-            // Cut off from node 2, node 1 sends nothing; mended, it sends again.
-            cuts.set(2, true);
-            one.notify(2, b"lost".to_vec());
-            one.send(5, heartbeat(1, 2, 1));
-            glommio::timer::sleep(Duration::from_millis(200)).await;
-            cuts.set(2, false);
-            one.notify(2, b"after".to_vec());
-            until("the notice after the cut", || noticed.borrow().len() == 101).await;
-            assert_eq!(noticed.borrow()[100].1, b"after");
-            one.stop();
-            two.stop();
-        });
+    on_loopback(2, |nodes| async move {
+        let noticed = Noticed::default();
+        let cuts = Cuts::default();
+        let one = node_noticing(
+            1,
+            &nodes,
+            Got::default(),
+            Got::default(),
+            Noticed::default(),
+            cuts.clone(),
+        );
+        let two = noticing(2, &nodes, noticed.clone());
+        for i in 0..100u32 {
+            one.notify(2, i.to_le_bytes().to_vec());
+        }
+        until("100 notices at node 2", || noticed.borrow().len() == 100).await;
+        let got: Vec<u32> = noticed
+            .borrow()
+            .iter()
+            .map(|(from, n)| {
+                assert_eq!(*from, 1);
+                u32::from_le_bytes(n[..].try_into().unwrap())
+            })
+            .collect();
+        assert_eq!(got, (0..100).collect::<Vec<_>>());
+        // Cut off from node 2, node 1 sends nothing; mended, it sends again.
+        cuts.set(2, true);
+        one.notify(2, b"lost".to_vec());
+        one.send(5, heartbeat(1, 2, 1));
+        glommio::timer::sleep(Duration::from_millis(200)).await;
+        cuts.set(2, false);
+        one.notify(2, b"after".to_vec());
+        until("the notice after the cut", || noticed.borrow().len() == 101).await;
+        assert_eq!(noticed.borrow()[100].1, b"after");
+        one.stop();
+        two.stop();
+    });
 }
 
 // A notice queued while its peer cannot be reached waits for the connection (a failed
@@ -191,32 +198,20 @@ fn notices_reach_the_peer_in_order_and_none_while_it_is_cut_off() {
 // the failed connect), and arrives once the peer is up, in order with the ones after it.
 #[test]
 fn a_notice_waits_for_a_peer_that_is_not_up_yet() {
-    glommio::LocalExecutorBuilder::default()
-        .make()
-        .unwrap()
-        .run(async {
-            let addrs = free_addrs(2);
-            let nodes: BTreeMap<u64, SocketAddr> = (1..=2).zip(addrs).collect();
-            let one = node(1, &nodes, Got::default(), Got::default());
-            one.notify(2, b"early".to_vec());
-            // Node 1's first connects fail meanwhile (its backoff doubles from 50 ms).
-            glommio::timer::sleep(Duration::from_millis(400)).await;
-            let noticed = Noticed::default();
-            let two = node_noticing(
-                2,
-                &nodes,
-                Got::default(),
-                Got::default(),
-                noticed.clone(),
-                Cuts::default(),
-            );
-            one.notify(2, b"later".to_vec());
-            until("both notices at node 2", || noticed.borrow().len() == 2).await;
-            let got: Vec<Vec<u8>> = noticed.borrow().iter().map(|(_, n)| n.clone()).collect();
-            assert_eq!(got, [b"early".to_vec(), b"later".to_vec()]);
-            one.stop();
-            two.stop();
-        });
+    on_loopback(2, |nodes| async move {
+        let one = node(1, &nodes, Got::default(), Got::default());
+        one.notify(2, b"early".to_vec());
+        // Node 1's first connects fail meanwhile (its backoff doubles from 50 ms).
+        glommio::timer::sleep(Duration::from_millis(400)).await;
+        let noticed = Noticed::default();
+        let two = noticing(2, &nodes, noticed.clone());
+        one.notify(2, b"later".to_vec());
+        until("both notices at node 2", || noticed.borrow().len() == 2).await;
+        let got: Vec<Vec<u8>> = noticed.borrow().iter().map(|(_, n)| n.clone()).collect();
+        assert_eq!(got, [b"early".to_vec(), b"later".to_vec()]);
+        one.stop();
+        two.stop();
+    });
 }
 
 // A peer that restarted closed the connection its predecessor took; the first notice sent
@@ -224,30 +219,22 @@ fn a_notice_waits_for_a_peer_that_is_not_up_yet() {
 // connection, it would have vanished without an error).
 #[test]
 fn a_notice_after_the_peer_restarted_reaches_it() {
-    glommio::LocalExecutorBuilder::default()
-        .make()
-        .unwrap()
-        .run(async {
-            let addrs = free_addrs(2);
-            let nodes: BTreeMap<u64, SocketAddr> = (1..=2).zip(addrs).collect();
-            let start_two = |noticed: Noticed| {
-                let (got, lost) = (Got::default(), Got::default());
-                node_noticing(2, &nodes, got, lost, noticed, Cuts::default())
-            };
-            let one = node(1, &nodes, Got::default(), Got::default());
-            let before = Noticed::default();
-            let two = start_two(before.clone());
-            one.notify(2, b"first".to_vec());
-            until("the first notice", || before.borrow().len() == 1).await;
-            two.stop_and_close().await;
-            drop(two);
-            let after = Noticed::default();
-            let two = start_two(after.clone());
-            glommio::timer::sleep(Duration::from_millis(500)).await;
-            one.notify(2, b"second".to_vec());
-            until("the notice after the restart", || after.borrow().len() == 1).await;
-            assert_eq!(after.borrow()[0].1, b"second");
-            one.stop();
-            two.stop();
-        });
+    on_loopback(2, |nodes| async move {
+        let start_two = |noticed: Noticed| noticing(2, &nodes, noticed);
+        let one = node(1, &nodes, Got::default(), Got::default());
+        let before = Noticed::default();
+        let two = start_two(before.clone());
+        one.notify(2, b"first".to_vec());
+        until("the first notice", || before.borrow().len() == 1).await;
+        two.stop_and_close().await;
+        drop(two);
+        let after = Noticed::default();
+        let two = start_two(after.clone());
+        glommio::timer::sleep(Duration::from_millis(500)).await;
+        one.notify(2, b"second".to_vec());
+        until("the notice after the restart", || after.borrow().len() == 1).await;
+        assert_eq!(after.borrow()[0].1, b"second");
+        one.stop();
+        two.stop();
+    });
 }
