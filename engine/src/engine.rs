@@ -669,6 +669,31 @@ impl Engine {
             .map(drop)
     }
 
+    /// Records an operator's ask to place a cluster on `nodes` (ID and `IP:PORT` between
+    /// nodes) and answers its number once it is committed. The engine only keeps it, in the
+    /// directory, so that every node reads the asks in one order
+    /// ([`Engine::cluster_ask`]); acting on it is the embedder's.
+    pub async fn ask_cluster(
+        &self,
+        nodes: Vec<crate::domain::event::ClusterNode>,
+    ) -> Result<u64, EngineError> {
+        match self
+            .meta(|reply| MetaRequest::AskCluster { nodes, reply })
+            .await?
+        {
+            MetaOutcome::ClusterAsked(number) => Ok(number),
+            other => unreachable!("ask_cluster answered {other:?}"),
+        }
+    }
+
+    /// The last cluster ask this node's directory holds, if any.
+    pub async fn cluster_ask(
+        &self,
+    ) -> Result<Option<crate::domain::event::ClusterAsk>, EngineError> {
+        self.meta_read(0, |reply| MetaRead::ClusterAsk { reply })
+            .await
+    }
+
     /// Creates an account. The password hash is stored as given.
     pub async fn create_user(
         &self,

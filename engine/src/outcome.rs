@@ -24,6 +24,8 @@ pub enum MetaOutcome {
     Notify(NotifyOutcome),
     /// What a key directory command answers.
     E2ee(crate::domain::e2ee::E2eeOutcome),
+    /// A cluster ask, by its number.
+    ClusterAsked(u64),
     /// The directory here holds every event committed before the request (a barrier).
     Current,
 }

@@ -1258,7 +1258,10 @@ fn cluster_view(shared: &crate::ctx::Shared) -> serde_json::Value {
     // Beyond §15: the directory's group (numbered after the partitions), whose leader
     // decides metadata writes and sends the cluster's pushes and email.
     let directory = group(partitions);
-    serde_json::json!({"node_id": c.me, "nodes": nodes, "partitions": parts, "directory": directory})
+    // Beyond §15: the number of the members ask this node applied (`PUT
+    // /api/v1/cluster/members`), the same on every node once it has reached them all.
+    serde_json::json!({"node_id": c.me, "nodes": nodes, "partitions": parts,
+        "directory": directory, "members_ask": c.members.ask()})
 }
 
 async fn list_workspaces(call: &Call<'_>) -> Result<Reply, ApiError> {

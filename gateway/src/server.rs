@@ -64,7 +64,8 @@ fn open_engine(
     // so that nodes added later are of the same cluster and another cluster's are not.
     Tokens::load_or_create(&config.jwt_secret_path(), config.token_ttl_s)?;
     let secret = std::fs::read(config.jwt_secret_path())?;
-    let cluster_id = crate::api::members::cluster_id(&secret);
+    let shape = crate::api::members::Shape::of(config);
+    let cluster_id = crate::api::members::cluster_id(&secret, shape);
     let membership = chorus_replication::transport::Membership {
         me: config.node_id,
         nodes: nodes.clone(),
@@ -75,9 +76,10 @@ fn open_engine(
         node.initial = None;
     }
     node.members = chorus_replication::members::Members::new(nodes.clone());
-    // The members last asked, if any: a node that restarts goes on moving its groups there.
-    if let Some(asked) = crate::api::members::load(&config.data_dir)? {
-        node.members.set(&asked);
+    // The members ask last applied, if any: a node that restarts goes on moving its groups
+    // there, and knows the addresses of nodes added since `--cluster` was written.
+    if let Some((ask, nodes)) = crate::api::members::load(&config.data_dir)? {
+        node.members.apply(ask, &nodes);
     }
     // A failed write or fsync stops the node (see `chorus_replication::OnStorageError`); a
     // log found inconsistent stops only its group, as a restart would find it so again.
@@ -285,6 +287,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     drop(reserve);
     drop(reserve_quic);
     let (stop_counting, counted) = start_workspace_metrics(&shared)?;
+    let following = start_following_members(&shared)?;
     if shared.cluster.is_some() {
         sources.peers = Some(shared.clone());
         shared.files.previews.in_cluster(&shared);
@@ -329,6 +332,10 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     }
     let _ = stop_counting.send(());
     let _ = counted.recv_timeout(DRAIN_WAIT);
+    if let Some((stop, done)) = following {
+        let _ = stop.send(());
+        let _ = done.recv_timeout(DRAIN_WAIT);
+    }
     // The indexer commits what it has read and stops before the engine does.
     let _ = stop_indexing.send(());
     let _ = indexer.join();
@@ -598,9 +605,28 @@ fn notify_settings(
 
 /// Starts the per-workspace message counter on shard 0. Returns its stop signal and the
 /// channel on which it says it stored its last counts.
-fn start_workspace_metrics(
-    shared: &Arc<Shared>,
-) -> Result<(oneshot::Sender<()>, std::sync::mpsc::Receiver<()>), ServeError> {
+/// A background task's stop, and what says it stopped.
+type Stopper = (oneshot::Sender<()>, std::sync::mpsc::Receiver<()>);
+
+/// On a cluster node, the task that applies the members asks its directory holds
+/// ([`crate::api::members::follow`]).
+fn start_following_members(shared: &Arc<Shared>) -> Result<Option<Stopper>, ServeError> {
+    let Some(cluster) = &shared.cluster else {
+        return Ok(None);
+    };
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let engine = shared.engine.clone();
+    let members = cluster.members.clone();
+    let dir = shared.config.data_dir.clone();
+    futures::executor::block_on(shared.engine.spawn_on(0, move || async move {
+        crate::api::members::follow(engine, members, dir, stop_rx).await;
+        let _ = done_tx.send(());
+    }))?;
+    Ok(Some((stop_tx, done_rx)))
+}
+
+fn start_workspace_metrics(shared: &Arc<Shared>) -> Result<Stopper, ServeError> {
     let (stop_tx, stop_rx) = oneshot::channel();
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     let engine = shared.engine.clone();

@@ -212,6 +212,31 @@ pub enum MetaEvent {
     /// A device or its end-to-end encryption keys changed, or keys were claimed (`API.md`
     /// §14). Boxed like `FileStored`.
     E2ee(Box<super::e2ee::E2eeChange>),
+    /// An operator asked for a cluster to be placed on these nodes (`PUT
+    /// /api/v1/cluster/members`). Kept in the directory so that every node applies the
+    /// asks in one order; the engine stores them and never acts on them. Boxed like
+    /// `FileStored`.
+    ClusterAsked(Box<ClusterAsk>),
+}
+
+/// The nodes an operator asked a cluster to be placed on.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(attr(allow(missing_docs)))]
+pub struct ClusterAsk {
+    /// Numbered from 1 in the directory's order: each ask one more than the one before.
+    pub number: u64,
+    /// The nodes, by ID, each with its address between nodes (`IP:PORT`).
+    pub nodes: Vec<ClusterNode>,
+}
+
+/// One node of a [`ClusterAsk`].
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(attr(allow(missing_docs)))]
+pub struct ClusterNode {
+    /// Its ID (never 0).
+    pub id: u64,
+    /// Its address between nodes, `IP:PORT`.
+    pub addr: String,
 }
 
 /// The outcome of making one preview of a file.
@@ -630,6 +655,17 @@ mod tests {
             })),
         };
         assert_eq!(decode(&encode_meta(&prefs)), Ok(Decoded::Meta(prefs)));
+        let ask = MetaRecord {
+            at_us: 9,
+            event: MetaEvent::ClusterAsked(Box::new(ClusterAsk {
+                number: 3,
+                nodes: vec![ClusterNode {
+                    id: 4,
+                    addr: "127.0.0.1:7004".into(),
+                }],
+            })),
+        };
+        assert_eq!(decode(&encode_meta(&ask)), Ok(Decoded::Meta(ask)));
         let read = ReadRecord {
             channel: ChannelId(8),
             workspace: WorkspaceId(1),

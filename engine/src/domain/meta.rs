@@ -5,7 +5,9 @@
 //! channel routing never leave the shard that needs them.
 
 use super::e2ee::{E2eeCommand, E2eeDecision, E2eeOutcome, E2eeState};
-use super::event::{ChannelKind, MetaEvent, PreviewRecord, Role, StoredFile};
+use super::event::{
+    ChannelKind, ClusterAsk, ClusterNode, MetaEvent, PreviewRecord, Role, StoredFile,
+};
 use super::input::{channel_name, channel_name_key, check_email, email_key};
 use super::notify::{NotifyCommand, NotifyState};
 use super::{check_name, DomainError, Principal};
@@ -152,6 +154,11 @@ pub enum MetaCommand {
     Notify(NotifyCommand),
     /// A user registers or removes a device, uploads its keys, or claims others' keys.
     E2ee(E2eeCommand),
+    /// An operator asks for a cluster to be placed on these nodes.
+    AskCluster {
+        /// The nodes with their addresses between nodes.
+        nodes: Vec<ClusterNode>,
+    },
 }
 
 /// What deciding a metadata command yields.
@@ -204,6 +211,8 @@ pub struct MetaState {
     notify: NotifyState,
     /// End-to-end encryption devices and keys.
     e2ee: E2eeState,
+    /// The cluster's nodes as last asked.
+    cluster: Option<ClusterAsk>,
 }
 
 impl MetaState {
@@ -431,6 +440,10 @@ impl MetaState {
                     E2eeDecision::Answer(a) => return Ok(MetaDecision::E2ee(a)),
                 }
             }
+            MetaCommand::AskCluster { nodes } => MetaEvent::ClusterAsked(Box::new(ClusterAsk {
+                number: self.cluster.as_ref().map_or(0, |c| c.number) + 1,
+                nodes: check_cluster_nodes(nodes)?,
+            })),
         };
         Ok(MetaDecision::New(event))
     }
@@ -439,6 +452,7 @@ impl MetaState {
     pub fn apply(&mut self, event: &MetaEvent) {
         match event {
             MetaEvent::E2ee(change) => self.e2ee.apply(change),
+            MetaEvent::ClusterAsked(ask) => self.cluster = Some((**ask).clone()),
             MetaEvent::Notify(change) => {
                 if let super::notify::NotifyChange::DeviceAdded(d) = &**change {
                     self.bump(d.id.0);
@@ -583,6 +597,11 @@ impl MetaState {
         &self.e2ee
     }
 
+    /// The cluster's nodes as last asked, if ever.
+    pub fn cluster(&self) -> Option<&ClusterAsk> {
+        self.cluster.as_ref()
+    }
+
     /// A file of `workspace`, deleted or not; `None` for a file of another workspace.
     pub fn file(&self, workspace: WorkspaceId, file: FileId) -> Option<&FileEntry> {
         self.files
@@ -706,6 +725,35 @@ fn check_content_type(t: String) -> Result<String, DomainError> {
         return Err(DomainError::Invalid(format!("{t:?} is not a media type")));
     }
     Ok(t)
+}
+
+/// At most this many nodes in a cluster ask.
+pub const CLUSTER_NODES_MAX: usize = 64;
+
+/// The nodes of a cluster ask, sorted by ID: 1 to [`CLUSTER_NODES_MAX`] of them, IDs above
+/// 0 and each once, addresses `IP:PORT`.
+fn check_cluster_nodes(mut nodes: Vec<ClusterNode>) -> Result<Vec<ClusterNode>, DomainError> {
+    if nodes.is_empty() || nodes.len() > CLUSTER_NODES_MAX {
+        return Err(DomainError::Invalid(format!(
+            "a cluster has 1 to {CLUSTER_NODES_MAX} nodes"
+        )));
+    }
+    nodes.sort_by_key(|n| n.id);
+    for (i, node) in nodes.iter().enumerate() {
+        if node.id == 0 || (i > 0 && nodes[i - 1].id == node.id) {
+            return Err(DomainError::Invalid(format!(
+                "node id {} is 0 or named twice",
+                node.id
+            )));
+        }
+        if node.addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(DomainError::Invalid(format!(
+                "{:?} is not IP:PORT",
+                node.addr
+            )));
+        }
+    }
+    Ok(nodes)
 }
 
 #[cfg(test)]
@@ -1060,5 +1108,43 @@ mod tests {
                 Err(DomainError::Invalid(_))
             ));
         }
+    }
+
+    // Cluster asks are numbered in the order they are decided, each one more than the
+    // last; the state keeps the last; nodes are sorted, and bad ones refused.
+    #[test]
+    fn cluster_asks_are_numbered_and_checked() {
+        let mut s = MetaState::new(8);
+        let node = |id: u64, port: u16| ClusterNode {
+            id,
+            addr: format!("127.0.0.1:{port}"),
+        };
+        assert!(s.cluster().is_none());
+        let ask = |nodes| MetaCommand::AskCluster { nodes };
+        let first = run(&mut s, ask(vec![node(2, 2), node(1, 1)])).unwrap();
+        let MetaEvent::ClusterAsked(first) = first else {
+            panic!("{first:?}")
+        };
+        assert_eq!(first.number, 1);
+        assert_eq!(first.nodes, [node(1, 1), node(2, 2)]);
+        run(&mut s, ask(vec![node(3, 3)])).unwrap();
+        let last = s.cluster().unwrap();
+        assert_eq!((last.number, &last.nodes[..]), (2, &[node(3, 3)][..]));
+        for bad in [
+            vec![],
+            vec![node(0, 1)],
+            vec![node(1, 1), node(1, 2)],
+            vec![ClusterNode {
+                id: 1,
+                addr: "nowhere".into(),
+            }],
+            (1..=65).map(|i| node(i, 1)).collect(),
+        ] {
+            assert!(
+                matches!(run(&mut s, ask(bad.clone())), Err(DomainError::Invalid(_))),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(s.cluster().unwrap().number, 2);
     }
 }

@@ -94,6 +94,10 @@ pub(crate) enum MetaRequest {
         cmd: Box<E2eeCommand>,
         reply: Reply<MetaOutcome>,
     },
+    AskCluster {
+        nodes: Vec<event::ClusterNode>,
+        reply: Reply<MetaOutcome>,
+    },
     /// Answered `Current` once every shard's directory holds every metadata event
     /// committed before the request (in a cluster, wherever it was decided).
     Barrier { reply: Reply<MetaOutcome> },
@@ -192,6 +196,10 @@ pub(crate) enum MetaRead {
     PushDevices {
         user: UserId,
         reply: Reply<Vec<PushDevice>>,
+    },
+    /// The cluster's nodes as last asked.
+    ClusterAsk {
+        reply: Reply<Option<event::ClusterAsk>>,
     },
 }
 
@@ -323,6 +331,9 @@ pub(crate) fn answer(meta: &MetaState, read: MetaRead) {
         MetaRead::PushDevices { user, reply } => {
             let devices = meta.notify().devices(user).into_iter().cloned().collect();
             let _ = reply.send(Ok(devices));
+        }
+        MetaRead::ClusterAsk { reply } => {
+            let _ = reply.send(Ok(meta.cluster().cloned()));
         }
     }
 }
@@ -834,6 +845,9 @@ impl<E: Env> MetaOwner<E> {
             MetaRequest::RecordPreview { record, reply } => {
                 (Ok(MetaCommand::RecordPreview { record: *record }), reply)
             }
+            MetaRequest::AskCluster { nodes, reply } => {
+                (Ok(MetaCommand::AskCluster { nodes }), reply)
+            }
             MetaRequest::Notify { mut cmd, reply } => {
                 // A device is stamped by the owner's clock, as a file is.
                 if let NotifyCommand::AddDevice { at_us, .. } = &mut *cmd {
@@ -979,6 +993,7 @@ impl MetaRequest {
             | MetaRequest::RecordPreview { reply, .. }
             | MetaRequest::Notify { reply, .. }
             | MetaRequest::E2ee { reply, .. }
+            | MetaRequest::AskCluster { reply, .. }
             | MetaRequest::Barrier { reply } => reply,
         }
     }
@@ -1047,5 +1062,6 @@ fn outcome_of(meta: &MetaState, e: &MetaEvent) -> MetaOutcome {
             E2eeChange::ToDeviceSent { .. } => E2eeOutcome::ToDeviceSent,
             E2eeChange::ToDeviceAcked { .. } => E2eeOutcome::ToDeviceAcked,
         }),
+        MetaEvent::ClusterAsked(ask) => MetaOutcome::ClusterAsked(ask.number),
     }
 }

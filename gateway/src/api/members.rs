@@ -4,32 +4,45 @@
 //! The body names every node the cluster is to be placed on, with its address between
 //! nodes: `{"key": "…", "nodes": {"1": "HOST:PORT", …}}`. A node added is one started with
 //! `--join` (its groups wait to be added); a node left out is removed from every group,
-//! after which it may be stopped. The node that takes the call passes it to every other
-//! node it knows and to every node named (`"local": true`, so that none passes it on), and
-//! each node:
-//! 1. writes the request to `cluster-members.json` in its data directory (temporary file,
-//!    fsync, rename, directory fsync), so that after a restart it goes on where it was;
-//! 2. hands it to its shards ([`chorus_replication::members::Members`]): the transports
+//! after which it may be stopped.
+//!
+//! **Agreed through the directory.** The ask is a metadata command
+//! ([`chorus_engine::Engine::ask_cluster`]): the directory's leader numbers it, one more
+//! than the last, and it commits on a majority like any other; a node that does not lead
+//! the directory forwards the call there. Every node, whichever took the call, then reads
+//! the asks from its own replica of the directory, in the one order they committed in
+//! ([`follow`], every [`FOLLOW_EVERY`]), and applies each newer than the one it has:
+//! 1. it writes it to `cluster-members.json` in its data directory (temporary file, fsync,
+//!    rename, directory fsync), so that after a restart it knows the nodes' addresses
+//!    before its directory has caught up, and never goes back to an older ask;
+//! 2. it hands it to its shards ([`chorus_replication::members::Members`]): the transports
 //!    learn the addresses they lack, and every group this node leads, now or later, walks
 //!    to placement over the nodes named, one configuration change at a time
 //!    ([`chorus_replication::membership`]).
 //!
-//! Every node of a cluster has the same shape (the same `partitions` and shard count: a
-//! partition is the same group, on the same shard, on every node). Before anything is
-//! kept, the node that takes the call asks every node it knows and every node named
-//! whether it has its shape (`"check": true`, nothing kept); a node that does not answers
-//! 409, and then so does the call, naming it, with nothing changed anywhere. A node that
-//! cannot be reached is not checked (it checks again when the request reaches it).
+//! Two operators asking at once are two asks in one order, and every node ends on the
+//! later; a node that was down when the call was made applies it when its directory
+//! catches up.
 //!
-//! The answer is 200 with each node's outcome (`"applied"` or `"unreachable"`); the call is
-//! idempotent, so an operator whose nodes were not all reached sends it again. The key must
-//! match `cluster_admin_key_file` (every node the same file); without that file the call is
-//! 403 on every node. A change of members is slow on purpose (a learner catches up before
-//! it votes); `GET /api/v1/cluster` shows where each partition is.
+//! Every node of a cluster has the same shape (the same `partitions` and shard count: a
+//! partition is the same group, on the same shard, on every node). The shape is part of
+//! the cluster's id ([`cluster_id`]), which every node-to-node connection checks: a node
+//! of another shape cannot talk to the others, so it never holds a group, whatever is
+//! asked. Before asking, the node that takes the call reaches every node named that is not
+//! a member yet (`"check": true`, nothing kept); one it cannot reach (not started, or
+//! started with another secret or shape) makes the call 409, naming it, with nothing
+//! asked. Members named may be down (a node is removed while another is down).
+//!
+//! The answer is 200 `{"ask": N}` once the ask is committed; `GET /api/v1/cluster` shows
+//! on each node the number it applied (`members_ask`) and where each partition is. The
+//! key must match `cluster_admin_key_file` (every node the same file); without that file
+//! the call is 403 on every node. A change of members is slow on purpose (a learner
+//! catches up before it votes).
 
-use super::forward::{send, send_via, Forwarded};
+use super::forward::{send_via, Forwarded};
 use super::{Call, Reply};
 use crate::error::ApiError;
+use chorus_engine::domain::event::ClusterNode;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -39,12 +52,15 @@ use std::path::Path;
 /// The file a node keeps the members last asked for in.
 const FILE: &str = "cluster-members.json";
 
-/// The cluster's id, from the secret every node shares: what node-to-node connections
-/// check (a node of another cluster has another secret). A digest, so the secret does not
-/// travel.
-pub fn cluster_id(secret: &[u8]) -> u64 {
+/// The cluster's id, from the secret every node shares and the shape every node has: what
+/// node-to-node connections check. A node of another cluster has another secret; a node
+/// started with another shape cannot hold the same groups, and cannot connect either, so
+/// an ask that names it never gives it a group. A digest, so the secret does not travel.
+pub fn cluster_id(secret: &[u8], shape: Shape) -> u64 {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     ctx.update(b"chorus cluster id\0");
+    ctx.update(&u64::from(shape.partitions).to_le_bytes());
+    ctx.update(&(shape.shards as u64).to_le_bytes());
     ctx.update(secret);
     let digest = ctx.finish();
     u64::from_le_bytes(digest.as_ref()[..8].try_into().expect("8 bytes"))
@@ -54,72 +70,145 @@ pub fn cluster_id(secret: &[u8]) -> u64 {
 struct Request {
     key: String,
     nodes: BTreeMap<String, String>,
-    #[serde(default)]
-    local: bool,
-    /// The shape of the node that took the call: this node refuses a request of another.
-    #[serde(default)]
-    shape: Option<Shape>,
-    /// Only check the shape; keep nothing.
+    /// Only answer (the node that takes the call reaches the nodes to add); keep nothing.
     #[serde(default)]
     check: bool,
 }
 
 /// What every node of a cluster must share.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct Shape {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shape {
     partitions: u32,
     shards: usize,
 }
 
 impl Shape {
-    fn of(config: &crate::config::Config) -> Shape {
+    /// This node's shape.
+    pub fn of(config: &crate::config::Config) -> Shape {
         Shape {
             partitions: config.partitions,
             shards: config.shard_count(),
         }
     }
-
-    /// Refused with 409 unless `theirs` is `self`.
-    fn check(self, theirs: Shape) -> Result<(), ApiError> {
-        if self == theirs {
-            return Ok(());
-        }
-        Err(ApiError::new(
-            409,
-            "conflict",
-            format!(
-                "this node has {} partitions and {} shards, the cluster {} and {}: start it \
-                 with the cluster's partitions and shards",
-                self.partitions, self.shards, theirs.partitions, theirs.shards
-            ),
-        ))
-    }
 }
 
-/// The members last asked for, as `data_dir` keeps them; `None` if never asked.
-pub fn load(data_dir: &Path) -> std::io::Result<Option<BTreeMap<u64, SocketAddr>>> {
+/// What `cluster-members.json` holds: the ask applied last, and its nodes.
+#[derive(Serialize, Deserialize)]
+struct Kept {
+    ask: u64,
+    nodes: BTreeMap<String, String>,
+}
+
+/// The members ask last applied, as `data_dir` keeps it (its number and nodes); `None` if
+/// none was. A file of the build before asks were numbered (the nodes alone) is ask 0.
+pub fn load(data_dir: &Path) -> std::io::Result<Option<(u64, BTreeMap<u64, SocketAddr>)>> {
     let text = match std::fs::read_to_string(data_dir.join(FILE)) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    let nodes: BTreeMap<String, String> = serde_json::from_str(&text)
-        .map_err(|e| std::io::Error::other(format!("{FILE} does not parse: {e}")))?;
-    parse_nodes(&nodes)
-        .map(Some)
+    let kept = serde_json::from_str::<Kept>(&text)
+        .or_else(|_| serde_json::from_str(&text).map(|nodes| Kept { ask: 0, nodes }));
+    let kept = kept.map_err(|e| std::io::Error::other(format!("{FILE} does not parse: {e}")))?;
+    parse_nodes(&kept.nodes)
+        .map(|nodes| Some((kept.ask, nodes)))
         .map_err(|e| std::io::Error::other(format!("{FILE}: {}", e.message)))
 }
 
-fn save(data_dir: &Path, nodes: &BTreeMap<String, String>) -> std::io::Result<()> {
+fn save(data_dir: &Path, ask: u64, nodes: &BTreeMap<u64, SocketAddr>) -> std::io::Result<()> {
     use std::io::Write;
+    let kept = Kept {
+        ask,
+        nodes: nodes
+            .iter()
+            .map(|(id, addr)| (id.to_string(), addr.to_string()))
+            .collect(),
+    };
     std::fs::create_dir_all(data_dir)?;
     let tmp = data_dir.join(format!("{FILE}.tmp"));
     let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(serde_json::to_string(nodes).expect("serializes").as_bytes())?;
+    f.write_all(serde_json::to_string(&kept).expect("serializes").as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&tmp, data_dir.join(FILE))?;
     std::fs::File::open(data_dir)?.sync_all()
 }
+
+/// How often a node looks for a newer ask in its directory.
+pub const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Applies every members ask newer than the one `members` has, as this node's directory
+/// replica holds them, until `stop` fires (see the module's documentation). Runs on a
+/// shard; the file is written off it.
+pub async fn follow(
+    engine: chorus_engine::Engine,
+    members: chorus_replication::members::Members,
+    data_dir: std::path::PathBuf,
+    mut stop: futures::channel::oneshot::Receiver<()>,
+) {
+    use futures::future::{select, Either};
+    loop {
+        let tick = glommio::timer::sleep(FOLLOW_EVERY);
+        if let Either::Right(_) = select(std::pin::pin!(tick), &mut stop).await {
+            return;
+        }
+        let ask = match engine.cluster_ask().await {
+            Ok(Some(ask)) => ask,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::debug!(error = %e, "cluster members: the directory was not read");
+                continue;
+            }
+        };
+        if members.ask().is_some_and(|applied| applied >= ask.number) {
+            continue;
+        }
+        let nodes: Option<BTreeMap<u64, SocketAddr>> = ask
+            .nodes
+            .iter()
+            .map(|n| Some((n.id, n.addr.parse().ok()?)))
+            .collect();
+        let Some(nodes) = nodes else {
+            // The engine checked every address when it decided the ask.
+            tracing::error!(
+                ask = ask.number,
+                "cluster members: an ask with a bad address"
+            );
+            continue;
+        };
+        if let Err(e) = apply(&members, &data_dir, ask.number, nodes).await {
+            tracing::error!(error = %e, ask = ask.number, "cluster members: the ask was not kept");
+        }
+    }
+}
+
+/// Keeps ask `number` in the data directory, then hands it to the shards, unless this
+/// node applied it or a newer one already. One at a time ([`KEEPING`]), off the shard: the
+/// call's node and its follower may apply the same ask at once, and the file must never
+/// go back to an older one.
+async fn apply(
+    members: &chorus_replication::members::Members,
+    data_dir: &Path,
+    number: u64,
+    nodes: BTreeMap<u64, SocketAddr>,
+) -> std::io::Result<()> {
+    let (members, dir) = (members.clone(), data_dir.to_owned());
+    glommio::executor()
+        .spawn_blocking(move || {
+            let _one = KEEPING.lock().unwrap_or_else(|e| e.into_inner());
+            if members.ask().is_some_and(|applied| applied >= number) {
+                return Ok(());
+            }
+            save(&dir, number, &nodes)?;
+            if members.apply(number, &nodes) {
+                tracing::info!(ask = number, nodes = ?nodes.keys().collect::<Vec<_>>(), "cluster members asked");
+            }
+            Ok(())
+        })
+        .await
+}
+
+/// Held while an ask is kept and applied.
+static KEEPING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// At most this many nodes (as `cluster` is checked at start).
 const NODES_MAX: usize = crate::config::CLUSTER_NODES_MAX;
@@ -173,83 +262,80 @@ pub(super) async fn put_members(call: &Call<'_>) -> Result<Reply, ApiError> {
         ));
     }
     let nodes = parse_nodes(&r.nodes)?;
-    let shape = Shape::of(&shared.config);
-    if let Some(theirs) = r.shape {
-        shape.check(theirs)?;
-    }
     if r.check {
-        return Ok(Reply::json(200, &json!({ "shape": shape })));
+        return Ok(Reply::json(200, &json!({})));
     }
-    let nodes_json = serde_json::to_value(&r.nodes).expect("serializes");
-    let ask = |check: bool| Forwarded {
+    // A call forwarded to the directory's leader was checked by the node that took it.
+    if !call.forwarded {
+        reach_new_nodes(call, cluster, &r, &nodes).await?;
+    }
+    let asked = nodes
+        .iter()
+        .map(|(id, addr)| ClusterNode {
+            id: *id,
+            addr: addr.to_string(),
+        })
+        .collect();
+    let number = call.engine().ask_cluster(asked).await?;
+    // This node applies it now; every other one when its directory holds it.
+    apply(&cluster.members, &shared.config.data_dir, number, nodes)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                500,
+                "internal",
+                format!("ask {number} is committed but this node could not keep it: {e}"),
+            )
+        })?;
+    Ok(Reply::json(200, &json!({ "ask": number })))
+}
+
+/// Reaches every node in `nodes` that is not a member yet: 409, naming them, if any
+/// cannot be reached.
+async fn reach_new_nodes(
+    call: &Call<'_>,
+    cluster: &crate::ctx::ClusterView,
+    r: &Request,
+    nodes: &BTreeMap<u64, SocketAddr>,
+) -> Result<(), ApiError> {
+    let check = Forwarded {
         method: "PUT".to_owned(),
         path: "/api/v1/cluster/members".to_owned(),
         query: None,
         user: None,
         device: None,
         peer: call.peer,
-        body: json!({"key": r.key, "nodes": nodes_json, "local": true, "shape": shape,
-            "check": check})
-        .to_string(),
+        body: json!({"key": r.key, "nodes": r.nodes, "check": true}).to_string(),
     };
-    if !r.local {
-        // Every node known or named, at the address known (or named, for a new one).
-        let mut membership = cluster.membership();
-        for (id, addr) in &nodes {
-            membership.nodes.entry(*id).or_insert(*addr);
-        }
-        let mut refused = Vec::new();
-        for peer in membership.nodes.keys().filter(|p| **p != cluster.me) {
-            let answered = send_via(shared, &membership, call.ctx.shard, *peer, &ask(true)).await;
-            if let Some(a) = answered.filter(|a| a.status == 409) {
-                let body: serde_json::Value =
-                    serde_json::from_str(a.body.as_deref().unwrap_or("{}")).unwrap_or_default();
-                let why = body["error"]["message"]
-                    .as_str()
-                    .unwrap_or("refused")
-                    .to_owned();
-                refused.push(format!("node {peer}: {why}"));
-            }
-        }
-        if !refused.is_empty() {
-            return Err(ApiError::new(
-                409,
-                "conflict",
-                format!("nothing was changed: {}", refused.join("; ")),
-            ));
+    let members = cluster.nodes();
+    // A new node at the address named (a known one at the address known).
+    let mut membership = cluster.membership();
+    for (id, addr) in nodes {
+        membership.nodes.entry(*id).or_insert(*addr);
+    }
+    let shape = Shape::of(&call.ctx.shared.config);
+    let mut unreached = Vec::new();
+    for peer in nodes.keys().filter(|p| !members.contains_key(p)) {
+        let shard = call.ctx.shard;
+        let answered = send_via(&call.ctx.shared, &membership, shard, *peer, &check).await;
+        if answered.is_none_or(|a| a.status != 200) {
+            unreached.push(format!("node {peer} at {}", membership.nodes[peer]));
         }
     }
-    if !nodes.contains_key(&cluster.me) && r.local {
-        // This node is being removed: it still applies the request, so that it stops
-        // leading and its groups move off it.
-        tracing::info!(
-            node = cluster.me,
-            "this node is being removed from the cluster"
-        );
+    if unreached.is_empty() {
+        return Ok(());
     }
-    save(&shared.config.data_dir, &r.nodes).map_err(|e| {
-        ApiError::new(
-            500,
-            "internal",
-            format!("the members could not be kept: {e}"),
-        )
-    })?;
-    cluster.members.set(&nodes);
-    tracing::info!(nodes = ?nodes.keys().collect::<Vec<_>>(), "cluster members asked");
-    let mut outcome = BTreeMap::new();
-    outcome.insert(cluster.me.to_string(), "applied");
-    if !r.local {
-        let everyone: Vec<u64> = cluster.members.addresses().into_keys().collect();
-        for peer in everyone.into_iter().filter(|p| *p != cluster.me) {
-            let answered = send(shared, call.ctx.shard, peer, &ask(false)).await;
-            let applied = answered.is_some_and(|a| a.status == 200);
-            outcome.insert(
-                peer.to_string(),
-                if applied { "applied" } else { "unreachable" },
-            );
-        }
-    }
-    Ok(Reply::json(200, &json!({ "nodes": outcome })))
+    Err(ApiError::new(
+        409,
+        "conflict",
+        format!(
+            "nothing was changed: {} could not be reached. A node is added once it runs \
+             (with --join), with this cluster's secret and shape ({} partitions, {} shards)",
+            unreached.join(", "),
+            shape.partitions,
+            shape.shards
+        ),
+    ))
 }
 
 #[cfg(test)]
@@ -257,9 +343,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_cluster_id_depends_on_the_secret_only() {
-        assert_eq!(cluster_id(b"one secret"), cluster_id(b"one secret"));
-        assert_ne!(cluster_id(b"one secret"), cluster_id(b"another secret"));
+    fn the_cluster_id_depends_on_the_secret_and_the_shape() {
+        let shape = Shape {
+            partitions: 16,
+            shards: 2,
+        };
+        let other = Shape {
+            partitions: 8,
+            shards: 2,
+        };
+        assert_eq!(
+            cluster_id(b"one secret", shape),
+            cluster_id(b"one secret", shape)
+        );
+        assert_ne!(
+            cluster_id(b"one secret", shape),
+            cluster_id(b"another secret", shape)
+        );
+        assert_ne!(
+            cluster_id(b"one secret", shape),
+            cluster_id(b"one secret", other)
+        );
     }
 
     #[test]
@@ -282,9 +386,11 @@ mod tests {
     fn what_was_asked_is_kept_across_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         assert!(load(dir.path()).unwrap().is_none());
-        let nodes: BTreeMap<String, String> = [("3".into(), "127.0.0.1:9".into())].into();
-        save(dir.path(), &nodes).unwrap();
-        let back = load(dir.path()).unwrap().unwrap();
-        assert_eq!(back[&3].to_string(), "127.0.0.1:9");
+        let nodes: BTreeMap<u64, SocketAddr> = [(3, "127.0.0.1:9".parse().unwrap())].into();
+        save(dir.path(), 7, &nodes).unwrap();
+        assert_eq!(load(dir.path()).unwrap(), Some((7, nodes.clone())));
+        // The file of the build before asks were numbered: the nodes alone, ask 0.
+        std::fs::write(dir.path().join(FILE), r#"{"3":"127.0.0.1:9"}"#).unwrap();
+        assert_eq!(load(dir.path()).unwrap(), Some((0, nodes)));
     }
 }
