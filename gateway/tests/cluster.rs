@@ -123,6 +123,17 @@ fn alice_and_workspace(nodes: &[Option<Server>]) -> (String, String) {
     (token, wid)
 }
 
+/// Signs `name` up through whichever node takes it: the token.
+fn sign_up(nodes: &[Option<Server>], name: &str) -> String {
+    let signup =
+        json!({"email": format!("{name}@example.com"), "password": PASSWORD, "name": name});
+    let (_, r) = anywhere(nodes, "the sign-up", |s| {
+        s.call("POST", "/api/v1/auth/signup", None, Some(signup.clone()))
+    });
+    assert_eq!(r.status, 201, "{}", r.text);
+    str_of(&r.body["token"])
+}
+
 fn str_of(v: &Value) -> String {
     v.as_str().expect("a string").to_owned()
 }
@@ -135,12 +146,7 @@ fn three_processes_serve_one_cluster_and_survive_a_sigkill() {
         .map(|id| Some(Server::start(&config.node(id, AUTH_UNLIMITED))))
         .collect();
 
-    let signup = json!({"email": "alice@example.com", "password": PASSWORD, "name": "alice"});
-    let (_, r) = anywhere(&nodes, "the sign-up", |s| {
-        s.call("POST", "/api/v1/auth/signup", None, Some(signup.clone()))
-    });
-    assert_eq!(r.status, 201, "{}", r.text);
-    let token = str_of(&r.body["token"]);
+    let token = sign_up(&nodes, "alice");
     let (_, r) = anywhere(&nodes, "the workspace", |s| {
         s.call(
             "POST",
@@ -678,12 +684,7 @@ fn a_node_of_another_shape_is_not_added() {
             )))
         })
         .collect();
-    let signup = json!({"email": "ops@example.com", "password": PASSWORD, "name": "ops"});
-    let (_, r) = anywhere(&nodes, "the sign-up", |s| {
-        s.call("POST", "/api/v1/auth/signup", None, Some(signup.clone()))
-    });
-    assert_eq!(r.status, 201, "{}", r.text);
-    let token = str_of(&r.body["token"]);
+    let token = sign_up(&nodes, "ops");
     let all = [1, 2, 3, 4];
     let joining = |extra: &str| {
         let settings = format!("cluster_join = true\n{extra}{AUTH_UNLIMITED}");
@@ -752,12 +753,7 @@ fn members_asked_at_once_are_agreed() {
         .iter()
         .map(|&id| Some(Server::start(&config.node_in(id, &all, AUTH_UNLIMITED))))
         .collect();
-    let signup = json!({"email": "ops@example.com", "password": PASSWORD, "name": "ops"});
-    let (_, r) = anywhere(&nodes, "the sign-up", |s| {
-        s.call("POST", "/api/v1/auth/signup", None, Some(signup.clone()))
-    });
-    assert_eq!(r.status, 201, "{}", r.text);
-    let token = str_of(&r.body["token"]);
+    let token = sign_up(&nodes, "ops");
     // Node 4 out, through node 1; all four, through node 3.
     let asks = [(0, vec![1, 2, 3]), (2, vec![1, 2, 3, 4])];
     let start = std::sync::Barrier::new(asks.len());
