@@ -1,18 +1,24 @@
 //! The durable Raft log of one group: its entries in its shard's [`Journal`] (shared with
 //! the shard's other groups, for one fsync per round between them), the rest of its state
-//! in a [`StateFile`], and the latest snapshot's data in a file of its own. It is the
-//! `Storage` a raft-rs `RawNode` reads, and what its `Ready` loop persists into.
+//! in a [`StateFile`], and the latest snapshot's data in that state when it is small
+//! ([`crate::state::INLINE_SNAPSHOT_BYTES`]), in a file of its own when it is not. It is
+//! the `Storage` a raft-rs `RawNode` reads, and what its `Ready` loop persists into.
 //!
-//! Layout. The state directory holds `raft.state` and `snap-<index>` (the latest
-//! snapshot's data). The entries are the group's records in the journal; opening takes the
-//! run the journal recovered for the group.
+//! Layout. The state directory holds `raft.state` and, for a large snapshot,
+//! `snap-<index>` (its data). The entries are the group's records in the journal; opening
+//! takes the run the journal recovered for the group.
+//!
+//! A compaction with a small snapshot is one state write: no file created, synced,
+//! renamed and removed, no directory synced (a cluster node compacts each of its groups
+//! every thousand entries).
 //!
 //! Invariants:
 //! - **Entries before state.** A `Ready`'s entries are durable before its hard state is
 //!   written, so a commit index on disk never points past the log on disk.
-//! - **Snapshot before its mention.** A snapshot's data file is durable (written, synced,
-//!   renamed, directory synced) before the state names its index, and the entries are
-//!   let go (a reset in the journal, or a pin moved past them) only after that.
+//! - **Snapshot before its mention.** A snapshot's data is durable before the state names
+//!   its index: in the same slot write when inline, or as a file written, synced, renamed
+//!   and its directory synced before; the entries are let go (a reset in the journal, or a
+//!   pin moved past them), and the previous snapshot's file removed, only after that.
 //! - **The term covers the log.** On open, a term below the last entry's (a crash came
 //!   between a `Ready`'s entries and its hard state) is raised to it, with no vote.
 //! - **The log continues the snapshot.** On open, entries that do not continue the
@@ -111,20 +117,21 @@ impl<S: Storage> RaftLog<S> {
         state.conf = state.snapshot_conf.clone();
         let snap = state.snapshot_index;
         // Snapshot files other than the current one are leftovers of a compaction or an
-        // install that a crash interrupted.
+        // install that a crash interrupted (or of the file snapshot before an inline one).
+        let inline = state.snapshot_inline.is_some();
         for name in dir.list().await? {
-            let stale = name.starts_with("snap-") && name != snapshot_name(snap);
+            let stale = name.starts_with("snap-") && (inline || name != snapshot_name(snap));
             if stale || name.ends_with(".tmp") {
                 dir.remove(&name).await?;
             }
         }
         dir.sync_dir().await?;
-        let snapshot_data = if snap == 0 {
-            Vec::new()
-        } else {
-            read_whole(&dir, &snapshot_name(snap)).await.map_err(|e| {
+        let snapshot_data = match (&state.snapshot_inline, snap) {
+            (Some(data), _) => data.clone(),
+            (None, 0) => Vec::new(),
+            (None, _) => read_whole(&dir, &snapshot_name(snap)).await.map_err(|e| {
                 RaftLogError::Corrupt(format!("the state names snapshot {snap}: {e}"))
-            })?
+            })?,
         };
         let run = journal.take(group).await;
         let mut this = RaftLog {
@@ -296,8 +303,7 @@ impl<S: Storage> RaftLog<S> {
         if meta.index <= self.state.snapshot_index {
             return Ok(());
         }
-        self.write_snapshot_file(meta.index, &snapshot.data).await?;
-        let old = self.state.snapshot_index;
+        let old = self.stage_snapshot(meta.index, &snapshot.data).await?;
         self.state.snapshot_index = meta.index;
         self.state.snapshot_term = meta.term;
         self.state.snapshot_conf = meta.get_conf_state().clone();
@@ -335,8 +341,7 @@ impl<S: Storage> RaftLog<S> {
             )));
         }
         let term = self.entries[(index - first) as usize].term;
-        self.write_snapshot_file(index, &data).await?;
-        let old = self.state.snapshot_index;
+        let old = self.stage_snapshot(index, &data).await?;
         self.state.snapshot_index = index;
         self.state.snapshot_term = term;
         self.state.snapshot_conf = self.state.conf.clone();
@@ -349,6 +354,23 @@ impl<S: Storage> RaftLog<S> {
         self.snapshot_data = data;
         self.remove_snapshot_file(old).await?;
         self.journal.collect().await
+    }
+
+    /// Makes `data` the snapshot at `index` that the next state write names: inline when
+    /// small, otherwise a file made durable now. Returns the index of the file snapshot
+    /// the state names until then (0: none), to remove once that write is durable.
+    async fn stage_snapshot(&mut self, index: u64, data: &[u8]) -> io::Result<u64> {
+        let old_file = match self.state.snapshot_inline {
+            Some(_) => 0,
+            None => self.state.snapshot_index,
+        };
+        if data.len() <= crate::state::INLINE_SNAPSHOT_BYTES {
+            self.state.snapshot_inline = Some(data.to_vec());
+        } else {
+            self.write_snapshot_file(index, data).await?;
+            self.state.snapshot_inline = None;
+        }
+        Ok(old_file)
     }
 
     async fn write_snapshot_file(&self, index: u64, data: &[u8]) -> io::Result<()> {

@@ -1,5 +1,7 @@
 //! The Raft state of one group that is not in its log: the hard state (term, vote,
-//! commit), the membership, and where the latest snapshot ends.
+//! commit), the membership, where the latest snapshot ends, and that snapshot's data when
+//! it is small ([`INLINE_SNAPSHOT_BYTES`]; a snapshot of a chat partition is its log
+//! position, some twenty bytes).
 //!
 //! It lives in one small file, `raft.state`, of two fixed slots. Each write goes to the
 //! slot the last write did not use, with a sequence number and a checksum, and is then
@@ -18,7 +20,11 @@ pub const STATE_FILE: &str = "raft.state";
 /// Bytes of one slot; the file is two of them.
 pub const SLOT_BYTES: usize = 4096;
 const MAGIC: &[u8; 4] = b"CRST";
-const VERSION: u16 = 1;
+/// 2: the snapshot's data may be inline. A slot of version 1 has none (its snapshot is in
+/// a file) and is still read.
+const VERSION: u16 = 2;
+/// The largest snapshot kept in the state's slots rather than in a file of its own.
+pub const INLINE_SNAPSHOT_BYTES: usize = 1024;
 /// Magic, version, body length.
 const HEADER_BYTES: usize = 4 + 2 + 4;
 const CHECKSUM_BYTES: usize = 8;
@@ -37,6 +43,9 @@ pub struct GroupState {
     pub snapshot_term: u64,
     /// The membership at `snapshot_index`.
     pub snapshot_conf: ConfState,
+    /// The snapshot's data, if it is kept here (at most [`INLINE_SNAPSHOT_BYTES`]);
+    /// otherwise it is in a file of its own.
+    pub snapshot_inline: Option<Vec<u8>>,
 }
 
 impl GroupState {
@@ -58,6 +67,11 @@ impl GroupState {
             body.extend_from_slice(&n.to_le_bytes());
         }
         for bytes in [&conf, &snapshot_conf] {
+            body.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+            body.extend_from_slice(bytes);
+        }
+        body.push(u8::from(self.snapshot_inline.is_some()));
+        if let Some(bytes) = &self.snapshot_inline {
             body.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
             body.extend_from_slice(bytes);
         }
@@ -85,7 +99,8 @@ impl GroupState {
         if slot.len() < HEADER_BYTES || &slot[..4] != MAGIC {
             return None;
         }
-        if u16::from_le_bytes(slot[4..6].try_into().ok()?) != VERSION {
+        let version = u16::from_le_bytes(slot[4..6].try_into().ok()?);
+        if !(1..=VERSION).contains(&version) {
             return None;
         }
         let len = u32::from_le_bytes(slot[6..10].try_into().ok()?) as usize;
@@ -110,6 +125,14 @@ impl GroupState {
         let snapshot_term = body.u64()?;
         let conf = ConfState::parse_from_bytes(body.bytes()?).ok()?;
         let snapshot_conf = ConfState::parse_from_bytes(body.bytes()?).ok()?;
+        let snapshot_inline = match version {
+            1 => None,
+            _ => match body.u8()? {
+                0 => None,
+                1 => Some(body.bytes()?.to_vec()),
+                _ => return None,
+            },
+        };
         Some((
             seq,
             GroupState {
@@ -118,6 +141,7 @@ impl GroupState {
                 snapshot_index,
                 snapshot_term,
                 snapshot_conf,
+                snapshot_inline,
             },
         ))
     }
@@ -126,6 +150,12 @@ impl GroupState {
 struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
+    fn u8(&mut self) -> Option<u8> {
+        let (head, rest) = self.0.split_first()?;
+        self.0 = rest;
+        Some(*head)
+    }
+
     fn u64(&mut self) -> Option<u64> {
         let (head, rest) = self.0.split_at_checked(8)?;
         self.0 = rest;
@@ -221,15 +251,38 @@ mod tests {
     #[test]
     fn slots_round_trip_and_refuse_damage() {
         let s = sample(4);
-        let slot = s.encode(9).unwrap();
-        assert_eq!(GroupState::decode(&slot), Some((9, s)));
-        for i in 0..slot.len() {
-            let mut bad = slot.clone();
-            bad[i] ^= 0x10;
-            assert_eq!(GroupState::decode(&bad), None, "byte {i} flipped");
+        let mut inline = sample(5);
+        inline.snapshot_inline = Some(b"position 42".to_vec());
+        for s in [s, inline] {
+            let slot = s.encode(9).unwrap();
+            assert_eq!(GroupState::decode(&slot), Some((9, s)));
+            for i in 0..slot.len() {
+                let mut bad = slot.clone();
+                bad[i] ^= 0x10;
+                assert_eq!(GroupState::decode(&bad), None, "byte {i} flipped");
+            }
         }
+        let s = sample(4);
+        let slot = s.encode(9).unwrap();
         assert_eq!(GroupState::decode(&slot[..slot.len() - 1]), None);
         assert_eq!(GroupState::decode(&[0u8; SLOT_BYTES]), None);
+    }
+
+    // A slot written before snapshots could be inline (version 1: no flag after the
+    // memberships) reads as a state whose snapshot is in a file.
+    #[test]
+    fn a_version_1_slot_is_read() {
+        let s = sample(3);
+        let v2 = s.encode(4).unwrap();
+        // Version 1's body is version 2's without the trailing flag byte.
+        let body_end = v2.len() - CHECKSUM_BYTES - 1;
+        let mut v1 = v2[..body_end].to_vec();
+        v1[4..6].copy_from_slice(&1u16.to_le_bytes());
+        let len = (body_end - HEADER_BYTES) as u32;
+        v1[6..10].copy_from_slice(&len.to_le_bytes());
+        let sum = xxh3_64(&v1);
+        v1.extend_from_slice(&sum.to_le_bytes());
+        assert_eq!(GroupState::decode(&v1), Some((4, s)));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! it acknowledged, and a replaced tail stays replaced, for one group and for several
 //! sharing their shard's journal.
 
-use chorus_log::{LogConfig, SimConfig, SimRoot, SimStorage};
+use chorus_log::{LogConfig, SimConfig, SimRoot, SimStorage, Storage as _};
 use chorus_replication::state::{GroupState, StateFile};
 use chorus_replication::{Journal, RaftLog};
 use futures::executor::block_on;
@@ -22,6 +22,8 @@ fn state(term: u64) -> GroupState {
     s.hard.commit = term * 2;
     s.conf.voters = vec![1, 2, 3];
     s.snapshot_conf.voters = vec![1, 2, 3];
+    // Every other state carries its snapshot's data inline.
+    s.snapshot_inline = (term % 2 == 0).then(|| format!("position {term}").into_bytes());
     s
 }
 
@@ -183,21 +185,61 @@ fn entries_hard_state_and_compaction_survive_reopening() {
     assert!(log
         .entries(20, 32, None, raft::GetEntriesContext::empty(false))
         .is_err());
+    // Small, the snapshot lives in the state: no file.
+    let files = |root: &SimRoot| -> Vec<String> {
+        let mut names = block_on(root.dir_now("g/state").list()).unwrap();
+        names.retain(|n| n.starts_with("snap-"));
+        names
+    };
+    assert!(files(&root).is_empty(), "{:?}", files(&root));
+    // A large one goes to a file, and a small one after it takes its place in the state
+    // and removes the file; each comes back after a crash.
+    let mut log = log;
+    let large = vec![7u8; 5_000];
+    block_on(log.compact(35, large.clone(), 10)).unwrap();
+    assert_eq!(files(&root), ["snap-00000000000000000035"]);
+    drop(log);
+    root.crash();
+    let mut log = open(&root);
+    assert_eq!(&log.snapshot(0, 2).unwrap().data[..], &large[..]);
+    block_on(log.compact(40, b"state at 40".to_vec(), 10)).unwrap();
+    assert!(files(&root).is_empty(), "{:?}", files(&root));
+    drop(log);
+    root.crash();
+    let log = open(&root);
+    let snap = log.snapshot(0, 2).unwrap();
+    assert_eq!(
+        (snap.get_metadata().index, &snap.data[..]),
+        (40, &b"state at 40"[..])
+    );
 }
 
 #[test]
 fn a_snapshot_install_survives_a_crash_at_any_step() {
-    install_survives_a_crash(200);
+    install_survives_a_crash(200, 30);
 }
 
 // The same with a snapshot inside the old log (of a later term): the old entries do not
 // continue it, and entries appended after it must not be taken for theirs on the next open.
 #[test]
 fn a_snapshot_install_inside_the_log_survives_a_crash_at_any_step() {
-    install_survives_a_crash(30);
+    install_survives_a_crash(30, 30);
 }
 
-fn install_survives_a_crash(at: u64) {
+// The same with a snapshot too large for the state's slots: it goes to a file of its own.
+#[test]
+fn a_large_snapshot_install_survives_a_crash_at_any_step() {
+    install_survives_a_crash(200, 3_000);
+}
+
+/// The data of a snapshot at `at`, `len` bytes long.
+fn snapshot_data(at: u64, len: usize) -> Vec<u8> {
+    let mut data = format!("the leader's state at {at}").into_bytes();
+    data.resize(len, b'.');
+    data
+}
+
+fn install_survives_a_crash(at: u64, len: usize) {
     let mut seen_old = 0;
     let mut seen_new = 0;
     for seed in 0..60u64 {
@@ -220,7 +262,7 @@ fn install_survives_a_crash(at: u64) {
             snap.mut_metadata().index = at;
             snap.mut_metadata().term = 3;
             snap.mut_metadata().set_conf_state(conf());
-            snap.data = format!("the leader's state at {at}").into_bytes().into();
+            snap.data = snapshot_data(at, len).into();
             let done = poll_at_most(log.apply_snapshot(&snap), polls)
                 .map(|r| r.expect("install"))
                 .is_some();
@@ -232,7 +274,9 @@ fn install_survives_a_crash(at: u64) {
                 // Installed: nothing of the old log is served, the snapshot is whole.
                 assert_eq!((first, last), (at + 1, at), "seed {seed}, {polls} polls");
                 let s = log.snapshot(0, 2).unwrap();
-                assert_eq!(s.data, format!("the leader's state at {at}").into_bytes());
+                assert_eq!(s.data, snapshot_data(at, len));
+                let inline = len <= chorus_replication::state::INLINE_SNAPSHOT_BYTES;
+                assert_eq!(log.state().snapshot_inline.is_some(), inline);
                 assert_eq!(log.initial_state().unwrap().hard_state.commit, at);
                 // The entries after it are the group's from now on, across a crash too.
                 let next: Vec<Entry> = (at + 1..=at + 5).map(|i| entry(i, 3)).collect();
