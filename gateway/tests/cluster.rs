@@ -458,6 +458,17 @@ fn the_cluster_tool_starts_grows_shrinks_and_stops_a_cluster() {
     let dir = tempfile::tempdir().unwrap();
     let base = free_base_port();
     let tool = concat!(env!("CARGO_MANIFEST_DIR"), "/../tools/cluster");
+    // A failed step must not leave the nodes running: they are stopped when the test
+    // ends, however it ends (after `down`, this finds nothing to stop).
+    struct Down<'a>(&'a str, &'a std::path::Path);
+    impl Drop for Down<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new(self.0)
+                .args(["down", "--dir", self.1.to_str().unwrap()])
+                .output();
+        }
+    }
+    let _down = Down(tool, dir.path());
     let run = |args: &[&str]| {
         let out = std::process::Command::new(tool)
             .args(args)
