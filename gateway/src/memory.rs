@@ -42,7 +42,31 @@ pub const TRIM_AFTER_CLOSES: usize = 1_000;
 /// MiB free but resident.
 pub const TRIM_AFTER_FREED_BYTES: usize = 32 << 20;
 
-/// Bytes the allocator holds free in its arenas (resident or not).
+/// Growth of the process's resident memory since the allocator was last looked at that
+/// makes the housekeeper look again (and trim if [`TRIM_AFTER_FREED_BYTES`] came free).
+/// Looking is not free: `mallinfo2` walks every free chunk of every arena under that
+/// arena's lock, and a shard that allocates meanwhile waits. On a server holding 2.4 GB
+/// after a minute of posts, a look every 5 s stalled each shard some 60–100 ms at a time:
+/// a single node's p99 at 2,000 messages/s was 91–104 ms with it, 3.8 ms without
+/// (`bench/results/2026-12-06-rf1-stall/`). Reading the resident size takes no allocator
+/// lock; a burst that leaves hundreds of MiB free first made the process that much larger.
+pub const LOOK_AFTER_RESIDENT_BYTES: usize = 128 << 20;
+
+/// The process's resident memory in bytes (`/proc/self/statm`; no allocator lock).
+pub fn resident_bytes() -> usize {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: usize = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf only reads a system constant.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages * usize::try_from(page).unwrap_or(4096)
+}
+
+/// Bytes the allocator holds free in its arenas (resident or not). Walks every arena under
+/// its lock: see [`LOOK_AFTER_RESIDENT_BYTES`].
 pub fn free_bytes() -> usize {
     // SAFETY: mallinfo2 only reads the allocator's statistics, under its own locks.
     unsafe { libc::mallinfo2().fordblks }
@@ -50,32 +74,49 @@ pub fn free_bytes() -> usize {
 
 /// Decides when freed memory should go back to the kernel: after at least
 /// [`TRIM_AFTER_CLOSES`] connections closed since the most were open, or once the
-/// allocator's free bytes grew by [`TRIM_AFTER_FREED_BYTES`] since the last trim.
+/// allocator's free bytes grew by [`TRIM_AFTER_FREED_BYTES`] since the last trim, which
+/// it looks at only after the resident size grew by [`LOOK_AFTER_RESIDENT_BYTES`] since
+/// the last look.
 #[derive(Debug, Default)]
 pub struct TrimPolicy {
     high_water: usize,
     /// Free bytes right after the last trim (a trim leaves free chunks free, only not
     /// resident, so the growth since then is what is worth returning).
     free_after: usize,
+    /// The resident size at the last look at the allocator (or the lowest since).
+    resident_at_look: usize,
 }
 
 impl TrimPolicy {
-    /// Sees the number of open connections and the allocator's free bytes; true when it
+    /// Sees the number of open connections and the resident size, and the allocator's
+    /// free bytes (`free`, called only when the resident size grew enough); true when it
     /// is time to trim. After a trim, call [`TrimPolicy::trimmed`].
-    pub fn observe(&mut self, open: usize, free: usize) -> bool {
+    pub fn observe(&mut self, open: usize, resident: usize, free: impl FnOnce() -> usize) -> bool {
         self.high_water = self.high_water.max(open);
-        self.free_after = self.free_after.min(free);
         let closes = self.high_water - open >= TRIM_AFTER_CLOSES;
-        let freed = free - self.free_after >= TRIM_AFTER_FREED_BYTES;
         if closes {
             self.high_water = open;
+            return true;
         }
-        closes || freed
+        self.resident_at_look = self.resident_at_look.min(resident);
+        if resident < self.resident_at_look + LOOK_AFTER_RESIDENT_BYTES {
+            return false;
+        }
+        self.resident_at_look = resident;
+        let free = free();
+        self.free_after = self.free_after.min(free);
+        free - self.free_after >= TRIM_AFTER_FREED_BYTES
     }
 
     /// Records the free bytes after a trim.
     pub fn trimmed(&mut self, free: usize) {
         self.free_after = free;
+    }
+
+    /// Records the resident size of a look at the allocator made outside
+    /// [`TrimPolicy::observe`] (at start).
+    pub fn looked(&mut self, resident: usize) {
+        self.resident_at_look = resident;
     }
 }
 
@@ -92,9 +133,10 @@ pub fn housekeeper(
         .spawn(move || {
             let mut policy = TrimPolicy::default();
             policy.trimmed(free_bytes());
+            policy.looked(resident_bytes());
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 std::thread::park_timeout(HOUSEKEEPING_INTERVAL);
-                if policy.observe(open(), free_bytes()) {
+                if policy.observe(open(), resident_bytes(), free_bytes) {
                     if trim() {
                         tracing::debug!("returned freed memory to the kernel");
                     }
@@ -113,28 +155,54 @@ mod tests {
     #[test]
     fn trims_after_a_wave_of_closes() {
         let mut p = TrimPolicy::default();
-        assert!(!p.observe(5_000, 0));
-        assert!(!p.observe(4_500, 0));
-        assert!(p.observe(3_900, 0));
-        assert!(!p.observe(3_000, 0));
-        assert!(p.observe(2_800, 0));
-        assert!(p.observe(0, 0));
-        assert!(!p.observe(900, 0));
+        let none = || 0;
+        assert!(!p.observe(5_000, 0, none));
+        assert!(!p.observe(4_500, 0, none));
+        assert!(p.observe(3_900, 0, none));
+        assert!(!p.observe(3_000, 0, none));
+        assert!(p.observe(2_800, 0, none));
+        assert!(p.observe(0, 0, none));
+        assert!(!p.observe(900, 0, none));
     }
 
     // A burst that leaves much memory free trims once, measured from what the last trim
-    // left free (which stays counted as free), and again only after another such burst.
+    // left free (which stays counted as free), and again only after another such burst;
+    // the allocator is looked at only once the resident size grew enough since the last
+    // look.
     #[test]
     fn trims_after_a_burst_of_frees() {
+        const MIB: usize = 1 << 20;
+        let grown = |n: usize| n * LOOK_AFTER_RESIDENT_BYTES;
         let mut p = TrimPolicy::default();
-        p.trimmed(10 << 20);
-        assert!(!p.observe(100, 30 << 20));
-        assert!(p.observe(100, (10 << 20) + TRIM_AFTER_FREED_BYTES));
-        p.trimmed(50 << 20);
-        assert!(!p.observe(100, 60 << 20));
+        p.trimmed(10 * MIB);
+        p.looked(grown(1));
+        let looks = std::cell::Cell::new(0);
+        let free = |bytes: usize| {
+            let looks = &looks;
+            move || {
+                looks.set(looks.get() + 1);
+                bytes
+            }
+        };
+        // Grown less than the step: not looked at, whatever is free.
+        assert!(!p.observe(100, grown(2) - 1, free(500 * MIB)));
+        assert_eq!(looks.get(), 0);
+        assert!(!p.observe(100, grown(2), free(30 * MIB)));
+        assert!(p.observe(100, grown(3), free(10 * MIB + TRIM_AFTER_FREED_BYTES)));
+        p.trimmed(50 * MIB);
+        assert!(!p.observe(100, grown(4), free(60 * MIB)));
         // Free memory reused, then freed again: measured from the lowest seen.
-        assert!(!p.observe(100, 20 << 20));
-        assert!(p.observe(100, (20 << 20) + TRIM_AFTER_FREED_BYTES));
+        assert!(!p.observe(100, grown(5), free(20 * MIB)));
+        // The resident size fell (a trim): growth counts from the lowest seen.
+        assert!(!p.observe(100, grown(1), free(0)));
+        assert!(p.observe(100, grown(2), free(20 * MIB + TRIM_AFTER_FREED_BYTES)));
+        assert_eq!(looks.get(), 5);
+    }
+
+    #[test]
+    fn resident_bytes_reads_the_process() {
+        let r = resident_bytes();
+        assert!(r > 1 << 20 && r < 1 << 40, "{r}");
     }
 
     // The allocator's statistics are readable, and a large free shows in them. Tests on
