@@ -23,7 +23,9 @@ fn state(term: u64) -> GroupState {
     s.conf.voters = vec![1, 2, 3];
     s.snapshot_conf.voters = vec![1, 2, 3];
     // Every other state carries its snapshot's data inline.
-    s.snapshot_inline = (term % 2 == 0).then(|| format!("position {term}").into_bytes());
+    s.snapshot_inline = term
+        .is_multiple_of(2)
+        .then(|| format!("position {term}").into_bytes());
     s
 }
 
