@@ -58,6 +58,99 @@ pub fn lower_priority() -> std::io::Result<()> {
     Ok(())
 }
 
+/// Makes the calling thread run only on CPU time that no other thread of the machine wants
+/// (Linux's `SCHED_IDLE`); threads it starts afterwards inherit it. For a consumer whose
+/// work comes in bursts of milliseconds on one thread (the search index's commits): at
+/// [`CONSUMER_NICE`] alone, a shard that wakes while such a burst holds its core can still
+/// wait for the burst's time slice to end, and that wait was the tail of every delivery
+/// (`DESIGN.md`, "The search threads run only when idle"); a `SCHED_IDLE` thread gives the
+/// core up the moment any other thread wakes. The price: while the other threads keep
+/// every core busy, it hardly runs; [`IdleThreads`] lets its consumer raise it for a while.
+/// Lowering one's own policy is always allowed; an error is not expected.
+pub fn idle_priority() -> std::io::Result<()> {
+    set_policy(0, libc::SCHED_IDLE)
+}
+
+/// Sets thread `tid`'s policy (0: the calling thread), keeping its niceness.
+fn set_policy(tid: libc::pid_t, policy: libc::c_int) -> std::io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `sched_setscheduler` reads `param`, a valid local, and changes only the
+    // policy of the thread it names.
+    if unsafe { libc::sched_setscheduler(tid, policy, &param) } == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The process's threads that run at `SCHED_IDLE` ([`idle_priority`]), raised to the
+/// ordinary policy (at their niceness, [`CONSUMER_NICE`] steps nicer) while their consumer
+/// finds itself starved, and lowered again afterwards.
+///
+/// Raising needs the right to raise a thread's priority: `CAP_SYS_NICE`, or an
+/// `RLIMIT_NICE` that allows the threads' niceness. Without it [`IdleThreads::raise`]
+/// fails and the threads stay idle-only.
+#[derive(Debug, Default)]
+pub struct IdleThreads {
+    /// Each thread raised, and its name then (a thread ID is reused once its thread ends;
+    /// one that now names another thread is left alone).
+    raised: Vec<(libc::pid_t, String)>,
+}
+
+/// Thread `tid`'s name, if it still exists.
+fn thread_name(tid: libc::pid_t) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).ok()
+}
+
+impl IdleThreads {
+    /// Whether threads are raised now.
+    pub fn raised(&self) -> bool {
+        !self.raised.is_empty()
+    }
+
+    /// Moves every thread of the process that runs at `SCHED_IDLE` to the ordinary policy,
+    /// and answers how many.
+    pub fn raise(&mut self) -> std::io::Result<usize> {
+        for task in std::fs::read_dir("/proc/self/task")? {
+            let Some(tid) = task?.file_name().to_str().and_then(|t| t.parse().ok()) else {
+                continue;
+            };
+            // SAFETY: `sched_getscheduler` only reads the named thread's policy.
+            if unsafe { libc::sched_getscheduler(tid) } != libc::SCHED_IDLE {
+                continue;
+            }
+            let Some(name) = thread_name(tid) else {
+                continue;
+            };
+            match set_policy(tid, libc::SCHED_OTHER) {
+                Ok(()) => self.raised.push((tid, name)),
+                // The thread ended meanwhile.
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+                Err(e) => {
+                    let _ = self.lower();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(self.raised.len())
+    }
+
+    /// Puts the threads raised back to `SCHED_IDLE` (those that still exist), and answers
+    /// the first error, if any (lowering is always allowed).
+    pub fn lower(&mut self) -> std::io::Result<()> {
+        let mut first = Ok(());
+        for (tid, name) in self.raised.drain(..) {
+            if thread_name(tid).as_ref() != Some(&name) {
+                continue;
+            }
+            match set_policy(tid, libc::SCHED_IDLE) {
+                Err(e) if e.raw_os_error() != Some(libc::ESRCH) && first.is_ok() => first = Err(e),
+                _ => {}
+            }
+        }
+        first
+    }
+}
+
 /// A log consumers read: a channel partition, or the metadata log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum LogId {
@@ -247,6 +340,48 @@ impl Waiters {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn policy_of(tid: libc::pid_t) -> libc::c_int {
+        // SAFETY: reads the named thread's policy.
+        unsafe { libc::sched_getscheduler(tid) }
+    }
+
+    // An idle-only thread is raised to the ordinary policy at its niceness and lowered
+    // again; a thread that was never idle-only is left alone. (Raising needs
+    // `CAP_SYS_NICE` or a large enough `RLIMIT_NICE`: the test runs as root.)
+    #[test]
+    fn idle_threads_are_raised_and_lowered() {
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let idle = std::thread::spawn(move || {
+            lower_priority().unwrap();
+            idle_priority().unwrap();
+            // SAFETY: gettid has no preconditions.
+            tid_tx.send(unsafe { libc::gettid() }).unwrap();
+            done_rx.recv().unwrap();
+        });
+        let tid = tid_rx.recv().unwrap();
+        // SAFETY: gettid has no preconditions.
+        let me = unsafe { libc::gettid() };
+        assert_eq!(policy_of(tid), libc::SCHED_IDLE);
+        let mut threads = IdleThreads::default();
+        assert!(!threads.raised());
+        assert_eq!(threads.raise().unwrap(), 1);
+        assert!(threads.raised());
+        assert_eq!(policy_of(tid), libc::SCHED_OTHER);
+        assert_eq!(policy_of(me), libc::SCHED_OTHER);
+        // SAFETY: reads the named thread's niceness.
+        let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t) };
+        // SAFETY: as above, for this thread.
+        let mine = unsafe { libc::getpriority(libc::PRIO_PROCESS, me as libc::id_t) };
+        assert_eq!(nice, (mine + CONSUMER_NICE).min(19));
+        threads.lower().unwrap();
+        assert!(!threads.raised());
+        assert_eq!(policy_of(tid), libc::SCHED_IDLE);
+        assert_eq!(policy_of(me), libc::SCHED_OTHER);
+        done_tx.send(()).unwrap();
+        idle.join().unwrap();
+    }
 
     // The watermark is the lowest acknowledged cursor over every declared consumer, 0 until
     // all have acknowledged, unbounded with none declared; cursors never move back.

@@ -567,6 +567,12 @@ fn render_search(out: &mut String, status: &chorus_search::Status) {
             status.docs.load(Relaxed),
         ),
         (
+            "search_index_starved_total",
+            "Times the search index was starved of CPU (a batch took a second or more) and its idle-only threads were raised for a while.",
+            "counter",
+            status.starved.load(Relaxed),
+        ),
+        (
             "search_files_extracted_total",
             "Files whose text the search indexer extracted (or found to have none) since start.",
             "counter",

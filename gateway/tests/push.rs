@@ -556,19 +556,35 @@ fn count_distinct(bodies: &[Value]) -> usize {
 // The committed-event consumers' threads (the notification decider, the search indexer,
 // its extractor and the index writer's threads) run nicer than the rest of the server
 // (the shards among it), so a fan-out or an indexing burst they work through for seconds
-// yields the CPU to sends. The push sender keeps the process's priority: its delay is
-// what a crash repeats.
+// yields the CPU to sends; the search threads run only when idle (`SCHED_IDLE`), so an
+// index commit gives up its core the moment a shard wakes. The push sender keeps the
+// process's priority: its delay is what a crash repeats.
 #[test]
 fn consumer_threads_run_nicer_than_the_shards() {
     let sink = Sink::start();
     let s = server(&sink);
-    // A name and niceness from a `stat`: "tid (name) state …", the niceness the 17th
-    // field after the name.
-    let parse = |stat: &str| -> (String, i32) {
+    // A name, niceness and scheduling policy from a `stat`: "tid (name) state …", the
+    // niceness the 17th field after the name, the policy the 39th.
+    let parse_all = |stat: &str| -> (String, i32, i32) {
         let open = stat.find('(').unwrap();
         let close = stat.rfind(')').unwrap();
         let rest: Vec<&str> = stat[close + 2..].split(' ').collect();
-        (stat[open + 1..close].to_string(), rest[16].parse().unwrap())
+        let name = stat[open + 1..close].to_string();
+        (name, rest[16].parse().unwrap(), rest[38].parse().unwrap())
+    };
+    let parse = |stat: &str| -> (String, i32) {
+        let (name, nice, _) = parse_all(stat);
+        (name, nice)
+    };
+    let policies = || -> Vec<(String, i32)> {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", s.pid())).expect("threads");
+        tasks
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("stat")).ok())
+            .map(|stat| {
+                let (name, _, policy) = parse_all(&stat);
+                (name, policy)
+            })
+            .collect()
     };
     let read_threads = || -> Vec<(String, i32)> {
         let tasks = std::fs::read_dir(format!("/proc/{}/task", s.pid())).expect("threads");
@@ -620,4 +636,34 @@ fn consumer_threads_run_nicer_than_the_shards() {
     let shards = nice_of(&|n| n.starts_with("chorus-shard-"));
     assert!(!shards.is_empty(), "{threads:?}");
     assert!(shards.iter().all(|&n| n == process), "{threads:?}");
+    // The policy is set right after the niceness, on the same thread.
+    const SCHED_OTHER: i32 = 0;
+    const SCHED_IDLE: i32 = 5;
+    let idle = ["search-indexer", "search-extract", "thrd-tantivy-in"];
+    let mut policy = policies();
+    let settled = |policy: &[(String, i32)]| {
+        (policy.iter())
+            .filter(|(n, _)| idle.contains(&n.as_str()))
+            .all(|(_, p)| *p == SCHED_IDLE)
+    };
+    while !settled(&policy) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        policy = policies();
+    }
+    for (name, p) in &policy {
+        let want = match idle.contains(&name.as_str()) {
+            true => SCHED_IDLE,
+            false => SCHED_OTHER,
+        };
+        let checked = idle.contains(&name.as_str())
+            || name == "notify-decider"
+            || name == "notify-push"
+            || name.starts_with("chorus-shard-");
+        if checked {
+            assert_eq!(*p, want, "{name}: {policy:?}");
+        }
+    }
+    for name in idle {
+        assert!(policy.iter().any(|(n, _)| n == name), "{name}: {policy:?}");
+    }
 }

@@ -39,6 +39,7 @@
 
 use crate::extract::{text_kind, Extracted, Sources};
 use crate::index::{Fields, FileDoc, FileMeta, MessageDoc, Payload, INDEX_FORMAT_VERSION};
+use crate::starved::Starvation;
 use crate::{Search, State};
 use chorus_engine::consumer::{CommittedKind, CommittedPage, LogId};
 use chorus_engine::domain::event::{Body, ChannelEvent, ChannelRecord, MetaEvent, MetaRecord};
@@ -137,6 +138,9 @@ pub fn spawn(
             // Before the index writer starts its threads, which inherit it.
             chorus_engine::consumer::lower_priority().unwrap_or_else(
                 |e| tracing::warn!(error = %e, "search indexer: priority not lowered"),
+            );
+            chorus_engine::consumer::idle_priority().unwrap_or_else(
+                |e| tracing::warn!(error = %e, "search indexer: not set to run when idle"),
             );
             run(search, config, stop, rx);
             stop_extracting.store(true, Ordering::Release);
@@ -277,6 +281,8 @@ struct Indexer<'a> {
     /// Logs answered at their end in this batch, read again only once it is committed
     /// (see [`Indexer::take`]).
     caught_up: Vec<LogId>,
+    /// The search threads' priority ([`crate::starved`]).
+    starvation: Starvation,
 }
 
 impl<'a> Indexer<'a> {
@@ -325,6 +331,7 @@ impl<'a> Indexer<'a> {
             extracted: 0,
             dirty: false,
             caught_up: Vec::new(),
+            starvation: Starvation::default(),
         })
     }
 
@@ -361,11 +368,16 @@ impl<'a> Indexer<'a> {
             // comes within the batch window after it, so one commit carries it all.
             let mut stopping = false;
             let mut deadline = None;
+            let mut opened = None;
             while !stopping {
-                let Some(next) = wait(stop, &mut reads, extracted, deadline) else {
+                // With no batch open, raised threads are lowered in time even if no event
+                // comes.
+                let until = deadline.or(self.starvation.lower_at());
+                let Some(next) = wait(stop, &mut reads, extracted, until) else {
                     break;
                 };
-                deadline.get_or_insert_with(|| Instant::now() + BATCH_WINDOW);
+                let now = *opened.get_or_insert_with(Instant::now);
+                deadline.get_or_insert(now + BATCH_WINDOW);
                 match next {
                     Next::Read(read) => self.take(read, &mut reads)?,
                     Next::Text(text) => self.take_text(text)?,
@@ -383,6 +395,14 @@ impl<'a> Indexer<'a> {
             }
             if self.dirty {
                 self.commit()?;
+            }
+            match opened {
+                Some(opened) => {
+                    (self.starvation).after_batch(opened.elapsed(), &self.search.status)
+                }
+                None => self
+                    .starvation
+                    .after_batch(Duration::ZERO, &self.search.status),
             }
             if stopping {
                 return Ok(());
@@ -451,16 +471,18 @@ impl<'a> Indexer<'a> {
         }
         let n = page.events.len() as u64;
         self.search.status.events.fetch_add(n, Ordering::Relaxed);
-        if n == 0 {
-            return Ok(());
+        // A page with no events still moves the cursor (to the log's first offset, when
+        // it was below): a read from the old one would be answered at once again, and
+        // the indexer would wake every batch window for it. Such a move alone is not
+        // worth a commit; the next one carries it.
+        let cursor = match log {
+            LogId::Meta => &mut self.meta,
+            LogId::Partition(p) => self.cursors.entry(p).or_insert(0),
+        };
+        *cursor = (*cursor).max(page.next);
+        if n > 0 {
+            self.dirty = true;
         }
-        match log {
-            LogId::Meta => self.meta = page.next,
-            LogId::Partition(p) => {
-                self.cursors.insert(p, page.next);
-            }
-        }
-        self.dirty = true;
         Ok(())
     }
 

@@ -24,6 +24,7 @@ pub mod indexer;
 pub mod people;
 pub mod query;
 pub mod search;
+pub mod starved;
 pub mod text;
 
 use index::{Fields, OpenError};
@@ -219,6 +220,8 @@ pub struct Status {
     pub docs: AtomicU64,
     /// Files whose text was extracted (or found to have none).
     pub files_extracted: AtomicU64,
+    /// Times the index was starved of CPU and its threads raised ([`starved`]).
+    pub starved: AtomicU64,
 }
 
 impl Status {

@@ -2,16 +2,18 @@
 //! text source the test holds back: a text taken into a commit that fails is extracted
 //! again once the index starts over.
 
+mod support;
+
 use chorus_engine::blob::{BlobError, BlobRef};
-use chorus_engine::{Engine, EngineConfig, NewFile};
+use chorus_engine::NewFile;
 use chorus_search::extract::{FileToRead, Sources, TextKind};
 use chorus_search::query::parse_files;
 use chorus_search::search::{run_files, Scope};
-use chorus_search::Search;
 use futures::executor::block_on;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+use support::Indexed;
 
 /// How long the index may take to show what the test waits for (a guard, not a
 /// measurement).
@@ -58,26 +60,10 @@ impl Sources for Gated {
 #[test]
 fn a_text_lost_with_a_failed_commit_is_extracted_again() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = EngineConfig::new(dir.path().join("engine"));
-    config.shards = 1;
-    config.partitions = 2;
-    config.pin = false;
-    config.consumers = vec!["search".into()];
-    let engine = Engine::open(config).expect("open engine");
     let index = dir.path().join("search");
-    let search = Search::open(&index).unwrap();
     let gated = Arc::new(Gated::default());
-    let (stop, stopped) = futures::channel::oneshot::channel();
-    let indexer = chorus_search::indexer::spawn(
-        search.clone(),
-        chorus_search::indexer::IndexerConfig {
-            engine: engine.clone(),
-            consumer: "search".into(),
-            sources: gated.clone(),
-        },
-        stopped,
-    )
-    .unwrap();
+    let indexed = Indexed::start(dir.path(), 2, gated.clone());
+    let (engine, search) = (&indexed.engine, &indexed.search);
     let user = block_on(engine.create_user("a@example.com", "alice", "h"))
         .unwrap()
         .id;
@@ -118,6 +104,5 @@ fn a_text_lost_with_a_failed_commit_is_extracted_again() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(found("late"), 1);
-    stop.send(()).unwrap();
-    indexer.join().unwrap();
+    indexed.stop();
 }
