@@ -59,14 +59,16 @@ pub fn lower_priority() -> std::io::Result<()> {
 }
 
 /// Makes the calling thread run only on CPU time that no other thread of the machine wants
-/// (Linux's `SCHED_IDLE`); threads it starts afterwards inherit it. For a consumer whose
-/// work comes in bursts of milliseconds on one thread (the search index's commits): at
+/// (Linux's `SCHED_IDLE`); threads it starts afterwards inherit it. For a consumer's
+/// threads whose work comes in bursts of milliseconds (the search index writer's): at
 /// [`CONSUMER_NICE`] alone, a shard that wakes while such a burst holds its core can still
 /// wait for the burst's time slice to end, and that wait was the tail of every delivery
-/// (`DESIGN.md`, "The search threads run only when idle"); a `SCHED_IDLE` thread gives the
-/// core up the moment any other thread wakes. The price: while the other threads keep
-/// every core busy, it hardly runs; [`IdleThreads`] lets its consumer raise it for a while.
-/// Lowering one's own policy is always allowed; an error is not expected.
+/// (`DESIGN.md`, "The index writer's threads run only when idle"); a `SCHED_IDLE` thread
+/// gives the core up the moment any other thread wakes. Two prices: while other threads
+/// keep every core busy it hardly runs ([`IdleThreads`] lets its consumer raise it for a
+/// while); and a shard must never wait for it, so such a thread must not send to the
+/// shards (a shard's inbox reader waits for a push half done). Lowering one's own policy
+/// is always allowed; an error is not expected.
 pub fn idle_priority() -> std::io::Result<()> {
     set_policy(0, libc::SCHED_IDLE)
 }

@@ -568,7 +568,7 @@ fn render_search(out: &mut String, status: &chorus_search::Status) {
         ),
         (
             "search_index_starved_total",
-            "Times the search index was starved of CPU (a batch took a second or more) and its idle-only threads were raised for a while.",
+            "Times the search index was starved of CPU (a commit waited half a second or more) and its writer's idle-only threads were raised for a while.",
             "counter",
             status.starved.load(Relaxed),
         ),

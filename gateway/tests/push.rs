@@ -556,8 +556,8 @@ fn count_distinct(bodies: &[Value]) -> usize {
 // The committed-event consumers' threads (the notification decider, the search indexer,
 // its extractor and the index writer's threads) run nicer than the rest of the server
 // (the shards among it), so a fan-out or an indexing burst they work through for seconds
-// yields the CPU to sends; the search threads run only when idle (`SCHED_IDLE`), so an
-// index commit gives up its core the moment a shard wakes. The push sender keeps the
+// yields the CPU to sends; the index writer's threads run only when idle (`SCHED_IDLE`),
+// so an index commit gives up its core the moment a shard wakes. The push sender keeps the
 // process's priority: its delay is what a crash repeats.
 #[test]
 fn consumer_threads_run_nicer_than_the_shards() {
@@ -639,7 +639,7 @@ fn consumer_threads_run_nicer_than_the_shards() {
     // The policy is set right after the niceness, on the same thread.
     const SCHED_OTHER: i32 = 0;
     const SCHED_IDLE: i32 = 5;
-    let idle = ["search-indexer", "search-extract", "thrd-tantivy-in"];
+    let idle = ["thrd-tantivy-in"];
     let mut policy = policies();
     let settled = |policy: &[(String, i32)]| {
         (policy.iter())
@@ -656,6 +656,7 @@ fn consumer_threads_run_nicer_than_the_shards() {
             false => SCHED_OTHER,
         };
         let checked = idle.contains(&name.as_str())
+            || name.starts_with("search-")
             || name == "notify-decider"
             || name == "notify-push"
             || name.starts_with("chorus-shard-");

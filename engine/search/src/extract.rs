@@ -227,9 +227,6 @@ pub fn spawn(
             chorus_engine::consumer::lower_priority().unwrap_or_else(
                 |e| tracing::warn!(error = %e, "search extractor: priority not lowered"),
             );
-            chorus_engine::consumer::idle_priority().unwrap_or_else(
-                |e| tracing::warn!(error = %e, "search extractor: not set to run when idle"),
-            );
             Extractor {
                 search,
                 sources,

@@ -39,7 +39,7 @@
 
 use crate::extract::{text_kind, Extracted, Sources};
 use crate::index::{Fields, FileDoc, FileMeta, MessageDoc, Payload, INDEX_FORMAT_VERSION};
-use crate::starved::Starvation;
+use crate::starved::{on_idle_thread, Starvation};
 use crate::{Search, State};
 use chorus_engine::consumer::{CommittedKind, CommittedPage, LogId};
 use chorus_engine::domain::event::{Body, ChannelEvent, ChannelRecord, MetaEvent, MetaRecord};
@@ -135,12 +135,10 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("search-indexer".into())
         .spawn(move || {
-            // Before the index writer starts its threads, which inherit it.
+            // Before the index writer starts its threads, which inherit it (and are
+            // idle-only besides: `crate::starved`).
             chorus_engine::consumer::lower_priority().unwrap_or_else(
                 |e| tracing::warn!(error = %e, "search indexer: priority not lowered"),
-            );
-            chorus_engine::consumer::idle_priority().unwrap_or_else(
-                |e| tracing::warn!(error = %e, "search indexer: not set to run when idle"),
             );
             run(search, config, stop, rx);
             stop_extracting.store(true, Ordering::Release);
@@ -293,7 +291,10 @@ impl<'a> Indexer<'a> {
         ends: &BTreeMap<u32, u64>,
     ) -> Result<Indexer<'a>, String> {
         let live = search.live();
-        let writer = open_writer(&live.index).map_err(|e| e.to_string())?;
+        // Made on an idle-only thread, so that the writer's threads are.
+        let mut starvation = Starvation::default();
+        let writer = on_idle_thread(&mut starvation, &search.status, || open_writer(&live.index))
+            .map_err(|e| e.to_string())?;
         let (cursors, meta) = search.cursors();
         // The metadata log's end now, from a read that does not wait (its events are read
         // again by the indexing loop).
@@ -331,7 +332,7 @@ impl<'a> Indexer<'a> {
             extracted: 0,
             dirty: false,
             caught_up: Vec::new(),
-            starvation: Starvation::default(),
+            starvation,
         })
     }
 
@@ -396,13 +397,9 @@ impl<'a> Indexer<'a> {
             if self.dirty {
                 self.commit()?;
             }
-            match opened {
-                Some(opened) => {
-                    (self.starvation).after_batch(opened.elapsed(), &self.search.status)
-                }
-                None => self
-                    .starvation
-                    .after_batch(Duration::ZERO, &self.search.status),
+            if opened.is_none() {
+                // Woken with no batch (see `Starvation::lower_at`).
+                self.starvation.after_batch(Duration::ZERO);
             }
             if stopping {
                 return Ok(());
@@ -726,9 +723,15 @@ impl<'a> Indexer<'a> {
         };
         let json = serde_json::to_string(&payload).expect("the payload serializes");
         let started = Instant::now();
-        let mut prepared = self.writer.prepare_commit().map_err(|e| e.to_string())?;
-        prepared.set_payload(&json);
-        prepared.commit().map_err(|e| e.to_string())?;
+        // On an idle-only thread: tantivy starts the next indexing worker here.
+        let writer = &mut self.writer;
+        on_idle_thread(&mut self.starvation, &self.search.status, || {
+            let mut prepared = writer.prepare_commit()?;
+            prepared.set_payload(&json);
+            prepared.commit()
+        })
+        .map_err(|e| e.to_string())?;
+        self.starvation.after_batch(started.elapsed());
         self.reader.reload().map_err(|e| e.to_string())?;
         self.pending.clear();
         self.pending_files.clear();

@@ -220,7 +220,7 @@ pub struct Status {
     pub docs: AtomicU64,
     /// Files whose text was extracted (or found to have none).
     pub files_extracted: AtomicU64,
-    /// Times the index was starved of CPU and its threads raised ([`starved`]).
+    /// Times the index was starved of CPU and its writer's threads raised ([`starved`]).
     pub starved: AtomicU64,
 }
 

@@ -1,28 +1,61 @@
-//! The search threads' priority: idle-only while the index keeps up, raised while it is
+//! The index writer's threads: idle-only while the index keeps up, raised while it is
 //! starved.
 //!
-//! The indexer and the threads it starts run at `SCHED_IDLE`
-//! ([`chorus_engine::consumer::idle_priority`]), so an index commit never holds a core a
-//! shard wakes up for. While other threads keep every core busy, such a thread hardly
-//! runs, and the index would fall behind for as long as they do. A batch that took
-//! [`STARVED_AFTER`] from its first event to the end of its commit (ten windows) means
-//! that: the search threads are raised to the ordinary policy, ten steps nicer than the
-//! shards as every consumer's threads, for at least [`RAISED_FOR`], and lowered again
-//! after the first batch past that which took less than [`STARVED_AFTER`], or at once
-//! then if no batch comes. A process
-//! without the right to raise them (`CAP_SYS_NICE`, or an `RLIMIT_NICE` of 10 or more)
-//! logs it once and stays idle-only.
+//! tantivy's threads (the indexing worker, which builds each segment, the segment updater
+//! and the merges) run at `SCHED_IDLE` ([`chorus_engine::consumer::idle_priority`]): an
+//! index commit is a burst of milliseconds of CPU, and at any other priority a shard that
+//! woke during one waited for its time slice to end. They are started idle-only by
+//! starting them from a thread that is ([`on_idle_thread`]): the writer is made there,
+//! and every commit runs there, since tantivy starts a new indexing worker at each
+//! commit. The indexer's own thread keeps the consumers' priority: it sends reads to the
+//! shards, and an idle-only sender preempted half-way through a push into a shard's inbox
+//! kept that shard waiting for it (one run of twelve stalled deliveries for 270 ms).
+//!
+//! While other threads keep every core busy, an idle-only thread hardly runs, and the
+//! index would fall behind for as long as they do. The indexer waits for each commit at
+//! most [`STARVED_AFTER`]; past that, every `SCHED_IDLE` thread of the process is raised
+//! to the ordinary policy, ten steps nicer than the shards as every consumer's threads
+//! ([`IdleThreads`]), for at least [`RAISED_FOR`]; they are lowered again after the first
+//! commit past that which took less, or at once then if no batch comes. A process without
+//! the right to raise them (`CAP_SYS_NICE`, or an `RLIMIT_NICE` of 10 or more) logs it
+//! once and stays idle-only.
 
 use crate::Status;
-use chorus_engine::consumer::IdleThreads;
+use chorus_engine::consumer::{idle_priority, IdleThreads};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-/// A batch that took this long, from its first event to the end of its commit, was
-/// starved.
-pub const STARVED_AFTER: Duration = Duration::from_secs(1);
-/// How long the search threads stay raised at least.
+/// A commit that has not ended after this long is starved.
+pub const STARVED_AFTER: Duration = Duration::from_millis(500);
+/// How long the writer's threads stay raised at least.
 pub const RAISED_FOR: Duration = Duration::from_secs(10);
+
+/// Runs `f` on a new `SCHED_IDLE` thread, so that the threads it starts are idle-only too,
+/// and answers its result. While it has not answered after [`STARVED_AFTER`],
+/// `starvation` raises the process's idle-only threads, this one among them (while they
+/// are raised, those started since are raised at every commit too).
+pub(crate) fn on_idle_thread<T: Send>(
+    starvation: &mut Starvation,
+    status: &Status,
+    f: impl FnOnce() -> T + Send,
+) -> T {
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        scope.spawn(move || {
+            if let Err(e) = idle_priority() {
+                tracing::warn!(error = %e, "search: the writer's thread is not idle-only");
+            }
+            let _ = tx.send(f());
+        });
+        match rx.recv_timeout(STARVED_AFTER) {
+            Ok(out) => out,
+            Err(_) => {
+                starvation.starved(status);
+                rx.recv().expect("the writer's thread answers")
+            }
+        }
+    })
+}
 
 /// See the module documentation.
 #[derive(Debug, Default)]
@@ -40,38 +73,50 @@ impl Starvation {
         self.raised_at.map(|at| at + RAISED_FOR)
     }
 
-    /// Called after each batch with the time it took from its first event to the end of
-    /// its commit (zero when the indexer woke with no batch: see [`Self::lower_at`]).
-    pub(crate) fn after_batch(&mut self, took: Duration, status: &Status) {
-        match self.raised_at {
-            None if took >= STARVED_AFTER && !self.refused => match self.threads.raise() {
-                Ok(n) => {
-                    self.raised_at = Some(Instant::now());
-                    status.starved.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(
-                        took_ms = took.as_millis() as u64,
-                        threads = n,
-                        "search: the index was starved of CPU; its threads run at the \
-                         consumers' priority for a while"
-                    );
-                }
-                Err(e) => {
-                    self.refused = true;
-                    tracing::warn!(
-                        error = %e,
-                        "search: the index is starved of CPU and its threads cannot be \
-                         raised (CAP_SYS_NICE or RLIMIT_NICE): it catches up when the \
-                         cores are free"
-                    );
-                }
-            },
-            Some(at) if at.elapsed() >= RAISED_FOR && took < STARVED_AFTER => {
-                self.raised_at = None;
-                if let Err(e) = self.threads.lower() {
-                    tracing::warn!(error = %e, "search: threads not lowered again");
-                }
+    /// A commit has waited [`STARVED_AFTER`]: raises the idle-only threads.
+    fn starved(&mut self, status: &Status) {
+        if self.refused {
+            return;
+        }
+        match self.threads.raise() {
+            // Raised already: the threads started since are now too.
+            Ok(_) if self.raised_at.is_some() => {}
+            Ok(n) => {
+                self.raised_at = Some(Instant::now());
+                status.starved.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    threads = n,
+                    "search: the index was starved of CPU; its writer's threads run at the \
+                     consumers' priority for a while"
+                );
             }
-            _ => {}
+            Err(e) => {
+                self.refused = true;
+                tracing::warn!(
+                    error = %e,
+                    "search: the index is starved of CPU and its writer's threads cannot \
+                     be raised (CAP_SYS_NICE or RLIMIT_NICE): it catches up when the cores \
+                     are free"
+                );
+            }
+        }
+    }
+
+    /// Called after each batch with the time its commit took (zero when the indexer woke
+    /// with no batch: see [`Self::lower_at`]): lowers the threads once they were raised
+    /// for [`RAISED_FOR`] and the commit did not starve; until then raises those the
+    /// commit started (its new indexing worker).
+    pub(crate) fn after_batch(&mut self, took: Duration) {
+        let Some(at) = self.raised_at else {
+            return;
+        };
+        if at.elapsed() >= RAISED_FOR && took < STARVED_AFTER {
+            self.raised_at = None;
+            if let Err(e) = self.threads.lower() {
+                tracing::warn!(error = %e, "search: threads not lowered again");
+            }
+        } else if let Err(e) = self.threads.raise() {
+            tracing::warn!(error = %e, "search: new threads not raised");
         }
     }
 }

@@ -50,9 +50,10 @@ fn a_starved_index_raises_its_threads() {
         }
     };
 
-    // The indexer thread's scheduling policy (the 39th field of its `stat` after the name).
+    // The index writer's indexing worker's scheduling policy (the 39th field of its `stat`
+    // after the name).
     let policy = || -> Vec<i32> {
-        (threads_named("search-indexer").iter())
+        (threads_named("thrd-tantivy-in").iter())
             .map(|t| {
                 let stat = std::fs::read_to_string(t.join("stat")).unwrap();
                 let rest: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
