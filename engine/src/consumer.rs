@@ -93,14 +93,17 @@ fn set_policy(tid: libc::pid_t, policy: libc::c_int) -> std::io::Result<()> {
 /// fails and the threads stay idle-only.
 #[derive(Debug, Default)]
 pub struct IdleThreads {
-    /// Each thread raised, and its name then (a thread ID is reused once its thread ends;
-    /// one that now names another thread is left alone).
-    raised: Vec<(libc::pid_t, String)>,
+    /// Each thread raised, and when it started (a thread ID is reused once its thread
+    /// ends; one that now names another thread is left alone).
+    raised: Vec<(libc::pid_t, u64)>,
 }
 
-/// Thread `tid`'s name, if it still exists.
-fn thread_name(tid: libc::pid_t) -> Option<String> {
-    std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).ok()
+/// When thread `tid` started (in clock ticks since boot), if it still exists: the 22nd
+/// field of its `stat`, the 20th after its name, which may hold spaces and parentheses.
+fn thread_start(tid: libc::pid_t) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(19)?.parse().ok()
 }
 
 impl IdleThreads {
@@ -120,11 +123,11 @@ impl IdleThreads {
             if unsafe { libc::sched_getscheduler(tid) } != libc::SCHED_IDLE {
                 continue;
             }
-            let Some(name) = thread_name(tid) else {
+            let Some(start) = thread_start(tid) else {
                 continue;
             };
             match set_policy(tid, libc::SCHED_OTHER) {
-                Ok(()) => self.raised.push((tid, name)),
+                Ok(()) => self.raised.push((tid, start)),
                 // The thread ended meanwhile.
                 Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
                 Err(e) => {
@@ -140,8 +143,8 @@ impl IdleThreads {
     /// the first error, if any (lowering is always allowed).
     pub fn lower(&mut self) -> std::io::Result<()> {
         let mut first = Ok(());
-        for (tid, name) in self.raised.drain(..) {
-            if thread_name(tid).as_ref() != Some(&name) {
+        for (tid, start) in self.raised.drain(..) {
+            if thread_start(tid) != Some(start) {
                 continue;
             }
             match set_policy(tid, libc::SCHED_IDLE) {

@@ -639,7 +639,10 @@ fn consumer_threads_run_nicer_than_the_shards() {
     // The policy is set right after the niceness, on the same thread.
     const SCHED_OTHER: i32 = 0;
     const SCHED_IDLE: i32 = 5;
-    let idle = ["thrd-tantivy-in"];
+    // The index writer's threads are idle-only: its segment updater, which lives as long
+    // as the writer, shows it (its indexing worker is replaced at every commit, and one
+    // started while the index was starved keeps the raised priority until then).
+    let idle = ["segment_updater"];
     let mut policy = policies();
     let settled = |policy: &[(String, i32)]| {
         (policy.iter())
@@ -656,7 +659,8 @@ fn consumer_threads_run_nicer_than_the_shards() {
             false => SCHED_OTHER,
         };
         let checked = idle.contains(&name.as_str())
-            || name.starts_with("search-")
+            || name == "search-indexer"
+            || name == "search-extract"
             || name == "notify-decider"
             || name == "notify-push"
             || name.starts_with("chorus-shard-");
@@ -664,7 +668,8 @@ fn consumer_threads_run_nicer_than_the_shards() {
             assert_eq!(*p, want, "{name}: {policy:?}");
         }
     }
-    for name in idle {
-        assert!(policy.iter().any(|(n, _)| n == name), "{name}: {policy:?}");
-    }
+    assert!(
+        policy.iter().any(|(n, _)| n == "segment_updater"),
+        "{policy:?}"
+    );
 }

@@ -27,13 +27,17 @@ use std::time::{Duration, Instant};
 
 /// A commit that has not ended after this long is starved.
 pub const STARVED_AFTER: Duration = Duration::from_millis(500);
+/// The name of the short-lived thread that makes the writer and runs each commit.
+pub const WRITER_THREAD: &str = "search-writer";
 /// How long the writer's threads stay raised at least.
 pub const RAISED_FOR: Duration = Duration::from_secs(10);
 
 /// Runs `f` on a new `SCHED_IDLE` thread, so that the threads it starts are idle-only too,
 /// and answers its result. While it has not answered after [`STARVED_AFTER`],
 /// `starvation` raises the process's idle-only threads, this one among them (while they
-/// are raised, those started since are raised at every commit too).
+/// are raised, those started since are raised at every commit too; an indexing worker
+/// that a raised thread started is not idle-only at all, and is replaced at the next
+/// commit).
 pub(crate) fn on_idle_thread<T: Send>(
     starvation: &mut Starvation,
     status: &Status,
@@ -41,12 +45,16 @@ pub(crate) fn on_idle_thread<T: Send>(
 ) -> T {
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        scope.spawn(move || {
-            if let Err(e) = idle_priority() {
-                tracing::warn!(error = %e, "search: the writer's thread is not idle-only");
-            }
-            let _ = tx.send(f());
-        });
+        // Named, or it would carry the indexer's name.
+        std::thread::Builder::new()
+            .name(WRITER_THREAD.into())
+            .spawn_scoped(scope, move || {
+                if let Err(e) = idle_priority() {
+                    tracing::warn!(error = %e, "search: the writer's thread is not idle-only");
+                }
+                let _ = tx.send(f());
+            })
+            .expect("a thread for the index writer");
         match rx.recv_timeout(STARVED_AFTER) {
             Ok(out) => out,
             Err(_) => {

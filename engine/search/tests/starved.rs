@@ -50,10 +50,12 @@ fn a_starved_index_raises_its_threads() {
         }
     };
 
-    // The index writer's indexing worker's scheduling policy (the 39th field of its `stat`
-    // after the name).
+    // The scheduling policy of the index writer's segment updater, a thread that lives as
+    // long as the writer (the 39th field of its `stat` after the name). (The indexing
+    // worker is replaced at every commit; one started while raised stays so until the
+    // next commit replaces it.)
     let policy = || -> Vec<i32> {
-        (threads_named("thrd-tantivy-in").iter())
+        (threads_named("segment_updater").iter())
             .map(|t| {
                 let stat = std::fs::read_to_string(t.join("stat")).unwrap();
                 let rest: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
