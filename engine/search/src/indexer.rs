@@ -279,7 +279,7 @@ struct Indexer<'a> {
     /// Logs answered at their end in this batch, read again only once it is committed
     /// (see [`Indexer::take`]).
     caught_up: Vec<LogId>,
-    /// The search threads' priority ([`crate::starved`]).
+    /// The writer's threads' priority ([`crate::starved`]).
     starvation: Starvation,
 }
 
@@ -369,7 +369,6 @@ impl<'a> Indexer<'a> {
             // comes within the batch window after it, so one commit carries it all.
             let mut stopping = false;
             let mut deadline = None;
-            let mut opened = None;
             while !stopping {
                 // With no batch open, raised threads are lowered in time even if no event
                 // comes.
@@ -377,8 +376,7 @@ impl<'a> Indexer<'a> {
                 let Some(next) = wait(stop, &mut reads, extracted, until) else {
                     break;
                 };
-                let now = *opened.get_or_insert_with(Instant::now);
-                deadline.get_or_insert(now + BATCH_WINDOW);
+                deadline.get_or_insert_with(|| Instant::now() + BATCH_WINDOW);
                 match next {
                     Next::Read(read) => self.take(read, &mut reads)?,
                     Next::Text(text) => self.take_text(text)?,
@@ -397,7 +395,7 @@ impl<'a> Indexer<'a> {
             if self.dirty {
                 self.commit()?;
             }
-            if opened.is_none() {
+            if deadline.is_none() {
                 // Woken with no batch (see `Starvation::lower_at`).
                 self.starvation.after_batch(Duration::ZERO);
             }
