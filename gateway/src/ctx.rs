@@ -13,7 +13,9 @@
 //! replica, no cross-core hop), so a correctly signed token for a user that does not exist
 //! is refused with 401 like any bad token. Accounts cannot be removed or disabled yet; when
 //! they can, this same check makes every token of such an account stop working on its next
-//! request, with no token list to revoke.
+//! request, with no token list to revoke. A token bound to a device stops working once
+//! the device is removed; on a cluster node, from the moment the removal is answered,
+//! wherever it was taken (`crate::fresh`).
 
 use crate::auth::Tokens;
 use crate::config::Config;
@@ -125,6 +127,8 @@ pub struct ClusterView {
     pub calls: chorus_replication::calls::Calls,
     /// The fault layer's switch (fault tests): the peers this node is cut off from.
     pub cuts: chorus_replication::transport::Cuts,
+    /// How current this node's directory is known to be, for device-bound tokens.
+    pub fresh: Arc<crate::fresh::Freshness>,
 }
 
 impl ClusterView {
@@ -309,17 +313,7 @@ pub async fn authenticate_token(ctx: &ShardCtx, token: &str) -> Result<Caller, A
     let user: UserId = (sub.user)
         .parse()
         .map_err(|_| ApiError::unauthorized("bad token: unknown subject"))?;
-    let engine = &ctx.shared.engine;
-    let mut live = engine.credential_live(user, sub.device.as_deref()).await?;
-    if !live && ctx.shared.cluster.is_some() {
-        // The account (or device) may have been made a moment ago through another node:
-        // once this node's directory has caught up with its leader, ask again. A genuine
-        // refusal costs a barrier, as a 404 does.
-        if engine.directory_barrier().await.is_ok() {
-            live = engine.credential_live(user, sub.device.as_deref()).await?;
-        }
-    }
-    if !live {
+    if !credential_live(&ctx.shared, user, sub.device.as_deref()).await? {
         let why = match sub.device {
             Some(_) => {
                 "bad token: no such account or device (a removed device's tokens stop working)"
@@ -332,6 +326,29 @@ pub async fn authenticate_token(ctx: &ShardCtx, token: &str) -> Result<Caller, A
         user,
         device: sub.device,
     })
+}
+
+/// Whether `user`'s account exists and, for a token bound to a device, the device is
+/// registered and not removed, as of the request. On a cluster node a device is found live
+/// only while the directory here is fresh (`crate::fresh`: a removal answered anywhere is
+/// seen), and a refusal only once the directory has caught up with its leader (the account
+/// or device may have been made a moment ago through another node; a genuine refusal
+/// costs a barrier, as a 404 does). `unavailable` when a cluster node cannot tell.
+pub async fn credential_live(
+    shared: &Shared,
+    user: UserId,
+    device: Option<&str>,
+) -> Result<bool, ApiError> {
+    let engine = &shared.engine;
+    let mut current = false;
+    if let (Some(cluster), Some(_)) = (&shared.cluster, device) {
+        current = cluster.fresh.current(engine).await?;
+    }
+    let mut live = engine.credential_live(user, device).await?;
+    if !live && !current && shared.cluster.is_some() && engine.directory_barrier().await.is_ok() {
+        live = engine.credential_live(user, device).await?;
+    }
+    Ok(live)
 }
 
 /// The credentials of an `Authorization: Bearer <token>` header, whatever the case of the

@@ -10,6 +10,7 @@ pub mod conn;
 pub mod ctx;
 pub mod error;
 pub mod files;
+pub mod fresh;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod guard;

@@ -111,10 +111,14 @@ pub(super) async fn claim(call: &Call<'_>) -> Result<Reply, ApiError> {
     Ok(Reply::json(200, &ClaimedKeysView(&keys)))
 }
 
-/// `DELETE /e2ee/devices/{device_id}`.
+/// `DELETE /e2ee/devices/{device_id}`. In a cluster the answer waits until no node can
+/// still find the device live (`crate::fresh`).
 pub(super) async fn remove_device(call: &Call<'_>) -> Result<Reply, ApiError> {
     let device = call.param("device_id");
     call.engine().remove_device(call.user(), device).await?;
+    if call.ctx.shared.cluster.is_some() {
+        glommio::timer::sleep(crate::fresh::REMOVAL_SETTLES).await;
+    }
     Ok(Reply::empty())
 }
 

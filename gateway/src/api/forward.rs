@@ -411,10 +411,19 @@ async fn run_forwarded(ctx: &ShardCtx, f: Forwarded) -> Result<Reply, ApiError> 
     };
     let caller = match (route.auth, f.user) {
         (false, _) => None,
-        (true, Some(user)) => Some(Caller {
-            user: UserId(user),
-            device: f.device,
-        }),
+        (true, Some(user)) => {
+            // The node that took the call checked the token; a device removed since (its
+            // removal answered while the call travelled) is refused here too.
+            let user = UserId(user);
+            let device = f.device.as_deref();
+            if device.is_some() && !crate::ctx::credential_live(&ctx.shared, user, device).await? {
+                return Err(ApiError::unauthorized("bad token: the device was removed"));
+            }
+            Some(Caller {
+                user,
+                device: f.device,
+            })
+        }
         (true, None) => return Err(ApiError::unauthorized("a forwarded call with no caller")),
     };
     let call = Call {
