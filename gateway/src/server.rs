@@ -79,6 +79,19 @@ fn open_engine(
     // The members ask last applied, if any: a node that restarts goes on moving its groups
     // there, and knows the addresses of nodes added since `--cluster` was written.
     if let Some((ask, nodes)) = crate::api::members::load(&config.data_dir)? {
+        if !nodes.contains_key(&config.node_id) {
+            // Its groups were taken from it: what it holds is no longer kept current, and
+            // serving it would serve the past.
+            return Err(std::io::Error::other(format!(
+                "node {} was removed from the cluster (members ask {ask} names nodes {:?}); \
+                 its data in {} is no longer kept current and is not served. To add the \
+                 node again, empty that directory and start it with --join",
+                config.node_id,
+                nodes.keys().collect::<Vec<_>>(),
+                config.data_dir.display()
+            ))
+            .into());
+        }
         node.members.apply(ask, &nodes);
     }
     // A failed write or fsync stops the node (see `chorus_replication::OnStorageError`); a
@@ -106,6 +119,7 @@ fn open_engine(
         board: node.board.clone(),
         calls: node.calls.clone(),
         cuts: node.cuts.clone(),
+        fresh: Default::default(),
     };
     let root = chorus_log::FaultyRoot::new(chorus_log::DiskRoot::new(&config.data_dir), disk);
     // The partitions' event logs share the disk with the journals and are synced only

@@ -575,6 +575,12 @@ fn the_cluster_tool_starts_grows_shrinks_and_stops_a_cluster() {
     }
     run(&["remove", "1"]);
     assert!(!dir.path().join("n1/pid").exists());
+    // Its data went with it (a removed node refuses to start on its old data), so it can
+    // be added again, from nothing.
+    assert!(!dir.path().join("n1/data").exists());
+    let again = run(&["add", "1"]);
+    assert!(again.contains("{\"ask\":3}"), "{again}");
+    knows_bob(&urls[0]);
     run(&["down"]);
     for i in 1..=4 {
         assert!(!dir.path().join(format!("n{i}/pid")).exists());

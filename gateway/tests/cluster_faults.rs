@@ -172,6 +172,14 @@ fn acknowledged_posts_survive_a_node_joining_and_another_leaving() {
     let left_in = began.elapsed();
     let status = nodes[0].terminate();
     assert!(status.success(), "node 1 exited {status}");
+    // Removed, it does not come back on its old data (it would serve the past).
+    let refused = nodes[0]
+        .start_again()
+        .expect_err("node 1 started again after its removal");
+    assert!(
+        refused.contains("was removed from the cluster"),
+        "{refused}"
+    );
     std::thread::sleep(Duration::from_secs(1));
 
     let written = writer.finish();

@@ -254,6 +254,16 @@ impl Server {
         }
     }
 
+    /// Starts the server again on the same data directory and address, once: the error
+    /// (with the log's tail) if it does not come up.
+    pub fn start_again(&mut self) -> Result<(), String> {
+        assert!(self.child.is_none(), "kill or terminate the server first");
+        let (child, _, quic_addr) = spawn(self.dir.path(), &self.addr)?;
+        self.child = Some(child);
+        self.quic_addr = quic_addr;
+        Ok(())
+    }
+
     // -----------------------------------------------------------------------------------
     // REST
     // -----------------------------------------------------------------------------------
