@@ -902,6 +902,39 @@ mod tests {
     }
 
     #[test]
+    fn strict_ping_pong_between_executors_loses_no_wake() {
+        // Each message waits for the answer to the one before, so every one of them puts
+        // the other executor to sleep and must wake it: the sleeper's fence and the
+        // notifier's (vendor/README.md, glommio's park) either see the message or see the
+        // sleeper. A lost wake-up hangs a round trip; the watchdog fails the test then.
+        const ROUNDS: u32 = 20_000;
+        let (ping_tx, mut ping_rx) = Inbox::new(1);
+        let (pong_tx, mut pong_rx) = Inbox::new(1);
+        let echo = glommio::LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                while let Some(i) = ping_rx.recv().await {
+                    pong_tx.send(i).await.unwrap();
+                }
+            })
+            .unwrap();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let caller = glommio::LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                for i in 0..ROUNDS {
+                    ping_tx.send(i).await.unwrap();
+                    assert_eq!(pong_rx.recv().await, Some(i));
+                }
+                done_tx.send(()).unwrap();
+            })
+            .unwrap();
+        done_rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("a round trip never came back: a wake-up was lost");
+        caller.join().unwrap();
+        echo.join().unwrap();
+    }
+
+    #[test]
     fn handles_cross_threads() {
         // The handles that other threads hold are Send (and Sync where shared).
         fn assert_send_sync<T: Send + Sync>() {}
