@@ -1822,11 +1822,12 @@ impl Reactor {
         // being cancelled at every pass and armed again: a cancellation, a submission
         // and a kernel entry or two saved per pass. It expires early at worst, which
         // costs one more pass.
-        let mut lat_pending = match self.latency_preemption_timeout_src.take() {
-            Some(src) if src.result().is_none() => Some(src),
+        let lat_pending = match self.latency_preemption_timeout_src.take() {
+            // A pass that may sleep (no task queue to run) cancels it, as upstream does,
+            // before it decides: the sleep arms only the timer it needs.
+            Some(src) if src.result().is_none() && preempt_timer().is_some() => Some(src),
             _ => None,
         };
-        let lat_deadline = self.latency_preemption_deadline.get();
         // PATCH (Chorus): likewise the throughput-based timeout: its count is the ring's depth,
         // which never changes, so a pending one is kept.
         let tp_pending = match self.throughput_preemption_timeout_src.take() {
@@ -1860,20 +1861,13 @@ impl Reactor {
         if should_sleep {
             // We are about to go to sleep. It's ok to sleep, but if there
             // is a timer set, we need to make sure we wake up to handle it.
-            // PATCH (Chorus): a pending timer that expires no later than the user timer is kept
-            // (it wakes us early at worst, and the loop sleeps again); with no user timer
-            // a pending one is kept too (one early wake-up at most, within the preempt
-            // timer's duration).
             if let Some(dur) = user_timer {
-                let want = std::time::Instant::now() + dur;
-                let early_enough = matches!(lat_deadline, Some(d) if d <= want);
-                if lat_pending.is_none() || !early_enough {
-                    drop(lat_pending.take());
-                    flush_cancellations!(into &mut 0; lat_ring);
-                    lat_pending = Some(lat_ring.prepare_latency_preemption_timer(dur));
-                    self.latency_preemption_deadline.set(Some(want));
-                    assert!(flush_rings!(lat_ring)? > 0);
-                }
+                self.latency_preemption_timeout_src
+                    .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
+                // PATCH (Chorus): its deadline, for the passes after.
+                self.latency_preemption_deadline
+                    .set(Some(std::time::Instant::now() + dur));
+                assert!(flush_rings!(lat_ring)? > 0);
             }
             // From this moment on the remote executors are aware that we are sleeping
             // We have to sweep the remote channels function once more because since
@@ -1900,6 +1894,8 @@ impl Reactor {
         }
 
         if let Some(preempt) = preempt_timer() {
+            // PATCH (Chorus): kept while it fires no later than a new one would, and has
+            // not fired yet (asked again: it may have since the pass began).
             let want = std::time::Instant::now() + preempt;
             let early_enough =
                 matches!(self.latency_preemption_deadline.get(), Some(d) if d <= want);
@@ -1909,7 +1905,6 @@ impl Reactor {
                 }
                 other => {
                     drop(other);
-                    flush_cancellations!(into &mut 0; lat_ring);
                     self.latency_preemption_timeout_src
                         .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
                     self.latency_preemption_deadline.set(Some(want));
@@ -1917,7 +1912,7 @@ impl Reactor {
                 }
             }
         } else {
-            self.latency_preemption_timeout_src.set(lat_pending);
+            drop(lat_pending);
         }
 
         // A Note about `need_preempt`:
