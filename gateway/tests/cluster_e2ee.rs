@@ -23,9 +23,7 @@ fn queued(s: &Server, device: &User) -> Vec<Value> {
 #[test]
 fn a_to_device_message_sent_through_one_node_reaches_a_device_on_another() {
     let config = ClusterConfig::three();
-    let nodes: Vec<Server> = (1..=3)
-        .map(|id| Server::start(&config.node(id, UNLIMITED)))
-        .collect();
+    let nodes = config.start_all(UNLIMITED);
     let alice = cluster_signup(&nodes[0], "alice", Some("phone"));
     let bob = cluster_signup(&nodes[1], "bob", Some("laptop"));
     let wid = common::cluster_workspace(&nodes[0], &alice);
@@ -80,9 +78,7 @@ fn a_to_device_message_sent_through_one_node_reaches_a_device_on_another() {
 #[test]
 fn a_device_removed_through_one_node_is_cut_off_on_another() {
     let config = ClusterConfig::three();
-    let nodes: Vec<Server> = (1..=3)
-        .map(|id| Server::start(&config.node(id, UNLIMITED)))
-        .collect();
+    let nodes = config.start_all(UNLIMITED);
     let bob = cluster_signup(&nodes[0], "bob", Some("laptop"));
     let tablet = login(&nodes[1], &bob, "tablet");
     let (mut ws, _) = nodes[2].connect(&tablet);
@@ -119,9 +115,7 @@ fn a_device_removed_through_one_node_is_cut_off_on_another() {
 #[test]
 fn a_node_cut_off_during_a_removal_never_takes_the_removed_device() {
     let config = ClusterConfig::three();
-    let nodes: Vec<Server> = (1..=3)
-        .map(|id| Server::start(&config.node(id, UNLIMITED)))
-        .collect();
+    let nodes = config.start_all(UNLIMITED);
     let bob = cluster_signup(&nodes[0], "bob", Some("laptop"));
     let tablet = login(&nodes[0], &bob, "tablet");
     let r = settled(|| nodes[2].call("GET", "/api/v1/me", Some(&tablet.token), None));
@@ -185,9 +179,7 @@ fn one_time_keys_claimed_through_every_node_are_handed_out_once() {
     use base64::Engine as _;
     let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD_NO_PAD.encode(bytes);
     let config = ClusterConfig::three();
-    let nodes: Vec<Server> = (1..=3)
-        .map(|id| Server::start(&config.node(id, UNLIMITED)))
-        .collect();
+    let nodes = config.start_all(UNLIMITED);
     let alice = cluster_signup(&nodes[0], "alice", Some("phone"));
     let wid = common::cluster_workspace(&nodes[0], &alice);
     let claimers: Vec<User> = (0..30)

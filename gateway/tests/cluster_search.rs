@@ -63,9 +63,7 @@ fn empty(dir: &std::path::Path, keep: &str) -> usize {
 #[test]
 fn a_node_that_lost_its_stores_fetches_what_it_indexes_from_a_peer() {
     let config = ClusterConfig::three();
-    let mut nodes: Vec<Server> = (1..=3)
-        .map(|id| Server::start(&config.node(id, UNLIMITED)))
-        .collect();
+    let mut nodes = config.start_all(UNLIMITED);
     let alice = cluster_signup(&nodes[0], "alice", None);
     let wid = cluster_workspace(&nodes[0], &alice);
     let cid = cluster_channel(&nodes[0], &alice, &wid, "general");
@@ -104,9 +102,7 @@ fn a_node_that_lost_its_stores_fetches_what_it_indexes_from_a_peer() {
 #[test]
 fn a_message_is_found_through_every_node_within_a_second_of_its_ack() {
     let config = ClusterConfig::three();
-    let nodes: Vec<Server> = (1..=3)
-        .map(|id| Server::start(&config.node(id, UNLIMITED)))
-        .collect();
+    let nodes = config.start_all(UNLIMITED);
     let alice = cluster_signup(&nodes[0], "alice", None);
     let wid = cluster_workspace(&nodes[0], &alice);
     let cid = cluster_channel(&nodes[0], &alice, &wid, "general");

@@ -74,6 +74,13 @@ impl ClusterConfig {
         self.node_in(id, &all, extra)
     }
 
+    /// Starts every node of the cluster, each with `extra` after its settings.
+    pub fn start_all(&self, extra: &str) -> Vec<Server> {
+        (1..=self.addrs.len())
+            .map(|id| Server::start(&self.node(id, extra)))
+            .collect()
+    }
+
     /// Node `id`'s settings in a cluster of the nodes `ids` (from 1), with `extra` after.
     pub fn node_in(&self, id: usize, ids: &[usize], extra: &str) -> String {
         let cluster: Vec<String> = ids

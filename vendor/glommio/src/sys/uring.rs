@@ -1911,8 +1911,6 @@ impl Reactor {
                     flush_rings!(lat_ring, main_ring)?;
                 }
             }
-        } else {
-            drop(lat_pending);
         }
 
         // A Note about `need_preempt`:
