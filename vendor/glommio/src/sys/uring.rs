@@ -1222,8 +1222,6 @@ pub(crate) struct Reactor {
     poll_ring: RefCell<PollRing>,
 
     latency_preemption_timeout_src: Cell<Option<Source>>,
-    // PATCH (Chorus): when the latency ring's pending timer expires.
-    latency_preemption_deadline: Cell<Option<std::time::Instant>>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
@@ -1355,7 +1353,6 @@ impl Reactor {
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
-            latency_preemption_deadline: Cell::new(None),
             throughput_preemption_timeout_src: Cell::new(None),
             blocking_thread,
             link_fd,
@@ -1817,30 +1814,22 @@ impl Reactor {
         // consume all events from the rings
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
-        // PATCH (Chorus): a latency-ring timer still pending is kept from pass to pass
-        // while it expires no later than the one this pass needs (below), instead of
-        // being cancelled at every pass and armed again: a cancellation, a submission
-        // and a kernel entry or two saved per pass. It expires early at worst, which
-        // costs one more pass.
-        let lat_pending = match self.latency_preemption_timeout_src.take() {
-            // A pass that may sleep (no task queue to run) cancels it, as upstream does,
-            // before it decides: the sleep arms only the timer it needs.
-            Some(src) if src.result().is_none() && preempt_timer().is_some() => Some(src),
-            _ => None,
-        };
-        // PATCH (Chorus): likewise the throughput-based timeout: its count is the ring's depth,
-        // which never changes, so a pending one is kept.
-        let tp_pending = match self.throughput_preemption_timeout_src.take() {
-            Some(src) if src.result().is_none() => Some(src),
-            _ => None,
-        };
-        let tp = tp_pending.unwrap_or_else(|| {
+        // Cancel the old timer regardless of whether we can sleep:
+        // if we won't sleep, we will register the new timer with its new
+        // value.
+        //
+        // But if we will sleep, there might be a timer registered that needs
+        // to be removed otherwise we'll wake up when it expires.
+        drop(self.latency_preemption_timeout_src.take());
+
+        // Schedule the throughput-based timeout immediately: it won't matter if we end
+        // up sleeping.
+        self.throughput_preemption_timeout_src.replace(Some(
             main_ring.prepare_throughput_preemption_timer(
                 self.ring_depth() as u32,
                 self.eventfd_src.raw(),
-            )
-        });
-        self.throughput_preemption_timeout_src.set(Some(tp));
+            ),
+        ));
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
@@ -1864,9 +1853,6 @@ impl Reactor {
             if let Some(dur) = user_timer {
                 self.latency_preemption_timeout_src
                     .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
-                // PATCH (Chorus): its deadline, for the passes after.
-                self.latency_preemption_deadline
-                    .set(Some(std::time::Instant::now() + dur));
                 assert!(flush_rings!(lat_ring)? > 0);
             }
             // From this moment on the remote executors are aware that we are sleeping
@@ -1894,23 +1880,9 @@ impl Reactor {
         }
 
         if let Some(preempt) = preempt_timer() {
-            // PATCH (Chorus): kept while it fires no later than a new one would, and has
-            // not fired yet (asked again: it may have since the pass began).
-            let want = std::time::Instant::now() + preempt;
-            let early_enough =
-                matches!(self.latency_preemption_deadline.get(), Some(d) if d <= want);
-            match lat_pending {
-                Some(src) if early_enough && src.result().is_none() => {
-                    self.latency_preemption_timeout_src.set(Some(src))
-                }
-                other => {
-                    drop(other);
-                    self.latency_preemption_timeout_src
-                        .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
-                    self.latency_preemption_deadline.set(Some(want));
-                    flush_rings!(lat_ring, main_ring)?;
-                }
-            }
+            self.latency_preemption_timeout_src
+                .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
+            flush_rings!(lat_ring, main_ring)?;
         }
 
         // A Note about `need_preempt`:
