@@ -10,20 +10,50 @@ use std::str::FromStr;
 
 const ALPHABET: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";
 
-/// Writes `n` in base32: from a buffer on the stack, so formatting an ID allocates nothing
-/// (every frame the server writes carries several).
-fn encode(mut n: u64, out: &mut impl fmt::Write) -> fmt::Result {
-    let mut buf = [0u8; 13];
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = ALPHABET[(n % 32) as usize];
-        n /= 32;
-        if n == 0 {
-            break;
+/// An ID's string form, written on the stack: at most a kind letter, two numbers of 13
+/// digits and a dash. Serializing from it writes the string once; `serde_json`'s
+/// `collect_str` escaped each piece a `Display` wrote on its own, a tenth of a history
+/// page's rendering.
+struct IdText {
+    buf: [u8; 28],
+    len: usize,
+}
+
+impl IdText {
+    fn new(kind: char) -> IdText {
+        let mut t = IdText {
+            buf: [0; 28],
+            len: 1,
+        };
+        t.buf[0] = u8::try_from(kind).expect("an ID's kind is an ASCII letter");
+        t
+    }
+
+    fn push_byte(&mut self, b: u8) {
+        self.buf[self.len] = b;
+        self.len += 1;
+    }
+
+    /// Appends `n` in base32.
+    fn push_number(&mut self, mut n: u64) {
+        let mut digits = [0u8; 13];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = ALPHABET[(n % 32) as usize];
+            n /= 32;
+            if n == 0 {
+                break;
+            }
+        }
+        for &d in &digits[i..] {
+            self.push_byte(d);
         }
     }
-    out.write_str(std::str::from_utf8(&buf[i..]).expect("ascii"))
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len]).expect("ascii")
+    }
 }
 
 fn decode(s: &str) -> Option<u64> {
@@ -56,10 +86,17 @@ macro_rules! id_type {
 #[rkyv(attr(allow(missing_docs)))]
         pub struct $name(pub u64);
 
+        impl $name {
+            fn text(self) -> IdText {
+                let mut t = IdText::new($prefix);
+                t.push_number(self.0);
+                t
+            }
+        }
+
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                fmt::Write::write_char(f, $prefix)?;
-                encode(self.0, f)
+                f.write_str(self.text().as_str())
             }
         }
 
@@ -75,7 +112,7 @@ macro_rules! id_type {
 
         impl serde::Serialize for $name {
             fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.collect_str(self)
+                s.serialize_str(self.text().as_str())
             }
         }
     };
@@ -111,12 +148,19 @@ pub struct MessageId {
     pub seq: u64,
 }
 
+impl MessageId {
+    fn text(self) -> IdText {
+        let mut t = IdText::new('M');
+        t.push_number(self.channel.0);
+        t.push_byte(b'-');
+        t.push_number(self.seq);
+        t
+    }
+}
+
 impl fmt::Display for MessageId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("M")?;
-        encode(self.channel.0, f)?;
-        f.write_str("-")?;
-        encode(self.seq, f)
+        f.write_str(self.text().as_str())
     }
 }
 
@@ -141,7 +185,7 @@ impl FromStr for MessageId {
 
 impl serde::Serialize for MessageId {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        s.serialize_str(self.text().as_str())
     }
 }
 
@@ -163,6 +207,11 @@ mod tests {
         assert_eq!(m.to_string(), "Mz-100");
         assert_eq!(serde_json::to_string(&m).unwrap(), "\"Mz-100\"");
         assert_eq!(serde_json::to_string(&FileId(10)).unwrap(), "\"Fa\"");
+        let longest = MessageId {
+            channel: ChannelId(u64::MAX),
+            seq: u64::MAX,
+        };
+        assert_eq!(longest.to_string(), "Mfzzzzzzzzzzzz-fzzzzzzzzzzzz");
     }
 
     // IDs round-trip through their strings, and a string of another kind is refused.

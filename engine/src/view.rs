@@ -13,7 +13,6 @@ use crate::domain::unread::ReadCounts;
 use crate::ids::{ChannelId, FileId, MessageId, UserId, WorkspaceId};
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
-use std::time::{Duration, UNIX_EPOCH};
 
 /// An RFC 3339 UTC time with microseconds, from microseconds since the epoch.
 pub fn rfc3339(at_us: u64) -> String {
@@ -25,16 +24,62 @@ pub fn rfc3339(at_us: u64) -> String {
 #[derive(Clone, Copy, Debug)]
 pub struct Rfc3339(pub u64);
 
+/// The first microsecond of the year 10000, which RFC 3339 cannot write.
+const YEAR_10000_US: u64 = 253_402_300_800_000_000;
+
+impl Rfc3339 {
+    /// `YYYY-MM-DDTHH:MM:SS.ffffffZ`, written into a buffer on the stack: a page of history
+    /// writes two per message, and `core::fmt` (which `humantime` goes through) made them a
+    /// twentieth of a page's rendering. A time past the year 9999 shows as its last
+    /// microsecond (`humantime` refused it, and `serde_json` panicked on the refusal).
+    fn digits(self) -> [u8; 27] {
+        let us = self.0.min(YEAR_10000_US - 1);
+        let (secs, micros) = (us / 1_000_000, us % 1_000_000);
+        let (days, rem) = (secs / 86_400, secs % 86_400);
+        let (year, month, day) = civil_from_days(days);
+        let mut out = *b"0000-00-00T00:00:00.000000Z";
+        let mut put = |at: usize, width: usize, mut n: u64| {
+            for i in (at..at + width).rev() {
+                out[i] = b'0' + (n % 10) as u8;
+                n /= 10;
+            }
+        };
+        put(0, 4, year);
+        put(5, 2, month);
+        put(8, 2, day);
+        put(11, 2, rem / 3600);
+        put(14, 2, rem / 60 % 60);
+        put(17, 2, rem % 60);
+        put(20, 6, micros);
+        out
+    }
+}
+
+/// The proleptic Gregorian (year, month, day) of a count of days since 1970-01-01: the
+/// civil-from-days computation over 400-year eras (each 146,097 days), counted from
+/// 0000-03-01 so that a leap day ends its year.
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
 impl std::fmt::Display for Rfc3339 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let at = UNIX_EPOCH + Duration::from_micros(self.0);
-        std::fmt::Display::fmt(&humantime::format_rfc3339_micros(at), f)
+        f.write_str(std::str::from_utf8(&self.digits()).expect("ascii"))
     }
 }
 
 impl Serialize for Rfc3339 {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        s.serialize_str(std::str::from_utf8(&self.digits()).expect("ascii"))
     }
 }
 
@@ -557,6 +602,50 @@ pub fn event_frame(
 mod tests {
     use super::*;
     use crate::domain::channel::StoredBody;
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    // The stack-written RFC 3339 time is humantime's, character for character: around the
+    // epoch, leap days and century years, a spread of instants up to the last microsecond
+    // of 9999; past it (humantime refuses), that last microsecond.
+    #[test]
+    fn rfc3339_matches_humantime() {
+        let day = 86_400_000_000u64;
+        let mut times = vec![0, 1, 999_999, 1_000_000, day - 1, day, YEAR_10000_US - 1];
+        for (y, m, d) in [
+            (1972, 2, 29),
+            (2000, 2, 29),
+            (2000, 3, 1),
+            (2100, 2, 28),
+            (2100, 3, 1),
+            (2400, 2, 29),
+            (2026, 12, 31),
+        ] {
+            let at: SystemTime =
+                humantime::parse_rfc3339(&format!("{y:04}-{m:02}-{d:02}T23:59:59.999999Z"))
+                    .unwrap();
+            let us = at.duration_since(UNIX_EPOCH).unwrap().as_micros() as u64;
+            times.extend([us, us + 1, us - day]);
+        }
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..100_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            times.push(x % YEAR_10000_US);
+        }
+        for us in times {
+            let want = humantime::format_rfc3339_micros(UNIX_EPOCH + Duration::from_micros(us))
+                .to_string();
+            assert_eq!(Rfc3339(us).to_string(), want, "{us}");
+            assert_eq!(
+                serde_json::to_string(&Rfc3339(us)).unwrap(),
+                format!("\"{want}\"")
+            );
+        }
+        for past in [YEAR_10000_US, u64::MAX] {
+            assert_eq!(Rfc3339(past).to_string(), "9999-12-31T23:59:59.999999Z");
+        }
+    }
 
     // A message renders with every field of API.md, reactions in order, and RFC 3339 times.
     #[test]
