@@ -46,9 +46,9 @@ impl IdText {
                 break;
             }
         }
-        for &d in &digits[i..] {
-            self.push_byte(d);
-        }
+        let n = digits.len() - i;
+        self.buf[self.len..self.len + n].copy_from_slice(&digits[i..]);
+        self.len += n;
     }
 
     fn as_str(&self) -> &str {
