@@ -9,14 +9,21 @@
 //! Measured, for each of RF=3 and RF=1:
 //! - **Throughput**: `CHORUS_BENCH_WRITERS` (64) writers per group, each committing
 //!   `CHORUS_BENCH_BATCH` (1) 256-byte events as one entry and then the next (closed
-//!   loop), for `CHORUS_BENCH_SECS` (5) seconds: events committed per second. With 0
+//!   loop), for `CHORUS_BENCH_SECS` (15) seconds: events committed per second. With 0
 //!   writers the closed loop is left out.
 //! - **Latency at a fixed rate**: `CHORUS_BENCH_RATE` (50,000) events per second spread
 //!   over the groups, each sent at its due time whatever came back (open loop), for the
 //!   same time: due time → commit answered, p50 / p99 / max; and the process's CPU time
 //!   meanwhile (every node's, the writers' and the kernel workers' of the fsyncs) per
 //!   event sent, and as cores busy. `CHORUS_BENCH_COMPACT_EVERY` (10,000) sets the
-//!   entries between compactions.
+//!   entries between compactions. 15 s at 50,000/s is past the second compaction of
+//!   every group (a group's first lets nothing go: it keeps as many entries behind its
+//!   snapshot) and past the heap's growth to its steady size (about 400 MB for the three
+//!   nodes): in 5 s the figures were those of a warm-up alone.
+//!
+//! `CHORUS_BENCH_NODES=3` (or 1) runs that cluster alone; `CHORUS_BENCH_TIMELINE=1` prints
+//! the open loop's slowest commit in every 100 ms of due times that had one of 5 ms or
+//! more, to see when a stall came.
 //!
 //! The nodes and the writers share the machine's cores, so these are the cluster's figures
 //! on one box, with every node's fsyncs on the same disk.
@@ -68,6 +75,8 @@ struct Measured {
     open_cpu: Duration,
     /// Failed commits by why.
     why: BTreeMap<&'static str, u64>,
+    /// The open loop's slowest commit in each 100 ms of due times (`CHORUS_BENCH_TIMELINE`).
+    timeline: BTreeMap<u64, u64>,
 }
 
 fn why(e: &ProposeError) -> &'static str {
@@ -255,6 +264,9 @@ async fn node_main(
                     let us = due.elapsed().as_micros() as u64;
                     let mut m = m.borrow_mut();
                     m.open_sent += shape.batch;
+                    let slot = (due - start).as_millis() as u64 / 100;
+                    let worst = m.timeline.entry(slot).or_default();
+                    *worst = (*worst).max(us);
                     match answer {
                         Ok(_) => m.latency.as_mut().unwrap().saturating_record(us.max(1)),
                         Err(e) => {
@@ -319,6 +331,10 @@ fn run(n: usize, shape: Shape) -> Measured {
         for (w, n) in m.why {
             *sum.why.entry(w).or_default() += n;
         }
+        for (slot, us) in m.timeline {
+            let worst = sum.timeline.entry(slot).or_default();
+            *worst = (*worst).max(us);
+        }
         sum.latency
             .as_mut()
             .unwrap()
@@ -336,7 +352,7 @@ fn main() {
             batch: env("CHORUS_BENCH_BATCH", 1),
             writers: env("CHORUS_BENCH_WRITERS", 64),
             rate: env("CHORUS_BENCH_RATE", 50_000),
-            secs: env("CHORUS_BENCH_SECS", 5) as f64,
+            secs: env("CHORUS_BENCH_SECS", 15) as f64,
         }
     } else {
         Shape {
@@ -354,7 +370,12 @@ fn main() {
     println!("| cluster | committed/s (closed loop) | open loop: p50 / p99 / max | open loop: CPU per event, cores busy | failed |");
     println!("|---|---|---|---|---|");
     let mut rates = Vec::new();
+    // `CHORUS_BENCH_NODES=3` (or 1): that cluster alone, as for a profile.
+    let only = std::env::var("CHORUS_BENCH_NODES").ok();
     for n in [3, 1] {
+        if only.as_ref().is_some_and(|o| *o != n.to_string()) {
+            continue;
+        }
         let m = run(n, shape);
         let rate = m.closed_commits as f64 / shape.secs;
         rates.push(rate);
@@ -383,8 +404,26 @@ fn main() {
             "nothing was committed"
         );
         assert!(m.open_sent > 0, "nothing was sent at the fixed rate");
+        if std::env::var_os("CHORUS_BENCH_TIMELINE").is_some() {
+            let slow: Vec<String> = m
+                .timeline
+                .iter()
+                .filter(|(_, &us)| us >= 5_000)
+                .map(|(slot, us)| {
+                    format!(
+                        "{:.1} s: {:.1} ms",
+                        *slot as f64 / 10.0,
+                        *us as f64 / 1_000.0
+                    )
+                })
+                .collect();
+            println!(
+                "  slowest commit per 100 ms, where ≥ 5 ms: {}",
+                slow.join(", ")
+            );
+        }
     }
-    if shape.writers > 0 {
+    if shape.writers > 0 && rates.len() == 2 {
         println!("RF=3 throughput / RF=1: {:.2}", rates[0] / rates[1]);
     }
 }

@@ -64,6 +64,24 @@ pub trait StateMachine {
     }
 }
 
+/// Where in each `compact_every` entries group `group` compacts: when its applied index
+/// crosses `k × compact_every − phase`. Groups under the same load advance together, so
+/// with one phase for all (a compaction every `compact_every` entries after the last) a
+/// node's groups all compacted in the same turn, each stopping its group for a state
+/// write and freeing what it let go: at 50,000 commits/s on 16 groups, compacting every
+/// 10,000 entries stalled every node 100–400 ms each 3.2 s (DESIGN.md, "When a group
+/// compacts"). The phases spread the groups over the interval (Fibonacci hashing of the
+/// group id), the same on every node.
+pub fn compact_phase(group: u64, compact_every: u64) -> u64 {
+    if compact_every == 0 {
+        return 0;
+    }
+    // The fraction g·φ mod 1 (as 64 bits) scaled to the interval: consecutive ids land
+    // far apart, and any few of them split it about evenly.
+    let fraction = group.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    ((u128::from(fraction) * u128::from(compact_every)) >> 64) as u64
+}
+
 /// An entry applied, as [`Group::take_applied`] tells it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Applied {
@@ -80,8 +98,10 @@ pub struct Group<S: Storage, M: StateMachine> {
     raw: RawNode<RaftLog<S>>,
     machine: M,
     applied: u64,
-    /// Compact once this many entries were applied past the snapshot (0: never).
+    /// Compact about every this many entries applied (0: never).
     compact_every: u64,
+    /// Where in each `compact_every` entries this group compacts ([`compact_phase`]).
+    compact_phase: u64,
     /// A membership change was applied since the last compaction.
     conf_changed: bool,
     /// The index, term and outcome of each entry applied since the last [`Group::take_applied`],
@@ -116,6 +136,7 @@ impl<S: Storage, M: StateMachine> Group<S, M> {
             machine,
             applied,
             compact_every,
+            compact_phase: compact_phase(group, compact_every),
             conf_changed: false,
             applied_terms: None,
             read_states: Vec::new(),
@@ -201,6 +222,7 @@ impl<S: Storage, M: StateMachine> Group<S, M> {
         &mut self,
         send: &mut impl FnMut(Vec<Message>),
     ) -> Result<bool, RaftLogError> {
+        self.raw.mut_store().free_some();
         if !self.raw.has_ready() {
             return Ok(false);
         }
@@ -238,7 +260,10 @@ impl<S: Storage, M: StateMachine> Group<S, M> {
         // After a membership change the snapshot must carry it at once: a node added back
         // behind the last snapshot refuses one that does not name it, and the entries it
         // would need instead are compacted.
-        let due = self.compact_every > 0 && self.applied >= snapshot_index + self.compact_every;
+        let due = self.compact_every > 0 && {
+            let round = |i: u64| (i + self.compact_phase) / self.compact_every;
+            round(self.applied) > round(snapshot_index)
+        };
         if (due || std::mem::take(&mut self.conf_changed)) && self.applied > snapshot_index {
             self.machine.persist().await?;
             let data = self.machine.snapshot();

@@ -95,7 +95,15 @@ pub struct RaftLog<S: Storage> {
     offsets: Vec<u64>,
     /// The latest snapshot's data.
     snapshot_data: Vec<u8>,
+    /// Entries a compaction let go, not yet freed: [`RaftLog::free_some`] drops a slice of
+    /// them per turn of the group.
+    released: Vec<Entry>,
 }
+
+/// Entries [`RaftLog::free_some`] drops at a time. Freeing the ten thousand entries a
+/// compaction let go took 3–8 ms of one node's thread (each entry's data is cold by then),
+/// and every group a node leads compacted in the same instant.
+const FREE_PER_TURN: usize = 256;
 
 impl<S: Storage> RaftLog<S> {
     /// Opens group `group`'s storage: the state in `dir`, the entries in `journal`. A new
@@ -144,6 +152,7 @@ impl<S: Storage> RaftLog<S> {
             entries: run.entries,
             offsets: run.offsets,
             snapshot_data,
+            released: Vec::new(),
         };
         // A tail kept behind the snapshot is served for the node's life, not after a
         // restart: the entries start after the snapshot again.
@@ -219,6 +228,14 @@ impl<S: Storage> RaftLog<S> {
         self.offsets = self.journal.append(self.group, &self.entries).await?;
         self.pin();
         self.journal.collect().await
+    }
+
+    /// Frees some of the entries compactions let go (at most [`FREE_PER_TURN`]): the
+    /// group calls it every turn, so that a compaction's entries are freed over its next
+    /// turns instead of at once.
+    pub fn free_some(&mut self) {
+        let left = self.released.len().saturating_sub(FREE_PER_TURN);
+        self.released.truncate(left);
     }
 
     fn first(&self) -> u64 {
@@ -347,7 +364,8 @@ impl<S: Storage> RaftLog<S> {
         self.state.snapshot_conf = self.state.conf.clone();
         self.write_state().await?;
         let base = (index + 1).saturating_sub(keep).max(first);
-        self.entries.drain(..(base - first) as usize);
+        self.released
+            .extend(self.entries.drain(..(base - first) as usize));
         self.offsets.drain(..(base - first) as usize);
         self.pin();
         self.base = base;
