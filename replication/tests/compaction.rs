@@ -4,11 +4,13 @@
 //! load do not all compact in the same turn; each keeps serving `compact_every` entries
 //! behind its snapshot; and what they hold is whole after the journal is opened again.
 
+mod common;
+
 use chorus_log::{LogConfig, SimConfig, SimRoot, SimStorage};
 use chorus_replication::group::compact_phase;
 use chorus_replication::{Group, Journal, RaftLogError, StateMachine};
 use futures::executor::block_on;
-use raft::eraftpb::{ConfState, Entry, EntryType};
+use raft::eraftpb::{Entry, EntryType};
 use raft::Storage as _;
 use std::collections::BTreeSet;
 use std::rc::Rc;
@@ -37,16 +39,7 @@ const EVERY: u64 = 10;
 const GROUPS: u64 = 8;
 
 fn open(root: &SimRoot, journal: &Rc<Journal<SimStorage>>, g: u64) -> Group<SimStorage, Counter> {
-    let config = raft::Config {
-        id: 1,
-        election_tick: 10,
-        heartbeat_tick: 2,
-        ..raft::Config::default()
-    };
-    let one = ConfState {
-        voters: vec![1],
-        ..ConfState::default()
-    };
+    let (config, one) = common::single_voter();
     let dir = root.dir_now(&format!("g{g}/state"));
     block_on(Group::open(
         dir,

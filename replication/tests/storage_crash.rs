@@ -4,6 +4,8 @@
 //! it acknowledged, and a replaced tail stays replaced, for one group and for several
 //! sharing their shard's journal.
 
+mod common;
+
 use chorus_log::{LogConfig, SimConfig, SimRoot, SimStorage, Storage as _};
 use chorus_replication::state::{GroupState, StateFile};
 use chorus_replication::{Journal, RaftLog};
@@ -417,16 +419,7 @@ fn event_log_group(
     use chorus_replication::{Group, Replica, ReplicatedLog};
     let (log, _) = block_on(chorus_log::Log::open(root.dir_now("g/events"), small())).unwrap();
     let (rlog, machine) = ReplicatedLog::new(Replica::new(1), log);
-    let config = raft::Config {
-        id: 1,
-        election_tick: 10,
-        heartbeat_tick: 2,
-        ..raft::Config::default()
-    };
-    let one = ConfState {
-        voters: vec![1],
-        ..ConfState::default()
-    };
+    let (config, one) = common::single_voter();
     let mut group = block_on(Group::open(
         root.dir_now("g/state"),
         journal(root),

@@ -194,3 +194,19 @@ pub async fn records<S: chorus_log::Storage>(log: &chorus_log::Log<S>) -> Vec<(u
     }
     records
 }
+
+/// raft-rs's configuration of node 1 and a membership of node 1 alone: a group that
+/// elects itself at its first campaign.
+pub fn single_voter() -> (raft::Config, raft::eraftpb::ConfState) {
+    let config = raft::Config {
+        id: 1,
+        election_tick: 10,
+        heartbeat_tick: 2,
+        ..raft::Config::default()
+    };
+    let one = raft::eraftpb::ConfState {
+        voters: vec![1],
+        ..Default::default()
+    };
+    (config, one)
+}
