@@ -1179,7 +1179,8 @@ pub(crate) struct Reactor {
     poll_ring: RefCell<PollRing>,
 
     latency_preemption_timeout_src: Cell<Option<Source>>,
-
+    // PATCH (Chorus): no `throughput_preemption_timeout_src`, nor the function that made
+    // it: the throughput timer is gone (see `Reactor::wait`).
     link_fd: RawFd,
 
     // This keeps the `eventfd` alive. Drop will close it when we're done
