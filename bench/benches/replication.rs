@@ -79,6 +79,12 @@ struct Measured {
     timeline: BTreeMap<u64, u64>,
 }
 
+/// Keeps in `timeline` the slowest commit of each slot.
+fn keep_worst(timeline: &mut BTreeMap<u64, u64>, slot: u64, us: u64) {
+    let worst = timeline.entry(slot).or_default();
+    *worst = (*worst).max(us);
+}
+
 fn why(e: &ProposeError) -> &'static str {
     match e {
         ProposeError::NotLeader { .. } => "not leader",
@@ -265,8 +271,7 @@ async fn node_main(
                     let mut m = m.borrow_mut();
                     m.open_sent += shape.batch;
                     let slot = (due - start).as_millis() as u64 / 100;
-                    let worst = m.timeline.entry(slot).or_default();
-                    *worst = (*worst).max(us);
+                    keep_worst(&mut m.timeline, slot, us);
                     match answer {
                         Ok(_) => m.latency.as_mut().unwrap().saturating_record(us.max(1)),
                         Err(e) => {
@@ -332,8 +337,7 @@ fn run(n: usize, shape: Shape) -> Measured {
             *sum.why.entry(w).or_default() += n;
         }
         for (slot, us) in m.timeline {
-            let worst = sum.timeline.entry(slot).or_default();
-            *worst = (*worst).max(us);
+            keep_worst(&mut sum.timeline, slot, us);
         }
         sum.latency
             .as_mut()

@@ -101,8 +101,8 @@ pub struct RaftLog<S: Storage> {
 }
 
 /// Entries [`RaftLog::free_some`] drops at a time. Freeing the ten thousand entries a
-/// compaction let go took 3–8 ms of one node's thread (each entry's data is cold by then),
-/// and every group a node leads compacted in the same instant.
+/// compaction let go took 3–8 ms of one node's thread at once (each entry's data is cold
+/// by then), in the middle of other groups' commits.
 const FREE_PER_TURN: usize = 256;
 
 impl<S: Storage> RaftLog<S> {
