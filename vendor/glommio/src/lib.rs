@@ -836,3 +836,19 @@ pub(crate) mod test_utils {
         error!("Started tracing..");
     }
 }
+
+/// PATCH (Chorus): hands `waker`, a waker of a task of the executor `executor_id`
+/// ([`ExecutorProxy::id`]), to that executor the way a wake from another thread does,
+/// but without waking the executor: a wake-up lost on purpose. The executor finds it
+/// when it next wakes, which a sleeping executor does within its sleep bound. Only for
+/// the test of that bound; returns whether the executor exists.
+#[doc(hidden)]
+pub fn chorus_test_lose_wake(executor_id: usize, waker: std::task::Waker) -> bool {
+    match sys::get_sleep_notifier_for(executor_id) {
+        Some(notifier) => {
+            notifier.queue_waker_silently(waker);
+            true
+        }
+        None => false,
+    }
+}

@@ -333,6 +333,13 @@ impl SleepNotifier {
         self.notify(force_notify);
     }
 
+    /// PATCH (Chorus): queues `waker` as a wake from another thread does, but writes
+    /// no eventfd: a wake-up lost on purpose, which only the reactor's sleep bound
+    /// (`SLEEP_BOUND_CHORUS` in `uring.rs`) delivers. For the test of that bound.
+    pub(crate) fn queue_waker_silently(&self, waker: Waker) {
+        let _ = self.waker_sender.send(waker);
+    }
+
     pub(crate) fn process_foreign_wakes(&self) -> usize {
         let mut processed = 0;
         while let Ok(waker) = self.foreign_wakes.try_recv() {

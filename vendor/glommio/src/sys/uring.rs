@@ -231,6 +231,11 @@ fn check_supported_operations(ops: &[uring_sys::IoRingOp]) -> bool {
     }
 }
 
+/// PATCH (Chorus): the longest a reactor sleeps (see `Reactor::wait`): a safety net
+/// that bounds what a lost wake-up costs. An idle executor wakes four times a second
+/// for it.
+const SLEEP_BOUND_CHORUS: Duration = Duration::from_millis(250);
+
 static GLOMMIO_URING_OPS: &[IoRingOp] = &[
     IoRingOp::IORING_OP_NOP,
     IoRingOp::IORING_OP_READV,
@@ -1181,6 +1186,9 @@ pub(crate) struct Reactor {
     latency_preemption_timeout_src: Cell<Option<Source>>,
     // PATCH (Chorus): no `throughput_preemption_timeout_src`, nor the function that made
     // it: the throughput timer is gone (see `Reactor::wait`).
+    // PATCH (Chorus): the timeout on the main ring that bounds a sleep (see
+    // `Reactor::wait`), held while the reactor sleeps.
+    sleep_bound_src: Cell<Option<Source>>,
     link_fd: RawFd,
 
     // This keeps the `eventfd` alive. Drop will close it when we're done
@@ -1310,6 +1318,7 @@ impl Reactor {
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
+            sleep_bound_src: Cell::new(None),
             blocking_thread,
             link_fd,
             notifier,
@@ -1811,6 +1820,15 @@ impl Reactor {
                     .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
                 assert!(flush_rings!(lat_ring)? > 0);
             }
+            // PATCH (Chorus): and whether there is one or not, we wake up within
+            // `SLEEP_BOUND_CHORUS`. Upstream sleeps without any timer when no user timer
+            // is pending, so a wake-up that goes missing leaves the executor asleep for
+            // good; here it costs at most the bound. The bound is a timeout on the ring we
+            // sleep on, not on the latency ring, so that it wakes us even if what links
+            // the rings is what failed.
+            self.sleep_bound_src
+                .set(Some(main_ring.prepare_latency_preemption_timer(SLEEP_BOUND_CHORUS)));
+            assert!(flush_rings!(main_ring)? > 0);
             // From this moment on the remote executors are aware that we are sleeping
             // We have to sweep the remote channels function once more because since
             // last time until now it could be that something happened in a remote executor
@@ -1825,6 +1843,8 @@ impl Reactor {
                 if self.eventfd_src.is_installed().unwrap() {
                     self.link_rings_and_sleep(&mut main_ring)
                         .expect("some error");
+                    // PATCH (Chorus): awake: the bound's timeout is cancelled with the rest.
+                    drop(self.sleep_bound_src.take());
                     // May have new cancellations related to the link ring fd.
                     flush_cancellations!(into &mut 0; lat_ring, poll_ring, main_ring);
                     flush_rings!(lat_ring, poll_ring, main_ring)?;
@@ -1834,6 +1854,10 @@ impl Reactor {
                 self.notifier.wake_up();
             }
         }
+
+        // PATCH (Chorus): a bound armed for a sleep that did not happen goes too (its
+        // cancellation is sent with the next pass's).
+        drop(self.sleep_bound_src.take());
 
         if let Some(preempt) = preempt_timer() {
             self.latency_preemption_timeout_src
