@@ -5,7 +5,8 @@
 //! The test loses a wake-up on purpose: a task's waker is handed to its sleeping executor
 //! the way a wake from another thread is, but without the eventfd write that wakes the
 //! executor. Upstream glommio sleeps on with the waker queued, forever; with the bound the
-//! task runs within it.
+//! task runs within it, whether the executor had been idle all along or busy past a bound
+//! that then fired while it was awake (the bound is never cancelled, only armed again).
 
 use std::future::poll_fn;
 use std::sync::mpsc;
@@ -18,8 +19,23 @@ const SETTLE: Duration = Duration::from_millis(100);
 /// guard, far above the bound, not a timing guess).
 const GIVE_UP: Duration = Duration::from_secs(10);
 
+/// Longer than the bound: an executor kept this busy (its thread blocked, never asleep)
+/// sees the bound it armed at its last sleep fire while it is awake.
+const BUSY: Duration = Duration::from_millis(400);
+
 #[test]
 fn a_lost_wake_up_is_delivered_within_the_sleep_bound() {
+    lose_a_wake_up_and_wait(false);
+}
+
+/// The bound is armed once and never cancelled: one that fired while the executor was
+/// busy must be armed again before its next sleep.
+#[test]
+fn a_bound_that_fired_while_busy_bounds_the_next_sleep() {
+    lose_a_wake_up_and_wait(true);
+}
+
+fn lose_a_wake_up_and_wait(busy_first: bool) {
     for round in 0..3 {
         let (waker_tx, waker_rx) = mpsc::channel();
         let (done_tx, done_rx) = mpsc::channel();
@@ -28,6 +44,11 @@ fn a_lost_wake_up_is_delivered_within_the_sleep_bound() {
                 .make()
                 .expect("an executor");
             ex.run(async move {
+                if busy_first {
+                    // A first sleep arms the bound; then the thread is kept past it.
+                    glommio::timer::sleep(Duration::from_millis(10)).await;
+                    std::thread::sleep(BUSY);
+                }
                 let id = glommio::executor().id();
                 let mut polls = 0;
                 poll_fn(|cx| {

@@ -1187,7 +1187,7 @@ pub(crate) struct Reactor {
     // PATCH (Chorus): no `throughput_preemption_timeout_src`, nor the function that made
     // it: the throughput timer is gone (see `Reactor::wait`).
     // PATCH (Chorus): the timeout on the main ring that bounds a sleep (see
-    // `Reactor::wait`), held while the reactor sleeps.
+    // `Reactor::wait`): pending, or fired and to be armed again before the next sleep.
     sleep_bound_src: Cell<Option<Source>>,
     link_fd: RawFd,
 
@@ -1825,10 +1825,20 @@ impl Reactor {
             // is pending, so a wake-up that goes missing leaves the executor asleep for
             // good; here it costs at most the bound. The bound is a timeout on the ring we
             // sleep on, not on the latency ring, so that it wakes us even if what links
-            // the rings is what failed.
-            self.sleep_bound_src
-                .set(Some(main_ring.prepare_latency_preemption_timer(SLEEP_BOUND_CHORUS)));
-            assert!(flush_rings!(main_ring)? > 0);
+            // the rings is what failed. It is never cancelled: one still pending from an
+            // earlier sleep bounds this one too (it fires sooner), and one that fired is
+            // armed again here, so a busy reactor arms it at most once a bound. When it
+            // fires while we are awake, its completion is merely consumed.
+            let pending = self.sleep_bound_src.take().filter(|src| src.result().is_none());
+            match pending {
+                Some(src) => self.sleep_bound_src.set(Some(src)),
+                None => {
+                    self.sleep_bound_src.set(Some(
+                        main_ring.prepare_latency_preemption_timer(SLEEP_BOUND_CHORUS),
+                    ));
+                    assert!(flush_rings!(main_ring)? > 0);
+                }
+            }
             // From this moment on the remote executors are aware that we are sleeping
             // We have to sweep the remote channels function once more because since
             // last time until now it could be that something happened in a remote executor
@@ -1843,8 +1853,6 @@ impl Reactor {
                 if self.eventfd_src.is_installed().unwrap() {
                     self.link_rings_and_sleep(&mut main_ring)
                         .expect("some error");
-                    // PATCH (Chorus): awake: the bound's timeout is cancelled with the rest.
-                    drop(self.sleep_bound_src.take());
                     // May have new cancellations related to the link ring fd.
                     flush_cancellations!(into &mut 0; lat_ring, poll_ring, main_ring);
                     flush_rings!(lat_ring, poll_ring, main_ring)?;
@@ -1854,10 +1862,6 @@ impl Reactor {
                 self.notifier.wake_up();
             }
         }
-
-        // PATCH (Chorus): a bound armed for a sleep that did not happen goes too (its
-        // cancellation is sent with the next pass's).
-        drop(self.sleep_bound_src.take());
 
         if let Some(preempt) = preempt_timer() {
             self.latency_preemption_timeout_src
