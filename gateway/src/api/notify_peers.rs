@@ -2,8 +2,9 @@
 //! travels and why): on shard 0, every [`PULL_EVERY`], this node finds whether it leads
 //! the directory, which makes it the sending node. If it does not, it asks the
 //! directory's leader what it answered; if it has just become it, it first asks every
-//! peer it can reach what they heard, and only then lets its senders send. Peers' calls
-//! for what this node confirmed are answered from its gate.
+//! peer what they heard (for a few seconds, those that do not answer at once), and only
+//! then lets its senders send. Peers' calls for what this node confirmed are answered
+//! from its gate.
 
 use crate::ctx::ShardCtx;
 use chorus_notify::cluster::{Confirmed, Gate, MAGIC, PULL_EVERY};
@@ -13,6 +14,16 @@ use std::time::Duration;
 
 /// The longest a pull may take before it counts as unanswered.
 const PULL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long a node that has just become the sending node keeps asking the peers that did
+/// not answer (one busy past [`PULL_TIMEOUT`], one whose connection is not up yet right
+/// after a restart, or one that does not notify at all) before it sends without them.
+/// What an unheard peer confirmed may be sent again, so a few seconds of patience buy
+/// fewer repeated notifications at the price of a later first one when a peer is gone.
+const TAKE_OVER_PATIENCE: Duration = Duration::from_secs(3);
+
+/// The pause between two rounds of asking the peers that did not answer.
+const TAKE_OVER_RETRY: Duration = Duration::from_millis(200);
 
 /// Whether a call from a peer asks what this node confirmed.
 pub fn is_notify(bytes: &[u8]) -> bool {
@@ -64,21 +75,39 @@ pub async fn run(ctx: Rc<ShardCtx>) {
     }
 }
 
-/// Asks every peer what it heard, all at once, and then makes this node the sending node.
+/// Asks every peer what it heard, all at once, asks again those that did not answer
+/// until [`TAKE_OVER_PATIENCE`] has passed, and then makes this node the sending node.
 async fn take_over(ctx: &ShardCtx, gate: &Gate, me: u64) {
     let Some(cluster) = &ctx.shared.cluster else {
         return;
     };
     let peers: Vec<u64> = cluster.nodes().into_keys().filter(|n| *n != me).collect();
-    let pulls = peers.iter().map(|&peer| pull(ctx, peer));
-    let heard = futures::future::join_all(pulls).await;
-    let answered = heard.iter().filter(|h| h.is_some()).count();
-    for confirmed in heard.into_iter().flatten() {
-        gate.heard(confirmed);
+    let deadline = std::time::Instant::now() + TAKE_OVER_PATIENCE;
+    let mut unheard = peers.clone();
+    loop {
+        let pulls = unheard.iter().map(|&peer| pull(ctx, peer));
+        let heard = futures::future::join_all(pulls).await;
+        let mut still = Vec::new();
+        for (peer, confirmed) in unheard.iter().zip(heard) {
+            match confirmed {
+                Some(confirmed) => gate.heard(confirmed),
+                None => still.push(*peer),
+            }
+        }
+        unheard = still;
+        if unheard.is_empty() || std::time::Instant::now() >= deadline {
+            break;
+        }
+        glommio::timer::sleep(TAKE_OVER_RETRY).await;
+    }
+    // The directory may have moved on while we asked; the loop in `run` then starts over.
+    if ctx.shared.directory_leader() != Some(me) {
+        return;
     }
     tracing::info!(
         peers = peers.len(),
-        answered,
+        answered = peers.len() - unheard.len(),
+        ?unheard,
         "notifications: this node leads the directory and sends from now on"
     );
     gate.set_sending(true);
