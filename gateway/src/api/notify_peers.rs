@@ -10,7 +10,7 @@ use crate::ctx::ShardCtx;
 use chorus_notify::cluster::{Confirmed, Gate, MAGIC, PULL_EVERY};
 use futures::future::{select, Either};
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The longest a pull may take before it counts as unanswered.
 const PULL_TIMEOUT: Duration = Duration::from_secs(1);
@@ -82,7 +82,7 @@ async fn take_over(ctx: &ShardCtx, gate: &Gate, me: u64) {
         return;
     };
     let peers: Vec<u64> = cluster.nodes().into_keys().filter(|n| *n != me).collect();
-    let deadline = std::time::Instant::now() + TAKE_OVER_PATIENCE;
+    let deadline = Instant::now() + TAKE_OVER_PATIENCE;
     let mut unheard = peers.clone();
     loop {
         let pulls = unheard.iter().map(|&peer| pull(ctx, peer));
@@ -95,7 +95,7 @@ async fn take_over(ctx: &ShardCtx, gate: &Gate, me: u64) {
             }
         }
         unheard = still;
-        if unheard.is_empty() || std::time::Instant::now() >= deadline {
+        if unheard.is_empty() || Instant::now() >= deadline {
             break;
         }
         glommio::timer::sleep(TAKE_OVER_RETRY).await;
