@@ -82,15 +82,9 @@ fn open_engine(
         if !nodes.contains_key(&config.node_id) {
             // Its groups were taken from it: what it holds is no longer kept current, and
             // serving it would serve the past.
-            return Err(std::io::Error::other(format!(
-                "node {} was removed from the cluster (members ask {ask} names nodes {:?}); \
-                 its data in {} is no longer kept current and is not served. To add the \
-                 node again, empty that directory and start it with --join",
-                config.node_id,
-                nodes.keys().collect::<Vec<_>>(),
-                config.data_dir.display()
-            ))
-            .into());
+            let removed =
+                crate::api::members::removed(config.node_id, ask, &nodes, &config.data_dir);
+            return Err(std::io::Error::other(removed).into());
         }
         node.members.apply(ask, &nodes);
     }
@@ -625,16 +619,14 @@ type Stopper = (oneshot::Sender<()>, std::sync::mpsc::Receiver<()>);
 /// On a cluster node, the task that applies the members asks its directory holds
 /// ([`crate::api::members::follow`]).
 fn start_following_members(shared: &Arc<Shared>) -> Result<Option<Stopper>, ServeError> {
-    let Some(cluster) = &shared.cluster else {
+    if shared.cluster.is_none() {
         return Ok(None);
-    };
+    }
     let (stop_tx, stop_rx) = oneshot::channel();
     let (done_tx, done_rx) = std::sync::mpsc::channel();
-    let engine = shared.engine.clone();
-    let members = cluster.members.clone();
-    let dir = shared.config.data_dir.clone();
+    let following = shared.clone();
     futures::executor::block_on(shared.engine.spawn_on(0, move || async move {
-        crate::api::members::follow(engine, members, dir, stop_rx).await;
+        crate::api::members::follow(following, stop_rx).await;
         let _ = done_tx.send(());
     }))?;
     Ok(Some((stop_tx, done_rx)))

@@ -804,6 +804,62 @@ fn members_asked_at_once_are_agreed() {
     wait_asked(&members(&nodes), &token, last, &ids);
 }
 
+// A node down while it was removed (its groups walked off it without it, so its own
+// directory never shows the ask) hears of its removal from its peers when it comes back:
+// it keeps the ask and stops, where it used to go on serving what it held; started again,
+// it refuses at once.
+#[test]
+fn a_node_removed_while_down_stops_when_it_comes_back() {
+    let config = ClusterConfig::of(4);
+    let all = [1, 2, 3, 4];
+    let mut nodes: Vec<Option<Server>> = all
+        .iter()
+        .map(|&id| Some(Server::start(&config.node_in(id, &all, AUTH_UNLIMITED))))
+        .collect();
+    let token = sign_up(&nodes, "ops");
+    let status = nodes[3].as_mut().unwrap().terminate();
+    assert!(status.success(), "node 4 exited {status}");
+    let first = nodes[0].as_ref().unwrap();
+    let body = config.members_body(&[1, 2, 3]);
+    let r = first.call("PUT", "/api/v1/cluster/members", None, Some(body));
+    assert_eq!(r.status, 200, "{}", r.text);
+    let ask = r.body["ask"].as_u64().expect("the ask's number");
+    let members: Vec<&Server> = nodes[..3].iter().flatten().collect();
+    wait_asked(&members, &token, ask, &[1, 2, 3]);
+    // Every group, the directory's too, has walked off node 4, as node 1 sees them.
+    wait_until("node 4 to hold no group", || {
+        let v = first.ok("GET", "/api/v1/cluster", &user(&token), None, 200);
+        let mut groups = v["partitions"].as_array().cloned().unwrap_or_default();
+        groups.push(v["directory"].clone());
+        let holds_4 = |g: &Value, role: &str| {
+            g[role]
+                .as_array()
+                .is_some_and(|ids| ids.iter().any(|n| n.as_u64() == Some(4)))
+        };
+        !groups
+            .iter()
+            .any(|g| holds_4(g, "replicas") || holds_4(g, "learners"))
+    });
+    let fourth = nodes[3].as_mut().unwrap();
+    fourth.restart();
+    let status = fourth
+        .wait_exit(Duration::from_secs(30))
+        .expect("node 4, removed while down, still runs 30 s after it came back");
+    assert_eq!(status.code(), Some(1), "{}", fourth.log());
+    assert!(
+        fourth.log().contains(&format!("members ask {ask}")),
+        "{}",
+        fourth.log()
+    );
+    let refused = fourth
+        .start_again()
+        .expect_err("node 4 started again after it learnt of its removal");
+    assert!(
+        refused.contains("was removed from the cluster"),
+        "{refused}"
+    );
+}
+
 // Without --cluster the server is a cluster of one: node 1, with no cluster address,
 // leading every partition.
 #[test]

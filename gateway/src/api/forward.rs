@@ -333,6 +333,8 @@ pub async fn serve_calls(
                 super::presence_peers::answer(&ctx, &incoming.request).await
             } else if super::notify_peers::is_notify(&incoming.request) {
                 super::notify_peers::answer(&ctx)
+            } else if super::members::is_ask(&incoming.request) {
+                super::members::answer(&ctx.shared)
             } else {
                 let answer = answer(&ctx, &incoming.request).await;
                 serde_json::to_vec(&answer).expect("answers serialize")

@@ -24,6 +24,17 @@
 //! later; a node that was down when the call was made applies it when its directory
 //! catches up.
 //!
+//! **A node removed while it could not hear** (down, or cut off, while the call was made
+//! and its groups were walked off it) never sees the ask in its own directory: the
+//! directory's group no longer sends to it. So a node that counts itself a member also
+//! asks its peers, every [`ASK_PEERS_EVERY`], which ask they applied ([`ASK_MAGIC`]); when
+//! on [`REMOVED_AFTER`] checks in a row a peer has applied a newer ask that leaves it out,
+//! and its own directory still does not show one, it keeps that ask as its own and stops
+//! (exit 1, saying so): serving on would serve the past, and a restart then refuses to
+//! start on the same data. A peer's answer is an ask committed in the directory, and
+//! peers are of this cluster (its connections check the cluster's id), so the node takes
+//! it as it would take its directory's.
+//!
 //! Every node of a cluster has the same shape (the same `partitions` and shard count: a
 //! partition is the same group, on the same shard, on every node). The shape is part of
 //! the cluster's id ([`cluster_id`]), which every node-to-node connection checks: a node
@@ -48,6 +59,7 @@ use serde_json::json;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 /// The file a node keeps the members last asked for in.
 const FILE: &str = "cluster-members.json";
@@ -115,15 +127,21 @@ pub fn load(data_dir: &Path) -> std::io::Result<Option<(u64, BTreeMap<u64, Socke
         .map_err(|e| std::io::Error::other(format!("{FILE}: {}", e.message)))
 }
 
+impl Kept {
+    fn of(ask: u64, nodes: &BTreeMap<u64, SocketAddr>) -> Kept {
+        Kept {
+            ask,
+            nodes: nodes
+                .iter()
+                .map(|(id, addr)| (id.to_string(), addr.to_string()))
+                .collect(),
+        }
+    }
+}
+
 fn save(data_dir: &Path, ask: u64, nodes: &BTreeMap<u64, SocketAddr>) -> std::io::Result<()> {
     use std::io::Write;
-    let kept = Kept {
-        ask,
-        nodes: nodes
-            .iter()
-            .map(|(id, addr)| (id.to_string(), addr.to_string()))
-            .collect(),
-    };
+    let kept = Kept::of(ask, nodes);
     std::fs::create_dir_all(data_dir)?;
     let tmp = data_dir.join(format!("{FILE}.tmp"));
     let mut f = std::fs::File::create(&tmp)?;
@@ -134,18 +152,67 @@ fn save(data_dir: &Path, ask: u64, nodes: &BTreeMap<u64, SocketAddr>) -> std::io
 }
 
 /// How often a node looks for a newer ask in its directory.
-pub const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+pub const FOLLOW_EVERY: Duration = Duration::from_millis(250);
+
+/// How often a node that counts itself a member asks its peers which ask they applied.
+pub const ASK_PEERS_EVERY: Duration = Duration::from_secs(2);
+
+/// How many of those checks in a row must find the node left out before it stops: one
+/// finding may be a node whose directory lags the peer by a moment.
+pub const REMOVED_AFTER: u32 = 2;
+
+/// The longest a peer may take to say which ask it applied before it counts as silent.
+const ASK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The first byte of a peer's call that asks which members ask it applied (the other
+/// calls between nodes start with 0xF1, 0xF2 and 0xF3, or are JSON).
+pub const ASK_MAGIC: u8 = 0xF4;
+
+/// Whether a call from a peer asks which members ask this node applied.
+pub fn is_ask(bytes: &[u8]) -> bool {
+    bytes.first() == Some(&ASK_MAGIC)
+}
+
+/// Answers a peer's call: the ask this node applied and its nodes, as
+/// `cluster-members.json` holds them; empty if it applied none.
+pub fn answer(shared: &crate::ctx::Shared) -> Vec<u8> {
+    let Some((cluster, ask)) = shared
+        .cluster
+        .as_ref()
+        .and_then(|c| Some((c, c.members.ask()?)))
+    else {
+        return Vec::new();
+    };
+    serde_json::to_vec(&Kept::of(ask, &cluster.nodes())).expect("serializes")
+}
+
+/// What a node removed from the cluster says when it stops or refuses to start.
+pub fn removed(me: u64, ask: u64, nodes: &BTreeMap<u64, SocketAddr>, data_dir: &Path) -> String {
+    format!(
+        "node {me} was removed from the cluster (members ask {ask} names nodes {:?}); its \
+         data in {} is no longer kept current and is not served. To add the node again, \
+         empty that directory and start it with --join",
+        nodes.keys().collect::<Vec<_>>(),
+        data_dir.display()
+    )
+}
 
 /// Applies every members ask newer than the one `members` has, as this node's directory
-/// replica holds them, until `stop` fires (see the module's documentation). Runs on a
-/// shard; the file is written off it.
+/// replica holds them, until `stop` fires, and stops the node if its peers show it was
+/// removed (see the module's documentation). Runs on a shard; the file is written off it.
 pub async fn follow(
-    engine: chorus_engine::Engine,
-    members: chorus_replication::members::Members,
-    data_dir: std::path::PathBuf,
+    shared: std::sync::Arc<crate::ctx::Shared>,
     mut stop: futures::channel::oneshot::Receiver<()>,
 ) {
     use futures::future::{select, Either};
+    let Some(cluster) = &shared.cluster else {
+        return;
+    };
+    let (engine, members) = (&shared.engine, &cluster.members);
+    let data_dir = &shared.config.data_dir;
+    // Beside the directory's reads, so that a silent peer never delays them; dropped (and
+    // so cancelled) when this returns.
+    let _asking = glommio::spawn_local(ask_peers(shared.clone()));
     loop {
         let tick = glommio::timer::sleep(FOLLOW_EVERY);
         if let Either::Right(_) = select(std::pin::pin!(tick), &mut stop).await {
@@ -175,10 +242,91 @@ pub async fn follow(
             );
             continue;
         };
-        if let Err(e) = apply(&members, &data_dir, ask.number, nodes).await {
+        if let Err(e) = apply(members, data_dir, ask.number, nodes).await {
             tracing::error!(error = %e, ask = ask.number, "cluster members: the ask was not kept");
         }
     }
+}
+
+/// Asks the peers which ask they applied, every [`ASK_PEERS_EVERY`], and stops the node
+/// once [`REMOVED_AFTER`] checks in a row show it removed.
+async fn ask_peers(shared: std::sync::Arc<crate::ctx::Shared>) {
+    let mut left_out = 0;
+    loop {
+        glommio::timer::sleep(ASK_PEERS_EVERY).await;
+        left_out = match removal_shown_by_peers(&shared).await {
+            Some(_) if left_out + 1 < REMOVED_AFTER => left_out + 1,
+            Some((ask, nodes)) => stop_removed(&shared, ask, nodes).await,
+            None => 0,
+        };
+    }
+}
+
+/// The newest ask a peer applied that leaves this node out, if it is newer than the one
+/// this node applied and this node counts itself a member. A node that knows it was
+/// removed is stopped by the operator once its groups have moved off it; a node started
+/// with `--join` is no member until an ask adds it (the asks before it leave it out).
+async fn removal_shown_by_peers(
+    shared: &crate::ctx::Shared,
+) -> Option<(u64, BTreeMap<u64, SocketAddr>)> {
+    let cluster = shared.cluster.as_ref()?;
+    let nodes = cluster.nodes();
+    let added = !shared.config.cluster_join || cluster.members.ask().is_some();
+    if !added || !nodes.contains_key(&cluster.me) {
+        return None;
+    }
+    let asks = nodes
+        .keys()
+        .filter(|peer| **peer != cluster.me)
+        .map(|&peer| applied_by(shared, peer));
+    let mine = cluster.members.ask();
+    futures::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .filter(|(ask, nodes)| mine.is_none_or(|m| *ask > m) && !nodes.contains_key(&cluster.me))
+        .max_by_key(|(ask, _)| *ask)
+}
+
+/// The ask `peer` applied and its nodes; `None` if it applied none or did not answer.
+async fn applied_by(
+    shared: &crate::ctx::Shared,
+    peer: u64,
+) -> Option<(u64, BTreeMap<u64, SocketAddr>)> {
+    use futures::future::{select, Either};
+    let call = Box::pin(shared.call_peer(0, peer, &[ASK_MAGIC]));
+    let late = Box::pin(glommio::timer::sleep(ASK_TIMEOUT));
+    let bytes = match select(call, late).await {
+        Either::Left((Ok(bytes), _)) => bytes,
+        Either::Left((Err(e), _)) => {
+            tracing::debug!(peer, error = %e, "cluster members: a peer did not say its ask");
+            return None;
+        }
+        Either::Right(_) => return None,
+    };
+    let kept: Kept = serde_json::from_slice(&bytes).ok()?;
+    Some((kept.ask, parse_nodes(&kept.nodes).ok()?))
+}
+
+/// Keeps `ask`, which leaves this node out, as this node's own, and stops the process
+/// (exit 1); if it cannot be kept, the node goes on and the next checks try again.
+async fn stop_removed(
+    shared: &crate::ctx::Shared,
+    ask: u64,
+    nodes: BTreeMap<u64, SocketAddr>,
+) -> u32 {
+    let Some(cluster) = &shared.cluster else {
+        return 0;
+    };
+    let data_dir = &shared.config.data_dir;
+    if let Err(e) = apply(&cluster.members, data_dir, ask, nodes.clone()).await {
+        tracing::error!(error = %e, ask, "cluster members: a removal shown by peers was not kept");
+        return 0;
+    }
+    let removed = removed(cluster.me, ask, &nodes, data_dir);
+    tracing::error!("{removed}; the node stops");
+    eprintln!("chorus: {removed}; the node stops");
+    std::process::exit(1);
 }
 
 /// Keeps ask `number` in the data directory, then hands it to the shards, unless this
