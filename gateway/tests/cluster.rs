@@ -759,18 +759,25 @@ fn wait_asked(nodes: &[&Server], token: &str, ask: u64, ids: &[usize]) {
     }
 }
 
+/// Four nodes of `config`'s cluster, started as founders, and the token of an operator
+/// account signed up through them.
+fn four_nodes(config: &ClusterConfig) -> (Vec<Option<Server>>, String) {
+    let all = [1, 2, 3, 4];
+    let nodes: Vec<Option<Server>> = all
+        .iter()
+        .map(|&id| Some(Server::start(&config.node_in(id, &all, AUTH_UNLIMITED))))
+        .collect();
+    let token = sign_up(&nodes, "ops");
+    (nodes, token)
+}
+
 // Two operators ask for different members at once, through different nodes: the asks
 // are committed in one order, every node ends on the later one, and a node restarted
 // afterwards (replaying the older ask too) stays on it.
 #[test]
 fn members_asked_at_once_are_agreed() {
     let config = ClusterConfig::of(4);
-    let all = [1, 2, 3, 4];
-    let mut nodes: Vec<Option<Server>> = all
-        .iter()
-        .map(|&id| Some(Server::start(&config.node_in(id, &all, AUTH_UNLIMITED))))
-        .collect();
-    let token = sign_up(&nodes, "ops");
+    let (mut nodes, token) = four_nodes(&config);
     // Node 4 out, through node 1; all four, through node 3.
     let asks = [(0, vec![1, 2, 3]), (2, vec![1, 2, 3, 4])];
     let start = std::sync::Barrier::new(asks.len());
@@ -811,12 +818,7 @@ fn members_asked_at_once_are_agreed() {
 #[test]
 fn a_node_removed_while_down_stops_when_it_comes_back() {
     let config = ClusterConfig::of(4);
-    let all = [1, 2, 3, 4];
-    let mut nodes: Vec<Option<Server>> = all
-        .iter()
-        .map(|&id| Some(Server::start(&config.node_in(id, &all, AUTH_UNLIMITED))))
-        .collect();
-    let token = sign_up(&nodes, "ops");
+    let (mut nodes, token) = four_nodes(&config);
     let status = nodes[3].as_mut().unwrap().terminate();
     assert!(status.success(), "node 4 exited {status}");
     let first = nodes[0].as_ref().unwrap();
