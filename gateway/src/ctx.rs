@@ -107,6 +107,28 @@ impl Shared {
         chorus_replication::calls::call(&cluster.membership(), &cluster.cuts, peer, shard, request)
             .await
     }
+
+    /// [`Shared::call_peer`] on shard 0, given up after `within`: the answer, or `None` if
+    /// the call failed (logged at debug, naming `what` was asked) or came too late.
+    pub async fn ask_peer(
+        &self,
+        peer: u64,
+        request: &[u8],
+        within: std::time::Duration,
+        what: &str,
+    ) -> Option<Vec<u8>> {
+        use futures::future::{select, Either};
+        let call = Box::pin(self.call_peer(0, peer, request));
+        let late = Box::pin(glommio::timer::sleep(within));
+        match select(call, late).await {
+            Either::Left((Ok(bytes), _)) => Some(bytes),
+            Either::Left((Err(e), _)) => {
+                tracing::debug!(peer, error = %e, "{what}: a peer did not answer");
+                None
+            }
+            Either::Right(_) => None,
+        }
+    }
 }
 
 /// What `GET /api/v1/cluster` shows of a cluster node.

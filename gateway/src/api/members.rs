@@ -256,7 +256,10 @@ async fn ask_peers(shared: std::sync::Arc<crate::ctx::Shared>) {
         glommio::timer::sleep(ASK_PEERS_EVERY).await;
         left_out = match removal_shown_by_peers(&shared).await {
             Some(_) if left_out + 1 < REMOVED_AFTER => left_out + 1,
-            Some((ask, nodes)) => stop_removed(&shared, ask, nodes).await,
+            Some((ask, nodes)) => {
+                stop_removed(&shared, ask, nodes).await;
+                0
+            }
             None => 0,
         };
     }
@@ -271,7 +274,8 @@ async fn removal_shown_by_peers(
 ) -> Option<(u64, BTreeMap<u64, SocketAddr>)> {
     let cluster = shared.cluster.as_ref()?;
     let nodes = cluster.nodes();
-    let added = !shared.config.cluster_join || cluster.members.ask().is_some();
+    let mine = cluster.members.ask();
+    let added = !shared.config.cluster_join || mine.is_some();
     if !added || !nodes.contains_key(&cluster.me) {
         return None;
     }
@@ -279,7 +283,6 @@ async fn removal_shown_by_peers(
         .keys()
         .filter(|peer| **peer != cluster.me)
         .map(|&peer| applied_by(shared, peer));
-    let mine = cluster.members.ask();
     futures::future::join_all(asks)
         .await
         .into_iter()
@@ -293,35 +296,25 @@ async fn applied_by(
     shared: &crate::ctx::Shared,
     peer: u64,
 ) -> Option<(u64, BTreeMap<u64, SocketAddr>)> {
-    use futures::future::{select, Either};
-    let call = Box::pin(shared.call_peer(0, peer, &[ASK_MAGIC]));
-    let late = Box::pin(glommio::timer::sleep(ASK_TIMEOUT));
-    let bytes = match select(call, late).await {
-        Either::Left((Ok(bytes), _)) => bytes,
-        Either::Left((Err(e), _)) => {
-            tracing::debug!(peer, error = %e, "cluster members: a peer did not say its ask");
-            return None;
-        }
-        Either::Right(_) => return None,
-    };
+    let what = "cluster members: the ask it applied";
+    let bytes = shared
+        .ask_peer(peer, &[ASK_MAGIC], ASK_TIMEOUT, what)
+        .await?;
     let kept: Kept = serde_json::from_slice(&bytes).ok()?;
     Some((kept.ask, parse_nodes(&kept.nodes).ok()?))
 }
 
 /// Keeps `ask`, which leaves this node out, as this node's own, and stops the process
-/// (exit 1); if it cannot be kept, the node goes on and the next checks try again.
-async fn stop_removed(
-    shared: &crate::ctx::Shared,
-    ask: u64,
-    nodes: BTreeMap<u64, SocketAddr>,
-) -> u32 {
+/// (exit 1); returns only if it cannot be kept (the node goes on, and the next checks try
+/// again).
+async fn stop_removed(shared: &crate::ctx::Shared, ask: u64, nodes: BTreeMap<u64, SocketAddr>) {
     let Some(cluster) = &shared.cluster else {
-        return 0;
+        return;
     };
     let data_dir = &shared.config.data_dir;
     if let Err(e) = apply(&cluster.members, data_dir, ask, nodes.clone()).await {
         tracing::error!(error = %e, ask, "cluster members: a removal shown by peers was not kept");
-        return 0;
+        return;
     }
     let removed = removed(cluster.me, ask, &nodes, data_dir);
     tracing::error!("{removed}; the node stops");

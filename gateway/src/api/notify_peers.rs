@@ -8,7 +8,6 @@
 
 use crate::ctx::ShardCtx;
 use chorus_notify::cluster::{Confirmed, Gate, MAGIC, PULL_EVERY};
-use futures::future::{select, Either};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -40,16 +39,12 @@ pub fn answer(ctx: &ShardCtx) -> Vec<u8> {
 
 /// Asks `peer` what it confirmed; `None` if it did not answer in time or is not notifying.
 async fn pull(ctx: &ShardCtx, peer: u64) -> Option<Confirmed> {
-    let call = Box::pin(ctx.shared.call_peer(0, peer, &[MAGIC]));
-    let late = Box::pin(glommio::timer::sleep(PULL_TIMEOUT));
-    match select(call, late).await {
-        Either::Left((Ok(bytes), _)) => Confirmed::decode(&bytes),
-        Either::Left((Err(e), _)) => {
-            tracing::debug!(peer, error = %e, "notifications: no confirmation from a peer");
-            None
-        }
-        Either::Right(_) => None,
-    }
+    let what = "notifications: what it confirmed";
+    let bytes = ctx
+        .shared
+        .ask_peer(peer, &[MAGIC], PULL_TIMEOUT, what)
+        .await?;
+    Confirmed::decode(&bytes)
 }
 
 /// Runs on shard 0 of a cluster node that notifies, for as long as the node runs.
