@@ -60,6 +60,7 @@ pub struct LogConfig {
     /// Bytes of the newest written records kept in memory (up to twice this), so that the
     /// readers that follow the tail (consumers, Raft followers, a resume) get them without
     /// a device read: the files are written with O_DIRECT, so no page cache holds them.
+    /// 0 for a log read only when it opens (a Raft journal): nothing is copied.
     pub recent_bytes: usize,
 }
 
@@ -645,7 +646,9 @@ impl<S: Storage> Log<S> {
         }
         let first = st.written_next;
         let base = st.segments.last().expect("active segment").base;
-        st.recent.wrote(base, pos, &batch, self.config.recent_bytes);
+        if self.config.recent_bytes > 0 {
+            st.recent.wrote(base, pos, &batch, self.config.recent_bytes);
+        }
         let active = st.segments.last_mut().expect("active segment");
         for (i, at) in positions.iter().enumerate() {
             active.index.observe(first + i as u64, pos + *at as u64);

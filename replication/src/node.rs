@@ -128,6 +128,8 @@ impl NodeConfig {
             compact_every: COMPACT_EVERY,
             log: LogConfig {
                 preallocate_bytes: PREALLOCATE_BYTES,
+                // Read only when the shard opens (groups keep their entries in memory).
+                recent_bytes: 0,
                 ..LogConfig::default()
             },
             rewrite_after: crate::journal::REWRITE_AFTER,
