@@ -77,8 +77,10 @@ pub trait Env: Clone + 'static {
     /// commit is its fsync), so that their directories are opened write-through
     /// ([`StorageRoot::dir_write_through`]): a commit is then one write, with no
     /// `fdatasync` after it. A cluster's logs are appended without a sync of their own (a
-    /// node's Raft journal holds their entries durably) and say no: written through, each
-    /// of their appends would wait for the device.
+    /// node's Raft journal holds their entries durably) and say no: their directories are
+    /// opened cached ([`StorageRoot::dir_cached`]: the page cache on a disk), since written
+    /// through each of their appends would wait for the device, and written with O_DIRECT
+    /// each rewrote the block it ended in.
     fn logs_sync_every_append(&self) -> bool {
         true
     }

@@ -1,6 +1,7 @@
 //! Real-process crash test: a child process appends to a log in a real directory through
-//! `DiskStorage` (glommio, O_DIRECT) and prints every acknowledged offset; the parent
-//! SIGKILLs it at a random moment, reopens the log, and checks every acknowledged record.
+//! `DiskStorage` (glommio, O_DIRECT; or the page cache, as a directory opened with
+//! `dir_cached` is) and prints every acknowledged offset; the parent SIGKILLs it at a
+//! random moment, reopens the log, and checks every acknowledged record.
 //!
 //! The child is this same test binary, started with `CHORUS_KILL_CHILD_DIR` set and asked
 //! to run only `child_appender`. `CHORUS_KILL_ROUNDS` sets the number of kills (default 20);
@@ -17,6 +18,17 @@ use std::time::{Duration, Instant};
 
 const CHILD_DIR: &str = "CHORUS_KILL_CHILD_DIR";
 const CHILD_RUN: &str = "CHORUS_KILL_CHILD_RUN";
+/// Set to `1` when the child writes through the page cache.
+const CHILD_CACHED: &str = "CHORUS_KILL_CHILD_CACHED";
+
+/// The directory, with O_DIRECT files or page-cache ones.
+fn storage(dir: &std::path::Path, cached: bool) -> std::io::Result<DiskStorage> {
+    if cached {
+        DiskStorage::open_dir_cached(dir)
+    } else {
+        DiskStorage::open_dir(dir)
+    }
+}
 
 fn config() -> LogConfig {
     LogConfig {
@@ -53,9 +65,10 @@ fn child_appender() {
         return;
     };
     let run: u64 = std::env::var(CHILD_RUN).unwrap().parse().unwrap();
+    let cached = std::env::var(CHILD_CACHED).is_ok_and(|v| v == "1");
     run_on_glommio(move || {
         Box::pin(async move {
-            let storage = DiskStorage::open_dir(&dir).expect("dir");
+            let storage = storage(dir.as_ref(), cached).expect("dir");
             let (log, _) = Log::open(storage, config()).await.expect("open");
             let log = Rc::new(log);
             let mut tasks = Vec::new();
@@ -91,10 +104,10 @@ fn child_appender() {
 }
 
 /// Reads the whole log and checks it against the acknowledgements seen so far.
-fn verify(dir: std::path::PathBuf, acked: BTreeMap<u64, u64>) -> Result<u64, String> {
+fn verify(dir: std::path::PathBuf, cached: bool, acked: BTreeMap<u64, u64>) -> Result<u64, String> {
     run_on_glommio(move || {
         Box::pin(async move {
-            let storage = DiskStorage::open_dir(&dir).map_err(|e| e.to_string())?;
+            let storage = storage(&dir, cached).map_err(|e| e.to_string())?;
             let (log, _report) = Log::open(storage, config())
                 .await
                 .map_err(|e| format!("reopen: {e}"))?;
@@ -133,6 +146,18 @@ fn verify(dir: std::path::PathBuf, acked: BTreeMap<u64, u64>) -> Result<u64, Str
 // SIGKILL at random moments never loses an acknowledged record, over at least 20 kills.
 #[test]
 fn sigkill_never_loses_acknowledged_records() {
+    kill_rounds(false);
+}
+
+// The same with the files written into the page cache (a directory opened with
+// `dir_cached`): what the log reads back after each kill is every acknowledged record and
+// nothing that was never appended.
+#[test]
+fn sigkill_never_loses_acknowledged_records_in_the_page_cache() {
+    kill_rounds(true);
+}
+
+fn kill_rounds(cached: bool) {
     let rounds: u64 = std::env::var("CHORUS_KILL_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -161,6 +186,7 @@ fn sigkill_never_loses_acknowledged_records() {
             ])
             .env(CHILD_DIR, dir.path())
             .env(CHILD_RUN, round.to_string())
+            .env(CHILD_CACHED, if cached { "1" } else { "0" })
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -193,7 +219,7 @@ fn sigkill_never_loses_acknowledged_records() {
         child.wait().unwrap();
         reader.join().unwrap();
         acked.extend(rx.try_iter());
-        let total = verify(dir.path().to_owned(), acked.clone())
+        let total = verify(dir.path().to_owned(), cached, acked.clone())
             .unwrap_or_else(|e| panic!("round {round} (seed {seed}): {e}"));
         println!(
             "round {round}: killed after {seen} acks; {} acknowledged, {total} in the log",

@@ -196,7 +196,7 @@ async fn open_log<E: Env>(
     let storage = if env.logs_sync_every_append() {
         env.root().dir_write_through(name).await
     } else {
-        env.root().dir(name).await
+        env.root().dir_cached(name).await
     }
     .map_err(|e| IoError::new(name, e))?;
     let (log, report) = chorus_log::Log::open(storage, log_config)

@@ -1,4 +1,6 @@
-//! The real [`Storage`]: one directory on a local filesystem, files written with O_DIRECT.
+//! The real [`Storage`]: one directory on a local filesystem, files written with O_DIRECT
+//! (or, in a directory opened with [`StorageRoot::dir_cached`], into the page cache: see
+//! `cached.rs`).
 //!
 //! This module owns every system call the log makes on a disk. File contents go through
 //! glommio's [`DmaFile`] (O_DIRECT over io_uring), so writes bypass the page cache and
@@ -16,7 +18,7 @@
 //!
 //! O_DIRECT only accepts I/O whose position and length are multiples of the device's
 //! logical block size ([`DmaFile::alignment`], 512 or 4096 bytes), while the log writes
-//! records at any byte position. [`DiskFile`] hides that: each write is widened to whole
+//! records at any byte position. [`DirectFile`] hides that: each write is widened to whole
 //! blocks, filled with the bytes those blocks already hold around the new data. To make an
 //! append cost no read, the file remembers the contents of the block holding its last
 //! written byte, and how long the file physically is.
@@ -26,6 +28,7 @@
 //! record header as the end of data, and it truncates a segment to its logical length when
 //! it seals it, so mapped segments end exactly where their data does.
 
+use super::cached::CachedFile;
 use super::{path_components, Storage, StorageFile, StorageRoot};
 use bytes::Bytes;
 use glommio::io::{DmaFile, OpenOptions};
@@ -54,14 +57,25 @@ struct Dir {
     /// Kept open so that [`Storage::sync_dir`] can fsync the directory itself, which is
     /// what makes a created, removed or renamed name durable.
     handle: File,
-    /// Files are opened with `O_DSYNC` (see [`DiskStorage::open_dir_write_through`]).
-    write_through: bool,
+    /// How its files are opened.
+    mode: Mode,
+}
+
+/// How a directory's files are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// O_DIRECT: [`DiskStorage::open_dir`].
+    Direct,
+    /// O_DIRECT and `O_DSYNC`: [`DiskStorage::open_dir_write_through`].
+    WriteThrough,
+    /// The page cache: [`DiskStorage::open_dir_cached`].
+    Cached,
 }
 
 impl DiskStorage {
     /// Opens the directory at `path`, creating it and its parents if missing.
     pub fn open_dir(path: impl AsRef<Path>) -> io::Result<DiskStorage> {
-        DiskStorage::open(path.as_ref(), false)
+        DiskStorage::open(path.as_ref(), Mode::Direct)
     }
 
     /// Opens the directory at `path` as [`DiskStorage::open_dir`] does, its files opened
@@ -71,19 +85,23 @@ impl DiskStorage {
     /// after every write anyway: the journal of a cluster node's shard, where the separate
     /// `fdatasync` cost a kernel worker's wake-up and one more completion per round.
     pub fn open_dir_write_through(path: impl AsRef<Path>) -> io::Result<DiskStorage> {
-        DiskStorage::open(path.as_ref(), true)
+        DiskStorage::open(path.as_ref(), Mode::WriteThrough)
     }
 
-    fn open(path: &Path, write_through: bool) -> io::Result<DiskStorage> {
+    /// Opens the directory at `path` as [`DiskStorage::open_dir`] does, its files written
+    /// into the page cache and not with O_DIRECT (`cached.rs`): for logs synced only now
+    /// and then, whose appends then cost a copy and reach the device in large writes
+    /// started behind them.
+    pub fn open_dir_cached(path: impl AsRef<Path>) -> io::Result<DiskStorage> {
+        DiskStorage::open(path.as_ref(), Mode::Cached)
+    }
+
+    fn open(path: &Path, mode: Mode) -> io::Result<DiskStorage> {
         let path = path.to_path_buf();
         std::fs::create_dir_all(&path)?;
         let handle = File::open(&path)?;
         Ok(DiskStorage {
-            dir: Rc::new(Dir {
-                path,
-                handle,
-                write_through,
-            }),
+            dir: Rc::new(Dir { path, handle, mode }),
         })
     }
 
@@ -111,11 +129,16 @@ impl DiskStorage {
         self.dir.path.join(name)
     }
 
-    /// Opens `name` for O_DIRECT reads and writes, creating it when `create_new` is set.
+    /// Opens `name` for reads and writes, creating it when `create_new` is set.
     async fn open_file(&self, name: &str, create_new: bool) -> io::Result<DiskFile> {
         let path = self.file_path(name);
+        if self.dir.mode == Mode::Cached {
+            return Ok(DiskFile(Backing::Cached(CachedFile::open(
+                path, create_new,
+            )?)));
+        }
         self.probe_iopoll().await?;
-        let write_through = self.dir.write_through;
+        let write_through = self.dir.mode == Mode::WriteThrough;
         let file = OpenOptions::new()
             .create_new(create_new)
             .read(true)
@@ -130,7 +153,12 @@ impl DiskStorage {
         } else {
             file.file_size().await?
         };
-        Ok(DiskFile::new(file, path, len, write_through))
+        Ok(DiskFile(Backing::Direct(DirectFile::new(
+            file,
+            path,
+            len,
+            write_through,
+        ))))
     }
 
     /// Makes sure glommio has decided whether this directory's device can be polled by
@@ -217,6 +245,10 @@ impl StorageRoot for DiskRoot {
     async fn dir_write_through(&self, path: &str) -> io::Result<DiskStorage> {
         DiskStorage::open_dir_write_through(self.make_dir(path)?)
     }
+
+    async fn dir_cached(&self, path: &str) -> io::Result<DiskStorage> {
+        DiskStorage::open_dir_cached(self.make_dir(path)?)
+    }
 }
 
 /// A name reserved in every storage directory for the file of [`DiskStorage::probe_iopoll`].
@@ -282,6 +314,93 @@ impl Storage for DiskStorage {
     }
 }
 
+/// One file of a [`DiskStorage`]: written with O_DIRECT, or into the page cache in a
+/// directory opened with [`StorageRoot::dir_cached`].
+#[derive(Debug)]
+pub struct DiskFile(Backing);
+
+#[derive(Debug)]
+enum Backing {
+    Direct(DirectFile),
+    Cached(CachedFile),
+}
+
+impl DiskFile {
+    /// The path the file was opened at. It goes stale if the file is renamed while open.
+    pub fn path(&self) -> &Path {
+        match &self.0 {
+            Backing::Direct(f) => &f.path,
+            Backing::Cached(f) => f.path(),
+        }
+    }
+
+    #[cfg(test)]
+    fn direct(&self) -> &DirectFile {
+        match &self.0 {
+            Backing::Direct(f) => f,
+            Backing::Cached(_) => panic!("{} is not an O_DIRECT file", self.path().display()),
+        }
+    }
+}
+
+impl StorageFile for DiskFile {
+    async fn write_at(&self, pos: u64, data: &[u8]) -> io::Result<()> {
+        match &self.0 {
+            Backing::Direct(f) => f.write_at(pos, data).await,
+            Backing::Cached(f) => f.write_at(pos, data),
+        }
+    }
+
+    async fn read_at(&self, pos: u64, len: usize) -> io::Result<Vec<u8>> {
+        match &self.0 {
+            Backing::Direct(f) => f.read_at(pos, len).await,
+            Backing::Cached(f) => f.read_at(pos, len),
+        }
+    }
+
+    async fn sync_data(&self) -> io::Result<()> {
+        match &self.0 {
+            Backing::Direct(f) => f.sync_data().await,
+            Backing::Cached(f) => f.sync_data().await,
+        }
+    }
+
+    async fn truncate(&self, len: u64) -> io::Result<()> {
+        match &self.0 {
+            Backing::Direct(f) => f.truncate(len).await,
+            Backing::Cached(f) => f.truncate(len),
+        }
+    }
+
+    async fn len(&self) -> io::Result<u64> {
+        match &self.0 {
+            Backing::Direct(f) => f.len().await,
+            Backing::Cached(f) => f.len(),
+        }
+    }
+
+    fn map(&self) -> io::Result<Bytes> {
+        match &self.0 {
+            Backing::Direct(f) => f.map(),
+            Backing::Cached(f) => f.map(false),
+        }
+    }
+
+    fn map_populated(&self) -> io::Result<Bytes> {
+        match &self.0 {
+            Backing::Direct(f) => f.map_populated(),
+            Backing::Cached(f) => f.map(true),
+        }
+    }
+
+    async fn close(self) -> io::Result<()> {
+        match self.0 {
+            Backing::Direct(f) => f.close().await,
+            Backing::Cached(f) => f.close().await,
+        }
+    }
+}
+
 /// One file of a [`DiskStorage`], open for O_DIRECT reads and writes.
 ///
 /// Callers may write at any byte position; the file widens each write to whole blocks
@@ -291,7 +410,7 @@ impl Storage for DiskStorage {
 /// - writes and truncations do not overlap: each is awaited before the next starts,
 ///   because two writes sharing a block would each put back the other's old bytes.
 #[derive(Debug)]
-pub struct DiskFile {
+pub struct DirectFile {
     file: DmaFile,
     path: PathBuf,
     /// The I/O alignment of the file's device, in bytes.
@@ -361,7 +480,7 @@ impl<'a> Exclusive<'a> {
     fn enter(busy: &'a Cell<bool>) -> Self {
         assert!(
             !busy.replace(true),
-            "overlapping writes or truncations of one DiskFile"
+            "overlapping writes or truncations of one DirectFile"
         );
         Exclusive(busy)
     }
@@ -373,11 +492,11 @@ impl Drop for Exclusive<'_> {
     }
 }
 
-impl DiskFile {
-    fn new(file: DmaFile, path: PathBuf, len: u64, write_through: bool) -> DiskFile {
+impl DirectFile {
+    fn new(file: DmaFile, path: PathBuf, len: u64, write_through: bool) -> DirectFile {
         let alignment = file.alignment();
         assert!(alignment.is_power_of_two(), "alignment {alignment}");
-        DiskFile {
+        DirectFile {
             file,
             path,
             alignment,
@@ -388,17 +507,6 @@ impl DiskFile {
             flush_owed: Cell::new(false),
             flushes: Cell::new(0),
         }
-    }
-
-    /// The path the file was opened at. It goes stale if the file is renamed while open.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// The I/O alignment of the file's device in bytes (512 or 4096): the physical length
-    /// after a write is a multiple of it.
-    pub fn alignment(&self) -> u64 {
-        self.alignment
     }
 
     fn align_down(&self, pos: u64) -> u64 {
@@ -443,12 +551,12 @@ impl DiskFile {
     }
 }
 
-impl StorageFile for DiskFile {
+impl StorageFile for DirectFile {
     /// Writes whole aligned blocks covering `[pos, pos + data.len())`, keeping the bytes
     /// the first and last block already hold outside that range.
     ///
     /// Past the old end of the file the last block is padded with zeros, so the physical
-    /// length becomes a multiple of [`DiskFile::alignment`]; see the module docs for why the
+    /// length becomes a multiple of the device's block size; see the module docs for why the
     /// log accepts that.
     async fn write_at(&self, pos: u64, data: &[u8]) -> io::Result<()> {
         // A plain pwrite of nothing changes nothing, not even the length.
@@ -571,7 +679,7 @@ impl StorageFile for DiskFile {
     }
 
     /// The physical length, which after a write includes the zero padding up to the next
-    /// multiple of [`DiskFile::alignment`].
+    /// multiple of the device's block size.
     async fn len(&self) -> io::Result<u64> {
         Ok(self.file.file_size().await?)
     }
@@ -614,7 +722,7 @@ impl StorageFile for DiskFile {
 /// Whether every byte of `data` is zero. Preallocation writes hundreds of KiB of zeros at a
 /// time: a bytewise `all` runs a byte a cycle (256 µs for 512 KiB, measured), an OR over each
 /// 4 KiB, which the compiler vectorizes, 8.5 µs; a record stops it at its first 4 KiB.
-fn all_zeros(data: &[u8]) -> bool {
+pub(super) fn all_zeros(data: &[u8]) -> bool {
     data.chunks(4096)
         .all(|chunk| chunk.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
@@ -667,18 +775,19 @@ mod tests {
                 for (storage, dsync) in [(through, true), (plain, false)] {
                     let file = storage.create("00000000.log").await.unwrap();
                     // SAFETY: F_GETFL only reads the descriptor's flags.
-                    let flags = unsafe { libc::fcntl(file.file.as_raw_fd(), libc::F_GETFL) };
+                    let flags =
+                        unsafe { libc::fcntl(file.direct().file.as_raw_fd(), libc::F_GETFL) };
                     assert_eq!(flags & libc::O_DSYNC != 0, dsync, "O_DSYNC");
                     let data = pattern(7, 5000);
                     file.write_at(0, &data).await.unwrap();
                     file.sync_data().await.unwrap();
                     file.write_at(5000, &data).await.unwrap();
                     file.sync_data().await.unwrap();
-                    assert_eq!(file.flushes.get(), if dsync { 0 } else { 2 });
+                    assert_eq!(file.direct().flushes.get(), if dsync { 0 } else { 2 });
                     file.truncate(7000).await.unwrap();
                     file.sync_data().await.unwrap();
                     file.sync_data().await.unwrap();
-                    assert_eq!(file.flushes.get(), if dsync { 1 } else { 4 });
+                    assert_eq!(file.direct().flushes.get(), if dsync { 1 } else { 4 });
                     let mut expected = data.clone();
                     expected.extend_from_slice(&data[..2000]);
                     assert_eq!(file.read_at(0, 10_000).await.unwrap(), expected);
@@ -686,6 +795,67 @@ mod tests {
                     let again = storage.open("00000000.log").await.unwrap();
                     assert_eq!(again.read_at(0, 10_000).await.unwrap(), expected);
                 }
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    // A cached directory's files are plain page-cache files: not O_DIRECT, exactly as long
+    // as what was written (no block padding), read back at any position, cut by a
+    // truncation, and the same when opened again.
+    #[test]
+    fn cached_files_hold_exactly_what_was_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = DiskRoot::new(dir.path());
+        LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                let storage = root.dir_cached("events").await.unwrap();
+                let file = storage.create("00000000.log").await.unwrap();
+                let Backing::Cached(cached) = &file.0 else {
+                    panic!("an O_DIRECT file in a cached directory");
+                };
+                // SAFETY: F_GETFL only reads the descriptor's flags.
+                let flags = unsafe { libc::fcntl(cached.raw_fd(), libc::F_GETFL) };
+                assert_eq!(flags & libc::O_DIRECT, 0, "O_DIRECT");
+                let data = pattern(3, 5000);
+                file.write_at(0, &data).await.unwrap();
+                file.write_at(4999, &data[..700]).await.unwrap();
+                file.sync_data().await.unwrap();
+                let mut expected = data[..4999].to_vec();
+                expected.extend_from_slice(&data[..700]);
+                assert_eq!(file.len().await.unwrap(), expected.len() as u64);
+                assert_eq!(file.read_at(0, 10_000).await.unwrap(), expected);
+                assert_eq!(file.read_at(4000, 100).await.unwrap(), expected[4000..4100]);
+                assert!(file.read_at(6000, 10).await.unwrap().is_empty());
+                file.truncate(3000).await.unwrap();
+                assert_eq!(file.len().await.unwrap(), 3000);
+                assert_eq!(file.map().unwrap().as_ref(), &expected[..3000]);
+                file.close().await.unwrap();
+                let again = storage.open("00000000.log").await.unwrap();
+                assert_eq!(again.read_at(0, 10_000).await.unwrap(), expected[..3000]);
+                assert!(
+                    storage.create("00000000.log").await.is_err(),
+                    "created twice"
+                );
+
+                // Writeback is asked for once per `WRITE_BEHIND_BYTES` of records, never for
+                // zeros written ahead.
+                let file = storage.create("00000001.log").await.unwrap();
+                let Backing::Cached(cached) = &file.0 else {
+                    panic!("an O_DIRECT file in a cached directory");
+                };
+                file.write_at(0, &vec![0u8; 1 << 20]).await.unwrap();
+                assert_eq!(cached.started.get(), 0, "zeros ahead started");
+                let record = pattern(9, 3000);
+                let mut at = 0;
+                while at < 600 * 1024 {
+                    file.write_at(at, &record).await.unwrap();
+                    at += record.len() as u64;
+                }
+                assert_eq!(cached.started.get(), 2);
+                file.sync_data().await.unwrap();
+                assert_eq!(file.read_at(at - 3000, 3000).await.unwrap(), record);
             })
             .unwrap()
             .join()
@@ -710,7 +880,7 @@ mod tests {
                 file.write_at(expected.len() as u64, &data).await.unwrap();
                 expected.extend_from_slice(&data);
                 let physical = file.len().await.unwrap();
-                assert_eq!(physical, file.align_up(expected.len() as u64));
+                assert_eq!(physical, file.direct().align_up(expected.len() as u64));
             }
             file.sync_data().await.unwrap();
             let read = file.read_at(0, expected.len()).await.unwrap();
@@ -744,7 +914,7 @@ mod tests {
             // Before the truncation the zero padding is part of the file and reads as such.
             file.write_at(700, &[9]).await.unwrap();
             let padded = file.read_at(0, 10_000).await.unwrap();
-            assert_eq!(padded.len() as u64, file.align_up(701));
+            assert_eq!(padded.len() as u64, file.direct().align_up(701));
             assert!(padded[701..].iter().all(|&b| b == 0));
         });
     }
@@ -808,7 +978,7 @@ mod tests {
                 file.write_at(expected.len() as u64, &data).await.unwrap();
                 expected.extend_from_slice(&data);
             }
-            assert_eq!(file.reads_back.get(), 0);
+            assert_eq!(file.direct().reads_back.get(), 0);
             let read = file.read_at(0, 64 * 1024).await.unwrap();
             assert_eq!(read[..expected.len()], expected[..]);
             assert!(read[expected.len()..].iter().all(|&b| b == 0));
@@ -828,7 +998,7 @@ mod tests {
             let last = pattern(11, 10);
             file.write_at(expected.len() as u64, &last).await.unwrap();
             expected.extend_from_slice(&last);
-            assert!(file.reads_back.get() >= 1);
+            assert!(file.direct().reads_back.get() >= 1);
             let read = file.read_at(0, 64 * 1024).await.unwrap();
             assert_eq!(read[..expected.len()], expected[..]);
             assert!(read[expected.len()..].iter().all(|&b| b == 0));

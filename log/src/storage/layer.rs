@@ -61,6 +61,11 @@ impl<R: StorageRoot, L: Layer> StorageRoot for LayeredRoot<R, L> {
         let inner = self.inner.dir_write_through(path).await?;
         Ok(Layered::new(inner, self.layer.clone()))
     }
+
+    async fn dir_cached(&self, path: &str) -> io::Result<Self::Dir> {
+        let inner = self.inner.dir_cached(path).await?;
+        Ok(Layered::new(inner, self.layer.clone()))
+    }
 }
 
 /// A directory seen through a [`Layer`], and so is every file opened in it.

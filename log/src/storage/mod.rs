@@ -22,6 +22,7 @@
 use bytes::Bytes;
 use std::io;
 
+mod cached;
 mod disk;
 pub mod faulty;
 pub mod layer;
@@ -54,6 +55,18 @@ pub trait StorageRoot: Clone {
     /// `sync_data` where they need durability, so nothing depends on which storage did
     /// this; the default is [`StorageRoot::dir`].
     async fn dir_write_through(&self, path: &str) -> io::Result<Self::Dir> {
+        self.dir(path).await
+    }
+
+    /// Opens the directory at `path` as [`StorageRoot::dir`] does, for files synced only
+    /// now and then, whose contents are held durably elsewhere until they are (a cluster
+    /// node's partition event logs, whose records its Raft journal holds). A storage with
+    /// a cache in front of its device writes into the cache (the page cache on a disk), so
+    /// that appends cost a copy and the device sees each block about once however many
+    /// appends fill it; [`StorageFile::sync_data`] writes them out. Nothing else differs:
+    /// what a file reads back, and after a crash what it lost (at most what was written
+    /// since its last `sync_data`). The default is [`StorageRoot::dir`].
+    async fn dir_cached(&self, path: &str) -> io::Result<Self::Dir> {
         self.dir(path).await
     }
 }
