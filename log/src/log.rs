@@ -62,6 +62,17 @@ pub struct LogConfig {
     /// a device read: the files are written with O_DIRECT, so no page cache holds them.
     /// 0 for a log read only when it opens (a Raft journal): nothing is copied.
     pub recent_bytes: usize,
+    /// Segments that retention ([`Log::delete_before`]) keeps as spares instead of
+    /// deleting them, up to this many (0: none). A new segment is then a spare renamed,
+    /// its blocks already written, so the zeros written ahead of its records
+    /// ([`LogConfig::preallocate_bytes`]) are left out until the records pass the spare's
+    /// length: for a log whose old segments go as fast as new ones come (a Raft journal),
+    /// a device writes each record's bytes once instead of once as zeros and once as the
+    /// record. Recovery tells the end of the records by their offsets, which only grow:
+    /// an old record left after them has an offset below the segment's base. After a
+    /// crash, bytes of the spare's old records after the last new one are reported as a
+    /// torn tail, as a torn write would be: the two look the same.
+    pub recycle_segments: usize,
 }
 
 impl Default for LogConfig {
@@ -74,6 +85,7 @@ impl Default for LogConfig {
             read_chunk_bytes: 64 * 1024,
             preallocate_bytes: 4 * 1024 * 1024,
             recent_bytes: 256 * 1024,
+            recycle_segments: 0,
         }
     }
 }
@@ -197,6 +209,9 @@ struct State<F> {
     tickets_enqueued: u64,
     /// Records flushed since open (and synced, unless appended unsynced).
     tickets_written: u64,
+    /// Spare segment files kept by retention for the next segments, by name
+    /// ([`LogConfig::recycle_segments`]); the last is taken first.
+    spares: Vec<String>,
     /// A flush, truncation, retention or close is running.
     busy: bool,
     /// Bumped whenever `busy` is released; waiters wake on a change.
@@ -274,6 +289,11 @@ fn index_name(base: u64) -> String {
     format!("{base:020}.idx")
 }
 
+/// The name of a segment kept as a spare: its old base, under another extension.
+fn spare_name(base: u64) -> String {
+    format!("{base:020}.spare")
+}
+
 fn parse_name(name: &str, ext: &str) -> Option<u64> {
     let stem = name.strip_suffix(ext)?;
     (stem.len() == 20 && stem.bytes().all(|b| b.is_ascii_digit()))
@@ -297,7 +317,7 @@ impl<S: Storage> Log<S> {
         config: LogConfig,
     ) -> Result<(Log<S>, RecoveryReport), OpenError> {
         let mut report = RecoveryReport::default();
-        let segments = Recovery {
+        let (segments, spares) = Recovery {
             storage: &storage,
             config: &config,
             report: &mut report,
@@ -327,6 +347,7 @@ impl<S: Storage> Log<S> {
                 epoch: 0,
                 tickets_enqueued: 0,
                 tickets_written: 0,
+                spares,
                 busy: false,
                 changes: 0,
                 waiters: Vec::new(),
@@ -704,7 +725,14 @@ impl<S: Storage> Log<S> {
             (file, a.len, a.base, a.next, a.index.clone())
         };
         self.index_active(&file, len, base, next, index).await?;
-        let new_file = create_segment(&self.storage, next).await?;
+        let spare = self.state.borrow_mut().spares.pop();
+        let (new_file, allocated) = match spare {
+            Some(name) => reuse_spare(&self.storage, &name, next).await?,
+            None => (
+                create_segment(&self.storage, next).await?,
+                SEGMENT_HEADER_BYTES as u64,
+            ),
+        };
         let map = file.map()?;
         let mut st = self.state.borrow_mut();
         let sealed = st.segments.last_mut().expect("active segment");
@@ -712,7 +740,7 @@ impl<S: Storage> Log<S> {
         sealed.file = None;
         // The seal fsynced every record before the new segment.
         st.synced_next = st.synced_next.max(next);
-        st.allocated = SEGMENT_HEADER_BYTES as u64;
+        st.allocated = allocated;
         st.segments
             .push(Segment::empty(next, new_file, &self.config));
         Ok(())
@@ -996,12 +1024,15 @@ impl<S: Storage> Log<S> {
         if doomed.is_empty() {
             return Ok(self.first_offset());
         }
-        let result = self.delete_segments(&doomed).await;
+        let result = self.retire_segments(&doomed).await;
         if let Err(e) = &result {
             self.poison("delete", e);
             return Err(TruncateError::Io(result.unwrap_err()));
         }
         let mut st = self.state.borrow_mut();
+        // A spare's blocks are written again by the segment that takes it: a read that
+        // raced this one tries again (and finds its offsets deleted).
+        st.epoch += 1;
         st.segments.drain(..doomed.len());
         st.first_offset = st.segments[0].base;
         Ok(st.first_offset)
@@ -1057,11 +1088,24 @@ impl<S: Storage> Log<S> {
         Ok(())
     }
 
-    async fn delete_segments(&self, bases: &[u64]) -> io::Result<()> {
+    /// Retention's removal of the sealed segments at `bases`: each is kept as a spare
+    /// while fewer than [`LogConfig::recycle_segments`] are kept, else deleted.
+    async fn retire_segments(&self, bases: &[u64]) -> io::Result<()> {
         // Oldest first: a crash part-way leaves a log that starts later, never one with a
         // hole in the middle.
         for b in bases {
-            self.storage.remove(&segment_name(*b)).await?;
+            let spare = spare_name(*b);
+            let keep = {
+                let spares = &self.state.borrow().spares;
+                // A base seen again (after a truncation) must not name two spares.
+                spares.len() < self.config.recycle_segments && !spares.contains(&spare)
+            };
+            if keep {
+                self.storage.rename(&segment_name(*b), &spare).await?;
+                self.state.borrow_mut().spares.push(spare);
+            } else {
+                self.storage.remove(&segment_name(*b)).await?;
+            }
             not_found_ok(self.storage.remove(&index_name(*b)).await)?;
         }
         self.storage.sync_dir().await
@@ -1193,6 +1237,21 @@ async fn create_segment<S: Storage>(storage: &S, base: u64) -> io::Result<S::Fil
     Ok(file)
 }
 
+/// Makes the spare `name` the segment at `base`: its header first, durably, under the
+/// spare's name (so that the name a crash leaves holds either an old spare or a new,
+/// empty segment: its first old record's offset is below `base`), then the rename. Returns
+/// the file and its length: blocks already written, where no zeros need to go.
+async fn reuse_spare<S: Storage>(storage: &S, name: &str, base: u64) -> io::Result<(S::File, u64)> {
+    let file = storage.open(name).await?;
+    file.write_at(0, &SegmentHeader { base_offset: base }.encode())
+        .await?;
+    file.sync_data().await?;
+    storage.rename(name, &segment_name(base)).await?;
+    storage.sync_dir().await?;
+    let len = file.len().await?.max(SEGMENT_HEADER_BYTES as u64);
+    Ok((file, len))
+}
+
 /// Writes an index file through a temporary name and a rename; the caller syncs the
 /// directory.
 async fn write_index<S: Storage>(storage: &S, idx: &IndexFile) -> io::Result<()> {
@@ -1216,15 +1275,26 @@ struct Recovery<'a, S: Storage> {
 }
 
 impl<S: Storage> Recovery<'_, S> {
-    async fn run(mut self) -> Result<Vec<Segment<S::File>>, OpenError> {
+    /// The segments, and the spares kept ([`LogConfig::recycle_segments`]), oldest first.
+    async fn run(mut self) -> Result<(Vec<Segment<S::File>>, Vec<String>), OpenError> {
         let mut bases = Vec::new();
+        let mut spares = Vec::new();
         for name in self.storage.list().await? {
             if name.ends_with(".tmp") {
                 self.storage.remove(&name).await?;
             } else if let Some(b) = parse_name(&name, ".seg") {
                 bases.push(b);
+            } else if let Some(b) = parse_name(&name, ".spare") {
+                spares.push(b);
             }
         }
+        spares.sort_unstable();
+        // More than are wanted (the setting was lowered): the rest go.
+        let extra = spares.len().saturating_sub(self.config.recycle_segments);
+        for b in spares.drain(..extra) {
+            self.storage.remove(&spare_name(b)).await?;
+        }
+        let spares = spares.into_iter().map(spare_name).collect();
         bases.sort_unstable();
         let mut segments: Vec<Segment<S::File>> = Vec::new();
         let mut i = 0;
@@ -1256,7 +1326,7 @@ impl<S: Storage> Recovery<'_, S> {
             i += 1;
         }
         self.storage.sync_dir().await?;
-        self.finish(segments).await
+        Ok((self.finish(segments).await?, spares))
     }
 
     async fn remove_segment(&mut self, base: u64) -> io::Result<()> {

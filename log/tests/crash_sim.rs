@@ -396,6 +396,12 @@ fn run_seed(seed: u64) -> Result<(), String> {
         } else {
             rng.below(4096) as usize
         },
+        // Half the seeds keep up to three deleted segments as spares for the next ones.
+        recycle_segments: if rng.chance(500) {
+            0
+        } else {
+            1 + rng.below(3) as usize
+        },
     };
     let model: Shared<Model> = Rc::default();
     for _cycle in 0..2 {

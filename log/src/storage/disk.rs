@@ -679,9 +679,12 @@ impl StorageFile for DirectFile {
     }
 
     /// The physical length, which after a write includes the zero padding up to the next
-    /// multiple of the device's block size.
+    /// multiple of the device's block size. Asked of the open descriptor, as `map` is, so
+    /// that it is right after a rename (glommio's own asks the path it opened).
     async fn len(&self) -> io::Result<u64> {
-        Ok(self.file.file_size().await?)
+        // SAFETY: as in `map`: the descriptor is only duplicated.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.file.as_raw_fd()) };
+        Ok(File::from(fd.try_clone_to_owned()?).metadata()?.len())
     }
 
     /// Maps the file through its open descriptor, so the map is right even if the file was
@@ -1069,15 +1072,17 @@ mod tests {
         });
     }
 
-    // A map taken through the descriptor follows the file across a rename.
+    // A map and a length taken through the descriptor follow the file across a rename (a
+    // log's spare segment is renamed before it is used).
     #[test]
-    fn map_follows_rename() {
+    fn map_and_len_follow_rename() {
         run(|storage| async move {
             let file = storage.create("a.tmp").await.unwrap();
             file.write_at(0, b"sealed").await.unwrap();
             file.truncate(6).await.unwrap();
             storage.rename("a.tmp", "a").await.unwrap();
             assert_eq!(&file.map().unwrap()[..], b"sealed");
+            assert_eq!(file.len().await.unwrap(), 6);
         });
     }
 
