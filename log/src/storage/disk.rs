@@ -743,10 +743,22 @@ mod tests {
         F: FnOnce(DiskStorage) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + 'static,
     {
+        in_root(|root| async move {
+            test(DiskStorage::open_dir(root.path().join("segments")).unwrap()).await
+        });
+    }
+
+    /// Runs `test` on a glommio executor of its own, with a root under a new temporary
+    /// directory.
+    fn in_root<F, Fut>(test: F)
+    where
+        F: FnOnce(DiskRoot) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + 'static,
+    {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("segments");
+        let root = DiskRoot::new(dir.path().join("data"));
         LocalExecutorBuilder::default()
-            .spawn(move || async move { test(DiskStorage::open_dir(path).unwrap()).await })
+            .spawn(move || test(root))
             .unwrap()
             .join()
             .unwrap();
@@ -769,39 +781,32 @@ mod tests {
     // every time. What the files hold is the same either way.
     #[test]
     fn write_through_files_flush_only_after_a_truncation() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = DiskRoot::new(dir.path());
-        LocalExecutorBuilder::default()
-            .spawn(move || async move {
-                let through = root.dir_write_through("journal").await.unwrap();
-                let plain = root.dir("events").await.unwrap();
-                for (storage, dsync) in [(through, true), (plain, false)] {
-                    let file = storage.create("00000000.log").await.unwrap();
-                    // SAFETY: F_GETFL only reads the descriptor's flags.
-                    let flags =
-                        unsafe { libc::fcntl(file.direct().file.as_raw_fd(), libc::F_GETFL) };
-                    assert_eq!(flags & libc::O_DSYNC != 0, dsync, "O_DSYNC");
-                    let data = pattern(7, 5000);
-                    file.write_at(0, &data).await.unwrap();
-                    file.sync_data().await.unwrap();
-                    file.write_at(5000, &data).await.unwrap();
-                    file.sync_data().await.unwrap();
-                    assert_eq!(file.direct().flushes.get(), if dsync { 0 } else { 2 });
-                    file.truncate(7000).await.unwrap();
-                    file.sync_data().await.unwrap();
-                    file.sync_data().await.unwrap();
-                    assert_eq!(file.direct().flushes.get(), if dsync { 1 } else { 4 });
-                    let mut expected = data.clone();
-                    expected.extend_from_slice(&data[..2000]);
-                    assert_eq!(file.read_at(0, 10_000).await.unwrap(), expected);
-                    file.close().await.unwrap();
-                    let again = storage.open("00000000.log").await.unwrap();
-                    assert_eq!(again.read_at(0, 10_000).await.unwrap(), expected);
-                }
-            })
-            .unwrap()
-            .join()
-            .unwrap();
+        in_root(|root| async move {
+            let through = root.dir_write_through("journal").await.unwrap();
+            let plain = root.dir("events").await.unwrap();
+            for (storage, dsync) in [(through, true), (plain, false)] {
+                let file = storage.create("00000000.log").await.unwrap();
+                // SAFETY: F_GETFL only reads the descriptor's flags.
+                let flags = unsafe { libc::fcntl(file.direct().file.as_raw_fd(), libc::F_GETFL) };
+                assert_eq!(flags & libc::O_DSYNC != 0, dsync, "O_DSYNC");
+                let data = pattern(7, 5000);
+                file.write_at(0, &data).await.unwrap();
+                file.sync_data().await.unwrap();
+                file.write_at(5000, &data).await.unwrap();
+                file.sync_data().await.unwrap();
+                assert_eq!(file.direct().flushes.get(), if dsync { 0 } else { 2 });
+                file.truncate(7000).await.unwrap();
+                file.sync_data().await.unwrap();
+                file.sync_data().await.unwrap();
+                assert_eq!(file.direct().flushes.get(), if dsync { 1 } else { 4 });
+                let mut expected = data.clone();
+                expected.extend_from_slice(&data[..2000]);
+                assert_eq!(file.read_at(0, 10_000).await.unwrap(), expected);
+                file.close().await.unwrap();
+                let again = storage.open("00000000.log").await.unwrap();
+                assert_eq!(again.read_at(0, 10_000).await.unwrap(), expected);
+            }
+        });
     }
 
     // A cached directory's files are plain page-cache files: not O_DIRECT, exactly as long
@@ -809,60 +814,54 @@ mod tests {
     // truncation, and the same when opened again.
     #[test]
     fn cached_files_hold_exactly_what_was_written() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = DiskRoot::new(dir.path());
-        LocalExecutorBuilder::default()
-            .spawn(move || async move {
-                let storage = root.dir_cached("events").await.unwrap();
-                let file = storage.create("00000000.log").await.unwrap();
-                let Backing::Cached(cached) = &file.0 else {
-                    panic!("an O_DIRECT file in a cached directory");
-                };
-                // SAFETY: F_GETFL only reads the descriptor's flags.
-                let flags = unsafe { libc::fcntl(cached.raw_fd(), libc::F_GETFL) };
-                assert_eq!(flags & libc::O_DIRECT, 0, "O_DIRECT");
-                let data = pattern(3, 5000);
-                file.write_at(0, &data).await.unwrap();
-                file.write_at(4999, &data[..700]).await.unwrap();
-                file.sync_data().await.unwrap();
-                let mut expected = data[..4999].to_vec();
-                expected.extend_from_slice(&data[..700]);
-                assert_eq!(file.len().await.unwrap(), expected.len() as u64);
-                assert_eq!(file.read_at(0, 10_000).await.unwrap(), expected);
-                assert_eq!(file.read_at(4000, 100).await.unwrap(), expected[4000..4100]);
-                assert!(file.read_at(6000, 10).await.unwrap().is_empty());
-                file.truncate(3000).await.unwrap();
-                assert_eq!(file.len().await.unwrap(), 3000);
-                assert_eq!(file.map().unwrap().as_ref(), &expected[..3000]);
-                file.close().await.unwrap();
-                let again = storage.open("00000000.log").await.unwrap();
-                assert_eq!(again.read_at(0, 10_000).await.unwrap(), expected[..3000]);
-                assert!(
-                    storage.create("00000000.log").await.is_err(),
-                    "created twice"
-                );
+        in_root(|root| async move {
+            let storage = root.dir_cached("events").await.unwrap();
+            let file = storage.create("00000000.log").await.unwrap();
+            let Backing::Cached(cached) = &file.0 else {
+                panic!("an O_DIRECT file in a cached directory");
+            };
+            // SAFETY: F_GETFL only reads the descriptor's flags.
+            let flags = unsafe { libc::fcntl(cached.raw_fd(), libc::F_GETFL) };
+            assert_eq!(flags & libc::O_DIRECT, 0, "O_DIRECT");
+            let data = pattern(3, 5000);
+            file.write_at(0, &data).await.unwrap();
+            file.write_at(4999, &data[..700]).await.unwrap();
+            file.sync_data().await.unwrap();
+            let mut expected = data[..4999].to_vec();
+            expected.extend_from_slice(&data[..700]);
+            assert_eq!(file.len().await.unwrap(), expected.len() as u64);
+            assert_eq!(file.read_at(0, 10_000).await.unwrap(), expected);
+            assert_eq!(file.read_at(4000, 100).await.unwrap(), expected[4000..4100]);
+            assert!(file.read_at(6000, 10).await.unwrap().is_empty());
+            file.truncate(3000).await.unwrap();
+            assert_eq!(file.len().await.unwrap(), 3000);
+            assert_eq!(file.map().unwrap().as_ref(), &expected[..3000]);
+            file.close().await.unwrap();
+            let again = storage.open("00000000.log").await.unwrap();
+            assert_eq!(again.read_at(0, 10_000).await.unwrap(), expected[..3000]);
+            assert!(
+                storage.create("00000000.log").await.is_err(),
+                "created twice"
+            );
 
-                // Writeback is asked for once per `WRITE_BEHIND_BYTES` of records, never for
-                // zeros written ahead.
-                let file = storage.create("00000001.log").await.unwrap();
-                let Backing::Cached(cached) = &file.0 else {
-                    panic!("an O_DIRECT file in a cached directory");
-                };
-                file.write_at(0, &vec![0u8; 1 << 20]).await.unwrap();
-                assert_eq!(cached.started.get(), 0, "zeros ahead started");
-                let record = pattern(9, 3000);
-                let mut at = 0;
-                while at < 600 * 1024 {
-                    file.write_at(at, &record).await.unwrap();
-                    at += record.len() as u64;
-                }
-                assert_eq!(cached.started.get(), 2);
-                file.sync_data().await.unwrap();
-                assert_eq!(file.read_at(at - 3000, 3000).await.unwrap(), record);
-            })
-            .unwrap()
-            .join()
-            .unwrap();
+            // Writeback is asked for once per `WRITE_BEHIND_BYTES` of records, never for
+            // zeros written ahead.
+            let file = storage.create("00000001.log").await.unwrap();
+            let Backing::Cached(cached) = &file.0 else {
+                panic!("an O_DIRECT file in a cached directory");
+            };
+            file.write_at(0, &vec![0u8; 1 << 20]).await.unwrap();
+            assert_eq!(cached.started.get(), 0, "zeros ahead started");
+            let record = pattern(9, 3000);
+            let mut at = 0;
+            while at < 600 * 1024 {
+                file.write_at(at, &record).await.unwrap();
+                at += record.len() as u64;
+            }
+            assert_eq!(cached.started.get(), 2);
+            file.sync_data().await.unwrap();
+            assert_eq!(file.read_at(at - 3000, 3000).await.unwrap(), record);
+        });
     }
 
     /// Bytes that differ at every position, so a misplaced or lost byte shows.
@@ -1090,28 +1089,21 @@ mod tests {
     // it; a populated map reads the same bytes as a plain one.
     #[test]
     fn root_opens_nested_directories() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = DiskRoot::new(dir.path().join("data"));
-        let base = root.path().to_path_buf();
-        LocalExecutorBuilder::default()
-            .spawn(move || async move {
-                let blobs = root.dir("blobs/ab").await.unwrap();
-                let file = blobs.create("x").await.unwrap();
-                file.write_at(0, b"blob").await.unwrap();
-                file.truncate(4).await.unwrap();
-                assert_eq!(&file.map_populated().unwrap()[..], b"blob");
-                assert_eq!(
-                    root.dir("").await.unwrap().list().await.unwrap(),
-                    Vec::<String>::new()
-                );
-                for bad in ["../x", "a//b", "/abs", "a/./b"] {
-                    assert!(root.dir(bad).await.is_err(), "{bad}");
-                }
-            })
-            .unwrap()
-            .join()
-            .unwrap();
-        assert!(base.join("blobs").join("ab").join("x").is_file());
+        in_root(|root| async move {
+            let blobs = root.dir("blobs/ab").await.unwrap();
+            let file = blobs.create("x").await.unwrap();
+            file.write_at(0, b"blob").await.unwrap();
+            file.truncate(4).await.unwrap();
+            assert_eq!(&file.map_populated().unwrap()[..], b"blob");
+            assert_eq!(
+                root.dir("").await.unwrap().list().await.unwrap(),
+                Vec::<String>::new()
+            );
+            for bad in ["../x", "a//b", "/abs", "a/./b"] {
+                assert!(root.dir(bad).await.is_err(), "{bad}");
+            }
+            assert!(root.path().join("blobs").join("ab").join("x").is_file());
+        });
     }
 
     // Overlapping writes to one file are a caller bug, caught instead of corrupting a block.
