@@ -1230,11 +1230,16 @@ impl<F: StorageFile> Source<F> {
 async fn create_segment<S: Storage>(storage: &S, base: u64) -> io::Result<S::File> {
     let name = segment_name(base);
     let file = storage.create(&name).await?;
-    file.write_at(0, &SegmentHeader { base_offset: base }.encode())
-        .await?;
-    file.sync_data().await?;
+    write_header(&file, base).await?;
     storage.sync_dir().await?;
     Ok(file)
+}
+
+/// Writes the header of the segment at `base` into `file`, durably.
+async fn write_header<F: StorageFile>(file: &F, base: u64) -> io::Result<()> {
+    file.write_at(0, &SegmentHeader { base_offset: base }.encode())
+        .await?;
+    file.sync_data().await
 }
 
 /// Makes the spare `name` the segment at `base`: its header first, durably, under the
@@ -1243,9 +1248,7 @@ async fn create_segment<S: Storage>(storage: &S, base: u64) -> io::Result<S::Fil
 /// the file and its length: blocks already written, where no zeros need to go.
 async fn reuse_spare<S: Storage>(storage: &S, name: &str, base: u64) -> io::Result<(S::File, u64)> {
     let file = storage.open(name).await?;
-    file.write_at(0, &SegmentHeader { base_offset: base }.encode())
-        .await?;
-    file.sync_data().await?;
+    write_header(&file, base).await?;
     storage.rename(name, &segment_name(base)).await?;
     storage.sync_dir().await?;
     let len = file.len().await?.max(SEGMENT_HEADER_BYTES as u64);

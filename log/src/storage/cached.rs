@@ -147,19 +147,7 @@ impl CachedFile {
     }
 
     pub(super) fn map(&self, populate: bool) -> io::Result<Bytes> {
-        // mmap of zero bytes fails, and an empty file has nothing to map.
-        if self.len()? == 0 {
-            return Ok(Bytes::new());
-        }
-        let mut options = memmap2::MmapOptions::new();
-        if populate {
-            options.populate();
-        }
-        // SAFETY: a mapping is only sound while nothing changes the file under it; the log
-        // maps only sealed segments, which are never written or truncated again while a
-        // map of them lives.
-        let map = unsafe { options.map(&self.file)? };
-        Ok(Bytes::from_owner(map))
+        super::disk::map_file(&self.file, populate)
     }
 
     pub(super) async fn close(self) -> io::Result<()> {

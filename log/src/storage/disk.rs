@@ -549,6 +549,16 @@ impl DirectFile {
         dst[have.len()..].fill(0);
         Ok(())
     }
+
+    /// A second descriptor of the open file, for the calls glommio does not offer: they
+    /// reach the file itself, not the path it was opened at, which a rename may have
+    /// changed.
+    fn dup(&self) -> io::Result<File> {
+        // SAFETY: the descriptor belongs to `self.file`, which keeps it open for as long as
+        // `self` is borrowed, and it is only duplicated here.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.file.as_raw_fd()) };
+        Ok(File::from(fd.try_clone_to_owned()?))
+    }
 }
 
 impl StorageFile for DirectFile {
@@ -670,10 +680,7 @@ impl StorageFile for DirectFile {
         // The remembered tail block may lie past the new end, so it is dropped; once the
         // truncation succeeds the length is known exactly again.
         *self.known.borrow_mut() = None;
-        // SAFETY: as in `map`: the descriptor belongs to `self.file`, which keeps it open
-        // while `self` is borrowed; it is only duplicated here.
-        let fd = unsafe { BorrowedFd::borrow_raw(self.file.as_raw_fd()) };
-        File::from(fd.try_clone_to_owned()?).set_len(len)?;
+        self.dup()?.set_len(len)?;
         *self.known.borrow_mut() = Some(Known::ending_at(len));
         Ok(())
     }
@@ -682,44 +689,39 @@ impl StorageFile for DirectFile {
     /// multiple of the device's block size. Asked of the open descriptor, as `map` is, so
     /// that it is right after a rename (glommio's own asks the path it opened).
     async fn len(&self) -> io::Result<u64> {
-        // SAFETY: as in `map`: the descriptor is only duplicated.
-        let fd = unsafe { BorrowedFd::borrow_raw(self.file.as_raw_fd()) };
-        Ok(File::from(fd.try_clone_to_owned()?).metadata()?.len())
+        Ok(self.dup()?.metadata()?.len())
     }
 
     /// Maps the file through its open descriptor, so the map is right even if the file was
     /// renamed since it was opened.
     fn map(&self) -> io::Result<Bytes> {
-        // SAFETY: the descriptor belongs to `self.file`, which keeps it open for as long as
-        // `self` is borrowed, and it is only duplicated here.
-        let fd = unsafe { BorrowedFd::borrow_raw(self.file.as_raw_fd()) };
-        let file = File::from(fd.try_clone_to_owned()?);
-        // mmap of zero bytes fails, and an empty file has nothing to map.
-        if file.metadata()?.len() == 0 {
-            return Ok(Bytes::new());
-        }
-        // SAFETY: a mapping is only sound while nothing changes the file under it. The log
-        // maps only sealed segments, which are never written or truncated again while a
-        // map of them lives (a truncation would make reads past the new end fault).
-        let map = unsafe { memmap2::Mmap::map(&file)? };
-        Ok(Bytes::from_owner(map))
+        map_file(&self.dup()?, false)
     }
 
     fn map_populated(&self) -> io::Result<Bytes> {
-        // SAFETY: as in `map`.
-        let fd = unsafe { BorrowedFd::borrow_raw(self.file.as_raw_fd()) };
-        let file = File::from(fd.try_clone_to_owned()?);
-        if file.metadata()?.len() == 0 {
-            return Ok(Bytes::new());
-        }
-        // SAFETY: as in `map`: callers map only files that no longer change.
-        let map = unsafe { memmap2::MmapOptions::new().populate().map(&file)? };
-        Ok(Bytes::from_owner(map))
+        map_file(&self.dup()?, true)
     }
 
     async fn close(self) -> io::Result<()> {
         Ok(self.file.close().await?)
     }
+}
+
+/// Maps all of `file` (nothing for an empty one, which mmap refuses), its pages read in
+/// at once if `populate`.
+pub(super) fn map_file(file: &File, populate: bool) -> io::Result<Bytes> {
+    if file.metadata()?.len() == 0 {
+        return Ok(Bytes::new());
+    }
+    let mut options = memmap2::MmapOptions::new();
+    if populate {
+        options.populate();
+    }
+    // SAFETY: a mapping is only sound while nothing changes the file under it. The log
+    // maps only sealed segments, which are never written or truncated again while a map of
+    // them lives (a truncation would make reads past the new end fault).
+    let map = unsafe { options.map(file)? };
+    Ok(Bytes::from_owner(map))
 }
 
 /// Whether every byte of `data` is zero. Preallocation writes hundreds of KiB of zeros at a
