@@ -30,8 +30,12 @@ use std::time::Duration;
 
 /// The consumer's name, declared in the engine's configuration.
 pub const CONSUMER_NAME: &str = "workspace-messages";
-/// The longest the counts may run ahead of the file.
-pub const PERSIST_INTERVAL: Duration = Duration::from_millis(100);
+/// The longest the counts may run ahead of the file. A store is a file written and
+/// fsynced, a rename and a directory fsync, on the disk the logs commit to, so a busy
+/// server stores once a second; what it costs is only that the engine keeps a second more
+/// of log for this consumer, and that a restart counts up to a second of events again from
+/// the stored cursors (never twice: the counts are stored with them).
+pub const PERSIST_INTERVAL: Duration = Duration::from_secs(1);
 /// How long the consumer waits before reading a log again after a read failed.
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// The file's format version.
