@@ -383,19 +383,28 @@ fn a_killed_commits_files_are_not_in_the_next_ones_way() {
     assert_eq!(seqs(&search, "kiwi", &w1, Sort::Newest).1, 2);
 }
 
-// A segment with far more distinct terms than its term table starts with (the vendored
-// tantivy-stacker starts it at 4,096 slots and doubles it as terms come, where upstream
-// takes 2^19 at once; `vendor/README.md`): every term is in the segment's dictionary
-// once and finds its message.
+// A segment with far more distinct terms than its term table and its dictionary builder's
+// registry start with (the vendored tantivy-stacker and tantivy-fst start them small and
+// grow them as terms come, where upstream takes their whole size at once;
+// `vendor/README.md`): every term is in the segment's dictionary once, at its ordinal, and
+// finds its message.
 #[test]
 fn a_segment_with_many_terms_keeps_every_term() {
     const LETTERS: &[u8] = b"bcfghjkmnpqrtvwxz";
     const TERMS: u64 = 20_000;
-    let word = |mut i: u64| {
+    // Four letters that differ from word to word, then four scattered ones, so that few
+    // words share an ending and the dictionary has many nodes to compile.
+    let word = |i: u64| {
+        let base = LETTERS.len() as u64;
         let mut w = String::from("z");
+        let (mut unique, mut scattered) = (i, i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20);
         for _ in 0..4 {
-            w.push(LETTERS[(i % LETTERS.len() as u64) as usize] as char);
-            i /= LETTERS.len() as u64;
+            w.push(LETTERS[(unique % base) as usize] as char);
+            unique /= base;
+        }
+        for _ in 0..4 {
+            w.push(LETTERS[(scattered % base) as usize] as char);
+            scattered /= base;
         }
         w
     };
@@ -407,12 +416,29 @@ fn a_segment_with_many_terms_keeps_every_term() {
     let live = search.live();
     let searcher = live.reader.searcher();
     assert_eq!(searcher.segment_readers().len(), 1, "one segment");
-    let terms = searcher.segment_readers()[0]
+    let inverted = searcher.segment_readers()[0]
         .inverted_index(live.fields.text)
-        .unwrap()
-        .terms()
-        .num_terms();
-    assert_eq!(terms as u64, TERMS);
+        .unwrap();
+    let dictionary = inverted.terms();
+    assert_eq!(dictionary.num_terms() as u64, TERMS);
+    // The dictionary (an FST, built through the vendored tantivy-fst, whose registry of
+    // compiled nodes grows as the tantivy-stacker table does) holds exactly these terms, in
+    // order, each at its ordinal.
+    let mut expected: Vec<String> = (0..TERMS).map(word).collect();
+    expected.sort();
+    let mut stream = dictionary.stream().unwrap();
+    let mut listed = Vec::new();
+    while stream.advance() {
+        listed.push(String::from_utf8(stream.key().to_vec()).unwrap());
+    }
+    assert!(listed == expected, "the dictionary lists other terms");
+    for (ord, term) in expected.iter().enumerate() {
+        assert_eq!(
+            dictionary.term_ord(term).unwrap(),
+            Some(ord as u64),
+            "{term}"
+        );
+    }
     let w1 = scope(W1, &[(1, "general")]);
     // Quoted: a bare word also finds the words one edit away.
     for i in (0..TERMS).step_by(97) {
