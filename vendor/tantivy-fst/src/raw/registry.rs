@@ -46,6 +46,7 @@ impl Registry {
         let table_size_max = table_size;
         let table_size = table_size.min(INITIAL_ROWS_MAX);
         let ncells = table_size.checked_mul(mru_size).unwrap();
+        // As upstream: the size asked for must be one a table can have.
         table_size_max.checked_mul(mru_size).unwrap();
         Registry {
             table: vec![empty_cell; ncells],
@@ -90,13 +91,11 @@ impl Registry {
             vec![RegistryCell::none(); rows * self.mru_size],
         );
         self.table_size = rows;
-        for row in old.chunks(self.mru_size) {
-            for cell in row.iter().filter(|c| !c.is_none()) {
-                let start = self.mru_size * self.hash(&cell.node);
-                let slots = &mut self.table[start..start + self.mru_size];
-                if let Some(free) = slots.iter_mut().find(|c| c.is_none()) {
-                    free.clone_from(cell);
-                }
+        for cell in old.into_iter().filter(|c| !c.is_none()) {
+            let start = self.mru_size * self.hash(&cell.node);
+            let slots = &mut self.table[start..start + self.mru_size];
+            if let Some(free) = slots.iter_mut().find(|c| c.is_none()) {
+                *free = cell;
             }
         }
     }
