@@ -65,10 +65,27 @@ impl Positions {
 
     /// How many positions there are after `after`.
     fn count_after(&self, after: u64) -> u64 {
-        let all = self.seqs.len() - self.seqs.partition_point(|s| *s <= after);
-        let gone = self.gone.len() - self.gone.partition_point(|s| *s <= after);
-        (all - gone) as u64
+        (count_above(&self.seqs, after) - count_above(&self.gone, after)) as u64
     }
+}
+
+/// How many of `sorted` are above `after`, searched from the end: a marker is mostly at or
+/// near the channel's newest message (a member who posts has read up to their post), so
+/// the step doubles back from the last position, in memory the latest appends left warm,
+/// and the answer is usually found in one or two probes where a binary search started
+/// from the middle of a long list.
+fn count_above(sorted: &[u64], after: u64) -> usize {
+    let n = sorted.len();
+    let mut step = 1;
+    // sorted[n - lo..] are all above `after`; below the window [n - hi, n - lo) none are.
+    let mut lo = 0;
+    while lo + step <= n && sorted[n - lo - step] > after {
+        lo += step;
+        step *= 2;
+    }
+    let hi = (lo + step).min(n);
+    let window = &sorted[n - hi..n - lo];
+    lo + window.len() - window.partition_point(|s| *s <= after)
 }
 
 impl PartialEq for Positions {
@@ -428,6 +445,28 @@ mod tests {
                         assert_eq!((c.unread_count, c.mention_count), want, "seed {seed}");
                     }
                 }
+            }
+        }
+    }
+
+    // Counting from the end agrees with a binary search for every cut, over lists of every
+    // length up to 70 (each doubling step's edge) and a long one with gaps.
+    #[test]
+    fn count_above_agrees_with_a_binary_search() {
+        let mut lists: Vec<Vec<u64>> = (0..70u64)
+            .map(|n| (1..=n).map(|i| i * 3).collect())
+            .collect();
+        lists.push((0..5_000u64).map(|i| i * i % 7 + i * 10).collect());
+        for sorted in &lists {
+            let top = sorted.last().copied().unwrap_or(0) + 2;
+            for after in 0..=top {
+                let want = sorted.len() - sorted.partition_point(|s| *s <= after);
+                assert_eq!(
+                    count_above(sorted, after),
+                    want,
+                    "len {} after {after}",
+                    sorted.len()
+                );
             }
         }
     }
