@@ -14,6 +14,34 @@ use crate::ids::{ChannelId, FileId, MessageId, UserId, WorkspaceId};
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
 
+/// The JSON of `value`, written into this thread's scratch buffer and copied out once at
+/// its exact length. `serde_json::to_vec` starts a buffer at 128 bytes and doubles it as
+/// it writes, so a frame of 600 bytes paid three reallocations and their copies, a page of
+/// 20 KiB eight; and a `Vec` whose capacity is not its length costs `Bytes` another
+/// allocation for its shared header. A buffer grown past [`SCRATCH_KEPT`] is let go.
+pub fn json<T: Serialize + ?Sized>(value: &T) -> serde_json::Result<bytes::Bytes> {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    SCRATCH.with(|cell| {
+        // A value whose serialization calls this again gets a buffer of its own.
+        let Ok(mut buf) = cell.try_borrow_mut() else {
+            return serde_json::to_vec(value).map(bytes::Bytes::from);
+        };
+        buf.clear();
+        let written = serde_json::to_writer(&mut *buf, value);
+        let out = written.map(|()| bytes::Bytes::copy_from_slice(&buf));
+        if buf.capacity() > SCRATCH_KEPT {
+            *buf = Vec::new();
+        }
+        out
+    })
+}
+
+/// The most a thread's JSON scratch buffer keeps between uses: a history page of 50
+/// messages fits; a larger answer gets its buffer back from the allocator each time.
+const SCRATCH_KEPT: usize = 64 * 1024;
+
 /// An RFC 3339 UTC time with microseconds, from microseconds since the epoch.
 pub fn rfc3339(at_us: u64) -> String {
     Rfc3339(at_us).to_string()
@@ -321,13 +349,13 @@ impl ReadView {
 
     /// The `read` frame that tells a member's connections about a marker change:
     /// `{"type":"read","read":{...}}`.
-    pub fn frame(&self) -> Vec<u8> {
+    pub fn frame(&self) -> bytes::Bytes {
         #[derive(Serialize)]
         struct Frame<'a> {
             r#type: &'static str,
             read: &'a ReadView,
         }
-        serde_json::to_vec(&Frame {
+        json(&Frame {
             r#type: "read",
             read: self,
         })
@@ -525,7 +553,7 @@ pub fn event_frame(
     seq: u64,
     event: &ChannelEvent,
     view: impl Fn(&Message) -> MessageView,
-) -> Vec<u8> {
+) -> bytes::Bytes {
     let channel = state.id;
     let view_of = |target: u64| {
         state
@@ -594,7 +622,7 @@ pub fn event_frame(
             }
         }
     };
-    serde_json::to_vec(&EventFrame {
+    json(&EventFrame {
         kind: "event",
         channel_id: channel,
         seq,
@@ -904,9 +932,7 @@ pub fn to_device_frame(m: &ToDevice) -> bytes::Bytes {
             serialize_to_device(self.0, Some("to_device"), s)
         }
     }
-    serde_json::to_vec(&Frame(m))
-        .expect("a to-device message holds the JSON object it was checked to be")
-        .into()
+    json(&Frame(m)).expect("a to-device message holds the JSON object it was checked to be")
 }
 
 /// The `e2ee:keys_low` frame: a device has fewer than

@@ -855,10 +855,10 @@ pub(crate) struct Reply {
 
 impl Reply {
     pub(crate) fn json<T: Serialize + ?Sized>(status: u16, value: &T) -> Reply {
-        let body = serde_json::to_vec(value).expect("answers always serialize");
+        let body = chorus_engine::view::json(value).expect("answers always serialize");
         Reply {
             status,
-            body: Some(body.into()),
+            body: Some(body),
             retry_after: None,
         }
     }

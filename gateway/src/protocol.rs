@@ -382,7 +382,7 @@ fn target(channel: &str, message: &str) -> Result<MessageId, ApiError> {
 
 /// A JSON value as a frame.
 pub fn encode(value: &Value) -> Bytes {
-    Bytes::from(serde_json::to_vec(value).expect("a JSON value always serializes"))
+    chorus_engine::view::json(value).expect("a JSON value always serializes")
 }
 
 /// `{"type":"error","ref","code","message"}`, with `retry_after_ms` when rate limited.
@@ -437,7 +437,7 @@ pub fn ack(reference: &Value, message: Option<&chorus_engine::view::MessageView>
         reference,
         message,
     };
-    Bytes::from(serde_json::to_vec(&frame).expect("an ack always serializes"))
+    chorus_engine::view::json(&frame).expect("an ack always serializes")
 }
 
 /// An `ack` written straight from its message (the engine's view, or the leader's JSON):
@@ -459,7 +459,7 @@ pub fn ack_value(reference: &Value, message: &Value) -> Bytes {
         reference,
         message: Some(message),
     };
-    Bytes::from(serde_json::to_vec(&frame).expect("an ack always serializes"))
+    chorus_engine::view::json(&frame).expect("an ack always serializes")
 }
 
 /// `presence`: `{"user_id","status","dnd_until","last_active_at"}`.
@@ -524,7 +524,7 @@ fn encode_presence<'a>(
         reference,
         users: PresenceMap(std::cell::Cell::new(Some(users.into_iter()))),
     };
-    Bytes::from(serde_json::to_vec(&frame).expect("a presence frame always serializes"))
+    chorus_engine::view::json(&frame).expect("a presence frame always serializes")
 }
 
 /// `ack {"ref","users":{user_id: presence}}`, the answer to `presence:sub`.

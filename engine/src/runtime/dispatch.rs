@@ -836,7 +836,7 @@ impl Dispatcher {
                 .map(|(c, seq)| (c.to_string(), seq.into()))
                 .collect();
             let frame = serde_json::json!({"type": "resumed", "channels": channels});
-            let bytes = Bytes::from(serde_json::to_vec(&frame).expect("json"));
+            let bytes = crate::view::json(&frame).expect("json");
             fits = s.outlet.queue.push(bytes) == PushOutcome::Queued;
         }
         fits = fits

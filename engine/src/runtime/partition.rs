@@ -1165,7 +1165,7 @@ impl<E: Env> Partition<E> {
             return None;
         }
         let view = self.read_view(user, channel)?;
-        Some(Bytes::from(view.frame()))
+        Some(view.frame())
     }
 
     /// A member's read state in a channel, from the state as decided so far.
@@ -1404,7 +1404,6 @@ impl<E: Env> Partition<E> {
             at_us,
             event,
         };
-        let frame = Bytes::from(frame);
         let payload = if large {
             match self.env.blobs().put(frame.clone()).await {
                 Ok(r) => event::encode_channel(&record, &frame_reference(&r)),
@@ -1604,7 +1603,7 @@ impl<E: Env> Partition<E> {
             "channel_id": channel.to_string(),
             "user_id": user.to_string(),
         });
-        let frame = Bytes::from(serde_json::to_vec(&frame).expect("json"));
+        let frame = crate::view::json(&frame).expect("json");
         let targets: Vec<u32> = self
             .channel_shards
             .get(&channel)
