@@ -567,7 +567,7 @@ impl Driver {
         // Events only while the stream takes writes: otherwise the engine's bounded queue
         // holds them, and cuts the client off when it is full.
         if self.outbox.is_empty() {
-            progressed |= take_events(now, &mut live.core, &mut live.sub, &mut live.batch, cx);
+            progressed |= take_events(|| now, &mut live.core, &mut live.sub, &mut live.batch, cx);
         }
         progressed.then_some(Poll::Ready(()))
     }

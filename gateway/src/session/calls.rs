@@ -178,9 +178,10 @@ fn leader_of<T>(result: &Result<T, EngineError>) -> Option<u64> {
 
 /// Moves the subscription's ready frames into the core, up to its room, and registers the
 /// queue's waker when it is found empty; a cutoff is handed to the core. Returns whether
-/// anything happened. `batch` is the caller's scratch space, left empty.
+/// anything happened. `batch` is the caller's scratch space, left empty. The clock is read
+/// only when frames were taken.
 pub fn take_events(
-    now: std::time::Instant,
+    now: impl FnOnce() -> std::time::Instant,
     core: &mut SessionCore,
     sub: &mut Subscription,
     batch: &mut Vec<Bytes>,
@@ -206,8 +207,11 @@ pub fn take_events(
         }
     };
     let mut progressed = !batch.is_empty();
-    for frame in batch.drain(..) {
-        core.push_event(now, frame);
+    if progressed {
+        let now = now();
+        for frame in batch.drain(..) {
+            core.push_event(now, frame);
+        }
     }
     if batch.capacity() > super::BATCH_FRAMES_MAX {
         batch.shrink_to(super::BATCH_FRAMES_MAX);

@@ -559,10 +559,12 @@ impl Session {
             // A dropped sender means the shard is going away too.
             self.core.handle_drain();
         }
+        // One clock read a turn at most, where each of the two that want it read its own.
+        let mut clock = None;
         let mut busy = self.poll_call(cx);
-        busy |= self.poll_outbound(cx)?;
+        busy |= self.poll_outbound(cx, &mut clock)?;
         busy |= self.poll_inbound()?;
-        busy |= self.poll_timer(cx);
+        busy |= self.poll_timer(cx, &mut clock);
         match self.core.poll_close() {
             Some(reason) => Err(close_code(reason)),
             None => Ok(busy),
@@ -596,7 +598,11 @@ impl Session {
     /// socket: one batch, one `sendmsg` ([`out`]). While frames wait for the socket nothing
     /// more is taken from the subscription, so its bounded queue is what absorbs a slow
     /// client.
-    fn poll_outbound(&mut self, cx: &mut Context<'_>) -> Result<bool, Exit> {
+    fn poll_outbound(
+        &mut self,
+        cx: &mut Context<'_>,
+        clock: &mut Option<Instant>,
+    ) -> Result<bool, Exit> {
         if !self.write_out(cx)? {
             return Ok(false);
         }
@@ -607,7 +613,8 @@ impl Session {
             Err(e) => return Err(self.write_failed(e)),
         }
         let sub = self.sub.as_mut().expect("subscribed while serving");
-        take_events(Instant::now(), &mut self.core, sub, &mut self.batch, cx);
+        let now = || *clock.get_or_insert_with(Instant::now);
+        take_events(now, &mut self.core, sub, &mut self.batch, cx);
         let mut frames = 0;
         while frames < BATCH_FRAMES_MAX {
             let Some(frame) = self.core.poll_transmit() else {
@@ -683,8 +690,9 @@ impl Session {
     }
 
     /// Fires the core's timeout when its deadline passed, and keeps the one timer armed
-    /// for the next deadline; whether it fired.
-    fn poll_timer(&mut self, cx: &mut Context<'_>) -> bool {
+    /// for the next deadline; whether it fired. `clock` is the turn's reading, if one was
+    /// taken: a deadline that passed since only waits for the timer's own wake-up.
+    fn poll_timer(&mut self, cx: &mut Context<'_>, clock: &mut Option<Instant>) -> bool {
         let mut fired = false;
         loop {
             let due = self.core.poll_timeout();
@@ -692,7 +700,7 @@ impl Session {
                 // The deadline moved earlier: re-arm now (rare: a grace, a held presence frame).
                 self.arm(due);
             }
-            if self.charged && Instant::now() < self.armed_for {
+            if self.charged && *clock.get_or_insert_with(Instant::now) < self.armed_for {
                 return fired;
             }
             if Pin::new(&mut self.timer).poll(cx).is_pending() {

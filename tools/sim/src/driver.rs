@@ -196,13 +196,8 @@ impl Driver {
 
     fn fill_events(&mut self, cx: &mut Context<'_>) {
         if let Some(sub) = self.sub.as_mut() {
-            take_events(
-                self.executor.now(),
-                &mut self.core,
-                sub,
-                &mut self.batch,
-                cx,
-            );
+            let now = self.executor.now();
+            take_events(|| now, &mut self.core, sub, &mut self.batch, cx);
         }
     }
 
