@@ -18,7 +18,7 @@ use serde::Serialize;
 /// its exact length. `serde_json::to_vec` starts a buffer at 128 bytes and doubles it as
 /// it writes, so a frame of 600 bytes paid three reallocations and their copies, a page of
 /// 20 KiB eight; and a `Vec` whose capacity is not its length costs `Bytes` another
-/// allocation for its shared header. A buffer grown past [`SCRATCH_KEPT`] is let go.
+/// allocation for its shared header. A buffer grown past 64 KiB is let go.
 pub fn json<T: Serialize + ?Sized>(value: &T) -> serde_json::Result<bytes::Bytes> {
     thread_local! {
         static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
