@@ -260,18 +260,27 @@ fn three_processes_serve_one_cluster_and_survive_a_sigkill() {
         200,
     );
     let partition = channel["channel"]["partition"].clone();
-    let v = nodes[0]
-        .as_ref()
-        .unwrap()
-        .ok("GET", "/api/v1/cluster", &user(&token), None, 200);
-    let leader = v["partitions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["id"] == partition)
-        .and_then(|p| p["leader"].as_u64())
-        .unwrap_or_else(|| panic!("partition {partition} has no leader: {v}"));
-    let leader = leader as usize - 1;
+    // A node starved of CPU past an election timeout (200 ms) asks for votes and shows its
+    // groups without a leader until the leader's next heartbeat reaches it.
+    let mut leader = None;
+    wait_until(
+        &format!("node 1 to name partition {partition}'s leader"),
+        || {
+            let v =
+                nodes[0]
+                    .as_ref()
+                    .unwrap()
+                    .ok("GET", "/api/v1/cluster", &user(&token), None, 200);
+            leader = v["partitions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["id"] == partition)
+                .and_then(|p| p["leader"].as_u64());
+            leader.is_some()
+        },
+    );
+    let leader = leader.unwrap() as usize - 1;
 
     // Over the WebSocket of a node that does not lead the partition: a send, an edit, a
     // reaction and a delete, each passed to the leader and acknowledged as if decided
