@@ -40,7 +40,7 @@ pub const TRIM_AFTER_CLOSES: usize = 1_000;
 /// trim, whatever the connections did: a burst of large, short-lived allocations (the
 /// answers to 19,000 `presence:sub` of 100 users each, 11 KiB apiece) leaves hundreds of
 /// MiB free but resident.
-pub const TRIM_AFTER_FREED_BYTES: usize = 32 << 20;
+pub const TRIM_AFTER_FREED_BYTES: usize = 16 << 20;
 
 /// Growth of the process's resident memory since the allocator was last looked at that
 /// makes the housekeeper look again (and trim if [`TRIM_AFTER_FREED_BYTES`] came free).
@@ -51,6 +51,16 @@ pub const TRIM_AFTER_FREED_BYTES: usize = 32 << 20;
 /// (`bench/results/2026-12-06-rf1-stall/`). Reading the resident size takes no allocator
 /// lock; a burst that leaves hundreds of MiB free first made the process that much larger.
 pub const LOOK_AFTER_RESIDENT_BYTES: usize = 128 << 20;
+
+/// Growth of the resident size since the last look that makes the housekeeper look once
+/// the size has stopped growing (it grew less than [`SETTLED_WITHIN_BYTES`] over the last
+/// round): the end of a burst. A heap that grows steadily (posts kept in memory) is never
+/// settled, so it is looked at only every [`LOOK_AFTER_RESIDENT_BYTES`]; a burst smaller
+/// than that (the 19,000 `presence:sub` answers) is still given back when it ends.
+pub const LOOK_AFTER_SETTLED_BYTES: usize = 32 << 20;
+
+/// Growth over one housekeeping round below which the resident size counts as settled.
+pub const SETTLED_WITHIN_BYTES: usize = 1 << 20;
 
 /// The process's resident memory in bytes (`/proc/self/statm`; no allocator lock).
 pub fn resident_bytes() -> usize {
@@ -76,7 +86,7 @@ pub fn free_bytes() -> usize {
 /// [`TRIM_AFTER_CLOSES`] connections closed since the most were open, or once the
 /// allocator's free bytes grew by [`TRIM_AFTER_FREED_BYTES`] since the last trim, which
 /// it looks at only after the resident size grew by [`LOOK_AFTER_RESIDENT_BYTES`] since
-/// the last look.
+/// the last look, or by [`LOOK_AFTER_SETTLED_BYTES`] and then stopped growing.
 #[derive(Debug, Default)]
 pub struct TrimPolicy {
     high_water: usize,
@@ -85,6 +95,12 @@ pub struct TrimPolicy {
     free_after: usize,
     /// The resident size at the last look at the allocator (or the lowest since).
     resident_at_look: usize,
+    /// The resident size at the last look made because it had settled (or the lowest
+    /// since): a look in the middle of a burst does not move it, so the burst's end is
+    /// still looked at.
+    resident_at_settled: usize,
+    /// The resident size seen by the last round.
+    resident_before: usize,
 }
 
 impl TrimPolicy {
@@ -99,10 +115,18 @@ impl TrimPolicy {
             return true;
         }
         self.resident_at_look = self.resident_at_look.min(resident);
-        if resident < self.resident_at_look + LOOK_AFTER_RESIDENT_BYTES {
+        self.resident_at_settled = self.resident_at_settled.min(resident);
+        let settled = resident < self.resident_before + SETTLED_WITHIN_BYTES;
+        self.resident_before = resident;
+        let step = resident >= self.resident_at_look + LOOK_AFTER_RESIDENT_BYTES;
+        let burst_over = settled && resident >= self.resident_at_settled + LOOK_AFTER_SETTLED_BYTES;
+        if !step && !burst_over {
             return false;
         }
         self.resident_at_look = resident;
+        if burst_over {
+            self.resident_at_settled = resident;
+        }
         let free = free();
         self.free_after = self.free_after.min(free);
         free - self.free_after >= TRIM_AFTER_FREED_BYTES
@@ -117,6 +141,7 @@ impl TrimPolicy {
     /// [`TrimPolicy::observe`] (at start).
     pub fn looked(&mut self, resident: usize) {
         self.resident_at_look = resident;
+        self.resident_at_settled = resident;
     }
 }
 
@@ -187,7 +212,7 @@ mod tests {
         // Grown less than the step: not looked at, whatever is free.
         assert!(!p.observe(100, grown(2) - 1, free(500 * MIB)));
         assert_eq!(looks.get(), 0);
-        assert!(!p.observe(100, grown(2), free(30 * MIB)));
+        assert!(!p.observe(100, grown(2), free(10 * MIB + TRIM_AFTER_FREED_BYTES - MIB)));
         assert!(p.observe(100, grown(3), free(10 * MIB + TRIM_AFTER_FREED_BYTES)));
         p.trimmed(50 * MIB);
         assert!(!p.observe(100, grown(4), free(60 * MIB)));
@@ -197,6 +222,64 @@ mod tests {
         assert!(!p.observe(100, grown(1), free(0)));
         assert!(p.observe(100, grown(2), free(20 * MIB + TRIM_AFTER_FREED_BYTES)));
         assert_eq!(looks.get(), 5);
+    }
+
+    // A burst smaller than the look step is looked at, and trimmed, once the resident
+    // size stops growing; a heap that grows steadily is not, until it grew the whole step.
+    #[test]
+    fn looks_when_a_smaller_burst_settles() {
+        const MIB: usize = 1 << 20;
+        let base = 200 * MIB;
+        let mut p = TrimPolicy::default();
+        p.trimmed(10 * MIB);
+        p.looked(base);
+        let looks = std::cell::Cell::new(0);
+        let free = |bytes: usize| {
+            let looks = &looks;
+            move || {
+                looks.set(looks.get() + 1);
+                bytes
+            }
+        };
+        let burst = 10 * MIB + TRIM_AFTER_FREED_BYTES;
+        // Growing steadily, each round more than it settles within: never looked at.
+        let step = SETTLED_WITHIN_BYTES + MIB;
+        let mut resident = base;
+        while resident + step < base + LOOK_AFTER_RESIDENT_BYTES {
+            resident += step;
+            assert!(!p.observe(100, resident, free(burst)));
+        }
+        assert_eq!(looks.get(), 0);
+        // Settled after growing less than the settled step since the last look: not yet.
+        let mut p = TrimPolicy::default();
+        p.trimmed(10 * MIB);
+        p.looked(base);
+        assert!(!p.observe(100, base + LOOK_AFTER_SETTLED_BYTES - MIB, free(burst)));
+        assert!(!p.observe(100, base + LOOK_AFTER_SETTLED_BYTES - MIB, free(burst)));
+        assert_eq!(looks.get(), 0);
+        // Grown past it while growing: not yet; the next round finds it settled and trims.
+        let after = base + LOOK_AFTER_SETTLED_BYTES + 8 * MIB;
+        assert!(!p.observe(100, after, free(burst)));
+        assert_eq!(looks.get(), 0);
+        assert!(p.observe(100, after, free(burst)));
+        assert_eq!(looks.get(), 1);
+        p.trimmed(burst);
+        // Settled, not grown again since the look: not looked at again.
+        assert!(!p.observe(100, after, free(burst * 2)));
+        assert_eq!(looks.get(), 1);
+        // A burst past the whole step is looked at in its middle, with little free yet;
+        // its end is looked at again when it settles, and trimmed.
+        let mut p = TrimPolicy::default();
+        p.trimmed(10 * MIB);
+        p.looked(base);
+        let middle = base + LOOK_AFTER_RESIDENT_BYTES;
+        assert!(!p.observe(100, middle, free(10 * MIB)));
+        assert_eq!(looks.get(), 2);
+        let end = middle + LOOK_AFTER_SETTLED_BYTES / 2;
+        assert!(!p.observe(100, end, free(burst)));
+        assert_eq!(looks.get(), 2);
+        assert!(p.observe(100, end, free(burst)));
+        assert_eq!(looks.get(), 3);
     }
 
     #[test]

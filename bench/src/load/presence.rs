@@ -636,10 +636,12 @@ impl ChorusRunner {
             }
             ensure!(acked == n, "only {acked} of {n} presence:sub were acked");
             // The answers to the subscriptions (11 KiB each at the standard size) are
-            // freed once written; the server gives such bursts back to the kernel at its
-            // next housekeeping round, and what it holds after that is what it keeps.
+            // freed once written; the server gives such a burst back to the kernel at the
+            // first housekeeping round that finds its resident size settled (the second
+            // after the burst at the latest), and what it holds after that is what it
+            // keeps.
             let settle = if self.rss_settle >= super::chorus::RSS_SETTLE {
-                self.rss_settle + chorus_gateway::memory::HOUSEKEEPING_INTERVAL
+                self.rss_settle + 2 * chorus_gateway::memory::HOUSEKEEPING_INTERVAL
             } else {
                 self.rss_settle
             };
