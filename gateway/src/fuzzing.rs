@@ -188,6 +188,8 @@ fn quic_setup() -> &'static crate::quic::QuicSetup {
         let dir = std::env::temp_dir().join(format!("chorus-fuzz-quic-{}", std::process::id()));
         let identity =
             crate::quic::cert::load_or_create(None, &dir).expect("a generated certificate");
+        // The identity is in memory now; the files would outlive every fuzzing run.
+        let _ = std::fs::remove_dir_all(&dir);
         let (router, _) = crate::quic::Router::new(2);
         crate::quic::QuicSetup::new(identity, router).expect("QUIC settings")
     })
