@@ -175,6 +175,14 @@ pub fn housekeeper(
 mod tests {
     use super::*;
 
+    /// The allocator's free bytes as `bytes`, each look at them counted in `looks`.
+    fn counted(looks: &std::cell::Cell<usize>, bytes: usize) -> impl FnOnce() -> usize + '_ {
+        move || {
+            looks.set(looks.get() + 1);
+            bytes
+        }
+    }
+
     // The policy trims once per wave of closes, not while connections are opening or
     // after a few closes.
     #[test]
@@ -202,13 +210,7 @@ mod tests {
         p.trimmed(10 * MIB);
         p.looked(grown(1));
         let looks = std::cell::Cell::new(0);
-        let free = |bytes: usize| {
-            let looks = &looks;
-            move || {
-                looks.set(looks.get() + 1);
-                bytes
-            }
-        };
+        let free = |bytes: usize| counted(&looks, bytes);
         // Grown less than the step: not looked at, whatever is free.
         assert!(!p.observe(100, grown(2) - 1, free(500 * MIB)));
         assert_eq!(looks.get(), 0);
@@ -234,13 +236,7 @@ mod tests {
         p.trimmed(10 * MIB);
         p.looked(base);
         let looks = std::cell::Cell::new(0);
-        let free = |bytes: usize| {
-            let looks = &looks;
-            move || {
-                looks.set(looks.get() + 1);
-                bytes
-            }
-        };
+        let free = |bytes: usize| counted(&looks, bytes);
         let burst = 10 * MIB + TRIM_AFTER_FREED_BYTES;
         // Growing steadily, each round more than it settles within: never looked at.
         let step = SETTLED_WITHIN_BYTES + MIB;
