@@ -52,9 +52,9 @@ pub const TRIM_AFTER_FREED_BYTES: usize = 16 << 20;
 /// lock; a burst that leaves hundreds of MiB free first made the process that much larger.
 pub const LOOK_AFTER_RESIDENT_BYTES: usize = 128 << 20;
 
-/// Growth of the resident size since the last look that makes the housekeeper look once
-/// the size has stopped growing (it grew less than [`SETTLED_WITHIN_BYTES`] over the last
-/// round): the end of a burst. A heap that grows steadily (posts kept in memory) is never
+/// Growth of the resident size since the last look made at a burst's end that makes the
+/// housekeeper look once the size has stopped growing (it grew less than
+/// [`SETTLED_WITHIN_BYTES`] over the last round): the end of a burst. A heap that grows steadily (posts kept in memory) is never
 /// settled, so it is looked at only every [`LOOK_AFTER_RESIDENT_BYTES`]; a burst smaller
 /// than that (the 19,000 `presence:sub` answers) is still given back when it ends.
 pub const LOOK_AFTER_SETTLED_BYTES: usize = 32 << 20;
@@ -86,7 +86,8 @@ pub fn free_bytes() -> usize {
 /// [`TRIM_AFTER_CLOSES`] connections closed since the most were open, or once the
 /// allocator's free bytes grew by [`TRIM_AFTER_FREED_BYTES`] since the last trim, which
 /// it looks at only after the resident size grew by [`LOOK_AFTER_RESIDENT_BYTES`] since
-/// the last look, or by [`LOOK_AFTER_SETTLED_BYTES`] and then stopped growing.
+/// the last look, or by [`LOOK_AFTER_SETTLED_BYTES`] since the last look at a burst's end
+/// and then stopped growing.
 #[derive(Debug, Default)]
 pub struct TrimPolicy {
     high_water: usize,
