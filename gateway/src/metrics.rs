@@ -27,6 +27,47 @@ pub const FSYNC_LATENCY_BUCKETS_S: &[f64] = &[
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 ];
 
+/// A durable batch write that takes this long is logged as a warning: the disk stalled,
+/// and every post of the partition waited for it.
+pub const SLOW_WRITE: Duration = Duration::from_millis(100);
+
+/// Lets a warning through at most once per period, from any thread: a disk that stalls
+/// every write logs once a second, not once a write.
+#[derive(Debug)]
+pub struct Throttle {
+    start: std::time::Instant,
+    every_ms: u64,
+    /// Milliseconds since `start` before which no warning goes through.
+    next_ms: AtomicU64,
+}
+
+impl Throttle {
+    pub fn new(every: Duration) -> Throttle {
+        Throttle {
+            start: std::time::Instant::now(),
+            every_ms: u64::try_from(every.as_millis()).unwrap_or(u64::MAX),
+            next_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether a warning at `now` goes through; when one does, the next waits a period.
+    pub fn allow(&self, now: std::time::Instant) -> bool {
+        let ms = u64::try_from(now.saturating_duration_since(self.start).as_millis())
+            .unwrap_or(u64::MAX);
+        let next = self.next_ms.load(Ordering::Relaxed);
+        ms >= next
+            && self
+                .next_ms
+                .compare_exchange(
+                    next,
+                    ms.saturating_add(self.every_ms),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+}
+
 /// HTTP status classes counted: 1xx to 5xx.
 const STATUS_CLASSES: usize = 5;
 const STATUS_CLASS_LABELS: [&str; STATUS_CLASSES] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -812,5 +853,25 @@ mod tests {
         assert_eq!(s["chorus_queue_depth"], 10.0);
         assert_eq!(s["chorus_fsync_latency_seconds_bucket{le=\"0.0025\"}"], 1.0);
         assert_eq!(s["chorus_fsync_latency_seconds_bucket{le=\"0.001\"}"], 0.0);
+    }
+
+    // A warning goes through, then none for a period, then one again; two threads asking
+    // at the same moment let one through.
+    #[test]
+    fn a_throttle_lets_one_warning_through_per_period() {
+        let t = Throttle::new(Duration::from_secs(1));
+        let at = |ms| t.start + Duration::from_millis(ms);
+        assert!(t.allow(at(5)));
+        assert!(!t.allow(at(5)));
+        assert!(!t.allow(at(1_004)));
+        assert!(t.allow(at(1_005)));
+        assert!(!t.allow(at(1_500)));
+        let through = std::thread::scope(|s| {
+            let asks: Vec<_> = (0..4).map(|_| s.spawn(|| t.allow(at(3_000)))).collect();
+            asks.into_iter()
+                .filter_map(|a| a.join().unwrap().then_some(()))
+                .count()
+        });
+        assert_eq!(through, 1);
     }
 }

@@ -199,8 +199,10 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     ])?;
     let metrics = Arc::new(Metrics::default());
     let mut engine_config = EngineConfig::new(&config.data_dir);
-    engine_config.observer =
-        chorus_engine::ObserverSlot(Some(Arc::new(EngineMetrics(metrics.clone()))));
+    engine_config.observer = chorus_engine::ObserverSlot(Some(Arc::new(EngineMetrics(
+        metrics.clone(),
+        crate::metrics::Throttle::new(Duration::from_secs(1)),
+    ))));
     engine_config.shards = shards;
     engine_config.partitions = config.partitions;
     engine_config.subscriber_queue_frames = config.ws_outbound_frames_max;
@@ -358,13 +360,20 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     Ok(())
 }
 
-/// Feeds the engine's reports into the server's metrics.
-struct EngineMetrics(Arc<Metrics>);
+/// Feeds the engine's reports into the server's metrics, and warns of a stalled disk.
+struct EngineMetrics(Arc<Metrics>, crate::metrics::Throttle);
 
 impl chorus_engine::Observer for EngineMetrics {
     fn committed(&self, events: usize, latency: Duration) {
         self.0.commits.add(events as u64);
         self.0.fsync_latency_seconds.observe_duration(latency);
+        if latency >= crate::metrics::SLOW_WRITE && self.1.allow(std::time::Instant::now()) {
+            tracing::warn!(
+                ms = latency.as_millis() as u64,
+                events,
+                "a durable batch write was slow: the disk stalled (at most one such warning a second)"
+            );
+        }
     }
 
     fn delivered(&self, frames: usize) {
