@@ -199,10 +199,10 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     ])?;
     let metrics = Arc::new(Metrics::default());
     let mut engine_config = EngineConfig::new(&config.data_dir);
-    engine_config.observer = chorus_engine::ObserverSlot(Some(Arc::new(EngineMetrics(
-        metrics.clone(),
-        crate::metrics::Throttle::new(Duration::from_secs(1)),
-    ))));
+    engine_config.observer = chorus_engine::ObserverSlot(Some(Arc::new(EngineMetrics {
+        metrics: metrics.clone(),
+        slow_writes: crate::metrics::Throttle::new(Duration::from_secs(1)),
+    })));
     engine_config.shards = shards;
     engine_config.partitions = config.partitions;
     engine_config.subscriber_queue_frames = config.ws_outbound_frames_max;
@@ -361,13 +361,19 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
 }
 
 /// Feeds the engine's reports into the server's metrics, and warns of a stalled disk.
-struct EngineMetrics(Arc<Metrics>, crate::metrics::Throttle);
+struct EngineMetrics {
+    metrics: Arc<Metrics>,
+    /// The warnings of slow durable writes, at most one a second.
+    slow_writes: crate::metrics::Throttle,
+}
 
 impl chorus_engine::Observer for EngineMetrics {
     fn committed(&self, events: usize, latency: Duration) {
-        self.0.commits.add(events as u64);
-        self.0.fsync_latency_seconds.observe_duration(latency);
-        if latency >= crate::metrics::SLOW_WRITE && self.1.allow(std::time::Instant::now()) {
+        self.metrics.commits.add(events as u64);
+        self.metrics.fsync_latency_seconds.observe_duration(latency);
+        if latency >= crate::metrics::SLOW_WRITE
+            && self.slow_writes.allow(std::time::Instant::now())
+        {
             tracing::warn!(
                 ms = latency.as_millis() as u64,
                 events,
@@ -377,15 +383,15 @@ impl chorus_engine::Observer for EngineMetrics {
     }
 
     fn delivered(&self, frames: usize) {
-        self.0.deliveries.add(frames as u64);
+        self.metrics.deliveries.add(frames as u64);
     }
 
     fn cut_off(&self) {
-        self.0.slow_consumer_disconnects.inc();
+        self.metrics.slow_consumer_disconnects.inc();
     }
 
     fn queue_depth(&self, delta: i64) {
-        self.0.queue_depth.add(delta);
+        self.metrics.queue_depth.add(delta);
     }
 }
 
