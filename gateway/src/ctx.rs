@@ -192,6 +192,9 @@ pub struct ShardCtx {
     pub typing: RefCell<Limiter>,
     /// Senders that tell this shard's WebSocket sessions to close for a drain.
     pub closers: RefCell<Vec<oneshot::Sender<()>>>,
+    /// Set when the shard sends its `closers`, just before: a session polls its drain
+    /// receiver once to leave its waker there, and again only after this is set.
+    pub closing: std::cell::Cell<bool>,
     /// The engine shard this context runs on.
     pub shard: u32,
 }
@@ -205,6 +208,7 @@ impl ShardCtx {
             typing: RefCell::new(Limiter::new(config.typing_per_s, 1.0)),
             shared,
             closers: RefCell::new(Vec::new()),
+            closing: std::cell::Cell::new(false),
             shard,
         }
     }

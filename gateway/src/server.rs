@@ -478,6 +478,7 @@ async fn shard_main(
     accept_loop(&ctx, listener, stop).await;
     let _ = stop_quic.send(());
     // Tell the sessions of this shard, WebSocket and QUIC, to go away.
+    ctx.closing.set(true);
     for closer in ctx.closers.borrow_mut().drain(..) {
         let _ = closer.send(());
     }

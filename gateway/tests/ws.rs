@@ -724,17 +724,24 @@ fn slow_readers_are_cut_off_and_resume() {
     assert_eq!(b.recv()["type"], "resumed");
 }
 
-// SIGTERM closes every WebSocket with 1001 "going away" and the server exits 0.
+// SIGTERM closes every WebSocket with 1001 "going away" and the server exits 0. The
+// close comes from the drain itself, not from the engine's shutdown after the server's
+// 10 s wait for connections to end, which closes the sessions too.
 #[test]
 fn drain_closes_with_going_away() {
     let (mut server, alice, _, _, _) = pair("");
     let (mut a, _) = server.connect(&alice);
     a.ping("start");
     let status = std::thread::scope(|s| {
-        let closed = s.spawn(move || a.recv_close());
+        let signalled = Instant::now();
+        let closed = s.spawn(move || (a.recv_close(), signalled.elapsed()));
         let status = server.terminate();
-        let (code, reason, _) = closed.join().unwrap();
+        let ((code, reason, _), after) = closed.join().unwrap();
         assert_eq!((code, reason.as_str()), (1001, "going away"));
+        assert!(
+            after < Duration::from_secs(5),
+            "closed {after:?} after the signal"
+        );
         status
     });
     assert!(status.success(), "{status:?}");

@@ -454,6 +454,10 @@ struct Session {
     sub: Option<Subscription>,
     control: SubscriptionControl,
     drain: oneshot::Receiver<()>,
+    /// Whether `drain` holds this task's waker. It is polled once to leave it there, then
+    /// only once the shard is closing (`ShardCtx::closing`): polled on every turn, it
+    /// cost each delivery a waker clone and a cache miss on a line of its own.
+    drain_waits: bool,
     /// Wakes the session at the core's next deadline; re-armed only when it fires or the
     /// deadline moves earlier, so frames cost no timer work.
     timer: glommio::timer::Timer,
@@ -502,6 +506,7 @@ impl Session {
             ws,
             core,
             drain,
+            drain_waits: false,
             call: None,
             batch: Vec::new(),
             out: out::Outbound::default(),
@@ -555,10 +560,14 @@ impl Session {
 
     /// One turn over every source; whether it did work that may allow more right away.
     fn turn(&mut self, cx: &mut Context<'_>) -> Result<bool, Exit> {
-        if Pin::new(&mut self.drain).poll(cx).is_ready() {
-            // A dropped sender means the shard is going away too.
+        if (!self.drain_waits || self.ctx.closing.get())
+            && Pin::new(&mut self.drain).poll(cx).is_ready()
+        {
+            // The shard sends on every sender right after setting `closing`; a sender is
+            // dropped unsent only with the shard's context, which this session holds.
             self.core.handle_drain();
         }
+        self.drain_waits = true;
         // One clock read a turn at most, where each of the two that want it read its own.
         let mut clock = None;
         let mut busy = self.poll_call(cx);
