@@ -54,9 +54,10 @@ pub const LOOK_AFTER_RESIDENT_BYTES: usize = 128 << 20;
 
 /// Growth of the resident size since the last look made at a burst's end that makes the
 /// housekeeper look once the size has stopped growing (it grew less than
-/// [`SETTLED_WITHIN_BYTES`] over the last round): the end of a burst. A heap that grows steadily (posts kept in memory) is never
-/// settled, so it is looked at only every [`LOOK_AFTER_RESIDENT_BYTES`]; a burst smaller
-/// than that (the 19,000 `presence:sub` answers) is still given back when it ends.
+/// [`SETTLED_WITHIN_BYTES`] over the last round): the end of a burst. A heap that grows
+/// steadily (posts kept in memory) is never settled, so it is looked at only every
+/// [`LOOK_AFTER_RESIDENT_BYTES`]; a burst smaller than that (the 19,000 `presence:sub`
+/// answers) is still given back when it ends.
 pub const LOOK_AFTER_SETTLED_BYTES: usize = 32 << 20;
 
 /// Growth over one housekeeping round below which the resident size counts as settled.

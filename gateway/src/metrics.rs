@@ -8,7 +8,7 @@
 //! metrics library would bring a registry and locks we do not need.
 
 use std::fmt::Write;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// Prefix of every metric name.
@@ -95,14 +95,14 @@ struct Stripe(AtomicU64);
 
 /// The stripe index of this thread, handed out in the order threads first add.
 fn stripe() -> usize {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
         static STRIPE: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
     }
     STRIPE
         .try_with(|s| {
             if s.get() == usize::MAX {
-                s.set(NEXT.fetch_add(1, Ordering::Relaxed) as usize % STRIPES);
+                s.set(NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES);
             }
             s.get()
         })
@@ -124,7 +124,8 @@ impl Counter {
     pub fn get(&self) -> u64 {
         self.0
             .iter()
-            .fold(0u64, |sum, s| sum.wrapping_add(s.0.load(Ordering::Relaxed)))
+            .map(|s| s.0.load(Ordering::Relaxed))
+            .fold(0, u64::wrapping_add)
     }
 }
 
