@@ -45,11 +45,26 @@ pub fn is_cjk(c: char) -> bool {
 }
 
 fn is_word_char(c: char) -> bool {
-    c.is_alphanumeric() && !is_cjk(c)
+    // No ASCII character is CJK: the cheap test answers for most characters of most texts.
+    if c.is_ascii() {
+        c.is_ascii_alphanumeric()
+    } else {
+        c.is_alphanumeric() && !is_cjk(c)
+    }
 }
 
 /// Folds a word for case and accents: lowercase, NFKD, combining marks removed.
 pub fn fold(word: &str) -> String {
+    // ASCII decomposes to itself and has no combining marks, so its fold is its lowercase.
+    if word.is_ascii() {
+        word.to_ascii_lowercase()
+    } else {
+        fold_unicode(word)
+    }
+}
+
+/// [`fold`] without the ASCII shortcut.
+fn fold_unicode(word: &str) -> String {
     word.nfkd()
         .filter(|c| !is_combining_mark(*c))
         .flat_map(char::to_lowercase)
@@ -72,6 +87,9 @@ pub fn words(text: &str) -> Vec<Piece> {
 /// itself for a run of one.
 pub fn cjk_terms(text: &str) -> Vec<Piece> {
     let mut out = Vec::new();
+    if text.is_ascii() {
+        return out;
+    }
     for (start, end) in runs(text, is_cjk) {
         let chars: Vec<(usize, char)> = text[start..end]
             .char_indices()
@@ -240,6 +258,25 @@ mod tests {
         );
         let t = cjk_terms("a東京");
         assert_eq!((t[0].start, t[0].end), (1, 7));
+    }
+
+    // The ASCII shortcuts answer as the general paths do: every ASCII character on its
+    // own, and words mixing cases and digits.
+    #[test]
+    fn ascii_shortcuts_agree_with_the_general_path() {
+        for b in 0u8..128 {
+            let c = b as char;
+            assert_eq!(is_word_char(c), c.is_alphanumeric() && !is_cjk(c), "{b}");
+            let s = c.to_string();
+            assert_eq!(fold(&s), fold_unicode(&s), "{b}");
+            assert!(cjk_terms(&s).is_empty());
+        }
+        for w in ["Hello", "WORLD42", "x2Y", "", "MiXeD_case-Words!"] {
+            assert_eq!(fold(w), fold_unicode(w), "{w}");
+        }
+        // A text with one non-ASCII character still takes the general path throughout.
+        assert_eq!(terms(cjk_terms("Tokyo 東京")), ["東京"]);
+        assert_eq!(terms(words("ÉCOLE Hello")), ["ecole", "hello"]);
     }
 
     // One edit is an insertion, deletion, substitution or adjacent swap; two are not.
