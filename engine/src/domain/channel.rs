@@ -17,7 +17,10 @@ use super::{
 };
 use crate::ids::{ChannelId, FileId, MessageId, UserId, WorkspaceId};
 use crate::snapshot::{Reader, SnapshotError, Writer};
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use keys::Keys;
+use std::collections::{BTreeSet, HashMap};
+
+mod keys;
 
 /// UTF-8 text that shares its bytes. A message's text is its own allocation when it was
 /// posted, or a slice of the snapshot it was restored from: a restart then allocates
@@ -241,8 +244,8 @@ pub struct ChannelState {
     messages: Vec<Message>,
     top_level: Vec<u64>,
     replies: HashMap<u64, Vec<u64>>,
-    idempotency: HashMap<(UserId, String), u64>,
-    idempotency_order: VecDeque<(u64, UserId, String)>,
+    /// The idempotency keys of the messages sent within the window.
+    idempotency: Keys,
     /// Former members and the seq of the event that removed them.
     departed: HashMap<UserId, u64>,
     /// The members' read markers and the unread indexes (`API.md` §9).
@@ -319,8 +322,7 @@ impl ChannelState {
             messages: Vec::new(),
             top_level: Vec::new(),
             replies: HashMap::new(),
-            idempotency: HashMap::new(),
-            idempotency_order: VecDeque::new(),
+            idempotency: Keys::default(),
             departed: HashMap::new(),
             reads: ReadIndex::default(),
             file_refs: HashMap::new(),
@@ -727,7 +729,7 @@ impl ChannelState {
     }
 
     fn remembered(&self, user: UserId, key: &str, now_us: u64) -> Option<u64> {
-        let seq = *self.idempotency.get(&(user, key.to_owned()))?;
+        let seq = self.idempotency.get(&self.messages, user, key)?;
         let at = self.msg(seq)?.created_at;
         (now_us.saturating_sub(at) < IDEMPOTENCY_WINDOW_US).then_some(seq)
     }
@@ -764,9 +766,6 @@ impl ChannelState {
                     }
                     None => self.top_level.push(seq),
                 }
-                if let Some(key) = p.client_msg_id {
-                    self.remember(p.user, key, seq, at_us);
-                }
                 for f in p.files {
                     self.file_refs.entry(*f).or_default().push(seq);
                 }
@@ -783,6 +782,10 @@ impl ChannelState {
                     client_msg_id: p.client_msg_id.cloned(),
                     files: p.files.into(),
                 });
+                if p.client_msg_id.is_some() {
+                    self.idempotency
+                        .remember(&self.messages, at_us, IDEMPOTENCY_WINDOW_US);
+                }
             }
             ChannelEvent::MessageEdited {
                 target,
@@ -843,30 +846,6 @@ impl ChannelState {
                 self.devices_seq = seq;
             }
         }
-    }
-
-    fn remember(&mut self, user: UserId, key: &str, seq: u64, at_us: u64) {
-        // Forget keys that left the window, oldest first, so the map stays bounded by the
-        // sends of one window.
-        while let Some((at, _, _)) = self.idempotency_order.front() {
-            if at_us.saturating_sub(*at) < IDEMPOTENCY_WINDOW_US {
-                break;
-            }
-            let (at, u, k) = self.idempotency_order.pop_front().expect("front");
-            let key = (u, k);
-            // The key may have been used again since; only the entry from `at` goes.
-            let stale = self
-                .idempotency
-                .get(&key)
-                .and_then(|s| self.msg(*s))
-                .is_none_or(|m| m.created_at <= at);
-            if stale {
-                self.idempotency.remove(&key);
-            }
-        }
-        self.idempotency.insert((user, key.to_owned()), seq);
-        self.idempotency_order
-            .push_back((at_us, user, key.to_owned()));
     }
 
     /// Decides a read marker: whether marking `seq` read moves the principal's marker
@@ -1141,16 +1120,24 @@ impl ChannelState {
             }
         }
         w.len(self.idempotency.len());
-        for ((u, key), seq) in &self.idempotency {
-            w.u64(u.0);
-            w.str(key);
-            w.u64(*seq);
+        for seq in self.idempotency.seqs() {
+            let m = self.msg(seq).expect("a remembered key's message");
+            w.u64(m.user.0);
+            w.str(
+                m.client_msg_id
+                    .as_deref()
+                    .expect("a remembered message's key"),
+            );
+            w.u64(seq);
         }
-        w.len(self.idempotency_order.len());
-        for (at, u, key) in &self.idempotency_order {
-            w.u64(*at);
-            w.u64(u.0);
-            w.str(key);
+        // The keys still to be forgotten, oldest first (read back only by earlier versions,
+        // which kept them as a queue of their own).
+        let pending: Vec<&Message> = self.idempotency.pending(&self.messages).collect();
+        w.len(pending.len());
+        for m in pending {
+            w.u64(m.created_at);
+            w.u64(m.user.0);
+            w.str(m.client_msg_id.as_deref().expect("a pending message's key"));
         }
         let markers = self.reads.markers_sorted();
         w.len(markers.len());
@@ -1281,15 +1268,16 @@ impl ChannelState {
             let user = UserId(r.u64()?);
             let key = r.string()?;
             let seq = r.u64()?;
-            if s.msg(seq).is_none() {
-                return Err(fail(format!("channel {}: key of no message", s.id)));
-            }
-            s.idempotency.insert((user, key), seq);
+            s.idempotency
+                .restore(&s.messages, user, &key, seq)
+                .map_err(|why| fail(format!("channel {}: {why}", s.id)))?;
         }
+        s.idempotency.restored(&s.messages);
+        // The queue an earlier version kept: the table above says all it did.
         for _ in 0..r.count(24)? {
-            let at = r.u64()?;
-            let user = UserId(r.u64()?);
-            s.idempotency_order.push_back((at, user, r.string()?));
+            r.u64()?;
+            r.u64()?;
+            r.string()?;
         }
         s.restore_reads(r)?;
         if s.kind.is_encrypted() {
@@ -1658,6 +1646,66 @@ mod tests {
                 .collect();
             want.truncate(100);
             assert_eq!(got, want, "replies of {root}");
+        }
+    }
+
+    // A key finds its message within the window and not after; the table forgets a key once
+    // its message has left the window, keeps a key that a later message took over, and a
+    // snapshot restores what it remembers and goes on forgetting from there.
+    #[test]
+    fn idempotency_keys_within_the_window() {
+        const H: u64 = 3_600 * 1_000_000;
+        let mut s = ChannelState::new(C, W, ChannelKind::Public, UserId(1));
+        for e in s.initial_events(&[UserId(1), UserId(2)]) {
+            let seq = s.last_seq() + 1;
+            s.apply(seq, 0, &e);
+        }
+        let (a, b) = (p(1, Role::Member), p(2, Role::Member));
+        let send = |s: &mut ChannelState, by: &Principal, key: &str, now: u64| {
+            let d = s.decide(by, post("text", Some(key), None), now).unwrap();
+            match d {
+                ChannelDecision::Event(e) => {
+                    let seq = s.last_seq() + 1;
+                    s.apply(seq, now, &e);
+                    seq
+                }
+                ChannelDecision::Duplicate(seq) => seq,
+                other => panic!("{other:?}"),
+            }
+        };
+        let k1 = send(&mut s, &a, "k1", H);
+        let k2 = send(&mut s, &a, "k2", 3 * H);
+        assert_eq!(
+            send(&mut s, &a, "k1", 3 * H),
+            k1,
+            "a resend within the window"
+        );
+        let other = send(&mut s, &b, "k1", 3 * H);
+        assert_ne!(other, k1, "another author's key is another key");
+        assert_eq!(s.idempotency.len(), 3);
+        // 49 hours after k1: k1's message left the window, so the same key makes a new
+        // message and the table holds that one; k2 is still within it.
+        let k1_again = send(&mut s, &a, "k1", 50 * H);
+        assert_ne!(k1_again, k1);
+        assert_eq!(send(&mut s, &a, "k2", 50 * H), k2);
+        assert_eq!(s.remembered(UserId(1), "k1", 50 * H), Some(k1_again));
+        assert_eq!(s.idempotency.len(), 3, "k1 taken over, k2 and b's k1 kept");
+
+        let mut w = Writer::default();
+        s.snapshot(&mut w);
+        let loaded = crate::snapshot::parse(w.finish(0, 1), 0).unwrap();
+        let mut r = loaded.body();
+        let mut back = ChannelState::restore(&mut r).unwrap();
+        r.finish().unwrap();
+        assert_eq!(back, s);
+        for s in [&mut s, &mut back] {
+            // 60 hours: everything before k1_again has left the window and is forgotten.
+            let k3 = send(s, &b, "k3", 60 * H);
+            let mut left: Vec<u64> = s.idempotency.seqs().collect();
+            left.sort_unstable();
+            assert_eq!(left, [k1_again, k3]);
+            assert_eq!(s.remembered(UserId(1), "k2", 60 * H), None);
+            assert_eq!(send(s, &a, "k1", 60 * H), k1_again);
         }
     }
 
