@@ -1132,9 +1132,8 @@ impl ChannelState {
         }
         // The keys still to be forgotten, oldest first (read back only by earlier versions,
         // which kept them as a queue of their own).
-        let pending: Vec<&Message> = self.idempotency.pending(&self.messages).collect();
-        w.len(pending.len());
-        for m in pending {
+        w.len(self.idempotency.pending(&self.messages).count());
+        for m in self.idempotency.pending(&self.messages) {
             w.u64(m.created_at);
             w.u64(m.user.0);
             w.str(m.client_msg_id.as_deref().expect("a pending message's key"));
